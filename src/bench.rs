@@ -1,0 +1,99 @@
+//! `slimchat bench`: time to first token, prefill and decode throughput at given prompt lengths.
+//!
+//! Prompts are the first N tokens of real English prose (assets/long_text.txt), not a repeated
+//! token, so attention sees realistic score distributions. Each run starts from an empty cache.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::Engine;
+use crate::sampling::argmax;
+use crate::{Error, Result};
+
+/// The bench prose, about 60k tokens of it.
+pub const LONG_TEXT: &str = include_str!("../assets/long_text.txt");
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub lengths: Vec<usize>,
+    pub runs: usize,
+    /// Tokens generated after each prefill to time decode.
+    pub decode_tokens: usize,
+}
+
+/// Medians over `runs`, with the spread of TTFT.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub prompt_tokens: usize,
+    pub mode: String,
+    pub runs: usize,
+    pub ttft_ms: f64,
+    pub ttft_ms_min: f64,
+    pub ttft_ms_max: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub kv_bytes: usize,
+    pub peak_rss_bytes: u64,
+}
+
+/// Run the bench, calling `on_result` as each length finishes.
+pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&BenchResult)) -> Result<Vec<BenchResult>> {
+    let longest = cfg.lengths.iter().copied().max().unwrap_or(0);
+    let text_tokens = engine.encode(LONG_TEXT, false)?;
+    if longest > text_tokens.len() {
+        return Err(Error::Prompt(format!("bench text has {} tokens, {longest} requested", text_tokens.len())));
+    }
+    let mut results = Vec::new();
+    for &n in &cfg.lengths {
+        let prompt = &text_tokens[..n];
+        engine.check_fits(n + cfg.decode_tokens)?;
+        let mut ttft = Vec::new();
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        let mut kv_bytes = 0;
+        for _ in 0..cfg.runs.max(1) {
+            engine.reset();
+            let start = Instant::now();
+            let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
+            let mut next = argmax(&logits);
+            let t = start.elapsed().as_secs_f64();
+            ttft.push(t * 1e3);
+            prefill.push(n as f64 / t);
+            let d0 = Instant::now();
+            for _ in 0..cfg.decode_tokens {
+                next = argmax(&engine.step(next)?);
+            }
+            if cfg.decode_tokens > 0 {
+                decode.push(cfg.decode_tokens as f64 / d0.elapsed().as_secs_f64());
+            }
+            kv_bytes = engine.kv_bytes();
+        }
+        let r = BenchResult {
+            prompt_tokens: n,
+            mode: "dense".into(),
+            runs: ttft.len(),
+            ttft_ms: median(&ttft),
+            ttft_ms_min: ttft.iter().copied().fold(f64::INFINITY, f64::min),
+            ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
+            prefill_tok_s: median(&prefill),
+            decode_tok_s: median(&decode),
+            kv_bytes,
+            peak_rss_bytes: crate::metrics::peak_rss_bytes(),
+        };
+        on_result(&r);
+        results.push(r);
+    }
+    engine.reset();
+    Ok(results)
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+}

@@ -1,0 +1,96 @@
+//! The application config: typed TOML sections with defaults, unknown keys rejected, read from
+//! `config.toml` in the XDG config directory (or a path given on the command line).
+//! `config.example.toml` at the repository root lists every key with its default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::linear::LinearMode;
+use crate::sampling::SamplingConfig;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    pub model: ModelConfig,
+    pub chat: ChatConfig,
+    pub sampling: SamplingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// "default", a path to a .gguf file, or "hf:owner/name[@revision]/file.gguf".
+    pub source: String,
+    /// Form of the linear layers' weights: "dense" (f32, fastest) or "quantized" (compact).
+    pub linear: LinearMode,
+    /// Worker threads for the model (0 = one per core).
+    pub threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { source: "default".into(), linear: LinearMode::Dense, threads: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// System prompt; empty means the chat template's own default.
+    pub system_prompt: String,
+    /// Longest answer, in tokens.
+    pub max_tokens: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self { system_prompt: String::new(), max_tokens: 512 }
+    }
+}
+
+impl AppConfig {
+    /// Parse TOML text; any error (syntax, unknown key, bad value) is one line.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cfg: AppConfig = toml::from_str(text)
+            .map_err(|e| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))?;
+        cfg.sampling.validate().map_err(|e| Error::Config(format!("{origin}: [sampling] {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Load from `path`, or from the default location if `path` is None; a missing default
+    /// file means the defaults, a missing explicit file is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => match default_path() {
+                Some(p) => (p, false),
+                None => return Ok(Self::default()),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(e) => Err(Error::Config(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+}
+
+/// `$SLIMCHAT_CONFIG`, else `<XDG config dir>/slimchat/config.toml`.
+pub fn default_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SLIMCHAT_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    directories::ProjectDirs::from("", "", "slimchat").map(|d| d.config_dir().join("config.toml"))
+}
+
+/// toml's messages span several lines (with a source excerpt); keep the first and the caret note.
+fn one_line(msg: &str) -> String {
+    let lines: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let head = lines.first().copied().unwrap_or("");
+    match lines.last() {
+        Some(last) if lines.len() > 1 => format!("{head} {last}").replace("  ", " "),
+        _ => head.to_string(),
+    }
+}

@@ -1,0 +1,13 @@
+//! slimchat: a terminal chat application for long documents, whose model prunes prompt tokens'
+//! hidden states layer by layer (SlimInfer, arXiv 2508.06447).
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+
+pub use error::{Error, Result};

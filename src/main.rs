@@ -1,0 +1,240 @@
+//! The `slimchat` command line: `run` (headless one-shot answer) and `bench`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Args, Parser, Subcommand};
+
+use slimchat::backend::linear::LinearMode;
+use slimchat::bench::{self, BenchConfig};
+use slimchat::config::AppConfig;
+use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest};
+use slimchat::model::source::{DownloadProgress, ModelSource};
+use slimchat::model::template::{Message, Role};
+use slimchat::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "slimchat", version, about = "Chat with long documents; SlimInfer prunes the prompt as it climbs the layers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Model: "default", a .gguf path, or hf:owner/name[@rev]/file.gguf
+    #[arg(long, global = true)]
+    model: Option<String>,
+    /// Config file (default: $SLIMCHAT_CONFIG or the XDG config dir's slimchat/config.toml)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Linear-layer weights: dense (f32, fastest) or quantized (compact)
+    #[arg(long, global = true, value_parser = parse_linear)]
+    linear: Option<LinearMode>,
+    /// Worker threads (0 = one per core)
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt headless, streaming the answer to stdout
+    Run(RunArgs),
+    /// Time to first token, prefill and decode tokens/s at several prompt lengths
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The user message (otherwise --prompt-file, otherwise stdin)
+    #[arg(long, short)]
+    prompt: Option<String>,
+    /// Read the user message from a file
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// System prompt
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// 0 = greedy
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON object with the answer and its metrics at the end
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Prompt lengths in tokens
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096,8192")]
+    lengths: Vec<usize>,
+    /// Runs per length
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Tokens generated after each prefill to time decode
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Print one JSON object with a `results` array at the end
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
+    match s {
+        "dense" => Ok(LinearMode::Dense),
+        "quantized" => Ok(LinearMode::Quantized),
+        _ => Err(format!("expected dense or quantized, got {s}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slimchat: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let mut cfg = AppConfig::load(cli.common.config.as_deref())?;
+    if let Some(m) = &cli.common.model {
+        cfg.model.source = m.clone();
+    }
+    if let Some(l) = cli.common.linear {
+        cfg.model.linear = l;
+    }
+    if let Some(t) = cli.common.threads {
+        cfg.model.threads = t;
+    }
+    if cfg.model.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.model.threads)
+            .build_global()
+            .map_err(|e| Error::Engine(format!("thread pool: {e}")))?;
+    }
+    match cli.command {
+        Some(Command::Run(args)) => run(&cfg, args),
+        Some(Command::Bench(args)) => run_bench(&cfg, args),
+        None => {
+            eprintln!("slimchat: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`");
+            Err(Error::Engine("no subcommand given".into()))
+        }
+    }
+}
+
+fn load_engine(cfg: &AppConfig) -> Result<Engine> {
+    let source = ModelSource::parse(&cfg.model.source)?;
+    let mut last_pct = u64::MAX;
+    let path = source.resolve(&mut |p: &DownloadProgress| {
+        if let Some(total) = p.total_bytes.filter(|&t| t > 0) {
+            let pct = p.done_bytes * 100 / total;
+            if pct / 10 != last_pct / 10 {
+                eprintln!("slimchat: downloading {}: {pct}%", p.what);
+                last_pct = pct;
+            }
+        }
+    })?;
+    Engine::load(&path, &EngineOptions { linear: cfg.model.linear })
+}
+
+fn read_prompt(args: &RunArgs) -> Result<String> {
+    if let Some(p) = &args.prompt {
+        return Ok(p.clone());
+    }
+    let bytes = match &args.prompt_file {
+        Some(path) => std::fs::read(path).map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?,
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            buf
+        }
+    };
+    let from = args.prompt_file.as_ref().map_or("stdin".to_string(), |p| p.display().to_string());
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Prompt(format!("{from} is not valid UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+    })
+}
+
+fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
+    let prompt = read_prompt(&args)?;
+    if prompt.trim().is_empty() {
+        return Err(Error::Prompt("empty prompt".into()));
+    }
+    let mut sampling = cfg.sampling.clone();
+    if let Some(v) = args.temperature { sampling.temperature = v; }
+    if let Some(v) = args.top_k { sampling.top_k = v; }
+    if let Some(v) = args.top_p { sampling.top_p = v; }
+    if let Some(v) = args.repeat_penalty { sampling.repeat_penalty = v; }
+    if let Some(v) = args.seed { sampling.seed = v; }
+    sampling.validate().map_err(Error::Prompt)?;
+
+    let mut messages = Vec::new();
+    let system = args.system.clone().unwrap_or_else(|| cfg.chat.system_prompt.clone());
+    if !system.is_empty() {
+        messages.push(Message { role: Role::System, content: system });
+    }
+    messages.push(Message { role: Role::User, content: prompt });
+    let req = GenerateRequest { messages, max_tokens: args.max_tokens.unwrap_or(cfg.chat.max_tokens), sampling };
+
+    let mut engine = load_engine(cfg)?;
+    let cancel = AtomicBool::new(false);
+    let stream = !args.json;
+    let mut out = std::io::stdout().lock();
+    let stats = engine.generate(&req, &cancel, &mut |ev| {
+        if let (true, EngineEvent::Token(t)) = (stream, &ev) {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if args.json {
+        let mut v = serde_json::to_value(&stats).map_err(|e| Error::Engine(e.to_string()))?;
+        v["peak_rss_bytes"] = slimchat::metrics::peak_rss_bytes().into();
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "slimchat: {} prompt tokens, TTFT {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s, {} tokens ({:?})",
+            stats.prompt_tokens, stats.ttft_ms, stats.prefill_tok_s, stats.decode_tok_s, stats.generated_tokens, stats.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn run_bench(cfg: &AppConfig, args: BenchArgs) -> Result<()> {
+    let mut engine = load_engine(cfg)?;
+    let bc = BenchConfig { lengths: args.lengths, runs: args.runs, decode_tokens: args.decode_tokens };
+    let json = args.json;
+    let results = bench::run(&mut engine, &bc, &mut |r| {
+        eprintln!(
+            "slimchat bench: {:>5} tokens {:>6}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {:>6.1} tok/s",
+            r.prompt_tokens, r.mode, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s, r.decode_tok_s
+        );
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "model": cfg.model.source,
+            "threads": rayon::current_num_threads(),
+            "linear": cfg.model.linear,
+            "results": results,
+        });
+        println!("{v}");
+    }
+    Ok(())
+}

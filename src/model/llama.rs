@@ -1,0 +1,211 @@
+//! The LLaMA forward (Touvron et al., <https://arxiv.org/abs/2302.13971>), read top-down:
+//! embed → N × (RMSNorm → attention → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm → head.
+//!
+//! Hidden states travel as (rows, hidden) together with one position id per row. RoPE and the
+//! causal mask are built from those positions, never from an offset, so rows can be dropped
+//! between layers (SlimInfer) without changing the meaning of the rest. Each layer appends its
+//! keys and values to its own cache, which the caller owns.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+use crate::backend::attention::{attention, AttnShape};
+use crate::backend::linear::{Linear, LinearMode};
+use crate::backend::rowwise::{rms_norm, silu_mul, Rope};
+use crate::backend::{tensor2, with_f32};
+use crate::kv::{KvCache, LayerKv};
+use crate::model::gguf::{GgufFile, ModelSpec};
+use crate::{Error, Result};
+
+struct Attention {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    shape: AttnShape,
+}
+
+impl Attention {
+    fn load(f: &mut GgufFile, i: usize, spec: &ModelSpec, mode: LinearMode) -> Result<Self> {
+        Ok(Self {
+            wq: linear(f, &format!("blk.{i}.attn_q.weight"), mode)?,
+            wk: linear(f, &format!("blk.{i}.attn_k.weight"), mode)?,
+            wv: linear(f, &format!("blk.{i}.attn_v.weight"), mode)?,
+            wo: linear(f, &format!("blk.{i}.attn_output.weight"), mode)?,
+            shape: AttnShape { n_heads: spec.n_heads, n_kv_heads: spec.n_kv_heads, head_dim: spec.head_dim },
+        })
+    }
+
+    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to `kv`.
+    fn forward(&self, x: &Tensor, positions: &[u32], kv: &mut LayerKv, rope: &Rope) -> Result<Tensor> {
+        let (rows, hidden) = x.dims2()?;
+        let mut q = self.wq.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
+        let mut k = self.wk.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
+        let v = self.wv.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
+        rope.apply(&mut q, positions)?;
+        rope.apply(&mut k, positions)?;
+        kv.append(&k, &v, positions)?;
+        let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
+        attention(&q, positions, &kv.k, &kv.v, &kv.positions, self.shape, &mut out)?;
+        Ok(self.wo.forward(&tensor2(out, rows, hidden)?)?)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(f: &mut GgufFile, i: usize, mode: LinearMode) -> Result<Self> {
+        Ok(Self {
+            gate: linear(f, &format!("blk.{i}.ffn_gate.weight"), mode)?,
+            up: linear(f, &format!("blk.{i}.ffn_up.weight"), mode)?,
+            down: linear(f, &format!("blk.{i}.ffn_down.weight"), mode)?,
+        })
+    }
+
+    /// x: (rows, hidden) -> (rows, hidden)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(x)?; // (rows, intermediate)
+        let up = self.up.forward(x)?; // (rows, intermediate)
+        let (rows, width) = gate.dims2()?;
+        let mut act = vec![0.0f32; rows * width];
+        with_f32(&gate, |g| with_f32(&up, |u| silu_mul(g, u, &mut act)))??;
+        Ok(self.down.forward(&tensor2(act, rows, width)?)?)
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    attn: Attention,
+    mlp_norm: Vec<f32>,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(f: &mut GgufFile, i: usize, spec: &ModelSpec, mode: LinearMode) -> Result<Self> {
+        Ok(Self {
+            attn_norm: vector(f, &format!("blk.{i}.attn_norm.weight"), spec.hidden)?,
+            attn: Attention::load(f, i, spec, mode)?,
+            mlp_norm: vector(f, &format!("blk.{i}.ffn_norm.weight"), spec.hidden)?,
+            mlp: Mlp::load(f, i, mode)?,
+        })
+    }
+
+    /// h: (rows, hidden) with one position per row -> (rows, hidden)
+    fn forward(&self, h: &Tensor, positions: &[u32], kv: &mut LayerKv, rope: &Rope, eps: f32) -> Result<Tensor> {
+        let x = norm(h, &self.attn_norm, eps)?;
+        let h = (h + self.attn.forward(&x, positions, kv, rope)?)?;
+        let x = norm(&h, &self.mlp_norm, eps)?;
+        Ok((&h + self.mlp.forward(&x)?)?)
+    }
+}
+
+/// A loaded LLaMA-family model.
+pub struct Llama {
+    pub spec: ModelSpec,
+    /// (vocab, hidden), quantized; rows are dequantized on lookup
+    embed: Arc<QTensor>,
+    blocks: Vec<Block>,
+    final_norm: Vec<f32>,
+    head: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn load(f: &mut GgufFile, mode: LinearMode) -> Result<Self> {
+        let spec = f.spec()?;
+        let embed = Arc::new(f.tensor("token_embd.weight")?);
+        let head_weights = if f.has_tensor("output.weight") { Arc::new(f.tensor("output.weight")?) } else { embed.clone() };
+        let freq_factors = if f.has_tensor("rope_freqs.weight") {
+            Some(f.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let blocks = (0..spec.n_layers).map(|i| Block::load(f, i, &spec, mode)).collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            rope: Rope::new(&spec, freq_factors.as_deref(), spec.context_length),
+            final_norm: vector(f, "output_norm.weight", spec.hidden)?,
+            head: Linear::new(head_weights, mode)?,
+            embed,
+            blocks,
+            spec,
+        })
+    }
+
+    /// Run `tokens` at `positions` through every layer, appending to `kv`, and return the
+    /// logits of the last row. `on_layer(i)` is called after layer i.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        kv: &mut KvCache,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        self.check_inputs(tokens, positions, kv)?;
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
+        for (i, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
+            h = block.forward(&h, positions, layer_kv, &self.rope, self.spec.rms_eps)?;
+            on_layer(i);
+        }
+        let last = h.narrow(0, tokens.len() - 1, 1)?; // (1, hidden)
+        let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
+        Ok(self.head.forward(&last)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn check_inputs(&self, tokens: &[u32], positions: &[u32], kv: &KvCache) -> Result<()> {
+        if tokens.is_empty() || tokens.len() != positions.len() {
+            return Err(Error::Engine(format!("forward: {} tokens with {} positions", tokens.len(), positions.len())));
+        }
+        if kv.layers.len() != self.blocks.len() {
+            return Err(Error::Engine(format!("forward: cache has {} layers, model {}", kv.layers.len(), self.blocks.len())));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            return Err(Error::Engine(format!("forward: token id {t} is outside the vocabulary of {}", self.spec.vocab_size)));
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.rope.max_positions()) {
+            return Err(Error::Prompt(format!("position {p} is beyond the model's context of {}", self.rope.max_positions())));
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights held in memory (quantized plus any dense copies).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let a = &b.attn;
+                let m = &b.mlp;
+                [&a.wq, &a.wk, &a.wv, &a.wo, &m.gate, &m.up, &m.down].iter().map(|l| l.bytes()).sum::<usize>()
+            })
+            .sum();
+        blocks + self.embed.storage_size_in_bytes() + self.head.bytes()
+    }
+}
+
+fn linear(f: &mut GgufFile, name: &str, mode: LinearMode) -> Result<Linear> {
+    Ok(Linear::new(Arc::new(f.tensor(name)?), mode)?)
+}
+
+fn vector(f: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let v = f.tensor(name)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    if v.len() != len {
+        return Err(Error::ModelLoad(format!("tensor {name} has {} elements, expected {len}", v.len())));
+    }
+    Ok(v)
+}
+
+/// RMSNorm of each row. x: (rows, hidden) -> (rows, hidden)
+fn norm(x: &Tensor, weight: &[f32], eps: f32) -> Result<Tensor> {
+    let (rows, hidden) = x.dims2()?;
+    let mut out = vec![0.0f32; rows * hidden];
+    let x = x.contiguous()?;
+    with_f32(&x, |x| rms_norm(x, weight, eps, &mut out))?;
+    Ok(tensor2(out, rows, hidden)?)
+}

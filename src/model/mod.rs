@@ -1,0 +1,6 @@
+//! Everything about a model: where it comes from, its weights, tokenizer, chat template and forward.
+pub mod gguf;
+pub mod llama;
+pub mod source;
+pub mod template;
+pub mod tokenizer;

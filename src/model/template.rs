@@ -1,0 +1,182 @@
+//! Chat template: turns a conversation into the prompt text the model was trained on.
+//!
+//! Models ship a Jinja template (`tokenizer.chat_template` in GGUF, `chat_template` in
+//! `tokenizer_config.json`). We render it with minijinja the way Hugging Face's
+//! `apply_chat_template` does with jinja2: `trim_blocks` and `lstrip_blocks` on, the variables
+//! `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, a `raise_exception` function,
+//! and Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) from
+//! `minijinja-contrib`'s pycompat layer. Models without a template get ChatML.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// ChatML, the fallback when a model ships no template (and SmolLM2's format).
+const CHATML: &str = "{% for message in messages %}\
+{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
+{% endfor %}\
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Who said a message. Serialized as `"system"`, `"user"`, `"assistant"` for the template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// A compiled-on-demand Jinja chat template and the BOS/EOS texts it may print.
+///
+/// Invariant: `source` compiles (checked by [`ChatTemplate::new`]), so `render` fails only on
+/// errors the template raises at run time.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+#[derive(Serialize)]
+struct Context<'a> {
+    messages: &'a [Message],
+    add_generation_prompt: bool,
+    bos_token: &'a str,
+    eos_token: &'a str,
+}
+
+impl ChatTemplate {
+    /// A template from Jinja source; fails with a one-line `Template` error if it does not compile.
+    pub fn new(
+        source: impl Into<String>,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<Self> {
+        let template = Self { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        environment(&template.source)?;
+        Ok(template)
+    }
+
+    /// ChatML with no BOS/EOS texts.
+    pub fn chatml() -> Self {
+        Self { source: CHATML.to_string(), bos_token: String::new(), eos_token: String::new() }
+    }
+
+    /// `tokenizer.chat_template` from GGUF metadata, or ChatML when it is absent or empty. The
+    /// BOS/EOS texts are the tokens at `tokenizer.ggml.{bos,eos}_token_id`.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let token_text = |key: &str| -> String {
+            let id = content.metadata.get(key).and_then(|v| match v {
+                Value::U32(i) => Some(*i as usize),
+                Value::I32(i) => usize::try_from(*i).ok(),
+                Value::U64(i) => usize::try_from(*i).ok(),
+                _ => None,
+            });
+            let tokens = match content.metadata.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(t)) => Some(t),
+                _ => None,
+            };
+            match (id, tokens) {
+                (Some(id), Some(tokens)) => match tokens.get(id) {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            }
+        };
+        let bos = token_text("tokenizer.ggml.bos_token_id");
+        let eos = token_text("tokenizer.ggml.eos_token_id");
+        match content.metadata.get("tokenizer.chat_template") {
+            Some(Value::String(s)) if !s.trim().is_empty() => Self::new(s.clone(), bos, eos),
+            Some(Value::String(_)) | None => Ok(Self { bos_token: bos, eos_token: eos, ..Self::chatml() }),
+            Some(_) => Err(Error::Template("tokenizer.chat_template is not a string".into())),
+        }
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's
+    /// reply begins.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let env = environment(&self.source)?;
+        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        let ctx = Context {
+            messages,
+            add_generation_prompt,
+            bos_token: &self.bos_token,
+            eos_token: &self.eos_token,
+        };
+        template.render(ctx).map_err(template_error)
+    }
+}
+
+/// A minijinja environment set up like transformers' `apply_chat_template`, holding `source`.
+fn environment(source: &str) -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(template_error)?;
+    Ok(env)
+}
+
+fn template_error(e: minijinja::Error) -> Error {
+    Error::Template(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_compiles_and_renders() {
+        let text = ChatTemplate::chatml().render(&[Message::user("hi")], true);
+        assert_eq!(text.ok().as_deref(), Some("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "");
+        let err = t.and_then(|t| t.render(&[], false));
+        assert!(matches!(err, Err(Error::Template(m)) if m.contains("no system role")));
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "");
+        let text = t.and_then(|t| t.render(&[Message::user("  x  ")], false));
+        assert_eq!(text.ok().as_deref(), Some("x"));
+    }
+}

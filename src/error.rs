@@ -6,6 +6,8 @@
 pub enum Error {
     #[error("config: {0}")]
     Config(String),
+    #[error("invalid option: {0}")]
+    Usage(String),
     #[error("model source: {0}")]
     Source(String),
     #[error("model load: {0}")]

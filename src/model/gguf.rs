@@ -25,7 +25,8 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
-    /// Open and validate: magic, header, and that every tensor's bytes are inside the file.
+    /// Open and validate: magic, header, a LLaMA-family architecture, and that every tensor's
+    /// bytes are inside the file.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path)
             .map_err(|e| Error::ModelLoad(format!("cannot open {}: {e}", path.display())))?;
@@ -48,7 +49,10 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self { path: path.to_path_buf(), content, reader })
+        let file = Self { path: path.to_path_buf(), content, reader };
+        // Before the tokenizer or tensors are read, so a foreign model fails with this reason.
+        file.architecture()?;
+        Ok(file)
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
@@ -95,10 +99,12 @@ impl GgufFile {
             .ok_or_else(|| Error::ModelLoad(format!("{}: missing metadata {key}", self.path.display())))
     }
 
-    /// The LLaMA hyper-parameters, all resolved (no `Option`s left).
-    pub fn spec(&self) -> Result<ModelSpec> {
+    /// `general.architecture`, which must be one of the LLaMA family.
+    pub fn architecture(&self) -> Result<String> {
         let arch = match self.metadata("general.architecture") {
-            Some(v) => v.to_string().map_err(|_| Error::ModelLoad("general.architecture is not a string".into()))?.clone(),
+            Some(v) => v.to_string().map_err(|_| {
+                Error::ModelLoad(format!("{}: metadata general.architecture is not a string", self.path.display()))
+            })?,
             None => return Err(Error::ModelLoad(format!("{}: missing metadata general.architecture", self.path.display()))),
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
@@ -108,6 +114,12 @@ impl GgufFile {
                 LLAMA_FAMILY.join(", ")
             )));
         }
+        Ok(arch.clone())
+    }
+
+    /// The LLaMA hyper-parameters, all resolved (no `Option`s left).
+    pub fn spec(&self) -> Result<ModelSpec> {
+        let arch = self.architecture()?;
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.require_u32(&k("embedding_length"))? as usize;
         let n_heads = self.require_u32(&k("attention.head_count"))? as usize;

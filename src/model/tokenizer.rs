@@ -51,9 +51,25 @@ const TYPE_CONTROL: i32 = 3;
 const TYPE_USER_DEFINED: i32 = 4;
 const TYPE_BYTE: i32 = 6;
 
-/// End-of-turn markers that stop generation when the vocabulary has them. llama.cpp also treats
-/// these as end-of-generation tokens (its `special_eog_ids`), and forces them to be control tokens.
+/// End-of-turn markers that stop generation when the vocabulary has them (a subset of llama.cpp's
+/// `special_eog_ids`).
 const STOP_TEXTS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+
+/// Texts llama.cpp turns into control tokens whatever their GGUF type (its end-of-generation and
+/// fill-in-the-middle detection in `llama_vocab::impl::load`), so they split out as one id.
+const FORCED_CONTROL: [&str; 47] = [
+    // end of generation / turn
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>", "[e~[",
+    // fill in the middle
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\u{ff5c}fim\u{2581}begin\u{ff5c}>", "<PRE>",
+    "\u{2581}<PRE>", "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",
+    "<\u{ff5c}fim\u{2581}hole\u{ff5c}>", "<SUF>", "\u{2581}<SUF>", "<|fim_middle|>", "<fim-middle>",
+    "<fim_middle>", "<\u{ff5c}fim\u{2581}end\u{ff5c}>", "<MID>", "\u{2581}<MID>", "<|fim_pad|>",
+    "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|file_sep|>",
+];
 
 /// GPT-2's split regex as llama.cpp writes it (its hand-written matcher also applies the trailing
 /// `\s+` alternative, which HF's `ByteLevel` includes too).
@@ -237,6 +253,10 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         }
         p if is_llama3_family(p) => regex_splits(&[LLAMA3_REGEX], bytes_only())?,
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => regex_splits(&[QWEN2_REGEX], bytes_only())?,
+        "falcon" => regex_splits(
+            &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"],
+            bytes_only(),
+        )?,
         // llama.cpp's fallback list for BPE models without a known pre-tokenizer.
         "default" => regex_splits(
             &[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"],
@@ -245,7 +265,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         other => {
             return Err(Error::Tokenizer(format!(
                 "GGUF pre-tokenizer '{other}' is not supported (supported: smollm, starcoder, gpt-2, \
-                 llama-bpe, qwen2, default and their aliases)"
+                 llama-bpe, qwen2, falcon, default and their aliases)"
             )))
         }
     };
@@ -351,18 +371,16 @@ fn spm_merges(vocab: &GgufVocab, scores: &[f32]) -> Vec<(String, String)> {
     merges
 }
 
-/// Control, unknown and end-of-turn tokens become special added tokens; user-defined tokens
-/// become plain added tokens (always matched, kept when decoding with `skip_special_tokens`).
+/// Control, unknown and [`FORCED_CONTROL`] tokens become special added tokens; user-defined
+/// tokens become plain added tokens (always matched, kept when decoding with `skip_special_tokens`).
 fn add_special_tokens(tokenizer: &mut Tokenizer, vocab: &GgufVocab) -> Result<()> {
     let mut special = Vec::new();
     let mut plain = Vec::new();
     for (text, ty) in vocab.tokens.iter().zip(&vocab.types) {
-        let eog = STOP_TEXTS.contains(&text.as_str());
         match *ty {
             TYPE_CONTROL | TYPE_UNKNOWN => special.push(text),
-            TYPE_USER_DEFINED if eog => special.push(text),
+            _ if FORCED_CONTROL.contains(&text.as_str()) => special.push(text),
             TYPE_USER_DEFINED => plain.push(text),
-            _ if eog => special.push(text),
             _ => {}
         }
     }

@@ -32,7 +32,10 @@ pub struct BenchResult {
     pub ttft_ms_min: f64,
     pub ttft_ms_max: f64,
     pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
+    /// None when the prompt filled the context and nothing could be decoded.
+    pub decode_tok_s: Option<f64>,
+    /// Tokens decoded per run to time decode.
+    pub decode_tokens: usize,
     pub kv_bytes: usize,
     pub peak_rss_bytes: u64,
 }
@@ -47,7 +50,11 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&Be
     let mut results = Vec::new();
     for &n in &cfg.lengths {
         let prompt = &text_tokens[..n];
-        engine.check_fits(n + cfg.decode_tokens)?;
+        if n == 0 || n > engine.context_length() {
+            return Err(Error::Prompt(format!("bench length {n} is outside 1..={}", engine.context_length())));
+        }
+        // A prompt that fills the context leaves no room to decode; time what fits.
+        let decode_tokens = cfg.decode_tokens.min(engine.context_length() - n);
         let mut ttft = Vec::new();
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
@@ -61,11 +68,11 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&Be
             ttft.push(t * 1e3);
             prefill.push(n as f64 / t);
             let d0 = Instant::now();
-            for _ in 0..cfg.decode_tokens {
+            for _ in 0..decode_tokens {
                 next = argmax(&engine.step(next)?);
             }
-            if cfg.decode_tokens > 0 {
-                decode.push(cfg.decode_tokens as f64 / d0.elapsed().as_secs_f64());
+            if decode_tokens > 0 {
+                decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
             }
             kv_bytes = engine.kv_bytes();
         }
@@ -77,7 +84,8 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&Be
             ttft_ms_min: ttft.iter().copied().fold(f64::INFINITY, f64::min),
             ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
             prefill_tok_s: median(&prefill),
-            decode_tok_s: median(&decode),
+            decode_tok_s: (!decode.is_empty()).then(|| median(&decode)),
+            decode_tokens,
             kv_bytes,
             peak_rss_bytes: crate::metrics::peak_rss_bytes(),
         };

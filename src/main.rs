@@ -223,8 +223,9 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs) -> Result<()> {
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
-            "slimchat bench: {:>5} tokens {:>6}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {:>6.1} tok/s",
-            r.prompt_tokens, r.mode, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s, r.decode_tok_s
+            "slimchat bench: {:>5} tokens {:>6}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}",
+            r.prompt_tokens, r.mode, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
+            r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens))
         );
     })?;
     if json {

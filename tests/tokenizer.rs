@@ -48,7 +48,11 @@ struct Case {
 
 fn model_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| ModelSource::Default.resolve(&mut |_| {}).expect("default model"))
+    PATH.get_or_init(|| {
+        ModelSource::Default
+            .resolve(&mut |_| {})
+            .expect("default model")
+    })
 }
 
 fn content() -> &'static Content {
@@ -68,9 +72,18 @@ fn spm_content() -> Content {
         ("general.architecture", Value::String("llama".into())),
         ("tokenizer.ggml.model", Value::String("llama".into())),
         ("tokenizer.ggml.pre", Value::String("default".into())),
-        ("tokenizer.ggml.tokens", array(v.tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.scores", array(v.scores.into_iter().map(Value::F32).collect())),
-        ("tokenizer.ggml.token_type", array(v.token_type.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            array(v.tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            array(v.scores.into_iter().map(Value::F32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            array(v.token_type.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", Value::U32(v.bos)),
         ("tokenizer.ggml.eos_token_id", Value::U32(v.eos)),
         ("tokenizer.ggml.unknown_token_id", Value::U32(v.unk)),
@@ -78,14 +91,20 @@ fn spm_content() -> Content {
     ];
     Content {
         magic: VersionedMagic::GgufV3,
-        metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        metadata: metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         tensor_infos: Default::default(),
         tensor_data_offset: 0,
     }
 }
 
 fn golden() -> Golden {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer_golden.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tokenizer_golden.json"
+    );
     let text = std::fs::read_to_string(path).expect("read fixture");
     serde_json::from_str(&text).expect("parse fixture")
 }
@@ -106,8 +125,15 @@ fn content_with(edit: impl FnOnce(&mut std::collections::HashMap<String, Value>)
 #[test]
 fn golden_fixture_is_for_the_default_model() {
     let golden = golden();
-    assert_eq!(golden.model_sha256, slimchat::model::source::DEFAULT_MODEL_SHA256);
-    assert!(golden.implementation.contains("llama.cpp"), "{}", golden.implementation);
+    assert_eq!(
+        golden.model_sha256,
+        slimchat::model::source::DEFAULT_MODEL_SHA256
+    );
+    assert!(
+        golden.implementation.contains("llama.cpp"),
+        "{}",
+        golden.implementation
+    );
     assert!(golden.cases.len() >= 30);
 }
 
@@ -132,7 +158,12 @@ fn assert_ids_match(tok: &tokenizers::Tokenizer, cases: &[Case]) {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -142,7 +173,12 @@ fn sentencepiece_ids_match_llama_cpp() {
     assert_ids_match(&tok, &golden.spm.cases);
     // Without special tokens or a literal `▁`, decoding gives the text back (the prefix space is
     // stripped again).
-    for case in golden.spm.cases.iter().filter(|c| !c.special && !c.text.contains('\u{2581}')) {
+    for case in golden
+        .spm
+        .cases
+        .iter()
+        .filter(|c| !c.special && !c.text.contains('\u{2581}'))
+    {
         assert_eq!(tok.decode(&case.ids, false).expect("decode"), case.text);
     }
 }
@@ -151,7 +187,15 @@ fn sentencepiece_ids_match_llama_cpp() {
 fn sentencepiece_special_tokens() {
     let special = SpecialTokens::from_gguf(&spm_content()).expect("special tokens");
     // `<|im_end|>` (id 4) is in this vocabulary, so it stops generation too.
-    assert_eq!(special, SpecialTokens { bos: Some(1), add_bos: true, eos: 2, stop: vec![2, 4] });
+    assert_eq!(
+        special,
+        SpecialTokens {
+            bos: Some(1),
+            add_bos: true,
+            eos: 2,
+            stop: vec![2, 4]
+        }
+    );
 }
 
 #[test]
@@ -162,8 +206,13 @@ fn decode_inverts_encode() {
         assert_eq!(decoded, case.text);
     }
     // Special tokens decode to their text unless skipped.
-    let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).expect("encode");
-    assert_eq!(tok.decode(ids.get_ids(), false).expect("decode"), "<|im_start|>user\nhi<|im_end|>");
+    let ids = tok
+        .encode("<|im_start|>user\nhi<|im_end|>", false)
+        .expect("encode");
+    assert_eq!(
+        tok.decode(ids.get_ids(), false).expect("decode"),
+        "<|im_start|>user\nhi<|im_end|>"
+    );
     assert_eq!(tok.decode(ids.get_ids(), true).expect("decode"), "user\nhi");
 }
 
@@ -183,8 +232,14 @@ fn special_tokens_of_the_default_model() {
     assert_eq!(special.eos, 2);
     assert!(!special.add_bos);
     assert_eq!(special.stop[0], 2);
-    let im_end = tokenizer::from_gguf(content()).expect("tokenizer").token_to_id("<|im_end|>");
-    assert!(special.stop.contains(&im_end.expect("<|im_end|> in vocab")), "{:?}", special.stop);
+    let im_end = tokenizer::from_gguf(content())
+        .expect("tokenizer")
+        .token_to_id("<|im_end|>");
+    assert!(
+        special.stop.contains(&im_end.expect("<|im_end|> in vocab")),
+        "{:?}",
+        special.stop
+    );
 }
 
 #[test]
@@ -203,11 +258,17 @@ fn unsupported_tokenizer_model_is_a_one_line_error() {
 #[test]
 fn unknown_pre_tokenizer_is_a_one_line_error() {
     let c = content_with(|m| {
-        m.insert("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into()));
+        m.insert(
+            "tokenizer.ggml.pre".into(),
+            Value::String("no-such-pre".into()),
+        );
     });
     match tokenizer::from_gguf(&c) {
         Err(Error::Tokenizer(msg)) => {
-            assert!(msg.contains("'no-such-pre'") && !msg.contains('\n'), "{msg}");
+            assert!(
+                msg.contains("'no-such-pre'") && !msg.contains('\n'),
+                "{msg}"
+            );
         }
         other => panic!("expected a tokenizer error, got {:?}", other.map(|_| ())),
     }
@@ -226,7 +287,9 @@ fn tokenizer_json_round_trips_through_from_file() {
         tok.encode(text, false).expect("encode").get_ids()
     );
     match tokenizer::from_file(dir.path().join("missing.json")) {
-        Err(Error::Tokenizer(msg)) => assert!(msg.contains("missing.json") && !msg.contains('\n'), "{msg}"),
+        Err(Error::Tokenizer(msg)) => {
+            assert!(msg.contains("missing.json") && !msg.contains('\n'), "{msg}")
+        }
         other => panic!("expected a tokenizer error, got {:?}", other.map(|_| ())),
     }
 }
@@ -253,7 +316,9 @@ fn gguf_template_renders_chatml_exactly() {
          <|im_start|>assistant\n"
     );
     // SmolLM2's template adds its default system prompt when there is none.
-    let text = template.render(&[Message::user("Hi!")], false).expect("render");
+    let text = template
+        .render(&[Message::user("Hi!")], false)
+        .expect("render");
     assert_eq!(
         text,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -266,14 +331,22 @@ fn missing_template_falls_back_to_chatml() {
     let c = content_with(|m| {
         m.remove("tokenizer.chat_template");
     });
-    let text = ChatTemplate::from_gguf(&c).expect("template").render(&conversation(), true).expect("render");
+    let text = ChatTemplate::from_gguf(&c)
+        .expect("template")
+        .render(&conversation(), true)
+        .expect("render");
     let expected = "<|im_start|>system\nYou are terse.<|im_end|>\n\
          <|im_start|>user\nHi!<|im_end|>\n\
          <|im_start|>assistant\nHello.<|im_end|>\n\
          <|im_start|>user\nWhat is 2+2?<|im_end|>\n\
          <|im_start|>assistant\n";
     assert_eq!(text, expected);
-    assert_eq!(ChatTemplate::chatml().render(&conversation(), true).expect("render"), expected);
+    assert_eq!(
+        ChatTemplate::chatml()
+            .render(&conversation(), true)
+            .expect("render"),
+        expected
+    );
 }
 
 #[test]
@@ -292,12 +365,19 @@ fn broken_template_is_a_one_line_error() {
 
 #[test]
 fn template_sees_bos_and_eos_tokens() {
-    let template = ChatTemplate::new("{{ bos_token }}|{{ eos_token }}", "<s>", "</s>").expect("compile");
+    let template =
+        ChatTemplate::new("{{ bos_token }}|{{ eos_token }}", "<s>", "</s>").expect("compile");
     assert_eq!(template.render(&[], false).expect("render"), "<s>|</s>");
     // From GGUF: the texts of tokens 1 and 2.
     let c = content_with(|m| {
-        m.insert("tokenizer.chat_template".into(), Value::String("{{ bos_token }}|{{ eos_token }}".into()));
+        m.insert(
+            "tokenizer.chat_template".into(),
+            Value::String("{{ bos_token }}|{{ eos_token }}".into()),
+        );
     });
-    let text = ChatTemplate::from_gguf(&c).expect("template").render(&[], false).expect("render");
+    let text = ChatTemplate::from_gguf(&c)
+        .expect("template")
+        .render(&[], false)
+        .expect("render");
     assert_eq!(text, "<|im_start|>|<|im_end|>");
 }

@@ -10,15 +10,18 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     // 2^(x log2 e) = 2^n * 2^f, n integer, f in [-0.5, 0.5]
     let t = x * std::f32::consts::LOG2_E;
-    let n = t.round();
+    let n = t.round_ties_even();
     let f = t - n;
     // minimax-like polynomial for 2^f on [-0.5, 0.5] (Taylor of e^(f ln2) to degree 6)
     let l = std::f32::consts::LN_2;
     let y = f * l;
     let p = 1.0
         + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    // 2^n as float bits: n + 127 is an integer in [1, 127]; adding 2^23 puts it in the low
+    // mantissa bits, where a mask and a shift move it into the exponent. (A float-to-int cast
+    // would be saturating in Rust and would not vectorise.)
+    let biased = (n + 127.0 + 8_388_608.0).to_bits() & 0xFF;
+    p * f32::from_bits(biased << 23)
 }
 
 macro_rules! dispatch {

@@ -39,7 +39,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self {
+            role,
+            content: content.into(),
+        }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new(Role::System, content)
@@ -78,14 +81,22 @@ impl ChatTemplate {
         bos_token: impl Into<String>,
         eos_token: impl Into<String>,
     ) -> Result<Self> {
-        let template = Self { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        let template = Self {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        };
         environment(&template.source)?;
         Ok(template)
     }
 
     /// ChatML with no BOS/EOS texts.
     pub fn chatml() -> Self {
-        Self { source: CHATML.to_string(), bos_token: String::new(), eos_token: String::new() }
+        Self {
+            source: CHATML.to_string(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        }
     }
 
     /// `tokenizer.chat_template` from GGUF metadata, or ChatML when it is absent or empty. The
@@ -114,8 +125,14 @@ impl ChatTemplate {
         let eos = token_text("tokenizer.ggml.eos_token_id");
         match content.metadata.get("tokenizer.chat_template") {
             Some(Value::String(s)) if !s.trim().is_empty() => Self::new(s.clone(), bos, eos),
-            Some(Value::String(_)) | None => Ok(Self { bos_token: bos, eos_token: eos, ..Self::chatml() }),
-            Some(_) => Err(Error::Template("tokenizer.chat_template is not a string".into())),
+            Some(Value::String(_)) | None => Ok(Self {
+                bos_token: bos,
+                eos_token: eos,
+                ..Self::chatml()
+            }),
+            Some(_) => Err(Error::Template(
+                "tokenizer.chat_template is not a string".into(),
+            )),
         }
     }
 
@@ -145,15 +162,24 @@ fn environment(source: &str) -> Result<Environment<'static>> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(template_error)?;
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template_owned(TEMPLATE_NAME, source.to_string())
+        .map_err(template_error)?;
     Ok(env)
 }
 
 fn template_error(e: minijinja::Error) -> Error {
-    Error::Template(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+    Error::Template(
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 #[cfg(test)]
@@ -163,7 +189,10 @@ mod tests {
     #[test]
     fn chatml_compiles_and_renders() {
         let text = ChatTemplate::chatml().render(&[Message::user("hi")], true);
-        assert_eq!(text.ok().as_deref(), Some("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
+        assert_eq!(
+            text.ok().as_deref(),
+            Some("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        );
     }
 
     #[test]

@@ -53,10 +53,17 @@ const TYPE_BYTE: i32 = 6;
 
 /// End-of-turn markers that stop generation when the vocabulary has them (a subset of llama.cpp's
 /// `special_eog_ids`).
-const STOP_TEXTS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+const STOP_TEXTS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
 
 /// Texts llama.cpp turns into control tokens whatever their GGUF type (its end-of-generation and
 /// fill-in-the-middle detection in `llama_vocab::impl::load`), so they split out as one id.
+#[rustfmt::skip]
 const FORCED_CONTROL: [&str; 47] = [
     // end of generation / turn
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
@@ -140,7 +147,9 @@ impl SpecialTokens {
                 .iter()
                 .find_map(|t| vocab.id_of(t))
                 .ok_or_else(|| {
-                    Error::Tokenizer("GGUF has no tokenizer.ggml.eos_token_id and no known EOS token".into())
+                    Error::Tokenizer(
+                        "GGUF has no tokenizer.ggml.eos_token_id and no known EOS token".into(),
+                    )
                 })?,
         };
         let add_bos = match content.metadata.get("tokenizer.ggml.add_bos_token") {
@@ -156,7 +165,12 @@ impl SpecialTokens {
                 stop.push(id);
             }
         }
-        Ok(Self { bos, add_bos, eos, stop })
+        Ok(Self {
+            bos,
+            add_bos,
+            eos,
+            stop,
+        })
     }
 }
 
@@ -182,7 +196,9 @@ impl GgufVocab {
                     .iter()
                     .map(|t| value_i64(t).map(|t| t as i32))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.token_type holds non-integers".into()))?;
+                    .ok_or_else(|| {
+                        Error::Tokenizer("tokenizer.ggml.token_type holds non-integers".into())
+                    })?;
                 if types.len() != tokens.len() {
                     return Err(Error::Tokenizer(format!(
                         "tokenizer.ggml.token_type has {} entries for {} tokens",
@@ -194,8 +210,17 @@ impl GgufVocab {
             }
             None => vec![TYPE_NORMAL; tokens.len()],
         };
-        let ids = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        Ok(Self { model, tokens, types, ids })
+        let ids = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        Ok(Self {
+            model,
+            tokens,
+            types,
+            ids,
+        })
     }
 
     fn id_of(&self, text: &str) -> Option<u32> {
@@ -203,7 +228,11 @@ impl GgufVocab {
     }
 
     fn bpe_vocab(&self) -> Vocab {
-        self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect()
     }
 }
 
@@ -213,8 +242,9 @@ fn byte_level_bpe(content: &gguf_file::Content, vocab: &GgufVocab) -> Result<Tok
     let ignore_merges = is_llama3_family(&pre);
     let pre_tokenizer = gpt2_pre_tokenizer(&pre)?;
 
-    let raw = meta_strings(content, "tokenizer.ggml.merges")?
-        .ok_or_else(|| Error::Tokenizer("GGUF gpt2 tokenizer has no tokenizer.ggml.merges".into()))?;
+    let raw = meta_strings(content, "tokenizer.ggml.merges")?.ok_or_else(|| {
+        Error::Tokenizer("GGUF gpt2 tokenizer has no tokenizer.ggml.merges".into())
+    })?;
     // llama.cpp splits each merge at the first space after the first byte; a merge whose halves or
     // result are not tokens can never fire there, and HF's BPE rejects it, so drop it.
     let merges = raw
@@ -259,14 +289,19 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         )?,
         // llama.cpp's fallback list for BPE models without a known pre-tokenizer.
         "default" => regex_splits(
-            &[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"],
+            &[
+                r"[\p{P}\$\+<=>\^~\|]+",
+                GPT2_REGEX,
+                r"\p{N}+",
+                "[0-9][0-9][0-9]",
+            ],
             bytes_only(),
         )?,
         other => {
+            let supported = "smollm, starcoder, gpt-2, llama-bpe, qwen2, falcon, default, aliases";
             return Err(Error::Tokenizer(format!(
-                "GGUF pre-tokenizer '{other}' is not supported (supported: smollm, starcoder, gpt-2, \
-                 llama-bpe, qwen2, falcon, default and their aliases)"
-            )))
+                "GGUF pre-tokenizer '{other}' is not supported (supported: {supported})"
+            )));
         }
     };
     Ok(wrapper)
@@ -278,9 +313,13 @@ fn regex_splits(regexes: &[&str], last: PreTokenizerWrapper) -> Result<PreTokeni
     let mut steps = regexes
         .iter()
         .map(|r| {
-            Split::new(SplitPattern::Regex((*r).to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map(PreTokenizerWrapper::from)
-                .map_err(|e| Error::Tokenizer(one_line(&format!("split regex {r}: {e}"))))
+            Split::new(
+                SplitPattern::Regex((*r).to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(PreTokenizerWrapper::from)
+            .map_err(|e| Error::Tokenizer(one_line(&format!("split regex {r}: {e}"))))
         })
         .collect::<Result<Vec<_>>>()?;
     steps.push(last);
@@ -288,7 +327,10 @@ fn regex_splits(regexes: &[&str], last: PreTokenizerWrapper) -> Result<PreTokeni
 }
 
 fn is_llama3_family(pre: &str) -> bool {
-    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral")
+    matches!(
+        pre,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
+    )
 }
 
 /// `llama` (SentencePiece) vocabularies: BPE whose merge ranks come from the merged piece's score.
@@ -334,8 +376,11 @@ fn sentencepiece_bpe(content: &gguf_file::Content, vocab: &GgufVocab) -> Result<
         normalizers.push(Prepend::new("▁".to_string()).into());
     }
     normalizers.push(replace(" ", "▁")?.into());
-    let mut decoders: Vec<DecoderWrapper> =
-        vec![replace("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
     if add_space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }

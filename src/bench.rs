@@ -17,9 +17,27 @@ pub const LONG_TEXT: &str = include_str!("../assets/long_text.txt");
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub lengths: Vec<usize>,
+    /// Modes to run per length, side by side: "dense" and/or "slim".
+    pub modes: Vec<Mode>,
     pub runs: usize,
     /// Tokens generated after each prefill to time decode.
     pub decode_tokens: usize,
+}
+
+/// Dense, or pruned with the engine's SlimInfer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Dense,
+    Slim,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Dense => "dense",
+            Mode::Slim => "slim",
+        }
+    }
 }
 
 /// Medians over `runs`, with the spread of TTFT.
@@ -38,6 +56,12 @@ pub struct BenchResult {
     pub decode_tokens: usize,
     pub kv_bytes: usize,
     pub peak_rss_bytes: u64,
+    /// Prompt rows each layer kept (slim only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_per_layer: Option<Vec<usize>>,
+    /// The keep ratio in force (slim only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_ratio: Option<f32>,
 }
 
 /// Run the bench, calling `on_result` as each length finishes.
@@ -48,52 +72,68 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&Be
         return Err(Error::Prompt(format!("bench text has {} tokens, {longest} requested", text_tokens.len())));
     }
     let mut results = Vec::new();
+    let slim = engine.slim_config().clone();
     for &n in &cfg.lengths {
         let prompt = &text_tokens[..n];
         if n == 0 || n > engine.context_length() {
             return Err(Error::Prompt(format!("bench length {n} is outside 1..={}", engine.context_length())));
         }
-        // A prompt that fills the context leaves no room to decode; time what fits.
-        let decode_tokens = cfg.decode_tokens.min(engine.context_length() - n);
-        let mut ttft = Vec::new();
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        let mut kv_bytes = 0;
-        for _ in 0..cfg.runs.max(1) {
-            engine.reset();
-            let start = Instant::now();
-            let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
-            let mut next = argmax(&logits);
-            let t = start.elapsed().as_secs_f64();
-            ttft.push(t * 1e3);
-            prefill.push(n as f64 / t);
-            let d0 = Instant::now();
-            for _ in 0..decode_tokens {
-                next = argmax(&engine.step(next)?);
-            }
-            if decode_tokens > 0 {
-                decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
-            }
-            kv_bytes = engine.kv_bytes();
+        for &mode in &cfg.modes {
+            engine.set_slim(crate::slim::SlimConfig { enabled: mode == Mode::Slim, ..slim.clone() })?;
+            let r = bench_one(engine, prompt, mode, cfg)?;
+            on_result(&r);
+            results.push(r);
         }
-        let r = BenchResult {
-            prompt_tokens: n,
-            mode: "dense".into(),
-            runs: ttft.len(),
-            ttft_ms: median(&ttft),
-            ttft_ms_min: ttft.iter().copied().fold(f64::INFINITY, f64::min),
-            ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
-            prefill_tok_s: median(&prefill),
-            decode_tok_s: (!decode.is_empty()).then(|| median(&decode)),
-            decode_tokens,
-            kv_bytes,
-            peak_rss_bytes: crate::metrics::peak_rss_bytes(),
-        };
-        on_result(&r);
-        results.push(r);
     }
+    engine.set_slim(slim)?;
     engine.reset();
     Ok(results)
+}
+
+/// `cfg.runs` runs of one length in one mode, each from an empty cache.
+fn bench_one(engine: &mut Engine, prompt: &[u32], mode: Mode, cfg: &BenchConfig) -> Result<BenchResult> {
+    let n = prompt.len();
+    // A prompt that fills the context leaves no room to decode; time what fits.
+    let decode_tokens = cfg.decode_tokens.min(engine.context_length() - n);
+    let mut ttft = Vec::new();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut kv_bytes = 0;
+    let mut kept = Vec::new();
+    for _ in 0..cfg.runs.max(1) {
+        engine.reset();
+        let start = Instant::now();
+        let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
+        let mut next = argmax(&logits);
+        let t = start.elapsed().as_secs_f64();
+        ttft.push(t * 1e3);
+        prefill.push(n as f64 / t);
+        kept = engine.kept_per_layer();
+        let d0 = Instant::now();
+        for _ in 0..decode_tokens {
+            next = argmax(&engine.step(next)?);
+        }
+        if decode_tokens > 0 {
+            decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
+        }
+        kv_bytes = engine.kv_bytes();
+    }
+    let slim = mode == Mode::Slim;
+    Ok(BenchResult {
+        prompt_tokens: n,
+        mode: mode.name().into(),
+        runs: ttft.len(),
+        ttft_ms: median(&ttft),
+        ttft_ms_min: ttft.iter().copied().fold(f64::INFINITY, f64::min),
+        ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
+        prefill_tok_s: median(&prefill),
+        decode_tok_s: (!decode.is_empty()).then(|| median(&decode)),
+        decode_tokens,
+        kv_bytes,
+        peak_rss_bytes: crate::metrics::peak_rss_bytes(),
+        kept_per_layer: slim.then_some(kept),
+        keep_ratio: slim.then(|| engine.slim_config().keep_ratio),
+    })
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::linear::LinearMode;
 use crate::sampling::SamplingConfig;
+use crate::slim::schedule::SlimConfig;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -16,6 +17,7 @@ pub struct AppConfig {
     pub model: ModelConfig,
     pub chat: ChatConfig,
     pub sampling: SamplingConfig,
+    pub slim: SlimConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -14,17 +14,21 @@ use tokenizers::Tokenizer;
 use crate::backend::linear::LinearMode;
 use crate::kv::KvCache;
 use crate::model::gguf::GgufFile;
-use crate::model::llama::Llama;
+use crate::model::llama::{Dense, Llama};
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
+use crate::slim::schedule::SlimConfig;
+use crate::slim::score::HeadShape;
+use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
 /// What the engine reports while it works.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    /// `layers_done` of `n_layers` finished for a prefill of `tokens` tokens.
-    PrefillProgress { layers_done: usize, n_layers: usize, tokens: usize },
+    /// `layers_done` of `n_layers` finished for a prefill of `tokens` tokens; the last layer
+    /// ran on `rows` rows (fewer than `tokens` once SlimInfer has pruned).
+    PrefillProgress { layers_done: usize, n_layers: usize, tokens: usize, rows: usize },
     /// New answer text (whole UTF-8 characters).
     Token(String),
 }
@@ -59,17 +63,41 @@ pub struct GenStats {
     pub decode_tok_s: f64,
     pub kv_bytes: usize,
     pub stop_reason: StopReason,
+    /// Whether SlimInfer pruning was on for this request.
+    pub slim: bool,
+    /// How the prompt got into the cache.
+    pub prefill_kind: PrefillKind,
+    /// KV rows per layer after the prefill (prompt tokens each layer kept).
+    pub kept_per_layer: Vec<usize>,
+    /// Active-set block changes at each decode step (all zero when the gate kept every set).
+    pub blocks_swapped_per_step: Vec<usize>,
+    /// Why nothing was pruned, when pruning was on but the prompt was too short.
+    pub slim_note: Option<String>,
+}
+
+/// How a request's prompt reached the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillKind {
+    /// The whole prompt was prefilled (pruned when SlimInfer is on).
+    Full,
+    /// A follow-up: the earlier turns' KV was reused as it stands, only the new tokens ran.
+    Reused,
+    /// A follow-up re-prefilled whole (the `reprefill_followups` option), with the new question
+    /// as the local query.
+    Reprefilled,
 }
 
 /// How to load the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub linear: LinearMode,
+    pub slim: SlimConfig,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { linear: LinearMode::Dense }
+        Self { linear: LinearMode::Dense, slim: SlimConfig::default() }
     }
 }
 
@@ -89,6 +117,13 @@ pub struct Engine {
     kv: KvCache,
     /// The tokens whose K/V are in `kv`, in order.
     cached: Vec<u32>,
+    /// Pruning settings for the next request.
+    slim: SlimConfig,
+    /// SlimInfer state of the cached conversation, when its prompt was pruned.
+    session: Option<SlimSession>,
+    /// Swaps per decode step of the current request.
+    swaps: Vec<usize>,
+    last_prefill_kind: PrefillKind,
 }
 
 impl Engine {
@@ -98,8 +133,40 @@ impl Engine {
         let special = SpecialTokens::from_gguf(&file.content)?;
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
+        opts.slim.validate(model.spec.n_layers).map_err(Error::Config)?;
         let kv = KvCache::new(model.spec.n_layers);
-        Ok(Self { model, tokenizer, template, special, kv, cached: Vec::new() })
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            special,
+            kv,
+            cached: Vec::new(),
+            slim: opts.slim.clone(),
+            session: None,
+            swaps: Vec::new(),
+            last_prefill_kind: PrefillKind::Full,
+        })
+    }
+
+    /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
+    /// prompt's pruning and applies the new ratio to decode-time selection).
+    pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
+        slim.validate(self.model.spec.n_layers).map_err(Error::Config)?;
+        if let Some(session) = &mut self.session {
+            session.set_keep_ratio(slim.keep_ratio);
+        }
+        self.slim = slim;
+        Ok(())
+    }
+
+    pub fn slim_config(&self) -> &SlimConfig {
+        &self.slim
+    }
+
+    fn head_shape(&self) -> HeadShape {
+        let s = &self.model.spec;
+        HeadShape { n_heads: s.n_heads, n_kv_heads: s.n_kv_heads, head_dim: s.head_dim }
     }
 
     /// The longest prompt plus answer the model accepts.
@@ -111,10 +178,21 @@ impl Engine {
         self.kv.bytes()
     }
 
+    /// Positions of the rows layer `layer` holds in its cache.
+    pub fn layer_positions(&self, layer: usize) -> Vec<u32> {
+        self.kv.layers[layer].positions.clone()
+    }
+
+    /// KV rows each layer holds now.
+    pub fn kept_per_layer(&self) -> Vec<usize> {
+        self.kv.rows_per_layer()
+    }
+
     /// Forget every cached token.
     pub fn reset(&mut self) {
         self.kv.clear();
         self.cached.clear();
+        self.session = None;
     }
 
     /// Render the conversation with the chat template and tokenize it (special tokens parsed).
@@ -163,6 +241,9 @@ impl Engine {
         let start = Instant::now();
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
+        let kept_per_layer = self.kv.rows_per_layer();
+        let prefill_kind = self.last_prefill_kind;
+        self.swaps.clear();
 
         let mut sampler = Sampler::new(sampling.clone());
         let mut history = prompt.to_vec();
@@ -213,7 +294,23 @@ impl Engine {
             decode_tok_s: if decoded > 0 { decoded as f64 / decode_secs.max(1e-9) } else { 0.0 },
             kv_bytes: self.kv.bytes(),
             stop_reason,
+            slim: self.slim.enabled,
+            prefill_kind,
+            kept_per_layer,
+            blocks_swapped_per_step: std::mem::take(&mut self.swaps),
+            slim_note: self.slim_note(),
         })
+    }
+
+    fn slim_note(&self) -> Option<String> {
+        match &self.session {
+            Some(s) if s.stages().is_empty() => Some(format!(
+                "prompt of {} tokens is not longer than one block of {}: nothing pruned",
+                s.prompt_len(),
+                self.slim.block_size
+            )),
+            _ => None,
+        }
     }
 
     /// Error unless a prompt of `n` tokens leaves room for at least one answer token.
@@ -231,20 +328,41 @@ impl Engine {
     }
 
     /// Make the cache hold exactly `prompt`, reusing the longest cached prefix, and return
-    /// the logits after the last prompt token and how many tokens were reused.
+    /// the logits after the last prompt token and how many tokens were reused. A fresh prompt
+    /// is pruned when SlimInfer is on; a follow-up keeps the earlier turns' pruned KV.
     pub fn prefill(&mut self, prompt: &[u32], on_event: &mut dyn FnMut(EngineEvent)) -> Result<(Vec<f32>, usize)> {
         let shared = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
-        let reused = shared.min(prompt.len() - 1);
+        let mut reused = shared.min(prompt.len() - 1);
+        let mut kind = if reused > 0 { PrefillKind::Reused } else { PrefillKind::Full };
+        if let Some(session) = &self.session {
+            // Pruned rows cannot be recomputed in place: a change inside the pruned prompt, or
+            // the re-prefill option, starts over.
+            if reused < session.prompt_len() || self.slim.reprefill_followups {
+                kind = if reused > 0 { PrefillKind::Reprefilled } else { PrefillKind::Full };
+                reused = 0;
+            }
+        }
+        if reused == 0 {
+            self.reset();
+        }
         self.kv.truncate_from(reused as u32);
         self.cached.truncate(reused);
+        if reused == 0 && self.slim.enabled {
+            self.session = Some(SlimSession::new(&self.slim, self.model.spec.n_layers, self.head_shape(), prompt.len()));
+        }
+        self.last_prefill_kind = kind;
         let tokens = &prompt[reused..];
         let positions: Vec<u32> = (reused as u32..prompt.len() as u32).collect();
         let n_layers = self.model.spec.n_layers;
-        let rows = tokens.len();
-        let logits = self.model.forward(tokens, &positions, &mut self.kv, &mut |i| {
-            on_event(EngineEvent::PrefillProgress { layers_done: i + 1, n_layers, tokens: rows })
-        });
+        let total = tokens.len();
+        let mut progress = |i: usize, rows: usize| {
+            on_event(EngineEvent::PrefillProgress { layers_done: i + 1, n_layers, tokens: total, rows })
+        };
+        let logits = match &mut self.session {
+            Some(session) => self.model.forward(tokens, &positions, &mut self.kv, session, &mut progress),
+            None => self.model.forward(tokens, &positions, &mut self.kv, &mut Dense, &mut progress),
+        };
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
@@ -253,6 +371,9 @@ impl Engine {
                 return Err(e);
             }
         };
+        if let Some(session) = &mut self.session {
+            session.take_swaps();
+        }
         self.cached.extend_from_slice(tokens);
         Ok((logits, reused))
     }
@@ -260,7 +381,14 @@ impl Engine {
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let pos = self.cached.len() as u32;
-        let logits = self.model.forward(&[token], &[pos], &mut self.kv, &mut |_| {})?;
+        let logits = match &mut self.session {
+            Some(session) => {
+                let l = self.model.forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {})?;
+                self.swaps.push(session.take_swaps());
+                l
+            }
+            None => self.model.forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {})?,
+        };
         self.cached.push(token);
         Ok(logits)
     }

@@ -9,5 +9,6 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
+pub mod slim;
 
 pub use error::{Error, Result};

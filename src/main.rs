@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use clap::{Args, Parser, Subcommand};
 
 use slimchat::backend::linear::LinearMode;
-use slimchat::bench::{self, BenchConfig};
+use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
 use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest};
 use slimchat::model::source::{DownloadProgress, ModelSource};
@@ -38,6 +38,12 @@ struct Common {
     /// Worker threads (0 = one per core)
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// SlimInfer pruning: on or off (`--slim` alone = on; for `bench`, dense and slim side by side)
+    #[arg(long, global = true, value_parser = parse_on_off, num_args = 0..=1, default_missing_value = "on")]
+    slim: Option<bool>,
+    /// SlimInfer keep ratio, in (0, 1]: the fraction of the prompt the first slim stage keeps
+    #[arg(long, global = true)]
+    keep: Option<f32>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +99,14 @@ struct BenchArgs {
     json: bool,
 }
 
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("expected on or off, got {s}")),
+    }
+}
+
 fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
         "dense" => Ok(LinearMode::Dense),
@@ -123,6 +137,12 @@ fn real_main(cli: Cli) -> Result<()> {
     if let Some(t) = cli.common.threads {
         cfg.model.threads = t;
     }
+    if let Some(on) = cli.common.slim {
+        cfg.slim.enabled = on;
+    }
+    if let Some(r) = cli.common.keep {
+        cfg.slim.keep_ratio = r;
+    }
     if cfg.model.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.model.threads)
@@ -131,7 +151,10 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Some(Command::Run(args)) => run(&cfg, args),
-        Some(Command::Bench(args)) => run_bench(&cfg, args),
+        Some(Command::Bench(args)) => {
+            let modes = if cli.common.slim == Some(true) { vec![Mode::Dense, Mode::Slim] } else { vec![Mode::Dense] };
+            run_bench(&cfg, args, modes)
+        }
         None => {
             eprintln!("slimchat: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`");
             Err(Error::Engine("no subcommand given".into()))
@@ -151,7 +174,7 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
             }
         }
     })?;
-    Engine::load(&path, &EngineOptions { linear: cfg.model.linear })
+    Engine::load(&path, &EngineOptions { linear: cfg.model.linear, slim: cfg.slim.clone() })
 }
 
 fn read_prompt(args: &RunArgs) -> Result<String> {
@@ -217,9 +240,9 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_bench(cfg: &AppConfig, args: BenchArgs) -> Result<()> {
+fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
     let mut engine = load_engine(cfg)?;
-    let bc = BenchConfig { lengths: args.lengths, runs: args.runs, decode_tokens: args.decode_tokens };
+    let bc = BenchConfig { lengths: args.lengths, modes, runs: args.runs, decode_tokens: args.decode_tokens };
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
@@ -233,6 +256,7 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs) -> Result<()> {
             "model": cfg.model.source,
             "threads": rayon::current_num_threads(),
             "linear": cfg.model.linear,
+            "slim": cfg.slim,
             "results": results,
         });
         println!("{v}");

@@ -10,6 +10,8 @@
 //! score block, an online softmax (running max and sum per row) turns it into weights, and a
 //! second GEMM accumulates weights x V. Scratch per thread is one score block: no n x n buffer.
 
+use std::ops::Range;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -46,13 +48,17 @@ impl OutPtr {
 ///
 /// - q: (nq, n_heads * hd), q_pos: (nq)
 /// - k, v: (nk, n_kv_heads * hd), k_pos: (nk), strictly increasing
+/// - key_ranges: the rows of k/v that may be attended to (SlimInfer's active blocks plus the
+///   generated tokens), sorted and disjoint; `&[0..nk]` for all of them
 /// - out: (nq, n_heads * hd)
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     q_pos: &[u32],
     k: &[f32],
     v: &[f32],
     k_pos: &[u32],
+    key_ranges: &[Range<usize>],
     shape: AttnShape,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
@@ -67,6 +73,10 @@ pub fn attention(
     }
     if k_pos.windows(2).any(|w| w[0] >= w[1]) {
         candle_core::bail!("attention: key positions are not strictly increasing")
+    }
+    let ordered = key_ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    if !ordered || key_ranges.iter().any(|r| r.start > r.end || r.end > nk) {
+        candle_core::bail!("attention: key ranges {key_ranges:?} are not sorted, disjoint ranges within 0..{nk}")
     }
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -83,7 +93,7 @@ pub fn attention(
         // visible[r]: how many keys query row r may see (keys are sorted by position)
         let visible: Vec<usize> = tile_pos.iter().map(|&p| k_pos[..keys].partition_point(|&kp| kp <= p)).collect();
         SCRATCH.with_borrow_mut(|scratch| {
-            let ot = tile_task(q, k, v, g, r0, rows, keys, &visible, shape, scale, scratch);
+            let ot = tile_task(q, k, v, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch);
             for h in 0..group {
                 let head = g * group + h;
                 for r in 0..rows {
@@ -120,8 +130,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// One task: the query heads of KV head `g` for query rows r0..r0+rows, against keys[..keys],
-/// one block of `KEY_BLOCK` keys at a time with an online softmax. Returns (group*rows, hd).
+/// One task: the query heads of KV head `g` for query rows r0..r0+rows, against the rows of
+/// `key_ranges` below `keys`, one block of `KEY_BLOCK` keys at a time with an online softmax.
+/// Returns (group*rows, hd).
 #[allow(clippy::too_many_arguments)]
 fn tile_task<'s>(
     q: &[f32],
@@ -131,6 +142,7 @@ fn tile_task<'s>(
     r0: usize,
     rows: usize,
     keys: usize,
+    key_ranges: &[Range<usize>],
     visible: &[usize],
     shape: AttnShape,
     scale: f32,
@@ -159,8 +171,11 @@ fn tile_task<'s>(
             }
         }
     }
-    for j0 in (0..keys).step_by(KEY_BLOCK) {
-        let kb = KEY_BLOCK.min(keys - j0);
+    let blocks = key_ranges.iter().flat_map(|r| {
+        let end = r.end.min(keys);
+        (r.start..end).step_by(KEY_BLOCK).map(move |j0| (j0, KEY_BLOCK.min(end - j0)))
+    });
+    for (j0, kb) in blocks {
         // s: (m, kb) = qt (m, hd) . K_g[j0..j0+kb]^T (hd, kb)
         // SAFETY: qt is (m, hd) row-major; K^T element (d, j) = k[(j0+j)*kv_stride + g*hd + d]
         // with j0 + j < keys <= nk; s holds m*KEY_BLOCK >= m*kb floats, row stride kb.
@@ -265,7 +280,7 @@ mod tests {
         let k = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 1);
         let v = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 2);
         let mut out = vec![f32::NAN; q.len()];
-        attention(&q, q_pos, &k, &v, k_pos, shape, &mut out).unwrap();
+        attention(&q, q_pos, &k, &v, k_pos, &[0..k_pos.len()], shape, &mut out).unwrap();
         let want = attention_reference(&q, q_pos, &k, &v, k_pos, shape);
         let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(worst < 2e-5, "max abs error {worst} (nq {}, nk {})", q_pos.len(), k_pos.len());
@@ -300,13 +315,33 @@ mod tests {
     }
 
     #[test]
+    fn key_ranges_equal_attention_over_the_gathered_keys() {
+        let shape = GQA;
+        let kv_dim = shape.n_kv_heads * shape.head_dim;
+        let k_pos: Vec<u32> = (0..400).collect();
+        let q_pos: Vec<u32> = vec![150, 399];
+        let ranges = [0..64, 192..256, 300..400];
+        let q = patterned(q_pos.len() * shape.n_heads * shape.head_dim, 8);
+        let k = patterned(k_pos.len() * kv_dim, 9);
+        let v = patterned(k_pos.len() * kv_dim, 10);
+        let mut out = vec![f32::NAN; q.len()];
+        attention(&q, &q_pos, &k, &v, &k_pos, &ranges, shape, &mut out).unwrap();
+        let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+        let gather = |x: &[f32]| rows.iter().flat_map(|&j| x[j * kv_dim..][..kv_dim].to_vec()).collect::<Vec<_>>();
+        let sub_pos: Vec<u32> = rows.iter().map(|&j| k_pos[j]).collect();
+        let want = attention_reference(&q, &q_pos, &gather(&k), &gather(&v), &sub_pos, shape);
+        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 2e-5, "max abs error {worst}");
+    }
+
+    #[test]
     fn query_before_every_key_outputs_zero() {
         let shape = AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 8 };
         let q = patterned(16, 5);
         let k = patterned(3 * 16, 6);
         let v = patterned(3 * 16, 7);
         let mut out = vec![f32::NAN; 16];
-        attention(&q, &[1], &k, &v, &[5, 6, 7], shape, &mut out).unwrap();
+        attention(&q, &[1], &k, &v, &[5, 6, 7], &[0..3], shape, &mut out).unwrap();
         assert!(out.iter().all(|&x| x == 0.0));
     }
 
@@ -314,6 +349,7 @@ mod tests {
     fn unsorted_key_positions_are_rejected() {
         let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
         let mut out = vec![0.0; 4];
-        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[3, 2], shape, &mut out).is_err());
+        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[3, 2], &[0..2], shape, &mut out).is_err());
+        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[2, 3], &[1..2, 0..1], shape, &mut out).is_err());
     }
 }

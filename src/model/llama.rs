@@ -6,6 +6,7 @@
 //! between layers (SlimInfer) without changing the meaning of the rest. Each layer appends its
 //! keys and values to its own cache, which the caller owns.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -38,18 +39,20 @@ impl Attention {
         })
     }
 
-    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to `kv`.
-    fn forward(&self, x: &Tensor, positions: &[u32], kv: &mut LayerKv, rope: &Rope) -> Result<Tensor> {
+    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to `kv` and
+    /// returns the post-RoPE queries (rows, n_heads * hd) for the policy to score with.
+    fn forward(&self, x: &Tensor, positions: &[u32], kv: &mut LayerKv, ctx: &LayerCtx) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
         let mut q = self.wq.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
         let mut k = self.wk.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
         let v = self.wv.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
-        rope.apply(&mut q, positions)?;
-        rope.apply(&mut k, positions)?;
+        ctx.rope.apply(&mut q, positions)?;
+        ctx.rope.apply(&mut k, positions)?;
         kv.append(&k, &v, positions)?;
+        let keys = ctx.policy.key_ranges(ctx.layer, kv);
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
-        attention(&q, positions, &kv.k, &kv.v, &kv.positions, self.shape, &mut out)?;
-        Ok(self.wo.forward(&tensor2(out, rows, hidden)?)?)
+        attention(&q, positions, &kv.k, &kv.v, &kv.positions, &keys, self.shape, &mut out)?;
+        Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
 }
 
@@ -96,13 +99,56 @@ impl Block {
         })
     }
 
-    /// h: (rows, hidden) with one position per row -> (rows, hidden)
-    fn forward(&self, h: &Tensor, positions: &[u32], kv: &mut LayerKv, rope: &Rope, eps: f32) -> Result<Tensor> {
-        let x = norm(h, &self.attn_norm, eps)?;
-        let h = (h + self.attn.forward(&x, positions, kv, rope)?)?;
-        let x = norm(&h, &self.mlp_norm, eps)?;
-        Ok((&h + self.mlp.forward(&x)?)?)
+    /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the layer's queries
+    fn forward(&self, h: &Tensor, positions: &[u32], kv: &mut LayerKv, ctx: &LayerCtx) -> Result<(Tensor, Vec<f32>)> {
+        let x = norm(h, &self.attn_norm, ctx.eps)?;
+        let (a, q) = self.attn.forward(&x, positions, kv, ctx)?;
+        let h = (h + a)?;
+        let x = norm(&h, &self.mlp_norm, ctx.eps)?;
+        Ok(((&h + self.mlp.forward(&x)?)?, q))
     }
+}
+
+/// What a layer needs besides its weights and cache.
+struct LayerCtx<'a> {
+    layer: usize,
+    rope: &'a Rope,
+    eps: f32,
+    policy: &'a dyn LayerPolicy,
+}
+
+/// Decides between layers which rows go on, and which cached rows a layer attends to.
+/// SlimInfer implements it (src/slim/); `Dense` keeps everything.
+pub trait LayerPolicy {
+    /// Rows of `kv` (layer `layer`'s cache, this step's rows already appended) that the layer
+    /// may attend to: sorted, disjoint ranges.
+    fn key_ranges(&self, _layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
+        vec![0..kv.len()]
+    }
+
+    /// Called after layer `layer` with its post-RoPE queries `q` (rows, n_heads * hd), the rows'
+    /// positions and the layer's cache. Returns the indices (ascending) of the rows that go on
+    /// to the next layer, or None for all of them. The last row must stay: it feeds the head.
+    fn after_layer(&mut self, _layer: usize, _q: &[f32], _positions: &[u32], _kv: &LayerKv) -> Result<Option<Vec<usize>>> {
+        Ok(None)
+    }
+}
+
+/// Every row through every layer; attention over the whole cache.
+pub struct Dense;
+
+impl LayerPolicy for Dense {}
+
+/// Keep rows `keep` of h (rows, hidden) and of `positions`; the last row must be among them.
+fn gather_rows(h: &Tensor, positions: &mut Vec<u32>, keep: &[usize]) -> Result<Tensor> {
+    let rows = positions.len();
+    let ascending = keep.windows(2).all(|w| w[0] < w[1]);
+    if !ascending || keep.last() != Some(&(rows - 1)) {
+        return Err(Error::Engine(format!("row policy kept {} of {rows} rows without the last one, or out of order", keep.len())));
+    }
+    let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+    *positions = keep.iter().map(|&i| positions[i]).collect();
+    Ok(h.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?)
 }
 
 /// A loaded LLaMA-family model.
@@ -138,22 +184,30 @@ impl Llama {
     }
 
     /// Run `tokens` at `positions` through every layer, appending to `kv`, and return the
-    /// logits of the last row. `on_layer(i)` is called after layer i.
+    /// logits of the last row. Between layers `policy` may drop rows (hidden states and their
+    /// positions together). `on_layer(i, rows)` is called after layer i ran on `rows` rows.
     pub fn forward(
         &self,
         tokens: &[u32],
         positions: &[u32],
         kv: &mut KvCache,
-        on_layer: &mut dyn FnMut(usize),
+        policy: &mut dyn LayerPolicy,
+        on_layer: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
         self.check_inputs(tokens, positions, kv)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
+        let mut positions = positions.to_vec(); // (rows)
         for (i, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
-            h = block.forward(&h, positions, layer_kv, &self.rope, self.spec.rms_eps)?;
-            on_layer(i);
+            let ctx = LayerCtx { layer: i, rope: &self.rope, eps: self.spec.rms_eps, policy: &*policy };
+            let (out, q) = block.forward(&h, &positions, layer_kv, &ctx)?;
+            h = out;
+            on_layer(i, positions.len());
+            if let Some(keep) = policy.after_layer(i, &q, &positions, layer_kv)? {
+                h = gather_rows(&h, &mut positions, &keep)?;
+            }
         }
-        let last = h.narrow(0, tokens.len() - 1, 1)?; // (1, hidden)
+        let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
         let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
         Ok(self.head.forward(&last)?.flatten_all()?.to_vec1::<f32>()?)
     }

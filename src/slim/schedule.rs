@@ -1,0 +1,569 @@
+//! The `[slim]` config section and the pruning schedule it resolves to for one prompt.
+//!
+//! A schedule is a list of stages `(layer, fraction)`: from `layer` on (layers index from 0, and
+//! `layer` is the first layer that sees only the kept rows), keep
+//! `keep_ratio * fraction * prompt_tokens` prompt tokens, at least `min_keep_tokens`, rounded up to
+//! whole blocks. Invariants of a resolved schedule ([`SlimConfig::resolve`]):
+//! - stage layers are strictly increasing and in `1..n_layers` (layer 0 always sees the whole prompt);
+//! - `keep_blocks` is non-increasing from stage to stage (stages are nested: each one chooses among
+//!   what the previous one kept), at most the number of prompt blocks, and at least the number of
+//!   always-kept blocks ([`crate::slim::select::forced_blocks`]).
+//!
+//! Paper presets (SlimInfer, arXiv 2508.06447): LLaMA-3.1-8B prunes at layers 10/20/30 keeping
+//! 8192/4096/2048 tokens of a 32k prompt, Qwen2.5-7B at 9/18/26 keeping 12k/6k/4k. Here budgets are
+//! fractions of the prompt so that one knob (`keep_ratio`) scales them; the presets reproduce the
+//! paper's counts at `keep_ratio = 0.5` and 32k tokens.
+
+use serde::{Deserialize, Serialize};
+
+/// Preset names accepted by `[slim] preset`.
+pub const PRESETS: [&str; 6] = ["auto", "smollm2", "llama3.1-8b", "qwen2.5-7b", "generic", "custom"];
+
+/// The `[slim]` config section: SlimInfer prompt pruning.
+///
+/// Every key is optional; the defaults below are the paper's settings. As it appears in
+/// `config.example.toml` (see [`EXAMPLE_TOML`]):
+///
+/// ```toml
+/// [slim]
+/// enabled = true
+/// keep_ratio = 0.5
+/// preset = "auto"
+/// stages = []
+/// min_keep_tokens = 256
+/// block_size = 64
+/// unit_size = 8
+/// local_window = 4
+/// gamma = 0.9
+/// reprefill_followups = false
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlimConfig {
+    /// Prune prompt rows in the upper layers. `false` runs the dense model, bit for bit.
+    /// Default `true`.
+    pub enabled: bool,
+    /// The pruning knob: scales every stage's budget. Each stage keeps
+    /// `keep_ratio * fraction * prompt_tokens` prompt tokens (at least `min_keep_tokens`); `1.0`
+    /// keeps the presets' full fractions. Allowed: `(0, 1]`. Default `0.5`.
+    pub keep_ratio: f32,
+    /// Where the stages come from: `"auto"` (chosen by the model's layer count: 30 → `"smollm2"`,
+    /// 32 → `"llama3.1-8b"`, 28 → `"qwen2.5-7b"`, otherwise `"generic"`), `"smollm2"`
+    /// (layers 10/20/28, fractions 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2, 1/4, 1/8),
+    /// `"qwen2.5-7b"` (9/18/26; 3/4, 3/8, 1/4), `"generic"` (about L/3, 2L/3, L−2; 1, 1/2, 1/4),
+    /// or `"custom"` (the `stages` list). Default `"auto"`.
+    pub preset: String,
+    /// The stages when `preset = "custom"`, e.g.
+    /// `[{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]`: layers strictly
+    /// increasing in `1..n_layers`, fractions in `(0, 1]` and non-increasing. Must be empty for
+    /// any other preset. Default `[]`.
+    pub stages: Vec<StageConfig>,
+    /// Floor of every stage's budget, in tokens: short prompts are not pruned below this.
+    /// Any value ≥ 0. Default `256`.
+    pub min_keep_tokens: usize,
+    /// Tokens per block, the unit of selection and of KV movement. A positive multiple of
+    /// `unit_size`. Default `64`.
+    pub block_size: usize,
+    /// Tokens per token unit, the unit of scoring (keys are averaged over a unit). At least 1,
+    /// and it must divide `block_size`. Default `8`.
+    pub unit_size: usize,
+    /// Number of most recent queries averaged into the local query that scores blocks; the
+    /// block(s) holding the last `local_window` prompt tokens are always kept. At least 1.
+    /// Default `4`.
+    pub local_window: usize,
+    /// Overlap-aware swapping threshold in decode: a stage keeps its active blocks while the
+    /// newly proposed top-K overlaps them by at least `gamma`. `0` never swaps, `1` swaps on any
+    /// change. Allowed: `[0, 1]`. Default `0.9`.
+    pub gamma: f32,
+    /// Follow-up turns in a conversation: `false` keeps the pruned KV of earlier turns and only
+    /// prefills the new message (fast); `true` prefills the whole conversation again so that the
+    /// new question chooses which blocks of the earlier document to keep. Default `false`.
+    pub reprefill_followups: bool,
+}
+
+/// One stage of a custom schedule: from `layer` on, keep `fraction` of the prompt (times
+/// `keep_ratio`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub layer: usize,
+    pub fraction: f32,
+}
+
+/// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
+///
+/// A stage whose `keep_blocks` equals the number of prompt blocks still appears; it keeps
+/// everything (a no-op), which lets the callers show a per-layer budget for every stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stage {
+    pub start_layer: usize,
+    pub keep_blocks: usize,
+}
+
+/// The `[slim]` section with every key at its default, commented, for `config.example.toml`.
+/// A test checks that it parses to [`SlimConfig::default`].
+pub const EXAMPLE_TOML: &str = r#"[slim]
+# Prune prompt rows in the upper layers (SlimInfer). false = the dense model.
+enabled = true
+# The pruning knob, in (0, 1]: each stage keeps keep_ratio * fraction * prompt tokens.
+keep_ratio = 0.5
+# "auto" (by layer count: 30 -> smollm2, 32 -> llama3.1-8b, 28 -> qwen2.5-7b, else generic),
+# "smollm2", "llama3.1-8b", "qwen2.5-7b", "generic", or "custom" (uses `stages`).
+preset = "auto"
+# Only with preset = "custom": [{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]
+# (layers strictly increasing in 1..n_layers, fractions in (0, 1] and non-increasing).
+stages = []
+# Floor of every stage's budget, in tokens.
+min_keep_tokens = 256
+# Tokens per block (unit of selection and KV movement); a multiple of unit_size.
+block_size = 64
+# Tokens per token unit (unit of scoring); at least 1.
+unit_size = 8
+# Queries of the last local_window tokens score the blocks; at least 1.
+local_window = 4
+# Decode keeps its active blocks while a new proposal overlaps them by >= gamma, in [0, 1].
+gamma = 0.9
+# Follow-up turns: false = prefill only the new message; true = prefill the whole conversation.
+reprefill_followups = false
+"#;
+
+impl Default for SlimConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keep_ratio: 0.5,
+            preset: "auto".into(),
+            stages: Vec::new(),
+            min_keep_tokens: 256,
+            block_size: 64,
+            unit_size: 8,
+            local_window: 4,
+            gamma: 0.9,
+            reprefill_followups: false,
+        }
+    }
+}
+
+impl SlimConfig {
+    /// Check the keys that do not depend on the model. Errors name the key: `[slim] <key> ...`.
+    pub fn validate_keys(&self) -> Result<(), String> {
+        if !(self.keep_ratio > 0.0 && self.keep_ratio <= 1.0) {
+            return Err(format!("[slim] keep_ratio must be in (0, 1], got {}", self.keep_ratio));
+        }
+        if !PRESETS.contains(&self.preset.as_str()) {
+            return Err(format!(
+                "[slim] preset must be one of {}, got \"{}\"",
+                PRESETS.map(|p| format!("\"{p}\"")).join(", "),
+                self.preset
+            ));
+        }
+        if self.preset != "custom" && !self.stages.is_empty() {
+            return Err(format!(
+                "[slim] stages is used only with preset = \"custom\", but preset = \"{}\"",
+                self.preset
+            ));
+        }
+        if self.preset == "custom" && self.stages.is_empty() {
+            return Err("[slim] stages must list at least one stage when preset = \"custom\"".into());
+        }
+        if self.unit_size == 0 {
+            return Err("[slim] unit_size must be at least 1, got 0".into());
+        }
+        if self.block_size == 0 || !self.block_size.is_multiple_of(self.unit_size) {
+            return Err(format!(
+                "[slim] block_size must be a positive multiple of unit_size ({}), got {}",
+                self.unit_size, self.block_size
+            ));
+        }
+        if self.local_window == 0 {
+            return Err("[slim] local_window must be at least 1, got 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return Err(format!("[slim] gamma must be in [0, 1], got {}", self.gamma));
+        }
+        Ok(())
+    }
+
+    /// Check every key against a model with `n_layers` layers: [`Self::validate_keys`], then the
+    /// stages of the chosen preset (layers strictly increasing in `1..n_layers`, fractions in
+    /// `(0, 1]` and non-increasing). Checked whether or not `enabled` is set, since pruning can be
+    /// switched on while chatting.
+    pub fn validate(&self, n_layers: usize) -> Result<(), String> {
+        self.validate_keys()?;
+        let preset = self.preset_for(n_layers);
+        let stages = self.stage_fractions(n_layers);
+        // Name the offending entry: `stages[i]` for a custom list, the preset otherwise.
+        let key = |i: usize, field: &str| {
+            if preset == "custom" {
+                format!("[slim] stages[{i}].{field}")
+            } else {
+                format!("[slim] preset \"{preset}\" (for {n_layers} layers): stage {i} {field}")
+            }
+        };
+        let mut prev: Option<(usize, f32)> = None;
+        for (i, &(layer, fraction)) in stages.iter().enumerate() {
+            if layer == 0 || layer >= n_layers {
+                return Err(format!(
+                    "{} must be in 1..{n_layers} (the model has {n_layers} layers), got {layer}",
+                    key(i, "layer")
+                ));
+            }
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(format!("{} must be in (0, 1], got {fraction}", key(i, "fraction")));
+            }
+            if let Some((prev_layer, prev_fraction)) = prev {
+                if layer <= prev_layer {
+                    return Err(format!(
+                        "{} must be greater than the previous stage's layer {prev_layer}, got {layer}",
+                        key(i, "layer")
+                    ));
+                }
+                if fraction > prev_fraction {
+                    return Err(format!(
+                        "{} must not grow: the previous stage keeps {prev_fraction}, got {fraction}",
+                        key(i, "fraction")
+                    ));
+                }
+            }
+            prev = Some((layer, fraction));
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate`] as the application error.
+    pub fn check(&self, n_layers: usize) -> crate::Result<()> {
+        self.validate(n_layers).map_err(crate::Error::Config)
+    }
+
+    /// The preset in effect for a model with `n_layers` layers: `"auto"` resolved by layer count,
+    /// any other name as is.
+    pub fn preset_for(&self, n_layers: usize) -> &str {
+        match self.preset.as_str() {
+            "auto" => match n_layers {
+                30 => "smollm2",
+                32 => "llama3.1-8b",
+                28 => "qwen2.5-7b",
+                _ => "generic",
+            },
+            other => other,
+        }
+    }
+
+    /// The stages of the chosen preset as `(layer, fraction at keep_ratio = 1)`. An unknown preset
+    /// gives no stages ([`Self::validate`] reports it). `"generic"` for L layers is
+    /// `[(round(L/3), 1), (round(2L/3), 1/2), (L−2, 1/4)]`, with layers outside `1..L` dropped and,
+    /// where two coincide (small L), the first (larger) fraction kept.
+    pub fn stage_fractions(&self, n_layers: usize) -> Vec<(usize, f32)> {
+        match self.preset_for(n_layers) {
+            "smollm2" => vec![(10, 1.0), (20, 0.5), (28, 0.25)],
+            "llama3.1-8b" => vec![(10, 0.5), (20, 0.25), (30, 0.125)],
+            "qwen2.5-7b" => vec![(9, 0.75), (18, 0.375), (26, 0.25)],
+            "generic" => {
+                let l = n_layers;
+                // round(L/3) and round(2L/3) in integers: floor(x + 1/2) = (6x + 3) / 6.
+                let candidates = [((2 * l + 3) / 6, 1.0), ((4 * l + 3) / 6, 0.5), (l.saturating_sub(2), 0.25)];
+                let mut out: Vec<(usize, f32)> = Vec::with_capacity(3);
+                for (layer, fraction) in candidates {
+                    let increasing = out.last().is_none_or(|&(prev, _)| layer > prev);
+                    if layer >= 1 && layer < l && increasing {
+                        out.push((layer, fraction));
+                    }
+                }
+                out
+            }
+            "custom" => self.stages.iter().map(|s| (s.layer, s.fraction)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The stages for one prompt of `prompt_tokens` tokens on a model with `n_layers` layers.
+    ///
+    /// A stage's budget is `keep_ratio * fraction * prompt_tokens` tokens, at least
+    /// `min_keep_tokens`, in blocks `ceil(tokens / block_size)`, capped at the prompt's
+    /// `ceil(prompt_tokens / block_size)` blocks and at the previous stage's blocks (nested), and
+    /// raised to the number of always-kept blocks. A stage that keeps every block still appears
+    /// (a no-op). Empty when disabled, when the prompt fits in one block, or when the config is
+    /// invalid in a way that would make the arithmetic meaningless (call [`Self::validate`]
+    /// first; stages with layers outside `1..n_layers` are skipped here).
+    pub fn resolve(&self, n_layers: usize, prompt_tokens: usize) -> Vec<Stage> {
+        let bs = self.block_size;
+        if !self.enabled || bs == 0 || prompt_tokens <= bs {
+            return Vec::new();
+        }
+        let n_blocks = prompt_tokens.div_ceil(bs);
+        let forced = crate::slim::select::forced_blocks(prompt_tokens, bs, self.local_window).len();
+        let mut prev_blocks = n_blocks;
+        let mut prev_layer = 0;
+        let mut out = Vec::new();
+        for (layer, fraction) in self.stage_fractions(n_layers) {
+            if layer <= prev_layer || layer >= n_layers {
+                continue;
+            }
+            let tokens = (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64)
+                .max(self.min_keep_tokens as f64);
+            // Shave a relative 1e-6 (a few f32 ulps of keep_ratio * fraction) so that budgets
+            // that are whole blocks up to f32 rounding (0.1f32 * 6400 = 640.0000095) do not
+            // round up to one block more.
+            let blocks = ((tokens / bs as f64) * (1.0 - 1e-6)).ceil().max(0.0) as usize;
+            let keep_blocks = blocks.min(prev_blocks).max(forced.min(n_blocks));
+            out.push(Stage { start_layer: layer, keep_blocks });
+            prev_blocks = keep_blocks;
+            prev_layer = layer;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SlimConfig {
+        SlimConfig::default()
+    }
+
+    fn blocks(stages: &[Stage]) -> Vec<usize> {
+        stages.iter().map(|s| s.keep_blocks).collect()
+    }
+
+    fn layers(stages: &[Stage]) -> Vec<usize> {
+        stages.iter().map(|s| s.start_layer).collect()
+    }
+
+    fn err(c: &SlimConfig, n_layers: usize) -> String {
+        c.validate(n_layers).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn defaults_are_valid_for_common_depths() {
+        for n in [1, 2, 3, 6, 12, 24, 28, 30, 32, 40, 80] {
+            cfg().validate(n).unwrap_or_else(|e| panic!("{n} layers: {e}"));
+        }
+    }
+
+    #[test]
+    fn example_toml_parses_to_the_defaults() {
+        #[derive(Deserialize)]
+        struct Doc {
+            slim: SlimConfig,
+        }
+        let doc: Doc = toml::from_str(EXAMPLE_TOML).unwrap();
+        assert_eq!(doc.slim, SlimConfig::default());
+    }
+
+    #[test]
+    fn custom_stages_parse_from_toml() {
+        let c: SlimConfig = toml::from_str(
+            "preset = \"custom\"\nstages = [{ layer = 4, fraction = 0.5 }, { layer = 8, fraction = 0.25 }]",
+        )
+        .unwrap();
+        assert_eq!(c.stages, vec![StageConfig { layer: 4, fraction: 0.5 }, StageConfig { layer: 8, fraction: 0.25 }]);
+        c.validate(12).unwrap();
+        assert!(toml::from_str::<SlimConfig>("keep_ratoi = 0.5").is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn keep_ratio_out_of_range_names_the_key() {
+        for bad in [0.0, -0.1, 1.5, f32::NAN] {
+            let e = err(&SlimConfig { keep_ratio: bad, ..cfg() }, 30);
+            assert!(e.contains("[slim] keep_ratio must be in (0, 1]"), "{e}");
+        }
+        assert_eq!(err(&SlimConfig { keep_ratio: 1.5, ..cfg() }, 30), "[slim] keep_ratio must be in (0, 1], got 1.5");
+        SlimConfig { keep_ratio: 1.0, ..cfg() }.validate(30).unwrap();
+    }
+
+    #[test]
+    fn unknown_preset_names_the_key() {
+        let e = err(&SlimConfig { preset: "llama".into(), ..cfg() }, 30);
+        assert!(e.starts_with("[slim] preset must be one of") && e.contains("\"llama\""), "{e}");
+    }
+
+    #[test]
+    fn stages_require_the_custom_preset_and_vice_versa() {
+        let e = err(&SlimConfig { stages: vec![StageConfig { layer: 5, fraction: 0.5 }], ..cfg() }, 30);
+        assert!(e.starts_with("[slim] stages"), "{e}");
+        let e = err(&SlimConfig { preset: "custom".into(), ..cfg() }, 30);
+        assert!(e.starts_with("[slim] stages"), "{e}");
+    }
+
+    #[test]
+    fn preset_layers_out_of_range_name_the_preset() {
+        // llama3.1-8b prunes at layer 30, which a 30-layer model does not have.
+        let e = err(&SlimConfig { preset: "llama3.1-8b".into(), ..cfg() }, 30);
+        assert!(e.contains("[slim] preset \"llama3.1-8b\"") && e.contains("must be in 1..30") && e.contains("got 30"), "{e}");
+    }
+
+    #[test]
+    fn custom_layers_out_of_range_name_the_stage() {
+        let custom = |stages: Vec<(usize, f32)>| SlimConfig {
+            preset: "custom".into(),
+            stages: stages.into_iter().map(|(layer, fraction)| StageConfig { layer, fraction }).collect(),
+            ..cfg()
+        };
+        let e = err(&custom(vec![(0, 0.5)]), 30);
+        assert!(e.starts_with("[slim] stages[0].layer must be in 1..30"), "{e}");
+        let e = err(&custom(vec![(10, 0.5), (30, 0.25)]), 30);
+        assert!(e.starts_with("[slim] stages[1].layer must be in 1..30"), "{e}");
+        let e = err(&custom(vec![(10, 0.5), (10, 0.25)]), 30);
+        assert!(e.starts_with("[slim] stages[1].layer must be greater"), "{e}");
+        let e = err(&custom(vec![(20, 0.5), (10, 0.25)]), 30);
+        assert!(e.starts_with("[slim] stages[1].layer must be greater"), "{e}");
+        let e = err(&custom(vec![(10, 0.25), (20, 0.5)]), 30);
+        assert!(e.starts_with("[slim] stages[1].fraction must not grow"), "{e}");
+        for bad in [0.0, 1.5, -1.0, f32::NAN] {
+            let e = err(&custom(vec![(10, bad)]), 30);
+            assert!(e.starts_with("[slim] stages[0].fraction must be in (0, 1]"), "{e}");
+        }
+        custom(vec![(10, 1.0), (20, 1.0), (29, 0.1)]).validate(30).unwrap();
+    }
+
+    #[test]
+    fn block_and_unit_sizes_must_nest() {
+        let e = err(&SlimConfig { block_size: 60, ..cfg() }, 30);
+        assert_eq!(e, "[slim] block_size must be a positive multiple of unit_size (8), got 60");
+        let e = err(&SlimConfig { block_size: 0, ..cfg() }, 30);
+        assert!(e.starts_with("[slim] block_size"), "{e}");
+        let e = err(&SlimConfig { unit_size: 0, ..cfg() }, 30);
+        assert!(e.starts_with("[slim] unit_size"), "{e}");
+        SlimConfig { block_size: 16, unit_size: 16, ..cfg() }.validate(30).unwrap();
+    }
+
+    #[test]
+    fn local_window_and_gamma_are_checked() {
+        let e = err(&SlimConfig { local_window: 0, ..cfg() }, 30);
+        assert!(e.starts_with("[slim] local_window"), "{e}");
+        for bad in [-0.1, 1.1, f32::NAN] {
+            let e = err(&SlimConfig { gamma: bad, ..cfg() }, 30);
+            assert!(e.starts_with("[slim] gamma must be in [0, 1]"), "{e}");
+        }
+        SlimConfig { gamma: 0.0, ..cfg() }.validate(30).unwrap();
+        SlimConfig { gamma: 1.0, ..cfg() }.validate(30).unwrap();
+    }
+
+    #[test]
+    fn auto_preset_follows_the_layer_count() {
+        let c = cfg();
+        assert_eq!(c.preset_for(30), "smollm2");
+        assert_eq!(c.preset_for(32), "llama3.1-8b");
+        assert_eq!(c.preset_for(28), "qwen2.5-7b");
+        assert_eq!(c.preset_for(24), "generic");
+        assert_eq!(c.stage_fractions(30), vec![(10, 1.0), (20, 0.5), (28, 0.25)]);
+        assert_eq!(c.stage_fractions(32), vec![(10, 0.5), (20, 0.25), (30, 0.125)]);
+        assert_eq!(c.stage_fractions(28), vec![(9, 0.75), (18, 0.375), (26, 0.25)]);
+    }
+
+    #[test]
+    fn generic_preset_scales_with_depth_and_stays_increasing() {
+        let c = SlimConfig { preset: "generic".into(), ..cfg() };
+        assert_eq!(c.stage_fractions(30), vec![(10, 1.0), (20, 0.5), (28, 0.25)]);
+        assert_eq!(c.stage_fractions(24), vec![(8, 1.0), (16, 0.5), (22, 0.25)]);
+        assert_eq!(c.stage_fractions(16), vec![(5, 1.0), (11, 0.5), (14, 0.25)]);
+        assert_eq!(c.stage_fractions(6), vec![(2, 1.0), (4, 0.5)]);
+        assert_eq!(c.stage_fractions(2), vec![(1, 1.0)]);
+        assert!(c.stage_fractions(1).is_empty());
+        for n in 1..100 {
+            c.validate(n).unwrap_or_else(|e| panic!("{n} layers: {e}"));
+        }
+    }
+
+    #[test]
+    fn smollm2_at_8192_tokens_keeps_64_32_16_blocks() {
+        let s = cfg().resolve(30, 8192);
+        assert_eq!(layers(&s), vec![10, 20, 28]);
+        assert_eq!(blocks(&s), vec![64, 32, 16]);
+    }
+
+    #[test]
+    fn llama_at_32k_matches_the_paper_token_counts() {
+        let s = cfg().resolve(32, 32768);
+        assert_eq!(layers(&s), vec![10, 20, 30]);
+        // 8192, 4096, 2048 tokens.
+        assert_eq!(blocks(&s), vec![128, 64, 32]);
+    }
+
+    #[test]
+    fn qwen_at_32k_matches_the_paper_token_counts() {
+        let s = cfg().resolve(28, 32768);
+        assert_eq!(layers(&s), vec![9, 18, 26]);
+        // 12288, 6144, 4096 tokens.
+        assert_eq!(blocks(&s), vec![192, 96, 64]);
+    }
+
+    #[test]
+    fn keep_ratio_scales_the_budgets() {
+        let s = SlimConfig { keep_ratio: 1.0, ..cfg() }.resolve(30, 8192);
+        assert_eq!(blocks(&s), vec![128, 64, 32], "fraction 1.0 at ratio 1.0 is a no-op stage");
+        let s = SlimConfig { keep_ratio: 0.25, ..cfg() }.resolve(30, 8192);
+        assert_eq!(blocks(&s), vec![32, 16, 8]);
+    }
+
+    #[test]
+    fn whole_block_budgets_do_not_round_up_from_f32_noise() {
+        // 0.1 (f32) * 6400 is 640.0000095 in f64: exactly 10 blocks, not 11.
+        let c = SlimConfig { keep_ratio: 0.1, min_keep_tokens: 0, ..cfg() };
+        assert_eq!(blocks(&c.resolve(30, 6400)), vec![10, 5, 3]);
+    }
+
+    #[test]
+    fn budgets_round_up_to_whole_blocks() {
+        // 0.5 * 1000 = 500 tokens -> 8 blocks (of 16); 250 -> floor 256 -> 4; 125 -> 256 -> 4.
+        let s = cfg().resolve(30, 1000);
+        assert_eq!(blocks(&s), vec![8, 4, 4]);
+    }
+
+    #[test]
+    fn floor_applies_for_short_prompts() {
+        // 1024 tokens = 16 blocks; 512 -> 8 blocks, 256 -> 4, 128 -> floor 256 -> 4.
+        assert_eq!(blocks(&cfg().resolve(30, 1024)), vec![8, 4, 4]);
+        // 300 tokens = 5 blocks: every budget is the 256-token floor = 4 blocks.
+        assert_eq!(blocks(&cfg().resolve(30, 300)), vec![4, 4, 4]);
+        // 200 tokens = 4 blocks: the floor keeps everything, and the stages are no-ops.
+        assert_eq!(blocks(&cfg().resolve(30, 200)), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn budgets_never_drop_below_the_always_kept_blocks() {
+        // 130 tokens: blocks 0 (sink), 1 and 2 (the last 4 tokens straddle 1 and 2) are forced.
+        let c = SlimConfig { keep_ratio: 0.01, min_keep_tokens: 0, ..cfg() };
+        assert_eq!(blocks(&c.resolve(30, 130)), vec![3, 3, 3]);
+        assert_eq!(blocks(&c.resolve(30, 64 * 100)), vec![2, 2, 2]);
+    }
+
+    #[test]
+    fn stages_are_nested_non_increasing() {
+        let custom = SlimConfig {
+            preset: "custom".into(),
+            stages: vec![
+                StageConfig { layer: 3, fraction: 0.9 },
+                StageConfig { layer: 6, fraction: 0.9 },
+                StageConfig { layer: 9, fraction: 0.1 },
+            ],
+            ..cfg()
+        };
+        for c in [cfg(), custom] {
+            for n_layers in [12, 28, 30, 32] {
+                for prompt in [65, 100, 257, 1000, 4097, 8192, 32768, 100_000] {
+                    let s = c.resolve(n_layers, prompt);
+                    let n_blocks = prompt.div_ceil(64);
+                    assert!(!s.is_empty());
+                    assert!(s.windows(2).all(|w| w[0].start_layer < w[1].start_layer));
+                    assert!(s.windows(2).all(|w| w[0].keep_blocks >= w[1].keep_blocks), "{s:?}");
+                    assert!(s.iter().all(|st| st.keep_blocks <= n_blocks && st.keep_blocks >= 1));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prompt_within_one_block_has_no_stages() {
+        assert!(cfg().resolve(30, 0).is_empty());
+        assert!(cfg().resolve(30, 1).is_empty());
+        assert!(cfg().resolve(30, 64).is_empty());
+        assert_eq!(cfg().resolve(30, 65).len(), 3);
+    }
+
+    #[test]
+    fn disabled_has_no_stages() {
+        assert!(SlimConfig { enabled: false, ..cfg() }.resolve(30, 32768).is_empty());
+    }
+}

@@ -1,0 +1,336 @@
+//! Block scores of SlimInfer (arXiv 2508.06447, §"token importance"): how much the local query
+//! attends to each prompt block, estimated without an attention matrix.
+//!
+//! For each query head h, the local query `q_loc[h]` is the mean of the post-RoPE queries of the
+//! last w tokens. Each block is cut into token units of `unit_size` positions; a unit's
+//! representative key is the mean of its post-RoPE keys (over the rows present, so a partial or
+//! half-pruned unit averages what is left). With GQA, query head h reads KV head
+//! `h / (n_heads / n_kv_heads)`, as `repeat_kv` does.
+//!
+//! ```text
+//! unit score  = (1/H) Σ_h |q_loc[h] · k_unit[kv(h)]|
+//! block score = max over the block's units
+//! ```
+//!
+//! No softmax and no 1/sqrt(d) scale: neither changes the ranking. Scores are f32.
+
+/// Attention head layout of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl HeadShape {
+    /// Query heads per KV head.
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Panics (a caller bug) when the slices do not match the shape; returns w.
+    fn check(&self, q_window: &[f32], keys: &[f32], positions: &[u32], block_size: usize, unit_size: usize) -> usize {
+        let HeadShape { n_heads, n_kv_heads, head_dim } = *self;
+        assert!(
+            n_heads > 0 && n_kv_heads > 0 && head_dim > 0 && n_heads.is_multiple_of(n_kv_heads),
+            "slim::block_scores: bad head shape {self:?}"
+        );
+        assert!(
+            unit_size > 0 && block_size > 0 && block_size.is_multiple_of(unit_size),
+            "slim::block_scores: block_size {block_size} is not a positive multiple of unit_size {unit_size}"
+        );
+        let q_row = n_heads * head_dim;
+        assert!(
+            !q_window.is_empty() && q_window.len().is_multiple_of(q_row),
+            "slim::block_scores: q_window has {} values, expected (w >= 1, {q_row})",
+            q_window.len()
+        );
+        assert_eq!(
+            keys.len(),
+            positions.len() * n_kv_heads * head_dim,
+            "slim::block_scores: keys has {} values, expected ({}, {})",
+            keys.len(),
+            positions.len(),
+            n_kv_heads * head_dim
+        );
+        q_window.len() / q_row
+    }
+}
+
+/// Block scores for the prompt rows among `keys`.
+///
+/// q_window: (w, n_heads*head_dim) post-RoPE queries of the last w tokens, row-major.
+/// keys: (n, n_kv_heads*head_dim) post-RoPE keys, row-major, with positions (n), strictly
+/// increasing. Rows belong to block `pos / block_size` and unit `pos / unit_size`. Only rows with
+/// position < prompt_len are scored (generated tokens are never candidates).
+///
+/// Returns `(block_id, score)` for every block that has at least one row, in increasing block id.
+///
+/// One pass over the keys: a unit's key sum is accumulated while its rows stream by and scored
+/// when the unit ends, so the cost is O(n · n_kv_heads · head_dim) + O(n_units · n_heads · head_dim),
+/// with O(n_kv_heads · head_dim) scratch.
+///
+/// Panics when the slice lengths disagree with `shape`, or `block_size` is not a positive multiple
+/// of `unit_size` (caller bugs). Positions out of order are caught in debug builds.
+pub fn block_scores(
+    q_window: &[f32],
+    keys: &[f32],
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let (q_row, k_row, group) = (n_heads * head_dim, n_kv_heads * head_dim, shape.group());
+    debug_assert!(positions.windows(2).all(|p| p[0] < p[1]), "slim::block_scores: positions not strictly increasing");
+
+    // q_loc: (n_heads, head_dim), the mean of the w query rows. The 1/w and the 1/n_heads of the
+    // head mean are folded into one scale applied to each unit's score.
+    let mut q_loc = vec![0f32; q_row];
+    for row in q_window.chunks_exact(q_row) {
+        q_loc.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+    }
+    let q_scale = 1.0 / (w as f32 * n_heads as f32);
+
+    // Sum of the current unit's key rows: (n_kv_heads, head_dim).
+    let mut k_sum = vec![0f32; k_row];
+    let mut unit_rows = 0usize;
+    let mut cur_unit = usize::MAX;
+    let mut out: Vec<(u32, f32)> = Vec::new();
+
+    // Score the unit held in k_sum and fold it into its block's max.
+    let flush = |k_sum: &mut [f32], rows: usize, unit: usize, out: &mut Vec<(u32, f32)>| {
+        let mut s = 0f32;
+        for (h, q) in q_loc.chunks_exact(head_dim).enumerate() {
+            let kv = h / group;
+            s += dot(q, &k_sum[kv * head_dim..(kv + 1) * head_dim]).abs();
+        }
+        // |q_mean · k_mean| = |q_sum · k_sum| / (w · rows); averaged over heads.
+        let score = s * q_scale / rows as f32;
+        let block = (unit * unit_size / block_size) as u32;
+        match out.last_mut() {
+            Some((b, best)) if *b == block => *best = best.max(score),
+            _ => out.push((block, score)),
+        }
+        k_sum.fill(0.0);
+    };
+
+    for (row, &pos) in keys.chunks_exact(k_row).zip(positions) {
+        let pos = pos as usize;
+        if pos >= prompt_len {
+            break; // positions increase: every later row is generated too
+        }
+        let unit = pos / unit_size;
+        if unit != cur_unit {
+            if unit_rows > 0 {
+                flush(&mut k_sum, unit_rows, cur_unit, &mut out);
+            }
+            cur_unit = unit;
+            unit_rows = 0;
+        }
+        k_sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        unit_rows += 1;
+    }
+    if unit_rows > 0 {
+        flush(&mut k_sum, unit_rows, cur_unit, &mut out);
+    }
+    out
+}
+
+/// The same scores computed the naive way, in f64, straight from the definition: group rows by
+/// block and unit, average, dot, mean over heads, max over units. Positions need not be sorted.
+/// For tests and as the CPU reference of any faster kernel.
+pub fn block_scores_reference(
+    q_window: &[f32],
+    keys: &[f32],
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    use std::collections::BTreeMap;
+    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let group = n_heads / n_kv_heads;
+
+    // q_loc[h][d] = mean over the w rows.
+    let q_loc: Vec<Vec<f64>> = (0..n_heads)
+        .map(|h| {
+            (0..head_dim)
+                .map(|d| (0..w).map(|t| q_window[t * n_heads * head_dim + h * head_dim + d] as f64).sum::<f64>() / w as f64)
+                .collect()
+        })
+        .collect();
+
+    // unit id -> row indices (prompt rows only).
+    let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &pos) in positions.iter().enumerate() {
+        if (pos as usize) < prompt_len {
+            units.entry(pos as usize / unit_size).or_default().push(i);
+        }
+    }
+
+    let mut blocks: BTreeMap<u32, f64> = BTreeMap::new();
+    for (unit, rows) in &units {
+        let mut head_sum = 0.0;
+        for (h, q) in q_loc.iter().enumerate() {
+            let kv = h / group;
+            let mut dot = 0.0;
+            for (d, &qd) in q.iter().enumerate() {
+                let k_mean = rows.iter().map(|&i| keys[i * n_kv_heads * head_dim + kv * head_dim + d] as f64).sum::<f64>()
+                    / rows.len() as f64;
+                dot += qd * k_mean;
+            }
+            head_sum += dot.abs();
+        }
+        let score = head_sum / n_heads as f64;
+        let block = (unit * unit_size / block_size) as u32;
+        let best = blocks.entry(block).or_insert(f64::NEG_INFINITY);
+        *best = best.max(score);
+    }
+    blocks.into_iter().map(|(b, s)| (b, s as f32)).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators so the compiler can vectorise the reduction.
+    let mut acc = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() - a.len() % 8);
+    let (b8, b_tail) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small deterministic generator (xorshift64*), uniform in [-1, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next_u64() % n
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
+        }
+    }
+
+    fn assert_close(got: &[(u32, f32)], want: &[(u32, f32)], what: &str) {
+        let ids = |v: &[(u32, f32)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
+        assert_eq!(ids(got), ids(want), "{what}: block ids");
+        for (&(b, g), &(_, r)) in got.iter().zip(want) {
+            assert!((g - r).abs() <= 1e-4 * r.abs().max(1e-3), "{what}: block {b}: got {g}, reference {r}");
+        }
+    }
+
+    /// Positions 0..len with random gaps (as after pruning some blocks / rows), then
+    /// `generated` positions past `prompt_len`.
+    fn positions(rng: &mut Rng, prompt_len: usize, drop_every: u64, generated: usize) -> Vec<u32> {
+        let mut p: Vec<u32> = (0..prompt_len as u32).filter(|_| drop_every == 0 || rng.below(drop_every) != 0).collect();
+        // Drop a few whole 64-blocks too.
+        let dropped_blocks: Vec<u32> = (0..3).map(|_| rng.below(prompt_len as u64 / 64 + 1) as u32).collect();
+        p.retain(|&x| !dropped_blocks.contains(&(x / 64)) || x == 0);
+        p.extend((0..generated as u32).map(|g| prompt_len as u32 + 3 + g));
+        p
+    }
+
+    #[test]
+    fn fast_scores_match_the_reference_on_random_inputs() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let shapes = [
+            HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 },
+            HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 13 },
+            HeadShape { n_heads: 2, n_kv_heads: 2, head_dim: 7 },
+        ];
+        for shape in shapes {
+            for (prompt_len, drop_every, generated, w) in [(1000, 0, 0, 4), (517, 5, 9, 4), (131, 2, 3, 1), (70, 0, 5, 3)] {
+                for (block_size, unit_size) in [(64, 8), (24, 6), (8, 8)] {
+                    let pos = positions(&mut rng, prompt_len, drop_every, generated);
+                    let q = rng.vec(w * shape.n_heads * shape.head_dim);
+                    let k = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+                    let what = format!("{shape:?} len {prompt_len} drop 1/{drop_every} gen {generated} w {w} block {block_size}/{unit_size}");
+                    let got = block_scores(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
+                    let want = block_scores_reference(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
+                    assert!(!want.is_empty());
+                    assert_close(&got, &want, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_past_prompt_len_are_not_scored() {
+        let shape = HeadShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let mut rng = Rng(7);
+        let pos: Vec<u32> = (0..200).collect();
+        let q = rng.vec(4 * 8);
+        let k = rng.vec(200 * 4);
+        let all = block_scores(&q, &k, &pos, 200, shape, 64, 8);
+        let cut = block_scores(&q, &k, &pos, 100, shape, 64, 8);
+        assert_eq!(all.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(cut.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(cut[0], all[0], "block 0 is untouched by the cut");
+        // Block 1 is scored only from positions 64..100 (units 8..12, the last one partial).
+        let only_prompt = block_scores(&q, &k[..100 * 4], &pos[..100], 100, shape, 64, 8);
+        assert_eq!(cut, only_prompt);
+    }
+
+    #[test]
+    fn unit_key_is_a_mean_and_block_takes_the_max_unit() {
+        // One head, head_dim 1, q = 1: a unit's score is |mean of its keys|.
+        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let pos: Vec<u32> = (0..8).collect();
+        let k = [1.0, 3.0, -2.0, -2.0, 0.5, 0.5, 0.5, 0.5]; // units of 2: |2|, |-2|, .5, .5
+        let s = block_scores(&[1.0], &k, &pos, 8, shape, 4, 2);
+        assert_eq!(s, vec![(0, 2.0), (1, 0.5)]);
+    }
+
+    #[test]
+    fn gqa_maps_query_heads_to_their_kv_head() {
+        // 4 query heads over 2 KV heads, head_dim 1: heads 0,1 read kv 0; heads 2,3 read kv 1.
+        let shape = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 1 };
+        let q = [1.0, 1.0, 0.0, 0.0];
+        let k = [5.0, 100.0]; // one row: kv0 = 5, kv1 = 100
+        let s = block_scores(&q, &k, &[0], 1, shape, 8, 8);
+        assert_eq!(s, vec![(0, (5.0 + 5.0) / 4.0)]);
+    }
+
+    #[test]
+    fn local_query_is_the_mean_of_the_window() {
+        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let q = [1.0, 0.0, 3.0, 0.0]; // mean (2, 0)
+        let k = [1.0, 9.0];
+        assert_eq!(block_scores(&q, &k, &[5], 6, shape, 8, 8), vec![(0, 2.0)]);
+    }
+
+    #[test]
+    fn no_prompt_rows_gives_no_scores() {
+        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        assert!(block_scores(&[1.0, 1.0], &[], &[], 10, shape, 8, 8).is_empty());
+        assert!(block_scores(&[1.0, 1.0], &[1.0, 1.0], &[10], 10, shape, 8, 8).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "keys has")]
+    fn mismatched_keys_are_a_caller_bug() {
+        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        block_scores(&[1.0, 1.0], &[1.0], &[0], 10, shape, 8, 8);
+    }
+}

@@ -1,0 +1,238 @@
+//! Choosing the prompt blocks a stage keeps (SlimInfer, arXiv 2508.06447): top-K by score with the
+//! always-kept blocks, the overlap-aware gate that decode uses before swapping KV blocks, and the
+//! row indices to gather once the blocks are chosen.
+//!
+//! Block ids are `position / block_size` over original positions. Every block list here is sorted
+//! ascending and free of duplicates, so kept rows stay in positional order (which keeps the
+//! causal mask trivial).
+
+/// Top-k block ids by score among `scores`, always including the `forced` ids that are present in
+/// `scores` (they count toward k); ties broken by lower id; result sorted ascending. If
+/// `k >= scores.len()`, all ids.
+///
+/// When more forced ids are present than k, all of them are returned (the result is longer than
+/// k); [`crate::slim::schedule::SlimConfig::resolve`] never asks for fewer blocks than are forced.
+/// NaN scores rank below every number.
+pub fn select_top_k(scores: &[(u32, f32)], k: usize, forced: &[u32]) -> Vec<u32> {
+    if k >= scores.len() {
+        let mut all: Vec<u32> = scores.iter().map(|&(b, _)| b).collect();
+        all.sort_unstable();
+        all.dedup();
+        return all;
+    }
+    let mut chosen: Vec<u32> = scores.iter().map(|&(b, _)| b).filter(|b| forced.contains(b)).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    let rest = k.saturating_sub(chosen.len());
+    if rest > 0 {
+        let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+        let mut others: Vec<(u32, f32)> =
+            scores.iter().copied().filter(|(b, _)| chosen.binary_search(b).is_err()).collect();
+        // Highest score first; among equal scores, the lower id.
+        let by_rank = |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
+        if rest < others.len() {
+            others.select_nth_unstable_by(rest - 1, by_rank);
+            others.truncate(rest);
+        }
+        chosen.extend(others.iter().map(|&(b, _)| b));
+        chosen.sort_unstable();
+    }
+    chosen
+}
+
+/// |a ∩ b| / max(|a|, 1); both sorted ascending.
+pub fn overlap(a: &[u32], b: &[u32]) -> f32 {
+    let (mut i, mut j, mut common) = (0, 0, 0usize);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                common += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    common as f32 / a.len().max(1) as f32
+}
+
+/// Overlap-aware swapping: keep `active` if `overlap(proposal, active) >= gamma`, else replace it.
+/// Returns true when it switched. A proposal equal to `active` never switches (also when both
+/// are empty); an empty `active` (the first decode step) takes any non-empty proposal.
+pub fn gate(active: &mut Vec<u32>, proposal: Vec<u32>, gamma: f32) -> bool {
+    if proposal == *active || overlap(&proposal, active) >= gamma {
+        return false;
+    }
+    *active = proposal;
+    true
+}
+
+/// Indices (into `positions`) of rows to keep: rows with position >= prompt_len (generated /
+/// later-turn tokens) always; prompt rows whose block id (pos / block_size) is in `blocks`
+/// (sorted).
+pub fn kept_rows(positions: &[u32], prompt_len: usize, blocks: &[u32], block_size: usize) -> Vec<usize> {
+    debug_assert!(blocks.windows(2).all(|b| b[0] < b[1]), "slim::kept_rows: blocks not sorted");
+    positions
+        .iter()
+        .enumerate()
+        .filter(|&(_, &pos)| {
+            let pos = pos as usize;
+            pos >= prompt_len || blocks.binary_search(&((pos / block_size) as u32)).is_ok()
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The blocks that are always kept for a prompt of prompt_len tokens: the first block (attention
+/// sink) and the block(s) holding the last `local_window` prompt tokens (the last row feeds the LM
+/// head, and these rows' queries are the local query). Sorted ascending; empty for an empty
+/// prompt; at most three blocks when `local_window <= block_size`.
+pub fn forced_blocks(prompt_len: usize, block_size: usize, local_window: usize) -> Vec<u32> {
+    if prompt_len == 0 || block_size == 0 {
+        return Vec::new();
+    }
+    let first_local = prompt_len - local_window.clamp(1, prompt_len);
+    let (lo, hi) = (first_local / block_size, (prompt_len - 1) / block_size);
+    let mut out = vec![0u32];
+    out.extend((lo.max(1)..=hi).map(|b| b as u32));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(v: &[f32]) -> Vec<(u32, f32)> {
+        v.iter().enumerate().map(|(i, &s)| (i as u32, s)).collect()
+    }
+
+    #[test]
+    fn top_k_picks_the_highest_scores_sorted_by_id() {
+        let s = scores(&[0.1, 0.9, 0.3, 0.8, 0.2, 0.7]);
+        assert_eq!(select_top_k(&s, 3, &[]), vec![1, 3, 5]);
+        assert_eq!(select_top_k(&s, 1, &[]), vec![1]);
+        assert_eq!(select_top_k(&s, 0, &[]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn top_k_keeps_forced_blocks_inside_the_budget() {
+        let s = scores(&[0.1, 0.9, 0.3, 0.8, 0.2, 0.7]);
+        // Forced 0 and 4 take two of the four slots; the best two others are 1 and 3.
+        assert_eq!(select_top_k(&s, 4, &[0, 4]), vec![0, 1, 3, 4]);
+        // Forced ids absent from the scores are ignored and do not use up the budget.
+        assert_eq!(select_top_k(&s, 2, &[42]), vec![1, 3]);
+        // More forced than k: all forced are kept.
+        assert_eq!(select_top_k(&s, 1, &[0, 4]), vec![0, 4]);
+        // Duplicated forced ids count once.
+        assert_eq!(select_top_k(&s, 3, &[4, 4]), vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn top_k_with_k_at_least_len_returns_all() {
+        let s = vec![(7, 0.0), (2, 1.0), (9, 0.5)];
+        assert_eq!(select_top_k(&s, 3, &[]), vec![2, 7, 9]);
+        assert_eq!(select_top_k(&s, 10, &[2]), vec![2, 7, 9]);
+    }
+
+    #[test]
+    fn top_k_breaks_ties_by_lower_id() {
+        let s = scores(&[0.5, 0.5, 0.5, 0.5, 0.9]);
+        assert_eq!(select_top_k(&s, 3, &[]), vec![0, 1, 4]);
+        let sparse = vec![(3, 1.0), (8, 2.0), (10, 1.0), (12, 1.0)];
+        assert_eq!(select_top_k(&sparse, 2, &[]), vec![3, 8]);
+    }
+
+    #[test]
+    fn top_k_ranks_nan_last() {
+        let s = scores(&[f32::NAN, 0.1, 0.2]);
+        assert_eq!(select_top_k(&s, 2, &[]), vec![1, 2]);
+    }
+
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        // A pseudo-random score list with many ties, against sort-then-take.
+        let s: Vec<(u32, f32)> = (0..300u32).map(|i| (i * 2, ((i * 7919) % 37) as f32)).collect();
+        for k in [0, 1, 5, 64, 150, 299] {
+            let mut sorted = s.clone();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut want: Vec<u32> = sorted[..k].iter().map(|p| p.0).collect();
+            want.sort_unstable();
+            assert_eq!(select_top_k(&s, k, &[]), want, "k = {k}");
+        }
+    }
+
+    #[test]
+    fn overlap_is_the_shared_fraction_of_the_first_set() {
+        assert_eq!(overlap(&[1, 2, 3, 4], &[2, 4, 6]), 0.5);
+        assert_eq!(overlap(&[], &[1]), 0.0);
+        assert_eq!(overlap(&[1, 2], &[1, 2]), 1.0);
+    }
+
+    fn changed(n: u32, changed: u32) -> (Vec<u32>, Vec<u32>) {
+        let active: Vec<u32> = (0..n).collect();
+        // Replace the last `changed` ids with ids the active set does not hold.
+        let proposal: Vec<u32> = (0..n - changed).chain(1000..1000 + changed).collect();
+        (active, proposal)
+    }
+
+    #[test]
+    fn gate_keeps_the_active_set_for_an_identical_proposal() {
+        let (mut active, _) = changed(128, 0);
+        let same = active.clone();
+        assert!(!gate(&mut active, same.clone(), 0.9));
+        assert!(!gate(&mut active, same.clone(), 1.0));
+        assert_eq!(active, same);
+        let mut empty = Vec::new();
+        assert!(!gate(&mut empty, Vec::new(), 0.9));
+    }
+
+    #[test]
+    fn gate_ignores_one_changed_block_of_128() {
+        let (mut active, proposal) = changed(128, 1);
+        assert!((overlap(&proposal, &active) - 0.992).abs() < 1e-3);
+        let before = active.clone();
+        assert!(!gate(&mut active, proposal, 0.9));
+        assert_eq!(active, before);
+    }
+
+    #[test]
+    fn gate_switches_when_13_of_128_blocks_change() {
+        let (mut active, proposal) = changed(128, 13);
+        assert!((overlap(&proposal, &active) - 0.898).abs() < 1e-3);
+        assert!(gate(&mut active, proposal.clone(), 0.9));
+        assert_eq!(active, proposal);
+    }
+
+    #[test]
+    fn gate_takes_the_first_proposal() {
+        let mut active = Vec::new();
+        assert!(gate(&mut active, vec![0, 3, 5], 0.9));
+        assert_eq!(active, vec![0, 3, 5]);
+    }
+
+    #[test]
+    fn kept_rows_keeps_generated_rows_and_rows_of_kept_blocks() {
+        // Prompt of 20 tokens in blocks of 4; rows of block 1 already pruned; 3 generated rows.
+        let positions: Vec<u32> = [0, 1, 2, 3, 8, 9, 10, 11, 12, 16, 19, 20, 21, 22].to_vec();
+        let rows = kept_rows(&positions, 20, &[0, 3], 4);
+        // Block 0 -> rows 0..4; block 3 (12..16) -> row 8; generated 20.. -> rows 11..14.
+        assert_eq!(rows, vec![0, 1, 2, 3, 8, 11, 12, 13]);
+        assert_eq!(kept_rows(&positions, 20, &[], 4), vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn forced_blocks_cover_the_sink_and_the_local_window() {
+        assert_eq!(forced_blocks(1, 64, 4), vec![0]);
+        assert_eq!(forced_blocks(63, 64, 4), vec![0]);
+        assert_eq!(forced_blocks(64, 64, 4), vec![0]);
+        // Tokens 61..65: blocks 0 and 1.
+        assert_eq!(forced_blocks(65, 64, 4), vec![0, 1]);
+        // Tokens 126..130 straddle blocks 1 and 2.
+        assert_eq!(forced_blocks(130, 64, 4), vec![0, 1, 2]);
+        assert_eq!(forced_blocks(132, 64, 4), vec![0, 2]);
+        assert_eq!(forced_blocks(0, 64, 4), Vec::<u32>::new());
+        // A window longer than the prompt covers the whole prompt.
+        assert_eq!(forced_blocks(10, 4, 100), vec![0, 1, 2]);
+    }
+}

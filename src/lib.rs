@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod kv;
 pub mod metrics;
 pub mod model;

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
+use slimchat::eval::{self, EvalConfig};
 use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest};
 use slimchat::model::source::{DownloadProgress, ModelSource};
 use slimchat::model::template::{Message, Role};
@@ -52,6 +53,27 @@ enum Command {
     Run(RunArgs),
     /// Time to first token, prefill and decode tokens/s at several prompt lengths
     Bench(BenchArgs),
+    /// Fidelity of pruning against dense: teacher-forced agreement, KL, needle retrieval
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Prompt lengths in tokens
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    lengths: Vec<usize>,
+    /// Keep ratios to compare with dense (the configured ratio is marked as the default)
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.35,0.5,0.7")]
+    ratios: Vec<f32>,
+    /// Length of the dense answer used for teacher forcing
+    #[arg(long, default_value_t = 64)]
+    answer_tokens: usize,
+    /// Needle depths, evenly spaced from 0% to 100%
+    #[arg(long, default_value_t = 10)]
+    depths: usize,
+    /// Print one JSON object with a `results` array at the end
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +177,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let modes = if cli.common.slim == Some(true) { vec![Mode::Dense, Mode::Slim] } else { vec![Mode::Dense] };
             run_bench(&cfg, args, modes)
         }
+        Some(Command::Eval(args)) => run_eval(&cfg, args),
         None => {
             eprintln!("slimchat: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`");
             Err(Error::Engine("no subcommand given".into()))
@@ -260,6 +283,32 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
             "results": results,
         });
         println!("{v}");
+    }
+    Ok(())
+}
+
+fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
+    let mut engine = load_engine(cfg)?;
+    let mut ratios = args.ratios;
+    if !ratios.iter().any(|r| (r - cfg.slim.keep_ratio).abs() < 1e-6) {
+        ratios.push(cfg.slim.keep_ratio);
+    }
+    let ec = EvalConfig {
+        lengths: args.lengths,
+        ratios,
+        default_ratio: cfg.slim.keep_ratio,
+        answer_tokens: args.answer_tokens,
+        depths: args.depths,
+    };
+    let results = eval::run(&mut engine, &ec, &mut |r| {
+        eprintln!(
+            "slimchat eval: {:>5} tokens ratio {:.2}{}: top-1 agreement {:.3}, mean KL {:.4}, needle dense {:.2} slim {:.2}, TTFT {:.0} -> {:.0} ms, last layer kept {}",
+            r.prompt_tokens, r.ratio, if r.default { " (default)" } else { "" }, r.top1_agreement, r.mean_kl,
+            r.needle_acc_dense, r.needle_acc_slim, r.ttft_ms_dense, r.ttft_ms_slim, r.kept_last_layer
+        );
+    })?;
+    if args.json {
+        println!("{}", serde_json::json!({ "model": cfg.model.source, "slim": cfg.slim, "results": results }));
     }
     Ok(())
 }

@@ -99,7 +99,7 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer> {
             )))
         }
     };
-    add_special_tokens(&mut tokenizer, &vocab)?;
+    add_special_tokens(&mut tokenizer, &vocab, content)?;
     Ok(tokenizer)
 }
 
@@ -418,7 +418,18 @@ fn spm_merges(vocab: &GgufVocab, scores: &[f32]) -> Vec<(String, String)> {
 
 /// Control, unknown and [`FORCED_CONTROL`] tokens become special added tokens; user-defined
 /// tokens become plain added tokens (always matched, kept when decoding with `skip_special_tokens`).
-fn add_special_tokens(tokenizer: &mut Tokenizer, vocab: &GgufVocab) -> Result<()> {
+///
+/// llama.cpp also swallows the whitespace after every added token of a Phi-3 model (named by
+/// `general.name`) except `<unk>`, `<s>` and `<|endoftext|>`; `rstrip` does the same here.
+fn add_special_tokens(
+    tokenizer: &mut Tokenizer,
+    vocab: &GgufVocab,
+    content: &gguf_file::Content,
+) -> Result<()> {
+    let name = meta_string(content, "general.name")?
+        .unwrap_or_default()
+        .to_lowercase();
+    let phi3 = name.contains("phi-3") || name.contains("phi3");
     let mut special = Vec::new();
     let mut plain = Vec::new();
     for (text, ty) in vocab.tokens.iter().zip(&vocab.types) {
@@ -433,7 +444,12 @@ fn add_special_tokens(tokenizer: &mut Tokenizer, vocab: &GgufVocab) -> Result<()
         texts
             .into_iter()
             .filter(|t| !t.is_empty())
-            .map(|t| AddedToken::from(t.clone(), is_special).normalized(false))
+            .map(|t| {
+                let rstrip = phi3 && !matches!(t.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+                AddedToken::from(t.clone(), is_special)
+                    .normalized(false)
+                    .rstrip(rstrip)
+            })
             .collect()
     };
     tokenizer

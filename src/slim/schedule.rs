@@ -299,8 +299,8 @@ impl SlimConfig {
             if layer <= prev_layer || layer >= n_layers {
                 continue;
             }
-            let tokens = (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64)
-                .max(self.min_keep_tokens as f64);
+            let tokens =
+                (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64).max(self.min_keep_tokens as f64);
             // Shave a relative 1e-6 (a few f32 ulps of keep_ratio * fraction) so that budgets
             // that are whole blocks up to f32 rounding (0.1f32 * 6400 = 640.0000095) do not
             // round up to one block more.
@@ -390,7 +390,10 @@ mod tests {
     fn preset_layers_out_of_range_name_the_preset() {
         // llama3.1-8b prunes at layer 30, which a 30-layer model does not have.
         let e = err(&SlimConfig { preset: "llama3.1-8b".into(), ..cfg() }, 30);
-        assert!(e.contains("[slim] preset \"llama3.1-8b\"") && e.contains("must be in 1..30") && e.contains("got 30"), "{e}");
+        assert!(
+            e.contains("[slim] preset \"llama3.1-8b\"") && e.contains("must be in 1..30") && e.contains("got 30"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -160,7 +160,9 @@ pub fn block_scores_reference(
     let q_loc: Vec<Vec<f64>> = (0..n_heads)
         .map(|h| {
             (0..head_dim)
-                .map(|d| (0..w).map(|t| q_window[t * n_heads * head_dim + h * head_dim + d] as f64).sum::<f64>() / w as f64)
+                .map(|d| {
+                    (0..w).map(|t| q_window[t * n_heads * head_dim + h * head_dim + d] as f64).sum::<f64>() / w as f64
+                })
                 .collect()
         })
         .collect();
@@ -180,8 +182,9 @@ pub fn block_scores_reference(
             let kv = h / group;
             let mut dot = 0.0;
             for (d, &qd) in q.iter().enumerate() {
-                let k_mean = rows.iter().map(|&i| keys[i * n_kv_heads * head_dim + kv * head_dim + d] as f64).sum::<f64>()
-                    / rows.len() as f64;
+                let k_mean =
+                    rows.iter().map(|&i| keys[i * n_kv_heads * head_dim + kv * head_dim + d] as f64).sum::<f64>()
+                        / rows.len() as f64;
                 dot += qd * k_mean;
             }
             head_sum += dot.abs();
@@ -243,7 +246,8 @@ mod tests {
     /// Positions 0..len with random gaps (as after pruning some blocks / rows), then
     /// `generated` positions past `prompt_len`.
     fn positions(rng: &mut Rng, prompt_len: usize, drop_every: u64, generated: usize) -> Vec<u32> {
-        let mut p: Vec<u32> = (0..prompt_len as u32).filter(|_| drop_every == 0 || rng.below(drop_every) != 0).collect();
+        let mut p: Vec<u32> =
+            (0..prompt_len as u32).filter(|_| drop_every == 0 || rng.below(drop_every) != 0).collect();
         // Drop a few whole 64-blocks too.
         let dropped_blocks: Vec<u32> = (0..3).map(|_| rng.below(prompt_len as u64 / 64 + 1) as u32).collect();
         p.retain(|&x| !dropped_blocks.contains(&(x / 64)) || x == 0);
@@ -260,12 +264,17 @@ mod tests {
             HeadShape { n_heads: 2, n_kv_heads: 2, head_dim: 7 },
         ];
         for shape in shapes {
-            for (prompt_len, drop_every, generated, w) in [(1000, 0, 0, 4), (517, 5, 9, 4), (131, 2, 3, 1), (70, 0, 5, 3)] {
+            for (prompt_len, drop_every, generated, w) in
+                [(1000, 0, 0, 4), (517, 5, 9, 4), (131, 2, 3, 1), (70, 0, 5, 3)]
+            {
                 for (block_size, unit_size) in [(64, 8), (24, 6), (8, 8)] {
                     let pos = positions(&mut rng, prompt_len, drop_every, generated);
                     let q = rng.vec(w * shape.n_heads * shape.head_dim);
                     let k = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
-                    let what = format!("{shape:?} len {prompt_len} drop 1/{drop_every} gen {generated} w {w} block {block_size}/{unit_size}");
+                    let what = format!(
+                        "{shape:?} len {prompt_len} drop 1/{drop_every} gen {generated} w {w} \
+                         block {block_size}/{unit_size}"
+                    );
                     let got = block_scores(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
                     let want = block_scores_reference(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
                     assert!(!want.is_empty());

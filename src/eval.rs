@@ -1,0 +1,200 @@
+//! `slimchat eval`: does pruning keep the dense model's answers?
+//!
+//! On real English documents (sections of assets/long_text.txt) at each prompt length:
+//! - teacher-forced agreement: the dense model answers a question about the document greedily
+//!   (`answer_tokens` tokens); the pruned model is fed the same prompt and the same answer, and
+//!   we count the positions where its top-1 equals the dense top-1, and the mean KL(dense‖pruned);
+//! - needle retrieval: a sentence with a 5-digit code is planted at `depths` evenly spaced depths
+//!   (0%..100%) of the document and asked for at the end; accuracy of dense and of pruned.
+
+use std::sync::atomic::AtomicBool;
+
+use serde::Serialize;
+
+use crate::bench::LONG_TEXT;
+use crate::engine::{Engine, GenerateRequest};
+use crate::model::template::Message;
+use crate::sampling::{argmax, SamplingConfig};
+use crate::slim::SlimConfig;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub lengths: Vec<usize>,
+    /// Keep ratios to evaluate; `default_ratio` is marked in the results.
+    pub ratios: Vec<f32>,
+    pub default_ratio: f32,
+    pub answer_tokens: usize,
+    pub depths: usize,
+}
+
+/// One (length, ratio) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    pub prompt_tokens: usize,
+    pub ratio: f32,
+    pub default: bool,
+    pub top1_agreement: f64,
+    pub mean_kl: f64,
+    pub needle_acc_dense: f64,
+    pub needle_acc_slim: f64,
+    /// Prompt rows the last layer kept in the teacher-forced run.
+    pub kept_last_layer: usize,
+    pub ttft_ms_dense: f64,
+    pub ttft_ms_slim: f64,
+}
+
+const QUESTION: &str = "Summarize the main points of the text above.";
+const NEEDLE_QUESTION: &str = "What is the access code for the blue cabinet? Answer with the number only.";
+
+/// Run the evaluation; `on_result` is called as each cell finishes.
+pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&EvalResult)) -> Result<Vec<EvalResult>> {
+    let base = engine.slim_config().clone();
+    let mut results = Vec::new();
+    for (doc_index, &length) in cfg.lengths.iter().enumerate() {
+        let length = length.min(engine.context_length() - cfg.answer_tokens.max(16) - 8);
+        // Each length reads a different part of the text.
+        let doc = document(engine, doc_index, length, QUESTION)?;
+        let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
+
+        // Dense reference: greedy answer and its logits at every answer position.
+        set_slim(engine, &base, None)?;
+        let t0 = std::time::Instant::now();
+        let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+        let ttft_dense = t0.elapsed().as_secs_f64() * 1e3;
+        let mut answer = Vec::new();
+        let mut dense_logits = Vec::new();
+        for _ in 0..cfg.answer_tokens {
+            let t = argmax(&logits);
+            answer.push(t);
+            dense_logits.push(std::mem::replace(&mut logits, Vec::new()));
+            logits = engine.step(t)?;
+        }
+        let needles_dense = needle_run(engine, &base, None, doc_index, length, cfg.depths)?;
+
+        for &ratio in &cfg.ratios {
+            set_slim(engine, &base, Some(ratio))?;
+            let t0 = std::time::Instant::now();
+            let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+            let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
+            let kept_last_layer = engine.kept_per_layer().last().copied().unwrap_or(0);
+            let (mut agree, mut kl) = (0usize, 0.0f64);
+            for (i, &t) in answer.iter().enumerate() {
+                agree += usize::from(argmax(&logits) == argmax(&dense_logits[i]));
+                kl += kl_divergence(&dense_logits[i], &logits);
+                logits = engine.step(t)?;
+            }
+            let needles_slim = needle_run(engine, &base, Some(ratio), doc_index, length, cfg.depths)?;
+            let n = answer.len().max(1) as f64;
+            let r = EvalResult {
+                prompt_tokens: prompt.len(),
+                ratio,
+                default: (ratio - cfg.default_ratio).abs() < 1e-6,
+                top1_agreement: agree as f64 / n,
+                mean_kl: kl / n,
+                needle_acc_dense: needles_dense,
+                needle_acc_slim: needles_slim,
+                kept_last_layer,
+                ttft_ms_dense: ttft_dense,
+                ttft_ms_slim: ttft_slim,
+            };
+            on_result(&r);
+            results.push(r);
+        }
+    }
+    engine.set_slim(base)?;
+    engine.reset();
+    Ok(results)
+}
+
+fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Result<()> {
+    let cfg = match ratio {
+        Some(r) => SlimConfig { enabled: true, keep_ratio: r, ..base.clone() },
+        None => SlimConfig { enabled: false, ..base.clone() },
+    };
+    engine.reset();
+    engine.set_slim(cfg)
+}
+
+/// About `length` tokens of prose (the chat template and `question` included), from a part of
+/// the text chosen by `index`, cut at a sentence end.
+fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Result<String> {
+    let overhead = engine.encode_chat(&[Message::user(format!("\n\n{question}"))])?.len() + 24;
+    let tokens = engine.encode(LONG_TEXT, false)?;
+    let want = length.saturating_sub(overhead);
+    let start = (index * 20_000) % tokens.len().saturating_sub(want).max(1);
+    if start + want > tokens.len() {
+        return Err(Error::Prompt(format!("eval text has {} tokens, {want} needed", tokens.len())));
+    }
+    let text = engine.tokenizer.decode(&tokens[start..start + want], false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    // Start and end on whole sentences.
+    let from = text.find(". ").map_or(0, |i| i + 2);
+    let to = text.rfind(". ").map_or(text.len(), |i| i + 1);
+    Ok(text[from..to.max(from)].to_string())
+}
+
+/// Plant the needle at `depths` depths; return the fraction of answers that contain the code.
+fn needle_run(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>, index: usize, length: usize, depths: usize) -> Result<f64> {
+    let needle_len = 24;
+    let doc = document(engine, index, length.saturating_sub(needle_len), NEEDLE_QUESTION)?;
+    let mut correct = 0;
+    for d in 0..depths {
+        let depth = if depths > 1 { d as f64 / (depths - 1) as f64 } else { 0.5 };
+        let code = 10_000 + (index * 7919 + d * 104_729) % 90_000;
+        let needle = format!(" The access code for the blue cabinet is {code}. ");
+        let at = sentence_boundary(&doc, (doc.len() as f64 * depth) as usize);
+        let text = format!("{}{needle}{}", &doc[..at], &doc[at..]);
+        set_slim(engine, base, ratio)?;
+        let req = GenerateRequest {
+            messages: vec![Message::user(format!("{text}\n\n{NEEDLE_QUESTION}"))],
+            max_tokens: 12,
+            sampling: SamplingConfig { temperature: 0.0, repeat_penalty: 1.0, ..Default::default() },
+        };
+        let stats = engine.generate(&req, &AtomicBool::new(false), &mut |_| {})?;
+        correct += usize::from(stats.text.contains(&code.to_string()));
+    }
+    Ok(correct as f64 / depths.max(1) as f64)
+}
+
+/// The byte index just after the sentence end at or after `at` (or the end of the text).
+fn sentence_boundary(text: &str, at: usize) -> usize {
+    if at == 0 {
+        return 0;
+    }
+    let mut i = at.min(text.len());
+    while !text.is_char_boundary(i) {
+        i += 1;
+    }
+    text[i..].find(". ").map_or(text.len(), |j| i + j + 1)
+}
+
+/// KL(p‖q) of the softmax distributions of two logit vectors, in nats.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+        l.iter().map(move |&x| x as f64 - lse).collect::<Vec<f64>>()
+    };
+    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_is_zero_for_equal_and_positive_for_different_distributions() {
+        let a = [1.0, 2.0, 3.0];
+        assert!(kl_divergence(&a, &a) < 1e-12);
+        assert!(kl_divergence(&a, &[3.0, 2.0, 1.0]) > 0.1);
+    }
+
+    #[test]
+    fn needles_go_after_a_sentence_end() {
+        let t = "One two. Three four. Five.";
+        assert_eq!(sentence_boundary(t, 0), 0);
+        assert_eq!(&t[..sentence_boundary(t, 3)], "One two.");
+        assert_eq!(sentence_boundary(t, 22), t.len());
+    }
+}

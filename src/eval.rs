@@ -135,6 +135,9 @@ fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Res
 
 /// Plant the needle at `depths` depths; return the fraction of answers that contain the code.
 fn needle_run(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>, index: usize, length: usize, depths: usize) -> Result<f64> {
+    if depths == 0 {
+        return Ok(f64::NAN);
+    }
     let needle_len = 24;
     let doc = document(engine, index, length.saturating_sub(needle_len), NEEDLE_QUESTION)?;
     let mut correct = 0;
@@ -147,7 +150,7 @@ fn needle_run(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>, index:
         set_slim(engine, base, ratio)?;
         let req = GenerateRequest {
             messages: vec![Message::user(format!("{text}\n\n{NEEDLE_QUESTION}"))],
-            max_tokens: 12,
+            max_tokens: 24,
             sampling: SamplingConfig { temperature: 0.0, repeat_penalty: 1.0, ..Default::default() },
         };
         let stats = engine.generate(&req, &AtomicBool::new(false), &mut |_| {})?;

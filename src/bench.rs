@@ -67,7 +67,7 @@ pub struct BenchResult {
 /// Run the bench, calling `on_result` as each length finishes.
 pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&BenchResult)) -> Result<Vec<BenchResult>> {
     let longest = cfg.lengths.iter().copied().max().unwrap_or(0);
-    let text_tokens = engine.encode(LONG_TEXT, false)?;
+    let text_tokens = engine.encode(LONG_TEXT)?;
     if longest > text_tokens.len() {
         return Err(Error::Prompt(format!("bench text has {} tokens, {longest} requested", text_tokens.len())));
     }

@@ -198,13 +198,15 @@ impl Engine {
     /// Render the conversation with the chat template and tokenize it (special tokens parsed).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let text = self.template.render(messages, true)?;
-        self.encode(&text, true)
+        self.encode(&text)
     }
 
-    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+    /// Token ids of `text`, with the model's BOS in front when it asks for one. Special-token
+    /// strings in `text` (e.g. `<|im_start|>`) become their special ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer
-            .encode_fast(text, parse_special)
+            .encode_fast(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         if self.special.add_bos {

@@ -120,7 +120,7 @@ fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Resul
 /// the text chosen by `index`, cut at a sentence end.
 fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Result<String> {
     let overhead = engine.encode_chat(&[Message::user(format!("\n\n{question}"))])?.len() + 24;
-    let tokens = engine.encode(LONG_TEXT, false)?;
+    let tokens = engine.encode(LONG_TEXT)?;
     let want = length.saturating_sub(overhead);
     let start = (index * 20_000) % tokens.len().saturating_sub(want).max(1);
     if start + want > tokens.len() {

@@ -58,7 +58,7 @@ fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {
 /// Logits of the last prompt token for the first `n` tokens of the bench prose.
 fn compare_prefill(mode: LinearMode, n: usize) {
     let mut engine = ours(mode);
-    let tokens = engine.encode(LONG_TEXT, false).unwrap()[..n].to_vec();
+    let tokens = engine.encode(LONG_TEXT).unwrap()[..n].to_vec();
     let (ours, _) = engine.prefill(&tokens, &mut |_| {}).unwrap();
     // candle's own thread-local switch is read on this thread: run it in a fresh thread.
     let path = common::default_model();

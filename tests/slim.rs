@@ -20,7 +20,7 @@ fn dense() -> SlimConfig {
 }
 
 fn prose(engine: &Engine, n: usize) -> Vec<u32> {
-    engine.encode(LONG_TEXT, false).unwrap()[..n].to_vec()
+    engine.encode(LONG_TEXT).unwrap()[..n].to_vec()
 }
 
 #[test]
@@ -70,7 +70,7 @@ fn pruned_layers_keep_original_positions_and_the_last_token() {
 fn late_pruning_of_a_real_question_answers_like_dense() {
     let question = "\n\nQuestion: In one word, what does a Python program consist of? Answer:";
     let mut doc = prose(&engine(dense()), 1200);
-    let mut q = engine(dense()).encode(question, false).unwrap();
+    let mut q = engine(dense()).encode(question).unwrap();
     doc.append(&mut q);
     let mut d = engine(dense());
     let late = SlimConfig {

@@ -35,6 +35,7 @@ pub const PRESETS: [&str; 6] = ["auto", "smollm2", "llama3.1-8b", "qwen2.5-7b", 
 /// unit_size = 8
 /// local_window = 32
 /// gamma = 0.9
+/// score = "paper"
 /// reprefill_followups = false
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -76,6 +77,10 @@ pub struct SlimConfig {
     /// newly proposed top-K overlaps them by at least `gamma`. `0` never swaps, `1` swaps on any
     /// change. Allowed: `[0, 1]`. Default `0.9`.
     pub gamma: f32,
+    /// How blocks are scored: `"paper"` (mean over heads of |q_loc·k_unit|, max over units) or
+    /// `"attention"` (each head's softmax over units; a block's score is its attention mass,
+    /// averaged over heads). Default `"paper"`.
+    pub score: ScoreKind,
     /// Follow-up turns in a conversation: `false` keeps the pruned KV of earlier turns and only
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
     /// new question chooses which blocks of the earlier document to keep. Default `false`.
@@ -124,6 +129,8 @@ unit_size = 8
 local_window = 32
 # Decode keeps its active blocks while a new proposal overlaps them by >= gamma, in [0, 1].
 gamma = 0.9
+# Block scoring: "paper" (|q.k| over units, max) or "attention" (per-head softmax mass).
+score = "paper"
 # Follow-up turns: false = prefill only the new message; true = prefill the whole conversation.
 reprefill_followups = false
 "#;
@@ -140,6 +147,7 @@ impl Default for SlimConfig {
             unit_size: 8,
             local_window: 32,
             gamma: 0.9,
+            score: ScoreKind::Paper,
             reprefill_followups: false,
         }
     }
@@ -570,4 +578,14 @@ mod tests {
     fn disabled_has_no_stages() {
         assert!(SlimConfig { enabled: false, ..cfg() }.resolve(30, 32768).is_empty());
     }
+}
+
+/// Which block score ranks the candidates (see `slim::score`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreKind {
+    /// The paper's: mean over heads of |q_loc · k_unit|, max over the block's units.
+    Paper,
+    /// Attention mass of the block's units under each head's softmax, averaged over heads.
+    Attention,
 }

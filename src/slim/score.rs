@@ -343,3 +343,79 @@ mod tests {
         block_scores(&[1.0, 1.0], &[1.0], &[0], 10, shape, 8, 8);
     }
 }
+
+/// A variant measured against the paper's score on the small default model (bench/NOTES.md):
+/// each query head's local query attends over the units (softmax of q_loc·k_unit/√d), so every
+/// head contributes a distribution of equal weight instead of a raw magnitude; a block's score
+/// is the attention mass of its units, averaged over heads. Same inputs and output as
+/// [`block_scores`].
+pub fn block_scores_attention(
+    q_window: &[f32],
+    keys: &[f32],
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let (q_row, k_row, group) = (n_heads * head_dim, n_kv_heads * head_dim, shape.group());
+    let mut q_loc = vec![0f32; q_row];
+    for row in q_window.chunks_exact(q_row) {
+        q_loc.iter_mut().zip(row).for_each(|(a, &b)| *a += b / w as f32);
+    }
+    // unit means: (n_units, k_row), with each unit's block id
+    let mut unit_keys: Vec<f32> = Vec::new();
+    let mut unit_block: Vec<u32> = Vec::new();
+    let (mut cur, mut rows) = (usize::MAX, 0usize);
+    for (row, &pos) in keys.chunks_exact(k_row).zip(positions) {
+        let pos = pos as usize;
+        if pos >= prompt_len {
+            break;
+        }
+        if pos / unit_size != cur {
+            if rows > 0 {
+                let start = unit_keys.len() - k_row;
+                unit_keys[start..].iter_mut().for_each(|x| *x /= rows as f32);
+            }
+            cur = pos / unit_size;
+            rows = 0;
+            unit_keys.extend(std::iter::repeat_n(0.0, k_row));
+            unit_block.push((pos / block_size) as u32);
+        }
+        let start = unit_keys.len() - k_row;
+        unit_keys[start..].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        rows += 1;
+    }
+    if rows > 0 {
+        let start = unit_keys.len() - k_row;
+        unit_keys[start..].iter_mut().for_each(|x| *x /= rows as f32);
+    }
+    let n_units = unit_block.len();
+    let mut mass = vec![0f32; n_units];
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut logits = vec![0f32; n_units];
+    for (h, q) in q_loc.chunks_exact(head_dim).enumerate() {
+        let kv = h / group;
+        for (u, l) in logits.iter_mut().enumerate() {
+            *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = logits.iter_mut().map(|l| {
+            *l = (*l - max).exp();
+            *l
+        }).sum();
+        for (m, l) in mass.iter_mut().zip(&logits) {
+            *m += l / total / n_heads as f32;
+        }
+    }
+    let mut out: Vec<(u32, f32)> = Vec::new();
+    for (&b, &m) in unit_block.iter().zip(&mass) {
+        match out.last_mut() {
+            Some((ob, s)) if *ob == b => *s += m,
+            _ => out.push((b, m)),
+        }
+    }
+    out
+}

@@ -23,9 +23,12 @@ use std::ops::Range;
 use crate::kv::LayerKv;
 use crate::model::llama::LayerPolicy;
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{block_scores, HeadShape};
+use crate::slim::schedule::ScoreKind;
+use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
 use crate::slim::select::{forced_blocks, gate, kept_rows, select_top_k};
 use crate::Result;
+
+type ScoreFn = fn(&[f32], &[f32], &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
 
 /// State of one stage across a conversation.
 #[derive(Debug, Clone)]
@@ -99,13 +102,25 @@ impl SlimSession {
         self.stages.iter().position(|s| s.stage.start_layer == layer + 1)
     }
 
+    fn score_fn(&self) -> ScoreFn {
+        match self.cfg.score {
+            ScoreKind::Paper => block_scores,
+            ScoreKind::Attention => block_scores_attention,
+        }
+    }
+
+    fn score(&self, q_window: &[f32], kv: &LayerKv) -> Vec<(u32, f32)> {
+        let f = self.score_fn();
+        f(q_window, &kv.k, &kv.positions, self.prompt_len, self.shape, self.cfg.block_size, self.cfg.unit_size)
+    }
+
     /// Prefill at a boundary: choose the stage's blocks and the rows that go on.
     fn prune(&mut self, s: usize, q: &[f32], positions: &[u32], kv: &LayerKv) -> Vec<usize> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let rows = positions.len();
         let w = self.cfg.local_window.min(rows);
         let q_window = &q[(rows - w) * width..];
-        let scores = block_scores(q_window, &kv.k, &kv.positions, self.prompt_len, self.shape, self.cfg.block_size, self.cfg.unit_size);
+        let scores = self.score(q_window, kv);
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let blocks = select_top_k(&scores, self.stages[s].stage.keep_blocks, &forced);
         let st = &mut self.stages[s];
@@ -121,6 +136,7 @@ impl SlimSession {
         let w = self.cfg.local_window;
         let (block_size, unit_size, prompt_len, shape, gamma) =
             (self.cfg.block_size, self.cfg.unit_size, self.prompt_len, self.shape, self.cfg.gamma);
+        let score_fn = self.score_fn();
         let st = &mut self.stages[s];
         for row in q.chunks(width) {
             st.window.push_back(row.to_vec());
@@ -132,7 +148,7 @@ impl SlimSession {
             return; // every candidate fits the budget: nothing to choose
         }
         let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
-        let scores: Vec<(u32, f32)> = block_scores(&q_window, &kv.k, &kv.positions, prompt_len, shape, block_size, unit_size)
+        let scores: Vec<(u32, f32)> = score_fn(&q_window, &kv.k, &kv.positions, prompt_len, shape, block_size, unit_size)
             .into_iter()
             .filter(|(b, _)| st.pool.binary_search(b).is_ok())
             .collect();

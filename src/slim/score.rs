@@ -211,6 +211,52 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`block_scores_attention`] the naive way, in f64: group rows into units, average, and for
+/// every window query and head take the softmax over units; sum each block's mass. For tests.
+pub fn block_scores_attention_reference(
+    q_window: &[f32],
+    keys: &[f32],
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    use std::collections::BTreeMap;
+    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let group = n_heads / n_kv_heads;
+    let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &pos) in positions.iter().enumerate() {
+        if (pos as usize) < prompt_len {
+            units.entry(pos as usize / unit_size).or_default().push(i);
+        }
+    }
+    let kv_row = n_kv_heads * head_dim;
+    let mean_key = |rows: &[usize], kv: usize, d: usize| {
+        rows.iter().map(|&r| keys[r * kv_row + kv * head_dim + d] as f64).sum::<f64>() / rows.len() as f64
+    };
+    let mut blocks: BTreeMap<u32, f64> = BTreeMap::new();
+    for t in 0..w {
+        for h in 0..n_heads {
+            let q = &q_window[(t * n_heads + h) * head_dim..][..head_dim];
+            let logits: Vec<(usize, f64)> = units
+                .iter()
+                .map(|(&u, rows)| {
+                    let dot: f64 = (0..head_dim).map(|d| q[d] as f64 * mean_key(rows, h / group, d)).sum();
+                    (u, dot / (head_dim as f64).sqrt())
+                })
+                .collect();
+            let max = logits.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
+            for (u, l) in logits {
+                *blocks.entry((u * unit_size / block_size) as u32).or_default() += (l - max).exp() / total / (w * n_heads) as f64;
+            }
+        }
+    }
+    blocks.into_iter().map(|(b, s)| (b, s as f32)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,10 +391,10 @@ mod tests {
 }
 
 /// A variant measured against the paper's score on the small default model (bench/NOTES.md):
-/// each query head's local query attends over the units (softmax of q_loc·k_unit/√d), so every
-/// head contributes a distribution of equal weight instead of a raw magnitude; a block's score
-/// is the attention mass of its units, averaged over heads. Same inputs and output as
-/// [`block_scores`].
+/// each of the w window queries, in each head, attends over the units' representative keys
+/// (softmax of q·k_unit/√d), so every query and head contributes a distribution of equal weight
+/// instead of a raw magnitude; a block's score is the attention mass of its units, averaged over
+/// queries and heads. Same inputs and output as [`block_scores`].
 pub fn block_scores_attention(
     q_window: &[f32],
     keys: &[f32],
@@ -360,11 +406,7 @@ pub fn block_scores_attention(
 ) -> Vec<(u32, f32)> {
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
     let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
-    let (q_row, k_row, group) = (n_heads * head_dim, n_kv_heads * head_dim, shape.group());
-    let mut q_loc = vec![0f32; q_row];
-    for row in q_window.chunks_exact(q_row) {
-        q_loc.iter_mut().zip(row).for_each(|(a, &b)| *a += b / w as f32);
-    }
+    let (k_row, group) = (n_kv_heads * head_dim, shape.group());
     // unit means: (n_units, k_row), with each unit's block id
     let mut unit_keys: Vec<f32> = Vec::new();
     let mut unit_block: Vec<u32> = Vec::new();
@@ -396,18 +438,21 @@ pub fn block_scores_attention(
     let mut mass = vec![0f32; n_units];
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut logits = vec![0f32; n_units];
-    for (h, q) in q_loc.chunks_exact(head_dim).enumerate() {
-        let kv = h / group;
+    for (h, q) in q_window.chunks_exact(head_dim).enumerate() {
+        let kv = (h % n_heads) / group;
         for (u, l) in logits.iter_mut().enumerate() {
             *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = logits.iter_mut().map(|l| {
-            *l = (*l - max).exp();
-            *l
-        }).sum();
+        let total: f32 = logits
+            .iter_mut()
+            .map(|l| {
+                *l = (*l - max).exp();
+                *l
+            })
+            .sum();
         for (m, l) in mass.iter_mut().zip(&logits) {
-            *m += l / total / n_heads as f32;
+            *m += l / total / (n_heads * w) as f32;
         }
     }
     let mut out: Vec<(u32, f32)> = Vec::new();
@@ -418,4 +463,22 @@ pub fn block_scores_attention(
         }
     }
     out
+
+    #[test]
+    fn attention_scores_match_their_reference_and_sum_to_one() {
+        let mut rng = Rng(0x51A7_C0DE);
+        for (shape, len) in [
+            (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 517),
+            (HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 130),
+        ] {
+            let pos = positions(&mut rng, len, 7, 5);
+            let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+            let q = rng.vec(4 * shape.n_heads * shape.head_dim);
+            let got = block_scores_attention(&q, &keys, &pos, len, shape, 64, 8);
+            let want = block_scores_attention_reference(&q, &keys, &pos, len, shape, 64, 8);
+            assert_close(&got, &want, "attention scores");
+            let total: f32 = got.iter().map(|s| s.1).sum();
+            assert!((total - 1.0).abs() < 1e-4, "block masses sum to {total}");
+        }
+    }
 }

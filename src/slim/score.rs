@@ -261,6 +261,24 @@ pub fn block_scores_attention_reference(
 mod tests {
     use super::*;
 
+    #[test]
+    fn attention_scores_match_their_reference_and_sum_to_one() {
+        let mut rng = Rng(0x51A7_C0DE);
+        for (shape, len) in [
+            (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 517),
+            (HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 130),
+        ] {
+            let pos = positions(&mut rng, len, 7, 5);
+            let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+            let q = rng.vec(4 * shape.n_heads * shape.head_dim);
+            let got = block_scores_attention(&q, &keys, &pos, len, shape, 64, 8);
+            let want = block_scores_attention_reference(&q, &keys, &pos, len, shape, 64, 8);
+            assert_close(&got, &want, "attention scores");
+            let total: f32 = got.iter().map(|s| s.1).sum();
+            assert!((total - 1.0).abs() < 1e-4, "block masses sum to {total}");
+        }
+    }
+
     /// Small deterministic generator (xorshift64*), uniform in [-1, 1).
     struct Rng(u64);
     impl Rng {
@@ -463,22 +481,4 @@ pub fn block_scores_attention(
         }
     }
     out
-
-    #[test]
-    fn attention_scores_match_their_reference_and_sum_to_one() {
-        let mut rng = Rng(0x51A7_C0DE);
-        for (shape, len) in [
-            (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 517),
-            (HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 130),
-        ] {
-            let pos = positions(&mut rng, len, 7, 5);
-            let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
-            let q = rng.vec(4 * shape.n_heads * shape.head_dim);
-            let got = block_scores_attention(&q, &keys, &pos, len, shape, 64, 8);
-            let want = block_scores_attention_reference(&q, &keys, &pos, len, shape, 64, 8);
-            assert_close(&got, &want, "attention scores");
-            let total: f32 = got.iter().map(|s| s.1).sum();
-            assert!((total - 1.0).abs() < 1e-4, "block masses sum to {total}");
-        }
-    }
 }

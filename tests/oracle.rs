@@ -45,7 +45,7 @@ fn candle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
 }
 
 fn ours(mode: LinearMode) -> Engine {
-    Engine::load(&common::default_model(), &EngineOptions { linear: mode }).unwrap()
+    Engine::load(&common::default_model(), &EngineOptions { linear: mode, slim: slimchat::slim::SlimConfig { enabled: false, ..Default::default() } }).unwrap()
 }
 
 fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {

@@ -330,8 +330,9 @@ impl SlimConfig {
 mod tests {
     use super::*;
 
+    /// The defaults at keep ratio 0.5, where the presets reproduce the paper's counts.
     fn cfg() -> SlimConfig {
-        SlimConfig::default()
+        SlimConfig { keep_ratio: 0.5, ..SlimConfig::default() }
     }
 
     fn blocks(stages: &[Stage]) -> Vec<usize> {

@@ -453,11 +453,13 @@ pub fn block_scores_attention(
         unit_keys[start..].iter_mut().for_each(|x| *x /= rows as f32);
     }
     let n_units = unit_block.len();
-    let mut mass = vec![0f32; n_units];
+    // mass: (n_heads, n_units), each head's attention averaged over the window queries
+    let mut mass = vec![0f32; n_heads * n_units];
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut logits = vec![0f32; n_units];
-    for (h, q) in q_window.chunks_exact(head_dim).enumerate() {
-        let kv = (h % n_heads) / group;
+    for (i, q) in q_window.chunks_exact(head_dim).enumerate() {
+        let h = i % n_heads;
+        let kv = h / group;
         for (u, l) in logits.iter_mut().enumerate() {
             *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
         }
@@ -469,16 +471,18 @@ pub fn block_scores_attention(
                 *l
             })
             .sum();
-        for (m, l) in mass.iter_mut().zip(&logits) {
-            *m += l / total / (n_heads * w) as f32;
+        for (m, l) in mass[h * n_units..][..n_units].iter_mut().zip(&logits) {
+            *m += l / total / w as f32;
         }
     }
     let mut out: Vec<(u32, f32)> = Vec::new();
-    for (&b, &m) in unit_block.iter().zip(&mass) {
-        match out.last_mut() {
-            Some((ob, s)) if *ob == b => *s += m,
-            _ => out.push((b, m)),
-        }
+    let mut u0 = 0;
+    while u0 < n_units {
+        let b = unit_block[u0];
+        let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
+        let per_head = (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
+        out.push((b, per_head.sum::<f32>() / n_heads as f32));
+        u0 = u1;
     }
     out
 }

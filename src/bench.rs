@@ -32,7 +32,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Mode::Dense => "dense",
             Mode::Slim => "slim",

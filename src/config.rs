@@ -58,6 +58,10 @@ impl AppConfig {
         let cfg: AppConfig = toml::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))?;
         cfg.sampling.validate().map_err(|e| Error::Config(format!("{origin}: [sampling] {e}")))?;
+        cfg.slim.validate_keys().map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        if cfg.chat.max_tokens == 0 {
+            return Err(Error::Config(format!("{origin}: [chat] max_tokens must be at least 1")));
+        }
         Ok(cfg)
     }
 

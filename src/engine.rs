@@ -254,9 +254,13 @@ impl Engine {
         let mut text = String::new();
         let mut ttft = None;
         let mut decode_start = Instant::now();
+        let mut steps = 0usize;
         let stop_reason = loop {
             if cancel.load(Ordering::Relaxed) {
                 break StopReason::Cancelled;
+            }
+            if max_tokens == 0 {
+                break StopReason::MaxTokens;
             }
             let next = sampler.sample(&mut logits, &history);
             if ttft.is_none() {
@@ -280,10 +284,15 @@ impl Engine {
                 break StopReason::ContextFull;
             }
             logits = self.step(next)?;
+            steps += 1;
         };
-        // The last sampled token is in `cached` only if it went through the model.
+        let tail = detok.finish(&self.tokenizer, &answer)?;
+        if !tail.is_empty() {
+            text.push_str(&tail);
+            on_event(EngineEvent::Token(tail));
+        }
         let decode_secs = decode_start.elapsed().as_secs_f64();
-        let decoded = answer.len().saturating_sub(1);
+        let decoded = steps;
         let prefilled = prompt.len() - reused;
         Ok(GenStats {
             text,
@@ -296,7 +305,7 @@ impl Engine {
             decode_tok_s: if decoded > 0 { decoded as f64 / decode_secs.max(1e-9) } else { 0.0 },
             kv_bytes: self.kv.bytes(),
             stop_reason,
-            slim: self.slim.enabled,
+            slim: self.session.is_some(),
             prefill_kind,
             kept_per_layer,
             blocks_swapped_per_step: std::mem::take(&mut self.swaps),
@@ -385,23 +394,32 @@ impl Engine {
         let pos = self.cached.len() as u32;
         let logits = match &mut self.session {
             Some(session) => {
-                let l = self.model.forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {})?;
+                let l = self.model.forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {});
                 self.swaps.push(session.take_swaps());
                 l
             }
-            None => self.model.forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {})?,
+            None => self.model.forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {}),
         };
-        self.cached.push(token);
-        Ok(logits)
+        match logits {
+            Ok(l) => {
+                self.cached.push(token);
+                Ok(l)
+            }
+            Err(e) => {
+                // Some layers may hold this token already: start clean next time.
+                self.reset();
+                Err(e)
+            }
+        }
     }
 }
 
 /// Turns a growing list of token ids into text pieces that end on whole characters.
 #[derive(Default)]
 struct Detokenizer {
-    /// Tokens before this index are already reflected in emitted text.
+    /// Decoding starts at this token (a window, so long answers stay cheap to decode).
     prev: usize,
-    /// Text of tokens[prev..current] as decoded when `current` was last advanced.
+    /// Bytes of the decoded window text already emitted.
     emitted_len: usize,
 }
 
@@ -421,5 +439,13 @@ impl Detokenizer {
             self.emitted_len = decode(&tokens[self.prev..])?.len();
         }
         Ok(piece)
+    }
+
+    /// Whatever is left at the end, even an incomplete character.
+    fn finish(&mut self, tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
+        let text = tok.decode(&tokens[self.prev..], false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let rest = text.get(self.emitted_len..).unwrap_or("").to_string();
+        self.emitted_len = text.len();
+        Ok(rest)
     }
 }

@@ -52,7 +52,11 @@ pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&Eva
     let base = engine.slim_config().clone();
     let mut results = Vec::new();
     for (doc_index, &length) in cfg.lengths.iter().enumerate() {
-        let length = length.min(engine.context_length() - cfg.answer_tokens.max(16) - 8);
+        let room = engine.context_length().checked_sub(cfg.answer_tokens.max(24) + 8).filter(|&r| r > 256);
+        let Some(room) = room else {
+            return Err(Error::Usage(format!("--answer-tokens {} leaves no room for a document", cfg.answer_tokens)));
+        };
+        let length = length.min(room);
         // Each length reads a different part of the text.
         let doc = document(engine, doc_index, length, QUESTION)?;
         let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
@@ -64,11 +68,13 @@ pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&Eva
         let ttft_dense = t0.elapsed().as_secs_f64() * 1e3;
         let mut answer = Vec::new();
         let mut dense_logits = Vec::new();
-        for _ in 0..cfg.answer_tokens {
+        for i in 0..cfg.answer_tokens {
             let t = argmax(&logits);
             answer.push(t);
-            dense_logits.push(std::mem::replace(&mut logits, Vec::new()));
-            logits = engine.step(t)?;
+            dense_logits.push(std::mem::take(&mut logits));
+            if i + 1 < cfg.answer_tokens {
+                logits = engine.step(t)?;
+            }
         }
         let needles_dense = needle_run(engine, &base, None, doc_index, length, cfg.depths)?;
 
@@ -82,7 +88,9 @@ pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&Eva
             for (i, &t) in answer.iter().enumerate() {
                 agree += usize::from(argmax(&logits) == argmax(&dense_logits[i]));
                 kl += kl_divergence(&dense_logits[i], &logits);
-                logits = engine.step(t)?;
+                if i + 1 < answer.len() {
+                    logits = engine.step(t)?;
+                }
             }
             let needles_slim = needle_run(engine, &base, Some(ratio), doc_index, length, cfg.depths)?;
             let n = answer.len().max(1) as f64;

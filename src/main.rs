@@ -1,4 +1,4 @@
-//! The `slimchat` command line: `run` (headless one-shot answer) and `bench`.
+//! The `slimchat` command line: `run` (headless one-shot answer), `bench` and `eval`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -39,10 +39,10 @@ struct Common {
     /// Worker threads (0 = one per core)
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// SlimInfer pruning: on or off (`--slim` alone = on; for `bench`, dense and slim side by side)
-    #[arg(long, global = true, value_parser = parse_on_off, num_args = 0..=1, default_missing_value = "on")]
+    /// SlimInfer pruning: `--slim=on|off` (`--slim` alone = on; for `bench`, dense and slim side by side)
+    #[arg(long, global = true, value_parser = parse_on_off, num_args = 0..=1, default_missing_value = "on", require_equals = true)]
     slim: Option<bool>,
-    /// SlimInfer keep ratio, in (0, 1]: the fraction of the prompt the first slim stage keeps
+    /// SlimInfer keep ratio, in (0, 1]: scales every stage's keep fraction of the preset
     #[arg(long, global = true)]
     keep: Option<f32>,
 }
@@ -165,6 +165,7 @@ fn real_main(cli: Cli) -> Result<()> {
     if let Some(r) = cli.common.keep {
         cfg.slim.keep_ratio = r;
     }
+    cfg.slim.validate_keys().map_err(Error::Usage)?;
     if cfg.model.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.model.threads)
@@ -175,12 +176,14 @@ fn real_main(cli: Cli) -> Result<()> {
         Some(Command::Run(args)) => run(&cfg, args),
         Some(Command::Bench(args)) => {
             let modes = if cli.common.slim == Some(true) { vec![Mode::Dense, Mode::Slim] } else { vec![Mode::Dense] };
+            if cli.common.keep.is_some() && modes.len() == 1 {
+                eprintln!("slimchat: --keep has no effect on a dense-only bench; add --slim");
+            }
             run_bench(&cfg, args, modes)
         }
         Some(Command::Eval(args)) => run_eval(&cfg, args),
         None => {
-            eprintln!("slimchat: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`");
-            Err(Error::Engine("no subcommand given".into()))
+            Err(Error::Usage("no subcommand given: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`".into()))
         }
     }
 }
@@ -219,6 +222,9 @@ fn read_prompt(args: &RunArgs) -> Result<String> {
 }
 
 fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
+    if args.max_tokens == Some(0) {
+        return Err(Error::Usage("--max-tokens must be at least 1".into()));
+    }
     let prompt = read_prompt(&args)?;
     if prompt.trim().is_empty() {
         return Err(Error::Prompt("empty prompt".into()));
@@ -245,8 +251,9 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let stats = engine.generate(&req, &cancel, &mut |ev| {
         if let (true, EngineEvent::Token(t)) = (stream, &ev) {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
+            if out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_err() {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed); // the reader went away
+            }
         }
     })?;
     if args.json {
@@ -279,6 +286,7 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
             "model": cfg.model.source,
             "threads": rayon::current_num_threads(),
             "linear": cfg.model.linear,
+            "modes": bc.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "slim": cfg.slim,
             "results": results,
         });

@@ -63,6 +63,9 @@ pub fn attention(
     out: &mut [f32],
 ) -> candle_core::Result<()> {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    if n_kv_heads == 0 || hd == 0 || n_heads % n_kv_heads != 0 {
+        candle_core::bail!("attention: {n_heads} query heads cannot share {n_kv_heads} KV heads of size {hd}")
+    }
     let (nq, nk) = (q_pos.len(), k_pos.len());
     let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
     if q.len() != nq * q_stride || out.len() != nq * q_stride {

@@ -56,41 +56,6 @@ macro_rules! dispatch {
 const LANES: usize = 16;
 
 dispatch! {
-    /// In place: row <- softmax(row[..valid]), row[valid..] <- 0.
-    pub fn softmax_prefix(row: &mut [f32], valid: usize) {
-        let (live, dead) = row.split_at_mut(valid);
-        let mut maxes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = live.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                maxes[i] = maxes[i].max(c[i]);
-            }
-        }
-        let max = chunks.remainder().iter().fold(maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &x| m.max(x));
-        let mut sums = [0.0f32; LANES];
-        let mut chunks = live.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                c[i] = exp_nonpositive(c[i] - max);
-                sums[i] += c[i];
-            }
-        }
-        let mut sum: f32 = sums.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = exp_nonpositive(*x - max);
-            sum += *x;
-        }
-        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        for x in live.iter_mut() {
-            *x *= inv;
-        }
-        for x in dead.iter_mut() {
-            *x = 0.0;
-        }
-    }
-}
-
-dispatch! {
     /// One step of online softmax (Milakov & Gimelshein, arXiv 1805.02867) for a row of scores
     /// against one block of keys: `row[..valid]` becomes exp(score - new_max), `row[valid..]`
     /// becomes 0. Returns (new_max, new_sum, correction), where the caller multiplies what it
@@ -178,13 +143,22 @@ mod tests {
     }
 
     #[test]
-    fn softmax_zeroes_masked_tail_and_sums_to_one() {
-        let mut row = vec![1.0, 2.0, 3.0, 100.0, 100.0];
-        softmax_prefix(&mut row, 3);
-        let sum: f32 = row[..3].iter().sum();
-        assert!((sum - 1.0).abs() < 1e-6);
-        assert_eq!(&row[3..], &[0.0, 0.0]);
-        assert!(row[2] > row[1] && row[1] > row[0]);
+    fn online_softmax_over_two_blocks_equals_softmax_of_the_row() {
+        let row: Vec<f32> = (0..40).map(|i| ((i * 37 % 11) as f32) * 0.7 - 3.0).collect();
+        let (mut a, mut b) = (row[..25].to_vec(), row[25..].to_vec());
+        let (m1, s1, _) = softmax_block_row(&mut a, 25, f32::NEG_INFINITY, 0.0);
+        let (m2, s2, corr) = softmax_block_row(&mut b, 15, m1, s1);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = row.iter().map(|x| (x - max).exp()).sum();
+        assert_eq!(m2, max);
+        assert!((s2 - total).abs() < 1e-4 * total, "{s2} vs {total}");
+        for (i, &x) in row.iter().enumerate() {
+            let got = if i < 25 { a[i] * corr } else { b[i - 25] };
+            assert!((got / s2 - (x - max).exp() / total).abs() < 1e-5);
+        }
+        let mut tail = vec![1.0, 2.0, 3.0];
+        softmax_block_row(&mut tail, 1, f32::NEG_INFINITY, 0.0);
+        assert_eq!(&tail[1..], &[0.0, 0.0], "masked keys get no weight");
     }
 
     #[test]

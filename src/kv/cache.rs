@@ -33,6 +33,11 @@ impl LayerKv {
         if k.len() != v.len() || k.len() % rows != 0 {
             candle_core::bail!("kv append: k {} / v {} floats for {rows} rows", k.len(), v.len())
         }
+        if let Some(width) = (!self.is_empty()).then(|| self.k.len() / self.len()) {
+            if k.len() / rows != width {
+                candle_core::bail!("kv append: rows of {} floats into a cache of rows of {width}", k.len() / rows)
+            }
+        }
         let increasing = positions.windows(2).all(|w| w[0] < w[1]);
         let continues = self.positions.last().is_none_or(|&last| last < positions[0]);
         if !increasing || !continues {
@@ -77,11 +82,6 @@ impl KvCache {
         }
     }
 
-    /// The next position after everything cached (the first layer sees every token).
-    pub fn next_position(&self) -> u32 {
-        self.layers.first().and_then(|l| l.positions.last()).map_or(0, |p| p + 1)
-    }
-
     /// Drop every row at position >= `pos` in every layer (undo a turn, or regenerate).
     pub fn truncate_from(&mut self, pos: u32) {
         for l in &mut self.layers {
@@ -121,7 +121,6 @@ mod tests {
         c.layers[1].append(&[0.0; 2], &[0.0; 2], &[0, 2]).unwrap();
         c.truncate_from(2);
         assert_eq!(c.rows_per_layer(), vec![2, 1]);
-        assert_eq!(c.next_position(), 2);
         assert_eq!(c.bytes(), 3 * 2 * 4);
     }
 }

@@ -132,6 +132,12 @@ impl GgufFile {
         }
         let head_dim = hidden / n_heads;
         let rope_dim = self.meta_u32(&k("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
+        if rope_dim == 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
+            return Err(Error::ModelLoad(format!(
+                "{}: RoPE dimension {rope_dim} must be even and at most the head dimension {head_dim}",
+                self.path.display()
+            )));
+        }
         let rope_scaling = match self.metadata(&k("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
             Some(t) if t == "linear" => RopeScaling::Linear(self.meta_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0)),
             Some(t) if t == "none" => RopeScaling::None,

@@ -227,20 +227,6 @@ impl Llama {
         }
         Ok(())
     }
-
-    /// Bytes of weights held in memory (quantized plus any dense copies).
-    pub fn weight_bytes(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let a = &b.attn;
-                let m = &b.mlp;
-                [&a.wq, &a.wk, &a.wv, &a.wo, &m.gate, &m.up, &m.down].iter().map(|l| l.bytes()).sum::<usize>()
-            })
-            .sum();
-        blocks + self.embed.storage_size_in_bytes() + self.head.bytes()
-    }
 }
 
 fn linear(f: &mut GgufFile, name: &str, mode: LinearMode) -> Result<Linear> {

@@ -2,7 +2,7 @@
 //! during prefill and keeps each stage's active block set up to date during decode.
 //!
 //! Prefill: after the layer just before a stage starts, score the prompt blocks that layer still
-//! holds (its post-RoPE keys, and the mean of its last `local_window` queries), keep the top-K
+//! holds from its post-RoPE keys and its last `local_window` queries (`slim::score`), keep the top-K
 //! (the sink block and the last block forced), and gather those rows with their positions. Later
 //! layers compute, and cache, only the kept rows. Rows at positions >= `prompt_len` (generated
 //! tokens, later turns) are never pruned.
@@ -82,8 +82,8 @@ impl SlimSession {
         std::mem::take(&mut self.swaps_this_step)
     }
 
-    /// Apply a new keep ratio to later decode steps of this conversation (budgets can only
-    /// shrink within the pool: pruned rows have no KV to grow back into).
+    /// Apply a new keep ratio to later decode steps of this conversation. Budgets are capped at
+    /// the blocks that have KV (the pool): rows pruned in prefill have no KV to grow back into.
     pub fn set_keep_ratio(&mut self, keep_ratio: f32) {
         self.cfg.keep_ratio = keep_ratio;
         let resolved = self.cfg.resolve(self.n_layers, self.prompt_len);
@@ -145,7 +145,12 @@ impl SlimSession {
             }
         }
         if st.pool.len() <= st.stage.keep_blocks {
-            return; // every candidate fits the budget: nothing to choose
+            // every candidate fits the budget (again, after a raised ratio): attend to all
+            if st.active.len() < st.pool.len() {
+                self.swaps_this_step += st.pool.len() - st.active.len();
+                st.active = st.pool.clone();
+            }
+            return;
         }
         let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
         let scores: Vec<(u32, f32)> = score_fn(&q_window, &kv.k, &kv.positions, prompt_len, shape, block_size, unit_size)

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod linear;
+pub mod qgemv;
 pub mod rowwise;
 pub mod simd;
 

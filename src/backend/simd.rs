@@ -55,6 +55,8 @@ macro_rules! dispatch {
 /// one serial chain per accumulator; this many lanes let it fill a vector register.
 const LANES: usize = 16;
 
+pub(crate) use dispatch;
+
 dispatch! {
     /// One step of online softmax (Milakov & Gimelshein, arXiv 1805.02867) for a row of scores
     /// against one block of keys: `row[..valid]` becomes exp(score - new_max), `row[valid..]`

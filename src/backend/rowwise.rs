@@ -82,7 +82,7 @@ impl Rope {
             return Ok(());
         }
         let width = x.len() / rows;
-        if width * rows != x.len() || width % self.head_dim != 0 {
+        if width * rows != x.len() || !width.is_multiple_of(self.head_dim) {
             candle_core::bail!("rope: buffer of {} floats is not ({rows}, k*{})", x.len(), self.head_dim)
         }
         if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.max_positions) {

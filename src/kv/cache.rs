@@ -30,7 +30,7 @@ impl LayerKv {
         if rows == 0 {
             return Ok(());
         }
-        if k.len() != v.len() || k.len() % rows != 0 {
+        if k.len() != v.len() || !k.len().is_multiple_of(rows) {
             candle_core::bail!("kv append: k {} / v {} floats for {rows} rows", k.len(), v.len())
         }
         if let Some(width) = (!self.is_empty()).then(|| self.k.len() / self.len()) {

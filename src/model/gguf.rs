@@ -124,7 +124,7 @@ impl GgufFile {
         let hidden = self.require_u32(&k("embedding_length"))? as usize;
         let n_heads = self.require_u32(&k("attention.head_count"))? as usize;
         let n_kv_heads = self.meta_u32(&k("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_heads);
-        if n_heads == 0 || hidden % n_heads != 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || !hidden.is_multiple_of(n_heads) || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::ModelLoad(format!(
                 "{}: inconsistent heads: hidden {hidden}, {n_heads} query heads, {n_kv_heads} KV heads",
                 self.path.display()

@@ -167,13 +167,7 @@ pub fn block_scores_reference(
         })
         .collect();
 
-    // unit id -> row indices (prompt rows only).
-    let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, &pos) in positions.iter().enumerate() {
-        if (pos as usize) < prompt_len {
-            units.entry(pos as usize / unit_size).or_default().push(i);
-        }
-    }
+    let units = prompt_units(positions, prompt_len, unit_size);
 
     let mut blocks: BTreeMap<u32, f64> = BTreeMap::new();
     for (unit, rows) in &units {
@@ -211,6 +205,17 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Unit id -> indices of the prompt rows in it, for the reference implementations.
+fn prompt_units(positions: &[u32], prompt_len: usize, unit_size: usize) -> std::collections::BTreeMap<usize, Vec<usize>> {
+    let mut units: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, &pos) in positions.iter().enumerate() {
+        if (pos as usize) < prompt_len {
+            units.entry(pos as usize / unit_size).or_default().push(i);
+        }
+    }
+    units
+}
+
 /// [`block_scores_attention`] the naive way, in f64: group rows into units, average, and for
 /// every window query and head take the softmax over units; sum each block's mass. For tests.
 pub fn block_scores_attention_reference(
@@ -226,12 +231,7 @@ pub fn block_scores_attention_reference(
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
     let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
     let group = n_heads / n_kv_heads;
-    let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, &pos) in positions.iter().enumerate() {
-        if (pos as usize) < prompt_len {
-            units.entry(pos as usize / unit_size).or_default().push(i);
-        }
-    }
+    let units = prompt_units(positions, prompt_len, unit_size);
     let kv_row = n_kv_heads * head_dim;
     let mean_key = |rows: &[usize], kv: usize, d: usize| {
         rows.iter().map(|&r| keys[r * kv_row + kv * head_dim + d] as f64).sum::<f64>() / rows.len() as f64

@@ -124,6 +124,8 @@ pub struct Engine {
     /// Swaps per decode step of the current request.
     swaps: Vec<usize>,
     last_prefill_kind: PrefillKind,
+    /// The text of every special token, to spot them inside messages.
+    special_strings: Vec<String>,
 }
 
 impl Engine {
@@ -146,7 +148,15 @@ impl Engine {
             session: None,
             swaps: Vec::new(),
             last_prefill_kind: PrefillKind::Full,
-        })
+            special_strings: Vec::new(),
+        }
+        .with_special_strings())
+    }
+
+    fn with_special_strings(mut self) -> Self {
+        self.special_strings =
+            self.tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+        self
     }
 
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
@@ -195,10 +205,33 @@ impl Engine {
         self.session = None;
     }
 
-    /// Render the conversation with the chat template and tokenize it (special tokens parsed).
+    /// Render the conversation with the chat template and tokenize it. The template's own
+    /// special tokens (`<|im_start|>` …) become special ids; the same strings inside a message
+    /// (a pasted document about chat templates, say) stay plain text, so no message can forge a
+    /// turn boundary.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        self.encode(&text)
+        let has_special = |text: &str| self.special_strings.iter().any(|s| text.contains(s.as_str()));
+        if !messages.iter().any(|m| has_special(&m.content)) {
+            return self.encode(&self.template.render(messages, true)?);
+        }
+        // Render with a placeholder per message, then tokenize the template around the
+        // placeholders with special tokens and each message's content without.
+        let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
+        let masked: Vec<Message> =
+            messages.iter().enumerate().map(|(i, m)| Message { role: m.role, content: marker(i) }).collect();
+        let mut rest = self.template.render(&masked, true)?;
+        let mut plain = self.tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let mut ids = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let Some(at) = rest.find(&marker(i)) else { continue };
+            ids.extend(self.encode(&rest[..at])?);
+            let content = plain.encode_fast(m.content.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            ids.extend_from_slice(content.get_ids());
+            rest = rest[at + marker(i).len()..].to_string();
+        }
+        ids.extend(self.encode(&rest)?);
+        Ok(ids)
     }
 
     /// Token ids of `text`, with the model's BOS in front when it asks for one. Special-token

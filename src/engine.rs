@@ -222,16 +222,18 @@ impl Engine {
         let mut rest = self.template.render(&masked, true)?;
         let mut plain = self.tokenizer.clone();
         plain.set_encode_special_tokens(true);
+        let raw = |tok: &Tokenizer, text: &str| {
+            tok.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
+        };
         let mut ids = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let Some(at) = rest.find(&marker(i)) else { continue };
-            ids.extend(self.encode(&rest[..at])?);
-            let content = plain.encode_fast(m.content.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            ids.extend_from_slice(content.get_ids());
+            ids.extend(raw(&self.tokenizer, &rest[..at])?);
+            ids.extend(raw(&plain, &m.content)?);
             rest = rest[at + marker(i).len()..].to_string();
         }
-        ids.extend(self.encode(&rest)?);
-        Ok(ids)
+        ids.extend(raw(&self.tokenizer, &rest)?);
+        Ok(self.with_bos(ids))
     }
 
     /// Token ids of `text`, with the model's BOS in front when it asks for one. Special-token
@@ -241,7 +243,11 @@ impl Engine {
             .tokenizer
             .encode_fast(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        Ok(self.with_bos(enc.get_ids().to_vec()))
+    }
+
+    /// Put the model's BOS in front when it asks for one and it is not there yet.
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if self.special.add_bos {
             if let Some(bos) = self.special.bos {
                 if ids.first() != Some(&bos) {
@@ -249,7 +255,7 @@ impl Engine {
                 }
             }
         }
-        Ok(ids)
+        ids
     }
 
     /// Answer the conversation, streaming text through `on_event`.

@@ -39,8 +39,8 @@ struct Common {
     /// Worker threads (0 = one per core)
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// SlimInfer pruning: `--slim=on|off` (`--slim` alone = on; for `bench`, dense and slim side by side)
-    #[arg(long, global = true, value_parser = parse_on_off, num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+    /// SlimInfer pruning: `--slim on|off` (`--slim` alone = on; for `bench`, dense and slim side by side); give it after the subcommand
+    #[arg(long, global = true, value_parser = parse_on_off, num_args = 0..=1, default_missing_value = "on")]
     slim: Option<bool>,
     /// SlimInfer keep ratio, in (0, 1]: scales every stage's keep fraction of the preset
     #[arg(long, global = true)]

@@ -65,21 +65,34 @@ pub struct BenchResult {
 }
 
 /// Run the bench, calling `on_result` as each length finishes.
-pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&BenchResult)) -> Result<Vec<BenchResult>> {
+pub fn run(
+    engine: &mut Engine,
+    cfg: &BenchConfig,
+    on_result: &mut dyn FnMut(&BenchResult),
+) -> Result<Vec<BenchResult>> {
     let longest = cfg.lengths.iter().copied().max().unwrap_or(0);
     let text_tokens = engine.encode(LONG_TEXT)?;
     if longest > text_tokens.len() {
-        return Err(Error::Prompt(format!("bench text has {} tokens, {longest} requested", text_tokens.len())));
+        return Err(Error::Prompt(format!(
+            "bench text has {} tokens, {longest} requested",
+            text_tokens.len()
+        )));
     }
     let mut results = Vec::new();
     let slim = engine.slim_config().clone();
     for &n in &cfg.lengths {
         let prompt = &text_tokens[..n];
         if n == 0 || n > engine.context_length() {
-            return Err(Error::Prompt(format!("bench length {n} is outside 1..={}", engine.context_length())));
+            return Err(Error::Prompt(format!(
+                "bench length {n} is outside 1..={}",
+                engine.context_length()
+            )));
         }
         for &mode in &cfg.modes {
-            engine.set_slim(crate::slim::SlimConfig { enabled: mode == Mode::Slim, ..slim.clone() })?;
+            engine.set_slim(crate::slim::SlimConfig {
+                enabled: mode == Mode::Slim,
+                ..slim.clone()
+            })?;
             let r = bench_one(engine, prompt, mode, cfg)?;
             on_result(&r);
             results.push(r);
@@ -91,7 +104,12 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, on_result: &mut dyn FnMut(&Be
 }
 
 /// `cfg.runs` runs of one length in one mode, each from an empty cache.
-fn bench_one(engine: &mut Engine, prompt: &[u32], mode: Mode, cfg: &BenchConfig) -> Result<BenchResult> {
+fn bench_one(
+    engine: &mut Engine,
+    prompt: &[u32],
+    mode: Mode,
+    cfg: &BenchConfig,
+) -> Result<BenchResult> {
     let n = prompt.len();
     // A prompt that fills the context leaves no room to decode; time what fits.
     let decode_tokens = cfg.decode_tokens.min(engine.context_length() - n);
@@ -143,5 +161,9 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let m = s.len() / 2;
-    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
 }

@@ -33,7 +33,11 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { source: "default".into(), linear: LinearMode::Dense, threads: 0 }
+        Self {
+            source: "default".into(),
+            linear: LinearMode::Dense,
+            threads: 0,
+        }
     }
 }
 
@@ -48,7 +52,10 @@ pub struct ChatConfig {
 
 impl Default for ChatConfig {
     fn default() -> Self {
-        Self { system_prompt: String::new(), max_tokens: 512 }
+        Self {
+            system_prompt: String::new(),
+            max_tokens: 512,
+        }
     }
 }
 
@@ -57,10 +64,16 @@ impl AppConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: AppConfig = toml::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))?;
-        cfg.sampling.validate().map_err(|e| Error::Config(format!("{origin}: [sampling] {e}")))?;
-        cfg.slim.validate_keys().map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        cfg.sampling
+            .validate()
+            .map_err(|e| Error::Config(format!("{origin}: [sampling] {e}")))?;
+        cfg.slim
+            .validate_keys()
+            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         if cfg.chat.max_tokens == 0 {
-            return Err(Error::Config(format!("{origin}: [chat] max_tokens must be at least 1")));
+            return Err(Error::Config(format!(
+                "{origin}: [chat] max_tokens must be at least 1"
+            )));
         }
         Ok(cfg)
     }
@@ -78,7 +91,10 @@ impl AppConfig {
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
-            Err(e) => Err(Error::Config(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => Err(Error::Config(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
         }
     }
 }
@@ -93,7 +109,11 @@ pub fn default_path() -> Option<PathBuf> {
 
 /// toml's messages span several lines (with a source excerpt); keep the first and the caret note.
 fn one_line(msg: &str) -> String {
-    let lines: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let head = lines.first().copied().unwrap_or("");
     match lines.last() {
         Some(last) if lines.len() > 1 => format!("{head} {last}").replace("  ", " "),

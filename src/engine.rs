@@ -28,7 +28,12 @@ use crate::{Error, Result};
 pub enum EngineEvent {
     /// `layers_done` of `n_layers` finished for a prefill of `tokens` tokens; the last layer
     /// ran on `rows` rows (fewer than `tokens` once SlimInfer has pruned).
-    PrefillProgress { layers_done: usize, n_layers: usize, tokens: usize, rows: usize },
+    PrefillProgress {
+        layers_done: usize,
+        n_layers: usize,
+        tokens: usize,
+        rows: usize,
+    },
     /// New answer text (whole UTF-8 characters).
     Token(String),
 }
@@ -97,7 +102,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { linear: LinearMode::Dense, slim: SlimConfig::default() }
+        Self {
+            linear: LinearMode::Dense,
+            slim: SlimConfig::default(),
+        }
     }
 }
 
@@ -135,7 +143,9 @@ impl Engine {
         let special = SpecialTokens::from_gguf(&file.content)?;
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
-        opts.slim.validate(model.spec.n_layers).map_err(Error::Config)?;
+        opts.slim
+            .validate(model.spec.n_layers)
+            .map_err(Error::Config)?;
         let kv = KvCache::new(model.spec.n_layers);
         Ok(Self {
             model,
@@ -154,15 +164,21 @@ impl Engine {
     }
 
     fn with_special_strings(mut self) -> Self {
-        self.special_strings =
-            self.tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+        self.special_strings = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
         self
     }
 
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
-        slim.validate(self.model.spec.n_layers).map_err(Error::Config)?;
+        slim.validate(self.model.spec.n_layers)
+            .map_err(Error::Config)?;
         if let Some(session) = &mut self.session {
             session.set_keep_ratio(slim.keep_ratio);
         }
@@ -176,7 +192,11 @@ impl Engine {
 
     fn head_shape(&self) -> HeadShape {
         let s = &self.model.spec;
-        HeadShape { n_heads: s.n_heads, n_kv_heads: s.n_kv_heads, head_dim: s.head_dim }
+        HeadShape {
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
+        }
     }
 
     /// The longest prompt plus answer the model accepts.
@@ -210,24 +230,38 @@ impl Engine {
     /// (a pasted document about chat templates, say) stay plain text, so no message can forge a
     /// turn boundary.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let has_special = |text: &str| self.special_strings.iter().any(|s| text.contains(s.as_str()));
+        let has_special = |text: &str| {
+            self.special_strings
+                .iter()
+                .any(|s| text.contains(s.as_str()))
+        };
         if !messages.iter().any(|m| has_special(&m.content)) {
             return self.encode(&self.template.render(messages, true)?);
         }
         // Render with a placeholder per message, then tokenize the template around the
         // placeholders with special tokens and each message's content without.
         let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
-        let masked: Vec<Message> =
-            messages.iter().enumerate().map(|(i, m)| Message { role: m.role, content: marker(i) }).collect();
+        let masked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message {
+                role: m.role,
+                content: marker(i),
+            })
+            .collect();
         let mut rest = self.template.render(&masked, true)?;
         let mut plain = self.tokenizer.clone();
         plain.set_encode_special_tokens(true);
         let raw = |tok: &Tokenizer, text: &str| {
-            tok.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
+            tok.encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Tokenizer(e.to_string()))
         };
         let mut ids = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            let Some(at) = rest.find(&marker(i)) else { continue };
+            let Some(at) = rest.find(&marker(i)) else {
+                continue;
+            };
             ids.extend(raw(&self.tokenizer, &rest[..at])?);
             ids.extend(raw(&plain, &m.content)?);
             rest = rest[at + marker(i).len()..].to_string();
@@ -341,7 +375,11 @@ impl Engine {
             generated_tokens: answer.len(),
             ttft_ms: ttft.unwrap_or(prefill_secs) * 1e3,
             prefill_tok_s: prefilled as f64 / prefill_secs.max(1e-9),
-            decode_tok_s: if decoded > 0 { decoded as f64 / decode_secs.max(1e-9) } else { 0.0 },
+            decode_tok_s: if decoded > 0 {
+                decoded as f64 / decode_secs.max(1e-9)
+            } else {
+                0.0
+            },
             kv_bytes: self.kv.bytes(),
             stop_reason,
             slim: self.session.is_some(),
@@ -380,16 +418,33 @@ impl Engine {
     /// Make the cache hold exactly `prompt`, reusing the longest cached prefix, and return
     /// the logits after the last prompt token and how many tokens were reused. A fresh prompt
     /// is pruned when SlimInfer is on; a follow-up keeps the earlier turns' pruned KV.
-    pub fn prefill(&mut self, prompt: &[u32], on_event: &mut dyn FnMut(EngineEvent)) -> Result<(Vec<f32>, usize)> {
-        let shared = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    pub fn prefill(
+        &mut self,
+        prompt: &[u32],
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, usize)> {
+        let shared = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         // At least one token must run to produce logits.
         let mut reused = shared.min(prompt.len() - 1);
-        let mut kind = if reused > 0 { PrefillKind::Reused } else { PrefillKind::Full };
+        let mut kind = if reused > 0 {
+            PrefillKind::Reused
+        } else {
+            PrefillKind::Full
+        };
         if let Some(session) = &self.session {
             // Pruned rows cannot be recomputed in place: a change inside the pruned prompt, or
             // the re-prefill option, starts over.
             if reused < session.prompt_len() || self.slim.reprefill_followups {
-                kind = if reused > 0 { PrefillKind::Reprefilled } else { PrefillKind::Full };
+                kind = if reused > 0 {
+                    PrefillKind::Reprefilled
+                } else {
+                    PrefillKind::Full
+                };
                 reused = 0;
             }
         }
@@ -399,7 +454,12 @@ impl Engine {
         self.kv.truncate_from(reused as u32);
         self.cached.truncate(reused);
         if reused == 0 && self.slim.enabled {
-            self.session = Some(SlimSession::new(&self.slim, self.model.spec.n_layers, self.head_shape(), prompt.len()));
+            self.session = Some(SlimSession::new(
+                &self.slim,
+                self.model.spec.n_layers,
+                self.head_shape(),
+                prompt.len(),
+            ));
         }
         self.last_prefill_kind = kind;
         let tokens = &prompt[reused..];
@@ -407,11 +467,21 @@ impl Engine {
         let n_layers = self.model.spec.n_layers;
         let total = tokens.len();
         let mut progress = |i: usize, rows: usize| {
-            on_event(EngineEvent::PrefillProgress { layers_done: i + 1, n_layers, tokens: total, rows })
+            on_event(EngineEvent::PrefillProgress {
+                layers_done: i + 1,
+                n_layers,
+                tokens: total,
+                rows,
+            })
         };
         let logits = match &mut self.session {
-            Some(session) => self.model.forward(tokens, &positions, &mut self.kv, session, &mut progress),
-            None => self.model.forward(tokens, &positions, &mut self.kv, &mut Dense, &mut progress),
+            Some(session) => {
+                self.model
+                    .forward(tokens, &positions, &mut self.kv, session, &mut progress)
+            }
+            None => self
+                .model
+                .forward(tokens, &positions, &mut self.kv, &mut Dense, &mut progress),
         };
         let logits = match logits {
             Ok(l) => l,
@@ -433,11 +503,15 @@ impl Engine {
         let pos = self.cached.len() as u32;
         let logits = match &mut self.session {
             Some(session) => {
-                let l = self.model.forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {});
+                let l = self
+                    .model
+                    .forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {});
                 self.swaps.push(session.take_swaps());
                 l
             }
-            None => self.model.forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {}),
+            None => self
+                .model
+                .forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {}),
         };
         match logits {
             Ok(l) => {
@@ -464,7 +538,10 @@ struct Detokenizer {
 
 impl Detokenizer {
     fn push(&mut self, tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
-        let decode = |ids: &[u32]| tok.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()));
+        let decode = |ids: &[u32]| {
+            tok.decode(ids, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))
+        };
         let text = decode(&tokens[self.prev..])?;
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new()); // an incomplete multi-byte character: wait for more
@@ -482,7 +559,9 @@ impl Detokenizer {
 
     /// Whatever is left at the end, even an incomplete character.
     fn finish(&mut self, tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
-        let text = tok.decode(&tokens[self.prev..], false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let text = tok
+            .decode(&tokens[self.prev..], false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let rest = text.get(self.emitted_len..).unwrap_or("").to_string();
         self.emitted_len = text.len();
         Ok(rest)

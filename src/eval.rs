@@ -45,16 +45,27 @@ pub struct EvalResult {
 }
 
 const QUESTION: &str = "Summarize the main points of the text above.";
-const NEEDLE_QUESTION: &str = "What is the access code for the blue cabinet? Answer with the number only.";
+const NEEDLE_QUESTION: &str =
+    "What is the access code for the blue cabinet? Answer with the number only.";
 
 /// Run the evaluation; `on_result` is called as each cell finishes.
-pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&EvalResult)) -> Result<Vec<EvalResult>> {
+pub fn run(
+    engine: &mut Engine,
+    cfg: &EvalConfig,
+    on_result: &mut dyn FnMut(&EvalResult),
+) -> Result<Vec<EvalResult>> {
     let base = engine.slim_config().clone();
     let mut results = Vec::new();
     for (doc_index, &length) in cfg.lengths.iter().enumerate() {
-        let room = engine.context_length().checked_sub(cfg.answer_tokens.max(24) + 8).filter(|&r| r > 256);
+        let room = engine
+            .context_length()
+            .checked_sub(cfg.answer_tokens.max(24) + 8)
+            .filter(|&r| r > 256);
         let Some(room) = room else {
-            return Err(Error::Usage(format!("--answer-tokens {} leaves no room for a document", cfg.answer_tokens)));
+            return Err(Error::Usage(format!(
+                "--answer-tokens {} leaves no room for a document",
+                cfg.answer_tokens
+            )));
         };
         let length = length.min(room);
         // Each length reads a different part of the text.
@@ -92,7 +103,8 @@ pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&Eva
                     logits = engine.step(t)?;
                 }
             }
-            let needles_slim = needle_run(engine, &base, Some(ratio), doc_index, length, cfg.depths)?;
+            let needles_slim =
+                needle_run(engine, &base, Some(ratio), doc_index, length, cfg.depths)?;
             let n = answer.len().max(1) as f64;
             let r = EvalResult {
                 prompt_tokens: prompt.len(),
@@ -117,8 +129,15 @@ pub fn run(engine: &mut Engine, cfg: &EvalConfig, on_result: &mut dyn FnMut(&Eva
 
 fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Result<()> {
     let cfg = match ratio {
-        Some(r) => SlimConfig { enabled: true, keep_ratio: r, ..base.clone() },
-        None => SlimConfig { enabled: false, ..base.clone() },
+        Some(r) => SlimConfig {
+            enabled: true,
+            keep_ratio: r,
+            ..base.clone()
+        },
+        None => SlimConfig {
+            enabled: false,
+            ..base.clone()
+        },
     };
     engine.reset();
     engine.set_slim(cfg)
@@ -127,14 +146,23 @@ fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Resul
 /// About `length` tokens of prose (the chat template and `question` included), from a part of
 /// the text chosen by `index`, cut at a sentence end.
 fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Result<String> {
-    let overhead = engine.encode_chat(&[Message::user(format!("\n\n{question}"))])?.len() + 24;
+    let overhead = engine
+        .encode_chat(&[Message::user(format!("\n\n{question}"))])?
+        .len()
+        + 24;
     let tokens = engine.encode(LONG_TEXT)?;
     let want = length.saturating_sub(overhead);
     let start = (index * 20_000) % tokens.len().saturating_sub(want).max(1);
     if start + want > tokens.len() {
-        return Err(Error::Prompt(format!("eval text has {} tokens, {want} needed", tokens.len())));
+        return Err(Error::Prompt(format!(
+            "eval text has {} tokens, {want} needed",
+            tokens.len()
+        )));
     }
-    let text = engine.tokenizer.decode(&tokens[start..start + want], false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let text = engine
+        .tokenizer
+        .decode(&tokens[start..start + want], false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     // Start and end on whole sentences.
     let from = text.find(". ").map_or(0, |i| i + 2);
     let to = text.rfind(". ").map_or(text.len(), |i| i + 1);
@@ -142,15 +170,31 @@ fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Res
 }
 
 /// Plant the needle at `depths` depths; return the fraction of answers that contain the code.
-fn needle_run(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>, index: usize, length: usize, depths: usize) -> Result<f64> {
+fn needle_run(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    ratio: Option<f32>,
+    index: usize,
+    length: usize,
+    depths: usize,
+) -> Result<f64> {
     if depths == 0 {
         return Ok(f64::NAN);
     }
     let needle_len = 24;
-    let doc = document(engine, index, length.saturating_sub(needle_len), NEEDLE_QUESTION)?;
+    let doc = document(
+        engine,
+        index,
+        length.saturating_sub(needle_len),
+        NEEDLE_QUESTION,
+    )?;
     let mut correct = 0;
     for d in 0..depths {
-        let depth = if depths > 1 { d as f64 / (depths - 1) as f64 } else { 0.5 };
+        let depth = if depths > 1 {
+            d as f64 / (depths - 1) as f64
+        } else {
+            0.5
+        };
         let code = 10_000 + (index * 7919 + d * 104_729) % 90_000;
         let needle = format!(" The access code for the blue cabinet is {code}. ");
         let at = sentence_boundary(&doc, (doc.len() as f64 * depth) as usize);
@@ -159,7 +203,11 @@ fn needle_run(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>, index:
         let req = GenerateRequest {
             messages: vec![Message::user(format!("{text}\n\n{NEEDLE_QUESTION}"))],
             max_tokens: 24,
-            sampling: SamplingConfig { temperature: 0.0, repeat_penalty: 1.0, ..Default::default() },
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                repeat_penalty: 1.0,
+                ..Default::default()
+            },
         };
         let stats = engine.generate(&req, &AtomicBool::new(false), &mut |_| {})?;
         correct += usize::from(stats.text.contains(&code.to_string()));
@@ -187,7 +235,11 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         l.iter().map(move |&x| x as f64 - lse).collect::<Vec<f64>>()
     };
     let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 #[cfg(test)]

@@ -10,14 +10,18 @@ use clap::{Args, Parser, Subcommand};
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
-use slimchat::eval::{self, EvalConfig};
 use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest};
+use slimchat::eval::{self, EvalConfig};
 use slimchat::model::source::{DownloadProgress, ModelSource};
 use slimchat::model::template::{Message, Role};
 use slimchat::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "slimchat", version, about = "Chat with long documents; SlimInfer prunes the prompt as it climbs the layers")]
+#[command(
+    name = "slimchat",
+    version,
+    about = "Chat with long documents; SlimInfer prunes the prompt as it climbs the layers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -200,7 +204,13 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
             }
         }
     })?;
-    Engine::load(&path, &EngineOptions { linear: cfg.model.linear, slim: cfg.slim.clone() })
+    Engine::load(
+        &path,
+        &EngineOptions {
+            linear: cfg.model.linear,
+            slim: cfg.slim.clone(),
+        },
+    )
 }
 
 fn read_prompt(args: &RunArgs) -> Result<String> {
@@ -208,16 +218,23 @@ fn read_prompt(args: &RunArgs) -> Result<String> {
         return Ok(p.clone());
     }
     let bytes = match &args.prompt_file {
-        Some(path) => std::fs::read(path).map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?,
+        Some(path) => std::fs::read(path)
+            .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?,
         None => {
             let mut buf = Vec::new();
             std::io::stdin().read_to_end(&mut buf)?;
             buf
         }
     };
-    let from = args.prompt_file.as_ref().map_or("stdin".to_string(), |p| p.display().to_string());
+    let from = args
+        .prompt_file
+        .as_ref()
+        .map_or("stdin".to_string(), |p| p.display().to_string());
     String::from_utf8(bytes).map_err(|e| {
-        Error::Prompt(format!("{from} is not valid UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+        Error::Prompt(format!(
+            "{from} is not valid UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })
 }
 
@@ -230,20 +247,43 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
         return Err(Error::Prompt("empty prompt".into()));
     }
     let mut sampling = cfg.sampling.clone();
-    if let Some(v) = args.temperature { sampling.temperature = v; }
-    if let Some(v) = args.top_k { sampling.top_k = v; }
-    if let Some(v) = args.top_p { sampling.top_p = v; }
-    if let Some(v) = args.repeat_penalty { sampling.repeat_penalty = v; }
-    if let Some(v) = args.seed { sampling.seed = v; }
+    if let Some(v) = args.temperature {
+        sampling.temperature = v;
+    }
+    if let Some(v) = args.top_k {
+        sampling.top_k = v;
+    }
+    if let Some(v) = args.top_p {
+        sampling.top_p = v;
+    }
+    if let Some(v) = args.repeat_penalty {
+        sampling.repeat_penalty = v;
+    }
+    if let Some(v) = args.seed {
+        sampling.seed = v;
+    }
     sampling.validate().map_err(Error::Usage)?;
 
     let mut messages = Vec::new();
-    let system = args.system.clone().unwrap_or_else(|| cfg.chat.system_prompt.clone());
+    let system = args
+        .system
+        .clone()
+        .unwrap_or_else(|| cfg.chat.system_prompt.clone());
     if !system.is_empty() {
-        messages.push(Message { role: Role::System, content: system });
+        messages.push(Message {
+            role: Role::System,
+            content: system,
+        });
     }
-    messages.push(Message { role: Role::User, content: prompt });
-    let req = GenerateRequest { messages, max_tokens: args.max_tokens.unwrap_or(cfg.chat.max_tokens), sampling };
+    messages.push(Message {
+        role: Role::User,
+        content: prompt,
+    });
+    let req = GenerateRequest {
+        messages,
+        max_tokens: args.max_tokens.unwrap_or(cfg.chat.max_tokens),
+        sampling,
+    };
 
     let mut engine = load_engine(cfg)?;
     let cancel = AtomicBool::new(false);
@@ -251,7 +291,11 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let stats = engine.generate(&req, &cancel, &mut |ev| {
         if let (true, EngineEvent::Token(t)) = (stream, &ev) {
-            if out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_err() {
+            if out
+                .write_all(t.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
                 cancel.store(true, std::sync::atomic::Ordering::Relaxed); // the reader went away
             }
         }
@@ -272,7 +316,12 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
 
 fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
     let mut engine = load_engine(cfg)?;
-    let bc = BenchConfig { lengths: args.lengths, modes, runs: args.runs, decode_tokens: args.decode_tokens };
+    let bc = BenchConfig {
+        lengths: args.lengths,
+        modes,
+        runs: args.runs,
+        decode_tokens: args.decode_tokens,
+    };
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
@@ -298,7 +347,10 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
 fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
     let mut engine = load_engine(cfg)?;
     let mut ratios = args.ratios;
-    if !ratios.iter().any(|r| (r - cfg.slim.keep_ratio).abs() < 1e-6) {
+    if !ratios
+        .iter()
+        .any(|r| (r - cfg.slim.keep_ratio).abs() < 1e-6)
+    {
         ratios.push(cfg.slim.keep_ratio);
     }
     let ec = EvalConfig {
@@ -316,7 +368,10 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
         );
     })?;
     if args.json {
-        println!("{}", serde_json::json!({ "model": cfg.model.source, "slim": cfg.slim, "results": results }));
+        println!(
+            "{}",
+            serde_json::json!({ "model": cfg.model.source, "slim": cfg.slim, "results": results })
+        );
     }
     Ok(())
 }

@@ -19,20 +19,33 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 40, top_p: 0.95, repeat_penalty: 1.1, repeat_last_n: 64, seed: 299_792_458 }
+        Self {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 299_792_458,
+        }
     }
 }
 
 impl SamplingConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -56,13 +69,20 @@ impl Sampler {
         if self.cfg.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if self.cfg.top_k > 0 {
             cands.truncate(self.cfg.top_k);
         }
         let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|c| ((c.1 - max) / self.cfg.temperature).exp()).collect();
+        let mut probs: Vec<f32> = cands
+            .iter()
+            .map(|c| ((c.1 - max) / self.cfg.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         let mut mass = 0.0;
@@ -135,7 +155,11 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32) -> SamplingConfig {
-        SamplingConfig { temperature, repeat_penalty: 1.0, ..Default::default() }
+        SamplingConfig {
+            temperature,
+            repeat_penalty: 1.0,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -146,13 +170,19 @@ mod tests {
 
     #[test]
     fn repeat_penalty_can_change_the_greedy_choice() {
-        let mut s = Sampler::new(SamplingConfig { repeat_penalty: 2.0, ..cfg(0.0) });
+        let mut s = Sampler::new(SamplingConfig {
+            repeat_penalty: 2.0,
+            ..cfg(0.0)
+        });
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0], &[1]), 2);
     }
 
     #[test]
     fn top_k_one_is_greedy_even_when_hot() {
-        let mut s = Sampler::new(SamplingConfig { top_k: 1, ..cfg(5.0) });
+        let mut s = Sampler::new(SamplingConfig {
+            top_k: 1,
+            ..cfg(5.0)
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 0.9, 0.8], &[]), 1);
         }
@@ -161,19 +191,33 @@ mod tests {
     #[test]
     fn same_seed_same_choices_and_sampling_spreads() {
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingConfig { seed, top_k: 0, top_p: 1.0, ..cfg(1.0) });
-            (0..200).map(|_| s.sample(&mut [0.0, 0.0, 0.0, 0.0], &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingConfig {
+                seed,
+                top_k: 0,
+                top_p: 1.0,
+                ..cfg(1.0)
+            });
+            (0..200)
+                .map(|_| s.sample(&mut [0.0, 0.0, 0.0, 0.0], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         let d = draw(7);
         for t in 0..4 {
-            assert!(d.iter().filter(|&&x| x == t).count() > 20, "token {t} rarely drawn");
+            assert!(
+                d.iter().filter(|&&x| x == t).count() > 20,
+                "token {t} rarely drawn"
+            );
         }
     }
 
     #[test]
     fn top_p_drops_the_unlikely_tail() {
-        let mut s = Sampler::new(SamplingConfig { top_k: 0, top_p: 0.5, ..cfg(1.0) });
+        let mut s = Sampler::new(SamplingConfig {
+            top_k: 0,
+            top_p: 0.5,
+            ..cfg(1.0)
+        });
         for _ in 0..100 {
             assert_eq!(s.sample(&mut [10.0, 0.0, 0.0], &[]), 0);
         }

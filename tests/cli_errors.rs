@@ -22,7 +22,11 @@ fn slimchat(args: &[&str], stdin: Option<&[u8]>) -> Output {
     cmd.args(args)
         .env("SLIMCHAT_CONFIG", "/nonexistent/slimchat-test/config.toml")
         .env("RUST_BACKTRACE", "0")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("slimchat starts");
@@ -80,7 +84,10 @@ fn write_gguf(path: &Path, metadata: &[(&str, &Value)], tensors: &[(&str, &QTens
 
 #[test]
 fn missing_model_file() {
-    let out = slimchat(&["run", "--model", "/nonexistent/x.gguf", "--prompt", "hi"], None);
+    let out = slimchat(
+        &["run", "--model", "/nonexistent/x.gguf", "--prompt", "hi"],
+        None,
+    );
     assert_one_line_error(&out, &["/nonexistent/x.gguf", "not found"]);
 }
 
@@ -153,8 +160,12 @@ fn missing_tensor() {
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     metadata.sort_by_key(|(k, _)| *k);
-    let embd = content.tensor(&mut reader, "token_embd.weight", &Device::Cpu).unwrap();
-    let norm = content.tensor(&mut reader, "output_norm.weight", &Device::Cpu).unwrap();
+    let embd = content
+        .tensor(&mut reader, "token_embd.weight", &Device::Cpu)
+        .unwrap();
+    let norm = content
+        .tensor(&mut reader, "output_norm.weight", &Device::Cpu)
+        .unwrap();
     write_gguf(
         &path,
         &metadata,
@@ -167,7 +178,10 @@ fn missing_tensor() {
 #[test]
 fn prompt_longer_than_the_context() {
     let long = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/long_text.txt");
-    let out = slimchat(&["run", "--prompt-file", path_str(&long), "--max-tokens", "4"], None);
+    let out = slimchat(
+        &["run", "--prompt-file", path_str(&long), "--max-tokens", "4"],
+        None,
+    );
     let line = assert_one_line_error(&out, &["prompt", "tokens", "8192"]);
     let numbers: Vec<usize> = line
         .split(|c: char| !c.is_ascii_digit())
@@ -229,7 +243,10 @@ fn config_with_unknown_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, "[model]\nbogus = 1\n").unwrap();
-    let out = slimchat(&["run", "--config", path_str(&path), "--prompt", "hi"], None);
+    let out = slimchat(
+        &["run", "--config", path_str(&path), "--prompt", "hi"],
+        None,
+    );
     assert_one_line_error(&out, &["config", "config.toml", "bogus"]);
 }
 
@@ -238,14 +255,23 @@ fn broken_toml_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, "[model\nsource = \n").unwrap();
-    let out = slimchat(&["run", "--config", path_str(&path), "--prompt", "hi"], None);
+    let out = slimchat(
+        &["run", "--config", path_str(&path), "--prompt", "hi"],
+        None,
+    );
     assert_one_line_error(&out, &["config", "config.toml", "line 1"]);
 }
 
 #[test]
 fn missing_config_file() {
     let out = slimchat(
-        &["run", "--config", "/nonexistent/slimchat.toml", "--prompt", "hi"],
+        &[
+            "run",
+            "--config",
+            "/nonexistent/slimchat.toml",
+            "--prompt",
+            "hi",
+        ],
         None,
     );
     assert_one_line_error(&out, &["config", "/nonexistent/slimchat.toml"]);
@@ -268,12 +294,24 @@ fn json_report_of_a_good_run() {
     assert!(out.status.success(), "slimchat failed: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let stdout = String::from_utf8(out.stdout).expect("stdout is UTF-8");
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
-    let text = v["text"].as_str().unwrap_or_else(|| panic!("no text in {v}"));
-    assert!(text.contains("Paris"), "answer does not mention Paris: {text:?}");
-    for key in ["prompt_tokens", "generated_tokens", "peak_rss_bytes", "kv_bytes"] {
-        let n = v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a count in {v}"));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    let text = v["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text in {v}"));
+    assert!(
+        text.contains("Paris"),
+        "answer does not mention Paris: {text:?}"
+    );
+    for key in [
+        "prompt_tokens",
+        "generated_tokens",
+        "peak_rss_bytes",
+        "kv_bytes",
+    ] {
+        let n = v[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} is not a count in {v}"));
         assert!(n > 0, "{key} is 0 in {v}");
     }
     assert!(v["generated_tokens"].as_u64().unwrap() <= 16, "{v}");

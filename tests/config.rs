@@ -45,7 +45,10 @@ impl Drop for EnvVar {
 fn config_error(text: &str) -> String {
     match AppConfig::parse(text, "test.toml") {
         Err(Error::Config(msg)) => {
-            assert!(!msg.contains('\n'), "config error spans several lines: {msg:?}");
+            assert!(
+                !msg.contains('\n'),
+                "config error spans several lines: {msg:?}"
+            );
             assert!(
                 msg.starts_with("test.toml"),
                 "config error does not name the file: {msg:?}"
@@ -74,14 +77,20 @@ fn example_file_sets_every_key() {
         let ex = example.get(section).and_then(|s| s.as_table());
         let ex = ex.unwrap_or_else(|| panic!("config.example.toml lacks [{section}]"));
         for key in keys.keys() {
-            assert!(ex.contains_key(key), "config.example.toml lacks {section}.{key}");
+            assert!(
+                ex.contains_key(key),
+                "config.example.toml lacks {section}.{key}"
+            );
         }
     }
 }
 
 #[test]
 fn empty_file_is_the_defaults() {
-    assert_eq!(AppConfig::parse("", "test.toml").unwrap(), AppConfig::default());
+    assert_eq!(
+        AppConfig::parse("", "test.toml").unwrap(),
+        AppConfig::default()
+    );
 }
 
 #[test]
@@ -95,13 +104,19 @@ fn partial_file_overrides_only_its_keys() {
 #[test]
 fn unknown_key_is_named_in_one_line() {
     let msg = config_error("[model]\nbogus = 1\n");
-    assert!(msg.contains("bogus"), "message does not name the key: {msg}");
+    assert!(
+        msg.contains("bogus"),
+        "message does not name the key: {msg}"
+    );
 }
 
 #[test]
 fn unknown_section_is_named_in_one_line() {
     let msg = config_error("[modle]\nsource = \"default\"\n");
-    assert!(msg.contains("modle"), "message does not name the section: {msg}");
+    assert!(
+        msg.contains("modle"),
+        "message does not name the section: {msg}"
+    );
 }
 
 #[test]
@@ -111,31 +126,46 @@ fn wrong_type_is_one_line() {
         msg.contains("max_tokens") || msg.contains("lots"),
         "message does not point at the value: {msg}"
     );
-    assert!(msg.contains("line 2"), "message does not give the line: {msg}");
+    assert!(
+        msg.contains("line 2"),
+        "message does not give the line: {msg}"
+    );
 }
 
 #[test]
 fn unknown_linear_mode_is_one_line() {
     let msg = config_error("[model]\nlinear = \"sparse\"\n");
-    assert!(msg.contains("sparse"), "message does not name the value: {msg}");
+    assert!(
+        msg.contains("sparse"),
+        "message does not name the value: {msg}"
+    );
 }
 
 #[test]
 fn out_of_range_top_p_is_rejected() {
     let msg = config_error("[sampling]\ntop_p = 2.0\n");
-    assert!(msg.contains("top_p"), "message does not name the key: {msg}");
+    assert!(
+        msg.contains("top_p"),
+        "message does not name the key: {msg}"
+    );
 }
 
 #[test]
 fn negative_temperature_is_rejected() {
     let msg = config_error("[sampling]\ntemperature = -1.0\n");
-    assert!(msg.contains("temperature"), "message does not name the key: {msg}");
+    assert!(
+        msg.contains("temperature"),
+        "message does not name the key: {msg}"
+    );
 }
 
 #[test]
 fn broken_toml_is_one_line() {
     let msg = config_error("[model\nsource = \n");
-    assert!(msg.contains("line 1"), "message does not give the line: {msg}");
+    assert!(
+        msg.contains("line 1"),
+        "message does not give the line: {msg}"
+    );
 }
 
 #[test]
@@ -144,7 +174,10 @@ fn missing_explicit_file_is_an_error() {
     let path = dir.path().join("nope.toml");
     match AppConfig::load(Some(&path)) {
         Err(Error::Config(msg)) => {
-            assert!(msg.contains("nope.toml"), "message does not name the file: {msg}");
+            assert!(
+                msg.contains("nope.toml"),
+                "message does not name the file: {msg}"
+            );
             assert!(!msg.contains('\n'), "{msg:?}");
         }
         other => panic!("expected a config error, got {other:?}"),

@@ -40,19 +40,44 @@ fn candle_model(path: &std::path::Path) -> ModelWeights {
 }
 
 fn candle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
-    let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    m.forward(&input, pos).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&input, pos)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 fn ours(mode: LinearMode) -> Engine {
-    Engine::load(&common::default_model(), &EngineOptions { linear: mode, slim: slimchat::slim::SlimConfig { enabled: false, ..Default::default() } }).unwrap()
+    Engine::load(
+        &common::default_model(),
+        &EngineOptions {
+            linear: mode,
+            slim: slimchat::slim::SlimConfig {
+                enabled: false,
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap()
 }
 
 fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {
     let (diff, scale) = common::max_abs_diff(ours, theirs);
     eprintln!("{what}: max |Δlogit| = {diff:.3e}, max |logit| = {scale:.2}");
-    assert!(diff <= tol * scale, "{what}: max |Δlogit| {diff} > {tol} * {scale}");
-    assert_eq!(common::argmax(ours), common::argmax(theirs), "{what}: argmax differs");
+    assert!(
+        diff <= tol * scale,
+        "{what}: max |Δlogit| {diff} > {tol} * {scale}"
+    );
+    assert_eq!(
+        common::argmax(ours),
+        common::argmax(theirs),
+        "{what}: argmax differs"
+    );
 }
 
 /// Logits of the last prompt token for the first `n` tokens of the bench prose.
@@ -72,8 +97,17 @@ fn compare_prefill(mode: LinearMode, n: usize) {
     })
     .join()
     .unwrap();
-    let tol = if mode == LinearMode::Dense { DENSE_TOL } else { QUANTIZED_TOL };
-    assert_close(&ours, &theirs, tol, &format!("{mode:?} prefill of {n} tokens"));
+    let tol = if mode == LinearMode::Dense {
+        DENSE_TOL
+    } else {
+        QUANTIZED_TOL
+    };
+    assert_close(
+        &ours,
+        &theirs,
+        tol,
+        &format!("{mode:?} prefill of {n} tokens"),
+    );
 }
 
 #[test]
@@ -100,7 +134,9 @@ fn greedy_continuation_matches_candle_for_32_tokens() {
     let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let mut engine = ours(LinearMode::Quantized);
     let prompt = engine
-        .encode_chat(&[Message::user("Explain in two sentences why the sky is blue.")])
+        .encode_chat(&[Message::user(
+            "Explain in two sentences why the sky is blue.",
+        )])
         .unwrap();
     let (mut logits, _) = engine.prefill(&prompt, &mut |_| {}).unwrap();
     let mut mine = Vec::new();

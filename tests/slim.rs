@@ -12,11 +12,21 @@ use slimchat::sampling::SamplingConfig;
 use slimchat::slim::{SlimConfig, StageConfig};
 
 fn engine(slim: SlimConfig) -> Engine {
-    Engine::load(&common::default_model(), &EngineOptions { slim, ..Default::default() }).unwrap()
+    Engine::load(
+        &common::default_model(),
+        &EngineOptions {
+            slim,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn dense() -> SlimConfig {
-    SlimConfig { enabled: false, ..Default::default() }
+    SlimConfig {
+        enabled: false,
+        ..Default::default()
+    }
 }
 
 fn prose(engine: &Engine, n: usize) -> Vec<u32> {
@@ -27,7 +37,16 @@ fn prose(engine: &Engine, n: usize) -> Vec<u32> {
 fn budgets_covering_the_prompt_give_logits_identical_to_dense() {
     let keep_all = SlimConfig {
         preset: "custom".into(),
-        stages: vec![StageConfig { layer: 10, fraction: 1.0 }, StageConfig { layer: 20, fraction: 1.0 }],
+        stages: vec![
+            StageConfig {
+                layer: 10,
+                fraction: 1.0,
+            },
+            StageConfig {
+                layer: 20,
+                fraction: 1.0,
+            },
+        ],
         keep_ratio: 1.0,
         ..Default::default()
     };
@@ -45,20 +64,44 @@ fn budgets_covering_the_prompt_give_logits_identical_to_dense() {
 
 #[test]
 fn pruned_layers_keep_original_positions_and_the_last_token() {
-    let mut e = engine(SlimConfig { keep_ratio: 0.25, ..Default::default() });
+    let mut e = engine(SlimConfig {
+        keep_ratio: 0.25,
+        ..Default::default()
+    });
     let n = 1500;
     let tokens = prose(&e, n);
     let (logits, _) = e.prefill(&tokens, &mut |_| {}).unwrap();
     assert!(logits.iter().all(|x| x.is_finite()));
     let kept = e.kept_per_layer();
-    assert_eq!(&kept[..10], &[n; 10], "preserve layers hold every prompt token");
-    assert!(kept[10] < n && kept[20] < kept[10] && kept[29] <= kept[20], "stages prune, nested: {kept:?}");
+    assert_eq!(
+        &kept[..10],
+        &[n; 10],
+        "preserve layers hold every prompt token"
+    );
+    assert!(
+        kept[10] < n && kept[20] < kept[10] && kept[29] <= kept[20],
+        "stages prune, nested: {kept:?}"
+    );
     let last = e.layer_positions(29);
     assert_eq!(last.len(), kept[29]);
-    assert!(last.windows(2).all(|w| w[0] < w[1]), "positions stay in order");
-    assert_eq!(last[..64], (0..64).collect::<Vec<u32>>()[..], "the sink block is kept at its positions");
-    assert_eq!(*last.last().unwrap(), n as u32 - 1, "the last prompt token reaches the head");
-    assert!(last.iter().any(|&p| p >= 64 && p < n as u32 - 64), "kept middle rows keep their original positions");
+    assert!(
+        last.windows(2).all(|w| w[0] < w[1]),
+        "positions stay in order"
+    );
+    assert_eq!(
+        last[..64],
+        (0..64).collect::<Vec<u32>>()[..],
+        "the sink block is kept at its positions"
+    );
+    assert_eq!(
+        *last.last().unwrap(),
+        n as u32 - 1,
+        "the last prompt token reaches the head"
+    );
+    assert!(
+        last.iter().any(|&p| p >= 64 && p < n as u32 - 64),
+        "kept middle rows keep their original positions"
+    );
     // generated tokens continue at position n and are never pruned
     e.step(common::argmax(&logits) as u32).unwrap();
     assert_eq!(*e.layer_positions(29).last().unwrap(), n as u32);
@@ -75,7 +118,10 @@ fn late_pruning_of_a_real_question_answers_like_dense() {
     let mut d = engine(dense());
     let late = SlimConfig {
         preset: "custom".into(),
-        stages: vec![StageConfig { layer: 28, fraction: 0.25 }],
+        stages: vec![StageConfig {
+            layer: 28,
+            fraction: 0.25,
+        }],
         keep_ratio: 1.0,
         ..Default::default()
     };
@@ -83,28 +129,58 @@ fn late_pruning_of_a_real_question_answers_like_dense() {
     let (ld, _) = d.prefill(&doc, &mut |_| {}).unwrap();
     let (ls, _) = s.prefill(&doc, &mut |_| {}).unwrap();
     assert!(s.kept_per_layer()[29] < doc.len());
-    assert_eq!(common::argmax(&ld), common::argmax(&ls), "pruned top-1 differs from dense");
+    assert_eq!(
+        common::argmax(&ld),
+        common::argmax(&ls),
+        "pruned top-1 differs from dense"
+    );
 }
 
 #[test]
 fn follow_up_reuses_the_pruned_cache_without_a_second_prefill() {
     let mut e = engine(SlimConfig::default());
     let doc: String = LONG_TEXT.chars().take(3000).collect();
-    let greedy = SamplingConfig { temperature: 0.0, ..Default::default() };
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        ..Default::default()
+    };
     let cancel = AtomicBool::new(false);
     let mut messages = vec![Message::user(format!("{doc}\n\nWhat is this text about?"))];
     let first = e
-        .generate(&slimchat::engine::GenerateRequest { messages: messages.clone(), max_tokens: 8, sampling: greedy.clone() }, &cancel, &mut |_| {})
+        .generate(
+            &slimchat::engine::GenerateRequest {
+                messages: messages.clone(),
+                max_tokens: 8,
+                sampling: greedy.clone(),
+            },
+            &cancel,
+            &mut |_| {},
+        )
         .unwrap();
     assert_eq!(first.prefill_kind, PrefillKind::Full);
     messages.push(Message::assistant(first.text.clone()));
     messages.push(Message::user("Name one keyword it mentions."));
     let second = e
-        .generate(&slimchat::engine::GenerateRequest { messages, max_tokens: 8, sampling: greedy }, &cancel, &mut |_| {})
+        .generate(
+            &slimchat::engine::GenerateRequest {
+                messages,
+                max_tokens: 8,
+                sampling: greedy,
+            },
+            &cancel,
+            &mut |_| {},
+        )
         .unwrap();
     assert_eq!(second.prefill_kind, PrefillKind::Reused);
-    assert!(second.reused_tokens >= first.prompt_tokens, "the document's KV was reused");
-    assert!(second.prefilled_tokens < 60, "only the new turn ran: {}", second.prefilled_tokens);
+    assert!(
+        second.reused_tokens >= first.prompt_tokens,
+        "the document's KV was reused"
+    );
+    assert!(
+        second.prefilled_tokens < 60,
+        "only the new turn ran: {}",
+        second.prefilled_tokens
+    );
 }
 
 #[test]
@@ -118,6 +194,9 @@ fn a_prompt_shorter_than_one_block_prunes_nothing_and_says_so() {
     };
     let stats = e.generate(&req, &cancel, &mut |_| {}).unwrap();
     assert!(stats.prompt_tokens <= 64);
-    assert!(stats.kept_per_layer.iter().all(|&k| k == stats.kept_per_layer[0]));
+    assert!(stats
+        .kept_per_layer
+        .iter()
+        .all(|&k| k == stats.kept_per_layer[0]));
     assert!(stats.slim_note.unwrap().contains("nothing pruned"));
 }

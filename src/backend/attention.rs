@@ -62,24 +62,40 @@ pub fn attention(
     shape: AttnShape,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
-    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
     if n_kv_heads == 0 || hd == 0 || n_heads % n_kv_heads != 0 {
-        candle_core::bail!("attention: {n_heads} query heads cannot share {n_kv_heads} KV heads of size {hd}")
+        candle_core::bail!(
+            "attention: {n_heads} query heads cannot share {n_kv_heads} KV heads of size {hd}"
+        )
     }
     let (nq, nk) = (q_pos.len(), k_pos.len());
     let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
     if q.len() != nq * q_stride || out.len() != nq * q_stride {
-        candle_core::bail!("attention: q/out have {}/{} floats, want ({nq}, {q_stride})", q.len(), out.len())
+        candle_core::bail!(
+            "attention: q/out have {}/{} floats, want ({nq}, {q_stride})",
+            q.len(),
+            out.len()
+        )
     }
     if k.len() != nk * kv_stride || v.len() != nk * kv_stride {
-        candle_core::bail!("attention: k/v have {}/{} floats, want ({nk}, {kv_stride})", k.len(), v.len())
+        candle_core::bail!(
+            "attention: k/v have {}/{} floats, want ({nk}, {kv_stride})",
+            k.len(),
+            v.len()
+        )
     }
     if k_pos.windows(2).any(|w| w[0] >= w[1]) {
         candle_core::bail!("attention: key positions are not strictly increasing")
     }
     let ordered = key_ranges.windows(2).all(|w| w[0].end <= w[1].start);
     if !ordered || key_ranges.iter().any(|r| r.start > r.end || r.end > nk) {
-        candle_core::bail!("attention: key ranges {key_ranges:?} are not sorted, disjoint ranges within 0..{nk}")
+        candle_core::bail!(
+            "attention: key ranges {key_ranges:?} are not sorted, disjoint ranges within 0..{nk}"
+        )
     }
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -94,9 +110,14 @@ pub fn attention(
         let max_pos = tile_pos.iter().copied().max().unwrap_or(0);
         let keys = k_pos.partition_point(|&p| p <= max_pos);
         // visible[r]: how many keys query row r may see (keys are sorted by position)
-        let visible: Vec<usize> = tile_pos.iter().map(|&p| k_pos[..keys].partition_point(|&kp| kp <= p)).collect();
+        let visible: Vec<usize> = tile_pos
+            .iter()
+            .map(|&p| k_pos[..keys].partition_point(|&kp| kp <= p))
+            .collect();
         SCRATCH.with_borrow_mut(|scratch| {
-            let ot = tile_task(q, k, v, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch);
+            let ot = tile_task(
+                q, k, v, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch,
+            );
             for h in 0..group {
                 let head = g * group + h;
                 for r in 0..rows {
@@ -151,11 +172,21 @@ fn tile_task<'s>(
     scale: f32,
     scratch: &'s mut Scratch,
 ) -> &'s [f32] {
-    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
     let group = n_heads / n_kv_heads;
     let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
     let m = group * rows;
-    let Scratch { qt, s, ot, max, sum } = scratch;
+    let Scratch {
+        qt,
+        s,
+        ot,
+        max,
+        sum,
+    } = scratch;
     qt.resize(m * hd, 0.0);
     s.resize(m * KEY_BLOCK, 0.0);
     ot.clear();
@@ -176,7 +207,9 @@ fn tile_task<'s>(
     }
     let blocks = key_ranges.iter().flat_map(|r| {
         let end = r.end.min(keys);
-        (r.start..end).step_by(KEY_BLOCK).map(move |j0| (j0, KEY_BLOCK.min(end - j0)))
+        (r.start..end)
+            .step_by(KEY_BLOCK)
+            .map(move |j0| (j0, KEY_BLOCK.min(end - j0)))
     });
     for (j0, kb) in blocks {
         // s: (m, kb) = qt (m, hd) . K_g[j0..j0+kb]^T (hd, kb)
@@ -184,11 +217,25 @@ fn tile_task<'s>(
         // with j0 + j < keys <= nk; s holds m*KEY_BLOCK >= m*kb floats, row stride kb.
         unsafe {
             gemm::gemm(
-                m, kb, hd,
-                s.as_mut_ptr(), 1, kb as isize, false,
-                qt.as_ptr(), 1, hd as isize,
-                k.as_ptr().add(j0 * kv_stride + g * hd), kv_stride as isize, 1,
-                0.0, 1.0, false, false, false, Parallelism::None,
+                m,
+                kb,
+                hd,
+                s.as_mut_ptr(),
+                1,
+                kb as isize,
+                false,
+                qt.as_ptr(),
+                1,
+                hd as isize,
+                k.as_ptr().add(j0 * kv_stride + g * hd),
+                kv_stride as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
             );
         }
         for h in 0..group {
@@ -196,7 +243,8 @@ fn tile_task<'s>(
                 let i = h * rows + r;
                 let valid = visible[r].saturating_sub(j0).min(kb);
                 let row = &mut s[i * kb..][..kb];
-                let (new_max, new_sum, correction) = simd::softmax_block_row(row, valid, max[i], sum[i]);
+                let (new_max, new_sum, correction) =
+                    simd::softmax_block_row(row, valid, max[i], sum[i]);
                 if correction != 1.0 {
                     ot[i * hd..][..hd].iter_mut().for_each(|o| *o *= correction);
                 }
@@ -209,11 +257,25 @@ fn tile_task<'s>(
         // ot is (m, hd) row-major.
         unsafe {
             gemm::gemm(
-                m, hd, kb,
-                ot.as_mut_ptr(), 1, hd as isize, true,
-                s.as_ptr(), 1, kb as isize,
-                v.as_ptr().add(j0 * kv_stride + g * hd), 1, kv_stride as isize,
-                1.0, 1.0, false, false, false, Parallelism::None,
+                m,
+                hd,
+                kb,
+                ot.as_mut_ptr(),
+                1,
+                hd as isize,
+                true,
+                s.as_ptr(),
+                1,
+                kb as isize,
+                v.as_ptr().add(j0 * kv_stride + g * hd),
+                1,
+                kv_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
             );
         }
     }
@@ -233,7 +295,11 @@ pub fn attention_reference(
     k_pos: &[u32],
     shape: AttnShape,
 ) -> Vec<f32> {
-    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
     let group = n_heads / n_kv_heads;
     let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
     let mut out = vec![0.0f32; q_pos.len() * q_stride];
@@ -254,7 +320,8 @@ pub fn attention_reference(
             for &(j, sc) in &scores {
                 let w = (sc - max).exp() / sum;
                 for d in 0..hd {
-                    out[r * q_stride + h * hd + d] += (w * v[j * kv_stride + g * hd + d] as f64) as f32;
+                    out[r * q_stride + h * hd + d] +=
+                        (w * v[j * kv_stride + g * hd + d] as f64) as f32;
                 }
             }
         }
@@ -268,28 +335,49 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn patterned(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
     }
 
     fn check(q_pos: &[u32], k_pos: &[u32], shape: AttnShape, seed: u64) {
-        let AttnShape { n_heads, n_kv_heads, head_dim } = shape;
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape;
         let q = patterned(q_pos.len() * n_heads * head_dim, seed);
         let k = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 1);
         let v = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 2);
         let mut out = vec![f32::NAN; q.len()];
         attention(&q, q_pos, &k, &v, k_pos, &[0..k_pos.len()], shape, &mut out).unwrap();
         let want = attention_reference(&q, q_pos, &k, &v, k_pos, shape);
-        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        assert!(worst < 2e-5, "max abs error {worst} (nq {}, nk {})", q_pos.len(), k_pos.len());
+        let worst = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 2e-5,
+            "max abs error {worst} (nq {}, nk {})",
+            q_pos.len(),
+            k_pos.len()
+        );
     }
 
-    const GQA: AttnShape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    const GQA: AttnShape = AttnShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
 
     #[test]
     fn prefill_of_odd_length_matches_reference() {
@@ -306,13 +394,24 @@ mod tests {
     #[test]
     fn single_query_decode_matches_reference() {
         let k_pos: Vec<u32> = (0..77).collect();
-        check(&[76], &k_pos, AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 3);
+        check(
+            &[76],
+            &k_pos,
+            AttnShape {
+                n_heads: 4,
+                n_kv_heads: 1,
+                head_dim: 24,
+            },
+            3,
+        );
     }
 
     #[test]
     fn pruned_rows_with_gapped_positions_match_reference() {
         // kept keys and queries with holes in their positions, as after SlimInfer's row drop
-        let k_pos: Vec<u32> = (0..300).filter(|p| p % 7 != 3 && !(64..128).contains(p)).collect();
+        let k_pos: Vec<u32> = (0..300)
+            .filter(|p| p % 7 != 3 && !(64..128).contains(p))
+            .collect();
         let q_pos: Vec<u32> = k_pos.iter().copied().filter(|p| p % 3 == 0).collect();
         check(&q_pos, &k_pos, GQA, 4);
     }
@@ -330,16 +429,28 @@ mod tests {
         let mut out = vec![f32::NAN; q.len()];
         attention(&q, &q_pos, &k, &v, &k_pos, &ranges, shape, &mut out).unwrap();
         let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-        let gather = |x: &[f32]| rows.iter().flat_map(|&j| x[j * kv_dim..][..kv_dim].to_vec()).collect::<Vec<_>>();
+        let gather = |x: &[f32]| {
+            rows.iter()
+                .flat_map(|&j| x[j * kv_dim..][..kv_dim].to_vec())
+                .collect::<Vec<_>>()
+        };
         let sub_pos: Vec<u32> = rows.iter().map(|&j| k_pos[j]).collect();
         let want = attention_reference(&q, &q_pos, &gather(&k), &gather(&v), &sub_pos, shape);
-        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let worst = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(worst < 2e-5, "max abs error {worst}");
     }
 
     #[test]
     fn query_before_every_key_outputs_zero() {
-        let shape = AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 8 };
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
         let q = patterned(16, 5);
         let k = patterned(3 * 16, 6);
         let v = patterned(3 * 16, 7);
@@ -350,9 +461,33 @@ mod tests {
 
     #[test]
     fn unsorted_key_positions_are_rejected() {
-        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
+        let shape = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let mut out = vec![0.0; 4];
-        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[3, 2], &[0..2], shape, &mut out).is_err());
-        assert!(attention(&[0.0; 4], &[9], &[0.0; 8], &[0.0; 8], &[2, 3], &[1..2, 0..1], shape, &mut out).is_err());
+        assert!(attention(
+            &[0.0; 4],
+            &[9],
+            &[0.0; 8],
+            &[0.0; 8],
+            &[3, 2],
+            &[0..2],
+            shape,
+            &mut out
+        )
+        .is_err());
+        assert!(attention(
+            &[0.0; 4],
+            &[9],
+            &[0.0; 8],
+            &[0.0; 8],
+            &[2, 3],
+            &[1..2, 0..1],
+            shape,
+            &mut out
+        )
+        .is_err());
     }
 }

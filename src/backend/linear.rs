@@ -26,16 +26,20 @@ pub enum LinearMode {
 pub enum Linear {
     /// (out, in) f32 for many rows (prefill), and the quantized blocks for one row (decode)
     /// when the type has a GEMV here (Q4_1, Q8_0).
-    Dense { weights: Tensor, decode: Option<QMatrix> },
+    Dense {
+        weights: Tensor,
+        decode: Option<QMatrix>,
+    },
     Quantized(QMatMul),
 }
 
 impl Linear {
     pub fn new(weights: Arc<QTensor>, mode: LinearMode) -> candle_core::Result<Self> {
         Ok(match mode {
-            LinearMode::Dense => {
-                Self::Dense { weights: weights.dequantize(&Device::Cpu)?, decode: QMatrix::from_qtensor(&weights)? }
-            }
+            LinearMode::Dense => Self::Dense {
+                weights: weights.dequantize(&Device::Cpu)?,
+                decode: QMatrix::from_qtensor(&weights)?,
+            },
             LinearMode::Quantized => Self::Quantized(QMatMul::from_arc(weights)?),
         })
     }
@@ -43,7 +47,9 @@ impl Linear {
     /// x: (rows, in) -> (rows, out)
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense { decode: Some(q), .. } if x.dims2()?.0 == 1 => {
+            Self::Dense {
+                decode: Some(q), ..
+            } if x.dims2()?.0 == 1 => {
                 let mut out = vec![0.0f32; q.rows()];
                 with_f32(&x.contiguous()?, |x| q.gemv(x, &mut out))?;
                 Tensor::from_vec(out, (1, q.rows()), &Device::Cpu)
@@ -56,9 +62,13 @@ impl Linear {
     /// Bytes of weights this layer holds in memory.
     pub fn bytes(&self) -> usize {
         match self {
-            Self::Dense { weights, decode } => weights.elem_count() * 4 + decode.as_ref().map_or(0, QMatrix::bytes),
+            Self::Dense { weights, decode } => {
+                weights.elem_count() * 4 + decode.as_ref().map_or(0, QMatrix::bytes)
+            }
             Self::Quantized(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
-            Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
         }
     }
 }

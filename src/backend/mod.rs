@@ -15,7 +15,10 @@ use candle_core::{Device, Storage, Tensor};
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("with_f32: tensor of shape {:?} is not contiguous", t.shape())
+        candle_core::bail!(
+            "with_f32: tensor of shape {:?} is not contiguous",
+            t.shape()
+        )
     };
     match &*storage {
         Storage::Cpu(cpu) => {

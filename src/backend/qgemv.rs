@@ -49,7 +49,10 @@ impl QMatrix {
         }
         let data = t.data()?;
         if data.len() != rows * cols / QK * block_bytes {
-            candle_core::bail!("qgemv: {kind:?} tensor ({rows}, {cols}) has {} bytes", data.len())
+            candle_core::bail!(
+                "qgemv: {kind:?} tensor ({rows}, {cols}) has {} bytes",
+                data.len()
+            )
         }
         let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let n_blocks = rows * cols / QK;
@@ -84,8 +87,20 @@ impl QMatrix {
 
     /// out = W x. x: (cols), out: (rows).
     pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!(x.len(), self.cols, "qgemv: x has {} values, want {}", x.len(), self.cols);
-        assert_eq!(out.len(), self.rows, "qgemv: out has {} values, want {}", out.len(), self.rows);
+        assert_eq!(
+            x.len(),
+            self.cols,
+            "qgemv: x has {} values, want {}",
+            x.len(),
+            self.cols
+        );
+        assert_eq!(
+            out.len(),
+            self.rows,
+            "qgemv: out has {} values, want {}",
+            out.len(),
+            self.rows
+        );
         let nb = self.cols / QK;
         let qbytes = match self.kind {
             Kind::Q4_1 => 16,
@@ -94,18 +109,22 @@ impl QMatrix {
         // Q4_1's offset term needs the sum of x over each block, the same for every row.
         let block_sums: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
         const ROWS_PER_TASK: usize = 64;
-        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            for (i, o) in out.iter_mut().enumerate() {
-                let r = first + i;
-                let quants = &self.quants[r * nb * qbytes..][..nb * qbytes];
-                let scales = &self.scales[r * nb..][..nb];
-                *o = match self.kind {
-                    Kind::Q4_1 => q4_1_row_dot(quants, scales, &self.mins[r * nb..][..nb], x, &block_sums),
-                    Kind::Q8_0 => q8_0_row_dot(quants, scales, x),
-                };
-            }
-        });
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let first = task * ROWS_PER_TASK;
+                for (i, o) in out.iter_mut().enumerate() {
+                    let r = first + i;
+                    let quants = &self.quants[r * nb * qbytes..][..nb * qbytes];
+                    let scales = &self.scales[r * nb..][..nb];
+                    *o = match self.kind {
+                        Kind::Q4_1 => {
+                            q4_1_row_dot(quants, scales, &self.mins[r * nb..][..nb], x, &block_sums)
+                        }
+                        Kind::Q8_0 => q8_0_row_dot(quants, scales, x),
+                    };
+                }
+            });
     }
 
     /// The weights as f32, for tests: (rows, cols) row-major.
@@ -169,18 +188,38 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn check(dtype: GgmlDType, rows: usize, cols: usize) {
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
+            .collect();
         let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
-        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(m.dequantize(), deq, "our reading of the blocks equals candle's");
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0).collect();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            m.dequantize(),
+            deq,
+            "our reading of the blocks equals candle's"
+        );
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0)
+            .collect();
         let mut out = vec![0.0; rows];
         m.gemv(&x, &mut out);
         for r in 0..rows {
-            let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * x[c] as f64).sum();
-            assert!((out[r] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "row {r}: {} vs {want}", out[r]);
+            let want: f64 = (0..cols)
+                .map(|c| deq[r * cols + c] as f64 * x[c] as f64)
+                .sum();
+            assert!(
+                (out[r] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "row {r}: {} vs {want}",
+                out[r]
+            );
         }
     }
 

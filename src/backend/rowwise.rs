@@ -54,7 +54,8 @@ impl Rope {
         };
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
-                let base = 1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / spec.rope_dim as f64);
+                let base =
+                    1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / spec.rope_dim as f64);
                 let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64;
                 base / factor
             })
@@ -68,7 +69,13 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Self { cos, sin, half, head_dim: spec.head_dim, max_positions }
+        Self {
+            cos,
+            sin,
+            half,
+            head_dim: spec.head_dim,
+            max_positions,
+        }
     }
 
     pub fn max_positions(&self) -> usize {
@@ -83,10 +90,20 @@ impl Rope {
         }
         let width = x.len() / rows;
         if width * rows != x.len() || !width.is_multiple_of(self.head_dim) {
-            candle_core::bail!("rope: buffer of {} floats is not ({rows}, k*{})", x.len(), self.head_dim)
+            candle_core::bail!(
+                "rope: buffer of {} floats is not ({rows}, k*{})",
+                x.len(),
+                self.head_dim
+            )
         }
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.max_positions) {
-            candle_core::bail!("rope: position {p} is beyond the table of {}", self.max_positions)
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.max_positions)
+        {
+            candle_core::bail!(
+                "rope: position {p} is beyond the table of {}",
+                self.max_positions
+            )
         }
         x.par_chunks_mut(width * ROWS_PER_TASK)
             .zip(positions.par_chunks(ROWS_PER_TASK))

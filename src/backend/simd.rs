@@ -16,7 +16,9 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let l = std::f32::consts::LN_2;
     let y = f * l;
     let p = 1.0
-        + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+        + y * (1.0
+            + y * (0.5
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
     // 2^n as float bits: n + 127 is an integer in [1, 127]; adding 2^23 puts it in the low
     // mantissa bits, where a mask and a shift move it into the exponent. (A float-to-int cast
     // would be saturating in Rust and would not vectorise.)
@@ -139,14 +141,24 @@ mod tests {
                 .map(|x| ((exp_nonpositive(x) - x.exp()) / x.exp()).abs())
                 .fold(0.0f32, f32::max)
         };
-        assert!(worst_on(10) < 1e-6, "worst relative error on [-10, 0]: {}", worst_on(10));
-        assert!(worst_on(87) < 5e-6, "worst relative error on [-87, 0]: {}", worst_on(87));
+        assert!(
+            worst_on(10) < 1e-6,
+            "worst relative error on [-10, 0]: {}",
+            worst_on(10)
+        );
+        assert!(
+            worst_on(87) < 5e-6,
+            "worst relative error on [-87, 0]: {}",
+            worst_on(87)
+        );
         assert!(exp_nonpositive(-200.0) < 1e-37);
     }
 
     #[test]
     fn online_softmax_over_two_blocks_equals_softmax_of_the_row() {
-        let row: Vec<f32> = (0..40).map(|i| ((i * 37 % 11) as f32) * 0.7 - 3.0).collect();
+        let row: Vec<f32> = (0..40)
+            .map(|i| ((i * 37 % 11) as f32) * 0.7 - 3.0)
+            .collect();
         let (mut a, mut b) = (row[..25].to_vec(), row[25..].to_vec());
         let (m1, s1, _) = softmax_block_row(&mut a, 25, f32::NEG_INFINITY, 0.0);
         let (m2, s2, corr) = softmax_block_row(&mut b, 15, m1, s1);
@@ -171,7 +183,11 @@ mod tests {
         silu_mul_row(&g, &u, &mut out);
         for i in 0..g.len() {
             let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
-            assert!((out[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", out[i]);
+            assert!(
+                (out[i] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {} vs {want}",
+                out[i]
+            );
         }
     }
 }

@@ -31,17 +31,31 @@ impl LayerKv {
             return Ok(());
         }
         if k.len() != v.len() || !k.len().is_multiple_of(rows) {
-            candle_core::bail!("kv append: k {} / v {} floats for {rows} rows", k.len(), v.len())
+            candle_core::bail!(
+                "kv append: k {} / v {} floats for {rows} rows",
+                k.len(),
+                v.len()
+            )
         }
         if let Some(width) = (!self.is_empty()).then(|| self.k.len() / self.len()) {
             if k.len() / rows != width {
-                candle_core::bail!("kv append: rows of {} floats into a cache of rows of {width}", k.len() / rows)
+                candle_core::bail!(
+                    "kv append: rows of {} floats into a cache of rows of {width}",
+                    k.len() / rows
+                )
             }
         }
         let increasing = positions.windows(2).all(|w| w[0] < w[1]);
-        let continues = self.positions.last().is_none_or(|&last| last < positions[0]);
+        let continues = self
+            .positions
+            .last()
+            .is_none_or(|&last| last < positions[0]);
         if !increasing || !continues {
-            candle_core::bail!("kv append: positions must increase (last {:?}, new start {})", self.positions.last(), positions[0])
+            candle_core::bail!(
+                "kv append: positions must increase (last {:?}, new start {})",
+                self.positions.last(),
+                positions[0]
+            )
         }
         self.k.extend_from_slice(k);
         self.v.extend_from_slice(v);
@@ -73,7 +87,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers] }
+        Self {
+            layers: vec![LayerKv::default(); n_layers],
+        }
     }
 
     pub fn clear(&mut self) {
@@ -117,7 +133,9 @@ mod tests {
     #[test]
     fn truncate_from_drops_rows_at_and_after_position() {
         let mut c = KvCache::new(2);
-        c.layers[0].append(&[0.0; 3], &[0.0; 3], &[0, 1, 2]).unwrap();
+        c.layers[0]
+            .append(&[0.0; 3], &[0.0; 3], &[0, 1, 2])
+            .unwrap();
         c.layers[1].append(&[0.0; 2], &[0.0; 2], &[0, 2]).unwrap();
         c.truncate_from(2);
         assert_eq!(c.rows_per_layer(), vec![2, 1]);

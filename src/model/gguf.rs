@@ -34,7 +34,11 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = e.to_string();
-            let what = if msg.contains("magic") { "not a GGUF file (bad magic)" } else { "corrupt GGUF header" };
+            let what = if msg.contains("magic") {
+                "not a GGUF file (bad magic)"
+            } else {
+                "corrupt GGUF header"
+            };
             Error::ModelLoad(format!("{}: {what}: {}", path.display(), first_line(&msg)))
         })?;
         for (name, info) in content.tensor_infos.iter() {
@@ -49,7 +53,11 @@ impl GgufFile {
                 )));
             }
         }
-        let file = Self { path: path.to_path_buf(), content, reader };
+        let file = Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        };
         // Before the tokenizer or tensors are read, so a foreign model fails with this reason.
         file.architecture()?;
         Ok(file)
@@ -69,7 +77,13 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| Error::ModelLoad(format!("{}: tensor {name}: {}", self.path.display(), first_line(&e.to_string()))))
+            .map_err(|e| {
+                Error::ModelLoad(format!(
+                    "{}: tensor {name}: {}",
+                    self.path.display(),
+                    first_line(&e.to_string())
+                ))
+            })
     }
 
     pub fn metadata(&self, key: &str) -> Option<&Value> {
@@ -79,33 +93,56 @@ impl GgufFile {
     fn meta_u32(&self, key: &str) -> Result<Option<u32>> {
         match self.metadata(key) {
             None => Ok(None),
-            Some(v) => v.to_u32().or_else(|_| v.to_u64().map(|x| x as u32)).map(Some).map_err(|_| {
-                Error::ModelLoad(format!("{}: metadata {key} is not an integer", self.path.display()))
-            }),
+            Some(v) => v
+                .to_u32()
+                .or_else(|_| v.to_u64().map(|x| x as u32))
+                .map(Some)
+                .map_err(|_| {
+                    Error::ModelLoad(format!(
+                        "{}: metadata {key} is not an integer",
+                        self.path.display()
+                    ))
+                }),
         }
     }
 
     fn meta_f32(&self, key: &str) -> Result<Option<f32>> {
         match self.metadata(key) {
             None => Ok(None),
-            Some(v) => v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)).map(Some).map_err(|_| {
-                Error::ModelLoad(format!("{}: metadata {key} is not a number", self.path.display()))
-            }),
+            Some(v) => v
+                .to_f32()
+                .or_else(|_| v.to_f64().map(|x| x as f32))
+                .map(Some)
+                .map_err(|_| {
+                    Error::ModelLoad(format!(
+                        "{}: metadata {key} is not a number",
+                        self.path.display()
+                    ))
+                }),
         }
     }
 
     fn require_u32(&self, key: &str) -> Result<u32> {
-        self.meta_u32(key)?
-            .ok_or_else(|| Error::ModelLoad(format!("{}: missing metadata {key}", self.path.display())))
+        self.meta_u32(key)?.ok_or_else(|| {
+            Error::ModelLoad(format!("{}: missing metadata {key}", self.path.display()))
+        })
     }
 
     /// `general.architecture`, which must be one of the LLaMA family.
     pub fn architecture(&self) -> Result<String> {
         let arch = match self.metadata("general.architecture") {
             Some(v) => v.to_string().map_err(|_| {
-                Error::ModelLoad(format!("{}: metadata general.architecture is not a string", self.path.display()))
+                Error::ModelLoad(format!(
+                    "{}: metadata general.architecture is not a string",
+                    self.path.display()
+                ))
             })?,
-            None => return Err(Error::ModelLoad(format!("{}: missing metadata general.architecture", self.path.display()))),
+            None => {
+                return Err(Error::ModelLoad(format!(
+                    "{}: missing metadata general.architecture",
+                    self.path.display()
+                )))
+            }
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
             return Err(Error::ModelLoad(format!(
@@ -123,27 +160,45 @@ impl GgufFile {
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.require_u32(&k("embedding_length"))? as usize;
         let n_heads = self.require_u32(&k("attention.head_count"))? as usize;
-        let n_kv_heads = self.meta_u32(&k("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_heads);
-        if n_heads == 0 || !hidden.is_multiple_of(n_heads) || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        let n_kv_heads = self
+            .meta_u32(&k("attention.head_count_kv"))?
+            .map(|v| v as usize)
+            .unwrap_or(n_heads);
+        if n_heads == 0
+            || !hidden.is_multiple_of(n_heads)
+            || n_kv_heads == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             return Err(Error::ModelLoad(format!(
                 "{}: inconsistent heads: hidden {hidden}, {n_heads} query heads, {n_kv_heads} KV heads",
                 self.path.display()
             )));
         }
         let head_dim = hidden / n_heads;
-        let rope_dim = self.meta_u32(&k("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
+        let rope_dim = self
+            .meta_u32(&k("rope.dimension_count"))?
+            .map(|v| v as usize)
+            .unwrap_or(head_dim);
         if rope_dim == 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
             return Err(Error::ModelLoad(format!(
                 "{}: RoPE dimension {rope_dim} must be even and at most the head dimension {head_dim}",
                 self.path.display()
             )));
         }
-        let rope_scaling = match self.metadata(&k("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
-            Some(t) if t == "linear" => RopeScaling::Linear(self.meta_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0)),
+        let rope_scaling = match self
+            .metadata(&k("rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(t) if t == "linear" => {
+                RopeScaling::Linear(self.meta_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0))
+            }
             Some(t) if t == "none" => RopeScaling::None,
             None => RopeScaling::None,
             Some(t) => {
-                return Err(Error::ModelLoad(format!("{}: unsupported RoPE scaling '{t}'", self.path.display())))
+                return Err(Error::ModelLoad(format!(
+                    "{}: unsupported RoPE scaling '{t}'",
+                    self.path.display()
+                )))
             }
         };
         let n_layers = self.require_u32(&k("block_count"))? as usize;
@@ -151,7 +206,12 @@ impl GgufFile {
             Some(v) => v as usize,
             None => match self.metadata("tokenizer.ggml.tokens") {
                 Some(Value::Array(a)) => a.len(),
-                _ => return Err(Error::ModelLoad(format!("{}: cannot tell the vocabulary size", self.path.display()))),
+                _ => {
+                    return Err(Error::ModelLoad(format!(
+                        "{}: cannot tell the vocabulary size",
+                        self.path.display()
+                    )))
+                }
             },
         };
         Ok(ModelSpec {
@@ -165,7 +225,9 @@ impl GgufFile {
             rope_dim,
             rope_theta: self.meta_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
-            rms_eps: self.meta_f32(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rms_eps: self
+                .meta_f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             context_length: self.meta_u32(&k("context_length"))?.unwrap_or(4096) as usize,
             vocab_size,
         })

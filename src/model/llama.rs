@@ -35,13 +35,23 @@ impl Attention {
             wk: linear(f, &format!("blk.{i}.attn_k.weight"), mode)?,
             wv: linear(f, &format!("blk.{i}.attn_v.weight"), mode)?,
             wo: linear(f, &format!("blk.{i}.attn_output.weight"), mode)?,
-            shape: AttnShape { n_heads: spec.n_heads, n_kv_heads: spec.n_kv_heads, head_dim: spec.head_dim },
+            shape: AttnShape {
+                n_heads: spec.n_heads,
+                n_kv_heads: spec.n_kv_heads,
+                head_dim: spec.head_dim,
+            },
         })
     }
 
     /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to `kv` and
     /// returns the post-RoPE queries (rows, n_heads * hd) for the policy to score with.
-    fn forward(&self, x: &Tensor, positions: &[u32], kv: &mut LayerKv, ctx: &LayerCtx) -> Result<(Tensor, Vec<f32>)> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        positions: &[u32],
+        kv: &mut LayerKv,
+        ctx: &LayerCtx,
+    ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
         let mut q = self.wq.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
         let mut k = self.wk.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
@@ -51,7 +61,16 @@ impl Attention {
         kv.append(&k, &v, positions)?;
         let keys = ctx.policy.key_ranges(ctx.layer, kv);
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
-        attention(&q, positions, &kv.k, &kv.v, &kv.positions, &keys, self.shape, &mut out)?;
+        attention(
+            &q,
+            positions,
+            &kv.k,
+            &kv.v,
+            &kv.positions,
+            &keys,
+            self.shape,
+            &mut out,
+        )?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
 }
@@ -100,7 +119,13 @@ impl Block {
     }
 
     /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the layer's queries
-    fn forward(&self, h: &Tensor, positions: &[u32], kv: &mut LayerKv, ctx: &LayerCtx) -> Result<(Tensor, Vec<f32>)> {
+    fn forward(
+        &self,
+        h: &Tensor,
+        positions: &[u32],
+        kv: &mut LayerKv,
+        ctx: &LayerCtx,
+    ) -> Result<(Tensor, Vec<f32>)> {
         let x = norm(h, &self.attn_norm, ctx.eps)?;
         let (a, q) = self.attn.forward(&x, positions, kv, ctx)?;
         let h = (h + a)?;
@@ -129,7 +154,13 @@ pub trait LayerPolicy {
     /// Called after layer `layer` with its post-RoPE queries `q` (rows, n_heads * hd), the rows'
     /// positions and the layer's cache. Returns the indices (ascending) of the rows that go on
     /// to the next layer, or None for all of them. The last row must stay: it feeds the head.
-    fn after_layer(&mut self, _layer: usize, _q: &[f32], _positions: &[u32], _kv: &LayerKv) -> Result<Option<Vec<usize>>> {
+    fn after_layer(
+        &mut self,
+        _layer: usize,
+        _q: &[f32],
+        _positions: &[u32],
+        _kv: &LayerKv,
+    ) -> Result<Option<Vec<usize>>> {
         Ok(None)
     }
 }
@@ -144,7 +175,10 @@ fn gather_rows(h: &Tensor, positions: &mut Vec<u32>, keep: &[usize]) -> Result<T
     let rows = positions.len();
     let ascending = keep.windows(2).all(|w| w[0] < w[1]);
     if !ascending || keep.last() != Some(&(rows - 1)) {
-        return Err(Error::Engine(format!("row policy kept {} of {rows} rows without the last one, or out of order", keep.len())));
+        return Err(Error::Engine(format!(
+            "row policy kept {} of {rows} rows without the last one, or out of order",
+            keep.len()
+        )));
     }
     let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
     *positions = keep.iter().map(|&i| positions[i]).collect();
@@ -166,13 +200,24 @@ impl Llama {
     pub fn load(f: &mut GgufFile, mode: LinearMode) -> Result<Self> {
         let spec = f.spec()?;
         let embed = Arc::new(f.tensor("token_embd.weight")?);
-        let head_weights = if f.has_tensor("output.weight") { Arc::new(f.tensor("output.weight")?) } else { embed.clone() };
+        let head_weights = if f.has_tensor("output.weight") {
+            Arc::new(f.tensor("output.weight")?)
+        } else {
+            embed.clone()
+        };
         let freq_factors = if f.has_tensor("rope_freqs.weight") {
-            Some(f.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            Some(
+                f.tensor("rope_freqs.weight")?
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )
         } else {
             None
         };
-        let blocks = (0..spec.n_layers).map(|i| Block::load(f, i, &spec, mode)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..spec.n_layers)
+            .map(|i| Block::load(f, i, &spec, mode))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             rope: Rope::new(&spec, freq_factors.as_deref(), spec.context_length),
             final_norm: vector(f, "output_norm.weight", spec.hidden)?,
@@ -199,7 +244,12 @@ impl Llama {
         let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
         let mut positions = positions.to_vec(); // (rows)
         for (i, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
-            let ctx = LayerCtx { layer: i, rope: &self.rope, eps: self.spec.rms_eps, policy: &*policy };
+            let ctx = LayerCtx {
+                layer: i,
+                rope: &self.rope,
+                eps: self.spec.rms_eps,
+                policy: &*policy,
+            };
             let (out, q) = block.forward(&h, &positions, layer_kv, &ctx)?;
             h = out;
             on_layer(i, positions.len());
@@ -214,16 +264,33 @@ impl Llama {
 
     fn check_inputs(&self, tokens: &[u32], positions: &[u32], kv: &KvCache) -> Result<()> {
         if tokens.is_empty() || tokens.len() != positions.len() {
-            return Err(Error::Engine(format!("forward: {} tokens with {} positions", tokens.len(), positions.len())));
+            return Err(Error::Engine(format!(
+                "forward: {} tokens with {} positions",
+                tokens.len(),
+                positions.len()
+            )));
         }
         if kv.layers.len() != self.blocks.len() {
-            return Err(Error::Engine(format!("forward: cache has {} layers, model {}", kv.layers.len(), self.blocks.len())));
+            return Err(Error::Engine(format!(
+                "forward: cache has {} layers, model {}",
+                kv.layers.len(),
+                self.blocks.len()
+            )));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            return Err(Error::Engine(format!("forward: token id {t} is outside the vocabulary of {}", self.spec.vocab_size)));
+            return Err(Error::Engine(format!(
+                "forward: token id {t} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
         }
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.rope.max_positions()) {
-            return Err(Error::Prompt(format!("position {p} is beyond the model's context of {}", self.rope.max_positions())));
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.rope.max_positions())
+        {
+            return Err(Error::Prompt(format!(
+                "position {p} is beyond the model's context of {}",
+                self.rope.max_positions()
+            )));
         }
         Ok(())
     }
@@ -234,9 +301,16 @@ fn linear(f: &mut GgufFile, name: &str, mode: LinearMode) -> Result<Linear> {
 }
 
 fn vector(f: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
-    let v = f.tensor(name)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let v = f
+        .tensor(name)?
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     if v.len() != len {
-        return Err(Error::ModelLoad(format!("tensor {name} has {} elements, expected {len}", v.len())));
+        return Err(Error::ModelLoad(format!(
+            "tensor {name} has {} elements, expected {len}",
+            v.len()
+        )));
     }
     Ok(v)
 }

@@ -17,7 +17,14 @@
 use serde::{Deserialize, Serialize};
 
 /// Preset names accepted by `[slim] preset`.
-pub const PRESETS: [&str; 6] = ["auto", "smollm2", "llama3.1-8b", "qwen2.5-7b", "generic", "custom"];
+pub const PRESETS: [&str; 6] = [
+    "auto",
+    "smollm2",
+    "llama3.1-8b",
+    "qwen2.5-7b",
+    "generic",
+    "custom",
+];
 
 /// The `[slim]` config section: SlimInfer prompt pruning.
 ///
@@ -160,7 +167,10 @@ impl SlimConfig {
     /// Check the keys that do not depend on the model. Errors name the key: `[slim] <key> ...`.
     pub fn validate_keys(&self) -> Result<(), String> {
         if !(self.keep_ratio > 0.0 && self.keep_ratio <= 1.0) {
-            return Err(format!("[slim] keep_ratio must be in (0, 1], got {}", self.keep_ratio));
+            return Err(format!(
+                "[slim] keep_ratio must be in (0, 1], got {}",
+                self.keep_ratio
+            ));
         }
         if !PRESETS.contains(&self.preset.as_str()) {
             return Err(format!(
@@ -176,7 +186,9 @@ impl SlimConfig {
             ));
         }
         if self.preset == "custom" && self.stages.is_empty() {
-            return Err("[slim] stages must list at least one stage when preset = \"custom\"".into());
+            return Err(
+                "[slim] stages must list at least one stage when preset = \"custom\"".into(),
+            );
         }
         if self.unit_size == 0 {
             return Err("[slim] unit_size must be at least 1, got 0".into());
@@ -191,7 +203,10 @@ impl SlimConfig {
             return Err("[slim] local_window must be at least 1, got 0".into());
         }
         if !(0.0..=1.0).contains(&self.gamma) {
-            return Err(format!("[slim] gamma must be in [0, 1], got {}", self.gamma));
+            return Err(format!(
+                "[slim] gamma must be in [0, 1], got {}",
+                self.gamma
+            ));
         }
         Ok(())
     }
@@ -221,7 +236,10 @@ impl SlimConfig {
                 ));
             }
             if !(fraction > 0.0 && fraction <= 1.0) {
-                return Err(format!("{} must be in (0, 1], got {fraction}", key(i, "fraction")));
+                return Err(format!(
+                    "{} must be in (0, 1], got {fraction}",
+                    key(i, "fraction")
+                ));
             }
             if let Some((prev_layer, prev_fraction)) = prev {
                 if layer <= prev_layer {
@@ -273,7 +291,11 @@ impl SlimConfig {
             "generic" => {
                 let l = n_layers;
                 // round(L/3) and round(2L/3) in integers: floor(x + 1/2) = (6x + 3) / 6.
-                let candidates = [((2 * l + 3) / 6, 1.0), ((4 * l + 3) / 6, 0.5), (l.saturating_sub(2), 0.25)];
+                let candidates = [
+                    ((2 * l + 3) / 6, 1.0),
+                    ((4 * l + 3) / 6, 0.5),
+                    (l.saturating_sub(2), 0.25),
+                ];
                 let mut out: Vec<(usize, f32)> = Vec::with_capacity(3);
                 for (layer, fraction) in candidates {
                     let increasing = out.last().is_none_or(|&(prev, _)| layer > prev);
@@ -311,14 +333,17 @@ impl SlimConfig {
             if layer <= prev_layer || layer >= n_layers {
                 continue;
             }
-            let tokens =
-                (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64).max(self.min_keep_tokens as f64);
+            let tokens = (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64)
+                .max(self.min_keep_tokens as f64);
             // Shave a relative 1e-6 (a few f32 ulps of keep_ratio * fraction) so that budgets
             // that are whole blocks up to f32 rounding (0.1f32 * 6400 = 640.0000095) do not
             // round up to one block more.
             let blocks = ((tokens / bs as f64) * (1.0 - 1e-6)).ceil().max(0.0) as usize;
             let keep_blocks = blocks.min(prev_blocks).max(forced.min(n_blocks));
-            out.push(Stage { start_layer: layer, keep_blocks });
+            out.push(Stage {
+                start_layer: layer,
+                keep_blocks,
+            });
             prev_blocks = keep_blocks;
             prev_layer = layer;
         }
@@ -332,7 +357,10 @@ mod tests {
 
     /// The defaults at keep ratio 0.5, where the presets reproduce the paper's counts.
     fn cfg() -> SlimConfig {
-        SlimConfig { keep_ratio: 0.5, ..SlimConfig::default() }
+        SlimConfig {
+            keep_ratio: 0.5,
+            ..SlimConfig::default()
+        }
     }
 
     fn blocks(stages: &[Stage]) -> Vec<usize> {
@@ -350,7 +378,9 @@ mod tests {
     #[test]
     fn defaults_are_valid_for_common_depths() {
         for n in [1, 2, 3, 6, 12, 24, 28, 30, 32, 40, 80] {
-            cfg().validate(n).unwrap_or_else(|e| panic!("{n} layers: {e}"));
+            cfg()
+                .validate(n)
+                .unwrap_or_else(|e| panic!("{n} layers: {e}"));
         }
     }
 
@@ -370,41 +400,108 @@ mod tests {
             "preset = \"custom\"\nstages = [{ layer = 4, fraction = 0.5 }, { layer = 8, fraction = 0.25 }]",
         )
         .unwrap();
-        assert_eq!(c.stages, vec![StageConfig { layer: 4, fraction: 0.5 }, StageConfig { layer: 8, fraction: 0.25 }]);
+        assert_eq!(
+            c.stages,
+            vec![
+                StageConfig {
+                    layer: 4,
+                    fraction: 0.5
+                },
+                StageConfig {
+                    layer: 8,
+                    fraction: 0.25
+                }
+            ]
+        );
         c.validate(12).unwrap();
-        assert!(toml::from_str::<SlimConfig>("keep_ratoi = 0.5").is_err(), "unknown keys are rejected");
+        assert!(
+            toml::from_str::<SlimConfig>("keep_ratoi = 0.5").is_err(),
+            "unknown keys are rejected"
+        );
     }
 
     #[test]
     fn keep_ratio_out_of_range_names_the_key() {
         for bad in [0.0, -0.1, 1.5, f32::NAN] {
-            let e = err(&SlimConfig { keep_ratio: bad, ..cfg() }, 30);
+            let e = err(
+                &SlimConfig {
+                    keep_ratio: bad,
+                    ..cfg()
+                },
+                30,
+            );
             assert!(e.contains("[slim] keep_ratio must be in (0, 1]"), "{e}");
         }
-        assert_eq!(err(&SlimConfig { keep_ratio: 1.5, ..cfg() }, 30), "[slim] keep_ratio must be in (0, 1], got 1.5");
-        SlimConfig { keep_ratio: 1.0, ..cfg() }.validate(30).unwrap();
+        assert_eq!(
+            err(
+                &SlimConfig {
+                    keep_ratio: 1.5,
+                    ..cfg()
+                },
+                30
+            ),
+            "[slim] keep_ratio must be in (0, 1], got 1.5"
+        );
+        SlimConfig {
+            keep_ratio: 1.0,
+            ..cfg()
+        }
+        .validate(30)
+        .unwrap();
     }
 
     #[test]
     fn unknown_preset_names_the_key() {
-        let e = err(&SlimConfig { preset: "llama".into(), ..cfg() }, 30);
-        assert!(e.starts_with("[slim] preset must be one of") && e.contains("\"llama\""), "{e}");
+        let e = err(
+            &SlimConfig {
+                preset: "llama".into(),
+                ..cfg()
+            },
+            30,
+        );
+        assert!(
+            e.starts_with("[slim] preset must be one of") && e.contains("\"llama\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn stages_require_the_custom_preset_and_vice_versa() {
-        let e = err(&SlimConfig { stages: vec![StageConfig { layer: 5, fraction: 0.5 }], ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                stages: vec![StageConfig {
+                    layer: 5,
+                    fraction: 0.5,
+                }],
+                ..cfg()
+            },
+            30,
+        );
         assert!(e.starts_with("[slim] stages"), "{e}");
-        let e = err(&SlimConfig { preset: "custom".into(), ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                preset: "custom".into(),
+                ..cfg()
+            },
+            30,
+        );
         assert!(e.starts_with("[slim] stages"), "{e}");
     }
 
     #[test]
     fn preset_layers_out_of_range_name_the_preset() {
         // llama3.1-8b prunes at layer 30, which a 30-layer model does not have.
-        let e = err(&SlimConfig { preset: "llama3.1-8b".into(), ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                preset: "llama3.1-8b".into(),
+                ..cfg()
+            },
+            30,
+        );
         assert!(
-            e.contains("[slim] preset \"llama3.1-8b\"") && e.contains("must be in 1..30") && e.contains("got 30"),
+            e.contains("[slim] preset \"llama3.1-8b\"")
+                && e.contains("must be in 1..30")
+                && e.contains("got 30"),
             "{e}"
         );
     }
@@ -413,47 +510,119 @@ mod tests {
     fn custom_layers_out_of_range_name_the_stage() {
         let custom = |stages: Vec<(usize, f32)>| SlimConfig {
             preset: "custom".into(),
-            stages: stages.into_iter().map(|(layer, fraction)| StageConfig { layer, fraction }).collect(),
+            stages: stages
+                .into_iter()
+                .map(|(layer, fraction)| StageConfig { layer, fraction })
+                .collect(),
             ..cfg()
         };
         let e = err(&custom(vec![(0, 0.5)]), 30);
-        assert!(e.starts_with("[slim] stages[0].layer must be in 1..30"), "{e}");
+        assert!(
+            e.starts_with("[slim] stages[0].layer must be in 1..30"),
+            "{e}"
+        );
         let e = err(&custom(vec![(10, 0.5), (30, 0.25)]), 30);
-        assert!(e.starts_with("[slim] stages[1].layer must be in 1..30"), "{e}");
+        assert!(
+            e.starts_with("[slim] stages[1].layer must be in 1..30"),
+            "{e}"
+        );
         let e = err(&custom(vec![(10, 0.5), (10, 0.25)]), 30);
-        assert!(e.starts_with("[slim] stages[1].layer must be greater"), "{e}");
+        assert!(
+            e.starts_with("[slim] stages[1].layer must be greater"),
+            "{e}"
+        );
         let e = err(&custom(vec![(20, 0.5), (10, 0.25)]), 30);
-        assert!(e.starts_with("[slim] stages[1].layer must be greater"), "{e}");
+        assert!(
+            e.starts_with("[slim] stages[1].layer must be greater"),
+            "{e}"
+        );
         let e = err(&custom(vec![(10, 0.25), (20, 0.5)]), 30);
-        assert!(e.starts_with("[slim] stages[1].fraction must not grow"), "{e}");
+        assert!(
+            e.starts_with("[slim] stages[1].fraction must not grow"),
+            "{e}"
+        );
         for bad in [0.0, 1.5, -1.0, f32::NAN] {
             let e = err(&custom(vec![(10, bad)]), 30);
-            assert!(e.starts_with("[slim] stages[0].fraction must be in (0, 1]"), "{e}");
+            assert!(
+                e.starts_with("[slim] stages[0].fraction must be in (0, 1]"),
+                "{e}"
+            );
         }
-        custom(vec![(10, 1.0), (20, 1.0), (29, 0.1)]).validate(30).unwrap();
+        custom(vec![(10, 1.0), (20, 1.0), (29, 0.1)])
+            .validate(30)
+            .unwrap();
     }
 
     #[test]
     fn block_and_unit_sizes_must_nest() {
-        let e = err(&SlimConfig { block_size: 60, ..cfg() }, 30);
-        assert_eq!(e, "[slim] block_size must be a positive multiple of unit_size (8), got 60");
-        let e = err(&SlimConfig { block_size: 0, ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                block_size: 60,
+                ..cfg()
+            },
+            30,
+        );
+        assert_eq!(
+            e,
+            "[slim] block_size must be a positive multiple of unit_size (8), got 60"
+        );
+        let e = err(
+            &SlimConfig {
+                block_size: 0,
+                ..cfg()
+            },
+            30,
+        );
         assert!(e.starts_with("[slim] block_size"), "{e}");
-        let e = err(&SlimConfig { unit_size: 0, ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                unit_size: 0,
+                ..cfg()
+            },
+            30,
+        );
         assert!(e.starts_with("[slim] unit_size"), "{e}");
-        SlimConfig { block_size: 16, unit_size: 16, ..cfg() }.validate(30).unwrap();
+        SlimConfig {
+            block_size: 16,
+            unit_size: 16,
+            ..cfg()
+        }
+        .validate(30)
+        .unwrap();
     }
 
     #[test]
     fn local_window_and_gamma_are_checked() {
-        let e = err(&SlimConfig { local_window: 0, ..cfg() }, 30);
+        let e = err(
+            &SlimConfig {
+                local_window: 0,
+                ..cfg()
+            },
+            30,
+        );
         assert!(e.starts_with("[slim] local_window"), "{e}");
         for bad in [-0.1, 1.1, f32::NAN] {
-            let e = err(&SlimConfig { gamma: bad, ..cfg() }, 30);
+            let e = err(
+                &SlimConfig {
+                    gamma: bad,
+                    ..cfg()
+                },
+                30,
+            );
             assert!(e.starts_with("[slim] gamma must be in [0, 1]"), "{e}");
         }
-        SlimConfig { gamma: 0.0, ..cfg() }.validate(30).unwrap();
-        SlimConfig { gamma: 1.0, ..cfg() }.validate(30).unwrap();
+        SlimConfig {
+            gamma: 0.0,
+            ..cfg()
+        }
+        .validate(30)
+        .unwrap();
+        SlimConfig {
+            gamma: 1.0,
+            ..cfg()
+        }
+        .validate(30)
+        .unwrap();
     }
 
     #[test]
@@ -463,15 +632,30 @@ mod tests {
         assert_eq!(c.preset_for(32), "llama3.1-8b");
         assert_eq!(c.preset_for(28), "qwen2.5-7b");
         assert_eq!(c.preset_for(24), "generic");
-        assert_eq!(c.stage_fractions(30), vec![(10, 1.0), (20, 0.5), (28, 0.25)]);
-        assert_eq!(c.stage_fractions(32), vec![(10, 0.5), (20, 0.25), (30, 0.125)]);
-        assert_eq!(c.stage_fractions(28), vec![(9, 0.75), (18, 0.375), (26, 0.25)]);
+        assert_eq!(
+            c.stage_fractions(30),
+            vec![(10, 1.0), (20, 0.5), (28, 0.25)]
+        );
+        assert_eq!(
+            c.stage_fractions(32),
+            vec![(10, 0.5), (20, 0.25), (30, 0.125)]
+        );
+        assert_eq!(
+            c.stage_fractions(28),
+            vec![(9, 0.75), (18, 0.375), (26, 0.25)]
+        );
     }
 
     #[test]
     fn generic_preset_scales_with_depth_and_stays_increasing() {
-        let c = SlimConfig { preset: "generic".into(), ..cfg() };
-        assert_eq!(c.stage_fractions(30), vec![(10, 1.0), (20, 0.5), (28, 0.25)]);
+        let c = SlimConfig {
+            preset: "generic".into(),
+            ..cfg()
+        };
+        assert_eq!(
+            c.stage_fractions(30),
+            vec![(10, 1.0), (20, 0.5), (28, 0.25)]
+        );
         assert_eq!(c.stage_fractions(24), vec![(8, 1.0), (16, 0.5), (22, 0.25)]);
         assert_eq!(c.stage_fractions(16), vec![(5, 1.0), (11, 0.5), (14, 0.25)]);
         assert_eq!(c.stage_fractions(6), vec![(2, 1.0), (4, 0.5)]);
@@ -507,16 +691,32 @@ mod tests {
 
     #[test]
     fn keep_ratio_scales_the_budgets() {
-        let s = SlimConfig { keep_ratio: 1.0, ..cfg() }.resolve(30, 8192);
-        assert_eq!(blocks(&s), vec![128, 64, 32], "fraction 1.0 at ratio 1.0 is a no-op stage");
-        let s = SlimConfig { keep_ratio: 0.25, ..cfg() }.resolve(30, 8192);
+        let s = SlimConfig {
+            keep_ratio: 1.0,
+            ..cfg()
+        }
+        .resolve(30, 8192);
+        assert_eq!(
+            blocks(&s),
+            vec![128, 64, 32],
+            "fraction 1.0 at ratio 1.0 is a no-op stage"
+        );
+        let s = SlimConfig {
+            keep_ratio: 0.25,
+            ..cfg()
+        }
+        .resolve(30, 8192);
         assert_eq!(blocks(&s), vec![32, 16, 8]);
     }
 
     #[test]
     fn whole_block_budgets_do_not_round_up_from_f32_noise() {
         // 0.1 (f32) * 6400 is 640.0000095 in f64: exactly 10 blocks, not 11.
-        let c = SlimConfig { keep_ratio: 0.1, min_keep_tokens: 0, ..cfg() };
+        let c = SlimConfig {
+            keep_ratio: 0.1,
+            min_keep_tokens: 0,
+            ..cfg()
+        };
         assert_eq!(blocks(&c.resolve(30, 6400)), vec![10, 5, 3]);
     }
 
@@ -540,7 +740,11 @@ mod tests {
     #[test]
     fn budgets_never_drop_below_the_always_kept_blocks() {
         // 130 tokens: blocks 0 (sink), 1 and 2 (the last 4 tokens straddle 1 and 2) are forced.
-        let c = SlimConfig { keep_ratio: 0.01, min_keep_tokens: 0, ..cfg() };
+        let c = SlimConfig {
+            keep_ratio: 0.01,
+            min_keep_tokens: 0,
+            ..cfg()
+        };
         assert_eq!(blocks(&c.resolve(30, 130)), vec![3, 3, 3]);
         assert_eq!(blocks(&c.resolve(30, 64 * 100)), vec![2, 2, 2]);
     }
@@ -550,9 +754,18 @@ mod tests {
         let custom = SlimConfig {
             preset: "custom".into(),
             stages: vec![
-                StageConfig { layer: 3, fraction: 0.9 },
-                StageConfig { layer: 6, fraction: 0.9 },
-                StageConfig { layer: 9, fraction: 0.1 },
+                StageConfig {
+                    layer: 3,
+                    fraction: 0.9,
+                },
+                StageConfig {
+                    layer: 6,
+                    fraction: 0.9,
+                },
+                StageConfig {
+                    layer: 9,
+                    fraction: 0.1,
+                },
             ],
             ..cfg()
         };
@@ -563,8 +776,13 @@ mod tests {
                     let n_blocks = prompt.div_ceil(64);
                     assert!(!s.is_empty());
                     assert!(s.windows(2).all(|w| w[0].start_layer < w[1].start_layer));
-                    assert!(s.windows(2).all(|w| w[0].keep_blocks >= w[1].keep_blocks), "{s:?}");
-                    assert!(s.iter().all(|st| st.keep_blocks <= n_blocks && st.keep_blocks >= 1));
+                    assert!(
+                        s.windows(2).all(|w| w[0].keep_blocks >= w[1].keep_blocks),
+                        "{s:?}"
+                    );
+                    assert!(s
+                        .iter()
+                        .all(|st| st.keep_blocks <= n_blocks && st.keep_blocks >= 1));
                 }
             }
         }
@@ -580,7 +798,12 @@ mod tests {
 
     #[test]
     fn disabled_has_no_stages() {
-        assert!(SlimConfig { enabled: false, ..cfg() }.resolve(30, 32768).is_empty());
+        assert!(SlimConfig {
+            enabled: false,
+            ..cfg()
+        }
+        .resolve(30, 32768)
+        .is_empty());
     }
 }
 

@@ -29,8 +29,19 @@ impl HeadShape {
     }
 
     /// Panics (a caller bug) when the slices do not match the shape; returns w.
-    fn check(&self, q_window: &[f32], keys: &[f32], positions: &[u32], block_size: usize, unit_size: usize) -> usize {
-        let HeadShape { n_heads, n_kv_heads, head_dim } = *self;
+    fn check(
+        &self,
+        q_window: &[f32],
+        keys: &[f32],
+        positions: &[u32],
+        block_size: usize,
+        unit_size: usize,
+    ) -> usize {
+        let HeadShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = *self;
         assert!(
             n_heads > 0 && n_kv_heads > 0 && head_dim > 0 && n_heads.is_multiple_of(n_kv_heads),
             "slim::block_scores: bad head shape {self:?}"
@@ -82,9 +93,16 @@ pub fn block_scores(
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
-    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let HeadShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
     let (q_row, k_row, group) = (n_heads * head_dim, n_kv_heads * head_dim, shape.group());
-    debug_assert!(positions.windows(2).all(|p| p[0] < p[1]), "slim::block_scores: positions not strictly increasing");
+    debug_assert!(
+        positions.windows(2).all(|p| p[0] < p[1]),
+        "slim::block_scores: positions not strictly increasing"
+    );
 
     // q_loc: (n_heads, head_dim), the mean of the w query rows. The 1/w and the 1/n_heads of the
     // head mean are folded into one scale applied to each unit's score.
@@ -153,7 +171,11 @@ pub fn block_scores_reference(
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
-    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let HeadShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
     let group = n_heads / n_kv_heads;
 
     // q_loc[h][d] = mean over the w rows.
@@ -161,7 +183,10 @@ pub fn block_scores_reference(
         .map(|h| {
             (0..head_dim)
                 .map(|d| {
-                    (0..w).map(|t| q_window[t * n_heads * head_dim + h * head_dim + d] as f64).sum::<f64>() / w as f64
+                    (0..w)
+                        .map(|t| q_window[t * n_heads * head_dim + h * head_dim + d] as f64)
+                        .sum::<f64>()
+                        / w as f64
                 })
                 .collect()
         })
@@ -176,9 +201,11 @@ pub fn block_scores_reference(
             let kv = h / group;
             let mut dot = 0.0;
             for (d, &qd) in q.iter().enumerate() {
-                let k_mean =
-                    rows.iter().map(|&i| keys[i * n_kv_heads * head_dim + kv * head_dim + d] as f64).sum::<f64>()
-                        / rows.len() as f64;
+                let k_mean = rows
+                    .iter()
+                    .map(|&i| keys[i * n_kv_heads * head_dim + kv * head_dim + d] as f64)
+                    .sum::<f64>()
+                    / rows.len() as f64;
                 dot += qd * k_mean;
             }
             head_sum += dot.abs();
@@ -206,7 +233,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Unit id -> indices of the prompt rows in it, for the reference implementations.
-fn prompt_units(positions: &[u32], prompt_len: usize, unit_size: usize) -> std::collections::BTreeMap<usize, Vec<usize>> {
+fn prompt_units(
+    positions: &[u32],
+    prompt_len: usize,
+    unit_size: usize,
+) -> std::collections::BTreeMap<usize, Vec<usize>> {
     let mut units: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     for (i, &pos) in positions.iter().enumerate() {
         if (pos as usize) < prompt_len {
@@ -229,12 +260,19 @@ pub fn block_scores_attention_reference(
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
-    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let HeadShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
     let group = n_heads / n_kv_heads;
     let units = prompt_units(positions, prompt_len, unit_size);
     let kv_row = n_kv_heads * head_dim;
     let mean_key = |rows: &[usize], kv: usize, d: usize| {
-        rows.iter().map(|&r| keys[r * kv_row + kv * head_dim + d] as f64).sum::<f64>() / rows.len() as f64
+        rows.iter()
+            .map(|&r| keys[r * kv_row + kv * head_dim + d] as f64)
+            .sum::<f64>()
+            / rows.len() as f64
     };
     let mut blocks: BTreeMap<u32, f64> = BTreeMap::new();
     for t in 0..w {
@@ -243,14 +281,18 @@ pub fn block_scores_attention_reference(
             let logits: Vec<(usize, f64)> = units
                 .iter()
                 .map(|(&u, rows)| {
-                    let dot: f64 = (0..head_dim).map(|d| q[d] as f64 * mean_key(rows, h / group, d)).sum();
+                    let dot: f64 = (0..head_dim)
+                        .map(|d| q[d] as f64 * mean_key(rows, h / group, d))
+                        .sum();
                     (u, dot / (head_dim as f64).sqrt())
                 })
                 .collect();
             let max = logits.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
             let total: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
             for (u, l) in logits {
-                *blocks.entry((u * unit_size / block_size) as u32).or_default() += (l - max).exp() / total / (w * n_heads) as f64;
+                *blocks
+                    .entry((u * unit_size / block_size) as u32)
+                    .or_default() += (l - max).exp() / total / (w * n_heads) as f64;
             }
         }
     }
@@ -265,8 +307,22 @@ mod tests {
     fn attention_scores_match_their_reference_and_sum_to_one() {
         let mut rng = Rng(0x51A7_C0DE);
         for (shape, len) in [
-            (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 517),
-            (HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 24 }, 130),
+            (
+                HeadShape {
+                    n_heads: 9,
+                    n_kv_heads: 3,
+                    head_dim: 64,
+                },
+                517,
+            ),
+            (
+                HeadShape {
+                    n_heads: 4,
+                    n_kv_heads: 1,
+                    head_dim: 24,
+                },
+                130,
+            ),
         ] {
             let pos = positions(&mut rng, len, 7, 5);
             let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
@@ -303,17 +359,23 @@ mod tests {
         let ids = |v: &[(u32, f32)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
         assert_eq!(ids(got), ids(want), "{what}: block ids");
         for (&(b, g), &(_, r)) in got.iter().zip(want) {
-            assert!((g - r).abs() <= 1e-4 * r.abs().max(1e-3), "{what}: block {b}: got {g}, reference {r}");
+            assert!(
+                (g - r).abs() <= 1e-4 * r.abs().max(1e-3),
+                "{what}: block {b}: got {g}, reference {r}"
+            );
         }
     }
 
     /// Positions 0..len with random gaps (as after pruning some blocks / rows), then
     /// `generated` positions past `prompt_len`.
     fn positions(rng: &mut Rng, prompt_len: usize, drop_every: u64, generated: usize) -> Vec<u32> {
-        let mut p: Vec<u32> =
-            (0..prompt_len as u32).filter(|_| drop_every == 0 || rng.below(drop_every) != 0).collect();
+        let mut p: Vec<u32> = (0..prompt_len as u32)
+            .filter(|_| drop_every == 0 || rng.below(drop_every) != 0)
+            .collect();
         // Drop a few whole 64-blocks too.
-        let dropped_blocks: Vec<u32> = (0..3).map(|_| rng.below(prompt_len as u64 / 64 + 1) as u32).collect();
+        let dropped_blocks: Vec<u32> = (0..3)
+            .map(|_| rng.below(prompt_len as u64 / 64 + 1) as u32)
+            .collect();
         p.retain(|&x| !dropped_blocks.contains(&(x / 64)) || x == 0);
         p.extend((0..generated as u32).map(|g| prompt_len as u32 + 3 + g));
         p
@@ -323,14 +385,29 @@ mod tests {
     fn fast_scores_match_the_reference_on_random_inputs() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let shapes = [
-            HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 },
-            HeadShape { n_heads: 4, n_kv_heads: 1, head_dim: 13 },
-            HeadShape { n_heads: 2, n_kv_heads: 2, head_dim: 7 },
+            HeadShape {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+            },
+            HeadShape {
+                n_heads: 4,
+                n_kv_heads: 1,
+                head_dim: 13,
+            },
+            HeadShape {
+                n_heads: 2,
+                n_kv_heads: 2,
+                head_dim: 7,
+            },
         ];
         for shape in shapes {
-            for (prompt_len, drop_every, generated, w) in
-                [(1000, 0, 0, 4), (517, 5, 9, 4), (131, 2, 3, 1), (70, 0, 5, 3)]
-            {
+            for (prompt_len, drop_every, generated, w) in [
+                (1000, 0, 0, 4),
+                (517, 5, 9, 4),
+                (131, 2, 3, 1),
+                (70, 0, 5, 3),
+            ] {
                 for (block_size, unit_size) in [(64, 8), (24, 6), (8, 8)] {
                     let pos = positions(&mut rng, prompt_len, drop_every, generated);
                     let q = rng.vec(w * shape.n_heads * shape.head_dim);
@@ -340,7 +417,9 @@ mod tests {
                          block {block_size}/{unit_size}"
                     );
                     let got = block_scores(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
-                    let want = block_scores_reference(&q, &k, &pos, prompt_len, shape, block_size, unit_size);
+                    let want = block_scores_reference(
+                        &q, &k, &pos, prompt_len, shape, block_size, unit_size,
+                    );
                     assert!(!want.is_empty());
                     assert_close(&got, &want, &what);
                 }
@@ -350,14 +429,21 @@ mod tests {
 
     #[test]
     fn rows_past_prompt_len_are_not_scored() {
-        let shape = HeadShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let shape = HeadShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let mut rng = Rng(7);
         let pos: Vec<u32> = (0..200).collect();
         let q = rng.vec(4 * 8);
         let k = rng.vec(200 * 4);
         let all = block_scores(&q, &k, &pos, 200, shape, 64, 8);
         let cut = block_scores(&q, &k, &pos, 100, shape, 64, 8);
-        assert_eq!(all.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            all.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         assert_eq!(cut.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(cut[0], all[0], "block 0 is untouched by the cut");
         // Block 1 is scored only from positions 64..100 (units 8..12, the last one partial).
@@ -368,7 +454,11 @@ mod tests {
     #[test]
     fn unit_key_is_a_mean_and_block_takes_the_max_unit() {
         // One head, head_dim 1, q = 1: a unit's score is |mean of its keys|.
-        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let shape = HeadShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 1,
+        };
         let pos: Vec<u32> = (0..8).collect();
         let k = [1.0, 3.0, -2.0, -2.0, 0.5, 0.5, 0.5, 0.5]; // units of 2: |2|, |-2|, .5, .5
         let s = block_scores(&[1.0], &k, &pos, 8, shape, 4, 2);
@@ -378,7 +468,11 @@ mod tests {
     #[test]
     fn gqa_maps_query_heads_to_their_kv_head() {
         // 4 query heads over 2 KV heads, head_dim 1: heads 0,1 read kv 0; heads 2,3 read kv 1.
-        let shape = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 1 };
+        let shape = HeadShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 1,
+        };
         let q = [1.0, 1.0, 0.0, 0.0];
         let k = [5.0, 100.0]; // one row: kv0 = 5, kv1 = 100
         let s = block_scores(&q, &k, &[0], 1, shape, 8, 8);
@@ -387,7 +481,11 @@ mod tests {
 
     #[test]
     fn local_query_is_the_mean_of_the_window() {
-        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let shape = HeadShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         let q = [1.0, 0.0, 3.0, 0.0]; // mean (2, 0)
         let k = [1.0, 9.0];
         assert_eq!(block_scores(&q, &k, &[5], 6, shape, 8, 8), vec![(0, 2.0)]);
@@ -395,7 +493,11 @@ mod tests {
 
     #[test]
     fn no_prompt_rows_gives_no_scores() {
-        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let shape = HeadShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         assert!(block_scores(&[1.0, 1.0], &[], &[], 10, shape, 8, 8).is_empty());
         assert!(block_scores(&[1.0, 1.0], &[1.0, 1.0], &[10], 10, shape, 8, 8).is_empty());
     }
@@ -403,7 +505,11 @@ mod tests {
     #[test]
     #[should_panic(expected = "keys has")]
     fn mismatched_keys_are_a_caller_bug() {
-        let shape = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 };
+        let shape = HeadShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         block_scores(&[1.0, 1.0], &[1.0], &[0], 10, shape, 8, 8);
     }
 }
@@ -423,7 +529,11 @@ pub fn block_scores_attention(
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     let w = shape.check(q_window, keys, positions, block_size, unit_size);
-    let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+    let HeadShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
     let (k_row, group) = (n_kv_heads * head_dim, shape.group());
     // unit means: (n_units, k_row), with each unit's block id
     let mut unit_keys: Vec<f32> = Vec::new();
@@ -437,7 +547,9 @@ pub fn block_scores_attention(
         if pos / unit_size != cur {
             if rows > 0 {
                 let start = unit_keys.len() - k_row;
-                unit_keys[start..].iter_mut().for_each(|x| *x /= rows as f32);
+                unit_keys[start..]
+                    .iter_mut()
+                    .for_each(|x| *x /= rows as f32);
             }
             cur = pos / unit_size;
             rows = 0;
@@ -445,12 +557,17 @@ pub fn block_scores_attention(
             unit_block.push((pos / block_size) as u32);
         }
         let start = unit_keys.len() - k_row;
-        unit_keys[start..].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        unit_keys[start..]
+            .iter_mut()
+            .zip(row)
+            .for_each(|(a, &b)| *a += b);
         rows += 1;
     }
     if rows > 0 {
         let start = unit_keys.len() - k_row;
-        unit_keys[start..].iter_mut().for_each(|x| *x /= rows as f32);
+        unit_keys[start..]
+            .iter_mut()
+            .for_each(|x| *x /= rows as f32);
     }
     let n_units = unit_block.len();
     // mass: (n_heads, n_units), each head's attention averaged over the window queries
@@ -480,7 +597,8 @@ pub fn block_scores_attention(
     while u0 < n_units {
         let b = unit_block[u0];
         let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
-        let per_head = (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
+        let per_head =
+            (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
         out.push((b, per_head.sum::<f32>() / n_heads as f32));
         u0 = u1;
     }

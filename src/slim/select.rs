@@ -20,16 +20,24 @@ pub fn select_top_k(scores: &[(u32, f32)], k: usize, forced: &[u32]) -> Vec<u32>
         all.dedup();
         return all;
     }
-    let mut chosen: Vec<u32> = scores.iter().map(|&(b, _)| b).filter(|b| forced.contains(b)).collect();
+    let mut chosen: Vec<u32> = scores
+        .iter()
+        .map(|&(b, _)| b)
+        .filter(|b| forced.contains(b))
+        .collect();
     chosen.sort_unstable();
     chosen.dedup();
     let rest = k.saturating_sub(chosen.len());
     if rest > 0 {
         let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
-        let mut others: Vec<(u32, f32)> =
-            scores.iter().copied().filter(|(b, _)| chosen.binary_search(b).is_err()).collect();
+        let mut others: Vec<(u32, f32)> = scores
+            .iter()
+            .copied()
+            .filter(|(b, _)| chosen.binary_search(b).is_err())
+            .collect();
         // Highest score first; among equal scores, the lower id.
-        let by_rank = |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
+        let by_rank =
+            |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
         if rest < others.len() {
             others.select_nth_unstable_by(rest - 1, by_rank);
             others.truncate(rest);
@@ -71,8 +79,16 @@ pub fn gate(active: &mut Vec<u32>, proposal: Vec<u32>, gamma: f32) -> bool {
 /// Indices (into `positions`) of rows to keep: rows with position >= prompt_len (generated /
 /// later-turn tokens) always; prompt rows whose block id (pos / block_size) is in `blocks`
 /// (sorted).
-pub fn kept_rows(positions: &[u32], prompt_len: usize, blocks: &[u32], block_size: usize) -> Vec<usize> {
-    debug_assert!(blocks.windows(2).all(|b| b[0] < b[1]), "slim::kept_rows: blocks not sorted");
+pub fn kept_rows(
+    positions: &[u32],
+    prompt_len: usize,
+    blocks: &[u32],
+    block_size: usize,
+) -> Vec<usize> {
+    debug_assert!(
+        blocks.windows(2).all(|b| b[0] < b[1]),
+        "slim::kept_rows: blocks not sorted"
+    );
     positions
         .iter()
         .enumerate()
@@ -152,7 +168,9 @@ mod tests {
     #[test]
     fn top_k_matches_a_full_sort() {
         // A pseudo-random score list with many ties, against sort-then-take.
-        let s: Vec<(u32, f32)> = (0..300u32).map(|i| (i * 2, ((i * 7919) % 37) as f32)).collect();
+        let s: Vec<(u32, f32)> = (0..300u32)
+            .map(|i| (i * 2, ((i * 7919) % 37) as f32))
+            .collect();
         for k in [0, 1, 5, 64, 150, 299] {
             let mut sorted = s.clone();
             sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -22,8 +22,8 @@ use std::ops::Range;
 
 use crate::kv::LayerKv;
 use crate::model::llama::LayerPolicy;
-use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::schedule::ScoreKind;
+use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
 use crate::slim::select::{forced_blocks, gate, kept_rows, select_top_k};
 use crate::Result;
@@ -63,9 +63,22 @@ impl SlimSession {
         let stages = cfg
             .resolve(n_layers, prompt_len)
             .into_iter()
-            .map(|stage| StageState { stage, pool: Vec::new(), active: Vec::new(), window: VecDeque::new() })
+            .map(|stage| StageState {
+                stage,
+                pool: Vec::new(),
+                active: Vec::new(),
+                window: VecDeque::new(),
+            })
             .collect();
-        Self { cfg: cfg.clone(), shape, n_layers, prompt_len, stages, prefilling: true, swaps_this_step: 0 }
+        Self {
+            cfg: cfg.clone(),
+            shape,
+            n_layers,
+            prompt_len,
+            stages,
+            prefilling: true,
+            swaps_this_step: 0,
+        }
     }
 
     /// The resolved stages (empty when nothing is pruned).
@@ -94,12 +107,17 @@ impl SlimSession {
 
     /// The stage whose layers include `layer`.
     fn stage_of(&self, layer: usize) -> Option<&StageState> {
-        self.stages.iter().rev().find(|s| s.stage.start_layer <= layer)
+        self.stages
+            .iter()
+            .rev()
+            .find(|s| s.stage.start_layer <= layer)
     }
 
     /// Index of the stage that starts right after `layer`.
     fn boundary_after(&self, layer: usize) -> Option<usize> {
-        self.stages.iter().position(|s| s.stage.start_layer == layer + 1)
+        self.stages
+            .iter()
+            .position(|s| s.stage.start_layer == layer + 1)
     }
 
     fn score_fn(&self) -> ScoreFn {
@@ -111,7 +129,15 @@ impl SlimSession {
 
     fn score(&self, q_window: &[f32], kv: &LayerKv) -> Vec<(u32, f32)> {
         let f = self.score_fn();
-        f(q_window, &kv.k, &kv.positions, self.prompt_len, self.shape, self.cfg.block_size, self.cfg.unit_size)
+        f(
+            q_window,
+            &kv.k,
+            &kv.positions,
+            self.prompt_len,
+            self.shape,
+            self.cfg.block_size,
+            self.cfg.unit_size,
+        )
     }
 
     /// Prefill at a boundary: choose the stage's blocks and the rows that go on.
@@ -134,8 +160,13 @@ impl SlimSession {
     fn reselect(&mut self, s: usize, q: &[f32], kv: &LayerKv) {
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = self.cfg.local_window;
-        let (block_size, unit_size, prompt_len, shape, gamma) =
-            (self.cfg.block_size, self.cfg.unit_size, self.prompt_len, self.shape, self.cfg.gamma);
+        let (block_size, unit_size, prompt_len, shape, gamma) = (
+            self.cfg.block_size,
+            self.cfg.unit_size,
+            self.prompt_len,
+            self.shape,
+            self.cfg.gamma,
+        );
         let score_fn = self.score_fn();
         let st = &mut self.stages[s];
         for row in q.chunks(width) {
@@ -153,15 +184,26 @@ impl SlimSession {
             return;
         }
         let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
-        let scores: Vec<(u32, f32)> = score_fn(&q_window, &kv.k, &kv.positions, prompt_len, shape, block_size, unit_size)
-            .into_iter()
-            .filter(|(b, _)| st.pool.binary_search(b).is_ok())
-            .collect();
+        let scores: Vec<(u32, f32)> = score_fn(
+            &q_window,
+            &kv.k,
+            &kv.positions,
+            prompt_len,
+            shape,
+            block_size,
+            unit_size,
+        )
+        .into_iter()
+        .filter(|(b, _)| st.pool.binary_search(b).is_ok())
+        .collect();
         let forced = forced_blocks(prompt_len, block_size, w);
         let proposal = select_top_k(&scores, st.stage.keep_blocks, &forced);
         let before = st.active.clone();
         if gate(&mut st.active, proposal, gamma) {
-            let kept = before.iter().filter(|b| st.active.binary_search(b).is_ok()).count();
+            let kept = before
+                .iter()
+                .filter(|b| st.active.binary_search(b).is_ok())
+                .count();
             self.swaps_this_step += (before.len() - kept) + (st.active.len() - kept);
         }
     }
@@ -169,12 +211,15 @@ impl SlimSession {
 
 impl LayerPolicy for SlimSession {
     fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
-        let Some(st) = self.stage_of(layer) else { return vec![0..kv.len()] };
+        let Some(st) = self.stage_of(layer) else {
+            return vec![0..kv.len()];
+        };
         if st.active.len() >= st.pool.len() {
             return vec![0..kv.len()]; // every cached block of this stage is active
         }
         let bs = self.cfg.block_size as u32;
-        let attend = |p: u32| p as usize >= self.prompt_len || st.active.binary_search(&(p / bs)).is_ok();
+        let attend =
+            |p: u32| p as usize >= self.prompt_len || st.active.binary_search(&(p / bs)).is_ok();
         let mut ranges: Vec<Range<usize>> = Vec::new();
         for (i, &p) in kv.positions.iter().enumerate() {
             if !attend(p) {
@@ -188,8 +233,16 @@ impl LayerPolicy for SlimSession {
         ranges
     }
 
-    fn after_layer(&mut self, layer: usize, q: &[f32], positions: &[u32], kv: &LayerKv) -> Result<Option<Vec<usize>>> {
-        let Some(s) = self.boundary_after(layer) else { return Ok(None) };
+    fn after_layer(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+    ) -> Result<Option<Vec<usize>>> {
+        let Some(s) = self.boundary_after(layer) else {
+            return Ok(None);
+        };
         if self.prefilling {
             let keep = self.prune(s, q, positions, kv);
             if s + 1 == self.stages.len() {

@@ -7,13 +7,19 @@ use slimchat::model::source::ModelSource;
 
 /// Path of the default model (SmolLM2-135M-Instruct Q4_1), fetched into the cache on first use.
 pub fn default_model() -> PathBuf {
-    ModelSource::Default.resolve(&mut |_| {}).expect("the default model resolves")
+    ModelSource::Default
+        .resolve(&mut |_| {})
+        .expect("the default model resolves")
 }
 
 /// Largest |a - b| and the largest |a| over two equally long vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
     (diff, scale)
 }

@@ -143,10 +143,14 @@ impl Engine {
         let special = SpecialTokens::from_gguf(&file.content)?;
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
-        opts.slim
-            .validate(model.spec.n_layers)
-            .map_err(Error::Config)?;
+        opts.slim.check(model.spec.n_layers)?;
         let kv = KvCache::new(model.spec.n_layers);
+        let special_strings = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
         Ok(Self {
             model,
             tokenizer,
@@ -158,27 +162,14 @@ impl Engine {
             session: None,
             swaps: Vec::new(),
             last_prefill_kind: PrefillKind::Full,
-            special_strings: Vec::new(),
-        }
-        .with_special_strings())
-    }
-
-    fn with_special_strings(mut self) -> Self {
-        self.special_strings = self
-            .tokenizer
-            .get_added_tokens_decoder()
-            .into_values()
-            .filter(|t| t.special)
-            .map(|t| t.content)
-            .collect();
-        self
+            special_strings,
+        })
     }
 
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
-        slim.validate(self.model.spec.n_layers)
-            .map_err(Error::Config)?;
+        slim.check(self.model.spec.n_layers)?;
         if let Some(session) = &mut self.session {
             session.set_keep_ratio(slim.keep_ratio);
         }

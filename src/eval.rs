@@ -55,6 +55,7 @@ pub fn run(
     on_result: &mut dyn FnMut(&EvalResult),
 ) -> Result<Vec<EvalResult>> {
     let base = engine.slim_config().clone();
+    let text_tokens = engine.encode(LONG_TEXT)?;
     let mut results = Vec::new();
     for (doc_index, &length) in cfg.lengths.iter().enumerate() {
         let room = engine
@@ -69,7 +70,7 @@ pub fn run(
         };
         let length = length.min(room);
         // Each length reads a different part of the text.
-        let doc = document(engine, doc_index, length, QUESTION)?;
+        let doc = document(engine, &text_tokens, doc_index, length, QUESTION)?;
         let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
 
         // Dense reference: greedy answer and its logits at every answer position.
@@ -87,7 +88,15 @@ pub fn run(
                 logits = engine.step(t)?;
             }
         }
-        let needles_dense = needle_run(engine, &base, None, doc_index, length, cfg.depths)?;
+        let needles_dense = needle_run(
+            engine,
+            &base,
+            None,
+            &text_tokens,
+            doc_index,
+            length,
+            cfg.depths,
+        )?;
 
         for &ratio in &cfg.ratios {
             set_slim(engine, &base, Some(ratio))?;
@@ -103,8 +112,15 @@ pub fn run(
                     logits = engine.step(t)?;
                 }
             }
-            let needles_slim =
-                needle_run(engine, &base, Some(ratio), doc_index, length, cfg.depths)?;
+            let needles_slim = needle_run(
+                engine,
+                &base,
+                Some(ratio),
+                &text_tokens,
+                doc_index,
+                length,
+                cfg.depths,
+            )?;
             let n = answer.len().max(1) as f64;
             let r = EvalResult {
                 prompt_tokens: prompt.len(),
@@ -145,12 +161,17 @@ fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Resul
 
 /// About `length` tokens of prose (the chat template and `question` included), from a part of
 /// the text chosen by `index`, cut at a sentence end.
-fn document(engine: &Engine, index: usize, length: usize, question: &str) -> Result<String> {
+fn document(
+    engine: &Engine,
+    tokens: &[u32],
+    index: usize,
+    length: usize,
+    question: &str,
+) -> Result<String> {
     let overhead = engine
         .encode_chat(&[Message::user(format!("\n\n{question}"))])?
         .len()
         + 24;
-    let tokens = engine.encode(LONG_TEXT)?;
     let want = length.saturating_sub(overhead);
     let start = (index * 20_000) % tokens.len().saturating_sub(want).max(1);
     if start + want > tokens.len() {
@@ -174,6 +195,7 @@ fn needle_run(
     engine: &mut Engine,
     base: &SlimConfig,
     ratio: Option<f32>,
+    text_tokens: &[u32],
     index: usize,
     length: usize,
     depths: usize,
@@ -184,6 +206,7 @@ fn needle_run(
     let needle_len = 24;
     let doc = document(
         engine,
+        text_tokens,
         index,
         length.saturating_sub(needle_len),
         NEEDLE_QUESTION,

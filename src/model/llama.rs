@@ -55,10 +55,10 @@ impl Attention {
         let (rows, hidden) = x.dims2()?;
         let mut q = self.wq.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
         let mut k = self.wk.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
-        let v = self.wv.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
+        let v = self.wv.forward(x)?; // (rows, n_kv_heads * hd)
         ctx.rope.apply(&mut q, positions)?;
         ctx.rope.apply(&mut k, positions)?;
-        kv.append(&k, &v, positions)?;
+        with_f32(&v, |v| kv.append(&k, v, positions))??;
         let keys = ctx.policy.key_ranges(ctx.layer, kv);
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
         attention(

@@ -160,14 +160,6 @@ impl SlimSession {
     fn reselect(&mut self, s: usize, q: &[f32], kv: &LayerKv) {
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = self.cfg.local_window;
-        let (block_size, unit_size, prompt_len, shape, gamma) = (
-            self.cfg.block_size,
-            self.cfg.unit_size,
-            self.prompt_len,
-            self.shape,
-            self.cfg.gamma,
-        );
-        let score_fn = self.score_fn();
         let st = &mut self.stages[s];
         for row in q.chunks(width) {
             st.window.push_back(row.to_vec());
@@ -184,18 +176,14 @@ impl SlimSession {
             return;
         }
         let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
-        let scores: Vec<(u32, f32)> = score_fn(
-            &q_window,
-            &kv.k,
-            &kv.positions,
-            prompt_len,
-            shape,
-            block_size,
-            unit_size,
-        )
-        .into_iter()
-        .filter(|(b, _)| st.pool.binary_search(b).is_ok())
-        .collect();
+        let scores = self.score(&q_window, kv);
+        let (prompt_len, block_size, gamma) =
+            (self.prompt_len, self.cfg.block_size, self.cfg.gamma);
+        let st = &mut self.stages[s];
+        let scores: Vec<(u32, f32)> = scores
+            .into_iter()
+            .filter(|(b, _)| st.pool.binary_search(b).is_ok())
+            .collect();
         let forced = forced_blocks(prompt_len, block_size, w);
         let proposal = select_top_k(&scores, st.stage.keep_blocks, &forced);
         let before = st.active.clone();

@@ -76,6 +76,10 @@ pub struct GenStats {
     pub kept_per_layer: Vec<usize>,
     /// Active-set block changes at each decode step (all zero when the gate kept every set).
     pub blocks_swapped_per_step: Vec<usize>,
+    /// (block, stage) pairs that decode brought back after prefill had pruned them.
+    pub blocks_revived: usize,
+    /// Bytes of pruned blocks' hidden states kept so that decode can revive them.
+    pub revival_bytes: usize,
     /// Why nothing was pruned, when pruning was on but the prompt was too short.
     pub slim_note: Option<String>,
 }
@@ -377,6 +381,8 @@ impl Engine {
             prefill_kind,
             kept_per_layer,
             blocks_swapped_per_step: std::mem::take(&mut self.swaps),
+            blocks_revived: self.session.as_mut().map_or(0, SlimSession::take_revived),
+            revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
         })
     }

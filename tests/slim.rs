@@ -200,3 +200,93 @@ fn a_prompt_shorter_than_one_block_prunes_nothing_and_says_so() {
         .all(|&k| k == stats.kept_per_layer[0]));
     assert!(stats.slim_note.unwrap().contains("nothing pruned"));
 }
+
+/// One stage from `layer` on keeping `keep_ratio` of the prompt.
+fn one_stage(layer: usize, keep_ratio: f32, revive: bool) -> SlimConfig {
+    SlimConfig {
+        preset: "custom".into(),
+        stages: vec![StageConfig {
+            layer,
+            fraction: 1.0,
+        }],
+        keep_ratio,
+        min_keep_tokens: 0,
+        revive,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn raising_the_ratio_in_decode_revives_pruned_blocks_to_the_dense_result() {
+    let n = 900;
+    // pruning only in the last layer: the kept rows' K/V there are dense's (their input is), so
+    // once the pruned rows are back, that layer holds exactly the dense layer's keys
+    let mut s = engine(one_stage(29, 0.3, true));
+    let tokens = prose(&s, n);
+    let (first, _) = s.prefill(&tokens, &mut |_| {}).unwrap();
+    assert!(s.kept_per_layer()[29] < n / 2, "the stage pruned");
+    // everything fits the new budget: the next step brings every pruned block back
+    s.set_slim(one_stage(29, 1.0, true)).unwrap();
+    let t = common::argmax(&first) as u32;
+    let revived = s.step(t).unwrap();
+    assert_eq!(s.kept_per_layer(), vec![n + 1; 30]);
+    let all: Vec<u32> = (0..=n as u32).collect();
+    assert_eq!(s.layer_positions(29), all, "rows merged in position order");
+    // the revived rows entered the layer with their dense hidden states, so the step sees the
+    // dense keys and values and matches dense up to summation order
+    let mut d = engine(dense());
+    d.prefill(&tokens, &mut |_| {}).unwrap();
+    let full = d.step(t).unwrap();
+    let (diff, scale) = common::max_abs_diff(&revived, &full);
+    assert!(diff <= 2e-3 * scale, "max |Δlogit| {diff} of {scale}");
+}
+
+#[test]
+fn without_revival_a_raised_ratio_cannot_grow_pruned_layers() {
+    let n = 900;
+    let mut s = engine(one_stage(20, 0.3, false));
+    let tokens = prose(&s, n);
+    let (first, _) = s.prefill(&tokens, &mut |_| {}).unwrap();
+    let kept = s.kept_per_layer()[20];
+    s.set_slim(one_stage(20, 1.0, false)).unwrap();
+    s.step(common::argmax(&first) as u32).unwrap();
+    assert_eq!(s.kept_per_layer()[20], kept + 1, "only the new token");
+}
+
+#[test]
+fn revived_rows_carry_on_through_later_stages() {
+    let two = |keep_ratio| SlimConfig {
+        preset: "custom".into(),
+        stages: vec![
+            StageConfig {
+                layer: 12,
+                fraction: 1.0,
+            },
+            StageConfig {
+                layer: 24,
+                fraction: 0.5,
+            },
+        ],
+        keep_ratio,
+        min_keep_tokens: 0,
+        ..Default::default()
+    };
+    let n = 900;
+    let mut s = engine(two(0.4));
+    let tokens = prose(&s, n);
+    let (first, _) = s.prefill(&tokens, &mut |_| {}).unwrap();
+    let before = s.kept_per_layer();
+    assert!(before[12] < n && before[24] < before[12]);
+    s.set_slim(two(1.0)).unwrap();
+    let logits = s.step(common::argmax(&first) as u32).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let after = s.kept_per_layer();
+    // stage 1 takes everything back; stage 2 (half the prompt) takes back what it now chooses,
+    // which may include blocks that were revived one stage earlier in this same step
+    assert_eq!(&after[..24], &[n + 1; 24][..]);
+    assert!(after[24] > before[24] + 1 && after[24] <= n + 1);
+    for layer in [12, 24, 29] {
+        let p = s.layer_positions(layer);
+        assert!(p.windows(2).all(|w| w[0] < w[1]), "layer {layer} in order");
+    }
+}

@@ -24,7 +24,9 @@ impl LayerKv {
         self.positions.is_empty()
     }
 
-    /// Append rows; their positions must continue the increasing sequence.
+    /// Add rows. Rows whose positions continue the sequence are appended; rows at earlier
+    /// positions (SlimInfer reviving a pruned block in decode) are merged into place. Positions
+    /// within `positions` must increase, and none may already be cached.
     pub fn append(&mut self, k: &[f32], v: &[f32], positions: &[u32]) -> candle_core::Result<()> {
         let rows = positions.len();
         if rows == 0 {
@@ -45,21 +47,56 @@ impl LayerKv {
                 )
             }
         }
-        let increasing = positions.windows(2).all(|w| w[0] < w[1]);
+        if !positions.windows(2).all(|w| w[0] < w[1]) {
+            candle_core::bail!("kv append: new positions must increase")
+        }
         let continues = self
             .positions
             .last()
             .is_none_or(|&last| last < positions[0]);
-        if !increasing || !continues {
-            candle_core::bail!(
-                "kv append: positions must increase (last {:?}, new start {})",
-                self.positions.last(),
-                positions[0]
-            )
+        if continues {
+            self.k.extend_from_slice(k);
+            self.v.extend_from_slice(v);
+            self.positions.extend_from_slice(positions);
+            return Ok(());
         }
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
-        self.positions.extend_from_slice(positions);
+        self.merge(k, v, positions)
+    }
+
+    /// Merge rows at positions that interleave with the cached ones (one pass, O(len)).
+    fn merge(&mut self, k: &[f32], v: &[f32], positions: &[u32]) -> candle_core::Result<()> {
+        let width = k.len() / positions.len();
+        let total = self.len() + positions.len();
+        let (mut nk, mut nv) = (
+            Vec::with_capacity(total * width),
+            Vec::with_capacity(total * width),
+        );
+        let mut npos = Vec::with_capacity(total);
+        let (mut i, mut j) = (0, 0);
+        while i < self.len() || j < positions.len() {
+            let old = (i < self.len()).then(|| self.positions[i]);
+            let new = (j < positions.len()).then(|| positions[j]);
+            let (src_k, src_v, row, pos) = match (old, new) {
+                (Some(o), Some(n)) if o == n => {
+                    candle_core::bail!("kv append: position {n} is already cached")
+                }
+                (Some(o), n) if n.is_none_or(|n| o < n) => {
+                    i += 1;
+                    (&self.k[..], &self.v[..], i - 1, o)
+                }
+                (_, Some(n)) => {
+                    j += 1;
+                    (k, v, j - 1, n)
+                }
+                (_, None) => unreachable!("loop runs while rows remain"),
+            };
+            nk.extend_from_slice(&src_k[row * width..(row + 1) * width]);
+            nv.extend_from_slice(&src_v[row * width..(row + 1) * width]);
+            npos.push(pos);
+        }
+        self.k = nk;
+        self.v = nv;
+        self.positions = npos;
         Ok(())
     }
 
@@ -121,13 +158,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn append_rejects_positions_that_do_not_increase() {
+    fn append_rejects_cached_or_unordered_positions() {
         let mut l = LayerKv::default();
         l.append(&[0.0; 4], &[0.0; 4], &[0, 5]).unwrap();
         assert!(l.append(&[0.0; 2], &[0.0; 2], &[5]).is_err());
         assert!(l.append(&[0.0; 4], &[0.0; 4], &[7, 6]).is_err());
+        assert!(l.append(&[0.0; 4], &[0.0; 4], &[3, 5]).is_err());
         l.append(&[0.0; 2], &[0.0; 2], &[9]).unwrap();
         assert_eq!(l.positions, vec![0, 5, 9]);
+    }
+
+    #[test]
+    fn append_merges_earlier_positions_into_place_with_their_rows() {
+        let mut l = LayerKv::default();
+        l.append(&[0.0, 0.5, 5.0, 5.5], &[10.0, 10.5, 15.0, 15.5], &[0, 5])
+            .unwrap();
+        l.append(
+            &[2.0, 2.5, 3.0, 3.5, 7.0, 7.5],
+            &[12.0, 12.5, 13.0, 13.5, 17.0, 17.5],
+            &[2, 3, 7],
+        )
+        .unwrap();
+        assert_eq!(l.positions, vec![0, 2, 3, 5, 7]);
+        assert_eq!(l.k, vec![0.0, 0.5, 2.0, 2.5, 3.0, 3.5, 5.0, 5.5, 7.0, 7.5]);
+        assert_eq!(
+            l.v,
+            vec![10.0, 10.5, 12.0, 12.5, 13.0, 13.5, 15.0, 15.5, 17.0, 17.5]
+        );
     }
 
     #[test]

@@ -151,17 +151,35 @@ pub trait LayerPolicy {
         vec![0..kv.len()]
     }
 
-    /// Called after layer `layer` with its post-RoPE queries `q` (rows, n_heads * hd), the rows'
-    /// positions and the layer's cache. Returns the indices (ascending) of the rows that go on
-    /// to the next layer, or None for all of them. The last row must stay: it feeds the head.
+    /// Called after layer `layer` with its output `h` (rows, hidden), its post-RoPE queries `q`
+    /// (rows, n_heads * hd), the rows' positions and the layer's cache. Returns how the rows
+    /// change before the next layer, or None to keep them all.
     fn after_layer(
         &mut self,
         _layer: usize,
+        _h: &Tensor,
         _q: &[f32],
         _positions: &[u32],
         _kv: &LayerKv,
-    ) -> Result<Option<Vec<usize>>> {
+    ) -> Result<Option<RowChange>> {
         Ok(None)
+    }
+}
+
+/// How the rows change between two layers.
+#[derive(Debug)]
+pub struct RowChange {
+    /// Indices (ascending) of the rows that go on. The last row must stay: it feeds the head.
+    pub keep: Vec<usize>,
+    /// Rows that join in front of the kept ones: hidden states (n, hidden) and their ascending
+    /// positions, all below the first kept row's (SlimInfer reviving a pruned block in decode).
+    pub insert: Option<(Tensor, Vec<u32>)>,
+}
+
+impl RowChange {
+    /// Keep only rows `keep`.
+    pub fn keep(keep: Vec<usize>) -> Self {
+        Self { keep, insert: None }
     }
 }
 
@@ -183,6 +201,32 @@ fn gather_rows(h: &Tensor, positions: &mut Vec<u32>, keep: &[usize]) -> Result<T
     let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
     *positions = keep.iter().map(|&i| positions[i]).collect();
     Ok(h.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?)
+}
+
+/// Gather the kept rows, then put the inserted rows in front.
+fn apply_row_change(h: Tensor, positions: &mut Vec<u32>, change: RowChange) -> Result<Tensor> {
+    let mut h = if change.keep.len() == positions.len() {
+        h
+    } else {
+        gather_rows(&h, positions, &change.keep)?
+    };
+    if let Some((extra, extra_pos)) = change.insert {
+        let ordered = extra_pos
+            .iter()
+            .chain(positions.first())
+            .collect::<Vec<_>>()
+            .windows(2)
+            .all(|w| w[0] < w[1]);
+        if !ordered || extra.dims2()?.0 != extra_pos.len() {
+            return Err(Error::Engine(format!(
+                "row policy inserted {} rows out of order or without their positions",
+                extra_pos.len()
+            )));
+        }
+        h = Tensor::cat(&[&extra, &h], 0)?;
+        positions.splice(0..0, extra_pos);
+    }
+    Ok(h)
 }
 
 /// A loaded LLaMA-family model.
@@ -253,8 +297,8 @@ impl Llama {
             let (out, q) = block.forward(&h, &positions, layer_kv, &ctx)?;
             h = out;
             on_layer(i, positions.len());
-            if let Some(keep) = policy.after_layer(i, &q, &positions, layer_kv)? {
-                h = gather_rows(&h, &mut positions, &keep)?;
+            if let Some(change) = policy.after_layer(i, &h, &q, &positions, layer_kv)? {
+                h = apply_row_change(h, &mut positions, change)?;
             }
         }
         let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)

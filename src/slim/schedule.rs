@@ -42,6 +42,8 @@ pub const PRESETS: [&str; 6] = [
 /// unit_size = 8
 /// local_window = 32
 /// gamma = 0.9
+/// gate = "blocks"
+/// revive = true
 /// score = "attention"
 /// reprefill_followups = false
 /// ```
@@ -85,6 +87,16 @@ pub struct SlimConfig {
     /// newly proposed top-K overlaps them by at least `gamma`. `0` never swaps, `1` swaps on any
     /// change. Allowed: `[0, 1]`. Default `0.9`.
     pub gamma: f32,
+    /// What gamma measures: `"blocks"` (the paper's |proposal ∩ active| / K) or `"mass"` (the
+    /// share of the proposal's score mass that the active set already holds, so that one
+    /// high-scoring block can switch the set, which a one-block change never does under
+    /// `"blocks"` with gamma 0.9 and K ≥ 10). Default `"blocks"`: `"mass"` measured no better on
+    /// the needles of `slimchat eval` (bench/NOTES.md).
+    pub gate: GateKind,
+    /// Decode may bring back blocks that prefill pruned (LazyLLM's aux cache; see
+    /// `slim::session`). `false`: a stage only chooses among the blocks it kept in prefill.
+    /// Default `true`.
+    pub revive: bool,
     /// How blocks are scored: `"paper"` (mean over heads of |q_loc·k_unit|, max over units) or
     /// `"attention"` (each head's softmax over units; a block's score is its attention mass,
     /// averaged over heads). Default `"attention"`: on SmolLM2-135M it cut the mean KL to dense
@@ -138,6 +150,11 @@ unit_size = 8
 local_window = 32
 # Decode keeps its active blocks while a new proposal overlaps them by >= gamma, in [0, 1].
 gamma = 0.9
+# What gamma measures: "blocks" (the paper's |proposal ∩ active| / K) or "mass" (the share of
+# the proposal's score mass that the active set holds).
+gate = "blocks"
+# Decode may bring back blocks pruned in prefill (their hidden states are kept for it).
+revive = true
 # Block scoring: "attention" (each window query's per-head softmax mass over units) or
 # "paper" (mean over heads of |q_loc.k_unit|, max over units).
 score = "attention"
@@ -157,6 +174,8 @@ impl Default for SlimConfig {
             unit_size: 8,
             local_window: 32,
             gamma: 0.9,
+            gate: GateKind::Blocks,
+            revive: true,
             score: ScoreKind::Attention,
             reprefill_followups: false,
         }
@@ -815,4 +834,14 @@ pub enum ScoreKind {
     Paper,
     /// Attention mass of the block's units under each head's softmax, averaged over heads.
     Attention,
+}
+
+/// What the decode gate's gamma measures (see `slim::select`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateKind {
+    /// |proposal ∩ active| / K, the paper's overlap.
+    Blocks,
+    /// The share of the proposal's score mass inside the active set.
+    Mass,
 }

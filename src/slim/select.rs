@@ -76,6 +76,37 @@ pub fn gate(active: &mut Vec<u32>, proposal: Vec<u32>, gamma: f32) -> bool {
     true
 }
 
+/// Overlap-aware swapping weighted by score: keep `active` while it holds at least `gamma` of the
+/// score mass of `proposal` (scores of blocks missing from `scores` count as 0), else replace it.
+/// Unlike [`gate`], one high-scoring block (a fact the answer needs) can trigger a switch, while
+/// churn among low-scoring blocks at the edge of the top-K does not. Returns true when it switched.
+pub fn gate_by_mass(
+    active: &mut Vec<u32>,
+    proposal: Vec<u32>,
+    scores: &[(u32, f32)],
+    gamma: f32,
+) -> bool {
+    if proposal == *active {
+        return false;
+    }
+    let score = |b: &u32| {
+        scores
+            .iter()
+            .find(|(id, _)| id == b)
+            .map_or(0.0, |&(_, s)| if s.is_nan() { 0.0 } else { s.max(0.0) })
+    };
+    let total: f32 = proposal.iter().map(score).sum();
+    let covered: f32 = (proposal.iter())
+        .filter(|b| active.binary_search(b).is_ok())
+        .map(score)
+        .sum();
+    if !active.is_empty() && total > 0.0 && covered >= gamma * total {
+        return false;
+    }
+    *active = proposal;
+    true
+}
+
 /// Indices (into `positions`) of rows to keep: rows with position >= prompt_len (generated /
 /// later-turn tokens) always; prompt rows whose block id (pos / block_size) is in `blocks`
 /// (sorted).
@@ -118,6 +149,25 @@ pub fn forced_blocks(prompt_len: usize, block_size: usize, local_window: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mass_gate_switches_for_one_heavy_block_but_not_for_light_churn() {
+        let scores: Vec<(u32, f32)> = (0..20)
+            .map(|b| (b, if b == 7 { 0.5 } else { 0.02 }))
+            .collect();
+        let mut active: Vec<u32> = (10..20).collect();
+        // swapping one light block for another: covered 9 x 0.02 of 10 x 0.02 = 0.9
+        let light: Vec<u32> = (9..19).collect();
+        assert!(!gate_by_mass(&mut active, light, &scores, 0.9));
+        assert_eq!(active, (10..20).collect::<Vec<_>>());
+        // one heavy block (7) in the proposal: covered 0.18 of 0.68
+        let heavy: Vec<u32> = [7].into_iter().chain(11..20).collect();
+        assert!(gate_by_mass(&mut active, heavy.clone(), &scores, 0.9));
+        assert_eq!(active, heavy);
+        // the block-count gate keeps the old set for the same change (overlap 0.9)
+        let mut by_count: Vec<u32> = (10..20).collect();
+        assert!(!gate(&mut by_count, heavy, 0.9));
+    }
 
     fn scores(v: &[f32]) -> Vec<(u32, f32)> {
         v.iter().enumerate().map(|(i, &s)| (i as u32, s)).collect()

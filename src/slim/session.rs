@@ -8,24 +8,33 @@
 //! tokens, later turns) are never pruned.
 //!
 //! Decode: at the same boundaries, the newest queries join a window of the last `local_window`
-//! queries seen there; the window proposes a top-K among the blocks that have KV at that stage,
-//! and the overlap gate (gamma) decides whether the active set switches. Layers of the stage
-//! attend to the active blocks plus every token past the prompt.
+//! queries seen there; the window proposes a top-K among the stage's candidates (the blocks that
+//! have KV at the boundary layer), and the overlap gate (gamma) decides whether the active set
+//! switches. Layers of the stage attend to the active blocks plus every token past the prompt.
 //!
-//! Pruned blocks are not revived (reading (b) of sliminfer.md §1.8): a block dropped at stage s
-//! in prefill has no KV at stage s and never becomes a candidate there. The proposal can still
-//! change the active set when the budget is smaller than the candidate pool, e.g. after the
-//! person lowers the ratio and asks a follow-up that reuses the cache.
+//! Revival (reading (a) of sliminfer.md §1.8, LazyLLM's aux cache), on by default: when prefill
+//! drops a block at a stage, its hidden states at the stage's input are kept. If decode later
+//! makes the block active there, its rows rejoin the forward in front of the new token at that
+//! boundary, run through the stage's layers (attending causally to what those layers hold) and
+//! leave their KV behind; at the next boundary they leave the forward again and become that
+//! stage's candidates. Each block is revived at most once per stage. Why: on the default model a
+//! fact asked about at the end of a document is found by the answer tokens themselves (an
+//! induction pattern), after prefill has pruned its block; without revival it can never come
+//! back (bench/NOTES.md, needles). With `revive = false`, candidates are only the blocks kept in
+//! prefill (reading (b)).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
+use candle_core::{Device, Tensor};
+
+use crate::backend::with_f32;
 use crate::kv::LayerKv;
-use crate::model::llama::LayerPolicy;
-use crate::slim::schedule::ScoreKind;
+use crate::model::llama::{LayerPolicy, RowChange};
+use crate::slim::schedule::{GateKind, ScoreKind};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
-use crate::slim::select::{forced_blocks, gate, kept_rows, select_top_k};
+use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
 use crate::Result;
 
 type ScoreFn = fn(&[f32], &[f32], &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
@@ -40,6 +49,17 @@ struct StageState {
     active: Vec<u32>,
     /// The last `local_window` queries seen at the boundary layer, each (n_heads * hd).
     window: VecDeque<Vec<f32>>,
+    /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
+    /// input, by block. Filled only when revival is on.
+    aux: BTreeMap<u32, AuxBlock>,
+}
+
+/// The hidden states of one pruned block at a stage's input.
+#[derive(Debug, Clone)]
+struct AuxBlock {
+    /// (rows, hidden)
+    hidden: Vec<f32>,
+    positions: Vec<u32>,
 }
 
 /// SlimInfer's per-conversation state; lives as long as the KV cache it pruned.
@@ -55,6 +75,8 @@ pub struct SlimSession {
     prefilling: bool,
     /// Block changes (in + out) of the active sets in the current step.
     swaps_this_step: usize,
+    /// Blocks brought back (per stage) since the last `take_revived`.
+    revived: usize,
 }
 
 impl SlimSession {
@@ -68,6 +90,7 @@ impl SlimSession {
                 pool: Vec::new(),
                 active: Vec::new(),
                 window: VecDeque::new(),
+                aux: BTreeMap::new(),
             })
             .collect();
         Self {
@@ -78,6 +101,7 @@ impl SlimSession {
             stages,
             prefilling: true,
             swaps_this_step: 0,
+            revived: 0,
         }
     }
 
@@ -95,13 +119,33 @@ impl SlimSession {
         std::mem::take(&mut self.swaps_this_step)
     }
 
-    /// Apply a new keep ratio to later decode steps of this conversation. Budgets are capped at
-    /// the blocks that have KV (the pool): rows pruned in prefill have no KV to grow back into.
+    /// Take the number of (block, stage) revivals since the last call.
+    pub fn take_revived(&mut self) -> usize {
+        std::mem::take(&mut self.revived)
+    }
+
+    /// Bytes of hidden states kept for revival.
+    pub fn aux_bytes(&self) -> usize {
+        let floats: usize = (self.stages.iter())
+            .flat_map(|st| st.aux.values())
+            .map(|b| b.hidden.len())
+            .sum();
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// Apply a new keep ratio to later decode steps of this conversation. Without revival,
+    /// budgets are capped at the blocks that have KV (the pool): rows pruned in prefill have no
+    /// KV to grow back into. With it, a larger budget brings pruned blocks back.
     pub fn set_keep_ratio(&mut self, keep_ratio: f32) {
         self.cfg.keep_ratio = keep_ratio;
         let resolved = self.cfg.resolve(self.n_layers, self.prompt_len);
+        let revive = self.cfg.revive;
         for (st, new) in self.stages.iter_mut().zip(resolved) {
-            st.stage.keep_blocks = new.keep_blocks.min(st.pool.len().max(1));
+            st.stage.keep_blocks = if revive {
+                new.keep_blocks
+            } else {
+                new.keep_blocks.min(st.pool.len().max(1))
+            };
         }
     }
 
@@ -140,8 +184,16 @@ impl SlimSession {
         )
     }
 
-    /// Prefill at a boundary: choose the stage's blocks and the rows that go on.
-    fn prune(&mut self, s: usize, q: &[f32], positions: &[u32], kv: &LayerKv) -> Vec<usize> {
+    /// Prefill at a boundary: choose the stage's blocks and the rows that go on; keep the
+    /// dropped rows' hidden states for revival.
+    fn prune(
+        &mut self,
+        s: usize,
+        h: &Tensor,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+    ) -> Result<Vec<usize>> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let rows = positions.len();
         let w = self.cfg.local_window.min(rows);
@@ -149,52 +201,149 @@ impl SlimSession {
         let scores = self.score(q_window, kv);
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let blocks = select_top_k(&scores, self.stages[s].stage.keep_blocks, &forced);
+        let keep = kept_rows(positions, self.prompt_len, &blocks, self.cfg.block_size);
+        if self.cfg.revive && keep.len() < rows {
+            let dropped = complement(&keep, rows);
+            self.stages[s].aux = self.stash(h, positions, &dropped)?;
+        }
         let st = &mut self.stages[s];
         st.window = q_window.chunks(width).map(<[f32]>::to_vec).collect();
         st.pool = blocks.clone();
         st.active = blocks;
-        kept_rows(positions, self.prompt_len, &st.active, self.cfg.block_size)
+        Ok(keep)
     }
 
-    /// Decode (or a later turn) at a boundary: update the window, propose, gate.
-    fn reselect(&mut self, s: usize, q: &[f32], kv: &LayerKv) {
+    /// Hidden states of rows `rows` (ascending) of h, grouped by block.
+    fn stash(
+        &self,
+        h: &Tensor,
+        positions: &[u32],
+        rows: &[usize],
+    ) -> Result<BTreeMap<u32, AuxBlock>> {
+        let hidden = h.dims2()?.1;
+        let bs = self.cfg.block_size as u32;
+        let h = h.contiguous()?;
+        let mut out: BTreeMap<u32, AuxBlock> = BTreeMap::new();
+        with_f32(&h, |h| {
+            for &r in rows {
+                let block = out.entry(positions[r] / bs).or_insert(AuxBlock {
+                    hidden: Vec::new(),
+                    positions: Vec::new(),
+                });
+                block
+                    .hidden
+                    .extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+                block.positions.push(positions[r]);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Decode (or a later turn) at a boundary: stash rows revived at the previous stage, update
+    /// the window, propose, gate, and bring back the pruned blocks that became active.
+    fn reselect(
+        &mut self,
+        s: usize,
+        h: &Tensor,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+    ) -> Result<Option<RowChange>> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = self.cfg.local_window;
+        let prompt_len = self.prompt_len as u32;
+        // rows below prompt_len were revived at the previous stage: they stop here
+        let (arrived, keep): (Vec<usize>, Vec<usize>) =
+            (0..positions.len()).partition(|&r| positions[r] < prompt_len);
+        if !arrived.is_empty() {
+            let stashed = self.stash(h, positions, &arrived)?;
+            self.stages[s].aux.extend(stashed);
+        }
         let st = &mut self.stages[s];
-        for row in q.chunks(width) {
-            st.window.push_back(row.to_vec());
+        for &r in &keep {
+            st.window.push_back(q[r * width..(r + 1) * width].to_vec());
             while st.window.len() > w {
                 st.window.pop_front();
             }
         }
-        if st.pool.len() <= st.stage.keep_blocks {
-            // every candidate fits the budget (again, after a raised ratio): attend to all
-            if st.active.len() < st.pool.len() {
-                self.swaps_this_step += st.pool.len() - st.active.len();
-                st.active = st.pool.clone();
-            }
-            return;
-        }
         let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
-        let scores = self.score(&q_window, kv);
-        let (prompt_len, block_size, gamma) =
-            (self.prompt_len, self.cfg.block_size, self.cfg.gamma);
+        // candidates: the blocks with KV at this boundary layer
+        let mut scores = self.score(&q_window, kv);
+        let (block_size, gamma, revive) = (self.cfg.block_size, self.cfg.gamma, self.cfg.revive);
         let st = &mut self.stages[s];
-        let scores: Vec<(u32, f32)> = scores
-            .into_iter()
-            .filter(|(b, _)| st.pool.binary_search(b).is_ok())
-            .collect();
-        let forced = forced_blocks(prompt_len, block_size, w);
+        if !revive {
+            scores.retain(|(b, _)| st.pool.binary_search(b).is_ok());
+        }
+        let forced = forced_blocks(self.prompt_len, block_size, w);
         let proposal = select_top_k(&scores, st.stage.keep_blocks, &forced);
         let before = st.active.clone();
-        if gate(&mut st.active, proposal, gamma) {
+        let switched = if scores.len() <= st.stage.keep_blocks {
+            // every candidate fits the budget (again, after a raised ratio): attend to all
+            let all = proposal != st.active;
+            st.active = proposal;
+            all
+        } else {
+            match self.cfg.gate {
+                GateKind::Blocks => gate(&mut st.active, proposal, gamma),
+                GateKind::Mass => gate_by_mass(&mut st.active, proposal, &scores, gamma),
+            }
+        };
+        if switched {
             let kept = before
                 .iter()
                 .filter(|b| st.active.binary_search(b).is_ok())
                 .count();
             self.swaps_this_step += (before.len() - kept) + (st.active.len() - kept);
         }
+        let insert = self.revive_active(s)?;
+        Ok((insert.is_some() || !arrived.is_empty()).then_some(RowChange { keep, insert }))
     }
+
+    /// Move the active blocks of stage `s` that have no KV there out of the aux store and into
+    /// the pool; their rows, to run through the stage's layers.
+    fn revive_active(&mut self, s: usize) -> Result<Option<(Tensor, Vec<u32>)>> {
+        let st = &mut self.stages[s];
+        let missing: Vec<u32> = (st.active.iter())
+            .filter(|b| st.pool.binary_search(b).is_err())
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let (mut hidden, mut positions) = (Vec::new(), Vec::new());
+        for b in &missing {
+            let Some(block) = st.aux.remove(b) else {
+                continue; // a candidate with neither KV nor hidden states cannot happen; skip it
+            };
+            hidden.extend(block.hidden);
+            positions.extend(block.positions);
+            st.pool.push(*b);
+            self.revived += 1;
+        }
+        st.pool.sort_unstable();
+        st.active.retain(|b| st.pool.binary_search(b).is_ok());
+        if positions.is_empty() {
+            return Ok(None);
+        }
+        let (rows, width) = (positions.len(), hidden.len() / positions.len());
+        let hidden = Tensor::from_vec(hidden, (rows, width), &Device::Cpu)?;
+        Ok(Some((hidden, positions)))
+    }
+}
+
+/// 0..n without the ascending indices `keep`.
+fn complement(keep: &[usize], n: usize) -> Vec<usize> {
+    let mut k = keep.iter().peekable();
+    (0..n)
+        .filter(|i| {
+            if k.peek() == Some(&i) {
+                k.next();
+                false
+            } else {
+                true
+            }
+        })
+        .collect()
 }
 
 impl LayerPolicy for SlimSession {
@@ -224,22 +373,22 @@ impl LayerPolicy for SlimSession {
     fn after_layer(
         &mut self,
         layer: usize,
+        h: &Tensor,
         q: &[f32],
         positions: &[u32],
         kv: &LayerKv,
-    ) -> Result<Option<Vec<usize>>> {
+    ) -> Result<Option<RowChange>> {
         let Some(s) = self.boundary_after(layer) else {
             return Ok(None);
         };
         if self.prefilling {
-            let keep = self.prune(s, q, positions, kv);
+            let keep = self.prune(s, h, q, positions, kv)?;
             if s + 1 == self.stages.len() {
                 self.prefilling = false;
             }
-            Ok((keep.len() < positions.len()).then_some(keep))
+            Ok((keep.len() < positions.len()).then(|| RowChange::keep(keep)))
         } else {
-            self.reselect(s, q, kv);
-            Ok(None)
+            self.reselect(s, h, q, positions, kv)
         }
     }
 }

@@ -27,7 +27,7 @@ use ratatui::Terminal;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::AppConfig;
-use crate::Result;
+use crate::{Error, Result};
 
 use app::{update, App, Effect, Msg};
 use store::Store;
@@ -45,6 +45,12 @@ const SAVE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Opens the chat screen and runs it until the person quits.
 pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(Error::Usage(
+            "the chat screen needs a terminal; for a one-shot answer use `slimchat run --prompt \"...\"`".into(),
+        ));
+    }
     let store = Store::open_default()?;
     store.log(&format!("start: model {}", cfg.model.source));
     let conv = match opts.resume.as_deref() {

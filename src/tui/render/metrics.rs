@@ -116,7 +116,7 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
                 _ => String::new(),
             };
             out.push(Line::raw(format!(
-                "{} tok → {} rows{eta}",
+                "{}→{} rows{eta}",
                 thousands(tokens),
                 thousands(rows)
             )));

@@ -65,7 +65,17 @@ fn stats(text: &str) -> GenStats {
         slim: true,
         prefill_kind: PrefillKind::Full,
         kept_per_layer: (0..30)
-            .map(|l| if l < 10 { 1480 } else if l < 20 { 1036 } else if l < 28 { 518 } else { 259 })
+            .map(|l| {
+                if l < 10 {
+                    1480
+                } else if l < 20 {
+                    1036
+                } else if l < 28 {
+                    518
+                } else {
+                    259
+                }
+            })
             .collect(),
         blocks_swapped_per_step: vec![],
         slim_note: None,
@@ -120,7 +130,13 @@ fn streaming() -> App {
     let mut app = prefilling();
     update(&mut app, Msg::Tick(ms(1900)));
     prefill(&mut app, 30);
-    for t in ["The lamp ", "was lit ", "at dusk:\n", "```text\nlog: dusk\n```\n", "as the log says"] {
+    for t in [
+        "The lamp ",
+        "was lit ",
+        "at dusk:\n",
+        "```text\nlog: dusk\n```\n",
+        "as the log says",
+    ] {
         update(&mut app, Msg::Worker(WorkerEvent::Token(t.into())));
     }
     update(&mut app, Msg::Tick(ms(2400)));
@@ -186,12 +202,17 @@ fn snapshot_error() {
         &mut app,
         Msg::FileRead {
             path: "notes.bin".into(),
-            result: Err("notes.bin is not valid UTF-8 (invalid byte at offset 3); nothing attached".into()),
+            result: Err(
+                "notes.bin is not valid UTF-8 (invalid byte at offset 3); nothing attached".into(),
+            ),
         },
     );
     let s = screen(&draw(&mut app, 120, 36));
     assert!(s.contains("not valid UTF-8"), "{s}");
-    assert!(s.contains("/read notes.bin"), "the command is kept for fixing: {s}");
+    assert!(
+        s.contains("/read notes.bin"),
+        "the command is kept for fixing: {s}"
+    );
     insta::assert_snapshot!("error", s);
 }
 
@@ -207,11 +228,13 @@ fn snapshot_download_gauge() {
     app.conv.id = "0000000000000-00000".into();
     update(
         &mut app,
-        Msg::Worker(WorkerEvent::LoadProgress(slimchat::model::source::DownloadProgress {
-            what: "unpack model.gguf".into(),
-            done_bytes: 40_000_000,
-            total_bytes: Some(98_000_000),
-        })),
+        Msg::Worker(WorkerEvent::LoadProgress(
+            slimchat::model::source::DownloadProgress {
+                what: "unpack model.gguf".into(),
+                done_bytes: 40_000_000,
+                total_bytes: Some(98_000_000),
+            },
+        )),
     );
     let s = screen(&draw(&mut app, 120, 36));
     assert!(s.contains(" 41%"), "{s}");
@@ -311,12 +334,20 @@ fn keys_map_to_their_messages() {
     is(k(KeyCode::Enter, none), &app, "Submit");
     is(k(KeyCode::Enter, KeyModifiers::ALT), &app, "Newline");
     is(k(KeyCode::Enter, KeyModifiers::SHIFT), &app, "Newline");
-    is(k(KeyCode::Char('j'), KeyModifiers::CONTROL), &app, "Newline");
+    is(
+        k(KeyCode::Char('j'), KeyModifiers::CONTROL),
+        &app,
+        "Newline",
+    );
     is(k(KeyCode::Char('?'), none), &app, "ToggleHelp");
     is(k(KeyCode::Char('+'), none), &app, "RatioUp");
     is(k(KeyCode::Char('-'), none), &app, "RatioDown");
     is(k(KeyCode::Up, KeyModifiers::CONTROL), &app, "RatioUp");
-    is(k(KeyCode::Char('p'), KeyModifiers::CONTROL), &app, "TogglePruning");
+    is(
+        k(KeyCode::Char('p'), KeyModifiers::CONTROL),
+        &app,
+        "TogglePruning",
+    );
     is(k(KeyCode::F(1), none), &app, "ToggleHelp");
     is(k(KeyCode::Esc, none), &app, "Stop");
     update(&mut app, Msg::Insert('x'));
@@ -330,7 +361,9 @@ fn ratio_knob_steps_and_reaches_the_engine() {
     let before = app.slim.keep_ratio;
     let eff = update(&mut app, Msg::RatioDown);
     assert!((app.slim.keep_ratio - (before - 0.05)).abs() < 1e-6);
-    assert!(matches!(&eff[..], [Effect::Engine(EngineCmd::SetPruning(s))] if (s.keep_ratio - app.slim.keep_ratio).abs() < 1e-6));
+    assert!(
+        matches!(&eff[..], [Effect::Engine(EngineCmd::SetPruning(s))] if (s.keep_ratio - app.slim.keep_ratio).abs() < 1e-6)
+    );
     for _ in 0..40 {
         update(&mut app, Msg::RatioDown);
     }
@@ -362,7 +395,10 @@ fn stop_then_second_ctrl_c_quits() {
     assert!(!app.busy());
     let last = app.conv.messages.last().unwrap();
     assert_eq!(last.role, Role::Assistant);
-    assert!(last.content.starts_with("The lamp"), "the partial answer stays");
+    assert!(
+        last.content.starts_with("The lamp"),
+        "the partial answer stays"
+    );
 }
 
 #[test]
@@ -453,7 +489,10 @@ fn invalid_utf8_file_is_one_line_and_nothing_is_lost() {
     let path = dir.path().join("bad.txt");
     std::fs::write(&path, b"ok\xff\xfe").unwrap();
     let err = slimchat::tui::read_text(&path).unwrap_err();
-    assert!(err.contains("not valid UTF-8") && err.contains("offset 2"), "{err}");
+    assert!(
+        err.contains("not valid UTF-8") && err.contains("offset 2"),
+        "{err}"
+    );
     assert!(!err.contains('\n'));
     let good = dir.path().join("good.txt");
     std::fs::write(&good, "fine text").unwrap();
@@ -478,9 +517,16 @@ fn store_saves_lists_resumes_and_exports() {
     let md = dir.path().join("c.md");
     slimchat::tui::store::export_markdown(&back, &md).unwrap();
     let md = std::fs::read_to_string(md).unwrap();
-    assert!(md.contains("## Assistant") && md.contains("TTFT 812 ms"), "{md}");
-    store.append_metrics(&serde_json::json!({"ttft_ms": 1})).unwrap();
-    store.append_metrics(&serde_json::json!({"ttft_ms": 2})).unwrap();
+    assert!(
+        md.contains("## Assistant") && md.contains("TTFT 812 ms"),
+        "{md}"
+    );
+    store
+        .append_metrics(&serde_json::json!({"ttft_ms": 1}))
+        .unwrap();
+    store
+        .append_metrics(&serde_json::json!({"ttft_ms": 2}))
+        .unwrap();
     let lines = std::fs::read_to_string(store.metrics_path()).unwrap();
     assert_eq!(lines.lines().count(), 2);
     // No temp files are left behind by the atomic writes.

@@ -196,6 +196,19 @@ fn snapshot_help() {
 }
 
 #[test]
+fn help_lists_every_key_and_command() {
+    let mut app = loaded();
+    update(&mut app, Msg::ToggleHelp);
+    let s = screen(&draw(&mut app, 120, 40));
+    let all = slimchat::tui::input::KEYS
+        .iter()
+        .chain(slimchat::tui::app::COMMANDS);
+    for (k, d) in all {
+        assert!(s.contains(k) && s.contains(d), "help lacks {k}: {d}\n{s}");
+    }
+}
+
+#[test]
 fn snapshot_error() {
     let mut app = loaded();
     update(

@@ -169,7 +169,7 @@ fn status(f: &mut Frame, app: &App, area: Rect) {
 }
 
 fn help(f: &mut Frame, area: Rect) {
-    let w = area.width.min(80);
+    let w = area.width.min(100);
     let h = area.height.min((KEYS.len() + COMMANDS.len() + 6) as u16);
     let r = Rect::new(
         area.x + (area.width - w) / 2,

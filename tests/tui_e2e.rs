@@ -37,65 +37,20 @@ fn ui_keeps_redrawing_during_prefill() {
     let store = Store::open(dir.path()).unwrap();
     let mut cfg = AppConfig::default();
     cfg.chat.max_tokens = 8;
-    let mut app = App::new(&cfg, None);
-    let (worker, events) = Worker::spawn(&cfg);
-    let doc = document(100);
-
-    let mut sent = false;
     let mut frames: Vec<Instant> = Vec::new();
     let mut prefill_frames = 0usize;
-    let mut hook = |app: &App| -> Vec<Msg> {
-        if let Some(e) = &app.load_error {
-            panic!("model did not load: {e}");
-        }
-        if app.busy() {
+    let mut ask = vec![Msg::Paste(document(100))];
+    ask.extend(
+        "How many barrels did ship 42 carry?"
+            .chars()
+            .map(Msg::Insert),
+    );
+    ask.push(Msg::Submit);
+    let app = drive(&cfg, &store, vec![ask], &mut |app| {
+        if let Some(r) = &app.running {
             frames.push(Instant::now());
-            if app
-                .running
-                .as_ref()
-                .is_some_and(|r| r.first_token.is_none())
-            {
-                prefill_frames += 1;
-            }
+            prefill_frames += usize::from(r.first_token.is_none());
         }
-        if app.model.is_some() && !sent {
-            sent = true;
-            let mut msgs = vec![Msg::Paste(doc.clone())];
-            msgs.extend(
-                "How many barrels did ship 42 carry?"
-                    .chars()
-                    .map(Msg::Insert),
-            );
-            msgs.push(Msg::Submit);
-            return msgs;
-        }
-        if sent && !app.busy() && app.last.is_some() {
-            return vec![Msg::Quit];
-        }
-        vec![]
-    };
-    let mut terminal = Terminal::new(TestBackend::new(160, 50)).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(180),
-            slimchat::tui::run_loop(
-                &mut terminal,
-                &mut app,
-                &worker,
-                events,
-                futures_util::stream::pending(),
-                &store,
-                Duration::from_millis(50),
-                &mut hook,
-            ),
-        )
-        .await
-        .expect("the session finishes in time")
-        .unwrap();
     });
     let last = app.last.as_ref().expect("the request finished");
     assert!(
@@ -128,6 +83,78 @@ fn ui_keeps_redrawing_during_prefill() {
     assert!(std::fs::read_to_string(store.metrics_path())
         .unwrap()
         .contains("\"ttft_ms\""));
+}
+
+/// Runs the event loop on the real engine, sending each batch of `stages` once the model has
+/// loaded and the previous batch's request is done, and quitting when the last is done
+/// (or failing after three minutes).
+fn drive(
+    cfg: &AppConfig,
+    store: &Store,
+    stages: Vec<Vec<Msg>>,
+    observe: &mut dyn FnMut(&App),
+) -> App {
+    let mut app = App::new(cfg, None);
+    let (worker, events) = Worker::spawn(cfg);
+    let mut stages = stages.into_iter();
+    let mut hook = |app: &App| -> Vec<Msg> {
+        if let Some(e) = &app.load_error {
+            panic!("model did not load: {e}");
+        }
+        observe(app);
+        if app.model.is_none() || app.busy() {
+            return vec![];
+        }
+        stages.next().unwrap_or_else(|| vec![Msg::Quit])
+    };
+    let mut terminal = Terminal::new(TestBackend::new(160, 50)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            slimchat::tui::run_loop(
+                &mut terminal,
+                &mut app,
+                &worker,
+                events,
+                futures_util::stream::pending(),
+                store,
+                Duration::from_millis(50),
+                &mut hook,
+            ),
+        )
+        .await
+        .expect("the session finishes in time")
+        .unwrap();
+    });
+    app
+}
+
+#[test]
+fn compare_runs_dense_and_pruned_from_an_empty_cache() {
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut cfg = AppConfig::default();
+    cfg.chat.max_tokens = 6;
+    let mut ask = vec![Msg::Paste(document(30))];
+    ask.extend("Which ship carried 70 barrels?".chars().map(Msg::Insert));
+    ask.push(Msg::Submit);
+    let app = drive(&cfg, &store, vec![ask, vec![Msg::Compare]], &mut |_| {});
+    assert_eq!(app.conv.messages.len(), 3, "{:?}", app.status);
+    let note = app.conv.messages.last().unwrap();
+    let c = note.comparison.as_ref().expect("a comparison");
+    assert!(c.dense_ttft_ms > 0.0 && c.slim_ttft_ms > 0.0, "{c:?}");
+    assert!(!c.dense.is_empty() && !c.slim.is_empty(), "{c:?}");
+    eprintln!(
+        "compare: dense {:.0} ms, pruned {:.0} ms",
+        c.dense_ttft_ms, c.slim_ttft_ms
+    );
+    let saved = store.latest().unwrap().unwrap();
+    assert!(saved.messages[2].comparison.is_some());
 }
 
 /// A private tmux server, killed when dropped.

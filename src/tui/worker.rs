@@ -112,12 +112,12 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// Stops the running request and tells the thread to end, without waiting for it: a
+    /// prefill or a download in progress must not hold up quitting.
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
         let _ = self.cmds.send(EngineCmd::Quit);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        drop(self.thread.take());
     }
 }
 

@@ -18,6 +18,14 @@ use slimchat::tui::app::{App, Msg};
 use slimchat::tui::store::{Role, Store};
 use slimchat::tui::worker::Worker;
 
+/// The tests here each run the model (and one times frames): one at a time, so they do not
+/// fight over the cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// About `n` sentences of ~20 tokens each.
 fn document(n: usize) -> String {
     (1..=n)
@@ -32,6 +40,7 @@ fn document(n: usize) -> String {
 
 #[test]
 fn ui_keeps_redrawing_during_prefill() {
+    let _serial = serial();
     let _ = common::default_model();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -135,6 +144,7 @@ fn drive(
 
 #[test]
 fn compare_runs_dense_and_pruned_from_an_empty_cache() {
+    let _serial = serial();
     let _ = common::default_model();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -259,6 +269,7 @@ fn tmux_session() {
         eprintln!("SKIPPED tmux_session: tmux is not installed");
         return;
     }
+    let _serial = serial();
     let _ = common::default_model();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

@@ -332,6 +332,20 @@ fn tmux_session() {
     assert!(s.contains("keep 0.65"), "{s}");
     eprintln!("TTFTs on screen: {:?}\n{s}", ttfts(&s));
 
+    // Shrink to 20x6: the guard; back to 160x50: the whole screen again.
+    assert!(tmux
+        .run(&["resize-window", "-t", "e2e", "-x", "20", "-y", "6"])
+        .status
+        .success());
+    tmux.wait("the size guard", 10, |s| s.contains("terminal too"));
+    assert!(tmux
+        .run(&["resize-window", "-t", "e2e", "-x", "160", "-y", "50"])
+        .status
+        .success());
+    tmux.wait("the full screen", 10, |s| {
+        s.contains("Metrics") && ttfts(s).len() == 2
+    });
+
     // Quit (Ctrl+C when idle), then resume.
     tmux.keys(&["C-c"]);
     let until = Instant::now() + Duration::from_secs(15);

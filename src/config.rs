@@ -18,6 +18,7 @@ pub struct AppConfig {
     pub chat: ChatConfig,
     pub sampling: SamplingConfig,
     pub slim: SlimConfig,
+    pub tui: TuiConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -59,6 +60,27 @@ impl Default for ChatConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TuiConfig {
+    /// Redraw interval of the chat screen while an answer runs, in milliseconds.
+    pub tick_ms: u64,
+    /// Pastes of at least this many characters show as one chip instead of filling the input.
+    pub paste_chip_chars: usize,
+    /// Capture the mouse (wheel scrolls the transcript; the terminal's own selection needs Shift).
+    pub mouse: bool,
+}
+
+impl Default for TuiConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 50,
+            paste_chip_chars: 800,
+            mouse: true,
+        }
+    }
+}
+
 impl AppConfig {
     /// Parse TOML text; any error (syntax, unknown key, bad value) is one line.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
@@ -70,6 +92,11 @@ impl AppConfig {
         cfg.slim
             .validate_keys()
             .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        if !(10..=1000).contains(&cfg.tui.tick_ms) {
+            return Err(Error::Config(format!(
+                "{origin}: [tui] tick_ms must be between 10 and 1000"
+            )));
+        }
         if cfg.chat.max_tokens == 0 {
             return Err(Error::Config(format!(
                 "{origin}: [chat] max_tokens must be at least 1"

@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod slim;
+pub mod tui;
 
 pub use error::{Error, Result};

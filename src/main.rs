@@ -1,4 +1,5 @@
-//! The `slimchat` command line: `run` (headless one-shot answer), `bench` and `eval`.
+//! The `slimchat` command line: the chat screen (no subcommand), `run` (headless one-shot
+//! answer), `bench` and `eval`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -27,6 +28,12 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     common: Common,
+    /// Chat screen: reopen the latest saved conversation, or the one with this id
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "latest")]
+    resume: Option<String>,
+    /// List saved conversations (ids for --resume) and exit
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Args, Clone)]
@@ -179,16 +186,19 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Run(args)) => run(&cfg, args),
         Some(Command::Bench(args)) => {
-            let modes = if cli.common.slim == Some(true) { vec![Mode::Dense, Mode::Slim] } else { vec![Mode::Dense] };
+            let modes = if cli.common.slim == Some(true) {
+                vec![Mode::Dense, Mode::Slim]
+            } else {
+                vec![Mode::Dense]
+            };
             if cli.common.keep.is_some() && modes.len() == 1 {
                 eprintln!("slimchat: --keep has no effect on a dense-only bench; add --slim");
             }
             run_bench(&cfg, args, modes)
         }
         Some(Command::Eval(args)) => run_eval(&cfg, args),
-        None => {
-            Err(Error::Usage("no subcommand given: the chat screen is not built yet; try `slimchat run --prompt \"...\"` or `slimchat --help`".into()))
-        }
+        None if cli.list => slimchat::tui::list(&mut std::io::stdout().lock()),
+        None => slimchat::tui::run(&cfg, &slimchat::tui::TuiOptions { resume: cli.resume }),
     }
 }
 

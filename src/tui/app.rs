@@ -1,0 +1,803 @@
+//! The chat screen's state and `update`, which turns one [`Msg`] into a new state plus the
+//! [`Effect`]s the event loop must carry out (engine commands, saves, file reads). No I/O and no
+//! clock here: time arrives as `Msg::Tick`, so every state can be rebuilt in a test.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::AppConfig;
+use crate::engine::{GenStats, GenerateRequest};
+use crate::model::source::DownloadProgress;
+use crate::model::template::{Message, Role as TemplateRole};
+use crate::sampling::SamplingConfig;
+use crate::slim::schedule::SlimConfig;
+
+use super::editor::Editor;
+use super::store::{Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics};
+use super::worker::{EngineCmd, WorkerEvent};
+
+/// Slash commands, for the help overlay.
+pub const COMMANDS: &[(&str, &str)] = &[
+    (
+        "/read PATH",
+        "attach a UTF-8 text file (sent with the next message)",
+    ),
+    ("/system TEXT", "set the system prompt (empty: show it)"),
+    (
+        "/clear",
+        "start a new conversation (the old one stays saved)",
+    ),
+    ("/regen", "answer the last question again"),
+    (
+        "/compare",
+        "re-run the last question dense and pruned, side by side",
+    ),
+    ("/export PATH", "write the conversation as Markdown"),
+    ("/help", "this help"),
+    ("/quit", "leave (the conversation is saved)"),
+];
+
+/// Step of the keep-ratio knob.
+pub const RATIO_STEP: f32 = 0.05;
+
+/// Everything that can change the screen's state.
+#[derive(Debug, Clone)]
+pub enum Msg {
+    /// Time since the screen started (drives the TTFT clock and the ETA).
+    Tick(Duration),
+    Worker(WorkerEvent),
+    Insert(char),
+    Paste(String),
+    Newline,
+    Backspace,
+    Delete,
+    Left,
+    Right,
+    Up,
+    Down,
+    Home,
+    End,
+    KillLine,
+    Submit,
+    /// Esc: stop the answer, else close the help or the message.
+    Stop,
+    /// Ctrl+C: stop the answer; a second one (or one while idle) quits.
+    Interrupt,
+    Quit,
+    ScrollUp(usize),
+    ScrollDown(usize),
+    PageUp,
+    PageDown,
+    ScrollBottom,
+    ToggleHelp,
+    RatioUp,
+    RatioDown,
+    TogglePruning,
+    Regenerate,
+    Compare,
+    ToggleChips,
+    /// The result of an `Effect::ReadFile`.
+    FileRead {
+        path: PathBuf,
+        result: Result<String, String>,
+    },
+    /// A save or a write failed.
+    IoError(String),
+    /// The result of an `Effect::Export`.
+    Exported {
+        path: PathBuf,
+        result: Result<(), String>,
+    },
+}
+
+/// What the event loop must do after an update.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Engine(EngineCmd),
+    /// Save the conversation now.
+    Save,
+    /// Append one line to metrics.jsonl.
+    Metrics(serde_json::Value),
+    ReadFile(PathBuf),
+    Export(PathBuf),
+}
+
+/// Model facts, known once it has loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub context_length: usize,
+    pub n_layers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Chat,
+    Compare,
+}
+
+/// The request in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    pub kind: RequestKind,
+    /// Clock value when it was sent.
+    pub started: Duration,
+    /// Clock value at the first answer text.
+    pub first_token: Option<Duration>,
+    /// (layers done, layers, prompt tokens, rows in the last layer) of the current prefill.
+    pub prefill: Option<(usize, usize, usize, usize)>,
+    /// Clock value of the current prefill's first progress report.
+    pub prefill_started: Option<Duration>,
+    pub tokens: usize,
+    pub stopping: bool,
+}
+
+/// Numbers of the last finished request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LastStats {
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub kv_bytes: usize,
+    pub rss_bytes: u64,
+    pub kept_per_layer: Vec<usize>,
+    pub slim: bool,
+}
+
+/// A one-line message at the bottom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub text: String,
+    pub error: bool,
+}
+
+/// What the last draw learned about the layout (the loop copies it in after each draw).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct View {
+    pub max_scroll: usize,
+    pub page: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub conv: Conversation,
+    pub editor: Editor,
+    /// Pasted texts and attached files waiting to be sent with the next message.
+    pub chips: Vec<Attachment>,
+    /// Show the text of chips and attachments instead of one line each.
+    pub expanded: bool,
+    pub model: Option<ModelInfo>,
+    /// Download progress while the model loads.
+    pub loading: Option<DownloadProgress>,
+    pub load_error: Option<String>,
+    pub running: Option<Running>,
+    pub last: Option<LastStats>,
+    pub status: Option<Status>,
+    pub help: bool,
+    /// Lines scrolled up from the bottom of the transcript (0 = follow the answer).
+    pub scroll: usize,
+    pub view: View,
+    pub clock: Duration,
+    pub slim: SlimConfig,
+    pub sampling: SamplingConfig,
+    pub max_tokens: usize,
+    /// Pastes at least this long become a chip.
+    pub chip_chars: usize,
+    pub quit: bool,
+    /// The conversation changed since the last save (set while streaming).
+    pub dirty: bool,
+    ctrl_c_armed: bool,
+}
+
+/// About how many tokens `chars` characters of text make (4 chars a token for English).
+pub fn estimate_tokens(chars: usize) -> usize {
+    chars.div_ceil(4)
+}
+
+/// `12345` as `12,345`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The one-line label of a chip: `pasted 41,203 chars · ~10,301 tokens`.
+pub fn chip_label(a: &Attachment) -> String {
+    let chars = a.text.chars().count();
+    format!(
+        "{} {} chars · ~{} tokens",
+        a.label,
+        thousands(chars),
+        thousands(estimate_tokens(chars))
+    )
+}
+
+impl App {
+    pub fn new(cfg: &AppConfig, conv: Option<Conversation>) -> Self {
+        let conv = conv.unwrap_or_else(|| Conversation::new(cfg.chat.system_prompt.clone()));
+        Self {
+            conv,
+            editor: Editor::default(),
+            chips: Vec::new(),
+            expanded: false,
+            model: None,
+            loading: None,
+            load_error: None,
+            running: None,
+            last: None,
+            status: None,
+            help: false,
+            scroll: 0,
+            view: View::default(),
+            clock: Duration::ZERO,
+            slim: cfg.slim.clone(),
+            sampling: cfg.sampling.clone(),
+            max_tokens: cfg.chat.max_tokens,
+            chip_chars: cfg.tui.paste_chip_chars,
+            quit: false,
+            dirty: false,
+            ctrl_c_armed: false,
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Tokens in the cache after the last request (prompt plus answer).
+    pub fn context_used(&self) -> usize {
+        self.last
+            .as_ref()
+            .map_or(0, |l| l.prompt_tokens + l.generated_tokens)
+    }
+
+    /// Estimated tokens the next message adds (typed text and chips, plus the turn markup).
+    pub fn pending_tokens(&self) -> usize {
+        let chars: usize = self.editor.text().chars().count()
+            + self
+                .chips
+                .iter()
+                .map(|c| c.text.chars().count())
+                .sum::<usize>();
+        if chars == 0 {
+            0
+        } else {
+            estimate_tokens(chars) + 8
+        }
+    }
+
+    /// `Some((estimated prompt tokens, context))` when the next message will likely not fit.
+    pub fn overflow_warning(&self) -> Option<(usize, usize)> {
+        let ctx = self.model.as_ref()?.context_length;
+        let next = self.context_used() + self.pending_tokens();
+        (self.pending_tokens() > 0 && next >= ctx).then_some((next, ctx))
+    }
+
+    fn say(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: false,
+        });
+    }
+
+    fn fail(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: true,
+        });
+    }
+
+    /// The conversation as the model sees it: system prompt, then users and answers.
+    fn request(&self) -> GenerateRequest {
+        let mut messages = Vec::new();
+        if !self.conv.system.is_empty() {
+            messages.push(Message {
+                role: TemplateRole::System,
+                content: self.conv.system.clone(),
+            });
+        }
+        for m in &self.conv.messages {
+            let role = match m.role {
+                Role::User => TemplateRole::User,
+                Role::Assistant if !m.content.is_empty() => TemplateRole::Assistant,
+                _ => continue,
+            };
+            messages.push(Message {
+                role,
+                content: m.full_text(),
+            });
+        }
+        GenerateRequest {
+            messages,
+            max_tokens: self.max_tokens,
+            sampling: self.sampling.clone(),
+        }
+    }
+
+    fn start(&mut self, kind: RequestKind) {
+        self.running = Some(Running {
+            kind,
+            started: self.clock,
+            first_token: None,
+            prefill: None,
+            prefill_started: None,
+            tokens: 0,
+            stopping: false,
+        });
+        self.scroll = 0;
+        self.ctrl_c_armed = false;
+    }
+
+    /// Sends the conversation with an empty answer appended.
+    fn send_chat(&mut self) -> Vec<Effect> {
+        let req = self.request();
+        let mut answer = ChatMessage::new(Role::Assistant, "");
+        answer.partial = true;
+        self.conv.messages.push(answer);
+        self.start(RequestKind::Chat);
+        vec![Effect::Engine(EngineCmd::Generate(req)), Effect::Save]
+    }
+
+    fn ready_to_send(&mut self) -> bool {
+        if let Some(e) = &self.load_error {
+            let e = e.clone();
+            self.fail(e);
+            return false;
+        }
+        if self.model.is_none() {
+            self.fail("the model is still loading");
+            return false;
+        }
+        if self.busy() {
+            self.fail("an answer is running: wait, or press Esc to stop it");
+            return false;
+        }
+        true
+    }
+
+    fn submit(&mut self) -> Vec<Effect> {
+        let text = self.editor.text();
+        if let Some(cmd) = text.trim_start().strip_prefix('/') {
+            if !cmd.starts_with('/') && !cmd.contains('\n') {
+                return self.command(cmd.trim().to_string());
+            }
+        }
+        if text.trim().is_empty() && self.chips.is_empty() {
+            return vec![];
+        }
+        if !self.ready_to_send() {
+            return vec![];
+        }
+        let mut user = ChatMessage::new(Role::User, text.trim_end());
+        user.attachments = std::mem::take(&mut self.chips);
+        self.conv.messages.push(user);
+        self.editor.clear();
+        self.status = None;
+        self.send_chat()
+    }
+
+    fn command(&mut self, line: String) -> Vec<Effect> {
+        let (name, arg) = line
+            .split_once(char::is_whitespace)
+            .map_or((line.as_str(), ""), |(n, a)| (n, a.trim()));
+        let arg = arg.to_string();
+        let mut effects = Vec::new();
+        match name {
+            "read" if !arg.is_empty() => effects.push(Effect::ReadFile(PathBuf::from(arg))),
+            "system" if arg.is_empty() => {
+                let s = if self.conv.system.is_empty() {
+                    "(none: the chat template's default)".to_string()
+                } else {
+                    self.conv.system.clone()
+                };
+                self.say(format!("system prompt: {s}"));
+            }
+            "system" => {
+                self.conv.system = arg;
+                self.say("system prompt set (from the next message)");
+                effects.push(Effect::Save);
+            }
+            "clear" => {
+                if self.busy() {
+                    self.fail("stop the answer first (Esc)");
+                    return effects;
+                }
+                self.conv = Conversation::new(self.conv.system.clone());
+                self.chips.clear();
+                self.last = None;
+                self.scroll = 0;
+                self.say("new conversation");
+                effects.push(Effect::Engine(EngineCmd::Reset));
+            }
+            "regen" => effects = self.regenerate(),
+            "compare" => effects = self.compare(),
+            "export" if !arg.is_empty() => effects.push(Effect::Export(PathBuf::from(arg))),
+            "help" => self.help = true,
+            "quit" | "exit" => self.quit = true,
+            "read" | "export" => {
+                self.fail(format!("/{name} needs a path"));
+                return effects;
+            }
+            _ => {
+                self.fail(format!("unknown command /{name}; F1 lists them"));
+                return effects;
+            }
+        }
+        self.editor.clear();
+        effects
+    }
+
+    /// Drops the last answer (if it is the last message) and asks again.
+    fn regenerate(&mut self) -> Vec<Effect> {
+        if !self.ready_to_send() {
+            return vec![];
+        }
+        while let Some(m) = self.conv.messages.last() {
+            match m.role {
+                Role::Assistant | Role::Note => {
+                    self.conv.messages.pop();
+                }
+                Role::User => break,
+            }
+        }
+        if self.conv.messages.is_empty() {
+            self.fail("nothing to regenerate");
+            return vec![];
+        }
+        self.say("regenerating the last answer");
+        self.send_chat()
+    }
+
+    fn compare(&mut self) -> Vec<Effect> {
+        if !self.ready_to_send() {
+            return vec![];
+        }
+        let Some(last_user) = self
+            .conv
+            .messages
+            .iter()
+            .rposition(|m| m.role == Role::User)
+        else {
+            self.fail("nothing to compare: ask a question first");
+            return vec![];
+        };
+        let mut req = self.request();
+        // Only up to the last question: drop the answers after it.
+        let keep = self.conv.messages[..=last_user]
+            .iter()
+            .filter(|m| {
+                m.role == Role::User || (m.role == Role::Assistant && !m.content.is_empty())
+            })
+            .count()
+            + usize::from(!self.conv.system.is_empty());
+        req.messages.truncate(keep);
+        self.start(RequestKind::Compare);
+        self.say(format!(
+            "comparing: dense, then pruned at keep {:.2} (both from an empty cache)",
+            self.slim.keep_ratio
+        ));
+        vec![Effect::Engine(EngineCmd::Compare(req, self.slim.clone()))]
+    }
+
+    fn set_ratio(&mut self, delta: f32) -> Vec<Effect> {
+        let steps = (self.slim.keep_ratio / RATIO_STEP).round() + delta;
+        self.slim.keep_ratio = (steps * RATIO_STEP).clamp(RATIO_STEP, 1.0);
+        self.slim.keep_ratio = (self.slim.keep_ratio * 100.0).round() / 100.0;
+        self.say(format!(
+            "keep ratio {:.2}{} (from the next request)",
+            self.slim.keep_ratio,
+            if self.slim.enabled {
+                ""
+            } else {
+                "; pruning is off (Ctrl+P)"
+            }
+        ));
+        vec![Effect::Engine(EngineCmd::SetPruning(self.slim.clone()))]
+    }
+
+    fn on_worker(&mut self, ev: WorkerEvent) -> Vec<Effect> {
+        match ev {
+            WorkerEvent::LoadProgress(p) => self.loading = Some(p),
+            WorkerEvent::Loaded {
+                model,
+                context_length,
+                n_layers,
+            } => {
+                self.loading = None;
+                self.model = Some(ModelInfo {
+                    name: model,
+                    context_length,
+                    n_layers,
+                });
+            }
+            WorkerEvent::PrefillProgress {
+                layers_done,
+                n_layers,
+                tokens,
+                rows,
+            } => {
+                let clock = self.clock;
+                if let Some(r) = &mut self.running {
+                    if r.prefill.is_none() || layers_done <= 1 {
+                        r.prefill_started = Some(clock);
+                    }
+                    r.prefill = Some((layers_done, n_layers, tokens, rows));
+                }
+            }
+            WorkerEvent::Token(t) => {
+                let clock = self.clock;
+                if let Some(r) = &mut self.running {
+                    r.first_token.get_or_insert(clock);
+                    r.tokens += 1;
+                }
+                if let Some(m) = self.conv.messages.last_mut() {
+                    if m.role == Role::Assistant && m.partial {
+                        m.content.push_str(&t);
+                        self.dirty = true;
+                    }
+                }
+            }
+            WorkerEvent::Refused {
+                prompt_tokens,
+                context_length,
+            } => {
+                self.undo_send();
+                self.fail(format!(
+                    "not sent: the conversation is {} tokens and the model holds {} (answer included); \
+                     shorten the message or /clear",
+                    thousands(prompt_tokens),
+                    thousands(context_length)
+                ));
+            }
+            WorkerEvent::Stats { stats, rss_bytes } => return self.on_stats(&stats, rss_bytes),
+            WorkerEvent::Compared {
+                dense,
+                slim,
+                keep_ratio,
+            } => {
+                let mut note = ChatMessage::new(Role::Note, "compare");
+                note.comparison = Some(Comparison {
+                    dense: dense.text.clone(),
+                    dense_ttft_ms: dense.ttft_ms,
+                    slim: slim.text.clone(),
+                    slim_ttft_ms: slim.ttft_ms,
+                    keep_ratio,
+                });
+                self.conv.messages.push(note);
+                self.say(format!(
+                    "compare: TTFT dense {:.0} ms, pruned {:.0} ms ({:.2}x)",
+                    dense.ttft_ms,
+                    slim.ttft_ms,
+                    slim.ttft_ms / dense.ttft_ms.max(1e-9)
+                ));
+                self.set_last(&slim, 0);
+                return vec![Effect::Save];
+            }
+            WorkerEvent::Done => {
+                self.running = None;
+                self.ctrl_c_armed = false;
+                if let Some(m) = self.conv.messages.last_mut() {
+                    if m.role == Role::Assistant && m.partial {
+                        m.partial = false;
+                        if m.content.is_empty() {
+                            self.conv.messages.pop();
+                        }
+                    }
+                }
+                self.dirty = false;
+                return vec![Effect::Save];
+            }
+            WorkerEvent::Error(e) => {
+                if self.model.is_none() {
+                    self.load_error = Some(e.clone());
+                }
+                self.fail(e);
+            }
+        }
+        vec![]
+    }
+
+    /// Puts a refused message back into the input, chips included.
+    fn undo_send(&mut self) {
+        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::Assistant && m.partial) {
+            self.conv.messages.pop();
+        }
+        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::User) {
+            let user = self.conv.messages.pop().expect("checked");
+            let mut chips = user.attachments;
+            chips.append(&mut self.chips);
+            self.chips = chips;
+            if self.editor.is_empty() {
+                self.editor.set_text(&user.content);
+            }
+        }
+    }
+
+    fn set_last(&mut self, s: &GenStats, rss_bytes: u64) {
+        let rss_bytes = if rss_bytes == 0 {
+            self.last.as_ref().map_or(0, |l| l.rss_bytes)
+        } else {
+            rss_bytes
+        };
+        self.last = Some(LastStats {
+            ttft_ms: s.ttft_ms,
+            prefill_tok_s: s.prefill_tok_s,
+            decode_tok_s: s.decode_tok_s,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated_tokens,
+            kv_bytes: s.kv_bytes,
+            rss_bytes,
+            kept_per_layer: s.kept_per_layer.clone(),
+            slim: s.slim,
+        });
+    }
+
+    fn on_stats(&mut self, s: &GenStats, rss_bytes: u64) -> Vec<Effect> {
+        self.set_last(s, rss_bytes);
+        let metrics = TurnMetrics {
+            ttft_ms: s.ttft_ms,
+            prefill_tok_s: s.prefill_tok_s,
+            decode_tok_s: s.decode_tok_s,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated_tokens,
+            kv_bytes: s.kv_bytes,
+            slim: s.slim,
+            keep_ratio: self.slim.keep_ratio,
+            stop_reason: serde_json::to_value(s.stop_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        };
+        let turn = self
+            .conv
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .count();
+        if let Some(m) = self.conv.messages.last_mut() {
+            if m.role == Role::Assistant {
+                // The engine's text is the whole answer; tokens may have been coalesced.
+                m.content = s.text.clone();
+                m.metrics = Some(metrics.clone());
+            }
+        }
+        let mut record = serde_json::to_value(&metrics).unwrap_or_default();
+        record["conversation"] = self.conv.id.clone().into();
+        record["turn"] = turn.into();
+        record["reused_tokens"] = s.reused_tokens.into();
+        record["kept_per_layer"] = s.kept_per_layer.clone().into();
+        record["rss_bytes"] = rss_bytes.into();
+        vec![Effect::Metrics(record)]
+    }
+
+    fn scroll_up(&mut self, n: usize) {
+        self.scroll = (self.scroll + n).min(self.view.max_scroll);
+    }
+
+    fn scroll_down(&mut self, n: usize) {
+        self.scroll = self.scroll.saturating_sub(n);
+    }
+}
+
+/// Applies one message; returns what the event loop must do.
+pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
+    match msg {
+        Msg::Tick(t) => app.clock = t,
+        Msg::Worker(ev) => return app.on_worker(ev),
+        Msg::Insert(c) => app.editor.insert_char(c),
+        Msg::Paste(text) => {
+            let text = text.replace("\r\n", "\n").replace('\r', "\n");
+            let chars = text.chars().count();
+            if chars >= app.chip_chars {
+                app.chips.push(Attachment {
+                    label: "pasted".into(),
+                    text,
+                });
+                app.say(
+                    "paste kept as a chip: Ctrl+E shows it, Backspace on an empty input drops it",
+                );
+            } else {
+                app.editor.insert_str(&text);
+            }
+        }
+        Msg::Newline => app.editor.newline(),
+        Msg::Backspace => {
+            if app.editor.is_empty() && !app.chips.is_empty() {
+                let chip = app.chips.pop().expect("checked");
+                app.say(format!("dropped {}", chip_label(&chip)));
+            } else {
+                app.editor.backspace();
+            }
+        }
+        Msg::Delete => app.editor.delete(),
+        Msg::Left => app.editor.left(),
+        Msg::Right => app.editor.right(),
+        Msg::Up => {
+            if !app.editor.up() {
+                app.scroll_up(1);
+            }
+        }
+        Msg::Down => {
+            if !app.editor.down() {
+                app.scroll_down(1);
+            }
+        }
+        Msg::Home => app.editor.home(),
+        Msg::End => app.editor.end(),
+        Msg::KillLine => app.editor.kill_to_start(),
+        Msg::Submit => return app.submit(),
+        Msg::Stop => {
+            if app.help {
+                app.help = false;
+            } else if let Some(r) = &mut app.running {
+                r.stopping = true;
+                app.say("stopping…");
+                return vec![Effect::Engine(EngineCmd::Cancel)];
+            } else {
+                app.status = None;
+            }
+        }
+        Msg::Interrupt => {
+            if app.ctrl_c_armed || !app.busy() {
+                app.quit = true;
+            } else {
+                app.ctrl_c_armed = true;
+                if let Some(r) = &mut app.running {
+                    r.stopping = true;
+                }
+                app.say("stopping… press Ctrl+C again to quit");
+                return vec![Effect::Engine(EngineCmd::Cancel)];
+            }
+        }
+        Msg::Quit => app.quit = true,
+        Msg::ScrollUp(n) => app.scroll_up(n),
+        Msg::ScrollDown(n) => app.scroll_down(n),
+        Msg::PageUp => app.scroll_up(app.view.page.max(1)),
+        Msg::PageDown => app.scroll_down(app.view.page.max(1)),
+        Msg::ScrollBottom => app.scroll = 0,
+        Msg::ToggleHelp => app.help = !app.help,
+        Msg::RatioUp => return app.set_ratio(1.0),
+        Msg::RatioDown => return app.set_ratio(-1.0),
+        Msg::TogglePruning => {
+            app.slim.enabled = !app.slim.enabled;
+            app.say(format!(
+                "pruning {} (from the next request)",
+                if app.slim.enabled { "on" } else { "off" }
+            ));
+            return vec![Effect::Engine(EngineCmd::SetPruning(app.slim.clone()))];
+        }
+        Msg::Regenerate => return app.regenerate(),
+        Msg::Compare => return app.compare(),
+        Msg::ToggleChips => app.expanded = !app.expanded,
+        Msg::FileRead { path, result } => match result {
+            Ok(text) => {
+                let chip = Attachment {
+                    label: path.display().to_string(),
+                    text,
+                };
+                app.say(format!("attached {}", chip_label(&chip)));
+                app.chips.push(chip);
+            }
+            Err(e) => {
+                if app.editor.is_empty() {
+                    app.editor.set_text(&format!("/read {}", path.display()));
+                }
+                app.fail(e);
+            }
+        },
+        Msg::IoError(e) => app.fail(e),
+        Msg::Exported { path, result } => match result {
+            Ok(()) => app.say(format!("exported to {}", path.display())),
+            Err(e) => app.fail(format!("cannot export to {}: {e}", path.display())),
+        },
+    }
+    vec![]
+}

@@ -1,0 +1,280 @@
+//! The engine thread. It owns the [`Engine`] and takes [`EngineCmd`]s from the screen; it
+//! answers with [`WorkerEvent`]s on a tokio channel, so the screen never waits on the model.
+//! Cancelling is a shared flag the screen sets directly: a running `generate` sees it at the
+//! next token.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::config::AppConfig;
+use crate::engine::{Engine, EngineEvent, EngineOptions, GenStats, GenerateRequest};
+use crate::model::source::{DownloadProgress, ModelSource};
+use crate::slim::schedule::SlimConfig;
+
+/// What the screen asks of the engine thread.
+#[derive(Debug, Clone)]
+pub enum EngineCmd {
+    /// Answer the conversation (refused, with [`WorkerEvent::Refused`], when it does not fit).
+    Generate(GenerateRequest),
+    /// Stop the running request (the handle also sets the flag at once).
+    Cancel,
+    /// Pruning settings for the next request on.
+    SetPruning(SlimConfig),
+    /// Forget the cached conversation.
+    Reset,
+    /// Run the request dense, then pruned with this config, each from an empty cache.
+    Compare(GenerateRequest, SlimConfig),
+    Quit,
+}
+
+/// What the engine thread reports.
+#[derive(Debug, Clone)]
+pub enum WorkerEvent {
+    /// Model download or unpack progress.
+    LoadProgress(DownloadProgress),
+    Loaded {
+        model: String,
+        context_length: usize,
+        n_layers: usize,
+    },
+    PrefillProgress {
+        layers_done: usize,
+        n_layers: usize,
+        tokens: usize,
+        rows: usize,
+    },
+    Token(String),
+    /// The prompt does not fit in the model's context; nothing was run.
+    Refused {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+    /// Numbers of the request that just finished, with the process RSS.
+    Stats {
+        stats: Box<GenStats>,
+        rss_bytes: u64,
+    },
+    /// The results of a compare: dense then pruned.
+    Compared {
+        dense: Box<GenStats>,
+        slim: Box<GenStats>,
+        keep_ratio: f32,
+    },
+    /// The request ended (after `Stats`, `Refused`, `Compared` or `Error`).
+    Done,
+    Error(String),
+}
+
+/// The screen's handle on the engine thread.
+pub struct Worker {
+    cmds: mpsc::Sender<EngineCmd>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the thread, which resolves (maybe downloads) and loads the model first.
+    pub fn spawn(cfg: &AppConfig) -> (Worker, UnboundedReceiver<WorkerEvent>) {
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (ev_tx, ev_rx) = unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        let cfg = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("slimchat-engine".into())
+            .spawn(move || worker_main(cfg, cmd_rx, ev_tx, flag))
+            .expect("spawn the engine thread");
+        (
+            Worker {
+                cmds: cmd_tx,
+                cancel,
+                thread: Some(thread),
+            },
+            ev_rx,
+        )
+    }
+
+    /// Sends a command; `Cancel` also sets the flag at once, and a new request clears it.
+    pub fn send(&self, cmd: EngineCmd) {
+        match cmd {
+            EngineCmd::Cancel => self.cancel.store(true, Ordering::Relaxed),
+            EngineCmd::Generate(_) | EngineCmd::Compare(..) => {
+                self.cancel.store(false, Ordering::Relaxed)
+            }
+            _ => {}
+        }
+        let _ = self.cmds.send(cmd);
+    }
+}
+
+impl Drop for Worker {
+    /// Stops the running request and tells the thread to end, without waiting for it: a
+    /// prefill or a download in progress must not hold up quitting.
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        let _ = self.cmds.send(EngineCmd::Quit);
+        drop(self.thread.take());
+    }
+}
+
+fn worker_main(
+    cfg: AppConfig,
+    cmds: mpsc::Receiver<EngineCmd>,
+    events: UnboundedSender<WorkerEvent>,
+    cancel: Arc<AtomicBool>,
+) {
+    let send = |ev: WorkerEvent| {
+        let _ = events.send(ev);
+    };
+    let mut engine = match load(&cfg, &send) {
+        Ok(e) => e,
+        Err(e) => {
+            send(WorkerEvent::Error(format!("cannot load the model: {e}")));
+            return;
+        }
+    };
+    send(WorkerEvent::Loaded {
+        model: model_name(&cfg.model.source),
+        context_length: engine.context_length(),
+        n_layers: engine.model.spec.n_layers,
+    });
+    while let Ok(cmd) = cmds.recv() {
+        match cmd {
+            EngineCmd::Quit => break,
+            EngineCmd::Cancel => {}
+            EngineCmd::Reset => engine.reset(),
+            EngineCmd::SetPruning(slim) => {
+                if let Err(e) = engine.set_slim(slim) {
+                    send(WorkerEvent::Error(e.to_string()));
+                }
+            }
+            EngineCmd::Generate(req) => {
+                match generate(&mut engine, &req, &cancel, &send) {
+                    Ok(Some(stats)) => send(WorkerEvent::Stats {
+                        stats: Box::new(stats),
+                        rss_bytes: crate::metrics::rss_bytes(),
+                    }),
+                    Ok(None) => {}
+                    Err(e) => send(WorkerEvent::Error(e.to_string())),
+                }
+                send(WorkerEvent::Done);
+            }
+            EngineCmd::Compare(req, slim) => {
+                if let Err(e) = compare(&mut engine, &req, slim, &cancel, &send) {
+                    send(WorkerEvent::Error(e.to_string()));
+                }
+                send(WorkerEvent::Done);
+            }
+        }
+    }
+}
+
+fn model_name(source: &str) -> String {
+    match source {
+        "" | "default" => "SmolLM2-135M-Instruct".into(),
+        s => s.rsplit('/').next().unwrap_or(s).to_string(),
+    }
+}
+
+fn load(cfg: &AppConfig, send: &dyn Fn(WorkerEvent)) -> crate::Result<Engine> {
+    let source = ModelSource::parse(&cfg.model.source)?;
+    let path = source.resolve(&mut |p| send(WorkerEvent::LoadProgress(p.clone())))?;
+    Engine::load(
+        &path,
+        &EngineOptions {
+            linear: cfg.model.linear,
+            slim: cfg.slim.clone(),
+        },
+    )
+}
+
+/// Runs one request, refusing (None) a prompt that does not fit instead of truncating it.
+fn generate(
+    engine: &mut Engine,
+    req: &GenerateRequest,
+    cancel: &AtomicBool,
+    send: &dyn Fn(WorkerEvent),
+) -> crate::Result<Option<GenStats>> {
+    let prompt = engine.encode_chat(&req.messages)?;
+    if prompt.len() >= engine.context_length() {
+        send(WorkerEvent::Refused {
+            prompt_tokens: prompt.len(),
+            context_length: engine.context_length(),
+        });
+        return Ok(None);
+    }
+    let stats =
+        engine.generate_from_tokens(&prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
+            send(forward(ev))
+        })?;
+    Ok(Some(stats))
+}
+
+fn forward(ev: EngineEvent) -> WorkerEvent {
+    match ev {
+        EngineEvent::PrefillProgress {
+            layers_done,
+            n_layers,
+            tokens,
+            rows,
+        } => WorkerEvent::PrefillProgress {
+            layers_done,
+            n_layers,
+            tokens,
+            rows,
+        },
+        EngineEvent::Token(t) => WorkerEvent::Token(t),
+    }
+}
+
+/// Dense, then pruned, each after `reset` so both prefill the whole prompt; the engine's own
+/// pruning settings are restored and the cache emptied afterwards.
+fn compare(
+    engine: &mut Engine,
+    req: &GenerateRequest,
+    slim: SlimConfig,
+    cancel: &AtomicBool,
+    send: &dyn Fn(WorkerEvent),
+) -> crate::Result<()> {
+    let saved = engine.slim_config().clone();
+    let run = |engine: &mut Engine, cfg: SlimConfig| -> crate::Result<Option<GenStats>> {
+        engine.set_slim(cfg)?;
+        engine.reset();
+        generate(engine, req, cancel, &|ev| match ev {
+            WorkerEvent::Token(_) => {}
+            other => send(other),
+        })
+    };
+    let dense = run(
+        engine,
+        SlimConfig {
+            enabled: false,
+            ..slim.clone()
+        },
+    );
+    let keep_ratio = slim.keep_ratio;
+    let pruned = match &dense {
+        Ok(Some(_)) if !cancel.load(Ordering::Relaxed) => run(
+            engine,
+            SlimConfig {
+                enabled: true,
+                ..slim
+            },
+        ),
+        _ => Ok(None),
+    };
+    engine.reset();
+    engine.set_slim(saved)?;
+    if let (Some(dense), Some(slim)) = (dense?, pruned?) {
+        send(WorkerEvent::Compared {
+            dense: Box::new(dense),
+            slim: Box::new(slim),
+            keep_ratio,
+        });
+    }
+    Ok(())
+}

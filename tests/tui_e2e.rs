@@ -1,0 +1,373 @@
+//! The chat screen with the real default model. `ui_keeps_redrawing_during_prefill` drives the
+//! real event loop (TestBackend, engine thread) on a ~2000-token prompt and times the frames.
+//! `tmux_session` runs the real binary in tmux: bracketed paste of a document, a question, the
+//! streamed answer and its TTFT read off the screen, the ratio lowered, a second question,
+//! quit, and `--resume` finds the conversation. It is skipped (with a message) without tmux.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+use slimchat::config::AppConfig;
+use slimchat::tui::app::{App, Msg};
+use slimchat::tui::store::{Role, Store};
+use slimchat::tui::worker::Worker;
+
+/// The tests here each run the model (and one times frames): one at a time, so they do not
+/// fight over the cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// About `n` sentences of ~20 tokens each.
+fn document(n: usize) -> String {
+    (1..=n)
+        .map(|i| {
+            format!(
+                "Entry {i}: the harbour master recorded that ship number {i} arrived with {} barrels of oil.\n",
+                i * 7
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ui_keeps_redrawing_during_prefill() {
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut cfg = AppConfig::default();
+    cfg.chat.max_tokens = 8;
+    let mut frames: Vec<Instant> = Vec::new();
+    let mut prefill_frames = 0usize;
+    let mut ask = vec![Msg::Paste(document(100))];
+    ask.extend(
+        "How many barrels did ship 42 carry?"
+            .chars()
+            .map(Msg::Insert),
+    );
+    ask.push(Msg::Submit);
+    let app = drive(&cfg, &store, vec![ask], &mut |app| {
+        if let Some(r) = &app.running {
+            frames.push(Instant::now());
+            prefill_frames += usize::from(r.first_token.is_none());
+        }
+    });
+    let last = app.last.as_ref().expect("the request finished");
+    assert!(
+        last.prompt_tokens > 1800,
+        "prompt of {} tokens",
+        last.prompt_tokens
+    );
+    let gaps: Vec<Duration> = frames.windows(2).map(|w| w[1] - w[0]).collect();
+    let max_gap = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} frames while busy ({} during prefill), TTFT {:.0} ms, max gap {:?}",
+        frames.len(),
+        prefill_frames,
+        last.ttft_ms,
+        max_gap
+    );
+    assert!(
+        prefill_frames >= 3,
+        "only {prefill_frames} frames during prefill"
+    );
+    assert!(
+        max_gap < Duration::from_millis(250),
+        "the screen froze for {max_gap:?}"
+    );
+    // The conversation was saved with the answer.
+    let saved = store.latest().unwrap().expect("saved");
+    assert_eq!(saved.messages.len(), 2);
+    assert_eq!(saved.messages[1].role, Role::Assistant);
+    assert!(!saved.messages[1].partial);
+    assert!(std::fs::read_to_string(store.metrics_path())
+        .unwrap()
+        .contains("\"ttft_ms\""));
+}
+
+/// Runs the event loop on the real engine, sending each batch of `stages` once the model has
+/// loaded and the previous batch's request is done, and quitting when the last is done
+/// (or failing after three minutes).
+fn drive(
+    cfg: &AppConfig,
+    store: &Store,
+    stages: Vec<Vec<Msg>>,
+    observe: &mut dyn FnMut(&App),
+) -> App {
+    let mut app = App::new(cfg, None);
+    let (worker, events) = Worker::spawn(cfg);
+    let mut stages = stages.into_iter();
+    let mut hook = |app: &App| -> Vec<Msg> {
+        if let Some(e) = &app.load_error {
+            panic!("model did not load: {e}");
+        }
+        observe(app);
+        if app.model.is_none() || app.busy() {
+            return vec![];
+        }
+        stages.next().unwrap_or_else(|| vec![Msg::Quit])
+    };
+    let mut terminal = Terminal::new(TestBackend::new(160, 50)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            slimchat::tui::run_loop(
+                &mut terminal,
+                &mut app,
+                &worker,
+                events,
+                futures_util::stream::pending(),
+                store,
+                Duration::from_millis(50),
+                &mut hook,
+            ),
+        )
+        .await
+        .expect("the session finishes in time")
+        .unwrap();
+    });
+    app
+}
+
+#[test]
+fn compare_runs_dense_and_pruned_from_an_empty_cache() {
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut cfg = AppConfig::default();
+    cfg.chat.max_tokens = 6;
+    let mut ask = vec![Msg::Paste(document(30))];
+    ask.extend("Which ship carried 70 barrels?".chars().map(Msg::Insert));
+    ask.push(Msg::Submit);
+    let app = drive(&cfg, &store, vec![ask, vec![Msg::Compare]], &mut |_| {});
+    assert_eq!(app.conv.messages.len(), 3, "{:?}", app.status);
+    let note = app.conv.messages.last().unwrap();
+    let c = note.comparison.as_ref().expect("a comparison");
+    assert!(c.dense_ttft_ms > 0.0 && c.slim_ttft_ms > 0.0, "{c:?}");
+    assert!(!c.dense.is_empty() && !c.slim.is_empty(), "{c:?}");
+    eprintln!(
+        "compare: dense {:.0} ms, pruned {:.0} ms",
+        c.dense_ttft_ms, c.slim_ttft_ms
+    );
+    let saved = store.latest().unwrap().unwrap();
+    assert!(saved.messages[2].comparison.is_some());
+}
+
+/// A private tmux server, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux runs")
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "e2e"]).stdout).into_owned()
+    }
+
+    fn alive(&self) -> bool {
+        self.run(&["has-session", "-t", "e2e"]).status.success()
+    }
+
+    /// Polls the screen until `pred` holds; panics with the screen after `secs`.
+    fn wait(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < until && self.alive(),
+                "timed out waiting for {what}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn start(&self, dir: &Path, extra: &str) {
+        let cmd = format!(
+            "SLIMCHAT_DATA_DIR='{}' SLIMCHAT_CONFIG=/nonexistent exec '{}' --config '{}' {extra} 2>>'{}'",
+            dir.join("data").display(),
+            env!("CARGO_BIN_EXE_slimchat"),
+            dir.join("config.toml").display(),
+            dir.join("stderr.txt").display()
+        );
+        let out = self.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            "160",
+            "-y",
+            "50",
+            "-s",
+            "e2e",
+            "sh",
+            "-c",
+            &cmd,
+        ]);
+        assert!(out.status.success(), "tmux new-session: {out:?}");
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "e2e"];
+        args.extend(keys);
+        assert!(self.run(&args).status.success());
+    }
+
+    fn type_text(&self, text: &str) {
+        assert!(self
+            .run(&["send-keys", "-t", "e2e", "-l", text])
+            .status
+            .success());
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// Every `TTFT <n> ms · prefill` footer on the screen, in order.
+fn ttfts(screen: &str) -> Vec<u64> {
+    screen
+        .split("TTFT ")
+        .skip(1)
+        .filter_map(|rest| {
+            let (n, tail) = rest.split_once(" ms")?;
+            tail.starts_with(" · prefill")
+                .then(|| n.trim().parse().ok())?
+        })
+        .collect()
+}
+
+#[test]
+fn tmux_session() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED tmux_session: tmux is not installed");
+        return;
+    }
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[chat]\nmax_tokens = 24\n[model]\nthreads = 0\n",
+    )
+    .unwrap();
+    let doc = document(75); // ~1500 tokens
+    let doc_path = dir.path().join("doc.txt");
+    std::fs::write(&doc_path, &doc).unwrap();
+    let tmux = Tmux {
+        socket: format!("slimchat-e2e-{}", std::process::id()),
+    };
+    tmux.start(dir.path(), "");
+    tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
+
+    // Bracketed paste of the document, then the question.
+    let doc_str = doc_path.to_str().unwrap();
+    assert!(tmux
+        .run(&["load-buffer", "-b", "doc", doc_str])
+        .status
+        .success());
+    assert!(tmux
+        .run(&["paste-buffer", "-p", "-b", "doc", "-t", "e2e"])
+        .status
+        .success());
+    let chars = slimchat::tui::app::thousands(doc.chars().count());
+    tmux.wait("the paste chip", 10, |s| {
+        s.contains(&format!("[pasted {chars} chars"))
+    });
+    tmux.type_text("How many barrels did ship number 12 carry?");
+    tmux.keys(&["Enter"]);
+    let s = tmux.wait("the first answer", 90, |s| {
+        ttfts(s).len() == 1 && s.contains("state   idle")
+    });
+    let first = ttfts(&s)[0];
+    assert!(first > 0, "TTFT on screen: {first}\n{s}");
+    let answer_line = s
+        .lines()
+        .skip_while(|l| !l.contains("│slimchat"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        answer_line
+            .trim_matches(|c: char| c == '│' || c.is_whitespace())
+            .len()
+            > 1,
+        "no streamed answer on screen:\n{s}"
+    );
+    assert!(s.contains("pruned, keep 0.70"), "{s}");
+
+    // Lower the ratio: it shows at once.
+    tmux.keys(&["-"]);
+    tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.65"));
+    tmux.type_text("And ship number 30?");
+    tmux.keys(&["Enter"]);
+    let s = tmux.wait("the second answer", 90, |s| {
+        ttfts(s).len() == 2 && s.contains("state   idle")
+    });
+    assert!(s.contains("keep 0.65"), "{s}");
+    eprintln!("TTFTs on screen: {:?}\n{s}", ttfts(&s));
+
+    // Shrink to 20x6: the guard; back to 160x50: the whole screen again.
+    assert!(tmux
+        .run(&["resize-window", "-t", "e2e", "-x", "20", "-y", "6"])
+        .status
+        .success());
+    tmux.wait("the size guard", 10, |s| s.contains("terminal too"));
+    assert!(tmux
+        .run(&["resize-window", "-t", "e2e", "-x", "160", "-y", "50"])
+        .status
+        .success());
+    tmux.wait("the full screen", 10, |s| {
+        s.contains("Metrics") && ttfts(s).len() == 2
+    });
+
+    // Quit (Ctrl+C when idle), then resume.
+    tmux.keys(&["C-c"]);
+    let until = Instant::now() + Duration::from_secs(15);
+    while tmux.alive() {
+        assert!(Instant::now() < until, "slimchat did not quit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let saved = store.latest().unwrap().expect("the conversation was saved");
+    assert_eq!(saved.messages.len(), 4, "{saved:?}");
+    assert_eq!(saved.messages[0].attachments[0].text, doc);
+
+    tmux.start(dir.path(), "--resume");
+    let s = tmux.wait("the resumed conversation", 60, |s| {
+        s.contains("And ship number 30?") && s.contains("model   SmolLM2")
+    });
+    assert!(
+        s.contains("How many barrels did ship number 12 carry?"),
+        "{s}"
+    );
+    assert_eq!(ttfts(&s).len(), 2, "{s}");
+    tmux.keys(&["C-c"]);
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

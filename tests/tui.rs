@@ -78,11 +78,14 @@ fn stats(text: &str) -> GenStats {
             })
             .collect(),
         blocks_swapped_per_step: vec![],
+        blocks_revived: 0,
+        revival_bytes: 0,
         slim_note: None,
     }
 }
 
 fn prefill(app: &mut App, done: usize) {
+    update(app, Msg::Worker(WorkerEvent::PromptTokens(1480)));
     update(
         app,
         Msg::Worker(WorkerEvent::PrefillProgress {
@@ -170,6 +173,10 @@ fn snapshot_prefill_in_progress() {
     assert!(s.contains("TTFT    0.7 s …"), "{s}");
     assert!(s.contains("12/30"), "{s}");
     assert!(s.contains("ETA"), "{s}");
+    assert!(
+        s.contains("context 1,480 / 8,192"),
+        "the prompt counts while it runs: {s}"
+    );
     insta::assert_snapshot!("prefill", s);
 }
 

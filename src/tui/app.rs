@@ -128,6 +128,8 @@ pub struct Running {
     pub prefill: Option<(usize, usize, usize, usize)>,
     /// Clock value of the current prefill's first progress report.
     pub prefill_started: Option<Duration>,
+    /// Tokens of the whole prompt (conversation so far plus the new message), once known.
+    pub prompt_tokens: Option<usize>,
     pub tokens: usize,
     pub stopping: bool,
 }
@@ -252,8 +254,17 @@ impl App {
         self.running.is_some()
     }
 
-    /// Tokens in the cache after the last request (prompt plus answer).
+    /// Tokens of the context in use: the running request's prompt plus its answer so far, or
+    /// the last request's prompt plus answer.
     pub fn context_used(&self) -> usize {
+        if let Some(Running {
+            prompt_tokens: Some(p),
+            tokens,
+            ..
+        }) = &self.running
+        {
+            return p + tokens;
+        }
         self.last
             .as_ref()
             .map_or(0, |l| l.prompt_tokens + l.generated_tokens)
@@ -329,6 +340,7 @@ impl App {
             first_token: None,
             prefill: None,
             prefill_started: None,
+            prompt_tokens: None,
             tokens: 0,
             stopping: false,
         });
@@ -543,6 +555,11 @@ impl App {
                         m.content.push_str(&t);
                         self.dirty = true;
                     }
+                }
+            }
+            WorkerEvent::PromptTokens(n) => {
+                if let Some(r) = &mut self.running {
+                    r.prompt_tokens = Some(n);
                 }
             }
             WorkerEvent::Refused {

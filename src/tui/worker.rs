@@ -48,6 +48,8 @@ pub enum WorkerEvent {
         rows: usize,
     },
     Token(String),
+    /// The request's prompt, as the model sees it, is this many tokens (sent before prefill).
+    PromptTokens(usize),
     /// The prompt does not fit in the model's context; nothing was run.
     Refused {
         prompt_tokens: usize,
@@ -207,6 +209,7 @@ fn generate(
         });
         return Ok(None);
     }
+    send(WorkerEvent::PromptTokens(prompt.len()));
     let stats =
         engine.generate_from_tokens(&prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
             send(forward(ev))

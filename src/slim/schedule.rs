@@ -45,6 +45,7 @@ pub const PRESETS: [&str; 6] = [
 /// gate = "blocks"
 /// revive = true
 /// score = "attention"
+/// score_layers = "stage"
 /// reprefill_followups = false
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -102,6 +103,12 @@ pub struct SlimConfig {
     /// averaged over heads). Default `"attention"`: on SmolLM2-135M it cut the mean KL to dense
     /// about 4x at the same budget (bench/NOTES.md).
     pub score: ScoreKind,
+    /// Which layers' queries score the blocks in prefill: `"boundary"` (only the layer just
+    /// before the stage, the paper's) or `"stage"` (the mean of the scores of every layer since
+    /// the previous boundary; layers 0.. for the first stage). Default `"stage"`: on the default
+    /// model the layers that retrieve a fact asked about (20-23) are not the boundary layers,
+    /// and single boundary layers rank such a block low (bench/NOTES.md).
+    pub score_layers: ScoreLayers,
     /// Follow-up turns in a conversation: `false` keeps the pruned KV of earlier turns and only
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
     /// new question chooses which blocks of the earlier document to keep. Default `false`.
@@ -158,6 +165,9 @@ revive = true
 # Block scoring: "attention" (each window query's per-head softmax mass over units) or
 # "paper" (mean over heads of |q_loc.k_unit|, max over units).
 score = "attention"
+# Which layers' queries score blocks in prefill: "stage" (mean over the layers since the previous
+# boundary) or "boundary" (only the layer before the stage, the paper's).
+score_layers = "stage"
 # Follow-up turns: false = prefill only the new message; true = prefill the whole conversation.
 reprefill_followups = false
 "#;
@@ -177,6 +187,7 @@ impl Default for SlimConfig {
             gate: GateKind::Blocks,
             revive: true,
             score: ScoreKind::Attention,
+            score_layers: ScoreLayers::Stage,
             reprefill_followups: false,
         }
     }
@@ -844,4 +855,14 @@ pub enum GateKind {
     Blocks,
     /// The share of the proposal's score mass inside the active set.
     Mass,
+}
+
+/// Which layers' queries score the blocks in prefill (see `slim::session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreLayers {
+    /// The layer just before the stage (the paper's).
+    Boundary,
+    /// The mean over every layer since the previous boundary.
+    Stage,
 }

@@ -31,7 +31,7 @@ use candle_core::{Device, Tensor};
 use crate::backend::with_f32;
 use crate::kv::LayerKv;
 use crate::model::llama::{LayerPolicy, RowChange};
-use crate::slim::schedule::{GateKind, ScoreKind};
+use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
 use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
@@ -77,6 +77,10 @@ pub struct SlimSession {
     swaps_this_step: usize,
     /// Blocks brought back (per stage) since the last `take_revived`.
     revived: usize,
+    /// Prefill with `score_layers = "stage"`: block scores summed over the layers since the
+    /// last boundary (block id → sum), and how many layers were added.
+    acc: BTreeMap<u32, f32>,
+    acc_layers: usize,
 }
 
 impl SlimSession {
@@ -102,6 +106,8 @@ impl SlimSession {
             prefilling: true,
             swaps_this_step: 0,
             revived: 0,
+            acc: BTreeMap::new(),
+            acc_layers: 0,
         }
     }
 
@@ -198,7 +204,18 @@ impl SlimSession {
         let rows = positions.len();
         let w = self.cfg.local_window.min(rows);
         let q_window = &q[(rows - w) * width..];
-        let scores = self.score(q_window, kv);
+        let scores = match self.cfg.score_layers {
+            ScoreLayers::Boundary => self.score(q_window, kv),
+            ScoreLayers::Stage => {
+                self.accumulate(q_window, kv);
+                let n = self.acc_layers.max(1) as f32;
+                self.acc_layers = 0;
+                std::mem::take(&mut self.acc)
+                    .into_iter()
+                    .map(|(b, sum)| (b, sum / n))
+                    .collect()
+            }
+        };
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let blocks = select_top_k(&scores, self.stages[s].stage.keep_blocks, &forced);
         let keep = kept_rows(positions, self.prompt_len, &blocks, self.cfg.block_size);
@@ -211,6 +228,14 @@ impl SlimSession {
         st.pool = blocks.clone();
         st.active = blocks;
         Ok(keep)
+    }
+
+    /// Add this layer's block scores (from its last `local_window` queries) to the stage's sums.
+    fn accumulate(&mut self, q_window: &[f32], kv: &LayerKv) {
+        for (b, score) in self.score(q_window, kv) {
+            *self.acc.entry(b).or_insert(0.0) += score;
+        }
+        self.acc_layers += 1;
     }
 
     /// Hidden states of rows `rows` (ascending) of h, grouped by block.
@@ -379,6 +404,14 @@ impl LayerPolicy for SlimSession {
         kv: &LayerKv,
     ) -> Result<Option<RowChange>> {
         let Some(s) = self.boundary_after(layer) else {
+            if self.prefilling
+                && self.cfg.score_layers == ScoreLayers::Stage
+                && !self.stages.is_empty()
+            {
+                let width = self.shape.n_heads * self.shape.head_dim;
+                let w = self.cfg.local_window.min(positions.len());
+                self.accumulate(&q[(positions.len() - w) * width..], kv);
+            }
             return Ok(None);
         };
         if self.prefilling {

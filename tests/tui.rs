@@ -2,6 +2,9 @@
 //! ratatui's TestBackend, so no clock reaches them), the 100k-character paste, the tiny
 //! terminal guard and resize, the key map, and the conversation store.
 
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
@@ -14,6 +17,7 @@ use slimchat::tui::app::{update, App, Effect, Msg};
 use slimchat::tui::input::map_event;
 use slimchat::tui::render;
 use slimchat::tui::store::{Conversation, Role, Store};
+use slimchat::tui::tokens::SharedTokenizer;
 use slimchat::tui::worker::{EngineCmd, WorkerEvent};
 
 const DOC: &str = "The lighthouse keeper's log, 1887. The lamp was lit at dusk and the fog came in from the west. ";
@@ -32,6 +36,7 @@ fn loaded() -> App {
             model: "SmolLM2-135M-Instruct".into(),
             context_length: 8192,
             n_layers: 30,
+            tokenizer: None,
         }),
     );
     app
@@ -574,4 +579,34 @@ fn stats_become_turn_metrics_and_a_metrics_record() {
     assert_eq!(rec["kept_per_layer"].as_array().unwrap().len(), 30);
     let m = app.conv.messages.last().unwrap();
     assert_eq!(m.metrics.as_ref().unwrap().ttft_ms, 812.0);
+}
+
+#[test]
+fn with_the_model_tokenizer_counts_are_exact_and_warn_before_sending() {
+    let file = slimchat::model::gguf::GgufFile::open(&common::default_model()).unwrap();
+    let tok = slimchat::model::tokenizer::from_gguf(&file.content).unwrap();
+    let mut app = App::new(&AppConfig::default(), None);
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Loaded {
+            model: "SmolLM2-135M-Instruct".into(),
+            context_length: 8192,
+            n_layers: 30,
+            tokenizer: Some(SharedTokenizer(Arc::new(tok.clone()))),
+        }),
+    );
+    let text = DOC.repeat(400); // ~38k chars
+    let exact = tok.encode(text.as_str(), false).unwrap().len();
+    update(&mut app, Msg::Paste(text.clone()));
+    let label = app.chip_label(&app.chips[0]);
+    assert!(
+        label.ends_with(&format!(" {} tokens", slimchat::tui::app::thousands(exact))),
+        "{label} (want {exact})"
+    );
+    assert!(!label.contains('~'), "{label}");
+    // exact counts put this paste over the 8,192-token context: warned before sending
+    assert!(exact > 8192, "the test text is long enough: {exact}");
+    let (next, ctx) = app.overflow_warning().expect("a warning before sending");
+    assert_eq!(ctx, 8192);
+    assert!(next > exact, "{next} counts the paste and the markup");
 }

@@ -14,6 +14,7 @@ use crate::slim::schedule::SlimConfig;
 
 use super::editor::Editor;
 use super::store::{Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics};
+use super::tokens::TokenCounter;
 use super::worker::{EngineCmd, WorkerEvent};
 
 /// Slash commands, for the help overlay.
@@ -190,12 +191,9 @@ pub struct App {
     pub quit: bool,
     /// The conversation changed since the last save (set while streaming).
     pub dirty: bool,
+    /// Counts the tokens of text not sent yet (exact once the model has loaded).
+    pub tokens: TokenCounter,
     ctrl_c_armed: bool,
-}
-
-/// About how many tokens `chars` characters of text make (4 chars a token for English).
-pub fn estimate_tokens(chars: usize) -> usize {
-    chars.div_ceil(4)
 }
 
 /// `12345` as `12,345`.
@@ -209,17 +207,6 @@ pub fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
-}
-
-/// The one-line label of a chip: `pasted 41,203 chars · ~10,301 tokens`.
-pub fn chip_label(a: &Attachment) -> String {
-    let chars = a.text.chars().count();
-    format!(
-        "{} {} chars · ~{} tokens",
-        a.label,
-        thousands(chars),
-        thousands(estimate_tokens(chars))
-    )
 }
 
 impl App {
@@ -246,6 +233,7 @@ impl App {
             chip_chars: cfg.tui.paste_chip_chars,
             quit: false,
             dirty: false,
+            tokens: TokenCounter::default(),
             ctrl_c_armed: false,
         }
     }
@@ -270,22 +258,34 @@ impl App {
             .map_or(0, |l| l.prompt_tokens + l.generated_tokens)
     }
 
-    /// Estimated tokens the next message adds (typed text and chips, plus the turn markup).
+    /// Tokens the next message adds (typed text and chips, plus about 8 of turn markup).
     pub fn pending_tokens(&self) -> usize {
-        let chars: usize = self.editor.text().chars().count()
-            + self
-                .chips
-                .iter()
-                .map(|c| c.text.chars().count())
-                .sum::<usize>();
-        if chars == 0 {
-            0
-        } else {
-            estimate_tokens(chars) + 8
+        let text = self.editor.text();
+        if text.is_empty() && self.chips.is_empty() {
+            return 0;
         }
+        let chips: usize = self
+            .chips
+            .iter()
+            .map(|c| self.tokens.count(&c.text).tokens)
+            .sum();
+        self.tokens.count(&text).tokens + chips + 8
     }
 
-    /// `Some((estimated prompt tokens, context))` when the next message will likely not fit.
+    /// The one-line label of a chip: `pasted 41,203 chars · 10,301 tokens` (`~10,301` while
+    /// the count is an estimate, before the model has loaded).
+    pub fn chip_label(&self, a: &Attachment) -> String {
+        let count = self.tokens.count(&a.text);
+        format!(
+            "{} {} chars · {}{} tokens",
+            a.label,
+            thousands(a.text.chars().count()),
+            if count.exact { "" } else { "~" },
+            thousands(count.tokens)
+        )
+    }
+
+    /// `Some((prompt tokens, context))` when the next message will not fit.
     pub fn overflow_warning(&self) -> Option<(usize, usize)> {
         let ctx = self.model.as_ref()?.context_length;
         let next = self.context_used() + self.pending_tokens();
@@ -522,8 +522,12 @@ impl App {
                 model,
                 context_length,
                 n_layers,
+                tokenizer,
             } => {
                 self.loading = None;
+                if let Some(t) = tokenizer {
+                    self.tokens.set_tokenizer(t);
+                }
                 self.model = Some(ModelInfo {
                     name: model,
                     context_length,
@@ -729,7 +733,7 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
         Msg::Backspace => {
             if app.editor.is_empty() && !app.chips.is_empty() {
                 let chip = app.chips.pop().expect("checked");
-                app.say(format!("dropped {}", chip_label(&chip)));
+                app.say(format!("dropped {}", app.chip_label(&chip)));
             } else {
                 app.editor.backspace();
             }
@@ -800,7 +804,7 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
                     label: path.display().to_string(),
                     text,
                 };
-                app.say(format!("attached {}", chip_label(&chip)));
+                app.say(format!("attached {}", app.chip_label(&chip)));
                 app.chips.push(chip);
             }
             Err(e) => {

@@ -7,6 +7,7 @@ pub mod editor;
 pub mod input;
 pub mod render;
 pub mod store;
+pub mod tokens;
 pub mod worker;
 
 use std::io::Write;

@@ -14,6 +14,7 @@ use crate::config::AppConfig;
 use crate::engine::{Engine, EngineEvent, EngineOptions, GenStats, GenerateRequest};
 use crate::model::source::{DownloadProgress, ModelSource};
 use crate::slim::schedule::SlimConfig;
+use crate::tui::tokens::SharedTokenizer;
 
 /// What the screen asks of the engine thread.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub enum WorkerEvent {
         model: String,
         context_length: usize,
         n_layers: usize,
+        /// For exact token counts of what the person is about to send.
+        tokenizer: Option<SharedTokenizer>,
     },
     PrefillProgress {
         layers_done: usize,
@@ -143,6 +146,7 @@ fn worker_main(
         model: model_name(&cfg.model.source),
         context_length: engine.context_length(),
         n_layers: engine.model.spec.n_layers,
+        tokenizer: Some(SharedTokenizer(Arc::new(engine.tokenizer.clone()))),
     });
     while let Ok(cmd) = cmds.recv() {
         match cmd {

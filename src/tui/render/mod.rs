@@ -11,7 +11,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::app::{chip_label, App, View, COMMANDS};
+use super::app::{App, View, COMMANDS};
 use super::input::KEYS;
 
 /// Smallest terminal the screen is drawn in; below it only the guard shows.
@@ -85,7 +85,7 @@ fn chips(f: &mut Frame, app: &App, area: Rect) {
     let mut lines = Vec::new();
     for c in &app.chips {
         lines.push(Line::from(vec![
-            Span::styled(format!("[{}]", chip_label(c)), chip),
+            Span::styled(format!("[{}]", app.chip_label(c)), chip),
             Span::styled(
                 if app.expanded {
                     "  Ctrl+E folds"

@@ -8,7 +8,7 @@ use ratatui::widgets::{Block, Borders, Paragraph};
 use ratatui::Frame;
 use unicode_width::UnicodeWidthChar;
 
-use crate::tui::app::{chip_label, thousands, App, View};
+use crate::tui::app::{thousands, App, View};
 use crate::tui::store::{ChatMessage, Comparison, Role};
 
 /// Lines of a chip's text shown when chips are expanded.
@@ -82,11 +82,12 @@ fn markdownish(text: &str, width: usize, out: &mut Vec<Line<'static>>) {
     }
 }
 
-fn attachments(m: &ChatMessage, expanded: bool, width: usize, out: &mut Vec<Line<'static>>) {
+fn attachments(app: &App, m: &ChatMessage, width: usize, out: &mut Vec<Line<'static>>) {
+    let expanded = app.expanded;
     let chip = Style::default().fg(Color::Black).bg(Color::Cyan);
     for a in &m.attachments {
         out.push(Line::from(Span::styled(
-            format!("[{}]", chip_label(a)),
+            format!("[{}]", app.chip_label(a)),
             chip,
         )));
         if expanded {
@@ -153,7 +154,7 @@ pub fn lines(app: &App, width: usize) -> Vec<Line<'static>> {
         match m.role {
             Role::User => {
                 out.push(Line::styled("You", user));
-                attachments(m, app.expanded, width, &mut out);
+                attachments(app, m, width, &mut out);
                 if !m.content.is_empty() {
                     out.extend(styled(wrap(&m.content, width), Style::default()));
                 }

@@ -371,3 +371,53 @@ fn tmux_session() {
     let stderr = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn killed_mid_answer_keeps_the_partial_answer() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED killed_mid_answer_keeps_the_partial_answer: tmux is not installed");
+        return;
+    }
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[chat]\nmax_tokens = 400\n").unwrap();
+    let tmux = Tmux {
+        socket: format!("slimchat-kill-{}", std::process::id()),
+    };
+    tmux.start(dir.path(), "");
+    tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
+    tmux.type_text("Write a long story about a lighthouse keeper and a storm.");
+    tmux.keys(&["Enter"]);
+    tmux.wait("the answer to stream", 60, |s| {
+        s.contains("state   decoding")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let screen = tmux.screen();
+    assert!(
+        screen.contains("state   decoding"),
+        "still answering:\n{screen}"
+    );
+    // SIGKILL: no handler runs, only what was already written survives
+    let pid = String::from_utf8_lossy(
+        &tmux
+            .run(&["display", "-p", "-t", "e2e", "#{pane_pid}"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let saved = store.latest().unwrap().expect("the conversation was saved");
+    let answer = saved.messages.last().unwrap();
+    assert_eq!(answer.role, Role::Assistant);
+    assert!(
+        answer.content.split_whitespace().count() >= 3,
+        "the partial answer was saved while streaming: {:?}",
+        answer.content
+    );
+}

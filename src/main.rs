@@ -130,6 +130,10 @@ struct BenchArgs {
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
+    /// Instead: this machine's peaks (FMA, int8 dot, memory bandwidth) and the decode GEMV
+    /// kernels' rates
+    #[arg(long)]
+    kernels: bool,
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -325,6 +329,10 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
 }
 
 fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
+    if args.kernels {
+        slimchat::kernel_bench::run(&mut |line| eprintln!("slimchat bench: {line}"));
+        return Ok(());
+    }
     let mut engine = load_engine(cfg)?;
     let bc = BenchConfig {
         lengths: args.lengths,

@@ -53,6 +53,15 @@ impl Linear {
         })
     }
 
+    /// x: (rows, in) -> (rows, out), without the decode GEMV: f32 activations even for one row
+    /// (the head after a prefill, whose logits the oracle holds to f32 accuracy).
+    pub fn forward_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { weights, .. } => x.matmul(&weights.t()?),
+            Self::Quantized(q) => q.forward(x),
+        }
+    }
+
     /// x: (rows, in) -> (rows, out)
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {

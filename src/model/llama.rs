@@ -308,7 +308,13 @@ impl Llama {
         }
         let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
         let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
-        Ok(self.head.forward(&last)?.flatten_all()?.to_vec1::<f32>()?)
+        // Decode's head takes Q8-rounded activations (the GEMV); a prefill's stays in f32.
+        let logits = if tokens.len() == 1 {
+            self.head.forward(&last)?
+        } else {
+            self.head.forward_f32(&last)?
+        };
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn check_inputs(&self, tokens: &[u32], positions: &[u32], kv: &KvCache) -> Result<()> {

@@ -62,8 +62,9 @@ crate::backend::simd::dispatch! {
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in q.iter_mut().zip(x) {
-            // |v * inv| <= 127 up to rounding: the cast does not saturate
-            *q = (v * inv).round() as i8;
+            // |v * inv| <= 127 up to rounding: the cast does not saturate. Ties to even (one
+            // instruction; ggml's roundf differs only on exact ties).
+            *q = (v * inv).round_ties_even() as i8;
             sum += *q as i32;
         }
         (d, sum)

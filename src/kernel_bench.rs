@@ -152,11 +152,10 @@ mod peaks {
 
     pub fn has_vnni() -> bool {
         #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni")
-        }
+        return std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vnni");
         #[cfg(not(target_arch = "x86_64"))]
-        false
+        return false;
     }
 
     crate::backend::simd::dispatch! {

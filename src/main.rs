@@ -44,7 +44,8 @@ struct Common {
     /// Config file (default: $SLIMCHAT_CONFIG or the XDG config dir's slimchat/config.toml)
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Linear-layer weights: dense (f32, fastest) or quantized (compact)
+    /// Linear-layer weights: dense (f32, fastest), quantized (compact) or dense-f32 (dense with
+    /// f32 decode arithmetic, a reference)
     #[arg(long, global = true, value_parser = parse_linear)]
     linear: Option<LinearMode>,
     /// Worker threads (0 = one per core)
@@ -148,7 +149,8 @@ fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
         "dense" => Ok(LinearMode::Dense),
         "quantized" => Ok(LinearMode::Quantized),
-        _ => Err(format!("expected dense or quantized, got {s}")),
+        "dense-f32" => Ok(LinearMode::DenseF32),
+        _ => Err(format!("expected dense, quantized or dense-f32, got {s}")),
     }
 }
 

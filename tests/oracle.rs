@@ -17,7 +17,8 @@
 //! Dense decode (one row) reads the quantized blocks with the activation rounded to Q8 per
 //! 32-value block (src/backend/qgemv/), like the quantized pair but with our rounding on one
 //! side only: its logits are held to `DECODE_TOL` against the f32 (dequantized) candle model at
-//! every step of a 32-token greedy continuation, and the greedy tokens must be the same.
+//! every step of a 32-token greedy continuation (and against our own f32 decode,
+//! `--linear dense-f32`), and the greedy tokens must be the same.
 
 mod common;
 
@@ -204,6 +205,18 @@ fn dense_decode_matches_dequantized_candle_for_32_tokens() {
     })
     .join()
     .unwrap();
+    // and our own f32 decode (`--linear dense-f32`) along the same tokens
+    let mut f32_engine = ours(LinearMode::DenseF32);
+    f32_engine.prefill(&prompt, &mut |_| {}).unwrap();
+    for (i, (t, ours)) in steps.iter().enumerate() {
+        let reference = f32_engine.step(*t).unwrap();
+        assert_close(
+            ours,
+            &reference,
+            DECODE_TOL,
+            &format!("decode vs dense-f32, step {i}"),
+        );
+    }
     let mut worst = 0.0f32;
     for (i, ((_, ours), theirs)) in steps.iter().zip(&theirs).enumerate() {
         let (diff, scale) = common::max_abs_diff(ours, theirs);

@@ -22,6 +22,10 @@ pub enum LinearMode {
     Dense,
     /// The GGUF's quantized weights through candle's QMatMul.
     Quantized,
+    /// Dense f32 weights, and f32 arithmetic in decode too (no quantized GEMV): slower decode,
+    /// the reference the decode GEMV's Q8 rounding is measured against.
+    #[serde(rename = "dense-f32")]
+    DenseF32,
 }
 
 pub enum Linear {
@@ -42,6 +46,7 @@ impl Linear {
                 decode: QMatrix::from_qtensor(&weights)?,
             },
             LinearMode::Quantized => Self::Quantized(QMatMul::from_arc(weights)?),
+            LinearMode::DenseF32 => Self::dense_without_decode(&weights)?,
         })
     }
 
@@ -110,7 +115,7 @@ impl FusedLinear {
         let refs: Vec<&QTensor> = weights.iter().map(|w| &**w).collect();
         let decode = match mode {
             LinearMode::Dense => QMatrix::stacked(&refs)?,
-            LinearMode::Quantized => None,
+            LinearMode::Quantized | LinearMode::DenseF32 => None,
         };
         let parts = weights
             .iter()

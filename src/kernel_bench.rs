@@ -107,14 +107,17 @@ pub fn run(out: &mut dyn FnMut(String)) {
         let mut total_best = f64::INFINITY;
         for _ in 0..5 {
             let mut times = vec![0.0; names.len()];
-            for (name, m) in &model {
-                let x: Vec<f32> = (0..m.cols()).map(|i| (i % 17) as f32 - 8.0).collect();
-                let mut y = vec![0.0; m.rows()];
-                let t = Instant::now();
-                m.gemv_with(kernel, &x, &mut y);
-                times[names.iter().position(|n| n == name).unwrap_or(0)] +=
-                    t.elapsed().as_secs_f64();
-            }
+            // on a pool thread, as a decode step runs (src/engine.rs, `step`)
+            rayon::scope(|_| {
+                for (name, m) in &model {
+                    let x: Vec<f32> = (0..m.cols()).map(|i| (i % 17) as f32 - 8.0).collect();
+                    let mut y = vec![0.0; m.rows()];
+                    let t = Instant::now();
+                    m.gemv_with(kernel, &x, &mut y);
+                    times[names.iter().position(|n| n == name).unwrap_or(0)] +=
+                        t.elapsed().as_secs_f64();
+                }
+            });
             for (b, t) in best.iter_mut().zip(&times) {
                 *b = b.min(*t);
             }

@@ -26,7 +26,8 @@ pub struct AppConfig {
 pub struct ModelConfig {
     /// "default", a path to a .gguf file, or "hf:owner/name[@revision]/file.gguf".
     pub source: String,
-    /// Form of the linear layers' weights: "dense" (f32, fastest) or "quantized" (compact).
+    /// Form of the linear layers' weights: "dense" (f32, fastest) or "quantized" (compact);
+    /// "dense-f32" keeps decode in f32 too (a reference for the decode GEMV's rounding).
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,

@@ -498,17 +498,21 @@ impl Engine {
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let pos = self.cached.len() as u32;
+        let (model, kv) = (&self.model, &mut self.kv);
+        // The whole step runs on a pool thread: its parallel sections (about five per layer)
+        // then start as work for the other thread to steal, instead of each waking the pool
+        // from outside and putting this thread to sleep until it finishes (two futex round
+        // trips per section; see bench/NOTES.md, "Decode GEMV").
         let logits = match &mut self.session {
             Some(session) => {
-                let l = self
-                    .model
-                    .forward(&[token], &[pos], &mut self.kv, session, &mut |_, _| {});
+                let l =
+                    rayon::scope(|_| model.forward(&[token], &[pos], kv, session, &mut |_, _| {}));
                 self.swaps.push(session.take_swaps());
                 l
             }
-            None => self
-                .model
-                .forward(&[token], &[pos], &mut self.kv, &mut Dense, &mut |_, _| {}),
+            None => {
+                rayon::scope(|_| model.forward(&[token], &[pos], kv, &mut Dense, &mut |_, _| {}))
+            }
         };
         match logits {
             Ok(l) => {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;
 pub mod model;

@@ -44,7 +44,8 @@ struct Common {
     /// Config file (default: $SLIMCHAT_CONFIG or the XDG config dir's slimchat/config.toml)
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Linear-layer weights: dense (f32, fastest) or quantized (compact)
+    /// Linear-layer weights: dense (f32, fastest), quantized (compact) or dense-f32 (dense with
+    /// f32 decode arithmetic, a reference)
     #[arg(long, global = true, value_parser = parse_linear)]
     linear: Option<LinearMode>,
     /// Worker threads (0 = one per core)
@@ -130,6 +131,10 @@ struct BenchArgs {
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
+    /// Instead: this machine's peaks (FMA, int8 dot, memory bandwidth) and the decode GEMV
+    /// kernels' rates
+    #[arg(long)]
+    kernels: bool,
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -144,7 +149,8 @@ fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
         "dense" => Ok(LinearMode::Dense),
         "quantized" => Ok(LinearMode::Quantized),
-        _ => Err(format!("expected dense or quantized, got {s}")),
+        "dense-f32" => Ok(LinearMode::DenseF32),
+        _ => Err(format!("expected dense, quantized or dense-f32, got {s}")),
     }
 }
 
@@ -325,6 +331,10 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
 }
 
 fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
+    if args.kernels {
+        slimchat::kernel_bench::run(&mut |line| eprintln!("slimchat bench: {line}"));
+        return Ok(());
+    }
     let mut engine = load_engine(cfg)?;
     let bc = BenchConfig {
         lengths: args.lengths,

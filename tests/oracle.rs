@@ -13,6 +13,12 @@
 //! that product by up to 1/127 of the block's scale; those steps compound over 30 layers, so that
 //! pair gets 5e-2. Both bounds sit far below the margin between the top logits that decides
 //! greedy decoding, and the 32-token greedy continuation is checked token for token.
+//!
+//! Dense decode (one row) reads the quantized blocks with the activation rounded to Q8 per
+//! 32-value block (src/backend/qgemv/), like the quantized pair but with our rounding on one
+//! side only: its logits are held to `DECODE_TOL` against the f32 (dequantized) candle model at
+//! every step of a 32-token greedy continuation (and against our own f32 decode,
+//! `--linear dense-f32`), and the greedy tokens must be the same.
 
 mod common;
 
@@ -28,6 +34,7 @@ use slimchat::model::template::Message;
 
 const DENSE_TOL: f32 = 2e-3;
 const QUANTIZED_TOL: f32 = 5e-2;
+const DECODE_TOL: f32 = 5e-2;
 
 /// `CANDLE_DEQUANTIZE_ALL` is read per thread at candle's first QMatMul; tests that set it must
 /// not interleave with tests that must not see it.
@@ -164,4 +171,61 @@ fn greedy_continuation_matches_candle_for_32_tokens() {
     let text = engine.tokenizer.decode(&mine, false).unwrap();
     eprintln!("continuation: {text:?}");
     assert_eq!(mine, theirs, "greedy continuations differ");
+}
+
+/// Dense decode (Q8 activations, integer dot products) against candle's f32 weights, step by
+/// step along our greedy continuation: logits within `DECODE_TOL`, the same greedy tokens.
+#[test]
+fn dense_decode_matches_dequantized_candle_for_32_tokens() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let mut engine = ours(LinearMode::Dense);
+    let prompt = engine
+        .encode_chat(&[Message::user(
+            "Explain in two sentences why the sky is blue.",
+        )])
+        .unwrap();
+    let (first, _) = engine.prefill(&prompt, &mut |_| {}).unwrap();
+    let mut steps = Vec::new(); // (token fed, our logits after it)
+    let mut t = common::argmax(&first) as u32;
+    for _ in 0..32 {
+        let logits = engine.step(t).unwrap();
+        steps.push((t, logits));
+        t = common::argmax(&steps.last().unwrap().1) as u32;
+    }
+    let path = common::default_model();
+    let (p, fed): (Vec<u32>, Vec<u32>) = (prompt.clone(), steps.iter().map(|s| s.0).collect());
+    let theirs = std::thread::spawn(move || {
+        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+        let mut m = candle_model(&path);
+        candle_logits(&mut m, &p, 0);
+        fed.iter()
+            .enumerate()
+            .map(|(i, &t)| candle_logits(&mut m, &[t], p.len() + i))
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    // and our own f32 decode (`--linear dense-f32`) along the same tokens
+    let mut f32_engine = ours(LinearMode::DenseF32);
+    f32_engine.prefill(&prompt, &mut |_| {}).unwrap();
+    for (i, (t, ours)) in steps.iter().enumerate() {
+        let reference = f32_engine.step(*t).unwrap();
+        assert_close(
+            ours,
+            &reference,
+            DECODE_TOL,
+            &format!("decode vs dense-f32, step {i}"),
+        );
+    }
+    let mut worst = 0.0f32;
+    for (i, ((_, ours), theirs)) in steps.iter().zip(&theirs).enumerate() {
+        let (diff, scale) = common::max_abs_diff(ours, theirs);
+        worst = worst.max(diff / scale);
+        assert_close(ours, theirs, DECODE_TOL, &format!("dense decode step {i}"));
+    }
+    eprintln!("dense decode: worst max |Δlogit| / max |logit| over 32 steps = {worst:.2e}");
+    let text = engine
+        .tokenizer
+        .decode(&steps.iter().map(|s| s.0).collect::<Vec<_>>(), false);
+    eprintln!("continuation: {:?}", text.unwrap());
 }

@@ -3,7 +3,8 @@
 //! kernels, several times faster on this CPU than candle's quantized matmul, whose Q4_1 dot is
 //! scalar; one-row inputs, i.e. decode, read the quantized blocks instead through our GEMV,
 //! which streams ~6x fewer bytes; see bench/NOTES.md) or quantized only (candle's `QMatMul`,
-//! the arithmetic of candle's reference `quantized_llama`, 4-5x less memory).
+//! the arithmetic of candle's reference `quantized_llama`, 4-5x less memory). `FusedLinear`
+//! stacks several layers over the same input (q/k/v, gate/up) into one decode GEMV.
 
 use std::sync::Arc;
 
@@ -21,6 +22,10 @@ pub enum LinearMode {
     Dense,
     /// The GGUF's quantized weights through candle's QMatMul.
     Quantized,
+    /// Dense f32 weights, and f32 arithmetic in decode too (no quantized GEMV): slower decode,
+    /// the reference the decode GEMV's Q8 rounding is measured against.
+    #[serde(rename = "dense-f32")]
+    DenseF32,
 }
 
 pub enum Linear {
@@ -41,7 +46,25 @@ impl Linear {
                 decode: QMatrix::from_qtensor(&weights)?,
             },
             LinearMode::Quantized => Self::Quantized(QMatMul::from_arc(weights)?),
+            LinearMode::DenseF32 => Self::dense_without_decode(&weights)?,
         })
+    }
+
+    /// Dense f32 weights only; one-row inputs go through the f32 GEMM too (or a `FusedLinear`).
+    fn dense_without_decode(weights: &QTensor) -> candle_core::Result<Self> {
+        Ok(Self::Dense {
+            weights: weights.dequantize(&Device::Cpu)?,
+            decode: None,
+        })
+    }
+
+    /// x: (rows, in) -> (rows, out), without the decode GEMV: f32 activations even for one row
+    /// (the head after a prefill, whose logits the oracle holds to f32 accuracy).
+    pub fn forward_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { weights, .. } => x.matmul(&weights.t()?),
+            Self::Quantized(q) => q.forward(x),
+        }
     }
 
     /// x: (rows, in) -> (rows, out)
@@ -70,5 +93,66 @@ impl Linear {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
         }
+    }
+}
+
+/// Several layers over the same input, each its own `Linear` for many rows; for one row (decode)
+/// their quantized rows stacked into one GEMV: the activation is quantized once and the thread
+/// pool entered once.
+pub struct FusedLinear {
+    parts: Vec<Linear>,
+    /// output width of each part
+    widths: Vec<usize>,
+    decode: Option<QMatrix>,
+}
+
+impl FusedLinear {
+    pub fn new(weights: Vec<Arc<QTensor>>, mode: LinearMode) -> candle_core::Result<Self> {
+        let widths = weights
+            .iter()
+            .map(|w| w.shape().dims2().map(|d| d.0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let refs: Vec<&QTensor> = weights.iter().map(|w| &**w).collect();
+        let decode = match mode {
+            LinearMode::Dense => QMatrix::stacked(&refs)?,
+            LinearMode::Quantized | LinearMode::DenseF32 => None,
+        };
+        let parts = weights
+            .iter()
+            .map(|w| match decode {
+                Some(_) => Linear::dense_without_decode(w),
+                None => Linear::new(w.clone(), mode),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            parts,
+            widths,
+            decode,
+        })
+    }
+
+    /// x: (rows, in) -> one (rows, out_i) per part
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match &self.decode {
+            Some(q) if x.dims2()?.0 == 1 => {
+                let mut out = vec![0.0f32; q.rows()];
+                with_f32(&x.contiguous()?, |x| q.gemv(x, &mut out))?;
+                let mut start = 0;
+                self.widths
+                    .iter()
+                    .map(|&w| {
+                        let part = out[start..start + w].to_vec();
+                        start += w;
+                        Tensor::from_vec(part, (1, w), &Device::Cpu)
+                    })
+                    .collect()
+            }
+            _ => self.parts.iter().map(|p| p.forward(x)).collect(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(Linear::bytes).sum::<usize>()
+            + self.decode.as_ref().map_or(0, QMatrix::bytes)
     }
 }

@@ -13,7 +13,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::backend::attention::{attention, AttnShape};
-use crate::backend::linear::{Linear, LinearMode};
+use crate::backend::linear::{FusedLinear, Linear, LinearMode};
 use crate::backend::rowwise::{rms_norm, silu_mul, Rope};
 use crate::backend::{tensor2, with_f32};
 use crate::kv::{KvCache, LayerKv};
@@ -21,9 +21,8 @@ use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::{Error, Result};
 
 struct Attention {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v
+    wqkv: FusedLinear,
     wo: Linear,
     shape: AttnShape,
 }
@@ -31,9 +30,11 @@ struct Attention {
 impl Attention {
     fn load(f: &mut GgufFile, i: usize, spec: &ModelSpec, mode: LinearMode) -> Result<Self> {
         Ok(Self {
-            wq: linear(f, &format!("blk.{i}.attn_q.weight"), mode)?,
-            wk: linear(f, &format!("blk.{i}.attn_k.weight"), mode)?,
-            wv: linear(f, &format!("blk.{i}.attn_v.weight"), mode)?,
+            wqkv: fused(
+                f,
+                &["q", "k", "v"].map(|p| format!("blk.{i}.attn_{p}.weight")),
+                mode,
+            )?,
             wo: linear(f, &format!("blk.{i}.attn_output.weight"), mode)?,
             shape: AttnShape {
                 n_heads: spec.n_heads,
@@ -53,9 +54,10 @@ impl Attention {
         ctx: &LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
-        let mut q = self.wq.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
-        let mut k = self.wk.forward(x)?.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
-        let v = self.wv.forward(x)?; // (rows, n_kv_heads * hd)
+        let [q, k, v]: [Tensor; 3] = self.wqkv.forward(x)?.try_into().expect("three parts");
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
+                                                        // v: (rows, n_kv_heads * hd)
         ctx.rope.apply(&mut q, positions)?;
         ctx.rope.apply(&mut k, positions)?;
         with_f32(&v, |v| kv.append(&k, v, positions))??;
@@ -76,24 +78,27 @@ impl Attention {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate, up
+    gate_up: FusedLinear,
     down: Linear,
 }
 
 impl Mlp {
     fn load(f: &mut GgufFile, i: usize, mode: LinearMode) -> Result<Self> {
         Ok(Self {
-            gate: linear(f, &format!("blk.{i}.ffn_gate.weight"), mode)?,
-            up: linear(f, &format!("blk.{i}.ffn_up.weight"), mode)?,
+            gate_up: fused(
+                f,
+                &["gate", "up"].map(|p| format!("blk.{i}.ffn_{p}.weight")),
+                mode,
+            )?,
             down: linear(f, &format!("blk.{i}.ffn_down.weight"), mode)?,
         })
     }
 
     /// x: (rows, hidden) -> (rows, hidden)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?; // (rows, intermediate)
-        let up = self.up.forward(x)?; // (rows, intermediate)
+        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().expect("two parts");
+        // gate, up: (rows, intermediate)
         let (rows, width) = gate.dims2()?;
         let mut act = vec![0.0f32; rows * width];
         with_f32(&gate, |g| with_f32(&up, |u| silu_mul(g, u, &mut act)))??;
@@ -303,7 +308,13 @@ impl Llama {
         }
         let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
         let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
-        Ok(self.head.forward(&last)?.flatten_all()?.to_vec1::<f32>()?)
+        // Decode's head takes Q8-rounded activations (the GEMV); a prefill's stays in f32.
+        let logits = if tokens.len() == 1 {
+            self.head.forward(&last)?
+        } else {
+            self.head.forward_f32(&last)?
+        };
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn check_inputs(&self, tokens: &[u32], positions: &[u32], kv: &KvCache) -> Result<()> {
@@ -342,6 +353,14 @@ impl Llama {
 
 fn linear(f: &mut GgufFile, name: &str, mode: LinearMode) -> Result<Linear> {
     Ok(Linear::new(Arc::new(f.tensor(name)?), mode)?)
+}
+
+fn fused(f: &mut GgufFile, names: &[String], mode: LinearMode) -> Result<FusedLinear> {
+    let weights = names
+        .iter()
+        .map(|n| Ok(Arc::new(f.tensor(n)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FusedLinear::new(weights, mode)?)
 }
 
 fn vector(f: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {

@@ -1,0 +1,106 @@
+//! The activation row of a decode GEMV, quantized once per product to 8 bits per value with one
+//! f32 scale per 32-value block (ggml's Q8_0 rounding: d = max|x| / 127, q = round(x / d)), so
+//! the weight blocks can be multiplied with integer dot products (VNNI `vpdpbusd`).
+
+use super::QK;
+
+/// x ≈ d[b] * q[32 b + j], with per-block sums of q for the weight offsets.
+pub struct Q8Row {
+    /// (cols) quantized values in [-127, 127]
+    pub q: Vec<i8>,
+    /// (cols / 32) block scales
+    pub d: Vec<f32>,
+    /// (cols / 32) Σ q over the block
+    pub sum: Vec<i32>,
+    /// (cols / 32) d * Σ q: the block's sum of x as the integer path sees it (Q4_1's offset term)
+    pub dsum: Vec<f32>,
+}
+
+impl Q8Row {
+    /// Quantize `x`; its length must be a multiple of 32.
+    pub fn quantize(x: &[f32]) -> Self {
+        assert!(
+            x.len().is_multiple_of(QK),
+            "q8 row: {} values is not a multiple of {QK}",
+            x.len()
+        );
+        let nb = x.len() / QK;
+        let mut row = Self {
+            q: vec![0; x.len()],
+            d: Vec::with_capacity(nb),
+            sum: Vec::with_capacity(nb),
+            dsum: Vec::with_capacity(nb),
+        };
+        for (xb, qb) in x.chunks_exact(QK).zip(row.q.chunks_exact_mut(QK)) {
+            let (d, sum) = quantize_block(xb, qb);
+            row.d.push(d);
+            row.sum.push(sum);
+            row.dsum.push(d * sum as f32);
+        }
+        row
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.d.len()
+    }
+
+    /// The values the integer path multiplies with, as f32 (for tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .chunks_exact(QK)
+            .zip(&self.d)
+            .flat_map(|(qb, &d)| qb.iter().map(move |&q| d * q as f32))
+            .collect()
+    }
+}
+
+crate::backend::simd::dispatch! {
+    /// One block: q = round(x / d) with d = max|x| / 127; returns (d, Σ q).
+    pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let mut lanes = [0.0f32; 16];
+        for c in x.chunks_exact(16) {
+            for i in 0..16 {
+                lanes[i] = lanes[i].max(c[i].abs());
+            }
+        }
+        let amax = x.chunks_exact(16).remainder().iter().fold(lanes.iter().fold(0.0f32, |m, v| m.max(*v)), |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in q.iter_mut().zip(x) {
+            // Round to nearest (ties to even; ggml's roundf differs only on exact ties) by
+            // adding 1.5 * 2^23: the integer lands in the low mantissa bits. |v * inv| <= 127,
+            // so it fits; a float-to-int `as` cast would saturate and not vectorise.
+            let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+            *q = bits as i8;
+            sum += *q as i32;
+        }
+        (d, sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_error_is_at_most_half_a_step() {
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let mut x = x;
+        x[32..64].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+        let r = Q8Row::quantize(&x);
+        let back = r.dequantize();
+        for b in 0..3 {
+            for j in 0..QK {
+                let i = b * QK + j;
+                assert!((back[i] - x[i]).abs() <= 0.5 * r.d[b] + 1e-7, "{i}");
+            }
+            let s: i32 = r.q[b * QK..][..QK].iter().map(|&q| q as i32).sum();
+            assert_eq!(r.sum[b], s);
+        }
+        assert_eq!(r.d[1], 0.0);
+        assert!(r.q.iter().all(|&q| q != i8::MIN));
+    }
+}

@@ -1,0 +1,364 @@
+//! The inner loops of the decode GEMV: a run of row tiles (16 rows interleaved, see
+//! `super::QMatrix`) against one Q8-quantized activation row. Three versions of each, chosen
+//! at run time: AVX-512 VNNI (`vpdpbusd`, 16 rows in the 16 i32 lanes of one register), AVX2
+//! (`vpmaddubsw` + `vpmaddwd`, 8 rows per register) and scalar (any CPU; the reference the
+//! others are tested against).
+//!
+//! Tile-block layouts (one tile = 16 rows, one block = 32 columns):
+//! - Q4_1: 4 lines of 64 bytes; line k holds, for rows r = 0..16, the row's nibble bytes
+//!   qs[4k..4k+4] at bytes 4r..4r+4: low nibbles are weights 4k..4k+4, high nibbles weights
+//!   16+4k..16+4k+4. Scales: 16 f16 d then 16 f16 m.
+//! - Q8_0: 8 lines; line k holds the rows' weights 4k..4k+4 as bytes w ^ 0x80 (= w + 128, so
+//!   they are unsigned for `vpdpbusd`; the 128 Σ x it adds is subtracted per block).
+//!   Scales: 16 f16 d.
+
+use super::activation::Q8Row;
+use super::{Line, QK, TILE};
+
+/// Which implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Vnni,
+    Avx2,
+    Scalar,
+}
+
+impl Kernel {
+    /// The fastest the CPU supports.
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c") {
+                return Self::Vnni;
+            }
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                return Self::Avx2;
+            }
+        }
+        Self::Scalar
+    }
+
+    /// Every kernel this CPU can run (for tests and the kernel bench).
+    pub fn available() -> Vec<Self> {
+        let best = Self::best();
+        [Self::Vnni, Self::Avx2, Self::Scalar]
+            .into_iter()
+            .filter(|k| match best {
+                Self::Vnni => true,
+                Self::Avx2 => *k != Self::Vnni,
+                Self::Scalar => *k == Self::Scalar,
+            })
+            .collect()
+    }
+}
+
+/// Lines and f16 scale bits per tile-block of each format.
+pub const Q4_1_LINES: usize = 4;
+pub const Q4_1_SCALES: usize = 2 * TILE;
+pub const Q8_0_LINES: usize = 8;
+pub const Q8_0_SCALES: usize = TILE;
+
+/// The tiles of one run: `out.len()` rows, i.e. ceil(out.len() / 16) tiles of `nb` blocks.
+pub struct Tiles<'a> {
+    pub quants: &'a [Line],
+    pub scales: &'a [u16],
+    pub nb: usize,
+}
+
+impl Tiles<'_> {
+    fn check(&self, lines: usize, scales: usize, x: &Q8Row, out: &[f32]) {
+        let tiles = out.len().div_ceil(TILE);
+        assert!(
+            self.quants.len() >= tiles * self.nb * lines,
+            "qgemv: short quants"
+        );
+        assert!(
+            self.scales.len() >= tiles * self.nb * scales,
+            "qgemv: short scales"
+        );
+        assert_eq!(x.blocks(), self.nb, "qgemv: activation blocks");
+    }
+}
+
+/// out[r] = Σ_b d_rb (d_b Σ_j q_rbj x_bj) + m_rb (d_b Σ_j x_bj), over Q4_1 tiles.
+pub fn q4_1(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q4_1_LINES, Q4_1_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: the CPU has the features (best() checked them); `check` guarantees every
+            // tile-block the kernel reads lies inside the slices.
+            unsafe { x86::q4_1_vnni(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
+            unsafe { x86::q4_1_avx2(t, x, out) }
+        }
+        _ => q4_1_scalar(t, x, out),
+    }
+}
+
+/// out[r] = Σ_b d_rb d_b Σ_j w_rbj q_bj, over Q8_0 tiles.
+pub fn q8_0(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q8_0_LINES, Q8_0_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q8_0_vnni(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q8_0_avx2(t, x, out) }
+        }
+        _ => q8_0_scalar(t, x, out),
+    }
+}
+
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+fn q4_1_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for (tile, out) in out.chunks_mut(TILE).enumerate() {
+        for (r, o) in out.iter_mut().enumerate() {
+            let (mut acc_d, mut acc_m) = (0.0f32, 0.0f32);
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                let xq = &x.q[b * QK..][..QK];
+                let mut dot = 0i32;
+                for k in 0..4 {
+                    let bytes = &t.quants[tb * Q4_1_LINES + k].0[4 * r..][..4];
+                    for (j, &byte) in bytes.iter().enumerate() {
+                        dot += (byte & 15) as i32 * xq[4 * k + j] as i32;
+                        dot += (byte >> 4) as i32 * xq[16 + 4 * k + j] as i32;
+                    }
+                }
+                let s = &t.scales[tb * Q4_1_SCALES..];
+                acc_d += f16(s[r]) * x.d[b] * dot as f32;
+                acc_m += f16(s[TILE + r]) * x.dsum[b];
+            }
+            *o = acc_d + acc_m;
+        }
+    }
+}
+
+fn q8_0_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for (tile, out) in out.chunks_mut(TILE).enumerate() {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                let xq = &x.q[b * QK..][..QK];
+                let mut dot = 0i32;
+                for k in 0..Q8_0_LINES {
+                    let bytes = &t.quants[tb * Q8_0_LINES + k].0[4 * r..][..4];
+                    for (j, &byte) in bytes.iter().enumerate() {
+                        dot += ((byte ^ 0x80) as i8) as i32 * xq[4 * k + j] as i32;
+                    }
+                }
+                acc += f16(t.scales[tb * Q8_0_SCALES + r]) * x.d[b] * dot as f32;
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q8_0_LINES, Q8_0_SCALES, TILE};
+    use crate::backend::qgemv::QK;
+
+    /// Four activation bytes starting at `i`, as one i32 to broadcast.
+    #[inline(always)]
+    unsafe fn x4(x: &Q8Row, i: usize) -> i32 {
+        // SAFETY (caller): i + 4 <= x.q.len().
+        unsafe { (x.q.as_ptr().add(i) as *const i32).read_unaligned() }
+    }
+
+    /// Write a tile's 16 results; the last tile of a run may be partial.
+    #[inline(always)]
+    unsafe fn store16(acc: __m512, out: &mut [f32], tile: usize) {
+        let rows = (out.len() - tile * TILE).min(TILE);
+        let mask: __mmask16 = if rows == TILE {
+            0xFFFF
+        } else {
+            (1u16 << rows) - 1
+        };
+        // SAFETY (caller): rows tile*16 .. tile*16+rows are inside `out`; masked lanes are not
+        // written.
+        unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(tile * TILE), mask, acc) }
+    }
+
+    /// SAFETY: the CPU has AVX-512F/BW/VNNI and F16C; `t` holds every tile-block of `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn q4_1_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let nibble = _mm512_set1_epi8(0x0F);
+        for tile in 0..out.len().div_ceil(TILE) {
+            let (mut acc_d, mut acc_m) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                // SAFETY: tb < tiles * nb, so its lines and scales are in bounds (`check`);
+                // b * 32 + 32 <= x.q.len().
+                unsafe {
+                    let lines = t.quants.as_ptr().add(tb * Q4_1_LINES) as *const __m512i;
+                    let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for k in 0..4 {
+                        let w = _mm512_load_si512(lines.add(k));
+                        let lo = _mm512_and_si512(w, nibble);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+                        let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
+                        let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
+                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, xhi);
+                    }
+                    let s = t.scales.as_ptr().add(tb * Q4_1_SCALES);
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
+                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(TILE) as *const __m256i));
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
+                    let dx = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked(b)));
+                    acc_d = _mm512_fmadd_ps(dx, dot, acc_d);
+                    acc_m = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.dsum.get_unchecked(b)), acc_m);
+                }
+            }
+            // SAFETY: `tile` is one of out's tiles.
+            unsafe { store16(_mm512_add_ps(acc_d, acc_m), out, tile) };
+        }
+    }
+
+    /// SAFETY: as `q4_1_vnni`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn q8_0_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        for tile in 0..out.len().div_ceil(TILE) {
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                // SAFETY: as in `q4_1_vnni`.
+                unsafe {
+                    let lines = t.quants.as_ptr().add(tb * Q8_0_LINES) as *const __m512i;
+                    let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for k in (0..Q8_0_LINES).step_by(2) {
+                        let w0 = _mm512_load_si512(lines.add(k));
+                        let w1 = _mm512_load_si512(lines.add(k + 1));
+                        i0 = _mm512_dpbusd_epi32(i0, w0, _mm512_set1_epi32(x4(x, b * QK + 4 * k)));
+                        i1 = _mm512_dpbusd_epi32(
+                            i1,
+                            w1,
+                            _mm512_set1_epi32(x4(x, b * QK + 4 * k + 4)),
+                        );
+                    }
+                    // the weights were stored as w + 128: remove 128 Σ x
+                    let bias = _mm512_set1_epi32(*x.sum.get_unchecked(b) << 7);
+                    let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0, i1), bias));
+                    let s = t.scales.as_ptr().add(tb * Q8_0_SCALES);
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
+                    let dx = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked(b)));
+                    // two accumulators: alternate blocks, so the FMA latency chains overlap
+                    if b % 2 == 0 {
+                        acc0 = _mm512_fmadd_ps(dx, dot, acc0);
+                    } else {
+                        acc1 = _mm512_fmadd_ps(dx, dot, acc1);
+                    }
+                }
+            }
+            // SAFETY: `tile` is one of out's tiles.
+            unsafe { store16(_mm512_add_ps(acc0, acc1), out, tile) };
+        }
+    }
+
+    /// Write 8 results of a tile half; partial at the end of `out`.
+    #[inline(always)]
+    unsafe fn store8(acc: __m256, out: &mut [f32], first: usize) {
+        if first >= out.len() {
+            return;
+        }
+        let mut tmp = [0.0f32; 8];
+        // SAFETY: tmp holds 8 floats.
+        unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), acc) };
+        let n = (out.len() - first).min(8);
+        out[first..first + n].copy_from_slice(&tmp[..n]);
+    }
+
+    /// SAFETY: the CPU has AVX2, FMA and F16C; `t` holds every tile-block of `out`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for tile in 0..out.len().div_ceil(TILE) {
+            for half in 0..2 {
+                let (mut acc_d, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for b in 0..t.nb {
+                    let tb = tile * t.nb + b;
+                    // SAFETY: as in `q4_1_vnni`; half * 32 + 32 <= 64 bytes of a line.
+                    unsafe {
+                        let lines = t.quants.as_ptr().add(tb * Q4_1_LINES) as *const u8;
+                        let mut isum = _mm256_setzero_si256();
+                        for k in 0..4 {
+                            let w =
+                                _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i);
+                            let lo = _mm256_and_si256(w, nibble);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
+                            let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+                            // |15 * 127 * 2| twice fits i16
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, xlo),
+                                _mm256_maddubs_epi16(hi, xhi),
+                            );
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                        }
+                        let s = t.scales.as_ptr().add(tb * Q4_1_SCALES + 8 * half);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i));
+                        let dx = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.get_unchecked(b)));
+                        acc_d = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(isum), acc_d);
+                        acc_m = _mm256_fmadd_ps(m, _mm256_set1_ps(*x.dsum.get_unchecked(b)), acc_m);
+                    }
+                }
+                // SAFETY: plain store of 8 lanes.
+                unsafe { store8(_mm256_add_ps(acc_d, acc_m), out, tile * TILE + 8 * half) };
+            }
+        }
+    }
+
+    /// SAFETY: as `q4_1_avx2`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        for tile in 0..out.len().div_ceil(TILE) {
+            for half in 0..2 {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..t.nb {
+                    let tb = tile * t.nb + b;
+                    // SAFETY: as in `q4_1_avx2`.
+                    unsafe {
+                        let lines = t.quants.as_ptr().add(tb * Q8_0_LINES) as *const u8;
+                        let mut isum = _mm256_setzero_si256();
+                        for k in 0..Q8_0_LINES {
+                            let u =
+                                _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i);
+                            let w = _mm256_xor_si256(u, flip); // back to signed
+                            let xk = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
+                            // |w| * sign(x, w): unsigned × signed, at most 128 * 127 * 2 per i16
+                            let p =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xk, w));
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                        }
+                        let s = t.scales.as_ptr().add(tb * Q8_0_SCALES + 8 * half);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
+                        let dx = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.get_unchecked(b)));
+                        acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(isum), acc);
+                    }
+                }
+                // SAFETY: plain store of 8 lanes.
+                unsafe { store8(acc, out, tile * TILE + 8 * half) };
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Matrix-vector products straight from GGUF quantized weights, for decode: one row of
+//! activations against the whole weight matrix, bound by the bytes read (Q4_1: 0.625 bytes per
+//! weight, Q8_0: 1.0625, against dense f32's 4).
+//!
+//! GGUF blocks (ggml): Q4_1 = { f16 d, f16 m, u8 qs[16] } for 32 weights, weight j is
+//! `d * q_j + m` with q_j the low nibble of qs[j] (j < 16) or the high nibble of qs[j - 16];
+//! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`.
+//!
+//! At load the blocks are repacked into tiles of 16 rows (kernels.rs has the byte layout): the
+//! kernel streams one tile's blocks in order and keeps each row in one lane of an i32 vector,
+//! so there is no horizontal sum and no shuffle. Each product quantizes the activation row to
+//! Q8 once (activation.rs) and multiplies with integer dot products; rows are split across the
+//! thread pool in runs of whole tiles. Several matrices over the same input (q/k/v, gate/up)
+//! can be stacked into one, so the activation is quantized once and the pool entered once.
+
+pub mod activation;
+pub mod kernels;
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+use activation::Q8Row;
+use kernels::{Kernel, Tiles};
+
+/// Values per quantized block.
+pub const QK: usize = 32;
+/// Rows interleaved in one tile.
+pub const TILE: usize = 16;
+
+/// 64 bytes on a cache-line boundary: the kernels load whole aligned lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; 64]);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Q4_1,
+    Q8_0,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_1 => 20,
+            Kind::Q8_0 => 34,
+        }
+    }
+
+    fn lines(self) -> usize {
+        match self {
+            Kind::Q4_1 => kernels::Q4_1_LINES,
+            Kind::Q8_0 => kernels::Q8_0_LINES,
+        }
+    }
+
+    fn scales(self) -> usize {
+        match self {
+            Kind::Q4_1 => kernels::Q4_1_SCALES,
+            Kind::Q8_0 => kernels::Q8_0_SCALES,
+        }
+    }
+}
+
+/// A (rows, cols) weight matrix in tiles of 16 rows (the last one padded with zero weights).
+pub struct QMatrix {
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    /// tile-major, then block: `kind.lines()` lines per tile-block
+    quants: Vec<Line>,
+    /// tile-major, then block: `kind.scales()` f16 bit patterns per tile-block
+    scales: Vec<u16>,
+}
+
+impl QMatrix {
+    /// The matrix of a 2-D Q4_1 or Q8_0 tensor; None for other types (they decode through f32).
+    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
+        Self::stacked(&[t])
+    }
+
+    /// The rows of several tensors of one type and width, stacked in order; None when the
+    /// type has no kernel here or the parts differ.
+    pub fn stacked(parts: &[&QTensor]) -> candle_core::Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let kind = match first.dtype() {
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q8_0 => Kind::Q8_0,
+            _ => return Ok(None),
+        };
+        let cols = first.shape().dims2()?.1;
+        let mut data: Vec<Cow<[u8]>> = Vec::new();
+        for p in parts {
+            let (rows, c) = p.shape().dims2()?;
+            if p.dtype() != first.dtype() || c != cols || !cols.is_multiple_of(QK) {
+                return Ok(None);
+            }
+            let d = p.data()?;
+            if d.len() != rows * cols / QK * kind.block_bytes() {
+                candle_core::bail!(
+                    "qgemv: {kind:?} tensor ({rows}, {cols}) has {} bytes",
+                    d.len()
+                )
+            }
+            data.push(d);
+        }
+        let row_bytes = cols / QK * kind.block_bytes();
+        let rows: Vec<&[u8]> = data
+            .iter()
+            .flat_map(|d| d.chunks_exact(row_bytes))
+            .collect();
+        Ok(Some(Self::repack(kind, cols, &rows)))
+    }
+
+    /// Build the tiles from rows of GGUF blocks.
+    fn repack(kind: Kind, cols: usize, rows: &[&[u8]]) -> Self {
+        let nb = cols / QK;
+        let tiles = rows.len().div_ceil(TILE);
+        let bb = kind.block_bytes();
+        let mut quants = vec![Line([0; 64]); tiles * nb * kind.lines()];
+        let mut scales = vec![0u16; tiles * nb * kind.scales()];
+        let f16_bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+        for tile in 0..tiles {
+            for b in 0..nb {
+                let tb = tile * nb + b;
+                let lines = &mut quants[tb * kind.lines()..][..kind.lines()];
+                let s = &mut scales[tb * kind.scales()..][..kind.scales()];
+                for r in 0..TILE {
+                    let Some(row) = rows.get(tile * TILE + r) else {
+                        if kind == Kind::Q8_0 {
+                            // a zero weight is stored as 0 + 128
+                            lines.iter_mut().for_each(|l| l.0[4 * r..][..4].fill(0x80));
+                        }
+                        continue;
+                    };
+                    let block = &row[b * bb..][..bb];
+                    s[r] = f16_bits(&block[0..2]);
+                    match kind {
+                        Kind::Q4_1 => {
+                            s[TILE + r] = f16_bits(&block[2..4]);
+                            for (k, l) in lines.iter_mut().enumerate() {
+                                l.0[4 * r..][..4].copy_from_slice(&block[4 + 4 * k..][..4]);
+                            }
+                        }
+                        Kind::Q8_0 => {
+                            for (k, l) in lines.iter_mut().enumerate() {
+                                for j in 0..4 {
+                                    l.0[4 * r + j] = block[2 + 4 * k + j] ^ 0x80;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            kind,
+            rows: rows.len(),
+            cols,
+            quants,
+            scales,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.quants.len() * 64 + self.scales.len() * 2
+    }
+
+    /// out = W x. x: (cols), out: (rows).
+    pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        self.gemv_with(Kernel::best(), x, out)
+    }
+
+    /// `gemv` with a chosen kernel (tests, kernel bench).
+    pub fn gemv_with(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
+        assert_eq!(
+            x.len(),
+            self.cols,
+            "qgemv: x has {} values, want {}",
+            x.len(),
+            self.cols
+        );
+        self.gemv_q8(kernel, &Q8Row::quantize(x), out)
+    }
+
+    /// out = W x for an already quantized x.
+    pub fn gemv_q8(&self, kernel: Kernel, x: &Q8Row, out: &mut [f32]) {
+        assert_eq!(
+            x.q.len(),
+            self.cols,
+            "qgemv: x has {} values, want {}",
+            x.q.len(),
+            self.cols
+        );
+        assert_eq!(
+            out.len(),
+            self.rows,
+            "qgemv: out has {} values, want {}",
+            out.len(),
+            self.rows
+        );
+        let nb = self.cols / QK;
+        let (lines, scales) = (self.kind.lines() * nb, self.kind.scales() * nb); // per tile
+        let tiles = self.rows.div_ceil(TILE);
+        // Runs of whole tiles: a few per thread so a core slowed by another process can be
+        // helped, each large enough (>= 64 rows) to amortise entering the pool.
+        let threads = rayon::current_num_threads().max(1);
+        let per_run = tiles.div_ceil(4 * threads).max(4);
+        let run = |(i, out): (usize, &mut [f32])| {
+            let first = i * per_run;
+            let t = Tiles {
+                quants: &self.quants[first * lines..],
+                scales: &self.scales[first * scales..],
+                nb,
+            };
+            match self.kind {
+                Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
+                Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
+            }
+        };
+        if tiles <= per_run {
+            run((0, out));
+        } else {
+            out.par_chunks_mut(per_run * TILE).enumerate().for_each(run);
+        }
+    }
+
+    /// The weights as f32, (rows, cols) row-major (for tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let nb = self.cols / QK;
+        let mut w = vec![0.0f32; self.rows * self.cols];
+        let f = |bits: u16| f16::from_bits(bits).to_f32();
+        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
+            let (tile, lane) = (r / TILE, r % TILE);
+            for (b, wb) in row.chunks_exact_mut(QK).enumerate() {
+                let tb = tile * nb + b;
+                let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
+                let s = &self.scales[tb * self.kind.scales()..];
+                for (k, l) in lines.iter().enumerate() {
+                    let bytes = &l.0[4 * lane..][..4];
+                    for (j, &byte) in bytes.iter().enumerate() {
+                        match self.kind {
+                            Kind::Q4_1 => {
+                                let (d, m) = (f(s[lane]), f(s[TILE + lane]));
+                                wb[4 * k + j] = d * (byte & 15) as f32 + m;
+                                wb[16 + 4 * k + j] = d * (byte >> 4) as f32 + m;
+                            }
+                            Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
+                        }
+                    }
+                }
+            }
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! `slimchat bench --kernels`: this machine's peaks (f32 FMA, int8 dot, memory read bandwidth)
+//! on 1 and 2 threads, and the decode GEMV kernels' rates on the default model's shapes, so
+//! each kernel can be read against its floor (bench/NOTES.md).
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::backend::qgemv::kernels::Kernel;
+use crate::backend::qgemv::QMatrix;
+
+/// Best of `reps` timings of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+/// Print every line of the report.
+pub fn run(out: &mut dyn FnMut(String)) {
+    let threads = rayon::current_num_threads();
+    for t in [1, threads.max(1)] {
+        let p = pool(t);
+        let iters = 20_000_000usize;
+        let fma = best_of(3, || {
+            p.broadcast(|_| peaks::fma(iters))
+                .into_iter()
+                .for_each(drop)
+        });
+        let dot = best_of(3, || {
+            p.broadcast(|_| peaks::dpbusd(iters))
+                .into_iter()
+                .for_each(drop)
+        });
+        out(format!(
+            "peak, {t} thread(s): f32 FMA {:.0} GFLOP/s, int8 dot (vpdpbusd) {} GOP/s",
+            (t * iters * peaks::FMA_FLOPS) as f64 / fma / 1e9,
+            if peaks::has_vnni() {
+                format!("{:.0}", (t * iters * peaks::DOT_OPS) as f64 / dot / 1e9)
+            } else {
+                "n/a".into()
+            },
+        ));
+        for mib in [2usize, 32, 96, 512] {
+            let buf: Vec<u64> = vec![1; mib << 17];
+            let read = best_of(5, || {
+                let s: u64 = p.install(|| buf.par_chunks(buf.len() / t).map(peaks::sum).sum());
+                std::hint::black_box(s);
+            });
+            out(format!(
+                "peak, {t} thread(s): memory read of {mib} MiB: {:.1} GB/s",
+                (buf.len() * 8) as f64 / read / 1e9
+            ));
+        }
+    }
+    // The decode GEMVs of one token of the default model (SmolLM2-135M: 30 layers, then the
+    // head), random weights, each matrix its own copy so the 96 MB stream like in decode.
+    let layer = [
+        ("q/k/v stacked", GgmlDType::Q4_1, 960, 576),
+        ("attn out", GgmlDType::Q4_1, 576, 576),
+        ("gate/up stacked", GgmlDType::Q4_1, 3072, 576),
+        ("down", GgmlDType::Q4_1, 576, 1536),
+    ];
+    let head = ("head", GgmlDType::Q8_0, 49152, 576);
+    let matrix = |dtype, rows: usize, cols: usize, seed: usize| {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 - 506.0) * 1e-4)
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
+        QMatrix::from_qtensor(&q)
+            .expect("repack")
+            .expect("kernel type")
+    };
+    let mut model: Vec<(&str, QMatrix)> = Vec::new();
+    for l in 0..30 {
+        for &(name, dtype, rows, cols) in &layer {
+            model.push((name, matrix(dtype, rows, cols, l)));
+        }
+    }
+    model.push((head.0, matrix(head.1, head.2, head.3, 0)));
+    let names = [
+        "q/k/v stacked",
+        "attn out",
+        "gate/up stacked",
+        "down",
+        "head",
+    ];
+    for kernel in Kernel::available() {
+        if kernel == Kernel::Scalar {
+            continue; // ~100x slower: see the tests for its correctness
+        }
+        let mut best = vec![f64::INFINITY; names.len()];
+        let mut total_best = f64::INFINITY;
+        for _ in 0..5 {
+            let mut times = vec![0.0; names.len()];
+            // on a pool thread, as a decode step runs (src/engine.rs, `step`)
+            rayon::scope(|_| {
+                for (name, m) in &model {
+                    let x: Vec<f32> = (0..m.cols()).map(|i| (i % 17) as f32 - 8.0).collect();
+                    let mut y = vec![0.0; m.rows()];
+                    let t = Instant::now();
+                    m.gemv_with(kernel, &x, &mut y);
+                    times[names.iter().position(|n| n == name).unwrap_or(0)] +=
+                        t.elapsed().as_secs_f64();
+                }
+            });
+            for (b, t) in best.iter_mut().zip(&times) {
+                *b = b.min(*t);
+            }
+            total_best = total_best.min(times.iter().sum());
+        }
+        for (name, t) in names.iter().zip(&best) {
+            let bytes: usize = model
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, m)| m.bytes())
+                .sum();
+            out(format!(
+                "gemv per token, {kernel:?}: {name:>16} {:6.0} us for {:5.1} MB: {:5.1} GB/s",
+                t * 1e6,
+                bytes as f64 / 1e6,
+                bytes as f64 / t / 1e9
+            ));
+        }
+        let bytes: usize = model.iter().map(|(_, m)| m.bytes()).sum();
+        out(format!(
+            "gemv per token, {kernel:?}: all {:.2} ms for {:.1} MB: {:.1} GB/s, {:.0} tok/s if decode were only its GEMVs",
+            total_best * 1e3,
+            bytes as f64 / 1e6,
+            bytes as f64 / total_best / 1e9,
+            1.0 / total_best
+        ));
+    }
+}
+
+mod peaks {
+    /// FLOPs of one `fma` iteration: 8 accumulators × 16 lanes × (mul + add).
+    pub const FMA_FLOPS: usize = 8 * 16 * 2;
+    /// Ops of one `dpbusd` iteration: 8 accumulators × 64 byte products × (mul + add).
+    pub const DOT_OPS: usize = 8 * 64 * 2;
+
+    pub fn has_vnni() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vnni");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    crate::backend::simd::dispatch! {
+        /// Wrapping sum, 32 lanes so the read is not limited by the adds.
+        pub fn sum(v: &[u64]) -> u64 {
+            let mut acc = [0u64; 32];
+            for c in v.chunks_exact(32) {
+                for i in 0..32 {
+                    acc[i] = acc[i].wrapping_add(c[i]);
+                }
+            }
+            acc.iter().fold(0, |a, b| a.wrapping_add(*b))
+        }
+    }
+
+    /// `iters` rounds of 8 independent 16-lane FMAs (latency 4, 2 per cycle: 8 chains fill them).
+    pub fn fma(iters: usize) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { x86::fma(iters) };
+        }
+        let mut acc = [1.0f32; 8];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = a.mul_add(0.999_999, 1e-7);
+            }
+        }
+        acc.iter().sum()
+    }
+
+    pub fn dpbusd(iters: usize) -> i32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_vnni() {
+            // SAFETY: the CPU has AVX-512F and VNNI.
+            return unsafe { x86::dpbusd(iters) };
+        }
+        std::hint::black_box(iters) as i32
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// SAFETY: needs AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn fma(iters: usize) -> f32 {
+            let (m, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut a = [_mm512_set1_ps(1.0); 8];
+            for _ in 0..iters {
+                for v in a.iter_mut() {
+                    *v = _mm512_fmadd_ps(*v, m, c);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+            _mm512_reduce_add_ps(s)
+        }
+
+        /// SAFETY: needs AVX-512F and VNNI.
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        pub unsafe fn dpbusd(iters: usize) -> i32 {
+            let (u, s) = (_mm512_set1_epi8(3), _mm512_set1_epi8(-2));
+            let mut a = [_mm512_setzero_si512(); 8];
+            for _ in 0..iters {
+                for v in a.iter_mut() {
+                    *v = _mm512_dpbusd_epi32(*v, u, s);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm512_setzero_si512(), |s, v| _mm512_add_epi32(s, *v));
+            _mm512_reduce_add_epi32(s)
+        }
+    }
+}

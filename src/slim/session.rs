@@ -175,7 +175,7 @@ impl SlimSession {
         let f = self.score_fn();
         f(
             q_window,
-            &kv.k,
+            &kv.keys_f32(),
             &kv.positions,
             self.prompt_len,
             self.shape,

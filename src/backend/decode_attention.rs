@@ -495,8 +495,21 @@ mod tests {
             .collect();
         let q = patterned(GQA.n_heads * GQA.head_dim, 99);
         let mut out = vec![0.0; q.len()];
+        // the floor: the same bytes streamed and summed by the same pool
+        let steps = 20;
+        let t = std::time::Instant::now();
+        let mut total = 0u64;
+        for _ in 0..steps {
+            total += caches
+                .par_iter()
+                .flat_map(|c| [&c.k, &c.v])
+                .flat_map(|x| x.par_chunks(1 << 16))
+                .map(|x| x.iter().map(|&b| b as u64).sum::<u64>())
+                .sum::<u64>();
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        eprintln!("read floor: {ms:.2} ms per step (checksum {total})");
         for &isa in Isa::available() {
-            let steps = 20;
             let t = std::time::Instant::now();
             for _ in 0..steps {
                 for c in &caches {

@@ -1,7 +1,7 @@
 //! The AVX-512 chunk kernel of [`super`] for head_dim 64 and up to 4 query heads per KV head
 //! (SmolLM2, LLaMA-style models): K and V rows are widened from f16/bf16 straight into
-//! registers (no f32 buffer), the group's queries and its output accumulators stay in
-//! registers for the whole chunk, and each KV head's rows are read once for its query heads.
+//! registers (no f32 buffer), the group's queries and output accumulators sit in registers
+//! while a block's rows stream by, and each KV head's rows are read once for its query heads.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -73,22 +73,26 @@ unsafe fn run<const G: usize, const BF16: bool>(
     let stride = shape.n_kv_heads * HD;
     let mut st = Partial::new(n_heads, HD);
     let mut p = [0.0f32; 4 * BLOCK];
-    for g in 0..shape.n_kv_heads {
-        let mut q = [[_mm512_setzero_ps(); 4]; G];
-        let mut acc = [[_mm512_setzero_ps(); 4]; G];
-        for (h, qh) in q.iter_mut().enumerate() {
-            let base = qs.as_ptr().add((g * G + h) * HD);
-            for (c, qc) in qh.iter_mut().enumerate() {
-                *qc = _mm512_loadu_ps(base.add(16 * c));
+    let blocks = ranges.iter().flat_map(|r| {
+        (r.start..r.end)
+            .step_by(BLOCK)
+            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
+    });
+    // blocks outer, KV heads inner: the rows of a block (every head) are read in address order,
+    // one sequential stream for K and one for V; the group's queries and accumulators are
+    // reloaded from L1 per block.
+    for (j0, kb) in blocks {
+        for g in 0..shape.n_kv_heads {
+            let mut q = [[_mm512_setzero_ps(); 4]; G];
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for h in 0..G {
+                let qp = qs.as_ptr().add((g * G + h) * HD);
+                let ap = st.acc.as_ptr().add((g * G + h) * HD);
+                for c in 0..4 {
+                    q[h][c] = _mm512_loadu_ps(qp.add(16 * c));
+                    acc[h][c] = _mm512_loadu_ps(ap.add(16 * c));
+                }
             }
-        }
-        let (mut max, mut sum) = ([f32::NEG_INFINITY; G], [0.0f32; G]);
-        let blocks = ranges.iter().flat_map(|r| {
-            (r.start..r.end)
-                .step_by(BLOCK)
-                .map(move |j0| (j0, BLOCK.min(r.end - j0)))
-        });
-        for (j0, kb) in blocks {
             // scores of the group's heads against each key row, read once
             for j in 0..kb {
                 let k = row::<BF16>(kv.k.as_ptr().add((j0 + j) * stride + g * HD));
@@ -100,21 +104,22 @@ unsafe fn run<const G: usize, const BF16: bool>(
             }
             // online softmax step per head
             for h in 0..G {
+                let head = g * G + h;
                 let ph = &mut p[h * BLOCK..][..kb];
-                let new_max = max[h].max(lane_max(ph));
-                if new_max > max[h] && sum[h] > 0.0 {
-                    let c = exp_nonpositive(max[h] - new_max);
-                    sum[h] *= c;
+                let new_max = st.max[head].max(lane_max(ph));
+                if new_max > st.max[head] && st.sum[head] > 0.0 {
+                    let c = exp_nonpositive(st.max[head] - new_max);
+                    st.sum[head] *= c;
                     let cv = _mm512_set1_ps(c);
                     for a in acc[h].iter_mut() {
                         *a = _mm512_mul_ps(*a, cv);
                     }
                 }
-                max[h] = new_max;
+                st.max[head] = new_max;
                 for x in ph.iter_mut() {
                     *x = exp_nonpositive(*x - new_max);
                 }
-                sum[h] += lane_sum(ph);
+                st.sum[head] += lane_sum(ph);
             }
             // acc_h += p[h][j] v_j, each value row read once for the group
             for j in 0..kb {
@@ -126,14 +131,11 @@ unsafe fn run<const G: usize, const BF16: bool>(
                     }
                 }
             }
-        }
-        for h in 0..G {
-            let head = g * G + h;
-            st.max[head] = max[h];
-            st.sum[head] = sum[h];
-            let out = st.acc.as_mut_ptr().add(head * HD);
-            for c in 0..4 {
-                _mm512_storeu_ps(out.add(16 * c), acc[h][c]);
+            for h in 0..G {
+                let ap = st.acc.as_mut_ptr().add((g * G + h) * HD);
+                for c in 0..4 {
+                    _mm512_storeu_ps(ap.add(16 * c), acc[h][c]);
+                }
             }
         }
     }

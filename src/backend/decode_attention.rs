@@ -2,14 +2,16 @@
 //!
 //! The keys a query may see (its `key_ranges`, clipped to the keys at or before its position)
 //! are cut into chunks spread over the rayon pool. A chunk walks its keys in blocks of
-//! `BLOCK` rows: it widens the block's K rows (every KV head at once: the rows are contiguous)
-//! into an L1-sized f32 buffer, scores all query heads against it (the `group` query heads of a
-//! KV head read the same widened row), takes an online-softmax step per head, then widens the
-//! V rows into the same buffer and accumulates. Each chunk returns per-head (max, sum, acc);
-//! the partials are merged at the end. So every KV byte is read once per step, by one core, and
-//! scratch is one block, whatever the context length.
+//! `BLOCK` rows in address order: per KV head it scores the `group` query heads that share the
+//! head against each widened K row, takes an online-softmax step per head, then accumulates the
+//! widened V rows. Each chunk returns per-head (max, sum, acc); the partials are merged at the
+//! end. So every KV byte is read once per step, by one core, and scratch is one block, whatever
+//! the context length.
 //!
-//! Paths: AVX-512, AVX2 and portable Rust (the same loops, compiled per [`Isa`]).
+//! Paths ([`Isa`]): the AVX-512 kernel (decode_attention/avx512.rs: head_dim 64, up to 4 query
+//! heads per KV head) widens rows straight into registers; the AVX2 and portable paths (and
+//! AVX-512 for other shapes) run the generic loops below, which widen a block into an L1-sized
+//! f32 buffer first.
 
 use std::ops::Range;
 
@@ -24,7 +26,7 @@ use crate::kv::KvView;
 mod avx512;
 
 /// Keys per online-softmax step: a (32, 192) f32 block is 24 KiB, inside L1.
-pub(crate) const BLOCK: usize = 32;
+const BLOCK: usize = 32;
 /// Keys per parallel chunk, at most; at least two chunks once there are 2 * MIN_CHUNK keys.
 const MAX_CHUNK: usize = 1024;
 const MIN_CHUNK: usize = 256;
@@ -357,6 +359,7 @@ fn lane_max(x: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // one key range covering every key is the common case
 mod tests {
     use super::*;
     use crate::backend::attention::attention_reference;

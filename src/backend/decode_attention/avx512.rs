@@ -124,17 +124,17 @@ unsafe fn run<const G: usize, const BF16: bool>(
             // acc_h += p[h][j] v_j, each value row read once for the group
             for j in 0..kb {
                 let v = row::<BF16>(kv.v.as_ptr().add((j0 + j) * stride + g * HD));
-                for h in 0..G {
+                for (h, acc_h) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(p[h * BLOCK + j]);
-                    for c in 0..4 {
-                        acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);
+                    for (a, &vc) in acc_h.iter_mut().zip(&v) {
+                        *a = _mm512_fmadd_ps(w, vc, *a);
                     }
                 }
             }
-            for h in 0..G {
+            for (h, acc_h) in acc.iter().enumerate() {
                 let ap = st.acc.as_mut_ptr().add((g * G + h) * HD);
-                for c in 0..4 {
-                    _mm512_storeu_ps(ap.add(16 * c), acc[h][c]);
+                for (c, &a) in acc_h.iter().enumerate() {
+                    _mm512_storeu_ps(ap.add(16 * c), a);
                 }
             }
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::linear::LinearMode;
+use crate::kv::KvDtype;
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
 use crate::{Error, Result};
@@ -31,6 +32,8 @@ pub struct ModelConfig {
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,
+    /// Element type of the KV cache: "f16" (default) or "bf16".
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for ModelConfig {
@@ -39,6 +42,7 @@ impl Default for ModelConfig {
             source: "default".into(),
             linear: LinearMode::Dense,
             threads: 0,
+            kv_dtype: KvDtype::default(),
         }
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvDtype};
 use crate::model::gguf::GgufFile;
 use crate::model::llama::{Dense, Llama};
 use crate::model::template::{ChatTemplate, Message};
@@ -102,6 +102,8 @@ pub enum PrefillKind {
 pub struct EngineOptions {
     pub linear: LinearMode,
     pub slim: SlimConfig,
+    /// Element type of the KV cache
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineOptions {
@@ -109,6 +111,7 @@ impl Default for EngineOptions {
         Self {
             linear: LinearMode::Dense,
             slim: SlimConfig::default(),
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -148,7 +151,7 @@ impl Engine {
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
         opts.slim.check(model.spec.n_layers)?;
-        let kv = KvCache::new(model.spec.n_layers);
+        let kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
         let special_strings = tokenizer
             .get_added_tokens_decoder()
             .into_values()

@@ -225,6 +225,7 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
         &EngineOptions {
             linear: cfg.model.linear,
             slim: cfg.slim.clone(),
+            kv_dtype: cfg.model.kv_dtype,
         },
     )
 }

@@ -30,11 +30,14 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::LONG_TEXT;
 use slimchat::engine::{Engine, EngineOptions};
+use slimchat::kv::KvDtype;
 use slimchat::model::template::Message;
 
 const DENSE_TOL: f32 = 2e-3;
 const QUANTIZED_TOL: f32 = 5e-2;
 const DECODE_TOL: f32 = 5e-2;
+/// Dense pair with the KV cache in bf16 instead of the default f16 (see the test).
+const BF16_KV_TOL: f32 = 4e-3;
 
 /// `CANDLE_DEQUANTIZE_ALL` is read per thread at candle's first QMatMul; tests that set it must
 /// not interleave with tests that must not see it.
@@ -60,10 +63,15 @@ fn candle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
 }
 
 fn ours(mode: LinearMode) -> Engine {
+    ours_with(mode, KvDtype::default())
+}
+
+fn ours_with(mode: LinearMode, kv_dtype: KvDtype) -> Engine {
     Engine::load(
         &common::default_model(),
         &EngineOptions {
             linear: mode,
+            kv_dtype,
             slim: slimchat::slim::SlimConfig {
                 enabled: false,
                 ..Default::default()
@@ -89,7 +97,12 @@ fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {
 
 /// Logits of the last prompt token for the first `n` tokens of the bench prose.
 fn compare_prefill(mode: LinearMode, n: usize) {
-    let mut engine = ours(mode);
+    compare_prefill_with(mode, KvDtype::default(), n, None)
+}
+
+/// `compare_prefill` with a chosen KV element type and, optionally, a dense tolerance of its own.
+fn compare_prefill_with(mode: LinearMode, kv_dtype: KvDtype, n: usize, dense_tol: Option<f32>) {
+    let mut engine = ours_with(mode, kv_dtype);
     let tokens = engine.encode(LONG_TEXT).unwrap()[..n].to_vec();
     let (ours, _) = engine.prefill(&tokens, &mut |_| {}).unwrap();
     // candle's own thread-local switch is read on this thread: run it in a fresh thread.
@@ -105,7 +118,7 @@ fn compare_prefill(mode: LinearMode, n: usize) {
     .join()
     .unwrap();
     let tol = if mode == LinearMode::Dense {
-        DENSE_TOL
+        dense_tol.unwrap_or(DENSE_TOL)
     } else {
         QUANTIZED_TOL
     };
@@ -113,7 +126,7 @@ fn compare_prefill(mode: LinearMode, n: usize) {
         &ours,
         &theirs,
         tol,
-        &format!("{mode:?} prefill of {n} tokens"),
+        &format!("{mode:?} prefill of {n} tokens, {kv_dtype:?} KV"),
     );
 }
 
@@ -133,6 +146,14 @@ fn dense_logits_match_dequantized_candle_at_32_tokens() {
 fn dense_logits_match_dequantized_candle_at_2048_tokens() {
     let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
     compare_prefill(LinearMode::Dense, 2048);
+}
+
+/// bf16 KV (7-bit mantissa, relative rounding up to 2^-9 per key and value element) against
+/// f32 KV in candle: measured error in bench/NOTES.md ("Fast decode at long context").
+#[test]
+fn dense_logits_with_bf16_kv_match_dequantized_candle_at_2048_tokens() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    compare_prefill_with(LinearMode::Dense, KvDtype::Bf16, 2048, Some(BF16_KV_TOL));
 }
 
 /// 32 greedy tokens after a chat prompt, ours and candle's, token for token.

@@ -9,13 +9,19 @@
 //! blocks, only up to the last key any of its rows can see (the causal skip): one GEMM makes the
 //! score block, an online softmax (running max and sum per row) turns it into weights, and a
 //! second GEMM accumulates weights x V. Scratch per thread is one score block: no n x n buffer.
+//!
+//! The cache holds K and V in a 16-bit dtype; a task widens each key block of its KV head to
+//! f32 before the GEMMs (a small cost next to them). A single query row (a decode step) goes to
+//! [`super::decode_attention`] instead, which splits the keys rather than the query rows.
 
 use std::ops::Range;
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::decode_attention::decode_attention;
 use super::simd;
+use crate::kv::{KvDtype, KvView};
 
 /// Query rows per task.
 const TILE_ROWS: usize = 64;
@@ -47,7 +53,7 @@ impl OutPtr {
 /// out = softmax(q k^T / sqrt(hd) + causal mask) v, per head.
 ///
 /// - q: (nq, n_heads * hd), q_pos: (nq)
-/// - k, v: (nk, n_kv_heads * hd), k_pos: (nk), strictly increasing
+/// - kv: k, v (nk, n_kv_heads * hd) and their positions (nk), strictly increasing
 /// - key_ranges: the rows of k/v that may be attended to (SlimInfer's active blocks plus the
 ///   generated tokens), sorted and disjoint; `&[0..nk]` for all of them
 /// - out: (nq, n_heads * hd)
@@ -55,13 +61,17 @@ impl OutPtr {
 pub fn attention(
     q: &[f32],
     q_pos: &[u32],
-    k: &[f32],
-    v: &[f32],
-    k_pos: &[u32],
+    kv: KvView,
     key_ranges: &[Range<usize>],
     shape: AttnShape,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
+    let KvView {
+        k,
+        v,
+        positions: k_pos,
+        dtype: _,
+    } = kv;
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -97,6 +107,10 @@ pub fn attention(
             "attention: key ranges {key_ranges:?} are not sorted, disjoint ranges within 0..{nk}"
         )
     }
+    if nq == 1 {
+        decode_attention(q, q_pos[0], kv, key_ranges, shape, out);
+        return Ok(());
+    }
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_tiles = nq.div_ceil(TILE_ROWS);
@@ -116,7 +130,7 @@ pub fn attention(
             .collect();
         SCRATCH.with_borrow_mut(|scratch| {
             let ot = tile_task(
-                q, k, v, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch,
+                q, kv, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch,
             );
             for h in 0..group {
                 let head = g * group + h;
@@ -148,6 +162,8 @@ struct Scratch {
     /// (group * rows) running max and sum of the online softmax
     max: Vec<f32>,
     sum: Vec<f32>,
+    /// (KEY_BLOCK, hd) one key block of this KV head, widened to f32; then its values
+    kvt: Vec<f32>,
 }
 
 thread_local! {
@@ -160,8 +176,7 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn tile_task<'s>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: KvView,
     g: usize,
     r0: usize,
     rows: usize,
@@ -186,7 +201,9 @@ fn tile_task<'s>(
         ot,
         max,
         sum,
+        kvt,
     } = scratch;
+    kvt.resize(KEY_BLOCK * hd, 0.0);
     qt.resize(m * hd, 0.0);
     s.resize(m * KEY_BLOCK, 0.0);
     ot.clear();
@@ -212,9 +229,11 @@ fn tile_task<'s>(
             .map(move |j0| (j0, KEY_BLOCK.min(end - j0)))
     });
     for (j0, kb) in blocks {
+        widen_head_rows(kv.dtype, kv.k, j0, kb, kv_stride, g * hd, hd, kvt);
         // s: (m, kb) = qt (m, hd) . K_g[j0..j0+kb]^T (hd, kb)
-        // SAFETY: qt is (m, hd) row-major; K^T element (d, j) = k[(j0+j)*kv_stride + g*hd + d]
-        // with j0 + j < keys <= nk; s holds m*KEY_BLOCK >= m*kb floats, row stride kb.
+        // SAFETY: qt is (m, hd) row-major; K^T element (d, j) = kvt[j*hd + d] with j < kb, and
+        // kvt holds KEY_BLOCK*hd >= kb*hd floats; s holds m*KEY_BLOCK >= m*kb floats, row
+        // stride kb.
         unsafe {
             gemm::gemm(
                 m,
@@ -227,8 +246,8 @@ fn tile_task<'s>(
                 qt.as_ptr(),
                 1,
                 hd as isize,
-                k.as_ptr().add(j0 * kv_stride + g * hd),
-                kv_stride as isize,
+                kvt.as_ptr(),
+                hd as isize,
                 1,
                 0.0,
                 1.0,
@@ -239,9 +258,9 @@ fn tile_task<'s>(
             );
         }
         for h in 0..group {
-            for r in 0..rows {
+            for (r, &vis) in visible.iter().enumerate().take(rows) {
                 let i = h * rows + r;
-                let valid = visible[r].saturating_sub(j0).min(kb);
+                let valid = vis.saturating_sub(j0).min(kb);
                 let row = &mut s[i * kb..][..kb];
                 let (new_max, new_sum, correction) =
                     simd::softmax_block_row(row, valid, max[i], sum[i]);
@@ -252,9 +271,10 @@ fn tile_task<'s>(
                 sum[i] = new_sum;
             }
         }
+        widen_head_rows(kv.dtype, kv.v, j0, kb, kv_stride, g * hd, hd, kvt);
         // ot (m, hd) += s (m, kb) . V_g[j0..j0+kb] (kb, hd)
-        // SAFETY: s is (m, kb) row-major; V element (j, d) = v[(j0+j)*kv_stride + g*hd + d];
-        // ot is (m, hd) row-major.
+        // SAFETY: s is (m, kb) row-major; V element (j, d) = kvt[j*hd + d], j < kb; ot is
+        // (m, hd) row-major.
         unsafe {
             gemm::gemm(
                 m,
@@ -267,9 +287,9 @@ fn tile_task<'s>(
                 s.as_ptr(),
                 1,
                 kb as isize,
-                v.as_ptr().add(j0 * kv_stride + g * hd),
+                kvt.as_ptr(),
                 1,
-                kv_stride as isize,
+                hd as isize,
                 1.0,
                 1.0,
                 false,
@@ -284,6 +304,24 @@ fn tile_task<'s>(
         row.iter_mut().for_each(|o| *o *= inv);
     }
     ot
+}
+
+/// Rows j0..j0+kb of one head (columns col..col+hd of rows of `stride`) widened to f32 into
+/// `out` (kb, hd).
+#[allow(clippy::too_many_arguments)]
+fn widen_head_rows(
+    dtype: KvDtype,
+    src: &[u16],
+    j0: usize,
+    kb: usize,
+    stride: usize,
+    col: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for (j, o) in out[..kb * hd].chunks_exact_mut(hd).enumerate() {
+        dtype.decode(&src[(j0 + j) * stride + col..][..hd], o);
+    }
 }
 
 /// Plain reference: one query row and head at a time, exact softmax. For tests.
@@ -330,8 +368,43 @@ pub fn attention_reference(
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // one key range covering every key is the common case
 mod tests {
     use super::*;
+
+    /// K and V narrowed to f16 bits, and widened back for the reference (so the reference
+    /// sees the same rounded values and only the arithmetic is compared).
+    struct Kv16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+        kf: Vec<f32>,
+        vf: Vec<f32>,
+    }
+
+    fn kv16(k: &[f32], v: &[f32]) -> Kv16 {
+        let dtype = KvDtype::F16;
+        let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; v.len()]);
+        dtype.encode(k, &mut k16);
+        dtype.encode(v, &mut v16);
+        let (mut kf, mut vf) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+        dtype.decode(&k16, &mut kf);
+        dtype.decode(&v16, &mut vf);
+        Kv16 {
+            k: k16,
+            v: v16,
+            kf,
+            vf,
+        }
+    }
+
+    fn view<'a>(c: &'a Kv16, positions: &'a [u32]) -> KvView<'a> {
+        KvView {
+            k: &c.k,
+            v: &c.v,
+            positions,
+            dtype: KvDtype::F16,
+        }
+    }
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn patterned(n: usize, seed: u64) -> Vec<f32> {
@@ -357,9 +430,18 @@ mod tests {
         let q = patterned(q_pos.len() * n_heads * head_dim, seed);
         let k = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 1);
         let v = patterned(k_pos.len() * n_kv_heads * head_dim, seed + 2);
+        let c = kv16(&k, &v);
         let mut out = vec![f32::NAN; q.len()];
-        attention(&q, q_pos, &k, &v, k_pos, &[0..k_pos.len()], shape, &mut out).unwrap();
-        let want = attention_reference(&q, q_pos, &k, &v, k_pos, shape);
+        attention(
+            &q,
+            q_pos,
+            view(&c, k_pos),
+            &[0..k_pos.len()],
+            shape,
+            &mut out,
+        )
+        .unwrap();
+        let want = attention_reference(&q, q_pos, &c.kf, &c.vf, k_pos, shape);
         let worst = out
             .iter()
             .zip(&want)
@@ -426,8 +508,10 @@ mod tests {
         let q = patterned(q_pos.len() * shape.n_heads * shape.head_dim, 8);
         let k = patterned(k_pos.len() * kv_dim, 9);
         let v = patterned(k_pos.len() * kv_dim, 10);
+        let c = kv16(&k, &v);
+        let (k, v) = (&c.kf, &c.vf);
         let mut out = vec![f32::NAN; q.len()];
-        attention(&q, &q_pos, &k, &v, &k_pos, &ranges, shape, &mut out).unwrap();
+        attention(&q, &q_pos, view(&c, &k_pos), &ranges, shape, &mut out).unwrap();
         let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
         let gather = |x: &[f32]| {
             rows.iter()
@@ -435,7 +519,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let sub_pos: Vec<u32> = rows.iter().map(|&j| k_pos[j]).collect();
-        let want = attention_reference(&q, &q_pos, &gather(&k), &gather(&v), &sub_pos, shape);
+        let want = attention_reference(&q, &q_pos, &gather(k), &gather(v), &sub_pos, shape);
         let worst = out
             .iter()
             .zip(&want)
@@ -454,8 +538,13 @@ mod tests {
         let q = patterned(16, 5);
         let k = patterned(3 * 16, 6);
         let v = patterned(3 * 16, 7);
+        let c = kv16(&k, &v);
         let mut out = vec![f32::NAN; 16];
-        attention(&q, &[1], &k, &v, &[5, 6, 7], &[0..3], shape, &mut out).unwrap();
+        attention(&q, &[1], view(&c, &[5, 6, 7]), &[0..3], shape, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+        let mut out = vec![f32::NAN; 32];
+        let q2 = [q.clone(), q].concat();
+        attention(&q2, &[1, 2], view(&c, &[5, 6, 7]), &[0..3], shape, &mut out).unwrap();
         assert!(out.iter().all(|&x| x == 0.0));
     }
 
@@ -467,23 +556,12 @@ mod tests {
             head_dim: 4,
         };
         let mut out = vec![0.0; 4];
+        let c = kv16(&[0.0; 8], &[0.0; 8]);
+        assert!(attention(&[0.0; 4], &[9], view(&c, &[3, 2]), &[0..2], shape, &mut out).is_err());
         assert!(attention(
             &[0.0; 4],
             &[9],
-            &[0.0; 8],
-            &[0.0; 8],
-            &[3, 2],
-            &[0..2],
-            shape,
-            &mut out
-        )
-        .is_err());
-        assert!(attention(
-            &[0.0; 4],
-            &[9],
-            &[0.0; 8],
-            &[0.0; 8],
-            &[2, 3],
+            view(&c, &[2, 3]),
             &[1..2, 0..1],
             shape,
             &mut out

@@ -4,6 +4,8 @@
 //! vectorised for AVX2/FMA when the CPU has it. A CUDA backend will implement the same set.
 
 pub mod attention;
+pub mod decode_attention;
+pub mod isa;
 pub mod linear;
 pub mod qgemv;
 pub mod rowwise;

@@ -2,20 +2,69 @@
 //! position ids. Layers may hold different tokens (SlimInfer drops rows in later layers), so
 //! each layer has its own rows and positions.
 //!
+//! Keys and values are stored narrowed to 16 bits ([`KvDtype`]); callers append f32 rows and
+//! read them back through [`LayerKv::view`] (kernels widen tiles as they go) or
+//! [`LayerKv::keys_f32`].
+//!
 //! Invariant: within a layer, positions are strictly increasing in row order.
+
+use super::dtype::KvDtype;
 
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    /// (len, kv_dim): post-RoPE keys
-    pub k: Vec<f32>,
-    /// (len, kv_dim)
-    pub v: Vec<f32>,
+    /// (len, kv_dim): post-RoPE keys, as `dtype` bits
+    pub k: Vec<u16>,
+    /// (len, kv_dim), as `dtype` bits
+    pub v: Vec<u16>,
     /// (len)
     pub positions: Vec<u32>,
+    pub dtype: KvDtype,
+}
+
+/// A borrowed cache for the attention kernels.
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    /// (len, kv_dim)
+    pub k: &'a [u16],
+    /// (len, kv_dim)
+    pub v: &'a [u16],
+    /// (len), strictly increasing
+    pub positions: &'a [u32],
+    pub dtype: KvDtype,
 }
 
 impl LayerKv {
+    pub fn new(dtype: KvDtype) -> Self {
+        Self {
+            dtype,
+            ..Self::default()
+        }
+    }
+
+    pub fn view(&self) -> KvView<'_> {
+        KvView {
+            k: &self.k,
+            v: &self.v,
+            positions: &self.positions,
+            dtype: self.dtype,
+        }
+    }
+
+    /// Every key widened to f32: (len, kv_dim).
+    pub fn keys_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.k.len()];
+        self.dtype.decode(&self.k, &mut out);
+        out
+    }
+
+    /// Every value widened to f32: (len, kv_dim).
+    pub fn values_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.v.len()];
+        self.dtype.decode(&self.v, &mut out);
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.positions.len()
     }
@@ -54,17 +103,20 @@ impl LayerKv {
             .positions
             .last()
             .is_none_or(|&last| last < positions[0]);
+        let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; v.len()]);
+        self.dtype.encode(k, &mut k16);
+        self.dtype.encode(v, &mut v16);
         if continues {
-            self.k.extend_from_slice(k);
-            self.v.extend_from_slice(v);
+            self.k.extend_from_slice(&k16);
+            self.v.extend_from_slice(&v16);
             self.positions.extend_from_slice(positions);
             return Ok(());
         }
-        self.merge(k, v, positions)
+        self.merge(&k16, &v16, positions)
     }
 
     /// Merge rows at positions that interleave with the cached ones (one pass, O(len)).
-    fn merge(&mut self, k: &[f32], v: &[f32], positions: &[u32]) -> candle_core::Result<()> {
+    fn merge(&mut self, k: &[u16], v: &[u16], positions: &[u32]) -> candle_core::Result<()> {
         let width = k.len() / positions.len();
         let total = self.len() + positions.len();
         let (mut nk, mut nv) = (
@@ -112,7 +164,7 @@ impl LayerKv {
 
     /// Bytes of K and V held.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+        (self.k.len() + self.v.len()) * std::mem::size_of::<u16>()
     }
 }
 
@@ -123,15 +175,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Empty caches in the default element type.
     pub fn new(n_layers: usize) -> Self {
+        Self::with_dtype(n_layers, KvDtype::default())
+    }
+
+    pub fn with_dtype(n_layers: usize, dtype: KvDtype) -> Self {
         Self {
-            layers: vec![LayerKv::default(); n_layers],
+            layers: vec![LayerKv::new(dtype); n_layers],
         }
     }
 
     pub fn clear(&mut self) {
         for l in &mut self.layers {
-            *l = LayerKv::default();
+            *l = LayerKv::new(l.dtype);
         }
     }
 
@@ -180,9 +237,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(l.positions, vec![0, 2, 3, 5, 7]);
-        assert_eq!(l.k, vec![0.0, 0.5, 2.0, 2.5, 3.0, 3.5, 5.0, 5.5, 7.0, 7.5]);
         assert_eq!(
-            l.v,
+            l.keys_f32(),
+            vec![0.0, 0.5, 2.0, 2.5, 3.0, 3.5, 5.0, 5.5, 7.0, 7.5]
+        );
+        assert_eq!(
+            l.values_f32(),
             vec![10.0, 10.5, 12.0, 12.5, 13.0, 13.5, 15.0, 15.5, 17.0, 17.5]
         );
     }
@@ -196,6 +256,6 @@ mod tests {
         c.layers[1].append(&[0.0; 2], &[0.0; 2], &[0, 2]).unwrap();
         c.truncate_from(2);
         assert_eq!(c.rows_per_layer(), vec![2, 1]);
-        assert_eq!(c.bytes(), 3 * 2 * 4);
+        assert_eq!(c.bytes(), 3 * 2 * 2);
     }
 }

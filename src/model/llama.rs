@@ -63,16 +63,7 @@ impl Attention {
         with_f32(&v, |v| kv.append(&k, v, positions))??;
         let keys = ctx.policy.key_ranges(ctx.layer, kv);
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
-        attention(
-            &q,
-            positions,
-            &kv.k,
-            &kv.v,
-            &kv.positions,
-            &keys,
-            self.shape,
-            &mut out,
-        )?;
+        attention(&q, positions, kv.view(), &keys, self.shape, &mut out)?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
 }

@@ -14,6 +14,51 @@
 //!
 //! No softmax and no 1/sqrt(d) scale: neither changes the ranking. Scores are f32.
 
+use crate::kv::KvDtype;
+
+/// Key rows as the scorers read them: f32 (tests, references), or the KV cache's 16-bit
+/// storage, widened a few rows at a time (no copy of the whole layer per decode step).
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    F32(&'a [f32]),
+    Half(&'a [u16], KvDtype),
+}
+
+impl Keys<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Keys::F32(k) => k.len(),
+            Keys::Half(k, _) => k.len(),
+        }
+    }
+
+    /// Call `f` on each row of `width` values in order, until it returns false.
+    fn each_row(&self, width: usize, mut f: impl FnMut(&[f32]) -> bool) {
+        match *self {
+            Keys::F32(k) => {
+                for row in k.chunks_exact(width) {
+                    if !f(row) {
+                        return;
+                    }
+                }
+            }
+            Keys::Half(k, dtype) => {
+                const ROWS: usize = 32;
+                let mut buf = vec![0f32; ROWS * width];
+                for bits in k.chunks(ROWS * width) {
+                    let wide = &mut buf[..bits.len()];
+                    dtype.decode(bits, wide);
+                    for row in wide.chunks_exact(width) {
+                        if !f(row) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Attention head layout of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadShape {
@@ -32,7 +77,7 @@ impl HeadShape {
     fn check(
         &self,
         q_window: &[f32],
-        keys: &[f32],
+        keys_len: usize,
         positions: &[u32],
         block_size: usize,
         unit_size: usize,
@@ -57,10 +102,10 @@ impl HeadShape {
             q_window.len()
         );
         assert_eq!(
-            keys.len(),
+            keys_len,
             positions.len() * n_kv_heads * head_dim,
             "slim::block_scores: keys has {} values, expected ({}, {})",
-            keys.len(),
+            keys_len,
             positions.len(),
             n_kv_heads * head_dim
         );
@@ -92,7 +137,23 @@ pub fn block_scores(
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
-    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let keys = Keys::F32(keys);
+    block_scores_of(
+        q_window, keys, positions, prompt_len, shape, block_size, unit_size,
+    )
+}
+
+/// [`block_scores`] over keys in any storage.
+pub fn block_scores_of(
+    q_window: &[f32],
+    keys: Keys,
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
     let HeadShape {
         n_heads,
         n_kv_heads,
@@ -135,10 +196,11 @@ pub fn block_scores(
         k_sum.fill(0.0);
     };
 
-    for (row, &pos) in keys.chunks_exact(k_row).zip(positions) {
-        let pos = pos as usize;
+    let mut pos_iter = positions.iter();
+    keys.each_row(k_row, |row| {
+        let pos = *pos_iter.next().expect("checked: a position per row") as usize;
         if pos >= prompt_len {
-            break; // positions increase: every later row is generated too
+            return false; // positions increase: every later row is generated too
         }
         let unit = pos / unit_size;
         if unit != cur_unit {
@@ -150,7 +212,8 @@ pub fn block_scores(
         }
         k_sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
         unit_rows += 1;
-    }
+        true
+    });
     if unit_rows > 0 {
         flush(&mut k_sum, unit_rows, cur_unit, &mut out);
     }
@@ -170,7 +233,7 @@ pub fn block_scores_reference(
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
-    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
     let HeadShape {
         n_heads,
         n_kv_heads,
@@ -259,7 +322,7 @@ pub fn block_scores_attention_reference(
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
-    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
     let HeadShape {
         n_heads,
         n_kv_heads,
@@ -368,6 +431,32 @@ mod tests {
 
     /// Positions 0..len with random gaps (as after pruning some blocks / rows), then
     /// `generated` positions past `prompt_len`.
+    #[test]
+    fn half_keys_score_as_their_widened_f32_values() {
+        let mut rng = Rng(0xF16);
+        let shape = HeadShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        };
+        let len = 701; // rows not a multiple of the 32-row widening batch
+        let pos = positions(&mut rng, len, 5, 9);
+        let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+        let q = rng.vec(3 * shape.n_heads * shape.head_dim);
+        for dtype in [KvDtype::F16, KvDtype::Bf16] {
+            let mut bits = vec![0u16; keys.len()];
+            dtype.encode(&keys, &mut bits);
+            let wide: Vec<f32> = bits.iter().map(|&b| dtype.to_f32(b)).collect();
+            let half = Keys::Half(&bits, dtype);
+            let got = block_scores_of(&q, half, &pos, len, shape, 64, 8);
+            let want = block_scores(&q, &wide, &pos, len, shape, 64, 8);
+            assert_eq!(got, want, "{dtype:?} paper scores");
+            let got = block_scores_attention_of(&q, half, &pos, len, shape, 64, 8);
+            let want = block_scores_attention(&q, &wide, &pos, len, shape, 64, 8);
+            assert_eq!(got, want, "{dtype:?} attention scores");
+        }
+    }
+
     fn positions(rng: &mut Rng, prompt_len: usize, drop_every: u64, generated: usize) -> Vec<u32> {
         let mut p: Vec<u32> = (0..prompt_len as u32)
             .filter(|_| drop_every == 0 || rng.below(drop_every) != 0)
@@ -528,7 +617,23 @@ pub fn block_scores_attention(
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
-    let w = shape.check(q_window, keys, positions, block_size, unit_size);
+    let keys = Keys::F32(keys);
+    block_scores_attention_of(
+        q_window, keys, positions, prompt_len, shape, block_size, unit_size,
+    )
+}
+
+/// [`block_scores_attention`] over keys in any storage.
+pub fn block_scores_attention_of(
+    q_window: &[f32],
+    keys: Keys,
+    positions: &[u32],
+    prompt_len: usize,
+    shape: HeadShape,
+    block_size: usize,
+    unit_size: usize,
+) -> Vec<(u32, f32)> {
+    let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
     let HeadShape {
         n_heads,
         n_kv_heads,
@@ -539,10 +644,11 @@ pub fn block_scores_attention(
     let mut unit_keys: Vec<f32> = Vec::new();
     let mut unit_block: Vec<u32> = Vec::new();
     let (mut cur, mut rows) = (usize::MAX, 0usize);
-    for (row, &pos) in keys.chunks_exact(k_row).zip(positions) {
-        let pos = pos as usize;
+    let mut pos_iter = positions.iter();
+    keys.each_row(k_row, |row| {
+        let pos = *pos_iter.next().expect("checked: a position per row") as usize;
         if pos >= prompt_len {
-            break;
+            return false;
         }
         if pos / unit_size != cur {
             if rows > 0 {
@@ -562,7 +668,8 @@ pub fn block_scores_attention(
             .zip(row)
             .for_each(|(a, &b)| *a += b);
         rows += 1;
-    }
+        true
+    });
     if rows > 0 {
         let start = unit_keys.len() - k_row;
         unit_keys[start..]

@@ -33,11 +33,11 @@ use crate::kv::LayerKv;
 use crate::model::llama::{LayerPolicy, RowChange};
 use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
+use crate::slim::score::{block_scores_attention_of, block_scores_of, HeadShape, Keys};
 use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
 use crate::Result;
 
-type ScoreFn = fn(&[f32], &[f32], &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
+type ScoreFn = fn(&[f32], Keys, &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
 
 /// State of one stage across a conversation.
 #[derive(Debug, Clone)]
@@ -172,8 +172,8 @@ impl SlimSession {
 
     fn score_fn(&self) -> ScoreFn {
         match self.cfg.score {
-            ScoreKind::Paper => block_scores,
-            ScoreKind::Attention => block_scores_attention,
+            ScoreKind::Paper => block_scores_of,
+            ScoreKind::Attention => block_scores_attention_of,
         }
     }
 
@@ -181,7 +181,7 @@ impl SlimSession {
         let f = self.score_fn();
         f(
             q_window,
-            &kv.k,
+            Keys::Half(&kv.k, kv.dtype),
             &kv.positions,
             self.prompt_len,
             self.shape,

@@ -194,6 +194,7 @@ fn load(cfg: &AppConfig, send: &dyn Fn(WorkerEvent)) -> crate::Result<Engine> {
         &EngineOptions {
             linear: cfg.model.linear,
             slim: cfg.slim.clone(),
+            kv_dtype: cfg.model.kv_dtype,
         },
     )
 }

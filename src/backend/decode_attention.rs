@@ -1,0 +1,529 @@
+//! Attention for one query row (a decode step) against a long KV cache in a 16-bit dtype.
+//!
+//! The keys a query may see (its `key_ranges`, clipped to the keys at or before its position)
+//! are cut into chunks spread over the rayon pool. A chunk walks its keys in blocks of
+//! `BLOCK` rows in address order: per KV head it scores the `group` query heads that share the
+//! head against each widened K row, takes an online-softmax step per head, then accumulates the
+//! widened V rows. Each chunk returns per-head (max, sum, acc); the partials are merged at the
+//! end. So every KV byte is read once per step, by one core, and scratch is one block, whatever
+//! the context length.
+//!
+//! Paths ([`Isa`]): the AVX-512 kernel (decode_attention/avx512.rs: head_dim 64, up to 4 query
+//! heads per KV head) widens rows straight into registers; the AVX2 and portable paths (and
+//! AVX-512 for other shapes) run the generic loops below, which widen a block into an L1-sized
+//! f32 buffer first.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::attention::AttnShape;
+use super::isa::Isa;
+use super::simd::exp_nonpositive;
+use crate::kv::KvView;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Keys per online-softmax step: a (32, 192) f32 block is 24 KiB, inside L1.
+const BLOCK: usize = 32;
+/// Keys per parallel chunk, at most; at least two chunks once there are 2 * MIN_CHUNK keys.
+const MAX_CHUNK: usize = 1024;
+const MIN_CHUNK: usize = 256;
+/// Lanes of the fixed-size inner loops (one AVX-512 register of f32).
+const LANES: usize = 16;
+/// Output columns held in registers while the values of a block stream by.
+const WIDE: usize = 4 * LANES;
+
+/// One chunk's softmax state per query head: running max, sum, and unnormalised output.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// (n_heads, hd)
+    acc: Vec<f32>,
+}
+
+impl Partial {
+    fn new(n_heads: usize, hd: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; n_heads],
+            sum: vec![0.0; n_heads],
+            acc: vec![0.0; n_heads * hd],
+        }
+    }
+}
+
+/// out (n_heads * hd) = softmax(q k^T / sqrt(hd)) v over the keys of `key_ranges` at positions
+/// <= `q_pos`, on the widest path this CPU has. Shapes are checked by the caller
+/// ([`super::attention::attention`]); ranges must be sorted, disjoint and within the cache.
+pub fn decode_attention(
+    q: &[f32],
+    q_pos: u32,
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    decode_attention_with(Isa::best(), q, q_pos, kv, key_ranges, shape, out)
+}
+
+/// [`decode_attention`] on a chosen path (tests compare every path).
+pub fn decode_attention_with(
+    isa: Isa,
+    q: &[f32],
+    q_pos: u32,
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let visible = kv.positions.partition_point(|&p| p <= q_pos);
+    let ranges: Vec<Range<usize>> = key_ranges
+        .iter()
+        .map(|r| r.start..r.end.min(visible))
+        .filter(|r| !r.is_empty())
+        .collect();
+    let active: usize = ranges.iter().map(|r| r.len()).sum();
+    if active == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+    let chunks = if active < 2 * MIN_CHUNK {
+        1
+    } else {
+        active
+            .div_ceil(MAX_CHUNK)
+            .max(rayon::current_num_threads().min(active / MIN_CHUNK))
+    };
+    let per_chunk = active.div_ceil(chunks);
+    let partials: Vec<Partial> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mine = sub_ranges(&ranges, c * per_chunk, ((c + 1) * per_chunk).min(active));
+            chunk_on(isa, &qs, kv, &mine, shape)
+        })
+        .collect();
+    merge(&partials, hd, out);
+}
+
+/// The part of `ranges` from the `from`-th to the `to`-th of their keys, counted in order.
+fn sub_ranges(ranges: &[Range<usize>], from: usize, to: usize) -> Vec<Range<usize>> {
+    let mut seen = 0;
+    let mut out = Vec::new();
+    for r in ranges {
+        let (lo, hi) = (seen, seen + r.len());
+        seen = hi;
+        let (a, b) = (from.max(lo), to.min(hi));
+        if a < b {
+            out.push(r.start + (a - lo)..r.start + (b - lo));
+        }
+    }
+    out
+}
+
+/// out = Σ_c acc_c e^(max_c - M) / Σ_c sum_c e^(max_c - M), per head, M the largest max.
+fn merge(partials: &[Partial], hd: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let heads = out.len() / hd;
+    for h in 0..heads {
+        let m = partials
+            .iter()
+            .map(|p| p.max[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * hd..][..hd];
+        let mut total = 0.0;
+        for p in partials.iter().filter(|p| p.sum[h] > 0.0) {
+            let w = exp_nonpositive(p.max[h] - m);
+            total += p.sum[h] * w;
+            for (o, a) in o.iter_mut().zip(&p.acc[h * hd..][..hd]) {
+                *o += a * w;
+            }
+        }
+        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+fn chunk_on(
+    isa: Isa,
+    qs: &[f32],
+    kv: KvView,
+    ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> Partial {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` comes from Isa::available(), so the CPU has these features.
+        Isa::Avx512 => avx512::chunk(qs, kv, ranges, shape)
+            // SAFETY: as above.
+            .unwrap_or_else(|| unsafe { chunk_avx512(isa, qs, kv, ranges, shape) }),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { chunk_avx2(isa, qs, kv, ranges, shape) },
+        _ => chunk::<false>(isa, qs, kv, ranges, shape),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn chunk_avx512(
+    isa: Isa,
+    qs: &[f32],
+    kv: KvView,
+    r: &[Range<usize>],
+    s: AttnShape,
+) -> Partial {
+    chunk::<true>(isa, qs, kv, r, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn chunk_avx2(
+    isa: Isa,
+    qs: &[f32],
+    kv: KvView,
+    r: &[Range<usize>],
+    s: AttnShape,
+) -> Partial {
+    chunk::<true>(isa, qs, kv, r, s)
+}
+
+/// One chunk: the keys of `ranges`, block by block. `qs` is the query pre-scaled by 1/sqrt(hd).
+/// FMA: fuse multiply-adds (the SIMD paths; a fused multiply-add is a libm call without FMA).
+#[inline(always)]
+fn chunk<const FMA: bool>(
+    isa: Isa,
+    qs: &[f32],
+    kv: KvView,
+    ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> Partial {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
+    let group = n_heads / n_kv_heads;
+    let stride = n_kv_heads * hd;
+    let mut st = Partial::new(n_heads, hd);
+    let mut buf = vec![0.0f32; BLOCK * stride];
+    let mut p = vec![0.0f32; n_heads * BLOCK];
+    let blocks = ranges.iter().flat_map(|r| {
+        (r.start..r.end)
+            .step_by(BLOCK)
+            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
+    });
+    for (j0, kb) in blocks {
+        let rows = &mut buf[..kb * stride];
+        kv.dtype
+            .decode_with(isa, &kv.k[j0 * stride..(j0 + kb) * stride], rows);
+        // scores p[h][j] = qs_h . k_j[g(h)]: the group's query heads read each key row in turn
+        for g in 0..n_kv_heads {
+            for j in 0..kb {
+                let k = &rows[j * stride + g * hd..][..hd];
+                for h in g * group..(g + 1) * group {
+                    p[h * BLOCK + j] = dot::<FMA>(&qs[h * hd..][..hd], k);
+                }
+            }
+        }
+        // online softmax step per head
+        for h in 0..n_heads {
+            let ph = &mut p[h * BLOCK..][..kb];
+            let new_max = st.max[h].max(lane_max(ph));
+            if new_max > st.max[h] && st.sum[h] > 0.0 {
+                let c = exp_nonpositive(st.max[h] - new_max);
+                st.sum[h] *= c;
+                st.acc[h * hd..][..hd].iter_mut().for_each(|a| *a *= c);
+            }
+            st.max[h] = new_max;
+            for x in ph.iter_mut() {
+                *x = exp_nonpositive(*x - new_max);
+            }
+            st.sum[h] += lane_sum(ph);
+        }
+        kv.dtype
+            .decode_with(isa, &kv.v[j0 * stride..(j0 + kb) * stride], rows);
+        // acc_h += Σ_j p[h][j] v_j[g(h)], LANES output columns at a time in registers
+        for h in 0..n_heads {
+            let g = h / group;
+            let acc = &mut st.acc[h * hd..][..hd];
+            let ph = &p[h * BLOCK..][..kb];
+            let mut d0 = 0;
+            // four registers of outputs per pass: independent FMA chains
+            while d0 + WIDE <= hd {
+                let mut a: [f32; WIDE] = acc[d0..d0 + WIDE].try_into().unwrap();
+                for (j, &w) in ph.iter().enumerate() {
+                    let v = &rows[j * stride + g * hd + d0..][..WIDE];
+                    for l in 0..WIDE {
+                        a[l] = fma::<FMA>(w, v[l], a[l]);
+                    }
+                }
+                acc[d0..d0 + WIDE].copy_from_slice(&a);
+                d0 += WIDE;
+            }
+            while d0 + LANES <= hd {
+                let mut a: [f32; LANES] = acc[d0..d0 + LANES].try_into().unwrap();
+                for (j, &w) in ph.iter().enumerate() {
+                    let v = &rows[j * stride + g * hd + d0..][..LANES];
+                    for l in 0..LANES {
+                        a[l] = fma::<FMA>(w, v[l], a[l]);
+                    }
+                }
+                acc[d0..d0 + LANES].copy_from_slice(&a);
+                d0 += LANES;
+            }
+            for d in d0..hd {
+                acc[d] += ph
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &w)| w * rows[j * stride + g * hd + d])
+                    .sum::<f32>();
+            }
+        }
+    }
+    st
+}
+
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Dot product with LANES independent accumulators (vectorisable).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] = fma::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    tree_sum(acc) + tail
+}
+
+/// Sum of LANES values pairwise, halving each step (vectorises; a serial sum is 15 dependent
+/// adds).
+#[inline(always)]
+fn tree_sum(a: [f32; LANES]) -> f32 {
+    let mut b = [0.0f32; 8];
+    for i in 0..8 {
+        b[i] = a[i] + a[i + 8];
+    }
+    let mut c = [0.0f32; 4];
+    for i in 0..4 {
+        c[i] = b[i] + b[i + 4];
+    }
+    (c[0] + c[2]) + (c[1] + c[3])
+}
+
+/// Sum of a short row through LANES partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    tree_sum(acc) + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Max of a short row through LANES partial maxima.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    let m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    chunks.remainder().iter().copied().fold(m, f32::max)
+}
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // one key range covering every key is the common case
+mod tests {
+    use super::*;
+    use crate::backend::attention::attention_reference;
+    use crate::kv::{KvDtype, LayerKv};
+
+    fn patterned(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Compare every path with the f64 reference over the gathered keys of `ranges` (the
+    /// reference sees the same 16-bit-rounded K and V, so only arithmetic differs).
+    fn check(
+        n: usize,
+        q_pos: u32,
+        ranges: &[Range<usize>],
+        shape: AttnShape,
+        dtype: KvDtype,
+        seed: u64,
+    ) {
+        let kv_dim = shape.n_kv_heads * shape.head_dim;
+        // gapped positions, as after SlimInfer's row drop
+        let positions: Vec<u32> = (0..n as u32).map(|i| i * 3 + i % 2).collect();
+        let mut cache = LayerKv::new(dtype);
+        // large-ish scores so the softmax is peaked and the online rescaling matters
+        let k: Vec<f32> = patterned(n * kv_dim, seed)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
+        cache
+            .append(&k, &patterned(n * kv_dim, seed + 1), &positions)
+            .unwrap();
+        let q: Vec<f32> = patterned(shape.n_heads * shape.head_dim, seed + 2)
+            .iter()
+            .map(|x| x * 2.0)
+            .collect();
+        let visible = positions.partition_point(|&p| p <= q_pos);
+        let rows: Vec<usize> = ranges
+            .iter()
+            .flat_map(|r| r.clone())
+            .filter(|&j| j < visible)
+            .collect();
+        let (kf, vf) = (cache.keys_f32(), cache.values_f32());
+        let gather = |x: &[f32]| {
+            rows.iter()
+                .flat_map(|&j| x[j * kv_dim..][..kv_dim].to_vec())
+                .collect::<Vec<_>>()
+        };
+        let sub_pos: Vec<u32> = rows.iter().map(|&j| positions[j]).collect();
+        let want = attention_reference(&q, &[q_pos], &gather(&kf), &gather(&vf), &sub_pos, shape);
+        for &isa in Isa::available() {
+            let mut out = vec![f32::NAN; q.len()];
+            decode_attention_with(isa, &q, q_pos, cache.view(), ranges, shape, &mut out);
+            let worst = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst < 2e-5,
+                "{isa:?} {dtype:?} n {n}: max abs error {worst}"
+            );
+        }
+    }
+
+    const GQA: AttnShape = AttnShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+
+    #[test]
+    fn every_path_matches_reference_on_odd_lengths() {
+        for (i, n) in [1usize, 31, 33, 517, 2501].into_iter().enumerate() {
+            for dtype in [KvDtype::F16, KvDtype::Bf16] {
+                check(n, u32::MAX, &[0..n], GQA, dtype, i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_honours_key_ranges_and_the_query_position() {
+        let n = 1999;
+        let ranges = [0..64, 67..70, 300..301, 640..1283, 1500..1999];
+        check(n, u32::MAX, &ranges, GQA, KvDtype::F16, 7);
+        // the query sits inside the last range: later keys are masked
+        check(n, 3200, &ranges, GQA, KvDtype::Bf16, 8);
+    }
+
+    #[test]
+    fn odd_head_dim_and_group_match_reference() {
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 40,
+        };
+        check(777, u32::MAX, &[5..700, 701..777], shape, KvDtype::F16, 9);
+    }
+
+    #[test]
+    fn no_visible_key_outputs_zero() {
+        let mut cache = LayerKv::new(KvDtype::F16);
+        cache.append(&[1.0; 8], &[1.0; 8], &[5, 6]).unwrap();
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
+        let mut out = vec![f32::NAN; 8];
+        decode_attention(&[1.0; 8], 4, cache.view(), &[0..2], shape, &mut out);
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    /// Timing, not a check: `cargo test --release --lib decode_attention_speed -- --ignored
+    /// --nocapture`. 30 layers' caches of 7,000 rows (161 MB of f16), as one decode step reads.
+    #[test]
+    #[ignore]
+    fn decode_attention_speed() {
+        let (layers, n) = (30, 7000);
+        let kv_dim = GQA.n_kv_heads * GQA.head_dim;
+        let caches: Vec<LayerKv> = (0..layers)
+            .map(|l| {
+                let mut c = LayerKv::new(KvDtype::F16);
+                let pos: Vec<u32> = (0..n as u32).collect();
+                let k = patterned(n * kv_dim, l as u64);
+                c.append(&k, &k, &pos).unwrap();
+                c
+            })
+            .collect();
+        let q = patterned(GQA.n_heads * GQA.head_dim, 99);
+        let mut out = vec![0.0; q.len()];
+        // the floor: the same bytes streamed and summed by the same pool
+        let steps = 20;
+        let t = std::time::Instant::now();
+        let mut total = 0u64;
+        for _ in 0..steps {
+            total += caches
+                .par_iter()
+                .flat_map(|c| [&c.k, &c.v])
+                .flat_map(|x| x.par_chunks(1 << 16))
+                .map(|x| x.iter().map(|&b| b as u64).sum::<u64>())
+                .sum::<u64>();
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        eprintln!("read floor: {ms:.2} ms per step (checksum {total})");
+        for &isa in Isa::available() {
+            let t = std::time::Instant::now();
+            for _ in 0..steps {
+                for c in &caches {
+                    decode_attention_with(isa, &q, u32::MAX, c.view(), &[0..n], GQA, &mut out);
+                }
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+            let gbs = (layers * n * kv_dim * 2 * 2) as f64 / ms / 1e6;
+            eprintln!(
+                "{isa:?}: {ms:.2} ms per decode step at {n} keys x {layers} layers ({gbs:.1} GB/s)"
+            );
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The AVX-512 chunk kernel of [`super`] for head_dim 64 and up to 4 query heads per KV head
+//! (SmolLM2, LLaMA-style models): K and V rows are widened from f16/bf16 straight into
+//! registers (no f32 buffer), the group's queries and output accumulators sit in registers
+//! while a block's rows stream by, and each KV head's rows are read once for its query heads.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{lane_max, lane_sum, Partial, BLOCK};
+use crate::backend::attention::AttnShape;
+use crate::backend::simd::exp_nonpositive;
+use crate::kv::{KvDtype, KvView};
+
+const HD: usize = 64;
+
+/// The chunk's partial softmax state, or None for a shape this kernel does not cover.
+pub(super) fn chunk(
+    qs: &[f32],
+    kv: KvView,
+    ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> Option<Partial> {
+    let group = shape.n_heads / shape.n_kv_heads;
+    if shape.head_dim != HD {
+        return None;
+    }
+    // SAFETY: the caller took this path from Isa::available(): the CPU has AVX-512F and F16C.
+    unsafe {
+        Some(match (group, kv.dtype) {
+            (1, KvDtype::F16) => run::<1, false>(qs, kv, ranges, shape),
+            (2, KvDtype::F16) => run::<2, false>(qs, kv, ranges, shape),
+            (3, KvDtype::F16) => run::<3, false>(qs, kv, ranges, shape),
+            (4, KvDtype::F16) => run::<4, false>(qs, kv, ranges, shape),
+            (1, KvDtype::Bf16) => run::<1, true>(qs, kv, ranges, shape),
+            (2, KvDtype::Bf16) => run::<2, true>(qs, kv, ranges, shape),
+            (3, KvDtype::Bf16) => run::<3, true>(qs, kv, ranges, shape),
+            (4, KvDtype::Bf16) => run::<4, true>(qs, kv, ranges, shape),
+            _ => return None,
+        })
+    }
+}
+
+/// 16 elements at `p`, widened to f32.
+#[inline(always)]
+unsafe fn load16<const BF16: bool>(p: *const u16) -> __m512 {
+    let h = _mm256_loadu_si256(p as *const __m256i);
+    if BF16 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    } else {
+        _mm512_cvtph_ps(h)
+    }
+}
+
+/// A 64-wide row at `p`, widened.
+#[inline(always)]
+unsafe fn row<const BF16: bool>(p: *const u16) -> [__m512; 4] {
+    [
+        load16::<BF16>(p),
+        load16::<BF16>(p.add(16)),
+        load16::<BF16>(p.add(32)),
+        load16::<BF16>(p.add(48)),
+    ]
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run<const G: usize, const BF16: bool>(
+    qs: &[f32],
+    kv: KvView,
+    ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> Partial {
+    let n_heads = shape.n_heads;
+    let stride = shape.n_kv_heads * HD;
+    let mut st = Partial::new(n_heads, HD);
+    let mut p = [0.0f32; 4 * BLOCK];
+    let blocks = ranges.iter().flat_map(|r| {
+        (r.start..r.end)
+            .step_by(BLOCK)
+            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
+    });
+    // blocks outer, KV heads inner: the rows of a block (every head) are read in address order,
+    // one sequential stream for K and one for V; the group's queries and accumulators are
+    // reloaded from L1 per block.
+    for (j0, kb) in blocks {
+        for g in 0..shape.n_kv_heads {
+            let mut q = [[_mm512_setzero_ps(); 4]; G];
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for h in 0..G {
+                let qp = qs.as_ptr().add((g * G + h) * HD);
+                let ap = st.acc.as_ptr().add((g * G + h) * HD);
+                for c in 0..4 {
+                    q[h][c] = _mm512_loadu_ps(qp.add(16 * c));
+                    acc[h][c] = _mm512_loadu_ps(ap.add(16 * c));
+                }
+            }
+            // scores of the group's heads against each key row, read once
+            for j in 0..kb {
+                let k = row::<BF16>(kv.k.as_ptr().add((j0 + j) * stride + g * HD));
+                for h in 0..G {
+                    let s = _mm512_fmadd_ps(q[h][0], k[0], _mm512_mul_ps(q[h][1], k[1]));
+                    let t = _mm512_fmadd_ps(q[h][2], k[2], _mm512_mul_ps(q[h][3], k[3]));
+                    p[h * BLOCK + j] = _mm512_reduce_add_ps(_mm512_add_ps(s, t));
+                }
+            }
+            // online softmax step per head
+            for h in 0..G {
+                let head = g * G + h;
+                let ph = &mut p[h * BLOCK..][..kb];
+                let new_max = st.max[head].max(lane_max(ph));
+                if new_max > st.max[head] && st.sum[head] > 0.0 {
+                    let c = exp_nonpositive(st.max[head] - new_max);
+                    st.sum[head] *= c;
+                    let cv = _mm512_set1_ps(c);
+                    for a in acc[h].iter_mut() {
+                        *a = _mm512_mul_ps(*a, cv);
+                    }
+                }
+                st.max[head] = new_max;
+                for x in ph.iter_mut() {
+                    *x = exp_nonpositive(*x - new_max);
+                }
+                st.sum[head] += lane_sum(ph);
+            }
+            // acc_h += p[h][j] v_j, each value row read once for the group
+            for j in 0..kb {
+                let v = row::<BF16>(kv.v.as_ptr().add((j0 + j) * stride + g * HD));
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(p[h * BLOCK + j]);
+                    for (a, &vc) in acc_h.iter_mut().zip(&v) {
+                        *a = _mm512_fmadd_ps(w, vc, *a);
+                    }
+                }
+            }
+            for (h, acc_h) in acc.iter().enumerate() {
+                let ap = st.acc.as_mut_ptr().add((g * G + h) * HD);
+                for (c, &a) in acc_h.iter().enumerate() {
+                    _mm512_storeu_ps(ap.add(16 * c), a);
+                }
+            }
+        }
+    }
+    st
+}

@@ -31,6 +31,7 @@ fn engine_f32(slim: SlimConfig) -> Engine {
         &EngineOptions {
             slim,
             linear: slimchat::backend::linear::LinearMode::DenseF32,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -94,8 +94,9 @@ pub struct SlimConfig {
     /// `"blocks"` with gamma 0.9 and K ≥ 10). Default `"blocks"`: `"mass"` measured no better on
     /// the needles of `slimchat eval` (bench/NOTES.md).
     pub gate: GateKind,
-    /// Decode may bring back blocks that prefill pruned (LazyLLM's aux cache; see
-    /// `slim::session`). `false`: a stage only chooses among the blocks it kept in prefill.
+    /// A raised ratio may bring back blocks that prefill pruned (LazyLLM's aux cache; see
+    /// `slim::session`): a stage whose budget exceeds the blocks it holds revives the best-scored
+    /// pruned ones. `false`: a stage only ever chooses among the blocks it kept in prefill.
     /// Default `true`.
     pub revive: bool,
     /// How blocks are scored: `"paper"` (mean over heads of |q_loc·k_unit|, max over units) or
@@ -160,7 +161,7 @@ gamma = 0.9
 # What gamma measures: "blocks" (the paper's |proposal ∩ active| / K) or "mass" (the share of
 # the proposal's score mass that the active set holds).
 gate = "blocks"
-# Decode may bring back blocks pruned in prefill (their hidden states are kept for it).
+# A raised ratio may bring back blocks pruned in prefill (their hidden states are kept for it).
 revive = true
 # Block scoring: "attention" (each window query's per-head softmax mass over units) or
 # "paper" (mean over heads of |q_loc.k_unit|, max over units).

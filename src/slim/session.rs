@@ -13,15 +13,16 @@
 //! switches. Layers of the stage attend to the active blocks plus every token past the prompt.
 //!
 //! Revival (reading (a) of sliminfer.md §1.8, LazyLLM's aux cache), on by default: when prefill
-//! drops a block at a stage, its hidden states at the stage's input are kept. If decode later
-//! makes the block active there, its rows rejoin the forward in front of the new token at that
-//! boundary, run through the stage's layers (attending causally to what those layers hold) and
-//! leave their KV behind; at the next boundary they leave the forward again and become that
-//! stage's candidates. Each block is revived at most once per stage. Why: on the default model a
-//! fact asked about at the end of a document is found by the answer tokens themselves (an
-//! induction pattern), after prefill has pruned its block; without revival it can never come
-//! back (bench/NOTES.md, needles). With `revive = false`, candidates are only the blocks kept in
-//! prefill (reading (b)).
+//! drops a block at a stage, its hidden states at the stage's input are kept. When the stage's
+//! budget later exceeds the blocks it holds (the person raised the ratio mid-conversation), the
+//! proposal may choose pruned blocks: their rows rejoin the forward in front of the new token at
+//! that boundary, run through the stage's layers (attending causally to what those layers hold)
+//! and leave their KV behind; at the next boundary they leave the forward again and become that
+//! stage's candidates. Each block is revived at most once per stage. Swaps within a full budget
+//! stay among the blocks that have KV: reviving there costs a forward of 64 rows through the
+//! stage per switch and measured slower than dense decode, and it did not bring back the facts
+//! prefill lost (bench/NOTES.md). With `revive = false` a raised ratio cannot grow a stage past
+//! the blocks prefill kept (reading (b)).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -296,7 +297,10 @@ impl SlimSession {
         let mut scores = self.score(&q_window, kv);
         let (block_size, gamma, revive) = (self.cfg.block_size, self.cfg.gamma, self.cfg.revive);
         let st = &mut self.stages[s];
-        if !revive {
+        // Pruned blocks come back only into budget the stage's pool cannot fill (a raised
+        // ratio); swapping a held block for a pruned one would cost a forward of its rows
+        // through the stage for every switch (measured: slim decode fell below dense).
+        if !(revive && st.stage.keep_blocks > st.pool.len()) {
             scores.retain(|(b, _)| st.pool.binary_search(b).is_ok());
         }
         let forced = forced_blocks(self.prompt_len, block_size, w);

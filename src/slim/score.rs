@@ -398,6 +398,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn attention_scores_of_a_window_are_the_mean_of_each_querys() {
+        // the decode path keeps per-query scores and averages them (slim::session)
+        let mut rng = Rng(0xC0FF_EE11);
+        let shape = HeadShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        };
+        let pos = positions(&mut rng, 300, 5, 3);
+        let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+        let width = shape.n_heads * shape.head_dim;
+        let q = rng.vec(5 * width);
+        let whole = block_scores_attention(&q, &keys, &pos, 300, shape, 64, 8);
+        let mut mean: Vec<(u32, f32)> = whole.iter().map(|&(b, _)| (b, 0.0)).collect();
+        for one in q.chunks(width) {
+            let sc = block_scores_attention(one, &keys, &pos, 300, shape, 64, 8);
+            for (m, (b, v)) in mean.iter_mut().zip(sc) {
+                assert_eq!(m.0, b);
+                m.1 += v / 5.0;
+            }
+        }
+        assert_close(&mean, &whole, "mean of per-query scores");
+    }
+
     /// Small deterministic generator (xorshift64*), uniform in [-1, 1).
     struct Rng(u64);
     impl Rng {

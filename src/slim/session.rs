@@ -48,11 +48,29 @@ struct StageState {
     pool: Vec<u32>,
     /// Blocks the stage's layers attend to now, ascending (a subset of `pool`).
     active: Vec<u32>,
-    /// The last `local_window` queries seen at the boundary layer, each (n_heads * hd).
-    window: VecDeque<Vec<f32>>,
+    /// The last `local_window` queries seen at the boundary layer, each (n_heads * hd), with
+    /// each query's own block scores once computed (attention scoring is a mean over the
+    /// window's queries, so a decode step scores only its new query).
+    window: VecDeque<WindowQuery>,
     /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
     /// input, by block. Filled only when revival is on.
     aux: BTreeMap<u32, AuxBlock>,
+}
+
+/// One query of a stage's window and, once scored, its block scores.
+#[derive(Debug, Clone)]
+struct WindowQuery {
+    q: Vec<f32>,
+    scores: Option<Vec<(u32, f32)>>,
+}
+
+impl WindowQuery {
+    fn new(q: &[f32]) -> Self {
+        Self {
+            q: q.to_vec(),
+            scores: None,
+        }
+    }
 }
 
 /// The hidden states of one pruned block at a stage's input.
@@ -225,7 +243,7 @@ impl SlimSession {
             self.stages[s].aux = self.stash(h, positions, &dropped)?;
         }
         let st = &mut self.stages[s];
-        st.window = q_window.chunks(width).map(<[f32]>::to_vec).collect();
+        st.window = q_window.chunks(width).map(WindowQuery::new).collect();
         st.pool = blocks.clone();
         st.active = blocks;
         Ok(keep)
@@ -287,14 +305,14 @@ impl SlimSession {
         }
         let st = &mut self.stages[s];
         for &r in &keep {
-            st.window.push_back(q[r * width..(r + 1) * width].to_vec());
+            st.window
+                .push_back(WindowQuery::new(&q[r * width..(r + 1) * width]));
             while st.window.len() > w {
                 st.window.pop_front();
             }
         }
-        let q_window: Vec<f32> = st.window.iter().flatten().copied().collect();
         // candidates: the blocks with KV at this boundary layer
-        let mut scores = self.score(&q_window, kv);
+        let mut scores = self.window_scores(s, kv);
         let (block_size, gamma, revive) = (self.cfg.block_size, self.cfg.gamma, self.cfg.revive);
         let st = &mut self.stages[s];
         // Pruned blocks come back only into budget the stage's pool cannot fill (a raised
@@ -326,6 +344,45 @@ impl SlimSession {
         }
         let insert = self.revive_active(s)?;
         Ok((insert.is_some() || !arrived.is_empty()).then_some(RowChange { keep, insert }))
+    }
+
+    /// Block scores of stage `s`'s window. Attention-mass scores are the mean of per-query
+    /// scores, which are kept: a step computes only its new queries' (a full recount only when
+    /// the layer's blocks changed). The paper's score pools the queries first and is recomputed.
+    fn window_scores(&mut self, s: usize, kv: &LayerKv) -> Vec<(u32, f32)> {
+        if self.cfg.score != ScoreKind::Attention {
+            let q: Vec<f32> = (self.stages[s].window.iter())
+                .flat_map(|wq| wq.q.iter().copied())
+                .collect();
+            return self.score(&q, kv);
+        }
+        let mut window = std::mem::take(&mut self.stages[s].window);
+        for wq in window.iter_mut().rev() {
+            if wq.scores.is_some() {
+                break;
+            }
+            wq.scores = Some(self.score(&wq.q, kv));
+        }
+        let newest: Vec<u32> = (window.back().and_then(|wq| wq.scores.as_ref()))
+            .map(|sc| sc.iter().map(|&(b, _)| b).collect())
+            .unwrap_or_default();
+        let same_blocks = |sc: &[(u32, f32)]| {
+            sc.len() == newest.len() && sc.iter().zip(&newest).all(|(a, b)| a.0 == *b)
+        };
+        for wq in window.iter_mut() {
+            if !wq.scores.as_deref().is_some_and(same_blocks) {
+                wq.scores = Some(self.score(&wq.q, kv));
+            }
+        }
+        let n = window.len().max(1) as f32;
+        let mut sum: Vec<(u32, f32)> = newest.iter().map(|&b| (b, 0.0)).collect();
+        for sc in window.iter().filter_map(|wq| wq.scores.as_ref()) {
+            for (acc, &(_, v)) in sum.iter_mut().zip(sc) {
+                acc.1 += v / n;
+            }
+        }
+        self.stages[s].window = window;
+        sum
     }
 
     /// Move the active blocks of stage `s` that have no KV there out of the aux store and into

@@ -68,6 +68,10 @@ impl Attention {
     }
 }
 
+/// Rows per MLP chunk in prefill: (1024, 1536) f32 gate/up/product blocks are 6 MB each, and
+/// the GEMMs stay large enough to run at full speed.
+const MLP_ROWS: usize = 1024;
+
 struct Mlp {
     /// gate, up
     gate_up: FusedLinear,
@@ -86,8 +90,21 @@ impl Mlp {
         })
     }
 
-    /// x: (rows, hidden) -> (rows, hidden)
+    /// x: (rows, hidden) -> (rows, hidden), in chunks of `MLP_ROWS` rows: the (rows,
+    /// intermediate) gate, up and product are the largest activations of a long prefill.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dims2()?.0;
+        if rows <= MLP_ROWS {
+            return self.forward_rows(x);
+        }
+        let chunks = (0..rows)
+            .step_by(MLP_ROWS)
+            .map(|r| self.forward_rows(&x.narrow(0, r, MLP_ROWS.min(rows - r))?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&chunks, 0)?)
+    }
+
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().expect("two parts");
         // gate, up: (rows, intermediate)
         let (rows, width) = gate.dims2()?;
@@ -261,7 +278,7 @@ impl Llama {
         Ok(Self {
             rope: Rope::new(&spec, freq_factors.as_deref(), spec.context_length),
             final_norm: vector(f, "output_norm.weight", spec.hidden)?,
-            head: Linear::new(head_weights, mode)?,
+            head: Linear::one_row(head_weights, mode)?,
             embed,
             blocks,
             spec,

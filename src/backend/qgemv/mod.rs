@@ -237,30 +237,61 @@ impl QMatrix {
         }
     }
 
+    /// out = W x in f32: each weight exactly as the GGUF defines it, x unrounded, f32 sums;
+    /// equal to the dequantized f32 matrix's product up to summation order. For one-row
+    /// products that must not take Q8 rounding (a prefill's head), without holding W in f32.
+    pub fn gemv_f32(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), self.cols, "qgemv: x has {} values", x.len());
+        assert_eq!(out.len(), self.rows, "qgemv: out has {} values", out.len());
+        let per_run = 64 * TILE;
+        out.par_chunks_mut(per_run)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let mut w = [0.0f32; QK];
+                for (j, o) in out.iter_mut().enumerate() {
+                    let r = i * per_run + j;
+                    let mut acc = [0.0f32; QK];
+                    for (b, xb) in x.chunks_exact(QK).enumerate() {
+                        self.row_block(r, b, &mut w);
+                        acc.iter_mut()
+                            .zip(w.iter().zip(xb))
+                            .for_each(|(a, (w, x))| *a += w * x);
+                    }
+                    *o = acc.iter().sum();
+                }
+            });
+    }
+
+    /// Weights of row `r`, block `b` (columns 32b..32b+32) as f32.
+    fn row_block(&self, r: usize, b: usize, wb: &mut [f32; QK]) {
+        let f = |bits: u16| f16::from_bits(bits).to_f32();
+        let (tile, lane) = (r / TILE, r % TILE);
+        let tb = tile * (self.cols / QK) + b;
+        let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
+        let s = &self.scales[tb * self.kind.scales()..];
+        for (k, l) in lines.iter().enumerate() {
+            let bytes = &l.0[4 * lane..][..4];
+            for (j, &byte) in bytes.iter().enumerate() {
+                match self.kind {
+                    Kind::Q4_1 => {
+                        let (d, m) = (f(s[lane]), f(s[TILE + lane]));
+                        wb[4 * k + j] = d * (byte & 15) as f32 + m;
+                        wb[16 + 4 * k + j] = d * (byte >> 4) as f32 + m;
+                    }
+                    Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
+                }
+            }
+        }
+    }
+
     /// The weights as f32, (rows, cols) row-major (for tests).
     pub fn dequantize(&self) -> Vec<f32> {
-        let nb = self.cols / QK;
         let mut w = vec![0.0f32; self.rows * self.cols];
-        let f = |bits: u16| f16::from_bits(bits).to_f32();
+        let mut block = [0.0f32; QK];
         for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
-            let (tile, lane) = (r / TILE, r % TILE);
             for (b, wb) in row.chunks_exact_mut(QK).enumerate() {
-                let tb = tile * nb + b;
-                let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
-                let s = &self.scales[tb * self.kind.scales()..];
-                for (k, l) in lines.iter().enumerate() {
-                    let bytes = &l.0[4 * lane..][..4];
-                    for (j, &byte) in bytes.iter().enumerate() {
-                        match self.kind {
-                            Kind::Q4_1 => {
-                                let (d, m) = (f(s[lane]), f(s[TILE + lane]));
-                                wb[4 * k + j] = d * (byte & 15) as f32 + m;
-                                wb[16 + 4 * k + j] = d * (byte >> 4) as f32 + m;
-                            }
-                            Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
-                        }
-                    }
-                }
+                self.row_block(r, b, &mut block);
+                wb.copy_from_slice(&block);
             }
         }
         w

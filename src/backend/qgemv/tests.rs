@@ -123,3 +123,34 @@ fn zero_activation_gives_zero() {
         assert!(out.iter().all(|&v| v == 0.0), "{kernel:?}");
     }
 }
+
+#[test]
+fn f32_product_uses_the_exact_weights_and_the_unrounded_activation() {
+    // rows over several parallel runs (64 tiles each) and a partial tile
+    for (dtype, rows, cols) in [
+        (GgmlDType::Q8_0, 2 * 64 * TILE + 37, 96),
+        (GgmlDType::Q4_1, 53, 160),
+    ] {
+        let q = quantized(dtype, rows, cols, 99);
+        let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+        let w = candle_dequantized(&q);
+        let x: Vec<f32> = noise(cols, 3).iter().map(|v| v * 2.0).collect();
+        let mut out = vec![f32::NAN; rows];
+        m.gemv_f32(&x, &mut out);
+        for r in 0..rows {
+            let wr = &w[r * cols..][..cols];
+            let want: f64 = wr.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mag: f64 = wr
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let err = (out[r] as f64 - want).abs();
+            assert!(
+                err <= 1e-6 * mag.max(1.0),
+                "{dtype:?} row {r}: {} vs {want}",
+                out[r]
+            );
+        }
+    }
+}

@@ -54,10 +54,10 @@ impl Attention {
         ctx: &LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
+        // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
         let [q, k, v]: [Tensor; 3] = self.wqkv.forward(x)?.try_into().expect("three parts");
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?; // (rows, n_heads * hd)
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?; // (rows, n_kv_heads * hd)
-                                                        // v: (rows, n_kv_heads * hd)
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         ctx.rope.apply(&mut q, positions)?;
         ctx.rope.apply(&mut k, positions)?;
         with_f32(&v, |v| kv.append(&k, v, positions))??;

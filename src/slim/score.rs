@@ -658,81 +658,118 @@ pub fn block_scores_attention_of(
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
-    let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
-    let HeadShape {
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    } = shape;
-    let (k_row, group) = (n_kv_heads * head_dim, shape.group());
-    // unit means: (n_units, k_row), with each unit's block id
-    let mut unit_keys: Vec<f32> = Vec::new();
-    let mut unit_block: Vec<u32> = Vec::new();
-    let (mut cur, mut rows) = (usize::MAX, 0usize);
-    let mut pos_iter = positions.iter();
-    keys.each_row(k_row, |row| {
-        let pos = *pos_iter.next().expect("checked: a position per row") as usize;
-        if pos >= prompt_len {
-            return false;
-        }
-        if pos / unit_size != cur {
-            if rows > 0 {
-                let start = unit_keys.len() - k_row;
-                unit_keys[start..]
-                    .iter_mut()
-                    .for_each(|x| *x /= rows as f32);
+    shape.check(q_window, keys.len(), positions, block_size, unit_size);
+    UnitKeys::new(keys, positions, prompt_len, shape, block_size, unit_size)
+        .attention_scores(q_window)
+}
+
+/// The representative key of every token unit of the prompt (the mean of its post-RoPE keys),
+/// with each unit's block: what the attention-mass score compares queries with. Decode keeps
+/// it per boundary layer while that layer's prompt rows stay the same.
+#[derive(Debug, Clone)]
+pub struct UnitKeys {
+    shape: HeadShape,
+    /// (n_units, n_kv_heads * head_dim)
+    keys: Vec<f32>,
+    /// block id of each unit, ascending
+    block: Vec<u32>,
+}
+
+impl UnitKeys {
+    pub fn new(
+        keys: Keys,
+        positions: &[u32],
+        prompt_len: usize,
+        shape: HeadShape,
+        block_size: usize,
+        unit_size: usize,
+    ) -> Self {
+        let k_row = shape.n_kv_heads * shape.head_dim;
+        let mut unit_keys: Vec<f32> = Vec::new();
+        let mut unit_block: Vec<u32> = Vec::new();
+        let (mut cur, mut rows) = (usize::MAX, 0usize);
+        let mut pos_iter = positions.iter();
+        keys.each_row(k_row, |row| {
+            let pos = *pos_iter.next().expect("checked: a position per row") as usize;
+            if pos >= prompt_len {
+                return false;
             }
-            cur = pos / unit_size;
-            rows = 0;
-            unit_keys.extend(std::iter::repeat_n(0.0, k_row));
-            unit_block.push((pos / block_size) as u32);
+            if pos / unit_size != cur {
+                if rows > 0 {
+                    let start = unit_keys.len() - k_row;
+                    unit_keys[start..]
+                        .iter_mut()
+                        .for_each(|x| *x /= rows as f32);
+                }
+                cur = pos / unit_size;
+                rows = 0;
+                unit_keys.extend(std::iter::repeat_n(0.0, k_row));
+                unit_block.push((pos / block_size) as u32);
+            }
+            let start = unit_keys.len() - k_row;
+            unit_keys[start..]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(a, &b)| *a += b);
+            rows += 1;
+            true
+        });
+        if rows > 0 {
+            let start = unit_keys.len() - k_row;
+            unit_keys[start..]
+                .iter_mut()
+                .for_each(|x| *x /= rows as f32);
         }
-        let start = unit_keys.len() - k_row;
-        unit_keys[start..]
-            .iter_mut()
-            .zip(row)
-            .for_each(|(a, &b)| *a += b);
-        rows += 1;
-        true
-    });
-    if rows > 0 {
-        let start = unit_keys.len() - k_row;
-        unit_keys[start..]
-            .iter_mut()
-            .for_each(|x| *x /= rows as f32);
-    }
-    let n_units = unit_block.len();
-    // mass: (n_heads, n_units), each head's attention averaged over the window queries
-    let mut mass = vec![0f32; n_heads * n_units];
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut logits = vec![0f32; n_units];
-    for (i, q) in q_window.chunks_exact(head_dim).enumerate() {
-        let h = i % n_heads;
-        let kv = h / group;
-        for (u, l) in logits.iter_mut().enumerate() {
-            *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
-        }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = logits
-            .iter_mut()
-            .map(|l| {
-                *l = (*l - max).exp();
-                *l
-            })
-            .sum();
-        for (m, l) in mass[h * n_units..][..n_units].iter_mut().zip(&logits) {
-            *m += l / total / w as f32;
+        Self {
+            shape,
+            keys: unit_keys,
+            block: unit_block,
         }
     }
-    let mut out: Vec<(u32, f32)> = Vec::new();
-    let mut u0 = 0;
-    while u0 < n_units {
-        let b = unit_block[u0];
-        let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
-        let per_head =
-            (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
-        out.push((b, per_head.sum::<f32>() / n_heads as f32));
-        u0 = u1;
+
+    /// Attention-mass block scores of the queries `q_window` ((w, n_heads * head_dim)).
+    pub fn attention_scores(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
+        let HeadShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = self.shape;
+        let w = q_window.len() / (n_heads * head_dim);
+        let (k_row, group) = (n_kv_heads * head_dim, self.shape.group());
+        let (unit_keys, unit_block) = (&self.keys, &self.block);
+        let n_units = unit_block.len();
+        // mass: (n_heads, n_units), each head's attention averaged over the window queries
+        let mut mass = vec![0f32; n_heads * n_units];
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut logits = vec![0f32; n_units];
+        for (i, q) in q_window.chunks_exact(head_dim).enumerate() {
+            let h = i % n_heads;
+            let kv = h / group;
+            for (u, l) in logits.iter_mut().enumerate() {
+                *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
+            }
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = logits
+                .iter_mut()
+                .map(|l| {
+                    *l = (*l - max).exp();
+                    *l
+                })
+                .sum();
+            for (m, l) in mass[h * n_units..][..n_units].iter_mut().zip(&logits) {
+                *m += l / total / w as f32;
+            }
+        }
+        let mut out: Vec<(u32, f32)> = Vec::new();
+        let mut u0 = 0;
+        while u0 < n_units {
+            let b = unit_block[u0];
+            let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
+            let per_head =
+                (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
+            out.push((b, per_head.sum::<f32>() / n_heads as f32));
+            u0 = u1;
+        }
+        out
     }
-    out
 }

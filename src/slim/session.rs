@@ -34,7 +34,7 @@ use crate::kv::LayerKv;
 use crate::model::llama::{LayerPolicy, RowChange};
 use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{block_scores_attention_of, block_scores_of, HeadShape, Keys};
+use crate::slim::score::{block_scores_attention_of, block_scores_of, HeadShape, Keys, UnitKeys};
 use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
 use crate::Result;
 
@@ -52,6 +52,8 @@ struct StageState {
     /// each query's own block scores once computed (attention scoring is a mean over the
     /// window's queries, so a decode step scores only its new query).
     window: VecDeque<WindowQuery>,
+    /// Decode: the boundary layer's unit keys, with the prompt rows they were built from.
+    units: Option<(usize, UnitKeys)>,
     /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
     /// input, by block. Filled only when revival is on.
     aux: BTreeMap<u32, AuxBlock>,
@@ -113,6 +115,7 @@ impl SlimSession {
                 pool: Vec::new(),
                 active: Vec::new(),
                 window: VecDeque::new(),
+                units: None,
                 aux: BTreeMap::new(),
             })
             .collect();
@@ -356,12 +359,27 @@ impl SlimSession {
                 .collect();
             return self.score(&q, kv);
         }
+        // the boundary layer's unit keys change only when its prompt rows do (revival)
+        let prompt_rows = kv
+            .positions
+            .partition_point(|&p| (p as usize) < self.prompt_len);
+        let units = match self.stages[s].units.take() {
+            Some((rows, units)) if rows == prompt_rows => units,
+            _ => UnitKeys::new(
+                Keys::Half(&kv.k, kv.dtype),
+                &kv.positions,
+                self.prompt_len,
+                self.shape,
+                self.cfg.block_size,
+                self.cfg.unit_size,
+            ),
+        };
         let mut window = std::mem::take(&mut self.stages[s].window);
         for wq in window.iter_mut().rev() {
             if wq.scores.is_some() {
                 break;
             }
-            wq.scores = Some(self.score(&wq.q, kv));
+            wq.scores = Some(units.attention_scores(&wq.q));
         }
         let newest: Vec<u32> = (window.back().and_then(|wq| wq.scores.as_ref()))
             .map(|sc| sc.iter().map(|&(b, _)| b).collect())
@@ -371,9 +389,10 @@ impl SlimSession {
         };
         for wq in window.iter_mut() {
             if !wq.scores.as_deref().is_some_and(same_blocks) {
-                wq.scores = Some(self.score(&wq.q, kv));
+                wq.scores = Some(units.attention_scores(&wq.q));
             }
         }
+        self.stages[s].units = Some((prompt_rows, units));
         let n = window.len().max(1) as f32;
         let mut sum: Vec<(u32, f32)> = newest.iter().map(|&b| (b, 0.0)).collect();
         for sc in window.iter().filter_map(|wq| wq.scores.as_ref()) {

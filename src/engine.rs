@@ -12,9 +12,11 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
+use crate::config::AppConfig;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::gguf::GgufFile;
 use crate::model::llama::{Dense, Llama};
+use crate::model::source::{DownloadProgress, ModelSource};
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
@@ -106,6 +108,17 @@ pub struct EngineOptions {
     pub kv_dtype: KvDtype,
 }
 
+impl EngineOptions {
+    /// The options the config file (and the flags folded into it) asks for.
+    pub fn from_config(cfg: &AppConfig) -> Self {
+        Self {
+            linear: cfg.model.linear,
+            slim: cfg.slim.clone(),
+            kv_dtype: cfg.model.kv_dtype,
+        }
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
@@ -144,6 +157,15 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Resolve the configured model (downloading it if needed, with progress) and load it.
+    pub fn load_configured(
+        cfg: &AppConfig,
+        on_progress: &mut dyn FnMut(&DownloadProgress),
+    ) -> Result<Self> {
+        let path = ModelSource::parse(&cfg.model.source)?.resolve(on_progress)?;
+        Self::load(&path, &EngineOptions::from_config(cfg))
+    }
+
     pub fn load(path: &Path, opts: &EngineOptions) -> Result<Self> {
         let mut file = GgufFile::open(path)?;
         let tokenizer = tokenizer::from_gguf(&file.content)?;

@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
-use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest};
+use slimchat::engine::{Engine, EngineEvent, GenerateRequest};
 use slimchat::eval::{self, EvalConfig};
-use slimchat::model::source::{DownloadProgress, ModelSource};
+use slimchat::model::source::DownloadProgress;
 use slimchat::model::template::{Message, Role};
 use slimchat::{Error, Result};
 
@@ -209,9 +209,8 @@ fn real_main(cli: Cli) -> Result<()> {
 }
 
 fn load_engine(cfg: &AppConfig) -> Result<Engine> {
-    let source = ModelSource::parse(&cfg.model.source)?;
     let mut last_pct = u64::MAX;
-    let path = source.resolve(&mut |p: &DownloadProgress| {
+    Engine::load_configured(cfg, &mut |p: &DownloadProgress| {
         if let Some(total) = p.total_bytes.filter(|&t| t > 0) {
             let pct = p.done_bytes * 100 / total;
             if pct / 10 != last_pct / 10 {
@@ -219,15 +218,7 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
                 last_pct = pct;
             }
         }
-    })?;
-    Engine::load(
-        &path,
-        &EngineOptions {
-            linear: cfg.model.linear,
-            slim: cfg.slim.clone(),
-            kv_dtype: cfg.model.kv_dtype,
-        },
-    )
+    })
 }
 
 fn read_prompt(args: &RunArgs) -> Result<String> {

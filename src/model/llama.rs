@@ -224,12 +224,8 @@ fn apply_row_change(h: Tensor, positions: &mut Vec<u32>, change: RowChange) -> R
         gather_rows(&h, positions, &change.keep)?
     };
     if let Some((extra, extra_pos)) = change.insert {
-        let ordered = extra_pos
-            .iter()
-            .chain(positions.first())
-            .collect::<Vec<_>>()
-            .windows(2)
-            .all(|w| w[0] < w[1]);
+        let ordered = extra_pos.windows(2).all(|w| w[0] < w[1])
+            && (extra_pos.last().zip(positions.first())).is_none_or(|(a, b)| a < b);
         if !ordered || extra.dims2()?.0 != extra_pos.len() {
             return Err(Error::Engine(format!(
                 "row policy inserted {} rows out of order or without their positions",

@@ -459,17 +459,22 @@ impl LayerPolicy for SlimSession {
         if st.active.len() >= st.pool.len() {
             return vec![0..kv.len()]; // every cached block of this stage is active
         }
-        let bs = self.cfg.block_size as u32;
-        let attend =
-            |p: u32| p as usize >= self.prompt_len || st.active.binary_search(&(p / bs)).is_ok();
+        // Rows are sorted by position: each active block, and the rows past the prompt, are
+        // one run of rows, found by binary search (no pass over every row per layer and step).
+        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
+        let bs = self.cfg.block_size;
+        let blocks = (st.active.iter())
+            .map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
+        let after_prompt = std::iter::once(self.prompt_len..usize::MAX);
         let mut ranges: Vec<Range<usize>> = Vec::new();
-        for (i, &p) in kv.positions.iter().enumerate() {
-            if !attend(p) {
+        for span in blocks.chain(after_prompt) {
+            let rows = row_of(span.start)..row_of(span.end);
+            if rows.is_empty() {
                 continue;
             }
             match ranges.last_mut() {
-                Some(r) if r.end == i => r.end = i + 1,
-                _ => ranges.push(i..i + 1),
+                Some(r) if r.end == rows.start => r.end = rows.end,
+                _ => ranges.push(rows),
             }
         }
         ranges

@@ -288,8 +288,9 @@ impl App {
     /// `Some((prompt tokens, context))` when the next message will not fit.
     pub fn overflow_warning(&self) -> Option<(usize, usize)> {
         let ctx = self.model.as_ref()?.context_length;
-        let next = self.context_used() + self.pending_tokens();
-        (self.pending_tokens() > 0 && next >= ctx).then_some((next, ctx))
+        let pending = self.pending_tokens();
+        let next = self.context_used() + pending;
+        (pending > 0 && next >= ctx).then_some((next, ctx))
     }
 
     fn say(&mut self, text: impl Into<String>) {

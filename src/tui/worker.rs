@@ -11,8 +11,8 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::config::AppConfig;
-use crate::engine::{Engine, EngineEvent, EngineOptions, GenStats, GenerateRequest};
-use crate::model::source::{DownloadProgress, ModelSource};
+use crate::engine::{Engine, EngineEvent, GenStats, GenerateRequest};
+use crate::model::source::DownloadProgress;
 use crate::slim::schedule::SlimConfig;
 use crate::tui::tokens::SharedTokenizer;
 
@@ -187,16 +187,7 @@ fn model_name(source: &str) -> String {
 }
 
 fn load(cfg: &AppConfig, send: &dyn Fn(WorkerEvent)) -> crate::Result<Engine> {
-    let source = ModelSource::parse(&cfg.model.source)?;
-    let path = source.resolve(&mut |p| send(WorkerEvent::LoadProgress(p.clone())))?;
-    Engine::load(
-        &path,
-        &EngineOptions {
-            linear: cfg.model.linear,
-            slim: cfg.slim.clone(),
-            kv_dtype: cfg.model.kv_dtype,
-        },
-    )
+    Engine::load_configured(cfg, &mut |p| send(WorkerEvent::LoadProgress(p.clone())))
 }
 
 /// Runs one request, refusing (None) a prompt that does not fit instead of truncating it.

@@ -42,6 +42,7 @@ pub const PRESETS: [&str; 6] = [
 /// unit_size = 8
 /// local_window = 32
 /// gamma = 0.9
+/// decode_keep = 1.0
 /// gate = "blocks"
 /// revive = true
 /// score = "attention"
@@ -88,6 +89,10 @@ pub struct SlimConfig {
     /// newly proposed top-K overlaps them by at least `gamma`. `0` never swaps, `1` swaps on any
     /// change. Allowed: `[0, 1]`. Default `0.9`.
     pub gamma: f32,
+    /// Share of each stage's prefill blocks that decode attends to at once (the active set,
+    /// the K of the top-K proposal and of the gate); the others keep their KV as candidates,
+    /// which the KV manager may hold outside its fast tier. Allowed: `(0, 1]`. Default `1.0`.
+    pub decode_keep: f32,
     /// What gamma measures: `"blocks"` (the paper's |proposal ∩ active| / K) or `"mass"` (the
     /// share of the proposal's score mass that the active set already holds, so that one
     /// high-scoring block can switch the set, which a one-block change never does under
@@ -133,6 +138,9 @@ pub struct StageConfig {
 pub struct Stage {
     pub start_layer: usize,
     pub keep_blocks: usize,
+    /// Blocks decode attends to at once (the active set): `decode_keep * keep_blocks`, rounded
+    /// up, at least the always-kept blocks, at most `keep_blocks`.
+    pub decode_blocks: usize,
 }
 
 /// The `[slim]` section with every key at its default, commented, for `config.example.toml`.
@@ -158,6 +166,9 @@ unit_size = 8
 local_window = 32
 # Decode keeps its active blocks while a new proposal overlaps them by >= gamma, in [0, 1].
 gamma = 0.9
+# Share of each stage's prefill blocks that decode attends to (its active set), in (0, 1]:
+# the rest stay cached as candidates (in the KV manager's host tier). 1.0 = all of them.
+decode_keep = 1.0
 # What gamma measures: "blocks" (the paper's |proposal ∩ active| / K) or "mass" (the share of
 # the proposal's score mass that the active set holds).
 gate = "blocks"
@@ -185,6 +196,7 @@ impl Default for SlimConfig {
             unit_size: 8,
             local_window: 32,
             gamma: 0.9,
+            decode_keep: 1.0,
             gate: GateKind::Blocks,
             revive: true,
             score: ScoreKind::Attention,
@@ -232,6 +244,12 @@ impl SlimConfig {
         }
         if self.local_window == 0 {
             return Err("[slim] local_window must be at least 1, got 0".into());
+        }
+        if !(self.decode_keep > 0.0 && self.decode_keep <= 1.0) {
+            return Err(format!(
+                "[slim] decode_keep must be in (0, 1], got {}",
+                self.decode_keep
+            ));
         }
         if !(0.0..=1.0).contains(&self.gamma) {
             return Err(format!(
@@ -371,9 +389,13 @@ impl SlimConfig {
             // round up to one block more.
             let blocks = ((tokens / bs as f64) * (1.0 - 1e-6)).ceil().max(0.0) as usize;
             let keep_blocks = blocks.min(prev_blocks).max(forced.min(n_blocks));
+            let decode_blocks = ((keep_blocks as f64 * self.decode_keep as f64) * (1.0 - 1e-6))
+                .ceil()
+                .max(forced as f64) as usize;
             out.push(Stage {
                 start_layer: layer,
                 keep_blocks,
+                decode_blocks: decode_blocks.min(keep_blocks),
             });
             prev_blocks = keep_blocks;
             prev_layer = layer;

@@ -92,8 +92,11 @@ pub struct SlimSession {
     /// Tokens of the prompt that was pruned: positions below this are prompt blocks.
     prompt_len: usize,
     stages: Vec<StageState>,
-    /// True until the first forward (the prompt's prefill) has run.
+    /// True until the first forward (the prompt's prefill) has passed its last boundary.
     prefilling: bool,
+    /// True once the first forward has run through every layer: from then on slim layers
+    /// attend to their stage's active blocks only (the prefill attends to every kept row).
+    decoding: bool,
     /// Block changes (in + out) of the active sets in the current step.
     swaps_this_step: usize,
     /// Blocks brought back (per stage) since the last `take_revived`.
@@ -126,6 +129,7 @@ impl SlimSession {
             prompt_len,
             stages,
             prefilling: true,
+            decoding: false,
             swaps_this_step: 0,
             revived: 0,
             acc: BTreeMap::new(),
@@ -174,6 +178,7 @@ impl SlimSession {
             } else {
                 new.keep_blocks.min(st.pool.len().max(1))
             };
+            st.stage.decode_blocks = new.decode_blocks.min(st.stage.keep_blocks);
         }
     }
 
@@ -239,16 +244,23 @@ impl SlimSession {
             }
         };
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
-        let blocks = select_top_k(&scores, self.stages[s].stage.keep_blocks, &forced);
+        let stage = self.stages[s].stage;
+        let blocks = select_top_k(&scores, stage.keep_blocks, &forced);
         let keep = kept_rows(positions, self.prompt_len, &blocks, self.cfg.block_size);
+        // decode's first active set: the best `decode_blocks` of the kept blocks, same scores
+        let kept_scores: Vec<(u32, f32)> = (scores.iter())
+            .filter(|(b, _)| blocks.binary_search(b).is_ok())
+            .copied()
+            .collect();
+        let active = select_top_k(&kept_scores, stage.decode_blocks, &forced);
         if self.cfg.revive && keep.len() < rows {
             let dropped = complement(&keep, rows);
             self.stages[s].aux = self.stash(h, positions, &dropped)?;
         }
         let st = &mut self.stages[s];
         st.window = q_window.chunks(width).map(WindowQuery::new).collect();
-        st.pool = blocks.clone();
-        st.active = blocks;
+        st.pool = blocks;
+        st.active = active;
         Ok(keep)
     }
 
@@ -325,10 +337,10 @@ impl SlimSession {
             scores.retain(|(b, _)| st.pool.binary_search(b).is_ok());
         }
         let forced = forced_blocks(self.prompt_len, block_size, w);
-        let proposal = select_top_k(&scores, st.stage.keep_blocks, &forced);
+        let proposal = select_top_k(&scores, st.stage.decode_blocks, &forced);
         let before = st.active.clone();
-        let switched = if scores.len() <= st.stage.keep_blocks {
-            // every candidate fits the budget (again, after a raised ratio): attend to all
+        let switched = if scores.len() <= st.stage.decode_blocks || proposal.len() != before.len() {
+            // every candidate fits the budget, or the budget changed (the ratio moved): no gate
             let all = proposal != st.active;
             st.active = proposal;
             all
@@ -456,7 +468,7 @@ impl LayerPolicy for SlimSession {
         let Some(st) = self.stage_of(layer) else {
             return vec![0..kv.len()];
         };
-        if st.active.len() >= st.pool.len() {
+        if !self.decoding || st.active.len() >= st.pool.len() {
             return vec![0..kv.len()]; // every cached block of this stage is active
         }
         // Rows are sorted by position: each active block, and the rows past the prompt, are
@@ -488,6 +500,9 @@ impl LayerPolicy for SlimSession {
         positions: &[u32],
         kv: &LayerKv,
     ) -> Result<Option<RowChange>> {
+        if layer + 1 == self.n_layers {
+            self.decoding = true;
+        }
         let Some(s) = self.boundary_after(layer) else {
             if self.prefilling
                 && self.cfg.score_layers == ScoreLayers::Stage

@@ -6,7 +6,9 @@
 #   2. the llama-cpp-python sdist from PyPI (it vendors llama.cpp's source), unpacked
 #   3. the GCC 12 AMX fix (see shared/docs/cpu-anchors.md) applied with sed and checked
 #   4. cmake configure + ninja build of llama-bench, llama-completion, llama-tokenize
-#   5. llama-bench with AMX (default) and with --repack 0 (AVX-512/VNNI, no AMX)
+#   5. llama-bench with AMX (default) and with --repack 0 (AVX-512/VNNI, no AMX); then the AMX
+#      build's decode at a depth of each length (-p 0 -n 32 -d LENGTHS): the context slimchat's
+#      decode sees after a prompt of that length
 #   6. `slimchat bench --json` (slimchat is built with cargo if its binary is missing)
 #   7. a Markdown table of both, printed with python3 (stdlib json only)
 #
@@ -195,15 +197,18 @@ fi
 # A failure (e.g. SIGILL) is reported but does not stop the script.
 run_llama_bench() {
     local name="$1"; shift
-    log "stage 5: llama-bench $name: -p $LENGTHS -n 32 -r $RUNS -t $THREADS${*:+ $*} (load $(loadavg))"
-    if ! "$CACHE/bin/llama-bench" -m "$MODEL" -t "$THREADS" -p "$LENGTHS" -n 32 -r "$RUNS" \
-            -o jsonl "$@" >"$OUT/$name.jsonl" 2>"$OUT/$name.log"; then
+    local args=(-p "$LENGTHS" -n 32 "$@")
+    [[ "$name" == *-depth ]] && args=(-p 0 -n 32 -d "$LENGTHS" "$@")
+    log "stage 5: llama-bench $name: ${args[*]} -r $RUNS -t $THREADS (load $(loadavg))"
+    if ! "$CACHE/bin/llama-bench" -m "$MODEL" -t "$THREADS" "${args[@]}" -r "$RUNS" \
+            -o jsonl >"$OUT/$name.jsonl" 2>"$OUT/$name.log"; then
         log "  WARNING: llama-bench $name failed; last lines of $OUT/$name.log:"
         tail -n 5 "$OUT/$name.log" >&2
     fi
 }
 run_llama_bench llama-amx
 run_llama_bench llama-norepack --repack 0
+run_llama_bench llama-amx-depth
 
 # ---------------------------------------------------------------- 6. slimchat bench
 # Any failure here (no cargo, build error, no `bench` subcommand yet, bad JSON) only loses the
@@ -235,20 +240,22 @@ fi
 
 # ---------------------------------------------------------------- 7. Markdown table
 log "stage 7: table"
-python3 - "$LENGTHS" "$OUT/llama-amx.jsonl" "$OUT/llama-norepack.jsonl" "$SLIM_JSON" <<'PY'
+python3 - "$LENGTHS" "$OUT/llama-amx.jsonl" "$OUT/llama-norepack.jsonl" "$SLIM_JSON" \
+    "$OUT/llama-amx-depth.jsonl" <<'PY'
 import json, statistics, sys
 
 lengths = [int(x) for x in sys.argv[1].split(",")]
-amx_path, norepack_path, slim_path = sys.argv[2:5]
+amx_path, norepack_path, slim_path, depth_path = sys.argv[2:6]
 
 
 def read_llama(path):
-    """llama-bench jsonl -> ({n_prompt: tok/s}, decode tok/s, n_gen); median of the samples."""
-    prefill, decode, n_gen = {}, None, None
+    """llama-bench jsonl -> ({n_prompt: tok/s}, decode tok/s from an empty context, n_gen,
+    {n_depth: decode tok/s}); median of the samples."""
+    prefill, decode, n_gen, at_depth = {}, None, None, {}
     try:
         lines = open(path).read().splitlines()
     except OSError:
-        return prefill, decode, n_gen
+        return prefill, decode, n_gen, at_depth
     for line in lines:
         line = line.strip()
         if not line.startswith("{"):
@@ -262,8 +269,11 @@ def read_llama(path):
         if r.get("n_gen", 0) == 0 and r.get("n_prompt", 0) > 0:
             prefill[r["n_prompt"]] = ts
         elif r.get("n_prompt", 0) == 0 and r.get("n_gen", 0) > 0:
-            decode, n_gen = ts, r["n_gen"]
-    return prefill, decode, n_gen
+            if r.get("n_depth", 0) > 0:
+                at_depth[r["n_depth"]] = ts
+            else:
+                decode, n_gen = ts, r["n_gen"]
+    return prefill, decode, n_gen, at_depth
 
 
 def read_slimchat(path):
@@ -295,8 +305,9 @@ def fmt(x, nd=1):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-amx_pp, amx_tg, amx_ng = read_llama(amx_path)
-nr_pp, nr_tg, nr_ng = read_llama(norepack_path)
+amx_pp, amx_tg, amx_ng, _ = read_llama(amx_path)
+nr_pp, nr_tg, nr_ng, _ = read_llama(norepack_path)
+_, _, _, amx_depth = read_llama(depth_path)
 slim = read_slimchat(slim_path)
 
 # Attach each slimchat result to the nearest requested length when within 10% (its
@@ -315,8 +326,9 @@ for r in slim:
 print()
 print("| prompt tokens | llama.cpp AMX prefill tok/s | llama.cpp --repack 0 prefill tok/s "
       "| slimchat mode | slimchat prefill tok/s | slimchat / AMX "
-      "| llama.cpp AMX decode tok/s | llama.cpp --repack 0 decode tok/s | slimchat decode tok/s |")
-print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+      "| llama.cpp AMX decode tok/s, empty context | llama.cpp --repack 0 decode, empty context "
+      "| llama.cpp AMX decode at this depth | slimchat decode tok/s | slimchat / AMX at depth |")
+print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for n in sorted(rows):
     entries = rows[n] or [None]
     for r in entries:
@@ -329,11 +341,14 @@ for n in sorted(rows):
             s_pp, s_tg = r.get("prefill_tok_s"), r.get("decode_tok_s")
         a = amx_pp.get(n)
         ratio = f"{s_pp / a:.2f}x" if (s_pp and a) else "n/a"
+        d = amx_depth.get(n)
+        d_ratio = f"{s_tg / d:.2f}x" if (s_tg and d) else "n/a"
         print(f"| {n} | {fmt(a)} | {fmt(nr_pp.get(n))} | {mode} | {fmt(s_pp)} | {ratio} "
-              f"| {fmt(amx_tg)} | {fmt(nr_tg)} | {fmt(s_tg)} |")
+              f"| {fmt(amx_tg)} | {fmt(nr_tg)} | {fmt(d)} | {fmt(s_tg)} | {d_ratio} |")
 print()
 print(f"llama.cpp figures: median of llama-bench samples; its decode is tg{amx_ng or nr_ng or 32} "
-      "from an empty context (the same number on every row).")
+      "from an empty context (the same number on every row), and its decode at a depth of the "
+      "row's length (-p 0 -n 32 -d N), the context slimchat's decode sees.")
 if slim:
     print("slimchat figures: as reported by `slimchat bench --json` "
           "(decode after a prompt of that length).")

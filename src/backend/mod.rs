@@ -9,6 +9,7 @@ pub mod decode_attention;
 pub mod isa;
 pub mod linear;
 pub mod ops;
+pub mod ops_check;
 pub mod qgemv;
 pub mod rowwise;
 pub mod simd;

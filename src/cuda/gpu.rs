@@ -6,7 +6,6 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaStream};
-use serde::Serialize;
 
 use super::kernels::Kernels;
 use super::probe::probe;
@@ -29,14 +28,9 @@ pub struct Gpu {
     free_at_start: usize,
 }
 
-/// Device memory, in bytes.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct VramInfo {
-    pub gpu_total_bytes: u64,
-    pub gpu_free_bytes: u64,
-    /// What this process took since its context was made (buffers, cuBLAS workspace, modules).
-    pub gpu_own_bytes: u64,
-}
+/// Device memory; `gpu_own_bytes` is what this process took since its context was made
+/// (buffers, cuBLAS workspace, modules).
+pub use crate::metrics::GpuMemory as VramInfo;
 
 impl Gpu {
     /// Device `ordinal`, after checking that the driver and libraries are there.

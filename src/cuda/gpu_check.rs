@@ -152,6 +152,7 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
                 ))
             ));
             report.runs.push(r);
+            write(args, &report)?;
         }
     }
     report.vram = gpu.vram()?;

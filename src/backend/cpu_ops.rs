@@ -284,7 +284,9 @@ impl Ops for CpuOps {
             n_kv_heads: heads.n_kv_heads,
             head_dim: heads.head_dim,
         };
-        attention(&qf, &q_pos[..at.rows], view, &[0..n_keys], shape, &mut y)?;
+        let every_key = 0..n_keys;
+        let ranges = std::slice::from_ref(&every_key);
+        attention(&qf, &q_pos[..at.rows], view, ranges, shape, &mut y)?;
         out[..y.len()].copy_from_slice(&to_bf16(&y));
         Ok(())
     }

@@ -340,7 +340,7 @@ impl Ops for CudaOps {
         heads: Heads,
         out: &mut CudaSlice<u16>,
     ) -> Result<()> {
-        if heads.head_dim % 32 != 0 || heads.head_dim > 128 || n_keys == 0 {
+        if !heads.head_dim.is_multiple_of(32) || heads.head_dim > 128 || n_keys == 0 {
             return Err(Error::Engine(format!(
                 "cuda attention: head_dim {} (a multiple of 32 up to 128) with {n_keys} keys",
                 heads.head_dim

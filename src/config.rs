@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::linear::LinearMode;
+use crate::device::DeviceChoice;
 use crate::kv::KvDtype;
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
@@ -34,6 +35,9 @@ pub struct ModelConfig {
     pub threads: usize,
     /// Element type of the KV cache: "f16" (default) or "bf16".
     pub kv_dtype: KvDtype,
+    /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
+    /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).
+    pub device: DeviceChoice,
 }
 
 impl Default for ModelConfig {
@@ -43,6 +47,7 @@ impl Default for ModelConfig {
             linear: LinearMode::Dense,
             threads: 0,
             kv_dtype: KvDtype::default(),
+            device: DeviceChoice::default(),
         }
     }
 }

@@ -84,6 +84,10 @@ pub struct GenStats {
     pub revival_bytes: usize,
     /// Why nothing was pruned, when pruning was on but the prompt was too short.
     pub slim_note: Option<String>,
+    /// Device memory (`gpu_total_bytes`, `gpu_free_bytes`, `gpu_own_bytes` in the JSON) when
+    /// the model runs on a GPU; absent on the CPU.
+    #[serde(flatten)]
+    pub gpu_memory: Option<crate::metrics::GpuMemory>,
 }
 
 /// How a request's prompt reached the cache.
@@ -409,6 +413,7 @@ impl Engine {
             blocks_revived: self.session.as_mut().map_or(0, SlimSession::take_revived),
             revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
+            gpu_memory: None,
         })
     }
 

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
+use slimchat::device::DeviceChoice;
 use slimchat::engine::{Engine, EngineEvent, GenerateRequest};
 use slimchat::eval::{self, EvalConfig};
 use slimchat::model::source::DownloadProgress;
@@ -57,6 +58,9 @@ struct Common {
     /// SlimInfer keep ratio, in (0, 1]: scales every stage's keep fraction of the preset
     #[arg(long, global = true)]
     keep: Option<f32>,
+    /// Where the model runs: auto, cpu or cuda (cuda falls back to the CPU with a note)
+    #[arg(long, global = true, value_parser = parse_device)]
+    device: Option<DeviceChoice>,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +71,29 @@ enum Command {
     Bench(BenchArgs),
     /// Fidelity of pruning against dense: teacher-forced agreement, KL, needle retrieval
     Eval(EvalArgs),
+    /// On a GPU: kernel checks against the CPU, then dense vs pruned prefill of a
+    /// Llama-3.1-8B-shaped model with random weights (needs `--features cuda`)
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args)]
+struct GpuCheckArgs {
+    /// Folder for gpu_check.json
+    #[arg(default_value = "gpu-check-out")]
+    out_dir: PathBuf,
+    /// Prompt lengths in tokens
+    #[arg(long, value_delimiter = ',', default_value = "8192,16384,32768")]
+    lengths: Vec<usize>,
+    /// Decode steps timed after each prefill
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Only the kernel checks
+    #[arg(long)]
+    kernels: bool,
+    /// Only compile kernels/*.cu with NVRTC for this compute capability (e.g. 90); needs NVRTC,
+    /// not a GPU
+    #[arg(long, value_name = "CC")]
+    compile: Option<u32>,
 }
 
 #[derive(Args)]
@@ -145,6 +172,10 @@ fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
     }
 }
 
+fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
+    DeviceChoice::parse(s).ok_or_else(|| format!("expected auto, cpu or cuda, got {s}"))
+}
+
 fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
         "dense" => Ok(LinearMode::Dense),
@@ -182,6 +213,9 @@ fn real_main(cli: Cli) -> Result<()> {
     if let Some(r) = cli.common.keep {
         cfg.slim.keep_ratio = r;
     }
+    if let Some(d) = cli.common.device {
+        cfg.model.device = d;
+    }
     cfg.slim.validate_keys().map_err(Error::Usage)?;
     if cfg.model.threads > 0 {
         rayon::ThreadPoolBuilder::new()
@@ -203,12 +237,67 @@ fn real_main(cli: Cli) -> Result<()> {
             run_bench(&cfg, args, modes)
         }
         Some(Command::Eval(args)) => run_eval(&cfg, args),
+        Some(Command::GpuCheck(args)) => gpu_check(&cfg, args),
         None if cli.list => slimchat::tui::list(&mut std::io::stdout().lock()),
         None => slimchat::tui::run(&cfg, &slimchat::tui::TuiOptions { resume: cli.resume }),
     }
 }
 
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_cfg: &AppConfig, _args: GpuCheckArgs) -> Result<()> {
+    Err(Error::Usage(
+        "gpu-check needs a build with the CUDA backend: cargo build --release --features cuda"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
+    use slimchat::cuda::{gpu_check, kernels, probe};
+    if let Some(cc) = args.compile {
+        probe::probe_nvrtc().map_err(|e| Error::Engine(format!("cuda: {e}")))?;
+        for (file, bytes) in kernels::compile_all(cc)? {
+            println!("compiled {file} for compute_{cc}: {bytes} bytes of PTX");
+        }
+        return Ok(());
+    }
+    if let Err(why) = probe::probe() {
+        return Err(Error::Engine(format!(
+            "gpu-check: no usable GPU here: {why}"
+        )));
+    }
+    // the llama3.1-8b preset at keep ratio 0.5: the paper's 8192/4096/2048 tokens at 32k
+    let mut slim = cfg.slim.clone();
+    slim.enabled = true;
+    slim.preset = "llama3.1-8b".into();
+    if cfg.slim.keep_ratio == slimchat::slim::SlimConfig::default().keep_ratio {
+        slim.keep_ratio = 0.5;
+    }
+    let gc = gpu_check::GpuCheckArgs {
+        out_dir: args.out_dir,
+        lengths: args.lengths,
+        decode_tokens: args.decode_tokens,
+        kernels_only: args.kernels,
+        slim,
+    };
+    let ok = gpu_check::run(&gc, &mut |line| println!("{line}"))?;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Engine("gpu-check: some kernel checks failed".into()))
+    }
+}
+
 fn load_engine(cfg: &AppConfig) -> Result<Engine> {
+    let (device, note) = slimchat::device::resolve(cfg.model.device);
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    if device == slimchat::device::Device::Cuda && cfg.model.device == DeviceChoice::Cuda {
+        eprintln!(
+            "slimchat: the chat engine runs on the CPU; the CUDA backend serves `slimchat gpu-check` until the GGUF forward is routed through the ops seam"
+        );
+    }
     let mut last_pct = u64::MAX;
     Engine::load_configured(cfg, &mut |p: &DownloadProgress| {
         if let Some(total) = p.total_bytes.filter(|&t| t > 0) {

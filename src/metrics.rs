@@ -1,4 +1,15 @@
-//! Process memory, read from /proc on Linux (zero elsewhere).
+//! Process memory, read from /proc on Linux (zero elsewhere), and GPU memory when a CUDA
+//! device is in use.
+
+use serde::Serialize;
+
+/// Device memory, in bytes: the device's total and free, and what this process took.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct GpuMemory {
+    pub gpu_total_bytes: u64,
+    pub gpu_free_bytes: u64,
+    pub gpu_own_bytes: u64,
+}
 
 /// Peak resident set size of this process, in bytes (VmHWM).
 pub fn peak_rss_bytes() -> u64 {

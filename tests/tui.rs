@@ -57,6 +57,7 @@ fn ask(app: &mut App) -> Vec<Effect> {
 
 fn stats(text: &str) -> GenStats {
     GenStats {
+        gpu_memory: None,
         text: text.into(),
         prompt_tokens: 1480,
         reused_tokens: 0,

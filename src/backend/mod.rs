@@ -4,9 +4,12 @@
 //! vectorised for AVX2/FMA when the CPU has it. A CUDA backend will implement the same set.
 
 pub mod attention;
+pub mod cpu_ops;
 pub mod decode_attention;
 pub mod isa;
 pub mod linear;
+pub mod ops;
+pub mod ops_check;
 pub mod qgemv;
 pub mod rowwise;
 pub mod simd;

@@ -2,5 +2,6 @@
 pub mod gguf;
 pub mod llama;
 pub mod source;
+pub mod synthetic;
 pub mod template;
 pub mod tokenizer;

@@ -147,6 +147,8 @@ pub struct LastStats {
     pub rss_bytes: u64,
     pub kept_per_layer: Vec<usize>,
     pub slim: bool,
+    /// GPU memory, when the model runs on one.
+    pub gpu_memory: Option<crate::metrics::GpuMemory>,
 }
 
 /// A one-line message at the bottom.
@@ -659,6 +661,7 @@ impl App {
             rss_bytes,
             kept_per_layer: s.kept_per_layer.clone(),
             slim: s.slim,
+            gpu_memory: s.gpu_memory,
         });
     }
 

@@ -163,6 +163,17 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
     if let Some(l) = &app.last {
         out.push(kv("KV", bytes(l.kv_bytes as u64)));
         out.push(kv("RSS", bytes(l.rss_bytes)));
+        if let Some(g) = l.gpu_memory {
+            out.push(kv(
+                "GPU",
+                format!(
+                    "{} ours · {} free / {}",
+                    bytes(g.gpu_own_bytes),
+                    bytes(g.gpu_free_bytes),
+                    bytes(g.gpu_total_bytes)
+                ),
+            ));
+        }
     }
     let knob = if app.slim.enabled {
         format!("on · keep {:.2}", app.slim.keep_ratio)

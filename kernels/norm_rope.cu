@@ -1,0 +1,70 @@
+// RMSNorm of rows and rotary position embedding from explicit positions.
+
+// out = x / sqrt(mean(x^2) + eps) * w, one CTA per row (blockDim.x a multiple of 32, <= 1024).
+// x: (rows, width) f32 or bf16; w: (width) bf16; out: (rows, width) bf16.
+template <typename T>
+__device__ void rmsnorm_row(const T* x, const bf16* w, bf16* out, int width, float eps,
+                            float (*load)(const T*, int)) {
+    __shared__ float partial[32];
+    const int row = blockIdx.x;
+    const T* xr = x + (size_t)row * width;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = load(xr, i);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(partial[0] / (float)width + eps);
+    bf16* o = out + (size_t)row * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        o[i] = f32_to_bf16(load(xr, i) * inv * bf16_to_f32(w[i]));
+}
+
+__device__ float load_f32(const float* p, int i) { return p[i]; }
+__device__ float load_bf16(const bf16* p, int i) { return bf16_to_f32(p[i]); }
+
+// grid (rows), block (256)
+// x: (rows, width) f32; w: (width) bf16; out: (rows, width) bf16
+extern "C" __global__ void rmsnorm_f32(const float* x, const bf16* w, bf16* out, int rows,
+                                       int width, float eps) {
+    if (blockIdx.x < rows) rmsnorm_row<float>(x, w, out, width, eps, load_f32);
+}
+
+// grid (rows), block (256)
+// x: (rows, width) bf16; w: (width) bf16; out: (rows, width) bf16
+extern "C" __global__ void rmsnorm_bf16(const bf16* x, const bf16* w, bf16* out, int rows,
+                                        int width, float eps) {
+    if (blockIdx.x < rows) rmsnorm_row<bf16>(x, w, out, width, eps, load_bf16);
+}
+
+// In place, GGUF "normal" layout: within each head the pairs (x[2i], x[2i+1]), i < head_dim/2,
+// turn by positions[row] * inv_freq[i]. One thread per (row, head, pair).
+// x: (rows, stride) bf16, the heads at columns col0 .. col0 + n_heads * head_dim
+// positions: (rows) u32
+// cos, sin: (max_positions, head_dim / 2) f32, indexed by position
+extern "C" __global__ void rope_bf16(bf16* x, const u32* positions, const float* cos,
+                                     const float* sin, int rows, int stride, int col0,
+                                     int n_heads, int head_dim) {
+    const int half = head_dim >> 1;
+    const long long n = (long long)rows * n_heads * half;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n;
+         t += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(t % half);
+        const int head = (int)((t / half) % n_heads);
+        const int row = (int)(t / ((long long)half * n_heads));
+        const u32 p = positions[row];
+        const float c = cos[(size_t)p * half + i], s = sin[(size_t)p * half + i];
+        bf16* h = x + (size_t)row * stride + col0 + head * head_dim + 2 * i;
+        const float a = bf16_to_f32(h[0]), b = bf16_to_f32(h[1]);
+        h[0] = f32_to_bf16(a * c - b * s);
+        h[1] = f32_to_bf16(a * s + b * c);
+    }
+}

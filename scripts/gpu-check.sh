@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check of issue 7, run on the device machine from the repository root with a binary
+# built here (`cargo build --release --features cuda`, stripped into gpu-bin/, see
+# bench/NOTES.md "CUDA backend: the device run"):
+#
+#   bash scripts/gpu-check.sh "$OUT/gpu"
+#
+# (1) every kernel against its CPU reference, (2) a Llama-3.1-8B-shaped model with random bf16
+# weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
+# tokens/s, GPU prompt KV bytes, the KV manager's swap drill and stall, VRAM, the cuBLAS bf16
+# rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
+# under a timeout so the whole script ends within 6 minutes.
+set -uo pipefail
+out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
+bin="${SLIMCHAT_BIN:-gpu-bin/slimchat}"
+mkdir -p "$out"
+[ -x "$bin" ] || { echo "gpu-check.sh: no binary at $bin (build and carry it, see bench/NOTES.md)"; exit 2; }
+
+# cuBLAS and NVRTC: from the CUDA toolkit or the Python wheels of the image; the driver
+# (libcuda.so.1) is on the loader's default path.
+libs=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt -maxdepth 9 \
+    \( -name 'libcublas.so*' -o -name 'libnvrtc.so*' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "gpu-check.sh: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$out/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem \
+    --format=csv 2>&1 | tee -a "$out/env.txt"
+
+# (1) kernels, alone first, so a failure of the long run still leaves them
+timeout 60 "$bin" gpu-check --kernels "$out/kernels" 2>&1 | tee "$out/kernels.log"
+kernels=${PIPESTATUS[0]}
+# (2)-(4) the 8B-shaped run; the JSON is rewritten after every prompt length
+timeout 280 "$bin" gpu-check --lengths "${GPU_CHECK_LENGTHS:-8192,16384,32768}" "$out" 2>&1 | tee "$out/run.log"
+run=${PIPESTATUS[0]}
+nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv 2>&1 | tee -a "$out/env.txt"
+echo "gpu-check.sh: kernels exit $kernels, run exit $run (124 = timed out)"
+[ "$kernels" = 0 ] && [ "$run" = 0 ]

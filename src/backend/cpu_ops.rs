@@ -1,0 +1,378 @@
+//! [`Ops`] on the CPU, through the crate's existing kernels (RMSNorm, SiLU gate, tiled causal
+//! attention, SlimInfer's block scores) over plain vectors. It is also the reference that every
+//! CUDA kernel is compared with (`crate::cuda::check`): bf16 operands are widened exactly, the
+//! arithmetic is f32, and results are rounded to bf16 where the kernels round them.
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::attention::{attention, AttnShape};
+use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use super::rowwise::{rms_norm, silu_mul};
+use crate::kv::{KvDtype, KvView};
+use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
+use crate::{Error, Result};
+
+/// The CPU backend of the ops seam.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuOps;
+
+pub fn to_f32(bits: &[u16]) -> Vec<f32> {
+    let mut out = vec![0.0; bits.len()];
+    KvDtype::Bf16.decode(bits, &mut out);
+    out
+}
+
+pub fn to_bf16(x: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; x.len()];
+    KvDtype::Bf16.encode(x, &mut out);
+    out
+}
+
+fn check(what: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(Error::Engine(format!(
+            "ops: {what} has {len} elements, needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rows of a pool through a slot table: the slot-major indices of sequence rows 0..n.
+fn pool_rows(table: &[u32], n: usize) -> impl Iterator<Item = usize> + '_ {
+    (0..n).map(move |s| table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK)
+}
+
+/// Elements `at.offset .. at.offset + width` of each of `at.rows` rows, widened: (rows, width).
+fn slice_rows(x: &[u16], at: RowSlice, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(at.rows * width);
+    for r in 0..at.rows {
+        out.extend(to_f32(&x[r * at.stride + at.offset..][..width]));
+    }
+    out
+}
+
+impl Ops for CpuOps {
+    type F32 = Vec<f32>;
+    type Bf16 = Vec<u16>;
+    type U32 = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn zeros_bf16(&self, n: usize) -> Result<Vec<u16>> {
+        Ok(vec![0; n])
+    }
+    fn upload_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn upload_bf16(&self, v: &[u16]) -> Result<Vec<u16>> {
+        Ok(v.to_vec())
+    }
+    fn upload_u32(&self, v: &[u32]) -> Result<Vec<u32>> {
+        Ok(v.to_vec())
+    }
+    fn download_f32(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(b.clone())
+    }
+    fn download_bf16(&self, b: &Vec<u16>) -> Result<Vec<u16>> {
+        Ok(b.clone())
+    }
+    fn download_u32(&self, b: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(b.clone())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn fill_uniform(&self, out: &mut Vec<u16>, seed: u64, scale: f32) -> Result<()> {
+        out.par_iter_mut().enumerate().for_each(|(i, o)| {
+            *o = to_bf16(&[(2.0 * uniform(seed, i as u64) - 1.0) * scale])[0];
+        });
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<u16>,
+        w: &Vec<u16>,
+        out: &mut Vec<u16>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check("matmul x", x.len(), rows * k)?;
+        check("matmul w", w.len(), n * k)?;
+        check("matmul out", out.len(), rows * n)?;
+        let xt = Tensor::from_vec(to_f32(&x[..rows * k]), (rows, k), &Device::Cpu)?;
+        let wt = Tensor::from_vec(to_f32(&w[..n * k]), (n, k), &Device::Cpu)?;
+        let y = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        out[..rows * n].copy_from_slice(&to_bf16(&y));
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<u16>,
+        out: &mut Vec<u16>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let width = w.len();
+        check("rmsnorm x", x.len(), rows * width)?;
+        check("rmsnorm out", out.len(), rows * width)?;
+        let mut y = vec![0.0; rows * width];
+        rms_norm(&x[..rows * width], &to_f32(w), eps, &mut y);
+        out[..rows * width].copy_from_slice(&to_bf16(&y));
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<u16>,
+        at: RowSlice,
+        positions: &Vec<u32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let half = head_dim / 2;
+        check("rope positions", positions.len(), at.rows)?;
+        for (r, &p) in positions.iter().take(at.rows).enumerate() {
+            let (c, s) = (
+                &cos[p as usize * half..][..half],
+                &sin[p as usize * half..][..half],
+            );
+            let row = &mut x[r * at.stride + at.offset..][..n_heads * head_dim];
+            let mut v = to_f32(row);
+            for head in v.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * c[i] - b * s[i];
+                    head[2 * i + 1] = a * s[i] + b * c[i];
+                }
+            }
+            row.copy_from_slice(&to_bf16(&v));
+        }
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &Vec<u16>,
+        out: &mut Vec<u16>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check("silu_mul gate_up", gate_up.len(), rows * 2 * width)?;
+        check("silu_mul out", out.len(), rows * width)?;
+        let (mut g, mut u) = (
+            Vec::with_capacity(rows * width),
+            Vec::with_capacity(rows * width),
+        );
+        for row in gate_up.chunks(2 * width).take(rows) {
+            g.extend(to_f32(&row[..width]));
+            u.extend(to_f32(&row[width..]));
+        }
+        let mut y = vec![0.0; rows * width];
+        silu_mul(&g, &u, &mut y);
+        out[..rows * width].copy_from_slice(&to_bf16(&y));
+        Ok(())
+    }
+
+    fn residual_add(&self, h: &mut Vec<f32>, a: &Vec<u16>) -> Result<()> {
+        check("residual_add a", a.len(), h.len())?;
+        let a = to_f32(&a[..h.len()]);
+        h.iter_mut().zip(a).for_each(|(h, a)| *h += a);
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        table: &Vec<u16>,
+        tokens: &Vec<u32>,
+        out: &mut Vec<f32>,
+        width: usize,
+    ) -> Result<()> {
+        check("embed out", out.len(), tokens.len() * width)?;
+        for (i, &t) in tokens.iter().enumerate() {
+            let row = table
+                .get(t as usize * width..(t as usize + 1) * width)
+                .ok_or_else(|| Error::Engine(format!("ops: token {t} outside the table")))?;
+            out[i * width..][..width].copy_from_slice(&to_f32(row));
+        }
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &Vec<f32>,
+        src_pos: &Vec<u32>,
+        idx: &Vec<u32>,
+        out: &mut Vec<f32>,
+        out_pos: &mut Vec<u32>,
+        width: usize,
+    ) -> Result<()> {
+        check("gather out", out.len(), idx.len() * width)?;
+        check("gather out_pos", out_pos.len(), idx.len())?;
+        for (i, &r) in idx.iter().enumerate() {
+            let r = r as usize;
+            out[i * width..][..width].copy_from_slice(&src[r * width..][..width]);
+            out_pos[i] = src_pos[r];
+        }
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        qkv: &Vec<u16>,
+        at: RowSlice,
+        k_col: usize,
+        v_col: usize,
+        positions: &Vec<u32>,
+        pool: &mut KvPool<Self>,
+        table: &Vec<u32>,
+        row0: usize,
+    ) -> Result<()> {
+        let d = pool.kv_dim;
+        check("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
+        for r in 0..at.rows {
+            let s = row0 + r;
+            let dst = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
+            let src = &qkv[r * at.stride..];
+            pool.k[dst * d..][..d].copy_from_slice(&src[k_col..][..d]);
+            pool.v[dst * d..][..d].copy_from_slice(&src[v_col..][..d]);
+            pool.pos[dst] = positions[r];
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<u16>,
+        at: RowSlice,
+        q_pos: &Vec<u32>,
+        pool: &KvPool<Self>,
+        table: &Vec<u32>,
+        n_keys: usize,
+        heads: Heads,
+        out: &mut Vec<u16>,
+    ) -> Result<()> {
+        let d = pool.kv_dim;
+        let (mut k, mut v, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+        for row in pool_rows(table, n_keys) {
+            k.extend_from_slice(&pool.k[row * d..][..d]);
+            v.extend_from_slice(&pool.v[row * d..][..d]);
+            pos.push(pool.pos[row]);
+        }
+        let qf = slice_rows(q, at, heads.q_dim());
+        let mut y = vec![0.0; at.rows * heads.q_dim()];
+        let view = KvView {
+            k: &k,
+            v: &v,
+            positions: &pos,
+            dtype: KvDtype::Bf16,
+        };
+        let shape = AttnShape {
+            n_heads: heads.n_heads,
+            n_kv_heads: heads.n_kv_heads,
+            head_dim: heads.head_dim,
+        };
+        let every_key = 0..n_keys;
+        let ranges = std::slice::from_ref(&every_key);
+        attention(&qf, &q_pos[..at.rows], view, ranges, shape, &mut y)?;
+        out[..y.len()].copy_from_slice(&to_bf16(&y));
+        Ok(())
+    }
+
+    fn block_scores(
+        &self,
+        q: &Vec<u16>,
+        at: RowSlice,
+        pool: &KvPool<Self>,
+        table: &Vec<u32>,
+        prompt_rows: usize,
+        units: &UnitBlocks,
+        unit_size: usize,
+        heads: Heads,
+        mode: ScoreMode,
+        acc: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = pool.kv_dim;
+        let (mut keys, mut pos) = (Vec::new(), Vec::new());
+        for row in pool_rows(table, prompt_rows) {
+            keys.extend(to_f32(&pool.k[row * d..][..d]));
+            pos.push(pool.pos[row]);
+        }
+        debug_assert_eq!(units.n_units(), prompt_rows.div_ceil(unit_size));
+        let window = slice_rows(q, at, heads.q_dim());
+        let shape = HeadShape {
+            n_heads: heads.n_heads,
+            n_kv_heads: heads.n_kv_heads,
+            head_dim: heads.head_dim,
+        };
+        type ScoreFn =
+            fn(&[f32], &[f32], &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
+        let score: ScoreFn = match mode {
+            ScoreMode::Attention => block_scores_attention,
+            ScoreMode::Paper => block_scores,
+        };
+        for (b, s) in score(&window, &keys, &pos, usize::MAX, shape, KV_BLOCK, unit_size) {
+            acc[b as usize] += s;
+        }
+        Ok(())
+    }
+
+    fn kv_copy_blocks(
+        &self,
+        pool: &mut KvPool<Self>,
+        src_slots: &[u32],
+        dst_slots: &[u32],
+    ) -> Result<()> {
+        let n = KV_BLOCK * pool.kv_dim;
+        for (&s, &t) in src_slots.iter().zip(dst_slots) {
+            let (s, t) = (s as usize, t as usize);
+            pool.k.copy_within(s * n..(s + 1) * n, t * n);
+            pool.v.copy_within(s * n..(s + 1) * n, t * n);
+            pool.pos
+                .copy_within(s * KV_BLOCK..(s + 1) * KV_BLOCK, t * KV_BLOCK);
+        }
+        Ok(())
+    }
+}
+
+/// The counter hash of kernels/elementwise.cu `fill_uniform_bf16`: a value in [0, 1).
+pub fn uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// RoPE tables (max_positions, head_dim / 2) for `theta`, as `crate::backend::rowwise::Rope`
+/// builds them (no scaling, no frequency factors).
+pub fn rope_tables(theta: f32, head_dim: usize, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(max_positions * half),
+        Vec::with_capacity(max_positions * half),
+    );
+    for p in 0..max_positions {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}

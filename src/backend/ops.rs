@@ -1,0 +1,263 @@
+//! The ops seam: the few operations a LLaMA forward with SlimInfer pruning is written against,
+//! over buffers that live wherever the backend keeps them. [`super::cpu_ops::CpuOps`] runs them
+//! on the CPU with the crate's existing kernels (and is the reference of every CUDA kernel);
+//! `crate::cuda::CudaOps` runs them on an NVIDIA GPU.
+//!
+//! Conventions: activations and weights are bf16 (raw bits in `u16` on the host), the residual
+//! stream is f32, row-major everywhere. A linear layer's weight is (out, in), as in GGUF and
+//! PyTorch. The KV cache is paged: one [`KvPool`] per layer, slots of [`KV_BLOCK`] rows, and a
+//! per-layer slot table that lists the slots in row order (all full but the last); the kernels
+//! read rows through it, so attention over SlimInfer's active blocks is attention over a table.
+
+use crate::Result;
+
+/// Rows per KV slot: SlimInfer's block, the unit of selection and of KV movement.
+pub const KV_BLOCK: usize = 64;
+
+/// Attention head layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Where a batch of query rows sits inside a wider row buffer (e.g. the fused q|k|v output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSlice {
+    /// Rows.
+    pub rows: usize,
+    /// Elements between consecutive rows.
+    pub stride: usize,
+    /// Index of the first element used (row 0): a column, or a later row's column.
+    pub offset: usize,
+}
+
+/// How block scores are computed (see `crate::slim::score`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreMode {
+    /// Attention mass of each block's units under each window query's softmax.
+    Attention,
+    /// The paper's: max over units of the mean over heads of |q_loc . k_unit|.
+    Paper,
+}
+
+/// The prompt blocks a layer holds, as unit ranges: block `ids[b]` owns units
+/// `first[b]..first[b + 1]` of the layer's prompt rows (8-row units, in row order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitBlocks {
+    pub ids: Vec<u32>,
+    pub first: Vec<u32>,
+}
+
+impl UnitBlocks {
+    /// From the positions of a layer's prompt rows (ascending; kept blocks are whole, so
+    /// every unit lies inside one block and one run of rows).
+    pub fn from_positions(prompt_positions: &[u32], block_size: usize, unit_size: usize) -> Self {
+        let (mut ids, mut first) = (Vec::new(), Vec::new());
+        for (u, rows) in prompt_positions.chunks(unit_size).enumerate() {
+            let block = rows[0] / block_size as u32;
+            if ids.last() != Some(&block) {
+                ids.push(block);
+                first.push(u as u32);
+            }
+        }
+        first.push(prompt_positions.len().div_ceil(unit_size) as u32);
+        Self { ids, first }
+    }
+
+    pub fn n_units(&self) -> usize {
+        *self.first.last().unwrap_or(&0) as usize
+    }
+}
+
+/// One layer's paged KV storage: `slots` slots of [`KV_BLOCK`] rows.
+pub struct KvPool<O: Ops + ?Sized> {
+    /// (slots, KV_BLOCK, kv_dim) bf16
+    pub k: O::Bf16,
+    /// (slots, KV_BLOCK, kv_dim) bf16
+    pub v: O::Bf16,
+    /// (slots, KV_BLOCK) positions of the rows
+    pub pos: O::U32,
+    pub slots: usize,
+    pub kv_dim: usize,
+}
+
+impl<O: Ops + ?Sized> KvPool<O> {
+    pub fn new(ops: &O, slots: usize, kv_dim: usize) -> Result<Self> {
+        Ok(Self {
+            k: ops.zeros_bf16(slots * KV_BLOCK * kv_dim)?,
+            v: ops.zeros_bf16(slots * KV_BLOCK * kv_dim)?,
+            pos: ops.upload_u32(&vec![u32::MAX; slots * KV_BLOCK])?,
+            slots,
+            kv_dim,
+        })
+    }
+
+    /// Bytes of keys and values.
+    pub fn bytes(&self) -> usize {
+        2 * self.slots * KV_BLOCK * self.kv_dim * 2
+    }
+}
+
+/// The operations, over a backend's buffers. Shapes are in the comments; every method checks
+/// the lengths it is given against them (a mismatch is a caller bug, returned as an error).
+pub trait Ops {
+    /// f32 buffer
+    type F32;
+    /// bf16 buffer (raw bits)
+    type Bf16;
+    /// u32 buffer (token ids, positions, row indices, slot tables)
+    type U32;
+
+    fn name(&self) -> String;
+
+    fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
+    fn zeros_bf16(&self, n: usize) -> Result<Self::Bf16>;
+    fn upload_f32(&self, v: &[f32]) -> Result<Self::F32>;
+    fn upload_bf16(&self, v: &[u16]) -> Result<Self::Bf16>;
+    fn upload_u32(&self, v: &[u32]) -> Result<Self::U32>;
+    fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
+    fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<u16>>;
+    fn download_u32(&self, b: &Self::U32) -> Result<Vec<u32>>;
+    /// Wait until every queued op has finished (a no-op on the CPU).
+    fn sync(&self) -> Result<()>;
+
+    /// Uniform values in [-scale, scale) from (seed, index): synthetic weights.
+    fn fill_uniform(&self, out: &mut Self::Bf16, seed: u64, scale: f32) -> Result<()>;
+
+    /// out (rows, n) = x (rows, k) . w^T, w: (n, k); bf16 in and out, f32 accumulation.
+    fn matmul(
+        &self,
+        x: &Self::Bf16,
+        w: &Self::Bf16,
+        out: &mut Self::Bf16,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    /// out (rows, width) bf16 = RMSNorm(x (rows, width) f32) * w (width) bf16.
+    fn rmsnorm(
+        &self,
+        x: &Self::F32,
+        w: &Self::Bf16,
+        out: &mut Self::Bf16,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// Rotate, in place, `n_heads` heads of `head_dim` starting at `at.offset` in each of `at.rows`
+    /// rows of x, row r by angle positions[r] * inv_freq (GGUF pair layout).
+    /// cos, sin: (max_positions, head_dim / 2) f32.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Bf16,
+        at: RowSlice,
+        positions: &Self::U32,
+        cos: &Self::F32,
+        sin: &Self::F32,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// out (rows, width) = silu(gate) * up, gate_up: (rows, 2 * width) = [gate | up].
+    fn silu_mul(
+        &self,
+        gate_up: &Self::Bf16,
+        out: &mut Self::Bf16,
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
+
+    /// h (n) f32 += a (n) bf16.
+    fn residual_add(&self, h: &mut Self::F32, a: &Self::Bf16) -> Result<()>;
+
+    /// out (n, width) f32 = table (vocab, width) bf16 rows `tokens` (n).
+    fn embed(
+        &self,
+        table: &Self::Bf16,
+        tokens: &Self::U32,
+        out: &mut Self::F32,
+        width: usize,
+    ) -> Result<()>;
+
+    /// out (n, width) = src rows idx (n, ascending), and out_pos (n) = src_pos rows idx:
+    /// hidden states and their positions move together.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_rows(
+        &self,
+        src: &Self::F32,
+        src_pos: &Self::U32,
+        idx: &Self::U32,
+        out: &mut Self::F32,
+        out_pos: &mut Self::U32,
+        width: usize,
+    ) -> Result<()>;
+
+    /// Write `at.rows` rows of keys (columns k_col..) and values (v_col..) of qkv, with their
+    /// positions, as the layer's sequence rows row0.. through the slot table.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(
+        &self,
+        qkv: &Self::Bf16,
+        at: RowSlice,
+        k_col: usize,
+        v_col: usize,
+        positions: &Self::U32,
+        pool: &mut KvPool<Self>,
+        table: &Self::U32,
+        row0: usize,
+    ) -> Result<()>;
+
+    /// Causal attention over explicit positions (GQA) of the query rows `at` of q against the
+    /// first `n_keys` rows of the pool, read through `table`. out: (at.rows, n_heads * head_dim).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Bf16,
+        at: RowSlice,
+        q_pos: &Self::U32,
+        pool: &KvPool<Self>,
+        table: &Self::U32,
+        n_keys: usize,
+        heads: Heads,
+        out: &mut Self::Bf16,
+    ) -> Result<()>;
+
+    /// SlimInfer block scores of the window queries `at` of q against the layer's first
+    /// `prompt_rows` rows (its prompt rows), added to acc (n_prompt_blocks) at each block's id.
+    #[allow(clippy::too_many_arguments)]
+    fn block_scores(
+        &self,
+        q: &Self::Bf16,
+        at: RowSlice,
+        pool: &KvPool<Self>,
+        table: &Self::U32,
+        prompt_rows: usize,
+        units: &UnitBlocks,
+        unit_size: usize,
+        heads: Heads,
+        mode: ScoreMode,
+        acc: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// Copy whole slots within a pool: slot dst_slots[i] = slot src_slots[i], keys, values
+    /// and positions.
+    fn kv_copy_blocks(
+        &self,
+        pool: &mut KvPool<Self>,
+        src_slots: &[u32],
+        dst_slots: &[u32],
+    ) -> Result<()>;
+}

@@ -1,0 +1,403 @@
+//! `slimchat gpu-check`: on a GPU, (1) every kernel against its CPU reference, (2) a
+//! Llama-3.1-8B-shaped model with random bf16 weights built on the device, (3) dense vs pruned
+//! prefill (TTFT) at each prompt length, decode tokens/s, prompt KV bytes on the GPU, the KV
+//! manager's offload and a swap drill (10% of every stage's blocks fetched back from the host
+//! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
+//! GEMM FLOP floor of the dense prefill; (4) a table on stdout and the full numbers as JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use serde::Serialize;
+
+use super::gpu::VramInfo;
+use super::kv_tier::{KvTier, TierHooks, TierStats};
+use super::{check, CudaOps, Gpu, OrEngine};
+use crate::backend::ops::{Ops, KV_BLOCK};
+use crate::backend::ops_check::{OpCheck, Rng};
+use crate::model::synthetic::{LlamaShape, ModelCache, NoHooks, SyntheticLlama};
+use crate::slim::schedule::SlimConfig;
+use crate::slim::select::forced_blocks;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct GpuCheckArgs {
+    /// Folder for gpu_check.json (created).
+    pub out_dir: PathBuf,
+    pub lengths: Vec<usize>,
+    pub decode_tokens: usize,
+    /// Only the kernel checks.
+    pub kernels_only: bool,
+    /// SlimInfer settings of the pruned runs (the llama3.1-8b preset at keep ratio 0.5
+    /// reproduces the paper's 8192/4096/2048 tokens at 32k).
+    pub slim: SlimConfig,
+}
+
+/// One prompt length, dense or pruned.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub prompt_tokens: usize,
+    pub mode: &'static str,
+    pub ttft_ms: f64,
+    pub decode_tok_s: f64,
+    pub rows_per_layer: Vec<usize>,
+    pub prompt_kv_bytes: usize,
+    pub kv_pool_bytes: usize,
+    pub gemm_flops: f64,
+    /// GEMM FLOPs over the measured cuBLAS bf16 rate.
+    pub gemm_floor_ms: f64,
+    /// Time after TTFT until the host tier's copies of the prompt blocks were done.
+    pub offload_tail_ms: Option<f64>,
+    /// The swap drill: decode step time with the fetches, and the tier's totals.
+    pub swap_step_ms: Option<f64>,
+    pub tier: Option<TierStats>,
+    pub vram_after: VramInfo,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub nvrtc_compile_ms: f64,
+    pub kernels: Vec<OpCheck>,
+    pub cublas_bf16_tflops: f64,
+    pub weights_bytes: u64,
+    pub slim: SlimConfig,
+    pub runs: Vec<RunResult>,
+    pub vram: VramInfo,
+    pub bars: Vec<(String, bool)>,
+}
+
+/// Run the check; prints as it goes through `log`, writes `<out_dir>/gpu_check.json`.
+/// Returns whether every kernel check passed.
+pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
+    std::fs::create_dir_all(&args.out_dir)?;
+    let gpu = Arc::new(Gpu::new(0)?);
+    log(&format!("device: {}", gpu.describe()));
+    let t = Instant::now();
+    gpu.kernels.load_all()?;
+    let nvrtc_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    log(&format!(
+        "NVRTC: kernels/*.cu compiled and loaded in {nvrtc_compile_ms:.0} ms"
+    ));
+    let kernels = check::run(gpu.clone(), 0x5eed)?;
+    check::table(&kernels).iter().for_each(|l| log(l));
+    let kernels_ok = kernels.iter().all(|c| c.pass);
+    log(&format!(
+        "kernel checks: {} passed, {} failed",
+        kernels.iter().filter(|c| c.pass).count(),
+        kernels.iter().filter(|c| !c.pass).count()
+    ));
+    let mut report = Report {
+        device: gpu.describe(),
+        nvrtc_compile_ms,
+        kernels,
+        cublas_bf16_tflops: 0.0,
+        weights_bytes: 0,
+        slim: args.slim.clone(),
+        runs: Vec::new(),
+        vram: gpu.vram()?,
+        bars: Vec::new(),
+    };
+    if args.kernels_only {
+        write(args, &report)?;
+        return Ok(kernels_ok);
+    }
+    let ops = CudaOps::new(gpu.clone());
+    report.cublas_bf16_tflops = cublas_rate(&ops)?;
+    log(&format!(
+        "cuBLAS bf16 GEMM 8192^3, random data: {:.0} TFLOP/s",
+        report.cublas_bf16_tflops
+    ));
+
+    let shape = LlamaShape::llama31_8b();
+    let longest = args.lengths.iter().copied().max().unwrap_or(0);
+    let before = gpu.vram()?.gpu_own_bytes;
+    let t = Instant::now();
+    let model = SyntheticLlama::new(&ops, shape, longest + args.decode_tokens + 2 * KV_BLOCK, 7)?;
+    ops.sync()?;
+    report.weights_bytes = gpu.vram()?.gpu_own_bytes - before;
+    log(&format!(
+        "Llama-3.1-8B shape, random bf16 weights: {:.1} GB on the device in {:.1} s",
+        report.weights_bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    ));
+    // warm-up: cuBLAS heuristics, allocator
+    let mut rng = Rng::new(11);
+    let warm: Vec<u32> = (0..2048).map(|_| rng.below(shape.vocab) as u32).collect();
+    model.prefill(&warm, Some(&args.slim), 1, &mut NoHooks)?;
+
+    for &len in &args.lengths {
+        let tokens: Vec<u32> = (0..len).map(|_| rng.below(shape.vocab) as u32).collect();
+        for slim in [false, true] {
+            let r = one_run(
+                &model,
+                &gpu,
+                &tokens,
+                slim.then_some(&args.slim),
+                args,
+                report.cublas_bf16_tflops,
+            )?;
+            log(&format!(
+                "{len:>6} tokens {:>6}: TTFT {:>8.1} ms (GEMM floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB{}",
+                r.mode,
+                r.ttft_ms,
+                r.gemm_floor_ms,
+                r.decode_tok_s,
+                r.prompt_kv_bytes as f64 / 1e9,
+                r.tier.map_or(String::new(), |t| format!(
+                    ", swap drill: {} blocks fetched in {:.2} ms, stall {:.3} ms",
+                    t.fetched_blocks, t.fetch_ms, t.stall_ms
+                ))
+            ));
+            report.runs.push(r);
+            write(args, &report)?;
+        }
+    }
+    report.vram = gpu.vram()?;
+    report.bars = bars(&report, kernels_ok);
+    for line in summary(&report) {
+        log(&line);
+    }
+    write(args, &report)?;
+    Ok(kernels_ok)
+}
+
+fn write(args: &GpuCheckArgs, report: &Report) -> Result<()> {
+    let path = args.out_dir.join("gpu_check.json");
+    let text = serde_json::to_string_pretty(report).map_err(|e| Error::Engine(e.to_string()))?;
+    std::fs::write(&path, text)?;
+    Ok(())
+}
+
+/// Measured bf16 GEMM rate on random data: TFLOP/s, median of 10 after 3 warm-ups.
+fn cublas_rate(ops: &CudaOps) -> Result<f64> {
+    let n = 8192;
+    let (mut a, mut b, mut c) = (
+        ops.zeros_bf16(n * n)?,
+        ops.zeros_bf16(n * n)?,
+        ops.zeros_bf16(n * n)?,
+    );
+    ops.fill_uniform(&mut a, 1, 1.0)?;
+    ops.fill_uniform(&mut b, 2, 1.0)?;
+    let ctx = &ops.gpu.ctx;
+    let mut times = Vec::new();
+    for i in 0..13 {
+        let start = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .or_engine("event")?;
+        let end = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .or_engine("event")?;
+        start.record(&ops.gpu.stream).or_engine("record")?;
+        ops.matmul(&a, &b, &mut c, n, n, n)?;
+        end.record(&ops.gpu.stream).or_engine("record")?;
+        let ms = start.elapsed_ms(&end).or_engine("elapsed")? as f64;
+        if i >= 3 {
+            times.push(ms);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12)
+}
+
+/// One prefill (timed to the first token's logits on the host) and `decode_tokens` steps.
+fn one_run(
+    model: &SyntheticLlama<CudaOps>,
+    gpu: &Arc<Gpu>,
+    tokens: &[u32],
+    slim: Option<&SlimConfig>,
+    args: &GpuCheckArgs,
+    tflops: f64,
+) -> Result<RunResult> {
+    let shape = model.shape;
+    let len = tokens.len();
+    let headroom = args.decode_tokens + 2;
+    let mut tier = match slim {
+        Some(cfg) => {
+            let stages = cfg.resolve(shape.n_layers, len);
+            let mut blocks = 0;
+            for (i, st) in stages.iter().enumerate() {
+                let end = stages.get(i + 1).map_or(shape.n_layers, |n| n.start_layer);
+                blocks += (end - st.start_layer) * (st.keep_blocks + 1);
+            }
+            let mut t = KvTier::new(gpu.clone(), blocks, shape.heads.kv_dim())?;
+            t.offload_from(stages.first().map(|s| s.start_layer));
+            Some(t)
+        }
+        None => None,
+    };
+    gpu.stream.synchronize().or_engine("sync")?;
+    let t0 = Instant::now();
+    let (mut cache, report) = match tier.as_mut() {
+        Some(tier) => {
+            let mut hooks = TierHooks {
+                tier,
+                prompt_len: len,
+            };
+            model.prefill(tokens, slim, headroom, &mut hooks)?
+        }
+        None => model.prefill(tokens, slim, headroom, &mut NoHooks)?,
+    };
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let offload_tail_ms = match tier.as_mut() {
+        Some(t) => {
+            t.wait_offloads()?;
+            t.offload_from(None);
+            Some(t0.elapsed().as_secs_f64() * 1e3 - ttft_ms)
+        }
+        None => None,
+    };
+    let mut next = argmax(&report.logits);
+    let t1 = Instant::now();
+    for _ in 0..args.decode_tokens {
+        next = argmax(&model.decode(&mut cache, next, &mut NoHooks)?);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let decode_tok_s = args.decode_tokens as f64 / decode_s.max(1e-9);
+    let swap_step_ms = match (tier.as_mut(), slim) {
+        (Some(t), Some(cfg)) => Some(swap_drill(model, &mut cache, t, cfg, len, next)?),
+        _ => None,
+    };
+    let gemm_flops = shape.gemm_flops(&report.rows_per_layer);
+    let result = RunResult {
+        prompt_tokens: len,
+        mode: if slim.is_some() { "pruned" } else { "dense" },
+        ttft_ms,
+        decode_tok_s,
+        prompt_kv_bytes: cache.prompt_kv_bytes(&shape),
+        kv_pool_bytes: cache.pool_bytes(),
+        rows_per_layer: report.rows_per_layer,
+        gemm_flops,
+        gemm_floor_ms: gemm_flops / (tflops * 1e12) * 1e3,
+        offload_tail_ms,
+        swap_step_ms,
+        tier: tier.as_ref().map(|t| t.stats),
+        vram_after: gpu.vram()?,
+    };
+    drop(cache);
+    Ok(result)
+}
+
+/// One decode step during which 10% of every stage's blocks (never the forced ones) are
+/// fetched back from the host tier into their slots, issued after the layer before the stage.
+fn swap_drill(
+    model: &SyntheticLlama<CudaOps>,
+    cache: &mut ModelCache<CudaOps>,
+    tier: &mut KvTier,
+    cfg: &SlimConfig,
+    prompt_len: usize,
+    token: u32,
+) -> Result<f64> {
+    let n_layers = model.shape.n_layers;
+    let stages = cfg.resolve(n_layers, prompt_len);
+    let forced = forced_blocks(prompt_len, KV_BLOCK, cfg.local_window);
+    for (i, st) in stages.iter().enumerate() {
+        let end = stages.get(i + 1).map_or(n_layers, |n| n.start_layer);
+        let kv = &cache.layers[st.start_layer];
+        let held: Vec<u32> = (0..kv.rows)
+            .step_by(KV_BLOCK)
+            .map(|r| kv.positions[r] / KV_BLOCK as u32)
+            .filter(|b| (*b as usize) < prompt_len.div_ceil(KV_BLOCK) && !forced.contains(b))
+            .collect();
+        let take = held.len().div_ceil(10);
+        let chosen: Vec<u32> = held
+            .iter()
+            .copied()
+            .step_by((held.len() / take.max(1)).max(1))
+            .take(take)
+            .collect();
+        for layer in st.start_layer..end {
+            let chosen: Vec<u32> = chosen
+                .iter()
+                .copied()
+                .filter(|&b| tier.holds(layer, b))
+                .collect();
+            tier.plan_fetch(st.start_layer - 1, layer, &cache.layers[layer], &chosen)?;
+        }
+    }
+    let t = Instant::now();
+    let mut hooks = TierHooks { tier, prompt_len };
+    model.decode(cache, token, &mut hooks)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    tier.settle()?;
+    Ok(ms)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (v.iter().enumerate())
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0 as u32
+}
+
+/// The issue's bars, where the numbers exist.
+fn bars(r: &Report, kernels_ok: bool) -> Vec<(String, bool)> {
+    let mut out = vec![("kernel tests pass".to_string(), kernels_ok)];
+    let longest = r.runs.iter().map(|x| x.prompt_tokens).max().unwrap_or(0);
+    let find = |mode: &str| {
+        r.runs
+            .iter()
+            .find(|x| x.prompt_tokens == longest && x.mode == mode)
+    };
+    if let (Some(d), Some(p)) = (find("dense"), find("pruned")) {
+        let ttft = p.ttft_ms / d.ttft_ms;
+        out.push((
+            format!("TTFT pruned/dense at {longest} = {ttft:.3} <= 0.4"),
+            ttft <= 0.4,
+        ));
+        let kv = p.prompt_kv_bytes as f64 / d.prompt_kv_bytes as f64;
+        out.push((
+            format!("GPU prompt KV pruned/dense at {longest} = {kv:.3} <= 0.45"),
+            kv <= 0.45,
+        ));
+        let floor = d.ttft_ms / d.gemm_floor_ms;
+        out.push((
+            format!("dense TTFT / GEMM floor at {longest} = {floor:.2} <= 2"),
+            floor <= 2.0,
+        ));
+    }
+    out
+}
+
+fn summary(r: &Report) -> Vec<String> {
+    let mut out = vec![
+        String::new(),
+        format!("== gpu-check: {} ==", r.device),
+        format!(
+            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>9} {:>9}",
+            "tokens", "mode", "TTFT ms", "floor ms", "decode/s", "prompt KV", "swap ms", "stall ms"
+        ),
+    ];
+    for x in &r.runs {
+        out.push(format!(
+            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>9} {:>9}",
+            x.prompt_tokens,
+            x.mode,
+            x.ttft_ms,
+            x.gemm_floor_ms,
+            x.decode_tok_s,
+            x.prompt_kv_bytes as f64 / 1e9,
+            x.tier.map_or("-".into(), |t| format!("{:.2}", t.fetch_ms)),
+            x.tier.map_or("-".into(), |t| format!("{:.3}", t.stall_ms)),
+        ));
+    }
+    out.push(format!(
+        "VRAM: total {:.1} GB, free {:.1} GB, ours {:.1} GB; cuBLAS bf16 {:.0} TFLOP/s",
+        r.vram.gpu_total_bytes as f64 / 1e9,
+        r.vram.gpu_free_bytes as f64 / 1e9,
+        r.vram.gpu_own_bytes as f64 / 1e9,
+        r.cublas_bf16_tflops
+    ));
+    for (bar, ok) in &r.bars {
+        out.push(format!("[{}] {bar}", if *ok { "pass" } else { "FAIL" }));
+    }
+    out
+}

@@ -1,0 +1,139 @@
+//! Our kernels: the .cu sources of kernels/ embedded in the binary, compiled by NVRTC on first
+//! use for the device's compute capability, loaded once per context and looked up by name.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use super::OrEngine;
+use crate::Result;
+
+/// Prepended to every file: bf16 helpers, warp reductions, the KV block size.
+const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+/// (file, source, entry points). Entry points are named `<op>_<dtype>`.
+pub const FILES: [(&str, &str, &[&str]); 6] = [
+    (
+        "norm_rope.cu",
+        include_str!("../../kernels/norm_rope.cu"),
+        &["rmsnorm_f32", "rmsnorm_bf16", "rope_bf16"],
+    ),
+    (
+        "elementwise.cu",
+        include_str!("../../kernels/elementwise.cu"),
+        &["silu_mul_bf16", "residual_add_f32", "fill_uniform_bf16"],
+    ),
+    (
+        "gather.cu",
+        include_str!("../../kernels/gather.cu"),
+        &["gather_rows_f32", "gather_positions_u32", "embed_rows_bf16"],
+    ),
+    (
+        "kv_blocks.cu",
+        include_str!("../../kernels/kv_blocks.cu"),
+        &["kv_append_bf16", "kv_copy_blocks_bf16"],
+    ),
+    (
+        "attention.cu",
+        include_str!("../../kernels/attention.cu"),
+        &["attention_bf16"],
+    ),
+    (
+        "slim_scores.cu",
+        include_str!("../../kernels/slim_scores.cu"),
+        &[
+            "unit_keys_bf16",
+            "unit_logits_f32",
+            "softmax_rows_f32",
+            "block_scores_f32",
+        ],
+    ),
+];
+
+/// Compile one file to PTX for `compute_<cc>` (e.g. 90 on an H200). Needs NVRTC, not a device.
+pub fn compile(file: &str, cc: u32) -> Result<Ptx> {
+    let (_, src, _) = FILES
+        .iter()
+        .find(|(f, _, _)| *f == file)
+        .ok_or_else(|| crate::Error::Engine(format!("cuda: no kernel file {file}")))?;
+    let opts = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{cc}"),
+            "--std=c++17".into(),
+        ],
+        name: Some(file.into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts).or_engine(&format!("NVRTC {file}"))
+}
+
+/// Compile every file (`slimchat gpu-check --compile`); returns (file, PTX bytes).
+pub fn compile_all(cc: u32) -> Result<Vec<(String, usize)>> {
+    FILES
+        .iter()
+        .map(|(f, _, _)| Ok((f.to_string(), compile(f, cc)?.to_src().len())))
+        .collect()
+}
+
+/// Functions of one context, compiled and loaded on first use.
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    cc: u32,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl Kernels {
+    pub fn new(ctx: Arc<CudaContext>, cc: u32) -> Self {
+        Self {
+            ctx,
+            cc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The entry point `name`, from whichever file defines it.
+    pub fn get(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("kernel cache").get(name) {
+            return Ok(f.clone());
+        }
+        let (file, _, _) = FILES
+            .iter()
+            .find(|(_, _, entries)| entries.contains(&name))
+            .ok_or_else(|| crate::Error::Engine(format!("cuda: no kernel named {name}")))?;
+        let module = {
+            let mut modules = self.modules.lock().expect("module cache");
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile(file, self.cc)?;
+                    let m = self
+                        .ctx
+                        .load_module(ptx)
+                        .or_engine(&format!("load {file}"))?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).or_engine(name)?;
+        self.functions
+            .lock()
+            .expect("kernel cache")
+            .insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Compile and load every file now (so compilation stays out of timings).
+    pub fn load_all(&self) -> Result<()> {
+        for (_, _, entries) in FILES {
+            for e in entries {
+                self.get(e)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! The CUDA backend (feature `cuda`): the ops seam ([`crate::backend::ops::Ops`]) on an NVIDIA
+//! GPU through cudarc, with our kernels (kernels/*.cu, compiled by NVRTC at first use for the
+//! device's compute capability) and cuBLAS for the GEMMs.
+//!
+//! libcuda, cuBLAS and NVRTC are loaded at run time, so the crate builds without the CUDA
+//! toolkit. cudarc panics on its first call when a library is missing, so [`probe`] looks for
+//! them (dlopen) before anything touches cudarc.
+//!
+//! - [`probe`]: is there a driver (and the libraries)? One line saying why not.
+//! - [`kernels`]: the embedded sources, NVRTC compilation, the module and function cache.
+//! - [`gpu`]: the context, the compute and copy streams, cuBLAS, memory figures.
+//! - [`ops`]: [`CudaOps`], the ops over device buffers.
+//! - [`kv_tier`]: the KV manager's host tier (pinned memory) and its copy stream with events.
+//! - [`check`]: every kernel against its CPU reference on random inputs.
+//! - [`gpu_check`]: `slimchat gpu-check`: the Llama-3.1-8B-shaped dense vs pruned run.
+
+pub mod check;
+pub mod gpu;
+pub mod gpu_check;
+pub mod kernels;
+pub mod kv_tier;
+pub mod ops;
+pub mod probe;
+
+pub use gpu::Gpu;
+pub use ops::CudaOps;
+
+/// A cudarc (or other) error as the crate's error, with what was being done.
+pub(crate) trait OrEngine<T> {
+    fn or_engine(self, what: &str) -> crate::Result<T>;
+}
+
+impl<T, E: std::fmt::Debug> OrEngine<T> for std::result::Result<T, E> {
+    fn or_engine(self, what: &str) -> crate::Result<T> {
+        self.map_err(|e| crate::Error::Engine(format!("cuda: {what}: {e:?}")))
+    }
+}

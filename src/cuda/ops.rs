@@ -1,0 +1,516 @@
+//! [`Ops`] over device buffers: our kernels for the row-wise ops, attention, gathers, scores and
+//! KV blocks, cuBLAS (bf16 in and out, f32 accumulation) for the GEMMs. Everything is queued on
+//! the compute stream; only downloads wait.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{Gpu, OrEngine};
+use crate::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use crate::{Error, Result};
+
+/// The CUDA backend of the ops seam.
+#[derive(Clone)]
+pub struct CudaOps {
+    pub gpu: Arc<Gpu>,
+}
+
+const THREADS: u32 = 256;
+
+/// A grid-stride launch over `n` elements.
+fn flat(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (n.div_ceil(THREADS as usize)).clamp(1, 1 << 20) as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One CTA of `THREADS` per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn need(what: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(Error::Engine(format!(
+            "cuda ops: {what} has {len} elements, needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+fn i32_of(n: usize) -> i32 {
+    i32::try_from(n).expect("kernel size fits in i32")
+}
+
+impl CudaOps {
+    pub fn new(gpu: Arc<Gpu>) -> Self {
+        Self { gpu }
+    }
+
+    fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
+        self.gpu.kernels.get(name)
+    }
+}
+
+impl Ops for CudaOps {
+    type F32 = CudaSlice<f32>;
+    type Bf16 = CudaSlice<u16>;
+    type U32 = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        format!("cuda: {}", self.gpu.describe())
+    }
+
+    fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.gpu.stream.alloc_zeros(n.max(1)).or_engine("alloc")
+    }
+    fn zeros_bf16(&self, n: usize) -> Result<CudaSlice<u16>> {
+        self.gpu.stream.alloc_zeros(n.max(1)).or_engine("alloc")
+    }
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.gpu.stream.clone_htod(v).or_engine("upload")
+    }
+    fn upload_bf16(&self, v: &[u16]) -> Result<CudaSlice<u16>> {
+        self.gpu.stream.clone_htod(v).or_engine("upload")
+    }
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        if v.is_empty() {
+            return self.gpu.stream.alloc_zeros(1).or_engine("alloc");
+        }
+        self.gpu.stream.clone_htod(v).or_engine("upload")
+    }
+    fn download_f32(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.gpu.stream.clone_dtoh(b).or_engine("download")
+    }
+    fn download_bf16(&self, b: &CudaSlice<u16>) -> Result<Vec<u16>> {
+        self.gpu.stream.clone_dtoh(b).or_engine("download")
+    }
+    fn download_u32(&self, b: &CudaSlice<u32>) -> Result<Vec<u32>> {
+        self.gpu.stream.clone_dtoh(b).or_engine("download")
+    }
+    fn sync(&self) -> Result<()> {
+        self.gpu.stream.synchronize().or_engine("synchronize")
+    }
+
+    fn fill_uniform(&self, out: &mut CudaSlice<u16>, seed: u64, scale: f32) -> Result<()> {
+        let f = self.f("fill_uniform_bf16")?;
+        let n = out.len() as i64;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(out).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: out holds n elements; the kernel writes indices < n.
+        unsafe { b.launch(flat(n as usize)) }.or_engine("fill_uniform_bf16")?;
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        need("matmul x", x.len(), rows * k)?;
+        need("matmul w", w.len(), n * k)?;
+        need("matmul out", out.len(), rows * n)?;
+        let s = &self.gpu.stream;
+        let (xp, _gx) = x.device_ptr(s);
+        let (wp, _gw) = w.device_ptr(s);
+        let (op, _go) = out.device_ptr_mut(s);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major out (rows, n) is column-major out^T (n, rows) = w (n, k) . x^T (k, rows):
+        // A = w read transposed (its column-major view is (k, n)), B = x as is.
+        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n elements (checked).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                i32_of(n),
+                i32_of(rows),
+                i32_of(k),
+                &alpha as *const f32 as *const c_void,
+                wp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                xp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                &beta as *const f32 as *const c_void,
+                op as *mut c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(n),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .or_engine("cublasGemmEx bf16")
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let width = w.len();
+        need("rmsnorm x", x.len(), rows * width)?;
+        need("rmsnorm out", out.len(), rows * width)?;
+        let f = self.f("rmsnorm_f32")?;
+        let (r, wd) = (i32_of(rows), i32_of(width));
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(x).arg(w).arg(out).arg(&r).arg(&wd).arg(&eps);
+        // SAFETY: one CTA per row of `width` elements, all checked above.
+        unsafe { b.launch(per_row(rows)) }.or_engine("rmsnorm_f32")?;
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<u16>,
+        at: RowSlice,
+        positions: &CudaSlice<u32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        need(
+            "rope x",
+            x.len(),
+            at.rows.saturating_sub(1) * at.stride + at.offset + n_heads * head_dim,
+        )?;
+        need("rope positions", positions.len(), at.rows)?;
+        let f = self.f("rope_bf16")?;
+        let (r, st, c, h, hd) = (
+            i32_of(at.rows),
+            i32_of(at.stride),
+            i32_of(at.offset),
+            i32_of(n_heads),
+            i32_of(head_dim),
+        );
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(x).arg(positions).arg(cos).arg(sin);
+        b.arg(&r).arg(&st).arg(&c).arg(&h).arg(&hd);
+        // SAFETY: rows * n_heads * head_dim/2 pairs inside x (checked); positions index the
+        // tables, which the caller sized for the model's context.
+        unsafe { b.launch(flat(at.rows * n_heads * head_dim / 2)) }.or_engine("rope_bf16")?;
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        need("silu_mul gate_up", gate_up.len(), rows * 2 * width)?;
+        need("silu_mul out", out.len(), rows * width)?;
+        let f = self.f("silu_mul_bf16")?;
+        let (r, w) = (i32_of(rows), i32_of(width));
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(gate_up).arg(out).arg(&r).arg(&w);
+        // SAFETY: sizes checked above.
+        unsafe { b.launch(flat(rows * width)) }.or_engine("silu_mul_bf16")?;
+        Ok(())
+    }
+
+    fn residual_add(&self, h: &mut CudaSlice<f32>, a: &CudaSlice<u16>) -> Result<()> {
+        need("residual_add a", a.len(), h.len())?;
+        let f = self.f("residual_add_f32")?;
+        let n = h.len() as i64;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(h).arg(a).arg(&n);
+        // SAFETY: both hold n elements.
+        unsafe { b.launch(flat(n as usize)) }.or_engine("residual_add_f32")?;
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        table: &CudaSlice<u16>,
+        tokens: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        width: usize,
+    ) -> Result<()> {
+        let n = tokens.len();
+        need("embed out", out.len(), n * width)?;
+        let f = self.f("embed_rows_bf16")?;
+        let (nn, w) = (i32_of(n), i32_of(width));
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(table).arg(tokens).arg(out).arg(&nn).arg(&w);
+        // SAFETY: token ids are below the table's rows (the forward checks them).
+        unsafe { b.launch(flat(n * width)) }.or_engine("embed_rows_bf16")?;
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        src_pos: &CudaSlice<u32>,
+        idx: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        out_pos: &mut CudaSlice<u32>,
+        width: usize,
+    ) -> Result<()> {
+        let n = idx.len();
+        need("gather out", out.len(), n * width)?;
+        need("gather out_pos", out_pos.len(), n)?;
+        let (nn, w) = (i32_of(n), i32_of(width));
+        let f = self.f("gather_rows_f32")?;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(src).arg(idx).arg(&mut *out).arg(&nn).arg(&w);
+        // SAFETY: idx holds row indices of src (the forward builds them from its rows).
+        unsafe { b.launch(flat(n * width)) }.or_engine("gather_rows_f32")?;
+        let f = self.f("gather_positions_u32")?;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(src_pos).arg(idx).arg(out_pos).arg(&nn);
+        // SAFETY: as above.
+        unsafe { b.launch(flat(n)) }.or_engine("gather_positions_u32")?;
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        qkv: &CudaSlice<u16>,
+        at: RowSlice,
+        k_col: usize,
+        v_col: usize,
+        positions: &CudaSlice<u32>,
+        pool: &mut KvPool<Self>,
+        table: &CudaSlice<u32>,
+        row0: usize,
+    ) -> Result<()> {
+        need("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
+        need("kv_append qkv", qkv.len(), at.rows * at.stride)?;
+        let f = self.f("kv_append_bf16")?;
+        let (r0, r, st, kc, vc, d) = (
+            i32_of(row0),
+            i32_of(at.rows),
+            i32_of(at.stride),
+            i32_of(at.offset + k_col),
+            i32_of(at.offset + v_col),
+            i32_of(pool.kv_dim),
+        );
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(qkv)
+            .arg(positions)
+            .arg(&mut pool.k)
+            .arg(&mut pool.v)
+            .arg(&mut pool.pos);
+        b.arg(table)
+            .arg(&r0)
+            .arg(&r)
+            .arg(&st)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&d);
+        // SAFETY: the table covers the rows written (checked) and names slots of this pool.
+        unsafe { b.launch(flat(at.rows * pool.kv_dim)) }.or_engine("kv_append_bf16")?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<u16>,
+        at: RowSlice,
+        q_pos: &CudaSlice<u32>,
+        pool: &KvPool<Self>,
+        table: &CudaSlice<u32>,
+        n_keys: usize,
+        heads: Heads,
+        out: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        if !heads.head_dim.is_multiple_of(32) || heads.head_dim > 128 || n_keys == 0 {
+            return Err(Error::Engine(format!(
+                "cuda attention: head_dim {} (a multiple of 32 up to 128) with {n_keys} keys",
+                heads.head_dim
+            )));
+        }
+        need("attention table", table.len() * KV_BLOCK, n_keys)?;
+        need("attention out", out.len(), at.rows * heads.q_dim())?;
+        const ROWS_PER_CTA: usize = 16; // ATT_WARPS * ATT_ROWS in attention.cu
+        let f = self.f("attention_bf16")?;
+        let (nq, st, qc, nk, h, kvh, hd) = (
+            i32_of(at.rows),
+            i32_of(at.stride),
+            i32_of(at.offset),
+            i32_of(n_keys),
+            i32_of(heads.n_heads),
+            i32_of(heads.n_kv_heads),
+            i32_of(heads.head_dim),
+        );
+        let scale = 1.0 / (heads.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (
+                at.rows.div_ceil(ROWS_PER_CTA) as u32,
+                heads.n_heads as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(q)
+            .arg(q_pos)
+            .arg(&pool.k)
+            .arg(&pool.v)
+            .arg(&pool.pos)
+            .arg(table)
+            .arg(out);
+        b.arg(&nq)
+            .arg(&st)
+            .arg(&qc)
+            .arg(&nk)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&scale);
+        // SAFETY: shapes checked above; the table names slots of this pool.
+        unsafe { b.launch(cfg) }.or_engine("attention_bf16")?;
+        Ok(())
+    }
+
+    fn block_scores(
+        &self,
+        q: &CudaSlice<u16>,
+        at: RowSlice,
+        pool: &KvPool<Self>,
+        table: &CudaSlice<u32>,
+        prompt_rows: usize,
+        units: &UnitBlocks,
+        unit_size: usize,
+        heads: Heads,
+        mode: ScoreMode,
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n_units = prompt_rows.div_ceil(unit_size);
+        if units.n_units() != n_units || n_units == 0 {
+            return Err(Error::Engine(format!(
+                "cuda block_scores: {} units listed for {prompt_rows} prompt rows",
+                units.n_units()
+            )));
+        }
+        let s = &self.gpu.stream;
+        let kv_dim = pool.kv_dim;
+        let mut unit_keys = s.alloc_zeros::<f32>(n_units * kv_dim).or_engine("alloc")?;
+        let f = self.f("unit_keys_bf16")?;
+        let (pr, us, d) = (i32_of(prompt_rows), i32_of(unit_size), i32_of(kv_dim));
+        let mut b = s.launch_builder(&f);
+        b.arg(&pool.k)
+            .arg(table)
+            .arg(&mut unit_keys)
+            .arg(&pr)
+            .arg(&us)
+            .arg(&d);
+        // SAFETY: the table covers the prompt rows; unit_keys holds n_units rows.
+        unsafe { b.launch(flat(n_units * kv_dim)) }.or_engine("unit_keys_bf16")?;
+
+        let rows = at.rows * heads.n_heads;
+        let mut logits = s.alloc_zeros::<f32>(rows * n_units).or_engine("alloc")?;
+        let f = self.f("unit_logits_f32")?;
+        let scale = match mode {
+            ScoreMode::Attention => 1.0 / (heads.head_dim as f32).sqrt(),
+            ScoreMode::Paper => 1.0,
+        };
+        let (w, st, qc, h, kvh, hd, nu) = (
+            i32_of(at.rows),
+            i32_of(at.stride),
+            i32_of(at.offset),
+            i32_of(heads.n_heads),
+            i32_of(heads.n_kv_heads),
+            i32_of(heads.head_dim),
+            i32_of(n_units),
+        );
+        let mut b = s.launch_builder(&f);
+        b.arg(q).arg(&unit_keys).arg(&mut logits);
+        b.arg(&w)
+            .arg(&st)
+            .arg(&qc)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&nu)
+            .arg(&scale);
+        // SAFETY: one warp per (row, unit); q rows and unit keys are in bounds.
+        unsafe { b.launch(flat(rows * n_units * 32)) }.or_engine("unit_logits_f32")?;
+
+        if mode == ScoreMode::Attention {
+            let f = self.f("softmax_rows_f32")?;
+            let (r, n) = (i32_of(rows), i32_of(n_units));
+            let mut b = s.launch_builder(&f);
+            b.arg(&mut logits).arg(&r).arg(&n);
+            // SAFETY: one CTA per row of n_units.
+            unsafe { b.launch(per_row(rows)) }.or_engine("softmax_rows_f32")?;
+        }
+        let first = self.upload_u32(&units.first)?;
+        let ids = self.upload_u32(&units.ids)?;
+        let f = self.f("block_scores_f32")?;
+        let m = match mode {
+            ScoreMode::Attention => 0i32,
+            ScoreMode::Paper => 1i32,
+        };
+        let mut b = s.launch_builder(&f);
+        b.arg(&logits).arg(&first).arg(&ids).arg(acc);
+        b.arg(&w).arg(&h).arg(&nu).arg(&m);
+        // SAFETY: one CTA per block present; block ids index acc (n_prompt_blocks).
+        unsafe { b.launch(per_row(units.ids.len())) }.or_engine("block_scores_f32")?;
+        Ok(())
+    }
+
+    fn kv_copy_blocks(
+        &self,
+        pool: &mut KvPool<Self>,
+        src_slots: &[u32],
+        dst_slots: &[u32],
+    ) -> Result<()> {
+        let n = src_slots.len().min(dst_slots.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let (src, dst) = (self.upload_u32(src_slots)?, self.upload_u32(dst_slots)?);
+        let f = self.f("kv_copy_blocks_bf16")?;
+        let (nn, elems) = (i32_of(n), i32_of(KV_BLOCK * pool.kv_dim));
+        let s = &self.gpu.stream;
+        for part in [&mut pool.k, &mut pool.v] {
+            // the same buffer is source and destination: pass it once per role by pointer
+            let (p, _g) = part.device_ptr_mut(s);
+            let mut b = s.launch_builder(&f);
+            b.arg(&p).arg(&p).arg(&src).arg(&dst).arg(&nn).arg(&elems);
+            // SAFETY: slot ids are below pool.slots; source and destination slots differ.
+            unsafe { b.launch(flat(n * KV_BLOCK * pool.kv_dim)) }.or_engine("kv_copy_blocks")?;
+        }
+        // positions: one u32 per row, copied with the same kernel as pairs of u16
+        let (p, _g) = pool.pos.device_ptr_mut(s);
+        let pos_elems = i32_of(KV_BLOCK * 2);
+        let mut b = s.launch_builder(&f);
+        b.arg(&p)
+            .arg(&p)
+            .arg(&src)
+            .arg(&dst)
+            .arg(&nn)
+            .arg(&pos_elems);
+        // SAFETY: as above; a slot's positions are KV_BLOCK u32 = 2 * KV_BLOCK u16.
+        unsafe { b.launch(flat(n * KV_BLOCK * 2)) }.or_engine("kv_copy_blocks positions")?;
+        Ok(())
+    }
+}

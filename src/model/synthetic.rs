@@ -1,0 +1,571 @@
+//! A LLaMA-shaped model with synthetic (random) weights, its forward written once against the
+//! ops seam ([`Ops`]), with SlimInfer's prefill pruning from `crate::slim` (the same schedule,
+//! top-K and kept-row functions as the CPU engine). It runs on the CPU ([`crate::backend::cpu_ops`],
+//! where the tests check it) and on the GPU (`slimchat gpu-check`, Llama-3.1-8B's shape).
+//!
+//! Per layer: RMSNorm → fused q|k|v GEMM → RoPE at explicit positions → append K/V to the
+//! layer's paged cache → causal attention over the cache → o GEMM + residual → RMSNorm →
+//! fused gate|up GEMM → SiLU gate → down GEMM + residual. At the layers that score a stage,
+//! the last `local_window` queries score the prompt blocks; after the layer before a stage,
+//! the top-K blocks' rows (hidden states and positions together) go on.
+
+use crate::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
+use crate::slim::select::{forced_blocks, kept_rows, select_top_k};
+use crate::{Error, Result};
+
+/// The dimensions of a LLaMA-family decoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LlamaShape {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: Heads,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+}
+
+impl LlamaShape {
+    /// Llama-3.1-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336.
+    pub fn llama31_8b() -> Self {
+        Self {
+            n_layers: 32,
+            hidden: 4096,
+            intermediate: 14336,
+            heads: Heads {
+                n_heads: 32,
+                n_kv_heads: 8,
+                head_dim: 128,
+            },
+            vocab: 128_256,
+            rope_theta: 500_000.0,
+            rms_eps: 1e-5,
+        }
+    }
+
+    /// A small shape with the same structure (GQA 2:1, head_dim 32), for tests.
+    pub fn tiny(n_layers: usize) -> Self {
+        Self {
+            n_layers,
+            hidden: 128,
+            intermediate: 256,
+            heads: Heads {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 32,
+            },
+            vocab: 300,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+        }
+    }
+
+    pub fn qkv_dim(&self) -> usize {
+        self.heads.q_dim() + 2 * self.heads.kv_dim()
+    }
+
+    /// Weights of one layer's linear maps (q, k, v, o, gate, up, down).
+    pub fn layer_params(&self) -> usize {
+        self.hidden * (self.qkv_dim() + self.heads.q_dim()) + 3 * self.hidden * self.intermediate
+    }
+
+    /// GEMM FLOPs of a prefill whose layer i runs on rows[i] rows (plus the head on one row).
+    pub fn gemm_flops(&self, rows: &[usize]) -> f64 {
+        let per_row = 2.0 * self.layer_params() as f64;
+        rows.iter().map(|&r| r as f64 * per_row).sum::<f64>()
+            + 2.0 * (self.vocab * self.hidden) as f64
+    }
+
+    /// Bytes of K and V for one cached row of one layer (bf16).
+    pub fn kv_row_bytes(&self) -> usize {
+        2 * self.heads.kv_dim() * 2
+    }
+}
+
+struct LayerWeights<O: Ops> {
+    /// (hidden)
+    attn_norm: O::Bf16,
+    /// (q_dim + 2 * kv_dim, hidden): q, k, v
+    wqkv: O::Bf16,
+    /// (hidden, q_dim)
+    wo: O::Bf16,
+    /// (hidden)
+    mlp_norm: O::Bf16,
+    /// (2 * intermediate, hidden): gate, up
+    w_gate_up: O::Bf16,
+    /// (hidden, intermediate)
+    w_down: O::Bf16,
+}
+
+/// Weights drawn uniformly at random (scaled like a trained model's, so activations stay in
+/// range), plus the RoPE tables.
+pub struct Weights<O: Ops> {
+    layers: Vec<LayerWeights<O>>,
+    /// (vocab, hidden)
+    embed: O::Bf16,
+    /// (hidden)
+    final_norm: O::Bf16,
+    /// (vocab, hidden)
+    head: O::Bf16,
+    /// (max_positions, head_dim / 2)
+    cos: O::F32,
+    sin: O::F32,
+    max_positions: usize,
+}
+
+impl<O: Ops> Weights<O> {
+    pub fn random(ops: &O, shape: &LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
+        let mut next = seed;
+        let mut fill = |n: usize, scale: f32| -> Result<O::Bf16> {
+            let mut b = ops.zeros_bf16(n)?;
+            next = next.wrapping_add(0x1234_5678_9abc_def1);
+            ops.fill_uniform(&mut b, next, scale)?;
+            Ok(b)
+        };
+        let ones = |n: usize| ops.upload_bf16(&vec![0x3f80u16; n]); // bf16 1.0
+        let (h, inter) = (shape.hidden, shape.intermediate);
+        // uniform(-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps unit variance
+        let scale = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+        let mut layers = Vec::with_capacity(shape.n_layers);
+        for _ in 0..shape.n_layers {
+            layers.push(LayerWeights {
+                attn_norm: ones(h)?,
+                wqkv: fill(shape.qkv_dim() * h, scale(h))?,
+                wo: fill(h * shape.heads.q_dim(), scale(shape.heads.q_dim()) * 0.5)?,
+                mlp_norm: ones(h)?,
+                w_gate_up: fill(2 * inter * h, scale(h))?,
+                w_down: fill(h * inter, scale(inter) * 0.5)?,
+            });
+        }
+        let (cos, sin) = crate::backend::cpu_ops::rope_tables(
+            shape.rope_theta,
+            shape.heads.head_dim,
+            max_positions,
+        );
+        Ok(Self {
+            layers,
+            embed: fill(shape.vocab * h, 1.0)?,
+            final_norm: ones(h)?,
+            head: fill(shape.vocab * h, scale(h))?,
+            cos: ops.upload_f32(&cos)?,
+            sin: ops.upload_f32(&sin)?,
+            max_positions,
+        })
+    }
+}
+
+/// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
+pub struct LayerCache<O: Ops> {
+    pub pool: KvPool<O>,
+    /// Slot of each block of rows, in row order (host copy of `table_dev`).
+    pub table: Vec<u32>,
+    pub table_dev: O::U32,
+    /// Rows written.
+    pub rows: usize,
+    /// Positions of the rows, ascending.
+    pub positions: Vec<u32>,
+}
+
+impl<O: Ops> LayerCache<O> {
+    fn new(ops: &O, capacity_rows: usize, kv_dim: usize) -> Result<Self> {
+        let slots = capacity_rows.div_ceil(KV_BLOCK).max(1);
+        let table: Vec<u32> = (0..slots as u32).collect();
+        Ok(Self {
+            pool: KvPool::new(ops, slots, kv_dim)?,
+            table_dev: ops.upload_u32(&table)?,
+            table,
+            rows: 0,
+            positions: Vec::new(),
+        })
+    }
+
+    /// Sequence rows of the slots (ascending) holding prompt block `block` (position / 64).
+    pub fn slot_of_block(&self, block: u32) -> Option<u32> {
+        let first = self
+            .positions
+            .partition_point(|&p| p < block * KV_BLOCK as u32);
+        (first < self.rows && self.positions[first] / KV_BLOCK as u32 == block)
+            .then(|| self.table[first / KV_BLOCK])
+    }
+}
+
+/// The KV of every layer, and the prompt it was filled from.
+pub struct ModelCache<O: Ops> {
+    pub layers: Vec<LayerCache<O>>,
+    pub prompt_len: usize,
+    /// Rows a decode may still add to each layer.
+    headroom: usize,
+}
+
+impl<O: Ops> ModelCache<O> {
+    /// Bytes of the prompt's K and V (rows below the prompt length), over all layers.
+    pub fn prompt_kv_bytes(&self, shape: &LlamaShape) -> usize {
+        let rows: usize = (self.layers.iter())
+            .map(|l| {
+                l.positions
+                    .partition_point(|&p| (p as usize) < self.prompt_len)
+            })
+            .sum();
+        rows * shape.kv_row_bytes()
+    }
+
+    /// Bytes of every pool (what the cache holds in memory).
+    pub fn pool_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.pool.bytes()).sum()
+    }
+
+    pub fn rows_per_layer(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.rows).collect()
+    }
+}
+
+/// Calls into the KV manager around each layer (the GPU's tiers); the CPU needs none.
+pub trait LayerHooks<O: Ops> {
+    /// Layer `layer` has appended this step's rows to its cache.
+    fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        Ok(())
+    }
+    /// Layer `layer` is about to read its cache in attention.
+    fn before_attention(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No KV manager.
+pub struct NoHooks;
+impl<O: Ops> LayerHooks<O> for NoHooks {}
+
+/// What a prefill did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefillReport {
+    /// Logits of the last prompt token (vocab).
+    pub logits: Vec<f32>,
+    /// Rows each layer ran on.
+    pub rows_per_layer: Vec<usize>,
+    /// The stages applied (empty when dense).
+    pub stages: Vec<Stage>,
+}
+
+/// Scratch buffers of one forward, sized for its widest layer.
+struct Scratch<O: Ops> {
+    x: O::Bf16,
+    qkv: O::Bf16,
+    attn: O::Bf16,
+    proj: O::Bf16,
+    gate_up: O::Bf16,
+    act: O::Bf16,
+}
+
+impl<O: Ops> Scratch<O> {
+    fn new(ops: &O, s: &LlamaShape, rows: usize) -> Result<Self> {
+        Ok(Self {
+            x: ops.zeros_bf16(rows * s.hidden)?,
+            qkv: ops.zeros_bf16(rows * s.qkv_dim())?,
+            attn: ops.zeros_bf16(rows * s.heads.q_dim())?,
+            proj: ops.zeros_bf16(rows * s.hidden)?,
+            gate_up: ops.zeros_bf16(rows * 2 * s.intermediate)?,
+            act: ops.zeros_bf16(rows * s.intermediate)?,
+        })
+    }
+}
+
+/// The model: shape, weights, and the backend that runs it.
+pub struct SyntheticLlama<'o, O: Ops> {
+    pub ops: &'o O,
+    pub shape: LlamaShape,
+    pub weights: Weights<O>,
+}
+
+impl<'o, O: Ops> SyntheticLlama<'o, O> {
+    pub fn new(ops: &'o O, shape: LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
+        let weights = Weights::random(ops, &shape, max_positions, seed)?;
+        Ok(Self {
+            ops,
+            shape,
+            weights,
+        })
+    }
+
+    /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for
+    /// `headroom` decoded tokens in every layer's cache.
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<(ModelCache<O>, PrefillReport)> {
+        let (ops, s) = (self.ops, &self.shape);
+        let n0 = tokens.len();
+        self.check_tokens(tokens, n0 + headroom)?;
+        let plan = slim.map(|c| SlimPlan::new(c, s.n_layers, n0)).transpose()?;
+        let stages = plan.as_ref().map_or(Vec::new(), |p| p.stages.clone());
+        let mut cache = ModelCache {
+            layers: Vec::with_capacity(s.n_layers),
+            prompt_len: n0,
+            headroom,
+        };
+        let mut positions: Vec<u32> = (0..n0 as u32).collect();
+        let mut pos_dev = ops.upload_u32(&positions)?;
+        let mut h = ops.zeros_f32(n0 * s.hidden)?;
+        ops.embed(
+            &self.weights.embed,
+            &ops.upload_u32(tokens)?,
+            &mut h,
+            s.hidden,
+        )?;
+        let mut scratch = Scratch::new(ops, s, n0)?;
+        let n_blocks = n0.div_ceil(KV_BLOCK);
+        let mut acc = ops.zeros_f32(n_blocks)?;
+        let mut acc_layers = 0usize;
+        let mut rows_per_layer = Vec::with_capacity(s.n_layers);
+        for layer in 0..s.n_layers {
+            let n = positions.len();
+            cache
+                .layers
+                .push(LayerCache::new(ops, n + headroom, s.heads.kv_dim())?);
+            let kv = cache.layers.last_mut().expect("pushed");
+            self.layer(layer, &mut h, &positions, &pos_dev, kv, &mut scratch, hooks)?;
+            rows_per_layer.push(n);
+            let Some(plan) = &plan else { continue };
+            if plan.scores_at(layer) {
+                let w = plan.cfg.local_window.min(n);
+                let window = RowSlice {
+                    rows: w,
+                    stride: s.qkv_dim(),
+                    offset: (n - w) * s.qkv_dim(),
+                };
+                let units = UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.unit_size);
+                ops.block_scores(
+                    &scratch.qkv,
+                    window,
+                    &kv.pool,
+                    &kv.table_dev,
+                    kv.rows,
+                    &units,
+                    plan.cfg.unit_size,
+                    s.heads,
+                    plan.mode,
+                    &mut acc,
+                )?;
+                acc_layers += 1;
+            }
+            let Some(stage) = plan.stage_after(layer) else {
+                continue;
+            };
+            let sums = ops.download_f32(&acc)?;
+            let units = UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.unit_size);
+            let scores: Vec<(u32, f32)> = (units.ids.iter())
+                .map(|&b| (b, sums[b as usize] / acc_layers.max(1) as f32))
+                .collect();
+            let forced = forced_blocks(n0, KV_BLOCK, plan.cfg.local_window);
+            let blocks = select_top_k(&scores, stage.keep_blocks, &forced);
+            let keep = kept_rows(&positions, n0, &blocks, KV_BLOCK);
+            acc = ops.zeros_f32(n_blocks)?;
+            acc_layers = 0;
+            if keep.len() == n {
+                continue;
+            }
+            let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
+            let mut h2 = ops.zeros_f32(keep.len() * s.hidden)?;
+            let mut pos2 = ops.zeros_u32_like(keep.len())?;
+            ops.gather_rows(&h, &pos_dev, &idx, &mut h2, &mut pos2, s.hidden)?;
+            h = h2;
+            pos_dev = pos2;
+            positions = keep.iter().map(|&i| positions[i]).collect();
+        }
+        let logits = self.head(&h, positions.len())?;
+        let report = PrefillReport {
+            logits,
+            rows_per_layer,
+            stages,
+        };
+        Ok((cache, report))
+    }
+
+    /// One decode step: `token` at the next position, through every layer (each attends to
+    /// all its cached rows: the pruned layers hold only their kept blocks). Returns the logits.
+    pub fn decode(
+        &self,
+        cache: &mut ModelCache<O>,
+        token: u32,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<Vec<f32>> {
+        let (ops, s) = (self.ops, &self.shape);
+        let pos = cache.layers[0].positions.last().map_or(0, |&p| p + 1);
+        self.check_tokens(&[token], pos as usize + 1)?;
+        if cache
+            .layers
+            .iter()
+            .any(|l| l.rows >= l.pool.slots * KV_BLOCK)
+        {
+            return Err(Error::Engine(format!(
+                "decode: the cache's headroom of {} tokens is used up",
+                cache.headroom
+            )));
+        }
+        let positions = vec![pos];
+        let pos_dev = ops.upload_u32(&positions)?;
+        let mut h = ops.zeros_f32(s.hidden)?;
+        ops.embed(
+            &self.weights.embed,
+            &ops.upload_u32(&[token])?,
+            &mut h,
+            s.hidden,
+        )?;
+        let mut scratch = Scratch::new(ops, s, 1)?;
+        for (layer, kv) in cache.layers.iter_mut().enumerate() {
+            self.layer(layer, &mut h, &positions, &pos_dev, kv, &mut scratch, hooks)?;
+        }
+        self.head(&h, 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: usize,
+        h: &mut O::F32,
+        positions: &[u32],
+        pos_dev: &O::U32,
+        kv: &mut LayerCache<O>,
+        sc: &mut Scratch<O>,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<()> {
+        let (ops, s, w) = (self.ops, &self.shape, &self.weights.layers[layer]);
+        let n = positions.len();
+        let (qd, kvd, qkv_dim) = (s.heads.q_dim(), s.heads.kv_dim(), s.qkv_dim());
+        let rows = |offset| RowSlice {
+            rows: n,
+            stride: qkv_dim,
+            offset,
+        };
+        ops.rmsnorm(h, &w.attn_norm, &mut sc.x, n, s.rms_eps)?;
+        ops.matmul(&sc.x, &w.wqkv, &mut sc.qkv, n, s.hidden, qkv_dim)?;
+        let (cos, sin) = (&self.weights.cos, &self.weights.sin);
+        let hd = s.heads.head_dim;
+        ops.rope(&mut sc.qkv, rows(0), pos_dev, cos, sin, s.heads.n_heads, hd)?;
+        ops.rope(
+            &mut sc.qkv,
+            rows(qd),
+            pos_dev,
+            cos,
+            sin,
+            s.heads.n_kv_heads,
+            hd,
+        )?;
+        let row0 = kv.rows;
+        let (pool, table) = (&mut kv.pool, &kv.table_dev);
+        ops.kv_append(&sc.qkv, rows(0), qd, qd + kvd, pos_dev, pool, table, row0)?;
+        kv.rows += n;
+        kv.positions.extend_from_slice(positions);
+        hooks.kv_written(ops, layer, kv)?;
+        hooks.before_attention(ops, layer, kv)?;
+        ops.attention(
+            &sc.qkv,
+            rows(0),
+            pos_dev,
+            &kv.pool,
+            &kv.table_dev,
+            kv.rows,
+            s.heads,
+            &mut sc.attn,
+        )?;
+        ops.matmul(&sc.attn, &w.wo, &mut sc.proj, n, qd, s.hidden)?;
+        ops.residual_add(h, &sc.proj)?;
+        ops.rmsnorm(h, &w.mlp_norm, &mut sc.x, n, s.rms_eps)?;
+        let inter = s.intermediate;
+        ops.matmul(&sc.x, &w.w_gate_up, &mut sc.gate_up, n, s.hidden, 2 * inter)?;
+        ops.silu_mul(&sc.gate_up, &mut sc.act, n, inter)?;
+        ops.matmul(&sc.act, &w.w_down, &mut sc.proj, n, inter, s.hidden)?;
+        ops.residual_add(h, &sc.proj)
+    }
+
+    /// Logits of the last of `rows` rows of h.
+    fn head(&self, h: &O::F32, rows: usize) -> Result<Vec<f32>> {
+        let (ops, s) = (self.ops, &self.shape);
+        let idx = ops.upload_u32(&[rows as u32 - 1])?;
+        let pos = ops.upload_u32(&vec![0; rows])?;
+        let (mut last, mut last_pos) = (ops.zeros_f32(s.hidden)?, ops.zeros_u32_like(1)?);
+        ops.gather_rows(h, &pos, &idx, &mut last, &mut last_pos, s.hidden)?;
+        let mut x = ops.zeros_bf16(s.hidden)?;
+        ops.rmsnorm(&last, &self.weights.final_norm, &mut x, 1, s.rms_eps)?;
+        let mut logits = ops.zeros_bf16(s.vocab)?;
+        ops.matmul(&x, &self.weights.head, &mut logits, 1, s.hidden, s.vocab)?;
+        let bits = ops.download_bf16(&logits)?;
+        Ok(crate::backend::cpu_ops::to_f32(&bits[..s.vocab]))
+    }
+
+    fn check_tokens(&self, tokens: &[u32], last_position: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Engine("forward: no tokens".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.shape.vocab) {
+            return Err(Error::Engine(format!(
+                "forward: token {t} outside the vocabulary"
+            )));
+        }
+        if last_position > self.weights.max_positions {
+            return Err(Error::Engine(format!(
+                "forward: {last_position} positions exceed the RoPE table of {}",
+                self.weights.max_positions
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A u32 buffer of `n` zeros (a helper every backend gets from `upload_u32`).
+trait ZerosU32: Ops {
+    fn zeros_u32_like(&self, n: usize) -> Result<Self::U32> {
+        self.upload_u32(&vec![0; n])
+    }
+}
+impl<O: Ops> ZerosU32 for O {}
+
+/// SlimInfer's prefill schedule for one prompt, from the `[slim]` config.
+struct SlimPlan {
+    cfg: SlimConfig,
+    stages: Vec<Stage>,
+    mode: ScoreMode,
+}
+
+impl SlimPlan {
+    fn new(cfg: &SlimConfig, n_layers: usize, prompt_len: usize) -> Result<Self> {
+        cfg.check(n_layers)?;
+        if cfg.block_size != KV_BLOCK {
+            return Err(Error::Config(format!(
+                "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
+            )));
+        }
+        let mode = match cfg.score {
+            ScoreKind::Attention => ScoreMode::Attention,
+            ScoreKind::Paper => ScoreMode::Paper,
+        };
+        Ok(Self {
+            stages: cfg.resolve(n_layers, prompt_len),
+            cfg: cfg.clone(),
+            mode,
+        })
+    }
+
+    /// The stage that starts right after `layer`.
+    fn stage_after(&self, layer: usize) -> Option<Stage> {
+        self.stages
+            .iter()
+            .find(|s| s.start_layer == layer + 1)
+            .copied()
+    }
+
+    /// Whether `layer`'s queries score blocks: the layer before each stage, or (`"stage"`)
+    /// every layer from the previous stage's start up to it.
+    fn scores_at(&self, layer: usize) -> bool {
+        let Some(next) = self.stages.iter().find(|s| s.start_layer > layer) else {
+            return false;
+        };
+        match self.cfg.score_layers {
+            ScoreLayers::Boundary => layer + 1 == next.start_layer,
+            ScoreLayers::Stage => true,
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The CPU references of the CUDA kernels (`CpuOps`, the ops seam on the CPU) against
+//! independent naive implementations, the comparison harness against itself, and the
+//! synthetic Llama forward written against the seam (dense, pruned, decode).
+
+use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
+use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use slimchat::backend::ops_check::{compare, rel_err, Rng};
+use slimchat::backend::rowwise::Rope;
+use slimchat::model::gguf::{ModelSpec, RopeScaling};
+use slimchat::model::synthetic::{LlamaShape, NoHooks, SyntheticLlama};
+use slimchat::slim::score::{block_scores_attention_reference, block_scores_reference, HeadShape};
+use slimchat::slim::SlimConfig;
+
+#[test]
+fn the_harness_passes_cpu_against_cpu_with_zero_error() {
+    let checks = compare(&CpuOps, &CpuOps, 3).unwrap();
+    assert!(checks.len() >= 19, "{} checks", checks.len());
+    for c in &checks {
+        assert!(c.pass && c.rel_err == 0.0, "{c:?}");
+    }
+}
+
+#[test]
+fn matmul_matches_a_naive_product() {
+    let mut rng = Rng::new(1);
+    let (rows, k, n) = (13, 67, 29);
+    let (x, w) = (rng.bf16s(rows * k, 1.0), rng.bf16s(n * k, 1.0));
+    let mut y = vec![0u16; rows * n];
+    CpuOps.matmul(&x, &w, &mut y, rows, k, n).unwrap();
+    let (xf, wf) = (to_f32(&x), to_f32(&w));
+    let naive: Vec<f32> = (0..rows * n)
+        .map(|i| (0..k).map(|j| xf[i / n * k + j] * wf[i % n * k + j]).sum())
+        .collect();
+    assert!(rel_err(&to_f32(&y), &naive) < 5e-3);
+}
+
+#[test]
+fn rope_matches_the_engines_rope() {
+    let (hd, heads, rows, theta) = (64, 3, 9, 10_000.0);
+    let spec = ModelSpec {
+        arch: "llama".into(),
+        n_layers: 1,
+        hidden: hd * heads,
+        intermediate: 1,
+        n_heads: heads,
+        n_kv_heads: heads,
+        head_dim: hd,
+        rope_dim: hd,
+        rope_theta: theta,
+        rope_scaling: RopeScaling::None,
+        rms_eps: 1e-5,
+        context_length: 4096,
+        vocab_size: 1,
+    };
+    let mut rng = Rng::new(2);
+    let x = rng.bf16s(rows * heads * hd, 1.0);
+    let positions: Vec<u32> = (0..rows).map(|_| rng.below(4096) as u32).collect();
+    let mut expect = to_f32(&x);
+    Rope::new(&spec, None, 4096)
+        .apply(&mut expect, &positions)
+        .unwrap();
+    let (cos, sin) = rope_tables(theta, hd, 4096);
+    let mut got = x.clone();
+    let at = RowSlice {
+        rows,
+        stride: heads * hd,
+        offset: 0,
+    };
+    CpuOps
+        .rope(&mut got, at, &positions, &cos, &sin, heads, hd)
+        .unwrap();
+    assert!(rel_err(&to_f32(&got), &expect) < 5e-3);
+}
+
+#[test]
+fn attention_matches_a_naive_softmax_over_visible_keys() {
+    let heads = Heads {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 32,
+    };
+    let mut rng = Rng::new(3);
+    // keys: blocks 0 and 2 kept, then 10 rows of block 3
+    let key_pos: Vec<u32> = (0..64).chain(128..192).chain(192..202).collect();
+    let n = key_pos.len();
+    let d = heads.kv_dim();
+    let table = vec![2u32, 0, 1];
+    let mut pool = KvPool::<CpuOps>::new(&CpuOps, 3, d).unwrap();
+    let (k, v) = (rng.bf16s(n * d, 1.0), rng.bf16s(n * d, 1.0));
+    for s in 0..n {
+        let row = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
+        pool.k[row * d..][..d].copy_from_slice(&k[s * d..][..d]);
+        pool.v[row * d..][..d].copy_from_slice(&v[s * d..][..d]);
+        pool.pos[row] = key_pos[s];
+    }
+    let nq = 7;
+    let q_pos: Vec<u32> = key_pos[n - nq..].to_vec();
+    let q = rng.bf16s(nq * heads.q_dim(), 1.0);
+    let at = RowSlice {
+        rows: nq,
+        stride: heads.q_dim(),
+        offset: 0,
+    };
+    let mut out = vec![0u16; nq * heads.q_dim()];
+    CpuOps
+        .attention(&q, at, &q_pos, &pool, &table, n, heads, &mut out)
+        .unwrap();
+    let (qf, kf, vf) = (to_f32(&q), to_f32(&k), to_f32(&v));
+    let hd = heads.head_dim;
+    let mut naive = vec![0f32; nq * heads.q_dim()];
+    for r in 0..nq {
+        for h in 0..heads.n_heads {
+            let g = h / 2;
+            let qh = &qf[r * heads.q_dim() + h * hd..][..hd];
+            let logits: Vec<f32> = (0..n)
+                .map(|j| {
+                    if key_pos[j] > q_pos[r] {
+                        f32::NEG_INFINITY
+                    } else {
+                        let kh = &kf[j * d + g * hd..][..hd];
+                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+                    }
+                })
+                .collect();
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let p: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
+            let z: f32 = p.iter().sum();
+            for (j, pj) in p.iter().enumerate() {
+                for e in 0..hd {
+                    naive[r * heads.q_dim() + h * hd + e] += pj / z * vf[j * d + g * hd + e];
+                }
+            }
+        }
+    }
+    assert!(rel_err(&to_f32(&out), &naive) < 1e-2);
+}
+
+#[test]
+fn block_scores_match_the_slim_references() {
+    let heads = Heads {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 32,
+    };
+    let mut rng = Rng::new(4);
+    let key_pos: Vec<u32> = (0..64).chain(192..256).chain(320..347).collect();
+    let n = key_pos.len();
+    let d = heads.kv_dim();
+    let table = vec![0u32, 1, 2];
+    let mut pool = KvPool::<CpuOps>::new(&CpuOps, 3, d).unwrap();
+    let k = rng.bf16s(n * d, 1.0);
+    pool.k[..n * d].copy_from_slice(&k);
+    pool.pos[..n].copy_from_slice(&key_pos);
+    let w = 3;
+    let q = rng.bf16s(w * heads.q_dim(), 1.0);
+    let at = RowSlice {
+        rows: w,
+        stride: heads.q_dim(),
+        offset: 0,
+    };
+    let units = UnitBlocks::from_positions(&key_pos, KV_BLOCK, 8);
+    assert_eq!(units.ids, vec![0, 3, 5]);
+    assert_eq!(units.first, vec![0, 8, 16, 20]);
+    let shape = HeadShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 32,
+    };
+    for mode in [ScoreMode::Attention, ScoreMode::Paper] {
+        let mut acc = vec![0f32; 6];
+        CpuOps
+            .block_scores(&q, at, &pool, &table, n, &units, 8, heads, mode, &mut acc)
+            .unwrap();
+        let reference = match mode {
+            ScoreMode::Attention => block_scores_attention_reference,
+            ScoreMode::Paper => block_scores_reference,
+        };
+        let expect = reference(&to_f32(&q), &to_f32(&k), &key_pos, usize::MAX, shape, 64, 8);
+        let got: Vec<f32> = expect.iter().map(|&(b, _)| acc[b as usize]).collect();
+        let want: Vec<f32> = expect.iter().map(|&(_, s)| s).collect();
+        assert!(rel_err(&got, &want) < 1e-4, "{mode:?}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn bf16_round_trip_is_round_to_nearest_even() {
+    assert_eq!(to_bf16(&[1.0]), vec![0x3f80]);
+    assert_eq!(to_f32(&to_bf16(&[1.0 + 1.0 / 256.0])), vec![1.0]); // tie to even
+}
+
+fn slim(keep_ratio: f32) -> SlimConfig {
+    SlimConfig {
+        keep_ratio,
+        preset: "custom".into(),
+        stages: vec![
+            slimchat::slim::StageConfig {
+                layer: 2,
+                fraction: 0.5,
+            },
+            slimchat::slim::StageConfig {
+                layer: 4,
+                fraction: 0.25,
+            },
+        ],
+        min_keep_tokens: 64,
+        local_window: 4,
+        ..SlimConfig::default()
+    }
+}
+
+#[test]
+fn synthetic_forward_prunes_on_schedule_and_decodes() {
+    let shape = LlamaShape::tiny(6);
+    let model = SyntheticLlama::new(&CpuOps, shape, 2048, 9).unwrap();
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (mut dense_cache, dense) = model.prefill(&tokens, None, 4, &mut NoHooks).unwrap();
+    assert_eq!(dense.rows_per_layer, vec![1000; 6]);
+    assert!(dense.logits.iter().all(|x| x.is_finite()));
+    let (mut cache, pruned) = model
+        .prefill(&tokens, Some(&slim(1.0)), 4, &mut NoHooks)
+        .unwrap();
+    // 16 blocks: half (8 blocks) from layer 2, a quarter (4 blocks) from layer 4; the last
+    // block is partial (1000 = 15 * 64 + 40)
+    let r = &pruned.rows_per_layer;
+    assert_eq!(&r[..2], &[1000, 1000]);
+    assert!(r[2] < 1000 && r[2] > 7 * 64 && r[2] <= 8 * 64, "{r:?}");
+    assert!(r[4] <= 4 * 64 && r[4] > 3 * 64, "{r:?}");
+    assert_eq!(r[2], r[3]);
+    assert!(cache.prompt_kv_bytes(&shape) < dense_cache.prompt_kv_bytes(&shape));
+    // kept rows carry their original positions, in order, with the last prompt token
+    let p = &cache.layers[5].positions;
+    assert!(p.windows(2).all(|w| w[0] < w[1]) && *p.last().unwrap() == 999 && p[0] == 0);
+    for _ in 0..3 {
+        let l = model.decode(&mut cache, 7, &mut NoHooks).unwrap();
+        assert!(l.iter().all(|x| x.is_finite()));
+        model.decode(&mut dense_cache, 7, &mut NoHooks).unwrap();
+    }
+    assert_eq!(cache.layers[5].positions.last(), Some(&1002));
+    assert_eq!(cache.layers[5].rows, r[5] + 3);
+}
+
+#[test]
+fn synthetic_forward_keeping_everything_equals_dense() {
+    let shape = LlamaShape::tiny(5);
+    let model = SyntheticLlama::new(&CpuOps, shape, 1024, 10).unwrap();
+    let mut rng = Rng::new(6);
+    let tokens: Vec<u32> = (0..300).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (_, dense) = model.prefill(&tokens, None, 1, &mut NoHooks).unwrap();
+    let mut keep_all = slim(1.0);
+    keep_all.stages.iter_mut().for_each(|s| s.fraction = 1.0);
+    let (_, same) = model
+        .prefill(&tokens, Some(&keep_all), 1, &mut NoHooks)
+        .unwrap();
+    assert_eq!(same.rows_per_layer, vec![300; 5]);
+    assert_eq!(same.logits, dense.logits);
+}

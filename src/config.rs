@@ -32,7 +32,8 @@ pub struct ModelConfig {
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,
-    /// Element type of the KV cache: "f16" (default) or "bf16".
+    /// Element type of the KV cache: "f16" (default), "bf16" or "q8" (int8 with an f16 scale
+    /// per 32 values).
     pub kv_dtype: KvDtype,
 }
 

@@ -33,7 +33,8 @@ pub struct ModelConfig {
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,
-    /// Element type of the KV cache: "f16" (default) or "bf16".
+    /// Element type of the KV cache: "f16" (default), "bf16" or "q8" (int8 with an f16 scale
+    /// per 32 values).
     pub kv_dtype: KvDtype,
     /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
     /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).

@@ -177,6 +177,7 @@ impl Engine {
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
         opts.slim.check(model.spec.n_layers)?;
+        (opts.kv_dtype.check_head_dim(model.spec.head_dim)).map_err(Error::Config)?;
         let kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
         let special_strings = tokenizer
             .get_added_tokens_decoder()

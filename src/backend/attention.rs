@@ -70,7 +70,7 @@ pub fn attention(
         k,
         v,
         positions: k_pos,
-        dtype: _,
+        dtype,
     } = kv;
     let AttnShape {
         n_heads,
@@ -91,9 +91,10 @@ pub fn attention(
             out.len()
         )
     }
-    if k.len() != nk * kv_stride || v.len() != nk * kv_stride {
+    let kv_words = dtype.stored_len(kv_stride); // stored words per key row
+    if k.len() != nk * kv_words || v.len() != nk * kv_words {
         candle_core::bail!(
-            "attention: k/v have {}/{} floats, want ({nk}, {kv_stride})",
+            "attention: k/v have {}/{} words, want ({nk}, {kv_words})",
             k.len(),
             v.len()
         )
@@ -319,8 +320,14 @@ fn widen_head_rows(
     hd: usize,
     out: &mut [f32],
 ) {
+    // stored words: 16-bit types one per value, Q8 groups never straddle a head
+    let (stride, col, len) = (
+        dtype.stored_len(stride),
+        dtype.stored_len(col),
+        dtype.stored_len(hd),
+    );
     for (j, o) in out[..kb * hd].chunks_exact_mut(hd).enumerate() {
-        dtype.decode(&src[(j0 + j) * stride + col..][..hd], o);
+        dtype.decode(&src[(j0 + j) * stride + col..][..len], o);
     }
 }
 

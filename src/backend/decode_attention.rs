@@ -208,6 +208,7 @@ fn chunk<const FMA: bool>(
     } = shape;
     let group = n_heads / n_kv_heads;
     let stride = n_kv_heads * hd;
+    let words = kv.dtype.stored_len(stride); // stored words per row
     let mut st = Partial::new(n_heads, hd);
     let mut buf = vec![0.0f32; BLOCK * stride];
     let mut p = vec![0.0f32; n_heads * BLOCK];
@@ -219,7 +220,7 @@ fn chunk<const FMA: bool>(
     for (j0, kb) in blocks {
         let rows = &mut buf[..kb * stride];
         kv.dtype
-            .decode_with(isa, &kv.k[j0 * stride..(j0 + kb) * stride], rows);
+            .decode_with(isa, &kv.k[j0 * words..(j0 + kb) * words], rows);
         // scores p[h][j] = qs_h . k_j[g(h)]: the group's query heads read each key row in turn
         for g in 0..n_kv_heads {
             for j in 0..kb {
@@ -245,7 +246,7 @@ fn chunk<const FMA: bool>(
             st.sum[h] += lane_sum(ph);
         }
         kv.dtype
-            .decode_with(isa, &kv.v[j0 * stride..(j0 + kb) * stride], rows);
+            .decode_with(isa, &kv.v[j0 * words..(j0 + kb) * words], rows);
         // acc_h += Σ_j p[h][j] v_j[g(h)], LANES output columns at a time in registers
         for h in 0..n_heads {
             let g = h / group;
@@ -441,7 +442,7 @@ mod tests {
     #[test]
     fn every_path_matches_reference_on_odd_lengths() {
         for (i, n) in [1usize, 31, 33, 517, 2501].into_iter().enumerate() {
-            for dtype in [KvDtype::F16, KvDtype::Bf16] {
+            for dtype in [KvDtype::F16, KvDtype::Bf16, KvDtype::Q8] {
                 check(n, u32::MAX, &[0..n], GQA, dtype, i as u64);
             }
         }
@@ -454,6 +455,7 @@ mod tests {
         check(n, u32::MAX, &ranges, GQA, KvDtype::F16, 7);
         // the query sits inside the last range: later keys are masked
         check(n, 3200, &ranges, GQA, KvDtype::Bf16, 8);
+        check(n, 2900, &ranges, GQA, KvDtype::Q8, 10);
     }
 
     #[test]
@@ -481,15 +483,23 @@ mod tests {
     }
 
     /// Timing, not a check: `cargo test --release --lib decode_attention_speed -- --ignored
-    /// --nocapture`. 30 layers' caches of 7,000 rows (161 MB of f16), as one decode step reads.
+    /// --nocapture`. 30 layers' caches of 7,000 rows (161 MB of f16, 86 MB of Q8), as one
+    /// decode step reads.
     #[test]
     #[ignore]
     fn decode_attention_speed() {
+        for dtype in [KvDtype::F16, KvDtype::Q8] {
+            eprintln!("{dtype:?}:");
+            speed_with(dtype);
+        }
+    }
+
+    fn speed_with(dtype: KvDtype) {
         let (layers, n) = (30, 7000);
         let kv_dim = GQA.n_kv_heads * GQA.head_dim;
         let caches: Vec<LayerKv> = (0..layers)
             .map(|l| {
-                let mut c = LayerKv::new(KvDtype::F16);
+                let mut c = LayerKv::new(dtype);
                 let pos: Vec<u32> = (0..n as u32).collect();
                 let k = patterned(n * kv_dim, l as u64);
                 c.append(&k, &k, &pos).unwrap();
@@ -520,7 +530,7 @@ mod tests {
                 }
             }
             let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
-            let gbs = (layers * n * kv_dim * 2 * 2) as f64 / ms / 1e6;
+            let gbs = (layers * n * dtype.stored_len(kv_dim) * 2 * 2) as f64 / ms / 1e6;
             eprintln!(
                 "{isa:?}: {ms:.2} ms per decode step at {n} keys x {layers} layers ({gbs:.1} GB/s)"
             );

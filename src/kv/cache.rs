@@ -2,7 +2,8 @@
 //! position ids. Layers may hold different tokens (SlimInfer drops rows in later layers), so
 //! each layer has its own rows and positions.
 //!
-//! Keys and values are stored narrowed to 16 bits ([`KvDtype`]); callers append f32 rows and
+//! Keys and values are stored narrowed ([`KvDtype`]: 16-bit floats or Q8 groups, in `u16`
+//! words; a row of `kv_dim` values is `dtype.stored_len(kv_dim)` words); callers append f32 rows and
 //! read them back through [`LayerKv::view`] (kernels widen tiles as they go) or
 //! [`LayerKv::keys_f32`].
 //!
@@ -13,9 +14,9 @@ use super::dtype::KvDtype;
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    /// (len, kv_dim): post-RoPE keys, as `dtype` bits
+    /// (len, stored_len(kv_dim)): post-RoPE keys, as `dtype` words
     pub k: Vec<u16>,
-    /// (len, kv_dim), as `dtype` bits
+    /// (len, stored_len(kv_dim)), as `dtype` words
     pub v: Vec<u16>,
     /// (len)
     pub positions: Vec<u32>,
@@ -25,9 +26,9 @@ pub struct LayerKv {
 /// A borrowed cache for the attention kernels.
 #[derive(Debug, Clone, Copy)]
 pub struct KvView<'a> {
-    /// (len, kv_dim)
+    /// (len, stored_len(kv_dim)) words
     pub k: &'a [u16],
-    /// (len, kv_dim)
+    /// (len, stored_len(kv_dim)) words
     pub v: &'a [u16],
     /// (len), strictly increasing
     pub positions: &'a [u32],
@@ -53,14 +54,14 @@ impl LayerKv {
 
     /// Every key widened to f32: (len, kv_dim).
     pub fn keys_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.k.len()];
+        let mut out = vec![0.0; self.dtype.values_in(self.k.len())];
         self.dtype.decode(&self.k, &mut out);
         out
     }
 
     /// Every value widened to f32: (len, kv_dim).
     pub fn values_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.v.len()];
+        let mut out = vec![0.0; self.dtype.values_in(self.v.len())];
         self.dtype.decode(&self.v, &mut out);
         out
     }
@@ -88,10 +89,11 @@ impl LayerKv {
                 v.len()
             )
         }
-        if let Some(width) = (!self.is_empty()).then(|| self.k.len() / self.len()) {
-            if k.len() / rows != width {
+        let width = self.dtype.stored_len(k.len() / rows);
+        if let Some(have) = (!self.is_empty()).then(|| self.k.len() / self.len()) {
+            if width != have {
                 candle_core::bail!(
-                    "kv append: rows of {} floats into a cache of rows of {width}",
+                    "kv append: rows of {} floats into a cache of rows of {have} words",
                     k.len() / rows
                 )
             }
@@ -103,7 +105,7 @@ impl LayerKv {
             .positions
             .last()
             .is_none_or(|&last| last < positions[0]);
-        let (mut k16, mut v16) = (vec![0u16; k.len()], vec![0u16; v.len()]);
+        let (mut k16, mut v16) = (vec![0u16; rows * width], vec![0u16; rows * width]);
         self.dtype.encode(k, &mut k16);
         self.dtype.encode(v, &mut v16);
         if continues {
@@ -155,9 +157,9 @@ impl LayerKv {
     /// Keep only the first `len` rows.
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
-            let kv_dim = self.k.len() / self.len();
-            self.k.truncate(len * kv_dim);
-            self.v.truncate(len * kv_dim);
+            let width = self.k.len() / self.len();
+            self.k.truncate(len * width);
+            self.v.truncate(len * width);
             self.positions.truncate(len);
         }
     }

@@ -1,6 +1,11 @@
-//! Element type of the KV cache: keys and values are stored as 16-bit floats (f16 or bf16 bit
-//! patterns in `u16`) and widened to f32 for arithmetic. Half the bytes of f32, which is what a
-//! decode step at long context is bound by.
+//! Element type of the KV cache, stored in `u16` words and widened to f32 for arithmetic: 16-bit
+//! floats (f16 or bf16 bit patterns, one word a value: half the bytes of f32), or Q8: groups of
+//! 32 values as one f16 scale and 32 int8 (17 words, 1.0625 bytes a value, GGML's Q8_0 layout).
+//! A decode step at long context is bound by reading these bytes.
+//!
+//! Q8 groups never straddle a head: rows and heads must be multiples of 32 values
+//! ([`KvDtype::check_head_dim`]). A group's scale is `max|x| / 127` rounded to f16, and each value
+//! `round(x / scale)` clamped to ±127; widening is `q * scale` in f32.
 //!
 //! Conversions come in three paths (AVX-512, AVX2+F16C, scalar) selected by [`Isa`]; all give
 //! bit-identical results (round to nearest even; bf16 NaNs stay NaN).
@@ -18,30 +23,70 @@ pub enum KvDtype {
     F16,
     /// bfloat16: 7-bit mantissa, f32's range
     Bf16,
+    /// int8 with an f16 scale per 32 values
+    Q8,
 }
+
+/// Values per Q8 group.
+pub const Q8_GROUP: usize = 32;
+/// `u16` words per Q8 group: the f16 scale, then 32 int8 two to a word (little-endian).
+pub const Q8_WORDS: usize = 17;
 
 impl KvDtype {
     pub fn parse(s: &str) -> Option<KvDtype> {
         match s {
             "f16" => Some(KvDtype::F16),
             "bf16" => Some(KvDtype::Bf16),
+            "q8" => Some(KvDtype::Q8),
             _ => None,
         }
     }
 
-    /// Narrow `src` into `dst` (same length).
+    /// `u16` words that `n` values take (for Q8, `n` is a multiple of [`Q8_GROUP`]).
+    pub fn stored_len(self, n: usize) -> usize {
+        match self {
+            KvDtype::Q8 => n / Q8_GROUP * Q8_WORDS,
+            _ => n,
+        }
+    }
+
+    /// Values that `words` stored words hold (the inverse of [`Self::stored_len`]).
+    pub fn values_in(self, words: usize) -> usize {
+        match self {
+            KvDtype::Q8 => words / Q8_WORDS * Q8_GROUP,
+            _ => words,
+        }
+    }
+
+    /// Whether heads of `head_dim` values can be stored in this type (Q8 groups must not
+    /// straddle heads).
+    pub fn check_head_dim(self, head_dim: usize) -> Result<(), String> {
+        if self == KvDtype::Q8 && !head_dim.is_multiple_of(Q8_GROUP) {
+            return Err(format!(
+                "[model] kv_dtype = \"q8\" needs a head size that is a multiple of {Q8_GROUP}; \
+                 this model's is {head_dim}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Narrow `src` into `dst` (`stored_len(src.len())` words).
     pub fn encode(self, src: &[f32], dst: &mut [u16]) {
         self.encode_with(Isa::best(), src, dst)
     }
 
-    /// Widen `src` into `dst` (same length).
+    /// Widen `src` into `dst` (`values_in(src.len())` values).
     pub fn decode(self, src: &[u16], dst: &mut [f32]) {
         self.decode_with(Isa::best(), src, dst)
     }
 
     /// `encode` on a chosen path (tests compare the paths).
     pub fn encode_with(self, isa: Isa, src: &[f32], dst: &mut [u16]) {
-        assert_eq!(src.len(), dst.len(), "kv encode: length mismatch");
+        assert_eq!(
+            self.stored_len(src.len()),
+            dst.len(),
+            "kv encode: length mismatch"
+        );
         match (self, isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` comes from Isa::available(), so the CPU has AVX-512F / F16C.
@@ -51,12 +96,20 @@ impl KvDtype {
             (KvDtype::F16, Isa::Avx2) => unsafe { x86::f16_encode_f16c(src, dst) },
             (KvDtype::F16, _) => f16_encode_scalar(src, dst),
             (KvDtype::Bf16, _) => bf16_encode(src, dst),
+            (KvDtype::Q8, _) => {
+                assert!(src.len().is_multiple_of(Q8_GROUP), "kv encode: q8 needs whole groups");
+                q8_encode(src, dst)
+            }
         }
     }
 
     /// `decode` on a chosen path.
     pub fn decode_with(self, isa: Isa, src: &[u16], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len(), "kv decode: length mismatch");
+        assert_eq!(
+            self.values_in(src.len()),
+            dst.len(),
+            "kv decode: length mismatch"
+        );
         match (self, isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` comes from Isa::available(), so the CPU has AVX-512F / F16C.
@@ -66,14 +119,53 @@ impl KvDtype {
             (KvDtype::F16, Isa::Avx2) => unsafe { x86::f16_decode_f16c(src, dst) },
             (KvDtype::F16, _) => f16_decode_scalar(src, dst),
             (KvDtype::Bf16, _) => bf16_decode(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, the CPU has AVX-512F and F16C.
+            (KvDtype::Q8, Isa::Avx512) => unsafe { x86::q8_decode_avx512(src, dst) },
+            (KvDtype::Q8, _) => q8_decode(src, dst),
         }
     }
 
-    /// One element, for reference code and tests.
+    /// One element of a 16-bit type, for reference code and tests (Q8 values exist only in
+    /// groups: use [`Self::decode`]).
     pub fn to_f32(self, bits: u16) -> f32 {
         match self {
             KvDtype::F16 => half::f16::from_bits(bits).to_f32(),
             KvDtype::Bf16 => f32::from_bits((bits as u32) << 16),
+            KvDtype::Q8 => panic!("KvDtype::to_f32: Q8 values are stored in groups"),
+        }
+    }
+}
+
+/// Q8 groups: scale = max|x| / 127 as f16, values round(x / scale) clamped to ±127. Appends
+/// are a few rows per step, so the plain loop is enough.
+fn q8_encode(src: &[f32], dst: &mut [u16]) {
+    for (g, out) in src
+        .chunks_exact(Q8_GROUP)
+        .zip(dst.chunks_exact_mut(Q8_WORDS))
+    {
+        let amax = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let scale = half::f16::from_f32(amax / 127.0);
+        let s = scale.to_f32();
+        let inv = if s > 0.0 && s.is_finite() { 1.0 / s } else { 0.0 };
+        let q = |x: f32| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8 as u16;
+        out[0] = scale.to_bits();
+        for (w, pair) in out[1..].iter_mut().zip(g.chunks_exact(2)) {
+            *w = q(pair[0]) | (q(pair[1]) << 8);
+        }
+    }
+}
+
+/// Q8 groups widened: q * scale.
+fn q8_decode(src: &[u16], dst: &mut [f32]) {
+    for (g, out) in src
+        .chunks_exact(Q8_WORDS)
+        .zip(dst.chunks_exact_mut(Q8_GROUP))
+    {
+        let s = half::f16::from_bits(g[0]).to_f32();
+        for (pair, &w) in out.chunks_exact_mut(2).zip(&g[1..]) {
+            pair[0] = (w as u8 as i8) as f32 * s;
+            pair[1] = ((w >> 8) as u8 as i8) as f32 * s;
         }
     }
 }
@@ -111,7 +203,7 @@ crate::backend::simd::dispatch! {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     const ROUND_NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
@@ -135,6 +227,26 @@ mod x86 {
             _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
         }
         f16_decode_f16c(&src[n..], &mut dst[n..]);
+    }
+
+    /// One Q8 group at `p` (17 words) widened into 2 registers.
+    #[inline(always)]
+    pub unsafe fn q8_group(p: *const u16) -> [__m512; 2] {
+        let s = _mm512_cvtph_ps(_mm256_set1_epi16(*p as i16)); // the f16 scale, broadcast
+        let q = p.add(1) as *const __m128i;
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(1))));
+        [_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s)]
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q8_decode_avx512(src: &[u16], dst: &mut [f32]) {
+        for (i, g) in src.chunks_exact(super::Q8_WORDS).enumerate() {
+            let [lo, hi] = q8_group(g.as_ptr());
+            let o = dst.as_mut_ptr().add(i * super::Q8_GROUP);
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o.add(16), hi);
+        }
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -221,5 +333,45 @@ mod tests {
         let mut tie = [0u16; 2];
         KvDtype::Bf16.encode(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0], &mut tie);
         assert_eq!(tie, [0x3F80, 0x3F82], "ties round to even");
+    }
+
+    #[test]
+    fn q8_paths_agree_and_round_trip_within_half_a_step_of_each_group() {
+        let mut src = values();
+        src.truncate(src.len() / Q8_GROUP * Q8_GROUP - Q8_GROUP); // finite values only
+        src.extend([0.0; Q8_GROUP]); // an all-zero group
+        let q8 = KvDtype::Q8;
+        let mut bits = vec![0u16; q8.stored_len(src.len())];
+        q8.encode(&src, &mut bits);
+        assert_eq!(bits.len(), src.len() / 32 * 17);
+        let mut want = vec![0f32; src.len()];
+        q8.decode_with(Isa::Scalar, &bits, &mut want);
+        for &isa in Isa::available() {
+            let mut got = vec![0f32; src.len()];
+            q8.decode_with(isa, &bits, &mut got);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "q8 decode on {isa:?}"
+            );
+        }
+        for (g, back) in src.chunks(Q8_GROUP).zip(want.chunks(Q8_GROUP)) {
+            let amax = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            // half a step of 127 levels, plus the f16 rounding of the scale (2^-11 relative)
+            let tol = amax / 127.0 * 0.5 + amax * (1.0 / 2048.0) + 1e-12;
+            for (&x, &y) in g.iter().zip(back) {
+                assert!((x - y).abs() <= tol, "{x} -> {y} (group max {amax})");
+            }
+        }
+        assert!(want[want.len() - Q8_GROUP..].iter().all(|&y| y == 0.0));
+    }
+
+    #[test]
+    fn q8_needs_heads_of_whole_groups() {
+        assert!(KvDtype::Q8.check_head_dim(64).is_ok());
+        let e = KvDtype::Q8.check_head_dim(40).unwrap_err();
+        assert!(e.contains("kv_dtype") && e.contains("40"), "{e}");
+        assert!(KvDtype::F16.check_head_dim(40).is_ok());
+        assert_eq!(KvDtype::Q8.values_in(KvDtype::Q8.stored_len(192)), 192);
     }
 }

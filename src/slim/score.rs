@@ -16,8 +16,9 @@
 
 use crate::kv::KvDtype;
 
-/// Key rows as the scorers read them: f32 (tests, references), or the KV cache's 16-bit
-/// storage, widened a few rows at a time (no copy of the whole layer per decode step).
+/// Key rows as the scorers read them: f32 (tests, references), or the KV cache's storage
+/// (16-bit floats or Q8 groups), widened a few rows at a time (no copy of the whole layer per
+/// decode step).
 #[derive(Debug, Clone, Copy)]
 pub enum Keys<'a> {
     F32(&'a [f32]),
@@ -28,7 +29,7 @@ impl Keys<'_> {
     fn len(&self) -> usize {
         match self {
             Keys::F32(k) => k.len(),
-            Keys::Half(k, _) => k.len(),
+            Keys::Half(k, dtype) => dtype.values_in(k.len()),
         }
     }
 
@@ -45,8 +46,8 @@ impl Keys<'_> {
             Keys::Half(k, dtype) => {
                 const ROWS: usize = 32;
                 let mut buf = vec![0f32; ROWS * width];
-                for bits in k.chunks(ROWS * width) {
-                    let wide = &mut buf[..bits.len()];
+                for bits in k.chunks(dtype.stored_len(ROWS * width)) {
+                    let wide = &mut buf[..dtype.values_in(bits.len())];
                     dtype.decode(bits, wide);
                     for row in wide.chunks_exact(width) {
                         if !f(row) {

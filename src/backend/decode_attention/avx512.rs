@@ -1,5 +1,5 @@
 //! The AVX-512 chunk kernel of [`super`] for head_dim 64 and up to 4 query heads per KV head
-//! (SmolLM2, LLaMA-style models): K and V rows are widened from f16/bf16 straight into
+//! (SmolLM2, LLaMA-style models): K and V rows are widened from f16/bf16/Q8 straight into
 //! registers (no f32 buffer), the group's queries and output accumulators sit in registers
 //! while a block's rows stream by, and each KV head's rows are read once for its query heads.
 
@@ -9,9 +9,16 @@ use std::ops::Range;
 use super::{lane_max, lane_sum, Partial, BLOCK};
 use crate::backend::attention::AttnShape;
 use crate::backend::simd::exp_nonpositive;
+use crate::kv::dtype::x86::q8_group;
+use crate::kv::dtype::Q8_WORDS;
 use crate::kv::{KvDtype, KvView};
 
 const HD: usize = 64;
+
+/// Storage formats, as const parameters of the kernel.
+const F16: u8 = 0;
+const BF16: u8 = 1;
+const Q8: u8 = 2;
 
 /// The chunk's partial softmax state, or None for a shape this kernel does not cover.
 pub(super) fn chunk(
@@ -27,50 +34,61 @@ pub(super) fn chunk(
     // SAFETY: the caller took this path from Isa::available(): the CPU has AVX-512F and F16C.
     unsafe {
         Some(match (group, kv.dtype) {
-            (1, KvDtype::F16) => run::<1, false>(qs, kv, ranges, shape),
-            (2, KvDtype::F16) => run::<2, false>(qs, kv, ranges, shape),
-            (3, KvDtype::F16) => run::<3, false>(qs, kv, ranges, shape),
-            (4, KvDtype::F16) => run::<4, false>(qs, kv, ranges, shape),
-            (1, KvDtype::Bf16) => run::<1, true>(qs, kv, ranges, shape),
-            (2, KvDtype::Bf16) => run::<2, true>(qs, kv, ranges, shape),
-            (3, KvDtype::Bf16) => run::<3, true>(qs, kv, ranges, shape),
-            (4, KvDtype::Bf16) => run::<4, true>(qs, kv, ranges, shape),
+            (1, KvDtype::F16) => run::<1, F16>(qs, kv, ranges, shape),
+            (2, KvDtype::F16) => run::<2, F16>(qs, kv, ranges, shape),
+            (3, KvDtype::F16) => run::<3, F16>(qs, kv, ranges, shape),
+            (4, KvDtype::F16) => run::<4, F16>(qs, kv, ranges, shape),
+            (1, KvDtype::Bf16) => run::<1, BF16>(qs, kv, ranges, shape),
+            (2, KvDtype::Bf16) => run::<2, BF16>(qs, kv, ranges, shape),
+            (3, KvDtype::Bf16) => run::<3, BF16>(qs, kv, ranges, shape),
+            (4, KvDtype::Bf16) => run::<4, BF16>(qs, kv, ranges, shape),
+            (1, KvDtype::Q8) => run::<1, Q8>(qs, kv, ranges, shape),
+            (2, KvDtype::Q8) => run::<2, Q8>(qs, kv, ranges, shape),
+            (3, KvDtype::Q8) => run::<3, Q8>(qs, kv, ranges, shape),
+            (4, KvDtype::Q8) => run::<4, Q8>(qs, kv, ranges, shape),
             _ => return None,
         })
     }
 }
 
-/// 16 elements at `p`, widened to f32.
+/// 16 elements of a 16-bit type at `p`, widened to f32.
 #[inline(always)]
-unsafe fn load16<const BF16: bool>(p: *const u16) -> __m512 {
+unsafe fn load16<const FMT: u8>(p: *const u16) -> __m512 {
     let h = _mm256_loadu_si256(p as *const __m256i);
-    if BF16 {
+    if FMT == BF16 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     } else {
         _mm512_cvtph_ps(h)
     }
 }
 
-/// A 64-wide row at `p`, widened.
+/// A 64-wide head row at `p` (64 words, or two Q8 groups), widened.
 #[inline(always)]
-unsafe fn row<const BF16: bool>(p: *const u16) -> [__m512; 4] {
+unsafe fn row<const FMT: u8>(p: *const u16) -> [__m512; 4] {
+    if FMT == Q8 {
+        let [a, b] = q8_group(p);
+        let [c, d] = q8_group(p.add(Q8_WORDS));
+        return [a, b, c, d];
+    }
     [
-        load16::<BF16>(p),
-        load16::<BF16>(p.add(16)),
-        load16::<BF16>(p.add(32)),
-        load16::<BF16>(p.add(48)),
+        load16::<FMT>(p),
+        load16::<FMT>(p.add(16)),
+        load16::<FMT>(p.add(32)),
+        load16::<FMT>(p.add(48)),
     ]
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn run<const G: usize, const BF16: bool>(
+unsafe fn run<const G: usize, const FMT: u8>(
     qs: &[f32],
     kv: KvView,
     ranges: &[Range<usize>],
     shape: AttnShape,
 ) -> Partial {
     let n_heads = shape.n_heads;
-    let stride = shape.n_kv_heads * HD;
+    // stored words per row and per head row
+    let stride = kv.dtype.stored_len(shape.n_kv_heads * HD);
+    let head_words = kv.dtype.stored_len(HD);
     let mut st = Partial::new(n_heads, HD);
     let mut p = [0.0f32; 4 * BLOCK];
     let blocks = ranges.iter().flat_map(|r| {
@@ -95,7 +113,7 @@ unsafe fn run<const G: usize, const BF16: bool>(
             }
             // scores of the group's heads against each key row, read once
             for j in 0..kb {
-                let k = row::<BF16>(kv.k.as_ptr().add((j0 + j) * stride + g * HD));
+                let k = row::<FMT>(kv.k.as_ptr().add((j0 + j) * stride + g * head_words));
                 for h in 0..G {
                     let s = _mm512_fmadd_ps(q[h][0], k[0], _mm512_mul_ps(q[h][1], k[1]));
                     let t = _mm512_fmadd_ps(q[h][2], k[2], _mm512_mul_ps(q[h][3], k[3]));
@@ -123,7 +141,7 @@ unsafe fn run<const G: usize, const BF16: bool>(
             }
             // acc_h += p[h][j] v_j, each value row read once for the group
             for j in 0..kb {
-                let v = row::<BF16>(kv.v.as_ptr().add((j0 + j) * stride + g * HD));
+                let v = row::<FMT>(kv.v.as_ptr().add((j0 + j) * stride + g * head_words));
                 for (h, acc_h) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(p[h * BLOCK + j]);
                     for (a, &vc) in acc_h.iter_mut().zip(&v) {

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
 use crate::config::AppConfig;
-use crate::kv::{KvCache, KvDtype};
+use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
 use crate::model::gguf::GgufFile;
 use crate::model::llama::{Dense, Llama};
 use crate::model::source::{DownloadProgress, ModelSource};
@@ -38,6 +38,9 @@ pub enum EngineEvent {
     },
     /// New answer text (whole UTF-8 characters).
     Token(String),
+    /// Where the KV cache lives after the prefill: fast-tier and host-tier bytes (the host
+    /// tier is empty when every block is resident).
+    KvTiers { fast_bytes: usize, host_bytes: usize },
 }
 
 /// Why generation ended.
@@ -84,6 +87,9 @@ pub struct GenStats {
     pub revival_bytes: usize,
     /// Why nothing was pruned, when pruning was on but the prompt was too short.
     pub slim_note: Option<String>,
+    /// The KV manager's numbers: bytes per tier, blocks moved, stall (`kv_*` fields).
+    #[serde(flatten)]
+    pub kv: KvStats,
 }
 
 /// How a request's prompt reached the cache.
@@ -106,6 +112,8 @@ pub struct EngineOptions {
     pub slim: SlimConfig,
     /// Element type of the KV cache
     pub kv_dtype: KvDtype,
+    /// The KV manager's fast tier and spill file (`kv.resident`: no manager).
+    pub kv: KvConfig,
 }
 
 impl EngineOptions {
@@ -115,6 +123,7 @@ impl EngineOptions {
             linear: cfg.model.linear,
             slim: cfg.slim.clone(),
             kv_dtype: cfg.model.kv_dtype,
+            kv: cfg.kv.clone(),
         }
     }
 }
@@ -125,6 +134,7 @@ impl Default for EngineOptions {
             linear: LinearMode::Dense,
             slim: SlimConfig::default(),
             kv_dtype: KvDtype::default(),
+            kv: KvConfig::default(),
         }
     }
 }
@@ -151,6 +161,10 @@ pub struct Engine {
     session: Option<SlimSession>,
     /// Swaps per decode step of the current request.
     swaps: Vec<usize>,
+    /// Answer tokens the next prefill reserves fast-tier room for.
+    answer_reserve: usize,
+    /// Largest KV bytes of the current request when every block is resident.
+    resident_peak: usize,
     last_prefill_kind: PrefillKind,
     /// The text of every special token, to spot them inside messages.
     special_strings: Vec<String>,
@@ -173,7 +187,11 @@ impl Engine {
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
         opts.slim.check(model.spec.n_layers)?;
-        let kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
+        let mut kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
+        if !opts.kv.resident {
+            let kv_dim = model.spec.n_kv_heads * model.spec.head_dim;
+            kv.set_tiers(Some(KvManager::new(&opts.kv, model.spec.n_layers, kv_dim)?));
+        }
         let special_strings = tokenizer
             .get_added_tokens_decoder()
             .into_values()
@@ -190,6 +208,8 @@ impl Engine {
             slim: opts.slim.clone(),
             session: None,
             swaps: Vec::new(),
+            answer_reserve: 512,
+            resident_peak: 0,
             last_prefill_kind: PrefillKind::Full,
             special_strings,
         })
@@ -240,6 +260,7 @@ impl Engine {
 
     /// Forget every cached token.
     pub fn reset(&mut self) {
+        self.resident_peak = 0;
         self.kv.clear();
         self.cached.clear();
         self.session = None;
@@ -333,9 +354,15 @@ impl Engine {
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<GenStats> {
         self.check_fits(prompt.len())?;
+        self.answer_reserve = max_tokens;
         let start = Instant::now();
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
+        let tiers = self.kv_stats_now();
+        on_event(EngineEvent::KvTiers {
+            fast_bytes: tiers.0,
+            host_bytes: tiers.1,
+        });
         let kept_per_layer = self.kv.rows_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();
@@ -409,7 +436,111 @@ impl Engine {
             blocks_revived: self.session.as_mut().map_or(0, SlimSession::take_revived),
             revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
+            kv: self.take_kv_stats(),
         })
+    }
+
+    /// Fast-tier and host-tier bytes now.
+    fn kv_stats_now(&self) -> (usize, usize) {
+        match self.kv.tiers() {
+            Some(_) => {
+                let (mut fast, mut host) = (0, 0);
+                let s = self.kv_layer_bytes();
+                for (f, h) in s {
+                    fast += f;
+                    host += h;
+                }
+                (fast, host)
+            }
+            None => (self.kv.bytes(), 0),
+        }
+    }
+
+    fn kv_layer_bytes(&self) -> Vec<(usize, usize)> {
+        (0..self.model.spec.n_layers)
+            .map(|i| {
+                let b = self.kv.layer(i).bytes();
+                match self.kv.tiers() {
+                    Some(t) if t.is_managed(i) => (t.layer_fast_bytes(i), b),
+                    _ => (b, 0),
+                }
+            })
+            .collect()
+    }
+
+    /// The request's KV numbers (the manager's counters start again).
+    pub fn take_kv_stats(&mut self) -> KvStats {
+        let s = &self.model.spec;
+        let row_bytes = 2 * s.n_kv_heads * s.head_dim * 2;
+        let dense = self.cached.len() * s.n_layers * row_bytes;
+        let mut stats = match self.kv.take_tier_stats() {
+            Some(st) => st,
+            None => {
+                let per_layer: Vec<usize> = self.kv.layers.iter().map(|l| l.bytes()).collect();
+                let now = per_layer.iter().sum();
+                KvStats {
+                    kv_resident: true,
+                    kv_fast_bytes: now,
+                    kv_fast_bytes_peak: std::mem::take(&mut self.resident_peak).max(now),
+                    kv_host_bytes_per_layer: vec![0; per_layer.len()],
+                    kv_fast_bytes_per_layer: per_layer,
+                    kv_worker_alive: false,
+                    ..Default::default()
+                }
+            }
+        };
+        stats.kv_dense_bytes = dense;
+        stats
+    }
+
+    /// Test hook: stop the KV manager's offload worker as if it had died.
+    #[doc(hidden)]
+    pub fn kill_kv_worker(&mut self) {
+        if let Some(t) = self.kv.tiers_mut() {
+            t.kill_worker();
+        }
+    }
+
+    /// Test hook: corrupt every block of the KV spill file.
+    #[doc(hidden)]
+    pub fn corrupt_kv_spill(&mut self) {
+        if let Some(t) = self.kv.tiers_mut() {
+            t.corrupt_spill();
+        }
+    }
+
+    /// Size the fast tier for a prompt of `prompt_tokens` tokens (the whole conversation) that
+    /// reuses the session `fresh` says it will not; an error when the budget is too small.
+    fn plan_kv(&mut self, prompt_tokens: usize, fresh: bool) -> Result<()> {
+        let n_layers = self.model.spec.n_layers;
+        let (stages, prompt_len, block_size) = match (&self.session, fresh) {
+            (Some(s), false) => (s.stages(), s.prompt_len(), self.slim.block_size),
+            _ if self.slim.enabled => (
+                self.slim.resolve(n_layers, prompt_tokens),
+                prompt_tokens,
+                self.slim.block_size,
+            ),
+            _ => (Vec::new(), 0, self.slim.block_size),
+        };
+        let total = (prompt_tokens + self.answer_reserve).min(self.context_length());
+        let plan: Vec<LayerPlan> = (0..n_layers)
+            .map(|l| match stages.iter().rev().find(|s| s.start_layer <= l) {
+                Some(st) => LayerPlan {
+                    managed: true,
+                    slots: st.decode_blocks,
+                    rows: total.saturating_sub(prompt_len),
+                },
+                None => LayerPlan {
+                    managed: false,
+                    slots: 0,
+                    rows: total,
+                },
+            })
+            .collect();
+        match self.kv.tiers_mut() {
+            Some(t) => t.plan(block_size, &plan).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     fn slim_note(&self) -> Option<String> {
@@ -470,6 +601,8 @@ impl Engine {
                 reused = 0;
             }
         }
+        // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
+        self.plan_kv(prompt.len(), reused == 0)?;
         if reused == 0 {
             self.reset();
         }
@@ -517,12 +650,16 @@ impl Engine {
             session.take_swaps();
         }
         self.cached.extend_from_slice(tokens);
+        self.resident_peak = self.resident_peak.max(self.kv.bytes());
         Ok((logits, reused))
     }
 
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let pos = self.cached.len() as u32;
+        if let Some(t) = self.kv.tiers_mut() {
+            t.begin_step();
+        }
         let (model, kv) = (&self.model, &mut self.kv);
         // The whole step runs on a pool thread: its parallel sections (about five per layer)
         // then start as work for the other thread to steal, instead of each waking the pool
@@ -539,9 +676,13 @@ impl Engine {
                 rayon::scope(|_| model.forward(&[token], &[pos], kv, &mut Dense, &mut |_, _| {}))
             }
         };
+        if let Some(t) = self.kv.tiers_mut() {
+            t.end_step();
+        }
         match logits {
             Ok(l) => {
                 self.cached.push(token);
+                self.resident_peak = self.resident_peak.max(self.kv.bytes());
                 Ok(l)
             }
             Err(e) => {

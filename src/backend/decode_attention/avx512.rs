@@ -6,18 +6,19 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{lane_max, lane_sum, Partial, BLOCK};
+use super::{lane_max, lane_sum, Blocks, KeyRun, Partial, BLOCK};
 use crate::backend::attention::AttnShape;
 use crate::backend::simd::exp_nonpositive;
-use crate::kv::{KvDtype, KvView};
+use crate::kv::KvDtype;
 
 const HD: usize = 64;
 
 /// The chunk's partial softmax state, or None for a shape this kernel does not cover.
 pub(super) fn chunk(
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     shape: AttnShape,
 ) -> Option<Partial> {
     let group = shape.n_heads / shape.n_kv_heads;
@@ -26,15 +27,15 @@ pub(super) fn chunk(
     }
     // SAFETY: the caller took this path from Isa::available(): the CPU has AVX-512F and F16C.
     unsafe {
-        Some(match (group, kv.dtype) {
-            (1, KvDtype::F16) => run::<1, false>(qs, kv, ranges, shape),
-            (2, KvDtype::F16) => run::<2, false>(qs, kv, ranges, shape),
-            (3, KvDtype::F16) => run::<3, false>(qs, kv, ranges, shape),
-            (4, KvDtype::F16) => run::<4, false>(qs, kv, ranges, shape),
-            (1, KvDtype::Bf16) => run::<1, true>(qs, kv, ranges, shape),
-            (2, KvDtype::Bf16) => run::<2, true>(qs, kv, ranges, shape),
-            (3, KvDtype::Bf16) => run::<3, true>(qs, kv, ranges, shape),
-            (4, KvDtype::Bf16) => run::<4, true>(qs, kv, ranges, shape),
+        Some(match (group, dtype) {
+            (1, KvDtype::F16) => run::<1, false>(qs, runs, keys, shape),
+            (2, KvDtype::F16) => run::<2, false>(qs, runs, keys, shape),
+            (3, KvDtype::F16) => run::<3, false>(qs, runs, keys, shape),
+            (4, KvDtype::F16) => run::<4, false>(qs, runs, keys, shape),
+            (1, KvDtype::Bf16) => run::<1, true>(qs, runs, keys, shape),
+            (2, KvDtype::Bf16) => run::<2, true>(qs, runs, keys, shape),
+            (3, KvDtype::Bf16) => run::<3, true>(qs, runs, keys, shape),
+            (4, KvDtype::Bf16) => run::<4, true>(qs, runs, keys, shape),
             _ => return None,
         })
     }
@@ -65,23 +66,31 @@ unsafe fn row<const BF16: bool>(p: *const u16) -> [__m512; 4] {
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run<const G: usize, const BF16: bool>(
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
     shape: AttnShape,
 ) -> Partial {
     let n_heads = shape.n_heads;
     let stride = shape.n_kv_heads * HD;
     let mut st = Partial::new(n_heads, HD);
     let mut p = [0.0f32; 4 * BLOCK];
-    let blocks = ranges.iter().flat_map(|r| {
-        (r.start..r.end)
-            .step_by(BLOCK)
-            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
-    });
+    // row starts of the block's keys and values (a block may straddle runs)
+    let mut kp = [std::ptr::null::<u16>(); BLOCK];
+    let mut vp = [std::ptr::null::<u16>(); BLOCK];
     // blocks outer, KV heads inner: the rows of a block (every head) are read in address order,
-    // one sequential stream for K and one for V; the group's queries and accumulators are
-    // reloaded from L1 per block.
-    for (j0, kb) in blocks {
+    // one sequential stream for K and one for V per run; the group's queries and accumulators
+    // are reloaded from L1 per block.
+    let mut blocks = Blocks::new(runs, stride, keys);
+    let mut pieces = Vec::with_capacity(4);
+    while let Some(kb) = blocks.next_into(&mut pieces) {
+        let mut j = 0;
+        for piece in &pieces {
+            for r in 0..piece.k.len() / stride {
+                kp[j] = piece.k.as_ptr().add(r * stride);
+                vp[j] = piece.v.as_ptr().add(r * stride);
+                j += 1;
+            }
+        }
         for g in 0..shape.n_kv_heads {
             let mut q = [[_mm512_setzero_ps(); 4]; G];
             let mut acc = [[_mm512_setzero_ps(); 4]; G];
@@ -95,7 +104,7 @@ unsafe fn run<const G: usize, const BF16: bool>(
             }
             // scores of the group's heads against each key row, read once
             for j in 0..kb {
-                let k = row::<BF16>(kv.k.as_ptr().add((j0 + j) * stride + g * HD));
+                let k = row::<BF16>(kp[j].add(g * HD));
                 for h in 0..G {
                     let s = _mm512_fmadd_ps(q[h][0], k[0], _mm512_mul_ps(q[h][1], k[1]));
                     let t = _mm512_fmadd_ps(q[h][2], k[2], _mm512_mul_ps(q[h][3], k[3]));
@@ -123,7 +132,7 @@ unsafe fn run<const G: usize, const BF16: bool>(
             }
             // acc_h += p[h][j] v_j, each value row read once for the group
             for j in 0..kb {
-                let v = row::<BF16>(kv.v.as_ptr().add((j0 + j) * stride + g * HD));
+                let v = row::<BF16>(vp[j].add(g * HD));
                 for (h, acc_h) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(p[h * BLOCK + j]);
                     for (a, &vc) in acc_h.iter_mut().zip(&v) {

@@ -161,6 +161,8 @@ pub struct Engine {
     session: Option<SlimSession>,
     /// Swaps per decode step of the current request.
     swaps: Vec<usize>,
+    /// The `[kv]` settings the engine was loaded with.
+    kv_cfg: KvConfig,
     /// Answer tokens the next prefill reserves fast-tier room for.
     answer_reserve: usize,
     /// Largest KV bytes of the current request when every block is resident.
@@ -208,6 +210,7 @@ impl Engine {
             slim: opts.slim.clone(),
             session: None,
             swaps: Vec::new(),
+            kv_cfg: opts.kv.clone(),
             answer_reserve: 512,
             resident_peak: 0,
             last_prefill_kind: PrefillKind::Full,
@@ -491,6 +494,27 @@ impl Engine {
         };
         stats.kv_dense_bytes = dense;
         stats
+    }
+
+    /// Switch between the KV manager (`false`) and every block resident (`true`); the cache is
+    /// emptied. The manager keeps the loaded `[kv]` settings.
+    pub fn set_kv_resident(&mut self, resident: bool) -> Result<()> {
+        self.reset();
+        if resident == self.kv.tiers().is_none() {
+            return Ok(());
+        }
+        let tiers = if resident {
+            None
+        } else {
+            let s = &self.model.spec;
+            let cfg = KvConfig {
+                resident: false,
+                ..self.kv_cfg.clone()
+            };
+            Some(KvManager::new(&cfg, s.n_layers, s.n_kv_heads * s.head_dim)?)
+        };
+        self.kv.set_tiers(tiers);
+        Ok(())
     }
 
     /// Test hook: stop the KV manager's offload worker as if it had died.

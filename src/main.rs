@@ -57,6 +57,9 @@ struct Common {
     /// SlimInfer keep ratio, in (0, 1]: scales every stage's keep fraction of the preset
     #[arg(long, global = true)]
     keep: Option<f32>,
+    /// Keep every KV block in the fast tier (no KV manager): the reference run
+    #[arg(long, global = true)]
+    kv_resident: bool,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +138,9 @@ struct BenchArgs {
     /// kernels' rates
     #[arg(long)]
     kernels: bool,
+    /// Run each mode with the KV manager and all-resident, alternating run by run
+    #[arg(long)]
+    kv_compare: bool,
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -181,6 +187,9 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     if let Some(r) = cli.common.keep {
         cfg.slim.keep_ratio = r;
+    }
+    if cli.common.kv_resident {
+        cfg.kv.resident = true;
     }
     cfg.slim.validate_keys().map_err(Error::Usage)?;
     if cfg.model.threads > 0 {
@@ -333,13 +342,19 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
         modes,
         runs: args.runs,
         decode_tokens: args.decode_tokens,
+        kv_resident: if args.kv_compare {
+            vec![false, true]
+        } else {
+            vec![cfg.kv.resident]
+        },
     };
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
-            "slimchat bench: {:>5} tokens {:>6}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}",
-            r.prompt_tokens, r.mode, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
-            r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens))
+            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
+            r.prompt_tokens, r.mode, if r.kv.kv_resident { " resident" } else { "" }, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
+            r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens)),
+            r.kv.kv_fast_bytes_peak as f64 / 1048576.0, r.kv.kv_dense_bytes as f64 / 1048576.0, r.kv.kv_stall_ms
         );
     })?;
     if json {

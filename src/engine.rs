@@ -40,7 +40,10 @@ pub enum EngineEvent {
     Token(String),
     /// Where the KV cache lives after the prefill: fast-tier and host-tier bytes (the host
     /// tier is empty when every block is resident).
-    KvTiers { fast_bytes: usize, host_bytes: usize },
+    KvTiers {
+        fast_bytes: usize,
+        host_bytes: usize,
+    },
 }
 
 /// Why generation ended.

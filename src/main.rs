@@ -141,6 +141,9 @@ struct BenchArgs {
     /// Run each mode with the KV manager and all-resident, alternating run by run
     #[arg(long)]
     kv_compare: bool,
+    /// With --slim: skip the dense rows (time the pruned engine only)
+    #[arg(long)]
+    no_dense: bool,
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -201,7 +204,9 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Run(args)) => run(&cfg, args),
         Some(Command::Bench(args)) => {
-            let modes = if cli.common.slim == Some(true) {
+            let modes = if cli.common.slim == Some(true) && args.no_dense {
+                vec![Mode::Slim]
+            } else if cli.common.slim == Some(true) {
                 vec![Mode::Dense, Mode::Slim]
             } else {
                 vec![Mode::Dense]

@@ -320,7 +320,10 @@ fn json_report_of_a_good_run() {
     for key in ["kv_host_bytes", "kv_bytes_copied"] {
         assert!(v[key].is_u64(), "{key} is not a count in {v}");
     }
-    assert!(v["kv_stall_ms"].is_f64(), "kv_stall_ms is not a number in {v}");
+    assert!(
+        v["kv_stall_ms"].is_f64(),
+        "kv_stall_ms is not a number in {v}"
+    );
     for key in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
         let x = v[key]
             .as_f64()

@@ -93,7 +93,10 @@ fn manager_gives_the_resident_logits_while_the_fast_tier_holds_a_swapping_subset
     let decode_moves: usize = st.kv_blocks_moved_per_step.iter().sum();
     assert!(decode_moves > 0, "no swap in decode: {st:?}");
     assert!(st.kv_bytes_copied > 0, "{st:?}");
-    assert_eq!(st.kv_fast_misses, 0, "a decode attention read the host tier");
+    assert_eq!(
+        st.kv_fast_misses, 0,
+        "a decode attention read the host tier"
+    );
     assert!(st.kv_worker_alive);
     assert!(st.kv_host_bytes > 0);
     assert!(
@@ -104,10 +107,13 @@ fn manager_gives_the_resident_logits_while_the_fast_tier_holds_a_swapping_subset
     );
     // a subset: less than the pruned cache itself, which is less than dense
     let stored: usize = st.kv_host_bytes_per_layer.iter().sum::<usize>()
-        + (st.kv_fast_bytes_per_layer.iter().zip(&st.kv_host_bytes_per_layer))
-            .filter(|(_, &h)| h == 0)
-            .map(|(&f, _)| f)
-            .sum::<usize>();
+        + (st
+            .kv_fast_bytes_per_layer
+            .iter()
+            .zip(&st.kv_host_bytes_per_layer))
+        .filter(|(_, &h)| h == 0)
+        .map(|(&f, _)| f)
+        .sum::<usize>();
     assert!(st.kv_fast_bytes_peak < stored, "{st:?}");
     assert!(stored < st.kv_dense_bytes);
 }
@@ -132,7 +138,9 @@ fn the_worker_dying_falls_back_to_synchronous_copies_with_the_same_logits() {
     assert_same(&got, &want);
     assert!(!st.kv_worker_alive);
     assert!(
-        st.kv_notes.iter().any(|n| n.contains("offload worker stopped")),
+        st.kv_notes
+            .iter()
+            .any(|n| n.contains("offload worker stopped")),
         "{:?}",
         st.kv_notes
     );

@@ -76,6 +76,7 @@ fn ours_with(mode: LinearMode, kv_dtype: KvDtype) -> Engine {
                 enabled: false,
                 ..Default::default()
             },
+            kv: Default::default(),
         },
     )
     .unwrap()

@@ -613,12 +613,27 @@ mod tests {
             let whole = [KeyRun { k: &gk, v: &gv }];
             for &isa in Isa::available() {
                 let mut by_ranges = vec![f32::NAN; q.len()];
-                decode_attention_with(isa, &q, u32::MAX, cache.view(), &ranges, GQA, &mut by_ranges);
+                decode_attention_with(
+                    isa,
+                    &q,
+                    u32::MAX,
+                    cache.view(),
+                    &ranges,
+                    GQA,
+                    &mut by_ranges,
+                );
                 for runs in [&whole[..], &odd[..]] {
                     let mut out = vec![f32::NAN; q.len()];
                     decode_attention_runs_with(isa, &q, runs, KvDtype::F16, GQA, &mut out);
-                    let same = out.iter().zip(&by_ranges).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{isa:?}: {} runs differ from the key ranges", runs.len());
+                    let same = out
+                        .iter()
+                        .zip(&by_ranges)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{isa:?}: {} runs differ from the key ranges",
+                        runs.len()
+                    );
                 }
             }
         }

@@ -193,7 +193,9 @@ impl KvCache {
 
     pub fn with_dtype(n_layers: usize, dtype: KvDtype) -> Self {
         Self {
-            layers: (0..n_layers).map(|_| Arc::new(LayerKv::new(dtype))).collect(),
+            layers: (0..n_layers)
+                .map(|_| Arc::new(LayerKv::new(dtype)))
+                .collect(),
             tiers: None,
         }
     }
@@ -255,7 +257,12 @@ impl KvCache {
     ) -> candle_core::Result<()> {
         Arc::make_mut(&mut self.layers[i]).append(k, v, positions)?;
         if let Some(t) = &mut self.tiers {
-            t.after_append(i, &self.layers[i], positions, policy.active_blocks(i).as_ref());
+            t.after_append(
+                i,
+                &self.layers[i],
+                positions,
+                policy.active_blocks(i).as_ref(),
+            );
         }
         Ok(())
     }

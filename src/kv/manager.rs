@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::cache::LayerKv;
 use super::fast::FastLayer;
 use super::table::{BlockTable, Residency};
-use super::worker::{copy_rows, Done, Job, SpillStart, Worker};
+use super::worker::{copy_rows, Done, Job, SpillStart, Worker, WorkerGone};
 use crate::backend::decode_attention::KeyRun;
 use crate::model::llama::{ActiveBlocks, LayerPolicy};
 use crate::{Error, Result};
@@ -129,8 +129,12 @@ impl KvConfig {
     }
 
     pub fn cap(&self) -> std::result::Result<usize, String> {
-        parse_size(self.spill_cap.trim())
-            .ok_or_else(|| format!("[kv] spill_cap: expected a size like \"4G\", got {:?}", self.spill_cap))
+        parse_size(self.spill_cap.trim()).ok_or_else(|| {
+            format!(
+                "[kv] spill_cap: expected a size like \"4G\", got {:?}",
+                self.spill_cap
+            )
+        })
     }
 
     /// The spill directory.
@@ -154,7 +158,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
         _ => (s, 1),
     };
     let x: f64 = num.trim().parse().ok()?;
-    (x >= 0.0 && x.is_finite()).then(|| (x * mult as f64) as usize)
+    (x >= 0.0 && x.is_finite()).then_some((x * mult as f64) as usize)
 }
 
 /// What one layer will hold in the fast tier during a request.
@@ -348,7 +352,9 @@ impl KvManager {
             l.managed = p.managed;
             let slots = if p.managed { p.slots } else { 0 };
             let cap = slots.max(l.table.in_use());
-            l.table.set_capacity(cap).expect("capacity at least the slots in use");
+            l.table
+                .set_capacity(cap)
+                .expect("capacity at least the slots in use");
         }
         self.budget = Some(budget);
         Ok(need)
@@ -470,7 +476,10 @@ impl KvManager {
             .holding()
             .filter(|b| want.binary_search(b).is_err())
             .collect();
-        if drop.iter().any(|&b| matches!(l.table.state(b), Residency::InFlight(_))) {
+        if drop
+            .iter()
+            .any(|&b| matches!(l.table.state(b), Residency::InFlight(_)))
+        {
             self.wait_layer(m, hosts);
         }
         for b in drop {
@@ -496,7 +505,13 @@ impl KvManager {
     }
 
     /// Copy block `b` of layer `m` into a slot: through the worker, or here if it is gone.
-    fn fetch(&mut self, m: usize, b: u32, rows: Range<usize>, hosts: &[Arc<LayerKv>]) -> Result<()> {
+    fn fetch(
+        &mut self,
+        m: usize,
+        b: u32,
+        rows: Range<usize>,
+        hosts: &[Arc<LayerKv>],
+    ) -> Result<()> {
         let (bs, d) = (self.block_size, self.kv_dim);
         let bytes = rows.len() * self.row_bytes();
         let l = &mut self.layers[m];
@@ -532,7 +547,14 @@ impl KvManager {
         Ok(())
     }
 
-    fn spill_inactive(&mut self, m: usize, want: &[u32], bs: usize, prompt_len: usize, hosts: &[Arc<LayerKv>]) {
+    fn spill_inactive(
+        &mut self,
+        m: usize,
+        want: &[u32],
+        bs: usize,
+        prompt_len: usize,
+        hosts: &[Arc<LayerKv>],
+    ) {
         let Some(w) = &self.worker else {
             return;
         };
@@ -572,7 +594,7 @@ impl KvManager {
             };
             match w.try_recv() {
                 Some(Ok(done)) => self.apply(done),
-                Some(Err(())) => return self.worker_lost(hosts),
+                Some(Err(WorkerGone)) => return self.worker_lost(hosts),
                 None => return,
             }
         }
@@ -586,7 +608,7 @@ impl KvManager {
             };
             match w.recv() {
                 Ok(done) => self.apply(done),
-                Err(()) => return self.worker_lost(hosts),
+                Err(WorkerGone) => return self.worker_lost(hosts),
             }
         }
     }
@@ -625,9 +647,7 @@ impl KvManager {
                     self.counters.corrupt += 1;
                 }
             }
-            Done::Spilled {
-                layer, refused, ..
-            } => {
+            Done::Spilled { layer, refused, .. } => {
                 self.layers[layer].pending -= 1;
                 match refused {
                     None => {
@@ -671,7 +691,9 @@ impl KvManager {
                 let mut buf = l.fast.take_slot(slot, bs, d);
                 // the prompt length is not needed: a block's rows are found by its positions
                 let host = &hosts[m];
-                let lo = host.positions.partition_point(|&p| (p as usize) < b as usize * bs);
+                let lo = host
+                    .positions
+                    .partition_point(|&p| (p as usize) < b as usize * bs);
                 let hi = host
                     .positions
                     .partition_point(|&p| (p as usize) < (b as usize + 1) * bs)

@@ -44,7 +44,11 @@ impl SpillFile {
     /// A fresh file of `cap` bytes (sparse) in `dir`, removed when dropped.
     pub fn create(dir: &Path, cap: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("kv-spill-{}-{:x}.bin", std::process::id(), unique()));
+        let path = dir.join(format!(
+            "kv-spill-{}-{:x}.bin",
+            std::process::id(),
+            unique()
+        ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -85,7 +89,13 @@ impl SpillFile {
     }
 
     /// Write one block (K rows then V rows, 16-bit).
-    pub fn write(&mut self, layer: usize, block: u32, k: &[u16], v: &[u16]) -> Result<(), SpillRefusal> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        block: u32,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<(), SpillRefusal> {
         if self.entries.contains_key(&(layer, block)) {
             return Ok(());
         }
@@ -103,7 +113,8 @@ impl SpillFile {
             d.copy_from_slice(&s.to_le_bytes());
         }
         let crc = crc32fast::hash(dst);
-        self.entries.insert((layer, block), Entry { offset, len, crc });
+        self.entries
+            .insert((layer, block), Entry { offset, len, crc });
         self.used += len;
         Ok(())
     }
@@ -175,7 +186,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut f = SpillFile::create(dir.path(), 500).unwrap();
         f.write(0, 0, &[1; 100], &[2; 100]).unwrap();
-        assert_eq!(f.write(0, 1, &[1; 100], &[2; 100]), Err(SpillRefusal::CapReached));
+        assert_eq!(
+            f.write(0, 1, &[1; 100], &[2; 100]),
+            Err(SpillRefusal::CapReached)
+        );
         assert_eq!(f.used(), 400);
     }
 

@@ -178,11 +178,8 @@ impl BlockTable {
     /// Forget the blocks at or after `block` (a truncated conversation); their slots are freed.
     /// In-flight blocks must have completed.
     pub fn forget_from(&mut self, block: u32) -> Result<(), TableError> {
-        let gone: Vec<(u32, Residency)> = self
-            .blocks
-            .range(block..)
-            .map(|(&b, &r)| (b, r))
-            .collect();
+        let gone: Vec<(u32, Residency)> =
+            self.blocks.range(block..).map(|(&b, &r)| (b, r)).collect();
         for (b, r) in gone {
             match r {
                 Residency::InFlight(_) => return Err(TableError::InFlight { block: b }),
@@ -289,10 +286,7 @@ mod tests {
         let s = t.start_fetch(0).unwrap();
         assert_eq!(t.evict(0), Err(TableError::InFlight { block: 0 }));
         assert_eq!(t.state(0), Residency::InFlight(s));
-        assert_eq!(
-            t.forget_from(0),
-            Err(TableError::InFlight { block: 0 })
-        );
+        assert_eq!(t.forget_from(0), Err(TableError::InFlight { block: 0 }));
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub enum SpillStart {
     On { dir: PathBuf, cap: usize },
 }
 
+/// The worker thread has ended (died or was stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerGone;
+
 pub struct Worker {
     tx: Sender<Job>,
     rx: Receiver<Done>,
@@ -112,24 +116,24 @@ impl Worker {
     }
 
     /// A completion if one is ready.
-    pub fn try_recv(&self) -> Option<Result<Done, ()>> {
+    pub fn try_recv(&self) -> Option<Result<Done, WorkerGone>> {
         match self.rx.try_recv() {
             Ok(d) => Some(Ok(d)),
             Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(())),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(WorkerGone)),
         }
     }
 
     /// The next completion; Err when the thread is gone.
-    pub fn recv(&self) -> Result<Done, ()> {
+    pub fn recv(&self) -> Result<Done, WorkerGone> {
         loop {
             match self.rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(d) => return Ok(d),
-                Err(RecvTimeoutError::Disconnected) => return Err(()),
+                Err(RecvTimeoutError::Disconnected) => return Err(WorkerGone),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
                         // the thread ended; answers it sent before are still queued
-                        return self.rx.try_recv().map_err(|_| ());
+                        return self.rx.try_recv().map_err(|_| WorkerGone);
                     }
                 }
             }

@@ -225,10 +225,21 @@ impl Engine {
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
         slim.check(self.model.spec.n_layers)?;
+        let old = self.slim.keep_ratio;
         if let Some(session) = &mut self.session {
             session.set_keep_ratio(slim.keep_ratio);
         }
         self.slim = slim;
+        // the cached conversation's active sets may grow: size the fast tier for them now
+        if self.session.is_some() {
+            if let Err(e) = self.plan_kv(self.cached.len(), false) {
+                if let Some(session) = &mut self.session {
+                    session.set_keep_ratio(old);
+                }
+                self.slim.keep_ratio = old;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

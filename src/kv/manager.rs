@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::LayerKv;
 use super::fast::FastLayer;
-use super::table::{BlockTable, Residency};
+use super::table::{BlockTable, Residency, TableError};
 use super::worker::{copy_rows, Done, Job, SpillStart, Worker, WorkerGone};
 use crate::backend::decode_attention::KeyRun;
 use crate::model::llama::{ActiveBlocks, LayerPolicy};
@@ -255,6 +255,8 @@ pub struct KvManager {
     spilled_blocks: usize,
     spill_bytes: usize,
     in_decode_step: bool,
+    /// A "fast tier full" note was made this request.
+    full_noted: bool,
     /// Positions below this are prompt blocks (from the policy).
     prompt_len: usize,
     counters: Counters,
@@ -302,6 +304,7 @@ impl KvManager {
             spilled_blocks: 0,
             spill_bytes: 0,
             in_decode_step: false,
+            full_noted: false,
             prompt_len: 0,
             counters: Counters::default(),
             notes: note.into_iter().collect(),
@@ -496,7 +499,21 @@ impl KvManager {
                 continue; // not computed at this layer yet
             }
             self.layers[m].table.mark_host(b);
-            self.fetch(m, b, rows, hosts)?;
+            match self.fetch(m, b, rows, hosts) {
+                Err(FetchError::Full(e)) => {
+                    // the plan did not foresee this set (it grew mid-request): decode reads
+                    // the host tier for the blocks that did not fit (same result), and says so
+                    if !self.full_noted {
+                        push_note(
+                            &mut self.notes,
+                            format!("layer {m}: {e}; decode reads those blocks from the host tier"),
+                        );
+                        self.full_noted = true;
+                    }
+                }
+                Err(FetchError::Other(e)) => return Err(e),
+                Ok(()) => {}
+            }
         }
         if self.spill_on && hosts[m].len() > 1 {
             self.spill_inactive(m, want, bs, prompt_len, hosts);
@@ -511,11 +528,15 @@ impl KvManager {
         b: u32,
         rows: Range<usize>,
         hosts: &[Arc<LayerKv>],
-    ) -> Result<()> {
+    ) -> std::result::Result<(), FetchError> {
         let (bs, d) = (self.block_size, self.kv_dim);
         let bytes = rows.len() * self.row_bytes();
         let l = &mut self.layers[m];
-        let slot = l.table.start_fetch(b).map_err(kv_err)?;
+        let slot = match l.table.start_fetch(b) {
+            Ok(s) => s,
+            Err(e @ TableError::Exhausted { .. }) => return Err(FetchError::Full(e)),
+            Err(e) => return Err(FetchError::Other(kv_err(e))),
+        };
         let mut buf = l.fast.take_slot(slot, bs, d);
         self.counters.moved += 1;
         self.counters.copied += bytes;
@@ -542,7 +563,9 @@ impl KvManager {
         }
         copy_rows(&hosts[m], rows, &mut buf);
         let l = &mut self.layers[m];
-        l.table.complete(b).map_err(kv_err)?;
+        l.table
+            .complete(b)
+            .map_err(|e| FetchError::Other(kv_err(e)))?;
         l.fast.put_slot(slot, buf);
         Ok(())
     }
@@ -640,7 +663,7 @@ impl KvManager {
                 }
                 if corrupt {
                     if self.counters.corrupt == 0 {
-                        self.notes.push(format!(
+                        push_note(&mut self.notes, format!(
                             "spill: block {block} of layer {layer} failed its CRC and was read from RAM instead"
                         ));
                     }
@@ -656,10 +679,13 @@ impl KvManager {
                     }
                     Some(_) => {
                         if self.spill_on {
-                            self.notes.push(format!(
-                                "spill: cap of {} reached; further blocks stay in RAM only",
-                                self.cfg.spill_cap
-                            ));
+                            push_note(
+                                &mut self.notes,
+                                format!(
+                                    "spill: cap of {} reached; further blocks stay in RAM only",
+                                    self.cfg.spill_cap
+                                ),
+                            );
                         }
                         self.spill_on = false;
                     }
@@ -673,12 +699,15 @@ impl KvManager {
         if self.worker.take().is_none() {
             return;
         }
-        self.notes.push(
-            "offload worker stopped: KV copies now run on the engine thread (synchronously)".into(),
+        push_note(
+            &mut self.notes,
+            "offload worker stopped: KV copies now run on the engine thread (synchronously)",
         );
         if self.spill_on || self.spilled_blocks > 0 {
-            self.notes
-                .push("spill file closed with the worker: blocks are read from RAM".into());
+            push_note(
+                &mut self.notes,
+                "spill file closed with the worker: blocks are read from RAM",
+            );
         }
         self.spill_on = false;
         let (bs, d) = (self.block_size, self.kv_dim);
@@ -778,6 +807,7 @@ impl KvManager {
             .map(|(l, h)| if l.managed { h.bytes() } else { 0 })
             .collect();
         let c = std::mem::take(&mut self.counters);
+        self.full_noted = false;
         let mut notes = self.notes.clone();
         if let Some(b) = self.budget.filter(|&b| c.peak > b) {
             notes.push(format!(
@@ -838,7 +868,22 @@ impl KvManager {
     }
 }
 
-fn kv_err(e: super::table::TableError) -> Error {
+/// Add a fallback or fault note once.
+fn push_note(notes: &mut Vec<String>, note: impl Into<String>) {
+    let note = note.into();
+    if !notes.contains(&note) {
+        notes.push(note);
+    }
+}
+
+/// Why a block was not fetched.
+enum FetchError {
+    /// No free slot (the set outgrew the plan).
+    Full(TableError),
+    Other(Error),
+}
+
+fn kv_err(e: TableError) -> Error {
     Error::Engine(format!("kv manager: {e}"))
 }
 

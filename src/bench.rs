@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::engine::Engine;
+use crate::kv::KvStats;
 use crate::sampling::argmax;
 use crate::{Error, Result};
 
@@ -22,6 +23,9 @@ pub struct BenchConfig {
     pub runs: usize,
     /// Tokens generated after each prefill to time decode.
     pub decode_tokens: usize,
+    /// KV placements to run per mode, alternating run by run: false = the KV manager, true =
+    /// every block resident.
+    pub kv_resident: Vec<bool>,
 }
 
 /// Dense, or pruned with the engine's SlimInfer settings.
@@ -62,6 +66,12 @@ pub struct BenchResult {
     /// The keep ratio in force (slim only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_ratio: Option<f32>,
+    /// Decode's share of each stage's blocks (slim only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_keep: Option<f32>,
+    /// The KV manager's numbers of the last run (`kv_*`).
+    #[serde(flatten)]
+    pub kv: KvStats,
 }
 
 /// Run the bench, calling `on_result` as each length finishes.
@@ -93,9 +103,24 @@ pub fn run(
                 enabled: mode == Mode::Slim,
                 ..slim.clone()
             })?;
-            let r = bench_one(engine, prompt, mode, cfg)?;
-            on_result(&r);
-            results.push(r);
+            // one run of each placement in turn, so that a noisy machine hits them alike
+            let places = if cfg.kv_resident.is_empty() {
+                vec![false]
+            } else {
+                cfg.kv_resident.clone()
+            };
+            let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); places.len()];
+            for _ in 0..cfg.runs.max(1) {
+                for (i, &resident) in places.iter().enumerate() {
+                    engine.set_kv_resident(resident)?;
+                    runs[i].push(bench_one(engine, prompt, mode, cfg)?);
+                }
+            }
+            for r in runs {
+                let r = combine(r);
+                on_result(&r);
+                results.push(r);
+            }
         }
     }
     engine.set_slim(slim)?;
@@ -103,7 +128,25 @@ pub fn run(
     Ok(results)
 }
 
-/// `cfg.runs` runs of one length in one mode, each from an empty cache.
+/// Medians of single runs of one length, mode and placement.
+fn combine(runs: Vec<BenchResult>) -> BenchResult {
+    let pick = |f: &dyn Fn(&BenchResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let decode: Vec<f64> = runs.iter().filter_map(|r| r.decode_tok_s).collect();
+    let ttft: Vec<f64> = runs.iter().map(|r| r.ttft_ms).collect();
+    let stall = pick(&|r| r.kv.kv_stall_ms);
+    let mut out = runs.last().expect("at least one run").clone();
+    out.runs = runs.len();
+    out.ttft_ms = median(&ttft);
+    out.ttft_ms_min = ttft.iter().copied().fold(f64::INFINITY, f64::min);
+    out.ttft_ms_max = ttft.iter().copied().fold(0.0, f64::max);
+    out.prefill_tok_s = pick(&|r| r.prefill_tok_s);
+    out.decode_tok_s = (!decode.is_empty()).then(|| median(&decode));
+    out.kv.kv_stall_ms = stall;
+    out.kv.kv_decode_stall_ms = pick(&|r| r.kv.kv_decode_stall_ms);
+    out
+}
+
+/// One run of one length in one mode, from an empty cache.
 fn bench_one(
     engine: &mut Engine,
     prompt: &[u32],
@@ -116,26 +159,23 @@ fn bench_one(
     let mut ttft = Vec::new();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
-    let mut kv_bytes = 0;
-    let mut kept = Vec::new();
-    for _ in 0..cfg.runs.max(1) {
-        engine.reset();
-        let start = Instant::now();
-        let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
-        let mut next = argmax(&logits);
-        let t = start.elapsed().as_secs_f64();
-        ttft.push(t * 1e3);
-        prefill.push(n as f64 / t);
-        kept = engine.kept_per_layer();
-        let d0 = Instant::now();
-        for _ in 0..decode_tokens {
-            next = argmax(&engine.step(next)?);
-        }
-        if decode_tokens > 0 {
-            decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
-        }
-        kv_bytes = engine.kv_bytes();
+    engine.reset();
+    let start = Instant::now();
+    let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
+    let mut next = argmax(&logits);
+    let t = start.elapsed().as_secs_f64();
+    ttft.push(t * 1e3);
+    prefill.push(n as f64 / t);
+    let kept = engine.kept_per_layer();
+    let d0 = Instant::now();
+    for _ in 0..decode_tokens {
+        next = argmax(&engine.step(next)?);
     }
+    if decode_tokens > 0 {
+        decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
+    }
+    let kv_bytes = engine.kv_bytes();
+    let kv = engine.take_kv_stats();
     let slim = mode == Mode::Slim;
     Ok(BenchResult {
         prompt_tokens: n,
@@ -151,6 +191,8 @@ fn bench_one(
         peak_rss_bytes: crate::metrics::peak_rss_bytes(),
         kept_per_layer: slim.then_some(kept),
         keep_ratio: slim.then(|| engine.slim_config().keep_ratio),
+        decode_keep: slim.then(|| engine.slim_config().decode_keep),
+        kv,
     })
 }
 

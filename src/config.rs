@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::linear::LinearMode;
 use crate::device::DeviceChoice;
-use crate::kv::KvDtype;
+use crate::kv::{KvConfig, KvDtype};
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
 use crate::{Error, Result};
@@ -20,6 +20,7 @@ pub struct AppConfig {
     pub chat: ChatConfig,
     pub sampling: SamplingConfig,
     pub slim: SlimConfig,
+    pub kv: KvConfig,
     pub tui: TuiConfig,
 }
 
@@ -102,6 +103,9 @@ impl AppConfig {
             .map_err(|e| Error::Config(format!("{origin}: [sampling] {e}")))?;
         cfg.slim
             .validate_keys()
+            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        cfg.kv
+            .validate()
             .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         if !(10..=1000).contains(&cfg.tui.tick_ms) {
             return Err(Error::Config(format!(

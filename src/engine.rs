@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
 use crate::config::AppConfig;
-use crate::kv::{KvCache, KvDtype};
+use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
 use crate::model::gguf::GgufFile;
 use crate::model::llama::{Dense, Llama};
 use crate::model::source::{DownloadProgress, ModelSource};
@@ -38,6 +38,12 @@ pub enum EngineEvent {
     },
     /// New answer text (whole UTF-8 characters).
     Token(String),
+    /// Where the KV cache lives after the prefill: fast-tier and host-tier bytes (the host
+    /// tier is empty when every block is resident).
+    KvTiers {
+        fast_bytes: usize,
+        host_bytes: usize,
+    },
 }
 
 /// Why generation ended.
@@ -88,6 +94,9 @@ pub struct GenStats {
     /// the model runs on a GPU; absent on the CPU.
     #[serde(flatten)]
     pub gpu_memory: Option<crate::metrics::GpuMemory>,
+    /// The KV manager's numbers: bytes per tier, blocks moved, stall (`kv_*` fields).
+    #[serde(flatten)]
+    pub kv: KvStats,
 }
 
 /// How a request's prompt reached the cache.
@@ -110,6 +119,8 @@ pub struct EngineOptions {
     pub slim: SlimConfig,
     /// Element type of the KV cache
     pub kv_dtype: KvDtype,
+    /// The KV manager's fast tier and spill file (`kv.resident`: no manager).
+    pub kv: KvConfig,
 }
 
 impl EngineOptions {
@@ -119,6 +130,7 @@ impl EngineOptions {
             linear: cfg.model.linear,
             slim: cfg.slim.clone(),
             kv_dtype: cfg.model.kv_dtype,
+            kv: cfg.kv.clone(),
         }
     }
 }
@@ -129,6 +141,7 @@ impl Default for EngineOptions {
             linear: LinearMode::Dense,
             slim: SlimConfig::default(),
             kv_dtype: KvDtype::default(),
+            kv: KvConfig::default(),
         }
     }
 }
@@ -155,6 +168,12 @@ pub struct Engine {
     session: Option<SlimSession>,
     /// Swaps per decode step of the current request.
     swaps: Vec<usize>,
+    /// The `[kv]` settings the engine was loaded with.
+    kv_cfg: KvConfig,
+    /// Answer tokens the next prefill reserves fast-tier room for.
+    answer_reserve: usize,
+    /// Largest KV bytes of the current request when every block is resident.
+    resident_peak: usize,
     last_prefill_kind: PrefillKind,
     /// The text of every special token, to spot them inside messages.
     special_strings: Vec<String>,
@@ -178,7 +197,11 @@ impl Engine {
         let model = Llama::load(&mut file, opts.linear)?;
         opts.slim.check(model.spec.n_layers)?;
         (opts.kv_dtype.check_head_dim(model.spec.head_dim)).map_err(Error::Config)?;
-        let kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
+        let mut kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
+        if !opts.kv.resident {
+            let row_words = opts.kv_dtype.stored_len(model.spec.n_kv_heads * model.spec.head_dim);
+            kv.set_tiers(Some(KvManager::new(&opts.kv, model.spec.n_layers, row_words)?));
+        }
         let special_strings = tokenizer
             .get_added_tokens_decoder()
             .into_values()
@@ -195,6 +218,9 @@ impl Engine {
             slim: opts.slim.clone(),
             session: None,
             swaps: Vec::new(),
+            kv_cfg: opts.kv.clone(),
+            answer_reserve: 512,
+            resident_peak: 0,
             last_prefill_kind: PrefillKind::Full,
             special_strings,
         })
@@ -204,10 +230,21 @@ impl Engine {
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
         slim.check(self.model.spec.n_layers)?;
+        let old = self.slim.keep_ratio;
         if let Some(session) = &mut self.session {
             session.set_keep_ratio(slim.keep_ratio);
         }
         self.slim = slim;
+        // the cached conversation's active sets may grow: size the fast tier for them now
+        if self.session.is_some() {
+            if let Err(e) = self.plan_kv(self.cached.len(), false) {
+                if let Some(session) = &mut self.session {
+                    session.set_keep_ratio(old);
+                }
+                self.slim.keep_ratio = old;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -245,6 +282,7 @@ impl Engine {
 
     /// Forget every cached token.
     pub fn reset(&mut self) {
+        self.resident_peak = 0;
         self.kv.clear();
         self.cached.clear();
         self.session = None;
@@ -338,9 +376,15 @@ impl Engine {
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<GenStats> {
         self.check_fits(prompt.len())?;
+        self.answer_reserve = max_tokens;
         let start = Instant::now();
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
+        let tiers = self.kv_stats_now();
+        on_event(EngineEvent::KvTiers {
+            fast_bytes: tiers.0,
+            host_bytes: tiers.1,
+        });
         let kept_per_layer = self.kv.rows_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();
@@ -415,7 +459,140 @@ impl Engine {
             revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
             gpu_memory: None,
+            kv: self.take_kv_stats(),
         })
+    }
+
+    /// Fast-tier and host-tier bytes now.
+    fn kv_stats_now(&self) -> (usize, usize) {
+        match self.kv.tiers() {
+            Some(_) => {
+                let (mut fast, mut host) = (0, 0);
+                let s = self.kv_layer_bytes();
+                for (f, h) in s {
+                    fast += f;
+                    host += h;
+                }
+                (fast, host)
+            }
+            None => (self.kv.bytes(), 0),
+        }
+    }
+
+    fn kv_layer_bytes(&self) -> Vec<(usize, usize)> {
+        (0..self.model.spec.n_layers)
+            .map(|i| {
+                let b = self.kv.layer(i).bytes();
+                match self.kv.tiers() {
+                    Some(t) if t.is_managed(i) => (t.layer_fast_bytes(i), b),
+                    _ => (b, 0),
+                }
+            })
+            .collect()
+    }
+
+    /// The request's KV numbers (the manager's counters start again).
+    /// Stored `u16` words of one cached K (or V) row in this cache's element type.
+    fn kv_row_words(&self) -> usize {
+        let s = &self.model.spec;
+        (self.kv.layers.first())
+            .map_or(crate::kv::KvDtype::default(), |l| l.dtype)
+            .stored_len(s.n_kv_heads * s.head_dim)
+    }
+
+    pub fn take_kv_stats(&mut self) -> KvStats {
+        let s = &self.model.spec;
+        let row_bytes = 2 * self.kv_row_words() * 2; // K and V, u16 words
+        let dense = self.cached.len() * s.n_layers * row_bytes;
+        let mut stats = match self.kv.take_tier_stats() {
+            Some(st) => st,
+            None => {
+                let per_layer: Vec<usize> = self.kv.layers.iter().map(|l| l.bytes()).collect();
+                let now = per_layer.iter().sum();
+                KvStats {
+                    kv_resident: true,
+                    kv_fast_bytes: now,
+                    kv_fast_bytes_peak: std::mem::take(&mut self.resident_peak).max(now),
+                    kv_host_bytes_per_layer: vec![0; per_layer.len()],
+                    kv_fast_bytes_per_layer: per_layer,
+                    kv_worker_alive: false,
+                    ..Default::default()
+                }
+            }
+        };
+        stats.kv_dense_bytes = dense;
+        stats
+    }
+
+    /// Switch between the KV manager (`false`) and every block resident (`true`); the cache is
+    /// emptied. The manager keeps the loaded `[kv]` settings.
+    pub fn set_kv_resident(&mut self, resident: bool) -> Result<()> {
+        self.reset();
+        if resident == self.kv.tiers().is_none() {
+            return Ok(());
+        }
+        let tiers = if resident {
+            None
+        } else {
+            let s = &self.model.spec;
+            let cfg = KvConfig {
+                resident: false,
+                ..self.kv_cfg.clone()
+            };
+            Some(KvManager::new(&cfg, s.n_layers, self.kv_row_words())?)
+        };
+        self.kv.set_tiers(tiers);
+        Ok(())
+    }
+
+    /// Test hook: stop the KV manager's offload worker as if it had died.
+    #[doc(hidden)]
+    pub fn kill_kv_worker(&mut self) {
+        if let Some(t) = self.kv.tiers_mut() {
+            t.kill_worker();
+        }
+    }
+
+    /// Test hook: corrupt every block of the KV spill file.
+    #[doc(hidden)]
+    pub fn corrupt_kv_spill(&mut self) {
+        if let Some(t) = self.kv.tiers_mut() {
+            t.corrupt_spill();
+        }
+    }
+
+    /// Size the fast tier for a prompt of `prompt_tokens` tokens (the whole conversation) that
+    /// reuses the session `fresh` says it will not; an error when the budget is too small.
+    fn plan_kv(&mut self, prompt_tokens: usize, fresh: bool) -> Result<()> {
+        let n_layers = self.model.spec.n_layers;
+        let (stages, prompt_len, block_size) = match (&self.session, fresh) {
+            (Some(s), false) => (s.stages(), s.prompt_len(), self.slim.block_size),
+            _ if self.slim.enabled => (
+                self.slim.resolve(n_layers, prompt_tokens),
+                prompt_tokens,
+                self.slim.block_size,
+            ),
+            _ => (Vec::new(), 0, self.slim.block_size),
+        };
+        let total = (prompt_tokens + self.answer_reserve).min(self.context_length());
+        let plan: Vec<LayerPlan> = (0..n_layers)
+            .map(|l| match stages.iter().rev().find(|s| s.start_layer <= l) {
+                Some(st) => LayerPlan {
+                    managed: true,
+                    slots: st.decode_blocks,
+                    rows: total.saturating_sub(prompt_len),
+                },
+                None => LayerPlan {
+                    managed: false,
+                    slots: 0,
+                    rows: total,
+                },
+            })
+            .collect();
+        match self.kv.tiers_mut() {
+            Some(t) => t.plan(block_size, &plan).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     fn slim_note(&self) -> Option<String> {
@@ -476,6 +653,8 @@ impl Engine {
                 reused = 0;
             }
         }
+        // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
+        self.plan_kv(prompt.len(), reused == 0)?;
         if reused == 0 {
             self.reset();
         }
@@ -523,12 +702,16 @@ impl Engine {
             session.take_swaps();
         }
         self.cached.extend_from_slice(tokens);
+        self.resident_peak = self.resident_peak.max(self.kv.bytes());
         Ok((logits, reused))
     }
 
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let pos = self.cached.len() as u32;
+        if let Some(t) = self.kv.tiers_mut() {
+            t.begin_step();
+        }
         let (model, kv) = (&self.model, &mut self.kv);
         // The whole step runs on a pool thread: its parallel sections (about five per layer)
         // then start as work for the other thread to steal, instead of each waking the pool
@@ -545,9 +728,13 @@ impl Engine {
                 rayon::scope(|_| model.forward(&[token], &[pos], kv, &mut Dense, &mut |_, _| {}))
             }
         };
+        if let Some(t) = self.kv.tiers_mut() {
+            t.end_step();
+        }
         match logits {
             Ok(l) => {
                 self.cached.push(token);
+                self.resident_peak = self.resident_peak.max(self.kv.bytes());
                 Ok(l)
             }
             Err(e) => {

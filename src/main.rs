@@ -61,6 +61,9 @@ struct Common {
     /// Where the model runs: auto, cpu or cuda (cuda falls back to the CPU with a note)
     #[arg(long, global = true, value_parser = parse_device)]
     device: Option<DeviceChoice>,
+    /// Keep every KV block in the fast tier (no KV manager): the reference run
+    #[arg(long, global = true)]
+    kv_resident: bool,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +165,12 @@ struct BenchArgs {
     /// kernels' rates
     #[arg(long)]
     kernels: bool,
+    /// Run each mode with the KV manager and all-resident, alternating run by run
+    #[arg(long)]
+    kv_compare: bool,
+    /// With --slim: skip the dense rows (time the pruned engine only)
+    #[arg(long)]
+    no_dense: bool,
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -216,6 +225,9 @@ fn real_main(cli: Cli) -> Result<()> {
     if let Some(d) = cli.common.device {
         cfg.model.device = d;
     }
+    if cli.common.kv_resident {
+        cfg.kv.resident = true;
+    }
     cfg.slim.validate_keys().map_err(Error::Usage)?;
     if cfg.model.threads > 0 {
         rayon::ThreadPoolBuilder::new()
@@ -226,7 +238,9 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Run(args)) => run(&cfg, args),
         Some(Command::Bench(args)) => {
-            let modes = if cli.common.slim == Some(true) {
+            let modes = if cli.common.slim == Some(true) && args.no_dense {
+                vec![Mode::Slim]
+            } else if cli.common.slim == Some(true) {
                 vec![Mode::Dense, Mode::Slim]
             } else {
                 vec![Mode::Dense]
@@ -422,13 +436,19 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
         modes,
         runs: args.runs,
         decode_tokens: args.decode_tokens,
+        kv_resident: if args.kv_compare {
+            vec![false, true]
+        } else {
+            vec![cfg.kv.resident]
+        },
     };
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
-            "slimchat bench: {:>5} tokens {:>6}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}",
-            r.prompt_tokens, r.mode, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
-            r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens))
+            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
+            r.prompt_tokens, r.mode, if r.kv.kv_resident { " resident" } else { "" }, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
+            r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens)),
+            r.kv.kv_fast_bytes_peak as f64 / 1048576.0, r.kv.kv_dense_bytes as f64 / 1048576.0, r.kv.kv_stall_ms
         );
     })?;
     if json {

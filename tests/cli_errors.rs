@@ -308,6 +308,8 @@ fn json_report_of_a_good_run() {
         "generated_tokens",
         "peak_rss_bytes",
         "kv_bytes",
+        "kv_fast_bytes_peak",
+        "kv_dense_bytes",
     ] {
         let n = v[key]
             .as_u64()
@@ -315,6 +317,13 @@ fn json_report_of_a_good_run() {
         assert!(n > 0, "{key} is 0 in {v}");
     }
     assert!(v["generated_tokens"].as_u64().unwrap() <= 16, "{v}");
+    for key in ["kv_host_bytes", "kv_bytes_copied"] {
+        assert!(v[key].is_u64(), "{key} is not a count in {v}");
+    }
+    assert!(
+        v["kv_stall_ms"].is_f64(),
+        "kv_stall_ms is not a number in {v}"
+    );
     for key in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
         let x = v[key]
             .as_f64()

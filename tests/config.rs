@@ -219,3 +219,23 @@ fn bad_default_file_is_still_an_error() {
         other => panic!("expected a config error, got {other:?}"),
     }
 }
+
+#[test]
+fn bad_kv_sizes_name_their_key() {
+    let msg = config_error("[kv]\nfast_budget = \"lots\"\n");
+    assert!(msg.contains("[kv] fast_budget"), "{msg}");
+    let msg = config_error("[kv]\nfast_budget = \"0tok\"\n");
+    assert!(msg.contains("[kv] fast_budget"), "{msg}");
+    let msg = config_error("[kv]\nspill_cap = \"big\"\n");
+    assert!(msg.contains("[kv] spill_cap"), "{msg}");
+    for ok in [
+        "\"auto\"",
+        "\"512M\"",
+        "\"2G\"",
+        "\"1048576\"",
+        "\"4096tok\"",
+    ] {
+        let text = format!("[kv]\nfast_budget = {ok}\n");
+        AppConfig::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}

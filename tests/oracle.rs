@@ -78,6 +78,7 @@ fn ours_with(mode: LinearMode, kv_dtype: KvDtype) -> Engine {
                 enabled: false,
                 ..Default::default()
             },
+            kv: Default::default(),
         },
     )
     .unwrap()

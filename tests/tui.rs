@@ -67,6 +67,7 @@ fn stats(text: &str) -> GenStats {
         prefill_tok_s: 1822.7,
         decode_tok_s: 41.3,
         kv_bytes: 11_206_656,
+        kv: Default::default(),
         stop_reason: StopReason::EndOfTurn,
         slim: true,
         prefill_kind: PrefillKind::Full,

@@ -1,4 +1,5 @@
-//! Attention for one query row (a decode step) against a long KV cache in a 16-bit dtype.
+//! Attention for one query row (a decode step) against a long KV cache stored narrowed
+//! ([`KvDtype`]: 16-bit floats or Q8 groups).
 //!
 //! The keys a query may see (its `key_ranges`, clipped to the keys at or before its position)
 //! are cut into chunks spread over the rayon pool. A chunk walks its keys in blocks of
@@ -20,7 +21,7 @@ use rayon::prelude::*;
 use super::attention::AttnShape;
 use super::isa::Isa;
 use super::simd::exp_nonpositive;
-use crate::kv::KvView;
+use crate::kv::{KvDtype, KvView};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -53,6 +54,16 @@ impl Partial {
     }
 }
 
+/// A run of consecutive key rows: K and V, each (rows, stored_len(n_kv_heads * hd)) words of one
+/// [`KvDtype`].
+/// The keys a query attends to are a list of runs read in order (the host cache cut by key
+/// ranges, or the KV manager's fast-tier slots and generated rows).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRun<'a> {
+    pub k: &'a [u16],
+    pub v: &'a [u16],
+}
+
 /// out (n_heads * hd) = softmax(q k^T / sqrt(hd)) v over the keys of `key_ranges` at positions
 /// <= `q_pos`, on the widest path this CPU has. Shapes are checked by the caller
 /// ([`super::attention::attention`]); ranges must be sorted, disjoint and within the cache.
@@ -77,14 +88,49 @@ pub fn decode_attention_with(
     shape: AttnShape,
     out: &mut [f32],
 ) {
-    let hd = shape.head_dim;
+    let stride = kv.dtype.stored_len(shape.n_kv_heads * shape.head_dim); // words per row
     let visible = kv.positions.partition_point(|&p| p <= q_pos);
-    let ranges: Vec<Range<usize>> = key_ranges
+    let runs: Vec<KeyRun> = key_ranges
         .iter()
         .map(|r| r.start..r.end.min(visible))
         .filter(|r| !r.is_empty())
+        .map(|r| KeyRun {
+            k: &kv.k[r.start * stride..r.end * stride],
+            v: &kv.v[r.start * stride..r.end * stride],
+        })
         .collect();
-    let active: usize = ranges.iter().map(|r| r.len()).sum();
+    decode_attention_runs_with(isa, q, &runs, kv.dtype, shape, out)
+}
+
+/// out = softmax(q k^T / sqrt(hd)) v over every key of `runs`, read in order, on the widest
+/// path this CPU has.
+pub fn decode_attention_runs(
+    q: &[f32],
+    runs: &[KeyRun],
+    dtype: KvDtype,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    decode_attention_runs_with(Isa::best(), q, runs, dtype, shape, out)
+}
+
+/// [`decode_attention_runs`] on a chosen path.
+///
+/// The result depends only on the logical sequence of keys, not on how it is cut into runs:
+/// chunks are cut by logical key count, and a chunk steps its online softmax in blocks of
+/// `BLOCK` logical keys whose rows may come from several runs. So the KV manager's fast tier
+/// (slots in position order) and the host cache cut by key ranges give bit-identical outputs.
+pub fn decode_attention_runs_with(
+    isa: Isa,
+    q: &[f32],
+    runs: &[KeyRun],
+    dtype: KvDtype,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let words = dtype.stored_len(shape.n_kv_heads * hd); // stored words per row
+    let active: usize = runs.iter().map(|r| r.k.len() / words).sum();
     if active == 0 {
         out.fill(0.0);
         return;
@@ -102,26 +148,75 @@ pub fn decode_attention_with(
     let partials: Vec<Partial> = (0..chunks)
         .into_par_iter()
         .map(|c| {
-            let mine = sub_ranges(&ranges, c * per_chunk, ((c + 1) * per_chunk).min(active));
-            chunk_on(isa, &qs, kv, &mine, shape)
+            let (from, to) = (c * per_chunk, ((c + 1) * per_chunk).min(active));
+            chunk_on(isa, &qs, runs, from..to, dtype, shape)
         })
         .collect();
     merge(&partials, hd, out);
 }
 
-/// The part of `ranges` from the `from`-th to the `to`-th of their keys, counted in order.
-fn sub_ranges(ranges: &[Range<usize>], from: usize, to: usize) -> Vec<Range<usize>> {
-    let mut seen = 0;
-    let mut out = Vec::new();
-    for r in ranges {
-        let (lo, hi) = (seen, seen + r.len());
-        seen = hi;
-        let (a, b) = (from.max(lo), to.min(hi));
-        if a < b {
-            out.push(r.start + (a - lo)..r.start + (b - lo));
+/// Walks the `keys`-th keys of `runs` (counted in order) in blocks of up to `BLOCK` keys.
+/// Each block's rows come as pieces, in order (one piece unless the block straddles runs).
+struct Blocks<'r, 'a> {
+    runs: &'r [KeyRun<'a>],
+    stride: usize,
+    /// current run and row within it
+    run: usize,
+    row: usize,
+    left: usize,
+}
+
+impl<'r, 'a> Blocks<'r, 'a> {
+    #[inline(always)]
+    fn new(runs: &'r [KeyRun<'a>], stride: usize, keys: Range<usize>) -> Self {
+        let mut b = Self {
+            runs,
+            stride,
+            run: 0,
+            row: keys.start,
+            left: keys.len(),
+        };
+        while b.run < runs.len() && b.row >= b.rows(b.run) {
+            b.row -= b.rows(b.run);
+            b.run += 1;
         }
+        b
     }
-    out
+
+    #[inline(always)]
+    fn rows(&self, run: usize) -> usize {
+        self.runs[run].k.len() / self.stride
+    }
+
+    /// The next block's rows into `pieces`; its key count, or None at the end.
+    #[inline(always)]
+    fn next_into(&mut self, pieces: &mut Vec<KeyRun<'a>>) -> Option<usize> {
+        if self.left == 0 {
+            return None;
+        }
+        let kb = BLOCK.min(self.left);
+        pieces.clear();
+        let mut need = kb;
+        while need > 0 {
+            let (r, total) = (self.runs[self.run], self.rows(self.run));
+            let take = (total - self.row).min(need);
+            if take > 0 {
+                let span = self.row * self.stride..(self.row + take) * self.stride;
+                pieces.push(KeyRun {
+                    k: &r.k[span.clone()],
+                    v: &r.v[span],
+                });
+            }
+            need -= take;
+            self.row += take;
+            if self.row == total {
+                self.run += 1;
+                self.row = 0;
+            }
+        }
+        self.left -= kb;
+        Some(kb)
+    }
 }
 
 /// out = Σ_c acc_c e^(max_c - M) / Σ_c sum_c e^(max_c - M), per head, M the largest max.
@@ -150,20 +245,21 @@ fn merge(partials: &[Partial], hd: usize, out: &mut [f32]) {
 fn chunk_on(
     isa: Isa,
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     shape: AttnShape,
 ) -> Partial {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` comes from Isa::available(), so the CPU has these features.
-        Isa::Avx512 => avx512::chunk(qs, kv, ranges, shape)
+        Isa::Avx512 => avx512::chunk(qs, runs, keys.clone(), dtype, shape)
             // SAFETY: as above.
-            .unwrap_or_else(|| unsafe { chunk_avx512(isa, qs, kv, ranges, shape) }),
+            .unwrap_or_else(|| unsafe { chunk_avx512(isa, qs, runs, keys, dtype, shape) }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { chunk_avx2(isa, qs, kv, ranges, shape) },
-        _ => chunk::<false>(isa, qs, kv, ranges, shape),
+        Isa::Avx2 => unsafe { chunk_avx2(isa, qs, runs, keys, dtype, shape) },
+        _ => chunk::<false>(isa, qs, runs, keys, dtype, shape),
     }
 }
 
@@ -172,11 +268,12 @@ fn chunk_on(
 unsafe fn chunk_avx512(
     isa: Isa,
     qs: &[f32],
-    kv: KvView,
-    r: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     s: AttnShape,
 ) -> Partial {
-    chunk::<true>(isa, qs, kv, r, s)
+    chunk::<true>(isa, qs, runs, keys, dtype, s)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -184,21 +281,24 @@ unsafe fn chunk_avx512(
 unsafe fn chunk_avx2(
     isa: Isa,
     qs: &[f32],
-    kv: KvView,
-    r: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     s: AttnShape,
 ) -> Partial {
-    chunk::<true>(isa, qs, kv, r, s)
+    chunk::<true>(isa, qs, runs, keys, dtype, s)
 }
 
-/// One chunk: the keys of `ranges`, block by block. `qs` is the query pre-scaled by 1/sqrt(hd).
-/// FMA: fuse multiply-adds (the SIMD paths; a fused multiply-add is a libm call without FMA).
+/// One chunk: keys `keys` (counted in order over `runs`), block by block. `qs` is the query
+/// pre-scaled by 1/sqrt(hd). FMA: fuse multiply-adds (the SIMD paths; a fused multiply-add is a
+/// libm call without FMA).
 #[inline(always)]
 fn chunk<const FMA: bool>(
     isa: Isa,
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     shape: AttnShape,
 ) -> Partial {
     let AttnShape {
@@ -208,19 +308,20 @@ fn chunk<const FMA: bool>(
     } = shape;
     let group = n_heads / n_kv_heads;
     let stride = n_kv_heads * hd;
-    let words = kv.dtype.stored_len(stride); // stored words per row
+    let words = dtype.stored_len(stride); // stored words per row
     let mut st = Partial::new(n_heads, hd);
     let mut buf = vec![0.0f32; BLOCK * stride];
     let mut p = vec![0.0f32; n_heads * BLOCK];
-    let blocks = ranges.iter().flat_map(|r| {
-        (r.start..r.end)
-            .step_by(BLOCK)
-            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
-    });
-    for (j0, kb) in blocks {
+    let mut blocks = Blocks::new(runs, words, keys);
+    let mut pieces = Vec::with_capacity(4);
+    while let Some(kb) = blocks.next_into(&mut pieces) {
         let rows = &mut buf[..kb * stride];
-        kv.dtype
-            .decode_with(isa, &kv.k[j0 * words..(j0 + kb) * words], rows);
+        let mut at = 0;
+        for piece in &pieces {
+            let n = dtype.values_in(piece.k.len());
+            dtype.decode_with(isa, piece.k, &mut rows[at..at + n]);
+            at += n;
+        }
         // scores p[h][j] = qs_h . k_j[g(h)]: the group's query heads read each key row in turn
         for g in 0..n_kv_heads {
             for j in 0..kb {
@@ -245,8 +346,12 @@ fn chunk<const FMA: bool>(
             }
             st.sum[h] += lane_sum(ph);
         }
-        kv.dtype
-            .decode_with(isa, &kv.v[j0 * words..(j0 + kb) * words], rows);
+        let mut at = 0;
+        for piece in &pieces {
+            let n = dtype.values_in(piece.v.len());
+            dtype.decode_with(isa, piece.v, &mut rows[at..at + n]);
+            at += n;
+        }
         // acc_h += Σ_j p[h][j] v_j[g(h)], LANES output columns at a time in registers
         for h in 0..n_heads {
             let g = h / group;
@@ -466,6 +571,78 @@ mod tests {
             head_dim: 40,
         };
         check(777, u32::MAX, &[5..700, 701..777], shape, KvDtype::F16, 9);
+    }
+
+    /// The KV manager's fast tier holds the same keys as the host cache, cut differently (slots
+    /// in position order, then the generated rows): the output must not depend on the cut.
+    #[test]
+    fn output_depends_on_the_key_sequence_not_on_how_it_is_cut() {
+        let kv_dim = GQA.n_kv_heads * GQA.head_dim;
+        let n = 3001;
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let mut cache = LayerKv::new(KvDtype::F16);
+        let k: Vec<f32> = patterned(n * kv_dim, 21).iter().map(|x| x * 3.0).collect();
+        cache
+            .append(&k, &patterned(n * kv_dim, 22), &positions)
+            .unwrap();
+        let q = patterned(GQA.n_heads * GQA.head_dim, 23);
+        for ranges in [
+            vec![0..64, 67..70, 300..301, 640..1283, 1500..3001],
+            vec![0..64, 128..192, 1024..1088, 2900..3001],
+            vec![5..2000],
+        ] {
+            let rows: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+            let gather = |x: &[u16]| -> Vec<u16> {
+                rows.iter()
+                    .flat_map(|&j| x[j * kv_dim..][..kv_dim].to_vec())
+                    .collect()
+            };
+            let (gk, gv) = (gather(&cache.k), gather(&cache.v));
+            // cuts of the gathered sequence into runs of odd lengths (some empty)
+            let mut cuts = vec![0usize];
+            let mut at = 0;
+            for len in [1usize, 0, 7, 64, 33, 31, 100, 1, 257, 64].iter().cycle() {
+                at += len;
+                if at >= rows.len() {
+                    break;
+                }
+                cuts.push(at);
+            }
+            cuts.push(rows.len());
+            let odd: Vec<KeyRun> = cuts
+                .windows(2)
+                .map(|w| KeyRun {
+                    k: &gk[w[0] * kv_dim..w[1] * kv_dim],
+                    v: &gv[w[0] * kv_dim..w[1] * kv_dim],
+                })
+                .collect();
+            let whole = [KeyRun { k: &gk, v: &gv }];
+            for &isa in Isa::available() {
+                let mut by_ranges = vec![f32::NAN; q.len()];
+                decode_attention_with(
+                    isa,
+                    &q,
+                    u32::MAX,
+                    cache.view(),
+                    &ranges,
+                    GQA,
+                    &mut by_ranges,
+                );
+                for runs in [&whole[..], &odd[..]] {
+                    let mut out = vec![f32::NAN; q.len()];
+                    decode_attention_runs_with(isa, &q, runs, KvDtype::F16, GQA, &mut out);
+                    let same = out
+                        .iter()
+                        .zip(&by_ranges)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{isa:?}: {} runs differ from the key ranges",
+                        runs.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

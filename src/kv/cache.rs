@@ -9,7 +9,13 @@
 //!
 //! Invariant: within a layer, positions are strictly increasing in row order.
 
+use std::sync::Arc;
+
 use super::dtype::KvDtype;
+use super::manager::{KvManager, KvStats};
+use crate::backend::attention::{attention, AttnShape};
+use crate::backend::decode_attention::decode_attention_runs;
+use crate::model::llama::LayerPolicy;
 
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
@@ -170,10 +176,15 @@ impl LayerKv {
     }
 }
 
-/// The caches of all layers.
-#[derive(Debug, Clone)]
+/// The caches of all layers (the host tier), and the KV manager that keeps a bounded fast tier
+/// of what decode attends to (None: every block resident, the reference path).
+///
+/// Layers are shared (`Arc`) so that the offload worker can read a layer's rows while the
+/// forward runs other layers; a layer is appended to only once its copies have completed.
+#[derive(Debug)]
 pub struct KvCache {
-    pub layers: Vec<LayerKv>,
+    pub layers: Vec<Arc<LayerKv>>,
+    tiers: Option<KvManager>,
 }
 
 impl KvCache {
@@ -184,31 +195,138 @@ impl KvCache {
 
     pub fn with_dtype(n_layers: usize, dtype: KvDtype) -> Self {
         Self {
-            layers: vec![LayerKv::new(dtype); n_layers],
+            layers: (0..n_layers)
+                .map(|_| Arc::new(LayerKv::new(dtype)))
+                .collect(),
+            tiers: None,
         }
     }
 
+    /// Manage the fast tier with `tiers` (None: everything resident).
+    pub fn set_tiers(&mut self, tiers: Option<KvManager>) {
+        self.tiers = tiers;
+    }
+
+    pub fn tiers(&self) -> Option<&KvManager> {
+        self.tiers.as_ref()
+    }
+
+    pub fn tiers_mut(&mut self) -> Option<&mut KvManager> {
+        self.tiers.as_mut()
+    }
+
+    pub fn layer(&self, i: usize) -> &LayerKv {
+        &self.layers[i]
+    }
+
     pub fn clear(&mut self) {
+        if let Some(t) = &mut self.tiers {
+            t.reset(&self.layers);
+        }
         for l in &mut self.layers {
-            *l = LayerKv::new(l.dtype);
+            *l = Arc::new(LayerKv::new(l.dtype));
         }
     }
 
     /// Drop every row at position >= `pos` in every layer (undo a turn, or regenerate).
     pub fn truncate_from(&mut self, pos: u32) {
+        if let Some(t) = &mut self.tiers {
+            t.truncate_from(pos, &self.layers);
+        }
         for l in &mut self.layers {
             let keep = l.positions.partition_point(|&p| p < pos);
-            l.truncate(keep);
+            if keep < l.len() {
+                Arc::make_mut(l).truncate(keep);
+            }
+        }
+    }
+
+    /// Before layer `i` appends and attends: its pending copies must have landed.
+    pub fn before_layer(&mut self, i: usize) {
+        if let Some(t) = &mut self.tiers {
+            t.before_layer(i, &self.layers);
+        }
+    }
+
+    /// Append rows to layer `i` (host tier; rows past the prompt also to the fast tier).
+    pub fn append(
+        &mut self,
+        i: usize,
+        k: &[f32],
+        v: &[f32],
+        positions: &[u32],
+        policy: &dyn LayerPolicy,
+    ) -> candle_core::Result<()> {
+        Arc::make_mut(&mut self.layers[i]).append(k, v, positions)?;
+        if let Some(t) = &mut self.tiers {
+            t.after_append(
+                i,
+                &self.layers[i],
+                positions,
+                policy.active_blocks(i).as_ref(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Attention of layer `i`'s rows (queries `q` at `positions`) over its cached keys: a decode
+    /// row of a slim layer reads the fast tier; everything else reads the host cache through the
+    /// policy's key ranges. Both give the same bits.
+    pub fn attend(
+        &mut self,
+        i: usize,
+        q: &[f32],
+        positions: &[u32],
+        policy: &dyn LayerPolicy,
+        shape: AttnShape,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let host = &self.layers[i];
+        let keys = policy.key_ranges(i, host);
+        if let (Some(t), 1) = (&mut self.tiers, positions.len()) {
+            let active = policy.active_blocks(i);
+            let want: usize = keys.iter().map(|r| r.len()).sum();
+            let last_visible = host.positions.last().is_none_or(|&p| p <= positions[0]);
+            if let Some(runs) = t.runs(i, active.as_ref()) {
+                let have: usize = runs.iter().map(|r| r.k.len()).sum::<usize>()
+                    / host.dtype.stored_len(shape.n_kv_heads * shape.head_dim);
+                if have == want && last_visible {
+                    decode_attention_runs(q, &runs, host.dtype, shape, out);
+                    return Ok(());
+                }
+                t.note_miss();
+            }
+        }
+        attention(q, positions, host.view(), &keys, shape, out)
+    }
+
+    /// After layer `i` and its policy step: let the manager move blocks.
+    pub fn after_layer(
+        &mut self,
+        i: usize,
+        rows: usize,
+        policy: &dyn LayerPolicy,
+    ) -> crate::Result<()> {
+        match &mut self.tiers {
+            Some(t) => t.after_layer(i, rows, &self.layers, policy),
+            None => Ok(()),
         }
     }
 
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::bytes).sum()
+        self.layers.iter().map(|l| l.bytes()).sum()
+    }
+
+    /// The manager's numbers since the last call, once its copies have landed (None: resident).
+    pub fn take_tier_stats(&mut self) -> Option<KvStats> {
+        let t = self.tiers.as_mut()?;
+        t.wait_all(&self.layers);
+        Some(t.take_stats(&self.layers))
     }
 
     /// Rows held per layer.
     pub fn rows_per_layer(&self) -> Vec<usize> {
-        self.layers.iter().map(LayerKv::len).collect()
+        self.layers.iter().map(|l| l.len()).collect()
     }
 }
 
@@ -252,10 +370,12 @@ mod tests {
     #[test]
     fn truncate_from_drops_rows_at_and_after_position() {
         let mut c = KvCache::new(2);
-        c.layers[0]
+        Arc::make_mut(&mut c.layers[0])
             .append(&[0.0; 3], &[0.0; 3], &[0, 1, 2])
             .unwrap();
-        c.layers[1].append(&[0.0; 2], &[0.0; 2], &[0, 2]).unwrap();
+        Arc::make_mut(&mut c.layers[1])
+            .append(&[0.0; 2], &[0.0; 2], &[0, 2])
+            .unwrap();
         c.truncate_from(2);
         assert_eq!(c.rows_per_layer(), vec![2, 1]);
         assert_eq!(c.bytes(), 3 * 2 * 2);

@@ -1,6 +1,14 @@
-//! Key/value caches, one per layer, owned by the engine and passed into the forward.
+//! Key/value caches, one per layer, owned by the engine and passed into the forward; and the
+//! two-tier KV manager: block tables (`table`), fast-tier slots (`fast`), the offload worker
+//! (`worker`), the optional spill file (`spill`), tied to the forward by `manager`.
 pub mod cache;
 pub mod dtype;
+pub mod fast;
+pub mod manager;
+pub mod spill;
+pub mod table;
+pub mod worker;
 
 pub use cache::{KvCache, KvView, LayerKv};
 pub use dtype::KvDtype;
+pub use manager::{KvConfig, KvManager, KvStats, LayerPlan};

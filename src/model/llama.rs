@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use crate::backend::attention::{attention, AttnShape};
+use crate::backend::attention::AttnShape;
 use crate::backend::linear::{FusedLinear, Linear, LinearMode};
 use crate::backend::rowwise::{rms_norm, silu_mul, Rope};
 use crate::backend::{tensor2, with_f32};
@@ -44,13 +44,14 @@ impl Attention {
         })
     }
 
-    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to `kv` and
-    /// returns the post-RoPE queries (rows, n_heads * hd) for the policy to score with.
+    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to layer
+    /// `ctx.layer` of `kv` and returns the post-RoPE queries (rows, n_heads * hd) for the policy
+    /// to score with.
     fn forward(
         &self,
         x: &Tensor,
         positions: &[u32],
-        kv: &mut LayerKv,
+        kv: &mut KvCache,
         ctx: &LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
@@ -60,10 +61,11 @@ impl Attention {
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         ctx.rope.apply(&mut q, positions)?;
         ctx.rope.apply(&mut k, positions)?;
-        with_f32(&v, |v| kv.append(&k, v, positions))??;
-        let keys = ctx.policy.key_ranges(ctx.layer, kv);
+        // the layer's block copies (KV manager) land before it appends and attends
+        kv.before_layer(ctx.layer);
+        with_f32(&v, |v| kv.append(ctx.layer, &k, v, positions, ctx.policy))??;
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
-        attention(&q, positions, kv.view(), &keys, self.shape, &mut out)?;
+        kv.attend(ctx.layer, &q, positions, ctx.policy, self.shape, &mut out)?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
 }
@@ -136,7 +138,7 @@ impl Block {
         &self,
         h: &Tensor,
         positions: &[u32],
-        kv: &mut LayerKv,
+        kv: &mut KvCache,
         ctx: &LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let x = norm(h, &self.attn_norm, ctx.eps)?;
@@ -164,6 +166,14 @@ pub trait LayerPolicy {
         vec![0..kv.len()]
     }
 
+    /// The prompt blocks layer `layer` attends to in decode, when it attends to a subset of its
+    /// cached prompt blocks; None = every row it holds. When Some, `key_ranges` in decode must be
+    /// exactly the rows of these blocks plus every row past the prompt (the KV manager reads
+    /// the same keys from its fast tier).
+    fn active_blocks(&self, _layer: usize) -> Option<ActiveBlocks<'_>> {
+        None
+    }
+
     /// Called after layer `layer` with its output `h` (rows, hidden), its post-RoPE queries `q`
     /// (rows, n_heads * hd), the rows' positions and the layer's cache. Returns how the rows
     /// change before the next layer, or None to keep them all.
@@ -177,6 +187,20 @@ pub trait LayerPolicy {
     ) -> Result<Option<RowChange>> {
         Ok(None)
     }
+}
+
+/// The prompt blocks a layer's decode steps attend to (besides every row past the prompt), as the
+/// policy decided them; the KV manager keeps these blocks in its fast tier.
+#[derive(Debug, Clone)]
+pub struct ActiveBlocks<'a> {
+    /// Prompt blocks, ascending.
+    pub blocks: &'a [u32],
+    /// The layers that share this set (a SlimInfer stage); the set is decided before its first.
+    pub stage_layers: Range<usize>,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Positions below this are prompt blocks; rows at or past it always stay fast.
+    pub prompt_len: usize,
 }
 
 /// How the rows change between two layers.
@@ -296,19 +320,22 @@ impl Llama {
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
         let mut positions = positions.to_vec(); // (rows)
-        for (i, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
+        for (i, block) in self.blocks.iter().enumerate() {
             let ctx = LayerCtx {
                 layer: i,
                 rope: &self.rope,
                 eps: self.spec.rms_eps,
                 policy: &*policy,
             };
-            let (out, q) = block.forward(&h, &positions, layer_kv, &ctx)?;
+            let (out, q) = block.forward(&h, &positions, kv, &ctx)?;
             h = out;
-            on_layer(i, positions.len());
-            if let Some(change) = policy.after_layer(i, &h, &q, &positions, layer_kv)? {
+            let rows = positions.len();
+            on_layer(i, rows);
+            if let Some(change) = policy.after_layer(i, &h, &q, &positions, kv.layer(i))? {
                 h = apply_row_change(h, &mut positions, change)?;
             }
+            // the policy may have switched a stage's blocks: the KV manager evicts and prefetches
+            kv.after_layer(i, rows, &*policy)?;
         }
         let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
         let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;

@@ -31,7 +31,7 @@ use candle_core::{Device, Tensor};
 
 use crate::backend::with_f32;
 use crate::kv::LayerKv;
-use crate::model::llama::{LayerPolicy, RowChange};
+use crate::model::llama::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores_attention_of, block_scores_of, HeadShape, Keys, UnitKeys};
@@ -490,6 +490,22 @@ impl LayerPolicy for SlimSession {
             }
         }
         ranges
+    }
+
+    fn active_blocks(&self, layer: usize) -> Option<ActiveBlocks<'_>> {
+        let i = self
+            .stages
+            .iter()
+            .rposition(|s| s.stage.start_layer <= layer)?;
+        let end = (self.stages.get(i + 1)).map_or(self.n_layers, |s| s.stage.start_layer);
+        let st = &self.stages[i];
+        Some(ActiveBlocks {
+            // the set decode attends to; key_ranges reads every row while active == pool
+            blocks: &st.active,
+            stage_layers: st.stage.start_layer..end,
+            block_size: self.cfg.block_size,
+            prompt_len: self.prompt_len,
+        })
     }
 
     fn after_layer(

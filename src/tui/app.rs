@@ -144,6 +144,9 @@ pub struct LastStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
     pub kv_bytes: usize,
+    /// KV bytes in the fast tier and in the host tier (0 when every block is resident).
+    pub kv_fast_bytes: usize,
+    pub kv_host_bytes: usize,
     pub rss_bytes: u64,
     pub kept_per_layer: Vec<usize>,
     pub slim: bool,
@@ -658,6 +661,8 @@ impl App {
             prompt_tokens: s.prompt_tokens,
             generated_tokens: s.generated_tokens,
             kv_bytes: s.kv_bytes,
+            kv_fast_bytes: s.kv.kv_fast_bytes,
+            kv_host_bytes: s.kv.kv_host_bytes,
             rss_bytes,
             kept_per_layer: s.kept_per_layer.clone(),
             slim: s.slim,

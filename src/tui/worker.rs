@@ -208,13 +208,15 @@ fn generate(
     send(WorkerEvent::PromptTokens(prompt.len()));
     let stats =
         engine.generate_from_tokens(&prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
-            send(forward(ev))
+            if let Some(ev) = forward(ev) {
+                send(ev)
+            }
         })?;
     Ok(Some(stats))
 }
 
-fn forward(ev: EngineEvent) -> WorkerEvent {
-    match ev {
+fn forward(ev: EngineEvent) -> Option<WorkerEvent> {
+    Some(match ev {
         EngineEvent::PrefillProgress {
             layers_done,
             n_layers,
@@ -227,7 +229,9 @@ fn forward(ev: EngineEvent) -> WorkerEvent {
             rows,
         },
         EngineEvent::Token(t) => WorkerEvent::Token(t),
-    }
+        // the panel shows the tiers from the request's stats when it ends
+        EngineEvent::KvTiers { .. } => return None,
+    })
 }
 
 /// Dense, then pruned, each after `reset` so both prefill the whole prompt; the engine's own

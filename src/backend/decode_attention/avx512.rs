@@ -6,12 +6,12 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{lane_max, lane_sum, Partial, BLOCK};
+use super::{lane_max, lane_sum, Blocks, KeyRun, Partial, BLOCK};
 use crate::backend::attention::AttnShape;
 use crate::backend::simd::exp_nonpositive;
 use crate::kv::dtype::x86::q8_group;
 use crate::kv::dtype::Q8_WORDS;
-use crate::kv::{KvDtype, KvView};
+use crate::kv::KvDtype;
 
 const HD: usize = 64;
 
@@ -23,8 +23,9 @@ const Q8: u8 = 2;
 /// The chunk's partial softmax state, or None for a shape this kernel does not cover.
 pub(super) fn chunk(
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     shape: AttnShape,
 ) -> Option<Partial> {
     let group = shape.n_heads / shape.n_kv_heads;
@@ -33,19 +34,19 @@ pub(super) fn chunk(
     }
     // SAFETY: the caller took this path from Isa::available(): the CPU has AVX-512F and F16C.
     unsafe {
-        Some(match (group, kv.dtype) {
-            (1, KvDtype::F16) => run::<1, F16>(qs, kv, ranges, shape),
-            (2, KvDtype::F16) => run::<2, F16>(qs, kv, ranges, shape),
-            (3, KvDtype::F16) => run::<3, F16>(qs, kv, ranges, shape),
-            (4, KvDtype::F16) => run::<4, F16>(qs, kv, ranges, shape),
-            (1, KvDtype::Bf16) => run::<1, BF16>(qs, kv, ranges, shape),
-            (2, KvDtype::Bf16) => run::<2, BF16>(qs, kv, ranges, shape),
-            (3, KvDtype::Bf16) => run::<3, BF16>(qs, kv, ranges, shape),
-            (4, KvDtype::Bf16) => run::<4, BF16>(qs, kv, ranges, shape),
-            (1, KvDtype::Q8) => run::<1, Q8>(qs, kv, ranges, shape),
-            (2, KvDtype::Q8) => run::<2, Q8>(qs, kv, ranges, shape),
-            (3, KvDtype::Q8) => run::<3, Q8>(qs, kv, ranges, shape),
-            (4, KvDtype::Q8) => run::<4, Q8>(qs, kv, ranges, shape),
+        Some(match (group, dtype) {
+            (1, KvDtype::F16) => run::<1, F16>(qs, runs, keys, dtype, shape),
+            (2, KvDtype::F16) => run::<2, F16>(qs, runs, keys, dtype, shape),
+            (3, KvDtype::F16) => run::<3, F16>(qs, runs, keys, dtype, shape),
+            (4, KvDtype::F16) => run::<4, F16>(qs, runs, keys, dtype, shape),
+            (1, KvDtype::Bf16) => run::<1, BF16>(qs, runs, keys, dtype, shape),
+            (2, KvDtype::Bf16) => run::<2, BF16>(qs, runs, keys, dtype, shape),
+            (3, KvDtype::Bf16) => run::<3, BF16>(qs, runs, keys, dtype, shape),
+            (4, KvDtype::Bf16) => run::<4, BF16>(qs, runs, keys, dtype, shape),
+            (1, KvDtype::Q8) => run::<1, Q8>(qs, runs, keys, dtype, shape),
+            (2, KvDtype::Q8) => run::<2, Q8>(qs, runs, keys, dtype, shape),
+            (3, KvDtype::Q8) => run::<3, Q8>(qs, runs, keys, dtype, shape),
+            (4, KvDtype::Q8) => run::<4, Q8>(qs, runs, keys, dtype, shape),
             _ => return None,
         })
     }
@@ -81,25 +82,34 @@ unsafe fn row<const FMT: u8>(p: *const u16) -> [__m512; 4] {
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run<const G: usize, const FMT: u8>(
     qs: &[f32],
-    kv: KvView,
-    ranges: &[Range<usize>],
+    runs: &[KeyRun],
+    keys: Range<usize>,
+    dtype: KvDtype,
     shape: AttnShape,
 ) -> Partial {
     let n_heads = shape.n_heads;
     // stored words per row and per head row
-    let stride = kv.dtype.stored_len(shape.n_kv_heads * HD);
-    let head_words = kv.dtype.stored_len(HD);
+    let stride = dtype.stored_len(shape.n_kv_heads * HD);
+    let head_words = dtype.stored_len(HD);
     let mut st = Partial::new(n_heads, HD);
     let mut p = [0.0f32; 4 * BLOCK];
-    let blocks = ranges.iter().flat_map(|r| {
-        (r.start..r.end)
-            .step_by(BLOCK)
-            .map(move |j0| (j0, BLOCK.min(r.end - j0)))
-    });
+    // row starts of the block's keys and values (a block may straddle runs)
+    let mut kp = [std::ptr::null::<u16>(); BLOCK];
+    let mut vp = [std::ptr::null::<u16>(); BLOCK];
     // blocks outer, KV heads inner: the rows of a block (every head) are read in address order,
-    // one sequential stream for K and one for V; the group's queries and accumulators are
-    // reloaded from L1 per block.
-    for (j0, kb) in blocks {
+    // one sequential stream for K and one for V per run; the group's queries and accumulators
+    // are reloaded from L1 per block.
+    let mut blocks = Blocks::new(runs, stride, keys);
+    let mut pieces = Vec::with_capacity(4);
+    while let Some(kb) = blocks.next_into(&mut pieces) {
+        let mut j = 0;
+        for piece in &pieces {
+            for r in 0..piece.k.len() / stride {
+                kp[j] = piece.k.as_ptr().add(r * stride);
+                vp[j] = piece.v.as_ptr().add(r * stride);
+                j += 1;
+            }
+        }
         for g in 0..shape.n_kv_heads {
             let mut q = [[_mm512_setzero_ps(); 4]; G];
             let mut acc = [[_mm512_setzero_ps(); 4]; G];
@@ -113,7 +123,7 @@ unsafe fn run<const G: usize, const FMT: u8>(
             }
             // scores of the group's heads against each key row, read once
             for j in 0..kb {
-                let k = row::<FMT>(kv.k.as_ptr().add((j0 + j) * stride + g * head_words));
+                let k = row::<FMT>(kp[j].add(g * head_words));
                 for h in 0..G {
                     let s = _mm512_fmadd_ps(q[h][0], k[0], _mm512_mul_ps(q[h][1], k[1]));
                     let t = _mm512_fmadd_ps(q[h][2], k[2], _mm512_mul_ps(q[h][3], k[3]));
@@ -141,7 +151,7 @@ unsafe fn run<const G: usize, const FMT: u8>(
             }
             // acc_h += p[h][j] v_j, each value row read once for the group
             for j in 0..kb {
-                let v = row::<FMT>(kv.v.as_ptr().add((j0 + j) * stride + g * head_words));
+                let v = row::<FMT>(vp[j].add(g * head_words));
                 for (h, acc_h) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(p[h * BLOCK + j]);
                     for (a, &vc) in acc_h.iter_mut().zip(&v) {

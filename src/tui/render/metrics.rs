@@ -161,7 +161,13 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
         }
     }
     if let Some(l) = &app.last {
-        out.push(kv("KV", bytes(l.kv_bytes as u64)));
+        if l.kv_host_bytes > 0 {
+            // the KV manager: what decode reads (fast) and the backing copy (host)
+            out.push(kv("KV fast", bytes(l.kv_fast_bytes as u64)));
+            out.push(kv("KV host", bytes(l.kv_host_bytes as u64)));
+        } else {
+            out.push(kv("KV", bytes(l.kv_bytes as u64)));
+        }
         out.push(kv("RSS", bytes(l.rss_bytes)));
         if let Some(g) = l.gpu_memory {
             out.push(kv(

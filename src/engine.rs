@@ -199,8 +199,14 @@ impl Engine {
         (opts.kv_dtype.check_head_dim(model.spec.head_dim)).map_err(Error::Config)?;
         let mut kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
         if !opts.kv.resident {
-            let row_words = opts.kv_dtype.stored_len(model.spec.n_kv_heads * model.spec.head_dim);
-            kv.set_tiers(Some(KvManager::new(&opts.kv, model.spec.n_layers, row_words)?));
+            let row_words = opts
+                .kv_dtype
+                .stored_len(model.spec.n_kv_heads * model.spec.head_dim);
+            kv.set_tiers(Some(KvManager::new(
+                &opts.kv,
+                model.spec.n_layers,
+                row_words,
+            )?));
         }
         let special_strings = tokenizer
             .get_added_tokens_decoder()

@@ -97,7 +97,10 @@ impl KvDtype {
             (KvDtype::F16, _) => f16_encode_scalar(src, dst),
             (KvDtype::Bf16, _) => bf16_encode(src, dst),
             (KvDtype::Q8, _) => {
-                assert!(src.len().is_multiple_of(Q8_GROUP), "kv encode: q8 needs whole groups");
+                assert!(
+                    src.len().is_multiple_of(Q8_GROUP),
+                    "kv encode: q8 needs whole groups"
+                );
                 q8_encode(src, dst)
             }
         }
@@ -147,7 +150,11 @@ fn q8_encode(src: &[f32], dst: &mut [u16]) {
         let amax = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let scale = half::f16::from_f32(amax / 127.0);
         let s = scale.to_f32();
-        let inv = if s > 0.0 && s.is_finite() { 1.0 / s } else { 0.0 };
+        let inv = if s > 0.0 && s.is_finite() {
+            1.0 / s
+        } else {
+            0.0
+        };
         let q = |x: f32| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8 as u16;
         out[0] = scale.to_bits();
         for (w, pair) in out[1..].iter_mut().zip(g.chunks_exact(2)) {

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod decode_attention;
 pub mod isa;
 pub mod linear;
+pub mod qgemm;
 pub mod qgemv;
 pub mod rowwise;
 pub mod simd;

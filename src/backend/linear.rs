@@ -124,15 +124,21 @@ impl Linear {
 /// more.
 fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dims2()?.0;
-    let mut out = vec![0.0f32; rows * q.rows()];
+    Tensor::from_vec(packed_rows(q, x)?, (rows, q.rows()), &Device::Cpu)
+}
+
+/// `packed_forward` as a plain (rows, out) buffer.
+fn packed_rows(q: &QMatrix, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let rows = x.dims2()?.0;
     with_f32(&x.contiguous()?, |x| {
         if rows == 1 {
-            q.gemv(x, &mut out)
+            let mut out = vec![0.0f32; q.rows()];
+            q.gemv(x, &mut out);
+            out
         } else {
-            qgemm::gemm(q, x, &mut out)
+            qgemm::gemm(q, x)
         }
-    })?;
-    Tensor::from_vec(out, (rows, q.rows()), &Device::Cpu)
+    })
 }
 
 /// x: (rows, in) -> (rows, out), one `gemv` per row.
@@ -193,16 +199,25 @@ impl FusedLinear {
         })
     }
 
-    /// x: (rows, in) -> one (rows, out_i) per part
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// x: (rows, in) -> (rows, Σ out_i): each row holds the parts' outputs side by side.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         let rows = x.dims2()?.0;
         match &self.packed {
-            Some(q) if rows == 1 || self.parts.is_empty() => {
-                let out = packed_forward(q, x)?; // (rows, Σ out_i)
-                split_columns(&out, &self.widths)
+            Some(q) if rows == 1 || self.parts.is_empty() => packed_rows(q, x),
+            _ => {
+                let parts = self
+                    .parts
+                    .iter()
+                    .map(|p| p.forward(x)?.flatten_all()?.to_vec1::<f32>())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(join_columns(&parts, &self.widths, rows))
             }
-            _ => self.parts.iter().map(|p| p.forward(x)).collect(),
         }
+    }
+
+    /// Output width of each part.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
     }
 
     pub fn bytes(&self) -> usize {
@@ -211,21 +226,13 @@ impl FusedLinear {
     }
 }
 
-/// (rows, Σ widths) -> one contiguous (rows, width) per part.
-fn split_columns(out: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {
-    let (rows, total) = out.dims2()?;
-    with_f32(out, |all| {
-        let mut start = 0;
-        widths
-            .iter()
-            .map(|&w| {
-                let mut part = Vec::with_capacity(rows * w);
-                for row in all.chunks_exact(total) {
-                    part.extend_from_slice(&row[start..start + w]);
-                }
-                start += w;
-                Tensor::from_vec(part, (rows, w), &Device::Cpu)
-            })
-            .collect()
-    })?
+/// One (rows, width) buffer per part -> (rows, Σ widths), the parts side by side.
+fn join_columns(parts: &[Vec<f32>], widths: &[usize], rows: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(widths) {
+            out.extend_from_slice(&p[r * w..][..w]);
+        }
+    }
+    out
 }

@@ -15,6 +15,7 @@
 pub mod activation;
 pub mod kernels;
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -28,13 +29,13 @@ use kernels::Gemm;
 /// the task's weight tiles are reused many times while they sit in L1/L2.
 const ROWS_PER_TASK: usize = 96;
 
-/// out = x W^T. x: (m, w.cols()), out: (m, w.rows()).
-pub fn gemm(w: &QMatrix, x: &[f32], out: &mut [f32]) {
-    gemm_with(Kernel::best(), w, x, out)
+/// x W^T. x: (m, w.cols()) -> (m, w.rows()).
+pub fn gemm(w: &QMatrix, x: &[f32]) -> Vec<f32> {
+    gemm_with(Kernel::best(), w, x)
 }
 
 /// `gemm` with a chosen kernel (tests, kernel bench).
-pub fn gemm_with(kernel: Kernel, w: &QMatrix, x: &[f32], out: &mut [f32]) {
+pub fn gemm_with(kernel: Kernel, w: &QMatrix, x: &[f32]) -> Vec<f32> {
     assert!(
         w.cols() > 0 && x.len().is_multiple_of(w.cols()),
         "qgemm: x has {} values, rows of {}",
@@ -42,11 +43,18 @@ pub fn gemm_with(kernel: Kernel, w: &QMatrix, x: &[f32], out: &mut [f32]) {
         w.cols()
     );
     let x = Q8Rows::quantize(x, w.cols());
-    gemm_q8(kernel, w, &x, out)
+    // Not zeroed first: the product writes every element (a memset of the output cost as
+    // much as a tenth of the GEMM, on one thread).
+    let mut out = Vec::with_capacity(x.rows * w.rows());
+    gemm_q8(kernel, w, &x, &mut out.spare_capacity_mut()[..x.rows * w.rows()]);
+    // SAFETY: `gemm_q8` initialised all x.rows * w.rows() elements (its rectangles cover the
+    // output, see `split`).
+    unsafe { out.set_len(x.rows * w.rows()) };
+    out
 }
 
-/// out = x W^T for already quantized rows.
-pub fn gemm_q8(kernel: Kernel, w: &QMatrix, x: &Q8Rows, out: &mut [f32]) {
+/// out = x W^T for already quantized rows; every element of `out` is written.
+pub fn gemm_q8(kernel: Kernel, w: &QMatrix, x: &Q8Rows, out: &mut [MaybeUninit<f32>]) {
     assert_eq!(
         x.cols,
         w.cols(),
@@ -69,7 +77,7 @@ pub fn gemm_q8(kernel: Kernel, w: &QMatrix, x: &Q8Rows, out: &mut [f32]) {
         scales,
         n: w.rows(),
         x,
-        out: out.as_mut_ptr(),
+        out: out.as_mut_ptr().cast::<f32>(),
     });
     g.0.check();
     let tasks = split(

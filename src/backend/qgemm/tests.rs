@@ -48,8 +48,7 @@ fn check(dtype: GgmlDType, n: usize, k: usize, m: usize) {
     let xq = Q8Rows::quantize(&x, k);
     let xd = xq.dequantize();
     for kernel in Kernel::available() {
-        let mut out = vec![f32::NAN; m * n];
-        gemm_with(kernel, &w_mat, &x, &mut out);
+        let out = gemm_with(kernel, &w_mat, &x);
         for i in 0..m {
             for j in 0..n {
                 let (wr, xr) = (&w[j * k..][..k], &xd[i * k..][..k]);
@@ -117,8 +116,7 @@ fn a_row_of_the_gemm_equals_the_gemv_of_that_row() {
     let q = quantized(GgmlDType::Q4_1, 70, 192, 3);
     let w = QMatrix::from_qtensor(&q).unwrap().unwrap();
     let x = noise(9 * 192, 11);
-    let mut out = vec![0.0; 9 * 70];
-    gemm(&w, &x, &mut out);
+    let out = gemm(&w, &x);
     for i in 0..9 {
         let mut row = vec![0.0; 70];
         w.gemv(&x[i * 192..][..192], &mut row);

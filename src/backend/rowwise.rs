@@ -35,7 +35,6 @@ pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
         });
 }
 
-
 /// Rotary position embedding, GGUF/llama.cpp "normal" layout: within each head, the pairs
 /// (x[2i], x[2i+1]) for i < rope_dim/2 are rotated by position * inv_freq[i].
 /// <https://arxiv.org/abs/2104.09864>

@@ -68,7 +68,12 @@ impl Attention {
 
 /// (rows, Σ widths) with N parts side by side -> the N parts, each (rows, width_i).
 fn split_columns<const N: usize>(joined: &[f32], widths: &[usize]) -> [Vec<f32>; N] {
-    assert_eq!(widths.len(), N, "split_columns: {} parts, want {N}", widths.len());
+    assert_eq!(
+        widths.len(),
+        N,
+        "split_columns: {} parts, want {N}",
+        widths.len()
+    );
     let total: usize = widths.iter().sum();
     let rows = joined.len() / total;
     let mut parts: [Vec<f32>; N] = std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));

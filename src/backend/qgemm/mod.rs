@@ -46,7 +46,12 @@ pub fn gemm_with(kernel: Kernel, w: &QMatrix, x: &[f32]) -> Vec<f32> {
     // Not zeroed first: the product writes every element (a memset of the output cost as
     // much as a tenth of the GEMM, on one thread).
     let mut out = Vec::with_capacity(x.rows * w.rows());
-    gemm_q8(kernel, w, &x, &mut out.spare_capacity_mut()[..x.rows * w.rows()]);
+    gemm_q8(
+        kernel,
+        w,
+        &x,
+        &mut out.spare_capacity_mut()[..x.rows * w.rows()],
+    );
     // SAFETY: `gemm_q8` initialised all x.rows * w.rows() elements (its rectangles cover the
     // output, see `split`).
     unsafe { out.set_len(x.rows * w.rows()) };

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::qgemv::activation::quantize_block;
+use crate::backend::qgemv::activation::quantize_blocks;
 use crate::backend::qgemv::QK;
 
 /// x[i, 32 b + j] ≈ d[i, b] * q[i, 32 b + j] for `rows` rows of `cols` values.
@@ -49,13 +49,7 @@ impl Q8Rows {
             .zip(out.d.par_chunks_mut(blocks))
             .zip(out.sum.par_chunks_mut(blocks))
             .zip(out.dsum.par_chunks_mut(blocks))
-            .for_each(|((((q, x), d), sum), dsum)| {
-                let per_block = q.chunks_exact_mut(QK).zip(x.chunks_exact(QK));
-                for ((((qb, xb), d), s), ds) in per_block.zip(d).zip(sum).zip(dsum) {
-                    (*d, *s) = quantize_block(xb, qb);
-                    *ds = *d * *s as f32;
-                }
-            });
+            .for_each(|((((q, x), d), sum), dsum)| quantize_blocks(x, q, d, sum, dsum));
         out
     }
 

@@ -62,7 +62,8 @@ pub const VNNI_TILES: usize = 2;
 
 /// out[rows, 16 tiles.start .. min(16 tiles.end, n)] for this rectangle.
 ///
-/// SAFETY: `g.check()` passed; rows ⊂ 0..g.x.rows, tiles ⊂ 0..ceil(n / 16); `g.out` points to
+/// # Safety
+/// `g.check()` passed; rows ⊂ 0..g.x.rows, tiles ⊂ 0..ceil(n / 16); `g.out` points to
 /// (x.rows, n) f32 and no other thread touches this rectangle of it during the call.
 pub unsafe fn rect(kernel: Kernel, g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
     match kernel {
@@ -126,6 +127,8 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
 }
 
 #[cfg(target_arch = "x86_64")]
+// The microkernels index their register tiles as acc[r][t]: clearer than zipped iterators.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;

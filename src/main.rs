@@ -131,8 +131,8 @@ struct BenchArgs {
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
-    /// Instead: this machine's peaks (FMA, int8 dot, memory bandwidth) and the decode GEMV
-    /// kernels' rates
+    /// Instead: this machine's peaks (FMA, int8 and bf16 dot, memory bandwidth), the prefill
+    /// GEMM's and the decode GEMV kernels' rates
     #[arg(long)]
     kernels: bool,
 }

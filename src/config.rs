@@ -29,8 +29,9 @@ pub struct AppConfig {
 pub struct ModelConfig {
     /// "default", a path to a .gguf file, or "hf:owner/name[@revision]/file.gguf".
     pub source: String,
-    /// Form of the linear layers' weights: "dense" (f32, fastest) or "quantized" (compact);
-    /// "dense-f32" keeps decode in f32 too (a reference for the decode GEMV's rounding).
+    /// Form of the linear layers' weights: "int8" (the GGUF blocks, 8-bit activations, integer
+    /// GEMM and GEMV: fastest, compact), "dense" (f32 weights, exact prefill), "quantized"
+    /// (candle's quantized matmul) or "dense-f32" (f32 in decode too: the reference).
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,
@@ -46,7 +47,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             source: "default".into(),
-            linear: LinearMode::Dense,
+            linear: LinearMode::Int8,
             threads: 0,
             kv_dtype: KvDtype::default(),
             device: DeviceChoice::default(),

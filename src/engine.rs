@@ -138,7 +138,7 @@ impl EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
-            linear: LinearMode::Dense,
+            linear: LinearMode::Int8,
             slim: SlimConfig::default(),
             kv_dtype: KvDtype::default(),
             kv: KvConfig::default(),

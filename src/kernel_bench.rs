@@ -1,6 +1,7 @@
-//! `slimchat bench --kernels`: this machine's peaks (f32 FMA, int8 dot, memory read bandwidth)
-//! on 1 and 2 threads, and the decode GEMV kernels' rates on the default model's shapes, so
-//! each kernel can be read against its floor (bench/NOTES.md).
+//! `slimchat bench --kernels`: this machine's peaks (f32 FMA, int8 dot, bf16 dot, memory read
+//! bandwidth) on 1 and 2 threads, the decode GEMV kernels' rates and the prefill GEMM's (int8
+//! against candle's f32 GEMM) on the default model's shapes, so each kernel can be read against
+//! its floor (bench/NOTES.md).
 
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::backend::qgemm;
 use crate::backend::qgemv::kernels::Kernel;
 use crate::backend::qgemv::QMatrix;
 
@@ -45,14 +47,23 @@ pub fn run(out: &mut dyn FnMut(String)) {
                 .into_iter()
                 .for_each(drop)
         });
-        out(format!(
-            "peak, {t} thread(s): f32 FMA {:.0} GFLOP/s, int8 dot (vpdpbusd) {} GOP/s",
-            (t * iters * peaks::FMA_FLOPS) as f64 / fma / 1e9,
-            if peaks::has_vnni() {
-                format!("{:.0}", (t * iters * peaks::DOT_OPS) as f64 / dot / 1e9)
+        let bf16 = best_of(3, || {
+            p.broadcast(|_| peaks::dpbf16(iters))
+                .into_iter()
+                .for_each(drop)
+        });
+        let rate = |ok: bool, ops: usize, secs: f64| {
+            if ok {
+                format!("{:.0}", (t * iters * ops) as f64 / secs / 1e9)
             } else {
                 "n/a".into()
-            },
+            }
+        };
+        out(format!(
+            "peak, {t} thread(s): f32 FMA {:.0} GFLOP/s, int8 dot (vpdpbusd) {} GOP/s, bf16 dot (vdpbf16ps) {} GFLOP/s",
+            (t * iters * peaks::FMA_FLOPS) as f64 / fma / 1e9,
+            rate(peaks::has_vnni(), peaks::DOT_OPS, dot),
+            rate(peaks::has_bf16(), peaks::BF16_FLOPS, bf16),
         ));
         for mib in [2usize, 32, 96, 512] {
             let buf: Vec<u64> = vec![1; mib << 17];
@@ -66,6 +77,7 @@ pub fn run(out: &mut dyn FnMut(String)) {
             ));
         }
     }
+    prefill_gemm(out);
     // The decode GEMVs of one token of the default model (SmolLM2-135M: 30 layers, then the
     // head), random weights, each matrix its own copy so the 96 MB stream like in decode.
     let layer = [
@@ -147,11 +159,101 @@ pub fn run(out: &mut dyn FnMut(String)) {
     }
 }
 
+/// The prefill GEMMs of one layer of the default model on 1024 activation rows (an MLP chunk;
+/// attention's take every row, at the same rate per row): the int8 GEMM on the packed GGUF
+/// blocks per kernel, against candle's f32 GEMM on the dequantized weights.
+fn prefill_gemm(out: &mut dyn FnMut(String)) {
+    let m = 1024;
+    let shapes = [
+        ("q/k/v stacked", GgmlDType::Q4_1, 960, 576),
+        ("attn out", GgmlDType::Q4_1, 576, 576),
+        ("gate/up stacked", GgmlDType::Q4_1, 3072, 576),
+        ("down", GgmlDType::Q4_1, 576, 1536),
+        ("a Q8_0 matrix", GgmlDType::Q8_0, 576, 576),
+    ];
+    let mut totals = vec![0.0f64; 1 + Kernel::available().len()];
+    for (name, dtype, n, k) in shapes {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-4)
+            .collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&wt, dtype).expect("quantize");
+        let packed = QMatrix::from_qtensor(&q)
+            .expect("repack")
+            .expect("kernel type");
+        let dense = q.dequantize(&Device::Cpu).expect("dequantize");
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 23) as f32 - 11.0) * 0.1).collect();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+        let ops = (2 * m * n * k) as f64;
+        let f32_time = best_of(5, || {
+            let y = xt.matmul(&dense.t().expect("t")).expect("matmul");
+            std::hint::black_box(y);
+        });
+        let mut line = format!(
+            "prefill gemm, {m} rows: {name:>16} ({n}x{k} {dtype:?}): f32 {:5.0} GFLOP/s",
+            ops / f32_time / 1e9
+        );
+        if dtype == GgmlDType::Q4_1 {
+            totals[0] += f32_time;
+        }
+        for (i, kernel) in Kernel::available().into_iter().enumerate() {
+            if kernel == Kernel::Scalar {
+                continue; // far slower: see the tests for its correctness
+            }
+            let t = best_of(5, || {
+                std::hint::black_box(qgemm::gemm_with(kernel, &packed, &x));
+            });
+            if dtype == GgmlDType::Q4_1 {
+                totals[1 + i] += t;
+            }
+            line += &format!(
+                ", {kernel:?} {:5.0} GOP/s ({:.2}x)",
+                ops / t / 1e9,
+                f32_time / t
+            );
+        }
+        out(line);
+    }
+    let mut line = format!(
+        "prefill gemm, {m} rows: one layer (Q4_1 shapes): f32 {:.1} ms",
+        totals[0] * 1e3
+    );
+    for (i, kernel) in Kernel::available().into_iter().enumerate() {
+        if kernel != Kernel::Scalar {
+            line += &format!(
+                ", {kernel:?} {:.1} ms ({:.2}x)",
+                totals[1 + i] * 1e3,
+                totals[0] / totals[1 + i]
+            );
+        }
+    }
+    out(line);
+}
+
 mod peaks {
     /// FLOPs of one `fma` iteration: 8 accumulators × 16 lanes × (mul + add).
     pub const FMA_FLOPS: usize = 8 * 16 * 2;
     /// Ops of one `dpbusd` iteration: 8 accumulators × 64 byte products × (mul + add).
     pub const DOT_OPS: usize = 8 * 64 * 2;
+    /// FLOPs of one `dpbf16` iteration: 8 accumulators × 32 bf16 products × (mul + add).
+    pub const BF16_FLOPS: usize = 8 * 32 * 2;
+
+    pub fn has_bf16() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    pub fn dpbf16(iters: usize) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_bf16() {
+            // SAFETY: the CPU has AVX-512F and AVX-512 BF16.
+            return unsafe { x86::dpbf16(iters) };
+        }
+        std::hint::black_box(iters) as f32
+    }
 
     pub fn has_vnni() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -211,6 +313,24 @@ mod peaks {
             for _ in 0..iters {
                 for v in a.iter_mut() {
                     *v = _mm512_fmadd_ps(*v, m, c);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+            _mm512_reduce_add_ps(s)
+        }
+
+        /// SAFETY: needs AVX-512F and AVX-512 BF16.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        pub unsafe fn dpbf16(iters: usize) -> f32 {
+            // 1.0 in both bf16 halves of every lane
+            let one = _mm512_castsi512_ps(_mm512_set1_epi32(0x3F80_3F80));
+            let b: __m512bh = std::mem::transmute::<__m512, __m512bh>(one);
+            let mut a = [_mm512_setzero_ps(); 8];
+            for _ in 0..iters {
+                for v in a.iter_mut() {
+                    *v = _mm512_dpbf16_ps(*v, b, b);
                 }
             }
             let s = a

@@ -45,8 +45,8 @@ struct Common {
     /// Config file (default: $SLIMCHAT_CONFIG or the XDG config dir's slimchat/config.toml)
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Linear-layer weights: dense (f32, fastest), quantized (compact) or dense-f32 (dense with
-    /// f32 decode arithmetic, a reference)
+    /// Linear-layer weights: int8 (GGUF blocks, 8-bit activations: fastest, compact), dense (f32
+    /// weights, exact prefill), quantized (candle's) or dense-f32 (f32 decode too: the reference)
     #[arg(long, global = true, value_parser = parse_linear)]
     linear: Option<LinearMode>,
     /// Worker threads (0 = one per core)
@@ -161,8 +161,8 @@ struct BenchArgs {
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
-    /// Instead: this machine's peaks (FMA, int8 dot, memory bandwidth) and the decode GEMV
-    /// kernels' rates
+    /// Instead: this machine's peaks (FMA, int8 and bf16 dot, memory bandwidth), the prefill
+    /// GEMM's and the decode GEMV kernels' rates
     #[arg(long)]
     kernels: bool,
     /// Run each mode with the KV manager and all-resident, alternating run by run
@@ -187,10 +187,13 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
 
 fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
+        "int8" => Ok(LinearMode::Int8),
         "dense" => Ok(LinearMode::Dense),
         "quantized" => Ok(LinearMode::Quantized),
         "dense-f32" => Ok(LinearMode::DenseF32),
-        _ => Err(format!("expected dense, quantized or dense-f32, got {s}")),
+        _ => Err(format!(
+            "expected int8, dense, quantized or dense-f32, got {s}"
+        )),
     }
 }
 

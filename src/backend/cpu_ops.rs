@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
-use super::rowwise::{rms_norm, silu_mul};
+use super::rowwise::{rms_norm, silu_mul_joined};
 use crate::kv::{KvDtype, KvView};
 use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
 use crate::{Error, Result};
@@ -172,16 +172,9 @@ impl Ops for CpuOps {
     ) -> Result<()> {
         check("silu_mul gate_up", gate_up.len(), rows * 2 * width)?;
         check("silu_mul out", out.len(), rows * width)?;
-        let (mut g, mut u) = (
-            Vec::with_capacity(rows * width),
-            Vec::with_capacity(rows * width),
-        );
-        for row in gate_up.chunks(2 * width).take(rows) {
-            g.extend(to_f32(&row[..width]));
-            u.extend(to_f32(&row[width..]));
-        }
+        let joined = to_f32(&gate_up[..rows * 2 * width]); // (rows, 2 width): gate, up
         let mut y = vec![0.0; rows * width];
-        silu_mul(&g, &u, &mut y);
+        silu_mul_joined(&joined, width, &mut y);
         out[..rows * width].copy_from_slice(&to_bf16(&y));
         Ok(())
     }

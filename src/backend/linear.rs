@@ -1,10 +1,15 @@
-//! Linear layers y = x W^T over GGUF weights, in one of two forms chosen at load:
-//! dense (f32 weights dequantized once, candle's f32 GEMM with the gemm crate's AVX-512
-//! kernels, several times faster on this CPU than candle's quantized matmul, whose Q4_1 dot is
-//! scalar; one-row inputs, i.e. decode, read the quantized blocks instead through our GEMV,
-//! which streams ~6x fewer bytes; see bench/NOTES.md) or quantized only (candle's `QMatMul`,
-//! the arithmetic of candle's reference `quantized_llama`, 4-5x less memory). `FusedLinear`
-//! stacks several layers over the same input (q/k/v, gate/up) into one decode GEMV.
+//! Linear layers y = x W^T over GGUF weights, in one of these forms chosen at load:
+//! - int8 (the default): the GGUF blocks repacked once into tiles (`QMatrix`), activations
+//!   rounded to 8 bits per 32-value block, integer dot products: the GEMM in `qgemm/` for many
+//!   rows (prefill), the GEMV in `qgemv/` for one row (decode). No f32 copy of the weights;
+//!   tensor types without a kernel here (neither Q4_1 nor Q8_0) fall back to dense f32.
+//! - dense: f32 weights dequantized once, candle's f32 GEMM (the gemm crate's AVX-512 kernels)
+//!   for many rows, exact; one row (decode) reads the packed blocks through the GEMV.
+//! - dense-f32: f32 weights and f32 arithmetic for any number of rows (the reference).
+//! - quantized: candle's `QMatMul`, the arithmetic of candle's reference `quantized_llama`.
+//!
+//! `FusedLinear` stacks several layers over the same input (q/k/v, gate/up) into one packed
+//! matrix: the activation is quantized once and the thread pool entered once.
 
 use std::sync::Arc;
 
@@ -12,18 +17,21 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use super::qgemv::QMatrix;
-use super::with_f32;
+use super::{qgemm, with_f32};
 
 /// Which form the linear layers keep their weights in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinearMode {
-    /// Dense f32 weights: fastest today, ~4.4x the memory of Q4_1.
+    /// The GGUF blocks only (repacked), 8-bit activations, integer GEMM and GEMV: fastest, and
+    /// about a quarter of dense's memory. Logits move by the activation rounding (NOTES.md).
+    Int8,
+    /// Dense f32 weights for prefill (exact), the int8 GEMV for decode: ~4.4x the memory of Q4_1.
     Dense,
     /// The GGUF's quantized weights through candle's QMatMul.
     Quantized,
     /// Dense f32 weights, and f32 arithmetic in decode too (no quantized GEMV): slower decode,
-    /// the reference the decode GEMV's Q8 rounding is measured against.
+    /// the reference the int8 paths' rounding is measured against.
     #[serde(rename = "dense-f32")]
     DenseF32,
 }
@@ -36,24 +44,28 @@ pub enum Linear {
         decode: Option<QMatrix>,
     },
     Quantized(QMatMul),
-    /// A layer that only ever sees one row (the head): the quantized blocks alone, no f32
-    /// copy (113 MB for the default model's head). Q8-activation GEMV in `forward`, exact f32
-    /// arithmetic over the blocks in `forward_f32`.
-    OneRow(QMatrix),
+    /// The packed GGUF blocks alone: the int8 GEMM for many rows, the GEMV for one row, and
+    /// exact f32 arithmetic over the blocks in `forward_f32` (a prefill's head row).
+    Packed(QMatrix),
 }
 
 impl Linear {
-    /// A layer for one-row inputs: the GGUF blocks only, when there is a GEMV for their type
-    /// and `mode` is `Dense` (otherwise the same as [`Linear::new`]).
+    /// A layer for one-row inputs (the head): the GGUF blocks only (no 113 MB f32 copy for the
+    /// default model's head) when there is a kernel for their type and `mode` is int8 or dense
+    /// (otherwise the same as [`Linear::new`]).
     pub fn one_row(weights: Arc<QTensor>, mode: LinearMode) -> candle_core::Result<Self> {
         match (mode, QMatrix::from_qtensor(&weights)?) {
-            (LinearMode::Dense, Some(q)) => Ok(Self::OneRow(q)),
+            (LinearMode::Int8 | LinearMode::Dense, Some(q)) => Ok(Self::Packed(q)),
             _ => Self::new(weights, mode),
         }
     }
 
     pub fn new(weights: Arc<QTensor>, mode: LinearMode) -> candle_core::Result<Self> {
         Ok(match mode {
+            LinearMode::Int8 => match QMatrix::from_qtensor(&weights)? {
+                Some(q) => Self::Packed(q),
+                None => Self::dense_without_decode(&weights)?,
+            },
             LinearMode::Dense => Self::Dense {
                 weights: weights.dequantize(&Device::Cpu)?,
                 decode: QMatrix::from_qtensor(&weights)?,
@@ -71,13 +83,13 @@ impl Linear {
         })
     }
 
-    /// x: (rows, in) -> (rows, out), without the decode GEMV: f32 activations even for one row
-    /// (the head after a prefill, whose logits the oracle holds to f32 accuracy).
+    /// x: (rows, in) -> (rows, out), without 8-bit activations: f32 activations even for one
+    /// row (the head after a prefill, whose logits the oracle holds to f32 accuracy).
     pub fn forward_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense { weights, .. } => x.matmul(&weights.t()?),
             Self::Quantized(q) => q.forward(x),
-            Self::OneRow(q) => rows_through(q, x, QMatrix::gemv_f32),
+            Self::Packed(q) => rows_through(q, x, QMatrix::gemv_f32),
         }
     }
 
@@ -86,14 +98,10 @@ impl Linear {
         match self {
             Self::Dense {
                 decode: Some(q), ..
-            } if x.dims2()?.0 == 1 => {
-                let mut out = vec![0.0f32; q.rows()];
-                with_f32(&x.contiguous()?, |x| q.gemv(x, &mut out))?;
-                Tensor::from_vec(out, (1, q.rows()), &Device::Cpu)
-            }
+            } if x.dims2()?.0 == 1 => packed_forward(q, x),
             Self::Dense { weights, .. } => x.matmul(&weights.t()?),
             Self::Quantized(q) => q.forward(x),
-            Self::OneRow(q) => rows_through(q, x, QMatrix::gemv),
+            Self::Packed(q) => packed_forward(q, x),
         }
     }
 
@@ -103,13 +111,34 @@ impl Linear {
             Self::Dense { weights, decode } => {
                 weights.elem_count() * 4 + decode.as_ref().map_or(0, QMatrix::bytes)
             }
-            Self::OneRow(q) => q.bytes(),
+            Self::Packed(q) => q.bytes(),
             Self::Quantized(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
             Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
         }
     }
+}
+
+/// x: (rows, in) -> (rows, out) through the packed blocks: the GEMV for one row, the GEMM for
+/// more.
+fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = x.dims2()?.0;
+    Tensor::from_vec(packed_rows(q, x)?, (rows, q.rows()), &Device::Cpu)
+}
+
+/// `packed_forward` as a plain (rows, out) buffer.
+fn packed_rows(q: &QMatrix, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let rows = x.dims2()?.0;
+    with_f32(&x.contiguous()?, |x| {
+        if rows == 1 {
+            let mut out = vec![0.0f32; q.rows()];
+            q.gemv(x, &mut out);
+            out
+        } else {
+            qgemm::gemm(q, x)
+        }
+    })
 }
 
 /// x: (rows, in) -> (rows, out), one `gemv` per row.
@@ -128,14 +157,17 @@ fn rows_through(
     Tensor::from_vec(out, (rows, q.rows()), &Device::Cpu)
 }
 
-/// Several layers over the same input, each its own `Linear` for many rows; for one row (decode)
-/// their quantized rows stacked into one GEMV: the activation is quantized once and the thread
-/// pool entered once.
+/// Several layers over the same input. int8: their packed rows stacked into one matrix, for
+/// any number of rows (one GEMM or GEMV, then the output split by columns). dense: each its own
+/// f32 layer for many rows, the stacked blocks for one row (decode). Other modes: separate
+/// layers.
 pub struct FusedLinear {
-    parts: Vec<Linear>,
     /// output width of each part
     widths: Vec<usize>,
-    decode: Option<QMatrix>,
+    /// the separate layers, for many rows; empty when `packed` serves every input
+    parts: Vec<Linear>,
+    /// the stacked blocks: one-row inputs (int8 and dense), and many rows when `parts` is empty
+    packed: Option<QMatrix>,
 }
 
 impl FusedLinear {
@@ -145,46 +177,62 @@ impl FusedLinear {
             .map(|w| w.shape().dims2().map(|d| d.0))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let refs: Vec<&QTensor> = weights.iter().map(|w| &**w).collect();
-        let decode = match mode {
-            LinearMode::Dense => QMatrix::stacked(&refs)?,
+        let packed = match mode {
+            LinearMode::Int8 | LinearMode::Dense => QMatrix::stacked(&refs)?,
             LinearMode::Quantized | LinearMode::DenseF32 => None,
         };
-        let parts = weights
-            .iter()
-            .map(|w| match decode {
-                Some(_) => Linear::dense_without_decode(w),
-                None => Linear::new(w.clone(), mode),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let parts = match (mode, &packed) {
+            (LinearMode::Int8, Some(_)) => Vec::new(),
+            (_, Some(_)) => weights
+                .iter()
+                .map(|w| Linear::dense_without_decode(w))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            (_, None) => weights
+                .iter()
+                .map(|w| Linear::new(w.clone(), mode))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
         Ok(Self {
-            parts,
             widths,
-            decode,
+            parts,
+            packed,
         })
     }
 
-    /// x: (rows, in) -> one (rows, out_i) per part
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        match &self.decode {
-            Some(q) if x.dims2()?.0 == 1 => {
-                let mut out = vec![0.0f32; q.rows()];
-                with_f32(&x.contiguous()?, |x| q.gemv(x, &mut out))?;
-                let mut start = 0;
-                self.widths
+    /// x: (rows, in) -> (rows, Σ out_i): each row holds the parts' outputs side by side.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let rows = x.dims2()?.0;
+        match &self.packed {
+            Some(q) if rows == 1 || self.parts.is_empty() => packed_rows(q, x),
+            _ => {
+                let parts = self
+                    .parts
                     .iter()
-                    .map(|&w| {
-                        let part = out[start..start + w].to_vec();
-                        start += w;
-                        Tensor::from_vec(part, (1, w), &Device::Cpu)
-                    })
-                    .collect()
+                    .map(|p| p.forward(x)?.flatten_all()?.to_vec1::<f32>())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(join_columns(&parts, &self.widths, rows))
             }
-            _ => self.parts.iter().map(|p| p.forward(x)).collect(),
         }
+    }
+
+    /// Output width of each part.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
     }
 
     pub fn bytes(&self) -> usize {
         self.parts.iter().map(Linear::bytes).sum::<usize>()
-            + self.decode.as_ref().map_or(0, QMatrix::bytes)
+            + self.packed.as_ref().map_or(0, QMatrix::bytes)
     }
+}
+
+/// One (rows, width) buffer per part -> (rows, Σ widths), the parts side by side.
+fn join_columns(parts: &[Vec<f32>], widths: &[usize], rows: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(widths) {
+            out.extend_from_slice(&p[r * w..][..w]);
+        }
+    }
+    out
 }

@@ -10,6 +10,7 @@ pub mod isa;
 pub mod linear;
 pub mod ops;
 pub mod ops_check;
+pub mod qgemm;
 pub mod qgemv;
 pub mod rowwise;
 pub mod simd;

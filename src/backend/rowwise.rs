@@ -22,12 +22,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         });
 }
 
-/// out = silu(gate) * up. gate, up, out: (rows, width), same layout.
-pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    const CHUNK: usize = 16 * 1024;
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| simd::silu_mul_row(g, u, o));
+/// out = silu(gate) * up, with gate and up side by side in each row of `gate_up` (the output
+/// of a fused gate/up layer): gate_up (rows, 2 width) -> out (rows, width).
+pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
+    out.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(gate_up.par_chunks(2 * width * ROWS_PER_TASK))
+        .for_each(|(o, gu)| {
+            for (o, gu) in o.chunks_mut(width).zip(gu.chunks(2 * width)) {
+                let (g, u) = gu.split_at(width);
+                simd::silu_mul_row(g, u, o);
+            }
+        });
 }
 
 /// Rotary position embedding, GGUF/llama.cpp "normal" layout: within each head, the pairs

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 
 use crate::backend::attention::AttnShape;
 use crate::backend::linear::{FusedLinear, Linear, LinearMode};
-use crate::backend::rowwise::{rms_norm, silu_mul, Rope};
+use crate::backend::rowwise::{rms_norm, silu_mul_joined, Rope};
 use crate::backend::{tensor2, with_f32};
 use crate::kv::{KvCache, LayerKv};
 use crate::model::gguf::{GgufFile, ModelSpec};
@@ -56,18 +56,37 @@ impl Attention {
     ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
         // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
-        let [q, k, v]: [Tensor; 3] = self.wqkv.forward(x)?.try_into().expect("three parts");
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let [mut q, mut k, v] = split_columns(&self.wqkv.forward(x)?, self.wqkv.widths());
         ctx.rope.apply(&mut q, positions)?;
         ctx.rope.apply(&mut k, positions)?;
         // the layer's block copies (KV manager) land before it appends and attends
         kv.before_layer(ctx.layer);
-        with_f32(&v, |v| kv.append(ctx.layer, &k, v, positions, ctx.policy))??;
+        kv.append(ctx.layer, &k, &v, positions, ctx.policy)?;
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
         kv.attend(ctx.layer, &q, positions, ctx.policy, self.shape, &mut out)?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
+}
+
+/// (rows, Σ widths) with N parts side by side -> the N parts, each (rows, width_i).
+fn split_columns<const N: usize>(joined: &[f32], widths: &[usize]) -> [Vec<f32>; N] {
+    assert_eq!(
+        widths.len(),
+        N,
+        "split_columns: {} parts, want {N}",
+        widths.len()
+    );
+    let total: usize = widths.iter().sum();
+    let rows = joined.len() / total;
+    let mut parts: [Vec<f32>; N] = std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));
+    for row in joined.chunks_exact(total) {
+        let mut start = 0;
+        for (p, &w) in parts.iter_mut().zip(widths) {
+            p.extend_from_slice(&row[start..start + w]);
+            start += w;
+        }
+    }
+    parts
 }
 
 /// Rows per MLP chunk in prefill: (1024, 1536) f32 gate/up/product blocks are 6 MB each, and
@@ -107,11 +126,11 @@ impl Mlp {
     }
 
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().expect("two parts");
-        // gate, up: (rows, intermediate)
-        let (rows, width) = gate.dims2()?;
+        let rows = x.dims2()?.0;
+        let width = self.gate_up.widths()[0]; // intermediate
+        let gate_up = self.gate_up.forward(x)?; // (rows, 2 intermediate): gate, up
         let mut act = vec![0.0f32; rows * width];
-        with_f32(&gate, |g| with_f32(&up, |u| silu_mul(g, u, &mut act)))??;
+        silu_mul_joined(&gate_up, width, &mut act);
         Ok(self.down.forward(&tensor2(act, rows, width)?)?)
     }
 }

@@ -57,26 +57,50 @@ impl Q8Row {
 crate::backend::simd::dispatch! {
     /// One block: q = round(x / d) with d = max|x| / 127; returns (d, Σ q).
     pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-        let mut lanes = [0.0f32; 16];
-        for c in x.chunks_exact(16) {
-            for i in 0..16 {
-                lanes[i] = lanes[i].max(c[i].abs());
-            }
-        }
-        let amax = x.chunks_exact(16).remainder().iter().fold(lanes.iter().fold(0.0f32, |m, v| m.max(*v)), |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in q.iter_mut().zip(x) {
-            // Round to nearest (ties to even; ggml's roundf differs only on exact ties) by
-            // adding 1.5 * 2^23: the integer lands in the low mantissa bits. |v * inv| <= 127,
-            // so it fits; a float-to-int `as` cast would saturate and not vectorise.
-            let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-            *q = bits as i8;
-            sum += *q as i32;
-        }
-        (d, sum)
+        block(x, q)
     }
+}
+
+crate::backend::simd::dispatch! {
+    /// Every 32-value block of x (one feature check and call for all of them, so the block
+    /// loop is compiled for the CPU's vector width): q, and per block d, Σ q and d Σ q.
+    pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], dsum: &mut [f32]) {
+        let blocks = q.chunks_exact_mut(QK).zip(x.chunks_exact(QK));
+        for ((((qb, xb), d), s), ds) in blocks.zip(d).zip(sum).zip(dsum) {
+            (*d, *s) = block(xb, qb);
+            *ds = *d * *s as f32;
+        }
+    }
+}
+
+/// The body of `quantize_block`, inlined into each compiled variant.
+#[inline(always)]
+fn block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let mut lanes = [0.0f32; 16];
+    for c in x.chunks_exact(16) {
+        for i in 0..16 {
+            lanes[i] = lanes[i].max(c[i].abs());
+        }
+    }
+    let amax = x
+        .chunks_exact(16)
+        .remainder()
+        .iter()
+        .fold(lanes.iter().fold(0.0f32, |m, v| m.max(*v)), |m, v| {
+            m.max(v.abs())
+        });
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // Round to nearest (ties to even; ggml's roundf differs only on exact ties) by
+        // adding 1.5 * 2^23: the integer lands in the low mantissa bits. |v * inv| <= 127,
+        // so it fits; a float-to-int `as` cast would saturate and not vectorise.
+        let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+        *q = bits as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 #[cfg(test)]

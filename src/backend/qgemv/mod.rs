@@ -35,8 +35,9 @@ pub const TILE: usize = 16;
 #[repr(C, align(64))]
 pub struct Line(pub [u8; 64]);
 
+/// The GGUF block type a matrix was built from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub enum Kind {
     Q4_1,
     Q8_0,
 }
@@ -49,14 +50,16 @@ impl Kind {
         }
     }
 
-    fn lines(self) -> usize {
+    /// Lines of 64 bytes per tile-block.
+    pub(crate) fn lines(self) -> usize {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
         }
     }
 
-    fn scales(self) -> usize {
+    /// f16 scale bit patterns per tile-block.
+    pub(crate) fn scales(self) -> usize {
         match self {
             Kind::Q4_1 => kernels::Q4_1_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
@@ -176,6 +179,11 @@ impl QMatrix {
 
     pub fn bytes(&self) -> usize {
         self.quants.len() * 64 + self.scales.len() * 2
+    }
+
+    /// The block type and the tiles (tile-major, then block), for the prefill GEMM.
+    pub(crate) fn tiles(&self) -> (Kind, &[Line], &[u16]) {
+        (self.kind, &self.quants, &self.scales)
     }
 
     /// out = W x. x: (cols), out: (rows).

@@ -1,0 +1,416 @@
+//! The inner loops of the prefill GEMM: a rectangle of the output (activation rows × weight
+//! tiles) from the packed weight tiles (`QMatrix`, 16 weight rows interleaved per tile, see
+//! `qgemv::kernels` for the byte layout) and Q8-quantized activation rows.
+//!
+//! AVX-512 VNNI: a microkernel keeps R activation rows × T weight tiles of i32 accumulators
+//! (one zmm per (row, tile): 16 output columns) for one 32-value block, and R × T f32
+//! accumulators across blocks. Per 4 columns of K it loads T weight vectors (Q4_1: one 64-byte
+//! line gives the low and the high nibbles, two K steps) and broadcasts 4 activation bytes per
+//! row; each `vpdpbusd` then multiplies 4 weights of 16 output columns by the same 4 activation
+//! bytes. Per block: i32 → f32, × (weight scale × activation scale), and Q4_1's min × the
+//! activation block sum. The weight tiles of one T group are reused by every row group of a
+//! task (they stay in L1/L2); the activation rows stream.
+//! AVX2 (`vpmaddubsw` + `vpmaddwd`, 8 columns per register) and scalar (any CPU, the tests'
+//! reference) compute the same sums.
+
+use std::ops::Range;
+
+use super::activation::Q8Rows;
+use crate::backend::qgemv::kernels::Kernel;
+use crate::backend::qgemv::{Kind, Line, QK, TILE};
+
+/// One product out = x W^T: the operands and where the output lives.
+pub struct Gemm<'a> {
+    pub kind: Kind,
+    /// tile-major, then block (`kind.lines()` lines per tile-block)
+    pub quants: &'a [Line],
+    /// tile-major, then block (`kind.scales()` f16 bit patterns per tile-block)
+    pub scales: &'a [u16],
+    /// weight rows = output columns
+    pub n: usize,
+    pub x: &'a Q8Rows,
+    /// (x.rows, n) row-major
+    pub out: *mut f32,
+}
+
+impl Gemm<'_> {
+    fn nb(&self) -> usize {
+        self.x.blocks()
+    }
+
+    fn tiles(&self) -> usize {
+        self.n.div_ceil(TILE)
+    }
+
+    /// The weight operand holds every tile-block of `n` rows and `x` blocks.
+    pub fn check(&self) {
+        let tile_blocks = self.tiles() * self.nb();
+        assert!(
+            self.quants.len() >= tile_blocks * self.kind.lines(),
+            "qgemm: short quants"
+        );
+        assert!(
+            self.scales.len() >= tile_blocks * self.kind.scales(),
+            "qgemm: short scales"
+        );
+    }
+}
+
+/// Rows of activations and tiles of weights per VNNI microkernel.
+pub const VNNI_ROWS: usize = 6;
+pub const VNNI_TILES: usize = 2;
+
+/// out[rows, 16 tiles.start .. min(16 tiles.end, n)] for this rectangle.
+///
+/// # Safety
+/// `g.check()` passed; rows ⊂ 0..g.x.rows, tiles ⊂ 0..ceil(n / 16); `g.out` points to
+/// (x.rows, n) f32 and no other thread touches this rectangle of it during the call.
+pub unsafe fn rect(kernel: Kernel, g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: the CPU has the features (best() checked them); bounds as the caller
+            // promised.
+            unsafe { x86::rect_vnni(g, rows, tiles) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
+            unsafe { x86::rect_avx2(g, rows, tiles) }
+        }
+        // SAFETY: as the caller promised.
+        _ => unsafe { rect_scalar(g, rows, tiles) },
+    }
+}
+
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// Plain loops: for each output, per block an exact i32 dot, then the scales in f32.
+///
+/// SAFETY: as `rect`.
+unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
+    let (nb, lines, scales) = (g.nb(), g.kind.lines(), g.kind.scales());
+    for i in rows {
+        let xq = &g.x.q[i * g.x.cols..][..g.x.cols];
+        for tile in tiles.clone() {
+            for lane in 0..TILE.min(g.n - tile * TILE) {
+                let mut acc = 0.0f32;
+                for b in 0..nb {
+                    let tb = tile * nb + b;
+                    let xb = &xq[b * QK..][..QK];
+                    let s = &g.scales[tb * scales..][..scales];
+                    let mut dot = 0i32;
+                    for (k, line) in g.quants[tb * lines..][..lines].iter().enumerate() {
+                        for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
+                            dot += match g.kind {
+                                Kind::Q4_1 => {
+                                    (byte & 15) as i32 * xb[4 * k + j] as i32
+                                        + (byte >> 4) as i32 * xb[16 + 4 * k + j] as i32
+                                }
+                                Kind::Q8_0 => ((byte ^ 0x80) as i8) as i32 * xb[4 * k + j] as i32,
+                            };
+                        }
+                    }
+                    let ib = i * nb + b;
+                    acc += f16(s[lane]) * g.x.d[ib] * dot as f32;
+                    if g.kind == Kind::Q4_1 {
+                        acc += f16(s[TILE + lane]) * g.x.dsum[ib];
+                    }
+                }
+                // SAFETY: (i, tile * 16 + lane) is inside this rectangle (caller).
+                unsafe { *g.out.add(i * g.n + tile * TILE + lane) = acc };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// The microkernels index their register tiles as acc[r][t]: clearer than zipped iterators.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Gemm, VNNI_ROWS, VNNI_TILES};
+    use crate::backend::qgemv::{Kind, QK, TILE};
+
+    /// Four activation bytes of row `i` from column `c`, as one i32 to broadcast.
+    #[inline(always)]
+    unsafe fn x4(g: &Gemm, i: usize, c: usize) -> i32 {
+        // SAFETY (caller): i < x.rows, c + 4 <= x.cols.
+        unsafe { (g.x.q.as_ptr().add(i * g.x.cols + c) as *const i32).read_unaligned() }
+    }
+
+    /// Calls `$f::<R, T>` for the runtime (rows, tiles) of a microkernel, R in 1..=6, T in 1..=2.
+    macro_rules! by_shape {
+        ($f:ident, $rn:expr, $tn:expr, $($arg:expr),*) => {
+            match ($rn, $tn) {
+                (6, 2) => $f::<6, 2>($($arg),*),
+                (5, 2) => $f::<5, 2>($($arg),*),
+                (4, 2) => $f::<4, 2>($($arg),*),
+                (3, 2) => $f::<3, 2>($($arg),*),
+                (2, 2) => $f::<2, 2>($($arg),*),
+                (1, 2) => $f::<1, 2>($($arg),*),
+                (6, _) => $f::<6, 1>($($arg),*),
+                (5, _) => $f::<5, 1>($($arg),*),
+                (4, _) => $f::<4, 1>($($arg),*),
+                (3, _) => $f::<3, 1>($($arg),*),
+                (2, _) => $f::<2, 1>($($arg),*),
+                _ => $f::<1, 1>($($arg),*),
+            }
+        };
+    }
+
+    /// SAFETY: as `super::rect`, and the CPU has AVX-512F/BW/VNNI, F16C and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
+        for t0 in tiles.clone().step_by(VNNI_TILES) {
+            let tn = (tiles.end - t0).min(VNNI_TILES);
+            for i0 in rows.clone().step_by(VNNI_ROWS) {
+                let rn = (rows.end - i0).min(VNNI_ROWS);
+                // SAFETY: rows i0..i0+rn and tiles t0..t0+tn lie in the caller's rectangle.
+                unsafe {
+                    match g.kind {
+                        Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
+                        Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Store 16 f32 of row `i` at output tile `tile`, masked past column n.
+    #[inline(always)]
+    unsafe fn store16(g: &Gemm, i: usize, tile: usize, v: __m512) {
+        let valid = (g.n - tile * TILE).min(TILE);
+        let mask: __mmask16 = if valid == TILE {
+            0xFFFF
+        } else {
+            (1u16 << valid) - 1
+        };
+        // SAFETY (caller): (i, tile) is in the rectangle; masked lanes are not written.
+        unsafe { _mm512_mask_storeu_ps(g.out.add(i * g.n + tile * TILE), mask, v) }
+    }
+
+    /// Rows i0..i0+R × tiles t0..t0+T of a Q4_1 matrix: weight nibbles (unsigned) × activation
+    /// bytes (signed); out = Σ_b d_w d_x dot + m_w (d_x Σ q_x).
+    ///
+    /// SAFETY: as `rect_vnni`, for this microtile.
+    #[inline(always)]
+    unsafe fn q4_1_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        let nb = g.nb();
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for b in 0..nb {
+            // SAFETY: tile-blocks (t0 + t) * nb + b are inside `quants`/`scales` (check);
+            // activation bytes b * 32 + 32 <= cols.
+            unsafe {
+                let lines: [*const __m512i; T] = std::array::from_fn(|t| {
+                    g.quants.as_ptr().add(((t0 + t) * nb + b) * 4) as *const __m512i
+                });
+                let mut dot = [[_mm512_setzero_si512(); T]; R];
+                for k in 0..4 {
+                    let w: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
+                    let lo: [__m512i; T] = std::array::from_fn(|t| _mm512_and_si512(w[t], nibble));
+                    let hi: [__m512i; T] = std::array::from_fn(|t| {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w[t]), nibble)
+                    });
+                    for r in 0..R {
+                        let xlo = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                        let xhi = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
+                        for t in 0..T {
+                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo[t], xlo);
+                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], hi[t], xhi);
+                        }
+                    }
+                }
+                let s: [*const u16; T] =
+                    std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 2 * TILE));
+                let d: [__m512; T] = std::array::from_fn(|t| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t] as *const __m256i))
+                });
+                let m: [__m512; T] = std::array::from_fn(|t| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(TILE) as *const __m256i))
+                });
+                for r in 0..R {
+                    let ib = (i0 + r) * nb + b;
+                    let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
+                    let dsum = _mm512_set1_ps(*g.x.dsum.get_unchecked(ib));
+                    for t in 0..T {
+                        let scale = _mm512_mul_ps(d[t], dx);
+                        acc[r][t] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);
+                        acc[r][t] = _mm512_fmadd_ps(m[t], dsum, acc[r][t]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: the microtile is in the caller's rectangle.
+                unsafe { store16(g, i0 + r, t0 + t, acc[r][t]) };
+            }
+        }
+    }
+
+    /// Rows i0..i0+R × tiles t0..t0+T of a Q8_0 matrix: weights stored as w + 128 (unsigned)
+    /// × activation bytes (signed); each block's dot starts at -128 Σ q_x to remove the offset.
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn q8_0_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        let nb = g.nb();
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for b in 0..nb {
+            // SAFETY: as in `q4_1_vnni`.
+            unsafe {
+                let lines: [*const __m512i; T] = std::array::from_fn(|t| {
+                    g.quants.as_ptr().add(((t0 + t) * nb + b) * 8) as *const __m512i
+                });
+                let mut dot: [[__m512i; T]; R] = std::array::from_fn(|r| {
+                    let bias = -(*g.x.sum.get_unchecked((i0 + r) * nb + b) << 7);
+                    [_mm512_set1_epi32(bias); T]
+                });
+                for k in 0..8 {
+                    let w: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
+                    for r in 0..R {
+                        let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                        for t in 0..T {
+                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                        }
+                    }
+                }
+                let d: [__m512; T] = std::array::from_fn(|t| {
+                    let s = g.scales.as_ptr().add(((t0 + t) * nb + b) * TILE);
+                    _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i))
+                });
+                for r in 0..R {
+                    let dx = _mm512_set1_ps(*g.x.d.get_unchecked((i0 + r) * nb + b));
+                    for t in 0..T {
+                        let scale = _mm512_mul_ps(d[t], dx);
+                        acc[r][t] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: the microtile is in the caller's rectangle.
+                unsafe { store16(g, i0 + r, t0 + t, acc[r][t]) };
+            }
+        }
+    }
+
+    /// Rows per AVX2 microkernel (one 8-column half tile each: 2 × 4 of the 16 ymm registers).
+    const AVX2_ROWS: usize = 4;
+
+    /// SAFETY: as `super::rect`, and the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rect_avx2(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
+        for tile in tiles {
+            for half in 0..2 {
+                if tile * TILE + 8 * half >= g.n {
+                    continue;
+                }
+                for i0 in rows.clone().step_by(AVX2_ROWS) {
+                    // SAFETY: rows i0.. and this half tile lie in the caller's rectangle.
+                    unsafe {
+                        match (rows.end - i0).min(AVX2_ROWS) {
+                            4 => half_avx2::<4>(g, i0, tile, half),
+                            3 => half_avx2::<3>(g, i0, tile, half),
+                            2 => half_avx2::<2>(g, i0, tile, half),
+                            _ => half_avx2::<1>(g, i0, tile, half),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows i0..i0+R × the 8 columns of half `half` of tile `tile`, either block type.
+    ///
+    /// SAFETY: as `rect_avx2`, for this microtile.
+    #[inline(always)]
+    unsafe fn half_avx2<const R: usize>(g: &Gemm, i0: usize, tile: usize, half: usize) {
+        let nb = g.nb();
+        let (lines, scales) = (g.kind.lines(), g.kind.scales());
+        let nibble = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            // SAFETY: as in `q4_1_vnni`; half * 32 + 32 <= 64 bytes of a line.
+            unsafe {
+                let line = |k: usize| {
+                    let p = g.quants.as_ptr().add(tb * lines + k) as *const u8;
+                    _mm256_load_si256(p.add(32 * half) as *const __m256i)
+                };
+                let mut dot = [_mm256_setzero_si256(); R];
+                match g.kind {
+                    Kind::Q4_1 => {
+                        for k in 0..4 {
+                            let w = line(k);
+                            let lo = _mm256_and_si256(w, nibble);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            for (r, dot) in dot.iter_mut().enumerate() {
+                                let xlo = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                                let xhi = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
+                                // |15 * 127 * 2| twice fits i16
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, xlo),
+                                    _mm256_maddubs_epi16(hi, xhi),
+                                );
+                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                    Kind::Q8_0 => {
+                        for k in 0..8 {
+                            let w = _mm256_xor_si256(line(k), flip); // back to signed
+                            let wabs = _mm256_abs_epi8(w);
+                            for (r, dot) in dot.iter_mut().enumerate() {
+                                let xk = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                                // |w| * sign(x, w): at most 128 * 127 * 2 per i16
+                                let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xk, w));
+                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                }
+                let s = g.scales.as_ptr().add(tb * scales + 8 * half);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ib = (i0 + r) * nb + b;
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*g.x.d.get_unchecked(ib)));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, *acc);
+                    if g.kind == Kind::Q4_1 {
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i));
+                        let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
+                        *acc = _mm256_fmadd_ps(m, dsum, *acc);
+                    }
+                }
+            }
+        }
+        let first = tile * TILE + 8 * half;
+        let valid = (g.n - first).min(8);
+        for (r, acc) in acc.iter().enumerate() {
+            let mut tmp = [0.0f32; 8];
+            // SAFETY: tmp holds 8 floats; the `valid` columns from `first` of row i0 + r are in
+            // the caller's rectangle.
+            unsafe {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
+                std::ptr::copy_nonoverlapping(
+                    tmp.as_ptr(),
+                    g.out.add((i0 + r) * g.n + first),
+                    valid,
+                );
+            }
+        }
+    }
+}

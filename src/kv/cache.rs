@@ -12,7 +12,8 @@
 use std::sync::Arc;
 
 use super::dtype::KvDtype;
-use super::manager::{KvManager, KvStats};
+use super::manager::KvManager;
+use super::stats::KvStats;
 use crate::backend::attention::{attention, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::model::llama::LayerPolicy;

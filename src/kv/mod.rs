@@ -1,14 +1,19 @@
 //! Key/value caches, one per layer, owned by the engine and passed into the forward; and the
 //! two-tier KV manager: block tables (`table`), fast-tier slots (`fast`), the offload worker
-//! (`worker`), the optional spill file (`spill`), tied to the forward by `manager`.
+//! (`worker`), the optional spill file (`spill`), tied to the forward by `manager`, set by
+//! `[kv]` (`config`), measured in `stats`.
 pub mod cache;
+pub mod config;
 pub mod dtype;
 pub mod fast;
 pub mod manager;
 pub mod spill;
+pub mod stats;
 pub mod table;
 pub mod worker;
 
 pub use cache::{KvCache, KvView, LayerKv};
+pub use config::KvConfig;
 pub use dtype::KvDtype;
-pub use manager::{KvConfig, KvManager, KvStats, LayerPlan};
+pub use manager::{KvManager, LayerPlan};
+pub use stats::KvStats;

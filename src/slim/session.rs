@@ -10,7 +10,9 @@
 //! Decode: at the same boundaries, the newest queries join a window of the last `local_window`
 //! queries seen there; the window proposes a top-K among the stage's candidates (the blocks that
 //! have KV at the boundary layer), and the overlap gate (gamma) decides whether the active set
-//! switches. Layers of the stage attend to the active blocks plus every token past the prompt.
+//! switches. K is the stage's `decode_blocks` (`decode_keep` times its prefill blocks; all of
+//! them by default); the first active set is chosen in prefill from the same scores as the
+//! pool. Layers of the stage attend to the active blocks plus every token past the prompt.
 //!
 //! Revival (reading (a) of sliminfer.md §1.8, LazyLLM's aux cache), on by default: when prefill
 //! drops a block at a stage, its hidden states at the stage's input are kept. When the stage's

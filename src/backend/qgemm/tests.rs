@@ -2,35 +2,11 @@
 //! any microkernel's rows (and split into several tasks), weight rows not a multiple of the
 //! 16-row tile or of the 2-tile group, one to several blocks per row.
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 
 use super::*;
+use crate::backend::qgemv::tests::{noise, quantized};
 use crate::backend::qgemv::QK;
-
-/// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QTensor {
-    // rows of different magnitudes, with an offset, as real weights have
-    let w: Vec<f32> = noise(rows * cols, seed)
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * 0.05 * (1 + (i / cols) % 5) as f32 + 0.01)
-        .collect();
-    let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-    QTensor::quantize(&t, dtype).unwrap()
-}
 
 fn check(dtype: GgmlDType, n: usize, k: usize, m: usize) {
     let q = quantized(dtype, n, k, (n * 131 + k) as u64);

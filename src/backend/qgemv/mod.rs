@@ -307,4 +307,4 @@ impl QMatrix {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

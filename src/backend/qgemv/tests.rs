@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use super::*;
 
 /// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -20,7 +20,7 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QTensor {
+pub(crate) fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QTensor {
     // rows of different magnitudes, with an offset, as real weights have
     let w: Vec<f32> = noise(rows * cols, seed)
         .iter()

@@ -28,7 +28,7 @@ mod avx512;
 
 /// Keys per online-softmax step: a (32, 192) f32 block is 24 KiB, inside L1.
 const BLOCK: usize = 32;
-/// Keys per parallel chunk, at most; at least two chunks once there are 2 * MIN_CHUNK keys.
+/// Keys per parallel chunk, at most (at least MIN_CHUNK, once there are 2 * MIN_CHUNK keys).
 const MAX_CHUNK: usize = 1024;
 const MIN_CHUNK: usize = 256;
 /// Lanes of the fixed-size inner loops (one AVX-512 register of f32).
@@ -137,12 +137,14 @@ pub fn decode_attention_runs_with(
     }
     let scale = 1.0 / (hd as f32).sqrt();
     let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+    // A whole number of chunks per thread (7 equal chunks on 2 threads would leave one thread
+    // idle for the last), each at most MAX_CHUNK keys so that a core slowed by another process
+    // can be helped.
+    let threads = rayon::current_num_threads().max(1);
     let chunks = if active < 2 * MIN_CHUNK {
         1
     } else {
-        active
-            .div_ceil(MAX_CHUNK)
-            .max(rayon::current_num_threads().min(active / MIN_CHUNK))
+        (active.div_ceil(MAX_CHUNK).div_ceil(threads) * threads).min(active / MIN_CHUNK)
     };
     let per_chunk = active.div_ceil(chunks);
     let partials: Vec<Partial> = (0..chunks)
@@ -523,6 +525,8 @@ mod tests {
         };
         let sub_pos: Vec<u32> = rows.iter().map(|&j| positions[j]).collect();
         let want = attention_reference(&q, &[q_pos], &gather(&kf), &gather(&vf), &sub_pos, shape);
+        // Q8 keys are stored divided by their channel scale, which the query takes instead
+        let q = cache.scale_queries(&q, shape).unwrap_or(q);
         for &isa in Isa::available() {
             let mut out = vec![f32::NAN; q.len()];
             decode_attention_with(isa, &q, q_pos, cache.view(), ranges, shape, &mut out);

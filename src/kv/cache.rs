@@ -7,6 +7,13 @@
 //! read them back through [`LayerKv::view`] (kernels widen tiles as they go) or
 //! [`LayerKv::keys_f32`].
 //!
+//! Q8 keys are stored divided by a per-channel scale (`LayerKv::k_scale`) fixed at the layer's
+//! first append: the largest |k| of each pair of channels that RoPE rotates together. A few
+//! channels carry most of a key's magnitude (KIVI, arXiv 2402.02750), so a per-row int8 scale
+//! would leave the others a handful of levels; dividing first gives every channel the whole int8
+//! range (about half the key error on SmolLM2, bench/NOTES.md). Attention multiplies the query by
+//! the scale instead of widening keys back: `q·k = (q∘s)·(k/s)`.
+//!
 //! Invariant: within a layer, positions are strictly increasing in row order.
 
 use std::sync::Arc;
@@ -28,6 +35,9 @@ pub struct LayerKv {
     /// (len)
     pub positions: Vec<u32>,
     pub dtype: KvDtype,
+    /// Q8 only: the divisor of each key channel (kv_dim values; empty for 16-bit types and
+    /// before the first append)
+    pub k_scale: Vec<f32>,
 }
 
 /// A borrowed cache for the attention kernels.
@@ -63,7 +73,26 @@ impl LayerKv {
     pub fn keys_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.dtype.values_in(self.k.len())];
         self.dtype.decode(&self.k, &mut out);
+        unscale_keys(&mut out, &self.k_scale);
         out
+    }
+
+    /// `q` (rows of heads of `shape.head_dim`) times the key scale of its KV head, so that it
+    /// can be dotted with the stored keys; None when keys are stored as they are.
+    pub fn scale_queries(&self, q: &[f32], shape: AttnShape) -> Option<Vec<f32>> {
+        if self.k_scale.is_empty() {
+            return None;
+        }
+        let hd = shape.head_dim;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let mut out = q.to_vec();
+        for row in out.chunks_exact_mut(shape.n_heads * hd) {
+            for (h, head) in row.chunks_exact_mut(hd).enumerate() {
+                let s = &self.k_scale[h / group * hd..][..hd];
+                head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
+            }
+        }
+        Some(out)
     }
 
     /// Every value widened to f32: (len, kv_dim).
@@ -113,7 +142,18 @@ impl LayerKv {
             .last()
             .is_none_or(|&last| last < positions[0]);
         let (mut k16, mut v16) = (vec![0u16; rows * width], vec![0u16; rows * width]);
-        self.dtype.encode(k, &mut k16);
+        if self.dtype == KvDtype::Q8 {
+            if self.k_scale.is_empty() {
+                self.k_scale = key_channel_scale(k, k.len() / rows);
+            }
+            let mut scaled = k.to_vec();
+            for row in scaled.chunks_exact_mut(self.k_scale.len()) {
+                row.iter_mut().zip(&self.k_scale).for_each(|(x, s)| *x /= s);
+            }
+            self.dtype.encode(&scaled, &mut k16);
+        } else {
+            self.dtype.encode(k, &mut k16);
+        }
         self.dtype.encode(v, &mut v16);
         if continues {
             self.k.extend_from_slice(&k16);
@@ -161,8 +201,11 @@ impl LayerKv {
         Ok(())
     }
 
-    /// Keep only the first `len` rows.
+    /// Keep only the first `len` rows (none: the key scale is chosen again).
     pub fn truncate(&mut self, len: usize) {
+        if len == 0 {
+            self.k_scale.clear();
+        }
         if len < self.len() {
             let width = self.k.len() / self.len();
             self.k.truncate(len * width);
@@ -174,6 +217,34 @@ impl LayerKv {
     /// Bytes of K and V held.
     pub fn bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * std::mem::size_of::<u16>()
+    }
+}
+
+/// Each key channel's divisor for Q8: the largest |k| over `k`'s rows (`kv_dim` values each) of
+/// the channel pair (2i, 2i + 1) that RoPE rotates together, so that a later position's rotation
+/// does not push a channel far past it; 1 for a pair that is all zeros.
+pub fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
+    let mut amax = vec![0f32; kv_dim];
+    for row in k.chunks_exact(kv_dim) {
+        amax.iter_mut()
+            .zip(row)
+            .for_each(|(m, x)| *m = m.max(x.abs()));
+    }
+    for pair in amax.chunks_mut(2) {
+        let m = pair.iter().fold(0f32, |a, &b| a.max(b));
+        let m = if m > 0.0 && m.is_finite() { m } else { 1.0 };
+        pair.fill(m);
+    }
+    amax
+}
+
+/// Multiply widened key rows back by their channel scale (no-op for an empty scale).
+pub fn unscale_keys(rows: &mut [f32], scale: &[f32]) {
+    if scale.is_empty() {
+        return;
+    }
+    for row in rows.chunks_exact_mut(scale.len()) {
+        row.iter_mut().zip(scale).for_each(|(x, s)| *x *= s);
     }
 }
 
@@ -284,6 +355,8 @@ impl KvCache {
     ) -> candle_core::Result<()> {
         let host = &self.layers[i];
         let keys = policy.key_ranges(i, host);
+        let scaled = host.scale_queries(q, shape);
+        let q = scaled.as_deref().unwrap_or(q);
         if let (Some(t), 1) = (&mut self.tiers, positions.len()) {
             let active = policy.active_blocks(i);
             let want: usize = keys.iter().map(|r| r.len()).sum();
@@ -366,6 +439,71 @@ mod tests {
             l.values_f32(),
             vec![10.0, 10.5, 12.0, 12.5, 13.0, 13.5, 15.0, 15.5, 17.0, 17.5]
         );
+    }
+
+    /// Keys with two loud channel pairs (as real keys have): Q8 with the per-channel scale keeps
+    /// the quiet channels' error at half of a plain per-row Q8 or less, and attention over the
+    /// stored keys (prefill rows and a decode row, query scaled) equals the reference over the
+    /// widened keys.
+    #[test]
+    fn q8_keys_divided_per_channel_attend_as_their_widened_values() {
+        use crate::backend::attention::attention_reference;
+        use crate::model::llama::Dense;
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 64,
+        };
+        let (kv_dim, n) = (128, 300);
+        let mut seed = 0x5eedu64;
+        let mut noise = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let loud = |c: usize| if c % 64 < 4 { 25.0 } else { 1.0 };
+        let k: Vec<f32> = (0..n * kv_dim)
+            .map(|i| noise() * loud(i % kv_dim))
+            .collect();
+        let v: Vec<f32> = (0..n * kv_dim).map(|_| noise()).collect();
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let mut cache = KvCache::with_dtype(1, KvDtype::Q8);
+        cache.append(0, &k, &v, &pos, &Dense).unwrap();
+        let layer = cache.layer(0).clone();
+        let quiet_err = |wide: &[f32]| {
+            let (mut e, mut m) = (0f32, 0f32);
+            for (i, (a, b)) in k.iter().zip(wide).enumerate() {
+                if loud(i % kv_dim) == 1.0 {
+                    e = e.max((a - b).abs());
+                    m = m.max(a.abs());
+                }
+            }
+            e / m
+        };
+        let mut plain = LayerKv::new(KvDtype::Q8);
+        plain.append(&k, &v, &pos).unwrap();
+        plain.k_scale.clear();
+        let mut bits = vec![0u16; KvDtype::Q8.stored_len(k.len())];
+        KvDtype::Q8.encode(&k, &mut bits);
+        plain.k = bits;
+        let (scaled, unscaled) = (quiet_err(&layer.keys_f32()), quiet_err(&plain.keys_f32()));
+        assert!(
+            scaled * 2.0 < unscaled,
+            "quiet channels: error {scaled} with the channel scale, {unscaled} without"
+        );
+        let (wk, wv) = (layer.keys_f32(), layer.values_f32());
+        for rows in [&pos[250..], &pos[299..]] {
+            let q: Vec<f32> = (0..rows.len() * 6 * 64).map(|_| noise()).collect();
+            let want = attention_reference(&q, rows, &wk, &wv, &pos, shape);
+            let mut got = vec![0f32; want.len()];
+            cache.attend(0, &q, rows, &Dense, shape, &mut got).unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-4, "{} query rows: max error {err}", rows.len());
+        }
     }
 
     #[test]

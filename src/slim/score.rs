@@ -14,22 +14,39 @@
 //!
 //! No softmax and no 1/sqrt(d) scale: neither changes the ranking. Scores are f32.
 
-use crate::kv::KvDtype;
+use crate::kv::cache::unscale_keys;
+use crate::kv::{KvDtype, LayerKv};
 
 /// Key rows as the scorers read them: f32 (tests, references), or the KV cache's storage
-/// (16-bit floats or Q8 groups), widened a few rows at a time (no copy of the whole layer per
-/// decode step).
+/// (16-bit floats or Q8 groups, Q8 keys divided by a per-channel scale), widened a few rows at a
+/// time (no copy of the whole layer per decode step).
 #[derive(Debug, Clone, Copy)]
 pub enum Keys<'a> {
     F32(&'a [f32]),
-    Half(&'a [u16], KvDtype),
+    Stored {
+        bits: &'a [u16],
+        dtype: KvDtype,
+        /// the cache's `k_scale` (empty: none)
+        channel_scale: &'a [f32],
+    },
+}
+
+impl<'a> Keys<'a> {
+    /// The keys a layer's cache holds.
+    pub fn of(kv: &'a LayerKv) -> Self {
+        Keys::Stored {
+            bits: &kv.k,
+            dtype: kv.dtype,
+            channel_scale: &kv.k_scale,
+        }
+    }
 }
 
 impl Keys<'_> {
     fn len(&self) -> usize {
         match self {
             Keys::F32(k) => k.len(),
-            Keys::Half(k, dtype) => dtype.values_in(k.len()),
+            Keys::Stored { bits, dtype, .. } => dtype.values_in(bits.len()),
         }
     }
 
@@ -43,12 +60,17 @@ impl Keys<'_> {
                     }
                 }
             }
-            Keys::Half(k, dtype) => {
+            Keys::Stored {
+                bits,
+                dtype,
+                channel_scale,
+            } => {
                 const ROWS: usize = 32;
                 let mut buf = vec![0f32; ROWS * width];
-                for bits in k.chunks(dtype.stored_len(ROWS * width)) {
+                for bits in bits.chunks(dtype.stored_len(ROWS * width)) {
                     let wide = &mut buf[..dtype.values_in(bits.len())];
                     dtype.decode(bits, wide);
+                    unscale_keys(wide, channel_scale);
                     for row in wide.chunks_exact(width) {
                         if !f(row) {
                             return;
@@ -458,7 +480,7 @@ mod tests {
     /// Positions 0..len with random gaps (as after pruning some blocks / rows), then
     /// `generated` positions past `prompt_len`.
     #[test]
-    fn half_keys_score_as_their_widened_f32_values() {
+    fn stored_keys_score_as_their_widened_f32_values() {
         let mut rng = Rng(0xF16);
         let shape = HeadShape {
             n_heads: 9,
@@ -469,15 +491,16 @@ mod tests {
         let pos = positions(&mut rng, len, 5, 9);
         let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
         let q = rng.vec(3 * shape.n_heads * shape.head_dim);
-        for dtype in [KvDtype::F16, KvDtype::Bf16] {
-            let mut bits = vec![0u16; keys.len()];
-            dtype.encode(&keys, &mut bits);
-            let wide: Vec<f32> = bits.iter().map(|&b| dtype.to_f32(b)).collect();
-            let half = Keys::Half(&bits, dtype);
-            let got = block_scores_of(&q, half, &pos, len, shape, 64, 8);
+        for dtype in [KvDtype::F16, KvDtype::Bf16, KvDtype::Q8] {
+            let mut kv = LayerKv::new(dtype);
+            kv.append(&keys, &keys, &pos).unwrap();
+            assert_eq!(kv.k_scale.is_empty(), dtype != KvDtype::Q8);
+            let wide = kv.keys_f32();
+            let stored = Keys::of(&kv);
+            let got = block_scores_of(&q, stored, &pos, len, shape, 64, 8);
             let want = block_scores(&q, &wide, &pos, len, shape, 64, 8);
             assert_eq!(got, want, "{dtype:?} paper scores");
-            let got = block_scores_attention_of(&q, half, &pos, len, shape, 64, 8);
+            let got = block_scores_attention_of(&q, stored, &pos, len, shape, 64, 8);
             let want = block_scores_attention(&q, &wide, &pos, len, shape, 64, 8);
             assert_eq!(got, want, "{dtype:?} attention scores");
         }

@@ -210,7 +210,7 @@ impl SlimSession {
         let f = self.score_fn();
         f(
             q_window,
-            Keys::Half(&kv.k, kv.dtype),
+            Keys::of(kv),
             &kv.positions,
             self.prompt_len,
             self.shape,
@@ -380,7 +380,7 @@ impl SlimSession {
         let units = match self.stages[s].units.take() {
             Some((rows, units)) if rows == prompt_rows => units,
             _ => UnitKeys::new(
-                Keys::Half(&kv.k, kv.dtype),
+                Keys::of(kv),
                 &kv.positions,
                 self.prompt_len,
                 self.shape,

@@ -222,12 +222,13 @@ impl QMatrix {
         let nb = self.cols / QK;
         let (lines, scales) = (self.kind.lines() * nb, self.kind.scales() * nb); // per tile
         let tiles = self.rows.div_ceil(TILE);
-        // Runs of whole tiles: a few per thread so a core slowed by another process can be
-        // helped, each large enough (>= 64 rows) to amortise entering the pool.
+        // Runs of whole tiles, four per thread so that a core slowed by another process can be
+        // helped, each large enough (>= 4 tiles) to amortise entering the pool, and of sizes that
+        // differ by at most one tile (36 tiles as 7 runs of 5 and one of 1 would leave one thread
+        // a fifth more work).
         let threads = rayon::current_num_threads().max(1);
-        let per_run = tiles.div_ceil(4 * threads).max(4);
-        let run = |(i, out): (usize, &mut [f32])| {
-            let first = i * per_run;
+        let n_runs = (4 * threads).min(tiles / 4).max(1);
+        let run = |(first, out): (usize, &mut [f32])| {
             let t = Tiles {
                 quants: &self.quants[first * lines..],
                 scales: &self.scales[first * scales..],
@@ -238,11 +239,19 @@ impl QMatrix {
                 Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
             }
         };
-        if tiles <= per_run {
-            run((0, out));
-        } else {
-            out.par_chunks_mut(per_run * TILE).enumerate().for_each(run);
+        if n_runs == 1 {
+            return run((0, out));
         }
+        let mut parts = Vec::with_capacity(n_runs);
+        let mut rest = out;
+        for i in 0..n_runs {
+            let (first, end) = (i * tiles / n_runs, (i + 1) * tiles / n_runs);
+            let rows = (end * TILE).min(self.rows) - first * TILE;
+            let (part, tail) = rest.split_at_mut(rows);
+            parts.push((first, part));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(run);
     }
 
     /// out = W x in f32: each weight exactly as the GGUF defines it, x unrounded, f32 sums;

@@ -676,7 +676,15 @@ mod tests {
     }
 
     fn speed_with(dtype: KvDtype) {
-        let (layers, n) = (30, 7000);
+        // LAYERSxKEYS from SPEED_SHAPE (default 30x7000): smaller shapes show the rate when the
+        // KV fits in the cache the machine gives us (bench/NOTES.md)
+        let (layers, n) = std::env::var("SPEED_SHAPE")
+            .ok()
+            .and_then(|s| {
+                let (a, b) = s.split_once('x')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+            .unwrap_or((30, 7000));
         let kv_dim = GQA.n_kv_heads * GQA.head_dim;
         let caches: Vec<LayerKv> = (0..layers)
             .map(|l| {

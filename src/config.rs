@@ -35,8 +35,9 @@ pub struct ModelConfig {
     pub linear: LinearMode,
     /// Worker threads for the model (0 = one per core).
     pub threads: usize,
-    /// Element type of the KV cache: "f16" (default), "bf16" or "q8" (int8 with an f16 scale
-    /// per 32 values).
+    /// Element type of the KV cache: "q8" (default: int8 with an f16 scale per 32 values; a
+    /// prompt's own attention still reads its rows at f16 precision; f16 for a model whose head
+    /// size is not a multiple of 32), "f16" or "bf16".
     pub kv_dtype: KvDtype,
     /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
     /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).
@@ -49,7 +50,7 @@ impl Default for ModelConfig {
             source: "default".into(),
             linear: LinearMode::Int8,
             threads: 0,
-            kv_dtype: KvDtype::default(),
+            kv_dtype: KvDtype::Q8,
             device: DeviceChoice::default(),
         }
     }

@@ -117,7 +117,8 @@ pub enum PrefillKind {
 pub struct EngineOptions {
     pub linear: LinearMode,
     pub slim: SlimConfig,
-    /// Element type of the KV cache
+    /// Element type of the KV cache (Q8 falls back to f16 with a note for a head size that is
+    /// not a multiple of 32)
     pub kv_dtype: KvDtype,
     /// The KV manager's fast tier and spill file (`kv.resident`: no manager).
     pub kv: KvConfig,
@@ -140,7 +141,7 @@ impl Default for EngineOptions {
         Self {
             linear: LinearMode::Int8,
             slim: SlimConfig::default(),
-            kv_dtype: KvDtype::default(),
+            kv_dtype: KvDtype::Q8,
             kv: KvConfig::default(),
         }
     }
@@ -177,6 +178,8 @@ pub struct Engine {
     last_prefill_kind: PrefillKind,
     /// The text of every special token, to spot them inside messages.
     special_strings: Vec<String>,
+    /// Why the KV cache is not in the configured element type, if it is not.
+    kv_note: Option<String>,
 }
 
 impl Engine {
@@ -196,12 +199,13 @@ impl Engine {
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
         opts.slim.check(model.spec.n_layers)?;
-        (opts.kv_dtype.check_head_dim(model.spec.head_dim)).map_err(Error::Config)?;
-        let mut kv = KvCache::with_dtype(model.spec.n_layers, opts.kv_dtype);
+        let (kv_dtype, kv_note) = match opts.kv_dtype.check_head_dim(model.spec.head_dim) {
+            Ok(()) => (opts.kv_dtype, None),
+            Err(why) => (KvDtype::F16, Some(format!("{why}: the KV cache is f16"))),
+        };
+        let mut kv = KvCache::with_dtype(model.spec.n_layers, kv_dtype);
         if !opts.kv.resident {
-            let row_words = opts
-                .kv_dtype
-                .stored_len(model.spec.n_kv_heads * model.spec.head_dim);
+            let row_words = kv_dtype.stored_len(model.spec.n_kv_heads * model.spec.head_dim);
             kv.set_tiers(Some(KvManager::new(
                 &opts.kv,
                 model.spec.n_layers,
@@ -229,6 +233,7 @@ impl Engine {
             resident_peak: 0,
             last_prefill_kind: PrefillKind::Full,
             special_strings,
+            kv_note,
         })
     }
 
@@ -527,6 +532,7 @@ impl Engine {
             }
         };
         stats.kv_dense_bytes = dense;
+        stats.kv_notes.extend(self.kv_note.clone());
         stats
     }
 

@@ -110,6 +110,31 @@ impl LayerKv {
         self.positions.is_empty()
     }
 
+    /// For a Q8 layer whose last rows are at `positions`: a copy in f16 whose last rows are
+    /// `k`, `v` (their f32 values, rounded to f16 only) and whose earlier rows are widened from
+    /// Q8. None for 16-bit layers, or when the rows are not the layer's last ones (a revival
+    /// merged into place reads the stored rows).
+    fn with_exact_tail(&self, k: &[f32], v: &[f32], positions: &[u32]) -> Option<LayerKv> {
+        let old = self.len().checked_sub(positions.len())?;
+        if self.dtype != KvDtype::Q8 || self.positions[old..] != *positions {
+            return None;
+        }
+        let kv_dim = k.len() / positions.len();
+        let row_words = self.dtype.stored_len(kv_dim);
+        let mut keys = vec![0f32; self.len() * kv_dim];
+        let mut values = vec![0f32; self.len() * kv_dim];
+        let (head_k, tail_k) = keys.split_at_mut(old * kv_dim);
+        let (head_v, tail_v) = values.split_at_mut(old * kv_dim);
+        self.dtype.decode(&self.k[..old * row_words], head_k);
+        unscale_keys(head_k, &self.k_scale);
+        self.dtype.decode(&self.v[..old * row_words], head_v);
+        tail_k.copy_from_slice(k);
+        tail_v.copy_from_slice(v);
+        let mut exact = LayerKv::new(KvDtype::F16);
+        exact.append(&keys, &values, &self.positions).ok()?;
+        Some(exact)
+    }
+
     /// Add rows. Rows whose positions continue the sequence are appended; rows at earlier
     /// positions (SlimInfer reviving a pruned block in decode) are merged into place. Positions
     /// within `positions` must increase, and none may already be cached.
@@ -344,17 +369,29 @@ impl KvCache {
     /// Attention of layer `i`'s rows (queries `q` at `positions`) over its cached keys: a decode
     /// row of a slim layer reads the fast tier; everything else reads the host cache through the
     /// policy's key ranges. Both give the same bits.
+    ///
+    /// `fresh`: the f32 K and V of these rows, just appended. A Q8 layer's prefill (several rows
+    /// appended at its end) reads them at f16 precision instead of their int8 rounding, and the
+    /// earlier rows widened from Q8: a prompt's own hidden states are computed as with an f16
+    /// cache, and only what is read again later (decode, follow-up turns) is int8.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &mut self,
         i: usize,
         q: &[f32],
         positions: &[u32],
+        fresh: Option<(&[f32], &[f32])>,
         policy: &dyn LayerPolicy,
         shape: AttnShape,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let host = &self.layers[i];
         let keys = policy.key_ranges(i, host);
+        if let (Some((k, v)), true) = (fresh, positions.len() > 1) {
+            if let Some(exact) = host.with_exact_tail(k, v, positions) {
+                return attention(q, positions, exact.view(), &keys, shape, out);
+            }
+        }
         let scaled = host.scale_queries(q, shape);
         let q = scaled.as_deref().unwrap_or(q);
         if let (Some(t), 1) = (&mut self.tiers, positions.len()) {
@@ -497,13 +534,85 @@ mod tests {
             let q: Vec<f32> = (0..rows.len() * 6 * 64).map(|_| noise()).collect();
             let want = attention_reference(&q, rows, &wk, &wv, &pos, shape);
             let mut got = vec![0f32; want.len()];
-            cache.attend(0, &q, rows, &Dense, shape, &mut got).unwrap();
+            cache
+                .attend(0, &q, rows, None, &Dense, shape, &mut got)
+                .unwrap();
             let err = got
                 .iter()
                 .zip(&want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-4, "{} query rows: max error {err}", rows.len());
         }
+    }
+
+    /// A Q8 layer's prefill reads its own rows at f16 precision: bit-identical to an f16 cache
+    /// on a first turn, and on a second turn the earlier rows come widened from Q8. Without the
+    /// fresh rows (as in decode) it reads the int8 rounding, which differs.
+    #[test]
+    fn q8_prefill_attends_over_its_own_rows_at_f16_precision() {
+        use crate::model::llama::Dense;
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 64,
+        };
+        let (kv_dim, n) = (128, 200);
+        let mut seed = 0xf16u64;
+        let mut noise = move |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let (k, v, q) = (noise(n * kv_dim), noise(n * kv_dim), noise(n * 6 * 64));
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let attend = |dtype: KvDtype, turns: &[std::ops::Range<usize>], fresh: bool| {
+            let mut cache = KvCache::with_dtype(1, dtype);
+            let mut out = Vec::new();
+            for rows in turns {
+                let (k, v) = (
+                    &k[rows.start * kv_dim..rows.end * kv_dim],
+                    &v[rows.start * kv_dim..rows.end * kv_dim],
+                );
+                cache.append(0, k, v, &pos[rows.clone()], &Dense).unwrap();
+                let q = &q[rows.start * 6 * 64..rows.end * 6 * 64];
+                out = vec![0f32; q.len()];
+                let fresh = fresh.then_some((k, v));
+                cache
+                    .attend(0, q, &pos[rows.clone()], fresh, &Dense, shape, &mut out)
+                    .unwrap();
+            }
+            (out, cache.layer(0).clone())
+        };
+        let (f16, _) = attend(KvDtype::F16, &[0..n], true);
+        let (q8, _) = attend(KvDtype::Q8, &[0..n], true);
+        assert_eq!(q8, f16, "first turn: Q8 prefill = f16 prefill");
+        let (rounded, _) = attend(KvDtype::Q8, &[0..n], false);
+        assert_ne!(rounded, f16, "the int8 rows differ from f16");
+
+        // second turn: rows 0..120 cached as Q8, rows 120..200 fresh
+        let (second, layer) = attend(KvDtype::Q8, &[0..120, 120..n], true);
+        let (mut wk, wv) = (layer.keys_f32(), layer.values_f32());
+        wk[120 * kv_dim..].copy_from_slice(&k[120 * kv_dim..]);
+        let mut wv = wv;
+        wv[120 * kv_dim..].copy_from_slice(&v[120 * kv_dim..]);
+        let mut mixed = LayerKv::new(KvDtype::F16);
+        mixed.append(&wk, &wv, &pos).unwrap();
+        let mut want = vec![0f32; second.len()];
+        attention(
+            &q[120 * 6 * 64..],
+            &pos[120..],
+            mixed.view(),
+            &[0..n],
+            shape,
+            &mut want,
+        )
+        .unwrap();
+        assert_eq!(second, want, "second turn: earlier rows widened from Q8");
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::isa::Isa;
 
-/// How a KV element is stored.
+/// How a KV element is stored. `Default` (f16) is a bare cache's type; the app's default
+/// (`[model] kv_dtype`) is Q8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDtype {

@@ -63,7 +63,10 @@ impl Attention {
         kv.before_layer(ctx.layer);
         kv.append(ctx.layer, &k, &v, positions, ctx.policy)?;
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
-        kv.attend(ctx.layer, &q, positions, ctx.policy, self.shape, &mut out)?;
+        let fresh = Some((&k[..], &v[..]));
+        kv.attend(
+            ctx.layer, &q, positions, fresh, ctx.policy, self.shape, &mut out,
+        )?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
 }

@@ -10,6 +10,7 @@
 //! Conversions come in three paths (AVX-512, AVX2+F16C, scalar) selected by [`Isa`]; all give
 //! bit-identical results (round to nearest even; bf16 NaNs stay NaN).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::isa::Isa;
@@ -141,26 +142,39 @@ impl KvDtype {
     }
 }
 
-/// Q8 groups: scale = max|x| / 127 as f16, values round(x / scale) clamped to ±127. Appends
-/// are a few rows per step, so the plain loop is enough.
+/// Q8 groups: scale = max|x| / 127 as f16, values round(x / scale) (to nearest even) clamped to
+/// ±127. A prefill appends thousands of rows, so runs of groups go to the pool.
 fn q8_encode(src: &[f32], dst: &mut [u16]) {
-    for (g, out) in src
-        .chunks_exact(Q8_GROUP)
-        .zip(dst.chunks_exact_mut(Q8_WORDS))
-    {
-        let amax = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let scale = half::f16::from_f32(amax / 127.0);
-        let s = scale.to_f32();
-        let inv = if s > 0.0 && s.is_finite() {
-            1.0 / s
-        } else {
-            0.0
-        };
-        let q = |x: f32| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8 as u16;
-        out[0] = scale.to_bits();
-        for (w, pair) in out[1..].iter_mut().zip(g.chunks_exact(2)) {
-            *w = q(pair[0]) | (q(pair[1]) << 8);
-        }
+    const RUN: usize = 512; // groups per task
+    src.par_chunks(RUN * Q8_GROUP)
+        .zip(dst.par_chunks_mut(RUN * Q8_WORDS))
+        .for_each(|(src, dst)| {
+            for (g, out) in src
+                .chunks_exact(Q8_GROUP)
+                .zip(dst.chunks_exact_mut(Q8_WORDS))
+            {
+                q8_encode_group(g.try_into().expect("whole groups"), out);
+            }
+        });
+}
+
+#[inline]
+fn q8_encode_group(g: &[f32; Q8_GROUP], out: &mut [u16]) {
+    let amax = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = half::f16::from_f32(amax / 127.0);
+    let s = scale.to_f32();
+    let inv = if s > 0.0 && s.is_finite() {
+        1.0 / s
+    } else {
+        0.0
+    };
+    let mut q = [0i8; Q8_GROUP];
+    for (q, &x) in q.iter_mut().zip(g) {
+        *q = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    out[0] = scale.to_bits();
+    for (w, pair) in out[1..].iter_mut().zip(q.chunks_exact(2)) {
+        *w = pair[0] as u8 as u16 | ((pair[1] as u8 as u16) << 8);
     }
 }
 

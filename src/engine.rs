@@ -506,9 +506,7 @@ impl Engine {
     /// Stored `u16` words of one cached K (or V) row in this cache's element type.
     fn kv_row_words(&self) -> usize {
         let s = &self.model.spec;
-        (self.kv.layers.first())
-            .map_or(crate::kv::KvDtype::default(), |l| l.dtype)
-            .stored_len(s.n_kv_heads * s.head_dim)
+        self.kv_dtype().stored_len(s.n_kv_heads * s.head_dim)
     }
 
     pub fn take_kv_stats(&mut self) -> KvStats {
@@ -534,6 +532,32 @@ impl Engine {
         stats.kv_dense_bytes = dense;
         stats.kv_notes.extend(self.kv_note.clone());
         stats
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv
+            .layers
+            .first()
+            .map_or(KvDtype::default(), |l| l.dtype)
+    }
+
+    /// Store the KV cache in `dtype` from now on (the cache is emptied); a type the model's head
+    /// size cannot hold is a config error.
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        if dtype == self.kv_dtype() {
+            return Ok(());
+        }
+        dtype
+            .check_head_dim(self.model.spec.head_dim)
+            .map_err(Error::Config)?;
+        self.reset();
+        let resident = self.kv.tiers().is_none();
+        let n = self.model.spec.n_layers;
+        self.kv = KvCache::with_dtype(n, dtype);
+        self.kv_note = None;
+        self.set_kv_resident(true)?;
+        self.set_kv_resident(resident)
     }
 
     /// Switch between the KV manager (`false`) and every block resident (`true`); the cache is

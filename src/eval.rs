@@ -6,6 +6,9 @@
 //!   we count the positions where its top-1 equals the dense top-1, and the mean KL(dense‖pruned);
 //! - needle retrieval: a sentence with a 5-digit code is planted at `depths` evenly spaced depths
 //!   (0%..100%) of the document and asked for at the end; accuracy of dense and of pruned.
+//!
+//! The dense reference runs in the engine's KV type, or in `reference_kv` (to measure the pruned
+//! model with Q8 KV against the dense model with f16 KV, on the same dense answer).
 
 use std::sync::atomic::AtomicBool;
 
@@ -13,6 +16,7 @@ use serde::Serialize;
 
 use crate::bench::LONG_TEXT;
 use crate::engine::{Engine, GenerateRequest};
+use crate::kv::KvDtype;
 use crate::model::template::Message;
 use crate::sampling::{argmax, SamplingConfig};
 use crate::slim::SlimConfig;
@@ -26,6 +30,8 @@ pub struct EvalConfig {
     pub default_ratio: f32,
     pub answer_tokens: usize,
     pub depths: usize,
+    /// KV element type of the dense reference (None: the engine's own).
+    pub reference_kv: Option<KvDtype>,
 }
 
 /// One (length, ratio) cell.
@@ -55,6 +61,8 @@ pub fn run(
     on_result: &mut dyn FnMut(&EvalResult),
 ) -> Result<Vec<EvalResult>> {
     let base = engine.slim_config().clone();
+    let kv_dtype = engine.kv_dtype();
+    let reference_kv = cfg.reference_kv.unwrap_or(kv_dtype);
     let text_tokens = engine.encode(LONG_TEXT)?;
     let mut results = Vec::new();
     for (doc_index, &length) in cfg.lengths.iter().enumerate() {
@@ -74,6 +82,7 @@ pub fn run(
         let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
 
         // Dense reference: greedy answer and its logits at every answer position.
+        engine.set_kv_dtype(reference_kv)?;
         set_slim(engine, &base, None)?;
         let t0 = std::time::Instant::now();
         let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
@@ -98,6 +107,7 @@ pub fn run(
             cfg.depths,
         )?;
 
+        engine.set_kv_dtype(kv_dtype)?;
         for &ratio in &cfg.ratios {
             set_slim(engine, &base, Some(ratio))?;
             let t0 = std::time::Instant::now();

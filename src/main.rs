@@ -14,6 +14,7 @@ use slimchat::config::AppConfig;
 use slimchat::device::DeviceChoice;
 use slimchat::engine::{Engine, EngineEvent, GenerateRequest};
 use slimchat::eval::{self, EvalConfig};
+use slimchat::kv::KvDtype;
 use slimchat::model::source::DownloadProgress;
 use slimchat::model::template::{Message, Role};
 use slimchat::{Error, Result};
@@ -113,6 +114,10 @@ struct EvalArgs {
     /// Needle depths, evenly spaced from 0% to 100%
     #[arg(long, default_value_t = 10)]
     depths: usize,
+    /// KV element type of the dense reference (f16, bf16 or q8; default: the configured one),
+    /// to measure the pruned model in the configured type against a dense model in another
+    #[arg(long, value_parser = parse_kv_dtype)]
+    reference_kv: Option<KvDtype>,
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
@@ -468,6 +473,10 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
     Ok(())
 }
 
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtype, String> {
+    KvDtype::parse(s).ok_or_else(|| format!("unknown KV type {s:?}: f16, bf16 or q8"))
+}
+
 fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
     let mut engine = load_engine(cfg)?;
     let mut ratios = args.ratios;
@@ -483,6 +492,7 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
         default_ratio: cfg.slim.keep_ratio,
         answer_tokens: args.answer_tokens,
         depths: args.depths,
+        reference_kv: args.reference_kv,
     };
     let results = eval::run(&mut engine, &ec, &mut |r| {
         eprintln!(

@@ -215,6 +215,21 @@ fn q8_kv_prefill_logits_equal_f16_kv_prefill_logits() {
     assert!(a == b, "Q8 prefill logits differ from f16's");
 }
 
+/// `set_kv_dtype` switches a loaded engine's cache (what `eval --reference-kv` uses): the cache is
+/// emptied and then holds f16 rows (32 words for 32 values against Q8's 17).
+#[test]
+fn kv_dtype_can_be_switched_on_a_loaded_engine() {
+    let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let mut e = ours_with(LinearMode::Int8, KvDtype::Q8);
+    let tokens = e.encode(LONG_TEXT).unwrap()[..300].to_vec();
+    e.prefill(&tokens, &mut |_| {}).unwrap();
+    let q8_bytes = e.kv_bytes();
+    e.set_kv_dtype(KvDtype::F16).unwrap();
+    assert_eq!((e.kv_dtype(), e.kv_bytes()), (KvDtype::F16, 0));
+    e.prefill(&tokens, &mut |_| {}).unwrap();
+    assert_eq!(e.kv_bytes() * 17, q8_bytes * 32);
+}
+
 /// Over a 64-token answer about a ~3,500-token document: the Q8-KV engine, teacher-forced on
 /// the f16-KV engine's greedy answer, picks the same top-1 token at >= 90% of the positions
 /// (the bar SlimInfer's evaluation holds pruning to), with a small mean KL.

@@ -169,7 +169,12 @@ impl LayerKv {
         let (mut k16, mut v16) = (vec![0u16; rows * width], vec![0u16; rows * width]);
         if self.dtype == KvDtype::Q8 {
             if self.k_scale.is_empty() {
-                self.k_scale = key_channel_scale(k, k.len() / rows);
+                let kv_dim = k.len() / rows;
+                self.k_scale = if rows >= SCALE_MIN_ROWS {
+                    key_channel_scale(k, kv_dim)
+                } else {
+                    vec![1.0; kv_dim]
+                };
             }
             let mut scaled = k.to_vec();
             for row in scaled.chunks_exact_mut(self.k_scale.len()) {
@@ -245,9 +250,18 @@ impl LayerKv {
     }
 }
 
+/// Rows the first append of a Q8 layer needs for its keys to set the channel scale; a shorter
+/// first turn keeps keys unscaled for the conversation (a scale taken from a handful of rows may
+/// be far below the range of the document that follows).
+const SCALE_MIN_ROWS: usize = 64;
+/// No channel's divisor is below the loudest channel's divided by this, so a channel that was
+/// quiet in the rows that set the scale cannot dominate a later row's int8 range by much more.
+const SCALE_MAX_RATIO: f32 = 16.0;
+
 /// Each key channel's divisor for Q8: the largest |k| over `k`'s rows (`kv_dim` values each) of
 /// the channel pair (2i, 2i + 1) that RoPE rotates together, so that a later position's rotation
-/// does not push a channel far past it; 1 for a pair that is all zeros.
+/// does not push a channel far past it; at least the loudest pair's / `SCALE_MAX_RATIO`, and 1
+/// when every key is zero.
 pub fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
     let mut amax = vec![0f32; kv_dim];
     for row in k.chunks_exact(kv_dim) {
@@ -255,10 +269,13 @@ pub fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
             .zip(row)
             .for_each(|(m, x)| *m = m.max(x.abs()));
     }
+    let loudest = amax.iter().fold(0f32, |a, &b| a.max(b));
+    if !(loudest > 0.0 && loudest.is_finite()) {
+        return vec![1.0; kv_dim];
+    }
     for pair in amax.chunks_mut(2) {
         let m = pair.iter().fold(0f32, |a, &b| a.max(b));
-        let m = if m > 0.0 && m.is_finite() { m } else { 1.0 };
-        pair.fill(m);
+        pair.fill(m.max(loudest / SCALE_MAX_RATIO));
     }
     amax
 }
@@ -543,6 +560,45 @@ mod tests {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-4, "{} query rows: max error {err}", rows.len());
         }
+    }
+
+    /// The channel scale comes from a first append of enough rows, is floored at the loudest
+    /// channel / SCALE_MAX_RATIO, and a short first turn leaves keys unscaled.
+    #[test]
+    fn key_scale_needs_enough_rows_and_is_floored() {
+        let kv_dim = 64;
+        let row = |i: usize| -> Vec<f32> {
+            (0..kv_dim)
+                .map(|c| {
+                    if c < 2 {
+                        32.0
+                    } else {
+                        0.01 * (1 + i % 3) as f32
+                    }
+                })
+                .collect()
+        };
+        let rows = |n: usize| -> Vec<f32> { (0..n).flat_map(row).collect() };
+        let mut short = LayerKv::new(KvDtype::Q8);
+        short
+            .append(&rows(10), &rows(10), &(0..10).collect::<Vec<u32>>())
+            .unwrap();
+        assert_eq!(short.k_scale, vec![1.0; kv_dim]);
+        let mut long = LayerKv::new(KvDtype::Q8);
+        long.append(&rows(100), &rows(100), &(0..100).collect::<Vec<u32>>())
+            .unwrap();
+        assert_eq!(long.k_scale[..2], [32.0, 32.0]);
+        assert!(long.k_scale[2..]
+            .iter()
+            .all(|&s| s == 32.0 / SCALE_MAX_RATIO));
+        let mut zero = LayerKv::new(KvDtype::Q8);
+        zero.append(
+            &vec![0.0; 100 * kv_dim],
+            &vec![0.0; 100 * kv_dim],
+            &(0..100).collect::<Vec<u32>>(),
+        )
+        .unwrap();
+        assert_eq!(zero.k_scale, vec![1.0; kv_dim]);
     }
 
     /// A Q8 layer's prefill reads its own rows at f16 precision: bit-identical to an f16 cache

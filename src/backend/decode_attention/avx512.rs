@@ -79,6 +79,36 @@ unsafe fn row<const FMT: u8>(p: *const u16) -> [__m512; 4] {
     ]
 }
 
+/// The 16 lane-wise partial sums of a 64-wide dot product.
+#[inline(always)]
+unsafe fn dot64(q: &[__m512; 4], k: &[__m512; 4]) -> __m512 {
+    let s = _mm512_fmadd_ps(q[0], k[0], _mm512_mul_ps(q[1], k[1]));
+    let t = _mm512_fmadd_ps(q[2], k[2], _mm512_mul_ps(q[3], k[3]));
+    _mm512_add_ps(s, t)
+}
+
+/// The horizontal sums of four vectors, as [sum a, sum b, sum c, sum d].
+#[inline(always)]
+unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+    // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
+    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // per 128-bit lane: [a, b, c, d] partial sums
+    let abcd = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+        _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+    );
+    // the four 128-bit lanes added
+    let half = _mm256_add_ps(
+        _mm512_castps512_ps256(abcd),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd))),
+    );
+    _mm_add_ps(
+        _mm256_castps256_ps128(half),
+        _mm256_extractf128_ps::<1>(half),
+    )
+}
+
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run<const G: usize, const FMT: u8>(
     qs: &[f32],
@@ -121,13 +151,30 @@ unsafe fn run<const G: usize, const FMT: u8>(
                     acc[h][c] = _mm512_loadu_ps(ap.add(16 * c));
                 }
             }
-            // scores of the group's heads against each key row, read once
-            for j in 0..kb {
+            // scores of the group's heads against each key row, read once; four rows at a time,
+            // so that one transpose-and-add reduces four dot products (a horizontal sum per
+            // product was most of the kernel's shuffles)
+            let mut j = 0;
+            while j + 4 <= kb {
+                let k0 = row::<FMT>(kp[j].add(g * head_words));
+                let k1 = row::<FMT>(kp[j + 1].add(g * head_words));
+                let k2 = row::<FMT>(kp[j + 2].add(g * head_words));
+                let k3 = row::<FMT>(kp[j + 3].add(g * head_words));
+                for h in 0..G {
+                    let sums = hsum4(
+                        dot64(&q[h], &k0),
+                        dot64(&q[h], &k1),
+                        dot64(&q[h], &k2),
+                        dot64(&q[h], &k3),
+                    );
+                    _mm_storeu_ps(p.as_mut_ptr().add(h * BLOCK + j), sums);
+                }
+                j += 4;
+            }
+            for j in j..kb {
                 let k = row::<FMT>(kp[j].add(g * head_words));
                 for h in 0..G {
-                    let s = _mm512_fmadd_ps(q[h][0], k[0], _mm512_mul_ps(q[h][1], k[1]));
-                    let t = _mm512_fmadd_ps(q[h][2], k[2], _mm512_mul_ps(q[h][3], k[3]));
-                    p[h * BLOCK + j] = _mm512_reduce_add_ps(_mm512_add_ps(s, t));
+                    p[h * BLOCK + j] = _mm512_reduce_add_ps(dot64(&q[h], &k));
                 }
             }
             // online softmax step per head

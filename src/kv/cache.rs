@@ -110,29 +110,44 @@ impl LayerKv {
         self.positions.is_empty()
     }
 
-    /// For a Q8 layer whose last rows are at `positions`: a copy in f16 whose last rows are
-    /// `k`, `v` (their f32 values, rounded to f16 only) and whose earlier rows are widened from
-    /// Q8. None for 16-bit layers, or when the rows are not the layer's last ones (a revival
-    /// merged into place reads the stored rows).
-    fn with_exact_tail(&self, k: &[f32], v: &[f32], positions: &[u32]) -> Option<LayerKv> {
-        let old = self.len().checked_sub(positions.len())?;
+    /// For a Q8 layer whose last rows are at `positions`: its rows in f16 in `out` (reused
+    /// between layers, so a prefill does not fault in fresh pages per layer), the last ones `k`,
+    /// `v` (their f32 values, rounded to f16 only) and the earlier ones widened from Q8. False
+    /// for 16-bit layers, or when the rows are not the layer's last ones (a revival merged into
+    /// place reads the stored rows).
+    fn exact_tail_into(&self, k: &[f32], v: &[f32], positions: &[u32], out: &mut LayerKv) -> bool {
+        let Some(old) = self.len().checked_sub(positions.len()) else {
+            return false;
+        };
         if self.dtype != KvDtype::Q8 || self.positions[old..] != *positions {
-            return None;
+            return false;
         }
         let kv_dim = k.len() / positions.len();
         let row_words = self.dtype.stored_len(kv_dim);
-        let mut keys = vec![0f32; self.len() * kv_dim];
-        let mut values = vec![0f32; self.len() * kv_dim];
-        let (head_k, tail_k) = keys.split_at_mut(old * kv_dim);
-        let (head_v, tail_v) = values.split_at_mut(old * kv_dim);
-        self.dtype.decode(&self.k[..old * row_words], head_k);
-        unscale_keys(head_k, &self.k_scale);
-        self.dtype.decode(&self.v[..old * row_words], head_v);
-        tail_k.copy_from_slice(k);
-        tail_v.copy_from_slice(v);
-        let mut exact = LayerKv::new(KvDtype::F16);
-        exact.append(&keys, &values, &self.positions).ok()?;
-        Some(exact)
+        out.dtype = KvDtype::F16;
+        out.k_scale.clear();
+        out.positions.clear();
+        out.positions.extend_from_slice(&self.positions);
+        for (dst, src, fresh, scale) in [
+            (&mut out.k, &self.k, k, &self.k_scale[..]),
+            (&mut out.v, &self.v, v, &[][..]),
+        ] {
+            dst.resize(self.len() * kv_dim, 0);
+            let (head, tail) = dst.split_at_mut(old * kv_dim);
+            // earlier rows: Q8 → f32 → f16, 256 rows at a time
+            let mut wide = vec![0f32; 256.min(old.max(1)) * kv_dim];
+            for (bits, narrow) in src[..old * row_words]
+                .chunks(256 * row_words)
+                .zip(head.chunks_mut(256 * kv_dim))
+            {
+                let wide = &mut wide[..narrow.len()];
+                self.dtype.decode(bits, wide);
+                unscale_keys(wide, scale);
+                KvDtype::F16.encode(wide, narrow);
+            }
+            KvDtype::F16.encode(fresh, tail);
+        }
+        true
     }
 
     /// Add rows. Rows whose positions continue the sequence are appended; rows at earlier
@@ -299,6 +314,8 @@ pub fn unscale_keys(rows: &mut [f32], scale: &[f32]) {
 pub struct KvCache {
     pub layers: Vec<Arc<LayerKv>>,
     tiers: Option<KvManager>,
+    /// A Q8 prefill's layer in f16 for its own attention (see `attend`), reused across layers.
+    exact: LayerKv,
 }
 
 impl KvCache {
@@ -313,6 +330,7 @@ impl KvCache {
                 .map(|_| Arc::new(LayerKv::new(dtype)))
                 .collect(),
             tiers: None,
+            exact: LayerKv::default(),
         }
     }
 
@@ -340,6 +358,7 @@ impl KvCache {
         for l in &mut self.layers {
             *l = Arc::new(LayerKv::new(l.dtype));
         }
+        self.exact = LayerKv::default();
     }
 
     /// Drop every row at position >= `pos` in every layer (undo a turn, or regenerate).
@@ -405,8 +424,8 @@ impl KvCache {
         let host = &self.layers[i];
         let keys = policy.key_ranges(i, host);
         if let (Some((k, v)), true) = (fresh, positions.len() > 1) {
-            if let Some(exact) = host.with_exact_tail(k, v, positions) {
-                return attention(q, positions, exact.view(), &keys, shape, out);
+            if host.exact_tail_into(k, v, positions, &mut self.exact) {
+                return attention(q, positions, self.exact.view(), &keys, shape, out);
             }
         }
         let scaled = host.scale_queries(q, shape);

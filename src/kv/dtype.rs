@@ -103,7 +103,7 @@ impl KvDtype {
                     src.len().is_multiple_of(Q8_GROUP),
                     "kv encode: q8 needs whole groups"
                 );
-                q8_encode(src, dst)
+                q8_encode(isa, src, dst)
             }
         }
     }
@@ -144,16 +144,21 @@ impl KvDtype {
 
 /// Q8 groups: scale = max|x| / 127 as f16, values round(x / scale) (to nearest even) clamped to
 /// ±127. A prefill appends thousands of rows, so runs of groups go to the pool.
-fn q8_encode(src: &[f32], dst: &mut [u16]) {
+fn q8_encode(isa: Isa, src: &[f32], dst: &mut [u16]) {
     const RUN: usize = 512; // groups per task
     src.par_chunks(RUN * Q8_GROUP)
         .zip(dst.par_chunks_mut(RUN * Q8_WORDS))
-        .for_each(|(src, dst)| {
-            for (g, out) in src
-                .chunks_exact(Q8_GROUP)
-                .zip(dst.chunks_exact_mut(Q8_WORDS))
-            {
-                q8_encode_group(g.try_into().expect("whole groups"), out);
+        .for_each(|(src, dst)| match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` comes from Isa::available(), so the CPU has AVX-512F and F16C.
+            Isa::Avx512 => unsafe { x86::q8_encode_avx512(src, dst) },
+            _ => {
+                for (g, out) in src
+                    .chunks_exact(Q8_GROUP)
+                    .zip(dst.chunks_exact_mut(Q8_WORDS))
+                {
+                    q8_encode_group(g.try_into().expect("whole groups"), out);
+                }
             }
         });
 }
@@ -261,6 +266,42 @@ pub(crate) mod x86 {
         [_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s)]
     }
 
+    /// Q8 groups as the scalar `q8_encode_group` makes them, bit for bit: the scale from the
+    /// group's max |x| (f16), values `x * (1 / scale)` rounded to nearest even and clamped to
+    /// ±127 in the integer domain (the same result for finite x).
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q8_encode_avx512(src: &[f32], dst: &mut [u16]) {
+        let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        for (g, out) in src
+            .chunks_exact(32)
+            .zip(dst.chunks_exact_mut(super::Q8_WORDS))
+        {
+            let a = _mm512_loadu_ps(g.as_ptr());
+            let b = _mm512_loadu_ps(g.as_ptr().add(16));
+            let abs =
+                |x: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), abs_mask));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(a), abs(b)));
+            let scale = half::f16::from_f32(amax / 127.0);
+            let s = scale.to_f32();
+            let inv = _mm512_set1_ps(if s > 0.0 && s.is_finite() {
+                1.0 / s
+            } else {
+                0.0
+            });
+            let q = |x: __m512| {
+                let n = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_mul_ps(x, inv),
+                );
+                _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(n, lo), hi))
+            };
+            out[0] = scale.to_bits();
+            let p = out.as_mut_ptr().add(1) as *mut __m128i;
+            _mm_storeu_si128(p, q(a));
+            _mm_storeu_si128(p.add(1), q(b));
+        }
+    }
+
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn q8_decode_avx512(src: &[u16], dst: &mut [f32]) {
         for (i, g) in src.chunks_exact(super::Q8_WORDS).enumerate() {
@@ -364,8 +405,13 @@ mod tests {
         src.extend([0.0; Q8_GROUP]); // an all-zero group
         let q8 = KvDtype::Q8;
         let mut bits = vec![0u16; q8.stored_len(src.len())];
-        q8.encode(&src, &mut bits);
+        q8.encode_with(Isa::Scalar, &src, &mut bits);
         assert_eq!(bits.len(), src.len() / 32 * 17);
+        for &isa in Isa::available() {
+            let mut got = vec![0u16; bits.len()];
+            q8.encode_with(isa, &src, &mut got);
+            assert_eq!(got, bits, "q8 encode on {isa:?}");
+        }
         let mut want = vec![0f32; src.len()];
         q8.decode_with(Isa::Scalar, &bits, &mut want);
         for &isa in Isa::available() {

@@ -554,9 +554,8 @@ impl Engine {
         self.reset();
         let resident = self.kv.tiers().is_none();
         let n = self.model.spec.n_layers;
-        self.kv = KvCache::with_dtype(n, dtype);
+        self.kv = KvCache::with_dtype(n, dtype); // no manager until the next line
         self.kv_note = None;
-        self.set_kv_resident(true)?;
         self.set_kv_resident(resident)
     }
 

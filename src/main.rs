@@ -504,7 +504,13 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "model": cfg.model.source, "slim": cfg.slim, "results": results })
+            serde_json::json!({
+                "model": cfg.model.source,
+                "kv_dtype": engine.kv_dtype(),
+                "reference_kv": args.reference_kv.unwrap_or(engine.kv_dtype()),
+                "slim": cfg.slim,
+                "results": results,
+            })
         );
     }
     Ok(())

@@ -16,6 +16,7 @@
 
 use crate::kv::cache::unscale_keys;
 use crate::kv::{KvDtype, LayerKv};
+use crate::slim::schedule::WindowPool;
 
 /// Key rows as the scorers read them: f32 (tests, references), or the KV cache's storage
 /// (16-bit floats or Q8 groups, Q8 keys divided by a per-channel scale), widened a few rows at a
@@ -389,6 +390,40 @@ pub fn block_scores_attention_reference(
 mod tests {
     use super::*;
 
+    /// Max pooling: per block, the largest over the window's queries of its reference score
+    /// for that query alone.
+    #[test]
+    fn max_pooled_attention_scores_are_the_best_querys() {
+        let mut rng = Rng(0x3A9_F00D);
+        let shape = HeadShape {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        };
+        let len = 517;
+        let pos = positions(&mut rng, len, 7, 5);
+        let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
+        let w = 5;
+        let q = rng.vec(w * shape.n_heads * shape.head_dim);
+        let units = UnitKeys::new(Keys::F32(&keys), &pos, len, shape, 64, 8);
+        let got = units.attention_scores(&q, WindowPool::Max);
+        let mut want: Vec<(u32, f32)> = Vec::new();
+        for row in q.chunks_exact(shape.n_heads * shape.head_dim) {
+            let one = block_scores_attention_reference(row, &keys, &pos, len, shape, 64, 8);
+            if want.is_empty() {
+                want = one;
+            } else {
+                for (acc, (b, v)) in want.iter_mut().zip(one) {
+                    assert_eq!(acc.0, b);
+                    acc.1 = acc.1.max(v);
+                }
+            }
+        }
+        assert_close(&got, &want, "max-pooled attention scores");
+        let mean = units.attention_scores(&q, WindowPool::Mean);
+        assert!(got.iter().zip(&mean).all(|(m, a)| m.1 >= a.1 - 1e-6));
+    }
+
     #[test]
     fn attention_scores_match_their_reference_and_sum_to_one() {
         let mut rng = Rng(0x51A7_C0DE);
@@ -684,7 +719,7 @@ pub fn block_scores_attention_of(
 ) -> Vec<(u32, f32)> {
     shape.check(q_window, keys.len(), positions, block_size, unit_size);
     UnitKeys::new(keys, positions, prompt_len, shape, block_size, unit_size)
-        .attention_scores(q_window)
+        .attention_scores(q_window, WindowPool::Mean)
 }
 
 /// The representative key of every token unit of the prompt (the mean of its post-RoPE keys),
@@ -751,8 +786,66 @@ impl UnitKeys {
         }
     }
 
-    /// Attention-mass block scores of the queries `q_window` ((w, n_heads * head_dim)).
-    pub fn attention_scores(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
+    /// Attention-mass block scores of the queries `q_window` ((w, n_heads * head_dim)), pooled
+    /// over the queries by `pool`.
+    pub fn attention_scores(&self, q_window: &[f32], pool: WindowPool) -> Vec<(u32, f32)> {
+        match pool {
+            WindowPool::Mean => self.attention_scores_mean(q_window),
+            WindowPool::Max => self.attention_scores_max(q_window),
+        }
+    }
+
+    /// Per block, the largest over the queries of the block's head-averaged attention mass.
+    fn attention_scores_max(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
+        let HeadShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = self.shape;
+        let (k_row, group) = (n_kv_heads * head_dim, self.shape.group());
+        let (unit_keys, unit_block) = (&self.keys, &self.block);
+        let n_units = unit_block.len();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut logits = vec![0f32; n_units];
+        // one query's attention mass per unit, averaged over heads
+        let mut mass = vec![0f32; n_units];
+        let mut out: Vec<(u32, f32)> = Vec::new();
+        for row in q_window.chunks_exact(n_heads * head_dim) {
+            mass.fill(0.0);
+            for (h, q) in row.chunks_exact(head_dim).enumerate() {
+                let kv = h / group;
+                for (u, l) in logits.iter_mut().enumerate() {
+                    *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
+                }
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let total: f32 = logits
+                    .iter_mut()
+                    .map(|l| {
+                        *l = (*l - max).exp();
+                        *l
+                    })
+                    .sum();
+                for (m, l) in mass.iter_mut().zip(&logits) {
+                    *m += l / total / n_heads as f32;
+                }
+            }
+            let (mut u0, mut i) = (0, 0);
+            while u0 < n_units {
+                let b = unit_block[u0];
+                let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
+                let v: f32 = mass[u0..u1].iter().sum();
+                match out.get_mut(i) {
+                    Some(slot) => slot.1 = slot.1.max(v),
+                    None => out.push((b, v)),
+                }
+                (u0, i) = (u1, i + 1);
+            }
+        }
+        out
+    }
+
+    /// Per block, its head-averaged attention mass averaged over the queries.
+    fn attention_scores_mean(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
         let HeadShape {
             n_heads,
             n_kv_heads,

@@ -34,13 +34,11 @@ use candle_core::{Device, Tensor};
 use crate::backend::with_f32;
 use crate::kv::LayerKv;
 use crate::model::llama::{ActiveBlocks, LayerPolicy, RowChange};
-use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers};
+use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers, WindowPool};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{block_scores_attention_of, block_scores_of, HeadShape, Keys, UnitKeys};
+use crate::slim::score::{block_scores_of, HeadShape, Keys, UnitKeys};
 use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
 use crate::Result;
-
-type ScoreFn = fn(&[f32], Keys, &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
 
 /// State of one stage across a conversation.
 #[derive(Debug, Clone)]
@@ -51,8 +49,8 @@ struct StageState {
     /// Blocks the stage's layers attend to now, ascending (a subset of `pool`).
     active: Vec<u32>,
     /// The last `local_window` queries seen at the boundary layer, each (n_heads * hd), with
-    /// each query's own block scores once computed (attention scoring is a mean over the
-    /// window's queries, so a decode step scores only its new query).
+    /// each query's own block scores once computed (attention scoring pools per-query scores,
+    /// by `window_pool`, so a decode step scores only its new query).
     window: VecDeque<WindowQuery>,
     /// Decode: the boundary layer's unit keys, with the prompt rows they were built from.
     units: Option<(usize, UnitKeys)>,
@@ -199,24 +197,20 @@ impl SlimSession {
             .position(|s| s.stage.start_layer == layer + 1)
     }
 
-    fn score_fn(&self) -> ScoreFn {
-        match self.cfg.score {
-            ScoreKind::Paper => block_scores_of,
-            ScoreKind::Attention => block_scores_attention_of,
-        }
-    }
-
     fn score(&self, q_window: &[f32], kv: &LayerKv) -> Vec<(u32, f32)> {
-        let f = self.score_fn();
-        f(
-            q_window,
+        let (keys, pos, bs, us) = (
             Keys::of(kv),
             &kv.positions,
-            self.prompt_len,
-            self.shape,
             self.cfg.block_size,
             self.cfg.unit_size,
-        )
+        );
+        match self.cfg.score {
+            ScoreKind::Paper => {
+                block_scores_of(q_window, keys, pos, self.prompt_len, self.shape, bs, us)
+            }
+            ScoreKind::Attention => UnitKeys::new(keys, pos, self.prompt_len, self.shape, bs, us)
+                .attention_scores(q_window, self.cfg.window_pool),
+        }
     }
 
     /// Prefill at a boundary: choose the stage's blocks and the rows that go on; keep the
@@ -363,8 +357,8 @@ impl SlimSession {
         Ok((insert.is_some() || !arrived.is_empty()).then_some(RowChange { keep, insert }))
     }
 
-    /// Block scores of stage `s`'s window. Attention-mass scores are the mean of per-query
-    /// scores, which are kept: a step computes only its new queries' (a full recount only when
+    /// Block scores of stage `s`'s window. Attention-mass scores pool per-query scores (mean or
+    /// max, `window_pool`), which are kept: a step computes only its new queries' (a full recount only when
     /// the layer's blocks changed). The paper's score pools the queries first and is recomputed.
     fn window_scores(&mut self, s: usize, kv: &LayerKv) -> Vec<(u32, f32)> {
         if self.cfg.score != ScoreKind::Attention {
@@ -393,7 +387,7 @@ impl SlimSession {
             if wq.scores.is_some() {
                 break;
             }
-            wq.scores = Some(units.attention_scores(&wq.q));
+            wq.scores = Some(units.attention_scores(&wq.q, WindowPool::Mean));
         }
         let newest: Vec<u32> = (window.back().and_then(|wq| wq.scores.as_ref()))
             .map(|sc| sc.iter().map(|&(b, _)| b).collect())
@@ -403,19 +397,22 @@ impl SlimSession {
         };
         for wq in window.iter_mut() {
             if !wq.scores.as_deref().is_some_and(same_blocks) {
-                wq.scores = Some(units.attention_scores(&wq.q));
+                wq.scores = Some(units.attention_scores(&wq.q, WindowPool::Mean));
             }
         }
         self.stages[s].units = Some((prompt_rows, units));
         let n = window.len().max(1) as f32;
-        let mut sum: Vec<(u32, f32)> = newest.iter().map(|&b| (b, 0.0)).collect();
+        let mut pooled: Vec<(u32, f32)> = newest.iter().map(|&b| (b, 0.0)).collect();
         for sc in window.iter().filter_map(|wq| wq.scores.as_ref()) {
-            for (acc, &(_, v)) in sum.iter_mut().zip(sc) {
-                acc.1 += v / n;
+            for (acc, &(_, v)) in pooled.iter_mut().zip(sc) {
+                match self.cfg.window_pool {
+                    WindowPool::Mean => acc.1 += v / n,
+                    WindowPool::Max => acc.1 = acc.1.max(v),
+                }
             }
         }
         self.stages[s].window = window;
-        sum
+        pooled
     }
 
     /// Move the active blocks of stage `s` that have no KV there out of the aux store and into

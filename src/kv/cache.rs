@@ -480,6 +480,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::qgemv::tests::noise;
 
     #[test]
     fn append_rejects_cached_or_unordered_positions() {
@@ -528,18 +529,11 @@ mod tests {
             head_dim: 64,
         };
         let (kv_dim, n) = (128, 300);
-        let mut seed = 0x5eedu64;
-        let mut noise = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
         let loud = |c: usize| if c % 64 < 4 { 25.0 } else { 1.0 };
-        let k: Vec<f32> = (0..n * kv_dim)
-            .map(|i| noise() * loud(i % kv_dim))
+        let k: Vec<f32> = (noise(n * kv_dim, 1).into_iter().enumerate())
+            .map(|(i, x)| x * loud(i % kv_dim))
             .collect();
-        let v: Vec<f32> = (0..n * kv_dim).map(|_| noise()).collect();
+        let v = noise(n * kv_dim, 2);
         let pos: Vec<u32> = (0..n as u32).collect();
         let mut cache = KvCache::with_dtype(1, KvDtype::Q8);
         cache.append(0, &k, &v, &pos, &Dense).unwrap();
@@ -567,7 +561,7 @@ mod tests {
         );
         let (wk, wv) = (layer.keys_f32(), layer.values_f32());
         for rows in [&pos[250..], &pos[299..]] {
-            let q: Vec<f32> = (0..rows.len() * 6 * 64).map(|_| noise()).collect();
+            let q = noise(rows.len() * 6 * 64, rows.len() as u64);
             let want = attention_reference(&q, rows, &wk, &wv, &pos, shape);
             let mut got = vec![0f32; want.len()];
             cache
@@ -632,18 +626,11 @@ mod tests {
             head_dim: 64,
         };
         let (kv_dim, n) = (128, 200);
-        let mut seed = 0xf16u64;
-        let mut noise = move |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
-        let (k, v, q) = (noise(n * kv_dim), noise(n * kv_dim), noise(n * 6 * 64));
+        let (k, v, q) = (
+            noise(n * kv_dim, 3),
+            noise(n * kv_dim, 4),
+            noise(n * 6 * 64, 5),
+        );
         let pos: Vec<u32> = (0..n as u32).collect();
         let attend = |dtype: KvDtype, turns: &[std::ops::Range<usize>], fresh: bool| {
             let mut cache = KvCache::with_dtype(1, dtype);

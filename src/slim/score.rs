@@ -798,35 +798,20 @@ impl UnitKeys {
     /// Per block, the largest over the queries of the block's head-averaged attention mass.
     fn attention_scores_max(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
         let HeadShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
+            n_heads, head_dim, ..
         } = self.shape;
-        let (k_row, group) = (n_kv_heads * head_dim, self.shape.group());
-        let (unit_keys, unit_block) = (&self.keys, &self.block);
+        let unit_block = &self.block;
         let n_units = unit_block.len();
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut logits = vec![0f32; n_units];
+        let mut probs = vec![0f32; n_units];
         // one query's attention mass per unit, averaged over heads
         let mut mass = vec![0f32; n_units];
         let mut out: Vec<(u32, f32)> = Vec::new();
         for row in q_window.chunks_exact(n_heads * head_dim) {
             mass.fill(0.0);
             for (h, q) in row.chunks_exact(head_dim).enumerate() {
-                let kv = h / group;
-                for (u, l) in logits.iter_mut().enumerate() {
-                    *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
-                }
-                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let total: f32 = logits
-                    .iter_mut()
-                    .map(|l| {
-                        *l = (*l - max).exp();
-                        *l
-                    })
-                    .sum();
-                for (m, l) in mass.iter_mut().zip(&logits) {
-                    *m += l / total / n_heads as f32;
+                self.unit_attention(q, h, &mut probs);
+                for (m, p) in mass.iter_mut().zip(&probs) {
+                    *m += p / n_heads as f32;
                 }
             }
             let (mut u0, mut i) = (0, 0);
@@ -844,39 +829,47 @@ impl UnitKeys {
         out
     }
 
+    /// Head `h`'s attention of the query `q` over the units (softmax of q·k_unit/√d) in `probs`.
+    fn unit_attention(&self, q: &[f32], h: usize, probs: &mut [f32]) {
+        let HeadShape {
+            n_kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
+        let (k_row, kv) = (n_kv_heads * head_dim, h / self.shape.group());
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        for (u, l) in probs.iter_mut().enumerate() {
+            *l = dot(q, &self.keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
+        }
+        let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = probs
+            .iter_mut()
+            .map(|l| {
+                *l = (*l - max).exp();
+                *l
+            })
+            .sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+
     /// Per block, its head-averaged attention mass averaged over the queries.
     fn attention_scores_mean(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
         let HeadShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
+            n_heads, head_dim, ..
         } = self.shape;
         let w = q_window.len() / (n_heads * head_dim);
-        let (k_row, group) = (n_kv_heads * head_dim, self.shape.group());
-        let (unit_keys, unit_block) = (&self.keys, &self.block);
-        let n_units = unit_block.len();
+        let n_units = self.block.len();
         // mass: (n_heads, n_units), each head's attention averaged over the window queries
         let mut mass = vec![0f32; n_heads * n_units];
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut logits = vec![0f32; n_units];
+        let mut probs = vec![0f32; n_units];
         for (i, q) in q_window.chunks_exact(head_dim).enumerate() {
             let h = i % n_heads;
-            let kv = h / group;
-            for (u, l) in logits.iter_mut().enumerate() {
-                *l = dot(q, &unit_keys[u * k_row + kv * head_dim..][..head_dim]) * scale;
-            }
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = logits
-                .iter_mut()
-                .map(|l| {
-                    *l = (*l - max).exp();
-                    *l
-                })
-                .sum();
-            for (m, l) in mass[h * n_units..][..n_units].iter_mut().zip(&logits) {
-                *m += l / total / w as f32;
+            self.unit_attention(q, h, &mut probs);
+            for (m, p) in mass[h * n_units..][..n_units].iter_mut().zip(&probs) {
+                *m += p / w as f32;
             }
         }
+        let unit_block = &self.block;
         let mut out: Vec<(u32, f32)> = Vec::new();
         let mut u0 = 0;
         while u0 < n_units {

@@ -277,7 +277,7 @@ const SCALE_MAX_RATIO: f32 = 16.0;
 /// the channel pair (2i, 2i + 1) that RoPE rotates together, so that a later position's rotation
 /// does not push a channel far past it; at least the loudest pair's / `SCALE_MAX_RATIO`, and 1
 /// when every key is zero.
-pub fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
+fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
     let mut amax = vec![0f32; kv_dim];
     for row in k.chunks_exact(kv_dim) {
         amax.iter_mut()

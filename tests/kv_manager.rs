@@ -9,26 +9,33 @@ use slimchat::bench::LONG_TEXT;
 use slimchat::engine::{Engine, EngineOptions};
 use slimchat::kv::{KvConfig, KvStats};
 use slimchat::model::template::{Message, Role};
+use slimchat::slim::schedule::DecodeSelect;
 use slimchat::slim::SlimConfig;
 
 /// Characters of the document (about 1,450 tokens with the question and the chat template).
 const DOC_CHARS: usize = 6000;
 const STEPS: usize = 64;
 
-/// decode attends to 0.4 of each stage's blocks; gamma 1 switches the set on any change
-fn slim() -> SlimConfig {
+/// decode attends to 0.4 of each stage's blocks, chosen per stage or per layer; gamma 1
+/// switches a set on any change
+fn slim(select: DecodeSelect) -> SlimConfig {
     SlimConfig {
         decode_keep: 0.4,
         gamma: 1.0,
+        decode_select: select,
         ..Default::default()
     }
 }
 
 fn engine(kv: KvConfig) -> Engine {
+    engine_choosing(kv, DecodeSelect::Stage)
+}
+
+fn engine_choosing(kv: KvConfig, select: DecodeSelect) -> Engine {
     Engine::load(
         &common::default_model(),
         &EngineOptions {
-            slim: slim(),
+            slim: slim(select),
             kv,
             ..Default::default()
         },
@@ -71,6 +78,20 @@ fn run(engine: &mut Engine, before_decode: impl FnOnce(&mut Engine)) -> (Vec<Vec
 
 fn reference() -> Vec<Vec<f32>> {
     run(&mut engine(resident()), |_| {}).0
+}
+
+#[test]
+fn manager_gives_the_resident_logits_when_every_layer_chooses_its_own_blocks() {
+    let select = DecodeSelect::Layer;
+    let want = run(&mut engine_choosing(resident(), select), |_| {}).0;
+    let (got, st) = run(&mut engine_choosing(KvConfig::default(), select), |_| {});
+    assert_same(&got, &want);
+    let decode_moves: usize = st.kv_blocks_moved_per_step.iter().sum();
+    assert!(decode_moves > 0, "no swap in decode: {st:?}");
+    assert_eq!(
+        st.kv_fast_misses, 0,
+        "a decode attention read the host tier"
+    );
 }
 
 fn assert_same(got: &[Vec<f32>], want: &[Vec<f32>]) {

@@ -48,6 +48,7 @@ pub const PRESETS: [&str; 6] = [
 /// score = "attention"
 /// score_layers = "stage"
 /// window_pool = "max"
+/// decode_select = "stage"
 /// reprefill_followups = false
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -122,6 +123,12 @@ pub struct SlimConfig {
     /// tokens (template, recency) buried it; needle retrieval rose 10-40 points at the same
     /// budget with agreement unchanged (bench/NOTES.md). The paper's score ignores it.
     pub window_pool: WindowPool,
+    /// Who chooses the `decode_keep` share decode attends to: `"stage"` (the stage's boundary
+    /// window chooses one set for all its layers, the paper's) or `"layer"` (every slim layer
+    /// chooses its own from its own recent queries, among the blocks its stage kept; the choice
+    /// made at a step takes effect at the next, so the KV manager fetches it while the step
+    /// finishes). Has no effect at `decode_keep = 1`. Default `"stage"`.
+    pub decode_select: DecodeSelect,
     /// Follow-up turns in a conversation: `false` keeps the pruned KV of earlier turns and only
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
     /// new question chooses which blocks of the earlier document to keep. Default `false`.
@@ -190,6 +197,9 @@ score_layers = "stage"
 # How the window's queries' attention-mass scores combine: "max" (a block scores its best query)
 # or "mean".
 window_pool = "max"
+# Who chooses the decode_keep share decode attends to: "stage" (one set per stage, from the
+# boundary's queries) or "layer" (each slim layer from its own queries).
+decode_select = "stage"
 # Follow-up turns: false = prefill only the new message; true = prefill the whole conversation.
 reprefill_followups = false
 "#;
@@ -212,6 +222,7 @@ impl Default for SlimConfig {
             score: ScoreKind::Attention,
             score_layers: ScoreLayers::Stage,
             window_pool: WindowPool::Max,
+            decode_select: DecodeSelect::Stage,
             reprefill_followups: false,
         }
     }
@@ -899,6 +910,16 @@ pub enum WindowPool {
     Mean,
     /// The largest over the queries.
     Max,
+}
+
+/// Who chooses the prompt blocks decode attends to (see `slim::session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeSelect {
+    /// One set per stage, chosen at its boundary layer.
+    Stage,
+    /// One set per slim layer, chosen from that layer's own queries.
+    Layer,
 }
 
 /// Which layers' queries score the blocks in prefill (see `slim::session`).

@@ -34,7 +34,7 @@ use candle_core::{Device, Tensor};
 use crate::backend::with_f32;
 use crate::kv::LayerKv;
 use crate::model::llama::{ActiveBlocks, LayerPolicy, RowChange};
-use crate::slim::schedule::{GateKind, ScoreKind, ScoreLayers, WindowPool};
+use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers, WindowPool};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores_of, HeadShape, Keys, UnitKeys};
 use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
@@ -83,6 +83,24 @@ struct AuxBlock {
     positions: Vec<u32>,
 }
 
+/// Queries a slim layer chooses its decode blocks from (`decode_select = "layer"`): its newest
+/// only. Measured on the default model at decode_keep 0.3-0.5 (bench/NOTES.md): windows of 4 and
+/// 32 queries kept blocks the answer had moved past and doubled the KL to dense.
+const LAYER_WINDOW: usize = 1;
+
+/// With `decode_select = "layer"`: one slim layer's own choice of the blocks decode attends to.
+#[derive(Debug, Clone, Default)]
+struct LayerChoice {
+    /// Blocks this layer attends to from the next step on, ascending.
+    active: Vec<u32>,
+    /// Prompt blocks with KV at this layer (the candidates).
+    candidates: usize,
+    /// The layer's last `local_window` queries.
+    window: VecDeque<WindowQuery>,
+    /// The layer's unit keys, with the prompt rows they were built from.
+    units: Option<(usize, UnitKeys)>,
+}
+
 /// SlimInfer's per-conversation state; lives as long as the KV cache it pruned.
 #[derive(Debug, Clone)]
 pub struct SlimSession {
@@ -105,6 +123,8 @@ pub struct SlimSession {
     /// last boundary (block id → sum), and how many layers were added.
     acc: BTreeMap<u32, f32>,
     acc_layers: usize,
+    /// `decode_select = "layer"`: each slim layer's own choice, by layer (empty otherwise).
+    layers: Vec<LayerChoice>,
 }
 
 impl SlimSession {
@@ -134,6 +154,19 @@ impl SlimSession {
             revived: 0,
             acc: BTreeMap::new(),
             acc_layers: 0,
+            layers: match cfg.decode_select {
+                DecodeSelect::Layer => vec![LayerChoice::default(); n_layers],
+                DecodeSelect::Stage => Vec::new(),
+            },
+        }
+    }
+
+    /// Size of a stage's own active set: its decode budget, or, when every layer chooses its
+    /// own, the whole pool (the stage then only manages which blocks have KV).
+    fn stage_k(&self, stage: &Stage) -> usize {
+        match self.cfg.decode_select {
+            DecodeSelect::Stage => stage.decode_blocks,
+            DecodeSelect::Layer => stage.keep_blocks,
         }
     }
 
@@ -248,7 +281,7 @@ impl SlimSession {
             .filter(|(b, _)| blocks.binary_search(b).is_ok())
             .copied()
             .collect();
-        let active = select_top_k(&kept_scores, stage.decode_blocks, &forced);
+        let active = select_top_k(&kept_scores, self.stage_k(&stage), &forced);
         if self.cfg.revive && keep.len() < rows {
             let dropped = complement(&keep, rows);
             self.stages[s].aux = self.stash(h, positions, &dropped)?;
@@ -333,9 +366,11 @@ impl SlimSession {
             scores.retain(|(b, _)| st.pool.binary_search(b).is_ok());
         }
         let forced = forced_blocks(self.prompt_len, block_size, w);
-        let proposal = select_top_k(&scores, st.stage.decode_blocks, &forced);
+        let k = self.stage_k(&self.stages[s].stage);
+        let st = &mut self.stages[s];
+        let proposal = select_top_k(&scores, k, &forced);
         let before = st.active.clone();
-        let switched = if scores.len() <= st.stage.decode_blocks || proposal.len() != before.len() {
+        let switched = if scores.len() <= k || proposal.len() != before.len() {
             // every candidate fits the budget, or the budget changed (the ratio moved): no gate
             let all = proposal != st.active;
             st.active = proposal;
@@ -358,8 +393,9 @@ impl SlimSession {
     }
 
     /// Block scores of stage `s`'s window. Attention-mass scores pool per-query scores (mean or
-    /// max, `window_pool`), which are kept: a step computes only its new queries' (a full recount only when
-    /// the layer's blocks changed). The paper's score pools the queries first and is recomputed.
+    /// max, `window_pool`), which are kept: a step computes only its new queries' (a full
+    /// recount only when the layer's blocks changed). The paper's score pools the queries first
+    /// and is recomputed.
     fn window_scores(&mut self, s: usize, kv: &LayerKv) -> Vec<(u32, f32)> {
         if self.cfg.score != ScoreKind::Attention {
             let q: Vec<f32> = (self.stages[s].window.iter())
@@ -367,22 +403,42 @@ impl SlimSession {
                 .collect();
             return self.score(&q, kv);
         }
-        // the boundary layer's unit keys change only when its prompt rows do (revival)
+        let mut window = std::mem::take(&mut self.stages[s].window);
+        let mut units = self.stages[s].units.take();
+        let pooled = self.pooled_scores(&mut window, &mut units, kv);
+        self.stages[s].window = window;
+        self.stages[s].units = units;
+        pooled
+    }
+
+    /// Attention-mass block scores of the prompt blocks `kv` holds, pooled over `window` by
+    /// `window_pool`. Scores each query once (kept in the window) and the unit keys once per set
+    /// of prompt rows (kept in `units`).
+    fn pooled_scores(
+        &self,
+        window: &mut VecDeque<WindowQuery>,
+        units: &mut Option<(usize, UnitKeys)>,
+        kv: &LayerKv,
+    ) -> Vec<(u32, f32)> {
+        // the unit keys change only when the layer's prompt rows do (revival)
         let prompt_rows = kv
             .positions
             .partition_point(|&p| (p as usize) < self.prompt_len);
-        let units = match self.stages[s].units.take() {
-            Some((rows, units)) if rows == prompt_rows => units,
-            _ => UnitKeys::new(
-                Keys::of(kv),
-                &kv.positions,
-                self.prompt_len,
-                self.shape,
-                self.cfg.block_size,
-                self.cfg.unit_size,
-            ),
+        let units = match units.take() {
+            Some((rows, u)) if rows == prompt_rows => units.insert((rows, u)),
+            _ => units.insert((
+                prompt_rows,
+                UnitKeys::new(
+                    Keys::of(kv),
+                    &kv.positions,
+                    self.prompt_len,
+                    self.shape,
+                    self.cfg.block_size,
+                    self.cfg.unit_size,
+                ),
+            )),
         };
-        let mut window = std::mem::take(&mut self.stages[s].window);
+        let units = &units.1;
         for wq in window.iter_mut().rev() {
             if wq.scores.is_some() {
                 break;
@@ -400,7 +456,6 @@ impl SlimSession {
                 wq.scores = Some(units.attention_scores(&wq.q, WindowPool::Mean));
             }
         }
-        self.stages[s].units = Some((prompt_rows, units));
         let n = window.len().max(1) as f32;
         let mut pooled: Vec<(u32, f32)> = newest.iter().map(|&b| (b, 0.0)).collect();
         for sc in window.iter().filter_map(|wq| wq.scores.as_ref()) {
@@ -411,8 +466,66 @@ impl SlimSession {
                 }
             }
         }
-        self.stages[s].window = window;
         pooled
+    }
+
+    /// `decode_select = "layer"`, after slim layer `layer`: its newest query joins its window
+    /// (in the first forward, the prompt's last; later, the newest row past the prompt), the
+    /// window proposes the layer's top-K among the blocks it holds, and the gate
+    /// decides. The set takes effect at the next step.
+    fn choose_for_layer(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+        first_forward: bool,
+    ) {
+        let Some(k) = self.stage_of(layer).map(|st| st.stage.decode_blocks) else {
+            return;
+        };
+        let Some(mut choice) = self.layers.get_mut(layer).map(std::mem::take) else {
+            return;
+        };
+        let width = self.shape.n_heads * self.shape.head_dim;
+        let w = LAYER_WINDOW;
+        let rows: Vec<usize> = if first_forward {
+            (positions.len().saturating_sub(w)..positions.len()).collect()
+        } else {
+            (0..positions.len())
+                .filter(|&r| positions[r] as usize >= self.prompt_len)
+                .collect()
+        };
+        for r in rows {
+            (choice.window).push_back(WindowQuery::new(&q[r * width..(r + 1) * width]));
+            while choice.window.len() > w {
+                choice.window.pop_front();
+            }
+        }
+        let scores = self.pooled_scores(&mut choice.window, &mut choice.units, kv);
+        let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
+        let proposal = select_top_k(&scores, k, &forced);
+        let before = std::mem::take(&mut choice.active);
+        choice.active = before.clone();
+        let switched = if before.is_empty() || proposal.len() != before.len() {
+            choice.active = proposal;
+            choice.active != before
+        } else {
+            match self.cfg.gate {
+                GateKind::Blocks => gate(&mut choice.active, proposal, self.cfg.gamma),
+                GateKind::Mass => {
+                    gate_by_mass(&mut choice.active, proposal, &scores, self.cfg.gamma)
+                }
+            }
+        };
+        if switched && !first_forward {
+            let kept = (before.iter())
+                .filter(|b| choice.active.binary_search(b).is_ok())
+                .count();
+            self.swaps_this_step += (before.len() - kept) + (choice.active.len() - kept);
+        }
+        choice.candidates = scores.len();
+        self.layers[layer] = choice;
     }
 
     /// Move the active blocks of stage `s` that have no KV there out of the aux store and into
@@ -447,6 +560,31 @@ impl SlimSession {
     }
 }
 
+impl SlimSession {
+    /// The rows of `kv` that decode attends to with the prompt blocks `active`: each block, and
+    /// the rows past the prompt, as runs of rows found by binary search (rows are sorted by
+    /// position; no pass over every row per layer and step).
+    fn rows_of(&self, active: &[u32], kv: &LayerKv) -> Vec<Range<usize>> {
+        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
+        let bs = self.cfg.block_size;
+        let blocks =
+            (active.iter()).map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
+        let after_prompt = std::iter::once(self.prompt_len..usize::MAX);
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for span in blocks.chain(after_prompt) {
+            let rows = row_of(span.start)..row_of(span.end);
+            if rows.is_empty() {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(r) if r.end == rows.start => r.end = rows.end,
+                _ => ranges.push(rows),
+            }
+        }
+        ranges
+    }
+}
+
 /// 0..n without the ascending indices `keep`.
 fn complement(keep: &[usize], n: usize) -> Vec<usize> {
     let mut k = keep.iter().peekable();
@@ -464,31 +602,21 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
 
 impl LayerPolicy for SlimSession {
     fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
-        let Some(st) = self.stage_of(layer) else {
-            return vec![0..kv.len()];
-        };
-        if !self.decoding || st.active.len() >= st.pool.len() {
-            return vec![0..kv.len()]; // every cached block of this stage is active
+        let all = vec![0..kv.len()];
+        if !self.decoding {
+            return all;
         }
-        // Rows are sorted by position: each active block, and the rows past the prompt, are
-        // one run of rows, found by binary search (no pass over every row per layer and step).
-        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
-        let bs = self.cfg.block_size;
-        let blocks = (st.active.iter())
-            .map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
-        let after_prompt = std::iter::once(self.prompt_len..usize::MAX);
-        let mut ranges: Vec<Range<usize>> = Vec::new();
-        for span in blocks.chain(after_prompt) {
-            let rows = row_of(span.start)..row_of(span.end);
-            if rows.is_empty() {
-                continue;
+        if let Some(choice) = self.layers.get(layer) {
+            if self.stage_of(layer).is_none() || choice.active.len() >= choice.candidates {
+                return all;
             }
-            match ranges.last_mut() {
-                Some(r) if r.end == rows.start => r.end = rows.end,
-                _ => ranges.push(rows),
-            }
+            return self.rows_of(&choice.active, kv);
         }
-        ranges
+        match self.stage_of(layer) {
+            // every cached block of this stage is active
+            Some(st) if st.active.len() < st.pool.len() => self.rows_of(&st.active, kv),
+            _ => all,
+        }
     }
 
     fn active_blocks(&self, layer: usize) -> Option<ActiveBlocks<'_>> {
@@ -497,11 +625,17 @@ impl LayerPolicy for SlimSession {
             .iter()
             .rposition(|s| s.stage.start_layer <= layer)?;
         let end = (self.stages.get(i + 1)).map_or(self.n_layers, |s| s.stage.start_layer);
-        let st = &self.stages[i];
+        let (blocks, stage_layers) = match self.layers.get(layer) {
+            Some(choice) => (&choice.active[..], layer..layer + 1),
+            None => (
+                &self.stages[i].active[..],
+                self.stages[i].stage.start_layer..end,
+            ),
+        };
         Some(ActiveBlocks {
-            // the set decode attends to; key_ranges reads every row while active == pool
-            blocks: &st.active,
-            stage_layers: st.stage.start_layer..end,
+            // the set decode attends to; key_ranges reads every row while it is every candidate
+            blocks,
+            stage_layers,
             block_size: self.cfg.block_size,
             prompt_len: self.prompt_len,
         })
@@ -515,8 +649,12 @@ impl LayerPolicy for SlimSession {
         positions: &[u32],
         kv: &LayerKv,
     ) -> Result<Option<RowChange>> {
+        let first_forward = !self.decoding;
         if layer + 1 == self.n_layers {
             self.decoding = true;
+        }
+        if !self.layers.is_empty() {
+            self.choose_for_layer(layer, q, positions, kv, first_forward);
         }
         let Some(s) = self.boundary_after(layer) else {
             if self.prefilling
@@ -538,5 +676,119 @@ impl LayerPolicy for SlimSession {
         } else {
             self.reselect(s, h, q, positions, kv)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvDtype;
+    use crate::slim::schedule::StageConfig;
+
+    const BS: usize = 8;
+    const PROMPT: usize = 64; // 8 blocks
+    const HD: usize = 8;
+    const SHAPE: HeadShape = HeadShape {
+        n_heads: 1,
+        n_kv_heads: 1,
+        head_dim: HD,
+    };
+
+    /// Layers 1..4 are one stage that keeps every block; decode attends to half of them,
+    /// chosen per layer.
+    fn cfg() -> SlimConfig {
+        SlimConfig {
+            preset: "custom".into(),
+            stages: vec![StageConfig {
+                layer: 1,
+                fraction: 1.0,
+            }],
+            keep_ratio: 1.0,
+            min_keep_tokens: 0,
+            block_size: BS,
+            unit_size: 4,
+            local_window: 1,
+            decode_keep: 0.5,
+            decode_select: DecodeSelect::Layer,
+            ..Default::default()
+        }
+    }
+
+    /// One query pointing at block `b`'s key direction.
+    fn query_at(b: usize) -> Vec<f32> {
+        let mut q = vec![0.0; HD];
+        q[b] = 10.0;
+        q
+    }
+
+    /// A prompt cache whose block b has every key along dimension b.
+    fn prompt_kv() -> LayerKv {
+        let mut kv = LayerKv::new(KvDtype::F16);
+        let k: Vec<f32> = (0..PROMPT)
+            .flat_map(|r| (0..HD).map(move |d| if d == r / BS { 1.0 } else { 0.0 }))
+            .collect();
+        let positions: Vec<u32> = (0..PROMPT as u32).collect();
+        kv.append(&k, &vec![0.0; PROMPT * HD], &positions).unwrap();
+        kv
+    }
+
+    /// Blocks whose rows `ranges` cover, over `kv`'s prompt rows.
+    fn blocks_read(ranges: &[Range<usize>], kv: &LayerKv) -> Vec<u32> {
+        let mut out: Vec<u32> = (ranges.iter().cloned().flatten())
+            .map(|r| kv.positions[r])
+            .filter(|&p| (p as usize) < PROMPT)
+            .map(|p| p / BS as u32)
+            .collect();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn each_slim_layer_attends_to_the_blocks_its_own_query_chose() {
+        let n_layers = 4;
+        let mut s = SlimSession::new(&cfg(), n_layers, SHAPE, PROMPT);
+        let mut kvs: Vec<LayerKv> = (0..n_layers).map(|_| prompt_kv()).collect();
+        let h = Tensor::zeros((PROMPT, HD), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let positions: Vec<u32> = (0..PROMPT as u32).collect();
+        // prefill: the last prompt query of layer 1 looks at block 3, of layer 2 at block 5
+        let targets = [2, 3, 5, 6];
+        for (layer, kv) in kvs.iter().enumerate() {
+            let mut q = vec![0.0; PROMPT * HD];
+            q[(PROMPT - 1) * HD..].copy_from_slice(&query_at(targets[layer]));
+            assert!(s
+                .after_layer(layer, &h, &q, &positions, kv)
+                .unwrap()
+                .is_none());
+        }
+        // forced: sink 0 and last 7; then the layer's target and the lowest id among the ties
+        let read =
+            |s: &SlimSession, layer: usize, kv: &LayerKv| blocks_read(&s.key_ranges(layer, kv), kv);
+        assert_eq!(
+            read(&s, 0, &kvs[0]),
+            (0..8).collect::<Vec<u32>>(),
+            "layer 0 is dense"
+        );
+        assert_eq!(read(&s, 1, &kvs[1]), vec![0, 1, 3, 7]);
+        assert_eq!(read(&s, 2, &kvs[2]), vec![0, 1, 5, 7]);
+        assert_eq!(s.active_blocks(2).unwrap().blocks, &[0, 1, 5, 7]);
+        assert_eq!(s.active_blocks(2).unwrap().stage_layers, 2..3);
+
+        // a decode step: layer 1's new query looks at block 5; its set switches for the next step
+        for (layer, kv) in kvs.iter_mut().enumerate() {
+            let k = query_at(0);
+            kv.append(&k, &[0.0; HD], &[PROMPT as u32]).unwrap();
+            let q = query_at(if layer == 1 { 5 } else { targets[layer] });
+            let h1 = h.narrow(0, 0, 1).unwrap();
+            assert!(s
+                .after_layer(layer, &h1, &q, &[PROMPT as u32], kv)
+                .unwrap()
+                .is_none());
+        }
+        assert_eq!(read(&s, 1, &kvs[1]), vec![0, 1, 5, 7]);
+        assert_eq!(read(&s, 3, &kvs[3]), vec![0, 1, 6, 7]);
+        assert_eq!(s.take_swaps(), 2, "block 3 out, block 5 in");
+        // the row past the prompt is always read
+        let last = kvs[1].len() - 1;
+        assert!(s.key_ranges(1, &kvs[1]).iter().any(|r| r.contains(&last)));
     }
 }

@@ -447,6 +447,15 @@ impl KvCache {
         attention(q, positions, host.view(), &keys, shape, out)
     }
 
+    /// Layer `i`'s policy may have just chosen its keys: the manager brings them into the fast
+    /// tier before the layer attends (a wait counted as stall).
+    pub fn before_attention(&mut self, i: usize, policy: &dyn LayerPolicy) -> crate::Result<()> {
+        match &mut self.tiers {
+            Some(t) => t.before_attention(i, &self.layers, policy),
+            None => Ok(()),
+        }
+    }
+
     /// After layer `i` and its policy step: let the manager move blocks.
     pub fn after_layer(
         &mut self,

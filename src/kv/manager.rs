@@ -273,6 +273,29 @@ impl KvManager {
         Some(runs)
     }
 
+    /// Layer `layer`'s policy chose its decode keys from its own queries just now: fetch what
+    /// its fast tier lacks and wait for it (the stall). A no-op when the set did not change.
+    pub fn before_attention(
+        &mut self,
+        layer: usize,
+        hosts: &[Arc<LayerKv>],
+        policy: &dyn LayerPolicy,
+    ) -> Result<()> {
+        let Some(a) = policy.active_blocks(layer) else {
+            return Ok(());
+        };
+        // a prefill's attention reads the host tier; its slots are filled after the layer
+        if !self.in_decode_step
+            || !self.layers[layer].managed
+            || a.stage_layers != (layer..layer + 1)
+        {
+            return Ok(());
+        }
+        self.sync(layer, &a, hosts)?;
+        self.before_layer(layer, hosts);
+        Ok(())
+    }
+
     /// After layer `layer` and its policy step: bring its fast tier in line with its active set
     /// (after a prefill this fills its slots), and when the next layer starts a stage whose set
     /// may have just changed, evict and prefetch for every layer of that stage at once.

@@ -52,7 +52,7 @@ impl Attention {
         x: &Tensor,
         positions: &[u32],
         kv: &mut KvCache,
-        ctx: &LayerCtx,
+        ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let (rows, hidden) = x.dims2()?;
         // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
@@ -61,11 +61,21 @@ impl Attention {
         ctx.rope.apply(&mut k, positions)?;
         // the layer's block copies (KV manager) land before it appends and attends
         kv.before_layer(ctx.layer);
-        kv.append(ctx.layer, &k, &v, positions, ctx.policy)?;
+        kv.append(ctx.layer, &k, &v, positions, &*ctx.policy)?;
+        // a policy may choose this layer's keys from these queries; the manager fetches them
+        ctx.policy
+            .before_attention(ctx.layer, &q, positions, kv.layer(ctx.layer))?;
+        kv.before_attention(ctx.layer, &*ctx.policy)?;
         let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
         let fresh = Some((&k[..], &v[..]));
         kv.attend(
-            ctx.layer, &q, positions, fresh, ctx.policy, self.shape, &mut out,
+            ctx.layer,
+            &q,
+            positions,
+            fresh,
+            &*ctx.policy,
+            self.shape,
+            &mut out,
         )?;
         Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
     }
@@ -161,7 +171,7 @@ impl Block {
         h: &Tensor,
         positions: &[u32],
         kv: &mut KvCache,
-        ctx: &LayerCtx,
+        ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         let x = norm(h, &self.attn_norm, ctx.eps)?;
         let (a, q) = self.attn.forward(&x, positions, kv, ctx)?;
@@ -176,7 +186,7 @@ struct LayerCtx<'a> {
     layer: usize,
     rope: &'a Rope,
     eps: f32,
-    policy: &'a dyn LayerPolicy,
+    policy: &'a mut dyn LayerPolicy,
 }
 
 /// Decides between layers which rows go on, and which cached rows a layer attends to.
@@ -194,6 +204,20 @@ pub trait LayerPolicy {
     /// the same keys from its fast tier).
     fn active_blocks(&self, _layer: usize) -> Option<ActiveBlocks<'_>> {
         None
+    }
+
+    /// Called when layer `layer` has appended this step's rows (at `positions`, with post-RoPE
+    /// queries `q`) to its cache `kv` and before it attends: a policy that chooses a layer's
+    /// keys from the layer's own queries does so here, and `key_ranges` / `active_blocks` then
+    /// answer with the new choice.
+    fn before_attention(
+        &mut self,
+        _layer: usize,
+        _q: &[f32],
+        _positions: &[u32],
+        _kv: &LayerKv,
+    ) -> Result<()> {
+        Ok(())
     }
 
     /// Called after layer `layer` with its output `h` (rows, hidden), its post-RoPE queries `q`
@@ -343,13 +367,13 @@ impl Llama {
         let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
         let mut positions = positions.to_vec(); // (rows)
         for (i, block) in self.blocks.iter().enumerate() {
-            let ctx = LayerCtx {
+            let mut ctx = LayerCtx {
                 layer: i,
                 rope: &self.rope,
                 eps: self.spec.rms_eps,
-                policy: &*policy,
+                policy: &mut *policy,
             };
-            let (out, q) = block.forward(&h, &positions, kv, &ctx)?;
+            let (out, q) = block.forward(&h, &positions, kv, &mut ctx)?;
             h = out;
             let rows = positions.len();
             on_layer(i, rows);

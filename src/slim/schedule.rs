@@ -2,8 +2,8 @@
 //!
 //! A schedule is a list of stages `(layer, fraction)`: from `layer` on (layers index from 0, and
 //! `layer` is the first layer that sees only the kept rows), keep
-//! `keep_ratio * fraction * prompt_tokens` prompt tokens, at least `min_keep_tokens`, rounded up to
-//! whole blocks. Invariants of a resolved schedule ([`SlimConfig::resolve`]):
+//! `keep_ratio * fraction * prompt_tokens` prompt tokens, at least `min_keep_tokens` and the
+//! preset's floor for the stage (the paper's absolute budgets), rounded up to whole blocks. Invariants of a resolved schedule ([`SlimConfig::resolve`]):
 //! - stage layers are strictly increasing and in `1..n_layers` (layer 0 always sees the whole prompt);
 //! - `keep_blocks` is non-increasing from stage to stage (stages are nested: each one chooses among
 //!   what the previous one kept), at most the number of prompt blocks, and at least the number of
@@ -73,8 +73,9 @@ pub struct SlimConfig {
     /// increasing in `1..n_layers`, fractions in `(0, 1]` and non-increasing. Must be empty for
     /// any other preset. Default `[]`.
     pub stages: Vec<StageConfig>,
-    /// Floor of every stage's budget, in tokens: short prompts are not pruned below this.
-    /// Any value ≥ 0. Default `256`.
+    /// Floor of every stage's budget, in tokens: short prompts are not pruned below this. The
+    /// presets add their own per-stage floors (smollm2: 2048/1024/512 tokens at layers
+    /// 10/20/28; see [`Self::preset_floors`]). Any value ≥ 0. Default `256`.
     pub min_keep_tokens: usize,
     /// Tokens per block, the unit of selection and of KV movement. A positive multiple of
     /// `unit_size`. Default `64`.
@@ -125,9 +126,9 @@ pub struct SlimConfig {
     pub window_pool: WindowPool,
     /// Who chooses the `decode_keep` share decode attends to: `"stage"` (the stage's boundary
     /// window chooses one set for all its layers, the paper's) or `"layer"` (every slim layer
-    /// chooses its own from its own recent queries, among the blocks its stage kept; the choice
-    /// made at a step takes effect at the next, so the KV manager fetches it while the step
-    /// finishes). Has no effect at `decode_keep = 1`. Default `"stage"`.
+    /// chooses its own, with the query it is about to attend with, among the blocks its stage
+    /// kept, Quest-like; the KV manager fetches a changed set before the layer attends).
+    /// Has no effect at `decode_keep = 1`. Default `"stage"`.
     pub decode_select: DecodeSelect,
     /// Follow-up turns in a conversation: `false` keeps the pruned KV of earlier turns and only
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
@@ -170,7 +171,8 @@ preset = "auto"
 # Only with preset = "custom": [{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]
 # (layers strictly increasing in 1..n_layers, fractions in (0, 1] and non-increasing).
 stages = []
-# Floor of every stage's budget, in tokens.
+# Floor of every stage's budget, in tokens (the presets add their own per-stage floors, the
+# paper's absolute budgets: smollm2 keeps at least 2048/1024/512 tokens at layers 10/20/28).
 min_keep_tokens = 256
 # Tokens per block (unit of selection and KV movement); a multiple of unit_size.
 block_size = 64
@@ -381,10 +383,26 @@ impl SlimConfig {
         }
     }
 
+    /// Each preset stage's floor in tokens, in the order of [`Self::stage_fractions`]: the
+    /// paper's absolute budgets. LLaMA-3.1-8B keeps 8192/4096/2048 tokens of its 32k context at
+    /// layers 10/20/30 whatever the prompt, so a prompt of up to 8192 tokens is not pruned at
+    /// layer 10; the same quarter, eighth and sixteenth of SmolLM2's 8192-token context are
+    /// 2048/1024/512. Below a floor, pruning saves little time and on the default model it lost
+    /// facts that the question asks for (bench/NOTES.md). `"generic"` and `"custom"` have none
+    /// (`min_keep_tokens` applies to every stage).
+    pub fn preset_floors(&self, n_layers: usize) -> Vec<usize> {
+        match self.preset_for(n_layers) {
+            "smollm2" => vec![2048, 1024, 512],
+            "llama3.1-8b" => vec![8192, 4096, 2048],
+            "qwen2.5-7b" => vec![12288, 6144, 4096],
+            _ => Vec::new(),
+        }
+    }
+
     /// The stages for one prompt of `prompt_tokens` tokens on a model with `n_layers` layers.
     ///
     /// A stage's budget is `keep_ratio * fraction * prompt_tokens` tokens, at least
-    /// `min_keep_tokens`, in blocks `ceil(tokens / block_size)`, capped at the prompt's
+    /// `min_keep_tokens` and the preset's floor ([`Self::preset_floors`]), in blocks `ceil(tokens / block_size)`, capped at the prompt's
     /// `ceil(prompt_tokens / block_size)` blocks and at the previous stage's blocks (nested), and
     /// raised to the number of always-kept blocks. A stage that keeps every block still appears
     /// (a no-op). Empty when disabled, when the prompt fits in one block, or when the config is
@@ -400,12 +418,16 @@ impl SlimConfig {
         let mut prev_blocks = n_blocks;
         let mut prev_layer = 0;
         let mut out = Vec::new();
-        for (layer, fraction) in self.stage_fractions(n_layers) {
+        let floors = self.preset_floors(n_layers);
+        for (i, (layer, fraction)) in self.stage_fractions(n_layers).into_iter().enumerate() {
             if layer <= prev_layer || layer >= n_layers {
                 continue;
             }
-            let tokens = (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64)
-                .max(self.min_keep_tokens as f64);
+            let floor = self
+                .min_keep_tokens
+                .max(floors.get(i).copied().unwrap_or(0));
+            let tokens =
+                (self.keep_ratio as f64 * fraction as f64 * prompt_tokens as f64).max(floor as f64);
             // Shave a relative 1e-6 (a few f32 ulps of keep_ratio * fraction) so that budgets
             // that are whole blocks up to f32 rounding (0.1f32 * 6400 = 640.0000095) do not
             // round up to one block more.
@@ -790,7 +812,7 @@ mod tests {
         let c = SlimConfig {
             keep_ratio: 0.1,
             min_keep_tokens: 0,
-            ..cfg()
+            ..generic()
         };
         assert_eq!(blocks(&c.resolve(30, 6400)), vec![10, 5, 3]);
     }
@@ -798,18 +820,46 @@ mod tests {
     #[test]
     fn budgets_round_up_to_whole_blocks() {
         // 0.5 * 1000 = 500 tokens -> 8 blocks (of 16); 250 -> floor 256 -> 4; 125 -> 256 -> 4.
-        let s = cfg().resolve(30, 1000);
+        let s = generic().resolve(30, 1000);
         assert_eq!(blocks(&s), vec![8, 4, 4]);
     }
 
     #[test]
     fn floor_applies_for_short_prompts() {
         // 1024 tokens = 16 blocks; 512 -> 8 blocks, 256 -> 4, 128 -> floor 256 -> 4.
-        assert_eq!(blocks(&cfg().resolve(30, 1024)), vec![8, 4, 4]);
+        assert_eq!(blocks(&generic().resolve(30, 1024)), vec![8, 4, 4]);
         // 300 tokens = 5 blocks: every budget is the 256-token floor = 4 blocks.
-        assert_eq!(blocks(&cfg().resolve(30, 300)), vec![4, 4, 4]);
+        assert_eq!(blocks(&generic().resolve(30, 300)), vec![4, 4, 4]);
         // 200 tokens = 4 blocks: the floor keeps everything, and the stages are no-ops.
-        assert_eq!(blocks(&cfg().resolve(30, 200)), vec![4, 4, 4]);
+        assert_eq!(blocks(&generic().resolve(30, 200)), vec![4, 4, 4]);
+    }
+
+    /// The same stages as smollm2 for 30 layers, without its floors.
+    fn generic() -> SlimConfig {
+        SlimConfig {
+            preset: "generic".into(),
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn preset_floors_keep_short_prompts_whole_in_the_first_stages() {
+        let c = SlimConfig::default(); // ratio 0.7
+                                       // smollm2: 2048 tokens keep every block at layer 10, 1024 tokens at 20, 512 at 28
+                                       // (0.7 * 2048 / 4 = 358 would be less)
+        assert_eq!(blocks(&c.resolve(30, 2048)), vec![32, 16, 8]);
+        // 1000 tokens: all 16 blocks through layer 28's 512-token floor
+        assert_eq!(blocks(&c.resolve(30, 1000)), vec![16, 16, 8]);
+        // longer prompts: the ratio's budgets (2867, 1434, 717 tokens) are above the floors
+        assert_eq!(blocks(&c.resolve(30, 4096)), vec![45, 23, 12]);
+        // llama3.1-8b: an 8k prompt is whole until layer 20, as in the paper
+        assert_eq!(blocks(&c.resolve(32, 8192)), vec![128, 64, 32]);
+        // the global floor still applies where it is larger
+        let c = SlimConfig {
+            min_keep_tokens: 3000,
+            ..c
+        };
+        assert_eq!(blocks(&c.resolve(30, 4096)), vec![47, 47, 47]);
     }
 
     #[test]
@@ -818,7 +868,7 @@ mod tests {
         let c = SlimConfig {
             keep_ratio: 0.01,
             min_keep_tokens: 0,
-            ..cfg()
+            ..generic()
         };
         assert_eq!(blocks(&c.resolve(30, 130)), vec![3, 3, 3]);
         assert_eq!(blocks(&c.resolve(30, 64 * 100)), vec![2, 2, 2]);

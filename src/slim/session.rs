@@ -83,8 +83,8 @@ struct AuxBlock {
     positions: Vec<u32>,
 }
 
-/// Queries a slim layer chooses its decode blocks from (`decode_select = "layer"`): its newest
-/// only. Measured on the default model at decode_keep 0.3-0.5 (bench/NOTES.md): windows of 4 and
+/// Queries a slim layer chooses its decode blocks from (`decode_select = "layer"`): the one it
+/// is about to attend with. Measured on the default model at decode_keep 0.3-0.5 (bench/NOTES.md): windows of 4 and
 /// 32 queries kept blocks the answer had moved past and doubled the KL to dense.
 const LAYER_WINDOW: usize = 1;
 
@@ -469,10 +469,10 @@ impl SlimSession {
         pooled
     }
 
-    /// `decode_select = "layer"`, after slim layer `layer`: its newest query joins its window
-    /// (in the first forward, the prompt's last; later, the newest row past the prompt), the
-    /// window proposes the layer's top-K among the blocks it holds, and the gate
-    /// decides. The set takes effect at the next step.
+    /// `decode_select = "layer"`, before slim layer `layer` attends: its newest query joins its
+    /// window (in the first forward, the prompt's last; later, the newest row past the prompt),
+    /// the window proposes the layer's top-K among the blocks it holds, and the gate decides.
+    /// The set applies from this step's attention on (a prefill attends to every row).
     fn choose_for_layer(
         &mut self,
         layer: usize,
@@ -601,6 +601,19 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
 }
 
 impl LayerPolicy for SlimSession {
+    fn before_attention(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+    ) -> Result<()> {
+        if !self.layers.is_empty() {
+            self.choose_for_layer(layer, q, positions, kv, !self.decoding);
+        }
+        Ok(())
+    }
+
     fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
         let all = vec![0..kv.len()];
         if !self.decoding {
@@ -649,12 +662,8 @@ impl LayerPolicy for SlimSession {
         positions: &[u32],
         kv: &LayerKv,
     ) -> Result<Option<RowChange>> {
-        let first_forward = !self.decoding;
         if layer + 1 == self.n_layers {
             self.decoding = true;
-        }
-        if !self.layers.is_empty() {
-            self.choose_for_layer(layer, q, positions, kv, first_forward);
         }
         let Some(s) = self.boundary_after(layer) else {
             if self.prefilling
@@ -755,6 +764,7 @@ mod tests {
         for (layer, kv) in kvs.iter().enumerate() {
             let mut q = vec![0.0; PROMPT * HD];
             q[(PROMPT - 1) * HD..].copy_from_slice(&query_at(targets[layer]));
+            s.before_attention(layer, &q, &positions, kv).unwrap();
             assert!(s
                 .after_layer(layer, &h, &q, &positions, kv)
                 .unwrap()
@@ -773,18 +783,19 @@ mod tests {
         assert_eq!(s.active_blocks(2).unwrap().blocks, &[0, 1, 5, 7]);
         assert_eq!(s.active_blocks(2).unwrap().stage_layers, 2..3);
 
-        // a decode step: layer 1's new query looks at block 5; its set switches for the next step
+        // a decode step: layer 1's new query looks at block 5, and reads it at this step
         for (layer, kv) in kvs.iter_mut().enumerate() {
             let k = query_at(0);
             kv.append(&k, &[0.0; HD], &[PROMPT as u32]).unwrap();
             let q = query_at(if layer == 1 { 5 } else { targets[layer] });
+            s.before_attention(layer, &q, &[PROMPT as u32], kv).unwrap();
+            if layer == 1 {
+                assert_eq!(read(&s, 1, kv), vec![0, 1, 5, 7]);
+            }
             let h1 = h.narrow(0, 0, 1).unwrap();
-            assert!(s
-                .after_layer(layer, &h1, &q, &[PROMPT as u32], kv)
-                .unwrap()
-                .is_none());
+            let change = s.after_layer(layer, &h1, &q, &[PROMPT as u32], kv);
+            assert!(change.unwrap().is_none());
         }
-        assert_eq!(read(&s, 1, &kvs[1]), vec![0, 1, 5, 7]);
         assert_eq!(read(&s, 3, &kvs[3]), vec![0, 1, 6, 7]);
         assert_eq!(s.take_swaps(), 2, "block 3 out, block 5 in");
         // the row past the prompt is always read

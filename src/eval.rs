@@ -7,6 +7,9 @@
 //! - needle retrieval: a sentence with a 5-digit code is planted at `depths` evenly spaced depths
 //!   (0%..100%) of the document and asked for at the end; accuracy of dense and of pruned.
 //!
+//! `documents` sections per length; each cell averages over them (one document is one answer
+//! and ten needles: a needle is ten points).
+//!
 //! The dense reference runs in the engine's KV type, or in `reference_kv` (to measure the pruned
 //! model with Q8 KV against the dense model with f16 KV, on the same dense answer).
 
@@ -30,6 +33,8 @@ pub struct EvalConfig {
     pub default_ratio: f32,
     pub answer_tokens: usize,
     pub depths: usize,
+    /// Documents per length (different parts of the text); a cell averages over them.
+    pub documents: usize,
     /// KV element type of the dense reference (None: the engine's own).
     pub reference_kv: Option<KvDtype>,
 }
@@ -37,10 +42,15 @@ pub struct EvalConfig {
 /// One (length, ratio) cell.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalResult {
+    /// Mean over the documents.
     pub prompt_tokens: usize,
+    pub documents: usize,
     pub ratio: f32,
     pub default: bool,
+    /// Means over the documents (needle accuracy: over every planted needle).
     pub top1_agreement: f64,
+    /// The lowest document's agreement.
+    pub min_top1_agreement: f64,
     pub mean_kl: f64,
     pub needle_acc_dense: f64,
     pub needle_acc_slim: f64,
@@ -61,11 +71,10 @@ pub fn run(
     on_result: &mut dyn FnMut(&EvalResult),
 ) -> Result<Vec<EvalResult>> {
     let base = engine.slim_config().clone();
-    let kv_dtype = engine.kv_dtype();
-    let reference_kv = cfg.reference_kv.unwrap_or(kv_dtype);
     let text_tokens = engine.encode(LONG_TEXT)?;
+    let docs = cfg.documents.max(1);
     let mut results = Vec::new();
-    for (doc_index, &length) in cfg.lengths.iter().enumerate() {
+    for (length_index, &length) in cfg.lengths.iter().enumerate() {
         let room = engine
             .context_length()
             .checked_sub(cfg.answer_tokens.max(24) + 8)
@@ -77,80 +86,147 @@ pub fn run(
             )));
         };
         let length = length.min(room);
-        // Each length reads a different part of the text.
-        let doc = document(engine, &text_tokens, doc_index, length, QUESTION)?;
-        let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
-
-        // Dense reference: greedy answer and its logits at every answer position.
-        engine.set_kv_dtype(reference_kv)?;
-        set_slim(engine, &base, None)?;
-        let t0 = std::time::Instant::now();
-        let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
-        let ttft_dense = t0.elapsed().as_secs_f64() * 1e3;
-        let mut answer = Vec::new();
-        let mut dense_logits = Vec::new();
-        for i in 0..cfg.answer_tokens {
-            let t = argmax(&logits);
-            answer.push(t);
-            dense_logits.push(std::mem::take(&mut logits));
-            if i + 1 < cfg.answer_tokens {
-                logits = engine.step(t)?;
-            }
-        }
-        let needles_dense = needle_run(
-            engine,
-            &base,
-            None,
-            &text_tokens,
-            doc_index,
-            length,
-            cfg.depths,
-        )?;
-
-        engine.set_kv_dtype(kv_dtype)?;
-        for &ratio in &cfg.ratios {
-            set_slim(engine, &base, Some(ratio))?;
-            let t0 = std::time::Instant::now();
-            let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
-            let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
-            let kept_last_layer = engine.kept_per_layer().last().copied().unwrap_or(0);
-            let (mut agree, mut kl) = (0usize, 0.0f64);
-            for (i, &t) in answer.iter().enumerate() {
-                agree += usize::from(argmax(&logits) == argmax(&dense_logits[i]));
-                kl += kl_divergence(&dense_logits[i], &logits);
-                if i + 1 < answer.len() {
-                    logits = engine.step(t)?;
+        // one cell per ratio, summed over the documents
+        let mut cells: Vec<EvalResult> = Vec::new();
+        for d in 0..docs {
+            // each (length, document) reads a different part of the text
+            let doc_index = length_index * docs + d;
+            let per_ratio = one_document(engine, cfg, &base, &text_tokens, doc_index, length)?;
+            if cells.is_empty() {
+                cells = per_ratio;
+            } else {
+                for (cell, r) in cells.iter_mut().zip(per_ratio) {
+                    cell.add(&r);
                 }
             }
-            let needles_slim = needle_run(
-                engine,
-                &base,
-                Some(ratio),
-                &text_tokens,
-                doc_index,
-                length,
-                cfg.depths,
-            )?;
-            let n = answer.len().max(1) as f64;
-            let r = EvalResult {
-                prompt_tokens: prompt.len(),
-                ratio,
-                default: (ratio - cfg.default_ratio).abs() < 1e-6,
-                top1_agreement: agree as f64 / n,
-                mean_kl: kl / n,
-                needle_acc_dense: needles_dense,
-                needle_acc_slim: needles_slim,
-                kept_last_layer,
-                ttft_ms_dense: ttft_dense,
-                ttft_ms_slim: ttft_slim,
-            };
-            on_result(&r);
-            results.push(r);
+        }
+        for mut cell in cells {
+            cell.finish(docs);
+            on_result(&cell);
+            results.push(cell);
         }
     }
     engine.set_slim(base)?;
     engine.reset();
     Ok(results)
+}
+
+/// Every ratio on one document: one result per ratio, in `cfg.ratios` order.
+fn one_document(
+    engine: &mut Engine,
+    cfg: &EvalConfig,
+    base: &SlimConfig,
+    text_tokens: &[u32],
+    doc_index: usize,
+    length: usize,
+) -> Result<Vec<EvalResult>> {
+    let kv_dtype = engine.kv_dtype();
+    let reference_kv = cfg.reference_kv.unwrap_or(kv_dtype);
+    let doc = document(engine, text_tokens, doc_index, length, QUESTION)?;
+    let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
+
+    // Dense reference: greedy answer and its logits at every answer position.
+    engine.set_kv_dtype(reference_kv)?;
+    set_slim(engine, base, None)?;
+    let t0 = std::time::Instant::now();
+    let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+    let ttft_dense = t0.elapsed().as_secs_f64() * 1e3;
+    let mut answer = Vec::new();
+    let mut dense_logits = Vec::new();
+    for i in 0..cfg.answer_tokens {
+        let t = argmax(&logits);
+        answer.push(t);
+        dense_logits.push(std::mem::take(&mut logits));
+        if i + 1 < cfg.answer_tokens {
+            logits = engine.step(t)?;
+        }
+    }
+    let needles_dense = needle_run(
+        engine,
+        base,
+        None,
+        text_tokens,
+        doc_index,
+        length,
+        cfg.depths,
+    )?;
+
+    engine.set_kv_dtype(kv_dtype)?;
+    let mut out = Vec::new();
+    for &ratio in &cfg.ratios {
+        set_slim(engine, base, Some(ratio))?;
+        let t0 = std::time::Instant::now();
+        let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+        let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
+        let kept_last_layer = engine.kept_per_layer().last().copied().unwrap_or(0);
+        let (mut agree, mut kl) = (0usize, 0.0f64);
+        for (i, &t) in answer.iter().enumerate() {
+            agree += usize::from(argmax(&logits) == argmax(&dense_logits[i]));
+            kl += kl_divergence(&dense_logits[i], &logits);
+            if i + 1 < answer.len() {
+                logits = engine.step(t)?;
+            }
+        }
+        let needles_slim = needle_run(
+            engine,
+            base,
+            Some(ratio),
+            text_tokens,
+            doc_index,
+            length,
+            cfg.depths,
+        )?;
+        let n = answer.len().max(1) as f64;
+        let top1 = agree as f64 / n;
+        out.push(EvalResult {
+            prompt_tokens: prompt.len(),
+            documents: 1,
+            ratio,
+            default: (ratio - cfg.default_ratio).abs() < 1e-6,
+            top1_agreement: top1,
+            min_top1_agreement: top1,
+            mean_kl: kl / n,
+            needle_acc_dense: needles_dense,
+            needle_acc_slim: needles_slim,
+            kept_last_layer,
+            ttft_ms_dense: ttft_dense,
+            ttft_ms_slim: ttft_slim,
+        });
+    }
+    Ok(out)
+}
+
+impl EvalResult {
+    /// Sum another document's result into this one (means are taken by `finish`).
+    fn add(&mut self, o: &EvalResult) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.documents += o.documents;
+        self.top1_agreement += o.top1_agreement;
+        self.min_top1_agreement = self.min_top1_agreement.min(o.min_top1_agreement);
+        self.mean_kl += o.mean_kl;
+        self.needle_acc_dense += o.needle_acc_dense;
+        self.needle_acc_slim += o.needle_acc_slim;
+        self.kept_last_layer += o.kept_last_layer;
+        self.ttft_ms_dense += o.ttft_ms_dense;
+        self.ttft_ms_slim += o.ttft_ms_slim;
+    }
+
+    /// Sums over `n` documents → means.
+    fn finish(&mut self, n: usize) {
+        let f = n as f64;
+        self.prompt_tokens = (self.prompt_tokens as f64 / f).round() as usize;
+        self.kept_last_layer = (self.kept_last_layer as f64 / f).round() as usize;
+        for x in [
+            &mut self.top1_agreement,
+            &mut self.mean_kl,
+            &mut self.needle_acc_dense,
+            &mut self.needle_acc_slim,
+            &mut self.ttft_ms_dense,
+            &mut self.ttft_ms_slim,
+        ] {
+            *x /= f;
+        }
+    }
 }
 
 fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Result<()> {

@@ -114,6 +114,9 @@ struct EvalArgs {
     /// Needle depths, evenly spaced from 0% to 100%
     #[arg(long, default_value_t = 10)]
     depths: usize,
+    /// Documents per length (different parts of the text); each result averages over them
+    #[arg(long, default_value_t = 1)]
+    documents: usize,
     /// KV element type of the dense reference (f16, bf16 or q8; default: the configured one),
     /// to measure the pruned model in the configured type against a dense model in another
     #[arg(long, value_parser = parse_kv_dtype)]
@@ -492,12 +495,13 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
         default_ratio: cfg.slim.keep_ratio,
         answer_tokens: args.answer_tokens,
         depths: args.depths,
+        documents: args.documents,
         reference_kv: args.reference_kv,
     };
     let results = eval::run(&mut engine, &ec, &mut |r| {
         eprintln!(
-            "slimchat eval: {:>5} tokens ratio {:.2}{}: top-1 agreement {:.3}, mean KL {:.4}, needle dense {:.2} slim {:.2}, TTFT {:.0} -> {:.0} ms, last layer kept {}",
-            r.prompt_tokens, r.ratio, if r.default { " (default)" } else { "" }, r.top1_agreement, r.mean_kl,
+            "slimchat eval: {:>5} tokens ({} doc.) ratio {:.2}{}: top-1 agreement {:.3} (lowest {:.3}), mean KL {:.4}, needle dense {:.2} slim {:.2}, TTFT {:.0} -> {:.0} ms, last layer kept {}",
+            r.prompt_tokens, r.documents, r.ratio, if r.default { " (default)" } else { "" }, r.top1_agreement, r.min_top1_agreement, r.mean_kl,
             r.needle_acc_dense, r.needle_acc_slim, r.ttft_ms_dense, r.ttft_ms_slim, r.kept_last_layer
         );
     })?;

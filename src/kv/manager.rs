@@ -45,6 +45,15 @@ pub struct LayerPlan {
     pub rows: usize,
 }
 
+/// Who copies a block into its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copier {
+    /// The offload worker, overlapping the forward (the layer waits just before it attends).
+    Worker,
+    /// The engine thread, now: the attention that needs the block is next.
+    Inline,
+}
+
 /// One layer's fast-tier state.
 #[derive(Debug, Default)]
 struct Layer {
@@ -291,7 +300,14 @@ impl KvManager {
         {
             return Ok(());
         }
-        self.sync(layer, &a, hosts)?;
+        // the attention that needs these blocks runs next: nothing to overlap the copy with,
+        // so it is done here (no round trip through the worker), and the time is stall
+        let t = Instant::now();
+        self.sync(layer, &a, hosts, Copier::Inline)?;
+        let s = t.elapsed().as_secs_f64();
+        self.counters.stall_s += s;
+        self.counters.decode_stall_s += s;
+        // copies the worker still has in flight for this layer (from an earlier sync)
         self.before_layer(layer, hosts);
         Ok(())
     }
@@ -310,12 +326,12 @@ impl KvManager {
             if rows > 1 {
                 self.counters.staging = self.counters.staging.max(hosts[layer].bytes());
             }
-            self.sync(layer, &a, hosts)?;
+            self.sync(layer, &a, hosts, Copier::Worker)?;
         }
         if let Some(a) = policy.active_blocks(layer + 1) {
             if a.stage_layers.start == layer + 1 {
                 for m in a.stage_layers.clone() {
-                    self.sync(m, &a, hosts)?;
+                    self.sync(m, &a, hosts, Copier::Worker)?;
                 }
             }
         }
@@ -325,7 +341,13 @@ impl KvManager {
 
     /// Evict the held blocks of layer `m` that are not in `want`, fetch the wanted ones its host
     /// tier holds; send the others to the spill file when it is on.
-    fn sync(&mut self, m: usize, a: &ActiveBlocks, hosts: &[Arc<LayerKv>]) -> Result<()> {
+    fn sync(
+        &mut self,
+        m: usize,
+        a: &ActiveBlocks,
+        hosts: &[Arc<LayerKv>],
+        how: Copier,
+    ) -> Result<()> {
         let (want, bs, prompt_len) = (a.blocks, a.block_size, a.prompt_len);
         self.prompt_len = prompt_len;
         let l = &self.layers[m];
@@ -354,7 +376,7 @@ impl KvManager {
                 continue; // not computed at this layer yet
             }
             self.layers[m].table.mark_host(b);
-            match self.fetch(m, b, rows, hosts) {
+            match self.fetch(m, b, rows, hosts, how) {
                 Err(FetchError::Full(e)) => {
                     // the plan did not foresee this set (it grew mid-request): decode reads
                     // the host tier for the blocks that did not fit (same result), and says so
@@ -376,13 +398,15 @@ impl KvManager {
         Ok(())
     }
 
-    /// Copy block `b` of layer `m` into a slot: through the worker, or here if it is gone.
+    /// Copy block `b` of layer `m` into a slot: through the worker (`Copier::Worker`, unless it is
+    /// gone) or here from the RAM copy.
     fn fetch(
         &mut self,
         m: usize,
         b: u32,
         rows: Range<usize>,
         hosts: &[Arc<LayerKv>],
+        how: Copier,
     ) -> std::result::Result<(), FetchError> {
         let (bs, d) = (self.block_size, self.kv_dim);
         let bytes = rows.len() * self.row_bytes();
@@ -397,7 +421,7 @@ impl KvManager {
         self.counters.copied += bytes;
         self.counters.step_moved += 1;
         self.counters.step_copied += bytes;
-        if let Some(w) = &self.worker {
+        if let (Some(w), Copier::Worker) = (&self.worker, how) {
             let job = Job::Fetch {
                 layer: m,
                 block: b,

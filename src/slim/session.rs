@@ -84,18 +84,19 @@ struct AuxBlock {
 }
 
 /// Queries a slim layer chooses its decode blocks from (`decode_select = "layer"`): the one it
-/// is about to attend with. Measured on the default model at decode_keep 0.3-0.5 (bench/NOTES.md): windows of 4 and
-/// 32 queries kept blocks the answer had moved past and doubled the KL to dense.
+/// is about to attend with. On the default model at decode_keep 0.3 a window of the last 32
+/// queries (which keeps blocks the answer has moved past) raised the KL to dense by 20-28%; one
+/// of 4 was mixed, +13% and -15% (bench/NOTES.md).
 const LAYER_WINDOW: usize = 1;
 
 /// With `decode_select = "layer"`: one slim layer's own choice of the blocks decode attends to.
 #[derive(Debug, Clone, Default)]
 struct LayerChoice {
-    /// Blocks this layer attends to from the next step on, ascending.
+    /// Blocks this layer attends to, ascending (chosen before it attends, at every step).
     active: Vec<u32>,
     /// Prompt blocks with KV at this layer (the candidates).
     candidates: usize,
-    /// The layer's last `local_window` queries.
+    /// The layer's last `LAYER_WINDOW` queries, with their scores.
     window: VecDeque<WindowQuery>,
     /// The layer's unit keys, with the prompt rows they were built from.
     units: Option<(usize, UnitKeys)>,
@@ -505,8 +506,7 @@ impl SlimSession {
         let scores = self.pooled_scores(&mut choice.window, &mut choice.units, kv);
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let proposal = select_top_k(&scores, k, &forced);
-        let before = std::mem::take(&mut choice.active);
-        choice.active = before.clone();
+        let before = choice.active.clone();
         let switched = if before.is_empty() || proposal.len() != before.len() {
             choice.active = proposal;
             choice.active != before
@@ -526,6 +526,29 @@ impl SlimSession {
         }
         choice.candidates = scores.len();
         self.layers[layer] = choice;
+    }
+
+    /// The rows of `kv` that decode attends to with the prompt blocks `active`: each block, and
+    /// the rows past the prompt, as runs of rows found by binary search (rows are sorted by
+    /// position; no pass over every row per layer and step).
+    fn rows_of(&self, active: &[u32], kv: &LayerKv) -> Vec<Range<usize>> {
+        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
+        let bs = self.cfg.block_size;
+        let blocks =
+            (active.iter()).map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
+        let after_prompt = std::iter::once(self.prompt_len..usize::MAX);
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for span in blocks.chain(after_prompt) {
+            let rows = row_of(span.start)..row_of(span.end);
+            if rows.is_empty() {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(r) if r.end == rows.start => r.end = rows.end,
+                _ => ranges.push(rows),
+            }
+        }
+        ranges
     }
 
     /// Move the active blocks of stage `s` that have no KV there out of the aux store and into
@@ -557,31 +580,6 @@ impl SlimSession {
         let (rows, width) = (positions.len(), hidden.len() / positions.len());
         let hidden = Tensor::from_vec(hidden, (rows, width), &Device::Cpu)?;
         Ok(Some((hidden, positions)))
-    }
-}
-
-impl SlimSession {
-    /// The rows of `kv` that decode attends to with the prompt blocks `active`: each block, and
-    /// the rows past the prompt, as runs of rows found by binary search (rows are sorted by
-    /// position; no pass over every row per layer and step).
-    fn rows_of(&self, active: &[u32], kv: &LayerKv) -> Vec<Range<usize>> {
-        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
-        let bs = self.cfg.block_size;
-        let blocks =
-            (active.iter()).map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
-        let after_prompt = std::iter::once(self.prompt_len..usize::MAX);
-        let mut ranges: Vec<Range<usize>> = Vec::new();
-        for span in blocks.chain(after_prompt) {
-            let rows = row_of(span.start)..row_of(span.end);
-            if rows.is_empty() {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(r) if r.end == rows.start => r.end = rows.end,
-                _ => ranges.push(rows),
-            }
-        }
-        ranges
     }
 }
 

@@ -319,17 +319,17 @@ fn tmux_session() {
             > 1,
         "no streamed answer on screen:\n{s}"
     );
-    assert!(s.contains("pruned, keep 0.70"), "{s}");
+    assert!(s.contains("pruned, keep 0.60"), "{s}");
 
     // Lower the ratio: it shows at once.
     tmux.keys(&["-"]);
-    tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.65"));
+    tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.55"));
     tmux.type_text("And ship number 30?");
     tmux.keys(&["Enter"]);
     let s = tmux.wait("the second answer", 90, |s| {
         ttfts(s).len() == 2 && s.contains("state   idle")
     });
-    assert!(s.contains("keep 0.65"), "{s}");
+    assert!(s.contains("keep 0.55"), "{s}");
     eprintln!("TTFTs on screen: {:?}\n{s}", ttfts(&s));
 
     // Shrink to 20x6: the guard; back to 160x50: the whole screen again.

@@ -218,6 +218,27 @@ fn a_prompt_shorter_than_one_block_prunes_nothing_and_says_so() {
     assert!(stats.slim_note.unwrap().contains("nothing pruned"));
 }
 
+#[test]
+fn a_short_document_stays_whole_until_the_preset_floors_bind() {
+    // smollm2's floors: 2048 tokens at layer 10, 1024 at 20, 512 at 28
+    let mut e = engine(SlimConfig::default());
+    let n = 1500;
+    let tokens = prose(&e, n);
+    e.prefill(&tokens, &mut |_| {}).unwrap();
+    let kept = e.kept_per_layer();
+    assert_eq!(&kept[..20], &[n; 20], "whole through layer 19: {kept:?}");
+    // 16 and 8 blocks of 64, one of them the prompt's partial last block
+    assert!(kept[20] > 1024 - 64 && kept[20] <= 1024, "{kept:?}");
+    assert!(kept[28] > 512 - 64 && kept[28] <= 512, "{kept:?}");
+    // the generic preset (the same stages, no floors) prunes from layer 10
+    let mut e = engine(SlimConfig {
+        preset: "generic".into(),
+        ..Default::default()
+    });
+    e.prefill(&tokens, &mut |_| {}).unwrap();
+    assert!(e.kept_per_layer()[10] < n);
+}
+
 /// One stage from `layer` on keeping `keep_ratio` of the prompt.
 fn one_stage(layer: usize, keep_ratio: f32, revive: bool) -> SlimConfig {
     SlimConfig {

@@ -91,95 +91,234 @@ fn kept_positions(rng: &mut Rng, blocks: usize, tail: usize) -> Vec<u32> {
     pos
 }
 
-/// A pool holding rows with `positions` through a shuffled slot table; returns the table.
-fn filled_pool<O: Ops>(
-    ops: &O,
-    rng: &mut Rng,
-    positions: &[u32],
+/// A KV pool's contents on the host: rows with given positions through a shuffled slot table.
+struct HostPool {
+    k: Vec<u16>,
+    v: Vec<u16>,
+    pos: Vec<u32>,
+    slots: usize,
     kv_dim: usize,
-) -> Result<(KvPool<O>, Vec<u32>)> {
-    let n_slots = positions.len().div_ceil(KV_BLOCK) + 2;
-    let mut table: Vec<u32> = (0..n_slots as u32).collect();
-    for i in (1..table.len()).rev() {
-        table.swap(i, rng.below(i + 1));
-    }
-    let table = table[..positions.len().div_ceil(KV_BLOCK)].to_vec();
-    let (mut k, mut v) = (
-        vec![0u16; n_slots * KV_BLOCK * kv_dim],
-        vec![0u16; n_slots * KV_BLOCK * kv_dim],
-    );
-    let mut pos = vec![u32::MAX; n_slots * KV_BLOCK];
-    for (s, &p) in positions.iter().enumerate() {
-        let row = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
-        k[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-        v[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-        pos[row] = p;
-    }
-    let pool = KvPool {
-        k: ops.upload_bf16(&k)?,
-        v: ops.upload_bf16(&v)?,
-        pos: ops.upload_u32(&pos)?,
-        slots: n_slots,
-        kv_dim,
-    };
-    Ok((pool, table))
+    /// slot of each logical block
+    table: Vec<u32>,
 }
 
-/// Run every op on both backends; one entry per case.
+impl HostPool {
+    /// Random rows at `positions`, two spare slots, a shuffled table.
+    fn random(rng: &mut Rng, positions: &[u32], kv_dim: usize) -> Self {
+        let n_slots = positions.len().div_ceil(KV_BLOCK) + 2;
+        let mut table: Vec<u32> = (0..n_slots as u32).collect();
+        for i in (1..table.len()).rev() {
+            table.swap(i, rng.below(i + 1));
+        }
+        let table = table[..positions.len().div_ceil(KV_BLOCK)].to_vec();
+        let (mut k, mut v) = (
+            vec![0u16; n_slots * KV_BLOCK * kv_dim],
+            vec![0u16; n_slots * KV_BLOCK * kv_dim],
+        );
+        let mut pos = vec![u32::MAX; n_slots * KV_BLOCK];
+        for (s, &p) in positions.iter().enumerate() {
+            let row = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
+            k[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
+            v[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
+            pos[row] = p;
+        }
+        Self {
+            k,
+            v,
+            pos,
+            slots: n_slots,
+            kv_dim,
+            table,
+        }
+    }
+
+    fn upload<O: Ops>(&self, o: &O) -> Result<KvPool<O>> {
+        Ok(KvPool {
+            k: o.upload_bf16(&self.k)?,
+            v: o.upload_bf16(&self.v)?,
+            pos: o.upload_u32(&self.pos)?,
+            slots: self.slots,
+            kv_dim: self.kv_dim,
+        })
+    }
+}
+
+/// A pool's K, V and positions back on the host, as f32 for `record`.
+fn pool_f32<O: Ops>(o: &O, pool: &KvPool<O>) -> Result<[Vec<f32>; 3]> {
+    Ok([
+        to_f32(&o.download_bf16(&pool.k)?),
+        to_f32(&o.download_bf16(&pool.v)?),
+        u32s_as_f32(&o.download_u32(&pool.pos)?),
+    ])
+}
+
+fn matmul<O: Ops>(
+    o: &O,
+    x: &[u16],
+    w: &[u16],
+    (rows, k, n): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(&vec![POISON; rows * n])?;
+    o.matmul(&o.upload_bf16(x)?, &o.upload_bf16(w)?, &mut y, rows, k, n)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+fn rmsnorm<O: Ops>(o: &O, x: &[f32], w: &[u16], rows: usize) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(&vec![POISON; x.len()])?;
+    o.rmsnorm(&o.upload_f32(x)?, &o.upload_bf16(w)?, &mut y, rows, 1e-5)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+struct RopeCase<'a> {
+    x: &'a [u16],
+    at: RowSlice,
+    positions: &'a [u32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    heads: usize,
+    hd: usize,
+}
+
+fn rope<O: Ops>(o: &O, c: &RopeCase) -> Result<Vec<f32>> {
+    let mut x = o.upload_bf16(c.x)?;
+    let (cos, sin) = (o.upload_f32(c.cos)?, o.upload_f32(c.sin)?);
+    let positions = o.upload_u32(c.positions)?;
+    o.rope(&mut x, c.at, &positions, &cos, &sin, c.heads, c.hd)?;
+    Ok(to_f32(&o.download_bf16(&x)?))
+}
+
+fn silu_mul<O: Ops>(o: &O, gu: &[u16], rows: usize, width: usize) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(&vec![POISON; rows * width])?;
+    o.silu_mul(&o.upload_bf16(gu)?, &mut y, rows, width)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+fn residual_add<O: Ops>(o: &O, h: &[f32], add: &[u16]) -> Result<Vec<f32>> {
+    let mut h = o.upload_f32(h)?;
+    o.residual_add(&mut h, &o.upload_bf16(add)?)?;
+    o.download_f32(&h)
+}
+
+fn embed<O: Ops>(o: &O, table: &[u16], tokens: &[u32], width: usize) -> Result<Vec<f32>> {
+    let mut y = o.upload_f32(&vec![f32::NAN; tokens.len() * width])?;
+    o.embed(
+        &o.upload_bf16(table)?,
+        &o.upload_u32(tokens)?,
+        &mut y,
+        width,
+    )?;
+    o.download_f32(&y)
+}
+
+/// Gathered rows and their positions.
+fn gather_rows<O: Ops>(
+    o: &O,
+    src: &[f32],
+    src_pos: &[u32],
+    idx: &[u32],
+    width: usize,
+) -> Result<[Vec<f32>; 2]> {
+    let m = idx.len();
+    let mut y = o.upload_f32(&vec![f32::NAN; m * width])?;
+    let mut p = o.upload_u32(&vec![u32::MAX; m])?;
+    let (src, src_pos, idx) = (
+        o.upload_f32(src)?,
+        o.upload_u32(src_pos)?,
+        o.upload_u32(idx)?,
+    );
+    o.gather_rows(&src, &src_pos, &idx, &mut y, &mut p, width)?;
+    Ok([o.download_f32(&y)?, u32s_as_f32(&o.download_u32(&p)?)])
+}
+
+struct AppendCase<'a> {
+    pool: &'a HostPool,
+    qkv: &'a [u16],
+    at: RowSlice,
+    k_col: usize,
+    v_col: usize,
+    positions: &'a [u32],
+    row0: usize,
+    /// then these slots are copied onto the spare ones
+    src_slots: &'a [u32],
+    spare: &'a [u32],
+}
+
+/// The pool after the append (K, V, positions), then its K and positions after the block copy.
+fn kv_append_then_copy<O: Ops>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
+    let mut pool = c.pool.upload(o)?;
+    let (qkv, positions) = (o.upload_bf16(c.qkv)?, o.upload_u32(c.positions)?);
+    let table = o.upload_u32(&c.pool.table)?;
+    o.kv_append(
+        &qkv, c.at, c.k_col, c.v_col, &positions, &mut pool, &table, c.row0,
+    )?;
+    let [k, v, pos] = pool_f32(o, &pool)?;
+    o.kv_copy_blocks(&mut pool, c.src_slots, c.spare)?;
+    let [k2, _, pos2] = pool_f32(o, &pool)?;
+    Ok([k, v, pos, k2, pos2])
+}
+
+struct AttentionCase<'a> {
+    pool: &'a HostPool,
+    q: &'a [u16],
+    at: RowSlice,
+    q_pos: &'a [u32],
+    n_keys: usize,
+    heads: Heads,
+}
+
+fn attention<O: Ops>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
+    let pool = c.pool.upload(o)?;
+    let mut y = o.upload_bf16(&vec![POISON; c.at.rows * c.heads.q_dim()])?;
+    let (q, q_pos) = (o.upload_bf16(c.q)?, o.upload_u32(c.q_pos)?);
+    let table = o.upload_u32(&c.pool.table)?;
+    o.attention(&q, c.at, &q_pos, &pool, &table, c.n_keys, c.heads, &mut y)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+struct ScoreCase<'a> {
+    pool: &'a HostPool,
+    q: &'a [u16],
+    at: RowSlice,
+    rows: usize,
+    units: &'a UnitBlocks,
+    heads: Heads,
+    mode: ScoreMode,
+    n_blocks: usize,
+}
+
+fn block_scores<O: Ops>(o: &O, c: &ScoreCase) -> Result<Vec<f32>> {
+    let pool = c.pool.upload(o)?;
+    let mut out = o.zeros_f32(c.n_blocks)?;
+    let (q, table) = (o.upload_bf16(c.q)?, o.upload_u32(&c.pool.table)?);
+    o.block_scores(
+        &q, c.at, &pool, &table, c.rows, c.units, 8, c.heads, c.mode, &mut out,
+    )?;
+    o.download_f32(&out)
+}
+
+fn fill_uniform<O: Ops>(o: &O, n: usize) -> Result<Vec<f32>> {
+    let mut y = o.zeros_bf16(n)?;
+    o.fill_uniform(&mut y, 42, 0.02)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+/// Run every op on both backends, each on the same inputs; one entry per case.
 pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Result<Vec<OpCheck>> {
     let mut out = Vec::new();
     let mut rng = Rng::new(seed);
     let (r, c) = (reference, candidate);
 
     // matmul: bf16 in and out
-    let (rows, k, n) = (77, 515, 259);
+    let dims @ (rows, k, n) = (77, 515, 259);
     let (x, w) = (rng.bf16s(rows * k, 1.0), rng.bf16s(n * k, 0.05));
-    let (mut yr, mut yc) = (
-        r.upload_bf16(&vec![POISON; rows * n])?,
-        c.upload_bf16(&vec![POISON; rows * n])?,
-    );
-    r.matmul(
-        &r.upload_bf16(&x)?,
-        &r.upload_bf16(&w)?,
-        &mut yr,
-        rows,
-        k,
-        n,
-    )?;
-    c.matmul(
-        &c.upload_bf16(&x)?,
-        &c.upload_bf16(&w)?,
-        &mut yc,
-        rows,
-        k,
-        n,
-    )?;
-    let (a, b) = (
-        to_f32(&c.download_bf16(&yc)?),
-        to_f32(&r.download_bf16(&yr)?),
-    );
-    record(
-        &mut out,
-        "matmul (cuBLAS bf16)",
-        format!("({rows},{k})x({n},{k})^T"),
-        &a,
-        &b,
-        1e-2,
-    );
+    let (a, b) = (matmul(c, &x, &w, dims)?, matmul(r, &x, &w, dims)?);
+    let shape = format!("({rows},{k})x({n},{k})^T");
+    record(&mut out, "matmul (cuBLAS bf16)", shape, &a, &b, 1e-2);
 
     // rmsnorm_f32
     let (rows, width) = (37, 4099);
     let (x, w) = (rng.f32s(rows * width, 3.0), rng.bf16s(width, 1.0));
-    let (mut yr, mut yc) = (
-        r.upload_bf16(&vec![POISON; rows * width])?,
-        c.upload_bf16(&vec![POISON; rows * width])?,
-    );
-    r.rmsnorm(&r.upload_f32(&x)?, &r.upload_bf16(&w)?, &mut yr, rows, 1e-5)?;
-    c.rmsnorm(&c.upload_f32(&x)?, &c.upload_bf16(&w)?, &mut yc, rows, 1e-5)?;
-    let (a, b) = (
-        to_f32(&c.download_bf16(&yc)?),
-        to_f32(&r.download_bf16(&yr)?),
-    );
+    let (a, b) = (rmsnorm(c, &x, &w, rows)?, rmsnorm(r, &x, &w, rows)?);
     record(
         &mut out,
         "rmsnorm_f32",
@@ -194,55 +333,35 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     let positions: Vec<u32> = (0..rows).map(|_| rng.below(5000) as u32).collect();
     let (cos, sin) = rope_tables(500_000.0, hd, 5000);
     let x = rng.bf16s(rows * stride, 1.0);
-    let at = RowSlice {
-        rows,
-        stride,
-        offset: 2 * 128 + 3,
+    let case = RopeCase {
+        x: &x,
+        at: RowSlice {
+            rows,
+            stride,
+            offset: 2 * 128 + 3,
+        },
+        positions: &positions,
+        cos: &cos,
+        sin: &sin,
+        heads,
+        hd,
     };
-    let (mut xr, mut xc) = (r.upload_bf16(&x)?, c.upload_bf16(&x)?);
-    r.rope(
-        &mut xr,
-        at,
-        &r.upload_u32(&positions)?,
-        &r.upload_f32(&cos)?,
-        &r.upload_f32(&sin)?,
-        heads,
-        hd,
-    )?;
-    c.rope(
-        &mut xc,
-        at,
-        &c.upload_u32(&positions)?,
-        &c.upload_f32(&cos)?,
-        &c.upload_f32(&sin)?,
-        heads,
-        hd,
-    )?;
-    let (a, b) = (
-        to_f32(&c.download_bf16(&xc)?),
-        to_f32(&r.download_bf16(&xr)?),
-    );
+    let shape = format!("({rows},{stride}) {heads}x{hd} at {}", case.at.offset);
     record(
         &mut out,
         "rope_bf16",
-        format!("({rows},{stride}) {heads}x{hd} at {}", at.offset),
-        &a,
-        &b,
+        shape,
+        &rope(c, &case)?,
+        &rope(r, &case)?,
         8e-3,
     );
 
     // silu_mul_bf16
     let (rows, width) = (33, 517);
     let gu = rng.bf16s(rows * 2 * width, 4.0);
-    let (mut yr, mut yc) = (
-        r.upload_bf16(&vec![POISON; rows * width])?,
-        c.upload_bf16(&vec![POISON; rows * width])?,
-    );
-    r.silu_mul(&r.upload_bf16(&gu)?, &mut yr, rows, width)?;
-    c.silu_mul(&c.upload_bf16(&gu)?, &mut yc, rows, width)?;
     let (a, b) = (
-        to_f32(&c.download_bf16(&yc)?),
-        to_f32(&r.download_bf16(&yr)?),
+        silu_mul(c, &gu, rows, width)?,
+        silu_mul(r, &gu, rows, width)?,
     );
     record(
         &mut out,
@@ -256,96 +375,40 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     // residual_add_f32
     let n = 10_007;
     let (h, add) = (rng.f32s(n, 2.0), rng.bf16s(n, 1.0));
-    let (mut hr, mut hc) = (r.upload_f32(&h)?, c.upload_f32(&h)?);
-    r.residual_add(&mut hr, &r.upload_bf16(&add)?)?;
-    c.residual_add(&mut hc, &c.upload_bf16(&add)?)?;
-    record(
-        &mut out,
-        "residual_add_f32",
-        format!("({n})"),
-        &c.download_f32(&hc)?,
-        &r.download_f32(&hr)?,
-        1e-6,
-    );
+    let (a, b) = (residual_add(c, &h, &add)?, residual_add(r, &h, &add)?);
+    record(&mut out, "residual_add_f32", format!("({n})"), &a, &b, 1e-6);
 
     // embed_rows_bf16
     let (vocab, width, n) = (301, 257, 41);
     let table = rng.bf16s(vocab * width, 1.0);
     let tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
-    let (mut yr, mut yc) = (
-        r.upload_f32(&vec![f32::NAN; n * width])?,
-        c.upload_f32(&vec![f32::NAN; n * width])?,
+    let (a, b) = (
+        embed(c, &table, &tokens, width)?,
+        embed(r, &table, &tokens, width)?,
     );
-    r.embed(
-        &r.upload_bf16(&table)?,
-        &r.upload_u32(&tokens)?,
-        &mut yr,
-        width,
-    )?;
-    c.embed(
-        &c.upload_bf16(&table)?,
-        &c.upload_u32(&tokens)?,
-        &mut yc,
-        width,
-    )?;
-    record(
-        &mut out,
-        "embed_rows_bf16",
-        format!("{n} of ({vocab},{width})"),
-        &c.download_f32(&yc)?,
-        &r.download_f32(&yr)?,
-        0.0,
-    );
+    let shape = format!("{n} of ({vocab},{width})");
+    record(&mut out, "embed_rows_bf16", shape, &a, &b, 0.0);
 
     // gather_rows_f32 + gather_positions_u32
     let (n_src, width) = (97, 131);
     let src = rng.f32s(n_src * width, 1.0);
     let src_pos: Vec<u32> = (0..n_src as u32).map(|i| i * 3 + 1).collect();
     let idx: Vec<u32> = (0..n_src as u32).filter(|_| rng.below(3) > 0).collect();
-    let m = idx.len();
-    let (mut yr, mut yc) = (
-        r.upload_f32(&vec![f32::NAN; m * width])?,
-        c.upload_f32(&vec![f32::NAN; m * width])?,
-    );
-    let (mut pr, mut pc) = (
-        r.upload_u32(&vec![u32::MAX; m])?,
-        c.upload_u32(&vec![u32::MAX; m])?,
-    );
-    r.gather_rows(
-        &r.upload_f32(&src)?,
-        &r.upload_u32(&src_pos)?,
-        &r.upload_u32(&idx)?,
-        &mut yr,
-        &mut pr,
-        width,
-    )?;
-    c.gather_rows(
-        &c.upload_f32(&src)?,
-        &c.upload_u32(&src_pos)?,
-        &c.upload_u32(&idx)?,
-        &mut yc,
-        &mut pc,
-        width,
-    )?;
-    let shape = format!("{m} of ({n_src},{width})");
+    let [rows_c, pos_c] = gather_rows(c, &src, &src_pos, &idx, width)?;
+    let [rows_r, pos_r] = gather_rows(r, &src, &src_pos, &idx, width)?;
+    let shape = format!("{} of ({n_src},{width})", idx.len());
     record(
         &mut out,
         "gather_rows_f32",
         shape.clone(),
-        &c.download_f32(&yc)?,
-        &r.download_f32(&yr)?,
+        &rows_c,
+        &rows_r,
         0.0,
     );
-    record(
-        &mut out,
-        "gather_positions_u32",
-        shape,
-        &u32s_as_f32(&c.download_u32(&pc)?),
-        &u32s_as_f32(&r.download_u32(&pr)?),
-        0.0,
-    );
+    record(&mut out, "gather_positions_u32", shape, &pos_c, &pos_r, 0.0);
 
-    // kv_append_bf16: rows 37.. of a layer through a shuffled table
+    // kv_append_bf16: rows 37.. of a layer through a shuffled table; then
+    // kv_copy_blocks_bf16: move two slots onto the spare ones
     let heads = Heads {
         n_heads: 8,
         n_kv_heads: 2,
@@ -353,100 +416,45 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     };
     let (kv_dim, rows, row0) = (heads.kv_dim(), 150, 37);
     let stride = heads.q_dim() + 2 * kv_dim;
-    let prior: Vec<u32> = (0..row0 as u32).collect();
-    let (pool_r, table) = filled_pool(
-        r,
-        &mut rng,
-        &(0..(row0 + rows) as u32).collect::<Vec<_>>(),
-        kv_dim,
-    )?;
-    let _ = prior;
-    let mut pool_c = KvPool::<C> {
-        k: c.upload_bf16(&r.download_bf16(&pool_r.k)?)?,
-        v: c.upload_bf16(&r.download_bf16(&pool_r.v)?)?,
-        pos: c.upload_u32(&r.download_u32(&pool_r.pos)?)?,
-        slots: pool_r.slots,
-        kv_dim,
-    };
-    let mut pool_r = pool_r;
+    let all_rows: Vec<u32> = (0..(row0 + rows) as u32).collect();
+    let pool = HostPool::random(&mut rng, &all_rows, kv_dim);
     let qkv = rng.bf16s(rows * stride, 1.0);
-    let pos: Vec<u32> = (1000..1000 + rows as u32).collect();
-    let at = RowSlice {
-        rows,
-        stride,
-        offset: 0,
-    };
-    let (q, kc, vc) = (heads.q_dim(), heads.q_dim(), heads.q_dim() + kv_dim);
-    let _ = q;
-    r.kv_append(
-        &r.upload_bf16(&qkv)?,
-        at,
-        kc,
-        vc,
-        &r.upload_u32(&pos)?,
-        &mut pool_r,
-        &r.upload_u32(&table)?,
-        row0,
-    )?;
-    c.kv_append(
-        &c.upload_bf16(&qkv)?,
-        at,
-        kc,
-        vc,
-        &c.upload_u32(&pos)?,
-        &mut pool_c,
-        &c.upload_u32(&table)?,
-        row0,
-    )?;
-    let shape = format!("{rows} rows at {row0}, kv_dim {kv_dim}");
-    record(
-        &mut out,
-        "kv_append_bf16 (k)",
-        shape.clone(),
-        &to_f32(&c.download_bf16(&pool_c.k)?),
-        &to_f32(&r.download_bf16(&pool_r.k)?),
-        0.0,
-    );
-    record(
-        &mut out,
-        "kv_append_bf16 (v)",
-        shape.clone(),
-        &to_f32(&c.download_bf16(&pool_c.v)?),
-        &to_f32(&r.download_bf16(&pool_r.v)?),
-        0.0,
-    );
-    record(
-        &mut out,
-        "kv_append_bf16 (positions)",
-        shape,
-        &u32s_as_f32(&c.download_u32(&pool_c.pos)?),
-        &u32s_as_f32(&r.download_u32(&pool_r.pos)?),
-        0.0,
-    );
-
-    // kv_copy_blocks_bf16: move two slots onto the spare ones
-    let spare: Vec<u32> = (0..pool_r.slots as u32)
-        .filter(|s| !table.contains(s))
+    let positions: Vec<u32> = (1000..1000 + rows as u32).collect();
+    let spare: Vec<u32> = (0..pool.slots as u32)
+        .filter(|s| !pool.table.contains(s))
         .collect();
-    let src_slots = vec![table[1], table[0]];
-    r.kv_copy_blocks(&mut pool_r, &src_slots, &spare)?;
-    c.kv_copy_blocks(&mut pool_c, &src_slots, &spare)?;
-    record(
-        &mut out,
-        "kv_copy_blocks_bf16",
-        format!("{} slots", spare.len()),
-        &to_f32(&c.download_bf16(&pool_c.k)?),
-        &to_f32(&r.download_bf16(&pool_r.k)?),
-        0.0,
-    );
-    record(
-        &mut out,
-        "kv_copy_blocks (positions)",
-        format!("{} slots", spare.len()),
-        &u32s_as_f32(&c.download_u32(&pool_c.pos)?),
-        &u32s_as_f32(&r.download_u32(&pool_r.pos)?),
-        0.0,
-    );
+    let src_slots = [pool.table[1], pool.table[0]];
+    let case = AppendCase {
+        pool: &pool,
+        qkv: &qkv,
+        at: RowSlice {
+            rows,
+            stride,
+            offset: 0,
+        },
+        k_col: heads.q_dim(),
+        v_col: heads.q_dim() + kv_dim,
+        positions: &positions,
+        row0,
+        src_slots: &src_slots,
+        spare: &spare,
+    };
+    let got = kv_append_then_copy(c, &case)?;
+    let want = kv_append_then_copy(r, &case)?;
+    let appended = format!("{rows} rows at {row0}, kv_dim {kv_dim}");
+    let copied = format!("{} slots", spare.len());
+    for (i, (label, shape)) in [
+        ("kv_append_bf16 (k)", &appended),
+        ("kv_append_bf16 (v)", &appended),
+        ("kv_append_bf16 (positions)", &appended),
+        ("kv_copy_blocks_bf16", &copied),
+        ("kv_copy_blocks (positions)", &copied),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        record(&mut out, label, shape.clone(), &got[i], &want[i], 0.0);
+    }
 
     // attention_bf16: prefill (kept rows vs kept keys), decode (one query), head_dim 64
     for (label, heads, blocks, tail, nq) in [
@@ -485,61 +493,29 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         ),
     ] {
         let key_pos = kept_positions(&mut rng, blocks, tail);
-        let (pool_r, table) = filled_pool(r, &mut rng, &key_pos, heads.kv_dim())?;
-        let pool_c = KvPool::<C> {
-            k: c.upload_bf16(&r.download_bf16(&pool_r.k)?)?,
-            v: c.upload_bf16(&r.download_bf16(&pool_r.v)?)?,
-            pos: c.upload_u32(&r.download_u32(&pool_r.pos)?)?,
-            slots: pool_r.slots,
-            kv_dim: heads.kv_dim(),
-        };
+        let pool = HostPool::random(&mut rng, &key_pos, heads.kv_dim());
         // queries: the last nq key positions (a prefill's rows) or the newest position
         let q_pos: Vec<u32> = key_pos[key_pos.len() - nq..].to_vec();
         let stride = heads.q_dim() + 2 * heads.kv_dim();
         let q = rng.bf16s(nq * stride, 2.0);
-        let at = RowSlice {
-            rows: nq,
-            stride,
-            offset: 0,
+        let case = AttentionCase {
+            pool: &pool,
+            q: &q,
+            at: RowSlice {
+                rows: nq,
+                stride,
+                offset: 0,
+            },
+            q_pos: &q_pos,
+            n_keys: key_pos.len(),
+            heads,
         };
-        let n_keys = key_pos.len();
-        let size = nq * heads.q_dim();
-        let (mut yr, mut yc) = (
-            r.upload_bf16(&vec![POISON; size])?,
-            c.upload_bf16(&vec![POISON; size])?,
-        );
-        r.attention(
-            &r.upload_bf16(&q)?,
-            at,
-            &r.upload_u32(&q_pos)?,
-            &pool_r,
-            &r.upload_u32(&table)?,
-            n_keys,
-            heads,
-            &mut yr,
-        )?;
-        c.attention(
-            &c.upload_bf16(&q)?,
-            at,
-            &c.upload_u32(&q_pos)?,
-            &pool_c,
-            &c.upload_u32(&table)?,
-            n_keys,
-            heads,
-            &mut yc,
-        )?;
         let shape = format!(
-            "{nq} queries x {n_keys} keys, {}:{}x{}",
-            heads.n_heads, heads.n_kv_heads, heads.head_dim
+            "{nq} queries x {} keys, {}:{}x{}",
+            case.n_keys, heads.n_heads, heads.n_kv_heads, heads.head_dim
         );
-        record(
-            &mut out,
-            label,
-            shape,
-            &to_f32(&c.download_bf16(&yc)?),
-            &to_f32(&r.download_bf16(&yr)?),
-            2e-2,
-        );
+        let (a, b) = (attention(c, &case)?, attention(r, &case)?);
+        record(&mut out, label, shape, &a, &b, 2e-2);
     }
 
     // slim scores: unit keys, logits, softmax, block reduction (both score kinds)
@@ -553,72 +529,33 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
             head_dim: 128,
         };
         let key_pos = kept_positions(&mut rng, 7, 29);
-        let (pool_r, table) = filled_pool(r, &mut rng, &key_pos, heads.kv_dim())?;
-        let pool_c = KvPool::<C> {
-            k: c.upload_bf16(&r.download_bf16(&pool_r.k)?)?,
-            v: c.upload_bf16(&r.download_bf16(&pool_r.v)?)?,
-            pos: c.upload_u32(&r.download_u32(&pool_r.pos)?)?,
-            slots: pool_r.slots,
-            kv_dim: heads.kv_dim(),
-        };
+        let pool = HostPool::random(&mut rng, &key_pos, heads.kv_dim());
         let units = UnitBlocks::from_positions(&key_pos, KV_BLOCK, 8);
-        let n_blocks = (*key_pos.last().unwrap() as usize / KV_BLOCK) + 1;
         let (w, stride) = (5, heads.q_dim() + 2 * heads.kv_dim());
         let q = rng.bf16s((w + 3) * stride, 1.0);
-        let at = RowSlice {
-            rows: w,
-            stride,
-            offset: 3 * stride,
+        let case = ScoreCase {
+            pool: &pool,
+            q: &q,
+            at: RowSlice {
+                rows: w,
+                stride,
+                offset: 3 * stride,
+            },
+            rows: key_pos.len(),
+            units: &units,
+            heads,
+            mode,
+            n_blocks: (*key_pos.last().unwrap() as usize / KV_BLOCK) + 1,
         };
-        let (mut ar, mut ac) = (r.zeros_f32(n_blocks)?, c.zeros_f32(n_blocks)?);
-        let rows = key_pos.len();
-        r.block_scores(
-            &r.upload_bf16(&q)?,
-            at,
-            &pool_r,
-            &r.upload_u32(&table)?,
-            rows,
-            &units,
-            8,
-            heads,
-            mode,
-            &mut ar,
-        )?;
-        c.block_scores(
-            &c.upload_bf16(&q)?,
-            at,
-            &pool_c,
-            &c.upload_u32(&table)?,
-            rows,
-            &units,
-            8,
-            heads,
-            mode,
-            &mut ac,
-        )?;
-        record(
-            &mut out,
-            label,
-            format!("w {w}, {rows} rows in {} blocks", units.ids.len()),
-            &c.download_f32(&ac)?,
-            &r.download_f32(&ar)?,
-            2e-3,
-        );
+        let shape = format!("w {w}, {} rows in {} blocks", case.rows, units.ids.len());
+        let (a, b) = (block_scores(c, &case)?, block_scores(r, &case)?);
+        record(&mut out, label, shape, &a, &b, 2e-3);
     }
 
     // fill_uniform_bf16: the same hash on both sides
     let n = 4097;
-    let (mut yr, mut yc) = (r.zeros_bf16(n)?, c.zeros_bf16(n)?);
-    r.fill_uniform(&mut yr, 42, 0.02)?;
-    c.fill_uniform(&mut yc, 42, 0.02)?;
-    record(
-        &mut out,
-        "fill_uniform_bf16",
-        format!("({n})"),
-        &to_f32(&c.download_bf16(&yc)?),
-        &to_f32(&r.download_bf16(&yr)?),
-        0.0,
-    );
+    let (a, b) = (fill_uniform(c, n)?, fill_uniform(r, n)?);
+    record(&mut out, "fill_uniform_bf16", format!("({n})"), &a, &b, 0.0);
 
     c.sync()?;
     Ok(out)

@@ -7,8 +7,8 @@
 //! - needle retrieval: a sentence with a 5-digit code is planted at `depths` evenly spaced depths
 //!   (0%..100%) of the document and asked for at the end; accuracy of dense and of pruned.
 //!
-//! `documents` sections per length; each cell averages over them (one document is one answer
-//! and ten needles: a needle is ten points).
+//! Each length reads `documents` parts of the text and each (length, ratio) cell averages over
+//! them: one document is one answer and ten needles, so alone a needle is ten points.
 //!
 //! The dense reference runs in the engine's KV type, or in `reference_kv` (to measure the pruned
 //! model with Q8 KV against the dense model with f16 KV, on the same dense answer).

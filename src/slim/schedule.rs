@@ -3,7 +3,8 @@
 //! A schedule is a list of stages `(layer, fraction)`: from `layer` on (layers index from 0, and
 //! `layer` is the first layer that sees only the kept rows), keep
 //! `keep_ratio * fraction * prompt_tokens` prompt tokens, at least `min_keep_tokens` and the
-//! preset's floor for the stage (the paper's absolute budgets), rounded up to whole blocks. Invariants of a resolved schedule ([`SlimConfig::resolve`]):
+//! preset's floor for the stage (the paper's absolute budgets), rounded up to whole blocks.
+//! Invariants of a resolved schedule ([`SlimConfig::resolve`]):
 //! - stage layers are strictly increasing and in `1..n_layers` (layer 0 always sees the whole prompt);
 //! - `keep_blocks` is non-increasing from stage to stage (stages are nested: each one chooses among
 //!   what the previous one kept), at most the number of prompt blocks, and at least the number of
@@ -58,8 +59,8 @@ pub struct SlimConfig {
     /// Default `true`.
     pub enabled: bool,
     /// The pruning knob: scales every stage's budget. Each stage keeps
-    /// `keep_ratio * fraction * prompt_tokens` prompt tokens (at least `min_keep_tokens`); `1.0`
-    /// keeps the presets' full fractions. Allowed: `(0, 1]`. Default `0.6`, chosen from
+    /// `keep_ratio * fraction * prompt_tokens` prompt tokens (at least `min_keep_tokens` and the
+    /// preset's floor); `1.0` keeps the presets' full fractions. Allowed: `(0, 1]`. Default `0.6`, chosen from
     /// `slimchat eval` on two documents per length: the lowest ratio tried whose agreement and
     /// needle retrieval stay at dense's at 4096 and 8192 tokens (shorter prompts are held by
     /// the preset floors), and the one that brings TTFT at 8192 tokens near 0.55x dense
@@ -405,8 +406,9 @@ impl SlimConfig {
     /// The stages for one prompt of `prompt_tokens` tokens on a model with `n_layers` layers.
     ///
     /// A stage's budget is `keep_ratio * fraction * prompt_tokens` tokens, at least
-    /// `min_keep_tokens` and the preset's floor ([`Self::preset_floors`]), in blocks `ceil(tokens / block_size)`, capped at the prompt's
-    /// `ceil(prompt_tokens / block_size)` blocks and at the previous stage's blocks (nested), and
+    /// `min_keep_tokens` and the preset's floor ([`Self::preset_floors`]), in blocks
+    /// `ceil(tokens / block_size)`, capped at the prompt's `ceil(prompt_tokens / block_size)`
+    /// blocks and at the previous stage's blocks (nested), and
     /// raised to the number of always-kept blocks. A stage that keeps every block still appears
     /// (a no-op). Empty when disabled, when the prompt fits in one block, or when the config is
     /// invalid in a way that would make the arithmetic meaningless (call [`Self::validate`]

@@ -15,8 +15,10 @@
 //! stage's set, dropped blocks are evicted (their slot freed; the host copy stays) and new ones
 //! are prefetched for every layer of the stage at once, overlapping the QKV/MLP work of the
 //! layers in between. Each layer waits for its own copies just before it appends and attends
-//! (the wait is the stall). If the worker dies, copies run on the engine thread and the metrics
-//! say so.
+//! (the wait is the stall). A slim layer that chooses its own blocks (`decode_select = "layer"`)
+//! does so just before it attends: its new blocks are copied then, on the engine thread and from
+//! the RAM copy (counted as stall). If the worker dies, copies run on the engine thread and the
+//! metrics say so.
 
 use std::collections::BTreeSet;
 use std::ops::Range;

@@ -284,39 +284,45 @@ impl KvManager {
         Some(runs)
     }
 
+    /// In decode, a set that covers one layer was chosen by that layer just before it attends
+    /// (`decode_select = "layer"`): `before_attention` brings it in, and nothing else has to.
+    fn chosen_at_attention(&self, layer: usize, a: &ActiveBlocks) -> bool {
+        self.in_decode_step && a.stage_layers == (layer..layer + 1)
+    }
+
     /// Layer `layer`'s policy chose its decode keys from its own queries just now: fetch what
-    /// its fast tier lacks and wait for it (the stall). A no-op when the set did not change.
+    /// its fast tier lacks (the stall). A no-op when the set did not change.
     pub fn before_attention(
         &mut self,
         layer: usize,
         hosts: &[Arc<LayerKv>],
         policy: &dyn LayerPolicy,
     ) -> Result<()> {
+        // a prefill's attention reads the host tier; its slots are filled after the layer
+        if !self.in_decode_step || !self.layers[layer].managed {
+            return Ok(());
+        }
         let Some(a) = policy.active_blocks(layer) else {
             return Ok(());
         };
-        // a prefill's attention reads the host tier; its slots are filled after the layer
-        if !self.in_decode_step
-            || !self.layers[layer].managed
-            || a.stage_layers != (layer..layer + 1)
-        {
+        if !self.chosen_at_attention(layer, &a) {
             return Ok(());
         }
         // the attention that needs these blocks runs next: nothing to overlap the copy with,
-        // so it is done here (no round trip through the worker), and the time is stall
+        // so it is done here (no round trip through the worker), and the time is stall; the
+        // worker's copies for this layer were waited for before it appended
         let t = Instant::now();
         self.sync(layer, &a, hosts, Copier::Inline)?;
         let s = t.elapsed().as_secs_f64();
         self.counters.stall_s += s;
         self.counters.decode_stall_s += s;
-        // copies the worker still has in flight for this layer (from an earlier sync)
-        self.before_layer(layer, hosts);
         Ok(())
     }
 
     /// After layer `layer` and its policy step: bring its fast tier in line with its active set
     /// (after a prefill this fills its slots), and when the next layer starts a stage whose set
-    /// may have just changed, evict and prefetch for every layer of that stage at once.
+    /// may have just changed, evict and prefetch for every layer of that stage at once. Sets a
+    /// layer chooses before it attends are left to `before_attention`.
     pub fn after_layer(
         &mut self,
         layer: usize,
@@ -328,10 +334,12 @@ impl KvManager {
             if rows > 1 {
                 self.counters.staging = self.counters.staging.max(hosts[layer].bytes());
             }
-            self.sync(layer, &a, hosts, Copier::Worker)?;
+            if !self.chosen_at_attention(layer, &a) {
+                self.sync(layer, &a, hosts, Copier::Worker)?;
+            }
         }
         if let Some(a) = policy.active_blocks(layer + 1) {
-            if a.stage_layers.start == layer + 1 {
+            if a.stage_layers.start == layer + 1 && !self.chosen_at_attention(layer + 1, &a) {
                 for m in a.stage_layers.clone() {
                     self.sync(m, &a, hosts, Copier::Worker)?;
                 }

@@ -474,14 +474,8 @@ impl SlimSession {
     /// window (in the first forward, the prompt's last; later, the newest row past the prompt),
     /// the window proposes the layer's top-K among the blocks it holds, and the gate decides.
     /// The set applies from this step's attention on (a prefill attends to every row).
-    fn choose_for_layer(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        positions: &[u32],
-        kv: &LayerKv,
-        first_forward: bool,
-    ) {
+    fn choose_for_layer(&mut self, layer: usize, q: &[f32], positions: &[u32], kv: &LayerKv) {
+        let first_forward = !self.decoding;
         let Some(k) = self.stage_of(layer).map(|st| st.stage.decode_blocks) else {
             return;
         };
@@ -607,7 +601,7 @@ impl LayerPolicy for SlimSession {
         kv: &LayerKv,
     ) -> Result<()> {
         if !self.layers.is_empty() {
-            self.choose_for_layer(layer, q, positions, kv, !self.decoding);
+            self.choose_for_layer(layer, q, positions, kv);
         }
         Ok(())
     }

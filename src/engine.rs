@@ -763,9 +763,7 @@ impl Engine {
                 rayon::scope(|_| model.forward(&[token], &[pos], kv, &mut Dense, &mut |_, _| {}))
             }
         };
-        if let Some(t) = self.kv.tiers_mut() {
-            t.end_step();
-        }
+        self.kv.end_step();
         match logits {
             Ok(l) => {
                 self.cached.push(token);

@@ -16,11 +16,12 @@ use slimchat::slim::SlimConfig;
 const DOC_CHARS: usize = 6000;
 const STEPS: usize = 64;
 
-/// decode attends to 0.4 of each stage's blocks, chosen per stage or per layer; gamma 1
-/// switches a set on any change
+/// decode attends to 0.4 of each stage's blocks (no floor in tokens), chosen per stage or per
+/// layer; gamma 1 switches a set on any change
 fn slim(select: DecodeSelect) -> SlimConfig {
     SlimConfig {
         decode_keep: 0.4,
+        decode_min_tokens: 0,
         gamma: 1.0,
         decode_select: select,
         ..Default::default()
@@ -88,6 +89,9 @@ fn manager_gives_the_resident_logits_when_every_layer_chooses_its_own_blocks() {
     assert_same(&got, &want);
     let decode_moves: usize = st.kv_blocks_moved_per_step.iter().sum();
     assert!(decode_moves > 0, "no swap in decode: {st:?}");
+    // a block chosen just before the attention is read from the host tier in that step only,
+    // while its slot waits for the end-of-step copy; every other read is from the fast tier
+    assert!(st.kv_host_reads > 0, "no block chosen at attention: {st:?}");
     assert_eq!(
         st.kv_fast_misses, 0,
         "a decode attention read the host tier"

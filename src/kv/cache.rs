@@ -347,6 +347,13 @@ impl KvCache {
         self.tiers.as_mut()
     }
 
+    /// A decode step ends: the manager runs the copies it deferred.
+    pub fn end_step(&mut self) {
+        if let Some(t) = &mut self.tiers {
+            t.end_step(&self.layers);
+        }
+    }
+
     pub fn layer(&self, i: usize) -> &LayerKv {
         &self.layers[i]
     }
@@ -434,7 +441,7 @@ impl KvCache {
             let active = policy.active_blocks(i);
             let want: usize = keys.iter().map(|r| r.len()).sum();
             let last_visible = host.positions.last().is_none_or(|&p| p <= positions[0]);
-            if let Some(runs) = t.runs(i, active.as_ref()) {
+            if let Some(runs) = t.runs(i, active.as_ref(), host) {
                 let have: usize = runs.iter().map(|r| r.k.len()).sum::<usize>()
                     / host.dtype.stored_len(shape.n_kv_heads * shape.head_dim);
                 if have == want && last_visible {

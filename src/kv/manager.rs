@@ -15,19 +15,24 @@
 //! stage's set, dropped blocks are evicted (their slot freed; the host copy stays) and new ones
 //! are prefetched for every layer of the stage at once, overlapping the QKV/MLP work of the
 //! layers in between. Each layer waits for its own copies just before it appends and attends
-//! (the wait is the stall). A slim layer that chooses its own blocks (`decode_select = "layer"`)
-//! does so just before it attends: its new blocks are copied then, on the engine thread and from
-//! the RAM copy (counted as stall). If the worker dies, copies run on the engine thread and the
-//! metrics say so.
+//! (the wait is the stall). A slim layer that chooses its own blocks (`decode_select = "layer"`,
+//! the default) does so just before it attends, so no copy can overlap anything: its new blocks
+//! take their slots at once, that one attention reads their rows from the host tier (counted as
+//! `kv_host_reads`), and the step's copies of every layer run together at its end, on the
+//! compute pool (counted as stall). Copying each layer's blocks before its attention, on the
+//! engine thread, cost decode 5-9% against the resident run; this costs 1-3% (bench/NOTES.md).
+//! If the worker dies, copies run on the engine thread and the metrics say so.
 
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::cache::LayerKv;
 use super::config::{Budget, KvConfig};
-use super::fast::FastLayer;
+use super::fast::{FastLayer, SlotBuf};
 use super::stats::KvStats;
 use super::table::{BlockTable, Residency, TableError};
 use super::worker::{copy_rows, Done, Job, SpillStart, Worker, WorkerGone};
@@ -52,8 +57,9 @@ pub struct LayerPlan {
 enum Copier {
     /// The offload worker, overlapping the forward (the layer waits just before it attends).
     Worker,
-    /// The engine thread, now: the attention that needs the block is next.
-    Inline,
+    /// The engine thread at the end of the step (`end_step`); the attention that needs the block
+    /// is next and reads it from the host tier meanwhile.
+    EndOfStep,
 }
 
 /// One layer's fast-tier state.
@@ -67,6 +73,17 @@ struct Layer {
     pending: usize,
     /// Blocks sent to the spill file (or refused).
     spill_sent: BTreeSet<u32>,
+}
+
+/// A block chosen by a layer just before it attended: its slot is taken (in flight) and the
+/// attention read its rows from the host tier; the copy runs at the end of the step.
+#[derive(Debug)]
+struct Deferred {
+    layer: usize,
+    block: u32,
+    slot: u32,
+    rows: Range<usize>,
+    buf: SlotBuf,
 }
 
 /// Counters since the last `take_stats`.
@@ -83,6 +100,9 @@ struct Counters {
     stall_s: f64,
     decode_stall_s: f64,
     misses: usize,
+    /// Blocks a decode attention read from the host tier while their copy waited for the end
+    /// of the step.
+    host_reads: usize,
     spill_reads: usize,
     corrupt: usize,
 }
@@ -104,6 +124,8 @@ pub struct KvManager {
     prompt_len: usize,
     counters: Counters,
     notes: Vec<String>,
+    /// Copies of blocks chosen at attention this step, run together by `end_step`.
+    deferred: Vec<Deferred>,
 }
 
 impl std::fmt::Debug for KvManager {
@@ -151,6 +173,7 @@ impl KvManager {
             prompt_len: 0,
             counters: Counters::default(),
             notes: note.into_iter().collect(),
+            deferred: Vec::new(),
         })
     }
 
@@ -262,7 +285,12 @@ impl KvManager {
     /// The keys of a decode attention at slim layer `layer`, from the fast tier: the active
     /// blocks' slots in position order, then the rows past the prompt. None when the layer is
     /// not a slim layer or a block is missing (then the host tier is read; counted).
-    pub fn runs(&self, layer: usize, active: Option<&ActiveBlocks>) -> Option<Vec<KeyRun<'_>>> {
+    pub fn runs<'a>(
+        &'a self,
+        layer: usize,
+        active: Option<&ActiveBlocks>,
+        host: &'a LayerKv,
+    ) -> Option<Vec<KeyRun<'a>>> {
         let a = active?;
         let d = self.kv_dim;
         let l = &self.layers[layer];
@@ -273,6 +301,13 @@ impl KvManager {
         for &b in a.blocks {
             let run = match l.table.state(b) {
                 Residency::Fast(slot) => l.fast.slot_run(slot, d),
+                Residency::InFlight(_) if self.is_deferred(layer, b) => {
+                    let rows = block_rows(host, b, a.block_size, a.prompt_len);
+                    Some(KeyRun {
+                        k: &host.k[rows.start * d..rows.end * d],
+                        v: &host.v[rows.start * d..rows.end * d],
+                    })
+                }
                 _ => None,
             };
             match run {
@@ -282,6 +317,10 @@ impl KvManager {
         }
         runs.push(l.fast.tail_run());
         Some(runs)
+    }
+
+    fn is_deferred(&self, layer: usize, block: u32) -> bool {
+        (self.deferred.iter()).any(|c| c.layer == layer && c.block == block)
     }
 
     /// In decode, a set that covers one layer was chosen by that layer just before it attends
@@ -308,11 +347,12 @@ impl KvManager {
         if !self.chosen_at_attention(layer, &a) {
             return Ok(());
         }
-        // the attention that needs these blocks runs next: nothing to overlap the copy with,
-        // so it is done here (no round trip through the worker), and the time is stall; the
-        // worker's copies for this layer were waited for before it appended
+        // the attention that needs these blocks runs next, so nothing could overlap a copy: the
+        // new blocks take their slots now, the attention reads their rows from the host tier
+        // (counted), and the copies of every layer run together at the end of the step
+        // (`end_step`), in one parallel section instead of one serial gap per layer
         let t = Instant::now();
-        self.sync(layer, &a, hosts, Copier::Inline)?;
+        self.sync(layer, &a, hosts, Copier::EndOfStep)?;
         let s = t.elapsed().as_secs_f64();
         self.counters.stall_s += s;
         self.counters.decode_stall_s += s;
@@ -409,7 +449,7 @@ impl KvManager {
     }
 
     /// Copy block `b` of layer `m` into a slot: through the worker (`Copier::Worker`, unless it is
-    /// gone) or here from the RAM copy.
+    /// gone; then here, from the RAM copy), or at the end of the step (`Copier::EndOfStep`).
     fn fetch(
         &mut self,
         m: usize,
@@ -450,6 +490,17 @@ impl KvManager {
             }
             self.worker_lost(hosts);
         }
+        if how == Copier::EndOfStep {
+            self.counters.host_reads += 1;
+            self.deferred.push(Deferred {
+                layer: m,
+                block: b,
+                slot,
+                rows,
+                buf,
+            });
+            return Ok(());
+        }
         copy_rows(&hosts[m], rows, &mut buf);
         let l = &mut self.layers[m];
         l.table
@@ -457,6 +508,28 @@ impl KvManager {
             .map_err(|e| FetchError::Other(kv_err(e)))?;
         l.fast.put_slot(slot, buf);
         Ok(())
+    }
+
+    /// Run the copies deferred this step, spread over the compute pool, and complete their
+    /// blocks (the time is stall: nothing else runs meanwhile).
+    fn flush_deferred(&mut self, hosts: &[Arc<LayerKv>]) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let mut copies = std::mem::take(&mut self.deferred);
+        copies
+            .par_iter_mut()
+            .for_each(|c| copy_rows(&hosts[c.layer], c.rows.clone(), &mut c.buf));
+        for c in copies {
+            let l = &mut self.layers[c.layer];
+            if l.table.complete(c.block).is_ok() {
+                l.fast.put_slot(c.slot, c.buf);
+            }
+        }
+        let s = t.elapsed().as_secs_f64();
+        self.counters.stall_s += s;
+        self.counters.decode_stall_s += s;
     }
 
     fn spill_inactive(
@@ -512,8 +585,9 @@ impl KvManager {
         }
     }
 
-    /// Wait until layer `m` has no command in flight.
+    /// Wait until layer `m` has no command in flight (deferred copies included).
     fn wait_layer(&mut self, m: usize, hosts: &[Arc<LayerKv>]) {
+        self.flush_deferred(hosts);
         while self.layers[m].pending > 0 {
             let Some(w) = &self.worker else {
                 return;
@@ -651,7 +725,8 @@ impl KvManager {
         self.counters.step_copied = 0;
     }
 
-    pub fn end_step(&mut self) {
+    pub fn end_step(&mut self, hosts: &[Arc<LayerKv>]) {
+        self.flush_deferred(hosts);
         self.in_decode_step = false;
         let c = &mut self.counters;
         c.moved_per_step.push(std::mem::take(&mut c.step_moved));
@@ -722,6 +797,7 @@ impl KvManager {
             kv_stall_ms: c.stall_s * 1e3,
             kv_decode_stall_ms: c.decode_stall_s * 1e3,
             kv_fast_misses: c.misses,
+            kv_host_reads: c.host_reads,
             kv_spilled_blocks: self.spilled_blocks,
             kv_spill_bytes: self.spill_bytes,
             kv_spill_reads: c.spill_reads,

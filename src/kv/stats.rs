@@ -32,6 +32,9 @@ pub struct KvStats {
     /// Decode attentions that read the host tier because a block was missing from the fast
     /// tier (should be 0).
     pub kv_fast_misses: usize,
+    /// Blocks a layer chose just before attending in decode: that attention read them from the
+    /// host tier, and their copies into the fast tier ran together at the end of the step.
+    pub kv_host_reads: usize,
     pub kv_spilled_blocks: usize,
     pub kv_spill_bytes: usize,
     pub kv_spill_reads: usize,

@@ -14,6 +14,8 @@
 //!
 //! No softmax and no 1/sqrt(d) scale: neither changes the ranking. Scores are f32.
 
+use rayon::prelude::*;
+
 use crate::kv::cache::unscale_keys;
 use crate::kv::{KvDtype, LayerKv};
 use crate::slim::schedule::WindowPool;
@@ -859,16 +861,21 @@ impl UnitKeys {
         } = self.shape;
         let w = q_window.len() / (n_heads * head_dim);
         let n_units = self.block.len();
-        // mass: (n_heads, n_units), each head's attention averaged over the window queries
+        // mass: (n_heads, n_units), each head's attention averaged over the window queries; the
+        // heads in parallel (in decode every slim layer scores its query here, between two
+        // parallel sections, and on the engine thread alone the pool's workers would fall asleep)
         let mut mass = vec![0f32; n_heads * n_units];
-        let mut probs = vec![0f32; n_units];
-        for (i, q) in q_window.chunks_exact(head_dim).enumerate() {
-            let h = i % n_heads;
-            self.unit_attention(q, h, &mut probs);
-            for (m, p) in mass[h * n_units..][..n_units].iter_mut().zip(&probs) {
-                *m += p / w as f32;
-            }
-        }
+        mass.par_chunks_mut(n_units.max(1))
+            .enumerate()
+            .for_each(|(h, mass)| {
+                let mut probs = vec![0f32; n_units];
+                for q in q_window.chunks_exact(n_heads * head_dim) {
+                    self.unit_attention(&q[h * head_dim..][..head_dim], h, &mut probs);
+                    for (m, p) in mass.iter_mut().zip(&probs) {
+                        *m += p / w as f32;
+                    }
+                }
+            });
         let unit_block = &self.block;
         let mut out: Vec<(u32, f32)> = Vec::new();
         let mut u0 = 0;

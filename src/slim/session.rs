@@ -7,12 +7,15 @@
 //! layers compute, and cache, only the kept rows. Rows at positions >= `prompt_len` (generated
 //! tokens, later turns) are never pruned.
 //!
-//! Decode: at the same boundaries, the newest queries join a window of the last `local_window`
-//! queries seen there; the window proposes a top-K among the stage's candidates (the blocks that
-//! have KV at the boundary layer), and the overlap gate (gamma) decides whether the active set
-//! switches. K is the stage's `decode_blocks` (`decode_keep` times its prefill blocks; all of
-//! them by default); the first active set is chosen in prefill from the same scores as the
-//! pool. Layers of the stage attend to the active blocks plus every token past the prompt.
+//! Decode (`decode_select = "stage"`): at the same boundaries, the newest queries join a window of
+//! the last `local_window` queries seen there; the window proposes a top-K among the stage's
+//! candidates (the blocks that have KV at the boundary layer), and the overlap gate (gamma)
+//! decides whether the active set switches. K is the stage's `decode_blocks` (`decode_keep` times
+//! its prefill blocks, at least `decode_min_tokens`' blocks); the first active set is chosen in
+//! prefill from the same scores as the pool. Layers of the stage attend to the active blocks plus
+//! every token past the prompt. With `decode_select = "layer"` (the default) every slim layer
+//! makes that choice itself, with the query it is about to attend with (`LayerChoice`), and the
+//! stage only keeps the pool.
 //!
 //! Revival (reading (a) of sliminfer.md §1.8, LazyLLM's aux cache), on by default: when prefill
 //! drops a block at a stage, its hidden states at the stage's input are kept. When the stage's
@@ -81,6 +84,14 @@ struct AuxBlock {
     /// (rows, hidden)
     hidden: Vec<f32>,
     positions: Vec<u32>,
+}
+
+/// Blocks that leave or join a set going from `before` to `after` (both ascending).
+fn changes(before: &[u32], after: &[u32]) -> usize {
+    let kept = (before.iter())
+        .filter(|b| after.binary_search(b).is_ok())
+        .count();
+    (before.len() - kept) + (after.len() - kept)
 }
 
 /// Queries a slim layer chooses its decode blocks from (`decode_select = "layer"`): the one it
@@ -476,12 +487,28 @@ impl SlimSession {
     /// The set applies from this step's attention on (a prefill attends to every row).
     fn choose_for_layer(&mut self, layer: usize, q: &[f32], positions: &[u32], kv: &LayerKv) {
         let first_forward = !self.decoding;
-        let Some(k) = self.stage_of(layer).map(|st| st.stage.decode_blocks) else {
+        let Some((k, every)) = self.stage_of(layer).map(|st| {
+            let k = st.stage.decode_blocks;
+            // every block with KV here fits the set: nothing to choose, nothing to score
+            (
+                k,
+                (k >= st.pool.len() && !st.pool.is_empty()).then(|| st.pool.clone()),
+            )
+        }) else {
             return;
         };
         let Some(mut choice) = self.layers.get_mut(layer).map(std::mem::take) else {
             return;
         };
+        if let Some(every) = every {
+            if !first_forward {
+                self.swaps_this_step += changes(&choice.active, &every);
+            }
+            choice.candidates = every.len();
+            choice.active = every;
+            self.layers[layer] = choice;
+            return;
+        }
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = LAYER_WINDOW;
         let rows: Vec<usize> = if first_forward {
@@ -513,10 +540,7 @@ impl SlimSession {
             }
         };
         if switched && !first_forward {
-            let kept = (before.iter())
-                .filter(|b| choice.active.binary_search(b).is_ok())
-                .count();
-            self.swaps_this_step += (before.len() - kept) + (choice.active.len() - kept);
+            self.swaps_this_step += changes(&before, &choice.active);
         }
         choice.candidates = scores.len();
         self.layers[layer] = choice;
@@ -710,6 +734,7 @@ mod tests {
             unit_size: 4,
             local_window: 1,
             decode_keep: 0.5,
+            decode_min_tokens: 0,
             decode_select: DecodeSelect::Layer,
             ..Default::default()
         }

@@ -20,7 +20,7 @@
 //! take their slots at once, that one attention reads their rows from the host tier (counted as
 //! `kv_host_reads`), and the step's copies of every layer run together at its end, on the
 //! compute pool (counted as stall). Copying each layer's blocks before its attention, on the
-//! engine thread, cost decode 5-9% against the resident run; this costs 1-3% (bench/NOTES.md).
+//! engine thread, cost decode 4-11% against the resident run; this costs 1-5% (bench/NOTES.md).
 //! If the worker dies, copies run on the engine thread and the metrics say so.
 
 use std::collections::BTreeSet;

@@ -22,7 +22,7 @@ use crossterm::event::{
 use crossterm::terminal::{
     disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen,
 };
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use ratatui::backend::{Backend, CrosstermBackend};
 use ratatui::Terminal;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -43,6 +43,8 @@ pub struct TuiOptions {
 
 /// Saves while an answer streams happen at most this often.
 const SAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// Input events taken without a redraw once one has arrived (the keys already waiting).
+const INPUT_BURST: usize = 4096;
 
 /// Opens the chat screen and runs it until the person quits.
 pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
@@ -143,6 +145,27 @@ where
                 Some(Ok(ev)) => {
                     if let Some(msg) = input::map_event(&ev, app) {
                         dispatch(app, msg, worker, store);
+                    }
+                    // Take the keys that have already arrived, so that text a terminal types
+                    // (a paste without bracketed paste: one event per character) costs one frame
+                    // per burst, not one per character.
+                    for _ in 0..INPUT_BURST {
+                        match input.next().now_or_never() {
+                            Some(Some(Ok(ev))) => {
+                                if let Some(msg) = input::map_event(&ev, app) {
+                                    dispatch(app, msg, worker, store);
+                                }
+                            }
+                            Some(Some(Err(e))) => store.log(&format!("input error: {e}")),
+                            Some(None) => {
+                                input_open = false;
+                                break;
+                            }
+                            None => break,
+                        }
+                        if app.quit {
+                            break;
+                        }
                     }
                     draw_now = true;
                 }

@@ -454,8 +454,8 @@ impl KvCache {
         attention(q, positions, host.view(), &keys, shape, out)
     }
 
-    /// Layer `i`'s policy may have just chosen its keys: the manager brings them into the fast
-    /// tier before the layer attends (a wait counted as stall).
+    /// Layer `i`'s policy may have just chosen its keys: the manager gives the new blocks their
+    /// fast-tier slots before the layer attends (their copies run at the end of the step).
     pub fn before_attention(&mut self, i: usize, policy: &dyn LayerPolicy) -> crate::Result<()> {
         match &mut self.tiers {
             Some(t) => t.before_attention(i, &self.layers, policy),

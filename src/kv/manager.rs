@@ -329,8 +329,9 @@ impl KvManager {
         self.in_decode_step && a.stage_layers == (layer..layer + 1)
     }
 
-    /// Layer `layer`'s policy chose its decode keys from its own queries just now: fetch what
-    /// its fast tier lacks (the stall). A no-op when the set did not change.
+    /// Layer `layer`'s policy chose its decode keys from its own queries just now: evict what
+    /// left the set and give the new blocks their slots, their copies deferred to `end_step`
+    /// (this attention reads them from the host tier). A no-op when the set did not change.
     pub fn before_attention(
         &mut self,
         layer: usize,

@@ -487,28 +487,30 @@ impl SlimSession {
     /// The set applies from this step's attention on (a prefill attends to every row).
     fn choose_for_layer(&mut self, layer: usize, q: &[f32], positions: &[u32], kv: &LayerKv) {
         let first_forward = !self.decoding;
-        let Some((k, every)) = self.stage_of(layer).map(|st| {
-            let k = st.stage.decode_blocks;
-            // every block with KV here fits the set: nothing to choose, nothing to score
-            (
-                k,
-                (k >= st.pool.len() && !st.pool.is_empty()).then(|| st.pool.clone()),
-            )
-        }) else {
+        let Some(st) = self.stage_of(layer) else {
             return;
         };
+        let k = st.stage.decode_blocks;
+        if k >= st.pool.len() && !st.pool.is_empty() {
+            // every block with KV here fits the set: nothing to choose, nothing to score
+            let Some(choice) = self.layers.get(layer) else {
+                return;
+            };
+            if choice.active != st.pool {
+                let swaps = changes(&choice.active, &st.pool);
+                let every = st.pool.clone();
+                if !first_forward {
+                    self.swaps_this_step += swaps;
+                }
+                let choice = &mut self.layers[layer];
+                choice.candidates = every.len();
+                choice.active = every;
+            }
+            return;
+        }
         let Some(mut choice) = self.layers.get_mut(layer).map(std::mem::take) else {
             return;
         };
-        if let Some(every) = every {
-            if !first_forward {
-                self.swaps_this_step += changes(&choice.active, &every);
-            }
-            choice.candidates = every.len();
-            choice.active = every;
-            self.layers[layer] = choice;
-            return;
-        }
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = LAYER_WINDOW;
         let rows: Vec<usize> = if first_forward {

@@ -143,19 +143,13 @@ where
         tokio::select! {
             ev = input.next(), if input_open => match ev {
                 Some(Ok(ev)) => {
-                    if let Some(msg) = input::map_event(&ev, app) {
-                        dispatch(app, msg, worker, store);
-                    }
+                    take_input(app, &ev, worker, store);
                     // Take the keys that have already arrived, so that text a terminal types
                     // (a paste without bracketed paste: one event per character) costs one frame
                     // per burst, not one per character.
                     for _ in 0..INPUT_BURST {
                         match input.next().now_or_never() {
-                            Some(Some(Ok(ev))) => {
-                                if let Some(msg) = input::map_event(&ev, app) {
-                                    dispatch(app, msg, worker, store);
-                                }
-                            }
+                            Some(Some(Ok(ev))) => take_input(app, &ev, worker, store),
                             Some(Some(Err(e))) => store.log(&format!("input error: {e}")),
                             Some(None) => {
                                 input_open = false;
@@ -196,6 +190,13 @@ where
     }
     save(app, store);
     Ok(())
+}
+
+/// Applies one input event (a key, a paste, a resize, the mouse).
+fn take_input(app: &mut App, ev: &Event, worker: &Worker, store: &Store) {
+    if let Some(msg) = input::map_event(ev, app) {
+        dispatch(app, msg, worker, store);
+    }
 }
 
 /// Applies a message and carries out its effects (which may produce further messages).

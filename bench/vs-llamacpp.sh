@@ -149,7 +149,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. configure + build
-TARGETS=(llama-bench llama-completion llama-tokenize)
+TARGETS=(llama-bench llama-completion llama-tokenize llama-quantize llama-perplexity)
 if [[ -f "$BUILD/build.ninja" ]]; then
     log "stage 4: build dir already configured ($BUILD)"
 else

@@ -19,6 +19,8 @@ pub struct Q8Rows {
     pub sum: Vec<i32>,
     /// (rows, cols / 32) d * Σ q: the block's sum of x as the integer path sees it
     pub dsum: Vec<f32>,
+    /// (rows, cols / 32, 2) d * Σ q over each half of 16 values
+    pub dsum16: Vec<f32>,
 }
 
 /// Rows quantized per parallel task: enough work (~100 µs) to be worth a task.
@@ -41,6 +43,7 @@ impl Q8Rows {
             d: vec![0.0; rows * nb],
             sum: vec![0; rows * nb],
             dsum: vec![0.0; rows * nb],
+            dsum16: vec![0.0; 2 * rows * nb],
         };
         let blocks = ROWS_PER_TASK * nb;
         out.q
@@ -49,7 +52,10 @@ impl Q8Rows {
             .zip(out.d.par_chunks_mut(blocks))
             .zip(out.sum.par_chunks_mut(blocks))
             .zip(out.dsum.par_chunks_mut(blocks))
-            .for_each(|((((q, x), d), sum), dsum)| quantize_blocks(x, q, d, sum, dsum));
+            .zip(out.dsum16.par_chunks_mut(2 * blocks))
+            .for_each(|(((((q, x), d), sum), dsum), dsum16)| {
+                quantize_blocks(x, q, d, sum, dsum, dsum16)
+            });
         out
     }
 
@@ -86,6 +92,7 @@ mod tests {
             assert_eq!(many.d[r * 3..][..3], one.d[..], "row {r}");
             assert_eq!(many.sum[r * 3..][..3], one.sum[..], "row {r}");
             assert_eq!(many.dsum[r * 3..][..3], one.dsum[..], "row {r}");
+            assert_eq!(many.dsum16[r * 6..][..6], one.dsum16[..], "row {r}");
         }
     }
 }

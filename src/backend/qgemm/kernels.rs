@@ -101,22 +101,36 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     let tb = tile * nb + b;
                     let xb = &xq[b * QK..][..QK];
                     let s = &g.scales[tb * scales..][..scales];
-                    let mut dot = 0i32;
+                    let ib = i * nb + b;
+                    // dot[h]: the i32 dot over values 16h..16h+16
+                    let mut dot = [0i32; 2];
                     for (k, line) in g.quants[tb * lines..][..lines].iter().enumerate() {
                         for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
-                            dot += match g.kind {
+                            match g.kind {
                                 Kind::Q4_1 => {
-                                    (byte & 15) as i32 * xb[4 * k + j] as i32
-                                        + (byte >> 4) as i32 * xb[16 + 4 * k + j] as i32
+                                    dot[0] += (byte & 15) as i32 * xb[4 * k + j] as i32;
+                                    dot[1] += (byte >> 4) as i32 * xb[16 + 4 * k + j] as i32;
                                 }
-                                Kind::Q8_0 => ((byte ^ 0x80) as i8) as i32 * xb[4 * k + j] as i32,
-                            };
+                                Kind::Q8_0 => {
+                                    dot[k / 4] +=
+                                        ((byte ^ 0x80) as i8) as i32 * xb[4 * k + j] as i32
+                                }
+                                Kind::Q8x16 => dot[k / 4] += byte as i32 * xb[4 * k + j] as i32,
+                            }
                         }
                     }
-                    let ib = i * nb + b;
-                    acc += f16(s[lane]) * g.x.d[ib] * dot as f32;
-                    if g.kind == Kind::Q4_1 {
-                        acc += f16(s[TILE + lane]) * g.x.dsum[ib];
+                    match g.kind {
+                        Kind::Q4_1 => {
+                            acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32;
+                            acc += f16(s[TILE + lane]) * g.x.dsum[ib];
+                        }
+                        Kind::Q8_0 => acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32,
+                        Kind::Q8x16 => {
+                            for h in 0..2 {
+                                acc += f16(s[h * TILE + lane]) * g.x.d[ib] * dot[h] as f32;
+                                acc += f16(s[(2 + h) * TILE + lane]) * g.x.dsum16[2 * ib + h];
+                            }
+                        }
                     }
                 }
                 // SAFETY: (i, tile * 16 + lane) is inside this rectangle (caller).
@@ -175,6 +189,7 @@ mod x86 {
                     match g.kind {
                         Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
                         Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
+                        Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
                     }
                 }
             }
@@ -306,6 +321,66 @@ mod x86 {
         }
     }
 
+    /// Rows i0..i0+R × tiles t0..t0+T of a Q8x16 matrix: unsigned quants × activation bytes, per
+    /// half of 16 values its own scale, and each half's min × the activation half-block sum.
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn q8x16_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        let nb = g.nb();
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for b in 0..nb {
+            // SAFETY: as in `q4_1_vnni`.
+            unsafe {
+                let lines: [*const __m512i; T] = std::array::from_fn(|t| {
+                    g.quants.as_ptr().add(((t0 + t) * nb + b) * 8) as *const __m512i
+                });
+                let s: [*const u16; T] =
+                    std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 4 * TILE));
+                let scale = |t: usize, i: usize| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(i * TILE) as *const __m256i))
+                };
+                for h in 0..2 {
+                    let mut dot = [[_mm512_setzero_si512(); T]; R];
+                    for k in 4 * h..4 * h + 4 {
+                        let w: [__m512i; T] =
+                            std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
+                        for r in 0..R {
+                            let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                            for t in 0..T {
+                                dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                            }
+                        }
+                    }
+                    let d: [__m512; T] = std::array::from_fn(|t| scale(t, h));
+                    for r in 0..R {
+                        let dx = _mm512_set1_ps(*g.x.d.get_unchecked((i0 + r) * nb + b));
+                        for t in 0..T {
+                            let sc = _mm512_mul_ps(d[t], dx);
+                            acc[r][t] =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), sc, acc[r][t]);
+                        }
+                    }
+                }
+                let m: [[__m512; 2]; T] = std::array::from_fn(|t| [scale(t, 2), scale(t, 3)]);
+                for r in 0..R {
+                    let ds = g.x.dsum16.as_ptr().add(2 * ((i0 + r) * nb + b));
+                    let (lo, hi) = (_mm512_set1_ps(*ds), _mm512_set1_ps(*ds.add(1)));
+                    for t in 0..T {
+                        acc[r][t] = _mm512_fmadd_ps(m[t][0], lo, acc[r][t]);
+                        acc[r][t] = _mm512_fmadd_ps(m[t][1], hi, acc[r][t]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: the microtile is in the caller's rectangle.
+                unsafe { store16(g, i0 + r, t0 + t, acc[r][t]) };
+            }
+        }
+    }
+
     /// Rows per AVX2 microkernel (one 8-column half tile each: 2 × 4 of the 16 ymm registers).
     const AVX2_ROWS: usize = 4;
 
@@ -332,7 +407,7 @@ mod x86 {
         }
     }
 
-    /// Rows i0..i0+R × the 8 columns of half `half` of tile `tile`, either block type.
+    /// Rows i0..i0+R × the 8 columns of half `half` of tile `tile`, any tile format.
     ///
     /// SAFETY: as `rect_avx2`, for this microtile.
     #[inline(always)]
@@ -351,14 +426,19 @@ mod x86 {
                     let p = g.quants.as_ptr().add(tb * lines + k) as *const u8;
                     _mm256_load_si256(p.add(32 * half) as *const __m256i)
                 };
-                let mut dot = [_mm256_setzero_si256(); R];
+                let s = g.scales.as_ptr().add(tb * scales + 8 * half);
+                let scale =
+                    |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(s.add(i * TILE) as *const __m128i));
+                // dot[h][r]: Q8x16 keeps the halves of 16 values apart (own scales); the other
+                // formats sum into dot[0]
+                let mut dot = [[_mm256_setzero_si256(); R]; 2];
                 match g.kind {
                     Kind::Q4_1 => {
                         for k in 0..4 {
                             let w = line(k);
                             let lo = _mm256_and_si256(w, nibble);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
-                            for (r, dot) in dot.iter_mut().enumerate() {
+                            for (r, dot) in dot[0].iter_mut().enumerate() {
                                 let xlo = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
                                 let xhi = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
                                 // |15 * 127 * 2| twice fits i16
@@ -374,7 +454,7 @@ mod x86 {
                         for k in 0..8 {
                             let w = _mm256_xor_si256(line(k), flip); // back to signed
                             let wabs = _mm256_abs_epi8(w);
-                            for (r, dot) in dot.iter_mut().enumerate() {
+                            for (r, dot) in dot[0].iter_mut().enumerate() {
                                 let xk = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
                                 // |w| * sign(x, w): at most 128 * 127 * 2 per i16
                                 let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xk, w));
@@ -382,17 +462,38 @@ mod x86 {
                             }
                         }
                     }
+                    Kind::Q8x16 => {
+                        for k in 0..8 {
+                            let w = line(k);
+                            for (r, dot) in dot[k / 4].iter_mut().enumerate() {
+                                let xk = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                                // quants below 64: 63 * 127 * 2 fits i16
+                                let p = _mm256_maddubs_epi16(w, xk);
+                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
                 }
-                let s = g.scales.as_ptr().add(tb * scales + 8 * half);
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let ib = (i0 + r) * nb + b;
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*g.x.d.get_unchecked(ib)));
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, *acc);
-                    if g.kind == Kind::Q4_1 {
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i));
-                        let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
-                        *acc = _mm256_fmadd_ps(m, dsum, *acc);
+                    let dx = _mm256_set1_ps(*g.x.d.get_unchecked(ib));
+                    let halves = if g.kind == Kind::Q8x16 { 2 } else { 1 };
+                    for h in 0..halves {
+                        let sc = _mm256_mul_ps(scale(h), dx);
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][r]), sc, *acc);
+                    }
+                    match g.kind {
+                        Kind::Q4_1 => {
+                            let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
+                            *acc = _mm256_fmadd_ps(scale(1), dsum, *acc);
+                        }
+                        Kind::Q8_0 => {}
+                        Kind::Q8x16 => {
+                            for h in 0..2 {
+                                let ds = _mm256_set1_ps(*g.x.dsum16.get_unchecked(2 * ib + h));
+                                *acc = _mm256_fmadd_ps(scale(2 + h), ds, *acc);
+                            }
+                        }
                     }
                 }
             }

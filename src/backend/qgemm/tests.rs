@@ -87,20 +87,41 @@ fn q8_0_matches_the_reference_on_odd_shapes() {
 }
 
 #[test]
+fn every_weight_type_matches_the_reference_on_odd_shapes() {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        for (n, k, m) in [(17, 256, 7), (45, 512, 13), (50, 256, 197)] {
+            check(dtype, n, k, m);
+        }
+    }
+}
+
+#[test]
 fn a_row_of_the_gemm_equals_the_gemv_of_that_row() {
     // the same quantization and per-block arithmetic: equal up to f32 summation order
-    let q = quantized(GgmlDType::Q4_1, 70, 192, 3);
-    let w = QMatrix::from_qtensor(&q).unwrap().unwrap();
-    let x = noise(9 * 192, 11);
-    let out = gemm(&w, &x);
-    for i in 0..9 {
-        let mut row = vec![0.0; 70];
-        w.gemv(&x[i * 192..][..192], &mut row);
-        for (a, b) in out[i * 70..][..70].iter().zip(&row) {
-            assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "row {i}: {a} vs {b}"
-            );
+    for (dtype, k) in [(GgmlDType::Q4_1, 192), (GgmlDType::Q6K, 256)] {
+        let q = quantized(dtype, 70, k, 3);
+        let w = QMatrix::from_qtensor(&q).unwrap().unwrap();
+        let x = noise(9 * k, 11);
+        let out = gemm(&w, &x);
+        for i in 0..9 {
+            let mut row = vec![0.0; 70];
+            w.gemv(&x[i * k..][..k], &mut row);
+            for (a, b) in out[i * 70..][..70].iter().zip(&row) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{dtype:?} row {i}: {a} vs {b}"
+                );
+            }
         }
     }
 }

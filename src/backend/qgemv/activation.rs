@@ -14,6 +14,8 @@ pub struct Q8Row {
     pub sum: Vec<i32>,
     /// (cols / 32) d * Σ q: the block's sum of x as the integer path sees it (Q4_1's offset term)
     pub dsum: Vec<f32>,
+    /// (cols / 32, 2) d * Σ q over each half of 16 values (the offset terms of `Q8x16` weights)
+    pub dsum16: Vec<f32>,
 }
 
 impl Q8Row {
@@ -30,12 +32,14 @@ impl Q8Row {
             d: Vec::with_capacity(nb),
             sum: Vec::with_capacity(nb),
             dsum: Vec::with_capacity(nb),
+            dsum16: Vec::with_capacity(2 * nb),
         };
         for (xb, qb) in x.chunks_exact(QK).zip(row.q.chunks_exact_mut(QK)) {
-            let (d, sum) = quantize_block(xb, qb);
+            let (d, [lo, hi]) = quantize_block(xb, qb);
             row.d.push(d);
-            row.sum.push(sum);
-            row.dsum.push(d * sum as f32);
+            row.sum.push(lo + hi);
+            row.dsum.push(d * (lo + hi) as f32);
+            row.dsum16.extend([d * lo as f32, d * hi as f32]);
         }
         row
     }
@@ -55,27 +59,31 @@ impl Q8Row {
 }
 
 crate::backend::simd::dispatch! {
-    /// One block: q = round(x / d) with d = max|x| / 127; returns (d, Σ q).
-    pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    /// One block: q = round(x / d) with d = max|x| / 127; returns d and Σ q over each half.
+    pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, [i32; 2]) {
         block(x, q)
     }
 }
 
 crate::backend::simd::dispatch! {
     /// Every 32-value block of x (one feature check and call for all of them, so the block
-    /// loop is compiled for the CPU's vector width): q, and per block d, Σ q and d Σ q.
-    pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], dsum: &mut [f32]) {
+    /// loop is compiled for the CPU's vector width): q, and per block d, Σ q, d Σ q and d Σ q
+    /// over each half.
+    pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], dsum: &mut [f32], dsum16: &mut [f32]) {
         let blocks = q.chunks_exact_mut(QK).zip(x.chunks_exact(QK));
-        for ((((qb, xb), d), s), ds) in blocks.zip(d).zip(sum).zip(dsum) {
-            (*d, *s) = block(xb, qb);
-            *ds = *d * *s as f32;
+        let sums = d.iter_mut().zip(sum).zip(dsum).zip(dsum16.chunks_exact_mut(2));
+        for ((qb, xb), (((d, s), ds), ds16)) in blocks.zip(sums) {
+            let (scale, [lo, hi]) = block(xb, qb);
+            (*d, *s) = (scale, lo + hi);
+            *ds = scale * *s as f32;
+            ds16.copy_from_slice(&[scale * lo as f32, scale * hi as f32]);
         }
     }
 }
 
 /// The body of `quantize_block`, inlined into each compiled variant.
 #[inline(always)]
-fn block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+fn block(x: &[f32], q: &mut [i8]) -> (f32, [i32; 2]) {
     let mut lanes = [0.0f32; 16];
     for c in x.chunks_exact(16) {
         for i in 0..16 {
@@ -91,14 +99,16 @@ fn block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         });
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in q.iter_mut().zip(x) {
-        // Round to nearest (ties to even; ggml's roundf differs only on exact ties) by
-        // adding 1.5 * 2^23: the integer lands in the low mantissa bits. |v * inv| <= 127,
-        // so it fits; a float-to-int `as` cast would saturate and not vectorise.
-        let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-        *q = bits as i8;
-        sum += *q as i32;
+    let mut sum = [0i32; 2];
+    for (half, (q, x)) in sum.iter_mut().zip(q.chunks_mut(16).zip(x.chunks(16))) {
+        for (q, &v) in q.iter_mut().zip(x) {
+            // Round to nearest (ties to even; ggml's roundf differs only on exact ties) by
+            // adding 1.5 * 2^23: the integer lands in the low mantissa bits. |v * inv| <= 127,
+            // so it fits; a float-to-int `as` cast would saturate and not vectorise.
+            let bits = (v * inv + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+            *q = bits as i8;
+            *half += *q as i32;
+        }
     }
     (d, sum)
 }
@@ -123,6 +133,11 @@ mod tests {
             }
             let s: i32 = r.q[b * QK..][..QK].iter().map(|&q| q as i32).sum();
             assert_eq!(r.sum[b], s);
+            let lo: i32 = r.q[b * QK..][..16].iter().map(|&q| q as i32).sum();
+            assert_eq!(
+                r.dsum16[2 * b..][..2],
+                [r.d[b] * lo as f32, r.d[b] * (s - lo) as f32]
+            );
         }
         assert_eq!(r.d[1], 0.0);
         assert!(r.q.iter().all(|&q| q != i8::MIN));

@@ -11,6 +11,9 @@
 //! - Q8_0: 8 lines; line k holds the rows' weights 4k..4k+4 as bytes w ^ 0x80 (= w + 128, so
 //!   they are unsigned for `vpdpbusd`; the 128 Σ x it adds is subtracted per block).
 //!   Scales: 16 f16 d.
+//! - Q8x16: 8 lines laid out as Q8_0's, but the bytes are the unsigned quants themselves (below
+//!   64, so AVX2's `vpmaddubsw` pairs cannot saturate). Scales: 16 f16 d for values 0..16, 16 for
+//!   values 16..32, then the two halves' mins: weight = d_h q + m_h.
 
 use super::activation::Q8Row;
 use super::{Line, QK, TILE};
@@ -58,6 +61,8 @@ pub const Q4_1_LINES: usize = 4;
 pub const Q4_1_SCALES: usize = 2 * TILE;
 pub const Q8_0_LINES: usize = 8;
 pub const Q8_0_SCALES: usize = TILE;
+pub const Q8X16_LINES: usize = 8;
+pub const Q8X16_SCALES: usize = 4 * TILE;
 
 /// The tiles of one run: `out.len()` rows, i.e. ceil(out.len() / 16) tiles of `nb` blocks.
 pub struct Tiles<'a> {
@@ -118,6 +123,25 @@ pub fn q8_0(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
     }
 }
 
+/// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj) + m_rbh (d_b Σ_{j in h} x_bj), over Q8x16
+/// tiles (h: the two halves of 16 values).
+pub fn q8x16(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q8X16_LINES, Q8X16_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q8x16_vnni(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q8x16_avx2(t, x, out) }
+        }
+        _ => q8x16_scalar(t, x, out),
+    }
+}
+
 fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
@@ -167,11 +191,39 @@ fn q8_0_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
     }
 }
 
+fn q8x16_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for (tile, out) in out.chunks_mut(TILE).enumerate() {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                let xq = &x.q[b * QK..][..QK];
+                let s = &t.scales[tb * Q8X16_SCALES..];
+                for h in 0..2 {
+                    let mut dot = 0i32;
+                    for k in 4 * h..4 * h + 4 {
+                        let bytes = &t.quants[tb * Q8X16_LINES + k].0[4 * r..][..4];
+                        for (j, &byte) in bytes.iter().enumerate() {
+                            dot += byte as i32 * xq[4 * k + j] as i32;
+                        }
+                    }
+                    acc += f16(s[h * TILE + r]) * x.d[b] * dot as f32;
+                    acc += f16(s[(2 + h) * TILE + r]) * x.dsum16[2 * b + h];
+                }
+            }
+            *o = acc;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q8_0_LINES, Q8_0_SCALES, TILE};
+    use super::{
+        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q8X16_LINES, Q8X16_SCALES, Q8_0_LINES, Q8_0_SCALES,
+        TILE,
+    };
     use crate::backend::qgemv::QK;
 
     /// Four activation bytes starting at `i`, as one i32 to broadcast.
@@ -271,6 +323,48 @@ mod x86 {
         }
     }
 
+    /// SAFETY: as `q4_1_vnni`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn q8x16_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        for tile in 0..out.len().div_ceil(TILE) {
+            let (mut acc_lo, mut acc_hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                // SAFETY: as in `q4_1_vnni`.
+                unsafe {
+                    let lines = t.quants.as_ptr().add(tb * Q8X16_LINES) as *const __m512i;
+                    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for k in 0..4 {
+                        let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
+                        let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+                        lo = _mm512_dpbusd_epi32(lo, _mm512_load_si512(lines.add(k)), xlo);
+                        hi = _mm512_dpbusd_epi32(hi, _mm512_load_si512(lines.add(4 + k)), xhi);
+                    }
+                    let s = t.scales.as_ptr().add(tb * Q8X16_SCALES);
+                    let scale = |i: usize| {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(s.add(i * TILE) as *const __m256i))
+                    };
+                    let dx = _mm512_set1_ps(*x.d.get_unchecked(b));
+                    let ds = x.dsum16.as_ptr().add(2 * b);
+                    acc_lo = _mm512_fmadd_ps(
+                        _mm512_mul_ps(scale(0), dx),
+                        _mm512_cvtepi32_ps(lo),
+                        acc_lo,
+                    );
+                    acc_hi = _mm512_fmadd_ps(
+                        _mm512_mul_ps(scale(1), dx),
+                        _mm512_cvtepi32_ps(hi),
+                        acc_hi,
+                    );
+                    acc_lo = _mm512_fmadd_ps(scale(2), _mm512_set1_ps(*ds), acc_lo);
+                    acc_hi = _mm512_fmadd_ps(scale(3), _mm512_set1_ps(*ds.add(1)), acc_hi);
+                }
+            }
+            // SAFETY: `tile` is one of out's tiles.
+            unsafe { store16(_mm512_add_ps(acc_lo, acc_hi), out, tile) };
+        }
+    }
+
     /// Write 8 results of a tile half; partial at the end of `out`.
     #[inline(always)]
     unsafe fn store8(acc: __m256, out: &mut [f32], first: usize) {
@@ -354,6 +448,47 @@ mod x86 {
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
                         let dx = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.get_unchecked(b)));
                         acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(isum), acc);
+                    }
+                }
+                // SAFETY: plain store of 8 lanes.
+                unsafe { store8(acc, out, tile * TILE + 8 * half) };
+            }
+        }
+    }
+
+    /// SAFETY: as `q4_1_avx2`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8x16_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        for tile in 0..out.len().div_ceil(TILE) {
+            for half in 0..2 {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..t.nb {
+                    let tb = tile * t.nb + b;
+                    // SAFETY: as in `q4_1_avx2`.
+                    unsafe {
+                        let lines = t.quants.as_ptr().add(tb * Q8X16_LINES) as *const u8;
+                        let s = t.scales.as_ptr().add(tb * Q8X16_SCALES + 8 * half);
+                        let dx = _mm256_set1_ps(*x.d.get_unchecked(b));
+                        for h in 0..2 {
+                            let mut isum = _mm256_setzero_si256();
+                            for k in 4 * h..4 * h + 4 {
+                                let w = _mm256_load_si256(
+                                    lines.add(64 * k + 32 * half) as *const __m256i
+                                );
+                                let xk = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
+                                // quants below 64: 63 * 127 * 2 fits i16
+                                let p = _mm256_maddubs_epi16(w, xk);
+                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                            }
+                            let scale = |i: usize| {
+                                _mm256_cvtph_ps(_mm_loadu_si128(s.add(i * TILE) as *const __m128i))
+                            };
+                            let d = _mm256_mul_ps(scale(h), dx);
+                            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc);
+                            let ds = _mm256_set1_ps(*x.dsum16.get_unchecked(2 * b + h));
+                            acc = _mm256_fmadd_ps(scale(2 + h), ds, acc);
+                        }
                     }
                 }
                 // SAFETY: plain store of 8 lanes.

@@ -15,6 +15,7 @@
 
 pub mod activation;
 pub mod kernels;
+pub mod unpack;
 
 use std::borrow::Cow;
 
@@ -24,6 +25,7 @@ use rayon::prelude::*;
 
 use activation::Q8Row;
 use kernels::{Kernel, Tiles};
+use unpack::Sub32;
 
 /// Values per quantized block.
 pub const QK: usize = 32;
@@ -35,19 +37,43 @@ pub const TILE: usize = 16;
 #[repr(C, align(64))]
 pub struct Line(pub [u8; 64]);
 
-/// The GGUF block type a matrix was built from.
+/// The tile format a matrix was repacked into (kernels.rs has the byte layouts).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
+    /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1, Q4_K.
     Q4_1,
+    /// signed 8-bit quants, an f16 scale per 32: Q8_0, and float weights rounded to it at load.
     Q8_0,
+    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q5_0, Q5_1, Q5_K, Q6_K,
+    /// Q3_K, Q2_K.
+    Q8x16,
 }
 
 impl Kind {
-    fn block_bytes(self) -> usize {
-        match self {
-            Kind::Q4_1 => 20,
-            Kind::Q8_0 => 34,
-        }
+    /// The tile format of a GGUF tensor type; None when there is no kernel for it.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Kind::Q4_1,
+            GgmlDType::Q8_0 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32 => Kind::Q8_0,
+            GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::Q3K
+            | GgmlDType::Q2K => Kind::Q8x16,
+            _ => return None,
+        })
+    }
+
+    /// One format for tensors stacked into one matrix: their own if they share it, `Q8x16` for
+    /// a mix of 4-bit and wider quants (it holds Q4_1's values exactly); None with Q8_0 in a mix.
+    fn common(kinds: impl IntoIterator<Item = Kind>) -> Option<Self> {
+        kinds.into_iter().try_fold(None, |acc, k| match (acc, k) {
+            (None, k) => Some(Some(k)),
+            (Some(a), k) if a == k => Some(Some(a)),
+            (Some(Kind::Q4_1 | Kind::Q8x16), Kind::Q4_1 | Kind::Q8x16) => Some(Some(Kind::Q8x16)),
+            _ => None,
+        })?
     }
 
     /// Lines of 64 bytes per tile-block.
@@ -55,6 +81,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
+            Kind::Q8x16 => kernels::Q8X16_LINES,
         }
     }
 
@@ -63,6 +90,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => kernels::Q4_1_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
+            Kind::Q8x16 => kernels::Q8X16_SCALES,
         }
     }
 }
@@ -78,81 +106,143 @@ pub struct QMatrix {
     scales: Vec<u16>,
 }
 
+/// One weight row, read from its GGUF blocks into the form its tiles take.
+enum RowBlocks {
+    /// Q8_0 blocks { f16 d, i8 qs[32] }
+    Q8_0(Vec<u8>),
+    /// 32 columns each (`Q4_1` and `Q8x16` tiles)
+    Subs(Vec<Sub32>),
+}
+
+/// The GGUF rows of one tensor, with how to read them.
+struct SourceRows<'a> {
+    dtype: GgmlDType,
+    data: Cow<'a, [u8]>,
+    row_bytes: usize,
+}
+
+impl SourceRows<'_> {
+    fn rows(&self) -> usize {
+        self.data.len() / self.row_bytes
+    }
+
+    fn read(&self, r: usize, kind: Kind, cols: usize) -> RowBlocks {
+        let row = &self.data[r * self.row_bytes..][..self.row_bytes];
+        match kind {
+            Kind::Q8_0 if self.dtype == GgmlDType::Q8_0 => RowBlocks::Q8_0(row.to_vec()),
+            Kind::Q8_0 => RowBlocks::Q8_0(
+                unpack::requantize_q8_0(self.dtype, row).expect("a float type (Kind::of)"),
+            ),
+            Kind::Q4_1 | Kind::Q8x16 => {
+                let mut subs = vec![Sub32::default(); cols / QK];
+                unpack::unpack_row(self.dtype, row, &mut subs);
+                RowBlocks::Subs(subs)
+            }
+        }
+    }
+}
+
 impl QMatrix {
-    /// The matrix of a 2-D Q4_1 or Q8_0 tensor; None for other types (they decode through f32).
+    /// The matrix of a 2-D tensor of a type with a kernel here (`Kind::of`); None for others.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
         Self::stacked(&[t])
     }
 
-    /// The rows of several tensors of one type and width, stacked in order; None when the
-    /// type has no kernel here or the parts differ.
+    /// The rows of several tensors of one width, stacked in order; None when a type has no
+    /// kernel here, the types do not share a tile format (`Kind::common`) or the widths differ.
     pub fn stacked(parts: &[&QTensor]) -> candle_core::Result<Option<Self>> {
         let Some(first) = parts.first() else {
             return Ok(None);
         };
-        let kind = match first.dtype() {
-            GgmlDType::Q4_1 => Kind::Q4_1,
-            GgmlDType::Q8_0 => Kind::Q8_0,
-            _ => return Ok(None),
-        };
         let cols = first.shape().dims2()?.1;
-        let mut data: Vec<Cow<[u8]>> = Vec::new();
+        let Some(kind) = parts
+            .iter()
+            .map(|p| Kind::of(p.dtype()))
+            .collect::<Option<Vec<_>>>()
+            .and_then(Kind::common)
+        else {
+            return Ok(None);
+        };
+        let mut sources = Vec::with_capacity(parts.len());
         for p in parts {
             let (rows, c) = p.shape().dims2()?;
-            if p.dtype() != first.dtype() || c != cols || !cols.is_multiple_of(QK) {
+            let dtype = p.dtype();
+            if c != cols || !cols.is_multiple_of(QK) || !cols.is_multiple_of(dtype.block_size()) {
                 return Ok(None);
             }
-            let d = p.data()?;
-            if d.len() != rows * cols / QK * kind.block_bytes() {
+            let data = p.data()?;
+            let row_bytes = cols / dtype.block_size() * dtype.type_size();
+            if data.len() != rows * row_bytes {
                 candle_core::bail!(
-                    "qgemv: {kind:?} tensor ({rows}, {cols}) has {} bytes",
-                    d.len()
+                    "qgemv: {dtype:?} tensor ({rows}, {cols}) has {} bytes",
+                    data.len()
                 )
             }
-            data.push(d);
+            sources.push(SourceRows {
+                dtype,
+                data,
+                row_bytes,
+            });
         }
-        let row_bytes = cols / QK * kind.block_bytes();
-        let rows: Vec<&[u8]> = data
+        let rows: Vec<(&SourceRows, usize)> = sources
             .iter()
-            .flat_map(|d| d.chunks_exact(row_bytes))
+            .flat_map(|s| (0..s.rows()).map(move |r| (s, r)))
             .collect();
         Ok(Some(Self::repack(kind, cols, &rows)))
     }
 
-    /// Build the tiles from rows of GGUF blocks.
-    fn repack(kind: Kind, cols: usize, rows: &[&[u8]]) -> Self {
+    /// Build the tiles from rows of GGUF blocks, each row read once.
+    fn repack(kind: Kind, cols: usize, rows: &[(&SourceRows, usize)]) -> Self {
         let nb = cols / QK;
         let tiles = rows.len().div_ceil(TILE);
-        let bb = kind.block_bytes();
         let mut quants = vec![Line([0; 64]); tiles * nb * kind.lines()];
         let mut scales = vec![0u16; tiles * nb * kind.scales()];
-        let f16_bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+        let f16_bits = |v: f32| f16::from_f32(v).to_bits();
         for tile in 0..tiles {
-            for b in 0..nb {
-                let tb = tile * nb + b;
-                let lines = &mut quants[tb * kind.lines()..][..kind.lines()];
-                let s = &mut scales[tb * kind.scales()..][..kind.scales()];
-                for r in 0..TILE {
-                    let Some(row) = rows.get(tile * TILE + r) else {
-                        if kind == Kind::Q8_0 {
-                            // a zero weight is stored as 0 + 128
-                            lines.iter_mut().for_each(|l| l.0[4 * r..][..4].fill(0x80));
+            for r in 0..TILE {
+                let row = rows
+                    .get(tile * TILE + r)
+                    .map(|(src, i)| src.read(*i, kind, cols));
+                for b in 0..nb {
+                    let tb = tile * nb + b;
+                    let lines = &mut quants[tb * kind.lines()..][..kind.lines()];
+                    let s = &mut scales[tb * kind.scales()..][..kind.scales()];
+                    match &row {
+                        // a zero weight is stored as 0 + 128; the other formats' zero is 0
+                        None if kind == Kind::Q8_0 => {
+                            lines.iter_mut().for_each(|l| l.0[4 * r..][..4].fill(0x80))
                         }
-                        continue;
-                    };
-                    let block = &row[b * bb..][..bb];
-                    s[r] = f16_bits(&block[0..2]);
-                    match kind {
-                        Kind::Q4_1 => {
-                            s[TILE + r] = f16_bits(&block[2..4]);
-                            for (k, l) in lines.iter_mut().enumerate() {
-                                l.0[4 * r..][..4].copy_from_slice(&block[4 + 4 * k..][..4]);
-                            }
-                        }
-                        Kind::Q8_0 => {
+                        None => {}
+                        Some(RowBlocks::Q8_0(blocks)) => {
+                            let block = &blocks[b * 34..][..34];
+                            s[r] = u16::from_le_bytes([block[0], block[1]]);
                             for (k, l) in lines.iter_mut().enumerate() {
                                 for j in 0..4 {
                                     l.0[4 * r + j] = block[2 + 4 * k + j] ^ 0x80;
+                                }
+                            }
+                        }
+                        Some(RowBlocks::Subs(subs)) => {
+                            let sub = &subs[b];
+                            match kind {
+                                Kind::Q4_1 => {
+                                    s[r] = f16_bits(sub.s[0]);
+                                    s[TILE + r] = f16_bits(sub.m[0]);
+                                    for (k, l) in lines.iter_mut().enumerate() {
+                                        for j in 0..4 {
+                                            l.0[4 * r + j] =
+                                                sub.q[4 * k + j] | (sub.q[16 + 4 * k + j] << 4);
+                                        }
+                                    }
+                                }
+                                _ => {
+                                    for h in 0..2 {
+                                        s[h * TILE + r] = f16_bits(sub.s[h]);
+                                        s[(2 + h) * TILE + r] = f16_bits(sub.m[h]);
+                                    }
+                                    for (k, l) in lines.iter_mut().enumerate() {
+                                        l.0[4 * r..][..4].copy_from_slice(&sub.q[4 * k..][..4]);
+                                    }
                                 }
                             }
                         }
@@ -237,6 +327,7 @@ impl QMatrix {
             match self.kind {
                 Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
                 Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
+                Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
             }
         };
         if n_runs == 1 {
@@ -296,6 +387,11 @@ impl QMatrix {
                         wb[16 + 4 * k + j] = d * (byte >> 4) as f32 + m;
                     }
                     Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
+                    Kind::Q8x16 => {
+                        let h = k / 4; // lines 0..4 hold values 0..16
+                        let (d, m) = (f(s[h * TILE + lane]), f(s[(2 + h) * TILE + lane]));
+                        wb[4 * k + j] = d * byte as f32 + m;
+                    }
                 }
             }
         }

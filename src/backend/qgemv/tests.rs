@@ -40,11 +40,40 @@ fn candle_dequantized(q: &QTensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The tiles hold candle's weights: exactly for the types copied as they are (Q4_1, Q8_0), up to
+/// the f16 rounding of a product of scales (K-quants) or Q8_0's rounding (floats) for the others.
+pub(crate) fn assert_holds_candle_weights(m: &QMatrix, q: &QTensor) {
+    let (w, want) = (m.dequantize(), candle_dequantized(q));
+    if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        assert_eq!(w, want, "the tiles hold candle's weights");
+        return;
+    }
+    let step = match q.dtype() {
+        // half a Q8_0 step, plus the f16 rounding of the step times 127
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => 0.57 / 127.0,
+        // f16 rounding of the scale and of the min, each up to about the block's largest weight
+        // (the min cancels part of the scaled quant)
+        _ => 6.0 / 2048.0,
+    };
+    for (r, (row, want)) in w.chunks(m.cols()).zip(want.chunks(m.cols())).enumerate() {
+        for (b, (wb, cb)) in row.chunks(QK).zip(want.chunks(QK)).enumerate() {
+            let max = cb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (a, c) in wb.iter().zip(cb) {
+                assert!(
+                    (a - c).abs() <= step * 1.01 * max + 1e-7,
+                    "{:?} row {r} block {b}: {a} vs candle's {c}",
+                    q.dtype()
+                );
+            }
+        }
+    }
+}
+
 fn check(dtype: GgmlDType, rows: usize, cols: usize) {
     let q = quantized(dtype, rows, cols, rows as u64 * 31 + cols as u64);
     let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
-    let w = candle_dequantized(&q);
-    assert_eq!(m.dequantize(), w, "the tiles hold candle's weights");
+    assert_holds_candle_weights(&m, &q);
+    let w = m.dequantize();
     let x: Vec<f32> = noise(cols, 7).iter().map(|v| v * 3.0).collect();
     let xq = Q8Row::quantize(&x);
     let xd = xq.dequantize();
@@ -96,6 +125,47 @@ fn q8_0_kernels_match_the_reference() {
     check(GgmlDType::Q8_0, 67, 224);
 }
 
+/// Every other GGUF type with a kernel (K-quants, 5-bit, Q4_0, floats), on shapes with several
+/// 256-value super-blocks per row and partial tiles.
+#[test]
+fn every_weight_type_matches_the_reference() {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::F32,
+    ] {
+        check(dtype, 149, 256);
+        check(dtype, 7, 768);
+    }
+}
+
+#[test]
+fn k_quant_mixes_stack_in_the_wider_format() {
+    let (a, b) = (
+        quantized(GgmlDType::Q4K, 40, 256, 1),
+        quantized(GgmlDType::Q6K, 9, 256, 2),
+    );
+    let m = QMatrix::stacked(&[&a, &b]).unwrap().unwrap();
+    assert_eq!(m.tiles().0, Kind::Q8x16);
+    let (ma, mb) = (
+        QMatrix::from_qtensor(&a).unwrap().unwrap(),
+        QMatrix::from_qtensor(&b).unwrap().unwrap(),
+    );
+    assert_eq!(ma.tiles().0, Kind::Q4_1);
+    let want: Vec<f32> = [ma.dequantize(), mb.dequantize()].concat();
+    assert_eq!(m.dequantize(), want, "the same weights in either format");
+    let q8 = quantized(GgmlDType::Q8_0, 8, 256, 3);
+    assert!(QMatrix::stacked(&[&a, &q8]).unwrap().is_none());
+}
+
 #[test]
 fn stacked_matrices_are_their_parts_in_order() {
     let parts: Vec<QTensor> = [(40, 64), (24, 64), (9, 64)]
@@ -131,10 +201,11 @@ fn f32_product_uses_the_exact_weights_and_the_unrounded_activation() {
     for (dtype, rows, cols) in [
         (GgmlDType::Q8_0, 2 * 64 * TILE + 37, 96),
         (GgmlDType::Q4_1, 53, 160),
+        (GgmlDType::Q6K, 53, 512),
     ] {
         let q = quantized(dtype, rows, cols, 99);
         let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
-        let w = candle_dequantized(&q);
+        let w = m.dequantize();
         let x: Vec<f32> = noise(cols, 3).iter().map(|v| v * 2.0).collect();
         let mut out = vec![f32::NAN; rows];
         m.gemv_f32(&x, &mut out);

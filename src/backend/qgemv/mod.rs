@@ -42,10 +42,11 @@ pub struct Line(pub [u8; 64]);
 pub enum Kind {
     /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1, Q4_K.
     Q4_1,
-    /// signed 8-bit quants, an f16 scale per 32: Q8_0, and float weights rounded to it at load.
+    /// signed 8-bit quants, an f16 scale per 32: Q8_0, Q5_0, and float weights rounded to it at
+    /// load.
     Q8_0,
-    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q5_0, Q5_1, Q5_K, Q6_K,
-    /// Q3_K, Q2_K.
+    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q5_1, Q5_K, Q6_K, Q3_K,
+    /// Q2_K.
     Q8x16,
 }
 
@@ -54,13 +55,14 @@ impl Kind {
     pub fn of(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
             GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Kind::Q4_1,
-            GgmlDType::Q8_0 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32 => Kind::Q8_0,
-            GgmlDType::Q5_0
-            | GgmlDType::Q5_1
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K
-            | GgmlDType::Q3K
-            | GgmlDType::Q2K => Kind::Q8x16,
+            GgmlDType::Q8_0
+            | GgmlDType::Q5_0
+            | GgmlDType::F16
+            | GgmlDType::BF16
+            | GgmlDType::F32 => Kind::Q8_0,
+            GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q3K | GgmlDType::Q2K => {
+                Kind::Q8x16
+            }
             _ => return None,
         })
     }
@@ -131,7 +133,7 @@ impl SourceRows<'_> {
         match kind {
             Kind::Q8_0 if self.dtype == GgmlDType::Q8_0 => RowBlocks::Q8_0(row.to_vec()),
             Kind::Q8_0 => RowBlocks::Q8_0(
-                unpack::requantize_q8_0(self.dtype, row).expect("a float type (Kind::of)"),
+                unpack::as_q8_0(self.dtype, row).expect("Q5_0 or a float type (Kind::of)"),
             ),
             Kind::Q4_1 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];

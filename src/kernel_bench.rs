@@ -78,6 +78,7 @@ pub fn run(out: &mut dyn FnMut(String)) {
         }
     }
     prefill_gemm(out);
+    gemv_types(out);
     // The decode GEMVs of one token of the default model (SmolLM2-135M: 30 layers, then the
     // head), random weights, each matrix its own copy so the 96 MB stream like in decode.
     let layer = [
@@ -159,6 +160,40 @@ pub fn run(out: &mut dyn FnMut(String)) {
     }
 }
 
+/// The decode GEMV of one (8192, 2048) matrix (a Llama-3.2-1B gate) in each tile format, from
+/// the GGUF types that repack into it: bytes streamed and the rate.
+fn gemv_types(out: &mut dyn FnMut(String)) {
+    let (rows, cols) = (8192, 2048);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-4)
+        .collect();
+    let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
+    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q8_0,
+        GgmlDType::Q6K,
+        GgmlDType::Q5K,
+    ] {
+        let q = QTensor::quantize(&wt, dtype).expect("quantize");
+        let m = QMatrix::from_qtensor(&q)
+            .expect("repack")
+            .expect("kernel type");
+        let mut y = vec![0.0; rows];
+        let t = best_of(10, || m.gemv_with(Kernel::best(), &x, &mut y));
+        out(format!(
+            "gemv ({rows}x{cols} {dtype:?} as {:?} tiles, {:?}): {:5.0} us for {:5.1} MB ({:.1} MB in the GGUF): {:5.1} GB/s",
+            m.tiles().0,
+            Kernel::best(),
+            t * 1e6,
+            m.bytes() as f64 / 1e6,
+            q.storage_size_in_bytes() as f64 / 1e6,
+            m.bytes() as f64 / t / 1e9
+        ));
+    }
+}
+
 /// The prefill GEMMs of one layer of the default model on 1024 activation rows (an MLP chunk;
 /// attention's take every row, at the same rate per row): the int8 GEMM on the packed GGUF
 /// blocks per kernel, against candle's f32 GEMM on the dequantized weights.
@@ -170,6 +205,11 @@ fn prefill_gemm(out: &mut dyn FnMut(String)) {
         ("gate/up stacked", GgmlDType::Q4_1, 3072, 576),
         ("down", GgmlDType::Q4_1, 576, 1536),
         ("a Q8_0 matrix", GgmlDType::Q8_0, 576, 576),
+        // the other tile formats: Q5_0 as Q8_0, Q4_K as Q4_1, Q5_K and Q6_K as Q8x16
+        ("down", GgmlDType::Q5_0, 576, 1536),
+        ("down", GgmlDType::Q4K, 576, 1536),
+        ("down", GgmlDType::Q5K, 576, 1536),
+        ("down", GgmlDType::Q6K, 576, 1536),
     ];
     let mut totals = vec![0.0f64; 1 + Kernel::available().len()];
     for (name, dtype, n, k) in shapes {

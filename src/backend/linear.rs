@@ -105,6 +105,20 @@ impl Linear {
         }
     }
 
+    /// Rows `ids` of the weight matrix as (ids, in) f32, when the layer holds only packed blocks
+    /// (a tied head doubling as the token embedding); None for the other forms.
+    pub fn weight_rows(&self, ids: &[u32]) -> Option<Tensor> {
+        let Self::Packed(q) = self else { return None };
+        if ids.iter().any(|&i| i as usize >= q.rows()) {
+            return None;
+        }
+        let mut out = vec![0.0f32; ids.len() * q.cols()];
+        for (&i, row) in ids.iter().zip(out.chunks_exact_mut(q.cols())) {
+            q.row_f32(i as usize, row);
+        }
+        Tensor::from_vec(out, (ids.len(), q.cols()), &Device::Cpu).ok()
+    }
+
     /// Bytes of weights this layer holds in memory.
     pub fn bytes(&self) -> usize {
         match self {

@@ -311,8 +311,9 @@ fn apply_row_change(h: Tensor, positions: &mut Vec<u32>, change: RowChange) -> R
 /// A loaded LLaMA-family model.
 pub struct Llama {
     pub spec: ModelSpec,
-    /// (vocab, hidden), quantized; rows are dequantized on lookup
-    embed: Arc<QTensor>,
+    /// (vocab, hidden), quantized; rows are dequantized on lookup. None when the head is tied to
+    /// the embedding and holds its rows itself (one copy of the matrix, not two).
+    embed: Option<Arc<QTensor>>,
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
     head: Linear,
@@ -341,10 +342,16 @@ impl Llama {
         let blocks = (0..spec.n_layers)
             .map(|i| Block::load(f, i, &spec, mode))
             .collect::<Result<Vec<_>>>()?;
+        let tied = Arc::ptr_eq(&embed, &head_weights);
+        let head = Linear::one_row(head_weights, mode)?;
+        let embed = match head.weight_rows(&[0]) {
+            Some(_) if tied => None,
+            _ => Some(embed),
+        };
         Ok(Self {
             rope: Rope::new(&spec, freq_factors.as_deref(), spec.context_length),
             final_norm: vector(f, "output_norm.weight", spec.hidden)?,
-            head: Linear::one_row(head_weights, mode)?,
+            head,
             embed,
             blocks,
             spec,
@@ -364,7 +371,13 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         self.check_inputs(tokens, positions, kv)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut h = self.embed.embedding(&ids)?; // (rows, hidden)
+        let mut h = match &self.embed {
+            Some(table) => table.embedding(&ids)?,
+            None => self
+                .head
+                .weight_rows(tokens)
+                .ok_or_else(|| Error::Engine("forward: the tied head has no rows".into()))?,
+        }; // (rows, hidden)
         let mut positions = positions.to_vec(); // (rows)
         for (i, block) in self.blocks.iter().enumerate() {
             let mut ctx = LayerCtx {

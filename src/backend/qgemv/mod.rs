@@ -399,15 +399,25 @@ impl QMatrix {
         }
     }
 
+    /// Row `r` of the weights as f32 (a tied head's rows are the token embeddings).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            r < self.rows && out.len() == self.cols,
+            "qgemv: row {r} of {}",
+            self.rows
+        );
+        let mut block = [0.0f32; QK];
+        for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
+            self.row_block(r, b, &mut block);
+            ob.copy_from_slice(&block);
+        }
+    }
+
     /// The weights as f32, (rows, cols) row-major (for tests).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0.0f32; self.rows * self.cols];
-        let mut block = [0.0f32; QK];
         for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
-            for (b, wb) in row.chunks_exact_mut(QK).enumerate() {
-                self.row_block(r, b, &mut block);
-                wb.copy_from_slice(&block);
-            }
+            self.row_f32(r, row);
         }
         w
     }

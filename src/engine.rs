@@ -20,7 +20,8 @@ use crate::model::source::{DownloadProgress, ModelSource};
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
-use crate::slim::schedule::SlimConfig;
+use crate::slim::preset::{self, ModelFacts, ModelFit};
+use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::HeadShape;
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
@@ -90,6 +91,11 @@ pub struct GenStats {
     pub revival_bytes: usize,
     /// Why nothing was pruned, when pruning was on but the prompt was too short.
     pub slim_note: Option<String>,
+    /// The preset whose schedule applied (`"auto"` resolved for this model).
+    pub slim_preset: String,
+    /// The stages of this request's prompt: from which layer on, how many blocks prefill kept
+    /// and decode attends to (empty when nothing was pruned).
+    pub slim_stages: Vec<Stage>,
     /// Device memory (`gpu_total_bytes`, `gpu_free_bytes`, `gpu_own_bytes` in the JSON) when
     /// the model runs on a GPU; absent on the CPU.
     #[serde(flatten)]
@@ -165,6 +171,8 @@ pub struct Engine {
     cached: Vec<u32>,
     /// Pruning settings for the next request.
     slim: SlimConfig,
+    /// The preset that fits the loaded model (`preset = "auto"`), from its metadata.
+    fit: ModelFit,
     /// SlimInfer state of the cached conversation, when its prompt was pruned.
     session: Option<SlimSession>,
     /// Swaps per decode step of the current request.
@@ -198,7 +206,15 @@ impl Engine {
         let special = SpecialTokens::from_gguf(&file.content)?;
         let template = ChatTemplate::from_gguf(&file.content)?;
         let model = Llama::load(&mut file, opts.linear)?;
-        opts.slim.check(model.spec.n_layers)?;
+        let spec = &model.spec;
+        let fit = preset::fit(&ModelFacts::from_gguf(
+            &file,
+            spec.n_layers,
+            spec.hidden,
+            spec.context_length,
+        ));
+        let slim = opts.slim.clone().for_model(fit.clone());
+        slim.check(spec.n_layers)?;
         let (kv_dtype, kv_note) = match opts.kv_dtype.check_head_dim(model.spec.head_dim) {
             Ok(()) => (opts.kv_dtype, None),
             Err(why) => (KvDtype::F16, Some(format!("{why}: the KV cache is f16"))),
@@ -225,7 +241,8 @@ impl Engine {
             special,
             kv,
             cached: Vec::new(),
-            slim: opts.slim.clone(),
+            slim,
+            fit,
             session: None,
             swaps: Vec::new(),
             kv_cfg: opts.kv.clone(),
@@ -240,6 +257,7 @@ impl Engine {
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
+        let slim = slim.for_model(self.fit.clone());
         slim.check(self.model.spec.n_layers)?;
         let old = self.slim.keep_ratio;
         if let Some(session) = &mut self.session {
@@ -469,6 +487,8 @@ impl Engine {
             blocks_revived: self.session.as_mut().map_or(0, SlimSession::take_revived),
             revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
+            slim_preset: self.slim.preset_for(self.model.spec.n_layers).to_string(),
+            slim_stages: self.session.as_ref().map_or_else(Vec::new, |s| s.stages()),
             gpu_memory: None,
             kv: self.take_kv_stats(),
         })

@@ -88,6 +88,8 @@ fn stats(text: &str) -> GenStats {
         blocks_revived: 0,
         revival_bytes: 0,
         slim_note: None,
+        slim_preset: "smollm2".into(),
+        slim_stages: vec![],
     }
 }
 

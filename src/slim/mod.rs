@@ -9,7 +9,7 @@
 //! itself and shared by the CPU and CUDA forwards:
 //!
 //! - [`schedule`]: the `[slim]` config section, its presets, and [`Stage`]s resolved for one prompt
-//!   (from which layer on, how many blocks).
+//!   (from which layer on, how many blocks); [`preset`]: which preset fits a model.
 //! - [`score`]: block scores from the post-RoPE queries of the last `local_window` tokens and the
 //!   post-RoPE keys (unit-mean keys, |q·k| averaged over heads, max over a block's units).
 //! - [`select`]: top-K with the always-kept blocks (attention sink, the block(s) of the last prompt
@@ -20,6 +20,7 @@
 //! Block ids are `position / block_size` over original positions, which pruning never renumbers;
 //! generated tokens (position ≥ prompt length) are never candidates and are always kept.
 
+pub mod preset;
 pub mod schedule;
 pub mod score;
 pub mod select;

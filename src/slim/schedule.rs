@@ -17,11 +17,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::slim::preset::{generic_floors, ModelFit};
+
 /// Preset names accepted by `[slim] preset`.
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 8] = [
     "auto",
     "smollm2",
     "llama3.1-8b",
+    "llama3.2-1b",
+    "llama3.2-3b",
     "qwen2.5-7b",
     "generic",
     "custom",
@@ -67,11 +71,14 @@ pub struct SlimConfig {
     /// the preset floors), and the one that brings TTFT at 8192 tokens near 0.55x dense
     /// (bench/NOTES.md).
     pub keep_ratio: f32,
-    /// Where the stages come from: `"auto"` (chosen by the model's layer count: 30 → `"smollm2"`,
-    /// 32 → `"llama3.1-8b"`, 28 → `"qwen2.5-7b"`, otherwise `"generic"`), `"smollm2"`
-    /// (layers 10/20/28, fractions 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2, 1/4, 1/8),
-    /// `"qwen2.5-7b"` (9/18/26; 3/4, 3/8, 1/4), `"generic"` (about L/3, 2L/3, L−2; 1, 1/2, 1/4),
-    /// or `"custom"` (the `stages` list). Default `"auto"`.
+    /// Where the stages come from: `"auto"` (chosen from the model's metadata: architecture,
+    /// depth, width and context, see `slim::preset`; by layer count alone when no model is known:
+    /// 30 → `"smollm2"`, 32 → `"llama3.1-8b"`, 28 → `"qwen2.5-7b"`, otherwise `"generic"`),
+    /// `"smollm2"` (layers 10/20/28, fractions 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2,
+    /// 1/4, 1/8), `"llama3.2-1b"` (5/10/14) and `"llama3.2-3b"` (9/18/26) with the 8B's fractions,
+    /// `"qwen2.5-7b"` (9/18/26; 3/4, 3/8, 1/4), `"generic"` (about L/3, 2L/3, L−2; 1, 1/2, 1/4;
+    /// floors 1/16, 1/32, 1/64 of the context up to 32k), or `"custom"` (the `stages` list).
+    /// Default `"auto"`.
     pub preset: String,
     /// The stages when `preset = "custom"`, e.g.
     /// `[{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]`: layers strictly
@@ -149,6 +156,10 @@ pub struct SlimConfig {
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
     /// new question chooses which blocks of the earlier document to keep. Default `false`.
     pub reprefill_followups: bool,
+    /// The model this config is applied to (set by the engine from the model's metadata, not a
+    /// key): what `preset = "auto"` resolves to and the context the generic floors are shares of.
+    #[serde(skip)]
+    pub model: Option<ModelFit>,
 }
 
 /// One stage of a custom schedule: from `layer` on, keep `fraction` of the prompt (times
@@ -164,7 +175,7 @@ pub struct StageConfig {
 ///
 /// A stage whose `keep_blocks` equals the number of prompt blocks still appears; it keeps
 /// everything (a no-op), which lets the callers show a per-layer budget for every stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Stage {
     pub start_layer: usize,
     pub keep_blocks: usize,
@@ -181,8 +192,10 @@ pub const EXAMPLE_TOML: &str = r#"[slim]
 enabled = true
 # The pruning knob, in (0, 1]: each stage keeps keep_ratio * fraction * prompt tokens.
 keep_ratio = 0.6
-# "auto" (by layer count: 30 -> smollm2, 32 -> llama3.1-8b, 28 -> qwen2.5-7b, else generic),
-# "smollm2", "llama3.1-8b", "qwen2.5-7b", "generic", or "custom" (uses `stages`).
+# "auto" (matched on the model's architecture, depth, width and context; unknown models get
+# generic), "smollm2", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b", "generic"
+# (stages at about L/3, 2L/3, L-2; floors 1/16, 1/32, 1/64 of the context up to 32k tokens), or
+# "custom" (uses `stages`).
 preset = "auto"
 # Only with preset = "custom": [{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]
 # (layers strictly increasing in 1..n_layers, fractions in (0, 1] and non-increasing).
@@ -245,6 +258,7 @@ impl Default for SlimConfig {
             window_pool: WindowPool::Max,
             decode_select: DecodeSelect::Layer,
             reprefill_followups: false,
+            model: None,
         }
     }
 }
@@ -357,10 +371,17 @@ impl SlimConfig {
         self.validate(n_layers).map_err(crate::Error::Config)
     }
 
-    /// The preset in effect for a model with `n_layers` layers: `"auto"` resolved by layer count,
-    /// any other name as is.
+    /// This config for `model` (`preset = "auto"` resolves to the preset that fits it).
+    pub fn for_model(mut self, model: ModelFit) -> Self {
+        self.model = Some(model);
+        self
+    }
+
+    /// The preset in effect for a model with `n_layers` layers: `"auto"` resolved from the model
+    /// (`self.model`) or, without one, by layer count; any other name as is.
     pub fn preset_for(&self, n_layers: usize) -> &str {
         match self.preset.as_str() {
+            "auto" if self.model.is_some() => self.model.as_ref().map_or("generic", |m| m.preset),
             "auto" => match n_layers {
                 30 => "smollm2",
                 32 => "llama3.1-8b",
@@ -379,6 +400,9 @@ impl SlimConfig {
         match self.preset_for(n_layers) {
             "smollm2" => vec![(10, 1.0), (20, 0.5), (28, 0.25)],
             "llama3.1-8b" => vec![(10, 0.5), (20, 0.25), (30, 0.125)],
+            // the 8B's stages at the same depth fractions (10/32, 20/32, L−2)
+            "llama3.2-1b" => vec![(5, 0.5), (10, 0.25), (14, 0.125)],
+            "llama3.2-3b" => vec![(9, 0.5), (18, 0.25), (26, 0.125)],
             "qwen2.5-7b" => vec![(9, 0.75), (18, 0.375), (26, 0.25)],
             "generic" => {
                 let l = n_layers;
@@ -407,13 +431,19 @@ impl SlimConfig {
     /// layers 10/20/30 whatever the prompt, so a prompt of up to 8192 tokens is not pruned at
     /// layer 10; the same quarter, eighth and sixteenth of SmolLM2's 8192-token context are
     /// 2048/1024/512. Below a floor, pruning saves little time and on the default model it lost
-    /// facts that the question asks for (bench/NOTES.md). `"generic"` and `"custom"` have none
+    /// facts that the question asks for (bench/NOTES.md). The Llama-3.2 presets and
+    /// `"generic"` take shares of the context (`slim::preset::generic_floors`: 2048/1024/512 for
+    /// a 128k-context model); `"generic"` without a known model and `"custom"` have none
     /// (`min_keep_tokens` applies to every stage).
     pub fn preset_floors(&self, n_layers: usize) -> Vec<usize> {
         match self.preset_for(n_layers) {
             "smollm2" => vec![2048, 1024, 512],
             "llama3.1-8b" => vec![8192, 4096, 2048],
             "qwen2.5-7b" => vec![12288, 6144, 4096],
+            "llama3.2-1b" | "llama3.2-3b" | "generic" => self
+                .model
+                .as_ref()
+                .map_or_else(Vec::new, |m| generic_floors(m.context)),
             _ => Vec::new(),
         }
     }

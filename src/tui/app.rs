@@ -150,6 +150,8 @@ pub struct LastStats {
     pub rss_bytes: u64,
     pub kept_per_layer: Vec<usize>,
     pub slim: bool,
+    /// The preset whose schedule applied (see `GenStats::slim_preset`).
+    pub slim_preset: String,
     /// GPU memory, when the model runs on one.
     pub gpu_memory: Option<crate::metrics::GpuMemory>,
 }
@@ -666,6 +668,7 @@ impl App {
             rss_bytes,
             kept_per_layer: s.kept_per_layer.clone(),
             slim: s.slim,
+            slim_preset: s.slim_preset.clone(),
             gpu_memory: s.gpu_memory,
         });
     }

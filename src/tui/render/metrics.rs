@@ -202,6 +202,12 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
         "+/- ratio · Ctrl+P toggle",
         Style::default().fg(Color::DarkGray),
     ));
+    if let Some(l) = app.last.as_ref().filter(|l| l.slim) {
+        out.push(Line::styled(
+            format!("schedule {}", l.slim_preset),
+            Style::default().fg(Color::DarkGray),
+        ));
+    }
     if let Some(l) = app.last.as_ref().filter(|l| !l.kept_per_layer.is_empty()) {
         let room = height.saturating_sub(out.len() + 1);
         out.extend(kept_bars(&l.kept_per_layer, width, room));

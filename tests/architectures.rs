@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use slimchat::backend::linear::LinearMode;
 use slimchat::kv::KvCache;
 use slimchat::model::gguf::{GgufFile, RopeStyle};
-use slimchat::model::llama::{Dense, Llama};
+use slimchat::model::llama::{Dense, LayerPolicy, Llama};
 
 /// dense-f32 against candle's f32 model: f16 KV and summation order only.
 /// Measured up to 5e-4 (qwen3, decode).
@@ -543,4 +543,73 @@ fn an_output_bias_is_refused() {
         &path,
         &["bo.gguf", "blk.0.attn_output.bias", "not supported"],
     );
+}
+
+/// SlimInfer over qwen3's wide heads (queries of n_heads * head_dim = 128 against hidden 64):
+/// with budgets that cover the prompt the logits are dense's, bit for bit; with a budget of a
+/// quarter, layer 1 runs on fewer rows and prefill and decode still give finite logits.
+#[test]
+fn qwen3_runs_under_slim_pruning() {
+    use slimchat::slim::session::SlimSession;
+    use slimchat::slim::{HeadShape, SlimConfig, StageConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qwen3.gguf");
+    let t = Tiny::qwen3();
+    write_model(&t, &path);
+    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), LinearMode::Int8).unwrap();
+    let shape = HeadShape {
+        n_heads: HEADS,
+        n_kv_heads: KV_HEADS,
+        head_dim: t.head_dim,
+    };
+    let prompt: Vec<u32> = (0..128u32).map(|i| (i * 31 + 7) % VOCAB as u32).collect();
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let slim = |fraction| SlimConfig {
+        preset: "custom".into(),
+        stages: vec![StageConfig { layer: 1, fraction }],
+        keep_ratio: 1.0,
+        min_keep_tokens: 0,
+        block_size: 16,
+        unit_size: 4,
+        local_window: 4,
+        decode_keep: 1.0,
+        decode_min_tokens: 0,
+        ..Default::default()
+    };
+    // logits after the prompt and 3 decode tokens, and the rows layer 1 ran on in prefill
+    let run = |fraction: Option<f32>| {
+        let mut policy: Box<dyn LayerPolicy> = match fraction {
+            None => Box::new(Dense),
+            Some(f) => {
+                slim(f).check(LAYERS).unwrap();
+                Box::new(SlimSession::new(&slim(f), LAYERS, shape, prompt.len()))
+            }
+        };
+        let mut kv = KvCache::new(LAYERS);
+        let mut rows = 0;
+        let mut on_layer = |layer: usize, n: usize| {
+            if layer == 1 {
+                rows = n;
+            }
+        };
+        let mut out = vec![model
+            .forward(&prompt, &positions, &mut kv, &mut *policy, &mut on_layer)
+            .unwrap()];
+        for (i, t) in [5u32, 6, 7].into_iter().enumerate() {
+            let pos = [(prompt.len() + i) as u32];
+            let l = model.forward(&[t], &pos, &mut kv, &mut *policy, &mut |_, _| {});
+            out.push(l.unwrap());
+        }
+        (out, rows)
+    };
+    let (dense, dense_rows) = run(None);
+    let (whole, _) = run(Some(1.0));
+    assert!(
+        whole == dense,
+        "budgets covering the prompt changed the logits"
+    );
+    let (pruned, rows) = run(Some(0.25));
+    eprintln!("layer 1 ran on {rows} of {dense_rows} rows");
+    assert!(rows < dense_rows, "nothing was pruned: {rows} rows");
+    assert!(pruned.iter().flatten().all(|x| x.is_finite()));
 }

@@ -6,7 +6,7 @@ use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
 use slimchat::backend::rowwise::Rope;
-use slimchat::model::gguf::{ModelSpec, RopeScaling};
+use slimchat::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 use slimchat::model::synthetic::{LlamaShape, NoHooks, SyntheticLlama};
 use slimchat::slim::score::{block_scores_attention_reference, block_scores_reference, HeadShape};
 use slimchat::slim::SlimConfig;
@@ -48,6 +48,8 @@ fn rope_matches_the_engines_rope() {
         rope_dim: hd,
         rope_theta: theta,
         rope_scaling: RopeScaling::None,
+        rope_style: RopeStyle::Normal,
+        qk_norm: false,
         rms_eps: 1e-5,
         context_length: 4096,
         vocab_size: 1,

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::simd;
-use crate::model::gguf::{ModelSpec, RopeScaling};
+use crate::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 
 /// Rows per parallel task: small enough to balance two cores, large enough to amortise a task.
 const ROWS_PER_TASK: usize = 64;
@@ -35,9 +35,11 @@ pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
         });
 }
 
-/// Rotary position embedding, GGUF/llama.cpp "normal" layout: within each head, the pairs
-/// (x[2i], x[2i+1]) for i < rope_dim/2 are rotated by position * inv_freq[i].
-/// <https://arxiv.org/abs/2104.09864>
+/// Rotary position embedding: within each head, pair i < rope_dim/2 is rotated by
+/// position * inv_freq[i], with inv_freq[i] = theta^(-2i / rope_dim) / freq_factor[i] (llama.cpp
+/// divides the angle by `rope_freqs.weight`'s factor) and positions divided by a linear scaling
+/// factor. Pair i is (x[2i], x[2i+1]) in the normal layout and (x[i], x[i + rope_dim/2]) in the
+/// NEOX one ([`RopeStyle`]). <https://arxiv.org/abs/2104.09864>
 pub struct Rope {
     /// (max_positions, rope_dim / 2)
     cos: Vec<f32>,
@@ -45,6 +47,7 @@ pub struct Rope {
     sin: Vec<f32>,
     half: usize,
     head_dim: usize,
+    style: RopeStyle,
     max_positions: usize,
 }
 
@@ -79,6 +82,7 @@ impl Rope {
             sin,
             half,
             head_dim: spec.head_dim,
+            style: spec.rope_style,
             max_positions,
         }
     }
@@ -117,14 +121,128 @@ impl Rope {
                     let cos = &self.cos[p as usize * self.half..][..self.half];
                     let sin = &self.sin[p as usize * self.half..][..self.half];
                     for head in row.chunks_mut(self.head_dim) {
-                        for i in 0..self.half {
-                            let (a, b) = (head[2 * i], head[2 * i + 1]);
-                            head[2 * i] = a * cos[i] - b * sin[i];
-                            head[2 * i + 1] = a * sin[i] + b * cos[i];
+                        match self.style {
+                            RopeStyle::Normal => rotate_adjacent(head, cos, sin),
+                            RopeStyle::Neox => rotate_halves(head, cos, sin),
                         }
                     }
                 }
             });
         Ok(())
+    }
+}
+
+/// Normal layout: rotate the pairs (head[2i], head[2i+1]) by the angles of cos, sin (half).
+fn rotate_adjacent(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
+        let (a, b) = (head[2 * i], head[2 * i + 1]);
+        head[2 * i] = a * c - b * s;
+        head[2 * i + 1] = a * s + b * c;
+    }
+}
+
+/// NEOX layout: rotate the pairs (head[i], head[i + half]) by the angles of cos, sin (half).
+fn rotate_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (lo, hi) = head.split_at_mut(half);
+    for (((a, b), c), s) in lo.iter_mut().zip(&mut hi[..half]).zip(cos).zip(sin) {
+        let (x, y) = (*a, *b);
+        *a = x * c - y * s;
+        *b = x * s + y * c;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(style: RopeStyle, scaling: RopeScaling) -> ModelSpec {
+        ModelSpec {
+            arch: "test".into(),
+            n_layers: 1,
+            hidden: 16,
+            intermediate: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_dim: 6, // the last two values of each head are not rotated
+            rope_theta: 500_000.0,
+            rope_scaling: scaling,
+            rope_style: style,
+            qk_norm: false,
+            rms_eps: 1e-5,
+            context_length: 64,
+            vocab_size: 1,
+        }
+    }
+
+    /// Rotate (rows, 2 heads of 8) by the formula: pair i of a head at position p turns by
+    /// p / linear * theta^(-2i / rope_dim) / factor[i].
+    fn closed_form(x: &[f32], positions: &[u32], s: &ModelSpec, factors: &[f32]) -> Vec<f32> {
+        let linear = match s.rope_scaling {
+            RopeScaling::Linear(f) => f as f64,
+            RopeScaling::None => 1.0,
+        };
+        let half = s.rope_dim / 2;
+        let mut out = x.to_vec();
+        for (row, &p) in out.chunks_mut(s.n_heads * s.head_dim).zip(positions) {
+            for head in row.chunks_mut(s.head_dim) {
+                for (i, &factor) in factors.iter().enumerate().take(half) {
+                    let inv = (s.rope_theta as f64).powf(-2.0 * i as f64 / s.rope_dim as f64);
+                    let angle = p as f64 / linear * inv / factor as f64;
+                    let (a, b) = match s.rope_style {
+                        RopeStyle::Normal => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x, y) = (head[a] as f64, head[b] as f64);
+                    head[a] = (x * angle.cos() - y * angle.sin()) as f32;
+                    head[b] = (x * angle.sin() + y * angle.cos()) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn check(style: RopeStyle, scaling: RopeScaling, factors: Option<&[f32]>) {
+        let s = spec(style, scaling);
+        let positions = [0u32, 1, 7, 33, 63];
+        let x: Vec<f32> = (0..positions.len() * 16)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let mut got = x.clone();
+        Rope::new(&s, factors, 64)
+            .apply(&mut got, &positions)
+            .unwrap();
+        let expect = closed_form(&x, &positions, &s, factors.unwrap_or(&[1.0; 3]));
+        for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
+            assert!((g - e).abs() < 1e-5, "{style:?} value {i}: {g} vs {e}");
+        }
+    }
+
+    #[test]
+    fn normal_rope_rotates_adjacent_pairs_by_the_closed_form_angle() {
+        check(RopeStyle::Normal, RopeScaling::None, None);
+    }
+
+    #[test]
+    fn neox_rope_rotates_the_two_halves_by_the_closed_form_angle() {
+        check(RopeStyle::Neox, RopeScaling::None, None);
+    }
+
+    /// Llama 3.1's `rope_freqs.weight`: llama.cpp divides each pair's angle by its factor.
+    #[test]
+    fn freq_factors_divide_each_pairs_angle() {
+        check(RopeStyle::Normal, RopeScaling::None, Some(&[1.0, 2.5, 8.0]));
+        check(RopeStyle::Neox, RopeScaling::None, Some(&[1.0, 2.5, 8.0]));
+    }
+
+    #[test]
+    fn linear_scaling_divides_positions_by_the_factor() {
+        check(
+            RopeStyle::Normal,
+            RopeScaling::Linear(4.0),
+            Some(&[1.0, 2.5, 8.0]),
+        );
+        check(RopeStyle::Neox, RopeScaling::Linear(4.0), None);
     }
 }

@@ -2,10 +2,15 @@
 //!
 //! candle's `gguf_file::Content::read` parses the header; this module adds what a user needs
 //! when a file is wrong: one line that names the problem (bad magic, truncated tensor data,
-//! missing tensor, unsupported architecture) instead of a panic or a garbled load.
+//! missing tensor, unsupported architecture or tensor type) instead of a panic or a garbled load.
+//!
+//! Metadata keys and their defaults follow llama.cpp's loader (`llama-model.cpp`): the head size
+//! comes from `{arch}.attention.key_length` (default hidden / heads), the RoPE scaling type
+//! defaults to linear with the factor of `rope.scaling.factor` (or the older `rope.scale_linear`),
+//! and the RoPE layout is chosen by architecture as llama.cpp's `llama_model_rope_type` does.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -14,8 +19,10 @@ use candle_core::Device;
 
 use crate::{Error, Result};
 
-/// Architectures whose tensors and equations are the LLaMA ones (`blk.N.attn_q` … `ffn_down`).
-const LLAMA_FAMILY: &[&str] = &["llama", "mistral"];
+/// Architectures whose tensors and equations are the LLaMA ones (`blk.N.attn_q` … `ffn_down`),
+/// with the variations [`ModelSpec`] records: Qwen2's q/k/v biases (optional in every
+/// architecture, as in llama.cpp), Qwen3's per-head q/k RMSNorm, and the NEOX RoPE layout.
+const LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 /// A GGUF file whose header parsed and whose tensor data lies inside the file.
 pub struct GgufFile {
@@ -34,6 +41,11 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = e.to_string();
+            if msg.contains("unknown dtype") {
+                if let Some(why) = unsupported_tensor_type(path) {
+                    return Error::ModelLoad(format!("{}: {why}", path.display()));
+                }
+            }
             let what = if msg.contains("magic") {
                 "not a GGUF file (bad magic)"
             } else {
@@ -146,7 +158,7 @@ impl GgufFile {
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
             return Err(Error::ModelLoad(format!(
-                "{}: unsupported architecture '{arch}' (slimchat runs LLaMA-family models: {})",
+                "{}: unsupported architecture '{arch}' (slimchat runs these GGUF architectures: {})",
                 self.path.display(),
                 LLAMA_FAMILY.join(", ")
             )));
@@ -164,58 +176,35 @@ impl GgufFile {
             .meta_u32(&k("attention.head_count_kv"))?
             .map(|v| v as usize)
             .unwrap_or(n_heads);
-        if n_heads == 0
-            || !hidden.is_multiple_of(n_heads)
-            || n_kv_heads == 0
-            || !n_heads.is_multiple_of(n_kv_heads)
-        {
-            return Err(Error::ModelLoad(format!(
-                "{}: inconsistent heads: hidden {hidden}, {n_heads} query heads, {n_kv_heads} KV heads",
-                self.path.display()
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+            return Err(self.load_error(format!(
+                "inconsistent heads: {n_heads} query heads, {n_kv_heads} KV heads"
             )));
         }
-        let head_dim = hidden / n_heads;
+        let head_dim = self.head_dim(&arch, hidden, n_heads)?;
         let rope_dim = self
             .meta_u32(&k("rope.dimension_count"))?
             .map(|v| v as usize)
             .unwrap_or(head_dim);
         if rope_dim == 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
-            return Err(Error::ModelLoad(format!(
-                "{}: RoPE dimension {rope_dim} must be even and at most the head dimension {head_dim}",
-                self.path.display()
+            return Err(self.load_error(format!(
+                "RoPE dimension {rope_dim} must be even and at most the head dimension {head_dim}"
             )));
         }
-        let rope_scaling = match self
-            .metadata(&k("rope.scaling.type"))
-            .and_then(|v| v.to_string().ok())
-        {
-            Some(t) if t == "linear" => {
-                RopeScaling::Linear(self.meta_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0))
-            }
-            Some(t) if t == "none" => RopeScaling::None,
-            None => RopeScaling::None,
-            Some(t) => {
-                return Err(Error::ModelLoad(format!(
-                    "{}: unsupported RoPE scaling '{t}'",
-                    self.path.display()
-                )))
-            }
-        };
+        if let Some(n) = self.meta_u32(&k("expert_count"))?.filter(|&n| n > 0) {
+            return Err(self.load_error(format!(
+                "mixture-of-experts {arch} models ({n} experts) are not supported"
+            )));
+        }
         let n_layers = self.require_u32(&k("block_count"))? as usize;
         let vocab_size = match self.meta_u32(&k("vocab_size"))? {
             Some(v) => v as usize,
             None => match self.metadata("tokenizer.ggml.tokens") {
                 Some(Value::Array(a)) => a.len(),
-                _ => {
-                    return Err(Error::ModelLoad(format!(
-                        "{}: cannot tell the vocabulary size",
-                        self.path.display()
-                    )))
-                }
+                _ => return Err(self.load_error("cannot tell the vocabulary size".into())),
             },
         };
         Ok(ModelSpec {
-            arch: arch.clone(),
             n_layers,
             hidden,
             intermediate: self.require_u32(&k("feed_forward_length"))? as usize,
@@ -224,13 +213,63 @@ impl GgufFile {
             head_dim,
             rope_dim,
             rope_theta: self.meta_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0),
-            rope_scaling,
+            rope_scaling: self.rope_scaling(&arch)?,
+            rope_style: RopeStyle::of(&arch),
+            qk_norm: arch == "qwen3",
             rms_eps: self
                 .meta_f32(&k("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             context_length: self.meta_u32(&k("context_length"))?.unwrap_or(4096) as usize,
             vocab_size,
+            arch,
         })
+    }
+
+    /// Width of one attention head: `{arch}.attention.key_length`, which must equal
+    /// `value_length` when both are given; hidden / heads when neither is.
+    fn head_dim(&self, arch: &str, hidden: usize, n_heads: usize) -> Result<usize> {
+        let key = self.meta_u32(&format!("{arch}.attention.key_length"))?;
+        let value = self.meta_u32(&format!("{arch}.attention.value_length"))?;
+        match (key.or(value), value.or(key)) {
+            (Some(k), Some(v)) if k != v => Err(self.load_error(format!(
+                "key heads of {k} and value heads of {v} differ (slimchat needs them equal)"
+            ))),
+            (Some(0), _) => Err(self.load_error("attention.key_length is 0".into())),
+            (Some(k), _) => Ok(k as usize),
+            _ if hidden.is_multiple_of(n_heads) => Ok(hidden / n_heads),
+            _ => Err(self.load_error(format!(
+                "hidden {hidden} is not a multiple of {n_heads} heads and attention.key_length is missing"
+            ))),
+        }
+    }
+
+    /// `{arch}.rope.scaling.type` (llama.cpp's default: linear) with `rope.scaling.factor` (or the
+    /// older `rope.scale_linear`); a factor of 0 or 1, or none, means no scaling. Llama 3.1's
+    /// scaling has no type here: it is the `rope_freqs.weight` tensor.
+    fn rope_scaling(&self, arch: &str) -> Result<RopeScaling> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let factor = match self.meta_f32(&k("rope.scaling.factor"))? {
+            Some(f) => Some(f),
+            None => self.meta_f32(&k("rope.scale_linear"))?,
+        };
+        let factor = factor.filter(|&f| f != 0.0 && f != 1.0);
+        let kind = match self.metadata(&k("rope.scaling.type")) {
+            Some(v) => v.to_string().map(String::as_str).map_err(|_| {
+                self.load_error(format!("metadata {arch}.rope.scaling.type is not a string"))
+            })?,
+            None => "linear",
+        };
+        match (kind, factor) {
+            ("none", _) | (_, None) => Ok(RopeScaling::None),
+            ("linear", Some(f)) if f > 0.0 => Ok(RopeScaling::Linear(f)),
+            (kind, Some(f)) => Err(self.load_error(format!(
+                "RoPE scaling '{kind}' with factor {f} is not supported (slimchat supports none and linear)"
+            ))),
+        }
+    }
+
+    fn load_error(&self, what: String) -> Error {
+        Error::ModelLoad(format!("{}: {what}", self.path.display()))
     }
 }
 
@@ -243,6 +282,29 @@ pub enum RopeScaling {
     Linear(f32),
 }
 
+/// Which pairs of a head's values RoPE rotates together (llama.cpp's `LLAMA_ROPE_TYPE_*`).
+/// Both rotate pair i by position * theta^(-2i / rope_dim) for i < rope_dim / 2 and leave the
+/// values past `rope_dim` alone; they differ in where the two halves of a pair sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// GPT-J / Meta LLaMA layout: pair i is (x[2i], x[2i + 1]). llama.cpp's converter permutes
+    /// Hugging Face LLaMA q/k weights into it, so `llama` and `mistral` GGUFs use it.
+    Normal,
+    /// GPT-NeoX "rotate half" layout: pair i is (x[i], x[i + rope_dim / 2]), the Hugging Face
+    /// layout, which Qwen2/Qwen3 GGUFs keep.
+    Neox,
+}
+
+impl RopeStyle {
+    /// The layout llama.cpp uses for an architecture (one that [`GgufFile::architecture`] accepts).
+    pub fn of(arch: &str) -> Self {
+        match arch {
+            "qwen2" | "qwen3" => Self::Neox,
+            _ => Self::Normal,
+        }
+    }
+}
+
 /// Resolved hyper-parameters of a LLaMA-family model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
@@ -252,11 +314,16 @@ pub struct ModelSpec {
     pub intermediate: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Width of one query, key and value head; n_heads * head_dim need not be `hidden` (Qwen3).
     pub head_dim: usize,
     /// Leading dimensions of each head that RoPE rotates (usually all of them).
     pub rope_dim: usize,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
+    pub rope_style: RopeStyle,
+    /// Queries and keys go through a per-head RMSNorm (`attn_q_norm`, `attn_k_norm`, width
+    /// head_dim) before RoPE (Qwen3).
+    pub qk_norm: bool,
     pub rms_eps: f32,
     /// The trained context: the longest prompt plus answer the model accepts.
     pub context_length: usize,
@@ -264,6 +331,11 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Width of a row of queries, and of the attention output: n_heads * head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
@@ -271,4 +343,168 @@ impl ModelSpec {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
+}
+
+/// The ggml type names by id (`enum ggml_type` in ggml.h); ids 4, 5 and 31-33, 36-38 were removed.
+const GGML_TYPES: &[(u32, &str)] = &[
+    (0, "F32"),
+    (1, "F16"),
+    (2, "Q4_0"),
+    (3, "Q4_1"),
+    (6, "Q5_0"),
+    (7, "Q5_1"),
+    (8, "Q8_0"),
+    (9, "Q8_1"),
+    (10, "Q2_K"),
+    (11, "Q3_K"),
+    (12, "Q4_K"),
+    (13, "Q5_K"),
+    (14, "Q6_K"),
+    (15, "Q8_K"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (30, "BF16"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+    (40, "NVFP4"),
+    (41, "Q1_0"),
+    (42, "Q2_0"),
+];
+
+/// The tensor types candle reads (and so slimchat runs): ids 0-3, 6-15 and 30.
+fn candle_reads(id: u32) -> bool {
+    matches!(id, 0..=3 | 6..=15 | 30)
+}
+
+/// "IQ4_NL (type 20)", or "unknown type 99" for an id ggml does not name.
+fn ggml_type_label(id: u32) -> String {
+    match GGML_TYPES.iter().find(|(i, _)| *i == id) {
+        Some((_, name)) => format!("{name} (type {id})"),
+        None => format!("unknown type {id}"),
+    }
+}
+
+/// When candle rejects a header for an unknown tensor type, name the first such tensor and its
+/// type. Reads the GGUF header (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
+/// magic, version, tensor count, metadata count, the metadata key/values (skipped), then per
+/// tensor its name, dimension count, dimensions, type and offset. None if the header does not
+/// read that far.
+fn unsupported_tensor_type(path: &Path) -> Option<String> {
+    let mut r = HeaderReader {
+        r: BufReader::new(File::open(path).ok()?),
+        wide: true,
+    };
+    if r.u32()? != u32::from_le_bytes(*b"GGUF") {
+        return None;
+    }
+    r.wide = r.u32()? >= 2; // version 1 has 32-bit counts and lengths
+    let (n_tensors, n_kv) = (r.len()?, r.len()?);
+    for _ in 0..n_kv {
+        r.skip_string()?;
+        let ty = r.u32()?;
+        r.skip_value(ty)?;
+    }
+    for _ in 0..n_tensors {
+        let name = r.string()?;
+        let n_dims = r.u32()?;
+        for _ in 0..n_dims {
+            r.len()?;
+        }
+        let ty = r.u32()?;
+        r.u64()?; // offset
+        if !candle_reads(ty) {
+            return Some(format!(
+                "tensor {name} has {}, which slimchat cannot read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K)",
+                ggml_type_label(ty)
+            ));
+        }
+    }
+    None
+}
+
+/// Little-endian reads over a GGUF header; `wide`: lengths and counts are u64 (version >= 2).
+struct HeaderReader<R> {
+    r: R,
+    wide: bool,
+}
+
+impl<R: Read + Seek> HeaderReader<R> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b).ok()?;
+        Some(b)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.bytes().map(u64::from_le_bytes)
+    }
+
+    fn len(&mut self) -> Option<u64> {
+        if self.wide {
+            self.u64()
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    fn skip(&mut self, n: u64) -> Option<()> {
+        self.r.seek_relative(i64::try_from(n).ok()?).ok()
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = self.len()?;
+        let mut b = Vec::new();
+        (&mut self.r).take(n).read_to_end(&mut b).ok()?;
+        (b.len() as u64 == n).then(|| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn skip_string(&mut self) -> Option<()> {
+        let n = self.len()?;
+        self.skip(n)
+    }
+
+    /// Skip one metadata value of GGUF value type `ty`.
+    fn skip_value(&mut self, ty: u32) -> Option<()> {
+        match ty {
+            0 | 1 | 7 => self.skip(1), // u8, i8, bool
+            2 | 3 => self.skip(2),     // u16, i16
+            4..=6 => self.skip(4),     // u32, i32, f32
+            10..=12 => self.skip(8),   // u64, i64, f64
+            8 => self.skip_string(),
+            9 => {
+                let (elem, n) = (self.u32()?, self.len()?);
+                match elem {
+                    8 | 9 => (0..n).try_for_each(|_| self.skip_value(elem)),
+                    _ => {
+                        let size = match elem {
+                            0 | 1 | 7 => 1,
+                            2 | 3 => 2,
+                            4..=6 => 4,
+                            10..=12 => 8,
+                            _ => return None,
+                        };
+                        self.skip(n.checked_mul(size)?)
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
 }

@@ -5,6 +5,11 @@
 //! causal mask are built from those positions, never from an offset, so rows can be dropped
 //! between layers (SlimInfer) without changing the meaning of the rest. Each layer appends its
 //! keys and values to its own cache, which the caller owns.
+//!
+//! The same forward runs the GGUF architectures `llama`, `mistral`, `qwen2` and `qwen3`, whose
+//! differences [`ModelSpec`] records: q/k/v biases when the file has them (Qwen2), a per-head
+//! RMSNorm of q and k before RoPE (Qwen3), the RoPE layout (normal or NEOX), and a head width
+//! that need not be hidden / heads (Qwen3: the attention output is n_heads * head_dim wide).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,19 +28,38 @@ use crate::{Error, Result};
 struct Attention {
     /// q, k, v
     wqkv: FusedLinear,
+    /// (n_heads * hd + 2 * n_kv_heads * hd): the q, k and v biases side by side (Qwen2), zeros
+    /// for one the file lacks; None when the layer has none
+    bias: Option<Vec<f32>>,
+    /// (hd) each: the per-head RMSNorm weights of q and k (Qwen3)
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: Linear,
     shape: AttnShape,
 }
 
 impl Attention {
     fn load(f: &mut GgufFile, i: usize, spec: &ModelSpec, mode: LinearMode) -> Result<Self> {
+        let (q_dim, kv_dim) = (spec.q_dim(), spec.kv_dim());
+        let parts = [("q", q_dim), ("k", kv_dim), ("v", kv_dim)];
+        let qkv = parts.map(|(p, width)| (format!("blk.{i}.attn_{p}.weight"), width));
+        let qk_norm = if spec.qk_norm {
+            let norm = |f: &mut GgufFile, p| {
+                vector(f, &format!("blk.{i}.attn_{p}_norm.weight"), spec.head_dim)
+            };
+            Some((norm(f, "q")?, norm(f, "k")?))
+        } else {
+            None
+        };
         Ok(Self {
-            wqkv: fused(
+            wqkv: fused(f, &qkv, spec.hidden, mode)?,
+            bias: qkv_bias(f, i, &parts)?,
+            qk_norm,
+            wo: linear(
                 f,
-                &["q", "k", "v"].map(|p| format!("blk.{i}.attn_{p}.weight")),
+                &format!("blk.{i}.attn_output.weight"),
+                (spec.hidden, q_dim),
                 mode,
             )?,
-            wo: linear(f, &format!("blk.{i}.attn_output.weight"), mode)?,
             shape: AttnShape {
                 n_heads: spec.n_heads,
                 n_kv_heads: spec.n_kv_heads,
@@ -54,11 +78,9 @@ impl Attention {
         kv: &mut KvCache,
         ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
-        let (rows, hidden) = x.dims2()?;
+        let rows = x.dims2()?.0;
         // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
-        let [mut q, mut k, v] = split_columns(&self.wqkv.forward(x)?, self.wqkv.widths());
-        ctx.rope.apply(&mut q, positions)?;
-        ctx.rope.apply(&mut k, positions)?;
+        let [q, k, v] = self.qkv(x, positions, ctx)?;
         // the layer's block copies (KV manager) land before it appends and attends
         kv.before_layer(ctx.layer);
         kv.append(ctx.layer, &k, &v, positions, &*ctx.policy)?;
@@ -66,7 +88,8 @@ impl Attention {
         ctx.policy
             .before_attention(ctx.layer, &q, positions, kv.layer(ctx.layer))?;
         kv.before_attention(ctx.layer, &*ctx.policy)?;
-        let mut out = vec![0.0f32; rows * hidden]; // (rows, n_heads * hd)
+        let q_dim = self.shape.n_heads * self.shape.head_dim; // not always hidden (Qwen3)
+        let mut out = vec![0.0f32; rows * q_dim]; // (rows, n_heads * hd)
         let fresh = Some((&k[..], &v[..]));
         kv.attend(
             ctx.layer,
@@ -77,8 +100,46 @@ impl Attention {
             self.shape,
             &mut out,
         )?;
-        Ok((self.wo.forward(&tensor2(out, rows, hidden)?)?, q))
+        Ok((self.wo.forward(&tensor2(out, rows, q_dim)?)?, q))
     }
+
+    /// x: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd): projected,
+    /// biased, q and k normed per head (Qwen3), then q and k rotated.
+    fn qkv(&self, x: &Tensor, positions: &[u32], ctx: &LayerCtx) -> Result<[Vec<f32>; 3]> {
+        let mut joined = self.wqkv.forward(x)?; // (rows, q_dim + 2 kv_dim)
+        if let Some(bias) = &self.bias {
+            for row in joined.chunks_exact_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+            }
+        }
+        let [mut q, mut k, v] = split_columns(&joined, self.wqkv.widths());
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            // (rows * heads, hd): one RMSNorm per head
+            q = rms_norm_rows(&q, q_norm, ctx.eps);
+            k = rms_norm_rows(&k, k_norm, ctx.eps);
+        }
+        ctx.rope.apply(&mut q, positions)?;
+        ctx.rope.apply(&mut k, positions)?;
+        Ok([q, k, v])
+    }
+}
+
+/// The q, k and v biases of layer `i` side by side, zeros for one the file lacks; None when it
+/// has none. llama.cpp loads each if present, in every architecture (Qwen2 has all three).
+fn qkv_bias(f: &mut GgufFile, i: usize, parts: &[(&str, usize); 3]) -> Result<Option<Vec<f32>>> {
+    let name = |p: &str| format!("blk.{i}.attn_{p}.bias");
+    if !parts.iter().any(|(p, _)| f.has_tensor(&name(p))) {
+        return Ok(None);
+    }
+    let mut joined = Vec::with_capacity(parts.iter().map(|(_, w)| w).sum());
+    for &(p, width) in parts {
+        if f.has_tensor(&name(p)) {
+            joined.extend(vector(f, &name(p), width)?);
+        } else {
+            joined.resize(joined.len() + width, 0.0);
+        }
+    }
+    Ok(Some(joined))
 }
 
 /// (rows, Σ widths) with N parts side by side -> the N parts, each (rows, width_i).
@@ -113,14 +174,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(f: &mut GgufFile, i: usize, mode: LinearMode) -> Result<Self> {
+    fn load(f: &mut GgufFile, i: usize, spec: &ModelSpec, mode: LinearMode) -> Result<Self> {
+        let (hidden, inter) = (spec.hidden, spec.intermediate);
+        let gate_up = ["gate", "up"].map(|p| (format!("blk.{i}.ffn_{p}.weight"), inter));
+        let down = format!("blk.{i}.ffn_down.weight");
         Ok(Self {
-            gate_up: fused(
-                f,
-                &["gate", "up"].map(|p| format!("blk.{i}.ffn_{p}.weight")),
-                mode,
-            )?,
-            down: linear(f, &format!("blk.{i}.ffn_down.weight"), mode)?,
+            gate_up: fused(f, &gate_up, hidden, mode)?,
+            down: linear(f, &down, (hidden, inter), mode)?,
         })
     }
 
@@ -161,7 +221,7 @@ impl Block {
             attn_norm: vector(f, &format!("blk.{i}.attn_norm.weight"), spec.hidden)?,
             attn: Attention::load(f, i, spec, mode)?,
             mlp_norm: vector(f, &format!("blk.{i}.ffn_norm.weight"), spec.hidden)?,
-            mlp: Mlp::load(f, i, mode)?,
+            mlp: Mlp::load(f, i, spec, mode)?,
         })
     }
 
@@ -194,6 +254,7 @@ struct LayerCtx<'a> {
 pub trait LayerPolicy {
     /// Rows of `kv` (layer `layer`'s cache, this step's rows already appended) that the layer
     /// may attend to: sorted, disjoint ranges.
+    #[allow(clippy::single_range_in_vec_init)] // one range: every row
     fn key_ranges(&self, _layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
         vec![0..kv.len()]
     }
@@ -323,19 +384,17 @@ pub struct Llama {
 impl Llama {
     pub fn load(f: &mut GgufFile, mode: LinearMode) -> Result<Self> {
         let spec = f.spec()?;
-        let embed = Arc::new(f.tensor("token_embd.weight")?);
+        check_tensors_are_known(f, &spec)?;
+        let vocab_by_hidden = (spec.vocab_size, spec.hidden);
+        let embed = weight(f, "token_embd.weight", vocab_by_hidden)?;
         let head_weights = if f.has_tensor("output.weight") {
-            Arc::new(f.tensor("output.weight")?)
+            weight(f, "output.weight", vocab_by_hidden)?
         } else {
-            embed.clone()
+            embed.clone() // tied embeddings
         };
+        // Llama 3.1's per-frequency divisors of the RoPE angles, one per rotated pair
         let freq_factors = if f.has_tensor("rope_freqs.weight") {
-            Some(
-                f.tensor("rope_freqs.weight")?
-                    .dequantize(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            )
+            Some(vector(f, "rope_freqs.weight", spec.rope_dim / 2)?)
         } else {
             None
         };
@@ -441,14 +500,67 @@ impl Llama {
     }
 }
 
-fn linear(f: &mut GgufFile, name: &str, mode: LinearMode) -> Result<Linear> {
-    Ok(Linear::new(Arc::new(f.tensor(name)?), mode)?)
+/// Tensors that would change the forward but that it has no place for (fused q/k/v, output
+/// and MLP biases, experts, long-context RoPE factors): refuse the file rather than run it wrong.
+const UNSUPPORTED_TENSORS: &[&str] = &[
+    "attn_qkv.weight",
+    "attn_output.bias",
+    "ffn_gate.bias",
+    "ffn_up.bias",
+    "ffn_down.bias",
+    "ffn_gate_inp.weight",
+    "output.bias",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+];
+
+fn check_tensors_are_known(f: &GgufFile, spec: &ModelSpec) -> Result<()> {
+    let mut names: Vec<&String> = f.content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        // "blk.3.attn_output.bias" -> "attn_output.bias"
+        let base = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+            .map_or(name.as_str(), |(_, base)| base);
+        if UNSUPPORTED_TENSORS.contains(&base) {
+            return Err(Error::ModelLoad(format!(
+                "{}: tensor {name} is not supported by slimchat's {} forward",
+                f.path.display(),
+                spec.arch
+            )));
+        }
+    }
+    Ok(())
 }
 
-fn fused(f: &mut GgufFile, names: &[String], mode: LinearMode) -> Result<FusedLinear> {
-    let weights = names
+/// Read a weight matrix, checking it is (rows, cols) = (out, in) as the metadata implies.
+fn weight(f: &mut GgufFile, name: &str, (rows, cols): (usize, usize)) -> Result<Arc<QTensor>> {
+    let w = f.tensor(name)?;
+    if w.shape().dims() != [rows, cols] {
+        return Err(Error::ModelLoad(format!(
+            "{}: tensor {name} is {:?}, expected [{rows}, {cols}] from the metadata",
+            f.path.display(),
+            w.shape().dims()
+        )));
+    }
+    Ok(Arc::new(w))
+}
+
+fn linear(f: &mut GgufFile, name: &str, shape: (usize, usize), mode: LinearMode) -> Result<Linear> {
+    Ok(Linear::new(weight(f, name, shape)?, mode)?)
+}
+
+/// Layers over the same input of width `cols`, one per (name, output width).
+fn fused(
+    f: &mut GgufFile,
+    parts: &[(String, usize)],
+    cols: usize,
+    mode: LinearMode,
+) -> Result<FusedLinear> {
+    let weights = parts
         .iter()
-        .map(|n| Ok(Arc::new(f.tensor(n)?)))
+        .map(|(name, rows)| weight(f, name, (*rows, cols)))
         .collect::<Result<Vec<_>>>()?;
     Ok(FusedLinear::new(weights, mode)?)
 }
@@ -466,6 +578,13 @@ fn vector(f: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
         )));
     }
     Ok(v)
+}
+
+/// RMSNorm of each row of `weight.len()` values. x: (rows, width) -> (rows, width)
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    rms_norm(x, weight, eps, &mut out);
+    out
 }
 
 /// RMSNorm of each row. x: (rows, hidden) -> (rows, hidden)

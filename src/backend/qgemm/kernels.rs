@@ -104,12 +104,20 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     let ib = i * nb + b;
                     // dot[h]: the i32 dot over values 16h..16h+16
                     let mut dot = [0i32; 2];
-                    for (k, line) in g.quants[tb * lines..][..lines].iter().enumerate() {
+                    let tile_lines = &g.quants[tb * lines..][..lines];
+                    let nibble_lines = if g.kind == Kind::Q5 { 4 } else { lines };
+                    for (k, line) in tile_lines[..nibble_lines].iter().enumerate() {
                         for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
                             match g.kind {
-                                Kind::Q4_1 => {
-                                    dot[0] += (byte & 15) as i32 * xb[4 * k + j] as i32;
-                                    dot[1] += (byte >> 4) as i32 * xb[16 + 4 * k + j] as i32;
+                                Kind::Q4_1 | Kind::Q5 => {
+                                    let (mut lo, mut hi) = (byte & 15, byte >> 4);
+                                    if g.kind == Kind::Q5 {
+                                        let h = tile_lines[4].0[4 * lane + j];
+                                        lo |= ((h >> k) & 1) << 4;
+                                        hi |= ((h >> (4 + k)) & 1) << 4;
+                                    }
+                                    dot[0] += lo as i32 * xb[4 * k + j] as i32;
+                                    dot[1] += hi as i32 * xb[16 + 4 * k + j] as i32;
                                 }
                                 Kind::Q8_0 => {
                                     dot[k / 4] +=
@@ -120,7 +128,7 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                         }
                     }
                     match g.kind {
-                        Kind::Q4_1 => {
+                        Kind::Q4_1 | Kind::Q5 => {
                             acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32;
                             acc += f16(s[TILE + lane]) * g.x.dsum[ib];
                         }
@@ -188,6 +196,7 @@ mod x86 {
                 unsafe {
                     match g.kind {
                         Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
+                        Kind::Q5 => by_shape!(q5_vnni, rn, tn, g, i0, t0),
                         Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
                         Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
                     }
@@ -209,30 +218,74 @@ mod x86 {
         unsafe { _mm512_mask_storeu_ps(g.out.add(i * g.n + tile * TILE), mask, v) }
     }
 
+    /// `q4_1_vnni` over Q5 tiles.
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn q5_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        // SAFETY: as the caller promised.
+        unsafe { nibbles_vnni::<R, T, true>(g, i0, t0) }
+    }
+
     /// Rows i0..i0+R × tiles t0..t0+T of a Q4_1 matrix: weight nibbles (unsigned) × activation
     /// bytes (signed); out = Σ_b d_w d_x dot + m_w (d_x Σ q_x).
     ///
     /// SAFETY: as `rect_vnni`, for this microtile.
     #[inline(always)]
     unsafe fn q4_1_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        // SAFETY: as the caller promised.
+        unsafe { nibbles_vnni::<R, T, false>(g, i0, t0) }
+    }
+
+    /// Q4_1 tiles, or with `FIVE` Q5 tiles (each nibble line gets its fifth bits from line 4).
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool>(
+        g: &Gemm,
+        i0: usize,
+        t0: usize,
+    ) {
         let nb = g.nb();
         let nibble = _mm512_set1_epi8(0x0F);
+        let bit = _mm512_set1_epi8(0x10);
+        let n_lines = if FIVE { 5 } else { 4 };
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         for b in 0..nb {
             // SAFETY: tile-blocks (t0 + t) * nb + b are inside `quants`/`scales` (check);
             // activation bytes b * 32 + 32 <= cols.
             unsafe {
                 let lines: [*const __m512i; T] = std::array::from_fn(|t| {
-                    g.quants.as_ptr().add(((t0 + t) * nb + b) * 4) as *const __m512i
+                    g.quants.as_ptr().add(((t0 + t) * nb + b) * n_lines) as *const __m512i
+                });
+                let h: [__m512i; T] = std::array::from_fn(|t| {
+                    if FIVE {
+                        _mm512_load_si512(lines[t].add(4))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
                 });
                 let mut dot = [[_mm512_setzero_si512(); T]; R];
                 for k in 0..4 {
                     let w: [__m512i; T] =
                         std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                    let lo: [__m512i; T] = std::array::from_fn(|t| _mm512_and_si512(w[t], nibble));
-                    let hi: [__m512i; T] = std::array::from_fn(|t| {
+                    let mut lo: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_and_si512(w[t], nibble));
+                    let mut hi: [__m512i; T] = std::array::from_fn(|t| {
                         _mm512_and_si512(_mm512_srli_epi16::<4>(w[t]), nibble)
                     });
+                    if FIVE {
+                        // bit k of each bit-line byte to bit 4 of the low nibble, bit 4 + k to
+                        // bit 4 of the high one (16-bit shifts stay within the byte for bit 4)
+                        let (up, down) =
+                            (_mm_cvtsi32_si128(4 - k as i32), _mm_cvtsi32_si128(k as i32));
+                        for t in 0..T {
+                            let u = _mm512_and_si512(_mm512_sll_epi16(h[t], up), bit);
+                            let d = _mm512_and_si512(_mm512_srl_epi16(h[t], down), bit);
+                            lo[t] = _mm512_or_si512(lo[t], u);
+                            hi[t] = _mm512_or_si512(hi[t], d);
+                        }
+                    }
                     for r in 0..R {
                         let xlo = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
                         let xhi = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
@@ -433,15 +486,26 @@ mod x86 {
                 // formats sum into dot[0]
                 let mut dot = [[_mm256_setzero_si256(); R]; 2];
                 match g.kind {
-                    Kind::Q4_1 => {
+                    Kind::Q4_1 | Kind::Q5 => {
+                        let five = g.kind == Kind::Q5;
+                        let h = if five {
+                            line(4)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         for k in 0..4 {
                             let w = line(k);
-                            let lo = _mm256_and_si256(w, nibble);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            let mut lo = _mm256_and_si256(w, nibble);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            if five {
+                                (lo, hi) = crate::backend::qgemv::kernels::x86::five_bits_256(
+                                    lo, hi, h, k,
+                                );
+                            }
                             for (r, dot) in dot[0].iter_mut().enumerate() {
                                 let xlo = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
                                 let xhi = _mm256_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
-                                // |15 * 127 * 2| twice fits i16
+                                // |31 * 127 * 2| twice fits i16
                                 let p = _mm256_add_epi16(
                                     _mm256_maddubs_epi16(lo, xlo),
                                     _mm256_maddubs_epi16(hi, xhi),
@@ -483,7 +547,7 @@ mod x86 {
                         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][r]), sc, *acc);
                     }
                     match g.kind {
-                        Kind::Q4_1 => {
+                        Kind::Q4_1 | Kind::Q5 => {
                             let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
                             *acc = _mm256_fmadd_ps(scale(1), dsum, *acc);
                         }

@@ -8,6 +8,9 @@
 //! - Q4_1: 4 lines of 64 bytes; line k holds, for rows r = 0..16, the row's nibble bytes
 //!   qs[4k..4k+4] at bytes 4r..4r+4: low nibbles are weights 4k..4k+4, high nibbles weights
 //!   16+4k..16+4k+4. Scales: 16 f16 d then 16 f16 m.
+//! - Q5: Q4_1's 4 lines, then a line of fifth bits: byte 4r + j holds, in bit k, the fifth bit
+//!   of value 4k + j of row r and, in bit 4 + k, that of value 16 + 4k + j (k < 4), so that
+//!   line k's nibbles get theirs with one shift and mask. Scales as Q4_1.
 //! - Q8_0: 8 lines; line k holds the rows' weights 4k..4k+4 as bytes w ^ 0x80 (= w + 128, so
 //!   they are unsigned for `vpdpbusd`; the 128 Σ x it adds is subtracted per block).
 //!   Scales: 16 f16 d.
@@ -59,6 +62,7 @@ impl Kernel {
 /// Lines and f16 scale bits per tile-block of each format.
 pub const Q4_1_LINES: usize = 4;
 pub const Q4_1_SCALES: usize = 2 * TILE;
+pub const Q5_LINES: usize = 5;
 pub const Q8_0_LINES: usize = 8;
 pub const Q8_0_SCALES: usize = TILE;
 pub const Q8X16_LINES: usize = 8;
@@ -94,14 +98,32 @@ pub fn q4_1(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
         Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
             // SAFETY: the CPU has the features (best() checked them); `check` guarantees every
             // tile-block the kernel reads lies inside the slices.
-            unsafe { x86::q4_1_vnni(t, x, out) }
+            unsafe { x86::q4_1_vnni::<false>(t, x, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
             // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
-            unsafe { x86::q4_1_avx2(t, x, out) }
+            unsafe { x86::q4_1_avx2::<false>(t, x, out) }
         }
-        _ => q4_1_scalar(t, x, out),
+        _ => q4_1_scalar::<false>(t, x, out),
+    }
+}
+
+/// `q4_1` over Q5 tiles: the same sums with 5-bit quants.
+pub fn q5(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q5_LINES, Q4_1_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q4_1_vnni::<true>(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q4_1_avx2::<true>(t, x, out) }
+        }
+        _ => q4_1_scalar::<true>(t, x, out),
     }
 }
 
@@ -146,7 +168,9 @@ fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-fn q4_1_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+/// Q4_1 tiles, or with `FIVE` Q5 tiles (a fifth line of high bits).
+fn q4_1_scalar<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    let lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
     for (tile, out) in out.chunks_mut(TILE).enumerate() {
         for (r, o) in out.iter_mut().enumerate() {
             let (mut acc_d, mut acc_m) = (0.0f32, 0.0f32);
@@ -155,10 +179,16 @@ fn q4_1_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
                 let xq = &x.q[b * QK..][..QK];
                 let mut dot = 0i32;
                 for k in 0..4 {
-                    let bytes = &t.quants[tb * Q4_1_LINES + k].0[4 * r..][..4];
+                    let bytes = &t.quants[tb * lines + k].0[4 * r..][..4];
                     for (j, &byte) in bytes.iter().enumerate() {
-                        dot += (byte & 15) as i32 * xq[4 * k + j] as i32;
-                        dot += (byte >> 4) as i32 * xq[16 + 4 * k + j] as i32;
+                        let (mut lo, mut hi) = (byte & 15, byte >> 4);
+                        if FIVE {
+                            let h = t.quants[tb * lines + 4].0[4 * r + j];
+                            lo |= ((h >> k) & 1) << 4;
+                            hi |= ((h >> (4 + k)) & 1) << 4;
+                        }
+                        dot += lo as i32 * xq[4 * k + j] as i32;
+                        dot += hi as i32 * xq[16 + 4 * k + j] as i32;
                     }
                 }
                 let s = &t.scales[tb * Q4_1_SCALES..];
@@ -217,12 +247,12 @@ fn q8x16_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q8X16_LINES, Q8X16_SCALES, Q8_0_LINES, Q8_0_SCALES,
-        TILE,
+        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5_LINES, Q8X16_LINES, Q8X16_SCALES, Q8_0_LINES,
+        Q8_0_SCALES, TILE,
     };
     use crate::backend::qgemv::QK;
 
@@ -247,10 +277,27 @@ mod x86 {
         unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(tile * TILE), mask, acc) }
     }
 
+    /// Line k's low and high nibbles of a Q5 tile-block with their fifth bits from the bit
+    /// line `h` (see the module doc): `(lo | bit k << 4, hi | bit 4+k << 4)` per byte.
+    #[inline(always)]
+    unsafe fn five_bits_512(lo: __m512i, hi: __m512i, h: __m512i, k: usize) -> (__m512i, __m512i) {
+        let bit = _mm512_set1_epi8(0x10);
+        // 16-bit shifts: bit 4 of each byte comes from a bit of the same byte (k < 4)
+        let up = _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - k as i32));
+        let down = _mm512_srl_epi16(h, _mm_cvtsi32_si128(k as i32));
+        (
+            _mm512_or_si512(lo, _mm512_and_si512(up, bit)),
+            _mm512_or_si512(hi, _mm512_and_si512(down, bit)),
+        )
+    }
+
+    /// Q4_1 tiles, or with `FIVE` Q5 tiles.
+    ///
     /// SAFETY: the CPU has AVX-512F/BW/VNNI and F16C; `t` holds every tile-block of `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub unsafe fn q4_1_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    pub unsafe fn q4_1_vnni<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
         let nibble = _mm512_set1_epi8(0x0F);
+        let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
         for tile in 0..out.len().div_ceil(TILE) {
             let (mut acc_d, mut acc_m) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for b in 0..t.nb {
@@ -258,12 +305,20 @@ mod x86 {
                 // SAFETY: tb < tiles * nb, so its lines and scales are in bounds (`check`);
                 // b * 32 + 32 <= x.q.len().
                 unsafe {
-                    let lines = t.quants.as_ptr().add(tb * Q4_1_LINES) as *const __m512i;
+                    let lines = t.quants.as_ptr().add(tb * n_lines) as *const __m512i;
                     let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    let h = if FIVE {
+                        _mm512_load_si512(lines.add(4))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
                     for k in 0..4 {
                         let w = _mm512_load_si512(lines.add(k));
-                        let lo = _mm512_and_si512(w, nibble);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+                        let mut lo = _mm512_and_si512(w, nibble);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+                        if FIVE {
+                            (lo, hi) = five_bits_512(lo, hi, h, k);
+                        }
                         let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
                         let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
                         lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
@@ -378,11 +433,31 @@ mod x86 {
         out[first..first + n].copy_from_slice(&tmp[..n]);
     }
 
+    /// `five_bits_512` on half a line.
+    #[inline(always)]
+    pub(crate) unsafe fn five_bits_256(
+        lo: __m256i,
+        hi: __m256i,
+        h: __m256i,
+        k: usize,
+    ) -> (__m256i, __m256i) {
+        let bit = _mm256_set1_epi8(0x10);
+        let up = _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - k as i32));
+        let down = _mm256_srl_epi16(h, _mm_cvtsi32_si128(k as i32));
+        (
+            _mm256_or_si256(lo, _mm256_and_si256(up, bit)),
+            _mm256_or_si256(hi, _mm256_and_si256(down, bit)),
+        )
+    }
+
+    /// Q4_1 tiles, or with `FIVE` Q5 tiles.
+    ///
     /// SAFETY: the CPU has AVX2, FMA and F16C; `t` holds every tile-block of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    pub unsafe fn q4_1_avx2<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
         let nibble = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
+        let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
         for tile in 0..out.len().div_ceil(TILE) {
             for half in 0..2 {
                 let (mut acc_d, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -390,16 +465,26 @@ mod x86 {
                     let tb = tile * t.nb + b;
                     // SAFETY: as in `q4_1_vnni`; half * 32 + 32 <= 64 bytes of a line.
                     unsafe {
-                        let lines = t.quants.as_ptr().add(tb * Q4_1_LINES) as *const u8;
+                        let lines = t.quants.as_ptr().add(tb * n_lines) as *const u8;
                         let mut isum = _mm256_setzero_si256();
+                        let line = |k: usize| {
+                            _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i)
+                        };
+                        let h = if FIVE {
+                            line(4)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         for k in 0..4 {
-                            let w =
-                                _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i);
-                            let lo = _mm256_and_si256(w, nibble);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            let w = line(k);
+                            let mut lo = _mm256_and_si256(w, nibble);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+                            if FIVE {
+                                (lo, hi) = five_bits_256(lo, hi, h, k);
+                            }
                             let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
                             let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));
-                            // |15 * 127 * 2| twice fits i16
+                            // |31 * 127 * 2| twice fits i16
                             let p = _mm256_add_epi16(
                                 _mm256_maddubs_epi16(lo, xlo),
                                 _mm256_maddubs_epi16(hi, xhi),

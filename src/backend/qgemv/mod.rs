@@ -42,46 +42,57 @@ pub struct Line(pub [u8; 64]);
 pub enum Kind {
     /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1, Q4_K.
     Q4_1,
-    /// signed 8-bit quants, an f16 scale per 32: Q8_0, Q5_0, and float weights rounded to it at
-    /// load.
+    /// 5-bit quants (Q4_1's nibbles plus a line of fifth bits), an f16 scale and min per 32:
+    /// Q5_0, Q5_1, Q5_K.
+    Q5,
+    /// signed 8-bit quants, an f16 scale per 32: Q8_0, and float weights rounded to it at load.
     Q8_0,
-    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q5_1, Q5_K, Q6_K, Q3_K,
-    /// Q2_K.
+    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q6_K, Q3_K, Q2_K.
     Q8x16,
 }
 
 impl Kind {
-    /// The tile format of a GGUF tensor type; None when there is no kernel for it.
-    pub fn of(dtype: GgmlDType) -> Option<Self> {
-        Some(match dtype {
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Kind::Q4_1,
-            GgmlDType::Q8_0
-            | GgmlDType::Q5_0
-            | GgmlDType::F16
-            | GgmlDType::BF16
-            | GgmlDType::F32 => Kind::Q8_0,
-            GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q3K | GgmlDType::Q2K => {
-                Kind::Q8x16
+    /// Every format, fewest bytes per weight first (0.625, 0.75, 1.0625, 1.25).
+    const BY_SIZE: [Kind; 4] = [Kind::Q4_1, Kind::Q5, Kind::Q8_0, Kind::Q8x16];
+
+    /// Whether tiles of this format hold a GGUF type's weights exactly (up to the f16 rounding
+    /// of a K-quant's scale products).
+    fn holds(self, dtype: GgmlDType) -> bool {
+        use GgmlDType as T;
+        match self {
+            Kind::Q4_1 => matches!(dtype, T::Q4_0 | T::Q4_1 | T::Q4K),
+            Kind::Q5 => matches!(
+                dtype,
+                T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K
+            ),
+            // signed bytes times one scale: d (q - 8) and d (q - 16) are, a min is not
+            Kind::Q8_0 => {
+                matches!(
+                    dtype,
+                    T::Q8_0 | T::Q4_0 | T::Q5_0 | T::F16 | T::BF16 | T::F32
+                )
             }
-            _ => return None,
-        })
+            Kind::Q8x16 => matches!(
+                dtype,
+                T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K | T::Q6K | T::Q3K | T::Q2K
+            ),
+        }
     }
 
-    /// One format for tensors stacked into one matrix: their own if they share it, `Q8x16` for
-    /// a mix of 4-bit and wider quants (it holds Q4_1's values exactly); None with Q8_0 in a mix.
-    fn common(kinds: impl IntoIterator<Item = Kind>) -> Option<Self> {
-        kinds.into_iter().try_fold(None, |acc, k| match (acc, k) {
-            (None, k) => Some(Some(k)),
-            (Some(a), k) if a == k => Some(Some(a)),
-            (Some(Kind::Q4_1 | Kind::Q8x16), Kind::Q4_1 | Kind::Q8x16) => Some(Some(Kind::Q8x16)),
-            _ => None,
-        })?
+    /// The smallest format that holds every one of `dtypes` (several tensors stacked into one
+    /// matrix); None when there is none (a type without a kernel, or Q8_0 with a type that has
+    /// a min).
+    fn fitting(dtypes: &[GgmlDType]) -> Option<Self> {
+        Self::BY_SIZE
+            .into_iter()
+            .find(|k| dtypes.iter().all(|&d| k.holds(d)))
     }
 
     /// Lines of 64 bytes per tile-block.
     pub(crate) fn lines(self) -> usize {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
+            Kind::Q5 => kernels::Q5_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
             Kind::Q8x16 => kernels::Q8X16_LINES,
         }
@@ -90,7 +101,7 @@ impl Kind {
     /// f16 scale bit patterns per tile-block.
     pub(crate) fn scales(self) -> usize {
         match self {
-            Kind::Q4_1 => kernels::Q4_1_SCALES,
+            Kind::Q4_1 | Kind::Q5 => kernels::Q4_1_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
             Kind::Q8x16 => kernels::Q8X16_SCALES,
         }
@@ -112,7 +123,7 @@ pub struct QMatrix {
 enum RowBlocks {
     /// Q8_0 blocks { f16 d, i8 qs[32] }
     Q8_0(Vec<u8>),
-    /// 32 columns each (`Q4_1` and `Q8x16` tiles)
+    /// 32 columns each (`Q4_1`, `Q5` and `Q8x16` tiles)
     Subs(Vec<Sub32>),
 }
 
@@ -133,9 +144,9 @@ impl SourceRows<'_> {
         match kind {
             Kind::Q8_0 if self.dtype == GgmlDType::Q8_0 => RowBlocks::Q8_0(row.to_vec()),
             Kind::Q8_0 => RowBlocks::Q8_0(
-                unpack::as_q8_0(self.dtype, row).expect("Q5_0 or a float type (Kind::of)"),
+                unpack::as_q8_0(self.dtype, row).expect("a type Q8_0 tiles hold (Kind::holds)"),
             ),
-            Kind::Q4_1 | Kind::Q8x16 => {
+            Kind::Q4_1 | Kind::Q5 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];
                 unpack::unpack_row(self.dtype, row, &mut subs);
                 RowBlocks::Subs(subs)
@@ -145,24 +156,20 @@ impl SourceRows<'_> {
 }
 
 impl QMatrix {
-    /// The matrix of a 2-D tensor of a type with a kernel here (`Kind::of`); None for others.
+    /// The matrix of a 2-D tensor of a type with a kernel here (`Kind::fitting`); None for others.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
         Self::stacked(&[t])
     }
 
-    /// The rows of several tensors of one width, stacked in order; None when a type has no
-    /// kernel here, the types do not share a tile format (`Kind::common`) or the widths differ.
+    /// The rows of several tensors of one width, stacked in order, in the smallest tile format
+    /// that holds them all; None when there is none (`Kind::fitting`) or the widths differ.
     pub fn stacked(parts: &[&QTensor]) -> candle_core::Result<Option<Self>> {
         let Some(first) = parts.first() else {
             return Ok(None);
         };
         let cols = first.shape().dims2()?.1;
-        let Some(kind) = parts
-            .iter()
-            .map(|p| Kind::of(p.dtype()))
-            .collect::<Option<Vec<_>>>()
-            .and_then(Kind::common)
-        else {
+        let dtypes: Vec<GgmlDType> = parts.iter().map(|p| p.dtype()).collect();
+        let Some(kind) = Kind::fitting(&dtypes) else {
             return Ok(None);
         };
         let mut sources = Vec::with_capacity(parts.len());
@@ -227,13 +234,27 @@ impl QMatrix {
                         Some(RowBlocks::Subs(subs)) => {
                             let sub = &subs[b];
                             match kind {
-                                Kind::Q4_1 => {
+                                Kind::Q4_1 | Kind::Q5 => {
                                     s[r] = f16_bits(sub.s[0]);
                                     s[TILE + r] = f16_bits(sub.m[0]);
-                                    for (k, l) in lines.iter_mut().enumerate() {
+                                    let q = |i: usize| sub.q[i] & 15;
+                                    for (k, l) in lines[..4].iter_mut().enumerate() {
                                         for j in 0..4 {
                                             l.0[4 * r + j] =
-                                                sub.q[4 * k + j] | (sub.q[16 + 4 * k + j] << 4);
+                                                q(4 * k + j) | (q(16 + 4 * k + j) << 4);
+                                        }
+                                    }
+                                    if kind == Kind::Q5 {
+                                        // byte 4r + j: bit k is value 4k + j's fifth bit, bit
+                                        // 4 + k value 16 + 4k + j's
+                                        let high = |i: usize| (sub.q[i] >> 4) & 1;
+                                        for j in 0..4 {
+                                            lines[4].0[4 * r + j] = (0..4)
+                                                .map(|k| {
+                                                    high(4 * k + j) << k
+                                                        | high(16 + 4 * k + j) << (4 + k)
+                                                })
+                                                .fold(0, |a, b| a | b);
                                         }
                                     }
                                 }
@@ -328,6 +349,7 @@ impl QMatrix {
             };
             match self.kind {
                 Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
+                Kind::Q5 => kernels::q5(kernel, &t, x, out),
                 Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
                 Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
             }
@@ -379,14 +401,25 @@ impl QMatrix {
         let tb = tile * (self.cols / QK) + b;
         let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
         let s = &self.scales[tb * self.kind.scales()..];
-        for (k, l) in lines.iter().enumerate() {
+        let nibble_lines = if self.kind == Kind::Q5 {
+            4
+        } else {
+            lines.len()
+        };
+        for (k, l) in lines[..nibble_lines].iter().enumerate() {
             let bytes = &l.0[4 * lane..][..4];
             for (j, &byte) in bytes.iter().enumerate() {
                 match self.kind {
-                    Kind::Q4_1 => {
+                    Kind::Q4_1 | Kind::Q5 => {
                         let (d, m) = (f(s[lane]), f(s[TILE + lane]));
-                        wb[4 * k + j] = d * (byte & 15) as f32 + m;
-                        wb[16 + 4 * k + j] = d * (byte >> 4) as f32 + m;
+                        let (mut lo, mut hi) = (byte & 15, byte >> 4);
+                        if self.kind == Kind::Q5 {
+                            let h = lines[4].0[4 * lane + j];
+                            lo |= ((h >> k) & 1) << 4;
+                            hi |= ((h >> (4 + k)) & 1) << 4;
+                        }
+                        wb[4 * k + j] = d * lo as f32 + m;
+                        wb[16 + 4 * k + j] = d * hi as f32 + m;
                     }
                     Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
                     Kind::Q8x16 => {

@@ -164,6 +164,19 @@ fn k_quant_mixes_stack_in_the_wider_format() {
     assert_eq!(m.dequantize(), want, "the same weights in either format");
     let q8 = quantized(GgmlDType::Q8_0, 8, 256, 3);
     assert!(QMatrix::stacked(&[&a, &q8]).unwrap().is_none());
+    // 5-bit tensors take their own tiles, and Q8_0's beside a Q8_0 tensor (llama-quantize's q/k
+    // in Q5_0 with v in Q8_0), exactly
+    let (q5, q5k) = (
+        quantized(GgmlDType::Q5_0, 16, 256, 4),
+        quantized(GgmlDType::Q5K, 8, 256, 5),
+    );
+    let m5 = QMatrix::stacked(&[&q5, &q5k]).unwrap().unwrap();
+    assert_eq!(m5.tiles().0, Kind::Q5);
+    let m8 = QMatrix::stacked(&[&q5, &q8]).unwrap().unwrap();
+    assert_eq!(m8.tiles().0, Kind::Q8_0);
+    let alone = QMatrix::from_qtensor(&q5).unwrap().unwrap().dequantize();
+    assert_eq!(m8.dequantize()[..16 * 256], alone[..]);
+    assert_eq!(m5.dequantize()[..16 * 256], alone[..]);
 }
 
 #[test]

@@ -4,13 +4,16 @@
 //! fits that form exactly (a K-quant's 6-bit sub-block scale times its super-block scale is one
 //! f32 product), so the integer kernels serve them all:
 //! - Q4_0 (d (q - 8)), Q4_1 (d q + m), Q4_K (32-value sub-blocks, d sc q - dmin m): quants below 16,
-//!   one scale and min per 32: repacked as Q4_1 tiles;
-//! - Q5_1, Q5_K (below 32), Q6_K (16-value sub-blocks, below 64), Q3_K (16-value, below 8), Q2_K
-//!   (16-value, below 4): repacked as `Q8x16` tiles (a byte per weight, scale and min per 16).
+//!   one scale and min per 32: Q4_1 tiles;
+//! - Q5_0 (d (q - 16)), Q5_1, Q5_K: below 32, one scale and min per 32: Q5 tiles;
+//! - Q6_K (16-value sub-blocks, below 64), Q3_K (16-value, below 8), Q2_K (16-value, below 4):
+//!   `Q8x16` tiles (a byte per weight, scale and min per 16), which hold the others too (for a
+//!   stack of mixed types).
 //!
-//! [`as_q8_0`] gives Q8_0 blocks for the rest: Q5_0 exactly (d (q - 16) is a signed byte times
-//! its own scale), and float weights (F32, F16, BF16), which have no integer form, rounded with
-//! ggml's Q8_0 rounding (per 32 values, d = max|w| / 127), as llama.cpp's Q8_0 does.
+//! [`as_q8_0`] gives Q8_0 blocks: Q4_0 and Q5_0 exactly (d (q - 8) is a signed byte times its
+//! own scale; for a stack with Q8_0 tensors), and float weights (F32, F16, BF16), which have no
+//! integer form, rounded with ggml's Q8_0 rounding (per 32 values, d = max|w| / 127), as
+//! llama.cpp's Q8_0 does.
 //!
 //! Layouts: ggml's `ggml-common.h` (QK_K = 256 values per K-quant super-block).
 
@@ -65,7 +68,7 @@ pub fn integer_block(dtype: GgmlDType) -> Option<(usize, usize)> {
     Some(match dtype {
         GgmlDType::Q4_0 => (QK, 18),
         GgmlDType::Q4_1 => (QK, 20),
-        GgmlDType::Q5_0 => (QK, 22), // read by `as_q8_0`; here for the tests
+        GgmlDType::Q5_0 => (QK, 22),
         GgmlDType::Q5_1 => (QK, 24),
         GgmlDType::Q2K => (QK_K, 84),
         GgmlDType::Q3K => (QK_K, 110),
@@ -276,18 +279,26 @@ fn q6_k(b: &[u8], out: &mut [Sub32]) {
     }
 }
 
-/// A row of Q5_0 or float weights as Q8_0 blocks { f16 d, i8 qs[32] }: Q5_0 exactly, floats
+/// A row of Q4_0, Q5_0 or float weights as Q8_0 blocks { f16 d, i8 qs[32] }: Q4_0 and Q5_0
+/// exactly (for a stack with Q8_0 tensors), floats
 /// with ggml's rounding: d = max|w| / 127, q = round(w / d) (half away from zero), d as f16.
 /// None for other types.
 pub fn as_q8_0(dtype: GgmlDType, row: &[u8]) -> Option<Vec<u8>> {
     let values: Vec<f32> = match dtype {
-        GgmlDType::Q5_0 => {
-            let mut out = Vec::with_capacity(row.len() / 22 * 34);
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
+            // d (q - offset): the signed byte q - offset with the block's own f16 d
+            let (bytes, offset, read): (usize, i8, fn(&[u8], &mut Sub32)) =
+                if dtype == GgmlDType::Q4_0 {
+                    (18, 8, q4_0)
+                } else {
+                    (22, 16, q5_0)
+                };
+            let mut out = Vec::with_capacity(row.len() / bytes * 34);
             let mut sub = Sub32::default();
-            for block in row.chunks_exact(22) {
-                q5_0(block, &mut sub);
+            for block in row.chunks_exact(bytes) {
+                read(block, &mut sub);
                 out.extend_from_slice(&block[0..2]);
-                out.extend(sub.q.iter().map(|&q| (q as i8 - 16) as u8));
+                out.extend(sub.q.iter().map(|&q| (q as i8 - offset) as u8));
             }
             return Some(out);
         }

@@ -780,7 +780,7 @@ impl Engine {
         let positions: Vec<u32> = (0..tokens.len() as u32).collect();
         let logits = self
             .model
-            .forward_rows(tokens, &positions, from, &mut self.kv);
+            .logits_from(tokens, &positions, from, &mut self.kv);
         self.reset();
         Ok(logits?.flatten_all()?.to_vec1::<f32>()?)
     }

@@ -15,7 +15,7 @@
 //! The model runs dense (no pruning: this measures the model) in the configured linear mode and
 //! KV type. The head takes the scored rows as one batch through the linear mode's many-row path
 //! (int8: the GEMM with Q8-rounded activations, as llama.cpp's head on the CPU quantizes its
-//! input to Q8 too); see [`crate::model::llama::Llama::forward_rows`].
+//! input to Q8 too); see [`crate::model::llama::Llama::logits_from`].
 
 use std::time::Instant;
 

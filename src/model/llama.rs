@@ -379,7 +379,7 @@ impl Llama {
     /// takes these rows as one batch through the linear mode's many-row path (int8: the GEMM,
     /// Q8-rounded activations, as llama.cpp's head on the CPU), so a row's logits can differ
     /// from `forward`'s f32 head by that rounding. For teacher-forced scoring (perplexity).
-    pub fn forward_rows(
+    pub fn logits_from(
         &self,
         tokens: &[u32],
         positions: &[u32],
@@ -388,16 +388,14 @@ impl Llama {
     ) -> Result<Tensor> {
         if from >= tokens.len() {
             return Err(Error::Engine(format!(
-                "forward_rows: row {from} of {} tokens",
+                "logits_from: row {from} of {} tokens",
                 tokens.len()
             )));
         }
         let (h, _) = self.layers(tokens, positions, kv, &mut Dense, &mut |_, _| {})?;
         let rows = h.narrow(0, from, tokens.len() - from)?; // (rows - from, hidden)
         let rows = norm(&rows, &self.final_norm, self.spec.rms_eps)?;
-        self.head
-            .forward(&rows) // (rows - from, vocab)
-            .map_err(Error::from)
+        Ok(self.head.forward(&rows)?) // (rows - from, vocab)
     }
 
     /// Every layer on `tokens` at `positions` -> the last layer's hidden states (kept rows,

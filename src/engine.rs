@@ -372,6 +372,18 @@ impl Engine {
         Ok(self.with_bos(enc.get_ids().to_vec()))
     }
 
+    /// Token ids of `text` taken as plain text (special-token strings such as `<|im_start|>`
+    /// stay text, as llama.cpp tokenizes a file it scores), with the model's BOS in front when it
+    /// asks for one.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let mut plain = self.tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let enc = plain
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(self.with_bos(enc.get_ids().to_vec()))
+    }
+
     /// Put the model's BOS in front when it asks for one and it is not there yet.
     fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if self.special.add_bos {
@@ -759,6 +771,38 @@ impl Engine {
         self.cached.extend_from_slice(tokens);
         self.resident_peak = self.resident_peak.max(self.kv.bytes());
         Ok((logits, reused))
+    }
+
+    /// Teacher-forced logits: run `tokens` at positions 0.. from an empty cache, dense whatever
+    /// the pruning setting, and return the logits of rows `from..` as (tokens.len() - from,
+    /// vocab), row-major. The cache is empty afterwards.
+    pub fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        if tokens.len() > self.context_length() {
+            return Err(Error::Prompt(format!(
+                "{} tokens do not fit the model's context of {}",
+                tokens.len(),
+                self.context_length()
+            )));
+        }
+        self.reset();
+        // no pruning: every layer keeps its whole cache in the fast tier
+        let plan = vec![
+            LayerPlan {
+                managed: false,
+                slots: 0,
+                rows: tokens.len(),
+            };
+            self.model.spec.n_layers
+        ];
+        if let Some(t) = self.kv.tiers_mut() {
+            t.plan(self.slim.block_size, &plan)?;
+        }
+        let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+        let logits = self
+            .model
+            .logits_from(tokens, &positions, from, &mut self.kv);
+        self.reset();
+        Ok(logits?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// Run one generated token through the model.

@@ -13,6 +13,7 @@ pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod perplexity;
 pub mod sampling;
 pub mod slim;
 pub mod tui;

@@ -1,5 +1,5 @@
 //! The `slimchat` command line: the chat screen (no subcommand), `run` (headless one-shot
-//! answer), `bench` and `eval`.
+//! answer), `bench`, `eval` and `perplexity`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ use slimchat::eval::{self, EvalConfig};
 use slimchat::kv::KvDtype;
 use slimchat::model::source::DownloadProgress;
 use slimchat::model::template::{Message, Role};
+use slimchat::perplexity::{self, PerplexityConfig};
 use slimchat::{Error, Result};
 
 #[derive(Parser)]
@@ -75,6 +76,8 @@ enum Command {
     Bench(BenchArgs),
     /// Fidelity of pruning against dense: teacher-forced agreement, KL, needle retrieval
     Eval(EvalArgs),
+    /// Perplexity of the model on a text file, by llama.cpp's `llama-perplexity` method (dense)
+    Perplexity(PerplexityArgs),
     /// On a GPU: kernel checks against the CPU, then dense vs pruned prefill of a
     /// Llama-3.1-8B-shaped model with random weights (needs `--features cuda`)
     GpuCheck(GpuCheckArgs),
@@ -122,6 +125,25 @@ struct EvalArgs {
     #[arg(long, value_parser = parse_kv_dtype)]
     reference_kv: Option<KvDtype>,
     /// Print one JSON object with a `results` array at the end
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    /// The text to score (UTF-8)
+    #[arg(long, short)]
+    file: PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Chunks to score (default: every whole chunk of the text)
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// KV element type (f16, bf16 or q8; default: the configured one)
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<KvDtype>,
+    /// Print one JSON object at the end (the running estimate goes to stderr)
     #[arg(long)]
     json: bool,
 }
@@ -262,6 +284,7 @@ fn real_main(cli: Cli) -> Result<()> {
             run_bench(&cfg, args, modes)
         }
         Some(Command::Eval(args)) => run_eval(&cfg, args),
+        Some(Command::Perplexity(args)) => run_perplexity(&mut cfg, args, cli.common.slim),
         Some(Command::GpuCheck(args)) => gpu_check(&cfg, args),
         None if cli.list => slimchat::tui::list(&mut std::io::stdout().lock()),
         None => slimchat::tui::run(&cfg, &slimchat::tui::TuiOptions { resume: cli.resume }),
@@ -516,6 +539,76 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
                 "results": results,
             })
         );
+    }
+    Ok(())
+}
+
+fn run_perplexity(cfg: &mut AppConfig, args: PerplexityArgs, slim: Option<bool>) -> Result<()> {
+    let bytes = std::fs::read(&args.file)
+        .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", args.file.display())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::Prompt(format!(
+            "{} is not valid UTF-8 (invalid byte at offset {})",
+            args.file.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(Error::Prompt(format!("{} is empty", args.file.display())));
+    }
+    if slim == Some(true) {
+        eprintln!("slimchat: perplexity measures the dense model; --slim is ignored");
+    }
+    // dense: no pruning, and no KV manager (without pruning it would keep every block fast)
+    cfg.slim.enabled = false;
+    cfg.kv.resident = true;
+    if let Some(d) = args.kv_dtype {
+        cfg.model.kv_dtype = d;
+    }
+    let mut engine = load_engine(cfg)?;
+    let pc = PerplexityConfig {
+        ctx: args.ctx,
+        chunks: args.chunks,
+    };
+    let json = args.json;
+    let mut out = std::io::stdout().lock();
+    let r = perplexity::run(&mut engine, &text, &pc, &mut |k, estimate| {
+        if json {
+            eprint!("[{k}]{estimate:.4},");
+        } else {
+            // a closed stdout only loses the progress; the error shows at the final line
+            let _ = write!(out, "[{k}]{estimate:.4},").and_then(|_| out.flush());
+        }
+    })
+    .map_err(|e| match e {
+        Error::Prompt(m) => Error::Prompt(format!("{}: {m}", args.file.display())),
+        e => e,
+    })?;
+    if json {
+        eprintln!();
+        let v = serde_json::json!({
+            "model": cfg.model.source,
+            "file": args.file,
+            "linear": cfg.model.linear,
+            "kv_dtype": engine.kv_dtype(),
+            "threads": rayon::current_num_threads(),
+            "ppl": r.ppl,
+            "ppl_stderr": r.ppl_stderr,
+            "tokens": r.tokens,
+            "text_tokens": r.text_tokens,
+            "chunks": r.chunks,
+            "ctx": r.ctx,
+            "seconds": r.seconds,
+            "running": r.running,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} tokens scored in {} chunks of {}, {:.1} s)",
+            r.ppl, r.ppl_stderr, r.tokens, r.chunks, r.ctx, r.seconds
+        )?;
     }
     Ok(())
 }

@@ -428,6 +428,52 @@ impl Llama {
         policy: &mut dyn LayerPolicy,
         on_layer: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
+        let (h, positions) = self.layers(tokens, positions, kv, policy, on_layer)?;
+        let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
+        let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
+        // Decode's head takes Q8-rounded activations (the GEMV); a prefill's stays in f32.
+        let logits = if tokens.len() == 1 {
+            self.head.forward(&last)?
+        } else {
+            self.head.forward_f32(&last)?
+        };
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Run `tokens` at `positions` through every layer with no pruning (every row goes on),
+    /// appending to `kv`, and return the logits of rows `from..`: (rows - from, vocab). The head
+    /// takes these rows as one batch through the linear mode's many-row path (int8: the GEMM,
+    /// Q8-rounded activations, as llama.cpp's head on the CPU), so a row's logits can differ
+    /// from `forward`'s f32 head by that rounding. For teacher-forced scoring (perplexity).
+    pub fn logits_from(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        from: usize,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
+        if from >= tokens.len() {
+            return Err(Error::Engine(format!(
+                "logits_from: row {from} of {} tokens",
+                tokens.len()
+            )));
+        }
+        let (h, _) = self.layers(tokens, positions, kv, &mut Dense, &mut |_, _| {})?;
+        let rows = h.narrow(0, from, tokens.len() - from)?; // (rows - from, hidden)
+        let rows = norm(&rows, &self.final_norm, self.spec.rms_eps)?;
+        Ok(self.head.forward(&rows)?) // (rows - from, vocab)
+    }
+
+    /// Every layer on `tokens` at `positions` -> the last layer's hidden states (kept rows,
+    /// hidden) and their positions; `policy` may drop rows between layers.
+    fn layers(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        kv: &mut KvCache,
+        policy: &mut dyn LayerPolicy,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Tensor, Vec<u32>)> {
         self.check_inputs(tokens, positions, kv)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut h = match &self.embed {
@@ -455,15 +501,7 @@ impl Llama {
             // the policy may have switched a stage's blocks: the KV manager evicts and prefetches
             kv.after_layer(i, rows, &*policy)?;
         }
-        let last = h.narrow(0, positions.len() - 1, 1)?; // (1, hidden)
-        let last = norm(&last, &self.final_norm, self.spec.rms_eps)?;
-        // Decode's head takes Q8-rounded activations (the GEMV); a prefill's stays in f32.
-        let logits = if tokens.len() == 1 {
-            self.head.forward(&last)?
-        } else {
-            self.head.forward_f32(&last)?
-        };
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok((h, positions))
     }
 
     fn check_inputs(&self, tokens: &[u32], positions: &[u32], kv: &KvCache) -> Result<()> {

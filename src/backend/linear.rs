@@ -1,8 +1,9 @@
 //! Linear layers y = x W^T over GGUF weights, in one of these forms chosen at load:
 //! - int8 (the default): the GGUF blocks repacked once into tiles (`QMatrix`), activations
 //!   rounded to 8 bits per 32-value block, integer dot products: the GEMM in `qgemm/` for many
-//!   rows (prefill), the GEMV in `qgemv/` for one row (decode). No f32 copy of the weights;
-//!   tensor types without a kernel here (neither Q4_1 nor Q8_0) fall back to dense f32.
+//!   rows (prefill), the GEMV in `qgemv/` for one row (decode). No f32 copy of the weights: every
+//!   GGUF integer type (Q4_0 … Q8_0, the K-quants) keeps its integer form, float weights are
+//!   rounded to Q8_0 at load (`qgemv::Kind`); a type without a kernel falls back to dense f32.
 //! - dense: f32 weights dequantized once, candle's f32 GEMM (the gemm crate's AVX-512 kernels)
 //!   for many rows, exact; one row (decode) reads the packed blocks through the GEMV.
 //! - dense-f32: f32 weights and f32 arithmetic for any number of rows (the reference).
@@ -38,7 +39,7 @@ pub enum LinearMode {
 
 pub enum Linear {
     /// (out, in) f32 for many rows (prefill), and the quantized blocks for one row (decode)
-    /// when the type has a GEMV here (Q4_1, Q8_0).
+    /// when the type has a GEMV here.
     Dense {
         weights: Tensor,
         decode: Option<QMatrix>,

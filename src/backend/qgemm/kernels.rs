@@ -5,10 +5,11 @@
 //! AVX-512 VNNI: a microkernel keeps R activation rows × T weight tiles of i32 accumulators
 //! (one zmm per (row, tile): 16 output columns) for one 32-value block, and R × T f32
 //! accumulators across blocks. Per 4 columns of K it loads T weight vectors (Q4_1: one 64-byte
-//! line gives the low and the high nibbles, two K steps) and broadcasts 4 activation bytes per
-//! row; each `vpdpbusd` then multiplies 4 weights of 16 output columns by the same 4 activation
-//! bytes. Per block: i32 → f32, × (weight scale × activation scale), and Q4_1's min × the
-//! activation block sum. The weight tiles of one T group are reused by every row group of a
+//! line gives the low and the high nibbles, two K steps; Q5 ORs in their fifth bits from a
+//! fifth line) and broadcasts 4 activation bytes per row; each `vpdpbusd` then multiplies 4
+//! weights of 16 output columns by the same 4 activation bytes. Per block: i32 → f32, × (weight
+//! scale × activation scale), and the min × the activation block sum (Q4_1, Q5; Q8x16 has a
+//! scale and a min per half block of 16). The weight tiles of one T group are reused by every row group of a
 //! task (they stay in L1/L2); the activation rows stream.
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`, 8 columns per register) and scalar (any CPU, the tests'
 //! reference) compute the same sums.

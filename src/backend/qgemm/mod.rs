@@ -1,6 +1,6 @@
 //! Matrix products of many activation rows (prefill) with GGUF quantized weights, without
 //! dequantizing them: out = x W^T with x (m, k) f32 and W the decode GEMV's packed tiles
-//! (`QMatrix`: Q4_1 or Q8_0 blocks, 16 weight rows interleaved per tile). The same bytes serve
+//! (`QMatrix`: one of four tile formats, 16 weight rows interleaved per tile). The same bytes serve
 //! decode and prefill, so no f32 copy of the weights is held.
 //!
 //! Each product quantizes its activation rows to Q8 once (activation.rs: per row and 32-value

@@ -1,10 +1,15 @@
 //! Matrix-vector products straight from GGUF quantized weights, for decode: one row of
-//! activations against the whole weight matrix, bound by the bytes read (Q4_1: 0.625 bytes per
-//! weight, Q8_0: 1.0625, against dense f32's 4).
+//! activations against the whole weight matrix, bound by the bytes read (0.625 to 1.25 bytes per
+//! weight, against dense f32's 4).
 //!
 //! GGUF blocks (ggml): Q4_1 = { f16 d, f16 m, u8 qs[16] } for 32 weights, weight j is
 //! `d * q_j + m` with q_j the low nibble of qs[j] (j < 16) or the high nibble of qs[j - 16];
-//! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`.
+//! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`. Every other integer type (Q4_0, Q5_*,
+//! the K-quants) is read into one common form (unpack.rs: integer quants, a scale and a min per
+//! 16 or 32 values) and repacked into the smallest of four tile formats that holds it exactly
+//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5 (0.75), Q8_0 (1.0625) and Q8x16 (1.25, a byte
+//! per weight with a scale and min per 16: Q6_K, Q3_K, Q2_K). Float weights (F16, BF16, F32)
+//! are rounded to Q8_0 at load.
 //!
 //! At load the blocks are repacked into tiles of 16 rows (kernels.rs has the byte layout): the
 //! kernel streams one tile's blocks in order and keeps each row in one lane of an i32 vector,

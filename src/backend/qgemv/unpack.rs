@@ -279,6 +279,9 @@ fn q6_k(b: &[u8], out: &mut [Sub32]) {
     }
 }
 
+/// Reads one 32-value block into its common form.
+type BlockReader = fn(&[u8], &mut Sub32);
+
 /// A row of Q4_0, Q5_0 or float weights as Q8_0 blocks { f16 d, i8 qs[32] }: Q4_0 and Q5_0
 /// exactly (for a stack with Q8_0 tensors), floats
 /// with ggml's rounding: d = max|w| / 127, q = round(w / d) (half away from zero), d as f16.
@@ -287,12 +290,12 @@ pub fn as_q8_0(dtype: GgmlDType, row: &[u8]) -> Option<Vec<u8>> {
     let values: Vec<f32> = match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
             // d (q - offset): the signed byte q - offset with the block's own f16 d
-            let (bytes, offset, read): (usize, i8, fn(&[u8], &mut Sub32)) =
-                if dtype == GgmlDType::Q4_0 {
-                    (18, 8, q4_0)
-                } else {
-                    (22, 16, q5_0)
-                };
+            let read: BlockReader = if dtype == GgmlDType::Q4_0 { q4_0 } else { q5_0 };
+            let (bytes, offset) = if dtype == GgmlDType::Q4_0 {
+                (18, 8i8)
+            } else {
+                (22, 16)
+            };
             let mut out = Vec::with_capacity(row.len() / bytes * 34);
             let mut sub = Sub32::default();
             for block in row.chunks_exact(bytes) {

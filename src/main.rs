@@ -140,7 +140,7 @@ struct PerplexityArgs {
     /// Chunks to score (default: every whole chunk of the text)
     #[arg(long)]
     chunks: Option<usize>,
-    /// KV element type (f16, bf16 or q8; default: the configured one)
+    /// KV element type (f16, bf16 or q8; default: the configured one); q8 and f16 score alike
     #[arg(long, value_parser = parse_kv_dtype)]
     kv_dtype: Option<KvDtype>,
     /// Print one JSON object at the end (the running estimate goes to stderr)

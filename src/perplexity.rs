@@ -12,10 +12,14 @@
 //! - NLL = max + ln Σ exp(logit - max) - logit[target], the exponentials in f32 summed in f64,
 //!   and ppl = exp(mean NLL) over every scored token; the ± is llama.cpp's standard error.
 //!
-//! The model runs dense (no pruning: this measures the model) in the configured linear mode and
-//! KV type. The head takes the scored rows as one batch through the linear mode's many-row path
-//! (int8: the GEMM with Q8-rounded activations, as llama.cpp's head on the CPU quantizes its
-//! input to Q8 too); see [`crate::model::llama::Llama::logits_from`].
+//! The model runs dense (no pruning: this measures the model) in the configured linear mode.
+//! The head takes the scored rows as one batch through the linear mode's many-row path (int8
+//! and dense: the int8 GEMM with Q8-rounded activations, as llama.cpp's CPU matmuls quantize
+//! their input to Q8 too), not the per-row f32 path `forward` uses after a prefill: on 5100
+//! tokens of licence text the two heads' perplexities are 0.08-0.12% apart and the GEMM is 15-18x
+//! faster (bench/NOTES.md, "Perplexity"); see [`crate::model::llama::Llama::logits_from`].
+//! The KV type matters only as bf16: a chunk's attention reads its own rows at f16 precision
+//! when the cache is q8 or f16 (llama.cpp's default KV type).
 
 use std::time::Instant;
 
@@ -61,30 +65,14 @@ pub fn run(
     on_chunk: &mut dyn FnMut(usize, f64),
 ) -> Result<PerplexityResult> {
     let ctx = cfg.ctx;
-    if ctx < 3 {
-        return Err(Error::Usage(format!(
-            "--ctx {ctx} scores nothing: it must be at least 3"
-        )));
-    }
     if ctx > engine.context_length() {
         return Err(Error::Usage(format!(
             "--ctx {ctx} is beyond the model's context of {}",
             engine.context_length()
         )));
     }
-    if cfg.chunks == Some(0) {
-        return Err(Error::Usage("--chunks must be at least 1".into()));
-    }
     let tokens = engine.encode_plain(text)?;
-    if tokens.len() < 2 * ctx {
-        return Err(Error::Prompt(format!(
-            "the text is {} tokens; perplexity with --ctx {ctx} needs at least {}",
-            tokens.len(),
-            2 * ctx
-        )));
-    }
-    let whole = tokens.len() / ctx;
-    let chunks = cfg.chunks.map_or(whole, |c| c.min(whole));
+    let chunks = chunk_count(tokens.len(), cfg)?;
     let first = ctx / 2;
     let bos = engine.special.bos.filter(|_| engine.special.add_bos);
 
@@ -92,10 +80,7 @@ pub fn run(
     let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut running = Vec::with_capacity(chunks);
     for k in 0..chunks {
-        let mut chunk = tokens[k * ctx..(k + 1) * ctx].to_vec();
-        if let Some(bos) = bos {
-            chunk[0] = bos;
-        }
+        let chunk = chunk(&tokens, k, ctx, bos);
         let logits = engine.logits_from(&chunk, first)?; // (ctx - first, vocab)
         let vocab = logits.len() / (ctx - first);
         // row j predicts chunk[first + j + 1]; the last row predicts nothing
@@ -134,6 +119,38 @@ pub fn run(
     })
 }
 
+/// How many chunks of `cfg.ctx` tokens a text of `n_tokens` tokens gives: every whole chunk, or
+/// `cfg.chunks` if fewer; an error when the text holds fewer than two (llama.cpp's minimum).
+fn chunk_count(n_tokens: usize, cfg: &PerplexityConfig) -> Result<usize> {
+    let ctx = cfg.ctx;
+    if ctx < 3 {
+        return Err(Error::Usage(format!(
+            "--ctx {ctx} scores nothing: it must be at least 3"
+        )));
+    }
+    if cfg.chunks == Some(0) {
+        return Err(Error::Usage("--chunks must be at least 1".into()));
+    }
+    if n_tokens < 2 * ctx {
+        return Err(Error::Prompt(format!(
+            "the text is {n_tokens} tokens; perplexity with --ctx {ctx} needs at least {}",
+            2 * ctx
+        )));
+    }
+    let whole = n_tokens / ctx;
+    Ok(cfg.chunks.map_or(whole, |c| c.min(whole)))
+}
+
+/// Chunk `k` of `tokens` (`ctx` tokens from `k * ctx`), its first token replaced by `bos` when
+/// the model adds one.
+fn chunk(tokens: &[u32], k: usize, ctx: usize, bos: Option<u32>) -> Vec<u32> {
+    let mut chunk = tokens[k * ctx..(k + 1) * ctx].to_vec();
+    if let Some(bos) = bos {
+        chunk[0] = bos;
+    }
+    chunk
+}
+
 /// -log softmax(logits)[target], as llama.cpp computes it: the exponentials in f32 relative to
 /// the largest logit, summed in f64.
 pub fn token_nll(logits: &[f32], target: usize) -> f64 {
@@ -145,6 +162,30 @@ pub fn token_nll(logits: &[f32], target: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(ctx: usize, chunks: Option<usize>) -> PerplexityConfig {
+        PerplexityConfig { ctx, chunks }
+    }
+
+    #[test]
+    fn whole_chunks_are_scored_and_a_text_needs_two() {
+        assert_eq!(chunk_count(1000, &cfg(100, None)).unwrap(), 10);
+        assert_eq!(chunk_count(1099, &cfg(100, None)).unwrap(), 10);
+        assert_eq!(chunk_count(1000, &cfg(100, Some(3))).unwrap(), 3);
+        assert_eq!(chunk_count(1000, &cfg(100, Some(30))).unwrap(), 10);
+        assert_eq!(chunk_count(200, &cfg(100, None)).unwrap(), 2);
+        assert!(chunk_count(199, &cfg(100, None)).is_err());
+        assert!(chunk_count(0, &cfg(100, None)).is_err());
+        assert!(chunk_count(1000, &cfg(2, None)).is_err());
+        assert!(chunk_count(1000, &cfg(100, Some(0))).is_err());
+    }
+
+    #[test]
+    fn a_chunk_starts_with_bos_when_the_model_adds_one() {
+        let tokens: Vec<u32> = (10..30).collect();
+        assert_eq!(chunk(&tokens, 1, 5, None), [15, 16, 17, 18, 19]);
+        assert_eq!(chunk(&tokens, 1, 5, Some(1)), [1, 16, 17, 18, 19]);
+    }
 
     #[test]
     fn nll_of_a_uniform_row_is_ln_vocab() {

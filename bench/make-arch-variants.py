@@ -95,7 +95,7 @@ def main():
         if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
             continue
         if key.startswith("llama."):
-            key = arch + key[len("llama."):]
+            key = arch + "." + key[len("llama."):]
         add_field(w, key, field)
     w.add_file_type(1)
 

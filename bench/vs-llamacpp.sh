@@ -16,8 +16,11 @@
 #   ${SLIMCHAT_BENCH_CACHE:-$HOME/.cache/slimchat-bench}
 # Not run in CI: a full run takes ~10 minutes of a 2-core machine (plus ~5 for the first build).
 #
+#   8. with --ppl-file TEXT: perplexity of the same model on TEXT by both engines
+#      (bench/perplexity-vs-llamacpp.sh; ours must stay within 2% of llama-perplexity)
+#
 # Usage: bench/vs-llamacpp.sh [--lengths 512,2048] [--runs 3] [--model PATH]
-#                             [--build-only] [--no-slimchat]
+#                             [--build-only] [--no-slimchat] [--ppl-file TEXT]
 # Environment (flags win over these):
 #   LENGTHS        prompt lengths, comma separated        (default 512,2048,4096,8192)
 #   RUNS           repetitions per test                   (default 3)
@@ -42,6 +45,7 @@ LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION-0.3.36}"
 JOBS="${JOBS:-$(nproc)}"
 BUILD_ONLY=0
 RUN_SLIMCHAT=1
+PPL_FILE=""
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -52,6 +56,7 @@ while [[ $# -gt 0 ]]; do
         --model) MODEL="$2"; shift 2 ;;
         --build-only) BUILD_ONLY=1; shift ;;
         --no-slimchat) RUN_SLIMCHAT=0; shift ;;
+        --ppl-file) PPL_FILE="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -61,6 +66,7 @@ done
 # script moves to the repo root (the parent of this script's folder).
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 MODEL="$(abspath "$MODEL")"
+[[ -z "$PPL_FILE" ]] || PPL_FILE="$(abspath "$PPL_FILE")"
 # cargo builds slimchat only when SLIMCHAT_BIN is left to its default (see stage 6)
 SLIMCHAT_BIN_SET="${SLIMCHAT_BIN:+1}"
 [[ -z "$SLIMCHAT_BIN_SET" ]] || SLIMCHAT_BIN="$(abspath "$SLIMCHAT_BIN")"
@@ -356,3 +362,10 @@ else:
     print("slimchat: no results (binary missing, failed, or --no-slimchat).")
 PY
 log "raw files: $OUT"
+
+# ---------------------------------------------------------------- 8. perplexity, both engines
+if [[ -n "$PPL_FILE" ]]; then
+    log "stage 8: perplexity of $(basename "$MODEL") on $(basename "$PPL_FILE")"
+    SLIMCHAT_BIN="$SLIMCHAT_BIN" "$REPO/bench/perplexity-vs-llamacpp.sh" --model "$MODEL" \
+        --file "$PPL_FILE" --threads "$THREADS" || log "  WARNING: the perplexity check failed"
+fi

@@ -33,7 +33,7 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -51,14 +51,28 @@ const TYPE_CONTROL: i32 = 3;
 const TYPE_USER_DEFINED: i32 = 4;
 const TYPE_BYTE: i32 = 6;
 
-/// End-of-turn markers that stop generation when the vocabulary has them (a subset of llama.cpp's
-/// `special_eog_ids`).
-const STOP_TEXTS: [&str; 5] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
+/// Texts that end generation whatever their type: llama.cpp's `special_eog_ids` text list
+/// (`llama_vocab::impl::load`), which also makes them control tokens ([`FORCED_CONTROL`]).
+#[rustfmt::skip]
+const EOG_TEXTS: [&str; 22] = [
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>", "[e~[",
+];
+
+/// Fill-in-the-middle pad, repository and file-separator markers, which llama.cpp also counts as
+/// end of generation: the metadata key, else the first of the texts the vocabulary has.
+const EOG_FIM: [(&str, &[&str]); 3] = [
+    (
+        "tokenizer.ggml.fim_pad_token_id",
+        &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
+    ),
+    (
+        "tokenizer.ggml.fim_rep_token_id",
+        &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"],
+    ),
+    ("tokenizer.ggml.fim_sep_token_id", &["<|file_sep|>"]),
 ];
 
 /// Texts llama.cpp turns into control tokens whatever their GGUF type (its end-of-generation and
@@ -121,8 +135,10 @@ pub struct SpecialTokens {
     pub add_bos: bool,
     /// End-of-sequence token.
     pub eos: u32,
-    /// Every token that ends generation: `eos` first, then `tokenizer.ggml.eot_token_id`, then
-    /// the end-of-turn markers found in the vocabulary. No duplicates.
+    /// Every token that ends generation, as llama.cpp's `llama_vocab_is_eog` decides: `eos`,
+    /// `tokenizer.ggml.eot_token_id` and `tokenizer.ggml.eom_token_id` first, then the
+    /// vocabulary's end-of-turn texts ([`EOG_TEXTS`]: `<|eot_id|>`, `<|eom_id|>`, `<|im_end|>`,
+    /// `<|endoftext|>`, ...) and fill-in-the-middle pad/repo/file markers, by id. No duplicates.
     pub stop: Vec<u32>,
 }
 
@@ -157,14 +173,14 @@ impl SpecialTokens {
             // llama.cpp's defaults: SentencePiece and the Llama-3 family add BOS, other BPEs don't.
             _ => vocab.model == "llama" || pre_type(content)?.is_some_and(|p| is_llama3_family(&p)),
         };
-        let mut stop = vec![eos];
         let eot = in_vocab("tokenizer.ggml.eot_token_id")?;
-        let named = STOP_TEXTS.iter().filter_map(|t| vocab.id_of(t));
-        for id in eot.into_iter().chain(named) {
-            if !stop.contains(&id) {
-                stop.push(id);
-            }
+        let eom = in_vocab("tokenizer.ggml.eom_token_id")?;
+        let mut fim = Vec::new();
+        for (key, texts) in EOG_FIM {
+            let named = || texts.iter().find_map(|t| vocab.id_of(t));
+            fim.extend(in_vocab(key)?.or_else(named));
         }
+        let stop = eog_ids(&vocab, [Some(eos), eot, eom], fim);
         Ok(Self {
             bos,
             add_bos,
@@ -172,6 +188,30 @@ impl SpecialTokens {
             stop,
         })
     }
+}
+
+/// llama.cpp's end-of-generation set: the metadata ids in `first` (in that order), then the FIM
+/// markers in `fim` and every [`EOG_TEXTS`] entry of the vocabulary, ascending. Two of llama.cpp's
+/// exceptions are kept: `<|end|>` is no end when the vocabulary also has `<|return|>` or `<|flush|>`
+/// and `<|call|>`/`<|calls|>` (gpt-oss, solar-open), and `</s>` is none next to `<|tool_response>`
+/// or `<|plamo:eos|>` (gemma4, plamo).
+fn eog_ids(vocab: &GgufVocab, first: [Option<u32>; 3], fim: Vec<u32>) -> Vec<u32> {
+    let named = EOG_TEXTS.iter().filter_map(|t| vocab.id_of(t));
+    let mut rest: Vec<u32> = fim.into_iter().chain(named).collect();
+    rest.sort_unstable();
+    let mut stop: Vec<u32> = Vec::new();
+    for id in first.into_iter().flatten().chain(rest) {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    let text = |id: u32| vocab.tokens[id as usize].as_str();
+    let has = |names: &[&str]| stop.iter().any(|&id| names.contains(&text(id)));
+    let call = has(&["<|call|>", "<|calls|>"]);
+    let drop_end = call && (has(&["<|return|>"]) || has(&["<|flush|>"]));
+    let drop_s = has(&["<|tool_response>", "<|plamo:eos|>"]);
+    stop.retain(|&id| !((drop_end && text(id) == "<|end|>") || (drop_s && text(id) == "</s>")));
+    stop
 }
 
 /// The vocabulary arrays shared by every tokenizer type.
@@ -265,6 +305,13 @@ fn byte_level_bpe(content: &gguf_file::Content, vocab: &GgufVocab) -> Result<Tok
         .map_err(|e| Error::Tokenizer(one_line(&format!("building BPE: {e}"))))?;
 
     let mut tokenizer = Tokenizer::new(bpe);
+    if is_qwen2_family(&pre) {
+        // Qwen's tokenizer.json composes the text (NFC) before splitting; llama.cpp skips that
+        // step, so decomposed accents ("e" + U+0301) would get ids the model never saw in training.
+        tokenizer
+            .with_normalizer(Some(NFC))
+            .map_err(|e| Error::Tokenizer(one_line(&format!("normalizer: {e}"))))?;
+    }
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     Ok(tokenizer)
@@ -282,7 +329,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             PreSequence::new(vec![Digits::new(true).into(), with_gpt2_regex()]).into()
         }
         p if is_llama3_family(p) => regex_splits(&[LLAMA3_REGEX], bytes_only())?,
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => regex_splits(&[QWEN2_REGEX], bytes_only())?,
+        p if is_qwen2_family(p) || p == "stablelm2" => regex_splits(&[QWEN2_REGEX], bytes_only())?,
         "falcon" => regex_splits(
             &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"],
             bytes_only(),
@@ -331,6 +378,11 @@ fn is_llama3_family(pre: &str) -> bool {
         pre,
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
     )
+}
+
+/// Pre-tokenizer names of the Qwen2/2.5/3 vocabulary (whose tokenizer.json normalizes to NFC).
+fn is_qwen2_family(pre: &str) -> bool {
+    matches!(pre, "qwen2" | "deepseek-r1-qwen")
 }
 
 /// `llama` (SentencePiece) vocabularies: BPE whose merge ranks come from the merged piece's score.

@@ -59,7 +59,9 @@ fn golden() -> Golden {
 fn models_dir(name: &str) -> Option<PathBuf> {
     let cache = std::env::var_os("SLIMCHAT_TOK_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slimchat-tok")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slimchat-tok"))
+        })?;
     let dir = cache.join(name).join("package/models");
     dir.join("tokenizer.json").exists().then_some(dir)
 }
@@ -142,7 +144,11 @@ fn gguf_from_tokenizer_json(dir: &std::path::Path, pre: &str) -> Content {
         .iter()
         .map(|m| match m {
             serde_json::Value::String(s) => s.clone(),
-            pair => format!("{} {}", pair[0].as_str().expect("a"), pair[1].as_str().expect("b")),
+            pair => format!(
+                "{} {}",
+                pair[0].as_str().expect("a"),
+                pair[1].as_str().expect("b")
+            ),
         })
         .collect();
     let id_of = |key: &str| {
@@ -151,7 +157,11 @@ fn gguf_from_tokenizer_json(dir: &std::path::Path, pre: &str) -> Content {
     };
     let mut extra = vec![(
         "tokenizer.ggml.add_bos_token",
-        Value::Bool(cfg["add_bos_token"].as_bool().unwrap_or(!cfg["bos_token"].is_null())),
+        Value::Bool(
+            cfg["add_bos_token"]
+                .as_bool()
+                .unwrap_or(!cfg["bos_token"].is_null()),
+        ),
     )];
     extra.extend(id_of("bos_token").map(|id| ("tokenizer.ggml.bos_token_id", Value::U32(id))));
     extra.extend(id_of("eos_token").map(|id| ("tokenizer.ggml.eos_token_id", Value::U32(id))));
@@ -162,14 +172,15 @@ fn gguf_from_tokenizer_json(dir: &std::path::Path, pre: &str) -> Content {
 }
 
 /// The committed sub-vocabulary at its real ids; the ids it lacks hold unused placeholders.
-fn gguf_from_subvocab(sub: &SubVocab, pre: &str) -> Content {
+fn gguf_from_subvocab(sub: &SubVocab, pre: &str, eos: u32) -> Content {
     let mut tokens: Vec<String> = (0..sub.n_tokens).map(|i| format!("[UNUSED{i}]")).collect();
     let mut types = vec![5; sub.n_tokens];
     for (id, text, ty) in &sub.tokens {
         tokens[*id as usize] = text.clone();
         types[*id as usize] = *ty;
     }
-    gguf(pre, tokens, types, sub.merges.clone(), Vec::new())
+    let eos = ("tokenizer.ggml.eos_token_id", Value::U32(eos));
+    gguf(pre, tokens, types, sub.merges.clone(), vec![eos])
 }
 
 /// Ours equal the golden ids on every string, or a readable report of the differences.
@@ -202,7 +213,17 @@ fn fixture_covers_every_kind_of_string() {
     for (name, v) in &golden.vocabularies {
         assert!(v.cases.len() >= 100, "{name}: {} strings", v.cases.len());
         let has = |s: &str| v.cases.iter().any(|c| c.text.contains(s));
-        for probe in ["12345678901234567890", "日本語", "😀", "\n\n\n", "   ", "'ll", "<|eot_id|>", "<|im_end|>", "fn main"] {
+        for probe in [
+            "12345678901234567890",
+            "日本語",
+            "😀",
+            "\n\n\n",
+            "   ",
+            "'ll",
+            "<|eot_id|>",
+            "<|im_end|>",
+            "fn main",
+        ] {
             assert!(has(probe), "{name}: no string with {probe:?}");
         }
     }
@@ -212,10 +233,16 @@ fn fixture_covers_every_kind_of_string() {
 fn qwen2_sub_vocabulary_ids_match_hf() {
     let golden = golden();
     let v = &golden.vocabularies["qwen2_5"];
-    let sub = v.subvocab.as_ref().expect("the fixture's Qwen2.5 sub-vocabulary");
+    let sub = v
+        .subvocab
+        .as_ref()
+        .expect("the fixture's Qwen2.5 sub-vocabulary");
     assert_eq!(sub.n_tokens, v.n_tokens);
-    let tok = tokenizer::from_gguf(&gguf_from_subvocab(sub, &v.pre)).expect("tokenizer");
+    let content = gguf_from_subvocab(sub, &v.pre, v.eos);
+    let tok = tokenizer::from_gguf(&content).expect("tokenizer");
     assert_ids_match("qwen2_5 sub-vocabulary", &tok, &v.cases);
+    let special = SpecialTokens::from_gguf(&content).expect("special tokens");
+    assert_eq!(stop_texts(&tok, &special), expected_stops("qwen2_5"));
 }
 
 /// The full vocabulary from the npm files: our GGUF tokenizer against the fixture and against the
@@ -240,13 +267,41 @@ fn check_full_vocabulary(name: &str) {
         .iter()
         .map(|c| Case {
             text: c.text.clone(),
-            ids: hf.encode(c.text.as_str(), false).expect("encode").get_ids().to_vec(),
+            ids: hf
+                .encode(c.text.as_str(), false)
+                .expect("encode")
+                .get_ids()
+                .to_vec(),
         })
         .collect();
     assert_ids_match(&format!("{name} (tokenizers crate)"), &ours, &live);
 
     let special = SpecialTokens::from_gguf(&content).expect("special tokens");
     assert_eq!((special.bos, special.eos), (v.bos, v.eos));
+    assert_eq!(stop_texts(&ours, &special), expected_stops(name));
+}
+
+fn stop_texts(tok: &tokenizers::Tokenizer, special: &SpecialTokens) -> Vec<String> {
+    special
+        .stop
+        .iter()
+        .map(|&id| tok.id_to_token(id).expect("stop token in vocabulary"))
+        .collect()
+}
+
+/// What llama.cpp's `llama_vocab_is_eog` accepts on each vocabulary: EOS first, then by id.
+fn expected_stops(name: &str) -> Vec<&'static str> {
+    match name {
+        // This vocabulary names 128008 `<|reserved_special_token_4|>`, not `<|eom_id|>`.
+        "llama3_1" => vec!["<|eot_id|>", "<|end_of_text|>"],
+        _ => vec![
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ],
+    }
 }
 
 #[test]

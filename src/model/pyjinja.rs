@@ -298,7 +298,11 @@ fn strftime(unix_secs: i64, format: &str) -> String {
                 format!("{n:0width$}")
             }
         };
-        let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) {
+            12
+        } else {
+            t.hour % 12
+        };
         let text = match code {
             'Y' => t.year.to_string(),
             'y' => num(t.year.rem_euclid(100), 2),

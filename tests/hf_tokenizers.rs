@@ -78,7 +78,7 @@ fn gguf(
     merges: Vec<String>,
     extra: Vec<(&str, Value)>,
 ) -> Content {
-    let mut metadata: HashMap<String, Value> = [
+    let metadata: HashMap<String, Value> = [
         ("general.architecture", Value::String("llama".into())),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String(pre.into())),
@@ -93,7 +93,6 @@ fn gguf(
     .chain(extra)
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    metadata.shrink_to_fit();
     Content {
         magic: VersionedMagic::GgufV3,
         metadata,

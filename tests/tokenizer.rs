@@ -240,6 +240,9 @@ fn special_tokens_of_the_default_model() {
         "{:?}",
         special.stop
     );
+    // llama.cpp's end-of-generation set for this model (its load log, "printing all EOG tokens"):
+    // <|im_end|>, <|endoftext|> and the FIM repository marker <reponame>.
+    assert_eq!(special.stop, [2, 0, 4]);
 }
 
 #[test]

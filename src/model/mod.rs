@@ -1,6 +1,7 @@
 //! Everything about a model: where it comes from, its weights, tokenizer, chat template and forward.
 pub mod gguf;
 pub mod llama;
+pub mod pyjinja;
 pub mod source;
 pub mod synthetic;
 pub mod template;

@@ -2,15 +2,22 @@
 //!
 //! Models ship a Jinja template (`tokenizer.chat_template` in GGUF, `chat_template` in
 //! `tokenizer_config.json`). We render it with minijinja the way Hugging Face's
-//! `apply_chat_template` does with jinja2: `trim_blocks` and `lstrip_blocks` on, the variables
-//! `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, a `raise_exception` function,
-//! and Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) from
-//! `minijinja-contrib`'s pycompat layer. Models without a template get ChatML.
+//! `apply_chat_template` does with jinja2 (transformers' `_compile_jinja_template`):
+//! `trim_blocks` and `lstrip_blocks` on; the variables `messages`, `add_generation_prompt`,
+//! `bos_token`, `eos_token`, and `tools` and `documents` as `none`; the functions
+//! `raise_exception` and `strftime_now` (UTC here, the local time there); a `tojson` filter that
+//! writes what Python's `json.dumps` writes ([`super::pyjinja`]); and Python string/dict methods
+//! (`.strip()`, `.split()`, `.startswith()`, `.items()`, ...) from `minijinja-contrib`'s pycompat
+//! layer. `tests/chat_templates.rs` checks the Llama 3.x, Qwen2.5 and Qwen3 templates against
+//! jinja2's rendering. Models without a template get ChatML.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
+use super::pyjinja;
 use crate::{Error, Result};
 
 /// ChatML, the fallback when a model ships no template (and SmolLM2's format).
@@ -64,15 +71,12 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    /// The Unix time `strftime_now` reports; `None` reads the clock at each render.
+    now: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct Context<'a> {
-    messages: &'a [Message],
-    add_generation_prompt: bool,
-    bos_token: &'a str,
-    eos_token: &'a str,
-}
+/// Extra template variables (`tools`, `enable_thinking`, `date_string`, ...), as JSON.
+pub type TemplateVars = serde_json::Map<String, serde_json::Value>;
 
 impl ChatTemplate {
     /// A template from Jinja source; fails with a one-line `Template` error if it does not compile.
@@ -85,9 +89,16 @@ impl ChatTemplate {
             source: source.into(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            now: None,
         };
-        environment(&template.source)?;
+        template.environment()?;
         Ok(template)
+    }
+
+    /// The same template with `strftime_now` fixed at `unix_secs` (for reproducible prompts).
+    pub fn with_time(mut self, unix_secs: i64) -> Self {
+        self.now = Some(unix_secs);
+        self
     }
 
     /// ChatML with no BOS/EOS texts.
@@ -96,6 +107,7 @@ impl ChatTemplate {
             source: CHATML.to_string(),
             bos_token: String::new(),
             eos_token: String::new(),
+            now: None,
         }
     }
 
@@ -144,33 +156,58 @@ impl ChatTemplate {
     /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let env = environment(&self.source)?;
+        self.render_with(messages, add_generation_prompt, &TemplateVars::new())
+    }
+
+    /// Render any serializable messages (with `tool_calls`, `reasoning_content`, a `tool` role,
+    /// ...) and extra variables, which override the defaults (`tools` and `documents` are `none`).
+    pub fn render_with<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+        vars: &TemplateVars,
+    ) -> Result<String> {
+        let env = self.environment()?;
         let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
-        let ctx = Context {
-            messages,
-            add_generation_prompt,
-            bos_token: &self.bos_token,
-            eos_token: &self.eos_token,
-        };
+        let messages = serde_json::to_value(messages)
+            .map_err(|e| Error::Template(format!("messages: {e}")))?;
+        let mut ctx = TemplateVars::new();
+        ctx.insert("messages".into(), messages);
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        ctx.insert("bos_token".into(), self.bos_token.clone().into());
+        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        ctx.insert("tools".into(), serde_json::Value::Null);
+        ctx.insert("documents".into(), serde_json::Value::Null);
+        ctx.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         template.render(ctx).map_err(template_error)
     }
-}
 
-/// A minijinja environment set up like transformers' `apply_chat_template`, holding `source`.
-fn environment(source: &str) -> Result<Environment<'static>> {
-    let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        },
-    );
-    env.add_template_owned(TEMPLATE_NAME, source.to_string())
-        .map_err(template_error)?;
-    Ok(env)
+    /// A minijinja environment set up like transformers' `apply_chat_template`, holding the source.
+    fn environment(&self) -> Result<Environment<'static>> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        let now = self.now;
+        env.add_function("strftime_now", move |format: String| {
+            let now = now.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            });
+            pyjinja::strftime_now(now, &format)
+        });
+        env.add_filter("tojson", pyjinja::tojson);
+        env.add_template_owned(TEMPLATE_NAME, self.source.clone())
+            .map_err(template_error)?;
+        Ok(env)
+    }
 }
 
 fn template_error(e: minijinja::Error) -> Error {

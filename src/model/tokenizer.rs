@@ -17,6 +17,13 @@
 //!   a special token (`tokenizer.ggml.add_space_prefix`, default true), and characters outside the
 //!   vocabulary fall back to the `<0xXX>` byte tokens.
 //!
+//! `tests/hf_tokenizers.rs` also checks `llama-bpe` (Llama 3) and `qwen2` (Qwen2.5, Qwen3) on their
+//! real vocabularies against Hugging Face `tokenizers` loading the models' own tokenizer.json.
+//! Two deliberate differences from llama.cpp make ours agree with those: `qwen2` composes the text
+//! to NFC first, as Qwen's tokenizer.json does, and a marker text llama.cpp forces to control
+//! (`</s>`, ...) stays ordinary when the file types it as a normal BPE entry (see
+//! `GgufVocab::marker_id`).
+//!
 //! Control (type 3) and unknown (type 2) tokens become *special* added tokens; user-defined
 //! (type 4) tokens become plain added tokens. So `encode` splits `<|im_start|>` out as one id, as
 //! llama.cpp does with `parse_special = true`; `set_encode_special_tokens(true)` gives llama.cpp's
@@ -33,7 +40,7 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -51,14 +58,34 @@ const TYPE_CONTROL: i32 = 3;
 const TYPE_USER_DEFINED: i32 = 4;
 const TYPE_BYTE: i32 = 6;
 
-/// End-of-turn markers that stop generation when the vocabulary has them (a subset of llama.cpp's
-/// `special_eog_ids`).
-const STOP_TEXTS: [&str; 5] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
+/// Texts that end generation whatever their type: llama.cpp's `special_eog_ids` text list
+/// (`llama_vocab::impl::load`), which also makes them control tokens ([`FORCED_CONTROL`]).
+#[rustfmt::skip]
+const EOG_TEXTS: [&str; 22] = [
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>", "[e~[",
+];
+
+/// Fill-in-the-middle pad, repository and file-separator markers, which llama.cpp also counts as
+/// end of generation: the metadata key, else the first of the texts the vocabulary has.
+const EOG_FIM: [(&str, &[&str]); 3] = [
+    (
+        "tokenizer.ggml.fim_pad_token_id",
+        &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
+    ),
+    (
+        "tokenizer.ggml.fim_rep_token_id",
+        &[
+            "<|fim_repo|>",
+            "<|repo_name|>",
+            "<fim-repo>",
+            "<REPO>",
+            "<reponame>",
+        ],
+    ),
+    ("tokenizer.ggml.fim_sep_token_id", &["<|file_sep|>"]),
 ];
 
 /// Texts llama.cpp turns into control tokens whatever their GGUF type (its end-of-generation and
@@ -121,8 +148,10 @@ pub struct SpecialTokens {
     pub add_bos: bool,
     /// End-of-sequence token.
     pub eos: u32,
-    /// Every token that ends generation: `eos` first, then `tokenizer.ggml.eot_token_id`, then
-    /// the end-of-turn markers found in the vocabulary. No duplicates.
+    /// Every token that ends generation, as llama.cpp's `llama_vocab_is_eog` decides: `eos`,
+    /// `tokenizer.ggml.eot_token_id` and `tokenizer.ggml.eom_token_id` first, then the
+    /// vocabulary's end-of-turn texts ([`EOG_TEXTS`]: `<|eot_id|>`, `<|eom_id|>`, `<|im_end|>`,
+    /// `<|endoftext|>`, ...) and fill-in-the-middle pad/repo/file markers, by id. No duplicates.
     pub stop: Vec<u32>,
 }
 
@@ -157,14 +186,14 @@ impl SpecialTokens {
             // llama.cpp's defaults: SentencePiece and the Llama-3 family add BOS, other BPEs don't.
             _ => vocab.model == "llama" || pre_type(content)?.is_some_and(|p| is_llama3_family(&p)),
         };
-        let mut stop = vec![eos];
         let eot = in_vocab("tokenizer.ggml.eot_token_id")?;
-        let named = STOP_TEXTS.iter().filter_map(|t| vocab.id_of(t));
-        for id in eot.into_iter().chain(named) {
-            if !stop.contains(&id) {
-                stop.push(id);
-            }
+        let eom = in_vocab("tokenizer.ggml.eom_token_id")?;
+        let mut fim = Vec::new();
+        for (key, texts) in EOG_FIM {
+            let named = || texts.iter().find_map(|t| vocab.marker_id(t));
+            fim.extend(in_vocab(key)?.or_else(named));
         }
+        let stop = eog_ids(&vocab, [Some(eos), eot, eom], fim);
         Ok(Self {
             bos,
             add_bos,
@@ -174,12 +203,38 @@ impl SpecialTokens {
     }
 }
 
+/// llama.cpp's end-of-generation set: the metadata ids in `first` (in that order), then the FIM
+/// markers in `fim` and every [`EOG_TEXTS`] entry of the vocabulary, ascending. Two of llama.cpp's
+/// exceptions are kept: `<|end|>` is no end when the vocabulary also has `<|return|>` or `<|flush|>`
+/// and `<|call|>`/`<|calls|>` (gpt-oss, solar-open), and `</s>` is none next to `<|tool_response>`
+/// or `<|plamo:eos|>` (gemma4, plamo).
+fn eog_ids(vocab: &GgufVocab, first: [Option<u32>; 3], fim: Vec<u32>) -> Vec<u32> {
+    let named = EOG_TEXTS.iter().filter_map(|t| vocab.marker_id(t));
+    let mut rest: Vec<u32> = fim.into_iter().chain(named).collect();
+    rest.sort_unstable();
+    let mut stop: Vec<u32> = Vec::new();
+    for id in first.into_iter().flatten().chain(rest) {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    let text = |id: u32| vocab.tokens[id as usize].as_str();
+    let has = |names: &[&str]| stop.iter().any(|&id| names.contains(&text(id)));
+    let call = has(&["<|call|>", "<|calls|>"]);
+    let drop_end = call && (has(&["<|return|>"]) || has(&["<|flush|>"]));
+    let drop_s = has(&["<|tool_response>", "<|plamo:eos|>"]);
+    stop.retain(|&id| !((drop_end && text(id) == "<|end|>") || (drop_s && text(id) == "</s>")));
+    stop
+}
+
 /// The vocabulary arrays shared by every tokenizer type.
 struct GgufVocab {
     model: String,
     tokens: Vec<String>,
     /// One per token; all `TYPE_NORMAL` when the file has no `token_type` array.
     types: Vec<i32>,
+    /// Whether `types` came from the file.
+    typed: bool,
     /// Text → id; a repeated text maps to its last id, as in llama.cpp's `token_to_id`.
     ids: HashMap<String, u32>,
 }
@@ -210,6 +265,7 @@ impl GgufVocab {
             }
             None => vec![TYPE_NORMAL; tokens.len()],
         };
+        let typed = content.metadata.contains_key("tokenizer.ggml.token_type");
         let ids = tokens
             .iter()
             .enumerate()
@@ -219,12 +275,23 @@ impl GgufVocab {
             model,
             tokens,
             types,
+            typed,
             ids,
         })
     }
 
     fn id_of(&self, text: &str) -> Option<u32> {
         self.ids.get(text).copied()
+    }
+
+    /// The id of a marker named by text ([`FORCED_CONTROL`], [`EOG_TEXTS`], [`EOG_FIM`]), unless
+    /// the file types it as an ordinary BPE entry. llama.cpp takes those too, but an ordinary entry
+    /// is no marker: Qwen's `</s>` (id 128247) is a piece its own tokenizer never produces (it
+    /// splits "</s>" into `</`, `s`, `>`), and treating it as control changes the ids of any text
+    /// with "</s>" in it.
+    fn marker_id(&self, text: &str) -> Option<u32> {
+        let id = self.id_of(text)?;
+        (!self.typed || self.types[id as usize] != TYPE_NORMAL).then_some(id)
     }
 
     fn bpe_vocab(&self) -> Vocab {
@@ -265,6 +332,13 @@ fn byte_level_bpe(content: &gguf_file::Content, vocab: &GgufVocab) -> Result<Tok
         .map_err(|e| Error::Tokenizer(one_line(&format!("building BPE: {e}"))))?;
 
     let mut tokenizer = Tokenizer::new(bpe);
+    if is_qwen2_family(&pre) {
+        // Qwen's tokenizer.json composes the text (NFC) before splitting; llama.cpp skips that
+        // step, so decomposed accents ("e" + U+0301) would get ids the model never saw in training.
+        tokenizer
+            .with_normalizer(Some(NFC))
+            .map_err(|e| Error::Tokenizer(one_line(&format!("normalizer: {e}"))))?;
+    }
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     Ok(tokenizer)
@@ -282,7 +356,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             PreSequence::new(vec![Digits::new(true).into(), with_gpt2_regex()]).into()
         }
         p if is_llama3_family(p) => regex_splits(&[LLAMA3_REGEX], bytes_only())?,
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => regex_splits(&[QWEN2_REGEX], bytes_only())?,
+        p if is_qwen2_family(p) || p == "stablelm2" => regex_splits(&[QWEN2_REGEX], bytes_only())?,
         "falcon" => regex_splits(
             &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"],
             bytes_only(),
@@ -331,6 +405,11 @@ fn is_llama3_family(pre: &str) -> bool {
         pre,
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
     )
+}
+
+/// Pre-tokenizer names of the Qwen2/2.5/3 vocabulary (whose tokenizer.json normalizes to NFC).
+fn is_qwen2_family(pre: &str) -> bool {
+    matches!(pre, "qwen2" | "deepseek-r1-qwen")
 }
 
 /// `llama` (SentencePiece) vocabularies: BPE whose merge ranks come from the merged piece's score.
@@ -433,9 +512,11 @@ fn add_special_tokens(
     let mut special = Vec::new();
     let mut plain = Vec::new();
     for (text, ty) in vocab.tokens.iter().zip(&vocab.types) {
+        let forced =
+            || FORCED_CONTROL.contains(&text.as_str()) && (!vocab.typed || *ty != TYPE_NORMAL);
         match *ty {
             TYPE_CONTROL | TYPE_UNKNOWN => special.push(text),
-            _ if FORCED_CONTROL.contains(&text.as_str()) => special.push(text),
+            _ if forced() => special.push(text),
             TYPE_USER_DEFINED => plain.push(text),
             _ => {}
         }
@@ -522,4 +603,163 @@ fn value_i64(v: &Value) -> Option<i64> {
 /// Error text from dependencies can span lines; ours is always one.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor-less byte-level BPE GGUF over `tokens` (all control), with `extra` metadata.
+    fn content(tokens: &[&str], extra: &[(&str, u32)]) -> gguf_file::Content {
+        content_typed(tokens, &vec![TYPE_CONTROL; tokens.len()], extra)
+    }
+
+    fn content_typed(tokens: &[&str], types: &[i32], extra: &[(&str, u32)]) -> gguf_file::Content {
+        let text = |s: &str| Value::String(s.to_string());
+        let mut metadata: HashMap<String, Value> = [
+            ("tokenizer.ggml.model", text("gpt2")),
+            ("tokenizer.ggml.pre", text("llama-bpe")),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(tokens.iter().map(|t| text(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
+            ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, id) in extra {
+            metadata.insert(k.to_string(), Value::U32(*id));
+        }
+        gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    fn stop_texts(tokens: &[&str], extra: &[(&str, u32)]) -> Vec<String> {
+        let special = SpecialTokens::from_gguf(&content(tokens, extra)).expect("special tokens");
+        special
+            .stop
+            .iter()
+            .map(|&id| tokens[id as usize].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn generation_stops_on_every_end_of_generation_token() {
+        // Llama 3.1: eos is <|eot_id|>; <|end_of_text|> and <|eom_id|> end generation too.
+        let llama = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ];
+        let eos = [("tokenizer.ggml.eos_token_id", 4)];
+        assert_eq!(
+            stop_texts(&llama, &eos),
+            ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
+        );
+        // Metadata ids come first, in the order eos, eot, eom, even for tokens no list names.
+        let ids = [
+            ("tokenizer.ggml.eos_token_id", 1),
+            ("tokenizer.ggml.eot_token_id", 5),
+            ("tokenizer.ggml.eom_token_id", 2),
+        ];
+        assert_eq!(
+            stop_texts(&llama, &ids),
+            [
+                "<|end_of_text|>",
+                "<|python_tag|>",
+                "<|start_header_id|>",
+                "<|eom_id|>",
+                "<|eot_id|>"
+            ]
+        );
+        // Qwen: <|im_end|>, <|endoftext|> and the FIM pad/repo/file markers.
+        let qwen = [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|fim_prefix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ];
+        let eos = [("tokenizer.ggml.eos_token_id", 2)];
+        assert_eq!(
+            stop_texts(&qwen, &eos),
+            [
+                "<|im_end|>",
+                "<|endoftext|>",
+                "<|fim_pad|>",
+                "<|repo_name|>",
+                "<|file_sep|>"
+            ]
+        );
+    }
+
+    #[test]
+    fn end_is_no_stop_next_to_return_and_call() {
+        // gpt-oss: <|end|> closes a message inside a turn; <|return|> and <|call|> end it.
+        let tokens = [
+            "<|start|>",
+            "<|end|>",
+            "<|return|>",
+            "<|call|>",
+            "<|endoftext|>",
+        ];
+        let eos = [("tokenizer.ggml.eos_token_id", 2)];
+        assert_eq!(
+            stop_texts(&tokens, &eos),
+            ["<|return|>", "<|call|>", "<|endoftext|>"]
+        );
+        // Without them <|end|> (Phi-3) stops.
+        let tokens = ["<|user|>", "<|end|>", "<|endoftext|>"];
+        let eos = [("tokenizer.ggml.eos_token_id", 2)];
+        assert_eq!(stop_texts(&tokens, &eos), ["<|endoftext|>", "<|end|>"]);
+    }
+
+    #[test]
+    fn ordinary_bpe_entries_are_no_markers() {
+        // Qwen's vocabulary has `</s>` as a plain BPE entry: no stop, no special token.
+        let tokens = ["<|endoftext|>", "<|im_end|>", "</s>", "<", "/", "s", ">"];
+        let mut types = vec![TYPE_NORMAL; tokens.len()];
+        types[..2].fill(TYPE_CONTROL);
+        let c = content_typed(&tokens, &types, &[("tokenizer.ggml.eos_token_id", 1)]);
+        let special = SpecialTokens::from_gguf(&c).expect("special tokens");
+        assert_eq!(special.stop, [1, 0]);
+        let tok = from_gguf(&c).expect("tokenizer");
+        let ids = tok.encode("</s><|im_end|>", false).expect("encode");
+        assert_eq!(ids.get_ids(), [3, 4, 5, 6, 1]);
+        // The same text as a user-defined token is a marker, as in llama.cpp.
+        types[2] = TYPE_USER_DEFINED;
+        let c = content_typed(&tokens, &types, &[("tokenizer.ggml.eos_token_id", 1)]);
+        assert_eq!(
+            SpecialTokens::from_gguf(&c).expect("special").stop,
+            [1, 0, 2]
+        );
+    }
+
+    #[test]
+    fn out_of_range_stop_id_is_a_one_line_error() {
+        let c = content(&["<|endoftext|>"], &[("tokenizer.ggml.eom_token_id", 7)]);
+        match SpecialTokens::from_gguf(&c) {
+            Err(Error::Tokenizer(msg)) => {
+                assert!(
+                    msg.contains("eom_token_id = 7") && !msg.contains('\n'),
+                    "{msg}"
+                )
+            }
+            other => panic!("expected a tokenizer error, got {other:?}"),
+        }
+    }
 }

@@ -17,7 +17,7 @@
 use std::ops::Range;
 
 use super::activation::Q8Rows;
-use crate::backend::qgemv::kernels::Kernel;
+use crate::backend::qgemv::kernels::{q6_value, Kernel};
 use crate::backend::qgemv::{Kind, Line, QK, TILE};
 
 /// One product out = x W^T: the operands and where the output lives.
@@ -106,7 +106,10 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     // dot[h]: the i32 dot over values 16h..16h+16
                     let mut dot = [0i32; 2];
                     let tile_lines = &g.quants[tb * lines..][..lines];
-                    let nibble_lines = if g.kind == Kind::Q5 { 4 } else { lines };
+                    let nibble_lines = match g.kind {
+                        Kind::Q5 | Kind::Q6 => 4,
+                        _ => lines,
+                    };
                     for (k, line) in tile_lines[..nibble_lines].iter().enumerate() {
                         for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
                             match g.kind {
@@ -119,6 +122,12 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                                     }
                                     dot[0] += lo as i32 * xb[4 * k + j] as i32;
                                     dot[1] += hi as i32 * xb[16 + 4 * k + j] as i32;
+                                }
+                                Kind::Q6 => {
+                                    for (h, dot) in dot.iter_mut().enumerate() {
+                                        let q = q6_value(tile_lines, lane, h, k, j);
+                                        *dot += q as i32 * xb[16 * h + 4 * k + j] as i32;
+                                    }
                                 }
                                 Kind::Q8_0 => {
                                     dot[k / 4] +=
@@ -134,6 +143,12 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                             acc += f16(s[TILE + lane]) * g.x.dsum[ib];
                         }
                         Kind::Q8_0 => acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32,
+                        Kind::Q6 => {
+                            for h in 0..2 {
+                                let sum = g.x.d[ib] * dot[h] as f32 - 32.0 * g.x.dsum16[2 * ib + h];
+                                acc += f16(s[h * TILE + lane]) * sum;
+                            }
+                        }
                         Kind::Q8x16 => {
                             for h in 0..2 {
                                 acc += f16(s[h * TILE + lane]) * g.x.d[ib] * dot[h] as f32;
@@ -198,6 +213,7 @@ mod x86 {
                     match g.kind {
                         Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
                         Kind::Q5 => by_shape!(q5_vnni, rn, tn, g, i0, t0),
+                        Kind::Q6 => by_shape!(q6_vnni, rn, tn, g, i0, t0),
                         Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
                         Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
                     }
@@ -217,6 +233,64 @@ mod x86 {
         };
         // SAFETY (caller): (i, tile) is in the rectangle; masked lanes are not written.
         unsafe { _mm512_mask_storeu_ps(g.out.add(i * g.n + tile * TILE), mask, v) }
+    }
+
+    /// Rows i0..i0+R × tiles t0..t0+T of a Q6 matrix: per half of 16 values, the 6-bit quants
+    /// (nibble | two high bits) × activation bytes, then d_h (d_x dot - 32 d_x Σ q_x).
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn q6_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        use crate::backend::qgemv::kernels::x86::six_bits_512;
+        let nb = g.nb();
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for b in 0..nb {
+            // SAFETY: as in `q4_1_vnni`.
+            unsafe {
+                let lines: [*const __m512i; T] = std::array::from_fn(|t| {
+                    g.quants.as_ptr().add(((t0 + t) * nb + b) * 6) as *const __m512i
+                });
+                let s: [*const u16; T] =
+                    std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 2 * TILE));
+                for h in 0..2 {
+                    let high: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(4 + h)));
+                    let mut dot = [[_mm512_setzero_si512(); T]; R];
+                    for k in 0..4 {
+                        let w: [__m512i; T] = std::array::from_fn(|t| {
+                            let w = _mm512_load_si512(lines[t].add(k));
+                            let nib = if h == 0 { w } else { _mm512_srli_epi16::<4>(w) };
+                            _mm512_or_si512(_mm512_and_si512(nib, nibble), six_bits_512(high[t], k))
+                        });
+                        for r in 0..R {
+                            let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 * h + 4 * k));
+                            for t in 0..T {
+                                dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                            }
+                        }
+                    }
+                    let d: [__m512; T] = std::array::from_fn(|t| {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(h * TILE) as *const __m256i))
+                    });
+                    for r in 0..R {
+                        let ib = (i0 + r) * nb + b;
+                        let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
+                        let c = _mm512_set1_ps(32.0 * *g.x.dsum16.get_unchecked(2 * ib + h));
+                        for t in 0..T {
+                            let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[r][t]), dx, c);
+                            acc[r][t] = _mm512_fmadd_ps(d[t], v, acc[r][t]);
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: the microtile is in the caller's rectangle.
+                unsafe { store16(g, i0 + r, t0 + t, acc[r][t]) };
+            }
+        }
     }
 
     /// `q4_1_vnni` over Q5 tiles.
@@ -527,6 +601,27 @@ mod x86 {
                             }
                         }
                     }
+                    Kind::Q6 => {
+                        use crate::backend::qgemv::kernels::x86::six_bits_256;
+                        let high = [line(4), line(5)];
+                        for k in 0..4 {
+                            let w = line(k);
+                            let nib = [
+                                _mm256_and_si256(w, nibble),
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble),
+                            ];
+                            for h in 0..2 {
+                                let q = _mm256_or_si256(nib[h], six_bits_256(high[h], k));
+                                for (r, dot) in dot[h].iter_mut().enumerate() {
+                                    let xk =
+                                        _mm256_set1_epi32(x4(g, i0 + r, b * QK + 16 * h + 4 * k));
+                                    // quants below 64: 63 * 127 * 2 fits i16
+                                    let p = _mm256_maddubs_epi16(q, xk);
+                                    *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                                }
+                            }
+                        }
+                    }
                     Kind::Q8x16 => {
                         for k in 0..8 {
                             let w = line(k);
@@ -542,7 +637,11 @@ mod x86 {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let ib = (i0 + r) * nb + b;
                     let dx = _mm256_set1_ps(*g.x.d.get_unchecked(ib));
-                    let halves = if g.kind == Kind::Q8x16 { 2 } else { 1 };
+                    let halves = if matches!(g.kind, Kind::Q8x16 | Kind::Q6) {
+                        2
+                    } else {
+                        1
+                    };
                     for h in 0..halves {
                         let sc = _mm256_mul_ps(scale(h), dx);
                         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][r]), sc, *acc);
@@ -553,6 +652,12 @@ mod x86 {
                             *acc = _mm256_fmadd_ps(scale(1), dsum, *acc);
                         }
                         Kind::Q8_0 => {}
+                        Kind::Q6 => {
+                            for h in 0..2 {
+                                let ds = *g.x.dsum16.get_unchecked(2 * ib + h);
+                                *acc = _mm256_fmadd_ps(scale(h), _mm256_set1_ps(-32.0 * ds), *acc);
+                            }
+                        }
                         Kind::Q8x16 => {
                             for h in 0..2 {
                                 let ds = _mm256_set1_ps(*g.x.dsum16.get_unchecked(2 * ib + h));

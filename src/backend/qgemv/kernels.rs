@@ -11,6 +11,9 @@
 //! - Q5: Q4_1's 4 lines, then a line of fifth bits: byte 4r + j holds, in bit k, the fifth bit
 //!   of value 4k + j of row r and, in bit 4 + k, that of value 16 + 4k + j (k < 4), so that
 //!   line k's nibbles get theirs with one shift and mask. Scales as Q4_1.
+//! - Q6: Q4_1's 4 lines of low nibbles, then two lines of bits 4-5: in line 4 + h, byte 4r + j
+//!   holds in bits 2k, 2k+1 the high bits of value 16h + 4k + j of row r (k < 4). Scales: 16
+//!   f16 d for values 0..16, 16 for values 16..32; weight = d_h (q - 32).
 //! - Q8_0: 8 lines; line k holds the rows' weights 4k..4k+4 as bytes w ^ 0x80 (= w + 128, so
 //!   they are unsigned for `vpdpbusd`; the 128 Σ x it adds is subtracted per block).
 //!   Scales: 16 f16 d.
@@ -63,6 +66,7 @@ impl Kernel {
 pub const Q4_1_LINES: usize = 4;
 pub const Q4_1_SCALES: usize = 2 * TILE;
 pub const Q5_LINES: usize = 5;
+pub const Q6_LINES: usize = 6;
 pub const Q8_0_LINES: usize = 8;
 pub const Q8_0_SCALES: usize = TILE;
 pub const Q8X16_LINES: usize = 8;
@@ -124,6 +128,56 @@ pub fn q5(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
             unsafe { x86::q4_1_avx2::<true>(t, x, out) }
         }
         _ => q4_1_scalar::<true>(t, x, out),
+    }
+}
+
+/// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj - 32 d_b Σ_{j in h} x_bj), over Q6 tiles.
+pub fn q6(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q6_LINES, Q4_1_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q6_vnni(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q6_avx2(t, x, out) }
+        }
+        _ => q6_scalar(t, x, out),
+    }
+}
+
+/// The 6-bit quant of value 16h + 4k + j of lane `r` in a Q6 tile-block's lines.
+pub(crate) fn q6_value(lines: &[Line], r: usize, h: usize, k: usize, j: usize) -> u8 {
+    let byte = lines[k].0[4 * r + j];
+    let nibble = if h == 0 { byte & 15 } else { byte >> 4 };
+    nibble | (((lines[4 + h].0[4 * r + j] >> (2 * k)) & 3) << 4)
+}
+
+fn q6_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for (tile, out) in out.chunks_mut(TILE).enumerate() {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                let lines = &t.quants[tb * Q6_LINES..][..Q6_LINES];
+                let xq = &x.q[b * QK..][..QK];
+                for h in 0..2 {
+                    let mut dot = 0i32;
+                    for k in 0..4 {
+                        for j in 0..4 {
+                            dot +=
+                                q6_value(lines, r, h, k, j) as i32 * xq[16 * h + 4 * k + j] as i32;
+                        }
+                    }
+                    let d = f16(t.scales[tb * Q4_1_SCALES + h * TILE + r]);
+                    acc += d * (x.d[b] * dot as f32 - 32.0 * x.dsum16[2 * b + h]);
+                }
+            }
+            *o = acc;
+        }
     }
 }
 
@@ -251,8 +305,8 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5_LINES, Q8X16_LINES, Q8X16_SCALES, Q8_0_LINES,
-        Q8_0_SCALES, TILE,
+        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5_LINES, Q6_LINES, Q8X16_LINES, Q8X16_SCALES,
+        Q8_0_LINES, Q8_0_SCALES, TILE,
     };
     use crate::backend::qgemv::QK;
 
@@ -420,6 +474,78 @@ pub(crate) mod x86 {
         }
     }
 
+    /// Bits 2k, 2k+1 of each byte of a Q6 high-bit line moved to bits 4, 5 (16-bit shifts keep
+    /// them within their byte), the rest cleared.
+    #[inline(always)]
+    pub(crate) unsafe fn six_bits_512(h: __m512i, k: usize) -> __m512i {
+        let moved = match k {
+            0 => _mm512_slli_epi16::<4>(h),
+            1 => _mm512_slli_epi16::<2>(h),
+            2 => h,
+            _ => _mm512_srli_epi16::<2>(h),
+        };
+        _mm512_and_si512(moved, _mm512_set1_epi8(0x30))
+    }
+
+    /// `six_bits_512` on half a line.
+    #[inline(always)]
+    pub(crate) unsafe fn six_bits_256(h: __m256i, k: usize) -> __m256i {
+        let moved = match k {
+            0 => _mm256_slli_epi16::<4>(h),
+            1 => _mm256_slli_epi16::<2>(h),
+            2 => h,
+            _ => _mm256_srli_epi16::<2>(h),
+        };
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x30))
+    }
+
+    /// SAFETY: as `q4_1_vnni`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn q6_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let nibble = _mm512_set1_epi8(0x0F);
+        for tile in 0..out.len().div_ceil(TILE) {
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for b in 0..t.nb {
+                let tb = tile * t.nb + b;
+                // SAFETY: as in `q4_1_vnni`.
+                unsafe {
+                    let lines = t.quants.as_ptr().add(tb * Q6_LINES) as *const __m512i;
+                    let (h0, h1) = (
+                        _mm512_load_si512(lines.add(4)),
+                        _mm512_load_si512(lines.add(5)),
+                    );
+                    let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for k in 0..4 {
+                        let w = _mm512_load_si512(lines.add(k));
+                        let lo = _mm512_or_si512(_mm512_and_si512(w, nibble), six_bits_512(h0, k));
+                        let hi = _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble),
+                            six_bits_512(h1, k),
+                        );
+                        let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
+                        let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
+                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, xhi);
+                    }
+                    let s = t.scales.as_ptr().add(tb * Q4_1_SCALES);
+                    let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
+                    let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(TILE) as *const __m256i));
+                    let dx = _mm512_set1_ps(*x.d.get_unchecked(b));
+                    let ds = x.dsum16.as_ptr().add(2 * b);
+                    // d_h (d_x dot_h - 32 d_x Σ_h q_x)
+                    let c0 = _mm512_set1_ps(32.0 * *ds);
+                    let c1 = _mm512_set1_ps(32.0 * *ds.add(1));
+                    let v0 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(lo_acc), dx, c0);
+                    let v1 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(hi_acc), dx, c1);
+                    acc0 = _mm512_fmadd_ps(d0, v0, acc0);
+                    acc1 = _mm512_fmadd_ps(d1, v1, acc1);
+                }
+            }
+            // SAFETY: `tile` is one of out's tiles.
+            unsafe { store16(_mm512_add_ps(acc0, acc1), out, tile) };
+        }
+    }
+
     /// Write 8 results of a tile half; partial at the end of `out`.
     #[inline(always)]
     unsafe fn store8(acc: __m256, out: &mut [f32], first: usize) {
@@ -574,6 +700,66 @@ pub(crate) mod x86 {
                             let ds = _mm256_set1_ps(*x.dsum16.get_unchecked(2 * b + h));
                             acc = _mm256_fmadd_ps(scale(2 + h), ds, acc);
                         }
+                    }
+                }
+                // SAFETY: plain store of 8 lanes.
+                unsafe { store8(acc, out, tile * TILE + 8 * half) };
+            }
+        }
+    }
+
+    /// SAFETY: as `q4_1_avx2`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for tile in 0..out.len().div_ceil(TILE) {
+            for half in 0..2 {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..t.nb {
+                    let tb = tile * t.nb + b;
+                    // SAFETY: as in `q4_1_avx2`.
+                    unsafe {
+                        let lines = t.quants.as_ptr().add(tb * Q6_LINES) as *const u8;
+                        let line = |k: usize| {
+                            _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i)
+                        };
+                        let (h0, h1) = (line(4), line(5));
+                        let (mut lo_sum, mut hi_sum) =
+                            (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for k in 0..4 {
+                            let w = line(k);
+                            let lo =
+                                _mm256_or_si256(_mm256_and_si256(w, nibble), six_bits_256(h0, k));
+                            let hi = _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble),
+                                six_bits_256(h1, k),
+                            );
+                            let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
+                            let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+                            // quants below 64: 63 * 127 * 2 fits i16
+                            let plo = _mm256_maddubs_epi16(lo, xlo);
+                            let phi = _mm256_maddubs_epi16(hi, xhi);
+                            lo_sum = _mm256_add_epi32(lo_sum, _mm256_madd_epi16(plo, ones));
+                            hi_sum = _mm256_add_epi32(hi_sum, _mm256_madd_epi16(phi, ones));
+                        }
+                        let s = t.scales.as_ptr().add(tb * Q4_1_SCALES + 8 * half);
+                        let d0 = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
+                        let d1 = _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i));
+                        let dx = _mm256_set1_ps(*x.d.get_unchecked(b));
+                        let ds = x.dsum16.as_ptr().add(2 * b);
+                        let v0 = _mm256_fmsub_ps(
+                            _mm256_cvtepi32_ps(lo_sum),
+                            dx,
+                            _mm256_set1_ps(32.0 * *ds),
+                        );
+                        let v1 = _mm256_fmsub_ps(
+                            _mm256_cvtepi32_ps(hi_sum),
+                            dx,
+                            _mm256_set1_ps(32.0 * *ds.add(1)),
+                        );
+                        acc = _mm256_fmadd_ps(d0, v0, acc);
+                        acc = _mm256_fmadd_ps(d1, v1, acc);
                     }
                 }
                 // SAFETY: plain store of 8 lanes.

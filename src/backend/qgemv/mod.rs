@@ -7,9 +7,9 @@
 //! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`. Every other integer type (Q4_0, Q5_*,
 //! the K-quants) is read into one common form (unpack.rs: integer quants, a scale and a min per
 //! 16 or 32 values) and repacked into the smallest of four tile formats that holds it exactly
-//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5 (0.75), Q8_0 (1.0625) and Q8x16 (1.25, a byte
-//! per weight with a scale and min per 16: Q6_K, Q3_K, Q2_K). Float weights (F16, BF16, F32)
-//! are rounded to Q8_0 at load.
+//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5 (0.75), Q6 (0.875: Q6_K, Q3_K), Q8_0 (1.0625)
+//! and Q8x16 (1.25, a byte per weight with a scale and min per 16: Q2_K). Float weights (F16,
+//! BF16, F32) are rounded to Q8_0 at load.
 //!
 //! At load the blocks are repacked into tiles of 16 rows (kernels.rs has the byte layout): the
 //! kernel streams one tile's blocks in order and keeps each row in one lane of an i32 vector,
@@ -50,15 +50,18 @@ pub enum Kind {
     /// 5-bit quants (Q4_1's nibbles plus a line of fifth bits), an f16 scale and min per 32:
     /// Q5_0, Q5_1, Q5_K.
     Q5,
+    /// 6-bit quants (Q4_1's nibbles plus two lines of fifth and sixth bits), an f16 scale per 16
+    /// and the fixed offset -32: weight = d (q - 32). Q6_K, and Q3_K (its q - 4 is q + 28 - 32).
+    Q6,
     /// signed 8-bit quants, an f16 scale per 32: Q8_0, and float weights rounded to it at load.
     Q8_0,
-    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q6_K, Q3_K, Q2_K.
+    /// a byte per weight (quants below 64), an f16 scale and min per 16: Q2_K.
     Q8x16,
 }
 
 impl Kind {
-    /// Every format, fewest bytes per weight first (0.625, 0.75, 1.0625, 1.25).
-    const BY_SIZE: [Kind; 4] = [Kind::Q4_1, Kind::Q5, Kind::Q8_0, Kind::Q8x16];
+    /// Every format, fewest bytes per weight first (0.625, 0.75, 0.875, 1.0625, 1.25).
+    const BY_SIZE: [Kind; 5] = [Kind::Q4_1, Kind::Q5, Kind::Q6, Kind::Q8_0, Kind::Q8x16];
 
     /// Whether tiles of this format hold a GGUF type's weights exactly (up to the f16 rounding
     /// of a K-quant's scale products).
@@ -70,6 +73,8 @@ impl Kind {
                 dtype,
                 T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K
             ),
+            // a scale per 16 and a min of -32 scales: Q6_K, Q3_K (a min of -4 scales)
+            Kind::Q6 => matches!(dtype, T::Q6K | T::Q3K),
             // signed bytes times one scale: d (q - 8) and d (q - 16) are, a min is not
             Kind::Q8_0 => {
                 matches!(
@@ -84,13 +89,18 @@ impl Kind {
         }
     }
 
-    /// The smallest format that holds every one of `dtypes` (several tensors stacked into one
-    /// matrix); None when there is none (a type without a kernel, or Q8_0 with a type that has
-    /// a min).
-    fn fitting(dtypes: &[GgmlDType]) -> Option<Self> {
-        Self::BY_SIZE
-            .into_iter()
-            .find(|k| dtypes.iter().all(|&d| k.holds(d)))
+    /// The smallest format that holds a GGUF type; None for a type without a kernel here.
+    pub fn fitting(dtype: GgmlDType) -> Option<Self> {
+        Self::BY_SIZE.into_iter().find(|k| k.holds(dtype))
+    }
+
+    /// What Q6 tiles add to a type's quants so that its min is -32 scales (Q3_K's is -4).
+    fn q6_shift(dtype: GgmlDType) -> u8 {
+        if dtype == GgmlDType::Q3K {
+            28
+        } else {
+            0
+        }
     }
 
     /// Lines of 64 bytes per tile-block.
@@ -98,6 +108,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
             Kind::Q5 => kernels::Q5_LINES,
+            Kind::Q6 => kernels::Q6_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
             Kind::Q8x16 => kernels::Q8X16_LINES,
         }
@@ -106,7 +117,7 @@ impl Kind {
     /// f16 scale bit patterns per tile-block.
     pub(crate) fn scales(self) -> usize {
         match self {
-            Kind::Q4_1 | Kind::Q5 => kernels::Q4_1_SCALES,
+            Kind::Q4_1 | Kind::Q5 | Kind::Q6 => kernels::Q4_1_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
             Kind::Q8x16 => kernels::Q8X16_SCALES,
         }
@@ -128,7 +139,7 @@ pub struct QMatrix {
 enum RowBlocks {
     /// Q8_0 blocks { f16 d, i8 qs[32] }
     Q8_0(Vec<u8>),
-    /// 32 columns each (`Q4_1`, `Q5` and `Q8x16` tiles)
+    /// 32 columns each (`Q4_1`, `Q5`, `Q6` and `Q8x16` tiles)
     Subs(Vec<Sub32>),
 }
 
@@ -151,7 +162,7 @@ impl SourceRows<'_> {
             Kind::Q8_0 => RowBlocks::Q8_0(
                 unpack::as_q8_0(self.dtype, row).expect("a type Q8_0 tiles hold (Kind::holds)"),
             ),
-            Kind::Q4_1 | Kind::Q5 | Kind::Q8x16 => {
+            Kind::Q4_1 | Kind::Q5 | Kind::Q6 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];
                 unpack::unpack_row(self.dtype, row, &mut subs);
                 RowBlocks::Subs(subs)
@@ -161,22 +172,26 @@ impl SourceRows<'_> {
 }
 
 impl QMatrix {
-    /// The matrix of a 2-D tensor of a type with a kernel here (`Kind::fitting`); None for others.
+    /// The matrix of a 2-D tensor of a type with a kernel here, in the smallest tile format that
+    /// holds it (`Kind::fitting`); None for other types.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
         Self::stacked(&[t])
     }
 
-    /// The rows of several tensors of one width, stacked in order, in the smallest tile format
-    /// that holds them all; None when there is none (`Kind::fitting`) or the widths differ.
+    /// The rows of several tensors of one width, stacked in order; None when their types take
+    /// different tile formats (a Q4_K_M file's Q4_K q/k beside a Q6_K v are better apart, each
+    /// at its own size), a type has no kernel here, or the widths differ.
     pub fn stacked(parts: &[&QTensor]) -> candle_core::Result<Option<Self>> {
         let Some(first) = parts.first() else {
             return Ok(None);
         };
         let cols = first.shape().dims2()?.1;
-        let dtypes: Vec<GgmlDType> = parts.iter().map(|p| p.dtype()).collect();
-        let Some(kind) = Kind::fitting(&dtypes) else {
+        let Some(kind) = Kind::fitting(first.dtype()) else {
             return Ok(None);
         };
+        if parts.iter().any(|p| Kind::fitting(p.dtype()) != Some(kind)) {
+            return Ok(None);
+        }
         let mut sources = Vec::with_capacity(parts.len());
         for p in parts {
             let (rows, c) = p.shape().dims2()?;
@@ -238,7 +253,30 @@ impl QMatrix {
                         }
                         Some(RowBlocks::Subs(subs)) => {
                             let sub = &subs[b];
+                            let dtype = rows[tile * TILE + r].0.dtype;
                             match kind {
+                                Kind::Q6 => {
+                                    let shift = Kind::q6_shift(dtype);
+                                    let q = |i: usize| sub.q[i] + shift; // below 64
+                                    for h in 0..2 {
+                                        s[h * TILE + r] = f16_bits(sub.s[h]);
+                                    }
+                                    for (k, l) in lines[..4].iter_mut().enumerate() {
+                                        for j in 0..4 {
+                                            l.0[4 * r + j] = (q(4 * k + j) & 15)
+                                                | ((q(16 + 4 * k + j) & 15) << 4);
+                                        }
+                                    }
+                                    // line 4 + h, byte 4r + j: bits 2k, 2k+1 are bits 4, 5 of
+                                    // value 16h + 4k + j
+                                    for h in 0..2 {
+                                        for j in 0..4 {
+                                            lines[4 + h].0[4 * r + j] = (0..4)
+                                                .map(|k| (q(16 * h + 4 * k + j) >> 4) << (2 * k))
+                                                .fold(0, |a, b| a | b);
+                                        }
+                                    }
+                                }
                                 Kind::Q4_1 | Kind::Q5 => {
                                     s[r] = f16_bits(sub.s[0]);
                                     s[TILE + r] = f16_bits(sub.m[0]);
@@ -355,6 +393,7 @@ impl QMatrix {
             match self.kind {
                 Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
                 Kind::Q5 => kernels::q5(kernel, &t, x, out),
+                Kind::Q6 => kernels::q6(kernel, &t, x, out),
                 Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
                 Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
             }
@@ -406,10 +445,9 @@ impl QMatrix {
         let tb = tile * (self.cols / QK) + b;
         let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
         let s = &self.scales[tb * self.kind.scales()..];
-        let nibble_lines = if self.kind == Kind::Q5 {
-            4
-        } else {
-            lines.len()
+        let nibble_lines = match self.kind {
+            Kind::Q5 | Kind::Q6 => 4,
+            _ => lines.len(),
         };
         for (k, l) in lines[..nibble_lines].iter().enumerate() {
             let bytes = &l.0[4 * lane..][..4];
@@ -425,6 +463,13 @@ impl QMatrix {
                         }
                         wb[4 * k + j] = d * lo as f32 + m;
                         wb[16 + 4 * k + j] = d * hi as f32 + m;
+                    }
+                    Kind::Q6 => {
+                        let high = |h: usize| ((lines[4 + h].0[4 * lane + j] >> (2 * k)) & 3) << 4;
+                        let (lo, hi) = ((byte & 15) | high(0), (byte >> 4) | high(1));
+                        let (d0, d1) = (f(s[lane]), f(s[TILE + lane]));
+                        wb[4 * k + j] = d0 * (lo as f32 - 32.0);
+                        wb[16 + 4 * k + j] = d1 * (hi as f32 - 32.0);
                     }
                     Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
                     Kind::Q8x16 => {

@@ -148,35 +148,37 @@ fn every_weight_type_matches_the_reference() {
 }
 
 #[test]
-fn k_quant_mixes_stack_in_the_wider_format() {
-    let (a, b) = (
-        quantized(GgmlDType::Q4K, 40, 256, 1),
-        quantized(GgmlDType::Q6K, 9, 256, 2),
-    );
-    let m = QMatrix::stacked(&[&a, &b]).unwrap().unwrap();
-    assert_eq!(m.tiles().0, Kind::Q8x16);
-    let (ma, mb) = (
-        QMatrix::from_qtensor(&a).unwrap().unwrap(),
-        QMatrix::from_qtensor(&b).unwrap().unwrap(),
-    );
-    assert_eq!(ma.tiles().0, Kind::Q4_1);
-    let want: Vec<f32> = [ma.dequantize(), mb.dequantize()].concat();
-    assert_eq!(m.dequantize(), want, "the same weights in either format");
-    let q8 = quantized(GgmlDType::Q8_0, 8, 256, 3);
-    assert!(QMatrix::stacked(&[&a, &q8]).unwrap().is_none());
-    // 5-bit tensors take their own tiles, and Q8_0's beside a Q8_0 tensor (llama-quantize's q/k
-    // in Q5_0 with v in Q8_0), exactly
-    let (q5, q5k) = (
-        quantized(GgmlDType::Q5_0, 16, 256, 4),
-        quantized(GgmlDType::Q5K, 8, 256, 5),
-    );
-    let m5 = QMatrix::stacked(&[&q5, &q5k]).unwrap().unwrap();
-    assert_eq!(m5.tiles().0, Kind::Q5);
-    let m8 = QMatrix::stacked(&[&q5, &q8]).unwrap().unwrap();
-    assert_eq!(m8.tiles().0, Kind::Q8_0);
-    let alone = QMatrix::from_qtensor(&q5).unwrap().unwrap().dequantize();
-    assert_eq!(m8.dequantize()[..16 * 256], alone[..]);
-    assert_eq!(m5.dequantize()[..16 * 256], alone[..]);
+fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
+    let m = |dtype, rows, seed| quantized(dtype, rows, 256, seed);
+    for (dtype, kind) in [
+        (GgmlDType::Q4_0, Kind::Q4_1),
+        (GgmlDType::Q4K, Kind::Q4_1),
+        (GgmlDType::Q5_0, Kind::Q5),
+        (GgmlDType::Q5K, Kind::Q5),
+        (GgmlDType::Q6K, Kind::Q6),
+        (GgmlDType::Q3K, Kind::Q6),
+        (GgmlDType::Q2K, Kind::Q8x16),
+        (GgmlDType::Q8_0, Kind::Q8_0),
+        (GgmlDType::F16, Kind::Q8_0),
+    ] {
+        let q = m(dtype, 8, 1);
+        assert_eq!(QMatrix::from_qtensor(&q).unwrap().unwrap().tiles().0, kind, "{dtype:?}");
+    }
+    // a Q4_K_M file's q/k (Q4_K) beside a Q6_K v, and the default model's Q5_0 beside Q8_0:
+    // apart, each at its own size
+    let (q4k, q6k) = (m(GgmlDType::Q4K, 40, 1), m(GgmlDType::Q6K, 9, 2));
+    assert!(QMatrix::stacked(&[&q4k, &q6k]).unwrap().is_none());
+    let (q5, q8) = (m(GgmlDType::Q5_0, 16, 4), m(GgmlDType::Q8_0, 8, 3));
+    assert!(QMatrix::stacked(&[&q5, &q8]).unwrap().is_none());
+    // types of one format stack, each row as it was alone
+    let q5k = m(GgmlDType::Q5K, 8, 5);
+    let both = QMatrix::stacked(&[&q5, &q5k]).unwrap().unwrap();
+    assert_eq!(both.tiles().0, Kind::Q5);
+    let alone: Vec<f32> = [&q5, &q5k]
+        .iter()
+        .flat_map(|t| QMatrix::from_qtensor(t).unwrap().unwrap().dequantize())
+        .collect();
+    assert_eq!(both.dequantize(), alone);
 }
 
 #[test]

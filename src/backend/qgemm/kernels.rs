@@ -254,15 +254,22 @@ mod x86 {
                 let s: [*const u16; T] =
                     std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 2 * TILE));
                 for h in 0..2 {
-                    let high: [__m512i; T] =
-                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(4 + h)));
+                    let mut high = [[_mm512_setzero_si512(); 4]; T];
+                    for t in 0..T {
+                        high[t] = six_bits_512(_mm512_load_si512(lines[t].add(4 + h)));
+                    }
                     let mut dot = [[_mm512_setzero_si512(); T]; R];
                     for k in 0..4 {
-                        let w: [__m512i; T] = std::array::from_fn(|t| {
-                            let w = _mm512_load_si512(lines[t].add(k));
-                            let nib = if h == 0 { w } else { _mm512_srli_epi16::<4>(w) };
-                            _mm512_or_si512(_mm512_and_si512(nib, nibble), six_bits_512(high[t], k))
-                        });
+                        let mut w = [_mm512_setzero_si512(); T];
+                        for t in 0..T {
+                            let line = _mm512_load_si512(lines[t].add(k));
+                            let nib = if h == 0 {
+                                line
+                            } else {
+                                _mm512_srli_epi16::<4>(line)
+                            };
+                            w[t] = _mm512_or_si512(_mm512_and_si512(nib, nibble), high[t][k]);
+                        }
                         for r in 0..R {
                             let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 * h + 4 * k));
                             for t in 0..T {
@@ -603,7 +610,7 @@ mod x86 {
                     }
                     Kind::Q6 => {
                         use crate::backend::qgemv::kernels::x86::six_bits_256;
-                        let high = [line(4), line(5)];
+                        let high = [six_bits_256(line(4)), six_bits_256(line(5))];
                         for k in 0..4 {
                             let w = line(k);
                             let nib = [
@@ -611,7 +618,7 @@ mod x86 {
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble),
                             ];
                             for h in 0..2 {
-                                let q = _mm256_or_si256(nib[h], six_bits_256(high[h], k));
+                                let q = _mm256_or_si256(nib[h], high[h][k]);
                                 for (r, dot) in dot[h].iter_mut().enumerate() {
                                     let xk =
                                         _mm256_set1_epi32(x4(g, i0 + r, b * QK + 16 * h + 4 * k));

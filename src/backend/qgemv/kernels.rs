@@ -474,29 +474,30 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Bits 2k, 2k+1 of each byte of a Q6 high-bit line moved to bits 4, 5 (16-bit shifts keep
-    /// them within their byte), the rest cleared.
+    /// A Q6 high-bit line's four bit pairs, pair k (bits 2k, 2k+1 of each byte) moved to bits
+    /// 4, 5 and the rest cleared: entry k is what line k's nibbles OR in. (16-bit shifts keep
+    /// bits 4, 5 within their byte.)
     #[inline(always)]
-    pub(crate) unsafe fn six_bits_512(h: __m512i, k: usize) -> __m512i {
-        let moved = match k {
-            0 => _mm512_slli_epi16::<4>(h),
-            1 => _mm512_slli_epi16::<2>(h),
-            2 => h,
-            _ => _mm512_srli_epi16::<2>(h),
-        };
-        _mm512_and_si512(moved, _mm512_set1_epi8(0x30))
+    pub(crate) unsafe fn six_bits_512(h: __m512i) -> [__m512i; 4] {
+        let m = _mm512_set1_epi8(0x30);
+        [
+            _mm512_and_si512(_mm512_slli_epi16::<4>(h), m),
+            _mm512_and_si512(_mm512_slli_epi16::<2>(h), m),
+            _mm512_and_si512(h, m),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(h), m),
+        ]
     }
 
     /// `six_bits_512` on half a line.
     #[inline(always)]
-    pub(crate) unsafe fn six_bits_256(h: __m256i, k: usize) -> __m256i {
-        let moved = match k {
-            0 => _mm256_slli_epi16::<4>(h),
-            1 => _mm256_slli_epi16::<2>(h),
-            2 => h,
-            _ => _mm256_srli_epi16::<2>(h),
-        };
-        _mm256_and_si256(moved, _mm256_set1_epi8(0x30))
+    pub(crate) unsafe fn six_bits_256(h: __m256i) -> [__m256i; 4] {
+        let m = _mm256_set1_epi8(0x30);
+        [
+            _mm256_and_si256(_mm256_slli_epi16::<4>(h), m),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(h), m),
+            _mm256_and_si256(h, m),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(h), m),
+        ]
     }
 
     /// SAFETY: as `q4_1_vnni`.
@@ -510,17 +511,15 @@ pub(crate) mod x86 {
                 // SAFETY: as in `q4_1_vnni`.
                 unsafe {
                     let lines = t.quants.as_ptr().add(tb * Q6_LINES) as *const __m512i;
-                    let (h0, h1) = (
-                        _mm512_load_si512(lines.add(4)),
-                        _mm512_load_si512(lines.add(5)),
-                    );
+                    let h0 = six_bits_512(_mm512_load_si512(lines.add(4)));
+                    let h1 = six_bits_512(_mm512_load_si512(lines.add(5)));
                     let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for k in 0..4 {
                         let w = _mm512_load_si512(lines.add(k));
-                        let lo = _mm512_or_si512(_mm512_and_si512(w, nibble), six_bits_512(h0, k));
+                        let lo = _mm512_or_si512(_mm512_and_si512(w, nibble), h0[k]);
                         let hi = _mm512_or_si512(
                             _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble),
-                            six_bits_512(h1, k),
+                            h1[k],
                         );
                         let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
                         let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
@@ -724,16 +723,15 @@ pub(crate) mod x86 {
                         let line = |k: usize| {
                             _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i)
                         };
-                        let (h0, h1) = (line(4), line(5));
+                        let (h0, h1) = (six_bits_256(line(4)), six_bits_256(line(5)));
                         let (mut lo_sum, mut hi_sum) =
                             (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for k in 0..4 {
                             let w = line(k);
-                            let lo =
-                                _mm256_or_si256(_mm256_and_si256(w, nibble), six_bits_256(h0, k));
+                            let lo = _mm256_or_si256(_mm256_and_si256(w, nibble), h0[k]);
                             let hi = _mm256_or_si256(
                                 _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble),
-                                six_bits_256(h1, k),
+                                h1[k],
                             );
                             let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
                             let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));

@@ -162,7 +162,11 @@ fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
         (GgmlDType::F16, Kind::Q8_0),
     ] {
         let q = m(dtype, 8, 1);
-        assert_eq!(QMatrix::from_qtensor(&q).unwrap().unwrap().tiles().0, kind, "{dtype:?}");
+        assert_eq!(
+            QMatrix::from_qtensor(&q).unwrap().unwrap().tiles().0,
+            kind,
+            "{dtype:?}"
+        );
     }
     // a Q4_K_M file's q/k (Q4_K) beside a Q6_K v, and the default model's Q5_0 beside Q8_0:
     // apart, each at its own size

@@ -445,38 +445,45 @@ impl QMatrix {
         let tb = tile * (self.cols / QK) + b;
         let lines = &self.quants[tb * self.kind.lines()..][..self.kind.lines()];
         let s = &self.scales[tb * self.kind.scales()..];
-        let nibble_lines = match self.kind {
-            Kind::Q5 | Kind::Q6 => 4,
-            _ => lines.len(),
-        };
-        for (k, l) in lines[..nibble_lines].iter().enumerate() {
-            let bytes = &l.0[4 * lane..][..4];
-            for (j, &byte) in bytes.iter().enumerate() {
-                match self.kind {
-                    Kind::Q4_1 | Kind::Q5 => {
-                        let (d, m) = (f(s[lane]), f(s[TILE + lane]));
-                        let (mut lo, mut hi) = (byte & 15, byte >> 4);
+        let byte = |k: usize, j: usize| lines[k].0[4 * lane + j];
+        match self.kind {
+            Kind::Q4_1 | Kind::Q5 => {
+                let (d, m) = (f(s[lane]), f(s[TILE + lane]));
+                for k in 0..4 {
+                    for j in 0..4 {
+                        let (mut lo, mut hi) = (byte(k, j) & 15, byte(k, j) >> 4);
                         if self.kind == Kind::Q5 {
-                            let h = lines[4].0[4 * lane + j];
+                            let h = byte(4, j);
                             lo |= ((h >> k) & 1) << 4;
                             hi |= ((h >> (4 + k)) & 1) << 4;
                         }
                         wb[4 * k + j] = d * lo as f32 + m;
                         wb[16 + 4 * k + j] = d * hi as f32 + m;
                     }
-                    Kind::Q6 => {
-                        let high = |h: usize| ((lines[4 + h].0[4 * lane + j] >> (2 * k)) & 3) << 4;
-                        let (lo, hi) = ((byte & 15) | high(0), (byte >> 4) | high(1));
-                        let (d0, d1) = (f(s[lane]), f(s[TILE + lane]));
-                        wb[4 * k + j] = d0 * (lo as f32 - 32.0);
-                        wb[16 + 4 * k + j] = d1 * (hi as f32 - 32.0);
+                }
+            }
+            Kind::Q6 => {
+                let d = [f(s[lane]), f(s[TILE + lane])];
+                for h in 0..2 {
+                    for k in 0..4 {
+                        for j in 0..4 {
+                            let q = kernels::q6_value(lines, lane, h, k, j);
+                            wb[16 * h + 4 * k + j] = d[h] * (q as f32 - 32.0);
+                        }
                     }
-                    Kind::Q8_0 => wb[4 * k + j] = f(s[lane]) * ((byte ^ 0x80) as i8) as f32,
-                    Kind::Q8x16 => {
-                        let h = k / 4; // lines 0..4 hold values 0..16
-                        let (d, m) = (f(s[h * TILE + lane]), f(s[(2 + h) * TILE + lane]));
-                        wb[4 * k + j] = d * byte as f32 + m;
-                    }
+                }
+            }
+            Kind::Q8_0 => {
+                let d = f(s[lane]);
+                for (i, w) in wb.iter_mut().enumerate() {
+                    *w = d * ((byte(i / 4, i % 4) ^ 0x80) as i8) as f32;
+                }
+            }
+            Kind::Q8x16 => {
+                let d = [f(s[lane]), f(s[TILE + lane])];
+                let m = [f(s[2 * TILE + lane]), f(s[3 * TILE + lane])];
+                for (i, w) in wb.iter_mut().enumerate() {
+                    *w = d[i / 16] * byte(i / 4, i % 4) as f32 + m[i / 16];
                 }
             }
         }

@@ -107,15 +107,15 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     let mut dot = [0i32; 2];
                     let tile_lines = &g.quants[tb * lines..][..lines];
                     let nibble_lines = match g.kind {
-                        Kind::Q5 | Kind::Q6 => 4,
+                        Kind::Q5 | Kind::Q5z | Kind::Q6 => 4,
                         _ => lines,
                     };
                     for (k, line) in tile_lines[..nibble_lines].iter().enumerate() {
                         for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
                             match g.kind {
-                                Kind::Q4_1 | Kind::Q5 => {
+                                Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
                                     let (mut lo, mut hi) = (byte & 15, byte >> 4);
-                                    if g.kind == Kind::Q5 {
+                                    if g.kind != Kind::Q4_1 {
                                         let h = tile_lines[4].0[4 * lane + j];
                                         lo |= ((h >> k) & 1) << 4;
                                         hi |= ((h >> (4 + k)) & 1) << 4;
@@ -138,9 +138,15 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                         }
                     }
                     match g.kind {
-                        Kind::Q4_1 | Kind::Q5 => {
-                            acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32;
-                            acc += f16(s[TILE + lane]) * g.x.dsum[ib];
+                        Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
+                            let d = f16(s[lane]);
+                            let m = if g.kind == Kind::Q5z {
+                                -16.0 * d
+                            } else {
+                                f16(s[TILE + lane])
+                            };
+                            acc += d * g.x.d[ib] * (dot[0] + dot[1]) as f32;
+                            acc += m * g.x.dsum[ib];
                         }
                         Kind::Q8_0 => acc += f16(s[lane]) * g.x.d[ib] * (dot[0] + dot[1]) as f32,
                         Kind::Q6 => {
@@ -213,6 +219,7 @@ mod x86 {
                     match g.kind {
                         Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
                         Kind::Q5 => by_shape!(q5_vnni, rn, tn, g, i0, t0),
+                        Kind::Q5z => by_shape!(q5z_vnni, rn, tn, g, i0, t0),
                         Kind::Q6 => by_shape!(q6_vnni, rn, tn, g, i0, t0),
                         Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
                         Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
@@ -306,7 +313,16 @@ mod x86 {
     #[inline(always)]
     unsafe fn q5_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
         // SAFETY: as the caller promised.
-        unsafe { nibbles_vnni::<R, T, true>(g, i0, t0) }
+        unsafe { nibbles_vnni::<R, T, true, false>(g, i0, t0) }
+    }
+
+    /// `q4_1_vnni` over Q5z tiles.
+    ///
+    /// SAFETY: as `q4_1_vnni`.
+    #[inline(always)]
+    unsafe fn q5z_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
+        // SAFETY: as the caller promised.
+        unsafe { nibbles_vnni::<R, T, true, true>(g, i0, t0) }
     }
 
     /// Rows i0..i0+R × tiles t0..t0+T of a Q4_1 matrix: weight nibbles (unsigned) × activation
@@ -316,14 +332,15 @@ mod x86 {
     #[inline(always)]
     unsafe fn q4_1_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
         // SAFETY: as the caller promised.
-        unsafe { nibbles_vnni::<R, T, false>(g, i0, t0) }
+        unsafe { nibbles_vnni::<R, T, false, false>(g, i0, t0) }
     }
 
-    /// Q4_1 tiles, or with `FIVE` Q5 tiles (each nibble line gets its fifth bits from line 4).
+    /// Q4_1 tiles, or with `FIVE` Q5 tiles (each nibble line gets its fifth bits from line 4),
+    /// or with `OFF16` too Q5z tiles (no stored min: -16 scales).
     ///
     /// SAFETY: as `q4_1_vnni`.
     #[inline(always)]
-    unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool>(
+    unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool, const OFF16: bool>(
         g: &Gemm,
         i0: usize,
         t0: usize,
@@ -377,13 +394,18 @@ mod x86 {
                         }
                     }
                 }
+                let per_block = if OFF16 { TILE } else { 2 * TILE };
                 let s: [*const u16; T] =
-                    std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 2 * TILE));
+                    std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * per_block));
                 let d: [__m512; T] = std::array::from_fn(|t| {
                     _mm512_cvtph_ps(_mm256_loadu_si256(s[t] as *const __m256i))
                 });
                 let m: [__m512; T] = std::array::from_fn(|t| {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(TILE) as *const __m256i))
+                    if OFF16 {
+                        _mm512_mul_ps(d[t], _mm512_set1_ps(-16.0))
+                    } else {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(TILE) as *const __m256i))
+                    }
                 });
                 for r in 0..R {
                     let ib = (i0 + r) * nb + b;
@@ -568,8 +590,8 @@ mod x86 {
                 // formats sum into dot[0]
                 let mut dot = [[_mm256_setzero_si256(); R]; 2];
                 match g.kind {
-                    Kind::Q4_1 | Kind::Q5 => {
-                        let five = g.kind == Kind::Q5;
+                    Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
+                        let five = g.kind != Kind::Q4_1;
                         let h = if five {
                             line(4)
                         } else {
@@ -657,6 +679,10 @@ mod x86 {
                         Kind::Q4_1 | Kind::Q5 => {
                             let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
                             *acc = _mm256_fmadd_ps(scale(1), dsum, *acc);
+                        }
+                        Kind::Q5z => {
+                            let dsum = *g.x.dsum.get_unchecked(ib);
+                            *acc = _mm256_fmadd_ps(scale(0), _mm256_set1_ps(-16.0 * dsum), *acc);
                         }
                         Kind::Q8_0 => {}
                         Kind::Q6 => {

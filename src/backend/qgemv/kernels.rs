@@ -11,6 +11,7 @@
 //! - Q5: Q4_1's 4 lines, then a line of fifth bits: byte 4r + j holds, in bit k, the fifth bit
 //!   of value 4k + j of row r and, in bit 4 + k, that of value 16 + 4k + j (k < 4), so that
 //!   line k's nibbles get theirs with one shift and mask. Scales as Q4_1.
+//! - Q5z: Q5's lines; scales: 16 f16 d only, the min is -16 d (Q5_0's d (q - 16)).
 //! - Q6: Q4_1's 4 lines of low nibbles, then two lines of bits 4-5: in line 4 + h, byte 4r + j
 //!   holds in bits 2k, 2k+1 the high bits of value 16h + 4k + j of row r (k < 4). Scales: 16
 //!   f16 d for values 0..16, 16 for values 16..32; weight = d_h (q - 32).
@@ -66,6 +67,7 @@ impl Kernel {
 pub const Q4_1_LINES: usize = 4;
 pub const Q4_1_SCALES: usize = 2 * TILE;
 pub const Q5_LINES: usize = 5;
+pub const Q5Z_SCALES: usize = TILE;
 pub const Q6_LINES: usize = 6;
 pub const Q8_0_LINES: usize = 8;
 pub const Q8_0_SCALES: usize = TILE;
@@ -102,14 +104,32 @@ pub fn q4_1(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
         Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
             // SAFETY: the CPU has the features (best() checked them); `check` guarantees every
             // tile-block the kernel reads lies inside the slices.
-            unsafe { x86::q4_1_vnni::<false>(t, x, out) }
+            unsafe { x86::q4_1_vnni::<false, false>(t, x, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
             // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
-            unsafe { x86::q4_1_avx2::<false>(t, x, out) }
+            unsafe { x86::q4_1_avx2::<false, false>(t, x, out) }
         }
-        _ => q4_1_scalar::<false>(t, x, out),
+        _ => q4_1_scalar::<false, false>(t, x, out),
+    }
+}
+
+/// `q4_1` over Q5z tiles: Q5's quants with the min -16 d computed, not stored (Q5_0).
+pub fn q5z(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    t.check(Q5_LINES, Q5Z_SCALES, x, out);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q4_1_vnni::<true, true>(t, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+            // SAFETY: as in `q4_1`.
+            unsafe { x86::q4_1_avx2::<true, true>(t, x, out) }
+        }
+        _ => q4_1_scalar::<true, true>(t, x, out),
     }
 }
 
@@ -120,14 +140,14 @@ pub fn q5(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
             // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_vnni::<true>(t, x, out) }
+            unsafe { x86::q4_1_vnni::<true, false>(t, x, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
             // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_avx2::<true>(t, x, out) }
+            unsafe { x86::q4_1_avx2::<true, false>(t, x, out) }
         }
-        _ => q4_1_scalar::<true>(t, x, out),
+        _ => q4_1_scalar::<true, false>(t, x, out),
     }
 }
 
@@ -222,9 +242,11 @@ fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// Q4_1 tiles, or with `FIVE` Q5 tiles (a fifth line of high bits).
-fn q4_1_scalar<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+/// Q4_1 tiles, or with `FIVE` Q5 tiles (a fifth line of high bits), or with `OFF16` too Q5z
+/// tiles (the min is -16 scales, not stored).
+fn q4_1_scalar<const FIVE: bool, const OFF16: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
     let lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
+    let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
     for (tile, out) in out.chunks_mut(TILE).enumerate() {
         for (r, o) in out.iter_mut().enumerate() {
             let (mut acc_d, mut acc_m) = (0.0f32, 0.0f32);
@@ -245,9 +267,14 @@ fn q4_1_scalar<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
                         dot += hi as i32 * xq[16 + 4 * k + j] as i32;
                     }
                 }
-                let s = &t.scales[tb * Q4_1_SCALES..];
+                let s = &t.scales[tb * scales..];
+                let m = if OFF16 {
+                    -16.0 * f16(s[r])
+                } else {
+                    f16(s[TILE + r])
+                };
                 acc_d += f16(s[r]) * x.d[b] * dot as f32;
-                acc_m += f16(s[TILE + r]) * x.dsum[b];
+                acc_m += m * x.dsum[b];
             }
             *o = acc_d + acc_m;
         }
@@ -305,8 +332,8 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5_LINES, Q6_LINES, Q8X16_LINES, Q8X16_SCALES,
-        Q8_0_LINES, Q8_0_SCALES, TILE,
+        Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5Z_SCALES, Q5_LINES, Q6_LINES, Q8X16_LINES,
+        Q8X16_SCALES, Q8_0_LINES, Q8_0_SCALES, TILE,
     };
     use crate::backend::qgemv::QK;
 
@@ -349,9 +376,14 @@ pub(crate) mod x86 {
     ///
     /// SAFETY: the CPU has AVX-512F/BW/VNNI and F16C; `t` holds every tile-block of `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub unsafe fn q4_1_vnni<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    pub unsafe fn q4_1_vnni<const FIVE: bool, const OFF16: bool>(
+        t: &Tiles,
+        x: &Q8Row,
+        out: &mut [f32],
+    ) {
         let nibble = _mm512_set1_epi8(0x0F);
         let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
+        let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
         for tile in 0..out.len().div_ceil(TILE) {
             let (mut acc_d, mut acc_m) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for b in 0..t.nb {
@@ -378,9 +410,13 @@ pub(crate) mod x86 {
                         lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
                         hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, xhi);
                     }
-                    let s = t.scales.as_ptr().add(tb * Q4_1_SCALES);
+                    let s = t.scales.as_ptr().add(tb * scales);
                     let d = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
-                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(TILE) as *const __m256i));
+                    let m = if OFF16 {
+                        _mm512_mul_ps(d, _mm512_set1_ps(-16.0))
+                    } else {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(s.add(TILE) as *const __m256i))
+                    };
                     let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
                     let dx = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked(b)));
                     acc_d = _mm512_fmadd_ps(dx, dot, acc_d);
@@ -579,10 +615,15 @@ pub(crate) mod x86 {
     ///
     /// SAFETY: the CPU has AVX2, FMA and F16C; `t` holds every tile-block of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1_avx2<const FIVE: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    pub unsafe fn q4_1_avx2<const FIVE: bool, const OFF16: bool>(
+        t: &Tiles,
+        x: &Q8Row,
+        out: &mut [f32],
+    ) {
         let nibble = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
+        let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
         for tile in 0..out.len().div_ceil(TILE) {
             for half in 0..2 {
                 let (mut acc_d, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -616,9 +657,13 @@ pub(crate) mod x86 {
                             );
                             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
                         }
-                        let s = t.scales.as_ptr().add(tb * Q4_1_SCALES + 8 * half);
+                        let s = t.scales.as_ptr().add(tb * scales + 8 * half);
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i));
+                        let m = if OFF16 {
+                            _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+                        } else {
+                            _mm256_cvtph_ps(_mm_loadu_si128(s.add(TILE) as *const __m128i))
+                        };
                         let dx = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.get_unchecked(b)));
                         acc_d = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(isum), acc_d);
                         acc_m = _mm256_fmadd_ps(m, _mm256_set1_ps(*x.dsum.get_unchecked(b)), acc_m);

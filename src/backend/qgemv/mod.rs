@@ -7,7 +7,8 @@
 //! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`. Every other integer type (Q4_0, Q5_*,
 //! the K-quants) is read into one common form (unpack.rs: integer quants, a scale and a min per
 //! 16 or 32 values) and repacked into the smallest of four tile formats that holds it exactly
-//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5 (0.75), Q6 (0.875: Q6_K, Q3_K), Q8_0 (1.0625)
+//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5z (0.6875: Q5_0), Q5 (0.75: Q5_1, Q5_K), Q6
+//! (0.875: Q6_K, Q3_K), Q8_0 (1.0625)
 //! and Q8x16 (1.25, a byte per weight with a scale and min per 16: Q2_K). Float weights (F16,
 //! BF16, F32) are rounded to Q8_0 at load.
 //!
@@ -47,8 +48,10 @@ pub struct Line(pub [u8; 64]);
 pub enum Kind {
     /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1, Q4_K.
     Q4_1,
+    /// Q5's quants with an f16 scale per 32 and the fixed offset -16 (d (q - 16)): Q5_0.
+    Q5z,
     /// 5-bit quants (Q4_1's nibbles plus a line of fifth bits), an f16 scale and min per 32:
-    /// Q5_0, Q5_1, Q5_K.
+    /// Q5_1, Q5_K.
     Q5,
     /// 6-bit quants (Q4_1's nibbles plus two lines of fifth and sixth bits), an f16 scale per 16
     /// and the fixed offset -32: weight = d (q - 32). Q6_K, and Q3_K (its q - 4 is q + 28 - 32).
@@ -60,8 +63,15 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every format, fewest bytes per weight first (0.625, 0.75, 0.875, 1.0625, 1.25).
-    const BY_SIZE: [Kind; 5] = [Kind::Q4_1, Kind::Q5, Kind::Q6, Kind::Q8_0, Kind::Q8x16];
+    /// Every format, fewest bytes per weight first (0.625, 0.6875, 0.75, 0.875, 1.0625, 1.25).
+    const BY_SIZE: [Kind; 6] = [
+        Kind::Q4_1,
+        Kind::Q5z,
+        Kind::Q5,
+        Kind::Q6,
+        Kind::Q8_0,
+        Kind::Q8x16,
+    ];
 
     /// Whether tiles of this format hold a GGUF type's weights exactly (up to the f16 rounding
     /// of a K-quant's scale products).
@@ -69,6 +79,7 @@ impl Kind {
         use GgmlDType as T;
         match self {
             Kind::Q4_1 => matches!(dtype, T::Q4_0 | T::Q4_1 | T::Q4K),
+            Kind::Q5z => dtype == T::Q5_0,
             Kind::Q5 => matches!(
                 dtype,
                 T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K
@@ -107,7 +118,7 @@ impl Kind {
     pub(crate) fn lines(self) -> usize {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
-            Kind::Q5 => kernels::Q5_LINES,
+            Kind::Q5 | Kind::Q5z => kernels::Q5_LINES,
             Kind::Q6 => kernels::Q6_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
             Kind::Q8x16 => kernels::Q8X16_LINES,
@@ -118,6 +129,7 @@ impl Kind {
     pub(crate) fn scales(self) -> usize {
         match self {
             Kind::Q4_1 | Kind::Q5 | Kind::Q6 => kernels::Q4_1_SCALES,
+            Kind::Q5z => kernels::Q5Z_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
             Kind::Q8x16 => kernels::Q8X16_SCALES,
         }
@@ -139,7 +151,7 @@ pub struct QMatrix {
 enum RowBlocks {
     /// Q8_0 blocks { f16 d, i8 qs[32] }
     Q8_0(Vec<u8>),
-    /// 32 columns each (`Q4_1`, `Q5`, `Q6` and `Q8x16` tiles)
+    /// 32 columns each (`Q4_1`, `Q5`, `Q5z`, `Q6` and `Q8x16` tiles)
     Subs(Vec<Sub32>),
 }
 
@@ -162,7 +174,7 @@ impl SourceRows<'_> {
             Kind::Q8_0 => RowBlocks::Q8_0(
                 unpack::as_q8_0(self.dtype, row).expect("a type Q8_0 tiles hold (Kind::holds)"),
             ),
-            Kind::Q4_1 | Kind::Q5 | Kind::Q6 | Kind::Q8x16 => {
+            Kind::Q4_1 | Kind::Q5 | Kind::Q5z | Kind::Q6 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];
                 unpack::unpack_row(self.dtype, row, &mut subs);
                 RowBlocks::Subs(subs)
@@ -277,9 +289,11 @@ impl QMatrix {
                                         }
                                     }
                                 }
-                                Kind::Q4_1 | Kind::Q5 => {
+                                Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
                                     s[r] = f16_bits(sub.s[0]);
-                                    s[TILE + r] = f16_bits(sub.m[0]);
+                                    if kind != Kind::Q5z {
+                                        s[TILE + r] = f16_bits(sub.m[0]);
+                                    }
                                     let q = |i: usize| sub.q[i] & 15;
                                     for (k, l) in lines[..4].iter_mut().enumerate() {
                                         for j in 0..4 {
@@ -287,7 +301,7 @@ impl QMatrix {
                                                 q(4 * k + j) | (q(16 + 4 * k + j) << 4);
                                         }
                                     }
-                                    if kind == Kind::Q5 {
+                                    if kind != Kind::Q4_1 {
                                         // byte 4r + j: bit k is value 4k + j's fifth bit, bit
                                         // 4 + k value 16 + 4k + j's
                                         let high = |i: usize| (sub.q[i] >> 4) & 1;
@@ -393,6 +407,7 @@ impl QMatrix {
             match self.kind {
                 Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
                 Kind::Q5 => kernels::q5(kernel, &t, x, out),
+                Kind::Q5z => kernels::q5z(kernel, &t, x, out),
                 Kind::Q6 => kernels::q6(kernel, &t, x, out),
                 Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
                 Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
@@ -447,12 +462,17 @@ impl QMatrix {
         let s = &self.scales[tb * self.kind.scales()..];
         let byte = |k: usize, j: usize| lines[k].0[4 * lane + j];
         match self.kind {
-            Kind::Q4_1 | Kind::Q5 => {
-                let (d, m) = (f(s[lane]), f(s[TILE + lane]));
+            Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
+                let d = f(s[lane]);
+                let m = if self.kind == Kind::Q5z {
+                    -16.0 * d
+                } else {
+                    f(s[TILE + lane])
+                };
                 for k in 0..4 {
                     for j in 0..4 {
                         let (mut lo, mut hi) = (byte(k, j) & 15, byte(k, j) >> 4);
-                        if self.kind == Kind::Q5 {
+                        if self.kind != Kind::Q4_1 {
                             let h = byte(4, j);
                             lo |= ((h >> k) & 1) << 4;
                             hi |= ((h >> (4 + k)) & 1) << 4;

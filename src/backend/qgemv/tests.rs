@@ -153,7 +153,8 @@ fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
     for (dtype, kind) in [
         (GgmlDType::Q4_0, Kind::Q4_1),
         (GgmlDType::Q4K, Kind::Q4_1),
-        (GgmlDType::Q5_0, Kind::Q5),
+        (GgmlDType::Q5_0, Kind::Q5z),
+        (GgmlDType::Q5_1, Kind::Q5),
         (GgmlDType::Q5K, Kind::Q5),
         (GgmlDType::Q6K, Kind::Q6),
         (GgmlDType::Q3K, Kind::Q6),
@@ -175,10 +176,10 @@ fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
     let (q5, q8) = (m(GgmlDType::Q5_0, 16, 4), m(GgmlDType::Q8_0, 8, 3));
     assert!(QMatrix::stacked(&[&q5, &q8]).unwrap().is_none());
     // types of one format stack, each row as it was alone
-    let q5k = m(GgmlDType::Q5K, 8, 5);
-    let both = QMatrix::stacked(&[&q5, &q5k]).unwrap().unwrap();
+    let (q51, q5k) = (m(GgmlDType::Q5_1, 16, 6), m(GgmlDType::Q5K, 8, 5));
+    let both = QMatrix::stacked(&[&q51, &q5k]).unwrap().unwrap();
     assert_eq!(both.tiles().0, Kind::Q5);
-    let alone: Vec<f32> = [&q5, &q5k]
+    let alone: Vec<f32> = [&q51, &q5k]
         .iter()
         .flat_map(|t| QMatrix::from_qtensor(t).unwrap().unwrap().dequantize())
         .collect();

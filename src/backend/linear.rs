@@ -173,7 +173,8 @@ fn rows_through(
 }
 
 /// Several layers over the same input. int8: their packed rows stacked into one matrix, for
-/// any number of rows (one GEMM or GEMV, then the output split by columns). dense: each its own
+/// any number of rows (one GEMM or GEMV, then the output split by columns), or, when their types
+/// take different tile formats, each its own matrix with the activation quantized once. dense: each its own
 /// f32 layer for many rows, the stacked blocks for one row (decode). Other modes: separate
 /// layers.
 pub struct FusedLinear {
@@ -217,8 +218,17 @@ impl FusedLinear {
     /// x: (rows, in) -> (rows, Σ out_i): each row holds the parts' outputs side by side.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         let rows = x.dims2()?.0;
-        match &self.packed {
-            Some(q) if rows == 1 || self.parts.is_empty() => packed_rows(q, x),
+        let packed_parts: Option<Vec<&QMatrix>> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Linear::Packed(q) => Some(q),
+                _ => None,
+            })
+            .collect();
+        match (&self.packed, packed_parts) {
+            (Some(q), _) if rows == 1 || self.parts.is_empty() => packed_rows(q, x),
+            (None, Some(parts)) => parts_rows(&parts, x, &self.widths),
             _ => {
                 let parts = self
                     .parts
@@ -239,6 +249,29 @@ impl FusedLinear {
         self.parts.iter().map(Linear::bytes).sum::<usize>()
             + self.packed.as_ref().map_or(0, QMatrix::bytes)
     }
+}
+
+/// x: (rows, in) through several packed matrices (types of different tile formats, which do not
+/// stack) -> (rows, Σ out_i): the activation quantized once, and for one row every part's GEMV
+/// in one parallel section.
+fn parts_rows(parts: &[&QMatrix], x: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<f32>> {
+    let rows = x.dims2()?.0;
+    let outs = with_f32(&x.contiguous()?, |x| {
+        if rows == 1 {
+            let mut outs: Vec<Vec<f32>> = widths.iter().map(|&w| vec![0.0f32; w]).collect();
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            QMatrix::gemv_each(parts, x, &mut slices);
+            outs
+        } else {
+            let xq = qgemm::activation::Q8Rows::quantize(x, parts[0].cols());
+            let kernel = crate::backend::qgemv::kernels::Kernel::best();
+            parts
+                .iter()
+                .map(|m| qgemm::gemm_quantized(kernel, m, &xq))
+                .collect()
+        }
+    })?;
+    Ok(join_columns(&outs, widths, rows))
 }
 
 /// One (rows, width) buffer per part -> (rows, Σ widths), the parts side by side.

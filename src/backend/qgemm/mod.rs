@@ -42,14 +42,18 @@ pub fn gemm_with(kernel: Kernel, w: &QMatrix, x: &[f32]) -> Vec<f32> {
         x.len(),
         w.cols()
     );
-    let x = Q8Rows::quantize(x, w.cols());
+    gemm_quantized(kernel, w, &Q8Rows::quantize(x, w.cols()))
+}
+
+/// x W^T for rows already quantized (several matrices over one input quantize it once).
+pub fn gemm_quantized(kernel: Kernel, w: &QMatrix, x: &Q8Rows) -> Vec<f32> {
     // Not zeroed first: the product writes every element (a memset of the output cost as
     // much as a tenth of the GEMM, on one thread).
     let mut out = Vec::with_capacity(x.rows * w.rows());
     gemm_q8(
         kernel,
         w,
-        &x,
+        x,
         &mut out.spare_capacity_mut()[..x.rows * w.rows()],
     );
     // SAFETY: `gemm_q8` initialised all x.rows * w.rows() elements (its rectangles cover the

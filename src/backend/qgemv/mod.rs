@@ -136,6 +136,35 @@ impl Kind {
     }
 }
 
+/// Tiles `first..` of a matrix and the rows of the output they make.
+struct Run<'a> {
+    m: &'a QMatrix,
+    first: usize,
+    out: &'a mut [f32],
+}
+
+impl Run<'_> {
+    fn compute(self, kernel: Kernel, x: &Q8Row) {
+        let m = self.m;
+        let nb = m.cols / QK;
+        let (lines, scales) = (m.kind.lines() * nb, m.kind.scales() * nb); // per tile
+        let t = Tiles {
+            quants: &m.quants[self.first * lines..],
+            scales: &m.scales[self.first * scales..],
+            nb,
+        };
+        let out = self.out;
+        match m.kind {
+            Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
+            Kind::Q5 => kernels::q5(kernel, &t, x, out),
+            Kind::Q5z => kernels::q5z(kernel, &t, x, out),
+            Kind::Q6 => kernels::q6(kernel, &t, x, out),
+            Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
+            Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
+        }
+    }
+}
+
 /// A (rows, cols) weight matrix in tiles of 16 rows (the last one padded with zero weights).
 pub struct QMatrix {
     kind: Kind,
@@ -375,6 +404,31 @@ impl QMatrix {
 
     /// out = W x for an already quantized x.
     pub fn gemv_q8(&self, kernel: Kernel, x: &Q8Row, out: &mut [f32]) {
+        let runs = self.runs(x, out);
+        if runs.len() == 1 {
+            return runs.into_iter().for_each(|r| r.compute(kernel, x));
+        }
+        runs.into_par_iter().for_each(|r| r.compute(kernel, x));
+    }
+
+    /// outs[i] = parts[i] x for one activation row of their common width: x quantized once and
+    /// every part's runs in one parallel section (several matrices over one input whose types
+    /// take different tile formats, which cannot be stacked into one).
+    pub fn gemv_each(parts: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]) {
+        let (kernel, xq) = (Kernel::best(), Q8Row::quantize(x));
+        let runs: Vec<Run> = parts
+            .iter()
+            .zip(outs.iter_mut())
+            .flat_map(|(m, out)| m.runs(&xq, out))
+            .collect();
+        runs.into_par_iter().for_each(|r| r.compute(kernel, &xq));
+    }
+
+    /// `out` cut into runs of whole tiles: four per thread so that a core slowed by another
+    /// process can be helped, each large enough (>= 4 tiles) to amortise entering the pool, and
+    /// of sizes that differ by at most one tile (36 tiles as 7 runs of 5 and one of 1 would
+    /// leave one thread a fifth more work).
+    fn runs<'a>(&'a self, x: &Q8Row, out: &'a mut [f32]) -> Vec<Run<'a>> {
         assert_eq!(
             x.q.len(),
             self.cols,
@@ -389,43 +443,23 @@ impl QMatrix {
             out.len(),
             self.rows
         );
-        let nb = self.cols / QK;
-        let (lines, scales) = (self.kind.lines() * nb, self.kind.scales() * nb); // per tile
         let tiles = self.rows.div_ceil(TILE);
-        // Runs of whole tiles, four per thread so that a core slowed by another process can be
-        // helped, each large enough (>= 4 tiles) to amortise entering the pool, and of sizes that
-        // differ by at most one tile (36 tiles as 7 runs of 5 and one of 1 would leave one thread
-        // a fifth more work).
         let threads = rayon::current_num_threads().max(1);
         let n_runs = (4 * threads).min(tiles / 4).max(1);
-        let run = |(first, out): (usize, &mut [f32])| {
-            let t = Tiles {
-                quants: &self.quants[first * lines..],
-                scales: &self.scales[first * scales..],
-                nb,
-            };
-            match self.kind {
-                Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
-                Kind::Q5 => kernels::q5(kernel, &t, x, out),
-                Kind::Q5z => kernels::q5z(kernel, &t, x, out),
-                Kind::Q6 => kernels::q6(kernel, &t, x, out),
-                Kind::Q8_0 => kernels::q8_0(kernel, &t, x, out),
-                Kind::Q8x16 => kernels::q8x16(kernel, &t, x, out),
-            }
-        };
-        if n_runs == 1 {
-            return run((0, out));
-        }
-        let mut parts = Vec::with_capacity(n_runs);
+        let mut runs = Vec::with_capacity(n_runs);
         let mut rest = out;
         for i in 0..n_runs {
             let (first, end) = (i * tiles / n_runs, (i + 1) * tiles / n_runs);
             let rows = (end * TILE).min(self.rows) - first * TILE;
-            let (part, tail) = rest.split_at_mut(rows);
-            parts.push((first, part));
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(rows);
+            runs.push(Run {
+                m: self,
+                first,
+                out: part,
+            });
             rest = tail;
         }
-        parts.into_par_iter().for_each(run);
+        runs
     }
 
     /// out = W x in f32: each weight exactly as the GGUF defines it, x unrounded, f32 sums;

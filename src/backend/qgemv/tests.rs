@@ -246,3 +246,29 @@ fn f32_product_uses_the_exact_weights_and_the_unrounded_activation() {
         }
     }
 }
+
+#[test]
+fn gemv_each_equals_one_gemv_per_matrix() {
+    let parts: Vec<QMatrix> = [
+        (GgmlDType::Q4K, 70),
+        (GgmlDType::Q6K, 9),
+        (GgmlDType::Q8_0, 300),
+    ]
+    .iter()
+    .map(|&(dtype, rows)| {
+        QMatrix::from_qtensor(&quantized(dtype, rows, 256, 7))
+            .unwrap()
+            .unwrap()
+    })
+    .collect();
+    let x = noise(256, 8);
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|m| vec![f32::NAN; m.rows()]).collect();
+    let refs: Vec<&QMatrix> = parts.iter().collect();
+    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+    QMatrix::gemv_each(&refs, &x, &mut slices);
+    for (m, got) in parts.iter().zip(&outs) {
+        let mut want = vec![0.0; m.rows()];
+        m.gemv(&x, &mut want);
+        assert_eq!(got, &want, "{:?}", m.tiles().0);
+    }
+}

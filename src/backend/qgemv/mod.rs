@@ -63,46 +63,19 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every format, fewest bytes per weight first (0.625, 0.6875, 0.75, 0.875, 1.0625, 1.25).
-    const BY_SIZE: [Kind; 6] = [
-        Kind::Q4_1,
-        Kind::Q5z,
-        Kind::Q5,
-        Kind::Q6,
-        Kind::Q8_0,
-        Kind::Q8x16,
-    ];
-
-    /// Whether tiles of this format hold a GGUF type's weights exactly (up to the f16 rounding
-    /// of a K-quant's scale products).
-    fn holds(self, dtype: GgmlDType) -> bool {
+    /// The tile format of a GGUF type: the smallest that holds its weights exactly (up to the
+    /// f16 rounding of a K-quant's scale products); None for a type without a kernel here.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
         use GgmlDType as T;
-        match self {
-            Kind::Q4_1 => matches!(dtype, T::Q4_0 | T::Q4_1 | T::Q4K),
-            Kind::Q5z => dtype == T::Q5_0,
-            Kind::Q5 => matches!(
-                dtype,
-                T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K
-            ),
-            // a scale per 16 and a min of -32 scales: Q6_K, Q3_K (a min of -4 scales)
-            Kind::Q6 => matches!(dtype, T::Q6K | T::Q3K),
-            // signed bytes times one scale: d (q - 8) and d (q - 16) are, a min is not
-            Kind::Q8_0 => {
-                matches!(
-                    dtype,
-                    T::Q8_0 | T::Q4_0 | T::Q5_0 | T::F16 | T::BF16 | T::F32
-                )
-            }
-            Kind::Q8x16 => matches!(
-                dtype,
-                T::Q4_0 | T::Q4_1 | T::Q4K | T::Q5_0 | T::Q5_1 | T::Q5K | T::Q6K | T::Q3K | T::Q2K
-            ),
-        }
-    }
-
-    /// The smallest format that holds a GGUF type; None for a type without a kernel here.
-    pub fn fitting(dtype: GgmlDType) -> Option<Self> {
-        Self::BY_SIZE.into_iter().find(|k| k.holds(dtype))
+        Some(match dtype {
+            T::Q4_0 | T::Q4_1 | T::Q4K => Kind::Q4_1,
+            T::Q5_0 => Kind::Q5z,
+            T::Q5_1 | T::Q5K => Kind::Q5,
+            T::Q6K | T::Q3K => Kind::Q6,
+            T::Q8_0 | T::F16 | T::BF16 | T::F32 => Kind::Q8_0,
+            T::Q2K => Kind::Q8x16,
+            _ => return None,
+        })
     }
 
     /// What Q6 tiles add to a type's quants so that its min is -32 scales (Q3_K's is -4).
@@ -200,9 +173,9 @@ impl SourceRows<'_> {
         let row = &self.data[r * self.row_bytes..][..self.row_bytes];
         match kind {
             Kind::Q8_0 if self.dtype == GgmlDType::Q8_0 => RowBlocks::Q8_0(row.to_vec()),
-            Kind::Q8_0 => RowBlocks::Q8_0(
-                unpack::as_q8_0(self.dtype, row).expect("a type Q8_0 tiles hold (Kind::holds)"),
-            ),
+            Kind::Q8_0 => {
+                RowBlocks::Q8_0(unpack::as_q8_0(self.dtype, row).expect("a float type (Kind::of)"))
+            }
             Kind::Q4_1 | Kind::Q5 | Kind::Q5z | Kind::Q6 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];
                 unpack::unpack_row(self.dtype, row, &mut subs);
@@ -214,7 +187,7 @@ impl SourceRows<'_> {
 
 impl QMatrix {
     /// The matrix of a 2-D tensor of a type with a kernel here, in the smallest tile format that
-    /// holds it (`Kind::fitting`); None for other types.
+    /// holds it (`Kind::of`); None for other types.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
         Self::stacked(&[t])
     }
@@ -227,10 +200,10 @@ impl QMatrix {
             return Ok(None);
         };
         let cols = first.shape().dims2()?.1;
-        let Some(kind) = Kind::fitting(first.dtype()) else {
+        let Some(kind) = Kind::of(first.dtype()) else {
             return Ok(None);
         };
-        if parts.iter().any(|p| Kind::fitting(p.dtype()) != Some(kind)) {
+        if parts.iter().any(|p| Kind::of(p.dtype()) != Some(kind)) {
             return Ok(None);
         }
         let mut sources = Vec::with_capacity(parts.len());

@@ -5,15 +5,13 @@
 //! f32 product), so the integer kernels serve them all:
 //! - Q4_0 (d (q - 8)), Q4_1 (d q + m), Q4_K (32-value sub-blocks, d sc q - dmin m): quants below 16,
 //!   one scale and min per 32: Q4_1 tiles;
-//! - Q5_0 (d (q - 16)), Q5_1, Q5_K: below 32, one scale and min per 32: Q5 tiles;
-//! - Q6_K (16-value sub-blocks, below 64), Q3_K (16-value, below 8), Q2_K (16-value, below 4):
-//!   `Q8x16` tiles (a byte per weight, scale and min per 16), which hold the others too (for a
-//!   stack of mixed types).
+//! - Q5_0 (d (q - 16)): Q5z tiles; Q5_1, Q5_K: below 32, one scale and min per 32: Q5 tiles;
+//! - Q6_K (16-value sub-blocks, below 64, d (q - 32)) and Q3_K (16-value, d (q - 4)): Q6 tiles;
+//! - Q2_K (16-value sub-blocks, below 4, with a min): `Q8x16` tiles (a byte per weight, a scale
+//!   and a min per 16).
 //!
-//! [`as_q8_0`] gives Q8_0 blocks: Q4_0 and Q5_0 exactly (d (q - 8) is a signed byte times its
-//! own scale; for a stack with Q8_0 tensors), and float weights (F32, F16, BF16), which have no
-//! integer form, rounded with ggml's Q8_0 rounding (per 32 values, d = max|w| / 127), as
-//! llama.cpp's Q8_0 does.
+//! [`as_q8_0`] gives Q8_0 blocks for float weights (F32, F16, BF16), which have no integer form:
+//! rounded with ggml's Q8_0 rounding (per 32 values, d = max|w| / 127), as llama.cpp's Q8_0 does.
 //!
 //! Layouts: ggml's `ggml-common.h` (QK_K = 256 values per K-quant super-block).
 
@@ -279,32 +277,11 @@ fn q6_k(b: &[u8], out: &mut [Sub32]) {
     }
 }
 
-/// Reads one 32-value block into its common form.
-type BlockReader = fn(&[u8], &mut Sub32);
-
-/// A row of Q4_0, Q5_0 or float weights as Q8_0 blocks { f16 d, i8 qs[32] }: Q4_0 and Q5_0
-/// exactly (for a stack with Q8_0 tensors), floats
+/// A row of float weights (F32, F16, BF16) as Q8_0 blocks { f16 d, i8 qs[32] },
 /// with ggml's rounding: d = max|w| / 127, q = round(w / d) (half away from zero), d as f16.
 /// None for other types.
 pub fn as_q8_0(dtype: GgmlDType, row: &[u8]) -> Option<Vec<u8>> {
     let values: Vec<f32> = match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
-            // d (q - offset): the signed byte q - offset with the block's own f16 d
-            let read: BlockReader = if dtype == GgmlDType::Q4_0 { q4_0 } else { q5_0 };
-            let (bytes, offset) = if dtype == GgmlDType::Q4_0 {
-                (18, 8i8)
-            } else {
-                (22, 16)
-            };
-            let mut out = Vec::with_capacity(row.len() / bytes * 34);
-            let mut sub = Sub32::default();
-            for block in row.chunks_exact(bytes) {
-                read(block, &mut sub);
-                out.extend_from_slice(&block[0..2]);
-                out.extend(sub.q.iter().map(|&q| (q as i8 - offset) as u8));
-            }
-            return Some(out);
-        }
         GgmlDType::F32 => row
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -399,36 +376,5 @@ mod tests {
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let got = as_q8_0(GgmlDType::F32, &bytes).unwrap();
         assert_eq!(got, want.data().unwrap().to_vec());
-    }
-
-    #[test]
-    fn q5_0_becomes_q8_0_exactly() {
-        let w: Vec<f32> = noise(256, 9).iter().map(|v| v * 0.1).collect();
-        let t = Tensor::from_vec(w, (1, 256), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
-        let q8 = as_q8_0(GgmlDType::Q5_0, &q5.data().unwrap()).unwrap();
-        let q8 = QTensor::new(
-            candle_core::quantized::QStorage::from_data(
-                std::borrow::Cow::Owned(q8),
-                &Device::Cpu,
-                GgmlDType::Q8_0,
-            )
-            .unwrap(),
-            (1, 256),
-        )
-        .unwrap();
-        let (a, b) = (
-            q5.dequantize(&Device::Cpu).unwrap(),
-            q8.dequantize(&Device::Cpu).unwrap(),
-        );
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
     }
 }

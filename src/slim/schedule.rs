@@ -77,7 +77,7 @@ pub struct SlimConfig {
     /// `"smollm2"` (layers 10/20/28, fractions 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2,
     /// 1/4, 1/8), `"llama3.2-1b"` (5/10/14) and `"llama3.2-3b"` (9/18/26) with the 8B's fractions,
     /// `"qwen2.5-7b"` (9/18/26; 3/4, 3/8, 1/4), `"generic"` (about L/3, 2L/3, L−2; 1, 1/2, 1/4;
-    /// floors 1/16, 1/32, 1/64 of the context up to 32k), or `"custom"` (the `stages` list).
+    /// floors 1/4, 1/8, 1/16 of the context up to 8k), or `"custom"` (the `stages` list).
     /// Default `"auto"`.
     pub preset: String,
     /// The stages when `preset = "custom"`, e.g.
@@ -194,7 +194,7 @@ enabled = true
 keep_ratio = 0.6
 # "auto" (matched on the model's architecture, depth, width and context; unknown models get
 # generic), "smollm2", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b", "generic"
-# (stages at about L/3, 2L/3, L-2; floors 1/16, 1/32, 1/64 of the context up to 32k tokens), or
+# (stages at about L/3, 2L/3, L-2; floors 1/4, 1/8, 1/16 of the context up to 8k tokens), or
 # "custom" (uses `stages`).
 preset = "auto"
 # Only with preset = "custom": [{ layer = 10, fraction = 1.0 }, { layer = 20, fraction = 0.5 }]

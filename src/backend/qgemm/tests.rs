@@ -5,7 +5,7 @@
 use candle_core::quantized::GgmlDType;
 
 use super::*;
-use crate::backend::qgemv::tests::{noise, quantized};
+use crate::backend::qgemv::tests::{noise, quantized, OTHER_TYPES};
 use crate::backend::qgemv::QK;
 
 fn check(dtype: GgmlDType, n: usize, k: usize, m: usize) {
@@ -88,17 +88,7 @@ fn q8_0_matches_the_reference_on_odd_shapes() {
 
 #[test]
 fn every_weight_type_matches_the_reference_on_odd_shapes() {
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::F16,
-    ] {
+    for dtype in OTHER_TYPES {
         for (n, k, m) in [(17, 256, 7), (45, 512, 13), (50, 256, 197)] {
             check(dtype, n, k, m);
         }

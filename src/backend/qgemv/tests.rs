@@ -125,23 +125,27 @@ fn q8_0_kernels_match_the_reference() {
     check(GgmlDType::Q8_0, 67, 224);
 }
 
+/// The GGUF types with a kernel besides Q4_1 and Q8_0 (tested on their own above): read
+/// through `unpack` (the integer ones) or rounded to Q8_0 (the floats).
+pub(crate) const OTHER_TYPES: [GgmlDType; 11] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::F32,
+];
+
 /// Every other GGUF type with a kernel (K-quants, 5-bit, Q4_0, floats), on shapes with several
 /// 256-value super-blocks per row and partial tiles.
 #[test]
 fn every_weight_type_matches_the_reference() {
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::F32,
-    ] {
+    for dtype in OTHER_TYPES {
         check(dtype, 149, 256);
         check(dtype, 7, 768);
     }

@@ -313,7 +313,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::backend::qgemv::tests::noise;
+    use crate::backend::qgemv::tests::{noise, OTHER_TYPES};
 
     /// Our reading of each block type equals candle's dequantization (an independent reader).
     #[test]
@@ -325,17 +325,9 @@ mod tests {
             .map(|(i, v)| v * 0.03 * (1 + i % 7) as f32 - 0.004)
             .collect();
         let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        // the integer types (the floats have no integer form), and Q4_1
+        let integer = OTHER_TYPES.iter().filter(|&&d| integer_block(d).is_some());
+        for &dtype in integer.chain(&[GgmlDType::Q4_1]) {
             let q = QTensor::quantize(&t, dtype).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)

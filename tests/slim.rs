@@ -79,11 +79,10 @@ fn budgets_covering_the_prompt_give_logits_identical_to_dense() {
 
 #[test]
 fn pruned_layers_keep_original_positions_and_the_last_token() {
-    // the generic preset: smollm2's stages without its floors, so that 1500 tokens are pruned
+    // smollm2's stages without its floors, so that 1500 tokens are pruned
     let mut e = engine(SlimConfig {
         keep_ratio: 0.25,
-        preset: "generic".into(),
-        ..Default::default()
+        ..smollm2_stages_without_floors()
     });
     let n = 1500;
     let tokens = prose(&e, n);
@@ -230,13 +229,21 @@ fn a_short_document_stays_whole_until_the_preset_floors_bind() {
     // 16 and 8 blocks of 64, one of them the prompt's partial last block
     assert!(kept[20] > 1024 - 64 && kept[20] <= 1024, "{kept:?}");
     assert!(kept[28] > 512 - 64 && kept[28] <= 512, "{kept:?}");
-    // the generic preset (the same stages, no floors) prunes from layer 10
-    let mut e = engine(SlimConfig {
-        preset: "generic".into(),
-        ..Default::default()
-    });
+    // the same stages without floors prune from layer 10
+    let mut e = engine(smollm2_stages_without_floors());
     e.prefill(&tokens, &mut |_| {}).unwrap();
     assert!(e.kept_per_layer()[10] < n);
+}
+
+/// The smollm2 preset's stages (layers 10/20/28 keeping 1, 1/2, 1/4 of the ratio) as a custom
+/// schedule, which has no per-stage floors.
+fn smollm2_stages_without_floors() -> SlimConfig {
+    let stage = |layer, fraction| StageConfig { layer, fraction };
+    SlimConfig {
+        preset: "custom".into(),
+        stages: vec![stage(10, 1.0), stage(20, 0.5), stage(28, 0.25)],
+        ..Default::default()
+    }
 }
 
 /// One stage from `layer` on keeping `keep_ratio` of the prompt.

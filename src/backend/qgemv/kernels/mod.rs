@@ -96,77 +96,53 @@ impl Tiles<'_> {
     }
 }
 
-/// out[r] = Σ_b d_rb (d_b Σ_j q_rbj x_bj) + m_rb (d_b Σ_j x_bj), over Q4_1 tiles.
-pub fn q4_1(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q4_1_LINES, Q4_1_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: the CPU has the features (best() checked them); `check` guarantees every
-            // tile-block the kernel reads lies inside the slices.
-            unsafe { x86::q4_1_vnni::<false, false>(t, x, out) }
+/// A kernel entry point: checks that the tiles hold every tile-block of `out`, then runs the
+/// VNNI, AVX2 or scalar version (the best the CPU has, or the one asked for if it has it).
+macro_rules! entry {
+    ($(#[$doc:meta])* $name:ident, $lines:expr, $scales:expr, $vnni:path, $avx2:path, $scalar:path) => {
+        $(#[$doc])*
+        pub fn $name(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+            t.check($lines, $scales, x, out);
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
+                    // SAFETY: the CPU has the features (best() checked them); `check`
+                    // guarantees every tile-block the kernel reads lies inside the slices.
+                    unsafe { $vnni(t, x, out) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
+                    // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
+                    unsafe { $avx2(t, x, out) }
+                }
+                _ => $scalar(t, x, out),
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as above; VNNI CPUs have AVX2, FMA and F16C too.
-            unsafe { x86::q4_1_avx2::<false, false>(t, x, out) }
-        }
-        _ => q4_1_scalar::<false, false>(t, x, out),
-    }
+    };
 }
 
-/// `q4_1` over Q5z tiles: Q5's quants with the min -16 d computed, not stored (Q5_0).
-pub fn q5z(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q5_LINES, Q5Z_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_vnni::<true, true>(t, x, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_avx2::<true, true>(t, x, out) }
-        }
-        _ => q4_1_scalar::<true, true>(t, x, out),
-    }
+entry! {
+    /// out[r] = Σ_b d_rb (d_b Σ_j q_rbj x_bj) + m_rb (d_b Σ_j x_bj), over Q4_1 tiles.
+    q4_1, Q4_1_LINES, Q4_1_SCALES,
+    x86::q4_1_vnni::<false, false>, x86::q4_1_avx2::<false, false>, q4_1_scalar::<false, false>
 }
 
-/// `q4_1` over Q5 tiles: the same sums with 5-bit quants.
-pub fn q5(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q5_LINES, Q4_1_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_vnni::<true, false>(t, x, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q4_1_avx2::<true, false>(t, x, out) }
-        }
-        _ => q4_1_scalar::<true, false>(t, x, out),
-    }
+entry! {
+    /// `q4_1` over Q5z tiles: Q5's quants with the min -16 d computed, not stored (Q5_0).
+    q5z, Q5_LINES, Q5Z_SCALES,
+    x86::q4_1_vnni::<true, true>, x86::q4_1_avx2::<true, true>, q4_1_scalar::<true, true>
 }
 
-/// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj - 32 d_b Σ_{j in h} x_bj), over Q6 tiles.
-pub fn q6(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q6_LINES, Q4_1_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q6_vnni(t, x, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q6_avx2(t, x, out) }
-        }
-        _ => q6_scalar(t, x, out),
-    }
+entry! {
+    /// `q4_1` over Q5 tiles: the same sums with 5-bit quants.
+    q5, Q5_LINES, Q4_1_SCALES,
+    x86::q4_1_vnni::<true, false>, x86::q4_1_avx2::<true, false>, q4_1_scalar::<true, false>
+}
+
+entry! {
+    /// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj - 32 d_b Σ_{j in h} x_bj), over Q6 tiles.
+    q6, Q6_LINES, Q4_1_SCALES,
+    x86::q6_vnni, x86::q6_avx2, q6_scalar
 }
 
 /// The 6-bit quant of value 16h + 4k + j of lane `r` in a Q6 tile-block's lines.
@@ -201,41 +177,17 @@ fn q6_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
     }
 }
 
-/// out[r] = Σ_b d_rb d_b Σ_j w_rbj q_bj, over Q8_0 tiles.
-pub fn q8_0(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q8_0_LINES, Q8_0_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q8_0_vnni(t, x, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q8_0_avx2(t, x, out) }
-        }
-        _ => q8_0_scalar(t, x, out),
-    }
+entry! {
+    /// out[r] = Σ_b d_rb d_b Σ_j w_rbj q_bj, over Q8_0 tiles.
+    q8_0, Q8_0_LINES, Q8_0_SCALES,
+    x86::q8_0_vnni, x86::q8_0_avx2, q8_0_scalar
 }
 
-/// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj) + m_rbh (d_b Σ_{j in h} x_bj), over Q8x16
-/// tiles (h: the two halves of 16 values).
-pub fn q8x16(kernel: Kernel, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    t.check(Q8X16_LINES, Q8X16_SCALES, x, out);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if Kernel::best() == Kernel::Vnni => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q8x16_vnni(t, x, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni | Kernel::Avx2 if Kernel::best() != Kernel::Scalar => {
-            // SAFETY: as in `q4_1`.
-            unsafe { x86::q8x16_avx2(t, x, out) }
-        }
-        _ => q8x16_scalar(t, x, out),
-    }
+entry! {
+    /// out[r] = Σ_b Σ_h d_rbh (d_b Σ_{j in h} q_rbj x_bj) + m_rbh (d_b Σ_{j in h} x_bj), over Q8x16
+    /// tiles (h: the two halves of 16 values).
+    q8x16, Q8X16_LINES, Q8X16_SCALES,
+    x86::q8x16_vnni, x86::q8x16_avx2, q8x16_scalar
 }
 
 fn f16(bits: u16) -> f32 {

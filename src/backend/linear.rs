@@ -174,9 +174,9 @@ fn rows_through(
 
 /// Several layers over the same input. int8: their packed rows stacked into one matrix, for
 /// any number of rows (one GEMM or GEMV, then the output split by columns), or, when their types
-/// take different tile formats, each its own matrix with the activation quantized once. dense: each its own
-/// f32 layer for many rows, the stacked blocks for one row (decode). Other modes: separate
-/// layers.
+/// take different tile formats, each its own matrix with the activation quantized once. dense:
+/// each its own f32 layer for many rows, the stacked blocks for one row (decode). Other modes:
+/// separate layers.
 pub struct FusedLinear {
     /// output width of each part
     widths: Vec<usize>,

@@ -4,6 +4,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+
+use crate::backend::qgemv::kernels::x86::five_bits_512;
 use std::ops::Range;
 
 use super::{Gemm, VNNI_ROWS, VNNI_TILES};
@@ -176,7 +178,6 @@ unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool, const O
 ) {
     let nb = g.nb();
     let nibble = _mm512_set1_epi8(0x0F);
-    let bit = _mm512_set1_epi8(0x10);
     let n_lines = if FIVE { 5 } else { 4 };
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..nb {
@@ -200,14 +201,8 @@ unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool, const O
                 let mut hi: [__m512i; T] =
                     std::array::from_fn(|t| _mm512_and_si512(_mm512_srli_epi16::<4>(w[t]), nibble));
                 if FIVE {
-                    // bit k of each bit-line byte to bit 4 of the low nibble, bit 4 + k to
-                    // bit 4 of the high one (16-bit shifts stay within the byte for bit 4)
-                    let (up, down) = (_mm_cvtsi32_si128(4 - k as i32), _mm_cvtsi32_si128(k as i32));
                     for t in 0..T {
-                        let u = _mm512_and_si512(_mm512_sll_epi16(h[t], up), bit);
-                        let d = _mm512_and_si512(_mm512_srl_epi16(h[t], down), bit);
-                        lo[t] = _mm512_or_si512(lo[t], u);
-                        hi[t] = _mm512_or_si512(hi[t], d);
+                        (lo[t], hi[t]) = five_bits_512(lo[t], hi[t], h[t], k);
                     }
                 }
                 for r in 0..R {

@@ -32,7 +32,12 @@ unsafe fn store16(acc: __m512, out: &mut [f32], tile: usize) {
 /// Line k's low and high nibbles of a Q5 tile-block with their fifth bits from the bit
 /// line `h` (see the module doc): `(lo | bit k << 4, hi | bit 4+k << 4)` per byte.
 #[inline(always)]
-unsafe fn five_bits_512(lo: __m512i, hi: __m512i, h: __m512i, k: usize) -> (__m512i, __m512i) {
+pub(crate) unsafe fn five_bits_512(
+    lo: __m512i,
+    hi: __m512i,
+    h: __m512i,
+    k: usize,
+) -> (__m512i, __m512i) {
     let bit = _mm512_set1_epi8(0x10);
     // 16-bit shifts: bit 4 of each byte comes from a bit of the same byte (k < 4)
     let up = _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - k as i32));

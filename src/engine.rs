@@ -304,6 +304,16 @@ impl Engine {
         self.kv.layers[layer].positions.clone()
     }
 
+    /// Where pruning stands (None for a dense run): see [`SlimSession::trace`].
+    pub fn slim_trace(&self) -> Option<crate::slim::session::SlimTrace> {
+        self.session.as_ref().map(SlimSession::trace)
+    }
+
+    /// Whether `token` ends the model's turn.
+    pub fn is_stop(&self, token: u32) -> bool {
+        self.special.stop.contains(&token)
+    }
+
     /// KV rows each layer holds now.
     pub fn kept_per_layer(&self) -> Vec<usize> {
         self.kv.rows_per_layer()

@@ -1,5 +1,5 @@
 //! The `slimchat` command line: the chat screen (no subcommand), `run` (headless one-shot
-//! answer), `bench`, `eval` and `perplexity`.
+//! answer), `bench`, `eval`, `facts` and `perplexity`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -13,6 +13,8 @@ use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
 use slimchat::device::DeviceChoice;
 use slimchat::engine::{Engine, EngineEvent, GenerateRequest};
+use slimchat::eval::corpus::Part;
+use slimchat::eval::facts::{self, FactsConfig};
 use slimchat::eval::{self, EvalConfig};
 use slimchat::kv::KvDtype;
 use slimchat::model::source::DownloadProgress;
@@ -76,6 +78,9 @@ enum Command {
     Bench(BenchArgs),
     /// Fidelity of pruning against dense: teacher-forced agreement, KL, needle retrieval
     Eval(EvalArgs),
+    /// Does the pruned model find what dense finds? Planted and natural facts in four kinds of
+    /// text, ten phrasings, one to three facts a prompt; a tuning part and a reported part
+    Facts(FactsArgs),
     /// Perplexity of the model on a text file, by llama.cpp's `llama-perplexity` method (dense)
     Perplexity(PerplexityArgs),
     /// On a GPU: kernel checks against the CPU, then dense vs pruned prefill of a
@@ -125,6 +130,30 @@ struct EvalArgs {
     #[arg(long, value_parser = parse_kv_dtype)]
     reference_kv: Option<KvDtype>,
     /// Print one JSON object with a `results` array at the end
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FactsArgs {
+    /// Which cases: "tune" (first halves of the texts, phrasings 0-4), "report" (second
+    /// halves, phrasings 5-9) or "all"
+    #[arg(long, default_value = "report")]
+    part: String,
+    /// Prompt lengths in tokens
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    lengths: Vec<usize>,
+    /// Cases per part and length
+    #[arg(long, default_value_t = 24)]
+    cases: usize,
+    /// Answer tokens per fact asked about
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Keep dense answers in this file between runs of one model and build (their TTFTs are
+    /// then not side by side with the pruned ones)
+    #[arg(long)]
+    dense_cache: Option<PathBuf>,
+    /// Print one JSON object with every case and the cells at the end
     #[arg(long)]
     json: bool,
 }
@@ -284,6 +313,7 @@ fn real_main(cli: Cli) -> Result<()> {
             run_bench(&cfg, args, modes)
         }
         Some(Command::Eval(args)) => run_eval(&cfg, args),
+        Some(Command::Facts(args)) => run_facts(&cfg, args),
         Some(Command::Perplexity(args)) => run_perplexity(&mut cfg, args, cli.common.slim),
         Some(Command::GpuCheck(args)) => gpu_check(&cfg, args),
         None if cli.list => slimchat::tui::list(&mut std::io::stdout().lock()),
@@ -537,6 +567,60 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
                 "reference_kv": args.reference_kv.unwrap_or(engine.kv_dtype()),
                 "slim": cfg.slim,
                 "results": results,
+            })
+        );
+    }
+    Ok(())
+}
+
+fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
+    let parts = Part::parse(&args.part).ok_or_else(|| {
+        Error::Usage(format!("unknown part {:?}: tune, report or all", args.part))
+    })?;
+    let mut engine = load_engine(cfg)?;
+    let fc = FactsConfig {
+        parts,
+        lengths: args.lengths,
+        cases: args.cases,
+        max_tokens: args.max_tokens,
+        dense_cache: args.dense_cache,
+    };
+    let (cases, cells) = facts::run(&mut engine, &fc, &mut |r| {
+        let mark = |d: bool, s: bool| match (d, s) {
+            (true, false) => "LOST",
+            (false, true) => "gained",
+            (true, true) => "found",
+            (false, false) => "-",
+        };
+        let facts: Vec<String> = (r.facts.iter())
+            .map(|f| format!("{}@{:.2} {}", f.phrasing, f.depth, mark(f.dense, f.slim)))
+            .collect();
+        eprintln!(
+            "slimchat facts: {} {:>5} tok {:<9} {:<7} agree {:.2} TTFT {:.0} -> {:.0} ms | {}",
+            r.id, r.prompt_tokens, r.text, r.ask, r.agreement, r.ttft_ms_dense, r.ttft_ms_slim,
+            facts.join(", ")
+        );
+    })?;
+    eprintln!("part    length band     asked  dense  slim  lost gained agree  ident  TTFT slim/dense  lost at");
+    for c in &cells {
+        let band = c.band.map_or("all", |b| ["0-33%", "33-66%", "66-100%"][b]);
+        let ttft = if c.band.is_none() { format!("{:.2}", c.ttft_ms_slim / c.ttft_ms_dense.max(1e-9)) } else { String::new() };
+        let agree = if c.band.is_none() { format!("{:.3}  {:.2}", c.agreement, c.identical) } else { String::new() };
+        eprintln!(
+            "{:<7} {:>6} {:<8} {:>5} {:>6.3} {:>5.3} {:>5} {:>6} {:<12} {:<15} {:?}",
+            c.part.map_or("", |p| if p == Part::Tune { "tune" } else { "report" }),
+            c.length, band, c.asked, c.dense_acc(), c.slim_acc(), c.lost, c.gained, agree, ttft, c.lost_at
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": cfg.model.source,
+                "kv_dtype": engine.kv_dtype(),
+                "slim": cfg.slim,
+                "cells": cells,
+                "cases": cases,
             })
         );
     }

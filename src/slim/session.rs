@@ -60,6 +60,28 @@ struct StageState {
     /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
     /// input, by block. Filled only when revival is on.
     aux: BTreeMap<u32, AuxBlock>,
+    /// The prefill's block scores at this boundary (for [`SlimSession::trace`]).
+    prefill_scores: Vec<(u32, f32)>,
+}
+
+/// What prefill chose at one stage, for finding where a fact was lost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageTrace {
+    pub start_layer: usize,
+    /// Every candidate block's score at the boundary, by block id.
+    pub scores: Vec<(u32, f32)>,
+    /// The blocks kept (ascending).
+    pub pool: Vec<u32>,
+}
+
+/// Where pruning stands after a forward: each stage's prefill choice and each slim layer's
+/// current decode set (`decode_select = "layer"`; the stage's own set otherwise).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlimTrace {
+    pub block_size: usize,
+    pub stages: Vec<StageTrace>,
+    /// (layer, blocks it attends to in decode), for every slim layer.
+    pub decode_sets: Vec<(usize, Vec<u32>)>,
 }
 
 /// One query of a stage's window and, once scored, its block scores.
@@ -152,6 +174,7 @@ impl SlimSession {
                 window: VecDeque::new(),
                 units: None,
                 aux: BTreeMap::new(),
+                prefill_scores: Vec::new(),
             })
             .collect();
         Self {
@@ -185,6 +208,26 @@ impl SlimSession {
     /// The resolved stages (empty when nothing is pruned).
     pub fn stages(&self) -> Vec<Stage> {
         self.stages.iter().map(|s| s.stage).collect()
+    }
+
+    /// Each stage's prefill scores and pool, and each slim layer's decode set now.
+    pub fn trace(&self) -> SlimTrace {
+        let stages = (self.stages.iter())
+            .map(|st| StageTrace {
+                start_layer: st.stage.start_layer,
+                scores: st.prefill_scores.clone(),
+                pool: st.pool.clone(),
+            })
+            .collect();
+        let first = self.stages.first().map_or(self.n_layers, |s| s.stage.start_layer);
+        let decode_sets = (first..self.n_layers)
+            .filter_map(|l| self.active_blocks(l).map(|a| (l, a.blocks.to_vec())))
+            .collect();
+        SlimTrace {
+            block_size: self.cfg.block_size,
+            stages,
+            decode_sets,
+        }
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -300,6 +343,7 @@ impl SlimSession {
         }
         let st = &mut self.stages[s];
         st.window = q_window.chunks(width).map(WindowQuery::new).collect();
+        st.prefill_scores = scores;
         st.pool = blocks;
         st.active = active;
         Ok(keep)

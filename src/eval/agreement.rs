@@ -1,4 +1,4 @@
-//! `slimchat eval`: does pruning keep the dense model's answers?
+//! `slimchat eval`: does pruning keep the dense model's answers? (one document kind, one needle)
 //!
 //! On real English documents (sections of assets/long_text.txt) at each prompt length:
 //! - teacher-forced agreement: the dense model answers a question about the document greedily
@@ -24,6 +24,8 @@ use crate::model::template::Message;
 use crate::sampling::{argmax, SamplingConfig};
 use crate::slim::SlimConfig;
 use crate::{Error, Result};
+
+use super::{kl_divergence, sentence_boundary, set_slim};
 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -229,22 +231,6 @@ impl EvalResult {
     }
 }
 
-fn set_slim(engine: &mut Engine, base: &SlimConfig, ratio: Option<f32>) -> Result<()> {
-    let cfg = match ratio {
-        Some(r) => SlimConfig {
-            enabled: true,
-            keep_ratio: r,
-            ..base.clone()
-        },
-        None => SlimConfig {
-            enabled: false,
-            ..base.clone()
-        },
-    };
-    engine.reset();
-    engine.set_slim(cfg)
-}
-
 /// About `length` tokens of prose (the chat template and `question` included), from a part of
 /// the text chosen by `index`, cut at a sentence end.
 fn document(
@@ -322,51 +308,4 @@ fn needle_run(
         correct += usize::from(stats.text.contains(&code.to_string()));
     }
     Ok(correct as f64 / depths.max(1) as f64)
-}
-
-/// The byte index just after the sentence end at or after `at` (or the end of the text).
-fn sentence_boundary(text: &str, at: usize) -> usize {
-    if at == 0 {
-        return 0;
-    }
-    let mut i = at.min(text.len());
-    while !text.is_char_boundary(i) {
-        i += 1;
-    }
-    text[i..].find(". ").map_or(text.len(), |j| i + j + 1)
-}
-
-/// KL(p‖q) of the softmax distributions of two logit vectors, in nats.
-pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let log_softmax = |l: &[f32]| {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-        l.iter().map(move |&x| x as f64 - lse).collect::<Vec<f64>>()
-    };
-    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter()
-        .zip(&lq)
-        .map(|(a, b)| a.exp() * (a - b))
-        .sum::<f64>()
-        .max(0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kl_is_zero_for_equal_and_positive_for_different_distributions() {
-        let a = [1.0, 2.0, 3.0];
-        assert!(kl_divergence(&a, &a) < 1e-12);
-        assert!(kl_divergence(&a, &[3.0, 2.0, 1.0]) > 0.1);
-    }
-
-    #[test]
-    fn needles_go_after_a_sentence_end() {
-        let t = "One two. Three four. Five.";
-        assert_eq!(sentence_boundary(t, 0), 0);
-        assert_eq!(&t[..sentence_boundary(t, 3)], "One two.");
-        assert_eq!(sentence_boundary(t, 22), t.len());
-    }
 }

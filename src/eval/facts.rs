@@ -1,0 +1,388 @@
+//! `slimchat facts`: does the pruned model find what the dense model finds?
+//!
+//! Every case ([`super::cases`]) runs dense and pruned side by side on the same prompt:
+//! - dense answers greedily; a fact is found when its answer contains the fact's value;
+//! - the pruned model is fed the same prompt and dense's answer (teacher forcing): the share of
+//!   positions where its top-1 is dense's token (the end of turn included) is the case's
+//!   agreement; where it agrees everywhere its own greedy answer is dense's, otherwise it
+//!   answers again on its own;
+//! - for every fact the pruned answer misses, [`super::diagnose`] finds the stage or decode
+//!   choice that dropped it, and the fact's rank in each stage's scores.
+//!
+//! Results are summed per part, length and depth band (0-33%, 33-66%, 66-100% of the
+//! document). Dense answers can be kept in a cache file between runs of one model and build
+//! (tuning changes only the pruned side); a run whose TTFT ratios are reported runs dense
+//! afresh, side by side.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::cases::{band, found, generate, Ask, Case};
+use super::corpus::{Part, TEXTS};
+use super::diagnose::{diagnose, locate, Diagnosis, Lost};
+use super::set_slim;
+use crate::engine::Engine;
+use crate::model::template::Message;
+use crate::sampling::argmax;
+use crate::slim::SlimConfig;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct FactsConfig {
+    pub parts: Vec<Part>,
+    pub lengths: Vec<usize>,
+    /// Cases per part and length.
+    pub cases: usize,
+    /// Answer tokens for one fact; a case asking for several gets this many per fact.
+    pub max_tokens: usize,
+    /// Dense answers by prompt, kept between runs (TTFTs from it are not side by side).
+    pub dense_cache: Option<PathBuf>,
+}
+
+/// One fact asked about in one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct FactOutcome {
+    pub phrasing: String,
+    pub depth: f64,
+    pub band: usize,
+    pub dense: bool,
+    pub slim: bool,
+    /// Where pruning left the fact, for each fact the pruned answer misses.
+    pub diagnosis: Option<Diagnosis>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub id: String,
+    pub part: Part,
+    pub text: &'static str,
+    /// "one", "all" or "natural"
+    pub ask: &'static str,
+    pub planted: usize,
+    pub prompt_tokens: usize,
+    pub facts: Vec<FactOutcome>,
+    pub dense_answer: String,
+    pub slim_answer: String,
+    pub identical: bool,
+    pub agreement: f64,
+    pub ttft_ms_dense: f64,
+    pub ttft_ms_slim: f64,
+    pub dense_cached: bool,
+}
+
+/// Sums over the cases of one part and length (and depth band, or all bands).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cell {
+    pub part: Option<Part>,
+    pub length: usize,
+    /// None: every band.
+    pub band: Option<usize>,
+    pub cases: usize,
+    pub prompt_tokens: f64,
+    pub asked: usize,
+    pub dense_found: usize,
+    pub slim_found: usize,
+    /// Facts dense found and pruned did not.
+    pub lost: usize,
+    /// Facts pruned found and dense did not.
+    pub gained: usize,
+    pub agreement: f64,
+    pub identical: f64,
+    pub ttft_ms_dense: f64,
+    pub ttft_ms_slim: f64,
+    /// Where the lost facts were dropped: "stage 0".., "decode set", "kept".
+    pub lost_at: BTreeMap<String, usize>,
+}
+
+impl Cell {
+    pub fn dense_acc(&self) -> f64 {
+        self.dense_found as f64 / self.asked.max(1) as f64
+    }
+
+    pub fn slim_acc(&self) -> f64 {
+        self.slim_found as f64 / self.asked.max(1) as f64
+    }
+}
+
+/// A dense answer: greedy tokens, whether it ended its turn, its text and TTFT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DenseRun {
+    tokens: Vec<u32>,
+    stopped: bool,
+    text: String,
+    ttft_ms: f64,
+}
+
+/// Run every case; `on_case` sees each as it finishes. Returns the cases and the cells.
+pub fn run(
+    engine: &mut Engine,
+    cfg: &FactsConfig,
+    on_case: &mut dyn FnMut(&CaseResult),
+) -> Result<(Vec<CaseResult>, Vec<Cell>)> {
+    let base = engine.slim_config().clone();
+    let ratio = base.keep_ratio;
+    let mut cache = load_cache(cfg)?;
+    let mut results = Vec::new();
+    for &part in &cfg.parts {
+        for &length in &cfg.lengths {
+            engine.check_fits(length + cfg.max_tokens * 3)?;
+            for case in generate(part, length, cfg.cases) {
+                let r = one_case(engine, &base, ratio, &case, cfg, &mut cache)?;
+                on_case(&r);
+                results.push(r);
+            }
+            save_cache(cfg, &cache)?;
+        }
+    }
+    engine.set_slim(base)?;
+    engine.reset();
+    let cells = summarize(&results);
+    Ok((results, cells))
+}
+
+fn one_case(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    ratio: f32,
+    case: &Case,
+    cfg: &FactsConfig,
+    cache: &mut BTreeMap<String, DenseRun>,
+) -> Result<CaseResult> {
+    let built = case.build(&mut |m| {
+        engine
+            .encode_chat(&[Message::user(m.to_string())])
+            .map_or(0, |t| t.len())
+    });
+    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
+    let max_tokens = cfg.max_tokens * built.asked.len().max(1);
+    let key = cache_key(&prompt, max_tokens);
+    let dense_cached = cache.contains_key(&key);
+    let dense = match cache.get(&key) {
+        Some(d) => d.clone(),
+        None => {
+            let d = dense_run(engine, base, &prompt, max_tokens)?;
+            cache.insert(key, d.clone());
+            d
+        }
+    };
+
+    // pruned, teacher-forced along dense's answer
+    set_slim(engine, base, Some(ratio))?;
+    let t0 = std::time::Instant::now();
+    let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+    let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
+    let mut trace = engine.slim_trace();
+    let (mut agree, mut positions) = (0usize, 0usize);
+    for i in 0..=dense.tokens.len() {
+        let pred = argmax(&logits);
+        let ok = match dense.tokens.get(i) {
+            Some(&t) => pred == t,
+            None if dense.stopped => engine.is_stop(pred),
+            None => break, // dense stopped at max_tokens: nothing more to compare
+        };
+        agree += usize::from(ok);
+        positions += 1;
+        if let Some(&t) = dense.tokens.get(i) {
+            logits = engine.step(t)?;
+            if i == 0 {
+                trace = engine.slim_trace(); // decode's sets for the answer's second token
+            }
+        }
+    }
+    let identical = agree == positions;
+    let slim_answer = if identical {
+        dense.text.clone()
+    } else {
+        greedy(engine, base, Some(ratio), &prompt, max_tokens)?.text
+    };
+
+    let facts = (built.asked.iter())
+        .map(|a| {
+            let (d, s) = (found(&dense.text, &a.answers), found(&slim_answer, &a.answers));
+            let diagnosis = match (&trace, s) {
+                (Some(trace), false) => {
+                    let decode = |t: &[u32]| engine.tokenizer.decode(t, false).unwrap_or_default();
+                    locate(&prompt, &a.probe, &decode).map(|span| diagnose(trace, span))
+                }
+                _ => None,
+            };
+            FactOutcome {
+                phrasing: a.phrasing.clone(),
+                depth: a.depth,
+                band: band(a.depth),
+                dense: d,
+                slim: s,
+                diagnosis,
+            }
+        })
+        .collect();
+    Ok(CaseResult {
+        id: case.id.clone(),
+        part: case.part,
+        text: TEXTS[case.text].kind,
+        ask: match case.ask {
+            Ask::One(_) => "one",
+            Ask::All => "all",
+            Ask::Natural(_) => "natural",
+        },
+        planted: case.facts.len(),
+        prompt_tokens: prompt.len(),
+        facts,
+        dense_answer: dense.text,
+        slim_answer,
+        identical,
+        agreement: agree as f64 / positions.max(1) as f64,
+        ttft_ms_dense: dense.ttft_ms,
+        ttft_ms_slim: ttft_slim,
+        dense_cached,
+    })
+}
+
+fn dense_run(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<DenseRun> {
+    greedy(engine, base, None, prompt, max_tokens)
+}
+
+/// A greedy answer (dense when `ratio` is None), on a fresh cache.
+fn greedy(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    ratio: Option<f32>,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<DenseRun> {
+    set_slim(engine, base, ratio)?;
+    let t0 = std::time::Instant::now();
+    let (mut logits, _) = engine.prefill(prompt, &mut |_| {})?;
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut tokens = Vec::new();
+    let mut stopped = false;
+    loop {
+        let t = argmax(&logits);
+        if engine.is_stop(t) {
+            stopped = true;
+            break;
+        }
+        tokens.push(t);
+        if tokens.len() >= max_tokens {
+            break;
+        }
+        logits = engine.step(t)?;
+    }
+    let text = engine
+        .tokenizer
+        .decode(&tokens, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(DenseRun {
+        tokens,
+        stopped,
+        text,
+        ttft_ms,
+    })
+}
+
+/// FNV-1a of the prompt and the answer budget.
+fn cache_key(prompt: &[u32], max_tokens: usize) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &t in prompt.iter().chain(std::iter::once(&(max_tokens as u32))) {
+        for b in t.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}-{}", prompt.len())
+}
+
+fn load_cache(cfg: &FactsConfig) -> Result<BTreeMap<String, DenseRun>> {
+    let Some(path) = &cfg.dense_cache else {
+        return Ok(BTreeMap::new());
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Usage(format!("dense cache {} is not readable: {e}", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(Error::Usage(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn save_cache(cfg: &FactsConfig, cache: &BTreeMap<String, DenseRun>) -> Result<()> {
+    let Some(path) = &cfg.dense_cache else {
+        return Ok(());
+    };
+    let json = serde_json::to_vec(cache).map_err(|e| Error::Usage(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Cells per (part, length): every band, then each band.
+pub fn summarize(results: &[CaseResult]) -> Vec<Cell> {
+    let mut keys: Vec<(Part, usize)> = Vec::new();
+    for r in results {
+        let k = (r.part, r.id.split('-').nth(1).and_then(|l| l.parse().ok()).unwrap_or(0));
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut cells = Vec::new();
+    for (part, length) in keys {
+        let of: Vec<&CaseResult> = (results.iter())
+            .filter(|r| r.part == part && r.id.split('-').nth(1) == Some(&length.to_string()))
+            .collect();
+        for band in [None, Some(0), Some(1), Some(2)] {
+            let mut c = Cell {
+                part: Some(part),
+                length,
+                band,
+                ..Cell::default()
+            };
+            for r in &of {
+                let facts: Vec<&FactOutcome> = (r.facts.iter())
+                    .filter(|f| band.is_none_or(|b| f.band == b))
+                    .collect();
+                if band.is_none() {
+                    c.cases += 1;
+                    c.prompt_tokens += r.prompt_tokens as f64;
+                    c.agreement += r.agreement;
+                    c.identical += f64::from(u8::from(r.identical));
+                    c.ttft_ms_dense += r.ttft_ms_dense;
+                    c.ttft_ms_slim += r.ttft_ms_slim;
+                }
+                for f in facts {
+                    c.asked += 1;
+                    c.dense_found += usize::from(f.dense);
+                    c.slim_found += usize::from(f.slim);
+                    c.gained += usize::from(f.slim && !f.dense);
+                    if f.dense && !f.slim {
+                        c.lost += 1;
+                        let at = match f.diagnosis.as_ref().map(|d| d.lost) {
+                            Some(Lost::Prefill(s)) => format!("stage {s}"),
+                            Some(Lost::DecodeSet) => "decode set".into(),
+                            Some(Lost::Kept) => "kept".into(),
+                            None => "not located".into(),
+                        };
+                        *c.lost_at.entry(at).or_insert(0) += 1;
+                    }
+                }
+            }
+            if band.is_none() {
+                let n = c.cases.max(1) as f64;
+                c.prompt_tokens /= n;
+                c.agreement /= n;
+                c.identical /= n;
+                c.ttft_ms_dense /= n;
+                c.ttft_ms_slim /= n;
+            }
+            cells.push(c);
+        }
+    }
+    cells
+}

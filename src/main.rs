@@ -597,19 +597,43 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
             .collect();
         eprintln!(
             "slimchat facts: {} {:>5} tok {:<9} {:<7} agree {:.2} TTFT {:.0} -> {:.0} ms | {}",
-            r.id, r.prompt_tokens, r.text, r.ask, r.agreement, r.ttft_ms_dense, r.ttft_ms_slim,
+            r.id,
+            r.prompt_tokens,
+            r.text,
+            r.ask,
+            r.agreement,
+            r.ttft_ms_dense,
+            r.ttft_ms_slim,
             facts.join(", ")
         );
     })?;
     eprintln!("part    length band     asked  dense  slim  lost gained agree  ident  TTFT slim/dense  lost at");
     for c in &cells {
         let band = c.band.map_or("all", |b| ["0-33%", "33-66%", "66-100%"][b]);
-        let ttft = if c.band.is_none() { format!("{:.2}", c.ttft_ms_slim / c.ttft_ms_dense.max(1e-9)) } else { String::new() };
-        let agree = if c.band.is_none() { format!("{:.3}  {:.2}", c.agreement, c.identical) } else { String::new() };
+        let ttft = if c.band.is_none() {
+            format!("{:.2}", c.ttft_ms_slim / c.ttft_ms_dense.max(1e-9))
+        } else {
+            String::new()
+        };
+        let agree = if c.band.is_none() {
+            format!("{:.3}  {:.2}", c.agreement, c.identical)
+        } else {
+            String::new()
+        };
         eprintln!(
             "{:<7} {:>6} {:<8} {:>5} {:>6.3} {:>5.3} {:>5} {:>6} {:<12} {:<15} {:?}",
-            c.part.map_or("", |p| if p == Part::Tune { "tune" } else { "report" }),
-            c.length, band, c.asked, c.dense_acc(), c.slim_acc(), c.lost, c.gained, agree, ttft, c.lost_at
+            c.part
+                .map_or("", |p| if p == Part::Tune { "tune" } else { "report" }),
+            c.length,
+            band,
+            c.asked,
+            c.dense_acc(),
+            c.slim_acc(),
+            c.lost,
+            c.gained,
+            agree,
+            ttft,
+            c.lost_at
         );
     }
     if args.json {

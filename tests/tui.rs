@@ -492,6 +492,23 @@ fn regenerate_and_compare_build_the_right_requests() {
     assert!(s.contains("Pruned keep 0.70 · TTFT 812 ms"), "{s}");
     assert!(s.contains("Dense answer."), "{s}");
     assert!(s.contains("Pruned answer."), "{s}");
+    // the compare says whether the answers agree, and which numbers or names differ
+    assert!(s.contains("answers differ (parting at word 1 of 2"), "{s}");
+
+    update(&mut app, Msg::Compare);
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Compared {
+            dense: Box::new(stats("The code is 48213.")),
+            slim: Box::new(stats("The code is 48213.")),
+            keep_ratio: 0.6,
+        }),
+    );
+    update(&mut app, Msg::Worker(WorkerEvent::Done));
+    let s = screen(&draw(&mut app, 120, 40));
+    assert!(s.contains("answers identical"), "{s}");
+    let md = app.conv.to_markdown();
+    assert!(md.contains("_answers identical_"), "{md}");
 }
 
 #[test]

@@ -382,7 +382,11 @@ fn killed_mid_answer_keeps_the_partial_answer() {
     let _ = common::default_model();
     let dir = tempfile::tempdir().unwrap();
     // an answer that outlasts the 1.5 s below on a fast machine (400 tokens took 1.2-1.5 s)
-    std::fs::write(dir.path().join("config.toml"), "[chat]\nmax_tokens = 2000\n").unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[chat]\nmax_tokens = 2000\n",
+    )
+    .unwrap();
     let tmux = Tmux {
         socket: format!("slimchat-kill-{}", std::process::id()),
     };

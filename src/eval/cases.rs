@@ -32,8 +32,22 @@ pub enum Values {
 }
 
 const CITIES: &[&str] = &[
-    "Tromsø", "Valparaíso", "Brisbane", "Winnipeg", "Tbilisi", "Kraków", "Nagoya", "Porto",
-    "Mombasa", "Reykjavík", "Cusco", "Tallinn", "Dunedin", "Marseille", "Halifax", "Ljubljana",
+    "Tromsø",
+    "Valparaíso",
+    "Brisbane",
+    "Winnipeg",
+    "Tbilisi",
+    "Kraków",
+    "Nagoya",
+    "Porto",
+    "Mombasa",
+    "Reykjavík",
+    "Cusco",
+    "Tallinn",
+    "Dunedin",
+    "Marseille",
+    "Halifax",
+    "Ljubljana",
 ];
 const PEOPLE: &[&str] = &[
     "Agnes Thornbury|Thornbury",
@@ -54,10 +68,22 @@ const QUOTES: &[&str] = &[
     "Feed the ship's cat before you feed yourselves.|cat",
 ];
 const PARROTS: &[&str] = &[
-    "Barnaby", "Clementine", "Horatio", "Mortimer", "Persimmon", "Wellington", "Ophelia", "Rasputin",
+    "Barnaby",
+    "Clementine",
+    "Horatio",
+    "Mortimer",
+    "Persimmon",
+    "Wellington",
+    "Ophelia",
+    "Rasputin",
 ];
 const PASSWORDS: &[&str] = &[
-    "marigold", "thunderbox", "quillfeather", "saltmarsh", "copperkettle", "juniperwood",
+    "marigold",
+    "thunderbox",
+    "quillfeather",
+    "saltmarsh",
+    "copperkettle",
+    "juniperwood",
 ];
 
 pub const PHRASINGS: [Phrasing; 10] = [
@@ -273,7 +299,10 @@ pub fn generate(part: Part, length: usize, n: usize) -> Vec<Case> {
         .map(|i| {
             let (n_facts, all) = SHAPES[i % SHAPES.len()];
             let text = (i + i / SHAPES.len()) % TEXTS.len();
-            let id = format!("{}-{length}-{i}", if part == Part::Tune { "t" } else { "r" });
+            let id = format!(
+                "{}-{length}-{i}",
+                if part == Part::Tune { "t" } else { "r" }
+            );
             if n_facts == 0 {
                 // a natural question of this text, in turn
                 let of_text: Vec<usize> = (naturals.iter().copied())
@@ -498,7 +527,13 @@ mod tests {
         for c in generate(Part::Tune, 2048, 12) {
             let built = c.build(&mut fake_count);
             let n = fake_count(&built.message);
-            assert!(n.abs_diff(2048) < 100, "{} tokens in {} {:?}", n, c.id, c.ask);
+            assert!(
+                n.abs_diff(2048) < 100,
+                "{} tokens in {} {:?}",
+                n,
+                c.id,
+                c.ask
+            );
             for f in &c.facts {
                 assert!(built.message.contains(&f.statement()), "{}", f.statement());
             }

@@ -6,8 +6,8 @@
 //!   positions where its top-1 is dense's token (the end of turn included) is the case's
 //!   agreement; where it agrees everywhere its own greedy answer is dense's, otherwise it
 //!   answers again on its own;
-//! - for every fact the pruned answer misses, [`super::diagnose`] finds the stage or decode
-//!   choice that dropped it, and the fact's rank in each stage's scores.
+//! - for every fact asked about, [`super::diagnose`] finds its blocks' rank in each stage's
+//!   scores and the stage or decode choice that dropped it, if one did.
 //!
 //! Results are summed per part, length and depth band (0-33%, 33-66%, 66-100% of the
 //! document). Dense answers can be kept in a cache file between runs of one model and build
@@ -49,7 +49,8 @@ pub struct FactOutcome {
     pub band: usize,
     pub dense: bool,
     pub slim: bool,
-    /// Where pruning left the fact, for each fact the pruned answer misses.
+    /// Where pruning left the fact (its blocks' ranks, the stage that dropped it); None for a
+    /// run that pruned nothing or a probe not found in the prompt.
     pub diagnosis: Option<Diagnosis>,
 }
 
@@ -127,6 +128,9 @@ pub fn run(
     let mut results = Vec::new();
     for &part in &cfg.parts {
         for &length in &cfg.lengths {
+            // a case asks for up to three facts; its prompt may come out ~2% long
+            let room = engine.context_length().saturating_sub(cfg.max_tokens * 3);
+            let length = length.min(room * 49 / 50);
             engine.check_fits(length + cfg.max_tokens * 3)?;
             for case in generate(part, length, cfg.cases) {
                 let r = one_case(engine, &base, ratio, &case, cfg, &mut cache)?;
@@ -200,14 +204,14 @@ fn one_case(
 
     let facts = (built.asked.iter())
         .map(|a| {
-            let (d, s) = (found(&dense.text, &a.answers), found(&slim_answer, &a.answers));
-            let diagnosis = match (&trace, s) {
-                (Some(trace), false) => {
-                    let decode = |t: &[u32]| engine.tokenizer.decode(t, false).unwrap_or_default();
-                    locate(&prompt, &a.probe, &decode).map(|span| diagnose(trace, span))
-                }
-                _ => None,
-            };
+            let (d, s) = (
+                found(&dense.text, &a.answers),
+                found(&slim_answer, &a.answers),
+            );
+            let diagnosis = trace.as_ref().and_then(|trace| {
+                let decode = |t: &[u32]| engine.tokenizer.decode(t, false).unwrap_or_default();
+                locate(&prompt, &a.probe, &decode).map(|span| diagnose(trace, span))
+            });
             FactOutcome {
                 phrasing: a.phrasing.clone(),
                 depth: a.depth,
@@ -305,7 +309,10 @@ fn load_cache(cfg: &FactsConfig) -> Result<BTreeMap<String, DenseRun>> {
     };
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Usage(format!("dense cache {} is not readable: {e}", path.display()))
+            Error::Usage(format!(
+                "dense cache {} is not readable: {e}",
+                path.display()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
         Err(e) => Err(Error::Usage(format!("cannot read {}: {e}", path.display()))),
@@ -327,7 +334,13 @@ fn save_cache(cfg: &FactsConfig, cache: &BTreeMap<String, DenseRun>) -> Result<(
 pub fn summarize(results: &[CaseResult]) -> Vec<Cell> {
     let mut keys: Vec<(Part, usize)> = Vec::new();
     for r in results {
-        let k = (r.part, r.id.split('-').nth(1).and_then(|l| l.parse().ok()).unwrap_or(0));
+        let k = (
+            r.part,
+            r.id.split('-')
+                .nth(1)
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0),
+        );
         if !keys.contains(&k) {
             keys.push(k);
         }

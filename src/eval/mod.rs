@@ -63,7 +63,6 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .max(0.0)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

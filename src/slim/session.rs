@@ -219,7 +219,10 @@ impl SlimSession {
                 pool: st.pool.clone(),
             })
             .collect();
-        let first = self.stages.first().map_or(self.n_layers, |s| s.stage.start_layer);
+        let first = self
+            .stages
+            .first()
+            .map_or(self.n_layers, |s| s.stage.start_layer);
         let decode_sets = (first..self.n_layers)
             .filter_map(|l| self.active_blocks(l).map(|a| (l, a.blocks.to_vec())))
             .collect();

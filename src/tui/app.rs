@@ -12,6 +12,7 @@ use crate::model::template::{Message, Role as TemplateRole};
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
 
+use super::agreement::agreement;
 use super::editor::Editor;
 use super::store::{Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics};
 use super::tokens::TokenCounter;
@@ -602,10 +603,11 @@ impl App {
                 });
                 self.conv.messages.push(note);
                 self.say(format!(
-                    "compare: TTFT dense {:.0} ms, pruned {:.0} ms ({:.2}x)",
+                    "compare: TTFT dense {:.0} ms, pruned {:.0} ms ({:.2}x); {}",
                     dense.ttft_ms,
                     slim.ttft_ms,
-                    slim.ttft_ms / dense.ttft_ms.max(1e-9)
+                    slim.ttft_ms / dense.ttft_ms.max(1e-9),
+                    agreement(&dense.text, &slim.text).summary()
                 ));
                 self.set_last(&slim, 0);
                 return vec![Effect::Save];

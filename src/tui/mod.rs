@@ -2,6 +2,7 @@
 //! every exit path, panics included), the tokio event loop that joins terminal input, engine
 //! events and a redraw tick, and the effects `update` asks for (engine commands, saves, reads).
 
+pub mod agreement;
 pub mod app;
 pub mod editor;
 pub mod input;

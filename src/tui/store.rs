@@ -171,7 +171,8 @@ impl Conversation {
                 }
                 Role::Note => match &m.comparison {
                     Some(c) => out.push_str(&format!(
-                        "## Compare\n\n### Dense (TTFT {:.0} ms)\n\n{}\n\n### Pruned, keep {:.2} (TTFT {:.0} ms)\n\n{}\n\n",
+                        "## Compare\n\n_{}_\n\n### Dense (TTFT {:.0} ms)\n\n{}\n\n### Pruned, keep {:.2} (TTFT {:.0} ms)\n\n{}\n\n",
+                        super::agreement::agreement(&c.dense, &c.slim).summary(),
                         c.dense_ttft_ms, c.dense, c.keep_ratio, c.slim_ttft_ms, c.slim
                     )),
                     None => out.push_str(&format!("> {}\n\n", m.content)),

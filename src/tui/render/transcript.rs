@@ -8,6 +8,7 @@ use ratatui::widgets::{Block, Borders, Paragraph};
 use ratatui::Frame;
 use unicode_width::UnicodeWidthChar;
 
+use crate::tui::agreement::agreement;
 use crate::tui::app::{thousands, App, View};
 use crate::tui::store::{ChatMessage, Comparison, Role};
 
@@ -123,6 +124,12 @@ fn comparison(c: &Comparison, width: usize, out: &mut Vec<Line<'static>>) {
         format!("{s}{}", " ".repeat(col.saturating_sub(n)))
     };
     out.push(Line::styled(format!("{} │ {}", pad(&left), right), head));
+    let verdict = agreement(&c.dense, &c.slim).summary();
+    out.extend(
+        wrap(&verdict, width)
+            .into_iter()
+            .map(|l| Line::styled(l, head)),
+    );
     let a = wrap(&c.dense, col);
     let b = wrap(&c.slim, col);
     for i in 0..a.len().max(b.len()) {

@@ -34,6 +34,10 @@ pub fn agreement(dense: &str, slim: &str) -> Agreement {
         }
     }
     let (ka, kb) = (key_terms(&a), key_terms(&b));
+    // a term is missing from the other answer only when none of its words is the term
+    let words =
+        |ws: &[&str]| -> Vec<String> { ws.iter().map(|w| bare(w).to_lowercase()).collect() };
+    let (wa, wb) = (words(&a), words(&b));
     Agreement {
         identical,
         dense_words: a.len(),
@@ -43,10 +47,23 @@ pub fn agreement(dense: &str, slim: &str) -> Agreement {
         } else {
             shared as f64 / a.len() as f64
         },
-        missing: ka.iter().filter(|t| !kb.contains(t)).cloned().collect(),
-        extra: kb.iter().filter(|t| !ka.contains(t)).cloned().collect(),
+        missing: ka
+            .iter()
+            .filter(|t| !wb.contains(&t.to_lowercase()))
+            .cloned()
+            .collect(),
+        extra: kb
+            .iter()
+            .filter(|t| !wa.contains(&t.to_lowercase()))
+            .cloned()
+            .collect(),
         terms: ka.len(),
     }
+}
+
+/// A word without the punctuation around it.
+fn bare(w: &str) -> &str {
+    w.trim_matches(|c: char| !c.is_alphanumeric())
 }
 
 /// Numbers and capitalised words that do not open a sentence, without their punctuation, in
@@ -55,7 +72,7 @@ fn key_terms(words: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut sentence_start = true;
     for w in words {
-        let t = w.trim_matches(|c: char| !c.is_alphanumeric());
+        let t = bare(w);
         let is_number = t.chars().any(|c| c.is_ascii_digit());
         let is_name = !sentence_start && t.chars().next().is_some_and(char::is_uppercase);
         if (is_number || is_name) && !out.iter().any(|o| o == t) {

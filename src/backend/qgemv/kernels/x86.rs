@@ -86,18 +86,35 @@ pub(crate) unsafe fn bytes_ps_512(p: *const u8) -> __m512 {
     unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
 }
 
-/// Scale d sc and min -dmin m of the 16 lanes of Q4K tile-block `tb` (counted from the tile
-/// where `scales` starts), in f32: exact products of the f16 and the codes.
+/// d and dmin (16 lanes, f32) of the super-block of Q4K tile-block `tb` (counted from the tile
+/// where `scales` starts).
 ///
-/// SAFETY (caller): AVX-512F and F16C; the tile-block's super-block lies inside `scales`.
+/// SAFETY (caller): AVX-512F and F16C; the super-block lies inside `scales`.
 #[inline(always)]
-pub(crate) unsafe fn q4k_scale_min_512(scales: *const u16, tb: usize) -> (__m512, __m512) {
-    let (sup, own) = q4k_offsets(tb);
+pub(crate) unsafe fn q4k_super_512(scales: *const u16, tb: usize) -> (__m512, __m512) {
+    let sup = q4k_offsets(tb).0;
     // SAFETY: as the caller promised.
     unsafe {
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(sup) as *const __m256i));
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(sup + TILE) as *const __m256i));
-        let own = scales.add(own) as *const u8;
+        (d, dmin)
+    }
+}
+
+/// Scale d sc and min -dmin m of the 16 lanes of Q4K tile-block `tb`, from its super-block's
+/// `d` and `dmin` (`q4k_super_512`): exact f32 products of the f16 and the 6-bit codes.
+///
+/// SAFETY (caller): AVX-512F; the tile-block lies inside `scales`.
+#[inline(always)]
+pub(crate) unsafe fn q4k_scale_min_512(
+    scales: *const u16,
+    tb: usize,
+    d: __m512,
+    dmin: __m512,
+) -> (__m512, __m512) {
+    // SAFETY: as the caller promised.
+    unsafe {
+        let own = scales.add(q4k_offsets(tb).1) as *const u8;
         let m = _mm512_fnmadd_ps(dmin, bytes_ps_512(own.add(TILE)), _mm512_setzero_ps());
         (_mm512_mul_ps(d, bytes_ps_512(own)), m)
     }
@@ -154,20 +171,20 @@ pub unsafe fn q4k_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
             // SAFETY: tile-blocks tb0..tb0 + 8 and their super-block's scales are in bounds
             // (`check`; nb is a multiple of 8); b * 32 + 32 <= x.q.len().
             unsafe {
+                let sup = t.scales.as_ptr().add(tb0 / Q4K_BLOCKS * Q4K_SUPER);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(TILE) as *const __m256i));
                 for j in 0..Q4K_BLOCKS {
                     let (tb, b) = (tb0 + j, b0 + j);
                     let lines = t.quants.as_ptr().add(tb * Q4K_LINES) as *const __m512i;
                     let dot = _mm512_cvtepi32_ps(nibble_dot_512::<false>(lines, x, b));
-                    let own = t.scales.as_ptr().add(q4k_offsets(tb).1) as *const u8;
+                    let own = sup.add(2 * TILE + j * TILE) as *const u8;
                     let sc = bytes_ps_512(own);
                     let m = bytes_ps_512(own.add(TILE));
                     let dx = _mm512_set1_ps(*x.d.get_unchecked(b));
                     sum_d = _mm512_fmadd_ps(_mm512_mul_ps(sc, dx), dot, sum_d);
                     sum_m = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.dsum.get_unchecked(b)), sum_m);
                 }
-                let sup = t.scales.as_ptr().add(tb0 / Q4K_BLOCKS * Q4K_SUPER);
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
-                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(TILE) as *const __m256i));
                 acc = _mm512_fmadd_ps(d, sum_d, acc);
                 acc = _mm512_fnmadd_ps(dmin, sum_m, acc);
             }

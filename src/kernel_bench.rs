@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::backend::qgemm;
 use crate::backend::qgemv::kernels::Kernel;
-use crate::backend::qgemv::QMatrix;
+use crate::backend::qgemv::{Kind, QMatrix};
 
 /// Best of `reps` timings of `f`, in seconds.
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -79,6 +79,7 @@ pub fn run(out: &mut dyn FnMut(String)) {
     }
     prefill_gemm(out);
     gemv_types(out);
+    q4k_tiles(out);
     // The decode GEMVs of one token of the default model (SmolLM2-135M: 30 layers, then the
     // head), random weights, each matrix its own copy so the 96 MB stream like in decode.
     let layer = [
@@ -194,6 +195,82 @@ fn gemv_types(out: &mut dyn FnMut(String)) {
     }
 }
 
+/// Q4_K's own tiles (Q4K, 0.578 bytes per weight) against the Q4_1 tiles it took before (0.625),
+/// measured alternately (best of many, so a shared machine's noise hits both alike): the decode
+/// GEMV of an (8192, 2048) matrix, hot in the L3 cache (one matrix) and streamed from memory
+/// (8 copies, ~80 MB, one GEMV each, as decode reads a model), and the prefill GEMM of 1024
+/// rows with a (576, 1536) one.
+fn q4k_tiles(out: &mut dyn FnMut(String)) {
+    let quantize = |rows: usize, cols: usize| {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-4)
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
+        QTensor::quantize(&wt, GgmlDType::Q4K).expect("quantize")
+    };
+    let tiles = |q: &QTensor, kind| {
+        QMatrix::from_qtensor_in(q, kind)
+            .expect("repack")
+            .expect("a format that holds Q4_K")
+    };
+    let kinds = [Kind::Q4_1, Kind::Q4K];
+    let (rows, cols) = (8192, 2048);
+    let q = quantize(rows, cols);
+    let copies = 8;
+    let ms = kinds.map(|k| (0..copies).map(|_| tiles(&q, k)).collect::<Vec<_>>());
+    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
+    let mut y = vec![0.0; rows];
+    for kernel in Kernel::available() {
+        if kernel == Kernel::Scalar {
+            continue;
+        }
+        for (place, n) in [("hot", 1), ("streamed", copies)] {
+            let mut best = [f64::INFINITY; 2];
+            for _ in 0..40 / n + 5 {
+                for (b, m) in best.iter_mut().zip(&ms) {
+                    let t = best_of(1, || {
+                        m[..n].iter().for_each(|m| m.gemv_with(kernel, &x, &mut y))
+                    });
+                    *b = b.min(t / n as f64);
+                }
+            }
+            let mut line = format!("q4k tiles: gemv ({rows}x{cols} Q4K, {kernel:?}, {place})");
+            for ((kind, m), t) in kinds.iter().zip(&ms).zip(best) {
+                line += &format!(
+                    ", as {kind:?} {:4.0} us for {:4.1} MB ({:5.1} GB/s)",
+                    t * 1e6,
+                    m[0].bytes() as f64 / 1e6,
+                    m[0].bytes() as f64 / t / 1e9
+                );
+            }
+            out(line);
+        }
+    }
+    let (m, n, k) = (1024, 576, 1536);
+    let q = quantize(n, k);
+    let ws = kinds.map(|kind| tiles(&q, kind));
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 23) as f32 - 11.0) * 0.1).collect();
+    let ops = (2 * m * n * k) as f64;
+    for kernel in Kernel::available() {
+        if kernel == Kernel::Scalar {
+            continue;
+        }
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..10 {
+            for (b, w) in best.iter_mut().zip(&ws) {
+                *b = b.min(best_of(1, || {
+                    std::hint::black_box(qgemm::gemm_with(kernel, w, &x));
+                }));
+            }
+        }
+        let mut line = format!("q4k tiles: prefill gemm, {m} rows ({n}x{k} Q4K, {kernel:?})");
+        for (kind, t) in kinds.iter().zip(best) {
+            line += &format!(", as {kind:?} {:4.0} GOP/s", ops / t / 1e9);
+        }
+        out(line);
+    }
+}
+
 /// The prefill GEMMs of one layer of the default model on 1024 activation rows (an MLP chunk;
 /// attention's take every row, at the same rate per row): the int8 GEMM on the packed GGUF
 /// blocks per kernel, against candle's f32 GEMM on the dequantized weights.
@@ -205,7 +282,7 @@ fn prefill_gemm(out: &mut dyn FnMut(String)) {
         ("gate/up stacked", GgmlDType::Q4_1, 3072, 576),
         ("down", GgmlDType::Q4_1, 576, 1536),
         ("a Q8_0 matrix", GgmlDType::Q8_0, 576, 576),
-        // the other tile formats: Q5_0 as Q8_0, Q4_K as Q4_1, Q5_K and Q6_K as Q8x16
+        // the other tile formats: Q5_0 as Q5z, Q4_K as Q4K, Q5_K as Q5, Q6_K as Q6
         ("down", GgmlDType::Q5_0, 576, 1536),
         ("down", GgmlDType::Q4K, 576, 1536),
         ("down", GgmlDType::Q5K, 576, 1536),

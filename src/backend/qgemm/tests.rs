@@ -74,6 +74,19 @@ fn q4_1_matches_the_reference_on_odd_shapes() {
 }
 
 #[test]
+fn q4k_matches_the_reference_on_odd_shapes() {
+    for (n, k, m) in [
+        (1, 256, 1),
+        (17, 256, 7),
+        (33, 768, 13),
+        (50, 512, 197),
+        (100, 256, 5),
+    ] {
+        check(GgmlDType::Q4K, n, k, m);
+    }
+}
+
+#[test]
 fn q8_0_matches_the_reference_on_odd_shapes() {
     for (n, k, m) in [
         (1, 32, 1),
@@ -98,7 +111,11 @@ fn every_weight_type_matches_the_reference_on_odd_shapes() {
 #[test]
 fn a_row_of_the_gemm_equals_the_gemv_of_that_row() {
     // the same quantization and per-block arithmetic: equal up to f32 summation order
-    for (dtype, k) in [(GgmlDType::Q4_1, 192), (GgmlDType::Q6K, 256)] {
+    for (dtype, k) in [
+        (GgmlDType::Q4_1, 192),
+        (GgmlDType::Q6K, 256),
+        (GgmlDType::Q4K, 512),
+    ] {
         let q = quantized(dtype, 70, k, 3);
         let w = QMatrix::from_qtensor(&q).unwrap().unwrap();
         let x = noise(9 * k, 11);

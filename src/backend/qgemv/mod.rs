@@ -1,16 +1,17 @@
 //! Matrix-vector products straight from GGUF quantized weights, for decode: one row of
-//! activations against the whole weight matrix, bound by the bytes read (0.625 to 1.25 bytes per
+//! activations against the whole weight matrix, bound by the bytes read (0.578 to 1.25 bytes per
 //! weight, against dense f32's 4).
 //!
 //! GGUF blocks (ggml): Q4_1 = { f16 d, f16 m, u8 qs[16] } for 32 weights, weight j is
 //! `d * q_j + m` with q_j the low nibble of qs[j] (j < 16) or the high nibble of qs[j - 16];
-//! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`. Every other integer type (Q4_0, Q5_*,
-//! the K-quants) is read into one common form (unpack.rs: integer quants, a scale and a min per
-//! 16 or 32 values) and repacked into the smallest of four tile formats that holds it exactly
-//! (`Kind`): Q4_1 (0.625 bytes per weight), Q5z (0.6875: Q5_0), Q5 (0.75: Q5_1, Q5_K), Q6
-//! (0.875: Q6_K, Q3_K), Q8_0 (1.0625)
-//! and Q8x16 (1.25, a byte per weight with a scale and min per 16: Q2_K). Float weights (F16,
-//! BF16, F32) are rounded to Q8_0 at load.
+//! Q8_0 = { f16 d, i8 qs[32] }, weight j is `d * qs[j]`. Q4_K keeps its own form in Q4K tiles
+//! (0.578 bytes per weight: nibbles, its 6-bit sub-block scales and mins as bytes, f16 d and dmin
+//! per row and 256 columns). Every other integer type (Q4_0, Q5_*, the other K-quants) is read
+//! into one common form (unpack.rs: integer quants, a scale and a min per 16 or 32 values) and
+//! repacked into the smallest tile format that holds it exactly (`Kind`): Q4_1 (0.625 bytes per
+//! weight: Q4_0, Q4_1), Q5z (0.6875: Q5_0), Q5 (0.75: Q5_1, Q5_K), Q6 (0.875: Q6_K, Q3_K), Q8_0
+//! (1.0625) and Q8x16 (1.25, a byte per weight with a scale and min per 16: Q2_K). Float weights
+//! (F16, BF16, F32) are rounded to Q8_0 at load.
 //!
 //! At load the blocks are repacked into tiles of 16 rows (kernels.rs has the byte layout): the
 //! kernel streams one tile's blocks in order and keeps each row in one lane of an i32 vector,
@@ -31,7 +32,7 @@ use rayon::prelude::*;
 
 use activation::Q8Row;
 use kernels::{Kernel, Tiles};
-use unpack::Sub32;
+use unpack::{K4Block, Sub32};
 
 /// Values per quantized block.
 pub const QK: usize = 32;
@@ -46,8 +47,11 @@ pub struct Line(pub [u8; 64]);
 /// The tile format a matrix was repacked into (kernels.rs has the byte layouts).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
-    /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1, Q4_K.
+    /// 4-bit quants, an f16 scale and min per 32: Q4_0, Q4_1.
     Q4_1,
+    /// Q4_K as it is: 4-bit quants, 6-bit scale and min codes per 32 (bytes), f16 d and dmin per
+    /// 256: weight = d sc q - dmin m.
+    Q4K,
     /// Q5's quants with an f16 scale per 32 and the fixed offset -16 (d (q - 16)): Q5_0.
     Q5z,
     /// 5-bit quants (Q4_1's nibbles plus a line of fifth bits), an f16 scale and min per 32:
@@ -68,7 +72,8 @@ impl Kind {
     pub fn of(dtype: GgmlDType) -> Option<Self> {
         use GgmlDType as T;
         Some(match dtype {
-            T::Q4_0 | T::Q4_1 | T::Q4K => Kind::Q4_1,
+            T::Q4_0 | T::Q4_1 => Kind::Q4_1,
+            T::Q4K => Kind::Q4K,
             T::Q5_0 => Kind::Q5z,
             T::Q5_1 | T::Q5K => Kind::Q5,
             T::Q6K | T::Q3K => Kind::Q6,
@@ -91,6 +96,7 @@ impl Kind {
     pub(crate) fn lines(self) -> usize {
         match self {
             Kind::Q4_1 => kernels::Q4_1_LINES,
+            Kind::Q4K => kernels::Q4K_LINES,
             Kind::Q5 | Kind::Q5z => kernels::Q5_LINES,
             Kind::Q6 => kernels::Q6_LINES,
             Kind::Q8_0 => kernels::Q8_0_LINES,
@@ -98,9 +104,10 @@ impl Kind {
         }
     }
 
-    /// f16 scale bit patterns per tile-block.
+    /// u16 scale slots per tile-block (f16 bit patterns; Q4K: on average, see kernels.rs).
     pub(crate) fn scales(self) -> usize {
         match self {
+            Kind::Q4K => kernels::Q4K_SCALES,
             Kind::Q4_1 | Kind::Q5 | Kind::Q6 => kernels::Q4_1_SCALES,
             Kind::Q5z => kernels::Q5Z_SCALES,
             Kind::Q8_0 => kernels::Q8_0_SCALES,
@@ -129,6 +136,7 @@ impl Run<'_> {
         let out = self.out;
         match m.kind {
             Kind::Q4_1 => kernels::q4_1(kernel, &t, x, out),
+            Kind::Q4K => kernels::q4k(kernel, &t, x, out),
             Kind::Q5 => kernels::q5(kernel, &t, x, out),
             Kind::Q5z => kernels::q5z(kernel, &t, x, out),
             Kind::Q6 => kernels::q6(kernel, &t, x, out),
@@ -155,6 +163,8 @@ enum RowBlocks {
     Q8_0(Vec<u8>),
     /// 32 columns each (`Q4_1`, `Q5`, `Q5z`, `Q6` and `Q8x16` tiles)
     Subs(Vec<Sub32>),
+    /// Q4_K super-blocks of 256 columns (`Q4K` tiles)
+    K4(Vec<K4Block>),
 }
 
 /// The GGUF rows of one tensor, with how to read them.
@@ -176,6 +186,7 @@ impl SourceRows<'_> {
             Kind::Q8_0 => {
                 RowBlocks::Q8_0(unpack::as_q8_0(self.dtype, row).expect("a float type (Kind::of)"))
             }
+            Kind::Q4K => RowBlocks::K4(unpack::k4_row(row)),
             Kind::Q4_1 | Kind::Q5 | Kind::Q5z | Kind::Q6 | Kind::Q8x16 => {
                 let mut subs = vec![Sub32::default(); cols / QK];
                 unpack::unpack_row(self.dtype, row, &mut subs);
@@ -196,16 +207,31 @@ impl QMatrix {
     /// different tile formats (a Q4_K_M file's Q4_K q/k beside a Q6_K v are better apart, each
     /// at its own size), a type has no kernel here, or the widths differ.
     pub fn stacked(parts: &[&QTensor]) -> candle_core::Result<Option<Self>> {
-        let Some(first) = parts.first() else {
-            return Ok(None);
-        };
-        let cols = first.shape().dims2()?.1;
-        let Some(kind) = Kind::of(first.dtype()) else {
+        let Some(kind) = parts.first().and_then(|p| Kind::of(p.dtype())) else {
             return Ok(None);
         };
         if parts.iter().any(|p| Kind::of(p.dtype()) != Some(kind)) {
             return Ok(None);
         }
+        Self::stacked_in(parts, kind)
+    }
+
+    /// `from_qtensor` in a chosen tile format: its own (`Kind::of`), or for Q4_K the Q4_1 tiles
+    /// it took before Q4K (the kernel bench compares them); None for any other.
+    pub fn from_qtensor_in(t: &QTensor, kind: Kind) -> candle_core::Result<Option<Self>> {
+        let own = Kind::of(t.dtype()) == Some(kind);
+        if !own && (t.dtype(), kind) != (GgmlDType::Q4K, Kind::Q4_1) {
+            return Ok(None);
+        }
+        Self::stacked_in(&[t], kind)
+    }
+
+    /// `stacked` into tiles of `kind`, which holds every part's type.
+    fn stacked_in(parts: &[&QTensor], kind: Kind) -> candle_core::Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let cols = first.shape().dims2()?.1;
         let mut sources = Vec::with_capacity(parts.len());
         for p in parts {
             let (rows, c) = p.shape().dims2()?;
@@ -256,6 +282,11 @@ impl QMatrix {
                             lines.iter_mut().for_each(|l| l.0[4 * r..][..4].fill(0x80))
                         }
                         None => {}
+                        Some(RowBlocks::K4(blocks)) => {
+                            let block = &blocks[b / kernels::Q4K_BLOCKS];
+                            let tile_scales = &mut scales[tile * nb * kind.scales()..];
+                            Self::put_q4k(lines, tile_scales, b, r, block);
+                        }
                         Some(RowBlocks::Q8_0(blocks)) => {
                             let block = &blocks[b * 34..][..34];
                             s[r] = u16::from_le_bytes([block[0], block[1]]);
@@ -339,6 +370,28 @@ impl QMatrix {
             quants,
             scales,
         }
+    }
+
+    /// Row `r` of tile-block `b` of a tile from its Q4_K super-block: the nibbles as Q4_1's,
+    /// d and dmin (at the super-block's first block), sc and m as bytes (`kernels::q4k_offsets`).
+    fn put_q4k(lines: &mut [Line], tile_scales: &mut [u16], b: usize, r: usize, k: &K4Block) {
+        let j = b % kernels::Q4K_BLOCKS;
+        let q = &k.q[j];
+        for (kk, l) in lines.iter_mut().enumerate() {
+            for i in 0..4 {
+                l.0[4 * r + i] = q[4 * kk + i] | (q[16 + 4 * kk + i] << 4);
+            }
+        }
+        let (sup, own) = kernels::q4k_offsets(b);
+        tile_scales[sup + r] = k.d;
+        tile_scales[sup + TILE + r] = k.dmin;
+        let mut put_byte = |i: usize, v: u8| {
+            let mut pair = tile_scales[own + i / 2].to_le_bytes();
+            pair[i % 2] = v;
+            tile_scales[own + i / 2] = u16::from_le_bytes(pair);
+        };
+        put_byte(r, k.sc[j]);
+        put_byte(TILE + r, k.m[j]);
     }
 
     pub fn rows(&self) -> usize {
@@ -469,17 +522,12 @@ impl QMatrix {
         let s = &self.scales[tb * self.kind.scales()..];
         let byte = |k: usize, j: usize| lines[k].0[4 * lane + j];
         match self.kind {
-            Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
-                let d = f(s[lane]);
-                let m = if self.kind == Kind::Q5z {
-                    -16.0 * d
-                } else {
-                    f(s[TILE + lane])
-                };
+            Kind::Q4_1 | Kind::Q4K | Kind::Q5 | Kind::Q5z => {
+                let (d, m) = kernels::nibble_scale_min(self.kind, &self.scales, tb, lane);
                 for k in 0..4 {
                     for j in 0..4 {
                         let (mut lo, mut hi) = (byte(k, j) & 15, byte(k, j) >> 4);
-                        if self.kind != Kind::Q4_1 {
+                        if matches!(self.kind, Kind::Q5 | Kind::Q5z) {
                             let h = byte(4, j);
                             lo |= ((h >> k) & 1) << 4;
                             hi |= ((h >> (4 + k)) & 1) << 4;

@@ -40,11 +40,15 @@ fn candle_dequantized(q: &QTensor) -> Vec<f32> {
         .unwrap()
 }
 
-/// The tiles hold candle's weights: exactly for the types copied as they are (Q4_1, Q8_0), up to
-/// the f16 rounding of a product of scales (K-quants) or Q8_0's rounding (floats) for the others.
+/// The tiles hold candle's weights: exactly for the types kept in their own form (Q4_1, Q8_0,
+/// Q4_K: d sc and dmin m are exact f32 products, then d sc q - dmin m as candle computes it), up
+/// to the f16 rounding of a product of scales (other K-quants) or Q8_0's rounding (floats).
 pub(crate) fn assert_holds_candle_weights(m: &QMatrix, q: &QTensor) {
     let (w, want) = (m.dequantize(), candle_dequantized(q));
-    if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+    if matches!(
+        q.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K
+    ) {
         assert_eq!(w, want, "the tiles hold candle's weights");
         return;
     }
@@ -119,6 +123,31 @@ fn q4_1_kernels_match_the_reference() {
 }
 
 #[test]
+fn q4k_kernels_match_the_reference() {
+    check(GgmlDType::Q4K, 149, 256); // one super-block per row, a partial tile
+    check(GgmlDType::Q4K, 573, 512); // 36 tiles in several runs, two super-blocks
+    check(GgmlDType::Q4K, 7, 768);
+    check(GgmlDType::Q4K, 64, 2048);
+}
+
+/// Q4K tiles keep Q4_K's integer codes: the file's weights exactly, in 0.578 bytes per weight
+/// (nibbles 0.5, sc and m bytes 0.0625, f16 d and dmin per 256 0.0156).
+#[test]
+fn q4k_tiles_hold_the_file_exactly_in_fewer_bytes() {
+    for (rows, cols) in [(37, 256), (64, 1024)] {
+        let q = quantized(GgmlDType::Q4K, rows, cols, 5);
+        let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+        assert_eq!(m.tiles().0, Kind::Q4K);
+        assert_eq!(m.dequantize(), candle_dequantized(&q), "({rows}, {cols})");
+        let padded = rows.next_multiple_of(TILE);
+        assert_eq!(m.bytes(), padded * cols * 296 / 512);
+        let mut row = vec![0.0; cols];
+        m.row_f32(rows - 1, &mut row);
+        assert_eq!(row, candle_dequantized(&q)[(rows - 1) * cols..]);
+    }
+}
+
+#[test]
 fn q8_0_kernels_match_the_reference() {
     check(GgmlDType::Q8_0, 149, 96);
     check(GgmlDType::Q8_0, 7, 160);
@@ -156,7 +185,7 @@ fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
     let m = |dtype, rows, seed| quantized(dtype, rows, 256, seed);
     for (dtype, kind) in [
         (GgmlDType::Q4_0, Kind::Q4_1),
-        (GgmlDType::Q4K, Kind::Q4_1),
+        (GgmlDType::Q4K, Kind::Q4K),
         (GgmlDType::Q5_0, Kind::Q5z),
         (GgmlDType::Q5_1, Kind::Q5),
         (GgmlDType::Q5K, Kind::Q5),
@@ -179,6 +208,18 @@ fn each_type_takes_the_smallest_format_and_stacks_only_with_its_own() {
     assert!(QMatrix::stacked(&[&q4k, &q6k]).unwrap().is_none());
     let (q5, q8) = (m(GgmlDType::Q5_0, 16, 4), m(GgmlDType::Q8_0, 8, 3));
     assert!(QMatrix::stacked(&[&q5, &q8]).unwrap().is_none());
+    // Q4_K keeps its own tiles: not stacked with Q4_0 (Q4_1 tiles) either
+    let q40 = m(GgmlDType::Q4_0, 16, 7);
+    assert!(QMatrix::stacked(&[&q4k, &q40]).unwrap().is_none());
+    // Q4_K with Q4_K stacks, each row as it was alone
+    let q4k2 = m(GgmlDType::Q4K, 9, 8);
+    let both = QMatrix::stacked(&[&q4k, &q4k2]).unwrap().unwrap();
+    assert_eq!(both.tiles().0, Kind::Q4K);
+    let alone: Vec<f32> = [&q4k, &q4k2]
+        .iter()
+        .flat_map(|t| QMatrix::from_qtensor(t).unwrap().unwrap().dequantize())
+        .collect();
+    assert_eq!(both.dequantize(), alone);
     // types of one format stack, each row as it was alone
     let (q51, q5k) = (m(GgmlDType::Q5_1, 16, 6), m(GgmlDType::Q5K, 8, 5));
     let both = QMatrix::stacked(&[&q51, &q5k]).unwrap().unwrap();
@@ -226,6 +267,7 @@ fn f32_product_uses_the_exact_weights_and_the_unrounded_activation() {
         (GgmlDType::Q8_0, 2 * 64 * TILE + 37, 96),
         (GgmlDType::Q4_1, 53, 160),
         (GgmlDType::Q6K, 53, 512),
+        (GgmlDType::Q4K, 53, 512),
     ] {
         let q = quantized(dtype, rows, cols, 99);
         let m = QMatrix::from_qtensor(&q).unwrap().unwrap();

@@ -3,8 +3,9 @@
 //! a scale and a min, with weight j = scale * q_j + min. Every ggml block type with integer quants
 //! fits that form exactly (a K-quant's 6-bit sub-block scale times its super-block scale is one
 //! f32 product), so the integer kernels serve them all:
-//! - Q4_0 (d (q - 8)), Q4_1 (d q + m), Q4_K (32-value sub-blocks, d sc q - dmin m): quants below 16,
-//!   one scale and min per 32: Q4_1 tiles;
+//! - Q4_0 (d (q - 8)), Q4_1 (d q + m): quants below 16, one scale and min per 32: Q4_1 tiles;
+//! - Q4_K (32-value sub-blocks, d sc q - dmin m): read as `K4Block`s instead, its integer 6-bit
+//!   sc and m kept for the `Q4K` tiles (`Sub32` holds it too, for the tests);
 //! - Q5_0 (d (q - 16)): Q5z tiles; Q5_1, Q5_K: below 32, one scale and min per 32: Q5 tiles;
 //! - Q6_K (16-value sub-blocks, below 64, d (q - 32)) and Q3_K (16-value, d (q - 4)): Q6 tiles;
 //! - Q2_K (16-value sub-blocks, below 4, with a min): `Q8x16` tiles (a byte per weight, a scale
@@ -220,19 +221,54 @@ fn k4_scale_min(p: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
+/// One Q4_K super-block of 256 values with its integers kept: f16 bits of d and dmin, and per
+/// 32-value sub-block j its 6-bit scale sc[j], 6-bit min m[j] and nibbles q[j]:
+/// w = d sc q - dmin m (the `Q4K` tiles keep this form; `Sub32` folds the products into f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct K4Block {
+    pub d: u16,
+    pub dmin: u16,
+    pub sc: [u8; 8],
+    pub m: [u8; 8],
+    pub q: [[u8; QK]; 8],
+}
+
 /// { f16 d, f16 dmin, u8 scales[12], u8 qs[128] }: 32-value sub-blocks, w = d sc q - dmin m;
 /// each 32-byte quarter of qs holds sub-blocks 2i (low nibbles) and 2i+1 (high nibbles).
-fn q4_k(b: &[u8], out: &mut [Sub32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
+pub fn k4_block(b: &[u8]) -> K4Block {
     let (packed, qs) = (&b[4..16], &b[16..144]);
-    for (j, o) in out.iter_mut().enumerate() {
-        let (sc, m) = k4_scale_min(packed, j);
-        *o = Sub32::uniform(d * sc as f32, -dmin * m as f32);
+    let mut out = K4Block {
+        d: u16::from_le_bytes([b[0], b[1]]),
+        dmin: u16::from_le_bytes([b[2], b[3]]),
+        ..K4Block::default()
+    };
+    for j in 0..8 {
+        (out.sc[j], out.m[j]) = k4_scale_min(packed, j);
         let bytes = &qs[32 * (j / 2)..][..32];
         let shift = 4 * (j % 2);
-        for (q, &byte) in o.q.iter_mut().zip(bytes) {
+        for (q, &byte) in out.q[j].iter_mut().zip(bytes) {
             *q = (byte >> shift) & 15;
         }
+    }
+    out
+}
+
+/// A row of Q4_K blocks (144 bytes each) as `K4Block`s.
+pub fn k4_row(row: &[u8]) -> Vec<K4Block> {
+    row.chunks_exact(144).map(k4_block).collect()
+}
+
+/// `k4_block` as `Sub32`s: scale d sc and min -dmin m in f32 (both exact: an f16 times a 6-bit
+/// integer).
+fn q4_k(b: &[u8], out: &mut [Sub32]) {
+    let k = k4_block(b);
+    let (d, dmin) = (
+        f16::from_bits(k.d).to_f32(),
+        f16::from_bits(k.dmin).to_f32(),
+    );
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = Sub32::uniform(d * k.sc[j] as f32, -dmin * k.m[j] as f32);
+        o.q = k.q[j];
     }
 }
 

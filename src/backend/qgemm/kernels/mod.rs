@@ -9,15 +9,16 @@
 //! fifth line) and broadcasts 4 activation bytes per row; each `vpdpbusd` then multiplies 4
 //! weights of 16 output columns by the same 4 activation bytes. Per block: i32 → f32, × (weight
 //! scale × activation scale), and the min × the activation block sum (Q4_1, Q5; Q8x16 has a
-//! scale and a min per half block of 16). The weight tiles of one T group are reused by every row group of a
-//! task (they stay in L1/L2); the activation rows stream.
+//! scale and a min per half block of 16; Q4K makes its scale d sc and min -dmin m per block from
+//! the integer codes). The weight tiles of one T group are reused by every row group of a task
+//! (they stay in L1/L2); the activation rows stream.
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`, 8 columns per register) and scalar (any CPU, the tests'
 //! reference) compute the same sums.
 
 use std::ops::Range;
 
 use super::activation::Q8Rows;
-use crate::backend::qgemv::kernels::{q6_value, Kernel};
+use crate::backend::qgemv::kernels::{nibble_scale_min, q6_value, Kernel};
 use crate::backend::qgemv::{Kind, Line, QK, TILE};
 
 /// One product out = x W^T: the operands and where the output lives.
@@ -113,9 +114,9 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     for (k, line) in tile_lines[..nibble_lines].iter().enumerate() {
                         for (j, &byte) in line.0[4 * lane..][..4].iter().enumerate() {
                             match g.kind {
-                                Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
+                                Kind::Q4_1 | Kind::Q4K | Kind::Q5 | Kind::Q5z => {
                                     let (mut lo, mut hi) = (byte & 15, byte >> 4);
-                                    if g.kind != Kind::Q4_1 {
+                                    if matches!(g.kind, Kind::Q5 | Kind::Q5z) {
                                         let h = tile_lines[4].0[4 * lane + j];
                                         lo |= ((h >> k) & 1) << 4;
                                         hi |= ((h >> (4 + k)) & 1) << 4;
@@ -138,13 +139,8 @@ unsafe fn rect_scalar(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                         }
                     }
                     match g.kind {
-                        Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
-                            let d = f16(s[lane]);
-                            let m = if g.kind == Kind::Q5z {
-                                -16.0 * d
-                            } else {
-                                f16(s[TILE + lane])
-                            };
+                        Kind::Q4_1 | Kind::Q4K | Kind::Q5 | Kind::Q5z => {
+                            let (d, m) = nibble_scale_min(g.kind, g.scales, tb, lane);
                             acc += d * g.x.d[ib] * (dot[0] + dot[1]) as f32;
                             acc += m * g.x.dsum[ib];
                         }

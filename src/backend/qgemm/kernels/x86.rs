@@ -5,7 +5,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::backend::qgemv::kernels::x86::five_bits_512;
+use crate::backend::qgemv::kernels::x86::{
+    bytes_ps_256, five_bits_512, q4k_scale_min_512, q4k_super_512,
+};
+use crate::backend::qgemv::kernels::{q4k_offsets, Q4K_BLOCKS};
 use std::ops::Range;
 
 use super::{Gemm, VNNI_ROWS, VNNI_TILES};
@@ -41,14 +44,20 @@ macro_rules! by_shape {
 /// SAFETY: as `super::rect`, and the CPU has AVX-512F/BW/VNNI, F16C and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
 pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
+    let mut k4 = Vec::new();
     for t0 in tiles.clone().step_by(VNNI_TILES) {
         let tn = (tiles.end - t0).min(VNNI_TILES);
+        if g.kind == Kind::Q4K {
+            // SAFETY: tiles t0..t0+tn lie in the caller's rectangle.
+            unsafe { q4k_scales(g, t0, tn, &mut k4) };
+        }
         for i0 in rows.clone().step_by(VNNI_ROWS) {
             let rn = (rows.end - i0).min(VNNI_ROWS);
             // SAFETY: rows i0..i0+rn and tiles t0..t0+tn lie in the caller's rectangle.
             unsafe {
                 match g.kind {
                     Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
+                    Kind::Q4K => by_shape!(q4k_vnni, rn, tn, g, i0, t0, &k4),
                     Kind::Q5 => by_shape!(q5_vnni, rn, tn, g, i0, t0),
                     Kind::Q5z => by_shape!(q5z_vnni, rn, tn, g, i0, t0),
                     Kind::Q6 => by_shape!(q6_vnni, rn, tn, g, i0, t0),
@@ -144,7 +153,7 @@ unsafe fn q6_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize
 #[inline(always)]
 unsafe fn q5_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
     // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, true, false>(g, i0, t0) }
+    unsafe { nibbles_vnni::<R, T, true, false, false>(g, i0, t0, &[]) }
 }
 
 /// `q4_1_vnni` over Q5z tiles.
@@ -153,7 +162,7 @@ unsafe fn q5_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize
 #[inline(always)]
 unsafe fn q5z_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
     // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, true, true>(g, i0, t0) }
+    unsafe { nibbles_vnni::<R, T, true, true, false>(g, i0, t0, &[]) }
 }
 
 /// Rows i0..i0+R × tiles t0..t0+T of a Q4_1 matrix: weight nibbles (unsigned) × activation
@@ -163,18 +172,62 @@ unsafe fn q5z_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usiz
 #[inline(always)]
 unsafe fn q4_1_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
     // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, false, false>(g, i0, t0) }
+    unsafe { nibbles_vnni::<R, T, false, false, false>(g, i0, t0, &[]) }
+}
+
+/// Scale d sc and min -dmin m of every block of tiles t0..t0+tn of a Q4K matrix, as f32:
+/// `k4[(t * nb + b) * 32..]` holds tile t0 + t's 16 scales of block b, then its 16 mins. Made
+/// once per group of tiles, then read by each of its row groups as Q4_1's f16 scales are.
+///
+/// SAFETY: as `rect_vnni`, for these tiles.
+#[inline(always)]
+unsafe fn q4k_scales(g: &Gemm, t0: usize, tn: usize, k4: &mut Vec<f32>) {
+    let nb = g.nb();
+    k4.resize(tn * nb * 2 * TILE, 0.0);
+    for t in 0..tn {
+        for b0 in (0..nb).step_by(Q4K_BLOCKS) {
+            let tb0 = (t0 + t) * nb + b0;
+            // SAFETY: the super-block's tile-blocks are inside `scales` (check; nb is a multiple
+            // of 8), and k4 holds tn * nb blocks of 32 floats.
+            unsafe {
+                let (d, dmin) = q4k_super_512(g.scales.as_ptr(), tb0);
+                for j in 0..Q4K_BLOCKS {
+                    let (scale, min) = q4k_scale_min_512(g.scales.as_ptr(), tb0 + j, d, dmin);
+                    let at = k4.as_mut_ptr().add((t * nb + b0 + j) * 2 * TILE);
+                    _mm512_storeu_ps(at, scale);
+                    _mm512_storeu_ps(at.add(TILE), min);
+                }
+            }
+        }
+    }
+}
+
+/// `q4_1_vnni` over Q4K tiles, with their scales and mins made by `q4k_scales` (`k4`).
+///
+/// SAFETY: as `q4_1_vnni`; `k4` holds tiles t0..t0+T's.
+#[inline(always)]
+unsafe fn q4k_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize, k4: &[f32]) {
+    // SAFETY: as the caller promised.
+    unsafe { nibbles_vnni::<R, T, false, false, true>(g, i0, t0, k4) }
 }
 
 /// Q4_1 tiles, or with `FIVE` Q5 tiles (each nibble line gets its fifth bits from line 4),
-/// or with `OFF16` too Q5z tiles (no stored min: -16 scales).
+/// or with `OFF16` too Q5z tiles (no stored min: -16 scales), or with `K4` Q4K tiles (scale
+/// and min in f32 from `k4`, see `q4k_scales`).
 ///
 /// SAFETY: as `q4_1_vnni`.
 #[inline(always)]
-unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool, const OFF16: bool>(
+unsafe fn nibbles_vnni<
+    const R: usize,
+    const T: usize,
+    const FIVE: bool,
+    const OFF16: bool,
+    const K4: bool,
+>(
     g: &Gemm,
     i0: usize,
     t0: usize,
+    k4: &[f32],
 ) {
     let nb = g.nb();
     let nibble = _mm512_set1_epi8(0x0F);
@@ -217,11 +270,19 @@ unsafe fn nibbles_vnni<const R: usize, const T: usize, const FIVE: bool, const O
             let per_block = if OFF16 { TILE } else { 2 * TILE };
             let s: [*const u16; T] =
                 std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * per_block));
+            // K4: tile t's block b in k4 (`q4k_scales`)
+            let k4_at = |t: usize| k4.as_ptr().add((t * nb + b) * 2 * TILE);
             let d: [__m512; T] = std::array::from_fn(|t| {
-                _mm512_cvtph_ps(_mm256_loadu_si256(s[t] as *const __m256i))
+                if K4 {
+                    _mm512_loadu_ps(k4_at(t))
+                } else {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t] as *const __m256i))
+                }
             });
             let m: [__m512; T] = std::array::from_fn(|t| {
-                if OFF16 {
+                if K4 {
+                    _mm512_loadu_ps(k4_at(t).add(TILE))
+                } else if OFF16 {
                     _mm512_mul_ps(d[t], _mm512_set1_ps(-16.0))
                 } else {
                     _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(TILE) as *const __m256i))
@@ -406,8 +467,8 @@ unsafe fn half_avx2<const R: usize>(g: &Gemm, i0: usize, tile: usize, half: usiz
             // formats sum into dot[0]
             let mut dot = [[_mm256_setzero_si256(); R]; 2];
             match g.kind {
-                Kind::Q4_1 | Kind::Q5 | Kind::Q5z => {
-                    let five = g.kind != Kind::Q4_1;
+                Kind::Q4_1 | Kind::Q4K | Kind::Q5 | Kind::Q5z => {
+                    let five = matches!(g.kind, Kind::Q5 | Kind::Q5z);
                     let h = if five {
                         line(4)
                     } else {
@@ -477,6 +538,25 @@ unsafe fn half_avx2<const R: usize>(g: &Gemm, i0: usize, tile: usize, half: usiz
                     }
                 }
             }
+            // Q4K: d sc and -dmin m of this block, as `scale(0)` and `scale(1)` of Q4_1
+            let (k4_d, k4_m) = if g.kind == Kind::Q4K {
+                let (sup, own) = q4k_offsets(tb);
+                let sup = g.scales.as_ptr().add(sup + 8 * half);
+                let own = (g.scales.as_ptr().add(own) as *const u8).add(8 * half);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sup as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(TILE) as *const __m128i));
+                let m = _mm256_fnmadd_ps(dmin, bytes_ps_256(own.add(TILE)), _mm256_setzero_ps());
+                (_mm256_mul_ps(d, bytes_ps_256(own)), m)
+            } else {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            };
+            let scale = |i: usize| {
+                if g.kind == Kind::Q4K {
+                    [k4_d, k4_m][i]
+                } else {
+                    scale(i)
+                }
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let ib = (i0 + r) * nb + b;
                 let dx = _mm256_set1_ps(*g.x.d.get_unchecked(ib));
@@ -490,7 +570,7 @@ unsafe fn half_avx2<const R: usize>(g: &Gemm, i0: usize, tile: usize, half: usiz
                     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][r]), sc, *acc);
                 }
                 match g.kind {
-                    Kind::Q4_1 | Kind::Q5 => {
+                    Kind::Q4_1 | Kind::Q4K | Kind::Q5 => {
                         let dsum = _mm256_set1_ps(*g.x.dsum.get_unchecked(ib));
                         *acc = _mm256_fmadd_ps(scale(1), dsum, *acc);
                     }

@@ -15,6 +15,11 @@
 //! - Q6: Q4_1's 4 lines of low nibbles, then two lines of bits 4-5: in line 4 + h, byte 4r + j
 //!   holds in bits 2k, 2k+1 the high bits of value 16h + 4k + j of row r (k < 4). Scales: 16
 //!   f16 d for values 0..16, 16 for values 16..32; weight = d_h (q - 32).
+//! - Q4K: Q4_1's 4 lines; Q4_K's integer scales kept: weight = d sc q - dmin m with d, dmin f16
+//!   per row and 256 columns (the GGUF super-block) and sc, m 6-bit codes per row and 32. Scales
+//!   (u16 slots) per tile and super-block of 8 tile-blocks: 16 f16 d, 16 f16 dmin, then per
+//!   tile-block 32 bytes: the 16 rows' sc, then their m (`Q4K_SCALES` = 20 slots per tile-block
+//!   on average; see `q4k_offsets`). d sc and dmin m are exact f32 products.
 //! - Q8_0: 8 lines; line k holds the rows' weights 4k..4k+4 as bytes w ^ 0x80 (= w + 128, so
 //!   they are unsigned for `vpdpbusd`; the 128 Σ x it adds is subtracted per block).
 //!   Scales: 16 f16 d.
@@ -23,7 +28,7 @@
 //!   values 16..32, then the two halves' mins: weight = d_h q + m_h.
 
 use super::activation::Q8Row;
-use super::{Line, QK, TILE};
+use super::{Kind, Line, QK, TILE};
 
 /// Which implementation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +74,11 @@ pub const Q4_1_SCALES: usize = 2 * TILE;
 pub const Q5_LINES: usize = 5;
 pub const Q5Z_SCALES: usize = TILE;
 pub const Q6_LINES: usize = 6;
+pub const Q4K_LINES: usize = 4;
+/// Tile-blocks per Q4K super-block (256 columns), and its scale slots (u16) per tile.
+pub const Q4K_BLOCKS: usize = 8;
+pub const Q4K_SUPER: usize = 2 * TILE + Q4K_BLOCKS * TILE;
+pub const Q4K_SCALES: usize = Q4K_SUPER / Q4K_BLOCKS;
 pub const Q8_0_LINES: usize = 8;
 pub const Q8_0_SCALES: usize = TILE;
 pub const Q8X16_LINES: usize = 8;
@@ -124,19 +134,54 @@ macro_rules! entry {
 entry! {
     /// out[r] = Σ_b d_rb (d_b Σ_j q_rbj x_bj) + m_rb (d_b Σ_j x_bj), over Q4_1 tiles.
     q4_1, Q4_1_LINES, Q4_1_SCALES,
-    x86::q4_1_vnni::<false, false>, x86::q4_1_avx2::<false, false>, q4_1_scalar::<false, false>
+    x86::q4_1_vnni::<false, false>, x86::q4_1_avx2::<false, false>, q4_1_scalar
 }
 
 entry! {
     /// `q4_1` over Q5z tiles: Q5's quants with the min -16 d computed, not stored (Q5_0).
     q5z, Q5_LINES, Q5Z_SCALES,
-    x86::q4_1_vnni::<true, true>, x86::q4_1_avx2::<true, true>, q4_1_scalar::<true, true>
+    x86::q4_1_vnni::<true, true>, x86::q4_1_avx2::<true, true>, q5z_scalar
 }
 
 entry! {
     /// `q4_1` over Q5 tiles: the same sums with 5-bit quants.
     q5, Q5_LINES, Q4_1_SCALES,
-    x86::q4_1_vnni::<true, false>, x86::q4_1_avx2::<true, false>, q4_1_scalar::<true, false>
+    x86::q4_1_vnni::<true, false>, x86::q4_1_avx2::<true, false>, q5_scalar
+}
+
+entry! {
+    /// `q4_1` over Q4K tiles: d_rb = d_r sc_rb and m_rb = -dmin_r m_rb, from the integer codes.
+    q4k, Q4K_LINES, Q4K_SCALES,
+    x86::q4k_vnni, x86::q4k_avx2, q4k_scalar
+}
+
+/// Where tile-block `tb`'s scales lie in a Q4K scales slice that starts at a tile: the slot of
+/// its super-block's 16 d (16 dmin follow), and that of its own 32 bytes (16 sc, then 16 m).
+#[inline(always)]
+pub(crate) fn q4k_offsets(tb: usize) -> (usize, usize) {
+    let sup = tb / Q4K_BLOCKS * Q4K_SUPER;
+    (sup, sup + 2 * TILE + tb % Q4K_BLOCKS * TILE)
+}
+
+/// Scale and min of lane `r` of tile-block `tb` in the scales of a format with nibble lines
+/// (Q4_1, Q5, Q5z, Q4K): weight = scale q + min.
+pub(crate) fn nibble_scale_min(kind: Kind, scales: &[u16], tb: usize, r: usize) -> (f32, f32) {
+    match kind {
+        Kind::Q4K => {
+            let (sup, own) = q4k_offsets(tb);
+            let byte = |i: usize| scales[own + i / 2].to_le_bytes()[i % 2] as f32;
+            let (d, dmin) = (f16(scales[sup + r]), f16(scales[sup + TILE + r]));
+            (d * byte(r), -(dmin * byte(TILE + r)))
+        }
+        Kind::Q5z => {
+            let d = f16(scales[tb * Q5Z_SCALES + r]);
+            (d, -16.0 * d)
+        }
+        _ => {
+            let s = &scales[tb * Q4_1_SCALES..];
+            (f16(s[r]), f16(s[TILE + r]))
+        }
+    }
 }
 
 entry! {
@@ -194,11 +239,27 @@ fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// Q4_1 tiles, or with `FIVE` Q5 tiles (a fifth line of high bits), or with `OFF16` too Q5z
-/// tiles (the min is -16 scales, not stored).
-fn q4_1_scalar<const FIVE: bool, const OFF16: bool>(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
-    let lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
-    let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
+fn q4_1_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    nibbles_scalar(Kind::Q4_1, t, x, out)
+}
+
+fn q5_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    nibbles_scalar(Kind::Q5, t, x, out)
+}
+
+fn q5z_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    nibbles_scalar(Kind::Q5z, t, x, out)
+}
+
+fn q4k_scalar(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    nibbles_scalar(Kind::Q4K, t, x, out)
+}
+
+/// The formats with nibble lines: Q4_1 and Q4K (4 lines), Q5 and Q5z (a fifth line of high
+/// bits); scale and min per `nibble_scale_min`.
+fn nibbles_scalar(kind: Kind, t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    let five = matches!(kind, Kind::Q5 | Kind::Q5z);
+    let lines = kind.lines();
     for (tile, out) in out.chunks_mut(TILE).enumerate() {
         for (r, o) in out.iter_mut().enumerate() {
             let (mut acc_d, mut acc_m) = (0.0f32, 0.0f32);
@@ -210,7 +271,7 @@ fn q4_1_scalar<const FIVE: bool, const OFF16: bool>(t: &Tiles, x: &Q8Row, out: &
                     let bytes = &t.quants[tb * lines + k].0[4 * r..][..4];
                     for (j, &byte) in bytes.iter().enumerate() {
                         let (mut lo, mut hi) = (byte & 15, byte >> 4);
-                        if FIVE {
+                        if five {
                             let h = t.quants[tb * lines + 4].0[4 * r + j];
                             lo |= ((h >> k) & 1) << 4;
                             hi |= ((h >> (4 + k)) & 1) << 4;
@@ -219,13 +280,8 @@ fn q4_1_scalar<const FIVE: bool, const OFF16: bool>(t: &Tiles, x: &Q8Row, out: &
                         dot += hi as i32 * xq[16 + 4 * k + j] as i32;
                     }
                 }
-                let s = &t.scales[tb * scales..];
-                let m = if OFF16 {
-                    -16.0 * f16(s[r])
-                } else {
-                    f16(s[TILE + r])
-                };
-                acc_d += f16(s[r]) * x.d[b] * dot as f32;
+                let (d, m) = nibble_scale_min(kind, t.scales, tb, r);
+                acc_d += d * x.d[b] * dot as f32;
                 acc_m += m * x.dsum[b];
             }
             *o = acc_d + acc_m;

@@ -3,8 +3,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Q8Row, Tiles, Q4_1_LINES, Q4_1_SCALES, Q5Z_SCALES, Q5_LINES, Q6_LINES, Q8X16_LINES,
-    Q8X16_SCALES, Q8_0_LINES, Q8_0_SCALES, TILE,
+    q4k_offsets, Q8Row, Tiles, Q4K_BLOCKS, Q4K_LINES, Q4K_SUPER, Q4_1_LINES, Q4_1_SCALES,
+    Q5Z_SCALES, Q5_LINES, Q6_LINES, Q8X16_LINES, Q8X16_SCALES, Q8_0_LINES, Q8_0_SCALES, TILE,
 };
 use crate::backend::qgemv::QK;
 
@@ -48,6 +48,78 @@ pub(crate) unsafe fn five_bits_512(
     )
 }
 
+/// Each lane's i32 dot of its 32 quants in one tile-block of nibble lines (with `FIVE`, their
+/// fifth bits from line 4) with activation block `b`.
+///
+/// SAFETY (caller): AVX-512F/BW/VNNI; the tile-block's lines at `lines`; block b inside x.
+#[inline(always)]
+unsafe fn nibble_dot_512<const FIVE: bool>(lines: *const __m512i, x: &Q8Row, b: usize) -> __m512i {
+    let nibble = _mm512_set1_epi8(0x0F);
+    // SAFETY: as the caller promised.
+    unsafe {
+        let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let h = if FIVE {
+            _mm512_load_si512(lines.add(4))
+        } else {
+            _mm512_setzero_si512()
+        };
+        for k in 0..4 {
+            let w = _mm512_load_si512(lines.add(k));
+            let mut lo = _mm512_and_si512(w, nibble);
+            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+            if FIVE {
+                (lo, hi) = five_bits_512(lo, hi, h, k);
+            }
+            let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
+            let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+            lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
+            hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, xhi);
+        }
+        _mm512_add_epi32(lo_acc, hi_acc)
+    }
+}
+
+/// 16 bytes at `p` as 16 f32 lanes.
+#[inline(always)]
+pub(crate) unsafe fn bytes_ps_512(p: *const u8) -> __m512 {
+    // SAFETY (caller): 16 readable bytes at p.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+}
+
+/// d and dmin (16 lanes, f32) of the super-block of Q4K tile-block `tb` (counted from the tile
+/// where `scales` starts).
+///
+/// SAFETY (caller): AVX-512F and F16C; the super-block lies inside `scales`.
+#[inline(always)]
+pub(crate) unsafe fn q4k_super_512(scales: *const u16, tb: usize) -> (__m512, __m512) {
+    let sup = q4k_offsets(tb).0;
+    // SAFETY: as the caller promised.
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(sup) as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(sup + TILE) as *const __m256i));
+        (d, dmin)
+    }
+}
+
+/// Scale d sc and min -dmin m of the 16 lanes of Q4K tile-block `tb`, from its super-block's
+/// `d` and `dmin` (`q4k_super_512`): exact f32 products of the f16 and the 6-bit codes.
+///
+/// SAFETY (caller): AVX-512F; the tile-block lies inside `scales`.
+#[inline(always)]
+pub(crate) unsafe fn q4k_scale_min_512(
+    scales: *const u16,
+    tb: usize,
+    d: __m512,
+    dmin: __m512,
+) -> (__m512, __m512) {
+    // SAFETY: as the caller promised.
+    unsafe {
+        let own = scales.add(q4k_offsets(tb).1) as *const u8;
+        let m = _mm512_fnmadd_ps(dmin, bytes_ps_512(own.add(TILE)), _mm512_setzero_ps());
+        (_mm512_mul_ps(d, bytes_ps_512(own)), m)
+    }
+}
+
 /// Q4_1 tiles, or with `FIVE` Q5 tiles.
 ///
 /// SAFETY: the CPU has AVX-512F/BW/VNNI and F16C; `t` holds every tile-block of `out`.
@@ -57,7 +129,6 @@ pub unsafe fn q4_1_vnni<const FIVE: bool, const OFF16: bool>(
     x: &Q8Row,
     out: &mut [f32],
 ) {
-    let nibble = _mm512_set1_epi8(0x0F);
     let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
     let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
     for tile in 0..out.len().div_ceil(TILE) {
@@ -68,24 +139,7 @@ pub unsafe fn q4_1_vnni<const FIVE: bool, const OFF16: bool>(
             // b * 32 + 32 <= x.q.len().
             unsafe {
                 let lines = t.quants.as_ptr().add(tb * n_lines) as *const __m512i;
-                let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                let h = if FIVE {
-                    _mm512_load_si512(lines.add(4))
-                } else {
-                    _mm512_setzero_si512()
-                };
-                for k in 0..4 {
-                    let w = _mm512_load_si512(lines.add(k));
-                    let mut lo = _mm512_and_si512(w, nibble);
-                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
-                    if FIVE {
-                        (lo, hi) = five_bits_512(lo, hi, h, k);
-                    }
-                    let xlo = _mm512_set1_epi32(x4(x, b * QK + 4 * k));
-                    let xhi = _mm512_set1_epi32(x4(x, b * QK + 16 + 4 * k));
-                    lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, xlo);
-                    hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, xhi);
-                }
+                let dot = _mm512_cvtepi32_ps(nibble_dot_512::<FIVE>(lines, x, b));
                 let s = t.scales.as_ptr().add(tb * scales);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
                 let m = if OFF16 {
@@ -93,7 +147,6 @@ pub unsafe fn q4_1_vnni<const FIVE: bool, const OFF16: bool>(
                 } else {
                     _mm512_cvtph_ps(_mm256_loadu_si256(s.add(TILE) as *const __m256i))
                 };
-                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
                 let dx = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked(b)));
                 acc_d = _mm512_fmadd_ps(dx, dot, acc_d);
                 acc_m = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.dsum.get_unchecked(b)), acc_m);
@@ -101,6 +154,43 @@ pub unsafe fn q4_1_vnni<const FIVE: bool, const OFF16: bool>(
         }
         // SAFETY: `tile` is one of out's tiles.
         unsafe { store16(_mm512_add_ps(acc_d, acc_m), out, tile) };
+    }
+}
+
+/// Q4K tiles: per super-block of 8 blocks, Σ_b sc_b d_x,b dot_b and Σ_b m_b d_x,b Σ q_x,b in f32,
+/// then × d and × -dmin.
+///
+/// SAFETY: as `q4_1_vnni`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+pub unsafe fn q4k_vnni(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for tile in 0..out.len().div_ceil(TILE) {
+        let mut acc = _mm512_setzero_ps();
+        for b0 in (0..t.nb).step_by(Q4K_BLOCKS) {
+            let tb0 = tile * t.nb + b0;
+            let (mut sum_d, mut sum_m) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            // SAFETY: tile-blocks tb0..tb0 + 8 and their super-block's scales are in bounds
+            // (`check`; nb is a multiple of 8); b * 32 + 32 <= x.q.len().
+            unsafe {
+                let sup = t.scales.as_ptr().add(tb0 / Q4K_BLOCKS * Q4K_SUPER);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(TILE) as *const __m256i));
+                for j in 0..Q4K_BLOCKS {
+                    let (tb, b) = (tb0 + j, b0 + j);
+                    let lines = t.quants.as_ptr().add(tb * Q4K_LINES) as *const __m512i;
+                    let dot = _mm512_cvtepi32_ps(nibble_dot_512::<false>(lines, x, b));
+                    let own = sup.add(2 * TILE + j * TILE) as *const u8;
+                    let sc = bytes_ps_512(own);
+                    let m = bytes_ps_512(own.add(TILE));
+                    let dx = _mm512_set1_ps(*x.d.get_unchecked(b));
+                    sum_d = _mm512_fmadd_ps(_mm512_mul_ps(sc, dx), dot, sum_d);
+                    sum_m = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.dsum.get_unchecked(b)), sum_m);
+                }
+                acc = _mm512_fmadd_ps(d, sum_d, acc);
+                acc = _mm512_fnmadd_ps(dmin, sum_m, acc);
+            }
+        }
+        // SAFETY: `tile` is one of out's tiles.
+        unsafe { store16(acc, out, tile) };
     }
 }
 
@@ -275,6 +365,47 @@ pub(crate) unsafe fn five_bits_256(
     )
 }
 
+/// `nibble_dot_512` for the 8 lanes of half a tile: `half` points to the half's bytes of the
+/// tile-block's first line (the lines are 64 bytes apart).
+///
+/// SAFETY (caller): AVX2; the lines are readable; block b inside x.
+#[inline(always)]
+unsafe fn nibble_dot_256<const FIVE: bool>(half: *const u8, x: &Q8Row, b: usize) -> __m256i {
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: as the caller promised; 32-byte aligned (a line's half).
+    unsafe {
+        let line = |k: usize| _mm256_load_si256(half.add(64 * k) as *const __m256i);
+        let h = if FIVE {
+            line(4)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let mut isum = _mm256_setzero_si256();
+        for k in 0..4 {
+            let w = line(k);
+            let mut lo = _mm256_and_si256(w, nibble);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+            if FIVE {
+                (lo, hi) = five_bits_256(lo, hi, h, k);
+            }
+            let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
+            let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));
+            // |31 * 127 * 2| twice fits i16
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+        }
+        isum
+    }
+}
+
+/// 8 bytes at `p` as 8 f32 lanes.
+#[inline(always)]
+pub(crate) unsafe fn bytes_ps_256(p: *const u8) -> __m256 {
+    // SAFETY (caller): 8 readable bytes at p.
+    unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+}
+
 /// Q4_1 tiles, or with `FIVE` Q5 tiles.
 ///
 /// SAFETY: the CPU has AVX2, FMA and F16C; `t` holds every tile-block of `out`.
@@ -284,8 +415,6 @@ pub unsafe fn q4_1_avx2<const FIVE: bool, const OFF16: bool>(
     x: &Q8Row,
     out: &mut [f32],
 ) {
-    let nibble = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     let n_lines = if FIVE { Q5_LINES } else { Q4_1_LINES };
     let scales = if OFF16 { Q5Z_SCALES } else { Q4_1_SCALES };
     for tile in 0..out.len().div_ceil(TILE) {
@@ -296,31 +425,7 @@ pub unsafe fn q4_1_avx2<const FIVE: bool, const OFF16: bool>(
                 // SAFETY: as in `q4_1_vnni`; half * 32 + 32 <= 64 bytes of a line.
                 unsafe {
                     let lines = t.quants.as_ptr().add(tb * n_lines) as *const u8;
-                    let mut isum = _mm256_setzero_si256();
-                    let line = |k: usize| {
-                        _mm256_load_si256(lines.add(64 * k + 32 * half) as *const __m256i)
-                    };
-                    let h = if FIVE {
-                        line(4)
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    for k in 0..4 {
-                        let w = line(k);
-                        let mut lo = _mm256_and_si256(w, nibble);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
-                        if FIVE {
-                            (lo, hi) = five_bits_256(lo, hi, h, k);
-                        }
-                        let xlo = _mm256_set1_epi32(x4(x, b * QK + 4 * k));
-                        let xhi = _mm256_set1_epi32(x4(x, b * QK + 16 + 4 * k));
-                        // |31 * 127 * 2| twice fits i16
-                        let p = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, xlo),
-                            _mm256_maddubs_epi16(hi, xhi),
-                        );
-                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
-                    }
+                    let isum = nibble_dot_256::<FIVE>(lines.add(32 * half), x, b);
                     let s = t.scales.as_ptr().add(tb * scales + 8 * half);
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
                     let m = if OFF16 {
@@ -335,6 +440,48 @@ pub unsafe fn q4_1_avx2<const FIVE: bool, const OFF16: bool>(
             }
             // SAFETY: plain store of 8 lanes.
             unsafe { store8(_mm256_add_ps(acc_d, acc_m), out, tile * TILE + 8 * half) };
+        }
+    }
+}
+
+/// `q4k_vnni` in halves of 8 rows.
+///
+/// SAFETY: as `q4_1_avx2`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_avx2(t: &Tiles, x: &Q8Row, out: &mut [f32]) {
+    for tile in 0..out.len().div_ceil(TILE) {
+        for half in 0..2 {
+            let mut acc = _mm256_setzero_ps();
+            for b0 in (0..t.nb).step_by(Q4K_BLOCKS) {
+                let tb0 = tile * t.nb + b0;
+                let (mut sum_d, mut sum_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                // SAFETY: as in `q4k_vnni`; half * 32 + 32 <= 64 bytes of a line.
+                unsafe {
+                    for j in 0..Q4K_BLOCKS {
+                        let (tb, b) = (tb0 + j, b0 + j);
+                        let lines = t.quants.as_ptr().add(tb * Q4K_LINES) as *const u8;
+                        let isum = nibble_dot_256::<false>(lines.add(32 * half), x, b);
+                        let own = t.scales.as_ptr().add(q4k_offsets(tb).1) as *const u8;
+                        let sc = bytes_ps_256(own.add(8 * half));
+                        let m = bytes_ps_256(own.add(TILE + 8 * half));
+                        let dx = _mm256_set1_ps(*x.d.get_unchecked(b));
+                        let dot = _mm256_cvtepi32_ps(isum);
+                        sum_d = _mm256_fmadd_ps(_mm256_mul_ps(sc, dx), dot, sum_d);
+                        let dsum = _mm256_set1_ps(*x.dsum.get_unchecked(b));
+                        sum_m = _mm256_fmadd_ps(m, dsum, sum_m);
+                    }
+                    let sup = t
+                        .scales
+                        .as_ptr()
+                        .add(tb0 / Q4K_BLOCKS * Q4K_SUPER + 8 * half);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sup as *const __m128i));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(TILE) as *const __m128i));
+                    acc = _mm256_fmadd_ps(d, sum_d, acc);
+                    acc = _mm256_fnmadd_ps(dmin, sum_m, acc);
+                }
+            }
+            // SAFETY: plain store of 8 lanes.
+            unsafe { store8(acc, out, tile * TILE + 8 * half) };
         }
     }
 }

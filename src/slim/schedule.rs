@@ -145,6 +145,12 @@ pub struct SlimConfig {
     /// tokens (template, recency) buried it; needle retrieval rose 10-40 points at the same
     /// budget with agreement unchanged (bench/NOTES.md). The paper's score ignores it.
     pub window_pool: WindowPool,
+    /// Share of each prefill stage's budget (past the always-kept blocks) chosen by how much a
+    /// block's score stands out from its neighbours' (`slim::select::local_contrast`) instead
+    /// of by the score itself. The attention-mass score falls with distance from the question,
+    /// so a fact early in a long document ranks below recent blocks that hold nothing asked
+    /// for. Allowed: `[0, 1]`. Default `0`.
+    pub contrast_share: f32,
     /// Who chooses the `decode_keep` share decode attends to: `"stage"` (the stage's boundary
     /// window chooses one set for all its layers, the paper's) or `"layer"` (every slim layer
     /// chooses its own, with the query it is about to attend with, among the blocks its stage
@@ -230,6 +236,9 @@ score_layers = "stage"
 # How the window's queries' attention-mass scores combine: "max" (a block scores its best query)
 # or "mean".
 window_pool = "max"
+# Share of each prefill stage's budget chosen by how much a block stands out from its
+# neighbours rather than by its score (the score favours recent blocks), in [0, 1].
+contrast_share = 0.0
 # Who chooses the decode_keep share decode attends to: "stage" (one set per stage, from the
 # boundary's queries) or "layer" (each slim layer from its own queries).
 decode_select = "layer"
@@ -256,6 +265,7 @@ impl Default for SlimConfig {
             score: ScoreKind::Attention,
             score_layers: ScoreLayers::Stage,
             window_pool: WindowPool::Max,
+            contrast_share: 0.0,
             decode_select: DecodeSelect::Layer,
             reprefill_followups: false,
             model: None,
@@ -270,6 +280,12 @@ impl SlimConfig {
             return Err(format!(
                 "[slim] keep_ratio must be in (0, 1], got {}",
                 self.keep_ratio
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.contrast_share) {
+            return Err(format!(
+                "[slim] contrast_share must be in [0, 1], got {}",
+                self.contrast_share
             ));
         }
         if !PRESETS.contains(&self.preset.as_str()) {

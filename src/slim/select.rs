@@ -48,6 +48,52 @@ pub fn select_top_k(scores: &[(u32, f32)], k: usize, forced: &[u32]) -> Vec<u32>
     chosen
 }
 
+/// Blocks on each side of a block whose scores make its neighbourhood in [`local_contrast`].
+pub const CONTRAST_RADIUS: usize = 4;
+
+/// Each block's score over the median score of the blocks around it (`radius` on each side, by
+/// block id, itself included): how much it stands out from its neighbourhood. The
+/// attention-mass score falls with distance from the question, so a relevant block far back
+/// can rank below every recent block and still stand out among its neighbours.
+pub fn local_contrast(scores: &[(u32, f32)], radius: usize) -> Vec<(u32, f32)> {
+    let mut by_id: Vec<(u32, f32)> = scores.to_vec();
+    by_id.sort_by_key(|&(b, _)| b);
+    let mut near: Vec<f32> = Vec::with_capacity(2 * radius + 1);
+    (0..by_id.len())
+        .map(|i| {
+            near.clear();
+            let lo = i.saturating_sub(radius);
+            let hi = (i + radius + 1).min(by_id.len());
+            near.extend(by_id[lo..hi].iter().map(|&(_, s)| s));
+            near.sort_by(f32::total_cmp);
+            let median = near[near.len() / 2].max(f32::MIN_POSITIVE);
+            (by_id[i].0, by_id[i].1 / median)
+        })
+        .collect()
+}
+
+/// A stage's `k` blocks: the forced ones, then the best by score, and `share` of the budget
+/// left after the forced blocks by [`local_contrast`] among the blocks not chosen yet. Sorted
+/// ascending. `share = 0` is [`select_top_k`].
+pub fn select_blocks(scores: &[(u32, f32)], k: usize, forced: &[u32], share: f32) -> Vec<u32> {
+    if share <= 0.0 || k >= scores.len() {
+        return select_top_k(scores, k, forced);
+    }
+    let n_forced = (scores.iter())
+        .filter(|(b, _)| forced.contains(b))
+        .count();
+    let free = k.saturating_sub(n_forced);
+    let by_contrast = ((free as f32 * share).round() as usize).min(free);
+    let mut chosen = select_top_k(scores, k - by_contrast, forced);
+    let rest: Vec<(u32, f32)> = local_contrast(scores, CONTRAST_RADIUS)
+        .into_iter()
+        .filter(|(b, _)| chosen.binary_search(b).is_err())
+        .collect();
+    chosen.extend(select_top_k(&rest, by_contrast, &[]));
+    chosen.sort_unstable();
+    chosen
+}
+
 /// |a ∩ b| / max(|a|, 1); both sorted ascending.
 pub fn overlap(a: &[u32], b: &[u32]) -> f32 {
     let (mut i, mut j, mut common) = (0, 0, 0usize);
@@ -302,5 +348,20 @@ mod tests {
         assert_eq!(forced_blocks(0, 64, 4), Vec::<u32>::new());
         // A window longer than the prompt covers the whole prompt.
         assert_eq!(forced_blocks(10, 4, 100), vec![0, 1, 2]);
+    }
+    #[test]
+    fn contrast_finds_a_block_that_stands_out_among_falling_scores() {
+        // scores rise toward the end (recency); block 2 stands out among its neighbours
+        let mut scores: Vec<(u32, f32)> = (0..20u32).map(|b| (b, 0.01 * (b + 1) as f32)).collect();
+        scores[2].1 = 0.08;
+        let contrast = local_contrast(&scores, CONTRAST_RADIUS);
+        let best = (contrast.iter()).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        assert_eq!(best.0, 2);
+        // by score alone, 4 blocks past the forced last one are the recent ones
+        assert_eq!(select_top_k(&scores, 5, &[19]), vec![15, 16, 17, 18, 19]);
+        // a quarter of the free budget by contrast brings block 2 in, in place of the 4th best
+        assert_eq!(select_blocks(&scores, 5, &[19], 0.25), vec![2, 16, 17, 18, 19]);
+        assert_eq!(select_blocks(&scores, 5, &[19], 0.0), select_top_k(&scores, 5, &[19]));
+        assert_eq!(select_blocks(&scores, 30, &[19], 0.5).len(), 20);
     }
 }

@@ -40,7 +40,9 @@ use crate::model::llama::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers, WindowPool};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores_of, HeadShape, Keys, UnitKeys};
-use crate::slim::select::{forced_blocks, gate, gate_by_mass, kept_rows, select_top_k};
+use crate::slim::select::{
+    forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
+};
 use crate::Result;
 
 /// State of one stage across a conversation.
@@ -332,7 +334,7 @@ impl SlimSession {
         };
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let stage = self.stages[s].stage;
-        let blocks = select_top_k(&scores, stage.keep_blocks, &forced);
+        let blocks = select_blocks(&scores, stage.keep_blocks, &forced, self.cfg.contrast_share);
         let keep = kept_rows(positions, self.prompt_len, &blocks, self.cfg.block_size);
         // decode's first active set: the best `decode_blocks` of the kept blocks, same scores
         let kept_scores: Vec<(u32, f32)> = (scores.iter())

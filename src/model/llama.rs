@@ -69,8 +69,9 @@ impl Attention {
     }
 
     /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to layer
-    /// `ctx.layer` of `kv` and returns the post-RoPE queries (rows, n_heads * hd) for the policy
-    /// to score with.
+    /// `ctx.layer` of `kv` and returns the post-RoPE queries of the last
+    /// `ctx.policy.query_rows()` rows (all rows when fewer), (n, n_heads * hd), for the policy to
+    /// score with.
     fn forward(
         &self,
         x: &Tensor,
@@ -100,7 +101,12 @@ impl Attention {
             self.shape,
             &mut out,
         )?;
-        Ok((self.wo.forward(&tensor2(out, rows, q_dim)?)?, q))
+        drop((k, v));
+        // the policy reads only the last rows' queries after the layer
+        let tail = ctx.policy.query_rows().min(rows);
+        let q_tail = q[(rows - tail) * q_dim..].to_vec();
+        drop(q);
+        Ok((self.wo.forward(&tensor2(out, rows, q_dim)?)?, q_tail))
     }
 
     /// x: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd): projected,
@@ -225,7 +231,8 @@ impl Block {
         })
     }
 
-    /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the layer's queries
+    /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the queries of the
+    /// layer's last `ctx.policy.query_rows()` rows
     fn forward(
         &self,
         h: &Tensor,
@@ -281,9 +288,16 @@ pub trait LayerPolicy {
         Ok(())
     }
 
-    /// Called after layer `layer` with its output `h` (rows, hidden), its post-RoPE queries `q`
-    /// (rows, n_heads * hd), the rows' positions and the layer's cache. Returns how the rows
-    /// change before the next layer, or None to keep them all.
+    /// How many of a layer's last rows `after_layer` needs the queries of (0: none). A long
+    /// prefill keeps only these once the layer has attended.
+    fn query_rows(&self) -> usize {
+        0
+    }
+
+    /// Called after layer `layer` with its output `h` (rows, hidden), the post-RoPE queries of
+    /// its last `query_rows()` rows (all rows when fewer) in `q` (n, n_heads * hd), the rows'
+    /// positions and the layer's cache. Returns how the rows change before the next layer, or
+    /// None to keep them all.
     fn after_layer(
         &mut self,
         _layer: usize,

@@ -68,19 +68,22 @@ impl Attention {
         })
     }
 
-    /// x: (rows, hidden), positions: (rows) -> (rows, hidden); appends the rows' K/V to layer
-    /// `ctx.layer` of `kv` and returns the post-RoPE queries (rows, n_heads * hd) for the policy
-    /// to score with.
+    /// h: (rows, hidden), positions: (rows) -> h + attention(RMSNorm(h)) (rows, hidden); appends
+    /// the rows' K/V to layer `ctx.layer` of `kv` and returns the post-RoPE queries of the last
+    /// `ctx.policy.query_rows()` rows (all rows when fewer), (n, n_heads * hd), for the policy to
+    /// score with. The normed input and the projections run in chunks of `CHUNK_ROWS` rows: a
+    /// long prefill holds h, q, k, v and the attention output at once, nothing more.
     fn forward(
         &self,
-        x: &Tensor,
+        h: &Tensor,
+        norm_weight: &[f32],
         positions: &[u32],
         kv: &mut KvCache,
         ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
-        let rows = x.dims2()?.0;
+        let rows = h.dims2()?.0;
         // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
-        let [q, k, v] = self.qkv(x, positions, ctx)?;
+        let [q, k, v] = self.qkv(h, norm_weight, positions, ctx)?;
         // the layer's block copies (KV manager) land before it appends and attends
         kv.before_layer(ctx.layer);
         kv.append(ctx.layer, &k, &v, positions, &*ctx.policy)?;
@@ -100,12 +103,49 @@ impl Attention {
             self.shape,
             &mut out,
         )?;
-        Ok((self.wo.forward(&tensor2(out, rows, q_dim)?)?, q))
+        drop((k, v));
+        // the policy reads only the last rows' queries after the layer
+        let tail = ctx.policy.query_rows().min(rows);
+        let q_tail = q[(rows - tail) * q_dim..].to_vec();
+        drop(q);
+        let out = tensor2(out, rows, q_dim)?;
+        let h = add_by_rows(h, CHUNK_ROWS, |r| {
+            Ok(self.wo.forward(&out.narrow(0, r.start, r.len())?)?)
+        })?;
+        Ok((h, q_tail))
+    }
+
+    /// h: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd) of
+    /// RMSNorm(h), in chunks of `CHUNK_ROWS` rows.
+    fn qkv(
+        &self,
+        h: &Tensor,
+        norm_weight: &[f32],
+        positions: &[u32],
+        ctx: &LayerCtx,
+    ) -> Result<[Vec<f32>; 3]> {
+        let rows = h.dims2()?.0;
+        let chunk = |r: Range<usize>| {
+            let x = norm(&h.narrow(0, r.start, r.len())?, norm_weight, ctx.eps)?;
+            self.qkv_rows(&x, &positions[r], ctx)
+        };
+        if rows <= CHUNK_ROWS {
+            return chunk(0..rows);
+        }
+        let widths = self.wqkv.widths();
+        let mut parts: [Vec<f32>; 3] =
+            std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));
+        for r in row_chunks(rows, CHUNK_ROWS) {
+            for (part, rows) in parts.iter_mut().zip(chunk(r)?) {
+                part.extend_from_slice(&rows);
+            }
+        }
+        Ok(parts)
     }
 
     /// x: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd): projected,
     /// biased, q and k normed per head (Qwen3), then q and k rotated.
-    fn qkv(&self, x: &Tensor, positions: &[u32], ctx: &LayerCtx) -> Result<[Vec<f32>; 3]> {
+    fn qkv_rows(&self, x: &Tensor, positions: &[u32], ctx: &LayerCtx) -> Result<[Vec<f32>; 3]> {
         let mut joined = self.wqkv.forward(x)?; // (rows, q_dim + 2 kv_dim)
         if let Some(bias) = &self.bias {
             for row in joined.chunks_exact_mut(bias.len()) {
@@ -113,6 +153,7 @@ impl Attention {
             }
         }
         let [mut q, mut k, v] = split_columns(&joined, self.wqkv.widths());
+        drop(joined);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             // (rows * heads, hd): one RMSNorm per head
             q = rms_norm_rows(&q, q_norm, ctx.eps);
@@ -163,9 +204,49 @@ fn split_columns<const N: usize>(joined: &[f32], widths: &[usize]) -> [Vec<f32>;
     parts
 }
 
-/// Rows per MLP chunk in prefill: (1024, 1536) f32 gate/up/product blocks are 6 MB each, and
-/// the GEMMs stay large enough to run at full speed.
-const MLP_ROWS: usize = 1024;
+/// Rows per chunk of a long prefill's q/k/v and output projections: the chunk's normed input
+/// and joined q/k/v are small next to the full q, k and v they fill.
+const CHUNK_ROWS: usize = 1024;
+
+/// Rows per MLP chunk in prefill: (512, 8192) f32 gate/up/product blocks of a 1B model are
+/// 16 MB each, and the GEMMs stay large enough to run at full speed.
+const MLP_ROWS: usize = 512;
+
+/// 0..rows in consecutive ranges of at most `max` (>= 2) rows, and no range of one row unless
+/// rows == 1: a one-row input takes the decode GEMV, whose arithmetic is not the GEMM's, so a
+/// row's result does not depend on how the rows were cut.
+fn row_chunks(rows: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
+    debug_assert!(max >= 2);
+    let mut starts: Vec<usize> = (0..rows).step_by(max).collect();
+    if rows > 1 && rows % max == 1 {
+        // the last range would hold one row: it takes the previous range's last row too
+        *starts.last_mut().expect("rows > 1") -= 1;
+    }
+    let ends: Vec<usize> = starts.iter().skip(1).copied().chain([rows]).collect();
+    starts.into_iter().zip(ends).map(|(a, b)| a..b)
+}
+
+/// h + f(rows) for h (rows, hidden), computed in chunks of at most `max` rows: `f(r)` gives the
+/// (r.len(), hidden) term of rows `r`, and the sums fill one new (rows, hidden) buffer.
+fn add_by_rows(
+    h: &Tensor,
+    max: usize,
+    mut f: impl FnMut(Range<usize>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (rows, hidden) = h.dims2()?;
+    let h = h.contiguous()?;
+    let mut sum = Vec::with_capacity(rows * hidden);
+    for r in row_chunks(rows, max) {
+        let (start, end) = (r.start * hidden, r.end * hidden);
+        let term = f(r)?.contiguous()?;
+        with_f32(&h, |h| {
+            with_f32(&term, |t| {
+                sum.extend(h[start..end].iter().zip(t).map(|(a, b)| a + b));
+            })
+        })??;
+    }
+    Ok(tensor2(sum, rows, hidden)?)
+}
 
 struct Mlp {
     /// gate, up
@@ -184,18 +265,14 @@ impl Mlp {
         })
     }
 
-    /// x: (rows, hidden) -> (rows, hidden), in chunks of `MLP_ROWS` rows: the (rows,
-    /// intermediate) gate, up and product are the largest activations of a long prefill.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dims2()?.0;
-        if rows <= MLP_ROWS {
-            return self.forward_rows(x);
-        }
-        let chunks = (0..rows)
-            .step_by(MLP_ROWS)
-            .map(|r| self.forward_rows(&x.narrow(0, r, MLP_ROWS.min(rows - r))?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&chunks, 0)?)
+    /// h: (rows, hidden) -> h + MLP(RMSNorm(h)) (rows, hidden), in chunks of `MLP_ROWS` rows:
+    /// the (rows, intermediate) gate, up and product are the largest activations of a long
+    /// prefill, and the normed input exists only a chunk at a time.
+    fn forward(&self, h: &Tensor, norm_weight: &[f32], eps: f32) -> Result<Tensor> {
+        add_by_rows(h, MLP_ROWS, |r| {
+            let x = norm(&h.narrow(0, r.start, r.len())?, norm_weight, eps)?;
+            self.forward_rows(&x)
+        })
     }
 
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
@@ -225,7 +302,8 @@ impl Block {
         })
     }
 
-    /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the layer's queries
+    /// h: (rows, hidden) with one position per row -> (rows, hidden), plus the queries of the
+    /// layer's last `ctx.policy.query_rows()` rows
     fn forward(
         &self,
         h: &Tensor,
@@ -233,11 +311,8 @@ impl Block {
         kv: &mut KvCache,
         ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
-        let x = norm(h, &self.attn_norm, ctx.eps)?;
-        let (a, q) = self.attn.forward(&x, positions, kv, ctx)?;
-        let h = (h + a)?;
-        let x = norm(&h, &self.mlp_norm, ctx.eps)?;
-        Ok(((&h + self.mlp.forward(&x)?)?, q))
+        let (h, q) = self.attn.forward(h, &self.attn_norm, positions, kv, ctx)?;
+        Ok((self.mlp.forward(&h, &self.mlp_norm, ctx.eps)?, q))
     }
 }
 
@@ -281,9 +356,16 @@ pub trait LayerPolicy {
         Ok(())
     }
 
-    /// Called after layer `layer` with its output `h` (rows, hidden), its post-RoPE queries `q`
-    /// (rows, n_heads * hd), the rows' positions and the layer's cache. Returns how the rows
-    /// change before the next layer, or None to keep them all.
+    /// How many of a layer's last rows `after_layer` needs the queries of (0: none). A long
+    /// prefill keeps only these once the layer has attended.
+    fn query_rows(&self) -> usize {
+        0
+    }
+
+    /// Called after layer `layer` with its output `h` (rows, hidden), the post-RoPE queries of
+    /// its last `query_rows()` rows (all rows when fewer) in `q` (n, n_heads * hd), the rows'
+    /// positions and the layer's cache. Returns how the rows change before the next layer, or
+    /// None to keep them all.
     fn after_layer(
         &mut self,
         _layer: usize,

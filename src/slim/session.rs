@@ -318,8 +318,7 @@ impl SlimSession {
     ) -> Result<Vec<usize>> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let rows = positions.len();
-        let w = self.cfg.local_window.min(rows);
-        let q_window = &q[(rows - w) * width..];
+        let q_window = last_rows(q, width, self.cfg.local_window.min(rows));
         let scores = match self.cfg.score_layers {
             ScoreLayers::Boundary => self.score(q_window, kv),
             ScoreLayers::Stage => {
@@ -401,6 +400,8 @@ impl SlimSession {
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = self.cfg.local_window;
         let prompt_len = self.prompt_len as u32;
+        // q holds the queries of the last rows only, from row `first` on
+        let first = positions.len() - q.len() / width;
         // rows below prompt_len were revived at the previous stage: they stop here
         let (arrived, keep): (Vec<usize>, Vec<usize>) =
             (0..positions.len()).partition(|&r| positions[r] < prompt_len);
@@ -409,9 +410,11 @@ impl SlimSession {
             self.stages[s].aux.extend(stashed);
         }
         let st = &mut self.stages[s];
-        for &r in &keep {
-            st.window
-                .push_back(WindowQuery::new(&q[r * width..(r + 1) * width]));
+        // `keep` is a suffix of the rows (positions ascend): a row before `first` is followed by
+        // the `local_window` rows from `first` on, and would leave the window again
+        for &r in keep.iter().filter(|&&r| r >= first) {
+            let q = &q[(r - first) * width..(r - first + 1) * width];
+            st.window.push_back(WindowQuery::new(q));
             while st.window.len() > w {
                 st.window.pop_front();
             }
@@ -652,6 +655,12 @@ impl SlimSession {
     }
 }
 
+/// The last `n` rows of `width` values of `x` (all of them when it holds fewer).
+fn last_rows(x: &[f32], width: usize, n: usize) -> &[f32] {
+    let n = n.min(x.len() / width);
+    &x[x.len() - n * width..]
+}
+
 /// 0..n without the ascending indices `keep`.
 fn complement(keep: &[usize], n: usize) -> Vec<usize> {
     let mut k = keep.iter().peekable();
@@ -679,6 +688,11 @@ impl LayerPolicy for SlimSession {
             self.choose_for_layer(layer, q, positions, kv);
         }
         Ok(())
+    }
+
+    /// Pruning scores the last `local_window` queries; decode's stage window keeps as many.
+    fn query_rows(&self) -> usize {
+        self.cfg.local_window
     }
 
     fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
@@ -739,7 +753,7 @@ impl LayerPolicy for SlimSession {
             {
                 let width = self.shape.n_heads * self.shape.head_dim;
                 let w = self.cfg.local_window.min(positions.len());
-                self.accumulate(&q[(positions.len() - w) * width..], kv);
+                self.accumulate(last_rows(q, width, w), kv);
             }
             return Ok(None);
         };

@@ -79,9 +79,7 @@ pub fn select_blocks(scores: &[(u32, f32)], k: usize, forced: &[u32], share: f32
     if share <= 0.0 || k >= scores.len() {
         return select_top_k(scores, k, forced);
     }
-    let n_forced = (scores.iter())
-        .filter(|(b, _)| forced.contains(b))
-        .count();
+    let n_forced = (scores.iter()).filter(|(b, _)| forced.contains(b)).count();
     let free = k.saturating_sub(n_forced);
     let by_contrast = ((free as f32 * share).round() as usize).min(free);
     let mut chosen = select_top_k(scores, k - by_contrast, forced);
@@ -355,13 +353,21 @@ mod tests {
         let mut scores: Vec<(u32, f32)> = (0..20u32).map(|b| (b, 0.01 * (b + 1) as f32)).collect();
         scores[2].1 = 0.08;
         let contrast = local_contrast(&scores, CONTRAST_RADIUS);
-        let best = (contrast.iter()).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        let best = (contrast.iter())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
         assert_eq!(best.0, 2);
         // by score alone, 4 blocks past the forced last one are the recent ones
         assert_eq!(select_top_k(&scores, 5, &[19]), vec![15, 16, 17, 18, 19]);
         // a quarter of the free budget by contrast brings block 2 in, in place of the 4th best
-        assert_eq!(select_blocks(&scores, 5, &[19], 0.25), vec![2, 16, 17, 18, 19]);
-        assert_eq!(select_blocks(&scores, 5, &[19], 0.0), select_top_k(&scores, 5, &[19]));
+        assert_eq!(
+            select_blocks(&scores, 5, &[19], 0.25),
+            vec![2, 16, 17, 18, 19]
+        );
+        assert_eq!(
+            select_blocks(&scores, 5, &[19], 0.0),
+            select_top_k(&scores, 5, &[19])
+        );
         assert_eq!(select_blocks(&scores, 30, &[19], 0.5).len(), 20);
     }
 }

@@ -46,7 +46,7 @@ def ranks(run):
     print("\nworst block rank of facts dense found (rank/candidates at each stage), by band:")
     by = {}
     for case in run["cases"]:
-        length = int(case["id"].split("-")[1])
+        length = case.get("length") or int(case["id"].split("-")[1])
         for f in case["facts"]:
             d = f["diagnosis"]
             if not f["dense"] or not d:

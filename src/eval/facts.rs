@@ -59,6 +59,8 @@ pub struct CaseResult {
     pub id: String,
     pub part: Part,
     pub text: &'static str,
+    /// Prompt tokens the case was made for.
+    pub length: usize,
     /// "one", "all" or "natural"
     pub ask: &'static str,
     pub planted: usize,
@@ -166,7 +168,7 @@ fn one_case(
     let dense = match cache.get(&key) {
         Some(d) => d.clone(),
         None => {
-            let d = dense_run(engine, base, &prompt, max_tokens)?;
+            let d = greedy(engine, base, None, &prompt, max_tokens)?;
             cache.insert(key, d.clone());
             d
         }
@@ -226,6 +228,7 @@ fn one_case(
         id: case.id.clone(),
         part: case.part,
         text: TEXTS[case.text].kind,
+        length: case.length,
         ask: match case.ask {
             Ask::One(_) => "one",
             Ask::All => "all",
@@ -242,15 +245,6 @@ fn one_case(
         ttft_ms_slim: ttft_slim,
         dense_cached,
     })
-}
-
-fn dense_run(
-    engine: &mut Engine,
-    base: &SlimConfig,
-    prompt: &[u32],
-    max_tokens: usize,
-) -> Result<DenseRun> {
-    greedy(engine, base, None, prompt, max_tokens)
 }
 
 /// A greedy answer (dense when `ratio` is None), on a fresh cache.
@@ -334,21 +328,14 @@ fn save_cache(cfg: &FactsConfig, cache: &BTreeMap<String, DenseRun>) -> Result<(
 pub fn summarize(results: &[CaseResult]) -> Vec<Cell> {
     let mut keys: Vec<(Part, usize)> = Vec::new();
     for r in results {
-        let k = (
-            r.part,
-            r.id.split('-')
-                .nth(1)
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(0),
-        );
-        if !keys.contains(&k) {
-            keys.push(k);
+        if !keys.contains(&(r.part, r.length)) {
+            keys.push((r.part, r.length));
         }
     }
     let mut cells = Vec::new();
     for (part, length) in keys {
         let of: Vec<&CaseResult> = (results.iter())
-            .filter(|r| r.part == part && r.id.split('-').nth(1) == Some(&length.to_string()))
+            .filter(|r| r.part == part && r.length == length)
             .collect();
         for band in [None, Some(0), Some(1), Some(2)] {
             let mut c = Cell {

@@ -586,56 +586,9 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
         dense_cache: args.dense_cache,
     };
     let (cases, cells) = facts::run(&mut engine, &fc, &mut |r| {
-        let mark = |d: bool, s: bool| match (d, s) {
-            (true, false) => "LOST",
-            (false, true) => "gained",
-            (true, true) => "found",
-            (false, false) => "-",
-        };
-        let facts: Vec<String> = (r.facts.iter())
-            .map(|f| format!("{}@{:.2} {}", f.phrasing, f.depth, mark(f.dense, f.slim)))
-            .collect();
-        eprintln!(
-            "slimchat facts: {} {:>5} tok {:<9} {:<7} agree {:.2} TTFT {:.0} -> {:.0} ms | {}",
-            r.id,
-            r.prompt_tokens,
-            r.text,
-            r.ask,
-            r.agreement,
-            r.ttft_ms_dense,
-            r.ttft_ms_slim,
-            facts.join(", ")
-        );
+        eprintln!("slimchat facts: {}", r.line());
     })?;
-    eprintln!("part    length band     asked  dense  slim  lost gained agree  ident  TTFT slim/dense  lost at");
-    for c in &cells {
-        let band = c.band.map_or("all", |b| ["0-33%", "33-66%", "66-100%"][b]);
-        let ttft = if c.band.is_none() {
-            format!("{:.2}", c.ttft_ms_slim / c.ttft_ms_dense.max(1e-9))
-        } else {
-            String::new()
-        };
-        let agree = if c.band.is_none() {
-            format!("{:.3}  {:.2}", c.agreement, c.identical)
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "{:<7} {:>6} {:<8} {:>5} {:>6.3} {:>5.3} {:>5} {:>6} {:<12} {:<15} {:?}",
-            c.part
-                .map_or("", |p| if p == Part::Tune { "tune" } else { "report" }),
-            c.length,
-            band,
-            c.asked,
-            c.dense_acc(),
-            c.slim_acc(),
-            c.lost,
-            c.gained,
-            agree,
-            ttft,
-            c.lost_at
-        );
-    }
+    eprint!("{}", facts::table(&cells));
     if args.json {
         println!(
             "{}",

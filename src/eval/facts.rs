@@ -109,6 +109,69 @@ impl Cell {
     }
 }
 
+impl CaseResult {
+    /// One line: the case, its agreement and TTFTs, and each fact's fate (found by both,
+    /// LOST by pruning, gained by pruning, or `-`: found by neither).
+    pub fn line(&self) -> String {
+        let facts: Vec<String> = (self.facts.iter())
+            .map(|f| {
+                let mark = match (f.dense, f.slim) {
+                    (true, false) => "LOST",
+                    (false, true) => "gained",
+                    (true, true) => "found",
+                    (false, false) => "-",
+                };
+                format!("{}@{:.2} {mark}", f.phrasing, f.depth)
+            })
+            .collect();
+        format!(
+            "{} {:>5} tok {:<9} {:<7} agree {:.2} TTFT {:.0} -> {:.0} ms | {}",
+            self.id,
+            self.prompt_tokens,
+            self.text,
+            self.ask,
+            self.agreement,
+            self.ttft_ms_dense,
+            self.ttft_ms_slim,
+            facts.join(", ")
+        )
+    }
+}
+
+/// The cells as a text table, a line each (agreement, identical answers and the TTFT ratio on
+/// the every-band lines).
+pub fn table(cells: &[Cell]) -> String {
+    let mut out = String::from(
+        "part    length band     asked  dense  slim  lost gained agree  ident  TTFT slim/dense  lost at\n",
+    );
+    for c in cells {
+        let band = c.band.map_or("all", |b| ["0-33%", "33-66%", "66-100%"][b]);
+        let (agree, ttft) = match c.band {
+            None => (
+                format!("{:.3}  {:.2}", c.agreement, c.identical),
+                format!("{:.2}", c.ttft_ms_slim / c.ttft_ms_dense.max(1e-9)),
+            ),
+            Some(_) => (String::new(), String::new()),
+        };
+        let part = match c.part {
+            Some(Part::Tune) => "tune",
+            Some(Part::Report) => "report",
+            None => "",
+        };
+        out.push_str(&format!(
+            "{part:<7} {:>6} {band:<8} {:>5} {:>6.3} {:>5.3} {:>5} {:>6} {agree:<12} {ttft:<15} {:?}\n",
+            c.length,
+            c.asked,
+            c.dense_acc(),
+            c.slim_acc(),
+            c.lost,
+            c.gained,
+            c.lost_at
+        ));
+    }
+    out
+}
+
 /// A dense answer: greedy tokens, whether it ended its turn, its text and TTFT.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DenseRun {

@@ -35,10 +35,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "/compare",
         "re-run the last question dense and pruned, side by side",
     ),
-    (
-        "/export [PATH]",
-        "write the conversation as Markdown (no path: the data dir's exports/)",
-    ),
+    ("/export [PATH]", "Markdown to PATH, else to exports/"),
     ("/help", "this help"),
     ("/quit", "leave (the conversation is saved)"),
 ];

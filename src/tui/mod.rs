@@ -17,6 +17,7 @@ pub mod worker;
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossterm::event::{
@@ -319,12 +320,17 @@ pub fn read_text(path: &Path) -> std::result::Result<String, String> {
     })
 }
 
+/// True while the terminal is set up for the screen, so that it is restored once: leaving the
+/// alternate screen a second time would move the cursor back over what was printed since.
+static TERMINAL_TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// Raw mode, alternate screen, bracketed paste and mouse capture for its lifetime.
 struct TerminalGuard;
 
 impl TerminalGuard {
     fn enter(mouse: bool) -> Result<Self> {
         enable_raw_mode()?;
+        TERMINAL_TAKEN.store(true, Ordering::SeqCst);
         let guard = TerminalGuard; // from here on, Drop restores
         let mut out = std::io::stdout();
         crossterm::execute!(out, EnterAlternateScreen, EnableBracketedPaste)?;
@@ -346,8 +352,12 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Puts the terminal back as it was; safe to call more than once.
+/// Puts the terminal back as it was; safe to call more than once (only the first call after
+/// [`TerminalGuard::enter`] does anything).
 fn restore_terminal() {
+    if !TERMINAL_TAKEN.swap(false, Ordering::SeqCst) {
+        return;
+    }
     let mut out = std::io::stdout();
     let _ = crossterm::execute!(
         out,

@@ -37,7 +37,6 @@ use crate::config::AppConfig;
 use crate::{Error, Result};
 
 use app::{update, App, Effect, Msg};
-use paste_burst::PasteBurst;
 use saver::Saver;
 use store::Store;
 use worker::{Worker, WorkerEvent};
@@ -157,7 +156,6 @@ where
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saver = Saver::default();
-    let mut burst = PasteBurst::default();
     let mut draw_now = true;
     let mut changed = false;
     let mut input_open = true;
@@ -195,13 +193,14 @@ where
                             None => break,
                         }
                     }
-                    let at = start.elapsed();
+                    let mut keys_before = 0;
                     for (i, ev) in batch.iter().enumerate() {
                         let more = matches!(batch.get(i + 1), Some(Event::Key(_)));
                         if let Some(msg) = input::map_event(ev, app) {
-                            let msg = burst.filter(ev, msg, at, more);
+                            let msg = paste_burst::filter(ev, msg, keys_before, more);
                             dispatch(app, msg, worker, store, &mut saver);
                         }
+                        keys_before += usize::from(matches!(ev, Event::Key(_)));
                         if app.quit {
                             break;
                         }

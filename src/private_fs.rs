@@ -20,10 +20,7 @@ pub const TEMP_SUFFIX: &str = ".tmp";
 /// Creates `dir` and any missing parents, each 0700; one that exists is left as it is (see
 /// [`tighten`]).
 pub fn create_dir_private(dir: &Path) -> io::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
 }
 
 /// Opens `path` for appending, creating it 0600 if it is missing.
@@ -91,42 +88,51 @@ pub fn stale_temp(name: &str) -> bool {
     let mut parts = stem.rsplit('.');
     let _counter = parts.next();
     match parts.next().and_then(|p| p.parse::<u32>().ok()) {
-        Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        Some(pid) => {
+            // only where /proc tells which processes run
+            pid != std::process::id()
+                && Path::new("/proc/self").exists()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+        }
         None => false,
     }
 }
 
-/// Takes the group's and others' permissions off `root` and everything under it (symbolic links
-/// are not followed). Returns the paths changed; the first error stops nothing, it is returned
-/// with them.
-pub fn tighten(root: &Path) -> (Vec<PathBuf>, Option<io::Error>) {
+/// Takes the group's and others' permissions off `path` and, with `with_entries`, off the files
+/// directly in it (not deeper, and symbolic links are not followed: a data directory set to a
+/// wrong place must not have a whole tree changed). A missing path is no error. Returns the
+/// paths changed and the first error met (the rest is still done).
+pub fn tighten(path: &Path, with_entries: bool) -> (Vec<PathBuf>, Option<io::Error>) {
     let mut changed = Vec::new();
     let mut first_err = None;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let meta = match std::fs::symlink_metadata(&path) {
+    let mut todo = vec![path.to_path_buf()];
+    if with_entries {
+        match std::fs::read_dir(path) {
+            Ok(rd) => todo.extend(rd.filter_map(|e| e.ok()).map(|e| e.path())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => first_err = Some(e),
+        }
+    }
+    for (i, p) in todo.into_iter().enumerate() {
+        let meta = match std::fs::symlink_metadata(&p) {
             Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
                 first_err.get_or_insert(e);
                 continue;
             }
         };
+        // the entries: plain files only
+        if i > 0 && !meta.is_file() {
+            continue;
+        }
         if meta.file_type().is_symlink() {
             continue;
         }
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !0o077))
-            {
-                Ok(()) => changed.push(path.clone()),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        if meta.is_dir() {
-            match std::fs::read_dir(&path) {
-                Ok(rd) => stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path())),
+            match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & !0o077)) {
+                Ok(()) => changed.push(p),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -182,25 +188,39 @@ mod tests {
     }
 
     #[test]
-    fn tighten_takes_group_and_other_bits_off_the_whole_tree() {
+    fn tighten_takes_group_and_other_bits_off_a_dir_and_its_files() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("data");
-        std::fs::create_dir_all(root.join("conversations")).unwrap();
-        std::fs::write(root.join("conversations/a.json"), b"{}").unwrap();
+        let conv = root.join("conversations");
+        std::fs::create_dir_all(conv.join("deeper")).unwrap();
+        std::fs::write(conv.join("a.json"), b"{}").unwrap();
+        std::fs::write(root.join("other.txt"), b"").unwrap();
         for (p, m) in [
             (root.clone(), 0o755),
-            (root.join("conversations"), 0o775),
-            (root.join("conversations/a.json"), 0o644),
+            (conv.clone(), 0o775),
+            (conv.join("a.json"), 0o644),
+            (conv.join("deeper"), 0o755),
+            (root.join("other.txt"), 0o644),
         ] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
         }
-        let (changed, err) = tighten(&root);
+        let (mut changed, err) = tighten(&root, false);
         assert!(err.is_none(), "{err:?}");
-        assert_eq!(changed.len(), 3);
+        let (more, err) = tighten(&conv, true);
+        assert!(err.is_none(), "{err:?}");
+        changed.extend(more);
+        assert_eq!(changed.len(), 3, "{changed:?}");
         assert_eq!(mode(&root), 0o700);
-        assert_eq!(mode(&root.join("conversations")), 0o700);
-        assert_eq!(mode(&root.join("conversations/a.json")), 0o600);
-        assert!(tighten(&root).0.is_empty(), "a second pass changes nothing");
+        assert_eq!(mode(&conv), 0o700);
+        assert_eq!(mode(&conv.join("a.json")), 0o600);
+        // what slimchat did not name is left alone
+        assert_eq!(mode(&conv.join("deeper")), 0o755);
+        assert_eq!(mode(&root.join("other.txt")), 0o644);
+        assert!(
+            tighten(&conv, true).0.is_empty(),
+            "a second pass changes nothing"
+        );
+        assert!(tighten(&root.join("missing"), true).1.is_none());
     }
 
     #[test]
@@ -208,7 +228,7 @@ mod tests {
         let mine = temp_path(Path::new("/x/c.json"));
         let mine = mine.file_name().unwrap().to_str().unwrap();
         assert!(!stale_temp(mine), "this process is alive");
-        assert!(stale_temp(".c.json.4000000000.0.tmp") || !Path::new("/proc").exists());
+        assert!(stale_temp(".c.json.4000000000.0.tmp") || !Path::new("/proc/self").exists());
         assert!(!stale_temp("c.json"));
         assert!(!stale_temp(".c.json.notapid.0.tmp"));
     }

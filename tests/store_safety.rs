@@ -196,7 +196,11 @@ fn damaged_conversations_are_listed_and_never_touched() {
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "three damaged and one good, no leftover: {stdout}");
+    assert_eq!(
+        lines.len(),
+        4,
+        "three damaged and one good, no leftover: {stdout}"
+    );
     assert!(lines[0].starts_with("0000000000000-00003") && lines[0].contains("2 messages"));
     for (line, (id, _)) in lines[1..].iter().zip(&damaged) {
         assert!(
@@ -304,7 +308,11 @@ fn sigkill_during_saves_leaves_the_old_or_the_new_version() {
             mid_save += 1; // killed inside the very first save: there is no old version yet
             continue;
         }
-        assert_eq!(ids, ["0000000000000-00007"], "round {round}: only the conversation");
+        assert_eq!(
+            ids,
+            ["0000000000000-00007"],
+            "round {round}: only the conversation"
+        );
         let conv = store
             .load(&ids[0])
             .unwrap_or_else(|e| panic!("round {round}: the file does not parse: {e}"));
@@ -331,7 +339,10 @@ fn sigkill_during_saves_leaves_the_old_or_the_new_version() {
         mid_save - left_new,
         100 - mid_save
     );
-    assert!(mid_save >= 10, "the kills reached the middle of a save: {mid_save}");
+    assert!(
+        mid_save >= 10,
+        "the kills reached the middle of a save: {mid_save}"
+    );
 }
 
 /// Child of `a_full_disk_shows_one_line_and_saves_when_space_returns`.
@@ -384,9 +395,17 @@ fn full_disk_child(dir: &Path) {
     assert_eq!(rows, 1, "one line on the screen");
     let log = std::fs::read_to_string(store.log_path()).unwrap();
     let failed: Vec<&str> = log.lines().filter(|l| l.contains("failed")).collect();
-    assert_eq!(failed.len(), 1, "one line in the log, not one per attempt: {log}");
+    assert_eq!(
+        failed.len(),
+        1,
+        "one line in the log, not one per attempt: {log}"
+    );
     assert!(failed[0].contains("File too large"), "{}", failed[0]);
-    assert_eq!(std::fs::read(&path).unwrap(), before, "the old version is whole");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the old version is whole"
+    );
     let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -402,7 +421,10 @@ fn full_disk_child(dir: &Path) {
     assert!(!saver.failing());
     assert_eq!(store.load(&app.conv.id).unwrap(), app.conv);
     let status = app.status.clone().unwrap();
-    assert!(!status.error && status.text.contains("saved again"), "{status:?}");
+    assert!(
+        !status.error && status.text.contains("saved again"),
+        "{status:?}"
+    );
     let log = std::fs::read_to_string(store.log_path()).unwrap();
     assert!(log.contains("after 2 failed attempt(s)"), "{log}");
     println!("child passed");

@@ -231,7 +231,7 @@ impl Tmux {
             "e2e",
             "sh",
             "-c",
-            &cmd,
+            cmd,
         ]);
         assert!(out.status.success(), "tmux new-session: {out:?}");
     }
@@ -530,7 +530,11 @@ fn typed_paste_then_enter_sends_and_files_are_private() {
     let data = dir.path().join("data");
     let store = Store::open(&data).unwrap();
     let saved = store.latest().unwrap().expect("saved");
-    assert_eq!(saved.messages.len(), 2, "one question, one answer: {saved:?}");
+    assert_eq!(
+        saved.messages.len(),
+        2,
+        "one question, one answer: {saved:?}"
+    );
     assert_eq!(saved.messages[0].content, text, "the paste was sent whole");
     let mut seen = Vec::new();
     let mut stack = vec![data.clone()];
@@ -547,7 +551,9 @@ fn typed_paste_then_enter_sends_and_files_are_private() {
     for want in ["conversations", "exports", "metrics.jsonl", "slimchat.log"] {
         assert!(seen.iter().any(|p| p == want), "{want} in {seen:?}");
     }
-    assert!(seen.iter().any(|p| p.starts_with("exports/") && p.ends_with(".md")));
+    assert!(seen
+        .iter()
+        .any(|p| p.starts_with("exports/") && p.ends_with(".md")));
     let named_mode = std::fs::metadata(&named).unwrap().permissions().mode() & 0o777;
     assert_eq!(named_mode, 0o600);
 }
@@ -578,7 +584,10 @@ fn a_panic_restores_the_terminal_and_saves_the_conversation() {
     let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what} on:\n{s}"));
     // in order, nothing drawn over: the terminal was restored before the message was printed
     assert!(at("BEFORE") < at("panicked at"), "{s}");
-    assert!(at("panicked at") < at("test panic (SLIMCHAT_TEST_PANIC)"), "{s}");
+    assert!(
+        at("panicked at") < at("test panic (SLIMCHAT_TEST_PANIC)"),
+        "{s}"
+    );
     assert!(at("test panic") < at("conversation saved as"), "{s}");
     assert!(at("conversation saved as") < at("EXIT=1"), "{s}");
     assert!(!s.contains("Metrics"), "the screen is gone:\n{s}");
@@ -595,7 +604,10 @@ fn a_panic_restores_the_terminal_and_saves_the_conversation() {
     )
     .trim()
     .to_string();
-    assert_eq!(flags, "0 1 0", "alternate screen off, cursor shown, no mouse capture");
+    assert_eq!(
+        flags, "0 1 0",
+        "alternate screen off, cursor shown, no mouse capture"
+    );
     let until = Instant::now() + Duration::from_secs(5);
     while !stty.exists() && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(50));

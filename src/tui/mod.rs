@@ -118,7 +118,7 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
         store.log(&format!("panic: {what}"));
         if !app.conv.messages.is_empty() {
             if let Err(e) = store.save(&app.conv) {
-                eprintln!("slimchat: the conversation could not be saved: {e}");
+                store.log(&format!("save after the panic failed: {e}"));
             }
         }
         Err(Error::Engine(format!("the chat screen stopped: {what}")))
@@ -126,17 +126,23 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
     drop(worker);
     store.log(&format!("quit: conversation {}", app.conv.id));
     if !app.conv.messages.is_empty() {
-        eprintln!(
-            "slimchat: conversation saved as {} (slimchat --resume {})",
-            app.conv.id, app.conv.id
-        );
+        // Say what is on disk, read back: a save can fail at the end too (a full disk).
+        let id = &app.conv.id;
+        if store.load(id).is_ok_and(|c| c == app.conv) {
+            eprintln!("slimchat: conversation saved as {id} (slimchat --resume {id})");
+        } else {
+            eprintln!(
+                "slimchat: the last changes to conversation {id} could not be saved (see {})",
+                store.log_path().display()
+            );
+        }
     }
     result
 }
 
 /// The event loop, generic over the terminal backend and the input stream so tests can drive
 /// it. After each draw `hook` sees the state and may inject messages (tests use it to script
-/// a session and to time frames; the real screen passes a no-op).
+/// a session and to time frames; the real screen's does nothing unless [`TEST_PANIC_ENV`] is set).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_loop<B, S>(
     terminal: &mut Terminal<B>,

@@ -231,7 +231,21 @@ impl Store {
             dir: dir.to_path_buf(),
             note: None,
         };
-        let (changed, err) = private_fs::tighten(dir);
+        // what slimchat keeps here, and nothing else: a data dir set to a wrong place must not
+        // have a whole tree changed
+        let mut changed = Vec::new();
+        let mut err = None;
+        for (path, with_entries) in [
+            (dir.to_path_buf(), false),
+            (dir.join("conversations"), true),
+            (dir.join("exports"), true),
+            (store.metrics_path(), false),
+            (store.log_path(), false),
+        ] {
+            let (c, e) = private_fs::tighten(&path, with_entries);
+            changed.extend(c);
+            err = err.or(e);
+        }
         if !changed.is_empty() {
             store.note = Some(format!(
                 "made {} path(s) under {} private (0700 directories, 0600 files): they were open to group or others",

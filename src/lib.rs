@@ -14,6 +14,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod perplexity;
+pub mod private_fs;
 pub mod sampling;
 pub mod slim;
 pub mod tui;

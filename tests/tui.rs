@@ -519,7 +519,7 @@ fn commands_system_clear_export() {
     assert_eq!(app.conv.system, "Be brief.");
     type_text(&mut app, "/export /tmp/x.md");
     let eff = update(&mut app, Msg::Submit);
-    assert!(matches!(&eff[..], [Effect::Export(p)] if p.to_str() == Some("/tmp/x.md")));
+    assert!(matches!(&eff[..], [Effect::Export(Some(p))] if p.to_str() == Some("/tmp/x.md")));
     let old = app.conv.id.clone();
     type_text(&mut app, "/clear");
     let eff = update(&mut app, Msg::Submit);

@@ -2,7 +2,11 @@
 //! real event loop (TestBackend, engine thread) on a ~2000-token prompt and times the frames.
 //! `tmux_session` runs the real binary in tmux: bracketed paste of a document, a question, the
 //! streamed answer and its TTFT read off the screen, the ratio lowered, a second question,
-//! quit, and `--resume` finds the conversation. It is skipped (with a message) without tmux.
+//! quit, and `--resume` finds the conversation. `typed_paste_then_enter_sends_and_files_are_private`
+//! pastes without bracketed paste (the terminal types it, line breaks as Enter) and checks the
+//! next Enter sends it whole, and that every file of the session is 0600 / 0700 under umask 000.
+//! `a_panic_restores_the_terminal_and_saves_the_conversation` uses the test-only
+//! `SLIMCHAT_TEST_PANIC`. The tmux tests are skipped (with a message) without tmux.
 
 mod common;
 
@@ -207,13 +211,15 @@ impl Tmux {
     }
 
     fn start(&self, dir: &Path, extra: &str) {
-        let cmd = format!(
-            "SLIMCHAT_DATA_DIR='{}' SLIMCHAT_CONFIG=/nonexistent exec '{}' --config '{}' {extra} 2>>'{}'",
-            dir.join("data").display(),
-            env!("CARGO_BIN_EXE_slimchat"),
-            dir.join("config.toml").display(),
+        self.start_script(&format!(
+            "exec {} {extra} 2>>'{}'",
+            slimchat_command(dir),
             dir.join("stderr.txt").display()
-        );
+        ));
+    }
+
+    /// Runs `script` with sh in a new 160x50 session.
+    fn start_script(&self, cmd: &str) {
         let out = self.run(&[
             "new-session",
             "-d",
@@ -225,7 +231,7 @@ impl Tmux {
             "e2e",
             "sh",
             "-c",
-            &cmd,
+            cmd,
         ]);
         assert!(out.status.success(), "tmux new-session: {out:?}");
     }
@@ -236,12 +242,29 @@ impl Tmux {
         assert!(self.run(&args).status.success());
     }
 
+    /// Enter, after the pause a person leaves after typing: text and Enter arriving in the same
+    /// instant read as a paste (see `slimchat::tui::paste_burst`).
+    fn enter(&self) {
+        std::thread::sleep(Duration::from_millis(200));
+        self.keys(&["Enter"]);
+    }
+
     fn type_text(&self, text: &str) {
         assert!(self
             .run(&["send-keys", "-t", "e2e", "-l", text])
             .status
             .success());
     }
+}
+
+/// The command line that runs slimchat on `dir`'s config.toml with its data in `dir`/data.
+fn slimchat_command(dir: &Path) -> String {
+    format!(
+        "env SLIMCHAT_DATA_DIR='{}' SLIMCHAT_CONFIG=/nonexistent '{}' --config '{}'",
+        dir.join("data").display(),
+        env!("CARGO_BIN_EXE_slimchat"),
+        dir.join("config.toml").display(),
+    )
 }
 
 impl Drop for Tmux {
@@ -301,7 +324,7 @@ fn tmux_session() {
         s.contains(&format!("[pasted {chars} chars"))
     });
     tmux.type_text("How many barrels did ship number 12 carry?");
-    tmux.keys(&["Enter"]);
+    tmux.enter();
     let s = tmux.wait("the first answer", 90, |s| {
         ttfts(s).len() == 1 && s.contains("state   idle")
     });
@@ -325,7 +348,7 @@ fn tmux_session() {
     tmux.keys(&["-"]);
     tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.55"));
     tmux.type_text("And ship number 30?");
-    tmux.keys(&["Enter"]);
+    tmux.enter();
     let s = tmux.wait("the second answer", 90, |s| {
         ttfts(s).len() == 2 && s.contains("state   idle")
     });
@@ -393,7 +416,7 @@ fn killed_mid_answer_keeps_the_partial_answer() {
     tmux.start(dir.path(), "");
     tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
     tmux.type_text("Write a long story about a lighthouse keeper and a storm.");
-    tmux.keys(&["Enter"]);
+    tmux.enter();
     tmux.wait("the answer to stream", 60, |s| {
         s.contains("state   decoding")
     });
@@ -425,4 +448,189 @@ fn killed_mid_answer_keeps_the_partial_answer() {
         "the partial answer was saved while streaming: {:?}",
         answer.content
     );
+}
+
+fn has_tmux(test: &str) -> bool {
+    let ok = Command::new("tmux").arg("-V").output().is_ok();
+    if !ok {
+        eprintln!("SKIPPED {test}: tmux is not installed");
+    }
+    ok
+}
+
+fn wait_exit(tmux: &Tmux) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while tmux.alive() {
+        assert!(Instant::now() < until, "slimchat did not quit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn typed_paste_then_enter_sends_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if !has_tmux("typed_paste_then_enter_sends_and_files_are_private") {
+        return;
+    }
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[chat]\nmax_tokens = 8\n").unwrap();
+    let tmux = Tmux {
+        socket: format!("slimchat-typed-{}", std::process::id()),
+    };
+    // umask 000: a file or directory whose mode was not set at creation would be world-writable
+    tmux.start_script(&format!(
+        "umask 000; exec {} 2>>'{}'",
+        slimchat_command(dir.path()),
+        dir.path().join("stderr.txt").display()
+    ));
+    tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
+    // paste-buffer without -p: no bracketed paste, tmux types the text and turns each line
+    // break into Enter (CR), as a terminal without bracketed paste does
+    let text = "-Ship 12 carried 84 barrels.\nShip 30 carried 210 barrels.\nHow many barrels did ship 12 carry?";
+    let paste = dir.path().join("paste.txt");
+    std::fs::write(&paste, text).unwrap();
+    assert!(tmux
+        .run(&["load-buffer", "-b", "typed", paste.to_str().unwrap()])
+        .status
+        .success());
+    assert!(tmux
+        .run(&["paste-buffer", "-b", "typed", "-t", "e2e"])
+        .status
+        .success());
+    let s = tmux.wait("the typed paste in the input", 10, |s| {
+        s.contains("│How many barrels did ship 12 carry?")
+    });
+    assert!(
+        !s.contains("│You") && !s.contains("an answer is running"),
+        "nothing is sent before Enter:\n{s}"
+    );
+    assert!(
+        s.contains("on · keep 0.60"),
+        "the paste's leading '-' is text, not the knob:\n{s}"
+    );
+    tmux.enter();
+    tmux.wait("the answer", 90, |s| {
+        ttfts(s).len() == 1 && s.contains("state   idle")
+    });
+    tmux.type_text("/export");
+    tmux.enter();
+    tmux.wait("the default export", 10, |s| s.contains("exported to"));
+    let named = dir.path().join("named.md");
+    tmux.type_text(&format!("/export {}", named.display()));
+    tmux.enter();
+    tmux.wait("the named export", 10, |s| {
+        s.lines()
+            .any(|l| l.contains("exported to") && l.contains("named.md"))
+    });
+    tmux.keys(&["C-c"]);
+    wait_exit(&tmux);
+
+    let data = dir.path().join("data");
+    let store = Store::open(&data).unwrap();
+    let saved = store.latest().unwrap().expect("saved");
+    assert_eq!(
+        saved.messages.len(),
+        2,
+        "one question, one answer: {saved:?}"
+    );
+    assert_eq!(saved.messages[0].content, text, "the paste was sent whole");
+    let mut seen = Vec::new();
+    let mut stack = vec![data.clone()];
+    while let Some(p) = stack.pop() {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        if p.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        seen.push(p.strip_prefix(&data).unwrap().display().to_string());
+    }
+    for want in ["conversations", "exports", "metrics.jsonl", "slimchat.log"] {
+        assert!(seen.iter().any(|p| p == want), "{want} in {seen:?}");
+    }
+    assert!(seen
+        .iter()
+        .any(|p| p.starts_with("exports/") && p.ends_with(".md")));
+    let named_mode = std::fs::metadata(&named).unwrap().permissions().mode() & 0o777;
+    assert_eq!(named_mode, 0o600);
+}
+
+#[test]
+fn a_panic_restores_the_terminal_and_saves_the_conversation() {
+    if !has_tmux("a_panic_restores_the_terminal_and_saves_the_conversation") {
+        return;
+    }
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[chat]\nmax_tokens = 400\n").unwrap();
+    let tmux = Tmux {
+        socket: format!("slimchat-panic-{}", std::process::id()),
+    };
+    // stderr stays on the terminal: the panic message must be readable there afterwards
+    let stty = dir.path().join("stty.txt");
+    tmux.start_script(&format!(
+        "echo BEFORE; SLIMCHAT_TEST_PANIC=1 RUST_BACKTRACE=0 {}; echo EXIT=$?; stty -a > '{}'; sleep 120",
+        slimchat_command(dir.path()),
+        stty.display()
+    ));
+    tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
+    tmux.type_text("Write a long story about a lighthouse keeper.");
+    tmux.enter();
+    let s = tmux.wait("the exit", 60, |s| s.contains("EXIT="));
+    let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what} on:\n{s}"));
+    // in order, nothing drawn over: the terminal was restored before the message was printed
+    assert!(at("BEFORE") < at("panicked at"), "{s}");
+    assert!(
+        at("panicked at") < at("test panic (SLIMCHAT_TEST_PANIC)"),
+        "{s}"
+    );
+    assert!(at("test panic") < at("conversation saved as"), "{s}");
+    assert!(at("conversation saved as") < at("EXIT=1"), "{s}");
+    assert!(!s.contains("Metrics"), "the screen is gone:\n{s}");
+    let flags = String::from_utf8_lossy(
+        &tmux
+            .run(&[
+                "display",
+                "-p",
+                "-t",
+                "e2e",
+                "#{alternate_on} #{cursor_flag} #{mouse_any_flag}",
+            ])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    assert_eq!(
+        flags, "0 1 0",
+        "alternate screen off, cursor shown, no mouse capture"
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while !stty.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let modes = std::fs::read_to_string(&stty).unwrap();
+    let words: Vec<&str> = modes.split_whitespace().collect();
+    for m in ["icanon", "echo", "isig"] {
+        assert!(words.contains(&m), "raw mode is off ({m}): {modes}");
+    }
+    // the answer in memory at the panic, not yet saved by the 250 ms timer, is on disk
+    let chars: usize = s
+        .split("test panic (SLIMCHAT_TEST_PANIC) with ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the panic message says how long the answer was");
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let saved = store.latest().unwrap().expect("the conversation was saved");
+    let answer = saved.messages.last().unwrap();
+    assert_eq!(answer.role, Role::Assistant);
+    assert!(answer.partial);
+    assert_eq!(answer.content.chars().count(), chars, "{answer:?}");
+    let log = std::fs::read_to_string(store.log_path()).unwrap();
+    assert!(log.contains("panic: test panic"), "{log}");
 }

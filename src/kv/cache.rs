@@ -579,7 +579,9 @@ mod tests {
             let q = noise(rows.len() * 6 * 64, rows.len() as u64);
             let want = attention_reference(&q, rows, &wk, &wv, &pos, shape);
             let mut got = q.clone();
-            cache.attend(0, &mut got, rows, None, &Dense, shape).unwrap();
+            cache
+                .attend(0, &mut got, rows, None, &Dense, shape)
+                .unwrap();
             let err = got
                 .iter()
                 .zip(&want)

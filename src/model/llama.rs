@@ -93,13 +93,20 @@ impl Attention {
             .before_attention(ctx.layer, &q, positions, kv.layer(ctx.layer))?;
         kv.before_attention(ctx.layer, &*ctx.policy)?;
         let q_dim = self.shape.n_heads * self.shape.head_dim; // not always hidden (Qwen3)
-        // the policy reads only the last rows' queries after the layer
+                                                              // the policy reads only the last rows' queries after the layer
         let tail = ctx.policy.query_rows().min(rows);
         let q_tail = q[(rows - tail) * q_dim..].to_vec();
         // the attention output, (rows, n_heads * hd), is written over q
         let mut out = q;
         let fresh = Some((&k[..], &v[..]));
-        kv.attend(ctx.layer, &mut out, positions, fresh, &*ctx.policy, self.shape)?;
+        kv.attend(
+            ctx.layer,
+            &mut out,
+            positions,
+            fresh,
+            &*ctx.policy,
+            self.shape,
+        )?;
         drop((k, v));
         Ok((self.residual(&h, out)?, q_tail))
     }

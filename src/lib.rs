@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod context_fit;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -111,9 +111,14 @@ fn input(f: &mut Frame, app: &App, area: Rect) {
     let (title, style) = match app.overflow_warning() {
         Some((next, ctx)) => (
             format!(
-                " Message · ⚠ ~{} tokens will not fit in {}: it will be refused ",
+                " Message · ⚠ ~{} tokens will not fit in {}: {} ",
                 super::app::thousands(next),
-                super::app::thousands(ctx)
+                super::app::thousands(ctx),
+                if app.conv.messages.iter().any(|m| !m.out_of_context) {
+                    "Enter offers to drop old turns or start anew"
+                } else {
+                    "it will be refused"
+                }
             ),
             Style::default().fg(Color::Red),
         ),
@@ -154,6 +159,16 @@ fn input(f: &mut Frame, app: &App, area: Rect) {
 }
 
 fn status(f: &mut Frame, app: &App, area: Rect) {
+    if let Some(offer) = &app.offer {
+        let line = Line::styled(
+            offer.line(),
+            Style::default()
+                .fg(Color::Yellow)
+                .add_modifier(Modifier::BOLD),
+        );
+        f.render_widget(Paragraph::new(line), area);
+        return;
+    }
     let line = match &app.status {
         Some(s) if s.error => Line::styled(
             format!("✗ {}", s.text),

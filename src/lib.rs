@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod headless;
 pub mod eval;
 pub mod kernel_bench;
 pub mod kv;

@@ -30,8 +30,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Backspace (empty input)", "drop the last chip"),
     ("Ctrl+U", "delete to the start of the line"),
     (
-        "d / n / Esc (message too long)",
-        "drop the oldest turns / new conversation with the documents / cancel",
+        "d / n / Esc (message won't fit)",
+        "drop oldest turns / new conversation with the docs / cancel",
     ),
     ("F1, ? (empty input)", "this help"),
 ];

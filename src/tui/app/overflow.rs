@@ -22,7 +22,7 @@ impl Offer {
     /// The offer's line, for the status line.
     pub fn line(&self) -> String {
         format!(
-            "⚠ {} tokens do not leave room for an answer in {}: d drops the {} oldest turn{} ({} tokens) and sends · n sends it in a new conversation with the same documents · Esc cancels",
+            "⚠ {} tokens leave no room for an answer in {} · d: drop the {} oldest turn{} ({} tokens left) and send · n: send in a new conversation with the same documents · Esc: cancel",
             thousands(self.prompt_tokens),
             thousands(self.context_length),
             self.turns,

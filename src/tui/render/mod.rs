@@ -29,8 +29,12 @@ pub fn draw(f: &mut Frame, app: &App) -> View {
         guard(f, area);
         return app.view;
     }
+    // the overflow offer wraps over up to three rows; any other status is one
+    let status_rows = app.offer.as_ref().map_or(1, |o| {
+        (o.line().chars().count() as u16).div_ceil(area.width).clamp(1, 3)
+    });
     let [main, status_row] =
-        Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(area);
+        Layout::vertical([Constraint::Min(1), Constraint::Length(status_rows)]).areas(area);
     let [left, panel] =
         Layout::horizontal([Constraint::Min(20), Constraint::Length(PANEL_WIDTH)]).areas(main);
     let chip_rows = chips_height(app, left.width);
@@ -166,7 +170,7 @@ fn status(f: &mut Frame, app: &App, area: Rect) {
                 .fg(Color::Yellow)
                 .add_modifier(Modifier::BOLD),
         );
-        f.render_widget(Paragraph::new(line), area);
+        f.render_widget(Paragraph::new(line).wrap(Wrap { trim: true }), area);
         return;
     }
     let line = match &app.status {

@@ -118,7 +118,11 @@ fn input(f: &mut Frame, app: &App, area: Rect) {
                 " Message · ⚠ ~{} tokens will not fit in {}: {} ",
                 super::app::thousands(next),
                 super::app::thousands(ctx),
-                if app.conv.messages.iter().any(|m| !m.out_of_context) {
+                if app.conv.messages.iter().any(|m| {
+                    m.role == crate::tui::store::Role::User
+                        && !m.out_of_context
+                        && m.attachments.is_empty()
+                }) {
                     "Enter offers to drop old turns or start anew"
                 } else {
                     "it will be refused"

@@ -148,7 +148,11 @@ pub fn answer(
             if turn.overflow == Overflow::Error && full_tokens < engine.context_length() =>
         {
             // as a single prompt: sent while it fits, the answer stopping at the context's end
-            engine.encode_chat(&turns::chat_request(&conv, turn.max_tokens, &turn.sampling, false).req.messages)?
+            engine.encode_chat(
+                &turns::chat_request(&conv, turn.max_tokens, &turn.sampling, false)
+                    .req
+                    .messages,
+            )?
         }
         other if turn.overflow == Overflow::New && earlier => {
             let old = conv.id.clone();
@@ -171,13 +175,8 @@ pub fn answer(
         }
         other => return Err(too_long(&other, engine.context_length(), turn, earlier)),
     };
-    let stats = engine.generate_from_tokens(
-        &prompt,
-        turn.max_tokens,
-        &turn.sampling,
-        cancel,
-        on_event,
-    )?;
+    let stats =
+        engine.generate_from_tokens(&prompt, turn.max_tokens, &turn.sampling, cancel, on_event)?;
     let mut reply = ChatMessage::new(Role::Assistant, stats.text.clone());
     reply.metrics = Some(TurnMetrics {
         ttft_ms: stats.ttft_ms,

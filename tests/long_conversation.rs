@@ -19,7 +19,12 @@ const CONTEXT: usize = 320;
 
 fn document() -> String {
     (1..=6)
-        .map(|i| format!("Log entry {i}: ship {i} came in at dusk with {} barrels of oil.\n", i * 7))
+        .map(|i| {
+            format!(
+                "Log entry {i}: ship {i} came in at dusk with {} barrels of oil.\n",
+                i * 7
+            )
+        })
         .collect()
 }
 
@@ -70,11 +75,23 @@ fn drop_oldest_keeps_the_document_reuses_its_kv_and_drops_the_fewest() {
     let mut dropped_at = None;
     for i in 2..=40 {
         let q = format!("Question {i}: what did entry {} say?", i % 6 + 1);
-        let done =
-            headless::answer(&mut engine, &store, &turn(&id, &q, vec![]), &cancel, &mut |_| {})
-                .unwrap();
-        assert_eq!(done.conversation, id, "drop-oldest stays in the conversation");
-        assert!(done.stats.prompt_tokens + 8 <= CONTEXT, "turn {i}: {:?}", done.stats.prompt_tokens);
+        let done = headless::answer(
+            &mut engine,
+            &store,
+            &turn(&id, &q, vec![]),
+            &cancel,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            done.conversation, id,
+            "drop-oldest stays in the conversation"
+        );
+        assert!(
+            done.stats.prompt_tokens + 8 <= CONTEXT,
+            "turn {i}: {:?}",
+            done.stats.prompt_tokens
+        );
         if !done.notes.is_empty() {
             assert!(done.notes[0].contains("oldest turn"), "{:?}", done.notes);
             dropped_at = Some((i, done.stats));
@@ -92,8 +109,15 @@ fn drop_oldest_keeps_the_document_reuses_its_kv_and_drops_the_fewest() {
     assert!(stats.prefilled_tokens < stats.prompt_tokens - first_prompt + 1);
 
     let saved = store.load(&id).unwrap();
-    assert_eq!(saved.messages.len(), 2 * i, "every turn is kept in the file");
-    assert!(!saved.messages[0].out_of_context, "the document's turn stays");
+    assert_eq!(
+        saved.messages.len(),
+        2 * i,
+        "every turn is kept in the file"
+    );
+    assert!(
+        !saved.messages[0].out_of_context,
+        "the document's turn stays"
+    );
     assert_eq!(saved.messages[0].attachments, vec![doc.clone()]);
     assert!(saved.messages[2].out_of_context && saved.messages[3].out_of_context);
     let last = &saved.messages[2 * i - 2];
@@ -101,17 +125,29 @@ fn drop_oldest_keeps_the_document_reuses_its_kv_and_drops_the_fewest() {
 
     // the fewest turns: one fewer than the plan leaves no room for the answer
     let mut next = saved.clone();
-    next.messages
-        .push(ChatMessage::new(Role::User, "One more question about entry 3, please, in detail?".repeat(3)));
+    next.messages.push(ChatMessage::new(
+        Role::User,
+        "One more question about entry 3, please, in detail?".repeat(3),
+    ));
     let chat = turns::chat_request(&next, 8, &Default::default(), true);
     let room = answer_room(8, CONTEXT);
     match context_fit::fit(&engine, &chat).unwrap() {
-        Fit::Drop { ids, prompt, full_tokens } => {
+        Fit::Drop {
+            ids,
+            prompt,
+            full_tokens,
+        } => {
             let k = ids.len();
             assert!(full_tokens + room > CONTEXT);
             assert!(prompt.len() + room <= CONTEXT);
-            let fewer = engine.encode_chat(&chat.without_oldest(k - 1).messages).unwrap();
-            assert!(fewer.len() + room > CONTEXT, "{k} turns dropped, {} would do", k - 1);
+            let fewer = engine
+                .encode_chat(&chat.without_oldest(k - 1).messages)
+                .unwrap();
+            assert!(
+                fewer.len() + room > CONTEXT,
+                "{k} turns dropped, {} would do",
+                k - 1
+            );
             let oldest: Vec<usize> = chat.droppable[..k].iter().map(|d| d.id).collect();
             assert_eq!(ids, oldest, "the oldest go first");
             assert!(!ids.contains(&0), "never the document's turn");
@@ -160,7 +196,8 @@ fn full_conversation(store: &Store) -> Conversation {
         text: document(),
     });
     conv.messages.push(first);
-    conv.messages.push(ChatMessage::new(Role::Assistant, "Ship 3."));
+    conv.messages
+        .push(ChatMessage::new(Role::Assistant, "Ship 3."));
     for i in 2..=13 {
         conv.messages.push(ChatMessage::new(
             Role::User,
@@ -195,53 +232,117 @@ fn run_overflow_policies_from_the_command_line() {
     let e = stderr(&out);
     assert!(!out.status.success());
     assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains("--overflow applies to a conversation continued with --conversation"), "{e}");
-    let out = slimchat(dir.path(), &["run", "--prompt", "hi", "--overflow", "sideways"]);
+    assert!(
+        e.contains("--overflow applies to a conversation continued with --conversation"),
+        "{e}"
+    );
+    let out = slimchat(
+        dir.path(),
+        &["run", "--prompt", "hi", "--overflow", "sideways"],
+    );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("expected drop-oldest, new or error"), "{}", stderr(&out));
-    let out = slimchat(dir.path(), &["run", "--prompt", "hi", "--conversation", "nosuch"]);
+    assert!(
+        stderr(&out).contains("expected drop-oldest, new or error"),
+        "{}",
+        stderr(&out)
+    );
+    let out = slimchat(
+        dir.path(),
+        &["run", "--prompt", "hi", "--conversation", "nosuch"],
+    );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no saved conversation nosuch"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no saved conversation nosuch"),
+        "{}",
+        stderr(&out)
+    );
 
     // error (the default): one line naming the flag; the file is untouched
-    let out = slimchat(dir.path(), &["run", "--conversation", &conv.id, "--prompt", ask]);
+    let out = slimchat(
+        dir.path(),
+        &["run", "--conversation", &conv.id, "--prompt", ask],
+    );
     let e = stderr(&out);
     assert!(!out.status.success(), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.starts_with("slimchat: error: "), "{e}");
-    assert!(e.contains("--overflow drop-oldest") && e.contains("--overflow new"), "{e}");
+    assert!(
+        e.contains("--overflow drop-oldest") && e.contains("--overflow new"),
+        "{e}"
+    );
     assert!(e.contains(&format!("context is {CONTEXT} tokens")), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 
     // new: a new conversation with the document; the old file is byte for byte as it was
-    let out = slimchat(dir.path(), &["run", "--conversation", &conv.id, "--prompt", ask, "--overflow", "new"]);
+    let out = slimchat(
+        dir.path(),
+        &[
+            "run",
+            "--conversation",
+            &conv.id,
+            "--prompt",
+            ask,
+            "--overflow",
+            "new",
+        ],
+    );
     let e = stderr(&out);
     assert!(out.status.success(), "{e}");
-    assert!(e.contains(&format!("conversation {} is full", conv.id)) && e.contains("1 document"), "{e}");
+    assert!(
+        e.contains(&format!("conversation {} is full", conv.id)) && e.contains("1 document"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), before);
     let new = store.latest().unwrap().unwrap();
     assert_ne!(new.id, conv.id);
-    assert!(e.contains(&format!("conversation saved as {}", new.id)), "{e}");
+    assert!(
+        e.contains(&format!("conversation saved as {}", new.id)),
+        "{e}"
+    );
     assert_eq!(new.messages.len(), 2);
     assert_eq!(new.messages[0].content, ask);
     assert_eq!(new.messages[0].attachments[0].text, document());
     assert!(!new.messages[1].content.is_empty());
 
     // drop-oldest: the fewest oldest turns marked, the document's turn kept, the answer saved
-    let out = slimchat(dir.path(), &["run", "--conversation", &conv.id, "--prompt", ask, "--overflow", "drop-oldest", "--json"]);
+    let out = slimchat(
+        dir.path(),
+        &[
+            "run",
+            "--conversation",
+            &conv.id,
+            "--prompt",
+            ask,
+            "--overflow",
+            "drop-oldest",
+            "--json",
+        ],
+    );
     let e = stderr(&out);
     assert!(out.status.success(), "{e}");
-    assert!(e.contains("oldest turn") && e.contains("out of the model's context"), "{e}");
+    assert!(
+        e.contains("oldest turn") && e.contains("out of the model's context"),
+        "{e}"
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["conversation"], conv.id.as_str());
-    assert!(json["prompt_tokens"].as_u64().unwrap() as usize + 4 <= CONTEXT, "{json}");
+    assert!(
+        json["prompt_tokens"].as_u64().unwrap() as usize + 4 <= CONTEXT,
+        "{json}"
+    );
     let saved = store.load(&conv.id).unwrap();
     assert_eq!(saved.messages.len(), conv.messages.len() + 2);
     assert!(!saved.messages[0].out_of_context && !saved.messages[1].out_of_context);
     let gone = saved.messages.iter().filter(|m| m.out_of_context).count();
     assert!(gone >= 2 && gone % 2 == 0, "whole turns: {gone}");
-    assert!(saved.messages[2].out_of_context, "the oldest without a document goes first");
-    assert!(!saved.messages[saved.messages.len() - 3].out_of_context, "the newest stay");
+    assert!(
+        saved.messages[2].out_of_context,
+        "the oldest without a document goes first"
+    );
+    assert!(
+        !saved.messages[saved.messages.len() - 3].out_of_context,
+        "the newest stay"
+    );
     assert_eq!(saved.messages[saved.messages.len() - 2].content, ask);
     for (a, b) in conv.messages.iter().zip(&saved.messages) {
         assert_eq!(a.content, b.content, "nothing is lost from the file");
@@ -252,5 +353,8 @@ fn run_overflow_policies_from_the_command_line() {
     let out = slimchat(dir.path(), &["run", "--prompt", "hi"]);
     let e = stderr(&out);
     assert!(!out.status.success() && e.lines().count() == 1, "{e}");
-    assert!(e.contains("[model] context must be 0 (the model's own) or at least 128"), "{e}");
+    assert!(
+        e.contains("[model] context must be 0 (the model's own) or at least 128"),
+        "{e}"
+    );
 }

@@ -117,7 +117,11 @@ fn soak_300_turns_keeps_memory_flat_and_every_turn_on_disk() {
     assert_eq!(users, want);
     assert_eq!(answers, TURNS);
     assert_eq!(saved.messages.len(), 2 * TURNS);
-    assert_eq!(saved.messages[0].attachments, vec![doc], "the document stays");
+    assert_eq!(
+        saved.messages[0].attachments,
+        vec![doc],
+        "the document stays"
+    );
     assert!(!saved.messages[0].out_of_context);
     assert!(drops >= 100, "only {drops} turns overflowed the window");
     assert_eq!(left_out, drops, "one turn left out per overflow");

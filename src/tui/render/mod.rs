@@ -31,7 +31,9 @@ pub fn draw(f: &mut Frame, app: &App) -> View {
     }
     // the overflow offer wraps over up to three rows; any other status is one
     let status_rows = app.offer.as_ref().map_or(1, |o| {
-        (o.line().chars().count() as u16).div_ceil(area.width).clamp(1, 3)
+        (o.line().chars().count() as u16)
+            .div_ceil(area.width)
+            .clamp(1, 3)
     });
     let [main, status_row] =
         Layout::vertical([Constraint::Min(1), Constraint::Length(status_rows)]).areas(area);

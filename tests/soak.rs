@@ -4,7 +4,7 @@
 //! conversation loaded and saved through the real store at every turn. Peak RSS after turn 300
 //! stays within 5% of its value after turn 10, and every turn is in the saved file at the end.
 //!
-//! It takes about two minutes on two cores, so it is `#[ignore]`d; .ci/run runs it with
+//! It takes two to three minutes on two cores, so it is `#[ignore]`d; .ci/run runs it with
 //! `cargo test --test soak -- --ignored`. The figures go to stderr (`--nocapture`).
 
 mod common;
@@ -30,7 +30,7 @@ fn mib(b: u64) -> f64 {
 }
 
 #[test]
-#[ignore = "about two minutes: .ci/run runs it with --ignored"]
+#[ignore = "two to three minutes: .ci/run runs it with --ignored"]
 fn soak_300_turns_keeps_memory_flat_and_every_turn_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -3,12 +3,14 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod context_fit;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod headless;
 pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;

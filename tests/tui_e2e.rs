@@ -6,12 +6,13 @@
 //! pastes without bracketed paste (the terminal types it, line breaks as Enter) and checks the
 //! next Enter sends it whole, and that every file of the session is 0600 / 0700 under umask 000.
 //! `a_panic_restores_the_terminal_and_saves_the_conversation` uses the test-only
-//! `SLIMCHAT_TEST_PANIC`. The tmux tests are skipped (with a message) without tmux.
+//! `SLIMCHAT_TEST_PANIC`. `full_context_offers_drop_oldest_and_new_conversation` fills a
+//! 256-token window (`[model] context`) and takes the offer's Esc, `d` and `n`. The tmux tests
+//! are skipped (with a message) without tmux.
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ratatui::backend::TestBackend;
@@ -21,6 +22,8 @@ use slimchat::config::AppConfig;
 use slimchat::tui::app::{App, Msg};
 use slimchat::tui::store::{Role, Store};
 use slimchat::tui::worker::Worker;
+
+use common::tmux::{has_tmux, slimchat_command, ttfts, wait_exit, Tmux};
 
 /// The tests here each run the model (and one times frames): one at a time, so they do not
 /// fight over the cores.
@@ -169,121 +172,6 @@ fn compare_runs_dense_and_pruned_from_an_empty_cache() {
     );
     let saved = store.latest().unwrap().unwrap();
     assert!(saved.messages[2].comparison.is_some());
-}
-
-/// A private tmux server, killed when dropped.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("tmux runs")
-    }
-
-    fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "e2e"]).stdout).into_owned()
-    }
-
-    fn alive(&self) -> bool {
-        self.run(&["has-session", "-t", "e2e"]).status.success()
-    }
-
-    /// Polls the screen until `pred` holds; panics with the screen after `secs`.
-    fn wait(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
-        let until = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = self.screen();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < until && self.alive(),
-                "timed out waiting for {what}; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn start(&self, dir: &Path, extra: &str) {
-        self.start_script(&format!(
-            "exec {} {extra} 2>>'{}'",
-            slimchat_command(dir),
-            dir.join("stderr.txt").display()
-        ));
-    }
-
-    /// Runs `script` with sh in a new 160x50 session.
-    fn start_script(&self, cmd: &str) {
-        let out = self.run(&[
-            "new-session",
-            "-d",
-            "-x",
-            "160",
-            "-y",
-            "50",
-            "-s",
-            "e2e",
-            "sh",
-            "-c",
-            cmd,
-        ]);
-        assert!(out.status.success(), "tmux new-session: {out:?}");
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", "e2e"];
-        args.extend(keys);
-        assert!(self.run(&args).status.success());
-    }
-
-    /// Enter, after the pause a person leaves after typing: text and Enter arriving in the same
-    /// instant read as a paste (see `slimchat::tui::paste_burst`).
-    fn enter(&self) {
-        std::thread::sleep(Duration::from_millis(200));
-        self.keys(&["Enter"]);
-    }
-
-    fn type_text(&self, text: &str) {
-        assert!(self
-            .run(&["send-keys", "-t", "e2e", "-l", text])
-            .status
-            .success());
-    }
-}
-
-/// The command line that runs slimchat on `dir`'s config.toml with its data in `dir`/data.
-fn slimchat_command(dir: &Path) -> String {
-    format!(
-        "env SLIMCHAT_DATA_DIR='{}' SLIMCHAT_CONFIG=/nonexistent '{}' --config '{}'",
-        dir.join("data").display(),
-        env!("CARGO_BIN_EXE_slimchat"),
-        dir.join("config.toml").display(),
-    )
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.run(&["kill-server"]);
-    }
-}
-
-/// Every `TTFT <n> ms · prefill` footer on the screen, in order.
-fn ttfts(screen: &str) -> Vec<u64> {
-    screen
-        .split("TTFT ")
-        .skip(1)
-        .filter_map(|rest| {
-            let (n, tail) = rest.split_once(" ms")?;
-            tail.starts_with(" · prefill")
-                .then(|| n.trim().parse().ok())?
-        })
-        .collect()
 }
 
 #[test]
@@ -448,22 +336,6 @@ fn killed_mid_answer_keeps_the_partial_answer() {
         "the partial answer was saved while streaming: {:?}",
         answer.content
     );
-}
-
-fn has_tmux(test: &str) -> bool {
-    let ok = Command::new("tmux").arg("-V").output().is_ok();
-    if !ok {
-        eprintln!("SKIPPED {test}: tmux is not installed");
-    }
-    ok
-}
-
-fn wait_exit(tmux: &Tmux) {
-    let until = Instant::now() + Duration::from_secs(15);
-    while tmux.alive() {
-        assert!(Instant::now() < until, "slimchat did not quit");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -633,4 +505,139 @@ fn a_panic_restores_the_terminal_and_saves_the_conversation() {
     assert_eq!(answer.content.chars().count(), chars, "{answer:?}");
     let log = std::fs::read_to_string(store.log_path()).unwrap();
     assert!(log.contains("panic: test panic"), "{log}");
+}
+
+#[test]
+fn full_context_offers_drop_oldest_and_new_conversation() {
+    if !has_tmux("full_context_offers_drop_oldest_and_new_conversation") {
+        return;
+    }
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    // a 256-token window fills after a few turns; a short paste still becomes a chip
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[model]\ncontext = 256\n[chat]\nmax_tokens = 8\n[tui]\npaste_chip_chars = 100\n",
+    )
+    .unwrap();
+    let doc: String = (1..=4)
+        .map(|d| format!("Day {d}: ship {} came in with {} barrels.\n", d * 3, d * 11))
+        .collect();
+    let doc_path = dir.path().join("doc.txt");
+    std::fs::write(&doc_path, &doc).unwrap();
+    let tmux = Tmux {
+        socket: format!("slimchat-full-{}", std::process::id()),
+    };
+    tmux.start(dir.path(), "");
+    tmux.wait("the model to load", 60, |s| s.contains("model   SmolLM2"));
+    assert!(tmux
+        .run(&["load-buffer", "-b", "doc", doc_path.to_str().unwrap()])
+        .status
+        .success());
+    assert!(tmux
+        .run(&["paste-buffer", "-p", "-b", "doc", "-t", "e2e"])
+        .status
+        .success());
+    tmux.wait("the paste chip", 10, |s| s.contains("[pasted "));
+    let offered = |s: &str| s.contains("leave no room for an answer");
+    let mut answers = 0;
+    let mut asked = 0;
+    let mut s = String::new();
+    while !offered(&s) {
+        asked += 1;
+        assert!(asked <= 15, "no offer after {asked} turns:\n{s}");
+        tmux.type_text(&format!(
+            "Question {asked}: which ship came in on day {}?",
+            asked % 4 + 1
+        ));
+        tmux.enter();
+        s = tmux.wait("an answer or the offer", 60, |s| {
+            offered(s) || (ttfts(s).len() > answers && s.contains("state   idle"))
+        });
+        if !offered(&s) {
+            answers = ttfts(&s).len();
+        }
+    }
+    let pending = format!(
+        "Question {asked}: which ship came in on day {}?",
+        asked % 4 + 1
+    );
+    assert!(asked >= 3, "the window filled after {asked} turns:\n{s}");
+    assert!(s.contains("d: drop the 1 oldest turn"), "{s}");
+    assert!(
+        s.contains("n: send in a new conversation with the same documents"),
+        "{s}"
+    );
+    assert!(
+        s.contains(&format!("│{pending}")),
+        "the message waits in the input:\n{s}"
+    );
+
+    // Esc: nothing sent, the message stays; Enter offers again
+    tmux.keys(&["Escape"]);
+    let s = tmux.wait("the offer to close", 10, |s| !offered(s));
+    assert!(
+        s.contains("not sent: the message is back in the input"),
+        "{s}"
+    );
+    assert!(s.contains(&format!("│{pending}")), "{s}");
+    tmux.enter();
+    tmux.wait("the offer again", 30, offered);
+
+    // d: the oldest turn is left out, the message sent, the answer streams
+    tmux.keys(&["d"]);
+    let s = tmux.wait("the answer after the drop", 60, |s| {
+        ttfts(s).len() > answers && s.contains("state   idle") && !offered(s)
+    });
+    assert!(
+        s.contains("left the 1 oldest turn out of the model's context"),
+        "{s}"
+    );
+
+    // the next message overflows again: n starts a new conversation with the document
+    let last = "Which ship had 44 barrels?";
+    tmux.type_text(last);
+    tmux.enter();
+    tmux.wait("the offer for the next message", 30, offered);
+    tmux.keys(&["n"]);
+    let s = tmux.wait("the answer in the new conversation", 60, |s| {
+        s.contains("new conversation with 1 document of")
+            && ttfts(s).len() == 1
+            && s.contains("state   idle")
+    });
+    assert!(
+        s.contains(&format!("┌ {last} ")),
+        "the new conversation's title:\n{s}"
+    );
+    assert!(
+        s.contains("[pasted "),
+        "the document is in the new conversation:\n{s}"
+    );
+    assert!(
+        !s.contains("Question 1:"),
+        "the old turns are not in it:\n{s}"
+    );
+    tmux.keys(&["C-c"]);
+    wait_exit(&tmux);
+
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let all = store.list().unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let old = store.load(&all[0].id).unwrap();
+    let new = store.load(&all[1].id).unwrap();
+    // the old conversation: every turn kept, the oldest without the document marked
+    assert_eq!(old.messages.len(), 2 * asked, "{old:?}");
+    assert_eq!(old.messages[0].attachments[0].text, doc);
+    assert!(!old.messages[0].out_of_context);
+    assert!(old.messages[2].out_of_context && old.messages[3].out_of_context);
+    assert_eq!(old.messages[2 * asked - 2].content, pending);
+    assert!(!old.messages[2 * asked - 1].content.is_empty());
+    // the new one: the document and the last message, answered
+    assert_eq!(new.messages.len(), 2, "{new:?}");
+    assert_eq!(new.messages[0].content, last);
+    assert_eq!(new.messages[0].attachments[0].text, doc);
+    assert!(!new.messages[1].content.is_empty() && !new.messages[1].partial);
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

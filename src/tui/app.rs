@@ -8,16 +8,19 @@ use std::time::Duration;
 use crate::config::AppConfig;
 use crate::engine::GenerateRequest;
 use crate::model::source::DownloadProgress;
-use crate::model::template::{Message, Role as TemplateRole};
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
 
 use super::editor::Editor;
 use super::store::{Attachment, ChatMessage, Conversation, Role};
 use super::tokens::TokenCounter;
+use super::turns;
 use super::worker::{EngineCmd, WorkerEvent};
 
 mod engine_events;
+mod overflow;
+
+pub use overflow::Offer;
 
 /// Slash commands, for the help overlay.
 pub const COMMANDS: &[(&str, &str)] = &[
@@ -62,8 +65,12 @@ pub enum Msg {
     End,
     KillLine,
     Submit,
-    /// Esc: stop the answer, else close the help or the message.
+    /// Esc: stop the answer, else cancel the overflow offer, close the help or the message.
     Stop,
+    /// The overflow offer's `d`: leave out the oldest turns and send the message.
+    DropOldest,
+    /// The overflow offer's `n`: a new conversation with the same documents, and send there.
+    NewWithDocuments,
     /// Ctrl+C: stop the answer; a second one (or one while idle) quits.
     Interrupt,
     Quit,
@@ -190,6 +197,8 @@ pub struct App {
     pub running: Option<Running>,
     pub last: Option<LastStats>,
     pub status: Option<Status>,
+    /// The message did not fit: what leaving out the oldest turns would do (keys d, n, Esc).
+    pub offer: Option<Offer>,
     pub help: bool,
     /// Lines scrolled up from the bottom of the transcript (0 = follow the answer).
     pub scroll: usize,
@@ -235,6 +244,7 @@ impl App {
             running: None,
             last: None,
             status: None,
+            offer: None,
             help: false,
             scroll: 0,
             view: View::default(),
@@ -319,31 +329,10 @@ impl App {
         });
     }
 
-    /// The conversation as the model sees it: system prompt, then users and answers.
+    /// The conversation as the model sees it: system prompt, then users and answers (the
+    /// turns left out of the context excepted).
     fn request(&self) -> GenerateRequest {
-        let mut messages = Vec::new();
-        if !self.conv.system.is_empty() {
-            messages.push(Message {
-                role: TemplateRole::System,
-                content: self.conv.system.clone(),
-            });
-        }
-        for m in &self.conv.messages {
-            let role = match m.role {
-                Role::User => TemplateRole::User,
-                Role::Assistant if !m.content.is_empty() => TemplateRole::Assistant,
-                _ => continue,
-            };
-            messages.push(Message {
-                role,
-                content: m.full_text(),
-            });
-        }
-        GenerateRequest {
-            messages,
-            max_tokens: self.max_tokens,
-            sampling: self.sampling.clone(),
-        }
+        turns::chat_request(&self.conv, self.max_tokens, &self.sampling, false).req
     }
 
     fn start(&mut self, kind: RequestKind) {
@@ -361,9 +350,10 @@ impl App {
         self.ctrl_c_armed = false;
     }
 
-    /// Sends the conversation with an empty answer appended.
-    fn send_chat(&mut self) -> Vec<Effect> {
-        let req = self.request();
+    /// Sends the conversation with an empty answer appended; `drop_oldest`: leave out the
+    /// oldest turns without asking if it does not fit.
+    fn send_chat(&mut self, drop_oldest: bool) -> Vec<Effect> {
+        let req = turns::chat_request(&self.conv, self.max_tokens, &self.sampling, drop_oldest);
         let mut answer = ChatMessage::new(Role::Assistant, "");
         answer.partial = true;
         self.conv.messages.push(answer);
@@ -388,7 +378,7 @@ impl App {
         true
     }
 
-    fn submit(&mut self) -> Vec<Effect> {
+    fn submit(&mut self, drop_oldest: bool) -> Vec<Effect> {
         let text = self.editor.text();
         if let Some(cmd) = text.trim_start().strip_prefix('/') {
             if !cmd.starts_with('/') && !cmd.contains('\n') {
@@ -406,7 +396,7 @@ impl App {
         self.conv.messages.push(user);
         self.editor.clear();
         self.status = None;
-        self.send_chat()
+        self.send_chat(drop_oldest)
     }
 
     fn command(&mut self, line: String) -> Vec<Effect> {
@@ -480,7 +470,7 @@ impl App {
             return vec![];
         }
         self.say("regenerating the last answer");
-        self.send_chat()
+        self.send_chat(false)
     }
 
     fn compare(&mut self) -> Vec<Effect> {
@@ -501,7 +491,9 @@ impl App {
         let keep = self.conv.messages[..=last_user]
             .iter()
             .filter(|m| {
-                m.role == Role::User || (m.role == Role::Assistant && !m.content.is_empty())
+                !m.out_of_context
+                    && (m.role == Role::User
+                        || (m.role == Role::Assistant && !m.content.is_empty()))
             })
             .count()
             + usize::from(!self.conv.system.is_empty());
@@ -585,10 +577,14 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
         Msg::Home => app.editor.home(),
         Msg::End => app.editor.end(),
         Msg::KillLine => app.editor.kill_to_start(),
-        Msg::Submit => return app.submit(),
+        Msg::Submit => return app.submit(false),
+        Msg::DropOldest => return app.drop_oldest(),
+        Msg::NewWithDocuments => return app.new_with_documents(),
         Msg::Stop => {
             if app.help {
                 app.help = false;
+            } else if app.offer.is_some() {
+                app.cancel_offer();
             } else if let Some(r) = &mut app.running {
                 r.stopping = true;
                 app.say("stopping…");

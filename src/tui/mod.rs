@@ -13,6 +13,7 @@ pub mod render;
 pub mod saver;
 pub mod store;
 pub mod tokens;
+pub mod turns;
 pub mod worker;
 
 use std::io::Write;

@@ -73,6 +73,14 @@ pub struct ChatMessage {
     /// True while the answer is still streaming (or was cut off by a kill).
     #[serde(default)]
     pub partial: bool,
+    /// Left out of what is sent to the model to make room for a newer message (the oldest
+    /// turns go first; shown dimmed, kept here).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub out_of_context: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ChatMessage {
@@ -84,6 +92,7 @@ impl ChatMessage {
             metrics: None,
             comparison: None,
             partial: false,
+            out_of_context: false,
         }
     }
 

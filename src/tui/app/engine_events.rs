@@ -1,5 +1,6 @@
 //! What the engine thread reports ([`WorkerEvent`]), applied to the chat screen's state: the
-//! model loading, prefill progress, streamed tokens, a refused prompt, the finished answer's
+//! model loading, prefill progress, streamed tokens, a refused prompt or one offered a drop of
+//! the oldest turns (`overflow.rs`), turns left out, the finished answer's
 //! numbers (as [`TurnMetrics`] and a metrics.jsonl record) and compare results.
 
 use crate::engine::GenStats;
@@ -7,7 +8,7 @@ use crate::engine::GenStats;
 use super::super::agreement::agreement;
 use super::super::store::{ChatMessage, Comparison, Role, TurnMetrics};
 use super::super::worker::WorkerEvent;
-use super::{thousands, App, Effect, LastStats, ModelInfo};
+use super::{thousands, App, Effect, LastStats, ModelInfo, Offer};
 
 impl App {
     pub(super) fn on_worker(&mut self, ev: WorkerEvent) -> Vec<Effect> {
@@ -73,6 +74,22 @@ impl App {
                     thousands(context_length)
                 ));
             }
+            WorkerEvent::Overflow {
+                prompt_tokens,
+                context_length,
+                turns,
+                after_tokens,
+            } => self.on_overflow(Offer {
+                prompt_tokens,
+                context_length,
+                turns,
+                after_tokens,
+            }),
+            WorkerEvent::Dropped {
+                ids,
+                from_tokens,
+                to_tokens,
+            } => return self.on_dropped(&ids, from_tokens, to_tokens),
             WorkerEvent::Stats { stats, rss_bytes } => return self.on_stats(&stats, rss_bytes),
             WorkerEvent::Compared {
                 dense,
@@ -120,22 +137,6 @@ impl App {
             }
         }
         vec![]
-    }
-
-    /// Puts a refused message back into the input, chips included.
-    fn undo_send(&mut self) {
-        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::Assistant && m.partial) {
-            self.conv.messages.pop();
-        }
-        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::User) {
-            let user = self.conv.messages.pop().expect("checked");
-            let mut chips = user.attachments;
-            chips.append(&mut self.chips);
-            self.chips = chips;
-            if self.editor.is_empty() {
-                self.editor.set_text(&user.content);
-            }
-        }
     }
 
     fn set_last(&mut self, s: &GenStats, rss_bytes: u64) {

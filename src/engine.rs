@@ -13,9 +13,10 @@ use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
 use crate::config::AppConfig;
+use crate::kv::policy::Dense;
 use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
 use crate::model::gguf::GgufFile;
-use crate::model::llama::{Dense, Llama};
+use crate::model::llama::Llama;
 use crate::model::source::{DownloadProgress, ModelSource};
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};

@@ -24,9 +24,10 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slimchat::backend::linear::LinearMode;
+use slimchat::kv::policy::{Dense, LayerPolicy};
 use slimchat::kv::KvCache;
 use slimchat::model::gguf::{GgufFile, RopeStyle};
-use slimchat::model::llama::{Dense, LayerPolicy, Llama};
+use slimchat::model::llama::Llama;
 
 /// dense-f32 against candle's f32 model: f16 KV and summation order only.
 /// Measured up to 5e-4 (qwen3, decode).

@@ -20,10 +20,10 @@ use std::sync::Arc;
 
 use super::dtype::KvDtype;
 use super::manager::KvManager;
+use super::policy::LayerPolicy;
 use super::stats::KvStats;
 use crate::backend::attention::{attention_in_place, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
-use crate::model::llama::LayerPolicy;
 
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
@@ -537,7 +537,7 @@ mod tests {
     #[test]
     fn q8_keys_divided_per_channel_attend_as_their_widened_values() {
         use crate::backend::attention::attention_reference;
-        use crate::model::llama::Dense;
+        use crate::kv::policy::Dense;
         let shape = AttnShape {
             n_heads: 6,
             n_kv_heads: 2,
@@ -634,7 +634,7 @@ mod tests {
     /// fresh rows (as in decode) it reads the int8 rounding, which differs.
     #[test]
     fn q8_prefill_attends_over_its_own_rows_at_f16_precision() {
-        use crate::model::llama::Dense;
+        use crate::kv::policy::Dense;
         let shape = AttnShape {
             n_heads: 6,
             n_kv_heads: 2,

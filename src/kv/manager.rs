@@ -33,11 +33,11 @@ use rayon::prelude::*;
 use super::cache::LayerKv;
 use super::config::{Budget, KvConfig};
 use super::fast::{FastLayer, SlotBuf};
+use super::policy::{ActiveBlocks, LayerPolicy};
 use super::stats::KvStats;
 use super::table::{BlockTable, Residency, TableError};
 use super::worker::{copy_rows, Done, Job, SpillStart, Worker, WorkerGone};
 use crate::backend::decode_attention::KeyRun;
-use crate::model::llama::{ActiveBlocks, LayerPolicy};
 use crate::{Error, Result};
 
 /// What one layer will hold in the fast tier during a request.

@@ -35,8 +35,8 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use crate::backend::with_f32;
+use crate::kv::policy::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::kv::LayerKv;
-use crate::model::llama::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers, WindowPool};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{block_scores_of, HeadShape, Keys, UnitKeys};

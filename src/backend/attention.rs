@@ -20,8 +20,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::decode_attention::decode_attention;
+use super::kv_format::{KvDtype, KvView};
 use super::simd;
-use crate::kv::{KvDtype, KvView};
 
 /// Query rows per task.
 const TILE_ROWS: usize = 64;

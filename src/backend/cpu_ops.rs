@@ -7,9 +7,9 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
+use super::kv_format::{KvDtype, KvView};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined};
-use crate::kv::{KvDtype, KvView};
 use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
 use crate::{Error, Result};
 

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod cpu_ops;
 pub mod decode_attention;
 pub mod isa;
+pub mod kv_format;
 pub mod linear;
 pub mod ops;
 pub mod ops_check;

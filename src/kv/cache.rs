@@ -18,12 +18,12 @@
 
 use std::sync::Arc;
 
-use super::dtype::KvDtype;
 use super::manager::KvManager;
 use super::policy::LayerPolicy;
 use super::stats::KvStats;
 use crate::backend::attention::{attention_in_place, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
+use crate::backend::kv_format::{unscale_keys, KvDtype, KvView};
 
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
@@ -38,18 +38,6 @@ pub struct LayerKv {
     /// Q8 only: the divisor of each key channel (kv_dim values; empty for 16-bit types and
     /// before the first append)
     pub k_scale: Vec<f32>,
-}
-
-/// A borrowed cache for the attention kernels.
-#[derive(Debug, Clone, Copy)]
-pub struct KvView<'a> {
-    /// (len, stored_len(kv_dim)) words
-    pub k: &'a [u16],
-    /// (len, stored_len(kv_dim)) words
-    pub v: &'a [u16],
-    /// (len), strictly increasing
-    pub positions: &'a [u32],
-    pub dtype: KvDtype,
 }
 
 impl LayerKv {
@@ -291,16 +279,6 @@ fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
         pair.fill(m.max(loudest / SCALE_MAX_RATIO));
     }
     amax
-}
-
-/// Multiply widened key rows back by their channel scale (no-op for an empty scale).
-pub fn unscale_keys(rows: &mut [f32], scale: &[f32]) {
-    if scale.is_empty() {
-        return;
-    }
-    for row in rows.chunks_exact_mut(scale.len()) {
-        row.iter_mut().zip(scale).for_each(|(x, s)| *x *= s);
-    }
 }
 
 /// The caches of all layers (the host tier), and the KV manager that keeps a bounded fast tier

@@ -5,7 +5,8 @@
 //! measured in `stats`.
 pub mod cache;
 pub mod config;
-pub mod dtype;
+#[cfg(test)]
+mod decode_attention_tests;
 pub mod fast;
 pub mod manager;
 pub mod policy;
@@ -14,8 +15,8 @@ pub mod stats;
 pub mod table;
 pub mod worker;
 
-pub use cache::{KvCache, KvView, LayerKv};
+pub use crate::backend::kv_format::KvDtype;
+pub use cache::{KvCache, LayerKv};
 pub use config::KvConfig;
-pub use dtype::KvDtype;
 pub use manager::{KvManager, LayerPlan};
 pub use stats::KvStats;

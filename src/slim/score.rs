@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::kv::cache::unscale_keys;
+use crate::backend::kv_format::unscale_keys;
 use crate::kv::{KvDtype, LayerKv};
 use crate::slim::schedule::WindowPool;
 

@@ -8,10 +8,9 @@ use std::ops::Range;
 
 use super::{lane_max, lane_sum, Blocks, KeyRun, Partial, BLOCK};
 use crate::backend::attention::AttnShape;
+use crate::backend::kv_format::x86::q8_group;
+use crate::backend::kv_format::{KvDtype, Q8_WORDS};
 use crate::backend::simd::exp_nonpositive;
-use crate::kv::dtype::x86::q8_group;
-use crate::kv::dtype::Q8_WORDS;
-use crate::kv::KvDtype;
 
 const HD: usize = 64;
 

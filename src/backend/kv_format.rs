@@ -1,4 +1,9 @@
-//! Element type of the KV cache, stored in `u16` words and widened to f32 for arithmetic: 16-bit
+//! How the KV cache is stored, shared by the kernels that read it (src/backend) and the caches
+//! and KV manager that write and move it (src/kv): the element type [`KvDtype`] with its
+//! conversions, the borrowed view the attention kernels read ([`KvView`]), and the per-channel
+//! key scale of Q8 keys ([`unscale_keys`]).
+//!
+//! Elements are stored in `u16` words and widened to f32 for arithmetic: 16-bit
 //! floats (f16 or bf16 bit patterns, one word a value: half the bytes of f32), or Q8: groups of
 //! 32 values as one f16 scale and 32 int8 (17 words, 1.0625 bytes a value, GGML's Q8_0 layout).
 //! A decode step at long context is bound by reading these bytes.
@@ -13,7 +18,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::isa::Isa;
+use super::isa::Isa;
 
 /// How a KV element is stored. `Default` (f16) is a bare cache's type; the app's default
 /// (`[model] kv_dtype`) is Q8.
@@ -139,6 +144,28 @@ impl KvDtype {
             KvDtype::Bf16 => f32::from_bits((bits as u32) << 16),
             KvDtype::Q8 => panic!("KvDtype::to_f32: Q8 values are stored in groups"),
         }
+    }
+}
+
+/// A borrowed cache for the attention kernels.
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    /// (len, stored_len(kv_dim)) words
+    pub k: &'a [u16],
+    /// (len, stored_len(kv_dim)) words
+    pub v: &'a [u16],
+    /// (len), strictly increasing
+    pub positions: &'a [u32],
+    pub dtype: KvDtype,
+}
+
+/// Multiply widened key rows back by their channel scale (no-op for an empty scale).
+pub fn unscale_keys(rows: &mut [f32], scale: &[f32]) {
+    if scale.is_empty() {
+        return;
+    }
+    for row in rows.chunks_exact_mut(scale.len()) {
+        row.iter_mut().zip(scale).for_each(|(x, s)| *x *= s);
     }
 }
 

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::linear::LinearMode;
+use crate::backend::score::HeadShape;
 use crate::config::AppConfig;
 use crate::kv::policy::Dense;
 use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
@@ -23,7 +24,6 @@ use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::slim::preset::{self, ModelFacts, ModelFit};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::HeadShape;
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 

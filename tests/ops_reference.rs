@@ -6,9 +6,11 @@ use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
 use slimchat::backend::rowwise::Rope;
+use slimchat::backend::score::{
+    block_scores_attention_reference, block_scores_reference, HeadShape,
+};
 use slimchat::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 use slimchat::model::synthetic::{LlamaShape, NoHooks, SyntheticLlama};
-use slimchat::slim::score::{block_scores_attention_reference, block_scores_reference, HeadShape};
 use slimchat::slim::SlimConfig;
 
 #[test]

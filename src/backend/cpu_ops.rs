@@ -10,7 +10,7 @@ use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined};
-use crate::slim::score::{block_scores, block_scores_attention, HeadShape};
+use super::score::{block_scores, block_scores_attention, HeadShape};
 use crate::{Error, Result};
 
 /// The CPU backend of the ops seam.

@@ -14,6 +14,7 @@ pub mod ops_check;
 pub mod qgemm;
 pub mod qgemv;
 pub mod rowwise;
+pub mod score;
 pub mod simd;
 
 use candle_core::{Device, Storage, Tensor};

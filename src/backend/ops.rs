@@ -42,7 +42,7 @@ pub struct RowSlice {
     pub offset: usize,
 }
 
-/// How block scores are computed (see `crate::slim::score`).
+/// How block scores are computed (see [`super::score`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreMode {
     /// Attention mass of each block's units under each window query's softmax.

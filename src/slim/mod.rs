@@ -10,8 +10,9 @@
 //!
 //! - [`schedule`]: the `[slim]` config section, its presets, and [`Stage`]s resolved for one prompt
 //!   (from which layer on, how many blocks); [`preset`]: which preset fits a model.
-//! - [`score`]: block scores from the post-RoPE queries of the last `local_window` tokens and the
-//!   post-RoPE keys (unit-mean keys, |q·k| averaged over heads, max over a block's units).
+//! - block scores from the post-RoPE queries of the last `local_window` tokens and the post-RoPE
+//!   keys (unit-mean keys, |q·k| averaged over heads, max over a block's units): the kernels are
+//!   the backend's ([`crate::backend::score`]); [`score`] reads a layer's cache for them.
 //! - [`select`]: top-K with the always-kept blocks (attention sink, the block(s) of the last prompt
 //!   tokens), the overlap-aware gate that decode uses, and the row indices to gather.
 //!
@@ -27,5 +28,4 @@ pub mod select;
 pub mod session;
 
 pub use schedule::{SlimConfig, Stage, StageConfig};
-pub use score::{block_scores, HeadShape};
 pub use select::{forced_blocks, gate, kept_rows, overlap, select_top_k};

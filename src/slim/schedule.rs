@@ -17,6 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::score::WindowPool;
 use crate::slim::preset::{generic_floors, ModelFit};
 
 /// Preset names accepted by `[slim] preset`.
@@ -1076,16 +1077,6 @@ pub enum GateKind {
     Blocks,
     /// The share of the proposal's score mass inside the active set.
     Mass,
-}
-
-/// How the attention-mass scores of a stage's window queries combine into a block's score.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WindowPool {
-    /// The mean over the queries.
-    Mean,
-    /// The largest over the queries.
-    Max,
 }
 
 /// Who chooses the prompt blocks decode attends to (see `slim::session`).

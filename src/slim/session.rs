@@ -34,12 +34,13 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
+use crate::backend::score::{block_scores_of, HeadShape, UnitKeys, WindowPool};
 use crate::backend::with_f32;
 use crate::kv::policy::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::kv::LayerKv;
-use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers, WindowPool};
+use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{block_scores_of, HeadShape, Keys, UnitKeys};
+use crate::slim::score::keys_of;
 use crate::slim::select::{
     forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
 };
@@ -292,7 +293,7 @@ impl SlimSession {
 
     fn score(&self, q_window: &[f32], kv: &LayerKv) -> Vec<(u32, f32)> {
         let (keys, pos, bs, us) = (
-            Keys::of(kv),
+            keys_of(kv),
             &kv.positions,
             self.cfg.block_size,
             self.cfg.unit_size,
@@ -493,7 +494,7 @@ impl SlimSession {
             _ => units.insert((
                 prompt_rows,
                 UnitKeys::new(
-                    Keys::of(kv),
+                    keys_of(kv),
                     &kv.positions,
                     self.prompt_len,
                     self.shape,

@@ -5,11 +5,10 @@
 use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
-use slimchat::backend::rowwise::Rope;
+use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
 use slimchat::backend::score::{
     block_scores_attention_reference, block_scores_reference, HeadShape,
 };
-use slimchat::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 use slimchat::model::synthetic::{LlamaShape, NoHooks, SyntheticLlama};
 use slimchat::slim::SlimConfig;
 
@@ -39,22 +38,12 @@ fn matmul_matches_a_naive_product() {
 #[test]
 fn rope_matches_the_engines_rope() {
     let (hd, heads, rows, theta) = (64, 3, 9, 10_000.0);
-    let spec = ModelSpec {
-        arch: "llama".into(),
-        n_layers: 1,
-        hidden: hd * heads,
-        intermediate: 1,
-        n_heads: heads,
-        n_kv_heads: heads,
+    let spec = RopeParams {
         head_dim: hd,
         rope_dim: hd,
-        rope_theta: theta,
-        rope_scaling: RopeScaling::None,
-        rope_style: RopeStyle::Normal,
-        qk_norm: false,
-        rms_eps: 1e-5,
-        context_length: 4096,
-        vocab_size: 1,
+        theta,
+        linear_scaling: 1.0,
+        layout: RopeLayout::Normal,
     };
     let mut rng = Rng::new(2);
     let x = rng.bf16s(rows * heads * hd, 1.0);

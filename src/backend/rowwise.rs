@@ -5,7 +5,6 @@
 use rayon::prelude::*;
 
 use super::simd;
-use crate::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 
 /// Rows per parallel task: small enough to balance two cores, large enough to amortise a task.
 const ROWS_PER_TASK: usize = 64;
@@ -39,7 +38,7 @@ pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
 /// position * inv_freq[i], with inv_freq[i] = theta^(-2i / rope_dim) / freq_factor[i] (llama.cpp
 /// divides the angle by `rope_freqs.weight`'s factor) and positions divided by a linear scaling
 /// factor. Pair i is (x[2i], x[2i+1]) in the normal layout and (x[i], x[i + rope_dim/2]) in the
-/// NEOX one ([`RopeStyle`]). <https://arxiv.org/abs/2104.09864>
+/// NEOX one ([`RopeLayout`]). <https://arxiv.org/abs/2104.09864>
 pub struct Rope {
     /// (max_positions, rope_dim / 2)
     cos: Vec<f32>,
@@ -47,23 +46,44 @@ pub struct Rope {
     sin: Vec<f32>,
     half: usize,
     head_dim: usize,
-    style: RopeStyle,
+    layout: RopeLayout,
     max_positions: usize,
+}
+
+/// What RoPE needs to know of a model; the model converts its hyper-parameters into it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeParams {
+    /// Values per head.
+    pub head_dim: usize,
+    /// The first `rope_dim` values of each head rotate; the rest pass through.
+    pub rope_dim: usize,
+    /// Base of the rotation frequencies.
+    pub theta: f32,
+    /// Positions are divided by this factor (linear scaling) when it is positive; 1: none.
+    pub linear_scaling: f32,
+    pub layout: RopeLayout,
+}
+
+/// Which pairs of a head's values RoPE rotates together: pair i is (x[2i], x[2i + 1]) in the
+/// normal (GPT-J / Meta LLaMA) layout and (x[i], x[i + rope_dim / 2]) in the NEOX ("rotate
+/// half") one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    Normal,
+    Neox,
 }
 
 impl Rope {
     /// `freq_factors`: Llama-3 style per-frequency divisors (`rope_freqs.weight`), if the model has them.
-    pub fn new(spec: &ModelSpec, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
+    pub fn new(spec: &RopeParams, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
         let half = spec.rope_dim / 2;
-        let pos_scale = match spec.rope_scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear(f) if f > 0.0 => 1.0 / f,
-            RopeScaling::Linear(_) => 1.0,
+        let pos_scale = match spec.linear_scaling {
+            f if f > 0.0 => 1.0 / f,
+            _ => 1.0,
         };
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
-                let base =
-                    1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / spec.rope_dim as f64);
+                let base = 1.0 / (spec.theta as f64).powf(2.0 * i as f64 / spec.rope_dim as f64);
                 let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64;
                 base / factor
             })
@@ -82,7 +102,7 @@ impl Rope {
             sin,
             half,
             head_dim: spec.head_dim,
-            style: spec.rope_style,
+            layout: spec.layout,
             max_positions,
         }
     }
@@ -121,9 +141,9 @@ impl Rope {
                     let cos = &self.cos[p as usize * self.half..][..self.half];
                     let sin = &self.sin[p as usize * self.half..][..self.half];
                     for head in row.chunks_mut(self.head_dim) {
-                        match self.style {
-                            RopeStyle::Normal => rotate_adjacent(head, cos, sin),
-                            RopeStyle::Neox => rotate_halves(head, cos, sin),
+                        match self.layout {
+                            RopeLayout::Normal => rotate_adjacent(head, cos, sin),
+                            RopeLayout::Neox => rotate_halves(head, cos, sin),
                         }
                     }
                 }
@@ -156,43 +176,33 @@ fn rotate_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 mod tests {
     use super::*;
 
-    fn spec(style: RopeStyle, scaling: RopeScaling) -> ModelSpec {
-        ModelSpec {
-            arch: "test".into(),
-            n_layers: 1,
-            hidden: 16,
-            intermediate: 1,
-            n_heads: 2,
-            n_kv_heads: 2,
+    /// Two heads of 8 values a row.
+    const N_HEADS: usize = 2;
+
+    fn spec(layout: RopeLayout, linear_scaling: f32) -> RopeParams {
+        RopeParams {
             head_dim: 8,
             rope_dim: 6, // the last two values of each head are not rotated
-            rope_theta: 500_000.0,
-            rope_scaling: scaling,
-            rope_style: style,
-            qk_norm: false,
-            rms_eps: 1e-5,
-            context_length: 64,
-            vocab_size: 1,
+            theta: 500_000.0,
+            linear_scaling,
+            layout,
         }
     }
 
     /// Rotate (rows, 2 heads of 8) by the formula: pair i of a head at position p turns by
     /// p / linear * theta^(-2i / rope_dim) / factor[i].
-    fn closed_form(x: &[f32], positions: &[u32], s: &ModelSpec, factors: &[f32]) -> Vec<f32> {
-        let linear = match s.rope_scaling {
-            RopeScaling::Linear(f) => f as f64,
-            RopeScaling::None => 1.0,
-        };
+    fn closed_form(x: &[f32], positions: &[u32], s: &RopeParams, factors: &[f32]) -> Vec<f32> {
+        let linear = s.linear_scaling as f64;
         let half = s.rope_dim / 2;
         let mut out = x.to_vec();
-        for (row, &p) in out.chunks_mut(s.n_heads * s.head_dim).zip(positions) {
+        for (row, &p) in out.chunks_mut(N_HEADS * s.head_dim).zip(positions) {
             for head in row.chunks_mut(s.head_dim) {
                 for (i, &factor) in factors.iter().enumerate().take(half) {
-                    let inv = (s.rope_theta as f64).powf(-2.0 * i as f64 / s.rope_dim as f64);
+                    let inv = (s.theta as f64).powf(-2.0 * i as f64 / s.rope_dim as f64);
                     let angle = p as f64 / linear * inv / factor as f64;
-                    let (a, b) = match s.rope_style {
-                        RopeStyle::Normal => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
+                    let (a, b) = match s.layout {
+                        RopeLayout::Normal => (2 * i, 2 * i + 1),
+                        RopeLayout::Neox => (i, i + half),
                     };
                     let (x, y) = (head[a] as f64, head[b] as f64);
                     head[a] = (x * angle.cos() - y * angle.sin()) as f32;
@@ -203,8 +213,8 @@ mod tests {
         out
     }
 
-    fn check(style: RopeStyle, scaling: RopeScaling, factors: Option<&[f32]>) {
-        let s = spec(style, scaling);
+    fn check(layout: RopeLayout, linear_scaling: f32, factors: Option<&[f32]>) {
+        let s = spec(layout, linear_scaling);
         let positions = [0u32, 1, 7, 33, 63];
         let x: Vec<f32> = (0..positions.len() * 16)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
@@ -215,34 +225,30 @@ mod tests {
             .unwrap();
         let expect = closed_form(&x, &positions, &s, factors.unwrap_or(&[1.0; 3]));
         for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
-            assert!((g - e).abs() < 1e-5, "{style:?} value {i}: {g} vs {e}");
+            assert!((g - e).abs() < 1e-5, "{layout:?} value {i}: {g} vs {e}");
         }
     }
 
     #[test]
     fn normal_rope_rotates_adjacent_pairs_by_the_closed_form_angle() {
-        check(RopeStyle::Normal, RopeScaling::None, None);
+        check(RopeLayout::Normal, 1.0, None);
     }
 
     #[test]
     fn neox_rope_rotates_the_two_halves_by_the_closed_form_angle() {
-        check(RopeStyle::Neox, RopeScaling::None, None);
+        check(RopeLayout::Neox, 1.0, None);
     }
 
     /// Llama 3.1's `rope_freqs.weight`: llama.cpp divides each pair's angle by its factor.
     #[test]
     fn freq_factors_divide_each_pairs_angle() {
-        check(RopeStyle::Normal, RopeScaling::None, Some(&[1.0, 2.5, 8.0]));
-        check(RopeStyle::Neox, RopeScaling::None, Some(&[1.0, 2.5, 8.0]));
+        check(RopeLayout::Normal, 1.0, Some(&[1.0, 2.5, 8.0]));
+        check(RopeLayout::Neox, 1.0, Some(&[1.0, 2.5, 8.0]));
     }
 
     #[test]
     fn linear_scaling_divides_positions_by_the_factor() {
-        check(
-            RopeStyle::Normal,
-            RopeScaling::Linear(4.0),
-            Some(&[1.0, 2.5, 8.0]),
-        );
-        check(RopeStyle::Neox, RopeScaling::Linear(4.0), None);
+        check(RopeLayout::Normal, 4.0, Some(&[1.0, 2.5, 8.0]));
+        check(RopeLayout::Neox, 4.0, None);
     }
 }

@@ -19,11 +19,11 @@ use candle_core::{Device, Tensor};
 
 use crate::backend::attention::AttnShape;
 use crate::backend::linear::{FusedLinear, Linear, LinearMode};
-use crate::backend::rowwise::{rms_norm, silu_mul_joined, Rope};
+use crate::backend::rowwise::{rms_norm, silu_mul_joined, Rope, RopeLayout, RopeParams};
 use crate::backend::{tensor2, with_f32};
 use crate::kv::policy::{Dense, LayerPolicy, RowChange};
 use crate::kv::KvCache;
-use crate::model::gguf::{GgufFile, ModelSpec};
+use crate::model::gguf::{GgufFile, ModelSpec, RopeScaling, RopeStyle};
 use crate::{Error, Result};
 
 struct Attention {
@@ -386,6 +386,25 @@ fn apply_row_change(h: Tensor, positions: &mut Vec<u32>, change: RowChange) -> R
     Ok(h)
 }
 
+/// The RoPE of a model's hyper-parameters, as the backend's kernel takes it.
+impl From<&ModelSpec> for RopeParams {
+    fn from(spec: &ModelSpec) -> Self {
+        RopeParams {
+            head_dim: spec.head_dim,
+            rope_dim: spec.rope_dim,
+            theta: spec.rope_theta,
+            linear_scaling: match spec.rope_scaling {
+                RopeScaling::None => 1.0,
+                RopeScaling::Linear(f) => f,
+            },
+            layout: match spec.rope_style {
+                RopeStyle::Normal => RopeLayout::Normal,
+                RopeStyle::Neox => RopeLayout::Neox,
+            },
+        }
+    }
+}
+
 /// A loaded LLaMA-family model.
 pub struct Llama {
     pub spec: ModelSpec,
@@ -425,7 +444,11 @@ impl Llama {
             _ => Some(embed),
         };
         Ok(Self {
-            rope: Rope::new(&spec, freq_factors.as_deref(), spec.context_length),
+            rope: Rope::new(
+                &RopeParams::from(&spec),
+                freq_factors.as_deref(),
+                spec.context_length,
+            ),
             final_norm: vector(f, "output_norm.weight", spec.hidden)?,
             head,
             embed,

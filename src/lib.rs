@@ -10,6 +10,8 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu_check;
 pub mod headless;
 pub mod kernel_bench;
 pub mod kv;

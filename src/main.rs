@@ -349,7 +349,8 @@ fn gpu_check(_cfg: &AppConfig, _args: GpuCheckArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
-    use slimchat::cuda::{gpu_check, kernels, probe};
+    use slimchat::cuda::{kernels, probe};
+    use slimchat::gpu_check;
     if let Some(cc) = args.compile {
         probe::probe_nvrtc().map_err(|e| Error::Engine(format!("cuda: {e}")))?;
         for (file, bytes) in kernels::compile_all(cc)? {

@@ -5,11 +5,12 @@
 use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
+use slimchat::backend::paged_kv::NoHooks;
 use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
 use slimchat::backend::score::{
     block_scores_attention_reference, block_scores_reference, HeadShape,
 };
-use slimchat::model::synthetic::{LlamaShape, NoHooks, SyntheticLlama};
+use slimchat::model::synthetic::{LlamaShape, SyntheticLlama};
 use slimchat::slim::SlimConfig;
 
 #[test]

@@ -11,6 +11,7 @@ pub mod kv_format;
 pub mod linear;
 pub mod ops;
 pub mod ops_check;
+pub mod paged_kv;
 pub mod qgemm;
 pub mod qgemv;
 pub mod rowwise;

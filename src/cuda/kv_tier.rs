@@ -10,7 +10,7 @@
 //!   waits on its copy's event. The wait is the *stall*: the time from the compute stream
 //!   reaching the wait to the copy being done (zero when the copy finished first).
 //!
-//! The fast tier is the layer's device pool (`crate::model::synthetic::LayerCache`); the CPU KV
+//! The fast tier is the layer's device pool (`crate::backend::paged_kv::LayerCache`); the CPU KV
 //! manager (src/kv/) is separate and untouched.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::{CudaOps, Gpu, OrEngine};
 use crate::backend::ops::KV_BLOCK;
-use crate::model::synthetic::{LayerCache, LayerHooks};
+use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::{Error, Result};
 
 /// Totals of the tier's work.

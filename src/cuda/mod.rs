@@ -12,11 +12,12 @@
 //! - [`ops`]: [`CudaOps`], the ops over device buffers.
 //! - [`kv_tier`]: the KV manager's host tier (pinned memory) and its copy stream with events.
 //! - [`check`]: every kernel against its CPU reference on random inputs.
-//! - [`gpu_check`]: `slimchat gpu-check`: the Llama-3.1-8B-shaped dense vs pruned run.
+//!
+//! `slimchat gpu-check` (the Llama-3.1-8B-shaped dense vs pruned run) is a command over this
+//! backend and the synthetic model: `crate::gpu_check`.
 
 pub mod check;
 pub mod gpu;
-pub mod gpu_check;
 pub mod kernels;
 pub mod kv_tier;
 pub mod ops;

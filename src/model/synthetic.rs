@@ -9,7 +9,8 @@
 //! the last `local_window` queries score the prompt blocks; after the layer before a stage,
 //! the top-K blocks' rows (hidden states and positions together) go on.
 
-use crate::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
 use crate::slim::select::{forced_blocks, kept_rows, select_top_k};
 use crate::{Error, Result};
@@ -155,41 +156,6 @@ impl<O: Ops> Weights<O> {
     }
 }
 
-/// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
-pub struct LayerCache<O: Ops> {
-    pub pool: KvPool<O>,
-    /// Slot of each block of rows, in row order (host copy of `table_dev`).
-    pub table: Vec<u32>,
-    pub table_dev: O::U32,
-    /// Rows written.
-    pub rows: usize,
-    /// Positions of the rows, ascending.
-    pub positions: Vec<u32>,
-}
-
-impl<O: Ops> LayerCache<O> {
-    fn new(ops: &O, capacity_rows: usize, kv_dim: usize) -> Result<Self> {
-        let slots = capacity_rows.div_ceil(KV_BLOCK).max(1);
-        let table: Vec<u32> = (0..slots as u32).collect();
-        Ok(Self {
-            pool: KvPool::new(ops, slots, kv_dim)?,
-            table_dev: ops.upload_u32(&table)?,
-            table,
-            rows: 0,
-            positions: Vec::new(),
-        })
-    }
-
-    /// Sequence rows of the slots (ascending) holding prompt block `block` (position / 64).
-    pub fn slot_of_block(&self, block: u32) -> Option<u32> {
-        let first = self
-            .positions
-            .partition_point(|&p| p < block * KV_BLOCK as u32);
-        (first < self.rows && self.positions[first] / KV_BLOCK as u32 == block)
-            .then(|| self.table[first / KV_BLOCK])
-    }
-}
-
 /// The KV of every layer, and the prompt it was filled from.
 pub struct ModelCache<O: Ops> {
     pub layers: Vec<LayerCache<O>>,
@@ -219,22 +185,6 @@ impl<O: Ops> ModelCache<O> {
         self.layers.iter().map(|l| l.rows).collect()
     }
 }
-
-/// Calls into the KV manager around each layer (the GPU's tiers); the CPU needs none.
-pub trait LayerHooks<O: Ops> {
-    /// Layer `layer` has appended this step's rows to its cache.
-    fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
-        Ok(())
-    }
-    /// Layer `layer` is about to read its cache in attention.
-    fn before_attention(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// No KV manager.
-pub struct NoHooks;
-impl<O: Ops> LayerHooks<O> for NoHooks {}
 
 /// What a prefill did.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,9 @@
 //! manager's offload and a swap drill (10% of every stage's blocks fetched back from the host
 //! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
 //! GEMM FLOP floor of the dense prefill; (4) a table on stdout and the full numbers as JSON.
+//!
+//! A command over the CUDA backend (src/cuda), the synthetic model (`crate::model::synthetic`)
+//! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,12 +15,13 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 
-use super::gpu::VramInfo;
-use super::kv_tier::{KvTier, TierHooks, TierStats};
-use super::{check, CudaOps, Gpu, OrEngine};
 use crate::backend::ops::{Ops, KV_BLOCK};
 use crate::backend::ops_check::{OpCheck, Rng};
-use crate::model::synthetic::{LlamaShape, ModelCache, NoHooks, SyntheticLlama};
+use crate::backend::paged_kv::NoHooks;
+use crate::cuda::gpu::VramInfo;
+use crate::cuda::kv_tier::{KvTier, TierHooks, TierStats};
+use crate::cuda::{check, CudaOps, Gpu, OrEngine};
+use crate::model::synthetic::{LlamaShape, ModelCache, SyntheticLlama};
 use crate::slim::schedule::SlimConfig;
 use crate::slim::select::forced_blocks;
 use crate::{Error, Result};

@@ -1,0 +1,59 @@
+//! The paged KV cache of the forward written against the ops seam: one layer's pool of
+//! [`KV_BLOCK`]-row slots with its slot table and positions ([`LayerCache`]), and the calls a
+//! forward makes into a KV manager around each layer ([`LayerHooks`]; the CUDA host tier in
+//! src/cuda/kv_tier.rs implements them, [`NoHooks`] does nothing).
+
+use super::ops::{KvPool, Ops, KV_BLOCK};
+use crate::Result;
+
+/// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
+pub struct LayerCache<O: Ops> {
+    pub pool: KvPool<O>,
+    /// Slot of each block of rows, in row order (host copy of `table_dev`).
+    pub table: Vec<u32>,
+    pub table_dev: O::U32,
+    /// Rows written.
+    pub rows: usize,
+    /// Positions of the rows, ascending.
+    pub positions: Vec<u32>,
+}
+
+impl<O: Ops> LayerCache<O> {
+    /// Room for `capacity_rows` rows of `kv_dim` values, the slots in order, no rows yet.
+    pub fn new(ops: &O, capacity_rows: usize, kv_dim: usize) -> Result<Self> {
+        let slots = capacity_rows.div_ceil(KV_BLOCK).max(1);
+        let table: Vec<u32> = (0..slots as u32).collect();
+        Ok(Self {
+            pool: KvPool::new(ops, slots, kv_dim)?,
+            table_dev: ops.upload_u32(&table)?,
+            table,
+            rows: 0,
+            positions: Vec::new(),
+        })
+    }
+
+    /// Sequence rows of the slots (ascending) holding prompt block `block` (position / 64).
+    pub fn slot_of_block(&self, block: u32) -> Option<u32> {
+        let first = self
+            .positions
+            .partition_point(|&p| p < block * KV_BLOCK as u32);
+        (first < self.rows && self.positions[first] / KV_BLOCK as u32 == block)
+            .then(|| self.table[first / KV_BLOCK])
+    }
+}
+
+/// Calls into the KV manager around each layer (the GPU's tiers); the CPU needs none.
+pub trait LayerHooks<O: Ops> {
+    /// Layer `layer` has appended this step's rows to its cache.
+    fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        Ok(())
+    }
+    /// Layer `layer` is about to read its cache in attention.
+    fn before_attention(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No KV manager.
+pub struct NoHooks;
+impl<O: Ops> LayerHooks<O> for NoHooks {}

@@ -1,7 +1,15 @@
-//! The few operations the forward is written against. Only the CPU backend exists today: linear
-//! layers go through candle (quantized `QMatMul` or dense f32 GEMM), and the row-wise ops
-//! (RMSNorm, RoPE over explicit positions, SiLU-gate, attention) are plain Rust over slices,
-//! vectorised for AVX2/FMA when the CPU has it. A CUDA backend will implement the same set.
+//! The few operations the forward is written against. On the CPU, linear layers go through our
+//! GEMM / GEMV over the GGUF types (or candle's dense f32 GEMM), and the row-wise ops (RMSNorm,
+//! RoPE over explicit positions, SiLU-gate, attention) are plain Rust over slices, vectorised for
+//! AVX2/AVX-512 when the CPU has them. The ops seam ([`ops`]) is what the CUDA backend
+//! (src/cuda) implements too; [`cpu_ops`] is its CPU side, [`paged_kv`] the paged cache of a
+//! forward written against it.
+//!
+//! The bottom layer: nothing here imports `crate::kv`, `crate::model` or `crate::slim`
+//! (tests/layers.rs). What it shares with them lives here as leaves: the KV storage formats
+//! ([`kv_format`], which the caches in src/kv store), SlimInfer's scoring kernels ([`score`],
+//! which src/slim calls) and RoPE's own parameters ([`rowwise::RopeParams`], which the model
+//! fills from its hyper-parameters).
 
 pub mod attention;
 pub mod cpu_ops;

@@ -64,8 +64,8 @@ pub struct RopeParams {
     pub layout: RopeLayout,
 }
 
-/// Which pairs of a head's values RoPE rotates together: pair i is (x[2i], x[2i + 1]) in the
-/// normal (GPT-J / Meta LLaMA) layout and (x[i], x[i + rope_dim / 2]) in the NEOX ("rotate
+/// Which pairs of a head's values RoPE rotates together: pair i is `(x[2i], x[2i + 1])` in the
+/// normal (GPT-J / Meta LLaMA) layout and `(x[i], x[i + rope_dim / 2])` in the NEOX ("rotate
 /// half") one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeLayout {

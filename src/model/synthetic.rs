@@ -4,7 +4,7 @@
 //! where the tests check it) and on the GPU (`slimchat gpu-check`, Llama-3.1-8B's shape).
 //!
 //! Per layer: RMSNorm → fused q|k|v GEMM → RoPE at explicit positions → append K/V to the
-//! layer's paged cache → causal attention over the cache → o GEMM + residual → RMSNorm →
+//! layer's paged cache ([`crate::backend::paged_kv`]) → causal attention over the cache → o GEMM + residual → RMSNorm →
 //! fused gate|up GEMM → SiLU gate → down GEMM + residual. At the layers that score a stage,
 //! the last `local_window` queries score the prompt blocks; after the layer before a stage,
 //! the top-K blocks' rows (hidden states and positions together) go on.

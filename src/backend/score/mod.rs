@@ -1,7 +1,7 @@
 //! The block-scoring kernels of SlimInfer (arXiv 2508.06447, §"token importance"): how much the
 //! local query attends to each prompt block, estimated without an attention matrix. The CPU ops
 //! (`cpu_ops`) and SlimInfer's session (`crate::slim::session`) both call them; the f64
-//! references are in [`reference`], the representative unit keys of the attention-mass score in
+//! references are in [`mod@reference`], the representative unit keys of the attention-mass score in
 //! [`units`].
 //!
 //! For each query head h, the local query `q_loc[h]` is the mean of the post-RoPE queries of the

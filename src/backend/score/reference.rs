@@ -79,7 +79,7 @@ fn prompt_units(
     units
 }
 
-/// [`block_scores_attention`] the naive way, in f64: group rows into units, average, and for
+/// [`super::block_scores_attention`] the naive way, in f64: group rows into units, average, and for
 /// every window query and head take the softmax over units; sum each block's mass. For tests.
 pub fn block_scores_attention_reference(
     q_window: &[f32],

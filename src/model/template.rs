@@ -10,6 +10,16 @@
 //! (`.strip()`, `.split()`, `.startswith()`, `.items()`, ...) from `minijinja-contrib`'s pycompat
 //! layer. `tests/chat_templates.rs` checks the Llama 3.x, Qwen2.5 and Qwen3 templates against
 //! jinja2's rendering. Models without a template get ChatML.
+//!
+//! A template is code from a stranger, so rendering is bounded: minijinja's fuel stops it after
+//! [`TEMPLATE_FUEL`] instructions, its recursion limit at [`TEMPLATE_RECURSION`] levels, there
+//! is no loader (`include`, `import` and `extends` find nothing, so no file is read), and the
+//! Python helpers cap what their arguments can size. A model's template that does not compile,
+//! or does not render a one-message probe conversation into text that holds the message, is
+//! replaced at load by its family's known format ([`super::known_templates`]) with a
+//! [`ChatTemplate::note`] saying why. Not bounded: the bytes a template can build by repeatedly
+//! doubling a string (minijinja has no hook there); each doubling costs fuel, so at most a few
+//! dozen of them run.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,14 +27,17 @@ use candle_core::quantized::gguf_file::{self, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
+use super::known_templates::{self, CHATML};
 use super::pyjinja;
 use crate::{Error, Result};
 
-/// ChatML, the fallback when a model ships no template (and SmolLM2's format).
-const CHATML: &str = "{% for message in messages %}\
-{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
-{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// Instructions one render may run: a 300-turn conversation through Qwen3's template takes
+/// about 0.1% of it, a runaway loop stops within about a second.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Nesting of calls, loops and macros one render may reach.
+pub const TEMPLATE_RECURSION: usize = 100;
+/// The user message of the probe render at load.
+const PROBE_TEXT: &str = "slimchat probe 7f3a";
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -73,6 +86,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The Unix time `strftime_now` reports; `None` reads the clock at each render.
     now: Option<i64>,
+    /// Why the model's own template is not the one in use, if it is not.
+    note: Option<String>,
 }
 
 /// Extra template variables (`tools`, `enable_thinking`, `date_string`, ...), as JSON.
@@ -90,6 +105,7 @@ impl ChatTemplate {
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
             now: None,
+            note: None,
         };
         template.environment()?;
         Ok(template)
@@ -108,6 +124,22 @@ impl ChatTemplate {
             bos_token: String::new(),
             eos_token: String::new(),
             now: None,
+            note: None,
+        }
+    }
+
+    /// Why the model's own template was replaced at load (one line), if it was.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Render a one-message conversation: the template must run and print the message.
+    fn probe(&self) -> Result<()> {
+        let text = self.render(&[Message::user(PROBE_TEXT)], true)?;
+        if text.contains(PROBE_TEXT) {
+            Ok(())
+        } else {
+            Err(Error::Template("it does not print the messages".into()))
         }
     }
 
@@ -135,17 +167,36 @@ impl ChatTemplate {
         };
         let bos = token_text("tokenizer.ggml.bos_token_id");
         let eos = token_text("tokenizer.ggml.eos_token_id");
-        match content.metadata.get("tokenizer.chat_template") {
-            Some(Value::String(s)) if !s.trim().is_empty() => Self::new(s.clone(), bos, eos),
-            Some(Value::String(_)) | None => Ok(Self {
-                bos_token: bos,
-                eos_token: eos,
-                ..Self::chatml()
-            }),
-            Some(_) => Err(Error::Template(
-                "tokenizer.chat_template is not a string".into(),
+        let own = match content.metadata.get("tokenizer.chat_template") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                Self::new(s.clone(), bos.clone(), eos.clone())
+                    .and_then(|t| t.probe().map(|()| t))
+            }
+            Some(Value::String(_)) | None => {
+                return Ok(Self {
+                    bos_token: bos,
+                    eos_token: eos,
+                    ..Self::chatml()
+                })
+            }
+            Some(_) => Err(Error::Template("it is not a string".into())),
+        };
+        let why = match own {
+            Ok(t) => return Ok(t),
+            Err(e) => e.to_string(),
+        };
+        let (name, source) = known_templates::for_vocabulary(content);
+        let why = why.strip_prefix("chat template: ").unwrap_or(&why);
+        let why: String = why.chars().take(200).collect();
+        Ok(Self {
+            source: source.to_string(),
+            bos_token: bos,
+            eos_token: eos,
+            now: None,
+            note: Some(format!(
+                "the model's chat template does not work ({why}); using the {name} format instead"
             )),
-        }
+        })
     }
 
     /// The Jinja source.
@@ -185,6 +236,8 @@ impl ChatTemplate {
     /// A minijinja environment set up like transformers' `apply_chat_template`, holding the source.
     fn environment(&self) -> Result<Environment<'static>> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

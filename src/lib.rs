@@ -9,6 +9,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;

@@ -162,8 +162,9 @@ impl GgufFile {
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
             return Err(Error::ModelLoad(format!(
-                "{}: unsupported architecture '{arch}' (slimchat runs these GGUF architectures: {})",
+                "{}: unsupported architecture '{}' (slimchat runs these GGUF architectures: {})",
                 self.path.display(),
+                crate::error::shown(arch),
                 LLAMA_FAMILY.join(", ")
             )));
         }

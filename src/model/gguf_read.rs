@@ -17,6 +17,8 @@ use std::io::Read;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
 
+use crate::error::shown;
+
 /// Deepest nesting of arrays in a metadata value (llama.cpp allows none; candle 64).
 const MAX_ARRAY_DEPTH: usize = 4;
 /// Most dimensions of a tensor (`GGML_MAX_DIMS`).
@@ -25,6 +27,7 @@ const MAX_DIMS: u32 = 4;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// Why a header was refused: `BadMagic` and `Truncated` get their own words in the message.
+/// Names from the file appear in the messages through [`shown`]: one line, 80 characters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeaderError {
     BadMagic(u32),
@@ -237,10 +240,11 @@ pub fn read_header<R: Read>(r: R, size: u64) -> Result<Content, HeaderError> {
     let mut metadata = HashMap::new();
     for _ in 0..n_kv {
         let key = s.string("metadata key")?;
-        let ty = s.u32(&key)?;
-        let value = s.value(ty, &key, 0)?;
-        if metadata.insert(key.clone(), value).is_some() {
-            return Err(corrupt(format!("metadata key {key} appears twice")));
+        let label = shown(&key);
+        let ty = s.u32(&label)?;
+        let value = s.value(ty, &label, 0)?;
+        if metadata.insert(key, value).is_some() {
+            return Err(corrupt(format!("metadata key {label} appears twice")));
         }
     }
     let alignment = match metadata.get("general.alignment") {
@@ -253,18 +257,19 @@ pub fn read_header<R: Read>(r: R, size: u64) -> Result<Content, HeaderError> {
     let mut table = Vec::new();
     for _ in 0..n_tensors {
         let name = s.string("tensor name")?;
-        let n_dims = s.u32(&name)?;
+        let label = shown(&name);
+        let n_dims = s.u32(&label)?;
         if n_dims > MAX_DIMS {
             return Err(corrupt(format!(
-                "tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})"
+                "tensor {label} has {n_dims} dimensions (at most {MAX_DIMS})"
             )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
-            dims.push(s.len(&name)?);
+            dims.push(s.len(&label)?);
         }
-        let ty = s.u32(&name)?;
-        let offset = s.u64(&name)?;
+        let ty = s.u32(&label)?;
+        let offset = s.u64(&label)?;
         table.push((name, dims, ty, offset));
     }
     let data_offset = s
@@ -273,10 +278,11 @@ pub fn read_header<R: Read>(r: R, size: u64) -> Result<Content, HeaderError> {
         .ok_or_else(|| corrupt(format!("general.alignment {alignment} overflows")))?;
     let mut tensor_infos = HashMap::new();
     for (name, dims, ty, offset) in table {
-        let dtype = candle_dtype(ty).ok_or_else(|| HeaderError::UnsupportedType(name.clone(), ty))?;
-        let info = tensor_info(&name, &dims, dtype, offset, alignment, data_offset, size)?;
-        if tensor_infos.insert(name.clone(), info).is_some() {
-            return Err(corrupt(format!("tensor {name} appears twice")));
+        let label = shown(&name);
+        let dtype = candle_dtype(ty).ok_or_else(|| HeaderError::UnsupportedType(label.clone(), ty))?;
+        let info = tensor_info(&label, &dims, dtype, offset, alignment, data_offset, size)?;
+        if tensor_infos.insert(name, info).is_some() {
+            return Err(corrupt(format!("tensor {label} appears twice")));
         }
     }
     Ok(Content {

@@ -31,9 +31,9 @@ use super::known_templates::{self, CHATML};
 use super::pyjinja;
 use crate::{Error, Result};
 
-/// Instructions one render may run: a 300-turn conversation through Qwen3's template takes
-/// about 0.1% of it, a runaway loop stops within about a second.
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Instructions one render may run: a 2000-message conversation through each known format
+/// renders within it (a test checks), a runaway loop stops within about a second.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
 /// Nesting of calls, loops and macros one render may reach.
 pub const TEMPLATE_RECURSION: usize = 100;
 /// The user message of the probe render at load.
@@ -297,5 +297,75 @@ mod tests {
         let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "");
         let text = t.and_then(|t| t.render(&[Message::user("  x  ")], false));
         assert_eq!(text.ok().as_deref(), Some("x"));
+    }
+
+    /// A long conversation renders within the fuel through every known format; a loop that
+    /// never ends runs out of it, and unbounded recursion stops at the limit: one-line errors.
+    #[test]
+    fn fuel_and_recursion_bound_a_render() {
+        let mut msgs = vec![Message::system("sys")];
+        for i in 0..1000 {
+            msgs.push(Message::user(format!("question {i}")));
+            msgs.push(Message::assistant(format!("answer {i}")));
+        }
+        for source in [CHATML, known_templates::LLAMA3, known_templates::LLAMA2] {
+            let t = ChatTemplate::new(source, "<s>", "</s>").expect("compiles");
+            let text = t.render(&msgs, true).expect("renders within the fuel");
+            assert!(text.contains("answer 999"));
+        }
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+        let deep = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        for (source, want) in [(endless, "fuel"), (deep, "recursion")] {
+            let t = ChatTemplate::new(source, "", "").expect("compiles");
+            match t.render(&msgs[..1], true) {
+                Err(Error::Template(m)) => {
+                    assert!(m.contains(want) && !m.contains('\n'), "{m}")
+                }
+                other => panic!("expected a {want} error, got {other:?}"),
+            }
+        }
+    }
+
+    fn content_with(template: Option<&str>, tokens: &[&str]) -> gguf_file::Content {
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert(
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()),
+        );
+        metadata.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0));
+        if let Some(t) = template {
+            metadata.insert("tokenizer.chat_template".to_string(), Value::String(t.into()));
+        }
+        gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// A model template that does not compile, runs out of fuel, reads a file or prints no
+    /// message is replaced by the family's format, with a one-line note naming why.
+    #[test]
+    fn a_failing_template_falls_back_to_the_familys_format_with_a_note() {
+        let llama3 = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"];
+        let chatml = ["<|im_end|>", "<|im_start|>"];
+        let cases: [(&str, &[&str], &str, &str); 4] = [
+            ("{% for %}", &llama3, "Llama 3", "<|start_header_id|>user<|end_header_id|>"),
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", &chatml, "ChatML", "<|im_start|>user\n"),
+            ("{% include '/etc/passwd' %}", &chatml, "ChatML", "<|im_start|>user\n"),
+            ("nothing here", &chatml, "ChatML", "<|im_start|>user\n"),
+        ];
+        for (source, tokens, name, marker) in cases {
+            let t = ChatTemplate::from_gguf(&content_with(Some(source), tokens)).expect("falls back");
+            let note = t.note().expect("a note");
+            assert!(note.contains(name) && !note.contains('\n'), "{note}");
+            let text = t.render(&[Message::user("hello")], true).unwrap();
+            assert!(text.contains(marker) && text.contains("hello"), "{text:?}");
+        }
+        // a working template is kept, without a note
+        let t = ChatTemplate::from_gguf(&content_with(Some(CHATML), &chatml)).unwrap();
+        assert!(t.note().is_none());
+        assert_eq!(t.source(), CHATML);
     }
 }

@@ -38,6 +38,9 @@ pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
 /// Positions whose cos/sin the rotary table holds (Llama 3.1's 128k context); later positions
 /// of a longer context are computed when used.
 const ROPE_TABLE_POSITIONS: usize = 1 << 17;
+/// Values of each of the cos and sin tables at most (64 MiB each): a head width read from a
+/// model file cannot make the table larger.
+const ROPE_TABLE_VALUES: usize = 1 << 24;
 
 /// Rotary position embedding: within each head, pair i < rope_dim/2 is rotated by
 /// position * inv_freq[i], with inv_freq[i] = theta^(-2i / rope_dim) / freq_factor[i] (llama.cpp
@@ -77,7 +80,9 @@ impl Rope {
             .collect();
         // The context length comes from the model file: the table stops at ROPE_TABLE_POSITIONS
         // and `apply` computes the angles of later positions the same way, row by row.
-        let table = max_positions.min(ROPE_TABLE_POSITIONS);
+        let table = max_positions
+            .min(ROPE_TABLE_POSITIONS)
+            .min(ROPE_TABLE_VALUES / half.max(1));
         let mut cos = Vec::with_capacity(table * half);
         let mut sin = Vec::with_capacity(table * half);
         for p in 0..table {

@@ -286,7 +286,8 @@ fn supervise(o: &Opts, t: Target) -> usize {
         record(o, &found, &mut seen);
         first = index + 1;
     }
-    seen.len() - before
+    // the workers recorded their own finds in the signatures file
+    load_seen(o, t).len() - before
 }
 
 fn read_progress(path: &Path) -> u64 {

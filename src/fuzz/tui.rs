@@ -79,7 +79,7 @@ impl Prog<'_> {
                 let unit = ODD[self.byte() as usize % ODD.len()];
                 unit.repeat(1 + self.u16() as usize % 20_000)
             }
-            _ => "The lamp was lit at dusk and the fog came in.\n".repeat(1 + self.u16() as usize),
+            _ => "The lamp was lit at dusk and the fog came in.\n".repeat(1 + self.u16() as usize % 8192),
         }
     }
     fn number(&mut self) -> usize {
@@ -238,8 +238,14 @@ pub fn tui(input: &[u8]) -> Check {
     let mut size = (80u16, 24u16);
     let mut clock = 0u64;
     let mut ops = 0;
+    let trace = std::env::var_os("SLIMCHAT_FUZZ_TRACE").is_some();
     while !p.done() && ops < 400 {
         ops += 1;
+        let t0 = std::time::Instant::now();
+        let op = p.b.get(p.at).copied().unwrap_or(0) % 10;
+        if trace {
+            eprintln!("op {ops} kind {op} at byte {} size {size:?}", p.at);
+        }
         match p.byte() % 10 {
             0..=2 => {
                 let ev = key(&mut p);
@@ -311,6 +317,9 @@ pub fn tui(input: &[u8]) -> Check {
             app.quit = false;
         }
         draw(&mut app, size)?;
+        if trace {
+            eprintln!("  took {:?}", t0.elapsed());
+        }
     }
     Ok(())
 }

@@ -68,6 +68,9 @@ fn invalid(msg: &str) -> Error {
 
 /// Widest `indent` (a template is a stranger's code: the width must not size an allocation).
 const MAX_INDENT: i64 = 64;
+/// Longest text `tojson` writes (a template can double a string until memory runs out; this
+/// stops the doubling when it goes through `tojson`).
+const MAX_JSON_BYTES: usize = 16 << 20;
 /// Deepest nesting `tojson` writes (a template can build a list nested as deep as its fuel).
 const MAX_JSON_DEPTH: usize = 128;
 
@@ -81,7 +84,13 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOptions, depth: usize) -> Res
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
         ValueKind::Number => out.push_str(&python_float(f64::try_from(v.clone())?)),
-        ValueKind::String => write_json_string(out, v.as_str().unwrap_or_default(), o.ensure_ascii),
+        ValueKind::String => {
+            let text = v.as_str().unwrap_or_default();
+            if out.len() + text.len() > MAX_JSON_BYTES {
+                return Err(invalid("tojson: the text is longer than 16 MiB"));
+            }
+            write_json_string(out, text, o.ensure_ascii)
+        }
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if o.sort_keys {

@@ -12,15 +12,19 @@
 //! jinja2's rendering. Models without a template get ChatML.
 //!
 //! A template is code from a stranger, so rendering is bounded: minijinja's fuel stops it after
-//! [`TEMPLATE_FUEL`] instructions, its recursion limit at [`TEMPLATE_RECURSION`] levels, there
+//! [`TEMPLATE_FUEL`] instructions, its recursion limit at [`TEMPLATE_RECURSION`] levels, a
+//! render that outlasts [`TEMPLATE_DEADLINE`] is given up (one instruction can be slow), there
 //! is no loader (`include`, `import` and `extends` find nothing, so no file is read), and the
 //! Python helpers cap what their arguments can size. A model's template that does not compile,
 //! or does not render a one-message probe conversation into text that holds the message, is
 //! replaced at load by its family's known format ([`super::known_templates`]) with a
-//! [`ChatTemplate::note`] saying why. Not bounded: the bytes a template can build by repeatedly
-//! doubling a string (minijinja has no hook there); each doubling costs fuel, so at most a few
-//! dozen of them run.
+//! [`ChatTemplate::note`] saying why. Not bounded: the memory a template can take by repeatedly
+//! doubling a string (`ns.s = ns.s ~ ns.s` in a loop: 31 doublings ask for 2 GiB); minijinja
+//! has no hook on string concatenation, so such a template can still exhaust memory.
 
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -34,6 +38,8 @@ use crate::{Error, Result};
 /// Instructions one render may run: a 2000-message conversation through each known format
 /// renders within it (a test checks), a runaway loop stops within about a second.
 pub const TEMPLATE_FUEL: u64 = 4_000_000;
+/// Longest a render may take.
+pub const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Nesting of calls, loops and macros one render may reach.
 pub const TEMPLATE_RECURSION: usize = 100;
 /// The user message of the probe render at load.
@@ -107,7 +113,7 @@ impl ChatTemplate {
             now: None,
             note: None,
         };
-        template.environment()?;
+        guarded(|| template.environment().map(|_| ()))?;
         Ok(template)
     }
 
@@ -218,10 +224,39 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         vars: &TemplateVars,
     ) -> Result<String> {
-        let env = self.environment()?;
-        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let messages = serde_json::to_value(messages)
             .map_err(|e| Error::Template(format!("messages: {e}")))?;
+        // Fuel bounds the instructions, not the work of one (a `range` of 100,000, a string
+        // method on 100 MB): the render runs on its own thread and is given up at the deadline,
+        // the thread finishing its fuel in the background.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let this = self.clone();
+        let vars = vars.clone();
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let r = guarded(|| this.render_unguarded(messages, add_generation_prompt, &vars));
+                let _ = tx.send(r);
+            })
+            .map_err(|e| Error::Template(format!("cannot start the render: {e}")))?;
+        match rx.recv_timeout(TEMPLATE_DEADLINE) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Template(format!(
+                "rendering took longer than {} s",
+                TEMPLATE_DEADLINE.as_secs()
+            ))),
+        }
+    }
+
+    fn render_unguarded(
+        &self,
+        messages: serde_json::Value,
+        add_generation_prompt: bool,
+        vars: &TemplateVars,
+    ) -> Result<String> {
+        let env = self.environment()?;
+        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let mut ctx = TemplateVars::new();
         ctx.insert("messages".into(), messages);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
@@ -260,6 +295,44 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, self.source.clone())
             .map_err(template_error)?;
         Ok(env)
+    }
+}
+
+thread_local! {
+    /// Set while this thread compiles or renders a template.
+    static IN_TEMPLATE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run minijinja, turning a panic inside it (it has had some on odd templates: an `import`
+/// alias that is a number, a reversed slice of an empty list) into a one-line error. The
+/// panic hook is wrapped once so that such a panic prints nothing; any other panic goes to the
+/// hook that was there before.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !IN_TEMPLATE.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = IN_TEMPLATE.with(|t| t.replace(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_TEMPLATE.with(|t| t.set(was));
+    match result {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Template(format!(
+                "the template engine failed on this template ({})",
+                what.chars().take(100).collect::<String>()
+            )))
+        }
     }
 }
 
@@ -367,5 +440,22 @@ mod tests {
         let t = ChatTemplate::from_gguf(&content_with(Some(CHATML), &chatml)).unwrap();
         assert!(t.note().is_none());
         assert_eq!(t.source(), CHATML);
+    }
+
+    /// Templates on which minijinja 2.24 panics (found by the fuzzer): a one-line error, and
+    /// from a model file the known format with a note.
+    #[test]
+    fn a_panic_inside_the_template_engine_is_an_error() {
+        let compile = ChatTemplate::new("{% import 'macros.j2' as 0 %}{{notx() }}", "", "");
+        assert!(matches!(&compile, Err(Error::Template(m)) if m.contains("template engine failed")), "{compile:?}");
+        let t = ChatTemplate::new("{{ messages[::-1][0].content * 1000 }}", "", "").unwrap();
+        let render = t.render(&[], true);
+        assert!(matches!(&render, Err(Error::Template(m)) if !m.contains('\n')), "{render:?}");
+        let from_file = ChatTemplate::from_gguf(&content_with(
+            Some("{% import 'macros.j2' as 0 %}{{notx() }}"),
+            &["<|im_start|>"],
+        ))
+        .unwrap();
+        assert!(from_file.note().unwrap().contains("template engine failed"));
     }
 }

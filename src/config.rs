@@ -42,7 +42,14 @@ pub struct ModelConfig {
     /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
     /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).
     pub device: DeviceChoice,
+    /// Longest prompt plus answer, in tokens: 0 = the model's own context; otherwise at least
+    /// [`MIN_CONTEXT`] and at most the model's (a smaller window: less KV memory, and a long
+    /// conversation reaches its end sooner).
+    pub context: usize,
 }
+
+/// The smallest `[model] context` accepted.
+pub const MIN_CONTEXT: usize = 128;
 
 impl Default for ModelConfig {
     fn default() -> Self {
@@ -52,6 +59,7 @@ impl Default for ModelConfig {
             threads: 0,
             kv_dtype: KvDtype::Q8,
             device: DeviceChoice::default(),
+            context: 0,
         }
     }
 }
@@ -112,6 +120,12 @@ impl AppConfig {
         if !(10..=1000).contains(&cfg.tui.tick_ms) {
             return Err(Error::Config(format!(
                 "{origin}: [tui] tick_ms must be between 10 and 1000"
+            )));
+        }
+        if cfg.model.context != 0 && cfg.model.context < MIN_CONTEXT {
+            return Err(Error::Config(format!(
+                "{origin}: [model] context must be 0 (the model's own) or at least {MIN_CONTEXT} tokens, got {}",
+                cfg.model.context
             )));
         }
         if cfg.chat.max_tokens == 0 {

@@ -128,6 +128,8 @@ pub struct EngineOptions {
     pub kv_dtype: KvDtype,
     /// The KV manager's fast tier and spill file (`kv.resident`: no manager).
     pub kv: KvConfig,
+    /// Longest prompt plus answer (0: the model's own context; more is an error at load).
+    pub context: usize,
 }
 
 impl EngineOptions {
@@ -138,6 +140,7 @@ impl EngineOptions {
             slim: cfg.slim.clone(),
             kv_dtype: cfg.model.kv_dtype,
             kv: cfg.kv.clone(),
+            context: cfg.model.context,
         }
     }
 }
@@ -149,6 +152,7 @@ impl Default for EngineOptions {
             slim: SlimConfig::default(),
             kv_dtype: KvDtype::Q8,
             kv: KvConfig::default(),
+            context: 0,
         }
     }
 }
@@ -188,6 +192,8 @@ pub struct Engine {
     special_strings: Vec<String>,
     /// Why the KV cache is not in the configured element type, if it is not.
     kv_note: Option<String>,
+    /// Longest prompt plus answer: the model's context or the configured smaller window.
+    context: usize,
 }
 
 impl Engine {
@@ -213,6 +219,16 @@ impl Engine {
             spec.hidden,
             spec.context_length,
         ));
+        let context = match opts.context {
+            0 => spec.context_length,
+            n if n > spec.context_length => {
+                return Err(Error::Config(format!(
+                    "[model] context {n} is larger than the model's context of {} tokens",
+                    spec.context_length
+                )))
+            }
+            n => n,
+        };
         let slim = opts.slim.clone().for_model(fit.clone());
         slim.check(spec.n_layers)?;
         let (kv_dtype, kv_note) = match opts.kv_dtype.check_head_dim(model.spec.head_dim) {
@@ -251,6 +267,7 @@ impl Engine {
             last_prefill_kind: PrefillKind::Full,
             special_strings,
             kv_note,
+            context,
         })
     }
 
@@ -290,9 +307,10 @@ impl Engine {
         }
     }
 
-    /// The longest prompt plus answer the model accepts.
+    /// The longest prompt plus answer the engine accepts (the model's context, or the
+    /// configured smaller window).
     pub fn context_length(&self) -> usize {
-        self.model.spec.context_length
+        self.context
     }
 
     pub fn kv_bytes(&self) -> usize {

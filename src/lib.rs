@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod context_fit;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
@@ -10,11 +11,13 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fuzz;
+pub mod headless;
 pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod perplexity;
+pub mod private_fs;
 pub mod sampling;
 pub mod slim;
 pub mod tui;

@@ -12,14 +12,15 @@ use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
 use slimchat::device::DeviceChoice;
-use slimchat::engine::{Engine, EngineEvent, GenerateRequest};
+use slimchat::engine::{Engine, EngineEvent};
 use slimchat::eval::corpus::Part;
 use slimchat::eval::facts::{self, FactsConfig};
 use slimchat::eval::{self, EvalConfig};
+use slimchat::headless::{self, Overflow};
 use slimchat::kv::KvDtype;
 use slimchat::model::source::DownloadProgress;
-use slimchat::model::template::{Message, Role};
 use slimchat::perplexity::{self, PerplexityConfig};
+use slimchat::tui::store::Store;
 use slimchat::{Error, Result};
 
 #[derive(Parser)]
@@ -204,6 +205,19 @@ struct RunArgs {
     /// Print one JSON object with the answer and its metrics at the end
     #[arg(long)]
     json: bool,
+    /// Send a UTF-8 text file with the message, as the chat screen's /read does (repeatable)
+    #[arg(long, value_name = "FILE")]
+    attach: Vec<PathBuf>,
+    /// Continue a saved conversation (an id from --list, or "latest"), or start one ("new"),
+    /// and save it with the answer; its id is printed on stderr
+    #[arg(long, value_name = "ID")]
+    conversation: Option<String>,
+    /// With --conversation, when the message leaves no room for an answer: "error" (refuse),
+    /// "drop-oldest" (leave out the fewest oldest turns without documents; they stay in the
+    /// saved conversation, marked) or "new" (a new conversation with the same system prompt and
+    /// documents). A single prompt has no turns to drop: one longer than the context is an error
+    #[arg(long, value_name = "POLICY", value_parser = parse_overflow)]
+    overflow: Option<Overflow>,
 }
 
 #[derive(Args)]
@@ -238,6 +252,10 @@ fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
         "off" | "false" => Ok(false),
         _ => Err(format!("expected on or off, got {s}")),
     }
+}
+
+fn parse_overflow(s: &str) -> std::result::Result<Overflow, String> {
+    Overflow::parse(s)
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
@@ -445,32 +463,18 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     }
     sampling.validate().map_err(Error::Usage)?;
 
-    let mut messages = Vec::new();
-    let system = args
-        .system
-        .clone()
-        .unwrap_or_else(|| cfg.chat.system_prompt.clone());
-    if !system.is_empty() {
-        messages.push(Message {
-            role: Role::System,
-            content: system,
-        });
+    if args.overflow.is_some() && args.conversation.is_none() {
+        return Err(Error::Usage(
+            "--overflow applies to a conversation continued with --conversation: a single prompt has no turns to drop".into(),
+        ));
     }
-    messages.push(Message {
-        role: Role::User,
-        content: prompt,
-    });
-    let req = GenerateRequest {
-        messages,
-        max_tokens: args.max_tokens.unwrap_or(cfg.chat.max_tokens),
-        sampling,
-    };
-
+    let attachments = headless::read_attachments(&args.attach)?;
+    let max_tokens = args.max_tokens.unwrap_or(cfg.chat.max_tokens);
     let mut engine = load_engine(cfg)?;
     let cancel = AtomicBool::new(false);
     let stream = !args.json;
     let mut out = std::io::stdout().lock();
-    let stats = engine.generate(&req, &cancel, &mut |ev| {
+    let mut on_event = |ev: EngineEvent| {
         if let (true, EngineEvent::Token(t)) = (stream, &ev) {
             if out
                 .write_all(t.as_bytes())
@@ -480,10 +484,42 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
                 cancel.store(true, std::sync::atomic::Ordering::Relaxed); // the reader went away
             }
         }
-    })?;
+    };
+    let (stats, conversation) = match &args.conversation {
+        Some(which) => {
+            let store = Store::open_default()?;
+            let system = match (&args.system, which.as_str()) {
+                (Some(s), _) => Some(s.clone()),
+                (None, "new") => Some(cfg.chat.system_prompt.clone()),
+                _ => None,
+            };
+            let turn = headless::Turn {
+                conversation: which.clone(),
+                text: prompt,
+                attachments,
+                system,
+                max_tokens,
+                sampling,
+                overflow: args.overflow.unwrap_or_default(),
+            };
+            let done = headless::answer(&mut engine, &store, &turn, &cancel, &mut on_event)?;
+            for note in &done.notes {
+                eprintln!("slimchat: {note}");
+            }
+            (done.stats, Some(done.conversation))
+        }
+        None => {
+            let system = args.system.as_ref().unwrap_or(&cfg.chat.system_prompt);
+            let req = headless::single(system, prompt, attachments, max_tokens, sampling);
+            (engine.generate(&req, &cancel, &mut on_event)?, None)
+        }
+    };
     if args.json {
         let mut v = serde_json::to_value(&stats).map_err(|e| Error::Engine(e.to_string()))?;
         v["peak_rss_bytes"] = slimchat::metrics::peak_rss_bytes().into();
+        if let Some(id) = &conversation {
+            v["conversation"] = id.clone().into();
+        }
         writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
@@ -491,6 +527,9 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
             "slimchat: {} prompt tokens, TTFT {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s, {} tokens ({:?})",
             stats.prompt_tokens, stats.ttft_ms, stats.prefill_tok_s, stats.decode_tok_s, stats.generated_tokens, stats.stop_reason
         );
+    }
+    if let Some(id) = conversation {
+        eprintln!("slimchat: conversation saved as {id} (run --conversation {id} continues it)");
     }
     Ok(())
 }

@@ -239,3 +239,14 @@ fn bad_kv_sizes_name_their_key() {
         AppConfig::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
 }
+
+#[test]
+fn context_window_below_the_smallest_is_one_line() {
+    let e = config_error("[model]\ncontext = 64\n");
+    assert!(
+        e.contains("[model] context must be 0 (the model's own) or at least 128 tokens, got 64"),
+        "{e}"
+    );
+    let cfg = AppConfig::parse("[model]\ncontext = 512\n", "t").unwrap();
+    assert_eq!(cfg.model.context, 512);
+}

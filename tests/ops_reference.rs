@@ -198,10 +198,12 @@ fn slim(keep_ratio: f32) -> SlimConfig {
             slimchat::slim::StageConfig {
                 layer: 2,
                 fraction: 0.5,
+                floor: 0,
             },
             slimchat::slim::StageConfig {
                 layer: 4,
                 fraction: 0.25,
+                floor: 0,
             },
         ],
         min_keep_tokens: 64,

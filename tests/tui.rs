@@ -12,7 +12,6 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
 use slimchat::config::AppConfig;
-use slimchat::engine::{GenStats, PrefillKind, StopReason};
 use slimchat::tui::app::{update, App, Effect, Msg};
 use slimchat::tui::input::map_event;
 use slimchat::tui::render;
@@ -20,32 +19,12 @@ use slimchat::tui::store::{Conversation, Role, Store};
 use slimchat::tui::tokens::SharedTokenizer;
 use slimchat::tui::worker::{EngineCmd, WorkerEvent};
 
+use common::screen::{draw, loaded, screen, stats, type_text};
+
 const DOC: &str = "The lighthouse keeper's log, 1887. The lamp was lit at dusk and the fog came in from the west. ";
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// A fresh screen with the model loaded, with a fixed conversation id.
-fn loaded() -> App {
-    let mut app = App::new(&AppConfig::default(), None);
-    app.conv.id = "0000000000000-00000".into();
-    update(
-        &mut app,
-        Msg::Worker(WorkerEvent::Loaded {
-            model: "SmolLM2-135M-Instruct".into(),
-            context_length: 8192,
-            n_layers: 30,
-            tokenizer: None,
-        }),
-    );
-    app
-}
-
-fn type_text(app: &mut App, text: &str) {
-    for c in text.chars() {
-        update(app, Msg::Insert(c));
-    }
 }
 
 /// Pastes a document, asks a question, and returns the effects of sending.
@@ -53,44 +32,6 @@ fn ask(app: &mut App) -> Vec<Effect> {
     update(app, Msg::Paste(DOC.repeat(20)));
     type_text(app, "When was the lamp lit?");
     update(app, Msg::Submit)
-}
-
-fn stats(text: &str) -> GenStats {
-    GenStats {
-        gpu_memory: None,
-        text: text.into(),
-        prompt_tokens: 1480,
-        reused_tokens: 0,
-        prefilled_tokens: 1480,
-        generated_tokens: 9,
-        ttft_ms: 812.0,
-        prefill_tok_s: 1822.7,
-        decode_tok_s: 41.3,
-        kv_bytes: 11_206_656,
-        kv: Default::default(),
-        stop_reason: StopReason::EndOfTurn,
-        slim: true,
-        prefill_kind: PrefillKind::Full,
-        kept_per_layer: (0..30)
-            .map(|l| {
-                if l < 10 {
-                    1480
-                } else if l < 20 {
-                    1036
-                } else if l < 28 {
-                    518
-                } else {
-                    259
-                }
-            })
-            .collect(),
-        blocks_swapped_per_step: vec![],
-        blocks_revived: 0,
-        revival_bytes: 0,
-        slim_note: None,
-        slim_preset: "smollm2".into(),
-        slim_stages: vec![],
-    }
 }
 
 fn prefill(app: &mut App, done: usize) {
@@ -104,26 +45,6 @@ fn prefill(app: &mut App, done: usize) {
             rows: if done < 10 { 1480 } else { 1036 },
         }),
     );
-}
-
-fn draw(app: &mut App, w: u16, h: u16) -> Terminal<TestBackend> {
-    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
-    let mut view = app.view;
-    t.draw(|f| view = render::draw(f, app)).unwrap();
-    app.view = view;
-    t
-}
-
-fn screen(t: &Terminal<TestBackend>) -> String {
-    let buf = t.backend().buffer();
-    let mut out = String::new();
-    for y in 0..buf.area.height {
-        for x in 0..buf.area.width {
-            out.push_str(buf[(x, y)].symbol());
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// A state in the middle of a prefill: 12 of 30 layers done after 600 ms.
@@ -333,7 +254,7 @@ fn paste_of_100k_chars_is_kept_whole() {
     let sent = effects
         .iter()
         .find_map(|e| match e {
-            Effect::Engine(EngineCmd::Generate(req)) => Some(req.clone()),
+            Effect::Engine(EngineCmd::Generate(req)) => Some(req.req.clone()),
             _ => None,
         })
         .expect("a generate request");
@@ -464,7 +385,7 @@ fn regenerate_and_compare_build_the_right_requests() {
     let Some(Effect::Engine(EngineCmd::Generate(req))) = eff.first() else {
         panic!("{eff:?}")
     };
-    assert_eq!(req.messages.len(), 1, "the old answer is not sent");
+    assert_eq!(req.req.messages.len(), 1, "the old answer is not sent");
     assert_eq!(app.conv.messages.len(), 2);
     assert!(app.conv.messages[1].content.is_empty());
     update(&mut app, Msg::Worker(WorkerEvent::Token("Again.".into())));
@@ -519,7 +440,7 @@ fn commands_system_clear_export() {
     assert_eq!(app.conv.system, "Be brief.");
     type_text(&mut app, "/export /tmp/x.md");
     let eff = update(&mut app, Msg::Submit);
-    assert!(matches!(&eff[..], [Effect::Export(p)] if p.to_str() == Some("/tmp/x.md")));
+    assert!(matches!(&eff[..], [Effect::Export(Some(p))] if p.to_str() == Some("/tmp/x.md")));
     let old = app.conv.id.clone();
     type_text(&mut app, "/clear");
     let eff = update(&mut app, Msg::Submit);

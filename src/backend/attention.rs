@@ -35,18 +35,31 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// Raw output pointer shared by tasks that write disjoint (row, head) cells.
+/// The query and output buffers of a tiled attention, shared by tasks that read and write
+/// disjoint (row, head) cells; the two may be one buffer ([`attention_in_place`]).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of (row, head) cells of `out`; see `attention`.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+struct Cells {
+    q: *const f32,
+    out: *mut f32,
+}
+// SAFETY: every task reads and writes a disjoint set of (row, head) cells; see `tiled`.
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
 
-impl OutPtr {
-    /// A method, not a field access, so closures capture the Send wrapper, not the raw pointer.
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the `out` slice this pointer came from.
-        unsafe { self.0.add(offset) }
+impl Cells {
+    /// Methods, not field accesses, so closures capture the Send wrapper, not the raw pointers.
+    /// The `hd` query floats at `offset`.
+    ///
+    /// # Safety
+    /// `offset + hd` is inside the query buffer, and no task writes those cells while the
+    /// returned slice lives.
+    unsafe fn q_at<'a>(self, offset: usize, hd: usize) -> &'a [f32] {
+        unsafe { std::slice::from_raw_parts(self.q.add(offset), hd) }
+    }
+
+    fn out_at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the output buffer this pointer came from.
+        unsafe { self.out.add(offset) }
     }
 }
 
@@ -66,12 +79,52 @@ pub fn attention(
     shape: AttnShape,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
-    let KvView {
-        k,
-        v,
-        positions: k_pos,
-        dtype,
-    } = kv;
+    check(q.len(), out.len(), q_pos, kv, key_ranges, shape)?;
+    if q_pos.len() == 1 {
+        decode_attention(q, q_pos[0], kv, key_ranges, shape, out);
+        return Ok(());
+    }
+    let cells = Cells {
+        q: q.as_ptr(),
+        out: out.as_mut_ptr(),
+    };
+    // SAFETY: q and out are distinct slices of nq * n_heads * hd floats (checked above)
+    unsafe { tiled(cells, q_pos, kv, key_ranges, shape) };
+    Ok(())
+}
+
+/// [`attention`] with the output written over the queries: `qo` holds q (nq, n_heads * hd) on
+/// entry and the attention output on return, bit for bit what [`attention`] writes to `out`.
+/// A long prefill then holds one (nq, n_heads * hd) buffer for both, not two.
+pub fn attention_in_place(
+    qo: &mut [f32],
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> candle_core::Result<()> {
+    check(qo.len(), qo.len(), q_pos, kv, key_ranges, shape)?;
+    if q_pos.len() == 1 {
+        let q = qo.to_vec(); // one row
+        decode_attention(&q, q_pos[0], kv, key_ranges, shape, qo);
+        return Ok(());
+    }
+    let p = qo.as_mut_ptr();
+    // SAFETY: a task reads the query cells it will write, all of them before it writes any
+    // (see `tiled`), and no other task touches them
+    unsafe { tiled(Cells { q: p, out: p }, q_pos, kv, key_ranges, shape) };
+    Ok(())
+}
+
+/// The checks both entry points make: shapes, positions and key ranges.
+fn check(
+    q_len: usize,
+    out_len: usize,
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> candle_core::Result<()> {
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -82,24 +135,22 @@ pub fn attention(
             "attention: {n_heads} query heads cannot share {n_kv_heads} KV heads of size {hd}"
         )
     }
-    let (nq, nk) = (q_pos.len(), k_pos.len());
+    let (nq, nk) = (q_pos.len(), kv.positions.len());
     let (q_stride, kv_stride) = (n_heads * hd, n_kv_heads * hd);
-    if q.len() != nq * q_stride || out.len() != nq * q_stride {
+    if q_len != nq * q_stride || out_len != nq * q_stride {
         candle_core::bail!(
-            "attention: q/out have {}/{} floats, want ({nq}, {q_stride})",
-            q.len(),
-            out.len()
+            "attention: q/out have {q_len}/{out_len} floats, want ({nq}, {q_stride})"
         )
     }
-    let kv_words = dtype.stored_len(kv_stride); // stored words per key row
-    if k.len() != nk * kv_words || v.len() != nk * kv_words {
+    let kv_words = kv.dtype.stored_len(kv_stride); // stored words per key row
+    if kv.k.len() != nk * kv_words || kv.v.len() != nk * kv_words {
         candle_core::bail!(
             "attention: k/v have {}/{} words, want ({nk}, {kv_words})",
-            k.len(),
-            v.len()
+            kv.k.len(),
+            kv.v.len()
         )
     }
-    if k_pos.windows(2).any(|w| w[0] >= w[1]) {
+    if kv.positions.windows(2).any(|w| w[0] >= w[1]) {
         candle_core::bail!("attention: key positions are not strictly increasing")
     }
     let ordered = key_ranges.windows(2).all(|w| w[0].end <= w[1].start);
@@ -108,14 +159,29 @@ pub fn attention(
             "attention: key ranges {key_ranges:?} are not sorted, disjoint ranges within 0..{nk}"
         )
     }
-    if nq == 1 {
-        decode_attention(q, q_pos[0], kv, key_ranges, shape, out);
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// The query rows in tiles of `TILE_ROWS`, one task per (KV head, tile), over both cores.
+///
+/// # Safety
+/// `cells.q` and `cells.out` point to (nq, n_heads * hd) floats each, checked by [`check`]; they
+/// may be the same buffer: a task copies its (row, head) query cells into its scratch before
+/// it writes the same cells of the output, and tasks' cells are disjoint.
+unsafe fn tiled(
+    cells: Cells,
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+) {
+    let k_pos = kv.positions;
+    let nq = q_pos.len();
+    let (n_heads, n_kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let q_stride = n_heads * hd;
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_tiles = nq.div_ceil(TILE_ROWS);
-    let out_ptr = OutPtr(out.as_mut_ptr());
 
     (0..n_kv_heads * n_tiles).into_par_iter().for_each(|task| {
         let (g, tile) = (task % n_kv_heads, task / n_kv_heads);
@@ -131,7 +197,7 @@ pub fn attention(
             .collect();
         SCRATCH.with_borrow_mut(|scratch| {
             let ot = tile_task(
-                q, kv, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch,
+                cells, kv, g, r0, rows, keys, key_ranges, &visible, shape, scale, scratch,
             );
             for h in 0..group {
                 let head = g * group + h;
@@ -139,16 +205,16 @@ pub fn attention(
                     let src = &ot[(h * rows + r) * hd..][..hd];
                     // SAFETY: cell (r0 + r, head) belongs to this task only: tasks differ in tile
                     // (rows) or in KV head g (heads g*group..(g+1)*group); the offset is in bounds
-                    // because r0 + r < nq and head < n_heads.
+                    // because r0 + r < nq and head < n_heads. tile_task has read this task's
+                    // query cells already.
                     unsafe {
-                        let dst = out_ptr.at((r0 + r) * q_stride + head * hd);
+                        let dst = cells.out_at((r0 + r) * q_stride + head * hd);
                         std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
                     }
                 }
             }
         });
     });
-    Ok(())
 }
 
 /// Per-thread buffers, reused across tasks and calls so large tiles don't fault in fresh pages.
@@ -176,7 +242,7 @@ thread_local! {
 /// Returns (group*rows, hd).
 #[allow(clippy::too_many_arguments)]
 fn tile_task<'s>(
-    q: &[f32],
+    cells: Cells,
     kv: KvView,
     g: usize,
     r0: usize,
@@ -217,7 +283,9 @@ fn tile_task<'s>(
     for h in 0..group {
         let head = g * group + h;
         for r in 0..rows {
-            let src = &q[(r0 + r) * q_stride + head * hd..][..hd];
+            // SAFETY: in bounds (r0 + r < nq, head < n_heads); only this task writes these cells,
+            // after this loop
+            let src = unsafe { cells.q_at((r0 + r) * q_stride + head * hd, hd) };
             for (d, x) in qt[(h * rows + r) * hd..][..hd].iter_mut().zip(src) {
                 *d = x * scale;
             }
@@ -448,6 +516,14 @@ mod tests {
             &mut out,
         )
         .unwrap();
+        // written over the queries: the same bits
+        let mut qo = q.clone();
+        attention_in_place(&mut qo, q_pos, view(&c, k_pos), &[0..k_pos.len()], shape).unwrap();
+        assert!(
+            qo.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "in place differs (nq {})",
+            q_pos.len()
+        );
         let want = attention_reference(&q, q_pos, &c.kf, &c.vf, k_pos, shape);
         let worst = out
             .iter()

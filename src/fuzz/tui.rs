@@ -200,7 +200,7 @@ fn step(app: &mut App, msg: Msg, p: &mut Prog) {
                     result: if p.byte() % 3 == 0 { Err(p.text()) } else { Ok(p.text()) },
                 }),
                 Effect::Export(path) => queue.push(Msg::Exported {
-                    path,
+                    path: path.unwrap_or_else(|| PathBuf::from("conversation.md")),
                     result: if p.byte() % 2 == 0 { Ok(()) } else { Err(p.text()) },
                 }),
                 Effect::Engine(_) | Effect::Save | Effect::Metrics(_) => {}
@@ -290,7 +290,10 @@ pub fn tui(input: &[u8]) -> Check {
                 }
             }
             8 => {
-                let msg = match p.byte() % 8 {
+                let msg = match p.byte() % 11 {
+                    8 => Msg::DropOldest,
+                    9 => Msg::NewWithDocuments,
+                    10 => Msg::Notice(p.text()),
                     0 => Msg::ScrollUp(p.number()),
                     1 => Msg::ScrollDown(p.number()),
                     2 => Msg::IoError(p.text()),

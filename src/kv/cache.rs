@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::dtype::KvDtype;
 use super::manager::KvManager;
 use super::stats::KvStats;
-use crate::backend::attention::{attention, AttnShape};
+use crate::backend::attention::{attention_in_place, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::model::llama::LayerPolicy;
 
@@ -77,22 +77,20 @@ impl LayerKv {
         out
     }
 
-    /// `q` (rows of heads of `shape.head_dim`) times the key scale of its KV head, so that it
-    /// can be dotted with the stored keys; None when keys are stored as they are.
-    pub fn scale_queries(&self, q: &[f32], shape: AttnShape) -> Option<Vec<f32>> {
+    /// Scales `q` (rows of heads of `shape.head_dim`) by the key scale of its KV head, so that
+    /// it can be dotted with the stored keys; nothing when keys are stored as they are.
+    pub fn scale_queries(&self, q: &mut [f32], shape: AttnShape) {
         if self.k_scale.is_empty() {
-            return None;
+            return;
         }
         let hd = shape.head_dim;
         let group = shape.n_heads / shape.n_kv_heads;
-        let mut out = q.to_vec();
-        for row in out.chunks_exact_mut(shape.n_heads * hd) {
+        for row in q.chunks_exact_mut(shape.n_heads * hd) {
             for (h, head) in row.chunks_exact_mut(hd).enumerate() {
                 let s = &self.k_scale[h / group * hd..][..hd];
                 head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
             }
         }
-        Some(out)
     }
 
     /// Every value widened to f32: (len, kv_dim).
@@ -409,34 +407,33 @@ impl KvCache {
         Ok(())
     }
 
-    /// Attention of layer `i`'s rows (queries `q` at `positions`) over its cached keys: a decode
-    /// row of a slim layer reads the fast tier; everything else reads the host cache through the
-    /// policy's key ranges. Both give the same bits.
+    /// Attention of layer `i`'s rows over its cached keys, written over their queries: `qo`
+    /// holds the queries of the rows at `positions` on entry, (rows, n_heads * hd), and their
+    /// attention output on return, so a long prefill holds one such buffer, not two. A decode
+    /// row of a slim layer reads the fast tier; everything else reads the host cache through
+    /// the policy's key ranges. Both give the same bits.
     ///
     /// `fresh`: the f32 K and V of these rows, just appended. A Q8 layer's prefill (several rows
     /// appended at its end) reads them at f16 precision instead of their int8 rounding, and the
     /// earlier rows widened from Q8: a prompt's own hidden states are computed as with an f16
     /// cache, and only what is read again later (decode, follow-up turns) is int8.
-    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &mut self,
         i: usize,
-        q: &[f32],
+        qo: &mut [f32],
         positions: &[u32],
         fresh: Option<(&[f32], &[f32])>,
         policy: &dyn LayerPolicy,
         shape: AttnShape,
-        out: &mut [f32],
     ) -> candle_core::Result<()> {
         let host = &self.layers[i];
         let keys = policy.key_ranges(i, host);
         if let (Some((k, v)), true) = (fresh, positions.len() > 1) {
             if host.exact_tail_into(k, v, positions, &mut self.exact) {
-                return attention(q, positions, self.exact.view(), &keys, shape, out);
+                return attention_in_place(qo, positions, self.exact.view(), &keys, shape);
             }
         }
-        let scaled = host.scale_queries(q, shape);
-        let q = scaled.as_deref().unwrap_or(q);
+        host.scale_queries(qo, shape);
         if let (Some(t), 1) = (&mut self.tiers, positions.len()) {
             let active = policy.active_blocks(i);
             let want: usize = keys.iter().map(|r| r.len()).sum();
@@ -445,13 +442,14 @@ impl KvCache {
                 let have: usize = runs.iter().map(|r| r.k.len()).sum::<usize>()
                     / host.dtype.stored_len(shape.n_kv_heads * shape.head_dim);
                 if have == want && last_visible {
-                    decode_attention_runs(q, &runs, host.dtype, shape, out);
+                    let q = qo.to_vec(); // one row
+                    decode_attention_runs(&q, &runs, host.dtype, shape, qo);
                     return Ok(());
                 }
                 t.note_miss();
             }
         }
-        attention(q, positions, host.view(), &keys, shape, out)
+        attention_in_place(qo, positions, host.view(), &keys, shape)
     }
 
     /// Layer `i`'s policy may have just chosen its keys: the manager gives the new blocks their
@@ -496,6 +494,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::attention::attention;
     use crate::backend::qgemv::tests::noise;
 
     #[test]
@@ -579,9 +578,9 @@ mod tests {
         for rows in [&pos[250..], &pos[299..]] {
             let q = noise(rows.len() * 6 * 64, rows.len() as u64);
             let want = attention_reference(&q, rows, &wk, &wv, &pos, shape);
-            let mut got = vec![0f32; want.len()];
+            let mut got = q.clone();
             cache
-                .attend(0, &q, rows, None, &Dense, shape, &mut got)
+                .attend(0, &mut got, rows, None, &Dense, shape)
                 .unwrap();
             let err = got
                 .iter()
@@ -658,10 +657,10 @@ mod tests {
                 );
                 cache.append(0, k, v, &pos[rows.clone()], &Dense).unwrap();
                 let q = &q[rows.start * 6 * 64..rows.end * 6 * 64];
-                out = vec![0f32; q.len()];
+                out = q.to_vec();
                 let fresh = fresh.then_some((k, v));
                 cache
-                    .attend(0, q, &pos[rows.clone()], fresh, &Dense, shape, &mut out)
+                    .attend(0, &mut out, &pos[rows.clone()], fresh, &Dense, shape)
                     .unwrap();
             }
             (out, cache.layer(0).clone())

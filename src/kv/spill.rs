@@ -9,7 +9,7 @@
 //! offload worker's thread alone.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -43,17 +43,14 @@ pub struct SpillFile {
 impl SpillFile {
     /// A fresh file of `cap` bytes (sparse) in `dir`, removed when dropped.
     pub fn create(dir: &Path, cap: usize) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        // it holds the prompt's keys and values, from which text can be recovered: 0700 / 0600
+        crate::private_fs::create_dir_private(dir)?;
         let path = dir.join(format!(
             "kv-spill-{}-{:x}.bin",
             std::process::id(),
             unique()
         ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = crate::private_fs::create_new_private(&path)?;
         let result = (|| {
             file.set_len(cap.max(1) as u64)?;
             // SAFETY: the file was just created by this process under a unique name and is only
@@ -200,6 +197,17 @@ mod tests {
         f.write(0, 0, &[1; 10], &[2; 10]).unwrap();
         f.corrupt_every_block();
         assert!(!f.read(0, 0, &mut [0; 10], &mut [0; 10]));
+    }
+
+    #[test]
+    fn the_file_and_its_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("kv-spill");
+        let f = SpillFile::create(&spill, 100).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spill), 0o700);
+        assert_eq!(mode(&f.path), 0o600);
     }
 
     #[test]

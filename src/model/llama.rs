@@ -71,19 +71,20 @@ impl Attention {
     /// h: (rows, hidden), positions: (rows) -> h + attention(RMSNorm(h)) (rows, hidden); appends
     /// the rows' K/V to layer `ctx.layer` of `kv` and returns the post-RoPE queries of the last
     /// `ctx.policy.query_rows()` rows (all rows when fewer), (n, n_heads * hd), for the policy to
-    /// score with. The normed input and the projections run in chunks of `CHUNK_ROWS` rows: a
-    /// long prefill holds h, q, k, v and the attention output at once, nothing more.
+    /// score with. The normed input and the projections run in chunks of `CHUNK_ROWS` rows; the
+    /// attention output is written over q, and the residual sum over the attention output: a
+    /// long prefill holds h, q, k and v at once, nothing more. h is taken, and freed on return.
     fn forward(
         &self,
-        h: &Tensor,
+        h: Tensor,
         norm_weight: &[f32],
         positions: &[u32],
         kv: &mut KvCache,
         ctx: &mut LayerCtx,
-    ) -> Result<(Tensor, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let rows = h.dims2()?.0;
         // q: (rows, n_heads * hd); k, v: (rows, n_kv_heads * hd)
-        let [q, k, v] = self.qkv(h, norm_weight, positions, ctx)?;
+        let [q, k, v] = self.qkv(&h, norm_weight, positions, ctx)?;
         // the layer's block copies (KV manager) land before it appends and attends
         kv.before_layer(ctx.layer);
         kv.append(ctx.layer, &k, &v, positions, &*ctx.policy)?;
@@ -92,27 +93,51 @@ impl Attention {
             .before_attention(ctx.layer, &q, positions, kv.layer(ctx.layer))?;
         kv.before_attention(ctx.layer, &*ctx.policy)?;
         let q_dim = self.shape.n_heads * self.shape.head_dim; // not always hidden (Qwen3)
-        let mut out = vec![0.0f32; rows * q_dim]; // (rows, n_heads * hd)
+                                                              // the policy reads only the last rows' queries after the layer
+        let tail = ctx.policy.query_rows().min(rows);
+        let q_tail = q[(rows - tail) * q_dim..].to_vec();
+        // the attention output, (rows, n_heads * hd), is written over q
+        let mut out = q;
         let fresh = Some((&k[..], &v[..]));
         kv.attend(
             ctx.layer,
-            &q,
+            &mut out,
             positions,
             fresh,
             &*ctx.policy,
             self.shape,
-            &mut out,
         )?;
         drop((k, v));
-        // the policy reads only the last rows' queries after the layer
-        let tail = ctx.policy.query_rows().min(rows);
-        let q_tail = q[(rows - tail) * q_dim..].to_vec();
-        drop(q);
-        let out = tensor2(out, rows, q_dim)?;
-        let h = add_by_rows(h, CHUNK_ROWS, |r| {
-            Ok(self.wo.forward(&out.narrow(0, r.start, r.len())?)?)
-        })?;
-        Ok((h, q_tail))
+        Ok((self.residual(&h, out)?, q_tail))
+    }
+
+    /// h + wo(out) (rows, hidden) for the attention output `out` (rows, n_heads * hd), in chunks
+    /// of `CHUNK_ROWS` rows, written over `out` when it is as wide as h (all but some Qwen3).
+    fn residual(&self, h: &Tensor, mut out: Vec<f32>) -> Result<Vec<f32>> {
+        let (rows, hidden) = h.dims2()?;
+        let h = h.contiguous()?;
+        let q_dim = self.shape.n_heads * self.shape.head_dim;
+        let mut wider = (q_dim != hidden).then(|| vec![0.0f32; rows * hidden]);
+        for r in row_chunks(rows, CHUNK_ROWS) {
+            let x = &out[r.start * q_dim..r.end * q_dim];
+            let term = self
+                .wo
+                .forward(&Tensor::from_slice(x, (r.len(), q_dim), &Device::Cpu)?)?;
+            let span = r.start * hidden..r.end * hidden;
+            let dst = match &mut wider {
+                Some(sum) => &mut sum[span.clone()],
+                None => &mut out[span.clone()], // this chunk's output has been read
+            };
+            with_f32(&h, |h| {
+                with_f32(&term.contiguous()?, |t| {
+                    dst.iter_mut()
+                        .zip(&h[span])
+                        .zip(t)
+                        .for_each(|((d, a), b)| *d = a + b);
+                })
+            })??;
+        }
+        Ok(wider.unwrap_or(out))
     }
 
     /// h: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd) of
@@ -226,26 +251,22 @@ fn row_chunks(rows: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
     starts.into_iter().zip(ends).map(|(a, b)| a..b)
 }
 
-/// h + f(rows) for h (rows, hidden), computed in chunks of at most `max` rows: `f(r)` gives the
-/// (r.len(), hidden) term of rows `r`, and the sums fill one new (rows, hidden) buffer.
-fn add_by_rows(
-    h: &Tensor,
+/// h += f(rows of h) for h (rows, hidden), in chunks of at most `max` rows: `f` gets a chunk's
+/// rows, (len, hidden), and gives their (len, hidden) term.
+fn add_in_place(
+    h: &mut [f32],
+    hidden: usize,
     max: usize,
-    mut f: impl FnMut(Range<usize>) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let (rows, hidden) = h.dims2()?;
-    let h = h.contiguous()?;
-    let mut sum = Vec::with_capacity(rows * hidden);
-    for r in row_chunks(rows, max) {
-        let (start, end) = (r.start * hidden, r.end * hidden);
-        let term = f(r)?.contiguous()?;
-        with_f32(&h, |h| {
-            with_f32(&term, |t| {
-                sum.extend(h[start..end].iter().zip(t).map(|(a, b)| a + b));
-            })
-        })??;
+    mut f: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for r in row_chunks(h.len() / hidden, max) {
+        let rows = &mut h[r.start * hidden..r.end * hidden];
+        let term = f(&Tensor::from_slice(rows, (r.len(), hidden), &Device::Cpu)?)?;
+        with_f32(&term.contiguous()?, |t| {
+            rows.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        })?;
     }
-    Ok(tensor2(sum, rows, hidden)?)
+    Ok(())
 }
 
 struct Mlp {
@@ -265,13 +286,12 @@ impl Mlp {
         })
     }
 
-    /// h: (rows, hidden) -> h + MLP(RMSNorm(h)) (rows, hidden), in chunks of `MLP_ROWS` rows:
-    /// the (rows, intermediate) gate, up and product are the largest activations of a long
-    /// prefill, and the normed input exists only a chunk at a time.
-    fn forward(&self, h: &Tensor, norm_weight: &[f32], eps: f32) -> Result<Tensor> {
-        add_by_rows(h, MLP_ROWS, |r| {
-            let x = norm(&h.narrow(0, r.start, r.len())?, norm_weight, eps)?;
-            self.forward_rows(&x)
+    /// h (rows, hidden) += MLP(RMSNorm(h)), in chunks of `MLP_ROWS` rows: the (rows,
+    /// intermediate) gate, up and product are the largest activations of a long prefill, and
+    /// the normed input exists only a chunk at a time.
+    fn forward(&self, h: &mut [f32], norm_weight: &[f32], eps: f32) -> Result<()> {
+        add_in_place(h, norm_weight.len(), MLP_ROWS, |x| {
+            self.forward_rows(&norm(x, norm_weight, eps)?)
         })
     }
 
@@ -306,13 +326,17 @@ impl Block {
     /// layer's last `ctx.policy.query_rows()` rows
     fn forward(
         &self,
-        h: &Tensor,
+        h: Tensor,
         positions: &[u32],
         kv: &mut KvCache,
         ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
-        let (h, q) = self.attn.forward(h, &self.attn_norm, positions, kv, ctx)?;
-        Ok((self.mlp.forward(&h, &self.mlp_norm, ctx.eps)?, q))
+        // h is taken, not borrowed: the layer's input is freed once the attention's residual
+        // sum exists, before the MLP's sum is built
+        let (rows, hidden) = h.dims2()?;
+        let (mut h, q) = self.attn.forward(h, &self.attn_norm, positions, kv, ctx)?;
+        self.mlp.forward(&mut h, &self.mlp_norm, ctx.eps)?;
+        Ok((tensor2(h, rows, hidden)?, q))
     }
 }
 
@@ -573,7 +597,7 @@ impl Llama {
                 eps: self.spec.rms_eps,
                 policy: &mut *policy,
             };
-            let (out, q) = block.forward(&h, &positions, kv, &mut ctx)?;
+            let (out, q) = block.forward(h, &positions, kv, &mut ctx)?;
             h = out;
             let rows = positions.len();
             on_layer(i, rows);

@@ -792,6 +792,7 @@ mod tests {
             stages: vec![StageConfig {
                 layer: 1,
                 fraction: 1.0,
+                floor: 0,
             }],
             keep_ratio: 1.0,
             min_keep_tokens: 0,

@@ -6,17 +6,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::AppConfig;
-use crate::engine::{GenStats, GenerateRequest};
+use crate::engine::GenerateRequest;
 use crate::model::source::DownloadProgress;
-use crate::model::template::{Message, Role as TemplateRole};
 use crate::sampling::SamplingConfig;
 use crate::slim::schedule::SlimConfig;
 
-use super::agreement::agreement;
 use super::editor::Editor;
-use super::store::{Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics};
+use super::store::{Attachment, ChatMessage, Conversation, Role};
 use super::tokens::TokenCounter;
+use super::turns;
 use super::worker::{EngineCmd, WorkerEvent};
+
+mod engine_events;
+mod overflow;
+
+pub use overflow::Offer;
 
 /// Slash commands, for the help overlay.
 pub const COMMANDS: &[(&str, &str)] = &[
@@ -34,7 +38,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "/compare",
         "re-run the last question dense and pruned, side by side",
     ),
-    ("/export PATH", "write the conversation as Markdown"),
+    ("/export [PATH]", "Markdown to PATH, else to exports/"),
     ("/help", "this help"),
     ("/quit", "leave (the conversation is saved)"),
 ];
@@ -61,8 +65,12 @@ pub enum Msg {
     End,
     KillLine,
     Submit,
-    /// Esc: stop the answer, else close the help or the message.
+    /// Esc: stop the answer, else cancel the overflow offer, close the help or the message.
     Stop,
+    /// The overflow offer's `d`: leave out the oldest turns and send the message.
+    DropOldest,
+    /// The overflow offer's `n`: a new conversation with the same documents, and send there.
+    NewWithDocuments,
     /// Ctrl+C: stop the answer; a second one (or one while idle) quits.
     Interrupt,
     Quit,
@@ -85,6 +93,8 @@ pub enum Msg {
     },
     /// A save or a write failed.
     IoError(String),
+    /// A one-line notice for the status line (a save that works again, a data dir made private).
+    Notice(String),
     /// The result of an `Effect::Export`.
     Exported {
         path: PathBuf,
@@ -101,7 +111,8 @@ pub enum Effect {
     /// Append one line to metrics.jsonl.
     Metrics(serde_json::Value),
     ReadFile(PathBuf),
-    Export(PathBuf),
+    /// Write the conversation as Markdown to this path (`None`: the data dir's `exports/`).
+    Export(Option<PathBuf>),
 }
 
 /// Model facts, known once it has loaded.
@@ -186,6 +197,8 @@ pub struct App {
     pub running: Option<Running>,
     pub last: Option<LastStats>,
     pub status: Option<Status>,
+    /// The message did not fit: what leaving out the oldest turns would do (keys d, n, Esc).
+    pub offer: Option<Offer>,
     pub help: bool,
     /// Lines scrolled up from the bottom of the transcript (0 = follow the answer).
     pub scroll: usize,
@@ -231,6 +244,7 @@ impl App {
             running: None,
             last: None,
             status: None,
+            offer: None,
             help: false,
             scroll: 0,
             view: View::default(),
@@ -315,31 +329,10 @@ impl App {
         });
     }
 
-    /// The conversation as the model sees it: system prompt, then users and answers.
+    /// The conversation as the model sees it: system prompt, then users and answers (the
+    /// turns left out of the context excepted).
     fn request(&self) -> GenerateRequest {
-        let mut messages = Vec::new();
-        if !self.conv.system.is_empty() {
-            messages.push(Message {
-                role: TemplateRole::System,
-                content: self.conv.system.clone(),
-            });
-        }
-        for m in &self.conv.messages {
-            let role = match m.role {
-                Role::User => TemplateRole::User,
-                Role::Assistant if !m.content.is_empty() => TemplateRole::Assistant,
-                _ => continue,
-            };
-            messages.push(Message {
-                role,
-                content: m.full_text(),
-            });
-        }
-        GenerateRequest {
-            messages,
-            max_tokens: self.max_tokens,
-            sampling: self.sampling.clone(),
-        }
+        turns::chat_request(&self.conv, self.max_tokens, &self.sampling, false).req
     }
 
     fn start(&mut self, kind: RequestKind) {
@@ -357,9 +350,10 @@ impl App {
         self.ctrl_c_armed = false;
     }
 
-    /// Sends the conversation with an empty answer appended.
-    fn send_chat(&mut self) -> Vec<Effect> {
-        let req = self.request();
+    /// Sends the conversation with an empty answer appended; `drop_oldest`: leave out the
+    /// oldest turns without asking if it does not fit.
+    fn send_chat(&mut self, drop_oldest: bool) -> Vec<Effect> {
+        let req = turns::chat_request(&self.conv, self.max_tokens, &self.sampling, drop_oldest);
         let mut answer = ChatMessage::new(Role::Assistant, "");
         answer.partial = true;
         self.conv.messages.push(answer);
@@ -384,7 +378,7 @@ impl App {
         true
     }
 
-    fn submit(&mut self) -> Vec<Effect> {
+    fn submit(&mut self, drop_oldest: bool) -> Vec<Effect> {
         let text = self.editor.text();
         if let Some(cmd) = text.trim_start().strip_prefix('/') {
             if !cmd.starts_with('/') && !cmd.contains('\n') {
@@ -402,7 +396,7 @@ impl App {
         self.conv.messages.push(user);
         self.editor.clear();
         self.status = None;
-        self.send_chat()
+        self.send_chat(drop_oldest)
     }
 
     fn command(&mut self, line: String) -> Vec<Effect> {
@@ -440,10 +434,12 @@ impl App {
             }
             "regen" => effects = self.regenerate(),
             "compare" => effects = self.compare(),
-            "export" if !arg.is_empty() => effects.push(Effect::Export(PathBuf::from(arg))),
+            "export" => effects.push(Effect::Export(
+                (!arg.is_empty()).then(|| PathBuf::from(arg)),
+            )),
             "help" => self.help = true,
             "quit" | "exit" => self.quit = true,
-            "read" | "export" => {
+            "read" => {
                 self.fail(format!("/{name} needs a path"));
                 return effects;
             }
@@ -474,7 +470,7 @@ impl App {
             return vec![];
         }
         self.say("regenerating the last answer");
-        self.send_chat()
+        self.send_chat(false)
     }
 
     fn compare(&mut self) -> Vec<Effect> {
@@ -495,7 +491,9 @@ impl App {
         let keep = self.conv.messages[..=last_user]
             .iter()
             .filter(|m| {
-                m.role == Role::User || (m.role == Role::Assistant && !m.content.is_empty())
+                !m.out_of_context
+                    && (m.role == Role::User
+                        || (m.role == Role::Assistant && !m.content.is_empty()))
             })
             .count()
             + usize::from(!self.conv.system.is_empty());
@@ -522,196 +520,6 @@ impl App {
             }
         ));
         vec![Effect::Engine(EngineCmd::SetPruning(self.slim.clone()))]
-    }
-
-    fn on_worker(&mut self, ev: WorkerEvent) -> Vec<Effect> {
-        match ev {
-            WorkerEvent::LoadProgress(p) => self.loading = Some(p),
-            WorkerEvent::Loaded {
-                model,
-                context_length,
-                n_layers,
-                tokenizer,
-            } => {
-                self.loading = None;
-                if let Some(t) = tokenizer {
-                    self.tokens.set_tokenizer(t);
-                }
-                self.model = Some(ModelInfo {
-                    name: model,
-                    context_length,
-                    n_layers,
-                });
-            }
-            WorkerEvent::PrefillProgress {
-                layers_done,
-                n_layers,
-                tokens,
-                rows,
-            } => {
-                let clock = self.clock;
-                if let Some(r) = &mut self.running {
-                    if r.prefill.is_none() || layers_done <= 1 {
-                        r.prefill_started = Some(clock);
-                    }
-                    r.prefill = Some((layers_done, n_layers, tokens, rows));
-                }
-            }
-            WorkerEvent::Token(t) => {
-                let clock = self.clock;
-                if let Some(r) = &mut self.running {
-                    r.first_token.get_or_insert(clock);
-                    r.tokens += 1;
-                }
-                if let Some(m) = self.conv.messages.last_mut() {
-                    if m.role == Role::Assistant && m.partial {
-                        m.content.push_str(&t);
-                        self.dirty = true;
-                    }
-                }
-            }
-            WorkerEvent::PromptTokens(n) => {
-                if let Some(r) = &mut self.running {
-                    r.prompt_tokens = Some(n);
-                }
-            }
-            WorkerEvent::Refused {
-                prompt_tokens,
-                context_length,
-            } => {
-                self.undo_send();
-                self.fail(format!(
-                    "not sent: the conversation is {} tokens and the model holds {} (answer included); \
-                     shorten the message or /clear",
-                    thousands(prompt_tokens),
-                    thousands(context_length)
-                ));
-            }
-            WorkerEvent::Stats { stats, rss_bytes } => return self.on_stats(&stats, rss_bytes),
-            WorkerEvent::Compared {
-                dense,
-                slim,
-                keep_ratio,
-            } => {
-                let mut note = ChatMessage::new(Role::Note, "compare");
-                note.comparison = Some(Comparison {
-                    dense: dense.text.clone(),
-                    dense_ttft_ms: dense.ttft_ms,
-                    slim: slim.text.clone(),
-                    slim_ttft_ms: slim.ttft_ms,
-                    keep_ratio,
-                });
-                self.conv.messages.push(note);
-                self.say(format!(
-                    "compare: TTFT dense {:.0} ms, pruned {:.0} ms ({:.2}x); {}",
-                    dense.ttft_ms,
-                    slim.ttft_ms,
-                    slim.ttft_ms / dense.ttft_ms.max(1e-9),
-                    agreement(&dense.text, &slim.text).summary()
-                ));
-                self.set_last(&slim, 0);
-                return vec![Effect::Save];
-            }
-            WorkerEvent::Done => {
-                self.running = None;
-                self.ctrl_c_armed = false;
-                if let Some(m) = self.conv.messages.last_mut() {
-                    if m.role == Role::Assistant && m.partial {
-                        m.partial = false;
-                        if m.content.is_empty() {
-                            self.conv.messages.pop();
-                        }
-                    }
-                }
-                self.dirty = false;
-                return vec![Effect::Save];
-            }
-            WorkerEvent::Note(text) => self.say(text),
-            WorkerEvent::Error(e) => {
-                if self.model.is_none() {
-                    self.load_error = Some(e.clone());
-                }
-                self.fail(e);
-            }
-        }
-        vec![]
-    }
-
-    /// Puts a refused message back into the input, chips included.
-    fn undo_send(&mut self) {
-        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::Assistant && m.partial) {
-            self.conv.messages.pop();
-        }
-        if matches!(self.conv.messages.last(), Some(m) if m.role == Role::User) {
-            let user = self.conv.messages.pop().expect("checked");
-            let mut chips = user.attachments;
-            chips.append(&mut self.chips);
-            self.chips = chips;
-            if self.editor.is_empty() {
-                self.editor.set_text(&user.content);
-            }
-        }
-    }
-
-    fn set_last(&mut self, s: &GenStats, rss_bytes: u64) {
-        let rss_bytes = if rss_bytes == 0 {
-            self.last.as_ref().map_or(0, |l| l.rss_bytes)
-        } else {
-            rss_bytes
-        };
-        self.last = Some(LastStats {
-            ttft_ms: s.ttft_ms,
-            prefill_tok_s: s.prefill_tok_s,
-            decode_tok_s: s.decode_tok_s,
-            prompt_tokens: s.prompt_tokens,
-            generated_tokens: s.generated_tokens,
-            kv_bytes: s.kv_bytes,
-            kv_fast_bytes: s.kv.kv_fast_bytes,
-            kv_host_bytes: s.kv.kv_host_bytes,
-            rss_bytes,
-            kept_per_layer: s.kept_per_layer.clone(),
-            slim: s.slim,
-            slim_preset: s.slim_preset.clone(),
-            gpu_memory: s.gpu_memory,
-        });
-    }
-
-    fn on_stats(&mut self, s: &GenStats, rss_bytes: u64) -> Vec<Effect> {
-        self.set_last(s, rss_bytes);
-        let metrics = TurnMetrics {
-            ttft_ms: s.ttft_ms,
-            prefill_tok_s: s.prefill_tok_s,
-            decode_tok_s: s.decode_tok_s,
-            prompt_tokens: s.prompt_tokens,
-            generated_tokens: s.generated_tokens,
-            kv_bytes: s.kv_bytes,
-            slim: s.slim,
-            keep_ratio: self.slim.keep_ratio,
-            stop_reason: serde_json::to_value(s.stop_reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-        };
-        let turn = self
-            .conv
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::User)
-            .count();
-        if let Some(m) = self.conv.messages.last_mut() {
-            if m.role == Role::Assistant {
-                // The engine's text is the whole answer; tokens may have been coalesced.
-                m.content = s.text.clone();
-                m.metrics = Some(metrics.clone());
-            }
-        }
-        let mut record = serde_json::to_value(&metrics).unwrap_or_default();
-        record["conversation"] = self.conv.id.clone().into();
-        record["turn"] = turn.into();
-        record["reused_tokens"] = s.reused_tokens.into();
-        record["kept_per_layer"] = s.kept_per_layer.clone().into();
-        record["rss_bytes"] = rss_bytes.into();
-        vec![Effect::Metrics(record)]
     }
 
     fn scroll_up(&mut self, n: usize) {
@@ -769,10 +577,14 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
         Msg::Home => app.editor.home(),
         Msg::End => app.editor.end(),
         Msg::KillLine => app.editor.kill_to_start(),
-        Msg::Submit => return app.submit(),
+        Msg::Submit => return app.submit(false),
+        Msg::DropOldest => return app.drop_oldest(),
+        Msg::NewWithDocuments => return app.new_with_documents(),
         Msg::Stop => {
             if app.help {
                 app.help = false;
+            } else if app.offer.is_some() {
+                app.cancel_offer();
             } else if let Some(r) = &mut app.running {
                 r.stopping = true;
                 app.say("stopping…");
@@ -830,6 +642,7 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
             }
         },
         Msg::IoError(e) => app.fail(e),
+        Msg::Notice(text) => app.say(text),
         Msg::Exported { path, result } => match result {
             Ok(()) => app.say(format!("exported to {}", path.display())),
             Err(e) => app.fail(format!("cannot export to {}: {e}", path.display())),

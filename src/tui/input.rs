@@ -29,6 +29,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl+E", "expand / collapse pasted chips"),
     ("Backspace (empty input)", "drop the last chip"),
     ("Ctrl+U", "delete to the start of the line"),
+    (
+        "d / n / Esc (message won't fit)",
+        "drop oldest turns / new conversation with the docs / cancel",
+    ),
     ("F1, ? (empty input)", "this help"),
 ];
 
@@ -60,6 +64,17 @@ fn map_key(k: &KeyEvent, app: &App) -> Option<Msg> {
             (KeyCode::Char('c'), true) => Msg::Interrupt,
             _ => Msg::ToggleHelp,
         });
+    }
+    if app.offer.is_some() {
+        // The offer takes the keys until one of its three is pressed; Ctrl+C still quits.
+        return match (k.code, ctrl) {
+            (KeyCode::Char('c'), true) => Some(Msg::Interrupt),
+            (KeyCode::Char('d') | KeyCode::Char('D'), false) => Some(Msg::DropOldest),
+            (KeyCode::Char('n') | KeyCode::Char('N'), false) => Some(Msg::NewWithDocuments),
+            (KeyCode::Esc, _) => Some(Msg::Stop),
+            (KeyCode::F(1), _) => Some(Msg::ToggleHelp),
+            _ => None,
+        };
     }
     let msg = match k.code {
         KeyCode::Enter if alt || shift || ctrl => Msg::Newline,

@@ -1,18 +1,24 @@
 //! The chat screen (`slimchat` with no subcommand): terminal setup and teardown (restored on
-//! every exit path, panics included), the tokio event loop that joins terminal input, engine
-//! events and a redraw tick, and the effects `update` asks for (engine commands, saves, reads).
+//! every exit path, panics included: the hook restores the terminal before the message is
+//! printed, and the conversation is saved after the unwind is caught), the tokio event loop
+//! that joins terminal input, engine events and a redraw tick, and the effects `update` asks
+//! for (engine commands, saves, reads).
 
 pub mod agreement;
 pub mod app;
 pub mod editor;
 pub mod input;
+pub mod paste_burst;
 pub mod render;
+pub mod saver;
 pub mod store;
 pub mod tokens;
+pub mod turns;
 pub mod worker;
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossterm::event::{
@@ -32,8 +38,14 @@ use crate::config::AppConfig;
 use crate::{Error, Result};
 
 use app::{update, App, Effect, Msg};
+use saver::Saver;
 use store::Store;
 use worker::{Worker, WorkerEvent};
+
+/// Test only: when set, the chat screen panics at the first frame drawn while an answer streams
+/// with text not saved yet (tests/tui_e2e.rs checks the terminal is restored, the message
+/// printed and the conversation saved, unsaved text included).
+pub const TEST_PANIC_ENV: &str = "SLIMCHAT_TEST_PANIC";
 
 /// How the screen starts.
 #[derive(Debug, Clone, Default)]
@@ -42,8 +54,6 @@ pub struct TuiOptions {
     pub resume: Option<String>,
 }
 
-/// Saves while an answer streams happen at most this often.
-const SAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// Input events taken without a redraw once one has arrived (the keys already waiting).
 const INPUT_BURST: usize = 4096;
 
@@ -57,6 +67,7 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
     }
     let store = Store::open_default()?;
     store.log(&format!("start: model {}", cfg.model.source));
+    let note = store.note.clone();
     let conv = match opts.resume.as_deref() {
         None => None,
         Some("latest") => store.latest()?,
@@ -70,6 +81,9 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
             Msg::IoError("no saved conversation to resume: starting a new one".into()),
         );
     }
+    if let Some(note) = note {
+        update(&mut app, Msg::Notice(note));
+    }
     let (worker, events) = Worker::spawn(cfg);
 
     install_panic_hook();
@@ -79,31 +93,57 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
         .enable_time()
         .build()?;
     let tick = Duration::from_millis(cfg.tui.tick_ms);
-    let result = rt.block_on(run_loop(
-        &mut terminal,
-        &mut app,
-        &worker,
-        events,
-        EventStream::new(),
-        &store,
-        tick,
-        &mut |_| Vec::new(),
-    ));
+    let test_panic = std::env::var_os(TEST_PANIC_ENV).is_some();
+    let run = std::panic::AssertUnwindSafe(|| {
+        rt.block_on(run_loop(
+            &mut terminal,
+            &mut app,
+            &worker,
+            events,
+            EventStream::new(),
+            &store,
+            tick,
+            &mut |app| {
+                if test_panic {
+                    panic_if_unsaved(app);
+                }
+                Vec::new()
+            },
+        ))
+    });
+    let result = std::panic::catch_unwind(run);
     drop(guard);
+    let result = result.unwrap_or_else(|payload| {
+        // The hook has restored the terminal and printed the panic; keep the conversation.
+        let what = panic_text(payload.as_ref());
+        store.log(&format!("panic: {what}"));
+        if !app.conv.messages.is_empty() {
+            if let Err(e) = store.save(&app.conv) {
+                store.log(&format!("save after the panic failed: {e}"));
+            }
+        }
+        Err(Error::Engine(format!("the chat screen stopped: {what}")))
+    });
     drop(worker);
     store.log(&format!("quit: conversation {}", app.conv.id));
     if !app.conv.messages.is_empty() {
-        eprintln!(
-            "slimchat: conversation saved as {} (slimchat --resume {})",
-            app.conv.id, app.conv.id
-        );
+        // Say what is on disk, read back: a save can fail at the end too (a full disk).
+        let id = &app.conv.id;
+        if store.load(id).is_ok_and(|c| c == app.conv) {
+            eprintln!("slimchat: conversation saved as {id} (slimchat --resume {id})");
+        } else {
+            eprintln!(
+                "slimchat: the last changes to conversation {id} could not be saved (see {})",
+                store.log_path().display()
+            );
+        }
     }
     result
 }
 
 /// The event loop, generic over the terminal backend and the input stream so tests can drive
 /// it. After each draw `hook` sees the state and may inject messages (tests use it to script
-/// a session and to time frames; the real screen passes a no-op).
+/// a session and to time frames; the real screen's does nothing unless [`TEST_PANIC_ENV`] is set).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_loop<B, S>(
     terminal: &mut Terminal<B>,
@@ -122,7 +162,7 @@ where
     let start = Instant::now();
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_save = Instant::now();
+    let mut saver = Saver::default();
     let mut draw_now = true;
     let mut changed = false;
     let mut input_open = true;
@@ -133,7 +173,7 @@ where
             terminal.draw(|f| view = render::draw(f, app))?;
             app.view = view;
             for msg in hook(app) {
-                dispatch(app, msg, worker, store);
+                dispatch(app, msg, worker, store, &mut saver);
             }
             draw_now = false;
             changed = false;
@@ -144,13 +184,14 @@ where
         tokio::select! {
             ev = input.next(), if input_open => match ev {
                 Some(Ok(ev)) => {
-                    take_input(app, &ev, worker, store);
                     // Take the keys that have already arrived, so that text a terminal types
                     // (a paste without bracketed paste: one event per character) costs one frame
-                    // per burst, not one per character.
-                    for _ in 0..INPUT_BURST {
+                    // per burst, not one per character, and so that each key knows whether
+                    // more were waiting behind it (see `paste_burst`).
+                    let mut batch = vec![ev];
+                    while batch.len() < INPUT_BURST {
                         match input.next().now_or_never() {
-                            Some(Some(Ok(ev))) => take_input(app, &ev, worker, store),
+                            Some(Some(Ok(ev))) => batch.push(ev),
                             Some(Some(Err(e))) => store.log(&format!("input error: {e}")),
                             Some(None) => {
                                 input_open = false;
@@ -158,6 +199,15 @@ where
                             }
                             None => break,
                         }
+                    }
+                    let mut keys_before = 0;
+                    for (i, ev) in batch.iter().enumerate() {
+                        let more = matches!(batch.get(i + 1), Some(Event::Key(_)));
+                        if let Some(msg) = input::map_event(ev, app) {
+                            let msg = paste_burst::filter(ev, msg, keys_before, more);
+                            dispatch(app, msg, worker, store, &mut saver);
+                        }
+                        keys_before += usize::from(matches!(ev, Event::Key(_)));
                         if app.quit {
                             break;
                         }
@@ -169,39 +219,28 @@ where
             },
             ev = events.recv(), if events_open => match ev {
                 Some(ev) => {
-                    dispatch(app, Msg::Worker(ev), worker, store);
+                    dispatch(app, Msg::Worker(ev), worker, store, &mut saver);
                     // Take what else has arrived, so a burst costs one frame.
                     while let Ok(ev) = events.try_recv() {
-                        dispatch(app, Msg::Worker(ev), worker, store);
+                        dispatch(app, Msg::Worker(ev), worker, store, &mut saver);
                     }
                     changed = true;
                 }
                 None => events_open = false,
             },
             _ = ticker.tick() => {
-                dispatch(app, Msg::Tick(start.elapsed()), worker, store);
-                draw_now = changed || app.busy();
-                if app.dirty && last_save.elapsed() >= SAVE_INTERVAL {
-                    save(app, store);
-                    app.dirty = false;
-                    last_save = Instant::now();
-                }
+                dispatch(app, Msg::Tick(start.elapsed()), worker, store, &mut saver);
+                draw_now = changed || app.busy() || saver.failing();
+                saver.tick(app, store);
             }
         }
     }
-    save(app, store);
+    saver.save(app, store);
     Ok(())
 }
 
-/// Applies one input event (a key, a paste, a resize, the mouse).
-fn take_input(app: &mut App, ev: &Event, worker: &Worker, store: &Store) {
-    if let Some(msg) = input::map_event(ev, app) {
-        dispatch(app, msg, worker, store);
-    }
-}
-
 /// Applies a message and carries out its effects (which may produce further messages).
-pub fn dispatch(app: &mut App, msg: Msg, worker: &Worker, store: &Store) {
+pub fn dispatch(app: &mut App, msg: Msg, worker: &Worker, store: &Store, saver: &mut Saver) {
     let mut queue = vec![msg];
     while let Some(msg) = queue.pop() {
         if let Msg::Worker(WorkerEvent::Error(e)) = &msg {
@@ -213,7 +252,9 @@ pub fn dispatch(app: &mut App, msg: Msg, worker: &Worker, store: &Store) {
                     store.log(&format!("engine command: {}", command_name(&cmd)));
                     worker.send(cmd);
                 }
-                Effect::Save => save(app, store),
+                Effect::Save => {
+                    saver.save(app, store);
+                }
                 Effect::Metrics(mut record) => {
                     record["ts"] = unix_secs().into();
                     if let Err(e) = store.append_metrics(&record) {
@@ -225,8 +266,8 @@ pub fn dispatch(app: &mut App, msg: Msg, worker: &Worker, store: &Store) {
                     queue.push(Msg::FileRead { path, result });
                 }
                 Effect::Export(path) => {
-                    let result =
-                        store::export_markdown(&app.conv, &path).map_err(|e| e.to_string());
+                    let path = path.unwrap_or_else(|| store.default_export_path(&app.conv.id));
+                    let result = store.export(&app.conv, &path).map_err(|e| e.to_string());
                     queue.push(Msg::Exported { path, result });
                 }
             }
@@ -246,17 +287,24 @@ fn command_name(cmd: &worker::EngineCmd) -> &'static str {
     }
 }
 
-fn save(app: &mut App, store: &Store) {
-    if app.conv.messages.is_empty() {
+/// Test only (see [`TEST_PANIC_ENV`]): panics while an answer streams with unsaved text.
+fn panic_if_unsaved(app: &App) {
+    let Some(answer) = app.conv.messages.last().filter(|m| m.partial) else {
         return;
+    };
+    let chars = answer.content.chars().count();
+    if app.dirty && chars >= 20 {
+        panic!("test panic ({TEST_PANIC_ENV}) with {chars} chars of the answer in memory");
     }
-    if let Err(e) = store.save(&app.conv) {
-        store.log(&format!("save failed: {e}"));
-        update(
-            app,
-            Msg::IoError(format!("cannot save the conversation: {e}")),
-        );
-    }
+}
+
+/// The message of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn unix_secs() -> f64 {
@@ -278,12 +326,17 @@ pub fn read_text(path: &Path) -> std::result::Result<String, String> {
     })
 }
 
+/// True while the terminal is set up for the screen, so that it is restored once: leaving the
+/// alternate screen a second time would move the cursor back over what was printed since.
+static TERMINAL_TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// Raw mode, alternate screen, bracketed paste and mouse capture for its lifetime.
 struct TerminalGuard;
 
 impl TerminalGuard {
     fn enter(mouse: bool) -> Result<Self> {
         enable_raw_mode()?;
+        TERMINAL_TAKEN.store(true, Ordering::SeqCst);
         let guard = TerminalGuard; // from here on, Drop restores
         let mut out = std::io::stdout();
         crossterm::execute!(out, EnterAlternateScreen, EnableBracketedPaste)?;
@@ -305,8 +358,12 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Puts the terminal back as it was; safe to call more than once.
+/// Puts the terminal back as it was; safe to call more than once (only the first call after
+/// [`TerminalGuard::enter`] does anything).
 fn restore_terminal() {
+    if !TERMINAL_TAKEN.swap(false, Ordering::SeqCst) {
+        return;
+    }
     let mut out = std::io::stdout();
     let _ = crossterm::execute!(
         out,
@@ -332,12 +389,18 @@ fn install_panic_hook() {
 /// `slimchat --list`: saved conversations, newest last.
 pub fn list(out: &mut dyn Write) -> Result<()> {
     let store = Store::open_default()?;
+    if let Some(note) = &store.note {
+        eprintln!("slimchat: {note}");
+    }
     let all = store.list()?;
     if all.is_empty() {
         writeln!(out, "no saved conversations in {}", store.dir.display())?;
     }
     for s in all {
-        writeln!(out, "{}  {:>3} messages  {}", s.id, s.messages, s.title)?;
+        match &s.damaged {
+            None => writeln!(out, "{}  {:>3} messages  {}", s.id, s.messages, s.title)?,
+            Some(why) => writeln!(out, "{}  damaged (left as it is): {why}", s.id)?,
+        }
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! What the chat screen keeps on disk, all under the data directory (`$SLIMCHAT_DATA_DIR`, else
 //! the platform data dir, `~/.local/share/slimchat` on Linux): one JSON file per conversation in
-//! `conversations/` (written atomically: temp file, then rename), per-turn metrics appended to
-//! `metrics.jsonl`, the log `slimchat.log`, and Markdown export of a conversation.
+//! `conversations/` (written atomically and durably, see [`crate::private_fs::write_atomic`]),
+//! per-turn metrics appended to `metrics.jsonl`, the log `slimchat.log`, and Markdown exports
+//! (`exports/` unless the person names a path). Every directory is 0700 and every file 0600 from
+//! its creation; an existing tree open to others is tightened when the store opens.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::private_fs::{self, create_dir_private, open_append_private, write_atomic};
 use crate::{Error, Result};
 
 /// Environment variable that replaces the platform data directory.
@@ -92,6 +95,14 @@ pub struct ChatMessage {
     /// True while the answer is still streaming (or was cut off by a kill).
     #[serde(default)]
     pub partial: bool,
+    /// Left out of what is sent to the model to make room for a newer message (the oldest
+    /// turns go first; shown dimmed, kept here).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub out_of_context: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ChatMessage {
@@ -103,6 +114,7 @@ impl ChatMessage {
             metrics: None,
             comparison: None,
             partial: false,
+            out_of_context: false,
         }
     }
 
@@ -211,12 +223,17 @@ pub struct Summary {
     pub id: String,
     pub title: String,
     pub messages: usize,
+    /// Why the file does not read as a conversation (truncated, corrupt, unreadable); such a
+    /// file is listed, never overwritten or deleted.
+    pub damaged: Option<String>,
 }
 
 /// The data directory and the files in it.
 #[derive(Debug, Clone)]
 pub struct Store {
     pub dir: PathBuf,
+    /// One line about what opening changed (permissions tightened), for the person to see.
+    pub note: Option<String>,
 }
 
 impl Store {
@@ -235,12 +252,63 @@ impl Store {
         Self::open(&dir)
     }
 
+    /// Creates the data directory (0700) if needed, takes the group's and others' permissions
+    /// off an existing one and everything in it (noted in the log and in [`Store::note`]), and
+    /// removes the temp files of saves that were killed.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir.join("conversations"))
+        create_dir_private(&dir.join("conversations"))
             .map_err(|e| Error::Usage(format!("cannot create data dir {}: {e}", dir.display())))?;
-        Ok(Self {
+        let mut store = Self {
             dir: dir.to_path_buf(),
-        })
+            note: None,
+        };
+        // what slimchat keeps here, and nothing else: a data dir set to a wrong place must not
+        // have a whole tree changed
+        let mut changed = Vec::new();
+        let mut err = None;
+        for (path, with_entries) in [
+            (dir.to_path_buf(), false),
+            (dir.join("conversations"), true),
+            (dir.join("exports"), true),
+            (store.metrics_path(), false),
+            (store.log_path(), false),
+        ] {
+            let (c, e) = private_fs::tighten(&path, with_entries);
+            changed.extend(c);
+            err = err.or(e);
+        }
+        if !changed.is_empty() {
+            store.note = Some(format!(
+                "made {} path(s) under {} private (0700 directories, 0600 files): they were open to group or others",
+                changed.len(),
+                dir.display()
+            ));
+        }
+        if let Some(e) = err {
+            store.note = Some(format!(
+                "cannot make everything under {} private: {e}",
+                dir.display()
+            ));
+        }
+        if let Some(note) = &store.note {
+            store.log(note);
+        }
+        let stale = store.remove_stale_temps();
+        if stale > 0 {
+            store.log(&format!("removed {stale} temp file(s) of killed saves"));
+        }
+        Ok(store)
+    }
+
+    /// Removes the temp files that killed saves left in `conversations/`; returns how many.
+    fn remove_stale_temps(&self) -> usize {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("conversations")) else {
+            return 0;
+        };
+        rd.filter_map(|e| e.ok())
+            .filter(|e| private_fs::stale_temp(&e.file_name().to_string_lossy()))
+            .filter(|e| std::fs::remove_file(e.path()).is_ok())
+            .count()
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -251,21 +319,31 @@ impl Store {
         self.dir.join("metrics.jsonl")
     }
 
-    fn conversation_path(&self, id: &str) -> PathBuf {
+    pub fn conversation_path(&self, id: &str) -> PathBuf {
         self.dir.join("conversations").join(format!("{id}.json"))
     }
 
-    /// Writes the conversation to a temp file and renames it over the old one, so a kill at
-    /// any moment leaves either the old or the new file whole.
+    /// Where `/export` with no path writes the conversation.
+    pub fn default_export_path(&self, id: &str) -> PathBuf {
+        self.dir.join("exports").join(format!("{id}.md"))
+    }
+
+    /// Writes `conv` as Markdown to `path` (0600), creating `exports/` (0700) when the path is
+    /// in it.
+    pub fn export(&self, conv: &Conversation, path: &Path) -> Result<()> {
+        let exports = self.dir.join("exports");
+        if path.parent() == Some(exports.as_path()) {
+            create_dir_private(&exports)?;
+        }
+        export_markdown(conv, path)
+    }
+
+    /// Writes the conversation to a temp file, fsyncs it and renames it over the old one, so a
+    /// kill at any moment leaves either the old or the new file whole; on an error (a full
+    /// disk) the old file stays as it was.
     pub fn save(&self, conv: &Conversation) -> Result<()> {
-        let path = self.conversation_path(&conv.id);
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let text = serde_json::to_vec_pretty(conv).map_err(|e| Error::Engine(e.to_string()))?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_data()?;
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
+        write_atomic(&self.conversation_path(&conv.id), &text)?;
         Ok(())
     }
 
@@ -301,26 +379,35 @@ impl Store {
         }
     }
 
-    /// Every saved conversation, oldest first; unreadable files are skipped.
+    /// Every saved conversation, oldest first; a file that does not read as one is listed as
+    /// damaged (and left as it is).
     pub fn list(&self) -> Result<Vec<Summary>> {
         Ok(self
             .ids()?
-            .iter()
-            .filter_map(|id| self.load(id).ok())
-            .map(|c| Summary {
-                id: c.id.clone(),
-                title: c.title(),
-                messages: c.messages.iter().filter(|m| m.role != Role::Note).count(),
+            .into_iter()
+            .map(|id| match self.load(&id) {
+                Ok(c) => Summary {
+                    id,
+                    title: c.title(),
+                    messages: c.messages.iter().filter(|m| m.role != Role::Note).count(),
+                    damaged: None,
+                },
+                Err(e) => Summary {
+                    id,
+                    title: String::new(),
+                    messages: 0,
+                    damaged: Some(match e {
+                        Error::Usage(m) => m,
+                        e => e.to_string(),
+                    }),
+                },
             })
             .collect())
     }
 
     /// Appends one JSON object as a line of `metrics.jsonl`.
     pub fn append_metrics(&self, record: &serde_json::Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.metrics_path())?;
+        let mut f = open_append_private(&self.metrics_path())?;
         writeln!(f, "{record}")?;
         Ok(())
     }
@@ -331,25 +418,15 @@ impl Store {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-        {
+        if let Ok(mut f) = open_append_private(&self.log_path()) {
             let _ = writeln!(f, "{}.{:03} {line}", secs.as_secs(), secs.subsec_millis());
         }
     }
 }
 
-/// Writes `conv` as Markdown to `path` (atomically, like a save).
+/// Writes `conv` as Markdown to `path` (atomically, like a save, and 0600: it holds every
+/// pasted document).
 pub fn export_markdown(conv: &Conversation, path: &Path) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map_or("export".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, conv.to_markdown())?;
-    std::fs::rename(&tmp, path)?;
+    write_atomic(path, conv.to_markdown().as_bytes())?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::config::AppConfig;
+use crate::context_fit::{self, ChatRequest, Fit};
 use crate::engine::{Engine, EngineEvent, GenStats, GenerateRequest};
 use crate::model::source::DownloadProgress;
 use crate::slim::schedule::SlimConfig;
@@ -19,8 +20,11 @@ use crate::tui::tokens::SharedTokenizer;
 /// What the screen asks of the engine thread.
 #[derive(Debug, Clone)]
 pub enum EngineCmd {
-    /// Answer the conversation (refused, with [`WorkerEvent::Refused`], when it does not fit).
-    Generate(GenerateRequest),
+    /// Answer the conversation. When it leaves no room for the answer and leaving out the
+    /// oldest turns would: they are left out ([`WorkerEvent::Dropped`]) if the request says so,
+    /// else nothing runs and [`WorkerEvent::Overflow`] offers it; refused
+    /// ([`WorkerEvent::Refused`]) when nothing can make it fit.
+    Generate(ChatRequest),
     /// Stop the running request (the handle also sets the flag at once).
     Cancel,
     /// Pruning settings for the next request on.
@@ -57,6 +61,21 @@ pub enum WorkerEvent {
     Refused {
         prompt_tokens: usize,
         context_length: usize,
+    },
+    /// The message leaves no room for the answer; leaving out the `turns` oldest turns would
+    /// bring the conversation from `prompt_tokens` to `after_tokens`. Nothing was run.
+    Overflow {
+        prompt_tokens: usize,
+        context_length: usize,
+        turns: usize,
+        after_tokens: usize,
+    },
+    /// The turns whose user messages are at `ids` were left out, taking the prompt from
+    /// `from_tokens` to `to_tokens` (sent before the prefill).
+    Dropped {
+        ids: Vec<usize>,
+        from_tokens: usize,
+        to_tokens: usize,
     },
     /// Numbers of the request that just finished, with the process RSS.
     Stats {
@@ -164,8 +183,8 @@ fn worker_main(
                     send(WorkerEvent::Error(e.to_string()));
                 }
             }
-            EngineCmd::Generate(req) => {
-                match generate(&mut engine, &req, &cancel, &send) {
+            EngineCmd::Generate(chat) => {
+                match answer(&mut engine, &chat, &cancel, &send) {
                     Ok(Some(stats)) => send(WorkerEvent::Stats {
                         stats: Box::new(stats),
                         rss_bytes: crate::metrics::rss_bytes(),
@@ -196,6 +215,71 @@ fn load(cfg: &AppConfig, send: &dyn Fn(WorkerEvent)) -> crate::Result<Engine> {
     Engine::load_configured(cfg, &mut |p| send(WorkerEvent::LoadProgress(p.clone())))
 }
 
+/// Answers a conversation: as it is when it fits, without its oldest turns when the request
+/// says so, else (None) offers that or refuses; a prompt is never truncated.
+fn answer(
+    engine: &mut Engine,
+    chat: &ChatRequest,
+    cancel: &AtomicBool,
+    send: &dyn Fn(WorkerEvent),
+) -> crate::Result<Option<GenStats>> {
+    let context_length = engine.context_length();
+    let prompt = match context_fit::fit(engine, chat)? {
+        Fit::Send { prompt } => prompt,
+        Fit::Drop {
+            ids,
+            prompt,
+            full_tokens,
+        } if chat.drop_oldest => {
+            send(WorkerEvent::Dropped {
+                ids,
+                from_tokens: full_tokens,
+                to_tokens: prompt.len(),
+            });
+            prompt
+        }
+        Fit::Drop {
+            ids,
+            prompt,
+            full_tokens,
+        } => {
+            send(WorkerEvent::Overflow {
+                prompt_tokens: full_tokens,
+                context_length,
+                turns: ids.len(),
+                after_tokens: prompt.len(),
+            });
+            return Ok(None);
+        }
+        Fit::TooLong { prompt_tokens, .. } => {
+            send(WorkerEvent::Refused {
+                prompt_tokens,
+                context_length,
+            });
+            return Ok(None);
+        }
+    };
+    run_prompt(engine, &prompt, &chat.req, cancel, send)
+}
+
+/// Streams the answer to `prompt` (already templated).
+fn run_prompt(
+    engine: &mut Engine,
+    prompt: &[u32],
+    req: &GenerateRequest,
+    cancel: &AtomicBool,
+    send: &dyn Fn(WorkerEvent),
+) -> crate::Result<Option<GenStats>> {
+    send(WorkerEvent::PromptTokens(prompt.len()));
+    let stats =
+        engine.generate_from_tokens(prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
+            if let Some(ev) = forward(ev) {
+                send(ev)
+            }
+        })?;
+    Ok(Some(stats))
+}
+
 /// Runs one request, refusing (None) a prompt that does not fit instead of truncating it.
 fn generate(
     engine: &mut Engine,
@@ -211,14 +295,7 @@ fn generate(
         });
         return Ok(None);
     }
-    send(WorkerEvent::PromptTokens(prompt.len()));
-    let stats =
-        engine.generate_from_tokens(&prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
-            if let Some(ev) = forward(ev) {
-                send(ev)
-            }
-        })?;
-    Ok(Some(stats))
+    run_prompt(engine, &prompt, req, cancel, send)
 }
 
 fn forward(ev: EngineEvent) -> Option<WorkerEvent> {

@@ -27,3 +27,5 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 pub fn argmax(v: &[f32]) -> usize {
     slimchat::sampling::argmax(v) as usize
 }
+pub mod screen;
+pub mod tmux;

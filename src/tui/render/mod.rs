@@ -29,8 +29,14 @@ pub fn draw(f: &mut Frame, app: &App) -> View {
         guard(f, area);
         return app.view;
     }
+    // the overflow offer wraps over up to three rows; any other status is one
+    let status_rows = app.offer.as_ref().map_or(1, |o| {
+        (o.line().chars().count() as u16)
+            .div_ceil(area.width)
+            .clamp(1, 3)
+    });
     let [main, status_row] =
-        Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(area);
+        Layout::vertical([Constraint::Min(1), Constraint::Length(status_rows)]).areas(area);
     let [left, panel] =
         Layout::horizontal([Constraint::Min(20), Constraint::Length(PANEL_WIDTH)]).areas(main);
     let chip_rows = chips_height(app, left.width);
@@ -111,9 +117,18 @@ fn input(f: &mut Frame, app: &App, area: Rect) {
     let (title, style) = match app.overflow_warning() {
         Some((next, ctx)) => (
             format!(
-                " Message · ⚠ ~{} tokens will not fit in {}: it will be refused ",
+                " Message · ⚠ ~{} tokens will not fit in {}: {} ",
                 super::app::thousands(next),
-                super::app::thousands(ctx)
+                super::app::thousands(ctx),
+                if app.conv.messages.iter().any(|m| {
+                    m.role == crate::tui::store::Role::User
+                        && !m.out_of_context
+                        && m.attachments.is_empty()
+                }) {
+                    "Enter offers to drop old turns or start anew"
+                } else {
+                    "it will be refused"
+                }
             ),
             Style::default().fg(Color::Red),
         ),
@@ -154,6 +169,16 @@ fn input(f: &mut Frame, app: &App, area: Rect) {
 }
 
 fn status(f: &mut Frame, app: &App, area: Rect) {
+    if let Some(offer) = &app.offer {
+        let line = Line::styled(
+            offer.line(),
+            Style::default()
+                .fg(Color::Yellow)
+                .add_modifier(Modifier::BOLD),
+        );
+        f.render_widget(Paragraph::new(line).wrap(Wrap { trim: true }), area);
+        return;
+    }
     let line = match &app.status {
         Some(s) if s.error => Line::styled(
             format!("✗ {}", s.text),

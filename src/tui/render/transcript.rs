@@ -158,9 +158,15 @@ pub fn lines(app: &App, width: usize) -> Vec<Line<'static>> {
         if !out.is_empty() {
             out.push(Line::raw(""));
         }
+        let gone = if m.out_of_context && m.role != Role::Note {
+            " · left out of the model's context"
+        } else {
+            ""
+        };
         match m.role {
             Role::User => {
-                out.push(Line::styled("You", user));
+                let style = if gone.is_empty() { user } else { dim };
+                out.push(Line::styled(format!("You{gone}"), style));
                 attachments(app, m, width, &mut out);
                 if !m.content.is_empty() {
                     out.extend(styled(wrap(&m.content, width), Style::default()));
@@ -175,7 +181,8 @@ pub fn lines(app: &App, width: usize) -> Vec<Line<'static>> {
                 } else {
                     ""
                 };
-                out.push(Line::styled(format!("slimchat{tag}"), bot));
+                let style = if gone.is_empty() { bot } else { dim };
+                out.push(Line::styled(format!("slimchat{tag}{gone}"), style));
                 markdownish(&m.content, width, &mut out);
                 if let Some(x) = &m.metrics {
                     let prune = if x.slim {

@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod headless;
 pub mod kernel_bench;
 pub mod kv;

@@ -75,7 +75,10 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     if o.targets.is_empty() {
-        return Err("--target NAME|all is required (gguf, tokenizer, template, config, conversation, tui)".into());
+        return Err(
+            "--target NAME|all is required (gguf, tokenizer, template, config, conversation, tui)"
+                .into(),
+        );
     }
     Ok(o)
 }
@@ -198,7 +201,11 @@ fn worker(o: &Opts, t: Target) {
             index = o.first + done;
             let _ = progress.write_all_at(&index.to_le_bytes(), 0);
             if last_report.elapsed() > Duration::from_secs(30) {
-                println!("{}: {done} cases, {:.0}/s", t.name(), done as f64 / spent.as_secs_f64());
+                println!(
+                    "{}: {done} cases, {:.0}/s",
+                    t.name(),
+                    done as f64 / spent.as_secs_f64()
+                );
                 last_report = Instant::now();
             }
             spent >= deadline
@@ -219,7 +226,11 @@ fn supervise(o: &Opts, t: Target) -> usize {
         "fuzz {}: {} seed inputs (default model header: {}), campaign seed {}, {} s",
         t.name(),
         corpus.len(),
-        if o.real && slimchat::fuzz::seeds::cached_default_model().is_some() { "yes" } else { "no" },
+        if o.real && slimchat::fuzz::seeds::cached_default_model().is_some() {
+            "yes"
+        } else {
+            "no"
+        },
         o.seed,
         o.seconds
     );

@@ -281,7 +281,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // Messages from dependencies can span lines; the person gets one.
             let msg = e.to_string();
-            eprintln!("slimchat: error: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
+            eprintln!(
+                "slimchat: error: {}",
+                msg.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
             ExitCode::FAILURE
         }
     }

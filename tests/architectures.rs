@@ -566,7 +566,11 @@ fn qwen3_runs_under_slim_pruning() {
     let positions: Vec<u32> = (0..prompt.len() as u32).collect();
     let slim = |fraction| SlimConfig {
         preset: "custom".into(),
-        stages: vec![StageConfig { layer: 1, fraction, floor: 0 }],
+        stages: vec![StageConfig {
+            layer: 1,
+            fraction,
+            floor: 0,
+        }],
         keep_ratio: 1.0,
         min_keep_tokens: 0,
         block_size: 16,

@@ -114,7 +114,13 @@ fn string(out: &mut Vec<u8>, len: u64, s: &str) {
 impl Raw {
     /// An F32 tensor `t` of 32 values and `general.architecture = llama`.
     fn new() -> Self {
-        let mut r = Raw { n_tensors: 0, n_kv: 0, kvs: Vec::new(), tensors: Vec::new(), data: vec![0; 128] };
+        let mut r = Raw {
+            n_tensors: 0,
+            n_kv: 0,
+            kvs: Vec::new(),
+            tensors: Vec::new(),
+            data: vec![0; 128],
+        };
         r.kv_str("general.architecture", "llama");
         r.tensor("t", &[32], 0, 0);
         r
@@ -198,14 +204,20 @@ fn huge_counts_and_lengths_are_refused_before_allocating() {
     refused(r.bytes(), &["truncated"]);
     let mut r = Raw::new();
     r.kv_array("tokenizer.ggml.tokens", 8, 1 << 60);
-    refused(r.bytes(), &["tokenizer.ggml.tokens", "array of 1152921504606846976"]);
+    refused(
+        r.bytes(),
+        &["tokenizer.ggml.tokens", "array of 1152921504606846976"],
+    );
     let mut r = Raw::new();
     r.kv_array("x", 0, u64::MAX);
     refused(r.bytes(), &["truncated", "x"]);
     let mut r = Raw::new();
     string(&mut r.kvs, u64::MAX, "");
     r.n_kv += 1;
-    refused(r.bytes(), &["truncated", "string of 18446744073709551615 bytes"]);
+    refused(
+        r.bytes(),
+        &["truncated", "string of 18446744073709551615 bytes"],
+    );
     let mut r = Raw::new();
     r.kv_array("nested", 9, 1);
     refused(r.bytes(), &["nested", "unknown value type"]);
@@ -232,7 +244,10 @@ fn tensor_tables_that_lie_are_refused() {
     refused(with(&[1 << 32, 1 << 32], 0, 0), &["bad", "overflow"]);
     refused(with(&[32, u64::MAX], 0, 0), &["bad", "overflow"]);
     // bytes past the end of the file, offsets that overflow, misaligned offsets
-    refused(with(&[32, 1 << 20], 0, 0), &["truncated", "bad", "ends at byte"]);
+    refused(
+        with(&[32, 1 << 20], 0, 0),
+        &["truncated", "bad", "ends at byte"],
+    );
     refused(with(&[32], 0, u64::MAX - 31), &["bad", "overflow"]);
     refused(with(&[32], 0, 1 << 40), &["truncated", "bad"]);
     refused(with(&[32], 0, 7), &["bad", "alignment"]);

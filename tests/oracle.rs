@@ -90,6 +90,7 @@ fn ours_with(mode: LinearMode, kv_dtype: KvDtype) -> Engine {
                 ..Default::default()
             },
             kv: Default::default(),
+            context: 0,
         },
     )
     .unwrap()

@@ -56,10 +56,12 @@ fn budgets_covering_the_prompt_give_logits_identical_to_dense() {
             StageConfig {
                 layer: 10,
                 fraction: 1.0,
+                floor: 0,
             },
             StageConfig {
                 layer: 20,
                 fraction: 1.0,
+                floor: 0,
             },
         ],
         keep_ratio: 1.0,
@@ -137,6 +139,7 @@ fn late_pruning_of_a_real_question_answers_like_dense() {
         stages: vec![StageConfig {
             layer: 28,
             fraction: 0.25,
+            floor: 0,
         }],
         keep_ratio: 1.0,
         ..Default::default()
@@ -238,7 +241,11 @@ fn a_short_document_stays_whole_until_the_preset_floors_bind() {
 /// The smollm2 preset's stages (layers 10/20/28 keeping 1, 1/2, 1/4 of the ratio) as a custom
 /// schedule, which has no per-stage floors.
 fn smollm2_stages_without_floors() -> SlimConfig {
-    let stage = |layer, fraction| StageConfig { layer, fraction };
+    let stage = |layer, fraction| StageConfig {
+        layer,
+        fraction,
+        floor: 0,
+    };
     SlimConfig {
         preset: "custom".into(),
         stages: vec![stage(10, 1.0), stage(20, 0.5), stage(28, 0.25)],
@@ -253,6 +260,7 @@ fn one_stage(layer: usize, keep_ratio: f32, revive: bool) -> SlimConfig {
         stages: vec![StageConfig {
             layer,
             fraction: 1.0,
+            floor: 0,
         }],
         keep_ratio,
         min_keep_tokens: 0,
@@ -307,10 +315,12 @@ fn revived_rows_carry_on_through_later_stages() {
             StageConfig {
                 layer: 12,
                 fraction: 1.0,
+                floor: 0,
             },
             StageConfig {
                 layer: 24,
                 fraction: 0.5,
+                floor: 0,
             },
         ],
         keep_ratio,

@@ -364,11 +364,21 @@ fn broken_template_falls_back_with_a_one_line_note() {
     });
     let t = ChatTemplate::from_gguf(&c).expect("falls back");
     let note = t.note().expect("a note");
-    assert!(note.contains("syntax error") && note.contains("ChatML") && !note.contains('\n'), "{note}");
+    assert!(
+        note.contains("syntax error") && note.contains("ChatML") && !note.contains('\n'),
+        "{note}"
+    );
     let text = t.render(&conversation(), true).expect("renders");
-    assert!(text.starts_with("<|im_start|>") && text.ends_with("<|im_start|>assistant\n"), "{text}");
+    assert!(
+        text.starts_with("<|im_start|>") && text.ends_with("<|im_start|>assistant\n"),
+        "{text}"
+    );
     // the same source given directly is still a one-line error
-    match ChatTemplate::new("{% for message in messages %}\n{{ message['content'] }\n", "", "") {
+    match ChatTemplate::new(
+        "{% for message in messages %}\n{{ message['content'] }\n",
+        "",
+        "",
+    ) {
         Err(Error::Template(msg)) => assert!(!msg.is_empty() && !msg.contains('\n'), "{msg}"),
         other => panic!("expected a template error, got {other:?}"),
     }

@@ -284,7 +284,12 @@ mod tests {
         let rope = Rope::new(&s, None, context);
         assert_eq!(rope.max_positions(), context);
         assert_eq!(rope.cos.len(), ROPE_TABLE_POSITIONS * 3);
-        let positions = [5u32, ROPE_TABLE_POSITIONS as u32 - 1, ROPE_TABLE_POSITIONS as u32, context as u32 - 1];
+        let positions = [
+            5u32,
+            ROPE_TABLE_POSITIONS as u32 - 1,
+            ROPE_TABLE_POSITIONS as u32,
+            context as u32 - 1,
+        ];
         let x: Vec<f32> = (0..positions.len() * 16)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
             .collect();

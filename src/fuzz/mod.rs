@@ -113,7 +113,8 @@ impl Target {
         match self {
             Target::Gguf | Target::Tokenizer => {
                 let size = seed.len() as u64;
-                let content = crate::model::gguf_read::read_header(std::io::Cursor::new(seed), size);
+                let content =
+                    crate::model::gguf_read::read_header(std::io::Cursor::new(seed), size);
                 content.ok().map(|c| c.tensor_data_offset as usize)
             }
             _ => None,

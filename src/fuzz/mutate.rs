@@ -120,7 +120,11 @@ impl Mutator<'_> {
             2 | 3 => {
                 // an interesting integer over 1, 2, 4 or 8 bytes, little-endian
                 let v = *self.rng.pick(INTERESTING);
-                let v = if self.rng.chance(4) { v.wrapping_neg() } else { v };
+                let v = if self.rng.chance(4) {
+                    v.wrapping_neg()
+                } else {
+                    v
+                };
                 let width = *self.rng.pick(&[1usize, 2, 4, 8, 8, 8]);
                 let i = self.pos(len);
                 let end = (i + width).min(len);
@@ -132,7 +136,11 @@ impl Mutator<'_> {
                 if i + 8 <= len {
                     let v = u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
                     let d = 1 + self.rng.below(64) as u64;
-                    let v = if self.rng.chance(2) { v.wrapping_add(d) } else { v.wrapping_sub(d) };
+                    let v = if self.rng.chance(2) {
+                        v.wrapping_add(d)
+                    } else {
+                        v.wrapping_sub(d)
+                    };
                     b[i..i + 8].copy_from_slice(&v.to_le_bytes());
                 }
             }

@@ -74,7 +74,10 @@ fn install_hook() {
                         .cloned()
                         .unwrap_or_else(|| "non-string panic".into()),
                 };
-                let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+                let at = info
+                    .location()
+                    .map(|l| format!(" at {l}"))
+                    .unwrap_or_default();
                 *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{msg}{at}"));
             } else {
                 previous(info);

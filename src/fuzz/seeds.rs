@@ -14,9 +14,7 @@ use candle_core::{Device, Tensor};
 use crate::model::gguf_read::read_header;
 use crate::model::known_templates::{CHATML, LLAMA2, LLAMA3};
 use crate::model::source::{cache_dir, DEFAULT_MODEL_FILE, DEFAULT_MODEL_SIZE};
-use crate::tui::store::{
-    Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics,
-};
+use crate::tui::store::{Attachment, ChatMessage, Comparison, Conversation, Role, TurnMetrics};
 
 /// Shape of the tiny model: hidden 32, 2 heads of 16 sharing 1 KV head, MLP 64, 2 layers.
 const HIDDEN: usize = 32;
@@ -76,8 +74,14 @@ fn gpt2_vocab(template: Option<&str>) -> Vec<(String, Value)> {
             "tokenizer.ggml.merges".into(),
             strings(&merges.map(String::from)),
         ),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(first_special as u32)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(first_special as u32 + 2)),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32(first_special as u32),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(first_special as u32 + 2),
+        ),
     ];
     if let Some(t) = template {
         md.push(("tokenizer.chat_template".into(), text(t)));
@@ -135,7 +139,10 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 fn qtensor(dims: &[usize], dtype: GgmlDType, seed: u64, offset: f32) -> QTensor {
     let n = dims.iter().product();
-    let data: Vec<f32> = values(n, seed, 0.3).into_iter().map(|v| v + offset).collect();
+    let data: Vec<f32> = values(n, seed, 0.3)
+        .into_iter()
+        .map(|v| v + offset)
+        .collect();
     let t = Tensor::from_vec(data, dims, &Device::Cpu).expect("shape");
     QTensor::quantize(&t, dtype).expect("quantize")
 }
@@ -152,33 +159,77 @@ pub fn tiny_model() -> Vec<u8> {
         ("llama.feed_forward_length".into(), Value::U32(INTER as u32)),
         ("llama.attention.head_count".into(), Value::U32(2)),
         ("llama.attention.head_count_kv".into(), Value::U32(1)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
         ("llama.rope.freq_base".into(), Value::F32(10_000.0)),
         ("llama.rope.dimension_count".into(), Value::U32(16)),
     ];
     md.extend(gpt2_vocab(Some(CHATML)));
-    let vocab = match &md.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").expect("tokens").1 {
+    let vocab = match &md
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .expect("tokens")
+        .1
+    {
         Value::Array(a) => a.len(),
         _ => unreachable!("tokens are an array"),
     };
     let mut tensors = vec![
-        ("token_embd.weight".to_string(), qtensor(&[vocab, HIDDEN], GgmlDType::Q8_0, 1, 0.0)),
-        ("output_norm.weight".to_string(), qtensor(&[HIDDEN], GgmlDType::F32, 2, 1.0)),
-        ("output.weight".to_string(), qtensor(&[vocab, HIDDEN], GgmlDType::F16, 3, 0.0)),
+        (
+            "token_embd.weight".to_string(),
+            qtensor(&[vocab, HIDDEN], GgmlDType::Q8_0, 1, 0.0),
+        ),
+        (
+            "output_norm.weight".to_string(),
+            qtensor(&[HIDDEN], GgmlDType::F32, 2, 1.0),
+        ),
+        (
+            "output.weight".to_string(),
+            qtensor(&[vocab, HIDDEN], GgmlDType::F16, 3, 0.0),
+        ),
     ];
     for i in 0..LAYERS {
         let b = |s: &str| format!("blk.{i}.{s}");
         let s = 10 * i as u64;
         tensors.extend([
-            (b("attn_norm.weight"), qtensor(&[HIDDEN], GgmlDType::F32, s + 4, 1.0)),
-            (b("attn_q.weight"), qtensor(&[HIDDEN, HIDDEN], GgmlDType::Q8_0, s + 5, 0.0)),
-            (b("attn_k.weight"), qtensor(&[16, HIDDEN], GgmlDType::Q8_0, s + 6, 0.0)),
-            (b("attn_v.weight"), qtensor(&[16, HIDDEN], GgmlDType::Q8_0, s + 7, 0.0)),
-            (b("attn_output.weight"), qtensor(&[HIDDEN, HIDDEN], GgmlDType::Q4_0, s + 8, 0.0)),
-            (b("ffn_norm.weight"), qtensor(&[HIDDEN], GgmlDType::F32, s + 9, 1.0)),
-            (b("ffn_gate.weight"), qtensor(&[INTER, HIDDEN], GgmlDType::Q4_0, s + 10, 0.0)),
-            (b("ffn_up.weight"), qtensor(&[INTER, HIDDEN], GgmlDType::Q4_1, s + 11, 0.0)),
-            (b("ffn_down.weight"), qtensor(&[HIDDEN, INTER], GgmlDType::Q4_1, s + 12, 0.0)),
+            (
+                b("attn_norm.weight"),
+                qtensor(&[HIDDEN], GgmlDType::F32, s + 4, 1.0),
+            ),
+            (
+                b("attn_q.weight"),
+                qtensor(&[HIDDEN, HIDDEN], GgmlDType::Q8_0, s + 5, 0.0),
+            ),
+            (
+                b("attn_k.weight"),
+                qtensor(&[16, HIDDEN], GgmlDType::Q8_0, s + 6, 0.0),
+            ),
+            (
+                b("attn_v.weight"),
+                qtensor(&[16, HIDDEN], GgmlDType::Q8_0, s + 7, 0.0),
+            ),
+            (
+                b("attn_output.weight"),
+                qtensor(&[HIDDEN, HIDDEN], GgmlDType::Q4_0, s + 8, 0.0),
+            ),
+            (
+                b("ffn_norm.weight"),
+                qtensor(&[HIDDEN], GgmlDType::F32, s + 9, 1.0),
+            ),
+            (
+                b("ffn_gate.weight"),
+                qtensor(&[INTER, HIDDEN], GgmlDType::Q4_0, s + 10, 0.0),
+            ),
+            (
+                b("ffn_up.weight"),
+                qtensor(&[INTER, HIDDEN], GgmlDType::Q4_1, s + 11, 0.0),
+            ),
+            (
+                b("ffn_down.weight"),
+                qtensor(&[HIDDEN, INTER], GgmlDType::Q4_1, s + 12, 0.0),
+            ),
         ]);
     }
     write_gguf(&md, &tensors)
@@ -237,14 +288,77 @@ pub const HOSTILE_TEMPLATES: &[&str] = &[
 
 /// Words of Jinja the template mutator inserts.
 pub const JINJA_WORDS: &[&str] = &[
-    "{{", "}}", "{%", "%}", "{#", "#}", "for", "endfor", "if", "endif", "else", "elif", "set",
-    "macro", "endmacro", "call", "include", "import", "extends", "block", "endblock", "raw",
-    "endraw", "namespace(", "range(", "loop.index", "loop(", "recursive", "messages",
-    "message['content']", "add_generation_prompt", "bos_token", "|tojson", "|length", "|join",
-    "|trim", "~", "+", "*", "**", "//", "%", "(", ")", "[", "]", ".", ",", "'", "\"",
-    "99999999999999999999", "-1", "1e308", "none", "true", "raise_exception(", "strftime_now(",
-    ".split(", ".strip()", ".items()", "[::-1]", "is defined", "not", "in", "and", "or",
-    "{% for x in range(100000) %}", "{% endfor %}", "\\", "\u{0}", "\u{202e}",
+    "{{",
+    "}}",
+    "{%",
+    "%}",
+    "{#",
+    "#}",
+    "for",
+    "endfor",
+    "if",
+    "endif",
+    "else",
+    "elif",
+    "set",
+    "macro",
+    "endmacro",
+    "call",
+    "include",
+    "import",
+    "extends",
+    "block",
+    "endblock",
+    "raw",
+    "endraw",
+    "namespace(",
+    "range(",
+    "loop.index",
+    "loop(",
+    "recursive",
+    "messages",
+    "message['content']",
+    "add_generation_prompt",
+    "bos_token",
+    "|tojson",
+    "|length",
+    "|join",
+    "|trim",
+    "~",
+    "+",
+    "*",
+    "**",
+    "//",
+    "%",
+    "(",
+    ")",
+    "[",
+    "]",
+    ".",
+    ",",
+    "'",
+    "\"",
+    "99999999999999999999",
+    "-1",
+    "1e308",
+    "none",
+    "true",
+    "raise_exception(",
+    "strftime_now(",
+    ".split(",
+    ".strip()",
+    ".items()",
+    "[::-1]",
+    "is defined",
+    "not",
+    "in",
+    "and",
+    "or",
+    "{% for x in range(100000) %}",
+    "{% endfor %}",
+    "\\",
+    "\u{0}",
+    "\u{202e}",
 ];
 
 /// Chat templates to mutate, including the default model's own when it is cached.
@@ -272,13 +386,33 @@ fn default_model_template() -> Option<String> {
 
 /// Words of GGUF headers: key names and their pieces.
 pub const GGUF_WORDS: &[&str] = &[
-    "general.architecture", "general.alignment", "llama", "qwen2", "qwen3", "mistral",
-    "llama.block_count", "llama.context_length", "llama.embedding_length",
-    "llama.attention.head_count", "llama.attention.key_length", "llama.rope.dimension_count",
-    "llama.rope.scaling.type", "linear", "yarn", "tokenizer.ggml.tokens",
-    "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre", "tokenizer.chat_template",
-    "token_embd.weight", "output.weight", "blk.0.attn_q.weight", "GGUF", "<|im_start|>",
+    "general.architecture",
+    "general.alignment",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "llama.block_count",
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.attention.head_count",
+    "llama.attention.key_length",
+    "llama.rope.dimension_count",
+    "llama.rope.scaling.type",
+    "linear",
+    "yarn",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.pre",
+    "tokenizer.chat_template",
+    "token_embd.weight",
+    "output.weight",
+    "blk.0.attn_q.weight",
+    "GGUF",
+    "<|im_start|>",
 ];
 
 /// The example config and a few small ones.
@@ -297,12 +431,53 @@ pub fn configs() -> Vec<Vec<u8>> {
 
 /// Words of TOML and of the config's keys and values.
 pub const TOML_WORDS: &[&str] = &[
-    "[model]", "[slim]", "[kv]", "[tui]", "[chat]", "[sampling]", "[[", "]]", "=", "\"", "'''",
-    "\"\"\"", "nan", "inf", "-inf", "1e400", "-0", "0x7fffffffffffffff", "18446744073709551615",
-    "-9223372036854775808", "true", "{}", "[]", "keep_ratio", "stages", "decode_keep",
-    "block_size", "unit_size", "local_window", "gamma", "preset", "fast_bytes", "cap",
-    "max_tokens", "tick_ms", "top_k", "top_p", "temperature", "repeat_penalty", "seed",
-    "kv_dtype", "threads", "linear", "\n", "#", "\\u0000", "\u{feff}",
+    "[model]",
+    "[slim]",
+    "[kv]",
+    "[tui]",
+    "[chat]",
+    "[sampling]",
+    "[[",
+    "]]",
+    "=",
+    "\"",
+    "'''",
+    "\"\"\"",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "-0",
+    "0x7fffffffffffffff",
+    "18446744073709551615",
+    "-9223372036854775808",
+    "true",
+    "{}",
+    "[]",
+    "keep_ratio",
+    "stages",
+    "decode_keep",
+    "block_size",
+    "unit_size",
+    "local_window",
+    "gamma",
+    "preset",
+    "fast_bytes",
+    "cap",
+    "max_tokens",
+    "tick_ms",
+    "top_k",
+    "top_p",
+    "temperature",
+    "repeat_penalty",
+    "seed",
+    "kv_dtype",
+    "threads",
+    "linear",
+    "\n",
+    "#",
+    "\\u0000",
+    "\u{feff}",
 ];
 
 /// A saved conversation with every kind of entry.
@@ -338,7 +513,13 @@ pub fn conversations() -> Vec<Vec<u8>> {
         id: "1700000000000-00042".into(),
         created: 1_700_000_000,
         system: "Be brief.".into(),
-        messages: vec![user, answer, note, ChatMessage::new(Role::User, "again"), partial],
+        messages: vec![
+            user,
+            answer,
+            note,
+            ChatMessage::new(Role::User, "again"),
+            partial,
+        ],
     };
     let pretty = serde_json::to_vec_pretty(&conv).expect("serializes");
     let compact = serde_json::to_vec(&conv).expect("serializes");
@@ -347,8 +528,33 @@ pub fn conversations() -> Vec<Vec<u8>> {
 
 /// Words of JSON and of the conversation's fields.
 pub const JSON_WORDS: &[&str] = &[
-    "{", "}", "[", "]", ",", ":", "\"", "\\u0000", "\\ud800", "\\n", "null", "true", "1e400",
-    "-1", "18446744073709551616", "\"role\"", "\"user\"", "\"assistant\"", "\"note\"",
-    "\"content\"", "\"attachments\"", "\"metrics\"", "\"comparison\"", "\"partial\"", "\"id\"",
-    "\"../../x\"", "\"created\"", "\"system\"", "\"messages\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "\"",
+    "\\u0000",
+    "\\ud800",
+    "\\n",
+    "null",
+    "true",
+    "1e400",
+    "-1",
+    "18446744073709551616",
+    "\"role\"",
+    "\"user\"",
+    "\"assistant\"",
+    "\"note\"",
+    "\"content\"",
+    "\"attachments\"",
+    "\"metrics\"",
+    "\"comparison\"",
+    "\"partial\"",
+    "\"id\"",
+    "\"../../x\"",
+    "\"created\"",
+    "\"system\"",
+    "\"messages\"",
 ];

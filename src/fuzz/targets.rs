@@ -141,7 +141,9 @@ pub fn tokenizer(input: &[u8]) -> Check {
     if let Some(s) = &special {
         for id in s.bos.iter().chain([&s.eos]).chain(&s.stop) {
             if *id >= listed {
-                return Err(format!("special token {id} outside the {listed} listed tokens"));
+                return Err(format!(
+                    "special token {id} outside the {listed} listed tokens"
+                ));
             }
         }
     }
@@ -151,7 +153,9 @@ pub fn tokenizer(input: &[u8]) -> Check {
             continue;
         };
         if let Some(&bad) = enc.get_ids().iter().find(|&&id| id >= n) {
-            return Err(format!("encode gave id {bad} outside the vocabulary of {n}"));
+            return Err(format!(
+                "encode gave id {bad} outside the vocabulary of {n}"
+            ));
         }
         ok_or_line("decode", tok.decode(enc.get_ids(), false))?;
     }
@@ -201,13 +205,15 @@ pub fn config(input: &[u8]) -> Check {
         return Ok(());
     };
     // what was accepted is written back by `--print-config`-style round trips
-    let again = toml::to_string(&cfg).map_err(|e| format!("a parsed config does not serialize: {e}"))?;
+    let again =
+        toml::to_string(&cfg).map_err(|e| format!("a parsed config does not serialize: {e}"))?;
     match AppConfig::parse(&again, "again") {
         Ok(c) if c == cfg => {}
         Ok(_) => return Err("a parsed config changes through TOML".into()),
         Err(e) => return Err(format!("a parsed config does not parse again: {e}")),
     }
-    for (preset, layers, context) in [("smollm2", 30, 8192), ("generic", 2, 64), ("generic", 1, 1)] {
+    for (preset, layers, context) in [("smollm2", 30, 8192), ("generic", 2, 64), ("generic", 1, 1)]
+    {
         let fit = ModelFit { preset, context };
         let slim = cfg.slim.clone().for_model(fit);
         if ok_or_line("slim check", slim.check(layers))?.is_some() {

@@ -6,9 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crossterm::event::{
-    Event, KeyCode, KeyEvent, KeyModifiers, MouseEvent, MouseEventKind,
-};
+use crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers, MouseEvent, MouseEventKind};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
@@ -79,7 +77,8 @@ impl Prog<'_> {
                 let unit = ODD[self.byte() as usize % ODD.len()];
                 unit.repeat(1 + self.u16() as usize % 20_000)
             }
-            _ => "The lamp was lit at dusk and the fog came in.\n".repeat(1 + self.u16() as usize % 8192),
+            _ => "The lamp was lit at dusk and the fog came in.\n"
+                .repeat(1 + self.u16() as usize % 8192),
         }
     }
     fn number(&mut self) -> usize {
@@ -126,7 +125,11 @@ fn stats(p: &mut Prog) -> GenStats {
         generated_tokens: p.number(),
         ttft_ms: f64::from(p.u16()) * if p.byte() % 9 == 0 { f64::NAN } else { 1.5 },
         prefill_tok_s: f64::from(p.u16()),
-        decode_tok_s: if p.byte() % 7 == 0 { f64::INFINITY } else { 3.0 },
+        decode_tok_s: if p.byte() % 7 == 0 {
+            f64::INFINITY
+        } else {
+            3.0
+        },
         kv_bytes: p.number(),
         stop_reason: [
             StopReason::EndOfTurn,
@@ -135,8 +138,11 @@ fn stats(p: &mut Prog) -> GenStats {
             StopReason::Cancelled,
         ][p.byte() as usize % 4],
         slim: p.byte() % 2 == 0,
-        prefill_kind: [PrefillKind::Full, PrefillKind::Reused, PrefillKind::Reprefilled]
-            [p.byte() as usize % 3],
+        prefill_kind: [
+            PrefillKind::Full,
+            PrefillKind::Reused,
+            PrefillKind::Reprefilled,
+        ][p.byte() as usize % 3],
         kept_per_layer: (0..layers).map(|_| p.number()).collect(),
         blocks_swapped_per_step: (0..p.byte() % 8).map(|_| p.number()).collect(),
         blocks_revived: p.number(),
@@ -197,11 +203,19 @@ fn step(app: &mut App, msg: Msg, p: &mut Prog) {
             match effect {
                 Effect::ReadFile(path) => queue.push(Msg::FileRead {
                     path,
-                    result: if p.byte() % 3 == 0 { Err(p.text()) } else { Ok(p.text()) },
+                    result: if p.byte() % 3 == 0 {
+                        Err(p.text())
+                    } else {
+                        Ok(p.text())
+                    },
                 }),
                 Effect::Export(path) => queue.push(Msg::Exported {
                     path: path.unwrap_or_else(|| PathBuf::from("conversation.md")),
-                    result: if p.byte() % 2 == 0 { Ok(()) } else { Err(p.text()) },
+                    result: if p.byte() % 2 == 0 {
+                        Ok(())
+                    } else {
+                        Err(p.text())
+                    },
                 }),
                 Effect::Engine(_) | Effect::Save | Effect::Metrics(_) => {}
             }
@@ -278,7 +292,8 @@ pub fn tui(input: &[u8]) -> Check {
                 step(&mut app, Msg::Tick(Duration::from_millis(clock)), &mut p);
             }
             7 => {
-                let kind = [MouseEventKind::ScrollUp, MouseEventKind::ScrollDown][p.byte() as usize % 2];
+                let kind =
+                    [MouseEventKind::ScrollUp, MouseEventKind::ScrollDown][p.byte() as usize % 2];
                 let ev = Event::Mouse(MouseEvent {
                     kind,
                     column: p.u16(),

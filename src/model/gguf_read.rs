@@ -142,7 +142,9 @@ impl<R: Read> Src<R> {
                 let elem = self.u32(key)?;
                 let n = self.len(key)?;
                 let min = self.min_size(elem).ok_or_else(|| {
-                    corrupt(format!("metadata {key}: array of unknown value type {elem}"))
+                    corrupt(format!(
+                        "metadata {key}: array of unknown value type {elem}"
+                    ))
                 })?;
                 if n.saturating_mul(min) > self.left() {
                     return Err(HeaderError::Truncated(format!(
@@ -160,7 +162,11 @@ impl<R: Read> Src<R> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(self.u64(key)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(key)?)),
-            other => return Err(corrupt(format!("metadata {key}: unknown value type {other}"))),
+            other => {
+                return Err(corrupt(format!(
+                    "metadata {key}: unknown value type {other}"
+                )))
+            }
         })
     }
 
@@ -251,7 +257,11 @@ pub fn read_header<R: Read>(r: R, size: u64) -> Result<Content, HeaderError> {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.to_u64() {
             Ok(a) if a.is_power_of_two() => a,
-            _ => return Err(corrupt(format!("general.alignment {v:?} is not a power of two"))),
+            _ => {
+                return Err(corrupt(format!(
+                    "general.alignment {v:?} is not a power of two"
+                )))
+            }
         },
     };
     let mut table = Vec::new();
@@ -279,7 +289,8 @@ pub fn read_header<R: Read>(r: R, size: u64) -> Result<Content, HeaderError> {
     let mut tensor_infos = HashMap::new();
     for (name, dims, ty, offset) in table {
         let label = shown(&name);
-        let dtype = candle_dtype(ty).ok_or_else(|| HeaderError::UnsupportedType(label.clone(), ty))?;
+        let dtype =
+            candle_dtype(ty).ok_or_else(|| HeaderError::UnsupportedType(label.clone(), ty))?;
         let info = tensor_info(&label, &dims, dtype, offset, alignment, data_offset, size)?;
         if tensor_infos.insert(name, info).is_some() {
             return Err(corrupt(format!("tensor {label} appears twice")));
@@ -332,7 +343,11 @@ fn tensor_info(
                 "tensor {name} ends at byte {end} but the file has {file_size} bytes"
             )))
         }
-        None => return Err(corrupt(format!("tensor {name}: its size and offset overflow"))),
+        None => {
+            return Err(corrupt(format!(
+                "tensor {name}: its size and offset overflow"
+            )))
+        }
     }
     let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
     Ok(TensorInfo {

@@ -175,8 +175,7 @@ impl ChatTemplate {
         let eos = token_text("tokenizer.ggml.eos_token_id");
         let own = match content.metadata.get("tokenizer.chat_template") {
             Some(Value::String(s)) if !s.trim().is_empty() => {
-                Self::new(s.clone(), bos.clone(), eos.clone())
-                    .and_then(|t| t.probe().map(|()| t))
+                Self::new(s.clone(), bos.clone(), eos.clone()).and_then(|t| t.probe().map(|()| t))
             }
             Some(Value::String(_)) | None => {
                 return Ok(Self {
@@ -403,11 +402,19 @@ mod tests {
         let mut metadata = std::collections::HashMap::new();
         metadata.insert(
             "tokenizer.ggml.tokens".to_string(),
-            Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()),
+            Value::Array(
+                tokens
+                    .iter()
+                    .map(|t| Value::String(t.to_string()))
+                    .collect(),
+            ),
         );
         metadata.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0));
         if let Some(t) = template {
-            metadata.insert("tokenizer.chat_template".to_string(), Value::String(t.into()));
+            metadata.insert(
+                "tokenizer.chat_template".to_string(),
+                Value::String(t.into()),
+            );
         }
         gguf_file::Content {
             magic: gguf_file::VersionedMagic::GgufV3,
@@ -424,13 +431,29 @@ mod tests {
         let llama3 = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"];
         let chatml = ["<|im_end|>", "<|im_start|>"];
         let cases: [(&str, &[&str], &str, &str); 4] = [
-            ("{% for %}", &llama3, "Llama 3", "<|start_header_id|>user<|end_header_id|>"),
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", &chatml, "ChatML", "<|im_start|>user\n"),
-            ("{% include '/etc/passwd' %}", &chatml, "ChatML", "<|im_start|>user\n"),
+            (
+                "{% for %}",
+                &llama3,
+                "Llama 3",
+                "<|start_header_id|>user<|end_header_id|>",
+            ),
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                &chatml,
+                "ChatML",
+                "<|im_start|>user\n",
+            ),
+            (
+                "{% include '/etc/passwd' %}",
+                &chatml,
+                "ChatML",
+                "<|im_start|>user\n",
+            ),
             ("nothing here", &chatml, "ChatML", "<|im_start|>user\n"),
         ];
         for (source, tokens, name, marker) in cases {
-            let t = ChatTemplate::from_gguf(&content_with(Some(source), tokens)).expect("falls back");
+            let t =
+                ChatTemplate::from_gguf(&content_with(Some(source), tokens)).expect("falls back");
             let note = t.note().expect("a note");
             assert!(note.contains(name) && !note.contains('\n'), "{note}");
             let text = t.render(&[Message::user("hello")], true).unwrap();
@@ -447,10 +470,16 @@ mod tests {
     #[test]
     fn a_panic_inside_the_template_engine_is_an_error() {
         let compile = ChatTemplate::new("{% import 'macros.j2' as 0 %}{{notx() }}", "", "");
-        assert!(matches!(&compile, Err(Error::Template(m)) if m.contains("template engine failed")), "{compile:?}");
+        assert!(
+            matches!(&compile, Err(Error::Template(m)) if m.contains("template engine failed")),
+            "{compile:?}"
+        );
         let t = ChatTemplate::new("{{ messages[::-1][0].content * 1000 }}", "", "").unwrap();
         let render = t.render(&[], true);
-        assert!(matches!(&render, Err(Error::Template(m)) if !m.contains('\n')), "{render:?}");
+        assert!(
+            matches!(&render, Err(Error::Template(m)) if !m.contains('\n')),
+            "{render:?}"
+        );
         let from_file = ChatTemplate::from_gguf(&content_with(
             Some("{% import 'macros.j2' as 0 %}{{notx() }}"),
             &["<|im_start|>"],

@@ -41,9 +41,8 @@ pub fn agreement(dense: &str, slim: &str) -> Agreement {
     }
     let (ka, kb) = (key_terms(&a), key_terms(&b));
     // a term is missing from the other answer only when none of its words is the term
-    let words = |ws: &[&str]| -> HashSet<String> {
-        ws.iter().map(|w| bare(w).to_lowercase()).collect()
-    };
+    let words =
+        |ws: &[&str]| -> HashSet<String> { ws.iter().map(|w| bare(w).to_lowercase()).collect() };
     let (wa, wb) = (words(&a), words(&b));
     Agreement {
         identical,
@@ -180,7 +179,11 @@ mod tests {
         let a = agreement(&dense, &slim);
         assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
         assert_eq!(a.dense_words, 60_000);
-        assert!((a.shared - 59_993.0 / 60_000.0).abs() < 1e-9, "{}", a.shared);
+        assert!(
+            (a.shared - 59_993.0 / 60_000.0).abs() < 1e-9,
+            "{}",
+            a.shared
+        );
         assert_eq!(a.terms, 60_000);
         assert_eq!(a.missing.len(), 7);
         assert_eq!(a.extra.len(), 7);

@@ -40,7 +40,11 @@ pub struct Attachment {
 pub fn parse_conversation(text: &str, origin: &str) -> Result<Conversation> {
     let conv: Conversation = serde_json::from_str(text).map_err(|e| {
         // serde quotes the offending text, which may hold line breaks
-        let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let why = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         Error::Usage(format!("{origin} is not a conversation: {why}"))
     })?;
     let id_ok = !conv.id.is_empty()

@@ -3,6 +3,7 @@
 //! GGUF header attacks by name. See src/fuzz/ for the targets and their rules.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use slimchat::fuzz::alloc::{self, Tracking};
 use slimchat::fuzz::runner::{campaign, run_case, Found};
@@ -11,6 +12,14 @@ use slimchat::model::gguf::GgufFile;
 
 #[global_allocator]
 static ALLOC: Tracking = Tracking;
+
+/// The allocator's record of the largest request is process-wide, so a test that reads it must
+/// not run beside another that allocates: every test here holds this lock.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Run `cases` cases of campaign `seed` and fail with every failure found.
 fn short_pass(target: Target, seed: u64, cases: u64) {
@@ -40,37 +49,44 @@ fn short_pass(target: Target, seed: u64, cases: u64) {
 
 #[test]
 fn gguf_short_pass() {
+    let _serial = serial();
     short_pass(Target::Gguf, 0x5eed_0001, 300);
 }
 
 #[test]
 fn tokenizer_short_pass() {
+    let _serial = serial();
     short_pass(Target::Tokenizer, 0x5eed_0002, 60);
 }
 
 #[test]
 fn template_short_pass() {
+    let _serial = serial();
     short_pass(Target::Template, 0x5eed_0003, 300);
 }
 
 #[test]
 fn config_short_pass() {
+    let _serial = serial();
     short_pass(Target::Config, 0x5eed_0004, 800);
 }
 
 #[test]
 fn conversation_short_pass() {
+    let _serial = serial();
     short_pass(Target::Conversation, 0x5eed_0005, 400);
 }
 
 #[test]
 fn tui_short_pass() {
+    let _serial = serial();
     short_pass(Target::Tui, 0x5eed_0006, 150);
 }
 
 /// Every input a long run found (tests/fixtures/fuzz/TARGET-SEED.bin) passes now.
 #[test]
 fn found_inputs_pass() {
+    let _serial = serial();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("tests/fixtures/fuzz") {
@@ -91,6 +107,7 @@ fn found_inputs_pass() {
 /// The tracking allocator is installed, so the allocation limit is really measured.
 #[test]
 fn allocations_are_measured() {
+    let _serial = serial();
     let v: Vec<u8> = Vec::with_capacity(3 << 20);
     drop(v);
     assert!(alloc::installed());
@@ -190,12 +207,14 @@ fn refused(bytes: Vec<u8>, want: &[&str]) {
 
 #[test]
 fn the_raw_writer_makes_a_file_that_opens() {
+    let _serial = serial();
     let f = GgufFile::from_bytes(Path::new("ok.gguf"), Raw::new().bytes()).expect("opens");
     assert_eq!(f.content.tensor_infos["t"].shape.dims(), [32]);
 }
 
 #[test]
 fn huge_counts_and_lengths_are_refused_before_allocating() {
+    let _serial = serial();
     let mut r = Raw::new();
     r.n_kv = 1 << 60;
     refused(r.bytes(), &["attack.gguf", "truncated"]);
@@ -225,6 +244,7 @@ fn huge_counts_and_lengths_are_refused_before_allocating() {
 
 #[test]
 fn alignment_must_be_a_power_of_two() {
+    let _serial = serial();
     // candle's reader divides by it: 0 was a panic
     for a in [0, 3, 48] {
         let mut r = Raw::new();
@@ -235,6 +255,7 @@ fn alignment_must_be_a_power_of_two() {
 
 #[test]
 fn tensor_tables_that_lie_are_refused() {
+    let _serial = serial();
     let with = |dims: &[u64], ty: u32, offset: u64| {
         let mut r = Raw::new();
         r.tensor("bad", dims, ty, offset);
@@ -264,6 +285,7 @@ fn tensor_tables_that_lie_are_refused() {
 
 #[test]
 fn names_from_the_file_are_shown_on_one_line() {
+    let _serial = serial();
     let mut r = Raw::new();
     let name = format!("evil\n\u{1b}[2J{}", "x".repeat(500));
     r.tensor(&name, &[32], 77, 0);

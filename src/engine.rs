@@ -474,6 +474,13 @@ impl Engine {
             if max_tokens == 0 {
                 break StopReason::MaxTokens;
             }
+            if let Some(bad) = logits.iter().find(|l| !l.is_finite()) {
+                // NaN compares false everywhere: greedy would pick token 0, often the end of
+                // text, and the answer would silently be empty
+                return Err(Error::Engine(format!(
+                    "the model computed a logit of {bad}: its weights are corrupt or out of range"
+                )));
+            }
             let next = sampler.sample(&mut logits, &history);
             if ttft.is_none() {
                 ttft = Some(start.elapsed().as_secs_f64());

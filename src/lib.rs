@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
 pub mod headless;

@@ -279,7 +279,12 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("slimchat: error: {e}");
+            // Messages from dependencies can span lines; the person gets one.
+            let msg = e.to_string();
+            eprintln!(
+                "slimchat: error: {}",
+                msg.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
             ExitCode::FAILURE
         }
     }
@@ -396,7 +401,7 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
         );
     }
     let mut last_pct = u64::MAX;
-    Engine::load_configured(cfg, &mut |p: &DownloadProgress| {
+    let engine = Engine::load_configured(cfg, &mut |p: &DownloadProgress| {
         if let Some(total) = p.total_bytes.filter(|&t| t > 0) {
             let pct = p.done_bytes * 100 / total;
             if pct / 10 != last_pct / 10 {
@@ -404,7 +409,11 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
                 last_pct = pct;
             }
         }
-    })
+    })?;
+    if let Some(note) = engine.template.note() {
+        eprintln!("slimchat: note: {note}");
+    }
+    Ok(engine)
 }
 
 fn read_prompt(args: &RunArgs) -> Result<String> {

@@ -352,15 +352,33 @@ fn missing_template_falls_back_to_chatml() {
     );
 }
 
+/// A model template that does not compile is replaced by the family's format (ChatML for this
+/// vocabulary), with a one-line note naming the syntax error.
 #[test]
-fn broken_template_is_a_one_line_error() {
+fn broken_template_falls_back_with_a_one_line_note() {
     let c = content_with(|m| {
         m.insert(
             "tokenizer.chat_template".into(),
             Value::String("{% for message in messages %}\n{{ message['content'] }\n".into()),
         );
     });
-    match ChatTemplate::from_gguf(&c) {
+    let t = ChatTemplate::from_gguf(&c).expect("falls back");
+    let note = t.note().expect("a note");
+    assert!(
+        note.contains("syntax error") && note.contains("ChatML") && !note.contains('\n'),
+        "{note}"
+    );
+    let text = t.render(&conversation(), true).expect("renders");
+    assert!(
+        text.starts_with("<|im_start|>") && text.ends_with("<|im_start|>assistant\n"),
+        "{text}"
+    );
+    // the same source given directly is still a one-line error
+    match ChatTemplate::new(
+        "{% for message in messages %}\n{{ message['content'] }\n",
+        "",
+        "",
+    ) {
         Err(Error::Template(msg)) => assert!(!msg.is_empty() && !msg.contains('\n'), "{msg}"),
         other => panic!("expected a template error, got {other:?}"),
     }
@@ -375,12 +393,15 @@ fn template_sees_bos_and_eos_tokens() {
     let c = content_with(|m| {
         m.insert(
             "tokenizer.chat_template".into(),
-            Value::String("{{ bos_token }}|{{ eos_token }}".into()),
+            // (a model's template must print the messages, or it is replaced at load)
+            Value::String(
+                "{{ bos_token }}|{% for m in messages %}{{ m.content }}{% endfor %}|{{ eos_token }}"
+                    .into(),
+            ),
         );
     });
-    let text = ChatTemplate::from_gguf(&c)
-        .expect("template")
-        .render(&[], false)
-        .expect("render");
-    assert_eq!(text, "<|im_start|>|<|im_end|>");
+    let template = ChatTemplate::from_gguf(&c).expect("template");
+    assert_eq!(template.note(), None);
+    let text = template.render(&[], false).expect("render");
+    assert_eq!(text, "<|im_start|>||<|im_end|>");
 }

@@ -34,16 +34,26 @@ pub fn silu_mul_joined(gate_up: &[f32], width: usize, out: &mut [f32]) {
         });
 }
 
+/// Positions whose cos/sin the rotary table holds (Llama 3.1's 128k context); later positions
+/// of a longer context are computed when used.
+const ROPE_TABLE_POSITIONS: usize = 1 << 17;
+/// Values of each of the cos and sin tables at most (64 MiB each): a head width read from a
+/// model file cannot make the table larger.
+const ROPE_TABLE_VALUES: usize = 1 << 24;
+
 /// Rotary position embedding: within each head, pair i < rope_dim/2 is rotated by
 /// position * inv_freq[i], with inv_freq[i] = theta^(-2i / rope_dim) / freq_factor[i] (llama.cpp
 /// divides the angle by `rope_freqs.weight`'s factor) and positions divided by a linear scaling
 /// factor. Pair i is (x[2i], x[2i+1]) in the normal layout and (x[i], x[i + rope_dim/2]) in the
 /// NEOX one ([`RopeLayout`]). <https://arxiv.org/abs/2104.09864>
 pub struct Rope {
-    /// (max_positions, rope_dim / 2)
+    /// (table positions, rope_dim / 2)
     cos: Vec<f32>,
-    /// (max_positions, rope_dim / 2)
+    /// (table positions, rope_dim / 2)
     sin: Vec<f32>,
+    /// Angle per position of each pair, and the linear scaling of positions.
+    inv_freq: Vec<f64>,
+    pos_scale: f64,
     half: usize,
     head_dim: usize,
     layout: RopeLayout,
@@ -88,9 +98,14 @@ impl Rope {
                 base / factor
             })
             .collect();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
+        // The context length comes from the model file: the table stops at ROPE_TABLE_POSITIONS
+        // and `apply` computes the angles of later positions the same way, row by row.
+        let table = max_positions
+            .min(ROPE_TABLE_POSITIONS)
+            .min(ROPE_TABLE_VALUES / half.max(1));
+        let mut cos = Vec::with_capacity(table * half);
+        let mut sin = Vec::with_capacity(table * half);
+        for p in 0..table {
             for f in &inv_freq {
                 let angle = p as f64 * pos_scale as f64 * f;
                 cos.push(angle.cos() as f32);
@@ -100,6 +115,8 @@ impl Rope {
         Self {
             cos,
             sin,
+            inv_freq,
+            pos_scale: pos_scale as f64,
             half,
             head_dim: spec.head_dim,
             layout: spec.layout,
@@ -137,9 +154,21 @@ impl Rope {
         x.par_chunks_mut(width * ROWS_PER_TASK)
             .zip(positions.par_chunks(ROWS_PER_TASK))
             .for_each(|(x, pos)| {
+                let (mut far_cos, mut far_sin) = (Vec::new(), Vec::new());
                 for (row, &p) in x.chunks_mut(width).zip(pos) {
-                    let cos = &self.cos[p as usize * self.half..][..self.half];
-                    let sin = &self.sin[p as usize * self.half..][..self.half];
+                    let (cos, sin) = if (p as usize + 1) * self.half <= self.cos.len() {
+                        let at = p as usize * self.half;
+                        (&self.cos[at..][..self.half], &self.sin[at..][..self.half])
+                    } else {
+                        far_cos.clear();
+                        far_sin.clear();
+                        for f in &self.inv_freq {
+                            let angle = p as f64 * self.pos_scale * f;
+                            far_cos.push(angle.cos() as f32);
+                            far_sin.push(angle.sin() as f32);
+                        }
+                        (&far_cos[..], &far_sin[..])
+                    };
                     for head in row.chunks_mut(self.head_dim) {
                         match self.layout {
                             RopeLayout::Normal => rotate_adjacent(head, cos, sin),
@@ -250,5 +279,32 @@ mod tests {
     fn linear_scaling_divides_positions_by_the_factor() {
         check(RopeLayout::Normal, 4.0, Some(&[1.0, 2.5, 8.0]));
         check(RopeLayout::Neox, 4.0, None);
+    }
+
+    /// A context longer than the table (the length is the model file's word): positions past
+    /// the table are rotated by the same angles, computed when used, and the table stays small.
+    #[test]
+    fn positions_past_the_table_rotate_by_the_closed_form_angle() {
+        let s = spec(RopeLayout::Neox, 2.0);
+        let context = ROPE_TABLE_POSITIONS + 100;
+        let rope = Rope::new(&s, None, context);
+        assert_eq!(rope.max_positions(), context);
+        assert_eq!(rope.cos.len(), ROPE_TABLE_POSITIONS * 3);
+        let positions = [
+            5u32,
+            ROPE_TABLE_POSITIONS as u32 - 1,
+            ROPE_TABLE_POSITIONS as u32,
+            context as u32 - 1,
+        ];
+        let x: Vec<f32> = (0..positions.len() * 16)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let mut got = x.clone();
+        rope.apply(&mut got, &positions).unwrap();
+        let expect = closed_form(&x, &positions, &s, &[1.0; 3]);
+        for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
+            assert!((g - e).abs() < 1e-4, "value {i}: {g} vs {e}");
+        }
+        assert!(rope.apply(&mut got, &[context as u32]).is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! Open a GGUF file, check it before trusting it, and read the LLaMA-family hyper-parameters.
 //!
-//! candle's `gguf_file::Content::read` parses the header; this module adds what a user needs
-//! when a file is wrong: one line that names the problem (bad magic, truncated tensor data,
-//! missing tensor, unsupported architecture or tensor type) instead of a panic or a garbled load.
+//! [`super::gguf_read`] parses and checks the header (into candle's `Content`, whose tensors
+//! candle then reads); this module adds what a user needs when a file is wrong: one line that
+//! names the problem (bad magic, truncated tensor data, missing tensor, unsupported architecture
+//! or tensor type) instead of a panic or a garbled load.
 //!
 //! Metadata keys and their defaults follow llama.cpp's loader (`llama-model.cpp`): the head size
 //! comes from `{arch}.attention.key_length` (default hidden / heads), the RoPE scaling type
@@ -10,10 +11,12 @@
 //! and the RoPE layout is chosen by architecture as llama.cpp's `llama_model_rope_type` does.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
+
+use super::gguf_read::{read_header, HeaderError};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 
@@ -24,11 +27,15 @@ use crate::{Error, Result};
 /// architecture, as in llama.cpp), Qwen3's per-head q/k RMSNorm, and the NEOX RoPE layout.
 const LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
+/// Anything a GGUF file can be read from: the file itself, or bytes in memory (the fuzzer).
+pub trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
 /// A GGUF file whose header parsed and whose tensor data lies inside the file.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    reader: BufReader<File>,
+    reader: Box<dyn ReadSeek>,
 }
 
 impl GgufFile {
@@ -38,37 +45,33 @@ impl GgufFile {
         let file = File::open(path)
             .map_err(|e| Error::ModelLoad(format!("cannot open {}: {e}", path.display())))?;
         let file_size = file.metadata()?.len();
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("unknown dtype") {
-                if let Some(why) = unsupported_tensor_type(path) {
-                    return Error::ModelLoad(format!("{}: {why}", path.display()));
-                }
-            }
-            let what = if msg.contains("magic") {
-                "not a GGUF file (bad magic)"
-            } else {
-                "corrupt GGUF header"
+        Self::from_reader(path, BufReader::new(file), file_size)
+    }
+
+    /// The same checks over a GGUF file held in memory; `label` names it in errors.
+    pub fn from_bytes(label: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let size = bytes.len() as u64;
+        Self::from_reader(label, Cursor::new(bytes), size)
+    }
+
+    fn from_reader(path: &Path, mut reader: impl ReadSeek + 'static, size: u64) -> Result<Self> {
+        let content = read_header(&mut reader, size).map_err(|e| {
+            let what = match e {
+                HeaderError::BadMagic(m) => format!("not a GGUF file (bad magic 0x{m:08x})"),
+                HeaderError::Truncated(what) => format!("truncated file: {}", first_line(&what)),
+                HeaderError::UnsupportedType(name, ty) => format!(
+                    "tensor {} has {}, which slimchat cannot read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K)",
+                    first_line(&name),
+                    ggml_type_label(ty)
+                ),
+                HeaderError::Corrupt(what) => format!("corrupt GGUF header: {}", first_line(&what)),
             };
-            Error::ModelLoad(format!("{}: {what}: {}", path.display(), first_line(&msg)))
+            Error::ModelLoad(format!("{}: {what}", path.display()))
         })?;
-        for (name, info) in content.tensor_infos.iter() {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > file_size {
-                return Err(Error::ModelLoad(format!(
-                    "{}: truncated file: tensor {name} ends at byte {end} but the file has {file_size} bytes",
-                    path.display()
-                )));
-            }
-        }
         let file = Self {
             path: path.to_path_buf(),
             content,
-            reader,
+            reader: Box::new(reader),
         };
         // Before the tokenizer or tensors are read, so a foreign model fails with this reason.
         file.architecture()?;
@@ -106,12 +109,13 @@ impl GgufFile {
         match self.metadata(key) {
             None => Ok(None),
             Some(v) => v
-                .to_u32()
-                .or_else(|_| v.to_u64().map(|x| x as u32))
+                .to_u64()
+                .ok()
+                .and_then(|x| u32::try_from(x).ok())
                 .map(Some)
-                .map_err(|_| {
+                .ok_or_else(|| {
                     Error::ModelLoad(format!(
-                        "{}: metadata {key} is not an integer",
+                        "{}: metadata {key} is not an integer of 32 bits",
                         self.path.display()
                     ))
                 }),
@@ -158,8 +162,9 @@ impl GgufFile {
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
             return Err(Error::ModelLoad(format!(
-                "{}: unsupported architecture '{arch}' (slimchat runs these GGUF architectures: {})",
+                "{}: unsupported architecture '{}' (slimchat runs these GGUF architectures: {})",
                 self.path.display(),
+                crate::error::shown(arch),
                 LLAMA_FAMILY.join(", ")
             )));
         }
@@ -204,6 +209,22 @@ impl GgufFile {
                 _ => return Err(self.load_error("cannot tell the vocabulary size".into())),
             },
         };
+        let rope_theta = self.meta_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rms_eps = self
+            .meta_f32(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        if !(rope_theta.is_finite() && rope_theta > 1.0) {
+            return Err(self.load_error(format!("rope.freq_base {rope_theta} must be above 1")));
+        }
+        if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+            return Err(self.load_error(format!(
+                "attention.layer_norm_rms_epsilon {rms_eps} must be between 0 and 1"
+            )));
+        }
+        let context_length = self.meta_u32(&k("context_length"))?.unwrap_or(4096) as usize;
+        if context_length == 0 {
+            return Err(self.load_error("context_length is 0".into()));
+        }
         Ok(ModelSpec {
             n_layers,
             hidden,
@@ -212,14 +233,12 @@ impl GgufFile {
             n_kv_heads,
             head_dim,
             rope_dim,
-            rope_theta: self.meta_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling: self.rope_scaling(&arch)?,
             rope_style: RopeStyle::of(&arch),
             qk_norm: arch == "qwen3",
-            rms_eps: self
-                .meta_f32(&k("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
-            context_length: self.meta_u32(&k("context_length"))?.unwrap_or(4096) as usize,
+            rms_eps,
+            context_length,
             vocab_size,
             arch,
         })
@@ -384,127 +403,10 @@ const GGML_TYPES: &[(u32, &str)] = &[
     (42, "Q2_0"),
 ];
 
-/// The tensor types candle reads (and so slimchat runs): ids 0-3, 6-15 and 30.
-fn candle_reads(id: u32) -> bool {
-    matches!(id, 0..=3 | 6..=15 | 30)
-}
-
 /// "IQ4_NL (type 20)", or "unknown type 99" for an id ggml does not name.
 fn ggml_type_label(id: u32) -> String {
     match GGML_TYPES.iter().find(|(i, _)| *i == id) {
         Some((_, name)) => format!("{name} (type {id})"),
         None => format!("unknown type {id}"),
-    }
-}
-
-/// When candle rejects a header for an unknown tensor type, name the first such tensor and its
-/// type. Reads the GGUF header (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
-/// magic, version, tensor count, metadata count, the metadata key/values (skipped), then per
-/// tensor its name, dimension count, dimensions, type and offset. None if the header does not
-/// read that far.
-fn unsupported_tensor_type(path: &Path) -> Option<String> {
-    let mut r = HeaderReader {
-        r: BufReader::new(File::open(path).ok()?),
-        wide: true,
-    };
-    if r.u32()? != u32::from_le_bytes(*b"GGUF") {
-        return None;
-    }
-    r.wide = r.u32()? >= 2; // version 1 has 32-bit counts and lengths
-    let (n_tensors, n_kv) = (r.len()?, r.len()?);
-    for _ in 0..n_kv {
-        r.skip_string()?;
-        let ty = r.u32()?;
-        r.skip_value(ty)?;
-    }
-    for _ in 0..n_tensors {
-        let name = r.string()?;
-        let n_dims = r.u32()?;
-        for _ in 0..n_dims {
-            r.len()?;
-        }
-        let ty = r.u32()?;
-        r.u64()?; // offset
-        if !candle_reads(ty) {
-            return Some(format!(
-                "tensor {name} has {}, which slimchat cannot read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K)",
-                ggml_type_label(ty)
-            ));
-        }
-    }
-    None
-}
-
-/// Little-endian reads over a GGUF header; `wide`: lengths and counts are u64 (version >= 2).
-struct HeaderReader<R> {
-    r: R,
-    wide: bool,
-}
-
-impl<R: Read + Seek> HeaderReader<R> {
-    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let mut b = [0u8; N];
-        self.r.read_exact(&mut b).ok()?;
-        Some(b)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.bytes().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.bytes().map(u64::from_le_bytes)
-    }
-
-    fn len(&mut self) -> Option<u64> {
-        if self.wide {
-            self.u64()
-        } else {
-            self.u32().map(u64::from)
-        }
-    }
-
-    fn skip(&mut self, n: u64) -> Option<()> {
-        self.r.seek_relative(i64::try_from(n).ok()?).ok()
-    }
-
-    fn string(&mut self) -> Option<String> {
-        let n = self.len()?;
-        let mut b = Vec::new();
-        (&mut self.r).take(n).read_to_end(&mut b).ok()?;
-        (b.len() as u64 == n).then(|| String::from_utf8_lossy(&b).into_owned())
-    }
-
-    fn skip_string(&mut self) -> Option<()> {
-        let n = self.len()?;
-        self.skip(n)
-    }
-
-    /// Skip one metadata value of GGUF value type `ty`.
-    fn skip_value(&mut self, ty: u32) -> Option<()> {
-        match ty {
-            0 | 1 | 7 => self.skip(1), // u8, i8, bool
-            2 | 3 => self.skip(2),     // u16, i16
-            4..=6 => self.skip(4),     // u32, i32, f32
-            10..=12 => self.skip(8),   // u64, i64, f64
-            8 => self.skip_string(),
-            9 => {
-                let (elem, n) = (self.u32()?, self.len()?);
-                match elem {
-                    8 | 9 => (0..n).try_for_each(|_| self.skip_value(elem)),
-                    _ => {
-                        let size = match elem {
-                            0 | 1 | 7 => 1,
-                            2 | 3 => 2,
-                            4..=6 => 4,
-                            10..=12 => 8,
-                            _ => return None,
-                        };
-                        self.skip(n.checked_mul(size)?)
-                    }
-                }
-            }
-            _ => None,
-        }
     }
 }

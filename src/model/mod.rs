@@ -1,5 +1,7 @@
 //! Everything about a model: where it comes from, its weights, tokenizer, chat template and forward.
 pub mod gguf;
+pub mod gguf_read;
+pub mod known_templates;
 pub mod llama;
 pub mod pyjinja;
 pub mod source;

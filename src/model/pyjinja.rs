@@ -20,7 +20,13 @@ pub fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) => Some(match (v.kind(), i64::try_from(v.clone())) {
-            (ValueKind::Number, Ok(n)) => " ".repeat(n.max(0) as usize),
+            (ValueKind::Number, Ok(n)) if n <= MAX_INDENT => " ".repeat(n.max(0) as usize),
+            (ValueKind::Number, Ok(_)) => {
+                return Err(invalid("tojson: indent is larger than 64"));
+            }
+            (ValueKind::String, _) if v.as_str().is_some_and(|s| s.len() > MAX_INDENT as usize) => {
+                return Err(invalid("tojson: indent is longer than 64"));
+            }
             (ValueKind::String, _) => v.to_string(),
             _ => return Err(invalid("tojson: indent must be an integer or a string")),
         }),
@@ -60,14 +66,31 @@ fn invalid(msg: &str) -> Error {
     Error::new(ErrorKind::InvalidOperation, msg.to_string())
 }
 
+/// Widest `indent` (a template is a stranger's code: the width must not size an allocation).
+const MAX_INDENT: i64 = 64;
+/// Longest text `tojson` writes (a template can double a string until memory runs out; this
+/// stops the doubling when it goes through `tojson`).
+const MAX_JSON_BYTES: usize = 16 << 20;
+/// Deepest nesting `tojson` writes (a template can build a list nested as deep as its fuel).
+const MAX_JSON_DEPTH: usize = 128;
+
 /// Python's JSON encoder over a template value; `depth` is the nesting level for `indent`.
 fn write_json(out: &mut String, v: &Value, o: &JsonOptions, depth: usize) -> Result<(), Error> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(invalid("tojson: the value is nested more than 128 deep"));
+    }
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
         ValueKind::Number => out.push_str(&python_float(f64::try_from(v.clone())?)),
-        ValueKind::String => write_json_string(out, v.as_str().unwrap_or_default(), o.ensure_ascii),
+        ValueKind::String => {
+            let text = v.as_str().unwrap_or_default();
+            if out.len() + text.len() > MAX_JSON_BYTES {
+                return Err(invalid("tojson: the text is longer than 16 MiB"));
+            }
+            write_json_string(out, text, o.ensure_ascii)
+        }
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if o.sort_keys {

@@ -10,21 +10,40 @@
 //! (`.strip()`, `.split()`, `.startswith()`, `.items()`, ...) from `minijinja-contrib`'s pycompat
 //! layer. `tests/chat_templates.rs` checks the Llama 3.x, Qwen2.5 and Qwen3 templates against
 //! jinja2's rendering. Models without a template get ChatML.
+//!
+//! A template is code from a stranger, so rendering is bounded: minijinja's fuel stops it after
+//! [`TEMPLATE_FUEL`] instructions, its recursion limit at [`TEMPLATE_RECURSION`] levels, a
+//! render that outlasts [`TEMPLATE_DEADLINE`] is given up (one instruction can be slow), there
+//! is no loader (`include`, `import` and `extends` find nothing, so no file is read), and the
+//! Python helpers cap what their arguments can size. A model's template that does not compile,
+//! or does not render a one-message probe conversation into text that holds the message, is
+//! replaced at load by its family's known format ([`super::known_templates`]) with a
+//! [`ChatTemplate::note`] saying why. Not bounded: the memory a template can take by repeatedly
+//! doubling a string (`ns.s = ns.s ~ ns.s` in a loop: 31 doublings ask for 2 GiB); minijinja
+//! has no hook on string concatenation, so such a template can still exhaust memory.
 
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
+use super::known_templates::{self, CHATML};
 use super::pyjinja;
 use crate::{Error, Result};
 
-/// ChatML, the fallback when a model ships no template (and SmolLM2's format).
-const CHATML: &str = "{% for message in messages %}\
-{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
-{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// Instructions one render may run: a 2000-message conversation through each known format
+/// renders within it (a test checks), a runaway loop stops within about a second.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+/// Longest a render may take.
+pub const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Nesting of calls, loops and macros one render may reach.
+pub const TEMPLATE_RECURSION: usize = 100;
+/// The user message of the probe render at load.
+const PROBE_TEXT: &str = "slimchat probe 7f3a";
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -73,6 +92,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The Unix time `strftime_now` reports; `None` reads the clock at each render.
     now: Option<i64>,
+    /// Why the model's own template is not the one in use, if it is not.
+    note: Option<String>,
 }
 
 /// Extra template variables (`tools`, `enable_thinking`, `date_string`, ...), as JSON.
@@ -90,8 +111,9 @@ impl ChatTemplate {
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
             now: None,
+            note: None,
         };
-        template.environment()?;
+        guarded(|| template.environment().map(|_| ()))?;
         Ok(template)
     }
 
@@ -108,6 +130,22 @@ impl ChatTemplate {
             bos_token: String::new(),
             eos_token: String::new(),
             now: None,
+            note: None,
+        }
+    }
+
+    /// Why the model's own template was replaced at load (one line), if it was.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Render a one-message conversation: the template must run and print the message.
+    fn probe(&self) -> Result<()> {
+        let text = self.render(&[Message::user(PROBE_TEXT)], true)?;
+        if text.contains(PROBE_TEXT) {
+            Ok(())
+        } else {
+            Err(Error::Template("it does not print the messages".into()))
         }
     }
 
@@ -135,17 +173,35 @@ impl ChatTemplate {
         };
         let bos = token_text("tokenizer.ggml.bos_token_id");
         let eos = token_text("tokenizer.ggml.eos_token_id");
-        match content.metadata.get("tokenizer.chat_template") {
-            Some(Value::String(s)) if !s.trim().is_empty() => Self::new(s.clone(), bos, eos),
-            Some(Value::String(_)) | None => Ok(Self {
-                bos_token: bos,
-                eos_token: eos,
-                ..Self::chatml()
-            }),
-            Some(_) => Err(Error::Template(
-                "tokenizer.chat_template is not a string".into(),
+        let own = match content.metadata.get("tokenizer.chat_template") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                Self::new(s.clone(), bos.clone(), eos.clone()).and_then(|t| t.probe().map(|()| t))
+            }
+            Some(Value::String(_)) | None => {
+                return Ok(Self {
+                    bos_token: bos,
+                    eos_token: eos,
+                    ..Self::chatml()
+                })
+            }
+            Some(_) => Err(Error::Template("it is not a string".into())),
+        };
+        let why = match own {
+            Ok(t) => return Ok(t),
+            Err(e) => e.to_string(),
+        };
+        let (name, source) = known_templates::for_vocabulary(content);
+        let why = why.strip_prefix("chat template: ").unwrap_or(&why);
+        let why: String = why.chars().take(200).collect();
+        Ok(Self {
+            source: source.to_string(),
+            bos_token: bos,
+            eos_token: eos,
+            now: None,
+            note: Some(format!(
+                "the model's chat template does not work ({why}); using the {name} format instead"
             )),
-        }
+        })
     }
 
     /// The Jinja source.
@@ -167,10 +223,39 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         vars: &TemplateVars,
     ) -> Result<String> {
-        let env = self.environment()?;
-        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let messages = serde_json::to_value(messages)
             .map_err(|e| Error::Template(format!("messages: {e}")))?;
+        // Fuel bounds the instructions, not the work of one (a `range` of 100,000, a string
+        // method on 100 MB): the render runs on its own thread and is given up at the deadline,
+        // the thread finishing its fuel in the background.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let this = self.clone();
+        let vars = vars.clone();
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let r = guarded(|| this.render_unguarded(messages, add_generation_prompt, &vars));
+                let _ = tx.send(r);
+            })
+            .map_err(|e| Error::Template(format!("cannot start the render: {e}")))?;
+        match rx.recv_timeout(TEMPLATE_DEADLINE) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Template(format!(
+                "rendering took longer than {} s",
+                TEMPLATE_DEADLINE.as_secs()
+            ))),
+        }
+    }
+
+    fn render_unguarded(
+        &self,
+        messages: serde_json::Value,
+        add_generation_prompt: bool,
+        vars: &TemplateVars,
+    ) -> Result<String> {
+        let env = self.environment()?;
+        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
         let mut ctx = TemplateVars::new();
         ctx.insert("messages".into(), messages);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
@@ -185,6 +270,8 @@ impl ChatTemplate {
     /// A minijinja environment set up like transformers' `apply_chat_template`, holding the source.
     fn environment(&self) -> Result<Environment<'static>> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -207,6 +294,44 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, self.source.clone())
             .map_err(template_error)?;
         Ok(env)
+    }
+}
+
+thread_local! {
+    /// Set while this thread compiles or renders a template.
+    static IN_TEMPLATE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run minijinja, turning a panic inside it (it has had some on odd templates: an `import`
+/// alias that is a number, a reversed slice of an empty list) into a one-line error. The
+/// panic hook is wrapped once so that such a panic prints nothing; any other panic goes to the
+/// hook that was there before.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !IN_TEMPLATE.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = IN_TEMPLATE.with(|t| t.replace(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_TEMPLATE.with(|t| t.set(was));
+    match result {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Template(format!(
+                "the template engine failed on this template ({})",
+                what.chars().take(100).collect::<String>()
+            )))
+        }
     }
 }
 
@@ -244,5 +369,122 @@ mod tests {
         let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "");
         let text = t.and_then(|t| t.render(&[Message::user("  x  ")], false));
         assert_eq!(text.ok().as_deref(), Some("x"));
+    }
+
+    /// A long conversation renders within the fuel through every known format; a loop that
+    /// never ends runs out of it, and unbounded recursion stops at the limit: one-line errors.
+    #[test]
+    fn fuel_and_recursion_bound_a_render() {
+        let mut msgs = vec![Message::system("sys")];
+        for i in 0..1000 {
+            msgs.push(Message::user(format!("question {i}")));
+            msgs.push(Message::assistant(format!("answer {i}")));
+        }
+        for source in [CHATML, known_templates::LLAMA3, known_templates::LLAMA2] {
+            let t = ChatTemplate::new(source, "<s>", "</s>").expect("compiles");
+            let text = t.render(&msgs, true).expect("renders within the fuel");
+            assert!(text.contains("answer 999"));
+        }
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+        let deep = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        for (source, want) in [(endless, "fuel"), (deep, "recursion")] {
+            let t = ChatTemplate::new(source, "", "").expect("compiles");
+            match t.render(&msgs[..1], true) {
+                Err(Error::Template(m)) => {
+                    assert!(m.contains(want) && !m.contains('\n'), "{m}")
+                }
+                other => panic!("expected a {want} error, got {other:?}"),
+            }
+        }
+    }
+
+    fn content_with(template: Option<&str>, tokens: &[&str]) -> gguf_file::Content {
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert(
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(
+                tokens
+                    .iter()
+                    .map(|t| Value::String(t.to_string()))
+                    .collect(),
+            ),
+        );
+        metadata.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0));
+        if let Some(t) = template {
+            metadata.insert(
+                "tokenizer.chat_template".to_string(),
+                Value::String(t.into()),
+            );
+        }
+        gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// A model template that does not compile, runs out of fuel, reads a file or prints no
+    /// message is replaced by the family's format, with a one-line note naming why.
+    #[test]
+    fn a_failing_template_falls_back_to_the_familys_format_with_a_note() {
+        let llama3 = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"];
+        let chatml = ["<|im_end|>", "<|im_start|>"];
+        let cases: [(&str, &[&str], &str, &str); 4] = [
+            (
+                "{% for %}",
+                &llama3,
+                "Llama 3",
+                "<|start_header_id|>user<|end_header_id|>",
+            ),
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                &chatml,
+                "ChatML",
+                "<|im_start|>user\n",
+            ),
+            (
+                "{% include '/etc/passwd' %}",
+                &chatml,
+                "ChatML",
+                "<|im_start|>user\n",
+            ),
+            ("nothing here", &chatml, "ChatML", "<|im_start|>user\n"),
+        ];
+        for (source, tokens, name, marker) in cases {
+            let t =
+                ChatTemplate::from_gguf(&content_with(Some(source), tokens)).expect("falls back");
+            let note = t.note().expect("a note");
+            assert!(note.contains(name) && !note.contains('\n'), "{note}");
+            let text = t.render(&[Message::user("hello")], true).unwrap();
+            assert!(text.contains(marker) && text.contains("hello"), "{text:?}");
+        }
+        // a working template is kept, without a note
+        let t = ChatTemplate::from_gguf(&content_with(Some(CHATML), &chatml)).unwrap();
+        assert!(t.note().is_none());
+        assert_eq!(t.source(), CHATML);
+    }
+
+    /// Templates on which minijinja 2.24 panics (found by the fuzzer): a one-line error, and
+    /// from a model file the known format with a note.
+    #[test]
+    fn a_panic_inside_the_template_engine_is_an_error() {
+        let compile = ChatTemplate::new("{% import 'macros.j2' as 0 %}{{notx() }}", "", "");
+        assert!(
+            matches!(&compile, Err(Error::Template(m)) if m.contains("template engine failed")),
+            "{compile:?}"
+        );
+        let t = ChatTemplate::new("{{ messages[::-1][0].content * 1000 }}", "", "").unwrap();
+        let render = t.render(&[], true);
+        assert!(
+            matches!(&render, Err(Error::Template(m)) if !m.contains('\n')),
+            "{render:?}"
+        );
+        let from_file = ChatTemplate::from_gguf(&content_with(
+            Some("{% import 'macros.j2' as 0 %}{{notx() }}"),
+            &["<|im_start|>"],
+        ))
+        .unwrap();
+        assert!(from_file.note().unwrap().contains("template engine failed"));
     }
 }

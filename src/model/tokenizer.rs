@@ -122,7 +122,8 @@ pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer> {
         "llama" => sentencepiece_bpe(content, &vocab)?,
         other => {
             return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model '{other}' is not supported (supported: gpt2, llama)"
+                "GGUF tokenizer model '{}' is not supported (supported: gpt2, llama)",
+                crate::error::shown(other)
             )))
         }
     };
@@ -374,7 +375,8 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         other => {
             let supported = "smollm, starcoder, gpt-2, llama-bpe, qwen2, falcon, default, aliases";
             return Err(Error::Tokenizer(format!(
-                "GGUF pre-tokenizer '{other}' is not supported (supported: {supported})"
+                "GGUF pre-tokenizer '{}' is not supported (supported: {supported})",
+                crate::error::shown(other)
             )));
         }
     };

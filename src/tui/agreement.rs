@@ -1,6 +1,8 @@
 //! Do the dense and pruned answers of a compare (F2) agree? Identical text, or the same facts
 //! (numbers and names) said differently, or different facts, and where the words part.
 
+use std::collections::{HashMap, HashSet};
+
 /// How two answers to one question relate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agreement {
@@ -25,18 +27,22 @@ pub fn agreement(dense: &str, slim: &str) -> Agreement {
     let identical = a == b;
     let first_difference =
         (!identical).then(|| a.iter().zip(&b).take_while(|(x, y)| x == y).count());
-    let mut pool: Vec<String> = b.iter().map(|w| w.to_lowercase()).collect();
+    // the bag of the pruned answer's words, counted (linear: answers can be long)
+    let mut pool: HashMap<String, usize> = HashMap::new();
+    for w in &b {
+        *pool.entry(w.to_lowercase()).or_default() += 1;
+    }
     let mut shared = 0usize;
     for w in &a {
-        if let Some(i) = pool.iter().position(|p| *p == w.to_lowercase()) {
-            pool.swap_remove(i);
+        if let Some(n) = pool.get_mut(&w.to_lowercase()).filter(|n| **n > 0) {
+            *n -= 1;
             shared += 1;
         }
     }
     let (ka, kb) = (key_terms(&a), key_terms(&b));
     // a term is missing from the other answer only when none of its words is the term
     let words =
-        |ws: &[&str]| -> Vec<String> { ws.iter().map(|w| bare(w).to_lowercase()).collect() };
+        |ws: &[&str]| -> HashSet<String> { ws.iter().map(|w| bare(w).to_lowercase()).collect() };
     let (wa, wb) = (words(&a), words(&b));
     Agreement {
         identical,
@@ -70,12 +76,13 @@ fn bare(w: &str) -> &str {
 /// order of first appearance.
 fn key_terms(words: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
     let mut sentence_start = true;
     for w in words {
         let t = bare(w);
         let is_number = t.chars().any(|c| c.is_ascii_digit());
         let is_name = !sentence_start && t.chars().next().is_some_and(char::is_uppercase);
-        if (is_number || is_name) && !out.iter().any(|o| o == t) {
+        if (is_number || is_name) && seen.insert(t) {
             out.push(t.to_string());
         }
         sentence_start = w.ends_with(['.', '!', '?', ':']);
@@ -160,5 +167,28 @@ mod tests {
             "{}",
             c.summary()
         );
+    }
+
+    /// Found by the fuzzer: two long answers (a compare with a large max_tokens) took minutes,
+    /// the word bag and term lists being compared pairwise. Now linear, and counted as a bag.
+    #[test]
+    fn long_answers_compare_in_linear_time() {
+        let dense: String = (0..60_000).map(|i| format!("Word{i} ")).collect();
+        let slim: String = (0..60_000).map(|i| format!("Word{} ", i + 7)).collect();
+        let start = std::time::Instant::now();
+        let a = agreement(&dense, &slim);
+        assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
+        assert_eq!(a.dense_words, 60_000);
+        assert!(
+            (a.shared - 59_993.0 / 60_000.0).abs() < 1e-9,
+            "{}",
+            a.shared
+        );
+        assert_eq!(a.terms, 60_000);
+        assert_eq!(a.missing.len(), 7);
+        assert_eq!(a.extra.len(), 7);
+        // repeated words count once each in the bag
+        let b = agreement("a a a b", "a b b");
+        assert!((b.shared - 0.5).abs() < 1e-9, "{}", b.shared);
     }
 }

@@ -35,6 +35,32 @@ pub struct Attachment {
     pub text: String,
 }
 
+/// A saved conversation's JSON, checked: its id must be a file name of its own (it names the
+/// file the conversation is saved to). Errors are one line naming `origin`.
+pub fn parse_conversation(text: &str, origin: &str) -> Result<Conversation> {
+    let conv: Conversation = serde_json::from_str(text).map_err(|e| {
+        // serde quotes the offending text, which may hold line breaks
+        let why = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Error::Usage(format!("{origin} is not a conversation: {why}"))
+    })?;
+    let id_ok = !conv.id.is_empty()
+        && conv.id.len() <= 64
+        && conv
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !id_ok {
+        return Err(Error::Usage(format!(
+            "{origin} is not a conversation: its id is not a plain file name"
+        )));
+    }
+    Ok(conv)
+}
+
 /// Numbers of one answer, as shown under it and appended to `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnMetrics {
@@ -333,8 +359,7 @@ impl Store {
                 path.display()
             ))
         })?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Usage(format!("{} is not a conversation: {e}", path.display())))
+        parse_conversation(&text, &path.display().to_string())
     }
 
     /// Saved conversation ids, oldest first.

@@ -88,6 +88,9 @@ pub enum WorkerEvent {
         slim: Box<GenStats>,
         keep_ratio: f32,
     },
+    /// Something the person should know that is no error (the model's chat template was
+    /// replaced at load, say).
+    Note(String),
     /// The request ended (after `Stats`, `Refused`, `Compared` or `Error`).
     Done,
     Error(String),
@@ -167,6 +170,9 @@ fn worker_main(
         n_layers: engine.model.spec.n_layers,
         tokenizer: Some(SharedTokenizer(Arc::new(engine.tokenizer.clone()))),
     });
+    if let Some(note) = engine.template.note() {
+        send(WorkerEvent::Note(note.to_string()));
+    }
     while let Ok(cmd) = cmds.recv() {
         match cmd {
             EngineCmd::Quit => break,

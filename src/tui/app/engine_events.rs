@@ -129,6 +129,7 @@ impl App {
                 self.dirty = false;
                 return vec![Effect::Save];
             }
+            WorkerEvent::Note(text) => self.say(text),
             WorkerEvent::Error(e) => {
                 if self.model.is_none() {
                     self.load_error = Some(e.clone());

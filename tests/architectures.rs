@@ -551,8 +551,9 @@ fn an_output_bias_is_refused() {
 /// quarter, layer 1 runs on fewer rows and prefill and decode still give finite logits.
 #[test]
 fn qwen3_runs_under_slim_pruning() {
+    use slimchat::backend::score::HeadShape;
     use slimchat::slim::session::SlimSession;
-    use slimchat::slim::{HeadShape, SlimConfig, StageConfig};
+    use slimchat::slim::{SlimConfig, StageConfig};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qwen3.gguf");
     let t = Tiny::qwen3();

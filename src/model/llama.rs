@@ -93,8 +93,9 @@ impl Attention {
         ctx.policy
             .before_attention(ctx.layer, &q, positions, kv.layer(ctx.layer))?;
         kv.before_attention(ctx.layer, &*ctx.policy)?;
-        let q_dim = self.shape.n_heads * self.shape.head_dim; // not always hidden (Qwen3)
-                                                              // the policy reads only the last rows' queries after the layer
+        // not always hidden (Qwen3)
+        let q_dim = self.shape.n_heads * self.shape.head_dim;
+        // the policy reads only the last rows' queries after the layer
         let tail = ctx.policy.query_rows().min(rows);
         let q_tail = q[(rows - tail) * q_dim..].to_vec();
         // the attention output, (rows, n_heads * hd), is written over q
@@ -333,7 +334,7 @@ impl Block {
         ctx: &mut LayerCtx,
     ) -> Result<(Tensor, Vec<f32>)> {
         // h is taken, not borrowed: the layer's input is freed once the attention's residual
-        // sum exists, before the MLP's sum is built
+        // sum exists, and the MLP adds into that sum in place
         let (rows, hidden) = h.dims2()?;
         let (mut h, q) = self.attn.forward(h, &self.attn_norm, positions, kv, ctx)?;
         self.mlp.forward(&mut h, &self.mlp_norm, ctx.eps)?;

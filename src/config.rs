@@ -22,6 +22,8 @@ pub struct AppConfig {
     pub slim: SlimConfig,
     pub kv: KvConfig,
     pub tui: TuiConfig,
+    pub serve: ServeConfig,
+    pub backend: BackendConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -103,6 +105,43 @@ impl Default for TuiConfig {
     }
 }
 
+/// `slimchat serve`: where it listens and how many requests may wait.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on. Anything but a loopback address needs an API key.
+    pub host: String,
+    pub port: u16,
+    /// Bearer token clients must send (empty: none; `$SLIMCHAT_API_KEY` is read when empty).
+    pub api_key: String,
+    /// Requests that may wait behind the running one; more are answered 503 with Retry-After.
+    pub queue: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: String::new(),
+            queue: 8,
+        }
+    }
+}
+
+/// The chat screen on a remote engine: an OpenAI-compatible server (slimchat serve, llama-server,
+/// vLLM, SGLang, ...) instead of the local model.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Base URL of the API, e.g. `http://127.0.0.1:8080/v1` (empty: the local engine).
+    pub url: String,
+    /// Bearer token for the server (empty: none; `$SLIMCHAT_BACKEND_KEY` is read when empty).
+    pub api_key: String,
+    /// Model name to request (empty: the first one the server lists).
+    pub model: String,
+}
+
 impl AppConfig {
     /// Parse TOML text; any error (syntax, unknown key, bad value) is one line.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
@@ -126,6 +165,18 @@ impl AppConfig {
             return Err(Error::Config(format!(
                 "{origin}: [model] context must be 0 (the model's own) or at least {MIN_CONTEXT} tokens, got {}",
                 cfg.model.context
+            )));
+        }
+        if cfg.serve.queue == 0 {
+            return Err(Error::Config(format!(
+                "{origin}: [serve] queue must be at least 1"
+            )));
+        }
+        let url = &cfg.backend.url;
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "{origin}: [backend] url must start with http:// or https://, got {:?}",
+                cfg.backend.url
             )));
         }
         if cfg.chat.max_tokens == 0 {

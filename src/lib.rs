@@ -18,9 +18,12 @@ pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod openai_api;
 pub mod perplexity;
 pub mod private_fs;
+pub mod remote_client;
 pub mod sampling;
+pub mod serve;
 pub mod slim;
 pub mod tui;
 

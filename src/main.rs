@@ -84,9 +84,31 @@ enum Command {
     Facts(FactsArgs),
     /// Perplexity of the model on a text file, by llama.cpp's `llama-perplexity` method (dense)
     Perplexity(PerplexityArgs),
+    /// Serve the engine over an OpenAI-compatible HTTP API: /v1/chat/completions (streaming or
+    /// not), /v1/completions, /v1/models, /health; pruning per request with `"slim": {...}`
+    Serve(ServeArgs),
     /// On a GPU: kernel checks against the CPU, then dense vs pruned prefill of a
     /// Llama-3.1-8B-shaped model with random weights (needs `--features cuda`)
     GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1; anything else needs an API key)
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (default 8080; 0 = any free port, printed at start)
+    #[arg(long)]
+    port: Option<u16>,
+    /// Bearer token clients must send (else [serve] api_key, else $SLIMCHAT_API_KEY)
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Requests that may wait behind the running one; more get 503
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Answer length when a request gives no max_tokens
+    #[arg(long)]
+    max_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -338,6 +360,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Some(Command::Eval(args)) => run_eval(&cfg, args),
         Some(Command::Facts(args)) => run_facts(&cfg, args),
         Some(Command::Perplexity(args)) => run_perplexity(&mut cfg, args, cli.common.slim),
+        Some(Command::Serve(args)) => serve(cfg, args),
         Some(Command::GpuCheck(args)) => gpu_check(&cfg, args),
         None if cli.list => slimchat::tui::list(&mut std::io::stdout().lock()),
         None => slimchat::tui::run(&cfg, &slimchat::tui::TuiOptions { resume: cli.resume }),
@@ -388,6 +411,35 @@ fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
     } else {
         Err(Error::Engine("gpu-check: some kernel checks failed".into()))
     }
+}
+
+fn serve(mut cfg: AppConfig, args: ServeArgs) -> Result<()> {
+    use slimchat::serve::{self, ServeOptions};
+    let key_from = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let api_key = args
+        .api_key
+        .or_else(|| key_from(&cfg.serve.api_key))
+        .or_else(|| {
+            std::env::var(serve::API_KEY_ENV)
+                .ok()
+                .filter(|k| !k.is_empty())
+        });
+    if let Some(n) = args.max_tokens {
+        if n == 0 {
+            return Err(Error::Usage("--max-tokens must be at least 1".into()));
+        }
+        cfg.chat.max_tokens = n;
+    }
+    let opts = ServeOptions {
+        host: args.host.unwrap_or_else(|| cfg.serve.host.clone()),
+        port: args.port.unwrap_or(cfg.serve.port),
+        api_key,
+        queue: args.queue.unwrap_or(cfg.serve.queue),
+        model_id: slimchat::model::source::display_name(&cfg.model.source),
+    };
+    serve::check_options(&opts)?;
+    let engine = load_engine(&cfg)?;
+    serve::run(&cfg, engine, opts)
 }
 
 fn load_engine(cfg: &AppConfig) -> Result<Engine> {

@@ -535,6 +535,8 @@ fn with_the_model_tokenizer_counts_are_exact_and_warn_before_sending() {
             context_length: 8192,
             n_layers: 30,
             tokenizer: Some(SharedTokenizer(Arc::new(tok.clone()))),
+            pruning: true,
+            remote: None,
         }),
     );
     let text = DOC.repeat(400); // ~38k chars

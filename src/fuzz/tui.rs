@@ -162,6 +162,8 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
             context_length: p.number(),
             n_layers: p.byte() as usize % 64,
             tokenizer: None,
+            pruning: p.byte() % 2 == 0,
+            remote: None,
         },
         1 => WorkerEvent::LoadProgress(DownloadProgress {
             what: p.text(),
@@ -354,6 +356,8 @@ pub fn show_conversation(conv: Conversation) -> Check {
             context_length: 8192,
             n_layers: 30,
             tokenizer: None,
+            pruning: true,
+            remote: None,
         }),
         &mut p,
     );

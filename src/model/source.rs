@@ -177,6 +177,15 @@ impl fmt::Display for ModelSource {
 
 /// slimchat's cache directory: `$SLIMCHAT_CACHE_DIR` if set, else the platform cache dir
 /// (`~/.cache/slimchat` on Linux).
+/// A short name for the model a `[model] source` names: the default model's name, else the
+/// file name.
+pub fn display_name(source: &str) -> String {
+    match source {
+        "" | "default" => "SmolLM2-135M-Instruct".into(),
+        s => s.rsplit('/').next().unwrap_or(s).to_string(),
+    }
+}
+
 pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(CACHE_DIR_ENV).filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));

@@ -119,8 +119,13 @@ pub enum Effect {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
+    /// 0: unknown (a remote engine that does not say).
     pub context_length: usize,
     pub n_layers: usize,
+    /// Whether the pruning knob reaches the engine.
+    pub pruning: bool,
+    /// The server's URL when the engine is remote.
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +315,9 @@ impl App {
     /// `Some((prompt tokens, context))` when the next message will not fit.
     pub fn overflow_warning(&self) -> Option<(usize, usize)> {
         let ctx = self.model.as_ref()?.context_length;
+        if ctx == 0 {
+            return None;
+        }
         let pending = self.pending_tokens();
         let next = self.context_used() + pending;
         (pending > 0 && next >= ctx).then_some((next, ctx))
@@ -506,7 +514,24 @@ impl App {
         vec![Effect::Engine(EngineCmd::Compare(req, self.slim.clone()))]
     }
 
+    /// Whether the pruning knob works; says why not when it does not.
+    fn knob_available(&mut self) -> bool {
+        match &self.model {
+            Some(m) if !m.pruning => {
+                let url = m.remote.clone().unwrap_or_default();
+                self.fail(format!(
+                    "pruning is unavailable: the engine at {url} is not slimchat"
+                ));
+                false
+            }
+            _ => true,
+        }
+    }
+
     fn set_ratio(&mut self, delta: f32) -> Vec<Effect> {
+        if !self.knob_available() {
+            return Vec::new();
+        }
         let steps = (self.slim.keep_ratio / RATIO_STEP).round() + delta;
         self.slim.keep_ratio = (steps * RATIO_STEP).clamp(RATIO_STEP, 1.0);
         self.slim.keep_ratio = (self.slim.keep_ratio * 100.0).round() / 100.0;
@@ -615,6 +640,9 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Effect> {
         Msg::RatioUp => return app.set_ratio(1.0),
         Msg::RatioDown => return app.set_ratio(-1.0),
         Msg::TogglePruning => {
+            if !app.knob_available() {
+                return Vec::new();
+            }
             app.slim.enabled = !app.slim.enabled;
             app.say(format!(
                 "pruning {} (from the next request)",

@@ -9,6 +9,7 @@ pub mod app;
 pub mod editor;
 pub mod input;
 pub mod paste_burst;
+pub mod remote_worker;
 pub mod render;
 pub mod saver;
 pub mod store;

@@ -47,6 +47,11 @@ pub enum WorkerEvent {
         n_layers: usize,
         /// For exact token counts of what the person is about to send.
         tokenizer: Option<SharedTokenizer>,
+        /// Whether the pruning knob reaches the engine (a remote engine other than slimchat
+        /// does not prune).
+        pruning: bool,
+        /// The server's URL when the engine is remote.
+        remote: Option<String>,
     },
     PrefillProgress {
         layers_done: usize,
@@ -104,7 +109,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the thread, which resolves (maybe downloads) and loads the model first.
+    /// Starts the thread, which resolves (maybe downloads) and loads the model first, or
+    /// connects to the remote engine `[backend] url` names.
     pub fn spawn(cfg: &AppConfig) -> (Worker, UnboundedReceiver<WorkerEvent>) {
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ev_tx, ev_rx) = unbounded_channel();
@@ -113,7 +119,13 @@ impl Worker {
         let cfg = cfg.clone();
         let thread = std::thread::Builder::new()
             .name("slimchat-engine".into())
-            .spawn(move || worker_main(cfg, cmd_rx, ev_tx, flag))
+            .spawn(move || {
+                if cfg.backend.url.is_empty() {
+                    worker_main(cfg, cmd_rx, ev_tx, flag)
+                } else {
+                    super::remote_worker::remote_main(cfg, cmd_rx, ev_tx, flag)
+                }
+            })
             .expect("spawn the engine thread");
         (
             Worker {
@@ -165,10 +177,12 @@ fn worker_main(
         }
     };
     send(WorkerEvent::Loaded {
-        model: model_name(&cfg.model.source),
+        model: crate::model::source::display_name(&cfg.model.source),
         context_length: engine.context_length(),
         n_layers: engine.model.spec.n_layers,
         tokenizer: Some(SharedTokenizer(Arc::new(engine.tokenizer.clone()))),
+        pruning: true,
+        remote: None,
     });
     if let Some(note) = engine.template.note() {
         send(WorkerEvent::Note(note.to_string()));
@@ -201,13 +215,6 @@ fn worker_main(
                 send(WorkerEvent::Done);
             }
         }
-    }
-}
-
-fn model_name(source: &str) -> String {
-    match source {
-        "" | "default" => "SmolLM2-135M-Instruct".into(),
-        s => s.rsplit('/').next().unwrap_or(s).to_string(),
     }
 }
 

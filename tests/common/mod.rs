@@ -28,4 +28,5 @@ pub fn argmax(v: &[f32]) -> usize {
     slimchat::sampling::argmax(v) as usize
 }
 pub mod screen;
+pub mod server;
 pub mod tmux;

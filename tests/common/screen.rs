@@ -22,6 +22,8 @@ pub fn loaded() -> App {
             context_length: 8192,
             n_layers: 30,
             tokenizer: None,
+            pruning: true,
+            remote: None,
         }),
     );
     app

@@ -19,6 +19,8 @@ impl App {
                 context_length,
                 n_layers,
                 tokenizer,
+                pruning,
+                remote,
             } => {
                 self.loading = None;
                 if let Some(t) = tokenizer {
@@ -28,6 +30,8 @@ impl App {
                     name: model,
                     context_length,
                     n_layers,
+                    pruning,
+                    remote,
                 });
             }
             WorkerEvent::PrefillProgress {

@@ -137,12 +137,16 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
 
     if let Some(m) = &app.model {
         let used = app.context_used();
-        let f = used as f64 / m.context_length.max(1) as f64;
-        out.push(kv(
-            "context",
-            format!("{} / {}", thousands(used), thousands(m.context_length)),
-        ));
-        out.push(Line::raw(format!("{} {:>3.0}%", bar(f, bar_w), f * 100.0)));
+        if m.context_length > 0 {
+            let f = used as f64 / m.context_length as f64;
+            out.push(kv(
+                "context",
+                format!("{} / {}", thousands(used), thousands(m.context_length)),
+            ));
+            out.push(Line::raw(format!("{} {:>3.0}%", bar(f, bar_w), f * 100.0)));
+        } else {
+            out.push(kv("context", format!("{} / ?", thousands(used))));
+        }
         let pending = app.pending_tokens();
         if let Some((next, ctx)) = app.overflow_warning() {
             out.push(Line::styled(
@@ -181,7 +185,10 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
             ));
         }
     }
-    let knob = if app.slim.enabled {
+    let pruning = app.model.as_ref().is_none_or(|m| m.pruning);
+    let knob = if !pruning {
+        "n/a (remote engine)".to_string()
+    } else if app.slim.enabled {
         format!("on · keep {:.2}", app.slim.keep_ratio)
     } else {
         format!("off · keep {:.2}", app.slim.keep_ratio)
@@ -198,10 +205,12 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
                 .add_modifier(Modifier::BOLD),
         ),
     ]));
-    out.push(Line::styled(
-        "+/- ratio · Ctrl+P toggle",
-        Style::default().fg(Color::DarkGray),
-    ));
+    if pruning {
+        out.push(Line::styled(
+            "+/- ratio · Ctrl+P toggle",
+            Style::default().fg(Color::DarkGray),
+        ));
+    }
     if let Some(l) = app.last.as_ref().filter(|l| l.slim) {
         out.push(Line::styled(
             format!("schedule {}", l.slim_preset),

@@ -1,0 +1,137 @@
+//! The two integer dot-product microkernels of the 8-bit prefill attention, in a portable
+//! version and an AVX-512 VNNI one (`vpdpbusd`: 16 lanes, each the sum of four u8 x i8
+//! products added to an i32). Both give the same integers, so the attention built on them
+//! gives the same bits on either path.
+//!
+//! Lanes are 16 stacked query rows (one "row vector"). Layouts:
+//! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
+//!   int8 row-major `(key, hd)`. Out: `(keys, 16)` raw i32 dots of the u8 queries (the caller
+//!   subtracts 128 x the key's byte sum).
+//! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
+//!   `[steps][16 lanes]`; values transposed int8 `(hd, stride)` from the block's first key.
+//!   Out: `(hd, 16)` i32 sums over the block's keys.
+
+/// Lanes per row vector.
+pub const LANES: usize = 16;
+
+/// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d]` for keys `0..keys`.
+pub fn qk_scalar(q: &[u8], k: &[i8], hd: usize, keys: usize, out: &mut [i32]) {
+    for j in 0..keys {
+        let kr = &k[j * hd..][..hd];
+        for lane in 0..LANES {
+            let mut acc = 0i32;
+            for d4 in 0..hd / 4 {
+                for b in 0..4 {
+                    acc += q[(d4 * LANES + lane) * 4 + b] as i32 * kr[d4 * 4 + b] as i32;
+                }
+            }
+            out[j * LANES + lane] = acc;
+        }
+    }
+}
+
+/// `out[d][lane] = sum_s sum_b p[s][lane].byte(b) * vt[d][4 s + b]` for `steps` groups of four
+/// keys.
+pub fn pv_scalar(p: &[u32], vt: &[i8], stride: usize, hd: usize, steps: usize, out: &mut [i32]) {
+    for d in 0..hd {
+        let row = &vt[d * stride..];
+        for lane in 0..LANES {
+            let mut acc = 0i32;
+            for s in 0..steps {
+                let w = p[s * LANES + lane];
+                for b in 0..4 {
+                    acc += ((w >> (8 * b)) & 0xFF) as i32 * row[4 * s + b] as i32;
+                }
+            }
+            out[d * LANES + lane] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// Keys a `qk_vnni` step handles at once (independent accumulators).
+    const KEYS: usize = 8;
+
+    /// Four key bytes at `p`, broadcast (LLVM folds it into `vpdpbusd`'s memory operand).
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        // SAFETY (caller): p..p+4 is readable.
+        unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
+    }
+
+    /// [`super::qk_scalar`] on VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` keys x hd bytes, `out`
+    /// keys x 16 i32; hd is a multiple of 4.
+    #[inline(always)]
+    pub unsafe fn qk_vnni(q: *const u8, k: *const i8, hd: usize, keys: usize, out: *mut i32) {
+        let hd4 = hd / 4;
+        let mut j = 0;
+        // SAFETY: every read is of q's hd4 vectors or of key rows j..j+KEYS < keys; every write
+        // of out's rows below keys (the caller's promise).
+        unsafe {
+            while j + KEYS <= keys {
+                let mut acc = [_mm512_setzero_si512(); KEYS];
+                let kj = k.add(j * hd);
+                for d4 in 0..hd4 {
+                    let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpbusd_epi32(*a, qv, bcast4(kj.add(t * hd + 4 * d4)));
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm512_storeu_si512(out.add((j + t) * LANES) as *mut _, *a);
+                }
+                j += KEYS;
+            }
+            while j < keys {
+                let mut acc = _mm512_setzero_si512();
+                let kj = k.add(j * hd);
+                for d4 in 0..hd4 {
+                    let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
+                    acc = _mm512_dpbusd_epi32(acc, qv, bcast4(kj.add(4 * d4)));
+                }
+                _mm512_storeu_si512(out.add(j * LANES) as *mut _, acc);
+                j += 1;
+            }
+        }
+    }
+
+    /// [`super::pv_scalar`] on VNNI, 16 value channels at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32, `vt` rows d < hd of `stride`
+    /// bytes readable up to column 4 steps, `out` hd x 16 i32; hd is a multiple of 16.
+    #[inline(always)]
+    pub unsafe fn pv_vnni(
+        p: *const u32,
+        vt: *const i8,
+        stride: usize,
+        hd: usize,
+        steps: usize,
+        out: *mut i32,
+    ) {
+        // SAFETY: reads of p's steps vectors and of vt rows d0..d0+16 < hd up to column
+        // 4 steps; writes of out's hd rows (the caller's promise).
+        unsafe {
+            for d0 in (0..hd).step_by(16) {
+                let mut acc = [_mm512_setzero_si512(); 16];
+                let rows = vt.add(d0 * stride);
+                for s in 0..steps {
+                    let pv = _mm512_loadu_si512(p.add(s * LANES) as *const _);
+                    for (dd, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpbusd_epi32(*a, pv, bcast4(rows.add(dd * stride + 4 * s)));
+                    }
+                }
+                for (dd, a) in acc.iter().enumerate() {
+                    _mm512_storeu_si512(out.add((d0 + dd) * LANES) as *mut _, *a);
+                }
+            }
+        }
+    }
+}

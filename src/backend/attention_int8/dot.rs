@@ -5,8 +5,8 @@
 //!
 //! Lanes are 16 stacked query rows (one "row vector"). Layouts:
 //! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
-//!   int8 row-major `(key, hd)`. Out: `(keys, 16)` raw i32 dots of the u8 queries (the caller
-//!   subtracts 128 x the key's byte sum).
+//!   int8 row-major `(key, hd)`. Out: `(keys, 16)` i32 dots of the int8 queries: each key's
+//!   sum starts at -`kcorr` (128 x the key's byte sum, what the u8 offset adds).
 //! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
 //!   `[steps][16 lanes]`; values transposed int8 `(hd, stride)` from the block's first key.
 //!   Out: `(hd, 16)` i32 sums over the block's keys.
@@ -14,12 +14,12 @@
 /// Lanes per row vector.
 pub const LANES: usize = 16;
 
-/// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d]` for keys `0..keys`.
-pub fn qk_scalar(q: &[u8], k: &[i8], hd: usize, keys: usize, out: &mut [i32]) {
+/// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d] - kcorr[j]` for keys `0..keys`.
+pub fn qk_scalar(q: &[u8], k: &[i8], kcorr: &[i32], hd: usize, keys: usize, out: &mut [i32]) {
     for j in 0..keys {
         let kr = &k[j * hd..][..hd];
         for lane in 0..LANES {
-            let mut acc = 0i32;
+            let mut acc = -kcorr[j];
             for d4 in 0..hd / 4 {
                 for b in 0..4 {
                     acc += q[(d4 * LANES + lane) * 4 + b] as i32 * kr[d4 * 4 + b] as i32;
@@ -67,9 +67,16 @@ pub mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` keys x hd bytes, `out`
-    /// keys x 16 i32; hd is a multiple of 4.
+    /// keys x 16 i32, `kcorr` keys i32; hd is a multiple of 4.
     #[inline(always)]
-    pub unsafe fn qk_vnni(q: *const u8, k: *const i8, hd: usize, keys: usize, out: *mut i32) {
+    pub unsafe fn qk_vnni(
+        q: *const u8,
+        k: *const i8,
+        kcorr: *const i32,
+        hd: usize,
+        keys: usize,
+        out: *mut i32,
+    ) {
         let hd4 = hd / 4;
         let mut j = 0;
         // SAFETY: every read is of q's hd4 vectors or of key rows j..j+KEYS < keys; every write
@@ -77,6 +84,9 @@ pub mod x86 {
         unsafe {
             while j + KEYS <= keys {
                 let mut acc = [_mm512_setzero_si512(); KEYS];
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_set1_epi32(-*kcorr.add(j + t));
+                }
                 let kj = k.add(j * hd);
                 for d4 in 0..hd4 {
                     let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
@@ -90,7 +100,7 @@ pub mod x86 {
                 j += KEYS;
             }
             while j < keys {
-                let mut acc = _mm512_setzero_si512();
+                let mut acc = _mm512_set1_epi32(-*kcorr.add(j));
                 let kj = k.add(j * hd);
                 for d4 in 0..hd4 {
                     let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
@@ -102,7 +112,10 @@ pub mod x86 {
         }
     }
 
-    /// [`super::pv_scalar`] on VNNI, 16 value channels at a time.
+    /// Value channels a `pv_vnni` pass handles (independent accumulators).
+    const CHANNELS: usize = 8;
+
+    /// [`super::pv_scalar`] on VNNI, `CHANNELS` value channels at a time.
     ///
     /// # Safety
     /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32, `vt` rows d < hd of `stride`
@@ -116,11 +129,11 @@ pub mod x86 {
         steps: usize,
         out: *mut i32,
     ) {
-        // SAFETY: reads of p's steps vectors and of vt rows d0..d0+16 < hd up to column
+        // SAFETY: reads of p's steps vectors and of vt rows d0..d0+8 < hd up to column
         // 4 steps; writes of out's hd rows (the caller's promise).
         unsafe {
-            for d0 in (0..hd).step_by(16) {
-                let mut acc = [_mm512_setzero_si512(); 16];
+            for d0 in (0..hd).step_by(CHANNELS) {
+                let mut acc = [_mm512_setzero_si512(); CHANNELS];
                 let rows = vt.add(d0 * stride);
                 for s in 0..steps {
                     let pv = _mm512_loadu_si512(p.add(s * LANES) as *const _);

@@ -35,10 +35,12 @@ use super::kv_format::KvView;
 use super::simd::exp_nonpositive;
 
 mod dot;
+mod softmax;
 #[cfg(test)]
 mod tests;
 
 use dot::LANES;
+use softmax::fmax;
 
 /// Keys per block: the unit of V's per-channel scales and of the online softmax; blocks start
 /// at multiples of it (or at a key range's start).
@@ -369,22 +371,6 @@ unsafe fn task_vnni(job: &Job, s: &mut Scratch) {
     unsafe { task::<true>(job, s) }
 }
 
-/// a > b ? a : b (one `vmaxps`; no NaN reaches it).
-#[inline(always)]
-fn fmax(a: f32, b: f32) -> f32 {
-    if a > b {
-        a
-    } else {
-        b
-    }
-}
-
-/// round(x) for x in [0, 255], to nearest even, as an integer (branch-free, vectorises).
-#[inline(always)]
-fn round_u8(x: f32) -> u32 {
-    ((x + 8_388_608.0).to_bits() & 0x1FF).min(255)
-}
-
 /// One task: the query heads of KV head `job.g` for rows r0..r0+rows, stacked and cut into
 /// vectors of 16 rows, against the quantised keys, block by block with an online softmax.
 ///
@@ -413,7 +399,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
     s.qpack.clear();
     s.qpack.resize(nv * hd4 * LANES * 4, 128);
     s.qscale.clear();
-    s.qscale.resize(nv * LANES, 0.0);
+    s.qscale.resize(nv * LANES, 1.0);
     s.vis.clear();
     s.vis.resize(nv * LANES, 0);
     s.max.clear();
@@ -440,7 +426,9 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
         let amax = q.iter().fold(0.0f32, |m, x| m.max(x.abs())) * scale;
         let qs = amax / 127.0;
         let inv = if qs > 0.0 { scale / qs } else { 0.0 };
-        s.qscale[i] = qs;
+        // logits in log2 units (the softmax takes powers of two); positive, so that a masked
+        // logit times it stays -inf
+        s.qscale[i] = (qs * std::f32::consts::LOG2_E).max(f32::MIN_POSITIVE);
         for (d, &x) in q.iter().enumerate() {
             let b = (round_i8(x * inv) as i32 + 128) as u8;
             s.qpack[((v * hd4 + d / 4) * LANES + lane) * 4 + d % 4] = b;
@@ -480,35 +468,34 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                         dot::x86::qk_vnni(
                             q.as_ptr(),
                             kq.as_ptr().add(j0 * hd),
+                            kcorr.as_ptr().add(j0),
                             hd,
                             ke,
                             s.dots.as_mut_ptr(),
                         )
                     };
                 } else {
-                    dot::qk_scalar(q, &kq[j0 * hd..], hd, ke, &mut s.dots);
+                    dot::qk_scalar(q, &kq[j0 * hd..], &kcorr[j0..], hd, ke, &mut s.dots);
                 }
-                // logits, causal mask, block max
-                let qs: [f32; LANES] = s.qscale[v * LANES..][..LANES].try_into().unwrap();
-                let vis: [i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
-                let mut bmax = [f32::NEG_INFINITY; LANES];
-                let masked_from = lo.max(j0);
-                for jj in 0..ke {
-                    let j = j0 + jj;
-                    let (kc, ks) = (kcorr[j], kscale[j]);
-                    let dots = &s.dots[jj * LANES..][..LANES];
-                    let out = &mut s.logits[jj * LANES..][..LANES];
-                    for l in 0..LANES {
-                        let x = (dots[l] - kc) as f32 * (qs[l] * ks);
-                        let x = if j >= masked_from && j as i32 >= vis[l] {
-                            f32::NEG_INFINITY
-                        } else {
-                            x
-                        };
-                        out[l] = x;
-                        bmax[l] = fmax(bmax[l], x);
+                // logits before the query scale, causal mask, block max; keys below `lo` are
+                // visible to every row of the vector
+                let qs: &[f32; LANES] = s.qscale[v * LANES..][..LANES].try_into().unwrap();
+                let vis: &[i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
+                let open = lo.clamp(j0, j0 + ke) - j0;
+                let ks = &kscale[j0..j0 + ke];
+                let raw_max = if VNNI {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX-512F (the caller's promise)
+                    unsafe {
+                        softmax::x86::logits(&s.dots, ks, vis, j0, open, &mut s.logits)
                     }
-                }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    softmax::logits(&s.dots, ks, vis, j0, open, &mut s.logits)
+                };
+                // in log2 units (qs > 0 keeps the order and -inf)
+                let bmax: [f32; LANES] = std::array::from_fn(|l| raw_max[l] * qs[l]);
                 // online softmax: the correction of what came before, and this block's factor
                 let mut corr = [0.0f32; LANES];
                 let mut factor = [0.0f32; LANES];
@@ -522,33 +509,20 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     } else {
                         bmax[l]
                     };
-                    corr[l] = exp_nonpositive(run[l] - new_safe);
-                    factor[l] = exp_nonpositive(bmax[l] - new_safe) * (1.0 / 255.0);
+                    corr[l] = exp_nonpositive((run[l] - new_safe) * std::f32::consts::LN_2);
+                    factor[l] =
+                        exp_nonpositive((bmax[l] - new_safe) * std::f32::consts::LN_2) / 255.0;
                     run[l] = new;
                 }
-                // probabilities against the block max, as u8, four keys a u32
+                // probabilities against the block max, as u8, four keys a u32; then P·V
                 let steps = ke.div_ceil(4);
-                let mut psum = [0.0f32; LANES];
-                for st in 0..steps {
-                    let mut w = [0u32; LANES];
-                    for b in 0..4 {
-                        let jj = 4 * st + b;
-                        if jj < ke {
-                            let x = &s.logits[jj * LANES..][..LANES];
-                            for l in 0..LANES {
-                                let p = round_u8(exp_nonpositive(x[l] - base[l]) * 255.0);
-                                psum[l] += p as f32;
-                                w[l] |= p << (8 * b);
-                            }
-                        }
-                    }
-                    s.p4[st * LANES..][..LANES].copy_from_slice(&w);
-                }
-                if VNNI {
+                let psum = if VNNI {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: p4 holds steps vectors; vt's rows are readable to column
-                    // j0 + 4 steps <= nk + 3 < stride; pv holds hd x 16
+                    // SAFETY: the CPU has AVX-512F and FMA; logits holds ke rows, p4 BLOCK / 4
                     unsafe {
+                        let psum = softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4);
+                        // p4 holds steps vectors; vt's rows are readable to column
+                        // j0 + 4 steps <= nk + 3 < stride; pv holds hd x 16
                         dot::x86::pv_vnni(
                             s.p4.as_ptr(),
                             vt.as_ptr().add(j0),
@@ -556,25 +530,28 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                             hd,
                             steps,
                             s.pv.as_mut_ptr(),
-                        )
-                    };
-                } else {
-                    dot::pv_scalar(&s.p4, &vt[j0..], z.stride, hd, steps, &mut s.pv);
-                }
-                let o = &mut s.o[v * hd * LANES..][..hd * LANES];
-                for (d, (o, pv)) in o
-                    .chunks_exact_mut(LANES)
-                    .zip(s.pv.chunks_exact(LANES))
-                    .enumerate()
-                {
-                    let f = vscale[d];
-                    for l in 0..LANES {
-                        o[l] = o[l] * corr[l] + pv[l] as f32 * (factor[l] * f);
+                        );
+                        softmax::x86::accumulate(
+                            &mut s.o[v * hd * LANES..][..hd * LANES],
+                            &s.pv,
+                            vscale,
+                            &corr,
+                            &factor,
+                        );
+                        psum
                     }
-                }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    let psum = softmax::probs(&s.logits, qs, &base, ke, &mut s.p4);
+                    dot::pv_scalar(&s.p4, &vt[j0..], z.stride, hd, steps, &mut s.pv);
+                    let o = &mut s.o[v * hd * LANES..][..hd * LANES];
+                    softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
+                    psum
+                };
                 let sum = &mut s.sum[v * LANES..][..LANES];
                 for l in 0..LANES {
-                    sum[l] = sum[l] * corr[l] + psum[l] * factor[l];
+                    sum[l] = sum[l] * corr[l] + psum[l] as f32 * factor[l];
                 }
             }
             j0 = j1;

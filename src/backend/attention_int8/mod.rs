@@ -354,6 +354,8 @@ struct Scratch {
     /// (BLOCK / 4, 16) probabilities, four keys a u32; (hd, 16) their sums with V
     p4: Vec<u32>,
     pv: Vec<i32>,
+    /// (BLOCK / 4) which group of four keys each entry of `p4` is
+    at: Vec<u32>,
 }
 
 thread_local! {
@@ -411,6 +413,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
     s.dots.resize(BLOCK * LANES, 0);
     s.logits.resize(BLOCK * LANES, 0.0);
     s.p4.resize(BLOCK / 4 * LANES, 0);
+    s.at.resize(BLOCK / 4, 0);
     s.pv.resize(hd * LANES, 0);
 
     // stacked row i = (head h of the group, tile row r): its visible keys and its query as u8
@@ -515,20 +518,22 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     run[l] = new;
                 }
                 // probabilities against the block max, as u8, four keys a u32; then P·V
-                let steps = ke.div_ceil(4);
                 let psum = if VNNI {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has AVX-512F and FMA; logits holds ke rows, p4 BLOCK / 4
+                    // SAFETY: the CPU has AVX-512F/BW/VNNI and FMA; logits holds ke rows, p4 and
+                    // at BLOCK / 4
                     unsafe {
-                        let psum = softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4);
-                        // p4 holds steps vectors; vt's rows are readable to column
-                        // j0 + 4 steps <= nk + 3 < stride; pv holds hd x 16
+                        let (psum, kept) =
+                            softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                        // p4 and at hold `kept` entries; vt's rows are readable to column
+                        // j0 + 4 (at + 1) <= j0 + ke + 3 <= nk + 3 < stride; pv holds hd x 16
                         dot::x86::pv_vnni(
                             s.p4.as_ptr(),
+                            s.at.as_ptr(),
                             vt.as_ptr().add(j0),
                             z.stride,
                             hd,
-                            steps,
+                            kept,
                             s.pv.as_mut_ptr(),
                         );
                         softmax::x86::accumulate(
@@ -543,8 +548,10 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!()
                 } else {
-                    let psum = softmax::probs(&s.logits, qs, &base, ke, &mut s.p4);
-                    dot::pv_scalar(&s.p4, &vt[j0..], z.stride, hd, steps, &mut s.pv);
+                    let (psum, kept) =
+                        softmax::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                    let (p4, at) = (&s.p4, &s.at);
+                    dot::pv_scalar(p4, at, &vt[j0..], z.stride, hd, kept, &mut s.pv);
                     let o = &mut s.o[v * hd * LANES..][..hd * LANES];
                     softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
                     psum

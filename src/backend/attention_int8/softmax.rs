@@ -74,15 +74,19 @@ pub fn logits(
 }
 
 /// u8 probabilities exp2(logit * qs - base) of `ke` logits, four keys a u32 into `p4` (missing
-/// keys of the last four are 0). Returns each row's sum of them. `qs` > 0.
+/// keys of the last four are 0), only the groups of four keys with a weight above 0, whose
+/// index goes to `at`. Returns each row's sum of the weights and how many groups were kept.
+/// `qs` > 0.
 pub fn probs(
     logits: &[f32],
     qs: &[f32; LANES],
     base: &[f32; LANES],
     ke: usize,
     p4: &mut [u32],
-) -> [u32; LANES] {
+    at: &mut [u32],
+) -> ([u32; LANES], usize) {
     let mut psum = [0u32; LANES];
+    let mut kept = 0;
     for st in 0..ke.div_ceil(4) {
         let mut w = [0u32; LANES];
         for b in 0..4.min(ke - 4 * st) {
@@ -93,9 +97,11 @@ pub fn probs(
                 w[l] |= p << (8 * b);
             }
         }
-        p4[st * LANES..][..LANES].copy_from_slice(&w);
+        p4[kept * LANES..][..LANES].copy_from_slice(&w);
+        at[kept] = st as u32;
+        kept += usize::from(w.iter().any(|&w| w != 0));
     }
-    psum
+    (psum, kept)
 }
 
 /// o = o * corr + pv * (factor * vscale[d]) for each channel d of `o` (hd, 16).
@@ -193,9 +199,11 @@ pub mod x86 {
         base: &[f32; LANES],
         ke: usize,
         p4: &mut [u32],
-    ) -> [u32; LANES] {
+        at: &mut [u32],
+    ) -> ([u32; LANES], usize) {
         let steps = ke.div_ceil(4);
-        assert!(logits.len() >= ke * LANES && p4.len() >= steps * LANES);
+        assert!(logits.len() >= ke * LANES && p4.len() >= steps * LANES && at.len() >= steps);
+        let mut kept = 0;
         // SAFETY: rows below ke of logits and below steps of p4 (asserted)
         unsafe {
             let qs = _mm512_loadu_ps(qs.as_ptr());
@@ -222,11 +230,13 @@ pub mod x86 {
                         w = _mm512_or_si512(w, shifted);
                     }
                 }
-                _mm512_storeu_si512(p4.as_mut_ptr().add(st * LANES) as *mut _, w);
+                _mm512_storeu_si512(p4.as_mut_ptr().add(kept * LANES) as *mut _, w);
+                *at.get_unchecked_mut(kept) = st as u32;
+                kept += usize::from(_mm512_test_epi32_mask(w, w) != 0);
             }
             let mut r = [0u32; LANES];
             _mm512_storeu_si512(r.as_mut_ptr() as *mut _, psum);
-            r
+            (r, kept)
         }
     }
 

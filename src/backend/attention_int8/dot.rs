@@ -10,7 +10,9 @@
 //! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
 //!   `[steps][16 lanes]`, only the groups of four keys where some row's weight is not 0, with
 //!   their index `at` (a group of four whose 64 weights all round to 0 adds nothing: in a
-//!   peaked head most of them); values transposed int8 `(hd, stride)` from the block's first key.
+//!   peaked head most of them); values int8 in groups of four keys, `[group][hd][4 keys]`, from
+//!   the group of the block's first key (a channel's four keys are one 32-bit broadcast, and
+//!   the channels of a group sit at fixed offsets from one pointer).
 //!   Out: `(hd, 16)` i32 sums over the block's keys.
 
 /// Lanes per row vector.
@@ -32,25 +34,17 @@ pub fn qk_scalar(q: &[u8], k: &[i8], kcorr: &[i32], hd: usize, keys: usize, out:
     }
 }
 
-/// `out[d][lane] = sum_s sum_b p[s][lane].byte(b) * vt[d][4 at[s] + b]` for `steps` groups of
+/// `out[d][lane] = sum_s sum_b p[s][lane].byte(b) * v4[at[s]][d][b]` for `steps` groups of
 /// four keys.
-pub fn pv_scalar(
-    p: &[u32],
-    at: &[u32],
-    vt: &[i8],
-    stride: usize,
-    hd: usize,
-    steps: usize,
-    out: &mut [i32],
-) {
+pub fn pv_scalar(p: &[u32], at: &[u32], v4: &[i8], hd: usize, steps: usize, out: &mut [i32]) {
     for d in 0..hd {
-        let row = &vt[d * stride..];
         for lane in 0..LANES {
             let mut acc = 0i32;
             for s in 0..steps {
                 let w = p[s * LANES + lane];
-                for b in 0..4 {
-                    acc += ((w >> (8 * b)) & 0xFF) as i32 * row[4 * at[s] as usize + b] as i32;
+                let v = &v4[(at[s] as usize * hd + d) * 4..][..4];
+                for (b, &v) in v.iter().enumerate() {
+                    acc += ((w >> (8 * b)) & 0xFF) as i32 * v as i32;
                 }
             }
             out[d * LANES + lane] = acc;
@@ -128,30 +122,27 @@ pub mod x86 {
     /// [`super::pv_scalar`] on VNNI, `CHANNELS` value channels at a time.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32 and `at` steps indices, `vt` rows
-    /// d < hd of `stride` bytes readable up to column 4 (at[s] + 1), `out` hd x 16 i32; hd is a
-    /// multiple of 8.
+    /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32 and `at` steps indices, `v4`
+    /// groups at[s] of hd x 4 bytes, `out` hd x 16 i32; hd is a multiple of 8.
     #[inline(always)]
     pub unsafe fn pv_vnni(
         p: *const u32,
         at: *const u32,
-        vt: *const i8,
-        stride: usize,
+        v4: *const i8,
         hd: usize,
         steps: usize,
         out: *mut i32,
     ) {
-        // SAFETY: reads of p's and at's steps entries and of vt rows d0..d0+8 < hd up to
-        // column 4 (at[s] + 1); writes of out's hd rows (the caller's promise).
+        // SAFETY: reads of p's and at's steps entries and of v4's groups at[s]; writes of out's
+        // hd rows (the caller's promise).
         unsafe {
             for d0 in (0..hd).step_by(CHANNELS) {
                 let mut acc = [_mm512_setzero_si512(); CHANNELS];
-                let rows = vt.add(d0 * stride);
                 for s in 0..steps {
                     let pv = _mm512_loadu_si512(p.add(s * LANES) as *const _);
-                    let col = rows.add(4 * *at.add(s) as usize);
+                    let group = v4.add((*at.add(s) as usize * hd + d0) * 4);
                     for (dd, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_dpbusd_epi32(*a, pv, bcast4(col.add(dd * stride)));
+                        *a = _mm512_dpbusd_epi32(*a, pv, bcast4(group.add(4 * dd)));
                     }
                 }
                 for (dd, a) in acc.iter().enumerate() {

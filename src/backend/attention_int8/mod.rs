@@ -144,16 +144,16 @@ unsafe impl Sync for Cells {}
 /// K and V of every cached row, quantised for all tasks of a call.
 struct Quantized {
     nk: usize,
-    /// bytes per row of `vt`: nk + 4, so a block's last group of four keys can be read whole
-    stride: usize,
+    /// groups of four keys in `v4` (nk / 4 rounded up)
+    groups: usize,
     /// (n_kv_heads, nk, hd): smoothed keys
     kq: Vec<i8>,
     /// (n_kv_heads, nk): each key's scale
     kscale: Vec<f32>,
     /// (n_kv_heads, nk): 128 x the sum of the key's bytes (what the u8 query offset adds)
     kcorr: Vec<i32>,
-    /// (n_kv_heads, hd, stride): smoothed values, transposed
-    vt: Vec<i8>,
+    /// (n_kv_heads, groups, hd, 4): smoothed values, four keys of a channel together
+    v4: Vec<i8>,
     /// (n_kv_heads, nk / BLOCK rounded up, hd): each channel's scale in each block
     vscale: Vec<f32>,
     /// (n_kv_heads, hd): the mean value, added back to the output
@@ -170,8 +170,13 @@ struct BlockOut {
     vscale: Vec<f32>,
 }
 
+/// round(x) to nearest even, clamped to ±127 (the low mantissa bits of x + 1.5 * 2^23: no libm
+/// call where the baseline has no rounding instruction).
+#[inline(always)]
 fn round_i8(x: f32) -> i8 {
-    x.round_ties_even().clamp(-127.0, 127.0) as i8
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-127.0, 127.0);
+    ((x + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
 }
 
 /// Widen, smooth and round K and V (see the module docs), one block of keys per task.
@@ -251,14 +256,14 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
             o
         })
         .collect();
-    let stride = nk + 4;
+    let groups = nk.div_ceil(4);
     let mut z = Quantized {
         nk,
-        stride,
+        groups,
         kq: vec![0; n_kv * nk * hd],
         kscale: vec![0.0; n_kv * nk],
         kcorr: vec![0; n_kv * nk],
-        vt: vec![0; n_kv * hd * stride],
+        v4: vec![0; n_kv * groups * hd * 4],
         vscale: vec![0.0; n_kv * nb * hd],
         vmean,
     };
@@ -270,8 +275,10 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
             z.kscale[g * nk + j0..][..kb].copy_from_slice(&o.kscale[g * kb..][..kb]);
             z.kcorr[g * nk + j0..][..kb].copy_from_slice(&o.kcorr[g * kb..][..kb]);
             for d in 0..hd {
-                z.vt[(g * hd + d) * stride + j0..][..kb]
-                    .copy_from_slice(&o.vt[(g * hd + d) * kb..][..kb]);
+                for (j, &q) in o.vt[(g * hd + d) * kb..][..kb].iter().enumerate() {
+                    let j = j0 + j;
+                    z.v4[((g * groups + j / 4) * hd + d) * 4 + j % 4] = q;
+                }
             }
             z.vscale[(g * nb + b) * hd..][..hd].copy_from_slice(&o.vscale[g * hd..][..hd]);
         }
@@ -449,53 +456,56 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
     let kq = &z.kq[g * nk * hd..][..nk * hd];
     let kscale = &z.kscale[g * nk..][..nk];
     let kcorr = &z.kcorr[g * nk..][..nk];
-    let vt = &z.vt[g * hd * z.stride..][..hd * z.stride];
+    let v4 = &z.v4[g * z.groups * hd * 4..][..z.groups * hd * 4];
     for range in job.key_ranges {
         let end = range.end.min(keys);
         let mut j0 = range.start;
         while j0 < end {
             let j1 = ((j0 / BLOCK + 1) * BLOCK).min(end);
             let vscale = &z.vscale[(g * nb + j0 / BLOCK) * hd..][..hd];
+            // from the group of four that holds j0: its first `dead` keys are outside the range
+            let ja = j0 & !3;
+            let dead = j0 - ja;
             for (v, &(lo, hi)) in spans.iter().enumerate() {
-                let ke = j1.min(hi).saturating_sub(j0);
-                if ke == 0 {
+                if j1.min(hi) <= j0 {
                     continue;
                 }
+                let ke = j1.min(hi) - ja;
                 // raw dots (ke, 16)
                 let q = &s.qpack[v * hd4 * LANES * 4..][..hd4 * LANES * 4];
                 if VNNI {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: q is hd4 x 64 bytes, keys j0..j0+ke are rows of kq, dots holds
+                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq, dots holds
                     // BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
                     unsafe {
                         dot::x86::qk_vnni(
                             q.as_ptr(),
-                            kq.as_ptr().add(j0 * hd),
-                            kcorr.as_ptr().add(j0),
+                            kq.as_ptr().add(ja * hd),
+                            kcorr.as_ptr().add(ja),
                             hd,
                             ke,
                             s.dots.as_mut_ptr(),
                         )
                     };
                 } else {
-                    dot::qk_scalar(q, &kq[j0 * hd..], &kcorr[j0..], hd, ke, &mut s.dots);
+                    dot::qk_scalar(q, &kq[ja * hd..], &kcorr[ja..], hd, ke, &mut s.dots);
                 }
                 // logits before the query scale, causal mask, block max; keys below `lo` are
                 // visible to every row of the vector
                 let qs: &[f32; LANES] = s.qscale[v * LANES..][..LANES].try_into().unwrap();
                 let vis: &[i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
-                let open = lo.clamp(j0, j0 + ke) - j0;
-                let ks = &kscale[j0..j0 + ke];
+                let open = lo.clamp(ja, ja + ke) - ja;
+                let ks = &kscale[ja..ja + ke];
                 let raw_max = if VNNI {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU has AVX-512F (the caller's promise)
                     unsafe {
-                        softmax::x86::logits(&s.dots, ks, vis, j0, open, &mut s.logits)
+                        softmax::x86::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!()
                 } else {
-                    softmax::logits(&s.dots, ks, vis, j0, open, &mut s.logits)
+                    softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                 };
                 // in log2 units (qs > 0 keeps the order and -inf)
                 let bmax: [f32; LANES] = std::array::from_fn(|l| raw_max[l] * qs[l]);
@@ -525,13 +535,11 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     unsafe {
                         let (psum, kept) =
                             softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
-                        // p4 and at hold `kept` entries; vt's rows are readable to column
-                        // j0 + 4 (at + 1) <= j0 + ke + 3 <= nk + 3 < stride; pv holds hd x 16
+                        // p4 and at hold `kept` entries, groups ja / 4 + at < groups
                         dot::x86::pv_vnni(
                             s.p4.as_ptr(),
                             s.at.as_ptr(),
-                            vt.as_ptr().add(j0),
-                            z.stride,
+                            v4.as_ptr().add(ja * hd),
                             hd,
                             kept,
                             s.pv.as_mut_ptr(),
@@ -551,7 +559,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     let (psum, kept) =
                         softmax::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
                     let (p4, at) = (&s.p4, &s.at);
-                    dot::pv_scalar(p4, at, &vt[j0..], z.stride, hd, kept, &mut s.pv);
+                    dot::pv_scalar(p4, at, &v4[ja * hd..], hd, kept, &mut s.pv);
                     let o = &mut s.o[v * hd * LANES..][..hd * LANES];
                     softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
                     psum

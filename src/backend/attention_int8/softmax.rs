@@ -45,13 +45,16 @@ pub fn exp2_u8(x: f32) -> u32 {
     y.round_ties_even() as u32
 }
 
-/// Logits of `kscale.len()` keys from j0 on, before the query scale: dot * kscale, -inf where
-/// key j0 + jj is at or past a row's `vis` (checked only from jj = `open` on). Returns the max.
+/// Logits of `kscale.len()` keys from j0 on, before the query scale: dot * kscale, -inf for
+/// the first `dead` keys (outside the key range) and where key j0 + jj is at or past a row's
+/// `vis` (checked only from jj = `open` on). Returns the max.
+#[allow(clippy::too_many_arguments)]
 pub fn logits(
     dots: &[i32],
     kscale: &[f32],
     vis: &[i32; LANES],
     j0: usize,
+    dead: usize,
     open: usize,
     out: &mut [f32],
 ) -> [f32; LANES] {
@@ -61,7 +64,7 @@ pub fn logits(
         let o = &mut out[jj * LANES..][..LANES];
         for l in 0..LANES {
             let x = d[l] as f32 * ks;
-            let x = if jj >= open && (j0 + jj) as i32 >= vis[l] {
+            let x = if jj < dead || (jj >= open && (j0 + jj) as i32 >= vis[l]) {
                 f32::NEG_INFINITY
             } else {
                 x
@@ -132,12 +135,14 @@ pub mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F; the slices are as `logits` takes them.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub unsafe fn logits(
         dots: &[i32],
         kscale: &[f32],
         vis: &[i32; LANES],
         j0: usize,
+        dead: usize,
         open: usize,
         out: &mut [f32],
     ) -> [f32; LANES] {
@@ -151,7 +156,9 @@ pub mod x86 {
             for (jj, &ks) in kscale.iter().enumerate() {
                 let d = _mm512_loadu_si512(dots.as_ptr().add(jj * LANES) as *const _);
                 let mut x = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ks));
-                if jj >= open {
+                if jj < dead {
+                    x = ninf;
+                } else if jj >= open {
                     let j = _mm512_set1_epi32((j0 + jj) as i32);
                     x = _mm512_mask_mov_ps(x, _mm512_cmpge_epi32_mask(j, vis), ninf);
                 }

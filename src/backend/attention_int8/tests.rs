@@ -156,7 +156,8 @@ fn continuation_over_a_q8_cache_matches_f32() {
 #[test]
 fn pruned_rows_with_gapped_positions_and_key_ranges_match_f32() {
     // SlimInfer's rectangle: kept queries and keys with holes in their positions, and key
-    // ranges that start inside a block and cross a block boundary
+    // ranges that start inside a block (and inside a group of four keys) and cross a block
+    // boundary
     let k_pos: Vec<u32> = (0..900)
         .filter(|p| p % 7 != 3 && !(64..128).contains(p))
         .collect();
@@ -165,7 +166,7 @@ fn pruned_rows_with_gapped_positions_and_key_ranges_match_f32() {
     check(
         &q_pos,
         &k_pos,
-        &[0..64, 100..300, 500..nk],
+        &[0..64, 101..300, 503..nk],
         GQA,
         KvDtype::F16,
         4,

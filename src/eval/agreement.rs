@@ -17,9 +17,9 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
+use crate::backend::attention::AttentionKind;
 use crate::bench::LONG_TEXT;
 use crate::engine::{Engine, GenerateRequest};
-use crate::backend::attention::AttentionKind;
 use crate::kv::KvDtype;
 use crate::model::template::Message;
 use crate::sampling::{argmax, SamplingConfig};

@@ -36,13 +36,14 @@ pub fn run(out: &mut dyn FnMut(String), f32_peak: f64, int8_peak: Option<f64>) {
             positions: &pos,
             dtype: KvDtype::F16,
         };
-        let ranges: [Range<usize>; 1] = [0..n];
+        let all: Range<usize> = 0..n;
+        let ranges = std::slice::from_ref(&all);
         // Q·Kᵀ and P·V over the visible (query, key) pairs: 2 x 2 hd operations a pair a head
         let ops = 4.0 * hd as f64 * shape.n_heads as f64 * (n * (n + 1) / 2) as f64;
         let mut o = vec![0.0f32; q.len()];
         let reps = if n > 4096 { 2 } else { 4 };
         let t32 = best_of(reps, || {
-            attention(&q, &pos, view, &ranges, shape, &mut o).expect("attention");
+            attention(&q, &pos, view, ranges, shape, &mut o).expect("attention");
         });
         let r32 = ops / t32 / 1e9;
         let mut line = format!(
@@ -52,7 +53,7 @@ pub fn run(out: &mut dyn FnMut(String), f32_peak: f64, int8_peak: Option<f64>) {
         );
         if let Some(path) = Int8Path::fast() {
             let t8 = best_of(reps, || {
-                attention_int8(path, &q, &pos, view, &ranges, shape, &mut o).expect("int8");
+                attention_int8(path, &q, &pos, view, ranges, shape, &mut o).expect("int8");
             });
             let r8 = ops / t8 / 1e9;
             line += &format!(

@@ -75,10 +75,7 @@ impl Int8Path {
 
     /// Every path this CPU runs, the fast one first.
     pub fn available() -> Vec<Int8Path> {
-        Self::fast()
-            .into_iter()
-            .chain([Int8Path::Scalar])
-            .collect()
+        Self::fast().into_iter().chain([Int8Path::Scalar]).collect()
     }
 }
 
@@ -209,7 +206,8 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
                 (k, v)
             },
         );
-    let mean = |s: Vec<f64>| -> Vec<f32> { s.iter().map(|&x| (x / nk.max(1) as f64) as f32).collect() };
+    let mean =
+        |s: Vec<f64>| -> Vec<f32> { s.iter().map(|&x| (x / nk.max(1) as f64) as f32).collect() };
     let (kmean, vmean) = (mean(sums.0), mean(sums.1));
     let blocks: Vec<BlockOut> = (0..nb)
         .into_par_iter()

@@ -267,7 +267,8 @@ pub mod x86 {
             let factor = _mm512_loadu_ps(factor.as_ptr());
             for (d, &f) in vscale.iter().enumerate() {
                 let op = o.as_mut_ptr().add(d * LANES);
-                let p = _mm512_cvtepi32_ps(_mm512_loadu_si512(pv.as_ptr().add(d * LANES) as *const _));
+                let p =
+                    _mm512_cvtepi32_ps(_mm512_loadu_si512(pv.as_ptr().add(d * LANES) as *const _));
                 let kept = _mm512_mul_ps(_mm512_loadu_ps(op), corr);
                 let add = _mm512_mul_ps(p, _mm512_mul_ps(factor, _mm512_set1_ps(f)));
                 _mm512_storeu_ps(op, _mm512_add_ps(kept, add));

@@ -206,7 +206,10 @@ fn query_before_every_key_outputs_zero() {
         let mut out = vec![f32::NAN; q.len()];
         attention_int8(path, &q, &[1, 6], view, &[0..3], shape, &mut out).unwrap();
         assert!(out[..32].iter().all(|&x| x == 0.0), "{path:?}");
-        assert!(out[32..].iter().all(|x| x.is_finite() && *x != 0.0), "{path:?}");
+        assert!(
+            out[32..].iter().all(|x| x.is_finite() && *x != 0.0),
+            "{path:?}"
+        );
     }
 }
 
@@ -225,7 +228,10 @@ fn f32_kind_is_the_f32_kernel_bit_for_bit() {
     attention(&q, &pos, view, &[0..150], GQA, &mut want).unwrap();
     let mut got = q.clone();
     attention_in_place_with(AttentionKind::F32, &mut got, &pos, view, &[0..150], GQA).unwrap();
-    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
     assert_eq!(AttentionKind::F32.int8_path(150, 64), None);
     assert_eq!(AttentionKind::Int8.int8_path(150, 64), Int8Path::fast());
     assert_eq!(AttentionKind::Int8.int8_path(150, 40), None);
@@ -259,9 +265,8 @@ fn int8_attention_speed() {
         };
         let f32_ms = time(&mut || attention(&q, &pos, view, &[0..n], GQA, &mut out).unwrap());
         let path = Int8Path::fast().unwrap_or(Int8Path::Scalar);
-        let int8_ms = time(&mut || {
-            attention_int8(path, &q, &pos, view, &[0..n], GQA, &mut out).unwrap()
-        });
+        let int8_ms =
+            time(&mut || attention_int8(path, &q, &pos, view, &[0..n], GQA, &mut out).unwrap());
         println!("{n} tokens: f32 {f32_ms:.1} ms, int8 ({path:?}) {int8_ms:.1} ms");
     }
 }

@@ -138,6 +138,17 @@ struct Cells {
 unsafe impl Send for Cells {}
 unsafe impl Sync for Cells {}
 
+impl Cells {
+    /// `len` query floats at `offset` (a method, so closures capture the Send wrapper).
+    ///
+    /// # Safety
+    /// They are inside the query buffer and nothing writes them while the slice lives.
+    unsafe fn q_at<'a>(self, offset: usize, len: usize) -> &'a [f32] {
+        // SAFETY: as the caller promised
+        unsafe { std::slice::from_raw_parts(self.q.add(offset), len) }
+    }
+}
+
 /// K and V of every cached row, quantised for all tasks of a call.
 struct Quantized {
     nk: usize,
@@ -155,6 +166,8 @@ struct Quantized {
     vscale: Vec<f32>,
     /// (n_kv_heads, hd): the mean value, added back to the output
     vmean: Vec<f32>,
+    /// (n_kv_heads, hd): each key channel's divisor, the queries' factor
+    kchan: Vec<f32>,
 }
 
 /// One block of `quantize`'s output before it is assembled.
@@ -177,7 +190,7 @@ fn round_i8(x: f32) -> i8 {
 }
 
 /// Widen, smooth and round K and V (see the module docs), one block of keys per task.
-fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
+fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
     let nk = kv.positions.len();
     let kv_dim = n_kv * hd;
     let words = kv.dtype.stored_len(kv_dim);
@@ -188,27 +201,56 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
         kv.dtype.decode(&src[j0 * words..j1 * words], &mut out);
         out
     };
-    let column_sums = |x: &[f32]| {
-        let mut s = vec![0.0f64; kv_dim];
-        for row in x.chunks_exact(kv_dim) {
-            s.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
-        }
-        s
+    // per column: sum, min and max
+    type Stats = (Vec<f64>, Vec<f32>, Vec<f32>);
+    let empty = || -> Stats {
+        (
+            vec![0.0; kv_dim],
+            vec![f32::INFINITY; kv_dim],
+            vec![f32::NEG_INFINITY; kv_dim],
+        )
     };
-    let sums = (0..nb)
+    let columns = |x: &[f32]| {
+        let mut st = empty();
+        for row in x.chunks_exact(kv_dim) {
+            for (c, &x) in row.iter().enumerate() {
+                st.0[c] += x as f64;
+                st.1[c] = st.1[c].min(x);
+                st.2[c] = st.2[c].max(x);
+            }
+        }
+        st
+    };
+    let merge = |mut a: Stats, b: Stats| {
+        a.0.iter_mut().zip(b.0).for_each(|(a, b)| *a += b);
+        a.1.iter_mut().zip(b.1).for_each(|(a, b)| *a = a.min(b));
+        a.2.iter_mut().zip(b.2).for_each(|(a, b)| *a = a.max(b));
+        a
+    };
+    let (kst, vst) = (0..nb)
         .into_par_iter()
-        .map(|b| (column_sums(&widen(kv.k, b)), column_sums(&widen(kv.v, b))))
+        .map(|b| (columns(&widen(kv.k, b)), columns(&widen(kv.v, b))))
         .reduce(
-            || (vec![0.0; kv_dim], vec![0.0; kv_dim]),
-            |(mut k, mut v), (bk, bv)| {
-                k.iter_mut().zip(bk).for_each(|(a, b)| *a += b);
-                v.iter_mut().zip(bv).for_each(|(a, b)| *a += b);
-                (k, v)
-            },
+            || (empty(), empty()),
+            |a, b| (merge(a.0, b.0), merge(a.1, b.1)),
         );
     let mean =
-        |s: Vec<f64>| -> Vec<f32> { s.iter().map(|&x| (x / nk.max(1) as f64) as f32).collect() };
-    let (kmean, vmean) = (mean(sums.0), mean(sums.1));
+        |s: &[f64]| -> Vec<f32> { s.iter().map(|&x| (x / nk.max(1) as f64) as f32).collect() };
+    let (kmean, vmean) = (mean(&kst.0), mean(&vst.0));
+    // SmoothQuant's balance (Xiao et al., arXiv 2211.10438, migration strength 1/2): channel c of
+    // the smoothed keys is divided by sqrt(max|k_c| / max|q_c|) and the queries multiplied by it,
+    // so both operands of a channel span the same range and quiet channels keep their levels
+    let kchan: Vec<f32> = (0..kv_dim)
+        .map(|c| {
+            let ka = (kst.2[c] - kmean[c]).max(kmean[c] - kst.1[c]);
+            let r = (ka / qmax[c]).sqrt();
+            if r.is_finite() && r > 0.0 {
+                r
+            } else {
+                1.0
+            }
+        })
+        .collect();
     let blocks: Vec<BlockOut> = (0..nb)
         .into_par_iter()
         .map(|b| {
@@ -224,11 +266,12 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
             let mut x = vec![0.0f32; hd];
             for g in 0..n_kv {
                 let mu = &kmean[g * hd..][..hd];
+                let ch = &kchan[g * hd..][..hd];
                 for j in 0..kb {
                     let row = &k[j * kv_dim + g * hd..][..hd];
-                    x.iter_mut()
-                        .zip(row.iter().zip(mu))
-                        .for_each(|(x, (a, m))| *x = a - m);
+                    for (d, x) in x.iter_mut().enumerate() {
+                        *x = (row[d] - mu[d]) / ch[d];
+                    }
                     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                     let scale = amax / 127.0;
                     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -264,6 +307,7 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize) -> Quantized {
         v4: vec![0; n_kv * groups * hd * 4],
         vscale: vec![0.0; n_kv * nb * hd],
         vmean,
+        kchan,
     };
     for (b, o) in blocks.iter().enumerate() {
         let j0 = b * BLOCK;
@@ -297,6 +341,39 @@ struct Job<'a> {
     rows: usize,
 }
 
+/// max |q| of each channel of each KV head's group of query heads: (n_kv_heads, hd).
+///
+/// # Safety
+/// As [`tiled`]: `cells.q` holds (nq, n_heads * hd) floats, nothing writes them meanwhile.
+unsafe fn query_max(cells: Cells, nq: usize, shape: AttnShape) -> Vec<f32> {
+    let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+    let q_dim = shape.n_heads * hd;
+    let kv_dim = shape.n_kv_heads * hd;
+    (0..nq.div_ceil(TILE_ROWS))
+        .into_par_iter()
+        .map(|t| {
+            let mut m = vec![0.0f32; kv_dim];
+            for r in t * TILE_ROWS..((t + 1) * TILE_ROWS).min(nq) {
+                // SAFETY: row r < nq of the query buffer, read only
+                let row = unsafe { cells.q_at(r * q_dim, q_dim) };
+                for (h, head) in row.chunks_exact(hd).enumerate() {
+                    let mg = &mut m[h / group * hd..][..hd];
+                    mg.iter_mut()
+                        .zip(head)
+                        .for_each(|(m, x)| *m = m.max(x.abs()));
+                }
+            }
+            m
+        })
+        .reduce(
+            || vec![0.0; kv_dim],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(b));
+                a
+            },
+        )
+}
+
 /// Quantise K and V, then one task per (KV head, tile of query rows) over both cores.
 ///
 /// # Safety
@@ -311,7 +388,12 @@ unsafe fn tiled(
     key_ranges: &[Range<usize>],
     shape: AttnShape,
 ) {
-    let z = quantize(kv, shape.n_kv_heads, shape.head_dim);
+    let z = quantize(
+        kv,
+        shape.n_kv_heads,
+        shape.head_dim,
+        &query_max(cells, q_pos.len(), shape),
+    );
     let nq = q_pos.len();
     let n_tiles = nq.div_ceil(TILE_ROWS);
     (0..shape.n_kv_heads * n_tiles)
@@ -423,6 +505,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
 
     // stacked row i = (head h of the group, tile row r): its visible keys and its query as u8
     let scale = 1.0 / (hd as f32).sqrt();
+    let kchan = &z.kchan[g * hd..][..hd];
     for i in 0..m {
         let (h, r) = (i / rows, i % rows);
         let (v, lane) = (i / LANES, i % LANES);
@@ -430,7 +513,9 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
         let at = (r0 + r) * q_stride + (g * group + h) * hd;
         // SAFETY: cell (r0 + r, head) is in bounds and this task's; nothing writes it before
         // the end of the task
-        let q = unsafe { std::slice::from_raw_parts(job.cells.q.add(at), hd) };
+        let raw = unsafe { std::slice::from_raw_parts(job.cells.q.add(at), hd) };
+        // the query times its KV head's channel factors (see `quantize`)
+        let q: Vec<f32> = raw.iter().zip(kchan).map(|(x, c)| x * c).collect();
         let amax = q.iter().fold(0.0f32, |m, x| m.max(x.abs())) * scale;
         let qs = amax / 127.0;
         let inv = if qs > 0.0 { scale / qs } else { 0.0 };

@@ -45,6 +45,10 @@ use softmax::fmax;
 /// Keys per block: the unit of V's per-channel scales and of the online softmax; blocks start
 /// at multiples of it (or at a key range's start).
 const BLOCK: usize = 256;
+/// Keys per online-softmax step (a divisor of `BLOCK`): each row's u8 probabilities are scaled
+/// to their maximum within the step, so a step far from the row's peak (an attention sink)
+/// keeps its 8 bits. 64 measured the same KL as 256 on the default model (bench/NOTES.md).
+const STEP_KEYS: usize = BLOCK;
 /// Query rows per task, per query head (as the f32 kernel).
 const TILE_ROWS: usize = 64;
 /// Fewer query rows than this take the f32 kernel: quantising the cache costs as much as the
@@ -544,7 +548,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
         let end = range.end.min(keys);
         let mut j0 = range.start;
         while j0 < end {
-            let j1 = ((j0 / BLOCK + 1) * BLOCK).min(end);
+            let j1 = ((j0 / STEP_KEYS + 1) * STEP_KEYS).min(end);
             let vscale = &z.vscale[(g * nb + j0 / BLOCK) * hd..][..hd];
             // from the group of four that holds j0: its first `dead` keys are outside the range
             let ja = j0 & !3;

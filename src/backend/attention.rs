@@ -120,7 +120,8 @@ pub fn attention_in_place(
 }
 
 /// Which kernel a prefill's attention runs (`[model] attention`); a single query row (decode)
-/// always takes [`super::decode_attention`].
+/// always takes [`super::decode_attention`]. `Default` (f32) is a bare cache's kernel; the
+/// app's default (`[model] attention`) is int8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionKind {

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod attention_int8;
+pub mod attention_kind;
 pub mod cpu_ops;
 pub mod decode_attention;
 pub mod isa;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::attention::AttentionKind;
 use crate::backend::linear::LinearMode;
 use crate::device::DeviceChoice;
 use crate::kv::{KvConfig, KvDtype};
@@ -41,6 +42,10 @@ pub struct ModelConfig {
     /// prompt's own attention still reads its rows at f16 precision; f16 for a model whose head
     /// size is not a multiple of 32), "f16" or "bf16".
     pub kv_dtype: KvDtype,
+    /// Kernel of a prompt's attention: "int8" (default: 8-bit Q·Kᵀ and P·V on the integer dot
+    /// product; f32 where the CPU has no AVX-512 VNNI) or "f32" (the exact reference). Decode
+    /// steps take the single-row kernel either way.
+    pub attention: AttentionKind,
     /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
     /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).
     pub device: DeviceChoice,
@@ -60,6 +65,7 @@ impl Default for ModelConfig {
             linear: LinearMode::Int8,
             threads: 0,
             kv_dtype: KvDtype::Q8,
+            attention: AttentionKind::Int8,
             device: DeviceChoice::default(),
             context: 0,
         }

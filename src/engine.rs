@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
+use crate::backend::attention::AttentionKind;
 use crate::backend::linear::LinearMode;
 use crate::backend::score::HeadShape;
 use crate::config::AppConfig;
@@ -127,6 +128,8 @@ pub struct EngineOptions {
     /// Element type of the KV cache (Q8 falls back to f16 with a note for a head size that is
     /// not a multiple of 32)
     pub kv_dtype: KvDtype,
+    /// The kernel of a prefill's attention
+    pub attention: AttentionKind,
     /// The KV manager's fast tier and spill file (`kv.resident`: no manager).
     pub kv: KvConfig,
     /// Longest prompt plus answer (0: the model's own context; more is an error at load).
@@ -140,6 +143,7 @@ impl EngineOptions {
             linear: cfg.model.linear,
             slim: cfg.slim.clone(),
             kv_dtype: cfg.model.kv_dtype,
+            attention: cfg.model.attention,
             kv: cfg.kv.clone(),
             context: cfg.model.context,
         }
@@ -152,6 +156,7 @@ impl Default for EngineOptions {
             linear: LinearMode::Int8,
             slim: SlimConfig::default(),
             kv_dtype: KvDtype::Q8,
+            attention: AttentionKind::default(),
             kv: KvConfig::default(),
             context: 0,
         }
@@ -237,6 +242,7 @@ impl Engine {
             Err(why) => (KvDtype::F16, Some(format!("{why}: the KV cache is f16"))),
         };
         let mut kv = KvCache::with_dtype(model.spec.n_layers, kv_dtype);
+        kv.set_attention(opts.attention);
         if !opts.kv.resident {
             let row_words = kv_dtype.stored_len(model.spec.n_kv_heads * model.spec.head_dim);
             kv.set_tiers(Some(KvManager::new(
@@ -610,6 +616,17 @@ impl Engine {
             .map_or(KvDtype::default(), |l| l.dtype)
     }
 
+    /// The kernel of a prefill's attention.
+    pub fn attention(&self) -> AttentionKind {
+        self.kv.attention()
+    }
+
+    /// Attend with `kind` from the next prefill on (the cache is kept: the kernels read the
+    /// same cache).
+    pub fn set_attention(&mut self, kind: AttentionKind) {
+        self.kv.set_attention(kind);
+    }
+
     /// Store the KV cache in `dtype` from now on (the cache is emptied); a type the model's head
     /// size cannot hold is a config error.
     pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
@@ -622,7 +639,9 @@ impl Engine {
         self.reset();
         let resident = self.kv.tiers().is_none();
         let n = self.model.spec.n_layers;
+        let attention = self.kv.attention();
         self.kv = KvCache::with_dtype(n, dtype); // no manager until the next line
+        self.kv.set_attention(attention);
         self.kv_note = None;
         self.set_kv_resident(resident)
     }

@@ -9,6 +9,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+mod attention;
+
 use crate::backend::qgemm;
 use crate::backend::qgemv::kernels::Kernel;
 use crate::backend::qgemv::{Kind, QMatrix};
@@ -34,6 +36,7 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 /// Print every line of the report.
 pub fn run(out: &mut dyn FnMut(String)) {
     let threads = rayon::current_num_threads();
+    let (mut f32_peak, mut int8_peak) = (0.0, None);
     for t in [1, threads.max(1)] {
         let p = pool(t);
         let iters = 20_000_000usize;
@@ -59,6 +62,8 @@ pub fn run(out: &mut dyn FnMut(String)) {
                 "n/a".into()
             }
         };
+        f32_peak = (t * iters * peaks::FMA_FLOPS) as f64 / fma / 1e9;
+        int8_peak = peaks::has_vnni().then(|| (t * iters * peaks::DOT_OPS) as f64 / dot / 1e9);
         out(format!(
             "peak, {t} thread(s): f32 FMA {:.0} GFLOP/s, int8 dot (vpdpbusd) {} GOP/s, bf16 dot (vdpbf16ps) {} GFLOP/s",
             (t * iters * peaks::FMA_FLOPS) as f64 / fma / 1e9,
@@ -78,6 +83,7 @@ pub fn run(out: &mut dyn FnMut(String)) {
         }
     }
     prefill_gemm(out);
+    attention::run(out, f32_peak, int8_peak);
     gemv_types(out);
     q4k_tiles(out);
     // The decode GEMVs of one token of the default model (SmolLM2-135M: 30 layers, then the

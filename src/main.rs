@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Args, Parser, Subcommand};
 
+use slimchat::backend::attention::AttentionKind;
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
@@ -54,6 +55,9 @@ struct Common {
     /// weights, exact prefill), quantized (candle's) or dense-f32 (f32 decode too: the reference)
     #[arg(long, global = true, value_parser = parse_linear)]
     linear: Option<LinearMode>,
+    /// Prefill attention kernel: int8 (8-bit Q·Kᵀ and P·V on AVX-512 VNNI) or f32 (the reference)
+    #[arg(long, global = true, value_parser = parse_attention)]
+    attention: Option<AttentionKind>,
     /// Worker threads (0 = one per core)
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -136,7 +140,8 @@ struct EvalArgs {
     /// Prompt lengths in tokens
     #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
     lengths: Vec<usize>,
-    /// Keep ratios to compare with dense (the configured ratio is marked as the default)
+    /// Keep ratios to compare with dense (the configured ratio is marked as the default); 0 is
+    /// the unpruned model, to measure --reference-kv or --reference-attention alone
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.35,0.5,0.7")]
     ratios: Vec<f32>,
     /// Length of the dense answer used for teacher forcing
@@ -152,6 +157,10 @@ struct EvalArgs {
     /// to measure the pruned model in the configured type against a dense model in another
     #[arg(long, value_parser = parse_kv_dtype)]
     reference_kv: Option<KvDtype>,
+    /// Prefill attention kernel of the dense reference (int8 or f32; default: the configured
+    /// one), to measure the 8-bit kernel against the f32 one
+    #[arg(long, value_parser = parse_attention)]
+    reference_attention: Option<AttentionKind>,
     /// Print one JSON object with a `results` array at the end
     #[arg(long)]
     json: bool,
@@ -284,6 +293,10 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
     DeviceChoice::parse(s).ok_or_else(|| format!("expected auto, cpu or cuda, got {s}"))
 }
 
+fn parse_attention(s: &str) -> std::result::Result<AttentionKind, String> {
+    AttentionKind::parse(s).ok_or_else(|| format!("expected int8 or f32, got {s}"))
+}
+
 fn parse_linear(s: &str) -> std::result::Result<LinearMode, String> {
     match s {
         "int8" => Ok(LinearMode::Int8),
@@ -316,6 +329,9 @@ fn real_main(cli: Cli) -> Result<()> {
     let mut cfg = AppConfig::load(cli.common.config.as_deref())?;
     if let Some(m) = &cli.common.model {
         cfg.model.source = m.clone();
+    }
+    if let Some(a) = cli.common.attention {
+        cfg.model.attention = a;
     }
     if let Some(l) = cli.common.linear {
         cfg.model.linear = l;
@@ -651,6 +667,7 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
         depths: args.depths,
         documents: args.documents,
         reference_kv: args.reference_kv,
+        reference_attention: args.reference_attention,
     };
     let results = eval::run(&mut engine, &ec, &mut |r| {
         eprintln!(
@@ -666,6 +683,8 @@ fn run_eval(cfg: &AppConfig, args: EvalArgs) -> Result<()> {
                 "model": cfg.model.source,
                 "kv_dtype": engine.kv_dtype(),
                 "reference_kv": args.reference_kv.unwrap_or(engine.kv_dtype()),
+                "attention": engine.attention(),
+                "reference_attention": args.reference_attention.unwrap_or(engine.attention()),
                 "slim": cfg.slim,
                 "results": results,
             })
@@ -753,6 +772,7 @@ fn run_perplexity(cfg: &mut AppConfig, args: PerplexityArgs, slim: Option<bool>)
             "file": args.file,
             "linear": cfg.model.linear,
             "kv_dtype": engine.kv_dtype(),
+            "attention": engine.attention(),
             "threads": rayon::current_num_threads(),
             "ppl": r.ppl,
             "ppl_stderr": r.ppl_stderr,

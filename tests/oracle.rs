@@ -90,6 +90,8 @@ fn ours_with(mode: LinearMode, kv_dtype: KvDtype) -> Engine {
                 ..Default::default()
             },
             kv: Default::default(),
+            // the f32 kernel: the oracle compares against candle's f32 attention
+            attention: Default::default(),
             context: 0,
         },
     )

@@ -19,6 +19,7 @@ use std::ops::Range;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+pub use super::attention_kind::{attention_in_place_with, AttentionKind};
 use super::decode_attention::decode_attention;
 use super::kv_format::{KvDtype, KvView};
 use super::simd;
@@ -116,8 +117,9 @@ pub fn attention_in_place(
     Ok(())
 }
 
-/// The checks both entry points make: shapes, positions and key ranges.
-fn check(
+/// The checks every entry point makes (here and in [`super::attention_int8`]): shapes,
+/// positions and key ranges.
+pub(super) fn check(
     q_len: usize,
     out_len: usize,
     q_pos: &[u32],

@@ -12,6 +12,8 @@
 //! fills from its hyper-parameters).
 
 pub mod attention;
+pub mod attention_int8;
+pub mod attention_kind;
 pub mod cpu_ops;
 pub mod decode_attention;
 pub mod isa;

@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
+use crate::backend::attention::AttentionKind;
 use crate::bench::LONG_TEXT;
 use crate::engine::{Engine, GenerateRequest};
 use crate::kv::KvDtype;
@@ -39,6 +40,8 @@ pub struct EvalConfig {
     pub documents: usize,
     /// KV element type of the dense reference (None: the engine's own).
     pub reference_kv: Option<KvDtype>,
+    /// Prefill attention kernel of the dense reference (None: the engine's own).
+    pub reference_attention: Option<AttentionKind>,
 }
 
 /// One (length, ratio) cell.
@@ -128,7 +131,9 @@ fn one_document(
     let prompt = engine.encode_chat(&[Message::user(format!("{doc}\n\n{QUESTION}"))])?;
 
     // Dense reference: greedy answer and its logits at every answer position.
+    let attention = engine.attention();
     engine.set_kv_dtype(reference_kv)?;
+    engine.set_attention(cfg.reference_attention.unwrap_or(attention));
     set_slim(engine, base, None)?;
     let t0 = std::time::Instant::now();
     let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
@@ -154,9 +159,12 @@ fn one_document(
     )?;
 
     engine.set_kv_dtype(kv_dtype)?;
+    engine.set_attention(attention);
     let mut out = Vec::new();
     for &ratio in &cfg.ratios {
-        set_slim(engine, base, Some(ratio))?;
+        // ratio 0: the model unpruned, against a reference in another KV type or kernel
+        let pruned = (ratio > 0.0).then_some(ratio);
+        set_slim(engine, base, pruned)?;
         let t0 = std::time::Instant::now();
         let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
         let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
@@ -172,7 +180,7 @@ fn one_document(
         let needles_slim = needle_run(
             engine,
             base,
-            Some(ratio),
+            pruned,
             text_tokens,
             doc_index,
             length,

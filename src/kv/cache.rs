@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::manager::KvManager;
 use super::policy::LayerPolicy;
 use super::stats::KvStats;
-use crate::backend::attention::{attention_in_place, AttnShape};
+use crate::backend::attention::{attention_in_place_with, AttentionKind, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::backend::kv_format::{unscale_keys, KvDtype, KvView};
 
@@ -292,6 +292,8 @@ pub struct KvCache {
     tiers: Option<KvManager>,
     /// A Q8 prefill's layer in f16 for its own attention (see `attend`), reused across layers.
     exact: LayerKv,
+    /// The kernel of a prefill's attention (`[model] attention`).
+    attention: AttentionKind,
 }
 
 impl KvCache {
@@ -307,7 +309,17 @@ impl KvCache {
                 .collect(),
             tiers: None,
             exact: LayerKv::default(),
+            attention: AttentionKind::default(),
         }
+    }
+
+    /// The kernel prefills attend with from now on (decode rows keep theirs).
+    pub fn set_attention(&mut self, kind: AttentionKind) {
+        self.attention = kind;
+    }
+
+    pub fn attention(&self) -> AttentionKind {
+        self.attention
     }
 
     /// Manage the fast tier with `tiers` (None: everything resident).
@@ -408,7 +420,8 @@ impl KvCache {
         let keys = policy.key_ranges(i, host);
         if let (Some((k, v)), true) = (fresh, positions.len() > 1) {
             if host.exact_tail_into(k, v, positions, &mut self.exact) {
-                return attention_in_place(qo, positions, self.exact.view(), &keys, shape);
+                let exact = self.exact.view();
+                return attention_in_place_with(self.attention, qo, positions, exact, &keys, shape);
             }
         }
         host.scale_queries(qo, shape);
@@ -427,7 +440,7 @@ impl KvCache {
                 t.note_miss();
             }
         }
-        attention_in_place(qo, positions, host.view(), &keys, shape)
+        attention_in_place_with(self.attention, qo, positions, host.view(), &keys, shape)
     }
 
     /// Layer `i`'s policy may have just chosen its keys: the manager gives the new blocks their

@@ -1,0 +1,154 @@
+//! The two integer dot-product microkernels of the 8-bit prefill attention, in a portable
+//! version and an AVX-512 VNNI one (`vpdpbusd`: 16 lanes, each the sum of four u8 x i8
+//! products added to an i32). Both give the same integers, so the attention built on them
+//! gives the same bits on either path.
+//!
+//! Lanes are 16 stacked query rows (one "row vector"). Layouts:
+//! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
+//!   int8 row-major `(key, hd)`. Out: `(keys, 16)` i32 dots of the int8 queries: each key's
+//!   sum starts at -`kcorr` (128 x the key's byte sum, what the u8 offset adds).
+//! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
+//!   `[steps][16 lanes]`, only the groups of four keys where some row's weight is not 0, with
+//!   their index `at` (a group of four whose 64 weights all round to 0 adds nothing: in a
+//!   peaked head most of them); values int8 in groups of four keys, `[group][hd][4 keys]`, from
+//!   the group of the block's first key (a channel's four keys are one 32-bit broadcast, and
+//!   the channels of a group sit at fixed offsets from one pointer).
+//!   Out: `(hd, 16)` i32 sums over the block's keys.
+
+/// Lanes per row vector.
+pub const LANES: usize = 16;
+
+/// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d] - kcorr[j]` for keys `0..keys`.
+pub fn qk_scalar(q: &[u8], k: &[i8], kcorr: &[i32], hd: usize, keys: usize, out: &mut [i32]) {
+    for j in 0..keys {
+        let kr = &k[j * hd..][..hd];
+        for lane in 0..LANES {
+            let mut acc = -kcorr[j];
+            for d4 in 0..hd / 4 {
+                for b in 0..4 {
+                    acc += q[(d4 * LANES + lane) * 4 + b] as i32 * kr[d4 * 4 + b] as i32;
+                }
+            }
+            out[j * LANES + lane] = acc;
+        }
+    }
+}
+
+/// `out[d][lane] = sum_s sum_b p[s][lane].byte(b) * v4[at[s]][d][b]` for `steps` groups of
+/// four keys.
+pub fn pv_scalar(p: &[u32], at: &[u32], v4: &[i8], hd: usize, steps: usize, out: &mut [i32]) {
+    for d in 0..hd {
+        for lane in 0..LANES {
+            let mut acc = 0i32;
+            for s in 0..steps {
+                let w = p[s * LANES + lane];
+                let v = &v4[(at[s] as usize * hd + d) * 4..][..4];
+                for (b, &v) in v.iter().enumerate() {
+                    acc += ((w >> (8 * b)) & 0xFF) as i32 * v as i32;
+                }
+            }
+            out[d * LANES + lane] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// Keys a `qk_vnni` step handles at once (independent accumulators).
+    const KEYS: usize = 8;
+
+    /// Four key bytes at `p`, broadcast (LLVM folds it into `vpdpbusd`'s memory operand).
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        // SAFETY (caller): p..p+4 is readable.
+        unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
+    }
+
+    /// [`super::qk_scalar`] on VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` keys x hd bytes, `out`
+    /// keys x 16 i32, `kcorr` keys i32; hd is a multiple of 4.
+    #[inline(always)]
+    pub unsafe fn qk_vnni(
+        q: *const u8,
+        k: *const i8,
+        kcorr: *const i32,
+        hd: usize,
+        keys: usize,
+        out: *mut i32,
+    ) {
+        let hd4 = hd / 4;
+        let mut j = 0;
+        // SAFETY: every read is of q's hd4 vectors or of key rows j..j+KEYS < keys; every write
+        // of out's rows below keys (the caller's promise).
+        unsafe {
+            while j + KEYS <= keys {
+                let mut acc = [_mm512_setzero_si512(); KEYS];
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_set1_epi32(-*kcorr.add(j + t));
+                }
+                let kj = k.add(j * hd);
+                for d4 in 0..hd4 {
+                    let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpbusd_epi32(*a, qv, bcast4(kj.add(t * hd + 4 * d4)));
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm512_storeu_si512(out.add((j + t) * LANES) as *mut _, *a);
+                }
+                j += KEYS;
+            }
+            while j < keys {
+                let mut acc = _mm512_set1_epi32(-*kcorr.add(j));
+                let kj = k.add(j * hd);
+                for d4 in 0..hd4 {
+                    let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
+                    acc = _mm512_dpbusd_epi32(acc, qv, bcast4(kj.add(4 * d4)));
+                }
+                _mm512_storeu_si512(out.add(j * LANES) as *mut _, acc);
+                j += 1;
+            }
+        }
+    }
+
+    /// Value channels a `pv_vnni` pass handles (independent accumulators).
+    const CHANNELS: usize = 8;
+
+    /// [`super::pv_scalar`] on VNNI, `CHANNELS` value channels at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32 and `at` steps indices, `v4`
+    /// groups at[s] of hd x 4 bytes, `out` hd x 16 i32; hd is a multiple of 8.
+    #[inline(always)]
+    pub unsafe fn pv_vnni(
+        p: *const u32,
+        at: *const u32,
+        v4: *const i8,
+        hd: usize,
+        steps: usize,
+        out: *mut i32,
+    ) {
+        // SAFETY: reads of p's and at's steps entries and of v4's groups at[s]; writes of out's
+        // hd rows (the caller's promise).
+        unsafe {
+            for d0 in (0..hd).step_by(CHANNELS) {
+                let mut acc = [_mm512_setzero_si512(); CHANNELS];
+                for s in 0..steps {
+                    let pv = _mm512_loadu_si512(p.add(s * LANES) as *const _);
+                    let group = v4.add((*at.add(s) as usize * hd + d0) * 4);
+                    for (dd, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpbusd_epi32(*a, pv, bcast4(group.add(4 * dd)));
+                    }
+                }
+                for (dd, a) in acc.iter().enumerate() {
+                    _mm512_storeu_si512(out.add((d0 + dd) * LANES) as *mut _, *a);
+                }
+            }
+        }
+    }
+}

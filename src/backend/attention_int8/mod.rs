@@ -1,0 +1,679 @@
+//! Causal prefill attention with 8-bit operands: Q·Kᵀ in int8 and P·V with P in u8, on the
+//! integer dot product (`vpdpbusd`, about 3x the f32 FMA rate on this house's CPUs), f32 logits
+//! and an f32 online softmax. The f32 kernel ([`super::attention`]) stays the exact reference.
+//!
+//! The quantisation follows SageAttention (Zhang et al., arXiv 2410.02367), shaped for a CPU:
+//! - Keys are smoothed (the mean key of each KV head, over every cached row, is subtracted:
+//!   a constant shift of each query's logits, which softmax ignores) and rounded to int8 with
+//!   one scale per key. Queries get one scale per (row, head), with 1/sqrt(hd) folded in, and
+//!   are stored as u8 (int8 + 128); the 128 x Σk the offset adds is taken off per key.
+//! - Probabilities are rounded to u8 against their row's maximum within each key block (255 is
+//!   that maximum), so a block far below the running maximum keeps its 8 bits; the block's
+//!   factor exp(block max - running max) / 255 goes into the f32 accumulation, and the row sum
+//!   adds the rounded weights, so each row stays a convex combination of the values.
+//! - Values are smoothed by their mean (added back at the end: the weights sum to one) and
+//!   rounded to int8 with one scale per channel per block of `BLOCK` keys, transposed so that
+//!   four consecutive keys of a channel are one 32-bit broadcast.
+//!
+//! K and V are quantised once per call from any cache type (all KV heads, in parallel), then
+//! tasks of (KV head, `TILE_ROWS` query rows) run as in the f32 kernel: the query heads of a
+//! group are stacked, in vectors of 16 rows (the 16 lanes of one register), and each row
+//! vector skips the key blocks past its last visible key (the causal skip, finer than the f32
+//! kernel's per tile). Key blocks never straddle a multiple of `BLOCK`, so V's per-block scales
+//! apply to whole blocks, whatever the key ranges.
+//!
+//! Two paths compute identical integers ([`dot`]): AVX-512 VNNI and portable Rust; the float
+//! code around them is shared, so both give the same bits. AMX (`tdpbusd`) is not built: no
+//! machine this house runs on exposes it (bench/NOTES.md, issue 20).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::attention::{check, AttnShape};
+use super::kv_format::KvView;
+use super::simd::exp_nonpositive;
+
+mod dot;
+mod softmax;
+#[cfg(test)]
+mod tests;
+
+use dot::LANES;
+use softmax::fmax;
+
+/// Keys per block: the unit of V's per-channel scales and of the online softmax; blocks start
+/// at multiples of it (or at a key range's start).
+const BLOCK: usize = 256;
+/// Keys per online-softmax step (a divisor of `BLOCK`): each row's u8 probabilities are scaled
+/// to their maximum within the step, so a step far from the row's peak (an attention sink)
+/// keeps its 8 bits. 64 measured the same KL as 256 on the default model (bench/NOTES.md).
+const STEP_KEYS: usize = BLOCK;
+/// Query rows per task, per query head (as the f32 kernel).
+const TILE_ROWS: usize = 64;
+/// Fewer query rows than this take the f32 kernel: quantising the cache costs as much as the
+/// attention of a few rows.
+pub const MIN_ROWS: usize = 16;
+
+/// Which integer dot product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Path {
+    /// AVX-512F/BW + VNNI (`vpdpbusd` on 512-bit registers)
+    Vnni512,
+    /// Portable Rust: the same integers, for tests and CPUs without VNNI
+    Scalar,
+}
+
+impl Int8Path {
+    /// The fast path of this CPU; None when it has none (callers use the f32 kernel then).
+    pub fn fast() -> Option<Int8Path> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx2") {
+                return Some(Int8Path::Vnni512);
+            }
+        }
+        None
+    }
+
+    /// Every path this CPU runs, the fast one first.
+    pub fn available() -> Vec<Int8Path> {
+        Self::fast().into_iter().chain([Int8Path::Scalar]).collect()
+    }
+}
+
+/// Whether the kernel takes heads of `hd` values (16 channels a VNNI step).
+pub fn supports(hd: usize) -> bool {
+    hd > 0 && hd.is_multiple_of(16) && hd <= 256
+}
+
+/// [`super::attention::attention`] with 8-bit operands on `path`: out = softmax(q kᵀ / sqrt(hd)
+/// + causal mask) v, to within the rounding described in the module docs.
+pub fn attention_int8(
+    path: Int8Path,
+    q: &[f32],
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    check(q.len(), out.len(), q_pos, kv, key_ranges, shape)?;
+    if !supports(shape.head_dim) {
+        candle_core::bail!("attention_int8: heads of {} values", shape.head_dim)
+    }
+    let cells = Cells {
+        q: q.as_ptr(),
+        out: out.as_mut_ptr(),
+    };
+    // SAFETY: q and out are distinct buffers of nq * n_heads * hd floats (checked)
+    unsafe { tiled(path, cells, q_pos, kv, key_ranges, shape) };
+    Ok(())
+}
+
+/// [`attention_int8`] written over the queries (as [`super::attention::attention_in_place`]).
+pub fn attention_int8_in_place(
+    path: Int8Path,
+    qo: &mut [f32],
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+) -> candle_core::Result<()> {
+    check(qo.len(), qo.len(), q_pos, kv, key_ranges, shape)?;
+    if !supports(shape.head_dim) {
+        candle_core::bail!("attention_int8: heads of {} values", shape.head_dim)
+    }
+    let p = qo.as_mut_ptr();
+    // SAFETY: a task reads all its query cells before it writes any of them, and no other
+    // task touches them (see `tiled`)
+    unsafe { tiled(path, Cells { q: p, out: p }, q_pos, kv, key_ranges, shape) };
+    Ok(())
+}
+
+/// The query and output buffers, shared by tasks of disjoint (row, head) cells.
+#[derive(Clone, Copy)]
+struct Cells {
+    q: *const f32,
+    out: *mut f32,
+}
+// SAFETY: every task reads and writes a disjoint set of (row, head) cells.
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
+
+impl Cells {
+    /// `len` query floats at `offset` (a method, so closures capture the Send wrapper).
+    ///
+    /// # Safety
+    /// They are inside the query buffer and nothing writes them while the slice lives.
+    unsafe fn q_at<'a>(self, offset: usize, len: usize) -> &'a [f32] {
+        // SAFETY: as the caller promised
+        unsafe { std::slice::from_raw_parts(self.q.add(offset), len) }
+    }
+}
+
+/// K and V of every cached row, quantised for all tasks of a call.
+struct Quantized {
+    nk: usize,
+    /// groups of four keys in `v4` (nk / 4 rounded up)
+    groups: usize,
+    /// (n_kv_heads, nk, hd): smoothed keys
+    kq: Vec<i8>,
+    /// (n_kv_heads, nk): each key's scale
+    kscale: Vec<f32>,
+    /// (n_kv_heads, nk): 128 x the sum of the key's bytes (what the u8 query offset adds)
+    kcorr: Vec<i32>,
+    /// (n_kv_heads, groups, hd, 4): smoothed values, four keys of a channel together
+    v4: Vec<i8>,
+    /// (n_kv_heads, nk / BLOCK rounded up, hd): each channel's scale in each block
+    vscale: Vec<f32>,
+    /// (n_kv_heads, hd): the mean value, added back to the output
+    vmean: Vec<f32>,
+    /// (n_kv_heads, hd): each key channel's divisor, the queries' factor
+    kchan: Vec<f32>,
+}
+
+/// One block of `quantize`'s output before it is assembled.
+struct BlockOut {
+    kq: Vec<i8>,
+    kscale: Vec<f32>,
+    kcorr: Vec<i32>,
+    /// (n_kv_heads, hd, kb)
+    vt: Vec<i8>,
+    vscale: Vec<f32>,
+}
+
+/// round(x) to nearest even, clamped to ±127 (the low mantissa bits of x + 1.5 * 2^23: no libm
+/// call where the baseline has no rounding instruction).
+#[inline(always)]
+fn round_i8(x: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-127.0, 127.0);
+    ((x + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
+}
+
+/// Widen, smooth and round K and V (see the module docs), one block of keys per task.
+fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
+    let nk = kv.positions.len();
+    let kv_dim = n_kv * hd;
+    let words = kv.dtype.stored_len(kv_dim);
+    let nb = nk.div_ceil(BLOCK);
+    let widen = |src: &[u16], b: usize| {
+        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(nk));
+        let mut out = vec![0.0f32; (j1 - j0) * kv_dim];
+        kv.dtype.decode(&src[j0 * words..j1 * words], &mut out);
+        out
+    };
+    // per column: sum, min and max
+    type Stats = (Vec<f64>, Vec<f32>, Vec<f32>);
+    let empty = || -> Stats {
+        (
+            vec![0.0; kv_dim],
+            vec![f32::INFINITY; kv_dim],
+            vec![f32::NEG_INFINITY; kv_dim],
+        )
+    };
+    let columns = |x: &[f32]| {
+        let mut st = empty();
+        for row in x.chunks_exact(kv_dim) {
+            for (c, &x) in row.iter().enumerate() {
+                st.0[c] += x as f64;
+                st.1[c] = st.1[c].min(x);
+                st.2[c] = st.2[c].max(x);
+            }
+        }
+        st
+    };
+    let merge = |mut a: Stats, b: Stats| {
+        a.0.iter_mut().zip(b.0).for_each(|(a, b)| *a += b);
+        a.1.iter_mut().zip(b.1).for_each(|(a, b)| *a = a.min(b));
+        a.2.iter_mut().zip(b.2).for_each(|(a, b)| *a = a.max(b));
+        a
+    };
+    let (kst, vst) = (0..nb)
+        .into_par_iter()
+        .map(|b| (columns(&widen(kv.k, b)), columns(&widen(kv.v, b))))
+        .reduce(
+            || (empty(), empty()),
+            |a, b| (merge(a.0, b.0), merge(a.1, b.1)),
+        );
+    let mean =
+        |s: &[f64]| -> Vec<f32> { s.iter().map(|&x| (x / nk.max(1) as f64) as f32).collect() };
+    let (kmean, vmean) = (mean(&kst.0), mean(&vst.0));
+    // SmoothQuant's balance (Xiao et al., arXiv 2211.10438, migration strength 1/2): channel c of
+    // the smoothed keys is divided by sqrt(max|k_c| / max|q_c|) and the queries multiplied by it,
+    // so both operands of a channel span the same range and quiet channels keep their levels
+    let kchan: Vec<f32> = (0..kv_dim)
+        .map(|c| {
+            let ka = (kst.2[c] - kmean[c]).max(kmean[c] - kst.1[c]);
+            let r = (ka / qmax[c]).sqrt();
+            if r.is_finite() && r > 0.0 {
+                r
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let blocks: Vec<BlockOut> = (0..nb)
+        .into_par_iter()
+        .map(|b| {
+            let (k, v) = (widen(kv.k, b), widen(kv.v, b));
+            let kb = k.len() / kv_dim;
+            let mut o = BlockOut {
+                kq: vec![0; n_kv * kb * hd],
+                kscale: vec![0.0; n_kv * kb],
+                kcorr: vec![0; n_kv * kb],
+                vt: vec![0; n_kv * hd * kb],
+                vscale: vec![0.0; n_kv * hd],
+            };
+            let mut x = vec![0.0f32; hd];
+            for g in 0..n_kv {
+                let mu = &kmean[g * hd..][..hd];
+                let ch = &kchan[g * hd..][..hd];
+                for j in 0..kb {
+                    let row = &k[j * kv_dim + g * hd..][..hd];
+                    for (d, x) in x.iter_mut().enumerate() {
+                        *x = (row[d] - mu[d]) / ch[d];
+                    }
+                    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    let q = &mut o.kq[(g * kb + j) * hd..][..hd];
+                    q.iter_mut()
+                        .zip(&x)
+                        .for_each(|(q, &x)| *q = round_i8(x * inv));
+                    o.kscale[g * kb + j] = scale;
+                    o.kcorr[g * kb + j] = 128 * q.iter().map(|&q| q as i32).sum::<i32>();
+                }
+                for d in 0..hd {
+                    let (c, mu) = (g * hd + d, vmean[g * hd + d]);
+                    let amax = (0..kb).fold(0.0f32, |m, j| m.max((v[j * kv_dim + c] - mu).abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    let dst = &mut o.vt[(g * hd + d) * kb..][..kb];
+                    for (j, q) in dst.iter_mut().enumerate() {
+                        *q = round_i8((v[j * kv_dim + c] - mu) * inv);
+                    }
+                    o.vscale[g * hd + d] = scale;
+                }
+            }
+            o
+        })
+        .collect();
+    let groups = nk.div_ceil(4);
+    let mut z = Quantized {
+        nk,
+        groups,
+        kq: vec![0; n_kv * nk * hd],
+        kscale: vec![0.0; n_kv * nk],
+        kcorr: vec![0; n_kv * nk],
+        v4: vec![0; n_kv * groups * hd * 4],
+        vscale: vec![0.0; n_kv * nb * hd],
+        vmean,
+        kchan,
+    };
+    for (b, o) in blocks.iter().enumerate() {
+        let j0 = b * BLOCK;
+        let kb = o.kscale.len() / n_kv;
+        for g in 0..n_kv {
+            z.kq[(g * nk + j0) * hd..][..kb * hd].copy_from_slice(&o.kq[g * kb * hd..][..kb * hd]);
+            z.kscale[g * nk + j0..][..kb].copy_from_slice(&o.kscale[g * kb..][..kb]);
+            z.kcorr[g * nk + j0..][..kb].copy_from_slice(&o.kcorr[g * kb..][..kb]);
+            for d in 0..hd {
+                for (j, &q) in o.vt[(g * hd + d) * kb..][..kb].iter().enumerate() {
+                    let j = j0 + j;
+                    z.v4[((g * groups + j / 4) * hd + d) * 4 + j % 4] = q;
+                }
+            }
+            z.vscale[(g * nb + b) * hd..][..hd].copy_from_slice(&o.vscale[g * hd..][..hd]);
+        }
+    }
+    z
+}
+
+/// One task's inputs.
+struct Job<'a> {
+    cells: Cells,
+    q_pos: &'a [u32],
+    k_pos: &'a [u32],
+    key_ranges: &'a [Range<usize>],
+    shape: AttnShape,
+    z: &'a Quantized,
+    g: usize,
+    r0: usize,
+    rows: usize,
+}
+
+/// max |q| of each channel of each KV head's group of query heads: (n_kv_heads, hd).
+///
+/// # Safety
+/// As [`tiled`]: `cells.q` holds (nq, n_heads * hd) floats, nothing writes them meanwhile.
+unsafe fn query_max(cells: Cells, nq: usize, shape: AttnShape) -> Vec<f32> {
+    let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+    let q_dim = shape.n_heads * hd;
+    let kv_dim = shape.n_kv_heads * hd;
+    (0..nq.div_ceil(TILE_ROWS))
+        .into_par_iter()
+        .map(|t| {
+            let mut m = vec![0.0f32; kv_dim];
+            for r in t * TILE_ROWS..((t + 1) * TILE_ROWS).min(nq) {
+                // SAFETY: row r < nq of the query buffer, read only
+                let row = unsafe { cells.q_at(r * q_dim, q_dim) };
+                for (h, head) in row.chunks_exact(hd).enumerate() {
+                    let mg = &mut m[h / group * hd..][..hd];
+                    mg.iter_mut()
+                        .zip(head)
+                        .for_each(|(m, x)| *m = m.max(x.abs()));
+                }
+            }
+            m
+        })
+        .reduce(
+            || vec![0.0; kv_dim],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(b));
+                a
+            },
+        )
+}
+
+/// Quantise K and V, then one task per (KV head, tile of query rows) over both cores.
+///
+/// # Safety
+/// `cells.q` and `cells.out` point to (nq, n_heads * hd) floats each, checked by [`check`];
+/// they may be the same buffer: a task reads its query cells before it writes any output cell,
+/// and tasks' cells are disjoint (they differ in tile or in KV head).
+unsafe fn tiled(
+    path: Int8Path,
+    cells: Cells,
+    q_pos: &[u32],
+    kv: KvView,
+    key_ranges: &[Range<usize>],
+    shape: AttnShape,
+) {
+    let z = quantize(
+        kv,
+        shape.n_kv_heads,
+        shape.head_dim,
+        &query_max(cells, q_pos.len(), shape),
+    );
+    let nq = q_pos.len();
+    let n_tiles = nq.div_ceil(TILE_ROWS);
+    (0..shape.n_kv_heads * n_tiles)
+        .into_par_iter()
+        .for_each(|t| {
+            let (g, tile) = (t % shape.n_kv_heads, t / shape.n_kv_heads);
+            let r0 = tile * TILE_ROWS;
+            let job = Job {
+                cells,
+                q_pos,
+                k_pos: kv.positions,
+                key_ranges,
+                shape,
+                z: &z,
+                g,
+                r0,
+                rows: TILE_ROWS.min(nq - r0),
+            };
+            SCRATCH.with_borrow_mut(|s| match path {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Int8Path::Vnni512 comes from `fast()`, so the CPU has the features;
+                // the job's cells are this task's own (the caller's promise)
+                Int8Path::Vnni512 => unsafe { task_vnni(&job, s) },
+                // SAFETY: as above
+                _ => unsafe { task::<false>(&job, s) },
+            });
+        });
+}
+
+/// Per-thread buffers, reused across tasks and calls.
+#[derive(Default)]
+struct Scratch {
+    /// (vectors, hd/4, 16, 4) the rows' queries as u8
+    qpack: Vec<u8>,
+    /// (vectors, 16) query scales; visible keys per row
+    qscale: Vec<f32>,
+    vis: Vec<i32>,
+    /// (vectors, 16) running max and sum; (vectors, hd, 16) output accumulators
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    o: Vec<f32>,
+    /// (BLOCK, 16) raw dots, then logits
+    dots: Vec<i32>,
+    logits: Vec<f32>,
+    /// (BLOCK / 4, 16) probabilities, four keys a u32; (hd, 16) their sums with V
+    p4: Vec<u32>,
+    pv: Vec<i32>,
+    /// (BLOCK / 4) which group of four keys each entry of `p4` is
+    at: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// `task` with the VNNI microkernels, compiled for AVX-512 so the float loops vectorise.
+///
+/// # Safety
+/// As `task`, and the CPU has AVX-512F/BW/VNNI and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn task_vnni(job: &Job, s: &mut Scratch) {
+    // SAFETY: as the caller promised
+    unsafe { task::<true>(job, s) }
+}
+
+/// One task: the query heads of KV head `job.g` for rows r0..r0+rows, stacked and cut into
+/// vectors of 16 rows, against the quantised keys, block by block with an online softmax.
+///
+/// # Safety
+/// The job's (row, head) cells are this task's only, inside the buffers; with `VNNI` the CPU
+/// has AVX-512F/BW/VNNI.
+#[inline(always)]
+unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = job.shape;
+    let (g, r0, rows, z) = (job.g, job.r0, job.rows, job.z);
+    let group = n_heads / n_kv_heads;
+    let q_stride = n_heads * hd;
+    let m = group * rows;
+    let nv = m.div_ceil(LANES);
+    let hd4 = hd / 4;
+    let nk = z.nk;
+    let nb = nk.div_ceil(BLOCK);
+    let tile_pos = &job.q_pos[r0..r0 + rows];
+    let max_pos = tile_pos.iter().copied().max().unwrap_or(0);
+    let keys = job.k_pos.partition_point(|&p| p <= max_pos);
+
+    s.qpack.clear();
+    s.qpack.resize(nv * hd4 * LANES * 4, 128);
+    s.qscale.clear();
+    s.qscale.resize(nv * LANES, 1.0);
+    s.vis.clear();
+    s.vis.resize(nv * LANES, 0);
+    s.max.clear();
+    s.max.resize(nv * LANES, f32::NEG_INFINITY);
+    s.sum.clear();
+    s.sum.resize(nv * LANES, 0.0);
+    s.o.clear();
+    s.o.resize(nv * hd * LANES, 0.0);
+    s.dots.resize(BLOCK * LANES, 0);
+    s.logits.resize(BLOCK * LANES, 0.0);
+    s.p4.resize(BLOCK / 4 * LANES, 0);
+    s.at.resize(BLOCK / 4, 0);
+    s.pv.resize(hd * LANES, 0);
+
+    // stacked row i = (head h of the group, tile row r): its visible keys and its query as u8
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kchan = &z.kchan[g * hd..][..hd];
+    for i in 0..m {
+        let (h, r) = (i / rows, i % rows);
+        let (v, lane) = (i / LANES, i % LANES);
+        s.vis[i] = job.k_pos[..keys].partition_point(|&kp| kp <= tile_pos[r]) as i32;
+        let at = (r0 + r) * q_stride + (g * group + h) * hd;
+        // SAFETY: cell (r0 + r, head) is in bounds and this task's; nothing writes it before
+        // the end of the task
+        let raw = unsafe { std::slice::from_raw_parts(job.cells.q.add(at), hd) };
+        // the query times its KV head's channel factors (see `quantize`)
+        let q: Vec<f32> = raw.iter().zip(kchan).map(|(x, c)| x * c).collect();
+        let amax = q.iter().fold(0.0f32, |m, x| m.max(x.abs())) * scale;
+        let qs = amax / 127.0;
+        let inv = if qs > 0.0 { scale / qs } else { 0.0 };
+        // logits in log2 units (the softmax takes powers of two); positive, so that a masked
+        // logit times it stays -inf
+        s.qscale[i] = (qs * std::f32::consts::LOG2_E).max(f32::MIN_POSITIVE);
+        for (d, &x) in q.iter().enumerate() {
+            let b = (round_i8(x * inv) as i32 + 128) as u8;
+            s.qpack[((v * hd4 + d / 4) * LANES + lane) * 4 + d % 4] = b;
+        }
+    }
+    // each row vector's first and last visible key (+1), over its real rows
+    let span = |v: usize| {
+        let lanes = &s.vis[v * LANES..(v * LANES + LANES).min(m)];
+        let lo = lanes.iter().copied().min().unwrap_or(0) as usize;
+        let hi = lanes.iter().copied().max().unwrap_or(0) as usize;
+        (lo, hi)
+    };
+    let spans: Vec<(usize, usize)> = (0..nv).map(span).collect();
+
+    let kq = &z.kq[g * nk * hd..][..nk * hd];
+    let kscale = &z.kscale[g * nk..][..nk];
+    let kcorr = &z.kcorr[g * nk..][..nk];
+    let v4 = &z.v4[g * z.groups * hd * 4..][..z.groups * hd * 4];
+    for range in job.key_ranges {
+        let end = range.end.min(keys);
+        let mut j0 = range.start;
+        while j0 < end {
+            let j1 = ((j0 / STEP_KEYS + 1) * STEP_KEYS).min(end);
+            let vscale = &z.vscale[(g * nb + j0 / BLOCK) * hd..][..hd];
+            // from the group of four that holds j0: its first `dead` keys are outside the range
+            let ja = j0 & !3;
+            let dead = j0 - ja;
+            for (v, &(lo, hi)) in spans.iter().enumerate() {
+                if j1.min(hi) <= j0 {
+                    continue;
+                }
+                let ke = j1.min(hi) - ja;
+                // raw dots (ke, 16)
+                let q = &s.qpack[v * hd4 * LANES * 4..][..hd4 * LANES * 4];
+                if VNNI {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq, dots holds
+                    // BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
+                    unsafe {
+                        dot::x86::qk_vnni(
+                            q.as_ptr(),
+                            kq.as_ptr().add(ja * hd),
+                            kcorr.as_ptr().add(ja),
+                            hd,
+                            ke,
+                            s.dots.as_mut_ptr(),
+                        )
+                    };
+                } else {
+                    dot::qk_scalar(q, &kq[ja * hd..], &kcorr[ja..], hd, ke, &mut s.dots);
+                }
+                // logits before the query scale, causal mask, block max; keys below `lo` are
+                // visible to every row of the vector
+                let qs: &[f32; LANES] = s.qscale[v * LANES..][..LANES].try_into().unwrap();
+                let vis: &[i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
+                let open = lo.clamp(ja, ja + ke) - ja;
+                let ks = &kscale[ja..ja + ke];
+                let raw_max = if VNNI {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX-512F (the caller's promise)
+                    unsafe {
+                        softmax::x86::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
+                };
+                // in log2 units (qs > 0 keeps the order and -inf)
+                let bmax: [f32; LANES] = std::array::from_fn(|l| raw_max[l] * qs[l]);
+                // online softmax: the correction of what came before, and this block's factor
+                let mut corr = [0.0f32; LANES];
+                let mut factor = [0.0f32; LANES];
+                let mut base = [0.0f32; LANES];
+                let run = &mut s.max[v * LANES..][..LANES];
+                for l in 0..LANES {
+                    let new = fmax(run[l], bmax[l]);
+                    let new_safe = if new == f32::NEG_INFINITY { 0.0 } else { new };
+                    base[l] = if bmax[l] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        bmax[l]
+                    };
+                    corr[l] = exp_nonpositive((run[l] - new_safe) * std::f32::consts::LN_2);
+                    factor[l] =
+                        exp_nonpositive((bmax[l] - new_safe) * std::f32::consts::LN_2) / 255.0;
+                    run[l] = new;
+                }
+                // probabilities against the block max, as u8, four keys a u32; then P·V
+                let psum = if VNNI {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX-512F/BW/VNNI and FMA; logits holds ke rows, p4 and
+                    // at BLOCK / 4
+                    unsafe {
+                        let (psum, kept) =
+                            softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                        // p4 and at hold `kept` entries, groups ja / 4 + at < groups
+                        dot::x86::pv_vnni(
+                            s.p4.as_ptr(),
+                            s.at.as_ptr(),
+                            v4.as_ptr().add(ja * hd),
+                            hd,
+                            kept,
+                            s.pv.as_mut_ptr(),
+                        );
+                        softmax::x86::accumulate(
+                            &mut s.o[v * hd * LANES..][..hd * LANES],
+                            &s.pv,
+                            vscale,
+                            &corr,
+                            &factor,
+                        );
+                        psum
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    let (psum, kept) =
+                        softmax::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                    let (p4, at) = (&s.p4, &s.at);
+                    dot::pv_scalar(p4, at, &v4[ja * hd..], hd, kept, &mut s.pv);
+                    let o = &mut s.o[v * hd * LANES..][..hd * LANES];
+                    softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
+                    psum
+                };
+                let sum = &mut s.sum[v * LANES..][..LANES];
+                for l in 0..LANES {
+                    sum[l] = sum[l] * corr[l] + psum[l] as f32 * factor[l];
+                }
+            }
+            j0 = j1;
+        }
+    }
+    let vmean = &z.vmean[g * hd..][..hd];
+    for i in 0..m {
+        let (h, r) = (i / rows, i % rows);
+        let (v, lane) = (i / LANES, i % LANES);
+        let total = s.sum[i];
+        let at = (r0 + r) * q_stride + (g * group + h) * hd;
+        // SAFETY: cell (r0 + r, head) is in bounds and this task's; its query was read above
+        let out = unsafe { std::slice::from_raw_parts_mut(job.cells.out.add(at), hd) };
+        let o = &s.o[v * hd * LANES..];
+        for (d, x) in out.iter_mut().enumerate() {
+            *x = if total > 0.0 {
+                o[d * LANES + lane] / total + vmean[d]
+            } else {
+                0.0
+            };
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The 8-bit kernel against the f32 one (the exact reference) on odd shapes, and its paths
+//! against each other (the same integers, so the same bits). Each test prints the paths it ran.
+
+// one key range covering every key is the common case
+#![allow(clippy::single_range_in_vec_init)]
+
+use super::*;
+use crate::backend::attention::{attention, attention_in_place_with, AttentionKind};
+use crate::backend::kv_format::KvDtype;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn patterned(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Queries and keys shaped like a real layer's: logits spread over several units (a peaked
+/// softmax), a few loud key channels with an offset shared by every key (what smoothing
+/// removes), and values with per-channel offsets.
+fn inputs(nq: usize, nk: usize, shape: AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = shape.head_dim;
+    let mut q = patterned(nq * shape.n_heads * hd, seed);
+    q.iter_mut().for_each(|x| *x *= 3.0);
+    let mut k = patterned(nk * shape.n_kv_heads * hd, seed + 1);
+    for (i, x) in k.iter_mut().enumerate() {
+        let d = i % hd;
+        if d % 16 == 3 {
+            *x = *x * 4.0 + 6.0;
+        }
+    }
+    let mut v = patterned(nk * shape.n_kv_heads * hd, seed + 2);
+    for (i, x) in v.iter_mut().enumerate() {
+        *x += ((i % hd) as f32 - 20.0) * 0.05;
+    }
+    (q, k, v)
+}
+
+/// K and V stored as `dtype` words.
+fn store(dtype: KvDtype, x: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; dtype.stored_len(x.len())];
+    dtype.encode(x, &mut out);
+    out
+}
+
+/// The 8-bit kernel on every path against the f32 kernel on the same cache: the paths agree
+/// bit for bit (also written in place), and the error against f32 is within `max_err` (largest)
+/// and `rms_err` (root mean square), both relative to the output's root mean square.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    q_pos: &[u32],
+    k_pos: &[u32],
+    ranges: &[Range<usize>],
+    shape: AttnShape,
+    dtype: KvDtype,
+    seed: u64,
+    max_err: f32,
+    rms_err: f32,
+) {
+    let (q, k, v) = inputs(q_pos.len(), k_pos.len(), shape, seed);
+    let (ks, vs) = (store(dtype, &k), store(dtype, &v));
+    let view = KvView {
+        k: &ks,
+        v: &vs,
+        positions: k_pos,
+        dtype,
+    };
+    let mut want = vec![f32::NAN; q.len()];
+    attention(&q, q_pos, view, ranges, shape, &mut want).unwrap();
+    let scale = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+    let mut first: Option<Vec<f32>> = None;
+    for path in Int8Path::available() {
+        let mut got = vec![f32::NAN; q.len()];
+        attention_int8(path, &q, q_pos, view, ranges, shape, &mut got).unwrap();
+        let mut qo = q.clone();
+        attention_int8_in_place(path, &mut qo, q_pos, view, ranges, shape).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&qo), bits(&got), "{path:?}: in place differs");
+        if let Some(f) = &first {
+            assert_eq!(bits(&got), bits(f), "{path:?} differs from the first path");
+        }
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let rms = (got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / got.len() as f32)
+            .sqrt();
+        println!(
+            "int8 attention on {path:?} (nq {}, nk {}, {dtype:?}): max err {:.4}, rms err {:.4} \
+             of output rms {scale:.3}",
+            q_pos.len(),
+            k_pos.len(),
+            worst / scale,
+            rms / scale
+        );
+        assert!(
+            worst <= max_err * scale && rms <= rms_err * scale,
+            "{path:?}: max err {} rms err {} (output rms {scale}, nq {}, nk {})",
+            worst / scale,
+            rms / scale,
+            q_pos.len(),
+            k_pos.len()
+        );
+        first.get_or_insert(got);
+    }
+}
+
+const GQA: AttnShape = AttnShape {
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+};
+
+#[test]
+fn prefill_of_odd_length_matches_f32() {
+    // 203 rows: a partial tile whose row vectors mix heads; 203 keys: a partial block
+    let pos: Vec<u32> = (0..203).collect();
+    check(&pos, &pos, &[0..203], GQA, KvDtype::F16, 1, 0.05, 0.004);
+}
+
+#[test]
+fn prefill_across_key_blocks_matches_f32() {
+    // 600 keys: two whole blocks of 256 and a partial one
+    let pos: Vec<u32> = (0..600).collect();
+    check(&pos, &pos, &[0..600], GQA, KvDtype::F16, 2, 0.05, 0.004);
+}
+
+#[test]
+fn continuation_over_a_q8_cache_matches_f32() {
+    // a follow-up turn: 91 new rows after 309 cached ones, the cache in Q8
+    let k_pos: Vec<u32> = (0..400).collect();
+    check(
+        &k_pos[309..],
+        &k_pos,
+        &[0..400],
+        GQA,
+        KvDtype::Q8,
+        3,
+        0.05,
+        0.004,
+    );
+}
+
+#[test]
+fn pruned_rows_with_gapped_positions_and_key_ranges_match_f32() {
+    // SlimInfer's rectangle: kept queries and keys with holes in their positions, and key
+    // ranges that start inside a block (and inside a group of four keys) and cross a block
+    // boundary
+    let k_pos: Vec<u32> = (0..900)
+        .filter(|p| p % 7 != 3 && !(64..128).contains(p))
+        .collect();
+    let q_pos: Vec<u32> = k_pos.iter().copied().filter(|p| p % 3 == 0).collect();
+    let nk = k_pos.len();
+    check(
+        &q_pos,
+        &k_pos,
+        &[0..64, 101..300, 503..nk],
+        GQA,
+        KvDtype::F16,
+        4,
+        0.05,
+        0.004,
+    );
+}
+
+#[test]
+fn wide_heads_and_groups_of_two_match_f32() {
+    let shape = AttnShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 128,
+    };
+    let pos: Vec<u32> = (0..333).collect();
+    check(&pos, &pos, &[0..333], shape, KvDtype::Bf16, 5, 0.05, 0.004);
+}
+
+#[test]
+fn query_before_every_key_outputs_zero() {
+    let shape = AttnShape {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 16,
+    };
+    let q = patterned(2 * 2 * 16, 6);
+    let (k, v) = (patterned(3 * 16, 7), patterned(3 * 16, 8));
+    let (ks, vs) = (store(KvDtype::F16, &k), store(KvDtype::F16, &v));
+    let view = KvView {
+        k: &ks,
+        v: &vs,
+        positions: &[5, 6, 7],
+        dtype: KvDtype::F16,
+    };
+    for path in Int8Path::available() {
+        let mut out = vec![f32::NAN; q.len()];
+        attention_int8(path, &q, &[1, 6], view, &[0..3], shape, &mut out).unwrap();
+        assert!(out[..32].iter().all(|&x| x == 0.0), "{path:?}");
+        assert!(
+            out[32..].iter().all(|x| x.is_finite() && *x != 0.0),
+            "{path:?}"
+        );
+    }
+}
+
+#[test]
+fn f32_kind_is_the_f32_kernel_bit_for_bit() {
+    let pos: Vec<u32> = (0..150).collect();
+    let (q, k, v) = inputs(150, 150, GQA, 9);
+    let (ks, vs) = (store(KvDtype::F16, &k), store(KvDtype::F16, &v));
+    let view = KvView {
+        k: &ks,
+        v: &vs,
+        positions: &pos,
+        dtype: KvDtype::F16,
+    };
+    let mut want = vec![0.0; q.len()];
+    attention(&q, &pos, view, &[0..150], GQA, &mut want).unwrap();
+    let mut got = q.clone();
+    attention_in_place_with(AttentionKind::F32, &mut got, &pos, view, &[0..150], GQA).unwrap();
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert_eq!(AttentionKind::F32.int8_path(150, 64), None);
+    assert_eq!(AttentionKind::Int8.int8_path(150, 64), Int8Path::fast());
+    assert_eq!(AttentionKind::Int8.int8_path(150, 40), None);
+    assert_eq!(AttentionKind::Int8.int8_path(1, 64), None);
+    println!("this CPU's 8-bit path: {:?}", Int8Path::fast());
+}
+
+/// Timing, not a check: `cargo test --release --lib int8_attention_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn int8_attention_speed() {
+    for n in [2048usize, 4096] {
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let (q, k, v) = inputs(n, n, GQA, 11);
+        let (ks, vs) = (store(KvDtype::F16, &k), store(KvDtype::F16, &v));
+        let view = KvView {
+            k: &ks,
+            v: &vs,
+            positions: &pos,
+            dtype: KvDtype::F16,
+        };
+        let mut out = vec![0.0; q.len()];
+        let time = |f: &mut dyn FnMut()| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let f32_ms = time(&mut || attention(&q, &pos, view, &[0..n], GQA, &mut out).unwrap());
+        let path = Int8Path::fast().unwrap_or(Int8Path::Scalar);
+        let int8_ms =
+            time(&mut || attention_int8(path, &q, &pos, view, &[0..n], GQA, &mut out).unwrap());
+        println!("{n} tokens: f32 {f32_ms:.1} ms, int8 ({path:?}) {int8_ms:.1} ms");
+    }
+}

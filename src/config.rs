@@ -178,13 +178,8 @@ impl AppConfig {
                 "{origin}: [serve] queue must be at least 1"
             )));
         }
-        let url = &cfg.backend.url;
-        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
-            return Err(Error::Config(format!(
-                "{origin}: [backend] url must start with http:// or https://, got {:?}",
-                cfg.backend.url
-            )));
-        }
+        check_backend_url(&cfg.backend.url)
+            .map_err(|e| Error::Config(format!("{origin}: [backend] {e}")))?;
         if cfg.chat.max_tokens == 0 {
             return Err(Error::Config(format!(
                 "{origin}: [chat] max_tokens must be at least 1"
@@ -215,6 +210,17 @@ impl AppConfig {
 }
 
 /// `$SLIMCHAT_CONFIG`, else `<XDG config dir>/slimchat/config.toml`.
+/// A remote engine's address is an http(s) URL; empty means the local engine.
+pub fn check_backend_url(url: &str) -> std::result::Result<(), String> {
+    if url.is_empty() || url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "url must start with http:// or https://, got {url:?}"
+        ))
+    }
+}
+
 pub fn default_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SLIMCHAT_CONFIG") {
         return Some(PathBuf::from(p));

@@ -774,6 +774,12 @@ impl Engine {
                 };
                 reused = 0;
             }
+        } else if self.slim.enabled && reused > 0 && prompt.len() - reused > reused {
+            // The cache was prefilled dense (pruning was off), and a session prunes from
+            // position 0: a follow-up reuses the dense rows, but a prompt that is mostly new (a
+            // new document) starts over, pruned.
+            kind = PrefillKind::Reprefilled;
+            reused = 0;
         }
         // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
         self.plan_kv(prompt.len(), reused == 0)?;

@@ -41,6 +41,10 @@ struct Cli {
     /// List saved conversations (ids for --resume) and exit
     #[arg(long)]
     list: bool,
+    /// Chat screen on a remote OpenAI-compatible engine, e.g. http://host:8080/v1 (else
+    /// [backend] url); its key from [backend] api_key or $SLIMCHAT_BACKEND_KEY
+    #[arg(long, value_name = "URL")]
+    backend_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -350,6 +354,11 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     if cli.common.kv_resident {
         cfg.kv.resident = true;
+    }
+    if let Some(url) = &cli.backend_url {
+        slimchat::config::check_backend_url(url)
+            .map_err(|e| Error::Usage(format!("--backend-url: {e}")))?;
+        cfg.backend.url = url.clone();
     }
     cfg.slim.validate_keys().map_err(Error::Usage)?;
     if cfg.model.threads > 0 {

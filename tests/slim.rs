@@ -345,3 +345,29 @@ fn revived_rows_carry_on_through_later_stages() {
         assert!(p.windows(2).all(|w| w[0] < w[1]), "layer {layer} in order");
     }
 }
+
+#[test]
+fn pruning_turned_on_after_a_dense_answer_prunes_a_new_document_and_reuses_for_a_follow_up() {
+    let mut e = engine(dense());
+    let n = 3000;
+    let doc = prose(&e, n);
+    // a dense answer leaves a short prompt in the cache; the document shares its first tokens
+    e.prefill(&doc[..40], &mut |_| {}).unwrap();
+    e.set_slim(SlimConfig::default()).unwrap();
+    let (_, reused) = e.prefill(&doc, &mut |_| {}).unwrap();
+    assert_eq!(reused, 0, "the document starts over");
+    assert!(
+        e.kept_per_layer()[29] < n,
+        "pruned: {:?}",
+        e.kept_per_layer()
+    );
+
+    // a dense document, then pruning on, then a short follow-up: the dense rows are reused
+    let mut e = engine(dense());
+    e.prefill(&doc, &mut |_| {}).unwrap();
+    e.set_slim(SlimConfig::default()).unwrap();
+    let longer = prose(&e, n + 20);
+    let (_, reused) = e.prefill(&longer, &mut |_| {}).unwrap();
+    assert_eq!(reused, n);
+    assert_eq!(e.kept_per_layer(), vec![n + 20; 30]);
+}

@@ -211,9 +211,11 @@ fn to_messages(req: &ChatCompletionRequest) -> Result<Vec<Message>, Response> {
                 "system" | "developer" => Role::System,
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
-                other => return Err(bad_request(format!(
+                other => {
+                    return Err(bad_request(format!(
                     "message role {other:?} is not supported (system, developer, user, assistant)"
-                ))),
+                )))
+                }
             };
             Ok(Message::new(role, m.text().map_err(bad_request)?))
         })

@@ -14,6 +14,7 @@ pub mod fuzz;
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
 pub mod headless;
+pub mod heap_budget;
 pub mod kernel_bench;
 pub mod kv;
 pub mod metrics;

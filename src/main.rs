@@ -24,6 +24,11 @@ use slimchat::perplexity::{self, PerplexityConfig};
 use slimchat::tui::store::Store;
 use slimchat::{Error, Result};
 
+/// The system allocator with per-thread budgets: a chat template's render thread is stopped
+/// at its budget instead of taking the machine's memory (src/heap_budget.rs).
+#[global_allocator]
+static ALLOC: slimchat::heap_budget::BudgetedAlloc = slimchat::heap_budget::BudgetedAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "slimchat",

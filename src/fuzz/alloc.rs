@@ -4,11 +4,15 @@
 //! request above [`HARD_CAP`] (the process then aborts, which the runner reports) so that one
 //! bad case cannot take the machine's memory.
 //!
+//! It also enforces [`crate::heap_budget`]'s per-thread budgets, as the binary's allocator does.
+//!
 //! Install it with `#[global_allocator] static A: slimchat::fuzz::alloc::Tracking =
 //! slimchat::fuzz::alloc::Tracking;`; without it `take_largest` always reads 0.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::heap_budget;
 
 /// Largest single allocation a fuzz process makes: 2 GiB.
 pub const HARD_CAP: usize = 2 << 30;
@@ -21,6 +25,7 @@ pub struct Tracking;
 unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        heap_budget::charge(layout.size() as isize);
         if layout.size() > HARD_CAP {
             return std::ptr::null_mut();
         }
@@ -29,6 +34,7 @@ unsafe impl GlobalAlloc for Tracking {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        heap_budget::charge(layout.size() as isize);
         if layout.size() > HARD_CAP {
             return std::ptr::null_mut();
         }
@@ -36,11 +42,13 @@ unsafe impl GlobalAlloc for Tracking {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        heap_budget::charge(-(layout.size() as isize));
         System.dealloc(ptr, layout)
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
+        heap_budget::charge(new_size as isize - layout.size() as isize);
         if new_size > HARD_CAP {
             return std::ptr::null_mut();
         }

@@ -18,14 +18,17 @@
 //! Python helpers cap what their arguments can size. A model's template that does not compile,
 //! or does not render a one-message probe conversation into text that holds the message, is
 //! replaced at load by its family's known format ([`super::known_templates`]) with a
-//! [`ChatTemplate::note`] saying why. Not bounded: the memory a template can take by repeatedly
-//! doubling a string (`ns.s = ns.s ~ ns.s` in a loop: 31 doublings ask for 2 GiB); minijinja
-//! has no hook on string concatenation, so such a template can still exhaust memory.
+//! [`ChatTemplate::note`] saying why. Memory is bounded too: the render thread may hold at most
+//! [`TEMPLATE_HEAP`] plus 16 bytes per byte of the conversation's JSON, and a template that asks
+//! for more (a string doubled in a loop: `ns.s = ns.s ~ ns.s`, 31 doublings ask for 2 GiB) is
+//! stopped by the allocator ([`crate::heap_budget`]); that template is never run again.
 
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use minijinja::{Environment, ErrorKind};
@@ -33,13 +36,16 @@ use serde::Serialize;
 
 use super::known_templates::{self, CHATML};
 use super::pyjinja;
-use crate::{Error, Result};
+use crate::{heap_budget, Error, Result};
 
 /// Instructions one render may run: a 2000-message conversation through each known format
 /// renders within it (a test checks), a runaway loop stops within about a second.
 pub const TEMPLATE_FUEL: u64 = 4_000_000;
 /// Longest a render may take.
 pub const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Heap a render may hold beyond 16 bytes per byte of the conversation's JSON: a 2000-message
+/// conversation renders in a few MiB.
+pub const TEMPLATE_HEAP: usize = 256 << 20;
 /// Nesting of calls, loops and macros one render may reach.
 pub const TEMPLATE_RECURSION: usize = 100;
 /// The user message of the probe render at load.
@@ -94,6 +100,8 @@ pub struct ChatTemplate {
     now: Option<i64>,
     /// Why the model's own template is not the one in use, if it is not.
     note: Option<String>,
+    /// Set when a render ran past its heap budget: the template is not run again.
+    over_budget: Arc<AtomicBool>,
 }
 
 /// Extra template variables (`tools`, `enable_thinking`, `date_string`, ...), as JSON.
@@ -112,6 +120,7 @@ impl ChatTemplate {
             eos_token: eos_token.into(),
             now: None,
             note: None,
+            over_budget: Arc::default(),
         };
         guarded(|| template.environment().map(|_| ()))?;
         Ok(template)
@@ -131,6 +140,7 @@ impl ChatTemplate {
             eos_token: String::new(),
             now: None,
             note: None,
+            over_budget: Arc::default(),
         }
     }
 
@@ -201,6 +211,7 @@ impl ChatTemplate {
             note: Some(format!(
                 "the model's chat template does not work ({why}); using the {name} format instead"
             )),
+            over_budget: Arc::default(),
         })
     }
 
@@ -223,28 +234,52 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         vars: &TemplateVars,
     ) -> Result<String> {
+        if self.over_budget.load(Ordering::Acquire) {
+            return Err(over_budget_error());
+        }
         let messages = serde_json::to_value(messages)
             .map_err(|e| Error::Template(format!("messages: {e}")))?;
+        let heap = TEMPLATE_HEAP.saturating_add(messages.to_string().len().saturating_mul(16));
         // Fuel bounds the instructions, not the work of one (a `range` of 100,000, a string
         // method on 100 MB): the render runs on its own thread and is given up at the deadline,
-        // the thread finishing its fuel in the background.
+        // the thread finishing its fuel in the background. Its heap is bounded by the allocator,
+        // which stops the thread and raises `stopped` when it asks for more.
         let (tx, rx) = std::sync::mpsc::channel();
+        let stopped = Arc::new(AtomicBool::new(false));
         let this = self.clone();
         let vars = vars.clone();
+        let flag = stopped.clone();
         std::thread::Builder::new()
             .name("chat-template".into())
             .stack_size(8 << 20)
             .spawn(move || {
+                let budget = heap_budget::limit_current_thread(heap, flag);
                 let r = guarded(|| this.render_unguarded(messages, add_generation_prompt, &vars));
+                drop(budget);
                 let _ = tx.send(r);
             })
             .map_err(|e| Error::Template(format!("cannot start the render: {e}")))?;
-        match rx.recv_timeout(TEMPLATE_DEADLINE) {
-            Ok(r) => r,
-            Err(_) => Err(Error::Template(format!(
-                "rendering took longer than {} s",
-                TEMPLATE_DEADLINE.as_secs()
-            ))),
+        let deadline = Instant::now() + TEMPLATE_DEADLINE;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Timeout) if stopped.load(Ordering::Acquire) => {
+                    self.over_budget.store(true, Ordering::Release);
+                    return Err(over_budget_error());
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Template(
+                        "the render stopped without an answer".into(),
+                    ))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Template(format!(
+                        "rendering took longer than {} s",
+                        TEMPLATE_DEADLINE.as_secs()
+                    )))
+                }
+            }
         }
     }
 
@@ -295,6 +330,13 @@ impl ChatTemplate {
             .map_err(template_error)?;
         Ok(env)
     }
+}
+
+fn over_budget_error() -> Error {
+    Error::Template(format!(
+        "the template asked for more than {} MiB of memory and was stopped",
+        TEMPLATE_HEAP >> 20
+    ))
 }
 
 thread_local! {
@@ -396,6 +438,36 @@ mod tests {
                 other => panic!("expected a {want} error, got {other:?}"),
             }
         }
+    }
+
+    /// A template that doubles a string without end is stopped at its heap budget, in one line,
+    /// is not run again, and from a model file falls back to the family's format.
+    #[test]
+    fn a_template_that_doubles_a_string_is_stopped_at_its_memory_budget() {
+        let doubling = "{% set ns = namespace(s='ab') %}{% for i in range(60) %}\
+                        {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}";
+        let t = ChatTemplate::new(doubling, "", "").unwrap();
+        let start = std::time::Instant::now();
+        match t.render(&[Message::user("hi")], true) {
+            Err(Error::Template(m)) => assert!(m.contains("memory") && !m.contains('\n'), "{m}"),
+            other => panic!("expected a memory error, got {other:?}"),
+        }
+        assert!(
+            start.elapsed() < TEMPLATE_DEADLINE,
+            "stopped by the budget, not the deadline"
+        );
+        let again = std::time::Instant::now();
+        assert!(t.render(&[Message::user("hi")], true).is_err());
+        assert!(
+            again.elapsed() < std::time::Duration::from_millis(100),
+            "not run again"
+        );
+
+        let chatml = ["<|im_end|>", "<|im_start|>"];
+        let t = ChatTemplate::from_gguf(&content_with(Some(doubling), &chatml)).unwrap();
+        assert!(t.note().unwrap().contains("memory"), "{:?}", t.note());
+        let text = t.render(&[Message::user("hello")], true).unwrap();
+        assert!(text.contains("<|im_start|>user\nhello"), "{text:?}");
     }
 
     fn content_with(template: Option<&str>, tokens: &[&str]) -> gguf_file::Content {

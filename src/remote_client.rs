@@ -128,7 +128,17 @@ impl RemoteClient {
                     .unwrap_or_else(|_| body.chars().take(200).collect());
                 self.error(&format!("HTTP {code}: {msg}"))
             }
-            ureq::Error::Transport(t) => self.error(&format!("cannot reach it: {t}")),
+            // the transport's own text repeats the URL: its kind and message say enough
+            ureq::Error::Transport(t) => {
+                let mut why = t.kind().to_string();
+                if let Some(m) = t.message() {
+                    why = format!("{why}: {m}");
+                }
+                if let Some(src) = std::error::Error::source(&t) {
+                    why = format!("{why}: {src}");
+                }
+                self.error(&format!("cannot reach it ({why})"))
+            }
         }
     }
 

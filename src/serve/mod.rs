@@ -112,9 +112,12 @@ pub fn run(cfg: &AppConfig, engine: Engine, opts: ServeOptions) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Usage(format!("serve: cannot listen on {addr}: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: {e}"),
+            ))
+        })?;
         let bound = listener.local_addr()?;
         println!(
             "slimchat serve: {} on http://{bound}/v1 (queue {}{})",

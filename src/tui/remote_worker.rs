@@ -33,9 +33,7 @@ pub(super) fn remote_main(
     let client = match RemoteClient::connect(&cfg.backend) {
         Ok(c) => c,
         Err(e) => {
-            send(WorkerEvent::Error(format!(
-                "cannot use the remote engine: {e}"
-            )));
+            send(WorkerEvent::Error(e.to_string()));
             return;
         }
     };

@@ -55,7 +55,7 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
     let bar_w = width.saturating_sub(14).clamp(4, 30);
     let warn = Style::default().fg(Color::Red).add_modifier(Modifier::BOLD);
     match (&app.model, &app.loading, &app.load_error) {
-        (_, _, Some(_)) => out.push(Line::styled("model failed to load", warn)),
+        (_, _, Some(_)) => out.push(Line::styled("no engine (see below)", warn)),
         (Some(m), _, _) => {
             out.push(kv("model", m.name.clone()));
         }

@@ -36,12 +36,13 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// The query and output buffers of a tiled attention, shared by tasks that read and write
-/// disjoint (row, head) cells; the two may be one buffer ([`attention_in_place`]).
+/// The query and output buffers of a tiled attention (this kernel's and the 8-bit one's),
+/// shared by tasks that read and write disjoint (row, head) cells; the two may be one buffer
+/// ([`attention_in_place`]).
 #[derive(Clone, Copy)]
-struct Cells {
-    q: *const f32,
-    out: *mut f32,
+pub(super) struct Cells {
+    pub(super) q: *const f32,
+    pub(super) out: *mut f32,
 }
 // SAFETY: every task reads and writes a disjoint set of (row, head) cells; see `tiled`.
 unsafe impl Send for Cells {}
@@ -54,7 +55,7 @@ impl Cells {
     /// # Safety
     /// `offset + hd` is inside the query buffer, and no task writes those cells while the
     /// returned slice lives.
-    unsafe fn q_at<'a>(self, offset: usize, hd: usize) -> &'a [f32] {
+    pub(super) unsafe fn q_at<'a>(self, offset: usize, hd: usize) -> &'a [f32] {
         unsafe { std::slice::from_raw_parts(self.q.add(offset), hd) }
     }
 

@@ -30,7 +30,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::attention::{check, AttnShape};
+use super::attention::{check, AttnShape, Cells};
 use super::kv_format::KvView;
 use super::simd::exp_nonpositive;
 
@@ -130,27 +130,6 @@ pub fn attention_int8_in_place(
     // task touches them (see `tiled`)
     unsafe { tiled(path, Cells { q: p, out: p }, q_pos, kv, key_ranges, shape) };
     Ok(())
-}
-
-/// The query and output buffers, shared by tasks of disjoint (row, head) cells.
-#[derive(Clone, Copy)]
-struct Cells {
-    q: *const f32,
-    out: *mut f32,
-}
-// SAFETY: every task reads and writes a disjoint set of (row, head) cells.
-unsafe impl Send for Cells {}
-unsafe impl Sync for Cells {}
-
-impl Cells {
-    /// `len` query floats at `offset` (a method, so closures capture the Send wrapper).
-    ///
-    /// # Safety
-    /// They are inside the query buffer and nothing writes them while the slice lives.
-    unsafe fn q_at<'a>(self, offset: usize, len: usize) -> &'a [f32] {
-        // SAFETY: as the caller promised
-        unsafe { std::slice::from_raw_parts(self.q.add(offset), len) }
-    }
 }
 
 /// K and V of every cached row, quantised for all tasks of a call.

@@ -65,11 +65,100 @@ crate::backend::simd::dispatch! {
     }
 }
 
+/// Every 32-value block of x: q, and per block d, Σ q, d Σ q and d Σ q over each half. One
+/// feature check and call for all of them; on AVX-512 a block is two registers and its max and
+/// sums are reduced in them (the compiled loop reduced them lane by lane: 4% of a prefill),
+/// with the same float operations as [`block`], so the same bits.
+pub fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [i32],
+    dsum: &mut [f32],
+    dsum16: &mut [f32],
+) {
+    let nb = x.len() / QK;
+    assert!(
+        q.len() >= nb * QK
+            && d.len() >= nb
+            && sum.len() >= nb
+            && dsum.len() >= nb
+            && dsum16.len() >= 2 * nb,
+        "quantize_blocks: outputs shorter than {nb} blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; every output holds nb blocks (checked above)
+        return unsafe { x86::quantize_blocks_avx512(x, q, d, sum, dsum, dsum16, nb) };
+    }
+    quantize_blocks_compiled(x, q, d, sum, dsum, dsum16)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::QK;
+
+    /// [`super::quantize_blocks`] on AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; x holds nb blocks and each output nb (dsum16 2 nb).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_blocks_avx512(
+        x: &[f32],
+        q: &mut [i8],
+        d: &mut [f32],
+        sum: &mut [i32],
+        dsum: &mut [f32],
+        dsum16: &mut [f32],
+        nb: usize,
+    ) {
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let bias = _mm512_set1_epi32(0x4B40_0000);
+        for b in 0..nb {
+            // SAFETY: block b's 32 values and 32 bytes are in bounds (the caller's promise)
+            unsafe {
+                let xp = x.as_ptr().add(b * QK);
+                let x0 = _mm512_loadu_ps(xp);
+                let x1 = _mm512_loadu_ps(xp.add(16));
+                // |x| by the sign bit; the new value first, so a NaN is passed over as f32::max
+                // passes it over
+                let m = _mm512_max_ps(
+                    _mm512_abs_ps(x1),
+                    _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps()),
+                );
+                let amax = _mm512_reduce_max_ps(m);
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let inv = _mm512_set1_ps(inv);
+                // round to nearest even by the 1.5 * 2^23 trick, as `block`
+                let r0 = _mm512_add_ps(_mm512_mul_ps(x0, inv), magic);
+                let r1 = _mm512_add_ps(_mm512_mul_ps(x1, inv), magic);
+                let i0 = _mm512_sub_epi32(_mm512_castps_si512(r0), bias);
+                let i1 = _mm512_sub_epi32(_mm512_castps_si512(r1), bias);
+                let qp = q.as_mut_ptr().add(b * QK);
+                _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+                _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(i1));
+                // the sums of the bytes as stored (the i32 lanes are in -128..=127 unless x
+                // held a NaN or an infinity: then as `block`, the truncated bytes)
+                let b0 = _mm512_cvtepi8_epi32(_mm512_cvtepi32_epi8(i0));
+                let b1 = _mm512_cvtepi8_epi32(_mm512_cvtepi32_epi8(i1));
+                let lo = _mm512_reduce_add_epi32(b0);
+                let hi = _mm512_reduce_add_epi32(b1);
+                *d.get_unchecked_mut(b) = scale;
+                *sum.get_unchecked_mut(b) = lo + hi;
+                *dsum.get_unchecked_mut(b) = scale * (lo + hi) as f32;
+                *dsum16.get_unchecked_mut(2 * b) = scale * lo as f32;
+                *dsum16.get_unchecked_mut(2 * b + 1) = scale * hi as f32;
+            }
+        }
+    }
+}
+
 crate::backend::simd::dispatch! {
-    /// Every 32-value block of x (one feature check and call for all of them, so the block
-    /// loop is compiled for the CPU's vector width): q, and per block d, Σ q, d Σ q and d Σ q
-    /// over each half.
-    pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], dsum: &mut [f32], dsum16: &mut [f32]) {
+    /// [`quantize_blocks`] compiled for the CPU's vector width from [`block`].
+    pub fn quantize_blocks_compiled(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [i32], dsum: &mut [f32], dsum16: &mut [f32]) {
         let blocks = q.chunks_exact_mut(QK).zip(x.chunks_exact(QK));
         let sums = d.iter_mut().zip(sum).zip(dsum).zip(dsum16.chunks_exact_mut(2));
         for ((qb, xb), (((d, s), ds), ds16)) in blocks.zip(sums) {
@@ -142,5 +231,36 @@ mod tests {
         }
         assert_eq!(r.d[1], 0.0);
         assert!(r.q.iter().all(|&q| q != i8::MIN));
+    }
+
+    /// The vector path gives the compiled loop's bits, ties, zeros, denormals and huge values
+    /// included.
+    #[test]
+    fn every_path_rounds_alike() {
+        let mut x: Vec<f32> = (0..32 * 64)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761) >> 8;
+                (h as f32 / (1 << 24) as f32 - 0.5) * 10f32.powi((i % 7) as i32 - 3)
+            })
+            .collect();
+        x[32..64].iter_mut().for_each(|v| *v = 0.0);
+        x[64..96]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i as f32 - 16.0) * 0.5);
+        x[96..128]
+            .iter_mut()
+            .for_each(|v| *v = f32::MIN_POSITIVE / 8.0);
+        x[128] = 3.0e38;
+        x[160] = -127.0;
+        let nb = x.len() / QK;
+        let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [i32], &mut [f32], &mut [f32])| {
+            let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0i32; nb]);
+            let (mut ds, mut ds16) = (vec![0f32; nb], vec![0f32; 2 * nb]);
+            f(&x, &mut q, &mut d, &mut s, &mut ds, &mut ds16);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            (q, bits(&d), s, bits(&ds), bits(&ds16))
+        };
+        assert_eq!(run(quantize_blocks), run(quantize_blocks_compiled));
     }
 }

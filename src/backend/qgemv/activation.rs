@@ -237,10 +237,10 @@ mod tests {
     /// included.
     #[test]
     fn every_path_rounds_alike() {
-        let mut x: Vec<f32> = (0..32 * 64)
+        let mut x: Vec<f32> = (0..32 * 64i32)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(2_654_435_761) >> 8;
-                (h as f32 / (1 << 24) as f32 - 0.5) * 10f32.powi((i % 7) as i32 - 3)
+                (h as f32 / (1 << 24) as f32 - 0.5) * 10f32.powi(i % 7 - 3)
             })
             .collect();
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
@@ -254,7 +254,8 @@ mod tests {
         x[128] = 3.0e38;
         x[160] = -127.0;
         let nb = x.len() / QK;
-        let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [i32], &mut [f32], &mut [f32])| {
+        type Blocks = fn(&[f32], &mut [i8], &mut [f32], &mut [i32], &mut [f32], &mut [f32]);
+        let run = |f: Blocks| {
             let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0i32; nb]);
             let (mut ds, mut ds16) = (vec![0f32; nb], vec![0f32; 2 * nb]);
             f(&x, &mut q, &mut d, &mut s, &mut ds, &mut ds16);

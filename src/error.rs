@@ -28,6 +28,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The message of a caught panic.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
 /// A message as one line of plain text: line breaks and tabs become spaces, other control
 /// characters (a terminal escape in a model's metadata, say) are written escaped.
 pub fn one_line(msg: &str) -> String {

@@ -6,6 +6,7 @@
 //! job is then skipped, and a running one stops at its next decode step. Events flow back on a
 //! per-job channel.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::engine::{Engine, EngineEvent, GenStats, StopReason};
+use crate::error::panic_message;
 use crate::model::template::Message;
 use crate::openai_api::SlimRequest;
 use crate::sampling::SamplingConfig;
@@ -155,7 +157,16 @@ impl Runner {
                 continue;
             }
             let events = job.events.clone();
-            let outcome = self.run(job);
+            // a bug in the engine fails its request, not the server: the thread would be gone
+            // and every later request refused
+            let outcome =
+                panic::catch_unwind(AssertUnwindSafe(|| self.run(job))).unwrap_or_else(|payload| {
+                    self.engine.reset();
+                    Err(JobError::Engine(format!(
+                        "the engine failed: {}",
+                        panic_message(payload.as_ref())
+                    )))
+                });
             let event = match outcome {
                 Ok(done) => JobEvent::Finished(Box::new(done)),
                 Err(e) => JobEvent::Failed(e),

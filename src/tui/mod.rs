@@ -116,7 +116,7 @@ pub fn run(cfg: &AppConfig, opts: &TuiOptions) -> Result<()> {
     drop(guard);
     let result = result.unwrap_or_else(|payload| {
         // The hook has restored the terminal and printed the panic; keep the conversation.
-        let what = panic_text(payload.as_ref());
+        let what = crate::error::panic_message(payload.as_ref());
         store.log(&format!("panic: {what}"));
         if !app.conv.messages.is_empty() {
             if let Err(e) = store.save(&app.conv) {
@@ -297,15 +297,6 @@ fn panic_if_unsaved(app: &App) {
     if app.dirty && chars >= 20 {
         panic!("test panic ({TEST_PANIC_ENV}) with {chars} chars of the answer in memory");
     }
-}
-
-/// The message of a caught panic.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
 }
 
 fn unix_secs() -> f64 {

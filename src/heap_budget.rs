@@ -10,7 +10,7 @@
 //!
 //! Threads without a budget pay one thread-local read per allocation. The binary installs
 //! [`BudgetedAlloc`]; another global allocator (the fuzz runner's) calls [`charge`] itself.
-//! Without either, budgets are never enforced ([`enforced`] says so) and renders are unbounded.
+//! Without either, budgets are never enforced and renders are unbounded.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -25,14 +25,6 @@ pub struct BudgetedAlloc;
 #[global_allocator]
 static GLOBAL: BudgetedAlloc = BudgetedAlloc;
 
-/// Set by the first allocation that goes through [`charge`].
-static ENFORCED: AtomicBool = AtomicBool::new(false);
-
-/// Whether this process's allocator checks budgets.
-pub fn enforced() -> bool {
-    ENFORCED.load(Ordering::Relaxed)
-}
-
 thread_local! {
     /// Bytes this thread may still allocate; `None` when it has no budget.
     static LEFT: Cell<Option<isize>> = const { Cell::new(None) };
@@ -44,9 +36,6 @@ thread_local! {
 /// the thread. A global allocator calls it before each request.
 #[inline]
 pub fn charge(grow: isize) {
-    if !ENFORCED.load(Ordering::Relaxed) {
-        ENFORCED.store(true, Ordering::Relaxed);
-    }
     let Ok(Some(left)) = LEFT.try_with(Cell::get) else {
         return;
     };

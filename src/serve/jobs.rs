@@ -53,9 +53,7 @@ pub struct Job {
 #[derive(Debug)]
 pub enum JobEvent {
     /// The job left the queue: its prompt fits and the prefill begins.
-    Started {
-        prompt_tokens: usize,
-    },
+    Started,
     /// Answer text, stop strings already cut.
     Text(String),
     Finished(Box<Finished>),
@@ -196,9 +194,7 @@ impl Runner {
         let room = context - prompt.len();
         let max_tokens = job.max_tokens.unwrap_or(self.max_tokens).min(room);
         self.apply(slim).map_err(invalid)?;
-        let _ = job.events.send(JobEvent::Started {
-            prompt_tokens: prompt.len(),
-        });
+        let _ = job.events.send(JobEvent::Started);
         let mut matcher = StopMatcher::new(job.stop.clone());
         let cancel = &job.cancel;
         let events = &job.events;

@@ -69,21 +69,23 @@ fn bad_request(message: impl Into<String>) -> Response {
     )
 }
 
-fn job_error(e: JobError) -> Response {
+/// A failed job's status and error body.
+fn job_error_body(e: JobError) -> (StatusCode, ErrorBody) {
     match e {
-        JobError::Invalid { message, code } => error(
+        JobError::Invalid { message, code } => (
             StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            code,
-            message,
+            ErrorBody::new("invalid_request_error", code, message),
         ),
-        JobError::Engine(message) => error(
+        JobError::Engine(message) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            None,
-            message,
+            ErrorBody::new("server_error", None, message),
         ),
     }
+}
+
+fn job_error(e: JobError) -> Response {
+    let (status, body) = job_error_body(e);
+    (status, Json(body)).into_response()
 }
 
 /// Refuses `/v1` requests without the server's bearer token, when it has one.
@@ -264,7 +266,7 @@ async fn submit(
         return Err(r);
     }
     match rx.recv().await {
-        Some(JobEvent::Started { .. }) => Ok((rx, guard)),
+        Some(JobEvent::Started) => Ok((rx, guard)),
         Some(JobEvent::Failed(e)) => Err(job_error(e)),
         _ => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -464,7 +466,7 @@ async fn whole(
                 return Json(reply.whole(text, &f)).into_response();
             }
             JobEvent::Failed(e) => return job_error(e),
-            JobEvent::Started { .. } => {}
+            JobEvent::Started => {}
         }
     }
     error(
@@ -534,18 +536,13 @@ fn stream(
                     s.done = true;
                 }
                 Some(JobEvent::Failed(e)) => {
-                    let body = match e {
-                        JobError::Invalid { message, code } => {
-                            ErrorBody::new("invalid_request_error", code, message)
-                        }
-                        JobError::Engine(m) => ErrorBody::new("server_error", None, m),
-                    };
+                    let (_, body) = job_error_body(e);
                     s.pending
                         .push_back(data(serde_json::to_value(body).unwrap_or(Value::Null)));
                     s.pending.push_back(Event::default().data("[DONE]"));
                     s.done = true;
                 }
-                Some(JobEvent::Started { .. }) => {}
+                Some(JobEvent::Started) => {}
                 None => s.done = true,
             }
         }

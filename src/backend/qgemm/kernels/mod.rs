@@ -4,14 +4,16 @@
 //!
 //! AVX-512 VNNI: a microkernel keeps R activation rows × T weight tiles of i32 accumulators
 //! (one zmm per (row, tile): 16 output columns) for one 32-value block, and R × T f32
-//! accumulators across blocks. Per 4 columns of K it loads T weight vectors (Q4_1: one 64-byte
-//! line gives the low and the high nibbles, two K steps; Q5 ORs in their fifth bits from a
-//! fifth line) and broadcasts 4 activation bytes per row; each `vpdpbusd` then multiplies 4
-//! weights of 16 output columns by the same 4 activation bytes. Per block: i32 → f32, × (weight
-//! scale × activation scale), and the min × the activation block sum (Q4_1, Q5; Q8x16 has a
-//! scale and a min per half block of 16; Q4K makes its scale d sc and min -dmin m per block from
-//! the integer codes). The weight tiles of one T group are reused by every row group of a task
-//! (they stay in L1/L2); the activation rows stream.
+//! accumulators across blocks. Per 4 columns of K it loads T weight vectors of unsigned bytes
+//! and broadcasts 4 activation bytes per row; each `vpdpbusd` then multiplies 4 weights of 16
+//! output columns by the same 4 activation bytes. Q8_0 and Q8x16 tiles are bytes already; the
+//! nibble formats (Q4_1, Q4K, Q5, Q5z) and Q6 are first unpacked to bytes, with f32 scales,
+//! once per task and group of T tiles (`Unpacked`), so the microkernels, run for every group of
+//! R rows, do no bit work (unpacking in the microkernel cost Q6 a third of its speed, Q5 a
+//! fifth). Per block: i32 → f32, × (weight scale × activation scale), and the min × the
+//! activation block sum (Q4_1, Q4K, Q5; Q5z's and Q8_0's offsets start the i32 dot instead; Q6
+//! and Q8x16 have a scale per half block of 16). The weight tiles of one T group are reused by
+//! every row group of a task (they stay in L1/L2); the activation rows stream.
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`, 8 columns per register) and scalar (any CPU, the tests'
 //! reference) compute the same sums.
 

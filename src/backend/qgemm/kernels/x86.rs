@@ -6,9 +6,9 @@
 use std::arch::x86_64::*;
 
 use crate::backend::qgemv::kernels::x86::{
-    bytes_ps_256, five_bits_512, q4k_scale_min_512, q4k_super_512,
+    bytes_ps_256, five_bits_512, q4k_scale_min_512, q4k_super_512, six_bits_512,
 };
-use crate::backend::qgemv::kernels::{q4k_offsets, Q4K_BLOCKS};
+use crate::backend::qgemv::kernels::q4k_offsets;
 use std::ops::Range;
 
 use super::{Gemm, VNNI_ROWS, VNNI_TILES};
@@ -44,25 +44,127 @@ macro_rules! by_shape {
 /// SAFETY: as `super::rect`, and the CPU has AVX-512F/BW/VNNI, F16C and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
 pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
-    let mut k4 = Vec::new();
+    let mut unpacked = Unpacked::default();
     for t0 in tiles.clone().step_by(VNNI_TILES) {
         let tn = (tiles.end - t0).min(VNNI_TILES);
-        if g.kind == Kind::Q4K {
+        let bytes = !matches!(g.kind, Kind::Q8_0 | Kind::Q8x16);
+        if bytes {
             // SAFETY: tiles t0..t0+tn lie in the caller's rectangle.
-            unsafe { q4k_scales(g, t0, tn, &mut k4) };
+            unsafe { unpacked.fill(g, t0, tn) };
         }
-        for i0 in rows.clone().step_by(VNNI_ROWS) {
-            let rn = (rows.end - i0).min(VNNI_ROWS);
-            // SAFETY: rows i0..i0+rn and tiles t0..t0+tn lie in the caller's rectangle.
+        let step = microkernel_rows(g.kind);
+        for i0 in rows.clone().step_by(step) {
+            let rn = (rows.end - i0).min(step);
+            let u = &unpacked;
+            // SAFETY: rows i0..i0+rn and tiles t0..t0+tn lie in the caller's rectangle, and
+            // `unpacked` holds tiles t0..t0+tn.
             unsafe {
                 match g.kind {
-                    Kind::Q4_1 => by_shape!(q4_1_vnni, rn, tn, g, i0, t0),
-                    Kind::Q4K => by_shape!(q4k_vnni, rn, tn, g, i0, t0, &k4),
-                    Kind::Q5 => by_shape!(q5_vnni, rn, tn, g, i0, t0),
-                    Kind::Q5z => by_shape!(q5z_vnni, rn, tn, g, i0, t0),
-                    Kind::Q6 => by_shape!(q6_vnni, rn, tn, g, i0, t0),
                     Kind::Q8_0 => by_shape!(q8_0_vnni, rn, tn, g, i0, t0),
                     Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
+                    Kind::Q6 => by_shape!(halves_vnni, rn, tn, g, u, i0, t0),
+                    Kind::Q5z => by_shape!(block_q5z_vnni, rn, tn, g, u, i0, t0),
+                    Kind::Q4_1 | Kind::Q4K | Kind::Q5 => by_shape!(block_vnni, rn, tn, g, u, i0, t0),
+                }
+            }
+        }
+    }
+}
+
+/// Activation rows per microkernel. The kernels with a min or two scales per block take 4: with
+/// 6 (R × T = 12 i32 and 12 f32 accumulators) their epilogue spilled zmm registers to the stack
+/// and ran 20% slower (Q4_1: 250 against 305 GOP/s on one core). A task's rows
+/// (`ROWS_PER_TASK`, 96) are a multiple of both.
+fn microkernel_rows(kind: Kind) -> usize {
+    match kind {
+        Kind::Q8_0 | Kind::Q8x16 | Kind::Q5z => VNNI_ROWS,
+        Kind::Q4_1 | Kind::Q4K | Kind::Q5 | Kind::Q6 => 4,
+    }
+}
+
+/// The weights of one group of tiles as unsigned bytes, made once per task and read by each
+/// of its row groups, so that the microkernels do no bit work: `lines[(t * nb + b) * 8 + j]`
+/// holds the 16 rows' values 4j..4j+4 of block b (Q8_0's line order), and
+/// `scales[(t * nb + b) * 32..]` their f32 scale and min per block (Q4_1, Q4K, Q5, Q5z:
+/// weight = d q + m) or the scales of the two halves of 16 values (Q6: weight = d_h (q - 32)).
+#[derive(Default)]
+struct Unpacked {
+    lines: Vec<__m512i>,
+    scales: Vec<f32>,
+}
+
+impl Unpacked {
+    /// Unpack tiles t0..t0+tn of a nibble or Q6 matrix.
+    ///
+    /// SAFETY: AVX-512F/BW and F16C; the tiles are inside `g` (check).
+    #[inline(always)]
+    unsafe fn fill(&mut self, g: &Gemm, t0: usize, tn: usize) {
+        let (nb, n_lines) = (g.nb(), g.kind.lines());
+        self.lines.resize(tn * nb * 8, _mm512_setzero_si512());
+        self.scales.resize(tn * nb * 2 * TILE, 0.0);
+        let nibble = _mm512_set1_epi8(0x0F);
+        for t in 0..tn {
+            for b in 0..nb {
+                let (tb, ub) = ((t0 + t) * nb + b, t * nb + b);
+                // SAFETY: tile-block tb's lines and scales are inside `g` (check; Q4K's
+                // super-block too, nb being a multiple of 8); ub < tn * nb.
+                unsafe {
+                    let src = g.quants.as_ptr().add(tb * n_lines) as *const __m512i;
+                    let dst = self.lines.as_mut_ptr().add(ub * 8);
+                    match g.kind {
+                        Kind::Q6 => {
+                            for h in 0..2 {
+                                let high = six_bits_512(_mm512_load_si512(src.add(4 + h)));
+                                for k in 0..4 {
+                                    let line = _mm512_load_si512(src.add(k));
+                                    let nib = if h == 0 {
+                                        line
+                                    } else {
+                                        _mm512_srli_epi16::<4>(line)
+                                    };
+                                    let q = _mm512_or_si512(_mm512_and_si512(nib, nibble), high[k]);
+                                    _mm512_store_si512(dst.add(4 * h + k), q);
+                                }
+                            }
+                        }
+                        _ => {
+                            let five = matches!(g.kind, Kind::Q5 | Kind::Q5z);
+                            let h = if five {
+                                _mm512_load_si512(src.add(4))
+                            } else {
+                                _mm512_setzero_si512()
+                            };
+                            for k in 0..4 {
+                                let w = _mm512_load_si512(src.add(k));
+                                let mut lo = _mm512_and_si512(w, nibble);
+                                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+                                if five {
+                                    (lo, hi) = five_bits_512(lo, hi, h, k);
+                                }
+                                _mm512_store_si512(dst.add(k), lo);
+                                _mm512_store_si512(dst.add(4 + k), hi);
+                            }
+                        }
+                    }
+                    let f16s = |i: usize| {
+                        let at = g.scales.as_ptr().add(tb * g.kind.scales() + i * TILE);
+                        _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
+                    };
+                    let (first, second) = match g.kind {
+                        Kind::Q4K => {
+                            let (d, dmin) = q4k_super_512(g.scales.as_ptr(), tb);
+                            q4k_scale_min_512(g.scales.as_ptr(), tb, d, dmin)
+                        }
+                        Kind::Q5z => {
+                            let d = f16s(0);
+                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-16.0)))
+                        }
+                        // Q4_1, Q5: d and m; Q6: d of each half
+                        _ => (f16s(0), f16s(1)),
+                    };
+                    let at = self.scales.as_mut_ptr().add(ub * 2 * TILE);
+                    _mm512_storeu_ps(at, first);
+                    _mm512_storeu_ps(at.add(TILE), second);
                 }
             }
         }
@@ -82,58 +184,76 @@ unsafe fn store16(g: &Gemm, i: usize, tile: usize, v: __m512) {
     unsafe { _mm512_mask_storeu_ps(g.out.add(i * g.n + tile * TILE), mask, v) }
 }
 
-/// Rows i0..i0+R × tiles t0..t0+T of a Q6 matrix: per half of 16 values, the 6-bit quants
-/// (nibble | two high bits) × activation bytes, then d_h (d_x dot - 32 d_x Σ q_x).
+/// Rows i0..i0+R × tiles t0..t0+T of an unpacked nibble matrix (Q4_1, Q4K, Q5, Q5z): weight
+/// bytes (unsigned) × activation bytes (signed); out = Σ_b d_w d_x dot + m_w (d_x Σ q_x).
 ///
-/// SAFETY: as `q4_1_vnni`.
+/// SAFETY: as `rect_vnni`, for this microtile; `u` holds tiles t0..t0+T.
 #[inline(always)]
-unsafe fn q6_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
-    use crate::backend::qgemv::kernels::x86::six_bits_512;
+unsafe fn block_vnni<const R: usize, const T: usize>(g: &Gemm, u: &Unpacked, i0: usize, t0: usize) {
+    // SAFETY: as the caller promised.
+    unsafe { block_vnni_with::<R, T, false>(g, u, i0, t0) }
+}
+
+/// `block_vnni` for Q5z, whose min is -16 d: each block's dot starts at -16 Σ q_x (exact, in
+/// i32), so the epilogue has no min term.
+///
+/// SAFETY: as `block_vnni`.
+#[inline(always)]
+unsafe fn block_q5z_vnni<const R: usize, const T: usize>(
+    g: &Gemm,
+    u: &Unpacked,
+    i0: usize,
+    t0: usize,
+) {
+    // SAFETY: as the caller promised.
+    unsafe { block_vnni_with::<R, T, true>(g, u, i0, t0) }
+}
+
+/// SAFETY: as `block_vnni`.
+#[inline(always)]
+unsafe fn block_vnni_with<const R: usize, const T: usize, const OFF16: bool>(
+    g: &Gemm,
+    u: &Unpacked,
+    i0: usize,
+    t0: usize,
+) {
     let nb = g.nb();
-    let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..nb {
-        // SAFETY: as in `q4_1_vnni`.
+        // SAFETY: u holds T * nb tile-blocks (`fill`); activation bytes b * 32 + 32 <= cols.
         unsafe {
-            let lines: [*const __m512i; T] = std::array::from_fn(|t| {
-                g.quants.as_ptr().add(((t0 + t) * nb + b) * 6) as *const __m512i
+            let lines: [*const __m512i; T] =
+                std::array::from_fn(|t| u.lines.as_ptr().add((t * nb + b) * 8));
+            let mut dot: [[__m512i; T]; R] = std::array::from_fn(|r| {
+                let bias = if OFF16 {
+                    -(*g.x.sum.get_unchecked((i0 + r) * nb + b) << 4)
+                } else {
+                    0
+                };
+                [_mm512_set1_epi32(bias); T]
             });
-            let s: [*const u16; T] =
-                std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * 2 * TILE));
-            for h in 0..2 {
-                let mut high = [[_mm512_setzero_si512(); 4]; T];
-                for t in 0..T {
-                    high[t] = six_bits_512(_mm512_load_si512(lines[t].add(4 + h)));
-                }
-                let mut dot = [[_mm512_setzero_si512(); T]; R];
-                for k in 0..4 {
-                    let mut w = [_mm512_setzero_si512(); T];
-                    for t in 0..T {
-                        let line = _mm512_load_si512(lines[t].add(k));
-                        let nib = if h == 0 {
-                            line
-                        } else {
-                            _mm512_srli_epi16::<4>(line)
-                        };
-                        w[t] = _mm512_or_si512(_mm512_and_si512(nib, nibble), high[t][k]);
-                    }
-                    for r in 0..R {
-                        let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 * h + 4 * k));
-                        for t in 0..T {
-                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
-                        }
-                    }
-                }
-                let d: [__m512; T] = std::array::from_fn(|t| {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(h * TILE) as *const __m256i))
-                });
+            for k in 0..8 {
+                let w: [__m512i; T] = std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
                 for r in 0..R {
-                    let ib = (i0 + r) * nb + b;
-                    let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
-                    let c = _mm512_set1_ps(32.0 * *g.x.dsum16.get_unchecked(2 * ib + h));
+                    let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
                     for t in 0..T {
-                        let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[r][t]), dx, c);
-                        acc[r][t] = _mm512_fmadd_ps(d[t], v, acc[r][t]);
+                        dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                    }
+                }
+            }
+            let s: [*const f32; T] =
+                std::array::from_fn(|t| u.scales.as_ptr().add((t * nb + b) * 2 * TILE));
+            let d: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(s[t]));
+            let m: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(s[t].add(TILE)));
+            for r in 0..R {
+                let ib = (i0 + r) * nb + b;
+                let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
+                let dsum = _mm512_set1_ps(*g.x.dsum.get_unchecked(ib));
+                for t in 0..T {
+                    let scale = _mm512_mul_ps(d[t], dx);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);
+                    if !OFF16 {
+                        acc[r][t] = _mm512_fmadd_ps(m[t], dsum, acc[r][t]);
                     }
                 }
             }
@@ -147,155 +267,47 @@ unsafe fn q6_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize
     }
 }
 
-/// `q4_1_vnni` over Q5 tiles.
+/// Rows i0..i0+R × tiles t0..t0+T of an unpacked Q6 matrix: per half of 16 values, the 6-bit
+/// quants × activation bytes, then d_h (d_x dot - 32 d_x Σ q_x).
 ///
-/// SAFETY: as `q4_1_vnni`.
+/// SAFETY: as `block_vnni`.
 #[inline(always)]
-unsafe fn q5_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
-    // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, true, false, false>(g, i0, t0, &[]) }
-}
-
-/// `q4_1_vnni` over Q5z tiles.
-///
-/// SAFETY: as `q4_1_vnni`.
-#[inline(always)]
-unsafe fn q5z_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
-    // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, true, true, false>(g, i0, t0, &[]) }
-}
-
-/// Rows i0..i0+R × tiles t0..t0+T of a Q4_1 matrix: weight nibbles (unsigned) × activation
-/// bytes (signed); out = Σ_b d_w d_x dot + m_w (d_x Σ q_x).
-///
-/// SAFETY: as `rect_vnni`, for this microtile.
-#[inline(always)]
-unsafe fn q4_1_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
-    // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, false, false, false>(g, i0, t0, &[]) }
-}
-
-/// Scale d sc and min -dmin m of every block of tiles t0..t0+tn of a Q4K matrix, as f32:
-/// `k4[(t * nb + b) * 32..]` holds tile t0 + t's 16 scales of block b, then its 16 mins. Made
-/// once per group of tiles, then read by each of its row groups as Q4_1's f16 scales are.
-///
-/// SAFETY: as `rect_vnni`, for these tiles.
-#[inline(always)]
-unsafe fn q4k_scales(g: &Gemm, t0: usize, tn: usize, k4: &mut Vec<f32>) {
-    let nb = g.nb();
-    k4.resize(tn * nb * 2 * TILE, 0.0);
-    for t in 0..tn {
-        for b0 in (0..nb).step_by(Q4K_BLOCKS) {
-            let tb0 = (t0 + t) * nb + b0;
-            // SAFETY: the super-block's tile-blocks are inside `scales` (check; nb is a multiple
-            // of 8), and k4 holds tn * nb blocks of 32 floats.
-            unsafe {
-                let (d, dmin) = q4k_super_512(g.scales.as_ptr(), tb0);
-                for j in 0..Q4K_BLOCKS {
-                    let (scale, min) = q4k_scale_min_512(g.scales.as_ptr(), tb0 + j, d, dmin);
-                    let at = k4.as_mut_ptr().add((t * nb + b0 + j) * 2 * TILE);
-                    _mm512_storeu_ps(at, scale);
-                    _mm512_storeu_ps(at.add(TILE), min);
-                }
-            }
-        }
-    }
-}
-
-/// `q4_1_vnni` over Q4K tiles, with their scales and mins made by `q4k_scales` (`k4`).
-///
-/// SAFETY: as `q4_1_vnni`; `k4` holds tiles t0..t0+T's.
-#[inline(always)]
-unsafe fn q4k_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize, k4: &[f32]) {
-    // SAFETY: as the caller promised.
-    unsafe { nibbles_vnni::<R, T, false, false, true>(g, i0, t0, k4) }
-}
-
-/// Q4_1 tiles, or with `FIVE` Q5 tiles (each nibble line gets its fifth bits from line 4),
-/// or with `OFF16` too Q5z tiles (no stored min: -16 scales), or with `K4` Q4K tiles (scale
-/// and min in f32 from `k4`, see `q4k_scales`).
-///
-/// SAFETY: as `q4_1_vnni`.
-#[inline(always)]
-unsafe fn nibbles_vnni<
-    const R: usize,
-    const T: usize,
-    const FIVE: bool,
-    const OFF16: bool,
-    const K4: bool,
->(
+unsafe fn halves_vnni<const R: usize, const T: usize>(
     g: &Gemm,
+    u: &Unpacked,
     i0: usize,
     t0: usize,
-    k4: &[f32],
 ) {
     let nb = g.nb();
-    let nibble = _mm512_set1_epi8(0x0F);
-    let n_lines = if FIVE { 5 } else { 4 };
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..nb {
-        // SAFETY: tile-blocks (t0 + t) * nb + b are inside `quants`/`scales` (check);
-        // activation bytes b * 32 + 32 <= cols.
+        // SAFETY: as in `block_vnni`.
         unsafe {
-            let lines: [*const __m512i; T] = std::array::from_fn(|t| {
-                g.quants.as_ptr().add(((t0 + t) * nb + b) * n_lines) as *const __m512i
-            });
-            let h: [__m512i; T] = std::array::from_fn(|t| {
-                if FIVE {
-                    _mm512_load_si512(lines[t].add(4))
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            let mut dot = [[_mm512_setzero_si512(); T]; R];
-            for k in 0..4 {
-                let w: [__m512i; T] = std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                let mut lo: [__m512i; T] = std::array::from_fn(|t| _mm512_and_si512(w[t], nibble));
-                let mut hi: [__m512i; T] =
-                    std::array::from_fn(|t| _mm512_and_si512(_mm512_srli_epi16::<4>(w[t]), nibble));
-                if FIVE {
-                    for t in 0..T {
-                        (lo[t], hi[t]) = five_bits_512(lo[t], hi[t], h[t], k);
+            let lines: [*const __m512i; T] =
+                std::array::from_fn(|t| u.lines.as_ptr().add((t * nb + b) * 8));
+            let s: [*const f32; T] =
+                std::array::from_fn(|t| u.scales.as_ptr().add((t * nb + b) * 2 * TILE));
+            for h in 0..2 {
+                let mut dot = [[_mm512_setzero_si512(); T]; R];
+                for k in 4 * h..4 * h + 4 {
+                    let w: [__m512i; T] =
+                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
+                    for r in 0..R {
+                        let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                        for t in 0..T {
+                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                        }
                     }
                 }
+                let d: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(s[t].add(h * TILE)));
                 for r in 0..R {
-                    let xlo = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
-                    let xhi = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 16 + 4 * k));
+                    let ib = (i0 + r) * nb + b;
+                    let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
+                    let c = _mm512_set1_ps(32.0 * *g.x.dsum16.get_unchecked(2 * ib + h));
                     for t in 0..T {
-                        dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo[t], xlo);
-                        dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], hi[t], xhi);
+                        let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot[r][t]), dx, c);
+                        acc[r][t] = _mm512_fmadd_ps(d[t], v, acc[r][t]);
                     }
-                }
-            }
-            let per_block = if OFF16 { TILE } else { 2 * TILE };
-            let s: [*const u16; T] =
-                std::array::from_fn(|t| g.scales.as_ptr().add(((t0 + t) * nb + b) * per_block));
-            // K4: tile t's block b in k4 (`q4k_scales`)
-            let k4_at = |t: usize| k4.as_ptr().add((t * nb + b) * 2 * TILE);
-            let d: [__m512; T] = std::array::from_fn(|t| {
-                if K4 {
-                    _mm512_loadu_ps(k4_at(t))
-                } else {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t] as *const __m256i))
-                }
-            });
-            let m: [__m512; T] = std::array::from_fn(|t| {
-                if K4 {
-                    _mm512_loadu_ps(k4_at(t).add(TILE))
-                } else if OFF16 {
-                    _mm512_mul_ps(d[t], _mm512_set1_ps(-16.0))
-                } else {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(s[t].add(TILE) as *const __m256i))
-                }
-            });
-            for r in 0..R {
-                let ib = (i0 + r) * nb + b;
-                let dx = _mm512_set1_ps(*g.x.d.get_unchecked(ib));
-                let dsum = _mm512_set1_ps(*g.x.dsum.get_unchecked(ib));
-                for t in 0..T {
-                    let scale = _mm512_mul_ps(d[t], dx);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r][t]);
-                    acc[r][t] = _mm512_fmadd_ps(m[t], dsum, acc[r][t]);
                 }
             }
         }

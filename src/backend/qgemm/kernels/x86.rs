@@ -5,10 +5,10 @@
 
 use std::arch::x86_64::*;
 
+use crate::backend::qgemv::kernels::q4k_offsets;
 use crate::backend::qgemv::kernels::x86::{
     bytes_ps_256, five_bits_512, q4k_scale_min_512, q4k_super_512, six_bits_512,
 };
-use crate::backend::qgemv::kernels::q4k_offsets;
 use std::ops::Range;
 
 use super::{Gemm, VNNI_ROWS, VNNI_TILES};
@@ -64,7 +64,9 @@ pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
                     Kind::Q8x16 => by_shape!(q8x16_vnni, rn, tn, g, i0, t0),
                     Kind::Q6 => by_shape!(halves_vnni, rn, tn, g, u, i0, t0),
                     Kind::Q5z => by_shape!(block_q5z_vnni, rn, tn, g, u, i0, t0),
-                    Kind::Q4_1 | Kind::Q4K | Kind::Q5 => by_shape!(block_vnni, rn, tn, g, u, i0, t0),
+                    Kind::Q4_1 | Kind::Q4K | Kind::Q5 => {
+                        by_shape!(block_vnni, rn, tn, g, u, i0, t0)
+                    }
                 }
             }
         }
@@ -323,13 +325,14 @@ unsafe fn halves_vnni<const R: usize, const T: usize>(
 /// Rows i0..i0+R × tiles t0..t0+T of a Q8_0 matrix: weights stored as w + 128 (unsigned)
 /// × activation bytes (signed); each block's dot starts at -128 Σ q_x to remove the offset.
 ///
-/// SAFETY: as `q4_1_vnni`.
+/// SAFETY: as `rect_vnni`, for this microtile.
 #[inline(always)]
 unsafe fn q8_0_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
     let nb = g.nb();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..nb {
-        // SAFETY: as in `q4_1_vnni`.
+        // SAFETY: tile-blocks (t0 + t) * nb + b are inside `quants`/`scales` (check);
+        // activation bytes b * 32 + 32 <= cols.
         unsafe {
             let lines: [*const __m512i; T] = std::array::from_fn(|t| {
                 g.quants.as_ptr().add(((t0 + t) * nb + b) * 8) as *const __m512i
@@ -371,13 +374,13 @@ unsafe fn q8_0_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usi
 /// Rows i0..i0+R × tiles t0..t0+T of a Q8x16 matrix: unsigned quants × activation bytes, per
 /// half of 16 values its own scale, and each half's min × the activation half-block sum.
 ///
-/// SAFETY: as `q4_1_vnni`.
+/// SAFETY: as `q8_0_vnni`.
 #[inline(always)]
 unsafe fn q8x16_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usize) {
     let nb = g.nb();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..nb {
-        // SAFETY: as in `q4_1_vnni`.
+        // SAFETY: as in `q8_0_vnni`.
         unsafe {
             let lines: [*const __m512i; T] = std::array::from_fn(|t| {
                 g.quants.as_ptr().add(((t0 + t) * nb + b) * 8) as *const __m512i
@@ -466,7 +469,7 @@ unsafe fn half_avx2<const R: usize>(g: &Gemm, i0: usize, tile: usize, half: usiz
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let tb = tile * nb + b;
-        // SAFETY: as in `q4_1_vnni`; half * 32 + 32 <= 64 bytes of a line.
+        // SAFETY: as in `q8_0_vnni`; half * 32 + 32 <= 64 bytes of a line.
         unsafe {
             let line = |k: usize| {
                 let p = g.quants.as_ptr().add(tb * lines + k) as *const u8;

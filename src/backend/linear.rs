@@ -106,6 +106,18 @@ impl Linear {
         }
     }
 
+    /// `forward` of rows given as a slice, (rows, cols) row-major: the packed blocks read it
+    /// where it lies (the other forms copy it into a tensor first).
+    pub fn forward_slice(&self, x: &[f32], cols: usize) -> candle_core::Result<Tensor> {
+        let rows = x.len() / cols;
+        match self {
+            Self::Packed(q) => {
+                Tensor::from_vec(packed_slice(q, x, rows), (rows, q.rows()), &Device::Cpu)
+            }
+            _ => self.forward(&Tensor::from_slice(x, (rows, cols), &Device::Cpu)?),
+        }
+    }
+
     /// Rows `ids` of the weight matrix as (ids, in) f32, when the layer holds only packed blocks
     /// (a tied head doubling as the token embedding); None for the other forms.
     pub fn weight_rows(&self, ids: &[u32]) -> Option<Tensor> {
@@ -145,15 +157,18 @@ fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
 /// `packed_forward` as a plain (rows, out) buffer.
 fn packed_rows(q: &QMatrix, x: &Tensor) -> candle_core::Result<Vec<f32>> {
     let rows = x.dims2()?.0;
-    with_f32(&x.contiguous()?, |x| {
-        if rows == 1 {
-            let mut out = vec![0.0f32; q.rows()];
-            q.gemv(x, &mut out);
-            out
-        } else {
-            qgemm::gemm(q, x)
-        }
-    })
+    with_f32(&x.contiguous()?, |x| packed_slice(q, x, rows))
+}
+
+/// `packed_rows` of a (rows, in) slice.
+fn packed_slice(q: &QMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    if rows == 1 {
+        let mut out = vec![0.0f32; q.rows()];
+        q.gemv(x, &mut out);
+        out
+    } else {
+        qgemm::gemm(q, x)
+    }
 }
 
 /// x: (rows, in) -> (rows, out), one `gemv` per row.

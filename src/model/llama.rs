@@ -122,9 +122,7 @@ impl Attention {
         let mut wider = (q_dim != hidden).then(|| vec![0.0f32; rows * hidden]);
         for r in row_chunks(rows, CHUNK_ROWS) {
             let x = &out[r.start * q_dim..r.end * q_dim];
-            let term = self
-                .wo
-                .forward(&Tensor::from_slice(x, (r.len(), q_dim), &Device::Cpu)?)?;
+            let term = self.wo.forward_slice(x, q_dim)?;
             let span = r.start * hidden..r.end * hidden;
             let dst = match &mut wider {
                 Some(sum) => &mut sum[span.clone()],
@@ -254,16 +252,16 @@ fn row_chunks(rows: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
 }
 
 /// h += f(rows of h) for h (rows, hidden), in chunks of at most `max` rows: `f` gets a chunk's
-/// rows, (len, hidden), and gives their (len, hidden) term.
+/// rows, (len, hidden) row-major, and gives their (len, hidden) term.
 fn add_in_place(
     h: &mut [f32],
     hidden: usize,
     max: usize,
-    mut f: impl FnMut(&Tensor) -> Result<Tensor>,
+    mut f: impl FnMut(&[f32]) -> Result<Tensor>,
 ) -> Result<()> {
     for r in row_chunks(h.len() / hidden, max) {
         let rows = &mut h[r.start * hidden..r.end * hidden];
-        let term = f(&Tensor::from_slice(rows, (r.len(), hidden), &Device::Cpu)?)?;
+        let term = f(rows)?;
         with_f32(&term.contiguous()?, |t| {
             rows.iter_mut().zip(t).for_each(|(a, b)| *a += b);
         })?;
@@ -293,7 +291,7 @@ impl Mlp {
     /// the normed input exists only a chunk at a time.
     fn forward(&self, h: &mut [f32], norm_weight: &[f32], eps: f32) -> Result<()> {
         add_in_place(h, norm_weight.len(), MLP_ROWS, |x| {
-            self.forward_rows(&norm(x, norm_weight, eps)?)
+            self.forward_rows(&norm_rows(x, norm_weight, eps)?)
         })
     }
 
@@ -668,9 +666,11 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
 
 /// RMSNorm of each row. x: (rows, hidden) -> (rows, hidden)
 fn norm(x: &Tensor, weight: &[f32], eps: f32) -> Result<Tensor> {
-    let (rows, hidden) = x.dims2()?;
-    let mut out = vec![0.0f32; rows * hidden];
-    let x = x.contiguous()?;
-    with_f32(&x, |x| rms_norm(x, weight, eps, &mut out))?;
-    Ok(tensor2(out, rows, hidden)?)
+    with_f32(&x.contiguous()?, |x| norm_rows(x, weight, eps))?
+}
+
+/// `norm` of rows given as a slice, (rows, weight.len()) row-major.
+fn norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Result<Tensor> {
+    let hidden = weight.len();
+    Ok(tensor2(rms_norm_rows(x, weight, eps), x.len() / hidden, hidden)?)
 }

@@ -150,43 +150,44 @@ impl Attention {
         ctx: &LayerCtx,
     ) -> Result<[Vec<f32>; 3]> {
         let rows = h.dims2()?.0;
-        let chunk = |r: Range<usize>| {
-            let x = norm(&h.narrow(0, r.start, r.len())?, norm_weight, ctx.eps)?;
-            self.qkv_rows(&x, &positions[r], ctx)
-        };
-        if rows <= CHUNK_ROWS {
-            return chunk(0..rows);
-        }
         let widths = self.wqkv.widths();
         let mut parts: [Vec<f32>; 3] =
             std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));
         for r in row_chunks(rows, CHUNK_ROWS) {
-            for (part, rows) in parts.iter_mut().zip(chunk(r)?) {
-                part.extend_from_slice(&rows);
-            }
+            let x = norm(&h.narrow(0, r.start, r.len())?, norm_weight, ctx.eps)?;
+            self.qkv_rows(&x, &positions[r], ctx, &mut parts)?;
         }
         Ok(parts)
     }
 
     /// x: (rows, hidden) -> q (rows, n_heads * hd), k and v (rows, n_kv_heads * hd): projected,
-    /// biased, q and k normed per head (Qwen3), then q and k rotated.
-    fn qkv_rows(&self, x: &Tensor, positions: &[u32], ctx: &LayerCtx) -> Result<[Vec<f32>; 3]> {
+    /// biased, q and k normed per head (Qwen3), then q and k rotated; appended to `parts`.
+    fn qkv_rows(
+        &self,
+        x: &Tensor,
+        positions: &[u32],
+        ctx: &LayerCtx,
+        parts: &mut [Vec<f32>; 3],
+    ) -> Result<()> {
         let mut joined = self.wqkv.forward(x)?; // (rows, q_dim + 2 kv_dim)
         if let Some(bias) = &self.bias {
             for row in joined.chunks_exact_mut(bias.len()) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
             }
         }
-        let [mut q, mut k, v] = split_columns(&joined, self.wqkv.widths());
+        let starts = parts.each_ref().map(Vec::len);
+        append_columns(&joined, self.wqkv.widths(), parts);
         drop(joined);
+        let [q, k, _] = parts;
+        let (q, k) = (&mut q[starts[0]..], &mut k[starts[1]..]);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             // (rows * heads, hd): one RMSNorm per head
-            q = rms_norm_rows(&q, q_norm, ctx.eps);
-            k = rms_norm_rows(&k, k_norm, ctx.eps);
+            q.copy_from_slice(&rms_norm_rows(q, q_norm, ctx.eps));
+            k.copy_from_slice(&rms_norm_rows(k, k_norm, ctx.eps));
         }
-        ctx.rope.apply(&mut q, positions)?;
-        ctx.rope.apply(&mut k, positions)?;
-        Ok([q, k, v])
+        ctx.rope.apply(q, positions)?;
+        ctx.rope.apply(k, positions)?;
+        Ok(())
     }
 }
 
@@ -208,17 +209,15 @@ fn qkv_bias(f: &mut GgufFile, i: usize, parts: &[(&str, usize); 3]) -> Result<Op
     Ok(Some(joined))
 }
 
-/// (rows, Σ widths) with N parts side by side -> the N parts, each (rows, width_i).
-fn split_columns<const N: usize>(joined: &[f32], widths: &[usize]) -> [Vec<f32>; N] {
+/// (rows, Σ widths) with N parts side by side: part i's (rows, width_i) appended to parts[i].
+fn append_columns<const N: usize>(joined: &[f32], widths: &[usize], parts: &mut [Vec<f32>; N]) {
     assert_eq!(
         widths.len(),
         N,
-        "split_columns: {} parts, want {N}",
+        "append_columns: {} parts, want {N}",
         widths.len()
     );
     let total: usize = widths.iter().sum();
-    let rows = joined.len() / total;
-    let mut parts: [Vec<f32>; N] = std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));
     for row in joined.chunks_exact(total) {
         let mut start = 0;
         for (p, &w) in parts.iter_mut().zip(widths) {
@@ -226,7 +225,6 @@ fn split_columns<const N: usize>(joined: &[f32], widths: &[usize]) -> [Vec<f32>;
             start += w;
         }
     }
-    parts
 }
 
 /// Rows per chunk of a long prefill's q/k/v and output projections: the chunk's normed input
@@ -672,5 +670,9 @@ fn norm(x: &Tensor, weight: &[f32], eps: f32) -> Result<Tensor> {
 /// `norm` of rows given as a slice, (rows, weight.len()) row-major.
 fn norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Result<Tensor> {
     let hidden = weight.len();
-    Ok(tensor2(rms_norm_rows(x, weight, eps), x.len() / hidden, hidden)?)
+    Ok(tensor2(
+        rms_norm_rows(x, weight, eps),
+        x.len() / hidden,
+        hidden,
+    )?)
 }

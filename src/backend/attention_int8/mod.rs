@@ -426,6 +426,9 @@ struct Scratch {
     pv: Vec<i32>,
     /// (BLOCK / 4) which group of four keys each entry of `p4` is
     at: Vec<u32>,
+    /// (hd) one row's query times the channel factors, or its output channels; its bytes
+    row: Vec<f32>,
+    row_bytes: Vec<u8>,
 }
 
 thread_local! {
@@ -485,6 +488,8 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
     s.p4.resize(BLOCK / 4 * LANES, 0);
     s.at.resize(BLOCK / 4, 0);
     s.pv.resize(hd * LANES, 0);
+    s.row.resize(hd, 0.0);
+    s.row_bytes.resize(hd, 0);
 
     // stacked row i = (head h of the group, tile row r): its visible keys and its query as u8
     let scale = 1.0 / (hd as f32).sqrt();
@@ -498,16 +503,25 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
         // the end of the task
         let raw = unsafe { std::slice::from_raw_parts(job.cells.q.add(at), hd) };
         // the query times its KV head's channel factors (see `quantize`)
-        let q: Vec<f32> = raw.iter().zip(kchan).map(|(x, c)| x * c).collect();
+        let q = &mut s.row[..hd];
+        q.iter_mut()
+            .zip(raw.iter().zip(kchan))
+            .for_each(|(q, (x, c))| *q = x * c);
         let amax = q.iter().fold(0.0f32, |m, x| m.max(x.abs())) * scale;
         let qs = amax / 127.0;
         let inv = if qs > 0.0 { scale / qs } else { 0.0 };
         // logits in log2 units (the softmax takes powers of two); positive, so that a masked
         // logit times it stays -inf
         s.qscale[i] = (qs * std::f32::consts::LOG2_E).max(f32::MIN_POSITIVE);
-        for (d, &x) in q.iter().enumerate() {
-            let b = (round_i8(x * inv) as i32 + 128) as u8;
-            s.qpack[((v * hd4 + d / 4) * LANES + lane) * 4 + d % 4] = b;
+        // rounded in channel order (a loop the compiler vectorises), then four bytes a lane
+        let bytes = &mut s.row_bytes[..hd];
+        bytes
+            .iter_mut()
+            .zip(q.iter())
+            .for_each(|(b, &x)| *b = (round_i8(x * inv) as i32 + 128) as u8);
+        for (d4, four) in bytes.chunks_exact(4).enumerate() {
+            let at = ((v * hd4 + d4) * LANES + lane) * 4;
+            s.qpack[at..at + 4].copy_from_slice(four);
         }
     }
     // each row vector's first and last visible key (+1), over its real rows
@@ -646,13 +660,18 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
         let at = (r0 + r) * q_stride + (g * group + h) * hd;
         // SAFETY: cell (r0 + r, head) is in bounds and this task's; its query was read above
         let out = unsafe { std::slice::from_raw_parts_mut(job.cells.out.add(at), hd) };
-        let o = &s.o[v * hd * LANES..];
-        for (d, x) in out.iter_mut().enumerate() {
-            *x = if total > 0.0 {
-                o[d * LANES + lane] / total + vmean[d]
-            } else {
-                0.0
-            };
+        if total > 0.0 {
+            // the row's channels gathered from their lane, then one vectorised pass
+            let o = &s.o[v * hd * LANES..][..hd * LANES];
+            let col = &mut s.row[..hd];
+            col.iter_mut()
+                .zip(o.chunks_exact(LANES))
+                .for_each(|(c, lanes)| *c = lanes[lane]);
+            out.iter_mut()
+                .zip(col.iter().zip(vmean))
+                .for_each(|(x, (c, mean))| *x = c / total + mean);
+        } else {
+            out.fill(0.0);
         }
     }
 }

@@ -173,6 +173,35 @@ impl Unpacked {
     }
 }
 
+/// dot[r][t] += the byte lines `ks` of tile-block b of weight tile t (unsigned, `lines[t]`) ·
+/// activation row i0 + r's bytes 4k..4k+4 of block b, for each line k: four K steps a
+/// `vpdpbusd`, every microkernel's inner loop.
+///
+/// SAFETY: the CPU has AVX-512F/BW/VNNI; lines[t] + k is readable for k in `ks`; rows
+/// i0..i0+R and block b are inside `g.x`.
+#[inline(always)]
+unsafe fn dot_lines<const R: usize, const T: usize>(
+    g: &Gemm,
+    lines: &[*const __m512i; T],
+    i0: usize,
+    b: usize,
+    ks: Range<usize>,
+    dot: &mut [[__m512i; T]; R],
+) {
+    for k in ks {
+        // SAFETY: as the caller promised.
+        unsafe {
+            let w: [__m512i; T] = std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
+            for r in 0..R {
+                let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
+                for t in 0..T {
+                    dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
+                }
+            }
+        }
+    }
+}
+
 /// Store 16 f32 of row `i` at output tile `tile`, masked past column n.
 #[inline(always)]
 unsafe fn store16(g: &Gemm, i: usize, tile: usize, v: __m512) {
@@ -234,15 +263,7 @@ unsafe fn block_vnni_with<const R: usize, const T: usize, const OFF16: bool>(
                 };
                 [_mm512_set1_epi32(bias); T]
             });
-            for k in 0..8 {
-                let w: [__m512i; T] = std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                for r in 0..R {
-                    let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
-                    for t in 0..T {
-                        dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
-                    }
-                }
-            }
+            dot_lines(g, &lines, i0, b, 0..8, &mut dot);
             let s: [*const f32; T] =
                 std::array::from_fn(|t| u.scales.as_ptr().add((t * nb + b) * 2 * TILE));
             let d: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(s[t]));
@@ -291,16 +312,7 @@ unsafe fn halves_vnni<const R: usize, const T: usize>(
                 std::array::from_fn(|t| u.scales.as_ptr().add((t * nb + b) * 2 * TILE));
             for h in 0..2 {
                 let mut dot = [[_mm512_setzero_si512(); T]; R];
-                for k in 4 * h..4 * h + 4 {
-                    let w: [__m512i; T] =
-                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                    for r in 0..R {
-                        let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
-                        for t in 0..T {
-                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
-                        }
-                    }
-                }
+                dot_lines(g, &lines, i0, b, 4 * h..4 * h + 4, &mut dot);
                 let d: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(s[t].add(h * TILE)));
                 for r in 0..R {
                     let ib = (i0 + r) * nb + b;
@@ -341,15 +353,7 @@ unsafe fn q8_0_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: usi
                 let bias = -(*g.x.sum.get_unchecked((i0 + r) * nb + b) << 7);
                 [_mm512_set1_epi32(bias); T]
             });
-            for k in 0..8 {
-                let w: [__m512i; T] = std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                for r in 0..R {
-                    let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
-                    for t in 0..T {
-                        dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
-                    }
-                }
-            }
+            dot_lines(g, &lines, i0, b, 0..8, &mut dot);
             let d: [__m512; T] = std::array::from_fn(|t| {
                 let s = g.scales.as_ptr().add(((t0 + t) * nb + b) * TILE);
                 _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i))
@@ -392,16 +396,7 @@ unsafe fn q8x16_vnni<const R: usize, const T: usize>(g: &Gemm, i0: usize, t0: us
             };
             for h in 0..2 {
                 let mut dot = [[_mm512_setzero_si512(); T]; R];
-                for k in 4 * h..4 * h + 4 {
-                    let w: [__m512i; T] =
-                        std::array::from_fn(|t| _mm512_load_si512(lines[t].add(k)));
-                    for r in 0..R {
-                        let xk = _mm512_set1_epi32(x4(g, i0 + r, b * QK + 4 * k));
-                        for t in 0..T {
-                            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], w[t], xk);
-                        }
-                    }
-                }
+                dot_lines(g, &lines, i0, b, 4 * h..4 * h + 4, &mut dot);
                 let d: [__m512; T] = std::array::from_fn(|t| scale(t, h));
                 for r in 0..R {
                     let dx = _mm512_set1_ps(*g.x.d.get_unchecked((i0 + r) * nb + b));

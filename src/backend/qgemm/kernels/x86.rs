@@ -44,15 +44,16 @@ macro_rules! by_shape {
 /// SAFETY: as `super::rect`, and the CPU has AVX-512F/BW/VNNI, F16C and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
 pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
-    let mut unpacked = Unpacked::default();
+    // the thread's buffer, grown once and reused by its later tasks
+    let mut unpacked = UNPACKED.take();
+    let bytes = !matches!(g.kind, Kind::Q8_0 | Kind::Q8x16);
+    let step = microkernel_rows(g.kind);
     for t0 in tiles.clone().step_by(VNNI_TILES) {
         let tn = (tiles.end - t0).min(VNNI_TILES);
-        let bytes = !matches!(g.kind, Kind::Q8_0 | Kind::Q8x16);
         if bytes {
             // SAFETY: tiles t0..t0+tn lie in the caller's rectangle.
             unsafe { unpacked.fill(g, t0, tn) };
         }
-        let step = microkernel_rows(g.kind);
         for i0 in rows.clone().step_by(step) {
             let rn = (rows.end - i0).min(step);
             let u = &unpacked;
@@ -71,6 +72,11 @@ pub unsafe fn rect_vnni(g: &Gemm, rows: Range<usize>, tiles: Range<usize>) {
             }
         }
     }
+    UNPACKED.set(unpacked);
+}
+
+thread_local! {
+    static UNPACKED: std::cell::Cell<Unpacked> = std::cell::Cell::new(Unpacked::default());
 }
 
 /// Activation rows per microkernel. The kernels with a min or two scales per block take 4: with
@@ -87,8 +93,9 @@ fn microkernel_rows(kind: Kind) -> usize {
 /// The weights of one group of tiles as unsigned bytes, made once per task and read by each
 /// of its row groups, so that the microkernels do no bit work: `lines[(t * nb + b) * 8 + j]`
 /// holds the 16 rows' values 4j..4j+4 of block b (Q8_0's line order), and
-/// `scales[(t * nb + b) * 32..]` their f32 scale and min per block (Q4_1, Q4K, Q5, Q5z:
-/// weight = d q + m) or the scales of the two halves of 16 values (Q6: weight = d_h (q - 32)).
+/// `scales[(t * nb + b) * 32..]` their f32 scale and min per block (Q4_1, Q4K, Q5: weight =
+/// d q + m; Q5z: the scale alone, its -16 d offset starts the dot) or the scales of the two
+/// halves of 16 values (Q6: weight = d_h (q - 32)).
 #[derive(Default)]
 struct Unpacked {
     lines: Vec<__m512i>,
@@ -157,10 +164,7 @@ impl Unpacked {
                             let (d, dmin) = q4k_super_512(g.scales.as_ptr(), tb);
                             q4k_scale_min_512(g.scales.as_ptr(), tb, d, dmin)
                         }
-                        Kind::Q5z => {
-                            let d = f16s(0);
-                            (d, _mm512_mul_ps(d, _mm512_set1_ps(-16.0)))
-                        }
+                        Kind::Q5z => (f16s(0), _mm512_setzero_ps()),
                         // Q4_1, Q5: d and m; Q6: d of each half
                         _ => (f16s(0), f16s(1)),
                     };

@@ -6,7 +6,9 @@
 For each run: the cells (part, length, depth band: dense and pruned accuracy, lost/gained,
 agreement, TTFT ratio), every lost fact with the stage that dropped it and its blocks' ranks
 per stage, and, over every fact dense found, how the fact's worst block ranked at each stage
-(rank / candidates, by depth band): how close to the cut the kept facts were.
+(rank / candidates, by depth band): how close to the cut the kept facts were. Last, over every
+fact asked (found by dense or not): the median and mean relative rank of its worst block at each
+stage, and how many facts each stage dropped: the score's quality, less noisy than the answers.
 Only the standard library is used.
 """
 import json
@@ -58,6 +60,34 @@ def ranks(run):
         print(f"  {length:5} {BANDS[band]:8} {' '.join(v)}")
 
 
+def score_quality(run):
+    print("\nevery fact asked: relative rank of its worst block at each stage (median / mean), "
+          "facts dropped there:")
+    by = {}
+    for case in run["cases"]:
+        length = case.get("length") or int(case["id"].split("-")[1])
+        for f in case["facts"]:
+            d = f["diagnosis"]
+            if not d:
+                continue
+            row = by.setdefault(length, {"facts": 0, "rel": {}, "dropped": {}})
+            row["facts"] += 1
+            for stage, r in enumerate(d["ranks"]):
+                if r is not None:
+                    row["rel"].setdefault(stage, []).append(r[0] / r[1])
+            lost = d.get("lost")
+            if isinstance(lost, dict) and "prefill" in lost:
+                row["dropped"][lost["prefill"]] = row["dropped"].get(lost["prefill"], 0) + 1
+    for length, row in sorted(by.items()):
+        stages = []
+        for stage, rel in sorted(row["rel"].items()):
+            rel = sorted(rel)
+            median = rel[len(rel) // 2]
+            stages.append(f"stage {stage}: {median:.2f} / {sum(rel) / len(rel):.2f}, "
+                          f"dropped {row['dropped'].get(stage, 0)}")
+        print(f"  {length:5} {row['facts']:3} facts  " + "; ".join(stages))
+
+
 for path in sys.argv[1:]:
     with open(path) as fh:
         run = json.load(fh)
@@ -65,3 +95,4 @@ for path in sys.argv[1:]:
     cells(run)
     losses(run)
     ranks(run)
+    score_quality(run)

@@ -296,7 +296,7 @@ impl SlimSession {
             keys_of(kv),
             &kv.positions,
             self.cfg.block_size,
-            self.cfg.unit_size,
+            self.cfg.prefill_unit_size,
         );
         match self.cfg.score {
             ScoreKind::Paper => {

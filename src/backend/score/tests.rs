@@ -17,25 +17,28 @@ fn max_pooled_attention_scores_are_the_best_querys() {
     let len = 517;
     let pos = positions(&mut rng, len, 7, 5);
     let keys = rng.vec(pos.len() * shape.n_kv_heads * shape.head_dim);
-    let w = 5;
+    // more queries than one scoring task takes, and token-level units (prefill) as well as 8
+    let w = 11;
     let q = rng.vec(w * shape.n_heads * shape.head_dim);
-    let units = UnitKeys::new(Keys::F32(&keys), &pos, len, shape, 64, 8);
-    let got = units.attention_scores(&q, WindowPool::Max);
-    let mut want: Vec<(u32, f32)> = Vec::new();
-    for row in q.chunks_exact(shape.n_heads * shape.head_dim) {
-        let one = block_scores_attention_reference(row, &keys, &pos, len, shape, 64, 8);
-        if want.is_empty() {
-            want = one;
-        } else {
-            for (acc, (b, v)) in want.iter_mut().zip(one) {
-                assert_eq!(acc.0, b);
-                acc.1 = acc.1.max(v);
+    for unit in [1, 8] {
+        let units = UnitKeys::new(Keys::F32(&keys), &pos, len, shape, 64, unit);
+        let got = units.attention_scores(&q, WindowPool::Max);
+        let mut want: Vec<(u32, f32)> = Vec::new();
+        for row in q.chunks_exact(shape.n_heads * shape.head_dim) {
+            let one = block_scores_attention_reference(row, &keys, &pos, len, shape, 64, unit);
+            if want.is_empty() {
+                want = one;
+            } else {
+                for (acc, (b, v)) in want.iter_mut().zip(one) {
+                    assert_eq!(acc.0, b);
+                    acc.1 = acc.1.max(v);
+                }
             }
         }
+        assert_close(&got, &want, &format!("max-pooled attention scores, unit {unit}"));
+        let mean = units.attention_scores(&q, WindowPool::Mean);
+        assert!(got.iter().zip(&mean).all(|(m, a)| m.1 >= a.1 - 1e-6));
     }
-    assert_close(&got, &want, "max-pooled attention scores");
-    let mean = units.attention_scores(&q, WindowPool::Mean);
-    assert!(got.iter().zip(&mean).all(|(m, a)| m.1 >= a.1 - 1e-6));
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::{dot, HeadShape, Keys, WindowPool};
+use crate::backend::simd;
 
 /// The representative key of every token unit of the prompt (the mean of its post-RoPE keys),
 /// with each unit's block: what the attention-mass score compares queries with. Decode keeps
@@ -72,44 +73,121 @@ impl UnitKeys {
     /// Attention-mass block scores of the queries `q_window` ((w, n_heads * head_dim)), pooled
     /// over the queries by `pool`.
     pub fn attention_scores(&self, q_window: &[f32], pool: WindowPool) -> Vec<(u32, f32)> {
+        let one_query = q_window.len() == self.shape.n_heads * self.shape.head_dim;
         match pool {
-            WindowPool::Mean => self.attention_scores_mean(q_window),
-            WindowPool::Max => self.attention_scores_max(q_window),
+            // one query's mean is its max, and the max path's GEMM is the faster (decode)
+            WindowPool::Mean if !one_query => self.attention_scores_mean(q_window),
+            _ => self.attention_scores_max(q_window),
         }
     }
 
     /// Per block, the largest over the queries of the block's head-averaged attention mass.
+    ///
+    /// Each task takes one KV head and a few window queries: the logits of the query heads that
+    /// read that KV head against every unit come from one GEMM (the window can score every
+    /// prompt token in prefill, `unit_size = 1`), then each (query, head) row's softmax is summed
+    /// per block. The blocks' masses are reduced over heads and pooled over queries at the end.
     fn attention_scores_max(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
         let HeadShape {
-            n_heads, head_dim, ..
+            n_heads,
+            n_kv_heads,
+            head_dim,
         } = self.shape;
-        let unit_block = &self.block;
-        let n_units = unit_block.len();
-        let mut probs = vec![0f32; n_units];
-        // one query's attention mass per unit, averaged over heads
-        let mut mass = vec![0f32; n_units];
-        let mut out: Vec<(u32, f32)> = Vec::new();
-        for row in q_window.chunks_exact(n_heads * head_dim) {
-            mass.fill(0.0);
-            for (h, q) in row.chunks_exact(head_dim).enumerate() {
-                self.unit_attention(q, h, &mut probs);
-                for (m, p) in mass.iter_mut().zip(&probs) {
-                    *m += p / n_heads as f32;
-                }
-            }
-            let (mut u0, mut i) = (0, 0);
-            while u0 < n_units {
-                let b = unit_block[u0];
-                let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
-                let v: f32 = mass[u0..u1].iter().sum();
-                match out.get_mut(i) {
-                    Some(slot) => slot.1 = slot.1.max(v),
-                    None => out.push((b, v)),
-                }
-                (u0, i) = (u1, i + 1);
+        let group = self.shape.group();
+        let q_row = n_heads * head_dim;
+        let w = q_window.len() / q_row;
+        let n_units = self.block.len();
+        if n_units == 0 || w == 0 {
+            return Vec::new();
+        }
+        // units [ranges[i], ranges[i+1]) make block blocks[i]
+        let mut blocks: Vec<u32> = Vec::new();
+        let mut ranges: Vec<usize> = Vec::new();
+        for (u, &b) in self.block.iter().enumerate() {
+            if blocks.last() != Some(&b) {
+                blocks.push(b);
+                ranges.push(u);
             }
         }
-        out
+        ranges.push(n_units);
+        let n_blocks = blocks.len();
+        // mass[(r * n_heads + h) * n_blocks + i]: query r's head h's attention on block i
+        let mut mass = vec![0f32; w * n_heads * n_blocks];
+        const QUERIES: usize = 8;
+        let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
+            .flat_map(|g| (0..w).step_by(QUERIES).map(move |r0| (g, r0)))
+            .collect();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let k_row = n_kv_heads * head_dim;
+        let per_task: Vec<(usize, usize, Vec<f32>)> = tasks
+            .into_par_iter()
+            .map(|(g, r0)| {
+                let rows = QUERIES.min(w - r0);
+                let m = rows * group;
+                // lhs: (m, head_dim), row (r, j) = query r0 + r's head g * group + j, scaled
+                let mut lhs = vec![0f32; m * head_dim];
+                for r in 0..rows {
+                    for j in 0..group {
+                        let h = g * group + j;
+                        let src = &q_window[(r0 + r) * q_row + h * head_dim..][..head_dim];
+                        let dst = &mut lhs[(r * group + j) * head_dim..][..head_dim];
+                        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x * scale);
+                    }
+                }
+                let mut logits = vec![0f32; m * n_units];
+                // SAFETY: lhs is (m, head_dim) row-major; the rhs element (d, u) is unit u's
+                // key channel g * head_dim + d, at keys[u * k_row + g * head_dim + d], inside
+                // keys (n_units, k_row); logits is (m, n_units) row-major.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n_units,
+                        head_dim,
+                        logits.as_mut_ptr(),
+                        1,
+                        n_units as isize,
+                        false,
+                        lhs.as_ptr(),
+                        1,
+                        head_dim as isize,
+                        self.keys.as_ptr().add(g * head_dim),
+                        k_row as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let mut out = vec![0f32; m * n_blocks];
+                for (row, dst) in logits.chunks_mut(n_units).zip(out.chunks_mut(n_blocks)) {
+                    let (_, sum, _) = simd::softmax_block_row(row, n_units, f32::NEG_INFINITY, 0.0);
+                    let inv = 1.0 / sum;
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = row[ranges[i]..ranges[i + 1]].iter().sum::<f32>() * inv;
+                    }
+                }
+                (g, r0, out)
+            })
+            .collect();
+        for (g, r0, out) in per_task {
+            for (i, src) in out.chunks(n_blocks).enumerate() {
+                let (r, j) = (r0 + i / group, i % group);
+                let h = g * group + j;
+                mass[(r * n_heads + h) * n_blocks..][..n_blocks].copy_from_slice(src);
+            }
+        }
+        let mut best = vec![f32::NEG_INFINITY; n_blocks];
+        for per_query in mass.chunks(n_heads * n_blocks) {
+            for (i, b) in best.iter_mut().enumerate() {
+                let v: f32 = (0..n_heads).map(|h| per_query[h * n_blocks + i]).sum::<f32>()
+                    / n_heads as f32;
+                *b = b.max(v);
+            }
+        }
+        blocks.into_iter().zip(best).collect()
     }
 
     /// Head `h`'s attention of the query `q` over the units (softmax of q·k_unit/√d) in `probs`.

@@ -234,6 +234,21 @@ fn block_and_unit_sizes_must_nest() {
         30,
     );
     assert!(e.starts_with("[slim] unit_size"), "{e}");
+    for prefill_unit_size in [0, 3] {
+        let e = err(
+            &SlimConfig {
+                prefill_unit_size,
+                ..cfg()
+            },
+            30,
+        );
+        assert_eq!(
+            e,
+            format!(
+                "[slim] prefill_unit_size must be at least 1 and divide block_size (64), got {prefill_unit_size}"
+            )
+        );
+    }
     SlimConfig {
         block_size: 16,
         unit_size: 16,

@@ -230,17 +230,17 @@ fn tmux_session() {
             > 1,
         "no streamed answer on screen:\n{s}"
     );
-    assert!(s.contains("pruned, keep 0.60"), "{s}");
+    assert!(s.contains("pruned, keep 0.50"), "{s}");
 
     // Lower the ratio: it shows at once.
     tmux.keys(&["-"]);
-    tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.55"));
+    tmux.wait("the new ratio", 10, |s| s.contains("on · keep 0.45"));
     tmux.type_text("And ship number 30?");
     tmux.enter();
     let s = tmux.wait("the second answer", 90, |s| {
         ttfts(s).len() == 2 && s.contains("state   idle")
     });
-    assert!(s.contains("keep 0.55"), "{s}");
+    assert!(s.contains("keep 0.45"), "{s}");
     eprintln!("TTFTs on screen: {:?}\n{s}", ttfts(&s));
 
     // Shrink to 20x6: the guard; back to 160x50: the whole screen again.
@@ -379,7 +379,7 @@ fn typed_paste_then_enter_sends_and_files_are_private() {
         "nothing is sent before Enter:\n{s}"
     );
     assert!(
-        s.contains("on · keep 0.60"),
+        s.contains("on · keep 0.50"),
         "the paste's leading '-' is text, not the knob:\n{s}"
     );
     tmux.enter();

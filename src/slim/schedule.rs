@@ -40,7 +40,7 @@ pub const PRESETS: [&str; 8] = [
 /// ```toml
 /// [slim]
 /// enabled = true
-/// keep_ratio = 0.6
+/// keep_ratio = 0.5
 /// preset = "auto"
 /// stages = []
 /// min_keep_tokens = 256
@@ -67,11 +67,11 @@ pub struct SlimConfig {
     pub enabled: bool,
     /// The pruning knob: scales every stage's budget. Each stage keeps
     /// `keep_ratio * fraction * prompt_tokens` prompt tokens (at least `min_keep_tokens` and the
-    /// preset's floor); `1.0` keeps the presets' full fractions. Allowed: `(0, 1]`. Default `0.6`, chosen from
-    /// `slimchat eval` on two documents per length: the lowest ratio tried whose agreement and
-    /// needle retrieval stay at dense's at 4096 and 8192 tokens (shorter prompts are held by
-    /// the preset floors), and the one that brings TTFT at 8192 tokens near 0.55x dense
-    /// (bench/NOTES.md).
+    /// preset's floor); `1.0` keeps the presets' full fractions. Allowed: `(0, 1]`. Default `0.5`:
+    /// with the 8-bit prefill attention, dense's long prefill got faster than the pruned one's
+    /// rows, and 0.6 gave TTFT 0.61x dense at 8192 tokens against 0.50x at 0.5; with
+    /// token-level prefill scores (`prefill_unit_size = 1`), 0.5 keeps the facts and the
+    /// agreement that 0.6 with unit scores kept on `slimchat facts` (bench/NOTES.md).
     pub keep_ratio: f32,
     /// Where the stages come from: `"auto"` (chosen from the model's metadata: architecture,
     /// depth, width and context, see `slim::preset`; by layer count alone when no model is known:
@@ -210,7 +210,7 @@ pub const EXAMPLE_TOML: &str = r#"[slim]
 # Prune prompt rows in the upper layers (SlimInfer). false = the dense model.
 enabled = true
 # The pruning knob, in (0, 1]: each stage keeps keep_ratio * fraction * prompt tokens.
-keep_ratio = 0.6
+keep_ratio = 0.5
 # "auto" (matched on the model's architecture, depth, width and context; unknown models get
 # generic), "smollm2", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b", "generic"
 # (stages at about L/3, 2L/3, L-2; floors 1/4, 1/8, 1/16 of the context up to 8k tokens), or
@@ -268,7 +268,7 @@ impl Default for SlimConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            keep_ratio: 0.6,
+            keep_ratio: 0.5,
             preset: "auto".into(),
             stages: Vec::new(),
             min_keep_tokens: 256,

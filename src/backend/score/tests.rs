@@ -35,7 +35,11 @@ fn max_pooled_attention_scores_are_the_best_querys() {
                 }
             }
         }
-        assert_close(&got, &want, &format!("max-pooled attention scores, unit {unit}"));
+        assert_close(
+            &got,
+            &want,
+            &format!("max-pooled attention scores, unit {unit}"),
+        );
         let mean = units.attention_scores(&q, WindowPool::Mean);
         assert!(got.iter().zip(&mean).all(|(m, a)| m.1 >= a.1 - 1e-6));
     }

@@ -84,8 +84,8 @@ impl UnitKeys {
     /// Per block, the largest over the queries of the block's head-averaged attention mass.
     ///
     /// Each task takes one KV head and a few window queries: the logits of the query heads that
-    /// read that KV head against every unit come from one GEMM (the window can score every
-    /// prompt token in prefill, `unit_size = 1`), then each (query, head) row's softmax is summed
+    /// read that KV head against every unit come from one GEMM (prefill scores every prompt
+    /// token, `prefill_unit_size = 1`), then each (query, head) row's softmax is summed
     /// per block. The blocks' masses are reduced over heads and pooled over queries at the end.
     fn attention_scores_max(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
         let HeadShape {
@@ -182,7 +182,9 @@ impl UnitKeys {
         let mut best = vec![f32::NEG_INFINITY; n_blocks];
         for per_query in mass.chunks(n_heads * n_blocks) {
             for (i, b) in best.iter_mut().enumerate() {
-                let v: f32 = (0..n_heads).map(|h| per_query[h * n_blocks + i]).sum::<f32>()
+                let v: f32 = (0..n_heads)
+                    .map(|h| per_query[h * n_blocks + i])
+                    .sum::<f32>()
                     / n_heads as f32;
                 *b = b.max(v);
             }

@@ -552,9 +552,12 @@ fn sixteen_streaming_clients_three_rounds_none_lost_or_hung() {
         }
     }
     assert_eq!(served + refused, 48);
+    // a round's 16 clients can all arrive before the engine thread takes the first of them
+    // off the queue, so the bound is the queue's 8 places a round, not 8 plus the running one
+    // (26 served once on a loaded machine)
     assert!(
-        served >= 3 * 9,
-        "served {served}: the queue holds 8 behind the running one"
+        served >= 3 * 8,
+        "served {served}: the queue holds 8 places a round"
     );
     ttfts.sort();
     let pct = |p: f64| ttfts[((ttfts.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;

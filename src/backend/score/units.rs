@@ -1,6 +1,8 @@
 //! The representative key of each token unit of the prompt, and the attention-mass block scores
 //! of window queries over them.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{dot, HeadShape, Keys, WindowPool};
@@ -100,26 +102,15 @@ impl UnitKeys {
         if n_units == 0 || w == 0 {
             return Vec::new();
         }
-        // units [ranges[i], ranges[i+1]) make block blocks[i]
-        let mut blocks: Vec<u32> = Vec::new();
-        let mut ranges: Vec<usize> = Vec::new();
-        for (u, &b) in self.block.iter().enumerate() {
-            if blocks.last() != Some(&b) {
-                blocks.push(b);
-                ranges.push(u);
-            }
-        }
-        ranges.push(n_units);
-        let n_blocks = blocks.len();
-        // mass[(r * n_heads + h) * n_blocks + i]: query r's head h's attention on block i
-        let mut mass = vec![0f32; w * n_heads * n_blocks];
+        let runs = self.block_runs();
+        let n_blocks = runs.len();
         const QUERIES: usize = 8;
         let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
             .flat_map(|g| (0..w).step_by(QUERIES).map(move |r0| (g, r0)))
             .collect();
         let scale = 1.0 / (head_dim as f32).sqrt();
         let k_row = n_kv_heads * head_dim;
-        let per_task: Vec<(usize, usize, Vec<f32>)> = tasks
+        let per_task: Vec<(usize, Vec<f32>)> = tasks
             .into_par_iter()
             .map(|(g, r0)| {
                 let rows = QUERIES.min(w - r0);
@@ -165,31 +156,41 @@ impl UnitKeys {
                 for (row, dst) in logits.chunks_mut(n_units).zip(out.chunks_mut(n_blocks)) {
                     let (_, sum, _) = simd::softmax_block_row(row, n_units, f32::NEG_INFINITY, 0.0);
                     let inv = 1.0 / sum;
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = row[ranges[i]..ranges[i + 1]].iter().sum::<f32>() * inv;
+                    for (d, (_, units)) in dst.iter_mut().zip(&runs) {
+                        *d = row[units.clone()].iter().sum::<f32>() * inv;
                     }
                 }
-                (g, r0, out)
+                (r0, out)
             })
             .collect();
-        for (g, r0, out) in per_task {
+        // per_query[r * n_blocks + i]: query r's attention on block i, summed over heads
+        let mut per_query = vec![0f32; w * n_blocks];
+        for (r0, out) in per_task {
             for (i, src) in out.chunks(n_blocks).enumerate() {
-                let (r, j) = (r0 + i / group, i % group);
-                let h = g * group + j;
-                mass[(r * n_heads + h) * n_blocks..][..n_blocks].copy_from_slice(src);
+                let r = r0 + i / group;
+                let dst = &mut per_query[r * n_blocks..][..n_blocks];
+                dst.iter_mut().zip(src).for_each(|(d, &x)| *d += x);
             }
         }
         let mut best = vec![f32::NEG_INFINITY; n_blocks];
-        for per_query in mass.chunks(n_heads * n_blocks) {
-            for (i, b) in best.iter_mut().enumerate() {
-                let v: f32 = (0..n_heads)
-                    .map(|h| per_query[h * n_blocks + i])
-                    .sum::<f32>()
-                    / n_heads as f32;
-                *b = b.max(v);
+        for query in per_query.chunks(n_blocks) {
+            for (b, &v) in best.iter_mut().zip(query) {
+                *b = b.max(v / n_heads as f32);
             }
         }
-        blocks.into_iter().zip(best).collect()
+        runs.into_iter().map(|(b, _)| b).zip(best).collect()
+    }
+
+    /// Each block with the range of its units (units are in block order).
+    fn block_runs(&self) -> Vec<(u32, Range<usize>)> {
+        let mut runs: Vec<(u32, Range<usize>)> = Vec::new();
+        for (u, &b) in self.block.iter().enumerate() {
+            match runs.last_mut() {
+                Some((last, units)) if *last == b => units.end = u + 1,
+                _ => runs.push((b, u..u + 1)),
+            }
+        }
+        runs
     }
 
     /// Head `h`'s attention of the query `q` over the units (softmax of q·k_unit/√d) in `probs`.
@@ -237,17 +238,12 @@ impl UnitKeys {
                     }
                 }
             });
-        let unit_block = &self.block;
-        let mut out: Vec<(u32, f32)> = Vec::new();
-        let mut u0 = 0;
-        while u0 < n_units {
-            let b = unit_block[u0];
-            let u1 = u0 + unit_block[u0..].iter().take_while(|&&x| x == b).count();
-            let per_head =
-                (0..n_heads).map(|h| mass[h * n_units + u0..h * n_units + u1].iter().sum::<f32>());
-            out.push((b, per_head.sum::<f32>() / n_heads as f32));
-            u0 = u1;
-        }
-        out
+        (self.block_runs().into_iter())
+            .map(|(b, units)| {
+                let per_head =
+                    (0..n_heads).map(|h| mass[h * n_units..][units.clone()].iter().sum::<f32>());
+                (b, per_head.sum::<f32>() / n_heads as f32)
+            })
+            .collect()
     }
 }

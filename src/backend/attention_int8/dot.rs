@@ -6,7 +6,8 @@
 //! Lanes are 16 stacked query rows (one "row vector"). Layouts:
 //! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
 //!   int8 row-major `(key, hd)`. Out: `(keys, 16)` i32 dots of the int8 queries: each key's
-//!   sum starts at -`kcorr` (128 x the key's byte sum, what the u8 offset adds).
+//!   sum starts at -`kcorr` (128 x the key's byte sum, what the u8 offset adds). The VNNI
+//!   version goes on to the masked f32 logits while the dots are in registers.
 //! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
 //!   `[steps][16 lanes]`, only the groups of four keys where some row's weight is not 0, with
 //!   their index `at` (a group of four whose 64 weights all round to 0 adds nothing: in a
@@ -57,8 +58,9 @@ pub mod x86 {
     use super::LANES;
     use std::arch::x86_64::*;
 
-    /// Keys a `qk_vnni` step handles at once (independent accumulators).
-    const KEYS: usize = 8;
+    /// Keys a `qk_logits` step handles at once: independent accumulators, enough to cover
+    /// `vpdpbusd`'s latency at two a cycle, with one query load for every 16 dots.
+    const KEYS: usize = 16;
 
     /// Four key bytes at `p`, broadcast (LLVM folds it into `vpdpbusd`'s memory operand).
     #[inline(always)]
@@ -67,25 +69,64 @@ pub mod x86 {
         unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
     }
 
-    /// [`super::qk_scalar`] on VNNI.
+    /// The masked logit of key `jj` from its dot (what [`super::super::softmax::logits`]
+    /// computes from the stored dot: the same operations, so the same bits).
+    #[inline(always)]
+    unsafe fn logit(acc: __m512i, ks: f32, m: &Mask, jj: usize) -> __m512 {
+        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(ks));
+        if jj < m.dead {
+            _mm512_set1_ps(f32::NEG_INFINITY)
+        } else if jj >= m.open {
+            let j = _mm512_set1_epi32((m.j0 + jj) as i32);
+            let hidden = _mm512_cmpge_epi32_mask(j, m.vis);
+            _mm512_mask_mov_ps(x, hidden, _mm512_set1_ps(f32::NEG_INFINITY))
+        } else {
+            x
+        }
+    }
+
+    /// Which keys of a block are masked (see [`super::super::softmax::logits`]).
+    struct Mask {
+        vis: __m512i,
+        j0: usize,
+        dead: usize,
+        open: usize,
+    }
+
+    /// [`super::qk_scalar`] followed by [`super::super::softmax::logits`], on VNNI, with each
+    /// key's logit computed from its accumulator (no i32 dots stored and read back): logits
+    /// of the `kscale.len()` keys from key row `k` on into `out` (keys x 16), their max
+    /// returned. `HD` is the head size when it is known at compile time (the keys' offsets
+    /// are then immediates), else 0 and `hd` gives it.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` keys x hd bytes, `out`
-    /// keys x 16 i32, `kcorr` keys i32; hd is a multiple of 4.
+    /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` kscale.len() x hd bytes,
+    /// `kcorr` kscale.len() i32, `out` kscale.len() x 16 f32; hd is a multiple of 4.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub unsafe fn qk_vnni(
+    pub unsafe fn qk_logits<const HD: usize>(
         q: *const u8,
         k: *const i8,
         kcorr: *const i32,
+        kscale: &[f32],
         hd: usize,
-        keys: usize,
-        out: *mut i32,
-    ) {
+        (vis, j0, dead, open): (&[i32; LANES], usize, usize, usize),
+        out: *mut f32,
+    ) -> [f32; LANES] {
+        let hd = if HD > 0 { HD } else { hd };
         let hd4 = hd / 4;
-        let mut j = 0;
-        // SAFETY: every read is of q's hd4 vectors or of key rows j..j+KEYS < keys; every write
-        // of out's rows below keys (the caller's promise).
+        let keys = kscale.len();
+        // SAFETY: every read is of q's hd4 vectors or of key rows below keys; every write of
+        // out's rows below keys (the caller's promise)
         unsafe {
+            let m = Mask {
+                vis: _mm512_loadu_si512(vis.as_ptr() as *const _),
+                j0,
+                dead,
+                open,
+            };
+            let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
             while j + KEYS <= keys {
                 let mut acc = [_mm512_setzero_si512(); KEYS];
                 for (t, a) in acc.iter_mut().enumerate() {
@@ -98,8 +139,20 @@ pub mod x86 {
                         *a = _mm512_dpbusd_epi32(*a, qv, bcast4(kj.add(t * hd + 4 * d4)));
                     }
                 }
-                for (t, a) in acc.iter().enumerate() {
-                    _mm512_storeu_si512(out.add((j + t) * LANES) as *mut _, *a);
+                if j >= dead && j + KEYS <= open {
+                    // every row sees all 16 keys (the common case): no mask, straight code
+                    for (t, a) in acc.iter().enumerate() {
+                        let ks = _mm512_set1_ps(*kscale.get_unchecked(j + t));
+                        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(*a), ks);
+                        _mm512_storeu_ps(out.add((j + t) * LANES), x);
+                        bmax = _mm512_max_ps(bmax, x);
+                    }
+                } else {
+                    for (t, a) in acc.iter().enumerate() {
+                        let x = logit(*a, *kscale.get_unchecked(j + t), &m, j + t);
+                        _mm512_storeu_ps(out.add((j + t) * LANES), x);
+                        bmax = _mm512_max_ps(bmax, x);
+                    }
                 }
                 j += KEYS;
             }
@@ -110,22 +163,29 @@ pub mod x86 {
                     let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
                     acc = _mm512_dpbusd_epi32(acc, qv, bcast4(kj.add(4 * d4)));
                 }
-                _mm512_storeu_si512(out.add(j * LANES) as *mut _, acc);
+                let x = logit(acc, *kscale.get_unchecked(j), &m, j);
+                _mm512_storeu_ps(out.add(j * LANES), x);
+                bmax = _mm512_max_ps(bmax, x);
                 j += 1;
             }
+            let mut r = [0.0f32; LANES];
+            _mm512_storeu_ps(r.as_mut_ptr(), bmax);
+            r
         }
     }
 
-    /// Value channels a `pv_vnni` pass handles (independent accumulators).
-    const CHANNELS: usize = 8;
+    /// Value channels a `pv_vnni` pass handles: independent accumulators, one load of the
+    /// weights and one group index for every 16 dots.
+    const CHANNELS: usize = 16;
 
-    /// [`super::pv_scalar`] on VNNI, `CHANNELS` value channels at a time.
+    /// [`super::pv_scalar`] on VNNI, `CHANNELS` value channels at a time. `HD` as in
+    /// [`qk_logits`].
     ///
     /// # Safety
     /// The CPU has AVX-512F/BW/VNNI; `p` holds steps x 16 u32 and `at` steps indices, `v4`
-    /// groups at[s] of hd x 4 bytes, `out` hd x 16 i32; hd is a multiple of 8.
+    /// groups at[s] of hd x 4 bytes, `out` hd x 16 i32; hd is a multiple of 16.
     #[inline(always)]
-    pub unsafe fn pv_vnni(
+    pub unsafe fn pv_vnni<const HD: usize>(
         p: *const u32,
         at: *const u32,
         v4: *const i8,
@@ -133,8 +193,9 @@ pub mod x86 {
         steps: usize,
         out: *mut i32,
     ) {
+        let hd = if HD > 0 { HD } else { hd };
         // SAFETY: reads of p's and at's steps entries and of v4's groups at[s]; writes of out's
-        // hd rows (the caller's promise).
+        // hd rows (the caller's promise)
         unsafe {
             for d0 in (0..hd).step_by(CHANNELS) {
                 let mut acc = [_mm512_setzero_si512(); CHANNELS];

@@ -399,9 +399,15 @@ unsafe fn tiled(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: Int8Path::Vnni512 comes from `fast()`, so the CPU has the features;
                 // the job's cells are this task's own (the caller's promise)
-                Int8Path::Vnni512 => unsafe { task_vnni(&job, s) },
+                Int8Path::Vnni512 => unsafe {
+                    match shape.head_dim {
+                        64 => task_vnni::<64>(&job, s),
+                        128 => task_vnni::<128>(&job, s),
+                        _ => task_vnni::<0>(&job, s),
+                    }
+                },
                 // SAFETY: as above
-                _ => unsafe { task::<false>(&job, s) },
+                _ => unsafe { task::<false, 0>(&job, s) },
             });
         });
 }
@@ -435,15 +441,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// `task` with the VNNI microkernels, compiled for AVX-512 so the float loops vectorise.
+/// `task` with the VNNI microkernels, compiled for AVX-512 so the float loops vectorise; `HD`
+/// is the head size when it is one the microkernels are specialised for, else 0.
 ///
 /// # Safety
 /// As `task`, and the CPU has AVX-512F/BW/VNNI and AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn task_vnni(job: &Job, s: &mut Scratch) {
+unsafe fn task_vnni<const HD: usize>(job: &Job, s: &mut Scratch) {
     // SAFETY: as the caller promised
-    unsafe { task::<true>(job, s) }
+    unsafe { task::<true, HD>(job, s) }
 }
 
 /// One task: the query heads of KV head `job.g` for rows r0..r0+rows, stacked and cut into
@@ -453,7 +460,7 @@ unsafe fn task_vnni(job: &Job, s: &mut Scratch) {
 /// The job's (row, head) cells are this task's only, inside the buffers; with `VNNI` the CPU
 /// has AVX-512F/BW/VNNI.
 #[inline(always)]
-unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
+unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -551,40 +558,32 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                     continue;
                 }
                 let ke = j1.min(hi) - ja;
-                // raw dots (ke, 16)
+                // logits before the query scale, with the causal mask, and the block max; keys
+                // below `lo` are visible to every row of the vector
                 let q = &s.qpack[v * hd4 * LANES * 4..][..hd4 * LANES * 4];
-                if VNNI {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq, dots holds
-                    // BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
-                    unsafe {
-                        dot::x86::qk_vnni(
-                            q.as_ptr(),
-                            kq.as_ptr().add(ja * hd),
-                            kcorr.as_ptr().add(ja),
-                            hd,
-                            ke,
-                            s.dots.as_mut_ptr(),
-                        )
-                    };
-                } else {
-                    dot::qk_scalar(q, &kq[ja * hd..], &kcorr[ja..], hd, ke, &mut s.dots);
-                }
-                // logits before the query scale, causal mask, block max; keys below `lo` are
-                // visible to every row of the vector
                 let qs: &[f32; LANES] = s.qscale[v * LANES..][..LANES].try_into().unwrap();
                 let vis: &[i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
                 let open = lo.clamp(ja, ja + ke) - ja;
                 let ks = &kscale[ja..ja + ke];
                 let raw_max = if VNNI {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has AVX-512F (the caller's promise)
+                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq and kcorr,
+                    // logits holds BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
                     unsafe {
-                        softmax::x86::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
+                        dot::x86::qk_logits::<HD>(
+                            q.as_ptr(),
+                            kq.as_ptr().add(ja * hd),
+                            kcorr.as_ptr().add(ja),
+                            ks,
+                            hd,
+                            (vis, ja, dead, open),
+                            s.logits.as_mut_ptr(),
+                        )
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!()
                 } else {
+                    dot::qk_scalar(q, &kq[ja * hd..], &kcorr[ja..], hd, ke, &mut s.dots);
                     softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                 };
                 // in log2 units (qs > 0 keeps the order and -inf)
@@ -616,7 +615,7 @@ unsafe fn task<const VNNI: bool>(job: &Job, s: &mut Scratch) {
                         let (psum, kept) =
                             softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
                         // p4 and at hold `kept` entries, groups ja / 4 + at < groups
-                        dot::x86::pv_vnni(
+                        dot::x86::pv_vnni::<HD>(
                             s.p4.as_ptr(),
                             s.at.as_ptr(),
                             v4.as_ptr().add(ja * hd),

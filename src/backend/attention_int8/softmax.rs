@@ -131,46 +131,6 @@ pub mod x86 {
     use super::{EXP2, LANES};
     use std::arch::x86_64::*;
 
-    /// [`super::logits`] on AVX-512.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; the slices are as `logits` takes them.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    pub unsafe fn logits(
-        dots: &[i32],
-        kscale: &[f32],
-        vis: &[i32; LANES],
-        j0: usize,
-        dead: usize,
-        open: usize,
-        out: &mut [f32],
-    ) -> [f32; LANES] {
-        let ke = kscale.len();
-        assert!(dots.len() >= ke * LANES && out.len() >= ke * LANES);
-        // SAFETY: rows jj < ke of dots and out are in bounds (asserted)
-        unsafe {
-            let vis = _mm512_loadu_si512(vis.as_ptr() as *const _);
-            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut bmax = ninf;
-            for (jj, &ks) in kscale.iter().enumerate() {
-                let d = _mm512_loadu_si512(dots.as_ptr().add(jj * LANES) as *const _);
-                let mut x = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(ks));
-                if jj < dead {
-                    x = ninf;
-                } else if jj >= open {
-                    let j = _mm512_set1_epi32((j0 + jj) as i32);
-                    x = _mm512_mask_mov_ps(x, _mm512_cmpge_epi32_mask(j, vis), ninf);
-                }
-                _mm512_storeu_ps(out.as_mut_ptr().add(jj * LANES), x);
-                bmax = _mm512_max_ps(bmax, x);
-            }
-            let mut r = [0.0f32; LANES];
-            _mm512_storeu_ps(r.as_mut_ptr(), bmax);
-            r
-        }
-    }
-
     /// [`super::exp2_u8`] on 16 lanes (round to nearest even: `vrndscaleps` with mode 0 and
     /// `vcvtps2dq` under the default MXCSR).
     #[inline(always)]

@@ -3,6 +3,7 @@
 //! (four keys a u32), and the rescaled accumulation of P·V. A portable version and an AVX-512
 //! one that performs the same IEEE operations in the same order (no contraction: Rust does
 //! not fuse `a * b + c`; the fused steps are `mul_add` on both), so both give the same bits.
+//! (The AVX-512 logits are computed inside the Q·Kᵀ microkernel, `dot::x86::qk_logits`.)
 
 use super::dot::LANES;
 

@@ -246,6 +246,11 @@ fi
 
 # ---------------------------------------------------------------- 7. Markdown table
 log "stage 7: table"
+# which machine: llama.cpp is 2-3x faster where the CPU exposes AMX, so every ratio says it
+cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+if grep -qw amx_tile /proc/cpuinfo; then amx=yes; else amx=no; fi
+echo "CPU: ${cpu_model:-unknown}, $(nproc) threads; AMX exposed (amx_tile): $amx"
+echo
 python3 - "$LENGTHS" "$OUT/llama-amx.jsonl" "$OUT/llama-norepack.jsonl" "$SLIM_JSON" \
     "$OUT/llama-amx-depth.jsonl" <<'PY'
 import json, statistics, sys

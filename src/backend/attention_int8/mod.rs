@@ -424,7 +424,8 @@ struct Scratch {
     max: Vec<f32>,
     sum: Vec<f32>,
     o: Vec<f32>,
-    /// (BLOCK, 16) raw dots, then logits
+    /// (BLOCK, 16) raw dots (the portable path only: the VNNI one keeps them in registers), then
+    /// logits
     dots: Vec<i32>,
     logits: Vec<f32>,
     /// (BLOCK / 4, 16) probabilities, four keys a u32; (hd, 16) their sums with V

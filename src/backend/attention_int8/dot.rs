@@ -6,7 +6,7 @@
 //! Lanes are 16 stacked query rows (one "row vector"). Layouts:
 //! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
 //!   int8 row-major `(key, hd)`. Out: `(keys, 16)` i32 dots of the int8 queries: each key's
-//!   sum starts at -`kcorr` (128 x the key's byte sum, what the u8 offset adds). The VNNI
+//!   sum starts at `kstart` (-128 x the key's byte sum: what the u8 offset adds, taken off). The VNNI
 //!   version goes on to the masked f32 logits while the dots are in registers.
 //! - `pv`: the rows' probabilities as u8, four keys a lane packed in one u32,
 //!   `[steps][16 lanes]`, only the groups of four keys where some row's weight is not 0, with
@@ -19,12 +19,12 @@
 /// Lanes per row vector.
 pub const LANES: usize = 16;
 
-/// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d] - kcorr[j]` for keys `0..keys`.
-pub fn qk_scalar(q: &[u8], k: &[i8], kcorr: &[i32], hd: usize, keys: usize, out: &mut [i32]) {
+/// `out[j][lane] = kstart[j] + sum_d q_u8[lane][d] * k[j][d]` for keys `0..keys`.
+pub fn qk_scalar(q: &[u8], k: &[i8], kstart: &[i32], hd: usize, keys: usize, out: &mut [i32]) {
     for j in 0..keys {
         let kr = &k[j * hd..][..hd];
         for lane in 0..LANES {
-            let mut acc = -kcorr[j];
+            let mut acc = kstart[j];
             for d4 in 0..hd / 4 {
                 for b in 0..4 {
                     acc += q[(d4 * LANES + lane) * 4 + b] as i32 * kr[d4 * 4 + b] as i32;
@@ -101,13 +101,13 @@ pub mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F/BW/VNNI; `q` holds hd/4 x 64 bytes, `k` kscale.len() x hd bytes,
-    /// `kcorr` kscale.len() i32, `out` kscale.len() x 16 f32; hd is a multiple of 4.
+    /// `kstart` kscale.len() i32, `out` kscale.len() x 16 f32; hd is a multiple of 4.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub unsafe fn qk_logits<const HD: usize>(
         q: *const u8,
         k: *const i8,
-        kcorr: *const i32,
+        kstart: *const i32,
         kscale: &[f32],
         hd: usize,
         (vis, j0, dead, open): (&[i32; LANES], usize, usize, usize),
@@ -130,7 +130,7 @@ pub mod x86 {
             while j + KEYS <= keys {
                 let mut acc = [_mm512_setzero_si512(); KEYS];
                 for (t, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_set1_epi32(-*kcorr.add(j + t));
+                    *a = _mm512_set1_epi32(*kstart.add(j + t));
                 }
                 let kj = k.add(j * hd);
                 for d4 in 0..hd4 {
@@ -140,13 +140,20 @@ pub mod x86 {
                     }
                 }
                 if j >= dead && j + KEYS <= open {
-                    // every row sees all 16 keys (the common case): no mask, straight code
+                    // every row sees all 16 keys (the common case): no mask, straight code, and
+                    // the max in two chains (max is exact: the same bits in any order)
+                    let mut odd = bmax;
                     for (t, a) in acc.iter().enumerate() {
                         let ks = _mm512_set1_ps(*kscale.get_unchecked(j + t));
                         let x = _mm512_mul_ps(_mm512_cvtepi32_ps(*a), ks);
                         _mm512_storeu_ps(out.add((j + t) * LANES), x);
-                        bmax = _mm512_max_ps(bmax, x);
+                        if t % 2 == 0 {
+                            bmax = _mm512_max_ps(bmax, x);
+                        } else {
+                            odd = _mm512_max_ps(odd, x);
+                        }
                     }
+                    bmax = _mm512_max_ps(bmax, odd);
                 } else {
                     for (t, a) in acc.iter().enumerate() {
                         let x = logit(*a, *kscale.get_unchecked(j + t), &m, j + t);
@@ -157,7 +164,7 @@ pub mod x86 {
                 j += KEYS;
             }
             while j < keys {
-                let mut acc = _mm512_set1_epi32(-*kcorr.add(j));
+                let mut acc = _mm512_set1_epi32(*kstart.add(j));
                 let kj = k.add(j * hd);
                 for d4 in 0..hd4 {
                     let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);

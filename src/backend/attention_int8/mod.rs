@@ -58,7 +58,7 @@ pub const MIN_ROWS: usize = 16;
 /// Which integer dot product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Path {
-    /// AVX-512F/BW + VNNI (`vpdpbusd` on 512-bit registers)
+    /// AVX-512F/BW/DQ + VNNI (`vpdpbusd` on 512-bit registers)
     Vnni512,
     /// Portable Rust: the same integers, for tests and CPUs without VNNI
     Scalar,
@@ -70,7 +70,8 @@ impl Int8Path {
         #[cfg(target_arch = "x86_64")]
         {
             use std::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx2") {
+            let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512dq");
+            if avx512 && has!("avx512vnni") && has!("avx2") && has!("fma") {
                 return Some(Int8Path::Vnni512);
             }
         }
@@ -141,8 +142,9 @@ struct Quantized {
     kq: Vec<i8>,
     /// (n_kv_heads, nk): each key's scale
     kscale: Vec<f32>,
-    /// (n_kv_heads, nk): 128 x the sum of the key's bytes (what the u8 query offset adds)
-    kcorr: Vec<i32>,
+    /// (n_kv_heads, nk): where each key's dot starts, -128 x the sum of the key's bytes (what
+    /// the u8 query offset adds, taken off)
+    kstart: Vec<i32>,
     /// (n_kv_heads, groups, hd, 4): smoothed values, four keys of a channel together
     v4: Vec<i8>,
     /// (n_kv_heads, nk / BLOCK rounded up, hd): each channel's scale in each block
@@ -157,7 +159,7 @@ struct Quantized {
 struct BlockOut {
     kq: Vec<i8>,
     kscale: Vec<f32>,
-    kcorr: Vec<i32>,
+    kstart: Vec<i32>,
     /// (n_kv_heads, hd, kb)
     vt: Vec<i8>,
     vscale: Vec<f32>,
@@ -242,7 +244,7 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
             let mut o = BlockOut {
                 kq: vec![0; n_kv * kb * hd],
                 kscale: vec![0.0; n_kv * kb],
-                kcorr: vec![0; n_kv * kb],
+                kstart: vec![0; n_kv * kb],
                 vt: vec![0; n_kv * hd * kb],
                 vscale: vec![0.0; n_kv * hd],
             };
@@ -263,7 +265,7 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
                         .zip(&x)
                         .for_each(|(q, &x)| *q = round_i8(x * inv));
                     o.kscale[g * kb + j] = scale;
-                    o.kcorr[g * kb + j] = 128 * q.iter().map(|&q| q as i32).sum::<i32>();
+                    o.kstart[g * kb + j] = -128 * q.iter().map(|&q| q as i32).sum::<i32>();
                 }
                 for d in 0..hd {
                     let (c, mu) = (g * hd + d, vmean[g * hd + d]);
@@ -286,7 +288,7 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
         groups,
         kq: vec![0; n_kv * nk * hd],
         kscale: vec![0.0; n_kv * nk],
-        kcorr: vec![0; n_kv * nk],
+        kstart: vec![0; n_kv * nk],
         v4: vec![0; n_kv * groups * hd * 4],
         vscale: vec![0.0; n_kv * nb * hd],
         vmean,
@@ -298,7 +300,7 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
         for g in 0..n_kv {
             z.kq[(g * nk + j0) * hd..][..kb * hd].copy_from_slice(&o.kq[g * kb * hd..][..kb * hd]);
             z.kscale[g * nk + j0..][..kb].copy_from_slice(&o.kscale[g * kb..][..kb]);
-            z.kcorr[g * nk + j0..][..kb].copy_from_slice(&o.kcorr[g * kb..][..kb]);
+            z.kstart[g * nk + j0..][..kb].copy_from_slice(&o.kstart[g * kb..][..kb]);
             for d in 0..hd {
                 for (j, &q) in o.vt[(g * hd + d) * kb..][..kb].iter().enumerate() {
                     let j = j0 + j;
@@ -446,9 +448,9 @@ thread_local! {
 /// is the head size when it is one the microkernels are specialised for, else 0.
 ///
 /// # Safety
-/// As `task`, and the CPU has AVX-512F/BW/VNNI and AVX2.
+/// As `task`, and the CPU has AVX-512F/BW/DQ/VNNI, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
 unsafe fn task_vnni<const HD: usize>(job: &Job, s: &mut Scratch) {
     // SAFETY: as the caller promised
     unsafe { task::<true, HD>(job, s) }
@@ -543,7 +545,7 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
 
     let kq = &z.kq[g * nk * hd..][..nk * hd];
     let kscale = &z.kscale[g * nk..][..nk];
-    let kcorr = &z.kcorr[g * nk..][..nk];
+    let kstart = &z.kstart[g * nk..][..nk];
     let v4 = &z.v4[g * z.groups * hd * 4..][..z.groups * hd * 4];
     for range in job.key_ranges {
         let end = range.end.min(keys);
@@ -568,13 +570,13 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                 let ks = &kscale[ja..ja + ke];
                 let raw_max = if VNNI {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq and kcorr,
+                    // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq and kstart,
                     // logits holds BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
                     unsafe {
                         dot::x86::qk_logits::<HD>(
                             q.as_ptr(),
                             kq.as_ptr().add(ja * hd),
-                            kcorr.as_ptr().add(ja),
+                            kstart.as_ptr().add(ja),
                             ks,
                             hd,
                             (vis, ja, dead, open),
@@ -584,7 +586,7 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!()
                 } else {
-                    dot::qk_scalar(q, &kq[ja * hd..], &kcorr[ja..], hd, ke, &mut s.dots);
+                    dot::qk_scalar(q, &kq[ja * hd..], &kstart[ja..], hd, ke, &mut s.dots);
                     softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                 };
                 // in log2 units (qs > 0 keeps the order and -inf)

@@ -7,18 +7,11 @@
 
 use super::dot::LANES;
 
-/// The degree-4 Taylor polynomial of 255 * 2^f, lowest power first. (A degree-3 fit with the
-/// same largest error, 7.7e-5 against 5.6e-5, moved perplexity at 2048 tokens by -0.21%
-/// against this one's +0.03% from the f32 kernel: the rounding of small weights is sensitive
-/// to where the polynomial's error lies, bench/NOTES.md.)
-const LN2: f32 = std::f32::consts::LN_2;
-const EXP2: [f32; 5] = [
-    255.0,
-    LN2 * 255.0,
-    LN2 * LN2 / 2.0 * 255.0,
-    LN2 * LN2 * LN2 / 6.0 * 255.0,
-    LN2 * LN2 * LN2 * LN2 / 24.0 * 255.0,
-];
+/// 255 * 2^f on [0, 1): a degree-4 polynomial, lowest power first, fitted for the least
+/// largest relative error (3.0e-6) with p(0) = 255 exactly. (The Taylor polynomial about 0 on
+/// [-0.5, 0.5] it replaced has 5.6e-5; a degree-3 fit, 7.7e-5, moved perplexity at 2048
+/// tokens by -0.21%: bench/NOTES.md.)
+const EXP2: [f32; 5] = [255.0, 176.726_44, 61.526_45, 13.321_831, 3.423_804_5];
 
 /// a > b ? a : b (what `vmaxps a, b` computes; no NaN reaches it).
 #[inline(always)]
@@ -31,22 +24,29 @@ pub fn fmax(a: f32, b: f32) -> f32 {
 }
 
 /// round(255 * 2^x) for x <= 0 (up to a rounding residue above 0), in 0..=255: the u8
-/// probability of a logit x (log2 units) below its block's maximum. Relative error of the
-/// polynomial on [-0.5, 0.5] below 5.6e-5, a fiftieth of a step at 255.
+/// probability of a logit x (log2 units) below its block's maximum; 0 for -inf (a masked
+/// key). The steps are those of the AVX-512 path, which has no clamp: the fraction
+/// f = x - floor(x) rounded down (`vreduceps` rounds its subtraction in the mode of its floor),
+/// the polynomial, the product with 2^floor(x) (`vscalefps`, exact while it is a normal
+/// float; below 2^-24 everything rounds to 0), and a rounding saturated at 255 (the packs).
 #[inline(always)]
 pub fn exp2_u8(x: f32) -> u32 {
-    // below 2^-24 everything rounds to 0; the clamp keeps 2^n a normal float
-    let x = fmax(x, -24.0);
-    let n = x.round_ties_even();
-    let f = x - n;
+    if !(x >= -24.0) {
+        return 0;
+    }
+    let n = x.floor();
+    let exact = x as f64 - n as f64;
+    let mut f = exact as f32;
+    if f as f64 > exact {
+        f = f.next_down();
+    }
     let p = f
         .mul_add(EXP2[4], EXP2[3])
         .mul_add(f, EXP2[2])
         .mul_add(f, EXP2[1])
         .mul_add(f, EXP2[0]);
-    // p * 2^n is exact (a normal float scaled by a power of two)
     let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    y.round_ties_even() as u32
+    (y.round_ties_even() as u32).min(255)
 }
 
 /// Logits of `kscale.len()` keys from j0 on, before the query scale: dot * kscale, -inf for
@@ -135,34 +135,48 @@ pub mod x86 {
     use super::{EXP2, LANES};
     use std::arch::x86_64::*;
 
-    /// [`super::exp2_u8`] on 16 lanes (round to nearest even: `vrndscaleps` with mode 0 and
-    /// `vcvtps2dq` under the default MXCSR).
+    /// [`super::exp2_u8`] on 16 lanes, as i32 (the packs saturate them at 255): the fraction
+    /// by `vreduceps` (x - floor(x), its subtraction rounded down; -inf gives 0) and the power
+    /// of two by `vscalefps`, which takes floor(x) itself (and gives 0 for -inf).
     #[inline(always)]
     unsafe fn exp2_u8(x: __m512) -> __m512i {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-24.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        let f = _mm512_sub_ps(x, n);
+        // imm 0x09: no fraction bits kept, exceptions suppressed, round down
+        let f = _mm512_reduce_ps::<0x09>(x);
         let p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2[4]), _mm512_set1_ps(EXP2[3]));
         let p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2[2]));
         let p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2[1]));
         let p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2[0]));
-        _mm512_cvtps_epi32(_mm512_scalef_ps(p, n))
+        _mm512_cvtps_epi32(_mm512_scalef_ps(p, x))
     }
 
     /// The u8 probability of the 16 logits at `x`: exp2(x * qs - base).
     ///
     /// # Safety
-    /// x..x+16 is readable; the CPU has AVX-512F and FMA.
+    /// x..x+16 is readable; the CPU has AVX-512F/DQ and FMA.
     #[inline(always)]
     unsafe fn prob(x: *const f32, qs: __m512, nbase: __m512) -> __m512i {
         // SAFETY: as the caller promised
         unsafe { exp2_u8(_mm512_fmadd_ps(_mm512_loadu_ps(x), qs, nbase)) }
     }
 
+    /// Four keys' probabilities (i32 lanes, up to 256) as one u32 a lane, key b in byte b,
+    /// saturated at 255: two packs give, in each 128-bit lane, the four keys' bytes one key
+    /// after the other, and a byte shuffle turns that 4 x 4 block around.
+    #[inline(always)]
+    unsafe fn pack4(p0: __m512i, p1: __m512i, p2: __m512i, p3: __m512i) -> __m512i {
+        let words01 = _mm512_packus_epi32(p0, p1);
+        let words23 = _mm512_packus_epi32(p2, p3);
+        let bytes = _mm512_packus_epi16(words01, words23);
+        let turn = _mm512_broadcast_i32x4(_mm_setr_epi8(
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+        ));
+        _mm512_shuffle_epi8(bytes, turn)
+    }
+
     /// [`super::probs`] on AVX-512.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/VNNI and FMA; `logits` holds ke x 16, `p4` ke/4 (rounded up) x 16.
+    /// The CPU has AVX-512F/BW/DQ/VNNI and FMA; `logits` holds ke x 16, `p4` ke/4 (rounded up) x 16.
     #[inline(always)]
     pub unsafe fn probs(
         logits: &[f32],
@@ -181,29 +195,39 @@ pub mod x86 {
             let nbase = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(base.as_ptr()));
             let mut psum = _mm512_setzero_si512();
             let ones = _mm512_set1_epi8(1);
-            for st in 0..steps {
-                let mut w = _mm512_setzero_si512();
-                if 4 * st + 4 <= ke {
-                    let at = logits.as_ptr().add(4 * st * LANES);
-                    let p0 = prob(at, qs, nbase);
-                    let p1 = prob(at.add(LANES), qs, nbase);
-                    let p2 = prob(at.add(2 * LANES), qs, nbase);
-                    let p3 = prob(at.add(3 * LANES), qs, nbase);
-                    w = _mm512_or_si512(p0, _mm512_slli_epi32::<8>(p1));
-                    w = _mm512_or_si512(w, _mm512_slli_epi32::<16>(p2));
-                    w = _mm512_or_si512(w, _mm512_slli_epi32::<24>(p3));
-                } else {
-                    for b in 0..ke - 4 * st {
-                        let pb = prob(logits.as_ptr().add((4 * st + b) * LANES), qs, nbase);
-                        let shifted = _mm512_sllv_epi32(pb, _mm512_set1_epi32(8 * b as i32));
-                        w = _mm512_or_si512(w, shifted);
-                    }
-                }
+            let mut step = |st: usize, w: __m512i| {
                 // each lane's four weights summed by one dot with bytes of 1
                 psum = _mm512_dpbusd_epi32(psum, w, ones);
                 _mm512_storeu_si512(p4.as_mut_ptr().add(kept * LANES) as *mut _, w);
                 *at.get_unchecked_mut(kept) = st as u32;
                 kept += usize::from(_mm512_test_epi32_mask(w, w) != 0);
+            };
+            // (no closure computes a probability: it would not take this function's target
+            // features, and the intrinsics would not inline)
+            let full = ke / 4;
+            for st in 0..full {
+                let x = logits.as_ptr().add(4 * st * LANES);
+                let p0 = prob(x, qs, nbase);
+                let p1 = prob(x.add(LANES), qs, nbase);
+                let p2 = prob(x.add(2 * LANES), qs, nbase);
+                let p3 = prob(x.add(3 * LANES), qs, nbase);
+                step(st, pack4(p0, p1, p2, p3));
+            }
+            if full < steps {
+                let (x, rest) = (logits.as_ptr().add(4 * full * LANES), ke - 4 * full);
+                let zero = _mm512_setzero_si512();
+                let p0 = prob(x, qs, nbase);
+                let p1 = if rest > 1 {
+                    prob(x.add(LANES), qs, nbase)
+                } else {
+                    zero
+                };
+                let p2 = if rest > 2 {
+                    prob(x.add(2 * LANES), qs, nbase)
+                } else {
+                    zero
+                };
+                step(full, pack4(p0, p1, p2, zero));
             }
             let mut r = [0u32; LANES];
             _mm512_storeu_si512(r.as_mut_ptr() as *mut _, psum);

@@ -213,6 +213,71 @@ fn query_before_every_key_outputs_zero() {
     }
 }
 
+/// The probability step alone, where its two paths could part: masked keys (-inf), the block
+/// max's rounding residue on either side of 0, fractions just below an integer (where the AVX-512
+/// fraction is rounded down), the edge of 2^-24, every exponent between, and partial groups.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn probabilities_agree_on_every_edge() {
+    let Some(_) = Int8Path::fast() else {
+        println!("no fast 8-bit path on this CPU: the portable one alone, nothing to compare");
+        return;
+    };
+    let mut xs: Vec<f32> = vec![
+        f32::NEG_INFINITY,
+        -24.0,
+        -24.000002,
+        -23.999998,
+        -9.0,
+        0.0,
+        -0.0,
+    ];
+    for e in -40..0 {
+        let t = 2f32.powi(e);
+        xs.extend([t, -t, -1.0 + t, -1.0 - t]);
+    }
+    xs.extend(patterned(1500, 11).iter().map(|x| (x - 1.0) * 13.0));
+    xs.extend((0..400).map(|i| -(i as f32) / 16.0));
+    // the lanes' query scales and bases differ, so each key column takes 16 different paths
+    let qs: [f32; LANES] = std::array::from_fn(|l| 0.5 + l as f32 / 8.0);
+    let base: [f32; LANES] =
+        std::array::from_fn(|l| if l % 3 == 0 { 0.0 } else { l as f32 * 0.37 });
+    let keys = xs.len() / LANES;
+    let mut logits = vec![0.0f32; keys * LANES];
+    for (j, row) in logits.chunks_exact_mut(LANES).enumerate() {
+        for l in 0..LANES {
+            // logit x / qs lands on x after the scale, up to one rounding
+            row[l] = (xs[(j * LANES + l * 7) % xs.len()] + base[l]) / qs[l];
+        }
+    }
+    for ke in [keys, keys - 1, keys - 2, keys - 3] {
+        let steps = ke.div_ceil(4);
+        let (mut p4, mut at) = (vec![0u32; steps * LANES], vec![0u32; steps]);
+        let (want_sum, want_kept) = softmax::probs(&logits, &qs, &base, ke, &mut p4, &mut at);
+        let (mut p4v, mut atv) = (vec![0u32; steps * LANES], vec![0u32; steps]);
+        // SAFETY: the fast path exists (checked above); the buffers have the sizes asked
+        let (sum, kept) =
+            unsafe { softmax::x86::probs(&logits, &qs, &base, ke, &mut p4v, &mut atv) };
+        assert_eq!((sum, kept), (want_sum, want_kept), "keys {ke}");
+        assert_eq!(p4v[..kept * LANES], p4[..kept * LANES], "keys {ke}");
+        assert_eq!(atv[..kept], at[..kept], "keys {ke}");
+    }
+    // the portable step's values themselves: 255 at the max, 128 one unit below, 0 masked
+    assert_eq!(softmax::exp2_u8(0.0), 255);
+    assert_eq!(softmax::exp2_u8(1e-7), 255);
+    assert_eq!(softmax::exp2_u8(-1e-7), 255);
+    assert_eq!(softmax::exp2_u8(-1.0), 128);
+    assert_eq!(softmax::exp2_u8(-8.0), 1);
+    assert_eq!(softmax::exp2_u8(-10.0), 0);
+    assert_eq!(softmax::exp2_u8(f32::NEG_INFINITY), 0);
+    for i in 0..=9000 {
+        let x = -(i as f32) / 1000.0;
+        let want = (255.0 * (x as f64).exp2()).round();
+        let got = softmax::exp2_u8(x) as f64;
+        assert!((got - want).abs() <= 1.0, "x {x}: {got} against {want}");
+    }
+}
+
 #[test]
 fn f32_kind_is_the_f32_kernel_bit_for_bit() {
     let pos: Vec<u32> = (0..150).collect();

@@ -23,6 +23,7 @@ pub mod openai_api;
 pub mod perplexity;
 pub mod private_fs;
 pub mod remote_client;
+pub mod rng;
 pub mod sampling;
 pub mod serve;
 pub mod slim;

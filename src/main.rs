@@ -54,7 +54,7 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Model: "default", a .gguf path, or hf:owner/name[@rev]/file.gguf
+    /// Model: "default", a .gguf path, hf:owner/name[@rev]/file.gguf, or random:SHAPE[@q4_0|@q8_0] (random weights of llama3.1-8b, llama3.2-3b, llama3.2-1b, qwen2.5-7b or smollm2-135m, for benchmarks)
     #[arg(long, global = true)]
     model: Option<String>,
     /// Config file (default: $SLIMCHAT_CONFIG or the XDG config dir's slimchat/config.toml)

@@ -1,6 +1,8 @@
 //! Choosing the next token from logits: repeat penalty, then greedy (temperature 0) or
 //! temperature → top-k → top-p sampling with a seeded generator, so a run can be repeated.
 
+use crate::rng::SplitMix64;
+
 /// Sampling settings. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -59,7 +61,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(cfg: SamplingConfig) -> Self {
-        let rng = SplitMix64(cfg.seed);
+        let rng = SplitMix64::new(cfg.seed);
         Self { cfg, rng }
     }
 
@@ -131,23 +133,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// Small, fast, seedable generator (Steele et al., SplitMix64).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
 }
 
 #[cfg(test)]

@@ -217,36 +217,14 @@ pub struct Case {
     pub anchor_depth: f64,
 }
 
-/// A small deterministic generator (splitmix64).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The cases' generator.
+pub use crate::rng::SplitMix64 as Rng;
 
 fn value(values: &Values, rng: &mut Rng) -> (String, String) {
     match values {
         Values::Digits(n) => {
             let lo = 10u64.pow(n - 1);
-            let v = (lo + rng.next() % (9 * lo)).to_string();
+            let v = (lo + rng.next_u64() % (9 * lo)).to_string();
             (v.clone(), v)
         }
         Values::Year(a, b) => {

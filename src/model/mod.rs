@@ -4,6 +4,7 @@ pub mod gguf_read;
 pub mod known_templates;
 pub mod llama;
 pub mod pyjinja;
+pub mod random;
 pub mod source;
 pub mod synthetic;
 pub mod template;

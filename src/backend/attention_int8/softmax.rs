@@ -31,7 +31,7 @@ pub fn fmax(a: f32, b: f32) -> f32 {
 /// float; below 2^-24 everything rounds to 0), and a rounding saturated at 255 (the packs).
 #[inline(always)]
 pub fn exp2_u8(x: f32) -> u32 {
-    if !(x >= -24.0) {
+    if x.is_nan() || x < -24.0 {
         return 0;
     }
     let n = x.floor();

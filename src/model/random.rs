@@ -135,6 +135,11 @@ pub const SHAPES: [Shape; 5] = [
     },
 ];
 
+/// The shape of that name.
+pub fn shape(name: &str) -> Option<&'static Shape> {
+    SHAPES.iter().find(|s| s.name == name)
+}
+
 /// The block type of the random weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightType {
@@ -194,9 +199,7 @@ impl RandomModel {
             Some((name, ty)) => (name, Some(ty)),
             None => (spec, None),
         };
-        let shape = SHAPES
-            .iter()
-            .find(|s| s.name == name.trim().to_ascii_lowercase())
+        let shape = shape(&name.trim().to_ascii_lowercase())
             .copied()
             .ok_or_else(|| {
                 let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
@@ -677,6 +680,19 @@ mod tests {
                 bytes as f64 / 1e9
             );
         }
+    }
+
+    /// The GPU check's synthetic forward takes its shape from the same list.
+    #[test]
+    fn the_synthetic_8b_is_this_lists_8b() {
+        let s = crate::model::synthetic::LlamaShape::llama31_8b();
+        let h = s.heads;
+        assert_eq!(
+            (s.n_layers, s.hidden, s.intermediate, s.vocab),
+            (32, 4096, 14336, 128_256)
+        );
+        assert_eq!((h.n_heads, h.n_kv_heads, h.head_dim), (32, 8, 128));
+        assert_eq!((s.rope_theta, s.rms_eps), (500_000.0, 1e-5));
     }
 
     #[test]

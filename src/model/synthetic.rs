@@ -11,6 +11,7 @@
 
 use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
+use crate::model::random;
 use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
 use crate::slim::select::{forced_blocks, kept_rows, select_top_k};
 use crate::{Error, Result};
@@ -28,21 +29,27 @@ pub struct LlamaShape {
 }
 
 impl LlamaShape {
+    /// The dimensions of a named shape of `--model random:` (`crate::model::random::SHAPES`,
+    /// the one list of real models' shapes); its biases and RoPE scaling are not modelled here.
+    pub fn of(shape: &random::Shape) -> Self {
+        Self {
+            n_layers: shape.n_layers,
+            hidden: shape.hidden,
+            intermediate: shape.intermediate,
+            heads: Heads {
+                n_heads: shape.n_heads,
+                n_kv_heads: shape.n_kv_heads,
+                head_dim: shape.head_dim,
+            },
+            vocab: shape.vocab,
+            rope_theta: shape.rope_theta,
+            rms_eps: shape.rms_eps,
+        }
+    }
+
     /// Llama-3.1-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336.
     pub fn llama31_8b() -> Self {
-        Self {
-            n_layers: 32,
-            hidden: 4096,
-            intermediate: 14336,
-            heads: Heads {
-                n_heads: 32,
-                n_kv_heads: 8,
-                head_dim: 128,
-            },
-            vocab: 128_256,
-            rope_theta: 500_000.0,
-            rms_eps: 1e-5,
-        }
+        Self::of(random::shape("llama3.1-8b").expect("a known shape"))
     }
 
     /// A small shape with the same structure (GQA 2:1, head_dim 32), for tests.

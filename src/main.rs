@@ -411,6 +411,7 @@ fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
     use slimchat::gpu_check;
     if let Some(cc) = args.compile {
         probe::probe_nvrtc().map_err(|e| Error::Engine(format!("cuda: {e}")))?;
+        println!("slimchat: {}", probe::found());
         for (file, bytes) in kernels::compile_all(cc)? {
             println!("compiled {file} for compute_{cc}: {bytes} bytes of PTX");
         }
@@ -421,6 +422,7 @@ fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
             "gpu-check: no usable GPU here: {why}"
         )));
     }
+    println!("slimchat: {}", probe::found());
     // the llama3.1-8b preset at keep ratio 0.5: the paper's 8192/4096/2048 tokens at 32k
     let mut slim = cfg.slim.clone();
     slim.enabled = true;

@@ -365,20 +365,30 @@ impl RandomModel {
             w,
         )];
         if let Some(rope) = s.llama3_rope {
-            t.push(TensorPlan::values(
-                "rope_freqs.weight",
-                llama3_rope_factors(s.head_dim, s.rope_theta, rope),
+            let factors = llama3_rope_factors(s.head_dim, s.rope_theta, rope);
+            t.push(TensorPlan::vector(
+                "rope_freqs.weight".into(),
+                factors.len(),
+                Fill::Values(factors),
             ));
         }
         for i in 0..s.n_layers {
             let name = |n: &str| format!("blk.{i}.{n}");
-            t.push(TensorPlan::ones(name("attn_norm.weight"), s.hidden));
+            t.push(TensorPlan::vector(
+                name("attn_norm.weight"),
+                s.hidden,
+                Fill::Ones,
+            ));
             t.push(TensorPlan::matrix(name("attn_q.weight"), s.hidden, q, w));
             t.push(TensorPlan::matrix(name("attn_k.weight"), s.hidden, kv, w));
             t.push(TensorPlan::matrix(name("attn_v.weight"), s.hidden, kv, w));
             if s.qkv_bias {
                 for (p, n) in [("q", q), ("k", kv), ("v", kv)] {
-                    t.push(TensorPlan::bias(name(&format!("attn_{p}.bias")), n));
+                    t.push(TensorPlan::vector(
+                        name(&format!("attn_{p}.bias")),
+                        n,
+                        Fill::Bias,
+                    ));
                 }
             }
             t.push(TensorPlan::matrix(
@@ -387,7 +397,11 @@ impl RandomModel {
                 s.hidden,
                 w,
             ));
-            t.push(TensorPlan::ones(name("ffn_norm.weight"), s.hidden));
+            t.push(TensorPlan::vector(
+                name("ffn_norm.weight"),
+                s.hidden,
+                Fill::Ones,
+            ));
             t.push(TensorPlan::matrix(
                 name("ffn_gate.weight"),
                 s.hidden,
@@ -407,7 +421,11 @@ impl RandomModel {
                 w,
             ));
         }
-        t.push(TensorPlan::ones("output_norm.weight".into(), s.hidden));
+        t.push(TensorPlan::vector(
+            "output_norm.weight".into(),
+            s.hidden,
+            Fill::Ones,
+        ));
         if !s.tied {
             t.push(TensorPlan::matrix("output.weight", s.hidden, s.vocab, w));
         }
@@ -485,30 +503,13 @@ impl TensorPlan {
         }
     }
 
-    fn ones(name: String, n: usize) -> Self {
+    /// An f32 vector of `n` values.
+    fn vector(name: String, n: usize, fill: Fill) -> Self {
         Self {
             name,
             dims: vec![n],
             kind: TensorKind::F32,
-            fill: Fill::Ones,
-        }
-    }
-
-    fn bias(name: String, n: usize) -> Self {
-        Self {
-            name,
-            dims: vec![n],
-            kind: TensorKind::F32,
-            fill: Fill::Bias,
-        }
-    }
-
-    fn values(name: &str, v: Vec<f32>) -> Self {
-        Self {
-            name: name.into(),
-            dims: vec![v.len()],
-            kind: TensorKind::F32,
-            fill: Fill::Values(v),
+            fill,
         }
     }
 

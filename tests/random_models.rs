@@ -44,9 +44,17 @@ fn random_shapes_load_with_their_dimensions_and_presets() {
         ("llama3.2-1b", "llama3.2-1b"),
     ] {
         let model = RandomModel::parse(spec).unwrap();
+        let mut reports = Vec::new();
         let path = model
-            .ensure(&cache.path().join("random"), &tokenizer.content)
+            .ensure(&cache.path().join("random"), &tokenizer.content, &mut |p| {
+                reports.push((p.done_bytes, p.total_bytes))
+            })
             .unwrap();
+        // progress from 0 to the whole, never backwards
+        let total = reports[0].1.unwrap();
+        assert_eq!(reports.first().unwrap().0, 0);
+        assert_eq!(reports.last().unwrap(), &(total, Some(total)));
+        assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0));
         let file = GgufFile::open(&path).unwrap();
         let spec_read = file.spec().unwrap();
         let s = model.shape;

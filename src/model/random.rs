@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
+use crate::model::source::DownloadProgress;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
@@ -227,9 +228,15 @@ impl RandomModel {
         format!("{}-{}-v1.gguf", self.shape.name, self.weights.name())
     }
 
-    /// The model's file under `dir`, written first if it is not there, with the tokenizer and
-    /// chat template of `tokenizer_from` (the default model's metadata).
-    pub fn ensure(&self, dir: &Path, tokenizer_from: &Content) -> Result<PathBuf> {
+    /// The model's file under `dir`, written first if it is not there (reporting the bytes
+    /// written after each tensor), with the tokenizer and chat template of `tokenizer_from`
+    /// (the default model's metadata).
+    pub fn ensure(
+        &self,
+        dir: &Path,
+        tokenizer_from: &Content,
+        on_progress: &mut dyn FnMut(&DownloadProgress),
+    ) -> Result<PathBuf> {
         let path = dir.join(self.file_name());
         if path.is_file() {
             return Ok(path);
@@ -241,7 +248,10 @@ impl RandomModel {
         let tmp = crate::private_fs::temp_path(&path);
         let written = crate::private_fs::create_new_private(&tmp)
             .map_err(|e| e.to_string())
-            .and_then(|f| self.write(BufWriter::with_capacity(1 << 20, f), tokenizer_from));
+            .and_then(|f| {
+                let w = BufWriter::with_capacity(1 << 20, f);
+                self.write(w, tokenizer_from, on_progress)
+            });
         if let Err(why) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(fail(format!("cannot write {}: {why}", tmp.display())));
@@ -256,6 +266,7 @@ impl RandomModel {
         &self,
         mut w: W,
         tokenizer_from: &Content,
+        on_progress: &mut dyn FnMut(&DownloadProgress),
     ) -> std::result::Result<(), String> {
         let metadata = self.metadata(tokenizer_from)?;
         let tensors = self.tensors();
@@ -284,11 +295,23 @@ impl RandomModel {
         h.resize(padded(h.len() as u64) as usize, 0);
         w.write_all(&h).map_err(err)?;
         let mut rng = SplitMix64::new(0x5eed_0000 ^ self.shape.n_layers as u64);
+        let mut progress = DownloadProgress {
+            what: format!(
+                "writing random:{} ({})",
+                self.shape.name,
+                self.weights.name()
+            ),
+            done_bytes: 0,
+            total_bytes: Some(offset),
+        };
+        on_progress(&progress);
         for t in &tensors {
             let bytes = t.bytes();
             t.draw(&mut rng, &mut |chunk| w.write_all(chunk).map_err(err))?;
             w.write_all(&vec![0u8; (padded(bytes as u64) - bytes as u64) as usize])
                 .map_err(err)?;
+            progress.done_bytes += padded(bytes as u64);
+            on_progress(&progress);
         }
         w.flush().map_err(err)
     }

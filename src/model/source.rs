@@ -125,7 +125,7 @@ impl ModelSource {
             ModelSource::Random(model) => {
                 let default = resolve_default(cache_dir, on_progress)?;
                 let tokenizer = crate::model::gguf::GgufFile::open(&default)?;
-                model.ensure(&cache_dir.join("random"), &tokenizer.content)
+                model.ensure(&cache_dir.join("random"), &tokenizer.content, on_progress)
             }
         }
     }

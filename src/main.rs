@@ -489,7 +489,7 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
         if let Some(total) = p.total_bytes.filter(|&t| t > 0) {
             let pct = p.done_bytes * 100 / total;
             if pct / 10 != last_pct / 10 {
-                eprintln!("slimchat: downloading {}: {pct}%", p.what);
+                eprintln!("slimchat: {}: {pct}%", p.what);
                 last_pct = pct;
             }
         }

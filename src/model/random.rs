@@ -296,11 +296,7 @@ impl RandomModel {
         w.write_all(&h).map_err(err)?;
         let mut rng = SplitMix64::new(0x5eed_0000 ^ self.shape.n_layers as u64);
         let mut progress = DownloadProgress {
-            what: format!(
-                "writing random:{} ({})",
-                self.shape.name,
-                self.weights.name()
-            ),
+            what: format!("write random:{} ({})", self.shape.name, self.weights.name()),
             done_bytes: 0,
             total_bytes: Some(offset),
         };

@@ -521,7 +521,7 @@ struct HfProgress<'a> {
 
 impl hf_hub::api::Progress for HfProgress<'_> {
     fn init(&mut self, size: usize, filename: &str) {
-        let what = format!("hf:{}/{filename}", self.repo);
+        let what = format!("download hf:{}/{filename}", self.repo);
         self.reporter.start(what, Some(size as u64));
     }
 

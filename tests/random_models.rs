@@ -38,6 +38,11 @@ fn run(cache: &Path, args: &[&str]) -> std::process::Output {
 fn random_shapes_load_with_their_dimensions_and_presets() {
     let cache = cache_with_default_model();
     let tokenizer = GgufFile::open(&common::default_model()).unwrap();
+    // a killed writer's leftover (its process long gone), removed by the next writer
+    let random_dir = cache.path().join("random");
+    std::fs::create_dir_all(&random_dir).unwrap();
+    let stale = random_dir.join(".smollm2-135m-q4_0-v1.gguf.4194303.0.tmp");
+    std::fs::write(&stale, b"partial").unwrap();
     for (spec, preset) in [
         ("smollm2-135m", "smollm2"),
         ("smollm2-135m@q8_0", "smollm2"),
@@ -94,6 +99,7 @@ fn random_shapes_load_with_their_dimensions_and_presets() {
         let tokenizer = slimchat::model::tokenizer::from_gguf(&file.content).unwrap();
         assert_eq!(tokenizer.get_vocab_size(true), s.vocab, "{spec}");
     }
+    assert!(!stale.exists(), "the stale temp file is still there");
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! head can choose decodes. The answers are noise; the work per token is the real model's.
 //!
 //! The file is written streaming (header, then each tensor as it is drawn: an 8B model never
-//! sits in memory twice) to a temporary name and renamed into place.
+//! sits in memory) to a temporary name, synced and renamed into place; a killed writer's
+//! leftover is removed by the next one.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -244,13 +245,24 @@ impl RandomModel {
         let fail = |what: String| Error::Source(format!("random:{}: {what}", self.shape.name));
         crate::private_fs::create_dir_private(dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
-        // a hidden temp name with this process's id, renamed into place when complete
+        // what a killed writer left (gigabytes for the large shapes)
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!(".{}.", self.file_name()))
+                && crate::private_fs::stale_temp(&name)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // a hidden temp name with this process's id, synced, then renamed into place
         let tmp = crate::private_fs::temp_path(&path);
         let written = crate::private_fs::create_new_private(&tmp)
             .map_err(|e| e.to_string())
             .and_then(|f| {
-                let w = BufWriter::with_capacity(1 << 20, f);
-                self.write(w, tokenizer_from, on_progress)
+                let mut w = BufWriter::with_capacity(1 << 20, f);
+                self.write(&mut w, tokenizer_from, on_progress)?;
+                let f = w.into_inner().map_err(|e| e.to_string())?;
+                f.sync_all().map_err(|e| e.to_string())
             });
         if let Err(why) = written {
             let _ = std::fs::remove_file(&tmp);

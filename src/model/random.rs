@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
+use crate::model::gguf_write::{self, padded, TensorInfo};
 use crate::model::source::DownloadProgress;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
@@ -284,27 +285,16 @@ impl RandomModel {
         let tensors = self.tensors();
         let err = |e: std::io::Error| e.to_string();
         // the header (small: the vocabulary is most of it) in memory, then the tensors streamed
-        let mut h = b"GGUF".to_vec();
-        h.extend(3u32.to_le_bytes());
-        h.extend((tensors.len() as u64).to_le_bytes());
-        h.extend((metadata.len() as u64).to_le_bytes());
-        for (key, value) in &metadata {
-            h.extend(gguf_string(key));
-            h.extend(value_type(value).to_le_bytes());
-            h.extend(value_bytes(value));
-        }
-        let mut offset = 0u64;
-        for t in &tensors {
-            h.extend(gguf_string(&t.name));
-            h.extend((t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                h.extend((*d as u64).to_le_bytes());
-            }
-            h.extend(t.kind.ggml_id().to_le_bytes());
-            h.extend(offset.to_le_bytes());
-            offset += padded(t.bytes() as u64);
-        }
-        h.resize(padded(h.len() as u64) as usize, 0);
+        let infos: Vec<TensorInfo> = tensors
+            .iter()
+            .map(|t| TensorInfo {
+                name: &t.name,
+                dims: &t.dims,
+                ggml_type: t.kind.ggml_id(),
+                bytes: t.bytes() as u64,
+            })
+            .collect();
+        let (h, offset) = gguf_write::header(&metadata, &infos);
         w.write_all(&h).map_err(err)?;
         let mut rng = SplitMix64::new(0x5eed_0000 ^ self.shape.n_layers as u64);
         let mut progress = DownloadProgress {
@@ -597,64 +587,6 @@ impl TensorPlan {
 
 fn f32_bytes(v: impl Iterator<Item = f32>) -> Vec<u8> {
     v.flat_map(f32::to_le_bytes).collect()
-}
-
-/// Round up to GGUF's default alignment of 32 bytes.
-fn padded(n: u64) -> u64 {
-    n.div_ceil(32) * 32
-}
-
-fn gguf_string(s: &str) -> Vec<u8> {
-    let mut b = (s.len() as u64).to_le_bytes().to_vec();
-    b.extend_from_slice(s.as_bytes());
-    b
-}
-
-/// GGUF's value type ids.
-fn value_type(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
-/// A value's bytes after its type id (an array: its items' type, count, then the items).
-fn value_bytes(v: &Value) -> Vec<u8> {
-    match v {
-        Value::U8(x) => x.to_le_bytes().to_vec(),
-        Value::I8(x) => x.to_le_bytes().to_vec(),
-        Value::U16(x) => x.to_le_bytes().to_vec(),
-        Value::I16(x) => x.to_le_bytes().to_vec(),
-        Value::U32(x) => x.to_le_bytes().to_vec(),
-        Value::I32(x) => x.to_le_bytes().to_vec(),
-        Value::U64(x) => x.to_le_bytes().to_vec(),
-        Value::I64(x) => x.to_le_bytes().to_vec(),
-        Value::F32(x) => x.to_le_bytes().to_vec(),
-        Value::F64(x) => x.to_le_bytes().to_vec(),
-        Value::Bool(x) => vec![u8::from(*x)],
-        Value::String(s) => gguf_string(s),
-        Value::Array(items) => {
-            // an empty array's item type does not matter to readers; u32 as llama.cpp writes
-            let item_type = items.first().map(value_type).unwrap_or(4);
-            let mut b = item_type.to_le_bytes().to_vec();
-            b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                b.extend(value_bytes(item));
-            }
-            b
-        }
-    }
 }
 
 /// Appends `n` random bytes (a multiple of 8), each passed through `map`.

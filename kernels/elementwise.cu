@@ -1,4 +1,5 @@
-// Element-wise ops: the SwiGLU gate, the residual add, and random fills for synthetic weights.
+// Element-wise ops: the SwiGLU gate, the residual add, biases, and random fills for synthetic
+// weights.
 
 // out = silu(gate) * up, one thread per output element.
 // gate_up: (rows, 2 * width) bf16, gate in columns [0, width), up in [width, 2 * width)
@@ -35,4 +36,13 @@ extern "C" __global__ void fill_uniform_bf16(bf16* out, long long n, unsigned lo
         const float u = (float)(z >> 40) * (1.f / 16777216.f);  // [0, 1)
         out[t] = f32_to_bf16((2.f * u - 1.f) * scale);
     }
+}
+
+// x += bias, each row (Qwen2's q/k/v biases).
+// x: (rows, width) bf16; bias: (width) bf16
+extern "C" __global__ void bias_add_bf16(bf16* x, const bf16* bias, int rows, int width) {
+    const long long n = (long long)rows * width;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n;
+         t += (long long)gridDim.x * blockDim.x)
+        x[t] = f32_to_bf16(bf16_to_f32(x[t]) + bf16_to_f32(bias[t % width]));
 }

@@ -45,14 +45,15 @@ extern "C" __global__ void rmsnorm_bf16(const bf16* x, const bf16* w, bf16* out,
     if (blockIdx.x < rows) rmsnorm_row<bf16>(x, w, out, width, eps, load_bf16);
 }
 
-// In place, GGUF "normal" layout: within each head the pairs (x[2i], x[2i+1]), i < head_dim/2,
-// turn by positions[row] * inv_freq[i]. One thread per (row, head, pair).
+// In place: within each head the pairs (x[2i], x[2i+1]) (GGUF's "normal" layout) or
+// (x[i], x[i + head_dim/2]) (NEOX, `neox` = 1), i < head_dim/2, turn by positions[row] *
+// inv_freq[i]. One thread per (row, head, pair).
 // x: (rows, stride) bf16, the heads at columns col0 .. col0 + n_heads * head_dim
 // positions: (rows) u32
 // cos, sin: (max_positions, head_dim / 2) f32, indexed by position
 extern "C" __global__ void rope_bf16(bf16* x, const u32* positions, const float* cos,
                                      const float* sin, int rows, int stride, int col0,
-                                     int n_heads, int head_dim) {
+                                     int n_heads, int head_dim, int neox) {
     const int half = head_dim >> 1;
     const long long n = (long long)rows * n_heads * half;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n;
@@ -62,9 +63,11 @@ extern "C" __global__ void rope_bf16(bf16* x, const u32* positions, const float*
         const int row = (int)(t / ((long long)half * n_heads));
         const u32 p = positions[row];
         const float c = cos[(size_t)p * half + i], s = sin[(size_t)p * half + i];
-        bf16* h = x + (size_t)row * stride + col0 + head * head_dim + 2 * i;
-        const float a = bf16_to_f32(h[0]), b = bf16_to_f32(h[1]);
+        // pair (2i, 2i + 1), or (i, i + half) in NEOX's layout
+        bf16* h = x + (size_t)row * stride + col0 + head * head_dim + (neox ? i : 2 * i);
+        const int second = neox ? half : 1;
+        const float a = bf16_to_f32(h[0]), b = bf16_to_f32(h[second]);
         h[0] = f32_to_bf16(a * c - b * s);
-        h[1] = f32_to_bf16(a * s + b * c);
+        h[second] = f32_to_bf16(a * s + b * c);
     }
 }

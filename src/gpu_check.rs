@@ -5,7 +5,7 @@
 //! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
 //! GEMM FLOP floor of the dense prefill; (4) a table on stdout and the full numbers as JSON.
 //!
-//! A command over the CUDA backend (src/cuda), the synthetic model (`crate::model::synthetic`)
+//! A command over the CUDA backend (src/cuda), the ops forward (`crate::model::ops_llama`)
 //! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
 
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use crate::backend::paged_kv::NoHooks;
 use crate::cuda::gpu::VramInfo;
 use crate::cuda::kv_tier::{KvTier, TierHooks, TierStats};
 use crate::cuda::{check, CudaOps, Gpu, OrEngine};
-use crate::model::synthetic::{LlamaShape, ModelCache, SyntheticLlama};
+use crate::model::ops_llama::{LlamaShape, ModelCache, OpsLlama};
 use crate::slim::schedule::SlimConfig;
 use crate::slim::select::forced_blocks;
 use crate::{Error, Result};
@@ -119,7 +119,7 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
     let longest = args.lengths.iter().copied().max().unwrap_or(0);
     let before = gpu.vram()?.gpu_own_bytes;
     let t = Instant::now();
-    let model = SyntheticLlama::new(&ops, shape, longest + args.decode_tokens + 2 * KV_BLOCK, 7)?;
+    let model = OpsLlama::random(&ops, shape, longest + args.decode_tokens + 2 * KV_BLOCK, 7)?;
     ops.sync()?;
     report.weights_bytes = gpu.vram()?.gpu_own_bytes - before;
     log(&format!(
@@ -209,7 +209,7 @@ fn cublas_rate(ops: &CudaOps) -> Result<f64> {
 
 /// One prefill (timed to the first token's logits on the host) and `decode_tokens` steps.
 fn one_run(
-    model: &SyntheticLlama<CudaOps>,
+    model: &OpsLlama<CudaOps>,
     gpu: &Arc<Gpu>,
     tokens: &[u32],
     slim: Option<&SlimConfig>,
@@ -288,7 +288,7 @@ fn one_run(
 /// One decode step during which 10% of every stage's blocks (never the forced ones) are
 /// fetched back from the host tier into their slots, issued after the layer before the stage.
 fn swap_drill(
-    model: &SyntheticLlama<CudaOps>,
+    model: &OpsLlama<CudaOps>,
     cache: &mut ModelCache<CudaOps>,
     tier: &mut KvTier,
     cfg: &SlimConfig,

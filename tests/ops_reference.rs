@@ -1,6 +1,6 @@
 //! The CPU references of the CUDA kernels (`CpuOps`, the ops seam on the CPU) against
 //! independent naive implementations, the comparison harness against itself, and the
-//! synthetic Llama forward written against the seam (dense, pruned, decode).
+//! Llama forward written against the seam, random weights (dense, pruned, decode).
 
 use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
@@ -10,7 +10,7 @@ use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
 use slimchat::backend::score::{
     block_scores_attention_reference, block_scores_reference, HeadShape,
 };
-use slimchat::model::synthetic::{LlamaShape, SyntheticLlama};
+use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
 use slimchat::slim::SlimConfig;
 
 #[test]
@@ -37,33 +37,42 @@ fn matmul_matches_a_naive_product() {
 }
 
 #[test]
-fn rope_matches_the_engines_rope() {
+fn rope_matches_the_engines_rope_in_both_layouts_with_scaling_and_factors() {
     let (hd, heads, rows, theta) = (64, 3, 9, 10_000.0);
-    let spec = RopeParams {
-        head_dim: hd,
-        rope_dim: hd,
-        theta,
-        linear_scaling: 1.0,
-        layout: RopeLayout::Normal,
-    };
-    let mut rng = Rng::new(2);
-    let x = rng.bf16s(rows * heads * hd, 1.0);
-    let positions: Vec<u32> = (0..rows).map(|_| rng.below(4096) as u32).collect();
-    let mut expect = to_f32(&x);
-    Rope::new(&spec, None, 4096)
-        .apply(&mut expect, &positions)
-        .unwrap();
-    let (cos, sin) = rope_tables(theta, hd, 4096);
-    let mut got = x.clone();
-    let at = RowSlice {
-        rows,
-        stride: heads * hd,
-        offset: 0,
-    };
-    CpuOps
-        .rope(&mut got, at, &positions, &cos, &sin, heads, hd)
-        .unwrap();
-    assert!(rel_err(&to_f32(&got), &expect) < 5e-3);
+    let factors: Vec<f32> = (0..hd / 2).map(|i| 1.0 + (i % 5) as f32).collect();
+    for (layout, linear_scaling, factors) in [
+        (RopeLayout::Normal, 1.0, None),
+        (RopeLayout::Neox, 1.0, None),
+        (RopeLayout::Normal, 4.0, Some(&factors[..])),
+        (RopeLayout::Neox, 2.0, Some(&factors[..])),
+    ] {
+        let spec = RopeParams {
+            head_dim: hd,
+            rope_dim: hd,
+            theta,
+            linear_scaling,
+            layout,
+        };
+        let mut rng = Rng::new(2);
+        let x = rng.bf16s(rows * heads * hd, 1.0);
+        let positions: Vec<u32> = (0..rows).map(|_| rng.below(4096) as u32).collect();
+        let mut expect = to_f32(&x);
+        Rope::new(&spec, factors, 4096)
+            .apply(&mut expect, &positions)
+            .unwrap();
+        let (cos, sin) = rope_tables(&spec, factors, 4096);
+        let mut got = x.clone();
+        let at = RowSlice {
+            rows,
+            stride: heads * hd,
+            offset: 0,
+        };
+        CpuOps
+            .rope(&mut got, at, &positions, &cos, &sin, heads, hd, layout)
+            .unwrap();
+        let err = rel_err(&to_f32(&got), &expect);
+        assert!(err < 5e-3, "{layout:?} x{linear_scaling}: {err}");
+    }
 }
 
 #[test]
@@ -205,9 +214,9 @@ fn slim(keep_ratio: f32) -> SlimConfig {
 }
 
 #[test]
-fn synthetic_forward_prunes_on_schedule_and_decodes() {
+fn ops_forward_prunes_on_schedule_and_decodes() {
     let shape = LlamaShape::tiny(6);
-    let model = SyntheticLlama::new(&CpuOps, shape, 2048, 9).unwrap();
+    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
     let mut rng = Rng::new(5);
     let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
     let (mut dense_cache, dense) = model.prefill(&tokens, None, 4, &mut NoHooks).unwrap();
@@ -237,9 +246,9 @@ fn synthetic_forward_prunes_on_schedule_and_decodes() {
 }
 
 #[test]
-fn synthetic_forward_keeping_everything_equals_dense() {
+fn ops_forward_keeping_everything_equals_dense() {
     let shape = LlamaShape::tiny(5);
-    let model = SyntheticLlama::new(&CpuOps, shape, 1024, 10).unwrap();
+    let model = OpsLlama::random(&CpuOps, shape, 1024, 10).unwrap();
     let mut rng = Rng::new(6);
     let tokens: Vec<u32> = (0..300).map(|_| rng.below(shape.vocab) as u32).collect();
     let (_, dense) = model.prefill(&tokens, None, 1, &mut NoHooks).unwrap();

@@ -3,13 +3,16 @@
 //! CUDA kernel is compared with (`crate::cuda::check`): bf16 operands are widened exactly, the
 //! arithmetic is f32, and results are rounded to bf16 where the kernels round them.
 
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
-use super::rowwise::{rms_norm, silu_mul_joined};
+use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
 use super::score::{block_scores, block_scores_attention, HeadShape};
 use crate::{Error, Result};
 
@@ -115,6 +118,54 @@ impl Ops for CpuOps {
         Ok(())
     }
 
+    fn matmul_f32(
+        &self,
+        x: &Vec<u16>,
+        w: &Vec<u16>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check("matmul_f32 x", x.len(), rows * k)?;
+        check("matmul_f32 w", w.len(), n * k)?;
+        check("matmul_f32 out", out.len(), rows * n)?;
+        let xt = Tensor::from_vec(to_f32(&x[..rows * k]), (rows, k), &Device::Cpu)?;
+        let wt = Tensor::from_vec(to_f32(&w[..n * k]), (n, k), &Device::Cpu)?;
+        let y = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        out[..rows * n].copy_from_slice(&y);
+        Ok(())
+    }
+
+    fn dequant_bf16(
+        &self,
+        raw: &[u8],
+        dtype: GgmlDType,
+        n: usize,
+        out: &mut Vec<u16>,
+        offset: usize,
+    ) -> Result<()> {
+        check("dequant out", out.len(), offset + n)?;
+        let storage = QStorage::from_data(Cow::Borrowed(raw), &Device::Cpu, dtype)?;
+        let values = QTensor::new(storage, (n,))?
+            .dequantize(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        out[offset..offset + n].copy_from_slice(&to_bf16(&values));
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<u16>, bias: &Vec<u16>, rows: usize, width: usize) -> Result<()> {
+        check("add_bias x", x.len(), rows * width)?;
+        check("add_bias bias", bias.len(), width)?;
+        let b = to_f32(&bias[..width]);
+        for row in x[..rows * width].chunks_exact_mut(width) {
+            let mut v = to_f32(row);
+            v.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            row.copy_from_slice(&to_bf16(&v));
+        }
+        Ok(())
+    }
+
     fn rmsnorm(
         &self,
         x: &Vec<f32>,
@@ -141,6 +192,7 @@ impl Ops for CpuOps {
         sin: &Vec<f32>,
         n_heads: usize,
         head_dim: usize,
+        layout: RopeLayout,
     ) -> Result<()> {
         let half = head_dim / 2;
         check("rope positions", positions.len(), at.rows)?;
@@ -153,9 +205,13 @@ impl Ops for CpuOps {
             let mut v = to_f32(row);
             for head in v.chunks_mut(head_dim) {
                 for i in 0..half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * c[i] - b * s[i];
-                    head[2 * i + 1] = a * s[i] + b * c[i];
+                    let (ia, ib) = match layout {
+                        RopeLayout::Normal => (2 * i, 2 * i + 1),
+                        RopeLayout::Neox => (i, i + half),
+                    };
+                    let (a, b) = (head[ia], head[ib]);
+                    head[ia] = a * c[i] - b * s[i];
+                    head[ib] = a * s[i] + b * c[i];
                 }
             }
             row.copy_from_slice(&to_bf16(&v));
@@ -349,12 +405,25 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// RoPE tables (max_positions, head_dim / 2) for `theta`, as `crate::backend::rowwise::Rope`
-/// builds them (no scaling, no frequency factors).
-pub fn rope_tables(theta: f32, head_dim: usize, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
+/// RoPE tables (max_positions, head_dim / 2) of a model's RoPE, as
+/// `crate::backend::rowwise::Rope` computes its angles (linear scaling, Llama 3's per-frequency
+/// divisors `freq_factors`). Every head dimension rotates: `rope_dim` below `head_dim` is refused
+/// by the caller.
+pub fn rope_tables(
+    rope: &RopeParams,
+    freq_factors: Option<&[f32]>,
+    max_positions: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = rope.rope_dim / 2;
+    let pos_scale = match rope.linear_scaling {
+        f if f > 0.0 => 1.0 / f as f64,
+        _ => 1.0,
+    };
     let inv: Vec<f64> = (0..half)
-        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+        .map(|i| {
+            let base = 1.0 / (rope.theta as f64).powf(2.0 * i as f64 / rope.rope_dim as f64);
+            base / freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64
+        })
         .collect();
     let (mut cos, mut sin) = (
         Vec::with_capacity(max_positions * half),
@@ -362,10 +431,21 @@ pub fn rope_tables(theta: f32, head_dim: usize, max_positions: usize) -> (Vec<f3
     );
     for p in 0..max_positions {
         for f in &inv {
-            let a = p as f64 * f;
+            let a = p as f64 * pos_scale * f;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);
         }
     }
     (cos, sin)
+}
+
+/// RoPE parameters of a shape without scaling: base `theta`, every dimension rotating.
+pub fn plain_rope(theta: f32, head_dim: usize, layout: RopeLayout) -> RopeParams {
+    RopeParams {
+        head_dim,
+        rope_dim: head_dim,
+        theta,
+        linear_scaling: 1.0,
+        layout,
+    }
 }

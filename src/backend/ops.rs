@@ -9,6 +9,9 @@
 //! per-layer slot table that lists the slots in row order (all full but the last); the kernels
 //! read rows through it, so attention over SlimInfer's active blocks is attention over a table.
 
+use candle_core::quantized::GgmlDType;
+
+pub use super::rowwise::RopeLayout;
 use crate::Result;
 
 /// Rows per KV slot: SlimInfer's block, the unit of selection and of KV movement.
@@ -156,9 +159,42 @@ pub trait Ops {
         eps: f32,
     ) -> Result<()>;
 
+    /// out (rows, n) f32 = x (rows, k) . w^T, w: (n, k): `matmul` with f32 output (the head's
+    /// logits, which bf16 would round to 1/8 at 20).
+    fn matmul_f32(
+        &self,
+        x: &Self::Bf16,
+        w: &Self::Bf16,
+        out: &mut Self::F32,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    /// Dequantize `n` values of GGUF blocks of type `dtype` (`raw`, the file's bytes, on the
+    /// host) into out[offset .. offset + n] as bf16: on a GPU the bytes are uploaded and a
+    /// kernel expands them there.
+    fn dequant_bf16(
+        &self,
+        raw: &[u8],
+        dtype: GgmlDType,
+        n: usize,
+        out: &mut Self::Bf16,
+        offset: usize,
+    ) -> Result<()>;
+
+    /// x (rows, width) += bias (width), each row (Qwen2's q/k/v biases).
+    fn add_bias(
+        &self,
+        x: &mut Self::Bf16,
+        bias: &Self::Bf16,
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
+
     /// Rotate, in place, `n_heads` heads of `head_dim` starting at `at.offset` in each of `at.rows`
-    /// rows of x, row r by angle positions[r] * inv_freq (GGUF pair layout).
-    /// cos, sin: (max_positions, head_dim / 2) f32.
+    /// rows of x, row r by angle positions[r] * inv_freq: pairs (2i, 2i + 1) in the normal
+    /// layout, (i, i + head_dim / 2) in NEOX's. cos, sin: (max_positions, head_dim / 2) f32.
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
@@ -169,6 +205,7 @@ pub trait Ops {
         sin: &Self::F32,
         n_heads: usize,
         head_dim: usize,
+        layout: RopeLayout,
     ) -> Result<()>;
 
     /// out (rows, width) = silu(gate) * up, gate_up: (rows, 2 * width) = [gate | up].

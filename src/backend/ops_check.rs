@@ -6,8 +6,11 @@
 
 use serde::Serialize;
 
-use super::cpu_ops::{rope_tables, to_bf16, to_f32};
-use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
+use super::ops::{Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::Result;
 
 /// One op's comparison.
@@ -163,6 +166,49 @@ fn matmul<O: Ops>(
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
+fn matmul_f32<O: Ops>(
+    o: &O,
+    x: &[u16],
+    w: &[u16],
+    (rows, k, n): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut y = o.upload_f32(&vec![f32::NAN; rows * n])?;
+    o.matmul_f32(&o.upload_bf16(x)?, &o.upload_bf16(w)?, &mut y, rows, k, n)?;
+    o.download_f32(&y)
+}
+
+fn add_bias<O: Ops>(o: &O, x: &[u16], bias: &[u16], rows: usize) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(x)?;
+    o.add_bias(&mut y, &o.upload_bf16(bias)?, rows, bias.len())?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
+/// `n` values of GGUF blocks expanded at `offset` of a poisoned buffer one block longer on
+/// each side (the values around them must stay poisoned).
+fn dequant<O: Ops>(o: &O, raw: &[u8], dtype: GgmlDType, n: usize, pad: usize) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(&vec![POISON; n + 2 * pad])?;
+    o.dequant_bf16(raw, dtype, n, &mut y, pad)?;
+    let all = to_f32(&o.download_bf16(&y)?);
+    if all[..pad]
+        .iter()
+        .chain(&all[pad + n..])
+        .any(|v| !v.is_nan())
+    {
+        return Ok(vec![f32::NAN; n]); // wrote outside its range
+    }
+    Ok(all[pad..pad + n].to_vec())
+}
+
+/// GGUF bytes of `n` random values (spread like trained weights, a few outliers) quantized to
+/// `dtype` by candle.
+fn quantized_bytes(rng: &mut Rng, dtype: GgmlDType, n: usize) -> Result<Vec<u8>> {
+    let values: Vec<f32> = (0..n)
+        .map(|i| rng.unit() * if i % 97 == 0 { 0.4 } else { 0.05 })
+        .collect();
+    let t = Tensor::from_vec(values, (n,), &Device::Cpu)?;
+    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+}
+
 fn rmsnorm<O: Ops>(o: &O, x: &[f32], w: &[u16], rows: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(&vec![POISON; x.len()])?;
     o.rmsnorm(&o.upload_f32(x)?, &o.upload_bf16(w)?, &mut y, rows, 1e-5)?;
@@ -177,13 +223,16 @@ struct RopeCase<'a> {
     sin: &'a [f32],
     heads: usize,
     hd: usize,
+    layout: RopeLayout,
 }
 
 fn rope<O: Ops>(o: &O, c: &RopeCase) -> Result<Vec<f32>> {
     let mut x = o.upload_bf16(c.x)?;
     let (cos, sin) = (o.upload_f32(c.cos)?, o.upload_f32(c.sin)?);
     let positions = o.upload_u32(c.positions)?;
-    o.rope(&mut x, c.at, &positions, &cos, &sin, c.heads, c.hd)?;
+    o.rope(
+        &mut x, c.at, &positions, &cos, &sin, c.heads, c.hd, c.layout,
+    )?;
     Ok(to_f32(&o.download_bf16(&x)?))
 }
 
@@ -315,6 +364,67 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     let shape = format!("({rows},{k})x({n},{k})^T");
     record(&mut out, "matmul (cuBLAS bf16)", shape, &a, &b, 1e-2);
 
+    // matmul with f32 output (the head's logits)
+    let dims @ (rows, k, n) = (5, 576, 1031);
+    let (x, w) = (rng.bf16s(rows * k, 1.0), rng.bf16s(n * k, 0.05));
+    let (a, b) = (matmul_f32(c, &x, &w, dims)?, matmul_f32(r, &x, &w, dims)?);
+    let shape = format!("({rows},{k})x({n},{k})^T");
+    record(
+        &mut out,
+        "matmul_f32 (cuBLAS bf16 -> f32)",
+        shape,
+        &a,
+        &b,
+        1e-3,
+    );
+
+    // bias_add_bf16
+    let (rows, width) = (19, 1155);
+    let (x, bias) = (rng.bf16s(rows * width, 1.0), rng.bf16s(width, 0.5));
+    let (a, b) = (add_bias(c, &x, &bias, rows)?, add_bias(r, &x, &bias, rows)?);
+    record(
+        &mut out,
+        "bias_add_bf16",
+        format!("({rows},{width})"),
+        &a,
+        &b,
+        8e-3,
+    );
+
+    // dequant_*_bf16: every GGUF type the models load, expanded in the middle of a buffer
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::F32,
+    ] {
+        let per_block = dtype.block_size();
+        let n = per_block * 37;
+        let raw = quantized_bytes(&mut rng, dtype, n)?;
+        let (a, b) = (
+            dequant(c, &raw, dtype, n, per_block)?,
+            dequant(r, &raw, dtype, n, per_block)?,
+        );
+        let label = format!("dequant {dtype:?} -> bf16");
+        record(
+            &mut out,
+            &label,
+            format!("({n}) at {per_block}"),
+            &a,
+            &b,
+            0.0,
+        );
+    }
+
     // rmsnorm_f32
     let (rows, width) = (37, 4099);
     let (x, w) = (rng.f32s(rows * width, 3.0), rng.bf16s(width, 1.0));
@@ -328,33 +438,31 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         8e-3,
     );
 
-    // rope_bf16 over the k part of a q|k|v-like buffer
-    let (rows, heads, hd, stride) = (29, 3, 128, 7 * 128 + 5);
-    let positions: Vec<u32> = (0..rows).map(|_| rng.below(5000) as u32).collect();
-    let (cos, sin) = rope_tables(500_000.0, hd, 5000);
-    let x = rng.bf16s(rows * stride, 1.0);
-    let case = RopeCase {
-        x: &x,
-        at: RowSlice {
-            rows,
-            stride,
-            offset: 2 * 128 + 3,
-        },
-        positions: &positions,
-        cos: &cos,
-        sin: &sin,
-        heads,
-        hd,
-    };
-    let shape = format!("({rows},{stride}) {heads}x{hd} at {}", case.at.offset);
-    record(
-        &mut out,
-        "rope_bf16",
-        shape,
-        &rope(c, &case)?,
-        &rope(r, &case)?,
-        8e-3,
-    );
+    // rope_bf16 over the k part of a q|k|v-like buffer, in both layouts
+    for layout in [RopeLayout::Normal, RopeLayout::Neox] {
+        let (rows, heads, hd, stride) = (29, 3, 128, 7 * 128 + 5);
+        let positions: Vec<u32> = (0..rows).map(|_| rng.below(5000) as u32).collect();
+        let (cos, sin) = rope_tables(&plain_rope(500_000.0, hd, layout), None, 5000);
+        let x = rng.bf16s(rows * stride, 1.0);
+        let case = RopeCase {
+            x: &x,
+            at: RowSlice {
+                rows,
+                stride,
+                offset: 2 * 128 + 3,
+            },
+            positions: &positions,
+            cos: &cos,
+            sin: &sin,
+            heads,
+            hd,
+            layout,
+        };
+        let shape = format!("({rows},{stride}) {heads}x{hd} at {}", case.at.offset);
+        let label = format!("rope_bf16 ({layout:?})");
+        let (a, b) = (rope(c, &case)?, rope(r, &case)?);
+        record(&mut out, &label, shape, &a, &b, 8e-3);
+    }
 
     // silu_mul_bf16
     let (rows, width) = (33, 517);

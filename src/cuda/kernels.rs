@@ -14,7 +14,7 @@ use crate::Result;
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 /// (file, source, entry points). Entry points are named `<op>_<dtype>`.
-pub const FILES: [(&str, &str, &[&str]); 6] = [
+pub const FILES: [(&str, &str, &[&str]); 7] = [
     (
         "norm_rope.cu",
         include_str!("../../kernels/norm_rope.cu"),
@@ -23,7 +23,12 @@ pub const FILES: [(&str, &str, &[&str]); 6] = [
     (
         "elementwise.cu",
         include_str!("../../kernels/elementwise.cu"),
-        &["silu_mul_bf16", "residual_add_f32", "fill_uniform_bf16"],
+        &[
+            "silu_mul_bf16",
+            "residual_add_f32",
+            "bias_add_bf16",
+            "fill_uniform_bf16",
+        ],
     ),
     (
         "gather.cu",
@@ -34,6 +39,25 @@ pub const FILES: [(&str, &str, &[&str]); 6] = [
         "kv_blocks.cu",
         include_str!("../../kernels/kv_blocks.cu"),
         &["kv_append_bf16", "kv_copy_blocks_bf16"],
+    ),
+    (
+        "dequant.cu",
+        include_str!("../../kernels/dequant.cu"),
+        &[
+            "dequant_q4_0_bf16",
+            "dequant_q4_1_bf16",
+            "dequant_q5_0_bf16",
+            "dequant_q5_1_bf16",
+            "dequant_q8_0_bf16",
+            "dequant_q2_k_bf16",
+            "dequant_q3_k_bf16",
+            "dequant_q4_k_bf16",
+            "dequant_q5_k_bf16",
+            "dequant_q6_k_bf16",
+            "dequant_f32_bf16",
+            "dequant_f16_bf16",
+            "dequant_bf16_bf16",
+        ],
     ),
     (
         "attention.cu",

@@ -14,7 +14,7 @@
 //! - [`check`]: every kernel against its CPU reference on random inputs.
 //!
 //! `slimchat gpu-check` (the Llama-3.1-8B-shaped dense vs pruned run) is a command over this
-//! backend and the synthetic model: `crate::gpu_check`.
+//! backend and the ops forward: `crate::gpu_check`.
 
 pub mod check;
 pub mod gpu;

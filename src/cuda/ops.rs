@@ -11,7 +11,11 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{Gpu, OrEngine};
-use crate::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use candle_core::quantized::GgmlDType;
+
+use crate::backend::ops::{
+    Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK,
+};
 use crate::{Error, Result};
 
 /// The CUDA backend of the ops seam.
@@ -65,6 +69,30 @@ impl CudaOps {
     fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
         self.gpu.kernels.get(name)
     }
+}
+
+/// The kernel that expands a GGUF type, with its values and bytes per block (kernels/dequant.cu).
+fn dequant_kernel(dtype: GgmlDType) -> Result<(&'static str, usize, usize)> {
+    Ok(match dtype {
+        GgmlDType::Q4_0 => ("dequant_q4_0_bf16", 32, 18),
+        GgmlDType::Q4_1 => ("dequant_q4_1_bf16", 32, 20),
+        GgmlDType::Q5_0 => ("dequant_q5_0_bf16", 32, 22),
+        GgmlDType::Q5_1 => ("dequant_q5_1_bf16", 32, 24),
+        GgmlDType::Q8_0 => ("dequant_q8_0_bf16", 32, 34),
+        GgmlDType::Q2K => ("dequant_q2_k_bf16", 256, 84),
+        GgmlDType::Q3K => ("dequant_q3_k_bf16", 256, 110),
+        GgmlDType::Q4K => ("dequant_q4_k_bf16", 256, 144),
+        GgmlDType::Q5K => ("dequant_q5_k_bf16", 256, 176),
+        GgmlDType::Q6K => ("dequant_q6_k_bf16", 256, 210),
+        GgmlDType::F32 => ("dequant_f32_bf16", 1, 4),
+        GgmlDType::F16 => ("dequant_f16_bf16", 1, 2),
+        GgmlDType::BF16 => ("dequant_bf16_bf16", 1, 2),
+        other => {
+            return Err(Error::Engine(format!(
+                "cuda ops: no kernel expands GGUF type {other:?}"
+            )))
+        }
+    })
 }
 
 impl Ops for CudaOps {
@@ -163,6 +191,95 @@ impl Ops for CudaOps {
         .or_engine("cublasGemmEx bf16")
     }
 
+    fn matmul_f32(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        need("matmul_f32 x", x.len(), rows * k)?;
+        need("matmul_f32 w", w.len(), n * k)?;
+        need("matmul_f32 out", out.len(), rows * n)?;
+        let s = &self.gpu.stream;
+        let (xp, _gx) = x.device_ptr(s);
+        let (wp, _gw) = w.device_ptr(s);
+        let (op, _go) = out.device_ptr_mut(s);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // as `matmul`, with an f32 C
+        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n elements (checked).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                i32_of(n),
+                i32_of(rows),
+                i32_of(k),
+                &alpha as *const f32 as *const c_void,
+                wp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                xp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                &beta as *const f32 as *const c_void,
+                op as *mut c_void,
+                cudaDataType_t::CUDA_R_32F,
+                i32_of(n),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .or_engine("cublasGemmEx bf16 -> f32")
+    }
+
+    fn dequant_bf16(
+        &self,
+        raw: &[u8],
+        dtype: GgmlDType,
+        n: usize,
+        out: &mut CudaSlice<u16>,
+        offset: usize,
+    ) -> Result<()> {
+        need("dequant out", out.len(), offset + n)?;
+        let (name, per_block, block_bytes) = dequant_kernel(dtype)?;
+        if !n.is_multiple_of(per_block) || raw.len() != n / per_block * block_bytes {
+            return Err(Error::Engine(format!(
+                "cuda ops: {n} values of {dtype:?} in {} bytes",
+                raw.len()
+            )));
+        }
+        let bytes = self.gpu.stream.clone_htod(raw).or_engine("upload")?;
+        let f = self.f(name)?;
+        let (blocks, off) = ((n / per_block) as i64, offset as i64);
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(&bytes).arg(&blocks).arg(out).arg(&off);
+        // SAFETY: `bytes` holds `blocks` whole blocks and out holds offset + n values (checked).
+        unsafe { b.launch(flat(blocks as usize)) }.or_engine(name)?;
+        Ok(())
+    }
+
+    fn add_bias(
+        &self,
+        x: &mut CudaSlice<u16>,
+        bias: &CudaSlice<u16>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        need("add_bias x", x.len(), rows * width)?;
+        need("add_bias bias", bias.len(), width)?;
+        let f = self.f("bias_add_bf16")?;
+        let (r, w) = (i32_of(rows), i32_of(width));
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(x).arg(bias).arg(&r).arg(&w);
+        // SAFETY: sizes checked above.
+        unsafe { b.launch(flat(rows * width)) }.or_engine("bias_add_bf16")?;
+        Ok(())
+    }
+
     fn rmsnorm(
         &self,
         x: &CudaSlice<f32>,
@@ -192,6 +309,7 @@ impl Ops for CudaOps {
         sin: &CudaSlice<f32>,
         n_heads: usize,
         head_dim: usize,
+        layout: RopeLayout,
     ) -> Result<()> {
         need(
             "rope x",
@@ -209,7 +327,8 @@ impl Ops for CudaOps {
         );
         let mut b = self.gpu.stream.launch_builder(&f);
         b.arg(x).arg(positions).arg(cos).arg(sin);
-        b.arg(&r).arg(&st).arg(&c).arg(&h).arg(&hd);
+        let neox = i32::from(layout == RopeLayout::Neox);
+        b.arg(&r).arg(&st).arg(&c).arg(&h).arg(&hd).arg(&neox);
         // SAFETY: rows * n_heads * head_dim/2 pairs inside x (checked); positions index the
         // tables, which the caller sized for the model's context.
         unsafe { b.launch(flat(at.rows * n_heads * head_dim / 2)) }.or_engine("rope_bf16")?;

@@ -5,13 +5,16 @@
 //! - [`facts`] (`slimchat facts`): whether the pruned model finds what dense finds, on four kinds
 //!   of text, ten fact phrasings, one to three facts per prompt and questions about the text
 //!   itself, split into a part to tune on and a part only to report ([`corpus`], [`cases`]);
-//!   each miss is traced to the stage or decode choice that dropped the fact ([`diagnose`]).
+//!   each miss is traced to the stage or decode choice that dropped the fact ([`diagnose`]);
+//! - [`logits`]: two forwards' teacher-forced logits compared (top-1 agreement, largest
+//!   difference), for the ops-seam forward against the engine and a GPU against the CPU.
 
 pub mod agreement;
 pub mod cases;
 pub mod corpus;
 pub mod diagnose;
 pub mod facts;
+pub mod logits;
 
 pub use agreement::{run, EvalConfig, EvalResult};
 

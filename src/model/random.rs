@@ -646,17 +646,17 @@ mod tests {
         }
     }
 
-    /// The GPU check's synthetic forward takes its shape from the same list.
+    /// The GPU check's ops forward takes its shape from the same list.
     #[test]
-    fn the_synthetic_8b_is_this_lists_8b() {
-        let s = crate::model::synthetic::LlamaShape::llama31_8b();
+    fn the_ops_forwards_8b_is_this_lists_8b() {
+        let s = crate::model::ops_llama::LlamaShape::llama31_8b();
         let h = s.heads;
         assert_eq!(
             (s.n_layers, s.hidden, s.intermediate, s.vocab),
             (32, 4096, 14336, 128_256)
         );
         assert_eq!((h.n_heads, h.n_kv_heads, h.head_dim), (32, 8, 128));
-        assert_eq!((s.rope_theta, s.rms_eps), (500_000.0, 1e-5));
+        assert_eq!((s.rope.theta, s.rms_eps), (500_000.0, 1e-5));
     }
 
     #[test]

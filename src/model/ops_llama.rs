@@ -1,16 +1,24 @@
-//! A LLaMA-shaped model with synthetic (random) weights, its forward written once against the
-//! ops seam ([`Ops`]), with SlimInfer's prefill pruning from `crate::slim` (the same schedule,
-//! top-K and kept-row functions as the CPU engine). It runs on the CPU ([`crate::backend::cpu_ops`],
-//! where the tests check it) and on the GPU (`slimchat gpu-check`, Llama-3.1-8B's shape).
+//! The LLaMA forward written once against the ops seam ([`Ops`]), with SlimInfer's prefill
+//! pruning from `crate::slim` (the same schedule, top-K and kept-row functions as the CPU
+//! engine). It runs on the CPU ([`crate::backend::cpu_ops`], where the tests check it) and on the
+//! GPU (`slimchat gpu-check`). Its weights come from a GGUF file (any type the models load,
+//! expanded to bf16 by the backend: on a GPU by a kernel, [`Weights::from_gguf`]) or are drawn
+//! at random for a named shape ([`Weights::random`], Llama-3.1-8B's for the GPU benchmark).
 //!
-//! Per layer: RMSNorm → fused q|k|v GEMM → RoPE at explicit positions → append K/V to the
-//! layer's paged cache ([`crate::backend::paged_kv`]) → causal attention over the cache → o GEMM + residual → RMSNorm →
-//! fused gate|up GEMM → SiLU gate → down GEMM + residual. At the layers that score a stage,
-//! the last `local_window` queries score the prompt blocks; after the layer before a stage,
-//! the top-K blocks' rows (hidden states and positions together) go on.
+//! Per layer: RMSNorm → fused q|k|v GEMM (+ biases) → RoPE at explicit positions → append K/V to
+//! the layer's paged cache ([`crate::backend::paged_kv`]) → causal attention over the cache → o
+//! GEMM + residual → RMSNorm → fused gate|up GEMM → SiLU gate → down GEMM + residual. At the
+//! layers that score a stage, the last `local_window` queries score the prompt blocks; after the
+//! layer before a stage, the top-K blocks' rows (hidden states and positions together) go on.
+//! The head's logits are f32.
 
-use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use candle_core::quantized::QTensor;
+
+use crate::backend::cpu_ops::{plain_rope, rope_tables};
+use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
+use crate::backend::rowwise::RopeParams;
+use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::model::random;
 use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
 use crate::slim::select::{forced_blocks, kept_rows, select_top_k};
@@ -24,13 +32,14 @@ pub struct LlamaShape {
     pub intermediate: usize,
     pub heads: Heads,
     pub vocab: usize,
-    pub rope_theta: f32,
+    pub rope: RopeParams,
     pub rms_eps: f32,
 }
 
 impl LlamaShape {
     /// The dimensions of a named shape of `--model random:` (`crate::model::random::SHAPES`,
-    /// the one list of real models' shapes); its biases and RoPE scaling are not modelled here.
+    /// the one list of real models' shapes); its biases and RoPE scaling are not modelled by
+    /// [`Weights::random`] (a GGUF of the shape, `random:` on the engine, has them).
     pub fn of(shape: &random::Shape) -> Self {
         Self {
             n_layers: shape.n_layers,
@@ -42,9 +51,39 @@ impl LlamaShape {
                 head_dim: shape.head_dim,
             },
             vocab: shape.vocab,
-            rope_theta: shape.rope_theta,
+            rope: plain_rope(shape.rope_theta, shape.head_dim, RopeLayout::Normal),
             rms_eps: shape.rms_eps,
         }
+    }
+
+    /// The dimensions of a model file's hyper-parameters. Refused with a one-line error: a
+    /// per-head q/k norm (Qwen3) and a partial rotation, which this forward lacks.
+    pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
+        if spec.qk_norm {
+            return Err(Error::ModelLoad(format!(
+                "the ops forward has no per-head q/k norm yet ({} models have one)",
+                spec.arch
+            )));
+        }
+        if spec.rope_dim != spec.head_dim {
+            return Err(Error::ModelLoad(format!(
+                "the ops forward rotates whole heads; this model rotates {} of {}",
+                spec.rope_dim, spec.head_dim
+            )));
+        }
+        Ok(Self {
+            n_layers: spec.n_layers,
+            hidden: spec.hidden,
+            intermediate: spec.intermediate,
+            heads: Heads {
+                n_heads: spec.n_heads,
+                n_kv_heads: spec.n_kv_heads,
+                head_dim: spec.head_dim,
+            },
+            vocab: spec.vocab_size,
+            rope: RopeParams::from(spec),
+            rms_eps: spec.rms_eps,
+        })
     }
 
     /// Llama-3.1-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336.
@@ -64,7 +103,7 @@ impl LlamaShape {
                 head_dim: 32,
             },
             vocab: 300,
-            rope_theta: 10_000.0,
+            rope: plain_rope(10_000.0, 32, RopeLayout::Normal),
             rms_eps: 1e-5,
         }
     }
@@ -96,6 +135,8 @@ struct LayerWeights<O: Ops> {
     attn_norm: O::Bf16,
     /// (q_dim + 2 * kv_dim, hidden): q, k, v
     wqkv: O::Bf16,
+    /// (q_dim + 2 * kv_dim): the q, k and v biases (Qwen2), zeros for one the file lacks
+    bqkv: Option<O::Bf16>,
     /// (hidden, q_dim)
     wo: O::Bf16,
     /// (hidden)
@@ -106,16 +147,15 @@ struct LayerWeights<O: Ops> {
     w_down: O::Bf16,
 }
 
-/// Weights drawn uniformly at random (scaled like a trained model's, so activations stay in
-/// range), plus the RoPE tables.
+/// The model's weights in bf16 on the backend, plus the RoPE tables.
 pub struct Weights<O: Ops> {
     layers: Vec<LayerWeights<O>>,
     /// (vocab, hidden)
     embed: O::Bf16,
     /// (hidden)
     final_norm: O::Bf16,
-    /// (vocab, hidden)
-    head: O::Bf16,
+    /// (vocab, hidden); None when the head is tied to the embedding
+    head: Option<O::Bf16>,
     /// (max_positions, head_dim / 2)
     cos: O::F32,
     sin: O::F32,
@@ -123,6 +163,8 @@ pub struct Weights<O: Ops> {
 }
 
 impl<O: Ops> Weights<O> {
+    /// Weights drawn uniformly at random (scaled like a trained model's, so activations stay in
+    /// range).
     pub fn random(ops: &O, shape: &LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
         let mut next = seed;
         let mut fill = |n: usize, scale: f32| -> Result<O::Bf16> {
@@ -140,27 +182,150 @@ impl<O: Ops> Weights<O> {
             layers.push(LayerWeights {
                 attn_norm: ones(h)?,
                 wqkv: fill(shape.qkv_dim() * h, scale(h))?,
+                bqkv: None,
                 wo: fill(h * shape.heads.q_dim(), scale(shape.heads.q_dim()) * 0.5)?,
                 mlp_norm: ones(h)?,
                 w_gate_up: fill(2 * inter * h, scale(h))?,
                 w_down: fill(h * inter, scale(inter) * 0.5)?,
             });
         }
-        let (cos, sin) = crate::backend::cpu_ops::rope_tables(
-            shape.rope_theta,
-            shape.heads.head_dim,
-            max_positions,
-        );
+        let (cos, sin) = rope_tables(&shape.rope, None, max_positions);
         Ok(Self {
             layers,
             embed: fill(shape.vocab * h, 1.0)?,
             final_norm: ones(h)?,
-            head: fill(shape.vocab * h, scale(h))?,
+            head: Some(fill(shape.vocab * h, scale(h))?),
             cos: ops.upload_f32(&cos)?,
             sin: ops.upload_f32(&sin)?,
             max_positions,
         })
     }
+
+    /// A model file's weights, each tensor's GGUF blocks expanded to bf16 by the backend
+    /// (`Ops::dequant_bf16`); q/k/v and gate/up stacked into one matrix each, as the forward
+    /// multiplies them.
+    pub fn from_gguf(
+        ops: &O,
+        f: &mut GgufFile,
+        shape: &LlamaShape,
+        max_positions: usize,
+    ) -> Result<Self> {
+        let (h, inter, qd, kvd) = (
+            shape.hidden,
+            shape.intermediate,
+            shape.heads.q_dim(),
+            shape.heads.kv_dim(),
+        );
+        let mut layers = Vec::with_capacity(shape.n_layers);
+        for i in 0..shape.n_layers {
+            let t = |p: &str| format!("blk.{i}.{p}");
+            let biases = ["attn_q.bias", "attn_k.bias", "attn_v.bias"];
+            let bqkv = if biases.iter().any(|b| f.has_tensor(&t(b))) {
+                let mut b = ops.zeros_bf16(qd + 2 * kvd)?;
+                let mut at = 0;
+                for (name, width) in biases.iter().zip([qd, kvd, kvd]) {
+                    if f.has_tensor(&t(name)) {
+                        expand(ops, f, &t(name), width, &mut b, at)?;
+                    }
+                    at += width;
+                }
+                Some(b)
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                attn_norm: stacked(ops, f, &[(t("attn_norm.weight"), h)])?,
+                wqkv: stacked(
+                    ops,
+                    f,
+                    &[
+                        (t("attn_q.weight"), qd * h),
+                        (t("attn_k.weight"), kvd * h),
+                        (t("attn_v.weight"), kvd * h),
+                    ],
+                )?,
+                bqkv,
+                wo: stacked(ops, f, &[(t("attn_output.weight"), h * qd)])?,
+                mlp_norm: stacked(ops, f, &[(t("ffn_norm.weight"), h)])?,
+                w_gate_up: stacked(
+                    ops,
+                    f,
+                    &[
+                        (t("ffn_gate.weight"), inter * h),
+                        (t("ffn_up.weight"), inter * h),
+                    ],
+                )?,
+                w_down: stacked(ops, f, &[(t("ffn_down.weight"), h * inter)])?,
+            });
+        }
+        let vocab_by_hidden = shape.vocab * h;
+        let embed = stacked(ops, f, &[("token_embd.weight".into(), vocab_by_hidden)])?;
+        let head = if f.has_tensor("output.weight") {
+            Some(stacked(
+                ops,
+                f,
+                &[("output.weight".into(), vocab_by_hidden)],
+            )?)
+        } else {
+            None // tied to the embedding
+        };
+        // Llama 3.1's per-frequency divisors of the RoPE angles, one per rotated pair
+        let factors = if f.has_tensor("rope_freqs.weight") {
+            let t = f.tensor("rope_freqs.weight")?;
+            Some(
+                t.dequantize(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        let (cos, sin) = rope_tables(&shape.rope, factors.as_deref(), max_positions);
+        Ok(Self {
+            layers,
+            embed,
+            final_norm: stacked(ops, f, &[("output_norm.weight".into(), h)])?,
+            head,
+            cos: ops.upload_f32(&cos)?,
+            sin: ops.upload_f32(&sin)?,
+            max_positions,
+        })
+    }
+
+    /// The head's matrix: its own, or the embedding's when tied.
+    fn head(&self) -> &O::Bf16 {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// Tensors `parts` (name, values) of a model file, expanded one after another into one buffer.
+fn stacked<O: Ops>(ops: &O, f: &mut GgufFile, parts: &[(String, usize)]) -> Result<O::Bf16> {
+    let mut out = ops.zeros_bf16(parts.iter().map(|(_, n)| n).sum())?;
+    let mut at = 0;
+    for (name, n) in parts {
+        expand(ops, f, name, *n, &mut out, at)?;
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Tensor `name` (`n` values) expanded into out[at ..].
+fn expand<O: Ops>(
+    ops: &O,
+    f: &mut GgufFile,
+    name: &str,
+    n: usize,
+    out: &mut O::Bf16,
+    at: usize,
+) -> Result<()> {
+    let t: QTensor = f.tensor(name)?;
+    let have = t.shape().elem_count();
+    if have != n {
+        return Err(Error::ModelLoad(format!(
+            "tensor {name} has {have} values, the model's dimensions need {n}"
+        )));
+    }
+    ops.dequant_bf16(&t.data()?, t.dtype(), n, out, at)
 }
 
 /// The KV of every layer, and the prompt it was filled from.
@@ -228,20 +393,73 @@ impl<O: Ops> Scratch<O> {
 }
 
 /// The model: shape, weights, and the backend that runs it.
-pub struct SyntheticLlama<'o, O: Ops> {
+pub struct OpsLlama<'o, O: Ops> {
     pub ops: &'o O,
     pub shape: LlamaShape,
     pub weights: Weights<O>,
 }
 
-impl<'o, O: Ops> SyntheticLlama<'o, O> {
-    pub fn new(ops: &'o O, shape: LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
+impl<'o, O: Ops> OpsLlama<'o, O> {
+    /// A model of `shape` with random weights ([`Weights::random`]).
+    pub fn random(ops: &'o O, shape: LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
         let weights = Weights::random(ops, &shape, max_positions, seed)?;
         Ok(Self {
             ops,
             shape,
             weights,
         })
+    }
+
+    /// A model file's architecture and weights, for prompts and answers of up to
+    /// `max_positions` tokens (at most the model's context).
+    pub fn from_gguf(ops: &'o O, f: &mut GgufFile, max_positions: usize) -> Result<Self> {
+        let spec = f.spec()?;
+        let shape = LlamaShape::from_spec(&spec)?;
+        let max_positions = max_positions.min(spec.context_length);
+        let weights = Weights::from_gguf(ops, f, &shape, max_positions)?;
+        Ok(Self {
+            ops,
+            shape,
+            weights,
+        })
+    }
+
+    /// Teacher forcing: the logits of every position of `tokens` (a dense prefill at positions
+    /// 0..), (tokens, vocab) row-major.
+    pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (ops, s) = (self.ops, &self.shape);
+        let n = tokens.len();
+        self.check_tokens(tokens, n)?;
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let pos_dev = ops.upload_u32(&positions)?;
+        let mut h = ops.zeros_f32(n * s.hidden)?;
+        ops.embed(
+            &self.weights.embed,
+            &ops.upload_u32(tokens)?,
+            &mut h,
+            s.hidden,
+        )?;
+        let mut scratch = Scratch::new(ops, s, n)?;
+        let mut hooks = crate::backend::paged_kv::NoHooks;
+        for layer in 0..s.n_layers {
+            let mut kv = LayerCache::new(ops, n, s.heads.kv_dim())?;
+            self.layer(
+                layer,
+                &mut h,
+                &positions,
+                &pos_dev,
+                &mut kv,
+                &mut scratch,
+                &mut hooks,
+            )?;
+        }
+        let mut x = ops.zeros_bf16(n * s.hidden)?;
+        ops.rmsnorm(&h, &self.weights.final_norm, &mut x, n, s.rms_eps)?;
+        let mut logits = ops.zeros_f32(n * s.vocab)?;
+        ops.matmul_f32(&x, self.weights.head(), &mut logits, n, s.hidden, s.vocab)?;
+        let mut out = ops.download_f32(&logits)?;
+        out.truncate(n * s.vocab);
+        Ok(out)
     }
 
     /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for
@@ -399,18 +617,15 @@ impl<'o, O: Ops> SyntheticLlama<'o, O> {
         };
         ops.rmsnorm(h, &w.attn_norm, &mut sc.x, n, s.rms_eps)?;
         ops.matmul(&sc.x, &w.wqkv, &mut sc.qkv, n, s.hidden, qkv_dim)?;
+        if let Some(b) = &w.bqkv {
+            ops.add_bias(&mut sc.qkv, b, n, qkv_dim)?;
+        }
         let (cos, sin) = (&self.weights.cos, &self.weights.sin);
-        let hd = s.heads.head_dim;
-        ops.rope(&mut sc.qkv, rows(0), pos_dev, cos, sin, s.heads.n_heads, hd)?;
-        ops.rope(
-            &mut sc.qkv,
-            rows(qd),
-            pos_dev,
-            cos,
-            sin,
-            s.heads.n_kv_heads,
-            hd,
-        )?;
+        let (hd, layout) = (s.heads.head_dim, s.rope.layout);
+        let nh = s.heads.n_heads;
+        ops.rope(&mut sc.qkv, rows(0), pos_dev, cos, sin, nh, hd, layout)?;
+        let nkv = s.heads.n_kv_heads;
+        ops.rope(&mut sc.qkv, rows(qd), pos_dev, cos, sin, nkv, hd, layout)?;
         let row0 = kv.rows;
         let (pool, table) = (&mut kv.pool, &kv.table_dev);
         ops.kv_append(&sc.qkv, rows(0), qd, qd + kvd, pos_dev, pool, table, row0)?;
@@ -447,10 +662,11 @@ impl<'o, O: Ops> SyntheticLlama<'o, O> {
         ops.gather_rows(h, &pos, &idx, &mut last, &mut last_pos, s.hidden)?;
         let mut x = ops.zeros_bf16(s.hidden)?;
         ops.rmsnorm(&last, &self.weights.final_norm, &mut x, 1, s.rms_eps)?;
-        let mut logits = ops.zeros_bf16(s.vocab)?;
-        ops.matmul(&x, &self.weights.head, &mut logits, 1, s.hidden, s.vocab)?;
-        let bits = ops.download_bf16(&logits)?;
-        Ok(crate::backend::cpu_ops::to_f32(&bits[..s.vocab]))
+        let mut logits = ops.zeros_f32(s.vocab)?;
+        ops.matmul_f32(&x, self.weights.head(), &mut logits, 1, s.hidden, s.vocab)?;
+        let mut out = ops.download_f32(&logits)?;
+        out.truncate(s.vocab);
+        Ok(out)
     }
 
     fn check_tokens(&self, tokens: &[u32], last_position: usize) -> Result<()> {

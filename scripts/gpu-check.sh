@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu-check.sh "$OUT/gpu"
 #
-# (1) every kernel against its CPU reference, (2) a Llama-3.1-8B-shaped model with random bf16
+# (1) every kernel against its CPU reference, (1b) a real model's logits on the GPU against the
+# CPU engine, (2) a Llama-3.1-8B-shaped model with random bf16
 # weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
 # tokens/s, GPU prompt KV bytes, the KV manager's swap drill and stall, VRAM, the cuBLAS bf16
 # rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
@@ -28,9 +29,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,cl
 # (1) kernels, alone first, so a failure of the long run still leaves them
 timeout 60 "$bin" gpu-check --kernels "$out/kernels" 2>&1 | tee "$out/kernels.log"
 kernels=${PIPESTATUS[0]}
+# (1b) a real model's teacher-forced logits on the GPU against the CPU engine, when its file was
+# carried (gpu-bin/agreement.gguf: the default model's first 8 layers, bench/NOTES.md)
+agreement=skipped
+model="${SLIMCHAT_AGREEMENT_MODEL:-$(dirname "$bin")/agreement.gguf}"
+if [ -f "$model" ]; then
+    timeout 90 "$bin" --model "$model" gpu-check --agreement 256 "$out/agreement" 2>&1 | tee "$out/agreement.log"
+    agreement=${PIPESTATUS[0]}
+fi
 # (2)-(4) the 8B-shaped run; the JSON is rewritten after every prompt length
 timeout 280 "$bin" gpu-check --lengths "${GPU_CHECK_LENGTHS:-8192,16384,32768}" "$out" 2>&1 | tee "$out/run.log"
 run=${PIPESTATUS[0]}
 nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv 2>&1 | tee -a "$out/env.txt"
-echo "gpu-check.sh: kernels exit $kernels, run exit $run (124 = timed out)"
+echo "gpu-check.sh: kernels exit $kernels, agreement exit $agreement, run exit $run (124 = timed out)"
 [ "$kernels" = 0 ] && [ "$run" = 0 ]

@@ -142,6 +142,10 @@ struct GpuCheckArgs {
     /// not a GPU
     #[arg(long, value_name = "CC")]
     compile: Option<u32>,
+    /// Only the model's (--model) teacher-forced logits over this many tokens of text on the
+    /// GPU against the CPU engine's; agreement.json in the folder
+    #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "256")]
+    agreement: Option<usize>,
 }
 
 #[derive(Args)]
@@ -423,6 +427,18 @@ fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
         )));
     }
     println!("slimchat: {}", probe::found());
+    if let Some(tokens) = args.agreement {
+        let model =
+            slimchat::model::source::ModelSource::parse(&cfg.model.source)?.resolve(&mut |_| {})?;
+        let report = gpu_check::agreement::run(&model, cfg.model.linear, tokens, &mut |line| {
+            println!("{line}")
+        })?;
+        std::fs::create_dir_all(&args.out_dir)?;
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Engine(e.to_string()))?;
+        std::fs::write(args.out_dir.join("agreement.json"), json)?;
+        return Ok(());
+    }
     // the llama3.1-8b preset at keep ratio 0.5: the paper's 8192/4096/2048 tokens at 32k
     let mut slim = cfg.slim.clone();
     slim.enabled = true;

@@ -4,9 +4,13 @@
 //! manager's offload and a swap drill (10% of every stage's blocks fetched back from the host
 //! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
 //! GEMM FLOP floor of the dense prefill; (4) a table on stdout and the full numbers as JSON.
+//! [`agreement`] (`--agreement`): a model file's teacher-forced logits on the GPU against the
+//! CPU engine's.
 //!
 //! A command over the CUDA backend (src/cuda), the ops forward (`crate::model::ops_llama`)
 //! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
+
+pub mod agreement;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -71,3 +71,22 @@ extern "C" __global__ void rope_bf16(bf16* x, const u32* positions, const float*
         h[second] = f32_to_bf16(a * s + b * c);
     }
 }
+
+// In place, RMSNorm of each head (Qwen3's q/k norm): one thread per (row, head), two passes
+// over its head_dim values.
+// x: (rows, stride) bf16, the heads at columns col0 .. col0 + n_heads * head_dim; w: (head_dim)
+extern "C" __global__ void head_rmsnorm_bf16(bf16* x, const bf16* w, int rows, int stride,
+                                             int col0, int n_heads, int head_dim, float eps) {
+    const long long n = (long long)rows * n_heads;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n;
+         t += (long long)gridDim.x * blockDim.x) {
+        bf16* h = x + (size_t)(t / n_heads) * stride + col0 + (t % n_heads) * head_dim;
+        float ss = 0.f;
+        for (int d = 0; d < head_dim; d++) {
+            const float v = bf16_to_f32(h[d]);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / head_dim + eps);
+        for (int d = 0; d < head_dim; d++) h[d] = f32_to_bf16(bf16_to_f32(h[d]) * inv * bf16_to_f32(w[d]));
+    }
+}

@@ -1,7 +1,9 @@
-//! The forward written against the ops seam (src/model/ops_llama.rs) on the real default model:
-//! every tensor's GGUF blocks expanded to bf16 by the backend (`Ops::dequant_bf16`, here the
-//! CPU's), against the CPU engine's teacher-forced logits over 256 tokens of real text. This is
-//! the comparison the GPU run makes with the CUDA backend (`slimchat gpu-check --agreement`).
+//! The forward written against the ops seam (src/model/ops_llama.rs) on real files: every
+//! tensor's GGUF blocks expanded to bf16 by the backend (`Ops::dequant_bf16`, here the CPU's),
+//! against the CPU engine's teacher-forced logits. The default model over 256 tokens of real
+//! text (the comparison the GPU run makes with the CUDA backend, `slimchat gpu-check
+//! --agreement`), and small random models of the other architectures' features: Qwen2's
+//! biases and NEOX RoPE, Qwen3's per-head q/k norm with heads wider than the hidden state.
 
 mod common;
 
@@ -12,6 +14,7 @@ use slimchat::engine::{Engine, EngineOptions};
 use slimchat::eval::logits::compare;
 use slimchat::model::gguf::GgufFile;
 use slimchat::model::ops_llama::OpsLlama;
+use slimchat::model::random::{RandomModel, Shape, WeightType};
 
 const TOKENS: usize = 256;
 
@@ -47,4 +50,64 @@ fn the_ops_forward_on_the_default_model_agrees_with_the_engine() {
     assert!(ops.top1_agreement >= 0.96, "{ops:?}");
     assert!((ops.nll_a - ops.nll_b).abs() < 0.01 * ops.nll_b, "{ops:?}");
     assert!(ops.max_abs_diff < 0.05 * ops.max_abs_logit, "{ops:?}");
+}
+
+/// A small model of `arch` with the default model's tokenizer (its 49,152 tokens).
+fn small(name: &'static str, arch: &'static str, qkv_bias: bool, qk_norm: bool) -> Shape {
+    Shape {
+        name,
+        arch,
+        n_layers: 3,
+        hidden: 256,
+        intermediate: 512,
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+        vocab: 49_152,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        context: 4096,
+        tied: false,
+        qkv_bias,
+        qk_norm,
+        llama3_rope: None,
+    }
+}
+
+#[test]
+fn the_ops_forward_runs_qwen2_biases_and_qwen3_head_norms_as_the_engine_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = GgufFile::open(&common::default_model()).unwrap();
+    for shape in [
+        small("qwen2-small", "qwen2", true, false),
+        // 8 heads of 64: queries twice as wide as the hidden state, as in Qwen3
+        small("qwen3-small", "qwen3", false, true),
+    ] {
+        let model = RandomModel {
+            shape,
+            weights: WeightType::Q8_0,
+        };
+        let path = model
+            .ensure(dir.path(), &tokenizer.content, &mut |_| {})
+            .unwrap();
+        let mut opts = EngineOptions {
+            linear: LinearMode::DenseF32,
+            ..Default::default()
+        };
+        opts.slim.enabled = false;
+        let mut engine = Engine::load(&path, &opts).unwrap();
+        let tokens = engine.encode_plain(LONG_TEXT).unwrap()[..64].to_vec();
+        let want = engine.logits_from(&tokens, 0).unwrap();
+        let mut file = GgufFile::open(&path).unwrap();
+        let ops = OpsLlama::from_gguf(&CpuOps, &mut file, 64).unwrap();
+        let got = ops.logits_all(&tokens).unwrap();
+        let a = compare(&got, &want, shape.vocab, &tokens);
+        eprintln!("{}: {a:?}", shape.name);
+        assert!(
+            a.max_abs_diff < 0.05 * a.max_abs_logit,
+            "{}: {a:?}",
+            shape.name
+        );
+        assert!(a.top1_agreement >= 0.9, "{}: {a:?}", shape.name);
+    }
 }

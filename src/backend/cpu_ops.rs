@@ -154,6 +154,36 @@ impl Ops for CpuOps {
         Ok(())
     }
 
+    fn head_rmsnorm(
+        &self,
+        x: &mut Vec<u16>,
+        at: RowSlice,
+        w: &Vec<u16>,
+        n_heads: usize,
+        head_dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let width = n_heads * head_dim;
+        check("head_rmsnorm w", w.len(), head_dim)?;
+        if at.rows > 0 {
+            check(
+                "head_rmsnorm x",
+                x.len(),
+                (at.rows - 1) * at.stride + at.offset + width,
+            )?;
+        }
+        let w = to_f32(&w[..head_dim]);
+        let mut y = vec![0.0; head_dim];
+        for r in 0..at.rows {
+            let row = &mut x[r * at.stride + at.offset..][..width];
+            for head in row.chunks_exact_mut(head_dim) {
+                rms_norm(&to_f32(head), &w, eps, &mut y);
+                head.copy_from_slice(&to_bf16(&y));
+            }
+        }
+        Ok(())
+    }
+
     fn add_bias(&self, x: &mut Vec<u16>, bias: &Vec<u16>, rows: usize, width: usize) -> Result<()> {
         check("add_bias x", x.len(), rows * width)?;
         check("add_bias bias", bias.len(), width)?;

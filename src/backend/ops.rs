@@ -183,6 +183,19 @@ pub trait Ops {
         offset: usize,
     ) -> Result<()>;
 
+    /// In place, RMSNorm of each of `n_heads` heads of `head_dim` at `at.offset` in each of
+    /// `at.rows` rows of x, times w (head_dim) (Qwen3's per-head q/k norm).
+    #[allow(clippy::too_many_arguments)]
+    fn head_rmsnorm(
+        &self,
+        x: &mut Self::Bf16,
+        at: RowSlice,
+        w: &Self::Bf16,
+        n_heads: usize,
+        head_dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+
     /// x (rows, width) += bias (width), each row (Qwen2's q/k/v biases).
     fn add_bias(
         &self,

@@ -177,6 +177,18 @@ fn matmul_f32<O: Ops>(
     o.download_f32(&y)
 }
 
+fn head_rmsnorm<O: Ops>(
+    o: &O,
+    x: &[u16],
+    at: RowSlice,
+    w: &[u16],
+    heads: usize,
+) -> Result<Vec<f32>> {
+    let mut y = o.upload_bf16(x)?;
+    o.head_rmsnorm(&mut y, at, &o.upload_bf16(w)?, heads, w.len(), 1e-6)?;
+    Ok(to_f32(&o.download_bf16(&y)?))
+}
+
 fn add_bias<O: Ops>(o: &O, x: &[u16], bias: &[u16], rows: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(x)?;
     o.add_bias(&mut y, &o.upload_bf16(bias)?, rows, bias.len())?;
@@ -390,6 +402,21 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         &b,
         8e-3,
     );
+
+    // head_rmsnorm_bf16 over the k part of a q|k|v-like buffer (Qwen3)
+    let (rows, heads, hd, stride) = (23, 4, 128, 12 * 128 + 3);
+    let (x, w) = (rng.bf16s(rows * stride, 2.0), rng.bf16s(hd, 1.0));
+    let at = RowSlice {
+        rows,
+        stride,
+        offset: 8 * 128 + 1,
+    };
+    let (a, b) = (
+        head_rmsnorm(c, &x, at, &w, heads)?,
+        head_rmsnorm(r, &x, at, &w, heads)?,
+    );
+    let shape = format!("({rows},{stride}) {heads}x{hd} at {}", at.offset);
+    record(&mut out, "head_rmsnorm_bf16", shape, &a, &b, 8e-3);
 
     // dequant_*_bf16: every GGUF type the models load, expanded in the middle of a buffer
     for dtype in [

@@ -18,7 +18,12 @@ pub const FILES: [(&str, &str, &[&str]); 7] = [
     (
         "norm_rope.cu",
         include_str!("../../kernels/norm_rope.cu"),
-        &["rmsnorm_f32", "rmsnorm_bf16", "rope_bf16"],
+        &[
+            "rmsnorm_f32",
+            "rmsnorm_bf16",
+            "rope_bf16",
+            "head_rmsnorm_bf16",
+        ],
     ),
     (
         "elementwise.cu",

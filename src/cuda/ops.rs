@@ -262,6 +262,43 @@ impl Ops for CudaOps {
         Ok(())
     }
 
+    fn head_rmsnorm(
+        &self,
+        x: &mut CudaSlice<u16>,
+        at: RowSlice,
+        w: &CudaSlice<u16>,
+        n_heads: usize,
+        head_dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need(
+            "head_rmsnorm x",
+            x.len(),
+            at.rows.saturating_sub(1) * at.stride + at.offset + n_heads * head_dim,
+        )?;
+        need("head_rmsnorm w", w.len(), head_dim)?;
+        let f = self.f("head_rmsnorm_bf16")?;
+        let (r, st, c, h, hd) = (
+            i32_of(at.rows),
+            i32_of(at.stride),
+            i32_of(at.offset),
+            i32_of(n_heads),
+            i32_of(head_dim),
+        );
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(x)
+            .arg(w)
+            .arg(&r)
+            .arg(&st)
+            .arg(&c)
+            .arg(&h)
+            .arg(&hd)
+            .arg(&eps);
+        // SAFETY: rows * n_heads heads inside x (checked), w holds head_dim values.
+        unsafe { b.launch(flat(at.rows * n_heads)) }.or_engine("head_rmsnorm_bf16")?;
+        Ok(())
+    }
+
     fn add_bias(
         &self,
         x: &mut CudaSlice<u16>,

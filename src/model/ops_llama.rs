@@ -57,14 +57,8 @@ impl LlamaShape {
     }
 
     /// The dimensions of a model file's hyper-parameters. Refused with a one-line error: a
-    /// per-head q/k norm (Qwen3) and a partial rotation, which this forward lacks.
+    /// partial rotation, which this forward lacks.
     pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
-        if spec.qk_norm {
-            return Err(Error::ModelLoad(format!(
-                "the ops forward has no per-head q/k norm yet ({} models have one)",
-                spec.arch
-            )));
-        }
         if spec.rope_dim != spec.head_dim {
             return Err(Error::ModelLoad(format!(
                 "the ops forward rotates whole heads; this model rotates {} of {}",
@@ -137,6 +131,8 @@ struct LayerWeights<O: Ops> {
     wqkv: O::Bf16,
     /// (q_dim + 2 * kv_dim): the q, k and v biases (Qwen2), zeros for one the file lacks
     bqkv: Option<O::Bf16>,
+    /// (head_dim) each: the per-head RMSNorm weights of q and k (Qwen3)
+    qk_norm: Option<(O::Bf16, O::Bf16)>,
     /// (hidden, q_dim)
     wo: O::Bf16,
     /// (hidden)
@@ -183,6 +179,7 @@ impl<O: Ops> Weights<O> {
                 attn_norm: ones(h)?,
                 wqkv: fill(shape.qkv_dim() * h, scale(h))?,
                 bqkv: None,
+                qk_norm: None,
                 wo: fill(h * shape.heads.q_dim(), scale(shape.heads.q_dim()) * 0.5)?,
                 mlp_norm: ones(h)?,
                 w_gate_up: fill(2 * inter * h, scale(h))?,
@@ -233,7 +230,17 @@ impl<O: Ops> Weights<O> {
             } else {
                 None
             };
+            let qk_norm = if f.has_tensor(&t("attn_q_norm.weight")) {
+                let hd = shape.heads.head_dim;
+                Some((
+                    stacked(ops, f, &[(t("attn_q_norm.weight"), hd)])?,
+                    stacked(ops, f, &[(t("attn_k_norm.weight"), hd)])?,
+                ))
+            } else {
+                None
+            };
             layers.push(LayerWeights {
+                qk_norm,
                 attn_norm: stacked(ops, f, &[(t("attn_norm.weight"), h)])?,
                 wqkv: stacked(
                     ops,
@@ -620,11 +627,14 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         if let Some(b) = &w.bqkv {
             ops.add_bias(&mut sc.qkv, b, n, qkv_dim)?;
         }
-        let (cos, sin) = (&self.weights.cos, &self.weights.sin);
         let (hd, layout) = (s.heads.head_dim, s.rope.layout);
-        let nh = s.heads.n_heads;
+        let (nh, nkv) = (s.heads.n_heads, s.heads.n_kv_heads);
+        if let Some((qn, kn)) = &w.qk_norm {
+            ops.head_rmsnorm(&mut sc.qkv, rows(0), qn, nh, hd, s.rms_eps)?;
+            ops.head_rmsnorm(&mut sc.qkv, rows(qd), kn, nkv, hd, s.rms_eps)?;
+        }
+        let (cos, sin) = (&self.weights.cos, &self.weights.sin);
         ops.rope(&mut sc.qkv, rows(0), pos_dev, cos, sin, nh, hd, layout)?;
-        let nkv = s.heads.n_kv_heads;
         ops.rope(&mut sc.qkv, rows(qd), pos_dev, cos, sin, nkv, hd, layout)?;
         let row0 = kv.rows;
         let (pool, table) = (&mut kv.pool, &kv.table_dev);

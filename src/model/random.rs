@@ -44,6 +44,8 @@ pub struct Shape {
     pub tied: bool,
     /// q/k/v biases (Qwen2)
     pub qkv_bias: bool,
+    /// a per-head RMSNorm of queries and keys (Qwen3: `attn_q_norm`, `attn_k_norm`)
+    pub qk_norm: bool,
     /// Llama 3's RoPE scaling (factor, low and high frequency factors, original context),
     /// written as the `rope_freqs.weight` tensor as llama.cpp's converter does
     pub llama3_rope: Option<(f32, f32, f32, usize)>,
@@ -66,6 +68,7 @@ pub const SHAPES: [Shape; 5] = [
         context: 131_072,
         tied: false,
         qkv_bias: false,
+        qk_norm: false,
         llama3_rope: Some((8.0, 1.0, 4.0, 8192)),
     },
     Shape {
@@ -83,6 +86,7 @@ pub const SHAPES: [Shape; 5] = [
         context: 131_072,
         tied: true,
         qkv_bias: false,
+        qk_norm: false,
         llama3_rope: Some((32.0, 1.0, 4.0, 8192)),
     },
     Shape {
@@ -100,6 +104,7 @@ pub const SHAPES: [Shape; 5] = [
         context: 131_072,
         tied: true,
         qkv_bias: false,
+        qk_norm: false,
         llama3_rope: Some((32.0, 1.0, 4.0, 8192)),
     },
     Shape {
@@ -117,6 +122,7 @@ pub const SHAPES: [Shape; 5] = [
         context: 32_768,
         tied: false,
         qkv_bias: true,
+        qk_norm: false,
         llama3_rope: None,
     },
     Shape {
@@ -134,6 +140,7 @@ pub const SHAPES: [Shape; 5] = [
         context: 8192,
         tied: true,
         qkv_bias: false,
+        qk_norm: false,
         llama3_rope: None,
     },
 ];
@@ -412,6 +419,15 @@ impl RandomModel {
                     ));
                 }
             }
+            if s.qk_norm {
+                for p in ["q", "k"] {
+                    t.push(TensorPlan::vector(
+                        name(&format!("attn_{p}_norm.weight")),
+                        s.head_dim,
+                        Fill::Gain,
+                    ));
+                }
+            }
             t.push(TensorPlan::matrix(
                 name("attn_output.weight"),
                 q,
@@ -511,6 +527,8 @@ enum Fill {
     Ones,
     /// small random f32 values
     Bias,
+    /// f32 values near 1 (a norm's weights)
+    Gain,
 }
 
 impl TensorPlan {
@@ -577,6 +595,12 @@ impl TensorPlan {
             (Fill::Bias, _) => {
                 let v: Vec<f32> = (0..self.dims[0])
                     .map(|_| rng.next_f32() * 0.2 - 0.1)
+                    .collect();
+                out(&f32_bytes(v.into_iter()))
+            }
+            (Fill::Gain, _) => {
+                let v: Vec<f32> = (0..self.dims[0])
+                    .map(|_| 0.8 + rng.next_f32() * 0.4)
                     .collect();
                 out(&f32_bytes(v.into_iter()))
             }

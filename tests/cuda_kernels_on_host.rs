@@ -1,0 +1,333 @@
+//! CUDA kernels compiled for the host by the C++ compiler with a shim for CUDA's built-ins, run
+//! as one thread that strides over the whole grid: those that expand GGUF blocks to bf16
+//! (kernels/dequant.cu) against candle's dequantization of the same blocks, every value bit for
+//! bit and nothing written outside the range; and the grid-stride row kernels the ops forward
+//! added for real models (RoPE in both layouts, Qwen3's per-head norm, biases) against
+//! `CpuOps`. A GPU is lent to few sessions; this checks the kernels' arithmetic on every
+//! machine (the device run checks them again, `slimchat gpu-check --kernels`). Skipped, with a
+//! note, where there is no C++ compiler.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use slimchat::backend::cpu_ops::to_bf16;
+
+const KERNELS: &str = concat!(
+    include_str!("../kernels/common.cuh"),
+    include_str!("../kernels/dequant.cu")
+);
+
+/// Stand-ins for what NVRTC provides, then the kernels, then a main that runs each kernel named
+/// on the command line over `<name>.raw` and compares with `<name>.ref` (bf16, little-endian).
+const SHIM: &str = r#"
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+struct Dim { unsigned x, y, z; };
+static Dim blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+static inline float fmaxf(float a, float b) { return a > b ? a : b; }
+#include "kernels.cu"
+typedef void (*Kernel)(const u8*, long long, bf16*, long long);
+static std::vector<unsigned char> slurp(const std::string& p) {
+    std::vector<unsigned char> v;
+    FILE* f = fopen(p.c_str(), "rb");
+    if (!f) return v;
+    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
+    fclose(f);
+    return v;
+}
+int main() {
+    struct { const char* name; Kernel k; int per; } ks[] = {
+        {"q4_0", dequant_q4_0_bf16, 32}, {"q4_1", dequant_q4_1_bf16, 32},
+        {"q5_0", dequant_q5_0_bf16, 32}, {"q5_1", dequant_q5_1_bf16, 32},
+        {"q8_0", dequant_q8_0_bf16, 32}, {"q2_k", dequant_q2_k_bf16, 256},
+        {"q3_k", dequant_q3_k_bf16, 256}, {"q4_k", dequant_q4_k_bf16, 256},
+        {"q5_k", dequant_q5_k_bf16, 256}, {"q6_k", dequant_q6_k_bf16, 256},
+        {"f16", dequant_f16_bf16, 1}, {"bf16", dequant_bf16_bf16, 1}, {"f32", dequant_f32_bf16, 1}};
+    int failed = 0;
+    for (auto& k : ks) {
+        auto raw = slurp(std::string(k.name) + ".raw"), ref = slurp(std::string(k.name) + ".ref");
+        const size_t n = ref.size() / 2;
+        std::vector<bf16> out(n + 2 * k.per, 0x7fc0);  // poisoned one block on each side
+        k.k(raw.data(), (long long)(n / k.per), out.data(), k.per);
+        int bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            const bf16 want = (bf16)(ref[2 * i] | (ref[2 * i + 1] << 8));
+            if (out[k.per + i] != want && bad++ < 3)
+                printf("%s[%zu]: %04x, candle %04x\n", k.name, i, out[k.per + i], want);
+        }
+        for (int i = 0; i < k.per; i++) bad += (out[i] != 0x7fc0) + (out[k.per + n + i] != 0x7fc0);
+        printf("%s: %zu values, %d wrong\n", k.name, n, bad);
+        failed += n == 0 || bad != 0;
+    }
+    return failed;
+}
+"#;
+
+const TYPES: [(&str, GgmlDType); 13] = [
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("f16", GgmlDType::F16),
+    ("bf16", GgmlDType::BF16),
+    ("f32", GgmlDType::F32),
+];
+
+/// Blocks of each type from candle's quantizer, and candle's values for them in bf16.
+fn write_cases(dir: &Path) {
+    let mut state = 0x2545_f491u64;
+    for (name, dtype) in TYPES {
+        let n = 256 * 41;
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                u * if i % 97 == 0 { 0.4 } else { 0.05 } // a few outliers, as in trained weights
+            })
+            .collect();
+        let q = QTensor::quantize(
+            &Tensor::from_vec(values, (n,), &Device::Cpu).unwrap(),
+            dtype,
+        )
+        .unwrap();
+        let expanded = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let reference: Vec<u8> = (to_bf16(&expanded).iter())
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        std::fs::write(dir.join(format!("{name}.raw")), q.data().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}.ref")), reference).unwrap();
+    }
+}
+
+#[test]
+fn every_dequant_kernel_matches_candle_on_the_host() {
+    let Ok(version) = Command::new("c++").arg("--version").output() else {
+        eprintln!("no C++ compiler: the dequant kernels are checked on the device only");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kernels.cu"), KERNELS).unwrap();
+    std::fs::write(dir.path().join("shim.cpp"), SHIM).unwrap();
+    write_cases(dir.path());
+    let build = Command::new("c++")
+        .args(["-O1", "-std=c++17", "-o", "dequant", "shim.cpp"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run = Command::new(dir.path().join("dequant"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{report}");
+    assert!(run.status.success(), "{report}");
+    assert_eq!(report.lines().count(), TYPES.len(), "{report}");
+}
+
+/// What NVRTC provides to the row kernels, on the host (the C library's maths included).
+const ROW_PRELUDE: &str = r#"
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+struct Dim { unsigned x, y, z; };
+static Dim blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+#define __expf expf
+"#;
+
+/// The row kernels' host program: `rope N|X`, `head_norm`, `bias` read their inputs from files
+/// (little-endian) and write `out.bin`.
+const ROW_SHIM_MAIN: &str = r#"
+static std::vector<unsigned char> slurp(const char* p) {
+    std::vector<unsigned char> v;
+    FILE* f = fopen(p, "rb");
+    if (!f) return v;
+    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
+    fclose(f);
+    return v;
+}
+template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
+    std::vector<T> v(b.size() / sizeof(T));
+    memcpy(v.data(), b.data(), v.size() * sizeof(T));
+    return v;
+}
+int main(int argc, char** argv) {
+    std::string what = argv[1];
+    auto x = as<bf16>(slurp("x.bin"));
+    auto dims = as<int>(slurp("dims.bin"));  // rows, stride, col0, heads, head_dim
+    if (what == "rope") {
+        auto pos = as<u32>(slurp("pos.bin"));
+        auto cs = as<float>(slurp("cos.bin")), sn = as<float>(slurp("sin.bin"));
+        rope_bf16(x.data(), pos.data(), cs.data(), sn.data(), dims[0], dims[1], dims[2], dims[3],
+                  dims[4], atoi(argv[2]));
+    } else if (what == "head_norm") {
+        auto w = as<bf16>(slurp("w.bin"));
+        head_rmsnorm_bf16(x.data(), w.data(), dims[0], dims[1], dims[2], dims[3], dims[4], 1e-6f);
+    } else if (what == "bias") {
+        auto w = as<bf16>(slurp("w.bin"));
+        bias_add_bf16(x.data(), w.data(), dims[0], dims[1]);
+    } else return 2;
+    FILE* f = fopen("out.bin", "wb");
+    fwrite(x.data(), 2, x.size(), f);
+    fclose(f);
+    return 0;
+}
+"#;
+
+fn bytes<T: Copy>(v: &[T]) -> Vec<u8> {
+    // SAFETY: plain numbers (u16, u32, i32, f32) viewed as their bytes
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+        .to_vec()
+}
+
+#[test]
+fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
+    use slimchat::backend::cpu_ops::{plain_rope, rope_tables, to_f32, CpuOps};
+    use slimchat::backend::ops::{Ops, RopeLayout, RowSlice};
+    use slimchat::backend::ops_check::{rel_err, Rng};
+
+    if Command::new("c++").arg("--version").output().is_err() {
+        eprintln!("no C++ compiler: the row kernels are checked on the device only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!(
+        "{ROW_PRELUDE}\n{}\n{}\n{}\n{ROW_SHIM_MAIN}",
+        include_str!("../kernels/common.cuh")
+            .replace("#define INFINITY", "#define INFINITY_UNUSED"),
+        // only the grid-stride kernels: the CTA-wide RMSNorm above them needs real threads
+        &include_str!("../kernels/norm_rope.cu")[include_str!("../kernels/norm_rope.cu")
+            .find("// In place: within each head")
+            .unwrap()..],
+        include_str!("../kernels/elementwise.cu"),
+    );
+    std::fs::write(dir.path().join("rows.cpp"), source).unwrap();
+    let build = Command::new("c++")
+        .args(["-O1", "-std=c++17", "-o", "rows", "rows.cpp"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run_kernel = |args: &[&str], files: &[(&str, Vec<u8>)]| -> Vec<f32> {
+        for (name, data) in files {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let out = Command::new(dir.path().join("rows"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let raw = std::fs::read(dir.path().join("out.bin")).unwrap();
+        to_f32(
+            &raw.chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut rng = Rng::new(11);
+    let (rows, heads, hd, stride, col0) = (13usize, 3usize, 64usize, 5 * 64 + 7, 64 + 3);
+    let at = RowSlice {
+        rows,
+        stride,
+        offset: col0,
+    };
+    let dims = bytes(&[
+        rows as i32,
+        stride as i32,
+        col0 as i32,
+        heads as i32,
+        hd as i32,
+    ]);
+    for (layout, flag) in [(RopeLayout::Normal, "0"), (RopeLayout::Neox, "1")] {
+        let x = rng.bf16s(rows * stride, 1.0);
+        let positions: Vec<u32> = (0..rows).map(|_| rng.below(3000) as u32).collect();
+        let (cos, sin) = rope_tables(&plain_rope(1e6, hd, layout), None, 3000);
+        let mut want = x.clone();
+        CpuOps
+            .rope(&mut want, at, &positions, &cos, &sin, heads, hd, layout)
+            .unwrap();
+        let got = run_kernel(
+            &["rope", flag],
+            &[
+                ("x.bin", bytes(&x)),
+                ("dims.bin", dims.clone()),
+                ("pos.bin", bytes(&positions)),
+                ("cos.bin", bytes(&cos)),
+                ("sin.bin", bytes(&sin)),
+            ],
+        );
+        let e = rel_err(&got, &to_f32(&want));
+        assert!(e < 5e-3, "rope {layout:?}: {e}");
+    }
+    let (x, w) = (rng.bf16s(rows * stride, 2.0), rng.bf16s(hd, 1.0));
+    let mut want = x.clone();
+    CpuOps
+        .head_rmsnorm(&mut want, at, &w, heads, hd, 1e-6)
+        .unwrap();
+    let got = run_kernel(
+        &["head_norm"],
+        &[
+            ("x.bin", bytes(&x)),
+            ("dims.bin", dims.clone()),
+            ("w.bin", bytes(&w)),
+        ],
+    );
+    let e = rel_err(&got, &to_f32(&want));
+    assert!(e < 5e-3, "head_rmsnorm: {e}");
+    let (brows, width) = (7usize, 333usize);
+    let (x, b) = (rng.bf16s(brows * width, 1.0), rng.bf16s(width, 0.5));
+    let mut want = x.clone();
+    CpuOps.add_bias(&mut want, &b, brows, width).unwrap();
+    let got = run_kernel(
+        &["bias"],
+        &[
+            ("x.bin", bytes(&x)),
+            ("dims.bin", bytes(&[brows as i32, width as i32])),
+            ("w.bin", bytes(&b)),
+        ],
+    );
+    assert_eq!(got, to_f32(&want), "bias_add");
+}

@@ -90,6 +90,8 @@ extern "C" __global__ void softmax_rows_f32(float* x, int rows, int n) {
 // mode 0, attention mass: vals are softmax rows; score = mean over rows of the block's mass.
 // mode 1, the paper's: vals are unscaled logits; score = max over the block's units of
 //         mean over heads of |mean over window queries of the logit| (= |q_loc . k_unit|).
+// mode 2, attention mass pooled by max: vals are softmax rows; score = max over window queries
+//         of the block's mass averaged over heads.
 // vals: (w * n_heads, n_units) f32; block_first: (n_present + 1) u32; block_ids: (n_present)
 // acc: (n_prompt_blocks) f32
 extern "C" __global__ void block_scores_f32(const float* vals, const u32* block_first,
@@ -99,7 +101,15 @@ extern "C" __global__ void block_scores_f32(const float* vals, const u32* block_
     const int b = blockIdx.x;
     const int u0 = block_first[b], u1 = block_first[b + 1], rows = w * n_heads;
     float v = mode == 0 ? 0.f : -INFINITY;
-    if (mode == 0) {
+    if (mode == 2) {
+        for (int qi = threadIdx.x; qi < w; qi += blockDim.x) {
+            float s = 0.f;
+            for (int h = 0; h < n_heads; ++h)
+                for (int u = u0; u < u1; ++u) s += vals[((size_t)qi * n_heads + h) * n_units + u];
+            v = fmaxf(v, s / (float)n_heads);
+        }
+        v = warp_max(v);
+    } else if (mode == 0) {
         for (long long t = threadIdx.x; t < (long long)rows * (u1 - u0); t += blockDim.x) {
             const int r = (int)(t / (u1 - u0)), u = u0 + (int)(t % (u1 - u0));
             v += vals[(size_t)r * n_units + u];

@@ -111,3 +111,45 @@ fn the_ops_forward_runs_qwen2_biases_and_qwen3_head_norms_as_the_engine_does() {
         assert!(a.top1_agreement >= 0.9, "{}: {a:?}", shape.name);
     }
 }
+
+#[test]
+fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
+    let path = common::default_model();
+    // the product's defaults: int8 linear layers, 8-bit attention, pruning on at its ratio
+    let mut engine = Engine::load(&path, &EngineOptions::default()).unwrap();
+    assert!(engine.slim_config().enabled);
+    let n = 4096;
+    let tokens = engine.encode_plain(LONG_TEXT).unwrap()[..n].to_vec();
+    engine.prefill(&tokens, &mut |_| {}).unwrap();
+    let trace = engine.slim_trace().expect("the prompt was pruned");
+    let cfg = engine.slim_config().clone();
+    drop(engine);
+
+    let mut file = GgufFile::open(&path).unwrap();
+    let model = OpsLlama::from_gguf(&CpuOps, &mut file, n).unwrap();
+    let (_, report) = model
+        .prefill(
+            &tokens,
+            Some(&cfg),
+            0,
+            &mut slimchat::backend::paged_kv::NoHooks,
+        )
+        .unwrap();
+    assert_eq!(report.kept_blocks.len(), trace.stages.len());
+    for (stage, ours) in trace.stages.iter().zip(&report.kept_blocks) {
+        let theirs = &stage.pool;
+        let shared = ours.iter().filter(|b| theirs.contains(b)).count();
+        eprintln!(
+            "stage at layer {}: the engine kept {} blocks, the ops forward {}, {shared} in both",
+            stage.start_layer,
+            theirs.len(),
+            ours.len()
+        );
+        assert_eq!(ours.len(), theirs.len());
+        assert!(
+            shared * 10 >= theirs.len() * 9,
+            "{shared} of {}",
+            theirs.len()
+        );
+    }
+}

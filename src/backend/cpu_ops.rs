@@ -13,7 +13,7 @@ use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
-use super::score::{block_scores, block_scores_attention, HeadShape};
+use super::score::{block_scores, HeadShape, Keys, UnitKeys, WindowPool};
 use crate::{Error, Result};
 
 /// The CPU backend of the ops seam.
@@ -396,13 +396,25 @@ impl Ops for CpuOps {
             n_kv_heads: heads.n_kv_heads,
             head_dim: heads.head_dim,
         };
-        type ScoreFn =
-            fn(&[f32], &[f32], &[u32], usize, HeadShape, usize, usize) -> Vec<(u32, f32)>;
-        let score: ScoreFn = match mode {
-            ScoreMode::Attention => block_scores_attention,
-            ScoreMode::Paper => block_scores,
+        let attention = |pool| {
+            UnitKeys::new(
+                Keys::F32(&keys),
+                &pos,
+                usize::MAX,
+                shape,
+                KV_BLOCK,
+                unit_size,
+            )
+            .attention_scores(&window, pool)
         };
-        for (b, s) in score(&window, &keys, &pos, usize::MAX, shape, KV_BLOCK, unit_size) {
+        let scores = match mode {
+            ScoreMode::Attention => attention(WindowPool::Mean),
+            ScoreMode::AttentionMax => attention(WindowPool::Max),
+            ScoreMode::Paper => {
+                block_scores(&window, &keys, &pos, usize::MAX, shape, KV_BLOCK, unit_size)
+            }
+        };
+        for (b, s) in scores {
             acc[b as usize] += s;
         }
         Ok(())

@@ -48,8 +48,12 @@ pub struct RowSlice {
 /// How block scores are computed (see [`super::score`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreMode {
-    /// Attention mass of each block's units under each window query's softmax.
+    /// Attention mass of each block's units under each window query's softmax, averaged over
+    /// heads and window queries.
     Attention,
+    /// The same mass averaged over heads, and the largest over the window queries (the
+    /// engine's default `window_pool = "max"`: the question's own tokens point at the fact).
+    AttentionMax,
     /// The paper's: max over units of the mean over heads of |q_loc . k_unit|.
     Paper,
 }

@@ -657,6 +657,10 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     // slim scores: unit keys, logits, softmax, block reduction (both score kinds)
     for (label, mode) in [
         ("slim block scores (attention)", ScoreMode::Attention),
+        (
+            "slim block scores (attention, max)",
+            ScoreMode::AttentionMax,
+        ),
         ("slim block scores (paper)", ScoreMode::Paper),
     ] {
         let heads = Heads {

@@ -585,7 +585,7 @@ impl Ops for CudaOps {
         let mut logits = s.alloc_zeros::<f32>(rows * n_units).or_engine("alloc")?;
         let f = self.f("unit_logits_f32")?;
         let scale = match mode {
-            ScoreMode::Attention => 1.0 / (heads.head_dim as f32).sqrt(),
+            ScoreMode::Attention | ScoreMode::AttentionMax => 1.0 / (heads.head_dim as f32).sqrt(),
             ScoreMode::Paper => 1.0,
         };
         let (w, st, qc, h, kvh, hd, nu) = (
@@ -610,7 +610,7 @@ impl Ops for CudaOps {
         // SAFETY: one warp per (row, unit); q rows and unit keys are in bounds.
         unsafe { b.launch(flat(rows * n_units * 32)) }.or_engine("unit_logits_f32")?;
 
-        if mode == ScoreMode::Attention {
+        if mode != ScoreMode::Paper {
             let f = self.f("softmax_rows_f32")?;
             let (r, n) = (i32_of(rows), i32_of(n_units));
             let mut b = s.launch_builder(&f);
@@ -624,6 +624,7 @@ impl Ops for CudaOps {
         let m = match mode {
             ScoreMode::Attention => 0i32,
             ScoreMode::Paper => 1i32,
+            ScoreMode::AttentionMax => 2i32,
         };
         let mut b = s.launch_builder(&f);
         b.arg(&logits).arg(&first).arg(&ids).arg(acc);

@@ -18,10 +18,11 @@ use crate::backend::cpu_ops::{plain_rope, rope_tables};
 use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::rowwise::RopeParams;
+use crate::backend::score::WindowPool;
 use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::model::random;
 use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
-use crate::slim::select::{forced_blocks, kept_rows, select_top_k};
+use crate::slim::select::{forced_blocks, kept_rows, select_blocks};
 use crate::{Error, Result};
 
 /// The dimensions of a LLaMA-family decoder.
@@ -374,6 +375,9 @@ pub struct PrefillReport {
     pub rows_per_layer: Vec<usize>,
     /// The stages applied (empty when dense).
     pub stages: Vec<Stage>,
+    /// The prompt blocks each stage kept (ascending), as the engine's `SlimSession::trace`
+    /// lists them.
+    pub kept_blocks: Vec<Vec<u32>>,
 }
 
 /// Scratch buffers of one forward, sized for its widest layer.
@@ -502,6 +506,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let mut acc = ops.zeros_f32(n_blocks)?;
         let mut acc_layers = 0usize;
         let mut rows_per_layer = Vec::with_capacity(s.n_layers);
+        let mut kept_blocks = Vec::new();
         for layer in 0..s.n_layers {
             let n = positions.len();
             cache
@@ -518,7 +523,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                     stride: s.qkv_dim(),
                     offset: (n - w) * s.qkv_dim(),
                 };
-                let units = UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.unit_size);
+                let units =
+                    UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.prefill_unit_size);
                 ops.block_scores(
                     &scratch.qkv,
                     window,
@@ -526,7 +532,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                     &kv.table_dev,
                     kv.rows,
                     &units,
-                    plan.cfg.unit_size,
+                    plan.cfg.prefill_unit_size,
                     s.heads,
                     plan.mode,
                     &mut acc,
@@ -537,12 +543,15 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 continue;
             };
             let sums = ops.download_f32(&acc)?;
-            let units = UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.unit_size);
+            let units =
+                UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.prefill_unit_size);
             let scores: Vec<(u32, f32)> = (units.ids.iter())
                 .map(|&b| (b, sums[b as usize] / acc_layers.max(1) as f32))
                 .collect();
             let forced = forced_blocks(n0, KV_BLOCK, plan.cfg.local_window);
-            let blocks = select_top_k(&scores, stage.keep_blocks, &forced);
+            let blocks =
+                select_blocks(&scores, stage.keep_blocks, &forced, plan.cfg.contrast_share);
+            kept_blocks.push(blocks.clone());
             let keep = kept_rows(&positions, n0, &blocks, KV_BLOCK);
             acc = ops.zeros_f32(n_blocks)?;
             acc_layers = 0;
@@ -562,6 +571,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             logits,
             rows_per_layer,
             stages,
+            kept_blocks,
         };
         Ok((cache, report))
     }
@@ -721,9 +731,10 @@ impl SlimPlan {
                 "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
             )));
         }
-        let mode = match cfg.score {
-            ScoreKind::Attention => ScoreMode::Attention,
-            ScoreKind::Paper => ScoreMode::Paper,
+        let mode = match (cfg.score, cfg.window_pool) {
+            (ScoreKind::Attention, WindowPool::Mean) => ScoreMode::Attention,
+            (ScoreKind::Attention, WindowPool::Max) => ScoreMode::AttentionMax,
+            (ScoreKind::Paper, _) => ScoreMode::Paper,
         };
         Ok(Self {
             stages: cfg.resolve(n_layers, prompt_len),

@@ -19,10 +19,12 @@ const KERNELS: &str = concat!(
     include_str!("../kernels/dequant.cu")
 );
 
-/// Stand-ins for what NVRTC provides, then the kernels, then a main that runs each kernel named
-/// on the command line over `<name>.raw` and compares with `<name>.ref` (bf16, little-endian).
-const SHIM: &str = r#"
+/// What NVRTC provides to the kernels, on the host (the C library's maths included): the
+/// grid is one thread that strides over all of it.
+const PRELUDE: &str = r#"
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -35,8 +37,12 @@ static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); re
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-static inline float fmaxf(float a, float b) { return a > b ? a : b; }
-#include "kernels.cu"
+#define __expf expf
+"#;
+
+/// The dequant kernels' host program (after [`PRELUDE`] and the kernels): each kernel over
+/// `<name>.raw`, compared with `<name>.ref` (bf16, little-endian).
+const DEQUANT_MAIN: &str = r#"
 typedef void (*Kernel)(const u8*, long long, bf16*, long long);
 static std::vector<unsigned char> slurp(const std::string& p) {
     std::vector<unsigned char> v;
@@ -130,8 +136,11 @@ fn every_dequant_kernel_matches_candle_on_the_host() {
     };
     assert!(version.status.success());
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("kernels.cu"), KERNELS).unwrap();
-    std::fs::write(dir.path().join("shim.cpp"), SHIM).unwrap();
+    // <cmath> defines INFINITY already
+    let kernels = KERNELS.replace("#define INFINITY", "#define INFINITY_UNUSED");
+    std::fs::write(dir.path().join("kernels.cu"), kernels).unwrap();
+    let program = format!("{PRELUDE}\n#include \"kernels.cu\"\n{DEQUANT_MAIN}");
+    std::fs::write(dir.path().join("shim.cpp"), program).unwrap();
     write_cases(dir.path());
     let build = Command::new("c++")
         .args(["-O1", "-std=c++17", "-o", "dequant", "shim.cpp"])
@@ -152,26 +161,6 @@ fn every_dequant_kernel_matches_candle_on_the_host() {
     assert!(run.status.success(), "{report}");
     assert_eq!(report.lines().count(), TYPES.len(), "{report}");
 }
-
-/// What NVRTC provides to the row kernels, on the host (the C library's maths included).
-const ROW_PRELUDE: &str = r#"
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <vector>
-struct Dim { unsigned x, y, z; };
-static Dim blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
-#define __global__
-#define __device__
-#define __forceinline__ inline
-static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
-static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-#define __expf expf
-"#;
 
 /// The row kernels' host program: `rope N|X`, `head_norm`, `bias` read their inputs from files
 /// (little-endian) and write `out.bin`.
@@ -230,7 +219,7 @@ fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
     }
     let dir = tempfile::tempdir().unwrap();
     let source = format!(
-        "{ROW_PRELUDE}\n{}\n{}\n{}\n{ROW_SHIM_MAIN}",
+        "{PRELUDE}\n{}\n{}\n{}\n{ROW_SHIM_MAIN}",
         include_str!("../kernels/common.cuh")
             .replace("#define INFINITY", "#define INFINITY_UNUSED"),
         // only the grid-stride kernels: the CTA-wide RMSNorm above them needs real threads

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{Gpu, OrEngine};
@@ -68,6 +69,49 @@ impl CudaOps {
 
     fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
         self.gpu.kernels.get(name)
+    }
+
+    /// out (rows, n) = x (rows, k) . w^T, w: (n, k), row-major, through cuBLAS: bf16 operands,
+    /// f32 accumulation, out of type `out_type` (bf16 or f32). Row-major out (rows, n) is
+    /// column-major out^T (n, rows) = w (n, k) . x^T (k, rows): A = w read transposed (its
+    /// column-major view is (k, n)), B = x as is.
+    ///
+    /// # Safety
+    /// `x`, `w` and `out` point at live device buffers of at least rows*k, n*k and rows*n
+    /// elements, held by the caller for the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_bf16(
+        &self,
+        x: CUdeviceptr,
+        w: CUdeviceptr,
+        out: CUdeviceptr,
+        out_type: cudaDataType_t,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        cudarc::cublas::result::gemm_ex(
+            *self.gpu.blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            i32_of(n),
+            i32_of(rows),
+            i32_of(k),
+            &alpha as *const f32 as *const c_void,
+            w as *const c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            i32_of(k),
+            x as *const c_void,
+            cudaDataType_t::CUDA_R_16BF,
+            i32_of(k),
+            &beta as *const f32 as *const c_void,
+            out as *mut c_void,
+            out_type,
+            i32_of(n),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
     }
 }
 
@@ -161,34 +205,9 @@ impl Ops for CudaOps {
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
         let (op, _go) = out.device_ptr_mut(s);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // Row-major out (rows, n) is column-major out^T (n, rows) = w (n, k) . x^T (k, rows):
-        // A = w read transposed (its column-major view is (k, n)), B = x as is.
         // SAFETY: the three buffers hold at least n*k, rows*k and rows*n elements (checked).
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.gpu.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                i32_of(n),
-                i32_of(rows),
-                i32_of(k),
-                &alpha as *const f32 as *const c_void,
-                wp as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                i32_of(k),
-                xp as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                i32_of(k),
-                &beta as *const f32 as *const c_void,
-                op as *mut c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                i32_of(n),
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .or_engine("cublasGemmEx bf16")
+        unsafe { self.gemm_bf16(xp, wp, op, cudaDataType_t::CUDA_R_16BF, rows, k, n) }
+            .or_engine("cublasGemmEx bf16")
     }
 
     fn matmul_f32(
@@ -207,33 +226,9 @@ impl Ops for CudaOps {
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
         let (op, _go) = out.device_ptr_mut(s);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // as `matmul`, with an f32 C
-        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n elements (checked).
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.gpu.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                i32_of(n),
-                i32_of(rows),
-                i32_of(k),
-                &alpha as *const f32 as *const c_void,
-                wp as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                i32_of(k),
-                xp as *const c_void,
-                cudaDataType_t::CUDA_R_16BF,
-                i32_of(k),
-                &beta as *const f32 as *const c_void,
-                op as *mut c_void,
-                cudaDataType_t::CUDA_R_32F,
-                i32_of(n),
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .or_engine("cublasGemmEx bf16 -> f32")
+        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n f32 elements (checked).
+        unsafe { self.gemm_bf16(xp, wp, op, cudaDataType_t::CUDA_R_32F, rows, k, n) }
+            .or_engine("cublasGemmEx bf16 -> f32")
     }
 
     fn dequant_bf16(

@@ -169,16 +169,40 @@ fn block_scores_match_the_slim_references() {
         n_kv_heads: 2,
         head_dim: 32,
     };
-    for mode in [ScoreMode::Attention, ScoreMode::Paper] {
+    let (qf, kf) = (to_f32(&q), to_f32(&k));
+    // pooled by max: each window query's own mass (the mean over one query), the largest
+    let max_pooled = |q: &[f32], k: &[f32], pos: &[u32], len, shape, bs, us| {
+        let mut best: Vec<(u32, f32)> = Vec::new();
+        for one in q.chunks(heads.q_dim()) {
+            let s = block_scores_attention_reference(one, k, pos, len, shape, bs, us);
+            if best.is_empty() {
+                best = s;
+            } else {
+                best.iter_mut()
+                    .zip(s)
+                    .for_each(|(b, (_, v))| b.1 = b.1.max(v));
+            }
+        }
+        best
+    };
+    for mode in [
+        ScoreMode::Attention,
+        ScoreMode::AttentionMax,
+        ScoreMode::Paper,
+    ] {
         let mut acc = vec![0f32; 6];
         CpuOps
             .block_scores(&q, at, &pool, &table, n, &units, 8, heads, mode, &mut acc)
             .unwrap();
-        let reference = match mode {
-            ScoreMode::Attention => block_scores_attention_reference,
-            ScoreMode::Paper => block_scores_reference,
+        let expect = match mode {
+            ScoreMode::Attention => {
+                block_scores_attention_reference(&qf, &kf, &key_pos, usize::MAX, shape, 64, 8)
+            }
+            ScoreMode::AttentionMax => max_pooled(&qf, &kf, &key_pos, usize::MAX, shape, 64, 8),
+            ScoreMode::Paper => {
+                block_scores_reference(&qf, &kf, &key_pos, usize::MAX, shape, 64, 8)
+            }
         };
-        let expect = reference(&to_f32(&q), &to_f32(&k), &key_pos, usize::MAX, shape, 64, 8);
         let got: Vec<f32> = expect.iter().map(|&(b, _)| acc[b as usize]).collect();
         let want: Vec<f32> = expect.iter().map(|&(_, s)| s).collect();
         assert!(rel_err(&got, &want) < 1e-4, "{mode:?}: {got:?} vs {want:?}");

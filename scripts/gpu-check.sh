@@ -10,7 +10,7 @@
 # weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
 # tokens/s, GPU prompt KV bytes, the KV manager's swap drill and stall, VRAM, the cuBLAS bf16
 # rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
-# under a timeout so the whole script ends within 6 minutes.
+# under a timeout so the whole script ends within 8 minutes (60 + 2 x 60 + 280 s).
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
 bin="${SLIMCHAT_BIN:-gpu-bin/slimchat}"
@@ -34,8 +34,12 @@ kernels=${PIPESTATUS[0]}
 agreement=skipped
 model="${SLIMCHAT_AGREEMENT_MODEL:-$(dirname "$bin")/agreement.gguf}"
 if [ -f "$model" ]; then
-    timeout 90 "$bin" --model "$model" gpu-check --agreement 256 "$out/agreement" 2>&1 | tee "$out/agreement.log"
-    agreement=${PIPESTATUS[0]}
+    # against the engine's product path (int8 linear layers) and its f32 reference
+    for linear in int8 dense-f32; do
+        timeout 60 "$bin" --model "$model" --linear "$linear" gpu-check --agreement 256 \
+            "$out/agreement-$linear" 2>&1 | tee -a "$out/agreement.log"
+        agreement=${PIPESTATUS[0]}
+    done
 fi
 # (2)-(4) the 8B-shaped run; the JSON is rewritten after every prompt length
 timeout 280 "$bin" gpu-check --lengths "${GPU_CHECK_LENGTHS:-8192,16384,32768}" "$out" 2>&1 | tee "$out/run.log"

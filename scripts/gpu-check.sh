@@ -31,19 +31,20 @@ timeout 60 "$bin" gpu-check --kernels "$out/kernels" 2>&1 | tee "$out/kernels.lo
 kernels=${PIPESTATUS[0]}
 # (1b) a real model's teacher-forced logits on the GPU against the CPU engine, when its file was
 # carried (gpu-bin/agreement.gguf: the default model's first 8 layers, bench/NOTES.md)
-agreement=skipped
+agreement=" skipped"
 model="${SLIMCHAT_AGREEMENT_MODEL:-$(dirname "$bin")/agreement.gguf}"
 if [ -f "$model" ]; then
     # against the engine's product path (int8 linear layers) and its f32 reference
+    agreement=""
     for linear in int8 dense-f32; do
         timeout 60 "$bin" --model "$model" --linear "$linear" gpu-check --agreement 256 \
             "$out/agreement-$linear" 2>&1 | tee -a "$out/agreement.log"
-        agreement=${PIPESTATUS[0]}
+        agreement="$agreement $linear:${PIPESTATUS[0]}"
     done
 fi
 # (2)-(4) the 8B-shaped run; the JSON is rewritten after every prompt length
 timeout 280 "$bin" gpu-check --lengths "${GPU_CHECK_LENGTHS:-8192,16384,32768}" "$out" 2>&1 | tee "$out/run.log"
 run=${PIPESTATUS[0]}
 nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv 2>&1 | tee -a "$out/env.txt"
-echo "gpu-check.sh: kernels exit $kernels, agreement exit $agreement, run exit $run (124 = timed out)"
+echo "gpu-check.sh: kernels exit $kernels, agreement exit$agreement, run exit $run (124 = timed out)"
 [ "$kernels" = 0 ] && [ "$run" = 0 ]

@@ -320,3 +320,161 @@ fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
     );
     assert_eq!(got, to_f32(&want), "bias_add");
 }
+
+/// The split decode attention's host program: every (split, head) CTA, then every head's
+/// combine, over the inputs in files; `out.bin` is the output row.
+const DECODE_MAIN: &str = r#"
+static std::vector<unsigned char> slurp(const char* p) {
+    std::vector<unsigned char> v;
+    FILE* f = fopen(p, "rb");
+    if (!f) return v;
+    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
+    fclose(f);
+    return v;
+}
+template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
+    std::vector<T> v(b.size() / sizeof(T));
+    memcpy(v.data(), b.data(), v.size() * sizeof(T));
+    return v;
+}
+int main() {
+    auto q = as<bf16>(slurp("q.bin")), k = as<bf16>(slurp("k.bin")), v = as<bf16>(slurp("v.bin"));
+    auto qpos = as<u32>(slurp("qpos.bin")), pos = as<u32>(slurp("pos.bin"));
+    auto table = as<u32>(slurp("table.bin"));
+    auto d = as<int>(slurp("dims.bin"));  // n_keys, n_heads, n_kv_heads, head_dim, n_splits, per_split
+    const int n_keys = d[0], n_heads = d[1], n_kv = d[2], hd = d[3], n_splits = d[4], per = d[5];
+    std::vector<float> pm(n_heads * n_splits), pl(n_heads * n_splits), po(n_heads * n_splits * hd);
+    std::vector<bf16> out(n_heads * hd, 0x7fc0);
+    gridDim.x = n_splits;
+    gridDim.y = n_heads;
+    for (unsigned h = 0; h < (unsigned)n_heads; ++h)
+        for (unsigned s = 0; s < (unsigned)n_splits; ++s) {
+            blockIdx.x = s;
+            blockIdx.y = h;
+            decode_attention_split_bf16(q.data(), qpos.data(), k.data(), v.data(), pos.data(),
+                                        table.data(), pm.data(), pl.data(), po.data(),
+                                        n_heads * hd, 0, n_keys, n_heads, n_kv, hd, per,
+                                        1.f / sqrtf((float)hd));
+        }
+    gridDim.x = n_heads;
+    gridDim.y = 1;
+    for (unsigned h = 0; h < (unsigned)n_heads; ++h) {
+        blockIdx.x = h;
+        blockIdx.y = 0;
+        decode_attention_combine_bf16(pm.data(), pl.data(), po.data(), out.data(), n_splits, hd);
+    }
+    FILE* f = fopen("out.bin", "wb");
+    fwrite(out.data(), 2, out.size(), f);
+    fclose(f);
+    return 0;
+}
+"#;
+
+#[test]
+fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
+    use slimchat::backend::cpu_ops::{to_f32, CpuOps};
+    use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, KV_BLOCK};
+    use slimchat::backend::ops_check::{rel_err, Rng};
+
+    if Command::new("c++").arg("--version").output().is_err() {
+        eprintln!("no C++ compiler: the decode attention is checked on the device only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!(
+        "{PRELUDE}\n#define __shared__ static\n#define __syncthreads()\n#define DEC_DIMS 128\nstatic inline int min(int a, int b) {{ return a < b ? a : b; }}\n{}\n{}\n{DECODE_MAIN}",
+        include_str!("../kernels/common.cuh").replace("#define INFINITY", "#define INFINITY_UNUSED"), // as <cmath>
+        include_str!("../kernels/decode_attention.cu"),
+    );
+    std::fs::write(dir.path().join("decode.cpp"), source).unwrap();
+    let build = Command::new("c++")
+        .args(["-O1", "-std=c++17", "-o", "decode", "decode.cpp"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+
+    let mut rng = Rng::new(5);
+    let heads = Heads {
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+    // a pruned layer's keys: blocks with gaps; the last 40 keys sit past the query (masked)
+    let mut key_pos: Vec<u32> = Vec::new();
+    for b in [
+        0u32, 1, 3, 4, 5, 8, 9, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33,
+    ] {
+        key_pos.extend(b * 64..b * 64 + 64);
+    }
+    let n_keys = key_pos.len();
+    let q_pos = key_pos[n_keys - 41];
+    let kv_dim = heads.kv_dim();
+    let slots = n_keys.div_ceil(KV_BLOCK) + 3;
+    let mut table: Vec<u32> = (0..slots as u32).collect();
+    for i in (1..table.len()).rev() {
+        table.swap(i, rng.below(i + 1));
+    }
+    table.truncate(n_keys.div_ceil(KV_BLOCK));
+    let mut pool = KvPool::<CpuOps>::new(&CpuOps, slots, kv_dim).unwrap();
+    for (j, &p) in key_pos.iter().enumerate() {
+        let row = table[j / KV_BLOCK] as usize * KV_BLOCK + j % KV_BLOCK;
+        pool.k[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
+        pool.v[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
+        pool.pos[row] = p;
+    }
+    let q = rng.bf16s(heads.q_dim(), 3.0);
+    let at = RowSlice {
+        rows: 1,
+        stride: heads.q_dim(),
+        offset: 0,
+    };
+    let mut want = vec![0u16; heads.q_dim()];
+    CpuOps
+        .attention(
+            &q,
+            at,
+            &vec![q_pos],
+            &pool,
+            &table,
+            n_keys,
+            heads,
+            &mut want,
+        )
+        .unwrap();
+    // as the CUDA backend splits: 3 splits of 384 keys (not a multiple of the tile)
+    let n_splits = 3usize;
+    let per_split = n_keys.div_ceil(n_splits);
+    let dims: Vec<i32> = [n_keys, 8, 2, 64, n_splits, per_split]
+        .iter()
+        .map(|&x| x as i32)
+        .collect();
+    for (name, data) in [
+        ("q.bin", bytes(&q)),
+        ("k.bin", bytes(&pool.k)),
+        ("v.bin", bytes(&pool.v)),
+        ("qpos.bin", bytes(&[q_pos])),
+        ("pos.bin", bytes(&pool.pos)),
+        ("table.bin", bytes(&table)),
+        ("dims.bin", bytes(&dims)),
+    ] {
+        std::fs::write(dir.path().join(name), data).unwrap();
+    }
+    let run = Command::new(dir.path().join("decode"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let raw = std::fs::read(dir.path().join("out.bin")).unwrap();
+    let got: Vec<u16> = raw
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let e = rel_err(&to_f32(&got), &to_f32(&want));
+    eprintln!("split decode attention against CpuOps: relative error {e:.2e}");
+    assert!(e < 5e-3, "{e}");
+}

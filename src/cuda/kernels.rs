@@ -14,7 +14,7 @@ use crate::Result;
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 /// (file, source, entry points). Entry points are named `<op>_<dtype>`.
-pub const FILES: [(&str, &str, &[&str]); 7] = [
+pub const FILES: [(&str, &str, &[&str]); 8] = [
     (
         "norm_rope.cu",
         include_str!("../../kernels/norm_rope.cu"),
@@ -68,6 +68,14 @@ pub const FILES: [(&str, &str, &[&str]); 7] = [
         "attention.cu",
         include_str!("../../kernels/attention.cu"),
         &["attention_bf16"],
+    ),
+    (
+        "decode_attention.cu",
+        include_str!("../../kernels/decode_attention.cu"),
+        &[
+            "decode_attention_split_bf16",
+            "decode_attention_combine_bf16",
+        ],
     ),
     (
         "slim_scores.cu",

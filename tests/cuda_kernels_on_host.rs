@@ -321,7 +321,7 @@ fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
     assert_eq!(got, to_f32(&want), "bias_add");
 }
 
-/// The split decode attention's host program: every (split, head) CTA, then every head's
+/// The split decode attention's host program: every (split, KV head) CTA, then every head's
 /// combine, over the inputs in files; `out.bin` is the output row.
 const DECODE_MAIN: &str = r#"
 static std::vector<unsigned char> slurp(const char* p) {
@@ -346,8 +346,8 @@ int main() {
     std::vector<float> pm(n_heads * n_splits), pl(n_heads * n_splits), po(n_heads * n_splits * hd);
     std::vector<bf16> out(n_heads * hd, 0x7fc0);
     gridDim.x = n_splits;
-    gridDim.y = n_heads;
-    for (unsigned h = 0; h < (unsigned)n_heads; ++h)
+    gridDim.y = n_kv;
+    for (unsigned h = 0; h < (unsigned)n_kv; ++h)
         for (unsigned s = 0; s < (unsigned)n_splits; ++s) {
             blockIdx.x = s;
             blockIdx.y = h;

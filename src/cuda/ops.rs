@@ -72,8 +72,9 @@ impl CudaOps {
     }
 
     /// One query row's attention split over the key range (kernels/decode_attention.cu): up to
-    /// 64 splits of at least 512 keys per head, so that a long context keeps every
-    /// multiprocessor busy, then one combine per head. Checked by `attention` (shapes).
+    /// 64 splits of at least 512 keys per KV head, each CTA serving the KV head's query heads
+    /// (each K/V row read once for the group), so that a long context keeps every
+    /// multiprocessor busy; then one combine per head. Checked by `attention` (shapes).
     #[allow(clippy::too_many_arguments)]
     fn decode_attention(
         &self,
@@ -87,6 +88,14 @@ impl CudaOps {
         out: &mut CudaSlice<u16>,
     ) -> Result<()> {
         const THREADS: u32 = 128; // DEC_TILE
+        const MAX_GROUP: usize = 8; // DEC_MAX_GROUP
+        let group = heads.n_heads / heads.n_kv_heads;
+        if group > MAX_GROUP || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
+            return Err(Error::Engine(format!(
+                "cuda decode attention: {} query heads over {} KV heads (groups of at most {MAX_GROUP})",
+                heads.n_heads, heads.n_kv_heads
+            )));
+        }
         let n_splits = n_keys.div_ceil(512).clamp(1, 64);
         let per_split = n_keys.div_ceil(n_splits);
         let s = &self.gpu.stream;
@@ -122,12 +131,13 @@ impl CudaOps {
             .arg(&ps)
             .arg(&scale);
         let cfg = LaunchConfig {
-            grid_dim: (n_splits as u32, heads.n_heads as u32, 1),
+            grid_dim: (n_splits as u32, heads.n_kv_heads as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the splits cover keys < n_keys, which the table holds (checked by the
-        // caller); the partials hold n_heads * n_splits entries (of head_dim for o).
+        // caller); the partials hold n_heads * n_splits entries (of head_dim for o); a group
+        // is at most DEC_MAX_GROUP heads (checked).
         unsafe { b.launch(cfg) }.or_engine("decode_attention_split_bf16")?;
         let f = self.f("decode_attention_combine_bf16")?;
         let ns = i32_of(n_splits);

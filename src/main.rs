@@ -430,13 +430,13 @@ fn gpu_check(cfg: &AppConfig, args: GpuCheckArgs) -> Result<()> {
     if let Some(tokens) = args.agreement {
         let model =
             slimchat::model::source::ModelSource::parse(&cfg.model.source)?.resolve(&mut |_| {})?;
-        let report = gpu_check::agreement::run(&model, cfg.model.linear, tokens, &mut |line| {
-            println!("{line}")
-        })?;
-        std::fs::create_dir_all(&args.out_dir)?;
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Engine(e.to_string()))?;
-        std::fs::write(args.out_dir.join("agreement.json"), json)?;
+        gpu_check::agreement::run(
+            &model,
+            cfg.model.linear,
+            tokens,
+            &args.out_dir,
+            &mut |line| println!("{line}"),
+        )?;
         return Ok(());
     }
     // the llama3.1-8b preset at keep ratio 0.5: the paper's 8192/4096/2048 tokens at 32k

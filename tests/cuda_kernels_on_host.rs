@@ -7,17 +7,12 @@
 //! machine (the device run checks them again, `slimchat gpu-check --kernels`). Skipped, with a
 //! note, where there is no C++ compiler.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slimchat::backend::cpu_ops::to_bf16;
-
-const KERNELS: &str = concat!(
-    include_str!("../kernels/common.cuh"),
-    include_str!("../kernels/dequant.cu")
-);
 
 /// What NVRTC provides to the kernels, on the host (the C library's maths included): the
 /// grid is one thread that strides over all of it.
@@ -37,13 +32,12 @@ static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); re
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+static inline int min(int a, int b) { return a < b ? a : b; }
 #define __expf expf
-"#;
-
-/// The dequant kernels' host program (after [`PRELUDE`] and the kernels): each kernel over
-/// `<name>.raw`, compared with `<name>.ref` (bf16, little-endian).
-const DEQUANT_MAIN: &str = r#"
-typedef void (*Kernel)(const u8*, long long, bf16*, long long);
+// one thread is the whole CTA: its shared memory is its own, a barrier has nothing to wait for
+#define __shared__ static
+#define __syncthreads()
+#define DEC_DIMS 128
 static std::vector<unsigned char> slurp(const std::string& p) {
     std::vector<unsigned char> v;
     FILE* f = fopen(p.c_str(), "rb");
@@ -52,6 +46,57 @@ static std::vector<unsigned char> slurp(const std::string& p) {
     fclose(f);
     return v;
 }
+template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
+    std::vector<T> v(b.size() / sizeof(T));
+    memcpy(v.data(), b.data(), v.size() * sizeof(T));
+    return v;
+}
+"#;
+
+/// A host program: [`PRELUDE`], kernels/common.cuh, the `kernels` sources, then `main`.
+fn program(kernels: &[&str], main: &str) -> String {
+    // <cmath> defines INFINITY already
+    let common = include_str!("../kernels/common.cuh")
+        .replace("#define INFINITY", "#define INFINITY_UNUSED");
+    format!("{PRELUDE}\n{common}\n{}\n{main}", kernels.join("\n"))
+}
+
+/// `source` compiled by the host's C++ compiler in `dir`; None, with a note, without one.
+fn compile(dir: &Path, source: &str) -> Option<PathBuf> {
+    if Command::new("c++").arg("--version").output().is_err() {
+        eprintln!("no C++ compiler: these kernels are checked on the device only");
+        return None;
+    }
+    std::fs::write(dir.join("program.cpp"), source).unwrap();
+    let build = Command::new("c++")
+        .args(["-O1", "-std=c++17", "-o", "program", "program.cpp"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&build.stderr);
+    assert!(build.status.success(), "{stderr}");
+    Some(dir.join("program"))
+}
+
+/// Run `program` in its folder and read back the bf16 values it wrote to `out.bin`.
+fn run_for_bf16(program: &Path, args: &[&str]) -> Vec<u16> {
+    let dir = program.parent().unwrap();
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let raw = std::fs::read(dir.join("out.bin")).unwrap();
+    (raw.chunks_exact(2))
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// The dequant kernels' host program (after [`PRELUDE`] and the kernels): each kernel over
+/// `<name>.raw`, compared with `<name>.ref` (bf16, little-endian).
+const DEQUANT_MAIN: &str = r#"
+typedef void (*Kernel)(const u8*, long long, bf16*, long long);
 int main() {
     struct { const char* name; Kernel k; int per; } ks[] = {
         {"q4_0", dequant_q4_0_bf16, 32}, {"q4_1", dequant_q4_1_bf16, 32},
@@ -130,29 +175,13 @@ fn write_cases(dir: &Path) {
 
 #[test]
 fn every_dequant_kernel_matches_candle_on_the_host() {
-    let Ok(version) = Command::new("c++").arg("--version").output() else {
-        eprintln!("no C++ compiler: the dequant kernels are checked on the device only");
+    let dir = tempfile::tempdir().unwrap();
+    let source = program(&[include_str!("../kernels/dequant.cu")], DEQUANT_MAIN);
+    let Some(binary) = compile(dir.path(), &source) else {
         return;
     };
-    assert!(version.status.success());
-    let dir = tempfile::tempdir().unwrap();
-    // <cmath> defines INFINITY already
-    let kernels = KERNELS.replace("#define INFINITY", "#define INFINITY_UNUSED");
-    std::fs::write(dir.path().join("kernels.cu"), kernels).unwrap();
-    let program = format!("{PRELUDE}\n#include \"kernels.cu\"\n{DEQUANT_MAIN}");
-    std::fs::write(dir.path().join("shim.cpp"), program).unwrap();
     write_cases(dir.path());
-    let build = Command::new("c++")
-        .args(["-O1", "-std=c++17", "-o", "dequant", "shim.cpp"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let run = Command::new(dir.path().join("dequant"))
+    let run = Command::new(binary)
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -165,19 +194,6 @@ fn every_dequant_kernel_matches_candle_on_the_host() {
 /// The row kernels' host program: `rope N|X`, `head_norm`, `bias` read their inputs from files
 /// (little-endian) and write `out.bin`.
 const ROW_SHIM_MAIN: &str = r#"
-static std::vector<unsigned char> slurp(const char* p) {
-    std::vector<unsigned char> v;
-    FILE* f = fopen(p, "rb");
-    if (!f) return v;
-    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
-    fclose(f);
-    return v;
-}
-template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
-    std::vector<T> v(b.size() / sizeof(T));
-    memcpy(v.data(), b.data(), v.size() * sizeof(T));
-    return v;
-}
 int main(int argc, char** argv) {
     std::string what = argv[1];
     auto x = as<bf16>(slurp("x.bin"));
@@ -213,48 +229,22 @@ fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
     use slimchat::backend::ops::{Ops, RopeLayout, RowSlice};
     use slimchat::backend::ops_check::{rel_err, Rng};
 
-    if Command::new("c++").arg("--version").output().is_err() {
-        eprintln!("no C++ compiler: the row kernels are checked on the device only");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let source = format!(
-        "{PRELUDE}\n{}\n{}\n{}\n{ROW_SHIM_MAIN}",
-        include_str!("../kernels/common.cuh")
-            .replace("#define INFINITY", "#define INFINITY_UNUSED"),
-        // only the grid-stride kernels: the CTA-wide RMSNorm above them needs real threads
-        &include_str!("../kernels/norm_rope.cu")[include_str!("../kernels/norm_rope.cu")
-            .find("// In place: within each head")
-            .unwrap()..],
-        include_str!("../kernels/elementwise.cu"),
+    let norm_rope = include_str!("../kernels/norm_rope.cu");
+    // only the grid-stride kernels: the CTA-wide RMSNorm above them needs real threads
+    let grid_stride = &norm_rope[norm_rope.find("// In place: within each head").unwrap()..];
+    let source = program(
+        &[grid_stride, include_str!("../kernels/elementwise.cu")],
+        ROW_SHIM_MAIN,
     );
-    std::fs::write(dir.path().join("rows.cpp"), source).unwrap();
-    let build = Command::new("c++")
-        .args(["-O1", "-std=c++17", "-o", "rows", "rows.cpp"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    let Some(binary) = compile(dir.path(), &source) else {
+        return;
+    };
     let run_kernel = |args: &[&str], files: &[(&str, Vec<u8>)]| -> Vec<f32> {
         for (name, data) in files {
             std::fs::write(dir.path().join(name), data).unwrap();
         }
-        let out = Command::new(dir.path().join("rows"))
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        let raw = std::fs::read(dir.path().join("out.bin")).unwrap();
-        to_f32(
-            &raw.chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect::<Vec<_>>(),
-        )
+        to_f32(&run_for_bf16(&binary, args))
     };
     let mut rng = Rng::new(11);
     let (rows, heads, hd, stride, col0) = (13usize, 3usize, 64usize, 5 * 64 + 7, 64 + 3);
@@ -324,19 +314,6 @@ fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
 /// The split decode attention's host program: every (split, KV head) CTA, then every head's
 /// combine, over the inputs in files; `out.bin` is the output row.
 const DECODE_MAIN: &str = r#"
-static std::vector<unsigned char> slurp(const char* p) {
-    std::vector<unsigned char> v;
-    FILE* f = fopen(p, "rb");
-    if (!f) return v;
-    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
-    fclose(f);
-    return v;
-}
-template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
-    std::vector<T> v(b.size() / sizeof(T));
-    memcpy(v.data(), b.data(), v.size() * sizeof(T));
-    return v;
-}
 int main() {
     auto q = as<bf16>(slurp("q.bin")), k = as<bf16>(slurp("k.bin")), v = as<bf16>(slurp("v.bin"));
     auto qpos = as<u32>(slurp("qpos.bin")), pos = as<u32>(slurp("pos.bin"));
@@ -376,27 +353,14 @@ fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
     use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, KV_BLOCK};
     use slimchat::backend::ops_check::{rel_err, Rng};
 
-    if Command::new("c++").arg("--version").output().is_err() {
-        eprintln!("no C++ compiler: the decode attention is checked on the device only");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let source = format!(
-        "{PRELUDE}\n#define __shared__ static\n#define __syncthreads()\n#define DEC_DIMS 128\nstatic inline int min(int a, int b) {{ return a < b ? a : b; }}\n{}\n{}\n{DECODE_MAIN}",
-        include_str!("../kernels/common.cuh").replace("#define INFINITY", "#define INFINITY_UNUSED"), // as <cmath>
-        include_str!("../kernels/decode_attention.cu"),
+    let source = program(
+        &[include_str!("../kernels/decode_attention.cu")],
+        DECODE_MAIN,
     );
-    std::fs::write(dir.path().join("decode.cpp"), source).unwrap();
-    let build = Command::new("c++")
-        .args(["-O1", "-std=c++17", "-o", "decode", "decode.cpp"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    let Some(binary) = compile(dir.path(), &source) else {
+        return;
+    };
 
     let mut rng = Rng::new(5);
     let heads = Heads {
@@ -464,16 +428,7 @@ fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
     ] {
         std::fs::write(dir.path().join(name), data).unwrap();
     }
-    let run = Command::new(dir.path().join("decode"))
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{run:?}");
-    let raw = std::fs::read(dir.path().join("out.bin")).unwrap();
-    let got: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let got = run_for_bf16(&binary, &[]);
     let e = rel_err(&to_f32(&got), &to_f32(&want));
     eprintln!("split decode attention against CpuOps: relative error {e:.2e}");
     assert!(e < 5e-3, "{e}");

@@ -19,12 +19,7 @@ use slimchat::model::random::{RandomModel, Shape, WeightType};
 const TOKENS: usize = 256;
 
 fn engine(linear: LinearMode) -> Engine {
-    let mut opts = EngineOptions {
-        linear,
-        ..Default::default()
-    };
-    opts.slim.enabled = false;
-    Engine::load(&common::default_model(), &opts).expect("the default model loads")
+    common::dense_engine(&common::default_model(), linear)
 }
 
 #[test]
@@ -90,12 +85,7 @@ fn the_ops_forward_runs_qwen2_biases_and_qwen3_head_norms_as_the_engine_does() {
         let path = model
             .ensure(dir.path(), &tokenizer.content, &mut |_| {})
             .unwrap();
-        let mut opts = EngineOptions {
-            linear: LinearMode::DenseF32,
-            ..Default::default()
-        };
-        opts.slim.enabled = false;
-        let mut engine = Engine::load(&path, &opts).unwrap();
+        let mut engine = common::dense_engine(&path, LinearMode::DenseF32);
         let tokens = engine.encode_plain(LONG_TEXT).unwrap()[..64].to_vec();
         let want = engine.logits_from(&tokens, 0).unwrap();
         let mut file = GgufFile::open(&path).unwrap();

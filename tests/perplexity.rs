@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use slimchat::backend::linear::LinearMode;
 use slimchat::bench::LONG_TEXT;
-use slimchat::engine::{Engine, EngineOptions};
+use slimchat::engine::Engine;
 use slimchat::perplexity::{self, PerplexityConfig};
 
 const CTX: usize = 128;
@@ -43,12 +43,7 @@ fn text() -> &'static str {
 }
 
 fn engine(linear: LinearMode) -> Engine {
-    let mut opts = EngineOptions {
-        linear,
-        ..Default::default()
-    };
-    opts.slim.enabled = false;
-    Engine::load(&common::default_model(), &opts).expect("the default model loads")
+    common::dense_engine(&common::default_model(), linear)
 }
 
 /// -log softmax(logits)[target] in f64.

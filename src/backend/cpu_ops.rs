@@ -447,38 +447,16 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// RoPE tables (max_positions, head_dim / 2) of a model's RoPE, as
-/// `crate::backend::rowwise::Rope` computes its angles (linear scaling, Llama 3's per-frequency
-/// divisors `freq_factors`). Every head dimension rotates: `rope_dim` below `head_dim` is refused
-/// by the caller.
+/// RoPE tables (max_positions, head_dim / 2) of a model's RoPE: the angles of
+/// `crate::backend::rowwise::Rope` (linear scaling, Llama 3's per-frequency divisors
+/// `freq_factors`) for every position. Every head dimension rotates: `rope_dim` below `head_dim`
+/// is refused by the caller.
 pub fn rope_tables(
     rope: &RopeParams,
     freq_factors: Option<&[f32]>,
     max_positions: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let half = rope.rope_dim / 2;
-    let pos_scale = match rope.linear_scaling {
-        f if f > 0.0 => 1.0 / f as f64,
-        _ => 1.0,
-    };
-    let inv: Vec<f64> = (0..half)
-        .map(|i| {
-            let base = 1.0 / (rope.theta as f64).powf(2.0 * i as f64 / rope.rope_dim as f64);
-            base / freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64
-        })
-        .collect();
-    let (mut cos, mut sin) = (
-        Vec::with_capacity(max_positions * half),
-        Vec::with_capacity(max_positions * half),
-    );
-    for p in 0..max_positions {
-        for f in &inv {
-            let a = p as f64 * pos_scale * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    (cos, sin)
+    rope.tables(&rope.inv_freq(freq_factors), max_positions)
 }
 
 /// RoPE parameters of a shape without scaling: base `theta`, every dimension rotating.

@@ -83,40 +83,60 @@ pub enum RopeLayout {
     Neox,
 }
 
+impl RopeParams {
+    /// The angle per position of each rotated pair: theta^(-2i / rope_dim), divided by Llama
+    /// 3's per-frequency factor when the model has them.
+    pub fn inv_freq(&self, freq_factors: Option<&[f32]>) -> Vec<f64> {
+        (0..self.rope_dim / 2)
+            .map(|i| {
+                let base = 1.0 / (self.theta as f64).powf(2.0 * i as f64 / self.rope_dim as f64);
+                let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64;
+                base / factor
+            })
+            .collect()
+    }
+
+    /// What positions are multiplied by: 1 / the linear scaling factor (1 without one),
+    /// divided in f32 as the tables always were.
+    pub fn pos_scale(&self) -> f64 {
+        match self.linear_scaling {
+            f if f > 0.0 => (1.0 / f) as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// cos and sin of positions 0..positions, (positions, inv_freq.len()) each.
+    pub fn tables(&self, inv_freq: &[f64], positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let pos_scale = self.pos_scale();
+        let mut cos = Vec::with_capacity(positions * inv_freq.len());
+        let mut sin = Vec::with_capacity(positions * inv_freq.len());
+        for p in 0..positions {
+            for f in inv_freq {
+                let angle = p as f64 * pos_scale * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}
+
 impl Rope {
     /// `freq_factors`: Llama-3 style per-frequency divisors (`rope_freqs.weight`), if the model has them.
     pub fn new(spec: &RopeParams, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
         let half = spec.rope_dim / 2;
-        let pos_scale = match spec.linear_scaling {
-            f if f > 0.0 => 1.0 / f,
-            _ => 1.0,
-        };
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                let base = 1.0 / (spec.theta as f64).powf(2.0 * i as f64 / spec.rope_dim as f64);
-                let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64;
-                base / factor
-            })
-            .collect();
+        let inv_freq = spec.inv_freq(freq_factors);
         // The context length comes from the model file: the table stops at ROPE_TABLE_POSITIONS
         // and `apply` computes the angles of later positions the same way, row by row.
         let table = max_positions
             .min(ROPE_TABLE_POSITIONS)
             .min(ROPE_TABLE_VALUES / half.max(1));
-        let mut cos = Vec::with_capacity(table * half);
-        let mut sin = Vec::with_capacity(table * half);
-        for p in 0..table {
-            for f in &inv_freq {
-                let angle = p as f64 * pos_scale as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (cos, sin) = spec.tables(&inv_freq, table);
         Self {
             cos,
             sin,
             inv_freq,
-            pos_scale: pos_scale as f64,
+            pos_scale: spec.pos_scale(),
             half,
             head_dim: spec.head_dim,
             layout: spec.layout,

@@ -9,7 +9,8 @@
 //! - [`probe`]: is there a driver (and the libraries)? One line saying why not.
 //! - [`kernels`]: the embedded sources, NVRTC compilation, the module and function cache.
 //! - [`gpu`]: the context, the compute and copy streams, cuBLAS, memory figures.
-//! - [`ops`]: [`CudaOps`], the ops over device buffers.
+//! - [`ops`]: [`CudaOps`], the ops over device buffers; `decode_attention` its one-row
+//!   attention split over the keys.
 //! - [`kv_tier`]: the KV manager's host tier (pinned memory) and its copy stream with events.
 //! - [`check`]: every kernel against its CPU reference on random inputs.
 //!
@@ -17,6 +18,7 @@
 //! backend and the ops forward: `crate::gpu_check`.
 
 pub mod check;
+mod decode_attention;
 pub mod gpu;
 pub mod kernels;
 pub mod kv_tier;

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
@@ -58,7 +57,7 @@ fn need(what: &str, len: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-fn i32_of(n: usize) -> i32 {
+pub(super) fn i32_of(n: usize) -> i32 {
     i32::try_from(n).expect("kernel size fits in i32")
 }
 
@@ -67,138 +66,65 @@ impl CudaOps {
         Self { gpu }
     }
 
-    fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
+    pub(super) fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
         self.gpu.kernels.get(name)
     }
 
-    /// One query row's attention split over the key range (kernels/decode_attention.cu): up to
-    /// 64 splits of at least 512 keys per KV head, each CTA serving the KV head's query heads
-    /// (each K/V row read once for the group), so that a long context keeps every
-    /// multiprocessor busy; then one combine per head. Checked by `attention` (shapes).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_attention(
-        &self,
-        q: &CudaSlice<u16>,
-        at: RowSlice,
-        q_pos: &CudaSlice<u32>,
-        pool: &KvPool<Self>,
-        table: &CudaSlice<u32>,
-        n_keys: usize,
-        heads: Heads,
-        out: &mut CudaSlice<u16>,
-    ) -> Result<()> {
-        const THREADS: u32 = 128; // DEC_TILE
-        const MAX_GROUP: usize = 8; // DEC_MAX_GROUP
-        let group = heads.n_heads / heads.n_kv_heads;
-        if group > MAX_GROUP || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
-            return Err(Error::Engine(format!(
-                "cuda decode attention: {} query heads over {} KV heads (groups of at most {MAX_GROUP})",
-                heads.n_heads, heads.n_kv_heads
-            )));
-        }
-        let n_splits = n_keys.div_ceil(512).clamp(1, 64);
-        let per_split = n_keys.div_ceil(n_splits);
-        let s = &self.gpu.stream;
-        let parts = heads.n_heads * n_splits;
-        let mut part_m = s.alloc_zeros::<f32>(parts).or_engine("alloc")?;
-        let mut part_l = s.alloc_zeros::<f32>(parts).or_engine("alloc")?;
-        let mut part_o = (s.alloc_zeros::<f32>(parts * heads.head_dim)).or_engine("alloc")?;
-        let f = self.f("decode_attention_split_bf16")?;
-        let (st, qc, nk, h, kvh, hd, ps) = (
-            i32_of(at.stride),
-            i32_of(at.offset),
-            i32_of(n_keys),
-            i32_of(heads.n_heads),
-            i32_of(heads.n_kv_heads),
-            i32_of(heads.head_dim),
-            i32_of(per_split),
-        );
-        let scale = 1.0 / (heads.head_dim as f32).sqrt();
-        let mut b = s.launch_builder(&f);
-        b.arg(q)
-            .arg(q_pos)
-            .arg(&pool.k)
-            .arg(&pool.v)
-            .arg(&pool.pos)
-            .arg(table);
-        b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_o);
-        b.arg(&st)
-            .arg(&qc)
-            .arg(&nk)
-            .arg(&h)
-            .arg(&kvh)
-            .arg(&hd)
-            .arg(&ps)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (n_splits as u32, heads.n_kv_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the splits cover keys < n_keys, which the table holds (checked by the
-        // caller); the partials hold n_heads * n_splits entries (of head_dim for o); a group
-        // is at most DEC_MAX_GROUP heads (checked).
-        unsafe { b.launch(cfg) }.or_engine("decode_attention_split_bf16")?;
-        let f = self.f("decode_attention_combine_bf16")?;
-        let ns = i32_of(n_splits);
-        let mut b = s.launch_builder(&f);
-        b.arg(&part_m)
-            .arg(&part_l)
-            .arg(&part_o)
-            .arg(out)
-            .arg(&ns)
-            .arg(&hd);
-        let cfg = LaunchConfig {
-            grid_dim: (heads.n_heads as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one CTA per head; out holds n_heads * head_dim values (checked by the caller).
-        unsafe { b.launch(cfg) }.or_engine("decode_attention_combine_bf16")?;
-        Ok(())
-    }
-
     /// out (rows, n) = x (rows, k) . w^T, w: (n, k), row-major, through cuBLAS: bf16 operands,
-    /// f32 accumulation, out of type `out_type` (bf16 or f32). Row-major out (rows, n) is
-    /// column-major out^T (n, rows) = w (n, k) . x^T (k, rows): A = w read transposed (its
+    /// f32 accumulation, out of type `out_type` (bf16 or f32, matching T). Row-major out (rows,
+    /// n) is column-major out^T (n, rows) = w (n, k) . x^T (k, rows): A = w read transposed (its
     /// column-major view is (k, n)), B = x as is.
-    ///
-    /// # Safety
-    /// `x`, `w` and `out` point at live device buffers of at least rows*k, n*k and rows*n
-    /// elements, held by the caller for the call.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm_bf16(
+    fn gemm<T: DeviceRepr>(
         &self,
-        x: CUdeviceptr,
-        w: CUdeviceptr,
-        out: CUdeviceptr,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<T>,
         out_type: cudaDataType_t,
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+        (rows, k, n): (usize, usize, usize),
+        what: &'static str,
+    ) -> Result<()> {
+        for (part, have, want) in [
+            ("x", x.len(), rows * k),
+            ("w", w.len(), n * k),
+            ("out", out.len(), rows * n),
+        ] {
+            if have < want {
+                return Err(Error::Engine(format!(
+                    "cuda ops: {what} {part} has {have} elements, needs {want}"
+                )));
+            }
+        }
+        let s = &self.gpu.stream;
+        let (xp, _gx) = x.device_ptr(s);
+        let (wp, _gw) = w.device_ptr(s);
+        let (op, _go) = out.device_ptr_mut(s);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        cudarc::cublas::result::gemm_ex(
-            *self.gpu.blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            i32_of(n),
-            i32_of(rows),
-            i32_of(k),
-            &alpha as *const f32 as *const c_void,
-            w as *const c_void,
-            cudaDataType_t::CUDA_R_16BF,
-            i32_of(k),
-            x as *const c_void,
-            cudaDataType_t::CUDA_R_16BF,
-            i32_of(k),
-            &beta as *const f32 as *const c_void,
-            out as *mut c_void,
-            out_type,
-            i32_of(n),
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
+        // SAFETY: the three buffers hold at least rows*k, n*k and rows*n elements (checked),
+        // and their guards live across the call.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                i32_of(n),
+                i32_of(rows),
+                i32_of(k),
+                &alpha as *const f32 as *const c_void,
+                wp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                xp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                i32_of(k),
+                &beta as *const f32 as *const c_void,
+                op as *mut c_void,
+                out_type,
+                i32_of(n),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .or_engine("cublasGemmEx")
     }
 }
 
@@ -285,16 +211,14 @@ impl Ops for CudaOps {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        need("matmul x", x.len(), rows * k)?;
-        need("matmul w", w.len(), n * k)?;
-        need("matmul out", out.len(), rows * n)?;
-        let s = &self.gpu.stream;
-        let (xp, _gx) = x.device_ptr(s);
-        let (wp, _gw) = w.device_ptr(s);
-        let (op, _go) = out.device_ptr_mut(s);
-        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n elements (checked).
-        unsafe { self.gemm_bf16(xp, wp, op, cudaDataType_t::CUDA_R_16BF, rows, k, n) }
-            .or_engine("cublasGemmEx bf16")
+        self.gemm(
+            x,
+            w,
+            out,
+            cudaDataType_t::CUDA_R_16BF,
+            (rows, k, n),
+            "matmul",
+        )
     }
 
     fn matmul_f32(
@@ -306,16 +230,14 @@ impl Ops for CudaOps {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        need("matmul_f32 x", x.len(), rows * k)?;
-        need("matmul_f32 w", w.len(), n * k)?;
-        need("matmul_f32 out", out.len(), rows * n)?;
-        let s = &self.gpu.stream;
-        let (xp, _gx) = x.device_ptr(s);
-        let (wp, _gw) = w.device_ptr(s);
-        let (op, _go) = out.device_ptr_mut(s);
-        // SAFETY: the three buffers hold at least n*k, rows*k and rows*n f32 elements (checked).
-        unsafe { self.gemm_bf16(xp, wp, op, cudaDataType_t::CUDA_R_32F, rows, k, n) }
-            .or_engine("cublasGemmEx bf16 -> f32")
+        self.gemm(
+            x,
+            w,
+            out,
+            cudaDataType_t::CUDA_R_32F,
+            (rows, k, n),
+            "matmul_f32",
+        )
     }
 
     fn dequant_bf16(

@@ -36,11 +36,13 @@ pub struct AgreementReport {
     pub gpu_forward_ms: f64,
 }
 
-/// Compare over the first `tokens` tokens of the bench text.
+/// Compare over the first `tokens` tokens of the bench text; the report also goes to
+/// `<out_dir>/agreement.json`.
 pub fn run(
     model: &Path,
     engine_linear: LinearMode,
     tokens: usize,
+    out_dir: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<AgreementReport> {
     let mut opts = EngineOptions {
@@ -66,7 +68,6 @@ pub fn run(
     let gpu = Arc::new(Gpu::new(0)?);
     let ops = CudaOps::new(gpu);
     let t = Instant::now();
-    let mut file = GgufFile::open(model)?;
     let on_gpu = OpsLlama::from_gguf(&ops, &mut file, tokens)?;
     crate::backend::ops::Ops::sync(&ops)?;
     let gpu_load_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -97,5 +98,8 @@ pub fn run(
     log(&format!(
         "GPU: weights expanded in {gpu_load_ms:.0} ms, {tokens}-token forward in {gpu_forward_ms:.0} ms"
     ));
+    std::fs::create_dir_all(out_dir)?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Engine(e.to_string()))?;
+    std::fs::write(out_dir.join("agreement.json"), json)?;
     Ok(report)
 }

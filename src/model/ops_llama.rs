@@ -438,39 +438,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     /// Teacher forcing: the logits of every position of `tokens` (a dense prefill at positions
     /// 0..), (tokens, vocab) row-major.
     pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (ops, s) = (self.ops, &self.shape);
-        let n = tokens.len();
-        self.check_tokens(tokens, n)?;
-        let positions: Vec<u32> = (0..n as u32).collect();
-        let pos_dev = ops.upload_u32(&positions)?;
-        let mut h = ops.zeros_f32(n * s.hidden)?;
-        ops.embed(
-            &self.weights.embed,
-            &ops.upload_u32(tokens)?,
-            &mut h,
-            s.hidden,
-        )?;
-        let mut scratch = Scratch::new(ops, s, n)?;
-        let mut hooks = crate::backend::paged_kv::NoHooks;
-        for layer in 0..s.n_layers {
-            let mut kv = LayerCache::new(ops, n, s.heads.kv_dim())?;
-            self.layer(
-                layer,
-                &mut h,
-                &positions,
-                &pos_dev,
-                &mut kv,
-                &mut scratch,
-                &mut hooks,
-            )?;
-        }
-        let mut x = ops.zeros_bf16(n * s.hidden)?;
-        ops.rmsnorm(&h, &self.weights.final_norm, &mut x, n, s.rms_eps)?;
-        let mut logits = ops.zeros_f32(n * s.vocab)?;
-        ops.matmul_f32(&x, self.weights.head(), &mut logits, n, s.hidden, s.vocab)?;
-        let mut out = ops.download_f32(&logits)?;
-        out.truncate(n * s.vocab);
-        Ok(out)
+        let (_, h, rows, _) =
+            self.run_prompt(tokens, None, 0, &mut crate::backend::paged_kv::NoHooks)?;
+        self.logits(&h, rows)
     }
 
     /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for
@@ -482,6 +452,20 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         headroom: usize,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<(ModelCache<O>, PrefillReport)> {
+        let (cache, h, rows, mut report) = self.run_prompt(tokens, slim, headroom, hooks)?;
+        report.logits = self.head(&h, rows)?;
+        Ok((cache, report))
+    }
+
+    /// Every layer on the prompt, pruned by `slim`: the cache, the last layer's hidden states
+    /// and how many rows they hold, and the report without its logits.
+    fn run_prompt(
+        &self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<(ModelCache<O>, O::F32, usize, PrefillReport)> {
         let (ops, s) = (self.ops, &self.shape);
         let n0 = tokens.len();
         self.check_tokens(tokens, n0 + headroom)?;
@@ -494,13 +478,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         };
         let mut positions: Vec<u32> = (0..n0 as u32).collect();
         let mut pos_dev = ops.upload_u32(&positions)?;
-        let mut h = ops.zeros_f32(n0 * s.hidden)?;
-        ops.embed(
-            &self.weights.embed,
-            &ops.upload_u32(tokens)?,
-            &mut h,
-            s.hidden,
-        )?;
+        let mut h = self.embed(tokens)?;
         let mut scratch = Scratch::new(ops, s, n0)?;
         let n_blocks = n0.div_ceil(KV_BLOCK);
         let mut acc = ops.zeros_f32(n_blocks)?;
@@ -566,14 +544,13 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             pos_dev = pos2;
             positions = keep.iter().map(|&i| positions[i]).collect();
         }
-        let logits = self.head(&h, positions.len())?;
         let report = PrefillReport {
-            logits,
+            logits: Vec::new(),
             rows_per_layer,
             stages,
             kept_blocks,
         };
-        Ok((cache, report))
+        Ok((cache, h, positions.len(), report))
     }
 
     /// One decode step: `token` at the next position, through every layer (each attends to
@@ -599,13 +576,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         }
         let positions = vec![pos];
         let pos_dev = ops.upload_u32(&positions)?;
-        let mut h = ops.zeros_f32(s.hidden)?;
-        ops.embed(
-            &self.weights.embed,
-            &ops.upload_u32(&[token])?,
-            &mut h,
-            s.hidden,
-        )?;
+        let mut h = self.embed(&[token])?;
         let mut scratch = Scratch::new(ops, s, 1)?;
         for (layer, kv) in cache.layers.iter_mut().enumerate() {
             self.layer(layer, &mut h, &positions, &pos_dev, kv, &mut scratch, hooks)?;
@@ -673,6 +644,19 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         ops.residual_add(h, &sc.proj)
     }
 
+    /// The embedding's rows of `tokens`: (tokens, hidden).
+    fn embed(&self, tokens: &[u32]) -> Result<O::F32> {
+        let (ops, s) = (self.ops, &self.shape);
+        let mut h = ops.zeros_f32(tokens.len() * s.hidden)?;
+        ops.embed(
+            &self.weights.embed,
+            &ops.upload_u32(tokens)?,
+            &mut h,
+            s.hidden,
+        )?;
+        Ok(h)
+    }
+
     /// Logits of the last of `rows` rows of h.
     fn head(&self, h: &O::F32, rows: usize) -> Result<Vec<f32>> {
         let (ops, s) = (self.ops, &self.shape);
@@ -680,12 +664,25 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let pos = ops.upload_u32(&vec![0; rows])?;
         let (mut last, mut last_pos) = (ops.zeros_f32(s.hidden)?, ops.zeros_u32_like(1)?);
         ops.gather_rows(h, &pos, &idx, &mut last, &mut last_pos, s.hidden)?;
-        let mut x = ops.zeros_bf16(s.hidden)?;
-        ops.rmsnorm(&last, &self.weights.final_norm, &mut x, 1, s.rms_eps)?;
-        let mut logits = ops.zeros_f32(s.vocab)?;
-        ops.matmul_f32(&x, self.weights.head(), &mut logits, 1, s.hidden, s.vocab)?;
+        self.logits(&last, 1)
+    }
+
+    /// Logits of every one of `rows` rows of h, (rows, vocab) f32: the final norm, the head.
+    fn logits(&self, h: &O::F32, rows: usize) -> Result<Vec<f32>> {
+        let (ops, s) = (self.ops, &self.shape);
+        let mut x = ops.zeros_bf16(rows * s.hidden)?;
+        ops.rmsnorm(h, &self.weights.final_norm, &mut x, rows, s.rms_eps)?;
+        let mut logits = ops.zeros_f32(rows * s.vocab)?;
+        ops.matmul_f32(
+            &x,
+            self.weights.head(),
+            &mut logits,
+            rows,
+            s.hidden,
+            s.vocab,
+        )?;
         let mut out = ops.download_f32(&logits)?;
-        out.truncate(s.vocab);
+        out.truncate(rows * s.vocab);
         Ok(out)
     }
 

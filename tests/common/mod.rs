@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use slimchat::backend::linear::LinearMode;
+use slimchat::engine::{Engine, EngineOptions};
 use slimchat::model::source::ModelSource;
 
 /// Path of the default model (SmolLM2-135M-Instruct Q4_1), fetched into the cache on first use.
@@ -10,6 +12,16 @@ pub fn default_model() -> PathBuf {
     ModelSource::Default
         .resolve(&mut |_| {})
         .expect("the default model resolves")
+}
+
+/// The model at `path` with `linear` layers and pruning off (the dense reference).
+pub fn dense_engine(path: &std::path::Path, linear: LinearMode) -> Engine {
+    let mut opts = EngineOptions {
+        linear,
+        ..Default::default()
+    };
+    opts.slim.enabled = false;
+    Engine::load(path, &opts).expect("the model loads")
 }
 
 /// Largest |a - b| and the largest |a| over two equally long vectors.

@@ -17,7 +17,8 @@ use crate::backend::qgemv::{Kind, QMatrix};
 
 /// One line naming the CPU and whether it exposes AMX tiles (`amx_tile` in /proc/cpuinfo on
 /// Linux): llama.cpp's prefill is 2-3x faster where it does, so every ratio against it
-/// depends on it. No kernel of this crate uses AMX yet.
+/// depends on it. The 8-bit prefill attention uses them where this process may
+/// ([`crate::backend::attention_int8::amx_usable`]).
 fn machine() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |key: &str| {
@@ -33,9 +34,15 @@ fn machine() -> String {
         None => "unknown",
     };
     format!(
-        "machine: {model}, {} threads; AVX-512 VNNI {}; AMX tiles exposed: {amx}",
+        "machine: {model}, {} threads; AVX-512 VNNI {}; AMX tiles exposed: {amx}, usable by \
+         this process: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if peaks::has_vnni() { "yes" } else { "no" }
+        if peaks::has_vnni() { "yes" } else { "no" },
+        if crate::backend::attention_int8::amx_usable() {
+            "yes"
+        } else {
+            "no"
+        }
     )
 }
 

@@ -32,7 +32,7 @@ fn int8_attention_scores_the_text_within_half_a_percent_of_f32() {
             .ppl
     };
     let (f32_ppl, int8_ppl) = (ppl(AttentionKind::F32), ppl(AttentionKind::Int8));
-    let path = Int8Path::fast();
+    let path = Int8Path::fast(64);
     println!("perplexity f32 {f32_ppl:.4}, int8 {int8_ppl:.4} (8-bit path: {path:?})");
     let rel = (int8_ppl / f32_ppl - 1.0).abs();
     assert!(

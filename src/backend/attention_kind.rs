@@ -38,7 +38,7 @@ impl AttentionKind {
     pub fn int8_path(self, rows: usize, head_dim: usize) -> Option<Int8Path> {
         let fits = rows >= attention_int8::MIN_ROWS && attention_int8::supports(head_dim);
         (self == AttentionKind::Int8 && fits)
-            .then(Int8Path::fast)
+            .then(|| Int8Path::fast(head_dim))
             .flatten()
     }
 }

@@ -53,6 +53,114 @@ pub fn pv_scalar(p: &[u32], at: &[u32], v4: &[i8], hd: usize, steps: usize, out:
     }
 }
 
+/// The two products on AMX tiles ([`super::tiles`]), on the CPU's tiles or their emulation.
+/// Heads of a multiple of 64 channels, up to 256.
+pub mod tiled {
+    use super::super::tiles::{Tiles, ROWS, ROW_BYTES};
+    use super::LANES;
+
+    /// `out[j][lane] = sum_d q_u8[lane][d] * k[j][d]` for keys `0..keys` rounded up to 16
+    /// (without `kstart`: the logits add it). A tile is 16 keys' rows (64 channels of each)
+    /// times 16 rows of the packed queries (the same 64 channels, four of each lane a row).
+    ///
+    /// # Safety
+    /// The tiles are configured on this thread; `q` holds hd/4 x 64 bytes ([`super::qk_scalar`]'s
+    /// layout); `k` is readable for keys.div_ceil(16) x 16 rows of hd bytes; `out` writable for
+    /// as many rows of 16 i32; hd is 64, 128, 192 or 256.
+    pub unsafe fn qk<T: Tiles>(
+        t: &mut T,
+        q: *const u8,
+        k: *const i8,
+        hd: usize,
+        keys: usize,
+        out: *mut i32,
+    ) {
+        debug_assert!(hd.is_multiple_of(ROW_BYTES) && hd <= 4 * ROW_BYTES);
+        let parts = hd / ROW_BYTES;
+        let part = ROWS * ROW_BYTES;
+        // SAFETY: the reads and writes the caller promised
+        unsafe {
+            t.load::<4>(q, ROW_BYTES);
+            if parts > 1 {
+                t.load::<5>(q.add(part), ROW_BYTES);
+            }
+            if parts > 2 {
+                t.load::<6>(q.add(2 * part), ROW_BYTES);
+            }
+            if parts > 3 {
+                t.load::<7>(q.add(3 * part), ROW_BYTES);
+            }
+            for j in (0..keys).step_by(ROWS) {
+                let kj = k.add(j * hd) as *const u8;
+                t.zero::<0>();
+                t.load::<1>(kj, hd);
+                t.dot_su::<0, 1, 4>();
+                if parts > 1 {
+                    t.load::<1>(kj.add(ROW_BYTES), hd);
+                    t.dot_su::<0, 1, 5>();
+                }
+                if parts > 2 {
+                    t.load::<1>(kj.add(2 * ROW_BYTES), hd);
+                    t.dot_su::<0, 1, 6>();
+                }
+                if parts > 3 {
+                    t.load::<1>(kj.add(3 * ROW_BYTES), hd);
+                    t.dot_su::<0, 1, 7>();
+                }
+                t.store::<0>(out.add(j * LANES) as *mut u8, LANES * 4);
+            }
+        }
+    }
+
+    /// `out[d][lane] = sum_s sum_b p[s][lane].byte(b) * vt[d][4 s + b]` over `steps` groups of
+    /// four consecutive keys (every group: the tiles take the zeros at full rate). A tile is 16
+    /// channels' rows of `vt` (64 keys of each) times 16 rows of `p` (the same 64 keys, four of
+    /// each lane a row); four channel tiles at a time.
+    ///
+    /// # Safety
+    /// The tiles are configured on this thread; `p` holds steps.div_ceil(16) x 16 rows of 16
+    /// u32, those past `steps` zero; `vt` is readable for hd rows at `vt_stride` bytes, each
+    /// for steps.div_ceil(16) x 64 bytes; `out` writable for hd x 16 i32; hd a multiple of 64.
+    pub unsafe fn pv<T: Tiles>(
+        t: &mut T,
+        p: *const u32,
+        vt: *const i8,
+        vt_stride: usize,
+        hd: usize,
+        steps: usize,
+        out: *mut i32,
+    ) {
+        debug_assert!(hd.is_multiple_of(4 * ROWS));
+        let vt = vt as *const u8;
+        // SAFETY: the reads and writes the caller promised
+        unsafe {
+            for d0 in (0..hd).step_by(4 * ROWS) {
+                t.zero::<0>();
+                t.zero::<1>();
+                t.zero::<2>();
+                t.zero::<3>();
+                for c in 0..steps.div_ceil(ROWS) {
+                    t.load::<4>(p.add(c * ROWS * LANES) as *const u8, LANES * 4);
+                    let a = |i: usize| vt.add((d0 + i * ROWS) * vt_stride + c * ROW_BYTES);
+                    t.load::<5>(a(0), vt_stride);
+                    t.dot_su::<0, 5, 4>();
+                    t.load::<5>(a(1), vt_stride);
+                    t.dot_su::<1, 5, 4>();
+                    t.load::<5>(a(2), vt_stride);
+                    t.dot_su::<2, 5, 4>();
+                    t.load::<5>(a(3), vt_stride);
+                    t.dot_su::<3, 5, 4>();
+                }
+                let o = |i: usize| out.add((d0 + i * ROWS) * LANES) as *mut u8;
+                t.store::<0>(o(0), LANES * 4);
+                t.store::<1>(o(1), LANES * 4);
+                t.store::<2>(o(2), LANES * 4);
+                t.store::<3>(o(3), LANES * 4);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use super::LANES;
@@ -82,6 +190,123 @@ pub mod x86 {
             _mm512_mask_mov_ps(x, hidden, _mm512_set1_ps(f32::NEG_INFINITY))
         } else {
             x
+        }
+    }
+
+    /// The logits of keys j..j+KEYS from their dots (row vectors of 16 lanes) into `out`, and
+    /// `bmax` their max with it.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; kscale holds keys j..j+KEYS, out their rows.
+    #[inline(always)]
+    unsafe fn emit(
+        acc: &[__m512i; KEYS],
+        j: usize,
+        kscale: &[f32],
+        m: &Mask,
+        out: *mut f32,
+        bmax: &mut __m512,
+    ) {
+        // SAFETY: rows j..j+KEYS of kscale and out (the caller's promise)
+        unsafe {
+            if j >= m.dead && j + KEYS <= m.open {
+                // every row sees all 16 keys (the common case): no mask, straight code, and
+                // the max in two chains (max is exact: the same bits in any order)
+                let mut odd = *bmax;
+                for (t, a) in acc.iter().enumerate() {
+                    let ks = _mm512_set1_ps(*kscale.get_unchecked(j + t));
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(*a), ks);
+                    _mm512_storeu_ps(out.add((j + t) * LANES), x);
+                    if t % 2 == 0 {
+                        *bmax = _mm512_max_ps(*bmax, x);
+                    } else {
+                        odd = _mm512_max_ps(odd, x);
+                    }
+                }
+                *bmax = _mm512_max_ps(*bmax, odd);
+            } else {
+                for (t, a) in acc.iter().enumerate() {
+                    emit_one(*a, j + t, kscale, m, out, bmax);
+                }
+            }
+        }
+    }
+
+    /// [`emit`] for the one key j.
+    ///
+    /// # Safety
+    /// As [`emit`], for key j.
+    #[inline(always)]
+    unsafe fn emit_one(
+        acc: __m512i,
+        j: usize,
+        kscale: &[f32],
+        m: &Mask,
+        out: *mut f32,
+        bmax: &mut __m512,
+    ) {
+        // SAFETY: row j of kscale and out (the caller's promise)
+        unsafe {
+            let x = logit(acc, *kscale.get_unchecked(j), m, j);
+            _mm512_storeu_ps(out.add(j * LANES), x);
+            *bmax = _mm512_max_ps(*bmax, x);
+        }
+    }
+
+    /// Key j's dots (16 lanes) plus its start.
+    ///
+    /// # Safety
+    /// Row j of `dots` and entry j of `kstart` are readable; the CPU has AVX-512F.
+    #[inline(always)]
+    unsafe fn dot_row(dots: *const i32, kstart: *const i32, j: usize) -> __m512i {
+        // SAFETY: as the caller promised
+        unsafe {
+            let d = _mm512_loadu_si512(dots.add(j * LANES) as *const _);
+            _mm512_add_epi32(d, _mm512_set1_epi32(*kstart.add(j)))
+        }
+    }
+
+    /// [`qk_logits`]'s logits from dots computed elsewhere (the tile kernel's, without the
+    /// keys' starts): `dots` holds `kscale.len()` rows of 16 i32, `kstart` as many starts.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW; the buffers hold kscale.len() rows.
+    #[inline(always)]
+    pub unsafe fn logits_of_dots(
+        dots: *const i32,
+        kstart: *const i32,
+        kscale: &[f32],
+        (vis, j0, dead, open): (&[i32; LANES], usize, usize, usize),
+        out: *mut f32,
+    ) -> [f32; LANES] {
+        let keys = kscale.len();
+        // SAFETY: rows below keys (the caller's promise)
+        unsafe {
+            let m = Mask {
+                vis: _mm512_loadu_si512(vis.as_ptr() as *const _),
+                j0,
+                dead,
+                open,
+            };
+            let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut acc = [_mm512_setzero_si512(); KEYS];
+            let mut j = 0;
+            // (loops, not `array::from_fn`: a closure called from a function compiled without
+            // this one's target features does not inline the intrinsics)
+            while j + KEYS <= keys {
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = dot_row(dots, kstart, j + t);
+                }
+                emit(&acc, j, kscale, &m, out, &mut bmax);
+                j += KEYS;
+            }
+            while j < keys {
+                emit_one(dot_row(dots, kstart, j), j, kscale, &m, out, &mut bmax);
+                j += 1;
+            }
+            let mut r = [0.0f32; LANES];
+            _mm512_storeu_ps(r.as_mut_ptr(), bmax);
+            r
         }
     }
 
@@ -139,28 +364,7 @@ pub mod x86 {
                         *a = _mm512_dpbusd_epi32(*a, qv, bcast4(kj.add(t * hd + 4 * d4)));
                     }
                 }
-                if j >= dead && j + KEYS <= open {
-                    // every row sees all 16 keys (the common case): no mask, straight code, and
-                    // the max in two chains (max is exact: the same bits in any order)
-                    let mut odd = bmax;
-                    for (t, a) in acc.iter().enumerate() {
-                        let ks = _mm512_set1_ps(*kscale.get_unchecked(j + t));
-                        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(*a), ks);
-                        _mm512_storeu_ps(out.add((j + t) * LANES), x);
-                        if t % 2 == 0 {
-                            bmax = _mm512_max_ps(bmax, x);
-                        } else {
-                            odd = _mm512_max_ps(odd, x);
-                        }
-                    }
-                    bmax = _mm512_max_ps(bmax, odd);
-                } else {
-                    for (t, a) in acc.iter().enumerate() {
-                        let x = logit(*a, *kscale.get_unchecked(j + t), &m, j + t);
-                        _mm512_storeu_ps(out.add((j + t) * LANES), x);
-                        bmax = _mm512_max_ps(bmax, x);
-                    }
-                }
+                emit(&acc, j, kscale, &m, out, &mut bmax);
                 j += KEYS;
             }
             while j < keys {
@@ -170,9 +374,7 @@ pub mod x86 {
                     let qv = _mm512_loadu_si512(q.add(d4 * 64) as *const _);
                     acc = _mm512_dpbusd_epi32(acc, qv, bcast4(kj.add(4 * d4)));
                 }
-                let x = logit(acc, *kscale.get_unchecked(j), &m, j);
-                _mm512_storeu_ps(out.add(j * LANES), x);
-                bmax = _mm512_max_ps(bmax, x);
+                emit_one(acc, j, kscale, &m, out, &mut bmax);
                 j += 1;
             }
             let mut r = [0.0f32; LANES];

@@ -22,9 +22,13 @@
 //! kernel's per tile). Key blocks never straddle a multiple of `BLOCK`, so V's per-block scales
 //! apply to whole blocks, whatever the key ranges.
 //!
-//! Two paths compute identical integers ([`dot`]): AVX-512 VNNI and portable Rust; the float
-//! code around them is shared, so both give the same bits. AMX (`tdpbusd`) is not built: no
-//! machine this house runs on exposes it (bench/NOTES.md, issue 20).
+//! Four paths compute identical integers ([`dot`]): AVX-512 VNNI, AMX tiles (`tdpbsud`, where
+//! the CPU exposes AMX-INT8 and Linux grants the tile state; heads of a multiple of 64), the
+//! same tile kernel on emulated tiles (tests), and portable Rust; the float code around them is
+//! shared, so all give the same bits. On tiles, P·V takes every group of four keys of a block
+//! (a tile product costs the same with zeros in it) from values stored channel-major
+//! (`vt`: a channel's keys in a row, the tile's A operand), where VNNI skips the groups whose
+//! weights all round to 0.
 
 use std::ops::Range;
 
@@ -38,9 +42,13 @@ mod dot;
 mod softmax;
 #[cfg(test)]
 mod tests;
+mod tiles;
+
+pub use tiles::amx_usable;
 
 use dot::LANES;
 use softmax::fmax;
+use tiles::Tiles;
 
 /// Keys per block: the unit of V's per-channel scales and of the online softmax; blocks start
 /// at multiples of it (or at a key range's start).
@@ -58,29 +66,59 @@ pub const MIN_ROWS: usize = 16;
 /// Which integer dot product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Path {
+    /// AMX-INT8 tiles (`tdpbsud`), with the AVX-512 float code of `Vnni512`
+    Amx,
     /// AVX-512F/BW/DQ + VNNI (`vpdpbusd` on 512-bit registers)
     Vnni512,
+    /// The AMX path's tile kernel with its tile instructions carried out in Rust, and the
+    /// portable float code: its layouts checked on any CPU (slow; tests only)
+    TilesEmulated,
     /// Portable Rust: the same integers, for tests and CPUs without VNNI
     Scalar,
 }
 
+/// Whether the CPU runs the AVX-512 float code and `vpdpbusd`.
+fn has_vnni512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512dq");
+        avx512 && has!("avx512vnni") && has!("avx2") && has!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the tile kernel takes heads of `hd` values (64 channels a tile row).
+fn tiles_take(hd: usize) -> bool {
+    hd.is_multiple_of(tiles::ROW_BYTES) && hd <= 4 * tiles::ROW_BYTES
+}
+
 impl Int8Path {
-    /// The fast path of this CPU; None when it has none (callers use the f32 kernel then).
-    pub fn fast() -> Option<Int8Path> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::is_x86_feature_detected as has;
-            let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512dq");
-            if avx512 && has!("avx512vnni") && has!("avx2") && has!("fma") {
-                return Some(Int8Path::Vnni512);
-            }
-        }
-        None
+    /// The fast path of this CPU for heads of `hd` values; None when it has none (callers use
+    /// the f32 kernel then).
+    pub fn fast(hd: usize) -> Option<Int8Path> {
+        Self::available(hd)
+            .into_iter()
+            .find(|p| matches!(p, Int8Path::Amx | Int8Path::Vnni512))
     }
 
-    /// Every path this CPU runs, the fast one first.
-    pub fn available() -> Vec<Int8Path> {
-        Self::fast().into_iter().chain([Int8Path::Scalar]).collect()
+    /// Every path this CPU runs for heads of `hd` values, the fastest first.
+    pub fn available(hd: usize) -> Vec<Int8Path> {
+        let vnni = has_vnni512();
+        let tiles = supports(hd) && tiles_take(hd);
+        let mut paths = Vec::new();
+        if vnni && tiles && amx_usable() {
+            paths.push(Int8Path::Amx);
+        }
+        if vnni {
+            paths.push(Int8Path::Vnni512);
+        }
+        if tiles {
+            paths.push(Int8Path::TilesEmulated);
+        }
+        paths.push(Int8Path::Scalar);
+        paths
     }
 }
 
@@ -101,9 +139,7 @@ pub fn attention_int8(
     out: &mut [f32],
 ) -> candle_core::Result<()> {
     check(q.len(), out.len(), q_pos, kv, key_ranges, shape)?;
-    if !supports(shape.head_dim) {
-        candle_core::bail!("attention_int8: heads of {} values", shape.head_dim)
-    }
+    usable(path, shape.head_dim)?;
     let cells = Cells {
         q: q.as_ptr(),
         out: out.as_mut_ptr(),
@@ -123,13 +159,23 @@ pub fn attention_int8_in_place(
     shape: AttnShape,
 ) -> candle_core::Result<()> {
     check(qo.len(), qo.len(), q_pos, kv, key_ranges, shape)?;
-    if !supports(shape.head_dim) {
-        candle_core::bail!("attention_int8: heads of {} values", shape.head_dim)
-    }
+    usable(path, shape.head_dim)?;
     let p = qo.as_mut_ptr();
     // SAFETY: a task reads all its query cells before it writes any of them, and no other
     // task touches them (see `tiled`)
     unsafe { tiled(path, Cells { q: p, out: p }, q_pos, kv, key_ranges, shape) };
+    Ok(())
+}
+
+/// Whether `path` runs on this CPU for heads of `hd` values (an error if not: a path the CPU
+/// lacks would fault).
+fn usable(path: Int8Path, hd: usize) -> candle_core::Result<()> {
+    if !supports(hd) {
+        candle_core::bail!("attention_int8: heads of {hd} values")
+    }
+    if !Int8Path::available(hd).contains(&path) {
+        candle_core::bail!("attention_int8: {path:?} does not run here for heads of {hd}")
+    }
     Ok(())
 }
 
@@ -138,15 +184,20 @@ struct Quantized {
     nk: usize,
     /// groups of four keys in `v4` (nk / 4 rounded up)
     groups: usize,
-    /// (n_kv_heads, nk, hd): smoothed keys
+    /// (n_kv_heads, nk, hd): smoothed keys, and 16 rows of zeros (the tiles read keys in 16s)
     kq: Vec<i8>,
     /// (n_kv_heads, nk): each key's scale
     kscale: Vec<f32>,
     /// (n_kv_heads, nk): where each key's dot starts, -128 x the sum of the key's bytes (what
     /// the u8 query offset adds, taken off)
     kstart: Vec<i32>,
-    /// (n_kv_heads, groups, hd, 4): smoothed values, four keys of a channel together
+    /// (n_kv_heads, groups, hd, 4): smoothed values, four keys of a channel together (VNNI and
+    /// portable paths; empty on tiles)
     v4: Vec<i8>,
+    /// (n_kv_heads, hd, vt_stride): smoothed values, a channel's keys in a row, zeros past nk
+    /// (tile paths; empty otherwise)
+    vt: Vec<i8>,
+    vt_stride: usize,
     /// (n_kv_heads, nk / BLOCK rounded up, hd): each channel's scale in each block
     vscale: Vec<f32>,
     /// (n_kv_heads, hd): the mean value, added back to the output
@@ -175,7 +226,7 @@ fn round_i8(x: f32) -> i8 {
 }
 
 /// Widen, smooth and round K and V (see the module docs), one block of keys per task.
-fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
+fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32], tiles: bool) -> Quantized {
     let nk = kv.positions.len();
     let kv_dim = n_kv * hd;
     let words = kv.dtype.stored_len(kv_dim);
@@ -283,13 +334,18 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
         })
         .collect();
     let groups = nk.div_ceil(4);
+    // a tile reads 64 keys of a channel from any group's start: the row's keys rounded up, and
+    // one tile row more
+    let vt_stride = if tiles { nk.div_ceil(64) * 64 + 64 } else { 0 };
     let mut z = Quantized {
         nk,
         groups,
-        kq: vec![0; n_kv * nk * hd],
+        kq: vec![0; (n_kv * nk + 16) * hd],
         kscale: vec![0.0; n_kv * nk],
         kstart: vec![0; n_kv * nk],
-        v4: vec![0; n_kv * groups * hd * 4],
+        v4: vec![0; if tiles { 0 } else { n_kv * groups * hd * 4 }],
+        vt: vec![0; n_kv * hd * vt_stride],
+        vt_stride,
         vscale: vec![0.0; n_kv * nb * hd],
         vmean,
         kchan,
@@ -302,7 +358,12 @@ fn quantize(kv: KvView, n_kv: usize, hd: usize, qmax: &[f32]) -> Quantized {
             z.kscale[g * nk + j0..][..kb].copy_from_slice(&o.kscale[g * kb..][..kb]);
             z.kstart[g * nk + j0..][..kb].copy_from_slice(&o.kstart[g * kb..][..kb]);
             for d in 0..hd {
-                for (j, &q) in o.vt[(g * hd + d) * kb..][..kb].iter().enumerate() {
+                let src = &o.vt[(g * hd + d) * kb..][..kb];
+                if tiles {
+                    z.vt[(g * hd + d) * vt_stride + j0..][..kb].copy_from_slice(src);
+                    continue;
+                }
+                for (j, &q) in src.iter().enumerate() {
                     let j = j0 + j;
                     z.v4[((g * groups + j / 4) * hd + d) * 4 + j % 4] = q;
                 }
@@ -373,11 +434,13 @@ unsafe fn tiled(
     key_ranges: &[Range<usize>],
     shape: AttnShape,
 ) {
+    let on_tiles = matches!(path, Int8Path::Amx | Int8Path::TilesEmulated);
     let z = quantize(
         kv,
         shape.n_kv_heads,
         shape.head_dim,
         &query_max(cells, q_pos.len(), shape),
+        on_tiles,
     );
     let nq = q_pos.len();
     let n_tiles = nq.div_ceil(TILE_ROWS);
@@ -399,17 +462,34 @@ unsafe fn tiled(
             };
             SCRATCH.with_borrow_mut(|s| match path {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: Int8Path::Vnni512 comes from `fast()`, so the CPU has the features;
-                // the job's cells are this task's own (the caller's promise)
+                // SAFETY: the entry points checked that the CPU runs `path` (`usable`); the
+                // job's cells are this task's own (the caller's promise)
                 Int8Path::Vnni512 => unsafe {
                     match shape.head_dim {
-                        64 => task_vnni::<64>(&job, s),
-                        128 => task_vnni::<128>(&job, s),
-                        _ => task_vnni::<0>(&job, s),
+                        64 => task_avx512::<VNNI, 64>(&job, s),
+                        128 => task_avx512::<VNNI, 128>(&job, s),
+                        _ => task_avx512::<VNNI, 0>(&job, s),
                     }
                 },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above; the process holds the tile state (`amx_usable`)
+                Int8Path::Amx => unsafe {
+                    tiles::Amx.configure();
+                    match shape.head_dim {
+                        64 => task_avx512::<AMX, 64>(&job, s),
+                        128 => task_avx512::<AMX, 128>(&job, s),
+                        _ => task_avx512::<AMX, 0>(&job, s),
+                    }
+                    tiles::Amx.release();
+                },
+                // SAFETY: as above; emulated tiles need no permission
+                Int8Path::TilesEmulated => unsafe {
+                    s.emulated.configure();
+                    task::<EMULATED, 0>(&job, s);
+                    s.emulated.release();
+                },
                 // SAFETY: as above
-                _ => unsafe { task::<false, 0>(&job, s) },
+                _ => unsafe { task::<SCALAR, 0>(&job, s) },
             });
         });
 }
@@ -438,32 +518,41 @@ struct Scratch {
     /// (hd) one row's query times the channel factors, or its output channels; its bytes
     row: Vec<f32>,
     row_bytes: Vec<u8>,
+    /// the tiles of `Int8Path::TilesEmulated`
+    emulated: Box<tiles::Emulated>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// `task` with the VNNI microkernels, compiled for AVX-512 so the float loops vectorise; `HD`
-/// is the head size when it is one the microkernels are specialised for, else 0.
+/// `task`'s integer products: portable, VNNI, AMX tiles, emulated tiles.
+const SCALAR: u8 = 0;
+const VNNI: u8 = 1;
+const AMX: u8 = 2;
+const EMULATED: u8 = 3;
+
+/// `task` with the VNNI or AMX microkernels, compiled for AVX-512 so the float loops vectorise;
+/// `HD` is the head size when it is one the microkernels are specialised for, else 0.
 ///
 /// # Safety
-/// As `task`, and the CPU has AVX-512F/BW/DQ/VNNI, AVX2 and FMA.
+/// As `task`, and the CPU has AVX-512F/BW/DQ/VNNI, AVX2 and FMA; for `AMX` the tiles are
+/// configured on this thread.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
-unsafe fn task_vnni<const HD: usize>(job: &Job, s: &mut Scratch) {
+unsafe fn task_avx512<const PATH: u8, const HD: usize>(job: &Job, s: &mut Scratch) {
     // SAFETY: as the caller promised
-    unsafe { task::<true, HD>(job, s) }
+    unsafe { task::<PATH, HD>(job, s) }
 }
 
 /// One task: the query heads of KV head `job.g` for rows r0..r0+rows, stacked and cut into
 /// vectors of 16 rows, against the quantised keys, block by block with an online softmax.
 ///
 /// # Safety
-/// The job's (row, head) cells are this task's only, inside the buffers; with `VNNI` the CPU
-/// has AVX-512F/BW/VNNI.
+/// The job's (row, head) cells are this task's only, inside the buffers; with `VNNI` or `AMX`
+/// the CPU has AVX-512F/BW/VNNI, with `AMX` and `EMULATED` the tiles are configured.
 #[inline(always)]
-unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
+unsafe fn task<const PATH: u8, const HD: usize>(job: &Job, s: &mut Scratch) {
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -546,7 +635,11 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
     let kq = &z.kq[g * nk * hd..][..nk * hd];
     let kscale = &z.kscale[g * nk..][..nk];
     let kstart = &z.kstart[g * nk..][..nk];
-    let v4 = &z.v4[g * z.groups * hd * 4..][..z.groups * hd * 4];
+    let v4 = if z.v4.is_empty() {
+        &[][..]
+    } else {
+        &z.v4[g * z.groups * hd * 4..][..z.groups * hd * 4]
+    };
     for range in job.key_ranges {
         let end = range.end.min(keys);
         let mut j0 = range.start;
@@ -568,11 +661,11 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                 let vis: &[i32; LANES] = s.vis[v * LANES..][..LANES].try_into().unwrap();
                 let open = lo.clamp(ja, ja + ke) - ja;
                 let ks = &kscale[ja..ja + ke];
-                let raw_max = if VNNI {
+                let raw_max = match PATH {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: q is hd4 x 64 bytes, keys ja..ja+ke are rows of kq and kstart,
                     // logits holds BLOCK >= ke rows; the CPU has VNNI (the caller's promise)
-                    unsafe {
+                    VNNI => unsafe {
                         dot::x86::qk_logits::<HD>(
                             q.as_ptr(),
                             kq.as_ptr().add(ja * hd),
@@ -582,12 +675,38 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                             (vis, ja, dead, open),
                             s.logits.as_mut_ptr(),
                         )
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, and kq is padded by 16 rows, dots holds BLOCK rows (ke
+                    // rounded up to 16 is at most BLOCK); the tiles are configured
+                    AMX => unsafe {
+                        let k = z.kq.as_ptr().add((g * nk + ja) * hd);
+                        let dots = s.dots.as_mut_ptr();
+                        dot::tiled::qk(&mut tiles::Amx, q.as_ptr(), k, hd, ke, dots);
+                        dot::x86::logits_of_dots(
+                            dots,
+                            kstart.as_ptr().add(ja),
+                            ks,
+                            (vis, ja, dead, open),
+                            s.logits.as_mut_ptr(),
+                        )
+                    },
+                    // SAFETY: as AMX's
+                    EMULATED => unsafe {
+                        let k = z.kq.as_ptr().add((g * nk + ja) * hd);
+                        let dots = s.dots.as_mut_ptr();
+                        dot::tiled::qk(&mut *s.emulated, q.as_ptr(), k, hd, ke, dots);
+                        for (row, &start) in
+                            s.dots.chunks_exact_mut(LANES).zip(&kstart[ja..ja + ke])
+                        {
+                            row.iter_mut().for_each(|d| *d = d.wrapping_add(start));
+                        }
+                        softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
+                    },
+                    _ => {
+                        dot::qk_scalar(q, &kq[ja * hd..], &kstart[ja..], hd, ke, &mut s.dots);
+                        softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!()
-                } else {
-                    dot::qk_scalar(q, &kq[ja * hd..], &kstart[ja..], hd, ke, &mut s.dots);
-                    softmax::logits(&s.dots, ks, vis, ja, dead, open, &mut s.logits)
                 };
                 // in log2 units (qs > 0 keeps the order and -inf)
                 let bmax: [f32; LANES] = std::array::from_fn(|l| raw_max[l] * qs[l]);
@@ -610,13 +729,16 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                     run[l] = new;
                 }
                 // probabilities against the block max, as u8, four keys a u32; then P·V
-                let psum = if VNNI {
+                let o = &mut s.o[v * hd * LANES..][..hd * LANES];
+                let vt = |z: &Quantized| z.vt[(g * hd * z.vt_stride + ja)..].as_ptr();
+                let psum = match PATH {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU has AVX-512F/BW/VNNI and FMA; logits holds ke rows, p4 and
                     // at BLOCK / 4
-                    unsafe {
-                        let (psum, kept) =
-                            softmax::x86::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                    VNNI => unsafe {
+                        let (psum, kept) = softmax::x86::probs::<true>(
+                            &s.logits, qs, &base, ke, &mut s.p4, &mut s.at,
+                        );
                         // p4 and at hold `kept` entries, groups ja / 4 + at < groups
                         dot::x86::pv_vnni::<HD>(
                             s.p4.as_ptr(),
@@ -626,25 +748,40 @@ unsafe fn task<const VNNI: bool, const HD: usize>(job: &Job, s: &mut Scratch) {
                             kept,
                             s.pv.as_mut_ptr(),
                         );
-                        softmax::x86::accumulate(
-                            &mut s.o[v * hd * LANES..][..hd * LANES],
-                            &s.pv,
-                            vscale,
-                            &corr,
-                            &factor,
+                        softmax::x86::accumulate(o, &s.pv, vscale, &corr, &factor);
+                        psum
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above; p4 holds the steps rounded up to 16 (at most BLOCK / 4),
+                    // padded with zeros; vt's rows reach 64 bytes past any group's start; the
+                    // tiles are configured
+                    AMX => unsafe {
+                        let (psum, steps) = softmax::x86::probs::<false>(
+                            &s.logits, qs, &base, ke, &mut s.p4, &mut s.at,
                         );
+                        s.p4[steps * LANES..steps.div_ceil(16) * 16 * LANES].fill(0);
+                        let (p4, pv) = (s.p4.as_ptr(), s.pv.as_mut_ptr());
+                        dot::tiled::pv(&mut tiles::Amx, p4, vt(z), z.vt_stride, hd, steps, pv);
+                        softmax::x86::accumulate(o, &s.pv, vscale, &corr, &factor);
+                        psum
+                    },
+                    // SAFETY: as AMX's
+                    EMULATED => unsafe {
+                        let (psum, steps) =
+                            softmax::probs::<false>(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                        s.p4[steps * LANES..steps.div_ceil(16) * 16 * LANES].fill(0);
+                        let (p4, pv) = (s.p4.as_ptr(), s.pv.as_mut_ptr());
+                        dot::tiled::pv(&mut *s.emulated, p4, vt(z), z.vt_stride, hd, steps, pv);
+                        softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
+                        psum
+                    },
+                    _ => {
+                        let (psum, kept) =
+                            softmax::probs::<true>(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
+                        dot::pv_scalar(&s.p4, &s.at, &v4[ja * hd..], hd, kept, &mut s.pv);
+                        softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
                         psum
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!()
-                } else {
-                    let (psum, kept) =
-                        softmax::probs(&s.logits, qs, &base, ke, &mut s.p4, &mut s.at);
-                    let (p4, at) = (&s.p4, &s.at);
-                    dot::pv_scalar(p4, at, &v4[ja * hd..], hd, kept, &mut s.pv);
-                    let o = &mut s.o[v * hd * LANES..][..hd * LANES];
-                    softmax::accumulate(o, &s.pv, vscale, &corr, &factor);
-                    psum
                 };
                 let sum = &mut s.sum[v * LANES..][..LANES];
                 for l in 0..LANES {

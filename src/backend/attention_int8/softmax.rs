@@ -81,10 +81,10 @@ pub fn logits(
 }
 
 /// u8 probabilities exp2(logit * qs - base) of `ke` logits, four keys a u32 into `p4` (missing
-/// keys of the last four are 0), only the groups of four keys with a weight above 0, whose
-/// index goes to `at`. Returns each row's sum of the weights and how many groups were kept.
-/// `qs` > 0.
-pub fn probs(
+/// keys of the last four are 0); with `COMPACT` only the groups of four keys with a weight
+/// above 0, whose index goes to `at`, else every group. Returns each row's sum of the weights
+/// and how many groups were kept. `qs` > 0.
+pub fn probs<const COMPACT: bool>(
     logits: &[f32],
     qs: &[f32; LANES],
     base: &[f32; LANES],
@@ -106,7 +106,7 @@ pub fn probs(
         }
         p4[kept * LANES..][..LANES].copy_from_slice(&w);
         at[kept] = st as u32;
-        kept += usize::from(w.iter().any(|&w| w != 0));
+        kept += usize::from(!COMPACT || w.iter().any(|&w| w != 0));
     }
     (psum, kept)
 }
@@ -178,7 +178,7 @@ pub mod x86 {
     /// # Safety
     /// The CPU has AVX-512F/BW/DQ/VNNI and FMA; `logits` holds ke x 16, `p4` ke/4 (rounded up) x 16.
     #[inline(always)]
-    pub unsafe fn probs(
+    pub unsafe fn probs<const COMPACT: bool>(
         logits: &[f32],
         qs: &[f32; LANES],
         base: &[f32; LANES],
@@ -200,7 +200,7 @@ pub mod x86 {
                 psum = _mm512_dpbusd_epi32(psum, w, ones);
                 _mm512_storeu_si512(p4.as_mut_ptr().add(kept * LANES) as *mut _, w);
                 *at.get_unchecked_mut(kept) = st as u32;
-                kept += usize::from(_mm512_test_epi32_mask(w, w) != 0);
+                kept += usize::from(!COMPACT || _mm512_test_epi32_mask(w, w) != 0);
             };
             // (written out, not through `array::map`: its closure runs inside a function
             // compiled without this one's target features, where the intrinsics do not

@@ -75,7 +75,7 @@ fn check(
     attention(&q, q_pos, view, ranges, shape, &mut want).unwrap();
     let scale = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
     let mut first: Option<Vec<f32>> = None;
-    for path in Int8Path::available() {
+    for path in Int8Path::available(shape.head_dim) {
         let mut got = vec![f32::NAN; q.len()];
         attention_int8(path, &q, q_pos, view, ranges, shape, &mut got).unwrap();
         let mut qo = q.clone();
@@ -202,7 +202,7 @@ fn query_before_every_key_outputs_zero() {
         positions: &[5, 6, 7],
         dtype: KvDtype::F16,
     };
-    for path in Int8Path::available() {
+    for path in Int8Path::available(shape.head_dim) {
         let mut out = vec![f32::NAN; q.len()];
         attention_int8(path, &q, &[1, 6], view, &[0..3], shape, &mut out).unwrap();
         assert!(out[..32].iter().all(|&x| x == 0.0), "{path:?}");
@@ -219,7 +219,7 @@ fn query_before_every_key_outputs_zero() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn probabilities_agree_on_every_edge() {
-    let Some(_) = Int8Path::fast() else {
+    let Some(_) = Int8Path::fast(64) else {
         println!("no fast 8-bit path on this CPU: the portable one alone, nothing to compare");
         return;
     };
@@ -253,11 +253,12 @@ fn probabilities_agree_on_every_edge() {
     for ke in [keys, keys - 1, keys - 2, keys - 3] {
         let steps = ke.div_ceil(4);
         let (mut p4, mut at) = (vec![0u32; steps * LANES], vec![0u32; steps]);
-        let (want_sum, want_kept) = softmax::probs(&logits, &qs, &base, ke, &mut p4, &mut at);
+        let (want_sum, want_kept) =
+            softmax::probs::<true>(&logits, &qs, &base, ke, &mut p4, &mut at);
         let (mut p4v, mut atv) = (vec![0u32; steps * LANES], vec![0u32; steps]);
         // SAFETY: the fast path exists (checked above); the buffers have the sizes asked
         let (sum, kept) =
-            unsafe { softmax::x86::probs(&logits, &qs, &base, ke, &mut p4v, &mut atv) };
+            unsafe { softmax::x86::probs::<true>(&logits, &qs, &base, ke, &mut p4v, &mut atv) };
         assert_eq!((sum, kept), (want_sum, want_kept), "keys {ke}");
         assert_eq!(p4v[..kept * LANES], p4[..kept * LANES], "keys {ke}");
         assert_eq!(atv[..kept], at[..kept], "keys {ke}");
@@ -298,10 +299,10 @@ fn f32_kind_is_the_f32_kernel_bit_for_bit() {
         .zip(&want)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     assert_eq!(AttentionKind::F32.int8_path(150, 64), None);
-    assert_eq!(AttentionKind::Int8.int8_path(150, 64), Int8Path::fast());
+    assert_eq!(AttentionKind::Int8.int8_path(150, 64), Int8Path::fast(64));
     assert_eq!(AttentionKind::Int8.int8_path(150, 40), None);
     assert_eq!(AttentionKind::Int8.int8_path(1, 64), None);
-    println!("this CPU's 8-bit path: {:?}", Int8Path::fast());
+    println!("this CPU's 8-bit path: {:?}", Int8Path::fast(64));
 }
 
 /// Timing, not a check: `cargo test --release --lib int8_attention_speed -- --ignored --nocapture`.
@@ -329,7 +330,7 @@ fn int8_attention_speed() {
                 .fold(f64::INFINITY, f64::min)
         };
         let f32_ms = time(&mut || attention(&q, &pos, view, &[0..n], GQA, &mut out).unwrap());
-        let path = Int8Path::fast().unwrap_or(Int8Path::Scalar);
+        let path = Int8Path::fast(64).unwrap_or(Int8Path::Scalar);
         let int8_ms =
             time(&mut || attention_int8(path, &q, &pos, view, &[0..n], GQA, &mut out).unwrap());
         println!("{n} tokens: f32 {f32_ms:.1} ms, int8 ({path:?}) {int8_ms:.1} ms");

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 mod attention;
 
+use crate::backend::attention_int8::AmxStatus;
 use crate::backend::qgemm;
 use crate::backend::qgemv::kernels::Kernel;
 use crate::backend::qgemv::{Kind, QMatrix};
@@ -38,10 +39,12 @@ fn machine() -> String {
          this process: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if peaks::has_vnni() { "yes" } else { "no" },
-        if crate::backend::attention_int8::amx_usable() {
-            "yes"
-        } else {
-            "no"
+        match crate::backend::attention_int8::amx_status() {
+            AmxStatus::Usable => "yes",
+            AmxStatus::Declined => "no (SLIMCHAT_NO_AMX)",
+            AmxStatus::NotExposed => "no",
+            AmxStatus::Refused => "no (refused by the OS)",
+            AmxStatus::FailedProbe => "no (its tiles failed the probe against the emulation)",
         }
     )
 }

@@ -1,7 +1,8 @@
 //! The two integer dot-product microkernels of the 8-bit prefill attention, in a portable
-//! version and an AVX-512 VNNI one (`vpdpbusd`: 16 lanes, each the sum of four u8 x i8
-//! products added to an i32). Both give the same integers, so the attention built on them
-//! gives the same bits on either path.
+//! version, an AVX-512 VNNI one (`vpdpbusd`: 16 lanes, each the sum of four u8 x i8
+//! products added to an i32) and one on AMX tiles ([`tiled`]: 16 x 16 i32 a `tdpbsud`, on
+//! the CPU's tiles or emulated ones). All give the same integers, so the attention built on
+//! them gives the same bits on any path.
 //!
 //! Lanes are 16 stacked query rows (one "row vector"). Layouts:
 //! - `qk`: the rows' queries as u8 (int8 + 128), packed `[hd/4][16 lanes][4 bytes]`; keys
@@ -15,6 +16,11 @@
 //!   the group of the block's first key (a channel's four keys are one 32-bit broadcast, and
 //!   the channels of a group sit at fixed offsets from one pointer).
 //!   Out: `(hd, 16)` i32 sums over the block's keys.
+//!
+//! On tiles the queries' packing is B of the keys' product as it stands (a row of it: four
+//! channels of each of 16 lanes), the probabilities' packing B of the values' product, and
+//! A is read from the key rows and from values stored channel-major (`vt`, a channel's keys
+//! in a row): every group of four keys of a block, in order.
 
 /// Lanes per row vector.
 pub const LANES: usize = 16;

@@ -44,7 +44,7 @@ mod softmax;
 mod tests;
 mod tiles;
 
-pub use tiles::amx_usable;
+pub use tiles::{amx_status, amx_usable, AmxStatus};
 
 use dot::LANES;
 use softmax::fmax;

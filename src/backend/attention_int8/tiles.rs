@@ -290,17 +290,115 @@ impl Tiles for Amx {
     }
 }
 
+/// Whether this process uses AMX-INT8, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmxStatus {
+    Usable,
+    /// `SLIMCHAT_NO_AMX` is set
+    Declined,
+    /// the CPU does not report AMX-TILE and AMX-INT8, or the OS does not enable their state
+    NotExposed,
+    /// Linux refused the tile data to this process
+    Refused,
+    /// the tiles computed a probe differently from the emulation: not trusted
+    FailedProbe,
+}
+
 /// Whether this process may use AMX-INT8: the CPU reports AMX-TILE and AMX-INT8 (CPUID leaf 7),
-/// the OS enables their state (XCR0 bits 17 and 18), and Linux grants this process the tile
-/// data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 on). Asked once.
-/// `SLIMCHAT_NO_AMX=1` in the environment says no, for measuring the VNNI path on an AMX CPU.
-pub fn amx_usable() -> bool {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USABLE.get_or_init(|| {
-        std::env::var_os("SLIMCHAT_NO_AMX").is_none_or(|v| v.is_empty() || v == "0")
-            && cpu_reports_amx()
-            && request_tile_data()
+/// the OS enables their state (XCR0 bits 17 and 18), Linux grants this process the tile data
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 on), and the tiles then
+/// compute [`probe`] exactly as [`Emulated`] does. Asked once. `SLIMCHAT_NO_AMX=1` in the
+/// environment says no, for measuring the VNNI path on an AMX CPU.
+pub fn amx_status() -> AmxStatus {
+    static STATUS: std::sync::OnceLock<AmxStatus> = std::sync::OnceLock::new();
+    *STATUS.get_or_init(|| {
+        if std::env::var_os("SLIMCHAT_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+            AmxStatus::Declined
+        } else if !cpu_reports_amx() {
+            AmxStatus::NotExposed
+        } else if !request_tile_data() {
+            AmxStatus::Refused
+        } else if !cpu_tiles_match_emulation() {
+            AmxStatus::FailedProbe
+        } else {
+            AmxStatus::Usable
+        }
     })
+}
+
+/// [`amx_status`] is `Usable`.
+pub fn amx_usable() -> bool {
+    amx_status() == AmxStatus::Usable
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_tiles_match_emulation() -> bool {
+    // SAFETY: the CPU reports AMX-INT8 and the process holds the tile data (`amx_status`
+    // checked both before it asks)
+    unsafe { probe(&mut Amx) == probe(&mut Emulated::default()) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_tiles_match_emulation() -> bool {
+    false
+}
+
+/// 16 rows of 64 bytes from a seed (every byte value, both signs as i8).
+fn pattern(seed: u32) -> Vec<u8> {
+    (0..(ROWS * ROW_BYTES) as u32)
+        .map(|i| {
+            (i.wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503))
+                >> 13) as u8
+        })
+        .collect()
+}
+
+/// Every instruction form the kernel issues, on patterned tiles: loads at a stride of 64 and
+/// of 96 bytes, each wired product, zeroing, and stores; returns the four accumulators.
+///
+/// # Safety
+/// As [`Tiles::configure`] for `T`.
+unsafe fn probe<T: Tiles>(t: &mut T) -> Vec<i32> {
+    let a = pattern(1);
+    let mut strided = vec![0xAAu8; ROWS * 96];
+    for r in 0..ROWS {
+        strided[r * 96..][..ROW_BYTES].copy_from_slice(&a[r * ROW_BYTES..][..ROW_BYTES]);
+    }
+    let (b4, b5, b6, b7) = (pattern(4), pattern(5), pattern(6), pattern(7));
+    let mut out = vec![0i32; 4 * ROWS * ROWS];
+    let base = out.as_mut_ptr();
+    // SAFETY: quarters of `out`
+    let at = |i: usize| unsafe { base.add(i * ROWS * ROWS) } as *mut u8;
+    let (c0, c1, c2, c3) = (at(0), at(1), at(2), at(3));
+    // SAFETY: every load reads 16 rows of its buffer at its stride, every store writes one
+    // quarter of `out`; the tiles: the caller's promise
+    unsafe {
+        t.configure();
+        t.load::<1>(strided.as_ptr(), 96);
+        t.load::<4>(b4.as_ptr(), ROW_BYTES);
+        t.load::<5>(b5.as_ptr(), ROW_BYTES);
+        t.load::<6>(b6.as_ptr(), ROW_BYTES);
+        t.load::<7>(b7.as_ptr(), ROW_BYTES);
+        t.zero::<0>();
+        t.dot_su::<0, 1, 4>();
+        t.dot_su::<0, 1, 5>();
+        t.dot_su::<0, 1, 6>();
+        t.dot_su::<0, 1, 7>();
+        t.zero::<1>();
+        t.zero::<2>();
+        t.zero::<3>();
+        t.dot_su::<1, 5, 4>();
+        t.dot_su::<2, 5, 4>();
+        t.dot_su::<3, 5, 4>();
+        t.dot_su::<0, 5, 4>();
+        t.store::<0>(c0, ROW_BYTES);
+        t.store::<1>(c1, ROW_BYTES);
+        t.store::<2>(c2, ROW_BYTES);
+        t.store::<3>(c3, ROW_BYTES);
+        t.release();
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -356,19 +454,8 @@ fn request_tile_data() -> bool {
 mod tests {
     use super::*;
 
-    /// 16 x 64 bytes from a seed (every byte value, signs included).
-    fn bytes(seed: u32) -> Vec<u8> {
-        (0..ROWS as u32 * ROW_BYTES as u32)
-            .map(|i| {
-                (i.wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed.wrapping_mul(40_503))
-                    >> 13) as u8
-            })
-            .collect()
-    }
-
     /// C += A · B by the definition: C[m][n] += Σ_k a[m][k] (signed) · b[k / 4][4 n + k % 4]
-    /// (unsigned), on rows at a stride (to check the strides too).
+    /// (unsigned).
     fn product(a: &[u8], b: &[u8], c: &mut [i32]) {
         for m in 0..ROWS {
             for n in 0..ROWS {
@@ -383,63 +470,40 @@ mod tests {
         }
     }
 
-    /// Loads at a stride, two products into one accumulator, a zeroed tile, a store at a stride:
-    /// what the kernel issues, on `tiles`.
-    fn exercise<T: Tiles>(tiles: &mut T) -> (Vec<i32>, Vec<i32>) {
-        let (a0, b0, a1, b1) = (bytes(1), bytes(2), bytes(3), bytes(4));
-        // A rows at a stride of 96 bytes (a head of 96 channels read 64 at a time)
-        let mut strided = vec![0xAAu8; ROWS * 96];
-        for r in 0..ROWS {
-            strided[r * 96..r * 96 + ROW_BYTES].copy_from_slice(&a0[r * ROW_BYTES..][..ROW_BYTES]);
-        }
-        let mut c = vec![7i32; ROWS * ROWS + 8];
-        let mut z = vec![7i32; ROWS * ROWS];
-        // SAFETY: every pointer covers 16 rows at its stride
-        unsafe {
-            tiles.configure();
-            tiles.zero::<0>();
-            tiles.load::<1>(strided.as_ptr(), 96);
-            tiles.load::<4>(b0.as_ptr(), ROW_BYTES);
-            tiles.dot_su::<0, 1, 4>();
-            tiles.load::<5>(a1.as_ptr(), ROW_BYTES);
-            tiles.load::<4>(b1.as_ptr(), ROW_BYTES);
-            tiles.dot_su::<0, 5, 4>();
-            tiles.store::<0>(c.as_mut_ptr() as *mut u8, ROW_BYTES);
-            tiles.zero::<3>();
-            tiles.store::<3>(z.as_mut_ptr() as *mut u8, ROW_BYTES);
-            tiles.release();
-        }
-        assert!(
-            c[ROWS * ROWS..].iter().all(|&x| x == 7),
-            "a store past its 16 rows"
-        );
-        c.truncate(ROWS * ROWS);
-        (c, z)
-    }
-
     #[test]
-    fn emulated_tiles_compute_the_defined_product() {
-        let (c, z) = exercise(&mut Emulated::default());
-        let mut want = vec![0i32; ROWS * ROWS];
-        product(&bytes(1), &bytes(2), &mut want);
-        product(&bytes(3), &bytes(4), &mut want);
-        assert_eq!(c, want);
-        assert!(z.iter().all(|&x| x == 0));
+    fn emulated_tiles_compute_the_defined_products() {
+        // SAFETY: emulated tiles
+        let got = unsafe { probe(&mut Emulated::default()) };
+        let (a, b) = (pattern(1), [pattern(4), pattern(5), pattern(6), pattern(7)]);
+        let mut want = vec![0i32; 4 * ROWS * ROWS];
+        let (c0, rest) = want.split_at_mut(ROWS * ROWS);
+        for b in &b {
+            product(&a, b, c0);
+        }
+        product(&b[1], &b[0], c0);
+        for c in rest.chunks_exact_mut(ROWS * ROWS) {
+            product(&b[1], &b[0], c);
+        }
+        assert_eq!(got, want);
         // signed A: sums of both signs
         assert!(want.iter().any(|&x| x < 0) && want.iter().any(|&x| x > 0));
     }
 
-    /// On a CPU whose tiles this process may use, the tile registers compute what the emulation
-    /// does; elsewhere this says so and checks nothing more.
+    /// On a CPU whose tiles this process uses, the tile registers compute what the emulation
+    /// does (`amx_status` checked it before saying `Usable`); elsewhere this says why not.
     #[test]
     fn amx_tiles_match_the_emulation_where_usable() {
-        if !amx_usable() {
-            println!("AMX not usable here: the tile kernel is checked on emulated tiles only");
+        let status = amx_status();
+        if status != AmxStatus::Usable {
+            println!("AMX {status:?} here: the tile kernel is checked on emulated tiles only");
+            assert_ne!(status, AmxStatus::FailedProbe, "the CPU's tiles disagree");
             return;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            assert_eq!(exercise(&mut Amx), exercise(&mut Emulated::default()));
+            // SAFETY: `Usable`: the process holds the tile data
+            let (cpu, emulated) = unsafe { (probe(&mut Amx), probe(&mut Emulated::default())) };
+            assert_eq!(cpu, emulated);
             println!("AMX tiles checked against the emulation");
         }
     }

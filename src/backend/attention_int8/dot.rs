@@ -288,12 +288,7 @@ pub mod x86 {
         let keys = kscale.len();
         // SAFETY: rows below keys (the caller's promise)
         unsafe {
-            let m = Mask {
-                vis: _mm512_loadu_si512(vis.as_ptr() as *const _),
-                j0,
-                dead,
-                open,
-            };
+            let m = Mask::new(vis, j0, dead, open);
             let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
             let mut acc = [_mm512_setzero_si512(); KEYS];
             let mut j = 0;
@@ -310,9 +305,7 @@ pub mod x86 {
                 emit_one(dot_row(dots, kstart, j), j, kscale, &m, out, &mut bmax);
                 j += 1;
             }
-            let mut r = [0.0f32; LANES];
-            _mm512_storeu_ps(r.as_mut_ptr(), bmax);
-            r
+            lanes(bmax)
         }
     }
 
@@ -322,6 +315,28 @@ pub mod x86 {
         j0: usize,
         dead: usize,
         open: usize,
+    }
+
+    impl Mask {
+        #[inline(always)]
+        unsafe fn new(vis: &[i32; LANES], j0: usize, dead: usize, open: usize) -> Mask {
+            Mask {
+                // SAFETY: 16 i32 (the caller has AVX-512F)
+                vis: unsafe { _mm512_loadu_si512(vis.as_ptr() as *const _) },
+                j0,
+                dead,
+                open,
+            }
+        }
+    }
+
+    /// The 16 lanes of a block max.
+    #[inline(always)]
+    unsafe fn lanes(bmax: __m512) -> [f32; LANES] {
+        let mut r = [0.0f32; LANES];
+        // SAFETY: 16 f32 (the caller has AVX-512F)
+        unsafe { _mm512_storeu_ps(r.as_mut_ptr(), bmax) };
+        r
     }
 
     /// [`super::qk_scalar`] followed by [`super::super::softmax::logits`], on VNNI, with each
@@ -350,12 +365,7 @@ pub mod x86 {
         // SAFETY: every read is of q's hd4 vectors or of key rows below keys; every write of
         // out's rows below keys (the caller's promise)
         unsafe {
-            let m = Mask {
-                vis: _mm512_loadu_si512(vis.as_ptr() as *const _),
-                j0,
-                dead,
-                open,
-            };
+            let m = Mask::new(vis, j0, dead, open);
             let mut bmax = _mm512_set1_ps(f32::NEG_INFINITY);
             let mut j = 0;
             while j + KEYS <= keys {
@@ -383,9 +393,7 @@ pub mod x86 {
                 emit_one(acc, j, kscale, &m, out, &mut bmax);
                 j += 1;
             }
-            let mut r = [0.0f32; LANES];
-            _mm512_storeu_ps(r.as_mut_ptr(), bmax);
-            r
+            lanes(bmax)
         }
     }
 

@@ -14,7 +14,8 @@ pub trait Tiles {
     /// Load the tile configuration (every tile 16 rows of 64 bytes) on this thread.
     ///
     /// # Safety
-    /// For [`Amx`]: [`amx_usable`] returned true.
+    /// For [`Amx`]: the CPU exposes AMX-INT8 and the process holds the tile data (what
+    /// [`amx_usable`] checks, with the probe, before it says yes).
     unsafe fn configure(&mut self);
     /// Return the tile state to its initial state (cheap context switches).
     ///

@@ -117,7 +117,7 @@ fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
 
     let mut file = GgufFile::open(&path).unwrap();
     let model = OpsLlama::from_gguf(&CpuOps, &mut file, n).unwrap();
-    let (_, report) = model
+    let (cache, report) = model
         .prefill(
             &tokens,
             Some(&cfg),
@@ -142,4 +142,15 @@ fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
             theirs.len()
         );
     }
+    // the same session chose each slim layer's first decode set, from its last query
+    let ours = cache.session.as_ref().expect("pruned").trace();
+    assert_eq!(ours.decode_sets.len(), trace.decode_sets.len());
+    let (mut shared, mut total) = (0, 0);
+    for ((layer, a), (_, b)) in ours.decode_sets.iter().zip(&trace.decode_sets) {
+        assert_eq!(a.len(), b.len(), "layer {layer}");
+        shared += a.iter().filter(|x| b.contains(x)).count();
+        total += b.len();
+    }
+    eprintln!("decode sets: {shared} of {total} blocks in both");
+    assert!(shared * 10 >= total * 8, "{shared} of {total}");
 }

@@ -270,6 +270,58 @@ fn ops_forward_prunes_on_schedule_and_decodes() {
 }
 
 #[test]
+fn ops_decode_attends_to_each_slim_layers_own_blocks() {
+    let shape = LlamaShape::tiny(6);
+    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    // decode attends to a quarter of each stage's blocks (no floor) or to all of them
+    let narrow = SlimConfig {
+        decode_keep: 0.25,
+        decode_min_tokens: 0,
+        ..slim(1.0)
+    };
+    let every = SlimConfig {
+        decode_keep: 1.0,
+        ..narrow.clone()
+    };
+    let (mut cache, report) = model
+        .prefill(&tokens, Some(&narrow), 4, &mut NoHooks)
+        .unwrap();
+    let (mut all, _) = model
+        .prefill(&tokens, Some(&every), 4, &mut NoHooks)
+        .unwrap();
+    let mut differ = false;
+    for step in 0..3 {
+        let got = model.decode(&mut cache, 7 + step, &mut NoHooks).unwrap();
+        let want = model.decode(&mut all, 7 + step, &mut NoHooks).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()));
+        differ |= got != want;
+    }
+    // the session chose each slim layer's set from its pool, smaller than it
+    let trace = cache.session.as_ref().expect("pruned").trace();
+    assert_eq!(trace.decode_sets.len(), 4, "layers 2-5 are slim");
+    for (layer, set) in &trace.decode_sets {
+        let stage = if *layer < 4 { 0 } else { 1 };
+        let pool = &report.kept_blocks[stage];
+        assert!(
+            set.iter().all(|b| pool.contains(b)),
+            "layer {layer}: {set:?} of {pool:?}"
+        );
+        assert!(set.len() < pool.len(), "layer {layer}: {set:?} of {pool:?}");
+    }
+    // and attended to them: the logits are not those of attending to every kept row
+    assert!(
+        differ,
+        "decode over the sets gave the logits of decode over every kept row"
+    );
+    let every_trace = all.session.as_ref().expect("pruned").trace();
+    for ((_, set), stage_pool) in every_trace.decode_sets.iter().zip([0, 0, 1, 1]) {
+        assert_eq!(set, &report.kept_blocks[stage_pool]);
+    }
+}
+
+#[test]
 fn ops_forward_keeping_everything_equals_dense() {
     let shape = LlamaShape::tiny(5);
     let model = OpsLlama::random(&CpuOps, shape, 1024, 10).unwrap();

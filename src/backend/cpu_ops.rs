@@ -4,6 +4,7 @@
 //! arithmetic is f32, and results are rounded to bf16 where the kernels round them.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
@@ -84,6 +85,10 @@ impl Ops for CpuOps {
     }
     fn download_bf16(&self, b: &Vec<u16>) -> Result<Vec<u16>> {
         Ok(b.clone())
+    }
+    fn download_bf16_range(&self, b: &Vec<u16>, range: Range<usize>) -> Result<Vec<u16>> {
+        check("download range", b.len(), range.end)?;
+        Ok(b[range].to_vec())
     }
     fn download_u32(&self, b: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(b.clone())

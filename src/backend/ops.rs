@@ -9,6 +9,8 @@
 //! per-layer slot table that lists the slots in row order (all full but the last); the kernels
 //! read rows through it, so attention over SlimInfer's active blocks is attention over a table.
 
+use std::ops::Range;
+
 use candle_core::quantized::GgmlDType;
 
 pub use super::rowwise::RopeLayout;
@@ -135,6 +137,8 @@ pub trait Ops {
     fn upload_u32(&self, v: &[u32]) -> Result<Self::U32>;
     fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
     fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<u16>>;
+    /// Elements `range` of a bf16 buffer (a few rows of a wide one: a window's queries).
+    fn download_bf16_range(&self, b: &Self::Bf16, range: Range<usize>) -> Result<Vec<u16>>;
     fn download_u32(&self, b: &Self::U32) -> Result<Vec<u32>>;
     /// Wait until every queued op has finished (a no-op on the CPU).
     fn sync(&self) -> Result<()>;

@@ -3,6 +3,7 @@
 //! the compute stream; only downloads wait.
 
 use std::ffi::c_void;
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::cublas::sys::{
@@ -184,6 +185,18 @@ impl Ops for CudaOps {
     }
     fn download_bf16(&self, b: &CudaSlice<u16>) -> Result<Vec<u16>> {
         self.gpu.stream.clone_dtoh(b).or_engine("download")
+    }
+    fn download_bf16_range(&self, b: &CudaSlice<u16>, range: Range<usize>) -> Result<Vec<u16>> {
+        if range.start > range.end || range.end > b.len() {
+            return Err(Error::Engine(format!(
+                "ops: download range {range:?} of a buffer of {}",
+                b.len()
+            )));
+        }
+        self.gpu
+            .stream
+            .clone_dtoh(&b.slice(range))
+            .or_engine("download")
     }
     fn download_u32(&self, b: &CudaSlice<u32>) -> Result<Vec<u32>> {
         self.gpu.stream.clone_dtoh(b).or_engine("download")

@@ -1,6 +1,6 @@
-//! The LLaMA forward written once against the ops seam ([`Ops`]), with SlimInfer's prefill
-//! pruning from `crate::slim` (the same schedule, top-K and kept-row functions as the CPU
-//! engine). It runs on the CPU ([`crate::backend::cpu_ops`], where the tests check it) and on the
+//! The LLaMA forward written once against the ops seam ([`Ops`]), pruned by the CPU engine's own
+//! [`SlimSession`] (its schedule, scores, prefill stages and each slim layer's decode set; the
+//! scores are computed by the backend, where the keys are, and chosen on the host). It runs on the CPU ([`crate::backend::cpu_ops`], where the tests check it) and on the
 //! GPU (`slimchat gpu-check`). Its weights come from a GGUF file (any type the models load,
 //! expanded to bf16 by the backend: on a GPU by a kernel, [`Weights::from_gguf`]) or are drawn
 //! at random for a named shape ([`Weights::random`], Llama-3.1-8B's for the GPU benchmark).
@@ -9,20 +9,25 @@
 //! the layer's paged cache ([`crate::backend::paged_kv`]) → causal attention over the cache → o
 //! GEMM + residual → RMSNorm → fused gate|up GEMM → SiLU gate → down GEMM + residual. At the
 //! layers that score a stage, the last `local_window` queries score the prompt blocks; after the
-//! layer before a stage, the top-K blocks' rows (hidden states and positions together) go on.
-//! The head's logits are f32.
+//! layer before a stage, the top-K blocks' rows (hidden states and positions together) go on. In
+//! decode each slim layer attends to the blocks the session chose for it (a slot table of those
+//! blocks). The head's logits are f32.
 
 use candle_core::quantized::QTensor;
 
-use crate::backend::cpu_ops::{plain_rope, rope_tables};
+use std::ops::Range;
+
+use crate::backend::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
 use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::rowwise::RopeParams;
-use crate::backend::score::WindowPool;
+use crate::backend::score::{HeadShape, WindowPool};
+use crate::kv::policy::{LayerPolicy, RowChange};
 use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::model::random;
-use crate::slim::schedule::{ScoreKind, ScoreLayers, SlimConfig, Stage};
-use crate::slim::select::{forced_blocks, kept_rows, select_blocks};
+use crate::slim::schedule::{ScoreKind, SlimConfig, Stage};
+use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
+use crate::slim::session::{HiddenRows, SlimSession};
 use crate::{Error, Result};
 
 /// The dimensions of a LLaMA-family decoder.
@@ -336,12 +341,14 @@ fn expand<O: Ops>(
     ops.dequant_bf16(&t.data()?, t.dtype(), n, out, at)
 }
 
-/// The KV of every layer, and the prompt it was filled from.
+/// The KV of every layer, the prompt it was filled from, and the pruning that chose its rows.
 pub struct ModelCache<O: Ops> {
     pub layers: Vec<LayerCache<O>>,
     pub prompt_len: usize,
     /// Rows a decode may still add to each layer.
     headroom: usize,
+    /// The prompt's SlimInfer session (None: dense): decode's sets come from it.
+    pub session: Option<SlimSession>,
 }
 
 impl<O: Ops> ModelCache<O> {
@@ -469,73 +476,41 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let (ops, s) = (self.ops, &self.shape);
         let n0 = tokens.len();
         self.check_tokens(tokens, n0 + headroom)?;
-        let plan = slim.map(|c| SlimPlan::new(c, s.n_layers, n0)).transpose()?;
-        let stages = plan.as_ref().map_or(Vec::new(), |p| p.stages.clone());
+        let mut session = slim.map(|c| self.session(c, n0)).transpose()?;
         let mut cache = ModelCache {
             layers: Vec::with_capacity(s.n_layers),
             prompt_len: n0,
             headroom,
+            session: None,
         };
         let mut positions: Vec<u32> = (0..n0 as u32).collect();
         let mut pos_dev = ops.upload_u32(&positions)?;
         let mut h = self.embed(tokens)?;
         let mut scratch = Scratch::new(ops, s, n0)?;
-        let n_blocks = n0.div_ceil(KV_BLOCK);
-        let mut acc = ops.zeros_f32(n_blocks)?;
-        let mut acc_layers = 0usize;
         let mut rows_per_layer = Vec::with_capacity(s.n_layers);
-        let mut kept_blocks = Vec::new();
         for layer in 0..s.n_layers {
             let n = positions.len();
             cache
                 .layers
                 .push(LayerCache::new(ops, n + headroom, s.heads.kv_dim())?);
             let kv = cache.layers.last_mut().expect("pushed");
-            self.layer(layer, &mut h, &positions, &pos_dev, kv, &mut scratch, hooks)?;
+            let (slim, sc) = (session.as_mut(), &mut scratch);
+            let q = self.layer(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
             rows_per_layer.push(n);
-            let Some(plan) = &plan else { continue };
-            if plan.scores_at(layer) {
-                let w = plan.cfg.local_window.min(n);
-                let window = RowSlice {
-                    rows: w,
-                    stride: s.qkv_dim(),
-                    offset: (n - w) * s.qkv_dim(),
-                };
-                let units =
-                    UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.prefill_unit_size);
-                ops.block_scores(
-                    &scratch.qkv,
-                    window,
-                    &kv.pool,
-                    &kv.table_dev,
-                    kv.rows,
-                    &units,
-                    plan.cfg.prefill_unit_size,
-                    s.heads,
-                    plan.mode,
-                    &mut acc,
-                )?;
-                acc_layers += 1;
-            }
-            let Some(stage) = plan.stage_after(layer) else {
+            let (Some(session), Some(q)) = (session.as_mut(), q) else {
                 continue;
             };
-            let sums = ops.download_f32(&acc)?;
-            let units =
-                UnitBlocks::from_positions(&kv.positions, KV_BLOCK, plan.cfg.prefill_unit_size);
-            let scores: Vec<(u32, f32)> = (units.ids.iter())
-                .map(|&b| (b, sums[b as usize] / acc_layers.max(1) as f32))
-                .collect();
-            let forced = forced_blocks(n0, KV_BLOCK, plan.cfg.local_window);
-            let blocks =
-                select_blocks(&scores, stage.keep_blocks, &forced, plan.cfg.contrast_share);
-            kept_blocks.push(blocks.clone());
-            let keep = kept_rows(&positions, n0, &blocks, KV_BLOCK);
-            acc = ops.zeros_f32(n_blocks)?;
-            acc_layers = 0;
-            if keep.len() == n {
+            let rows = OpsHidden {
+                ops,
+                h: &h,
+                rows: n,
+                hidden: s.hidden,
+            };
+            let keys = self.keys(kv);
+            let Some(change) = session.finish_layer(layer, &rows, &q, &positions, &keys)? else {
                 continue;
-            }
+            };
+            let keep = kept_only(change)?;
             let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
             let mut h2 = ops.zeros_f32(keep.len() * s.hidden)?;
             let mut pos2 = ops.zeros_u32_like(keep.len())?;
@@ -544,6 +519,16 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             pos_dev = pos2;
             positions = keep.iter().map(|&i| positions[i]).collect();
         }
+        let (stages, kept_blocks) = match &session {
+            Some(session) => (
+                session.stages(),
+                (session.trace().stages.into_iter())
+                    .map(|st| st.pool)
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        cache.session = session;
         let report = PrefillReport {
             logits: Vec::new(),
             rows_per_layer,
@@ -551,6 +536,38 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             kept_blocks,
         };
         Ok((cache, h, positions.len(), report))
+    }
+
+    /// The engine's SlimInfer session for a prompt of `prompt_len` tokens, without revival
+    /// (a raised ratio grows no stage past the blocks prefill kept: no hidden states are kept
+    /// for it, and a revived row would need a device copy not built here).
+    fn session(&self, cfg: &SlimConfig, prompt_len: usize) -> Result<SlimSession> {
+        let s = &self.shape;
+        cfg.check(s.n_layers)?;
+        if cfg.block_size != KV_BLOCK {
+            return Err(Error::Config(format!(
+                "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
+            )));
+        }
+        let cfg = SlimConfig {
+            revive: false,
+            ..cfg.clone()
+        };
+        let shape = HeadShape {
+            n_heads: s.heads.n_heads,
+            n_kv_heads: s.heads.n_kv_heads,
+            head_dim: s.heads.head_dim,
+        };
+        Ok(SlimSession::new(&cfg, s.n_layers, shape, prompt_len))
+    }
+
+    /// A layer's cache as the session scores it.
+    fn keys<'a>(&'a self, kv: &'a LayerCache<O>) -> OpsKeys<'a, O> {
+        OpsKeys {
+            ops: self.ops,
+            kv,
+            heads: self.shape.heads,
+        }
     }
 
     /// One decode step: `token` at the next position, through every layer (each attends to
@@ -578,12 +595,40 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let pos_dev = ops.upload_u32(&positions)?;
         let mut h = self.embed(&[token])?;
         let mut scratch = Scratch::new(ops, s, 1)?;
-        for (layer, kv) in cache.layers.iter_mut().enumerate() {
-            self.layer(layer, &mut h, &positions, &pos_dev, kv, &mut scratch, hooks)?;
-        }
+        let mut session = cache.session.take();
+        let mut step = || -> Result<()> {
+            for (layer, kv) in cache.layers.iter_mut().enumerate() {
+                let (slim, sc) = (session.as_mut(), &mut scratch);
+                let q = self.layer(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
+                let (Some(session), Some(q)) = (session.as_mut(), q) else {
+                    continue;
+                };
+                let rows = OpsHidden {
+                    ops,
+                    h: &h,
+                    rows: 1,
+                    hidden: s.hidden,
+                };
+                let keys = self.keys(kv);
+                if let Some(change) = session.finish_layer(layer, &rows, &q, &positions, &keys)? {
+                    if kept_only(change)? != [0] {
+                        return Err(Error::Engine(
+                            "decode: a stage dropped the new token".into(),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let stepped = step();
+        cache.session = session;
+        stepped?;
         self.head(&h, 1)
     }
 
+    /// One layer on the rows of h. With a session: the post-RoPE queries of the rows it scores
+    /// (its `local_window` last), widened on the host, are returned for its `finish_layer`, and
+    /// the layer attends to the rows the session chose.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -594,7 +639,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         kv: &mut LayerCache<O>,
         sc: &mut Scratch<O>,
         hooks: &mut dyn LayerHooks<O>,
-    ) -> Result<()> {
+        mut slim: Option<&mut SlimSession>,
+    ) -> Result<Option<Vec<f32>>> {
         let (ops, s, w) = (self.ops, &self.shape, &self.weights.layers[layer]);
         let n = positions.len();
         let (qd, kvd, qkv_dim) = (s.heads.q_dim(), s.heads.kv_dim(), s.qkv_dim());
@@ -623,14 +669,36 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         kv.rows += n;
         kv.positions.extend_from_slice(positions);
         hooks.kv_written(ops, layer, kv)?;
+        let q = match slim.as_deref_mut() {
+            Some(session) => {
+                let tail = LayerPolicy::query_rows(session).min(n);
+                let q = self.query_rows(&sc.qkv, n - tail..n)?;
+                session.prepare_attention(layer, &q, positions, &self.keys(kv))?;
+                Some(q)
+            }
+            None => None,
+        };
         hooks.before_attention(ops, layer, kv)?;
+        let attended = slim.map(|session| session.attended_rows(layer, &self.keys(kv)));
+        let subset = match attended {
+            Some(ranges) if !every_row(&ranges, kv.rows) => Some(slot_subset(&kv.table, &ranges)?),
+            _ => None,
+        };
+        let subset_table = match &subset {
+            Some((slots, _)) => Some(ops.upload_u32(slots)?),
+            None => None,
+        };
+        let (table, n_keys) = match (&subset_table, &subset) {
+            (Some(table), Some((_, n_keys))) => (table, *n_keys),
+            _ => (&kv.table_dev, kv.rows),
+        };
         ops.attention(
             &sc.qkv,
             rows(0),
             pos_dev,
             &kv.pool,
-            &kv.table_dev,
-            kv.rows,
+            table,
+            n_keys,
             s.heads,
             &mut sc.attn,
         )?;
@@ -641,7 +709,22 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         ops.matmul(&sc.x, &w.w_gate_up, &mut sc.gate_up, n, s.hidden, 2 * inter)?;
         ops.silu_mul(&sc.gate_up, &mut sc.act, n, inter)?;
         ops.matmul(&sc.act, &w.w_down, &mut sc.proj, n, inter, s.hidden)?;
-        ops.residual_add(h, &sc.proj)
+        ops.residual_add(h, &sc.proj)?;
+        Ok(q)
+    }
+
+    /// The post-RoPE queries of rows `rows` of the fused q|k|v buffer, widened: (rows, q_dim).
+    fn query_rows(&self, qkv: &O::Bf16, rows: Range<usize>) -> Result<Vec<f32>> {
+        let (stride, q_dim) = (self.shape.qkv_dim(), self.shape.heads.q_dim());
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let span = rows.start * stride..(rows.end - 1) * stride + q_dim;
+        let bits = self.ops.download_bf16_range(qkv, span)?;
+        let q: Vec<u16> = (0..rows.len())
+            .flat_map(|r| bits[r * stride..][..q_dim].iter().copied())
+            .collect();
+        Ok(to_f32(&q))
     }
 
     /// The embedding's rows of `tokens`: (tokens, hidden).
@@ -713,50 +796,135 @@ trait ZerosU32: Ops {
 }
 impl<O: Ops> ZerosU32 for O {}
 
-/// SlimInfer's prefill schedule for one prompt, from the `[slim]` config.
-struct SlimPlan {
-    cfg: SlimConfig,
-    stages: Vec<Stage>,
-    mode: ScoreMode,
+/// The rows a change keeps; the ops forward brings no pruned rows back (its sessions do not
+/// revive).
+fn kept_only(change: RowChange) -> Result<Vec<usize>> {
+    if change.insert.is_some() {
+        return Err(Error::Engine(
+            "ops forward: a stage brought back pruned rows, which it cannot insert".into(),
+        ));
+    }
+    Ok(change.keep)
 }
 
-impl SlimPlan {
-    fn new(cfg: &SlimConfig, n_layers: usize, prompt_len: usize) -> Result<Self> {
-        cfg.check(n_layers)?;
-        if cfg.block_size != KV_BLOCK {
-            return Err(Error::Config(format!(
-                "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
+/// Whether `ranges` are every one of a layer's `rows` rows.
+fn every_row(ranges: &[Range<usize>], rows: usize) -> bool {
+    matches!(ranges, [r] if *r == (0..rows))
+}
+
+/// The slot table of the rows `ranges` of a layer (sorted, disjoint; every range but the last
+/// starts and ends on a slot's boundary, as a stage's whole blocks do), and how many rows it
+/// holds: attention over a decode set is attention over this table.
+fn slot_subset(table: &[u32], ranges: &[Range<usize>]) -> Result<(Vec<u32>, usize)> {
+    let mut slots = Vec::new();
+    let mut rows = 0;
+    for (i, r) in ranges.iter().enumerate() {
+        let last = i + 1 == ranges.len();
+        if r.start % KV_BLOCK != 0 || (!last && r.end % KV_BLOCK != 0) {
+            return Err(Error::Engine(format!(
+                "ops forward: attended rows {r:?} do not fall on {KV_BLOCK}-row slots"
             )));
         }
-        let mode = match (cfg.score, cfg.window_pool) {
+        slots.extend_from_slice(&table[r.start / KV_BLOCK..r.end.div_ceil(KV_BLOCK)]);
+        rows += r.len();
+    }
+    Ok((slots, rows))
+}
+
+/// A layer's paged cache as the session scores it: the backend scores the queries over the
+/// layer's prompt rows where the keys are; the host gets one score per block.
+struct OpsKeys<'a, O: Ops> {
+    ops: &'a O,
+    kv: &'a LayerCache<O>,
+    heads: Heads,
+}
+
+impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
+    fn positions(&self) -> &[u32] {
+        &self.kv.positions
+    }
+
+    fn block_scores(
+        &self,
+        q: &[f32],
+        req: &ScoreRequest,
+        _memo: Option<&mut ScoreMemo>,
+    ) -> Result<Vec<(u32, f32)>> {
+        let (ops, kv, heads) = (self.ops, self.kv, self.heads);
+        let prompt_rows = (kv.positions).partition_point(|&p| (p as usize) < req.prompt_len);
+        let w = q.len() / heads.q_dim();
+        if prompt_rows == 0 || w == 0 {
+            return Ok(Vec::new());
+        }
+        let units =
+            UnitBlocks::from_positions(&kv.positions[..prompt_rows], KV_BLOCK, req.unit_size);
+        let mode = match (req.kind, req.pool) {
             (ScoreKind::Attention, WindowPool::Mean) => ScoreMode::Attention,
             (ScoreKind::Attention, WindowPool::Max) => ScoreMode::AttentionMax,
             (ScoreKind::Paper, _) => ScoreMode::Paper,
         };
-        Ok(Self {
-            stages: cfg.resolve(n_layers, prompt_len),
-            cfg: cfg.clone(),
-            mode,
-        })
-    }
-
-    /// The stage that starts right after `layer`.
-    fn stage_after(&self, layer: usize) -> Option<Stage> {
-        self.stages
-            .iter()
-            .find(|s| s.start_layer == layer + 1)
-            .copied()
-    }
-
-    /// Whether `layer`'s queries score blocks: the layer before each stage, or (`"stage"`)
-    /// every layer from the previous stage's start up to it.
-    fn scores_at(&self, layer: usize) -> bool {
-        let Some(next) = self.stages.iter().find(|s| s.start_layer > layer) else {
-            return false;
+        let window = RowSlice {
+            rows: w,
+            stride: heads.q_dim(),
+            offset: 0,
         };
-        match self.cfg.score_layers {
-            ScoreLayers::Boundary => layer + 1 == next.start_layer,
-            ScoreLayers::Stage => true,
+        let mut acc = ops.zeros_f32(req.prompt_len.div_ceil(KV_BLOCK))?;
+        ops.block_scores(
+            &ops.upload_bf16(&to_bf16(q))?,
+            window,
+            &kv.pool,
+            &kv.table_dev,
+            prompt_rows,
+            &units,
+            req.unit_size,
+            heads,
+            mode,
+            &mut acc,
+        )?;
+        let sums = ops.download_f32(&acc)?;
+        Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect())
+    }
+}
+
+/// A forward's hidden states on the backend, as the session reads the rows it keeps.
+struct OpsHidden<'a, O: Ops> {
+    ops: &'a O,
+    h: &'a O::F32,
+    rows: usize,
+    hidden: usize,
+}
+
+impl<O: Ops> HiddenRows for OpsHidden<'_, O> {
+    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>> {
+        let ops = self.ops;
+        if rows.is_empty() {
+            return Ok(Vec::new());
         }
+        let idx = ops.upload_u32(&rows.iter().map(|&r| r as u32).collect::<Vec<_>>())?;
+        let pos = ops.upload_u32(&vec![0; self.rows])?;
+        let mut out = ops.zeros_f32(rows.len() * self.hidden)?;
+        let mut out_pos = ops.zeros_u32_like(rows.len())?;
+        ops.gather_rows(self.h, &pos, &idx, &mut out, &mut out_pos, self.hidden)?;
+        let mut out = ops.download_f32(&out)?;
+        out.truncate(rows.len() * self.hidden);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decode_set_is_the_slots_of_its_rows() {
+        // a layer's rows in slots 4, 0, 3, 1 (row order); its last slot holds 10 rows
+        let table = [4, 0, 3, 1];
+        let (slots, rows) = slot_subset(&table, &[0..64, 128..202]).unwrap();
+        assert_eq!((slots, rows), (vec![4, 3, 1], 138));
+        let (slots, rows) = slot_subset(&table, &[64..128, 192..193]).unwrap();
+        assert_eq!((slots, rows), (vec![0, 1], 65));
+        // a range that ends inside a slot before the last is not a set of whole blocks
+        assert!(slot_subset(&table, &[0..70, 128..202]).is_err());
+        assert!(slot_subset(&table, &[10..64, 128..202]).is_err());
     }
 }

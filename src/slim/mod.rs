@@ -12,7 +12,9 @@
 //!   (from which layer on, how many blocks); [`preset`]: which preset fits a model.
 //! - block scores from the post-RoPE queries of the last `local_window` tokens and the post-RoPE
 //!   keys (unit-mean keys, |q·k| averaged over heads, max over a block's units): the kernels are
-//!   the backend's ([`crate::backend::score`]); [`score`] reads a layer's cache for them.
+//!   the backend's ([`crate::backend::score`]); [`score`] is what the session reads of a layer's
+//!   cache on any device ([`score::ScoredLayer`]: positions, and scores computed where the keys
+//!   are).
 //! - [`select`]: top-K with the always-kept blocks (attention sink, the block(s) of the last prompt
 //!   tokens), the overlap-aware gate that decode uses, and the row indices to gather.
 //!

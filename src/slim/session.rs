@@ -1,5 +1,8 @@
 //! SlimInfer inside the forward: the `LayerPolicy` that prunes prompt rows at stage boundaries
-//! during prefill and keeps each stage's active block set up to date during decode.
+//! during prefill and keeps each stage's active block set up to date during decode. The same
+//! session serves both forwards: the engine's through `LayerPolicy` over its CPU cache, the ops
+//! forward (CPU or GPU) through `prepare_attention` / `attended_rows` / `finish_layer` over its
+//! backend's cache ([`ScoredLayer`]: the backend scores, the session chooses on the host).
 //!
 //! Prefill: after the layer just before a stage starts, score the prompt blocks that layer still
 //! holds from its post-RoPE keys and its last `local_window` queries (`slim::score`), keep the top-K
@@ -34,13 +37,13 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
-use crate::backend::score::{block_scores_of, HeadShape, UnitKeys, WindowPool};
+use crate::backend::score::{HeadShape, WindowPool};
 use crate::backend::with_f32;
 use crate::kv::policy::{ActiveBlocks, LayerPolicy, RowChange};
 use crate::kv::LayerKv;
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::keys_of;
+use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
 use crate::slim::select::{
     forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
 };
@@ -58,8 +61,8 @@ struct StageState {
     /// each query's own block scores once computed (attention scoring pools per-query scores,
     /// by `window_pool`, so a decode step scores only its new query).
     window: VecDeque<WindowQuery>,
-    /// Decode: the boundary layer's unit keys, with the prompt rows they were built from.
-    units: Option<(usize, UnitKeys)>,
+    /// Decode: what scoring the boundary layer may reuse from step to step.
+    memo: ScoreMemo,
     /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
     /// input, by block. Filled only when revival is on.
     aux: BTreeMap<u32, AuxBlock>,
@@ -134,8 +137,8 @@ struct LayerChoice {
     candidates: usize,
     /// The layer's last `LAYER_WINDOW` queries, with their scores.
     window: VecDeque<WindowQuery>,
-    /// The layer's unit keys, with the prompt rows they were built from.
-    units: Option<(usize, UnitKeys)>,
+    /// What scoring the layer may reuse from step to step.
+    memo: ScoreMemo,
 }
 
 /// SlimInfer's per-conversation state; lives as long as the KV cache it pruned.
@@ -175,7 +178,7 @@ impl SlimSession {
                 pool: Vec::new(),
                 active: Vec::new(),
                 window: VecDeque::new(),
-                units: None,
+                memo: ScoreMemo::default(),
                 aux: BTreeMap::new(),
                 prefill_scores: Vec::new(),
             })
@@ -291,20 +294,25 @@ impl SlimSession {
             .position(|s| s.stage.start_layer == layer + 1)
     }
 
-    fn score(&self, q_window: &[f32], kv: &LayerKv) -> Vec<(u32, f32)> {
-        let (keys, pos, bs, us) = (
-            keys_of(kv),
-            &kv.positions,
-            self.cfg.block_size,
-            self.cfg.prefill_unit_size,
-        );
-        match self.cfg.score {
-            ScoreKind::Paper => {
-                block_scores_of(q_window, keys, pos, self.prompt_len, self.shape, bs, us)
-            }
-            ScoreKind::Attention => UnitKeys::new(keys, pos, self.prompt_len, self.shape, bs, us)
-                .attention_scores(q_window, self.cfg.window_pool),
+    /// How this session asks for block scores: prefill's units (`prefill_unit_size`, the
+    /// window pooled by `window_pool`), or decode's (`unit_size`, each query on its own).
+    fn request(&self, prefill: bool) -> ScoreRequest {
+        let (unit_size, pool) = match prefill {
+            true => (self.cfg.prefill_unit_size, self.cfg.window_pool),
+            false => (self.cfg.unit_size, WindowPool::Mean),
+        };
+        ScoreRequest {
+            prompt_len: self.prompt_len,
+            shape: self.shape,
+            block_size: self.cfg.block_size,
+            unit_size,
+            kind: self.cfg.score,
+            pool,
         }
+    }
+
+    fn score(&self, q_window: &[f32], kv: &dyn ScoredLayer) -> Result<Vec<(u32, f32)>> {
+        kv.block_scores(q_window, &self.request(true), None)
     }
 
     /// Prefill at a boundary: choose the stage's blocks and the rows that go on; keep the
@@ -312,18 +320,18 @@ impl SlimSession {
     fn prune(
         &mut self,
         s: usize,
-        h: &Tensor,
+        h: &dyn HiddenRows,
         q: &[f32],
         positions: &[u32],
-        kv: &LayerKv,
+        kv: &dyn ScoredLayer,
     ) -> Result<Vec<usize>> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let rows = positions.len();
         let q_window = last_rows(q, width, self.cfg.local_window.min(rows));
         let scores = match self.cfg.score_layers {
-            ScoreLayers::Boundary => self.score(q_window, kv),
+            ScoreLayers::Boundary => self.score(q_window, kv)?,
             ScoreLayers::Stage => {
-                self.accumulate(q_window, kv);
+                self.accumulate(q_window, kv)?;
                 let n = self.acc_layers.max(1) as f32;
                 self.acc_layers = 0;
                 std::mem::take(&mut self.acc)
@@ -355,36 +363,33 @@ impl SlimSession {
     }
 
     /// Add this layer's block scores (from its last `local_window` queries) to the stage's sums.
-    fn accumulate(&mut self, q_window: &[f32], kv: &LayerKv) {
-        for (b, score) in self.score(q_window, kv) {
+    fn accumulate(&mut self, q_window: &[f32], kv: &dyn ScoredLayer) -> Result<()> {
+        for (b, score) in self.score(q_window, kv)? {
             *self.acc.entry(b).or_insert(0.0) += score;
         }
         self.acc_layers += 1;
+        Ok(())
     }
 
     /// Hidden states of rows `rows` (ascending) of h, grouped by block.
     fn stash(
         &self,
-        h: &Tensor,
+        h: &dyn HiddenRows,
         positions: &[u32],
         rows: &[usize],
     ) -> Result<BTreeMap<u32, AuxBlock>> {
-        let hidden = h.dims2()?.1;
+        let states = h.rows(rows)?;
+        let hidden = states.len() / rows.len().max(1);
         let bs = self.cfg.block_size as u32;
-        let h = h.contiguous()?;
         let mut out: BTreeMap<u32, AuxBlock> = BTreeMap::new();
-        with_f32(&h, |h| {
-            for &r in rows {
-                let block = out.entry(positions[r] / bs).or_insert(AuxBlock {
-                    hidden: Vec::new(),
-                    positions: Vec::new(),
-                });
-                block
-                    .hidden
-                    .extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
-                block.positions.push(positions[r]);
-            }
-        })?;
+        for (&r, state) in rows.iter().zip(states.chunks_exact(hidden.max(1))) {
+            let block = out.entry(positions[r] / bs).or_insert(AuxBlock {
+                hidden: Vec::new(),
+                positions: Vec::new(),
+            });
+            block.hidden.extend_from_slice(state);
+            block.positions.push(positions[r]);
+        }
         Ok(out)
     }
 
@@ -393,10 +398,10 @@ impl SlimSession {
     fn reselect(
         &mut self,
         s: usize,
-        h: &Tensor,
+        h: &dyn HiddenRows,
         q: &[f32],
         positions: &[u32],
-        kv: &LayerKv,
+        kv: &dyn ScoredLayer,
     ) -> Result<Option<RowChange>> {
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = self.cfg.local_window;
@@ -421,7 +426,7 @@ impl SlimSession {
             }
         }
         // candidates: the blocks with KV at this boundary layer
-        let mut scores = self.window_scores(s, kv);
+        let mut scores = self.window_scores(s, kv)?;
         let (block_size, gamma, revive) = (self.cfg.block_size, self.cfg.gamma, self.cfg.revive);
         let st = &mut self.stages[s];
         // Pruned blocks come back only into budget the stage's pool cannot fill (a raised
@@ -461,7 +466,7 @@ impl SlimSession {
     /// max, `window_pool`), which are kept: a step computes only its new queries' (a full
     /// recount only when the layer's blocks changed). The paper's score pools the queries first
     /// and is recomputed.
-    fn window_scores(&mut self, s: usize, kv: &LayerKv) -> Vec<(u32, f32)> {
+    fn window_scores(&mut self, s: usize, kv: &dyn ScoredLayer) -> Result<Vec<(u32, f32)>> {
         if self.cfg.score != ScoreKind::Attention {
             let q: Vec<f32> = (self.stages[s].window.iter())
                 .flat_map(|wq| wq.q.iter().copied())
@@ -469,46 +474,28 @@ impl SlimSession {
             return self.score(&q, kv);
         }
         let mut window = std::mem::take(&mut self.stages[s].window);
-        let mut units = self.stages[s].units.take();
-        let pooled = self.pooled_scores(&mut window, &mut units, kv);
+        let mut memo = std::mem::take(&mut self.stages[s].memo);
+        let pooled = self.pooled_scores(&mut window, &mut memo, kv);
         self.stages[s].window = window;
-        self.stages[s].units = units;
+        self.stages[s].memo = memo;
         pooled
     }
 
     /// Attention-mass block scores of the prompt blocks `kv` holds, pooled over `window` by
-    /// `window_pool`. Scores each query once (kept in the window) and the unit keys once per set
-    /// of prompt rows (kept in `units`).
+    /// `window_pool`. Scores each query once (kept in the window); `memo` carries what the
+    /// layer's scorer reuses while its prompt rows stay the same.
     fn pooled_scores(
         &self,
         window: &mut VecDeque<WindowQuery>,
-        units: &mut Option<(usize, UnitKeys)>,
-        kv: &LayerKv,
-    ) -> Vec<(u32, f32)> {
-        // the unit keys change only when the layer's prompt rows do (revival)
-        let prompt_rows = kv
-            .positions
-            .partition_point(|&p| (p as usize) < self.prompt_len);
-        let units = match units.take() {
-            Some((rows, u)) if rows == prompt_rows => units.insert((rows, u)),
-            _ => units.insert((
-                prompt_rows,
-                UnitKeys::new(
-                    keys_of(kv),
-                    &kv.positions,
-                    self.prompt_len,
-                    self.shape,
-                    self.cfg.block_size,
-                    self.cfg.unit_size,
-                ),
-            )),
-        };
-        let units = &units.1;
+        memo: &mut ScoreMemo,
+        kv: &dyn ScoredLayer,
+    ) -> Result<Vec<(u32, f32)>> {
+        let req = self.request(false);
         for wq in window.iter_mut().rev() {
             if wq.scores.is_some() {
                 break;
             }
-            wq.scores = Some(units.attention_scores(&wq.q, WindowPool::Mean));
+            wq.scores = Some(kv.block_scores(&wq.q, &req, Some(&mut *memo))?);
         }
         let newest: Vec<u32> = (window.back().and_then(|wq| wq.scores.as_ref()))
             .map(|sc| sc.iter().map(|&(b, _)| b).collect())
@@ -518,7 +505,7 @@ impl SlimSession {
         };
         for wq in window.iter_mut() {
             if !wq.scores.as_deref().is_some_and(same_blocks) {
-                wq.scores = Some(units.attention_scores(&wq.q, WindowPool::Mean));
+                wq.scores = Some(kv.block_scores(&wq.q, &req, Some(&mut *memo))?);
             }
         }
         let n = window.len().max(1) as f32;
@@ -531,23 +518,29 @@ impl SlimSession {
                 }
             }
         }
-        pooled
+        Ok(pooled)
     }
 
     /// `decode_select = "layer"`, before slim layer `layer` attends: its newest query joins its
     /// window (in the first forward, the prompt's last; later, the newest row past the prompt),
     /// the window proposes the layer's top-K among the blocks it holds, and the gate decides.
     /// The set applies from this step's attention on (a prefill attends to every row).
-    fn choose_for_layer(&mut self, layer: usize, q: &[f32], positions: &[u32], kv: &LayerKv) {
+    fn choose_for_layer(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        positions: &[u32],
+        kv: &dyn ScoredLayer,
+    ) -> Result<()> {
         let first_forward = !self.decoding;
         let Some(st) = self.stage_of(layer) else {
-            return;
+            return Ok(());
         };
         let k = st.stage.decode_blocks;
         if k >= st.pool.len() && !st.pool.is_empty() {
             // every block with KV here fits the set: nothing to choose, nothing to score
             let Some(choice) = self.layers.get(layer) else {
-                return;
+                return Ok(());
             };
             if choice.active != st.pool {
                 let swaps = changes(&choice.active, &st.pool);
@@ -559,27 +552,37 @@ impl SlimSession {
                 choice.candidates = every.len();
                 choice.active = every;
             }
-            return;
+            return Ok(());
         }
         let Some(mut choice) = self.layers.get_mut(layer).map(std::mem::take) else {
-            return;
+            return Ok(());
         };
         let width = self.shape.n_heads * self.shape.head_dim;
         let w = LAYER_WINDOW;
+        // q holds the queries of the last rows only, from row `first` on (the engine passes all)
+        let first = positions.len().saturating_sub(q.len() / width);
         let rows: Vec<usize> = if first_forward {
-            (positions.len().saturating_sub(w)..positions.len()).collect()
+            (positions.len().saturating_sub(w).max(first)..positions.len()).collect()
         } else {
-            (0..positions.len())
+            (first..positions.len())
                 .filter(|&r| positions[r] as usize >= self.prompt_len)
                 .collect()
         };
         for r in rows {
-            (choice.window).push_back(WindowQuery::new(&q[r * width..(r + 1) * width]));
+            let q = &q[(r - first) * width..(r - first + 1) * width];
+            (choice.window).push_back(WindowQuery::new(q));
             while choice.window.len() > w {
                 choice.window.pop_front();
             }
         }
-        let scores = self.pooled_scores(&mut choice.window, &mut choice.units, kv);
+        let scores = self.pooled_scores(&mut choice.window, &mut choice.memo, kv);
+        let scores = match scores {
+            Ok(scores) => scores,
+            Err(e) => {
+                self.layers[layer] = choice;
+                return Err(e);
+            }
+        };
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
         let proposal = select_top_k(&scores, k, &forced);
         let before = choice.active.clone();
@@ -599,13 +602,14 @@ impl SlimSession {
         }
         choice.candidates = scores.len();
         self.layers[layer] = choice;
+        Ok(())
     }
 
     /// The rows of `kv` that decode attends to with the prompt blocks `active`: each block, and
     /// the rows past the prompt, as runs of rows found by binary search (rows are sorted by
     /// position; no pass over every row per layer and step).
-    fn rows_of(&self, active: &[u32], kv: &LayerKv) -> Vec<Range<usize>> {
-        let row_of = |pos: usize| kv.positions.partition_point(|&p| (p as usize) < pos);
+    fn rows_of(&self, active: &[u32], kv: &dyn ScoredLayer) -> Vec<Range<usize>> {
+        let row_of = |pos: usize| kv.positions().partition_point(|&p| (p as usize) < pos);
         let bs = self.cfg.block_size;
         let blocks =
             (active.iter()).map(|&b| b as usize * bs..((b as usize + 1) * bs).min(self.prompt_len));
@@ -677,27 +681,50 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
         .collect()
 }
 
-impl LayerPolicy for SlimSession {
-    fn before_attention(
+/// The hidden states of a forward's rows, wherever they live: what the session keeps of the rows
+/// prefill drops, for revival.
+pub trait HiddenRows {
+    /// Rows `rows` (ascending), (rows.len(), hidden) row-major.
+    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>>;
+}
+
+impl HiddenRows for Tensor {
+    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>> {
+        let hidden = self.dims2()?.1;
+        let h = self.contiguous()?;
+        let mut out = Vec::with_capacity(rows.len() * hidden);
+        with_f32(&h, |h| {
+            for &r in rows {
+                out.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// The session between a forward's layers, on any device: [`LayerPolicy`] for the engine's
+/// CPU cache is these three over [`LayerKv`]; the ops forward calls them over its backend's.
+impl SlimSession {
+    /// Layer `layer` has appended this step's rows (at `positions`) to `kv` and is about to
+    /// attend: a slim layer choosing its own decode set does so now. `q` holds the post-RoPE
+    /// queries of the step's last rows (every row, or at least the `local_window` last).
+    pub fn prepare_attention(
         &mut self,
         layer: usize,
         q: &[f32],
         positions: &[u32],
-        kv: &LayerKv,
+        kv: &dyn ScoredLayer,
     ) -> Result<()> {
         if !self.layers.is_empty() {
-            self.choose_for_layer(layer, q, positions, kv);
+            self.choose_for_layer(layer, q, positions, kv)?;
         }
         Ok(())
     }
 
-    /// Pruning scores the last `local_window` queries; decode's stage window keeps as many.
-    fn query_rows(&self) -> usize {
-        self.cfg.local_window
-    }
-
-    fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
-        let all = vec![0..kv.len()];
+    /// The rows of `kv` layer `layer` attends to: sorted, disjoint ranges.
+    pub fn attended_rows(&self, layer: usize, kv: &dyn ScoredLayer) -> Vec<Range<usize>> {
+        #[allow(clippy::single_range_in_vec_init)] // one range: every row
+        let all = vec![0..kv.positions().len()];
         if !self.decoding {
             return all;
         }
@@ -712,6 +739,64 @@ impl LayerPolicy for SlimSession {
             Some(st) if st.active.len() < st.pool.len() => self.rows_of(&st.active, kv),
             _ => all,
         }
+    }
+
+    /// After layer `layer` (output `h`, the post-RoPE queries `q` of its last
+    /// `local_window` rows, the rows' positions, its cache): prefill scores, and at a stage
+    /// boundary prunes; decode re-chooses a stage's blocks at its boundary. Returns how the
+    /// rows change before the next layer, or None to keep them all.
+    pub fn finish_layer(
+        &mut self,
+        layer: usize,
+        h: &dyn HiddenRows,
+        q: &[f32],
+        positions: &[u32],
+        kv: &dyn ScoredLayer,
+    ) -> Result<Option<RowChange>> {
+        if layer + 1 == self.n_layers {
+            self.decoding = true;
+        }
+        let Some(s) = self.boundary_after(layer) else {
+            if self.prefilling
+                && self.cfg.score_layers == ScoreLayers::Stage
+                && !self.stages.is_empty()
+            {
+                let width = self.shape.n_heads * self.shape.head_dim;
+                let w = self.cfg.local_window.min(positions.len());
+                self.accumulate(last_rows(q, width, w), kv)?;
+            }
+            return Ok(None);
+        };
+        if self.prefilling {
+            let keep = self.prune(s, h, q, positions, kv)?;
+            if s + 1 == self.stages.len() {
+                self.prefilling = false;
+            }
+            Ok((keep.len() < positions.len()).then(|| RowChange::keep(keep)))
+        } else {
+            self.reselect(s, h, q, positions, kv)
+        }
+    }
+}
+
+impl LayerPolicy for SlimSession {
+    fn before_attention(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        positions: &[u32],
+        kv: &LayerKv,
+    ) -> Result<()> {
+        self.prepare_attention(layer, q, positions, kv)
+    }
+
+    /// Pruning scores the last `local_window` queries; decode's stage window keeps as many.
+    fn query_rows(&self) -> usize {
+        self.cfg.local_window
+    }
+
+    fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
+        self.attended_rows(layer, kv)
     }
 
     fn active_blocks(&self, layer: usize) -> Option<ActiveBlocks<'_>> {
@@ -744,29 +829,7 @@ impl LayerPolicy for SlimSession {
         positions: &[u32],
         kv: &LayerKv,
     ) -> Result<Option<RowChange>> {
-        if layer + 1 == self.n_layers {
-            self.decoding = true;
-        }
-        let Some(s) = self.boundary_after(layer) else {
-            if self.prefilling
-                && self.cfg.score_layers == ScoreLayers::Stage
-                && !self.stages.is_empty()
-            {
-                let width = self.shape.n_heads * self.shape.head_dim;
-                let w = self.cfg.local_window.min(positions.len());
-                self.accumulate(last_rows(q, width, w), kv);
-            }
-            return Ok(None);
-        };
-        if self.prefilling {
-            let keep = self.prune(s, h, q, positions, kv)?;
-            if s + 1 == self.stages.len() {
-                self.prefilling = false;
-            }
-            Ok((keep.len() < positions.len()).then(|| RowChange::keep(keep)))
-        } else {
-            self.reselect(s, h, q, positions, kv)
-        }
+        self.finish_layer(layer, h, q, positions, kv)
     }
 }
 

@@ -315,6 +315,13 @@ fn ops_decode_attends_to_each_slim_layers_own_blocks() {
         differ,
         "decode over the sets gave the logits of decode over every kept row"
     );
+    let rows: usize = cache.layers.iter().map(|l| l.rows).sum();
+    let (narrow_kv, every_kv) = (
+        cache.attended_kv_bytes(&CpuOps, &shape),
+        all.attended_kv_bytes(&CpuOps, &shape),
+    );
+    assert_eq!(every_kv, rows * shape.kv_row_bytes());
+    assert!(narrow_kv < every_kv * 3 / 4, "{narrow_kv} of {every_kv}");
     let every_trace = all.session.as_ref().expect("pruned").trace();
     for ((_, set), stage_pool) in every_trace.decode_sets.iter().zip([0, 0, 1, 1]) {
         assert_eq!(set, &report.kept_blocks[stage_pool]);

@@ -53,6 +53,8 @@ pub struct RunResult {
     pub rows_per_layer: Vec<usize>,
     pub prompt_kv_bytes: usize,
     pub kv_pool_bytes: usize,
+    /// K and V the last decode step read (pruned: each slim layer's decode set).
+    pub decode_kv_bytes: usize,
     pub gemm_flops: f64,
     /// GEMM FLOPs over the measured cuBLAS bf16 rate.
     pub gemm_floor_ms: f64,
@@ -148,12 +150,13 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
                 report.cublas_bf16_tflops,
             )?;
             log(&format!(
-                "{len:>6} tokens {:>6}: TTFT {:>8.1} ms (GEMM floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB{}",
+                "{len:>6} tokens {:>6}: TTFT {:>8.1} ms (GEMM floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB, decode reads {:>6.2} GB{}",
                 r.mode,
                 r.ttft_ms,
                 r.gemm_floor_ms,
                 r.decode_tok_s,
                 r.prompt_kv_bytes as f64 / 1e9,
+                r.decode_kv_bytes as f64 / 1e9,
                 r.tier.map_or(String::new(), |t| format!(
                     ", swap drill: {} blocks fetched in {:.2} ms, stall {:.3} ms",
                     t.fetched_blocks, t.fetch_ms, t.stall_ms
@@ -277,6 +280,7 @@ fn one_run(
         decode_tok_s,
         prompt_kv_bytes: cache.prompt_kv_bytes(&shape),
         kv_pool_bytes: cache.pool_bytes(),
+        decode_kv_bytes: cache.attended_kv_bytes(model.ops, &shape),
         rows_per_layer: report.rows_per_layer,
         gemm_flops,
         gemm_floor_ms: gemm_flops / (tflops * 1e12) * 1e3,
@@ -380,19 +384,28 @@ fn summary(r: &Report) -> Vec<String> {
         String::new(),
         format!("== gpu-check: {} ==", r.device),
         format!(
-            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>9} {:>9}",
-            "tokens", "mode", "TTFT ms", "floor ms", "decode/s", "prompt KV", "swap ms", "stall ms"
+            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>9} {:>9}",
+            "tokens",
+            "mode",
+            "TTFT ms",
+            "floor ms",
+            "decode/s",
+            "prompt KV",
+            "decode KV",
+            "swap ms",
+            "stall ms"
         ),
     ];
     for x in &r.runs {
         out.push(format!(
-            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>9} {:>9}",
+            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>8.2} GB {:>9} {:>9}",
             x.prompt_tokens,
             x.mode,
             x.ttft_ms,
             x.gemm_floor_ms,
             x.decode_tok_s,
             x.prompt_kv_bytes as f64 / 1e9,
+            x.decode_kv_bytes as f64 / 1e9,
             x.tier.map_or("-".into(), |t| format!("{:.2}", t.fetch_ms)),
             x.tier.map_or("-".into(), |t| format!("{:.3}", t.stall_ms)),
         ));

@@ -371,6 +371,27 @@ impl<O: Ops> ModelCache<O> {
     pub fn rows_per_layer(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.rows).collect()
     }
+
+    /// Bytes of K and V a decode step reads now, over all layers: every row of a layer, or the
+    /// rows of the blocks its session chose (each slim layer's decode set).
+    pub fn attended_kv_bytes(&self, ops: &O, shape: &LlamaShape) -> usize {
+        let rows: usize = (self.layers.iter().enumerate())
+            .map(|(layer, kv)| match &self.session {
+                Some(session) => {
+                    let keys = OpsKeys {
+                        ops,
+                        kv,
+                        heads: shape.heads,
+                    };
+                    (session.attended_rows(layer, &keys).iter())
+                        .map(|r| r.len())
+                        .sum()
+                }
+                None => kv.rows,
+            })
+            .sum();
+        rows * shape.kv_row_bytes()
+    }
 }
 
 /// What a prefill did.

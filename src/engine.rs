@@ -15,6 +15,7 @@ use crate::backend::attention::AttentionKind;
 use crate::backend::linear::LinearMode;
 use crate::backend::score::HeadShape;
 use crate::config::AppConfig;
+use crate::device_forward::DeviceForward;
 use crate::kv::policy::Dense;
 use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
 use crate::model::gguf::GgufFile;
@@ -200,16 +201,28 @@ pub struct Engine {
     kv_note: Option<String>,
     /// Longest prompt plus answer: the model's context or the configured smaller window.
     context: usize,
+    /// The forward on another device (`--device cuda`), when prompts and tokens run there
+    /// rather than through `model`, `kv` and `session`.
+    device: Option<Box<dyn DeviceForward>>,
 }
 
 impl Engine {
-    /// Resolve the configured model (downloading it if needed, with progress) and load it.
+    /// Resolve the configured model (downloading it if needed, with progress) and load it, on
+    /// the configured device: a GPU's forward when `[model] device` resolves to CUDA (a GPU
+    /// forward that fails to load leaves the engine on the CPU, with one line saying why).
     pub fn load_configured(
         cfg: &AppConfig,
         on_progress: &mut dyn FnMut(&DownloadProgress),
     ) -> Result<Self> {
         let path = ModelSource::parse(&cfg.model.source)?.resolve(on_progress)?;
-        Self::load(&path, &EngineOptions::from_config(cfg))
+        let mut engine = Self::load(&path, &EngineOptions::from_config(cfg))?;
+        let (device, _) = crate::device::resolve(cfg.model.device);
+        match crate::device_forward::load(device, &path, engine.context) {
+            Ok(Some(forward)) => engine.use_device(forward),
+            Ok(None) => {}
+            Err(e) => eprintln!("slimchat: the GPU forward did not load ({e}); running on the CPU"),
+        }
+        Ok(engine)
     }
 
     pub fn load(path: &Path, opts: &EngineOptions) -> Result<Self> {
@@ -275,7 +288,20 @@ impl Engine {
             special_strings,
             kv_note,
             context,
+            device: None,
         })
+    }
+
+    /// Run prompts and tokens through `forward` (a GPU's) from now on; the loaded CPU model
+    /// still tokenizes, templates and describes the model.
+    pub fn use_device(&mut self, forward: Box<dyn DeviceForward>) {
+        self.reset();
+        self.device = Some(forward);
+    }
+
+    /// The device the forward runs on, when it is not the CPU engine's own.
+    pub fn device(&self) -> Option<String> {
+        self.device.as_ref().map(|d| d.describe())
     }
 
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
@@ -321,7 +347,10 @@ impl Engine {
     }
 
     pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+        match &self.device {
+            Some(d) => d.kv_bytes(),
+            None => self.kv.bytes(),
+        }
     }
 
     /// Positions of the rows layer `layer` holds in its cache.
@@ -341,7 +370,10 @@ impl Engine {
 
     /// KV rows each layer holds now.
     pub fn kept_per_layer(&self) -> Vec<usize> {
-        self.kv.rows_per_layer()
+        match &self.device {
+            Some(d) => d.rows_per_layer(),
+            None => self.kv.rows_per_layer(),
+        }
     }
 
     /// Forget every cached token.
@@ -350,6 +382,9 @@ impl Engine {
         self.kv.clear();
         self.cached.clear();
         self.session = None;
+        if let Some(d) = &mut self.device {
+            d.reset();
+        }
     }
 
     /// Render the conversation with the chat template and tokenize it. The template's own
@@ -461,7 +496,7 @@ impl Engine {
             fast_bytes: tiers.0,
             host_bytes: tiers.1,
         });
-        let kept_per_layer = self.kv.rows_per_layer();
+        let kept_per_layer = self.kept_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();
 
@@ -532,7 +567,7 @@ impl Engine {
             } else {
                 0.0
             },
-            kv_bytes: self.kv.bytes(),
+            kv_bytes: self.kv_bytes(),
             stop_reason,
             slim: self.session.is_some(),
             prefill_kind,
@@ -543,13 +578,17 @@ impl Engine {
             slim_note: self.slim_note(),
             slim_preset: self.slim.preset_for(self.model.spec.n_layers).to_string(),
             slim_stages: self.session.as_ref().map_or_else(Vec::new, |s| s.stages()),
-            gpu_memory: None,
+            gpu_memory: self.device.as_ref().and_then(|d| d.memory()),
             kv: self.take_kv_stats(),
         })
     }
 
     /// Fast-tier and host-tier bytes now.
     fn kv_stats_now(&self) -> (usize, usize) {
+        if let Some(d) = &self.device {
+            // the device holds every kept row; decode reads its sets of them
+            return (d.kv_bytes(), 0);
+        }
         match self.kv.tiers() {
             Some(_) => {
                 let (mut fast, mut host) = (0, 0);
@@ -750,6 +789,9 @@ impl Engine {
         prompt: &[u32],
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<(Vec<f32>, usize)> {
+        if self.device.is_some() {
+            return self.prefill_on_device(prompt, on_event);
+        }
         let shared = self
             .cached
             .iter()
@@ -834,6 +876,39 @@ impl Engine {
         Ok((logits, reused))
     }
 
+    /// [`Engine::prefill`] on the device forward: the whole prompt, every time (no reuse of a
+    /// previous turn's KV there yet), pruned when SlimInfer is on.
+    fn prefill_on_device(
+        &mut self,
+        prompt: &[u32],
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, usize)> {
+        self.reset();
+        let n_layers = self.model.spec.n_layers;
+        let total = prompt.len();
+        let slim = (self.slim.enabled).then_some(&self.slim);
+        let headroom = self.answer_reserve + 1;
+        let device = self.device.as_mut().expect("checked by the caller");
+        let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
+            on_event(EngineEvent::PrefillProgress {
+                layers_done: layer + 1,
+                n_layers,
+                tokens: total,
+                rows,
+            })
+        });
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                self.reset();
+                return Err(e);
+            }
+        };
+        self.last_prefill_kind = PrefillKind::Full;
+        self.cached = prompt.to_vec();
+        Ok((logits, 0))
+    }
+
     /// Teacher-forced logits: run `tokens` at positions 0.. from an empty cache, dense whatever
     /// the pruning setting, and return the logits of rows `from..` as (tokens.len() - from,
     /// vocab), row-major. The cache is empty afterwards.
@@ -868,6 +943,11 @@ impl Engine {
 
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        if let Some(device) = &mut self.device {
+            let logits = device.step(token)?;
+            self.cached.push(token);
+            return Ok(logits);
+        }
         let pos = self.cached.len() as u32;
         if let Some(t) = self.kv.tiers_mut() {
             t.begin_step();

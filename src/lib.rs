@@ -7,6 +7,7 @@ pub mod context_fit;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod device_forward;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -491,14 +491,9 @@ fn serve(mut cfg: AppConfig, args: ServeArgs) -> Result<()> {
 }
 
 fn load_engine(cfg: &AppConfig) -> Result<Engine> {
-    let (device, note) = slimchat::device::resolve(cfg.model.device);
+    let (_, note) = slimchat::device::resolve(cfg.model.device);
     if let Some(note) = note {
         eprintln!("{note}");
-    }
-    if device == slimchat::device::Device::Cuda && cfg.model.device == DeviceChoice::Cuda {
-        eprintln!(
-            "slimchat: the chat engine runs on the CPU; the CUDA backend serves `slimchat gpu-check` until the GGUF forward is routed through the ops seam"
-        );
     }
     let mut last_pct = u64::MAX;
     let engine = Engine::load_configured(cfg, &mut |p: &DownloadProgress| {
@@ -512,6 +507,9 @@ fn load_engine(cfg: &AppConfig) -> Result<Engine> {
     })?;
     if let Some(note) = engine.template.note() {
         eprintln!("slimchat: note: {note}");
+    }
+    if let Some(device) = engine.device() {
+        eprintln!("slimchat: the model runs on {device} (`--device cpu` for the CPU engine)");
     }
     Ok(engine)
 }

@@ -1,0 +1,180 @@
+//! The chat engine's forward on another device: the LLaMA forward over the ops seam
+//! ([`OpsLlama`]) with its cache and the engine's own `SlimSession`, behind the few calls the
+//! engine makes of a forward (prefill a prompt, step one token, report the KV and the device's
+//! memory). `--device cuda` runs the chat screen, `run` and `serve` through it on a GPU
+//! ([`load_cuda`]); [`load_cpu_ops`] runs the same code on the CPU's ops (bf16), which is how
+//! the tests check it without a GPU.
+//!
+//! What it does not do yet: a follow-up turn prefills the whole conversation again (no reuse of
+//! the previous turn's KV), a raised keep ratio takes effect at the next prompt, and the CPU
+//! model stays loaded beside it (the engine's tokenizer, template and metadata come from it).
+
+use std::path::Path;
+
+use crate::backend::ops::Ops;
+use crate::backend::paged_kv::{LayerCache, LayerHooks};
+use crate::device::Device;
+use crate::metrics::GpuMemory;
+use crate::model::gguf::GgufFile;
+use crate::model::ops_llama::{ModelCache, OpsLlama};
+use crate::slim::schedule::SlimConfig;
+use crate::Result;
+
+/// A forward the engine can hand its prompts and tokens to.
+pub trait DeviceForward: Send {
+    /// The device, in words (for the metrics panel and `run --json`).
+    fn describe(&self) -> String;
+
+    /// Drop the cache: the next call is a prefill.
+    fn reset(&mut self);
+
+    /// Prefill `tokens` at positions 0.. from an empty cache, pruned by `slim` (None: dense),
+    /// with room for `headroom` generated tokens; the logits of the last token. `on_layer`
+    /// hears of each layer as it is issued, with the rows it runs on.
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>>;
+
+    /// One generated token at the next position; its logits.
+    fn step(&mut self, token: u32) -> Result<Vec<f32>>;
+
+    /// Rows each layer holds (the prompt tokens it kept, and the answer's).
+    fn rows_per_layer(&self) -> Vec<usize>;
+
+    /// Bytes of K and V the device holds for this conversation.
+    fn kv_bytes(&self) -> usize;
+
+    /// Bytes of K and V a decode step reads now (each slim layer's decode set).
+    fn decode_kv_bytes(&self) -> usize;
+
+    /// The device's memory, when it has its own.
+    fn memory(&self) -> Option<GpuMemory>;
+}
+
+/// [`DeviceForward`] over a backend of the ops seam.
+struct OpsForward<O: Ops + 'static> {
+    model: OpsLlama<'static, O>,
+    cache: Option<ModelCache<O>>,
+    describe: String,
+    memory: Box<dyn Fn() -> Option<GpuMemory> + Send>,
+}
+
+/// Calls `on_layer` as each layer of a prefill writes its rows.
+struct Progress<'a>(&'a mut dyn FnMut(usize, usize));
+
+impl<O: Ops> LayerHooks<O> for Progress<'_> {
+    fn kv_written(&mut self, _ops: &O, layer: usize, kv: &LayerCache<O>) -> Result<()> {
+        (self.0)(layer, kv.rows);
+        Ok(())
+    }
+}
+
+impl<O: Ops + Sync + 'static> DeviceForward for OpsForward<O>
+where
+    OpsLlama<'static, O>: Send,
+    ModelCache<O>: Send,
+{
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn reset(&mut self) {
+        self.cache = None;
+    }
+
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.cache = None;
+        let (cache, report) =
+            (self.model).prefill(tokens, slim, headroom, &mut Progress(on_layer))?;
+        self.cache = Some(cache);
+        Ok(report.logits)
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        let cache = self.cache.as_mut().ok_or_else(|| {
+            crate::Error::Engine("device forward: a step before any prefill".into())
+        })?;
+        (self.model).decode(cache, token, &mut crate::backend::paged_kv::NoHooks)
+    }
+
+    fn rows_per_layer(&self) -> Vec<usize> {
+        self.cache
+            .as_ref()
+            .map_or_else(Vec::new, ModelCache::rows_per_layer)
+    }
+
+    fn kv_bytes(&self) -> usize {
+        let shape = &self.model.shape;
+        (self.cache.as_ref()).map_or(0, |c| {
+            c.rows_per_layer().iter().sum::<usize>() * shape.kv_row_bytes()
+        })
+    }
+
+    fn decode_kv_bytes(&self) -> usize {
+        (self.cache.as_ref()).map_or(0, |c| {
+            c.attended_kv_bytes(self.model.ops, &self.model.shape)
+        })
+    }
+
+    fn memory(&self) -> Option<GpuMemory> {
+        (self.memory)()
+    }
+}
+
+/// The forward for `device`: None for the CPU (the engine's own), a GPU's for CUDA.
+pub fn load(device: Device, path: &Path, context: usize) -> Result<Option<Box<dyn DeviceForward>>> {
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => load_cuda(path, context).map(Some),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => {
+            let _ = (path, context);
+            Err(crate::Error::Engine(
+                "this build has no CUDA backend; rebuild with --features cuda".into(),
+            ))
+        }
+    }
+}
+
+/// The model file `path` on the CPU's ops (bf16 weights and activations, f32 sums), for up to
+/// `context` tokens: the device forward without a device.
+pub fn load_cpu_ops(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> {
+    static CPU: crate::backend::cpu_ops::CpuOps = crate::backend::cpu_ops::CpuOps;
+    let mut file = GgufFile::open(path)?;
+    Ok(Box::new(OpsForward {
+        model: OpsLlama::from_gguf(&CPU, &mut file, context)?,
+        cache: None,
+        describe: "CPU (ops seam, bf16)".into(),
+        memory: Box::new(|| None),
+    }))
+}
+
+/// The model file `path` on GPU 0, for up to `context` tokens: weights expanded to bf16 there,
+/// KV in its memory.
+#[cfg(feature = "cuda")]
+pub fn load_cuda(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> {
+    use crate::cuda::{CudaOps, Gpu};
+    use std::sync::Arc;
+    let gpu = Arc::new(Gpu::new(0)?);
+    // the backend lives as long as the process: the model borrows it
+    let ops: &'static CudaOps = Box::leak(Box::new(CudaOps::new(gpu.clone())));
+    let mut file = GgufFile::open(path)?;
+    let model = OpsLlama::from_gguf(ops, &mut file, context)?;
+    Ok(Box::new(OpsForward {
+        model,
+        cache: None,
+        describe: format!("CUDA: {}", gpu.describe()),
+        memory: Box::new(move || gpu.vram().ok()),
+    }))
+}

@@ -1,0 +1,85 @@
+//! The chat engine on the device forward (the ops seam's LLaMA forward with the engine's own
+//! SlimSession), run here on the CPU's ops: the same code `--device cuda` runs on a GPU.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use slimchat::backend::linear::LinearMode;
+use slimchat::bench::LONG_TEXT;
+use slimchat::device_forward::load_cpu_ops;
+use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest, PrefillKind};
+use slimchat::model::template::Message;
+use slimchat::sampling::SamplingConfig;
+
+fn request(doc: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        messages: vec![Message::user(format!(
+            "{doc}\n\nWhat is this text about? Answer in one sentence."
+        ))],
+        max_tokens,
+        sampling: SamplingConfig::default(),
+    }
+}
+
+#[test]
+fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
+    let path = common::default_model();
+    // about 1,100 prompt tokens: the default schedule prunes layers 28-29 (floor 1024 tokens)
+    let doc: String = LONG_TEXT.chars().take(4400).collect();
+    let opts = EngineOptions {
+        linear: LinearMode::Dense,
+        ..EngineOptions::default()
+    };
+    let mut cpu = Engine::load(&path, &opts).unwrap();
+    let mut dev = Engine::load(&path, &opts).unwrap();
+    dev.use_device(load_cpu_ops(&path, 2048).unwrap());
+    assert!(dev.device().is_some() && cpu.device().is_none());
+    let cancel = AtomicBool::new(false);
+    let want = cpu
+        .generate(&request(&doc, 12), &cancel, &mut |_| {})
+        .unwrap();
+    let mut layers_seen = Vec::new();
+    let got = dev
+        .generate(&request(&doc, 12), &cancel, &mut |ev| {
+            if let EngineEvent::PrefillProgress { layers_done, .. } = ev {
+                layers_seen.push(layers_done);
+            }
+        })
+        .unwrap();
+    eprintln!(
+        "CPU engine: {:?}\ndevice forward: {:?}",
+        want.text, got.text
+    );
+    assert_eq!(got.prompt_tokens, want.prompt_tokens);
+    assert_eq!(got.prefill_kind, PrefillKind::Full);
+    assert!(got.generated_tokens > 0 && !got.text.trim().is_empty());
+    // the same model: its greedy answer starts with the CPU engine's (bf16 against f32
+    // weights part on near-ties later)
+    let prefix: String = want.text.chars().take(12).collect();
+    assert!(
+        got.text.starts_with(&prefix),
+        "{:?} vs {:?}",
+        got.text,
+        want.text
+    );
+    // the prefill reported every layer, and pruned what the engine prunes
+    assert_eq!(layers_seen, (1..=30).collect::<Vec<_>>());
+    assert_eq!(got.kept_per_layer.len(), 30);
+    assert_eq!(got.kept_per_layer[0], want.kept_per_layer[0]);
+    assert_eq!(got.kept_per_layer[29], want.kept_per_layer[29]);
+    assert!(got.kept_per_layer[29] < got.kept_per_layer[0]);
+    assert!(got.kv_bytes > 0 && dev.kv_bytes() == got.kv_bytes);
+    assert!(
+        got.gpu_memory.is_none(),
+        "the CPU's ops have no device memory"
+    );
+
+    // a follow-up prefills the whole conversation again; a reset empties the device cache
+    let again = dev
+        .generate(&request(&doc, 4), &cancel, &mut |_| {})
+        .unwrap();
+    assert_eq!(again.reused_tokens, 0);
+    dev.reset();
+    assert_eq!(dev.kv_bytes(), 0);
+}

@@ -6,7 +6,7 @@
 #   bash scripts/gpu-check.sh "$OUT/gpu"
 #
 # (1) every kernel against its CPU reference, (1b) a real model's logits on the GPU against the
-# CPU engine, (2) a Llama-3.1-8B-shaped model with random bf16
+# CPU engine, (1c) the chat engine answering on the GPU, (2) a Llama-3.1-8B-shaped model with random bf16
 # weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
 # tokens/s, GPU prompt KV bytes, the KV manager's swap drill and stall, VRAM, the cuBLAS bf16
 # rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
@@ -41,6 +41,10 @@ if [ -f "$model" ]; then
             "$out/agreement-$linear" 2>&1 | tee -a "$out/agreement.log"
         agreement="$agreement $linear:${PIPESTATUS[0]}"
     done
+    # (1c) the chat engine itself on the GPU (the device forward): one answer, with its JSON
+    timeout 60 "$bin" --model "$model" --device cuda run --max-tokens 16 --json \
+        -p "Name three colours." > "$out/chat-on-gpu.json" 2> "$out/chat-on-gpu.log"
+    agreement="$agreement chat:$?"
 fi
 # (2)-(4) the 8B-shaped run; the JSON is rewritten after every prompt length
 timeout 280 "$bin" gpu-check --lengths "${GPU_CHECK_LENGTHS:-8192,16384,32768}" "$out" 2>&1 | tee "$out/run.log"

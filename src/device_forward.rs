@@ -5,9 +5,11 @@
 //! ([`load_cuda`]); [`load_cpu_ops`] runs the same code on the CPU's ops (bf16), which is how
 //! the tests check it without a GPU.
 //!
-//! What it does not do yet: a follow-up turn prefills the whole conversation again (no reuse of
-//! the previous turn's KV), a raised keep ratio takes effect at the next prompt, and the CPU
-//! model stays loaded beside it (the engine's tokenizer, template and metadata come from it).
+//! A follow-up turn runs only its new tokens after the cached conversation (the prompt's pruned
+//! KV is kept, as on the CPU) while the cache has room; the prefill leaves room for the answer
+//! and a follow-up message. What it does not do yet: a keep ratio turned mid-conversation takes
+//! effect at the next fresh prompt, and the CPU model stays loaded beside it (the engine's
+//! tokenizer, template and metadata come from it).
 
 use std::path::Path;
 
@@ -25,6 +27,9 @@ pub trait DeviceForward: Send {
     /// The device, in words (for the metrics panel and `run --json`).
     fn describe(&self) -> String;
 
+    /// The longest prompt plus answer it takes.
+    fn context(&self) -> usize;
+
     /// Drop the cache: the next call is a prefill.
     fn reset(&mut self);
 
@@ -39,8 +44,12 @@ pub trait DeviceForward: Send {
         on_layer: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>>;
 
-    /// One generated token at the next position; its logits.
-    fn step(&mut self, token: u32) -> Result<Vec<f32>>;
+    /// `tokens` at the next positions (a follow-up message, or one generated token), after
+    /// the cached ones; the logits of the last.
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+
+    /// Tokens the cache still has room for (0 with no cache).
+    fn room(&self) -> usize;
 
     /// Rows each layer holds (the prompt tokens it kept, and the answer's).
     fn rows_per_layer(&self) -> Vec<usize>;
@@ -82,6 +91,10 @@ where
         self.describe.clone()
     }
 
+    fn context(&self) -> usize {
+        self.model.max_positions()
+    }
+
     fn reset(&mut self) {
         self.cache = None;
     }
@@ -100,11 +113,15 @@ where
         Ok(report.logits)
     }
 
-    fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let cache = self.cache.as_mut().ok_or_else(|| {
             crate::Error::Engine("device forward: a step before any prefill".into())
         })?;
-        (self.model).decode(cache, token, &mut crate::backend::paged_kv::NoHooks)
+        (self.model).extend(cache, tokens, &mut crate::backend::paged_kv::NoHooks)
+    }
+
+    fn room(&self) -> usize {
+        self.cache.as_ref().map_or(0, ModelCache::room)
     }
 
     fn rows_per_layer(&self) -> Vec<usize> {

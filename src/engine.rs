@@ -206,6 +206,10 @@ pub struct Engine {
     device: Option<Box<dyn DeviceForward>>,
 }
 
+/// Tokens of a follow-up message a device prefill leaves room for beyond the answer (a longer
+/// one prefills the conversation again).
+const FOLLOW_UP_ROOM: usize = 1024;
+
 impl Engine {
     /// Resolve the configured model (downloading it if needed, with progress) and load it, on
     /// the configured device: a GPU's forward when `[model] device` resolves to CUDA (a GPU
@@ -293,9 +297,11 @@ impl Engine {
     }
 
     /// Run prompts and tokens through `forward` (a GPU's) from now on; the loaded CPU model
-    /// still tokenizes, templates and describes the model.
+    /// still tokenizes, templates and describes the model. The context becomes the smaller of
+    /// the engine's and the forward's.
     pub fn use_device(&mut self, forward: Box<dyn DeviceForward>) {
         self.reset();
+        self.context = self.context.min(forward.context());
         self.device = Some(forward);
     }
 
@@ -876,18 +882,42 @@ impl Engine {
         Ok((logits, reused))
     }
 
-    /// [`Engine::prefill`] on the device forward: the whole prompt, every time (no reuse of a
-    /// previous turn's KV there yet), pruned when SlimInfer is on.
+    /// [`Engine::prefill`] on the device forward: a prompt that continues the cached one runs
+    /// its new tokens only, when the device cache has room for them and the answer; any other
+    /// is prefilled whole, pruned when SlimInfer is on, with room for the answer and a
+    /// follow-up message.
     fn prefill_on_device(
         &mut self,
         prompt: &[u32],
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<(Vec<f32>, usize)> {
+        let device = self.device.as_mut().expect("checked by the caller");
+        let shared = (self.cached.iter().zip(prompt))
+            .take_while(|(a, b)| a == b)
+            .count();
+        let new = prompt.len() - shared;
+        if shared > 0
+            && shared == self.cached.len()
+            && new > 0
+            && new + self.answer_reserve <= device.room()
+        {
+            let logits = match device.extend(&prompt[shared..]) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            };
+            self.last_prefill_kind = PrefillKind::Reused;
+            self.cached = prompt.to_vec();
+            return Ok((logits, shared));
+        }
         self.reset();
         let n_layers = self.model.spec.n_layers;
         let total = prompt.len();
         let slim = (self.slim.enabled).then_some(&self.slim);
-        let headroom = self.answer_reserve + 1;
+        let headroom =
+            (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
         let device = self.device.as_mut().expect("checked by the caller");
         let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
             on_event(EngineEvent::PrefillProgress {
@@ -944,7 +974,7 @@ impl Engine {
     /// Run one generated token through the model.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         if let Some(device) = &mut self.device {
-            let logits = device.step(token)?;
+            let logits = device.extend(&[token])?;
             self.cached.push(token);
             return Ok(logits);
         }

@@ -75,11 +75,42 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
         "the CPU's ops have no device memory"
     );
 
-    // a follow-up prefills the whole conversation again; a reset empties the device cache
-    let again = dev
-        .generate(&request(&doc, 4), &cancel, &mut |_| {})
+    // a follow-up runs only its new tokens after the pruned prompt's KV, as on the CPU
+    let follow_up = |first: &str| {
+        let mut r = request(&doc, 8);
+        r.messages.push(Message::assistant(first));
+        r.messages.push(Message::user("Name one word it uses."));
+        r
+    };
+    let want2 = cpu
+        .generate(&follow_up(&want.text), &cancel, &mut |_| {})
         .unwrap();
-    assert_eq!(again.reused_tokens, 0);
+    let got2 = dev
+        .generate(&follow_up(&got.text), &cancel, &mut |_| {})
+        .unwrap();
+    eprintln!(
+        "follow-up, CPU engine: {:?}\ndevice forward: {:?}",
+        want2.text, got2.text
+    );
+    assert_eq!(want2.prefill_kind, PrefillKind::Reused);
+    assert_eq!(got2.prefill_kind, PrefillKind::Reused);
+    assert_eq!(got2.reused_tokens, want2.reused_tokens);
+    assert!(got2.reused_tokens >= got.prompt_tokens);
+    assert!(got2.prefilled_tokens < 40, "{}", got2.prefilled_tokens);
+    assert!(got2.generated_tokens > 0);
+    // the prompt's pruned rows stay pruned; every new row is in every layer
+    let pruned = |k: &[usize]| k[0] - k[29];
+    assert_eq!(pruned(&got2.kept_per_layer), pruned(&got.kept_per_layer));
+    assert!(got2.kept_per_layer[0] > got.kept_per_layer[0]);
+    // a new document prefills whole; a reset empties the device cache
+    let other: String = LONG_TEXT.chars().skip(9000).take(2000).collect();
+    let fresh = dev
+        .generate(&request(&other, 2), &cancel, &mut |_| {})
+        .unwrap();
+    assert_eq!(
+        (fresh.prefill_kind, fresh.reused_tokens),
+        (PrefillKind::Full, 0)
+    );
     dev.reset();
     assert_eq!(dev.kv_bytes(), 0);
 }

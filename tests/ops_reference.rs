@@ -329,6 +329,32 @@ fn ops_decode_attends_to_each_slim_layers_own_blocks() {
 }
 
 #[test]
+fn extending_a_cache_gives_the_logits_of_one_prefill() {
+    let shape = LlamaShape::tiny(4);
+    let model = OpsLlama::random(&CpuOps, shape, 1024, 12).unwrap();
+    let mut rng = Rng::new(7);
+    let tokens: Vec<u32> = (0..300).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (_, whole) = model.prefill(&tokens, None, 1, &mut NoHooks).unwrap();
+    // 260 tokens, then a 40-token follow-up after them
+    let (mut cache, _) = model
+        .prefill(&tokens[..260], None, 60, &mut NoHooks)
+        .unwrap();
+    let room = cache.room();
+    assert!((60..60 + KV_BLOCK).contains(&room), "{room}");
+    let got = model
+        .extend(&mut cache, &tokens[260..], &mut NoHooks)
+        .unwrap();
+    let err = rel_err(&got, &whole.logits);
+    assert!(err < 1e-3, "relative error {err}");
+    assert_eq!(cache.room(), room - 40);
+    assert_eq!(cache.layers[3].positions.last(), Some(&299));
+    // more than the room left is an error, and the cache is untouched
+    let too_many = vec![1u32; cache.room() + 1];
+    assert!(model.extend(&mut cache, &too_many, &mut NoHooks).is_err());
+    assert_eq!(cache.layers[0].rows, 300);
+}
+
+#[test]
 fn ops_forward_keeping_everything_equals_dense() {
     let shape = LlamaShape::tiny(5);
     let model = OpsLlama::random(&CpuOps, shape, 1024, 10).unwrap();

@@ -345,8 +345,6 @@ fn expand<O: Ops>(
 pub struct ModelCache<O: Ops> {
     pub layers: Vec<LayerCache<O>>,
     pub prompt_len: usize,
-    /// Rows a decode may still add to each layer.
-    headroom: usize,
     /// The prompt's SlimInfer session (None: dense): decode's sets come from it.
     pub session: Option<SlimSession>,
 }
@@ -370,6 +368,14 @@ impl<O: Ops> ModelCache<O> {
 
     pub fn rows_per_layer(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.rows).collect()
+    }
+
+    /// Tokens every layer still has room for.
+    pub fn room(&self) -> usize {
+        (self.layers.iter())
+            .map(|l| l.pool.slots * KV_BLOCK - l.rows)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Bytes of K and V a decode step reads now, over all layers: every row of a layer, or the
@@ -501,7 +507,6 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let mut cache = ModelCache {
             layers: Vec::with_capacity(s.n_layers),
             prompt_len: n0,
-            headroom,
             session: None,
         };
         let mut positions: Vec<u32> = (0..n0 as u32).collect();
@@ -592,30 +597,39 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     }
 
     /// One decode step: `token` at the next position, through every layer (each attends to
-    /// all its cached rows: the pruned layers hold only their kept blocks). Returns the logits.
+    /// all its cached rows, a slim layer to its decode set). Returns the logits.
     pub fn decode(
         &self,
         cache: &mut ModelCache<O>,
         token: u32,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<Vec<f32>> {
+        self.extend(cache, &[token], hooks)
+    }
+
+    /// `tokens` at the next positions (a follow-up message, or one decoded token), through
+    /// every layer: each row attends causally to the cached rows and to the rows before it.
+    /// Nothing past the prompt is pruned. Returns the logits of the last token.
+    pub fn extend(
+        &self,
+        cache: &mut ModelCache<O>,
+        tokens: &[u32],
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<Vec<f32>> {
         let (ops, s) = (self.ops, &self.shape);
+        let n = tokens.len();
         let pos = cache.layers[0].positions.last().map_or(0, |&p| p + 1);
-        self.check_tokens(&[token], pos as usize + 1)?;
-        if cache
-            .layers
-            .iter()
-            .any(|l| l.rows >= l.pool.slots * KV_BLOCK)
-        {
+        self.check_tokens(tokens, pos as usize + n)?;
+        if n > cache.room() {
             return Err(Error::Engine(format!(
-                "decode: the cache's headroom of {} tokens is used up",
-                cache.headroom
+                "decode: {n} tokens do not fit the {} the cache has room for",
+                cache.room()
             )));
         }
-        let positions = vec![pos];
+        let positions: Vec<u32> = (pos..pos + n as u32).collect();
         let pos_dev = ops.upload_u32(&positions)?;
-        let mut h = self.embed(&[token])?;
-        let mut scratch = Scratch::new(ops, s, 1)?;
+        let mut h = self.embed(tokens)?;
+        let mut scratch = Scratch::new(ops, s, n)?;
         let mut session = cache.session.take();
         let mut step = || -> Result<()> {
             for (layer, kv) in cache.layers.iter_mut().enumerate() {
@@ -627,14 +641,14 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 let rows = OpsHidden {
                     ops,
                     h: &h,
-                    rows: 1,
+                    rows: n,
                     hidden: s.hidden,
                 };
                 let keys = self.keys(kv);
                 if let Some(change) = session.finish_layer(layer, &rows, &q, &positions, &keys)? {
-                    if kept_only(change)? != [0] {
+                    if kept_only(change)?.len() != n {
                         return Err(Error::Engine(
-                            "decode: a stage dropped the new token".into(),
+                            "decode: a stage dropped a row past the prompt".into(),
                         ));
                     }
                 }
@@ -644,7 +658,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let stepped = step();
         cache.session = session;
         stepped?;
-        self.head(&h, 1)
+        self.head(&h, n)
     }
 
     /// One layer on the rows of h. With a session: the post-RoPE queries of the rows it scores
@@ -759,6 +773,11 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             s.hidden,
         )?;
         Ok(h)
+    }
+
+    /// Positions the model's RoPE tables cover: the longest prompt plus answer it takes.
+    pub fn max_positions(&self) -> usize {
+        self.weights.max_positions
     }
 
     /// Logits of the last of `rows` rows of h.

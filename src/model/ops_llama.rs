@@ -521,22 +521,12 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 .push(LayerCache::new(ops, n + headroom, s.heads.kv_dim())?);
             let kv = cache.layers.last_mut().expect("pushed");
             let (slim, sc) = (session.as_mut(), &mut scratch);
-            let q = self.layer(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
+            let change =
+                self.layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
             rows_per_layer.push(n);
-            let (Some(session), Some(q)) = (session.as_mut(), q) else {
+            let Some(keep) = change else {
                 continue;
             };
-            let rows = OpsHidden {
-                ops,
-                h: &h,
-                rows: n,
-                hidden: s.hidden,
-            };
-            let keys = self.keys(kv);
-            let Some(change) = session.finish_layer(layer, &rows, &q, &positions, &keys)? else {
-                continue;
-            };
-            let keep = kept_only(change)?;
             let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
             let mut h2 = ops.zeros_f32(keep.len() * s.hidden)?;
             let mut pos2 = ops.zeros_u32_like(keep.len())?;
@@ -634,23 +624,12 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let mut step = || -> Result<()> {
             for (layer, kv) in cache.layers.iter_mut().enumerate() {
                 let (slim, sc) = (session.as_mut(), &mut scratch);
-                let q = self.layer(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
-                let (Some(session), Some(q)) = (session.as_mut(), q) else {
-                    continue;
-                };
-                let rows = OpsHidden {
-                    ops,
-                    h: &h,
-                    rows: n,
-                    hidden: s.hidden,
-                };
-                let keys = self.keys(kv);
-                if let Some(change) = session.finish_layer(layer, &rows, &q, &positions, &keys)? {
-                    if kept_only(change)?.len() != n {
-                        return Err(Error::Engine(
-                            "decode: a stage dropped a row past the prompt".into(),
-                        ));
-                    }
+                let change = self
+                    .layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
+                if change.is_some_and(|keep| keep.len() != n) {
+                    return Err(Error::Engine(
+                        "decode: a stage dropped a row past the prompt".into(),
+                    ));
                 }
             }
             Ok(())
@@ -659,6 +638,43 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         cache.session = session;
         stepped?;
         self.head(&h, n)
+    }
+
+    /// [`Self::layer`], then the session's turn after it (prefill scores and prunes, decode
+    /// re-chooses at a boundary): the rows that go on, when they change.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_and_session(
+        &self,
+        layer: usize,
+        h: &mut O::F32,
+        positions: &[u32],
+        pos_dev: &O::U32,
+        kv: &mut LayerCache<O>,
+        sc: &mut Scratch<O>,
+        hooks: &mut dyn LayerHooks<O>,
+        mut slim: Option<&mut SlimSession>,
+    ) -> Result<Option<Vec<usize>>> {
+        let q = self.layer(
+            layer,
+            h,
+            positions,
+            pos_dev,
+            kv,
+            sc,
+            hooks,
+            slim.as_deref_mut(),
+        )?;
+        let (Some(session), Some(q)) = (slim, q) else {
+            return Ok(None);
+        };
+        let rows = OpsHidden {
+            ops: self.ops,
+            h,
+            rows: positions.len(),
+            hidden: self.shape.hidden,
+        };
+        let change = session.finish_layer(layer, &rows, &q, positions, &self.keys(kv))?;
+        change.map(kept_only).transpose()
     }
 
     /// One layer on the rows of h. With a session: the post-RoPE queries of the rows it scores

@@ -19,7 +19,8 @@ use crate::device::Device;
 use crate::metrics::GpuMemory;
 use crate::model::gguf::GgufFile;
 use crate::model::ops_llama::{ModelCache, OpsLlama};
-use crate::slim::schedule::SlimConfig;
+use crate::slim::schedule::{SlimConfig, Stage};
+use crate::slim::session::SlimSession;
 use crate::Result;
 
 /// A forward the engine can hand its prompts and tokens to.
@@ -53,6 +54,9 @@ pub trait DeviceForward: Send {
 
     /// Rows each layer holds (the prompt tokens it kept, and the answer's).
     fn rows_per_layer(&self) -> Vec<usize>;
+
+    /// The SlimInfer stages that pruned the cached prompt (empty: dense, or nothing pruned).
+    fn stages(&self) -> Vec<Stage>;
 
     /// Bytes of K and V the device holds for this conversation.
     fn kv_bytes(&self) -> usize;
@@ -128,6 +132,11 @@ where
         self.cache
             .as_ref()
             .map_or_else(Vec::new, ModelCache::rows_per_layer)
+    }
+
+    fn stages(&self) -> Vec<Stage> {
+        (self.cache.as_ref().and_then(|c| c.session.as_ref()))
+            .map_or_else(Vec::new, SlimSession::stages)
     }
 
     fn kv_bytes(&self) -> usize {

@@ -575,7 +575,7 @@ impl Engine {
             },
             kv_bytes: self.kv_bytes(),
             stop_reason,
-            slim: self.session.is_some(),
+            slim: self.session.is_some() || !self.stages().is_empty(),
             prefill_kind,
             kept_per_layer,
             blocks_swapped_per_step: std::mem::take(&mut self.swaps),
@@ -583,10 +583,19 @@ impl Engine {
             revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
             slim_preset: self.slim.preset_for(self.model.spec.n_layers).to_string(),
-            slim_stages: self.session.as_ref().map_or_else(Vec::new, |s| s.stages()),
+            slim_stages: self.stages(),
             gpu_memory: self.device.as_ref().and_then(|d| d.memory()),
             kv: self.take_kv_stats(),
         })
+    }
+
+    /// The stages that pruned the cached prompt, on whichever forward holds it.
+    fn stages(&self) -> Vec<Stage> {
+        match (&self.session, &self.device) {
+            (Some(s), _) => s.stages(),
+            (None, Some(d)) => d.stages(),
+            (None, None) => Vec::new(),
+        }
     }
 
     /// Fast-tier and host-tier bytes now.

@@ -69,6 +69,8 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     assert_eq!(got.kept_per_layer[0], want.kept_per_layer[0]);
     assert_eq!(got.kept_per_layer[29], want.kept_per_layer[29]);
     assert!(got.kept_per_layer[29] < got.kept_per_layer[0]);
+    assert!(got.slim && want.slim);
+    assert_eq!(got.slim_stages, want.slim_stages);
     assert!(got.kv_bytes > 0 && dev.kv_bytes() == got.kv_bytes);
     assert!(
         got.gpu_memory.is_none(),

@@ -7,9 +7,10 @@
 //!
 //! A follow-up turn runs only its new tokens after the cached conversation (the prompt's pruned
 //! KV is kept, as on the CPU) while the cache has room; the prefill leaves room for the answer
-//! and a follow-up message. What it does not do yet: a keep ratio turned mid-conversation takes
-//! effect at the next fresh prompt, and the CPU model stays loaded beside it (the engine's
-//! tokenizer, template and metadata come from it).
+//! and a follow-up message. A keep ratio turned mid-conversation resizes the decode sets from
+//! the next step, within the blocks prefill kept (the device's session does not revive pruned
+//! rows). The CPU model stays loaded beside it (the engine's tokenizer, template and metadata
+//! come from it).
 
 use std::path::Path;
 
@@ -33,6 +34,10 @@ pub trait DeviceForward: Send {
 
     /// Drop the cache: the next call is a prefill.
     fn reset(&mut self);
+
+    /// A new keep ratio for the cached conversation's decode sets (from the next step on; no
+    /// stage grows past the blocks its prefill kept).
+    fn set_keep_ratio(&mut self, keep_ratio: f32);
 
     /// Prefill `tokens` at positions 0.. from an empty cache, pruned by `slim` (None: dense),
     /// with room for `headroom` generated tokens; the logits of the last token. `on_layer`
@@ -101,6 +106,12 @@ where
 
     fn reset(&mut self) {
         self.cache = None;
+    }
+
+    fn set_keep_ratio(&mut self, keep_ratio: f32) {
+        if let Some(session) = self.cache.as_mut().and_then(|c| c.session.as_mut()) {
+            session.set_keep_ratio(keep_ratio);
+        }
     }
 
     fn prefill(

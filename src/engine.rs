@@ -319,6 +319,9 @@ impl Engine {
         if let Some(session) = &mut self.session {
             session.set_keep_ratio(slim.keep_ratio);
         }
+        if let Some(device) = &mut self.device {
+            device.set_keep_ratio(slim.keep_ratio);
+        }
         self.slim = slim;
         // the cached conversation's active sets may grow: size the fast tier for them now
         if self.session.is_some() {

@@ -11,6 +11,7 @@ use slimchat::device_forward::load_cpu_ops;
 use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest, PrefillKind};
 use slimchat::model::template::Message;
 use slimchat::sampling::SamplingConfig;
+use slimchat::slim::SlimConfig;
 
 fn request(doc: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
@@ -87,6 +88,12 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     let want2 = cpu
         .generate(&follow_up(&want.text), &cancel, &mut |_| {})
         .unwrap();
+    // the ratio turned between the turns applies to the cached conversation's decode sets
+    let turned = SlimConfig {
+        keep_ratio: 0.4,
+        ..dev.slim_config().clone()
+    };
+    dev.set_slim(turned).unwrap();
     let got2 = dev
         .generate(&follow_up(&got.text), &cancel, &mut |_| {})
         .unwrap();

@@ -322,6 +322,24 @@ fn ops_decode_attends_to_each_slim_layers_own_blocks() {
     );
     assert_eq!(every_kv, rows * shape.kv_row_bytes());
     assert!(narrow_kv < every_kv * 3 / 4, "{narrow_kv} of {every_kv}");
+    // the person turns the ratio down mid-answer: the next step's sets are smaller
+    let half = SlimConfig {
+        decode_keep: 0.5,
+        ..narrow.clone()
+    };
+    let (mut turned, _) = model
+        .prefill(&tokens, Some(&half), 4, &mut NoHooks)
+        .unwrap();
+    model.decode(&mut turned, 7, &mut NoHooks).unwrap();
+    let before = turned.attended_kv_bytes(&CpuOps, &shape);
+    turned
+        .session
+        .as_mut()
+        .expect("pruned")
+        .set_keep_ratio(0.25);
+    model.decode(&mut turned, 8, &mut NoHooks).unwrap();
+    let after = turned.attended_kv_bytes(&CpuOps, &shape);
+    assert!(after < before, "{after} after {before}");
     let every_trace = all.session.as_ref().expect("pruned").trace();
     for ((_, set), stage_pool) in every_trace.decode_sets.iter().zip([0, 0, 1, 1]) {
         assert_eq!(set, &report.kept_blocks[stage_pool]);

@@ -66,9 +66,6 @@ pub trait DeviceForward: Send {
     /// Bytes of K and V the device holds for this conversation.
     fn kv_bytes(&self) -> usize;
 
-    /// Bytes of K and V a decode step reads now (each slim layer's decode set).
-    fn decode_kv_bytes(&self) -> usize;
-
     /// The device's memory, when it has its own.
     fn memory(&self) -> Option<GpuMemory>;
 }
@@ -154,12 +151,6 @@ where
         let shape = &self.model.shape;
         (self.cache.as_ref()).map_or(0, |c| {
             c.rows_per_layer().iter().sum::<usize>() * shape.kv_row_bytes()
-        })
-    }
-
-    fn decode_kv_bytes(&self) -> usize {
-        (self.cache.as_ref()).map_or(0, |c| {
-            c.attended_kv_bytes(self.model.ops, &self.model.shape)
         })
     }
 

@@ -13,22 +13,24 @@
 //! decode each slim layer attends to the blocks the session chose for it (a slot table of those
 //! blocks). The head's logits are f32.
 
-use candle_core::quantized::QTensor;
-
 use std::ops::Range;
 
-use crate::backend::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
-use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use candle_core::quantized::QTensor;
+
+use crate::backend::cpu_ops::{plain_rope, rope_tables, to_f32};
+use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::rowwise::RopeParams;
-use crate::backend::score::{HeadShape, WindowPool};
-use crate::kv::policy::{LayerPolicy, RowChange};
+use crate::backend::score::HeadShape;
+use crate::kv::policy::LayerPolicy;
 use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::model::random;
-use crate::slim::schedule::{ScoreKind, SlimConfig, Stage};
-use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
-use crate::slim::session::{HiddenRows, SlimSession};
+use crate::slim::schedule::{SlimConfig, Stage};
+use crate::slim::session::SlimSession;
 use crate::{Error, Result};
+
+mod session_io;
+use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys};
 
 /// The dimensions of a LLaMA-family decoder.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -851,136 +853,3 @@ trait ZerosU32: Ops {
     }
 }
 impl<O: Ops> ZerosU32 for O {}
-
-/// The rows a change keeps; the ops forward brings no pruned rows back (its sessions do not
-/// revive).
-fn kept_only(change: RowChange) -> Result<Vec<usize>> {
-    if change.insert.is_some() {
-        return Err(Error::Engine(
-            "ops forward: a stage brought back pruned rows, which it cannot insert".into(),
-        ));
-    }
-    Ok(change.keep)
-}
-
-/// Whether `ranges` are every one of a layer's `rows` rows.
-fn every_row(ranges: &[Range<usize>], rows: usize) -> bool {
-    matches!(ranges, [r] if *r == (0..rows))
-}
-
-/// The slot table of the rows `ranges` of a layer (sorted, disjoint; every range but the last
-/// starts and ends on a slot's boundary, as a stage's whole blocks do), and how many rows it
-/// holds: attention over a decode set is attention over this table.
-fn slot_subset(table: &[u32], ranges: &[Range<usize>]) -> Result<(Vec<u32>, usize)> {
-    let mut slots = Vec::new();
-    let mut rows = 0;
-    for (i, r) in ranges.iter().enumerate() {
-        let last = i + 1 == ranges.len();
-        if r.start % KV_BLOCK != 0 || (!last && r.end % KV_BLOCK != 0) {
-            return Err(Error::Engine(format!(
-                "ops forward: attended rows {r:?} do not fall on {KV_BLOCK}-row slots"
-            )));
-        }
-        slots.extend_from_slice(&table[r.start / KV_BLOCK..r.end.div_ceil(KV_BLOCK)]);
-        rows += r.len();
-    }
-    Ok((slots, rows))
-}
-
-/// A layer's paged cache as the session scores it: the backend scores the queries over the
-/// layer's prompt rows where the keys are; the host gets one score per block.
-struct OpsKeys<'a, O: Ops> {
-    ops: &'a O,
-    kv: &'a LayerCache<O>,
-    heads: Heads,
-}
-
-impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
-    fn positions(&self) -> &[u32] {
-        &self.kv.positions
-    }
-
-    fn block_scores(
-        &self,
-        q: &[f32],
-        req: &ScoreRequest,
-        _memo: Option<&mut ScoreMemo>,
-    ) -> Result<Vec<(u32, f32)>> {
-        let (ops, kv, heads) = (self.ops, self.kv, self.heads);
-        let prompt_rows = (kv.positions).partition_point(|&p| (p as usize) < req.prompt_len);
-        let w = q.len() / heads.q_dim();
-        if prompt_rows == 0 || w == 0 {
-            return Ok(Vec::new());
-        }
-        let units =
-            UnitBlocks::from_positions(&kv.positions[..prompt_rows], KV_BLOCK, req.unit_size);
-        let mode = match (req.kind, req.pool) {
-            (ScoreKind::Attention, WindowPool::Mean) => ScoreMode::Attention,
-            (ScoreKind::Attention, WindowPool::Max) => ScoreMode::AttentionMax,
-            (ScoreKind::Paper, _) => ScoreMode::Paper,
-        };
-        let window = RowSlice {
-            rows: w,
-            stride: heads.q_dim(),
-            offset: 0,
-        };
-        let mut acc = ops.zeros_f32(req.prompt_len.div_ceil(KV_BLOCK))?;
-        ops.block_scores(
-            &ops.upload_bf16(&to_bf16(q))?,
-            window,
-            &kv.pool,
-            &kv.table_dev,
-            prompt_rows,
-            &units,
-            req.unit_size,
-            heads,
-            mode,
-            &mut acc,
-        )?;
-        let sums = ops.download_f32(&acc)?;
-        Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect())
-    }
-}
-
-/// A forward's hidden states on the backend, as the session reads the rows it keeps.
-struct OpsHidden<'a, O: Ops> {
-    ops: &'a O,
-    h: &'a O::F32,
-    rows: usize,
-    hidden: usize,
-}
-
-impl<O: Ops> HiddenRows for OpsHidden<'_, O> {
-    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>> {
-        let ops = self.ops;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let idx = ops.upload_u32(&rows.iter().map(|&r| r as u32).collect::<Vec<_>>())?;
-        let pos = ops.upload_u32(&vec![0; self.rows])?;
-        let mut out = ops.zeros_f32(rows.len() * self.hidden)?;
-        let mut out_pos = ops.zeros_u32_like(rows.len())?;
-        ops.gather_rows(self.h, &pos, &idx, &mut out, &mut out_pos, self.hidden)?;
-        let mut out = ops.download_f32(&out)?;
-        out.truncate(rows.len() * self.hidden);
-        Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_decode_set_is_the_slots_of_its_rows() {
-        // a layer's rows in slots 4, 0, 3, 1 (row order); its last slot holds 10 rows
-        let table = [4, 0, 3, 1];
-        let (slots, rows) = slot_subset(&table, &[0..64, 128..202]).unwrap();
-        assert_eq!((slots, rows), (vec![4, 3, 1], 138));
-        let (slots, rows) = slot_subset(&table, &[64..128, 192..193]).unwrap();
-        assert_eq!((slots, rows), (vec![0, 1], 65));
-        // a range that ends inside a slot before the last is not a set of whole blocks
-        assert!(slot_subset(&table, &[0..70, 128..202]).is_err());
-        assert!(slot_subset(&table, &[10..64, 128..202]).is_err());
-    }
-}

@@ -29,6 +29,8 @@ use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
+mod on_device;
+
 /// What the engine reports while it works.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
@@ -205,10 +207,6 @@ pub struct Engine {
     /// rather than through `model`, `kv` and `session`.
     device: Option<Box<dyn DeviceForward>>,
 }
-
-/// Tokens of a follow-up message a device prefill leaves room for beyond the answer (a longer
-/// one prefills the conversation again).
-const FOLLOW_UP_ROOM: usize = 1024;
 
 impl Engine {
     /// Resolve the configured model (downloading it if needed, with progress) and load it, on
@@ -892,63 +890,6 @@ impl Engine {
         self.cached.extend_from_slice(tokens);
         self.resident_peak = self.resident_peak.max(self.kv.bytes());
         Ok((logits, reused))
-    }
-
-    /// [`Engine::prefill`] on the device forward: a prompt that continues the cached one runs
-    /// its new tokens only, when the device cache has room for them and the answer; any other
-    /// is prefilled whole, pruned when SlimInfer is on, with room for the answer and a
-    /// follow-up message.
-    fn prefill_on_device(
-        &mut self,
-        prompt: &[u32],
-        on_event: &mut dyn FnMut(EngineEvent),
-    ) -> Result<(Vec<f32>, usize)> {
-        let device = self.device.as_mut().expect("checked by the caller");
-        let shared = (self.cached.iter().zip(prompt))
-            .take_while(|(a, b)| a == b)
-            .count();
-        let new = prompt.len() - shared;
-        if shared > 0
-            && shared == self.cached.len()
-            && new > 0
-            && new + self.answer_reserve <= device.room()
-        {
-            let logits = match device.extend(&prompt[shared..]) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.reset();
-                    return Err(e);
-                }
-            };
-            self.last_prefill_kind = PrefillKind::Reused;
-            self.cached = prompt.to_vec();
-            return Ok((logits, shared));
-        }
-        self.reset();
-        let n_layers = self.model.spec.n_layers;
-        let total = prompt.len();
-        let slim = (self.slim.enabled).then_some(&self.slim);
-        let headroom =
-            (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
-        let device = self.device.as_mut().expect("checked by the caller");
-        let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
-            on_event(EngineEvent::PrefillProgress {
-                layers_done: layer + 1,
-                n_layers,
-                tokens: total,
-                rows,
-            })
-        });
-        let logits = match logits {
-            Ok(l) => l,
-            Err(e) => {
-                self.reset();
-                return Err(e);
-            }
-        };
-        self.last_prefill_kind = PrefillKind::Full;
-        self.cached = prompt.to_vec();
-        Ok((logits, 0))
     }
 
     /// Teacher-forced logits: run `tokens` at positions 0.. from an empty cache, dense whatever

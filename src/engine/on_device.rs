@@ -1,0 +1,73 @@
+//! The engine's prefill on a device forward (`--device cuda`): a follow-up runs its new tokens
+//! after the cached conversation, any other prompt is prefilled whole on the device.
+
+use super::{Engine, EngineEvent, PrefillKind};
+use crate::Result;
+
+/// Tokens of a follow-up message a device prefill leaves room for beyond the answer (a longer
+/// one prefills the conversation again).
+const FOLLOW_UP_ROOM: usize = 1024;
+
+impl Engine {
+    /// [`Engine::prefill`] on the device forward: a prompt that continues the cached one runs
+    /// its new tokens only, when the device cache has room for them and the answer; any other
+    /// is prefilled whole, pruned when SlimInfer is on, with room for the answer and a
+    /// follow-up message.
+    pub(super) fn prefill_on_device(
+        &mut self,
+        prompt: &[u32],
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, usize)> {
+        let device = self.device.as_mut().expect("checked by the caller");
+        let shared = (self.cached.iter().zip(prompt))
+            .take_while(|(a, b)| a == b)
+            .count();
+        let new = prompt.len() - shared;
+        if shared > 0
+            && shared == self.cached.len()
+            && new > 0
+            && new + self.answer_reserve <= device.room()
+        {
+            let logits = device.extend(&prompt[shared..]);
+            return self.after_device_prefill(prompt, logits, PrefillKind::Reused, shared);
+        }
+        self.reset();
+        let n_layers = self.model.spec.n_layers;
+        let total = prompt.len();
+        let slim = (self.slim.enabled).then_some(&self.slim);
+        let headroom =
+            (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
+        let device = self.device.as_mut().expect("checked by the caller");
+        let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
+            on_event(EngineEvent::PrefillProgress {
+                layers_done: layer + 1,
+                n_layers,
+                tokens: total,
+                rows,
+            })
+        });
+        self.after_device_prefill(prompt, logits, PrefillKind::Full, 0)
+    }
+
+    /// The cache holds `prompt` when the device's run succeeded; a failed one may have written
+    /// some layers only: start clean next time.
+    fn after_device_prefill(
+        &mut self,
+        prompt: &[u32],
+        logits: Result<Vec<f32>>,
+        kind: PrefillKind,
+        reused: usize,
+    ) -> Result<(Vec<f32>, usize)> {
+        match logits {
+            Ok(logits) => {
+                self.last_prefill_kind = kind;
+                self.cached = prompt.to_vec();
+                Ok((logits, reused))
+            }
+            Err(e) => {
+                self.reset();
+                Err(e)
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@
 //! come from it).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::ops::Ops;
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
@@ -66,16 +67,26 @@ pub trait DeviceForward: Send {
     /// Bytes of K and V the device holds for this conversation.
     fn kv_bytes(&self) -> usize;
 
+    /// Bytes of one row of K and V in one layer.
+    fn kv_row_bytes(&self) -> usize;
+
     /// The device's memory, when it has its own.
     fn memory(&self) -> Option<GpuMemory>;
+
+    /// A reader of [`Self::memory`] that can be called while the forward is busy (during a
+    /// prefill, for the live metrics).
+    fn memory_probe(&self) -> MemoryProbe;
 }
+
+/// Reads a device's memory (None: the device has none of its own).
+pub type MemoryProbe = Arc<dyn Fn() -> Option<GpuMemory> + Send + Sync>;
 
 /// [`DeviceForward`] over a backend of the ops seam.
 struct OpsForward<O: Ops + 'static> {
     model: OpsLlama<'static, O>,
     cache: Option<ModelCache<O>>,
     describe: String,
-    memory: Box<dyn Fn() -> Option<GpuMemory> + Send>,
+    memory: MemoryProbe,
 }
 
 /// Calls `on_layer` as each layer of a prefill writes its rows.
@@ -148,14 +159,21 @@ where
     }
 
     fn kv_bytes(&self) -> usize {
-        let shape = &self.model.shape;
         (self.cache.as_ref()).map_or(0, |c| {
-            c.rows_per_layer().iter().sum::<usize>() * shape.kv_row_bytes()
+            c.rows_per_layer().iter().sum::<usize>() * self.kv_row_bytes()
         })
+    }
+
+    fn kv_row_bytes(&self) -> usize {
+        self.model.shape.kv_row_bytes()
     }
 
     fn memory(&self) -> Option<GpuMemory> {
         (self.memory)()
+    }
+
+    fn memory_probe(&self) -> MemoryProbe {
+        self.memory.clone()
     }
 }
 
@@ -184,7 +202,7 @@ pub fn load_cpu_ops(path: &Path, context: usize) -> Result<Box<dyn DeviceForward
         model: OpsLlama::from_gguf(&CPU, &mut file, context)?,
         cache: None,
         describe: "CPU (ops seam, bf16)".into(),
-        memory: Box::new(|| None),
+        memory: Arc::new(|| None),
     }))
 }
 
@@ -193,7 +211,6 @@ pub fn load_cpu_ops(path: &Path, context: usize) -> Result<Box<dyn DeviceForward
 #[cfg(feature = "cuda")]
 pub fn load_cuda(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> {
     use crate::cuda::{CudaOps, Gpu};
-    use std::sync::Arc;
     let gpu = Arc::new(Gpu::new(0)?);
     // the backend lives as long as the process: the model borrows it
     let ops: &'static CudaOps = Box::leak(Box::new(CudaOps::new(gpu.clone())));
@@ -203,6 +220,6 @@ pub fn load_cuda(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> 
         model,
         cache: None,
         describe: format!("CUDA: {}", gpu.describe()),
-        memory: Box::new(move || gpu.vram().ok()),
+        memory: Arc::new(move || gpu.vram().ok()),
     }))
 }

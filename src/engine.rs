@@ -18,6 +18,7 @@ use crate::config::AppConfig;
 use crate::device_forward::DeviceForward;
 use crate::kv::policy::Dense;
 use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
+use crate::metrics::MemoryNow;
 use crate::model::gguf::GgufFile;
 use crate::model::llama::Llama;
 use crate::model::source::{DownloadProgress, ModelSource};
@@ -29,6 +30,7 @@ use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
+mod memory;
 mod on_device;
 
 /// What the engine reports while it works.
@@ -44,12 +46,10 @@ pub enum EngineEvent {
     },
     /// New answer text (whole UTF-8 characters).
     Token(String),
-    /// Where the KV cache lives after the prefill: fast-tier and host-tier bytes (the host
-    /// tier is empty when every block is resident).
-    KvTiers {
-        fast_bytes: usize,
-        host_bytes: usize,
-    },
+    /// Memory now: during the prefill (the KV written so far), after it (where the KV
+    /// lives: the host tier is empty when every block is resident) and during decode; at most
+    /// one every [`memory::MEMORY_EVERY`].
+    Memory(MemoryNow),
 }
 
 /// Why generation ended.
@@ -498,11 +498,8 @@ impl Engine {
         let start = Instant::now();
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
-        let tiers = self.kv_stats_now();
-        on_event(EngineEvent::KvTiers {
-            fast_bytes: tiers.0,
-            host_bytes: tiers.1,
-        });
+        on_event(EngineEvent::Memory(self.memory_now()));
+        let mut memory = memory::MemoryTicker::new(0, 0, None);
         let kept_per_layer = self.kept_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();
@@ -552,6 +549,9 @@ impl Engine {
             }
             logits = self.step(next)?;
             steps += 1;
+            if memory.due() {
+                on_event(EngineEvent::Memory(self.memory_now()));
+            }
         };
         let tail = detok.finish(&self.tokenizer, &answer)?;
         if !tail.is_empty() {
@@ -631,17 +631,21 @@ impl Engine {
             .collect()
     }
 
-    /// The request's KV numbers (the manager's counters start again).
     /// Stored `u16` words of one cached K (or V) row in this cache's element type.
     fn kv_row_words(&self) -> usize {
         let s = &self.model.spec;
         self.kv_dtype().stored_len(s.n_kv_heads * s.head_dim)
     }
 
+    /// Bytes of one cached row of K and V in one layer.
+    fn kv_row_bytes(&self) -> usize {
+        2 * self.kv_row_words() * 2 // K and V, u16 words
+    }
+
+    /// The request's KV numbers (the manager's counters start again).
     pub fn take_kv_stats(&mut self) -> KvStats {
         let s = &self.model.spec;
-        let row_bytes = 2 * self.kv_row_words() * 2; // K and V, u16 words
-        let dense = self.cached.len() * s.n_layers * row_bytes;
+        let dense = self.cached.len() * s.n_layers * self.kv_row_bytes();
         let mut stats = match self.kv.take_tier_stats() {
             Some(st) => st,
             None => {
@@ -859,13 +863,17 @@ impl Engine {
         let positions: Vec<u32> = (reused as u32..prompt.len() as u32).collect();
         let n_layers = self.model.spec.n_layers;
         let total = tokens.len();
+        let mut memory = memory::MemoryTicker::new(self.kv.bytes(), self.kv_row_bytes(), None);
         let mut progress = |i: usize, rows: usize| {
             on_event(EngineEvent::PrefillProgress {
                 layers_done: i + 1,
                 n_layers,
                 tokens: total,
                 rows,
-            })
+            });
+            if let Some(reading) = memory.layer_written(rows) {
+                on_event(reading);
+            }
         };
         let logits = match &mut self.session {
             Some(session) => {

@@ -11,6 +11,17 @@ pub struct GpuMemory {
     pub gpu_own_bytes: u64,
 }
 
+/// Memory while an answer runs, for the metrics panel: the KV cache in the fast tier (device
+/// memory on a GPU) and in the host tier, this process's resident set, and the GPU's memory
+/// when one is in use. During a prefill the KV is what the layers have written so far.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct MemoryNow {
+    pub kv_fast_bytes: usize,
+    pub kv_host_bytes: usize,
+    pub rss_bytes: u64,
+    pub gpu: Option<GpuMemory>,
+}
+
 /// Peak resident set size of this process, in bytes (VmHWM).
 pub fn peak_rss_bytes() -> u64 {
     proc_status_kib("VmHWM:") * 1024

@@ -37,15 +37,26 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     dev.use_device(load_cpu_ops(&path, 2048).unwrap());
     assert!(dev.device().is_some() && cpu.device().is_none());
     let cancel = AtomicBool::new(false);
+    let mut cpu_readings = Vec::new();
     let want = cpu
-        .generate(&request(&doc, 12), &cancel, &mut |_| {})
-        .unwrap();
-    let mut layers_seen = Vec::new();
-    let got = dev
         .generate(&request(&doc, 12), &cancel, &mut |ev| {
-            if let EngineEvent::PrefillProgress { layers_done, .. } = ev {
-                layers_seen.push(layers_done);
+            if let EngineEvent::Memory(m) = ev {
+                cpu_readings.push(m)
             }
+        })
+        .unwrap();
+    assert!(
+        cpu_readings.iter().any(|m| m.kv_fast_bytes > 0),
+        "{cpu_readings:?}"
+    );
+    let mut layers_seen = Vec::new();
+    // memory readings, each with the layers done when it came (30: after the prefill)
+    let mut readings = Vec::new();
+    let got = dev
+        .generate(&request(&doc, 12), &cancel, &mut |ev| match ev {
+            EngineEvent::PrefillProgress { layers_done, .. } => layers_seen.push(layers_done),
+            EngineEvent::Memory(m) => readings.push((layers_seen.len(), m)),
+            EngineEvent::Token(_) => {}
         })
         .unwrap();
     eprintln!(
@@ -77,6 +88,17 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
         got.gpu_memory.is_none(),
         "the CPU's ops have no device memory"
     );
+    // live memory: one reading right after the prefill, with the KV the prefill wrote, and
+    // any during it counting fewer bytes (the layers written so far)
+    let after: Vec<_> = readings.iter().filter(|(l, _)| *l == 30).collect();
+    assert!(!after.is_empty(), "{readings:?}");
+    let at_end = after[0].1;
+    let prompt_kv: usize = (got.kept_per_layer.iter().sum::<usize>()) * 2 * 2 * 3 * 64;
+    assert_eq!(at_end.kv_fast_bytes, prompt_kv, "{readings:?}");
+    assert!(at_end.rss_bytes > 0 && at_end.gpu.is_none());
+    for (layers, m) in readings.iter().filter(|(l, _)| *l < 30) {
+        assert!(m.kv_fast_bytes < at_end.kv_fast_bytes, "{layers}: {m:?}");
+    }
 
     // a follow-up runs only its new tokens after the pruned prompt's KV, as on the CPU
     let follow_up = |first: &str| {

@@ -12,6 +12,7 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
 use slimchat::config::AppConfig;
+use slimchat::metrics::{GpuMemory, MemoryNow};
 use slimchat::tui::app::{update, App, Effect, Msg};
 use slimchat::tui::input::map_event;
 use slimchat::tui::render;
@@ -123,6 +124,34 @@ fn snapshot_answered_with_metrics() {
     assert!(s.contains("TTFT 812 ms"), "{s}");
     assert!(s.contains("kept tokens per layer"), "{s}");
     insta::assert_snapshot!("answered", s);
+}
+
+#[test]
+fn memory_is_shown_live_while_an_answer_runs() {
+    let mut app = prefilling();
+    const GB: u64 = 1_000_000_000;
+    let reading = |kv_mb: usize, used_gb: u64| MemoryNow {
+        kv_fast_bytes: kv_mb * 1_000_000,
+        kv_host_bytes: 0,
+        rss_bytes: 300_000_000,
+        gpu: Some(GpuMemory {
+            gpu_total_bytes: 140 * GB,
+            gpu_free_bytes: (140 - used_gb) * GB,
+            gpu_own_bytes: (used_gb - 1) * GB,
+        }),
+    };
+    update(&mut app, Msg::Worker(WorkerEvent::Memory(reading(20, 35))));
+    let s = screen(&draw(&mut app, 120, 40));
+    assert!(s.contains("KV      20.0 MB"), "{s}");
+    assert!(s.contains("VRAM    35.0 GB / 140.0 GB"), "{s}");
+    assert!(s.contains(" 25%"), "the share of the device in use: {s}");
+    assert!(s.contains("ours    34.0 GB"), "{s}");
+    // a later reading replaces it, before the request ends
+    update(&mut app, Msg::Worker(WorkerEvent::Memory(reading(45, 70))));
+    let s = screen(&draw(&mut app, 120, 40));
+    assert!(s.contains("KV      45.0 MB"), "{s}");
+    assert!(s.contains("VRAM    70.0 GB / 140.0 GB"), "{s}");
+    assert!(s.contains(" 50%"), "{s}");
 }
 
 #[test]

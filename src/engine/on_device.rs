@@ -1,6 +1,7 @@
 //! The engine's prefill on a device forward (`--device cuda`): a follow-up runs its new tokens
 //! after the cached conversation, any other prompt is prefilled whole on the device.
 
+use super::memory::MemoryTicker;
 use super::{Engine, EngineEvent, PrefillKind};
 use crate::Result;
 
@@ -38,13 +39,17 @@ impl Engine {
         let headroom =
             (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
         let device = self.device.as_mut().expect("checked by the caller");
+        let mut memory = MemoryTicker::new(0, device.kv_row_bytes(), Some(device.memory_probe()));
         let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
             on_event(EngineEvent::PrefillProgress {
                 layers_done: layer + 1,
                 n_layers,
                 tokens: total,
                 rows,
-            })
+            });
+            if let Some(reading) = memory.layer_written(rows) {
+                on_event(reading);
+            }
         });
         self.after_device_prefill(prompt, logits, PrefillKind::Full, 0)
     }

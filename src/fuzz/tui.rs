@@ -156,7 +156,7 @@ fn stats(p: &mut Prog) -> GenStats {
 }
 
 fn worker_event(p: &mut Prog) -> WorkerEvent {
-    match p.byte() % 12 {
+    match p.byte() % 13 {
         0 => WorkerEvent::Loaded {
             model: p.text(),
             context_length: p.number(),
@@ -193,6 +193,19 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
         },
         9 => WorkerEvent::Error(p.text()),
         10 => WorkerEvent::Note(p.text()),
+        11 => WorkerEvent::Memory(crate::metrics::MemoryNow {
+            kv_fast_bytes: p.number(),
+            kv_host_bytes: p.number(),
+            rss_bytes: p.number() as u64,
+            gpu: p
+                .byte()
+                .is_multiple_of(2)
+                .then(|| crate::metrics::GpuMemory {
+                    gpu_total_bytes: p.number() as u64,
+                    gpu_free_bytes: p.number() as u64,
+                    gpu_own_bytes: p.number() as u64,
+                }),
+        }),
         _ => WorkerEvent::Done,
     }
 }

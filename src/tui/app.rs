@@ -150,6 +150,8 @@ pub struct Running {
     pub prompt_tokens: Option<usize>,
     pub tokens: usize,
     pub stopping: bool,
+    /// The engine's latest memory reading during this request.
+    pub memory: Option<crate::metrics::MemoryNow>,
 }
 
 /// Numbers of the last finished request.
@@ -171,6 +173,23 @@ pub struct LastStats {
     pub slim_preset: String,
     /// GPU memory, when the model runs on one.
     pub gpu_memory: Option<crate::metrics::GpuMemory>,
+}
+
+impl LastStats {
+    /// The request's memory at its end, as the live readings give it.
+    pub fn memory(&self) -> crate::metrics::MemoryNow {
+        let resident = self.kv_host_bytes == 0;
+        crate::metrics::MemoryNow {
+            kv_fast_bytes: if resident {
+                self.kv_bytes
+            } else {
+                self.kv_fast_bytes
+            },
+            kv_host_bytes: self.kv_host_bytes,
+            rss_bytes: self.rss_bytes,
+            gpu: self.gpu_memory,
+        }
+    }
 }
 
 /// A one-line message at the bottom.
@@ -353,6 +372,7 @@ impl App {
             prompt_tokens: None,
             tokens: 0,
             stopping: false,
+            memory: None,
         });
         self.scroll = 0;
         self.ctrl_c_armed = false;

@@ -60,6 +60,8 @@ pub enum WorkerEvent {
         rows: usize,
     },
     Token(String),
+    /// Memory while the request runs (the KV in each tier, RSS, the GPU's).
+    Memory(crate::metrics::MemoryNow),
     /// The request's prompt, as the model sees it, is this many tokens (sent before prefill).
     PromptTokens(usize),
     /// The prompt does not fit in the model's context; nothing was run.
@@ -280,9 +282,7 @@ fn run_prompt(
     send(WorkerEvent::PromptTokens(prompt.len()));
     let stats =
         engine.generate_from_tokens(prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
-            if let Some(ev) = forward(ev) {
-                send(ev)
-            }
+            send(forward(ev))
         })?;
     Ok(Some(stats))
 }
@@ -305,8 +305,8 @@ fn generate(
     run_prompt(engine, &prompt, req, cancel, send)
 }
 
-fn forward(ev: EngineEvent) -> Option<WorkerEvent> {
-    Some(match ev {
+fn forward(ev: EngineEvent) -> WorkerEvent {
+    match ev {
         EngineEvent::PrefillProgress {
             layers_done,
             n_layers,
@@ -319,9 +319,8 @@ fn forward(ev: EngineEvent) -> Option<WorkerEvent> {
             rows,
         },
         EngineEvent::Token(t) => WorkerEvent::Token(t),
-        // the panel shows the tiers from the request's stats when it ends
-        EngineEvent::KvTiers { .. } => return None,
-    })
+        EngineEvent::Memory(m) => WorkerEvent::Memory(m),
+    }
 }
 
 /// Dense, then pruned, each after `reset` so both prefill the whole prompt; the engine's own

@@ -48,6 +48,11 @@ impl App {
                     r.prefill = Some((layers_done, n_layers, tokens, rows));
                 }
             }
+            WorkerEvent::Memory(m) => {
+                if let Some(r) = &mut self.running {
+                    r.memory = Some(m);
+                }
+            }
             WorkerEvent::Token(t) => {
                 let clock = self.clock;
                 if let Some(r) = &mut self.running {

@@ -9,7 +9,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 use ratatui::Frame;
 
-use crate::tui::app::{thousands, App, RequestKind};
+use crate::tui::app::{thousands, App, LastStats, RequestKind};
 
 /// A bar of `width` cells filled to `frac`.
 pub fn bar(frac: f64, width: usize) -> String {
@@ -164,25 +164,27 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
             ));
         }
     }
-    if let Some(l) = &app.last {
-        if l.kv_host_bytes > 0 {
+    // live while a request runs (the engine's latest reading), else the last request's
+    let live = app.running.as_ref().and_then(|r| r.memory);
+    if let Some(m) = live.or_else(|| app.last.as_ref().map(LastStats::memory)) {
+        if m.kv_host_bytes > 0 {
             // the KV manager: what decode reads (fast) and the backing copy (host)
-            out.push(kv("KV fast", bytes(l.kv_fast_bytes as u64)));
-            out.push(kv("KV host", bytes(l.kv_host_bytes as u64)));
+            out.push(kv("KV fast", bytes(m.kv_fast_bytes as u64)));
+            out.push(kv("KV host", bytes(m.kv_host_bytes as u64)));
         } else {
-            out.push(kv("KV", bytes(l.kv_bytes as u64)));
+            out.push(kv("KV", bytes(m.kv_fast_bytes as u64)));
         }
-        out.push(kv("RSS", bytes(l.rss_bytes)));
-        if let Some(g) = l.gpu_memory {
+        out.push(kv("RSS", bytes(m.rss_bytes)));
+        if let Some(g) = m.gpu {
+            // the device's memory in use (by every process) of its total, and ours
+            let used = g.gpu_total_bytes.saturating_sub(g.gpu_free_bytes);
+            let f = used as f64 / g.gpu_total_bytes.max(1) as f64;
             out.push(kv(
-                "GPU",
-                format!(
-                    "{} ours · {} free / {}",
-                    bytes(g.gpu_own_bytes),
-                    bytes(g.gpu_free_bytes),
-                    bytes(g.gpu_total_bytes)
-                ),
+                "VRAM",
+                format!("{} / {}", bytes(used), bytes(g.gpu_total_bytes)),
             ));
+            out.push(Line::raw(format!("{} {:>3.0}%", bar(f, bar_w), f * 100.0)));
+            out.push(kv("ours", bytes(g.gpu_own_bytes)));
         }
     }
     let pruning = app.model.as_ref().is_none_or(|m| m.pruning);

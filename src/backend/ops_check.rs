@@ -592,10 +592,12 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         record(&mut out, label, shape.clone(), &got[i], &want[i], 0.0);
     }
 
-    // attention_bf16: prefill (kept rows vs kept keys), decode (one query), head_dim 64
+    // prefill attention (kept rows vs kept keys) on tensor cores at head sizes 64 and 128
+    // (attention_mma_*: GQA groups of 4, 2 and 7, rows over several CTAs) and on FMA units
+    // otherwise (attention_bf16, head size 96); decode (one query)
     for (label, heads, blocks, tail, nq) in [
         (
-            "attention_bf16 prefill",
+            "attention_mma_hd128 prefill",
             Heads {
                 n_heads: 8,
                 n_kv_heads: 2,
@@ -617,7 +619,7 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
             1,
         ),
         (
-            "attention_bf16 hd64",
+            "attention_mma_hd64 prefill",
             Heads {
                 n_heads: 6,
                 n_kv_heads: 3,
@@ -626,6 +628,28 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
             2,
             50,
             45,
+        ),
+        (
+            "attention_mma_hd128 group 7",
+            Heads {
+                n_heads: 14,
+                n_kv_heads: 2,
+                head_dim: 128,
+            },
+            6,
+            5,
+            301,
+        ),
+        (
+            "attention_bf16 prefill hd96",
+            Heads {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 96,
+            },
+            3,
+            20,
+            70,
         ),
     ] {
         let key_pos = kept_positions(&mut rng, blocks, tail);

@@ -14,7 +14,7 @@ use crate::Result;
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 /// (file, source, entry points). Entry points are named `<op>_<dtype>`.
-pub const FILES: [(&str, &str, &[&str]); 8] = [
+pub const FILES: [(&str, &str, &[&str]); 9] = [
     (
         "norm_rope.cu",
         include_str!("../../kernels/norm_rope.cu"),
@@ -68,6 +68,11 @@ pub const FILES: [(&str, &str, &[&str]); 8] = [
         "attention.cu",
         include_str!("../../kernels/attention.cu"),
         &["attention_bf16"],
+    ),
+    (
+        "attention_mma.cu",
+        include_str!("../../kernels/attention_mma.cu"),
+        &["attention_mma_hd64_bf16", "attention_mma_hd128_bf16"],
     ),
     (
         "decode_attention.cu",

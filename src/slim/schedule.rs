@@ -162,6 +162,15 @@ pub struct SlimConfig {
     /// so a fact early in a long document ranks below recent blocks that hold nothing asked
     /// for. Allowed: `[0, 1]`. Default `0`.
     pub contrast_share: f32,
+    /// How far the first stage may move every stage's budget for this prompt, as a share of it:
+    /// the budget becomes what the best-scored blocks need to hold `budget_coverage` of the
+    /// first stage's score mass, within `1 ± budget_spread` of the ratio's (more kept when the
+    /// scores are flat, fewer when they are peaked; `slim::select::budget_factor`). Allowed:
+    /// `[0, 1)`. Default `0` (the ratio's budgets).
+    pub budget_spread: f32,
+    /// The share of the first stage's score mass (past the always-kept blocks) the kept blocks
+    /// should hold when `budget_spread > 0`. Allowed: `(0, 1]`. Default `0.8`.
+    pub budget_coverage: f32,
     /// Who chooses the `decode_keep` share decode attends to: `"stage"` (the stage's boundary
     /// window chooses one set for all its layers, the paper's) or `"layer"` (every slim layer
     /// chooses its own, with the query it is about to attend with, among the blocks its stage
@@ -257,6 +266,11 @@ window_pool = "max"
 # Share of each prefill stage's budget chosen by how much a block stands out from its
 # neighbours rather than by its score (the score favours recent blocks), in [0, 1].
 contrast_share = 0.0
+# How far the first stage may move the budgets for this prompt, as a share of them, in [0, 1):
+# the budget becomes what the best blocks need to hold budget_coverage of the score mass (more
+# when the scores are flat, fewer when peaked). 0 keeps the ratio's budgets.
+budget_spread = 0.0
+budget_coverage = 0.8
 # Who chooses the decode_keep share decode attends to: "stage" (one set per stage, from the
 # boundary's queries) or "layer" (each slim layer from its own queries).
 decode_select = "layer"
@@ -285,6 +299,8 @@ impl Default for SlimConfig {
             score_layers: ScoreLayers::Stage,
             window_pool: WindowPool::Max,
             contrast_share: 0.0,
+            budget_spread: 0.0,
+            budget_coverage: 0.8,
             decode_select: DecodeSelect::Layer,
             reprefill_followups: false,
             model: None,
@@ -305,6 +321,18 @@ impl SlimConfig {
             return Err(format!(
                 "[slim] contrast_share must be in [0, 1], got {}",
                 self.contrast_share
+            ));
+        }
+        if !(0.0..1.0).contains(&self.budget_spread) {
+            return Err(format!(
+                "[slim] budget_spread must be in [0, 1), got {}",
+                self.budget_spread
+            ));
+        }
+        if !(self.budget_coverage > 0.0 && self.budget_coverage <= 1.0) {
+            return Err(format!(
+                "[slim] budget_coverage must be in (0, 1], got {}",
+                self.budget_coverage
             ));
         }
         if !PRESETS.contains(&self.preset.as_str()) {

@@ -92,6 +92,40 @@ pub fn select_blocks(scores: &[(u32, f32)], k: usize, forced: &[u32], share: f32
     chosen
 }
 
+/// How much to scale a budget of `k` blocks for one prompt's `scores`: the number of
+/// best-scored blocks (the `forced` ones aside) that hold `coverage` of the score mass, over
+/// the budget's own (`k` less the forced blocks present), within `1 ± spread`. Flat scores
+/// spread the mass over many blocks and give more than 1; peaked ones less. Negative and NaN
+/// scores count as 0; no mass, or no free budget, gives 1.
+pub fn budget_factor(
+    scores: &[(u32, f32)],
+    forced: &[u32],
+    k: usize,
+    coverage: f32,
+    spread: f32,
+) -> f32 {
+    let mut free: Vec<f32> = (scores.iter())
+        .filter(|(b, _)| !forced.contains(b))
+        .map(|&(_, s)| if s.is_nan() { 0.0 } else { s.max(0.0) })
+        .collect();
+    let own = k.saturating_sub(scores.len() - free.len());
+    let total: f32 = free.iter().sum();
+    if own == 0 || total <= 0.0 {
+        return 1.0;
+    }
+    free.sort_by(|a, b| b.total_cmp(a));
+    let mut held = 0.0;
+    let mut needed = free.len();
+    for (i, s) in free.iter().enumerate() {
+        held += s;
+        if held >= coverage * total {
+            needed = i + 1;
+            break;
+        }
+    }
+    (needed as f32 / own as f32).clamp(1.0 - spread, 1.0 + spread)
+}
+
 /// |a ∩ b| / max(|a|, 1); both sorted ascending.
 pub fn overlap(a: &[u32], b: &[u32]) -> f32 {
     let (mut i, mut j, mut common) = (0, 0, 0usize);
@@ -331,6 +365,33 @@ mod tests {
         // Block 0 -> rows 0..4; block 3 (12..16) -> row 8; generated 20.. -> rows 11..14.
         assert_eq!(rows, vec![0, 1, 2, 3, 8, 11, 12, 13]);
         assert_eq!(kept_rows(&positions, 20, &[], 4), vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn flat_scores_widen_the_budget_and_peaked_ones_narrow_it() {
+        let forced = [0, 9];
+        // ten blocks, two forced (their scores do not count), k = 6: 4 of the budget's own
+        let flat: Vec<(u32, f32)> = (0..10).map(|b| (b, 1.0)).collect();
+        // 0.8 of the 8 free blocks' mass needs 7 of them (6.4 rounded up): 7/4, capped at 1.5
+        assert_eq!(budget_factor(&flat, &forced, 6, 0.8, 0.5), 1.5);
+        assert_eq!(budget_factor(&flat, &forced, 6, 0.8, 0.9), 1.75);
+        let mut peaked = flat.clone();
+        peaked[3].1 = 100.0;
+        peaked[0].1 = 1000.0; // forced: ignored
+                              // one block holds 100 of 107: needs 1 of 4, floored at 1 - 0.5
+        assert_eq!(budget_factor(&peaked, &forced, 6, 0.8, 0.5), 0.5);
+        assert_eq!(budget_factor(&peaked, &forced, 6, 0.8, 0.9), 0.25);
+        // the budget's own mass: exactly 4 needed gives 1
+        let mut four = flat.clone();
+        for b in [2, 4, 6, 8] {
+            four[b].1 = 10.0;
+        }
+        assert_eq!(budget_factor(&four, &forced, 6, 0.8, 0.5), 1.0);
+        // no free budget, or no mass, leaves it alone; NaN counts as nothing
+        assert_eq!(budget_factor(&flat, &forced, 2, 0.8, 0.5), 1.0);
+        let none: Vec<(u32, f32)> = (0..10).map(|b| (b, f32::NAN)).collect();
+        assert_eq!(budget_factor(&none, &forced, 6, 0.8, 0.5), 1.0);
+        assert_eq!(budget_factor(&flat, &forced, 6, 0.8, 0.0), 1.0);
     }
 
     #[test]

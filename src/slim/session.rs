@@ -45,7 +45,7 @@ use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
 use crate::slim::select::{
-    forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
+    budget_factor, forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
 };
 use crate::Result;
 
@@ -341,6 +341,9 @@ impl SlimSession {
             }
         };
         let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
+        if s == 0 && self.cfg.budget_spread > 0.0 {
+            self.fit_budgets(&scores, &forced);
+        }
         let stage = self.stages[s].stage;
         let blocks = select_blocks(&scores, stage.keep_blocks, &forced, self.cfg.contrast_share);
         let keep = kept_rows(positions, self.prompt_len, &blocks, self.cfg.block_size);
@@ -360,6 +363,26 @@ impl SlimSession {
         st.pool = blocks;
         st.active = active;
         Ok(keep)
+    }
+
+    /// Scale every stage's budget past the always-kept blocks by [`budget_factor`] of the
+    /// first stage's scores (this prompt's: more blocks when they are flat), each stage keeping
+    /// at most the one before it; decode's sets stay within the new budgets.
+    fn fit_budgets(&mut self, scores: &[(u32, f32)], forced: &[u32]) {
+        let Some(first) = self.stages.first() else {
+            return;
+        };
+        let (coverage, spread) = (self.cfg.budget_coverage, self.cfg.budget_spread);
+        let f = budget_factor(scores, forced, first.stage.keep_blocks, coverage, spread);
+        let floor = (scores.iter()).filter(|(b, _)| forced.contains(b)).count();
+        let mut cap = scores.len();
+        for st in &mut self.stages {
+            let own = st.stage.keep_blocks.saturating_sub(floor);
+            let scaled = floor + (own as f32 * f).round() as usize;
+            st.stage.keep_blocks = scaled.min(cap).max(floor);
+            st.stage.decode_blocks = st.stage.decode_blocks.min(st.stage.keep_blocks);
+            cap = st.stage.keep_blocks;
+        }
     }
 
     /// Add this layer's block scores (from its last `local_window` queries) to the stage's sums.
@@ -948,5 +971,40 @@ mod tests {
         // the row past the prompt is always read
         let last = kvs[1].len() - 1;
         assert!(s.key_ranges(1, &kvs[1]).iter().any(|r| r.contains(&last)));
+    }
+
+    /// Blocks the first stage keeps when layer 0's last query scores the prompt as `q` does,
+    /// its budget (half the prompt: 4 blocks, 2 of them forced) fitted to the scores.
+    fn kept_with_fitted_budget(q_last: &[f32]) -> Vec<u32> {
+        let cfg = SlimConfig {
+            stages: vec![StageConfig {
+                layer: 1,
+                fraction: 0.5,
+                floor: 0,
+            }],
+            budget_spread: 0.5,
+            budget_coverage: 0.8,
+            ..cfg()
+        };
+        let mut s = SlimSession::new(&cfg, 2, SHAPE, PROMPT);
+        let kv = prompt_kv();
+        let h = Tensor::zeros((PROMPT, HD), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let positions: Vec<u32> = (0..PROMPT as u32).collect();
+        let mut q = vec![0.0; PROMPT * HD];
+        q[(PROMPT - 1) * HD..].copy_from_slice(q_last);
+        s.before_attention(0, &q, &positions, &kv).unwrap();
+        let change = s.after_layer(0, &h, &q, &positions, &kv).unwrap();
+        assert!(change.is_some(), "the stage prunes");
+        s.trace().stages[0].pool.clone()
+    }
+
+    #[test]
+    fn flat_scores_keep_more_blocks_and_peaked_ones_fewer() {
+        // a query that looks nowhere in particular: every block scores alike, so 0.8 of the
+        // mass needs 5 of the 6 free blocks; the budget's own 2 grow to 3 (1 + 0.5)
+        assert_eq!(kept_with_fitted_budget(&[0.0; HD]).len(), 2 + 3);
+        // one that looks at block 3 only: one block holds the mass, the budget's own 2 shrink
+        // to 1 (1 - 0.5), and that block is it
+        assert_eq!(kept_with_fitted_budget(&query_at(3)), vec![0, 3, 7]);
     }
 }

@@ -126,6 +126,15 @@ impl LlamaShape {
             + 2.0 * (self.vocab * self.hidden) as f64
     }
 
+    /// FLOPs of causal attention (Q Kᵀ and P V) of a prefill whose layer i runs on rows[i]
+    /// rows, each attending to itself and the rows before it.
+    pub fn attention_flops(&self, rows: &[usize]) -> f64 {
+        let per_pair = 4.0 * self.heads.q_dim() as f64;
+        (rows.iter())
+            .map(|&r| per_pair * r as f64 * (r as f64 + 1.0) / 2.0)
+            .sum()
+    }
+
     /// Bytes of K and V for one cached row of one layer (bf16).
     pub fn kv_row_bytes(&self) -> usize {
         2 * self.heads.kv_dim() * 2
@@ -642,3 +651,30 @@ trait ZerosU32: Ops {
     }
 }
 impl<O: Ops> ZerosU32 for O {}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaShape;
+
+    #[test]
+    fn the_8b_shapes_prefill_work_at_32k_is_counted_as_the_gpu_bar_counts_it() {
+        let s = LlamaShape::llama31_8b();
+        let dense = vec![32_768; 32];
+        // about 7.0e9 weights in the layers: 2 FLOPs each per row, plus the head on one row
+        let gemm = s.gemm_flops(&dense);
+        assert!((4.5e14..4.7e14).contains(&gemm), "{gemm:e}");
+        // 4 x 4096 x 32,768 x 32,769 / 2 a layer
+        let attention = s.attention_flops(&dense);
+        assert!((attention / 2.8147e14 - 1.0).abs() < 1e-3, "{attention:e}");
+        // a pruned layer's attention falls with the square of its rows
+        let mut pruned = dense.clone();
+        pruned[31] = 8_192;
+        let one_layer = attention / 32.0;
+        let saved = attention - s.attention_flops(&pruned);
+        assert!(
+            (saved / one_layer - 0.9375).abs() < 1e-3,
+            "{}",
+            saved / one_layer
+        );
+    }
+}

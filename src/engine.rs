@@ -499,7 +499,7 @@ impl Engine {
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
         on_event(EngineEvent::Memory(self.memory_now()));
-        let mut memory = memory::MemoryTicker::new(0, 0, None);
+        let mut memory = memory::MemoryTicker::clock();
         let kept_per_layer = self.kept_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();

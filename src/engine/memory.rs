@@ -35,6 +35,11 @@ impl MemoryTicker {
         }
     }
 
+    /// Only the clock: decode's readings come from the engine itself ([`Engine::memory_now`]).
+    pub(super) fn clock() -> Self {
+        Self::new(0, 0, None)
+    }
+
     /// True once [`MEMORY_EVERY`] has passed since the last reading (and starts the next wait).
     pub(super) fn due(&mut self) -> bool {
         if self.last.elapsed() < MEMORY_EVERY {

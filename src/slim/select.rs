@@ -377,8 +377,9 @@ mod tests {
         assert_eq!(budget_factor(&flat, &forced, 6, 0.8, 0.9), 1.75);
         let mut peaked = flat.clone();
         peaked[3].1 = 100.0;
-        peaked[0].1 = 1000.0; // forced: ignored
-                              // one block holds 100 of 107: needs 1 of 4, floored at 1 - 0.5
+        // a forced block's score is ignored; one block holds 100 of 107: needs 1 of 4,
+        // floored at 1 - 0.5
+        peaked[0].1 = 1000.0;
         assert_eq!(budget_factor(&peaked, &forced, 6, 0.8, 0.5), 0.5);
         assert_eq!(budget_factor(&peaked, &forced, 6, 0.8, 0.9), 0.25);
         // the budget's own mass: exactly 4 needed gives 1

@@ -23,6 +23,8 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct CudaOps {
     pub gpu: Arc<Gpu>,
+    /// Prefill attention on tensor cores where [`mma_tiles`] allows (else on FMA units).
+    tensor_core_attention: bool,
 }
 
 const THREADS: u32 = 256;
@@ -78,7 +80,23 @@ pub(super) fn i32_of(n: usize) -> i32 {
 
 impl CudaOps {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        Self { gpu }
+        Self {
+            gpu,
+            tensor_core_attention: true,
+        }
+    }
+
+    /// The same backend with every prefill attention on FMA units (attention.cu): the
+    /// reference the tensor-core kernel is timed against, and what gpu-check runs on when that
+    /// kernel fails its checks.
+    pub fn with_fma_attention(mut self) -> Self {
+        self.tensor_core_attention = false;
+        self
+    }
+
+    /// Whether prefill attention runs on tensor cores where it can.
+    pub fn tensor_core_attention(&self) -> bool {
+        self.tensor_core_attention
     }
 
     pub(super) fn f(&self, name: &str) -> Result<cudarc::driver::CudaFunction> {
@@ -596,7 +614,7 @@ impl Ops for CudaOps {
         if at.rows == 1 {
             return self.decode_attention(q, at, q_pos, pool, table, n_keys, heads, out);
         }
-        if let Some(tiles) = mma_tiles(heads) {
+        if let Some(tiles) = mma_tiles(heads).filter(|_| self.tensor_core_attention) {
             return self.attention_mma(q, at, q_pos, pool, table, n_keys, heads, tiles, out);
         }
         const ROWS_PER_CTA: usize = 16; // ATT_WARPS * ATT_ROWS in attention.cu

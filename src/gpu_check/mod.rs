@@ -3,7 +3,9 @@
 //! prefill (TTFT) at each prompt length, decode tokens/s, prompt KV bytes on the GPU, the KV
 //! manager's offload and a swap drill (10% of every stage's blocks fetched back from the host
 //! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
-//! GEMM FLOP floor of the dense prefill; (4) a table on stdout and the full numbers as JSON.
+//! dense prefill's FLOP floor at it, one layer's prefill attention on tensor cores and on FMA
+//! units ([`rates`]); (4) a table on stdout and the full numbers as JSON. The runs use the
+//! tensor-core attention only when it passed its checks.
 //! [`agreement`] (`--agreement`): a model file's teacher-forced logits on the GPU against the
 //! CPU engine's.
 //!
@@ -11,12 +13,12 @@
 //! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
 
 pub mod agreement;
+mod rates;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 
 use crate::backend::ops::{Ops, KV_BLOCK};
@@ -76,6 +78,11 @@ pub struct Report {
     pub nvrtc_compile_ms: f64,
     pub kernels: Vec<OpCheck>,
     pub cublas_bf16_tflops: f64,
+    /// The prefill attention kernel of the runs: "tensor cores", or "fma" when the tensor-core
+    /// kernel failed its checks.
+    pub prefill_attention: &'static str,
+    /// One layer's causal attention on each kernel (8192 and 32768 tokens).
+    pub attention_rates: Vec<rates::AttentionRate>,
     pub weights_bytes: u64,
     pub slim: SlimConfig,
     pub runs: Vec<RunResult>,
@@ -108,6 +115,8 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
         nvrtc_compile_ms,
         kernels,
         cublas_bf16_tflops: 0.0,
+        prefill_attention: "tensor cores",
+        attention_rates: Vec::new(),
         weights_bytes: 0,
         slim: args.slim.clone(),
         runs: Vec::new(),
@@ -118,12 +127,35 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
         write(args, &report)?;
         return Ok(kernels_ok);
     }
-    let ops = CudaOps::new(gpu.clone());
-    report.cublas_bf16_tflops = cublas_rate(&ops)?;
+    // a tensor-core attention that failed its checks must not decide the runs' numbers
+    let mma_ok = (report.kernels.iter())
+        .filter(|c| c.op.starts_with("attention_mma"))
+        .all(|c| c.pass);
+    let fma = CudaOps::new(gpu.clone()).with_fma_attention();
+    let ops = if mma_ok {
+        CudaOps::new(gpu.clone())
+    } else {
+        log("the tensor-core attention failed its checks: the runs use the FMA kernel");
+        fma.clone()
+    };
+    report.prefill_attention = if mma_ok { "tensor cores" } else { "fma" };
+    report.cublas_bf16_tflops = rates::cublas(&ops)?;
     log(&format!(
         "cuBLAS bf16 GEMM 8192^3, random data: {:.0} TFLOP/s",
         report.cublas_bf16_tflops
     ));
+    for tokens in [8192, 32768] {
+        let kernels = if mma_ok { vec![&fma, &ops] } else { vec![&fma] };
+        for k in kernels {
+            let r = rates::attention(k, tokens)?;
+            log(&format!(
+                "prefill attention, one 8B layer, {tokens} tokens, {}: {:.1} ms, {:.0} TFLOP/s",
+                r.kernel, r.ms, r.tflops
+            ));
+            report.attention_rates.push(r);
+        }
+    }
+    write(args, &report)?;
 
     let shape = LlamaShape::llama31_8b();
     let longest = args.lengths.iter().copied().max().unwrap_or(0);
@@ -184,38 +216,6 @@ fn write(args: &GpuCheckArgs, report: &Report) -> Result<()> {
     let text = serde_json::to_string_pretty(report).map_err(|e| Error::Engine(e.to_string()))?;
     std::fs::write(&path, text)?;
     Ok(())
-}
-
-/// Measured bf16 GEMM rate on random data: TFLOP/s, median of 10 after 3 warm-ups.
-fn cublas_rate(ops: &CudaOps) -> Result<f64> {
-    let n = 8192;
-    let (mut a, mut b, mut c) = (
-        ops.zeros_bf16(n * n)?,
-        ops.zeros_bf16(n * n)?,
-        ops.zeros_bf16(n * n)?,
-    );
-    ops.fill_uniform(&mut a, 1, 1.0)?;
-    ops.fill_uniform(&mut b, 2, 1.0)?;
-    let ctx = &ops.gpu.ctx;
-    let mut times = Vec::new();
-    for i in 0..13 {
-        let start = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .or_engine("event")?;
-        let end = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .or_engine("event")?;
-        start.record(&ops.gpu.stream).or_engine("record")?;
-        ops.matmul(&a, &b, &mut c, n, n, n)?;
-        end.record(&ops.gpu.stream).or_engine("record")?;
-        let ms = start.elapsed_ms(&end).or_engine("elapsed")? as f64;
-        if i >= 3 {
-            times.push(ms);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
-    Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12)
 }
 
 /// One prefill (timed to the first token's logits on the host) and `decode_tokens` steps.

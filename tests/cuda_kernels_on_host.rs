@@ -40,6 +40,10 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 #define __shared__ static
 #define __syncthreads()
 #define DEC_DIMS 128
+"#;
+
+/// The host programs' file input: a file's bytes, and those bytes as numbers.
+const FILE_INPUT: &str = r#"
 static std::vector<unsigned char> slurp(const std::string& p) {
     std::vector<unsigned char> v;
     FILE* f = fopen(p.c_str(), "rb");
@@ -57,21 +61,36 @@ template <typename T> static std::vector<T> as(const std::vector<unsigned char>&
 
 /// A host program: [`PRELUDE`], kernels/common.cuh, the `kernels` sources, then `main`.
 fn program(kernels: &[&str], main: &str) -> String {
+    program_on(PRELUDE, kernels, main)
+}
+
+/// A host program over `prelude` (what NVRTC provides), with [`FILE_INPUT`].
+fn program_on(prelude: &str, kernels: &[&str], main: &str) -> String {
     // <cmath> defines INFINITY already
     let common = include_str!("../kernels/common.cuh")
         .replace("#define INFINITY", "#define INFINITY_UNUSED");
-    format!("{PRELUDE}\n{common}\n{}\n{main}", kernels.join("\n"))
+    format!(
+        "{prelude}\n{FILE_INPUT}\n{common}\n{}\n{main}",
+        kernels.join("\n")
+    )
 }
 
 /// `source` compiled by the host's C++ compiler in `dir`; None, with a note, without one.
 fn compile(dir: &Path, source: &str) -> Option<PathBuf> {
+    compile_with(dir, source, &["-std=c++17"])
+}
+
+/// [`compile`] with the compiler flags `flags` (a language standard, threads).
+fn compile_with(dir: &Path, source: &str, flags: &[&str]) -> Option<PathBuf> {
     if Command::new("c++").arg("--version").output().is_err() {
         eprintln!("no C++ compiler: these kernels are checked on the device only");
         return None;
     }
     std::fs::write(dir.join("program.cpp"), source).unwrap();
     let build = Command::new("c++")
-        .args(["-O1", "-std=c++17", "-o", "program", "program.cpp"])
+        .arg("-O1")
+        .args(flags)
+        .args(["-o", "program", "program.cpp"])
         .current_dir(dir)
         .output()
         .unwrap();
@@ -519,19 +538,6 @@ template <typename F> static void launch(unsigned gx, unsigned gy, unsigned thre
             for (auto& t : ts) t.join();
         }
 }
-static std::vector<unsigned char> slurp(const std::string& p) {
-    std::vector<unsigned char> v;
-    FILE* f = fopen(p.c_str(), "rb");
-    if (!f) return v;
-    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
-    fclose(f);
-    return v;
-}
-template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
-    std::vector<T> v(b.size() / sizeof(T));
-    memcpy(v.data(), b.data(), v.size() * sizeof(T));
-    return v;
-}
 "#;
 
 /// The tensor-core prefill attention's host program: one launch over the inputs in files, as
@@ -565,35 +571,14 @@ fn the_tensor_core_prefill_attention_matches_the_cpu_reference_on_the_host() {
     use slimchat::backend::ops_check::{rel_err, Rng};
 
     let dir = tempfile::tempdir().unwrap();
-    let common = include_str!("../kernels/common.cuh")
-        .replace("#define INFINITY", "#define INFINITY_UNUSED");
-    let source = format!(
-        "{THREADED_PRELUDE}\n{common}\n{}\n{MMA_MAIN}",
-        include_str!("../kernels/attention_mma.cu")
+    let source = program_on(
+        THREADED_PRELUDE,
+        &[include_str!("../kernels/attention_mma.cu")],
+        MMA_MAIN,
     );
-    if Command::new("c++").arg("--version").output().is_err() {
-        eprintln!("no C++ compiler: the tensor-core attention is checked on the device only");
+    let Some(binary) = compile_with(dir.path(), &source, &["-std=c++20", "-pthread"]) else {
         return;
-    }
-    std::fs::write(dir.path().join("program.cpp"), source).unwrap();
-    let build = Command::new("c++")
-        .args([
-            "-O1",
-            "-std=c++20",
-            "-pthread",
-            "-o",
-            "program",
-            "program.cpp",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let binary = dir.path().join("program");
+    };
 
     let mut rng = Rng::new(23);
     // (heads, query rows, tiles per head as the backend chooses): a GQA group of 4 at head size

@@ -9,8 +9,8 @@
 //! - [`probe`]: is there a driver (and the libraries)? One line saying why not.
 //! - [`kernels`]: the embedded sources, NVRTC compilation, the module and function cache.
 //! - [`gpu`]: the context, the compute and copy streams, cuBLAS, memory figures.
-//! - [`ops`]: [`CudaOps`], the ops over device buffers; `decode_attention` its one-row
-//!   attention split over the keys.
+//! - [`ops`]: [`CudaOps`], the ops over device buffers; `prefill_attention` its attention on
+//!   tensor cores, `decode_attention` its one-row attention split over the keys.
 //! - [`kv_tier`]: the KV manager's host tier (pinned memory) and its copy stream with events.
 //! - [`check`]: every kernel against its CPU reference on random inputs.
 //!
@@ -23,6 +23,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod kv_tier;
 pub mod ops;
+mod prefill_attention;
 pub mod probe;
 
 pub use gpu::Gpu;

@@ -387,3 +387,60 @@ fn ops_forward_keeping_everything_equals_dense() {
     assert_eq!(same.rows_per_layer, vec![300; 5]);
     assert_eq!(same.logits, dense.logits);
 }
+
+#[test]
+fn decode_over_the_host_tier_gives_the_resident_logits_bit_for_bit() {
+    use slimchat::model::ops_llama::{KvPlacement, ModelCache};
+    let shape = LlamaShape::tiny(6);
+    let model = OpsLlama::random(&CpuOps, shape, 4096, 9).unwrap();
+    let mut rng = Rng::new(11);
+    let tokens: Vec<u32> = (0..2000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let narrow = SlimConfig {
+        decode_keep: 0.5,
+        decode_min_tokens: 0,
+        gamma: 1.0, // swap on any change
+        ..slim(0.5)
+    };
+    let slim_pools =
+        |c: &ModelCache<CpuOps>| -> usize { c.layers[2..].iter().map(|l| l.pool.bytes()).sum() };
+    let run = |placement| {
+        let mut hooks = NoHooks;
+        (model.prefill_placed(&tokens, Some(&narrow), 40, placement, &mut hooks)).unwrap()
+    };
+    let (mut resident, want) = run(KvPlacement::Resident);
+    let (mut tiered, got) = run(KvPlacement::Tiered);
+    assert!(got.logits == want.logits);
+    // layers 2-5 keep 8 and 4 of 32 blocks (the last one partial, 16 rows, with room for the
+    // 40 rows after it): 8 and 4 slots resident. Tiered, the 7 and 3 full blocks move to RAM
+    // and the pool keeps slots for decode's 4 and 2 blocks, plus the partial block's: 5 and 3
+    let slot = 2 * KV_BLOCK * shape.heads.kv_dim() * 2;
+    assert_eq!(slim_pools(&resident), 24 * slot);
+    assert_eq!(slim_pools(&tiered), 16 * slot);
+    let t = tiered.tiers();
+    assert_eq!(t.fast_bytes, tiered.pool_bytes());
+    assert_eq!(t.counts.offloaded_blocks, 2 * 7 + 2 * 3);
+    assert_eq!(t.host_bytes, t.counts.offloaded_blocks * slot);
+    assert_eq!(tiered.room(), resident.room());
+    for step in 0..16u32 {
+        let token = rng.below(shape.vocab) as u32;
+        let want = model.decode(&mut resident, token, &mut NoHooks).unwrap();
+        let got = model.decode(&mut tiered, token, &mut NoHooks).unwrap();
+        assert!(got == want, "step {step}: the logits differ");
+        if step == 8 {
+            // the person raises the ratio mid-answer: sets of every kept block, more than the
+            // fast tier was sized for
+            for c in [&mut resident, &mut tiered] {
+                c.session.as_mut().expect("pruned").set_keep_ratio(1.0);
+            }
+        }
+    }
+    let t = tiered.tiers();
+    assert!(t.counts.evicted_blocks > 0, "{t:?}");
+    assert!(t.counts.grown > 0, "{t:?}");
+    assert_eq!(tiered.rows_per_layer(), resident.rows_per_layer());
+    // a follow-up after the answer runs over the tiers as well
+    let follow: Vec<u32> = (0..20).map(|_| rng.below(shape.vocab) as u32).collect();
+    let want = model.extend(&mut resident, &follow, &mut NoHooks).unwrap();
+    let got = model.extend(&mut tiered, &follow, &mut NoHooks).unwrap();
+    assert!(got == want, "the follow-up's logits differ");
+}

@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
-use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, SlotCopy, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
-use super::score::{block_scores, HeadShape, Keys, UnitKeys, WindowPool};
+use super::score::{HeadShape, UnitKeys, WindowPool};
 use crate::{Error, Result};
 
 /// The CPU backend of the ops seam.
@@ -375,53 +375,94 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn block_scores(
+    fn unit_keys(
         &self,
-        q: &Vec<u16>,
-        at: RowSlice,
         pool: &KvPool<Self>,
         table: &Vec<u32>,
         prompt_rows: usize,
-        units: &UnitBlocks,
         unit_size: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = pool.kv_dim;
+        let n_units = prompt_rows.div_ceil(unit_size);
+        check("unit_keys out", out.len(), n_units * d)?;
+        let rows: Vec<usize> = pool_rows(table, prompt_rows).collect();
+        for (unit, rows) in out.chunks_mut(d).zip(rows.chunks(unit_size)) {
+            unit.fill(0.0);
+            for &row in rows {
+                let key = &pool.k[row * d..][..d];
+                unit.iter_mut()
+                    .zip(key)
+                    .for_each(|(a, &b)| *a += f32::from_bits((b as u32) << 16));
+            }
+            unit.iter_mut().for_each(|x| *x /= rows.len() as f32);
+        }
+        Ok(())
+    }
+
+    fn unit_scores(
+        &self,
+        q: &Vec<u16>,
+        at: RowSlice,
+        unit_keys: &Vec<f32>,
+        units: &UnitBlocks,
         heads: Heads,
         mode: ScoreMode,
         acc: &mut Vec<f32>,
     ) -> Result<()> {
-        let d = pool.kv_dim;
-        let (mut keys, mut pos) = (Vec::new(), Vec::new());
-        for row in pool_rows(table, prompt_rows) {
-            keys.extend(to_f32(&pool.k[row * d..][..d]));
-            pos.push(pool.pos[row]);
-        }
-        debug_assert_eq!(units.n_units(), prompt_rows.div_ceil(unit_size));
+        let n_units = units.n_units();
+        let keys = unit_keys
+            .get(..n_units * heads.kv_dim())
+            .ok_or_else(|| Error::Engine("unit_scores: fewer unit keys than units".into()))?;
         let window = slice_rows(q, at, heads.q_dim());
         let shape = HeadShape {
             n_heads: heads.n_heads,
             n_kv_heads: heads.n_kv_heads,
             head_dim: heads.head_dim,
         };
-        let attention = |pool| {
-            UnitKeys::new(
-                Keys::F32(&keys),
-                &pos,
-                usize::MAX,
-                shape,
-                KV_BLOCK,
-                unit_size,
-            )
-            .attention_scores(&window, pool)
-        };
+        let mut block = Vec::with_capacity(n_units);
+        for (b, &id) in units.ids.iter().enumerate() {
+            let span = (units.first[b + 1] - units.first[b]) as usize;
+            block.extend(std::iter::repeat_n(id, span));
+        }
+        let units = UnitKeys::from_parts(shape, keys.to_vec(), block);
         let scores = match mode {
-            ScoreMode::Attention => attention(WindowPool::Mean),
-            ScoreMode::AttentionMax => attention(WindowPool::Max),
-            ScoreMode::Paper => {
-                block_scores(&window, &keys, &pos, usize::MAX, shape, KV_BLOCK, unit_size)
-            }
+            ScoreMode::Attention => units.attention_scores(&window, WindowPool::Mean),
+            ScoreMode::AttentionMax => units.attention_scores(&window, WindowPool::Max),
+            ScoreMode::Paper => units.paper_scores(&window),
         };
         for (b, s) in scores {
             acc[b as usize] += s;
         }
+        Ok(())
+    }
+
+    fn kv_slot_read(&self, pool: &KvPool<Self>, slot: u32) -> Result<SlotCopy> {
+        let (n, s) = (KV_BLOCK * pool.kv_dim, slot as usize);
+        if s >= pool.slots {
+            return Err(Error::Engine(format!(
+                "kv_slot_read: slot {s} of a pool of {}",
+                pool.slots
+            )));
+        }
+        Ok(SlotCopy {
+            k: pool.k[s * n..][..n].to_vec(),
+            v: pool.v[s * n..][..n].to_vec(),
+            pos: pool.pos[s * KV_BLOCK..][..KV_BLOCK].to_vec(),
+        })
+    }
+
+    fn kv_slot_write(&self, pool: &mut KvPool<Self>, slot: u32, copy: &SlotCopy) -> Result<()> {
+        let (n, s) = (KV_BLOCK * pool.kv_dim, slot as usize);
+        if s >= pool.slots || copy.k.len() != n || copy.v.len() != n || copy.pos.len() != KV_BLOCK {
+            return Err(Error::Engine(format!(
+                "kv_slot_write: slot {s} of a pool of {} slots of {n}",
+                pool.slots
+            )));
+        }
+        pool.k[s * n..][..n].copy_from_slice(&copy.k);
+        pool.v[s * n..][..n].copy_from_slice(&copy.v);
+        pool.pos[s * KV_BLOCK..][..KV_BLOCK].copy_from_slice(&copy.pos);
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub mod linear;
 pub mod ops;
 pub mod ops_check;
 pub mod paged_kv;
+pub mod paged_tier;
 pub mod qgemm;
 pub mod qgemv;
 pub mod rowwise;

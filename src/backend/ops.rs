@@ -118,6 +118,22 @@ impl<O: Ops + ?Sized> KvPool<O> {
     }
 }
 
+/// One slot of a [`KvPool`] on the host: keys and values (KV_BLOCK, kv_dim) bf16 and the rows'
+/// positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotCopy {
+    pub k: Vec<u16>,
+    pub v: Vec<u16>,
+    pub pos: Vec<u32>,
+}
+
+impl SlotCopy {
+    /// Bytes of keys and values.
+    pub fn bytes(&self) -> usize {
+        2 * (self.k.len() + self.v.len())
+    }
+}
+
 /// The operations, over a backend's buffers. Shapes are in the comments; every method checks
 /// the lengths it is given against them (a mismatch is a caller bug, returned as an error).
 pub trait Ops {
@@ -293,8 +309,37 @@ pub trait Ops {
         out: &mut Self::Bf16,
     ) -> Result<()>;
 
+    /// The mean key of each unit of `unit_size` consecutive rows (in row order, as
+    /// [`UnitBlocks`] lists them) of the layer's first `prompt_rows` rows, read through `table`:
+    /// out (prompt_rows.div_ceil(unit_size), kv_dim) f32. Decode keeps them per slim layer, so
+    /// that it scores blocks whose rows are not in the pool.
+    fn unit_keys(
+        &self,
+        pool: &KvPool<Self>,
+        table: &Self::U32,
+        prompt_rows: usize,
+        unit_size: usize,
+        out: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// SlimInfer block scores of the window queries `at` of q against unit keys
+    /// ((units.n_units(), kv_dim) f32, from [`Self::unit_keys`]), added to acc
+    /// (n_prompt_blocks) at each block's id.
+    #[allow(clippy::too_many_arguments)]
+    fn unit_scores(
+        &self,
+        q: &Self::Bf16,
+        at: RowSlice,
+        unit_keys: &Self::F32,
+        units: &UnitBlocks,
+        heads: Heads,
+        mode: ScoreMode,
+        acc: &mut Self::F32,
+    ) -> Result<()>;
+
     /// SlimInfer block scores of the window queries `at` of q against the layer's first
-    /// `prompt_rows` rows (its prompt rows), added to acc (n_prompt_blocks) at each block's id.
+    /// `prompt_rows` rows (its prompt rows), added to acc (n_prompt_blocks) at each block's id:
+    /// [`Self::unit_keys`] then [`Self::unit_scores`].
     #[allow(clippy::too_many_arguments)]
     fn block_scores(
         &self,
@@ -308,7 +353,25 @@ pub trait Ops {
         heads: Heads,
         mode: ScoreMode,
         acc: &mut Self::F32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let n_units = prompt_rows.div_ceil(unit_size);
+        if units.n_units() != n_units || n_units == 0 {
+            return Err(crate::Error::Engine(format!(
+                "block_scores: {} units listed for {prompt_rows} prompt rows in units of {unit_size}",
+                units.n_units()
+            )));
+        }
+        let mut keys = self.zeros_f32(n_units * pool.kv_dim)?;
+        self.unit_keys(pool, table, prompt_rows, unit_size, &mut keys)?;
+        self.unit_scores(q, at, &keys, units, heads, mode, acc)
+    }
+
+    /// Slot `slot` of a pool copied to the host: what the KV manager's host tier keeps of a
+    /// block it evicts from the device.
+    fn kv_slot_read(&self, pool: &KvPool<Self>, slot: u32) -> Result<SlotCopy>;
+
+    /// Slot `slot` of a pool overwritten from the host (a block fetched back).
+    fn kv_slot_write(&self, pool: &mut KvPool<Self>, slot: u32, copy: &SlotCopy) -> Result<()>;
 
     /// Copy whole slots within a pool: slot dst_slots[i] = slot src_slots[i], keys, values
     /// and positions.

@@ -1,9 +1,11 @@
 //! The paged KV cache of the forward written against the ops seam: one layer's pool of
 //! [`KV_BLOCK`]-row slots with its slot table and positions ([`LayerCache`]), and the calls a
 //! forward makes into a KV manager around each layer ([`LayerHooks`]; the CUDA host tier in
-//! src/cuda/kv_tier.rs implements them, [`NoHooks`] does nothing).
+//! src/cuda/kv_tier.rs implements them, [`NoHooks`] does nothing). What a layer moves to RAM
+//! after a pruned prefill is in src/backend/paged_tier.rs.
 
 use super::ops::{KvPool, Ops, KV_BLOCK};
+use super::paged_tier::{CachedUnits, HostTier};
 use crate::Result;
 
 /// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
@@ -16,6 +18,10 @@ pub struct LayerCache<O: Ops> {
     pub rows: usize,
     /// Positions of the rows, ascending.
     pub positions: Vec<u32>,
+    /// The unit keys of its prompt rows, once decode has them (src/backend/paged_tier.rs).
+    pub units: Option<CachedUnits<O>>,
+    /// Its prompt blocks' host tier, once it has one: the pool then holds only some of them.
+    pub host: Option<HostTier>,
 }
 
 impl<O: Ops> LayerCache<O> {
@@ -29,6 +35,8 @@ impl<O: Ops> LayerCache<O> {
             table,
             rows: 0,
             positions: Vec::new(),
+            units: None,
+            host: None,
         })
     }
 
@@ -39,6 +47,7 @@ impl<O: Ops> LayerCache<O> {
             .partition_point(|&p| p < block * KV_BLOCK as u32);
         (first < self.rows && self.positions[first] / KV_BLOCK as u32 == block)
             .then(|| self.table[first / KV_BLOCK])
+            .filter(|&slot| slot != super::paged_tier::ON_HOST)
     }
 }
 

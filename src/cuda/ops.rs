@@ -15,7 +15,7 @@ use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
 use crate::backend::ops::{
-    Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK,
+    Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, SlotCopy, UnitBlocks, KV_BLOCK,
 };
 use crate::{Error, Result};
 
@@ -589,41 +589,50 @@ impl Ops for CudaOps {
         Ok(())
     }
 
-    fn block_scores(
+    fn unit_keys(
         &self,
-        q: &CudaSlice<u16>,
-        at: RowSlice,
         pool: &KvPool<Self>,
         table: &CudaSlice<u32>,
         prompt_rows: usize,
-        units: &UnitBlocks,
         unit_size: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n_units = prompt_rows.div_ceil(unit_size);
+        let kv_dim = pool.kv_dim;
+        if n_units == 0 || out.len() < n_units * kv_dim {
+            return Err(Error::Engine(format!(
+                "cuda unit_keys: {} values for {n_units} units of {kv_dim}",
+                out.len()
+            )));
+        }
+        let s = &self.gpu.stream;
+        let f = self.f("unit_keys_bf16")?;
+        let (pr, us, d) = (i32_of(prompt_rows), i32_of(unit_size), i32_of(kv_dim));
+        let mut b = s.launch_builder(&f);
+        b.arg(&pool.k).arg(table).arg(out).arg(&pr).arg(&us).arg(&d);
+        // SAFETY: the table covers the prompt rows; out holds n_units rows.
+        unsafe { b.launch(flat(n_units * kv_dim)) }.or_engine("unit_keys_bf16")?;
+        Ok(())
+    }
+
+    fn unit_scores(
+        &self,
+        q: &CudaSlice<u16>,
+        at: RowSlice,
+        unit_keys: &CudaSlice<f32>,
+        units: &UnitBlocks,
         heads: Heads,
         mode: ScoreMode,
         acc: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let n_units = prompt_rows.div_ceil(unit_size);
-        if units.n_units() != n_units || n_units == 0 {
+        let n_units = units.n_units();
+        if n_units == 0 || unit_keys.len() < n_units * heads.kv_dim() {
             return Err(Error::Engine(format!(
-                "cuda block_scores: {} units listed for {prompt_rows} prompt rows",
-                units.n_units()
+                "cuda unit_scores: {} unit key values for {n_units} units",
+                unit_keys.len()
             )));
         }
         let s = &self.gpu.stream;
-        let kv_dim = pool.kv_dim;
-        let mut unit_keys = s.alloc_zeros::<f32>(n_units * kv_dim).or_engine("alloc")?;
-        let f = self.f("unit_keys_bf16")?;
-        let (pr, us, d) = (i32_of(prompt_rows), i32_of(unit_size), i32_of(kv_dim));
-        let mut b = s.launch_builder(&f);
-        b.arg(&pool.k)
-            .arg(table)
-            .arg(&mut unit_keys)
-            .arg(&pr)
-            .arg(&us)
-            .arg(&d);
-        // SAFETY: the table covers the prompt rows; unit_keys holds n_units rows.
-        unsafe { b.launch(flat(n_units * kv_dim)) }.or_engine("unit_keys_bf16")?;
-
         let rows = at.rows * heads.n_heads;
         let mut logits = s.alloc_zeros::<f32>(rows * n_units).or_engine("alloc")?;
         let f = self.f("unit_logits_f32")?;
@@ -641,7 +650,7 @@ impl Ops for CudaOps {
             i32_of(n_units),
         );
         let mut b = s.launch_builder(&f);
-        b.arg(q).arg(&unit_keys).arg(&mut logits);
+        b.arg(q).arg(unit_keys).arg(&mut logits);
         b.arg(&w)
             .arg(&st)
             .arg(&qc)
@@ -674,6 +683,45 @@ impl Ops for CudaOps {
         b.arg(&w).arg(&h).arg(&nu).arg(&m);
         // SAFETY: one CTA per block present; block ids index acc (n_prompt_blocks).
         unsafe { b.launch(per_row(units.ids.len())) }.or_engine("block_scores_f32")?;
+        Ok(())
+    }
+
+    fn kv_slot_read(&self, pool: &KvPool<Self>, slot: u32) -> Result<SlotCopy> {
+        let (n, sl) = (KV_BLOCK * pool.kv_dim, slot as usize);
+        if sl >= pool.slots {
+            return Err(Error::Engine(format!(
+                "cuda kv_slot_read: slot {sl} of a pool of {}",
+                pool.slots
+            )));
+        }
+        let s = &self.gpu.stream;
+        let k = s
+            .clone_dtoh(&pool.k.slice(sl * n..(sl + 1) * n))
+            .or_engine("dtoh")?;
+        let v = s
+            .clone_dtoh(&pool.v.slice(sl * n..(sl + 1) * n))
+            .or_engine("dtoh")?;
+        let pos = (s.clone_dtoh(&pool.pos.slice(sl * KV_BLOCK..(sl + 1) * KV_BLOCK)))
+            .or_engine("dtoh")?;
+        Ok(SlotCopy { k, v, pos })
+    }
+
+    fn kv_slot_write(&self, pool: &mut KvPool<Self>, slot: u32, copy: &SlotCopy) -> Result<()> {
+        let (n, sl) = (KV_BLOCK * pool.kv_dim, slot as usize);
+        if sl >= pool.slots || copy.k.len() != n || copy.v.len() != n || copy.pos.len() != KV_BLOCK
+        {
+            return Err(Error::Engine(format!(
+                "cuda kv_slot_write: slot {sl} of a pool of {} slots of {n}",
+                pool.slots
+            )));
+        }
+        let s = &self.gpu.stream;
+        (s.memcpy_htod(&copy.k[..], &mut pool.k.slice_mut(sl * n..(sl + 1) * n)))
+            .or_engine("htod")?;
+        (s.memcpy_htod(&copy.v[..], &mut pool.v.slice_mut(sl * n..(sl + 1) * n)))
+            .or_engine("htod")?;
+        let rows = sl * KV_BLOCK..(sl + 1) * KV_BLOCK;
+        (s.memcpy_htod(&copy.pos[..], &mut pool.pos.slice_mut(rows))).or_engine("htod")?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use std::ops::Range;
 use crate::backend::cpu_ops::{plain_rope, to_f32};
 use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
+use crate::backend::paged_tier::row_blocks_of;
 use crate::backend::rowwise::RopeParams;
 use crate::backend::score::HeadShape;
 use crate::kv::policy::LayerPolicy;
@@ -27,8 +28,10 @@ use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
+mod cache;
 mod session_io;
 mod weights;
+pub use cache::{KvPlacement, ModelCache, TierReport};
 use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys};
 pub use weights::Weights;
 
@@ -141,65 +144,6 @@ impl LlamaShape {
     }
 }
 
-/// The KV of every layer, the prompt it was filled from, and the pruning that chose its rows.
-pub struct ModelCache<O: Ops> {
-    pub layers: Vec<LayerCache<O>>,
-    pub prompt_len: usize,
-    /// The prompt's SlimInfer session (None: dense): decode's sets come from it.
-    pub session: Option<SlimSession>,
-}
-
-impl<O: Ops> ModelCache<O> {
-    /// Bytes of the prompt's K and V (rows below the prompt length), over all layers.
-    pub fn prompt_kv_bytes(&self, shape: &LlamaShape) -> usize {
-        let rows: usize = (self.layers.iter())
-            .map(|l| {
-                l.positions
-                    .partition_point(|&p| (p as usize) < self.prompt_len)
-            })
-            .sum();
-        rows * shape.kv_row_bytes()
-    }
-
-    /// Bytes of every pool (what the cache holds in memory).
-    pub fn pool_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.pool.bytes()).sum()
-    }
-
-    pub fn rows_per_layer(&self) -> Vec<usize> {
-        self.layers.iter().map(|l| l.rows).collect()
-    }
-
-    /// Tokens every layer still has room for.
-    pub fn room(&self) -> usize {
-        (self.layers.iter())
-            .map(|l| l.pool.slots * KV_BLOCK - l.rows)
-            .min()
-            .unwrap_or(0)
-    }
-
-    /// Bytes of K and V a decode step reads now, over all layers: every row of a layer, or the
-    /// rows of the blocks its session chose (each slim layer's decode set).
-    pub fn attended_kv_bytes(&self, ops: &O, shape: &LlamaShape) -> usize {
-        let rows: usize = (self.layers.iter().enumerate())
-            .map(|(layer, kv)| match &self.session {
-                Some(session) => {
-                    let keys = OpsKeys {
-                        ops,
-                        kv,
-                        heads: shape.heads,
-                    };
-                    (session.attended_rows(layer, &keys).iter())
-                        .map(|r| r.len())
-                        .sum()
-                }
-                None => kv.rows,
-            })
-            .sum();
-        rows * shape.kv_row_bytes()
-    }
-}
-
 /// What a prefill did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillReport {
@@ -272,13 +216,14 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     /// Teacher forcing: the logits of every position of `tokens` (a dense prefill at positions
     /// 0..), (tokens, vocab) row-major.
     pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut no_hooks = crate::backend::paged_kv::NoHooks;
         let (_, h, rows, _) =
-            self.run_prompt(tokens, None, 0, &mut crate::backend::paged_kv::NoHooks)?;
+            self.run_prompt(tokens, None, 0, KvPlacement::Resident, &mut no_hooks)?;
         self.logits(&h, rows)
     }
 
     /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for
-    /// `headroom` decoded tokens in every layer's cache.
+    /// `headroom` decoded tokens in every layer's cache, which keeps every kept row.
     pub fn prefill(
         &self,
         tokens: &[u32],
@@ -286,7 +231,20 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         headroom: usize,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<(ModelCache<O>, PrefillReport)> {
-        let (cache, h, rows, mut report) = self.run_prompt(tokens, slim, headroom, hooks)?;
+        self.prefill_placed(tokens, slim, headroom, KvPlacement::Resident, hooks)
+    }
+
+    /// [`Self::prefill`], with the pruned prompt's KV kept as `placement` says.
+    pub fn prefill_placed(
+        &self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        placement: KvPlacement,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<(ModelCache<O>, PrefillReport)> {
+        let run = self.run_prompt(tokens, slim, headroom, placement, hooks)?;
+        let (cache, h, rows, mut report) = run;
         report.logits = self.head(&h, rows)?;
         Ok((cache, report))
     }
@@ -298,6 +256,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         tokens: &[u32],
         slim: Option<&SlimConfig>,
         headroom: usize,
+        placement: KvPlacement,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<(ModelCache<O>, O::F32, usize, PrefillReport)> {
         let (ops, s) = (self.ops, &self.shape);
@@ -323,6 +282,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             let (slim, sc) = (session.as_mut(), &mut scratch);
             let change =
                 self.layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
+            if let Some(session) = &session {
+                cache::ready_for_decode(ops, layer, kv, session, placement)?;
+            }
             rows_per_layer.push(n);
             let Some(keep) = change else {
                 continue;
@@ -531,8 +493,19 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         };
         hooks.before_attention(ops, layer, kv)?;
         let attended = slim.map(|session| session.attended_rows(layer, &self.keys(kv)));
+        if let Some(ranges) = &attended {
+            kv.make_resident(ops, &row_blocks_of(ranges))?;
+        }
+        // a layer with a host tier reads its fast tier through a table of what is resident
         let subset = match attended {
-            Some(ranges) if !every_row(&ranges, kv.rows) => Some(slot_subset(&kv.table, &ranges)?),
+            Some(ranges) if kv.host.is_some() || !every_row(&ranges, kv.rows) => {
+                Some(slot_subset(&kv.table, &ranges)?)
+            }
+            None if kv.host.is_some() => {
+                return Err(Error::Engine(
+                    "ops forward: a tiered layer without its session".into(),
+                ))
+            }
             _ => None,
         };
         let subset_table = match &subset {

@@ -243,6 +243,11 @@ impl SlimSession {
         self.prompt_len
     }
 
+    /// Tokens per unit when decode scores a layer's blocks (`unit_size`).
+    pub fn decode_unit_size(&self) -> usize {
+        self.cfg.unit_size
+    }
+
     /// Take the number of active-set block changes since the last call.
     pub fn take_swaps(&mut self) -> usize {
         std::mem::take(&mut self.swaps_this_step)

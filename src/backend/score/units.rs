@@ -72,6 +72,49 @@ impl UnitKeys {
         }
     }
 
+    /// Unit keys computed elsewhere (a backend's [`crate::backend::ops::Ops::unit_keys`]):
+    /// (n_units, n_kv_heads * head_dim) and each unit's block id, ascending.
+    pub fn from_parts(shape: HeadShape, keys: Vec<f32>, block: Vec<u32>) -> Self {
+        assert_eq!(
+            keys.len(),
+            block.len() * shape.n_kv_heads * shape.head_dim,
+            "UnitKeys::from_parts: keys do not match the units"
+        );
+        Self { shape, keys, block }
+    }
+
+    /// The paper's block scores over the units: the largest over a block's units of the mean
+    /// over heads of |q_loc · k_unit|, q_loc the mean of the window's queries (what
+    /// [`super::block_scores`] computes from the rows).
+    pub fn paper_scores(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
+        let HeadShape {
+            n_heads, head_dim, ..
+        } = self.shape;
+        let (q_row, k_row, group) = (n_heads * head_dim, self.k_row(), self.shape.group());
+        let w = q_window.len() / q_row;
+        let mut q_loc = vec![0f32; q_row];
+        for row in q_window.chunks_exact(q_row) {
+            q_loc.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        }
+        let scale = 1.0 / (w.max(1) as f32 * n_heads as f32);
+        let mut out: Vec<(u32, f32)> = Vec::new();
+        for (key, &block) in self.keys.chunks_exact(k_row).zip(&self.block) {
+            let s: f32 = (q_loc.chunks_exact(head_dim).enumerate())
+                .map(|(h, q)| dot(q, &key[(h / group) * head_dim..][..head_dim]).abs())
+                .sum();
+            let score = s * scale;
+            match out.last_mut() {
+                Some((b, best)) if *b == block => *best = best.max(score),
+                _ => out.push((block, score)),
+            }
+        }
+        out
+    }
+
+    fn k_row(&self) -> usize {
+        self.shape.n_kv_heads * self.shape.head_dim
+    }
+
     /// Attention-mass block scores of the queries `q_window` ((w, n_heads * head_dim)), pooled
     /// over the queries by `pool`.
     pub fn attention_scores(&self, q_window: &[f32], pool: WindowPool) -> Vec<(u32, f32)> {

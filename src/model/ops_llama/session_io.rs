@@ -76,8 +76,6 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
         if prompt_rows == 0 || w == 0 {
             return Ok(Vec::new());
         }
-        let units =
-            UnitBlocks::from_positions(&kv.positions[..prompt_rows], KV_BLOCK, req.unit_size);
         let mode = match (req.kind, req.pool) {
             (ScoreKind::Attention, WindowPool::Mean) => ScoreMode::Attention,
             (ScoreKind::Attention, WindowPool::Max) => ScoreMode::AttentionMax,
@@ -89,20 +87,44 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
             offset: 0,
         };
         let mut acc = ops.zeros_f32(req.prompt_len.div_ceil(KV_BLOCK))?;
-        ops.block_scores(
-            &ops.upload_bf16(&to_bf16(q))?,
-            window,
-            &kv.pool,
-            &kv.table_dev,
-            prompt_rows,
-            &units,
-            req.unit_size,
-            heads,
-            mode,
-            &mut acc,
-        )?;
+        let q = ops.upload_bf16(&to_bf16(q))?;
+        let cached = (kv.units.as_ref())
+            .filter(|u| u.prompt_rows == prompt_rows && u.unit_size == req.unit_size);
+        let ids = match cached {
+            Some(u) => {
+                ops.unit_scores(&q, window, &u.keys, &u.units, heads, mode, &mut acc)?;
+                &u.units.ids
+            }
+            None if kv.host.is_some() => {
+                return Err(Error::Engine(format!(
+                    "ops forward: a tiered layer scored in units of {} without its unit keys",
+                    req.unit_size
+                )))
+            }
+            None => {
+                let units = UnitBlocks::from_positions(
+                    &kv.positions[..prompt_rows],
+                    KV_BLOCK,
+                    req.unit_size,
+                );
+                ops.block_scores(
+                    &q,
+                    window,
+                    &kv.pool,
+                    &kv.table_dev,
+                    prompt_rows,
+                    &units,
+                    req.unit_size,
+                    heads,
+                    mode,
+                    &mut acc,
+                )?;
+                let sums = ops.download_f32(&acc)?;
+                return Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect());
+            }
+        };
         let sums = ops.download_f32(&acc)?;
-        Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect())
+        Ok(ids.iter().map(|&b| (b, sums[b as usize])).collect())
     }
 }
 

@@ -1,0 +1,243 @@
+//! The ops forward's KV manager: after a pruned prefill, a slim layer's fast tier (its pool, in
+//! the device's memory) keeps only the blocks decode attends to and the rows past the prompt;
+//! every kept prompt block has its copy in the host tier ([`HostTier`], RAM), from which a
+//! block a decode step newly chooses is fetched into a free or evicted slot before the layer
+//! attends. The layer's unit keys (what decode scores every kept block with) are computed once
+//! from the whole pool before it shrinks ([`CachedUnits`]), so choosing never needs a block's
+//! rows. A decode over the tiers reads the same keys and values as one over the whole pool:
+//! the logits are the same bit for bit (tests/ops_reference.rs).
+//!
+//! Row blocks: row block `r` of a layer holds its rows `64r..64r + 64` (a kept prompt block
+//! when all of them are prompt rows). Those before the first row block that holds a row past
+//! the prompt, or the prompt's partial last block, can move to the host; that row block and
+//! every later one (the rows decode writes) stay in the fast tier.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::ops::{KvPool, Ops, SlotCopy, UnitBlocks, KV_BLOCK};
+use super::paged_kv::LayerCache;
+use crate::{Error, Result};
+
+/// A row block's slot-table entry while its rows are only in the host tier.
+pub const ON_HOST: u32 = u32::MAX;
+
+/// A layer's unit keys: the mean key of each unit of its prompt rows, kept for decode's scoring.
+pub struct CachedUnits<O: Ops> {
+    /// Prompt rows and unit size they were computed for.
+    pub prompt_rows: usize,
+    pub unit_size: usize,
+    pub units: UnitBlocks,
+    /// (units.n_units(), kv_dim) f32, where the keys were.
+    pub keys: O::F32,
+}
+
+/// Work of a layer's host tier.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct TierCounts {
+    /// Blocks copied to the host when the layer was tiered.
+    pub offloaded_blocks: usize,
+    /// Blocks copied back into the fast tier, and their bytes.
+    pub fetched_blocks: usize,
+    pub fetched_bytes: usize,
+    /// Blocks whose slot was given to another (their copy stays on the host).
+    pub evicted_blocks: usize,
+    /// Times the fast tier had to grow (a raised ratio's larger decode set).
+    pub grown: usize,
+}
+
+impl TierCounts {
+    pub fn add(&mut self, o: &TierCounts) {
+        self.offloaded_blocks += o.offloaded_blocks;
+        self.fetched_blocks += o.fetched_blocks;
+        self.fetched_bytes += o.fetched_bytes;
+        self.evicted_blocks += o.evicted_blocks;
+        self.grown += o.grown;
+    }
+}
+
+/// A layer's host tier: the copy of each of its prompt row blocks.
+pub struct HostTier {
+    /// Row blocks before this one are host-backed; it and later ones stay fast.
+    pub first_fast: usize,
+    blocks: HashMap<usize, SlotCopy>,
+    pub counts: TierCounts,
+}
+
+impl HostTier {
+    pub fn bytes(&self) -> usize {
+        self.blocks.values().map(SlotCopy::bytes).sum()
+    }
+}
+
+impl<O: Ops> LayerCache<O> {
+    /// Row blocks: how many the layer's table lists (its capacity in blocks of rows).
+    pub fn row_blocks(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Rows at positions below `prompt_len`.
+    pub fn prompt_rows(&self, prompt_len: usize) -> usize {
+        (self.positions).partition_point(|&p| (p as usize) < prompt_len)
+    }
+
+    /// Compute and keep the unit keys of the layer's first `prompt_rows` rows, in units of
+    /// `unit_size` rows (decode's scoring then reads these instead of the pool).
+    pub fn cache_unit_keys(&mut self, ops: &O, prompt_rows: usize, unit_size: usize) -> Result<()> {
+        if prompt_rows == 0 {
+            return Ok(());
+        }
+        let units = UnitBlocks::from_positions(&self.positions[..prompt_rows], KV_BLOCK, unit_size);
+        let mut keys = ops.zeros_f32(units.n_units() * self.pool.kv_dim)?;
+        ops.unit_keys(
+            &self.pool,
+            &self.table_dev,
+            prompt_rows,
+            unit_size,
+            &mut keys,
+        )?;
+        self.units = Some(CachedUnits {
+            prompt_rows,
+            unit_size,
+            units,
+            keys,
+        });
+        Ok(())
+    }
+
+    /// Move the layer's full prompt row blocks (those before the block holding `prompt_len`'s
+    /// row, or the first past the prompt) to a host tier, and shrink the pool to
+    /// `fast_prompt_blocks` slots for them plus a slot for each later row block. Every prompt
+    /// row block starts on the host; decode fetches what it chooses.
+    pub fn move_to_host_tier(
+        &mut self,
+        ops: &O,
+        prompt_len: usize,
+        fast_prompt_blocks: usize,
+    ) -> Result<()> {
+        if self.host.is_some() {
+            return Ok(());
+        }
+        let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
+        let mut blocks = HashMap::with_capacity(first_fast);
+        for r in 0..first_fast {
+            blocks.insert(r, ops.kv_slot_read(&self.pool, self.table[r])?);
+        }
+        let tail = self.row_blocks() - first_fast;
+        let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
+        let mut table = vec![ON_HOST; first_fast];
+        for (i, r) in (first_fast..self.row_blocks()).enumerate() {
+            let slot = (fast_prompt_blocks + i) as u32;
+            ops.kv_slot_write(
+                &mut pool,
+                slot,
+                &ops.kv_slot_read(&self.pool, self.table[r])?,
+            )?;
+            table.push(slot);
+        }
+        self.pool = pool;
+        self.set_table(ops, table)?;
+        self.host = Some(HostTier {
+            first_fast,
+            counts: TierCounts {
+                offloaded_blocks: first_fast,
+                ..Default::default()
+            },
+            blocks,
+        });
+        Ok(())
+    }
+
+    /// Make row blocks `needed` (ascending) resident before the layer attends to them: each
+    /// one on the host only takes a free slot, or the slot of a resident prompt block that is
+    /// not needed (evicted: its copy stays on the host), or, when none is left, a slot of a
+    /// grown pool; its rows are fetched from the host. A layer without a host tier has every
+    /// row block resident.
+    pub fn make_resident(&mut self, ops: &O, needed: &[usize]) -> Result<()> {
+        let Some(host) = self.host.as_mut() else {
+            return Ok(());
+        };
+        let missing: Vec<usize> = (needed.iter().copied())
+            .filter(|&r| self.table.get(r) == Some(&ON_HOST))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut used = vec![false; self.pool.slots];
+        for &s in self.table.iter().filter(|&&s| s != ON_HOST) {
+            used[s as usize] = true;
+        }
+        let mut free: Vec<u32> = (0..self.pool.slots as u32)
+            .filter(|&s| !used[s as usize])
+            .rev()
+            .collect();
+        // resident prompt blocks that this step does not read, oldest row first
+        let mut evictable: Vec<usize> = (0..host.first_fast)
+            .filter(|&r| self.table[r] != ON_HOST && needed.binary_search(&r).is_err())
+            .rev()
+            .collect();
+        let mut table = self.table.clone();
+        let mut fetch = Vec::with_capacity(missing.len());
+        let mut short = 0;
+        for &r in &missing {
+            let slot = if let Some(s) = free.pop() {
+                s
+            } else if let Some(e) = evictable.pop() {
+                host.counts.evicted_blocks += 1;
+                std::mem::replace(&mut table[e], ON_HOST)
+            } else {
+                short += 1;
+                ON_HOST
+            };
+            table[r] = slot;
+            fetch.push(r);
+        }
+        if short > 0 {
+            // a larger set than the fast tier was sized for: grow it by what is missing
+            let mut pool = KvPool::new(ops, self.pool.slots + short, self.pool.kv_dim)?;
+            for s in 0..self.pool.slots as u32 {
+                ops.kv_slot_write(&mut pool, s, &ops.kv_slot_read(&self.pool, s)?)?;
+            }
+            let mut next = self.pool.slots as u32;
+            for &r in &fetch {
+                if table[r] == ON_HOST {
+                    table[r] = next;
+                    next += 1;
+                }
+            }
+            self.pool = pool;
+            host.counts.grown += 1;
+        }
+        for &r in &fetch {
+            let copy = host.blocks.get(&r).ok_or_else(|| {
+                Error::Engine(format!(
+                    "kv tier: row block {r} is neither fast nor on the host"
+                ))
+            })?;
+            ops.kv_slot_write(&mut self.pool, table[r], copy)?;
+            host.counts.fetched_blocks += 1;
+            host.counts.fetched_bytes += copy.bytes();
+        }
+        self.set_table(ops, table)
+    }
+
+    fn set_table(&mut self, ops: &O, table: Vec<u32>) -> Result<()> {
+        self.table_dev = ops.upload_u32(&table)?;
+        self.table = table;
+        Ok(())
+    }
+}
+
+/// The row blocks that `ranges` (sorted row ranges) touch, ascending.
+pub fn row_blocks_of(ranges: &[std::ops::Range<usize>]) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for r in ranges.iter().filter(|r| !r.is_empty()) {
+        for b in r.start / KV_BLOCK..r.end.div_ceil(KV_BLOCK) {
+            if out.last() != Some(&b) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}

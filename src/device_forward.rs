@@ -11,16 +11,23 @@
 //! the next step, within the blocks prefill kept (the device's session does not revive pruned
 //! rows). The CPU model stays loaded beside it (the engine's tokenizer, template and metadata
 //! come from it).
+//!
+//! The pruned prompt's KV is kept as [`KvPlacement`] says: tiered by default (each slim layer's
+//! pool holds its decode set, the rest of its kept blocks wait in RAM and are fetched when a
+//! step chooses them; src/backend/paged_tier.rs), every kept row in the device's memory with
+//! `--kv-resident`. Copies between the tiers are synchronous for now.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::ops::Ops;
-use crate::backend::paged_kv::{LayerCache, LayerHooks};
+use crate::backend::paged_kv::{LayerCache, LayerHooks, NoHooks};
+use crate::backend::paged_tier::TierCounts;
 use crate::device::Device;
+use crate::kv::KvStats;
 use crate::metrics::GpuMemory;
 use crate::model::gguf::GgufFile;
-use crate::model::ops_llama::{ModelCache, OpsLlama};
+use crate::model::ops_llama::{KvPlacement, ModelCache, OpsLlama};
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
 use crate::Result;
@@ -40,15 +47,20 @@ pub trait DeviceForward: Send {
     /// stage grows past the blocks its prefill kept).
     fn set_keep_ratio(&mut self, keep_ratio: f32);
 
+    /// Where the pruned prompt's KV goes from the next prefill on (the cache is dropped).
+    fn set_kv_placement(&mut self, placement: KvPlacement);
+
+    fn kv_placement(&self) -> KvPlacement;
+
     /// Prefill `tokens` at positions 0.. from an empty cache, pruned by `slim` (None: dense),
     /// with room for `headroom` generated tokens; the logits of the last token. `on_layer`
-    /// hears of each layer as it is issued, with the rows it runs on.
+    /// hears of each layer as it is issued, with the rows it runs on and the KV held so far.
     fn prefill(
         &mut self,
         tokens: &[u32],
         slim: Option<&SlimConfig>,
         headroom: usize,
-        on_layer: &mut dyn FnMut(usize, usize),
+        on_layer: &mut dyn FnMut(PrefillLayer),
     ) -> Result<Vec<f32>>;
 
     /// `tokens` at the next positions (a follow-up message, or one generated token), after
@@ -64,8 +76,15 @@ pub trait DeviceForward: Send {
     /// The SlimInfer stages that pruned the cached prompt (empty: dense, or nothing pruned).
     fn stages(&self) -> Vec<Stage>;
 
-    /// Bytes of K and V the device holds for this conversation.
+    /// Bytes of K and V kept for this conversation (its rows, wherever they are).
     fn kv_bytes(&self) -> usize;
+
+    /// Bytes of K and V in the device's memory (the fast tier) and in RAM (the host tier).
+    fn kv_tiers(&self) -> (usize, usize);
+
+    /// The KV numbers since the last call (the tiers' counters start again); the caller adds
+    /// what a dense cache would hold.
+    fn take_kv_stats(&mut self) -> KvStats;
 
     /// Bytes of one row of K and V in one layer.
     fn kv_row_bytes(&self) -> usize;
@@ -81,20 +100,75 @@ pub trait DeviceForward: Send {
 /// Reads a device's memory (None: the device has none of its own).
 pub type MemoryProbe = Arc<dyn Fn() -> Option<GpuMemory> + Send + Sync>;
 
+/// A prefill layer has written its rows.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillLayer {
+    pub layer: usize,
+    /// Rows the layer runs on.
+    pub rows: usize,
+    /// KV in the device's memory now (the layers done, as decode will find them, and this
+    /// one's whole pool) and in RAM.
+    pub kv_fast_bytes: usize,
+    pub kv_host_bytes: usize,
+}
+
 /// [`DeviceForward`] over a backend of the ops seam.
 struct OpsForward<O: Ops + 'static> {
     model: OpsLlama<'static, O>,
     cache: Option<ModelCache<O>>,
+    placement: KvPlacement,
     describe: String,
     memory: MemoryProbe,
+    /// Most fast-tier bytes held since the last [`DeviceForward::take_kv_stats`].
+    fast_peak: usize,
+    /// The tiers' counters at the last [`DeviceForward::take_kv_stats`].
+    reported: TierCounts,
+    /// Blocks and bytes each decode step copied between the tiers, since then.
+    step_blocks: Vec<usize>,
+    step_bytes: Vec<usize>,
 }
 
-/// Calls `on_layer` as each layer of a prefill writes its rows.
-struct Progress<'a>(&'a mut dyn FnMut(usize, usize));
+impl<O: Ops + 'static> OpsForward<O> {
+    fn new(model: OpsLlama<'static, O>, describe: String, memory: MemoryProbe) -> Self {
+        Self {
+            model,
+            cache: None,
+            placement: KvPlacement::Tiered,
+            describe,
+            memory,
+            fast_peak: 0,
+            reported: TierCounts::default(),
+            step_blocks: Vec::new(),
+            step_bytes: Vec::new(),
+        }
+    }
+}
+
+/// Tells `on_layer` of each layer of a prefill as it writes its rows, with the KV held so far.
+struct Progress<'a> {
+    on_layer: &'a mut dyn FnMut(PrefillLayer),
+    /// KV of the layers done, in each tier.
+    fast_done: usize,
+    host_done: usize,
+    fast_peak: usize,
+}
 
 impl<O: Ops> LayerHooks<O> for Progress<'_> {
     fn kv_written(&mut self, _ops: &O, layer: usize, kv: &LayerCache<O>) -> Result<()> {
-        (self.0)(layer, kv.rows);
+        let fast = self.fast_done + kv.pool.bytes();
+        self.fast_peak = self.fast_peak.max(fast);
+        (self.on_layer)(PrefillLayer {
+            layer,
+            rows: kv.rows,
+            kv_fast_bytes: fast,
+            kv_host_bytes: self.host_done,
+        });
+        Ok(())
+    }
+
+    fn layer_done(&mut self, _ops: &O, _layer: usize, kv: &LayerCache<O>) -> Result<()> {
+        self.fast_done += kv.pool.bytes();
+        self.host_done += kv.host.as_ref().map_or(0, |h| h.bytes());
         Ok(())
     }
 }
@@ -114,6 +188,19 @@ where
 
     fn reset(&mut self) {
         self.cache = None;
+        self.fast_peak = 0;
+        self.reported = TierCounts::default();
+        self.step_blocks.clear();
+        self.step_bytes.clear();
+    }
+
+    fn set_kv_placement(&mut self, placement: KvPlacement) {
+        self.reset();
+        self.placement = placement;
+    }
+
+    fn kv_placement(&self) -> KvPlacement {
+        self.placement
     }
 
     fn set_keep_ratio(&mut self, keep_ratio: f32) {
@@ -127,11 +214,18 @@ where
         tokens: &[u32],
         slim: Option<&SlimConfig>,
         headroom: usize,
-        on_layer: &mut dyn FnMut(usize, usize),
+        on_layer: &mut dyn FnMut(PrefillLayer),
     ) -> Result<Vec<f32>> {
         self.cache = None;
+        let mut progress = Progress {
+            on_layer,
+            fast_done: 0,
+            host_done: 0,
+            fast_peak: 0,
+        };
         let (cache, report) =
-            (self.model).prefill(tokens, slim, headroom, &mut Progress(on_layer))?;
+            (self.model).prefill_placed(tokens, slim, headroom, self.placement, &mut progress)?;
+        self.fast_peak = self.fast_peak.max(progress.fast_peak);
         self.cache = Some(cache);
         Ok(report.logits)
     }
@@ -140,7 +234,16 @@ where
         let cache = self.cache.as_mut().ok_or_else(|| {
             crate::Error::Engine("device forward: a step before any prefill".into())
         })?;
-        (self.model).extend(cache, tokens, &mut crate::backend::paged_kv::NoHooks)
+        let before = cache.tiers().counts;
+        let logits = (self.model).extend(cache, tokens, &mut NoHooks)?;
+        let after = cache.tiers();
+        self.fast_peak = self.fast_peak.max(after.fast_bytes);
+        if tokens.len() == 1 {
+            let step = after.counts.since(&before);
+            self.step_blocks.push(step.blocks_moved());
+            self.step_bytes.push(step.bytes_copied());
+        }
+        Ok(logits)
     }
 
     fn room(&self) -> usize {
@@ -162,6 +265,39 @@ where
         (self.cache.as_ref()).map_or(0, |c| {
             c.rows_per_layer().iter().sum::<usize>() * self.kv_row_bytes()
         })
+    }
+
+    fn kv_tiers(&self) -> (usize, usize) {
+        (self.cache.as_ref()).map_or((0, 0), |c| {
+            let t = c.tiers();
+            (t.fast_bytes, t.host_bytes)
+        })
+    }
+
+    fn take_kv_stats(&mut self) -> KvStats {
+        let mut stats = KvStats {
+            kv_resident: self.placement == KvPlacement::Resident,
+            kv_fast_bytes_peak: std::mem::take(&mut self.fast_peak),
+            kv_blocks_moved_per_step: std::mem::take(&mut self.step_blocks),
+            kv_bytes_copied_per_step: std::mem::take(&mut self.step_bytes),
+            ..KvStats::default()
+        };
+        let Some(cache) = &self.cache else {
+            return stats;
+        };
+        let t = cache.tiers();
+        let work = t.counts.since(&self.reported);
+        self.reported = t.counts;
+        stats.kv_fast_bytes = t.fast_bytes;
+        stats.kv_fast_bytes_peak = stats.kv_fast_bytes_peak.max(t.fast_bytes);
+        stats.kv_host_bytes = t.host_bytes;
+        stats.kv_fast_bytes_per_layer = cache.layers.iter().map(|l| l.pool.bytes()).collect();
+        stats.kv_host_bytes_per_layer = (cache.layers.iter())
+            .map(|l| l.host.as_ref().map_or(0, |h| h.bytes()))
+            .collect();
+        stats.kv_blocks_moved = work.blocks_moved();
+        stats.kv_bytes_copied = work.bytes_copied();
+        stats
     }
 
     fn kv_row_bytes(&self) -> usize {
@@ -198,12 +334,13 @@ pub fn load(device: Device, path: &Path, context: usize) -> Result<Option<Box<dy
 pub fn load_cpu_ops(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> {
     static CPU: crate::backend::cpu_ops::CpuOps = crate::backend::cpu_ops::CpuOps;
     let mut file = GgufFile::open(path)?;
-    Ok(Box::new(OpsForward {
-        model: OpsLlama::from_gguf(&CPU, &mut file, context)?,
-        cache: None,
-        describe: "CPU (ops seam, bf16)".into(),
-        memory: Arc::new(|| None),
-    }))
+    let model = OpsLlama::from_gguf(&CPU, &mut file, context)?;
+    let describe = "CPU (ops seam, bf16)".into();
+    Ok(Box::new(OpsForward::new(
+        model,
+        describe,
+        Arc::new(|| None),
+    )))
 }
 
 /// The model file `path` on GPU 0, for up to `context` tokens: weights expanded to bf16 there,
@@ -216,10 +353,7 @@ pub fn load_cuda(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> 
     let ops: &'static CudaOps = Box::leak(Box::new(CudaOps::new(gpu.clone())));
     let mut file = GgufFile::open(path)?;
     let model = OpsLlama::from_gguf(ops, &mut file, context)?;
-    Ok(Box::new(OpsForward {
-        model,
-        cache: None,
-        describe: format!("CUDA: {}", gpu.describe()),
-        memory: Arc::new(move || gpu.vram().ok()),
-    }))
+    let describe = format!("CUDA: {}", gpu.describe());
+    let memory: MemoryProbe = Arc::new(move || gpu.vram().ok());
+    Ok(Box::new(OpsForward::new(model, describe, memory)))
 }

@@ -21,6 +21,7 @@ use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
 use crate::metrics::MemoryNow;
 use crate::model::gguf::GgufFile;
 use crate::model::llama::Llama;
+use crate::model::ops_llama::KvPlacement;
 use crate::model::source::{DownloadProgress, ModelSource};
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
@@ -297,10 +298,19 @@ impl Engine {
     /// Run prompts and tokens through `forward` (a GPU's) from now on; the loaded CPU model
     /// still tokenizes, templates and describes the model. The context becomes the smaller of
     /// the engine's and the forward's.
-    pub fn use_device(&mut self, forward: Box<dyn DeviceForward>) {
+    pub fn use_device(&mut self, mut forward: Box<dyn DeviceForward>) {
         self.reset();
         self.context = self.context.min(forward.context());
+        forward.set_kv_placement(self.kv_placement());
         self.device = Some(forward);
+    }
+
+    /// Where a pruned prompt's KV is kept: the KV manager's tiers, or every row resident.
+    fn kv_placement(&self) -> KvPlacement {
+        match self.kv.tiers() {
+            Some(_) => KvPlacement::Tiered,
+            None => KvPlacement::Resident,
+        }
     }
 
     /// The device the forward runs on, when it is not the CPU engine's own.
@@ -602,8 +612,7 @@ impl Engine {
     /// Fast-tier and host-tier bytes now.
     fn kv_stats_now(&self) -> (usize, usize) {
         if let Some(d) = &self.device {
-            // the device holds every kept row; decode reads its sets of them
-            return (d.kv_bytes(), 0);
+            return d.kv_tiers();
         }
         match self.kv.tiers() {
             Some(_) => {
@@ -645,6 +654,11 @@ impl Engine {
     /// The request's KV numbers (the manager's counters start again).
     pub fn take_kv_stats(&mut self) -> KvStats {
         let s = &self.model.spec;
+        if let Some(d) = &mut self.device {
+            let mut stats = d.take_kv_stats();
+            stats.kv_dense_bytes = self.cached.len() * s.n_layers * d.kv_row_bytes();
+            return stats;
+        }
         let dense = self.cached.len() * s.n_layers * self.kv_row_bytes();
         let mut stats = match self.kv.take_tier_stats() {
             Some(st) => st,
@@ -706,9 +720,16 @@ impl Engine {
     }
 
     /// Switch between the KV manager (`false`) and every block resident (`true`); the cache is
-    /// emptied. The manager keeps the loaded `[kv]` settings.
+    /// emptied. The manager keeps the loaded `[kv]` settings; a device forward tiers its KV or
+    /// keeps it resident alike.
     pub fn set_kv_resident(&mut self, resident: bool) -> Result<()> {
         self.reset();
+        if let Some(d) = &mut self.device {
+            d.set_kv_placement(match resident {
+                true => KvPlacement::Resident,
+                false => KvPlacement::Tiered,
+            });
+        }
         if resident == self.kv.tiers().is_none() {
             return Ok(());
         }

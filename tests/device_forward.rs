@@ -93,8 +93,13 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     let after: Vec<_> = readings.iter().filter(|(l, _)| *l == 30).collect();
     assert!(!after.is_empty(), "{readings:?}");
     let at_end = after[0].1;
+    // the pools hold every kept row and room for the answer (this prompt is too short for
+    // decode sets smaller than what the stages kept: nothing moves to the host tier)
     let prompt_kv: usize = (got.kept_per_layer.iter().sum::<usize>()) * 2 * 2 * 3 * 64;
-    assert_eq!(at_end.kv_fast_bytes, prompt_kv, "{readings:?}");
+    assert_eq!(at_end.kv_fast_bytes, got.kv.kv_fast_bytes, "{readings:?}");
+    assert!(at_end.kv_fast_bytes > prompt_kv, "{readings:?}");
+    assert_eq!((at_end.kv_host_bytes, got.kv.kv_host_bytes), (0, 0));
+    assert!(!got.kv.kv_resident && got.kv.kv_blocks_moved == 0);
     assert!(at_end.rss_bytes > 0 && at_end.gpu.is_none());
     for (layers, m) in readings.iter().filter(|(l, _)| *l < 30) {
         assert!(m.kv_fast_bytes < at_end.kv_fast_bytes, "{layers}: {m:?}");
@@ -144,4 +149,76 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     );
     dev.reset();
     assert_eq!(dev.kv_bytes(), 0);
+}
+
+#[test]
+fn a_long_prompt_kv_waits_in_ram_beyond_each_layer_decode_set_and_answers_alike() {
+    let path = common::default_model();
+    // about 3,000 prompt tokens: every stage keeps more blocks than its decode set (1,280
+    // tokens), so the slim layers' other blocks move to the host tier
+    let doc: String = LONG_TEXT.chars().take(12000).collect();
+    let opts = EngineOptions {
+        linear: LinearMode::Dense,
+        ..EngineOptions::default()
+    };
+    let mut e = Engine::load(&path, &opts).unwrap();
+    e.use_device(load_cpu_ops(&path, 4096).unwrap());
+    let cancel = AtomicBool::new(false);
+    e.set_kv_resident(true).unwrap();
+    let resident = e
+        .generate(&request(&doc, 24), &cancel, &mut |_| {})
+        .unwrap();
+    e.set_kv_resident(false).unwrap();
+    let mut readings = Vec::new();
+    let tiered = e
+        .generate(&request(&doc, 24), &cancel, &mut |ev| {
+            if let EngineEvent::Memory(m) = ev {
+                readings.push(m)
+            }
+        })
+        .unwrap();
+    let (r, t) = (&resident.kv, &tiered.kv);
+    eprintln!(
+        "{} prompt tokens; resident: fast {} B; tiered: fast {} B (peak {}), host {} B, \
+         {} blocks moved ({} B); dense {} B\n{:?}",
+        tiered.prompt_tokens,
+        r.kv_fast_bytes,
+        t.kv_fast_bytes,
+        t.kv_fast_bytes_peak,
+        t.kv_host_bytes,
+        t.kv_blocks_moved,
+        t.kv_bytes_copied,
+        t.kv_dense_bytes,
+        tiered.text
+    );
+    // decode reads the same rows from either placement: the same greedy answer
+    assert_eq!(tiered.text, resident.text);
+    assert_eq!(tiered.kept_per_layer, resident.kept_per_layer);
+    assert!(r.kv_resident && !t.kv_resident);
+    assert_eq!((r.kv_host_bytes, r.kv_blocks_moved), (0, 0));
+    assert!(
+        t.kv_host_bytes > 0 && t.kv_fast_bytes < r.kv_fast_bytes,
+        "{t:?}"
+    );
+    assert!(t.kv_blocks_moved > 0 && t.kv_bytes_copied >= t.kv_host_bytes);
+    assert!(!t.kv_blocks_moved_per_step.is_empty());
+    assert_eq!(t.kv_dense_bytes, r.kv_dense_bytes);
+    // a layer of a stage whose decode set is smaller than what it kept holds less in the fast
+    // tier and the rest on the host; every other layer keeps every row resident either way
+    let (rf, tf) = (&r.kv_fast_bytes_per_layer, &t.kv_fast_bytes_per_layer);
+    let mut tiered_layers = 0;
+    for l in 0..tf.len() {
+        let stage = (tiered.slim_stages.iter().rev()).find(|s| s.start_layer <= l);
+        let host = t.kv_host_bytes_per_layer[l];
+        match stage {
+            Some(s) if s.decode_blocks < s.keep_blocks => {
+                assert!(tf[l] < rf[l] && host > 0, "layer {l}: {s:?}");
+                tiered_layers += 1;
+            }
+            _ => assert!(tf[l] == rf[l] && host == 0, "layer {l}: {stage:?}"),
+        }
+    }
+    assert!(tiered_layers > 0, "{:?}", tiered.slim_stages);
+    // the live readings show the host tier as the prefill fills it
+    assert!(readings.iter().any(|m| m.kv_host_bytes > 0), "{readings:?}");
 }

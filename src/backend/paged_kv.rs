@@ -61,6 +61,11 @@ pub trait LayerHooks<O: Ops> {
     fn before_attention(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
         Ok(())
     }
+    /// A prefill is done with layer `layer`: its cache is as decode will find it (tiered, when
+    /// the KV manager moved its prompt blocks to the host).
+    fn layer_done(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// No KV manager.

@@ -36,8 +36,9 @@ pub struct CachedUnits<O: Ops> {
 /// Work of a layer's host tier.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct TierCounts {
-    /// Blocks copied to the host when the layer was tiered.
+    /// Blocks copied to the host when the layer was tiered, and their bytes.
     pub offloaded_blocks: usize,
+    pub offloaded_bytes: usize,
     /// Blocks copied back into the fast tier, and their bytes.
     pub fetched_blocks: usize,
     pub fetched_bytes: usize,
@@ -50,10 +51,33 @@ pub struct TierCounts {
 impl TierCounts {
     pub fn add(&mut self, o: &TierCounts) {
         self.offloaded_blocks += o.offloaded_blocks;
+        self.offloaded_bytes += o.offloaded_bytes;
         self.fetched_blocks += o.fetched_blocks;
         self.fetched_bytes += o.fetched_bytes;
         self.evicted_blocks += o.evicted_blocks;
         self.grown += o.grown;
+    }
+
+    /// What was done after `earlier` (a reading of the same counters).
+    pub fn since(&self, earlier: &TierCounts) -> TierCounts {
+        TierCounts {
+            offloaded_blocks: self.offloaded_blocks - earlier.offloaded_blocks,
+            offloaded_bytes: self.offloaded_bytes - earlier.offloaded_bytes,
+            fetched_blocks: self.fetched_blocks - earlier.fetched_blocks,
+            fetched_bytes: self.fetched_bytes - earlier.fetched_bytes,
+            evicted_blocks: self.evicted_blocks - earlier.evicted_blocks,
+            grown: self.grown - earlier.grown,
+        }
+    }
+
+    /// Blocks copied between the tiers, either way.
+    pub fn blocks_moved(&self) -> usize {
+        self.offloaded_blocks + self.fetched_blocks
+    }
+
+    /// Bytes copied between the tiers, either way.
+    pub fn bytes_copied(&self) -> usize {
+        self.offloaded_bytes + self.fetched_bytes
     }
 }
 
@@ -66,6 +90,7 @@ pub struct HostTier {
 }
 
 impl HostTier {
+    /// Bytes of the copies it holds.
     pub fn bytes(&self) -> usize {
         self.blocks.values().map(SlotCopy::bytes).sum()
     }
@@ -121,8 +146,11 @@ impl<O: Ops> LayerCache<O> {
         }
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
         let mut blocks = HashMap::with_capacity(first_fast);
+        let mut offloaded_bytes = 0;
         for r in 0..first_fast {
-            blocks.insert(r, ops.kv_slot_read(&self.pool, self.table[r])?);
+            let copy = ops.kv_slot_read(&self.pool, self.table[r])?;
+            offloaded_bytes += copy.bytes();
+            blocks.insert(r, copy);
         }
         let tail = self.row_blocks() - first_fast;
         let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
@@ -142,6 +170,7 @@ impl<O: Ops> LayerCache<O> {
             first_fast,
             counts: TierCounts {
                 offloaded_blocks: first_fast,
+                offloaded_bytes,
                 ..Default::default()
             },
             blocks,

@@ -54,12 +54,18 @@ impl MemoryTicker {
     /// prefill ends).
     pub(super) fn layer_written(&mut self, rows: usize) -> Option<EngineEvent> {
         self.rows_written += rows;
+        self.kv_held(self.kv_before + self.rows_written * self.row_bytes, 0)
+    }
+
+    /// The KV held now, counted by whoever holds it (a device forward's tiers): a reading when
+    /// one is due.
+    pub(super) fn kv_held(&mut self, fast_bytes: usize, host_bytes: usize) -> Option<EngineEvent> {
         if !self.due() {
             return None;
         }
         Some(EngineEvent::Memory(MemoryNow {
-            kv_fast_bytes: self.kv_before + self.rows_written * self.row_bytes,
-            kv_host_bytes: 0,
+            kv_fast_bytes: fast_bytes,
+            kv_host_bytes: host_bytes,
             rss_bytes: rss_bytes(),
             gpu: self.probe.as_ref().and_then(|p| p()),
         }))

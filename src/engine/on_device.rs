@@ -39,15 +39,15 @@ impl Engine {
         let headroom =
             (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
         let device = self.device.as_mut().expect("checked by the caller");
-        let mut memory = MemoryTicker::new(0, device.kv_row_bytes(), Some(device.memory_probe()));
-        let logits = device.prefill(prompt, slim, headroom, &mut |layer, rows| {
+        let mut memory = MemoryTicker::new(0, 0, Some(device.memory_probe()));
+        let logits = device.prefill(prompt, slim, headroom, &mut |at| {
             on_event(EngineEvent::PrefillProgress {
-                layers_done: layer + 1,
+                layers_done: at.layer + 1,
                 n_layers,
                 tokens: total,
-                rows,
+                rows: at.rows,
             });
-            if let Some(reading) = memory.layer_written(rows) {
+            if let Some(reading) = memory.kv_held(at.kv_fast_bytes, at.kv_host_bytes) {
                 on_event(reading);
             }
         });

@@ -285,6 +285,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             if let Some(session) = &session {
                 cache::ready_for_decode(ops, layer, kv, session, placement)?;
             }
+            hooks.layer_done(ops, layer, kv)?;
             rows_per_layer.push(n);
             let Some(keep) = change else {
                 continue;

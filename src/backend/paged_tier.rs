@@ -2,7 +2,7 @@
 //! the device's memory) keeps only the blocks decode attends to and the rows past the prompt;
 //! every kept prompt block has its copy in the host tier ([`HostTier`], RAM), from which a
 //! block a decode step newly chooses is fetched into a free or evicted slot before the layer
-//! attends. The layer's unit keys (what decode scores every kept block with) are computed once
+//! attends (the blocks its first set likely holds stay in the pool from the prefill on). The layer's unit keys (what decode scores every kept block with) are computed once
 //! from the whole pool before it shrinks ([`CachedUnits`]), so choosing never needs a block's
 //! rows. A decode over the tiers reads the same keys and values as one over the whole pool:
 //! the logits are the same bit for bit (tests/ops_reference.rs).
@@ -134,27 +134,38 @@ impl<O: Ops> LayerCache<O> {
     /// Move the layer's full prompt row blocks (those before the block holding `prompt_len`'s
     /// row, or the first past the prompt) to a host tier, and shrink the pool to
     /// `fast_prompt_blocks` slots for them plus a slot for each later row block. Every prompt
-    /// row block starts on the host; decode fetches what it chooses.
+    /// row block gets its copy on the host; those of prompt blocks `stay` (block ids, at most
+    /// `fast_prompt_blocks` of them, best first) also keep their rows in the pool, the others
+    /// wait for decode to fetch them.
     pub fn move_to_host_tier(
         &mut self,
         ops: &O,
         prompt_len: usize,
         fast_prompt_blocks: usize,
+        stay: &[u32],
     ) -> Result<()> {
         if self.host.is_some() {
             return Ok(());
         }
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
+        let tail = self.row_blocks() - first_fast;
+        let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
+        let mut table = vec![ON_HOST; self.row_blocks()];
         let mut blocks = HashMap::with_capacity(first_fast);
         let mut offloaded_bytes = 0;
+        let mut free = 0..fast_prompt_blocks as u32;
+        let block_of = |r: usize| self.positions[r * KV_BLOCK] / KV_BLOCK as u32;
         for r in 0..first_fast {
             let copy = ops.kv_slot_read(&self.pool, self.table[r])?;
             offloaded_bytes += copy.bytes();
+            let best = stay.iter().take(fast_prompt_blocks);
+            if best.clone().any(|&b| b == block_of(r)) {
+                let slot = free.next().expect("at most fast_prompt_blocks stay");
+                ops.kv_slot_write(&mut pool, slot, &copy)?;
+                table[r] = slot;
+            }
             blocks.insert(r, copy);
         }
-        let tail = self.row_blocks() - first_fast;
-        let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
-        let mut table = vec![ON_HOST; first_fast];
         for (i, r) in (first_fast..self.row_blocks()).enumerate() {
             let slot = (fast_prompt_blocks + i) as u32;
             ops.kv_slot_write(
@@ -162,7 +173,7 @@ impl<O: Ops> LayerCache<O> {
                 slot,
                 &ops.kv_slot_read(&self.pool, self.table[r])?,
             )?;
-            table.push(slot);
+            table[r] = slot;
         }
         self.pool = pool;
         self.set_table(ops, table)?;

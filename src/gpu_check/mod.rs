@@ -4,8 +4,10 @@
 //! manager's offload and a swap drill (10% of every stage's blocks fetched back from the host
 //! tier during one decode step) with its stall, VRAM, the measured cuBLAS bf16 rate and the
 //! dense prefill's FLOP floor at it, one layer's prefill attention on tensor cores and on FMA
-//! units ([`rates`]); (4) a table on stdout and the full numbers as JSON. The runs use the
-//! tensor-core attention only when it passed its checks.
+//! units ([`rates`]); the pruned prompt once more with its KV tiered as the chat engine keeps
+//! it (each slim layer's pool holds its decode set, the rest in RAM): VRAM KV against dense
+//! and decode against the resident run; (4) a table on stdout and the full numbers as JSON.
+//! The runs use the tensor-core attention only when it passed its checks.
 //! [`agreement`] (`--agreement`): a model file's teacher-forced logits on the GPU against the
 //! CPU engine's.
 //!
@@ -24,10 +26,11 @@ use serde::Serialize;
 use crate::backend::ops::{Ops, KV_BLOCK};
 use crate::backend::ops_check::{OpCheck, Rng};
 use crate::backend::paged_kv::NoHooks;
+use crate::backend::paged_tier::TierCounts;
 use crate::cuda::gpu::VramInfo;
 use crate::cuda::kv_tier::{KvTier, TierHooks, TierStats};
 use crate::cuda::{check, CudaOps, Gpu, OrEngine};
-use crate::model::ops_llama::{LlamaShape, ModelCache, OpsLlama};
+use crate::model::ops_llama::{KvPlacement, LlamaShape, ModelCache, OpsLlama};
 use crate::slim::schedule::SlimConfig;
 use crate::slim::select::forced_blocks;
 use crate::{Error, Result};
@@ -54,7 +57,12 @@ pub struct RunResult {
     pub decode_tok_s: f64,
     pub rows_per_layer: Vec<usize>,
     pub prompt_kv_bytes: usize,
+    /// K and V in VRAM (every layer's pool: the fast tier).
     pub kv_pool_bytes: usize,
+    /// K and V of prompt blocks in RAM (the tiered run's host tier).
+    pub kv_host_bytes: usize,
+    /// The tiered run's copies between the tiers (offloaded in the prefill, fetched in decode).
+    pub tier_counts: Option<TierCounts>,
     /// K and V the last decode step read (pruned: each slim layer's decode set).
     pub decode_kv_bytes: usize,
     pub gemm_flops: f64,
@@ -176,22 +184,24 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
 
     for &len in &args.lengths {
         let tokens: Vec<u32> = (0..len).map(|_| rng.below(shape.vocab) as u32).collect();
-        for slim in [false, true] {
-            let r = one_run(
-                &model,
-                &gpu,
-                &tokens,
-                slim.then_some(&args.slim),
-                args,
-                report.cublas_bf16_tflops,
-            )?;
+        let runs = [
+            (false, KvPlacement::Resident),
+            (true, KvPlacement::Resident),
+            (true, KvPlacement::Tiered),
+        ];
+        for (slim, placement) in runs {
+            let slim = slim.then_some(&args.slim);
+            let tflops = report.cublas_bf16_tflops;
+            let r = one_run(&model, &gpu, &tokens, slim, placement, args, tflops)?;
             log(&format!(
-                "{len:>6} tokens {:>6}: TTFT {:>8.1} ms (floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB, decode reads {:>6.2} GB{}",
+                "{len:>6} tokens {:>6}: TTFT {:>8.1} ms (floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB, VRAM KV {:>6.2} GB, host KV {:>6.2} GB, decode reads {:>6.2} GB{}",
                 r.mode,
                 r.ttft_ms,
                 r.prefill_floor_ms,
                 r.decode_tok_s,
                 r.prompt_kv_bytes as f64 / 1e9,
+                r.kv_pool_bytes as f64 / 1e9,
+                r.kv_host_bytes as f64 / 1e9,
                 r.decode_kv_bytes as f64 / 1e9,
                 r.tier.map_or(String::new(), |t| format!(
                     ", swap drill: {} blocks fetched in {:.2} ms, stall {:.3} ms",
@@ -218,19 +228,22 @@ fn write(args: &GpuCheckArgs, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// One prefill (timed to the first token's logits on the host) and `decode_tokens` steps.
+/// One prefill (timed to the first token's logits on the host) and `decode_tokens` steps. A
+/// pruned run with every kept row resident also drives the async tier's offload and swap
+/// drill; a tiered one keeps its KV as the chat engine does (synchronous copies).
 fn one_run(
     model: &OpsLlama<CudaOps>,
     gpu: &Arc<Gpu>,
     tokens: &[u32],
     slim: Option<&SlimConfig>,
+    placement: KvPlacement,
     args: &GpuCheckArgs,
     tflops: f64,
 ) -> Result<RunResult> {
     let shape = model.shape;
     let len = tokens.len();
     let headroom = args.decode_tokens + 2;
-    let mut tier = match slim {
+    let mut tier = match slim.filter(|_| placement == KvPlacement::Resident) {
         Some(cfg) => {
             let stages = cfg.resolve(shape.n_layers, len);
             let mut blocks = 0;
@@ -254,7 +267,7 @@ fn one_run(
             };
             model.prefill(tokens, slim, headroom, &mut hooks)?
         }
-        None => model.prefill(tokens, slim, headroom, &mut NoHooks)?,
+        None => model.prefill_placed(tokens, slim, headroom, placement, &mut NoHooks)?,
     };
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
     let offload_tail_ms = match tier.as_mut() {
@@ -278,13 +291,20 @@ fn one_run(
     };
     let gemm_flops = shape.gemm_flops(&report.rows_per_layer);
     let attention_flops = shape.attention_flops(&report.rows_per_layer);
+    let tiers = cache.tiers();
     let result = RunResult {
         prompt_tokens: len,
-        mode: if slim.is_some() { "pruned" } else { "dense" },
+        mode: match (slim, placement) {
+            (None, _) => "dense",
+            (Some(_), KvPlacement::Resident) => "pruned",
+            (Some(_), KvPlacement::Tiered) => "tiered",
+        },
         ttft_ms,
         decode_tok_s,
         prompt_kv_bytes: cache.prompt_kv_bytes(&shape),
-        kv_pool_bytes: cache.pool_bytes(),
+        kv_pool_bytes: tiers.fast_bytes,
+        kv_host_bytes: tiers.host_bytes,
+        tier_counts: (placement == KvPlacement::Tiered).then_some(tiers.counts),
         decode_kv_bytes: cache.attended_kv_bytes(model.ops, &shape),
         rows_per_layer: report.rows_per_layer,
         gemm_flops,
@@ -366,17 +386,27 @@ fn bars(r: &Report, kernels_ok: bool) -> Vec<(String, bool)> {
             .iter()
             .find(|x| x.prompt_tokens == longest && x.mode == mode)
     };
+    if let (Some(p), Some(t)) = (find("pruned"), find("tiered")) {
+        if let Some(d) = find("dense") {
+            let kv = t.kv_pool_bytes as f64 / d.prompt_kv_bytes as f64;
+            out.push((
+                format!(
+                    "fast-tier (VRAM) KV tiered / dense prompt KV at {longest} = {kv:.3} <= 0.45"
+                ),
+                kv <= 0.45,
+            ));
+        }
+        let decode = t.decode_tok_s / p.decode_tok_s;
+        out.push((
+            format!("decode tiered / resident at {longest} = {decode:.3} >= 0.95"),
+            decode >= 0.95,
+        ));
+    }
     if let (Some(d), Some(p)) = (find("dense"), find("pruned")) {
         let ttft = p.ttft_ms / d.ttft_ms;
         out.push((
             format!("TTFT pruned/dense at {longest} = {ttft:.3} <= 0.4"),
             ttft <= 0.4,
-        ));
-        // the device holds every kept row: its fast tier is the pruned prompt's KV
-        let kv = p.prompt_kv_bytes as f64 / d.prompt_kv_bytes as f64;
-        out.push((
-            format!("fast-tier (VRAM) prompt KV pruned/dense at {longest} = {kv:.3} <= 0.45"),
-            kv <= 0.45,
         ));
         let floor = d.ttft_ms / d.prefill_floor_ms;
         out.push((
@@ -401,13 +431,14 @@ fn summary(r: &Report) -> Vec<String> {
         String::new(),
         format!("== gpu-check: {} ==", r.device),
         format!(
-            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>9} {:>9}",
+            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
             "tokens",
             "mode",
             "TTFT ms",
             "floor ms",
             "decode/s",
             "prompt KV",
+            "VRAM KV",
             "decode KV",
             "swap ms",
             "stall ms"
@@ -415,13 +446,14 @@ fn summary(r: &Report) -> Vec<String> {
     ];
     for x in &r.runs {
         out.push(format!(
-            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>8.2} GB {:>9} {:>9}",
+            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>8.2} GB {:>8.2} GB {:>9} {:>9}",
             x.prompt_tokens,
             x.mode,
             x.ttft_ms,
             x.prefill_floor_ms,
             x.decode_tok_s,
             x.prompt_kv_bytes as f64 / 1e9,
+            x.kv_pool_bytes as f64 / 1e9,
             x.decode_kv_bytes as f64 / 1e9,
             x.tier.map_or("-".into(), |t| format!("{:.2}", t.fetch_ms)),
             x.tier.map_or("-".into(), |t| format!("{:.3}", t.stall_ms)),

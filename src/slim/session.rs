@@ -248,6 +248,23 @@ impl SlimSession {
         self.cfg.unit_size
     }
 
+    /// The prompt blocks layer `layer`'s first decode set is likely to hold, best first: its
+    /// stage's `decode_blocks` kept blocks of highest prefill score (the always-kept ones
+    /// included); empty before the stage has chosen. A tiered cache keeps these in its fast
+    /// tier after the prefill, so that the first step fetches only where the layer's own
+    /// query disagrees.
+    pub fn likely_decode_blocks(&self, layer: usize) -> Vec<u32> {
+        let Some(st) = self.stage_of(layer) else {
+            return Vec::new();
+        };
+        let kept: Vec<(u32, f32)> = (st.prefill_scores.iter())
+            .filter(|(b, _)| st.pool.binary_search(b).is_ok())
+            .copied()
+            .collect();
+        let forced = forced_blocks(self.prompt_len, self.cfg.block_size, self.cfg.local_window);
+        select_top_k(&kept, st.stage.decode_blocks, &forced)
+    }
+
     /// Take the number of active-set block changes since the last call.
     pub fn take_swaps(&mut self) -> usize {
         std::mem::take(&mut self.swaps_this_step)

@@ -33,8 +33,9 @@ pub struct ModelCache<O: Ops> {
 /// Ready layer `layer`'s cache for decode once the prefill is done with it: a layer decode
 /// scores (a slim layer, or the one before the first stage) keeps its unit keys, and with
 /// [`KvPlacement::Tiered`] a slim layer whose decode set is smaller than what its stage kept
-/// moves its prompt blocks to RAM and keeps slots for that set only, so that the fast tier
-/// holds one layer's whole pool at a time during the prefill rather than every layer's.
+/// moves its prompt blocks to RAM and keeps slots for that set only, holding the blocks the
+/// set likely starts with, so that the fast tier holds one layer's whole pool at a time during
+/// the prefill rather than every layer's.
 pub(super) fn ready_for_decode<O: Ops>(
     ops: &O,
     layer: usize,
@@ -56,7 +57,8 @@ pub(super) fn ready_for_decode<O: Ops>(
         stages.iter().rev().find(|s| s.start_layer <= layer),
     ) {
         (KvPlacement::Tiered, Some(st)) if st.decode_blocks < st.keep_blocks => {
-            kv.move_to_host_tier(ops, prompt_len, st.decode_blocks)
+            let stay = session.likely_decode_blocks(layer);
+            kv.move_to_host_tier(ops, prompt_len, st.decode_blocks, &stay)
         }
         _ => Ok(()),
     }

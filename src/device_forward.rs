@@ -297,6 +297,8 @@ where
             .collect();
         stats.kv_blocks_moved = work.blocks_moved();
         stats.kv_bytes_copied = work.bytes_copied();
+        stats.kv_stall_ms = (work.offload_us + work.fetch_us) as f64 / 1e3;
+        stats.kv_decode_stall_ms = work.fetch_us as f64 / 1e3;
         stats
     }
 

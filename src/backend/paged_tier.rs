@@ -13,6 +13,7 @@
 //! every later one (the rows decode writes) stay in the fast tier.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -46,6 +47,10 @@ pub struct TierCounts {
     pub evicted_blocks: usize,
     /// Times the fast tier had to grow (a raised ratio's larger decode set).
     pub grown: usize,
+    /// Microseconds the forward waited for offloads (in the prefill) and for fetches (in
+    /// decode): the copies are synchronous, so all of their time is a stall.
+    pub offload_us: usize,
+    pub fetch_us: usize,
 }
 
 impl TierCounts {
@@ -56,6 +61,8 @@ impl TierCounts {
         self.fetched_bytes += o.fetched_bytes;
         self.evicted_blocks += o.evicted_blocks;
         self.grown += o.grown;
+        self.offload_us += o.offload_us;
+        self.fetch_us += o.fetch_us;
     }
 
     /// What was done after `earlier` (a reading of the same counters).
@@ -67,6 +74,8 @@ impl TierCounts {
             fetched_bytes: self.fetched_bytes - earlier.fetched_bytes,
             evicted_blocks: self.evicted_blocks - earlier.evicted_blocks,
             grown: self.grown - earlier.grown,
+            offload_us: self.offload_us - earlier.offload_us,
+            fetch_us: self.fetch_us - earlier.fetch_us,
         }
     }
 
@@ -147,6 +156,7 @@ impl<O: Ops> LayerCache<O> {
         if self.host.is_some() {
             return Ok(());
         }
+        let t = Instant::now();
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
         let tail = self.row_blocks() - first_fast;
         let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
@@ -154,12 +164,11 @@ impl<O: Ops> LayerCache<O> {
         let mut blocks = HashMap::with_capacity(first_fast);
         let mut offloaded_bytes = 0;
         let mut free = 0..fast_prompt_blocks as u32;
-        let block_of = |r: usize| self.positions[r * KV_BLOCK] / KV_BLOCK as u32;
-        for r in 0..first_fast {
-            let copy = ops.kv_slot_read(&self.pool, self.table[r])?;
+        let best = &stay[..stay.len().min(fast_prompt_blocks)];
+        for (r, &old) in self.table[..first_fast].iter().enumerate() {
+            let copy = ops.kv_slot_read(&self.pool, old)?;
             offloaded_bytes += copy.bytes();
-            let best = stay.iter().take(fast_prompt_blocks);
-            if best.clone().any(|&b| b == block_of(r)) {
+            if best.contains(&(self.positions[r * KV_BLOCK] / KV_BLOCK as u32)) {
                 let slot = free.next().expect("at most fast_prompt_blocks stay");
                 ops.kv_slot_write(&mut pool, slot, &copy)?;
                 table[r] = slot;
@@ -182,6 +191,7 @@ impl<O: Ops> LayerCache<O> {
             counts: TierCounts {
                 offloaded_blocks: first_fast,
                 offloaded_bytes,
+                offload_us: t.elapsed().as_micros() as usize,
                 ..Default::default()
             },
             blocks,
@@ -204,6 +214,7 @@ impl<O: Ops> LayerCache<O> {
         if missing.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
         let mut used = vec![false; self.pool.slots];
         for &s in self.table.iter().filter(|&&s| s != ON_HOST) {
             used[s as usize] = true;
@@ -259,7 +270,11 @@ impl<O: Ops> LayerCache<O> {
             host.counts.fetched_blocks += 1;
             host.counts.fetched_bytes += copy.bytes();
         }
-        self.set_table(ops, table)
+        self.set_table(ops, table)?;
+        if let Some(host) = self.host.as_mut() {
+            host.counts.fetch_us += t.elapsed().as_micros() as usize;
+        }
+        Ok(())
     }
 
     fn set_table(&mut self, ops: &O, table: Vec<u32>) -> Result<()> {

@@ -456,7 +456,12 @@ fn summary(r: &Report) -> Vec<String> {
             x.kv_pool_bytes as f64 / 1e9,
             x.decode_kv_bytes as f64 / 1e9,
             x.tier.map_or("-".into(), |t| format!("{:.2}", t.fetch_ms)),
-            x.tier.map_or("-".into(), |t| format!("{:.3}", t.stall_ms)),
+            match (x.tier, x.tier_counts) {
+                (Some(t), _) => format!("{:.3}", t.stall_ms),
+                // the tiered run's synchronous fetches, over its decode steps
+                (None, Some(c)) => format!("{:.3}", c.fetch_us as f64 / 1e3),
+                (None, None) => "-".into(),
+            },
         ));
     }
     out.push(format!(

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
-use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, SlotCopy, UnitBlocks, KV_BLOCK};
+use super::ops::{check_copies, check_slots, Heads, KvPool, Ops, RowSlice, ScoreMode};
+use super::ops::{SlotCopy, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
 use super::score::{HeadShape, UnitKeys, WindowPool};
 use crate::{Error, Result};
@@ -437,33 +438,49 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn kv_slot_read(&self, pool: &KvPool<Self>, slot: u32) -> Result<SlotCopy> {
-        let (n, s) = (KV_BLOCK * pool.kv_dim, slot as usize);
-        if s >= pool.slots {
-            return Err(Error::Engine(format!(
-                "kv_slot_read: slot {s} of a pool of {}",
-                pool.slots
-            )));
-        }
-        Ok(SlotCopy {
-            k: pool.k[s * n..][..n].to_vec(),
-            v: pool.v[s * n..][..n].to_vec(),
-            pos: pool.pos[s * KV_BLOCK..][..KV_BLOCK].to_vec(),
-        })
+    fn kv_slots_read(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
+        let n = KV_BLOCK * pool.kv_dim;
+        check_slots("kv_slots_read", pool.slots, slots.iter().copied())?;
+        Ok((slots.iter().map(|&s| s as usize))
+            .map(|s| SlotCopy {
+                k: pool.k[s * n..][..n].to_vec(),
+                v: pool.v[s * n..][..n].to_vec(),
+                pos: pool.pos[s * KV_BLOCK..][..KV_BLOCK].to_vec(),
+            })
+            .collect())
     }
 
-    fn kv_slot_write(&self, pool: &mut KvPool<Self>, slot: u32, copy: &SlotCopy) -> Result<()> {
-        let (n, s) = (KV_BLOCK * pool.kv_dim, slot as usize);
-        if s >= pool.slots || copy.k.len() != n || copy.v.len() != n || copy.pos.len() != KV_BLOCK {
-            return Err(Error::Engine(format!(
-                "kv_slot_write: slot {s} of a pool of {} slots of {n}",
-                pool.slots
-            )));
+    fn kv_slots_write(&self, pool: &mut KvPool<Self>, writes: &[(u32, &SlotCopy)]) -> Result<()> {
+        let n = KV_BLOCK * pool.kv_dim;
+        check_slots("kv_slots_write", pool.slots, writes.iter().map(|w| w.0))?;
+        check_copies("kv_slots_write", n, writes.iter().map(|w| w.1))?;
+        for &(s, copy) in writes {
+            let s = s as usize;
+            pool.k[s * n..][..n].copy_from_slice(&copy.k);
+            pool.v[s * n..][..n].copy_from_slice(&copy.v);
+            pool.pos[s * KV_BLOCK..][..KV_BLOCK].copy_from_slice(&copy.pos);
         }
-        pool.k[s * n..][..n].copy_from_slice(&copy.k);
-        pool.v[s * n..][..n].copy_from_slice(&copy.v);
-        pool.pos[s * KV_BLOCK..][..KV_BLOCK].copy_from_slice(&copy.pos);
         Ok(())
+    }
+
+    fn kv_pool_regrouped(
+        &self,
+        src: &KvPool<Self>,
+        moves: &[(u32, u32)],
+        slots: usize,
+    ) -> Result<KvPool<Self>> {
+        let n = KV_BLOCK * src.kv_dim;
+        check_slots("kv_pool_regrouped", src.slots, moves.iter().map(|m| m.0))?;
+        check_slots("kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
+        let mut pool = KvPool::new(self, slots, src.kv_dim)?;
+        for &(s, t) in moves {
+            let (s, t) = (s as usize, t as usize);
+            pool.k[t * n..][..n].copy_from_slice(&src.k[s * n..][..n]);
+            pool.v[t * n..][..n].copy_from_slice(&src.v[s * n..][..n]);
+            pool.pos[t * KV_BLOCK..][..KV_BLOCK]
+                .copy_from_slice(&src.pos[s * KV_BLOCK..][..KV_BLOCK]);
+        }
+        Ok(pool)
     }
 
     fn kv_copy_blocks(

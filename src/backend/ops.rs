@@ -134,6 +134,36 @@ impl SlotCopy {
     }
 }
 
+/// Every slot of `slots` is below `pool_slots`: else an error naming `op`.
+pub fn check_slots(op: &str, pool_slots: usize, slots: impl Iterator<Item = u32>) -> Result<()> {
+    for s in slots {
+        if s as usize >= pool_slots {
+            return Err(crate::Error::Engine(format!(
+                "{op}: slot {s} of a pool of {pool_slots}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every copy holds one slot of `n` keys and values (and KV_BLOCK positions): else an error
+/// naming `op`.
+pub fn check_copies<'a>(
+    op: &str,
+    n: usize,
+    copies: impl Iterator<Item = &'a SlotCopy>,
+) -> Result<()> {
+    for c in copies {
+        if c.k.len() != n || c.v.len() != n || c.pos.len() != KV_BLOCK {
+            return Err(crate::Error::Engine(format!(
+                "{op}: a copy of {} keys for slots of {n}",
+                c.k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The operations, over a backend's buffers. Shapes are in the comments; every method checks
 /// the lengths it is given against them (a mismatch is a caller bug, returned as an error).
 pub trait Ops {
@@ -366,12 +396,22 @@ pub trait Ops {
         self.unit_scores(q, at, &keys, units, heads, mode, acc)
     }
 
-    /// Slot `slot` of a pool copied to the host: what the KV manager's host tier keeps of a
-    /// block it evicts from the device.
-    fn kv_slot_read(&self, pool: &KvPool<Self>, slot: u32) -> Result<SlotCopy>;
+    /// Slots `slots` of a pool copied to the host, in one transfer: what the KV manager's host
+    /// tier keeps of the blocks it moves off the device.
+    fn kv_slots_read(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>>;
 
-    /// Slot `slot` of a pool overwritten from the host (a block fetched back).
-    fn kv_slot_write(&self, pool: &mut KvPool<Self>, slot: u32, copy: &SlotCopy) -> Result<()>;
+    /// Slots of a pool overwritten from the host, in one transfer (blocks fetched back): each
+    /// `(slot, copy)`.
+    fn kv_slots_write(&self, pool: &mut KvPool<Self>, writes: &[(u32, &SlotCopy)]) -> Result<()>;
+
+    /// A new pool of `slots` slots, empty but for `moves` (source slot, slot) copied from
+    /// `src` on the device: a tier's fast pool shrunk or grown without a trip to the host.
+    fn kv_pool_regrouped(
+        &self,
+        src: &KvPool<Self>,
+        moves: &[(u32, u32)],
+        slots: usize,
+    ) -> Result<KvPool<Self>>;
 
     /// Copy whole slots within a pool: slot dst_slots[i] = slot src_slots[i], keys, values
     /// and positions.

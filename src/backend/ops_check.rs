@@ -318,6 +318,20 @@ fn kv_append_then_copy<O: Ops>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
     Ok([k, v, pos, k2, pos2])
 }
 
+/// A tier's copies: two slots read to the host, the pool regrouped (two other slots moved into
+/// a pool of four), the two copies written into its empty slots; the regrouped pool's K, V and
+/// positions, and the copies' keys (as their bf16 bits).
+fn tier_copies<O: Ops>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 4]> {
+    let pool = host.upload(o)?;
+    let t = &host.table;
+    let copies = o.kv_slots_read(&pool, &[t[2], t[0]])?;
+    let mut grouped = o.kv_pool_regrouped(&pool, &[(t[1], 0), (t[2], 2)], 4)?;
+    o.kv_slots_write(&mut grouped, &[(1, &copies[0]), (3, &copies[1])])?;
+    let [k, v, pos] = pool_f32(o, &grouped)?;
+    let bits = copies.iter().flat_map(|c| c.k.iter().map(|&b| b as f32));
+    Ok([k, v, pos, bits.collect()])
+}
+
 struct AttentionCase<'a> {
     pool: &'a HostPool,
     q: &'a [u16],
@@ -585,6 +599,22 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         ("kv_append_bf16 (positions)", &appended),
         ("kv_copy_blocks_bf16", &copied),
         ("kv_copy_blocks (positions)", &copied),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        record(&mut out, label, shape.clone(), &got[i], &want[i], 0.0);
+    }
+
+    // the KV tiers' copies: slots to the host and back, a pool regrouped on the device
+    let got = tier_copies(c, &pool)?;
+    let want = tier_copies(r, &pool)?;
+    let shape = format!("2 of {} slots, kv_dim {kv_dim}", pool.slots);
+    for (i, label) in [
+        "kv_pool_regrouped + kv_slots_write (k)",
+        "kv_pool_regrouped + kv_slots_write (v)",
+        "kv_pool_regrouped + kv_slots_write (positions)",
+        "kv_slots_read (k bits)",
     ]
     .into_iter()
     .enumerate()

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::ops::{KvPool, Ops, SlotCopy, UnitBlocks, KV_BLOCK};
+use super::ops::{Ops, SlotCopy, UnitBlocks, KV_BLOCK};
 use super::paged_kv::LayerCache;
 use crate::{Error, Result};
 
@@ -159,32 +159,24 @@ impl<O: Ops> LayerCache<O> {
         let t = Instant::now();
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
         let tail = self.row_blocks() - first_fast;
-        let mut pool = KvPool::new(ops, fast_prompt_blocks + tail, self.pool.kv_dim)?;
+        let copies = ops.kv_slots_read(&self.pool, &self.table[..first_fast])?;
+        let offloaded_bytes = copies.iter().map(SlotCopy::bytes).sum();
+        // the fast pool: the staying prompt blocks' slots first, then a slot per later block
         let mut table = vec![ON_HOST; self.row_blocks()];
-        let mut blocks = HashMap::with_capacity(first_fast);
-        let mut offloaded_bytes = 0;
-        let mut free = 0..fast_prompt_blocks as u32;
+        let mut moves = Vec::with_capacity(fast_prompt_blocks + tail);
         let best = &stay[..stay.len().min(fast_prompt_blocks)];
         for (r, &old) in self.table[..first_fast].iter().enumerate() {
-            let copy = ops.kv_slot_read(&self.pool, old)?;
-            offloaded_bytes += copy.bytes();
             if best.contains(&(self.positions[r * KV_BLOCK] / KV_BLOCK as u32)) {
-                let slot = free.next().expect("at most fast_prompt_blocks stay");
-                ops.kv_slot_write(&mut pool, slot, &copy)?;
-                table[r] = slot;
+                table[r] = moves.len() as u32;
+                moves.push((old, table[r]));
             }
-            blocks.insert(r, copy);
         }
         for (i, r) in (first_fast..self.row_blocks()).enumerate() {
-            let slot = (fast_prompt_blocks + i) as u32;
-            ops.kv_slot_write(
-                &mut pool,
-                slot,
-                &ops.kv_slot_read(&self.pool, self.table[r])?,
-            )?;
-            table[r] = slot;
+            table[r] = (fast_prompt_blocks + i) as u32;
+            moves.push((self.table[r], table[r]));
         }
-        self.pool = pool;
+        let blocks: HashMap<usize, SlotCopy> = copies.into_iter().enumerate().collect();
+        self.pool = ops.kv_pool_regrouped(&self.pool, &moves, fast_prompt_blocks + tail)?;
         self.set_table(ops, table)?;
         self.host = Some(HostTier {
             first_fast,
@@ -246,10 +238,8 @@ impl<O: Ops> LayerCache<O> {
         }
         if short > 0 {
             // a larger set than the fast tier was sized for: grow it by what is missing
-            let mut pool = KvPool::new(ops, self.pool.slots + short, self.pool.kv_dim)?;
-            for s in 0..self.pool.slots as u32 {
-                ops.kv_slot_write(&mut pool, s, &ops.kv_slot_read(&self.pool, s)?)?;
-            }
+            let keep: Vec<(u32, u32)> = (0..self.pool.slots as u32).map(|s| (s, s)).collect();
+            let pool = ops.kv_pool_regrouped(&self.pool, &keep, self.pool.slots + short)?;
             let mut next = self.pool.slots as u32;
             for &r in &fetch {
                 if table[r] == ON_HOST {
@@ -260,16 +250,18 @@ impl<O: Ops> LayerCache<O> {
             self.pool = pool;
             host.counts.grown += 1;
         }
+        let mut writes = Vec::with_capacity(fetch.len());
         for &r in &fetch {
             let copy = host.blocks.get(&r).ok_or_else(|| {
                 Error::Engine(format!(
                     "kv tier: row block {r} is neither fast nor on the host"
                 ))
             })?;
-            ops.kv_slot_write(&mut self.pool, table[r], copy)?;
+            writes.push((table[r], copy));
             host.counts.fetched_blocks += 1;
             host.counts.fetched_bytes += copy.bytes();
         }
+        ops.kv_slots_write(&mut self.pool, &writes)?;
         self.set_table(ops, table)?;
         if let Some(host) = self.host.as_mut() {
             host.counts.fetch_us += t.elapsed().as_micros() as usize;

@@ -8,7 +8,8 @@
 # (1) every kernel against its CPU reference, (1b) a real model's logits on the GPU against the
 # CPU engine, (1c) the chat engine answering on the GPU, (2) a Llama-3.1-8B-shaped model with random bf16
 # weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
-# tokens/s, GPU prompt KV bytes, the KV manager's swap drill and stall, VRAM, the cuBLAS bf16
+# tokens/s, GPU prompt KV bytes, the pruned prompt's KV tiered (VRAM against dense, decode
+# against resident, the offloads' tail and decode's fetch time), VRAM, the cuBLAS bf16
 # rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
 # under a timeout so the whole script ends within 8 minutes (60 + 2 x 60 + 280 s).
 set -uo pipefail

@@ -12,8 +12,7 @@ use rayon::prelude::*;
 
 use super::attention::{attention, AttnShape};
 use super::kv_format::{KvDtype, KvView};
-use super::ops::{check_copies, check_slots, Heads, KvPool, Ops, RowSlice, ScoreMode};
-use super::ops::{SlotCopy, UnitBlocks, KV_BLOCK};
+use super::ops::{check_slots, Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
 use super::score::{HeadShape, UnitKeys, WindowPool};
 use crate::{Error, Result};
@@ -57,10 +56,41 @@ fn slice_rows(x: &[u16], at: RowSlice, width: usize) -> Vec<f32> {
     out
 }
 
+/// The CPU's host blocks ([`Ops::HostBlocks`]): one slot of a [`KvPool`] each, keys and values
+/// (KV_BLOCK, kv_dim) bf16 and the rows' positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotCopy {
+    pub k: Vec<u16>,
+    pub v: Vec<u16>,
+    pub pos: Vec<u32>,
+}
+
+impl SlotCopy {
+    /// Bytes of keys and values.
+    pub fn bytes(&self) -> usize {
+        2 * (self.k.len() + self.v.len())
+    }
+}
+
+/// Every copy holds one slot of `n` keys and values (and KV_BLOCK positions): else an error
+/// naming `op`.
+fn check_copies<'a>(op: &str, n: usize, copies: impl Iterator<Item = &'a SlotCopy>) -> Result<()> {
+    for c in copies {
+        if c.k.len() != n || c.v.len() != n || c.pos.len() != KV_BLOCK {
+            return Err(Error::Engine(format!(
+                "{op}: a copy of {} keys for slots of {n}",
+                c.k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Ops for CpuOps {
     type F32 = Vec<f32>;
     type Bf16 = Vec<u16>;
     type U32 = Vec<u32>;
+    type HostBlocks = Vec<SlotCopy>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -438,9 +468,9 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn kv_slots_read(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
+    fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
         let n = KV_BLOCK * pool.kv_dim;
-        check_slots("kv_slots_read", pool.slots, slots.iter().copied())?;
+        check_slots("kv_offload", pool.slots, slots.iter().copied())?;
         Ok((slots.iter().map(|&s| s as usize))
             .map(|s| SlotCopy {
                 k: pool.k[s * n..][..n].to_vec(),
@@ -450,12 +480,20 @@ impl Ops for CpuOps {
             .collect())
     }
 
-    fn kv_slots_write(&self, pool: &mut KvPool<Self>, writes: &[(u32, &SlotCopy)]) -> Result<()> {
+    fn kv_fetch(
+        &self,
+        host: &Vec<SlotCopy>,
+        writes: &[(usize, u32)],
+        pool: &mut KvPool<Self>,
+    ) -> Result<()> {
         let n = KV_BLOCK * pool.kv_dim;
-        check_slots("kv_slots_write", pool.slots, writes.iter().map(|w| w.0))?;
-        check_copies("kv_slots_write", n, writes.iter().map(|w| w.1))?;
-        for &(s, copy) in writes {
-            let s = s as usize;
+        check_slots("kv_fetch", pool.slots, writes.iter().map(|w| w.1))?;
+        let copies = (writes.iter())
+            .map(|&(b, s)| host.get(b).map(|c| (s as usize, c)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Engine("kv_fetch: a block past the host store".into()))?;
+        check_copies("kv_fetch", n, copies.iter().map(|c| c.1))?;
+        for (s, copy) in copies {
             pool.k[s * n..][..n].copy_from_slice(&copy.k);
             pool.v[s * n..][..n].copy_from_slice(&copy.v);
             pool.pos[s * KV_BLOCK..][..KV_BLOCK].copy_from_slice(&copy.pos);

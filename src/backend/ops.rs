@@ -118,46 +118,12 @@ impl<O: Ops + ?Sized> KvPool<O> {
     }
 }
 
-/// One slot of a [`KvPool`] on the host: keys and values (KV_BLOCK, kv_dim) bf16 and the rows'
-/// positions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotCopy {
-    pub k: Vec<u16>,
-    pub v: Vec<u16>,
-    pub pos: Vec<u32>,
-}
-
-impl SlotCopy {
-    /// Bytes of keys and values.
-    pub fn bytes(&self) -> usize {
-        2 * (self.k.len() + self.v.len())
-    }
-}
-
 /// Every slot of `slots` is below `pool_slots`: else an error naming `op`.
 pub fn check_slots(op: &str, pool_slots: usize, slots: impl Iterator<Item = u32>) -> Result<()> {
     for s in slots {
         if s as usize >= pool_slots {
             return Err(crate::Error::Engine(format!(
                 "{op}: slot {s} of a pool of {pool_slots}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Every copy holds one slot of `n` keys and values (and KV_BLOCK positions): else an error
-/// naming `op`.
-pub fn check_copies<'a>(
-    op: &str,
-    n: usize,
-    copies: impl Iterator<Item = &'a SlotCopy>,
-) -> Result<()> {
-    for c in copies {
-        if c.k.len() != n || c.v.len() != n || c.pos.len() != KV_BLOCK {
-            return Err(crate::Error::Engine(format!(
-                "{op}: a copy of {} keys for slots of {n}",
-                c.k.len()
             )));
         }
     }
@@ -173,6 +139,9 @@ pub trait Ops {
     type Bf16;
     /// u32 buffer (token ids, positions, row indices, slot tables)
     type U32;
+    /// Host memory a layer's host tier keeps its blocks in (pinned on a GPU): filled by
+    /// [`Ops::kv_offload`], read by [`Ops::kv_fetch`].
+    type HostBlocks: Send;
 
     fn name(&self) -> String;
 
@@ -396,13 +365,20 @@ pub trait Ops {
         self.unit_scores(q, at, &keys, units, heads, mode, acc)
     }
 
-    /// Slots `slots` of a pool copied to the host, in one transfer: what the KV manager's host
-    /// tier keeps of the blocks it moves off the device.
-    fn kv_slots_read(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>>;
+    /// Start copying slots `slots` of a pool to new host blocks (block i holds slot
+    /// `slots[i]`) behind the work queued so far: on a GPU the rows are staged on the device
+    /// and cross PCIe on the copy stream while later work runs; the pool may be regrouped or
+    /// dropped as soon as this returns.
+    fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Self::HostBlocks>;
 
-    /// Slots of a pool overwritten from the host, in one transfer (blocks fetched back): each
-    /// `(slot, copy)`.
-    fn kv_slots_write(&self, pool: &mut KvPool<Self>, writes: &[(u32, &SlotCopy)]) -> Result<()>;
+    /// Copy host blocks into pool slots, each `(host block, slot)`, in one transfer, before
+    /// anything queued after this reads the pool (waits for the blocks' offload to land).
+    fn kv_fetch(
+        &self,
+        host: &Self::HostBlocks,
+        writes: &[(usize, u32)],
+        pool: &mut KvPool<Self>,
+    ) -> Result<()>;
 
     /// A new pool of `slots` slots, empty but for `moves` (source slot, slot) copied from
     /// `src` on the device: a tier's fast pool shrunk or grown without a trip to the host.

@@ -318,18 +318,17 @@ fn kv_append_then_copy<O: Ops>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
     Ok([k, v, pos, k2, pos2])
 }
 
-/// A tier's copies: two slots read to the host, the pool regrouped (two other slots moved into
-/// a pool of four), the two copies written into its empty slots; the regrouped pool's K, V and
-/// positions, and the copies' keys (as their bf16 bits).
-fn tier_copies<O: Ops>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 4]> {
+/// A tier's copies: two slots offloaded to the host, the pool regrouped (two other slots moved
+/// into a pool of four) and dropped, the two host blocks fetched into its empty slots (in the
+/// other order); the regrouped pool's K, V and positions.
+fn tier_copies<O: Ops>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 3]> {
     let pool = host.upload(o)?;
     let t = &host.table;
-    let copies = o.kv_slots_read(&pool, &[t[2], t[0]])?;
+    let blocks = o.kv_offload(&pool, &[t[2], t[0]])?;
     let mut grouped = o.kv_pool_regrouped(&pool, &[(t[1], 0), (t[2], 2)], 4)?;
-    o.kv_slots_write(&mut grouped, &[(1, &copies[0]), (3, &copies[1])])?;
-    let [k, v, pos] = pool_f32(o, &grouped)?;
-    let bits = copies.iter().flat_map(|c| c.k.iter().map(|&b| b as f32));
-    Ok([k, v, pos, bits.collect()])
+    drop(pool);
+    o.kv_fetch(&blocks, &[(1, 1), (0, 3)], &mut grouped)?;
+    pool_f32(o, &grouped)
 }
 
 struct AttentionCase<'a> {
@@ -611,10 +610,9 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     let want = tier_copies(r, &pool)?;
     let shape = format!("2 of {} slots, kv_dim {kv_dim}", pool.slots);
     for (i, label) in [
-        "kv_pool_regrouped + kv_slots_write (k)",
-        "kv_pool_regrouped + kv_slots_write (v)",
-        "kv_pool_regrouped + kv_slots_write (positions)",
-        "kv_slots_read (k bits)",
+        "kv_offload + kv_pool_regrouped + kv_fetch (k)",
+        "kv_offload + kv_pool_regrouped + kv_fetch (v)",
+        "kv_offload + kv_pool_regrouped + kv_fetch (positions)",
     ]
     .into_iter()
     .enumerate()

@@ -1,8 +1,8 @@
 //! The paged KV cache of the forward written against the ops seam: one layer's pool of
 //! [`KV_BLOCK`]-row slots with its slot table and positions ([`LayerCache`]), and the calls a
-//! forward makes into a KV manager around each layer ([`LayerHooks`]; the CUDA host tier in
-//! src/cuda/kv_tier.rs implements them, [`NoHooks`] does nothing). What a layer moves to RAM
-//! after a pruned prefill is in src/backend/paged_tier.rs.
+//! forward makes to whoever watches each layer ([`LayerHooks`]: the device forward's prefill
+//! progress; [`NoHooks`] does nothing). What a layer moves to RAM after a pruned prefill is in
+//! src/backend/paged_tier.rs.
 
 use super::ops::{KvPool, Ops, KV_BLOCK};
 use super::paged_tier::{CachedUnits, HostTier};
@@ -21,7 +21,7 @@ pub struct LayerCache<O: Ops> {
     /// The unit keys of its prompt rows, once decode has them (src/backend/paged_tier.rs).
     pub units: Option<CachedUnits<O>>,
     /// Its prompt blocks' host tier, once it has one: the pool then holds only some of them.
-    pub host: Option<HostTier>,
+    pub host: Option<HostTier<O>>,
 }
 
 impl<O: Ops> LayerCache<O> {
@@ -55,10 +55,6 @@ impl<O: Ops> LayerCache<O> {
 pub trait LayerHooks<O: Ops> {
     /// Layer `layer` has appended this step's rows to its cache.
     fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
-        Ok(())
-    }
-    /// Layer `layer` is about to read its cache in attention.
-    fn before_attention(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
         Ok(())
     }
     /// A prefill is done with layer `layer`: its cache is as decode will find it (tiered, when

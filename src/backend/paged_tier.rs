@@ -12,12 +12,11 @@
 //! the prompt, or the prompt's partial last block, can move to the host; that row block and
 //! every later one (the rows decode writes) stay in the fast tier.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::ops::{Ops, SlotCopy, UnitBlocks, KV_BLOCK};
+use super::ops::{Ops, UnitBlocks, KV_BLOCK};
 use super::paged_kv::LayerCache;
 use crate::{Error, Result};
 
@@ -90,18 +89,21 @@ impl TierCounts {
     }
 }
 
-/// A layer's host tier: the copy of each of its prompt row blocks.
-pub struct HostTier {
+/// A layer's host tier: the copy of each of its prompt row blocks (host block `r` holds row
+/// block `r`).
+pub struct HostTier<O: Ops> {
     /// Row blocks before this one are host-backed; it and later ones stay fast.
     pub first_fast: usize,
-    blocks: HashMap<usize, SlotCopy>,
+    blocks: O::HostBlocks,
+    /// Bytes of one block's keys and values.
+    block_bytes: usize,
     pub counts: TierCounts,
 }
 
-impl HostTier {
+impl<O: Ops> HostTier<O> {
     /// Bytes of the copies it holds.
     pub fn bytes(&self) -> usize {
-        self.blocks.values().map(SlotCopy::bytes).sum()
+        self.first_fast * self.block_bytes
     }
 }
 
@@ -159,8 +161,8 @@ impl<O: Ops> LayerCache<O> {
         let t = Instant::now();
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
         let tail = self.row_blocks() - first_fast;
-        let copies = ops.kv_slots_read(&self.pool, &self.table[..first_fast])?;
-        let offloaded_bytes = copies.iter().map(SlotCopy::bytes).sum();
+        let blocks = ops.kv_offload(&self.pool, &self.table[..first_fast])?;
+        let block_bytes = 2 * KV_BLOCK * self.pool.kv_dim * 2;
         // the fast pool: the staying prompt blocks' slots first, then a slot per later block
         let mut table = vec![ON_HOST; self.row_blocks()];
         let mut moves = Vec::with_capacity(fast_prompt_blocks + tail);
@@ -175,14 +177,14 @@ impl<O: Ops> LayerCache<O> {
             table[r] = (fast_prompt_blocks + i) as u32;
             moves.push((self.table[r], table[r]));
         }
-        let blocks: HashMap<usize, SlotCopy> = copies.into_iter().enumerate().collect();
         self.pool = ops.kv_pool_regrouped(&self.pool, &moves, fast_prompt_blocks + tail)?;
         self.set_table(ops, table)?;
         self.host = Some(HostTier {
             first_fast,
+            block_bytes,
             counts: TierCounts {
                 offloaded_blocks: first_fast,
-                offloaded_bytes,
+                offloaded_bytes: first_fast * block_bytes,
                 offload_us: t.elapsed().as_micros() as usize,
                 ..Default::default()
             },
@@ -250,18 +252,15 @@ impl<O: Ops> LayerCache<O> {
             self.pool = pool;
             host.counts.grown += 1;
         }
-        let mut writes = Vec::with_capacity(fetch.len());
-        for &r in &fetch {
-            let copy = host.blocks.get(&r).ok_or_else(|| {
-                Error::Engine(format!(
-                    "kv tier: row block {r} is neither fast nor on the host"
-                ))
-            })?;
-            writes.push((table[r], copy));
-            host.counts.fetched_blocks += 1;
-            host.counts.fetched_bytes += copy.bytes();
+        if let Some(&r) = fetch.iter().find(|&&r| r >= host.first_fast) {
+            return Err(Error::Engine(format!(
+                "kv tier: row block {r} is neither fast nor on the host"
+            )));
         }
-        ops.kv_slots_write(&mut self.pool, &writes)?;
+        let writes: Vec<(usize, u32)> = fetch.iter().map(|&r| (r, table[r])).collect();
+        ops.kv_fetch(&host.blocks, &writes, &mut self.pool)?;
+        host.counts.fetched_blocks += fetch.len();
+        host.counts.fetched_bytes += fetch.len() * host.block_bytes;
         self.set_table(ops, table)?;
         if let Some(host) = self.host.as_mut() {
             host.counts.fetch_us += t.elapsed().as_micros() as usize;

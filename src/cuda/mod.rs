@@ -11,7 +11,8 @@
 //! - [`gpu`]: the context, the compute and copy streams, cuBLAS, memory figures.
 //! - [`ops`]: [`CudaOps`], the ops over device buffers; `prefill_attention` its attention on
 //!   tensor cores, `decode_attention` its one-row attention split over the keys.
-//! - [`kv_tier`]: the KV manager's host tier (pinned memory) and its copy stream with events.
+//! - [`host_blocks`]: the copies of the ops forward's KV tiers (pinned memory, offloads on the
+//!   copy stream behind the layers that follow).
 //! - [`check`]: every kernel against its CPU reference on random inputs.
 //!
 //! `slimchat gpu-check` (the Llama-3.1-8B-shaped dense vs pruned run) is a command over this
@@ -20,8 +21,8 @@
 pub mod check;
 mod decode_attention;
 pub mod gpu;
+pub mod host_blocks;
 pub mod kernels;
-pub mod kv_tier;
 pub mod ops;
 mod prefill_attention;
 pub mod probe;

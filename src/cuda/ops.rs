@@ -11,12 +11,12 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::host_blocks::CudaHostBlocks;
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
 use crate::backend::ops::{
-    check_copies, check_slots, Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, SlotCopy,
-    UnitBlocks, KV_BLOCK,
+    Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK,
 };
 use crate::{Error, Result};
 
@@ -176,6 +176,7 @@ impl Ops for CudaOps {
     type F32 = CudaSlice<f32>;
     type Bf16 = CudaSlice<u16>;
     type U32 = CudaSlice<u32>;
+    type HostBlocks = CudaHostBlocks;
 
     fn name(&self) -> String {
         format!("cuda: {}", self.gpu.describe())
@@ -687,80 +688,17 @@ impl Ops for CudaOps {
         Ok(())
     }
 
-    fn kv_slots_read(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
-        let (n, m) = (KV_BLOCK * pool.kv_dim, slots.len());
-        check_slots("cuda kv_slots_read", pool.slots, slots.iter().copied())?;
-        if m == 0 {
-            return Ok(Vec::new());
-        }
-        // gathered on the device, then one transfer each for keys, values and positions
-        let s = &self.gpu.stream;
-        let mut k = s.alloc_zeros::<u16>(m * n).or_engine("alloc")?;
-        let mut v = s.alloc_zeros::<u16>(m * n).or_engine("alloc")?;
-        let mut pos = s.alloc_zeros::<u32>(m * KV_BLOCK).or_engine("alloc")?;
-        for (i, &sl) in slots.iter().enumerate() {
-            let (sl, rows) = (sl as usize, i * KV_BLOCK..(i + 1) * KV_BLOCK);
-            let src = sl * n..(sl + 1) * n;
-            (s.memcpy_dtod(
-                &pool.k.slice(src.clone()),
-                &mut k.slice_mut(i * n..(i + 1) * n),
-            ))
-            .or_engine("dtod")?;
-            (s.memcpy_dtod(&pool.v.slice(src), &mut v.slice_mut(i * n..(i + 1) * n)))
-                .or_engine("dtod")?;
-            let src = sl * KV_BLOCK..(sl + 1) * KV_BLOCK;
-            (s.memcpy_dtod(&pool.pos.slice(src), &mut pos.slice_mut(rows))).or_engine("dtod")?;
-        }
-        let k = s.clone_dtoh(&k).or_engine("dtoh")?;
-        let v = s.clone_dtoh(&v).or_engine("dtoh")?;
-        let pos = s.clone_dtoh(&pos).or_engine("dtoh")?;
-        Ok((0..m)
-            .map(|i| SlotCopy {
-                k: k[i * n..(i + 1) * n].to_vec(),
-                v: v[i * n..(i + 1) * n].to_vec(),
-                pos: pos[i * KV_BLOCK..(i + 1) * KV_BLOCK].to_vec(),
-            })
-            .collect())
+    fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<CudaHostBlocks> {
+        self.offload_slots(pool, slots)
     }
 
-    fn kv_slots_write(&self, pool: &mut KvPool<Self>, writes: &[(u32, &SlotCopy)]) -> Result<()> {
-        let (n, m) = (KV_BLOCK * pool.kv_dim, writes.len());
-        check_slots(
-            "cuda kv_slots_write",
-            pool.slots,
-            writes.iter().map(|w| w.0),
-        )?;
-        check_copies("cuda kv_slots_write", n, writes.iter().map(|w| w.1))?;
-        if m == 0 {
-            return Ok(());
-        }
-        // one transfer each for keys, values and positions, then scattered on the device
-        let s = &self.gpu.stream;
-        let k: Vec<u16> = writes.iter().flat_map(|w| w.1.k.iter().copied()).collect();
-        let v: Vec<u16> = writes.iter().flat_map(|w| w.1.v.iter().copied()).collect();
-        let pos: Vec<u32> = writes
-            .iter()
-            .flat_map(|w| w.1.pos.iter().copied())
-            .collect();
-        let (k, v) = (
-            s.clone_htod(&k).or_engine("htod")?,
-            s.clone_htod(&v).or_engine("htod")?,
-        );
-        let pos = s.clone_htod(&pos).or_engine("htod")?;
-        for (i, &(sl, _)) in writes.iter().enumerate() {
-            let (sl, rows) = (sl as usize, i * KV_BLOCK..(i + 1) * KV_BLOCK);
-            let dst = sl * n..(sl + 1) * n;
-            (s.memcpy_dtod(
-                &k.slice(i * n..(i + 1) * n),
-                &mut pool.k.slice_mut(dst.clone()),
-            ))
-            .or_engine("dtod")?;
-            (s.memcpy_dtod(&v.slice(i * n..(i + 1) * n), &mut pool.v.slice_mut(dst)))
-                .or_engine("dtod")?;
-            let dst = sl * KV_BLOCK..(sl + 1) * KV_BLOCK;
-            (s.memcpy_dtod(&pos.slice(rows), &mut pool.pos.slice_mut(dst))).or_engine("dtod")?;
-        }
-        Ok(())
+    fn kv_fetch(
+        &self,
+        host: &CudaHostBlocks,
+        writes: &[(usize, u32)],
+        pool: &mut KvPool<Self>,
+    ) -> Result<()> {
+        self.fetch_slots(host, writes, pool)
     }
 
     fn kv_pool_regrouped(
@@ -769,31 +707,7 @@ impl Ops for CudaOps {
         moves: &[(u32, u32)],
         slots: usize,
     ) -> Result<KvPool<Self>> {
-        let n = KV_BLOCK * src.kv_dim;
-        check_slots(
-            "cuda kv_pool_regrouped",
-            src.slots,
-            moves.iter().map(|m| m.0),
-        )?;
-        check_slots("cuda kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
-        let mut pool = KvPool::new(self, slots, src.kv_dim)?;
-        let s = &self.gpu.stream;
-        for &(a, b) in moves {
-            let (a, b) = (a as usize, b as usize);
-            let (from, to) = (a * n..(a + 1) * n, b * n..(b + 1) * n);
-            (s.memcpy_dtod(
-                &src.k.slice(from.clone()),
-                &mut pool.k.slice_mut(to.clone()),
-            ))
-            .or_engine("dtod")?;
-            (s.memcpy_dtod(&src.v.slice(from), &mut pool.v.slice_mut(to))).or_engine("dtod")?;
-            let (from, to) = (
-                a * KV_BLOCK..(a + 1) * KV_BLOCK,
-                b * KV_BLOCK..(b + 1) * KV_BLOCK,
-            );
-            (s.memcpy_dtod(&src.pos.slice(from), &mut pool.pos.slice_mut(to))).or_engine("dtod")?;
-        }
-        Ok(pool)
+        self.regroup_pool(src, moves, slots)
     }
 
     fn kv_copy_blocks(

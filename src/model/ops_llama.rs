@@ -492,7 +492,6 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             }
             None => None,
         };
-        hooks.before_attention(ops, layer, kv)?;
         let attended = slim.map(|session| session.attended_rows(layer, &self.keys(kv)));
         if let Some(ranges) = &attended {
             kv.make_resident(ops, &row_blocks_of(ranges))?;

@@ -6,8 +6,8 @@
 //! the tests check it without a GPU.
 //!
 //! A follow-up turn runs only its new tokens after the cached conversation (the prompt's pruned
-//! KV is kept, as on the CPU) while the cache has room; the prefill leaves room for the answer
-//! and a follow-up message. A keep ratio turned mid-conversation resizes the decode sets from
+//! KV is kept, as on the CPU) while the context has room; the prefill leaves room for the
+//! answer, and a layer's pool grows when a follow-up needs more. A keep ratio turned mid-conversation resizes the decode sets from
 //! the next step, within the blocks prefill kept (the device's session does not revive pruned
 //! rows). The CPU model stays loaded beside it (the engine's tokenizer, template and metadata
 //! come from it).
@@ -67,7 +67,7 @@ pub trait DeviceForward: Send {
     /// the cached ones; the logits of the last.
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
 
-    /// Tokens the cache still has room for (0 with no cache).
+    /// Tokens the context still has room for after the cached ones (0 with no cache).
     fn room(&self) -> usize;
 
     /// Rows each layer holds (the prompt tokens it kept, and the answer's).
@@ -247,7 +247,7 @@ where
     }
 
     fn room(&self) -> usize {
-        self.cache.as_ref().map_or(0, ModelCache::room)
+        (self.cache.as_ref()).map_or(0, |c| self.context().saturating_sub(c.next_position()))
     }
 
     fn rows_per_layer(&self) -> Vec<usize> {

@@ -366,10 +366,19 @@ fn extending_a_cache_gives_the_logits_of_one_prefill() {
     assert!(err < 1e-3, "relative error {err}");
     assert_eq!(cache.room(), room - 40);
     assert_eq!(cache.layers[3].positions.last(), Some(&299));
-    // more than the room left is an error, and the cache is untouched
-    let too_many = vec![1u32; cache.room() + 1];
+    // more than the room left grows every layer's pool: the logits are still one prefill's
+    let more: Vec<u32> = (0..200).map(|_| rng.below(shape.vocab) as u32).collect();
+    let all: Vec<u32> = tokens.iter().chain(&more).copied().collect();
+    let (_, whole) = model.prefill(&all, None, 1, &mut NoHooks).unwrap();
+    let slots = cache.layers[0].pool.slots;
+    let got = model.extend(&mut cache, &more, &mut NoHooks).unwrap();
+    let err = rel_err(&got, &whole.logits);
+    assert!(err < 1e-3, "relative error {err}");
+    assert!(cache.layers[0].pool.slots > slots && cache.layers[0].rows == 500);
+    // past the model's positions is an error, and the cache is untouched
+    let too_many = vec![1u32; 1024 - 500 + 1];
     assert!(model.extend(&mut cache, &too_many, &mut NoHooks).is_err());
-    assert_eq!(cache.layers[0].rows, 300);
+    assert_eq!(cache.layers[0].rows, 500);
 }
 
 #[test]

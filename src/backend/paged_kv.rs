@@ -40,6 +40,26 @@ impl<O: Ops> LayerCache<O> {
         })
     }
 
+    /// Make room for `more` rows after the layer's last: when its row blocks cannot hold them,
+    /// the pool grows (a new pool, every slot copied over on the device) by what is missing or
+    /// an eighth of its blocks, whichever is more, and the table lists the new slots.
+    pub fn reserve(&mut self, ops: &O, more: usize) -> Result<()> {
+        let blocks = self.table.len();
+        let missing = (self.rows + more).div_ceil(KV_BLOCK).saturating_sub(blocks);
+        if missing == 0 {
+            return Ok(());
+        }
+        let add = missing.max(blocks / 8);
+        let keep: Vec<(u32, u32)> = (0..self.pool.slots as u32).map(|s| (s, s)).collect();
+        let pool = ops.kv_pool_regrouped(&self.pool, &keep, self.pool.slots + add)?;
+        let mut table = self.table.clone();
+        table.extend(self.pool.slots as u32..(self.pool.slots + add) as u32);
+        self.table_dev = ops.upload_u32(&table)?;
+        self.table = table;
+        self.pool = pool;
+        Ok(())
+    }
+
     /// Sequence rows of the slots (ascending) holding prompt block `block` (position / 64).
     pub fn slot_of_block(&self, block: u32) -> Option<u32> {
         let first = self

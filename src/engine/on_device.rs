@@ -5,15 +5,11 @@ use super::memory::MemoryTicker;
 use super::{Engine, EngineEvent, PrefillKind};
 use crate::Result;
 
-/// Tokens of a follow-up message a device prefill leaves room for beyond the answer (a longer
-/// one prefills the conversation again).
-const FOLLOW_UP_ROOM: usize = 1024;
-
 impl Engine {
     /// [`Engine::prefill`] on the device forward: a prompt that continues the cached one runs
-    /// its new tokens only, when the device cache has room for them and the answer; any other
-    /// is prefilled whole, pruned when SlimInfer is on, with room for the answer and a
-    /// follow-up message.
+    /// its new tokens only, when the context has room for them and the answer (the device's
+    /// pools grow as they need); any other is prefilled whole, pruned when SlimInfer is on,
+    /// with room for the answer.
     pub(super) fn prefill_on_device(
         &mut self,
         prompt: &[u32],
@@ -36,8 +32,7 @@ impl Engine {
         let n_layers = self.model.spec.n_layers;
         let total = prompt.len();
         let slim = (self.slim.enabled).then_some(&self.slim);
-        let headroom =
-            (self.context.saturating_sub(prompt.len())).min(self.answer_reserve + FOLLOW_UP_ROOM);
+        let headroom = (self.context.saturating_sub(prompt.len())).min(self.answer_reserve);
         let device = self.device.as_mut().expect("checked by the caller");
         let mut memory = MemoryTicker::new(0, 0, Some(device.memory_probe()));
         let logits = device.prefill(prompt, slim, headroom, &mut |at| {

@@ -362,7 +362,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
 
     /// `tokens` at the next positions (a follow-up message, or one decoded token), through
     /// every layer: each row attends causally to the cached rows and to the rows before it.
-    /// Nothing past the prompt is pruned. Returns the logits of the last token.
+    /// Nothing past the prompt is pruned; a layer whose pool is full grows it. Returns the
+    /// logits of the last token.
     pub fn extend(
         &self,
         cache: &mut ModelCache<O>,
@@ -373,11 +374,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let n = tokens.len();
         let pos = cache.layers[0].positions.last().map_or(0, |&p| p + 1);
         self.check_tokens(tokens, pos as usize + n)?;
-        if n > cache.room() {
-            return Err(Error::Engine(format!(
-                "decode: {n} tokens do not fit the {} the cache has room for",
-                cache.room()
-            )));
+        for kv in &mut cache.layers {
+            kv.reserve(ops, n)?;
         }
         let positions: Vec<u32> = (pos..pos + n as u32).collect();
         let pos_dev = ops.upload_u32(&positions)?;

@@ -88,6 +88,13 @@ impl<O: Ops> ModelCache<O> {
         r
     }
 
+    /// The next token's position.
+    pub fn next_position(&self) -> usize {
+        (self.layers.first())
+            .and_then(|l| l.positions.last())
+            .map_or(0, |&p| p as usize + 1)
+    }
+
     /// Bytes of the prompt's K and V (rows below the prompt length), over all layers.
     pub fn prompt_kv_bytes(&self, shape: &LlamaShape) -> usize {
         let rows: usize = (self.layers.iter())
@@ -105,7 +112,7 @@ impl<O: Ops> ModelCache<O> {
         self.layers.iter().map(|l| l.rows).collect()
     }
 
-    /// Tokens every layer still has room for.
+    /// Tokens every layer still has room for before its pool grows.
     pub fn room(&self) -> usize {
         (self.layers.iter())
             .map(|l| l.row_blocks() * KV_BLOCK - l.rows)

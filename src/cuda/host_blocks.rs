@@ -2,14 +2,18 @@
 //! prompt blocks offloaded to pinned host memory on the copy stream while later layers compute,
 //! blocks fetched back into the fast pool, and the pool regrouped on the device.
 //!
-//! An offload gathers the slots into a staging buffer on the compute stream (device to device,
-//! ordered after the layer that wrote them), and the copy stream moves the staging buffer to
-//! pinned memory; the staging buffer belongs to the copy stream, so freeing it waits for that
-//! copy and the compute stream never waits for PCIe. A fetch waits for the blocks' offload (its
-//! event; long done by the time decode asks), then moves the blocks in one transfer and
-//! scatters them into their slots.
+//! The streams are ordered with explicit events (cudarc's per-buffer tracking is off, see
+//! src/cuda/gpu.rs). An offload gathers the slots into a staging buffer on the compute stream
+//! (device to device, after the layer that wrote them); the copy stream waits for that gather
+//! only, moves the staging buffer to pinned memory and records the blocks' `landed` event. The
+//! staging buffer is freed once its copy has passed (checked at the next offload or fetch:
+//! [`StagingQueue`]), so the compute stream never waits for PCIe. A fetch waits for `landed`
+//! (long passed when decode asks), moves the blocks in one transfer and scatters them on the
+//! device.
 
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
 
 use super::{CudaOps, OrEngine};
 use crate::backend::ops::{check_slots, KvPool, KV_BLOCK};
@@ -17,10 +21,18 @@ use crate::{Error, Result};
 
 /// A layer's host tier on a GPU: blocks of keys, values and positions in pinned memory.
 pub struct CudaHostBlocks {
-    /// (blocks, KV_BLOCK, kv_dim) bf16 each, and (blocks, KV_BLOCK) positions; None when empty.
-    mem: Option<[PinnedHostSlice<u16>; 2]>,
-    pos: Option<PinnedHostSlice<u32>>,
+    /// None when there are no blocks.
+    mem: Option<Pinned>,
     blocks: usize,
+}
+
+/// (blocks, KV_BLOCK, kv_dim) bf16 keys and values, (blocks, KV_BLOCK) positions, and the copy
+/// stream's event after they were written.
+struct Pinned {
+    k: PinnedHostSlice<u16>,
+    v: PinnedHostSlice<u16>,
+    pos: PinnedHostSlice<u32>,
+    landed: CudaEvent,
 }
 
 impl CudaHostBlocks {
@@ -33,7 +45,40 @@ impl CudaHostBlocks {
     }
 }
 
-/// Rows `i` of a slot-major buffer: slot `i`'s `n` elements.
+impl Drop for CudaHostBlocks {
+    fn drop(&mut self) {
+        // the pinned memory must outlive the copies into it
+        if let Some(p) = &self.mem {
+            let _ = p.landed.synchronize();
+        }
+    }
+}
+
+/// Staging buffers of offloads whose copies to the host may still be running, each with the
+/// copy stream's event after its copy: freed (on the compute stream) once the event passed.
+#[derive(Default, Clone)]
+pub struct StagingQueue(Arc<Mutex<Vec<Staging>>>);
+
+struct Staging {
+    done: CudaEvent,
+    _k: CudaSlice<u16>,
+    _v: CudaSlice<u16>,
+    _pos: CudaSlice<u32>,
+}
+
+impl StagingQueue {
+    fn push(&self, s: Staging) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    }
+
+    /// Free the buffers whose copies are done (never waits).
+    fn release_done(&self) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|s| !s.done.is_complete());
+    }
+}
+
+/// Slot `i` of a slot-major buffer of `n` elements a slot.
 fn slot(i: usize, n: usize) -> std::ops::Range<usize> {
     i * n..(i + 1) * n
 }
@@ -47,18 +92,18 @@ impl CudaOps {
     ) -> Result<CudaHostBlocks> {
         check_slots("cuda kv_offload", pool.slots, slots.iter().copied())?;
         let (n, m) = (KV_BLOCK * pool.kv_dim, slots.len());
+        self.staging.release_done();
         if m == 0 {
             return Ok(CudaHostBlocks {
                 mem: None,
-                pos: None,
                 blocks: 0,
             });
         }
         let (compute, copy) = (&self.gpu.stream, &self.gpu.copy_stream);
-        // staging on the copy stream: its free waits for the copy stream's read only
-        let mut k = copy.alloc_zeros::<u16>(m * n).or_engine("alloc")?;
-        let mut v = copy.alloc_zeros::<u16>(m * n).or_engine("alloc")?;
-        let mut p = copy.alloc_zeros::<u32>(m * KV_BLOCK).or_engine("alloc")?;
+        // SAFETY: every element is written by the gathers below before the copy reads it.
+        let mut k = unsafe { compute.alloc::<u16>(m * n) }.or_engine("alloc")?;
+        let mut v = unsafe { compute.alloc::<u16>(m * n) }.or_engine("alloc")?;
+        let mut p = unsafe { compute.alloc::<u32>(m * KV_BLOCK) }.or_engine("alloc")?;
         for (i, &s) in slots.iter().enumerate() {
             let s = s as usize;
             (compute.memcpy_dtod(&pool.k.slice(slot(s, n)), &mut k.slice_mut(slot(i, n))))
@@ -68,20 +113,31 @@ impl CudaOps {
             let (from, to) = (slot(s, KV_BLOCK), slot(i, KV_BLOCK));
             (compute.memcpy_dtod(&pool.pos.slice(from), &mut p.slice_mut(to))).or_engine("dtod")?;
         }
+        let gathered = compute.record_event(None).or_engine("record")?;
+        copy.wait(&gathered).or_engine("wait")?;
         let ctx = &self.gpu.ctx;
-        // SAFETY: every element is written by the copies below before any read (reads wait
-        // for the slices' events).
+        // SAFETY: written by the copies below; read only after `landed`.
         let mut hk = unsafe { ctx.alloc_pinned::<u16>(m * n) }.or_engine("pinned alloc")?;
         let mut hv = unsafe { ctx.alloc_pinned::<u16>(m * n) }.or_engine("pinned alloc")?;
         let mut hp = unsafe { ctx.alloc_pinned::<u32>(m * KV_BLOCK) }.or_engine("pinned alloc")?;
         copy.memcpy_dtoh(&k, &mut hk).or_engine("dtoh")?;
         copy.memcpy_dtoh(&v, &mut hv).or_engine("dtoh")?;
         copy.memcpy_dtoh(&p, &mut hp).or_engine("dtoh")?;
-        drop::<[CudaSlice<_>; 2]>([k, v]);
-        drop(p);
+        let landed = copy.record_event(None).or_engine("record")?;
+        let done = copy.record_event(None).or_engine("record")?;
+        self.staging.push(Staging {
+            done,
+            _k: k,
+            _v: v,
+            _pos: p,
+        });
         Ok(CudaHostBlocks {
-            mem: Some([hk, hv]),
-            pos: Some(hp),
+            mem: Some(Pinned {
+                k: hk,
+                v: hv,
+                pos: hp,
+                landed,
+            }),
             blocks: m,
         })
     }
@@ -97,7 +153,8 @@ impl CudaOps {
         if writes.is_empty() {
             return Ok(());
         }
-        let (Some([hk, hv]), Some(hp)) = (&host.mem, &host.pos) else {
+        self.staging.release_done();
+        let Some(mem) = &host.mem else {
             return Err(Error::Engine(
                 "cuda kv_fetch: the host store is empty".into(),
             ));
@@ -109,12 +166,10 @@ impl CudaOps {
             )));
         }
         let n = KV_BLOCK * pool.kv_dim;
-        // waits for the offload's copies (their events)
-        let (hk, hv) = (
-            hk.as_slice().or_engine("pinned")?,
-            hv.as_slice().or_engine("pinned")?,
-        );
-        let hp = hp.as_slice().or_engine("pinned")?;
+        mem.landed.synchronize().or_engine("wait for the offload")?;
+        let hk = mem.k.as_slice().or_engine("pinned")?;
+        let hv = mem.v.as_slice().or_engine("pinned")?;
+        let hp = mem.pos.as_slice().or_engine("pinned")?;
         let gather = |all: &[u16], w: usize| -> Vec<u16> {
             (writes.iter())
                 .flat_map(|&(b, _)| all[slot(b, w)].iter().copied())

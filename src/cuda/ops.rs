@@ -11,7 +11,7 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::host_blocks::CudaHostBlocks;
+use super::host_blocks::{CudaHostBlocks, StagingQueue};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
@@ -24,6 +24,8 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct CudaOps {
     pub gpu: Arc<Gpu>,
+    /// Offloads' staging buffers until their copies to the host are done.
+    pub(super) staging: StagingQueue,
     /// Prefill attention on tensor cores where [`super::prefill_attention::mma_tiles`] allows (else on FMA units).
     tensor_core_attention: bool,
 }
@@ -69,6 +71,7 @@ impl CudaOps {
     pub fn new(gpu: Arc<Gpu>) -> Self {
         Self {
             gpu,
+            staging: StagingQueue::default(),
             tensor_core_attention: true,
         }
     }

@@ -9,7 +9,9 @@
 //! staging buffer is freed once its copy has passed (checked at the next offload or fetch:
 //! [`StagingQueue`]), so the compute stream never waits for PCIe. A fetch waits for `landed`
 //! (long passed when decode asks), moves the blocks in one transfer and scatters them on the
-//! device.
+//! device. Page-locking memory is slow (the driver pins it page by page), so a dropped host
+//! tier gives its pinned buffers to a [`PinnedArena`] that the next prompt's offloads take
+//! them from.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +26,8 @@ pub struct CudaHostBlocks {
     /// None when there are no blocks.
     mem: Option<Pinned>,
     blocks: usize,
+    /// Where the buffers go when the tier is dropped.
+    arena: PinnedArena,
 }
 
 /// (blocks, KV_BLOCK, kv_dim) bf16 keys and values, (blocks, KV_BLOCK) positions, and the copy
@@ -47,10 +51,85 @@ impl CudaHostBlocks {
 
 impl Drop for CudaHostBlocks {
     fn drop(&mut self) {
-        // the pinned memory must outlive the copies into it
-        if let Some(p) = &self.mem {
-            let _ = p.landed.synchronize();
+        if let Some(p) = self.mem.take() {
+            // the copies into the buffers must be done before anyone reuses or frees them
+            if p.landed.synchronize().is_ok() {
+                self.arena.give(p.k, p.v, p.pos);
+            }
         }
+    }
+}
+
+/// Pinned buffers of dropped host tiers, for the next offloads: a request takes the smallest
+/// free buffer that holds it, else page-locks a new one (rounded up to 1 MiB). At most
+/// [`PinnedArena::KEEP`] buffers of each kind are kept (the smallest go).
+#[derive(Default, Clone)]
+pub struct PinnedArena(Arc<Mutex<FreeBuffers>>);
+
+#[derive(Default)]
+struct FreeBuffers {
+    u16s: Vec<PinnedHostSlice<u16>>,
+    u32s: Vec<PinnedHostSlice<u32>>,
+}
+
+/// Take the smallest buffer of `free` holding `n` elements, or page-lock a new one.
+fn take_from<T: cudarc::driver::DeviceRepr>(
+    free: &mut Vec<PinnedHostSlice<T>>,
+    ctx: &Arc<cudarc::driver::CudaContext>,
+    n: usize,
+) -> Result<PinnedHostSlice<T>> {
+    let best = (free.iter().enumerate())
+        .filter(|(_, b)| b.len() >= n)
+        .min_by_key(|(_, b)| b.len())
+        .map(|(i, _)| i);
+    match best {
+        Some(i) => Ok(free.swap_remove(i)),
+        None => {
+            let unit = (1 << 20) / std::mem::size_of::<T>();
+            // SAFETY: written by device copies before any read (reads wait for `landed`).
+            unsafe { ctx.alloc_pinned::<T>(n.div_ceil(unit) * unit) }.or_engine("pinned alloc")
+        }
+    }
+}
+
+/// Keep `b` in `free`, dropping the smallest buffers beyond `keep`.
+fn keep_in<T>(free: &mut Vec<PinnedHostSlice<T>>, b: PinnedHostSlice<T>, keep: usize) {
+    free.push(b);
+    if free.len() > keep {
+        free.sort_by_key(|b| std::cmp::Reverse(b.len()));
+        free.truncate(keep);
+    }
+}
+
+impl PinnedArena {
+    /// Buffers of each kind kept: a prompt's tiers hold two of u16 and one of u32 a slim layer.
+    pub const KEEP: usize = 256;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FreeBuffers> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_u16(
+        &self,
+        ctx: &Arc<cudarc::driver::CudaContext>,
+        n: usize,
+    ) -> Result<PinnedHostSlice<u16>> {
+        take_from(&mut self.lock().u16s, ctx, n)
+    }
+
+    fn take_u32(
+        &self,
+        ctx: &Arc<cudarc::driver::CudaContext>,
+        n: usize,
+    ) -> Result<PinnedHostSlice<u32>> {
+        take_from(&mut self.lock().u32s, ctx, n)
+    }
+
+    fn give(&self, k: PinnedHostSlice<u16>, v: PinnedHostSlice<u16>, pos: PinnedHostSlice<u32>) {
+        let mut f = self.lock();
+        keep_in(&mut f.u16s, k, Self::KEEP);
+        keep_in(&mut f.u16s, v, Self::KEEP);
+        keep_in(&mut f.u32s, pos, Self::KEEP);
     }
 }
 
@@ -97,6 +176,7 @@ impl CudaOps {
             return Ok(CudaHostBlocks {
                 mem: None,
                 blocks: 0,
+                arena: self.pinned.clone(),
             });
         }
         let (compute, copy) = (&self.gpu.stream, &self.gpu.copy_stream);
@@ -115,11 +195,9 @@ impl CudaOps {
         }
         let gathered = compute.record_event(None).or_engine("record")?;
         copy.wait(&gathered).or_engine("wait")?;
-        let ctx = &self.gpu.ctx;
-        // SAFETY: written by the copies below; read only after `landed`.
-        let mut hk = unsafe { ctx.alloc_pinned::<u16>(m * n) }.or_engine("pinned alloc")?;
-        let mut hv = unsafe { ctx.alloc_pinned::<u16>(m * n) }.or_engine("pinned alloc")?;
-        let mut hp = unsafe { ctx.alloc_pinned::<u32>(m * KV_BLOCK) }.or_engine("pinned alloc")?;
+        let (ctx, arena) = (&self.gpu.ctx, &self.pinned);
+        let (mut hk, mut hv) = (arena.take_u16(ctx, m * n)?, arena.take_u16(ctx, m * n)?);
+        let mut hp = arena.take_u32(ctx, m * KV_BLOCK)?;
         copy.memcpy_dtoh(&k, &mut hk).or_engine("dtoh")?;
         copy.memcpy_dtoh(&v, &mut hv).or_engine("dtoh")?;
         copy.memcpy_dtoh(&p, &mut hp).or_engine("dtoh")?;
@@ -139,6 +217,7 @@ impl CudaOps {
                 landed,
             }),
             blocks: m,
+            arena: self.pinned.clone(),
         })
     }
 

@@ -11,7 +11,7 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::host_blocks::{CudaHostBlocks, StagingQueue};
+use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
@@ -26,6 +26,8 @@ pub struct CudaOps {
     pub gpu: Arc<Gpu>,
     /// Offloads' staging buffers until their copies to the host are done.
     pub(super) staging: StagingQueue,
+    /// Pinned buffers of dropped host tiers, for the next offloads.
+    pub(super) pinned: PinnedArena,
     /// Prefill attention on tensor cores where [`super::prefill_attention::mma_tiles`] allows (else on FMA units).
     tensor_core_attention: bool,
 }
@@ -72,6 +74,7 @@ impl CudaOps {
         Self {
             gpu,
             staging: StagingQueue::default(),
+            pinned: PinnedArena::default(),
             tensor_core_attention: true,
         }
     }

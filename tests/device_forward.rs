@@ -100,6 +100,12 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     assert!(at_end.kv_fast_bytes > prompt_kv, "{readings:?}");
     assert_eq!((at_end.kv_host_bytes, got.kv.kv_host_bytes), (0, 0));
     assert!(!got.kv.kv_resident && got.kv.kv_blocks_moved == 0);
+    // the engine's Q8 KV is not built for the device: one note says what it keeps instead
+    assert!(
+        got.kv.kv_notes.iter().any(|n| n.contains("bf16")),
+        "{:?}",
+        got.kv.kv_notes
+    );
     assert!(at_end.rss_bytes > 0 && at_end.gpu.is_none());
     for (layers, m) in readings.iter().filter(|(l, _)| *l < 30) {
         assert!(m.kv_fast_bytes < at_end.kv_fast_bytes, "{layers}: {m:?}");

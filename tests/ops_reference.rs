@@ -447,9 +447,12 @@ fn decode_over_the_host_tier_gives_the_resident_logits_bit_for_bit() {
     assert!(t.counts.evicted_blocks > 0, "{t:?}");
     assert!(t.counts.grown > 0, "{t:?}");
     assert_eq!(tiered.rows_per_layer(), resident.rows_per_layer());
-    // a follow-up after the answer runs over the tiers as well
-    let follow: Vec<u32> = (0..20).map(|_| rng.below(shape.vocab) as u32).collect();
+    // a follow-up after the answer, longer than the room left: every pool grows, over the
+    // tiers as well
+    let follow: Vec<u32> = (0..60).map(|_| rng.below(shape.vocab) as u32).collect();
+    let slots = tiered.layers[5].pool.slots;
     let want = model.extend(&mut resident, &follow, &mut NoHooks).unwrap();
     let got = model.extend(&mut tiered, &follow, &mut NoHooks).unwrap();
     assert!(got == want, "the follow-up's logits differ");
+    assert!(tiered.layers[5].pool.slots > slots);
 }

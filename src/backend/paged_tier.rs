@@ -145,9 +145,8 @@ impl<O: Ops> LayerCache<O> {
     /// Move the layer's full prompt row blocks (those before the block holding `prompt_len`'s
     /// row, or the first past the prompt) to a host tier, and shrink the pool to
     /// `fast_prompt_blocks` slots for them plus a slot for each later row block. Every prompt
-    /// row block gets its copy on the host; those of prompt blocks `stay` (block ids, at most
-    /// `fast_prompt_blocks` of them, best first) also keep their rows in the pool, the others
-    /// wait for decode to fetch them.
+    /// row block gets its copy on the host; those of prompt blocks `stay` (block ids) also keep
+    /// their rows in the pool while its slots last, the others wait for decode to fetch them.
     pub fn move_to_host_tier(
         &mut self,
         ops: &O,
@@ -166,9 +165,9 @@ impl<O: Ops> LayerCache<O> {
         // the fast pool: the staying prompt blocks' slots first, then a slot per later block
         let mut table = vec![ON_HOST; self.row_blocks()];
         let mut moves = Vec::with_capacity(fast_prompt_blocks + tail);
-        let best = &stay[..stay.len().min(fast_prompt_blocks)];
         for (r, &old) in self.table[..first_fast].iter().enumerate() {
-            if best.contains(&(self.positions[r * KV_BLOCK] / KV_BLOCK as u32)) {
+            let block = self.positions[r * KV_BLOCK] / KV_BLOCK as u32;
+            if moves.len() < fast_prompt_blocks && stay.contains(&block) {
                 table[r] = moves.len() as u32;
                 moves.push((old, table[r]));
             }

@@ -248,7 +248,7 @@ impl SlimSession {
         self.cfg.unit_size
     }
 
-    /// The prompt blocks layer `layer`'s first decode set is likely to hold, best first: its
+    /// The prompt blocks layer `layer`'s first decode set is likely to hold, ascending: its
     /// stage's `decode_blocks` kept blocks of highest prefill score (the always-kept ones
     /// included); empty before the stage has chosen. A tiered cache keeps these in its fast
     /// tier after the prefill, so that the first step fetches only where the layer's own

@@ -168,7 +168,7 @@ fn a_long_prompt_kv_waits_in_ram_beyond_each_layer_decode_set_and_answers_alike(
         ..EngineOptions::default()
     };
     let mut e = Engine::load(&path, &opts).unwrap();
-    e.use_device(load_cpu_ops(&path, 4096).unwrap());
+    e.use_device(load_cpu_ops(&path, 5120).unwrap());
     let cancel = AtomicBool::new(false);
     e.set_kv_resident(true).unwrap();
     let resident = e
@@ -227,4 +227,28 @@ fn a_long_prompt_kv_waits_in_ram_beyond_each_layer_decode_set_and_answers_alike(
     assert!(tiered_layers > 0, "{:?}", tiered.slim_stages);
     // the live readings show the host tier as the prefill fills it
     assert!(readings.iter().any(|m| m.kv_host_bytes > 0), "{readings:?}");
+
+    // a follow-up longer than any room the prefill left (about 1,300 tokens; the prefill left
+    // room for the answer only, and before the pools grew, 1,024 tokens more) runs after the
+    // cached conversation: the pools grow, the host tier stays as it was
+    let mut follow = request(&doc, 8);
+    follow.messages.push(Message::assistant(&tiered.text));
+    let more: String = LONG_TEXT.chars().skip(20000).take(5200).collect();
+    follow
+        .messages
+        .push(Message::user(format!("{more}\n\nAnd this part?")));
+    let next = e.generate(&follow, &cancel, &mut |_| {}).unwrap();
+    assert_eq!(next.prefill_kind, PrefillKind::Reused);
+    assert!(next.reused_tokens >= tiered.prompt_tokens);
+    assert!(next.prefilled_tokens > 1100, "{}", next.prefilled_tokens);
+    assert!(next.generated_tokens > 0);
+    for (l, (&now, &before)) in (next.kept_per_layer.iter().zip(&tiered.kept_per_layer)).enumerate()
+    {
+        assert!(
+            now >= before + next.prefilled_tokens,
+            "layer {l}: {now} rows"
+        );
+    }
+    assert_eq!(next.kv.kv_host_bytes, t.kv_host_bytes);
+    assert!(next.kv.kv_fast_bytes > t.kv_fast_bytes);
 }

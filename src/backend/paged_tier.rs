@@ -2,9 +2,9 @@
 //! the device's memory) keeps only the blocks decode attends to and the rows past the prompt;
 //! every kept prompt block has its copy in the host tier ([`HostTier`], RAM), from which a
 //! block a decode step newly chooses is fetched into a free or evicted slot before the layer
-//! attends (the blocks its first set likely holds stay in the pool from the prefill on). The layer's unit keys (what decode scores every kept block with) are computed once
-//! from the whole pool before it shrinks ([`CachedUnits`]), so choosing never needs a block's
-//! rows. A decode over the tiers reads the same keys and values as one over the whole pool:
+//! attends (the blocks its first set likely holds stay in the pool from the prefill on). The
+//! layer's unit keys (what decode scores every kept block with) are computed once from the
+//! whole pool before it shrinks ([`CachedUnits`]), so choosing never needs a block's rows. A decode over the tiers reads the same keys and values as one over the whole pool:
 //! the logits are the same bit for bit (tests/ops_reference.rs).
 //!
 //! Row blocks: row block `r` of a layer holds its rows `64r..64r + 64` (a kept prompt block
@@ -46,8 +46,8 @@ pub struct TierCounts {
     pub evicted_blocks: usize,
     /// Times the fast tier had to grow (a raised ratio's larger decode set).
     pub grown: usize,
-    /// Microseconds the forward waited for offloads (in the prefill) and for fetches (in
-    /// decode): the copies are synchronous, so all of their time is a stall.
+    /// Microseconds the forward spent on offloads (in the prefill; on a GPU the copies
+    /// themselves run behind the layers that follow) and waiting for fetches (in decode).
     pub offload_us: usize,
     pub fetch_us: usize,
 }
@@ -207,6 +207,11 @@ impl<O: Ops> LayerCache<O> {
         if missing.is_empty() {
             return Ok(());
         }
+        if let Some(&r) = missing.iter().find(|&&r| r >= host.first_fast) {
+            return Err(Error::Engine(format!(
+                "kv tier: row block {r} is neither fast nor on the host"
+            )));
+        }
         let t = Instant::now();
         let mut used = vec![false; self.pool.slots];
         for &s in self.table.iter().filter(|&&s| s != ON_HOST) {
@@ -250,11 +255,6 @@ impl<O: Ops> LayerCache<O> {
             }
             self.pool = pool;
             host.counts.grown += 1;
-        }
-        if let Some(&r) = fetch.iter().find(|&&r| r >= host.first_fast) {
-            return Err(Error::Engine(format!(
-                "kv tier: row block {r} is neither fast nor on the host"
-            )));
         }
         let writes: Vec<(usize, u32)> = fetch.iter().map(|&r| (r, table[r])).collect();
         ops.kv_fetch(&host.blocks, &writes, &mut self.pool)?;

@@ -653,19 +653,10 @@ impl Engine {
 
     /// The request's KV numbers (the manager's counters start again).
     pub fn take_kv_stats(&mut self) -> KvStats {
-        let s = &self.model.spec;
-        let configured = self.kv_dtype();
-        if let Some(d) = &mut self.device {
-            let mut stats = d.take_kv_stats();
-            stats.kv_dense_bytes = self.cached.len() * s.n_layers * d.kv_row_bytes();
-            if configured != KvDtype::Bf16 {
-                stats.kv_notes.push(format!(
-                    "the device forward keeps K and V in bf16 (kv_dtype = {} applies to the CPU engine)",
-                    format!("{configured:?}").to_lowercase()
-                ));
-            }
+        if let Some(stats) = self.device_kv_stats() {
             return stats;
         }
+        let s = &self.model.spec;
         let dense = self.cached.len() * s.n_layers * self.kv_row_bytes();
         let mut stats = match self.kv.take_tier_stats() {
             Some(st) => st,

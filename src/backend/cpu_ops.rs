@@ -65,13 +65,6 @@ pub struct SlotCopy {
     pub pos: Vec<u32>,
 }
 
-impl SlotCopy {
-    /// Bytes of keys and values.
-    pub fn bytes(&self) -> usize {
-        2 * (self.k.len() + self.v.len())
-    }
-}
-
 /// Every copy holds one slot of `n` keys and values (and KV_BLOCK positions): else an error
 /// naming `op`.
 fn check_copies<'a>(op: &str, n: usize, copies: impl Iterator<Item = &'a SlotCopy>) -> Result<()> {

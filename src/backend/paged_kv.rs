@@ -50,8 +50,7 @@ impl<O: Ops> LayerCache<O> {
             return Ok(());
         }
         let add = missing.max(blocks / 8);
-        let keep: Vec<(u32, u32)> = (0..self.pool.slots as u32).map(|s| (s, s)).collect();
-        let pool = ops.kv_pool_regrouped(&self.pool, &keep, self.pool.slots + add)?;
+        let pool = with_more_slots(ops, &self.pool, add)?;
         let mut table = self.table.clone();
         table.extend(self.pool.slots as u32..(self.pool.slots + add) as u32);
         self.table_dev = ops.upload_u32(&table)?;
@@ -71,7 +70,14 @@ impl<O: Ops> LayerCache<O> {
     }
 }
 
-/// Calls into the KV manager around each layer (the GPU's tiers); the CPU needs none.
+/// A copy of `pool` (on the device) with `add` empty slots after its own.
+pub(super) fn with_more_slots<O: Ops>(ops: &O, pool: &KvPool<O>, add: usize) -> Result<KvPool<O>> {
+    let keep: Vec<(u32, u32)> = (0..pool.slots as u32).map(|s| (s, s)).collect();
+    ops.kv_pool_regrouped(pool, &keep, pool.slots + add)
+}
+
+/// Calls a forward makes around each layer to whoever watches it (the device forward's prefill
+/// progress).
 pub trait LayerHooks<O: Ops> {
     /// Layer `layer` has appended this step's rows to its cache.
     fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {

@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::ops::{Ops, UnitBlocks, KV_BLOCK};
-use super::paged_kv::LayerCache;
+use super::paged_kv::{with_more_slots, LayerCache};
 use crate::{Error, Result};
 
 /// A row block's slot-table entry while its rows are only in the host tier.
@@ -244,8 +244,7 @@ impl<O: Ops> LayerCache<O> {
         }
         if short > 0 {
             // a larger set than the fast tier was sized for: grow it by what is missing
-            let keep: Vec<(u32, u32)> = (0..self.pool.slots as u32).map(|s| (s, s)).collect();
-            let pool = ops.kv_pool_regrouped(&self.pool, &keep, self.pool.slots + short)?;
+            let pool = with_more_slots(ops, &self.pool, short)?;
             let mut next = self.pool.slots as u32;
             for &r in &fetch {
                 if table[r] == ON_HOST {

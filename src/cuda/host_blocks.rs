@@ -39,16 +39,6 @@ struct Pinned {
     landed: CudaEvent,
 }
 
-impl CudaHostBlocks {
-    pub fn len(&self) -> usize {
-        self.blocks
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks == 0
-    }
-}
-
 impl Drop for CudaHostBlocks {
     fn drop(&mut self) {
         if let Some(p) = self.mem.take() {

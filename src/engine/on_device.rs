@@ -3,6 +3,7 @@
 
 use super::memory::MemoryTicker;
 use super::{Engine, EngineEvent, PrefillKind};
+use crate::kv::{KvDtype, KvStats};
 use crate::Result;
 
 impl Engine {
@@ -47,6 +48,24 @@ impl Engine {
             }
         });
         self.after_device_prefill(prompt, logits, PrefillKind::Full, 0)
+    }
+
+    /// [`Engine::take_kv_stats`] on the device forward (None on the CPU engine): its tiers'
+    /// numbers, what a dense cache would hold, and a note when the configured KV element type
+    /// is not the device's.
+    pub(super) fn device_kv_stats(&mut self) -> Option<KvStats> {
+        let configured = self.kv_dtype();
+        let n_layers = self.model.spec.n_layers;
+        let d = self.device.as_mut()?;
+        let mut stats = d.take_kv_stats();
+        stats.kv_dense_bytes = self.cached.len() * n_layers * d.kv_row_bytes();
+        if configured != KvDtype::Bf16 {
+            stats.kv_notes.push(format!(
+                "the device forward keeps K and V in bf16 (kv_dtype = {} applies to the CPU engine)",
+                format!("{configured:?}").to_lowercase()
+            ));
+        }
+        Some(stats)
     }
 
     /// The cache holds `prompt` when the device's run succeeded; a failed one may have written

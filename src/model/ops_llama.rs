@@ -491,7 +491,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             None => None,
         };
         let attended = slim.map(|session| session.attended_rows(layer, &self.keys(kv)));
-        if let Some(ranges) = &attended {
+        if let Some(ranges) = attended.as_ref().filter(|_| kv.host.is_some()) {
             kv.make_resident(ops, &row_blocks_of(ranges))?;
         }
         // a layer with a host tier reads its fast tier through a table of what is resident

@@ -21,7 +21,7 @@ mkdir -p "$out"
 # cuBLAS and NVRTC: from the CUDA toolkit or the Python wheels of the image; the driver
 # (libcuda.so.1) is on the loader's default path.
 libs=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt -maxdepth 9 \
-    \( -name 'libcublas.so*' -o -name 'libnvrtc.so*' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+    \( -name 'libcublas.so*' -o -name 'libnvrtc.so*' \) 2>/dev/null | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "gpu-check.sh: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$out/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem \

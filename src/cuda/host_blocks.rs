@@ -15,7 +15,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use super::{CudaOps, OrEngine};
 use crate::backend::ops::{check_slots, KvPool, KV_BLOCK};
@@ -147,6 +149,34 @@ impl StagingQueue {
     }
 }
 
+/// Copy all of `src` into the front of `dst` on `stream`. cudarc's `memcpy_dtoh` copies as many
+/// bytes as the host buffer holds, and a buffer from the arena is often longer than its blocks:
+/// it read past the staging buffer (CUDA_ERROR_INVALID_VALUE on the first GPU run).
+fn dtoh_front<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    src: &CudaSlice<T>,
+    dst: &mut PinnedHostSlice<T>,
+) -> Result<()> {
+    if dst.len() < src.len() {
+        return Err(Error::Engine(format!(
+            "cuda dtoh: {} elements into a pinned buffer of {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    // waits for the buffer's last copy (none: arena buffers are given back after `landed`)
+    let host = dst.as_mut_ptr().or_engine("pinned")?;
+    stream.context().bind_to_thread().or_engine("bind")?;
+    let (from, _record) = src.device_ptr(stream);
+    // SAFETY: `host` holds at least `src.len()` elements and outlives the copy: its owner waits
+    // for the copy stream's `landed` event before reading, reusing or freeing it.
+    unsafe {
+        let front = std::slice::from_raw_parts_mut(host, src.len());
+        cudarc::driver::result::memcpy_dtoh_async(front, from, stream.cu_stream())
+    }
+    .or_engine("dtoh")
+}
+
 /// Slot `i` of a slot-major buffer of `n` elements a slot.
 fn slot(i: usize, n: usize) -> std::ops::Range<usize> {
     i * n..(i + 1) * n
@@ -188,9 +218,9 @@ impl CudaOps {
         let (ctx, arena) = (&self.gpu.ctx, &self.pinned);
         let (mut hk, mut hv) = (arena.take_u16(ctx, m * n)?, arena.take_u16(ctx, m * n)?);
         let mut hp = arena.take_u32(ctx, m * KV_BLOCK)?;
-        copy.memcpy_dtoh(&k, &mut hk).or_engine("dtoh")?;
-        copy.memcpy_dtoh(&v, &mut hv).or_engine("dtoh")?;
-        copy.memcpy_dtoh(&p, &mut hp).or_engine("dtoh")?;
+        dtoh_front(copy, &k, &mut hk)?;
+        dtoh_front(copy, &v, &mut hv)?;
+        dtoh_front(copy, &p, &mut hp)?;
         let landed = copy.record_event(None).or_engine("record")?;
         let done = copy.record_event(None).or_engine("record")?;
         self.staging.push(Staging {

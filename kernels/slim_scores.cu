@@ -23,27 +23,22 @@ extern "C" __global__ void unit_keys_bf16(const bf16* k_pool, const u32* table, 
     }
 }
 
-// logits[i][u] = scale * q_i . unit_keys[u][kv(h)] for window row i = (query w, head h), where
-// kv(h) = h / (n_heads / n_kv_heads). One warp per (i, u).
-// q: (w, q_stride) bf16, heads at columns q_col + h * head_dim
-// unit_keys: (n_units, n_kv_heads * head_dim) f32; logits: (w * n_heads, n_units) f32
-extern "C" __global__ void unit_logits_f32(const bf16* q, const float* unit_keys, float* logits,
-                                           int w, int q_stride, int q_col, int n_heads,
-                                           int n_kv_heads, int head_dim, int n_units,
-                                           float scale) {
-    const long long warp_id = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    const long long total = (long long)w * n_heads * n_units;
-    if (warp_id >= total) return;
-    const int u = (int)(warp_id % n_units);
-    const int i = (int)(warp_id / n_units), qi = i / n_heads, h = i % n_heads;
-    const int kv = h / (n_heads / n_kv_heads);
-    const bf16* qr = q + (size_t)qi * q_stride + q_col + h * head_dim;
-    const float* kr = unit_keys + (size_t)u * n_kv_heads * head_dim + kv * head_dim;
-    float s = 0.f;
-    for (int d = lane; d < head_dim; d += 32) s = fmaf(bf16_to_f32(qr[d]), kr[d], s);
-    s = warp_sum(s);
-    if (lane == 0) logits[warp_id] = s * scale;
+// The window's queries widened for the logits GEMM (src/cuda/ops.rs `unit_scores`, cuBLAS),
+// grouped by KV head: qf[kv][r][j][d] = scale * q[r][q_col + (kv * group + j) * head_dim + d]
+// for window row r < w, so that each KV head's rows form one (w * group, head_dim) matrix.
+// q: (w, q_stride) bf16; qf: (n_kv_heads, w, group, head_dim) f32. Grid-stride.
+extern "C" __global__ void query_rows_f32(const bf16* q, float* qf, int w, int q_stride,
+                                          int q_col, int q_dim, int group, int head_dim,
+                                          float scale) {
+    const long long n = (long long)w * q_dim;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / q_dim, c = i % q_dim;
+        const long long h = c / head_dim, d = c % head_dim;
+        const long long kv = h / group, j = h % group;
+        qf[((kv * w + r) * group + j) * head_dim + d] =
+            bf16_to_f32(q[r * q_stride + q_col + c]) * scale;
+    }
 }
 
 // Softmax of each row in place. One CTA (256 threads) per row.
@@ -86,29 +81,39 @@ extern "C" __global__ void softmax_rows_f32(float* x, int rows, int n) {
 // One score per block from the per-row unit values, added to acc[block id] (the stage's
 // running sum over layers). The units of a block are consecutive: block_first[b] ..
 // block_first[b + 1] are the units of the b-th block present, block_ids[b] its id.
-// One CTA (256 threads) per block present. Rows are (window query qi, head h), qi-major.
+// One CTA (256 threads) per block present. Rows are (window query qi, head h).
 // mode 0, attention mass: vals are softmax rows; score = mean over rows of the block's mass.
 // mode 1, the paper's: vals are unscaled logits; score = max over the block's units of
 //         mean over heads of |mean over window queries of the logit| (= |q_loc . k_unit|).
 // mode 2, attention mass pooled by max: vals are softmax rows; score = max over window queries
 //         of the block's mass averaged over heads.
-// vals: (w * n_heads, n_units) f32; block_first: (n_present + 1) u32; block_ids: (n_present)
-// acc: (n_prompt_blocks) f32
+// vals: (w * n_heads, n_units) f32, the row of (window query qi, head h) at
+// ((h / group) * w + qi) * group + h % group (grouped by KV head, as the logits GEMM writes
+// them); block_first: (n_present + 1) u32; block_ids: (n_present); acc: (n_prompt_blocks) f32
+__device__ __forceinline__ size_t score_row(int qi, int h, int w, int group) {
+    return ((size_t)(h / group) * w + qi) * group + h % group;
+}
+
 extern "C" __global__ void block_scores_f32(const float* vals, const u32* block_first,
                                             const u32* block_ids, float* acc, int w,
-                                            int n_heads, int n_units, int mode) {
+                                            int n_heads, int group, int n_units, int mode) {
     __shared__ float red[32];
     const int b = blockIdx.x;
     const int u0 = block_first[b], u1 = block_first[b + 1], rows = w * n_heads;
     float v = mode == 0 ? 0.f : -INFINITY;
     if (mode == 2) {
-        for (int qi = threadIdx.x; qi < w; qi += blockDim.x) {
+        // a warp per window query, its lanes across the block's units (each row's units are
+        // contiguous: coalesced), summed over the heads; a thread per query walking its rows
+        // unit by unit took ~1 ms a layer at 32k units (uncoalesced)
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int qi = warp; qi < w; qi += warps) {
             float s = 0.f;
-            for (int h = 0; h < n_heads; ++h)
-                for (int u = u0; u < u1; ++u) s += vals[((size_t)qi * n_heads + h) * n_units + u];
-            v = fmaxf(v, s / (float)n_heads);
+            for (int h = 0; h < n_heads; ++h) {
+                const float* row = vals + score_row(qi, h, w, group) * n_units;
+                for (int u = u0 + lane; u < u1; u += 32) s += row[u];
+            }
+            v = fmaxf(v, warp_sum(s) / (float)n_heads);
         }
-        v = warp_max(v);
     } else if (mode == 0) {
         for (long long t = threadIdx.x; t < (long long)rows * (u1 - u0); t += blockDim.x) {
             const int r = (int)(t / (u1 - u0)), u = u0 + (int)(t % (u1 - u0));
@@ -120,7 +125,7 @@ extern "C" __global__ void block_scores_f32(const float* vals, const u32* block_
             float s = 0.f;
             for (int h = 0; h < n_heads; ++h) {
                 float dot = 0.f;
-                for (int qi = 0; qi < w; ++qi) dot += vals[((size_t)qi * n_heads + h) * n_units + u];
+                for (int qi = 0; qi < w; ++qi) dot += vals[score_row(qi, h, w, group) * n_units + u];
                 s += fabsf(dot / (float)w);
             }
             v = fmaxf(v, s / (float)n_heads);

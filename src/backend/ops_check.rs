@@ -376,6 +376,105 @@ fn fill_uniform<O: Ops>(o: &O, n: usize) -> Result<Vec<f32>> {
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
+/// A case's outputs: (candidate's, reference's).
+type OutputPair = (Vec<f32>, Vec<f32>);
+
+/// One attention case on both backends: random queries and a random pool holding `key_pos`,
+/// the queries at `q_pos`; (shape, (candidate's output, reference's output)).
+fn attention_pair<R: Ops, C: Ops>(
+    r: &R,
+    c: &C,
+    rng: &mut Rng,
+    heads: Heads,
+    key_pos: &[u32],
+    q_pos: &[u32],
+) -> Result<(String, OutputPair)> {
+    let pool = HostPool::random(rng, key_pos, heads.kv_dim());
+    let nq = q_pos.len();
+    let stride = heads.q_dim() + 2 * heads.kv_dim();
+    let q = rng.bf16s(nq * stride, 2.0);
+    let case = AttentionCase {
+        pool: &pool,
+        q: &q,
+        at: RowSlice {
+            rows: nq,
+            stride,
+            offset: 0,
+        },
+        q_pos,
+        n_keys: key_pos.len(),
+        heads,
+    };
+    let shape = format!(
+        "{nq} queries x {} keys, {}:{}x{}",
+        case.n_keys, heads.n_heads, heads.n_kv_heads, heads.head_dim
+    );
+    Ok((shape, (attention(c, &case)?, attention(r, &case)?)))
+}
+
+/// An attention case's check (tolerance 2e-2: P is rounded to bf16 on the device).
+fn record_one(label: &str, shape: String, (a, b): OutputPair) -> OpCheck {
+    let rel_err = rel_err(&a, &b);
+    OpCheck {
+        op: label.into(),
+        shape,
+        rel_err,
+        tolerance: 2e-2,
+        pass: rel_err <= 2e-2,
+    }
+}
+
+/// The prefill attention cases that a tensor-core kernel takes (head sizes 64 and 128, GQA
+/// groups up to 8), named `<prefix>_hd<head size> ...`: GQA groups of 4, 2, 7 (rows over
+/// several CTAs), 1 and 8; the queries the last rows of the keys with a partial last tile, or a
+/// whole number of tiles, or rows in the middle of the sequence (the keys after them masked
+/// for every query, whole tiles past every query skipped).
+fn prefill_attention_cases<R: Ops, C: Ops>(
+    r: &R,
+    c: &C,
+    rng: &mut Rng,
+    prefix: &str,
+) -> Result<Vec<OpCheck>> {
+    let mut out = Vec::new();
+    let heads = |n_heads, n_kv_heads, head_dim| Heads {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    // (label, heads, whole blocks, partial tail, query rows, keys after the last query)
+    for (label, heads, blocks, tail, nq, after) in [
+        ("hd128 prefill", heads(8, 2, 128), 3, 11, 83, 0),
+        ("hd64 prefill", heads(6, 3, 64), 2, 50, 45, 0),
+        ("hd128 group 7", heads(14, 2, 128), 6, 5, 301, 0),
+        ("hd128 whole tiles", heads(8, 2, 128), 4, 0, 150, 0),
+        ("hd128 mid-sequence", heads(8, 2, 128), 7, 40, 97, 230),
+        ("hd64 group 1", heads(4, 4, 64), 3, 33, 140, 0),
+        ("hd64 group 8", heads(16, 2, 64), 2, 7, 40, 60),
+    ] {
+        let key_pos = kept_positions(rng, blocks, tail);
+        let end = key_pos.len() - after;
+        let q_pos: Vec<u32> = key_pos[end - nq..end].to_vec();
+        let label = format!("{prefix}_{label}");
+        let (shape, pair) = attention_pair(r, c, rng, heads, &key_pos, &q_pos)?;
+        out.push(record_one(&label, shape, pair));
+    }
+    Ok(out)
+}
+
+/// The prefill attention cases of [`compare`] alone, named `<prefix>_hd...`: the device check
+/// runs them once more for each tensor-core kernel that is not the candidate's.
+pub fn compare_prefill_attention<R: Ops, C: Ops>(
+    reference: &R,
+    candidate: &C,
+    seed: u64,
+    prefix: &str,
+) -> Result<Vec<OpCheck>> {
+    let mut rng = Rng::new(seed ^ 0x0a77_e471);
+    let out = prefill_attention_cases(reference, candidate, &mut rng, prefix)?;
+    candidate.sync()?;
+    Ok(out)
+}
+
 /// Run every op on both backends, each on the same inputs; one entry per case.
 pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Result<Vec<OpCheck>> {
     let mut out = Vec::new();
@@ -621,20 +720,10 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     }
 
     // prefill attention (kept rows vs kept keys) on tensor cores at head sizes 64 and 128
-    // (attention_mma_*: GQA groups of 4, 2 and 7, rows over several CTAs) and on FMA units
-    // otherwise (attention_bf16, head size 96); decode (one query)
+    // (attention_mma_*: the candidate's tensor-core kernel, see [`compare_prefill_attention`])
+    // and on FMA units otherwise (attention_bf16, head size 96); decode (one query)
+    out.extend(prefill_attention_cases(r, c, &mut rng, "attention_mma")?);
     for (label, heads, blocks, tail, nq) in [
-        (
-            "attention_mma_hd128 prefill",
-            Heads {
-                n_heads: 8,
-                n_kv_heads: 2,
-                head_dim: 128,
-            },
-            3,
-            11,
-            83,
-        ),
         (
             "attention_bf16 decode",
             Heads {
@@ -645,28 +734,6 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
             15,
             37,
             1,
-        ),
-        (
-            "attention_mma_hd64 prefill",
-            Heads {
-                n_heads: 6,
-                n_kv_heads: 3,
-                head_dim: 64,
-            },
-            2,
-            50,
-            45,
-        ),
-        (
-            "attention_mma_hd128 group 7",
-            Heads {
-                n_heads: 14,
-                n_kv_heads: 2,
-                head_dim: 128,
-            },
-            6,
-            5,
-            301,
         ),
         (
             "attention_bf16 prefill hd96",
@@ -681,29 +748,33 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         ),
     ] {
         let key_pos = kept_positions(&mut rng, blocks, tail);
-        let pool = HostPool::random(&mut rng, &key_pos, heads.kv_dim());
-        // queries: the last nq key positions (a prefill's rows) or the newest position
         let q_pos: Vec<u32> = key_pos[key_pos.len() - nq..].to_vec();
-        let stride = heads.q_dim() + 2 * heads.kv_dim();
-        let q = rng.bf16s(nq * stride, 2.0);
-        let case = AttentionCase {
-            pool: &pool,
-            q: &q,
-            at: RowSlice {
-                rows: nq,
-                stride,
-                offset: 0,
-            },
-            q_pos: &q_pos,
-            n_keys: key_pos.len(),
-            heads,
+        let (shape, pair) = attention_pair(r, c, &mut rng, heads, &key_pos, &q_pos)?;
+        out.push(record_one(label, shape, pair));
+    }
+    // decode over many splits: the warp kernel's two register variants (groups up to 4 and up
+    // to 8) at both head sizes, the tree kernel at 96, and keys past the query masked
+    for (label, heads, blocks, masked) in [
+        ("decode attention (warps) 8B shape", (32, 8, 128), 150, 0),
+        ("decode attention (warps) hd64 group 3", (9, 3, 64), 40, 0),
+        ("decode attention (warps) group 7", (28, 4, 128), 60, 0),
+        (
+            "decode attention (warps) keys past the query",
+            (8, 2, 128),
+            30,
+            41,
+        ),
+        ("decode attention (tree) hd96", (4, 2, 96), 12, 5),
+    ] {
+        let heads = Heads {
+            n_heads: heads.0,
+            n_kv_heads: heads.1,
+            head_dim: heads.2,
         };
-        let shape = format!(
-            "{nq} queries x {} keys, {}:{}x{}",
-            case.n_keys, heads.n_heads, heads.n_kv_heads, heads.head_dim
-        );
-        let (a, b) = (attention(c, &case)?, attention(r, &case)?);
-        record(&mut out, label, shape, &a, &b, 2e-2);
+        let key_pos = kept_positions(&mut rng, blocks, 37);
+        let q_pos = vec![key_pos[key_pos.len() - 1 - masked]];
+        let (shape, pair) = attention_pair(r, c, &mut rng, heads, &key_pos, &q_pos)?;
+        out.push(record_one(label, shape, pair));
     }
 
     // slim scores: unit keys, logits, softmax, block reduction (both score kinds)

@@ -3,14 +3,26 @@
 
 use std::sync::Arc;
 
+use super::ops::PrefillKernel;
 use super::{CudaOps, Gpu};
 use crate::backend::cpu_ops::CpuOps;
-use crate::backend::ops_check::{compare, OpCheck};
+use crate::backend::ops_check::{compare, compare_prefill_attention, OpCheck};
 use crate::Result;
 
-/// Compare every op on `gpu` with the CPU; `seed` picks the random inputs.
+/// Compare every op on `gpu` with the CPU; `seed` picks the random inputs. Prefill attention
+/// is checked on both tensor-core kernels: every op with the plain one (`attention_mma_*`),
+/// then the prefill cases again with the pipelined one (`attention_mma_pipelined_*`).
 pub fn run(gpu: Arc<Gpu>, seed: u64) -> Result<Vec<OpCheck>> {
-    compare(&CpuOps, &CudaOps::new(gpu), seed)
+    let ops = |k| CudaOps::new(gpu.clone()).with_prefill_kernel(k);
+    let mut checks = compare(&CpuOps, &ops(PrefillKernel::Mma), seed)?;
+    let piped = PrefillKernel::MmaPipelined;
+    checks.extend(compare_prefill_attention(
+        &CpuOps,
+        &ops(piped),
+        seed,
+        piped.check_prefix(),
+    )?);
+    Ok(checks)
 }
 
 /// The checks as table lines.

@@ -1,5 +1,7 @@
 //! One query row's attention on the GPU (decode), split over the key range and grouped by KV
-//! head: the launch of kernels/decode_attention.cu for [`CudaOps`]'s `attention`.
+//! head: the launch of kernels/decode_attention_warps.cu (head sizes 64 and 128) or
+//! kernels/decode_attention.cu (the others), then that file's combine, for [`CudaOps`]'s
+//! `attention`.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -9,10 +11,12 @@ use crate::backend::ops::{Heads, KvPool, RowSlice};
 use crate::{Error, Result};
 
 impl CudaOps {
-    /// One query row's attention split over the key range (kernels/decode_attention.cu): up to
-    /// 64 splits of at least 512 keys per KV head, each CTA serving the KV head's query heads
-    /// (each K/V row read once for the group), so that a long context keeps every
-    /// multiprocessor busy; then one combine per head. Checked by `attention` (shapes).
+    /// One query row's attention split over the key range, each CTA serving the KV head's query
+    /// heads (each K/V row read once for the group), so that a long context keeps every
+    /// multiprocessor busy; then one combine per head. Head sizes 64 and 128 run the warp
+    /// kernel (a warp per stream of keys, coalesced rows) on about four CTAs per
+    /// multiprocessor; the others the tree kernel on up to 64 splits of at least 512 keys.
+    /// Checked by `attention` (shapes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn decode_attention(
         &self,
@@ -26,7 +30,9 @@ impl CudaOps {
         out: &mut CudaSlice<u16>,
     ) -> Result<()> {
         const THREADS: u32 = 128; // DEC_TILE
-        const MAX_GROUP: usize = 8; // DEC_MAX_GROUP
+        const MAX_GROUP: usize = 8; // DEC_MAX_GROUP and DW_MAX_GROUP
+        const WARPS: u32 = 4; // DW_WARPS in decode_attention_warps.cu
+        const MERGE_MAX_SPLITS: usize = 1024; // DM_MAX_SPLITS
         let group = heads.n_heads / heads.n_kv_heads;
         if group > MAX_GROUP || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
             return Err(Error::Engine(format!(
@@ -34,14 +40,38 @@ impl CudaOps {
                 heads.n_heads, heads.n_kv_heads
             )));
         }
-        let n_splits = n_keys.div_ceil(512).clamp(1, 64);
-        let per_split = n_keys.div_ceil(n_splits);
+        let warps = matches!(heads.head_dim, 64 | 128);
+        const CHUNK: usize = 8; // CHUNK of the kernels decode_attention_warps.cu instantiates
+        let n_splits = match warps {
+            // enough CTAs for every multiprocessor several times over, at least a warp's chunk
+            // of keys each
+            true => (self.decode.ctas_per_sm.max(1) * self.gpu.multiprocessors as usize)
+                .div_ceil(heads.n_kv_heads)
+                .min(n_keys.div_ceil(CHUNK * WARPS as usize))
+                .clamp(1, MERGE_MAX_SPLITS),
+            false => n_keys.div_ceil(512).clamp(1, 64),
+        };
+        // the warp kernel's chunks must not straddle a KV block
+        let per_split = n_keys.div_ceil(n_splits).next_multiple_of(CHUNK);
         let s = &self.gpu.stream;
         let parts = heads.n_heads * n_splits;
-        let mut part_m = s.alloc_zeros::<f32>(parts).or_engine("alloc")?;
-        let mut part_l = s.alloc_zeros::<f32>(parts).or_engine("alloc")?;
-        let mut part_o = (s.alloc_zeros::<f32>(parts * heads.head_dim)).or_engine("alloc")?;
-        let f = self.f("decode_attention_split_bf16")?;
+        // SAFETY (the three): every split writes its m, l and o of every head of its group
+        let mut part_m = unsafe { s.alloc::<f32>(parts) }.or_engine("alloc")?;
+        let mut part_l = unsafe { s.alloc::<f32>(parts) }.or_engine("alloc")?;
+        let mut part_o = unsafe { s.alloc::<f32>(parts * heads.head_dim) }.or_engine("alloc")?;
+        let name = match warps {
+            true => format!(
+                "decode_attention_warps_hd{}_g{}{}_bf16",
+                heads.head_dim,
+                if group <= 4 { 4 } else { 8 },
+                match heads.head_dim == 128 && group <= 4 && self.decode.fused {
+                    true => "_fused",
+                    false => "",
+                }
+            ),
+            false => "decode_attention_split_bf16".to_string(),
+        };
+        let f = self.f(&name)?;
         let (st, qc, nk, h, kvh, hd, ps) = (
             i32_of(at.stride),
             i32_of(at.offset),
@@ -60,24 +90,24 @@ impl CudaOps {
             .arg(&pool.pos)
             .arg(table);
         b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_o);
-        b.arg(&st)
-            .arg(&qc)
-            .arg(&nk)
-            .arg(&h)
-            .arg(&kvh)
-            .arg(&hd)
-            .arg(&ps)
-            .arg(&scale);
+        b.arg(&st).arg(&qc).arg(&nk).arg(&h).arg(&kvh);
+        if !warps {
+            b.arg(&hd);
+        }
+        b.arg(&ps).arg(&scale);
         let cfg = LaunchConfig {
             grid_dim: (n_splits as u32, heads.n_kv_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (if warps { 32 * WARPS } else { THREADS }, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the splits cover keys < n_keys, which the table holds (checked by the
         // caller); the partials hold n_heads * n_splits entries (of head_dim for o); a group
-        // is at most DEC_MAX_GROUP heads (checked).
-        unsafe { b.launch(cfg) }.or_engine("decode_attention_split_bf16")?;
-        let f = self.f("decode_attention_combine_bf16")?;
+        // is at most DEC_MAX_GROUP (DW_MAX_GROUP) heads (checked).
+        unsafe { b.launch(cfg) }.or_engine("decode attention (split)")?;
+        let f = self.f(match warps {
+            true => "decode_attention_merge_bf16",
+            false => "decode_attention_combine_bf16",
+        })?;
         let ns = i32_of(n_splits);
         let mut b = s.launch_builder(&f);
         b.arg(&part_m)

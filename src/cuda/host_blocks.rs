@@ -8,8 +8,11 @@
 //! only, moves the staging buffer to pinned memory and records the blocks' `landed` event. The
 //! staging buffer is freed once its copy has passed (checked at the next offload or fetch:
 //! [`StagingQueue`]), so the compute stream never waits for PCIe. A fetch waits for `landed`
-//! (long passed when decode asks), moves the blocks in one transfer and scatters them on the
-//! device. Page-locking memory is slow (the driver pins it page by page), so a dropped host
+//! (long passed when decode asks) and copies each block (each run of blocks adjacent in both
+//! stores) from pinned memory straight into its slot on the compute stream, without waiting; the
+//! tier keeps its buffers until the last fetch's copies have run. (The first version gathered
+//! the blocks on the host and uploaded them from pageable memory: 53 ms a decode step of the
+//! 8B shape at 32k on an H200, bench/NOTES.md.) Page-locking memory is slow (the driver pins it page by page), so a dropped host
 //! tier gives its pinned buffers to a [`PinnedArena`] that the next prompt's offloads take
 //! them from.
 
@@ -30,6 +33,8 @@ pub struct CudaHostBlocks {
     blocks: usize,
     /// Where the buffers go when the tier is dropped.
     arena: PinnedArena,
+    /// The compute stream after the last fetch's copies out of the buffers.
+    read: Mutex<Option<CudaEvent>>,
 }
 
 /// (blocks, KV_BLOCK, kv_dim) bf16 keys and values, (blocks, KV_BLOCK) positions, and the copy
@@ -43,9 +48,16 @@ struct Pinned {
 
 impl Drop for CudaHostBlocks {
     fn drop(&mut self) {
+        let read = self
+            .read
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let read_done = read.is_none_or(|e| e.synchronize().is_ok());
         if let Some(p) = self.mem.take() {
-            // the copies into the buffers must be done before anyone reuses or frees them
-            if p.landed.synchronize().is_ok() {
+            // the copies into and out of the buffers must be done before anyone reuses or
+            // frees them
+            if p.landed.synchronize().is_ok() && read_done {
                 self.arena.give(p.k, p.v, p.pos);
             }
         }
@@ -177,6 +189,21 @@ fn dtoh_front<T: DeviceRepr + ValidAsZeroBits>(
     .or_engine("dtoh")
 }
 
+/// `writes` (host block, slot) as runs (first block, first slot, blocks) of blocks adjacent on
+/// both sides, in order.
+fn runs(writes: &[(usize, u32)]) -> Vec<(usize, u32, usize)> {
+    let mut out: Vec<(usize, u32, usize)> = Vec::new();
+    for &(b, d) in writes {
+        match out.last_mut() {
+            Some((b0, d0, len)) if *b0 + *len == b && *d0 as usize + *len == d as usize => {
+                *len += 1
+            }
+            _ => out.push((b, d, 1)),
+        }
+    }
+    out
+}
+
 /// Slot `i` of a slot-major buffer of `n` elements a slot.
 fn slot(i: usize, n: usize) -> std::ops::Range<usize> {
     i * n..(i + 1) * n
@@ -197,6 +224,7 @@ impl CudaOps {
                 mem: None,
                 blocks: 0,
                 arena: self.pinned.clone(),
+                read: Mutex::new(None),
             });
         }
         let (compute, copy) = (&self.gpu.stream, &self.gpu.copy_stream);
@@ -238,6 +266,7 @@ impl CudaOps {
             }),
             blocks: m,
             arena: self.pinned.clone(),
+            read: Mutex::new(None),
         })
     }
 
@@ -269,30 +298,27 @@ impl CudaOps {
         let hk = mem.k.as_slice().or_engine("pinned")?;
         let hv = mem.v.as_slice().or_engine("pinned")?;
         let hp = mem.pos.as_slice().or_engine("pinned")?;
-        let gather = |all: &[u16], w: usize| -> Vec<u16> {
-            (writes.iter())
-                .flat_map(|&(b, _)| all[slot(b, w)].iter().copied())
-                .collect()
-        };
-        let (k, v) = (gather(hk, n), gather(hv, n));
-        let p: Vec<u32> = (writes.iter())
-            .flat_map(|&(b, _)| hp[slot(b, KV_BLOCK)].iter().copied())
-            .collect();
+        // straight from pinned memory into the slots, asynchronously on the compute stream (so
+        // the layer's attention, queued after, reads them); blocks adjacent on both sides move
+        // as one copy
         let s = &self.gpu.stream;
-        let (k, v) = (
-            s.clone_htod(&k).or_engine("htod")?,
-            s.clone_htod(&v).or_engine("htod")?,
-        );
-        let p = s.clone_htod(&p).or_engine("htod")?;
-        for (i, &(_, dst)) in writes.iter().enumerate() {
-            let d = dst as usize;
-            (s.memcpy_dtod(&k.slice(slot(i, n)), &mut pool.k.slice_mut(slot(d, n))))
-                .or_engine("dtod")?;
-            (s.memcpy_dtod(&v.slice(slot(i, n)), &mut pool.v.slice_mut(slot(d, n))))
-                .or_engine("dtod")?;
-            let (from, to) = (slot(i, KV_BLOCK), slot(d, KV_BLOCK));
-            (s.memcpy_dtod(&p.slice(from), &mut pool.pos.slice_mut(to))).or_engine("dtod")?;
+        for run in runs(writes) {
+            let (b, d, len) = (run.0, run.1 as usize, run.2);
+            let (from, to) = (b * n..(b + len) * n, d * n..(d + len) * n);
+            s.memcpy_htod(&hk[from.clone()], &mut pool.k.slice_mut(to.clone()))
+                .or_engine("htod")?;
+            s.memcpy_htod(&hv[from], &mut pool.v.slice_mut(to))
+                .or_engine("htod")?;
+            let (from, to) = (
+                b * KV_BLOCK..(b + len) * KV_BLOCK,
+                d * KV_BLOCK..(d + len) * KV_BLOCK,
+            );
+            s.memcpy_htod(&hp[from], &mut pool.pos.slice_mut(to))
+                .or_engine("htod")?;
         }
+        // the pinned buffers stay until these copies have run (see Drop)
+        let read = s.record_event(None).or_engine("record")?;
+        *host.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(read);
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use crate::Result;
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 /// (file, source, entry points). Entry points are named `<op>_<dtype>`.
-pub const FILES: [(&str, &str, &[&str]); 9] = [
+pub const FILES: &[(&str, &str, &[&str])] = &[
     (
         "norm_rope.cu",
         include_str!("../../kernels/norm_rope.cu"),
@@ -75,6 +75,14 @@ pub const FILES: [(&str, &str, &[&str]); 9] = [
         &["attention_mma_hd64_bf16", "attention_mma_hd128_bf16"],
     ),
     (
+        "attention_mma_pipelined.cu",
+        include_str!("../../kernels/attention_mma_pipelined.cu"),
+        &[
+            "attention_mma_pipelined_hd64_bf16",
+            "attention_mma_pipelined_hd128_bf16",
+        ],
+    ),
+    (
         "decode_attention.cu",
         include_str!("../../kernels/decode_attention.cu"),
         &[
@@ -83,11 +91,23 @@ pub const FILES: [(&str, &str, &[&str]); 9] = [
         ],
     ),
     (
+        "decode_attention_warps.cu",
+        include_str!("../../kernels/decode_attention_warps.cu"),
+        &[
+            "decode_attention_warps_hd64_g4_bf16",
+            "decode_attention_warps_hd64_g8_bf16",
+            "decode_attention_warps_hd128_g4_bf16",
+            "decode_attention_warps_hd128_g4_fused_bf16",
+            "decode_attention_warps_hd128_g8_bf16",
+            "decode_attention_merge_bf16",
+        ],
+    ),
+    (
         "slim_scores.cu",
         include_str!("../../kernels/slim_scores.cu"),
         &[
             "unit_keys_bf16",
-            "unit_logits_f32",
+            "query_rows_f32",
             "softmax_rows_f32",
             "block_scores_f32",
         ],
@@ -172,7 +192,7 @@ impl Kernels {
     /// Compile and load every file now (so compilation stays out of timings).
     pub fn load_all(&self) -> Result<()> {
         for (_, _, entries) in FILES {
-            for e in entries {
+            for e in entries.iter() {
                 self.get(e)?;
             }
         }

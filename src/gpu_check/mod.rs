@@ -13,6 +13,7 @@
 //! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
 
 pub mod agreement;
+mod decode_profile;
 mod rates;
 
 use std::path::PathBuf;
@@ -80,14 +81,22 @@ pub struct Report {
     pub nvrtc_compile_ms: f64,
     pub kernels: Vec<OpCheck>,
     pub cublas_bf16_tflops: f64,
-    /// The prefill attention kernel of the runs: "tensor cores", or "fma" when the tensor-core
-    /// kernel failed its checks.
+    /// The prefill attention kernel of the runs ([`crate::cuda::ops::PrefillKernel::name`]):
+    /// the faster tensor-core kernel that passed its checks, or "fma" when neither did.
     pub prefill_attention: &'static str,
     /// One layer's causal attention on each kernel (8192 and 32768 tokens).
     pub attention_rates: Vec<rates::AttentionRate>,
     pub weights_bytes: u64,
     pub slim: SlimConfig,
     pub runs: Vec<RunResult>,
+    /// Where a decode step's time goes at the longest length (dense and tiered).
+    pub decode_profiles: Vec<decode_profile::DecodeProfile>,
+    /// Where the prefill's time goes at the longest length (dense and pruned).
+    pub prefill_profiles: Vec<decode_profile::PrefillProfile>,
+    pub decode_footprints: Vec<decode_profile::KernelFootprint>,
+    /// Decode attention over one 8B layer at 32k keys, at each launch setting.
+    pub decode_rates: Vec<decode_profile::DecodeRate>,
+    pub launch_cost: Option<decode_profile::LaunchCost>,
     pub vram: VramInfo,
     pub bars: Vec<(String, bool)>,
 }
@@ -117,11 +126,16 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
         nvrtc_compile_ms,
         kernels,
         cublas_bf16_tflops: 0.0,
-        prefill_attention: "tensor cores",
+        prefill_attention: "tensor cores, pipelined",
         attention_rates: Vec::new(),
         weights_bytes: 0,
         slim: args.slim.clone(),
         runs: Vec::new(),
+        decode_profiles: Vec::new(),
+        prefill_profiles: Vec::new(),
+        decode_footprints: Vec::new(),
+        decode_rates: Vec::new(),
+        launch_cost: None,
         vram: gpu.vram()?,
         bars: Vec::new(),
     };
@@ -129,34 +143,51 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
         write(args, &report)?;
         return Ok(kernels_ok);
     }
-    // a tensor-core attention that failed its checks must not decide the runs' numbers
-    let mma_ok = (report.kernels.iter())
-        .filter(|c| c.op.starts_with("attention_mma"))
-        .all(|c| c.pass);
-    let fma = CudaOps::new(gpu.clone()).with_fma_attention();
-    let ops = if mma_ok {
-        CudaOps::new(gpu.clone())
-    } else {
-        log("the tensor-core attention failed its checks: the runs use the FMA kernel");
-        fma.clone()
+    // every prefill kernel is timed; a tensor-core one that failed its checks is neither timed
+    // nor run (its numbers must not decide anything); the runs take the fastest that passed
+    use crate::cuda::ops::PrefillKernel;
+    let with = |k: PrefillKernel| CudaOps::new(gpu.clone()).with_prefill_kernel(k);
+    let checked = |k: PrefillKernel| {
+        let cases = || report.kernels.iter().filter(|c| k.checked_by(&c.op));
+        cases().count() > 0 && cases().all(|c| c.pass)
     };
-    report.prefill_attention = if mma_ok { "tensor cores" } else { "fma" };
-    report.cublas_bf16_tflops = rates::cublas(&ops)?;
+    let timed: Vec<PrefillKernel> = (PrefillKernel::ALL.into_iter())
+        .filter(|&k| k == PrefillKernel::Fma || checked(k))
+        .collect();
+    for k in PrefillKernel::ALL.iter().filter(|k| !timed.contains(k)) {
+        log(&format!("prefill attention, {}: checks failed", k.name()));
+    }
+    report.cublas_bf16_tflops = rates::cublas(&with(PrefillKernel::Fma))?;
     log(&format!(
         "cuBLAS bf16 GEMM 8192^3, random data: {:.0} TFLOP/s",
         report.cublas_bf16_tflops
     ));
+    // (kernel, summed ms over the lengths)
+    let mut total_ms: Vec<(PrefillKernel, f64)> = timed.iter().map(|&k| (k, 0.0)).collect();
     for tokens in [8192, 32768] {
-        let kernels = if mma_ok { vec![&fma, &ops] } else { vec![&fma] };
-        for k in kernels {
-            let r = rates::attention(k, tokens)?;
+        for (k, ms) in total_ms.iter_mut() {
+            let r = rates::attention(&with(*k), tokens)?;
+            let occupancy = (r.footprint.as_ref()).map_or(String::new(), |f| {
+                format!(
+                    " ({} CTAs of {} threads an SM, {} B dynamic shared, {} registers, {} local bytes)",
+                    f.ctas_per_sm, f.threads, f.dynamic_shared_bytes, f.registers, f.local_bytes
+                )
+            });
             log(&format!(
-                "prefill attention, one 8B layer, {tokens} tokens, {}: {:.1} ms, {:.0} TFLOP/s",
+                "prefill attention, one 8B layer, {tokens} tokens, {}: {:.1} ms, {:.0} TFLOP/s{occupancy}",
                 r.kernel, r.ms, r.tflops
             ));
+            *ms += r.ms;
             report.attention_rates.push(r);
         }
     }
+    let best = (total_ms.iter())
+        .filter(|(k, _)| *k != PrefillKernel::Fma)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(PrefillKernel::Fma, |(k, _)| *k);
+    report.prefill_attention = best.name();
+    log(&format!("the runs' prefill attention: {}", best.name()));
+    let ops = with(best).with_decode_tuning(decode_tuning(&with(best), &mut report, log));
     write(args, &report)?;
 
     let shape = LlamaShape::llama31_8b();
@@ -233,6 +264,7 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
             }
         }
     }
+    profile_decode(&model, &mut report, &prompts, args, log);
     report.vram = gpu.vram()?;
     report.bars = bars(&report, kernels_ok);
     for line in summary(&report) {
@@ -240,6 +272,99 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
     }
     write(args, &report)?;
     Ok(kernels_ok)
+}
+
+/// The decode attention kernels' footprints and their time over one 8B layer at 32k keys at each
+/// launch setting, logged: the runs take the fastest (the default when the sweep fails).
+fn decode_tuning(
+    ops: &CudaOps,
+    report: &mut Report,
+    log: &mut dyn FnMut(&str),
+) -> crate::cuda::ops::DecodeTuning {
+    match decode_profile::footprints(ops) {
+        Ok(f) => {
+            for k in &f {
+                log(&format!(
+                    "kernel {}: {} registers, {} local bytes a thread, {} CTAs of 128 a multiprocessor",
+                    k.kernel, k.registers, k.local_bytes, k.ctas_per_sm
+                ));
+            }
+            report.decode_footprints = f;
+        }
+        Err(e) => log(&format!("the kernel footprints failed: {e}")),
+    }
+    match decode_profile::decode_rates(ops, 32768) {
+        Ok(rates) => {
+            for r in &rates {
+                log(&format!(
+                    "decode attention, one 8B layer, {} keys, {} CTAs a multiprocessor{}: {:.1} us, {:.0} GB/s",
+                    r.keys,
+                    r.tuning.ctas_per_sm,
+                    if r.tuning.fused { ", fused" } else { "" },
+                    r.us,
+                    r.gb_s
+                ));
+            }
+            report.decode_rates = rates;
+        }
+        Err(e) => log(&format!("the decode rates failed: {e}")),
+    }
+    let best = (report.decode_rates.iter())
+        .min_by(|a, b| a.us.total_cmp(&b.us))
+        .map_or_else(Default::default, |r| r.tuning);
+    log(&format!(
+        "the runs' decode attention: {} CTAs a multiprocessor{}",
+        best.ctas_per_sm,
+        if best.fused { ", fused" } else { "" }
+    ));
+    best
+}
+
+/// The decode profiles at the longest length and the launch costs, logged; a failure is logged
+/// and leaves the rest of the report standing.
+fn profile_decode(
+    model: &OpsLlama<CudaOps>,
+    report: &mut Report,
+    prompts: &[Vec<u32>],
+    args: &GpuCheckArgs,
+    log: &mut dyn FnMut(&str),
+) {
+    match decode_profile::launch_cost(model.ops) {
+        Ok(c) => {
+            log(&format!(
+                "launch: {:.1} us to issue a small kernel, {:.1} us each to completion; one token's 4096x14336 GEMV {:.1} us ({:.0} GB/s)",
+                c.launch_issue_us, c.launch_done_us, c.gemv_us, c.gemv_gb_s
+            ));
+            report.launch_cost = Some(c);
+        }
+        Err(e) => log(&format!("the launch cost failed: {e}")),
+    }
+    let Some(tokens) = prompts.iter().max_by_key(|p| p.len()) else {
+        return;
+    };
+    for slim in [None, Some(&args.slim)] {
+        match decode_profile::prefill_profile(model, tokens, slim) {
+            Ok(p) => {
+                decode_profile::prefill_lines(&p)
+                    .iter()
+                    .for_each(|l| log(l));
+                report.prefill_profiles.push(p);
+            }
+            Err(e) => log(&format!("the prefill profile failed: {e}")),
+        }
+    }
+    for (slim, placement) in [
+        (None, KvPlacement::Resident),
+        (Some(&args.slim), KvPlacement::Tiered),
+    ] {
+        match decode_profile::profile(model, tokens, slim, placement, 8) {
+            Ok(p) => {
+                decode_profile::lines(&p).iter().for_each(|l| log(l));
+                report.decode_profiles.push(p);
+            }
+            Err(e) => log(&format!("the decode profile failed: {e}")),
+        }
+    }
 }
 
 /// One run's line of the log.

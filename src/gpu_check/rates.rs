@@ -1,17 +1,18 @@
 //! Kernel rates on the device, timed with events on the compute stream: cuBLAS's bf16 GEMM (the
-//! prefill floor's rate) and one layer's causal prefill attention on tensor cores and on FMA
-//! units at the Llama-3.1-8B head shape.
+//! prefill floor's rate) and one layer's causal prefill attention on each prefill kernel
+//! (tensor cores pipelined and plain, FMA units) at the Llama-3.1-8B head shape.
 
 use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 
 use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
+use crate::cuda::ops::PrefillFootprint;
 use crate::cuda::{CudaOps, OrEngine};
 use crate::model::ops_llama::LlamaShape;
 use crate::Result;
 
 /// Milliseconds of `work` on the compute stream: the median of `runs` after `warm` warm-ups.
-fn time_ms(
+pub(super) fn time_ms(
     ops: &CudaOps,
     warm: usize,
     runs: usize,
@@ -56,10 +57,13 @@ pub fn cublas(ops: &CudaOps) -> Result<f64> {
 #[derive(Debug, Clone, Serialize)]
 pub struct AttentionRate {
     pub tokens: usize,
-    /// "tensor cores" or "fma"
+    /// [`crate::cuda::ops::PrefillKernel::name`]: "tensor cores, pipelined", "tensor cores"
+    /// or "fma"
     pub kernel: &'static str,
     pub ms: f64,
     pub tflops: f64,
+    /// The tensor-core kernel's occupancy, registers and spills; None on FMA units.
+    pub footprint: Option<PrefillFootprint>,
 }
 
 /// One layer of the 8B shape's attention over `tokens` random rows (every row a query and a
@@ -98,12 +102,9 @@ pub fn attention(ops: &CudaOps, tokens: usize) -> Result<AttentionRate> {
     let flops = shape.attention_flops(&[tokens]);
     Ok(AttentionRate {
         tokens,
-        kernel: if ops.tensor_core_attention() {
-            "tensor cores"
-        } else {
-            "fma"
-        },
+        kernel: ops.prefill_kernel().name(),
         ms,
         tflops: flops / (ms * 1e-3) / 1e12,
+        footprint: ops.prefill_footprint(heads)?,
     })
 }

@@ -29,9 +29,11 @@ use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
 mod cache;
+mod probe;
 mod session_io;
 mod weights;
 pub use cache::{KvPlacement, ModelCache, TierReport};
+pub use probe::{OpProbe, ProbeMode, ProbePart};
 use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys};
 pub use weights::Weights;
 
@@ -186,6 +188,8 @@ pub struct OpsLlama<'o, O: Ops> {
     pub ops: &'o O,
     pub shape: LlamaShape,
     pub weights: Weights<O>,
+    /// Where the forward's time goes, while a probe runs (gpu-check's decode profile).
+    pub probe: OpProbe,
 }
 
 impl<'o, O: Ops> OpsLlama<'o, O> {
@@ -196,6 +200,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             ops,
             shape,
             weights,
+            probe: OpProbe::default(),
         })
     }
 
@@ -210,6 +215,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             ops,
             shape,
             weights,
+            probe: OpProbe::default(),
         })
     }
 
@@ -284,6 +290,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 self.layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
             if let Some(session) = &session {
                 cache::ready_for_decode(ops, layer, kv, session, placement)?;
+                self.probe.mark(ops, "ready for decode")?;
             }
             hooks.layer_done(ops, layer, kv)?;
             rows_per_layer.push(n);
@@ -294,6 +301,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             let mut h2 = ops.zeros_f32(keep.len() * s.hidden)?;
             let mut pos2 = ops.zeros_u32_like(keep.len())?;
             ops.gather_rows(&h, &pos_dev, &idx, &mut h2, &mut pos2, s.hidden)?;
+            self.probe.mark(ops, "prune (gather)")?;
             h = h2;
             pos_dev = pos2;
             positions = keep.iter().map(|&i| positions[i]).collect();
@@ -346,6 +354,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             ops: self.ops,
             kv,
             heads: self.shape.heads,
+            probe: Some(&self.probe),
         }
     }
 
@@ -381,6 +390,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let pos_dev = ops.upload_u32(&positions)?;
         let mut h = self.embed(tokens)?;
         let mut scratch = Scratch::new(ops, s, n)?;
+        self.probe.mark(ops, "step setup")?;
         let mut session = cache.session.take();
         let mut step = || -> Result<()> {
             for (layer, kv) in cache.layers.iter_mut().enumerate() {
@@ -398,7 +408,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let stepped = step();
         cache.session = session;
         stepped?;
-        self.head(&h, n)
+        let logits = self.head(&h, n)?;
+        self.probe.mark(ops, "head")?;
+        Ok(logits)
     }
 
     /// [`Self::layer`], then the session's turn after it (prefill scores and prunes, decode
@@ -435,6 +447,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             hidden: self.shape.hidden,
         };
         let change = session.finish_layer(layer, &rows, &q, positions, &self.keys(kv))?;
+        self.probe.mark(self.ops, "session (scores)")?;
         change.map(kept_only).transpose()
     }
 
@@ -466,6 +479,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         if let Some(b) = &w.bqkv {
             ops.add_bias(&mut sc.qkv, b, n, qkv_dim)?;
         }
+        self.probe.mark(ops, "norm + qkv")?;
         let (hd, layout) = (s.heads.head_dim, s.rope.layout);
         let (nh, nkv) = (s.heads.n_heads, s.heads.n_kv_heads);
         if let Some((qn, kn)) = &w.qk_norm {
@@ -481,6 +495,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         kv.rows += n;
         kv.positions.extend_from_slice(positions);
         hooks.kv_written(ops, layer, kv)?;
+        self.probe.mark(ops, "rope + kv append")?;
         let q = match slim.as_deref_mut() {
             Some(session) => {
                 let tail = LayerPolicy::query_rows(session).min(n);
@@ -514,6 +529,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             (Some(table), Some((_, n_keys))) => (table, *n_keys),
             _ => (&kv.table_dev, kv.rows),
         };
+        self.probe.mark(ops, "decode set")?;
         ops.attention(
             &sc.qkv,
             rows(0),
@@ -524,14 +540,17 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             s.heads,
             &mut sc.attn,
         )?;
+        self.probe.mark(ops, "attention")?;
         ops.matmul(&sc.attn, &w.wo, &mut sc.proj, n, qd, s.hidden)?;
         ops.residual_add(h, &sc.proj)?;
+        self.probe.mark(ops, "o + residual")?;
         ops.rmsnorm(h, &w.mlp_norm, &mut sc.x, n, s.rms_eps)?;
         let inter = s.intermediate;
         ops.matmul(&sc.x, &w.w_gate_up, &mut sc.gate_up, n, s.hidden, 2 * inter)?;
         ops.silu_mul(&sc.gate_up, &mut sc.act, n, inter)?;
         ops.matmul(&sc.act, &w.w_down, &mut sc.proj, n, inter, s.hidden)?;
         ops.residual_add(h, &sc.proj)?;
+        self.probe.mark(ops, "mlp")?;
         Ok(q)
     }
 

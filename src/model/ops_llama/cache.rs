@@ -130,6 +130,7 @@ impl<O: Ops> ModelCache<O> {
                         ops,
                         kv,
                         heads: shape.heads,
+                        probe: None,
                     };
                     (session.attended_rows(layer, &keys).iter())
                         .map(|r| r.len())

@@ -14,7 +14,7 @@ use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
 use crate::slim::session::HiddenRows;
 use crate::{Error, Result};
 
-use super::ZerosU32;
+use super::{OpProbe, ZerosU32};
 
 /// The rows a change keeps; the ops forward brings no pruned rows back (its sessions do not
 /// revive).
@@ -57,6 +57,14 @@ pub(super) struct OpsKeys<'a, O: Ops> {
     pub(super) ops: &'a O,
     pub(super) kv: &'a LayerCache<O>,
     pub(super) heads: Heads,
+    /// The forward's probe: scoring's upload, kernels and download are parts of their own.
+    pub(super) probe: Option<&'a OpProbe>,
+}
+
+impl<O: Ops> OpsKeys<'_, O> {
+    fn mark(&self, part: &'static str) -> Result<()> {
+        self.probe.map_or(Ok(()), |p| p.mark(self.ops, part))
+    }
 }
 
 impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
@@ -86,8 +94,10 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
             stride: heads.q_dim(),
             offset: 0,
         };
+        self.mark("session (host)")?;
         let mut acc = ops.zeros_f32(req.prompt_len.div_ceil(KV_BLOCK))?;
         let q = ops.upload_bf16(&to_bf16(q))?;
+        self.mark("scores: upload")?;
         let cached = (kv.units.as_ref())
             .filter(|u| u.prompt_rows == prompt_rows && u.unit_size == req.unit_size);
         let ids = match cached {
@@ -119,11 +129,15 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
                     mode,
                     &mut acc,
                 )?;
+                self.mark("scores: kernels")?;
                 let sums = ops.download_f32(&acc)?;
+                self.mark("scores: download")?;
                 return Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect());
             }
         };
+        self.mark("scores: kernels")?;
         let sums = ops.download_f32(&acc)?;
+        self.mark("scores: download")?;
         Ok(ids.iter().map(|&b| (b, sums[b as usize])).collect())
     }
 }

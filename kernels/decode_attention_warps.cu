@@ -1,0 +1,290 @@
+// Decode attention (one query row) split over the key range, a warp per stream of keys: the
+// kernel the decode of head sizes 64 and 128 runs (decode_attention.cu's tree kernel takes the
+// others).
+//
+// Why: the tree kernel gives each thread one key and walks that key's row element by element
+// (32 threads touch 32 rows 2 bytes at a time), then reduces every tile with a dozen
+// __syncthreads per head; it ran at a few percent of the H200's bandwidth (0.6 ms a layer at
+// 32k keys, where the 134 MB of K and V need ~35 us). Here each lane owns HD / 32 channels, so a
+// warp reads a key or value row in one coalesced 128- or 256-byte load, and a warp's keys go
+// CHUNK at a time: CHUNK rows loaded before any is used (loads in flight), their scores summed
+// over the warp with shuffles (every lane ends with every score), one online-softmax update per
+// chunk and head, then the chunk's value rows. Every lane keeps the same running max and sum, so
+// nothing is reduced per key across the CTA; the CTA's warps merge once at the end.
+//
+// grid (n_splits, n_kv_heads), block (32 * DW_WARPS). Warp w of split s takes the chunks
+// k0 + CHUNK * (w + DW_WARPS * i) of the split's keys [k0, k0 + keys_per_split);
+// keys_per_split is a multiple of CHUNK, which divides KV_BLOCK.
+// q: (1, q_stride) bf16, head h at columns q_col + h * HD (post-RoPE); q_pos: (1) u32
+// k_pool, v_pool: (n_slots, KV_BLOCK, n_kv_heads * HD) bf16; pos_pool: (n_slots, KV_BLOCK)
+// table: (ceil(n_keys / KV_BLOCK)) u32
+// part_m, part_l: (n_heads, n_splits) f32 (m in natural-log units); part_o: (n_heads,
+// n_splits, HD) f32, as decode_attention_merge_bf16 below reads them
+// n_heads / n_kv_heads <= G, the variant's group bound (at most DW_MAX_GROUP)
+
+#define DW_WARPS 4
+#define DW_MAX_GROUP 8
+
+// this lane's DPL channels of a bf16 row as floats (DPL = 2: one 32-bit load, 4: one 64-bit)
+template <int DPL>
+__device__ __forceinline__ void load_lane(const bf16* row, int lane, float out[DPL]) {
+    if constexpr (DPL == 4) {
+        const uint2 w = *(const uint2*)(row + 4 * lane);
+        out[0] = __uint_as_float(w.x << 16);
+        out[1] = __uint_as_float(w.x & 0xffff0000u);
+        out[2] = __uint_as_float(w.y << 16);
+        out[3] = __uint_as_float(w.y & 0xffff0000u);
+    } else {
+        const u32 w = *(const u32*)(row + 2 * lane);
+        out[0] = __uint_as_float(w << 16);
+        out[1] = __uint_as_float(w & 0xffff0000u);
+    }
+}
+
+// this lane's DPL channels of a bf16 row, raw: DPL / 2 words of two values each
+template <int DPL>
+__device__ __forceinline__ void load_raw(const bf16* row, int lane, u32 out[DPL / 2]) {
+    if constexpr (DPL == 4) {
+        const uint2 w = *(const uint2*)(row + 4 * lane);
+        out[0] = w.x;
+        out[1] = w.y;
+    } else {
+        out[0] = *(const u32*)(row + 2 * lane);
+    }
+}
+
+// value i of raw words w
+__device__ __forceinline__ float widen(const u32* w, int i) {
+    return __uint_as_float(i % 2 == 0 ? w[i / 2] << 16 : w[i / 2] & 0xffff0000u);
+}
+
+template <int HD, int G, int CHUNK, bool FUSED>
+__device__ __forceinline__ void decode_attention_warps(
+    const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
+    const u32* table, float* part_m, float* part_l, float* part_o, int q_stride, int q_col,
+    int n_keys, int n_heads, int n_kv_heads, int keys_per_split, float scale) {
+    constexpr int DPL = HD / 32;
+    __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
+    __shared__ float wo[DW_WARPS][G][HD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int split = blockIdx.x, kv_head = blockIdx.y, n_splits = gridDim.x;
+    const int group = n_heads / n_kv_heads, head0 = kv_head * group;
+    const int kv_dim = n_kv_heads * HD;
+    const u32 qp = q_pos[0];
+    (void)q_stride;
+
+    // the group's queries, this lane's channels, pre-scaled
+    float qr[G][DPL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g < group) {
+            load_lane<DPL>(q + q_col + (head0 + g) * HD, lane, qr[g]);
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) qr[g][i] *= scale;
+        }
+    }
+    float m[G], l[G], o[G][DPL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[g][i] = 0.f;
+    }
+
+    const int k0 = split * keys_per_split;
+    const int k1 = min(n_keys, k0 + keys_per_split);
+    // chunk c0's rows (every load issued, none used: the values do not depend on the scores),
+    // kept as raw bf16 pairs until used; a key past k1 or the query's position is invisible
+    // (its key and value read as zeros)
+    u32 kr[CHUNK][DPL / 2], vr[CHUNK][DPL / 2];
+    bool vis[CHUNK];
+    auto load_chunk = [&](int c0, u32 (&kc)[CHUNK][DPL / 2], u32 (&vc)[CHUNK][DPL / 2],
+                          bool (&visc)[CHUNK]) {
+        // k0 and so c0 are multiples of CHUNK, which divides KV_BLOCK: the chunk's keys lie in
+        // one block, and one table read gives every row
+        const bool live = c0 < k1;
+        const size_t row0 =
+            live ? (size_t)table[c0 / KV_BLOCK] * KV_BLOCK + c0 % KV_BLOCK : 0;
+        const int nc = live ? min(CHUNK, k1 - c0) : 0;
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+            visc[j] = false;
+#pragma unroll
+            for (int i = 0; i < DPL / 2; ++i) kc[j][i] = vc[j][i] = 0u;
+            if (j < nc) {
+                const size_t at = (row0 + j) * kv_dim + kv_head * HD;
+                load_raw<DPL>(k_pool + at, lane, kc[j]);
+                load_raw<DPL>(v_pool + at, lane, vc[j]);
+                visc[j] = pos_pool[row0 + j] <= qp;
+            }
+        }
+    };
+    const int step = CHUNK * DW_WARPS;
+    load_chunk(k0 + CHUNK * warp, kr, vr, vis);
+    for (int c0 = k0 + CHUNK * warp; c0 < k1; c0 += step) {
+        // the warp's next chunk is loaded while this one is computed (twice the registers for
+        // rows, loads in flight through the math: 1.2 TB/s against 0.6 without, on an H200)
+        u32 kn[CHUNK][DPL / 2], vn[CHUNK][DPL / 2];
+        bool visn[CHUNK];
+        load_chunk(c0 + step, kn, vn, visn);
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) any = any || vis[j];
+        // uniform over the warp: every lane read the same rows
+        if (any) {
+            // scores, one online-softmax update per head for the whole chunk; p replaces s.
+            // FUSED: each head's weighted values right after its scores (p lives for one head:
+            // fewer registers); else every head's scores first, then the values
+            float p[FUSED ? 1 : G][CHUNK];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                if (g >= group) continue;
+                float* pg = p[FUSED ? 0 : g];
+                float cm = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < CHUNK; ++j) {
+                    float s = 0.f;
+#pragma unroll
+                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * widen(kr[j], i);
+                    s = warp_sum(s);
+                    pg[j] = vis[j] ? s : -INFINITY;
+                    cm = fmaxf(cm, pg[j]);
+                }
+                const float m_new = fmaxf(m[g], cm);  // finite: some key of the chunk is visible
+                const float corr = __expf(m[g] - m_new);  // 0 while m[g] is -inf
+                l[g] *= corr;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) o[g][i] *= corr;
+#pragma unroll
+                for (int j = 0; j < CHUNK; ++j) {
+                    pg[j] = vis[j] ? __expf(pg[j] - m_new) : 0.f;
+                    l[g] += pg[j];
+                }
+                m[g] = m_new;
+                if constexpr (FUSED) {
+#pragma unroll
+                    for (int j = 0; j < CHUNK; ++j) {
+#pragma unroll
+                        for (int i = 0; i < DPL; ++i) o[g][i] += pg[j] * widen(vr[j], i);
+                    }
+                }
+            }
+            // the chunk's values, weighted (an invisible key's p is 0 and its value row zeros)
+            if constexpr (!FUSED) {
+#pragma unroll
+                for (int j = 0; j < CHUNK; ++j) {
+#pragma unroll
+                    for (int g = 0; g < G; ++g) {
+                        if (g >= group) continue;
+#pragma unroll
+                        for (int i = 0; i < DPL; ++i) o[g][i] += p[g][j] * widen(vr[j], i);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+            vis[j] = visn[j];
+#pragma unroll
+            for (int i = 0; i < DPL / 2; ++i) {
+                kr[j][i] = kn[j][i];
+                vr[j][i] = vn[j][i];
+            }
+        }
+    }
+
+    // merge the warps: each head's max, sum and values over the CTA
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g >= group) continue;
+        if (lane == 0) {
+            wm[warp][g] = m[g];
+            wl[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) wo[warp][g][DPL * lane + i] = o[g][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
+        const int g = idx / HD, d = idx % HD;
+        float big = -INFINITY;
+        for (int w = 0; w < DW_WARPS; ++w) big = fmaxf(big, wm[w][g]);
+        float acc = 0.f, sum = 0.f;
+        if (big != -INFINITY) {
+            for (int w = 0; w < DW_WARPS; ++w) {
+                if (wm[w][g] == -INFINITY) continue;
+                const float e = __expf(wm[w][g] - big);
+                acc += wo[w][g][d] * e;
+                sum += wl[w][g] * e;
+            }
+        }
+        const size_t part = (size_t)(head0 + g) * n_splits + split;
+        part_o[part * HD + d] = acc;
+        if (d == 0) {
+            part_m[part] = big;
+            part_l[part] = sum;
+        }
+    }
+}
+
+#define DECODE_ATTENTION_WARPS(NAME, HD, G, CHUNK, FUSED, MIN_CTAS)                          \
+    extern "C" __global__ void __launch_bounds__(32 * DW_WARPS, MIN_CTAS) NAME(                   \
+        const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool,                  \
+        const u32* pos_pool, const u32* table, float* part_m, float* part_l, float* part_o,       \
+        int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split,     \
+        float scale) {                                                                            \
+        decode_attention_warps<HD, G, CHUNK, FUSED>(                                           \
+            q, q_pos, k_pool, v_pool, pos_pool, table, part_m, part_l, part_o, q_stride, q_col,  \
+            n_keys, n_heads, n_kv_heads, keys_per_split, scale);                                  \
+    }
+// G: the most query heads per KV head the variant holds registers for (a group of 4, as in
+// Llama 3 8B, runs the G = 4 one; 5-8, as Qwen2.5-7B's 7, the G = 8 one). Measured on an H200
+// (bench/NOTES.md): chunks of 16 without the prefetch ran as fast, and capping registers for 4
+// or 6 resident CTAs (spilling) ran two to three times slower. The _fused variant (each head's
+// values right after its scores) is timed against the plain one by gpu-check.
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g4_bf16, 64, 4, 8, false, 1)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g8_bf16, 64, 8, 8, false, 1)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_bf16, 128, 4, 8, false, 1)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_fused_bf16, 128, 4, 8, true, 1)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_bf16, 128, 8, 8, false, 1)
+
+// grid (n_heads), block (DM_THREADS): out[head] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M)
+// over the splits, each split's weight computed once (in shared memory) and the value columns
+// read across the threads (decode_attention.cu's combine walks every split serially per
+// thread). n_splits <= DM_MAX_SPLITS. out: (1, n_heads * head_dim) bf16
+#define DM_THREADS 128
+#define DM_MAX_SPLITS 1024
+extern "C" __global__ void __launch_bounds__(DM_THREADS)
+    decode_attention_merge_bf16(const float* part_m, const float* part_l, const float* part_o,
+                                bf16* out, int n_splits, int head_dim) {
+    __shared__ float w[DM_MAX_SPLITS];
+    __shared__ float red_max[DM_THREADS / 32], red_sum[DM_THREADS / 32];
+    const int head = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* m = part_m + (size_t)head * n_splits;
+    const float* l = part_l + (size_t)head * n_splits;
+    float big = -INFINITY;
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x) big = fmaxf(big, m[s]);
+    big = warp_max(big);
+    if (lane == 0) red_max[warp] = big;
+    __syncthreads();
+    big = -INFINITY;
+    for (int i = 0; i < DM_THREADS / 32; ++i) big = fmaxf(big, red_max[i]);
+    float total = 0.f;
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x) {
+        const float e = m[s] == -INFINITY ? 0.f : __expf(m[s] - big);
+        w[s] = e;
+        total += l[s] * e;
+    }
+    total = warp_sum(total);
+    if (lane == 0) red_sum[warp] = total;
+    __syncthreads();
+    total = 0.f;
+    for (int i = 0; i < DM_THREADS / 32; ++i) total += red_sum[i];
+    const float* o = part_o + (size_t)head * n_splits * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_splits; ++s) acc += o[(size_t)s * head_dim + d] * w[s];
+        out[head * head_dim + d] = f32_to_bf16(total > 0.f ? acc / total : 0.f);
+    }
+}

@@ -1,0 +1,304 @@
+//! Where a decode step's time goes on the device: the forward's probe
+//! ([`crate::model::ops_llama::OpProbe`]) over a few steps waiting at every mark (what each
+//! part costs the device) and a few not waiting (what issuing it costs the host), and the cost
+//! of one kernel launch and of one token's GEMV against what their bytes need.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
+use crate::backend::paged_kv::NoHooks;
+use crate::cuda::ops::DecodeTuning;
+use crate::cuda::{CudaOps, OrEngine};
+use crate::model::ops_llama::LlamaShape;
+use crate::model::ops_llama::{KvPlacement, OpsLlama, ProbeMode, ProbePart};
+use crate::slim::schedule::SlimConfig;
+use crate::Result;
+
+use super::argmax;
+
+/// One prompt's decode steps, timed part by part in both modes.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeProfile {
+    pub prompt_tokens: usize,
+    pub mode: &'static str,
+    pub steps: usize,
+    /// Waiting for the device at each mark.
+    pub synced: Vec<ProbePart>,
+    /// Never waiting: the host's time to issue each part.
+    pub enqueued: Vec<ProbePart>,
+    /// A whole step without the probe's waits, as the decode runs.
+    pub step_ms: f64,
+}
+
+/// One prefill, synced at every mark: where its time goes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillProfile {
+    pub prompt_tokens: usize,
+    pub mode: &'static str,
+    pub parts: Vec<ProbePart>,
+    /// The same prefill without the probe's waits.
+    pub ttft_ms: f64,
+}
+
+/// [`PrefillProfile`] of `tokens` (after the unprobed prefill, which also warms up).
+pub fn prefill_profile(
+    model: &OpsLlama<CudaOps>,
+    tokens: &[u32],
+    slim: Option<&SlimConfig>,
+) -> Result<PrefillProfile> {
+    let placement = KvPlacement::Resident;
+    model.ops.sync()?;
+    let t = Instant::now();
+    model.prefill_placed(tokens, slim, 1, placement, &mut NoHooks)?;
+    let ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+    model.probe.start(model.ops, ProbeMode::Sync)?;
+    model.prefill_placed(tokens, slim, 1, placement, &mut NoHooks)?;
+    Ok(PrefillProfile {
+        prompt_tokens: tokens.len(),
+        mode: if slim.is_some() { "pruned" } else { "dense" },
+        parts: model.probe.finish(),
+        ttft_ms,
+    })
+}
+
+/// The prefill profile as lines: each part's milliseconds over the prefill.
+pub fn prefill_lines(p: &PrefillProfile) -> Vec<String> {
+    let mut out = vec![format!(
+        "prefill profile, {} at {} tokens: TTFT {:.1} ms unprobed",
+        p.mode, p.prompt_tokens, p.ttft_ms
+    )];
+    for x in &p.parts {
+        out.push(format!(
+            "  {:<18} {:>10.2} ms {:>5} marks",
+            x.part, x.ms, x.marks
+        ));
+    }
+    let total: f64 = p.parts.iter().map(|x| x.ms).sum();
+    out.push(format!("  {:<18} {:>10.2} ms", "prefill", total));
+    out
+}
+
+/// One decode attention launch setting's time over one 8B layer's 32k keys.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeRate {
+    pub keys: usize,
+    pub tuning: DecodeTuning,
+    pub us: f64,
+    /// K and V bytes read over that time.
+    pub gb_s: f64,
+}
+
+/// A kernel's registers, local (spilled) bytes a thread, and CTAs of `threads` a
+/// multiprocessor holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelFootprint {
+    pub kernel: String,
+    pub registers: i32,
+    pub local_bytes: i32,
+    pub ctas_per_sm: u32,
+}
+
+/// The decode attention kernels' footprints.
+pub fn footprints(ops: &CudaOps) -> Result<Vec<KernelFootprint>> {
+    let names = [
+        "decode_attention_warps_hd128_g4_bf16",
+        "decode_attention_warps_hd128_g4_fused_bf16",
+        "decode_attention_warps_hd128_g8_bf16",
+        "decode_attention_warps_hd64_g4_bf16",
+        "decode_attention_split_bf16",
+        "decode_attention_merge_bf16",
+    ];
+    let mut out = Vec::new();
+    for name in names {
+        let f = ops.gpu.kernels.get(name)?;
+        out.push(KernelFootprint {
+            kernel: name.to_string(),
+            registers: f.num_regs().or_engine("attribute")?,
+            local_bytes: f.local_size_bytes().or_engine("attribute")?,
+            ctas_per_sm: (f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))
+                .or_engine("occupancy")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Decode attention over one 8B layer's `keys` keys (a dense table) at each launch setting:
+/// the median of 10 timed calls after 3.
+pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
+    let heads = LlamaShape::llama31_8b().heads;
+    let (q_dim, kv_dim) = (heads.q_dim(), heads.kv_dim());
+    let slots = keys.div_ceil(KV_BLOCK);
+    let mut pool = KvPool::new(ops, slots, kv_dim)?;
+    ops.fill_uniform(&mut pool.k, 5, 1.0)?;
+    ops.fill_uniform(&mut pool.v, 6, 1.0)?;
+    let positions: Vec<u32> = (0..(slots * KV_BLOCK) as u32).collect();
+    pool.pos = ops.upload_u32(&positions)?;
+    let table = ops.upload_u32(&(0..slots as u32).collect::<Vec<_>>())?;
+    let mut q = ops.zeros_bf16(q_dim)?;
+    ops.fill_uniform(&mut q, 7, 1.0)?;
+    let q_pos = ops.upload_u32(&[keys as u32])?;
+    let mut out = ops.zeros_bf16(q_dim)?;
+    let at = RowSlice {
+        rows: 1,
+        stride: q_dim,
+        offset: 0,
+    };
+    let mut rates = Vec::new();
+    for (fused, ctas_per_sm) in [false, true]
+        .into_iter()
+        .flat_map(|f| [1, 2, 3, 4].map(|c| (f, c)))
+    {
+        let tuning = DecodeTuning { ctas_per_sm, fused };
+        let tuned = ops.clone().with_decode_tuning(tuning);
+        let ms = super::rates::time_ms(&tuned, 3, 10, &mut || {
+            tuned.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out)
+        })?;
+        rates.push(DecodeRate {
+            keys,
+            tuning,
+            us: ms * 1e3,
+            gb_s: (2 * keys * kv_dim * 2) as f64 / (ms * 1e-3) / 1e9,
+        });
+    }
+    Ok(rates)
+}
+
+/// Launch and GEMV costs of the device.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchCost {
+    /// Host time to issue one small kernel (2,000 in a row, no waiting).
+    pub launch_issue_us: f64,
+    /// The same launches' wall time to completion, per launch.
+    pub launch_done_us: f64,
+    /// One token's (1 x 4096) x (14336 x 4096)ᵀ bf16 GEMV through cuBLAS, wall per call.
+    pub gemv_us: f64,
+    /// Its weight bytes over that time.
+    pub gemv_gb_s: f64,
+}
+
+/// Prefill `tokens`, then `steps` greedy steps synced at every mark, `steps` issued without
+/// waiting, and `steps` plain.
+pub fn profile(
+    model: &OpsLlama<CudaOps>,
+    tokens: &[u32],
+    slim: Option<&SlimConfig>,
+    placement: KvPlacement,
+    steps: usize,
+) -> Result<DecodeProfile> {
+    let headroom = 3 * steps + 2;
+    let (mut cache, report) =
+        model.prefill_placed(tokens, slim, headroom, placement, &mut NoHooks)?;
+    let mut next = argmax(&report.logits);
+    let mut parts = Vec::new();
+    for mode in [ProbeMode::Sync, ProbeMode::Enqueue] {
+        model.probe.start(model.ops, mode)?;
+        for _ in 0..steps {
+            next = argmax(&model.decode(&mut cache, next, &mut NoHooks)?);
+        }
+        parts.push(model.probe.finish());
+    }
+    model.ops.sync()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        next = argmax(&model.decode(&mut cache, next, &mut NoHooks)?);
+    }
+    let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    let per_step = |v: Vec<ProbePart>| -> Vec<ProbePart> {
+        (v.into_iter())
+            .map(|p| ProbePart {
+                ms: p.ms / steps as f64,
+                ..p
+            })
+            .collect()
+    };
+    let enqueued = per_step(parts.pop().unwrap_or_default());
+    let synced = per_step(parts.pop().unwrap_or_default());
+    Ok(DecodeProfile {
+        prompt_tokens: tokens.len(),
+        mode: match (slim, placement) {
+            (None, _) => "dense",
+            (Some(_), KvPlacement::Resident) => "pruned",
+            (Some(_), KvPlacement::Tiered) => "tiered",
+        },
+        steps,
+        synced,
+        enqueued,
+        step_ms,
+    })
+}
+
+/// [`LaunchCost`] on `ops`' compute stream.
+pub fn launch_cost(ops: &CudaOps) -> Result<LaunchCost> {
+    let n = 4096;
+    let mut h = ops.zeros_f32(n)?;
+    let d = ops.zeros_bf16(n)?;
+    for _ in 0..100 {
+        ops.residual_add(&mut h, &d)?;
+    }
+    ops.sync()?;
+    let launches = 2000;
+    let t = Instant::now();
+    for _ in 0..launches {
+        ops.residual_add(&mut h, &d)?;
+    }
+    let issue = t.elapsed().as_secs_f64();
+    ops.sync()?;
+    let done = t.elapsed().as_secs_f64();
+    let (k, m) = (4096, 14336);
+    let x = ops.zeros_bf16(k)?;
+    let mut w = ops.zeros_bf16(m * k)?;
+    ops.fill_uniform(&mut w, 3, 0.02)?;
+    let mut y = ops.zeros_bf16(m)?;
+    for _ in 0..10 {
+        ops.matmul(&x, &w, &mut y, 1, k, m)?;
+    }
+    ops.gpu.stream.synchronize().or_engine("sync")?;
+    let calls = 200;
+    let t = Instant::now();
+    for _ in 0..calls {
+        ops.matmul(&x, &w, &mut y, 1, k, m)?;
+    }
+    ops.sync()?;
+    let gemv = t.elapsed().as_secs_f64() / calls as f64;
+    Ok(LaunchCost {
+        launch_issue_us: issue / launches as f64 * 1e6,
+        launch_done_us: done / launches as f64 * 1e6,
+        gemv_us: gemv * 1e6,
+        gemv_gb_s: (m * k * 2) as f64 / gemv / 1e9,
+    })
+}
+
+/// The profile as lines of a table: each part's milliseconds a step, synced and issued.
+pub fn lines(p: &DecodeProfile) -> Vec<String> {
+    let mut out = vec![format!(
+        "decode profile, {} at {} tokens, {} steps a mode: {:.2} ms a step unprobed",
+        p.mode, p.prompt_tokens, p.steps, p.step_ms
+    )];
+    out.push(format!(
+        "  {:<18} {:>12} {:>12}",
+        "part", "synced ms", "issued ms"
+    ));
+    let issued = |part: &str| {
+        (p.enqueued.iter())
+            .find(|e| e.part == part)
+            .map_or(f64::NAN, |e| e.ms)
+    };
+    for s in &p.synced {
+        out.push(format!(
+            "  {:<18} {:>12.3} {:>12.3}",
+            s.part,
+            s.ms,
+            issued(s.part)
+        ));
+    }
+    let total = |v: &[ProbePart]| v.iter().map(|x| x.ms).sum::<f64>();
+    out.push(format!(
+        "  {:<18} {:>12.3} {:>12.3}",
+        "step",
+        total(&p.synced),
+        total(&p.enqueued)
+    ));
+    out
+}

@@ -3,11 +3,13 @@
 //! (kernels/dequant.cu) against candle's dequantization of the same blocks, every value bit for
 //! bit and nothing written outside the range; and the grid-stride row kernels the ops forward
 //! added for real models (RoPE in both layouts, Qwen3's per-head norm, biases) against
-//! `CpuOps`; and the tensor-core prefill attention (kernels/attention_mma.cu) with every thread
-//! of a CTA a host thread and `mma.sync` emulated on the ISA's fragment layouts
-//! ([`THREADED_PRELUDE`]). A GPU is lent to few sessions; this checks the kernels' arithmetic on every
-//! machine (the device run checks them again, `slimchat gpu-check --kernels`). Skipped, with a
-//! note, where there is no C++ compiler.
+//! `CpuOps`; and the split decode attention of head sizes other than 64 and 128. The kernels that
+//! need a real CTA are in tests/cuda_warp_kernels_on_host.rs. A GPU is lent to few sessions;
+//! this checks the kernels' arithmetic on every machine (the device run checks them again,
+//! `slimchat gpu-check --kernels`). Skipped, with a note, where there is no C++ compiler.
+
+#[path = "common/host_kernels.rs"]
+mod host_kernels;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +17,8 @@ use std::process::Command;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slimchat::backend::cpu_ops::to_bf16;
+
+use host_kernels::{bytes, compile_with, program_on, run_for_bf16};
 
 /// What NVRTC provides to the kernels, on the host (the C library's maths included): the
 /// grid is one thread that strides over all of it.
@@ -42,76 +46,14 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 #define DEC_DIMS 128
 "#;
 
-/// The host programs' file input: a file's bytes, and those bytes as numbers.
-const FILE_INPUT: &str = r#"
-static std::vector<unsigned char> slurp(const std::string& p) {
-    std::vector<unsigned char> v;
-    FILE* f = fopen(p.c_str(), "rb");
-    if (!f) return v;
-    for (int c; (c = fgetc(f)) != EOF;) v.push_back((unsigned char)c);
-    fclose(f);
-    return v;
-}
-template <typename T> static std::vector<T> as(const std::vector<unsigned char>& b) {
-    std::vector<T> v(b.size() / sizeof(T));
-    memcpy(v.data(), b.data(), v.size() * sizeof(T));
-    return v;
-}
-"#;
-
 /// A host program: [`PRELUDE`], kernels/common.cuh, the `kernels` sources, then `main`.
 fn program(kernels: &[&str], main: &str) -> String {
     program_on(PRELUDE, kernels, main)
 }
 
-/// A host program over `prelude` (what NVRTC provides), with [`FILE_INPUT`].
-fn program_on(prelude: &str, kernels: &[&str], main: &str) -> String {
-    // <cmath> defines INFINITY already
-    let common = include_str!("../kernels/common.cuh")
-        .replace("#define INFINITY", "#define INFINITY_UNUSED");
-    format!(
-        "{prelude}\n{FILE_INPUT}\n{common}\n{}\n{main}",
-        kernels.join("\n")
-    )
-}
-
-/// `source` compiled by the host's C++ compiler in `dir`; None, with a note, without one.
+/// `source` compiled by the host's C++ compiler in `dir` (C++17).
 fn compile(dir: &Path, source: &str) -> Option<PathBuf> {
     compile_with(dir, source, &["-std=c++17"])
-}
-
-/// [`compile`] with the compiler flags `flags` (a language standard, threads).
-fn compile_with(dir: &Path, source: &str, flags: &[&str]) -> Option<PathBuf> {
-    if Command::new("c++").arg("--version").output().is_err() {
-        eprintln!("no C++ compiler: these kernels are checked on the device only");
-        return None;
-    }
-    std::fs::write(dir.join("program.cpp"), source).unwrap();
-    let build = Command::new("c++")
-        .arg("-O1")
-        .args(flags)
-        .args(["-o", "program", "program.cpp"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&build.stderr);
-    assert!(build.status.success(), "{stderr}");
-    Some(dir.join("program"))
-}
-
-/// Run `program` in its folder and read back the bf16 values it wrote to `out.bin`.
-fn run_for_bf16(program: &Path, args: &[&str]) -> Vec<u16> {
-    let dir = program.parent().unwrap();
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {out:?}");
-    let raw = std::fs::read(dir.join("out.bin")).unwrap();
-    (raw.chunks_exact(2))
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect()
 }
 
 /// The dequant kernels' host program (after [`PRELUDE`] and the kernels): each kernel over
@@ -237,12 +179,6 @@ int main(int argc, char** argv) {
     return 0;
 }
 "#;
-
-fn bytes<T: Copy>(v: &[T]) -> Vec<u8> {
-    // SAFETY: plain numbers (u16, u32, i32, f32) viewed as their bytes
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-        .to_vec()
-}
 
 #[test]
 fn the_row_kernels_for_real_models_match_the_cpu_reference_on_the_host() {
@@ -453,204 +389,4 @@ fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
     let e = rel_err(&to_f32(&got), &to_f32(&want));
     eprintln!("split decode attention against CpuOps: relative error {e:.2e}");
     assert!(e < 5e-3, "{e}");
-}
-
-/// What NVRTC provides, for kernels that need a real CTA (tensor-core fragments spread over
-/// a warp's lanes, shared memory filled by all threads): every thread of a CTA is a host
-/// thread, `__syncthreads` a barrier over them, a shuffle or an `mma` a warp-wide exchange
-/// through memory between two barriers over the warp's 32 threads. `mma_16816` is the PTX
-/// ISA's m16n8k16 (bf16 in, f32 accumulate) on the fragment layouts the ISA gives, summed in
-/// f64. CTAs run one after another.
-const THREADED_PRELUDE: &str = r#"
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <string>
-#include <thread>
-#include <vector>
-#define HOST_SHIM
-struct Dim { unsigned x, y, z; };
-static Dim blockIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
-static thread_local Dim threadIdx{0, 0, 0};
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static
-static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
-static inline int min(int a, int b) { return a < b ? a : b; }
-static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-#define __expf expf
-static std::barrier<>* cta_barrier;
-static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-#define __syncthreads() cta_barrier->arrive_and_wait()
-static void warp_sync() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
-static float shfl_slots[32][32];
-static inline float __shfl_xor_sync(unsigned, float v, int o) {
-    const unsigned w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    shfl_slots[w][lane] = v;
-    warp_sync();
-    const float r = shfl_slots[w][lane ^ o];
-    warp_sync();
-    return r;
-}
-static unsigned mma_a[32][32][4], mma_b[32][32][2];
-static inline float half_of(unsigned reg, int hi) { return __uint_as_float(hi ? reg & 0xffff0000u : reg << 16); }
-static void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
-    const unsigned w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    memcpy(mma_a[w][lane], a, 16);
-    memcpy(mma_b[w][lane], b, 8);
-    warp_sync();
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        double acc = d[i];
-        for (int k = 0; k < 16; ++k) {
-            // A (row, k): lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
-            const float av = half_of(mma_a[w][(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k & 1);
-            // B (k, col): lane col * 4 + (k % 8) / 2, register (k >= 8)
-            const float bv = half_of(mma_b[w][col * 4 + (k % 8) / 2][k >= 8], k & 1);
-            acc += (double)av * (double)bv;
-        }
-        d[i] = (float)acc;
-    }
-    warp_sync();
-}
-template <typename F> static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
-    gridDim = {gx, gy, 1};
-    blockDim = {threads, 1, 1};
-    for (unsigned y = 0; y < gy; ++y)
-        for (unsigned x = 0; x < gx; ++x) {
-            blockIdx = {x, y, 0};
-            std::barrier<> cta(threads);
-            cta_barrier = &cta;
-            warp_barriers.clear();
-            for (unsigned i = 0; i < threads / 32; ++i)
-                warp_barriers.emplace_back(new std::barrier<>(32));
-            std::vector<std::thread> ts;
-            for (unsigned i = 0; i < threads; ++i)
-                ts.emplace_back([i, &kernel] { threadIdx = {i, 0, 0}; kernel(); });
-            for (auto& t : ts) t.join();
-        }
-}
-"#;
-
-/// The tensor-core prefill attention's host program: one launch over the inputs in files, as
-/// `CudaOps::attention_mma` makes it; `out.bin` is the output rows.
-const MMA_MAIN: &str = r#"
-int main() {
-    auto q = as<bf16>(slurp("q.bin")), k = as<bf16>(slurp("k.bin")), v = as<bf16>(slurp("v.bin"));
-    auto qpos = as<u32>(slurp("qpos.bin")), pos = as<u32>(slurp("pos.bin"));
-    auto table = as<u32>(slurp("table.bin"));
-    auto d = as<int>(slurp("dims.bin"));  // nq, q_stride, n_keys, n_heads, n_kv_heads, head_dim, tiles
-    const int nq = d[0], stride = d[1], n_keys = d[2], nh = d[3], nkv = d[4], hd = d[5], tiles = d[6];
-    std::vector<bf16> out((size_t)nq * nh * hd, 0x7fc0);
-    const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
-    const unsigned threads = 32 * (nh / nkv) * tiles, gx = (nq + 16 * tiles - 1) / (16 * tiles);
-    launch(gx, nkv, threads, [&] {
-        auto f = hd == 64 ? attention_mma_hd64_bf16 : attention_mma_hd128_bf16;
-        f(q.data(), qpos.data(), k.data(), v.data(), pos.data(), table.data(), out.data(), nq,
-          stride, 0, n_keys, nh, nkv, tiles, scale_log2);
-    });
-    FILE* f = fopen("out.bin", "wb");
-    fwrite(out.data(), 2, out.size(), f);
-    fclose(f);
-    return 0;
-}
-"#;
-
-#[test]
-fn the_tensor_core_prefill_attention_matches_the_cpu_reference_on_the_host() {
-    use slimchat::backend::cpu_ops::{to_f32, CpuOps};
-    use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, KV_BLOCK};
-    use slimchat::backend::ops_check::{rel_err, Rng};
-
-    let dir = tempfile::tempdir().unwrap();
-    let source = program_on(
-        THREADED_PRELUDE,
-        &[include_str!("../kernels/attention_mma.cu")],
-        MMA_MAIN,
-    );
-    let Some(binary) = compile_with(dir.path(), &source, &["-std=c++20", "-pthread"]) else {
-        return;
-    };
-
-    let mut rng = Rng::new(23);
-    // (heads, query rows, tiles per head as the backend chooses): a GQA group of 4 at head size
-    // 128 (two 16-row tiles a head), of 2 at 64 (four), of 7 at 128 (one); the queries are the
-    // last rows of the keys, or rows before the last keys (those keys masked for every query)
-    for (n_heads, n_kv_heads, head_dim, nq, masked_tail, tiles) in [
-        (8usize, 2usize, 128usize, 83usize, 0usize, 2usize),
-        (6, 3, 64, 45, 0, 4),
-        (14, 2, 128, 37, 21, 1),
-    ] {
-        let heads = Heads {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        };
-        // kept blocks with gaps, then a partial block
-        let mut key_pos: Vec<u32> = Vec::new();
-        for b in [0u32, 2, 3, 7] {
-            key_pos.extend(b * 64..b * 64 + 64);
-        }
-        key_pos.extend(9 * 64..9 * 64 + 29);
-        let n_keys = key_pos.len();
-        let end = n_keys - masked_tail;
-        let q_pos: Vec<u32> = key_pos[end - nq..end].to_vec();
-        let kv_dim = heads.kv_dim();
-        let slots = n_keys.div_ceil(KV_BLOCK) + 2;
-        let mut table: Vec<u32> = (0..slots as u32).collect();
-        for i in (1..table.len()).rev() {
-            table.swap(i, rng.below(i + 1));
-        }
-        table.truncate(n_keys.div_ceil(KV_BLOCK));
-        let mut pool = KvPool::<CpuOps>::new(&CpuOps, slots, kv_dim).unwrap();
-        for (j, &p) in key_pos.iter().enumerate() {
-            let row = table[j / KV_BLOCK] as usize * KV_BLOCK + j % KV_BLOCK;
-            pool.k[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-            pool.v[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-            pool.pos[row] = p;
-        }
-        let stride = heads.q_dim() + 2 * kv_dim;
-        let q = rng.bf16s(nq * stride, 3.0);
-        let at = RowSlice {
-            rows: nq,
-            stride,
-            offset: 0,
-        };
-        let mut want = vec![0u16; nq * heads.q_dim()];
-        CpuOps
-            .attention(&q, at, &q_pos, &pool, &table, n_keys, heads, &mut want)
-            .unwrap();
-        let dims: Vec<i32> = [nq, stride, n_keys, n_heads, n_kv_heads, head_dim, tiles]
-            .iter()
-            .map(|&x| x as i32)
-            .collect();
-        for (name, data) in [
-            ("q.bin", bytes(&q)),
-            ("k.bin", bytes(&pool.k)),
-            ("v.bin", bytes(&pool.v)),
-            ("qpos.bin", bytes(&q_pos)),
-            ("pos.bin", bytes(&pool.pos)),
-            ("table.bin", bytes(&table)),
-            ("dims.bin", bytes(&dims)),
-        ] {
-            std::fs::write(dir.path().join(name), data).unwrap();
-        }
-        let got = to_f32(&run_for_bf16(&binary, &[]));
-        let want = to_f32(&want);
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "every output row written"
-        );
-        let e = rel_err(&got, &want);
-        eprintln!("tensor-core attention {n_heads}:{n_kv_heads}x{head_dim}, {nq} rows: relative error {e:.2e}");
-        assert!(e < 1e-2, "{e}");
-    }
 }

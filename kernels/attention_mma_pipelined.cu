@@ -68,15 +68,6 @@ __device__ __forceinline__ sptr to_sptr(const void* p) {
     return (sptr)__cvta_generic_to_shared(p);
 }
 
-// d = a b + d: one warp-wide 16x8x16 product, bf16 operands, f32 accumulators
-__device__ __forceinline__ void mma_16816(float d[4], const u32 a[4], const u32 b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8
 __device__ __forceinline__ void ldsm_x4(u32 r[4], sptr row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -109,20 +100,6 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
-
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
 
 // Dynamic shared memory, in this order (LD = HD + 8 bf16 a row):
 //   qs:   (warps * 16, LD) bf16, warp w's query rows at rows 16w..

@@ -54,9 +54,10 @@ int main() {
 /// backend launches both kernels; every output row finite and within 1e-2 of `CpuOps`.
 fn check_prefill(kernel: &str, source: &str, seed: u64, nan_rows: bool, cases: &[PrefillCase]) {
     let dir = tempfile::tempdir().unwrap();
+    let mma = include_str!("../kernels/mma.cuh");
     let program = program_on(
         host_kernels::THREADED_PRELUDE,
-        &[source],
+        &[mma, source],
         &prefill_main(kernel),
     );
     let Some(binary) = compile_with(dir.path(), &program, THREADS) else {

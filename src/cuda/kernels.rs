@@ -71,12 +71,18 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "attention_mma.cu",
-        include_str!("../../kernels/attention_mma.cu"),
+        concat!(
+            include_str!("../../kernels/mma.cuh"),
+            include_str!("../../kernels/attention_mma.cu")
+        ),
         &["attention_mma_hd64_bf16", "attention_mma_hd128_bf16"],
     ),
     (
         "attention_mma_pipelined.cu",
-        include_str!("../../kernels/attention_mma_pipelined.cu"),
+        concat!(
+            include_str!("../../kernels/mma.cuh"),
+            include_str!("../../kernels/attention_mma_pipelined.cu")
+        ),
         &[
             "attention_mma_pipelined_hd64_bf16",
             "attention_mma_pipelined_hd128_bf16",

@@ -640,12 +640,15 @@ impl Ops for CudaOps {
         use super::prefill_attention::{mma_tiles, pipelined_tiles};
         if self.prefill == PrefillKernel::MmaPipelined {
             if let Some(tiles) = pipelined_tiles(heads, at) {
-                return self
-                    .attention_mma_pipelined(q, at, q_pos, pool, table, n_keys, heads, tiles, out);
+                return self.attention_tensor_cores(
+                    true, q, at, q_pos, pool, table, n_keys, heads, tiles, out,
+                );
             }
         }
         if let Some(tiles) = mma_tiles(heads).filter(|_| self.prefill != PrefillKernel::Fma) {
-            return self.attention_mma(q, at, q_pos, pool, table, n_keys, heads, tiles, out);
+            return self.attention_tensor_cores(
+                false, q, at, q_pos, pool, table, n_keys, heads, tiles, out,
+            );
         }
         const ROWS_PER_CTA: usize = 16; // ATT_WARPS * ATT_ROWS in attention.cu
         let f = self.f("attention_bf16")?;

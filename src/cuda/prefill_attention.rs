@@ -105,12 +105,15 @@ impl CudaOps {
         }))
     }
 
-    /// Prefill attention on tensor cores (attention_mma.cu): one CTA per KV head and
-    /// `16 * tiles` query rows of each head of its group, so every K/V tile is loaded once for
-    /// the whole group. The caller checked the shapes and [`mma_tiles`].
+    /// Prefill attention on tensor cores: one CTA per KV head and `16 * tiles` query rows of
+    /// each head of its group, so every K/V tile is loaded once for the whole group; with
+    /// `pipelined`, attention_mma_pipelined.cu (K/V tiles double-buffered in dynamic shared
+    /// memory, over 48 KB, so the function's limit is raised first), else attention_mma.cu.
+    /// The caller checked the shapes and [`mma_tiles`] (and [`pipelined_tiles`]).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_mma(
+    pub(super) fn attention_tensor_cores(
         &self,
+        pipelined: bool,
         q: &CudaSlice<u16>,
         at: RowSlice,
         q_pos: &CudaSlice<u32>,
@@ -121,71 +124,22 @@ impl CudaOps {
         tiles: usize,
         out: &mut CudaSlice<u16>,
     ) -> Result<()> {
-        let f = self.f(&format!("attention_mma_hd{}_bf16", heads.head_dim))?;
-        let group = heads.n_heads / heads.n_kv_heads;
-        let (nq, st, qc, nk, h, kvh, tl) = (
-            i32_of(at.rows),
-            i32_of(at.stride),
-            i32_of(at.offset),
-            i32_of(n_keys),
-            i32_of(heads.n_heads),
-            i32_of(heads.n_kv_heads),
-            i32_of(tiles),
-        );
-        let scale_log2 = std::f32::consts::LOG2_E / (heads.head_dim as f32).sqrt();
-        let cfg = LaunchConfig {
-            grid_dim: (
-                at.rows.div_ceil(16 * tiles) as u32,
-                heads.n_kv_heads as u32,
-                1,
-            ),
-            block_dim: ((32 * group * tiles) as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let kernel = if pipelined {
+            "attention_mma_pipelined"
+        } else {
+            "attention_mma"
         };
-        let mut b = self.gpu.stream.launch_builder(&f);
-        b.arg(q)
-            .arg(q_pos)
-            .arg(&pool.k)
-            .arg(&pool.v)
-            .arg(&pool.pos)
-            .arg(table)
-            .arg(out);
-        b.arg(&nq)
-            .arg(&st)
-            .arg(&qc)
-            .arg(&nk)
-            .arg(&h)
-            .arg(&kvh)
-            .arg(&tl)
-            .arg(&scale_log2);
-        // SAFETY: shapes checked by the caller; the table names slots of this pool.
-        unsafe { b.launch(cfg) }.or_engine("attention_mma_bf16")?;
-        Ok(())
-    }
-
-    /// Prefill attention on tensor cores, pipelined (attention_mma_pipelined.cu): the tiling
-    /// of [`Self::attention_mma`], K/V tiles double-buffered in dynamic shared memory (over
-    /// 48 KB, so the function's limit is raised first). The caller checked the shapes and
-    /// [`pipelined_tiles`].
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_mma_pipelined(
-        &self,
-        q: &CudaSlice<u16>,
-        at: RowSlice,
-        q_pos: &CudaSlice<u32>,
-        pool: &KvPool<Self>,
-        table: &CudaSlice<u32>,
-        n_keys: usize,
-        heads: Heads,
-        tiles: usize,
-        out: &mut CudaSlice<u16>,
-    ) -> Result<()> {
-        let name = format!("attention_mma_pipelined_hd{}_bf16", heads.head_dim);
+        let name = format!("{kernel}_hd{}_bf16", heads.head_dim);
         let f = self.f(&name)?;
-        let group = heads.n_heads / heads.n_kv_heads;
-        let warps = group * tiles;
-        let smem = pipelined_shared_bytes(heads.head_dim, warps);
-        pipelined_attributes(&f, smem).or_engine(&name)?;
+        let warps = heads.n_heads / heads.n_kv_heads * tiles;
+        let smem = match pipelined {
+            true => {
+                let smem = pipelined_shared_bytes(heads.head_dim, warps);
+                pipelined_attributes(&f, smem).or_engine(&name)?;
+                smem
+            }
+            false => 0,
+        };
         let (nq, st, qc, nk, h, kvh, tl) = (
             i32_of(at.rows),
             i32_of(at.stride),
@@ -221,9 +175,10 @@ impl CudaOps {
             .arg(&kvh)
             .arg(&tl)
             .arg(&scale_log2);
-        // SAFETY: shapes and alignment checked by the caller; the table names slots of this
-        // pool; the dynamic shared memory is the kernel's layout for these warps.
-        unsafe { b.launch(cfg) }.or_engine("attention_mma_pipelined_bf16")?;
+        // SAFETY: shapes (and for the pipelined kernel alignment) checked by the caller; the
+        // table names slots of this pool; the dynamic shared memory is the pipelined kernel's
+        // layout for these warps.
+        unsafe { b.launch(cfg) }.or_engine(&name)?;
         Ok(())
     }
 }

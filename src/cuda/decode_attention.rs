@@ -1,7 +1,7 @@
 //! One query row's attention on the GPU (decode), split over the key range and grouped by KV
 //! head: the launch of kernels/decode_attention_warps.cu (head sizes 64 and 128) or
-//! kernels/decode_attention.cu (the others), then that file's combine, for [`CudaOps`]'s
-//! `attention`.
+//! kernels/decode_attention.cu (the others), then the matching merge of the splits, for
+//! [`CudaOps`]'s `attention`.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -14,8 +14,9 @@ impl CudaOps {
     /// One query row's attention split over the key range, each CTA serving the KV head's query
     /// heads (each K/V row read once for the group), so that a long context keeps every
     /// multiprocessor busy; then one combine per head. Head sizes 64 and 128 run the warp
-    /// kernel (a warp per stream of keys, coalesced rows) on about four CTAs per
-    /// multiprocessor; the others the tree kernel on up to 64 splits of at least 512 keys.
+    /// kernel (a warp per stream of keys, coalesced rows) on the CTAs a multiprocessor
+    /// [`super::ops::DecodeTuning`] says (two by default); the others the tree kernel on up to
+    /// 64 splits of at least 512 keys.
     /// Checked by `attention` (shapes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn decode_attention(
@@ -33,6 +34,7 @@ impl CudaOps {
         const MAX_GROUP: usize = 8; // DEC_MAX_GROUP and DW_MAX_GROUP
         const WARPS: u32 = 4; // DW_WARPS in decode_attention_warps.cu
         const MERGE_MAX_SPLITS: usize = 1024; // DM_MAX_SPLITS
+        const CHUNK: usize = 8; // CHUNK of the kernels decode_attention_warps.cu instantiates
         let group = heads.n_heads / heads.n_kv_heads;
         if group > MAX_GROUP || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
             return Err(Error::Engine(format!(
@@ -41,7 +43,6 @@ impl CudaOps {
             )));
         }
         let warps = matches!(heads.head_dim, 64 | 128);
-        const CHUNK: usize = 8; // CHUNK of the kernels decode_attention_warps.cu instantiates
         let n_splits = match warps {
             // enough CTAs for every multiprocessor several times over, at least a warp's chunk
             // of keys each

@@ -9,11 +9,12 @@
 //! staging buffer is freed once its copy has passed (checked at the next offload or fetch:
 //! [`StagingQueue`]), so the compute stream never waits for PCIe. A fetch waits for `landed`
 //! (long passed when decode asks) and copies each block (each run of blocks adjacent in both
-//! stores) from pinned memory straight into its slot on the compute stream, without waiting; the
-//! tier keeps its buffers until the last fetch's copies have run. (The first version gathered
-//! the blocks on the host and uploaded them from pageable memory: 53 ms a decode step of the
-//! 8B shape at 32k on an H200, bench/NOTES.md.) Page-locking memory is slow (the driver pins it page by page), so a dropped host
-//! tier gives its pinned buffers to a [`PinnedArena`] that the next prompt's offloads take
+//! stores) from pinned memory straight into its slot on the compute stream, without waiting;
+//! the tier keeps its buffers until the last fetch's copies have run. (The first version
+//! gathered the blocks on the host, reading cudarc's write-combined pinned memory, and uploaded
+//! them from pageable memory: 53 ms a decode step of the 8B shape at 32k on an H200,
+//! bench/NOTES.md.) Page-locking memory is slow (the driver pins it page by page), so a dropped
+//! host tier gives its pinned buffers to a [`PinnedArena`] that the next prompt's offloads take
 //! them from.
 
 use std::sync::{Arc, Mutex};

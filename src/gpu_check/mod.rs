@@ -13,7 +13,7 @@
 //! and SlimInfer's schedule, not part of the backend: src/cuda does not import the model.
 
 pub mod agreement;
-mod decode_profile;
+mod profile;
 mod rates;
 
 use std::path::PathBuf;
@@ -90,13 +90,13 @@ pub struct Report {
     pub slim: SlimConfig,
     pub runs: Vec<RunResult>,
     /// Where a decode step's time goes at the longest length (dense and tiered).
-    pub decode_profiles: Vec<decode_profile::DecodeProfile>,
+    pub decode_profiles: Vec<profile::DecodeProfile>,
     /// Where the prefill's time goes at the longest length (dense and pruned).
-    pub prefill_profiles: Vec<decode_profile::PrefillProfile>,
-    pub decode_footprints: Vec<decode_profile::KernelFootprint>,
+    pub prefill_profiles: Vec<profile::PrefillProfile>,
+    pub decode_footprints: Vec<profile::KernelFootprint>,
     /// Decode attention over one 8B layer at 32k keys, at each launch setting.
-    pub decode_rates: Vec<decode_profile::DecodeRate>,
-    pub launch_cost: Option<decode_profile::LaunchCost>,
+    pub decode_rates: Vec<profile::DecodeRate>,
+    pub launch_cost: Option<profile::LaunchCost>,
     pub vram: VramInfo,
     pub bars: Vec<(String, bool)>,
 }
@@ -281,7 +281,7 @@ fn decode_tuning(
     report: &mut Report,
     log: &mut dyn FnMut(&str),
 ) -> crate::cuda::ops::DecodeTuning {
-    match decode_profile::footprints(ops) {
+    match profile::footprints(ops) {
         Ok(f) => {
             for k in &f {
                 log(&format!(
@@ -293,7 +293,7 @@ fn decode_tuning(
         }
         Err(e) => log(&format!("the kernel footprints failed: {e}")),
     }
-    match decode_profile::decode_rates(ops, 32768) {
+    match profile::decode_rates(ops, 32768) {
         Ok(rates) => {
             for r in &rates {
                 log(&format!(
@@ -329,7 +329,7 @@ fn profile_decode(
     args: &GpuCheckArgs,
     log: &mut dyn FnMut(&str),
 ) {
-    match decode_profile::launch_cost(model.ops) {
+    match profile::launch_cost(model.ops) {
         Ok(c) => {
             log(&format!(
                 "launch: {:.1} us to issue a small kernel, {:.1} us each to completion; one token's 4096x14336 GEMV {:.1} us ({:.0} GB/s)",
@@ -343,11 +343,9 @@ fn profile_decode(
         return;
     };
     for slim in [None, Some(&args.slim)] {
-        match decode_profile::prefill_profile(model, tokens, slim) {
+        match profile::prefill_profile(model, tokens, slim) {
             Ok(p) => {
-                decode_profile::prefill_lines(&p)
-                    .iter()
-                    .for_each(|l| log(l));
+                profile::prefill_lines(&p).iter().for_each(|l| log(l));
                 report.prefill_profiles.push(p);
             }
             Err(e) => log(&format!("the prefill profile failed: {e}")),
@@ -357,9 +355,9 @@ fn profile_decode(
         (None, KvPlacement::Resident),
         (Some(&args.slim), KvPlacement::Tiered),
     ] {
-        match decode_profile::profile(model, tokens, slim, placement, 8) {
+        match profile::profile(model, tokens, slim, placement, 8) {
             Ok(p) => {
-                decode_profile::lines(&p).iter().for_each(|l| log(l));
+                profile::lines(&p).iter().for_each(|l| log(l));
                 report.decode_profiles.push(p);
             }
             Err(e) => log(&format!("the decode profile failed: {e}")),

@@ -1,7 +1,9 @@
-//! Where a decode step's time goes on the device: the forward's probe
-//! ([`crate::model::ops_llama::OpProbe`]) over a few steps waiting at every mark (what each
-//! part costs the device) and a few not waiting (what issuing it costs the host), and the cost
-//! of one kernel launch and of one token's GEMV against what their bytes need.
+//! Where the forward's time goes on the device: the probe
+//! ([`crate::model::ops_llama::OpProbe`]) over a few decode steps waiting at every mark (what
+//! each part costs the device) and a few not waiting (what issuing it costs the host), and over
+//! one prefill; decode attention's kernels (registers, spills, occupancy) and their time at each
+//! launch setting (gpu-check runs the fastest); and the cost of one kernel launch and of one
+//! token's GEMV against what their bytes need.
 
 use std::time::Instant;
 

@@ -1,11 +1,13 @@
 //! `slimchat gpu-check`: on a GPU, (1) every kernel against its CPU reference, (2) a
 //! Llama-3.1-8B-shaped model with random bf16 weights built on the device, (3) dense vs pruned
 //! prefill (TTFT) at each prompt length, decode tokens/s, prompt KV bytes on the GPU, VRAM,
-//! the measured cuBLAS bf16 rate and the dense prefill's FLOP floor at it, one layer's prefill attention on tensor cores and on FMA
-//! units ([`rates`]); the pruned prompt once more with its KV tiered as the chat engine keeps
-//! it (each slim layer's pool holds its decode set, the rest in RAM): VRAM KV against dense
-//! and decode against the resident run; (4) a table on stdout and the full numbers as JSON.
-//! The runs use the tensor-core attention only when it passed its checks.
+//! the measured cuBLAS bf16 rate and the dense prefill's FLOP floor at it, one layer's prefill
+//! attention on each kernel ([`rates`]: the runs take the fastest tensor-core kernel that passed
+//! its checks) and decode attention at each launch setting ([`profile`]: the runs take the
+//! fastest); the pruned prompt once more with its KV tiered as the chat engine keeps it (each
+//! slim layer's pool holds its decode set, the rest in RAM): VRAM KV against dense and decode
+//! against the resident run; where the time of a prefill and of a decode step goes, part by
+//! part ([`profile`]); (4) a table on stdout and the full numbers as JSON.
 //! [`agreement`] (`--agreement`): a model file's teacher-forced logits on the GPU against the
 //! CPU engine's.
 //!

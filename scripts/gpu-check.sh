@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check of issue 7, run on the device machine from the repository root with a binary
-# built here (`cargo build --release --features cuda`, stripped into gpu-bin/, see
-# bench/NOTES.md "CUDA backend: the device run"):
+# The GPU check of issues 7 and 18, run on the device machine from the repository root with a
+# binary built here (`cargo build --release --features cuda`, stripped into gpu-bin/; with the
+# agreement model beside it the binary travels gzipped: bench/NOTES.md, "The GPU bars, worked on
+# with the device", has the exact call):
 #
-#   bash scripts/gpu-check.sh "$OUT/gpu"
+#   bash scripts/gpu-check.sh /tmp/gpu   (then tar the folder into $OUT: 8 files come back)
 #
 # (1) every kernel against its CPU reference, (1b) a real model's logits on the GPU against the
 # CPU engine, (1c) the chat engine answering on the GPU, (2) a Llama-3.1-8B-shaped model with random bf16
 # weights built on the device, (3) a table of dense vs pruned TTFT at 8k/16k/32k, decode
 # tokens/s, GPU prompt KV bytes, the pruned prompt's KV tiered (VRAM against dense, decode
 # against resident, the offloads' tail and decode's fetch time), VRAM, the cuBLAS bf16
-# rate and the GEMM floor, (4) full numbers in OUT_DIR (gpu_check.json, logs). Each step runs
-# under a timeout so the whole script ends within 8 minutes (60 + 2 x 60 + 280 s).
+# rate and the GEMM floor, the kernels' rates and the forward's profile, (4) full numbers in
+# OUT_DIR (gpu_check.json, logs). Each step runs under a timeout so the whole script ends
+# within 8 minutes (60 + 3 x 60 + 280 s; on an H200 it took 45 s).
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
 bin="${SLIMCHAT_BIN:-gpu-bin/slimchat}"

@@ -44,10 +44,11 @@ impl CudaOps {
         }
         let warps = matches!(heads.head_dim, 64 | 128);
         let n_splits = match warps {
-            // enough CTAs for every multiprocessor several times over, at least a warp's chunk
-            // of keys each
-            true => (self.decode.ctas_per_sm.max(1) * self.gpu.multiprocessors as usize)
-                .div_ceil(heads.n_kv_heads)
+            // the CTAs a multiprocessor the tuning asks for, at least a warp's chunk of keys
+            // each, rounded down: a few CTAs past a whole wave would run as a second wave (at 3
+            // a multiprocessor, 50 splits of 8 KV heads are 400 CTAs where 396 fit)
+            true => (self.decode.ctas_per_sm.max(1) * self.gpu.multiprocessors as usize
+                / heads.n_kv_heads)
                 .min(n_keys.div_ceil(CHUNK * WARPS as usize))
                 .clamp(1, MERGE_MAX_SPLITS),
             false => n_keys.div_ceil(512).clamp(1, 64),

@@ -7,10 +7,11 @@
 // __syncthreads per head; it ran at a few percent of the H200's bandwidth (0.6 ms a layer at
 // 32k keys, where the 134 MB of K and V need ~35 us). Here each lane owns HD / 32 channels, so a
 // warp reads a key or value row in one coalesced 128- or 256-byte load, and a warp's keys go
-// CHUNK at a time: CHUNK rows loaded before any is used (loads in flight), their scores summed
-// over the warp with shuffles (every lane ends with every score), one online-softmax update per
-// chunk and head, then the chunk's value rows. Every lane keeps the same running max and sum, so
-// nothing is reduced per key across the CTA; the CTA's warps merge once at the end.
+// CHUNK at a time: the chunk's key and value rows loaded together, the next chunk's loads issued
+// before this one's math (loads in flight through it), the scores summed over the warp with
+// shuffles (every lane ends with every score), one online-softmax update per chunk and head,
+// then the weighted values. Every lane keeps the same running max and sum, so nothing is
+// reduced per key across the CTA; the CTA's warps merge once at the end.
 //
 // grid (n_splits, n_kv_heads), block (32 * DW_WARPS). Warp w of split s takes the chunks
 // k0 + CHUNK * (w + DW_WARPS * i) of the split's keys [k0, k0 + keys_per_split);
@@ -25,23 +26,8 @@
 #define DW_WARPS 4
 #define DW_MAX_GROUP 8
 
-// this lane's DPL channels of a bf16 row as floats (DPL = 2: one 32-bit load, 4: one 64-bit)
-template <int DPL>
-__device__ __forceinline__ void load_lane(const bf16* row, int lane, float out[DPL]) {
-    if constexpr (DPL == 4) {
-        const uint2 w = *(const uint2*)(row + 4 * lane);
-        out[0] = __uint_as_float(w.x << 16);
-        out[1] = __uint_as_float(w.x & 0xffff0000u);
-        out[2] = __uint_as_float(w.y << 16);
-        out[3] = __uint_as_float(w.y & 0xffff0000u);
-    } else {
-        const u32 w = *(const u32*)(row + 2 * lane);
-        out[0] = __uint_as_float(w << 16);
-        out[1] = __uint_as_float(w & 0xffff0000u);
-    }
-}
-
-// this lane's DPL channels of a bf16 row, raw: DPL / 2 words of two values each
+// this lane's DPL channels of a bf16 row, raw: DPL / 2 words of two values each (DPL = 2: one
+// 32-bit load, 4: one 64-bit)
 template <int DPL>
 __device__ __forceinline__ void load_raw(const bf16* row, int lane, u32 out[DPL / 2]) {
     if constexpr (DPL == 4) {
@@ -78,9 +64,10 @@ __device__ __forceinline__ void decode_attention_warps(
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         if (g < group) {
-            load_lane<DPL>(q + q_col + (head0 + g) * HD, lane, qr[g]);
+            u32 w[DPL / 2];
+            load_raw<DPL>(q + q_col + (head0 + g) * HD, lane, w);
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) qr[g][i] *= scale;
+            for (int i = 0; i < DPL; ++i) qr[g][i] = widen(w, i) * scale;
         }
     }
     float m[G], l[G], o[G][DPL];

@@ -13,6 +13,9 @@ use super::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
 use super::ops::{Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::Result;
 
+mod attention_cases;
+pub use attention_cases::compare_prefill_attention;
+
 /// One op's comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct OpCheck {
@@ -331,24 +334,6 @@ fn tier_copies<O: Ops>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 3]> {
     pool_f32(o, &grouped)
 }
 
-struct AttentionCase<'a> {
-    pool: &'a HostPool,
-    q: &'a [u16],
-    at: RowSlice,
-    q_pos: &'a [u32],
-    n_keys: usize,
-    heads: Heads,
-}
-
-fn attention<O: Ops>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
-    let pool = c.pool.upload(o)?;
-    let mut y = o.upload_bf16(&vec![POISON; c.at.rows * c.heads.q_dim()])?;
-    let (q, q_pos) = (o.upload_bf16(c.q)?, o.upload_u32(c.q_pos)?);
-    let table = o.upload_u32(&c.pool.table)?;
-    o.attention(&q, c.at, &q_pos, &pool, &table, c.n_keys, c.heads, &mut y)?;
-    Ok(to_f32(&o.download_bf16(&y)?))
-}
-
 struct ScoreCase<'a> {
     pool: &'a HostPool,
     q: &'a [u16],
@@ -374,105 +359,6 @@ fn fill_uniform<O: Ops>(o: &O, n: usize) -> Result<Vec<f32>> {
     let mut y = o.zeros_bf16(n)?;
     o.fill_uniform(&mut y, 42, 0.02)?;
     Ok(to_f32(&o.download_bf16(&y)?))
-}
-
-/// A case's outputs: (candidate's, reference's).
-type OutputPair = (Vec<f32>, Vec<f32>);
-
-/// One attention case on both backends: random queries and a random pool holding `key_pos`,
-/// the queries at `q_pos`; (shape, (candidate's output, reference's output)).
-fn attention_pair<R: Ops, C: Ops>(
-    r: &R,
-    c: &C,
-    rng: &mut Rng,
-    heads: Heads,
-    key_pos: &[u32],
-    q_pos: &[u32],
-) -> Result<(String, OutputPair)> {
-    let pool = HostPool::random(rng, key_pos, heads.kv_dim());
-    let nq = q_pos.len();
-    let stride = heads.q_dim() + 2 * heads.kv_dim();
-    let q = rng.bf16s(nq * stride, 2.0);
-    let case = AttentionCase {
-        pool: &pool,
-        q: &q,
-        at: RowSlice {
-            rows: nq,
-            stride,
-            offset: 0,
-        },
-        q_pos,
-        n_keys: key_pos.len(),
-        heads,
-    };
-    let shape = format!(
-        "{nq} queries x {} keys, {}:{}x{}",
-        case.n_keys, heads.n_heads, heads.n_kv_heads, heads.head_dim
-    );
-    Ok((shape, (attention(c, &case)?, attention(r, &case)?)))
-}
-
-/// An attention case's check (tolerance 2e-2: P is rounded to bf16 on the device).
-fn record_one(label: &str, shape: String, (a, b): OutputPair) -> OpCheck {
-    let rel_err = rel_err(&a, &b);
-    OpCheck {
-        op: label.into(),
-        shape,
-        rel_err,
-        tolerance: 2e-2,
-        pass: rel_err <= 2e-2,
-    }
-}
-
-/// The prefill attention cases that a tensor-core kernel takes (head sizes 64 and 128, GQA
-/// groups up to 8), named `<prefix>_hd<head size> ...`: GQA groups of 4, 2, 7 (rows over
-/// several CTAs), 1 and 8; the queries the last rows of the keys with a partial last tile, or a
-/// whole number of tiles, or rows in the middle of the sequence (the keys after them masked
-/// for every query, whole tiles past every query skipped).
-fn prefill_attention_cases<R: Ops, C: Ops>(
-    r: &R,
-    c: &C,
-    rng: &mut Rng,
-    prefix: &str,
-) -> Result<Vec<OpCheck>> {
-    let mut out = Vec::new();
-    let heads = |n_heads, n_kv_heads, head_dim| Heads {
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    };
-    // (label, heads, whole blocks, partial tail, query rows, keys after the last query)
-    for (label, heads, blocks, tail, nq, after) in [
-        ("hd128 prefill", heads(8, 2, 128), 3, 11, 83, 0),
-        ("hd64 prefill", heads(6, 3, 64), 2, 50, 45, 0),
-        ("hd128 group 7", heads(14, 2, 128), 6, 5, 301, 0),
-        ("hd128 whole tiles", heads(8, 2, 128), 4, 0, 150, 0),
-        ("hd128 mid-sequence", heads(8, 2, 128), 7, 40, 97, 230),
-        ("hd64 group 1", heads(4, 4, 64), 3, 33, 140, 0),
-        ("hd64 group 8", heads(16, 2, 64), 2, 7, 40, 60),
-    ] {
-        let key_pos = kept_positions(rng, blocks, tail);
-        let end = key_pos.len() - after;
-        let q_pos: Vec<u32> = key_pos[end - nq..end].to_vec();
-        let label = format!("{prefix}_{label}");
-        let (shape, pair) = attention_pair(r, c, rng, heads, &key_pos, &q_pos)?;
-        out.push(record_one(&label, shape, pair));
-    }
-    Ok(out)
-}
-
-/// The prefill attention cases of [`compare`] alone, named `<prefix>_hd...`: the device check
-/// runs them once more for each tensor-core kernel that is not the candidate's.
-pub fn compare_prefill_attention<R: Ops, C: Ops>(
-    reference: &R,
-    candidate: &C,
-    seed: u64,
-    prefix: &str,
-) -> Result<Vec<OpCheck>> {
-    let mut rng = Rng::new(seed ^ 0x0a77_e471);
-    let out = prefill_attention_cases(reference, candidate, &mut rng, prefix)?;
-    candidate.sync()?;
-    Ok(out)
 }
 
 /// Run every op on both backends, each on the same inputs; one entry per case.
@@ -719,63 +605,7 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         record(&mut out, label, shape.clone(), &got[i], &want[i], 0.0);
     }
 
-    // prefill attention (kept rows vs kept keys) on tensor cores at head sizes 64 and 128
-    // (attention_mma_*: the candidate's tensor-core kernel, see [`compare_prefill_attention`])
-    // and on FMA units otherwise (attention_bf16, head size 96); decode (one query)
-    out.extend(prefill_attention_cases(r, c, &mut rng, "attention_mma")?);
-    for (label, heads, blocks, tail, nq) in [
-        (
-            "attention_bf16 decode",
-            Heads {
-                n_heads: 8,
-                n_kv_heads: 2,
-                head_dim: 128,
-            },
-            15,
-            37,
-            1,
-        ),
-        (
-            "attention_bf16 prefill hd96",
-            Heads {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 96,
-            },
-            3,
-            20,
-            70,
-        ),
-    ] {
-        let key_pos = kept_positions(&mut rng, blocks, tail);
-        let q_pos: Vec<u32> = key_pos[key_pos.len() - nq..].to_vec();
-        let (shape, pair) = attention_pair(r, c, &mut rng, heads, &key_pos, &q_pos)?;
-        out.push(record_one(label, shape, pair));
-    }
-    // decode over many splits: the warp kernel's two register variants (groups up to 4 and up
-    // to 8) at both head sizes, the tree kernel at 96, and keys past the query masked
-    for (label, heads, blocks, masked) in [
-        ("decode attention (warps) 8B shape", (32, 8, 128), 150, 0),
-        ("decode attention (warps) hd64 group 3", (9, 3, 64), 40, 0),
-        ("decode attention (warps) group 7", (28, 4, 128), 60, 0),
-        (
-            "decode attention (warps) keys past the query",
-            (8, 2, 128),
-            30,
-            41,
-        ),
-        ("decode attention (tree) hd96", (4, 2, 96), 12, 5),
-    ] {
-        let heads = Heads {
-            n_heads: heads.0,
-            n_kv_heads: heads.1,
-            head_dim: heads.2,
-        };
-        let key_pos = kept_positions(&mut rng, blocks, 37);
-        let q_pos = vec![key_pos[key_pos.len() - 1 - masked]];
-        let (shape, pair) = attention_pair(r, c, &mut rng, heads, &key_pos, &q_pos)?;
-        out.push(record_one(label, shape, pair));
-    }
+    out.extend(attention_cases::cases(r, c, &mut rng)?);
 
     // slim scores: unit keys, logits, softmax, block reduction (both score kinds)
     for (label, mode) in [

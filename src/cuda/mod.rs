@@ -10,7 +10,9 @@
 //! - [`kernels`]: the embedded sources, NVRTC compilation, the module and function cache.
 //! - [`gpu`]: the context, the compute and copy streams, cuBLAS, memory figures.
 //! - [`ops`]: [`CudaOps`], the ops over device buffers; `prefill_attention` its attention on
-//!   tensor cores, `decode_attention` its one-row attention split over the keys.
+//!   tensor cores, `decode_attention` its one-row attention split over the keys,
+//!   `kernel_choice` which of those kernels runs and how it is launched, `slim_scores`
+//!   SlimInfer's block scores.
 //! - [`host_blocks`]: the copies of the ops forward's KV tiers (pinned memory, offloads on the
 //!   copy stream behind the layers that follow).
 //! - [`check`]: every kernel against its CPU reference on random inputs.
@@ -22,10 +24,12 @@ pub mod check;
 mod decode_attention;
 pub mod gpu;
 pub mod host_blocks;
+mod kernel_choice;
 pub mod kernels;
 pub mod ops;
 mod prefill_attention;
 pub mod probe;
+mod slim_scores;
 
 pub use gpu::Gpu;
 pub use ops::CudaOps;

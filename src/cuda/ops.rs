@@ -12,6 +12,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
+pub use super::kernel_choice::{DecodeTuning, PrefillFootprint, PrefillKernel};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
@@ -34,89 +35,10 @@ pub struct CudaOps {
     pub(super) decode: DecodeTuning,
 }
 
-/// The decode attention warp kernel's launch: the CTAs a multiprocessor it aims at (splits of
-/// the key range times KV heads) and the kernel variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct DecodeTuning {
-    pub ctas_per_sm: usize,
-    /// Head size 128, groups up to 4: each head's values right after its scores (fewer
-    /// registers), or every head's scores first.
-    pub fused: bool,
-}
-
-impl Default for DecodeTuning {
-    fn default() -> Self {
-        // the fastest of gpu-check's sweep on an H200 (one 8B layer at 32k keys, fused: 104 us,
-        // 1.29 TB/s; plain 114 us; 3 or 4 CTAs 122-151 us): the registers let two reside
-        Self {
-            ctas_per_sm: 2,
-            fused: true,
-        }
-    }
-}
-
-/// The kernels of prefill attention. A tensor-core kernel runs where its shapes allow (head
-/// sizes 64 and 128, GQA groups up to 8; see [`super::prefill_attention`]); other shapes fall
-/// back from the pipelined kernel to the plain one, then to FMA units.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefillKernel {
-    /// attention.cu: FMA units, every shape.
-    Fma,
-    /// attention_mma.cu: tensor cores (mma.sync), K/V loaded synchronously a tile at a time.
-    Mma,
-    /// attention_mma_pipelined.cu: tensor cores, K/V tiles double-buffered by cp.async,
-    /// fragments read by ldmatrix.
-    MmaPipelined,
-}
-
-impl PrefillKernel {
-    /// Every kernel, the default first.
-    pub const ALL: [PrefillKernel; 3] = [Self::MmaPipelined, Self::Mma, Self::Fma];
-
-    /// The name in gpu-check's report and log.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fma => "fma",
-            Self::Mma => "tensor cores",
-            Self::MmaPipelined => "tensor cores, pipelined",
-        }
-    }
-
-    /// The prefix of the kernel checks' op names for this kernel's prefill cases: the checks
-    /// of a tensor-core kernel are named `<prefix>_hd<head size> ...`
-    /// (`attention_mma_pipelined_hd128 prefill`).
-    pub fn check_prefix(self) -> &'static str {
-        match self {
-            Self::Fma => "attention_bf16",
-            Self::Mma => "attention_mma",
-            Self::MmaPipelined => "attention_mma_pipelined",
-        }
-    }
-
-    /// Whether the kernel check named `op` checks this tensor-core kernel (never for
-    /// [`Self::Fma`]: its cases are not gated).
-    pub fn checked_by(self, op: &str) -> bool {
-        self != Self::Fma && op.starts_with(&format!("{}_hd", self.check_prefix()))
-    }
-}
-
-/// A tensor-core prefill kernel as the device runs it at one head shape (gpu-check logs it
-/// next to the kernel's rate): the driver's occupancy at its launch shape and the registers
-/// and local (spilled) bytes of the code the driver made from its PTX.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PrefillFootprint {
-    pub kernel: String,
-    pub ctas_per_sm: u32,
-    pub threads: usize,
-    pub dynamic_shared_bytes: usize,
-    pub registers: i32,
-    pub local_bytes: i32,
-}
-
 const THREADS: u32 = 256;
 
 /// A grid-stride launch over `n` elements.
-fn flat(n: usize) -> LaunchConfig {
+pub(super) fn flat(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
             (n.div_ceil(THREADS as usize)).clamp(1, 1 << 20) as u32,
@@ -129,7 +51,7 @@ fn flat(n: usize) -> LaunchConfig {
 }
 
 /// One CTA of `THREADS` per row.
-fn per_row(rows: usize) -> LaunchConfig {
+pub(super) fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -700,22 +622,7 @@ impl Ops for CudaOps {
         unit_size: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let n_units = prompt_rows.div_ceil(unit_size);
-        let kv_dim = pool.kv_dim;
-        if n_units == 0 || out.len() < n_units * kv_dim {
-            return Err(Error::Engine(format!(
-                "cuda unit_keys: {} values for {n_units} units of {kv_dim}",
-                out.len()
-            )));
-        }
-        let s = &self.gpu.stream;
-        let f = self.f("unit_keys_bf16")?;
-        let (pr, us, d) = (i32_of(prompt_rows), i32_of(unit_size), i32_of(kv_dim));
-        let mut b = s.launch_builder(&f);
-        b.arg(&pool.k).arg(table).arg(out).arg(&pr).arg(&us).arg(&d);
-        // SAFETY: the table covers the prompt rows; out holds n_units rows.
-        unsafe { b.launch(flat(n_units * kv_dim)) }.or_engine("unit_keys_bf16")?;
-        Ok(())
+        self.unit_keys_on_device(pool, table, prompt_rows, unit_size, out)
     }
 
     fn unit_scores(
@@ -728,103 +635,7 @@ impl Ops for CudaOps {
         mode: ScoreMode,
         acc: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let n_units = units.n_units();
-        if n_units == 0 || unit_keys.len() < n_units * heads.kv_dim() {
-            return Err(Error::Engine(format!(
-                "cuda unit_scores: {} unit key values for {n_units} units",
-                unit_keys.len()
-            )));
-        }
-        let s = &self.gpu.stream;
-        let rows = at.rows * heads.n_heads;
-        // logits (w * n_heads, n_units), grouped by KV head (row ((h / group) * w + qi) *
-        // group + h % group): each KV head's window rows against its unit keys, one cuBLAS f32
-        // GEMM (n_units x w * group x head_dim) batched over the KV heads. A warp per dot
-        // product took ~2.5 ms a layer at 32k units; a GEMM per window row (4 columns) ~1.5 ms.
-        let (w, n_heads, n_kv, hd) = (at.rows, heads.n_heads, heads.n_kv_heads, heads.head_dim);
-        let (q_dim, kv_dim, group) = (heads.q_dim(), heads.kv_dim(), n_heads / n_kv);
-        // SAFETY (both): every element is written below (qf by query_rows_f32, logits by the
-        // GEMM: each (window row, head) row of n_units once)
-        let mut qf = unsafe { s.alloc::<f32>(w * q_dim) }.or_engine("alloc")?;
-        let mut logits = unsafe { s.alloc::<f32>(rows * n_units) }.or_engine("alloc")?;
-        let scale = match mode {
-            ScoreMode::Attention | ScoreMode::AttentionMax => 1.0 / (hd as f32).sqrt(),
-            ScoreMode::Paper => 1.0,
-        };
-        let f = self.f("query_rows_f32")?;
-        let (wi, st, qc, qd) = (
-            i32_of(w),
-            i32_of(at.stride),
-            i32_of(at.offset),
-            i32_of(q_dim),
-        );
-        let (gi, hdi) = (i32_of(group), i32_of(hd));
-        let mut b = s.launch_builder(&f);
-        b.arg(q).arg(&mut qf).arg(&wi).arg(&st).arg(&qc).arg(&qd);
-        b.arg(&gi).arg(&hdi).arg(&scale);
-        // SAFETY: the window rows are in q (the caller's RowSlice); qf holds w * q_dim.
-        unsafe { b.launch(flat(w * q_dim)) }.or_engine("query_rows_f32")?;
-        {
-            let (kp, _gk) = unit_keys.device_ptr(s);
-            let (qp, _gq) = qf.device_ptr(s);
-            let (lp, _gl) = logits.device_ptr_mut(s);
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            let cols = w * group;
-            // SAFETY: unit_keys holds n_units rows of kv_dim (checked), qf n_kv matrices of
-            // cols x hd, logits n_kv matrices of cols x n_units; every stride stays inside
-            unsafe {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    *self.gpu.blas.handle(),
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    i32_of(n_units),
-                    i32_of(cols),
-                    i32_of(hd),
-                    &alpha as *const f32 as *const c_void,
-                    kp as *const c_void,
-                    cudaDataType_t::CUDA_R_32F,
-                    i32_of(kv_dim),
-                    hd as i64,
-                    qp as *const c_void,
-                    cudaDataType_t::CUDA_R_32F,
-                    i32_of(hd),
-                    (cols * hd) as i64,
-                    &beta as *const f32 as *const c_void,
-                    lp as *mut c_void,
-                    cudaDataType_t::CUDA_R_32F,
-                    i32_of(n_units),
-                    (cols * n_units) as i64,
-                    i32_of(n_kv),
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .or_engine("cublasGemmStridedBatchedEx")?;
-        }
-        let (h, nu) = (i32_of(n_heads), i32_of(n_units));
-
-        if mode != ScoreMode::Paper {
-            let f = self.f("softmax_rows_f32")?;
-            let (r, n) = (i32_of(rows), i32_of(n_units));
-            let mut b = s.launch_builder(&f);
-            b.arg(&mut logits).arg(&r).arg(&n);
-            // SAFETY: one CTA per row of n_units.
-            unsafe { b.launch(per_row(rows)) }.or_engine("softmax_rows_f32")?;
-        }
-        let first = self.upload_u32(&units.first)?;
-        let ids = self.upload_u32(&units.ids)?;
-        let f = self.f("block_scores_f32")?;
-        let m = match mode {
-            ScoreMode::Attention => 0i32,
-            ScoreMode::Paper => 1i32,
-            ScoreMode::AttentionMax => 2i32,
-        };
-        let mut b = s.launch_builder(&f);
-        b.arg(&logits).arg(&first).arg(&ids).arg(acc);
-        b.arg(&wi).arg(&h).arg(&gi).arg(&nu).arg(&m);
-        // SAFETY: one CTA per block present; block ids index acc (n_prompt_blocks).
-        unsafe { b.launch(per_row(units.ids.len())) }.or_engine("block_scores_f32")?;
-        Ok(())
+        self.unit_scores_on_device(q, at, unit_keys, units, heads, mode, acc)
     }
 
     fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<CudaHostBlocks> {

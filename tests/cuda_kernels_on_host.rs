@@ -18,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slimchat::backend::cpu_ops::to_bf16;
 
-use host_kernels::{bytes, compile_with, program_on, run_for_bf16};
+use host_kernels::{bytes, compile_with, kept_keys, program_on, run_for_bf16, PagedCase};
 
 /// What NVRTC provides to the kernels, on the host (the C library's maths included): the
 /// grid is one thread that strides over all of it.
@@ -306,8 +306,8 @@ int main() {
 
 #[test]
 fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
-    use slimchat::backend::cpu_ops::{to_f32, CpuOps};
-    use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, KV_BLOCK};
+    use slimchat::backend::cpu_ops::to_f32;
+    use slimchat::backend::ops::Heads;
     use slimchat::backend::ops_check::{rel_err, Rng};
 
     let dir = tempfile::tempdir().unwrap();
@@ -326,67 +326,19 @@ fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
         head_dim: 64,
     };
     // a pruned layer's keys: blocks with gaps; the last 40 keys sit past the query (masked)
-    let mut key_pos: Vec<u32> = Vec::new();
-    for b in [
-        0u32, 1, 3, 4, 5, 8, 9, 12, 13, 14, 20, 21, 22, 23, 30, 31, 32, 33,
-    ] {
-        key_pos.extend(b * 64..b * 64 + 64);
-    }
-    let n_keys = key_pos.len();
-    let q_pos = key_pos[n_keys - 41];
-    let kv_dim = heads.kv_dim();
-    let slots = n_keys.div_ceil(KV_BLOCK) + 3;
-    let mut table: Vec<u32> = (0..slots as u32).collect();
-    for i in (1..table.len()).rev() {
-        table.swap(i, rng.below(i + 1));
-    }
-    table.truncate(n_keys.div_ceil(KV_BLOCK));
-    let mut pool = KvPool::<CpuOps>::new(&CpuOps, slots, kv_dim).unwrap();
-    for (j, &p) in key_pos.iter().enumerate() {
-        let row = table[j / KV_BLOCK] as usize * KV_BLOCK + j % KV_BLOCK;
-        pool.k[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-        pool.v[row * kv_dim..][..kv_dim].copy_from_slice(&rng.bf16s(kv_dim, 1.0));
-        pool.pos[row] = p;
-    }
-    let q = rng.bf16s(heads.q_dim(), 3.0);
-    let at = RowSlice {
-        rows: 1,
-        stride: heads.q_dim(),
-        offset: 0,
-    };
-    let mut want = vec![0u16; heads.q_dim()];
-    CpuOps
-        .attention(
-            &q,
-            at,
-            &vec![q_pos],
-            &pool,
-            &table,
-            n_keys,
-            heads,
-            &mut want,
-        )
-        .unwrap();
+    let key_pos = kept_keys(
+        &[0, 1, 3, 4, 5, 8, 9, 12, 13, 14, 20, 21, 22, 23, 30, 31],
+        32,
+        128,
+    );
+    let q_pos = vec![key_pos[key_pos.len() - 41]];
+    let case = PagedCase::random(&mut rng, heads, &key_pos, q_pos, 0, false);
     // as the CUDA backend splits: 3 splits of 384 keys (not a multiple of the tile)
-    let n_splits = 3usize;
+    let (n_keys, n_splits) = (case.n_keys, 3usize);
     let per_split = n_keys.div_ceil(n_splits);
-    let dims: Vec<i32> = [n_keys, 8, 2, 64, n_splits, per_split]
-        .iter()
-        .map(|&x| x as i32)
-        .collect();
-    for (name, data) in [
-        ("q.bin", bytes(&q)),
-        ("k.bin", bytes(&pool.k)),
-        ("v.bin", bytes(&pool.v)),
-        ("qpos.bin", bytes(&[q_pos])),
-        ("pos.bin", bytes(&pool.pos)),
-        ("table.bin", bytes(&table)),
-        ("dims.bin", bytes(&dims)),
-    ] {
-        std::fs::write(dir.path().join(name), data).unwrap();
-    }
+    case.write(dir.path(), &[n_keys, 8, 2, 64, n_splits, per_split]);
     let got = run_for_bf16(&binary, &[]);
-    let e = rel_err(&to_f32(&got), &to_f32(&want));
+    let e = rel_err(&to_f32(&got), &case.want());
     eprintln!("split decode attention against CpuOps: relative error {e:.2e}");
     assert!(e < 5e-3, "{e}");
 }

@@ -327,15 +327,7 @@ __device__ __forceinline__ void attention_mma_pipelined(
     }
     cp_async_wait<0>();  // nothing left in flight at exit (the queries, where no tile ran)
 
-    const float inv_lo = 1.f / fmaxf(quad_sum(l_lo), 1e-30f);
-    const float inv_hi = 1.f / fmaxf(quad_sum(l_hi), 1e-30f);
-    u32* out_lo = (u32*)(out + (size_t)r_lo * n_heads * HD + head * HD);
-    u32* out_hi = (u32*)(out + (size_t)r_hi * n_heads * HD + head * HD);
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        if (ok_lo) out_lo[4 * n + t] = pack_bf16x2(o[n][0] * inv_lo, o[n][1] * inv_lo);
-        if (ok_hi) out_hi[4 * n + t] = pack_bf16x2(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
+    store_rows<HD>(out, o, l_lo, l_hi, r_lo, r_hi, ok_lo, ok_hi, n_heads, head, t);
 }
 
 // two CTAs of PIPE_WARPS warps an SM: at most 128 registers a thread

@@ -27,3 +27,21 @@ __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
+
+// A warp's 16 output rows of one head: each row's values (C fragments: rows g and g + 8 of
+// the quad's lane t, n-tiles of 8 channels) over the row's sum, gathered from the quad, as
+// bf16 pairs; rows past nq (!ok) are not written. out: (nq, n_heads * HD) bf16.
+template <int HD>
+__device__ __forceinline__ void store_rows(bf16* out, const float o[HD / 8][4], float l_lo,
+                                           float l_hi, int r_lo, int r_hi, bool ok_lo,
+                                           bool ok_hi, int n_heads, int head, int t) {
+    const float inv_lo = 1.f / fmaxf(quad_sum(l_lo), 1e-30f);
+    const float inv_hi = 1.f / fmaxf(quad_sum(l_hi), 1e-30f);
+    u32* out_lo = (u32*)(out + (size_t)r_lo * n_heads * HD + head * HD);
+    u32* out_hi = (u32*)(out + (size_t)r_hi * n_heads * HD + head * HD);
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        if (ok_lo) out_lo[4 * n + t] = pack_bf16x2(o[n][0] * inv_lo, o[n][1] * inv_lo);
+        if (ok_hi) out_hi[4 * n + t] = pack_bf16x2(o[n][2] * inv_hi, o[n][3] * inv_hi);
+    }
+}

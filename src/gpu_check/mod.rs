@@ -367,6 +367,15 @@ fn profile_decode(
     }
 }
 
+/// A run's mode as the table names it: dense, or pruned with every kept row in VRAM, or tiered.
+fn mode_name(pruned: bool, placement: KvPlacement) -> &'static str {
+    match (pruned, placement) {
+        (false, _) => "dense",
+        (true, KvPlacement::Resident) => "pruned",
+        (true, KvPlacement::Tiered) => "tiered",
+    }
+}
+
 /// One run's line of the log.
 fn run_line(r: &RunResult) -> String {
     format!(
@@ -436,11 +445,7 @@ fn one_run(
     let tiers = cache.tiers();
     let result = RunResult {
         prompt_tokens: len,
-        mode: match (slim, placement) {
-            (None, _) => "dense",
-            (Some(_), KvPlacement::Resident) => "pruned",
-            (Some(_), KvPlacement::Tiered) => "tiered",
-        },
+        mode: mode_name(slim.is_some(), placement),
         ttft_ms,
         decode_tok_s,
         prompt_kv_bytes: cache.prompt_kv_bytes(&shape),

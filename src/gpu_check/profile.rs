@@ -219,11 +219,7 @@ pub fn profile(
     let synced = per_step(parts.pop().unwrap_or_default());
     Ok(DecodeProfile {
         prompt_tokens: tokens.len(),
-        mode: match (slim, placement) {
-            (None, _) => "dense",
-            (Some(_), KvPlacement::Resident) => "pruned",
-            (Some(_), KvPlacement::Tiered) => "tiered",
-        },
+        mode: super::mode_name(slim.is_some(), placement),
         steps,
         synced,
         enqueued,

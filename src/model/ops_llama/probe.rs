@@ -8,6 +8,7 @@
 //! issuing it (launch costs, uploads that synchronise, host work between ops). A step whose
 //! enqueue time is close to its synced time is bound by the host, not the device.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -37,13 +38,16 @@ struct Running {
     parts: Vec<ProbePart>,
 }
 
-/// The forward's probe: off (marks cost a lock) until [`OpProbe::start`].
+/// The forward's probe: off (a mark is one relaxed load) until [`OpProbe::start`].
 #[derive(Default)]
-pub struct OpProbe(Mutex<Option<Running>>);
+pub struct OpProbe {
+    on: AtomicBool,
+    run: Mutex<Option<Running>>,
+}
 
 impl OpProbe {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Start timing from now (after the device finished what was queued).
@@ -54,11 +58,15 @@ impl OpProbe {
             last: Instant::now(),
             parts: Vec::new(),
         });
+        self.on.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// The end of `part`: its time since the previous mark, when a probe runs.
     pub fn mark<O: Ops>(&self, ops: &O, part: &'static str) -> Result<()> {
+        if !self.on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut guard = self.lock();
         let Some(run) = guard.as_mut() else {
             return Ok(());
@@ -81,6 +89,7 @@ impl OpProbe {
 
     /// Stop, returning each part's total in the order the parts were first marked.
     pub fn finish(&self) -> Vec<ProbePart> {
+        self.on.store(false, Ordering::Relaxed);
         self.lock().take().map(|r| r.parts).unwrap_or_default()
     }
 }

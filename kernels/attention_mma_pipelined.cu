@@ -61,13 +61,6 @@
 #ifndef HOST_SHIM
 extern __shared__ __align__(16) unsigned char pipe_smem[];
 
-// a byte address in the shared window, as ldmatrix and cp.async take it: 32 bits, where a
-// generic pointer takes two registers
-typedef u32 sptr;
-__device__ __forceinline__ sptr to_sptr(const void* p) {
-    return (sptr)__cvta_generic_to_shared(p);
-}
-
 // four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8
 __device__ __forceinline__ void ldsm_x4(u32 r[4], sptr row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -80,24 +73,6 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 r[4], sptr row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(row));
-}
-
-// 16 bytes global -> shared, asynchronous; zeros instead where !fill (src must still be a
-// valid address: nothing is read from it)
-__device__ __forceinline__ void cp_async16(sptr dst, const void* src, bool fill) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-                 "l"(src), "r"(fill ? 16 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// wait until at most N of this thread's commit groups are still in flight
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
 

@@ -236,6 +236,259 @@ DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_bf16, 128, 4, 8, false, 1
 DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_fused_bf16, 128, 4, 8, true, 1)
 DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_bf16, 128, 8, 8, false, 1)
 
+// Decode attention staged through shared memory: the same split, arguments and partials as
+// decode_attention_warps above, rebuilt where that kernel is bound on an H200 (1.29 TB/s at
+// 32k keys: each warp holds its in-flight rows in registers, so two CTAs a multiprocessor and
+// one chunk ahead are all that fit, and every (key, head) score is summed over the warp by its
+// own five shuffles, 160 a chunk at a group of 4):
+//
+// - Each warp streams its chunks through NSTAGE buffers of shared memory by cp.async (16 bytes
+//   a lane per copy, rows past the split zero-filled), NSTAGE - 1 chunks in flight while it
+//   computes one; the registers hold no in-flight rows, so more CTAs reside.
+// - A chunk's G x CHUNK partial scores are summed over the warp by one reduce-scatter (each
+//   exchange halves what a lane holds: 31 shuffles for 32 scores, 62 for 64), leaving lane l
+//   the whole sums of scores KEEP l .. KEEP l + KEEP - 1 (score g CHUNK + j is head g, key j);
+//   they go through shared memory to every lane, which then updates each head's online
+//   softmax and adds its weighted values as before.
+// - A key's row is read from shared memory as the lane's HD / 32 channels (one 64- or 32-bit
+//   load, a warp's loads one contiguous row: no bank conflicts).
+// Dynamic shared memory: warp w's buffers at w * NSTAGE * DS_STAGE_BYTES(HD), each CHUNK key
+// rows, CHUNK value rows (HD bf16 each), CHUNK positions; after the loop the same bytes hold the
+// warps' outputs for the CTA's merge (DW_WARPS * G * HD f32). decode_attention.rs computes the
+// same size.
+
+#define DS_CHUNK 8
+#define DS_STAGE_BYTES(HD) (2 * DS_CHUNK * (HD) * 2 + DS_CHUNK * 4)
+
+#ifndef HOST_SHIM
+extern __shared__ __align__(16) unsigned char pipe_smem[];
+#endif
+
+// v[NV] (NV = 32 KEEP) summed over the warp and scattered: lane l ends with the sums of
+// entries KEEP l .. KEEP l + KEEP - 1 in v[0 .. KEEP). Each exchange over lane bit `mask` keeps
+// the upper half of what a lane holds where that bit is set, the lower half where not, and
+// adds the partner's copy of it.
+template <int NV>
+__device__ __forceinline__ void warp_reduce_scatter(float (&v)[NV], int lane) {
+#pragma unroll
+    for (int step = 0; step < 5; ++step) {
+        const int half = NV >> (step + 1), mask = 16 >> step;
+        const bool upper = (lane & mask) != 0;
+        // a constant bound, so that the loop unrolls before `half` is known: every index is
+        // then a constant and v stays in registers
+#pragma unroll
+        for (int k = 0; k < NV / 2; ++k) {
+            if (k < half) {
+                const float send = upper ? v[k] : v[k + half];
+                const float keep = upper ? v[k + half] : v[k];
+                v[k] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+            }
+        }
+    }
+}
+
+template <int HD, int G, int NSTAGE>
+__device__ __forceinline__ void decode_attention_staged(
+    const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
+    const u32* table, float* part_m, float* part_l, float* part_o, int q_col, int n_keys,
+    int n_heads, int n_kv_heads, int keys_per_split, float scale) {
+    constexpr int DPL = HD / 32;
+    constexpr int NV = G * DS_CHUNK;  // a chunk's scores
+    constexpr int KEEP = NV / 32;     // the whole sums a lane holds after the reduce-scatter
+    static_assert(NV % 32 == 0, "a chunk's scores fill the warp");
+    constexpr int ROW_PIECES = HD * 2 / 16;  // 16-byte copies a row
+    constexpr int SB = DS_STAGE_BYTES(HD);
+    __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
+    __shared__ float sc[DW_WARPS][NV];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int split = blockIdx.x, kv_head = blockIdx.y, n_splits = gridDim.x;
+    const int group = n_heads / n_kv_heads, head0 = kv_head * group;
+    const int kv_dim = n_kv_heads * HD;
+    const u32 qp = q_pos[0];
+    unsigned char* mine = pipe_smem + warp * NSTAGE * SB;
+
+    // the group's queries, this lane's channels, pre-scaled; zeros past the group
+    float qr[G][DPL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        u32 w[DPL / 2];
+        load_raw<DPL>(q + q_col + (head0 + min(g, group - 1)) * HD, lane, w);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) qr[g][i] = g < group ? widen(w, i) * scale : 0.f;
+    }
+    float m[G], l[G], o[G][DPL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[g][i] = 0.f;
+    }
+
+    const int k0 = split * keys_per_split;
+    const int k1 = min(n_keys, k0 + keys_per_split);
+    const int step = DS_CHUNK * DW_WARPS;
+    const int first = k0 + DS_CHUNK * warp;
+    // the next chunk to issue, and its slot (read one issue ahead: its latency passes under a
+    // chunk's math). k0 and so every chunk start are multiples of DS_CHUNK, which divides
+    // KV_BLOCK: a chunk lies in one slot.
+    int issued = first;
+    u32 slot = issued < k1 ? table[issued / KV_BLOCK] : 0u;
+    auto issue = [&](int buf) {
+        if (issued < k1) {
+            const int nc = min(DS_CHUNK, k1 - issued);
+            const size_t row0 = (size_t)slot * KV_BLOCK + issued % KV_BLOCK;
+            unsigned char* st = mine + buf * SB;
+#pragma unroll
+            for (int p = lane; p < DS_CHUNK * ROW_PIECES; p += 32) {
+                const int r = p / ROW_PIECES, c = p % ROW_PIECES;
+                const bool in = r < nc;
+                const size_t at = (row0 + (in ? r : 0)) * kv_dim + kv_head * HD + 8 * c;
+                cp_async16(to_sptr(st + (r * HD + 8 * c) * 2), k_pool + at, in);
+                cp_async16(to_sptr(st + (DS_CHUNK + r) * HD * 2 + 16 * c), v_pool + at, in);
+            }
+            // the chunk's positions: DS_CHUNK u32 from a 32-byte aligned row (rows past nc are
+            // read, and masked where used)
+            if (lane < DS_CHUNK / 4)
+                cp_async16(to_sptr(st + 2 * DS_CHUNK * HD * 2 + 16 * lane),
+                           pos_pool + row0 + 4 * lane, true);
+        }
+        cp_async_commit();  // one group a chunk, empty past the split: the waits count chunks
+        issued += step;
+        slot = issued < k1 ? table[issued / KV_BLOCK] : 0u;
+    };
+#pragma unroll
+    for (int b = 0; b < NSTAGE - 1; ++b) issue(b);
+    int buf = 0;
+    for (int c0 = first; c0 < k1; c0 += step) {
+        cp_async_wait<NSTAGE - 2>();  // chunk c0 landed for this lane
+        __syncwarp();  // ... for every lane; and every lane is done with the buffer refilled next
+        issue((buf + NSTAGE - 1) % NSTAGE);
+        const unsigned char* st = mine + buf * SB;
+        const bf16* ks = (const bf16*)st;
+        const bf16* vs = ks + DS_CHUNK * HD;
+        const u32* ps = (const u32*)(st + 2 * DS_CHUNK * HD * 2);
+        const int nc = min(DS_CHUNK, k1 - c0);
+        bool vis[DS_CHUNK];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < DS_CHUNK; ++j) {
+            vis[j] = j < nc && ps[j] <= qp;
+            any = any || vis[j];
+        }
+        // uniform over the warp: every lane read the same positions
+        if (any) {
+            float v[NV];
+#pragma unroll
+            for (int j = 0; j < DS_CHUNK; ++j) {
+                u32 kr[DPL / 2];
+                load_raw<DPL>(ks + j * HD, lane, kr);
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    float s = 0.f;
+#pragma unroll
+                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * widen(kr, i);
+                    v[g * DS_CHUNK + j] = s;
+                }
+            }
+            warp_reduce_scatter<NV>(v, lane);
+#pragma unroll
+            for (int t = 0; t < KEEP; ++t) sc[warp][KEEP * lane + t] = v[t];
+            __syncwarp();
+            u32 vr[DS_CHUNK][DPL / 2];
+#pragma unroll
+            for (int j = 0; j < DS_CHUNK; ++j) load_raw<DPL>(vs + j * HD, lane, vr[j]);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                if (g >= group) continue;
+                float p[DS_CHUNK];
+                float cm = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < DS_CHUNK; ++j) {
+                    p[j] = vis[j] ? sc[warp][g * DS_CHUNK + j] : -INFINITY;
+                    cm = fmaxf(cm, p[j]);
+                }
+                const float m_new = fmaxf(m[g], cm);  // finite: some key of the chunk is visible
+                const float corr = __expf(m[g] - m_new);  // 0 while m[g] is -inf
+                l[g] *= corr;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) o[g][i] *= corr;
+#pragma unroll
+                for (int j = 0; j < DS_CHUNK; ++j) {
+                    p[j] = vis[j] ? __expf(p[j] - m_new) : 0.f;
+                    l[g] += p[j];
+#pragma unroll
+                    for (int i = 0; i < DPL; ++i) o[g][i] += p[j] * widen(vr[j], i);
+                }
+                m[g] = m_new;
+            }
+            __syncwarp();  // the scores are read before the next chunk's are written
+        }
+        buf = (buf + 1) % NSTAGE;
+    }
+    cp_async_wait<0>();
+
+    // merge the warps: each head's max, sum and values over the CTA, the outputs in the bytes
+    // the buffers held
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g >= group) continue;
+        if (lane == 0) {
+            wm[warp][g] = m[g];
+            wl[warp][g] = l[g];
+        }
+    }
+    __syncthreads();  // every warp is past its buffers
+    float* wo = (float*)pipe_smem;  // (DW_WARPS, G, HD)
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g >= group) continue;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) wo[(warp * G + g) * HD + DPL * lane + i] = o[g][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
+        const int g = idx / HD, d = idx % HD;
+        float big = -INFINITY;
+        for (int w = 0; w < DW_WARPS; ++w) big = fmaxf(big, wm[w][g]);
+        float acc = 0.f, sum = 0.f;
+        if (big != -INFINITY) {
+            for (int w = 0; w < DW_WARPS; ++w) {
+                if (wm[w][g] == -INFINITY) continue;
+                const float e = __expf(wm[w][g] - big);
+                acc += wo[(w * G + g) * HD + d] * e;
+                sum += wl[w][g] * e;
+            }
+        }
+        const size_t part = (size_t)(head0 + g) * n_splits + split;
+        part_o[part * HD + d] = acc;
+        if (d == 0) {
+            part_m[part] = big;
+            part_l[part] = sum;
+        }
+    }
+}
+
+#define DECODE_ATTENTION_STAGED(NAME, HD, G, NSTAGE)                                            \
+    extern "C" __global__ void __launch_bounds__(32 * DW_WARPS) NAME(                             \
+        const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool,                  \
+        const u32* pos_pool, const u32* table, float* part_m, float* part_l, float* part_o,       \
+        int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split,     \
+        float scale) {                                                                            \
+        (void)q_stride;                                                                           \
+        decode_attention_staged<HD, G, NSTAGE>(q, q_pos, k_pool, v_pool, pos_pool, table, part_m, \
+                                               part_l, part_o, q_col, n_keys, n_heads,            \
+                                               n_kv_heads, keys_per_split, scale);                \
+    }
+// NSTAGE buffers a warp (NSTAGE - 1 chunks in flight): gpu-check times 2, 3 and 4 at the 8B
+// shape; the other shapes run 3.
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd64_g4_s3_bf16, 64, 4, 3)
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd64_g8_s3_bf16, 64, 8, 3)
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd128_g4_s2_bf16, 128, 4, 2)
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd128_g4_s3_bf16, 128, 4, 3)
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd128_g4_s4_bf16, 128, 4, 4)
+DECODE_ATTENTION_STAGED(decode_attention_staged_hd128_g8_s3_bf16, 128, 8, 3)
+
 // grid (n_heads), block (DM_THREADS): out[head] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M)
 // over the splits, each split's weight computed once (in shared memory) and the value columns
 // read across the threads (decode_attention.cu's combine walks every split serially per

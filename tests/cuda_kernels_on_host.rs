@@ -17,6 +17,7 @@ use std::process::Command;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slimchat::backend::cpu_ops::to_bf16;
+use slimchat::backend::ops::KV_BLOCK;
 
 use host_kernels::{bytes, compile_with, kept_keys, program_on, run_for_bf16, PagedCase};
 
@@ -44,6 +45,7 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 #define __shared__ static
 #define __syncthreads()
 #define DEC_DIMS 128
+struct uint4 { unsigned x, y, z, w; };
 "#;
 
 /// A host program: [`PRELUDE`], kernels/common.cuh, the `kernels` sources, then `main`.
@@ -341,4 +343,90 @@ fn the_split_decode_attention_matches_the_cpu_reference_on_the_host() {
     let e = rel_err(&to_f32(&got), &case.want());
     eprintln!("split decode attention against CpuOps: relative error {e:.2e}");
     assert!(e < 5e-3, "{e}");
+}
+
+/// The fetch of host-tier blocks (kv_blocks.cu's `kv_fetch_blocks`): the tier's blocks and the
+/// pool from files, the pairs (host block, slot), the pool written back.
+const FETCH_MAIN: &str = r#"
+int main() {
+    auto hk = as<uint4>(slurp("hk.bin")), hv = as<uint4>(slurp("hv.bin"));
+    auto hp = as<uint4>(slurp("hp.bin"));
+    auto k = as<uint4>(slurp("k.bin")), v = as<uint4>(slurp("v.bin")), p = as<uint4>(slurp("p.bin"));
+    auto pairs = as<u32>(slurp("pairs.bin"));
+    auto d = as<int>(slurp("dims.bin"));  // slot_pieces
+    kv_fetch_blocks(hk.data(), hv.data(), hp.data(), k.data(), v.data(), p.data(), pairs.data(),
+                    (int)(pairs.size() / 2), d[0]);
+    for (auto [name, buf] : {std::pair{"k.out", &k}, {"v.out", &v}, {"p.out", &p}}) {
+        FILE* f = fopen(name, "wb");
+        fwrite(buf->data(), 16, buf->size(), f);
+        fclose(f);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn the_host_tier_fetch_moves_each_block_into_its_slot_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = program(&[include_str!("../kernels/kv_blocks.cu")], FETCH_MAIN);
+    let Some(binary) = compile(dir.path(), &source) else {
+        return;
+    };
+    // 6 host blocks, a pool of 5 slots, kv_dim 24 (3 pieces of 8 bf16 a row)
+    let (kv_dim, host_blocks, slots) = (24usize, 6usize, 5usize);
+    let n = KV_BLOCK * kv_dim;
+    let hk: Vec<u16> = (0..host_blocks * n).map(|i| i as u16).collect();
+    let hv: Vec<u16> = (0..host_blocks * n).map(|i| (i as u16) ^ 0x5555).collect();
+    let hp: Vec<u32> = (0..(host_blocks * KV_BLOCK) as u32)
+        .map(|i| 1000 + i)
+        .collect();
+    let (k, v) = (vec![7u16; slots * n], vec![9u16; slots * n]);
+    let p = vec![u32::MAX; slots * KV_BLOCK];
+    let pairs: [(u32, u32); 3] = [(4, 0), (1, 3), (5, 2)];
+    let flat: Vec<u32> = pairs.iter().flat_map(|&(b, d)| [b, d]).collect();
+    for (name, data) in [
+        ("hk.bin", bytes(&hk)),
+        ("hv.bin", bytes(&hv)),
+        ("hp.bin", bytes(&hp)),
+        ("k.bin", bytes(&k)),
+        ("v.bin", bytes(&v)),
+        ("p.bin", bytes(&p)),
+        ("pairs.bin", bytes(&flat)),
+        ("dims.bin", bytes(&[(n / 8) as i32])),
+    ] {
+        std::fs::write(dir.path().join(name), data).unwrap();
+    }
+    let run = Command::new(&binary)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read16 = |f: &str| -> Vec<u16> {
+        let b = std::fs::read(dir.path().join(f)).unwrap();
+        b.chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    };
+    let b = std::fs::read(dir.path().join("p.out")).unwrap();
+    let got_p: Vec<u32> = b
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let (got_k, got_v) = (read16("k.out"), read16("v.out"));
+    let (mut want_k, mut want_v, mut want_p) = (k, v, p);
+    for &(b, d) in &pairs {
+        let (b, d) = (b as usize, d as usize);
+        want_k[d * n..(d + 1) * n].copy_from_slice(&hk[b * n..(b + 1) * n]);
+        want_v[d * n..(d + 1) * n].copy_from_slice(&hv[b * n..(b + 1) * n]);
+        want_p[d * KV_BLOCK..(d + 1) * KV_BLOCK]
+            .copy_from_slice(&hp[b * KV_BLOCK..(b + 1) * KV_BLOCK]);
+    }
+    // slots 1 and 4 untouched, the others the blocks' keys, values and positions
+    assert_eq!(got_k, want_k);
+    assert_eq!(got_v, want_v);
+    assert_eq!(got_p, want_p);
 }

@@ -182,6 +182,37 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
         ("decode_attention_warps_hd128_g8_bf16", (14, 2, 128), 0, 4),
         ("decode_attention_warps_hd64_g4_bf16", (9, 3, 64), 70, 7),
         ("decode_attention_warps_hd64_g8_bf16", (16, 2, 64), 0, 40),
+        (
+            "decode_attention_staged_hd128_g4_s2_bf16",
+            (8, 2, 128),
+            0,
+            3,
+        ),
+        (
+            "decode_attention_staged_hd128_g4_s3_bf16",
+            (8, 2, 128),
+            41,
+            5,
+        ),
+        (
+            "decode_attention_staged_hd128_g4_s4_bf16",
+            (6, 2, 128),
+            13,
+            2,
+        ),
+        (
+            "decode_attention_staged_hd128_g8_s3_bf16",
+            (14, 2, 128),
+            0,
+            4,
+        ),
+        ("decode_attention_staged_hd64_g4_s3_bf16", (9, 3, 64), 70, 7),
+        (
+            "decode_attention_staged_hd64_g8_s3_bf16",
+            (16, 2, 64),
+            0,
+            40,
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let program = program_on(

@@ -13,10 +13,10 @@ use crate::{Error, Result};
 impl CudaOps {
     /// One query row's attention split over the key range, each CTA serving the KV head's query
     /// heads (each K/V row read once for the group), so that a long context keeps every
-    /// multiprocessor busy; then one combine per head. Head sizes 64 and 128 run the warp
-    /// kernel (a warp per stream of keys, coalesced rows) on the CTAs a multiprocessor
-    /// [`super::ops::DecodeTuning`] says (two by default); the others the tree kernel on up to
-    /// 64 splits of at least 512 keys.
+    /// multiprocessor busy; then one combine per head. Head sizes 64 and 128 run the kernel of
+    /// decode_attention_warps.cu that [`super::ops::DecodeTuning`] names (a warp per stream of
+    /// keys, coalesced rows) on the CTAs a multiprocessor it says; the others the tree kernel
+    /// on up to 64 splits of at least 512 keys.
     /// Checked by `attention` (shapes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn decode_attention(
@@ -61,19 +61,17 @@ impl CudaOps {
         let mut part_m = unsafe { s.alloc::<f32>(parts) }.or_engine("alloc")?;
         let mut part_l = unsafe { s.alloc::<f32>(parts) }.or_engine("alloc")?;
         let mut part_o = unsafe { s.alloc::<f32>(parts * heads.head_dim) }.or_engine("alloc")?;
-        let name = match warps {
-            true => format!(
-                "decode_attention_warps_hd{}_g{}{}_bf16",
-                heads.head_dim,
-                if group <= 4 { 4 } else { 8 },
-                match heads.head_dim == 128 && group <= 4 && self.decode.fused {
-                    true => "_fused",
-                    false => "",
-                }
+        let (name, smem) = match warps {
+            true => (
+                self.decode.kernel.entry(heads.head_dim, group),
+                self.decode.kernel.shared_bytes(heads.head_dim, group),
             ),
-            false => "decode_attention_split_bf16".to_string(),
+            false => ("decode_attention_split_bf16".to_string(), 0),
         };
-        let f = self.f(&name)?;
+        let f = match smem {
+            0 => self.f(&name)?,
+            _ => self.gpu.kernels.get_with_shared(&name, smem)?,
+        };
         let (st, qc, nk, h, kvh, hd, ps) = (
             i32_of(at.stride),
             i32_of(at.offset),
@@ -100,11 +98,12 @@ impl CudaOps {
         let cfg = LaunchConfig {
             grid_dim: (n_splits as u32, heads.n_kv_heads as u32, 1),
             block_dim: (if warps { 32 * WARPS } else { THREADS }, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         // SAFETY: the splits cover keys < n_keys, which the table holds (checked by the
         // caller); the partials hold n_heads * n_splits entries (of head_dim for o); a group
-        // is at most DEC_MAX_GROUP (DW_MAX_GROUP) heads (checked).
+        // is at most DEC_MAX_GROUP (DW_MAX_GROUP) heads (checked); the dynamic shared memory is
+        // the staged kernel's layout at this shape (its limit raised to it), 0 for the others.
         unsafe { b.launch(cfg) }.or_engine("decode attention (split)")?;
         let f = self.f(match warps {
             true => "decode_attention_merge_bf16",

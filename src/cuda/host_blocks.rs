@@ -20,9 +20,11 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, PushKernelArg,
+    ValidAsZeroBits,
 };
 
+use super::ops::{flat, i32_of};
 use super::{CudaOps, OrEngine};
 use crate::backend::ops::{check_slots, KvPool, KV_BLOCK};
 use crate::{Error, Result};
@@ -45,6 +47,23 @@ struct Pinned {
     v: PinnedHostSlice<u16>,
     pos: PinnedHostSlice<u32>,
     landed: CudaEvent,
+    /// The three buffers' addresses in the device's address space (keys, values, positions),
+    /// where the driver maps them: a fetch is then one kernel that reads them over PCIe.
+    mapped: Option<[u64; 3]>,
+}
+
+/// The device address of pinned host memory at `host` (the same value under unified
+/// addressing), or None where the driver does not map it.
+fn device_address<T>(ctx: &cudarc::driver::CudaContext, host: *const T) -> Option<u64> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread().ok()?;
+    let mut at: sys::CUdeviceptr = 0;
+    // SAFETY: `host` is the start of a live allocation of cuMemHostAlloc; the call only
+    // writes `at`.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut at, host as *mut std::ffi::c_void, 0) }
+        .result()
+        .ok()
+        .map(|()| at)
 }
 
 impl Drop for CudaHostBlocks {
@@ -252,6 +271,14 @@ impl CudaOps {
         dtoh_front(copy, &p, &mut hp)?;
         let landed = copy.record_event(None).or_engine("record")?;
         let done = copy.record_event(None).or_engine("record")?;
+        let mapped = (|| {
+            let at = |p: Option<*const u8>| device_address(ctx, p?);
+            Some([
+                at(hk.as_ptr().ok().map(|p| p.cast()))?,
+                at(hv.as_ptr().ok().map(|p| p.cast()))?,
+                at(hp.as_ptr().ok().map(|p| p.cast()))?,
+            ])
+        })();
         self.staging.push(Staging {
             done,
             _k: k,
@@ -264,6 +291,7 @@ impl CudaOps {
                 v: hv,
                 pos: hp,
                 landed,
+                mapped,
             }),
             blocks: m,
             arena: self.pinned.clone(),
@@ -296,12 +324,45 @@ impl CudaOps {
         }
         let n = KV_BLOCK * pool.kv_dim;
         mem.landed.synchronize().or_engine("wait for the offload")?;
+        let s = &self.gpu.stream;
+        match mem.mapped {
+            // one kernel reads every block over PCIe into its slot
+            Some([hk, hv, hp]) if n.is_multiple_of(8) => {
+                let pairs: Vec<u32> = (writes.iter()).flat_map(|&(b, d)| [b as u32, d]).collect();
+                let pairs = s.clone_htod(&pairs).or_engine("htod")?;
+                let (count, pieces) = (i32_of(writes.len()), i32_of(n / 8));
+                let f = self.f("kv_fetch_blocks")?;
+                let mut b = s.launch_builder(&f);
+                b.arg(&hk).arg(&hv).arg(&hp);
+                b.arg(&mut pool.k).arg(&mut pool.v).arg(&mut pool.pos);
+                b.arg(&pairs).arg(&count).arg(&pieces);
+                let total = writes.len() * (2 * n / 8 + KV_BLOCK / 4);
+                // SAFETY: the host addresses are the tier's mapped buffers (blocks checked
+                // above, slots by check_slots); the pools hold n elements a slot (n / 8
+                // 16-byte pieces, cudarc's allocations are 256-byte aligned).
+                unsafe { b.launch(flat(total)) }.or_engine("kv_fetch_blocks")?;
+            }
+            _ => self.fetch_by_copies(mem, writes, pool)?,
+        }
+        // the pinned buffers stay until these copies have run (see Drop)
+        let read = s.record_event(None).or_engine("record")?;
+        *host.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(read);
+        Ok(())
+    }
+
+    /// A fetch as one copy a run of blocks (adjacent in both stores) and store, straight from
+    /// pinned memory into the slots on the compute stream: where the driver does not map the
+    /// host tier.
+    fn fetch_by_copies(
+        &self,
+        mem: &Pinned,
+        writes: &[(usize, u32)],
+        pool: &mut KvPool<Self>,
+    ) -> Result<()> {
+        let n = KV_BLOCK * pool.kv_dim;
         let hk = mem.k.as_slice().or_engine("pinned")?;
         let hv = mem.v.as_slice().or_engine("pinned")?;
         let hp = mem.pos.as_slice().or_engine("pinned")?;
-        // straight from pinned memory into the slots, asynchronously on the compute stream (so
-        // the layer's attention, queued after, reads them); blocks adjacent on both sides move
-        // as one copy
         let s = &self.gpu.stream;
         for run in runs(writes) {
             let (b, d, len) = (run.0, run.1 as usize, run.2);
@@ -317,9 +378,6 @@ impl CudaOps {
             s.memcpy_htod(&hp[from], &mut pool.pos.slice_mut(to))
                 .or_engine("htod")?;
         }
-        // the pinned buffers stay until these copies have run (see Drop)
-        let read = s.record_event(None).or_engine("record")?;
-        *host.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(read);
         Ok(())
     }
 

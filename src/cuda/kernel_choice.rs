@@ -2,14 +2,86 @@
 //! times them on the device and runs the fastest that passed its checks; the defaults are what
 //! that measured on an H200 (bench/NOTES.md).
 
-/// The decode attention warp kernel's launch: the CTAs a multiprocessor it aims at (splits of
-/// the key range times KV heads) and the kernel variant.
+/// Decode attention's kernels at head sizes 64 and 128 (decode_attention_warps.cu; the tree
+/// kernel of decode_attention.cu runs the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum DecodeKernel {
+    /// A warp per stream of keys, the next chunk's rows loaded into registers ahead.
+    Warps,
+    /// The same, each head's values right after its scores (head size 128, groups up to 4;
+    /// the plain kernel elsewhere).
+    WarpsFused,
+    /// Rows staged through `stages` shared-memory buffers a warp by cp.async, scores summed by
+    /// one reduce-scatter a chunk. `stages` is 2, 3 or 4 at head size 128 with groups up to 4
+    /// (the 8B shape), 3 elsewhere.
+    Staged { stages: u8 },
+}
+
+impl DecodeKernel {
+    /// The entry point at `head_dim` (64 or 128) and a group of `group` query heads.
+    pub fn entry(self, head_dim: usize, group: usize) -> String {
+        let g = if group <= 4 { 4 } else { 8 };
+        let narrow = head_dim == 128 && group <= 4;
+        match self {
+            Self::Warps => format!("decode_attention_warps_hd{head_dim}_g{g}_bf16"),
+            Self::WarpsFused if narrow => "decode_attention_warps_hd128_g4_fused_bf16".into(),
+            Self::WarpsFused => Self::Warps.entry(head_dim, group),
+            Self::Staged { stages } => {
+                let s = if narrow { stages.clamp(2, 4) } else { 3 };
+                format!("decode_attention_staged_hd{head_dim}_g{g}_s{s}_bf16")
+            }
+        }
+    }
+
+    /// Dynamic shared memory the entry at `head_dim` and `group` launches with: the staged
+    /// kernel's buffers (DS_STAGE_BYTES a chunk, DW_WARPS warps), or its warps' outputs for
+    /// the merge where those are larger.
+    pub fn shared_bytes(self, head_dim: usize, group: usize) -> usize {
+        const WARPS: usize = 4; // DW_WARPS
+        const CHUNK: usize = 8; // DS_CHUNK
+        let Self::Staged { stages } = self else {
+            return 0;
+        };
+        let narrow = head_dim == 128 && group <= 4;
+        let stages = if narrow { stages.clamp(2, 4) } else { 3 } as usize;
+        let g = if group <= 4 { 4 } else { 8 };
+        let stage = 2 * CHUNK * head_dim * 2 + CHUNK * 4;
+        (WARPS * stages * stage).max(WARPS * g * head_dim * 4)
+    }
+
+    /// How gpu-check's log names it.
+    pub fn name(self) -> String {
+        match self {
+            Self::Warps => "warps".into(),
+            Self::WarpsFused => "warps, fused".into(),
+            Self::Staged { stages } => format!("staged, {stages} buffers"),
+        }
+    }
+}
+
+/// Decode attention's launch at head sizes 64 and 128: the CTAs a multiprocessor it aims at
+/// (splits of the key range times KV heads) and the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeTuning {
     pub ctas_per_sm: usize,
-    /// Head size 128, groups up to 4: each head's values right after its scores (fewer
-    /// registers), or every head's scores first.
-    pub fused: bool,
+    pub kernel: DecodeKernel,
+}
+
+impl DecodeTuning {
+    /// Every setting gpu-check's sweep times, the default among them.
+    pub fn sweep() -> Vec<DecodeTuning> {
+        let kernels = [DecodeKernel::Warps, DecodeKernel::WarpsFused]
+            .into_iter()
+            .chain([2, 3, 4].map(|stages| DecodeKernel::Staged { stages }));
+        kernels
+            .flat_map(|kernel| {
+                [1, 2, 3, 4].map(|ctas_per_sm| DecodeTuning {
+                    ctas_per_sm,
+                    kernel,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Default for DecodeTuning {
@@ -18,7 +90,7 @@ impl Default for DecodeTuning {
         // 1.29 TB/s; plain 114 us; 3 or 4 CTAs 122-151 us): the registers let two reside
         Self {
             ctas_per_sm: 2,
-            fused: true,
+            kernel: DecodeKernel::WarpsFused,
         }
     }
 }

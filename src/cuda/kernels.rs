@@ -43,7 +43,7 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     (
         "kv_blocks.cu",
         include_str!("../../kernels/kv_blocks.cu"),
-        &["kv_append_bf16", "kv_copy_blocks_bf16"],
+        &["kv_append_bf16", "kv_copy_blocks_bf16", "kv_fetch_blocks"],
     ),
     (
         "dequant.cu",
@@ -81,6 +81,7 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
         "attention_mma_pipelined.cu",
         concat!(
             include_str!("../../kernels/mma.cuh"),
+            include_str!("../../kernels/async_copy.cuh"),
             include_str!("../../kernels/attention_mma_pipelined.cu")
         ),
         &[
@@ -98,13 +99,22 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "decode_attention_warps.cu",
-        include_str!("../../kernels/decode_attention_warps.cu"),
+        concat!(
+            include_str!("../../kernels/async_copy.cuh"),
+            include_str!("../../kernels/decode_attention_warps.cu")
+        ),
         &[
             "decode_attention_warps_hd64_g4_bf16",
             "decode_attention_warps_hd64_g8_bf16",
             "decode_attention_warps_hd128_g4_bf16",
             "decode_attention_warps_hd128_g4_fused_bf16",
             "decode_attention_warps_hd128_g8_bf16",
+            "decode_attention_staged_hd64_g4_s3_bf16",
+            "decode_attention_staged_hd64_g8_s3_bf16",
+            "decode_attention_staged_hd128_g4_s2_bf16",
+            "decode_attention_staged_hd128_g4_s3_bf16",
+            "decode_attention_staged_hd128_g4_s4_bf16",
+            "decode_attention_staged_hd128_g8_s3_bf16",
             "decode_attention_merge_bf16",
         ],
     ),
@@ -151,6 +161,8 @@ pub struct Kernels {
     cc: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Dynamic shared memory limits raised so far, by entry point.
+    shared_limits: Mutex<HashMap<String, usize>>,
 }
 
 impl Kernels {
@@ -160,7 +172,28 @@ impl Kernels {
             cc,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            shared_limits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The entry point `name`, allowed `bytes` of dynamic shared memory (over 48 KB needs the
+    /// limit raised, once per size) and preferring the largest shared memory carveout (what
+    /// such kernels read through L1 does not matter).
+    pub fn get_with_shared(&self, name: &str, bytes: usize) -> Result<CudaFunction> {
+        use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        let f = self.get(name)?;
+        let mut limits = self.shared_limits.lock().expect("limit cache");
+        if limits.get(name).is_none_or(|&have| have < bytes) {
+            let set = |a, v: usize| f.set_attribute(a, i32::try_from(v).unwrap_or(i32::MAX));
+            set(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes).or_engine(name)?;
+            set(
+                Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )
+            .or_engine(name)?;
+            limits.insert(name.to_string(), bytes);
+        }
+        Ok(f)
     }
 
     /// The entry point `name`, from whichever file defines it.

@@ -12,7 +12,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
-pub use super::kernel_choice::{DecodeTuning, PrefillFootprint, PrefillKernel};
+pub use super::kernel_choice::{DecodeKernel, DecodeTuning, PrefillFootprint, PrefillKernel};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 

@@ -287,8 +287,8 @@ fn decode_tuning(
         Ok(f) => {
             for k in &f {
                 log(&format!(
-                    "kernel {}: {} registers, {} local bytes a thread, {} CTAs of 128 a multiprocessor",
-                    k.kernel, k.registers, k.local_bytes, k.ctas_per_sm
+                    "kernel {}: {} registers, {} local bytes a thread, {} B dynamic shared, {} CTAs of 128 a multiprocessor",
+                    k.kernel, k.registers, k.local_bytes, k.dynamic_shared_bytes, k.ctas_per_sm
                 ));
             }
             report.decode_footprints = f;
@@ -299,12 +299,14 @@ fn decode_tuning(
         Ok(rates) => {
             for r in &rates {
                 log(&format!(
-                    "decode attention, one 8B layer, {} keys, {} CTAs a multiprocessor{}: {:.1} us, {:.0} GB/s",
+                    "decode attention, one 8B layer, {} keys, {}, {} CTAs a multiprocessor: {:.1} us, {:.0} GB/s, {:.1e} from the default's output{}",
                     r.keys,
+                    r.tuning.kernel.name(),
                     r.tuning.ctas_per_sm,
-                    if r.tuning.fused { ", fused" } else { "" },
                     r.us,
-                    r.gb_s
+                    r.gb_s,
+                    r.rel_err,
+                    if r.rel_err <= profile::DECODE_AGREES { "" } else { ": WRONG, not run" }
                 ));
             }
             report.decode_rates = rates;
@@ -312,12 +314,13 @@ fn decode_tuning(
         Err(e) => log(&format!("the decode rates failed: {e}")),
     }
     let best = (report.decode_rates.iter())
+        .filter(|r| r.rel_err <= profile::DECODE_AGREES)
         .min_by(|a, b| a.us.total_cmp(&b.us))
         .map_or_else(Default::default, |r| r.tuning);
     log(&format!(
-        "the runs' decode attention: {} CTAs a multiprocessor{}",
+        "the runs' decode attention: {}, {} CTAs a multiprocessor",
+        best.kernel.name(),
         best.ctas_per_sm,
-        if best.fused { ", fused" } else { "" }
     ));
     best
 }

@@ -9,9 +9,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::cpu_ops::to_f32;
 use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
+use crate::backend::ops_check::rel_err;
 use crate::backend::paged_kv::NoHooks;
-use crate::cuda::ops::DecodeTuning;
+use crate::cuda::ops::{DecodeKernel, DecodeTuning};
 use crate::cuda::{CudaOps, OrEngine};
 use crate::model::ops_llama::LlamaShape;
 use crate::model::ops_llama::{KvPlacement, OpsLlama, ProbeMode, ProbePart};
@@ -90,44 +92,58 @@ pub struct DecodeRate {
     pub us: f64,
     /// K and V bytes read over that time.
     pub gb_s: f64,
+    /// Its output against the default setting's (whose kernel the kernel checks compared with
+    /// the CPU), relative: a setting off by more than [`DECODE_AGREES`] is not run.
+    pub rel_err: f64,
 }
+
+/// How close a decode setting's output must be to the default's to be run: both are bf16 of
+/// the same f32 sums in another order.
+pub const DECODE_AGREES: f64 = 1e-2;
 
 /// A kernel's registers, local (spilled) bytes a thread, and CTAs of `threads` a
 /// multiprocessor holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelFootprint {
     pub kernel: String,
+    pub dynamic_shared_bytes: usize,
     pub registers: i32,
     pub local_bytes: i32,
     pub ctas_per_sm: u32,
 }
 
-/// The decode attention kernels' footprints.
+/// The decode attention kernels' footprints (the staged kernels at the 8B shape's group of 4).
 pub fn footprints(ops: &CudaOps) -> Result<Vec<KernelFootprint>> {
-    let names = [
+    let staged = [2u8, 3, 4].map(|stages| DecodeKernel::Staged { stages });
+    let mut names: Vec<(String, usize)> = [
         "decode_attention_warps_hd128_g4_bf16",
         "decode_attention_warps_hd128_g4_fused_bf16",
         "decode_attention_warps_hd128_g8_bf16",
         "decode_attention_warps_hd64_g4_bf16",
         "decode_attention_split_bf16",
         "decode_attention_merge_bf16",
-    ];
+    ]
+    .map(|n| (n.to_string(), 0))
+    .into();
+    names.extend(staged.map(|k| (k.entry(128, 4), k.shared_bytes(128, 4))));
     let mut out = Vec::new();
-    for name in names {
-        let f = ops.gpu.kernels.get(name)?;
+    for (name, smem) in names {
+        let f = ops.gpu.kernels.get_with_shared(&name, smem.max(1))?;
         out.push(KernelFootprint {
-            kernel: name.to_string(),
             registers: f.num_regs().or_engine("attribute")?,
             local_bytes: f.local_size_bytes().or_engine("attribute")?,
-            ctas_per_sm: (f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))
+            ctas_per_sm: (f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None))
                 .or_engine("occupancy")?,
+            dynamic_shared_bytes: smem,
+            kernel: name,
         });
     }
     Ok(out)
 }
 
-/// Decode attention over one 8B layer's `keys` keys (a dense table) at each launch setting:
-/// the median of 10 timed calls after 3.
+/// Decode attention over one 8B layer's `keys` keys (a dense table) at each launch setting of
+/// [`DecodeTuning::sweep`]: the median of 10 timed calls after 3, and the output against the
+/// default setting's.
 pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
     let heads = LlamaShape::llama31_8b().heads;
     let (q_dim, kv_dim) = (heads.q_dim(), heads.kv_dim());
@@ -147,21 +163,23 @@ pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
         stride: q_dim,
         offset: 0,
     };
+    let reference = ops.clone().with_decode_tuning(DecodeTuning::default());
+    reference.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out)?;
+    let want = to_f32(&ops.download_bf16(&out)?);
     let mut rates = Vec::new();
-    for (fused, ctas_per_sm) in [false, true]
-        .into_iter()
-        .flat_map(|f| [1, 2, 3, 4].map(|c| (f, c)))
-    {
-        let tuning = DecodeTuning { ctas_per_sm, fused };
+    for tuning in DecodeTuning::sweep() {
         let tuned = ops.clone().with_decode_tuning(tuning);
+        ops.fill_uniform(&mut out, 8, 1.0)?;
         let ms = super::rates::time_ms(&tuned, 3, 10, &mut || {
             tuned.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out)
         })?;
+        let got = to_f32(&ops.download_bf16(&out)?);
         rates.push(DecodeRate {
             keys,
             tuning,
             us: ms * 1e3,
             gb_s: (2 * keys * kv_dim * 2) as f64 / (ms * 1e-3) / 1e9,
+            rel_err: rel_err(&got, &want),
         });
     }
     Ok(rates)

@@ -77,6 +77,7 @@ static std::barrier<>* cta_barrier;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 #define __syncthreads() cta_barrier->arrive_and_wait()
 static void warp_sync() { warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
+#define __syncwarp() warp_sync()
 static float shfl_slots[32][32];
 static inline float __shfl_xor_sync(unsigned, float v, int o) {
     const unsigned w = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -2,7 +2,8 @@
 //! thread of a CTA a host thread and the warp's exchanges emulated on the PTX ISA's layouts
 //! ([`host_kernels::THREADED_PRELUDE`]), against `CpuOps`: the tensor-core prefill attention
 //! (kernels/attention_mma.cu), its pipelined successor (attention_mma_pipelined.cu: ldmatrix,
-//! cp.async) and decode attention by warps with its merge (decode_attention_warps.cu). This
+//! cp.async), decode attention by warps with its merge (decode_attention_warps.cu) and the
+//! one-row linear layer (gemv.cu). This
 //! checks the fragment mappings, the masking and the bookkeeping on every machine; the device
 //! run checks the kernels again (`slimchat gpu-check --kernels`). Skipped, with a note, where
 //! there is no C++ compiler.
@@ -11,10 +12,11 @@
 mod host_kernels;
 
 use slimchat::backend::cpu_ops::to_f32;
-use slimchat::backend::ops::Heads;
+use slimchat::backend::cpu_ops::CpuOps;
+use slimchat::backend::ops::{Heads, Ops};
 use slimchat::backend::ops_check::{rel_err, Rng};
 
-use host_kernels::{compile_with, kept_keys, program_on, run_for_bf16, PagedCase};
+use host_kernels::{bytes, compile_with, kept_keys, program_on, run_for_bf16, PagedCase};
 
 const THREADS: &[&str] = &["-std=c++20", "-pthread"];
 
@@ -253,4 +255,54 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
         );
         assert!(e < 5e-3, "{kernel}: {e}");
     }
+}
+
+/// One row through gemv.cu: x and w from files, out (n) bf16 written.
+const GEMV_MAIN: &str = r#"
+int main() {
+    auto x = as<bf16>(slurp("x.bin")), w = as<bf16>(slurp("w.bin"));
+    auto d = as<int>(slurp("dims.bin"));  // n, k
+    const int n = d[0], k = d[1];
+    std::vector<bf16> out(n, 0x7fc0);
+    launch((n + GV_ROWS - 1) / GV_ROWS, 1, 32 * GV_WARPS, [&] {
+        gemv_bf16(x.data(), w.data(), out.data(), n, k);
+    });
+    FILE* f = fopen("out.bin", "wb");
+    fwrite(out.data(), 2, out.size(), f);
+    fclose(f);
+    return 0;
+}
+"#;
+
+#[test]
+fn the_one_row_linear_layer_matches_the_cpu_reference_on_the_host() {
+    let mut rng = Rng::new(41);
+    let dir = tempfile::tempdir().unwrap();
+    let program = program_on(
+        host_kernels::THREADED_PRELUDE,
+        &[include_str!("../kernels/gemv.cu")],
+        GEMV_MAIN,
+    );
+    let Some(binary) = compile_with(dir.path(), &program, THREADS) else {
+        return;
+    };
+    // rows past the last CTA's four, and k past a whole round of the CTA's 256 lanes' pieces
+    // (2,056 / 8 = 257 pieces)
+    let (n, k) = (13usize, 2056usize);
+    let (x, w) = (rng.bf16s(k, 1.0), rng.bf16s(n * k, 0.05));
+    let dims = [n as i32, k as i32];
+    for (name, data) in [
+        ("x.bin", bytes(&x)),
+        ("w.bin", bytes(&w)),
+        ("dims.bin", bytes(&dims)),
+    ] {
+        std::fs::write(dir.path().join(name), data).unwrap();
+    }
+    let got = to_f32(&run_for_bf16(&binary, &[]));
+    let cpu = CpuOps;
+    let mut want = cpu.zeros_bf16(n).unwrap();
+    cpu.matmul(&x, &w, &mut want, 1, k, n).unwrap();
+    let e = rel_err(&got, &to_f32(&want));
+    eprintln!("gemv {n}x{k}: relative error {e:.2e}");
+    assert!(e < 5e-3, "{e}");
 }

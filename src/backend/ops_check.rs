@@ -374,6 +374,23 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     let shape = format!("({rows},{k})x({n},{k})^T");
     record(&mut out, "matmul (cuBLAS bf16)", shape, &a, &b, 1e-2);
 
+    // one row (decode; kernels/gemv.cu on a GPU), bf16 and f32 out, rows past a CTA's 4
+    let dims @ (rows, k, n) = (1, 1032, 259);
+    let (x, w) = (rng.bf16s(rows * k, 1.0), rng.bf16s(n * k, 0.05));
+    let (a, b) = (matmul(c, &x, &w, dims)?, matmul(r, &x, &w, dims)?);
+    let shape = format!("({rows},{k})x({n},{k})^T");
+    record(&mut out, "matmul one row (gemv bf16)", shape, &a, &b, 1e-2);
+    let (a, b) = (matmul_f32(c, &x, &w, dims)?, matmul_f32(r, &x, &w, dims)?);
+    let shape = format!("({rows},{k})x({n},{k})^T");
+    record(
+        &mut out,
+        "matmul_f32 one row (gemv f32)",
+        shape,
+        &a,
+        &b,
+        1e-3,
+    );
+
     // matmul with f32 output (the head's logits)
     let dims @ (rows, k, n) = (5, 576, 1031);
     let (x, w) = (rng.bf16s(rows * k, 1.0), rng.bf16s(n * k, 0.05));

@@ -119,6 +119,11 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "gemv.cu",
+        include_str!("../../kernels/gemv.cu"),
+        &["gemv_bf16", "gemv_f32"],
+    ),
+    (
         "slim_scores.cu",
         include_str!("../../kernels/slim_scores.cu"),
         &[

@@ -33,6 +33,8 @@ pub struct CudaOps {
     prefill: PrefillKernel,
     /// How the warp kernel of decode attention splits its work.
     pub(super) decode: DecodeTuning,
+    /// One-row linear layers (decode) by kernels/gemv.cu rather than cuBLAS.
+    gemv: bool,
 }
 
 const THREADS: u32 = 256;
@@ -80,7 +82,15 @@ impl CudaOps {
             pinned: PinnedArena::default(),
             prefill: PrefillKernel::MmaPipelined,
             decode: DecodeTuning::default(),
+            gemv: true,
         }
+    }
+
+    /// The same backend with one-row linear layers on kernels/gemv.cu (`true`, the default) or
+    /// on cuBLAS: gpu-check times both and runs the faster.
+    pub fn with_gemv(mut self, gemv: bool) -> Self {
+        self.gemv = gemv;
+        self
     }
 
     /// The same backend with decode attention's warp kernel launched as `tuning` says.
@@ -129,6 +139,9 @@ impl CudaOps {
                 )));
             }
         }
+        if rows == 1 && self.gemv && k.is_multiple_of(8) {
+            return self.gemv(x, w, out, out_type, (k, n));
+        }
         let s = &self.gpu.stream;
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
@@ -160,6 +173,39 @@ impl CudaOps {
             )
         }
         .or_engine("cublasGemmEx")
+    }
+}
+
+impl CudaOps {
+    /// [`Self::gemm`] at one row by kernels/gemv.cu: a CTA a few rows, its warps splitting k.
+    /// The caller checked the lengths and that k is a multiple of 8.
+    fn gemv<T: DeviceRepr>(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        out: &mut CudaSlice<T>,
+        out_type: cudaDataType_t,
+        (k, n): (usize, usize),
+    ) -> Result<()> {
+        const ROWS: usize = 4; // GV_ROWS
+        const WARPS: u32 = 8; // GV_WARPS
+        let name = match out_type {
+            cudaDataType_t::CUDA_R_32F => "gemv_f32",
+            _ => "gemv_bf16",
+        };
+        let f = self.f(name)?;
+        let (n32, k32) = (i32_of(n), i32_of(k));
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(x).arg(w).arg(out).arg(&n32).arg(&k32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(ROWS) as u32, 1, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds k values, w n rows of k, out n (checked by gemm); k is a multiple of
+        // 8 and cudarc's allocations are 256-byte aligned, so the 16-byte loads are aligned.
+        unsafe { b.launch(cfg) }.or_engine(name)?;
+        Ok(())
     }
 }
 

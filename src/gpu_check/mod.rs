@@ -98,6 +98,8 @@ pub struct Report {
     pub decode_footprints: Vec<profile::KernelFootprint>,
     /// Decode attention over one 8B layer at 32k keys, at each launch setting.
     pub decode_rates: Vec<profile::DecodeRate>,
+    /// One-row linear layers on cuBLAS and on gemv.cu.
+    pub gemv_rates: Vec<profile::GemvRate>,
     pub launch_cost: Option<profile::LaunchCost>,
     pub vram: VramInfo,
     pub bars: Vec<(String, bool)>,
@@ -137,6 +139,7 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
         prefill_profiles: Vec::new(),
         decode_footprints: Vec::new(),
         decode_rates: Vec::new(),
+        gemv_rates: Vec::new(),
         launch_cost: None,
         vram: gpu.vram()?,
         bars: Vec::new(),
@@ -190,6 +193,9 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
     report.prefill_attention = best.name();
     log(&format!("the runs' prefill attention: {}", best.name()));
     let ops = with(best).with_decode_tuning(decode_tuning(&with(best), &mut report, log));
+    let ops = ops
+        .clone()
+        .with_gemv(one_row_linear(&ops, &mut report, log));
     write(args, &report)?;
 
     let shape = LlamaShape::llama31_8b();
@@ -323,6 +329,38 @@ fn decode_tuning(
         best.ctas_per_sm,
     ));
     best
+}
+
+/// The one-row linear layers' times on cuBLAS and on gemv.cu, logged: the runs take gemv.cu
+/// where it is faster over the four layers and agrees with cuBLAS at every one.
+fn one_row_linear(ops: &CudaOps, report: &mut Report, log: &mut dyn FnMut(&str)) -> bool {
+    const AGREES: f64 = 1e-2;
+    match profile::gemv_rates(ops) {
+        Ok(rates) => {
+            for r in &rates {
+                log(&format!(
+                    "one-row linear ({} x {}): cuBLAS {:.1} us ({:.0} GB/s), gemv.cu {:.1} us ({:.0} GB/s), {:.1e} apart",
+                    r.shape.0, r.shape.1, r.cublas_us, r.cublas_gb_s, r.gemv_us, r.gemv_gb_s, r.rel_err
+                ));
+            }
+            let agree = rates.iter().all(|r| r.rel_err <= AGREES);
+            let faster = rates.iter().map(|r| r.gemv_us).sum::<f64>()
+                < rates.iter().map(|r| r.cublas_us).sum::<f64>();
+            report.gemv_rates = rates;
+            let gemv = agree && faster;
+            log(&format!(
+                "the runs' one-row linear layers: {}",
+                if gemv { "gemv.cu" } else { "cuBLAS" }
+            ));
+            gemv
+        }
+        Err(e) => {
+            log(&format!(
+                "the one-row linear rates failed: {e}; cuBLAS runs them"
+            ));
+            false
+        }
+    }
 }
 
 /// The decode profiles at the longest length and the launch costs, logged; a failure is logged

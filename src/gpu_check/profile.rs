@@ -185,6 +185,54 @@ pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
     Ok(rates)
 }
 
+/// One-row linear layers of the 8B shape on cuBLAS and on kernels/gemv.cu.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemvRate {
+    /// (n, k): out (1, n) = x (1, k) . w (n, k)ᵀ
+    pub shape: (usize, usize),
+    pub cublas_us: f64,
+    pub gemv_us: f64,
+    /// The weights' bytes over each time.
+    pub cublas_gb_s: f64,
+    pub gemv_gb_s: f64,
+    /// gemv.cu's output against cuBLAS's, relative.
+    pub rel_err: f64,
+}
+
+/// The decode step's four linear layers of the 8B shape (q|k|v, o, gate|up, down) at one row,
+/// each on cuBLAS and on gemv.cu: the median of 20 timed calls after 3, and the outputs
+/// compared.
+pub fn gemv_rates(ops: &CudaOps) -> Result<Vec<GemvRate>> {
+    let shape = LlamaShape::llama31_8b();
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let qkv = shape.heads.q_dim() + 2 * shape.heads.kv_dim();
+    let mut out = Vec::new();
+    for (n, k) in [(qkv, h), (h, shape.heads.q_dim()), (2 * i, h), (h, i)] {
+        let mut x = ops.zeros_bf16(k)?;
+        ops.fill_uniform(&mut x, 11, 1.0)?;
+        let mut w = ops.zeros_bf16(n * k)?;
+        ops.fill_uniform(&mut w, 12, 0.02)?;
+        let mut y = ops.zeros_bf16(n)?;
+        let mut time = |gemv: bool| -> Result<(f64, Vec<f32>)> {
+            let o = ops.clone().with_gemv(gemv);
+            let ms = super::rates::time_ms(&o, 3, 20, &mut || o.matmul(&x, &w, &mut y, 1, k, n))?;
+            Ok((ms * 1e3, to_f32(&ops.download_bf16(&y)?)))
+        };
+        let (cublas_us, want) = time(false)?;
+        let (gemv_us, got) = time(true)?;
+        let gb_s = |us: f64| (n * k * 2) as f64 / (us * 1e-6) / 1e9;
+        out.push(GemvRate {
+            shape: (n, k),
+            cublas_us,
+            gemv_us,
+            cublas_gb_s: gb_s(cublas_us),
+            gemv_gb_s: gb_s(gemv_us),
+            rel_err: rel_err(&got, &want),
+        });
+    }
+    Ok(out)
+}
+
 /// Launch and GEMV costs of the device.
 #[derive(Debug, Clone, Serialize)]
 pub struct LaunchCost {
@@ -192,7 +240,8 @@ pub struct LaunchCost {
     pub launch_issue_us: f64,
     /// The same launches' wall time to completion, per launch.
     pub launch_done_us: f64,
-    /// One token's (1 x 4096) x (14336 x 4096)ᵀ bf16 GEMV through cuBLAS, wall per call.
+    /// One token's (1 x 4096) x (14336 x 4096)ᵀ bf16 GEMV as the runs do it (cuBLAS or
+    /// gemv.cu), wall per call.
     pub gemv_us: f64,
     /// Its weight bytes over that time.
     pub gemv_gb_s: f64,

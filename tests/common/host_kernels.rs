@@ -60,6 +60,7 @@ static thread_local Dim threadIdx{0, 0, 0};
 typedef unsigned short bf16;
 typedef unsigned int u32;
 struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
 alignas(16) static unsigned char pipe_smem[1 << 18];
 static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }

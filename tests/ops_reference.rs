@@ -2,6 +2,8 @@
 //! independent naive implementations, the comparison harness against itself, and the
 //! Llama forward written against the seam, random weights (dense, pruned, decode).
 
+use std::sync::atomic::Ordering;
+
 use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
@@ -344,6 +346,46 @@ fn ops_decode_attends_to_each_slim_layers_own_blocks() {
     for ((_, set), stage_pool) in every_trace.decode_sets.iter().zip([0, 0, 1, 1]) {
         assert_eq!(set, &report.kept_blocks[stage_pool]);
     }
+}
+
+#[test]
+fn scoring_queries_before_they_are_downloaded_changes_nothing() {
+    // the prefill and decode of ops_decode_attends_to_each_slim_layers_own_blocks, the
+    // session's scorings started from the queries on the backend (the default) or from their
+    // downloads
+    let shape = LlamaShape::tiny(6);
+    let mut model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let narrow = SlimConfig {
+        decode_keep: 0.25,
+        decode_min_tokens: 0,
+        ..slim(1.0)
+    };
+    let run = |model: &mut OpsLlama<CpuOps>, ahead: bool| {
+        model.score_ahead = ahead;
+        let (mut cache, report) = model
+            .prefill(&tokens, Some(&narrow), 4, &mut NoHooks)
+            .unwrap();
+        let prefilled = model.scored_ahead.swap(0, Ordering::Relaxed);
+        let logits: Vec<Vec<f32>> = (0..3)
+            .map(|step| model.decode(&mut cache, 7 + step, &mut NoHooks).unwrap())
+            .collect();
+        let decoded = model.scored_ahead.swap(0, Ordering::Relaxed);
+        let sets = cache.session.as_ref().expect("pruned").trace().decode_sets;
+        (report.kept_blocks, logits, sets, prefilled, decoded)
+    };
+    let (plain_kept, plain, plain_sets, none, also_none) = run(&mut model, false);
+    assert_eq!((none, also_none), (0, 0));
+    let (kept, ahead, sets, prefilled, decoded) = run(&mut model, true);
+    // the prefill's scorings (every layer up to the last stage's boundary, and the first sets
+    // of the 4 slim layers) and 4 slim layers x 3 steps, each answered from scores started
+    // ahead
+    assert!(prefilled >= 4 + 4, "{prefilled}");
+    assert_eq!(decoded, 12);
+    assert_eq!(kept, plain_kept, "the same blocks kept");
+    assert_eq!(ahead, plain, "the same logits, bit for bit");
+    assert_eq!(sets, plain_sets);
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! blocks). The head's logits are f32.
 
 use std::ops::Range;
+use std::sync::atomic::AtomicUsize;
 
 use crate::backend::cpu_ops::{plain_rope, to_f32};
 use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, KV_BLOCK};
@@ -34,7 +35,7 @@ mod session_io;
 mod weights;
 pub use cache::{KvPlacement, ModelCache, TierReport};
 pub use probe::{OpProbe, ProbeMode, ProbePart};
-use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys};
+use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys, ReadyScores};
 pub use weights::Weights;
 
 /// The dimensions of a LLaMA-family decoder.
@@ -190,6 +191,11 @@ pub struct OpsLlama<'o, O: Ops> {
     pub weights: Weights<O>,
     /// Where the forward's time goes, while a probe runs (gpu-check's decode profile).
     pub probe: OpProbe,
+    /// Whether a decode step starts each slim layer's scoring before its query is downloaded
+    /// (one wait a slim layer instead of two; the same scores). On by default.
+    pub score_ahead: bool,
+    /// Decode scorings the session took from scores started that way.
+    pub scored_ahead: AtomicUsize,
 }
 
 impl<'o, O: Ops> OpsLlama<'o, O> {
@@ -201,6 +207,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             shape,
             weights,
             probe: OpProbe::default(),
+            score_ahead: true,
+            scored_ahead: AtomicUsize::new(0),
         })
     }
 
@@ -216,6 +224,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             shape,
             weights,
             probe: OpProbe::default(),
+            score_ahead: true,
+            scored_ahead: AtomicUsize::new(0),
         })
     }
 
@@ -355,6 +365,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             kv,
             heads: self.shape.heads,
             probe: Some(&self.probe),
+            ready: None,
+            ready_used: Some(&self.scored_ahead),
         }
     }
 
@@ -437,7 +449,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             hooks,
             slim.as_deref_mut(),
         )?;
-        let (Some(session), Some(q)) = (slim, q) else {
+        let (Some(session), Some((q, ready))) = (slim, q) else {
             return Ok(None);
         };
         let rows = OpsHidden {
@@ -446,7 +458,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             rows: positions.len(),
             hidden: self.shape.hidden,
         };
-        let change = session.finish_layer(layer, &rows, &q, positions, &self.keys(kv))?;
+        let mut keys = self.keys(kv);
+        keys.ready = ready;
+        let change = session.finish_layer(layer, &rows, &q, positions, &keys)?;
         self.probe.mark(self.ops, "session (scores)")?;
         change.map(kept_only).transpose()
     }
@@ -465,7 +479,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         sc: &mut Scratch<O>,
         hooks: &mut dyn LayerHooks<O>,
         mut slim: Option<&mut SlimSession>,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<(Vec<f32>, Option<ReadyScores>)>> {
         let (ops, s, w) = (self.ops, &self.shape, &self.weights.layers[layer]);
         let n = positions.len();
         let (qd, kvd, qkv_dim) = (s.heads.q_dim(), s.heads.kv_dim(), s.qkv_dim());
@@ -499,9 +513,40 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let q = match slim.as_deref_mut() {
             Some(session) => {
                 let tail = LayerPolicy::query_rows(session).min(n);
+                // the scorings the session will ask of this layer start now, from the queries
+                // where they are, so that downloading them waits once for everything
+                let set_req = session.set_scoring(layer).filter(|_| self.score_ahead);
+                let prefill = (session.prefill_scoring(layer, n)).filter(|_| self.score_ahead);
+                let last_rows = |w: usize| RowSlice {
+                    rows: w,
+                    stride: qkv_dim,
+                    offset: (n - w) * qkv_dim,
+                };
+                let keys = self.keys(kv);
+                let set_issued = match set_req {
+                    Some(req) => Some((req, keys.issue(&sc.qkv, last_rows(1), &req)?)),
+                    None => None,
+                };
+                let prefill_issued = match prefill.filter(|&(_, w)| w > 0 && w <= tail) {
+                    Some((req, w)) => Some((req, w, keys.issue(&sc.qkv, last_rows(w), &req)?)),
+                    None => None,
+                };
                 let q = self.query_rows(&sc.qkv, n - tail..n)?;
-                session.prepare_attention(layer, &q, positions, &self.keys(kv))?;
-                Some(q)
+                let ready = |req, w: usize, scores| ReadyScores {
+                    q: q[(tail - w) * qd..].to_vec(),
+                    req,
+                    scores,
+                };
+                let mut keys = self.keys(kv);
+                if let Some((req, issued)) = set_issued {
+                    keys.ready = Some(ready(req, 1, keys.collect(issued)?));
+                }
+                let after = match prefill_issued {
+                    Some((req, w, issued)) => Some(ready(req, w, keys.collect(issued)?)),
+                    None => None,
+                };
+                session.prepare_attention(layer, &q, positions, &keys)?;
+                Some((q, after))
             }
             None => None,
         };

@@ -766,6 +766,28 @@ impl SlimSession {
         Ok(())
     }
 
+    /// The request of the scoring `prepare_attention` will ask of layer `layer`'s cache in
+    /// this step (the query of the step's last row over the layer's blocks), or None where it
+    /// will score nothing: a backend may start that scoring before the query reaches the host.
+    pub fn set_scoring(&self, layer: usize) -> Option<ScoreRequest> {
+        self.layers.get(layer)?;
+        let st = self.stage_of(layer)?;
+        let every = st.stage.decode_blocks >= st.pool.len() && !st.pool.is_empty();
+        (!every).then(|| self.request(false))
+    }
+
+    /// The request of the scoring `finish_layer` will ask of layer `layer`'s cache after a
+    /// prefill step of `rows` rows (the queries of its last rows, how many returned too), or
+    /// None: as [`Self::set_scoring`], for the prompt's prefill.
+    pub fn prefill_scoring(&self, layer: usize, rows: usize) -> Option<(ScoreRequest, usize)> {
+        if !self.prefilling || self.stages.is_empty() {
+            return None;
+        }
+        let scores =
+            self.boundary_after(layer).is_some() || self.cfg.score_layers == ScoreLayers::Stage;
+        scores.then(|| (self.request(true), self.cfg.local_window.min(rows)))
+    }
+
     /// The rows of `kv` layer `layer` attends to: sorted, disjoint ranges.
     pub fn attended_rows(&self, layer: usize, kv: &dyn ScoredLayer) -> Vec<Range<usize>> {
         #[allow(clippy::single_range_in_vec_init)] // one range: every row

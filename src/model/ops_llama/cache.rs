@@ -131,6 +131,8 @@ impl<O: Ops> ModelCache<O> {
                         kv,
                         heads: shape.heads,
                         probe: None,
+                        ready: None,
+                        ready_used: None,
                     };
                     (session.attended_rows(layer, &keys).iter())
                         .map(|r| r.len())

@@ -3,6 +3,7 @@
 //! ([`OpsHidden`]), and the slot table of a decode set ([`slot_subset`]).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::cpu_ops::to_bf16;
 use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
@@ -59,51 +60,57 @@ pub(super) struct OpsKeys<'a, O: Ops> {
     pub(super) heads: Heads,
     /// The forward's probe: scoring's upload, kernels and download are parts of their own.
     pub(super) probe: Option<&'a OpProbe>,
+    /// Scores computed before the session asked, from the query where the forward left it
+    /// (a decode step's newest query, scored before it was downloaded): returned when the
+    /// session asks for the same query and request.
+    pub(super) ready: Option<ReadyScores>,
+    /// Counts the askings [`Self::ready`] answered.
+    pub(super) ready_used: Option<&'a AtomicUsize>,
+}
+
+/// Block scores of one query, computed ahead (see [`OpsKeys::ready`]).
+pub(super) struct ReadyScores {
+    pub(super) q: Vec<f32>,
+    pub(super) req: ScoreRequest,
+    pub(super) scores: Vec<(u32, f32)>,
+}
+
+/// Scoring issued on the backend, not yet read: per-block sums and the blocks they belong to.
+pub(super) struct IssuedScores<O: Ops> {
+    acc: O::F32,
+    ids: Vec<u32>,
 }
 
 impl<O: Ops> OpsKeys<'_, O> {
     fn mark(&self, part: &'static str) -> Result<()> {
         self.probe.map_or(Ok(()), |p| p.mark(self.ops, part))
     }
-}
 
-impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
-    fn positions(&self) -> &[u32] {
-        &self.kv.positions
-    }
-
-    fn block_scores(
+    /// Issue the block scores of the queries at `window` of `q` (post-RoPE, bf16, on the
+    /// backend) over the layer's prompt rows; None where there is nothing to score.
+    pub(super) fn issue(
         &self,
-        q: &[f32],
+        q: &O::Bf16,
+        window: RowSlice,
         req: &ScoreRequest,
-        _memo: Option<&mut ScoreMemo>,
-    ) -> Result<Vec<(u32, f32)>> {
+    ) -> Result<Option<IssuedScores<O>>> {
         let (ops, kv, heads) = (self.ops, self.kv, self.heads);
         let prompt_rows = (kv.positions).partition_point(|&p| (p as usize) < req.prompt_len);
-        let w = q.len() / heads.q_dim();
-        if prompt_rows == 0 || w == 0 {
-            return Ok(Vec::new());
+        if prompt_rows == 0 || window.rows == 0 {
+            return Ok(None);
         }
         let mode = match (req.kind, req.pool) {
             (ScoreKind::Attention, WindowPool::Mean) => ScoreMode::Attention,
             (ScoreKind::Attention, WindowPool::Max) => ScoreMode::AttentionMax,
             (ScoreKind::Paper, _) => ScoreMode::Paper,
         };
-        let window = RowSlice {
-            rows: w,
-            stride: heads.q_dim(),
-            offset: 0,
-        };
-        self.mark("session (host)")?;
         let mut acc = ops.zeros_f32(req.prompt_len.div_ceil(KV_BLOCK))?;
-        let q = ops.upload_bf16(&to_bf16(q))?;
-        self.mark("scores: upload")?;
         let cached = (kv.units.as_ref())
             .filter(|u| u.prompt_rows == prompt_rows && u.unit_size == req.unit_size);
         let ids = match cached {
             Some(u) => {
-                ops.unit_scores(&q, window, &u.keys, &u.units, heads, mode, &mut acc)?;
-                &u.units.ids
+                ops.unit_scores(q, window, &u.keys, &u.units, heads, mode, &mut acc)?;
+                u.units.ids.clone()
             }
             None if kv.host.is_some() => {
                 return Err(Error::Engine(format!(
@@ -118,7 +125,7 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
                     req.unit_size,
                 );
                 ops.block_scores(
-                    &q,
+                    q,
                     window,
                     &kv.pool,
                     &kv.table_dev,
@@ -129,16 +136,53 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
                     mode,
                     &mut acc,
                 )?;
-                self.mark("scores: kernels")?;
-                let sums = ops.download_f32(&acc)?;
-                self.mark("scores: download")?;
-                return Ok((units.ids.iter()).map(|&b| (b, sums[b as usize])).collect());
+                units.ids
             }
         };
         self.mark("scores: kernels")?;
-        let sums = ops.download_f32(&acc)?;
+        Ok(Some(IssuedScores { acc, ids }))
+    }
+
+    /// The scores an [`Self::issue`] left on the backend, by block id ascending.
+    pub(super) fn collect(&self, issued: Option<IssuedScores<O>>) -> Result<Vec<(u32, f32)>> {
+        let Some(IssuedScores { acc, ids }) = issued else {
+            return Ok(Vec::new());
+        };
+        let sums = self.ops.download_f32(&acc)?;
         self.mark("scores: download")?;
         Ok(ids.iter().map(|&b| (b, sums[b as usize])).collect())
+    }
+}
+
+impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
+    fn positions(&self) -> &[u32] {
+        &self.kv.positions
+    }
+
+    fn block_scores(
+        &self,
+        q: &[f32],
+        req: &ScoreRequest,
+        _memo: Option<&mut ScoreMemo>,
+    ) -> Result<Vec<(u32, f32)>> {
+        if let Some(r) = (self.ready.as_ref()).filter(|r| r.req == *req && r.q == q) {
+            self.ready_used.map(|n| n.fetch_add(1, Ordering::Relaxed));
+            return Ok(r.scores.clone());
+        }
+        let w = q.len() / self.heads.q_dim();
+        if w == 0 {
+            return Ok(Vec::new());
+        }
+        let window = RowSlice {
+            rows: w,
+            stride: self.heads.q_dim(),
+            offset: 0,
+        };
+        self.mark("session (host)")?;
+        let q = self.ops.upload_bf16(&to_bf16(q))?;
+        self.mark("scores: upload")?;
+        let issued = self.issue(&q, window, req)?;
+        self.collect(issued)
     }
 }
 

@@ -15,6 +15,7 @@ use slimchat::eval::logits::compare;
 use slimchat::model::gguf::GgufFile;
 use slimchat::model::ops_llama::OpsLlama;
 use slimchat::model::random::{RandomModel, Shape, WeightType};
+use slimchat::slim::SlimConfig;
 
 const TOKENS: usize = 256;
 
@@ -116,7 +117,8 @@ fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
     drop(engine);
 
     let mut file = GgufFile::open(&path).unwrap();
-    let model = OpsLlama::from_gguf(&CpuOps, &mut file, n).unwrap();
+    // room for the two decode steps below
+    let model = OpsLlama::from_gguf(&CpuOps, &mut file, n + 2).unwrap();
     let (cache, report) = model
         .prefill(
             &tokens,
@@ -153,4 +155,50 @@ fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
     }
     eprintln!("decode sets: {shared} of {total} blocks in both");
     assert!(shared * 10 >= total * 8, "{shared} of {total}");
+
+    // the person raises the ratio after a token: both bring back pruned blocks at the next
+    // step (revival), mostly the same ones
+    let raised = SlimConfig {
+        keep_ratio: (cfg.keep_ratio + 0.3).min(1.0),
+        ..cfg.clone()
+    };
+    let next = [tokens[100], tokens[200]];
+    let mut engine = Engine::load(&path, &EngineOptions::default()).unwrap();
+    engine.prefill(&tokens, &mut |_| {}).unwrap();
+    engine.step(next[0]).unwrap();
+    engine.set_slim(raised.clone()).unwrap();
+    engine.step(next[1]).unwrap();
+    let theirs = engine.slim_trace().expect("pruned").stages;
+    let mut cache = cache;
+    let no_hooks = &mut slimchat::backend::paged_kv::NoHooks;
+    model.decode(&mut cache, next[0], no_hooks).unwrap();
+    let session = cache.session.as_mut().expect("pruned");
+    session.set_keep_ratio(raised.keep_ratio);
+    model.decode(&mut cache, next[1], no_hooks).unwrap();
+    let ours = cache.session.as_ref().expect("pruned").trace().stages;
+    let (mut shared, mut total) = (0, 0);
+    for ((stage, a), b) in ours.iter().enumerate().zip(&theirs) {
+        let (a, b) = (&a.pool, &b.pool);
+        let before = &report.kept_blocks[stage];
+        let back = |pool: &Vec<u32>| -> Vec<u32> {
+            (pool.iter())
+                .filter(|x| !before.contains(x))
+                .copied()
+                .collect()
+        };
+        let (a, b) = (back(a), back(b));
+        eprintln!(
+            "stage {stage}: the engine revived {} blocks, the ops forward {}",
+            b.len(),
+            a.len()
+        );
+        shared += a.iter().filter(|x| b.contains(x)).count();
+        total += b.len();
+    }
+    eprintln!("revived: {shared} of {total} blocks in both");
+    assert!(total > 0, "the engine revived nothing");
+    assert!(
+        shared * 10 >= total * 8,
+        "{shared} of {total} revived blocks in both"
+    );
 }

@@ -12,7 +12,7 @@ use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
 use slimchat::backend::score::{
     block_scores_attention_reference, block_scores_reference, HeadShape,
 };
-use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
+use slimchat::model::ops_llama::{LlamaShape, ModelCache, OpsLlama};
 use slimchat::slim::SlimConfig;
 
 #[test]
@@ -388,6 +388,89 @@ fn scoring_queries_before_they_are_downloaded_changes_nothing() {
     assert_eq!(sets, plain_sets);
 }
 
+/// The keys layer `layer` of `cache` holds for the token at `pos` (CpuOps: on the host).
+fn key_row(cache: &ModelCache<CpuOps>, layer: usize, pos: u32, kv_dim: usize) -> Vec<u16> {
+    let kv = &cache.layers[layer];
+    let r = kv.positions.partition_point(|&p| p < pos);
+    assert_eq!(kv.positions[r], pos, "layer {layer} holds position {pos}");
+    let at = (kv.table[r / KV_BLOCK] as usize * KV_BLOCK + r % KV_BLOCK) * kv_dim;
+    kv.pool.k[at..at + kv_dim].to_vec()
+}
+
+#[test]
+fn a_raised_ratio_revives_pruned_blocks_into_each_stage_in_position_order() {
+    let shape = LlamaShape::tiny(6);
+    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let cfg = SlimConfig {
+        decode_keep: 1.0,
+        revive: true,
+        ..slim(0.5)
+    };
+    let (mut cache, report) = model.prefill(&tokens, Some(&cfg), 8, &mut NoHooks).unwrap();
+    let (dense, _) = model.prefill(&tokens, None, 8, &mut NoHooks).unwrap();
+    model.decode(&mut cache, 7, &mut NoHooks).unwrap();
+    let rows_before: Vec<usize> = cache.layers.iter().map(|l| l.rows).collect();
+    // the person raises the ratio: each stage's budget now exceeds the blocks it kept
+    let session = cache.session.as_mut().expect("pruned");
+    session.set_keep_ratio(1.0);
+    let logits = model.decode(&mut cache, 8, &mut NoHooks).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let session = cache.session.as_mut().expect("pruned");
+    let revived = session.take_revived();
+    let pools: Vec<Vec<u32>> = (session.trace().stages.into_iter())
+        .map(|st| st.pool)
+        .collect();
+    assert!(revived > 0, "no block came back");
+    let kv_dim = shape.heads.kv_dim();
+    for (stage, (layers, pool)) in [(2..4, &pools[0]), (4..6, &pools[1])]
+        .into_iter()
+        .enumerate()
+    {
+        let back: Vec<u32> = (pool.iter())
+            .filter(|b| !report.kept_blocks[stage].contains(b))
+            .copied()
+            .collect();
+        assert!(!back.is_empty(), "stage {stage} revived nothing");
+        for layer in layers {
+            let kv = &cache.layers[layer];
+            // the revived blocks' 64 rows joined the layer, in position order, with the step's
+            assert_eq!(kv.rows, rows_before[layer] + 1 + KV_BLOCK * back.len());
+            assert!(
+                kv.positions.windows(2).all(|w| w[0] < w[1]),
+                "layer {layer}"
+            );
+            for b in &back {
+                let first = kv.positions.partition_point(|&p| p < b * KV_BLOCK as u32);
+                assert_eq!(
+                    first % KV_BLOCK,
+                    0,
+                    "layer {layer}: block {b} at row {first}"
+                );
+            }
+        }
+        if stage == 0 {
+            // nothing is pruned before the first stage: a revived row's keys at its first
+            // layer are the dense prefill's
+            for b in &back {
+                for pos in [b * 64, b * 64 + 37] {
+                    assert_eq!(
+                        key_row(&cache, 2, pos, kv_dim),
+                        key_row(&dense, 2, pos, kv_dim),
+                        "block {b}, position {pos}"
+                    );
+                }
+            }
+        }
+    }
+    // the revived rows left the forward at the next boundary (the later stage's layers hold
+    // only its own blocks and the steps'), and the next step runs on one row again
+    let logits = model.decode(&mut cache, 9, &mut NoHooks).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    assert_eq!(cache.session.as_mut().expect("pruned").take_revived(), 0);
+}
+
 #[test]
 fn extending_a_cache_gives_the_logits_of_one_prefill() {
     let shape = LlamaShape::tiny(4);
@@ -450,6 +533,8 @@ fn decode_over_the_host_tier_gives_the_resident_logits_bit_for_bit() {
         decode_keep: 0.5,
         decode_min_tokens: 0,
         gamma: 1.0, // swap on any change
+        // a tiered layer does not take revived rows: both runs raise the ratio alike
+        revive: false,
         ..slim(0.5)
     };
     let slim_pools =

@@ -89,6 +89,10 @@ impl Ops for CpuOps {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn host_memory(&self) -> bool {
+        true
+    }
+
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }
@@ -353,7 +357,7 @@ impl Ops for CpuOps {
         for r in 0..at.rows {
             let s = row0 + r;
             let dst = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
-            let src = &qkv[r * at.stride..];
+            let src = &qkv[at.offset + r * at.stride..];
             pool.k[dst * d..][..d].copy_from_slice(&src[k_col..][..d]);
             pool.v[dst * d..][..d].copy_from_slice(&src[v_col..][..d]);
             pool.pos[dst] = positions[r];

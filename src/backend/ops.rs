@@ -145,6 +145,11 @@ pub trait Ops {
 
     fn name(&self) -> String;
 
+    /// Whether the backend's buffers are host memory, so that reading rows back costs a copy
+    /// in RAM rather than a transfer (what keeping pruned rows' hidden states for revival
+    /// costs: on a GPU, every dropped row's downloaded during the prefill).
+    fn host_memory(&self) -> bool;
+
     fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
     fn zeros_bf16(&self, n: usize) -> Result<Self::Bf16>;
     fn upload_f32(&self, v: &[f32]) -> Result<Self::F32>;

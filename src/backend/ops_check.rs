@@ -558,7 +558,8 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     );
     record(&mut out, "gather_positions_u32", shape, &pos_c, &pos_r, 0.0);
 
-    // kv_append_bf16: rows 37.. of a layer through a shuffled table; then
+    // kv_append_bf16: rows 37.. of a layer through a shuffled table, from rows 3.. of the
+    // q|k|v buffer (a step's revived rows go in apart from its new ones); then
     // kv_copy_blocks_bf16: move two slots onto the spare ones
     let heads = Heads {
         n_heads: 8,
@@ -569,7 +570,7 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
     let stride = heads.q_dim() + 2 * kv_dim;
     let all_rows: Vec<u32> = (0..(row0 + rows) as u32).collect();
     let pool = HostPool::random(&mut rng, &all_rows, kv_dim);
-    let qkv = rng.bf16s(rows * stride, 1.0);
+    let qkv = rng.bf16s((3 + rows) * stride, 1.0);
     let positions: Vec<u32> = (1000..1000 + rows as u32).collect();
     let spare: Vec<u32> = (0..pool.slots as u32)
         .filter(|s| !pool.table.contains(s))
@@ -581,7 +582,7 @@ pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Resul
         at: RowSlice {
             rows,
             stride,
-            offset: 0,
+            offset: 3 * stride,
         },
         k_col: heads.q_dim(),
         v_col: heads.q_dim() + kv_dim,

@@ -4,9 +4,9 @@
 //! progress; [`NoHooks`] does nothing). What a layer moves to RAM after a pruned prefill is in
 //! src/backend/paged_tier.rs.
 
-use super::ops::{KvPool, Ops, KV_BLOCK};
+use super::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
 use super::paged_tier::{CachedUnits, HostTier};
-use crate::Result;
+use crate::{Error, Result};
 
 /// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
 pub struct LayerCache<O: Ops> {
@@ -56,6 +56,111 @@ impl<O: Ops> LayerCache<O> {
         self.table_dev = ops.upload_u32(&table)?;
         self.table = table;
         self.pool = pool;
+        Ok(())
+    }
+
+    /// Write rows `at` of `qkv` (keys at columns k_col.., values at v_col..) with their
+    /// `positions` (ascending; `pos_dev` the same on the backend) into the layer. Rows past
+    /// the layer's last position follow its rows; rows before it (prompt blocks a session
+    /// revives: whole [`KV_BLOCK`]-row blocks) take a free slot each, placed in the table where
+    /// their positions fall, so that the layer's rows stay in position order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        ops: &O,
+        qkv: &O::Bf16,
+        at: RowSlice,
+        (k_col, v_col): (usize, usize),
+        positions: &[u32],
+        pos_dev: &O::U32,
+    ) -> Result<()> {
+        let n = positions.len();
+        let behind = match self.positions.last() {
+            Some(&last) => positions.partition_point(|&p| p <= last),
+            None => 0,
+        };
+        if behind > 0 {
+            let revived = RowSlice { rows: behind, ..at };
+            self.insert_blocks(ops, qkv, revived, (k_col, v_col), &positions[..behind])?;
+        }
+        if behind == n {
+            return Ok(());
+        }
+        self.reserve(ops, n - behind)?;
+        let rest = RowSlice {
+            rows: n - behind,
+            stride: at.stride,
+            offset: at.offset + behind * at.stride,
+        };
+        let (pool, table, row0) = (&mut self.pool, &self.table_dev, self.rows);
+        match behind {
+            0 => ops.kv_append(qkv, rest, k_col, v_col, pos_dev, pool, table, row0)?,
+            _ => {
+                let tail = ops.upload_u32(&positions[behind..])?;
+                ops.kv_append(qkv, rest, k_col, v_col, &tail, pool, table, row0)?
+            }
+        }
+        self.rows += n - behind;
+        self.positions.extend_from_slice(&positions[behind..]);
+        Ok(())
+    }
+
+    /// [`Self::append`]'s rows before the layer's last: whole blocks, each into a free slot
+    /// inserted in the table before the rows whose positions follow it. The layer's unit keys,
+    /// when it keeps them, are made again over its prompt rows.
+    fn insert_blocks(
+        &mut self,
+        ops: &O,
+        qkv: &O::Bf16,
+        at: RowSlice,
+        (k_col, v_col): (usize, usize),
+        positions: &[u32],
+    ) -> Result<()> {
+        if self.host.is_some() || !positions.len().is_multiple_of(KV_BLOCK) {
+            return Err(Error::Engine(format!(
+                "ops forward: {} rows before a layer's last, not whole blocks of an untiered layer",
+                positions.len()
+            )));
+        }
+        self.reserve(ops, positions.len())?;
+        for (i, block) in positions.chunks(KV_BLOCK).enumerate() {
+            let first = block[0];
+            let whole =
+                first.is_multiple_of(KV_BLOCK as u32) && block.windows(2).all(|w| w[1] == w[0] + 1);
+            let r = self.positions.partition_point(|&p| p < first);
+            let clear = (self.positions.get(r)).is_none_or(|&p| p > block[KV_BLOCK - 1]);
+            if !whole || !r.is_multiple_of(KV_BLOCK) || !clear {
+                return Err(Error::Engine(format!(
+                    "ops forward: rows at positions {first}.. cannot join a layer as a whole block"
+                )));
+            }
+            // a free slot (after the slots in use: `reserve` made room), placed at row r
+            let slot = self.table.remove(self.rows.div_ceil(KV_BLOCK));
+            self.table.insert(r / KV_BLOCK, slot);
+            self.table_dev = ops.upload_u32(&self.table)?;
+            self.positions.splice(r..r, block.iter().copied());
+            self.rows += KV_BLOCK;
+            let rows = RowSlice {
+                rows: KV_BLOCK,
+                stride: at.stride,
+                offset: at.offset + i * KV_BLOCK * at.stride,
+            };
+            let pos = ops.upload_u32(block)?;
+            ops.kv_append(
+                qkv,
+                rows,
+                k_col,
+                v_col,
+                &pos,
+                &mut self.pool,
+                &self.table_dev,
+                r,
+            )?;
+        }
+        if let Some(units) = self.units.take() {
+            let prompt_rows = units.prompt_rows + positions.len();
+            self.cache_unit_keys(ops, prompt_rows, units.unit_size)?;
+        }
         Ok(())
     }
 

@@ -16,15 +16,13 @@
 use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 
-use crate::backend::cpu_ops::{plain_rope, to_f32};
-use crate::backend::ops::{Heads, Ops, RopeLayout, RowSlice, KV_BLOCK};
+use crate::backend::cpu_ops::to_f32;
+use crate::backend::ops::{Ops, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::row_blocks_of;
-use crate::backend::rowwise::RopeParams;
 use crate::backend::score::HeadShape;
-use crate::kv::policy::LayerPolicy;
-use crate::model::gguf::{GgufFile, ModelSpec};
-use crate::model::random;
+use crate::kv::policy::{LayerPolicy, RowChange};
+use crate::model::gguf::GgufFile;
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
@@ -32,120 +30,13 @@ use crate::{Error, Result};
 mod cache;
 mod probe;
 mod session_io;
+mod shape;
 mod weights;
 pub use cache::{KvPlacement, ModelCache, TierReport};
 pub use probe::{OpProbe, ProbeMode, ProbePart};
 use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys, ReadyScores};
+pub use shape::LlamaShape;
 pub use weights::Weights;
-
-/// The dimensions of a LLaMA-family decoder.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LlamaShape {
-    pub n_layers: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub heads: Heads,
-    pub vocab: usize,
-    pub rope: RopeParams,
-    pub rms_eps: f32,
-}
-
-impl LlamaShape {
-    /// The dimensions of a named shape of `--model random:` (`crate::model::random::SHAPES`,
-    /// the one list of real models' shapes); its biases and RoPE scaling are not modelled by
-    /// [`Weights::random`] (a GGUF of the shape, `random:` on the engine, has them).
-    pub fn of(shape: &random::Shape) -> Self {
-        Self {
-            n_layers: shape.n_layers,
-            hidden: shape.hidden,
-            intermediate: shape.intermediate,
-            heads: Heads {
-                n_heads: shape.n_heads,
-                n_kv_heads: shape.n_kv_heads,
-                head_dim: shape.head_dim,
-            },
-            vocab: shape.vocab,
-            rope: plain_rope(shape.rope_theta, shape.head_dim, RopeLayout::Normal),
-            rms_eps: shape.rms_eps,
-        }
-    }
-
-    /// The dimensions of a model file's hyper-parameters. Refused with a one-line error: a
-    /// partial rotation, which this forward lacks.
-    pub fn from_spec(spec: &ModelSpec) -> Result<Self> {
-        if spec.rope_dim != spec.head_dim {
-            return Err(Error::ModelLoad(format!(
-                "the ops forward rotates whole heads; this model rotates {} of {}",
-                spec.rope_dim, spec.head_dim
-            )));
-        }
-        Ok(Self {
-            n_layers: spec.n_layers,
-            hidden: spec.hidden,
-            intermediate: spec.intermediate,
-            heads: Heads {
-                n_heads: spec.n_heads,
-                n_kv_heads: spec.n_kv_heads,
-                head_dim: spec.head_dim,
-            },
-            vocab: spec.vocab_size,
-            rope: RopeParams::from(spec),
-            rms_eps: spec.rms_eps,
-        })
-    }
-
-    /// Llama-3.1-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336.
-    pub fn llama31_8b() -> Self {
-        Self::of(random::shape("llama3.1-8b").expect("a known shape"))
-    }
-
-    /// A small shape with the same structure (GQA 2:1, head_dim 32), for tests.
-    pub fn tiny(n_layers: usize) -> Self {
-        Self {
-            n_layers,
-            hidden: 128,
-            intermediate: 256,
-            heads: Heads {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 32,
-            },
-            vocab: 300,
-            rope: plain_rope(10_000.0, 32, RopeLayout::Normal),
-            rms_eps: 1e-5,
-        }
-    }
-
-    pub fn qkv_dim(&self) -> usize {
-        self.heads.q_dim() + 2 * self.heads.kv_dim()
-    }
-
-    /// Weights of one layer's linear maps (q, k, v, o, gate, up, down).
-    pub fn layer_params(&self) -> usize {
-        self.hidden * (self.qkv_dim() + self.heads.q_dim()) + 3 * self.hidden * self.intermediate
-    }
-
-    /// GEMM FLOPs of a prefill whose layer i runs on rows[i] rows (plus the head on one row).
-    pub fn gemm_flops(&self, rows: &[usize]) -> f64 {
-        let per_row = 2.0 * self.layer_params() as f64;
-        rows.iter().map(|&r| r as f64 * per_row).sum::<f64>()
-            + 2.0 * (self.vocab * self.hidden) as f64
-    }
-
-    /// FLOPs of causal attention (Q Kᵀ and P V) of a prefill whose layer i runs on rows[i]
-    /// rows, each attending to itself and the rows before it.
-    pub fn attention_flops(&self, rows: &[usize]) -> f64 {
-        let per_pair = 4.0 * self.heads.q_dim() as f64;
-        (rows.iter())
-            .map(|&r| per_pair * r as f64 * (r as f64 + 1.0) / 2.0)
-            .sum()
-    }
-
-    /// Bytes of K and V for one cached row of one layer (bf16).
-    pub fn kv_row_bytes(&self) -> usize {
-        2 * self.heads.kv_dim() * 2
-    }
-}
 
 /// What a prefill did.
 #[derive(Debug, Clone, PartialEq)]
@@ -278,7 +169,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let (ops, s) = (self.ops, &self.shape);
         let n0 = tokens.len();
         self.check_tokens(tokens, n0 + headroom)?;
-        let mut session = slim.map(|c| self.session(c, n0)).transpose()?;
+        let mut session = slim.map(|c| self.session(c, n0, placement)).transpose()?;
         let mut cache = ModelCache {
             layers: Vec::with_capacity(s.n_layers),
             prompt_len: n0,
@@ -304,7 +195,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             }
             hooks.layer_done(ops, layer, kv)?;
             rows_per_layer.push(n);
-            let Some(keep) = change else {
+            let Some(keep) = change.map(kept_only).transpose()? else {
                 continue;
             };
             let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
@@ -335,10 +226,18 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         Ok((cache, h, positions.len(), report))
     }
 
-    /// The engine's SlimInfer session for a prompt of `prompt_len` tokens, without revival
-    /// (a raised ratio grows no stage past the blocks prefill kept: no hidden states are kept
-    /// for it, and a revived row would need a device copy not built here).
-    fn session(&self, cfg: &SlimConfig, prompt_len: usize) -> Result<SlimSession> {
+    /// The engine's SlimInfer session for a prompt of `prompt_len` tokens. Revival (a raised
+    /// ratio brings pruned blocks back) as configured where the KV stays whole in the
+    /// backend's memory and the backend is host memory; on a GPU the pruned rows' hidden
+    /// states would be downloaded during the prefill (about 500 MB at 32k tokens of the 8B
+    /// shape), and a tiered layer's blocks are placed by its host tier: there a raised ratio
+    /// grows no stage past what the prefill kept.
+    fn session(
+        &self,
+        cfg: &SlimConfig,
+        prompt_len: usize,
+        placement: KvPlacement,
+    ) -> Result<SlimSession> {
         let s = &self.shape;
         cfg.check(s.n_layers)?;
         if cfg.block_size != KV_BLOCK {
@@ -346,8 +245,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
             )));
         }
+        let revive = cfg.revive && placement == KvPlacement::Resident && self.ops.host_memory();
         let cfg = SlimConfig {
-            revive: false,
+            revive,
             ..cfg.clone()
         };
         let shape = HeadShape {
@@ -398,31 +298,82 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         for kv in &mut cache.layers {
             kv.reserve(ops, n)?;
         }
-        let positions: Vec<u32> = (pos..pos + n as u32).collect();
-        let pos_dev = ops.upload_u32(&positions)?;
+        let mut positions: Vec<u32> = (pos..pos + n as u32).collect();
+        let mut pos_dev = ops.upload_u32(&positions)?;
         let mut h = self.embed(tokens)?;
         let mut scratch = Scratch::new(ops, s, n)?;
         self.probe.mark(ops, "step setup")?;
         let mut session = cache.session.take();
+        let prompt_len = cache.prompt_len as u32;
         let mut step = || -> Result<()> {
             for (layer, kv) in cache.layers.iter_mut().enumerate() {
                 let (slim, sc) = (session.as_mut(), &mut scratch);
                 let change = self
                     .layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
-                if change.is_some_and(|keep| keep.len() != n) {
+                let Some(change) = change else {
+                    continue;
+                };
+                // every row past the prompt goes on; prompt rows revived at a stage leave at
+                // the next boundary (their KV stays in the stage's layers)
+                let past = (positions.iter()).filter(|&&p| p >= prompt_len).count();
+                let kept_past = (change.keep.iter())
+                    .filter(|&&r| positions[r] >= prompt_len)
+                    .count();
+                if kept_past != past {
                     return Err(Error::Engine(
                         "decode: a stage dropped a row past the prompt".into(),
                     ));
                 }
+                (h, positions, pos_dev) = self.change_rows(&h, &positions, &pos_dev, change)?;
+                scratch = Scratch::new(ops, s, positions.len())?;
             }
             Ok(())
         };
         let stepped = step();
         cache.session = session;
         stepped?;
-        let logits = self.head(&h, n)?;
+        let logits = self.head(&h, positions.len())?;
         self.probe.mark(ops, "head")?;
         Ok(logits)
+    }
+
+    /// The rows of h (and their positions) after a session's change: the kept rows, then the
+    /// revived rows (hidden states kept on the host, positions below every kept row's) in
+    /// front. Revived rows are few blocks and come rarely (a raised ratio), so the kept rows
+    /// pass through the host to join them.
+    fn change_rows(
+        &self,
+        h: &O::F32,
+        positions: &[u32],
+        pos_dev: &O::U32,
+        change: RowChange,
+    ) -> Result<(O::F32, Vec<u32>, O::U32)> {
+        let (ops, hidden) = (self.ops, self.shape.hidden);
+        let RowChange { keep, insert } = change;
+        let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
+        let mut kept = ops.zeros_f32(keep.len() * hidden)?;
+        let mut kept_pos = ops.zeros_u32_like(keep.len())?;
+        ops.gather_rows(h, pos_dev, &idx, &mut kept, &mut kept_pos, hidden)?;
+        let mut positions: Vec<u32> = keep.iter().map(|&i| positions[i]).collect();
+        let Some((extra, extra_pos)) = insert else {
+            return Ok((kept, positions, kept_pos));
+        };
+        let rows = extra_pos.len();
+        let ordered = extra_pos.windows(2).all(|w| w[0] < w[1])
+            && (extra_pos.last().zip(positions.first())).is_none_or(|(a, b)| a < b);
+        let extra = extra.flatten_all()?.to_vec1::<f32>()?;
+        if !ordered || extra.len() != rows * hidden {
+            return Err(Error::Engine(format!(
+                "ops forward: {rows} revived rows out of order or without their hidden states"
+            )));
+        }
+        let mut joined = extra;
+        let mut kept = ops.download_f32(&kept)?;
+        kept.truncate(keep.len() * hidden);
+        joined.extend(kept);
+        positions.splice(0..0, extra_pos);
+        let pos_dev = ops.upload_u32(&positions)?;
+        Ok((ops.upload_f32(&joined)?, positions, pos_dev))
     }
 
     /// [`Self::layer`], then the session's turn after it (prefill scores and prunes, decode
@@ -438,7 +389,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         sc: &mut Scratch<O>,
         hooks: &mut dyn LayerHooks<O>,
         mut slim: Option<&mut SlimSession>,
-    ) -> Result<Option<Vec<usize>>> {
+    ) -> Result<Option<RowChange>> {
         let q = self.layer(
             layer,
             h,
@@ -462,7 +413,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         keys.ready = ready;
         let change = session.finish_layer(layer, &rows, &q, positions, &keys)?;
         self.probe.mark(self.ops, "session (scores)")?;
-        change.map(kept_only).transpose()
+        Ok(change)
     }
 
     /// One layer on the rows of h. With a session: the post-RoPE queries of the rows it scores
@@ -503,11 +454,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let (cos, sin) = (&self.weights.cos, &self.weights.sin);
         ops.rope(&mut sc.qkv, rows(0), pos_dev, cos, sin, nh, hd, layout)?;
         ops.rope(&mut sc.qkv, rows(qd), pos_dev, cos, sin, nkv, hd, layout)?;
-        let row0 = kv.rows;
-        let (pool, table) = (&mut kv.pool, &kv.table_dev);
-        ops.kv_append(&sc.qkv, rows(0), qd, qd + kvd, pos_dev, pool, table, row0)?;
-        kv.rows += n;
-        kv.positions.extend_from_slice(positions);
+        kv.append(ops, &sc.qkv, rows(0), (qd, qd + kvd), positions, pos_dev)?;
         hooks.kv_written(ops, layer, kv)?;
         self.probe.mark(ops, "rope + kv append")?;
         let q = match slim.as_deref_mut() {
@@ -686,30 +633,3 @@ trait ZerosU32: Ops {
     }
 }
 impl<O: Ops> ZerosU32 for O {}
-
-#[cfg(test)]
-mod tests {
-    use super::LlamaShape;
-
-    #[test]
-    fn the_8b_shapes_prefill_work_at_32k_is_counted_as_the_gpu_bar_counts_it() {
-        let s = LlamaShape::llama31_8b();
-        let dense = vec![32_768; 32];
-        // about 7.0e9 weights in the layers: 2 FLOPs each per row, plus the head on one row
-        let gemm = s.gemm_flops(&dense);
-        assert!((4.5e14..4.7e14).contains(&gemm), "{gemm:e}");
-        // 4 x 4096 x 32,768 x 32,769 / 2 a layer
-        let attention = s.attention_flops(&dense);
-        assert!((attention / 2.8147e14 - 1.0).abs() < 1e-3, "{attention:e}");
-        // a pruned layer's attention falls with the square of its rows
-        let mut pruned = dense.clone();
-        pruned[31] = 8_192;
-        let one_layer = attention / 32.0;
-        let saved = attention - s.attention_flops(&pruned);
-        assert!(
-            (saved / one_layer - 0.9375).abs() < 1e-3,
-            "{}",
-            saved / one_layer
-        );
-    }
-}

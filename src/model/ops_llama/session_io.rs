@@ -17,12 +17,12 @@ use crate::{Error, Result};
 
 use super::{OpProbe, ZerosU32};
 
-/// The rows a change keeps; the ops forward brings no pruned rows back (its sessions do not
-/// revive).
+/// The rows a prefill's change keeps: a prompt's first forward prunes, and brings nothing
+/// back (revival happens in later forwards, [`super::OpsLlama::extend`]).
 pub(super) fn kept_only(change: RowChange) -> Result<Vec<usize>> {
     if change.insert.is_some() {
         return Err(Error::Engine(
-            "ops forward: a stage brought back pruned rows, which it cannot insert".into(),
+            "ops forward: a stage brought back pruned rows during the prompt's prefill".into(),
         ));
     }
     Ok(change.keep)

@@ -9,10 +9,10 @@
 //! KV is kept, as on the CPU) while the context has room; the prefill leaves room for the
 //! answer, and a layer's pool grows when a follow-up needs more. A keep ratio turned
 //! mid-conversation resizes the decode sets from the next step; a raised one brings pruned
-//! blocks back (revival, as on the CPU) where the KV stays whole in host memory (the CPU's
-//! ops); on a GPU, and tiered, the sets grow within the blocks prefill kept (`OpsLlama`'s
-//! session says why). The CPU model stays loaded beside it (the engine's tokenizer, template
-//! and metadata come from it).
+//! blocks back (revival, as on the CPU: their hidden states wait in the device's memory) where
+//! every kept row is in the device's memory; tiered, the sets grow within the blocks prefill
+//! kept. The CPU model stays loaded beside it (the engine's tokenizer, template and metadata
+//! come from it).
 //!
 //! The pruned prompt's KV is kept as [`KvPlacement`] says: tiered by default (each slim layer's
 //! pool holds its decode set, the rest of its kept blocks wait in RAM and are fetched when a

@@ -89,10 +89,6 @@ impl Ops for CpuOps {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn host_memory(&self) -> bool {
-        true
-    }
-
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }

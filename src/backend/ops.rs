@@ -132,9 +132,9 @@ pub fn check_slots(op: &str, pool_slots: usize, slots: impl Iterator<Item = u32>
 
 /// The operations, over a backend's buffers. Shapes are in the comments; every method checks
 /// the lengths it is given against them (a mismatch is a caller bug, returned as an error).
-pub trait Ops {
-    /// f32 buffer
-    type F32;
+pub trait Ops: 'static {
+    /// f32 buffer (a forward may hold one for later: rows kept for revival)
+    type F32: Send + Sync;
     /// bf16 buffer (raw bits)
     type Bf16;
     /// u32 buffer (token ids, positions, row indices, slot tables)
@@ -144,11 +144,6 @@ pub trait Ops {
     type HostBlocks: Send;
 
     fn name(&self) -> String;
-
-    /// Whether the backend's buffers are host memory, so that reading rows back costs a copy
-    /// in RAM rather than a transfer (what keeping pruned rows' hidden states for revival
-    /// costs: on a GPU, every dropped row's downloaded during the prefill).
-    fn host_memory(&self) -> bool;
 
     fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
     fn zeros_bf16(&self, n: usize) -> Result<Self::Bf16>;

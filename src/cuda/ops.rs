@@ -243,10 +243,6 @@ impl Ops for CudaOps {
         format!("cuda: {}", self.gpu.describe())
     }
 
-    fn host_memory(&self) -> bool {
-        false
-    }
-
     fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.gpu.stream.alloc_zeros(n.max(1)).or_engine("alloc")
     }

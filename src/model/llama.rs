@@ -21,7 +21,7 @@ use crate::backend::attention::AttnShape;
 use crate::backend::linear::{FusedLinear, Linear, LinearMode};
 use crate::backend::rowwise::{rms_norm, silu_mul_joined, Rope, RopeLayout, RopeParams};
 use crate::backend::{tensor2, with_f32};
-use crate::kv::policy::{Dense, LayerPolicy, RowChange};
+use crate::kv::policy::{Dense, LayerPolicy, Revived, RowChange};
 use crate::kv::KvCache;
 use crate::model::gguf::{GgufFile, ModelSpec, RopeScaling, RopeStyle};
 use crate::{Error, Result};
@@ -369,6 +369,11 @@ fn apply_row_change(h: Tensor, positions: &mut Vec<u32>, change: RowChange) -> R
         gather_rows(&h, positions, &change.keep)?
     };
     if let Some((extra, extra_pos)) = change.insert {
+        let Revived::Rows(extra) = extra else {
+            return Err(Error::Engine(
+                "row policy revived rows held on another device".into(),
+            ));
+        };
         let ordered = extra_pos.windows(2).all(|w| w[0] < w[1])
             && (extra_pos.last().zip(positions.first())).is_none_or(|(a, b)| a < b);
         if !ordered || extra.dims2()?.0 != extra_pos.len() {

@@ -21,7 +21,7 @@ use crate::backend::ops::{Ops, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::row_blocks_of;
 use crate::backend::score::HeadShape;
-use crate::kv::policy::{LayerPolicy, RowChange};
+use crate::kv::policy::{LayerPolicy, Revived, RowChange};
 use crate::model::gguf::GgufFile;
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
@@ -34,7 +34,7 @@ mod shape;
 mod weights;
 pub use cache::{KvPlacement, ModelCache, TierReport};
 pub use probe::{OpProbe, ProbeMode, ProbePart};
-use session_io::{every_row, kept_only, slot_subset, OpsHidden, OpsKeys, ReadyScores};
+use session_io::{every_row, kept_only, read_held, slot_subset, OpsHidden, OpsKeys, ReadyScores};
 pub use shape::LlamaShape;
 pub use weights::Weights;
 
@@ -226,12 +226,12 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         Ok((cache, h, positions.len(), report))
     }
 
-    /// The engine's SlimInfer session for a prompt of `prompt_len` tokens. Revival (a raised
-    /// ratio brings pruned blocks back) as configured where the KV stays whole in the
-    /// backend's memory and the backend is host memory; on a GPU the pruned rows' hidden
-    /// states would be downloaded during the prefill (about 500 MB at 32k tokens of the 8B
-    /// shape), and a tiered layer's blocks are placed by its host tier: there a raised ratio
-    /// grows no stage past what the prefill kept.
+    /// The engine's SlimInfer session for a prompt of `prompt_len` tokens, revival (a raised
+    /// ratio brings pruned blocks back) as configured where the KV stays whole in the backend's
+    /// memory: the pruned rows' hidden states are held on the backend (on a GPU, in its memory:
+    /// nothing is downloaded during the prefill), and read back when a block is revived. A
+    /// tiered layer's blocks are placed by its host tier, so there a raised ratio grows no
+    /// stage past what the prefill kept.
     fn session(
         &self,
         cfg: &SlimConfig,
@@ -245,7 +245,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
             )));
         }
-        let revive = cfg.revive && placement == KvPlacement::Resident && self.ops.host_memory();
+        let revive = cfg.revive && placement == KvPlacement::Resident;
         let cfg = SlimConfig {
             revive,
             ..cfg.clone()
@@ -361,7 +361,16 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let rows = extra_pos.len();
         let ordered = extra_pos.windows(2).all(|w| w[0] < w[1])
             && (extra_pos.last().zip(positions.first())).is_none_or(|(a, b)| a < b);
-        let extra = extra.flatten_all()?.to_vec1::<f32>()?;
+        let extra = match extra {
+            Revived::Rows(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            Revived::Held(runs) => {
+                let mut all = Vec::with_capacity(rows * hidden);
+                for (held, range) in runs {
+                    all.extend(read_held(ops, &held, range, hidden)?);
+                }
+                all
+            }
+        };
         if !ordered || extra.len() != rows * hidden {
             return Err(Error::Engine(format!(
                 "ops forward: {rows} revived rows out of order or without their hidden states"

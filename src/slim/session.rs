@@ -39,7 +39,7 @@ use candle_core::{Device, Tensor};
 
 use crate::backend::score::{HeadShape, WindowPool};
 use crate::backend::with_f32;
-use crate::kv::policy::{ActiveBlocks, LayerPolicy, RowChange};
+use crate::kv::policy::{ActiveBlocks, Held, LayerPolicy, Revived, RowChange};
 use crate::kv::LayerKv;
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
@@ -107,11 +107,32 @@ impl WindowQuery {
 }
 
 /// The hidden states of one pruned block at a stage's input.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct AuxBlock {
-    /// (rows, hidden)
-    hidden: Vec<f32>,
+    hidden: AuxRows,
     positions: Vec<u32>,
+    /// Bytes of its hidden states.
+    bytes: usize,
+}
+
+impl std::fmt::Debug for AuxBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match &self.hidden {
+            AuxRows::Rows(_) => "host",
+            AuxRows::Held(..) => "held",
+        };
+        let (rows, bytes) = (self.positions.len(), self.bytes);
+        write!(f, "AuxBlock({rows} rows, {bytes} bytes, {place})")
+    }
+}
+
+/// Where a pruned block's hidden states are kept.
+#[derive(Clone)]
+enum AuxRows {
+    /// (rows, hidden) on the host
+    Rows(Vec<f32>),
+    /// Rows `range` of what the forward holds
+    Held(Held, Range<usize>),
 }
 
 /// Blocks that leave or join a set going from `before` to `after` (both ascending).
@@ -277,11 +298,10 @@ impl SlimSession {
 
     /// Bytes of hidden states kept for revival.
     pub fn aux_bytes(&self) -> usize {
-        let floats: usize = (self.stages.iter())
+        (self.stages.iter())
             .flat_map(|st| st.aux.values())
-            .map(|b| b.hidden.len())
-            .sum();
-        floats * std::mem::size_of::<f32>()
+            .map(|b| b.bytes)
+            .sum()
     }
 
     /// Apply a new keep ratio to later decode steps of this conversation. Without revival,
@@ -416,24 +436,37 @@ impl SlimSession {
         Ok(())
     }
 
-    /// Hidden states of rows `rows` (ascending) of h, grouped by block.
+    /// Hidden states of rows `rows` (ascending) of h, grouped by block: copied to the host, or
+    /// held where the forward keeps them.
     fn stash(
         &self,
         h: &dyn HiddenRows,
         positions: &[u32],
         rows: &[usize],
     ) -> Result<BTreeMap<u32, AuxBlock>> {
-        let states = h.rows(rows)?;
-        let hidden = states.len() / rows.len().max(1);
+        let kept = h.keep(rows)?;
+        let row_bytes = kept.row_bytes(rows.len());
         let bs = self.cfg.block_size as u32;
         let mut out: BTreeMap<u32, AuxBlock> = BTreeMap::new();
-        for (&r, state) in rows.iter().zip(states.chunks_exact(hidden.max(1))) {
+        for (i, &r) in rows.iter().enumerate() {
             let block = out.entry(positions[r] / bs).or_insert(AuxBlock {
-                hidden: Vec::new(),
+                hidden: match &kept {
+                    KeptRows::Rows(_) => AuxRows::Rows(Vec::new()),
+                    KeptRows::Held(held, _) => AuxRows::Held(held.clone(), i..i),
+                },
                 positions: Vec::new(),
+                bytes: 0,
             });
-            block.hidden.extend_from_slice(state);
+            match (&mut block.hidden, &kept) {
+                (AuxRows::Rows(v), KeptRows::Rows(all)) => {
+                    v.extend_from_slice(&all[i * row_bytes / 4..(i + 1) * row_bytes / 4])
+                }
+                // a block's rows are consecutive among `rows`
+                (AuxRows::Held(_, range), _) => range.end = i + 1,
+                _ => unreachable!("one kind of kept rows"),
+            }
             block.positions.push(positions[r]);
+            block.bytes += row_bytes;
         }
         Ok(out)
     }
@@ -675,7 +708,7 @@ impl SlimSession {
 
     /// Move the active blocks of stage `s` that have no KV there out of the aux store and into
     /// the pool; their rows, to run through the stage's layers.
-    fn revive_active(&mut self, s: usize) -> Result<Option<(Tensor, Vec<u32>)>> {
+    fn revive_active(&mut self, s: usize) -> Result<Option<(Revived, Vec<u32>)>> {
         let st = &mut self.stages[s];
         let missing: Vec<u32> = (st.active.iter())
             .filter(|b| st.pool.binary_search(b).is_err())
@@ -684,12 +717,15 @@ impl SlimSession {
         if missing.is_empty() {
             return Ok(None);
         }
-        let (mut hidden, mut positions) = (Vec::new(), Vec::new());
+        let (mut rows, mut held, mut positions) = (Vec::new(), Vec::new(), Vec::new());
         for b in &missing {
             let Some(block) = st.aux.remove(b) else {
                 continue; // a candidate with neither KV nor hidden states cannot happen; skip it
             };
-            hidden.extend(block.hidden);
+            match block.hidden {
+                AuxRows::Rows(h) => rows.extend(h),
+                AuxRows::Held(h, range) => held.push((h, range)),
+            }
             positions.extend(block.positions);
             st.pool.push(*b);
             self.revived += 1;
@@ -699,13 +735,22 @@ impl SlimSession {
         if positions.is_empty() {
             return Ok(None);
         }
-        let (rows, width) = (positions.len(), hidden.len() / positions.len());
-        let hidden = Tensor::from_vec(hidden, (rows, width), &Device::Cpu)?;
-        Ok(Some((hidden, positions)))
+        let revived = match (rows.is_empty(), held.is_empty()) {
+            (false, true) => {
+                let (n, width) = (positions.len(), rows.len() / positions.len());
+                Revived::Rows(Tensor::from_vec(rows, (n, width), &Device::Cpu)?)
+            }
+            (true, false) => Revived::Held(held),
+            _ => {
+                return Err(crate::Error::Engine(
+                    "slim: revived rows kept in two places".into(),
+                ))
+            }
+        };
+        Ok(Some((revived, positions)))
     }
 }
 
-/// The last `n` rows of `width` values of `x` (all of them when it holds fewer).
 fn last_rows(x: &[f32], width: usize, n: usize) -> &[f32] {
     let n = n.min(x.len() / width);
     &x[x.len() - n * width..]
@@ -729,12 +774,30 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
 /// The hidden states of a forward's rows, wherever they live: what the session keeps of the rows
 /// prefill drops, for revival.
 pub trait HiddenRows {
-    /// Rows `rows` (ascending), (rows.len(), hidden) row-major.
-    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>>;
+    /// Rows `rows` (ascending), kept: copied to the host, or held on the forward's device.
+    fn keep(&self, rows: &[usize]) -> Result<KeptRows>;
+}
+
+/// Rows a [`HiddenRows`] kept, in the order asked.
+pub enum KeptRows {
+    /// (rows, hidden) f32 on the host
+    Rows(Vec<f32>),
+    /// Held by the forward, with the bytes of a row
+    Held(Held, usize),
+}
+
+impl KeptRows {
+    /// Bytes of one row of `n`.
+    fn row_bytes(&self, n: usize) -> usize {
+        match self {
+            Self::Rows(v) => v.len() / n.max(1) * std::mem::size_of::<f32>(),
+            Self::Held(_, bytes) => *bytes,
+        }
+    }
 }
 
 impl HiddenRows for Tensor {
-    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>> {
+    fn keep(&self, rows: &[usize]) -> Result<KeptRows> {
         let hidden = self.dims2()?.1;
         let h = self.contiguous()?;
         let mut out = Vec::with_capacity(rows.len() * hidden);
@@ -743,7 +806,7 @@ impl HiddenRows for Tensor {
                 out.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
             }
         })?;
-        Ok(out)
+        Ok(KeptRows::Rows(out))
     }
 }
 

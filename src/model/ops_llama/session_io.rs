@@ -4,15 +4,17 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::backend::cpu_ops::to_bf16;
 use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::LayerCache;
 use crate::backend::score::WindowPool;
+use crate::kv::policy::Held;
 use crate::kv::policy::RowChange;
 use crate::slim::schedule::ScoreKind;
 use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
-use crate::slim::session::HiddenRows;
+use crate::slim::session::{HiddenRows, KeptRows};
 use crate::{Error, Result};
 
 use super::{OpProbe, ZerosU32};
@@ -195,20 +197,44 @@ pub(super) struct OpsHidden<'a, O: Ops> {
 }
 
 impl<O: Ops> HiddenRows for OpsHidden<'_, O> {
-    fn rows(&self, rows: &[usize]) -> Result<Vec<f32>> {
+    /// The rows gathered into a buffer of their own, held on the backend (on a GPU nothing is
+    /// downloaded until a block is revived, [`read_held`]).
+    fn keep(&self, rows: &[usize]) -> Result<KeptRows> {
         let ops = self.ops;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
+        let row_bytes = self.hidden * std::mem::size_of::<f32>();
         let idx = ops.upload_u32(&rows.iter().map(|&r| r as u32).collect::<Vec<_>>())?;
         let pos = ops.upload_u32(&vec![0; self.rows])?;
-        let mut out = ops.zeros_f32(rows.len() * self.hidden)?;
-        let mut out_pos = ops.zeros_u32_like(rows.len())?;
+        let mut out = ops.zeros_f32(rows.len().max(1) * self.hidden)?;
+        let mut out_pos = ops.zeros_u32_like(rows.len().max(1))?;
         ops.gather_rows(self.h, &pos, &idx, &mut out, &mut out_pos, self.hidden)?;
-        let mut out = ops.download_f32(&out)?;
-        out.truncate(rows.len() * self.hidden);
-        Ok(out)
+        Ok(KeptRows::Held(Arc::new(HeldRows::<O>(out)), row_bytes))
     }
+}
+
+/// Hidden states [`OpsHidden::keep`] holds on the backend.
+struct HeldRows<O: Ops>(O::F32);
+
+/// Rows `range` of what an [`OpsHidden`] of this backend held, (range.len(), hidden) f32 on the
+/// host; an error for rows held by anyone else.
+pub(super) fn read_held<O: Ops>(
+    ops: &O,
+    held: &Held,
+    range: Range<usize>,
+    hidden: usize,
+) -> Result<Vec<f32>> {
+    let Some(HeldRows(buf)) = held.downcast_ref::<HeldRows<O>>() else {
+        return Err(Error::Engine(
+            "ops forward: revived rows held by another backend".into(),
+        ));
+    };
+    let idx = ops.upload_u32(&range.clone().map(|r| r as u32).collect::<Vec<_>>())?;
+    let pos = ops.upload_u32(&vec![0; range.end])?;
+    let mut out = ops.zeros_f32(range.len() * hidden)?;
+    let mut out_pos = ops.zeros_u32_like(range.len())?;
+    ops.gather_rows(buf, &pos, &idx, &mut out, &mut out_pos, hidden)?;
+    let mut rows = ops.download_f32(&out)?;
+    rows.truncate(range.len() * hidden);
+    Ok(rows)
 }
 
 #[cfg(test)]

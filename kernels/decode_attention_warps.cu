@@ -44,6 +44,75 @@ __device__ __forceinline__ float widen(const u32* w, int i) {
     return __uint_as_float(i % 2 == 0 ? w[i / 2] << 16 : w[i / 2] & 0xffff0000u);
 }
 
+// The group's queries, this lane's channels, pre-scaled (zeros past the group), and each head's
+// online softmax at its start.
+template <int HD, int G>
+__device__ __forceinline__ void start_group(const bf16* q, int q_col, int head0, int group,
+                                            int lane, float scale, float (&qr)[G][HD / 32],
+                                            float (&m)[G], float (&l)[G],
+                                            float (&o)[G][HD / 32]) {
+    constexpr int DPL = HD / 32;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        u32 w[DPL / 2];
+        load_raw<DPL>(q + q_col + (head0 + min(g, group - 1)) * HD, lane, w);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) qr[g][i] = g < group ? widen(w, i) * scale : 0.f;
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[g][i] = 0.f;
+    }
+}
+
+// The CTA's warps merged into the split's partials: each head's max, sum and values. The
+// warps' values go through `wo`, (DW_WARPS, G, HD) f32 of shared memory written after a barrier
+// (the staged kernel's are the bytes its buffers held).
+template <int HD, int G>
+__device__ __forceinline__ void merge_warps(const float (&m)[G], const float (&l)[G],
+                                            const float (&o)[G][HD / 32], float (*wm)[G],
+                                            float (*wl)[G], float* wo, int group, int head0,
+                                            float* part_m, float* part_l, float* part_o) {
+    constexpr int DPL = HD / 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int split = blockIdx.x, n_splits = gridDim.x;
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            wm[warp][g] = m[g];
+            wl[warp][g] = l[g];
+        }
+    }
+    __syncthreads();  // every warp is past its loop (and the staged kernel's buffers)
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g >= group) continue;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) wo[(warp * G + g) * HD + DPL * lane + i] = o[g][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
+        const int g = idx / HD, d = idx % HD;
+        float big = -INFINITY;
+        for (int w = 0; w < DW_WARPS; ++w) big = fmaxf(big, wm[w][g]);
+        float acc = 0.f, sum = 0.f;
+        if (big != -INFINITY) {
+            for (int w = 0; w < DW_WARPS; ++w) {
+                if (wm[w][g] == -INFINITY) continue;
+                const float e = __expf(wm[w][g] - big);
+                acc += wo[(w * G + g) * HD + d] * e;
+                sum += wl[w][g] * e;
+            }
+        }
+        const size_t part = (size_t)(head0 + g) * n_splits + split;
+        part_o[part * HD + d] = acc;
+        if (d == 0) {
+            part_m[part] = big;
+            part_l[part] = sum;
+        }
+    }
+}
+
 template <int HD, int G, int CHUNK, bool FUSED>
 __device__ __forceinline__ void decode_attention_warps(
     const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
@@ -53,31 +122,13 @@ __device__ __forceinline__ void decode_attention_warps(
     __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
     __shared__ float wo[DW_WARPS][G][HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int split = blockIdx.x, kv_head = blockIdx.y, n_splits = gridDim.x;
+    const int split = blockIdx.x, kv_head = blockIdx.y;
     const int group = n_heads / n_kv_heads, head0 = kv_head * group;
     const int kv_dim = n_kv_heads * HD;
     const u32 qp = q_pos[0];
     (void)q_stride;
-
-    // the group's queries, this lane's channels, pre-scaled
-    float qr[G][DPL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        if (g < group) {
-            u32 w[DPL / 2];
-            load_raw<DPL>(q + q_col + (head0 + g) * HD, lane, w);
-#pragma unroll
-            for (int i = 0; i < DPL; ++i) qr[g][i] = widen(w, i) * scale;
-        }
-    }
-    float m[G], l[G], o[G][DPL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) o[g][i] = 0.f;
-    }
+    float qr[G][DPL], m[G], l[G], o[G][DPL];
+    start_group<HD, G>(q, q_col, head0, group, lane, scale, qr, m, l, o);
 
     const int k0 = split * keys_per_split;
     const int k1 = min(n_keys, k0 + keys_per_split);
@@ -181,38 +232,7 @@ __device__ __forceinline__ void decode_attention_warps(
         }
     }
 
-    // merge the warps: each head's max, sum and values over the CTA
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        if (g >= group) continue;
-        if (lane == 0) {
-            wm[warp][g] = m[g];
-            wl[warp][g] = l[g];
-        }
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) wo[warp][g][DPL * lane + i] = o[g][i];
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
-        const int g = idx / HD, d = idx % HD;
-        float big = -INFINITY;
-        for (int w = 0; w < DW_WARPS; ++w) big = fmaxf(big, wm[w][g]);
-        float acc = 0.f, sum = 0.f;
-        if (big != -INFINITY) {
-            for (int w = 0; w < DW_WARPS; ++w) {
-                if (wm[w][g] == -INFINITY) continue;
-                const float e = __expf(wm[w][g] - big);
-                acc += wo[w][g][d] * e;
-                sum += wl[w][g] * e;
-            }
-        }
-        const size_t part = (size_t)(head0 + g) * n_splits + split;
-        part_o[part * HD + d] = acc;
-        if (d == 0) {
-            part_m[part] = big;
-            part_l[part] = sum;
-        }
-    }
+    merge_warps<HD, G>(m, l, o, wm, wl, &wo[0][0][0], group, head0, part_m, part_l, part_o);
 }
 
 #define DECODE_ATTENTION_WARPS(NAME, HD, G, CHUNK, FUSED, MIN_CTAS)                          \
@@ -301,29 +321,14 @@ __device__ __forceinline__ void decode_attention_staged(
     __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
     __shared__ float sc[DW_WARPS][NV];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int split = blockIdx.x, kv_head = blockIdx.y, n_splits = gridDim.x;
+    const int split = blockIdx.x, kv_head = blockIdx.y;
     const int group = n_heads / n_kv_heads, head0 = kv_head * group;
     const int kv_dim = n_kv_heads * HD;
     const u32 qp = q_pos[0];
     unsigned char* mine = pipe_smem + warp * NSTAGE * SB;
 
-    // the group's queries, this lane's channels, pre-scaled; zeros past the group
-    float qr[G][DPL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        u32 w[DPL / 2];
-        load_raw<DPL>(q + q_col + (head0 + min(g, group - 1)) * HD, lane, w);
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) qr[g][i] = g < group ? widen(w, i) * scale : 0.f;
-    }
-    float m[G], l[G], o[G][DPL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) o[g][i] = 0.f;
-    }
+    float qr[G][DPL], m[G], l[G], o[G][DPL];
+    start_group<HD, G>(q, q_col, head0, group, lane, scale, qr, m, l, o);
 
     const int k0 = split * keys_per_split;
     const int k1 = min(n_keys, k0 + keys_per_split);
@@ -428,45 +433,8 @@ __device__ __forceinline__ void decode_attention_staged(
     }
     cp_async_wait<0>();
 
-    // merge the warps: each head's max, sum and values over the CTA, the outputs in the bytes
-    // the buffers held
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        if (g >= group) continue;
-        if (lane == 0) {
-            wm[warp][g] = m[g];
-            wl[warp][g] = l[g];
-        }
-    }
-    __syncthreads();  // every warp is past its buffers
-    float* wo = (float*)pipe_smem;  // (DW_WARPS, G, HD)
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        if (g >= group) continue;
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) wo[(warp * G + g) * HD + DPL * lane + i] = o[g][i];
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
-        const int g = idx / HD, d = idx % HD;
-        float big = -INFINITY;
-        for (int w = 0; w < DW_WARPS; ++w) big = fmaxf(big, wm[w][g]);
-        float acc = 0.f, sum = 0.f;
-        if (big != -INFINITY) {
-            for (int w = 0; w < DW_WARPS; ++w) {
-                if (wm[w][g] == -INFINITY) continue;
-                const float e = __expf(wm[w][g] - big);
-                acc += wo[(w * G + g) * HD + d] * e;
-                sum += wl[w][g] * e;
-            }
-        }
-        const size_t part = (size_t)(head0 + g) * n_splits + split;
-        part_o[part * HD + d] = acc;
-        if (d == 0) {
-            part_m[part] = big;
-            part_l[part] = sum;
-        }
-    }
+    // the warps' outputs go where the buffers were
+    merge_warps<HD, G>(m, l, o, wm, wl, (float*)pipe_smem, group, head0, part_m, part_l, part_o);
 }
 
 #define DECODE_ATTENTION_STAGED(NAME, HD, G, NSTAGE)                                            \

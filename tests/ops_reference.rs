@@ -217,6 +217,16 @@ fn bf16_round_trip_is_round_to_nearest_even() {
     assert_eq!(to_f32(&to_bf16(&[1.0 + 1.0 / 256.0])), vec![1.0]); // tie to even
 }
 
+/// Six tiny layers with random weights and a prompt of 1,000 random tokens: the pruned decode
+/// tests' model (stages at layers 2 and 4, see [`slim`]).
+fn six_layers_and_a_prompt() -> (LlamaShape, OpsLlama<'static, CpuOps>, Vec<u32>) {
+    let shape = LlamaShape::tiny(6);
+    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    (shape, model, tokens)
+}
+
 fn slim(keep_ratio: f32) -> SlimConfig {
     SlimConfig {
         keep_ratio,
@@ -241,10 +251,7 @@ fn slim(keep_ratio: f32) -> SlimConfig {
 
 #[test]
 fn ops_forward_prunes_on_schedule_and_decodes() {
-    let shape = LlamaShape::tiny(6);
-    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
-    let mut rng = Rng::new(5);
-    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (shape, model, tokens) = six_layers_and_a_prompt();
     let (mut dense_cache, dense) = model.prefill(&tokens, None, 4, &mut NoHooks).unwrap();
     assert_eq!(dense.rows_per_layer, vec![1000; 6]);
     assert!(dense.logits.iter().all(|x| x.is_finite()));
@@ -273,10 +280,7 @@ fn ops_forward_prunes_on_schedule_and_decodes() {
 
 #[test]
 fn ops_decode_attends_to_each_slim_layers_own_blocks() {
-    let shape = LlamaShape::tiny(6);
-    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
-    let mut rng = Rng::new(5);
-    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (shape, model, tokens) = six_layers_and_a_prompt();
     // decode attends to a quarter of each stage's blocks (no floor) or to all of them
     let narrow = SlimConfig {
         decode_keep: 0.25,
@@ -353,10 +357,7 @@ fn scoring_queries_before_they_are_downloaded_changes_nothing() {
     // the prefill and decode of ops_decode_attends_to_each_slim_layers_own_blocks, the
     // session's scorings started from the queries on the backend (the default) or from their
     // downloads
-    let shape = LlamaShape::tiny(6);
-    let mut model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
-    let mut rng = Rng::new(5);
-    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (_, mut model, tokens) = six_layers_and_a_prompt();
     let narrow = SlimConfig {
         decode_keep: 0.25,
         decode_min_tokens: 0,
@@ -399,10 +400,7 @@ fn key_row(cache: &ModelCache<CpuOps>, layer: usize, pos: u32, kv_dim: usize) ->
 
 #[test]
 fn a_raised_ratio_revives_pruned_blocks_into_each_stage_in_position_order() {
-    let shape = LlamaShape::tiny(6);
-    let model = OpsLlama::random(&CpuOps, shape, 2048, 9).unwrap();
-    let mut rng = Rng::new(5);
-    let tokens: Vec<u32> = (0..1000).map(|_| rng.below(shape.vocab) as u32).collect();
+    let (shape, model, tokens) = six_layers_and_a_prompt();
     let cfg = SlimConfig {
         decode_keep: 1.0,
         revive: true,

@@ -47,6 +47,17 @@ pub struct RowSlice {
     pub offset: usize,
 }
 
+impl RowSlice {
+    /// Rows `first..first + rows` of this slice.
+    pub fn rows_from(self, first: usize, rows: usize) -> Self {
+        Self {
+            rows,
+            stride: self.stride,
+            offset: self.offset + first * self.stride,
+        }
+    }
+}
+
 /// How block scores are computed (see [`super::score`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreMode {

@@ -80,18 +80,14 @@ impl<O: Ops> LayerCache<O> {
             None => 0,
         };
         if behind > 0 {
-            let revived = RowSlice { rows: behind, ..at };
+            let revived = at.rows_from(0, behind);
             self.insert_blocks(ops, qkv, revived, (k_col, v_col), &positions[..behind])?;
         }
         if behind == n {
             return Ok(());
         }
         self.reserve(ops, n - behind)?;
-        let rest = RowSlice {
-            rows: n - behind,
-            stride: at.stride,
-            offset: at.offset + behind * at.stride,
-        };
+        let rest = at.rows_from(behind, n - behind);
         let (pool, table, row0) = (&mut self.pool, &self.table_dev, self.rows);
         match behind {
             0 => ops.kv_append(qkv, rest, k_col, v_col, pos_dev, pool, table, row0)?,
@@ -140,11 +136,7 @@ impl<O: Ops> LayerCache<O> {
             self.table_dev = ops.upload_u32(&self.table)?;
             self.positions.splice(r..r, block.iter().copied());
             self.rows += KV_BLOCK;
-            let rows = RowSlice {
-                rows: KV_BLOCK,
-                stride: at.stride,
-                offset: at.offset + i * KV_BLOCK * at.stride,
-            };
+            let rows = at.rows_from(i * KV_BLOCK, KV_BLOCK);
             let pos = ops.upload_u32(block)?;
             ops.kv_append(
                 qkv,

@@ -473,11 +473,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 // where they are, so that downloading them waits once for everything
                 let set_req = session.set_scoring(layer).filter(|_| self.score_ahead);
                 let prefill = (session.prefill_scoring(layer, n)).filter(|_| self.score_ahead);
-                let last_rows = |w: usize| RowSlice {
-                    rows: w,
-                    stride: qkv_dim,
-                    offset: (n - w) * qkv_dim,
-                };
+                let last_rows = |w: usize| rows(0).rows_from(n - w, w);
                 let keys = self.keys(kv);
                 let set_issued = match set_req {
                     Some(req) => Some((req, keys.issue(&sc.qkv, last_rows(1), &req)?)),

@@ -2,15 +2,13 @@
 // f32 accumulation, out bf16 or f32. cuBLAS's GEMM at one row read the 8B shape's 4096 x 14336
 // weights at 3.5-3.7 TB/s of the H200's 4.8 (bench/NOTES.md); a decode step is mostly this.
 //
-// A CTA of GV_WARPS warps owns GV_ROWS rows, and its warps split k: lane l of warp w reads the
-// 16-byte pieces (8 values) p = 32 w + l, p + 32 GV_WARPS, ... of each of the rows and of x
-// (x's piece loaded once for the rows), so each lane has GV_ROWS independent loads a piece in
-// flight, and a 4096-wide row is read by the CTA in two pieces a lane. The partial sums go
-// over the warp by shuffles and over the warps through shared memory.
-// grid (ceil(n / GV_ROWS)), block (32 * GV_WARPS); k a multiple of 8, x and w 16-byte aligned.
-
-#define GV_WARPS 8
-#define GV_ROWS 4
+// A CTA of WARPS warps owns ROWS rows, and its warps split k: lane l of warp w reads the
+// 16-byte pieces (8 values) p = 32 w + l, p + 32 WARPS, ... of each of the rows and of x (x's
+// piece loaded once for the rows), so each lane has ROWS independent loads a piece in flight,
+// and a 4096-wide row is read by a CTA of 8 warps in two pieces a lane. The partial sums go
+// over the warp by shuffles and over the warps through shared memory. gpu-check times the
+// variants below at the 8B shape's layers and runs the fastest (bench/NOTES.md).
+// grid (ceil(n / ROWS)), block (32 * WARPS); k a multiple of 8, x and w 16-byte aligned.
 
 __device__ __forceinline__ void widen8(const uint4 p, float f[8]) {
     const u32 w[4] = {p.x, p.y, p.z, p.w};
@@ -21,7 +19,7 @@ __device__ __forceinline__ void widen8(const uint4 p, float f[8]) {
     }
 }
 
-template <bool F32_OUT>
+template <int GV_ROWS, int GV_WARPS, bool F32_OUT>
 __device__ __forceinline__ void gemv_rows(const bf16* x, const bf16* w, void* out, int n, int k) {
     __shared__ float red[GV_WARPS][GV_ROWS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -67,12 +65,17 @@ __device__ __forceinline__ void gemv_rows(const bf16* x, const bf16* w, void* ou
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS)
-    gemv_bf16(const bf16* x, const bf16* w, bf16* out, int n, int k) {
-    gemv_rows<false>(x, w, out, n, k);
-}
-
-extern "C" __global__ void __launch_bounds__(32 * GV_WARPS)
-    gemv_f32(const bf16* x, const bf16* w, float* out, int n, int k) {
-    gemv_rows<true>(x, w, out, n, k);
-}
+#define GEMV(ROWS, WARPS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS)                                 \
+        gemv_r##ROWS##_w##WARPS##_bf16(const bf16* x, const bf16* w, bf16* out, int n, int k) { \
+        gemv_rows<ROWS, WARPS, false>(x, w, out, n, k);                                      \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS)                                 \
+        gemv_r##ROWS##_w##WARPS##_f32(const bf16* x, const bf16* w, float* out, int n, int k) { \
+        gemv_rows<ROWS, WARPS, true>(x, w, out, n, k);                                       \
+    }
+// (rows a CTA, warps a CTA)
+GEMV(2, 8)
+GEMV(4, 4)
+GEMV(4, 8)
+GEMV(8, 8)

@@ -257,15 +257,16 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
     }
 }
 
-/// One row through gemv.cu: x and w from files, out (n) bf16 written.
+/// One row through gemv.cu: x and w from files, out (n) bf16 written; ROWS and WARPS name the
+/// variant.
 const GEMV_MAIN: &str = r#"
 int main() {
     auto x = as<bf16>(slurp("x.bin")), w = as<bf16>(slurp("w.bin"));
     auto d = as<int>(slurp("dims.bin"));  // n, k
     const int n = d[0], k = d[1];
     std::vector<bf16> out(n, 0x7fc0);
-    launch((n + GV_ROWS - 1) / GV_ROWS, 1, 32 * GV_WARPS, [&] {
-        gemv_bf16(x.data(), w.data(), out.data(), n, k);
+    launch((n + ROWS - 1) / ROWS, 1, 32 * WARPS, [&] {
+        gemv_rROWS_wWARPS_bf16(x.data(), w.data(), out.data(), n, k);
     });
     FILE* f = fopen("out.bin", "wb");
     fwrite(out.data(), 2, out.size(), f);
@@ -277,32 +278,38 @@ int main() {
 #[test]
 fn the_one_row_linear_layer_matches_the_cpu_reference_on_the_host() {
     let mut rng = Rng::new(41);
-    let dir = tempfile::tempdir().unwrap();
-    let program = program_on(
-        host_kernels::THREADED_PRELUDE,
-        &[include_str!("../kernels/gemv.cu")],
-        GEMV_MAIN,
-    );
-    let Some(binary) = compile_with(dir.path(), &program, THREADS) else {
-        return;
-    };
-    // rows past the last CTA's four, and k past a whole round of the CTA's 256 lanes' pieces
-    // (2,056 / 8 = 257 pieces)
+    // rows past the last CTA's, and k past a whole round of the CTA's lanes' pieces (2,056 / 8
+    // = 257 pieces)
     let (n, k) = (13usize, 2056usize);
     let (x, w) = (rng.bf16s(k, 1.0), rng.bf16s(n * k, 0.05));
-    let dims = [n as i32, k as i32];
-    for (name, data) in [
-        ("x.bin", bytes(&x)),
-        ("w.bin", bytes(&w)),
-        ("dims.bin", bytes(&dims)),
-    ] {
-        std::fs::write(dir.path().join(name), data).unwrap();
-    }
-    let got = to_f32(&run_for_bf16(&binary, &[]));
     let cpu = CpuOps;
     let mut want = cpu.zeros_bf16(n).unwrap();
     cpu.matmul(&x, &w, &mut want, 1, k, n).unwrap();
-    let e = rel_err(&got, &to_f32(&want));
-    eprintln!("gemv {n}x{k}: relative error {e:.2e}");
-    assert!(e < 5e-3, "{e}");
+    // every variant gpu-check times (OneRowLinear::ALL)
+    for (rows, warps) in [(2, 8), (4, 4), (4, 8), (8, 8)] {
+        let dir = tempfile::tempdir().unwrap();
+        let main = GEMV_MAIN
+            .replace("ROWS", &rows.to_string())
+            .replace("WARPS", &warps.to_string());
+        let program = program_on(
+            host_kernels::THREADED_PRELUDE,
+            &[include_str!("../kernels/gemv.cu")],
+            &main,
+        );
+        let Some(binary) = compile_with(dir.path(), &program, THREADS) else {
+            return;
+        };
+        let dims = [n as i32, k as i32];
+        for (name, data) in [
+            ("x.bin", bytes(&x)),
+            ("w.bin", bytes(&w)),
+            ("dims.bin", bytes(&dims)),
+        ] {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let got = to_f32(&run_for_bf16(&binary, &[]));
+        let e = rel_err(&got, &to_f32(&want));
+        eprintln!("gemv {n}x{k}, {rows} rows x {warps} warps a CTA: relative error {e:.2e}");
+        assert!(e < 5e-3, "{rows} x {warps}: {e}");
+    }
 }

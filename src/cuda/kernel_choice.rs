@@ -95,6 +95,51 @@ impl Default for DecodeTuning {
     }
 }
 
+/// One-row linear layers (decode's GEMVs): cuBLAS, or kernels/gemv.cu with `rows` rows and
+/// `warps` warps a CTA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum OneRowLinear {
+    Cublas,
+    Gemv { rows: u8, warps: u8 },
+}
+
+impl OneRowLinear {
+    /// Every setting gpu-check times, the default first.
+    pub const ALL: [Self; 5] = [
+        Self::Gemv { rows: 4, warps: 8 },
+        Self::Gemv { rows: 2, warps: 8 },
+        Self::Gemv { rows: 4, warps: 4 },
+        Self::Gemv { rows: 8, warps: 8 },
+        Self::Cublas,
+    ];
+
+    /// The kernel's entry point (f32 or bf16 out); None for cuBLAS.
+    pub fn entry(self, f32_out: bool) -> Option<String> {
+        match self {
+            Self::Cublas => None,
+            Self::Gemv { rows, warps } => {
+                let out = if f32_out { "f32" } else { "bf16" };
+                Some(format!("gemv_r{rows}_w{warps}_{out}"))
+            }
+        }
+    }
+
+    /// How gpu-check's log names it.
+    pub fn name(self) -> String {
+        match self {
+            Self::Cublas => "cuBLAS".into(),
+            Self::Gemv { rows, warps } => format!("gemv.cu, {rows} rows x {warps} warps a CTA"),
+        }
+    }
+}
+
+impl Default for OneRowLinear {
+    fn default() -> Self {
+        // measured on an H200 against cuBLAS at the 8B shape's four layers (bench/NOTES.md)
+        Self::Gemv { rows: 4, warps: 8 }
+    }
+}
+
 /// The kernels of prefill attention. A tensor-core kernel runs where its shapes allow (head
 /// sizes 64 and 128, GQA groups up to 8; see [`super::prefill_attention`]); other shapes fall
 /// back from the pipelined kernel to the plain one, then to FMA units.

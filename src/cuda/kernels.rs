@@ -121,7 +121,16 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     (
         "gemv.cu",
         include_str!("../../kernels/gemv.cu"),
-        &["gemv_bf16", "gemv_f32"],
+        &[
+            "gemv_r2_w8_bf16",
+            "gemv_r2_w8_f32",
+            "gemv_r4_w4_bf16",
+            "gemv_r4_w4_f32",
+            "gemv_r4_w8_bf16",
+            "gemv_r4_w8_f32",
+            "gemv_r8_w8_bf16",
+            "gemv_r8_w8_f32",
+        ],
     ),
     (
         "slim_scores.cu",

@@ -12,7 +12,9 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
-pub use super::kernel_choice::{DecodeKernel, DecodeTuning, PrefillFootprint, PrefillKernel};
+pub use super::kernel_choice::{
+    DecodeKernel, DecodeTuning, OneRowLinear, PrefillFootprint, PrefillKernel,
+};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
@@ -33,8 +35,8 @@ pub struct CudaOps {
     prefill: PrefillKernel,
     /// How the warp kernel of decode attention splits its work.
     pub(super) decode: DecodeTuning,
-    /// One-row linear layers (decode) by kernels/gemv.cu rather than cuBLAS.
-    gemv: bool,
+    /// Who runs one-row linear layers (decode's GEMVs).
+    one_row: OneRowLinear,
 }
 
 const THREADS: u32 = 256;
@@ -82,14 +84,14 @@ impl CudaOps {
             pinned: PinnedArena::default(),
             prefill: PrefillKernel::MmaPipelined,
             decode: DecodeTuning::default(),
-            gemv: true,
+            one_row: OneRowLinear::default(),
         }
     }
 
-    /// The same backend with one-row linear layers on kernels/gemv.cu (`true`, the default) or
-    /// on cuBLAS: gpu-check times both and runs the faster.
-    pub fn with_gemv(mut self, gemv: bool) -> Self {
-        self.gemv = gemv;
+    /// The same backend with one-row linear layers run as `one_row` says: gpu-check times
+    /// every setting and runs the fastest that agrees with cuBLAS.
+    pub fn with_one_row(mut self, one_row: OneRowLinear) -> Self {
+        self.one_row = one_row;
         self
     }
 
@@ -139,8 +141,16 @@ impl CudaOps {
                 )));
             }
         }
-        if rows == 1 && self.gemv && k.is_multiple_of(8) {
-            return self.gemv(x, w, out, out_type, (k, n));
+        if let (
+            1,
+            true,
+            OneRowLinear::Gemv {
+                rows: per_cta,
+                warps,
+            },
+        ) = (rows, k.is_multiple_of(8), self.one_row)
+        {
+            return self.gemv(x, w, out, out_type, (k, n), (per_cta, warps));
         }
         let s = &self.gpu.stream;
         let (xp, _gx) = x.device_ptr(s);
@@ -177,8 +187,8 @@ impl CudaOps {
 }
 
 impl CudaOps {
-    /// [`Self::gemm`] at one row by kernels/gemv.cu: a CTA a few rows, its warps splitting k.
-    /// The caller checked the lengths and that k is a multiple of 8.
+    /// [`Self::gemm`] at one row by kernels/gemv.cu: a CTA `rows` rows, its `warps` warps
+    /// splitting k. The caller checked the lengths and that k is a multiple of 8.
     fn gemv<T: DeviceRepr>(
         &self,
         x: &CudaSlice<u16>,
@@ -186,25 +196,23 @@ impl CudaOps {
         out: &mut CudaSlice<T>,
         out_type: cudaDataType_t,
         (k, n): (usize, usize),
+        (rows, warps): (u8, u8),
     ) -> Result<()> {
-        const ROWS: usize = 4; // GV_ROWS
-        const WARPS: u32 = 8; // GV_WARPS
-        let name = match out_type {
-            cudaDataType_t::CUDA_R_32F => "gemv_f32",
-            _ => "gemv_bf16",
-        };
-        let f = self.f(name)?;
+        let f32_out = out_type == cudaDataType_t::CUDA_R_32F;
+        let one_row = OneRowLinear::Gemv { rows, warps };
+        let name = one_row.entry(f32_out).expect("a kernel");
+        let f = self.f(&name)?;
         let (n32, k32) = (i32_of(n), i32_of(k));
         let mut b = self.gpu.stream.launch_builder(&f);
         b.arg(x).arg(w).arg(out).arg(&n32).arg(&k32);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(ROWS) as u32, 1, 1),
-            block_dim: (32 * WARPS, 1, 1),
+            grid_dim: (n.div_ceil(rows as usize) as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: x holds k values, w n rows of k, out n (checked by gemm); k is a multiple of
         // 8 and cudarc's allocations are 256-byte aligned, so the 16-byte loads are aligned.
-        unsafe { b.launch(cfg) }.or_engine(name)?;
+        unsafe { b.launch(cfg) }.or_engine(&name)?;
         Ok(())
     }
 }

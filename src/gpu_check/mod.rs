@@ -195,7 +195,7 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
     let ops = with(best).with_decode_tuning(decode_tuning(&with(best), &mut report, log));
     let ops = ops
         .clone()
-        .with_gemv(one_row_linear(&ops, &mut report, log));
+        .with_one_row(one_row_linear(&ops, &mut report, log));
     write(args, &report)?;
 
     let shape = LlamaShape::llama31_8b();
@@ -331,36 +331,47 @@ fn decode_tuning(
     best
 }
 
-/// The one-row linear layers' times on cuBLAS and on gemv.cu, logged: the runs take gemv.cu
-/// where it is faster over the four layers and agrees with cuBLAS at every one.
-fn one_row_linear(ops: &CudaOps, report: &mut Report, log: &mut dyn FnMut(&str)) -> bool {
+/// The one-row linear layers' times at every setting, logged: the runs take the fastest over
+/// the four layers among those that agree with cuBLAS at every one.
+fn one_row_linear(
+    ops: &CudaOps,
+    report: &mut Report,
+    log: &mut dyn FnMut(&str),
+) -> crate::cuda::ops::OneRowLinear {
+    use crate::cuda::ops::OneRowLinear;
     const AGREES: f64 = 1e-2;
-    match profile::gemv_rates(ops) {
-        Ok(rates) => {
-            for r in &rates {
-                log(&format!(
-                    "one-row linear ({} x {}): cuBLAS {:.1} us ({:.0} GB/s), gemv.cu {:.1} us ({:.0} GB/s), {:.1e} apart",
-                    r.shape.0, r.shape.1, r.cublas_us, r.cublas_gb_s, r.gemv_us, r.gemv_gb_s, r.rel_err
-                ));
-            }
-            let agree = rates.iter().all(|r| r.rel_err <= AGREES);
-            let faster = rates.iter().map(|r| r.gemv_us).sum::<f64>()
-                < rates.iter().map(|r| r.cublas_us).sum::<f64>();
-            report.gemv_rates = rates;
-            let gemv = agree && faster;
-            log(&format!(
-                "the runs' one-row linear layers: {}",
-                if gemv { "gemv.cu" } else { "cuBLAS" }
-            ));
-            gemv
-        }
+    let rates = match profile::gemv_rates(ops) {
+        Ok(rates) => rates,
         Err(e) => {
             log(&format!(
                 "the one-row linear rates failed: {e}; cuBLAS runs them"
             ));
-            false
+            return OneRowLinear::Cublas;
         }
+    };
+    for r in &rates {
+        log(&format!(
+            "one-row linear ({} x {}), {}: {:.1} us ({:.0} GB/s), {:.1e} from cuBLAS",
+            r.shape.0,
+            r.shape.1,
+            r.linear.name(),
+            r.us,
+            r.gb_s,
+            r.rel_err
+        ));
     }
+    let total = |l: OneRowLinear| -> Option<f64> {
+        let of = || rates.iter().filter(move |r| r.linear == l);
+        of().all(|r| r.rel_err <= AGREES)
+            .then(|| of().map(|r| r.us).sum())
+    };
+    let best = (OneRowLinear::ALL.into_iter())
+        .filter_map(|l| total(l).map(|us| (l, us)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(OneRowLinear::Cublas, |(l, _)| l);
+    report.gemv_rates = rates;
+    log(&format!("the runs' one-row linear layers: {}", best.name()));
+    best
 }
 
 /// The decode profiles at the longest length and the launch costs, logged; a failure is logged

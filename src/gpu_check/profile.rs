@@ -13,7 +13,7 @@ use crate::backend::cpu_ops::to_f32;
 use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
 use crate::backend::ops_check::rel_err;
 use crate::backend::paged_kv::NoHooks;
-use crate::cuda::ops::{DecodeKernel, DecodeTuning};
+use crate::cuda::ops::{DecodeKernel, DecodeTuning, OneRowLinear};
 use crate::cuda::{CudaOps, OrEngine};
 use crate::model::ops_llama::LlamaShape;
 use crate::model::ops_llama::{KvPlacement, OpsLlama, ProbeMode, ProbePart};
@@ -185,23 +185,22 @@ pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
     Ok(rates)
 }
 
-/// One-row linear layers of the 8B shape on cuBLAS and on kernels/gemv.cu.
+/// One setting's time at one of the 8B shape's one-row linear layers.
 #[derive(Debug, Clone, Serialize)]
 pub struct GemvRate {
     /// (n, k): out (1, n) = x (1, k) . w (n, k)ᵀ
     pub shape: (usize, usize),
-    pub cublas_us: f64,
-    pub gemv_us: f64,
-    /// The weights' bytes over each time.
-    pub cublas_gb_s: f64,
-    pub gemv_gb_s: f64,
-    /// gemv.cu's output against cuBLAS's, relative.
+    pub linear: OneRowLinear,
+    pub us: f64,
+    /// The weights' bytes over that time.
+    pub gb_s: f64,
+    /// Its output against cuBLAS's, relative.
     pub rel_err: f64,
 }
 
 /// The decode step's four linear layers of the 8B shape (q|k|v, o, gate|up, down) at one row,
-/// each on cuBLAS and on gemv.cu: the median of 20 timed calls after 3, and the outputs
-/// compared.
+/// at every [`OneRowLinear`] setting: the median of 20 timed calls after 3, and the outputs
+/// against cuBLAS's.
 pub fn gemv_rates(ops: &CudaOps) -> Result<Vec<GemvRate>> {
     let shape = LlamaShape::llama31_8b();
     let (h, i) = (shape.hidden, shape.intermediate);
@@ -213,22 +212,22 @@ pub fn gemv_rates(ops: &CudaOps) -> Result<Vec<GemvRate>> {
         let mut w = ops.zeros_bf16(n * k)?;
         ops.fill_uniform(&mut w, 12, 0.02)?;
         let mut y = ops.zeros_bf16(n)?;
-        let mut time = |gemv: bool| -> Result<(f64, Vec<f32>)> {
-            let o = ops.clone().with_gemv(gemv);
+        let cublas = ops.clone().with_one_row(OneRowLinear::Cublas);
+        cublas.matmul(&x, &w, &mut y, 1, k, n)?;
+        let want = to_f32(&ops.download_bf16(&y)?);
+        for linear in OneRowLinear::ALL {
+            let o = ops.clone().with_one_row(linear);
+            ops.fill_uniform(&mut y, 13, 1.0)?;
             let ms = super::rates::time_ms(&o, 3, 20, &mut || o.matmul(&x, &w, &mut y, 1, k, n))?;
-            Ok((ms * 1e3, to_f32(&ops.download_bf16(&y)?)))
-        };
-        let (cublas_us, want) = time(false)?;
-        let (gemv_us, got) = time(true)?;
-        let gb_s = |us: f64| (n * k * 2) as f64 / (us * 1e-6) / 1e9;
-        out.push(GemvRate {
-            shape: (n, k),
-            cublas_us,
-            gemv_us,
-            cublas_gb_s: gb_s(cublas_us),
-            gemv_gb_s: gb_s(gemv_us),
-            rel_err: rel_err(&got, &want),
-        });
+            let got = to_f32(&ops.download_bf16(&y)?);
+            out.push(GemvRate {
+                shape: (n, k),
+                linear,
+                us: ms * 1e3,
+                gb_s: (n * k * 2) as f64 / (ms * 1e-3) / 1e9,
+                rel_err: rel_err(&got, &want),
+            });
+        }
     }
     Ok(out)
 }

@@ -64,6 +64,8 @@ pub struct RunResult {
     pub tier_counts: Option<TierCounts>,
     /// K and V the last decode step read (pruned: each slim layer's decode set).
     pub decode_kv_bytes: usize,
+    /// Hidden states of pruned rows held in VRAM for revival (a raised ratio brings them back).
+    pub held_bytes: usize,
     pub gemm_flops: f64,
     /// GEMM FLOPs over the measured cuBLAS bf16 rate.
     pub gemm_floor_ms: f64,
@@ -431,7 +433,7 @@ fn mode_name(pruned: bool, placement: KvPlacement) -> &'static str {
 /// One run's line of the log.
 fn run_line(r: &RunResult) -> String {
     format!(
-        "{:>6} tokens {:>6}: TTFT {:>8.1} ms (floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB, VRAM KV {:>6.2} GB, host KV {:>6.2} GB, decode reads {:>6.2} GB{}",
+        "{:>6} tokens {:>6}: TTFT {:>8.1} ms (floor {:>7.1} ms), decode {:>6.1} tok/s, prompt KV {:>6.2} GB, VRAM KV {:>6.2} GB, host KV {:>6.2} GB, decode reads {:>6.2} GB, held for revival {:.2} GB{}",
         r.prompt_tokens,
         r.mode,
         r.ttft_ms,
@@ -441,6 +443,7 @@ fn run_line(r: &RunResult) -> String {
         r.kv_pool_bytes as f64 / 1e9,
         r.kv_host_bytes as f64 / 1e9,
         r.decode_kv_bytes as f64 / 1e9,
+        r.held_bytes as f64 / 1e9,
         r.tier_counts.map_or(String::new(), |c| format!(
             ", offloads landed {:.1} ms after TTFT, decode fetched {} blocks in {:.2} ms",
             r.offload_tail_ms.unwrap_or(0.0),
@@ -505,6 +508,7 @@ fn one_run(
         kv_host_bytes: tiers.host_bytes,
         tier_counts: tiered.then_some(tiers.counts),
         decode_kv_bytes: cache.attended_kv_bytes(model.ops, &shape),
+        held_bytes: cache.session.as_ref().map_or(0, |s| s.aux_bytes()),
         rows_per_layer: report.rows_per_layer,
         gemm_flops,
         gemm_floor_ms: gemm_flops / (tflops * 1e12) * 1e3,

@@ -190,3 +190,55 @@ pub trait LayerHooks<O: Ops> {
 /// No KV manager.
 pub struct NoHooks;
 impl<O: Ops> LayerHooks<O> for NoHooks {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu_ops::CpuOps;
+
+    /// q|k|v rows whose key and value columns hold the row's position (kv_dim 2, no queries).
+    fn rows_at(positions: &[u32]) -> (Vec<u16>, RowSlice) {
+        let qkv: Vec<u16> = (positions.iter())
+            .flat_map(|&p| [p as u16, p as u16, p as u16 + 1, p as u16 + 1])
+            .collect();
+        let at = RowSlice {
+            rows: positions.len(),
+            stride: 4,
+            offset: 0,
+        };
+        (qkv, at)
+    }
+
+    fn append(kv: &mut LayerCache<CpuOps>, positions: &[u32]) -> Result<()> {
+        let (qkv, at) = rows_at(positions);
+        let pos = CpuOps.upload_u32(positions)?;
+        kv.append(&CpuOps, &qkv, at, (0, 2), positions, &pos)
+    }
+
+    /// The key (first column) of each row, read through the table.
+    fn keys(kv: &LayerCache<CpuOps>) -> Vec<u32> {
+        (0..kv.rows)
+            .map(|r| {
+                let slot = kv.table[r / KV_BLOCK] as usize;
+                kv.pool.k[(slot * KV_BLOCK + r % KV_BLOCK) * 2] as u32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_revived_block_joins_the_layer_in_position_order() {
+        let mut kv = LayerCache::new(&CpuOps, 130, 2).unwrap();
+        // blocks 0 and 2 of a prompt, then a step's token; block 1 comes back with the next
+        let kept: Vec<u32> = (0..64).chain(128..192).chain([500]).collect();
+        append(&mut kv, &kept).unwrap();
+        let revived: Vec<u32> = (64..128).chain([501]).collect();
+        append(&mut kv, &revived).unwrap();
+        let want: Vec<u32> = (0..192).chain([500, 501]).collect();
+        assert_eq!(kv.positions, want);
+        assert_eq!(keys(&kv), want, "each row's key through the table");
+        // a block's rows must come whole and on a block's start, or not at all
+        for bad in [(300..310).collect::<Vec<u32>>(), (200..264).collect()] {
+            assert!(append(&mut kv, &bad).is_err(), "{:?}..", bad.first());
+        }
+    }
+}

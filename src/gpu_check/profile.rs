@@ -128,7 +128,10 @@ pub fn footprints(ops: &CudaOps) -> Result<Vec<KernelFootprint>> {
     names.extend(staged.map(|k| (k.entry(128, 4), k.shared_bytes(128, 4))));
     let mut out = Vec::new();
     for (name, smem) in names {
-        let f = ops.gpu.kernels.get_with_shared(&name, smem.max(1))?;
+        let f = match smem {
+            0 => ops.gpu.kernels.get(&name)?,
+            _ => ops.gpu.kernels.get_with_shared(&name, smem)?,
+        };
         out.push(KernelFootprint {
             registers: f.num_regs().or_engine("attribute")?,
             local_bytes: f.local_size_bytes().or_engine("attribute")?,

@@ -113,6 +113,28 @@ __device__ __forceinline__ void merge_warps(const float (&m)[G], const float (&l
     }
 }
 
+// One chunk's online-softmax step for one head: p holds the chunk's scores (-inf where the key
+// is invisible, and some key is visible) and becomes their weights e^(s - m_new) (0 where
+// invisible); the running max m, sum l and values o move to the new max.
+template <int CHUNK, int DPL>
+__device__ __forceinline__ void softmax_step(float (&p)[CHUNK], const bool (&vis)[CHUNK],
+                                             float& m, float& l, float (&o)[DPL]) {
+    float cm = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j) cm = fmaxf(cm, p[j]);
+    const float m_new = fmaxf(m, cm);  // finite: some key of the chunk is visible
+    const float corr = __expf(m - m_new);  // 0 while m is -inf
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] *= corr;
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j) {
+        p[j] = vis[j] ? __expf(p[j] - m_new) : 0.f;
+        l += p[j];
+    }
+    m = m_new;
+}
+
 template <int HD, int G, int CHUNK, bool FUSED>
 __device__ __forceinline__ void decode_attention_warps(
     const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
@@ -178,8 +200,7 @@ __device__ __forceinline__ void decode_attention_warps(
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 if (g >= group) continue;
-                float* pg = p[FUSED ? 0 : g];
-                float cm = -INFINITY;
+                float(&pg)[CHUNK] = p[FUSED ? 0 : g];
 #pragma unroll
                 for (int j = 0; j < CHUNK; ++j) {
                     float s = 0.f;
@@ -187,19 +208,8 @@ __device__ __forceinline__ void decode_attention_warps(
                     for (int i = 0; i < DPL; ++i) s += qr[g][i] * widen(kr[j], i);
                     s = warp_sum(s);
                     pg[j] = vis[j] ? s : -INFINITY;
-                    cm = fmaxf(cm, pg[j]);
                 }
-                const float m_new = fmaxf(m[g], cm);  // finite: some key of the chunk is visible
-                const float corr = __expf(m[g] - m_new);  // 0 while m[g] is -inf
-                l[g] *= corr;
-#pragma unroll
-                for (int i = 0; i < DPL; ++i) o[g][i] *= corr;
-#pragma unroll
-                for (int j = 0; j < CHUNK; ++j) {
-                    pg[j] = vis[j] ? __expf(pg[j] - m_new) : 0.f;
-                    l[g] += pg[j];
-                }
-                m[g] = m_new;
+                softmax_step<CHUNK, DPL>(pg, vis, m[g], l[g], o[g]);
                 if constexpr (FUSED) {
 #pragma unroll
                     for (int j = 0; j < CHUNK; ++j) {
@@ -407,25 +417,15 @@ __device__ __forceinline__ void decode_attention_staged(
             for (int g = 0; g < G; ++g) {
                 if (g >= group) continue;
                 float p[DS_CHUNK];
-                float cm = -INFINITY;
 #pragma unroll
-                for (int j = 0; j < DS_CHUNK; ++j) {
+                for (int j = 0; j < DS_CHUNK; ++j)
                     p[j] = vis[j] ? sc[warp][g * DS_CHUNK + j] : -INFINITY;
-                    cm = fmaxf(cm, p[j]);
-                }
-                const float m_new = fmaxf(m[g], cm);  // finite: some key of the chunk is visible
-                const float corr = __expf(m[g] - m_new);  // 0 while m[g] is -inf
-                l[g] *= corr;
-#pragma unroll
-                for (int i = 0; i < DPL; ++i) o[g][i] *= corr;
+                softmax_step<DS_CHUNK, DPL>(p, vis, m[g], l[g], o[g]);
 #pragma unroll
                 for (int j = 0; j < DS_CHUNK; ++j) {
-                    p[j] = vis[j] ? __expf(p[j] - m_new) : 0.f;
-                    l[g] += p[j];
 #pragma unroll
                     for (int i = 0; i < DPL; ++i) o[g][i] += p[j] * widen(vr[j], i);
                 }
-                m[g] = m_new;
             }
             __syncwarp();  // the scores are read before the next chunk's are written
         }

@@ -35,11 +35,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::backend::score::{HeadShape, WindowPool};
-use crate::backend::with_f32;
-use crate::kv::policy::{ActiveBlocks, Held, LayerPolicy, Revived, RowChange};
+use crate::kv::policy::{ActiveBlocks, LayerPolicy, Revived, RowChange};
 use crate::kv::LayerKv;
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
@@ -48,6 +47,10 @@ use crate::slim::select::{
     budget_factor, forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
 };
 use crate::Result;
+
+mod kept_rows;
+use kept_rows::AuxBlock;
+pub use kept_rows::{HiddenRows, KeptRows};
 
 /// State of one stage across a conversation.
 #[derive(Debug, Clone)]
@@ -104,35 +107,6 @@ impl WindowQuery {
             scores: None,
         }
     }
-}
-
-/// The hidden states of one pruned block at a stage's input.
-#[derive(Clone)]
-struct AuxBlock {
-    hidden: AuxRows,
-    positions: Vec<u32>,
-    /// Bytes of its hidden states.
-    bytes: usize,
-}
-
-impl std::fmt::Debug for AuxBlock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let place = match &self.hidden {
-            AuxRows::Rows(_) => "host",
-            AuxRows::Held(..) => "held",
-        };
-        let (rows, bytes) = (self.positions.len(), self.bytes);
-        write!(f, "AuxBlock({rows} rows, {bytes} bytes, {place})")
-    }
-}
-
-/// Where a pruned block's hidden states are kept.
-#[derive(Clone)]
-enum AuxRows {
-    /// (rows, hidden) on the host
-    Rows(Vec<f32>),
-    /// Rows `range` of what the forward holds
-    Held(Held, Range<usize>),
 }
 
 /// Blocks that leave or join a set going from `before` to `after` (both ascending).
@@ -445,30 +419,8 @@ impl SlimSession {
         rows: &[usize],
     ) -> Result<BTreeMap<u32, AuxBlock>> {
         let kept = h.keep(rows)?;
-        let row_bytes = kept.row_bytes(rows.len());
-        let bs = self.cfg.block_size as u32;
-        let mut out: BTreeMap<u32, AuxBlock> = BTreeMap::new();
-        for (i, &r) in rows.iter().enumerate() {
-            let block = out.entry(positions[r] / bs).or_insert(AuxBlock {
-                hidden: match &kept {
-                    KeptRows::Rows(_) => AuxRows::Rows(Vec::new()),
-                    KeptRows::Held(held, _) => AuxRows::Held(held.clone(), i..i),
-                },
-                positions: Vec::new(),
-                bytes: 0,
-            });
-            match (&mut block.hidden, &kept) {
-                (AuxRows::Rows(v), KeptRows::Rows(all)) => {
-                    v.extend_from_slice(&all[i * row_bytes / 4..(i + 1) * row_bytes / 4])
-                }
-                // a block's rows are consecutive among `rows`
-                (AuxRows::Held(_, range), _) => range.end = i + 1,
-                _ => unreachable!("one kind of kept rows"),
-            }
-            block.positions.push(positions[r]);
-            block.bytes += row_bytes;
-        }
-        Ok(out)
+        let block_of = |r: usize| positions[r] / self.cfg.block_size as u32;
+        Ok(kept_rows::group_by_block(kept, positions, rows, block_of))
     }
 
     /// Decode (or a later turn) at a boundary: stash rows revived at the previous stage, update
@@ -717,37 +669,18 @@ impl SlimSession {
         if missing.is_empty() {
             return Ok(None);
         }
-        let (mut rows, mut held, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut blocks = Vec::new();
         for b in &missing {
             let Some(block) = st.aux.remove(b) else {
                 continue; // a candidate with neither KV nor hidden states cannot happen; skip it
             };
-            match block.hidden {
-                AuxRows::Rows(h) => rows.extend(h),
-                AuxRows::Held(h, range) => held.push((h, range)),
-            }
-            positions.extend(block.positions);
+            blocks.push(block);
             st.pool.push(*b);
             self.revived += 1;
         }
         st.pool.sort_unstable();
         st.active.retain(|b| st.pool.binary_search(b).is_ok());
-        if positions.is_empty() {
-            return Ok(None);
-        }
-        let revived = match (rows.is_empty(), held.is_empty()) {
-            (false, true) => {
-                let (n, width) = (positions.len(), rows.len() / positions.len());
-                Revived::Rows(Tensor::from_vec(rows, (n, width), &Device::Cpu)?)
-            }
-            (true, false) => Revived::Held(held),
-            _ => {
-                return Err(crate::Error::Engine(
-                    "slim: revived rows kept in two places".into(),
-                ))
-            }
-        };
-        Ok(Some((revived, positions)))
+        kept_rows::revived(blocks)
     }
 }
 
@@ -769,45 +702,6 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
             }
         })
         .collect()
-}
-
-/// The hidden states of a forward's rows, wherever they live: what the session keeps of the rows
-/// prefill drops, for revival.
-pub trait HiddenRows {
-    /// Rows `rows` (ascending), kept: copied to the host, or held on the forward's device.
-    fn keep(&self, rows: &[usize]) -> Result<KeptRows>;
-}
-
-/// Rows a [`HiddenRows`] kept, in the order asked.
-pub enum KeptRows {
-    /// (rows, hidden) f32 on the host
-    Rows(Vec<f32>),
-    /// Held by the forward, with the bytes of a row
-    Held(Held, usize),
-}
-
-impl KeptRows {
-    /// Bytes of one row of `n`.
-    fn row_bytes(&self, n: usize) -> usize {
-        match self {
-            Self::Rows(v) => v.len() / n.max(1) * std::mem::size_of::<f32>(),
-            Self::Held(_, bytes) => *bytes,
-        }
-    }
-}
-
-impl HiddenRows for Tensor {
-    fn keep(&self, rows: &[usize]) -> Result<KeptRows> {
-        let hidden = self.dims2()?.1;
-        let h = self.contiguous()?;
-        let mut out = Vec::with_capacity(rows.len() * hidden);
-        with_f32(&h, |h| {
-            for &r in rows {
-                out.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
-            }
-        })?;
-        Ok(KeptRows::Rows(out))
-    }
 }
 
 /// The session between a forward's layers, on any device: [`LayerPolicy`] for the engine's
@@ -964,154 +858,4 @@ impl LayerPolicy for SlimSession {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kv::KvDtype;
-    use crate::slim::schedule::StageConfig;
-
-    const BS: usize = 8;
-    const PROMPT: usize = 64; // 8 blocks
-    const HD: usize = 8;
-    const SHAPE: HeadShape = HeadShape {
-        n_heads: 1,
-        n_kv_heads: 1,
-        head_dim: HD,
-    };
-
-    /// Layers 1..4 are one stage that keeps every block; decode attends to half of them,
-    /// chosen per layer.
-    fn cfg() -> SlimConfig {
-        SlimConfig {
-            preset: "custom".into(),
-            stages: vec![StageConfig {
-                layer: 1,
-                fraction: 1.0,
-                floor: 0,
-            }],
-            keep_ratio: 1.0,
-            min_keep_tokens: 0,
-            block_size: BS,
-            unit_size: 4,
-            local_window: 1,
-            decode_keep: 0.5,
-            decode_min_tokens: 0,
-            decode_select: DecodeSelect::Layer,
-            ..Default::default()
-        }
-    }
-
-    /// One query pointing at block `b`'s key direction.
-    fn query_at(b: usize) -> Vec<f32> {
-        let mut q = vec![0.0; HD];
-        q[b] = 10.0;
-        q
-    }
-
-    /// A prompt cache whose block b has every key along dimension b.
-    fn prompt_kv() -> LayerKv {
-        let mut kv = LayerKv::new(KvDtype::F16);
-        let k: Vec<f32> = (0..PROMPT)
-            .flat_map(|r| (0..HD).map(move |d| if d == r / BS { 1.0 } else { 0.0 }))
-            .collect();
-        let positions: Vec<u32> = (0..PROMPT as u32).collect();
-        kv.append(&k, &vec![0.0; PROMPT * HD], &positions).unwrap();
-        kv
-    }
-
-    /// Blocks whose rows `ranges` cover, over `kv`'s prompt rows.
-    fn blocks_read(ranges: &[Range<usize>], kv: &LayerKv) -> Vec<u32> {
-        let mut out: Vec<u32> = (ranges.iter().cloned().flatten())
-            .map(|r| kv.positions[r])
-            .filter(|&p| (p as usize) < PROMPT)
-            .map(|p| p / BS as u32)
-            .collect();
-        out.dedup();
-        out
-    }
-
-    #[test]
-    fn each_slim_layer_attends_to_the_blocks_its_own_query_chose() {
-        let n_layers = 4;
-        let mut s = SlimSession::new(&cfg(), n_layers, SHAPE, PROMPT);
-        let mut kvs: Vec<LayerKv> = (0..n_layers).map(|_| prompt_kv()).collect();
-        let h = Tensor::zeros((PROMPT, HD), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let positions: Vec<u32> = (0..PROMPT as u32).collect();
-        // prefill: the last prompt query of layer 1 looks at block 3, of layer 2 at block 5
-        let targets = [2, 3, 5, 6];
-        for (layer, kv) in kvs.iter().enumerate() {
-            let mut q = vec![0.0; PROMPT * HD];
-            q[(PROMPT - 1) * HD..].copy_from_slice(&query_at(targets[layer]));
-            s.before_attention(layer, &q, &positions, kv).unwrap();
-            assert!(s
-                .after_layer(layer, &h, &q, &positions, kv)
-                .unwrap()
-                .is_none());
-        }
-        // forced: sink 0 and last 7; then the layer's target and the lowest id among the ties
-        let read =
-            |s: &SlimSession, layer: usize, kv: &LayerKv| blocks_read(&s.key_ranges(layer, kv), kv);
-        assert_eq!(
-            read(&s, 0, &kvs[0]),
-            (0..8).collect::<Vec<u32>>(),
-            "layer 0 is dense"
-        );
-        assert_eq!(read(&s, 1, &kvs[1]), vec![0, 1, 3, 7]);
-        assert_eq!(read(&s, 2, &kvs[2]), vec![0, 1, 5, 7]);
-        assert_eq!(s.active_blocks(2).unwrap().blocks, &[0, 1, 5, 7]);
-        assert_eq!(s.active_blocks(2).unwrap().stage_layers, 2..3);
-
-        // a decode step: layer 1's new query looks at block 5, and reads it at this step
-        for (layer, kv) in kvs.iter_mut().enumerate() {
-            let k = query_at(0);
-            kv.append(&k, &[0.0; HD], &[PROMPT as u32]).unwrap();
-            let q = query_at(if layer == 1 { 5 } else { targets[layer] });
-            s.before_attention(layer, &q, &[PROMPT as u32], kv).unwrap();
-            if layer == 1 {
-                assert_eq!(read(&s, 1, kv), vec![0, 1, 5, 7]);
-            }
-            let h1 = h.narrow(0, 0, 1).unwrap();
-            let change = s.after_layer(layer, &h1, &q, &[PROMPT as u32], kv);
-            assert!(change.unwrap().is_none());
-        }
-        assert_eq!(read(&s, 3, &kvs[3]), vec![0, 1, 6, 7]);
-        assert_eq!(s.take_swaps(), 2, "block 3 out, block 5 in");
-        // the row past the prompt is always read
-        let last = kvs[1].len() - 1;
-        assert!(s.key_ranges(1, &kvs[1]).iter().any(|r| r.contains(&last)));
-    }
-
-    /// Blocks the first stage keeps when layer 0's last query scores the prompt as `q` does,
-    /// its budget (half the prompt: 4 blocks, 2 of them forced) fitted to the scores.
-    fn kept_with_fitted_budget(q_last: &[f32]) -> Vec<u32> {
-        let cfg = SlimConfig {
-            stages: vec![StageConfig {
-                layer: 1,
-                fraction: 0.5,
-                floor: 0,
-            }],
-            budget_spread: 0.5,
-            budget_coverage: 0.8,
-            ..cfg()
-        };
-        let mut s = SlimSession::new(&cfg, 2, SHAPE, PROMPT);
-        let kv = prompt_kv();
-        let h = Tensor::zeros((PROMPT, HD), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let positions: Vec<u32> = (0..PROMPT as u32).collect();
-        let mut q = vec![0.0; PROMPT * HD];
-        q[(PROMPT - 1) * HD..].copy_from_slice(q_last);
-        s.before_attention(0, &q, &positions, &kv).unwrap();
-        let change = s.after_layer(0, &h, &q, &positions, &kv).unwrap();
-        assert!(change.is_some(), "the stage prunes");
-        s.trace().stages[0].pool.clone()
-    }
-
-    #[test]
-    fn flat_scores_keep_more_blocks_and_peaked_ones_fewer() {
-        // a query that looks nowhere in particular: every block scores alike, so 0.8 of the
-        // mass needs 5 of the 6 free blocks; the budget's own 2 grow to 3 (1 + 0.5)
-        assert_eq!(kept_with_fitted_budget(&[0.0; HD]).len(), 2 + 3);
-        // one that looks at block 3 only: one block holds the mass, the budget's own 2 shrink
-        // to 1 (1 - 0.5), and that block is it
-        assert_eq!(kept_with_fitted_budget(&query_at(3)), vec![0, 3, 7]);
-    }
-}
+mod tests;

@@ -2,6 +2,7 @@
 //! it scores it ([`OpsKeys`]: the backend scores, the host chooses), the hidden rows it keeps
 //! ([`OpsHidden`]), and the slot table of a decode set ([`slot_subset`]).
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -77,13 +78,14 @@ pub(super) struct ReadyScores {
     pub(super) scores: Vec<(u32, f32)>,
 }
 
-/// Scoring issued on the backend, not yet read: per-block sums and the blocks they belong to.
-pub(super) struct IssuedScores<O: Ops> {
+/// Scoring issued on the backend, not yet read: per-block sums and the blocks they belong to
+/// (the layer's kept unit blocks, or those of its rows now).
+pub(super) struct IssuedScores<'a, O: Ops> {
     acc: O::F32,
-    ids: Vec<u32>,
+    ids: Cow<'a, [u32]>,
 }
 
-impl<O: Ops> OpsKeys<'_, O> {
+impl<'a, O: Ops> OpsKeys<'a, O> {
     fn mark(&self, part: &'static str) -> Result<()> {
         self.probe.map_or(Ok(()), |p| p.mark(self.ops, part))
     }
@@ -95,7 +97,7 @@ impl<O: Ops> OpsKeys<'_, O> {
         q: &O::Bf16,
         window: RowSlice,
         req: &ScoreRequest,
-    ) -> Result<Option<IssuedScores<O>>> {
+    ) -> Result<Option<IssuedScores<'a, O>>> {
         let (ops, kv, heads) = (self.ops, self.kv, self.heads);
         let prompt_rows = (kv.positions).partition_point(|&p| (p as usize) < req.prompt_len);
         if prompt_rows == 0 || window.rows == 0 {
@@ -112,7 +114,7 @@ impl<O: Ops> OpsKeys<'_, O> {
         let ids = match cached {
             Some(u) => {
                 ops.unit_scores(q, window, &u.keys, &u.units, heads, mode, &mut acc)?;
-                u.units.ids.clone()
+                Cow::Borrowed(&u.units.ids[..])
             }
             None if kv.host.is_some() => {
                 return Err(Error::Engine(format!(
@@ -138,7 +140,7 @@ impl<O: Ops> OpsKeys<'_, O> {
                     mode,
                     &mut acc,
                 )?;
-                units.ids
+                Cow::Owned(units.ids)
             }
         };
         self.mark("scores: kernels")?;

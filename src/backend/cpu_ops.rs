@@ -10,11 +10,11 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::attention::{attention, AttnShape};
-use super::kv_format::{KvDtype, KvView};
-use super::ops::{check_slots, Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use super::host_pool::{self, SlotCopy};
+use super::kv_format::KvDtype;
+use super::ops::{bf16_weight, Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks};
+use super::ops::{WeightUse, WeightValues};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
-use super::score::{HeadShape, UnitKeys, WindowPool};
 use crate::{Error, Result};
 
 /// The CPU backend of the ops seam.
@@ -42,11 +42,6 @@ fn check(what: &str, len: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Rows of a pool through a slot table: the slot-major indices of sequence rows 0..n.
-fn pool_rows(table: &[u32], n: usize) -> impl Iterator<Item = usize> + '_ {
-    (0..n).map(move |s| table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK)
-}
-
 /// Elements `at.offset .. at.offset + width` of each of `at.rows` rows, widened: (rows, width).
 fn slice_rows(x: &[u16], at: RowSlice, width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(at.rows * width);
@@ -56,32 +51,11 @@ fn slice_rows(x: &[u16], at: RowSlice, width: usize) -> Vec<f32> {
     out
 }
 
-/// The CPU's host blocks ([`Ops::HostBlocks`]): one slot of a [`KvPool`] each, keys and values
-/// (KV_BLOCK, kv_dim) bf16 and the rows' positions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotCopy {
-    pub k: Vec<u16>,
-    pub v: Vec<u16>,
-    pub pos: Vec<u32>,
-}
-
-/// Every copy holds one slot of `n` keys and values (and KV_BLOCK positions): else an error
-/// naming `op`.
-fn check_copies<'a>(op: &str, n: usize, copies: impl Iterator<Item = &'a SlotCopy>) -> Result<()> {
-    for c in copies {
-        if c.k.len() != n || c.v.len() != n || c.pos.len() != KV_BLOCK {
-            return Err(Error::Engine(format!(
-                "{op}: a copy of {} keys for slots of {n}",
-                c.k.len()
-            )));
-        }
-    }
-    Ok(())
-}
-
 impl Ops for CpuOps {
     type F32 = Vec<f32>;
     type Bf16 = Vec<u16>;
+    type Act = Vec<u16>;
+    type Weight = Vec<u16>;
     type U32 = Vec<u32>;
     type HostBlocks = Vec<SlotCopy>;
 
@@ -110,12 +84,27 @@ impl Ops for CpuOps {
     fn download_bf16(&self, b: &Vec<u16>) -> Result<Vec<u16>> {
         Ok(b.clone())
     }
-    fn download_bf16_range(&self, b: &Vec<u16>, range: Range<usize>) -> Result<Vec<u16>> {
-        check("download range", b.len(), range.end)?;
-        Ok(b[range].to_vec())
-    }
     fn download_u32(&self, b: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(b.clone())
+    }
+    fn zeros_act(&self, n: usize) -> Result<Vec<u16>> {
+        Ok(vec![0; n])
+    }
+    fn upload_act(&self, v: &[f32]) -> Result<Vec<u16>> {
+        Ok(to_bf16(v))
+    }
+    fn download_act_range(&self, b: &Vec<u16>, range: Range<usize>) -> Result<Vec<f32>> {
+        check("download range", b.len(), range.end)?;
+        Ok(to_f32(&b[range]))
+    }
+    fn weight(
+        &self,
+        values: WeightValues,
+        _use: WeightUse,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<u16>> {
+        bf16_weight(self, values, rows * cols)
     }
     fn sync(&self) -> Result<()> {
         Ok(())
@@ -155,6 +144,7 @@ impl Ops for CpuOps {
         rows: usize,
         k: usize,
         n: usize,
+        _exact_input: bool,
     ) -> Result<()> {
         check("matmul_f32 x", x.len(), rows * k)?;
         check("matmul_f32 w", w.len(), n * k)?;
@@ -349,16 +339,17 @@ impl Ops for CpuOps {
         row0: usize,
     ) -> Result<()> {
         let d = pool.kv_dim;
-        check("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
+        check("kv_append positions", positions.len(), at.rows)?;
+        let (mut k, mut v) = (
+            Vec::with_capacity(at.rows * d),
+            Vec::with_capacity(at.rows * d),
+        );
         for r in 0..at.rows {
-            let s = row0 + r;
-            let dst = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
             let src = &qkv[at.offset + r * at.stride..];
-            pool.k[dst * d..][..d].copy_from_slice(&src[k_col..][..d]);
-            pool.v[dst * d..][..d].copy_from_slice(&src[v_col..][..d]);
-            pool.pos[dst] = positions[r];
+            k.extend_from_slice(&src[k_col..][..d]);
+            v.extend_from_slice(&src[v_col..][..d]);
         }
-        Ok(())
+        host_pool::append(&k, &v, &positions[..at.rows], pool, table, row0)
     }
 
     fn attention(
@@ -372,29 +363,10 @@ impl Ops for CpuOps {
         heads: Heads,
         out: &mut Vec<u16>,
     ) -> Result<()> {
-        let d = pool.kv_dim;
-        let (mut k, mut v, mut pos) = (Vec::new(), Vec::new(), Vec::new());
-        for row in pool_rows(table, n_keys) {
-            k.extend_from_slice(&pool.k[row * d..][..d]);
-            v.extend_from_slice(&pool.v[row * d..][..d]);
-            pos.push(pool.pos[row]);
-        }
+        check("attention positions", q_pos.len(), at.rows)?;
         let qf = slice_rows(q, at, heads.q_dim());
-        let mut y = vec![0.0; at.rows * heads.q_dim()];
-        let view = KvView {
-            k: &k,
-            v: &v,
-            positions: &pos,
-            dtype: KvDtype::Bf16,
-        };
-        let shape = AttnShape {
-            n_heads: heads.n_heads,
-            n_kv_heads: heads.n_kv_heads,
-            head_dim: heads.head_dim,
-        };
-        let every_key = 0..n_keys;
-        let ranges = std::slice::from_ref(&every_key);
-        attention(&qf, &q_pos[..at.rows], view, ranges, shape, &mut y)?;
+        let y = host_pool::attention(&qf, &q_pos[..at.rows], pool, table, n_keys, heads)?;
+        check("attention out", out.len(), y.len())?;
         out[..y.len()].copy_from_slice(&to_bf16(&y));
         Ok(())
     }
@@ -407,21 +379,7 @@ impl Ops for CpuOps {
         unit_size: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let d = pool.kv_dim;
-        let n_units = prompt_rows.div_ceil(unit_size);
-        check("unit_keys out", out.len(), n_units * d)?;
-        let rows: Vec<usize> = pool_rows(table, prompt_rows).collect();
-        for (unit, rows) in out.chunks_mut(d).zip(rows.chunks(unit_size)) {
-            unit.fill(0.0);
-            for &row in rows {
-                let key = &pool.k[row * d..][..d];
-                unit.iter_mut()
-                    .zip(key)
-                    .for_each(|(a, &b)| *a += f32::from_bits((b as u32) << 16));
-            }
-            unit.iter_mut().for_each(|x| *x /= rows.len() as f32);
-        }
-        Ok(())
+        host_pool::unit_keys(pool, table, prompt_rows, unit_size, out)
     }
 
     fn unit_scores(
@@ -434,43 +392,12 @@ impl Ops for CpuOps {
         mode: ScoreMode,
         acc: &mut Vec<f32>,
     ) -> Result<()> {
-        let n_units = units.n_units();
-        let keys = unit_keys
-            .get(..n_units * heads.kv_dim())
-            .ok_or_else(|| Error::Engine("unit_scores: fewer unit keys than units".into()))?;
         let window = slice_rows(q, at, heads.q_dim());
-        let shape = HeadShape {
-            n_heads: heads.n_heads,
-            n_kv_heads: heads.n_kv_heads,
-            head_dim: heads.head_dim,
-        };
-        let mut block = Vec::with_capacity(n_units);
-        for (b, &id) in units.ids.iter().enumerate() {
-            let span = (units.first[b + 1] - units.first[b]) as usize;
-            block.extend(std::iter::repeat_n(id, span));
-        }
-        let units = UnitKeys::from_parts(shape, keys.to_vec(), block);
-        let scores = match mode {
-            ScoreMode::Attention => units.attention_scores(&window, WindowPool::Mean),
-            ScoreMode::AttentionMax => units.attention_scores(&window, WindowPool::Max),
-            ScoreMode::Paper => units.paper_scores(&window),
-        };
-        for (b, s) in scores {
-            acc[b as usize] += s;
-        }
-        Ok(())
+        host_pool::unit_scores(&window, unit_keys, units, heads, mode, acc)
     }
 
     fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
-        let n = KV_BLOCK * pool.kv_dim;
-        check_slots("kv_offload", pool.slots, slots.iter().copied())?;
-        Ok((slots.iter().map(|&s| s as usize))
-            .map(|s| SlotCopy {
-                k: pool.k[s * n..][..n].to_vec(),
-                v: pool.v[s * n..][..n].to_vec(),
-                pos: pool.pos[s * KV_BLOCK..][..KV_BLOCK].to_vec(),
-            })
-            .collect())
+        host_pool::offload(pool, slots)
     }
 
     fn kv_fetch(
@@ -479,19 +406,7 @@ impl Ops for CpuOps {
         writes: &[(usize, u32)],
         pool: &mut KvPool<Self>,
     ) -> Result<()> {
-        let n = KV_BLOCK * pool.kv_dim;
-        check_slots("kv_fetch", pool.slots, writes.iter().map(|w| w.1))?;
-        let copies = (writes.iter())
-            .map(|&(b, s)| host.get(b).map(|c| (s as usize, c)))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Engine("kv_fetch: a block past the host store".into()))?;
-        check_copies("kv_fetch", n, copies.iter().map(|c| c.1))?;
-        for (s, copy) in copies {
-            pool.k[s * n..][..n].copy_from_slice(&copy.k);
-            pool.v[s * n..][..n].copy_from_slice(&copy.v);
-            pool.pos[s * KV_BLOCK..][..KV_BLOCK].copy_from_slice(&copy.pos);
-        }
-        Ok(())
+        host_pool::fetch(host, writes, pool)
     }
 
     fn kv_pool_regrouped(
@@ -500,18 +415,7 @@ impl Ops for CpuOps {
         moves: &[(u32, u32)],
         slots: usize,
     ) -> Result<KvPool<Self>> {
-        let n = KV_BLOCK * src.kv_dim;
-        check_slots("kv_pool_regrouped", src.slots, moves.iter().map(|m| m.0))?;
-        check_slots("kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
-        let mut pool = KvPool::new(self, slots, src.kv_dim)?;
-        for &(s, t) in moves {
-            let (s, t) = (s as usize, t as usize);
-            pool.k[t * n..][..n].copy_from_slice(&src.k[s * n..][..n]);
-            pool.v[t * n..][..n].copy_from_slice(&src.v[s * n..][..n]);
-            pool.pos[t * KV_BLOCK..][..KV_BLOCK]
-                .copy_from_slice(&src.pos[s * KV_BLOCK..][..KV_BLOCK]);
-        }
-        Ok(pool)
+        host_pool::regrouped(self, src, moves, slots)
     }
 
     fn kv_copy_blocks(
@@ -520,14 +424,7 @@ impl Ops for CpuOps {
         src_slots: &[u32],
         dst_slots: &[u32],
     ) -> Result<()> {
-        let n = KV_BLOCK * pool.kv_dim;
-        for (&s, &t) in src_slots.iter().zip(dst_slots) {
-            let (s, t) = (s as usize, t as usize);
-            pool.k.copy_within(s * n..(s + 1) * n, t * n);
-            pool.v.copy_within(s * n..(s + 1) * n, t * n);
-            pool.pos
-                .copy_within(s * KV_BLOCK..(s + 1) * KV_BLOCK, t * KV_BLOCK);
-        }
+        host_pool::copy_blocks(pool, src_slots, dst_slots);
         Ok(())
     }
 }

@@ -16,6 +16,8 @@ pub mod attention_int8;
 pub mod attention_kind;
 pub mod cpu_ops;
 pub mod decode_attention;
+pub mod engine_ops;
+pub mod host_pool;
 pub mod isa;
 pub mod kv_format;
 pub mod linear;

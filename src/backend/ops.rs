@@ -3,15 +3,17 @@
 //! on the CPU with the crate's existing kernels (and is the reference of every CUDA kernel);
 //! `crate::cuda::CudaOps` runs them on an NVIDIA GPU.
 //!
-//! Conventions: activations and weights are bf16 (raw bits in `u16` on the host), the residual
-//! stream is f32, row-major everywhere. A linear layer's weight is (out, in), as in GGUF and
+//! Conventions: the residual stream is f32, row-major everywhere. Activations ([`Ops::Act`]) and
+//! prepared weights ([`Ops::Weight`]) are the backend's own: bf16 (raw bits in `u16` on the
+//! host) on the devices ([`DeviceOps`]), f32 activations and the file's blocks for int8 GEMMs on
+//! the CPU engine's backend ([`super::engine_ops::EngineOps`]). A linear layer's weight is (out, in), as in GGUF and
 //! PyTorch. The KV cache is paged: one [`KvPool`] per layer, slots of [`KV_BLOCK`] rows, and a
 //! per-layer slot table that lists the slots in row order (all full but the last); the kernels
 //! read rows through it, so attention over SlimInfer's active blocks is attention over a table.
 
 use std::ops::Range;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 pub use super::rowwise::RopeLayout;
 use crate::Result;
@@ -100,6 +102,33 @@ impl UnitBlocks {
     }
 }
 
+/// What a weight is for: how a backend prepares it (a device expands every weight to bf16; the
+/// CPU engine's backend keeps a matrix's blocks for its int8 GEMMs, in the layout each use reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightUse {
+    /// A norm's weight or a bias: (n) values.
+    Vector,
+    /// A linear layer's (out, in) matrix; several parts stack along `out` (q|k|v, gate|up).
+    Linear,
+    /// The token embedding (vocab, hidden): rows are looked up.
+    Embedding,
+    /// The output head (vocab, hidden).
+    Head,
+    /// A head tied to the embedding: one matrix for both.
+    TiedEmbedding,
+}
+
+/// Where a weight's values come from.
+pub enum WeightValues {
+    /// A model file's tensors one after another, each with its number of values; `None`: that
+    /// many zeros (a bias the file lacks).
+    Gguf(Vec<(Option<QTensor>, usize)>),
+    /// Uniform in [-scale, scale) from (seed, index), as [`Ops::fill_uniform`] draws them.
+    Uniform { seed: u64, scale: f32 },
+    /// Every value 1 (a norm's weight).
+    Ones,
+}
+
 /// One layer's paged KV storage: `slots` slots of [`KV_BLOCK`] rows.
 pub struct KvPool<O: Ops + ?Sized> {
     /// (slots, KV_BLOCK, kv_dim) bf16
@@ -146,8 +175,12 @@ pub fn check_slots(op: &str, pool_slots: usize, slots: impl Iterator<Item = u32>
 pub trait Ops: 'static {
     /// f32 buffer (a forward may hold one for later: rows kept for revival)
     type F32: Send + Sync;
-    /// bf16 buffer (raw bits)
+    /// bf16 buffer (raw bits): the KV pools
     type Bf16;
+    /// A layer's activations: normed inputs, q|k|v, the attention's output, the MLP's.
+    type Act;
+    /// A prepared weight ([`Ops::weight`]).
+    type Weight;
     /// u32 buffer (token ids, positions, row indices, slot tables)
     type U32;
     /// Host memory a layer's host tier keeps its blocks in (pinned on a GPU): filled by
@@ -163,21 +196,34 @@ pub trait Ops: 'static {
     fn upload_u32(&self, v: &[u32]) -> Result<Self::U32>;
     fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
     fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<u16>>;
-    /// Elements `range` of a bf16 buffer (a few rows of a wide one: a window's queries).
-    fn download_bf16_range(&self, b: &Self::Bf16, range: Range<usize>) -> Result<Vec<u16>>;
     fn download_u32(&self, b: &Self::U32) -> Result<Vec<u32>>;
+    fn zeros_act(&self, n: usize) -> Result<Self::Act>;
+    /// Activations from f32 values (a device rounds them to bf16).
+    fn upload_act(&self, v: &[f32]) -> Result<Self::Act>;
+    /// Elements `range` of activations, widened to f32 (a few rows of a wide buffer: a
+    /// window's queries).
+    fn download_act_range(&self, b: &Self::Act, range: Range<usize>) -> Result<Vec<f32>>;
+
+    /// A weight of `rows` x `cols` values (a vector: one row) for `use_`, from `values`.
+    fn weight(
+        &self,
+        values: WeightValues,
+        use_: WeightUse,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Weight>;
     /// Wait until every queued op has finished (a no-op on the CPU).
     fn sync(&self) -> Result<()>;
 
     /// Uniform values in [-scale, scale) from (seed, index): synthetic weights.
     fn fill_uniform(&self, out: &mut Self::Bf16, seed: u64, scale: f32) -> Result<()>;
 
-    /// out (rows, n) = x (rows, k) . w^T, w: (n, k); bf16 in and out, f32 accumulation.
+    /// out (rows, n) = x (rows, k) . w^T, w: (n, k); f32 accumulation.
     fn matmul(
         &self,
-        x: &Self::Bf16,
-        w: &Self::Bf16,
-        out: &mut Self::Bf16,
+        x: &Self::Act,
+        w: &Self::Weight,
+        out: &mut Self::Act,
         rows: usize,
         k: usize,
         n: usize,
@@ -187,22 +233,26 @@ pub trait Ops: 'static {
     fn rmsnorm(
         &self,
         x: &Self::F32,
-        w: &Self::Bf16,
-        out: &mut Self::Bf16,
+        w: &Self::Weight,
+        out: &mut Self::Act,
         rows: usize,
         eps: f32,
     ) -> Result<()>;
 
     /// out (rows, n) f32 = x (rows, k) . w^T, w: (n, k): `matmul` with f32 output (the head's
-    /// logits, which bf16 would round to 1/8 at 20).
+    /// logits, which bf16 would round to 1/8 at 20). `exact_input`: the CPU engine's backend
+    /// multiplies x as it is rather than rounded to 8 bits (its prefill's last row); the devices
+    /// take it as it is either way.
+    #[allow(clippy::too_many_arguments)]
     fn matmul_f32(
         &self,
-        x: &Self::Bf16,
-        w: &Self::Bf16,
+        x: &Self::Act,
+        w: &Self::Weight,
         out: &mut Self::F32,
         rows: usize,
         k: usize,
         n: usize,
+        exact_input: bool,
     ) -> Result<()>;
 
     /// Dequantize `n` values of GGUF blocks of type `dtype` (`raw`, the file's bytes, on the
@@ -222,9 +272,9 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn head_rmsnorm(
         &self,
-        x: &mut Self::Bf16,
+        x: &mut Self::Act,
         at: RowSlice,
-        w: &Self::Bf16,
+        w: &Self::Weight,
         n_heads: usize,
         head_dim: usize,
         eps: f32,
@@ -233,8 +283,8 @@ pub trait Ops: 'static {
     /// x (rows, width) += bias (width), each row (Qwen2's q/k/v biases).
     fn add_bias(
         &self,
-        x: &mut Self::Bf16,
-        bias: &Self::Bf16,
+        x: &mut Self::Act,
+        bias: &Self::Weight,
         rows: usize,
         width: usize,
     ) -> Result<()>;
@@ -245,7 +295,7 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
-        x: &mut Self::Bf16,
+        x: &mut Self::Act,
         at: RowSlice,
         positions: &Self::U32,
         cos: &Self::F32,
@@ -258,19 +308,19 @@ pub trait Ops: 'static {
     /// out (rows, width) = silu(gate) * up, gate_up: (rows, 2 * width) = [gate | up].
     fn silu_mul(
         &self,
-        gate_up: &Self::Bf16,
-        out: &mut Self::Bf16,
+        gate_up: &Self::Act,
+        out: &mut Self::Act,
         rows: usize,
         width: usize,
     ) -> Result<()>;
 
-    /// h (n) f32 += a (n) bf16.
-    fn residual_add(&self, h: &mut Self::F32, a: &Self::Bf16) -> Result<()>;
+    /// h (n) f32 += a (n).
+    fn residual_add(&self, h: &mut Self::F32, a: &Self::Act) -> Result<()>;
 
-    /// out (n, width) f32 = table (vocab, width) bf16 rows `tokens` (n).
+    /// out (n, width) f32 = table (vocab, width) rows `tokens` (n).
     fn embed(
         &self,
-        table: &Self::Bf16,
+        table: &Self::Weight,
         tokens: &Self::U32,
         out: &mut Self::F32,
         width: usize,
@@ -294,7 +344,7 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn kv_append(
         &self,
-        qkv: &Self::Bf16,
+        qkv: &Self::Act,
         at: RowSlice,
         k_col: usize,
         v_col: usize,
@@ -309,14 +359,14 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        q: &Self::Bf16,
+        q: &Self::Act,
         at: RowSlice,
         q_pos: &Self::U32,
         pool: &KvPool<Self>,
         table: &Self::U32,
         n_keys: usize,
         heads: Heads,
-        out: &mut Self::Bf16,
+        out: &mut Self::Act,
     ) -> Result<()>;
 
     /// The mean key of each unit of `unit_size` consecutive rows (in row order, as
@@ -338,7 +388,7 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn unit_scores(
         &self,
-        q: &Self::Bf16,
+        q: &Self::Act,
         at: RowSlice,
         unit_keys: &Self::F32,
         units: &UnitBlocks,
@@ -353,7 +403,7 @@ pub trait Ops: 'static {
     #[allow(clippy::too_many_arguments)]
     fn block_scores(
         &self,
-        q: &Self::Bf16,
+        q: &Self::Act,
         at: RowSlice,
         pool: &KvPool<Self>,
         table: &Self::U32,
@@ -408,4 +458,35 @@ pub trait Ops: 'static {
         src_slots: &[u32],
         dst_slots: &[u32],
     ) -> Result<()>;
+}
+
+/// A backend whose activations and weights are its bf16 buffers (the GPU and its CPU reference),
+/// so that one buffer can be any operand: what the kernel checks compare.
+pub trait DeviceOps: Ops<Act = <Self as Ops>::Bf16, Weight = <Self as Ops>::Bf16> {}
+impl<O: Ops<Act = <O as Ops>::Bf16, Weight = <O as Ops>::Bf16>> DeviceOps for O {}
+
+/// [`Ops::weight`] on a device: the values expanded to bf16 one after another (a model file's
+/// tensors by [`Ops::dequant_bf16`]), whatever the use.
+pub fn bf16_weight<O: DeviceOps>(ops: &O, values: WeightValues, n: usize) -> Result<O::Bf16> {
+    let mut out = ops.zeros_bf16(n)?;
+    match values {
+        WeightValues::Gguf(parts) => {
+            let total: usize = parts.iter().map(|(_, n)| n).sum();
+            if total != n {
+                return Err(crate::Error::ModelLoad(format!(
+                    "a weight of {total} values where the model's dimensions need {n}"
+                )));
+            }
+            let mut at = 0;
+            for (t, len) in parts {
+                if let Some(t) = t {
+                    ops.dequant_bf16(&t.data()?, t.dtype(), len, &mut out, at)?;
+                }
+                at += len;
+            }
+        }
+        WeightValues::Uniform { seed, scale } => ops.fill_uniform(&mut out, seed, scale)?,
+        WeightValues::Ones => out = ops.upload_bf16(&vec![0x3f80u16; n])?, // bf16 1.0
+    }
+    Ok(out)
 }

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
-use super::ops::{Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use super::ops::{DeviceOps, Heads, KvPool, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::Result;
 
 mod attention_cases;
@@ -138,7 +138,7 @@ impl HostPool {
         }
     }
 
-    fn upload<O: Ops>(&self, o: &O) -> Result<KvPool<O>> {
+    fn upload<O: DeviceOps>(&self, o: &O) -> Result<KvPool<O>> {
         Ok(KvPool {
             k: o.upload_bf16(&self.k)?,
             v: o.upload_bf16(&self.v)?,
@@ -150,7 +150,7 @@ impl HostPool {
 }
 
 /// A pool's K, V and positions back on the host, as f32 for `record`.
-fn pool_f32<O: Ops>(o: &O, pool: &KvPool<O>) -> Result<[Vec<f32>; 3]> {
+fn pool_f32<O: DeviceOps>(o: &O, pool: &KvPool<O>) -> Result<[Vec<f32>; 3]> {
     Ok([
         to_f32(&o.download_bf16(&pool.k)?),
         to_f32(&o.download_bf16(&pool.v)?),
@@ -158,7 +158,7 @@ fn pool_f32<O: Ops>(o: &O, pool: &KvPool<O>) -> Result<[Vec<f32>; 3]> {
     ])
 }
 
-fn matmul<O: Ops>(
+fn matmul<O: DeviceOps>(
     o: &O,
     x: &[u16],
     w: &[u16],
@@ -169,18 +169,26 @@ fn matmul<O: Ops>(
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
-fn matmul_f32<O: Ops>(
+fn matmul_f32<O: DeviceOps>(
     o: &O,
     x: &[u16],
     w: &[u16],
     (rows, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
     let mut y = o.upload_f32(&vec![f32::NAN; rows * n])?;
-    o.matmul_f32(&o.upload_bf16(x)?, &o.upload_bf16(w)?, &mut y, rows, k, n)?;
+    o.matmul_f32(
+        &o.upload_bf16(x)?,
+        &o.upload_bf16(w)?,
+        &mut y,
+        rows,
+        k,
+        n,
+        false,
+    )?;
     o.download_f32(&y)
 }
 
-fn head_rmsnorm<O: Ops>(
+fn head_rmsnorm<O: DeviceOps>(
     o: &O,
     x: &[u16],
     at: RowSlice,
@@ -192,7 +200,7 @@ fn head_rmsnorm<O: Ops>(
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
-fn add_bias<O: Ops>(o: &O, x: &[u16], bias: &[u16], rows: usize) -> Result<Vec<f32>> {
+fn add_bias<O: DeviceOps>(o: &O, x: &[u16], bias: &[u16], rows: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(x)?;
     o.add_bias(&mut y, &o.upload_bf16(bias)?, rows, bias.len())?;
     Ok(to_f32(&o.download_bf16(&y)?))
@@ -200,7 +208,13 @@ fn add_bias<O: Ops>(o: &O, x: &[u16], bias: &[u16], rows: usize) -> Result<Vec<f
 
 /// `n` values of GGUF blocks expanded at `offset` of a poisoned buffer one block longer on
 /// each side (the values around them must stay poisoned).
-fn dequant<O: Ops>(o: &O, raw: &[u8], dtype: GgmlDType, n: usize, pad: usize) -> Result<Vec<f32>> {
+fn dequant<O: DeviceOps>(
+    o: &O,
+    raw: &[u8],
+    dtype: GgmlDType,
+    n: usize,
+    pad: usize,
+) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(&vec![POISON; n + 2 * pad])?;
     o.dequant_bf16(raw, dtype, n, &mut y, pad)?;
     let all = to_f32(&o.download_bf16(&y)?);
@@ -224,7 +238,7 @@ fn quantized_bytes(rng: &mut Rng, dtype: GgmlDType, n: usize) -> Result<Vec<u8>>
     Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
 }
 
-fn rmsnorm<O: Ops>(o: &O, x: &[f32], w: &[u16], rows: usize) -> Result<Vec<f32>> {
+fn rmsnorm<O: DeviceOps>(o: &O, x: &[f32], w: &[u16], rows: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(&vec![POISON; x.len()])?;
     o.rmsnorm(&o.upload_f32(x)?, &o.upload_bf16(w)?, &mut y, rows, 1e-5)?;
     Ok(to_f32(&o.download_bf16(&y)?))
@@ -241,7 +255,7 @@ struct RopeCase<'a> {
     layout: RopeLayout,
 }
 
-fn rope<O: Ops>(o: &O, c: &RopeCase) -> Result<Vec<f32>> {
+fn rope<O: DeviceOps>(o: &O, c: &RopeCase) -> Result<Vec<f32>> {
     let mut x = o.upload_bf16(c.x)?;
     let (cos, sin) = (o.upload_f32(c.cos)?, o.upload_f32(c.sin)?);
     let positions = o.upload_u32(c.positions)?;
@@ -251,19 +265,19 @@ fn rope<O: Ops>(o: &O, c: &RopeCase) -> Result<Vec<f32>> {
     Ok(to_f32(&o.download_bf16(&x)?))
 }
 
-fn silu_mul<O: Ops>(o: &O, gu: &[u16], rows: usize, width: usize) -> Result<Vec<f32>> {
+fn silu_mul<O: DeviceOps>(o: &O, gu: &[u16], rows: usize, width: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(&vec![POISON; rows * width])?;
     o.silu_mul(&o.upload_bf16(gu)?, &mut y, rows, width)?;
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
-fn residual_add<O: Ops>(o: &O, h: &[f32], add: &[u16]) -> Result<Vec<f32>> {
+fn residual_add<O: DeviceOps>(o: &O, h: &[f32], add: &[u16]) -> Result<Vec<f32>> {
     let mut h = o.upload_f32(h)?;
     o.residual_add(&mut h, &o.upload_bf16(add)?)?;
     o.download_f32(&h)
 }
 
-fn embed<O: Ops>(o: &O, table: &[u16], tokens: &[u32], width: usize) -> Result<Vec<f32>> {
+fn embed<O: DeviceOps>(o: &O, table: &[u16], tokens: &[u32], width: usize) -> Result<Vec<f32>> {
     let mut y = o.upload_f32(&vec![f32::NAN; tokens.len() * width])?;
     o.embed(
         &o.upload_bf16(table)?,
@@ -275,7 +289,7 @@ fn embed<O: Ops>(o: &O, table: &[u16], tokens: &[u32], width: usize) -> Result<V
 }
 
 /// Gathered rows and their positions.
-fn gather_rows<O: Ops>(
+fn gather_rows<O: DeviceOps>(
     o: &O,
     src: &[f32],
     src_pos: &[u32],
@@ -308,7 +322,7 @@ struct AppendCase<'a> {
 }
 
 /// The pool after the append (K, V, positions), then its K and positions after the block copy.
-fn kv_append_then_copy<O: Ops>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
+fn kv_append_then_copy<O: DeviceOps>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
     let mut pool = c.pool.upload(o)?;
     let (qkv, positions) = (o.upload_bf16(c.qkv)?, o.upload_u32(c.positions)?);
     let table = o.upload_u32(&c.pool.table)?;
@@ -324,7 +338,7 @@ fn kv_append_then_copy<O: Ops>(o: &O, c: &AppendCase) -> Result<[Vec<f32>; 5]> {
 /// A tier's copies: two slots offloaded to the host, the pool regrouped (two other slots moved
 /// into a pool of four) and dropped, the two host blocks fetched into its empty slots (in the
 /// other order); the regrouped pool's K, V and positions.
-fn tier_copies<O: Ops>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 3]> {
+fn tier_copies<O: DeviceOps>(o: &O, host: &HostPool) -> Result<[Vec<f32>; 3]> {
     let pool = host.upload(o)?;
     let t = &host.table;
     let blocks = o.kv_offload(&pool, &[t[2], t[0]])?;
@@ -345,7 +359,7 @@ struct ScoreCase<'a> {
     n_blocks: usize,
 }
 
-fn block_scores<O: Ops>(o: &O, c: &ScoreCase) -> Result<Vec<f32>> {
+fn block_scores<O: DeviceOps>(o: &O, c: &ScoreCase) -> Result<Vec<f32>> {
     let pool = c.pool.upload(o)?;
     let mut out = o.zeros_f32(c.n_blocks)?;
     let (q, table) = (o.upload_bf16(c.q)?, o.upload_u32(&c.pool.table)?);
@@ -355,14 +369,18 @@ fn block_scores<O: Ops>(o: &O, c: &ScoreCase) -> Result<Vec<f32>> {
     o.download_f32(&out)
 }
 
-fn fill_uniform<O: Ops>(o: &O, n: usize) -> Result<Vec<f32>> {
+fn fill_uniform<O: DeviceOps>(o: &O, n: usize) -> Result<Vec<f32>> {
     let mut y = o.zeros_bf16(n)?;
     o.fill_uniform(&mut y, 42, 0.02)?;
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 
 /// Run every op on both backends, each on the same inputs; one entry per case.
-pub fn compare<R: Ops, C: Ops>(reference: &R, candidate: &C, seed: u64) -> Result<Vec<OpCheck>> {
+pub fn compare<R: DeviceOps, C: DeviceOps>(
+    reference: &R,
+    candidate: &C,
+    seed: u64,
+) -> Result<Vec<OpCheck>> {
     let mut out = Vec::new();
     let mut rng = Rng::new(seed);
     let (r, c) = (reference, candidate);

@@ -68,7 +68,7 @@ impl<O: Ops> LayerCache<O> {
     pub fn append(
         &mut self,
         ops: &O,
-        qkv: &O::Bf16,
+        qkv: &O::Act,
         at: RowSlice,
         (k_col, v_col): (usize, usize),
         positions: &[u32],
@@ -107,7 +107,7 @@ impl<O: Ops> LayerCache<O> {
     fn insert_blocks(
         &mut self,
         ops: &O,
-        qkv: &O::Bf16,
+        qkv: &O::Act,
         at: RowSlice,
         (k_col, v_col): (usize, usize),
         positions: &[u32],

@@ -190,14 +190,19 @@ impl Rope {
                         (&far_cos[..], &far_sin[..])
                     };
                     for head in row.chunks_mut(self.head_dim) {
-                        match self.layout {
-                            RopeLayout::Normal => rotate_adjacent(head, cos, sin),
-                            RopeLayout::Neox => rotate_halves(head, cos, sin),
-                        }
+                        rotate_head(head, cos, sin, self.layout);
                     }
                 }
             });
         Ok(())
+    }
+}
+
+/// Rotate one head by the angles of cos, sin (one per rotated pair) in `layout`.
+pub fn rotate_head(head: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    match layout {
+        RopeLayout::Normal => rotate_adjacent(head, cos, sin),
+        RopeLayout::Neox => rotate_halves(head, cos, sin),
     }
 }
 

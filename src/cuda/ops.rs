@@ -18,9 +18,9 @@ pub use super::kernel_choice::{
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
-use crate::backend::ops::{
-    Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK,
-};
+use crate::backend::cpu_ops::{to_bf16, to_f32};
+use crate::backend::ops::{bf16_weight, Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode};
+use crate::backend::ops::{UnitBlocks, WeightUse, WeightValues, KV_BLOCK};
 use crate::{Error, Result};
 
 /// The CUDA backend of the ops seam.
@@ -244,6 +244,8 @@ fn dequant_kernel(dtype: GgmlDType) -> Result<(&'static str, usize, usize)> {
 impl Ops for CudaOps {
     type F32 = CudaSlice<f32>;
     type Bf16 = CudaSlice<u16>;
+    type Act = CudaSlice<u16>;
+    type Weight = CudaSlice<u16>;
     type U32 = CudaSlice<u32>;
     type HostBlocks = CudaHostBlocks;
 
@@ -275,20 +277,35 @@ impl Ops for CudaOps {
     fn download_bf16(&self, b: &CudaSlice<u16>) -> Result<Vec<u16>> {
         self.gpu.stream.clone_dtoh(b).or_engine("download")
     }
-    fn download_bf16_range(&self, b: &CudaSlice<u16>, range: Range<usize>) -> Result<Vec<u16>> {
+    fn download_u32(&self, b: &CudaSlice<u32>) -> Result<Vec<u32>> {
+        self.gpu.stream.clone_dtoh(b).or_engine("download")
+    }
+    fn zeros_act(&self, n: usize) -> Result<CudaSlice<u16>> {
+        self.zeros_bf16(n)
+    }
+    fn upload_act(&self, v: &[f32]) -> Result<CudaSlice<u16>> {
+        self.upload_bf16(&to_bf16(v))
+    }
+    fn download_act_range(&self, b: &CudaSlice<u16>, range: Range<usize>) -> Result<Vec<f32>> {
         if range.start > range.end || range.end > b.len() {
             return Err(Error::Engine(format!(
                 "ops: download range {range:?} of a buffer of {}",
                 b.len()
             )));
         }
-        self.gpu
-            .stream
+        let bits = (self.gpu.stream)
             .clone_dtoh(&b.slice(range))
-            .or_engine("download")
+            .or_engine("download")?;
+        Ok(to_f32(&bits))
     }
-    fn download_u32(&self, b: &CudaSlice<u32>) -> Result<Vec<u32>> {
-        self.gpu.stream.clone_dtoh(b).or_engine("download")
+    fn weight(
+        &self,
+        values: WeightValues,
+        _use: WeightUse,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<u16>> {
+        bf16_weight(self, values, rows * cols)
     }
     fn sync(&self) -> Result<()> {
         self.gpu.stream.synchronize().or_engine("synchronize")
@@ -331,6 +348,7 @@ impl Ops for CudaOps {
         rows: usize,
         k: usize,
         n: usize,
+        _exact_input: bool,
     ) -> Result<()> {
         self.gemm(
             x,

@@ -16,7 +16,6 @@
 use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 
-use crate::backend::cpu_ops::to_f32;
 use crate::backend::ops::{Ops, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::row_blocks_of;
@@ -54,23 +53,23 @@ pub struct PrefillReport {
 
 /// Scratch buffers of one forward, sized for its widest layer.
 struct Scratch<O: Ops> {
-    x: O::Bf16,
-    qkv: O::Bf16,
-    attn: O::Bf16,
-    proj: O::Bf16,
-    gate_up: O::Bf16,
-    act: O::Bf16,
+    x: O::Act,
+    qkv: O::Act,
+    attn: O::Act,
+    proj: O::Act,
+    gate_up: O::Act,
+    act: O::Act,
 }
 
 impl<O: Ops> Scratch<O> {
     fn new(ops: &O, s: &LlamaShape, rows: usize) -> Result<Self> {
         Ok(Self {
-            x: ops.zeros_bf16(rows * s.hidden)?,
-            qkv: ops.zeros_bf16(rows * s.qkv_dim())?,
-            attn: ops.zeros_bf16(rows * s.heads.q_dim())?,
-            proj: ops.zeros_bf16(rows * s.hidden)?,
-            gate_up: ops.zeros_bf16(rows * 2 * s.intermediate)?,
-            act: ops.zeros_bf16(rows * s.intermediate)?,
+            x: ops.zeros_act(rows * s.hidden)?,
+            qkv: ops.zeros_act(rows * s.qkv_dim())?,
+            attn: ops.zeros_act(rows * s.heads.q_dim())?,
+            proj: ops.zeros_act(rows * s.hidden)?,
+            gate_up: ops.zeros_act(rows * 2 * s.intermediate)?,
+            act: ops.zeros_act(rows * s.intermediate)?,
         })
     }
 }
@@ -126,7 +125,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let mut no_hooks = crate::backend::paged_kv::NoHooks;
         let (_, h, rows, _) =
             self.run_prompt(tokens, None, 0, KvPlacement::Resident, &mut no_hooks)?;
-        self.logits(&h, rows)
+        self.logits(&h, rows, false)
     }
 
     /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for
@@ -152,7 +151,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     ) -> Result<(ModelCache<O>, PrefillReport)> {
         let run = self.run_prompt(tokens, slim, headroom, placement, hooks)?;
         let (cache, h, rows, mut report) = run;
-        report.logits = self.head(&h, rows)?;
+        report.logits = self.head(&h, rows, tokens.len() > 1)?;
         Ok((cache, report))
     }
 
@@ -332,7 +331,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         let stepped = step();
         cache.session = session;
         stepped?;
-        let logits = self.head(&h, positions.len())?;
+        let logits = self.head(&h, positions.len(), n > 1)?;
         self.probe.mark(ops, "head")?;
         Ok(logits)
     }
@@ -552,17 +551,16 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     }
 
     /// The post-RoPE queries of rows `rows` of the fused q|k|v buffer, widened: (rows, q_dim).
-    fn query_rows(&self, qkv: &O::Bf16, rows: Range<usize>) -> Result<Vec<f32>> {
+    fn query_rows(&self, qkv: &O::Act, rows: Range<usize>) -> Result<Vec<f32>> {
         let (stride, q_dim) = (self.shape.qkv_dim(), self.shape.heads.q_dim());
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         let span = rows.start * stride..(rows.end - 1) * stride + q_dim;
-        let bits = self.ops.download_bf16_range(qkv, span)?;
-        let q: Vec<u16> = (0..rows.len())
-            .flat_map(|r| bits[r * stride..][..q_dim].iter().copied())
-            .collect();
-        Ok(to_f32(&q))
+        let wide = self.ops.download_act_range(qkv, span)?;
+        Ok((0..rows.len())
+            .flat_map(|r| wide[r * stride..][..q_dim].iter().copied())
+            .collect())
     }
 
     /// The embedding's rows of `tokens`: (tokens, hidden).
@@ -583,30 +581,25 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         self.weights.max_positions
     }
 
-    /// Logits of the last of `rows` rows of h.
-    fn head(&self, h: &O::F32, rows: usize) -> Result<Vec<f32>> {
+    /// Logits of the last of `rows` rows of h; `exact_input`: the head multiplies that row as it
+    /// is (the CPU engine's backend, a forward of several tokens), not rounded to 8 bits.
+    fn head(&self, h: &O::F32, rows: usize, exact_input: bool) -> Result<Vec<f32>> {
         let (ops, s) = (self.ops, &self.shape);
         let idx = ops.upload_u32(&[rows as u32 - 1])?;
         let pos = ops.upload_u32(&vec![0; rows])?;
         let (mut last, mut last_pos) = (ops.zeros_f32(s.hidden)?, ops.zeros_u32_like(1)?);
         ops.gather_rows(h, &pos, &idx, &mut last, &mut last_pos, s.hidden)?;
-        self.logits(&last, 1)
+        self.logits(&last, 1, exact_input)
     }
 
     /// Logits of every one of `rows` rows of h, (rows, vocab) f32: the final norm, the head.
-    fn logits(&self, h: &O::F32, rows: usize) -> Result<Vec<f32>> {
+    fn logits(&self, h: &O::F32, rows: usize, exact_input: bool) -> Result<Vec<f32>> {
         let (ops, s) = (self.ops, &self.shape);
-        let mut x = ops.zeros_bf16(rows * s.hidden)?;
+        let mut x = ops.zeros_act(rows * s.hidden)?;
         ops.rmsnorm(h, &self.weights.final_norm, &mut x, rows, s.rms_eps)?;
         let mut logits = ops.zeros_f32(rows * s.vocab)?;
-        ops.matmul_f32(
-            &x,
-            self.weights.head(),
-            &mut logits,
-            rows,
-            s.hidden,
-            s.vocab,
-        )?;
+        let (head, hidden, vocab) = (self.weights.head(), s.hidden, s.vocab);
+        ops.matmul_f32(&x, head, &mut logits, rows, hidden, vocab, exact_input)?;
         let mut out = ops.download_f32(&logits)?;
         out.truncate(rows * s.vocab);
         Ok(out)

@@ -3,7 +3,7 @@
 
 use super::{kept_positions, rel_err, HostPool, OpCheck, Rng, POISON};
 use crate::backend::cpu_ops::to_f32;
-use crate::backend::ops::{Heads, Ops, RowSlice};
+use crate::backend::ops::{DeviceOps, Heads, RowSlice};
 use crate::Result;
 
 struct AttentionCase<'a> {
@@ -15,7 +15,7 @@ struct AttentionCase<'a> {
     heads: Heads,
 }
 
-fn attention<O: Ops>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
+fn attention<O: DeviceOps>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
     let pool = c.pool.upload(o)?;
     let mut y = o.upload_bf16(&vec![POISON; c.at.rows * c.heads.q_dim()])?;
     let (q, q_pos) = (o.upload_bf16(c.q)?, o.upload_u32(c.q_pos)?);
@@ -29,7 +29,7 @@ type OutputPair = (Vec<f32>, Vec<f32>);
 
 /// One attention case on both backends: random queries and a random pool holding `key_pos`,
 /// the queries at `q_pos`; (shape, (candidate's output, reference's output)).
-fn attention_pair<R: Ops, C: Ops>(
+fn attention_pair<R: DeviceOps, C: DeviceOps>(
     r: &R,
     c: &C,
     rng: &mut Rng,
@@ -77,7 +77,7 @@ fn record_one(label: &str, shape: String, (a, b): OutputPair) -> OpCheck {
 /// several CTAs), 1 and 8; the queries the last rows of the keys with a partial last tile, or a
 /// whole number of tiles, or rows in the middle of the sequence (the keys after them masked
 /// for every query, whole tiles past every query skipped).
-fn prefill_attention_cases<R: Ops, C: Ops>(
+fn prefill_attention_cases<R: DeviceOps, C: DeviceOps>(
     r: &R,
     c: &C,
     rng: &mut Rng,
@@ -111,7 +111,7 @@ fn prefill_attention_cases<R: Ops, C: Ops>(
 
 /// The prefill attention cases of [`compare`] alone, named `<prefix>_hd...`: the device check
 /// runs them once more for each tensor-core kernel that is not the candidate's.
-pub fn compare_prefill_attention<R: Ops, C: Ops>(
+pub fn compare_prefill_attention<R: DeviceOps, C: DeviceOps>(
     reference: &R,
     candidate: &C,
     seed: u64,
@@ -129,7 +129,11 @@ pub fn compare_prefill_attention<R: Ops, C: Ops>(
 /// decode (one query), also over many splits: the warp kernel's two register variants (groups
 /// up to 4 and up to 8) at both head sizes, the tree kernel at 96, and keys past the query
 /// masked.
-pub(super) fn cases<R: Ops, C: Ops>(r: &R, c: &C, rng: &mut Rng) -> Result<Vec<OpCheck>> {
+pub(super) fn cases<R: DeviceOps, C: DeviceOps>(
+    r: &R,
+    c: &C,
+    rng: &mut Rng,
+) -> Result<Vec<OpCheck>> {
     let mut out = Vec::new();
     out.extend(prefill_attention_cases(r, c, rng, "attention_mma")?);
     for (label, heads, blocks, tail, nq) in [

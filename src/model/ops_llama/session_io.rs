@@ -7,7 +7,6 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::backend::cpu_ops::to_bf16;
 use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::LayerCache;
 use crate::backend::score::WindowPool;
@@ -90,11 +89,10 @@ impl<'a, O: Ops> OpsKeys<'a, O> {
         self.probe.map_or(Ok(()), |p| p.mark(self.ops, part))
     }
 
-    /// Issue the block scores of the queries at `window` of `q` (post-RoPE, bf16, on the
-    /// backend) over the layer's prompt rows; None where there is nothing to score.
+    /// Issue the block scores of the queries at `window` of `q` (post-RoPE, on the backend) over the layer's prompt rows; None where there is nothing to score.
     pub(super) fn issue(
         &self,
-        q: &O::Bf16,
+        q: &O::Act,
         window: RowSlice,
         req: &ScoreRequest,
     ) -> Result<Option<IssuedScores<'a, O>>> {
@@ -183,7 +181,7 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
             offset: 0,
         };
         self.mark("session (host)")?;
-        let q = self.ops.upload_bf16(&to_bf16(q))?;
+        let q = self.ops.upload_act(q)?;
         self.mark("scores: upload")?;
         let issued = self.issue(&q, window, req)?;
         self.collect(issued)

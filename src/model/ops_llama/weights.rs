@@ -1,43 +1,44 @@
-//! The ops forward's weights: a model file's tensors expanded to bf16 by the backend (on a GPU
-//! by a kernel), fused as the forward reads them (q|k|v, gate|up), or drawn at random for a
-//! named shape; and the RoPE tables.
+//! The ops forward's weights: a model file's tensors prepared by the backend (on a GPU expanded
+//! to bf16 by a kernel; on the CPU engine's backend kept in their blocks for its int8 GEMMs),
+//! fused as the forward reads them (q|k|v, gate|up), or drawn at random for a named shape; and
+//! the RoPE tables.
 
 use candle_core::quantized::QTensor;
 
 use super::LlamaShape;
 use crate::backend::cpu_ops::rope_tables;
-use crate::backend::ops::Ops;
+use crate::backend::ops::{Ops, WeightUse, WeightValues};
 use crate::model::gguf::GgufFile;
 use crate::{Error, Result};
 
 pub(super) struct LayerWeights<O: Ops> {
     /// (hidden)
-    pub(super) attn_norm: O::Bf16,
+    pub(super) attn_norm: O::Weight,
     /// (q_dim + 2 * kv_dim, hidden): q, k, v
-    pub(super) wqkv: O::Bf16,
+    pub(super) wqkv: O::Weight,
     /// (q_dim + 2 * kv_dim): the q, k and v biases (Qwen2), zeros for one the file lacks
-    pub(super) bqkv: Option<O::Bf16>,
+    pub(super) bqkv: Option<O::Weight>,
     /// (head_dim) each: the per-head RMSNorm weights of q and k (Qwen3)
-    pub(super) qk_norm: Option<(O::Bf16, O::Bf16)>,
+    pub(super) qk_norm: Option<(O::Weight, O::Weight)>,
     /// (hidden, q_dim)
-    pub(super) wo: O::Bf16,
+    pub(super) wo: O::Weight,
     /// (hidden)
-    pub(super) mlp_norm: O::Bf16,
+    pub(super) mlp_norm: O::Weight,
     /// (2 * intermediate, hidden): gate, up
-    pub(super) w_gate_up: O::Bf16,
+    pub(super) w_gate_up: O::Weight,
     /// (hidden, intermediate)
-    pub(super) w_down: O::Bf16,
+    pub(super) w_down: O::Weight,
 }
 
-/// The model's weights in bf16 on the backend, plus the RoPE tables.
+/// The model's weights as the backend prepared them ([`Ops::weight`]), plus the RoPE tables.
 pub struct Weights<O: Ops> {
     pub(super) layers: Vec<LayerWeights<O>>,
-    /// (vocab, hidden)
-    pub(super) embed: O::Bf16,
+    /// (vocab, hidden); the head too when it is tied to the embedding
+    pub(super) embed: O::Weight,
     /// (hidden)
-    pub(super) final_norm: O::Bf16,
+    pub(super) final_norm: O::Weight,
     /// (vocab, hidden); None when the head is tied to the embedding
-    pub(super) head: Option<O::Bf16>,
+    pub(super) head: Option<O::Weight>,
     /// (max_positions, head_dim / 2)
     pub(super) cos: O::F32,
     pub(super) sin: O::F32,
@@ -49,44 +50,44 @@ impl<O: Ops> Weights<O> {
     /// range).
     pub fn random(ops: &O, shape: &LlamaShape, max_positions: usize, seed: u64) -> Result<Self> {
         let mut next = seed;
-        let mut fill = |n: usize, scale: f32| -> Result<O::Bf16> {
-            let mut b = ops.zeros_bf16(n)?;
+        let mut fill = |use_, rows: usize, cols: usize, scale: f32| -> Result<O::Weight> {
             next = next.wrapping_add(0x1234_5678_9abc_def1);
-            ops.fill_uniform(&mut b, next, scale)?;
-            Ok(b)
+            let values = WeightValues::Uniform { seed: next, scale };
+            ops.weight(values, use_, rows, cols)
         };
-        let ones = |n: usize| ops.upload_bf16(&vec![0x3f80u16; n]); // bf16 1.0
-        let (h, inter) = (shape.hidden, shape.intermediate);
+        let ones = |n: usize| ops.weight(WeightValues::Ones, WeightUse::Vector, 1, n);
+        let (h, inter, qd) = (shape.hidden, shape.intermediate, shape.heads.q_dim());
         // uniform(-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps unit variance
         let scale = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+        let linear = WeightUse::Linear;
         let mut layers = Vec::with_capacity(shape.n_layers);
         for _ in 0..shape.n_layers {
             layers.push(LayerWeights {
                 attn_norm: ones(h)?,
-                wqkv: fill(shape.qkv_dim() * h, scale(h))?,
+                wqkv: fill(linear, shape.qkv_dim(), h, scale(h))?,
                 bqkv: None,
                 qk_norm: None,
-                wo: fill(h * shape.heads.q_dim(), scale(shape.heads.q_dim()) * 0.5)?,
+                wo: fill(linear, h, qd, scale(qd) * 0.5)?,
                 mlp_norm: ones(h)?,
-                w_gate_up: fill(2 * inter * h, scale(h))?,
-                w_down: fill(h * inter, scale(inter) * 0.5)?,
+                w_gate_up: fill(linear, 2 * inter, h, scale(h))?,
+                w_down: fill(linear, h, inter, scale(inter) * 0.5)?,
             });
         }
         let (cos, sin) = rope_tables(&shape.rope, None, max_positions);
         Ok(Self {
             layers,
-            embed: fill(shape.vocab * h, 1.0)?,
+            embed: fill(WeightUse::Embedding, shape.vocab, h, 1.0)?,
             final_norm: ones(h)?,
-            head: Some(fill(shape.vocab * h, scale(h))?),
+            head: Some(fill(WeightUse::Head, shape.vocab, h, scale(h))?),
             cos: ops.upload_f32(&cos)?,
             sin: ops.upload_f32(&sin)?,
             max_positions,
         })
     }
 
-    /// A model file's weights, each tensor's GGUF blocks expanded to bf16 by the backend
-    /// (`Ops::dequant_bf16`); q/k/v and gate/up stacked into one matrix each, as the forward
-    /// multiplies them.
+    /// A model file's weights, prepared by the backend (a device expands each tensor's GGUF
+    /// blocks to bf16, [`Ops::dequant_bf16`]); q/k/v and gate/up stacked into one matrix each,
+    /// as the forward multiplies them.
     pub fn from_gguf(
         ops: &O,
         f: &mut GgufFile,
@@ -104,63 +105,89 @@ impl<O: Ops> Weights<O> {
             let t = |p: &str| format!("blk.{i}.{p}");
             let biases = ["attn_q.bias", "attn_k.bias", "attn_v.bias"];
             let bqkv = if biases.iter().any(|b| f.has_tensor(&t(b))) {
-                let mut b = ops.zeros_bf16(qd + 2 * kvd)?;
-                let mut at = 0;
+                let mut parts = Vec::with_capacity(3);
                 for (name, width) in biases.iter().zip([qd, kvd, kvd]) {
-                    if f.has_tensor(&t(name)) {
-                        expand(ops, f, &t(name), width, &mut b, at)?;
-                    }
-                    at += width;
+                    let part = match f.has_tensor(&t(name)) {
+                        true => Some(tensor(f, &t(name), width)?),
+                        false => None,
+                    };
+                    parts.push((part, width));
                 }
-                Some(b)
+                Some(ops.weight(
+                    WeightValues::Gguf(parts),
+                    WeightUse::Vector,
+                    1,
+                    qd + 2 * kvd,
+                )?)
             } else {
                 None
+            };
+            let vector = |f: &mut GgufFile, name: &str, n: usize| {
+                stacked(ops, f, WeightUse::Vector, &[(name.to_string(), n)], 1, n)
             };
             let qk_norm = if f.has_tensor(&t("attn_q_norm.weight")) {
                 let hd = shape.heads.head_dim;
                 Some((
-                    stacked(ops, f, &[(t("attn_q_norm.weight"), hd)])?,
-                    stacked(ops, f, &[(t("attn_k_norm.weight"), hd)])?,
+                    vector(f, &t("attn_q_norm.weight"), hd)?,
+                    vector(f, &t("attn_k_norm.weight"), hd)?,
                 ))
             } else {
                 None
             };
+            let linear = |f: &mut GgufFile, parts: &[(String, usize)], cols: usize| {
+                let rows = parts.iter().map(|(_, n)| n / cols).sum();
+                stacked(ops, f, WeightUse::Linear, parts, rows, cols)
+            };
             layers.push(LayerWeights {
                 qk_norm,
-                attn_norm: stacked(ops, f, &[(t("attn_norm.weight"), h)])?,
-                wqkv: stacked(
-                    ops,
+                attn_norm: vector(f, &t("attn_norm.weight"), h)?,
+                wqkv: linear(
                     f,
                     &[
                         (t("attn_q.weight"), qd * h),
                         (t("attn_k.weight"), kvd * h),
                         (t("attn_v.weight"), kvd * h),
                     ],
+                    h,
                 )?,
                 bqkv,
-                wo: stacked(ops, f, &[(t("attn_output.weight"), h * qd)])?,
-                mlp_norm: stacked(ops, f, &[(t("ffn_norm.weight"), h)])?,
-                w_gate_up: stacked(
-                    ops,
+                wo: linear(f, &[(t("attn_output.weight"), h * qd)], qd)?,
+                mlp_norm: vector(f, &t("ffn_norm.weight"), h)?,
+                w_gate_up: linear(
                     f,
                     &[
                         (t("ffn_gate.weight"), inter * h),
                         (t("ffn_up.weight"), inter * h),
                     ],
+                    h,
                 )?,
-                w_down: stacked(ops, f, &[(t("ffn_down.weight"), h * inter)])?,
+                w_down: linear(f, &[(t("ffn_down.weight"), h * inter)], inter)?,
             });
         }
-        let vocab_by_hidden = shape.vocab * h;
-        let embed = stacked(ops, f, &[("token_embd.weight".into(), vocab_by_hidden)])?;
-        let head = if f.has_tensor("output.weight") {
-            Some(stacked(
+        let (vocab, n) = (shape.vocab, shape.vocab * h);
+        let tied = !f.has_tensor("output.weight");
+        let embed_use = match tied {
+            true => WeightUse::TiedEmbedding,
+            false => WeightUse::Embedding,
+        };
+        let embed = stacked(
+            ops,
+            f,
+            embed_use,
+            &[("token_embd.weight".into(), n)],
+            vocab,
+            h,
+        )?;
+        let head = match tied {
+            true => None,
+            false => Some(stacked(
                 ops,
                 f,
-                &[("output.weight".into(), vocab_by_hidden)],
-            )?)
-        } else {
-            None // tied to the embedding
+                WeightUse::Head,
+                &[("output.weight".into(), n)],
+                vocab,
+                h,
+            )?),
         };
         // Llama 3.1's per-frequency divisors of the RoPE angles, one per rotated pair
         let factors = if f.has_tensor("rope_freqs.weight") {
@@ -174,10 +201,11 @@ impl<O: Ops> Weights<O> {
             None
         };
         let (cos, sin) = rope_tables(&shape.rope, factors.as_deref(), max_positions);
+        let final_norm = [("output_norm.weight".into(), h)];
         Ok(Self {
             layers,
             embed,
-            final_norm: stacked(ops, f, &[("output_norm.weight".into(), h)])?,
+            final_norm: stacked(ops, f, WeightUse::Vector, &final_norm, 1, h)?,
             head,
             cos: ops.upload_f32(&cos)?,
             sin: ops.upload_f32(&sin)?,
@@ -186,31 +214,30 @@ impl<O: Ops> Weights<O> {
     }
 
     /// The head's matrix: its own, or the embedding's when tied.
-    pub(super) fn head(&self) -> &O::Bf16 {
+    pub(super) fn head(&self) -> &O::Weight {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 }
 
-/// Tensors `parts` (name, values) of a model file, expanded one after another into one buffer.
-fn stacked<O: Ops>(ops: &O, f: &mut GgufFile, parts: &[(String, usize)]) -> Result<O::Bf16> {
-    let mut out = ops.zeros_bf16(parts.iter().map(|(_, n)| n).sum())?;
-    let mut at = 0;
-    for (name, n) in parts {
-        expand(ops, f, name, *n, &mut out, at)?;
-        at += n;
-    }
-    Ok(out)
-}
-
-/// Tensor `name` (`n` values) expanded into out[at ..].
-fn expand<O: Ops>(
+/// Tensors `parts` (name, values) of a model file, one after another, as a (rows, cols) weight
+/// for `use_`.
+fn stacked<O: Ops>(
     ops: &O,
     f: &mut GgufFile,
-    name: &str,
-    n: usize,
-    out: &mut O::Bf16,
-    at: usize,
-) -> Result<()> {
+    use_: WeightUse,
+    parts: &[(String, usize)],
+    rows: usize,
+    cols: usize,
+) -> Result<O::Weight> {
+    let mut tensors = Vec::with_capacity(parts.len());
+    for (name, n) in parts {
+        tensors.push((Some(tensor(f, name, *n)?), *n));
+    }
+    ops.weight(WeightValues::Gguf(tensors), use_, rows, cols)
+}
+
+/// Tensor `name` of a model file, which must hold `n` values.
+fn tensor(f: &mut GgufFile, name: &str, n: usize) -> Result<QTensor> {
     let t: QTensor = f.tensor(name)?;
     let have = t.shape().elem_count();
     if have != n {
@@ -218,5 +245,5 @@ fn expand<O: Ops>(
             "tensor {name} has {have} values, the model's dimensions need {n}"
         )));
     }
-    ops.dequant_bf16(&t.data()?, t.dtype(), n, out, at)
+    Ok(t)
 }

@@ -1,0 +1,604 @@
+//! [`Ops`] with the CPU engine's numerics: f32 activations; linear layers over the file's GGUF
+//! blocks ([`Linear`], [`FusedLinear`]: in the default int8 mode the integer GEMM for many rows
+//! and the GEMV for one, activations rounded to 8 bits per 32 values); RMSNorm, RoPE, the SiLU
+//! gate and the residual in f32 with the kernels of [`super::rowwise`]. These are the
+//! operations src/model/llama.rs runs, one for one, so that the ops forward computes what the
+//! CPU product computes (`tests/engine_ops.rs` holds them to it).
+//!
+//! Not yet the engine's: the KV. The pools are bf16 pages in host memory, as [`CpuOps`]'s
+//! ([`super::host_pool`]), where the engine keeps Q8 or f16 keys and attends with its 8-bit
+//! kernel (bench/NOTES.md, "The engine's numerics behind the seam").
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::cpu_ops::{to_bf16, uniform, CpuOps};
+use super::host_pool::{self, SlotCopy};
+use super::linear::{FusedLinear, Linear, LinearMode};
+use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, WeightUse, WeightValues};
+use super::rowwise::{rms_norm, rotate_head, silu_mul_joined, RopeLayout};
+use super::with_f32;
+use crate::{Error, Result};
+
+/// The CPU engine's backend of the ops seam; `mode` is the linear layers' form
+/// (`[model] linear`).
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOps {
+    pub mode: LinearMode,
+}
+
+impl EngineOps {
+    /// The product's default: int8 linear layers (a constant, so `&EngineOps::INT8` lives for
+    /// the program, as a model borrowing its backend needs).
+    pub const INT8: Self = Self {
+        mode: LinearMode::Int8,
+    };
+}
+
+/// A weight as the engine keeps it.
+pub enum EngineWeight {
+    /// A norm's weight or a bias, f32.
+    Vector(Vec<f32>),
+    /// One linear layer's matrix.
+    Linear(Linear),
+    /// Several layers over one input (q|k|v, gate|up), their outputs side by side in each row.
+    Fused(FusedLinear),
+    /// The token embedding's blocks: rows are dequantized when looked up.
+    Table(Arc<QTensor>),
+    /// The output head; when the embedding is tied to it, its rows come from the head's own
+    /// blocks, or from `table` when the head's form cannot give them (one copy, not two, where
+    /// it can).
+    Head {
+        linear: Linear,
+        table: Option<Arc<QTensor>>,
+    },
+}
+
+fn check(what: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(Error::Engine(format!(
+            "engine ops: {what} has {len} elements, needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// `n` values uniform in [-scale, scale), rounded to bf16 as the devices' `fill_uniform` draws
+/// them, so that a random model is the same model on every backend (up to the int8 blocks).
+fn uniform_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let x = (2.0 * uniform(seed, i as u64) - 1.0) * scale;
+            f32::from_bits((to_bf16(&[x])[0] as u32) << 16)
+        })
+        .collect()
+}
+
+/// Elements `at.offset .. at.offset + width` of each of `at.rows` rows: (rows, width).
+fn slice_rows(x: &[f32], at: RowSlice, width: usize) -> Result<Vec<f32>> {
+    if at.rows > 0 {
+        check(
+            "rows",
+            x.len(),
+            at.offset + (at.rows - 1) * at.stride + width,
+        )?;
+    }
+    let mut out = Vec::with_capacity(at.rows * width);
+    for r in 0..at.rows {
+        out.extend_from_slice(&x[at.offset + r * at.stride..][..width]);
+    }
+    Ok(out)
+}
+
+/// Copy a (rows, n) result into out.
+fn write(out: &mut [f32], y: &Tensor) -> Result<()> {
+    with_f32(&y.contiguous()?, |y| {
+        check("out", out.len(), y.len())?;
+        out[..y.len()].copy_from_slice(y);
+        Ok(())
+    })?
+}
+
+impl EngineOps {
+    /// A weight's f32 values (a vector's).
+    fn values(values: WeightValues, n: usize) -> Result<Vec<f32>> {
+        let v = match values {
+            WeightValues::Gguf(parts) => {
+                let mut v = Vec::with_capacity(n);
+                for (t, len) in parts {
+                    match t {
+                        Some(t) => v.extend(
+                            t.dequantize(&Device::Cpu)?
+                                .flatten_all()?
+                                .to_vec1::<f32>()?,
+                        ),
+                        None => v.resize(v.len() + len, 0.0),
+                    }
+                }
+                v
+            }
+            WeightValues::Uniform { seed, scale } => uniform_values(n, seed, scale),
+            WeightValues::Ones => vec![1.0; n],
+        };
+        if v.len() != n {
+            return Err(Error::ModelLoad(format!(
+                "a weight of {} values where the model's dimensions need {n}",
+                v.len()
+            )));
+        }
+        Ok(v)
+    }
+
+    /// A matrix's blocks, one tensor per part: the file's, or random values rounded to Q8_0.
+    fn blocks(values: WeightValues, rows: usize, cols: usize) -> Result<Vec<Arc<QTensor>>> {
+        match values {
+            WeightValues::Gguf(parts) => (parts.into_iter())
+                .map(|(t, _)| {
+                    let t = t.ok_or_else(|| {
+                        Error::ModelLoad("a matrix with a part the file lacks".into())
+                    })?;
+                    match t.shape().dims() {
+                        [_, c] if *c == cols => Ok(Arc::new(t)),
+                        dims => Err(Error::ModelLoad(format!(
+                            "a matrix part of shape {dims:?}, expected (_, {cols})"
+                        ))),
+                    }
+                })
+                .collect(),
+            WeightValues::Uniform { seed, scale } => {
+                let v = uniform_values(rows * cols, seed, scale);
+                let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+                Ok(vec![Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)])
+            }
+            WeightValues::Ones => Err(Error::Engine("engine ops: a matrix of ones".into())),
+        }
+    }
+
+    /// The head (or a tied embedding's) layer: x (rows, k) -> (rows, n) f32 into out.
+    fn head_forward(
+        &self,
+        l: &Linear,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        exact: bool,
+    ) -> Result<Tensor> {
+        let t = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
+        Ok(match exact {
+            true => l.forward_f32(&t)?,
+            false => l.forward(&t)?,
+        })
+    }
+}
+
+impl Ops for EngineOps {
+    type F32 = Vec<f32>;
+    type Bf16 = Vec<u16>;
+    type Act = Vec<f32>;
+    type Weight = EngineWeight;
+    type U32 = Vec<u32>;
+    type HostBlocks = Vec<SlotCopy>;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu engine ({:?} linear layers, {} threads)",
+            self.mode,
+            rayon::current_num_threads()
+        )
+    }
+
+    fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn zeros_bf16(&self, n: usize) -> Result<Vec<u16>> {
+        Ok(vec![0; n])
+    }
+    fn upload_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn upload_bf16(&self, v: &[u16]) -> Result<Vec<u16>> {
+        Ok(v.to_vec())
+    }
+    fn upload_u32(&self, v: &[u32]) -> Result<Vec<u32>> {
+        Ok(v.to_vec())
+    }
+    fn download_f32(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(b.clone())
+    }
+    fn download_bf16(&self, b: &Vec<u16>) -> Result<Vec<u16>> {
+        Ok(b.clone())
+    }
+    fn download_u32(&self, b: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(b.clone())
+    }
+    fn zeros_act(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn upload_act(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn download_act_range(&self, b: &Vec<f32>, range: Range<usize>) -> Result<Vec<f32>> {
+        check("download range", b.len(), range.end)?;
+        Ok(b[range].to_vec())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn weight(
+        &self,
+        values: WeightValues,
+        use_: WeightUse,
+        rows: usize,
+        cols: usize,
+    ) -> Result<EngineWeight> {
+        if use_ == WeightUse::Vector {
+            return Ok(EngineWeight::Vector(Self::values(values, rows * cols)?));
+        }
+        let mut parts = Self::blocks(values, rows, cols)?;
+        let one = |parts: &mut Vec<Arc<QTensor>>| match parts.len() {
+            1 => Ok(parts.remove(0)),
+            n => Err(Error::ModelLoad(format!("a {use_:?} weight in {n} parts"))),
+        };
+        Ok(match use_ {
+            WeightUse::Vector => unreachable!("returned above"),
+            WeightUse::Linear if parts.len() > 1 => {
+                EngineWeight::Fused(FusedLinear::new(parts, self.mode)?)
+            }
+            WeightUse::Linear => EngineWeight::Linear(Linear::new(one(&mut parts)?, self.mode)?),
+            WeightUse::Embedding => EngineWeight::Table(one(&mut parts)?),
+            WeightUse::Head => EngineWeight::Head {
+                linear: Linear::one_row(one(&mut parts)?, self.mode)?,
+                table: None,
+            },
+            WeightUse::TiedEmbedding => {
+                let blocks = one(&mut parts)?;
+                let linear = Linear::one_row(blocks.clone(), self.mode)?;
+                let table = linear.weight_rows(&[0]).is_none().then_some(blocks);
+                EngineWeight::Head { linear, table }
+            }
+        })
+    }
+
+    fn fill_uniform(&self, out: &mut Vec<u16>, seed: u64, scale: f32) -> Result<()> {
+        CpuOps.fill_uniform(out, seed, scale)
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        w: &EngineWeight,
+        out: &mut Vec<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check("matmul x", x.len(), rows * k)?;
+        check("matmul out", out.len(), rows * n)?;
+        let x = &x[..rows * k];
+        match w {
+            EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => {
+                write(out, &l.forward_slice(x, k)?)
+            }
+            EngineWeight::Fused(f) => {
+                let y = f.forward(&Tensor::from_slice(x, (rows, k), &Device::Cpu)?)?;
+                check("matmul out", y.len(), rows * n)?;
+                out[..rows * n].copy_from_slice(&y[..rows * n]);
+                Ok(())
+            }
+            _ => Err(Error::Engine(
+                "engine ops: matmul by a vector or table".into(),
+            )),
+        }
+    }
+
+    fn matmul_f32(
+        &self,
+        x: &Vec<f32>,
+        w: &EngineWeight,
+        out: &mut Vec<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+        exact_input: bool,
+    ) -> Result<()> {
+        check("matmul_f32 x", x.len(), rows * k)?;
+        check("matmul_f32 out", out.len(), rows * n)?;
+        let x = &x[..rows * k];
+        match w {
+            EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => {
+                write(out, &self.head_forward(l, x, rows, k, exact_input)?)
+            }
+            _ => self.matmul(&x.to_vec(), w, out, rows, k, n),
+        }
+    }
+
+    fn dequant_bf16(
+        &self,
+        raw: &[u8],
+        dtype: GgmlDType,
+        n: usize,
+        out: &mut Vec<u16>,
+        offset: usize,
+    ) -> Result<()> {
+        CpuOps.dequant_bf16(raw, dtype, n, out, offset)
+    }
+
+    fn head_rmsnorm(
+        &self,
+        x: &mut Vec<f32>,
+        at: RowSlice,
+        w: &EngineWeight,
+        n_heads: usize,
+        head_dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let EngineWeight::Vector(w) = w else {
+            return Err(Error::Engine("engine ops: head_rmsnorm by a matrix".into()));
+        };
+        check("head_rmsnorm w", w.len(), head_dim)?;
+        let width = n_heads * head_dim;
+        if at.rows > 0 {
+            check(
+                "head_rmsnorm x",
+                x.len(),
+                (at.rows - 1) * at.stride + at.offset + width,
+            )?;
+        }
+        let mut normed = vec![0.0; width];
+        for r in 0..at.rows {
+            let row = &mut x[r * at.stride + at.offset..][..width];
+            rms_norm(row, &w[..head_dim], eps, &mut normed);
+            row.copy_from_slice(&normed);
+        }
+        Ok(())
+    }
+
+    fn add_bias(
+        &self,
+        x: &mut Vec<f32>,
+        bias: &EngineWeight,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let EngineWeight::Vector(b) = bias else {
+            return Err(Error::Engine("engine ops: a bias that is a matrix".into()));
+        };
+        check("add_bias x", x.len(), rows * width)?;
+        check("add_bias bias", b.len(), width)?;
+        for row in x[..rows * width].chunks_exact_mut(width) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &EngineWeight,
+        out: &mut Vec<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let EngineWeight::Vector(w) = w else {
+            return Err(Error::Engine("engine ops: rmsnorm by a matrix".into()));
+        };
+        let width = w.len();
+        check("rmsnorm x", x.len(), rows * width)?;
+        check("rmsnorm out", out.len(), rows * width)?;
+        rms_norm(&x[..rows * width], w, eps, &mut out[..rows * width]);
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        at: RowSlice,
+        positions: &Vec<u32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        n_heads: usize,
+        head_dim: usize,
+        layout: RopeLayout,
+    ) -> Result<()> {
+        let (half, width) = (head_dim / 2, n_heads * head_dim);
+        check("rope positions", positions.len(), at.rows)?;
+        if at.rows == 0 {
+            return Ok(());
+        }
+        check(
+            "rope x",
+            x.len(),
+            at.offset + (at.rows - 1) * at.stride + width,
+        )?;
+        if width > at.stride {
+            return Err(Error::Engine(format!(
+                "engine ops: rope of {width} values in rows of {}",
+                at.stride
+            )));
+        }
+        let last = positions[..at.rows].iter().max().copied().unwrap_or(0) as usize;
+        check("rope table", cos.len().min(sin.len()), (last + 1) * half)?;
+        (x[at.offset..].par_chunks_mut(at.stride))
+            .zip(positions[..at.rows].par_iter())
+            .for_each(|(row, &p)| {
+                let (c, s) = (
+                    &cos[p as usize * half..][..half],
+                    &sin[p as usize * half..][..half],
+                );
+                for head in row[..width].chunks_exact_mut(head_dim) {
+                    rotate_head(head, c, s, layout);
+                }
+            });
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check("silu_mul gate_up", gate_up.len(), rows * 2 * width)?;
+        check("silu_mul out", out.len(), rows * width)?;
+        silu_mul_joined(
+            &gate_up[..rows * 2 * width],
+            width,
+            &mut out[..rows * width],
+        );
+        Ok(())
+    }
+
+    fn residual_add(&self, h: &mut Vec<f32>, a: &Vec<f32>) -> Result<()> {
+        check("residual_add a", a.len(), h.len())?;
+        h.iter_mut().zip(a.iter()).for_each(|(h, a)| *h += a);
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        table: &EngineWeight,
+        tokens: &Vec<u32>,
+        out: &mut Vec<f32>,
+        width: usize,
+    ) -> Result<()> {
+        check("embed out", out.len(), tokens.len() * width)?;
+        let ids = || Tensor::new(tokens.as_slice(), &Device::Cpu);
+        let rows = match table {
+            EngineWeight::Table(t) | EngineWeight::Head { table: Some(t), .. } => {
+                t.embedding(&ids()?)?
+            }
+            EngineWeight::Head { linear, .. } => linear.weight_rows(tokens).ok_or_else(|| {
+                Error::Engine("engine ops: a token outside the tied head's rows".into())
+            })?,
+            _ => return Err(Error::Engine("engine ops: embedding from a vector".into())),
+        };
+        write(out, &rows)
+    }
+
+    fn gather_rows(
+        &self,
+        src: &Vec<f32>,
+        src_pos: &Vec<u32>,
+        idx: &Vec<u32>,
+        out: &mut Vec<f32>,
+        out_pos: &mut Vec<u32>,
+        width: usize,
+    ) -> Result<()> {
+        CpuOps.gather_rows(src, src_pos, idx, out, out_pos, width)
+    }
+
+    fn kv_append(
+        &self,
+        qkv: &Vec<f32>,
+        at: RowSlice,
+        k_col: usize,
+        v_col: usize,
+        positions: &Vec<u32>,
+        pool: &mut KvPool<Self>,
+        table: &Vec<u32>,
+        row0: usize,
+    ) -> Result<()> {
+        let d = pool.kv_dim;
+        check("kv_append positions", positions.len(), at.rows)?;
+        let k = to_bf16(&slice_rows(
+            qkv,
+            RowSlice {
+                offset: at.offset + k_col,
+                ..at
+            },
+            d,
+        )?);
+        let v = to_bf16(&slice_rows(
+            qkv,
+            RowSlice {
+                offset: at.offset + v_col,
+                ..at
+            },
+            d,
+        )?);
+        host_pool::append(&k, &v, &positions[..at.rows], pool, table, row0)
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        at: RowSlice,
+        q_pos: &Vec<u32>,
+        pool: &KvPool<Self>,
+        table: &Vec<u32>,
+        n_keys: usize,
+        heads: Heads,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        check("attention positions", q_pos.len(), at.rows)?;
+        let qf = slice_rows(q, at, heads.q_dim())?;
+        let y = host_pool::attention(&qf, &q_pos[..at.rows], pool, table, n_keys, heads)?;
+        check("attention out", out.len(), y.len())?;
+        out[..y.len()].copy_from_slice(&y);
+        Ok(())
+    }
+
+    fn unit_keys(
+        &self,
+        pool: &KvPool<Self>,
+        table: &Vec<u32>,
+        prompt_rows: usize,
+        unit_size: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        host_pool::unit_keys(pool, table, prompt_rows, unit_size, out)
+    }
+
+    fn unit_scores(
+        &self,
+        q: &Vec<f32>,
+        at: RowSlice,
+        unit_keys: &Vec<f32>,
+        units: &UnitBlocks,
+        heads: Heads,
+        mode: ScoreMode,
+        acc: &mut Vec<f32>,
+    ) -> Result<()> {
+        let window = slice_rows(q, at, heads.q_dim())?;
+        host_pool::unit_scores(&window, unit_keys, units, heads, mode, acc)
+    }
+
+    fn kv_offload(&self, pool: &KvPool<Self>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
+        host_pool::offload(pool, slots)
+    }
+
+    fn kv_fetch(
+        &self,
+        host: &Vec<SlotCopy>,
+        writes: &[(usize, u32)],
+        pool: &mut KvPool<Self>,
+    ) -> Result<()> {
+        host_pool::fetch(host, writes, pool)
+    }
+
+    fn kv_pool_regrouped(
+        &self,
+        src: &KvPool<Self>,
+        moves: &[(u32, u32)],
+        slots: usize,
+    ) -> Result<KvPool<Self>> {
+        host_pool::regrouped(self, src, moves, slots)
+    }
+
+    fn kv_copy_blocks(
+        &self,
+        pool: &mut KvPool<Self>,
+        src_slots: &[u32],
+        dst_slots: &[u32],
+    ) -> Result<()> {
+        host_pool::copy_blocks(pool, src_slots, dst_slots);
+        Ok(())
+    }
+}

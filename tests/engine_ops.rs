@@ -1,9 +1,7 @@
 //! The ops forward (src/model/ops_llama.rs) on the CPU engine's backend (`EngineOps`: f32
 //! activations, the engine's int8 linear layers, its RMSNorm, RoPE and SiLU gate), against the
 //! engine's own forward (src/model/llama.rs) on the default model, and on random shapes.
-//! With the engine's KV set to what the seam's pools hold (bf16, f32 attention) the two
-//! forwards give the same logits bit for bit; the product's Q8 keys and 8-bit attention are not
-//! behind the seam yet.
+//! The two forwards give the same logits bit for bit.
 
 mod common;
 
@@ -14,6 +12,7 @@ use slimchat::backend::cpu_ops::CpuOps;
 use slimchat::backend::engine_ops::EngineOps;
 use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::linear::LinearMode;
+use slimchat::backend::ops::Ops;
 use slimchat::bench::LONG_TEXT;
 use slimchat::engine::{Engine, EngineOptions};
 use slimchat::eval::logits::compare;
@@ -22,28 +21,28 @@ use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
 
 const TOKENS: usize = 256;
 
-/// The engine with the KV the seam's pools hold (bf16 keys and values, f32 attention), its
-/// linear layers in `linear` form, nothing pruned.
-fn engine_with_bf16_kv(linear: LinearMode) -> Engine {
+/// The engine with `ops`' numerics (linear layers, KV type, attention kernel), nothing pruned.
+fn engine_like(ops: &EngineOps) -> Engine {
     let mut opts = EngineOptions {
-        linear,
-        kv_dtype: KvDtype::Bf16,
-        attention: AttentionKind::F32,
+        linear: ops.mode,
+        kv_dtype: ops.kv,
+        attention: ops.attention,
         ..Default::default()
     };
     opts.slim.enabled = false;
     Engine::load(&common::default_model(), &opts).expect("the model loads")
 }
 
-#[test]
-fn the_engines_backend_gives_the_ops_forward_the_engines_logits_bit_for_bit() {
+/// The ops forward on `ops` gives the engine's logits bit for bit: teacher forcing (every row,
+/// the head as a GEMM over 8-bit activations), a prefill (the last row's head in f32), decode
+/// steps (one row: the GEMVs, attention over the stored KV).
+fn the_same_logits_as_the_engine(ops: &'static EngineOps) {
     let path = common::default_model();
     let mut file = GgufFile::open(&path).unwrap();
-    let model = OpsLlama::from_gguf(&EngineOps::INT8, &mut file, TOKENS + 8).unwrap();
-    let mut engine = engine_with_bf16_kv(LinearMode::Int8);
+    let model = OpsLlama::from_gguf(ops, &mut file, TOKENS + 8).unwrap();
+    let mut engine = engine_like(ops);
     let tokens = engine.encode_plain(LONG_TEXT).unwrap()[..TOKENS].to_vec();
 
-    // teacher forcing: every row's logits, the head as a GEMM over 8-bit activations
     let t = Instant::now();
     let want = engine.logits_from(&tokens, 0).unwrap();
     let engine_ms = t.elapsed().as_millis();
@@ -51,21 +50,25 @@ fn the_engines_backend_gives_the_ops_forward_the_engines_logits_bit_for_bit() {
     let got = model.logits_all(&tokens).unwrap();
     let ops_ms = t.elapsed().as_millis();
     eprintln!(
-        "teacher-forced {TOKENS} tokens: the ops forward {ops_ms} ms, the engine {engine_ms} ms"
+        "{}: teacher-forced {TOKENS} tokens, the ops forward {ops_ms} ms, the engine {engine_ms} ms",
+        ops.name()
     );
     assert_eq!(got.len(), want.len());
     assert!(
         got == want,
-        "teacher-forced logits differ: {:?}",
+        "teacher-forced: {:?}",
         common::max_abs_diff(&got, &want)
     );
 
-    // a prefill (the last row's head in f32), then decode steps (one row: the GEMVs)
     engine.reset();
     let (want, _) = engine.prefill(&tokens, &mut |_| {}).unwrap();
     let hooks = &mut slimchat::backend::paged_kv::NoHooks;
     let (mut cache, report) = model.prefill(&tokens, None, 8, hooks).unwrap();
-    assert!(report.logits == want, "prefill logits differ");
+    assert!(
+        report.logits == want,
+        "prefill: {:?}",
+        common::max_abs_diff(&report.logits, &want)
+    );
     let mut next = common::argmax(&want) as u32;
     for step in 0..8 {
         let want = engine.step(next).unwrap();
@@ -80,31 +83,17 @@ fn the_engines_backend_gives_the_ops_forward_the_engines_logits_bit_for_bit() {
 }
 
 #[test]
-fn against_the_products_kv_the_engines_backend_differs_by_the_kv_alone() {
-    let path = common::default_model();
-    let mut product = common::dense_engine(&path, LinearMode::Int8); // Q8 keys, 8-bit attention
-    let tokens = product.encode_plain(LONG_TEXT).unwrap()[..TOKENS].to_vec();
-    let want = product.logits_from(&tokens, 0).unwrap();
-    let bf16_kv = engine_with_bf16_kv(LinearMode::Int8)
-        .logits_from(&tokens, 0)
-        .unwrap();
-    let mut file = GgufFile::open(&path).unwrap();
-    let model = OpsLlama::from_gguf(&EngineOps::INT8, &mut file, TOKENS).unwrap();
-    let got = model.logits_all(&tokens).unwrap();
-    let vocab = model.shape.vocab;
-    let ours = compare(&got, &want, vocab, &tokens);
-    let kv_alone = compare(&bf16_kv, &want, vocab, &tokens);
-    eprintln!("the ops forward on the engine's backend against the product: {ours:?}");
-    eprintln!("the engine with bf16 KV against the product: {kv_alone:?}");
-    assert!(
-        got == bf16_kv,
-        "the ops forward is not the engine with bf16 KV"
-    );
-    assert!(ours.top1_agreement >= 0.9, "{ours:?}");
-    assert!(
-        (ours.nll_a - ours.nll_b).abs() < 0.01 * ours.nll_b,
-        "{ours:?}"
-    );
+fn with_the_products_numerics_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
+    // int8 linear layers, Q8 keys and values, 8-bit attention
+    the_same_logits_as_the_engine(&EngineOps::PRODUCT);
+}
+
+#[test]
+fn with_16_bit_kv_and_f32_attention_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
+    static BF16_KV: EngineOps = EngineOps::new(LinearMode::Int8, KvDtype::Bf16, AttentionKind::F32);
+    static F16_KV: EngineOps = EngineOps::new(LinearMode::Dense, KvDtype::F16, AttentionKind::Int8);
+    the_same_logits_as_the_engine(&BF16_KV);
+    the_same_logits_as_the_engine(&F16_KV);
 }
 
 #[test]
@@ -114,7 +103,7 @@ fn a_random_shape_runs_on_the_engines_backend_as_on_the_devices() {
     let tokens: Vec<u32> = (0..n as u32)
         .map(|i| (i * 7919) % shape.vocab as u32)
         .collect();
-    let ours = OpsLlama::random(&EngineOps::INT8, shape, n, 3).unwrap();
+    let ours = OpsLlama::random(&EngineOps::PRODUCT, shape, n, 3).unwrap();
     let bf16 = OpsLlama::random(&CpuOps, shape, n, 3).unwrap();
     let a = ours.logits_all(&tokens).unwrap();
     let b = bf16.logits_all(&tokens).unwrap();

@@ -108,7 +108,7 @@ fn attention_matches_a_naive_softmax_over_visible_keys() {
     };
     let mut out = vec![0u16; nq * heads.q_dim()];
     CpuOps
-        .attention(&q, at, &q_pos, &pool, &table, n, heads, &mut out)
+        .attention(&q, at, &q_pos, &pool, &table, n, heads, &mut out, None)
         .unwrap();
     let (qf, kf, vf) = (to_f32(&q), to_f32(&k), to_f32(&v));
     let hd = heads.head_dim;

@@ -362,6 +362,7 @@ impl Ops for CpuOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<u16>,
+        _fresh: Option<(usize, usize)>,
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
         let qf = slice_rows(q, at, heads.q_dim());

@@ -5,9 +5,10 @@
 //! operations src/model/llama.rs runs, one for one, so that the ops forward computes what the
 //! CPU product computes (`tests/engine_ops.rs` holds them to it).
 //!
-//! Not yet the engine's: the KV. The pools are bf16 pages in host memory, as [`CpuOps`]'s
-//! ([`super::host_pool`]), where the engine keeps Q8 or f16 keys and attends with its 8-bit
-//! kernel (bench/NOTES.md, "The engine's numerics behind the seam").
+//! The KV too: pages in host memory ([`super::host_pool`]) of the engine's element type (Q8
+//! with its per-channel key scale fixed by a layer's first append, f16 or bf16), attended by its
+//! kernel (8-bit or f32) as the engine attends: a prefill's own rows as they are (f16) where the
+//! pool holds them in 8 bits, the queries scaled by the key scale otherwise.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,27 +17,42 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::attention_kind::{attention_in_place_with, AttentionKind};
 use super::cpu_ops::{to_bf16, uniform, CpuOps};
 use super::host_pool::{self, SlotCopy};
+use super::kv_format::{first_key_scale, unscale_keys, KvDtype};
 use super::linear::{FusedLinear, Linear, LinearMode};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, WeightUse, WeightValues};
 use super::rowwise::{rms_norm, rotate_head, silu_mul_joined, RopeLayout};
 use super::with_f32;
 use crate::{Error, Result};
 
-/// The CPU engine's backend of the ops seam; `mode` is the linear layers' form
-/// (`[model] linear`).
+/// The CPU engine's backend of the ops seam: the engine's `[model] linear`, `kv_dtype` and
+/// `attention`.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOps {
+    /// The linear layers' form.
     pub mode: LinearMode,
+    /// The KV pools' element type (Q8 needs heads of a multiple of 32 values: the caller
+    /// checks, as the engine does).
+    pub kv: KvDtype,
+    /// The kernel of a prefill's attention.
+    pub attention: AttentionKind,
 }
 
 impl EngineOps {
-    /// The product's default: int8 linear layers (a constant, so `&EngineOps::INT8` lives for
-    /// the program, as a model borrowing its backend needs).
-    pub const INT8: Self = Self {
-        mode: LinearMode::Int8,
-    };
+    /// The product's defaults: int8 linear layers, Q8 keys and values, 8-bit attention (a
+    /// constant, so `&EngineOps::PRODUCT` lives for the program, as a model borrowing its
+    /// backend needs).
+    pub const PRODUCT: Self = Self::new(LinearMode::Int8, KvDtype::Q8, AttentionKind::Int8);
+
+    pub const fn new(mode: LinearMode, kv: KvDtype, attention: AttentionKind) -> Self {
+        Self {
+            mode,
+            kv,
+            attention,
+        }
+    }
 }
 
 /// A weight as the engine keeps it.
@@ -186,10 +202,16 @@ impl Ops for EngineOps {
 
     fn name(&self) -> String {
         format!(
-            "cpu engine ({:?} linear layers, {} threads)",
+            "cpu engine ({:?} linear layers, {:?} KV, {:?} attention, {} threads)",
             self.mode,
+            self.kv,
+            self.attention,
             rayon::current_num_threads()
         )
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.kv
     }
 
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
@@ -505,25 +527,36 @@ impl Ops for EngineOps {
         table: &Vec<u32>,
         row0: usize,
     ) -> Result<()> {
-        let d = pool.kv_dim;
+        let (d, words) = (pool.kv_dim, pool.row_words());
         check("kv_append positions", positions.len(), at.rows)?;
-        let k = to_bf16(&slice_rows(
+        let mut k = slice_rows(
             qkv,
             RowSlice {
                 offset: at.offset + k_col,
                 ..at
             },
             d,
-        )?);
-        let v = to_bf16(&slice_rows(
+        )?;
+        let v = slice_rows(
             qkv,
             RowSlice {
                 offset: at.offset + v_col,
                 ..at
             },
             d,
-        )?);
-        host_pool::append(&k, &v, &positions[..at.rows], pool, table, row0)
+        )?;
+        if pool.dtype == KvDtype::Q8 {
+            if pool.k_scale.is_empty() && at.rows > 0 {
+                pool.k_scale = first_key_scale(&k, d);
+            }
+            for row in k.chunks_exact_mut(d) {
+                row.iter_mut().zip(&pool.k_scale).for_each(|(x, s)| *x /= s);
+            }
+        }
+        let (mut k16, mut v16) = (vec![0u16; at.rows * words], vec![0u16; at.rows * words]);
+        pool.dtype.encode(&k, &mut k16);
+        pool.dtype.encode(&v, &mut v16);
+        host_pool::append(&k16, &v16, &positions[..at.rows], pool, table, row0)
     }
 
     fn attention(
@@ -536,12 +569,62 @@ impl Ops for EngineOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<f32>,
+        fresh: Option<(usize, usize)>,
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
-        let qf = slice_rows(q, at, heads.q_dim())?;
-        let y = host_pool::attention(&qf, &q_pos[..at.rows], pool, table, n_keys, heads)?;
-        check("attention out", out.len(), y.len())?;
-        out[..y.len()].copy_from_slice(&y);
+        let q_pos = &q_pos[..at.rows];
+        let rows = host_pool::Rows::of(pool, table, n_keys)?;
+        let shape = host_pool::attn_shape(heads);
+        let every_key = 0..n_keys;
+        let ranges = std::slice::from_ref(&every_key);
+        let mut qo = slice_rows(q, at, heads.q_dim())?;
+        // a prefill's rows just appended, the layer's last: read as they are, at f16 precision
+        let tail = n_keys
+            .checked_sub(at.rows)
+            .filter(|&old| rows.pos[old..] == *q_pos);
+        match (fresh, tail) {
+            (Some((k_col, v_col)), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
+                let d = pool.kv_dim;
+                let k = slice_rows(
+                    q,
+                    RowSlice {
+                        offset: at.offset + k_col,
+                        ..at
+                    },
+                    d,
+                )?;
+                let v = slice_rows(
+                    q,
+                    RowSlice {
+                        offset: at.offset + v_col,
+                        ..at
+                    },
+                    d,
+                )?;
+                let exact = exact_rows(&rows, old, (&k, &v), &pool.k_scale, d);
+                attention_in_place_with(
+                    self.attention,
+                    &mut qo,
+                    q_pos,
+                    exact.view(),
+                    ranges,
+                    shape,
+                )?;
+            }
+            _ => {
+                scale_queries(&mut qo, &pool.k_scale, heads);
+                attention_in_place_with(
+                    self.attention,
+                    &mut qo,
+                    q_pos,
+                    rows.view(),
+                    ranges,
+                    shape,
+                )?;
+            }
+        }
+        check("attention out", out.len(), qo.len())?;
+        out[..qo.len()].copy_from_slice(&qo);
         Ok(())
     }
 
@@ -600,5 +683,49 @@ impl Ops for EngineOps {
     ) -> Result<()> {
         host_pool::copy_blocks(pool, src_slots, dst_slots);
         Ok(())
+    }
+}
+
+/// A Q8 layer's rows in f16: the first `old` widened from the pool's words (keys unscaled), the
+/// rest the prefill's own keys and values (k, v: (rows, kv_dim) f32) rounded to f16 only.
+fn exact_rows(
+    rows: &host_pool::Rows,
+    old: usize,
+    (k, v): (&[f32], &[f32]),
+    k_scale: &[f32],
+    kv_dim: usize,
+) -> host_pool::Rows {
+    let words = rows.dtype.stored_len(kv_dim);
+    let n = rows.pos.len();
+    let widen = |bits: &[u16], scale: &[f32], fresh: &[f32]| {
+        let mut wide = vec![0f32; n * kv_dim];
+        rows.dtype
+            .decode(&bits[..old * words], &mut wide[..old * kv_dim]);
+        unscale_keys(&mut wide[..old * kv_dim], scale);
+        wide[old * kv_dim..].copy_from_slice(&fresh[..(n - old) * kv_dim]);
+        let mut narrow = vec![0u16; n * kv_dim];
+        KvDtype::F16.encode(&wide, &mut narrow);
+        narrow
+    };
+    host_pool::Rows {
+        k: widen(&rows.k, k_scale, k),
+        v: widen(&rows.v, &[], v),
+        pos: rows.pos.clone(),
+        dtype: KvDtype::F16,
+    }
+}
+
+/// Each query head times its KV head's key scale (Q8 keys are stored divided by it); nothing
+/// for an empty scale.
+fn scale_queries(q: &mut [f32], k_scale: &[f32], heads: Heads) {
+    if k_scale.is_empty() {
+        return;
+    }
+    let (hd, group) = (heads.head_dim, heads.n_heads / heads.n_kv_heads);
+    for row in q.chunks_exact_mut(heads.q_dim()) {
+        for (h, head) in row.chunks_exact_mut(hd).enumerate() {
+            let s = &k_scale[h / group * hd..][..hd];
+            head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
+        }
     }
 }

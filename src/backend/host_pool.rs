@@ -4,7 +4,7 @@
 //! activations in as rows (keys and values as bf16 bits, queries as f32).
 
 use super::attention::{attention as tiled_attention, AttnShape};
-use super::kv_format::{KvDtype, KvView};
+use super::kv_format::{unscale_keys, KvDtype, KvView};
 use super::ops::{check_slots, Heads, KvPool, Ops, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::score::{HeadShape, UnitKeys, WindowPool};
 use crate::{Error, Result};
@@ -14,7 +14,7 @@ pub trait HostPools: Ops<Bf16 = Vec<u16>, U32 = Vec<u32>, HostBlocks = Vec<SlotC
 impl<O: Ops<Bf16 = Vec<u16>, U32 = Vec<u32>, HostBlocks = Vec<SlotCopy>>> HostPools for O {}
 
 /// The CPU's host blocks ([`Ops::HostBlocks`]): one slot of a [`KvPool`] each, keys and values
-/// (KV_BLOCK, kv_dim) bf16 and the rows' positions.
+/// (KV_BLOCK, row_words) words and the rows' positions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotCopy {
     pub k: Vec<u16>,
@@ -50,7 +50,8 @@ fn check_copies<'a>(op: &str, n: usize, copies: impl Iterator<Item = &'a SlotCop
     Ok(())
 }
 
-/// [`Ops::kv_append`] of keys and values k, v (rows, kv_dim) bf16 at `positions` (rows).
+/// [`Ops::kv_append`] of keys and values k, v (rows, row_words), encoded in the pool's type,
+/// at `positions` (rows).
 pub fn append<O: HostPools>(
     k: &[u16],
     v: &[u16],
@@ -59,7 +60,7 @@ pub fn append<O: HostPools>(
     table: &[u32],
     row0: usize,
 ) -> Result<()> {
-    let (d, rows) = (pool.kv_dim, positions.len());
+    let (d, rows) = (pool.row_words(), positions.len());
     check("kv_append keys", k.len().min(v.len()), rows * d)?;
     check("kv_append table", table.len() * KV_BLOCK, row0 + rows)?;
     for (r, &p) in positions.iter().enumerate() {
@@ -72,7 +73,58 @@ pub fn append<O: HostPools>(
     Ok(())
 }
 
-/// [`Ops::attention`] of the queries q (rows, q_dim) f32 at `q_pos`: (rows, q_dim) f32.
+/// The first `n_keys` rows of a pool through its slot table, in row order: keys and values as
+/// the pool's words, and positions.
+pub struct Rows {
+    pub k: Vec<u16>,
+    pub v: Vec<u16>,
+    pub pos: Vec<u32>,
+    pub dtype: KvDtype,
+}
+
+impl Rows {
+    pub fn of<O: HostPools>(pool: &KvPool<O>, table: &[u32], n_keys: usize) -> Result<Self> {
+        let d = pool.row_words();
+        check("pool table", table.len() * KV_BLOCK, n_keys)?;
+        let (mut k, mut v) = (
+            Vec::with_capacity(n_keys * d),
+            Vec::with_capacity(n_keys * d),
+        );
+        let mut pos = Vec::with_capacity(n_keys);
+        for row in pool_rows(table, n_keys) {
+            k.extend_from_slice(&pool.k[row * d..][..d]);
+            v.extend_from_slice(&pool.v[row * d..][..d]);
+            pos.push(pool.pos[row]);
+        }
+        Ok(Self {
+            k,
+            v,
+            pos,
+            dtype: pool.dtype,
+        })
+    }
+
+    pub fn view(&self) -> KvView<'_> {
+        KvView {
+            k: &self.k,
+            v: &self.v,
+            positions: &self.pos,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// The attention's head layout as the CPU kernels take it.
+pub fn attn_shape(heads: Heads) -> AttnShape {
+    AttnShape {
+        n_heads: heads.n_heads,
+        n_kv_heads: heads.n_kv_heads,
+        head_dim: heads.head_dim,
+    }
+}
+
+/// [`Ops::attention`] of the queries q (rows, q_dim) f32 at `q_pos` over a bf16 pool, by the
+/// f32 kernel: (rows, q_dim) f32.
 pub fn attention<O: HostPools>(
     q: &[f32],
     q_pos: &[u32],
@@ -81,30 +133,19 @@ pub fn attention<O: HostPools>(
     n_keys: usize,
     heads: Heads,
 ) -> Result<Vec<f32>> {
-    let d = pool.kv_dim;
-    check("attention table", table.len() * KV_BLOCK, n_keys)?;
-    let (mut k, mut v, mut pos) = (Vec::new(), Vec::new(), Vec::new());
-    for row in pool_rows(table, n_keys) {
-        k.extend_from_slice(&pool.k[row * d..][..d]);
-        v.extend_from_slice(&pool.v[row * d..][..d]);
-        pos.push(pool.pos[row]);
-    }
+    let rows = Rows::of(pool, table, n_keys)?;
     let mut y = vec![0.0; q_pos.len() * heads.q_dim()];
     check("attention queries", q.len(), y.len())?;
-    let view = KvView {
-        k: &k,
-        v: &v,
-        positions: &pos,
-        dtype: KvDtype::Bf16,
-    };
-    let shape = AttnShape {
-        n_heads: heads.n_heads,
-        n_kv_heads: heads.n_kv_heads,
-        head_dim: heads.head_dim,
-    };
     let every_key = 0..n_keys;
     let ranges = std::slice::from_ref(&every_key);
-    tiled_attention(&q[..y.len()], q_pos, view, ranges, shape, &mut y)?;
+    tiled_attention(
+        &q[..y.len()],
+        q_pos,
+        rows.view(),
+        ranges,
+        attn_shape(heads),
+        &mut y,
+    )?;
     Ok(y)
 }
 
@@ -116,17 +157,17 @@ pub fn unit_keys<O: HostPools>(
     unit_size: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let d = pool.kv_dim;
+    let (d, words) = (pool.kv_dim, pool.row_words());
     let n_units = prompt_rows.div_ceil(unit_size);
     check("unit_keys out", out.len(), n_units * d)?;
     let rows: Vec<usize> = pool_rows(table, prompt_rows).collect();
+    let mut key = vec![0.0f32; d];
     for (unit, rows) in out.chunks_mut(d).zip(rows.chunks(unit_size)) {
         unit.fill(0.0);
         for &row in rows {
-            let key = &pool.k[row * d..][..d];
-            unit.iter_mut()
-                .zip(key)
-                .for_each(|(a, &b)| *a += f32::from_bits((b as u32) << 16));
+            pool.dtype.decode(&pool.k[row * words..][..words], &mut key);
+            unscale_keys(&mut key, &pool.k_scale);
+            unit.iter_mut().zip(&key).for_each(|(a, &b)| *a += b);
         }
         unit.iter_mut().for_each(|x| *x /= rows.len() as f32);
     }
@@ -170,7 +211,7 @@ pub fn unit_scores(
 
 /// [`Ops::kv_offload`].
 pub fn offload<O: HostPools>(pool: &KvPool<O>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
-    let n = KV_BLOCK * pool.kv_dim;
+    let n = KV_BLOCK * pool.row_words();
     check_slots("kv_offload", pool.slots, slots.iter().copied())?;
     Ok((slots.iter().map(|&s| s as usize))
         .map(|s| SlotCopy {
@@ -187,7 +228,7 @@ pub fn fetch<O: HostPools>(
     writes: &[(usize, u32)],
     pool: &mut KvPool<O>,
 ) -> Result<()> {
-    let n = KV_BLOCK * pool.kv_dim;
+    let n = KV_BLOCK * pool.row_words();
     check_slots("kv_fetch", pool.slots, writes.iter().map(|w| w.1))?;
     let copies = (writes.iter())
         .map(|&(b, s)| host.get(b).map(|c| (s as usize, c)))
@@ -209,10 +250,16 @@ pub fn regrouped<O: HostPools>(
     moves: &[(u32, u32)],
     slots: usize,
 ) -> Result<KvPool<O>> {
-    let n = KV_BLOCK * src.kv_dim;
+    let n = KV_BLOCK * src.row_words();
     check_slots("kv_pool_regrouped", src.slots, moves.iter().map(|m| m.0))?;
     check_slots("kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
     let mut pool = KvPool::new(ops, slots, src.kv_dim)?;
+    if pool.dtype != src.dtype {
+        return Err(Error::Engine(
+            "kv_pool_regrouped: a pool of another type".into(),
+        ));
+    }
+    pool.k_scale = src.k_scale.clone();
     for &(s, t) in moves {
         let (s, t) = (s as usize, t as usize);
         pool.k[t * n..][..n].copy_from_slice(&src.k[s * n..][..n]);
@@ -224,7 +271,7 @@ pub fn regrouped<O: HostPools>(
 
 /// [`Ops::kv_copy_blocks`].
 pub fn copy_blocks<O: HostPools>(pool: &mut KvPool<O>, src_slots: &[u32], dst_slots: &[u32]) {
-    let n = KV_BLOCK * pool.kv_dim;
+    let n = KV_BLOCK * pool.row_words();
     for (&s, &t) in src_slots.iter().zip(dst_slots) {
         let (s, t) = (s as usize, t as usize);
         pool.k.copy_within(s * n..(s + 1) * n, t * n);

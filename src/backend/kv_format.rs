@@ -159,6 +159,47 @@ pub struct KvView<'a> {
     pub dtype: KvDtype,
 }
 
+/// Rows the first append of a Q8 layer needs for its keys to set the channel scale; a shorter
+/// first turn keeps keys unscaled for the conversation (a scale taken from a handful of rows may
+/// be far below the range of the document that follows).
+const SCALE_MIN_ROWS: usize = 64;
+/// No channel's divisor is below the loudest channel's divided by this, so a channel that was
+/// quiet in the rows that set the scale cannot dominate a later row's int8 range by much more.
+pub const SCALE_MAX_RATIO: f32 = 16.0;
+
+/// The divisor of each key channel of a Q8 layer, fixed by its first append of keys `k` (rows
+/// of `kv_dim`): [`key_channel_scale`] when there are enough rows to set it, else 1 for every
+/// channel.
+pub fn first_key_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
+    if k.len() / kv_dim.max(1) >= SCALE_MIN_ROWS {
+        key_channel_scale(k, kv_dim)
+    } else {
+        vec![1.0; kv_dim]
+    }
+}
+
+/// Each key channel's divisor for Q8: the largest |k| over `k`'s rows (`kv_dim` values each) of
+/// the channel pair (2i, 2i + 1) that RoPE rotates together, so that a later position's rotation
+/// does not push a channel far past it; at least the loudest pair's / `SCALE_MAX_RATIO`, and 1
+/// when every key is zero.
+fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
+    let mut amax = vec![0f32; kv_dim];
+    for row in k.chunks_exact(kv_dim) {
+        amax.iter_mut()
+            .zip(row)
+            .for_each(|(m, x)| *m = m.max(x.abs()));
+    }
+    let loudest = amax.iter().fold(0f32, |a, &b| a.max(b));
+    if !(loudest > 0.0 && loudest.is_finite()) {
+        return vec![1.0; kv_dim];
+    }
+    for pair in amax.chunks_mut(2) {
+        let m = pair.iter().fold(0f32, |a, &b| a.max(b));
+        pair.fill(m.max(loudest / SCALE_MAX_RATIO));
+    }
+    amax
+}
+
 /// Multiply widened key rows back by their channel scale (no-op for an empty scale).
 pub fn unscale_keys(rows: &mut [f32], scale: &[f32]) {
     if scale.is_empty() {

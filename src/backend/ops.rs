@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use super::kv_format::KvDtype;
 pub use super::rowwise::RopeLayout;
 use crate::Result;
 
@@ -129,32 +130,52 @@ pub enum WeightValues {
     Ones,
 }
 
-/// One layer's paged KV storage: `slots` slots of [`KV_BLOCK`] rows.
+/// One layer's paged KV storage: `slots` slots of [`KV_BLOCK`] rows, each row `row_words` words
+/// of the backend's element type ([`Ops::kv_dtype`]: bf16 on the devices; the engine's Q8 or
+/// f16 on its CPU backend).
 pub struct KvPool<O: Ops + ?Sized> {
-    /// (slots, KV_BLOCK, kv_dim) bf16
+    /// (slots, KV_BLOCK, row_words): keys, as `dtype` words (Q8: divided by `k_scale`)
     pub k: O::Bf16,
-    /// (slots, KV_BLOCK, kv_dim) bf16
+    /// (slots, KV_BLOCK, row_words)
     pub v: O::Bf16,
     /// (slots, KV_BLOCK) positions of the rows
     pub pos: O::U32,
     pub slots: usize,
     pub kv_dim: usize,
+    pub dtype: KvDtype,
+    /// Q8 only: the divisor of each key channel (kv_dim), fixed by the layer's first append;
+    /// empty before it and for 16-bit types.
+    pub k_scale: Vec<f32>,
 }
 
 impl<O: Ops + ?Sized> KvPool<O> {
     pub fn new(ops: &O, slots: usize, kv_dim: usize) -> Result<Self> {
+        let dtype = ops.kv_dtype();
+        let words = slots * KV_BLOCK * dtype.stored_len(kv_dim);
         Ok(Self {
-            k: ops.zeros_bf16(slots * KV_BLOCK * kv_dim)?,
-            v: ops.zeros_bf16(slots * KV_BLOCK * kv_dim)?,
+            k: ops.zeros_bf16(words)?,
+            v: ops.zeros_bf16(words)?,
             pos: ops.upload_u32(&vec![u32::MAX; slots * KV_BLOCK])?,
             slots,
             kv_dim,
+            dtype,
+            k_scale: Vec::new(),
         })
+    }
+
+    /// Words a row of keys (or of values) takes.
+    pub fn row_words(&self) -> usize {
+        self.dtype.stored_len(self.kv_dim)
+    }
+
+    /// Bytes of a row's key and value.
+    pub fn row_bytes(&self) -> usize {
+        2 * self.row_words() * 2
     }
 
     /// Bytes of keys and values.
     pub fn bytes(&self) -> usize {
-        2 * self.slots * KV_BLOCK * self.kv_dim * 2
+        self.slots * KV_BLOCK * self.row_bytes()
     }
 }
 
@@ -188,6 +209,11 @@ pub trait Ops: 'static {
     type HostBlocks: Send;
 
     fn name(&self) -> String;
+
+    /// The element type of the KV pools ([`KvPool`]).
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::Bf16
+    }
 
     fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
     fn zeros_bf16(&self, n: usize) -> Result<Self::Bf16>;
@@ -356,6 +382,9 @@ pub trait Ops: 'static {
 
     /// Causal attention over explicit positions (GQA) of the query rows `at` of q against the
     /// first `n_keys` rows of the pool, read through `table`. out: (at.rows, n_heads * head_dim).
+    /// `fresh`: the columns (from `at.offset`) of these rows' own keys and values in q's buffer,
+    /// just appended: the CPU engine's backend attends to them as they are (rounded to f16
+    /// only) where its pool keeps them in 8 bits; the devices read the pool.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -367,6 +396,7 @@ pub trait Ops: 'static {
         n_keys: usize,
         heads: Heads,
         out: &mut Self::Act,
+        fresh: Option<(usize, usize)>,
     ) -> Result<()>;
 
     /// The mean key of each unit of `unit_size` consecutive rows (in row order, as

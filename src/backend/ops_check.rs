@@ -145,6 +145,8 @@ impl HostPool {
             pos: o.upload_u32(&self.pos)?,
             slots: self.slots,
             kv_dim: self.kv_dim,
+            dtype: o.kv_dtype(),
+            k_scale: Vec::new(),
         })
     }
 }

@@ -167,14 +167,14 @@ pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
         offset: 0,
     };
     let reference = ops.clone().with_decode_tuning(DecodeTuning::default());
-    reference.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out)?;
+    reference.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out, None)?;
     let want = to_f32(&ops.download_bf16(&out)?);
     let mut rates = Vec::new();
     for tuning in DecodeTuning::sweep() {
         let tuned = ops.clone().with_decode_tuning(tuning);
         ops.fill_uniform(&mut out, 8, 1.0)?;
         let ms = super::rates::time_ms(&tuned, 3, 10, &mut || {
-            tuned.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out)
+            tuned.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out, None)
         })?;
         let got = to_f32(&ops.download_bf16(&out)?);
         rates.push(DecodeRate {

@@ -97,7 +97,17 @@ pub fn attention(ops: &CudaOps, tokens: usize) -> Result<AttentionRate> {
     )?;
     let mut out = ops.zeros_bf16(tokens * q_dim)?;
     let ms = time_ms(ops, 1, 3, &mut || {
-        ops.attention(&qkv, rows(0), &pos, &pool, &table, tokens, heads, &mut out)
+        ops.attention(
+            &qkv,
+            rows(0),
+            &pos,
+            &pool,
+            &table,
+            tokens,
+            heads,
+            &mut out,
+            None,
+        )
     })?;
     let flops = shape.attention_flops(&[tokens]);
     Ok(AttentionRate {

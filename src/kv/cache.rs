@@ -23,7 +23,7 @@ use super::policy::LayerPolicy;
 use super::stats::KvStats;
 use crate::backend::attention::{attention_in_place_with, AttentionKind, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
-use crate::backend::kv_format::{unscale_keys, KvDtype, KvView};
+use crate::backend::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 
 /// One layer's cache.
 #[derive(Debug, Clone, Default)]
@@ -170,12 +170,7 @@ impl LayerKv {
         let (mut k16, mut v16) = (vec![0u16; rows * width], vec![0u16; rows * width]);
         if self.dtype == KvDtype::Q8 {
             if self.k_scale.is_empty() {
-                let kv_dim = k.len() / rows;
-                self.k_scale = if rows >= SCALE_MIN_ROWS {
-                    key_channel_scale(k, kv_dim)
-                } else {
-                    vec![1.0; kv_dim]
-                };
+                self.k_scale = first_key_scale(k, k.len() / rows);
             }
             let mut scaled = k.to_vec();
             for row in scaled.chunks_exact_mut(self.k_scale.len()) {
@@ -249,36 +244,6 @@ impl LayerKv {
     pub fn bytes(&self) -> usize {
         (self.k.len() + self.v.len()) * std::mem::size_of::<u16>()
     }
-}
-
-/// Rows the first append of a Q8 layer needs for its keys to set the channel scale; a shorter
-/// first turn keeps keys unscaled for the conversation (a scale taken from a handful of rows may
-/// be far below the range of the document that follows).
-const SCALE_MIN_ROWS: usize = 64;
-/// No channel's divisor is below the loudest channel's divided by this, so a channel that was
-/// quiet in the rows that set the scale cannot dominate a later row's int8 range by much more.
-const SCALE_MAX_RATIO: f32 = 16.0;
-
-/// Each key channel's divisor for Q8: the largest |k| over `k`'s rows (`kv_dim` values each) of
-/// the channel pair (2i, 2i + 1) that RoPE rotates together, so that a later position's rotation
-/// does not push a channel far past it; at least the loudest pair's / `SCALE_MAX_RATIO`, and 1
-/// when every key is zero.
-fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
-    let mut amax = vec![0f32; kv_dim];
-    for row in k.chunks_exact(kv_dim) {
-        amax.iter_mut()
-            .zip(row)
-            .for_each(|(m, x)| *m = m.max(x.abs()));
-    }
-    let loudest = amax.iter().fold(0f32, |a, &b| a.max(b));
-    if !(loudest > 0.0 && loudest.is_finite()) {
-        return vec![1.0; kv_dim];
-    }
-    for pair in amax.chunks_mut(2) {
-        let m = pair.iter().fold(0f32, |a, &b| a.max(b));
-        pair.fill(m.max(loudest / SCALE_MAX_RATIO));
-    }
-    amax
 }
 
 /// The caches of all layers (the host tier), and the KV manager that keeps a bounded fast tier
@@ -486,6 +451,7 @@ impl KvCache {
 mod tests {
     use super::*;
     use crate::backend::attention::attention;
+    use crate::backend::kv_format::SCALE_MAX_RATIO;
     use crate::backend::qgemv::tests::noise;
 
     #[test]

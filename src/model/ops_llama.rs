@@ -535,6 +535,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             n_keys,
             s.heads,
             &mut sc.attn,
+            Some((qd, qd + kvd)),
         )?;
         self.probe.mark(ops, "attention")?;
         ops.matmul(&sc.attn, &w.wo, &mut sc.proj, n, qd, s.hidden)?;

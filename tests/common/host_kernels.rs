@@ -303,6 +303,7 @@ impl PagedCase {
                 self.n_keys,
                 self.heads,
                 &mut out,
+                None,
             )
             .unwrap();
         to_f32(&out)

@@ -20,7 +20,9 @@ fn attention<O: DeviceOps>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
     let mut y = o.upload_bf16(&vec![POISON; c.at.rows * c.heads.q_dim()])?;
     let (q, q_pos) = (o.upload_bf16(c.q)?, o.upload_u32(c.q_pos)?);
     let table = o.upload_u32(&c.pool.table)?;
-    o.attention(&q, c.at, &q_pos, &pool, &table, c.n_keys, c.heads, &mut y)?;
+    o.attention(
+        &q, c.at, &q_pos, &pool, &table, c.n_keys, c.heads, &mut y, None,
+    )?;
     Ok(to_f32(&o.download_bf16(&y)?))
 }
 

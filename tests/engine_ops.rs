@@ -116,3 +116,53 @@ fn a_random_shape_runs_on_the_engines_backend_as_on_the_devices() {
         "{agreement:?}"
     );
 }
+
+#[test]
+fn pruned_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
+    let path = common::default_model();
+    let ops = &EngineOps::PRODUCT;
+    let opts = EngineOptions {
+        linear: ops.mode,
+        kv_dtype: ops.kv,
+        attention: ops.attention,
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&path, &opts).unwrap();
+    let cfg = engine.slim_config().clone();
+    assert!(cfg.enabled);
+    let n = 4096;
+    let tokens = engine.encode_plain(LONG_TEXT).unwrap()[..n].to_vec();
+    let t = Instant::now();
+    let (want, _) = engine.prefill(&tokens, &mut |_| {}).unwrap();
+    let engine_ms = t.elapsed().as_millis();
+    let trace = engine.slim_trace().expect("the prompt was pruned");
+
+    let mut file = GgufFile::open(&path).unwrap();
+    let model = OpsLlama::from_gguf(ops, &mut file, n + 8).unwrap();
+    let hooks = &mut slimchat::backend::paged_kv::NoHooks;
+    let t = Instant::now();
+    let (mut cache, report) = model.prefill(&tokens, Some(&cfg), 8, hooks).unwrap();
+    let ops_ms = t.elapsed().as_millis();
+    eprintln!(
+        "pruned prefill of {n} tokens: the ops forward {ops_ms} ms, the engine {engine_ms} ms"
+    );
+    let theirs: Vec<&Vec<u32>> = trace.stages.iter().map(|s| &s.pool).collect();
+    let ours: Vec<&Vec<u32>> = report.kept_blocks.iter().collect();
+    assert_eq!(ours, theirs, "kept blocks");
+    assert!(
+        report.logits == want,
+        "prefill: {:?}",
+        common::max_abs_diff(&report.logits, &want)
+    );
+    let mut next = common::argmax(&want) as u32;
+    for step in 0..8 {
+        let want = engine.step(next).unwrap();
+        let got = model.decode(&mut cache, next, hooks).unwrap();
+        assert!(
+            got == want,
+            "decode step {step}: {:?}",
+            common::max_abs_diff(&got, &want)
+        );
+        next = common::argmax(&want) as u32;
+    }
+}

@@ -19,8 +19,9 @@ use rayon::prelude::*;
 
 use super::attention_kind::{attention_in_place_with, AttentionKind};
 use super::cpu_ops::{to_bf16, uniform, CpuOps};
+use super::decode_attention::decode_attention_runs;
 use super::host_pool::{self, SlotCopy};
-use super::kv_format::{first_key_scale, unscale_keys, KvDtype};
+use super::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 use super::linear::{FusedLinear, Linear, LinearMode};
 use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, WeightUse, WeightValues};
 use super::rowwise::{rms_norm, rotate_head, silu_mul_joined, RopeLayout};
@@ -573,15 +574,28 @@ impl Ops for EngineOps {
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
         let q_pos = &q_pos[..at.rows];
-        let rows = host_pool::Rows::of(pool, table, n_keys)?;
         let shape = host_pool::attn_shape(heads);
+        let mut qo = slice_rows(q, at, heads.q_dim())?;
+        if at.rows == 1 {
+            // decode: the rows where they lie, slot run after slot run, when all are visible
+            let (runs, last) = host_pool::runs(pool, table, n_keys)?;
+            if last.is_none_or(|p| p <= q_pos[0]) {
+                scale_queries(&mut qo, &pool.k_scale, heads);
+                let q = qo.clone();
+                decode_attention_runs(&q, &runs, pool.dtype, shape, &mut qo);
+                check("attention out", out.len(), qo.len())?;
+                out[..qo.len()].copy_from_slice(&qo);
+                return Ok(());
+            }
+        }
+        let rows = host_pool::PoolRows::of(pool, table, n_keys)?;
+        let view = rows.view();
         let every_key = 0..n_keys;
         let ranges = std::slice::from_ref(&every_key);
-        let mut qo = slice_rows(q, at, heads.q_dim())?;
         // a prefill's rows just appended, the layer's last: read as they are, at f16 precision
         let tail = n_keys
             .checked_sub(at.rows)
-            .filter(|&old| rows.pos[old..] == *q_pos);
+            .filter(|&old| view.positions[old..] == *q_pos);
         match (fresh, tail) {
             (Some((k_col, v_col)), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
                 let d = pool.kv_dim;
@@ -601,7 +615,7 @@ impl Ops for EngineOps {
                     },
                     d,
                 )?;
-                let exact = exact_rows(&rows, old, (&k, &v), &pool.k_scale, d);
+                let exact = exact_rows(view, old, (&k, &v), &pool.k_scale, d);
                 attention_in_place_with(
                     self.attention,
                     &mut qo,
@@ -613,14 +627,7 @@ impl Ops for EngineOps {
             }
             _ => {
                 scale_queries(&mut qo, &pool.k_scale, heads);
-                attention_in_place_with(
-                    self.attention,
-                    &mut qo,
-                    q_pos,
-                    rows.view(),
-                    ranges,
-                    shape,
-                )?;
+                attention_in_place_with(self.attention, &mut qo, q_pos, view, ranges, shape)?;
             }
         }
         check("attention out", out.len(), qo.len())?;
@@ -689,14 +696,14 @@ impl Ops for EngineOps {
 /// A Q8 layer's rows in f16: the first `old` widened from the pool's words (keys unscaled), the
 /// rest the prefill's own keys and values (k, v: (rows, kv_dim) f32) rounded to f16 only.
 fn exact_rows(
-    rows: &host_pool::Rows,
+    rows: KvView,
     old: usize,
     (k, v): (&[f32], &[f32]),
     k_scale: &[f32],
     kv_dim: usize,
 ) -> host_pool::Rows {
     let words = rows.dtype.stored_len(kv_dim);
-    let n = rows.pos.len();
+    let n = rows.positions.len();
     let widen = |bits: &[u16], scale: &[f32], fresh: &[f32]| {
         let mut wide = vec![0f32; n * kv_dim];
         rows.dtype
@@ -708,9 +715,9 @@ fn exact_rows(
         narrow
     };
     host_pool::Rows {
-        k: widen(&rows.k, k_scale, k),
-        v: widen(&rows.v, &[], v),
-        pos: rows.pos.clone(),
+        k: widen(rows.k, k_scale, k),
+        v: widen(rows.v, &[], v),
+        pos: rows.positions.to_vec(),
         dtype: KvDtype::F16,
     }
 }

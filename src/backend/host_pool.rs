@@ -4,6 +4,7 @@
 //! activations in as rows (keys and values as bf16 bits, queries as f32).
 
 use super::attention::{attention as tiled_attention, AttnShape};
+use super::decode_attention::KeyRun;
 use super::kv_format::{unscale_keys, KvDtype, KvView};
 use super::ops::{check_slots, Heads, KvPool, Ops, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::score::{HeadShape, UnitKeys, WindowPool};
@@ -74,7 +75,7 @@ pub fn append<O: HostPools>(
 }
 
 /// The first `n_keys` rows of a pool through its slot table, in row order: keys and values as
-/// the pool's words, and positions.
+/// the pool's words, and positions, copied out of their slots.
 pub struct Rows {
     pub k: Vec<u16>,
     pub v: Vec<u16>,
@@ -114,6 +115,69 @@ impl Rows {
     }
 }
 
+/// The first `n_keys` rows of a pool in row order: where its table lists slots 0, 1, 2, ... (a
+/// prefill's pool) the pool's own memory, else a copy.
+pub enum PoolRows<'a> {
+    InPlace(KvView<'a>),
+    Copied(Rows),
+}
+
+impl<'a> PoolRows<'a> {
+    pub fn of<O: HostPools>(pool: &'a KvPool<O>, table: &[u32], n_keys: usize) -> Result<Self> {
+        let blocks = n_keys.div_ceil(KV_BLOCK);
+        check("pool table", table.len(), blocks)?;
+        if !(table[..blocks].iter().enumerate()).all(|(i, &s)| s as usize == i) {
+            return Ok(Self::Copied(Rows::of(pool, table, n_keys)?));
+        }
+        let d = pool.row_words();
+        Ok(Self::InPlace(KvView {
+            k: &pool.k[..n_keys * d],
+            v: &pool.v[..n_keys * d],
+            positions: &pool.pos[..n_keys],
+            dtype: pool.dtype,
+        }))
+    }
+
+    pub fn view(&self) -> KvView<'_> {
+        match self {
+            Self::InPlace(view) => *view,
+            Self::Copied(rows) => rows.view(),
+        }
+    }
+}
+
+/// The first `n_keys` rows of a pool in row order as runs of consecutive slots, read where they
+/// lie (decode's attention reads them run after run), and the position of the last row.
+pub fn runs<'a, O: HostPools>(
+    pool: &'a KvPool<O>,
+    table: &[u32],
+    n_keys: usize,
+) -> Result<(Vec<KeyRun<'a>>, Option<u32>)> {
+    let blocks = n_keys.div_ceil(KV_BLOCK);
+    check("pool table", table.len(), blocks)?;
+    check_slots("attention", pool.slots, table[..blocks].iter().copied())?;
+    let d = pool.row_words();
+    let mut runs: Vec<KeyRun<'a>> = Vec::new();
+    let mut start = 0;
+    while start < blocks {
+        let mut end = start + 1;
+        while end < blocks && table[end] == table[end - 1] + 1 {
+            end += 1;
+        }
+        let first = table[start] as usize * KV_BLOCK;
+        let rows = (end * KV_BLOCK).min(n_keys) - start * KV_BLOCK;
+        runs.push(KeyRun {
+            k: &pool.k[first * d..][..rows * d],
+            v: &pool.v[first * d..][..rows * d],
+        });
+        start = end;
+    }
+    let last = n_keys
+        .checked_sub(1)
+        .map(|r| pool.pos[table[r / KV_BLOCK] as usize * KV_BLOCK + r % KV_BLOCK]);
+    Ok((runs, last))
+}
+
 /// The attention's head layout as the CPU kernels take it.
 pub fn attn_shape(heads: Heads) -> AttnShape {
     AttnShape {
@@ -133,7 +197,7 @@ pub fn attention<O: HostPools>(
     n_keys: usize,
     heads: Heads,
 ) -> Result<Vec<f32>> {
-    let rows = Rows::of(pool, table, n_keys)?;
+    let rows = PoolRows::of(pool, table, n_keys)?;
     let mut y = vec![0.0; q_pos.len() * heads.q_dim()];
     check("attention queries", q.len(), y.len())?;
     let every_key = 0..n_keys;

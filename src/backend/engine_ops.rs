@@ -23,8 +23,9 @@ use super::decode_attention::decode_attention_runs;
 use super::host_pool::{self, SlotCopy};
 use super::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 use super::linear::{FusedLinear, Linear, LinearMode};
-use super::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, WeightUse, WeightValues};
-use super::rowwise::{rms_norm, rotate_head, silu_mul_joined, RopeLayout};
+use super::ops::{Heads, KvPool, MlpScratch, MlpWeights, Ops, RowSlice, ScoreMode, UnitBlocks};
+use super::ops::{WeightUse, WeightValues};
+use super::rowwise::{rms_norm, rotate_head, row_chunks, silu_mul_joined, RopeLayout, MLP_ROWS};
 use super::with_f32;
 use crate::{Error, Result};
 
@@ -110,6 +111,19 @@ fn slice_rows(x: &[f32], at: RowSlice, width: usize) -> Result<Vec<f32>> {
         out.extend_from_slice(&x[at.offset + r * at.stride..][..width]);
     }
     Ok(out)
+}
+
+/// x (rows, cols) through a linear layer: (rows, out).
+fn linear_rows(w: &EngineWeight, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    Ok(match w {
+        EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => l.forward_vec(x, cols)?,
+        EngineWeight::Fused(f) => f.forward_slice(x, cols)?,
+        _ => {
+            return Err(Error::Engine(
+                "engine ops: matmul by a vector or table".into(),
+            ))
+        }
+    })
 }
 
 /// Copy a (rows, n) result into out.
@@ -302,22 +316,16 @@ impl Ops for EngineOps {
         n: usize,
     ) -> Result<()> {
         check("matmul x", x.len(), rows * k)?;
-        check("matmul out", out.len(), rows * n)?;
-        let x = &x[..rows * k];
-        match w {
-            EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => {
-                write(out, &l.forward_slice(x, k)?)
-            }
-            EngineWeight::Fused(f) => {
-                let y = f.forward(&Tensor::from_slice(x, (rows, k), &Device::Cpu)?)?;
-                check("matmul out", y.len(), rows * n)?;
-                out[..rows * n].copy_from_slice(&y[..rows * n]);
-                Ok(())
-            }
-            _ => Err(Error::Engine(
-                "engine ops: matmul by a vector or table".into(),
-            )),
+        // the layer's output becomes `out` (a buffer of rows * n, not copied into a larger one)
+        let y = linear_rows(w, &x[..rows * k], k)?;
+        if y.len() != rows * n {
+            return Err(Error::Engine(format!(
+                "engine ops: a matmul gave {} values for ({rows}, {n})",
+                y.len()
+            )));
         }
+        *out = y;
+        Ok(())
     }
 
     fn matmul_f32(
@@ -481,6 +489,41 @@ impl Ops for EngineOps {
     fn residual_add(&self, h: &mut Vec<f32>, a: &Vec<f32>) -> Result<()> {
         check("residual_add a", a.len(), h.len())?;
         h.iter_mut().zip(a.iter()).for_each(|(h, a)| *h += a);
+        Ok(())
+    }
+
+    /// The engine's MLP: a chunk of [`MLP_ROWS`] rows at a time through RMSNorm, gate|up, the
+    /// SiLU gate, down and the residual (as src/model/llama.rs runs it: a (512, intermediate)
+    /// block of a 1B model is 16 MB, where all of a long prefill's rows would be gigabytes).
+    fn mlp(
+        &self,
+        h: &mut Vec<f32>,
+        w: MlpWeights<'_, Self>,
+        _scratch: &mut MlpScratch<Self>,
+        rows: usize,
+        hidden: usize,
+        intermediate: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let EngineWeight::Vector(norm) = w.norm else {
+            return Err(Error::Engine(
+                "engine ops: an MLP norm that is a matrix".into(),
+            ));
+        };
+        check("mlp h", h.len(), rows * hidden)?;
+        check("mlp norm", norm.len(), hidden)?;
+        for r in row_chunks(rows, MLP_ROWS) {
+            let chunk = &mut h[r.start * hidden..r.end * hidden];
+            let mut x = vec![0.0f32; chunk.len()];
+            rms_norm(chunk, &norm[..hidden], eps, &mut x);
+            let gate_up = linear_rows(w.gate_up, &x, hidden)?;
+            check("mlp gate_up", gate_up.len(), r.len() * 2 * intermediate)?;
+            let mut act = vec![0.0f32; r.len() * intermediate];
+            silu_mul_joined(&gate_up, intermediate, &mut act);
+            let term = linear_rows(w.down, &act, intermediate)?;
+            check("mlp down", term.len(), chunk.len())?;
+            chunk.iter_mut().zip(&term).for_each(|(a, b)| *a += b);
+        }
         Ok(())
     }
 

@@ -118,6 +118,14 @@ impl Linear {
         }
     }
 
+    /// `forward_slice` into a plain (rows, out) buffer (the packed blocks' output as it is).
+    pub fn forward_vec(&self, x: &[f32], cols: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Self::Packed(q) => Ok(packed_slice(q, x, x.len() / cols)),
+            _ => self.forward_slice(x, cols)?.flatten_all()?.to_vec1::<f32>(),
+        }
+    }
+
     /// Rows `ids` of the weight matrix as (ids, in) f32, when the layer holds only packed blocks
     /// (a tied head doubling as the token embedding); None for the other forms.
     pub fn weight_rows(&self, ids: &[u32]) -> Option<Tensor> {
@@ -252,6 +260,16 @@ impl FusedLinear {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok(join_columns(&parts, &self.widths, rows))
             }
+        }
+    }
+
+    /// `forward` of rows given as a slice, (rows, cols) row-major: the stacked blocks read it
+    /// where it lies.
+    pub fn forward_slice(&self, x: &[f32], cols: usize) -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / cols;
+        match &self.packed {
+            Some(q) if rows == 1 || self.parts.is_empty() => Ok(packed_slice(q, x, rows)),
+            _ => self.forward(&Tensor::from_slice(x, (rows, cols), &Device::Cpu)?),
         }
     }
 

@@ -179,6 +179,26 @@ impl<O: Ops + ?Sized> KvPool<O> {
     }
 }
 
+/// The weights of a layer's MLP block ([`Ops::mlp`]).
+pub struct MlpWeights<'a, O: Ops + ?Sized> {
+    /// (hidden)
+    pub norm: &'a O::Weight,
+    /// (2 * intermediate, hidden): gate, up
+    pub gate_up: &'a O::Weight,
+    /// (hidden, intermediate)
+    pub down: &'a O::Weight,
+}
+
+/// Buffers [`Ops::mlp`] may work in, each for every row: the normed input (rows, hidden), gate
+/// and up (rows, 2 * intermediate), their product (rows, intermediate), the block's output
+/// (rows, hidden).
+pub struct MlpScratch<O: Ops + ?Sized> {
+    pub x: O::Act,
+    pub gate_up: O::Act,
+    pub act: O::Act,
+    pub out: O::Act,
+}
+
 /// Every slot of `slots` is below `pool_slots`: else an error naming `op`.
 pub fn check_slots(op: &str, pool_slots: usize, slots: impl Iterator<Item = u32>) -> Result<()> {
     for s in slots {
@@ -244,7 +264,9 @@ pub trait Ops: 'static {
     /// Uniform values in [-scale, scale) from (seed, index): synthetic weights.
     fn fill_uniform(&self, out: &mut Self::Bf16, seed: u64, scale: f32) -> Result<()>;
 
-    /// out (rows, n) = x (rows, k) . w^T, w: (n, k); f32 accumulation.
+    /// out (rows, n) = x (rows, k) . w^T, w: (n, k); f32 accumulation. A backend may replace
+    /// `out` by a buffer of exactly (rows, n) rather than write into it (the CPU engine's hands
+    /// its GEMM's output over instead of copying it).
     fn matmul(
         &self,
         x: &Self::Act,
@@ -342,6 +364,29 @@ pub trait Ops: 'static {
 
     /// h (n) f32 += a (n).
     fn residual_add(&self, h: &mut Self::F32, a: &Self::Act) -> Result<()>;
+
+    /// h (rows, hidden) += down(silu(gate) * up) of RMSNorm(h) * norm: the SwiGLU block, in
+    /// `scratch`. This composes the ops above over every row at once; a backend may run it a
+    /// chunk of rows at a time (the CPU engine's does, as its own forward does, to keep a long
+    /// prefill's (rows, intermediate) buffers small).
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &self,
+        h: &mut Self::F32,
+        w: MlpWeights<'_, Self>,
+        scratch: &mut MlpScratch<Self>,
+        rows: usize,
+        hidden: usize,
+        intermediate: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (inter, sc) = (intermediate, scratch);
+        self.rmsnorm(h, w.norm, &mut sc.x, rows, eps)?;
+        self.matmul(&sc.x, w.gate_up, &mut sc.gate_up, rows, hidden, 2 * inter)?;
+        self.silu_mul(&sc.gate_up, &mut sc.act, rows, inter)?;
+        self.matmul(&sc.act, w.down, &mut sc.out, rows, inter, hidden)?;
+        self.residual_add(h, &sc.out)
+    }
 
     /// out (n, width) f32 = table (vocab, width) rows `tokens` (n).
     fn embed(

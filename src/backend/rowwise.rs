@@ -2,6 +2,8 @@
 //! explicit position ids, and the SiLU gate. Rows are independent, so large inputs are split
 //! across the thread pool in contiguous row ranges.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::simd;
@@ -19,6 +21,24 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
                 simd::rms_norm_row(x, weight, eps, o);
             }
         });
+}
+
+/// Rows per MLP chunk in prefill: (512, 8192) f32 gate/up/product blocks of a 1B model are
+/// 16 MB each, and the GEMMs stay large enough to run at full speed.
+pub const MLP_ROWS: usize = 512;
+
+/// 0..rows in consecutive ranges of at most `max` (>= 2) rows, and no range of one row unless
+/// rows == 1: a one-row input takes the decode GEMV, whose arithmetic is not the GEMM's, so a
+/// row's result does not depend on how the rows were cut.
+pub fn row_chunks(rows: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
+    debug_assert!(max >= 2);
+    let mut starts: Vec<usize> = (0..rows).step_by(max).collect();
+    if rows > 1 && rows % max == 1 {
+        // the last range would hold one row: it takes the previous range's last row too
+        *starts.last_mut().expect("rows > 1") -= 1;
+    }
+    let ends: Vec<usize> = starts.iter().skip(1).copied().chain([rows]).collect();
+    starts.into_iter().zip(ends).map(|(a, b)| a..b)
 }
 
 /// out = silu(gate) * up, with gate and up side by side in each row of `gate_up` (the output

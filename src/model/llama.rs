@@ -11,7 +11,6 @@
 //! RMSNorm of q and k before RoPE (Qwen3), the RoPE layout (normal or NEOX), and a head width
 //! that need not be hidden / heads (Qwen3: the attention output is n_heads * head_dim wide).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -19,7 +18,8 @@ use candle_core::{Device, Tensor};
 
 use crate::backend::attention::AttnShape;
 use crate::backend::linear::{FusedLinear, Linear, LinearMode};
-use crate::backend::rowwise::{rms_norm, silu_mul_joined, Rope, RopeLayout, RopeParams};
+use crate::backend::rowwise::{rms_norm, row_chunks, silu_mul_joined, MLP_ROWS};
+use crate::backend::rowwise::{Rope, RopeLayout, RopeParams};
 use crate::backend::{tensor2, with_f32};
 use crate::kv::policy::{Dense, LayerPolicy, Revived, RowChange};
 use crate::kv::KvCache;
@@ -230,24 +230,6 @@ fn append_columns<const N: usize>(joined: &[f32], widths: &[usize], parts: &mut 
 /// Rows per chunk of a long prefill's q/k/v and output projections: the chunk's normed input
 /// and joined q/k/v are small next to the full q, k and v they fill.
 const CHUNK_ROWS: usize = 1024;
-
-/// Rows per MLP chunk in prefill: (512, 8192) f32 gate/up/product blocks of a 1B model are
-/// 16 MB each, and the GEMMs stay large enough to run at full speed.
-const MLP_ROWS: usize = 512;
-
-/// 0..rows in consecutive ranges of at most `max` (>= 2) rows, and no range of one row unless
-/// rows == 1: a one-row input takes the decode GEMV, whose arithmetic is not the GEMM's, so a
-/// row's result does not depend on how the rows were cut.
-fn row_chunks(rows: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
-    debug_assert!(max >= 2);
-    let mut starts: Vec<usize> = (0..rows).step_by(max).collect();
-    if rows > 1 && rows % max == 1 {
-        // the last range would hold one row: it takes the previous range's last row too
-        *starts.last_mut().expect("rows > 1") -= 1;
-    }
-    let ends: Vec<usize> = starts.iter().skip(1).copied().chain([rows]).collect();
-    starts.into_iter().zip(ends).map(|(a, b)| a..b)
-}
 
 /// h += f(rows of h) for h (rows, hidden), in chunks of at most `max` rows: `f` gets a chunk's
 /// rows, (len, hidden) row-major, and gives their (len, hidden) term.

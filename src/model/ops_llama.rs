@@ -16,7 +16,7 @@
 use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 
-use crate::backend::ops::{Ops, RowSlice, KV_BLOCK};
+use crate::backend::ops::{MlpScratch, MlpWeights, Ops, RowSlice, KV_BLOCK};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::row_blocks_of;
 use crate::backend::score::HeadShape;
@@ -51,25 +51,25 @@ pub struct PrefillReport {
     pub kept_blocks: Vec<Vec<u32>>,
 }
 
-/// Scratch buffers of one forward, sized for its widest layer.
+/// Scratch buffers of one forward, sized for its widest layer: the attention's (the normed
+/// input and the output projection are the MLP's `x` and `out`) and the MLP's.
 struct Scratch<O: Ops> {
-    x: O::Act,
     qkv: O::Act,
     attn: O::Act,
-    proj: O::Act,
-    gate_up: O::Act,
-    act: O::Act,
+    mlp: MlpScratch<O>,
 }
 
 impl<O: Ops> Scratch<O> {
     fn new(ops: &O, s: &LlamaShape, rows: usize) -> Result<Self> {
         Ok(Self {
-            x: ops.zeros_act(rows * s.hidden)?,
             qkv: ops.zeros_act(rows * s.qkv_dim())?,
             attn: ops.zeros_act(rows * s.heads.q_dim())?,
-            proj: ops.zeros_act(rows * s.hidden)?,
-            gate_up: ops.zeros_act(rows * 2 * s.intermediate)?,
-            act: ops.zeros_act(rows * s.intermediate)?,
+            mlp: MlpScratch {
+                x: ops.zeros_act(rows * s.hidden)?,
+                gate_up: ops.zeros_act(rows * 2 * s.intermediate)?,
+                act: ops.zeros_act(rows * s.intermediate)?,
+                out: ops.zeros_act(rows * s.hidden)?,
+            },
         })
     }
 }
@@ -447,8 +447,8 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             stride: qkv_dim,
             offset,
         };
-        ops.rmsnorm(h, &w.attn_norm, &mut sc.x, n, s.rms_eps)?;
-        ops.matmul(&sc.x, &w.wqkv, &mut sc.qkv, n, s.hidden, qkv_dim)?;
+        ops.rmsnorm(h, &w.attn_norm, &mut sc.mlp.x, n, s.rms_eps)?;
+        ops.matmul(&sc.mlp.x, &w.wqkv, &mut sc.qkv, n, s.hidden, qkv_dim)?;
         if let Some(b) = &w.bqkv {
             ops.add_bias(&mut sc.qkv, b, n, qkv_dim)?;
         }
@@ -538,15 +538,16 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             Some((qd, qd + kvd)),
         )?;
         self.probe.mark(ops, "attention")?;
-        ops.matmul(&sc.attn, &w.wo, &mut sc.proj, n, qd, s.hidden)?;
-        ops.residual_add(h, &sc.proj)?;
+        ops.matmul(&sc.attn, &w.wo, &mut sc.mlp.out, n, qd, s.hidden)?;
+        ops.residual_add(h, &sc.mlp.out)?;
         self.probe.mark(ops, "o + residual")?;
-        ops.rmsnorm(h, &w.mlp_norm, &mut sc.x, n, s.rms_eps)?;
-        let inter = s.intermediate;
-        ops.matmul(&sc.x, &w.w_gate_up, &mut sc.gate_up, n, s.hidden, 2 * inter)?;
-        ops.silu_mul(&sc.gate_up, &mut sc.act, n, inter)?;
-        ops.matmul(&sc.act, &w.w_down, &mut sc.proj, n, inter, s.hidden)?;
-        ops.residual_add(h, &sc.proj)?;
+        let mlp = MlpWeights {
+            norm: &w.mlp_norm,
+            gate_up: &w.w_gate_up,
+            down: &w.w_down,
+        };
+        let (hidden, inter) = (s.hidden, s.intermediate);
+        ops.mlp(h, mlp, &mut sc.mlp, n, hidden, inter, s.rms_eps)?;
         self.probe.mark(ops, "mlp")?;
         Ok(q)
     }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use slimchat::backend::attention_kind::AttentionKind;
@@ -14,10 +15,13 @@ use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::linear::LinearMode;
 use slimchat::backend::ops::Ops;
 use slimchat::bench::LONG_TEXT;
-use slimchat::engine::{Engine, EngineOptions};
+use slimchat::device_forward::load_engine_ops;
+use slimchat::engine::{Engine, EngineOptions, GenerateRequest};
 use slimchat::eval::logits::compare;
 use slimchat::model::gguf::GgufFile;
 use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
+use slimchat::model::template::Message;
+use slimchat::sampling::SamplingConfig;
 
 const TOKENS: usize = 256;
 
@@ -164,5 +168,68 @@ fn pruned_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
             common::max_abs_diff(&got, &want)
         );
         next = common::argmax(&want) as u32;
+    }
+}
+
+/// A question about `doc` after the turns so far.
+fn turn(history: &[Message], question: &str, max_tokens: usize) -> GenerateRequest {
+    let mut messages = history.to_vec();
+    messages.push(Message::user(question));
+    GenerateRequest {
+        messages,
+        max_tokens,
+        sampling: SamplingConfig::default(),
+    }
+}
+
+#[test]
+fn the_chat_engine_answers_through_the_one_forward_as_through_its_own() {
+    let path = common::default_model();
+    // about 3,600 prompt tokens: every stage of the default schedule prunes
+    let doc: String = LONG_TEXT.chars().take(15_000).collect();
+    let ops = EngineOps::PRODUCT;
+    let opts = EngineOptions {
+        linear: ops.mode,
+        kv_dtype: ops.kv,
+        attention: ops.attention,
+        ..Default::default()
+    };
+    let mut own = Engine::load(&path, &opts).unwrap();
+    let mut one = Engine::load(&path, &opts).unwrap();
+    one.use_device(load_engine_ops(&path, own.context_length(), ops).unwrap());
+    // every row of every layer in the pools (the ops forward's host tier keeps a tiered layer's
+    // rows elsewhere, so a follow-up attends to a subset of the layer's rows in another order
+    // than the engine's 8-bit kernel groups them)
+    one.set_kv_resident(true).unwrap();
+    assert!(one
+        .device()
+        .is_some_and(|d| d.contains("engine's numerics")));
+    let cancel = AtomicBool::new(false);
+    let mut history = vec![Message::user(format!("{doc}\n\nWhat is this text about?"))];
+    for (i, question) in ["", "Which keywords does it name? List three."]
+        .iter()
+        .enumerate()
+    {
+        if i > 0 {
+            history = turn(&history, question, 0).messages;
+        }
+        let req = GenerateRequest {
+            messages: history.clone(),
+            max_tokens: 24,
+            sampling: SamplingConfig::default(),
+        };
+        let want = own.generate(&req, &cancel, &mut |_| {}).unwrap();
+        let got = one.generate(&req, &cancel, &mut |_| {}).unwrap();
+        eprintln!("turn {i}: {:?} / {:?}", want.text, got.text);
+        eprintln!(
+            "turn {i}: TTFT {:.0} ms (own forward) / {:.0} ms (one forward), {:?} / {:?}",
+            want.ttft_ms, got.ttft_ms, want.prefill_kind, got.prefill_kind
+        );
+        assert_eq!(got.text, want.text, "turn {i}");
+        assert_eq!(got.generated_tokens, want.generated_tokens);
+        assert_eq!(got.prefill_kind, want.prefill_kind);
+        assert_eq!(got.kept_per_layer, want.kept_per_layer);
+        assert_eq!(got.slim_stages, want.slim_stages);
+        history.push(Message::assistant(want.text));
     }
 }

@@ -5,7 +5,9 @@
 use std::sync::atomic::Ordering;
 
 use slimchat::backend::cpu_ops::{rope_tables, to_bf16, to_f32, CpuOps};
-use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
+use slimchat::backend::ops::{
+    AttentionContext, Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK,
+};
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
 use slimchat::backend::paged_kv::NoHooks;
 use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
@@ -108,7 +110,17 @@ fn attention_matches_a_naive_softmax_over_visible_keys() {
     };
     let mut out = vec![0u16; nq * heads.q_dim()];
     CpuOps
-        .attention(&q, at, &q_pos, &pool, &table, n, heads, &mut out, None)
+        .attention(
+            &q,
+            at,
+            &q_pos,
+            &pool,
+            &table,
+            n,
+            heads,
+            &mut out,
+            &AttentionContext::NONE,
+        )
         .unwrap();
     let (qf, kf, vf) = (to_f32(&q), to_f32(&k), to_f32(&v));
     let hd = heads.head_dim;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::host_pool::{self, SlotCopy};
 use super::kv_format::KvDtype;
 use super::ops::{bf16_weight, Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks};
-use super::ops::{WeightUse, WeightValues};
+use super::ops::{AttentionContext, WeightUse, WeightValues};
 use super::rowwise::{rms_norm, silu_mul_joined, RopeLayout, RopeParams};
 use crate::{Error, Result};
 
@@ -362,7 +362,7 @@ impl Ops for CpuOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<u16>,
-        _fresh: Option<(usize, usize)>,
+        _ctx: &AttentionContext<'_, Vec<u32>>,
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
         let qf = slice_rows(q, at, heads.q_dim());

@@ -23,7 +23,9 @@ use super::decode_attention::decode_attention_runs;
 use super::host_pool::{self, SlotCopy};
 use super::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 use super::linear::{FusedLinear, Linear, LinearMode};
-use super::ops::{Heads, KvPool, MlpScratch, MlpWeights, Ops, RowSlice, ScoreMode, UnitBlocks};
+use super::ops::{
+    AttentionContext, Heads, KvPool, MlpScratch, MlpWeights, Ops, RowSlice, ScoreMode, UnitBlocks,
+};
 use super::ops::{WeightUse, WeightValues};
 use super::rowwise::{rms_norm, rotate_head, row_chunks, silu_mul_joined, RopeLayout, MLP_ROWS};
 use super::with_f32;
@@ -613,7 +615,7 @@ impl Ops for EngineOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<f32>,
-        fresh: Option<(usize, usize)>,
+        ctx: &AttentionContext<'_, Vec<u32>>,
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
         let q_pos = &q_pos[..at.rows];
@@ -631,15 +633,23 @@ impl Ops for EngineOps {
                 return Ok(());
             }
         }
-        let rows = host_pool::PoolRows::of(pool, table, n_keys)?;
+        // several rows: the 8-bit kernel groups keys by their row in the layer, so a subset is
+        // read as the layer's rows it is, where the layer has them all
+        let every_key = [0..n_keys];
+        let (rows, ranges) = match &ctx.layer {
+            Some(l) => (host_pool::PoolRows::of(pool, l.table, l.rows)?, l.ranges),
+            None => (
+                host_pool::PoolRows::of(pool, table, n_keys)?,
+                &every_key[..],
+            ),
+        };
         let view = rows.view();
-        let every_key = 0..n_keys;
-        let ranges = std::slice::from_ref(&every_key);
+        let n = view.positions.len();
         // a prefill's rows just appended, the layer's last: read as they are, at f16 precision
-        let tail = n_keys
+        let tail = n
             .checked_sub(at.rows)
             .filter(|&old| view.positions[old..] == *q_pos);
-        match (fresh, tail) {
+        match (ctx.fresh, tail) {
             (Some((k_col, v_col)), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
                 let d = pool.kv_dim;
                 let k = slice_rows(

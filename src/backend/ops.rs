@@ -179,6 +179,33 @@ impl<O: Ops + ?Sized> KvPool<O> {
     }
 }
 
+/// What an attention's keys are besides the table it reads them through ([`Ops::attention`]).
+/// The CPU engine's backend computes what the engine computes with them: its 8-bit kernel
+/// groups keys by their row in the layer, and it reads a prefill's own rows unrounded.
+pub struct AttentionContext<'a, U> {
+    /// The columns (from `at.offset`) of the query rows' own keys and values in q's buffer,
+    /// just appended to the pool.
+    pub fresh: Option<(usize, usize)>,
+    /// The keys are rows `ranges` of the layer's `rows` rows, read through its whole `table`
+    /// (a layer whose every row is in its pool, attending to a subset).
+    pub layer: Option<LayerRows<'a, U>>,
+}
+
+/// A layer's rows as [`AttentionContext::layer`] gives them.
+pub struct LayerRows<'a, U> {
+    pub table: &'a U,
+    pub rows: usize,
+    pub ranges: &'a [Range<usize>],
+}
+
+impl<U> AttentionContext<'_, U> {
+    /// Nothing but the table.
+    pub const NONE: Self = Self {
+        fresh: None,
+        layer: None,
+    };
+}
+
 /// The weights of a layer's MLP block ([`Ops::mlp`]).
 pub struct MlpWeights<'a, O: Ops + ?Sized> {
     /// (hidden)
@@ -427,9 +454,7 @@ pub trait Ops: 'static {
 
     /// Causal attention over explicit positions (GQA) of the query rows `at` of q against the
     /// first `n_keys` rows of the pool, read through `table`. out: (at.rows, n_heads * head_dim).
-    /// `fresh`: the columns (from `at.offset`) of these rows' own keys and values in q's buffer,
-    /// just appended: the CPU engine's backend attends to them as they are (rounded to f16
-    /// only) where its pool keeps them in 8 bits; the devices read the pool.
+    /// `ctx`: what the CPU engine's backend reads besides (the devices need neither).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -441,7 +466,7 @@ pub trait Ops: 'static {
         n_keys: usize,
         heads: Heads,
         out: &mut Self::Act,
-        fresh: Option<(usize, usize)>,
+        ctx: &AttentionContext<'_, Self::U32>,
     ) -> Result<()>;
 
     /// The mean key of each unit of `unit_size` consecutive rows (in row order, as

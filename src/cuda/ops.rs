@@ -20,7 +20,7 @@ use candle_core::quantized::GgmlDType;
 
 use crate::backend::cpu_ops::{to_bf16, to_f32};
 use crate::backend::ops::{bf16_weight, Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode};
-use crate::backend::ops::{UnitBlocks, WeightUse, WeightValues, KV_BLOCK};
+use crate::backend::ops::{AttentionContext, UnitBlocks, WeightUse, WeightValues, KV_BLOCK};
 use crate::{Error, Result};
 
 /// The CUDA backend of the ops seam.
@@ -619,7 +619,7 @@ impl Ops for CudaOps {
         n_keys: usize,
         heads: Heads,
         out: &mut CudaSlice<u16>,
-        _fresh: Option<(usize, usize)>,
+        _ctx: &AttentionContext<'_, CudaSlice<u32>>,
     ) -> Result<()> {
         if !heads.head_dim.is_multiple_of(32) || heads.head_dim > 128 || n_keys == 0 {
             return Err(Error::Engine(format!(

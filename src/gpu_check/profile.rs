@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::cpu_ops::to_f32;
-use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
+use crate::backend::ops::{AttentionContext, KvPool, Ops, RowSlice, KV_BLOCK};
 use crate::backend::ops_check::rel_err;
 use crate::backend::paged_kv::NoHooks;
 use crate::cuda::ops::{DecodeKernel, DecodeTuning, OneRowLinear};
@@ -167,14 +167,34 @@ pub fn decode_rates(ops: &CudaOps, keys: usize) -> Result<Vec<DecodeRate>> {
         offset: 0,
     };
     let reference = ops.clone().with_decode_tuning(DecodeTuning::default());
-    reference.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out, None)?;
+    reference.attention(
+        &q,
+        at,
+        &q_pos,
+        &pool,
+        &table,
+        keys,
+        heads,
+        &mut out,
+        &AttentionContext::NONE,
+    )?;
     let want = to_f32(&ops.download_bf16(&out)?);
     let mut rates = Vec::new();
     for tuning in DecodeTuning::sweep() {
         let tuned = ops.clone().with_decode_tuning(tuning);
         ops.fill_uniform(&mut out, 8, 1.0)?;
         let ms = super::rates::time_ms(&tuned, 3, 10, &mut || {
-            tuned.attention(&q, at, &q_pos, &pool, &table, keys, heads, &mut out, None)
+            tuned.attention(
+                &q,
+                at,
+                &q_pos,
+                &pool,
+                &table,
+                keys,
+                heads,
+                &mut out,
+                &AttentionContext::NONE,
+            )
         })?;
         let got = to_f32(&ops.download_bf16(&out)?);
         rates.push(DecodeRate {

@@ -5,7 +5,7 @@
 use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 
-use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
+use crate::backend::ops::{AttentionContext, KvPool, Ops, RowSlice, KV_BLOCK};
 use crate::cuda::ops::PrefillFootprint;
 use crate::cuda::{CudaOps, OrEngine};
 use crate::model::ops_llama::LlamaShape;
@@ -106,7 +106,7 @@ pub fn attention(ops: &CudaOps, tokens: usize) -> Result<AttentionRate> {
             tokens,
             heads,
             &mut out,
-            None,
+            &AttentionContext::NONE,
         )
     })?;
     let flops = shape.attention_flops(&[tokens]);

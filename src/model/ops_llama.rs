@@ -16,7 +16,8 @@
 use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 
-use crate::backend::ops::{MlpScratch, MlpWeights, Ops, RowSlice, KV_BLOCK};
+use crate::backend::ops::KV_BLOCK;
+use crate::backend::ops::{AttentionContext, LayerRows, MlpScratch, MlpWeights, Ops, RowSlice};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::row_blocks_of;
 use crate::backend::score::HeadShape;
@@ -506,9 +507,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             kv.make_resident(ops, &row_blocks_of(ranges))?;
         }
         // a layer with a host tier reads its fast tier through a table of what is resident
-        let subset = match attended {
-            Some(ranges) if kv.host.is_some() || !every_row(&ranges, kv.rows) => {
-                Some(slot_subset(&kv.table, &ranges)?)
+        let subset = match &attended {
+            Some(ranges) if kv.host.is_some() || !every_row(ranges, kv.rows) => {
+                Some(slot_subset(&kv.table, ranges)?)
             }
             None if kv.host.is_some() => {
                 return Err(Error::Engine(
@@ -526,6 +527,19 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             _ => (&kv.table_dev, kv.rows),
         };
         self.probe.mark(ops, "decode set")?;
+        // a subset of a layer whose rows are all in its pool: which rows of the layer they are
+        let layer_rows = match (&subset, &attended) {
+            (Some(_), Some(ranges)) if kv.host.is_none() => Some(LayerRows {
+                table: &kv.table_dev,
+                rows: kv.rows,
+                ranges,
+            }),
+            _ => None,
+        };
+        let ctx = AttentionContext {
+            fresh: Some((qd, qd + kvd)),
+            layer: layer_rows,
+        };
         ops.attention(
             &sc.qkv,
             rows(0),
@@ -535,7 +549,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             n_keys,
             s.heads,
             &mut sc.attn,
-            Some((qd, qd + kvd)),
+            &ctx,
         )?;
         self.probe.mark(ops, "attention")?;
         ops.matmul(&sc.attn, &w.wo, &mut sc.mlp.out, n, qd, s.hidden)?;

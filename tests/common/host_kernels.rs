@@ -303,7 +303,7 @@ impl PagedCase {
                 self.n_keys,
                 self.heads,
                 &mut out,
-                None,
+                &slimchat::backend::ops::AttentionContext::NONE,
             )
             .unwrap();
         to_f32(&out)

@@ -3,7 +3,7 @@
 
 use super::{kept_positions, rel_err, HostPool, OpCheck, Rng, POISON};
 use crate::backend::cpu_ops::to_f32;
-use crate::backend::ops::{DeviceOps, Heads, RowSlice};
+use crate::backend::ops::{AttentionContext, DeviceOps, Heads, RowSlice};
 use crate::Result;
 
 struct AttentionCase<'a> {
@@ -21,7 +21,15 @@ fn attention<O: DeviceOps>(o: &O, c: &AttentionCase) -> Result<Vec<f32>> {
     let (q, q_pos) = (o.upload_bf16(c.q)?, o.upload_u32(c.q_pos)?);
     let table = o.upload_u32(&c.pool.table)?;
     o.attention(
-        &q, c.at, &q_pos, &pool, &table, c.n_keys, c.heads, &mut y, None,
+        &q,
+        c.at,
+        &q_pos,
+        &pool,
+        &table,
+        c.n_keys,
+        c.heads,
+        &mut y,
+        &AttentionContext::NONE,
     )?;
     Ok(to_f32(&o.download_bf16(&y)?))
 }

@@ -635,12 +635,12 @@ impl Ops for EngineOps {
         }
         // several rows: the 8-bit kernel groups keys by their row in the layer, so a subset is
         // read as the layer's rows it is, where the layer has them all
-        let every_key = [0..n_keys];
+        let every_key = 0..n_keys;
         let (rows, ranges) = match &ctx.layer {
             Some(l) => (host_pool::PoolRows::of(pool, l.table, l.rows)?, l.ranges),
             None => (
                 host_pool::PoolRows::of(pool, table, n_keys)?,
-                &every_key[..],
+                std::slice::from_ref(&every_key),
             ),
         };
         let view = rows.view();

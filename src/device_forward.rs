@@ -345,10 +345,17 @@ where
     }
 }
 
-/// The forward for `device`: None for the CPU (the engine's own), a GPU's for CUDA.
-pub fn load(device: Device, path: &Path, context: usize) -> Result<Option<Box<dyn DeviceForward>>> {
+/// The forward for `device`: None for the CPU (the engine's own), the ops forward on the
+/// engine's numerics `cpu` for the CPU through the seam, a GPU's for CUDA.
+pub fn load(
+    device: Device,
+    path: &Path,
+    context: usize,
+    cpu: EngineOps,
+) -> Result<Option<Box<dyn DeviceForward>>> {
     match device {
         Device::Cpu => Ok(None),
+        Device::CpuSeam => load_engine_ops(path, context, cpu).map(Some),
         #[cfg(feature = "cuda")]
         Device::Cuda => load_cuda(path, context).map(Some),
         #[cfg(not(feature = "cuda"))]

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::attention::AttentionKind;
+use crate::backend::engine_ops::EngineOps;
 use crate::backend::linear::LinearMode;
 use crate::backend::score::HeadShape;
 use crate::config::AppConfig;
@@ -220,7 +221,8 @@ impl Engine {
         let path = ModelSource::parse(&cfg.model.source)?.resolve(on_progress)?;
         let mut engine = Self::load(&path, &EngineOptions::from_config(cfg))?;
         let (device, _) = crate::device::resolve(cfg.model.device);
-        match crate::device_forward::load(device, &path, engine.context) {
+        let cpu = EngineOps::new(cfg.model.linear, engine.kv_dtype(), engine.attention());
+        match crate::device_forward::load(device, &path, engine.context, cpu) {
             Ok(Some(forward)) => engine.use_device(forward),
             Ok(None) => {}
             Err(e) => eprintln!("slimchat: the GPU forward did not load ({e}); running on the CPU"),

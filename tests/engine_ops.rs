@@ -15,6 +15,7 @@ use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::linear::LinearMode;
 use slimchat::backend::ops::Ops;
 use slimchat::bench::LONG_TEXT;
+use slimchat::config::AppConfig;
 use slimchat::device_forward::load_engine_ops;
 use slimchat::engine::{Engine, EngineOptions, GenerateRequest};
 use slimchat::eval::logits::compare;
@@ -232,4 +233,27 @@ fn the_chat_engine_answers_through_the_one_forward_as_through_its_own() {
         assert_eq!(got.slim_stages, want.slim_stages);
         history.push(Message::assistant(want.text));
     }
+}
+
+#[test]
+fn device_cpu_seam_puts_the_chat_engine_on_the_one_forward() {
+    let path = common::default_model();
+    let toml = format!(
+        "[model]\nsource = {:?}\ndevice = \"cpu-seam\"\ncontext = 4096\n",
+        path.display().to_string()
+    );
+    let cfg = AppConfig::parse(&toml, "test").unwrap();
+    let mut engine = Engine::load_configured(&cfg, &mut |_| {}).unwrap();
+    let device = engine.device().expect("the ops forward");
+    assert!(device.contains("engine's numerics"), "{device}");
+    assert!(
+        device.contains("Q8 KV") && device.contains("Int8 attention"),
+        "{device}"
+    );
+    let req = turn(&[], "Say hello.", 4);
+    let answer = engine
+        .generate(&req, &AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    assert!(answer.generated_tokens > 0);
+    assert!(AppConfig::parse("[model]\ndevice = \"cpu-seem\"\n", "test").is_err());
 }

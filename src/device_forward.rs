@@ -70,6 +70,10 @@ pub trait DeviceForward: Send {
     /// the cached ones; the logits of the last.
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
 
+    /// Teacher forcing: `tokens` at positions 0.. with nothing pruned, and the logits of rows
+    /// `from..`, (rows - from, vocab); the cache is left empty (perplexity, agreement).
+    fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>>;
+
     /// Tokens the context still has room for after the cached ones (0 with no cache).
     fn room(&self) -> usize;
 
@@ -273,6 +277,11 @@ where
             self.step_bytes.push(step.bytes_copied());
         }
         Ok(logits)
+    }
+
+    fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        self.reset();
+        self.model.logits_from(tokens, from)
     }
 
     fn room(&self) -> usize {

@@ -933,6 +933,9 @@ impl Engine {
             )));
         }
         self.reset();
+        if let Some(device) = &mut self.device {
+            return device.logits_from(tokens, from);
+        }
         // no pruning: every layer keeps its whole cache in the fast tier
         let plan = vec![
             LayerPlan {

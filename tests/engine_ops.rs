@@ -256,4 +256,12 @@ fn device_cpu_seam_puts_the_chat_engine_on_the_one_forward() {
         .unwrap();
     assert!(answer.generated_tokens > 0);
     assert!(AppConfig::parse("[model]\ndevice = \"cpu-seem\"\n", "test").is_err());
+    // teacher forcing (perplexity) through the one forward: the engine's own logits
+    let mut own = Engine::load(&path, &EngineOptions::from_config(&cfg)).unwrap();
+    assert!(own.device().is_none());
+    let tokens = own.encode_plain(LONG_TEXT).unwrap()[..300].to_vec();
+    let want = own.logits_from(&tokens, 120).unwrap();
+    let got = engine.logits_from(&tokens, 120).unwrap();
+    assert_eq!(got.len(), 180 * 49_152);
+    assert!(got == want, "{:?}", common::max_abs_diff(&got, &want));
 }

@@ -123,10 +123,30 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     /// Teacher forcing: the logits of every position of `tokens` (a dense prefill at positions
     /// 0..), (tokens, vocab) row-major.
     pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.logits_from(tokens, 0)
+    }
+
+    /// Teacher forcing: the logits of positions `from..` of `tokens` (a dense prefill at
+    /// positions 0..), (tokens - from, vocab) row-major; the head takes those rows as one batch.
+    pub fn logits_from(&self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        if from >= tokens.len() {
+            return Err(Error::Engine(format!(
+                "logits_from: row {from} of {} tokens",
+                tokens.len()
+            )));
+        }
         let mut no_hooks = crate::backend::paged_kv::NoHooks;
         let (_, h, rows, _) =
             self.run_prompt(tokens, None, 0, KvPlacement::Resident, &mut no_hooks)?;
-        self.logits(&h, rows, false)
+        if from == 0 {
+            return self.logits(&h, rows, false);
+        }
+        let (ops, hidden, n) = (self.ops, self.shape.hidden, rows - from);
+        let idx = ops.upload_u32(&(from as u32..rows as u32).collect::<Vec<_>>())?;
+        let pos = ops.upload_u32(&vec![0; rows])?;
+        let (mut tail, mut tail_pos) = (ops.zeros_f32(n * hidden)?, ops.zeros_u32_like(n)?);
+        ops.gather_rows(&h, &pos, &idx, &mut tail, &mut tail_pos, hidden)?;
+        self.logits(&tail, n, false)
     }
 
     /// Prefill `tokens` at positions 0.., pruned by `slim` (None: dense), leaving room for

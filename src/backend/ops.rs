@@ -1,15 +1,16 @@
 //! The ops seam: the few operations a LLaMA forward with SlimInfer pruning is written against,
-//! over buffers that live wherever the backend keeps them. [`super::cpu_ops::CpuOps`] runs them
-//! on the CPU with the crate's existing kernels (and is the reference of every CUDA kernel);
-//! `crate::cuda::CudaOps` runs them on an NVIDIA GPU.
+//! over buffers that live wherever the backend keeps them. [`super::engine_ops::EngineOps`] runs
+//! them with the CPU engine's numerics (its logits, bit for bit); [`super::cpu_ops::CpuOps`] on
+//! the CPU in bf16 (the reference of every CUDA kernel); `crate::cuda::CudaOps` on an NVIDIA GPU.
 //!
 //! Conventions: the residual stream is f32, row-major everywhere. Activations ([`Ops::Act`]) and
 //! prepared weights ([`Ops::Weight`]) are the backend's own: bf16 (raw bits in `u16` on the
 //! host) on the devices ([`DeviceOps`]), f32 activations and the file's blocks for int8 GEMMs on
-//! the CPU engine's backend ([`super::engine_ops::EngineOps`]). A linear layer's weight is (out, in), as in GGUF and
-//! PyTorch. The KV cache is paged: one [`KvPool`] per layer, slots of [`KV_BLOCK`] rows, and a
-//! per-layer slot table that lists the slots in row order (all full but the last); the kernels
-//! read rows through it, so attention over SlimInfer's active blocks is attention over a table.
+//! the CPU engine's backend ([`super::engine_ops::EngineOps`]). A linear layer's weight is (out,
+//! in), as in GGUF and PyTorch. The KV cache is paged: one [`KvPool`] per layer, slots of
+//! [`KV_BLOCK`] rows, and a per-layer slot table that lists the slots in row order (all full but
+//! the last); the kernels read rows through it, so attention over SlimInfer's active blocks is
+//! attention over a table.
 
 use std::ops::Range;
 

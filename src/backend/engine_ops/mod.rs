@@ -1,28 +1,26 @@
 //! [`Ops`] with the CPU engine's numerics: f32 activations; linear layers over the file's GGUF
-//! blocks ([`Linear`], [`FusedLinear`]: in the default int8 mode the integer GEMM for many rows
+//! blocks (`Linear`, `FusedLinear`: in the default int8 mode the integer GEMM for many rows
 //! and the GEMV for one, activations rounded to 8 bits per 32 values); RMSNorm, RoPE, the SiLU
 //! gate and the residual in f32 with the kernels of [`super::rowwise`]. These are the
 //! operations src/model/llama.rs runs, one for one, so that the ops forward computes what the
-//! CPU product computes (`tests/engine_ops.rs` holds them to it).
+//! CPU product computes (`tests/engine_ops.rs` holds them to it). Its weights: `weights.rs`.
 //!
 //! The KV too: pages in host memory ([`super::host_pool`]) of the engine's element type (Q8
 //! with its per-channel key scale fixed by a layer's first append, f16 or bf16), attended by its
 //! kernel (8-bit or f32) as the engine attends: a prefill's own rows as they are (f16) where the
-//! pool holds them in 8 bits, the queries scaled by the key scale otherwise.
+//! pool holds them in 8 bits, the queries scaled by the key scale otherwise (`kv.rs`).
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::attention_kind::{attention_in_place_with, AttentionKind};
-use super::cpu_ops::{to_bf16, uniform, CpuOps};
-use super::decode_attention::decode_attention_runs;
+use super::attention_kind::AttentionKind;
+use super::cpu_ops::CpuOps;
 use super::host_pool::{self, SlotCopy};
-use super::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
-use super::linear::{FusedLinear, Linear, LinearMode};
+use super::kv_format::KvDtype;
+use super::linear::LinearMode;
 use super::ops::{
     AttentionContext, Heads, KvPool, MlpScratch, MlpWeights, Ops, RowSlice, ScoreMode, UnitBlocks,
 };
@@ -30,6 +28,11 @@ use super::ops::{WeightUse, WeightValues};
 use super::rowwise::{rms_norm, rotate_head, row_chunks, silu_mul_joined, RopeLayout, MLP_ROWS};
 use super::with_f32;
 use crate::{Error, Result};
+
+mod kv;
+mod weights;
+use weights::linear_rows;
+pub use weights::EngineWeight;
 
 /// The CPU engine's backend of the ops seam: the engine's `[model] linear`, `kv_dtype` and
 /// `attention`.
@@ -59,44 +62,13 @@ impl EngineOps {
     }
 }
 
-/// A weight as the engine keeps it.
-pub enum EngineWeight {
-    /// A norm's weight or a bias, f32.
-    Vector(Vec<f32>),
-    /// One linear layer's matrix.
-    Linear(Linear),
-    /// Several layers over one input (q|k|v, gate|up), their outputs side by side in each row.
-    Fused(FusedLinear),
-    /// The token embedding's blocks: rows are dequantized when looked up.
-    Table(Arc<QTensor>),
-    /// The output head; when the embedding is tied to it, its rows come from the head's own
-    /// blocks, or from `table` when the head's form cannot give them (one copy, not two, where
-    /// it can).
-    Head {
-        linear: Linear,
-        table: Option<Arc<QTensor>>,
-    },
-}
-
-fn check(what: &str, len: usize, want: usize) -> Result<()> {
+pub(super) fn check(what: &str, len: usize, want: usize) -> Result<()> {
     if len < want {
         return Err(Error::Engine(format!(
             "engine ops: {what} has {len} elements, needs {want}"
         )));
     }
     Ok(())
-}
-
-/// `n` values uniform in [-scale, scale), rounded to bf16 as the devices' `fill_uniform` draws
-/// them, so that a random model is the same model on every backend (up to the int8 blocks).
-fn uniform_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let x = (2.0 * uniform(seed, i as u64) - 1.0) * scale;
-            f32::from_bits((to_bf16(&[x])[0] as u32) << 16)
-        })
-        .collect()
 }
 
 /// Elements `at.offset .. at.offset + width` of each of `at.rows` rows: (rows, width).
@@ -115,19 +87,6 @@ fn slice_rows(x: &[f32], at: RowSlice, width: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// x (rows, cols) through a linear layer: (rows, out).
-fn linear_rows(w: &EngineWeight, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-    Ok(match w {
-        EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => l.forward_vec(x, cols)?,
-        EngineWeight::Fused(f) => f.forward_slice(x, cols)?,
-        _ => {
-            return Err(Error::Engine(
-                "engine ops: matmul by a vector or table".into(),
-            ))
-        }
-    })
-}
-
 /// Copy a (rows, n) result into out.
 fn write(out: &mut [f32], y: &Tensor) -> Result<()> {
     with_f32(&y.contiguous()?, |y| {
@@ -135,78 +94,6 @@ fn write(out: &mut [f32], y: &Tensor) -> Result<()> {
         out[..y.len()].copy_from_slice(y);
         Ok(())
     })?
-}
-
-impl EngineOps {
-    /// A weight's f32 values (a vector's).
-    fn values(values: WeightValues, n: usize) -> Result<Vec<f32>> {
-        let v = match values {
-            WeightValues::Gguf(parts) => {
-                let mut v = Vec::with_capacity(n);
-                for (t, len) in parts {
-                    match t {
-                        Some(t) => v.extend(
-                            t.dequantize(&Device::Cpu)?
-                                .flatten_all()?
-                                .to_vec1::<f32>()?,
-                        ),
-                        None => v.resize(v.len() + len, 0.0),
-                    }
-                }
-                v
-            }
-            WeightValues::Uniform { seed, scale } => uniform_values(n, seed, scale),
-            WeightValues::Ones => vec![1.0; n],
-        };
-        if v.len() != n {
-            return Err(Error::ModelLoad(format!(
-                "a weight of {} values where the model's dimensions need {n}",
-                v.len()
-            )));
-        }
-        Ok(v)
-    }
-
-    /// A matrix's blocks, one tensor per part: the file's, or random values rounded to Q8_0.
-    fn blocks(values: WeightValues, rows: usize, cols: usize) -> Result<Vec<Arc<QTensor>>> {
-        match values {
-            WeightValues::Gguf(parts) => (parts.into_iter())
-                .map(|(t, _)| {
-                    let t = t.ok_or_else(|| {
-                        Error::ModelLoad("a matrix with a part the file lacks".into())
-                    })?;
-                    match t.shape().dims() {
-                        [_, c] if *c == cols => Ok(Arc::new(t)),
-                        dims => Err(Error::ModelLoad(format!(
-                            "a matrix part of shape {dims:?}, expected (_, {cols})"
-                        ))),
-                    }
-                })
-                .collect(),
-            WeightValues::Uniform { seed, scale } => {
-                let v = uniform_values(rows * cols, seed, scale);
-                let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
-                Ok(vec![Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)])
-            }
-            WeightValues::Ones => Err(Error::Engine("engine ops: a matrix of ones".into())),
-        }
-    }
-
-    /// The head (or a tied embedding's) layer: x (rows, k) -> (rows, n) f32 into out.
-    fn head_forward(
-        &self,
-        l: &Linear,
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        exact: bool,
-    ) -> Result<Tensor> {
-        let t = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
-        Ok(match exact {
-            true => l.forward_f32(&t)?,
-            false => l.forward(&t)?,
-        })
-    }
 }
 
 impl Ops for EngineOps {
@@ -276,32 +163,7 @@ impl Ops for EngineOps {
         rows: usize,
         cols: usize,
     ) -> Result<EngineWeight> {
-        if use_ == WeightUse::Vector {
-            return Ok(EngineWeight::Vector(Self::values(values, rows * cols)?));
-        }
-        let mut parts = Self::blocks(values, rows, cols)?;
-        let one = |parts: &mut Vec<Arc<QTensor>>| match parts.len() {
-            1 => Ok(parts.remove(0)),
-            n => Err(Error::ModelLoad(format!("a {use_:?} weight in {n} parts"))),
-        };
-        Ok(match use_ {
-            WeightUse::Vector => unreachable!("returned above"),
-            WeightUse::Linear if parts.len() > 1 => {
-                EngineWeight::Fused(FusedLinear::new(parts, self.mode)?)
-            }
-            WeightUse::Linear => EngineWeight::Linear(Linear::new(one(&mut parts)?, self.mode)?),
-            WeightUse::Embedding => EngineWeight::Table(one(&mut parts)?),
-            WeightUse::Head => EngineWeight::Head {
-                linear: Linear::one_row(one(&mut parts)?, self.mode)?,
-                table: None,
-            },
-            WeightUse::TiedEmbedding => {
-                let blocks = one(&mut parts)?;
-                let linear = Linear::one_row(blocks.clone(), self.mode)?;
-                let table = linear.weight_rows(&[0]).is_none().then_some(blocks);
-                EngineWeight::Head { linear, table }
-            }
-        })
+        weights::prepare(self.mode, values, use_, rows, cols)
     }
 
     fn fill_uniform(&self, out: &mut Vec<u16>, seed: u64, scale: f32) -> Result<()> {
@@ -345,7 +207,7 @@ impl Ops for EngineOps {
         let x = &x[..rows * k];
         match w {
             EngineWeight::Linear(l) | EngineWeight::Head { linear: l, .. } => {
-                write(out, &self.head_forward(l, x, rows, k, exact_input)?)
+                write(out, &weights::head_forward(l, x, rows, k, exact_input)?)
             }
             _ => self.matmul(&x.to_vec(), w, out, rows, k, n),
         }
@@ -573,36 +435,7 @@ impl Ops for EngineOps {
         table: &Vec<u32>,
         row0: usize,
     ) -> Result<()> {
-        let (d, words) = (pool.kv_dim, pool.row_words());
-        check("kv_append positions", positions.len(), at.rows)?;
-        let mut k = slice_rows(
-            qkv,
-            RowSlice {
-                offset: at.offset + k_col,
-                ..at
-            },
-            d,
-        )?;
-        let v = slice_rows(
-            qkv,
-            RowSlice {
-                offset: at.offset + v_col,
-                ..at
-            },
-            d,
-        )?;
-        if pool.dtype == KvDtype::Q8 {
-            if pool.k_scale.is_empty() && at.rows > 0 {
-                pool.k_scale = first_key_scale(&k, d);
-            }
-            for row in k.chunks_exact_mut(d) {
-                row.iter_mut().zip(&pool.k_scale).for_each(|(x, s)| *x /= s);
-            }
-        }
-        let (mut k16, mut v16) = (vec![0u16; at.rows * words], vec![0u16; at.rows * words]);
-        pool.dtype.encode(&k, &mut k16);
-        pool.dtype.encode(&v, &mut v16);
-        host_pool::append(&k16, &v16, &positions[..at.rows], pool, table, row0)
+        kv::append(qkv, at, (k_col, v_col), positions, pool, table, row0)
     }
 
     fn attention(
@@ -617,75 +450,14 @@ impl Ops for EngineOps {
         out: &mut Vec<f32>,
         ctx: &AttentionContext<'_, Vec<u32>>,
     ) -> Result<()> {
-        check("attention positions", q_pos.len(), at.rows)?;
-        let q_pos = &q_pos[..at.rows];
-        let shape = host_pool::attn_shape(heads);
-        let mut qo = slice_rows(q, at, heads.q_dim())?;
-        if at.rows == 1 {
-            // decode: the rows where they lie, slot run after slot run, when all are visible
-            let (runs, last) = host_pool::runs(pool, table, n_keys)?;
-            if last.is_none_or(|p| p <= q_pos[0]) {
-                scale_queries(&mut qo, &pool.k_scale, heads);
-                let q = qo.clone();
-                decode_attention_runs(&q, &runs, pool.dtype, shape, &mut qo);
-                check("attention out", out.len(), qo.len())?;
-                out[..qo.len()].copy_from_slice(&qo);
-                return Ok(());
-            }
-        }
-        // several rows: the 8-bit kernel groups keys by their row in the layer, so a subset is
-        // read as the layer's rows it is, where the layer has them all
-        let every_key = 0..n_keys;
-        let (rows, ranges) = match &ctx.layer {
-            Some(l) => (host_pool::PoolRows::of(pool, l.table, l.rows)?, l.ranges),
-            None => (
-                host_pool::PoolRows::of(pool, table, n_keys)?,
-                std::slice::from_ref(&every_key),
-            ),
-        };
-        let view = rows.view();
-        let n = view.positions.len();
-        // a prefill's rows just appended, the layer's last: read as they are, at f16 precision
-        let tail = n
-            .checked_sub(at.rows)
-            .filter(|&old| view.positions[old..] == *q_pos);
-        match (ctx.fresh, tail) {
-            (Some((k_col, v_col)), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
-                let d = pool.kv_dim;
-                let k = slice_rows(
-                    q,
-                    RowSlice {
-                        offset: at.offset + k_col,
-                        ..at
-                    },
-                    d,
-                )?;
-                let v = slice_rows(
-                    q,
-                    RowSlice {
-                        offset: at.offset + v_col,
-                        ..at
-                    },
-                    d,
-                )?;
-                let exact = exact_rows(view, old, (&k, &v), &pool.k_scale, d);
-                attention_in_place_with(
-                    self.attention,
-                    &mut qo,
-                    q_pos,
-                    exact.view(),
-                    ranges,
-                    shape,
-                )?;
-            }
-            _ => {
-                scale_queries(&mut qo, &pool.k_scale, heads);
-                attention_in_place_with(self.attention, &mut qo, q_pos, view, ranges, shape)?;
-            }
-        }
-        check("attention out", out.len(), qo.len())?;
-        out[..qo.len()].copy_from_slice(&qo);
-        Ok(())
+        kv::attend(
+            self.attention,
+            (q, at, q_pos),
+            (pool, table, n_keys),
+            heads,
+            out,
+            ctx,
+        )
     }
 
     fn unit_keys(
@@ -743,49 +515,5 @@ impl Ops for EngineOps {
     ) -> Result<()> {
         host_pool::copy_blocks(pool, src_slots, dst_slots);
         Ok(())
-    }
-}
-
-/// A Q8 layer's rows in f16: the first `old` widened from the pool's words (keys unscaled), the
-/// rest the prefill's own keys and values (k, v: (rows, kv_dim) f32) rounded to f16 only.
-fn exact_rows(
-    rows: KvView,
-    old: usize,
-    (k, v): (&[f32], &[f32]),
-    k_scale: &[f32],
-    kv_dim: usize,
-) -> host_pool::Rows {
-    let words = rows.dtype.stored_len(kv_dim);
-    let n = rows.positions.len();
-    let widen = |bits: &[u16], scale: &[f32], fresh: &[f32]| {
-        let mut wide = vec![0f32; n * kv_dim];
-        rows.dtype
-            .decode(&bits[..old * words], &mut wide[..old * kv_dim]);
-        unscale_keys(&mut wide[..old * kv_dim], scale);
-        wide[old * kv_dim..].copy_from_slice(&fresh[..(n - old) * kv_dim]);
-        let mut narrow = vec![0u16; n * kv_dim];
-        KvDtype::F16.encode(&wide, &mut narrow);
-        narrow
-    };
-    host_pool::Rows {
-        k: widen(rows.k, k_scale, k),
-        v: widen(rows.v, &[], v),
-        pos: rows.positions.to_vec(),
-        dtype: KvDtype::F16,
-    }
-}
-
-/// Each query head times its KV head's key scale (Q8 keys are stored divided by it); nothing
-/// for an empty scale.
-fn scale_queries(q: &mut [f32], k_scale: &[f32], heads: Heads) {
-    if k_scale.is_empty() {
-        return;
-    }
-    let (hd, group) = (heads.head_dim, heads.n_heads / heads.n_kv_heads);
-    for row in q.chunks_exact_mut(heads.q_dim()) {
-        for (h, head) in row.chunks_exact_mut(hd).enumerate() {
-            let s = &k_scale[h / group * hd..][..hd];
-            head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
-        }
     }
 }

@@ -22,7 +22,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::backend::attention_kind::AttentionKind;
 use crate::backend::engine_ops::EngineOps;
+use crate::backend::kv_format::KvDtype;
 use crate::backend::ops::Ops;
 use crate::backend::paged_kv::{LayerCache, LayerHooks, NoHooks};
 use crate::backend::paged_tier::TierCounts;
@@ -69,6 +71,10 @@ pub trait DeviceForward: Send {
     /// `tokens` at the next positions (a follow-up message, or one generated token), after
     /// the cached ones; the logits of the last.
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+
+    /// The CPU engine's KV type and prefill attention kernel from the next prefill on (the cache
+    /// is emptied); a GPU keeps its own (bf16 KV, its kernels).
+    fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind);
 
     /// Teacher forcing: `tokens` at positions 0.. with nothing pruned, and the logits of rows
     /// `from..`, (rows - from, vocab); the cache is left empty (perplexity, agreement).
@@ -135,7 +141,13 @@ struct OpsForward<O: Ops + 'static> {
     step_bytes: Vec<usize>,
     /// Runs a step (or a follow-up's tokens) through the model.
     extend: ExtendFn<O>,
+    /// Changes the KV type and prefill attention kernel of the backend's next caches (the CPU
+    /// engine's backend; a device keeps its own).
+    numerics: Option<NumericsFn<O>>,
 }
+
+/// How [`OpsForward`] changes its backend's KV type and attention kernel.
+type NumericsFn<O> = fn(&OpsLlama<'static, O>, KvDtype, AttentionKind);
 
 /// How [`OpsForward`] runs tokens after the prompt through its model.
 type ExtendFn<O> = fn(&OpsLlama<'static, O>, &mut ModelCache<O>, &[u32]) -> Result<Vec<f32>>;
@@ -173,6 +185,7 @@ impl<O: Ops + 'static> OpsForward<O> {
             step_blocks: Vec::new(),
             step_bytes: Vec::new(),
             extend: extend_here,
+            numerics: None,
         }
     }
 }
@@ -277,6 +290,14 @@ where
             self.step_bytes.push(step.bytes_copied());
         }
         Ok(logits)
+    }
+
+    fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind) {
+        if let Some(set) = self.numerics {
+            self.reset();
+            set(&self.model, kv, attention);
+            self.describe = seam_description(self.model.ops);
+        }
     }
 
     fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
@@ -403,10 +424,16 @@ pub fn load_engine_ops(
     let ops: &'static EngineOps = Box::leak(Box::new(ops));
     let mut file = GgufFile::open(path)?;
     let model = OpsLlama::from_gguf(ops, &mut file, context)?;
-    let describe = format!("CPU (ops seam, the engine's numerics: {})", ops.name());
+    let describe = seam_description(ops);
     let mut forward = OpsForward::new(model, describe, Arc::new(|| None));
     forward.extend = extend_in_pool;
+    forward.numerics = Some(|model, kv, attention| model.ops.set_numerics(kv, attention));
     Ok(Box::new(forward))
+}
+
+/// What `--device cpu-seam` runs on.
+fn seam_description(ops: &impl Ops) -> String {
+    format!("CPU (ops seam, the engine's numerics: {})", ops.name())
 }
 
 /// The model file `path` on GPU 0, for up to `context` tokens: weights expanded to bf16 there,

@@ -698,6 +698,10 @@ impl Engine {
     /// same cache).
     pub fn set_attention(&mut self, kind: AttentionKind) {
         self.kv.set_attention(kind);
+        let kv = self.kv_dtype();
+        if let Some(device) = &mut self.device {
+            device.set_cpu_numerics(kv, kind);
+        }
     }
 
     /// Store the KV cache in `dtype` from now on (the cache is emptied); a type the model's head
@@ -716,6 +720,9 @@ impl Engine {
         self.kv = KvCache::with_dtype(n, dtype); // no manager until the next line
         self.kv.set_attention(attention);
         self.kv_note = None;
+        if let Some(device) = &mut self.device {
+            device.set_cpu_numerics(dtype, attention);
+        }
         self.set_kv_resident(resident)
     }
 

@@ -26,12 +26,15 @@ use slimchat::sampling::SamplingConfig;
 
 const TOKENS: usize = 256;
 
+/// The product's numerics, for models that borrow their backend for the program's life.
+static PRODUCT: EngineOps = EngineOps::PRODUCT;
+
 /// The engine with `ops`' numerics (linear layers, KV type, attention kernel), nothing pruned.
 fn engine_like(ops: &EngineOps) -> Engine {
     let mut opts = EngineOptions {
         linear: ops.mode,
-        kv_dtype: ops.kv,
-        attention: ops.attention,
+        kv_dtype: ops.kv(),
+        attention: ops.attention(),
         ..Default::default()
     };
     opts.slim.enabled = false;
@@ -90,7 +93,7 @@ fn the_same_logits_as_the_engine(ops: &'static EngineOps) {
 #[test]
 fn with_the_products_numerics_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
     // int8 linear layers, Q8 keys and values, 8-bit attention
-    the_same_logits_as_the_engine(&EngineOps::PRODUCT);
+    the_same_logits_as_the_engine(&PRODUCT);
 }
 
 #[test]
@@ -108,7 +111,7 @@ fn a_random_shape_runs_on_the_engines_backend_as_on_the_devices() {
     let tokens: Vec<u32> = (0..n as u32)
         .map(|i| (i * 7919) % shape.vocab as u32)
         .collect();
-    let ours = OpsLlama::random(&EngineOps::PRODUCT, shape, n, 3).unwrap();
+    let ours = OpsLlama::random(&PRODUCT, shape, n, 3).unwrap();
     let bf16 = OpsLlama::random(&CpuOps, shape, n, 3).unwrap();
     let a = ours.logits_all(&tokens).unwrap();
     let b = bf16.logits_all(&tokens).unwrap();
@@ -125,11 +128,11 @@ fn a_random_shape_runs_on_the_engines_backend_as_on_the_devices() {
 #[test]
 fn pruned_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
     let path = common::default_model();
-    let ops = &EngineOps::PRODUCT;
+    let ops = &PRODUCT;
     let opts = EngineOptions {
         linear: ops.mode,
-        kv_dtype: ops.kv,
-        attention: ops.attention,
+        kv_dtype: ops.kv(),
+        attention: ops.attention(),
         ..Default::default()
     };
     let mut engine = Engine::load(&path, &opts).unwrap();
@@ -191,8 +194,8 @@ fn the_chat_engine_answers_through_the_one_forward_as_through_its_own() {
     let ops = EngineOps::PRODUCT;
     let opts = EngineOptions {
         linear: ops.mode,
-        kv_dtype: ops.kv,
-        attention: ops.attention,
+        kv_dtype: ops.kv(),
+        attention: ops.attention(),
         ..Default::default()
     };
     let mut own = Engine::load(&path, &opts).unwrap();
@@ -264,4 +267,21 @@ fn device_cpu_seam_puts_the_chat_engine_on_the_one_forward() {
     let got = engine.logits_from(&tokens, 120).unwrap();
     assert_eq!(got.len(), 180 * 49_152);
     assert!(got == want, "{:?}", common::max_abs_diff(&got, &want));
+    // an evaluation's reference numerics, switched while loaded, switch the one forward too
+    for e in [&mut own, &mut engine] {
+        e.set_kv_dtype(KvDtype::F16).unwrap();
+        e.set_attention(AttentionKind::F32);
+    }
+    let device = engine.device().unwrap();
+    assert!(
+        device.contains("F16 KV") && device.contains("F32 attention"),
+        "{device}"
+    );
+    let (want_f16, _) = own.prefill(&tokens, &mut |_| {}).unwrap();
+    let (got_f16, _) = engine.prefill(&tokens, &mut |_| {}).unwrap();
+    assert!(
+        got_f16 == want_f16,
+        "{:?}",
+        common::max_abs_diff(&got_f16, &want_f16)
+    );
 }

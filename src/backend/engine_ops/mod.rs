@@ -11,6 +11,7 @@
 //! pool holds them in 8 bits, the queries scaled by the key scale otherwise (`kv.rs`).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -35,16 +36,18 @@ use weights::linear_rows;
 pub use weights::EngineWeight;
 
 /// The CPU engine's backend of the ops seam: the engine's `[model] linear`, `kv_dtype` and
-/// `attention`.
-#[derive(Debug, Clone, Copy)]
+/// `attention`. The last two may change while a model is loaded (as the engine's do: an
+/// evaluation's reference runs in another KV type or kernel); a pool keeps the type it was made
+/// with.
+#[derive(Debug)]
 pub struct EngineOps {
     /// The linear layers' form.
     pub mode: LinearMode,
     /// The KV pools' element type (Q8 needs heads of a multiple of 32 values: the caller
-    /// checks, as the engine does).
-    pub kv: KvDtype,
-    /// The kernel of a prefill's attention.
-    pub attention: AttentionKind,
+    /// checks, as the engine does), as [`kv_code`].
+    kv: AtomicU8,
+    /// The kernel of a prefill's attention, as [`attention_code`].
+    attention: AtomicU8,
 }
 
 impl EngineOps {
@@ -56,13 +59,58 @@ impl EngineOps {
     pub const fn new(mode: LinearMode, kv: KvDtype, attention: AttentionKind) -> Self {
         Self {
             mode,
-            kv,
-            attention,
+            kv: AtomicU8::new(kv_code(kv)),
+            attention: AtomicU8::new(attention_code(attention)),
         }
+    }
+
+    /// The KV type new pools take.
+    pub fn kv(&self) -> KvDtype {
+        match self.kv.load(Ordering::Relaxed) {
+            0 => KvDtype::F16,
+            1 => KvDtype::Bf16,
+            _ => KvDtype::Q8,
+        }
+    }
+
+    /// The kernel of a prefill's attention.
+    pub fn attention(&self) -> AttentionKind {
+        match self.attention.load(Ordering::Relaxed) {
+            0 => AttentionKind::F32,
+            _ => AttentionKind::Int8,
+        }
+    }
+
+    /// Pools made from now on hold `kv`; prefills attend with `attention`.
+    pub fn set_numerics(&self, kv: KvDtype, attention: AttentionKind) {
+        self.kv.store(kv_code(kv), Ordering::Relaxed);
+        self.attention
+            .store(attention_code(attention), Ordering::Relaxed);
     }
 }
 
-pub(super) fn check(what: &str, len: usize, want: usize) -> Result<()> {
+impl Clone for EngineOps {
+    fn clone(&self) -> Self {
+        Self::new(self.mode, self.kv(), self.attention())
+    }
+}
+
+const fn kv_code(kv: KvDtype) -> u8 {
+    match kv {
+        KvDtype::F16 => 0,
+        KvDtype::Bf16 => 1,
+        KvDtype::Q8 => 2,
+    }
+}
+
+const fn attention_code(kind: AttentionKind) -> u8 {
+    match kind {
+        AttentionKind::F32 => 0,
+        AttentionKind::Int8 => 1,
+    }
+}
+
+fn check(what: &str, len: usize, want: usize) -> Result<()> {
     if len < want {
         return Err(Error::Engine(format!(
             "engine ops: {what} has {len} elements, needs {want}"
@@ -108,14 +156,14 @@ impl Ops for EngineOps {
         format!(
             "cpu engine ({:?} linear layers, {:?} KV, {:?} attention, {} threads)",
             self.mode,
-            self.kv,
-            self.attention,
+            self.kv(),
+            self.attention(),
             rayon::current_num_threads()
         )
     }
 
     fn kv_dtype(&self) -> KvDtype {
-        self.kv
+        self.kv()
     }
 
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
@@ -451,7 +499,7 @@ impl Ops for EngineOps {
         ctx: &AttentionContext<'_, Vec<u32>>,
     ) -> Result<()> {
         kv::attend(
-            self.attention,
+            self.attention(),
             (q, at, q_pos),
             (pool, table, n_keys),
             heads,

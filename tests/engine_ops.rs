@@ -27,7 +27,7 @@ use slimchat::sampling::SamplingConfig;
 const TOKENS: usize = 256;
 
 /// The product's numerics, for models that borrow their backend for the program's life.
-static PRODUCT: EngineOps = EngineOps::PRODUCT;
+static PRODUCT: EngineOps = EngineOps::product();
 
 /// The engine with `ops`' numerics (linear layers, KV type, attention kernel), nothing pruned.
 fn engine_like(ops: &EngineOps) -> Engine {
@@ -191,7 +191,7 @@ fn the_chat_engine_answers_through_the_one_forward_as_through_its_own() {
     let path = common::default_model();
     // about 3,600 prompt tokens: every stage of the default schedule prunes
     let doc: String = LONG_TEXT.chars().take(15_000).collect();
-    let ops = EngineOps::PRODUCT;
+    let ops = EngineOps::product();
     let opts = EngineOptions {
         linear: ops.mode,
         kv_dtype: ops.kv(),

@@ -51,10 +51,10 @@ pub struct EngineOps {
 }
 
 impl EngineOps {
-    /// The product's defaults: int8 linear layers, Q8 keys and values, 8-bit attention (a
-    /// constant, so `&EngineOps::PRODUCT` lives for the program, as a model borrowing its
-    /// backend needs).
-    pub const PRODUCT: Self = Self::new(LinearMode::Int8, KvDtype::Q8, AttentionKind::Int8);
+    /// The product's defaults: int8 linear layers, Q8 keys and values, 8-bit attention.
+    pub const fn product() -> Self {
+        Self::new(LinearMode::Int8, KvDtype::Q8, AttentionKind::Int8)
+    }
 
     pub const fn new(mode: LinearMode, kv: KvDtype, attention: AttentionKind) -> Self {
         Self {

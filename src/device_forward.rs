@@ -72,8 +72,9 @@ pub trait DeviceForward: Send {
     /// the cached ones; the logits of the last.
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
 
-    /// The CPU engine's KV type and prefill attention kernel from the next prefill on (the cache
-    /// is emptied); a GPU keeps its own (bf16 KV, its kernels).
+    /// The CPU engine's KV type (for the pools of the next prefill's cache) and prefill attention
+    /// kernel (from the next prefill on; the cache is kept); a GPU keeps its own (bf16 KV, its
+    /// kernels).
     fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind);
 
     /// Teacher forcing: `tokens` at positions 0.. with nothing pruned, and the logits of rows
@@ -294,7 +295,6 @@ where
 
     fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind) {
         if let Some(set) = self.numerics {
-            self.reset();
             set(&self.model, kv, attention);
             self.describe = seam_description(self.model.ops);
         }

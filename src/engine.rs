@@ -225,7 +225,9 @@ impl Engine {
         match crate::device_forward::load(device, &path, engine.context, cpu) {
             Ok(Some(forward)) => engine.use_device(forward),
             Ok(None) => {}
-            Err(e) => eprintln!("slimchat: the GPU forward did not load ({e}); running on the CPU"),
+            Err(e) => {
+                eprintln!("slimchat: the {device:?} forward did not load ({e}); running on the CPU")
+            }
         }
         Ok(engine)
     }

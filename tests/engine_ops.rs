@@ -20,7 +20,7 @@ use slimchat::device_forward::load_engine_ops;
 use slimchat::engine::{Engine, EngineOptions, GenerateRequest};
 use slimchat::eval::logits::compare;
 use slimchat::model::gguf::GgufFile;
-use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
+use slimchat::model::ops_llama::{LlamaShape, ModelCache, OpsLlama};
 use slimchat::model::template::Message;
 use slimchat::sampling::SamplingConfig;
 
@@ -39,6 +39,29 @@ fn engine_like(ops: &EngineOps) -> Engine {
     };
     opts.slim.enabled = false;
     Engine::load(&common::default_model(), &opts).expect("the model loads")
+}
+
+/// `steps` greedy decode steps after a prefill whose logits were `prefill`, on the engine and
+/// on the ops forward: the same logits at every step.
+fn decode_alike(
+    engine: &mut Engine,
+    model: &OpsLlama<EngineOps>,
+    cache: &mut ModelCache<EngineOps>,
+    prefill: &[f32],
+    steps: usize,
+) {
+    let hooks = &mut slimchat::backend::paged_kv::NoHooks;
+    let mut next = common::argmax(prefill) as u32;
+    for step in 0..steps {
+        let want = engine.step(next).unwrap();
+        let got = model.decode(cache, next, hooks).unwrap();
+        assert!(
+            got == want,
+            "decode step {step}: {:?}",
+            common::max_abs_diff(&got, &want)
+        );
+        next = common::argmax(&want) as u32;
+    }
 }
 
 /// The ops forward on `ops` gives the engine's logits bit for bit: teacher forcing (every row,
@@ -77,17 +100,7 @@ fn the_same_logits_as_the_engine(ops: &'static EngineOps) {
         "prefill: {:?}",
         common::max_abs_diff(&report.logits, &want)
     );
-    let mut next = common::argmax(&want) as u32;
-    for step in 0..8 {
-        let want = engine.step(next).unwrap();
-        let got = model.decode(&mut cache, next, hooks).unwrap();
-        assert!(
-            got == want,
-            "decode step {step}: {:?}",
-            common::max_abs_diff(&got, &want)
-        );
-        next = common::argmax(&want) as u32;
-    }
+    decode_alike(&mut engine, &model, &mut cache, &want, 8);
 }
 
 #[test]
@@ -162,17 +175,7 @@ fn pruned_the_ops_forward_gives_the_engines_logits_bit_for_bit() {
         "prefill: {:?}",
         common::max_abs_diff(&report.logits, &want)
     );
-    let mut next = common::argmax(&want) as u32;
-    for step in 0..8 {
-        let want = engine.step(next).unwrap();
-        let got = model.decode(&mut cache, next, hooks).unwrap();
-        assert!(
-            got == want,
-            "decode step {step}: {:?}",
-            common::max_abs_diff(&got, &want)
-        );
-        next = common::argmax(&want) as u32;
-    }
+    decode_alike(&mut engine, &model, &mut cache, &want, 8);
 }
 
 /// A question about `doc` after the turns so far.

@@ -204,10 +204,8 @@ fn the_chat_engine_answers_through_the_one_forward_as_through_its_own() {
     let mut own = Engine::load(&path, &opts).unwrap();
     let mut one = Engine::load(&path, &opts).unwrap();
     one.use_device(load_engine_ops(&path, own.context_length(), ops).unwrap());
-    // every row of every layer in the pools (the ops forward's host tier keeps a tiered layer's
-    // rows elsewhere, so a follow-up attends to a subset of the layer's rows in another order
-    // than the engine's 8-bit kernel groups them)
-    one.set_kv_resident(true).unwrap();
+    // the device forward's default: a slim layer's prompt blocks beyond its decode set wait in
+    // its host tier (a follow-up reads the layer's rows whole)
     assert!(one
         .device()
         .is_some_and(|d| d.contains("engine's numerics")));

@@ -362,7 +362,7 @@ impl Ops for CpuOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<u16>,
-        _ctx: &AttentionContext<'_, Vec<u32>>,
+        _ctx: &AttentionContext<'_, Self>,
     ) -> Result<()> {
         check("attention positions", q_pos.len(), at.rows)?;
         let qf = slice_rows(q, at, heads.q_dim());

@@ -183,23 +183,25 @@ impl<O: Ops + ?Sized> KvPool<O> {
 /// What an attention's keys are besides the table it reads them through ([`Ops::attention`]).
 /// The CPU engine's backend computes what the engine computes with them: its 8-bit kernel
 /// groups keys by their row in the layer, and it reads a prefill's own rows unrounded.
-pub struct AttentionContext<'a, U> {
+pub struct AttentionContext<'a, O: Ops + ?Sized> {
     /// The columns (from `at.offset`) of the query rows' own keys and values in q's buffer,
     /// just appended to the pool.
     pub fresh: Option<(usize, usize)>,
-    /// The keys are rows `ranges` of the layer's `rows` rows, read through its whole `table`
-    /// (a layer whose every row is in its pool, attending to a subset).
-    pub layer: Option<LayerRows<'a, U>>,
+    /// The keys are rows `ranges` of the layer's rows, which this gives whole (a layer
+    /// attending to a subset, for a backend that [`Ops::attends_by_layer_rows`]).
+    pub layer: Option<LayerRows<'a, O>>,
 }
 
-/// A layer's rows as [`AttentionContext::layer`] gives them.
-pub struct LayerRows<'a, U> {
-    pub table: &'a U,
+/// A layer's rows as [`AttentionContext::layer`] gives them: `rows` rows of `pool` through
+/// `table` (the layer's own pool, or for a tiered layer a copy holding every row).
+pub struct LayerRows<'a, O: Ops + ?Sized> {
+    pub pool: &'a KvPool<O>,
+    pub table: &'a O::U32,
     pub rows: usize,
     pub ranges: &'a [Range<usize>],
 }
 
-impl<U> AttentionContext<'_, U> {
+impl<O: Ops + ?Sized> AttentionContext<'_, O> {
     /// Nothing but the table.
     pub const NONE: Self = Self {
         fresh: None,
@@ -261,6 +263,13 @@ pub trait Ops: 'static {
     /// The element type of the KV pools ([`KvPool`]).
     fn kv_dtype(&self) -> KvDtype {
         KvDtype::Bf16
+    }
+
+    /// Whether its attention reads a subset of a layer's keys as the layer's rows (its kernel
+    /// groups keys by their row: the CPU engine's 8-bit kernel), so that a forward gives it
+    /// [`AttentionContext::layer`], whole even where a tier holds some rows elsewhere.
+    fn attends_by_layer_rows(&self) -> bool {
+        false
     }
 
     fn zeros_f32(&self, n: usize) -> Result<Self::F32>;
@@ -467,7 +476,7 @@ pub trait Ops: 'static {
         n_keys: usize,
         heads: Heads,
         out: &mut Self::Act,
-        ctx: &AttentionContext<'_, Self::U32>,
+        ctx: &AttentionContext<'_, Self>,
     ) -> Result<()>;
 
     /// The mean key of each unit of `unit_size` consecutive rows (in row order, as

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::ops::{Ops, UnitBlocks, KV_BLOCK};
+use super::ops::{KvPool, Ops, UnitBlocks, KV_BLOCK};
 use super::paged_kv::{with_more_slots, LayerCache};
 use crate::{Error, Result};
 
@@ -116,6 +116,33 @@ impl<O: Ops> LayerCache<O> {
     /// Rows at positions below `prompt_len`.
     pub fn prompt_rows(&self, prompt_len: usize) -> usize {
         (self.positions).partition_point(|&p| (p as usize) < prompt_len)
+    }
+
+    /// For a tiered layer, a pool holding every row block in row order (slot r: row block r),
+    /// the resident blocks copied from the fast pool and the others from the host tier: what a
+    /// backend that reads a subset as the layer's rows reads (a follow-up's several rows). None
+    /// for a layer without a host tier (its own pool holds every row).
+    pub fn whole_pool(&self, ops: &O) -> Result<Option<KvPool<O>>> {
+        let Some(host) = &self.host else {
+            return Ok(None);
+        };
+        let (mut resident, mut on_host) = (Vec::new(), Vec::new());
+        for (r, &slot) in self.table.iter().enumerate() {
+            match slot {
+                ON_HOST if r < host.first_fast => on_host.push((r, r as u32)),
+                ON_HOST => {
+                    return Err(Error::Engine(format!(
+                        "kv tier: row block {r} is neither fast nor on the host"
+                    )))
+                }
+                slot => resident.push((slot, r as u32)),
+            }
+        }
+        let mut whole = ops.kv_pool_regrouped(&self.pool, &resident, self.table.len())?;
+        if !on_host.is_empty() {
+            ops.kv_fetch(&host.blocks, &on_host, &mut whole)?;
+        }
+        Ok(Some(whole))
     }
 
     /// Compute and keep the unit keys of the layer's first `prompt_rows` rows, in units of

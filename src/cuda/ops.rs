@@ -619,7 +619,7 @@ impl Ops for CudaOps {
         n_keys: usize,
         heads: Heads,
         out: &mut CudaSlice<u16>,
-        _ctx: &AttentionContext<'_, CudaSlice<u32>>,
+        _ctx: &AttentionContext<'_, Self>,
     ) -> Result<()> {
         if !heads.head_dim.is_multiple_of(32) || heads.head_dim > 128 || n_keys == 0 {
             return Err(Error::Engine(format!(

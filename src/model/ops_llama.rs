@@ -547,9 +547,26 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             _ => (&kv.table_dev, kv.rows),
         };
         self.probe.mark(ops, "decode set")?;
-        // a subset of a layer whose rows are all in its pool: which rows of the layer they are
-        let layer_rows = match (&subset, &attended) {
-            (Some(_), Some(ranges)) if kv.host.is_none() => Some(LayerRows {
+        // a subset, for a backend that reads it as the layer's rows: the layer's own pool, or
+        // for a tiered layer's several rows (a follow-up) a copy holding every row
+        let by_rows = ops.attends_by_layer_rows();
+        let whole = match (&subset, by_rows && n > 1) {
+            (Some(_), true) => kv.whole_pool(ops)?,
+            _ => None,
+        };
+        let whole_table = match &whole {
+            Some(_) => Some(ops.upload_u32(&(0..kv.row_blocks() as u32).collect::<Vec<_>>())?),
+            None => None,
+        };
+        let layer_rows = match (&subset, &attended, &whole, &whole_table) {
+            (Some(_), Some(ranges), Some(pool), Some(table)) => Some(LayerRows {
+                pool,
+                table,
+                rows: kv.rows,
+                ranges,
+            }),
+            (Some(_), Some(ranges), None, _) if by_rows && kv.host.is_none() => Some(LayerRows {
+                pool: &kv.pool,
                 table: &kv.table_dev,
                 rows: kv.rows,
                 ranges,

@@ -64,7 +64,7 @@ pub(super) fn attend(
     (pool, table, n_keys): (&KvPool<EngineOps>, &[u32], usize),
     heads: Heads,
     out: &mut [f32],
-    ctx: &AttentionContext<'_, Vec<u32>>,
+    ctx: &AttentionContext<'_, EngineOps>,
 ) -> Result<()> {
     check("attention positions", q_pos.len(), at.rows)?;
     let q_pos = &q_pos[..at.rows];
@@ -86,7 +86,7 @@ pub(super) fn attend(
     // read as the layer's rows it is, where the layer has them all
     let every_key = 0..n_keys;
     let (rows, ranges) = match &ctx.layer {
-        Some(l) => (host_pool::PoolRows::of(pool, l.table, l.rows)?, l.ranges),
+        Some(l) => (host_pool::PoolRows::of(l.pool, l.table, l.rows)?, l.ranges),
         None => (
             host_pool::PoolRows::of(pool, table, n_keys)?,
             std::slice::from_ref(&every_key),

@@ -166,6 +166,10 @@ impl Ops for EngineOps {
         self.kv()
     }
 
+    fn attends_by_layer_rows(&self) -> bool {
+        true
+    }
+
     fn zeros_f32(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }
@@ -496,7 +500,7 @@ impl Ops for EngineOps {
         n_keys: usize,
         heads: Heads,
         out: &mut Vec<f32>,
-        ctx: &AttentionContext<'_, Vec<u32>>,
+        ctx: &AttentionContext<'_, Self>,
     ) -> Result<()> {
         kv::attend(
             self.attention(),

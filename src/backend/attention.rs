@@ -95,6 +95,23 @@ pub fn attention(
     Ok(())
 }
 
+/// Each query head times its KV head's key scale, in place (Q8 keys are stored divided by a
+/// per-channel scale, so `q·k = (q∘s)·(k/s)`); nothing for an empty scale. q: rows of
+/// `shape.n_heads` heads of `shape.head_dim`; k_scale: `n_kv_heads * head_dim`.
+pub fn scale_queries(q: &mut [f32], k_scale: &[f32], shape: AttnShape) {
+    if k_scale.is_empty() {
+        return;
+    }
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    for row in q.chunks_exact_mut(shape.n_heads * hd) {
+        for (h, head) in row.chunks_exact_mut(hd).enumerate() {
+            let s = &k_scale[h / group * hd..][..hd];
+            head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
+        }
+    }
+}
+
 /// [`attention`] with the output written over the queries: `qo` holds q (nq, n_heads * hd) on
 /// entry and the attention output on return, bit for bit what [`attention`] writes to `out`.
 /// A long prefill then holds one (nq, n_heads * hd) buffer for both, not two.

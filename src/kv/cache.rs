@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::manager::KvManager;
 use super::policy::LayerPolicy;
 use super::stats::KvStats;
-use crate::backend::attention::{attention_in_place_with, AttentionKind, AttnShape};
+use crate::backend::attention::{attention_in_place_with, scale_queries, AttentionKind, AttnShape};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::backend::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 
@@ -68,17 +68,7 @@ impl LayerKv {
     /// Scales `q` (rows of heads of `shape.head_dim`) by the key scale of its KV head, so that
     /// it can be dotted with the stored keys; nothing when keys are stored as they are.
     pub fn scale_queries(&self, q: &mut [f32], shape: AttnShape) {
-        if self.k_scale.is_empty() {
-            return;
-        }
-        let hd = shape.head_dim;
-        let group = shape.n_heads / shape.n_kv_heads;
-        for row in q.chunks_exact_mut(shape.n_heads * hd) {
-            for (h, head) in row.chunks_exact_mut(hd).enumerate() {
-                let s = &self.k_scale[h / group * hd..][..hd];
-                head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
-            }
-        }
+        scale_queries(q, &self.k_scale, shape);
     }
 
     /// Every value widened to f32: (len, kv_dim).

@@ -5,6 +5,7 @@
 //! a decode row over slot runs where they lie.
 
 use super::{check, slice_rows};
+use crate::backend::attention::scale_queries;
 use crate::backend::attention_kind::{attention_in_place_with, AttentionKind};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::backend::host_pool;
@@ -74,7 +75,7 @@ pub(super) fn attend(
         // decode: the rows where they lie, slot run after slot run, when all are visible
         let (runs, last) = host_pool::runs(pool, table, n_keys)?;
         if last.is_none_or(|p| p <= q_pos[0]) {
-            scale_queries(&mut qo, &pool.k_scale, heads);
+            scale_queries(&mut qo, &pool.k_scale, shape);
             let q = qo.clone();
             decode_attention_runs(&q, &runs, pool.dtype, shape, &mut qo);
             check("attention out", out.len(), qo.len())?;
@@ -121,7 +122,7 @@ pub(super) fn attend(
             attention_in_place_with(kind, &mut qo, q_pos, exact.view(), ranges, shape)?;
         }
         _ => {
-            scale_queries(&mut qo, &pool.k_scale, heads);
+            scale_queries(&mut qo, &pool.k_scale, shape);
             attention_in_place_with(kind, &mut qo, q_pos, view, ranges, shape)?;
         }
     }
@@ -156,20 +157,5 @@ fn exact_rows(
         v: widen(rows.v, &[], v),
         pos: rows.positions.to_vec(),
         dtype: KvDtype::F16,
-    }
-}
-
-/// Each query head times its KV head's key scale (Q8 keys are stored divided by it); nothing
-/// for an empty scale.
-fn scale_queries(q: &mut [f32], k_scale: &[f32], heads: Heads) {
-    if k_scale.is_empty() {
-        return;
-    }
-    let (hd, group) = (heads.head_dim, heads.n_heads / heads.n_kv_heads);
-    for row in q.chunks_exact_mut(heads.q_dim()) {
-        for (h, head) in row.chunks_exact_mut(hd).enumerate() {
-            let s = &k_scale[h / group * hd..][..hd];
-            head.iter_mut().zip(s).for_each(|(x, s)| *x *= s);
-        }
     }
 }

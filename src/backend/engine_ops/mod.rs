@@ -89,12 +89,6 @@ impl EngineOps {
     }
 }
 
-impl Clone for EngineOps {
-    fn clone(&self) -> Self {
-        Self::new(self.mode, self.kv(), self.attention())
-    }
-}
-
 const fn kv_code(kv: KvDtype) -> u8 {
     match kv {
         KvDtype::F16 => 0,

@@ -47,8 +47,7 @@ pub struct ModelConfig {
     /// steps take the single-row kernel either way.
     pub attention: AttentionKind,
     /// Where the model runs: "auto" (CUDA when built with it and a driver is present, else
-    /// the CPU), "cpu", "cpu-seam" (the CPU through the ops seam's forward, the engine's
-    /// numerics) or "cuda" (falls back to the CPU with a note when unavailable).
+    /// the CPU), "cpu" or "cuda" (falls back to the CPU with a note when unavailable).
     pub device: DeviceChoice,
     /// Longest prompt plus answer, in tokens: 0 = the model's own context; otherwise at least
     /// [`MIN_CONTEXT`] and at most the model's (a smaller window: less KV memory, and a long

@@ -1,8 +1,5 @@
-//! Which device runs the model: `--device cuda|cpu|cpu-seam|auto` and `[model] device`. CUDA
-//! needs the `cuda` feature and a driver; anything else falls back to the CPU with one line
-//! saying why. `cpu-seam` is the CPU through the one forward written against the ops seam, with
-//! the engine's numerics (the same answers as `cpu`, token for token) and the KV manager of the
-//! devices: what `cpu` becomes once it holds every `cpu` feature (bench/NOTES.md).
+//! Which device runs the model: `--device cuda|cpu|auto` and `[model] device`. CUDA needs the
+//! `cuda` feature and a driver; anything else falls back to the CPU with one line saying why.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,9 +11,6 @@ pub enum DeviceChoice {
     #[default]
     Auto,
     Cpu,
-    /// The CPU through the ops seam's forward.
-    #[serde(rename = "cpu-seam")]
-    CpuSeam,
     Cuda,
 }
 
@@ -25,7 +19,6 @@ impl DeviceChoice {
         match s {
             "auto" => Some(Self::Auto),
             "cpu" => Some(Self::Cpu),
-            "cpu-seam" => Some(Self::CpuSeam),
             "cuda" => Some(Self::Cuda),
             _ => None,
         }
@@ -36,7 +29,6 @@ impl DeviceChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    CpuSeam,
     Cuda,
 }
 
@@ -45,7 +37,6 @@ pub enum Device {
 pub fn resolve(choice: DeviceChoice) -> (Device, Option<String>) {
     match (choice, cuda_available()) {
         (DeviceChoice::Cpu, _) => (Device::Cpu, None),
-        (DeviceChoice::CpuSeam, _) => (Device::CpuSeam, None),
         (_, Ok(())) => (Device::Cuda, None),
         (DeviceChoice::Auto, Err(_)) => (Device::Cpu, None),
         (DeviceChoice::Cuda, Err(why)) => (

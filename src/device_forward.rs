@@ -1,33 +1,34 @@
-//! The chat engine's forward on another device: the LLaMA forward over the ops seam
-//! ([`OpsLlama`]) with its cache and the engine's own `SlimSession`, behind the few calls the
-//! engine makes of a forward (prefill a prompt, step one token, report the KV and the device's
-//! memory). `--device cuda` runs the chat screen, `run` and `serve` through it on a GPU
-//! ([`load_cuda`]); [`load_cpu_ops`] runs the same code on the CPU's ops (bf16), which is how
-//! the tests check it without a GPU.
+//! The chat engine's forward on a device: the LLaMA forward over the ops seam ([`OpsLlama`])
+//! with its cache and the engine's `SlimSession`, behind the few calls the engine makes of a
+//! forward (prefill a prompt, extend it, cut it, step one token, report the KV and the
+//! device's memory). On the CPU it runs on the engine's backend ([`load_engine_ops`]: int8
+//! linear layers, Q8 KV, the 8-bit attention); `--device cuda` runs the chat screen, `run` and
+//! `serve` through it on a GPU ([`load_cuda`]); [`load_cpu_ops`] runs it on the devices' bf16
+//! reference ops, which is how the tests check the device path without a GPU.
 //!
 //! A follow-up turn runs only its new tokens after the cached conversation (the prompt's pruned
-//! KV is kept, as on the CPU) while the context has room; the prefill leaves room for the
-//! answer, and a layer's pool grows when a follow-up needs more. A keep ratio turned
-//! mid-conversation resizes the decode sets from the next step; a raised one brings pruned
-//! blocks back (revival, as on the CPU: their hidden states wait in the device's memory) where
-//! every kept row is in the device's memory; tiered, the sets grow within the blocks prefill
-//! kept. The CPU model stays loaded beside it (the engine's tokenizer, template and metadata
-//! come from it).
+//! KV is kept); the prefill leaves room for the answer, and a layer's pool grows when a
+//! follow-up needs more. A keep ratio turned mid-conversation resizes the decode sets from the
+//! next step; a raised one brings pruned blocks back (revival: their hidden states wait in the
+//! backend's memory) where every kept row is in the fast tier; tiered, the sets grow within the
+//! blocks prefill kept.
 //!
 //! The pruned prompt's KV is kept as [`KvPlacement`] says: tiered by default (each slim layer's
-//! pool holds its decode set, the rest of its kept blocks wait in RAM and are fetched when a
-//! step chooses them; src/backend/paged_tier.rs), every kept row in the device's memory with
-//! `--kv-resident`. Copies between the tiers are synchronous for now.
+//! pool holds its decode set, the rest of its kept blocks wait in RAM, and in the spill file
+//! when `[kv] spill` asks, and are fetched when a step chooses them; src/backend/paged_tier.rs),
+//! every kept row in the fast tier with `--kv-resident`. Copies between the tiers are
+//! synchronous on the CPU; a GPU offloads behind the layers that follow.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::backend::attention_kind::AttentionKind;
 use crate::backend::engine_ops::EngineOps;
 use crate::backend::kv_format::KvDtype;
 use crate::backend::ops::Ops;
 use crate::backend::paged_kv::{LayerCache, LayerHooks, NoHooks};
-use crate::backend::paged_tier::TierCounts;
+use crate::backend::paged_tier::{SharedSpill, TierCounts};
+use crate::backend::spill_file::SpillFile;
 use crate::device::Device;
 use crate::kv::KvStats;
 use crate::metrics::GpuMemory;
@@ -103,12 +104,41 @@ pub trait DeviceForward: Send {
     /// Bytes of one row of K and V in one layer.
     fn kv_row_bytes(&self) -> usize;
 
+    /// The element type its KV pools are made in.
+    fn kv_dtype(&self) -> KvDtype;
+
+    /// The cached prompt's SlimInfer session (None: dense, or nothing cached).
+    fn session(&self) -> Option<&SlimSession>;
+
+    fn session_mut(&mut self) -> Option<&mut SlimSession>;
+
+    /// Positions of the rows layer `layer` holds.
+    fn layer_positions(&self, layer: usize) -> Vec<u32>;
+
+    /// Forget the cached rows at positions `pos` and after (a follow-up that keeps only part of
+    /// the cached answer); an error, and the cache dropped, where a layer cannot cut there.
+    fn truncate_from(&mut self, pos: usize) -> Result<()>;
+
+    /// Also write the blocks tiered layers keep in RAM to a spill file from the next prefill
+    /// on (None: no spill file).
+    fn set_spill(&mut self, spill: Option<SpillSetting>);
+
+    /// Test hook: flip a byte of every block in the spill file, as a bad disk would.
+    fn corrupt_spill(&mut self);
+
     /// The device's memory, when it has its own.
     fn memory(&self) -> Option<GpuMemory>;
 
     /// A reader of [`Self::memory`] that can be called while the forward is busy (during a
     /// prefill, for the live metrics).
     fn memory_probe(&self) -> MemoryProbe;
+}
+
+/// Where a forward's spill file goes and how large it may grow (`[kv] spill_dir`, `spill_cap`).
+#[derive(Debug, Clone)]
+pub struct SpillSetting {
+    pub dir: PathBuf,
+    pub cap: usize,
 }
 
 /// Reads a device's memory (None: the device has none of its own).
@@ -142,6 +172,11 @@ struct OpsForward<O: Ops + 'static> {
     step_bytes: Vec<usize>,
     /// Runs a step (or a follow-up's tokens) through the model.
     extend: ExtendFn<O>,
+    /// The spill file's setting, and the file of the cached prompt.
+    spill_setting: Option<SpillSetting>,
+    spill: Option<SharedSpill>,
+    /// Faults and fallbacks since the last [`DeviceForward::take_kv_stats`], one line each.
+    notes: Vec<String>,
     /// Changes the KV type and prefill attention kernel of the backend's next caches (the CPU
     /// engine's backend; a device keeps its own).
     numerics: Option<NumericsFn<O>>,
@@ -186,6 +221,9 @@ impl<O: Ops + 'static> OpsForward<O> {
             step_blocks: Vec::new(),
             step_bytes: Vec::new(),
             extend: extend_here,
+            spill_setting: None,
+            spill: None,
+            notes: Vec::new(),
             numerics: None,
         }
     }
@@ -235,6 +273,7 @@ where
 
     fn reset(&mut self) {
         self.cache = None;
+        self.spill = None;
         self.fast_peak = 0;
         self.reported = TierCounts::default();
         self.step_blocks.clear();
@@ -264,14 +303,22 @@ where
         on_layer: &mut dyn FnMut(PrefillLayer),
     ) -> Result<Vec<f32>> {
         self.cache = None;
+        self.spill = self.spill_file();
         let mut progress = Progress {
             on_layer,
             fast_done: 0,
             host_done: 0,
             fast_peak: 0,
         };
-        let (cache, report) =
-            (self.model).prefill_placed(tokens, slim, headroom, self.placement, &mut progress)?;
+        let (placement, spill) = (self.placement, self.spill.as_ref());
+        let (cache, report) = (self.model).prefill_spilling(
+            tokens,
+            slim,
+            headroom,
+            placement,
+            spill,
+            &mut progress,
+        )?;
         self.fast_peak = self.fast_peak.max(progress.fast_peak);
         self.cache = Some(cache);
         Ok(report.logits)
@@ -358,12 +405,70 @@ where
         stats.kv_bytes_copied = work.bytes_copied();
         stats.kv_stall_ms = (work.offload_us + work.fetch_us) as f64 / 1e3;
         stats.kv_decode_stall_ms = work.fetch_us as f64 / 1e3;
+        stats.kv_spilled_blocks = t.counts.spilled_blocks;
+        stats.kv_spill_bytes = t.counts.spilled_bytes;
+        stats.kv_spill_reads = work.spill_reads;
+        stats.kv_spill_corrupt_blocks = work.spill_corrupt;
+        stats.kv_notes = std::mem::take(&mut self.notes);
+        if let Some(spill) = &self.spill_setting {
+            stats
+                .kv_notes
+                .extend(spill_notes(&t.counts, work.spill_corrupt, spill));
+        }
+        if work.untiered > 0 {
+            stats.kv_notes.push(format!(
+                "revival: {} layers gave their host tier up and hold every row in the fast tier",
+                work.untiered
+            ));
+        }
         stats
     }
 
     fn kv_row_bytes(&self) -> usize {
         let pools = self.cache.as_ref().and_then(|c| c.layers.first());
         pools.map_or(self.model.shape.kv_row_bytes(), |l| l.pool.row_bytes())
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.model.ops.kv_dtype()
+    }
+
+    fn session(&self) -> Option<&SlimSession> {
+        self.cache.as_ref().and_then(|c| c.session.as_ref())
+    }
+
+    fn session_mut(&mut self) -> Option<&mut SlimSession> {
+        self.cache.as_mut().and_then(|c| c.session.as_mut())
+    }
+
+    fn layer_positions(&self, layer: usize) -> Vec<u32> {
+        (self.cache.as_ref())
+            .and_then(|c| c.layers.get(layer))
+            .map_or_else(Vec::new, |l| l.positions.clone())
+    }
+
+    fn truncate_from(&mut self, pos: usize) -> Result<()> {
+        let Some(cache) = &mut self.cache else {
+            return Ok(());
+        };
+        let cut = cache.truncate_from(pos);
+        if cut.is_err() {
+            self.reset();
+        }
+        cut
+    }
+
+    fn set_spill(&mut self, spill: Option<SpillSetting>) {
+        self.reset();
+        self.spill_setting = spill;
+    }
+
+    fn corrupt_spill(&mut self) {
+        if let Some(file) = &self.spill {
+            file.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .corrupt_every_block();
+        }
     }
 
     fn memory(&self) -> Option<GpuMemory> {
@@ -375,17 +480,50 @@ where
     }
 }
 
-/// The forward for `device`: None for the CPU (the engine's own), the ops forward on the
-/// engine's numerics `cpu` for the CPU through the seam, a GPU's for CUDA.
-pub fn load(
-    device: Device,
-    path: &Path,
-    context: usize,
-    cpu: EngineOps,
-) -> Result<Option<Box<dyn DeviceForward>>> {
+impl<O: Ops> OpsForward<O> {
+    /// A fresh spill file for the next prefill's tiered layers, when one is asked for and the
+    /// placement tiers (None, with a note, when it cannot be created).
+    fn spill_file(&mut self) -> Option<SharedSpill> {
+        let setting = self.spill_setting.as_ref()?;
+        if self.placement != KvPlacement::Tiered {
+            return None;
+        }
+        match SpillFile::create(&setting.dir, setting.cap) {
+            Ok(file) => Some(Arc::new(Mutex::new(file))),
+            Err(e) => {
+                self.notes.push(format!(
+                    "spill: file not created in {} ({e}); blocks stay in RAM only",
+                    setting.dir.display()
+                ));
+                None
+            }
+        }
+    }
+}
+
+/// What the spill file did that a person should know, one line each.
+fn spill_notes(counts: &TierCounts, corrupt: usize, spill: &SpillSetting) -> Vec<String> {
+    let mut notes = Vec::new();
+    if counts.spill_skipped > 0 {
+        notes.push(format!(
+            "spill: cap of {} MiB reached; {} further blocks stay in RAM only",
+            spill.cap >> 20,
+            counts.spill_skipped
+        ));
+    }
+    if corrupt > 0 {
+        notes.push(format!(
+            "spill: {corrupt} blocks failed their CRC and were read from RAM instead"
+        ));
+    }
+    notes
+}
+
+/// The forward for `device` other than the CPU engine's (None for the CPU: the engine loads
+/// its own, [`load_engine_ops`]), for up to `context` tokens.
+pub fn load(device: Device, path: &Path, context: usize) -> Result<Option<Box<dyn DeviceForward>>> {
     match device {
         Device::Cpu => Ok(None),
-        Device::CpuSeam => load_engine_ops(path, context, cpu).map(Some),
         #[cfg(feature = "cuda")]
         Device::Cuda => load_cuda(path, context).map(Some),
         #[cfg(not(feature = "cuda"))]
@@ -412,18 +550,16 @@ pub fn load_cpu_ops(path: &Path, context: usize) -> Result<Box<dyn DeviceForward
     )))
 }
 
-/// The model file `path` on the CPU engine's numerics behind the ops seam (`ops`: its linear
-/// layers, KV type and attention kernel), for up to `context` tokens: the engine's logits bit
-/// for bit, through the one forward.
+/// The model `file` on the CPU engine's backend (`ops`: its linear layers, KV type and
+/// attention kernel), for up to `context` tokens.
 pub fn load_engine_ops(
-    path: &Path,
+    file: &mut GgufFile,
     context: usize,
     ops: EngineOps,
 ) -> Result<Box<dyn DeviceForward>> {
     // the backend lives as long as the process: the model borrows it
     let ops: &'static EngineOps = Box::leak(Box::new(ops));
-    let mut file = GgufFile::open(path)?;
-    let model = OpsLlama::from_gguf(ops, &mut file, context)?;
+    let model = OpsLlama::from_gguf(ops, file, context)?;
     let describe = seam_description(ops);
     let mut forward = OpsForward::new(model, describe, Arc::new(|| None));
     forward.extend = extend_in_pool;
@@ -431,9 +567,9 @@ pub fn load_engine_ops(
     Ok(Box::new(forward))
 }
 
-/// What `--device cpu-seam` runs on.
+/// What the CPU engine's backend runs.
 fn seam_description(ops: &impl Ops) -> String {
-    format!("CPU (ops seam, the engine's numerics: {})", ops.name())
+    format!("CPU ({})", ops.name())
 }
 
 /// The model file `path` on GPU 0, for up to `context` tokens: weights expanded to bf16 there,

@@ -1,5 +1,6 @@
-//! The engine: owns the model, tokenizer, chat template and KV cache, and turns a conversation
-//! into streamed answer text plus the numbers a person wants to see (TTFT, tokens/s, KV bytes).
+//! The engine: owns the model's forward (with its KV cache), tokenizer and chat template, and
+//! turns a conversation into streamed answer text plus the numbers a person wants to see (TTFT,
+//! tokens/s, KV bytes).
 //!
 //! A follow-up turn reuses the cache for the longest prefix of tokens it shares with what is
 //! cached, so the document pasted earlier is not prefilled again.
@@ -14,14 +15,11 @@ use tokenizers::Tokenizer;
 use crate::backend::attention::AttentionKind;
 use crate::backend::engine_ops::EngineOps;
 use crate::backend::linear::LinearMode;
-use crate::backend::score::HeadShape;
 use crate::config::AppConfig;
-use crate::device_forward::DeviceForward;
-use crate::kv::policy::Dense;
-use crate::kv::{KvCache, KvConfig, KvDtype, KvManager, KvStats, LayerPlan};
+use crate::device_forward::{DeviceForward, SpillSetting};
+use crate::kv::{KvConfig, KvDtype, KvStats};
 use crate::metrics::MemoryNow;
-use crate::model::gguf::GgufFile;
-use crate::model::llama::Llama;
+use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::model::ops_llama::KvPlacement;
 use crate::model::source::{DownloadProgress, ModelSource};
 use crate::model::template::{ChatTemplate, Message};
@@ -33,7 +31,7 @@ use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
 mod memory;
-mod on_device;
+mod prefill;
 
 /// What the engine reports while it works.
 #[derive(Debug, Clone)]
@@ -177,27 +175,33 @@ pub struct GenerateRequest {
 }
 
 pub struct Engine {
-    pub model: Llama,
+    pub spec: ModelSpec,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub special: SpecialTokens,
-    kv: KvCache,
-    /// The tokens whose K/V are in `kv`, in order.
+    /// The forward: the LLaMA forward over the CPU engine's backend (its int8 linear layers,
+    /// KV types and attention kernels), or a GPU's. It holds the KV cache and, when the cached
+    /// prompt was pruned, its SlimInfer session.
+    forward: Box<dyn DeviceForward>,
+    /// The device `forward` runs on, when it is not the CPU engine's backend.
+    device: Option<String>,
+    /// The tokens whose K/V the forward holds, in order.
     cached: Vec<u32>,
     /// Pruning settings for the next request.
     slim: SlimConfig,
     /// The preset that fits the loaded model (`preset = "auto"`), from its metadata.
     fit: ModelFit,
-    /// SlimInfer state of the cached conversation, when its prompt was pruned.
-    session: Option<SlimSession>,
-    /// Swaps per decode step of the current request.
+    /// Blocks changed per decode step of the current request.
     swaps: Vec<usize>,
     /// The `[kv]` settings the engine was loaded with.
     kv_cfg: KvConfig,
+    /// The configured KV element type and prefill attention kernel (the CPU backend's).
+    kv_dtype: KvDtype,
+    attention: AttentionKind,
+    /// The fast-tier budget the cached request was checked against (None: every row resident).
+    kv_budget: Option<usize>,
     /// Answer tokens the next prefill reserves fast-tier room for.
     answer_reserve: usize,
-    /// Largest KV bytes of the current request when every block is resident.
-    resident_peak: usize,
     last_prefill_kind: PrefillKind,
     /// The text of every special token, to spot them inside messages.
     special_strings: Vec<String>,
@@ -205,9 +209,6 @@ pub struct Engine {
     kv_note: Option<String>,
     /// Longest prompt plus answer: the model's context or the configured smaller window.
     context: usize,
-    /// The forward on another device (`--device cuda`), when prompts and tokens run there
-    /// rather than through `model`, `kv` and `session`.
-    device: Option<Box<dyn DeviceForward>>,
 }
 
 impl Engine {
@@ -221,8 +222,7 @@ impl Engine {
         let path = ModelSource::parse(&cfg.model.source)?.resolve(on_progress)?;
         let mut engine = Self::load(&path, &EngineOptions::from_config(cfg))?;
         let (device, _) = crate::device::resolve(cfg.model.device);
-        let cpu = EngineOps::new(cfg.model.linear, engine.kv_dtype(), engine.attention());
-        match crate::device_forward::load(device, &path, engine.context, cpu) {
+        match crate::device_forward::load(device, &path, engine.context) {
             Ok(Some(forward)) => engine.use_device(forward),
             Ok(None) => {}
             Err(e) => {
@@ -232,13 +232,14 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Load the model file at `path` on the CPU.
     pub fn load(path: &Path, opts: &EngineOptions) -> Result<Self> {
+        opts.kv.validate().map_err(Error::Config)?;
         let mut file = GgufFile::open(path)?;
         let tokenizer = tokenizer::from_gguf(&file.content)?;
         let special = SpecialTokens::from_gguf(&file.content)?;
         let template = ChatTemplate::from_gguf(&file.content)?;
-        let model = Llama::load(&mut file, opts.linear)?;
-        let spec = &model.spec;
+        let spec = file.spec()?;
         let fit = preset::fit(&ModelFacts::from_gguf(
             &file,
             spec.n_layers,
@@ -257,20 +258,17 @@ impl Engine {
         };
         let slim = opts.slim.clone().for_model(fit.clone());
         slim.check(spec.n_layers)?;
-        let (kv_dtype, kv_note) = match opts.kv_dtype.check_head_dim(model.spec.head_dim) {
+        let (kv_dtype, kv_note) = match opts.kv_dtype.check_head_dim(spec.head_dim) {
             Ok(()) => (opts.kv_dtype, None),
             Err(why) => (KvDtype::F16, Some(format!("{why}: the KV cache is f16"))),
         };
-        let mut kv = KvCache::with_dtype(model.spec.n_layers, kv_dtype);
-        kv.set_attention(opts.attention);
-        if !opts.kv.resident {
-            let row_words = kv_dtype.stored_len(model.spec.n_kv_heads * model.spec.head_dim);
-            kv.set_tiers(Some(KvManager::new(
-                &opts.kv,
-                model.spec.n_layers,
-                row_words,
-            )?));
-        }
+        let cpu = EngineOps::new(opts.linear, kv_dtype, opts.attention);
+        let mut forward = crate::device_forward::load_engine_ops(&mut file, context, cpu)?;
+        forward.set_kv_placement(match opts.kv.resident {
+            true => KvPlacement::Resident,
+            false => KvPlacement::Tiered,
+        });
+        forward.set_spill(spill_setting(&opts.kv)?);
         let special_strings = tokenizer
             .get_added_tokens_decoder()
             .into_values()
@@ -278,69 +276,56 @@ impl Engine {
             .map(|t| t.content)
             .collect();
         Ok(Self {
-            model,
+            spec,
             tokenizer,
             template,
             special,
-            kv,
+            forward,
+            device: None,
             cached: Vec::new(),
             slim,
             fit,
-            session: None,
             swaps: Vec::new(),
             kv_cfg: opts.kv.clone(),
+            kv_dtype,
+            attention: opts.attention,
+            kv_budget: None,
             answer_reserve: 512,
-            resident_peak: 0,
             last_prefill_kind: PrefillKind::Full,
             special_strings,
             kv_note,
             context,
-            device: None,
         })
     }
 
-    /// Run prompts and tokens through `forward` (a GPU's) from now on; the loaded CPU model
-    /// still tokenizes, templates and describes the model. The context becomes the smaller of
-    /// the engine's and the forward's.
+    /// Run prompts and tokens through `forward` (a GPU's) from now on, with the same KV
+    /// placement; the loaded file still tokenizes, templates and describes the model. The
+    /// context becomes the smaller of the engine's and the forward's.
     pub fn use_device(&mut self, mut forward: Box<dyn DeviceForward>) {
         self.reset();
         self.context = self.context.min(forward.context());
-        forward.set_kv_placement(self.kv_placement());
-        self.device = Some(forward);
+        forward.set_kv_placement(self.forward.kv_placement());
+        self.device = Some(forward.describe());
+        self.forward = forward;
     }
 
-    /// Where a pruned prompt's KV is kept: the KV manager's tiers, or every row resident.
-    fn kv_placement(&self) -> KvPlacement {
-        match self.kv.tiers() {
-            Some(_) => KvPlacement::Tiered,
-            None => KvPlacement::Resident,
-        }
-    }
-
-    /// The device the forward runs on, when it is not the CPU engine's own.
+    /// The device the forward runs on, when it is not the CPU engine's backend.
     pub fn device(&self) -> Option<String> {
-        self.device.as_ref().map(|d| d.describe())
+        self.device.clone()
     }
 
     /// Change pruning from the next request on (a follow-up that reuses the cache keeps the
     /// prompt's pruning and applies the new ratio to decode-time selection).
     pub fn set_slim(&mut self, slim: SlimConfig) -> Result<()> {
         let slim = slim.for_model(self.fit.clone());
-        slim.check(self.model.spec.n_layers)?;
+        slim.check(self.spec.n_layers)?;
         let old = self.slim.keep_ratio;
-        if let Some(session) = &mut self.session {
-            session.set_keep_ratio(slim.keep_ratio);
-        }
-        if let Some(device) = &mut self.device {
-            device.set_keep_ratio(slim.keep_ratio);
-        }
+        self.forward.set_keep_ratio(slim.keep_ratio);
         self.slim = slim;
-        // the cached conversation's active sets may grow: size the fast tier for them now
-        if self.session.is_some() {
+        // the cached conversation's active sets may grow: check the fast tier for them now
+        if self.forward.session().is_some() {
             if let Err(e) = self.plan_kv(self.cached.len(), false) {
-                if let Some(session) = &mut self.session {
-                    session.set_keep_ratio(old);
-                }
+                self.forward.set_keep_ratio(old);
                 self.slim.keep_ratio = old;
                 return Err(e);
             }
@@ -352,15 +337,6 @@ impl Engine {
         &self.slim
     }
 
-    fn head_shape(&self) -> HeadShape {
-        let s = &self.model.spec;
-        HeadShape {
-            n_heads: s.n_heads,
-            n_kv_heads: s.n_kv_heads,
-            head_dim: s.head_dim,
-        }
-    }
-
     /// The longest prompt plus answer the engine accepts (the model's context, or the
     /// configured smaller window).
     pub fn context_length(&self) -> usize {
@@ -368,20 +344,17 @@ impl Engine {
     }
 
     pub fn kv_bytes(&self) -> usize {
-        match &self.device {
-            Some(d) => d.kv_bytes(),
-            None => self.kv.bytes(),
-        }
+        self.forward.kv_bytes()
     }
 
     /// Positions of the rows layer `layer` holds in its cache.
     pub fn layer_positions(&self, layer: usize) -> Vec<u32> {
-        self.kv.layers[layer].positions.clone()
+        self.forward.layer_positions(layer)
     }
 
     /// Where pruning stands (None for a dense run): see [`SlimSession::trace`].
     pub fn slim_trace(&self) -> Option<crate::slim::session::SlimTrace> {
-        self.session.as_ref().map(SlimSession::trace)
+        self.forward.session().map(SlimSession::trace)
     }
 
     /// Whether `token` ends the model's turn.
@@ -391,21 +364,16 @@ impl Engine {
 
     /// KV rows each layer holds now.
     pub fn kept_per_layer(&self) -> Vec<usize> {
-        match &self.device {
-            Some(d) => d.rows_per_layer(),
-            None => self.kv.rows_per_layer(),
+        match self.forward.rows_per_layer() {
+            rows if rows.is_empty() => vec![0; self.spec.n_layers],
+            rows => rows,
         }
     }
 
     /// Forget every cached token.
     pub fn reset(&mut self) {
-        self.resident_peak = 0;
-        self.kv.clear();
         self.cached.clear();
-        self.session = None;
-        if let Some(d) = &mut self.device {
-            d.reset();
-        }
+        self.forward.reset();
     }
 
     /// Render the conversation with the chat template and tokenize it. The template's own
@@ -513,7 +481,7 @@ impl Engine {
         let (mut logits, reused) = self.prefill(prompt, on_event)?;
         let prefill_secs = start.elapsed().as_secs_f64();
         on_event(EngineEvent::Memory(self.memory_now()));
-        let mut memory = memory::MemoryTicker::clock();
+        let mut memory = memory::MemoryTicker::new(None);
         let kept_per_layer = self.kept_per_layer();
         let prefill_kind = self.last_prefill_kind;
         self.swaps.clear();
@@ -590,224 +558,78 @@ impl Engine {
             },
             kv_bytes: self.kv_bytes(),
             stop_reason,
-            slim: self.session.is_some() || !self.stages().is_empty(),
+            slim: self.forward.session().is_some() || !self.stages().is_empty(),
             prefill_kind,
             kept_per_layer,
             blocks_swapped_per_step: std::mem::take(&mut self.swaps),
-            blocks_revived: self.session.as_mut().map_or(0, SlimSession::take_revived),
-            revival_bytes: self.session.as_ref().map_or(0, SlimSession::aux_bytes),
+            blocks_revived: (self.forward.session_mut()).map_or(0, SlimSession::take_revived),
+            revival_bytes: (self.forward.session()).map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
-            slim_preset: self.slim.preset_for(self.model.spec.n_layers).to_string(),
+            slim_preset: self.slim.preset_for(self.spec.n_layers).to_string(),
             slim_stages: self.stages(),
-            gpu_memory: self.device.as_ref().and_then(|d| d.memory()),
+            gpu_memory: self.forward.memory(),
             kv: self.take_kv_stats(),
         })
     }
 
-    /// The stages that pruned the cached prompt, on whichever forward holds it.
+    /// The stages that pruned the cached prompt.
     fn stages(&self) -> Vec<Stage> {
-        match (&self.session, &self.device) {
-            (Some(s), _) => s.stages(),
-            (None, Some(d)) => d.stages(),
-            (None, None) => Vec::new(),
-        }
+        self.forward.stages()
     }
 
-    /// Fast-tier and host-tier bytes now.
-    fn kv_stats_now(&self) -> (usize, usize) {
-        if let Some(d) = &self.device {
-            return d.kv_tiers();
-        }
-        match self.kv.tiers() {
-            Some(_) => {
-                let (mut fast, mut host) = (0, 0);
-                let s = self.kv_layer_bytes();
-                for (f, h) in s {
-                    fast += f;
-                    host += h;
-                }
-                (fast, host)
-            }
-            None => (self.kv.bytes(), 0),
-        }
-    }
-
-    fn kv_layer_bytes(&self) -> Vec<(usize, usize)> {
-        (0..self.model.spec.n_layers)
-            .map(|i| {
-                let b = self.kv.layer(i).bytes();
-                match self.kv.tiers() {
-                    Some(t) if t.is_managed(i) => (t.layer_fast_bytes(i), b),
-                    _ => (b, 0),
-                }
-            })
-            .collect()
-    }
-
-    /// Stored `u16` words of one cached K (or V) row in this cache's element type.
-    fn kv_row_words(&self) -> usize {
-        let s = &self.model.spec;
-        self.kv_dtype().stored_len(s.n_kv_heads * s.head_dim)
-    }
-
-    /// Bytes of one cached row of K and V in one layer.
-    fn kv_row_bytes(&self) -> usize {
-        2 * self.kv_row_words() * 2 // K and V, u16 words
-    }
-
-    /// The request's KV numbers (the manager's counters start again).
-    pub fn take_kv_stats(&mut self) -> KvStats {
-        if let Some(stats) = self.device_kv_stats() {
-            return stats;
-        }
-        let s = &self.model.spec;
-        let dense = self.cached.len() * s.n_layers * self.kv_row_bytes();
-        let mut stats = match self.kv.take_tier_stats() {
-            Some(st) => st,
-            None => {
-                let per_layer: Vec<usize> = self.kv.layers.iter().map(|l| l.bytes()).collect();
-                let now = per_layer.iter().sum();
-                KvStats {
-                    kv_resident: true,
-                    kv_fast_bytes: now,
-                    kv_fast_bytes_peak: std::mem::take(&mut self.resident_peak).max(now),
-                    kv_host_bytes_per_layer: vec![0; per_layer.len()],
-                    kv_fast_bytes_per_layer: per_layer,
-                    kv_worker_alive: false,
-                    ..Default::default()
-                }
-            }
-        };
-        stats.kv_dense_bytes = dense;
-        stats.kv_notes.extend(self.kv_note.clone());
-        stats
-    }
-
-    /// The KV cache's element type.
+    /// The KV cache's element type (the CPU backend's; a GPU keeps its own).
     pub fn kv_dtype(&self) -> KvDtype {
-        self.kv
-            .layers
-            .first()
-            .map_or(KvDtype::default(), |l| l.dtype)
+        self.kv_dtype
     }
 
     /// The kernel of a prefill's attention.
     pub fn attention(&self) -> AttentionKind {
-        self.kv.attention()
+        self.attention
     }
 
     /// Attend with `kind` from the next prefill on (the cache is kept: the kernels read the
     /// same cache).
     pub fn set_attention(&mut self, kind: AttentionKind) {
-        self.kv.set_attention(kind);
-        let kv = self.kv_dtype();
-        if let Some(device) = &mut self.device {
-            device.set_cpu_numerics(kv, kind);
-        }
+        self.attention = kind;
+        self.forward.set_cpu_numerics(self.kv_dtype, kind);
     }
 
     /// Store the KV cache in `dtype` from now on (the cache is emptied); a type the model's head
     /// size cannot hold is a config error.
     pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
-        if dtype == self.kv_dtype() {
+        if dtype == self.kv_dtype {
             return Ok(());
         }
         dtype
-            .check_head_dim(self.model.spec.head_dim)
+            .check_head_dim(self.spec.head_dim)
             .map_err(Error::Config)?;
         self.reset();
-        let resident = self.kv.tiers().is_none();
-        let n = self.model.spec.n_layers;
-        let attention = self.kv.attention();
-        self.kv = KvCache::with_dtype(n, dtype); // no manager until the next line
-        self.kv.set_attention(attention);
+        self.kv_dtype = dtype;
         self.kv_note = None;
-        if let Some(device) = &mut self.device {
-            device.set_cpu_numerics(dtype, attention);
-        }
-        self.set_kv_resident(resident)
-    }
-
-    /// Switch between the KV manager (`false`) and every block resident (`true`); the cache is
-    /// emptied. The manager keeps the loaded `[kv]` settings; a device forward tiers its KV or
-    /// keeps it resident alike.
-    pub fn set_kv_resident(&mut self, resident: bool) -> Result<()> {
-        self.reset();
-        if let Some(d) = &mut self.device {
-            d.set_kv_placement(match resident {
-                true => KvPlacement::Resident,
-                false => KvPlacement::Tiered,
-            });
-        }
-        if resident == self.kv.tiers().is_none() {
-            return Ok(());
-        }
-        let tiers = if resident {
-            None
-        } else {
-            let s = &self.model.spec;
-            let cfg = KvConfig {
-                resident: false,
-                ..self.kv_cfg.clone()
-            };
-            Some(KvManager::new(&cfg, s.n_layers, self.kv_row_words())?)
-        };
-        self.kv.set_tiers(tiers);
+        self.forward.set_cpu_numerics(dtype, self.attention);
         Ok(())
     }
 
-    /// Test hook: stop the KV manager's offload worker as if it had died.
-    #[doc(hidden)]
-    pub fn kill_kv_worker(&mut self) {
-        if let Some(t) = self.kv.tiers_mut() {
-            t.kill_worker();
-        }
+    /// Switch between the tiered KV (`false`: each slim layer's fast tier holds its decode set,
+    /// the rest of its kept blocks wait in RAM) and every row resident (`true`); the cache is
+    /// emptied.
+    pub fn set_kv_resident(&mut self, resident: bool) -> Result<()> {
+        self.reset();
+        self.forward.set_kv_placement(match resident {
+            true => KvPlacement::Resident,
+            false => KvPlacement::Tiered,
+        });
+        Ok(())
     }
 
     /// Test hook: corrupt every block of the KV spill file.
     #[doc(hidden)]
     pub fn corrupt_kv_spill(&mut self) {
-        if let Some(t) = self.kv.tiers_mut() {
-            t.corrupt_spill();
-        }
-    }
-
-    /// Size the fast tier for a prompt of `prompt_tokens` tokens (the whole conversation) that
-    /// reuses the session `fresh` says it will not; an error when the budget is too small.
-    fn plan_kv(&mut self, prompt_tokens: usize, fresh: bool) -> Result<()> {
-        let n_layers = self.model.spec.n_layers;
-        let (stages, prompt_len, block_size) = match (&self.session, fresh) {
-            (Some(s), false) => (s.stages(), s.prompt_len(), self.slim.block_size),
-            _ if self.slim.enabled => (
-                self.slim.resolve(n_layers, prompt_tokens),
-                prompt_tokens,
-                self.slim.block_size,
-            ),
-            _ => (Vec::new(), 0, self.slim.block_size),
-        };
-        let total = (prompt_tokens + self.answer_reserve).min(self.context_length());
-        let plan: Vec<LayerPlan> = (0..n_layers)
-            .map(|l| match stages.iter().rev().find(|s| s.start_layer <= l) {
-                Some(st) => LayerPlan {
-                    managed: true,
-                    slots: st.decode_blocks,
-                    rows: total.saturating_sub(prompt_len),
-                },
-                None => LayerPlan {
-                    managed: false,
-                    slots: 0,
-                    rows: total,
-                },
-            })
-            .collect();
-        match self.kv.tiers_mut() {
-            Some(t) => t.plan(block_size, &plan).map(|_| ()),
-            None => Ok(()),
-        }
+        self.forward.corrupt_spill();
     }
 
     fn slim_note(&self) -> Option<String> {
-        match &self.session {
+        match self.forward.session() {
             Some(s) if s.stages().is_empty() => Some(format!(
                 "prompt of {} tokens is not longer than one block of {}: nothing pruned",
                 s.prompt_len(),
@@ -816,196 +638,17 @@ impl Engine {
             _ => None,
         }
     }
+}
 
-    /// Error unless a prompt of `n` tokens leaves room for at least one answer token.
-    pub fn check_fits(&self, n: usize) -> Result<()> {
-        if n == 0 {
-            return Err(Error::Prompt("empty prompt".into()));
-        }
-        if n >= self.context_length() {
-            return Err(Error::Prompt(format!(
-                "the prompt is {n} tokens but the model's context is {} tokens (the answer needs room too)",
-                self.context_length()
-            )));
-        }
-        Ok(())
+/// The spill file `[kv]` asks for (None: `spill = false`).
+fn spill_setting(kv: &KvConfig) -> Result<Option<SpillSetting>> {
+    if !kv.spill {
+        return Ok(None);
     }
-
-    /// Make the cache hold exactly `prompt`, reusing the longest cached prefix, and return
-    /// the logits after the last prompt token and how many tokens were reused. A fresh prompt
-    /// is pruned when SlimInfer is on; a follow-up keeps the earlier turns' pruned KV.
-    pub fn prefill(
-        &mut self,
-        prompt: &[u32],
-        on_event: &mut dyn FnMut(EngineEvent),
-    ) -> Result<(Vec<f32>, usize)> {
-        if self.device.is_some() {
-            return self.prefill_on_device(prompt, on_event);
-        }
-        let shared = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // At least one token must run to produce logits.
-        let mut reused = shared.min(prompt.len() - 1);
-        let mut kind = if reused > 0 {
-            PrefillKind::Reused
-        } else {
-            PrefillKind::Full
-        };
-        if let Some(session) = &self.session {
-            // Pruned rows cannot be recomputed in place: a change inside the pruned prompt, or
-            // the re-prefill option, starts over.
-            if reused < session.prompt_len() || self.slim.reprefill_followups {
-                kind = if reused > 0 {
-                    PrefillKind::Reprefilled
-                } else {
-                    PrefillKind::Full
-                };
-                reused = 0;
-            }
-        } else if self.slim.enabled && reused > 0 && prompt.len() - reused > reused {
-            // The cache was prefilled dense (pruning was off), and a session prunes from
-            // position 0: a follow-up reuses the dense rows, but a prompt that is mostly new (a
-            // new document) starts over, pruned.
-            kind = PrefillKind::Reprefilled;
-            reused = 0;
-        }
-        // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
-        self.plan_kv(prompt.len(), reused == 0)?;
-        if reused == 0 {
-            self.reset();
-        }
-        self.kv.truncate_from(reused as u32);
-        self.cached.truncate(reused);
-        if reused == 0 && self.slim.enabled {
-            self.session = Some(SlimSession::new(
-                &self.slim,
-                self.model.spec.n_layers,
-                self.head_shape(),
-                prompt.len(),
-            ));
-        }
-        self.last_prefill_kind = kind;
-        let tokens = &prompt[reused..];
-        let positions: Vec<u32> = (reused as u32..prompt.len() as u32).collect();
-        let n_layers = self.model.spec.n_layers;
-        let total = tokens.len();
-        let mut memory = memory::MemoryTicker::new(self.kv.bytes(), self.kv_row_bytes(), None);
-        let mut progress = |i: usize, rows: usize| {
-            on_event(EngineEvent::PrefillProgress {
-                layers_done: i + 1,
-                n_layers,
-                tokens: total,
-                rows,
-            });
-            if let Some(reading) = memory.layer_written(rows) {
-                on_event(reading);
-            }
-        };
-        let logits = match &mut self.session {
-            Some(session) => {
-                self.model
-                    .forward(tokens, &positions, &mut self.kv, session, &mut progress)
-            }
-            None => self
-                .model
-                .forward(tokens, &positions, &mut self.kv, &mut Dense, &mut progress),
-        };
-        let logits = match logits {
-            Ok(l) => l,
-            Err(e) => {
-                // A failed forward may have appended to some layers only: start clean next time.
-                self.reset();
-                return Err(e);
-            }
-        };
-        if let Some(session) = &mut self.session {
-            session.take_swaps();
-        }
-        self.cached.extend_from_slice(tokens);
-        self.resident_peak = self.resident_peak.max(self.kv.bytes());
-        Ok((logits, reused))
-    }
-
-    /// Teacher-forced logits: run `tokens` at positions 0.. from an empty cache, dense whatever
-    /// the pruning setting, and return the logits of rows `from..` as (tokens.len() - from,
-    /// vocab), row-major. The cache is empty afterwards.
-    pub fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
-        if tokens.len() > self.context_length() {
-            return Err(Error::Prompt(format!(
-                "{} tokens do not fit the model's context of {}",
-                tokens.len(),
-                self.context_length()
-            )));
-        }
-        self.reset();
-        if let Some(device) = &mut self.device {
-            return device.logits_from(tokens, from);
-        }
-        // no pruning: every layer keeps its whole cache in the fast tier
-        let plan = vec![
-            LayerPlan {
-                managed: false,
-                slots: 0,
-                rows: tokens.len(),
-            };
-            self.model.spec.n_layers
-        ];
-        if let Some(t) = self.kv.tiers_mut() {
-            t.plan(self.slim.block_size, &plan)?;
-        }
-        let positions: Vec<u32> = (0..tokens.len() as u32).collect();
-        let logits = self
-            .model
-            .logits_from(tokens, &positions, from, &mut self.kv);
-        self.reset();
-        Ok(logits?.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    /// Run one generated token through the model.
-    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        if let Some(device) = &mut self.device {
-            let logits = device.extend(&[token])?;
-            self.cached.push(token);
-            return Ok(logits);
-        }
-        let pos = self.cached.len() as u32;
-        if let Some(t) = self.kv.tiers_mut() {
-            t.begin_step();
-        }
-        let (model, kv) = (&self.model, &mut self.kv);
-        // The whole step runs on a pool thread: its parallel sections (about five per layer)
-        // then start as work for the other thread to steal, instead of each waking the pool
-        // from outside and putting this thread to sleep until it finishes (two futex round
-        // trips per section; see bench/NOTES.md, "Decode GEMV").
-        let logits = match &mut self.session {
-            Some(session) => {
-                let l =
-                    rayon::scope(|_| model.forward(&[token], &[pos], kv, session, &mut |_, _| {}));
-                self.swaps.push(session.take_swaps());
-                l
-            }
-            None => {
-                rayon::scope(|_| model.forward(&[token], &[pos], kv, &mut Dense, &mut |_, _| {}))
-            }
-        };
-        self.kv.end_step();
-        match logits {
-            Ok(l) => {
-                self.cached.push(token);
-                self.resident_peak = self.resident_peak.max(self.kv.bytes());
-                Ok(l)
-            }
-            Err(e) => {
-                // Some layers may hold this token already: start clean next time.
-                self.reset();
-                Err(e)
-            }
-        }
-    }
+    Ok(Some(SpillSetting {
+        dir: kv.spill_path(),
+        cap: kv.cap().map_err(Error::Config)?,
+    }))
 }
 
 /// Turns a growing list of token ids into text pieces that end on whole characters.

@@ -76,8 +76,7 @@ struct Common {
     /// SlimInfer keep ratio, in (0, 1]: scales every stage's keep fraction of the preset
     #[arg(long, global = true)]
     keep: Option<f32>,
-    /// Where the model runs: auto, cpu, cpu-seam (the CPU through the ops seam's forward) or
-    /// cuda (cuda falls back to the CPU with a note)
+    /// Where the model runs: auto, cpu or cuda (cuda falls back to the CPU with a note)
     #[arg(long, global = true, value_parser = parse_device)]
     device: Option<DeviceChoice>,
     /// Keep every KV block in the fast tier (no KV manager): the reference run
@@ -304,7 +303,7 @@ fn parse_overflow(s: &str) -> std::result::Result<Overflow, String> {
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
-    DeviceChoice::parse(s).ok_or_else(|| format!("expected auto, cpu, cpu-seam or cuda, got {s}"))
+    DeviceChoice::parse(s).ok_or_else(|| format!("expected auto, cpu or cuda, got {s}"))
 }
 
 fn parse_attention(s: &str) -> std::result::Result<AttentionKind, String> {

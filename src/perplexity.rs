@@ -15,9 +15,9 @@
 //! The model runs dense (no pruning: this measures the model) in the configured linear mode.
 //! The head takes the scored rows as one batch through the linear mode's many-row path (int8
 //! and dense: the int8 GEMM with Q8-rounded activations, as llama.cpp's CPU matmuls quantize
-//! their input to Q8 too), not the per-row f32 path `forward` uses after a prefill: on 5100
-//! tokens of licence text the two heads' perplexities are 0.08-0.12% apart and the GEMM is 15-18x
-//! faster (bench/NOTES.md, "Perplexity"); see [`crate::model::llama::Llama::logits_from`].
+//! their input to Q8 too), not the per-row f32 path a prefill's last row takes: on 5100 tokens
+//! of licence text the two heads' perplexities are 0.08-0.12% apart and the GEMM is 15-18x
+//! faster (bench/NOTES.md, "Perplexity"); see [`crate::model::ops_llama::OpsLlama::logits_from`].
 //! The KV type matters only as bf16: a chunk's attention reads its own rows at f16 precision
 //! when the cache is q8 or f16 (llama.cpp's default KV type).
 

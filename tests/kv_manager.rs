@@ -1,7 +1,7 @@
-//! The two-tier KV manager on the default model: the same logits as the all-resident run for a
-//! prefill and 64 decode steps while the fast tier holds a subset and the active sets swap; the
-//! budget checked before the prefill; faults (spill directory, spill cap, a corrupted block, the
-//! worker dying) fall back to RAM or synchronous copies, say so, and change no output.
+//! The tiered KV on the default model: the same logits as the all-resident run for a prefill
+//! and 64 decode steps while each slim layer's fast tier holds its decode set and the sets
+//! swap; the budget checked before the prefill; spill faults (directory, cap, a corrupted
+//! block) fall back to RAM, say so, and change no output.
 
 mod common;
 
@@ -89,13 +89,6 @@ fn manager_gives_the_resident_logits_when_every_layer_chooses_its_own_blocks() {
     assert_same(&got, &want);
     let decode_moves: usize = st.kv_blocks_moved_per_step.iter().sum();
     assert!(decode_moves > 0, "no swap in decode: {st:?}");
-    // a block chosen just before the attention is read from the host tier in that step only,
-    // while its slot waits for the end-of-step copy; every other read is from the fast tier
-    assert!(st.kv_host_reads > 0, "no block chosen at attention: {st:?}");
-    assert_eq!(
-        st.kv_fast_misses, 0,
-        "a decode attention read the host tier"
-    );
 }
 
 fn assert_same(got: &[Vec<f32>], want: &[Vec<f32>]) {
@@ -108,7 +101,7 @@ fn assert_same(got: &[Vec<f32>], want: &[Vec<f32>]) {
 
 #[test]
 fn manager_gives_the_resident_logits_while_the_fast_tier_holds_a_swapping_subset() {
-    let want = reference();
+    let (want, whole) = run(&mut engine(resident()), |_| {});
     let kv = KvConfig {
         fast_budget: "64M".into(),
         ..Default::default()
@@ -118,11 +111,6 @@ fn manager_gives_the_resident_logits_while_the_fast_tier_holds_a_swapping_subset
     let decode_moves: usize = st.kv_blocks_moved_per_step.iter().sum();
     assert!(decode_moves > 0, "no swap in decode: {st:?}");
     assert!(st.kv_bytes_copied > 0, "{st:?}");
-    assert_eq!(
-        st.kv_fast_misses, 0,
-        "a decode attention read the host tier"
-    );
-    assert!(st.kv_worker_alive);
     assert!(st.kv_host_bytes > 0);
     assert!(
         st.kv_fast_bytes_peak <= st.kv_fast_budget_bytes.unwrap(),
@@ -130,17 +118,15 @@ fn manager_gives_the_resident_logits_while_the_fast_tier_holds_a_swapping_subset
         st.kv_fast_bytes_peak,
         st.kv_fast_budget_bytes
     );
-    // a subset: less than the pruned cache itself, which is less than dense
-    let stored: usize = st.kv_host_bytes_per_layer.iter().sum::<usize>()
-        + (st
-            .kv_fast_bytes_per_layer
-            .iter()
-            .zip(&st.kv_host_bytes_per_layer))
-        .filter(|(_, &h)| h == 0)
-        .map(|(&f, _)| f)
-        .sum::<usize>();
-    assert!(st.kv_fast_bytes_peak < stored, "{st:?}");
-    assert!(stored < st.kv_dense_bytes);
+    // a subset: the fast tier holds less than the resident run's, the slim layers' other
+    // blocks wait in RAM
+    assert!(
+        st.kv_fast_bytes < whole.kv_fast_bytes,
+        "fast {} against resident {}",
+        st.kv_fast_bytes,
+        whole.kv_fast_bytes
+    );
+    assert!(whole.kv_fast_budget_bytes.is_none() && whole.kv_host_bytes == 0);
 }
 
 #[test]
@@ -154,22 +140,6 @@ fn a_budget_too_small_is_a_clear_error_before_the_prefill() {
     assert!(err.contains("[kv] fast_budget"), "{err}");
     assert!(err.contains("too small"), "{err}");
     assert_eq!(e.kept_per_layer(), vec![0; 30], "nothing ran");
-}
-
-#[test]
-fn the_worker_dying_falls_back_to_synchronous_copies_with_the_same_logits() {
-    let want = reference();
-    let (got, st) = run(&mut engine(KvConfig::default()), |e| e.kill_kv_worker());
-    assert_same(&got, &want);
-    assert!(!st.kv_worker_alive);
-    assert!(
-        st.kv_notes
-            .iter()
-            .any(|n| n.contains("offload worker stopped")),
-        "{:?}",
-        st.kv_notes
-    );
-    assert!(st.kv_blocks_moved_per_step.iter().sum::<usize>() > 0);
 }
 
 #[test]

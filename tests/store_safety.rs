@@ -100,7 +100,8 @@ fn files_are_private_from_creation() {
     store.export(&conv, &default).unwrap();
     let named = dir.path().join("named.md");
     store.export(&conv, &named).unwrap();
-    let spill = slimchat::kv::spill::SpillFile::create(&data.join("kv-spill"), 4096).unwrap();
+    let spill =
+        slimchat::backend::spill_file::SpillFile::create(&data.join("kv-spill"), 4096).unwrap();
     let names: Vec<_> = walk(&data)
         .iter()
         .map(|(p, _)| p.strip_prefix(&data).unwrap().display().to_string())

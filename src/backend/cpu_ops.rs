@@ -410,6 +410,14 @@ impl Ops for CpuOps {
         host_pool::fetch(host, writes, pool)
     }
 
+    fn host_block_words<'h>(
+        &self,
+        host: &'h mut Vec<SlotCopy>,
+        i: usize,
+    ) -> Option<(&'h mut [u16], &'h mut [u16])> {
+        host.get_mut(i).map(|c| (&mut c.k[..], &mut c.v[..]))
+    }
+
     fn kv_pool_regrouped(
         &self,
         src: &KvPool<Self>,

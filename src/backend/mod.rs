@@ -30,6 +30,7 @@ pub mod qgemv;
 pub mod rowwise;
 pub mod score;
 pub mod simd;
+pub mod spill_file;
 
 use candle_core::{Device, Storage, Tensor};
 

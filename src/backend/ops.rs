@@ -551,6 +551,18 @@ pub trait Ops: 'static {
         pool: &mut KvPool<Self>,
     ) -> Result<()>;
 
+    /// Keys and values of host block `i` as words, where the backend's host blocks are plain
+    /// process memory (the spill file writes them, and a block read back from it replaces
+    /// them); None where they are not (the default: no spill file).
+    fn host_block_words<'h>(
+        &self,
+        host: &'h mut Self::HostBlocks,
+        i: usize,
+    ) -> Option<(&'h mut [u16], &'h mut [u16])> {
+        let _ = (host, i);
+        None
+    }
+
     /// A new pool of `slots` slots, empty but for `moves` (source slot, slot) copied from
     /// `src` on the device: a tier's fast pool shrunk or grown without a trip to the host.
     fn kv_pool_regrouped(

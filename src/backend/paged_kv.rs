@@ -5,7 +5,7 @@
 //! src/backend/paged_tier.rs.
 
 use super::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
-use super::paged_tier::{CachedUnits, HostTier};
+use super::paged_tier::{CachedUnits, HostTier, TierCounts};
 use crate::{Error, Result};
 
 /// One layer's KV: a pool of slots, the slots in row order, and the rows' positions.
@@ -22,6 +22,8 @@ pub struct LayerCache<O: Ops> {
     pub units: Option<CachedUnits<O>>,
     /// Its prompt blocks' host tier, once it has one: the pool then holds only some of them.
     pub host: Option<HostTier<O>>,
+    /// The work of a host tier it no longer has ([`Self::untier`]).
+    pub past_tier: TierCounts,
 }
 
 impl<O: Ops> LayerCache<O> {
@@ -37,6 +39,7 @@ impl<O: Ops> LayerCache<O> {
             positions: Vec::new(),
             units: None,
             host: None,
+            past_tier: TierCounts::default(),
         })
     }
 
@@ -56,6 +59,29 @@ impl<O: Ops> LayerCache<O> {
         self.table_dev = ops.upload_u32(&table)?;
         self.table = table;
         self.pool = pool;
+        Ok(())
+    }
+
+    /// Forget the rows at positions `pos` and after (the slots keep their stale words until the
+    /// next rows overwrite them: they lie past `rows`, and past every position that follows).
+    /// Rows a host tier backs cannot go: an error when `pos` falls among them.
+    pub fn truncate_from(&mut self, pos: u32) -> Result<()> {
+        let keep = self.positions.partition_point(|&p| p < pos);
+        if keep == self.rows {
+            return Ok(());
+        }
+        if let Some(host) = &self.host {
+            if keep < host.first_fast * KV_BLOCK {
+                return Err(Error::Engine(format!(
+                    "kv: cannot cut a tiered layer at row {keep}, inside its host tier"
+                )));
+            }
+        }
+        if self.units.as_ref().is_some_and(|u| keep < u.prompt_rows) {
+            self.units = None;
+        }
+        self.rows = keep;
+        self.positions.truncate(keep);
         Ok(())
     }
 
@@ -112,12 +138,13 @@ impl<O: Ops> LayerCache<O> {
         (k_col, v_col): (usize, usize),
         positions: &[u32],
     ) -> Result<()> {
-        if self.host.is_some() || !positions.len().is_multiple_of(KV_BLOCK) {
+        if !positions.len().is_multiple_of(KV_BLOCK) {
             return Err(Error::Engine(format!(
-                "ops forward: {} rows before a layer's last, not whole blocks of an untiered layer",
+                "ops forward: {} rows before a layer's last, not whole blocks",
                 positions.len()
             )));
         }
+        self.untier(ops)?;
         self.reserve(ops, positions.len())?;
         for (i, block) in positions.chunks(KV_BLOCK).enumerate() {
             let first = block[0];

@@ -12,12 +12,14 @@
 //! the prompt, or the prompt's partial last block, can move to the host; that row block and
 //! every later one (the rows decode writes) stay in the fast tier.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::ops::{KvPool, Ops, UnitBlocks, KV_BLOCK};
 use super::paged_kv::{with_more_slots, LayerCache};
+use super::spill_file::SpillFile;
 use crate::{Error, Result};
 
 /// A row block's slot-table entry while its rows are only in the host tier.
@@ -50,6 +52,17 @@ pub struct TierCounts {
     /// themselves run behind the layers that follow) and waiting for fetches (in decode).
     pub offload_us: usize,
     pub fetch_us: usize,
+    /// Host blocks also written to the spill file, and their bytes; blocks not written (the
+    /// file at its cap, or a backend whose host blocks are not process memory).
+    pub spilled_blocks: usize,
+    pub spilled_bytes: usize,
+    pub spill_skipped: usize,
+    /// Fetched blocks read back from the spill file, and those of them that failed their CRC
+    /// (the RAM copy was used).
+    pub spill_reads: usize,
+    pub spill_corrupt: usize,
+    /// Layers that gave their host tier up for a revival and hold every row in the fast tier.
+    pub untiered: usize,
 }
 
 impl TierCounts {
@@ -62,6 +75,12 @@ impl TierCounts {
         self.grown += o.grown;
         self.offload_us += o.offload_us;
         self.fetch_us += o.fetch_us;
+        self.spilled_blocks += o.spilled_blocks;
+        self.spilled_bytes += o.spilled_bytes;
+        self.spill_skipped += o.spill_skipped;
+        self.spill_reads += o.spill_reads;
+        self.spill_corrupt += o.spill_corrupt;
+        self.untiered += o.untiered;
     }
 
     /// What was done after `earlier` (a reading of the same counters).
@@ -75,6 +94,12 @@ impl TierCounts {
             grown: self.grown - earlier.grown,
             offload_us: self.offload_us - earlier.offload_us,
             fetch_us: self.fetch_us - earlier.fetch_us,
+            spilled_blocks: self.spilled_blocks - earlier.spilled_blocks,
+            spilled_bytes: self.spilled_bytes - earlier.spilled_bytes,
+            spill_skipped: self.spill_skipped - earlier.spill_skipped,
+            spill_reads: self.spill_reads - earlier.spill_reads,
+            spill_corrupt: self.spill_corrupt - earlier.spill_corrupt,
+            untiered: self.untiered - earlier.untiered,
         }
     }
 
@@ -89,14 +114,25 @@ impl TierCounts {
     }
 }
 
+/// The spill file the host tiers of one cache share (`[kv] spill`).
+pub type SharedSpill = Arc<Mutex<SpillFile>>;
+
+/// Where a layer's host tier also writes its blocks: the shared file and the layer's index in it.
+#[derive(Clone)]
+pub struct TierSpill {
+    pub file: SharedSpill,
+    pub layer: usize,
+}
+
 /// A layer's host tier: the copy of each of its prompt row blocks (host block `r` holds row
-/// block `r`).
+/// block `r`), and with a spill file a second copy of each there.
 pub struct HostTier<O: Ops> {
     /// Row blocks before this one are host-backed; it and later ones stay fast.
     pub first_fast: usize,
     blocks: O::HostBlocks,
     /// Bytes of one block's keys and values.
     block_bytes: usize,
+    spill: Option<TierSpill>,
     pub counts: TierCounts,
 }
 
@@ -145,6 +181,22 @@ impl<O: Ops> LayerCache<O> {
         Ok(Some(whole))
     }
 
+    /// Bring every row block of a tiered layer back into one pool, in row order, and drop its
+    /// host tier (a revival inserts blocks among the prompt's rows, which the host tier's
+    /// numbering by row block cannot follow): the layer then holds all its rows in the fast
+    /// tier. Its host tier's work stays counted.
+    pub fn untier(&mut self, ops: &O) -> Result<()> {
+        let Some(whole) = self.whole_pool(ops)? else {
+            return Ok(());
+        };
+        if let Some(host) = self.host.take() {
+            self.past_tier.add(&host.counts);
+            self.past_tier.untiered += 1;
+        }
+        self.pool = whole;
+        self.set_table(ops, (0..self.table.len() as u32).collect())
+    }
+
     /// Compute and keep the unit keys of the layer's first `prompt_rows` rows, in units of
     /// `unit_size` rows (decode's scoring then reads these instead of the pool).
     pub fn cache_unit_keys(&mut self, ops: &O, prompt_rows: usize, unit_size: usize) -> Result<()> {
@@ -174,12 +226,14 @@ impl<O: Ops> LayerCache<O> {
     /// `fast_prompt_blocks` slots for them plus a slot for each later row block. Every prompt
     /// row block gets its copy on the host; those of prompt blocks `stay` (block ids) also keep
     /// their rows in the pool while its slots last, the others wait for decode to fetch them.
+    /// With `spill`, every host block is also written to the spill file.
     pub fn move_to_host_tier(
         &mut self,
         ops: &O,
         prompt_len: usize,
         fast_prompt_blocks: usize,
         stay: &[u32],
+        spill: Option<TierSpill>,
     ) -> Result<()> {
         if self.host.is_some() {
             return Ok(());
@@ -187,8 +241,8 @@ impl<O: Ops> LayerCache<O> {
         let t = Instant::now();
         let first_fast = self.prompt_rows(prompt_len) / KV_BLOCK;
         let tail = self.row_blocks() - first_fast;
-        let blocks = ops.kv_offload(&self.pool, &self.table[..first_fast])?;
-        let block_bytes = 2 * KV_BLOCK * self.pool.kv_dim * 2;
+        let mut blocks = ops.kv_offload(&self.pool, &self.table[..first_fast])?;
+        let block_bytes = KV_BLOCK * self.pool.row_bytes();
         // the fast pool: the staying prompt blocks' slots first, then a slot per later block
         let mut table = vec![ON_HOST; self.row_blocks()];
         let mut moves = Vec::with_capacity(fast_prompt_blocks + tail);
@@ -205,15 +259,20 @@ impl<O: Ops> LayerCache<O> {
         }
         self.pool = ops.kv_pool_regrouped(&self.pool, &moves, fast_prompt_blocks + tail)?;
         self.set_table(ops, table)?;
+        let mut counts = TierCounts {
+            offloaded_blocks: first_fast,
+            offloaded_bytes: first_fast * block_bytes,
+            ..Default::default()
+        };
+        if let Some(spill) = &spill {
+            write_to_spill(ops, &mut blocks, first_fast, spill, &mut counts);
+        }
+        counts.offload_us = t.elapsed().as_micros() as usize;
         self.host = Some(HostTier {
             first_fast,
             block_bytes,
-            counts: TierCounts {
-                offloaded_blocks: first_fast,
-                offloaded_bytes: first_fast * block_bytes,
-                offload_us: t.elapsed().as_micros() as usize,
-                ..Default::default()
-            },
+            spill,
+            counts,
             blocks,
         });
         Ok(())
@@ -282,6 +341,9 @@ impl<O: Ops> LayerCache<O> {
             self.pool = pool;
             host.counts.grown += 1;
         }
+        if let Some(spill) = &host.spill {
+            read_from_spill(ops, &mut host.blocks, &fetch, spill, &mut host.counts);
+        }
         let writes: Vec<(usize, u32)> = fetch.iter().map(|&r| (r, table[r])).collect();
         ops.kv_fetch(&host.blocks, &writes, &mut self.pool)?;
         host.counts.fetched_blocks += fetch.len();
@@ -297,6 +359,62 @@ impl<O: Ops> LayerCache<O> {
         self.table_dev = ops.upload_u32(&table)?;
         self.table = table;
         Ok(())
+    }
+}
+
+/// Write host blocks `0..n` to the spill file, until it is full (or the backend's blocks are
+/// not process memory).
+fn write_to_spill<O: Ops>(
+    ops: &O,
+    blocks: &mut O::HostBlocks,
+    n: usize,
+    spill: &TierSpill,
+    counts: &mut TierCounts,
+) {
+    let mut file = spill.file.lock().unwrap_or_else(|e| e.into_inner());
+    for r in 0..n {
+        let written = ops.host_block_words(blocks, r).map(|(k, v)| {
+            let bytes = (k.len() + v.len()) * 2;
+            file.write(spill.layer, r as u32, k, v).map(|_| bytes)
+        });
+        match written {
+            Some(Ok(bytes)) => {
+                counts.spilled_blocks += 1;
+                counts.spilled_bytes += bytes;
+            }
+            _ => {
+                counts.spill_skipped += n - r;
+                return;
+            }
+        }
+    }
+}
+
+/// Before host blocks `fetch` go back to the fast tier, read each one the spill file holds
+/// from there over its RAM copy; a block that fails its CRC keeps the RAM copy (counted).
+fn read_from_spill<O: Ops>(
+    ops: &O,
+    blocks: &mut O::HostBlocks,
+    fetch: &[usize],
+    spill: &TierSpill,
+    counts: &mut TierCounts,
+) {
+    let file = spill.file.lock().unwrap_or_else(|e| e.into_inner());
+    for &r in fetch {
+        if !file.contains(spill.layer, r as u32) {
+            continue;
+        }
+        let Some((k, v)) = ops.host_block_words(blocks, r) else {
+            return;
+        };
+        let (mut rk, mut rv) = (vec![0; k.len()], vec![0; v.len()]);
+        if file.read(spill.layer, r as u32, &mut rk, &mut rv) {
+            k.copy_from_slice(&rk);
+            v.copy_from_slice(&rv);
+            counts.spill_reads += 1;
+        } else {
+            counts.spill_corrupt += 1;
+        }
     }
 }
 

@@ -8,13 +8,15 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 
+use crate::backend::attention_kind::AttentionKind;
+use crate::backend::engine_ops::EngineOps;
+use crate::backend::kv_format::KvDtype;
 use crate::backend::linear::LinearMode;
+use crate::backend::paged_kv::NoHooks;
 use crate::config::AppConfig;
-use crate::kv::policy::Dense;
-use crate::kv::KvCache;
 use crate::model::gguf::GgufFile;
 use crate::model::gguf_read::read_header;
-use crate::model::llama::Llama;
+use crate::model::ops_llama::OpsLlama;
 use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::Sampler;
@@ -74,10 +76,18 @@ pub fn gguf(input: &[u8]) -> Check {
         return Ok(());
     };
     template_of(&file.content)?;
-    let Some(model) = ok_or_line("load", Llama::load(&mut file, LinearMode::Int8))? else {
+    // the engine's backend, with the KV type the engine picks for the file's heads
+    static Q8: EngineOps = EngineOps::product();
+    static F16: EngineOps = EngineOps::new(LinearMode::Int8, KvDtype::F16, AttentionKind::Int8);
+    let head_dim = file.spec().map_or(0, |s| s.head_dim);
+    let ops = match KvDtype::Q8.check_head_dim(head_dim) {
+        Ok(()) => &Q8,
+        Err(_) => &F16,
+    };
+    let Some(model) = ok_or_line("load", OpsLlama::from_gguf(ops, &mut file, 64))? else {
         return Ok(());
     };
-    let vocab = model.spec.vocab_size as u32;
+    let vocab = model.shape.vocab as u32;
     let ids: Vec<u32> = tok
         .encode("hi there", false)
         .map(|e| e.get_ids().to_vec())
@@ -88,11 +98,10 @@ pub fn gguf(input: &[u8]) -> Check {
         tokens.push(0);
     }
     tokens.truncate(3);
-    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
-    let mut kv = KvCache::new(model.spec.n_layers);
-    let logits = model.forward(&tokens, &positions, &mut kv, &mut Dense, &mut |_, _| {});
-    if let Some(logits) = ok_or_line("forward", logits)? {
-        if logits.len() != model.spec.vocab_size {
+    let prefill = model.prefill(&tokens, None, 1, &mut NoHooks);
+    if let Some((_, report)) = ok_or_line("forward", prefill)? {
+        let logits = report.logits;
+        if logits.len() != vocab as usize {
             return Err(format!(
                 "forward: {} logits for a vocabulary of {vocab}",
                 logits.len()

@@ -1,22 +1,17 @@
-//! Key/value caches, one per layer, owned by the engine and passed into the forward; the row
-//! policy seam between the forward, its pruning and the caches (`policy`); and the two-tier KV
-//! manager: block tables (`table`), fast-tier slots (`fast`), the offload worker (`worker`), the
-//! optional spill file (`spill`), tied to the forward by `manager`, set by `[kv]` (`config`),
-//! measured in `stats`.
+//! What the KV side shares with the forward and the engine: the row policy types between the
+//! forward and its pruning (`policy`), the `[kv]` config section (`config`), the request's KV
+//! numbers (`stats`), and a layer's keys and values on the host (`cache`), which the session's
+//! and the decode kernels' tests build their caches with.
+#[cfg(test)]
 pub mod cache;
 pub mod config;
 #[cfg(test)]
 mod decode_attention_tests;
-pub mod fast;
-pub mod manager;
 pub mod policy;
-pub mod spill;
 pub mod stats;
-pub mod table;
-pub mod worker;
 
 pub use crate::backend::kv_format::KvDtype;
-pub use cache::{KvCache, LayerKv};
+#[cfg(test)]
+pub use cache::LayerKv;
 pub use config::KvConfig;
-pub use manager::{KvManager, LayerPlan};
 pub use stats::KvStats;

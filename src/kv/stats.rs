@@ -1,4 +1,4 @@
-//! The KV manager's numbers for one request, as `run --json` and the engine's events carry them.
+//! The KV numbers of one request, as `run --json` and the engine's events carry them.
 
 use serde::Serialize;
 
@@ -17,9 +17,6 @@ pub struct KvStats {
     pub kv_dense_bytes: usize,
     pub kv_fast_bytes_per_layer: Vec<usize>,
     pub kv_host_bytes_per_layer: Vec<usize>,
-    /// Largest slim layer's pool read from the host tier by a multi-row (prefill) attention:
-    /// the transient a GPU would stage in device memory; not part of the fast-tier peak.
-    pub kv_prefill_staging_bytes: usize,
     pub kv_blocks_moved: usize,
     pub kv_bytes_copied: usize,
     /// Per decode step (the prefill's moves are in the totals only).
@@ -29,18 +26,10 @@ pub struct KvStats {
     pub kv_stall_ms: f64,
     /// Time of that wait during decode steps.
     pub kv_decode_stall_ms: f64,
-    /// Decode attentions that read the host tier because a block was missing from the fast
-    /// tier (should be 0).
-    pub kv_fast_misses: usize,
-    /// Blocks a layer chose just before attending in decode: that attention read them from the
-    /// host tier, and their copies into the fast tier ran together at the end of the step.
-    pub kv_host_reads: usize,
     pub kv_spilled_blocks: usize,
     pub kv_spill_bytes: usize,
     pub kv_spill_reads: usize,
     pub kv_spill_corrupt_blocks: usize,
-    /// Whether the offload worker thread is running (false: synchronous copies).
-    pub kv_worker_alive: bool,
     /// Fallbacks and faults, one line each.
     pub kv_notes: Vec<String>,
 }

@@ -3,7 +3,6 @@ pub mod gguf;
 pub mod gguf_read;
 pub mod gguf_write;
 pub mod known_templates;
-pub mod llama;
 pub mod ops_llama;
 pub mod pyjinja;
 pub mod random;

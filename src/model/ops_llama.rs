@@ -19,9 +19,9 @@ use std::sync::atomic::AtomicUsize;
 use crate::backend::ops::KV_BLOCK;
 use crate::backend::ops::{AttentionContext, LayerRows, MlpScratch, MlpWeights, Ops, RowSlice};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
-use crate::backend::paged_tier::row_blocks_of;
+use crate::backend::paged_tier::{row_blocks_of, SharedSpill};
 use crate::backend::score::HeadShape;
-use crate::kv::policy::{LayerPolicy, Revived, RowChange};
+use crate::kv::policy::{Revived, RowChange};
 use crate::model::gguf::GgufFile;
 use crate::slim::schedule::{SlimConfig, Stage};
 use crate::slim::session::SlimSession;
@@ -107,7 +107,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     /// `max_positions` tokens (at most the model's context).
     pub fn from_gguf(ops: &'o O, f: &mut GgufFile, max_positions: usize) -> Result<Self> {
         let spec = f.spec()?;
+        weights::check_tensors_are_known(f, &spec)?;
         let shape = LlamaShape::from_spec(&spec)?;
+        (ops.kv_dtype().check_head_dim(spec.head_dim)).map_err(Error::ModelLoad)?;
         let max_positions = max_positions.min(spec.context_length);
         let weights = Weights::from_gguf(ops, f, &shape, max_positions)?;
         Ok(Self {
@@ -137,7 +139,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         }
         let mut no_hooks = crate::backend::paged_kv::NoHooks;
         let (_, h, rows, _) =
-            self.run_prompt(tokens, None, 0, KvPlacement::Resident, &mut no_hooks)?;
+            self.run_prompt(tokens, None, 0, KvPlacement::Resident, None, &mut no_hooks)?;
         if from == 0 {
             return self.logits(&h, rows, false);
         }
@@ -170,7 +172,21 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         placement: KvPlacement,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<(ModelCache<O>, PrefillReport)> {
-        let run = self.run_prompt(tokens, slim, headroom, placement, hooks)?;
+        self.prefill_spilling(tokens, slim, headroom, placement, None, hooks)
+    }
+
+    /// [`Self::prefill_placed`], with every block a tiered layer keeps in RAM also written to
+    /// `spill` (`[kv] spill`), from which decode reads it back.
+    pub fn prefill_spilling(
+        &self,
+        tokens: &[u32],
+        slim: Option<&SlimConfig>,
+        headroom: usize,
+        placement: KvPlacement,
+        spill: Option<&SharedSpill>,
+        hooks: &mut dyn LayerHooks<O>,
+    ) -> Result<(ModelCache<O>, PrefillReport)> {
+        let run = self.run_prompt(tokens, slim, headroom, placement, spill, hooks)?;
         let (cache, h, rows, mut report) = run;
         report.logits = self.head(&h, rows, tokens.len() > 1)?;
         Ok((cache, report))
@@ -184,12 +200,13 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         slim: Option<&SlimConfig>,
         headroom: usize,
         placement: KvPlacement,
+        spill: Option<&SharedSpill>,
         hooks: &mut dyn LayerHooks<O>,
     ) -> Result<(ModelCache<O>, O::F32, usize, PrefillReport)> {
         let (ops, s) = (self.ops, &self.shape);
         let n0 = tokens.len();
         self.check_tokens(tokens, n0 + headroom)?;
-        let mut session = slim.map(|c| self.session(c, n0, placement)).transpose()?;
+        let mut session = slim.map(|c| self.session(c, n0)).transpose()?;
         let mut cache = ModelCache {
             layers: Vec::with_capacity(s.n_layers),
             prompt_len: n0,
@@ -210,7 +227,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             let change =
                 self.layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
             if let Some(session) = &session {
-                cache::ready_for_decode(ops, layer, kv, session, placement)?;
+                cache::ready_for_decode(ops, layer, kv, session, placement, spill)?;
                 self.probe.mark(ops, "ready for decode")?;
             }
             hooks.layer_done(ops, layer, kv)?;
@@ -247,17 +264,11 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
     }
 
     /// The engine's SlimInfer session for a prompt of `prompt_len` tokens, revival (a raised
-    /// ratio brings pruned blocks back) as configured where the KV stays whole in the backend's
-    /// memory: the pruned rows' hidden states are held on the backend (on a GPU, in its memory:
-    /// nothing is downloaded during the prefill), and read back when a block is revived. A
-    /// tiered layer's blocks are placed by its host tier, so there a raised ratio grows no
-    /// stage past what the prefill kept.
-    fn session(
-        &self,
-        cfg: &SlimConfig,
-        prompt_len: usize,
-        placement: KvPlacement,
-    ) -> Result<SlimSession> {
+    /// ratio brings pruned blocks back) as configured: the pruned rows' hidden states are held
+    /// on the backend (on a GPU, in its memory: nothing is downloaded during the prefill), and
+    /// read back when a block is revived. A tiered layer that revives a block first gives its
+    /// host tier up ([`LayerCache::untier`]).
+    fn session(&self, cfg: &SlimConfig, prompt_len: usize) -> Result<SlimSession> {
         let s = &self.shape;
         cfg.check(s.n_layers)?;
         if cfg.block_size != KV_BLOCK {
@@ -265,17 +276,12 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
             )));
         }
-        let revive = cfg.revive && placement == KvPlacement::Resident;
-        let cfg = SlimConfig {
-            revive,
-            ..cfg.clone()
-        };
         let shape = HeadShape {
             n_heads: s.heads.n_heads,
             n_kv_heads: s.heads.n_kv_heads,
             head_dim: s.heads.head_dim,
         };
-        Ok(SlimSession::new(&cfg, s.n_layers, shape, prompt_len))
+        Ok(SlimSession::new(cfg, s.n_layers, shape, prompt_len))
     }
 
     /// A layer's cache as the session scores it.
@@ -488,7 +494,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         self.probe.mark(ops, "rope + kv append")?;
         let q = match slim.as_deref_mut() {
             Some(session) => {
-                let tail = LayerPolicy::query_rows(session).min(n);
+                let tail = session.query_rows().min(n);
                 // the scorings the session will ask of this layer start now, from the queries
                 // where they are, so that downloading them waits once for everything
                 let set_req = session.set_scoring(layer).filter(|_| self.score_ahead);

@@ -79,7 +79,7 @@ pub fn run(cfg: &AppConfig, engine: Engine, opts: ServeOptions) -> Result<()> {
     let addr = bind_addr(&opts.host, opts.port)?;
     let facts = ServerFacts {
         context_length: engine.context_length(),
-        n_layers: engine.model.spec.n_layers,
+        n_layers: engine.spec.n_layers,
         slim_enabled: cfg.slim.enabled,
         keep: (cfg.slim.keep_ratio as f64 * 1000.0).round() / 1000.0,
     };

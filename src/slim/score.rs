@@ -1,10 +1,9 @@
 //! What the session reads of a layer's cache: [`ScoredLayer`], the positions of its rows and
-//! the block scores of queries over its prompt rows, computed where the keys are. The engine's
-//! CPU cache implements it here ([`keys_of`] widens its stored keys for the CPU scorers); the
-//! ops forward implements it over its backend's cache (src/model/ops_llama.rs).
+//! the block scores of queries over its prompt rows, computed where the keys are. The forward
+//! implements it over its backend's cache (src/model/ops_llama/session_io.rs); the session's
+//! tests over a host layer ([`crate::kv::LayerKv`], below).
 
-use crate::backend::score::{block_scores_of, HeadShape, Keys, UnitKeys, WindowPool};
-use crate::kv::LayerKv;
+use crate::backend::score::{HeadShape, WindowPool};
 use crate::slim::schedule::ScoreKind;
 use crate::Result;
 
@@ -22,82 +21,42 @@ pub struct ScoreRequest {
     pub pool: WindowPool,
 }
 
-/// What a backend may keep between two scorings of one layer while its prompt rows stay the
-/// same (decode scores a new query against the same keys at every step): on the CPU, the
-/// layer's unit keys.
-#[derive(Debug, Clone, Default)]
-pub struct ScoreMemo {
-    /// (prompt rows, unit size) they were built from, and the unit keys.
-    units: Option<((usize, usize), UnitKeys)>,
-}
-
 /// A layer's cache as the session reads it.
 pub trait ScoredLayer {
     /// Positions of the cached rows, ascending.
     fn positions(&self) -> &[u32];
 
     /// Block scores of the post-RoPE queries `q` ((w, n_heads * head_dim)) over the cached rows
-    /// at positions below `req.prompt_len`, by block id ascending. `memo`, when given, belongs
-    /// to this layer and may carry work from its previous call.
-    fn block_scores(
-        &self,
-        q: &[f32],
-        req: &ScoreRequest,
-        memo: Option<&mut ScoreMemo>,
-    ) -> Result<Vec<(u32, f32)>>;
+    /// at positions below `req.prompt_len`, by block id ascending.
+    fn block_scores(&self, q: &[f32], req: &ScoreRequest) -> Result<Vec<(u32, f32)>>;
 }
 
-/// The keys a layer's cache holds, as the scorers read them (widened a few rows at a time).
-pub fn keys_of(kv: &LayerKv) -> Keys<'_> {
-    Keys::Stored {
+/// The keys a host layer holds, as the CPU scorers read them (widened a few rows at a time).
+#[cfg(test)]
+pub fn keys_of(kv: &crate::kv::LayerKv) -> crate::backend::score::Keys<'_> {
+    crate::backend::score::Keys::Stored {
         bits: &kv.k,
         dtype: kv.dtype,
         channel_scale: &kv.k_scale,
     }
 }
 
-impl ScoredLayer for LayerKv {
+#[cfg(test)]
+impl ScoredLayer for crate::kv::LayerKv {
     fn positions(&self) -> &[u32] {
         &self.positions
     }
 
-    fn block_scores(
-        &self,
-        q: &[f32],
-        req: &ScoreRequest,
-        memo: Option<&mut ScoreMemo>,
-    ) -> Result<Vec<(u32, f32)>> {
-        let units = |kv: &LayerKv| {
-            UnitKeys::new(
-                keys_of(kv),
-                &kv.positions,
-                req.prompt_len,
-                req.shape,
-                req.block_size,
-                req.unit_size,
-            )
-        };
-        Ok(match (req.kind, memo) {
-            (ScoreKind::Paper, _) => block_scores_of(
-                q,
-                keys_of(self),
-                &self.positions,
-                req.prompt_len,
-                req.shape,
-                req.block_size,
-                req.unit_size,
-            ),
-            (ScoreKind::Attention, None) => units(self).attention_scores(q, req.pool),
-            (ScoreKind::Attention, Some(memo)) => {
-                // the unit keys change only when the layer's prompt rows do (revival)
-                let prompt_rows =
-                    (self.positions).partition_point(|&p| (p as usize) < req.prompt_len);
-                let key = (prompt_rows, req.unit_size);
-                let units = match memo.units.take() {
-                    Some((k, u)) if k == key => &memo.units.insert((k, u)).1,
-                    _ => &memo.units.insert((key, units(self))).1,
-                };
-                units.attention_scores(q, req.pool)
+    fn block_scores(&self, q: &[f32], req: &ScoreRequest) -> Result<Vec<(u32, f32)>> {
+        let (pos, len, shape) = (&self.positions, req.prompt_len, req.shape);
+        let (bs, unit) = (req.block_size, req.unit_size);
+        Ok(match req.kind {
+            ScoreKind::Paper => {
+                crate::backend::score::block_scores_of(q, keys_of(self), pos, len, shape, bs, unit)
+            }
+            ScoreKind::Attention => {
+                crate::backend::score::UnitKeys::new(keys_of(self), pos, len, shape, bs, unit)
+                    .attention_scores(q, req.pool)
             }
         })
     }
@@ -111,6 +70,7 @@ mod tests {
         block_scores, block_scores_attention, block_scores_attention_of, block_scores_of, HeadShape,
     };
     use crate::kv::KvDtype;
+    use crate::kv::LayerKv;
 
     #[test]
     fn stored_keys_score_as_their_widened_f32_values() {

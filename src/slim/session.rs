@@ -1,7 +1,6 @@
-//! SlimInfer inside the forward: the `LayerPolicy` that prunes prompt rows at stage boundaries
-//! during prefill and keeps each stage's active block set up to date during decode. The same
-//! session serves both forwards: the engine's through `LayerPolicy` over its CPU cache, the ops
-//! forward (CPU or GPU) through `prepare_attention` / `attended_rows` / `finish_layer` over its
+//! SlimInfer inside the forward: the session that prunes prompt rows at stage boundaries during
+//! prefill and keeps each stage's active block set up to date during decode. The forward (on
+//! any device) calls it through `prepare_attention` / `attended_rows` / `finish_layer` over its
 //! backend's cache ([`ScoredLayer`]: the backend scores, the session chooses on the host).
 //!
 //! Prefill: after the layer just before a stage starts, score the prompt blocks that layer still
@@ -35,14 +34,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-use candle_core::Tensor;
-
 use crate::backend::score::{HeadShape, WindowPool};
-use crate::kv::policy::{ActiveBlocks, LayerPolicy, Revived, RowChange};
-use crate::kv::LayerKv;
+use crate::kv::policy::{Revived, RowChange};
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
-use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
+use crate::slim::score::{ScoreRequest, ScoredLayer};
 use crate::slim::select::{
     budget_factor, forced_blocks, gate, gate_by_mass, kept_rows, select_blocks, select_top_k,
 };
@@ -64,8 +60,6 @@ struct StageState {
     /// each query's own block scores once computed (attention scoring pools per-query scores,
     /// by `window_pool`, so a decode step scores only its new query).
     window: VecDeque<WindowQuery>,
-    /// Decode: what scoring the boundary layer may reuse from step to step.
-    memo: ScoreMemo,
     /// Candidates without KV here (pruned at this stage): their hidden states at the stage's
     /// input, by block. Filled only when revival is on.
     aux: BTreeMap<u32, AuxBlock>,
@@ -132,8 +126,6 @@ struct LayerChoice {
     candidates: usize,
     /// The layer's last `LAYER_WINDOW` queries, with their scores.
     window: VecDeque<WindowQuery>,
-    /// What scoring the layer may reuse from step to step.
-    memo: ScoreMemo,
 }
 
 /// SlimInfer's per-conversation state; lives as long as the KV cache it pruned.
@@ -173,7 +165,6 @@ impl SlimSession {
                 pool: Vec::new(),
                 active: Vec::new(),
                 window: VecDeque::new(),
-                memo: ScoreMemo::default(),
                 aux: BTreeMap::new(),
                 prefill_scores: Vec::new(),
             })
@@ -225,13 +216,23 @@ impl SlimSession {
             .first()
             .map_or(self.n_layers, |s| s.stage.start_layer);
         let decode_sets = (first..self.n_layers)
-            .filter_map(|l| self.active_blocks(l).map(|a| (l, a.blocks.to_vec())))
+            .filter_map(|l| self.decode_set(l).map(|blocks| (l, blocks.to_vec())))
             .collect();
         SlimTrace {
             block_size: self.cfg.block_size,
             stages,
             decode_sets,
         }
+    }
+
+    /// The prompt blocks slim layer `layer` attends to in decode now (None before the first
+    /// stage): its own choice, or its stage's.
+    fn decode_set(&self, layer: usize) -> Option<&[u32]> {
+        let i = (self.stages.iter()).rposition(|s| s.stage.start_layer <= layer)?;
+        Some(match self.layers.get(layer) {
+            Some(choice) => &choice.active,
+            None => &self.stages[i].active,
+        })
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -328,7 +329,7 @@ impl SlimSession {
     }
 
     fn score(&self, q_window: &[f32], kv: &dyn ScoredLayer) -> Result<Vec<(u32, f32)>> {
-        kv.block_scores(q_window, &self.request(true), None)
+        kv.block_scores(q_window, &self.request(true))
     }
 
     /// Prefill at a boundary: choose the stage's blocks and the rows that go on; keep the
@@ -504,20 +505,16 @@ impl SlimSession {
             return self.score(&q, kv);
         }
         let mut window = std::mem::take(&mut self.stages[s].window);
-        let mut memo = std::mem::take(&mut self.stages[s].memo);
-        let pooled = self.pooled_scores(&mut window, &mut memo, kv);
+        let pooled = self.pooled_scores(&mut window, kv);
         self.stages[s].window = window;
-        self.stages[s].memo = memo;
         pooled
     }
 
     /// Attention-mass block scores of the prompt blocks `kv` holds, pooled over `window` by
-    /// `window_pool`. Scores each query once (kept in the window); `memo` carries what the
-    /// layer's scorer reuses while its prompt rows stay the same.
+    /// `window_pool`. Scores each query once (kept in the window).
     fn pooled_scores(
         &self,
         window: &mut VecDeque<WindowQuery>,
-        memo: &mut ScoreMemo,
         kv: &dyn ScoredLayer,
     ) -> Result<Vec<(u32, f32)>> {
         let req = self.request(false);
@@ -525,7 +522,7 @@ impl SlimSession {
             if wq.scores.is_some() {
                 break;
             }
-            wq.scores = Some(kv.block_scores(&wq.q, &req, Some(&mut *memo))?);
+            wq.scores = Some(kv.block_scores(&wq.q, &req)?);
         }
         let newest: Vec<u32> = (window.back().and_then(|wq| wq.scores.as_ref()))
             .map(|sc| sc.iter().map(|&(b, _)| b).collect())
@@ -535,7 +532,7 @@ impl SlimSession {
         };
         for wq in window.iter_mut() {
             if !wq.scores.as_deref().is_some_and(same_blocks) {
-                wq.scores = Some(kv.block_scores(&wq.q, &req, Some(&mut *memo))?);
+                wq.scores = Some(kv.block_scores(&wq.q, &req)?);
             }
         }
         let n = window.len().max(1) as f32;
@@ -605,7 +602,7 @@ impl SlimSession {
                 choice.window.pop_front();
             }
         }
-        let scores = self.pooled_scores(&mut choice.window, &mut choice.memo, kv);
+        let scores = self.pooled_scores(&mut choice.window, kv);
         let scores = match scores {
             Ok(scores) => scores,
             Err(e) => {
@@ -704,9 +701,14 @@ fn complement(keep: &[usize], n: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The session between a forward's layers, on any device: [`LayerPolicy`] for the engine's
-/// CPU cache is these three over [`LayerKv`]; the ops forward calls them over its backend's.
+/// The session between the forward's layers, on any device, over the backend's cache.
 impl SlimSession {
+    /// Rows whose queries the session scores after a layer: pruning scores the last
+    /// `local_window` queries; decode's stage window keeps as many.
+    pub fn query_rows(&self) -> usize {
+        self.cfg.local_window
+    }
+
     /// Layer `layer` has appended this step's rows (at `positions`) to `kv` and is about to
     /// attend: a slim layer choosing its own decode set does so now. `q` holds the post-RoPE
     /// queries of the step's last rows (every row, or at least the `local_window` last).
@@ -800,60 +802,6 @@ impl SlimSession {
         } else {
             self.reselect(s, h, q, positions, kv)
         }
-    }
-}
-
-impl LayerPolicy for SlimSession {
-    fn before_attention(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        positions: &[u32],
-        kv: &LayerKv,
-    ) -> Result<()> {
-        self.prepare_attention(layer, q, positions, kv)
-    }
-
-    /// Pruning scores the last `local_window` queries; decode's stage window keeps as many.
-    fn query_rows(&self) -> usize {
-        self.cfg.local_window
-    }
-
-    fn key_ranges(&self, layer: usize, kv: &LayerKv) -> Vec<Range<usize>> {
-        self.attended_rows(layer, kv)
-    }
-
-    fn active_blocks(&self, layer: usize) -> Option<ActiveBlocks<'_>> {
-        let i = self
-            .stages
-            .iter()
-            .rposition(|s| s.stage.start_layer <= layer)?;
-        let end = (self.stages.get(i + 1)).map_or(self.n_layers, |s| s.stage.start_layer);
-        let (blocks, stage_layers) = match self.layers.get(layer) {
-            Some(choice) => (&choice.active[..], layer..layer + 1),
-            None => (
-                &self.stages[i].active[..],
-                self.stages[i].stage.start_layer..end,
-            ),
-        };
-        Some(ActiveBlocks {
-            // the set decode attends to; key_ranges reads every row while it is every candidate
-            blocks,
-            stage_layers,
-            block_size: self.cfg.block_size,
-            prompt_len: self.prompt_len,
-        })
-    }
-
-    fn after_layer(
-        &mut self,
-        layer: usize,
-        h: &Tensor,
-        q: &[f32],
-        positions: &[u32],
-        kv: &LayerKv,
-    ) -> Result<Option<RowChange>> {
-        self.finish_layer(layer, h, q, positions, kv)
     }
 }
 

@@ -181,7 +181,7 @@ fn worker_main(
     send(WorkerEvent::Loaded {
         model: crate::model::source::display_name(&cfg.model.source),
         context_length: engine.context_length(),
-        n_layers: engine.model.spec.n_layers,
+        n_layers: engine.spec.n_layers,
         tokenizer: Some(SharedTokenizer(Arc::new(engine.tokenizer.clone()))),
         pruning: true,
         remote: None,

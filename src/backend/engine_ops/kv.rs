@@ -1,8 +1,8 @@
 //! The CPU engine's KV behind the seam: rows appended in its element type (Q8 keys divided by
-//! the layer's channel scale, fixed at its first append) and attended as `KvCache::attend`
-//! attends (src/kv/cache.rs): a prefill's own rows unrounded (f16) where the pool holds 8 bits,
-//! the queries scaled by the key scale otherwise, a subset as key ranges over the layer's rows,
-//! a decode row over slot runs where they lie.
+//! the layer's channel scale, fixed at its first append) and attended as the engine's own cache
+//! attended before this backend replaced it: a prefill's own rows unrounded (f16) where the pool
+//! holds 8 bits, the queries scaled by the key scale otherwise, a subset as key ranges over the
+//! layer's rows, a decode row over slot runs where they lie.
 
 use super::{check, slice_rows};
 use crate::backend::attention::scale_queries;

@@ -1,9 +1,10 @@
 //! [`Ops`] with the CPU engine's numerics: f32 activations; linear layers over the file's GGUF
 //! blocks (`Linear`, `FusedLinear`: in the default int8 mode the integer GEMM for many rows
 //! and the GEMV for one, activations rounded to 8 bits per 32 values); RMSNorm, RoPE, the SiLU
-//! gate and the residual in f32 with the kernels of [`super::rowwise`]. These are the
-//! operations src/model/llama.rs runs, one for one, so that the ops forward computes what the
-//! CPU product computes (`tests/engine_ops.rs` holds them to it). Its weights: `weights.rs`.
+//! gate and the residual in f32 with the kernels of [`super::rowwise`]: the CPU product's
+//! numerics (the engine's own forward, src/model/llama.rs until 2026-12-05, ran these operations
+//! one for one; tests/cpu_forward.rs holds the product to the logits it gave). Its weights:
+//! `weights.rs`.
 //!
 //! The KV too: pages in host memory ([`super::host_pool`]) of the engine's element type (Q8
 //! with its per-channel key scale fixed by a layer's first append, f16 or bf16), attended by its
@@ -403,8 +404,8 @@ impl Ops for EngineOps {
     }
 
     /// The engine's MLP: a chunk of [`MLP_ROWS`] rows at a time through RMSNorm, gate|up, the
-    /// SiLU gate, down and the residual (as src/model/llama.rs runs it: a (512, intermediate)
-    /// block of a 1B model is 16 MB, where all of a long prefill's rows would be gigabytes).
+    /// SiLU gate, down and the residual (a (512, intermediate) block of a 1B model is 16 MB,
+    /// where all of a long prefill's rows would be gigabytes).
     fn mlp(
         &self,
         h: &mut Vec<f32>,
@@ -542,6 +543,14 @@ impl Ops for EngineOps {
         pool: &mut KvPool<Self>,
     ) -> Result<()> {
         host_pool::fetch(host, writes, pool)
+    }
+
+    fn host_block_words<'h>(
+        &self,
+        host: &'h mut Vec<SlotCopy>,
+        i: usize,
+    ) -> Option<(&'h mut [u16], &'h mut [u16])> {
+        host.get_mut(i).map(|c| (&mut c.k[..], &mut c.v[..]))
     }
 
     fn kv_pool_regrouped(

@@ -8,7 +8,7 @@ use super::session_io::OpsKeys;
 use super::LlamaShape;
 use crate::backend::ops::{Ops, KV_BLOCK};
 use crate::backend::paged_kv::LayerCache;
-use crate::backend::paged_tier::TierCounts;
+use crate::backend::paged_tier::{SharedSpill, TierCounts, TierSpill};
 use crate::slim::session::SlimSession;
 use crate::Result;
 
@@ -35,13 +35,15 @@ pub struct ModelCache<O: Ops> {
 /// [`KvPlacement::Tiered`] a slim layer whose decode set is smaller than what its stage kept
 /// moves its prompt blocks to RAM and keeps slots for that set only, holding the blocks the
 /// set likely starts with, so that the fast tier holds one layer's whole pool at a time during
-/// the prefill rather than every layer's.
+/// the prefill rather than every layer's (and writes the moved blocks to `spill` too, when
+/// there is one).
 pub(super) fn ready_for_decode<O: Ops>(
     ops: &O,
     layer: usize,
     kv: &mut LayerCache<O>,
     session: &SlimSession,
     placement: KvPlacement,
+    spill: Option<&SharedSpill>,
 ) -> Result<()> {
     let stages = session.stages();
     let Some(first) = stages.first().map(|s| s.start_layer) else {
@@ -58,7 +60,11 @@ pub(super) fn ready_for_decode<O: Ops>(
     ) {
         (KvPlacement::Tiered, Some(st)) if st.decode_blocks < st.keep_blocks => {
             let stay = session.likely_decode_blocks(layer);
-            kv.move_to_host_tier(ops, prompt_len, st.decode_blocks, &stay)
+            let spill = spill.map(|file| TierSpill {
+                file: file.clone(),
+                layer,
+            });
+            kv.move_to_host_tier(ops, prompt_len, st.decode_blocks, &stay, spill)
         }
         _ => Ok(()),
     }
@@ -81,9 +87,12 @@ impl<O: Ops> ModelCache<O> {
             fast_bytes: self.pool_bytes(),
             ..Default::default()
         };
-        for host in self.layers.iter().filter_map(|l| l.host.as_ref()) {
-            r.host_bytes += host.bytes();
-            r.counts.add(&host.counts);
+        for layer in &self.layers {
+            r.counts.add(&layer.past_tier);
+            if let Some(host) = &layer.host {
+                r.host_bytes += host.bytes();
+                r.counts.add(&host.counts);
+            }
         }
         r
     }
@@ -110,6 +119,20 @@ impl<O: Ops> ModelCache<O> {
 
     pub fn rows_per_layer(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.rows).collect()
+    }
+
+    /// Forget the rows at positions `pos` and after, in every layer.
+    pub fn truncate_from(&mut self, pos: usize) -> Result<()> {
+        if self.session.is_some() && pos < self.prompt_len {
+            return Err(crate::Error::Engine(format!(
+                "kv: cannot cut a pruned prompt of {} tokens at {pos}",
+                self.prompt_len
+            )));
+        }
+        for layer in &mut self.layers {
+            layer.truncate_from(pos as u32)?;
+        }
+        Ok(())
     }
 
     /// Tokens every layer still has room for before its pool grows.

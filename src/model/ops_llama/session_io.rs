@@ -13,7 +13,7 @@ use crate::backend::score::WindowPool;
 use crate::kv::policy::Held;
 use crate::kv::policy::RowChange;
 use crate::slim::schedule::ScoreKind;
-use crate::slim::score::{ScoreMemo, ScoreRequest, ScoredLayer};
+use crate::slim::score::{ScoreRequest, ScoredLayer};
 use crate::slim::session::{HiddenRows, KeptRows};
 use crate::{Error, Result};
 
@@ -161,12 +161,7 @@ impl<O: Ops> ScoredLayer for OpsKeys<'_, O> {
         &self.kv.positions
     }
 
-    fn block_scores(
-        &self,
-        q: &[f32],
-        req: &ScoreRequest,
-        _memo: Option<&mut ScoreMemo>,
-    ) -> Result<Vec<(u32, f32)>> {
+    fn block_scores(&self, q: &[f32], req: &ScoreRequest) -> Result<Vec<(u32, f32)>> {
         if let Some(r) = (self.ready.as_ref()).filter(|r| r.req == *req && r.q == q) {
             self.ready_used.map(|n| n.fetch_add(1, Ordering::Relaxed));
             return Ok(r.scores.clone());

@@ -5,7 +5,7 @@
 use crate::backend::cpu_ops::plain_rope;
 use crate::backend::ops::{Heads, RopeLayout};
 use crate::backend::rowwise::RopeParams;
-use crate::model::gguf::ModelSpec;
+use crate::model::gguf::{ModelSpec, RopeScaling, RopeStyle};
 use crate::model::random;
 use crate::{Error, Result};
 
@@ -60,7 +60,7 @@ impl LlamaShape {
                 head_dim: spec.head_dim,
             },
             vocab: spec.vocab_size,
-            rope: RopeParams::from(spec),
+            rope: rope_params(spec),
             rms_eps: spec.rms_eps,
         })
     }
@@ -115,6 +115,23 @@ impl LlamaShape {
     /// Bytes of K and V for one cached row of one layer (bf16).
     pub fn kv_row_bytes(&self) -> usize {
         2 * self.heads.kv_dim() * 2
+    }
+}
+
+/// How a model file's RoPE rotates its heads.
+fn rope_params(spec: &ModelSpec) -> RopeParams {
+    RopeParams {
+        head_dim: spec.head_dim,
+        rope_dim: spec.rope_dim,
+        theta: spec.rope_theta,
+        linear_scaling: match spec.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear(f) => f,
+        },
+        layout: match spec.rope_style {
+            RopeStyle::Normal => RopeLayout::Normal,
+            RopeStyle::Neox => RopeLayout::Neox,
+        },
     }
 }
 

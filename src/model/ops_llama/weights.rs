@@ -8,7 +8,7 @@ use candle_core::quantized::QTensor;
 use super::LlamaShape;
 use crate::backend::cpu_ops::rope_tables;
 use crate::backend::ops::{Ops, WeightUse, WeightValues};
-use crate::model::gguf::GgufFile;
+use crate::model::gguf::{GgufFile, ModelSpec};
 use crate::{Error, Result};
 
 pub(super) struct LayerWeights<O: Ops> {
@@ -246,4 +246,38 @@ fn tensor(f: &mut GgufFile, name: &str, n: usize) -> Result<QTensor> {
         )));
     }
     Ok(t)
+}
+
+/// Tensors that would change the forward but that it has no place for (fused q/k/v, output
+/// and MLP biases, experts, long-context RoPE factors): refuse the file rather than run it wrong.
+const UNSUPPORTED_TENSORS: &[&str] = &[
+    "attn_qkv.weight",
+    "attn_output.bias",
+    "ffn_gate.bias",
+    "ffn_up.bias",
+    "ffn_down.bias",
+    "ffn_gate_inp.weight",
+    "output.bias",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+];
+
+pub(super) fn check_tensors_are_known(f: &GgufFile, spec: &ModelSpec) -> Result<()> {
+    let mut names: Vec<&String> = f.content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        // "blk.3.attn_output.bias" -> "attn_output.bias"
+        let base = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+            .map_or(name.as_str(), |(_, base)| base);
+        if UNSUPPORTED_TENSORS.contains(&base) {
+            return Err(Error::ModelLoad(format!(
+                "{}: tensor {name} is not supported by slimchat's {} forward",
+                f.path.display(),
+                spec.arch
+            )));
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use super::*;
-use crate::kv::KvDtype;
+use crate::kv::{KvDtype, LayerKv};
 use crate::slim::schedule::StageConfig;
 
 const BS: usize = 8;
@@ -76,15 +76,15 @@ fn each_slim_layer_attends_to_the_blocks_its_own_query_chose() {
     for (layer, kv) in kvs.iter().enumerate() {
         let mut q = vec![0.0; PROMPT * HD];
         q[(PROMPT - 1) * HD..].copy_from_slice(&query_at(targets[layer]));
-        s.before_attention(layer, &q, &positions, kv).unwrap();
+        s.prepare_attention(layer, &q, &positions, kv).unwrap();
         assert!(s
-            .after_layer(layer, &h, &q, &positions, kv)
+            .finish_layer(layer, &h, &q, &positions, kv)
             .unwrap()
             .is_none());
     }
     // forced: sink 0 and last 7; then the layer's target and the lowest id among the ties
     let read =
-        |s: &SlimSession, layer: usize, kv: &LayerKv| blocks_read(&s.key_ranges(layer, kv), kv);
+        |s: &SlimSession, layer: usize, kv: &LayerKv| blocks_read(&s.attended_rows(layer, kv), kv);
     assert_eq!(
         read(&s, 0, &kvs[0]),
         (0..8).collect::<Vec<u32>>(),
@@ -92,27 +92,30 @@ fn each_slim_layer_attends_to_the_blocks_its_own_query_chose() {
     );
     assert_eq!(read(&s, 1, &kvs[1]), vec![0, 1, 3, 7]);
     assert_eq!(read(&s, 2, &kvs[2]), vec![0, 1, 5, 7]);
-    assert_eq!(s.active_blocks(2).unwrap().blocks, &[0, 1, 5, 7]);
-    assert_eq!(s.active_blocks(2).unwrap().stage_layers, 2..3);
+    assert_eq!(s.decode_set(2).unwrap(), &[0, 1, 5, 7]);
 
     // a decode step: layer 1's new query looks at block 5, and reads it at this step
     for (layer, kv) in kvs.iter_mut().enumerate() {
         let k = query_at(0);
         kv.append(&k, &[0.0; HD], &[PROMPT as u32]).unwrap();
         let q = query_at(if layer == 1 { 5 } else { targets[layer] });
-        s.before_attention(layer, &q, &[PROMPT as u32], kv).unwrap();
+        s.prepare_attention(layer, &q, &[PROMPT as u32], kv)
+            .unwrap();
         if layer == 1 {
             assert_eq!(read(&s, 1, kv), vec![0, 1, 5, 7]);
         }
         let h1 = h.narrow(0, 0, 1).unwrap();
-        let change = s.after_layer(layer, &h1, &q, &[PROMPT as u32], kv);
+        let change = s.finish_layer(layer, &h1, &q, &[PROMPT as u32], kv);
         assert!(change.unwrap().is_none());
     }
     assert_eq!(read(&s, 3, &kvs[3]), vec![0, 1, 6, 7]);
     assert_eq!(s.take_swaps(), 2, "block 3 out, block 5 in");
     // the row past the prompt is always read
     let last = kvs[1].len() - 1;
-    assert!(s.key_ranges(1, &kvs[1]).iter().any(|r| r.contains(&last)));
+    assert!(s
+        .attended_rows(1, &kvs[1])
+        .iter()
+        .any(|r| r.contains(&last)));
 }
 
 /// Blocks the first stage keeps when layer 0's last query scores the prompt as `q` does,
@@ -134,8 +137,8 @@ fn kept_with_fitted_budget(q_last: &[f32]) -> Vec<u32> {
     let positions: Vec<u32> = (0..PROMPT as u32).collect();
     let mut q = vec![0.0; PROMPT * HD];
     q[(PROMPT - 1) * HD..].copy_from_slice(q_last);
-    s.before_attention(0, &q, &positions, &kv).unwrap();
-    let change = s.after_layer(0, &h, &q, &positions, &kv).unwrap();
+    s.prepare_attention(0, &q, &positions, &kv).unwrap();
+    let change = s.finish_layer(0, &h, &q, &positions, &kv).unwrap();
     assert!(change.is_some(), "the stage prunes");
     s.trace().stages[0].pool.clone()
 }

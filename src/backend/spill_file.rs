@@ -1,12 +1,10 @@
-//! Optional spill file of the host tier: prompt blocks that are not active are also written to a
-//! memory-mapped file under the cache directory, size-capped, with a CRC-32 per block. A
-//! prefetch of a spilled block reads it from the file and checks the CRC; a block that fails
-//! the check is not used (the RAM copy is, and the metrics count it).
+//! Optional spill file of the host tier (`[kv] spill`): the prompt blocks a tiered layer keeps
+//! in RAM are also written to a memory-mapped file under the cache directory, size-capped, with
+//! a CRC-32 per block. A fetch of a spilled block reads it from the file and checks the CRC; a
+//! block that fails the check is not used (the RAM copy is, and the metrics count it).
 //!
-//! Honest scope: the RAM copy is kept alongside (the host tier's rows are one contiguous cache
-//! per layer, which the boundary scoring reads whole), so spilling does not lower RSS yet; it
-//! exercises the path a later change needs to release the RAM of spilled blocks. Owned by the
-//! offload worker's thread alone.
+//! Honest scope: the RAM copy is kept alongside, so spilling does not lower RSS yet; it
+//! exercises the path a later change needs to release the RAM of spilled blocks.
 
 use std::collections::HashMap;
 use std::fs::File;

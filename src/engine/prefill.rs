@@ -1,0 +1,202 @@
+//! How a conversation reaches the forward: a follow-up reuses the longest cached prefix its
+//! pruning allows and runs only its new tokens, any other prompt is prefilled whole (pruned
+//! when SlimInfer is on) after its fast-tier KV is checked against `[kv] fast_budget`; then one
+//! token at a time, and teacher forcing.
+
+use super::memory::MemoryTicker;
+use super::{Engine, EngineEvent, PrefillKind};
+use crate::kv::config::Budget;
+use crate::model::ops_llama::KvPlacement;
+use crate::slim::session::SlimSession;
+use crate::{Error, Result};
+
+impl Engine {
+    /// Error unless a prompt of `n` tokens leaves room for at least one answer token.
+    pub fn check_fits(&self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(Error::Prompt("empty prompt".into()));
+        }
+        if n >= self.context_length() {
+            return Err(Error::Prompt(format!(
+                "the prompt is {n} tokens but the model's context is {} tokens (the answer needs room too)",
+                self.context_length()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Make the cache hold exactly `prompt`, reusing the longest cached prefix, and return
+    /// the logits after the last prompt token and how many tokens were reused. A fresh prompt
+    /// is pruned when SlimInfer is on; a follow-up keeps the earlier turns' pruned KV.
+    pub fn prefill(
+        &mut self,
+        prompt: &[u32],
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, usize)> {
+        let (reused, kind) = self.reusable(prompt);
+        // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
+        self.plan_kv(prompt.len(), reused == 0)?;
+        self.last_prefill_kind = kind;
+        let logits = if reused == 0 {
+            self.reset();
+            self.prefill_whole(prompt, on_event)
+        } else {
+            self.cached.truncate(reused);
+            match self.forward.truncate_from(reused) {
+                Ok(()) => self.forward.extend(&prompt[reused..]),
+                Err(e) => Err(e),
+            }
+        };
+        match logits {
+            Ok(logits) => {
+                if let Some(session) = self.forward.session_mut() {
+                    session.take_swaps();
+                }
+                self.cached = prompt.to_vec();
+                Ok((logits, reused))
+            }
+            Err(e) => {
+                // a failed forward may have written some layers only: start clean next time
+                self.reset();
+                Err(e)
+            }
+        }
+    }
+
+    /// How many of `prompt`'s tokens the cache can keep, and how the prompt gets in.
+    fn reusable(&self, prompt: &[u32]) -> (usize, PrefillKind) {
+        let shared = (self.cached.iter().zip(prompt))
+            .take_while(|(a, b)| a == b)
+            .count();
+        // at least one token must run to produce logits
+        let reused = shared.min(prompt.len() - 1);
+        let again = |reused| match reused {
+            0 => (0, PrefillKind::Full),
+            _ => (0, PrefillKind::Reprefilled),
+        };
+        match self.forward.session() {
+            // pruned rows cannot be recomputed in place: a change inside the pruned prompt, or
+            // the re-prefill option, starts over
+            Some(s) if reused < s.prompt_len() || self.slim.reprefill_followups => again(reused),
+            Some(_) => (reused, PrefillKind::Reused),
+            // the cache was prefilled dense (pruning was off), and a session prunes from
+            // position 0: a follow-up reuses the dense rows, but a prompt that is mostly new (a
+            // new document) starts over, pruned
+            None if self.slim.enabled && reused > 0 && prompt.len() - reused > reused => {
+                again(reused)
+            }
+            None if reused > 0 => (reused, PrefillKind::Reused),
+            None => (0, PrefillKind::Full),
+        }
+    }
+
+    /// The whole prompt through the forward from an empty cache, pruned when SlimInfer is on,
+    /// with room for the answer; progress and memory readings as its layers finish.
+    fn prefill_whole(
+        &mut self,
+        prompt: &[u32],
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<Vec<f32>> {
+        let n_layers = self.spec.n_layers;
+        let total = prompt.len();
+        let slim = (self.slim.enabled).then_some(&self.slim);
+        let headroom = (self.context.saturating_sub(total)).min(self.answer_reserve);
+        let mut memory = MemoryTicker::new(Some(self.forward.memory_probe()));
+        self.forward.prefill(prompt, slim, headroom, &mut |at| {
+            on_event(EngineEvent::PrefillProgress {
+                layers_done: at.layer + 1,
+                n_layers,
+                tokens: total,
+                rows: at.rows,
+            });
+            if let Some(reading) = memory.kv_held(at.kv_fast_bytes, at.kv_host_bytes) {
+                on_event(reading);
+            }
+        })
+    }
+
+    /// Check that the fast tier holds a prompt of `prompt_tokens` tokens (the whole
+    /// conversation) and its answer within `[kv] fast_budget`: every row of a layer that
+    /// attends to all of them, a tiered slim layer's decode set and the rows past the prompt.
+    /// `fresh`: the prompt will not reuse the cached session. An error when it does not fit.
+    pub(super) fn plan_kv(&mut self, prompt_tokens: usize, fresh: bool) -> Result<()> {
+        if self.forward.kv_placement() == KvPlacement::Resident {
+            self.kv_budget = None;
+            return Ok(());
+        }
+        let n_layers = self.spec.n_layers;
+        let (stages, prompt_len) = match self.forward.session() {
+            Some(s) if !fresh => (s.stages(), s.prompt_len()),
+            _ if self.slim.enabled => (self.slim.resolve(n_layers, prompt_tokens), prompt_tokens),
+            _ => (Vec::new(), prompt_tokens),
+        };
+        let total = (prompt_tokens + self.answer_reserve).min(self.context_length());
+        let (row, bs) = (self.forward.kv_row_bytes(), self.slim.block_size);
+        let (mut whole, mut sets, mut tail) = (0, 0, 0);
+        for layer in 0..n_layers {
+            match stages.iter().rev().find(|s| s.start_layer <= layer) {
+                Some(st) => {
+                    sets += st.decode_blocks.min(st.keep_blocks) * bs * row;
+                    tail += total.saturating_sub(prompt_len) * row;
+                }
+                None => whole += total * row,
+            }
+        }
+        let need = whole + sets + tail;
+        let budget = match self.kv_cfg.budget().map_err(Error::Config)? {
+            Budget::Auto => need,
+            Budget::Bytes(b) => b,
+            Budget::Tokens(t) => t * n_layers * row,
+        };
+        if need > budget {
+            return Err(Error::Config(format!(
+                "[kv] fast_budget of {} is too small for this request: it needs {} (layers attending to every row {}, the slim layers' decode sets {}, rows past the prompt {}); raise [kv] fast_budget or lower [slim] decode_keep",
+                mib(budget),
+                mib(need),
+                mib(whole),
+                mib(sets),
+                mib(tail)
+            )));
+        }
+        self.kv_budget = Some(budget);
+        Ok(())
+    }
+
+    /// Teacher-forced logits: run `tokens` at positions 0.. from an empty cache, dense whatever
+    /// the pruning setting, and return the logits of rows `from..` as (tokens.len() - from,
+    /// vocab), row-major. The cache is empty afterwards.
+    pub fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        if tokens.len() > self.context_length() {
+            return Err(Error::Prompt(format!(
+                "{} tokens do not fit the model's context of {}",
+                tokens.len(),
+                self.context_length()
+            )));
+        }
+        self.reset();
+        let logits = self.forward.logits_from(tokens, from);
+        self.reset();
+        logits
+    }
+
+    /// Run one generated token through the model.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        match self.forward.extend(&[token]) {
+            Ok(logits) => {
+                self.cached.push(token);
+                let swaps = self.forward.session_mut().map(SlimSession::take_swaps);
+                self.swaps.extend(swaps);
+                Ok(logits)
+            }
+            Err(e) => {
+                // some layers may hold this token already: start clean next time
+                self.reset();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}

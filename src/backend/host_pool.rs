@@ -84,6 +84,16 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// No rows, in `dtype`.
+    pub fn empty(dtype: KvDtype) -> Self {
+        Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            pos: Vec::new(),
+            dtype,
+        }
+    }
+
     pub fn of<O: HostPools>(pool: &KvPool<O>, table: &[u32], n_keys: usize) -> Result<Self> {
         let d = pool.row_words();
         check("pool table", table.len() * KV_BLOCK, n_keys)?;

@@ -52,6 +52,14 @@ pub struct RowSlice {
 }
 
 impl RowSlice {
+    /// The same rows from column `col` on.
+    pub fn columns(self, col: usize) -> Self {
+        Self {
+            offset: self.offset + col,
+            ..self
+        }
+    }
+
     /// Rows `first..first + rows` of this slice.
     pub fn rows_from(self, first: usize, rows: usize) -> Self {
         Self {

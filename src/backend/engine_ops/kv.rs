@@ -4,19 +4,21 @@
 //! holds 8 bits, the queries scaled by the key scale otherwise, a subset as key ranges over the
 //! layer's rows, a decode row over slot runs where they lie.
 
+use std::cell::RefCell;
+
 use super::{check, slice_rows};
 use crate::backend::attention::scale_queries;
 use crate::backend::attention_kind::{attention_in_place_with, AttentionKind};
 use crate::backend::decode_attention::decode_attention_runs;
 use crate::backend::host_pool;
 use crate::backend::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
-use crate::backend::ops::{AttentionContext, Heads, KvPool, RowSlice};
+use crate::backend::ops::{AttentionContext, Heads, KvPool, RowSlice, KV_BLOCK};
 use crate::Result;
 
 use super::EngineOps;
 
 /// [`crate::backend::ops::Ops::kv_append`]: rows `at` of qkv, keys at column `k_col`, values at
-/// `v_col`.
+/// `v_col`, each encoded from where it lies straight into its slot.
 pub(super) fn append(
     qkv: &[f32],
     at: RowSlice,
@@ -28,34 +30,37 @@ pub(super) fn append(
 ) -> Result<()> {
     let (d, words) = (pool.kv_dim, pool.row_words());
     check("kv_append positions", positions.len(), at.rows)?;
-    let mut k = slice_rows(
-        qkv,
-        RowSlice {
-            offset: at.offset + k_col,
-            ..at
-        },
-        d,
-    )?;
-    let v = slice_rows(
-        qkv,
-        RowSlice {
-            offset: at.offset + v_col,
-            ..at
-        },
-        d,
-    )?;
-    if pool.dtype == KvDtype::Q8 {
-        if pool.k_scale.is_empty() && at.rows > 0 {
-            pool.k_scale = first_key_scale(&k, d);
-        }
-        for row in k.chunks_exact_mut(d) {
-            row.iter_mut().zip(&pool.k_scale).for_each(|(x, s)| *x /= s);
-        }
+    check("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
+    if at.rows == 0 {
+        return Ok(());
     }
-    let (mut k16, mut v16) = (vec![0u16; at.rows * words], vec![0u16; at.rows * words]);
-    pool.dtype.encode(&k, &mut k16);
-    pool.dtype.encode(&v, &mut v16);
-    host_pool::append(&k16, &v16, &positions[..at.rows], pool, table, row0)
+    let last = at.offset + (at.rows - 1) * at.stride + k_col.max(v_col) + d;
+    check("kv_append rows", qkv.len(), last)?;
+    let q8 = pool.dtype == KvDtype::Q8;
+    if q8 && pool.k_scale.is_empty() {
+        let keys = slice_rows(qkv, at.columns(k_col), d)?;
+        pool.k_scale = first_key_scale(&keys, d);
+    }
+    let mut scaled = vec![0f32; d];
+    for (r, &p) in positions[..at.rows].iter().enumerate() {
+        let s = row0 + r;
+        let dst = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
+        let src = at.offset + r * at.stride;
+        let mut k = &qkv[src + k_col..][..d];
+        if q8 {
+            for ((o, x), c) in scaled.iter_mut().zip(k).zip(&pool.k_scale) {
+                *o = x / c;
+            }
+            k = &scaled;
+        }
+        pool.dtype.encode(k, &mut pool.k[dst * words..][..words]);
+        (pool.dtype).encode(
+            &qkv[src + v_col..][..d],
+            &mut pool.v[dst * words..][..words],
+        );
+        pool.pos[dst] = p;
+    }
+    Ok(())
 }
 
 /// [`crate::backend::ops::Ops::attention`] with the engine's prefill kernel `kind`.
@@ -70,18 +75,30 @@ pub(super) fn attend(
     check("attention positions", q_pos.len(), at.rows)?;
     let q_pos = &q_pos[..at.rows];
     let shape = host_pool::attn_shape(heads);
-    let mut qo = slice_rows(q, at, heads.q_dim())?;
     if at.rows == 1 {
         // decode: the rows where they lie, slot run after slot run, when all are visible
         let (runs, last) = host_pool::runs(pool, table, n_keys)?;
         if last.is_none_or(|p| p <= q_pos[0]) {
-            scale_queries(&mut qo, &pool.k_scale, shape);
-            let q = qo.clone();
-            decode_attention_runs(&q, &runs, pool.dtype, shape, &mut qo);
-            check("attention out", out.len(), qo.len())?;
-            out[..qo.len()].copy_from_slice(&qo);
+            let mut q = slice_rows(q, at, heads.q_dim())?;
+            scale_queries(&mut q, &pool.k_scale, shape);
+            check("attention out", out.len(), q.len())?;
+            decode_attention_runs(&q, &runs, pool.dtype, shape, &mut out[..q.len()]);
             return Ok(());
         }
+    }
+    // the queries go where the output will be, and are attended in place there
+    let qd = heads.q_dim();
+    check("attention out", out.len(), at.rows * qd)?;
+    if at.rows > 0 {
+        check(
+            "attention queries",
+            q.len(),
+            at.offset + (at.rows - 1) * at.stride + qd,
+        )?;
+    }
+    let qo = &mut out[..at.rows * qd];
+    for (r, row) in qo.chunks_exact_mut(qd).enumerate() {
+        row.copy_from_slice(&q[at.offset + r * at.stride..][..qd]);
     }
     // several rows: the 8-bit kernel groups keys by their row in the layer, so a subset is
     // read as the layer's rows it is, where the layer has them all
@@ -100,62 +117,60 @@ pub(super) fn attend(
         .checked_sub(at.rows)
         .filter(|&old| view.positions[old..] == *q_pos);
     match (ctx.fresh, tail) {
-        (Some((k_col, v_col)), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
-            let d = pool.kv_dim;
-            let k = slice_rows(
-                q,
-                RowSlice {
-                    offset: at.offset + k_col,
-                    ..at
-                },
-                d,
-            )?;
-            let v = slice_rows(
-                q,
-                RowSlice {
-                    offset: at.offset + v_col,
-                    ..at
-                },
-                d,
-            )?;
-            let exact = exact_rows(view, old, (&k, &v), &pool.k_scale, d);
-            attention_in_place_with(kind, &mut qo, q_pos, exact.view(), ranges, shape)?;
+        (Some(cols), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
+            EXACT.with_borrow_mut(|exact| {
+                exact_rows(view, old, (q, at, cols), &pool.k_scale, pool.kv_dim, exact);
+                attention_in_place_with(kind, qo, q_pos, exact.view(), ranges, shape)
+            })?;
         }
         _ => {
-            scale_queries(&mut qo, &pool.k_scale, shape);
-            attention_in_place_with(kind, &mut qo, q_pos, view, ranges, shape)?;
+            scale_queries(qo, &pool.k_scale, shape);
+            attention_in_place_with(kind, qo, q_pos, view, ranges, shape)?;
         }
     }
-    check("attention out", out.len(), qo.len())?;
-    out[..qo.len()].copy_from_slice(&qo);
     Ok(())
 }
 
-/// A Q8 layer's rows in f16: the first `old` widened from the pool's words (keys unscaled), the
-/// rest the prefill's own keys and values (k, v: (rows, kv_dim) f32) rounded to f16 only.
+thread_local! {
+    /// A Q8 prefill's layer in f16 for its own attention, reused from layer to layer (a long
+    /// prompt's rows are megabytes: fresh pages per layer cost their faults).
+    static EXACT: RefCell<host_pool::Rows> = RefCell::new(host_pool::Rows::empty(KvDtype::F16));
+}
+
+/// A Q8 layer's rows in f16 into `out`: the first `old` widened from the pool's words (keys
+/// unscaled), 256 rows at a time, the rest the prefill's own keys and values (rows `at` of
+/// `qkv`, at columns `cols`) rounded to f16 only.
 fn exact_rows(
     rows: KvView,
     old: usize,
-    (k, v): (&[f32], &[f32]),
+    (qkv, at, (k_col, v_col)): (&[f32], RowSlice, (usize, usize)),
     k_scale: &[f32],
     kv_dim: usize,
-) -> host_pool::Rows {
+    out: &mut host_pool::Rows,
+) {
+    const CHUNK: usize = 256;
     let words = rows.dtype.stored_len(kv_dim);
     let n = rows.positions.len();
-    let widen = |bits: &[u16], scale: &[f32], fresh: &[f32]| {
-        let mut wide = vec![0f32; n * kv_dim];
-        rows.dtype
-            .decode(&bits[..old * words], &mut wide[..old * kv_dim]);
-        unscale_keys(&mut wide[..old * kv_dim], scale);
-        wide[old * kv_dim..].copy_from_slice(&fresh[..(n - old) * kv_dim]);
-        let mut narrow = vec![0u16; n * kv_dim];
-        KvDtype::F16.encode(&wide, &mut narrow);
-        narrow
-    };
-    host_pool::Rows {
-        k: widen(rows.k, k_scale, k),
-        v: widen(rows.v, &[], v),
-        pos: rows.positions.to_vec(),
-        dtype: KvDtype::F16,
+    let mut wide = vec![0f32; CHUNK.min(old.max(1)) * kv_dim];
+    for (dst, bits, scale, col) in [
+        (&mut out.k, rows.k, k_scale, k_col),
+        (&mut out.v, rows.v, &[][..], v_col),
+    ] {
+        dst.resize(n * kv_dim, 0);
+        let (head, tail) = dst.split_at_mut(old * kv_dim);
+        for (bits, narrow) in
+            (bits[..old * words].chunks(CHUNK * words)).zip(head.chunks_mut(CHUNK * kv_dim))
+        {
+            let wide = &mut wide[..narrow.len()];
+            rows.dtype.decode(bits, wide);
+            unscale_keys(wide, scale);
+            KvDtype::F16.encode(wide, narrow);
+        }
+        for (r, narrow) in tail.chunks_exact_mut(kv_dim).enumerate() {
+            KvDtype::F16.encode(&qkv[at.offset + r * at.stride + col..][..kv_dim], narrow);
+        }
     }
+    out.pos.clear();
+    out.pos.extend_from_slice(rows.positions);
+    out.dtype = KvDtype::F16;
 }

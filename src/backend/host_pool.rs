@@ -76,6 +76,7 @@ pub fn append<O: HostPools>(
 
 /// The first `n_keys` rows of a pool through its slot table, in row order: keys and values as
 /// the pool's words, and positions, copied out of their slots.
+#[derive(Default)]
 pub struct Rows {
     pub k: Vec<u16>,
     pub v: Vec<u16>,
@@ -84,16 +85,6 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// No rows, in `dtype`.
-    pub fn empty(dtype: KvDtype) -> Self {
-        Self {
-            k: Vec::new(),
-            v: Vec::new(),
-            pos: Vec::new(),
-            dtype,
-        }
-    }
-
     pub fn of<O: HostPools>(pool: &KvPool<O>, table: &[u32], n_keys: usize) -> Result<Self> {
         let d = pool.row_words();
         check("pool table", table.len() * KV_BLOCK, n_keys)?;

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use super::{check, slice_rows};
+use super::{check, slice_rows, with_reused};
 use crate::backend::attention::scale_queries;
 use crate::backend::attention_kind::{attention_in_place_with, AttentionKind};
 use crate::backend::decode_attention::decode_attention_runs;
@@ -118,7 +118,7 @@ pub(super) fn attend(
         .filter(|&old| view.positions[old..] == *q_pos);
     match (ctx.fresh, tail) {
         (Some(cols), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
-            EXACT.with_borrow_mut(|exact| {
+            with_reused(&EXACT, |exact| {
                 exact_rows(view, old, (q, at, cols), &pool.k_scale, pool.kv_dim, exact);
                 attention_in_place_with(kind, qo, q_pos, exact.view(), ranges, shape)
             })?;
@@ -134,7 +134,7 @@ pub(super) fn attend(
 thread_local! {
     /// A Q8 prefill's layer in f16 for its own attention, reused from layer to layer (a long
     /// prompt's rows are megabytes: fresh pages per layer cost their faults).
-    static EXACT: RefCell<host_pool::Rows> = RefCell::new(host_pool::Rows::empty(KvDtype::F16));
+    static EXACT: RefCell<host_pool::Rows> = RefCell::new(host_pool::Rows::default());
 }
 
 /// A Q8 layer's rows in f16 into `out`: the first `old` widened from the pool's words (keys

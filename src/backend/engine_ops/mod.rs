@@ -14,6 +14,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::LocalKey;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -138,6 +139,18 @@ fn write(out: &mut [f32], y: &Tensor) -> Result<()> {
         out[..y.len()].copy_from_slice(y);
         Ok(())
     })?
+}
+
+/// Run `f` on this thread's `cell`, or on a fresh value when the thread is using it already (a
+/// pool thread that, waiting inside one forward's parallel op, runs another forward's work).
+fn with_reused<T: Default, R>(
+    cell: &'static LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut reused) => f(&mut reused),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 thread_local! {
@@ -430,7 +443,7 @@ impl Ops for EngineOps {
         };
         check("mlp h", h.len(), rows * hidden)?;
         check("mlp norm", norm.len(), hidden)?;
-        MLP_SCRATCH.with_borrow_mut(|(x, act)| {
+        with_reused(&MLP_SCRATCH, |(x, act)| {
             for r in row_chunks(rows, MLP_ROWS) {
                 let chunk = &mut h[r.start * hidden..r.end * hidden];
                 // every value of both is written before it is read

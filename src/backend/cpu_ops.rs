@@ -415,7 +415,7 @@ impl Ops for CpuOps {
         host: &'h mut Vec<SlotCopy>,
         i: usize,
     ) -> Option<(&'h mut [u16], &'h mut [u16])> {
-        host.get_mut(i).map(|c| (&mut c.k[..], &mut c.v[..]))
+        host_pool::block_words(host, i)
     }
 
     fn kv_pool_regrouped(

@@ -274,6 +274,11 @@ pub fn unit_scores(
     Ok(())
 }
 
+/// [`Ops::host_block_words`] of the CPU's host blocks.
+pub fn block_words(host: &mut [SlotCopy], i: usize) -> Option<(&mut [u16], &mut [u16])> {
+    host.get_mut(i).map(|c| (&mut c.k[..], &mut c.v[..]))
+}
+
 /// [`Ops::kv_offload`].
 pub fn offload<O: HostPools>(pool: &KvPool<O>, slots: &[u32]) -> Result<Vec<SlotCopy>> {
     let n = KV_BLOCK * pool.row_words();

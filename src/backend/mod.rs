@@ -32,7 +32,7 @@ pub mod score;
 pub mod simd;
 pub mod spill_file;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Storage, Tensor};
 
 /// Run `f` on the f32 elements of a contiguous CPU tensor, without copying.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
@@ -50,9 +50,4 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resu
         }
         _ => candle_core::bail!("with_f32: tensor is not on the CPU"),
     }
-}
-
-/// Wrap an owned buffer as a CPU tensor of shape (rows, cols), without copying.
-pub fn tensor2(data: Vec<f32>, rows: usize, cols: usize) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(data, (rows, cols), &Device::Cpu)
 }

@@ -174,3 +174,88 @@ fn exact_rows(
     out.pos.extend_from_slice(rows.positions);
     out.dtype = KvDtype::F16;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ops::{Ops, KV_BLOCK};
+    use crate::backend::qgemv::tests::noise;
+
+    const HEADS: Heads = Heads {
+        n_heads: 6,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+
+    /// Rows `turns` of one layer's qkv (each row q | k | v) through a pool of `dtype`, every
+    /// turn appended then attended as a prefill (`fresh`: with its own keys and values as the
+    /// forward passes them); the last turn's output.
+    fn prefill_turns(
+        dtype: KvDtype,
+        qkv: &Vec<f32>,
+        turns: &[std::ops::Range<usize>],
+        fresh: bool,
+    ) -> Vec<f32> {
+        let ops = EngineOps::new(
+            crate::backend::linear::LinearMode::Int8,
+            dtype,
+            AttentionKind::Int8,
+        );
+        let (qd, kvd) = (HEADS.q_dim(), HEADS.kv_dim());
+        let width = qd + 2 * kvd;
+        let n = qkv.len() / width;
+        let mut pool = KvPool::new(&ops, n.div_ceil(KV_BLOCK), kvd).unwrap();
+        let table: Vec<u32> = (0..pool.slots as u32).collect();
+        let mut out = Vec::new();
+        for rows in turns {
+            let at = RowSlice {
+                rows: rows.len(),
+                stride: width,
+                offset: rows.start * width,
+            };
+            let pos: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
+            ops.kv_append(qkv, at, qd, qd + kvd, &pos, &mut pool, &table, rows.start)
+                .unwrap();
+            out = vec![0f32; rows.len() * qd];
+            let ctx = AttentionContext {
+                fresh: fresh.then_some((qd, qd + kvd)),
+                layer: None,
+            };
+            (Ops::attention(
+                &ops, qkv, at, &pos, &pool, &table, rows.end, HEADS, &mut out, &ctx,
+            ))
+            .unwrap();
+        }
+        out
+    }
+
+    /// A Q8 layer's prefill reads its own rows at f16 precision: bit-identical to an f16 pool on
+    /// a first turn (and not so without them, as in decode); on a second turn the earlier rows
+    /// come widened from Q8 and the turn's own at f16.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one turn: one range of rows
+    fn a_q8_prefill_attends_over_its_own_rows_at_f16_precision() {
+        let (qd, kvd) = (HEADS.q_dim(), HEADS.kv_dim());
+        let n = 200;
+        let qkv = noise(n * (qd + 2 * kvd), 3);
+        let f16 = prefill_turns(KvDtype::F16, &qkv, &[0..n], true);
+        let q8 = prefill_turns(KvDtype::Q8, &qkv, &[0..n], true);
+        assert_eq!(q8, f16, "first turn: Q8 prefill = f16 prefill");
+        let rounded = prefill_turns(KvDtype::Q8, &qkv, &[0..n], false);
+        assert_ne!(rounded, f16, "the int8 rows differ from f16");
+        let second = prefill_turns(KvDtype::Q8, &qkv, &[0..120, 120..n], true);
+        let whole_f16 = prefill_turns(KvDtype::F16, &qkv, &[0..120, 120..n], true);
+        let first_rows_rounded = prefill_turns(KvDtype::Q8, &qkv, &[0..120, 120..n], false);
+        assert_ne!(second, whole_f16, "the earlier rows are read from Q8");
+        assert_ne!(
+            second, first_rows_rounded,
+            "the turn's own rows are read at f16"
+        );
+        let diff = second
+            .iter()
+            .zip(&whole_f16)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 0.05, "Q8 earlier rows moved the output by {diff}");
+    }
+}

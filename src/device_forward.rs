@@ -511,6 +511,12 @@ fn spill_notes(counts: &TierCounts, corrupt: usize, spill: &SpillSetting) -> Vec
             counts.spill_skipped
         ));
     }
+    if counts.spill_unsupported > 0 {
+        notes.push(format!(
+            "spill: this device's host blocks are not process memory; {} blocks stay in its pinned RAM only",
+            counts.spill_unsupported
+        ));
+    }
     if corrupt > 0 {
         notes.push(format!(
             "spill: {corrupt} blocks failed their CRC and were read from RAM instead"

@@ -299,12 +299,15 @@ impl Engine {
     }
 
     /// Run prompts and tokens through `forward` (a GPU's) from now on, with the same KV
-    /// placement; the loaded file still tokenizes, templates and describes the model. The
+    /// placement and spill file; the loaded file still tokenizes, templates and describes the model. The
     /// context becomes the smaller of the engine's and the forward's.
     pub fn use_device(&mut self, mut forward: Box<dyn DeviceForward>) {
         self.reset();
         self.context = self.context.min(forward.context());
         forward.set_kv_placement(self.forward.kv_placement());
+        if let Ok(spill) = spill_setting(&self.kv_cfg) {
+            forward.set_spill(spill);
+        }
         self.device = Some(forward.describe());
         self.forward = forward;
     }

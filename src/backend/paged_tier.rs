@@ -52,11 +52,12 @@ pub struct TierCounts {
     /// themselves run behind the layers that follow) and waiting for fetches (in decode).
     pub offload_us: usize,
     pub fetch_us: usize,
-    /// Host blocks also written to the spill file, and their bytes; blocks not written (the
-    /// file at its cap, or a backend whose host blocks are not process memory).
+    /// Host blocks also written to the spill file, and their bytes; blocks not written because
+    /// the file is at its cap, or because the backend's host blocks are not process memory.
     pub spilled_blocks: usize,
     pub spilled_bytes: usize,
     pub spill_skipped: usize,
+    pub spill_unsupported: usize,
     /// Fetched blocks read back from the spill file, and those of them that failed their CRC
     /// (the RAM copy was used).
     pub spill_reads: usize,
@@ -78,6 +79,7 @@ impl TierCounts {
         self.spilled_blocks += o.spilled_blocks;
         self.spilled_bytes += o.spilled_bytes;
         self.spill_skipped += o.spill_skipped;
+        self.spill_unsupported += o.spill_unsupported;
         self.spill_reads += o.spill_reads;
         self.spill_corrupt += o.spill_corrupt;
         self.untiered += o.untiered;
@@ -97,6 +99,7 @@ impl TierCounts {
             spilled_blocks: self.spilled_blocks - earlier.spilled_blocks,
             spilled_bytes: self.spilled_bytes - earlier.spilled_bytes,
             spill_skipped: self.spill_skipped - earlier.spill_skipped,
+            spill_unsupported: self.spill_unsupported - earlier.spill_unsupported,
             spill_reads: self.spill_reads - earlier.spill_reads,
             spill_corrupt: self.spill_corrupt - earlier.spill_corrupt,
             untiered: self.untiered - earlier.untiered,
@@ -373,20 +376,17 @@ fn write_to_spill<O: Ops>(
 ) {
     let mut file = spill.file.lock().unwrap_or_else(|e| e.into_inner());
     for r in 0..n {
-        let written = ops.host_block_words(blocks, r).map(|(k, v)| {
-            let bytes = (k.len() + v.len()) * 2;
-            file.write(spill.layer, r as u32, k, v).map(|_| bytes)
-        });
-        match written {
-            Some(Ok(bytes)) => {
-                counts.spilled_blocks += 1;
-                counts.spilled_bytes += bytes;
-            }
-            _ => {
-                counts.spill_skipped += n - r;
-                return;
-            }
+        let Some((k, v)) = ops.host_block_words(blocks, r) else {
+            counts.spill_unsupported += n - r;
+            return;
+        };
+        let bytes = (k.len() + v.len()) * 2;
+        if file.write(spill.layer, r as u32, k, v).is_err() {
+            counts.spill_skipped += n - r;
+            return;
         }
+        counts.spilled_blocks += 1;
+        counts.spilled_bytes += bytes;
     }
 }
 

@@ -411,9 +411,7 @@ where
         stats.kv_spill_corrupt_blocks = work.spill_corrupt;
         stats.kv_notes = std::mem::take(&mut self.notes);
         if let Some(spill) = &self.spill_setting {
-            stats
-                .kv_notes
-                .extend(spill_notes(&t.counts, work.spill_corrupt, spill));
+            stats.kv_notes.extend(spill_notes(&work, spill));
         }
         if work.untiered > 0 {
             stats.kv_notes.push(format!(
@@ -501,8 +499,9 @@ impl<O: Ops> OpsForward<O> {
     }
 }
 
-/// What the spill file did that a person should know, one line each.
-fn spill_notes(counts: &TierCounts, corrupt: usize, spill: &SpillSetting) -> Vec<String> {
+/// What the spill file did since the last report (`counts`) that a person should know, one
+/// line each.
+fn spill_notes(counts: &TierCounts, spill: &SpillSetting) -> Vec<String> {
     let mut notes = Vec::new();
     if counts.spill_skipped > 0 {
         notes.push(format!(
@@ -517,9 +516,10 @@ fn spill_notes(counts: &TierCounts, corrupt: usize, spill: &SpillSetting) -> Vec
             counts.spill_unsupported
         ));
     }
-    if corrupt > 0 {
+    if counts.spill_corrupt > 0 {
         notes.push(format!(
-            "spill: {corrupt} blocks failed their CRC and were read from RAM instead"
+            "spill: {} blocks failed their CRC and were read from RAM instead",
+            counts.spill_corrupt
         ));
     }
     notes

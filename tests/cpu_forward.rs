@@ -219,3 +219,34 @@ fn a_tiered_conversation_answers_as_a_resident_one_turn_after_turn() {
         history.push(Message::assistant(want.text));
     }
 }
+
+#[test]
+fn a_prompt_that_parts_from_the_cache_cuts_it_there_and_leaves_no_trace_of_the_rest() {
+    let path = common::default_model();
+    // f16 KV: each row stored on its own (a Q8 layer's key scale comes from its first append,
+    // so a history of other rows gives other, equally valid, roundings)
+    let mut opts = EngineOptions {
+        kv_dtype: KvDtype::F16,
+        ..Default::default()
+    };
+    opts.slim.enabled = false;
+    let tokens = {
+        let e = Engine::load(&path, &opts).unwrap();
+        e.encode_plain(LONG_TEXT).unwrap()[..400].to_vec()
+    };
+    // the cache holds 300 tokens; the next prompt shares the first 200 and goes on elsewhere
+    let (a, b) = (&tokens[..300], [&tokens[..200], &tokens[300..400]].concat());
+    let mut cut = Engine::load(&path, &opts).unwrap();
+    cut.prefill(a, &mut |_| {}).unwrap();
+    let (got, reused) = cut.prefill(&b, &mut |_| {}).unwrap();
+    assert_eq!(reused, 200);
+    assert_eq!(cut.kept_per_layer(), vec![300; 30]);
+    // the same prompt over a cache that never held the other 100 rows
+    let mut clean = Engine::load(&path, &opts).unwrap();
+    clean.prefill(&tokens[..200], &mut |_| {}).unwrap();
+    let (want, reused) = clean.prefill(&b, &mut |_| {}).unwrap();
+    assert_eq!(reused, 200);
+    assert!(got == want, "{:?}", common::max_abs_diff(&got, &want));
+    let next = common::argmax(&want) as u32;
+    assert!(cut.step(next).unwrap() == clean.step(next).unwrap());
+}

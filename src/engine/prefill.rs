@@ -33,19 +33,19 @@ impl Engine {
         prompt: &[u32],
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<(Vec<f32>, usize)> {
-        let (reused, kind) = self.reusable(prompt);
+        let (mut reused, kind) = self.reusable(prompt);
         // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
         self.plan_kv(prompt.len(), reused == 0)?;
         self.last_prefill_kind = kind;
+        // a cache that cannot be cut where the prompt parts from it is prefilled again whole
+        if reused > 0 && self.forward.truncate_from(reused).is_err() {
+            (reused, self.last_prefill_kind) = (0, PrefillKind::Reprefilled);
+        }
         let logits = if reused == 0 {
             self.reset();
             self.prefill_whole(prompt, on_event)
         } else {
-            self.cached.truncate(reused);
-            match self.forward.truncate_from(reused) {
-                Ok(()) => self.forward.extend(&prompt[reused..]),
-                Err(e) => Err(e),
-            }
+            self.forward.extend(&prompt[reused..])
         };
         match logits {
             Ok(logits) => {

@@ -10,8 +10,7 @@
 //! KV is kept); the prefill leaves room for the answer, and a layer's pool grows when a
 //! follow-up needs more. A keep ratio turned mid-conversation resizes the decode sets from the
 //! next step; a raised one brings pruned blocks back (revival: their hidden states wait in the
-//! backend's memory) where every kept row is in the fast tier; tiered, the sets grow within the
-//! blocks prefill kept.
+//! backend's memory; a tiered layer that revives gives its host tier up).
 //!
 //! The pruned prompt's KV is kept as [`KvPlacement`] says: tiered by default (each slim layer's
 //! pool holds its decode set, the rest of its kept blocks wait in RAM, and in the spill file

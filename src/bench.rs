@@ -103,16 +103,21 @@ pub fn run(
                 enabled: mode == Mode::Slim,
                 ..slim.clone()
             })?;
-            // one run of each placement in turn, so that a noisy machine hits them alike
+            // one run of each placement in turn, so that a noisy machine hits them alike, the
+            // first of each round alternating (a process's first run pays for its fresh pages)
             let places = if cfg.kv_resident.is_empty() {
                 vec![false]
             } else {
                 cfg.kv_resident.clone()
             };
             let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); places.len()];
-            for _ in 0..cfg.runs.max(1) {
-                for (i, &resident) in places.iter().enumerate() {
-                    engine.set_kv_resident(resident)?;
+            for round in 0..cfg.runs.max(1) {
+                let mut order: Vec<usize> = (0..places.len()).collect();
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for i in order {
+                    engine.set_kv_resident(places[i])?;
                     runs[i].push(bench_one(engine, prompt, mode, cfg)?);
                 }
             }

@@ -11,9 +11,7 @@ use slimchat::backend::ops::{
 use slimchat::backend::ops_check::{compare, rel_err, Rng};
 use slimchat::backend::paged_kv::NoHooks;
 use slimchat::backend::rowwise::{Rope, RopeLayout, RopeParams};
-use slimchat::backend::score::{
-    block_scores_attention_reference, block_scores_reference, HeadShape,
-};
+use slimchat::backend::score::{block_scores_attention_reference, block_scores_reference};
 use slimchat::model::ops_llama::{LlamaShape, ModelCache, OpsLlama};
 use slimchat::slim::SlimConfig;
 
@@ -178,7 +176,7 @@ fn block_scores_match_the_slim_references() {
     let units = UnitBlocks::from_positions(&key_pos, KV_BLOCK, 8);
     assert_eq!(units.ids, vec![0, 3, 5]);
     assert_eq!(units.first, vec![0, 8, 16, 20]);
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 4,
         n_kv_heads: 2,
         head_dim: 32,

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 pub use super::attention_kind::{attention_in_place_with, AttentionKind};
 use super::decode_attention::decode_attention;
+use super::heads::Heads;
 use super::kv_format::{KvDtype, KvView};
 use super::simd;
 
@@ -28,13 +29,6 @@ use super::simd;
 const TILE_ROWS: usize = 64;
 /// Keys per online-softmax step: a (3*64, 256) f32 score block is 192 KiB, inside L2.
 const KEY_BLOCK: usize = 256;
-
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
 
 /// The query and output buffers of a tiled attention (this kernel's and the 8-bit one's),
 /// shared by tasks that read and write disjoint (row, head) cells; the two may be one buffer
@@ -78,7 +72,7 @@ pub fn attention(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
     check(q.len(), out.len(), q_pos, kv, key_ranges, shape)?;
@@ -98,7 +92,7 @@ pub fn attention(
 /// Each query head times its KV head's key scale, in place (Q8 keys are stored divided by a
 /// per-channel scale, so `q·k = (q∘s)·(k/s)`); nothing for an empty scale. q: rows of
 /// `shape.n_heads` heads of `shape.head_dim`; k_scale: `n_kv_heads * head_dim`.
-pub fn scale_queries(q: &mut [f32], k_scale: &[f32], shape: AttnShape) {
+pub fn scale_queries(q: &mut [f32], k_scale: &[f32], shape: Heads) {
     if k_scale.is_empty() {
         return;
     }
@@ -120,7 +114,7 @@ pub fn attention_in_place(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) -> candle_core::Result<()> {
     check(qo.len(), qo.len(), q_pos, kv, key_ranges, shape)?;
     if q_pos.len() == 1 {
@@ -143,9 +137,9 @@ pub(super) fn check(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) -> candle_core::Result<()> {
-    let AttnShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim: hd,
@@ -193,7 +187,7 @@ unsafe fn tiled(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) {
     let k_pos = kv.positions;
     let nq = q_pos.len();
@@ -270,11 +264,11 @@ fn tile_task<'s>(
     keys: usize,
     key_ranges: &[Range<usize>],
     visible: &[usize],
-    shape: AttnShape,
+    shape: Heads,
     scale: f32,
     scratch: &'s mut Scratch,
 ) -> &'s [f32] {
-    let AttnShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim: hd,
@@ -426,9 +420,9 @@ pub fn attention_reference(
     k: &[f32],
     v: &[f32],
     k_pos: &[u32],
-    shape: AttnShape,
+    shape: Heads,
 ) -> Vec<f32> {
-    let AttnShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim: hd,
@@ -516,8 +510,8 @@ mod tests {
             .collect()
     }
 
-    fn check(q_pos: &[u32], k_pos: &[u32], shape: AttnShape, seed: u64) {
-        let AttnShape {
+    fn check(q_pos: &[u32], k_pos: &[u32], shape: Heads, seed: u64) {
+        let Heads {
             n_heads,
             n_kv_heads,
             head_dim,
@@ -558,7 +552,7 @@ mod tests {
         );
     }
 
-    const GQA: AttnShape = AttnShape {
+    const GQA: Heads = Heads {
         n_heads: 9,
         n_kv_heads: 3,
         head_dim: 64,
@@ -582,7 +576,7 @@ mod tests {
         check(
             &[76],
             &k_pos,
-            AttnShape {
+            Heads {
                 n_heads: 4,
                 n_kv_heads: 1,
                 head_dim: 24,
@@ -633,7 +627,7 @@ mod tests {
 
     #[test]
     fn query_before_every_key_outputs_zero() {
-        let shape = AttnShape {
+        let shape = Heads {
             n_heads: 2,
             n_kv_heads: 2,
             head_dim: 8,
@@ -653,7 +647,7 @@ mod tests {
 
     #[test]
     fn unsorted_key_positions_are_rejected() {
-        let shape = AttnShape {
+        let shape = Heads {
             n_heads: 1,
             n_kv_heads: 1,
             head_dim: 4,

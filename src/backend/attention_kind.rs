@@ -2,11 +2,12 @@
 //! ([`super::attention`], the exact reference) or the 8-bit one ([`super::attention_int8`]),
 //! and the entry point that dispatches between them.
 
+use crate::backend::heads::Heads;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::attention::{attention_in_place, AttnShape};
+use super::attention::attention_in_place;
 use super::attention_int8::{self, Int8Path};
 use super::kv_format::KvView;
 
@@ -50,7 +51,7 @@ pub fn attention_in_place_with(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) -> candle_core::Result<()> {
     match kind.int8_path(q_pos.len(), shape.head_dim) {
         Some(path) => {

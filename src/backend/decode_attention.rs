@@ -14,11 +14,11 @@
 //! AVX-512 for other shapes) run the generic loops below, which widen a block into an L1-sized
 //! f32 buffer first.
 
+use crate::backend::heads::Heads;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::attention::AttnShape;
 use super::isa::Isa;
 use super::kv_format::{KvDtype, KvView};
 use super::simd::exp_nonpositive;
@@ -72,7 +72,7 @@ pub fn decode_attention(
     q_pos: u32,
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) {
     decode_attention_with(Isa::best(), q, q_pos, kv, key_ranges, shape, out)
@@ -85,7 +85,7 @@ pub fn decode_attention_with(
     q_pos: u32,
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) {
     let stride = kv.dtype.stored_len(shape.n_kv_heads * shape.head_dim); // words per row
@@ -108,7 +108,7 @@ pub fn decode_attention_runs(
     q: &[f32],
     runs: &[KeyRun],
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) {
     decode_attention_runs_with(Isa::best(), q, runs, dtype, shape, out)
@@ -125,7 +125,7 @@ pub fn decode_attention_runs_with(
     q: &[f32],
     runs: &[KeyRun],
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) {
     let hd = shape.head_dim;
@@ -250,7 +250,7 @@ fn chunk_on(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
 ) -> Partial {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -273,7 +273,7 @@ unsafe fn chunk_avx512(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    s: AttnShape,
+    s: Heads,
 ) -> Partial {
     chunk::<true>(isa, qs, runs, keys, dtype, s)
 }
@@ -286,7 +286,7 @@ unsafe fn chunk_avx2(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    s: AttnShape,
+    s: Heads,
 ) -> Partial {
     chunk::<true>(isa, qs, runs, keys, dtype, s)
 }
@@ -301,9 +301,9 @@ fn chunk<const FMA: bool>(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
 ) -> Partial {
-    let AttnShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim: hd,

@@ -3,11 +3,11 @@
 //! CPU engine's), over bf16 keys and values in plain vectors. Each backend hands its own
 //! activations in as rows (keys and values as bf16 bits, queries as f32).
 
-use super::attention::{attention as tiled_attention, AttnShape};
+use super::attention::attention as tiled_attention;
 use super::decode_attention::KeyRun;
 use super::kv_format::{unscale_keys, KvDtype, KvView};
 use super::ops::{check_slots, Heads, KvPool, Ops, ScoreMode, UnitBlocks, KV_BLOCK};
-use super::score::{HeadShape, UnitKeys, WindowPool};
+use super::score::{UnitKeys, WindowPool};
 use crate::{Error, Result};
 
 /// A backend whose pools and host tier live in host memory as plain vectors.
@@ -179,15 +179,6 @@ pub fn runs<'a, O: HostPools>(
     Ok((runs, last))
 }
 
-/// The attention's head layout as the CPU kernels take it.
-pub fn attn_shape(heads: Heads) -> AttnShape {
-    AttnShape {
-        n_heads: heads.n_heads,
-        n_kv_heads: heads.n_kv_heads,
-        head_dim: heads.head_dim,
-    }
-}
-
 /// [`Ops::attention`] of the queries q (rows, q_dim) f32 at `q_pos` over a bf16 pool, by the
 /// f32 kernel: (rows, q_dim) f32.
 pub fn attention<O: HostPools>(
@@ -208,7 +199,7 @@ pub fn attention<O: HostPools>(
         q_pos,
         rows.view(),
         ranges,
-        attn_shape(heads),
+        heads,
         &mut y,
     )?;
     Ok(y)
@@ -252,17 +243,12 @@ pub fn unit_scores(
     let keys = unit_keys
         .get(..n_units * heads.kv_dim())
         .ok_or_else(|| Error::Engine("unit_scores: fewer unit keys than units".into()))?;
-    let shape = HeadShape {
-        n_heads: heads.n_heads,
-        n_kv_heads: heads.n_kv_heads,
-        head_dim: heads.head_dim,
-    };
     let mut block = Vec::with_capacity(n_units);
     for (b, &id) in units.ids.iter().enumerate() {
         let span = (units.first[b + 1] - units.first[b]) as usize;
         block.extend(std::iter::repeat_n(id, span));
     }
-    let units = UnitKeys::from_parts(shape, keys.to_vec(), block);
+    let units = UnitKeys::from_parts(heads, keys.to_vec(), block);
     let scores = match mode {
         ScoreMode::Attention => units.attention_scores(window, WindowPool::Mean),
         ScoreMode::AttentionMax => units.attention_scores(window, WindowPool::Max),

@@ -17,6 +17,7 @@ pub mod attention_kind;
 pub mod cpu_ops;
 pub mod decode_attention;
 pub mod engine_ops;
+pub mod heads;
 pub mod host_pool;
 pub mod isa;
 pub mod kv_format;

@@ -16,29 +16,13 @@ use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
+pub use super::heads::Heads;
 use super::kv_format::KvDtype;
 pub use super::rowwise::RopeLayout;
 use crate::Result;
 
 /// Rows per KV slot: SlimInfer's block, the unit of selection and of KV movement.
 pub const KV_BLOCK: usize = 64;
-
-/// Attention head layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heads {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl Heads {
-    pub fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-}
 
 /// Where a batch of query rows sits inside a wider row buffer (e.g. the fused q|k|v output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,15 +4,16 @@
 use std::ops::Range;
 
 use super::best_of;
-use crate::backend::attention::{attention, AttnShape};
+use crate::backend::attention::attention;
 use crate::backend::attention_int8::{attention_int8, Int8Path};
+use crate::backend::heads::Heads;
 use crate::backend::kv_format::{KvDtype, KvView};
 
 /// One layer's causal attention at `n` tokens, both kernels; `f32_peak` and `int8_peak` in
 /// GFLOP/s and GOP/s on every thread.
 pub fn run(out: &mut dyn FnMut(String), f32_peak: f64, int8_peak: Option<f64>) {
     // SmolLM2-135M: 9 query heads sharing 3 KV heads of 64
-    let shape = AttnShape {
+    let shape = Heads {
         n_heads: 9,
         n_kv_heads: 3,
         head_dim: 64,

@@ -16,7 +16,8 @@
 //!
 //! Invariant: within a layer, positions are strictly increasing in row order.
 
-use crate::backend::attention::{scale_queries, AttnShape};
+use crate::backend::attention::scale_queries;
+use crate::backend::heads::Heads;
 use crate::backend::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 
 /// One layer's cache.
@@ -61,7 +62,7 @@ impl LayerKv {
 
     /// Scales `q` (rows of heads of `shape.head_dim`) by the key scale of its KV head, so that
     /// it can be dotted with the stored keys; nothing when keys are stored as they are.
-    pub fn scale_queries(&self, q: &mut [f32], shape: AttnShape) {
+    pub fn scale_queries(&self, q: &mut [f32], shape: Heads) {
         scale_queries(q, &self.k_scale, shape);
     }
 

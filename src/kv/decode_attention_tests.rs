@@ -10,10 +10,11 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::cache::LayerKv;
-use crate::backend::attention::{attention_reference, AttnShape};
+use crate::backend::attention::attention_reference;
 use crate::backend::decode_attention::{
     decode_attention, decode_attention_runs_with, decode_attention_with, KeyRun,
 };
+use crate::backend::heads::Heads;
 use crate::backend::isa::Isa;
 use crate::backend::kv_format::KvDtype;
 
@@ -31,14 +32,7 @@ fn patterned(n: usize, seed: u64) -> Vec<f32> {
 
 /// Compare every path with the f64 reference over the gathered keys of `ranges` (the
 /// reference sees the same 16-bit-rounded K and V, so only arithmetic differs).
-fn check(
-    n: usize,
-    q_pos: u32,
-    ranges: &[Range<usize>],
-    shape: AttnShape,
-    dtype: KvDtype,
-    seed: u64,
-) {
+fn check(n: usize, q_pos: u32, ranges: &[Range<usize>], shape: Heads, dtype: KvDtype, seed: u64) {
     let kv_dim = shape.n_kv_heads * shape.head_dim;
     // gapped positions, as after SlimInfer's row drop
     let positions: Vec<u32> = (0..n as u32).map(|i| i * 3 + i % 2).collect();
@@ -87,7 +81,7 @@ fn check(
     }
 }
 
-const GQA: AttnShape = AttnShape {
+const GQA: Heads = Heads {
     n_heads: 9,
     n_kv_heads: 3,
     head_dim: 64,
@@ -114,7 +108,7 @@ fn every_path_honours_key_ranges_and_the_query_position() {
 
 #[test]
 fn odd_head_dim_and_group_match_reference() {
-    let shape = AttnShape {
+    let shape = Heads {
         n_heads: 4,
         n_kv_heads: 2,
         head_dim: 40,
@@ -198,7 +192,7 @@ fn output_depends_on_the_key_sequence_not_on_how_it_is_cut() {
 fn no_visible_key_outputs_zero() {
     let mut cache = LayerKv::new(KvDtype::F16);
     cache.append(&[1.0; 8], &[1.0; 8], &[5, 6]).unwrap();
-    let shape = AttnShape {
+    let shape = Heads {
         n_heads: 2,
         n_kv_heads: 1,
         head_dim: 4,

@@ -20,7 +20,6 @@ use crate::backend::ops::KV_BLOCK;
 use crate::backend::ops::{AttentionContext, LayerRows, MlpScratch, MlpWeights, Ops, RowSlice};
 use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::{row_blocks_of, SharedSpill};
-use crate::backend::score::HeadShape;
 use crate::kv::policy::{Revived, RowChange};
 use crate::model::gguf::GgufFile;
 use crate::slim::schedule::{SlimConfig, Stage};
@@ -276,12 +275,7 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 "[slim] block_size must be {KV_BLOCK} on the ops forward (the KV slot size)"
             )));
         }
-        let shape = HeadShape {
-            n_heads: s.heads.n_heads,
-            n_kv_heads: s.heads.n_kv_heads,
-            head_dim: s.heads.head_dim,
-        };
-        Ok(SlimSession::new(cfg, s.n_layers, shape, prompt_len))
+        Ok(SlimSession::new(cfg, s.n_layers, s.heads, prompt_len))
     }
 
     /// A layer's cache as the session scores it.

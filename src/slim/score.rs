@@ -3,7 +3,8 @@
 //! implements it over its backend's cache (src/model/ops_llama/session_io.rs); the session's
 //! tests over a host layer ([`crate::kv::LayerKv`], below).
 
-use crate::backend::score::{HeadShape, WindowPool};
+use crate::backend::heads::Heads;
+use crate::backend::score::WindowPool;
 use crate::slim::schedule::ScoreKind;
 use crate::Result;
 
@@ -12,7 +13,7 @@ use crate::Result;
 pub struct ScoreRequest {
     /// Rows at positions below this are the prompt's: the candidates.
     pub prompt_len: usize,
-    pub shape: HeadShape,
+    pub shape: Heads,
     pub block_size: usize,
     /// Tokens per unit (1: every token's own key).
     pub unit_size: usize,
@@ -67,7 +68,7 @@ mod tests {
     use super::*;
     use crate::backend::score::tests::{positions, Rng};
     use crate::backend::score::{
-        block_scores, block_scores_attention, block_scores_attention_of, block_scores_of, HeadShape,
+        block_scores, block_scores_attention, block_scores_attention_of, block_scores_of,
     };
     use crate::kv::KvDtype;
     use crate::kv::LayerKv;
@@ -75,7 +76,7 @@ mod tests {
     #[test]
     fn stored_keys_score_as_their_widened_f32_values() {
         let mut rng = Rng(0xF16);
-        let shape = HeadShape {
+        let shape = Heads {
             n_heads: 9,
             n_kv_heads: 3,
             head_dim: 64,

@@ -34,7 +34,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-use crate::backend::score::{HeadShape, WindowPool};
+use crate::backend::heads::Heads;
+use crate::backend::score::WindowPool;
 use crate::kv::policy::{Revived, RowChange};
 use crate::slim::schedule::{DecodeSelect, GateKind, ScoreKind, ScoreLayers};
 use crate::slim::schedule::{SlimConfig, Stage};
@@ -132,7 +133,7 @@ struct LayerChoice {
 #[derive(Debug, Clone)]
 pub struct SlimSession {
     cfg: SlimConfig,
-    shape: HeadShape,
+    shape: Heads,
     n_layers: usize,
     /// Tokens of the prompt that was pruned: positions below this are prompt blocks.
     prompt_len: usize,
@@ -156,7 +157,7 @@ pub struct SlimSession {
 
 impl SlimSession {
     /// A session for a prompt of `prompt_len` tokens that starts at position 0.
-    pub fn new(cfg: &SlimConfig, n_layers: usize, shape: HeadShape, prompt_len: usize) -> Self {
+    pub fn new(cfg: &SlimConfig, n_layers: usize, shape: Heads, prompt_len: usize) -> Self {
         let stages = cfg
             .resolve(n_layers, prompt_len)
             .into_iter()

@@ -30,11 +30,12 @@
 //! (`vt`: a channel's keys in a row, the tile's A operand), where VNNI skips the groups whose
 //! weights all round to 0.
 
+use crate::backend::heads::Heads;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::attention::{check, AttnShape, Cells};
+use super::attention::{check, Cells};
 use super::kv_format::KvView;
 use super::simd::exp_nonpositive;
 
@@ -137,7 +138,7 @@ pub fn attention_int8(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
     check(q.len(), out.len(), q_pos, kv, key_ranges, shape)?;
@@ -158,7 +159,7 @@ pub fn attention_int8_in_place(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) -> candle_core::Result<()> {
     check(qo.len(), qo.len(), q_pos, kv, key_ranges, shape)?;
     usable(path, shape.head_dim)?;
@@ -187,7 +188,7 @@ struct Job<'a> {
     q_pos: &'a [u32],
     k_pos: &'a [u32],
     key_ranges: &'a [Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     z: &'a Quantized,
     g: usize,
     r0: usize,
@@ -198,7 +199,7 @@ struct Job<'a> {
 ///
 /// # Safety
 /// As [`tiled`]: `cells.q` holds (nq, n_heads * hd) floats, nothing writes them meanwhile.
-unsafe fn query_max(cells: Cells, nq: usize, shape: AttnShape) -> Vec<f32> {
+unsafe fn query_max(cells: Cells, nq: usize, shape: Heads) -> Vec<f32> {
     let (hd, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
     let q_dim = shape.n_heads * hd;
     let kv_dim = shape.n_kv_heads * hd;
@@ -239,7 +240,7 @@ unsafe fn tiled(
     q_pos: &[u32],
     kv: KvView,
     key_ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
 ) {
     let on_tiles = matches!(path, Int8Path::Amx | Int8Path::TilesEmulated);
     let z = quantize(
@@ -360,7 +361,7 @@ unsafe fn task_avx512<const PATH: u8, const HD: usize>(job: &Job, s: &mut Scratc
 /// the CPU has AVX-512F/BW/VNNI, with `AMX` and `EMULATED` the tiles are configured.
 #[inline(always)]
 unsafe fn task<const PATH: u8, const HD: usize>(job: &Job, s: &mut Scratch) {
-    let AttnShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim: hd,

@@ -24,7 +24,7 @@ fn patterned(n: usize, seed: u64) -> Vec<f32> {
 /// Queries and keys shaped like a real layer's: logits spread over several units (a peaked
 /// softmax), a few loud key channels with an offset shared by every key (what smoothing
 /// removes), and values with per-channel offsets.
-fn inputs(nq: usize, nk: usize, shape: AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn inputs(nq: usize, nk: usize, shape: Heads, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let hd = shape.head_dim;
     let mut q = patterned(nq * shape.n_heads * hd, seed);
     q.iter_mut().for_each(|x| *x *= 3.0);
@@ -57,7 +57,7 @@ fn check(
     q_pos: &[u32],
     k_pos: &[u32],
     ranges: &[Range<usize>],
-    shape: AttnShape,
+    shape: Heads,
     dtype: KvDtype,
     seed: u64,
     max_err: f32,
@@ -117,7 +117,7 @@ fn check(
     }
 }
 
-const GQA: AttnShape = AttnShape {
+const GQA: Heads = Heads {
     n_heads: 9,
     n_kv_heads: 3,
     head_dim: 64,
@@ -177,7 +177,7 @@ fn pruned_rows_with_gapped_positions_and_key_ranges_match_f32() {
 
 #[test]
 fn wide_heads_and_groups_of_two_match_f32() {
-    let shape = AttnShape {
+    let shape = Heads {
         n_heads: 4,
         n_kv_heads: 2,
         head_dim: 128,
@@ -188,7 +188,7 @@ fn wide_heads_and_groups_of_two_match_f32() {
 
 #[test]
 fn query_before_every_key_outputs_zero() {
-    let shape = AttnShape {
+    let shape = Heads {
         n_heads: 2,
         n_kv_heads: 1,
         head_dim: 16,

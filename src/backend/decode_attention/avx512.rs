@@ -3,11 +3,11 @@
 //! registers (no f32 buffer), the group's queries and output accumulators sit in registers
 //! while a block's rows stream by, and each KV head's rows are read once for its query heads.
 
+use crate::backend::heads::Heads;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{lane_max, lane_sum, Blocks, KeyRun, Partial, BLOCK};
-use crate::backend::attention::AttnShape;
 use crate::backend::kv_format::x86::q8_group;
 use crate::backend::kv_format::{KvDtype, Q8_WORDS};
 use crate::backend::simd::exp_nonpositive;
@@ -25,7 +25,7 @@ pub(super) fn chunk(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
 ) -> Option<Partial> {
     let group = shape.n_heads / shape.n_kv_heads;
     if shape.head_dim != HD {
@@ -114,7 +114,7 @@ unsafe fn run<const G: usize, const FMT: u8>(
     runs: &[KeyRun],
     keys: Range<usize>,
     dtype: KvDtype,
-    shape: AttnShape,
+    shape: Heads,
 ) -> Partial {
     let n_heads = shape.n_heads;
     // stored words per row and per head row

@@ -74,15 +74,14 @@ pub(super) fn attend(
 ) -> Result<()> {
     check("attention positions", q_pos.len(), at.rows)?;
     let q_pos = &q_pos[..at.rows];
-    let shape = host_pool::attn_shape(heads);
     if at.rows == 1 {
         // decode: the rows where they lie, slot run after slot run, when all are visible
         let (runs, last) = host_pool::runs(pool, table, n_keys)?;
         if last.is_none_or(|p| p <= q_pos[0]) {
             let mut q = slice_rows(q, at, heads.q_dim())?;
-            scale_queries(&mut q, &pool.k_scale, shape);
+            scale_queries(&mut q, &pool.k_scale, heads);
             check("attention out", out.len(), q.len())?;
-            decode_attention_runs(&q, &runs, pool.dtype, shape, &mut out[..q.len()]);
+            decode_attention_runs(&q, &runs, pool.dtype, heads, &mut out[..q.len()]);
             return Ok(());
         }
     }
@@ -120,12 +119,12 @@ pub(super) fn attend(
         (Some(cols), Some(old)) if at.rows > 1 && pool.dtype == KvDtype::Q8 => {
             with_reused(&EXACT, |exact| {
                 exact_rows(view, old, (q, at, cols), &pool.k_scale, pool.kv_dim, exact);
-                attention_in_place_with(kind, qo, q_pos, exact.view(), ranges, shape)
+                attention_in_place_with(kind, qo, q_pos, exact.view(), ranges, heads)
             })?;
         }
         _ => {
-            scale_queries(qo, &pool.k_scale, shape);
-            attention_in_place_with(kind, qo, q_pos, view, ranges, shape)?;
+            scale_queries(qo, &pool.k_scale, heads);
+            attention_in_place_with(kind, qo, q_pos, view, ranges, heads)?;
         }
     }
     Ok(())

@@ -28,6 +28,7 @@ pub mod units;
 
 use serde::{Deserialize, Serialize};
 
+use super::heads::Heads;
 use super::kv_format::{unscale_keys, KvDtype};
 pub use reference::{block_scores_attention_reference, block_scores_reference};
 pub use units::UnitKeys;
@@ -86,20 +87,7 @@ impl Keys<'_> {
     }
 }
 
-/// Attention head layout of one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl HeadShape {
-    /// Query heads per KV head.
-    fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-
+impl Heads {
     /// Panics (a caller bug) when the slices do not match the shape; returns w.
     fn check(
         &self,
@@ -109,7 +97,7 @@ impl HeadShape {
         block_size: usize,
         unit_size: usize,
     ) -> usize {
-        let HeadShape {
+        let Heads {
             n_heads,
             n_kv_heads,
             head_dim,
@@ -160,7 +148,7 @@ pub fn block_scores(
     keys: &[f32],
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
@@ -176,12 +164,12 @@ pub fn block_scores_of(
     keys: Keys,
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
-    let HeadShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim,
@@ -257,7 +245,7 @@ pub fn block_scores_attention(
     keys: &[f32],
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
@@ -273,7 +261,7 @@ pub fn block_scores_attention_of(
     keys: Keys,
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {

@@ -1,7 +1,7 @@
 //! The block scores computed the naive way, in f64, straight from their definitions: the CPU
 //! reference of the kernels in [`super`] (tests, `ops_reference`, the GPU checks).
 
-use super::HeadShape;
+use crate::backend::heads::Heads;
 
 /// The same scores computed the naive way, in f64, straight from the definition: group rows by
 /// block and unit, average, dot, mean over heads, max over units. Positions need not be sorted.
@@ -11,13 +11,13 @@ pub fn block_scores_reference(
     keys: &[f32],
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
     let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
-    let HeadShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim,
@@ -86,13 +86,13 @@ pub fn block_scores_attention_reference(
     keys: &[f32],
     positions: &[u32],
     prompt_len: usize,
-    shape: HeadShape,
+    shape: Heads,
     block_size: usize,
     unit_size: usize,
 ) -> Vec<(u32, f32)> {
     use std::collections::BTreeMap;
     let w = shape.check(q_window, keys.len(), positions, block_size, unit_size);
-    let HeadShape {
+    let Heads {
         n_heads,
         n_kv_heads,
         head_dim,

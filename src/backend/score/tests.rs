@@ -9,7 +9,7 @@ use super::*;
 #[test]
 fn max_pooled_attention_scores_are_the_best_querys() {
     let mut rng = Rng(0x3A9_F00D);
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 9,
         n_kv_heads: 3,
         head_dim: 64,
@@ -50,7 +50,7 @@ fn attention_scores_match_their_reference_and_sum_to_one() {
     let mut rng = Rng(0x51A7_C0DE);
     for (shape, len) in [
         (
-            HeadShape {
+            Heads {
                 n_heads: 9,
                 n_kv_heads: 3,
                 head_dim: 64,
@@ -58,7 +58,7 @@ fn attention_scores_match_their_reference_and_sum_to_one() {
             517,
         ),
         (
-            HeadShape {
+            Heads {
                 n_heads: 4,
                 n_kv_heads: 1,
                 head_dim: 24,
@@ -81,7 +81,7 @@ fn attention_scores_match_their_reference_and_sum_to_one() {
 fn attention_scores_of_a_window_are_the_mean_of_each_querys() {
     // the decode path keeps per-query scores and averages them (slim::session)
     let mut rng = Rng(0xC0FF_EE11);
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 9,
         n_kv_heads: 3,
         head_dim: 64,
@@ -157,17 +157,17 @@ pub(crate) fn positions(
 fn fast_scores_match_the_reference_on_random_inputs() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let shapes = [
-        HeadShape {
+        Heads {
             n_heads: 9,
             n_kv_heads: 3,
             head_dim: 64,
         },
-        HeadShape {
+        Heads {
             n_heads: 4,
             n_kv_heads: 1,
             head_dim: 13,
         },
-        HeadShape {
+        Heads {
             n_heads: 2,
             n_kv_heads: 2,
             head_dim: 7,
@@ -200,7 +200,7 @@ fn fast_scores_match_the_reference_on_random_inputs() {
 
 #[test]
 fn rows_past_prompt_len_are_not_scored() {
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 2,
         n_kv_heads: 1,
         head_dim: 4,
@@ -225,7 +225,7 @@ fn rows_past_prompt_len_are_not_scored() {
 #[test]
 fn unit_key_is_a_mean_and_block_takes_the_max_unit() {
     // One head, head_dim 1, q = 1: a unit's score is |mean of its keys|.
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 1,
         n_kv_heads: 1,
         head_dim: 1,
@@ -239,7 +239,7 @@ fn unit_key_is_a_mean_and_block_takes_the_max_unit() {
 #[test]
 fn gqa_maps_query_heads_to_their_kv_head() {
     // 4 query heads over 2 KV heads, head_dim 1: heads 0,1 read kv 0; heads 2,3 read kv 1.
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 4,
         n_kv_heads: 2,
         head_dim: 1,
@@ -252,7 +252,7 @@ fn gqa_maps_query_heads_to_their_kv_head() {
 
 #[test]
 fn local_query_is_the_mean_of_the_window() {
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 1,
         n_kv_heads: 1,
         head_dim: 2,
@@ -264,7 +264,7 @@ fn local_query_is_the_mean_of_the_window() {
 
 #[test]
 fn no_prompt_rows_gives_no_scores() {
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 1,
         n_kv_heads: 1,
         head_dim: 2,
@@ -276,7 +276,7 @@ fn no_prompt_rows_gives_no_scores() {
 #[test]
 #[should_panic(expected = "keys has")]
 fn mismatched_keys_are_a_caller_bug() {
-    let shape = HeadShape {
+    let shape = Heads {
         n_heads: 1,
         n_kv_heads: 1,
         head_dim: 2,

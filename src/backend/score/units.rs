@@ -5,7 +5,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{dot, HeadShape, Keys, WindowPool};
+use super::{dot, Keys, WindowPool};
+use crate::backend::heads::Heads;
 use crate::backend::simd;
 
 /// The representative key of every token unit of the prompt (the mean of its post-RoPE keys),
@@ -13,7 +14,7 @@ use crate::backend::simd;
 /// it per boundary layer while that layer's prompt rows stay the same.
 #[derive(Debug, Clone)]
 pub struct UnitKeys {
-    shape: HeadShape,
+    shape: Heads,
     /// (n_units, n_kv_heads * head_dim)
     keys: Vec<f32>,
     /// block id of each unit, ascending
@@ -25,7 +26,7 @@ impl UnitKeys {
         keys: Keys,
         positions: &[u32],
         prompt_len: usize,
-        shape: HeadShape,
+        shape: Heads,
         block_size: usize,
         unit_size: usize,
     ) -> Self {
@@ -74,7 +75,7 @@ impl UnitKeys {
 
     /// Unit keys computed elsewhere (a backend's [`crate::backend::ops::Ops::unit_keys`]):
     /// (n_units, n_kv_heads * head_dim) and each unit's block id, ascending.
-    pub fn from_parts(shape: HeadShape, keys: Vec<f32>, block: Vec<u32>) -> Self {
+    pub fn from_parts(shape: Heads, keys: Vec<f32>, block: Vec<u32>) -> Self {
         assert_eq!(
             keys.len(),
             block.len() * shape.n_kv_heads * shape.head_dim,
@@ -87,7 +88,7 @@ impl UnitKeys {
     /// over heads of |q_loc · k_unit|, q_loc the mean of the window's queries (what
     /// [`super::block_scores`] computes from the rows).
     pub fn paper_scores(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
-        let HeadShape {
+        let Heads {
             n_heads, head_dim, ..
         } = self.shape;
         let (q_row, k_row, group) = (n_heads * head_dim, self.k_row(), self.shape.group());
@@ -133,7 +134,7 @@ impl UnitKeys {
     /// token, `prefill_unit_size = 1`), then each (query, head) row's softmax is summed
     /// per block. The blocks' masses are reduced over heads and pooled over queries at the end.
     fn attention_scores_max(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
-        let HeadShape {
+        let Heads {
             n_heads,
             n_kv_heads,
             head_dim,
@@ -238,7 +239,7 @@ impl UnitKeys {
 
     /// Head `h`'s attention of the query `q` over the units (softmax of q·k_unit/√d) in `probs`.
     fn unit_attention(&self, q: &[f32], h: usize, probs: &mut [f32]) {
-        let HeadShape {
+        let Heads {
             n_kv_heads,
             head_dim,
             ..
@@ -261,7 +262,7 @@ impl UnitKeys {
 
     /// Per block, its head-averaged attention mass averaged over the queries.
     fn attention_scores_mean(&self, q_window: &[f32]) -> Vec<(u32, f32)> {
-        let HeadShape {
+        let Heads {
             n_heads, head_dim, ..
         } = self.shape;
         let w = q_window.len() / (n_heads * head_dim);

@@ -7,7 +7,7 @@ use crate::slim::schedule::StageConfig;
 const BS: usize = 8;
 const PROMPT: usize = 64; // 8 blocks
 const HD: usize = 8;
-const SHAPE: HeadShape = HeadShape {
+const SHAPE: Heads = Heads {
     n_heads: 1,
     n_kv_heads: 1,
     head_dim: HD,

@@ -12,6 +12,7 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
 use slimchat::config::AppConfig;
+use slimchat::engine::EngineEvent;
 use slimchat::metrics::{GpuMemory, MemoryNow};
 use slimchat::tui::app::{update, App, Effect, Msg};
 use slimchat::tui::input::map_event;
@@ -39,12 +40,12 @@ fn prefill(app: &mut App, done: usize) {
     update(app, Msg::Worker(WorkerEvent::PromptTokens(1480)));
     update(
         app,
-        Msg::Worker(WorkerEvent::PrefillProgress {
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::PrefillProgress {
             layers_done: done,
             n_layers: 30,
             tokens: 1480,
             rows: if done < 10 { 1480 } else { 1036 },
-        }),
+        })),
     );
 }
 
@@ -71,7 +72,10 @@ fn streaming() -> App {
         "```text\nlog: dusk\n```\n",
         "as the log says",
     ] {
-        update(&mut app, Msg::Worker(WorkerEvent::Token(t.into())));
+        update(
+            &mut app,
+            Msg::Worker(WorkerEvent::Engine(EngineEvent::Token(t.into()))),
+        );
     }
     update(&mut app, Msg::Tick(ms(2400)));
     app
@@ -140,14 +144,20 @@ fn memory_is_shown_live_while_an_answer_runs() {
             gpu_own_bytes: (used_gb - 1) * GB,
         }),
     };
-    update(&mut app, Msg::Worker(WorkerEvent::Memory(reading(20, 35))));
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Memory(reading(20, 35)))),
+    );
     let s = screen(&draw(&mut app, 120, 40));
     assert!(s.contains("KV      20.0 MB"), "{s}");
     assert!(s.contains("VRAM    35.0 GB / 140.0 GB"), "{s}");
     assert!(s.contains(" 25%"), "the share of the device in use: {s}");
     assert!(s.contains("ours    34.0 GB"), "{s}");
     // a later reading replaces it, before the request ends
-    update(&mut app, Msg::Worker(WorkerEvent::Memory(reading(45, 70))));
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Memory(reading(45, 70)))),
+    );
     let s = screen(&draw(&mut app, 120, 40));
     assert!(s.contains("KV      45.0 MB"), "{s}");
     assert!(s.contains("VRAM    70.0 GB / 140.0 GB"), "{s}");
@@ -417,7 +427,10 @@ fn regenerate_and_compare_build_the_right_requests() {
     assert_eq!(req.req.messages.len(), 1, "the old answer is not sent");
     assert_eq!(app.conv.messages.len(), 2);
     assert!(app.conv.messages[1].content.is_empty());
-    update(&mut app, Msg::Worker(WorkerEvent::Token("Again.".into())));
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Token("Again.".into()))),
+    );
     update(&mut app, Msg::Worker(WorkerEvent::Done));
 
     let eff = update(&mut app, Msg::Compare);

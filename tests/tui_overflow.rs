@@ -8,6 +8,7 @@ mod common;
 
 use crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
 
+use slimchat::engine::EngineEvent;
 use slimchat::tui::app::{update, App, Effect, Msg};
 use slimchat::tui::input::map_event;
 use slimchat::tui::store::Store;
@@ -28,7 +29,10 @@ fn ask(app: &mut App) -> Vec<Effect> {
 fn turn(app: &mut App, q: &str, a: &str) {
     type_text(app, q);
     update(app, Msg::Submit);
-    update(app, Msg::Worker(WorkerEvent::Token(a.into())));
+    update(
+        app,
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Token(a.into()))),
+    );
     update(
         app,
         Msg::Worker(WorkerEvent::Stats {
@@ -43,7 +47,10 @@ fn turn(app: &mut App, q: &str, a: &str) {
 /// sent; returns what sending it asked of the engine.
 fn long_conversation(app: &mut App) -> slimchat::context_fit::ChatRequest {
     ask(app);
-    update(app, Msg::Worker(WorkerEvent::Token("At dusk.".into())));
+    update(
+        app,
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Token("At dusk.".into()))),
+    );
     update(app, Msg::Worker(WorkerEvent::Done));
     turn(app, "Where did the fog come from?", "From the west.");
     turn(app, "What year is the log?", "1887.");
@@ -182,7 +189,9 @@ fn drop_oldest_sends_marks_and_leaves_the_turns_out() {
     assert_eq!(gone, [false, false, true, true, false, false, false, false]);
     update(
         &mut app,
-        Msg::Worker(WorkerEvent::Token("The keeper.".into())),
+        Msg::Worker(WorkerEvent::Engine(EngineEvent::Token(
+            "The keeper.".into(),
+        ))),
     );
     update(&mut app, Msg::Worker(WorkerEvent::Done));
     let s = screen(&draw(&mut app, 120, 60));

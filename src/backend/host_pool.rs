@@ -194,14 +194,7 @@ pub fn attention<O: HostPools>(
     check("attention queries", q.len(), y.len())?;
     let every_key = 0..n_keys;
     let ranges = std::slice::from_ref(&every_key);
-    tiled_attention(
-        &q[..y.len()],
-        q_pos,
-        rows.view(),
-        ranges,
-        heads,
-        &mut y,
-    )?;
+    tiled_attention(&q[..y.len()], q_pos, rows.view(), ranges, heads, &mut y)?;
     Ok(y)
 }
 

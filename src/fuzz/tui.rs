@@ -12,7 +12,7 @@ use ratatui::Terminal;
 
 use super::targets::Check;
 use crate::config::AppConfig;
-use crate::engine::{GenStats, PrefillKind, StopReason};
+use crate::engine::{EngineEvent, GenStats, PrefillKind, StopReason};
 use crate::model::source::DownloadProgress;
 use crate::tui::app::{update, App, Effect, Msg};
 use crate::tui::input::map_event;
@@ -170,13 +170,13 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
             done_bytes: p.number() as u64,
             total_bytes: (p.byte() % 2 == 0).then(|| p.number() as u64),
         }),
-        2 => WorkerEvent::PrefillProgress {
+        2 => WorkerEvent::Engine(EngineEvent::PrefillProgress {
             layers_done: p.number(),
             n_layers: p.number(),
             tokens: p.number(),
             rows: p.number(),
-        },
-        3 | 4 => WorkerEvent::Token(p.text()),
+        }),
+        3 | 4 => WorkerEvent::Engine(EngineEvent::Token(p.text())),
         5 => WorkerEvent::PromptTokens(p.number()),
         6 => WorkerEvent::Refused {
             prompt_tokens: p.number(),
@@ -193,7 +193,7 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
         },
         9 => WorkerEvent::Error(p.text()),
         10 => WorkerEvent::Note(p.text()),
-        11 => WorkerEvent::Memory(crate::metrics::MemoryNow {
+        11 => WorkerEvent::Engine(EngineEvent::Memory(crate::metrics::MemoryNow {
             kv_fast_bytes: p.number(),
             kv_host_bytes: p.number(),
             rss_bytes: p.number() as u64,
@@ -205,7 +205,7 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
                     gpu_free_bytes: p.number() as u64,
                     gpu_own_bytes: p.number() as u64,
                 }),
-        }),
+        })),
         _ => WorkerEvent::Done,
     }
 }

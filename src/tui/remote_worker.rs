@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::AppConfig;
-use crate::engine::{GenStats, GenerateRequest, PrefillKind, StopReason};
+use crate::engine::{EngineEvent, GenStats, GenerateRequest, PrefillKind, StopReason};
 use crate::kv::KvStats;
 use crate::openai_api::SlimRequest;
 use crate::remote_client::{RemoteAnswer, RemoteClient};
@@ -95,7 +95,7 @@ fn ask(
         &req.sampling,
         Some(ext),
         cancel,
-        &mut |t| send(WorkerEvent::Token(t.to_string())),
+        &mut |t| send(WorkerEvent::Engine(EngineEvent::Token(t.to_string()))),
     )?;
     if let Some(u) = &answer.usage {
         send(WorkerEvent::PromptTokens(u.prompt_tokens as usize));

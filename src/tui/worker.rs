@@ -53,15 +53,8 @@ pub enum WorkerEvent {
         /// The server's URL when the engine is remote.
         remote: Option<String>,
     },
-    PrefillProgress {
-        layers_done: usize,
-        n_layers: usize,
-        tokens: usize,
-        rows: usize,
-    },
-    Token(String),
-    /// Memory while the request runs (the KV in each tier, RSS, the GPU's).
-    Memory(crate::metrics::MemoryNow),
+    /// The request's prefill progress, answer text and memory, as the engine reports them.
+    Engine(EngineEvent),
     /// The request's prompt, as the model sees it, is this many tokens (sent before prefill).
     PromptTokens(usize),
     /// The prompt does not fit in the model's context; nothing was run.
@@ -282,7 +275,7 @@ fn run_prompt(
     send(WorkerEvent::PromptTokens(prompt.len()));
     let stats =
         engine.generate_from_tokens(prompt, req.max_tokens, &req.sampling, cancel, &mut |ev| {
-            send(forward(ev))
+            send(WorkerEvent::Engine(ev))
         })?;
     Ok(Some(stats))
 }
@@ -305,24 +298,6 @@ fn generate(
     run_prompt(engine, &prompt, req, cancel, send)
 }
 
-fn forward(ev: EngineEvent) -> WorkerEvent {
-    match ev {
-        EngineEvent::PrefillProgress {
-            layers_done,
-            n_layers,
-            tokens,
-            rows,
-        } => WorkerEvent::PrefillProgress {
-            layers_done,
-            n_layers,
-            tokens,
-            rows,
-        },
-        EngineEvent::Token(t) => WorkerEvent::Token(t),
-        EngineEvent::Memory(m) => WorkerEvent::Memory(m),
-    }
-}
-
 /// Dense, then pruned, each after `reset` so both prefill the whole prompt; the engine's own
 /// pruning settings are restored and the cache emptied afterwards.
 fn compare(
@@ -337,7 +312,7 @@ fn compare(
         engine.set_slim(cfg)?;
         engine.reset();
         generate(engine, req, cancel, &|ev| match ev {
-            WorkerEvent::Token(_) => {}
+            WorkerEvent::Engine(EngineEvent::Token(_)) => {}
             other => send(other),
         })
     };

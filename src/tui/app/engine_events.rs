@@ -3,7 +3,7 @@
 //! the oldest turns (`overflow.rs`), turns left out, the finished answer's
 //! numbers (as [`TurnMetrics`] and a metrics.jsonl record) and compare results.
 
-use crate::engine::GenStats;
+use crate::engine::{EngineEvent, GenStats};
 
 use super::super::agreement::agreement;
 use super::super::store::{ChatMessage, Comparison, Role, TurnMetrics};
@@ -34,12 +34,12 @@ impl App {
                     remote,
                 });
             }
-            WorkerEvent::PrefillProgress {
+            WorkerEvent::Engine(EngineEvent::PrefillProgress {
                 layers_done,
                 n_layers,
                 tokens,
                 rows,
-            } => {
+            }) => {
                 let clock = self.clock;
                 if let Some(r) = &mut self.running {
                     if r.prefill.is_none() || layers_done <= 1 {
@@ -48,12 +48,12 @@ impl App {
                     r.prefill = Some((layers_done, n_layers, tokens, rows));
                 }
             }
-            WorkerEvent::Memory(m) => {
+            WorkerEvent::Engine(EngineEvent::Memory(m)) => {
                 if let Some(r) = &mut self.running {
                     r.memory = Some(m);
                 }
             }
-            WorkerEvent::Token(t) => {
+            WorkerEvent::Engine(EngineEvent::Token(t)) => {
                 let clock = self.clock;
                 if let Some(r) = &mut self.running {
                     r.first_token.get_or_insert(clock);

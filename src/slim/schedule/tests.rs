@@ -420,6 +420,20 @@ fn generic() -> SlimConfig {
 }
 
 #[test]
+fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
+    let c = SlimConfig::default();
+    // smollm2, 1,088 tokens: layer 28's floor (16 blocks) would drop 1 of 17
+    assert_eq!(blocks(&c.resolve(30, 1088)), vec![17, 17, 17]);
+    // 2 of 18 (11%) is still a sliver; 3 of 19 (16%) is not
+    assert_eq!(blocks(&c.resolve(30, 18 * 64)), vec![18, 18, 18]);
+    assert_eq!(blocks(&c.resolve(30, 19 * 64)), vec![19, 19, 16]);
+    // 2,112 tokens: layers 10 and 20 keep all 33 blocks rather than 32; layer 28 halves them
+    assert_eq!(blocks(&c.resolve(30, 2112)), vec![33, 33, 16]);
+    // far over the floors nothing changes
+    assert_eq!(blocks(&c.resolve(30, 8192)), vec![64, 32, 16]);
+}
+
+#[test]
 fn preset_floors_keep_short_prompts_whole_in_the_first_stages() {
     let c = SlimConfig {
         keep_ratio: 0.7,

@@ -66,7 +66,11 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
         want.text, got.text
     );
     assert_eq!(got.prompt_tokens, want.prompt_tokens);
-    assert!((1153..=1280).contains(&got.prompt_tokens), "{}", got.prompt_tokens);
+    assert!(
+        (1153..=1280).contains(&got.prompt_tokens),
+        "{}",
+        got.prompt_tokens
+    );
     assert_eq!(got.prefill_kind, PrefillKind::Full);
     assert!(got.generated_tokens > 0 && !got.text.trim().is_empty());
     // the same model: its greedy answer starts with the CPU engine's (bf16 against f32

@@ -431,6 +431,12 @@ fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
     assert_eq!(blocks(&c.resolve(30, 2112)), vec![33, 33, 16]);
     // far over the floors nothing changes
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![64, 32, 16]);
+    // a budget the ratio sets stays, however little it drops: 0.9 of 8192 tokens at layer 10
+    let high = SlimConfig {
+        keep_ratio: 0.9,
+        ..SlimConfig::default()
+    };
+    assert_eq!(blocks(&high.resolve(30, 8192))[0], 116);
 }
 
 #[test]

@@ -586,9 +586,6 @@ impl SlimConfig {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 /// Which block score ranks the candidates (see `slim::score`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -628,3 +625,6 @@ pub enum ScoreLayers {
     /// The mean over every layer since the previous boundary.
     Stage,
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use super::{check, slice_rows, with_reused};
+use super::{check, check_rows, slice_rows, with_reused};
 use crate::backend::attention::scale_queries;
 use crate::backend::attention_kind::{attention_in_place_with, AttentionKind};
 use crate::backend::decode_attention::decode_attention_runs;
@@ -34,8 +34,7 @@ pub(super) fn append(
     if at.rows == 0 {
         return Ok(());
     }
-    let last = at.offset + (at.rows - 1) * at.stride + k_col.max(v_col) + d;
-    check("kv_append rows", qkv.len(), last)?;
+    check_rows("kv_append rows", qkv, at, k_col.max(v_col) + d)?;
     let q8 = pool.dtype == KvDtype::Q8;
     if q8 && pool.k_scale.is_empty() {
         let keys = slice_rows(qkv, at.columns(k_col), d)?;
@@ -88,13 +87,7 @@ pub(super) fn attend(
     // the queries go where the output will be, and are attended in place there
     let qd = heads.q_dim();
     check("attention out", out.len(), at.rows * qd)?;
-    if at.rows > 0 {
-        check(
-            "attention queries",
-            q.len(),
-            at.offset + (at.rows - 1) * at.stride + qd,
-        )?;
-    }
+    check_rows("attention queries", q, at, qd)?;
     let qo = &mut out[..at.rows * qd];
     for (r, row) in qo.chunks_exact_mut(qd).enumerate() {
         row.copy_from_slice(&q[at.offset + r * at.stride..][..qd]);

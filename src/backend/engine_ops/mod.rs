@@ -116,15 +116,17 @@ fn check(what: &str, len: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether `x` holds `width` elements from `at.offset` in each of `at.rows` rows.
+fn check_rows(what: &str, x: &[f32], at: RowSlice, width: usize) -> Result<()> {
+    if at.rows > 0 {
+        check(what, x.len(), at.offset + (at.rows - 1) * at.stride + width)?;
+    }
+    Ok(())
+}
+
 /// Elements `at.offset .. at.offset + width` of each of `at.rows` rows: (rows, width).
 fn slice_rows(x: &[f32], at: RowSlice, width: usize) -> Result<Vec<f32>> {
-    if at.rows > 0 {
-        check(
-            "rows",
-            x.len(),
-            at.offset + (at.rows - 1) * at.stride + width,
-        )?;
-    }
+    check_rows("rows", x, at, width)?;
     let mut out = Vec::with_capacity(at.rows * width);
     for r in 0..at.rows {
         out.extend_from_slice(&x[at.offset + r * at.stride..][..width]);
@@ -305,13 +307,7 @@ impl Ops for EngineOps {
         };
         check("head_rmsnorm w", w.len(), head_dim)?;
         let width = n_heads * head_dim;
-        if at.rows > 0 {
-            check(
-                "head_rmsnorm x",
-                x.len(),
-                (at.rows - 1) * at.stride + at.offset + width,
-            )?;
-        }
+        check_rows("head_rmsnorm x", x, at, width)?;
         let mut normed = vec![0.0; width];
         for r in 0..at.rows {
             let row = &mut x[r * at.stride + at.offset..][..width];
@@ -373,11 +369,7 @@ impl Ops for EngineOps {
         if at.rows == 0 {
             return Ok(());
         }
-        check(
-            "rope x",
-            x.len(),
-            at.offset + (at.rows - 1) * at.stride + width,
-        )?;
+        check_rows("rope x", x, at, width)?;
         if width > at.stride {
             return Err(Error::Engine(format!(
                 "engine ops: rope of {width} values in rows of {}",

@@ -17,8 +17,10 @@
 // k0 + CHUNK * (w + DW_WARPS * i) of the split's keys [k0, k0 + keys_per_split);
 // keys_per_split is a multiple of CHUNK, which divides KV_BLOCK.
 // q: (1, q_stride) bf16, head h at columns q_col + h * HD (post-RoPE); q_pos: (1) u32
-// k_pool, v_pool: (n_slots, KV_BLOCK, n_kv_heads * HD) bf16; pos_pool: (n_slots, KV_BLOCK)
-// table: (ceil(n_keys / KV_BLOCK)) u32
+// k_pool, v_pool: (n_slots, KV_BLOCK, row words) of the variant's element type (kv_types.cuh:
+// bf16 unless the name says kvf16 or kvq8; n_kv_heads * HD values a row); pos_pool: (n_slots,
+// KV_BLOCK); table: (ceil(n_keys / KV_BLOCK)) u32; k_scale: (n_kv_heads * HD) f32, the keys'
+// channel divisors (a Q8 layer's), or null
 // part_m, part_l: (n_heads, n_splits) f32 (m in natural-log units); part_o: (n_heads,
 // n_splits, HD) f32, as decode_attention_merge_bf16 below reads them
 // n_heads / n_kv_heads <= G, the variant's group bound (at most DW_MAX_GROUP)
@@ -26,38 +28,25 @@
 #define DW_WARPS 4
 #define DW_MAX_GROUP 8
 
-// this lane's DPL channels of a bf16 row, raw: DPL / 2 words of two values each (DPL = 2: one
-// 32-bit load, 4: one 64-bit)
-template <int DPL>
-__device__ __forceinline__ void load_raw(const bf16* row, int lane, u32 out[DPL / 2]) {
-    if constexpr (DPL == 4) {
-        const uint2 w = *(const uint2*)(row + 4 * lane);
-        out[0] = w.x;
-        out[1] = w.y;
-    } else {
-        out[0] = *(const u32*)(row + 2 * lane);
-    }
-}
-
-// value i of raw words w
-__device__ __forceinline__ float widen(const u32* w, int i) {
-    return __uint_as_float(i % 2 == 0 ? w[i / 2] << 16 : w[i / 2] & 0xffff0000u);
-}
-
-// The group's queries, this lane's channels, pre-scaled (zeros past the group), and each head's
-// online softmax at its start.
+// The group's queries, this lane's channels, pre-scaled by the softmax scale and by k_scale
+// (a Q8 layer's key channel divisors, kv_dim; null: none) (zeros past the group), and each
+// head's online softmax at its start.
 template <int HD, int G>
-__device__ __forceinline__ void start_group(const bf16* q, int q_col, int head0, int group,
-                                            int lane, float scale, float (&qr)[G][HD / 32],
-                                            float (&m)[G], float (&l)[G],
-                                            float (&o)[G][HD / 32]) {
+__device__ __forceinline__ void start_group(const bf16* q, int q_col, int kv_head, int group,
+                                            int lane, float scale, const float* k_scale,
+                                            float (&qr)[G][HD / 32], float (&m)[G],
+                                            float (&l)[G], float (&o)[G][HD / 32]) {
     constexpr int DPL = HD / 32;
+    const int head0 = kv_head * group;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         u32 w[DPL / 2];
-        load_raw<DPL>(q + q_col + (head0 + min(g, group - 1)) * HD, lane, w);
+        KvRawBf16::load<DPL>(q + q_col + (head0 + min(g, group - 1)) * HD, lane, w);
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) qr[g][i] = g < group ? widen(w, i) * scale : 0.f;
+        for (int i = 0; i < DPL; ++i) {
+            const float c = k_scale ? k_scale[kv_head * HD + DPL * lane + i] : 1.f;
+            qr[g][i] = g < group ? KvRawBf16::widen(w, i) * c * scale : 0.f;
+        }
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
@@ -135,31 +124,34 @@ __device__ __forceinline__ void softmax_step(float (&p)[CHUNK], const bool (&vis
     m = m_new;
 }
 
-template <int HD, int G, int CHUNK, bool FUSED>
+template <int HD, int G, int CHUNK, bool FUSED, typename KV>
 __device__ __forceinline__ void decode_attention_warps(
-    const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
-    const u32* table, float* part_m, float* part_l, float* part_o, int q_stride, int q_col,
-    int n_keys, int n_heads, int n_kv_heads, int keys_per_split, float scale) {
+    const bf16* q, const u32* q_pos, const unsigned short* k_pool, const unsigned short* v_pool,
+    const u32* pos_pool, const u32* table, const float* k_scale, float* part_m, float* part_l,
+    float* part_o, int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads,
+    int keys_per_split, float scale) {
     constexpr int DPL = HD / 32;
+    constexpr int RAW = KV::template raw_words<DPL>();
     __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
     __shared__ float wo[DW_WARPS][G][HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int split = blockIdx.x, kv_head = blockIdx.y;
     const int group = n_heads / n_kv_heads, head0 = kv_head * group;
-    const int kv_dim = n_kv_heads * HD;
+    const int row_words = kv_words(KV::TYPE, n_kv_heads * HD);
+    const int head_words = kv_words(KV::TYPE, HD);
     const u32 qp = q_pos[0];
     (void)q_stride;
     float qr[G][DPL], m[G], l[G], o[G][DPL];
-    start_group<HD, G>(q, q_col, head0, group, lane, scale, qr, m, l, o);
+    start_group<HD, G>(q, q_col, kv_head, group, lane, scale, k_scale, qr, m, l, o);
 
     const int k0 = split * keys_per_split;
     const int k1 = min(n_keys, k0 + keys_per_split);
     // chunk c0's rows (every load issued, none used: the values do not depend on the scores),
-    // kept as raw bf16 pairs until used; a key past k1 or the query's position is invisible
-    // (its key and value read as zeros)
-    u32 kr[CHUNK][DPL / 2], vr[CHUNK][DPL / 2];
+    // kept as raw words until used; a key past k1 or the query's position is invisible (its
+    // key and value read as zeros)
+    u32 kr[CHUNK][RAW], vr[CHUNK][RAW];
     bool vis[CHUNK];
-    auto load_chunk = [&](int c0, u32 (&kc)[CHUNK][DPL / 2], u32 (&vc)[CHUNK][DPL / 2],
+    auto load_chunk = [&](int c0, u32 (&kc)[CHUNK][RAW], u32 (&vc)[CHUNK][RAW],
                           bool (&visc)[CHUNK]) {
         // k0 and so c0 are multiples of CHUNK, which divides KV_BLOCK: the chunk's keys lie in
         // one block, and one table read gives every row
@@ -171,11 +163,11 @@ __device__ __forceinline__ void decode_attention_warps(
         for (int j = 0; j < CHUNK; ++j) {
             visc[j] = false;
 #pragma unroll
-            for (int i = 0; i < DPL / 2; ++i) kc[j][i] = vc[j][i] = 0u;
+            for (int i = 0; i < RAW; ++i) kc[j][i] = vc[j][i] = 0u;
             if (j < nc) {
-                const size_t at = (row0 + j) * kv_dim + kv_head * HD;
-                load_raw<DPL>(k_pool + at, lane, kc[j]);
-                load_raw<DPL>(v_pool + at, lane, vc[j]);
+                const size_t at = (row0 + j) * row_words + kv_head * head_words;
+                KV::template load<DPL>(k_pool + at, lane, kc[j]);
+                KV::template load<DPL>(v_pool + at, lane, vc[j]);
                 visc[j] = pos_pool[row0 + j] <= qp;
             }
         }
@@ -185,7 +177,7 @@ __device__ __forceinline__ void decode_attention_warps(
     for (int c0 = k0 + CHUNK * warp; c0 < k1; c0 += step) {
         // the warp's next chunk is loaded while this one is computed (twice the registers for
         // rows, loads in flight through the math: 1.2 TB/s against 0.6 without, on an H200)
-        u32 kn[CHUNK][DPL / 2], vn[CHUNK][DPL / 2];
+        u32 kn[CHUNK][RAW], vn[CHUNK][RAW];
         bool visn[CHUNK];
         load_chunk(c0 + step, kn, vn, visn);
         bool any = false;
@@ -205,7 +197,7 @@ __device__ __forceinline__ void decode_attention_warps(
                 for (int j = 0; j < CHUNK; ++j) {
                     float s = 0.f;
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * widen(kr[j], i);
+                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * KV::widen(kr[j], i);
                     s = warp_sum(s);
                     pg[j] = vis[j] ? s : -INFINITY;
                 }
@@ -214,7 +206,7 @@ __device__ __forceinline__ void decode_attention_warps(
 #pragma unroll
                     for (int j = 0; j < CHUNK; ++j) {
 #pragma unroll
-                        for (int i = 0; i < DPL; ++i) o[g][i] += pg[j] * widen(vr[j], i);
+                        for (int i = 0; i < DPL; ++i) o[g][i] += pg[j] * KV::widen(vr[j], i);
                     }
                 }
             }
@@ -226,7 +218,7 @@ __device__ __forceinline__ void decode_attention_warps(
                     for (int g = 0; g < G; ++g) {
                         if (g >= group) continue;
 #pragma unroll
-                        for (int i = 0; i < DPL; ++i) o[g][i] += p[g][j] * widen(vr[j], i);
+                        for (int i = 0; i < DPL; ++i) o[g][i] += p[g][j] * KV::widen(vr[j], i);
                     }
                 }
             }
@@ -235,7 +227,7 @@ __device__ __forceinline__ void decode_attention_warps(
         for (int j = 0; j < CHUNK; ++j) {
             vis[j] = visn[j];
 #pragma unroll
-            for (int i = 0; i < DPL / 2; ++i) {
+            for (int i = 0; i < RAW; ++i) {
                 kr[j][i] = kn[j][i];
                 vr[j][i] = vn[j][i];
             }
@@ -245,26 +237,37 @@ __device__ __forceinline__ void decode_attention_warps(
     merge_warps<HD, G>(m, l, o, wm, wl, &wo[0][0][0], group, head0, part_m, part_l, part_o);
 }
 
-#define DECODE_ATTENTION_WARPS(NAME, HD, G, CHUNK, FUSED, MIN_CTAS)                          \
+#define DECODE_ATTENTION_WARPS(NAME, HD, G, CHUNK, FUSED, MIN_CTAS, KV)                      \
     extern "C" __global__ void __launch_bounds__(32 * DW_WARPS, MIN_CTAS) NAME(                   \
-        const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool,                  \
-        const u32* pos_pool, const u32* table, float* part_m, float* part_l, float* part_o,       \
-        int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split,     \
-        float scale) {                                                                            \
-        decode_attention_warps<HD, G, CHUNK, FUSED>(                                           \
-            q, q_pos, k_pool, v_pool, pos_pool, table, part_m, part_l, part_o, q_stride, q_col,  \
-            n_keys, n_heads, n_kv_heads, keys_per_split, scale);                                  \
+        const bf16* q, const u32* q_pos, const unsigned short* k_pool,                            \
+        const unsigned short* v_pool, const u32* pos_pool, const u32* table,                      \
+        const float* k_scale, float* part_m, float* part_l, float* part_o, int q_stride,          \
+        int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split, float scale) {    \
+        decode_attention_warps<HD, G, CHUNK, FUSED, KV>(                                          \
+            q, q_pos, k_pool, v_pool, pos_pool, table, k_scale, part_m, part_l, part_o,          \
+            q_stride, q_col, n_keys, n_heads, n_kv_heads, keys_per_split, scale);                 \
     }
 // G: the most query heads per KV head the variant holds registers for (a group of 4, as in
 // Llama 3 8B, runs the G = 4 one; 5-8, as Qwen2.5-7B's 7, the G = 8 one). Measured on an H200
 // (bench/NOTES.md): chunks of 16 without the prefetch ran as fast, and capping registers for 4
 // or 6 resident CTAs (spilling) ran two to three times slower. The _fused variant (each head's
 // values right after its scores) is timed against the plain one by gpu-check.
-DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g4_bf16, 64, 4, 8, false, 1)
-DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g8_bf16, 64, 8, 8, false, 1)
-DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_bf16, 128, 4, 8, false, 1)
-DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_fused_bf16, 128, 4, 8, true, 1)
-DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_bf16, 128, 8, 8, false, 1)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g4_bf16, 64, 4, 8, false, 1, KvRawBf16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g8_bf16, 64, 8, 8, false, 1, KvRawBf16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_bf16, 128, 4, 8, false, 1, KvRawBf16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_fused_bf16, 128, 4, 8, true, 1, KvRawBf16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_bf16, 128, 8, 8, false, 1, KvRawBf16)
+// The pools of the other element types (kv_types.cuh): the same kernel, each row's words widened
+// in registers (a Q8 row is 1.0625 bytes a value against bf16's 2). The staged kernel below
+// copies bf16 rows only.
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g4_kvf16_bf16, 64, 4, 8, false, 1, KvRawF16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g8_kvf16_bf16, 64, 8, 8, false, 1, KvRawF16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_kvf16_bf16, 128, 4, 8, false, 1, KvRawF16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_kvf16_bf16, 128, 8, 8, false, 1, KvRawF16)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g4_kvq8_bf16, 64, 4, 8, false, 1, KvRawQ8)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd64_g8_kvq8_bf16, 64, 8, 8, false, 1, KvRawQ8)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g4_kvq8_bf16, 128, 4, 8, false, 1, KvRawQ8)
+DECODE_ATTENTION_WARPS(decode_attention_warps_hd128_g8_kvq8_bf16, 128, 8, 8, false, 1, KvRawQ8)
 
 // Decode attention staged through shared memory: the same split, arguments and partials as
 // decode_attention_warps above, rebuilt where that kernel is bound on an H200 (1.29 TB/s at
@@ -320,8 +323,8 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[NV], int lane) {
 template <int HD, int G, int NSTAGE>
 __device__ __forceinline__ void decode_attention_staged(
     const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool, const u32* pos_pool,
-    const u32* table, float* part_m, float* part_l, float* part_o, int q_col, int n_keys,
-    int n_heads, int n_kv_heads, int keys_per_split, float scale) {
+    const u32* table, const float* k_scale, float* part_m, float* part_l, float* part_o,
+    int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split, float scale) {
     constexpr int DPL = HD / 32;
     constexpr int NV = G * DS_CHUNK;  // a chunk's scores
     constexpr int KEEP = NV / 32;     // the whole sums a lane holds after the reduce-scatter
@@ -338,7 +341,7 @@ __device__ __forceinline__ void decode_attention_staged(
     unsigned char* mine = pipe_smem + warp * NSTAGE * SB;
 
     float qr[G][DPL], m[G], l[G], o[G][DPL];
-    start_group<HD, G>(q, q_col, head0, group, lane, scale, qr, m, l, o);
+    start_group<HD, G>(q, q_col, kv_head, group, lane, scale, k_scale, qr, m, l, o);
 
     const int k0 = split * keys_per_split;
     const int k1 = min(n_keys, k0 + keys_per_split);
@@ -397,12 +400,12 @@ __device__ __forceinline__ void decode_attention_staged(
 #pragma unroll
             for (int j = 0; j < DS_CHUNK; ++j) {
                 u32 kr[DPL / 2];
-                load_raw<DPL>(ks + j * HD, lane, kr);
+                KvRawBf16::load<DPL>(ks + j * HD, lane, kr);
 #pragma unroll
                 for (int g = 0; g < G; ++g) {
                     float s = 0.f;
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * widen(kr, i);
+                    for (int i = 0; i < DPL; ++i) s += qr[g][i] * KvRawBf16::widen(kr, i);
                     v[g * DS_CHUNK + j] = s;
                 }
             }
@@ -412,7 +415,7 @@ __device__ __forceinline__ void decode_attention_staged(
             __syncwarp();
             u32 vr[DS_CHUNK][DPL / 2];
 #pragma unroll
-            for (int j = 0; j < DS_CHUNK; ++j) load_raw<DPL>(vs + j * HD, lane, vr[j]);
+            for (int j = 0; j < DS_CHUNK; ++j) KvRawBf16::load<DPL>(vs + j * HD, lane, vr[j]);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 if (g >= group) continue;
@@ -424,7 +427,7 @@ __device__ __forceinline__ void decode_attention_staged(
 #pragma unroll
                 for (int j = 0; j < DS_CHUNK; ++j) {
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) o[g][i] += p[j] * widen(vr[j], i);
+                    for (int i = 0; i < DPL; ++i) o[g][i] += p[j] * KvRawBf16::widen(vr[j], i);
                 }
             }
             __syncwarp();  // the scores are read before the next chunk's are written
@@ -440,13 +443,13 @@ __device__ __forceinline__ void decode_attention_staged(
 #define DECODE_ATTENTION_STAGED(NAME, HD, G, NSTAGE)                                            \
     extern "C" __global__ void __launch_bounds__(32 * DW_WARPS) NAME(                             \
         const bf16* q, const u32* q_pos, const bf16* k_pool, const bf16* v_pool,                  \
-        const u32* pos_pool, const u32* table, float* part_m, float* part_l, float* part_o,       \
-        int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads, int keys_per_split,     \
-        float scale) {                                                                            \
+        const u32* pos_pool, const u32* table, const float* k_scale, float* part_m,              \
+        float* part_l, float* part_o, int q_stride, int q_col, int n_keys, int n_heads,           \
+        int n_kv_heads, int keys_per_split, float scale) {                                        \
         (void)q_stride;                                                                           \
-        decode_attention_staged<HD, G, NSTAGE>(q, q_pos, k_pool, v_pool, pos_pool, table, part_m, \
-                                               part_l, part_o, q_col, n_keys, n_heads,            \
-                                               n_kv_heads, keys_per_split, scale);                \
+        decode_attention_staged<HD, G, NSTAGE>(q, q_pos, k_pool, v_pool, pos_pool, table,         \
+                                               k_scale, part_m, part_l, part_o, q_col, n_keys,    \
+                                               n_heads, n_kv_heads, keys_per_split, scale);       \
     }
 // NSTAGE buffers a warp (NSTAGE - 1 chunks in flight): gpu-check times 2, 3 and 4 at the 8B
 // shape; the other shapes run 3.

@@ -5,20 +5,25 @@
 // Unit u covers the layer's prompt rows [u * unit_size, min((u + 1) * unit_size, prompt_rows)):
 // kept prompt rows come in whole blocks (a multiple of unit_size), so units never straddle.
 // One thread per (unit, column).
-// k_pool: (n_slots, KV_BLOCK, kv_dim) bf16; table: the layer's slots in row order
+// k_pool: (n_slots, KV_BLOCK, row words) of kv_type (kv_types.cuh); table: the layer's slots in
+// row order; k_scale: (kv_dim) f32, a Q8 layer's key channel divisors (multiplied back), or null
 // unit_keys: (n_units, kv_dim) f32, n_units = ceil(prompt_rows / unit_size)
-extern "C" __global__ void unit_keys_bf16(const bf16* k_pool, const u32* table, float* unit_keys,
+extern "C" __global__ void unit_keys_bf16(const unsigned short* k_pool, const u32* table,
+                                          const float* k_scale, int kv_type, float* unit_keys,
                                           int prompt_rows, int unit_size, int kv_dim) {
     const int n_units = (prompt_rows + unit_size - 1) / unit_size;
+    const int words = kv_words(kv_type, kv_dim);
     const long long total = (long long)n_units * kv_dim;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)gridDim.x * blockDim.x) {
         const int u = (int)(t / kv_dim), c = (int)(t % kv_dim);
         const int r0 = u * unit_size, r1 = min(r0 + unit_size, prompt_rows);
+        const float scale = k_scale ? k_scale[c] : 1.f;
         float sum = 0.f;
-        for (int s = r0; s < r1; ++s)
-            sum += bf16_to_f32(k_pool[((size_t)table[s / KV_BLOCK] * KV_BLOCK + s % KV_BLOCK) *
-                                          kv_dim + c]);
+        for (int s = r0; s < r1; ++s) {
+            const size_t row = (size_t)table[s / KV_BLOCK] * KV_BLOCK + s % KV_BLOCK;
+            sum += kv_value(k_pool + row * words, c, kv_type) * scale;
+        }
         unit_keys[t] = sum / (float)(r1 - r0);
     }
 }

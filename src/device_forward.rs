@@ -72,10 +72,10 @@ pub trait DeviceForward: Send {
     /// the cached ones; the logits of the last.
     fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
 
-    /// The CPU engine's KV type (for the pools of the next prefill's cache) and prefill attention
-    /// kernel (from the next prefill on; the cache is kept); a GPU keeps its own (bf16 KV, its
-    /// kernels).
-    fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind);
+    /// The KV type (for the pools of the next prefill's cache, on every device) and the CPU
+    /// engine's prefill attention kernel (from the next prefill on; the cache is kept; a GPU
+    /// keeps its own kernels).
+    fn set_numerics(&mut self, kv: KvDtype, attention: AttentionKind);
 
     /// Teacher forcing: `tokens` at positions 0.. with nothing pruned, and the logits of rows
     /// `from..`, (rows - from, vocab); the cache is left empty (perplexity, agreement).
@@ -176,8 +176,8 @@ struct OpsForward<O: Ops + 'static> {
     spill: Option<SharedSpill>,
     /// Faults and fallbacks since the last [`DeviceForward::take_kv_stats`], one line each.
     notes: Vec<String>,
-    /// Changes the KV type and prefill attention kernel of the backend's next caches (the CPU
-    /// engine's backend; a device keeps its own).
+    /// Changes the KV type of the backend's next caches, and on the CPU engine's backend its
+    /// prefill attention kernel.
     numerics: Option<NumericsFn<O>>,
 }
 
@@ -339,7 +339,7 @@ where
         Ok(logits)
     }
 
-    fn set_cpu_numerics(&mut self, kv: KvDtype, attention: AttentionKind) {
+    fn set_numerics(&mut self, kv: KvDtype, attention: AttentionKind) {
         if let Some(set) = self.numerics {
             set(&self.model, kv, attention);
             self.describe = seam_description(self.model.ops);
@@ -525,15 +525,20 @@ fn spill_notes(counts: &TierCounts, spill: &SpillSetting) -> Vec<String> {
 }
 
 /// The forward for `device` other than the CPU engine's (None for the CPU: the engine loads
-/// its own, [`load_engine_ops`]), for up to `context` tokens.
-pub fn load(device: Device, path: &Path, context: usize) -> Result<Option<Box<dyn DeviceForward>>> {
+/// its own, [`load_engine_ops`]), for up to `context` tokens, its KV in `kv`.
+pub fn load(
+    device: Device,
+    path: &Path,
+    context: usize,
+    kv: KvDtype,
+) -> Result<Option<Box<dyn DeviceForward>>> {
     match device {
         Device::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
-        Device::Cuda => load_cuda(path, context).map(Some),
+        Device::Cuda => load_cuda(path, context, kv).map(Some),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
-            let _ = (path, context);
+            let _ = (path, context, kv);
             Err(crate::Error::Engine(
                 "this build has no CUDA backend; rebuild with --features cuda".into(),
             ))
@@ -578,16 +583,19 @@ fn seam_description(ops: &impl Ops) -> String {
 }
 
 /// The model file `path` on GPU 0, for up to `context` tokens: weights expanded to bf16 there,
-/// KV in its memory.
+/// KV in its memory in `kv`.
 #[cfg(feature = "cuda")]
-pub fn load_cuda(path: &Path, context: usize) -> Result<Box<dyn DeviceForward>> {
+pub fn load_cuda(path: &Path, context: usize, kv: KvDtype) -> Result<Box<dyn DeviceForward>> {
     use crate::cuda::{CudaOps, Gpu};
     let gpu = Arc::new(Gpu::new(0)?);
     // the backend lives as long as the process: the model borrows it
-    let ops: &'static CudaOps = Box::leak(Box::new(CudaOps::new(gpu.clone())));
+    let ops = CudaOps::new(gpu.clone()).with_kv_dtype(kv);
+    let ops: &'static CudaOps = Box::leak(Box::new(ops));
     let mut file = GgufFile::open(path)?;
     let model = OpsLlama::from_gguf(ops, &mut file, context)?;
     let describe = format!("CUDA: {}", gpu.describe());
     let memory: MemoryProbe = Arc::new(move || gpu.vram().ok());
-    Ok(Box::new(OpsForward::new(model, describe, memory)))
+    let mut forward = OpsForward::new(model, describe, memory);
+    forward.numerics = Some(|model, kv, _| model.ops.set_kv_dtype(kv));
+    Ok(Box::new(forward))
 }

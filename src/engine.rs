@@ -222,7 +222,7 @@ impl Engine {
         let path = ModelSource::parse(&cfg.model.source)?.resolve(on_progress)?;
         let mut engine = Self::load(&path, &EngineOptions::from_config(cfg))?;
         let (device, _) = crate::device::resolve(cfg.model.device);
-        match crate::device_forward::load(device, &path, engine.context) {
+        match crate::device_forward::load(device, &path, engine.context, engine.kv_dtype) {
             Ok(Some(forward)) => engine.use_device(forward),
             Ok(None) => {}
             Err(e) => {
@@ -580,7 +580,7 @@ impl Engine {
         self.forward.stages()
     }
 
-    /// The KV cache's element type (the CPU backend's; a GPU keeps its own).
+    /// The KV cache's element type.
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
     }
@@ -594,7 +594,7 @@ impl Engine {
     /// same cache).
     pub fn set_attention(&mut self, kind: AttentionKind) {
         self.attention = kind;
-        self.forward.set_cpu_numerics(self.kv_dtype, kind);
+        self.forward.set_numerics(self.kv_dtype, kind);
     }
 
     /// Store the KV cache in `dtype` from now on (the cache is emptied); a type the model's head
@@ -609,7 +609,7 @@ impl Engine {
         self.reset();
         self.kv_dtype = dtype;
         self.kv_note = None;
-        self.forward.set_cpu_numerics(dtype, self.attention);
+        self.forward.set_numerics(dtype, self.attention);
         Ok(())
     }
 

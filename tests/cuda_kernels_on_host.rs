@@ -3,7 +3,9 @@
 //! (kernels/dequant.cu) against candle's dequantization of the same blocks, every value bit for
 //! bit and nothing written outside the range; and the grid-stride row kernels the ops forward
 //! added for real models (RoPE in both layouts, Qwen3's per-head norm, biases) against
-//! `CpuOps`; and the split decode attention of head sizes other than 64 and 128. The kernels that
+//! `CpuOps`; the split decode attention of head sizes other than 64 and 128; and the pools of f16
+//! and Q8 elements (appends, the Q8 channel scale, widening, block-score keys) against `CpuOps`'
+//! pools of the same types, word for word. The kernels that
 //! need a real CTA are in tests/cuda_warp_kernels_on_host.rs. A GPU is lent to few sessions;
 //! this checks the kernels' arithmetic on every machine (the device run checks them again,
 //! `slimchat gpu-check --kernels`). Skipped, with a note, where there is no C++ compiler.
@@ -45,8 +47,12 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 #define __shared__ static
 #define __syncthreads()
 #define DEC_DIMS 128
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 "#;
+
+/// The KV element types, before the kernels that read or write a pool.
+const KV_TYPES: &str = include_str!("../kernels/kv_types.cuh");
 
 /// A host program: [`PRELUDE`], kernels/common.cuh, the `kernels` sources, then `main`.
 fn program(kernels: &[&str], main: &str) -> String {
@@ -368,7 +374,10 @@ int main() {
 #[test]
 fn the_host_tier_fetch_moves_each_block_into_its_slot_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
-    let source = program(&[include_str!("../kernels/kv_blocks.cu")], FETCH_MAIN);
+    let source = program(
+        &[KV_TYPES, include_str!("../kernels/kv_blocks.cu")],
+        FETCH_MAIN,
+    );
     let Some(binary) = compile(dir.path(), &source) else {
         return;
     };
@@ -429,4 +438,202 @@ fn the_host_tier_fetch_moves_each_block_into_its_slot_on_the_host() {
     assert_eq!(got_k, want_k);
     assert_eq!(got_v, want_v);
     assert_eq!(got_p, want_p);
+}
+
+/// The f16 and Q8 pools' kernels (kv_blocks.cu, slim_scores.cu) on one layer: two appends
+/// (the first sets a Q8 layer's channel scale), the channel amax of the first, the pool widened
+/// to bf16 with the second append's rows read from q's buffer, and the unit keys of the scores.
+const KV_TYPES_MAIN: &str = r#"
+static void put(const char* name, const void* p, size_t bytes) {
+    FILE* f = fopen(name, "wb");
+    fwrite(p, 1, bytes, f);
+    fclose(f);
+}
+int main() {
+    auto qkv1 = as<bf16>(slurp("qkv1.bin")), qkv2 = as<bf16>(slurp("qkv2.bin"));
+    auto pos1 = as<u32>(slurp("pos1.bin")), pos2 = as<u32>(slurp("pos2.bin"));
+    auto table = as<u32>(slurp("table.bin"));
+    auto ks = as<float>(slurp("kscale.bin"));
+    // kind, kv_dim, rows1, rows2, stride, k_col, v_col, slots, unit_rows, unit_size
+    auto d = as<int>(slurp("dims.bin"));
+    const int kind = d[0], kv_dim = d[1], r1 = d[2], r2 = d[3], st = d[4], kc = d[5], vc = d[6];
+    const int slots = d[7], unit_rows = d[8], unit_size = d[9];
+    const int words = kv_words(kind, kv_dim);
+    std::vector<unsigned short> k((size_t)slots * KV_BLOCK * words, 0),
+        v((size_t)slots * KV_BLOCK * words, 0);
+    std::vector<u32> p((size_t)slots * KV_BLOCK, 0xffffffffu);
+    const float* scale = ks.empty() ? nullptr : ks.data();
+    if (kind == KV_Q8) {
+        kv_append_q8(qkv1.data(), pos1.data(), k.data(), v.data(), p.data(), table.data(), scale,
+                     0, r1, st, kc, vc, kv_dim);
+        kv_append_q8(qkv2.data(), pos2.data(), k.data(), v.data(), p.data(), table.data(), scale,
+                     r1, r2, st, kc, vc, kv_dim);
+    } else {
+        kv_append_f16(qkv1.data(), pos1.data(), k.data(), v.data(), p.data(), table.data(), 0, r1,
+                      st, kc, vc, kv_dim);
+        kv_append_f16(qkv2.data(), pos2.data(), k.data(), v.data(), p.data(), table.data(), r1, r2,
+                      st, kc, vc, kv_dim);
+    }
+    put("k.out", k.data(), k.size() * 2);
+    put("v.out", v.data(), v.size() * 2);
+    put("p.out", p.data(), p.size() * 4);
+    std::vector<float> amax(kv_dim, NAN);
+    key_channel_amax(qkv1.data(), amax.data(), r1, st, kc, kv_dim);
+    put("amax.out", amax.data(), amax.size() * 4);
+    const int n = r1 + r2, blocks = (n + KV_BLOCK - 1) / KV_BLOCK;
+    std::vector<bf16> wk((size_t)blocks * KV_BLOCK * kv_dim, 0x7fc0),
+        wv((size_t)blocks * KV_BLOCK * kv_dim, 0x7fc0);
+    std::vector<u32> wp((size_t)blocks * KV_BLOCK, 7);
+    kv_widen_bf16(k.data(), v.data(), p.data(), table.data(), scale, kind, n, kv_dim,
+                  qkv2.data(), pos2.data(), r2, st, kc, vc, wk.data(), wv.data(), wp.data());
+    put("wk.out", wk.data(), (size_t)n * kv_dim * 2);
+    put("wv.out", wv.data(), (size_t)n * kv_dim * 2);
+    put("wp.out", wp.data(), (size_t)n * 4);
+    const int units = (unit_rows + unit_size - 1) / unit_size;
+    std::vector<float> uk((size_t)units * kv_dim, NAN);
+    unit_keys_bf16(k.data(), table.data(), scale, kind, uk.data(), unit_rows, unit_size, kv_dim);
+    put("uk.out", uk.data(), uk.size() * 4);
+    return 0;
+}
+"#;
+
+#[test]
+fn the_f16_and_q8_pools_are_written_widened_and_scored_as_on_the_cpu_on_the_host() {
+    use slimchat::backend::cpu_ops::CpuOps;
+    use slimchat::backend::kv_format::{key_scale_from_amax, unscale_keys, KvDtype};
+    use slimchat::backend::ops::{KvPool, Ops, RowSlice};
+    use slimchat::backend::ops_check::{rel_err, Rng};
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = program(
+        &[
+            KV_TYPES,
+            include_str!("../kernels/kv_blocks.cu"),
+            include_str!("../kernels/slim_scores.cu"),
+        ],
+        KV_TYPES_MAIN,
+    );
+    let Some(binary) = compile(dir.path(), &source) else {
+        return;
+    };
+    let mut rng = Rng::new(23);
+    // three heads of 64 (the default model's), a prompt of 70 rows then a step of 9 that
+    // crosses into a second block; the table shuffled over four slots
+    let (kv_dim, q_dim, r1, r2) = (192usize, 64usize, 70usize, 9usize);
+    let (k_col, v_col, stride) = (q_dim, q_dim + kv_dim, q_dim + 2 * kv_dim + 3);
+    let (slots, table) = (4usize, vec![2u32, 0]);
+    // keys with loud channels, as trained models' are: the channel scale is what Q8 needs
+    let rows = |rng: &mut Rng, n: usize| -> Vec<u16> {
+        let mut x = rng.f32s(n * stride, 1.0);
+        for (i, v) in x.iter_mut().enumerate() {
+            let c = i % stride;
+            if c >= k_col && c < v_col && (c - k_col) % 29 == 3 {
+                *v *= 40.0;
+            }
+        }
+        to_bf16(&x)
+    };
+    let (qkv1, qkv2) = (rows(&mut rng, r1), rows(&mut rng, r2));
+    let pos1: Vec<u32> = (0..r1 as u32).map(|p| 3 * p).collect();
+    let pos2: Vec<u32> = (0..r2 as u32).map(|p| 300 + p).collect();
+    let (unit_rows, unit_size) = (72usize, 8usize);
+    for (kind, dtype) in [(1, KvDtype::F16), (2, KvDtype::Q8)] {
+        let cpu = CpuOps;
+        let mut pool = KvPool::typed(&cpu, slots, kv_dim, dtype).unwrap();
+        let at = |rows| RowSlice {
+            rows,
+            stride,
+            offset: 0,
+        };
+        cpu.kv_append(&qkv1, at(r1), k_col, v_col, &pos1, &mut pool, &table, 0)
+            .unwrap();
+        cpu.kv_append(&qkv2, at(r2), k_col, v_col, &pos2, &mut pool, &table, r1)
+            .unwrap();
+        let dims: Vec<i32> = [
+            kind, kv_dim, r1, r2, stride, k_col, v_col, slots, unit_rows, unit_size,
+        ]
+        .iter()
+        .map(|&x| x as i32)
+        .collect();
+        for (name, data) in [
+            ("qkv1.bin", bytes(&qkv1)),
+            ("qkv2.bin", bytes(&qkv2)),
+            ("pos1.bin", bytes(&pos1)),
+            ("pos2.bin", bytes(&pos2)),
+            ("table.bin", bytes(&table)),
+            ("kscale.bin", bytes(&pool.k_scale)),
+            ("dims.bin", bytes(&dims)),
+        ] {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let run = Command::new(&binary)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{dtype:?}: {run:?}");
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        let u16s = |b: Vec<u8>| -> Vec<u16> {
+            b.chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let u32s = |b: Vec<u8>| -> Vec<u32> {
+            b.chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        // the pool, word for word what the CPU stores
+        assert_eq!(u16s(read("k.out")), pool.k, "{dtype:?} keys");
+        assert_eq!(u16s(read("v.out")), pool.v, "{dtype:?} values");
+        assert_eq!(u32s(read("p.out")), pool.pos, "{dtype:?} positions");
+        // the first append's channel maxima give the CPU's channel scale
+        if dtype == KvDtype::Q8 {
+            let scale = key_scale_from_amax(f32s(read("amax.out")));
+            assert_eq!(scale, pool.k_scale, "channel scale");
+            assert!(scale.iter().any(|&s| s > 10.0), "the loud channels set it");
+        }
+        // widened: the first append's rows from the pool (keys unscaled), the second's as
+        // they were computed
+        let words = pool.row_words();
+        let (wk, wv, wp) = (
+            u16s(read("wk.out")),
+            u16s(read("wv.out")),
+            u32s(read("wp.out")),
+        );
+        for s in 0..r1 + r2 {
+            let row = table[s / KV_BLOCK] as usize * KV_BLOCK + s % KV_BLOCK;
+            assert_eq!(wp[s], pool.pos[row], "position of row {s}");
+            let (want_k, want_v) = if s < r1 {
+                let (mut k, mut v) = (vec![0f32; kv_dim], vec![0f32; kv_dim]);
+                dtype.decode(&pool.k[row * words..][..words], &mut k);
+                dtype.decode(&pool.v[row * words..][..words], &mut v);
+                unscale_keys(&mut k, &pool.k_scale);
+                (to_bf16(&k), to_bf16(&v))
+            } else {
+                let r = &qkv2[(s - r1) * stride..];
+                (r[k_col..][..kv_dim].to_vec(), r[v_col..][..kv_dim].to_vec())
+            };
+            assert_eq!(
+                wk[s * kv_dim..][..kv_dim],
+                want_k[..],
+                "{dtype:?} key row {s}"
+            );
+            assert_eq!(
+                wv[s * kv_dim..][..kv_dim],
+                want_v[..],
+                "{dtype:?} value row {s}"
+            );
+        }
+        // the block scores' unit keys
+        let mut want = vec![0f32; unit_rows.div_ceil(unit_size) * kv_dim];
+        cpu.unit_keys(&pool, &table, unit_rows, unit_size, &mut want)
+            .unwrap();
+        let e = rel_err(&f32s(read("uk.out")), &want);
+        assert!(e < 1e-6, "{dtype:?} unit keys: {e}");
+    }
 }

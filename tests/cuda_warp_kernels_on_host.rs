@@ -2,7 +2,8 @@
 //! thread of a CTA a host thread and the warp's exchanges emulated on the PTX ISA's layouts
 //! ([`host_kernels::THREADED_PRELUDE`]), against `CpuOps`: the tensor-core prefill attention
 //! (kernels/attention_mma.cu), its pipelined successor (attention_mma_pipelined.cu: ldmatrix,
-//! cp.async), decode attention by warps with its merge (decode_attention_warps.cu) and the
+//! cp.async), decode attention by warps with its merge (decode_attention_warps.cu, over bf16, f16
+//! and Q8 pools) and the
 //! one-row linear layer (gemv.cu). This
 //! checks the fragment mappings, the masking and the bookkeeping on every machine; the device
 //! run checks the kernels again (`slimchat gpu-check --kernels`). Skipped, with a note, where
@@ -13,6 +14,7 @@ mod host_kernels;
 
 use slimchat::backend::cpu_ops::to_f32;
 use slimchat::backend::cpu_ops::CpuOps;
+use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::ops::{Heads, Ops};
 use slimchat::backend::ops_check::{rel_err, Rng};
 
@@ -149,13 +151,15 @@ int main() {
     auto q = as<bf16>(slurp("q.bin")), k = as<bf16>(slurp("k.bin")), v = as<bf16>(slurp("v.bin"));
     auto qpos = as<u32>(slurp("qpos.bin")), pos = as<u32>(slurp("pos.bin"));
     auto table = as<u32>(slurp("table.bin"));
+    auto ks = as<float>(slurp("kscale.bin"));
     auto d = as<int>(slurp("dims.bin"));  // n_keys, n_heads, n_kv_heads, head_dim, n_splits, per_split
     const int n_keys = d[0], nh = d[1], nkv = d[2], hd = d[3], n_splits = d[4], per = d[5];
     std::vector<float> pm(nh * n_splits, NAN), pl(nh * n_splits, NAN), po(nh * n_splits * hd, NAN);
     std::vector<bf16> out(nh * hd, 0x7fc0);
     launch(n_splits, nkv, 32 * DW_WARPS, [&] {
-        KERNEL(q.data(), qpos.data(), k.data(), v.data(), pos.data(), table.data(), pm.data(),
-               pl.data(), po.data(), nh * hd, 0, n_keys, nh, nkv, per, 1.f / sqrtf((float)hd));
+        KERNEL(q.data(), qpos.data(), k.data(), v.data(), pos.data(), table.data(),
+               ks.empty() ? nullptr : ks.data(), pm.data(), pl.data(), po.data(), nh * hd, 0,
+               n_keys, nh, nkv, per, 1.f / sqrtf((float)hd));
     });
     launch(nh, 1, DM_THREADS, [&] {
         decode_attention_merge_bf16(pm.data(), pl.data(), po.data(), out.data(), n_splits, hd);
@@ -172,8 +176,57 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
     let mut rng = Rng::new(31);
     // (kernel, heads, keys past the query, splits): each variant the backend launches, a group
     // narrower than the variant's bound, keys past the query masked, splits that end inside a
-    // block and one split with no keys at all
+    // block and one split with no keys at all; the pool bf16 unless the name says kvf16 or
+    // kvq8 (a Q8 pool's keys divided by their channel scale)
     for (kernel, (n_heads, n_kv_heads, head_dim), masked, n_splits) in [
+        (
+            "decode_attention_warps_hd128_g4_kvq8_bf16",
+            (8, 2, 128),
+            41,
+            5,
+        ),
+        (
+            "decode_attention_warps_hd128_g8_kvq8_bf16",
+            (14, 2, 128),
+            0,
+            4,
+        ),
+        (
+            "decode_attention_warps_hd64_g4_kvq8_bf16",
+            (9, 3, 64),
+            70,
+            7,
+        ),
+        (
+            "decode_attention_warps_hd64_g8_kvq8_bf16",
+            (16, 2, 64),
+            0,
+            40,
+        ),
+        (
+            "decode_attention_warps_hd128_g4_kvf16_bf16",
+            (8, 2, 128),
+            13,
+            3,
+        ),
+        (
+            "decode_attention_warps_hd128_g8_kvf16_bf16",
+            (14, 2, 128),
+            0,
+            4,
+        ),
+        (
+            "decode_attention_warps_hd64_g4_kvf16_bf16",
+            (9, 3, 64),
+            70,
+            7,
+        ),
+        (
+            "decode_attention_warps_hd64_g8_kvf16_bf16",
+            (16, 2, 64),
+            0,
+            40,
+        ),
         ("decode_attention_warps_hd128_g4_bf16", (8, 2, 128), 0, 3),
         (
             "decode_attention_warps_hd128_g4_fused_bf16",
@@ -219,7 +272,10 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
         let dir = tempfile::tempdir().unwrap();
         let program = program_on(
             host_kernels::THREADED_PRELUDE,
-            &[include_str!("../kernels/decode_attention_warps.cu")],
+            &[
+                include_str!("../kernels/kv_types.cuh"),
+                include_str!("../kernels/decode_attention_warps.cu"),
+            ],
             &DECODE_MAIN.replace("KERNEL", kernel),
         );
         let Some(binary) = compile_with(dir.path(), &program, THREADS) else {
@@ -233,6 +289,11 @@ fn decode_attention_by_warps_matches_the_cpu_reference_on_the_host() {
         let key_pos = kept_keys(&[0, 1, 3, 4, 5, 8, 9, 12, 13, 14, 20], 21, 37);
         let q_pos = vec![key_pos[key_pos.len() - 1 - masked]];
         let case = PagedCase::random(&mut rng, heads, &key_pos, q_pos, 0, true);
+        let case = match kernel {
+            k if k.contains("_kvq8_") => case.retyped(KvDtype::Q8),
+            k if k.contains("_kvf16_") => case.retyped(KvDtype::F16),
+            _ => case,
+        };
         // as the backend splits: a multiple of the 8-key chunk
         let per_split = case.n_keys.div_ceil(n_splits).next_multiple_of(8);
         let dims = [

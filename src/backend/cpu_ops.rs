@@ -340,6 +340,14 @@ impl Ops for CpuOps {
     ) -> Result<()> {
         let d = pool.kv_dim;
         check("kv_append positions", positions.len(), at.rows)?;
+        if pool.dtype != KvDtype::Bf16 {
+            let (k, v) = (
+                slice_rows(qkv, at.columns(k_col), d),
+                slice_rows(qkv, at.columns(v_col), d),
+            );
+            let positions = &positions[..at.rows];
+            return host_pool::append_values(&k, &v, positions, pool, table, row0);
+        }
         let (mut k, mut v) = (
             Vec::with_capacity(at.rows * d),
             Vec::with_capacity(at.rows * d),

@@ -3,9 +3,9 @@
 //! CPU engine's), over bf16 keys and values in plain vectors. Each backend hands its own
 //! activations in as rows (keys and values as bf16 bits, queries as f32).
 
-use super::attention::attention as tiled_attention;
+use super::attention::{attention as tiled_attention, scale_queries};
 use super::decode_attention::KeyRun;
-use super::kv_format::{unscale_keys, KvDtype, KvView};
+use super::kv_format::{first_key_scale, unscale_keys, KvDtype, KvView};
 use super::ops::{check_slots, Heads, KvPool, Ops, ScoreMode, UnitBlocks, KV_BLOCK};
 use super::score::{UnitKeys, WindowPool};
 use crate::{Error, Result};
@@ -72,6 +72,35 @@ pub fn append<O: HostPools>(
         pool.pos[dst] = p;
     }
     Ok(())
+}
+
+/// [`Ops::kv_append`] of keys and values k, v (rows, kv_dim) f32 narrowed to the pool's type:
+/// Q8 keys divided by the layer's channel scale, which its first append sets (as the CPU
+/// engine's cache does).
+pub fn append_values<O: HostPools>(
+    k: &[f32],
+    v: &[f32],
+    positions: &[u32],
+    pool: &mut KvPool<O>,
+    table: &[u32],
+    row0: usize,
+) -> Result<()> {
+    let (d, rows) = (pool.kv_dim, positions.len());
+    check("kv_append keys", k.len().min(v.len()), rows * d)?;
+    let mut keys = k[..rows * d].to_vec();
+    if pool.dtype == KvDtype::Q8 {
+        if pool.k_scale.is_empty() {
+            pool.k_scale = first_key_scale(&keys, d);
+        }
+        for row in keys.chunks_exact_mut(d) {
+            row.iter_mut().zip(&pool.k_scale).for_each(|(x, c)| *x /= c);
+        }
+    }
+    let words = rows * pool.row_words();
+    let (mut kw, mut vw) = (vec![0u16; words], vec![0u16; words]);
+    pool.dtype.encode(&keys, &mut kw);
+    pool.dtype.encode(&v[..rows * d], &mut vw);
+    append(&kw, &vw, positions, pool, table, row0)
 }
 
 /// The first `n_keys` rows of a pool through its slot table, in row order: keys and values as
@@ -179,8 +208,8 @@ pub fn runs<'a, O: HostPools>(
     Ok((runs, last))
 }
 
-/// [`Ops::attention`] of the queries q (rows, q_dim) f32 at `q_pos` over a bf16 pool, by the
-/// f32 kernel: (rows, q_dim) f32.
+/// [`Ops::attention`] of the queries q (rows, q_dim) f32 at `q_pos` over a pool of any type
+/// (Q8 keys' channel scale moved onto the queries), by the f32 kernel: (rows, q_dim) f32.
 pub fn attention<O: HostPools>(
     q: &[f32],
     q_pos: &[u32],
@@ -192,9 +221,11 @@ pub fn attention<O: HostPools>(
     let rows = PoolRows::of(pool, table, n_keys)?;
     let mut y = vec![0.0; q_pos.len() * heads.q_dim()];
     check("attention queries", q.len(), y.len())?;
+    let mut q = q[..y.len()].to_vec();
+    scale_queries(&mut q, &pool.k_scale, heads);
     let every_key = 0..n_keys;
     let ranges = std::slice::from_ref(&every_key);
-    tiled_attention(&q[..y.len()], q_pos, rows.view(), ranges, heads, &mut y)?;
+    tiled_attention(&q, q_pos, rows.view(), ranges, heads, &mut y)?;
     Ok(y)
 }
 
@@ -302,12 +333,7 @@ pub fn regrouped<O: HostPools>(
     let n = KV_BLOCK * src.row_words();
     check_slots("kv_pool_regrouped", src.slots, moves.iter().map(|m| m.0))?;
     check_slots("kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
-    let mut pool = KvPool::new(ops, slots, src.kv_dim)?;
-    if pool.dtype != src.dtype {
-        return Err(Error::Engine(
-            "kv_pool_regrouped: a pool of another type".into(),
-        ));
-    }
+    let mut pool = KvPool::typed(ops, slots, src.kv_dim, src.dtype)?;
     pool.k_scale = src.k_scale.clone();
     for &(s, t) in moves {
         let (s, t) = (s as usize, t as usize);

@@ -15,6 +15,8 @@
 //! Conversions come in three paths (AVX-512, AVX2+F16C, scalar) selected by [`Isa`]; all give
 //! bit-identical results (round to nearest even; bf16 NaNs stay NaN).
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,40 @@ pub enum KvDtype {
     Bf16,
     /// int8 with an f16 scale per 32 values
     Q8,
+}
+
+/// A backend's [`KvDtype`] for the pools it makes from now on, changed through a shared
+/// reference (a loaded model's backend lives behind one); a clone holds the same type.
+#[derive(Debug)]
+pub struct KvDtypeCell(AtomicU8);
+
+impl KvDtypeCell {
+    pub const fn new(dtype: KvDtype) -> Self {
+        Self(AtomicU8::new(match dtype {
+            KvDtype::F16 => 0,
+            KvDtype::Bf16 => 1,
+            KvDtype::Q8 => 2,
+        }))
+    }
+
+    pub fn get(&self) -> KvDtype {
+        match self.0.load(Ordering::Relaxed) {
+            0 => KvDtype::F16,
+            1 => KvDtype::Bf16,
+            _ => KvDtype::Q8,
+        }
+    }
+
+    pub fn set(&self, dtype: KvDtype) {
+        self.0
+            .store(Self::new(dtype).0.into_inner(), Ordering::Relaxed);
+    }
+}
+
+impl Clone for KvDtypeCell {
+    fn clone(&self) -> Self {
+        Self::new(self.get())
+    }
 }
 
 /// Values per Q8 group.
@@ -162,7 +198,7 @@ pub struct KvView<'a> {
 /// Rows the first append of a Q8 layer needs for its keys to set the channel scale; a shorter
 /// first turn keeps keys unscaled for the conversation (a scale taken from a handful of rows may
 /// be far below the range of the document that follows).
-const SCALE_MIN_ROWS: usize = 64;
+pub const SCALE_MIN_ROWS: usize = 64;
 /// No channel's divisor is below the loudest channel's divided by this, so a channel that was
 /// quiet in the rows that set the scale cannot dominate a later row's int8 range by much more.
 pub const SCALE_MAX_RATIO: f32 = 16.0;
@@ -189,6 +225,13 @@ fn key_channel_scale(k: &[f32], kv_dim: usize) -> Vec<f32> {
             .zip(row)
             .for_each(|(m, x)| *m = m.max(x.abs()));
     }
+    key_scale_from_amax(amax)
+}
+
+/// The channel divisors of [`key_channel_scale`] from each channel's largest |k| (`amax`), for
+/// a backend that reduces the rows where they are (a device).
+pub fn key_scale_from_amax(mut amax: Vec<f32>) -> Vec<f32> {
+    let kv_dim = amax.len();
     let loudest = amax.iter().fold(0f32, |a, &b| a.max(b));
     if !(loudest > 0.0 && loudest.is_finite()) {
         return vec![1.0; kv_dim];

@@ -124,8 +124,7 @@ pub enum WeightValues {
 }
 
 /// One layer's paged KV storage: `slots` slots of [`KV_BLOCK`] rows, each row `row_words` words
-/// of the backend's element type ([`Ops::kv_dtype`]: bf16 on the devices; the engine's Q8 or
-/// f16 on its CPU backend).
+/// of its element type (the backend's [`Ops::kv_dtype`] unless made with [`KvPool::typed`]).
 pub struct KvPool<O: Ops + ?Sized> {
     /// (slots, KV_BLOCK, row_words): keys, as `dtype` words (Q8: divided by `k_scale`)
     pub k: O::Bf16,
@@ -139,11 +138,19 @@ pub struct KvPool<O: Ops + ?Sized> {
     /// Q8 only: the divisor of each key channel (kv_dim), fixed by the layer's first append;
     /// empty before it and for 16-bit types.
     pub k_scale: Vec<f32>,
+    /// `k_scale` in the backend's memory where its kernels read it (a device's; None on the
+    /// host backends, which read `k_scale`).
+    pub k_scale_on_device: Option<O::F32>,
 }
 
 impl<O: Ops + ?Sized> KvPool<O> {
     pub fn new(ops: &O, slots: usize, kv_dim: usize) -> Result<Self> {
-        let dtype = ops.kv_dtype();
+        Self::typed(ops, slots, kv_dim, ops.kv_dtype())
+    }
+
+    /// A pool of `dtype` elements whatever the backend's own type is (a backend's kernels
+    /// checked on every type).
+    pub fn typed(ops: &O, slots: usize, kv_dim: usize, dtype: KvDtype) -> Result<Self> {
         let words = slots * KV_BLOCK * dtype.stored_len(kv_dim);
         Ok(Self {
             k: ops.zeros_bf16(words)?,
@@ -153,6 +160,7 @@ impl<O: Ops + ?Sized> KvPool<O> {
             kv_dim,
             dtype,
             k_scale: Vec::new(),
+            k_scale_on_device: None,
         })
     }
 

@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::cpu_ops::{plain_rope, rope_tables, to_bf16, to_f32};
+use super::kv_format::KvDtype;
 use super::ops::{DeviceOps, Heads, KvPool, RopeLayout, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::Result;
 
@@ -145,8 +146,9 @@ impl HostPool {
             pos: o.upload_u32(&self.pos)?,
             slots: self.slots,
             kv_dim: self.kv_dim,
-            dtype: o.kv_dtype(),
+            dtype: KvDtype::Bf16,
             k_scale: Vec::new(),
+            k_scale_on_device: None,
         })
     }
 }

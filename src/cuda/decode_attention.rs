@@ -63,9 +63,10 @@ impl CudaOps {
         let mut part_o = unsafe { s.alloc::<f32>(parts * heads.head_dim) }.or_engine("alloc")?;
         let (name, smem) = match warps {
             true => (
-                self.decode.kernel.entry(heads.head_dim, group),
-                self.decode.kernel.shared_bytes(heads.head_dim, group),
+                (self.decode.kernel).entry_for(heads.head_dim, group, pool.dtype),
+                (self.decode.kernel).shared_bytes_for(heads.head_dim, group, pool.dtype),
             ),
+            // bf16 pools only: `attention` widens the others for this kernel
             false => ("decode_attention_split_bf16".to_string(), 0),
         };
         let f = match smem {
@@ -89,6 +90,13 @@ impl CudaOps {
             .arg(&pool.v)
             .arg(&pool.pos)
             .arg(table);
+        let null = 0u64;
+        if warps {
+            match &pool.k_scale_on_device {
+                Some(scale) => b.arg(scale),
+                None => b.arg(&null),
+            };
+        }
         b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_o);
         b.arg(&st).arg(&qc).arg(&nk).arg(&h).arg(&kvh);
         if !warps {

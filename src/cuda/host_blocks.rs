@@ -26,7 +26,7 @@ use cudarc::driver::{
 
 use super::ops::{flat, i32_of};
 use super::{CudaOps, OrEngine};
-use crate::backend::ops::{check_slots, KvPool, KV_BLOCK};
+use crate::backend::ops::{check_slots, KvPool, Ops, KV_BLOCK};
 use crate::{Error, Result};
 
 /// A layer's host tier on a GPU: blocks of keys, values and positions in pinned memory.
@@ -237,7 +237,7 @@ impl CudaOps {
         slots: &[u32],
     ) -> Result<CudaHostBlocks> {
         check_slots("cuda kv_offload", pool.slots, slots.iter().copied())?;
-        let (n, m) = (KV_BLOCK * pool.kv_dim, slots.len());
+        let (n, m) = (KV_BLOCK * pool.row_words(), slots.len());
         self.staging.release_done();
         if m == 0 {
             return Ok(CudaHostBlocks {
@@ -322,7 +322,7 @@ impl CudaOps {
                 host.blocks
             )));
         }
-        let n = KV_BLOCK * pool.kv_dim;
+        let n = KV_BLOCK * pool.row_words();
         mem.landed.synchronize().or_engine("wait for the offload")?;
         let s = &self.gpu.stream;
         match mem.mapped {
@@ -359,7 +359,7 @@ impl CudaOps {
         writes: &[(usize, u32)],
         pool: &mut KvPool<Self>,
     ) -> Result<()> {
-        let n = KV_BLOCK * pool.kv_dim;
+        let n = KV_BLOCK * pool.row_words();
         let hk = mem.k.as_slice().or_engine("pinned")?;
         let hv = mem.v.as_slice().or_engine("pinned")?;
         let hp = mem.pos.as_slice().or_engine("pinned")?;
@@ -389,14 +389,18 @@ impl CudaOps {
         moves: &[(u32, u32)],
         slots: usize,
     ) -> Result<KvPool<Self>> {
-        let n = KV_BLOCK * src.kv_dim;
+        let n = KV_BLOCK * src.row_words();
         check_slots(
             "cuda kv_pool_regrouped",
             src.slots,
             moves.iter().map(|m| m.0),
         )?;
         check_slots("cuda kv_pool_regrouped", slots, moves.iter().map(|m| m.1))?;
-        let mut pool = KvPool::new(self, slots, src.kv_dim)?;
+        let mut pool = KvPool::typed(self, slots, src.kv_dim, src.dtype)?;
+        pool.k_scale = src.k_scale.clone();
+        if src.k_scale_on_device.is_some() {
+            pool.k_scale_on_device = Some(self.upload_f32(&src.k_scale)?);
+        }
         let s = &self.gpu.stream;
         for &(a, b) in moves {
             let (a, b) = (a as usize, b as usize);

@@ -2,6 +2,8 @@
 //! times them on the device and runs the fastest that passed its checks; the defaults are what
 //! that measured on an H200 (bench/NOTES.md).
 
+use crate::backend::kv_format::KvDtype;
+
 /// Decode attention's kernels at head sizes 64 and 128 (decode_attention_warps.cu; the tree
 /// kernel of decode_attention.cu runs the others).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -30,6 +32,25 @@ impl DecodeKernel {
                 let s = if narrow { stages.clamp(2, 4) } else { 3 };
                 format!("decode_attention_staged_hd{head_dim}_g{g}_s{s}_bf16")
             }
+        }
+    }
+
+    /// The entry point for a pool of `kv` elements: [`Self::entry`] for bf16; the other types
+    /// have the plain warp kernel only (their rows widened in registers).
+    pub fn entry_for(self, head_dim: usize, group: usize, kv: KvDtype) -> String {
+        let g = if group <= 4 { 4 } else { 8 };
+        match kv {
+            KvDtype::Bf16 => self.entry(head_dim, group),
+            KvDtype::F16 => format!("decode_attention_warps_hd{head_dim}_g{g}_kvf16_bf16"),
+            KvDtype::Q8 => format!("decode_attention_warps_hd{head_dim}_g{g}_kvq8_bf16"),
+        }
+    }
+
+    /// [`Self::shared_bytes`] of [`Self::entry_for`]'s kernel.
+    pub fn shared_bytes_for(self, head_dim: usize, group: usize, kv: KvDtype) -> usize {
+        match kv {
+            KvDtype::Bf16 => self.shared_bytes(head_dim, group),
+            _ => 0,
         }
     }
 

@@ -42,8 +42,19 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "kv_blocks.cu",
-        include_str!("../../kernels/kv_blocks.cu"),
-        &["kv_append_bf16", "kv_copy_blocks_bf16", "kv_fetch_blocks"],
+        concat!(
+            include_str!("../../kernels/kv_types.cuh"),
+            include_str!("../../kernels/kv_blocks.cu")
+        ),
+        &[
+            "kv_append_bf16",
+            "kv_append_f16",
+            "kv_append_q8",
+            "key_channel_amax",
+            "kv_widen_bf16",
+            "kv_copy_blocks_bf16",
+            "kv_fetch_blocks",
+        ],
     ),
     (
         "dequant.cu",
@@ -101,9 +112,18 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
         "decode_attention_warps.cu",
         concat!(
             include_str!("../../kernels/async_copy.cuh"),
+            include_str!("../../kernels/kv_types.cuh"),
             include_str!("../../kernels/decode_attention_warps.cu")
         ),
         &[
+            "decode_attention_warps_hd64_g4_kvf16_bf16",
+            "decode_attention_warps_hd64_g8_kvf16_bf16",
+            "decode_attention_warps_hd128_g4_kvf16_bf16",
+            "decode_attention_warps_hd128_g8_kvf16_bf16",
+            "decode_attention_warps_hd64_g4_kvq8_bf16",
+            "decode_attention_warps_hd64_g8_kvq8_bf16",
+            "decode_attention_warps_hd128_g4_kvq8_bf16",
+            "decode_attention_warps_hd128_g8_kvq8_bf16",
             "decode_attention_warps_hd64_g4_bf16",
             "decode_attention_warps_hd64_g8_bf16",
             "decode_attention_warps_hd128_g4_bf16",
@@ -134,7 +154,10 @@ pub const FILES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "slim_scores.cu",
-        include_str!("../../kernels/slim_scores.cu"),
+        concat!(
+            include_str!("../../kernels/kv_types.cuh"),
+            include_str!("../../kernels/slim_scores.cu")
+        ),
         &[
             "unit_keys_bf16",
             "query_rows_f32",

@@ -26,6 +26,7 @@ pub mod gpu;
 pub mod host_blocks;
 mod kernel_choice;
 pub mod kernels;
+mod kv_types;
 pub mod ops;
 mod prefill_attention;
 pub mod probe;

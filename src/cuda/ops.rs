@@ -15,10 +15,12 @@ use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
 pub use super::kernel_choice::{
     DecodeKernel, DecodeTuning, OneRowLinear, PrefillFootprint, PrefillKernel,
 };
+use super::kv_types::{FreshRows, WideScratch};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
 use crate::backend::cpu_ops::{to_bf16, to_f32};
+use crate::backend::kv_format::{KvDtype, KvDtypeCell};
 use crate::backend::ops::{bf16_weight, Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode};
 use crate::backend::ops::{AttentionContext, UnitBlocks, WeightUse, WeightValues, KV_BLOCK};
 use crate::{Error, Result};
@@ -37,6 +39,10 @@ pub struct CudaOps {
     pub(super) decode: DecodeTuning,
     /// Who runs one-row linear layers (decode's GEMVs).
     one_row: OneRowLinear,
+    /// The element type of the KV pools made from now on.
+    kv: KvDtypeCell,
+    /// Where a pool of another type than bf16 is widened for the kernels that read bf16.
+    pub(super) wide: WideScratch,
 }
 
 const THREADS: u32 = 256;
@@ -85,7 +91,21 @@ impl CudaOps {
             prefill: PrefillKernel::MmaPipelined,
             decode: DecodeTuning::default(),
             one_row: OneRowLinear::default(),
+            kv: KvDtypeCell::new(KvDtype::Bf16),
+            wide: WideScratch::default(),
         }
+    }
+
+    /// The same backend making KV pools of `kv` (bf16 unless told).
+    pub fn with_kv_dtype(self, kv: KvDtype) -> Self {
+        self.kv.set(kv);
+        self
+    }
+
+    /// Pools made from now on hold `kv` (a loaded model's backend, as the engine's
+    /// `[model] kv_dtype` changes).
+    pub fn set_kv_dtype(&self, kv: KvDtype) {
+        self.kv.set(kv);
     }
 
     /// The same backend with one-row linear layers run as `one_row` says: gpu-check times
@@ -251,6 +271,10 @@ impl Ops for CudaOps {
 
     fn name(&self) -> String {
         format!("cuda: {}", self.gpu.describe())
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.kv.get()
     }
 
     fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -582,6 +606,10 @@ impl Ops for CudaOps {
     ) -> Result<()> {
         need("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
         need("kv_append qkv", qkv.len(), at.rows * at.stride)?;
+        if pool.dtype != KvDtype::Bf16 {
+            let cols = (k_col, v_col);
+            return self.kv_append_typed(qkv, at, cols, positions, pool, table, row0);
+        }
         let f = self.f("kv_append_bf16")?;
         let (r0, r, st, kc, vc, d) = (
             i32_of(row0),
@@ -619,7 +647,7 @@ impl Ops for CudaOps {
         n_keys: usize,
         heads: Heads,
         out: &mut CudaSlice<u16>,
-        _ctx: &AttentionContext<'_, Self>,
+        ctx: &AttentionContext<'_, Self>,
     ) -> Result<()> {
         if !heads.head_dim.is_multiple_of(32) || heads.head_dim > 128 || n_keys == 0 {
             return Err(Error::Engine(format!(
@@ -629,6 +657,21 @@ impl Ops for CudaOps {
         }
         need("attention table", table.len() * KV_BLOCK, n_keys)?;
         need("attention out", out.len(), at.rows * heads.q_dim())?;
+        let read_in_place = at.rows == 1 && matches!(heads.head_dim, 64 | 128);
+        if pool.dtype != KvDtype::Bf16 && !read_in_place {
+            // the tiles go to these kernels as bf16: the pool widened first (a prefill's own
+            // rows as they were computed, as the CPU engine attends them)
+            let fresh = ctx.fresh.filter(|_| at.rows > 1).map(|cols| FreshRows {
+                qkv: q,
+                at,
+                cols,
+                q_pos,
+            });
+            let wide = self.widened(pool, table, n_keys, fresh)?;
+            let w = wide.as_ref().expect("widened");
+            let none = AttentionContext::NONE;
+            return self.attention(q, at, q_pos, &w.pool, &w.table, n_keys, heads, out, &none);
+        }
         if at.rows == 1 {
             return self.decode_attention(q, at, q_pos, pool, table, n_keys, heads, out);
         }
@@ -745,7 +788,8 @@ impl Ops for CudaOps {
         }
         let (src, dst) = (self.upload_u32(src_slots)?, self.upload_u32(dst_slots)?);
         let f = self.f("kv_copy_blocks_bf16")?;
-        let (nn, elems) = (i32_of(n), i32_of(KV_BLOCK * pool.kv_dim));
+        let words = KV_BLOCK * pool.row_words();
+        let (nn, elems) = (i32_of(n), i32_of(words));
         let s = &self.gpu.stream;
         for part in [&mut pool.k, &mut pool.v] {
             // the same buffer is source and destination: pass it once per role by pointer
@@ -753,7 +797,7 @@ impl Ops for CudaOps {
             let mut b = s.launch_builder(&f);
             b.arg(&p).arg(&p).arg(&src).arg(&dst).arg(&nn).arg(&elems);
             // SAFETY: slot ids are below pool.slots; source and destination slots differ.
-            unsafe { b.launch(flat(n * KV_BLOCK * pool.kv_dim)) }.or_engine("kv_copy_blocks")?;
+            unsafe { b.launch(flat(n * words)) }.or_engine("kv_copy_blocks")?;
         }
         // positions: one u32 per row, copied with the same kernel as pairs of u16
         let (p, _g) = pool.pos.device_ptr_mut(s);

@@ -77,7 +77,7 @@ impl Engine {
         let held = self.forward.kv_dtype();
         if held != self.kv_dtype {
             stats.kv_notes.push(format!(
-                "the forward keeps K and V in {} (kv_dtype = {} applies to the CPU engine)",
+                "the forward keeps K and V in {} (kv_dtype = {})",
                 format!("{held:?}").to_lowercase(),
                 format!("{:?}", self.kv_dtype).to_lowercase()
             ));

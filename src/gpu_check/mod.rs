@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::kv_format::KvDtype;
 use crate::backend::ops::{Ops, KV_BLOCK};
 use crate::backend::ops_check::{OpCheck, Rng};
 use crate::backend::paged_kv::NoHooks;
@@ -52,6 +53,8 @@ pub struct GpuCheckArgs {
 pub struct RunResult {
     pub prompt_tokens: usize,
     pub mode: &'static str,
+    /// The KV element type (the bars' runs bf16; the Q8 runs after them the product's default).
+    pub kv_dtype: KvDtype,
     pub ttft_ms: f64,
     pub decode_tok_s: f64,
     pub rows_per_layer: Vec<usize>,
@@ -274,6 +277,30 @@ pub fn run(args: &GpuCheckArgs, log: &mut dyn FnMut(&str)) -> Result<bool> {
             }
         }
     }
+    // the product's default KV type (Q8, as on the CPU) at the longest length: dense, pruned
+    // and tiered, beside the bf16 runs above (not in the bars)
+    ops.set_kv_dtype(KvDtype::Q8);
+    if let Some(tokens) = prompts.iter().max_by_key(|p| p.len()) {
+        for (slim, placement) in [
+            (None, KvPlacement::Resident),
+            (Some(&args.slim), KvPlacement::Resident),
+            (Some(&args.slim), tiered),
+        ] {
+            let tflops = report.cublas_bf16_tflops;
+            match one_run(&model, &gpu, tokens, slim, placement, args, tflops) {
+                Ok(r) => {
+                    log(&format!("Q8 KV: {}", run_line(&r)));
+                    report.runs.push(r);
+                    write(args, &report)?;
+                }
+                Err(e) => {
+                    log(&format!("the Q8 KV run failed: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    ops.set_kv_dtype(KvDtype::Bf16);
     profile_decode(&model, &mut report, &prompts, args, log);
     report.vram = gpu.vram()?;
     report.bars = bars(&report, kernels_ok);
@@ -501,6 +528,7 @@ fn one_run(
     let result = RunResult {
         prompt_tokens: len,
         mode: mode_name(slim.is_some(), placement),
+        kv_dtype: model.ops.kv_dtype(),
         ttft_ms,
         decode_tok_s,
         prompt_kv_bytes: cache.prompt_kv_bytes(&shape),
@@ -540,7 +568,7 @@ fn bars(r: &Report, kernels_ok: bool) -> Vec<(String, bool)> {
     let find = |mode: &str| {
         r.runs
             .iter()
-            .find(|x| x.prompt_tokens == longest && x.mode == mode)
+            .find(|x| x.prompt_tokens == longest && x.mode == mode && x.kv_dtype == KvDtype::Bf16)
     };
     if let (Some(p), Some(t)) = (find("pruned"), find("tiered")) {
         if let Some(d) = find("dense") {
@@ -587,9 +615,10 @@ fn summary(r: &Report) -> Vec<String> {
         String::new(),
         format!("== gpu-check: {} ==", r.device),
         format!(
-            "{:>7} {:>7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "{:>7} {:>7} {:>5} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
             "tokens",
             "mode",
+            "KV",
             "TTFT ms",
             "floor ms",
             "decode/s",
@@ -602,9 +631,10 @@ fn summary(r: &Report) -> Vec<String> {
     ];
     for x in &r.runs {
         out.push(format!(
-            "{:>7} {:>7} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>8.2} GB {:>8.2} GB {:>9} {:>9}",
+            "{:>7} {:>7} {:>5} {:>10.1} {:>10.1} {:>9.1} {:>8.2} GB {:>8.2} GB {:>8.2} GB {:>9} {:>9}",
             x.prompt_tokens,
             x.mode,
+            format!("{:?}", x.kv_dtype).to_lowercase(),
             x.ttft_ms,
             x.prefill_floor_ms,
             x.decode_tok_s,

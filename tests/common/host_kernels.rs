@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use slimchat::backend::cpu_ops::{to_f32, CpuOps};
+use slimchat::backend::kv_format::KvDtype;
 use slimchat::backend::ops::{Heads, KvPool, Ops, RowSlice, KV_BLOCK};
 use slimchat::backend::ops_check::Rng;
 
@@ -290,6 +291,38 @@ impl PagedCase {
         }
     }
 
+    /// The same case over a pool of `dtype` (`CpuOps` appends the keys and values in order,
+    /// a Q8 layer setting its channel scale); the rows past the keys hold NaNs at position 0.
+    pub fn retyped(&self, dtype: KvDtype) -> Self {
+        let kv_dim = self.heads.kv_dim();
+        let mut pool = KvPool::typed(&CpuOps, self.pool.slots, kv_dim, dtype).unwrap();
+        pool.k.fill(0x7e00); // an f16 NaN, and a Q8 group's NaN scale
+        pool.v.fill(0x7e00);
+        pool.pos.fill(0);
+        let (mut qkv, mut positions) = (Vec::new(), Vec::new());
+        for j in 0..self.n_keys {
+            let row = self.table[j / KV_BLOCK] as usize * KV_BLOCK + j % KV_BLOCK;
+            qkv.extend_from_slice(&self.pool.k[row * kv_dim..][..kv_dim]);
+            qkv.extend_from_slice(&self.pool.v[row * kv_dim..][..kv_dim]);
+            positions.push(self.pool.pos[row]);
+        }
+        let at = RowSlice {
+            rows: self.n_keys,
+            stride: 2 * kv_dim,
+            offset: 0,
+        };
+        (CpuOps.kv_append(&qkv, at, 0, kv_dim, &positions, &mut pool, &self.table, 0)).unwrap();
+        Self {
+            heads: self.heads,
+            pool,
+            table: self.table.clone(),
+            n_keys: self.n_keys,
+            q: self.q.clone(),
+            at: self.at,
+            q_pos: self.q_pos.clone(),
+        }
+    }
+
     /// `CpuOps`' attention over the case, widened.
     pub fn want(&self) -> Vec<f32> {
         let mut out = vec![0u16; self.q_pos.len() * self.heads.q_dim()];
@@ -309,7 +342,8 @@ impl PagedCase {
         to_f32(&out)
     }
 
-    /// The case's inputs as the host programs read them (q, k, v, qpos, pos, table), and
+    /// The case's inputs as the host programs read them (q, k, v, qpos, pos, table, and a Q8
+    /// pool's channel scale in kscale, else nothing), and
     /// `dims` in dims.bin.
     pub fn write(&self, dir: &Path, dims: &[usize]) {
         let dims: Vec<i32> = dims.iter().map(|&x| x as i32).collect();
@@ -320,6 +354,7 @@ impl PagedCase {
             ("qpos.bin", bytes(&self.q_pos)),
             ("pos.bin", bytes(&self.pool.pos)),
             ("table.bin", bytes(&self.table)),
+            ("kscale.bin", bytes(&self.pool.k_scale)),
             ("dims.bin", bytes(&dims)),
         ] {
             std::fs::write(dir.join(name), data).unwrap();

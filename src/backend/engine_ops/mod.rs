@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::attention_kind::AttentionKind;
 use super::cpu_ops::CpuOps;
 use super::host_pool::{self, SlotCopy};
-use super::kv_format::KvDtype;
+use super::kv_format::{KvDtype, KvDtypeCell};
 use super::linear::LinearMode;
 use super::ops::{
     AttentionContext, Heads, KvPool, MlpScratch, MlpWeights, Ops, RowSlice, ScoreMode, UnitBlocks,
@@ -47,8 +47,8 @@ pub struct EngineOps {
     /// The linear layers' form.
     pub mode: LinearMode,
     /// The KV pools' element type (Q8 needs heads of a multiple of 32 values: the caller
-    /// checks, as the engine does), as [`kv_code`].
-    kv: AtomicU8,
+    /// checks, as the engine does).
+    kv: KvDtypeCell,
     /// The kernel of a prefill's attention, as [`attention_code`].
     attention: AtomicU8,
 }
@@ -62,18 +62,14 @@ impl EngineOps {
     pub const fn new(mode: LinearMode, kv: KvDtype, attention: AttentionKind) -> Self {
         Self {
             mode,
-            kv: AtomicU8::new(kv_code(kv)),
+            kv: KvDtypeCell::new(kv),
             attention: AtomicU8::new(attention_code(attention)),
         }
     }
 
     /// The KV type new pools take.
     pub fn kv(&self) -> KvDtype {
-        match self.kv.load(Ordering::Relaxed) {
-            0 => KvDtype::F16,
-            1 => KvDtype::Bf16,
-            _ => KvDtype::Q8,
-        }
+        self.kv.get()
     }
 
     /// The kernel of a prefill's attention.
@@ -86,17 +82,9 @@ impl EngineOps {
 
     /// Pools made from now on hold `kv`; prefills attend with `attention`.
     pub fn set_numerics(&self, kv: KvDtype, attention: AttentionKind) {
-        self.kv.store(kv_code(kv), Ordering::Relaxed);
+        self.kv.set(kv);
         self.attention
             .store(attention_code(attention), Ordering::Relaxed);
-    }
-}
-
-const fn kv_code(kv: KvDtype) -> u8 {
-    match kv {
-        KvDtype::F16 => 0,
-        KvDtype::Bf16 => 1,
-        KvDtype::Q8 => 2,
     }
 }
 

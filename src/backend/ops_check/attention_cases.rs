@@ -1,9 +1,11 @@
 //! The attention cases of the kernel checks ([`super::compare`]): paged attention on both
-//! backends over the same random pool, prefill and decode, every kernel the CUDA backend has.
+//! backends over the same random pool, prefill and decode, every kernel the CUDA backend has,
+//! and over pools of the other KV element types (f16, Q8) that each backend appends itself.
 
-use super::{kept_positions, rel_err, HostPool, OpCheck, Rng, POISON};
+use super::{kept_positions, record, rel_err, HostPool, OpCheck, Rng, POISON};
 use crate::backend::cpu_ops::to_f32;
-use crate::backend::ops::{AttentionContext, DeviceOps, Heads, RowSlice};
+use crate::backend::kv_format::KvDtype;
+use crate::backend::ops::{AttentionContext, DeviceOps, Heads, KvPool, RowSlice};
 use crate::Result;
 
 struct AttentionCase<'a> {
@@ -196,6 +198,93 @@ pub(super) fn cases<R: DeviceOps, C: DeviceOps>(
         let q_pos = vec![key_pos[key_pos.len() - 1 - masked]];
         let (shape, pair) = attention_pair(r, c, rng, heads, &key_pos, &q_pos)?;
         out.push(record_one(label, shape, pair));
+    }
+    out.extend(typed_kv_cases(r, c, rng)?);
+    Ok(out)
+}
+
+/// A pool of `dtype` that backend `o` fills with the keys and values of `rows` (q|k|v rows of
+/// `stride`, one a key, at `key_pos`) through `table`, then attends over with the last `nq` rows'
+/// queries: (the pool's key and value words, as numbers; the attention's output).
+fn typed_attention<O: DeviceOps>(
+    o: &O,
+    dtype: KvDtype,
+    (rows, stride): (&[u16], usize),
+    key_pos: &[u32],
+    table: &[u32],
+    heads: Heads,
+    nq: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (n, kv) = (key_pos.len(), heads.kv_dim());
+    let mut pool = KvPool::typed(o, table.len() + 1, kv, dtype)?;
+    let (qkv, pos, t) = (
+        o.upload_bf16(rows)?,
+        o.upload_u32(key_pos)?,
+        o.upload_u32(table)?,
+    );
+    let at = RowSlice {
+        rows: n,
+        stride,
+        offset: 0,
+    };
+    let (k_col, v_col) = (heads.q_dim(), heads.q_dim() + kv);
+    o.kv_append(&qkv, at, k_col, v_col, &pos, &mut pool, &t, 0)?;
+    let mut words = o.download_bf16(&pool.k)?;
+    words.extend(o.download_bf16(&pool.v)?);
+    let q_pos = o.upload_u32(&key_pos[n - nq..])?;
+    let mut y = o.upload_bf16(&vec![POISON; nq * heads.q_dim()])?;
+    let (q_at, none) = (at.rows_from(n - nq, nq), AttentionContext::NONE);
+    o.attention(&qkv, q_at, &q_pos, &pool, &t, n, heads, &mut y, &none)?;
+    let words = words.iter().map(|&w| w as f32).collect();
+    Ok((words, to_f32(&o.download_bf16(&y)?)))
+}
+
+/// The KV element types other than bf16 (f16; Q8 with the keys' channel scale): each backend
+/// appends the same rows into its own pool of the type (the words must match), then attends
+/// over it: decode on the typed warp kernels, prefill and the tree kernel's head size through
+/// the pool widened to bf16.
+fn typed_kv_cases<R: DeviceOps, C: DeviceOps>(r: &R, c: &C, rng: &mut Rng) -> Result<Vec<OpCheck>> {
+    let mut out = Vec::new();
+    for dtype in [KvDtype::F16, KvDtype::Q8] {
+        for (label, (n_heads, n_kv_heads, head_dim), blocks, nq) in [
+            ("decode 8B shape", (32, 8, 128), 40, 1),
+            ("decode hd64 group 3", (9, 3, 64), 20, 1),
+            ("decode hd96 (tree)", (4, 2, 96), 6, 1),
+            ("prefill hd128", (8, 2, 128), 3, 83),
+            ("prefill hd96", (4, 2, 96), 3, 70),
+        ] {
+            let heads = Heads {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let key_pos = kept_positions(rng, blocks, 37);
+            let stride = heads.q_dim() + 2 * heads.kv_dim();
+            let rows = rng.bf16s(key_pos.len() * stride, 2.0);
+            // the blocks in reverse slot order
+            let table: Vec<u32> = (0..key_pos.len().div_ceil(64) as u32).rev().collect();
+            let rows = (&rows[..], stride);
+            let (cw, cy) = typed_attention(c, dtype, rows, &key_pos, &table, heads, nq)?;
+            let (rw, ry) = typed_attention(r, dtype, rows, &key_pos, &table, heads, nq)?;
+            let shape = format!(
+                "{nq} queries x {} keys, {n_heads}:{n_kv_heads}x{head_dim}",
+                key_pos.len()
+            );
+            let name = format!("{dtype:?}").to_lowercase();
+            record(
+                &mut out,
+                &format!("kv_append {name} ({label})"),
+                shape.clone(),
+                &cw,
+                &rw,
+                0.0,
+            );
+            out.push(record_one(
+                &format!("attention over {name} KV, {label}"),
+                shape,
+                (cy, ry),
+            ));
+        }
     }
     Ok(out)
 }

@@ -131,7 +131,7 @@ __device__ __forceinline__ void decode_attention_warps(
     float* part_o, int q_stride, int q_col, int n_keys, int n_heads, int n_kv_heads,
     int keys_per_split, float scale) {
     constexpr int DPL = HD / 32;
-    constexpr int RAW = KV::template raw_words<DPL>();
+    constexpr int RAW = KV::template raw_words<DPL>;
     __shared__ float wm[DW_WARPS][G], wl[DW_WARPS][G];
     __shared__ float wo[DW_WARPS][G][HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

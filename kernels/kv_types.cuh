@@ -85,7 +85,7 @@ __device__ __forceinline__ void q8_encode_group(const float* x, const float* div
 struct KvRawBf16 {
     static constexpr int TYPE = KV_BF16;
     template <int DPL>
-    static constexpr int raw_words() { return DPL / 2; }
+    static constexpr int raw_words = DPL / 2;
     template <int DPL>
     __device__ static __forceinline__ void load(const unsigned short* head, int lane, u32* out) {
         if constexpr (DPL == 4) {
@@ -104,7 +104,7 @@ struct KvRawBf16 {
 struct KvRawF16 {
     static constexpr int TYPE = KV_F16;
     template <int DPL>
-    static constexpr int raw_words() { return DPL / 2; }
+    static constexpr int raw_words = DPL / 2;
     template <int DPL>
     __device__ static __forceinline__ void load(const unsigned short* head, int lane, u32* out) {
         KvRawBf16::load<DPL>(head, lane, out);
@@ -120,7 +120,7 @@ struct KvRawF16 {
 struct KvRawQ8 {
     static constexpr int TYPE = KV_Q8;
     template <int DPL>
-    static constexpr int raw_words() { return 2; }
+    static constexpr int raw_words = 2;
     template <int DPL>
     __device__ static __forceinline__ void load(const unsigned short* head, int lane, u32* out) {
         const int c = DPL * lane;

@@ -10,6 +10,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use serde::Deserialize;
+use slimchat::backend::attention_int8::Int8Path;
 use slimchat::backend::attention_kind::AttentionKind;
 use slimchat::backend::cpu_ops::CpuOps;
 use slimchat::backend::engine_ops::EngineOps;
@@ -54,22 +55,41 @@ fn summary(logits: &[f32], vocab: usize) -> Vec<(usize, f32, f64)> {
         .collect()
 }
 
-/// `got` against the golden rows: the same top token everywhere and logits within `TOL`. The
-/// file was made by a release build; a release build of the CPU forward gives every row bit for
-/// bit (128 of 128 and 17 of 17, 2026-12-05, 2-core Xeon without AMX), while the test profile
-/// (opt-level 2) rounds some f32 sums differently (110 of 128 and 13 of 17 bit-identical), as
-/// another CPU's f32 paths may; a flipped 8-bit rounding moves a logit far less than `TOL`.
+/// How far a logit may move from the golden file's: the file was made by a release build on a
+/// CPU with AVX-512 VNNI, where a release build of the CPU forward gives every row bit for bit
+/// (128 of 128 and 17 of 17, 2026-12-05, 2-core Xeon without AMX), while the test profile
+/// (opt-level 2) rounds some f32 sums differently (110 of 128 and 13 of 17 bit-identical); a
+/// flipped 8-bit rounding moves a logit far less than 0.05. A CPU without VNNI has no 8-bit
+/// prefill attention and attends in f32 (the engine's fallback): the teacher-forced rows stay
+/// bit for bit (they attend in f32 everywhere), while the pruned chat's prefill attention, and
+/// with it the blocks each decode step chooses, differ, moving its logits by up to 0.44 with
+/// every top token kept (2-core AMD EPYC with AVX2 only, test profile, 2026-12-05).
+fn tolerance(head_dim: usize) -> f64 {
+    match Int8Path::fast(head_dim) {
+        Some(_) => 0.05,
+        None => 1.0,
+    }
+}
+
+/// `got` against the golden rows: the same top token everywhere and logits within `tol`.
 /// Returns how many rows were bit-identical.
-fn assert_close(what: &str, got: &[(usize, f32, f64)], want: &[(usize, f32, f64)]) -> usize {
-    const TOL: f64 = 0.05;
+fn assert_close(
+    what: &str,
+    got: &[(usize, f32, f64)],
+    want: &[(usize, f32, f64)],
+    tol: f64,
+) -> usize {
     assert_eq!(got.len(), want.len(), "{what}: rows");
     let mut exact = 0;
+    let mut worst = 0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.0, w.0, "{what}: row {i}'s top token");
         let d = ((g.1 - w.1) as f64).abs().max((g.2 - w.2).abs());
-        assert!(d <= TOL, "{what}: row {i} off by {d}: {g:?} against {w:?}");
+        assert!(d <= tol, "{what}: row {i} off by {d}: {g:?} against {w:?}");
+        worst = worst.max(d);
         exact += usize::from(g.1.to_bits() == w.1.to_bits() && g.2 == w.2);
     }
+    eprintln!("{what}: largest difference {worst:.4} (bound {tol})");
     exact
 }
 
@@ -83,7 +103,8 @@ fn the_cpu_forward_keeps_the_retired_forwards_logits() {
     let vocab = dense.spec.vocab_size;
     let tokens = dense.encode_plain(LONG_TEXT).unwrap()[..want.teacher_forced_tokens].to_vec();
     let tf = summary(&dense.logits_from(&tokens, 0).unwrap(), vocab);
-    let exact_tf = assert_close("teacher-forced", &tf, &want.teacher_forced);
+    let tol = tolerance(dense.spec.head_dim);
+    let exact_tf = assert_close("teacher-forced", &tf, &want.teacher_forced, tol);
     drop(dense);
 
     // the product's defaults: pruned, tiered KV; a 3,600-token prompt and 16 greedy steps
@@ -102,7 +123,7 @@ fn the_cpu_forward_keeps_the_retired_forwards_logits() {
         let next = steps.last().unwrap().0 as u32;
         steps.extend(summary(&e.step(next).unwrap(), vocab));
     }
-    let exact_chat = assert_close("pruned chat", &steps, &want.chat_steps);
+    let exact_chat = assert_close("pruned chat", &steps, &want.chat_steps, tol);
     eprintln!(
         "bit-identical rows: {exact_tf} of {} teacher-forced, {exact_chat} of {} in the chat",
         tf.len(),

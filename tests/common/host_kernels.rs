@@ -292,7 +292,9 @@ impl PagedCase {
     }
 
     /// The same case over a pool of `dtype` (`CpuOps` appends the keys and values in order,
-    /// a Q8 layer setting its channel scale); the rows past the keys hold NaNs at position 0.
+    /// a Q8 layer setting its channel scale) with every 29th key channel 8 times louder (as
+    /// trained models' keys have loud channels: Q8's channel scale matters); the rows past the
+    /// keys hold NaNs at position 0.
     pub fn retyped(&self, dtype: KvDtype) -> Self {
         let kv_dim = self.heads.kv_dim();
         let mut pool = KvPool::typed(&CpuOps, self.pool.slots, kv_dim, dtype).unwrap();
@@ -302,7 +304,9 @@ impl PagedCase {
         let (mut qkv, mut positions) = (Vec::new(), Vec::new());
         for j in 0..self.n_keys {
             let row = self.table[j / KV_BLOCK] as usize * KV_BLOCK + j % KV_BLOCK;
-            qkv.extend_from_slice(&self.pool.k[row * kv_dim..][..kv_dim]);
+            let mut key = to_f32(&self.pool.k[row * kv_dim..][..kv_dim]);
+            key.iter_mut().step_by(29).for_each(|x| *x *= 8.0);
+            qkv.extend_from_slice(&slimchat::backend::cpu_ops::to_bf16(&key));
             qkv.extend_from_slice(&self.pool.v[row * kv_dim..][..kv_dim]);
             positions.push(self.pool.pos[row]);
         }

@@ -3,52 +3,54 @@
 // type (kv_types.cuh: bf16 or f16, a word a value, or Q8 groups) and the rows' positions
 // (KV_BLOCK) u32.
 
-// Append `rows` rows as sequence rows row0 .. row0 + rows of one layer.
+// Append `rows` rows as sequence rows row0 .. row0 + rows of one layer, a 16-bit value a word
+// (TO_F16: narrowed to f16, else the bf16 bits as they are). One thread a value.
 // qkv: (rows, qkv_stride) bf16, keys at columns k_col .., values at v_col .. (kv_dim each)
 // positions: (rows) u32
-// k_pool, v_pool: (n_slots, KV_BLOCK, kv_dim) bf16; pos_pool: (n_slots, KV_BLOCK) u32
+// k_pool, v_pool: (n_slots, KV_BLOCK, kv_dim) words; pos_pool: (n_slots, KV_BLOCK) u32
 // table: (>= (row0 + rows + KV_BLOCK - 1) / KV_BLOCK) u32, the layer's slot per block of rows
-extern "C" __global__ void kv_append_bf16(const bf16* qkv, const u32* positions, bf16* k_pool,
-                                          bf16* v_pool, u32* pos_pool, const u32* table,
-                                          int row0, int rows, int qkv_stride, int k_col,
-                                          int v_col, int kv_dim) {
+template <bool TO_F16>
+__device__ __forceinline__ void kv_append_words(const bf16* qkv, const u32* positions,
+                                                unsigned short* k_pool, unsigned short* v_pool,
+                                                u32* pos_pool, const u32* table, int row0,
+                                                int rows, int qkv_stride, int k_col, int v_col,
+                                                int kv_dim) {
     const long long total = (long long)rows * kv_dim;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)gridDim.x * blockDim.x) {
         const int r = (int)(t / kv_dim), c = (int)(t % kv_dim);
         const int s = row0 + r;
         const size_t dst = ((size_t)table[s / KV_BLOCK] * KV_BLOCK + s % KV_BLOCK);
-        k_pool[dst * kv_dim + c] = qkv[(size_t)r * qkv_stride + k_col + c];
-        v_pool[dst * kv_dim + c] = qkv[(size_t)r * qkv_stride + v_col + c];
+        const bf16 k = qkv[(size_t)r * qkv_stride + k_col + c];
+        const bf16 v = qkv[(size_t)r * qkv_stride + v_col + c];
+        k_pool[dst * kv_dim + c] = TO_F16 ? f32_to_f16(bf16_to_f32(k)) : k;
+        v_pool[dst * kv_dim + c] = TO_F16 ? f32_to_f16(bf16_to_f32(v)) : v;
         if (c == 0) pos_pool[dst] = positions[r];
     }
 }
 
-// kv_append_bf16 for an f16 pool: the same arguments, each value narrowed to f16.
-extern "C" __global__ void kv_append_f16(const bf16* qkv, const u32* positions,
-                                         unsigned short* k_pool, unsigned short* v_pool,
-                                         u32* pos_pool, const u32* table, int row0, int rows,
-                                         int qkv_stride, int k_col, int v_col, int kv_dim) {
-    const long long total = (long long)rows * kv_dim;
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(t / kv_dim), c = (int)(t % kv_dim);
-        const int s = row0 + r;
-        const size_t dst = ((size_t)table[s / KV_BLOCK] * KV_BLOCK + s % KV_BLOCK);
-        const bf16* src = qkv + (size_t)r * qkv_stride;
-        k_pool[dst * kv_dim + c] = f32_to_f16(bf16_to_f32(src[k_col + c]));
-        v_pool[dst * kv_dim + c] = f32_to_f16(bf16_to_f32(src[v_col + c]));
-        if (c == 0) pos_pool[dst] = positions[r];
-    }
+// The appends of the three types take the same arguments (k_scale: the layer's key channel
+// divisors, kv_dim f32, read by the Q8 one only).
+#define KV_APPEND_ARGS                                                                           \
+    const bf16 *qkv, const u32 *positions, unsigned short *k_pool, unsigned short *v_pool,       \
+        u32 *pos_pool, const u32 *table, const float *k_scale, int row0, int rows,               \
+        int qkv_stride, int k_col, int v_col, int kv_dim
+
+extern "C" __global__ void kv_append_bf16(KV_APPEND_ARGS) {
+    (void)k_scale;
+    kv_append_words<false>(qkv, positions, k_pool, v_pool, pos_pool, table, row0, rows,
+                           qkv_stride, k_col, v_col, kv_dim);
 }
 
-// kv_append_bf16 for a Q8 pool: one thread a (row, group), keys divided by k_scale (kv_dim,
-// the layer's channel divisors) first. Pools: (n_slots, KV_BLOCK, kv_dim / 32 * 17) words.
-extern "C" __global__ void kv_append_q8(const bf16* qkv, const u32* positions,
-                                        unsigned short* k_pool, unsigned short* v_pool,
-                                        u32* pos_pool, const u32* table, const float* k_scale,
-                                        int row0, int rows, int qkv_stride, int k_col, int v_col,
-                                        int kv_dim) {
+extern "C" __global__ void kv_append_f16(KV_APPEND_ARGS) {
+    (void)k_scale;
+    kv_append_words<true>(qkv, positions, k_pool, v_pool, pos_pool, table, row0, rows,
+                          qkv_stride, k_col, v_col, kv_dim);
+}
+
+// The append into a Q8 pool: one thread a (row, group), keys divided by k_scale first. Pools:
+// (n_slots, KV_BLOCK, kv_dim / 32 * 17) words.
+extern "C" __global__ void kv_append_q8(KV_APPEND_ARGS) {
     const int groups = kv_dim / Q8_GROUP, words = groups * Q8_WORDS;
     const long long total = (long long)rows * groups;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
@@ -59,7 +61,8 @@ extern "C" __global__ void kv_append_q8(const bf16* qkv, const u32* positions,
         const bf16* src = qkv + (size_t)r * qkv_stride + g * Q8_GROUP;
         float x[Q8_GROUP];
         for (int i = 0; i < Q8_GROUP; ++i) x[i] = bf16_to_f32(src[k_col + i]);
-        q8_encode_group(x, k_scale ? k_scale + g * Q8_GROUP : nullptr, k_pool + dst * words + g * Q8_WORDS);
+        unsigned short* out = k_pool + dst * words + g * Q8_WORDS;
+        q8_encode_group(x, k_scale ? k_scale + g * Q8_GROUP : nullptr, out);
         for (int i = 0; i < Q8_GROUP; ++i) x[i] = bf16_to_f32(src[v_col + i]);
         q8_encode_group(x, nullptr, v_pool + dst * words + g * Q8_WORDS);
         if (g == 0) pos_pool[dst] = positions[r];

@@ -440,7 +440,7 @@ fn the_host_tier_fetch_moves_each_block_into_its_slot_on_the_host() {
     assert_eq!(got_p, want_p);
 }
 
-/// The f16 and Q8 pools' kernels (kv_blocks.cu, slim_scores.cu) on one layer: two appends
+/// The pools' kernels of every KV type (kv_blocks.cu, slim_scores.cu) on one layer: two appends
 /// (the first sets a Q8 layer's channel scale), the channel amax of the first, the pool widened
 /// to bf16 with the second append's rows read from q's buffer, and the unit keys of the scores.
 const KV_TYPES_MAIN: &str = r#"
@@ -469,10 +469,11 @@ int main() {
         kv_append_q8(qkv2.data(), pos2.data(), k.data(), v.data(), p.data(), table.data(), scale,
                      r1, r2, st, kc, vc, kv_dim);
     } else {
-        kv_append_f16(qkv1.data(), pos1.data(), k.data(), v.data(), p.data(), table.data(), 0, r1,
-                      st, kc, vc, kv_dim);
-        kv_append_f16(qkv2.data(), pos2.data(), k.data(), v.data(), p.data(), table.data(), r1, r2,
-                      st, kc, vc, kv_dim);
+        auto append = kind == KV_F16 ? kv_append_f16 : kv_append_bf16;
+        append(qkv1.data(), pos1.data(), k.data(), v.data(), p.data(), table.data(), scale, 0, r1,
+               st, kc, vc, kv_dim);
+        append(qkv2.data(), pos2.data(), k.data(), v.data(), p.data(), table.data(), scale, r1, r2,
+               st, kc, vc, kv_dim);
     }
     put("k.out", k.data(), k.size() * 2);
     put("v.out", v.data(), v.size() * 2);
@@ -498,7 +499,7 @@ int main() {
 "#;
 
 #[test]
-fn the_f16_and_q8_pools_are_written_widened_and_scored_as_on_the_cpu_on_the_host() {
+fn pools_of_every_kv_type_are_written_widened_and_scored_as_on_the_cpu_on_the_host() {
     use slimchat::backend::cpu_ops::CpuOps;
     use slimchat::backend::kv_format::{key_scale_from_amax, unscale_keys, KvDtype};
     use slimchat::backend::ops::{KvPool, Ops, RowSlice};
@@ -537,7 +538,7 @@ fn the_f16_and_q8_pools_are_written_widened_and_scored_as_on_the_cpu_on_the_host
     let pos1: Vec<u32> = (0..r1 as u32).map(|p| 3 * p).collect();
     let pos2: Vec<u32> = (0..r2 as u32).map(|p| 300 + p).collect();
     let (unit_rows, unit_size) = (72usize, 8usize);
-    for (kind, dtype) in [(1, KvDtype::F16), (2, KvDtype::Q8)] {
+    for (kind, dtype) in [(0, KvDtype::Bf16), (1, KvDtype::F16), (2, KvDtype::Q8)] {
         let cpu = CpuOps;
         let mut pool = KvPool::typed(&cpu, slots, kv_dim, dtype).unwrap();
         let at = |rows| RowSlice {

@@ -1,9 +1,9 @@
 //! KV pools of the element types other than bf16 on the GPU, as the CPU engine stores them
 //! (src/backend/kv_format.rs: f16, and Q8 groups with the keys divided by the layer's channel
-//! scale): appends that narrow a step's rows into the pool (kernels/kv_blocks.cu), the channel
-//! scale set by a Q8 layer's first append, and the pool widened to bf16 where a kernel reads
-//! bf16 tiles (prefill attention on tensor cores): each widening reuses one scratch pool.
-//! Decode attention and the block scores read the types where they lie (kernels/kv_types.cuh).
+//! scale): the channel scale set by a Q8 layer's first append, and the pool widened to bf16
+//! where a kernel reads bf16 tiles (prefill attention on tensor cores), each widening into one
+//! scratch pool. The appends (kernels/kv_blocks.cu), decode attention and the block scores read
+//! and write the types where they lie (kernels/kv_types.cuh).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::ops::{flat, i32_of, CudaOps};
 use super::OrEngine;
-use crate::backend::kv_format::{key_scale_from_amax, KvDtype, Q8_GROUP, SCALE_MIN_ROWS};
+use crate::backend::kv_format::{key_scale_from_amax, KvDtype, SCALE_MIN_ROWS};
 use crate::backend::ops::{KvPool, Ops, RowSlice, KV_BLOCK};
 use crate::Result;
 
@@ -43,58 +43,9 @@ pub(super) struct FreshRows<'a> {
 }
 
 impl CudaOps {
-    /// [`Ops::kv_append`] into an f16 or Q8 pool (checked by the caller); a Q8 pool's first
-    /// append sets its channel scale.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn kv_append_typed(
-        &self,
-        qkv: &CudaSlice<u16>,
-        at: RowSlice,
-        (k_col, v_col): (usize, usize),
-        positions: &CudaSlice<u32>,
-        pool: &mut KvPool<Self>,
-        table: &CudaSlice<u32>,
-        row0: usize,
-    ) -> Result<()> {
-        if pool.dtype == KvDtype::Q8 && pool.k_scale.is_empty() {
-            self.set_key_scale(qkv, at, k_col, pool)?;
-        }
-        let (r0, r, st, kc, vc, d) = (
-            i32_of(row0),
-            i32_of(at.rows),
-            i32_of(at.stride),
-            i32_of(at.offset + k_col),
-            i32_of(at.offset + v_col),
-            i32_of(pool.kv_dim),
-        );
-        let (name, threads) = match pool.dtype {
-            KvDtype::Q8 => ("kv_append_q8", at.rows * pool.kv_dim / Q8_GROUP),
-            _ => ("kv_append_f16", at.rows * pool.kv_dim),
-        };
-        let f = self.f(name)?;
-        let s = &self.gpu.stream;
-        let mut b = s.launch_builder(&f);
-        b.arg(qkv)
-            .arg(positions)
-            .arg(&mut pool.k)
-            .arg(&mut pool.v)
-            .arg(&mut pool.pos)
-            .arg(table);
-        if pool.dtype == KvDtype::Q8 {
-            let scale = pool.k_scale_on_device.as_ref().expect("set above");
-            b.arg(scale);
-        }
-        b.arg(&r0).arg(&r).arg(&st).arg(&kc).arg(&vc).arg(&d);
-        // SAFETY: the table covers the rows written (checked by the caller) and names slots of
-        // this pool, whose rows are the type's words (Q8: kv_dim is whole groups, checked when
-        // the model loaded); the scale holds kv_dim values.
-        unsafe { b.launch(flat(threads)) }.or_engine(name)?;
-        Ok(())
-    }
-
     /// A Q8 pool's channel scale from the keys of its first append (every channel 1 when they
     /// are too few rows to set it), on the host and the device.
-    fn set_key_scale(
+    pub(super) fn set_key_scale(
         &self,
         qkv: &CudaSlice<u16>,
         at: RowSlice,

@@ -20,7 +20,7 @@ use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
 use crate::backend::cpu_ops::{to_bf16, to_f32};
-use crate::backend::kv_format::{KvDtype, KvDtypeCell};
+use crate::backend::kv_format::{KvDtype, KvDtypeCell, Q8_GROUP};
 use crate::backend::ops::{bf16_weight, Heads, KvPool, Ops, RopeLayout, RowSlice, ScoreMode};
 use crate::backend::ops::{AttentionContext, UnitBlocks, WeightUse, WeightValues, KV_BLOCK};
 use crate::{Error, Result};
@@ -606,11 +606,15 @@ impl Ops for CudaOps {
     ) -> Result<()> {
         need("kv_append table", table.len() * KV_BLOCK, row0 + at.rows)?;
         need("kv_append qkv", qkv.len(), at.rows * at.stride)?;
-        if pool.dtype != KvDtype::Bf16 {
-            let cols = (k_col, v_col);
-            return self.kv_append_typed(qkv, at, cols, positions, pool, table, row0);
+        if pool.dtype == KvDtype::Q8 && pool.k_scale.is_empty() {
+            self.set_key_scale(qkv, at, k_col, pool)?;
         }
-        let f = self.f("kv_append_bf16")?;
+        let (name, threads) = match pool.dtype {
+            KvDtype::Bf16 => ("kv_append_bf16", at.rows * pool.kv_dim),
+            KvDtype::F16 => ("kv_append_f16", at.rows * pool.kv_dim),
+            KvDtype::Q8 => ("kv_append_q8", at.rows * pool.kv_dim / Q8_GROUP),
+        };
+        let f = self.f(name)?;
         let (r0, r, st, kc, vc, d) = (
             i32_of(row0),
             i32_of(at.rows),
@@ -619,21 +623,23 @@ impl Ops for CudaOps {
             i32_of(at.offset + v_col),
             i32_of(pool.kv_dim),
         );
+        let null = 0u64;
         let mut b = self.gpu.stream.launch_builder(&f);
         b.arg(qkv)
             .arg(positions)
             .arg(&mut pool.k)
             .arg(&mut pool.v)
             .arg(&mut pool.pos);
-        b.arg(table)
-            .arg(&r0)
-            .arg(&r)
-            .arg(&st)
-            .arg(&kc)
-            .arg(&vc)
-            .arg(&d);
-        // SAFETY: the table covers the rows written (checked) and names slots of this pool.
-        unsafe { b.launch(flat(at.rows * pool.kv_dim)) }.or_engine("kv_append_bf16")?;
+        b.arg(table);
+        match &pool.k_scale_on_device {
+            Some(scale) => b.arg(scale),
+            None => b.arg(&null),
+        };
+        b.arg(&r0).arg(&r).arg(&st).arg(&kc).arg(&vc).arg(&d);
+        // SAFETY: the table covers the rows written (checked) and names slots of this pool,
+        // whose rows are its type's words (Q8: kv_dim is whole groups, checked when the model
+        // loaded); a scale holds kv_dim values.
+        unsafe { b.launch(flat(threads)) }.or_engine(name)?;
         Ok(())
     }
 

@@ -34,14 +34,17 @@ pub struct CudaHostBlocks {
     /// None when there are no blocks.
     mem: Option<Pinned>,
     blocks: usize,
+    /// Words of keys (and of values) a block holds: the buffers may be longer (the arena
+    /// rounds them up).
+    block_words: usize,
     /// Where the buffers go when the tier is dropped.
     arena: PinnedArena,
     /// The compute stream after the last fetch's copies out of the buffers.
     read: Mutex<Option<CudaEvent>>,
 }
 
-/// (blocks, KV_BLOCK, kv_dim) bf16 keys and values, (blocks, KV_BLOCK) positions, and the copy
-/// stream's event after they were written.
+/// (blocks, KV_BLOCK, row words) keys and values of the pool's type, (blocks, KV_BLOCK)
+/// positions, and the copy stream's event after they were written.
 struct Pinned {
     k: PinnedHostSlice<u16>,
     v: PinnedHostSlice<u16>,
@@ -64,6 +67,18 @@ fn device_address<T>(ctx: &cudarc::driver::CudaContext, host: *const T) -> Optio
         .result()
         .ok()
         .map(|()| at)
+}
+
+impl CudaHostBlocks {
+    /// Keys and values of block `i` in the pinned buffers, once its offload has landed (waits
+    /// for it): the spill file writes them and a block read back from it replaces them.
+    pub(super) fn block_words(&mut self, i: usize) -> Option<(&mut [u16], &mut [u16])> {
+        let (n, blocks) = (self.block_words, self.blocks);
+        let mem = self.mem.as_mut().filter(|_| i < blocks)?;
+        let k = mem.k.as_mut_slice().ok()?;
+        let v = mem.v.as_mut_slice().ok()?;
+        Some((&mut k[i * n..][..n], &mut v[i * n..][..n]))
+    }
 }
 
 impl Drop for CudaHostBlocks {
@@ -243,6 +258,7 @@ impl CudaOps {
             return Ok(CudaHostBlocks {
                 mem: None,
                 blocks: 0,
+                block_words: n,
                 arena: self.pinned.clone(),
                 read: Mutex::new(None),
             });
@@ -294,6 +310,7 @@ impl CudaOps {
                 mapped,
             }),
             blocks: m,
+            block_words: n,
             arena: self.pinned.clone(),
             read: Mutex::new(None),
         })

@@ -773,6 +773,14 @@ impl Ops for CudaOps {
         self.fetch_slots(host, writes, pool)
     }
 
+    fn host_block_words<'h>(
+        &self,
+        host: &'h mut CudaHostBlocks,
+        i: usize,
+    ) -> Option<(&'h mut [u16], &'h mut [u16])> {
+        host.block_words(i)
+    }
+
     fn kv_pool_regrouped(
         &self,
         src: &KvPool<Self>,

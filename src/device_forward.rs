@@ -181,8 +181,9 @@ struct OpsForward<O: Ops + 'static> {
     numerics: Option<NumericsFn<O>>,
 }
 
-/// How [`OpsForward`] changes its backend's KV type and attention kernel.
-type NumericsFn<O> = fn(&OpsLlama<'static, O>, KvDtype, AttentionKind);
+/// How [`OpsForward`] changes its backend's KV type and attention kernel; the backend's new
+/// description where it names them.
+type NumericsFn<O> = fn(&OpsLlama<'static, O>, KvDtype, AttentionKind) -> Option<String>;
 
 /// How [`OpsForward`] runs tokens after the prompt through its model.
 type ExtendFn<O> = fn(&OpsLlama<'static, O>, &mut ModelCache<O>, &[u32]) -> Result<Vec<f32>>;
@@ -340,9 +341,11 @@ where
     }
 
     fn set_numerics(&mut self, kv: KvDtype, attention: AttentionKind) {
-        if let Some(set) = self.numerics {
-            set(&self.model, kv, attention);
-            self.describe = seam_description(self.model.ops);
+        if let Some(describe) = self
+            .numerics
+            .and_then(|set| set(&self.model, kv, attention))
+        {
+            self.describe = describe;
         }
     }
 
@@ -573,7 +576,10 @@ pub fn load_engine_ops(
     let describe = seam_description(ops);
     let mut forward = OpsForward::new(model, describe, Arc::new(|| None));
     forward.extend = extend_in_pool;
-    forward.numerics = Some(|model, kv, attention| model.ops.set_numerics(kv, attention));
+    forward.numerics = Some(|model, kv, attention| {
+        model.ops.set_numerics(kv, attention);
+        Some(seam_description(model.ops))
+    });
     Ok(Box::new(forward))
 }
 
@@ -596,6 +602,9 @@ pub fn load_cuda(path: &Path, context: usize, kv: KvDtype) -> Result<Box<dyn Dev
     let describe = format!("CUDA: {}", gpu.describe());
     let memory: MemoryProbe = Arc::new(move || gpu.vram().ok());
     let mut forward = OpsForward::new(model, describe, memory);
-    forward.numerics = Some(|model, kv, _| model.ops.set_kv_dtype(kv));
+    forward.numerics = Some(|model, kv, _| {
+        model.ops.set_kv_dtype(kv);
+        None
+    });
     Ok(Box::new(forward))
 }

@@ -5,6 +5,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::kv_types::arg_key_scale;
 use super::ops::{i32_of, CudaOps};
 use super::OrEngine;
 use crate::backend::ops::{Heads, KvPool, RowSlice};
@@ -90,12 +91,8 @@ impl CudaOps {
             .arg(&pool.v)
             .arg(&pool.pos)
             .arg(table);
-        let null = 0u64;
         if warps {
-            match &pool.k_scale_on_device {
-                Some(scale) => b.arg(scale),
-                None => b.arg(&null),
-            };
+            arg_key_scale(&mut b, &pool.k_scale_on_device);
         }
         b.arg(&mut part_m).arg(&mut part_l).arg(&mut part_o);
         b.arg(&st).arg(&qc).arg(&nk).arg(&h).arg(&kvh);

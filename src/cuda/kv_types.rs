@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 
 use super::ops::{flat, i32_of, CudaOps};
 use super::OrEngine;
@@ -22,6 +22,18 @@ pub(super) fn kv_type_code(dtype: KvDtype) -> i32 {
         KvDtype::F16 => 1,
         KvDtype::Q8 => 2,
     }
+}
+
+/// A null device pointer, for a kernel's optional pointer arguments.
+pub(super) const NULL: u64 = 0;
+
+/// Push a pool's key channel scale (`KvPool::k_scale_on_device`), or a null pointer where it
+/// has none: the kernels of kernels/kv_types.cuh's pools take it so.
+pub(super) fn arg_key_scale<'a>(b: &mut LaunchArgs<'a>, scale: &'a Option<CudaSlice<f32>>) {
+    match scale {
+        Some(scale) => b.arg(scale),
+        None => b.arg(&NULL),
+    };
 }
 
 /// A layer's rows widened to bf16: slot i holds block i (`table` is 0, 1, ..).
@@ -97,7 +109,6 @@ impl CudaOps {
         }
         let w = wide.as_mut().expect("made above");
         let f = self.f("kv_widen_bf16")?;
-        let null = 0u64;
         let (kind, nk, d) = (
             kv_type_code(pool.dtype),
             i32_of(n_keys),
@@ -114,14 +125,11 @@ impl CudaOps {
         };
         let mut b = self.gpu.stream.launch_builder(&f);
         b.arg(&pool.k).arg(&pool.v).arg(&pool.pos).arg(table);
-        match &pool.k_scale_on_device {
-            Some(scale) => b.arg(scale),
-            None => b.arg(&null),
-        };
+        arg_key_scale(&mut b, &pool.k_scale_on_device);
         b.arg(&kind).arg(&nk).arg(&d);
         match &fresh {
             Some(f) => b.arg(f.qkv).arg(f.q_pos),
-            None => b.arg(&null).arg(&null),
+            None => b.arg(&NULL).arg(&NULL),
         };
         b.arg(&rows).arg(&st).arg(&kc).arg(&vc);
         b.arg(&mut w.pool.k).arg(&mut w.pool.v).arg(&mut w.pool.pos);

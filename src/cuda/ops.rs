@@ -15,7 +15,7 @@ use super::host_blocks::{CudaHostBlocks, PinnedArena, StagingQueue};
 pub use super::kernel_choice::{
     DecodeKernel, DecodeTuning, OneRowLinear, PrefillFootprint, PrefillKernel,
 };
-use super::kv_types::{FreshRows, WideScratch};
+use super::kv_types::{arg_key_scale, FreshRows, WideScratch};
 use super::{Gpu, OrEngine};
 use candle_core::quantized::GgmlDType;
 
@@ -623,7 +623,6 @@ impl Ops for CudaOps {
             i32_of(at.offset + v_col),
             i32_of(pool.kv_dim),
         );
-        let null = 0u64;
         let mut b = self.gpu.stream.launch_builder(&f);
         b.arg(qkv)
             .arg(positions)
@@ -631,10 +630,7 @@ impl Ops for CudaOps {
             .arg(&mut pool.v)
             .arg(&mut pool.pos);
         b.arg(table);
-        match &pool.k_scale_on_device {
-            Some(scale) => b.arg(scale),
-            None => b.arg(&null),
-        };
+        arg_key_scale(&mut b, &pool.k_scale_on_device);
         b.arg(&r0).arg(&r).arg(&st).arg(&kc).arg(&vc).arg(&d);
         // SAFETY: the table covers the rows written (checked) and names slots of this pool,
         // whose rows are its type's words (Q8: kv_dim is whole groups, checked when the model

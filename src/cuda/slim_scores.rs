@@ -9,7 +9,7 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::kv_types::kv_type_code;
+use super::kv_types::{arg_key_scale, kv_type_code};
 use super::ops::{flat, i32_of, per_row, CudaOps};
 use super::OrEngine;
 use crate::backend::ops::{Heads, KvPool, Ops, RowSlice, ScoreMode, UnitBlocks};
@@ -36,13 +36,10 @@ impl CudaOps {
         let s = &self.gpu.stream;
         let f = self.f("unit_keys_bf16")?;
         let (pr, us, d) = (i32_of(prompt_rows), i32_of(unit_size), i32_of(kv_dim));
-        let (null, kind) = (0u64, kv_type_code(pool.dtype));
+        let kind = kv_type_code(pool.dtype);
         let mut b = s.launch_builder(&f);
         b.arg(&pool.k).arg(table);
-        match &pool.k_scale_on_device {
-            Some(scale) => b.arg(scale),
-            None => b.arg(&null),
-        };
+        arg_key_scale(&mut b, &pool.k_scale_on_device);
         b.arg(&kind).arg(out).arg(&pr).arg(&us).arg(&d);
         // SAFETY: the table covers the prompt rows, of the pool's type; out holds n_units rows;
         // the scale, where there is one, kv_dim values.

@@ -2,7 +2,7 @@
 //! answer), `bench`, `eval`, `facts` and `perplexity`.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
@@ -14,6 +14,7 @@ use slimchat::bench::{self, BenchConfig, Mode};
 use slimchat::config::AppConfig;
 use slimchat::device::DeviceChoice;
 use slimchat::engine::{Engine, EngineEvent};
+use slimchat::eval::corpus::OwnText;
 use slimchat::eval::corpus::Part;
 use slimchat::eval::facts::{self, FactsConfig};
 use slimchat::eval::{self, EvalConfig};
@@ -198,6 +199,10 @@ struct FactsArgs {
     /// then not side by side with the pruned ones)
     #[arg(long)]
     dense_cache: Option<PathBuf>,
+    /// Your own document (UTF-8) to plant the facts in instead of the built-in texts, read
+    /// whole by either part; repeat for several. Only planted facts are asked of it
+    #[arg(long = "text", value_name = "FILE")]
+    texts: Vec<PathBuf>,
     /// Print one JSON object with every case and the cells at the end
     #[arg(long)]
     json: bool,
@@ -727,6 +732,14 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
     let parts = Part::parse(&args.part).ok_or_else(|| {
         Error::Usage(format!("unknown part {:?}: tune, report or all", args.part))
     })?;
+    let texts = (args.texts.iter())
+        .map(|path| {
+            Ok(OwnText {
+                name: path.display().to_string(),
+                body: read_text(path)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut engine = load_engine(cfg)?;
     let fc = FactsConfig {
         parts,
@@ -734,6 +747,7 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
         cases: args.cases,
         max_tokens: args.max_tokens,
         dense_cache: args.dense_cache,
+        texts,
     };
     let (cases, cells) = facts::run(&mut engine, &fc, &mut |r| {
         eprintln!("slimchat facts: {}", r.line());
@@ -754,19 +768,25 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_perplexity(cfg: &mut AppConfig, args: PerplexityArgs, slim: Option<bool>) -> Result<()> {
-    let bytes = std::fs::read(&args.file)
-        .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", args.file.display())))?;
+/// A text file a command reads whole: UTF-8 and not empty, or a one-line error naming it.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         Error::Prompt(format!(
             "{} is not valid UTF-8 (invalid byte at offset {})",
-            args.file.display(),
+            path.display(),
             e.utf8_error().valid_up_to()
         ))
     })?;
     if text.trim().is_empty() {
-        return Err(Error::Prompt(format!("{} is empty", args.file.display())));
+        return Err(Error::Prompt(format!("{} is empty", path.display())));
     }
+    Ok(text)
+}
+
+fn run_perplexity(cfg: &mut AppConfig, args: PerplexityArgs, slim: Option<bool>) -> Result<()> {
+    let text = read_text(&args.file)?;
     if slim == Some(true) {
         eprintln!("slimchat: perplexity measures the dense model; --slim is ignored");
     }

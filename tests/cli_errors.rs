@@ -233,6 +233,55 @@ fn invalid_utf8_prompt_file() {
 }
 
 #[test]
+fn facts_on_a_text_that_is_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"r\xe9sum\xe9 of the meeting").unwrap();
+    let out = slimchat(&["facts", "--text", path_str(&path)], None);
+    assert_one_line_error(&out, &["notes.txt", "UTF-8", "offset 1"]);
+}
+
+#[test]
+fn facts_on_a_text_shorter_than_its_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short.txt");
+    std::fs::write(&path, "A short note. ".repeat(50)).unwrap();
+    let out = slimchat(
+        &["facts", "--text", path_str(&path), "--lengths", "1024"],
+        None,
+    );
+    assert_one_line_error(&out, &["short.txt", "tokens", "1024", "--lengths"]);
+}
+
+#[test]
+fn facts_on_a_persons_own_text() {
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/eval/speeches.txt");
+    let out = slimchat(
+        &[
+            "facts",
+            "--text",
+            path_str(&text),
+            "--lengths",
+            "1024",
+            "--cases",
+            "1",
+            "--max-tokens",
+            "4",
+            "--json",
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let case = &report["cases"][0];
+    assert_eq!(case["text"], path_str(&text), "{case}");
+    assert_eq!(case["planted"], 1, "{case}");
+    let tokens = case["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens.abs_diff(1024) < 60, "{tokens} prompt tokens");
+}
+
+#[test]
 fn bad_sampling_flag() {
     let out = slimchat(&["run", "--prompt", "hi", "--top-p", "2"], None);
     assert_one_line_error(&out, &["top_p"]);

@@ -8,7 +8,7 @@
 //! answers ([`super::corpus::NATURAL`]). Everything is drawn from a seed: the same build gives
 //! the same cases.
 
-use super::corpus::{window, Part, NATURAL, TEXTS};
+use super::corpus::{window, Corpus, Part, NATURAL};
 
 /// A fact phrasing: the sentence planted, the question that asks for it, what answers it.
 pub struct Phrasing {
@@ -204,7 +204,7 @@ pub enum Ask {
 pub struct Case {
     pub id: String,
     pub part: Part,
-    /// Index into `TEXTS`.
+    /// Index into the corpus's texts.
     pub text: usize,
     /// Prompt tokens wanted.
     pub length: usize,
@@ -258,9 +258,10 @@ const SHAPES: [(usize, bool); 12] = [
     (0, false),
 ];
 
-/// `n` cases of `part` at `length` tokens. The depth asked about is stratified over the cases
-/// (a shuffled grid over 0..1), so every depth band holds about a third of them.
-pub fn generate(part: Part, length: usize, n: usize) -> Vec<Case> {
+/// `n` cases of `part` at `length` tokens over `corpus`'s texts. The depth asked about is
+/// stratified over the cases (a shuffled grid over 0..1), so every depth band holds about a
+/// third of them. A corpus without natural questions plants one fact where they would be asked.
+pub fn generate(part: Part, length: usize, n: usize, corpus: &Corpus) -> Vec<Case> {
     let seed = (length as u64) << 8 | part as u64;
     let mut rng = Rng::new(seed ^ 0x51_1A_5EED);
     // a stratified, shuffled depth for each case
@@ -275,8 +276,11 @@ pub fn generate(part: Part, length: usize, n: usize) -> Vec<Case> {
     let phr = phrasings(part);
     (0..n)
         .map(|i| {
-            let (n_facts, all) = SHAPES[i % SHAPES.len()];
-            let text = (i + i / SHAPES.len()) % TEXTS.len();
+            let (mut n_facts, all) = SHAPES[i % SHAPES.len()];
+            if n_facts == 0 && !corpus.has_naturals() {
+                n_facts = 1;
+            }
+            let text = (i + i / SHAPES.len()) % corpus.texts().len();
             let id = format!(
                 "{}-{length}-{i}",
                 if part == Part::Tune { "t" } else { "r" }
@@ -370,10 +374,10 @@ impl Case {
         }
     }
 
-    /// The message with a document of about `self.length` prompt tokens, as `count` measures a
-    /// whole message (template included).
-    pub fn build(&self, count: &mut dyn FnMut(&str) -> usize) -> Built {
-        let text = &TEXTS[self.text];
+    /// The message with a document of about `self.length` prompt tokens from the corpus the
+    /// case was generated over, as `count` measures a whole message (template included).
+    pub fn build(&self, corpus: &Corpus, count: &mut dyn FnMut(&str) -> usize) -> Built {
+        let text = &corpus.texts()[self.text];
         let range = text.range(self.part);
         let question = self.question();
         let mut bytes = self.length * 4; // English runs ~4.3 bytes a token here
@@ -476,6 +480,7 @@ pub fn band(depth: f64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::corpus::Text;
 
     fn fake_count(s: &str) -> usize {
         s.len() / 4 + 30
@@ -483,12 +488,12 @@ mod tests {
 
     #[test]
     fn cases_are_deterministic_and_cover_every_band_and_shape() {
-        let a = generate(Part::Report, 4096, 36);
-        let b = generate(Part::Report, 4096, 36);
+        let a = generate(Part::Report, 4096, 36, &Corpus::BuiltIn);
+        let b = generate(Part::Report, 4096, 36, &Corpus::BuiltIn);
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         let mut bands = [0usize; 3];
         for c in &a {
-            let built = c.build(&mut fake_count);
+            let built = c.build(&Corpus::BuiltIn, &mut fake_count);
             for asked in &built.asked {
                 bands[band(asked.depth)] += 1;
             }
@@ -502,8 +507,8 @@ mod tests {
 
     #[test]
     fn a_built_case_has_its_length_its_facts_and_its_question() {
-        for c in generate(Part::Tune, 2048, 12) {
-            let built = c.build(&mut fake_count);
+        for c in generate(Part::Tune, 2048, 12, &Corpus::BuiltIn) {
+            let built = c.build(&Corpus::BuiltIn, &mut fake_count);
             let n = fake_count(&built.message);
             assert!(
                 n.abs_diff(2048) < 100,
@@ -519,6 +524,48 @@ mod tests {
                 assert!(built.message.contains(&asked.probe));
             }
             assert!(built.message.ends_with('?') || built.message.ends_with('.'));
+        }
+    }
+
+    #[test]
+    fn a_persons_own_text_gets_planted_facts_only_from_anywhere_in_it() {
+        let body = "A sentence of the person's own document, long enough to cut. ".repeat(600);
+        let texts = [
+            Text {
+                kind: "mine",
+                body: &body,
+                halves: false,
+            },
+            Text {
+                kind: "theirs",
+                body: &body,
+                halves: false,
+            },
+        ];
+        let corpus = Corpus::Own(&texts);
+        for part in [Part::Tune, Part::Report] {
+            assert_eq!(
+                texts[0].range(part),
+                0..body.len(),
+                "read whole by {part:?}"
+            );
+            let cases = generate(part, 2048, 12, &corpus);
+            assert!(
+                cases.iter().all(|c| !c.facts.is_empty()),
+                "no natural questions"
+            );
+            assert_eq!(
+                (cases.iter().filter(|c| c.text == 1)).count(),
+                6,
+                "both texts in turn"
+            );
+            for c in &cases {
+                let built = c.build(&corpus, &mut fake_count);
+                assert!(fake_count(&built.message).abs_diff(2048) < 100, "{}", c.id);
+                for asked in &built.asked {
+                    assert!(built.message.contains(&asked.probe));
+                }
+            }
         }
     }
 

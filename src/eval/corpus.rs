@@ -6,6 +6,9 @@
 //! 1962-1968). Each text is split at the paragraph break after its middle: documents of the
 //! tuning part come from the first half, documents of the reported part from the second, so a
 //! reported number never reads a sentence that tuning read.
+//!
+//! A person's own documents (`slimchat facts --text FILE`, [`OwnText`]) take the built-in
+//! texts' place: each is read whole by either part, and only planted facts are asked of them.
 
 use std::ops::Range;
 
@@ -31,33 +34,44 @@ impl Part {
 }
 
 /// One kind of text.
-pub struct Text {
-    pub kind: &'static str,
-    pub body: &'static str,
+#[derive(Debug, Clone, Copy)]
+pub struct Text<'a> {
+    pub kind: &'a str,
+    pub body: &'a str,
+    /// Built-in texts are split into a tuning and a reported half; a person's own text is read
+    /// whole by either part.
+    pub halves: bool,
 }
 
-pub const TEXTS: [Text; 4] = [
+pub const TEXTS: [Text<'static>; 4] = [
     Text {
         kind: "reference",
         body: include_str!("../../assets/long_text.txt"),
+        halves: true,
     },
     Text {
         kind: "licences",
         body: include_str!("../../assets/eval/licences.txt"),
+        halves: true,
     },
     Text {
         kind: "narrative",
         body: include_str!("../../assets/eval/narrative.txt"),
+        halves: true,
     },
     Text {
         kind: "speeches",
         body: include_str!("../../assets/eval/speeches.txt"),
+        halves: true,
     },
 ];
 
-impl Text {
+impl Text<'_> {
     /// The bytes a part's documents come from.
     pub fn range(&self, part: Part) -> Range<usize> {
+        if !self.halves {
+            return 0..self.body.len();
+        }
         let half = self.body.len() / 2;
         let split = self.body[half..]
             .find("\n\n")
@@ -66,6 +80,46 @@ impl Text {
             Part::Tune => 0..split,
             Part::Report => split..self.body.len(),
         }
+    }
+}
+
+/// A person's own document (`slimchat facts --text FILE`), named by its file.
+#[derive(Debug, Clone)]
+pub struct OwnText {
+    pub name: String,
+    pub body: String,
+}
+
+impl OwnText {
+    pub fn text(&self) -> Text<'_> {
+        Text {
+            kind: &self.name,
+            body: &self.body,
+            halves: false,
+        }
+    }
+}
+
+/// Where a run's documents come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Corpus<'a> {
+    /// [`TEXTS`], with their natural questions.
+    BuiltIn,
+    /// A person's own texts: planted facts only.
+    Own(&'a [Text<'a>]),
+}
+
+impl<'a> Corpus<'a> {
+    pub fn texts(&self) -> &[Text<'a>] {
+        match self {
+            Corpus::BuiltIn => &TEXTS,
+            Corpus::Own(texts) => texts,
+        }
+    }
+
+    /// Whether cases may ask [`NATURAL`] questions (they are about the built-in texts).
+    pub fn has_naturals(&self) -> bool {
+        matches!(self, Corpus::BuiltIn)
     }
 }
 

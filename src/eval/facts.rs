@@ -9,6 +9,9 @@
 //! - for every fact asked about, [`super::diagnose`] finds its blocks' rank in each stage's
 //!   scores and the stage or decode choice that dropped it, if one did.
 //!
+//! The documents come from the built-in texts ([`super::corpus`]) or from a person's own files
+//! (`--text`): the latter check pruning on documents the defaults were never chosen on.
+//!
 //! Results are summed per part, length and depth band (0-33%, 33-66%, 66-100% of the
 //! document). Dense answers can be kept in a cache file between runs of one model and build
 //! (tuning changes only the pruned side); a run whose TTFT ratios are reported runs dense
@@ -20,7 +23,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::cases::{band, found, generate, Ask, Case};
-use super::corpus::{Part, TEXTS};
+use super::corpus::{Corpus, OwnText, Part};
 use super::diagnose::{diagnose, locate, Diagnosis, Lost};
 use super::set_slim;
 use crate::engine::Engine;
@@ -39,6 +42,8 @@ pub struct FactsConfig {
     pub max_tokens: usize,
     /// Dense answers by prompt, kept between runs (TTFTs from it are not side by side).
     pub dense_cache: Option<PathBuf>,
+    /// A person's own documents to plant the facts in (empty: the built-in texts).
+    pub texts: Vec<OwnText>,
 }
 
 /// One fact asked about in one case.
@@ -58,7 +63,7 @@ pub struct FactOutcome {
 pub struct CaseResult {
     pub id: String,
     pub part: Part,
-    pub text: &'static str,
+    pub text: String,
     /// Prompt tokens the case was made for.
     pub length: usize,
     /// "one", "all" or "natural"
@@ -189,6 +194,14 @@ pub fn run(
 ) -> Result<(Vec<CaseResult>, Vec<Cell>)> {
     let base = engine.slim_config().clone();
     let ratio = base.keep_ratio;
+    let own: Vec<_> = cfg.texts.iter().map(OwnText::text).collect();
+    let corpus = match own.is_empty() {
+        true => Corpus::BuiltIn,
+        false => Corpus::Own(&own),
+    };
+    let own_tokens: Vec<usize> = (cfg.texts.iter())
+        .map(|t| engine.encode_plain(&t.body).map(|ids| ids.len()))
+        .collect::<Result<_>>()?;
     let mut cache = load_cache(cfg)?;
     let mut results = Vec::new();
     for &part in &cfg.parts {
@@ -197,8 +210,16 @@ pub fn run(
             let room = engine.context_length().saturating_sub(cfg.max_tokens * 3);
             let length = length.min(room * 49 / 50);
             engine.check_fits(length + cfg.max_tokens * 3)?;
-            for case in generate(part, length, cfg.cases) {
-                let r = one_case(engine, &base, ratio, &case, cfg, &mut cache)?;
+            for (text, &tokens) in cfg.texts.iter().zip(&own_tokens) {
+                if tokens < length {
+                    return Err(Error::Usage(format!(
+                        "--text {}: {tokens} tokens, fewer than the {length}-token prompts asked for (give a longer text or shorter --lengths)",
+                        text.name
+                    )));
+                }
+            }
+            for case in generate(part, length, cfg.cases, &corpus) {
+                let r = one_case(engine, &base, ratio, &case, &corpus, cfg, &mut cache)?;
                 on_case(&r);
                 results.push(r);
             }
@@ -216,10 +237,11 @@ fn one_case(
     base: &SlimConfig,
     ratio: f32,
     case: &Case,
+    corpus: &Corpus,
     cfg: &FactsConfig,
     cache: &mut BTreeMap<String, DenseRun>,
 ) -> Result<CaseResult> {
-    let built = case.build(&mut |m| {
+    let built = case.build(corpus, &mut |m| {
         engine
             .encode_chat(&[Message::user(m.to_string())])
             .map_or(0, |t| t.len())
@@ -290,7 +312,7 @@ fn one_case(
     Ok(CaseResult {
         id: case.id.clone(),
         part: case.part,
-        text: TEXTS[case.text].kind,
+        text: corpus.texts()[case.text].kind.to_string(),
         length: case.length,
         ask: match case.ask {
             Ask::One(_) => "one",

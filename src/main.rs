@@ -536,6 +536,11 @@ fn read_prompt(args: &RunArgs) -> Result<String> {
         .prompt_file
         .as_ref()
         .map_or("stdin".to_string(), |p| p.display().to_string());
+    utf8(bytes, &from)
+}
+
+/// `bytes` as text, or a one-line error naming where they came from and the first bad byte.
+fn utf8(bytes: Vec<u8>, from: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         Error::Prompt(format!(
             "{from} is not valid UTF-8 (invalid byte at offset {})",
@@ -772,13 +777,7 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
 fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::Prompt(format!(
-            "{} is not valid UTF-8 (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
+    let text = utf8(bytes, &path.display().to_string())?;
     if text.trim().is_empty() {
         return Err(Error::Prompt(format!("{} is empty", path.display())));
     }

@@ -26,7 +26,7 @@ use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::slim::preset::{self, ModelFacts, ModelFit};
-use crate::slim::schedule::{SlimConfig, Stage};
+use crate::slim::schedule::{SlimConfig, Stage, MIN_SPARED_SHARE};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
@@ -633,10 +633,17 @@ impl Engine {
 
     fn slim_note(&self) -> Option<String> {
         match self.forward.session() {
+            Some(s) if s.stages().is_empty() && s.prompt_len() <= self.slim.block_size => {
+                Some(format!(
+                    "prompt of {} tokens is not longer than one block of {}: nothing pruned",
+                    s.prompt_len(),
+                    self.slim.block_size
+                ))
+            }
             Some(s) if s.stages().is_empty() => Some(format!(
-                "prompt of {} tokens is not longer than one block of {}: nothing pruned",
+                "prompt of {} tokens is barely over the pruning floors: pruning would spare under 1/{} of the forward's rows, so nothing is pruned",
                 s.prompt_len(),
-                self.slim.block_size
+                MIN_SPARED_SHARE
             )),
             _ => None,
         }

@@ -11,7 +11,7 @@ use slimchat::device_forward::load_cpu_ops;
 use slimchat::engine::{Engine, EngineEvent, EngineOptions, GenerateRequest, PrefillKind};
 use slimchat::model::template::Message;
 use slimchat::sampling::SamplingConfig;
-use slimchat::slim::SlimConfig;
+use slimchat::slim::{SlimConfig, StageConfig};
 
 fn request(doc: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
@@ -26,16 +26,28 @@ fn request(doc: &str, max_tokens: usize) -> GenerateRequest {
 #[test]
 fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     let path = common::default_model();
-    // 19 or 20 blocks of prompt: the default schedule prunes layers 28-29 to their floor (1024
-    // tokens; a prompt a block or two over it would keep every block), and decode's sets (at
-    // least 1280 tokens) hold every block the stages before kept
+    // 19 or 20 blocks of prompt, under the default schedule's floors (it would prune layers
+    // 28-29 only, too few rows to be worth it, and runs the prompt dense): one stage at layer 28
+    // keeping half by the ratio (10 blocks), and decode's sets (at least 1280 tokens) hold
+    // every block it kept
     let doc: String = LONG_TEXT.chars().take(4900).collect();
     let opts = EngineOptions {
         linear: LinearMode::Dense,
         ..EngineOptions::default()
     };
+    let layers_28_29 = SlimConfig {
+        preset: "custom".into(),
+        stages: vec![StageConfig {
+            layer: 28,
+            fraction: 1.0,
+            floor: 0,
+        }],
+        ..SlimConfig::default()
+    };
     let mut cpu = Engine::load(&path, &opts).unwrap();
     let mut dev = Engine::load(&path, &opts).unwrap();
+    cpu.set_slim(layers_28_29.clone()).unwrap();
+    dev.set_slim(layers_28_29).unwrap();
     dev.use_device(load_cpu_ops(&path, 2048).unwrap());
     assert!(dev.device().is_some() && cpu.device().is_none());
     let cancel = AtomicBool::new(false);

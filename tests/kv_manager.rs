@@ -10,16 +10,24 @@ use slimchat::engine::{Engine, EngineOptions};
 use slimchat::kv::{KvConfig, KvStats};
 use slimchat::model::template::{Message, Role};
 use slimchat::slim::schedule::DecodeSelect;
-use slimchat::slim::SlimConfig;
+use slimchat::slim::{SlimConfig, StageConfig};
 
 /// Characters of the document (about 1,450 tokens with the question and the chat template).
 const DOC_CHARS: usize = 6000;
 const STEPS: usize = 64;
 
-/// decode attends to 0.4 of each stage's blocks (no floor in tokens), chosen per stage or per
-/// layer; gamma 1 switches a set on any change
+/// smollm2's stages without their floors (under which this prompt would run dense), decode
+/// attending to 0.4 of each stage's blocks (no floor in tokens), chosen per stage or per layer;
+/// gamma 1 switches a set on any change
 fn slim(select: DecodeSelect) -> SlimConfig {
+    let stage = |layer, fraction| StageConfig {
+        layer,
+        fraction,
+        floor: 0,
+    };
     SlimConfig {
+        preset: "custom".into(),
+        stages: vec![stage(10, 1.0), stage(20, 0.5), stage(28, 0.25)],
         decode_keep: 0.4,
         decode_min_tokens: 0,
         gamma: 1.0,

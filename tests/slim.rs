@@ -224,15 +224,48 @@ fn a_prompt_shorter_than_one_block_prunes_nothing_and_says_so() {
 fn a_short_document_stays_whole_until_the_preset_floors_bind() {
     // smollm2's floors: 2048 tokens at layer 10, 2048 at 20, 1024 at 28
     let mut e = engine(SlimConfig::default());
-    let n = 1500;
+    // 2,500 tokens: the first stage drops blocks, 12% of the forward's rows and more
+    let n = 2500;
     let tokens = prose(&e, n);
     e.prefill(&tokens, &mut |_| {}).unwrap();
     let kept = e.kept_per_layer();
-    assert_eq!(&kept[..28], &[n; 28], "whole through layer 27: {kept:?}");
-    // 16 blocks of 64, one of them the prompt's partial last block
+    assert_eq!(&kept[..10], &[n; 10], "whole through layer 9: {kept:?}");
+    // 32 and 16 blocks of 64, one of them the prompt's partial last block
+    assert!(kept[10] > 2048 - 64 && kept[10] <= 2048, "{kept:?}");
     assert!(kept[28] > 1024 - 64 && kept[28] <= 1024, "{kept:?}");
+    // 1,500 tokens: only layers 28-29 would prune (to 1024), 2% of the forward's rows, so the
+    // prompt runs dense and the person is told why
+    let n = 1500;
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let doc: String = LONG_TEXT.chars().take(7500).collect();
+    let req = slimchat::engine::GenerateRequest {
+        messages: vec![Message::user(format!("{doc}\n\nWhat is this text about?"))],
+        max_tokens: 2,
+        sampling: greedy,
+    };
+    let stats = e
+        .generate(&req, &AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    // over 19 blocks (at 18, layer 28 would drop a sliver and keeps it) and under 37
+    assert!(
+        (1300..2300).contains(&stats.prompt_tokens),
+        "{}",
+        stats.prompt_tokens
+    );
+    let kept = &stats.kept_per_layer;
+    assert!(
+        kept.iter()
+            .all(|&k| k == kept[0] && k >= stats.prompt_tokens),
+        "{kept:?}"
+    );
+    let note = stats.slim_note.unwrap();
+    assert!(note.contains("nothing is pruned"), "{note}");
     // the same stages without floors prune from layer 10
     let mut e = engine(smollm2_stages_without_floors());
+    let tokens = prose(&e, n);
     e.prefill(&tokens, &mut |_| {}).unwrap();
     assert!(e.kept_per_layer()[10] < n);
 }

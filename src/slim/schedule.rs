@@ -208,6 +208,15 @@ pub struct StageConfig {
 /// The paper's stages halve what reaches them and are never affected.
 pub const MIN_DROP_SHARE: usize = 8;
 
+/// When the whole schedule would spare under 1 in `MIN_SPARED_SHARE` of the forward's rows
+/// (prompt rows times layers), every stage held at its floor keeps all its blocks: such a prompt
+/// is barely over the floors and only the last stage's few layers would prune. On the default
+/// model that is 2,0xx-2,304 tokens, where layers 28-29 halve the prompt, 3-4% of the rows:
+/// the pruned TTFT was dense's within the runs' noise (0.98-1.07x), while the answers changed
+/// (`slimchat facts` at 2048 tokens: agreement 0.96, a fact lost; bench/NOTES.md). From 2,305
+/// tokens the first stage drops blocks too and the schedule spares 12% and more.
+pub const MIN_SPARED_SHARE: usize = 16;
+
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
 ///
 /// A stage whose `keep_blocks` equals the number of prompt blocks still appears; it keeps
@@ -533,23 +542,47 @@ impl SlimConfig {
     /// A stage's budget is `keep_ratio * fraction * prompt_tokens` tokens, at least
     /// `min_keep_tokens` and the preset's floor ([`Self::preset_floors`]), in blocks
     /// `ceil(tokens / block_size)`, capped at the prompt's `ceil(prompt_tokens / block_size)`
-    /// blocks and at the previous stage's blocks (nested), and
-    /// raised to the number of always-kept blocks; a stage held at its floor that would drop
-    /// fewer than 1 in [`MIN_DROP_SHARE`] of its blocks keeps them all. A stage that keeps every
-    /// block still appears
-    /// (a no-op). Empty when disabled, when the prompt fits in one block, or when the config is
-    /// invalid in a way that would make the arithmetic meaningless (call [`Self::validate`]
-    /// first; stages with layers outside `1..n_layers` are skipped here).
+    /// blocks and at the previous stage's blocks (nested), and raised to the number of
+    /// always-kept blocks. A stage held at its floor that would drop fewer than 1 in
+    /// [`MIN_DROP_SHARE`] of its blocks keeps them all, and so does every stage held at its
+    /// floor when the schedule would spare under 1 in [`MIN_SPARED_SHARE`] of the forward's
+    /// rows; when that leaves no stage dropping a block, the schedule is empty (the prompt runs
+    /// dense, decode attending to every block too). A stage that keeps every block still
+    /// appears (a no-op). Empty when disabled, when the prompt fits in one block, or when the
+    /// config is invalid in a way that would make the arithmetic meaningless (call
+    /// [`Self::validate`] first; stages with layers outside `1..n_layers` are skipped here).
     pub fn resolve(&self, n_layers: usize, prompt_tokens: usize) -> Vec<Stage> {
         let bs = self.block_size;
         if !self.enabled || bs == 0 || prompt_tokens <= bs {
             return Vec::new();
         }
+        let (mut stages, at_floor) = self.resolve_stages(n_layers, prompt_tokens, &[]);
+        let n_blocks = prompt_tokens.div_ceil(bs);
+        let spared = spared_rows(&stages, n_layers, n_blocks);
+        if spared > 0 && spared * MIN_SPARED_SHARE < n_layers * n_blocks {
+            stages = self.resolve_stages(n_layers, prompt_tokens, &at_floor).0;
+            if stages.iter().all(|s| s.keep_blocks >= n_blocks) {
+                stages.clear(); // the dense forward, decode attending to every block
+            }
+        }
+        stages
+    }
+
+    /// The stages, and for each whether its floor set its budget (rather than the ratio). A
+    /// stage whose flag is set in `keep_whole` keeps every block that reaches it.
+    fn resolve_stages(
+        &self,
+        n_layers: usize,
+        prompt_tokens: usize,
+        keep_whole: &[bool],
+    ) -> (Vec<Stage>, Vec<bool>) {
+        let bs = self.block_size;
         let n_blocks = prompt_tokens.div_ceil(bs);
         let forced = crate::slim::select::forced_blocks(prompt_tokens, bs, self.local_window).len();
         let mut prev_blocks = n_blocks;
         let mut prev_layer = 0;
         let mut out = Vec::new();
+        let mut at_floor = Vec::new();
         let floors = self.preset_floors(n_layers);
         for (i, (layer, fraction)) in self.stage_fractions(n_layers).into_iter().enumerate() {
             if layer <= prev_layer || layer >= n_layers {
@@ -566,7 +599,8 @@ impl SlimConfig {
             let blocks = ((tokens / bs as f64) * (1.0 - 1e-6)).ceil().max(0.0) as usize;
             let mut keep_blocks = blocks.min(prev_blocks).max(forced.min(n_blocks));
             let floor_binds = floor as f64 >= by_ratio;
-            if floor_binds && (prev_blocks - keep_blocks) * MIN_DROP_SHARE < prev_blocks {
+            let sliver = (prev_blocks - keep_blocks) * MIN_DROP_SHARE < prev_blocks;
+            if floor_binds && (sliver || keep_whole.get(out.len()).copied().unwrap_or(false)) {
                 keep_blocks = prev_blocks;
             }
             let decode_blocks = ((keep_blocks as f64 * self.decode_keep as f64) * (1.0 - 1e-6))
@@ -579,11 +613,20 @@ impl SlimConfig {
                 keep_blocks,
                 decode_blocks: decode_blocks.min(keep_blocks),
             });
+            at_floor.push(floor_binds);
             prev_blocks = keep_blocks;
             prev_layer = layer;
         }
-        out
+        (out, at_floor)
     }
+}
+
+/// Block-layers a schedule spares: each stage's dropped blocks times the layers it spans.
+fn spared_rows(stages: &[Stage], n_layers: usize, n_blocks: usize) -> usize {
+    let ends = (stages.iter().skip(1).map(|s| s.start_layer)).chain(std::iter::once(n_layers));
+    (stages.iter().zip(ends))
+        .map(|(s, end)| (end - s.start_layer) * n_blocks.saturating_sub(s.keep_blocks))
+        .sum()
 }
 
 /// Which block score ranks the candidates (see `slim::score`).

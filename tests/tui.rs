@@ -122,6 +122,27 @@ fn snapshot_streaming() {
 }
 
 #[test]
+fn a_prompt_that_was_not_pruned_says_so_beside_the_knob() {
+    let mut app = streaming();
+    let text = app.conv.messages.last().unwrap().content.clone();
+    let mut whole = stats(&text);
+    whole.kept_per_layer = vec![1480; 30];
+    let stats_msg = |stats| {
+        Msg::Worker(WorkerEvent::Stats {
+            stats: Box::new(stats),
+            rss_bytes: 412_000_000,
+        })
+    };
+    update(&mut app, stats_msg(whole));
+    update(&mut app, Msg::Worker(WorkerEvent::Done));
+    let s = screen(&draw(&mut app, 120, 50));
+    assert!(s.contains("nothing pruned at this length"), "{s}");
+    // a pruned prompt does not say it
+    let s = screen(&draw(&mut answered(), 120, 50));
+    assert!(!s.contains("nothing pruned"), "{s}");
+}
+
+#[test]
 fn snapshot_answered_with_metrics() {
     let mut app = answered();
     let s = screen(&draw(&mut app, 120, 50));

@@ -426,8 +426,6 @@ fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
     assert_eq!(blocks(&c.resolve(30, 1088)), vec![17, 17, 17]);
     // 2 of 18 (11%) is still a sliver
     assert_eq!(blocks(&c.resolve(30, 18 * 64)), vec![18, 18, 18]);
-    // 2,112 tokens: layers 10 and 20 would keep all 33 blocks rather than 32 (and layer 28's
-    // half spares too few rows: a_schedule_that_would_spare_few_rows_keeps_every_block)
     // far over the floors nothing changes
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![64, 32, 16]);
     // a budget the ratio sets stays, however little it drops: 0.9 of 8192 tokens at layer 10

@@ -212,9 +212,10 @@ pub const MIN_DROP_SHARE: usize = 8;
 /// (prompt rows times layers), every stage held at its floor keeps all its blocks: such a prompt
 /// is barely over the floors and only the last stage's few layers would prune. On the default
 /// model that is 2,0xx-2,304 tokens, where layers 28-29 halve the prompt, 3-4% of the rows:
-/// the pruned TTFT was dense's within the runs' noise (0.98-1.07x), while the answers changed
-/// (`slimchat facts` at 2048 tokens: agreement 0.96, a fact lost; bench/NOTES.md). From 2,305
-/// tokens the first stage drops blocks too and the schedule spares 12% and more.
+/// the pruned TTFT was 1.5% under dense's at 2,048 tokens (0.98-1.07x across runs), while the
+/// answers changed (`slimchat facts` at 2048 tokens: agreement 0.96-0.97, a fact lost or gained
+/// in a band; bench/NOTES.md). From 2,305 tokens the first stage drops blocks too and the
+/// schedule spares 12% and more.
 pub const MIN_SPARED_SHARE: usize = 16;
 
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.

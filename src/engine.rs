@@ -633,18 +633,19 @@ impl Engine {
 
     fn slim_note(&self) -> Option<String> {
         match self.forward.session() {
-            Some(s) if s.stages().is_empty() && s.prompt_len() <= self.slim.block_size => {
-                Some(format!(
+            Some(s) if s.stages().is_empty() => Some(if s.prompt_len() <= self.slim.block_size {
+                format!(
                     "prompt of {} tokens is not longer than one block of {}: nothing pruned",
                     s.prompt_len(),
                     self.slim.block_size
-                ))
-            }
-            Some(s) if s.stages().is_empty() => Some(format!(
-                "prompt of {} tokens is barely over the pruning floors: pruning would spare under 1/{} of the forward's rows, so nothing is pruned",
-                s.prompt_len(),
-                MIN_SPARED_SHARE
-            )),
+                )
+            } else {
+                format!(
+                    "prompt of {} tokens is barely over the pruning floors: pruning would spare under 1/{} of the forward's rows, so nothing is pruned",
+                    s.prompt_len(),
+                    MIN_SPARED_SHARE
+                )
+            }),
             _ => None,
         }
     }

@@ -559,7 +559,7 @@ impl SlimConfig {
         }
         let (mut stages, at_floor) = self.resolve_stages(n_layers, prompt_tokens, &[]);
         let n_blocks = prompt_tokens.div_ceil(bs);
-        let spared = spared_rows(&stages, n_layers, n_blocks);
+        let spared = spared_block_layers(&stages, n_layers, n_blocks);
         if spared > 0 && spared * MIN_SPARED_SHARE < n_layers * n_blocks {
             stages = self.resolve_stages(n_layers, prompt_tokens, &at_floor).0;
             if stages.iter().all(|s| s.keep_blocks >= n_blocks) {
@@ -623,7 +623,7 @@ impl SlimConfig {
 }
 
 /// Block-layers a schedule spares: each stage's dropped blocks times the layers it spans.
-fn spared_rows(stages: &[Stage], n_layers: usize, n_blocks: usize) -> usize {
+fn spared_block_layers(stages: &[Stage], n_layers: usize, n_blocks: usize) -> usize {
     let ends = (stages.iter().skip(1).map(|s| s.start_layer)).chain(std::iter::once(n_layers));
     (stages.iter().zip(ends))
         .map(|(s, end)| (end - s.start_layer) * n_blocks.saturating_sub(s.keep_blocks))

@@ -116,7 +116,8 @@ pub struct GenStats {
 pub enum PrefillKind {
     /// The whole prompt was prefilled (pruned when SlimInfer is on).
     Full,
-    /// A follow-up: the earlier turns' KV was reused as it stands, only the new tokens ran.
+    /// A follow-up: the earlier turns' KV was reused, only the new tokens ran (after the blocks
+    /// pruned from it came back, with `heal_followups`: `blocks_revived` counts them).
     Reused,
     /// A follow-up re-prefilled whole (the `reprefill_followups` option), with the new question
     /// as the local query.

@@ -203,6 +203,11 @@ struct FactsArgs {
     /// whole by either part; repeat for several. Only planted facts are asked of it
     #[arg(long = "text", value_name = "FILE")]
     texts: Vec<PathBuf>,
+    /// Ask each planted case a follow-up in a second turn, about a fact planted in the same
+    /// document that the first question left out, after the first turn's cache; report the
+    /// follow-ups
+    #[arg(long)]
+    follow_up: bool,
     /// Print one JSON object with every case and the cells at the end
     #[arg(long)]
     json: bool,
@@ -753,6 +758,7 @@ fn run_facts(cfg: &AppConfig, args: FactsArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         dense_cache: args.dense_cache,
         texts,
+        follow_up: args.follow_up,
     };
     let (cases, cells) = facts::run(&mut engine, &fc, &mut |r| {
         eprintln!("slimchat facts: {}", r.line());

@@ -404,3 +404,54 @@ fn pruning_turned_on_after_a_dense_answer_prunes_a_new_document_and_reuses_for_a
     assert_eq!(reused, n);
     assert_eq!(e.kept_per_layer(), vec![n + 20; 30]);
 }
+
+/// The prompt's prefill (the first `n` tokens of prose), 16 answer tokens stepped, then a
+/// follow-up that runs 44 more tokens over the cached conversation: the follow-up's logits.
+fn follow_up_logits(e: &mut Engine, tokens: &[u32], n: usize) -> Vec<f32> {
+    e.prefill(&tokens[..n], &mut |_| {}).unwrap();
+    for &t in &tokens[n..n + 16] {
+        e.step(t).unwrap();
+    }
+    let (logits, reused) = e.prefill(tokens, &mut |_| {}).unwrap();
+    assert_eq!(
+        reused,
+        n + 16,
+        "the follow-up ran over the cached conversation"
+    );
+    logits
+}
+
+#[test]
+fn a_follow_up_brings_back_what_the_first_question_pruned() {
+    let slim = |heal_followups| SlimConfig {
+        keep_ratio: 0.4,
+        heal_followups,
+        ..smollm2_stages_without_floors()
+    };
+    let n = 1500;
+    let mut d = engine(dense());
+    let tokens = prose(&d, n + 60);
+    let want = follow_up_logits(&mut d, &tokens, n);
+
+    let mut kept = engine(slim(false));
+    let unhealed = follow_up_logits(&mut kept, &tokens, n);
+    assert!(kept.kept_per_layer()[20] < n, "{:?}", kept.kept_per_layer());
+
+    let mut healed = engine(slim(true));
+    let got = follow_up_logits(&mut healed, &tokens, n);
+    // every layer holds every prompt row again, in position order
+    assert_eq!(healed.kept_per_layer(), vec![n + 60; 30]);
+    let all: Vec<u32> = (0..(n + 60) as u32).collect();
+    for layer in [10, 20, 28, 29] {
+        assert_eq!(healed.layer_positions(layer), all, "layer {layer}");
+    }
+    // the rows came back through the stages' layers attending to the whole prompt: the
+    // follow-up reads much what dense reads
+    let kl = |l: &[f32]| slimchat::eval::kl_divergence(&want, l);
+    let (kl_healed, kl_kept) = (kl(&got), kl(&unhealed));
+    eprintln!("KL to dense: healed {kl_healed:.5}, pruned cache {kl_kept:.5}");
+    assert!(
+        kl_healed * 4.0 < kl_kept,
+        "healed {kl_healed}, kept {kl_kept}"
+    );
+}

@@ -45,6 +45,13 @@ impl Engine {
             self.reset();
             self.prefill_whole(prompt, on_event)
         } else {
+            // a new message may need what the first question's pruning dropped (a prompt the
+            // cache already holds whole is the same question again: regenerated, not healed)
+            if let Some(session) = self.forward.session_mut() {
+                if self.slim.heal_followups && !self.cached.starts_with(prompt) {
+                    session.heal();
+                }
+            }
             self.forward.extend(&prompt[reused..])
         };
         match logits {

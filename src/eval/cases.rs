@@ -215,6 +215,9 @@ pub struct Case {
     pub start: f64,
     /// Natural questions: the anchor's depth in the document.
     pub anchor_depth: f64,
+    /// A planted fact the first question leaves out, for a follow-up turn to ask (index into
+    /// `facts`; see [`Case::with_follow_up`]).
+    pub follow_up: Option<usize>,
 }
 
 /// The cases' generator.
@@ -301,6 +304,7 @@ pub fn generate(part: Part, length: usize, n: usize, corpus: &Corpus) -> Vec<Cas
                     ask: Ask::Natural(q),
                     start: 0.0,
                     anchor_depth: depths[i],
+                    follow_up: None,
                 };
             }
             // distinct phrasings; the first fact is the one asked for, at the stratified depth
@@ -332,6 +336,7 @@ pub fn generate(part: Part, length: usize, n: usize, corpus: &Corpus) -> Vec<Cas
                 ask: if all { Ask::All } else { Ask::One(0) },
                 start: rng.unit(),
                 anchor_depth: 0.0,
+                follow_up: None,
             }
         })
         .collect()
@@ -356,13 +361,48 @@ pub struct Asked {
 }
 
 impl Case {
+    /// This case with one more fact planted, which the first question leaves out and a
+    /// follow-up turn asks ([`Case::follow_up_asked`]): a phrasing of the part the case does
+    /// not plant, half the document away from the first fact asked (so the follow-up's depths
+    /// are as stratified as the first questions'). Drawn from the case's id, so the cases
+    /// themselves are drawn as before. None for a question about the text itself.
+    pub fn with_follow_up(&self) -> Option<Case> {
+        let first = self.facts.first()?;
+        let seed = (self.id.bytes()).fold(0xF0_11_0E_u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut rng = Rng::new(seed);
+        let free: Vec<usize> = (phrasings(self.part))
+            .filter(|p| self.facts.iter().all(|f| f.phrasing != *p))
+            .collect();
+        let phrasing = free[rng.below(free.len())];
+        let (value, key) = value(&PHRASINGS[phrasing].values, &mut rng);
+        let mut case = self.clone();
+        case.facts.push(Planted {
+            phrasing,
+            value,
+            key,
+            depth: (first.depth + 0.5).fract(),
+        });
+        case.follow_up = Some(case.facts.len() - 1);
+        Some(case)
+    }
+
+    /// The follow-up turn's question and what answers it (a case made by
+    /// [`Case::with_follow_up`]).
+    pub fn follow_up_asked(&self) -> Option<(String, Asked)> {
+        let f = &self.facts[self.follow_up?];
+        Some((PHRASINGS[f.phrasing].question.to_string(), asked(f)))
+    }
+
     fn question(&self) -> String {
         match &self.ask {
             Ask::One(k) => PHRASINGS[self.facts[*k].phrasing].question.to_string(),
             Ask::Natural(q) => NATURAL[*q].question.to_string(),
             Ask::All => {
-                let items: Vec<&str> = (self.facts.iter())
-                    .map(|f| PHRASINGS[f.phrasing].item)
+                let items: Vec<&str> = (self.facts.iter().enumerate())
+                    .filter(|(k, _)| self.follow_up != Some(*k))
+                    .map(|(_, f)| PHRASINGS[f.phrasing].item)
                     .collect();
                 let list = match items.as_slice() {
                     [a, b] => format!("{a} and {b}"),
@@ -437,16 +477,20 @@ impl Case {
         let asked = (self.facts.iter().enumerate())
             .filter(|(k, _)| match self.ask {
                 Ask::One(j) => j == *k,
-                _ => true,
+                _ => self.follow_up != Some(*k),
             })
-            .map(|(_, f)| Asked {
-                answers: vec![f.key.clone()],
-                depth: f.depth,
-                probe: f.value.clone(),
-                phrasing: PHRASINGS[f.phrasing].name.into(),
-            })
+            .map(|(_, f)| asked(f))
             .collect();
         Built { message, asked }
+    }
+}
+
+fn asked(f: &Planted) -> Asked {
+    Asked {
+        answers: vec![f.key.clone()],
+        depth: f.depth,
+        probe: f.value.clone(),
+        phrasing: PHRASINGS[f.phrasing].name.into(),
     }
 }
 
@@ -576,5 +620,35 @@ mod tests {
         assert!(found("It is kept by Agnes THORNBURY", &k("Thornbury")));
         assert!(!found("The code is 48214", &k("48213")));
         assert_eq!([band(0.0), band(0.4), band(0.99), band(1.0)], [0, 1, 2, 2]);
+    }
+
+    #[test]
+    fn a_follow_up_plants_a_fact_the_first_question_leaves_out() {
+        let cases = generate(Part::Report, 4096, 12, &Corpus::BuiltIn);
+        let mut made = 0;
+        for c in &cases {
+            let Some(f) = c.with_follow_up() else {
+                assert!(matches!(c.ask, Ask::Natural(_)));
+                continue;
+            };
+            made += 1;
+            assert_eq!(format!("{:?}", c.with_follow_up()), format!("{f:?}"));
+            let (question, asked) = f.follow_up_asked().expect("a follow-up");
+            let extra = &f.facts[f.follow_up.unwrap()];
+            assert!(phrasings(Part::Report).contains(&extra.phrasing));
+            assert!(c.facts.iter().all(|p| p.phrasing != extra.phrasing));
+            assert!((extra.depth - (c.facts[0].depth + 0.5).fract()).abs() < 1e-12);
+            let first = f.build(&Corpus::BuiltIn, &mut fake_count);
+            let plain = c.build(&Corpus::BuiltIn, &mut fake_count);
+            // planted in the document, asked only by the follow-up
+            assert!(first.message.contains(&extra.statement()));
+            assert!(!first.message.ends_with(&question));
+            assert!(!first.asked.iter().any(|a| a.probe == asked.probe));
+            assert_eq!(first.asked.len(), plain.asked.len());
+            assert!(first
+                .message
+                .ends_with(plain.message.rsplit("\n\n").next().unwrap()));
+        }
+        assert_eq!(made, 10);
     }
 }

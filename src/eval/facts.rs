@@ -22,13 +22,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::cases::{band, found, generate, Ask, Case};
+use super::cases::{band, found, generate, Ask, Asked, Case};
 use super::corpus::{Corpus, OwnText, Part};
 use super::diagnose::{diagnose, locate, Diagnosis, Lost};
 use super::set_slim;
 use crate::engine::Engine;
 use crate::model::template::Message;
 use crate::sampling::argmax;
+use crate::slim::session::SlimTrace;
 use crate::slim::SlimConfig;
 use crate::{Error, Result};
 
@@ -44,6 +45,10 @@ pub struct FactsConfig {
     pub dense_cache: Option<PathBuf>,
     /// A person's own documents to plant the facts in (empty: the built-in texts).
     pub texts: Vec<OwnText>,
+    /// Ask each planted case a follow-up in a second turn, about a fact the first question
+    /// left out, over the first turn's cache (as the chat screen does); the results are the
+    /// follow-up's.
+    pub follow_up: bool,
 }
 
 /// One fact asked about in one case.
@@ -66,7 +71,7 @@ pub struct CaseResult {
     pub text: String,
     /// Prompt tokens the case was made for.
     pub length: usize,
-    /// "one", "all" or "natural"
+    /// "one", "all", "natural", or "follow-up" (the second turn's results)
     pub ask: &'static str,
     pub planted: usize,
     pub prompt_tokens: usize,
@@ -219,7 +224,15 @@ pub fn run(
                 }
             }
             for case in generate(part, length, cfg.cases, &corpus) {
-                let r = one_case(engine, &base, ratio, &case, &corpus, cfg, &mut cache)?;
+                let r = match cfg.follow_up {
+                    false => one_case(engine, &base, ratio, &case, &corpus, cfg, &mut cache)?,
+                    true => match case.with_follow_up() {
+                        Some(case) => {
+                            one_follow_up(engine, &base, ratio, &case, &corpus, cfg, &mut cache)?
+                        }
+                        None => continue,
+                    },
+                };
                 on_case(&r);
                 results.push(r);
             }
@@ -250,65 +263,29 @@ fn one_case(
     let max_tokens = cfg.max_tokens * built.asked.len().max(1);
     let key = cache_key(&prompt, max_tokens);
     let dense_cached = cache.contains_key(&key);
-    let dense = match cache.get(&key) {
-        Some(d) => d.clone(),
-        None => {
-            let d = greedy(engine, base, None, &prompt, max_tokens)?;
-            cache.insert(key, d.clone());
-            d
-        }
-    };
+    let dense = cached(engine, cache, &prompt, max_tokens, |engine| {
+        greedy(engine, base, None, &prompt, max_tokens)
+    })?;
 
     // pruned, teacher-forced along dense's answer
     set_slim(engine, base, Some(ratio))?;
     let t0 = std::time::Instant::now();
-    let (mut logits, _) = engine.prefill(&prompt, &mut |_| {})?;
+    let (logits, _) = engine.prefill(&prompt, &mut |_| {})?;
     let ttft_slim = t0.elapsed().as_secs_f64() * 1e3;
-    let mut trace = engine.slim_trace();
-    let (mut agree, mut positions) = (0usize, 0usize);
-    for i in 0..=dense.tokens.len() {
-        let pred = argmax(&logits);
-        let ok = match dense.tokens.get(i) {
-            Some(&t) => pred == t,
-            None if dense.stopped => engine.is_stop(pred),
-            None => break, // dense stopped at max_tokens: nothing more to compare
-        };
-        agree += usize::from(ok);
-        positions += 1;
-        if let Some(&t) = dense.tokens.get(i) {
-            logits = engine.step(t)?;
-            if i == 0 {
-                trace = engine.slim_trace(); // decode's sets for the answer's second token
-            }
-        }
-    }
-    let identical = agree == positions;
-    let slim_answer = if identical {
+    let forced = teacher_force(engine, logits, &dense)?;
+    let slim_answer = if forced.identical() {
         dense.text.clone()
     } else {
         greedy(engine, base, Some(ratio), &prompt, max_tokens)?.text
     };
-
-    let facts = (built.asked.iter())
-        .map(|a| {
-            let (d, s) = (
-                found(&dense.text, &a.answers),
-                found(&slim_answer, &a.answers),
-            );
-            let diagnosis = trace.as_ref().and_then(|trace| {
-                let decode = |t: &[u32]| engine.tokenizer.decode(t, false).unwrap_or_default();
-                locate(&prompt, &a.probe, &decode).map(|span| diagnose(trace, span))
-            });
-            FactOutcome {
-                phrasing: a.phrasing.clone(),
-                depth: a.depth,
-                band: band(a.depth),
-                dense: d,
-                slim: s,
-                diagnosis,
-            }
-        })
-        .collect();
+    let facts = outcomes(
+        engine,
+        &built.asked,
+        &prompt,
+        &dense.text,
+        &slim_answer,
+        &forced,
+    );
     Ok(CaseResult {
         id: case.id.clone(),
         part: case.part,
@@ -324,8 +301,8 @@ fn one_case(
         facts,
         dense_answer: dense.text,
         slim_answer,
-        identical,
-        agreement: agree as f64 / positions.max(1) as f64,
+        identical: forced.identical(),
+        agreement: forced.agreement(),
         ttft_ms_dense: dense.ttft_ms,
         ttft_ms_slim: ttft_slim,
         dense_cached,
@@ -342,8 +319,19 @@ fn greedy(
 ) -> Result<DenseRun> {
     set_slim(engine, base, ratio)?;
     let t0 = std::time::Instant::now();
-    let (mut logits, _) = engine.prefill(prompt, &mut |_| {})?;
+    let (logits, _) = engine.prefill(prompt, &mut |_| {})?;
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    answer(engine, logits, max_tokens, ttft_ms)
+}
+
+/// Greedy tokens on from `logits` (the prompt's, just prefilled) until the end of the turn or
+/// `max_tokens`.
+fn answer(
+    engine: &mut Engine,
+    mut logits: Vec<f32>,
+    max_tokens: usize,
+    ttft_ms: f64,
+) -> Result<DenseRun> {
     let mut tokens = Vec::new();
     let mut stopped = false;
     loop {
@@ -368,6 +356,191 @@ fn greedy(
         text,
         ttft_ms,
     })
+}
+
+/// The pruned model fed dense's answer: how many positions its top-1 agreed on, and where
+/// pruning stood for the answer's second token.
+struct Forced {
+    agree: usize,
+    positions: usize,
+    trace: Option<SlimTrace>,
+}
+
+impl Forced {
+    fn identical(&self) -> bool {
+        self.agree == self.positions
+    }
+
+    fn agreement(&self) -> f64 {
+        self.agree as f64 / self.positions.max(1) as f64
+    }
+}
+
+/// Feed `dense`'s answer after `logits` (the prompt's, just prefilled), comparing top-1s; the
+/// end of turn counts where dense ended its turn.
+fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) -> Result<Forced> {
+    let mut trace = engine.slim_trace();
+    let (mut agree, mut positions) = (0usize, 0usize);
+    for i in 0..=dense.tokens.len() {
+        let pred = argmax(&logits);
+        let ok = match dense.tokens.get(i) {
+            Some(&t) => pred == t,
+            None if dense.stopped => engine.is_stop(pred),
+            None => break, // dense stopped at max_tokens: nothing more to compare
+        };
+        agree += usize::from(ok);
+        positions += 1;
+        if let Some(&t) = dense.tokens.get(i) {
+            logits = engine.step(t)?;
+            if i == 0 {
+                trace = engine.slim_trace(); // decode's sets for the answer's second token
+            }
+        }
+    }
+    Ok(Forced {
+        agree,
+        positions,
+        trace,
+    })
+}
+
+/// Whether dense and pruned found each asked fact, and where pruning left it (located in
+/// `prompt`, the prompt that was pruned).
+fn outcomes(
+    engine: &Engine,
+    asked: &[Asked],
+    prompt: &[u32],
+    dense: &str,
+    slim: &str,
+    forced: &Forced,
+) -> Vec<FactOutcome> {
+    (asked.iter())
+        .map(|a| {
+            let diagnosis = forced.trace.as_ref().and_then(|trace| {
+                let decode = |t: &[u32]| engine.tokenizer.decode(t, false).unwrap_or_default();
+                locate(prompt, &a.probe, &decode).map(|span| diagnose(trace, span))
+            });
+            FactOutcome {
+                phrasing: a.phrasing.clone(),
+                depth: a.depth,
+                band: band(a.depth),
+                dense: found(dense, &a.answers),
+                slim: found(slim, &a.answers),
+                diagnosis,
+            }
+        })
+        .collect()
+}
+
+/// A case's second turn: the first question answered with dense's answer (fed to either
+/// model), then the follow-up, which runs only its own tokens after the cached conversation,
+/// as in the chat screen. Agreement, answers and TTFTs are the follow-up's.
+fn one_follow_up(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    ratio: f32,
+    case: &Case,
+    corpus: &Corpus,
+    cfg: &FactsConfig,
+    cache: &mut BTreeMap<String, DenseRun>,
+) -> Result<CaseResult> {
+    let built = case.build(corpus, &mut |m| {
+        engine
+            .encode_chat(&[Message::user(m.to_string())])
+            .map_or(0, |t| t.len())
+    });
+    let (question, asked) = case
+        .follow_up_asked()
+        .ok_or_else(|| Error::Usage(format!("case {} has no follow-up", case.id)))?;
+    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
+    let first_max = cfg.max_tokens * built.asked.len().max(1);
+    let first = cached(engine, cache, &prompt, first_max, |engine| {
+        greedy(engine, base, None, &prompt, first_max)
+    })?;
+    let follow = engine.encode_chat(&[
+        Message::user(built.message.clone()),
+        Message::assistant(first.text.clone()),
+        Message::user(question),
+    ])?;
+    let max_tokens = cfg.max_tokens;
+    let key = cache_key(&follow, max_tokens);
+    let dense_cached = cache.contains_key(&key);
+    let dense = cached(engine, cache, &follow, max_tokens, |engine| {
+        let (logits, ttft_ms) = second_turn(engine, base, None, &prompt, &first, &follow)?;
+        answer(engine, logits, max_tokens, ttft_ms)
+    })?;
+
+    let (logits, ttft_slim) = second_turn(engine, base, Some(ratio), &prompt, &first, &follow)?;
+    let forced = teacher_force(engine, logits, &dense)?;
+    let slim_answer = if forced.identical() {
+        dense.text.clone()
+    } else {
+        let (logits, ttft) = second_turn(engine, base, Some(ratio), &prompt, &first, &follow)?;
+        answer(engine, logits, max_tokens, ttft)?.text
+    };
+    let facts = outcomes(
+        engine,
+        &[asked],
+        &prompt,
+        &dense.text,
+        &slim_answer,
+        &forced,
+    );
+    Ok(CaseResult {
+        id: case.id.clone(),
+        part: case.part,
+        text: corpus.texts()[case.text].kind.to_string(),
+        length: case.length,
+        ask: "follow-up",
+        planted: case.facts.len(),
+        prompt_tokens: follow.len(),
+        facts,
+        dense_answer: dense.text,
+        slim_answer,
+        identical: forced.identical(),
+        agreement: forced.agreement(),
+        ttft_ms_dense: dense.ttft_ms,
+        ttft_ms_slim: ttft_slim,
+        dense_cached,
+    })
+}
+
+/// A dense run from the cache, or run now (by `run`) and cached.
+fn cached(
+    engine: &mut Engine,
+    cache: &mut BTreeMap<String, DenseRun>,
+    prompt: &[u32],
+    max_tokens: usize,
+    run: impl FnOnce(&mut Engine) -> Result<DenseRun>,
+) -> Result<DenseRun> {
+    let key = cache_key(prompt, max_tokens);
+    if let Some(d) = cache.get(&key) {
+        return Ok(d.clone());
+    }
+    let d = run(engine)?;
+    cache.insert(key, d.clone());
+    Ok(d)
+}
+
+/// Prefill `prompt` on a fresh cache (pruned at `ratio`, dense when None), feed it `first`'s
+/// answer, then the conversation `follow` that continues it: the follow-up's logits and its
+/// time to first token (the follow-up's own prefill).
+fn second_turn(
+    engine: &mut Engine,
+    base: &SlimConfig,
+    ratio: Option<f32>,
+    prompt: &[u32],
+    first: &DenseRun,
+    follow: &[u32],
+) -> Result<(Vec<f32>, f64)> {
+    set_slim(engine, base, ratio)?;
+    engine.prefill(prompt, &mut |_| {})?;
+    for &t in &first.tokens {
+        engine.step(t)?;
+    }
+    let t0 = std::time::Instant::now();
+    let (logits, _) = engine.prefill(follow, &mut |_| {})?;
+    Ok((logits, t0.elapsed().as_secs_f64() * 1e3))
 }
 
 /// FNV-1a of the prompt and the answer budget.

@@ -58,6 +58,7 @@ pub const PRESETS: [&str; 8] = [
 /// window_pool = "max"
 /// decode_select = "layer"
 /// reprefill_followups = false
+/// heal_followups = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -182,6 +183,13 @@ pub struct SlimConfig {
     /// prefills the new message (fast); `true` prefills the whole conversation again so that the
     /// new question chooses which blocks of the earlier document to keep. Default `false`.
     pub reprefill_followups: bool,
+    /// Follow-up turns over a pruned cache (`reprefill_followups = false`): `true` first brings
+    /// back every block prefill pruned, at every stage (their rows run through the stages'
+    /// layers in front of the new message, from the hidden states revival keeps), so that the
+    /// new question reads the whole document where the first question's pruning had dropped
+    /// what it needs; decode's sets keep their sizes. Costs the follow-up once what pruning
+    /// saved the first prefill; later turns nothing. Needs `revive`. Default `true`.
+    pub heal_followups: bool,
     /// The model this config is applied to (set by the engine from the model's metadata, not a
     /// key): what `preset = "auto"` resolves to and the context the generic floors are shares of.
     #[serde(skip)]
@@ -295,6 +303,8 @@ budget_coverage = 0.8
 decode_select = "layer"
 # Follow-up turns: false = prefill only the new message; true = prefill the whole conversation.
 reprefill_followups = false
+# Follow-ups over a pruned cache first bring back every block its prefill pruned (needs revive).
+heal_followups = true
 "#;
 
 impl Default for SlimConfig {
@@ -322,6 +332,7 @@ impl Default for SlimConfig {
             budget_coverage: 0.8,
             decode_select: DecodeSelect::Layer,
             reprefill_followups: false,
+            heal_followups: true,
             model: None,
         }
     }

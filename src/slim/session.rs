@@ -297,6 +297,25 @@ impl SlimSession {
         }
     }
 
+    /// Bring every prompt block this conversation's prefill pruned back at every stage, on the
+    /// next forward: their rows rejoin it in front of its tokens at each boundary (as a raised
+    /// ratio brings some back), run through the stage's layers and leave their KV there, so
+    /// that a new question reads the whole document. Decode's sets keep their sizes; each slim
+    /// layer then chooses them among every block. Needs revival's hidden states; returns
+    /// whether any block will come back.
+    pub fn heal(&mut self) -> bool {
+        if !self.cfg.revive {
+            return false;
+        }
+        let blocks = self.prompt_len.div_ceil(self.cfg.block_size);
+        let mut any = false;
+        for st in (self.stages.iter_mut()).filter(|st| st.pool.len() < blocks) {
+            st.stage.keep_blocks = blocks;
+            any = true;
+        }
+        any
+    }
+
     /// The stage whose layers include `layer`.
     fn stage_of(&self, layer: usize) -> Option<&StageState> {
         self.stages
@@ -491,6 +510,12 @@ impl SlimSession {
             self.swaps_this_step += (before.len() - kept) + (st.active.len() - kept);
         }
         let insert = self.revive_active(s)?;
+        if insert.is_some() {
+            // the rows coming back attend to every row before them from here to the last layer,
+            // as in a prefill: a decode set chosen by the newest query leaves them without their
+            // own context, and their keys came out worse than none (bench/NOTES.md)
+            self.decoding = false;
+        }
         Ok((insert.is_some() || !arrived.is_empty()).then_some(RowChange { keep, insert }))
     }
 

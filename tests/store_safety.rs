@@ -20,7 +20,7 @@ use ratatui::Terminal;
 use slimchat::config::AppConfig;
 use slimchat::tui::app::App;
 use slimchat::tui::saver::Saver;
-use slimchat::tui::store::{Attachment, ChatMessage, Conversation, Role, Store};
+use slimchat::tui::store::{Attachment, ChatMessage, Conversation, Role, Store, TurnMetrics};
 
 const CHILD_ENV: &str = "SLIMCHAT_TEST_CHILD";
 const DIR_ENV: &str = "SLIMCHAT_TEST_CHILD_DIR";
@@ -165,6 +165,31 @@ fn an_open_data_dir_is_tightened_at_start_with_one_line() {
     // the second start finds nothing to change and says nothing
     let again = list();
     assert!(again.stderr.is_empty(), "{again:?}");
+}
+
+#[test]
+fn a_saved_conversation_reads_back_equal_to_the_last_bit() {
+    // the chat screen checks at quit that the file holds what it showed; an answer's timings
+    // are f64s that a float parser without exact rounding reads back one unit off
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let mut conv = conversation_with_document("0000000000000-00002", 100);
+    let answer = conv.messages.last_mut().unwrap();
+    answer.partial = false;
+    answer.content = "At dusk.".into();
+    answer.metrics = Some(TurnMetrics {
+        ttft_ms: 994.1414234726625,
+        prefill_tok_s: 122.71076486622357,
+        decode_tok_s: 150.13880600000002,
+        prompt_tokens: 33,
+        generated_tokens: 4,
+        kv_bytes: 746_640,
+        slim: true,
+        keep_ratio: 0.5,
+        stop_reason: "end_of_turn".into(),
+    });
+    store.save(&conv).unwrap();
+    assert_eq!(store.load(&conv.id).unwrap(), conv);
 }
 
 #[test]

@@ -143,6 +143,28 @@ fn a_prompt_that_was_not_pruned_says_so_beside_the_knob() {
 }
 
 #[test]
+fn blocks_brought_back_after_an_answer_show_beside_the_knob() {
+    let mut app = answered();
+    let pruned = app.last.as_ref().unwrap().kept_per_layer.clone();
+    assert!(pruned.iter().any(|&k| k < pruned[0]), "{pruned:?}");
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Healed {
+            blocks: 52,
+            ms: 1900.0,
+            kept_per_layer: vec![pruned[0]; pruned.len()],
+        }),
+    );
+    let s = screen(&draw(&mut app, 120, 50));
+    assert!(s.contains("whole again for follow-ups"), "{s}");
+    assert!(!s.contains("nothing pruned"), "{s}");
+    assert!(
+        s.contains("follow-ups read the whole document: 52 pruned blocks back in 1.9 s"),
+        "{s}"
+    );
+}
+
+#[test]
 fn snapshot_answered_with_metrics() {
     let mut app = answered();
     let s = screen(&draw(&mut app, 120, 50));

@@ -70,6 +70,34 @@ impl Engine {
         }
     }
 
+    /// Bring back now, rather than in the next follow-up's prefill, every block the cached
+    /// prompt's pruning dropped (`heal_followups`): the chat screen calls this while the person
+    /// reads an answer. The conversation's last token runs again to carry the rows (its logits
+    /// are not needed). Returns the (block, stage) pairs brought back: 0 when nothing was
+    /// pruned, the option is off, or the cache ends in the prompt (a follow-up then heals).
+    pub fn heal(&mut self) -> Result<usize> {
+        let n = self.cached.len();
+        let Some(session) = self.forward.session_mut() else {
+            return Ok(0);
+        };
+        if !self.slim.heal_followups || n <= session.prompt_len() || !session.heal() {
+            return Ok(0);
+        }
+        let last = self.cached[n - 1];
+        let rerun = (self.forward.truncate_from(n - 1)).and_then(|()| self.forward.extend(&[last]));
+        if let Err(e) = rerun {
+            self.reset();
+            return Err(e);
+        }
+        Ok(match self.forward.session_mut() {
+            Some(session) => {
+                session.take_swaps();
+                session.take_revived()
+            }
+            None => 0,
+        })
+    }
+
     /// How many of `prompt`'s tokens the cache can keep, and how the prompt gets in.
     fn reusable(&self, prompt: &[u32]) -> (usize, PrefillKind) {
         let shared = (self.cached.iter().zip(prompt))

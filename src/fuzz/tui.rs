@@ -156,7 +156,7 @@ fn stats(p: &mut Prog) -> GenStats {
 }
 
 fn worker_event(p: &mut Prog) -> WorkerEvent {
-    match p.byte() % 13 {
+    match p.byte() % 14 {
         0 => WorkerEvent::Loaded {
             model: p.text(),
             context_length: p.number(),
@@ -206,6 +206,11 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
                     gpu_own_bytes: p.number() as u64,
                 }),
         })),
+        12 => WorkerEvent::Healed {
+            blocks: p.number(),
+            ms: p.number() as f64,
+            kept_per_layer: (0..p.byte() % 40).map(|_| p.number()).collect(),
+        },
         _ => WorkerEvent::Done,
     }
 }

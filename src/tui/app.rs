@@ -168,6 +168,9 @@ pub struct LastStats {
     pub kv_host_bytes: usize,
     pub rss_bytes: u64,
     pub kept_per_layer: Vec<usize>,
+    /// The pruned blocks came back after the answer (or in this follow-up, or one before it):
+    /// every layer keeps the whole conversation again.
+    pub whole_again: bool,
     pub slim: bool,
     /// The preset whose schedule applied (see `GenStats::slim_preset`).
     pub slim_preset: String,

@@ -91,6 +91,14 @@ pub enum WorkerEvent {
     /// Something the person should know that is no error (the model's chat template was
     /// replaced at load, say).
     Note(String),
+    /// After an answer, while the screen waited: the blocks the prompt's pruning dropped are
+    /// back (`blocks` block-stage pairs, in `ms`), so a follow-up reads the whole document;
+    /// every layer now keeps `kept_per_layer` rows.
+    Healed {
+        blocks: usize,
+        ms: f64,
+        kept_per_layer: Vec<usize>,
+    },
     /// The request ended (after `Stats`, `Refused`, `Compared` or `Error`).
     Done,
     Error(String),
@@ -182,7 +190,8 @@ fn worker_main(
     if let Some(note) = engine.template.note() {
         send(WorkerEvent::Note(note.to_string()));
     }
-    while let Ok(cmd) = cmds.recv() {
+    let mut pending = None;
+    while let Some(cmd) = pending.take().or_else(|| cmds.recv().ok()) {
         match cmd {
             EngineCmd::Quit => break,
             EngineCmd::Cancel => {}
@@ -202,6 +211,11 @@ fn worker_main(
                     Err(e) => send(WorkerEvent::Error(e.to_string())),
                 }
                 send(WorkerEvent::Done);
+                // while the person reads the answer, unless something else is already asked
+                match cmds.try_recv() {
+                    Ok(next) => pending = Some(next),
+                    Err(_) => heal(&mut engine, &send),
+                }
             }
             EngineCmd::Compare(req, slim) => {
                 if let Err(e) = compare(&mut engine, &req, slim, &cancel, &send) {
@@ -210,6 +224,23 @@ fn worker_main(
                 send(WorkerEvent::Done);
             }
         }
+    }
+}
+
+/// Brings back what the last prompt's pruning dropped ([`Engine::heal`]), so that a follow-up
+/// reads the whole document without paying for it in its own time to first token.
+fn heal(engine: &mut Engine, send: &dyn Fn(WorkerEvent)) {
+    let t0 = std::time::Instant::now();
+    match engine.heal() {
+        Ok(0) => {}
+        Ok(blocks) => send(WorkerEvent::Healed {
+            blocks,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+            kept_per_layer: engine.kept_per_layer(),
+        }),
+        Err(e) => send(WorkerEvent::Error(format!(
+            "bringing back the pruned blocks: {e}"
+        ))),
     }
 }
 

@@ -1,9 +1,10 @@
 //! What the engine thread reports ([`WorkerEvent`]), applied to the chat screen's state: the
 //! model loading, prefill progress, streamed tokens, a refused prompt or one offered a drop of
 //! the oldest turns (`overflow.rs`), turns left out, the finished answer's
-//! numbers (as [`TurnMetrics`] and a metrics.jsonl record) and compare results.
+//! numbers (as [`TurnMetrics`] and a metrics.jsonl record), compare results, and the pruned
+//! blocks brought back after an answer.
 
-use crate::engine::{EngineEvent, GenStats};
+use crate::engine::{EngineEvent, GenStats, PrefillKind};
 
 use super::super::agreement::agreement;
 use super::super::store::{ChatMessage, Comparison, Role, TurnMetrics};
@@ -139,6 +140,20 @@ impl App {
                 return vec![Effect::Save];
             }
             WorkerEvent::Note(text) => self.say(text),
+            WorkerEvent::Healed {
+                blocks,
+                ms,
+                kept_per_layer,
+            } => {
+                if let Some(l) = self.last.as_mut() {
+                    l.kept_per_layer = kept_per_layer;
+                    l.whole_again = true;
+                }
+                self.say(format!(
+                    "follow-ups read the whole document: {blocks} pruned blocks back in {:.1} s",
+                    ms / 1e3
+                ));
+            }
             WorkerEvent::Error(e) => {
                 if self.model.is_none() {
                     self.load_error = Some(e.clone());
@@ -155,7 +170,11 @@ impl App {
         } else {
             rss_bytes
         };
+        // a follow-up over a cache whose pruned blocks came back (before it, or in it)
+        let whole_again = s.prefill_kind == PrefillKind::Reused
+            && (s.blocks_revived > 0 || self.last.as_ref().is_some_and(|l| l.whole_again));
         self.last = Some(LastStats {
+            whole_again,
             ttft_ms: s.ttft_ms,
             prefill_tok_s: s.prefill_tok_s,
             decode_tok_s: s.decode_tok_s,

@@ -218,13 +218,15 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
             format!("schedule {}", l.slim_preset),
             Style::default().fg(Color::DarkGray),
         ));
-        // a prompt under the schedule's floors runs dense: say so where the ratio is turned
+        // a prompt under the schedule's floors runs dense, and a pruned one is whole again
+        // after its answer: say which where the ratio is turned
         let kept = &l.kept_per_layer;
         if !kept.is_empty() && kept.iter().all(|&k| k == kept[0]) {
-            out.push(Line::styled(
-                "nothing pruned at this length",
-                Style::default().fg(Color::DarkGray),
-            ));
+            let why = match l.whole_again {
+                true => "whole again for follow-ups",
+                false => "nothing pruned at this length",
+            };
+            out.push(Line::styled(why, Style::default().fg(Color::DarkGray)));
         }
     }
     if let Some(l) = app.last.as_ref().filter(|l| !l.kept_per_layer.is_empty()) {

@@ -454,4 +454,22 @@ fn a_follow_up_brings_back_what_the_first_question_pruned() {
         kl_healed * 4.0 < kl_kept,
         "healed {kl_healed}, kept {kl_kept}"
     );
+
+    // a fast tier that holds the pruned conversation but not every row at every layer: the
+    // follow-up runs over the pruned cache as it stands
+    let mut tight = Engine::load(
+        &common::default_model(),
+        &EngineOptions {
+            slim: slim(true),
+            kv: slimchat::kv::config::KvConfig {
+                fast_budget: "1600tok".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let capped = follow_up_logits(&mut tight, &tokens, n);
+    assert_eq!(tight.kept_per_layer(), kept.kept_per_layer());
+    assert_eq!(capped, unhealed);
 }

@@ -47,10 +47,8 @@ impl Engine {
         } else {
             // a new message may need what the first question's pruning dropped (a prompt the
             // cache already holds whole is the same question again: regenerated, not healed)
-            if let Some(session) = self.forward.session_mut() {
-                if self.slim.heal_followups && !self.cached.starts_with(prompt) {
-                    session.heal();
-                }
+            if !self.cached.starts_with(prompt) {
+                self.start_heal(prompt.len());
             }
             self.forward.extend(&prompt[reused..])
         };
@@ -77,10 +75,8 @@ impl Engine {
     /// pruned, the option is off, or the cache ends in the prompt (a follow-up then heals).
     pub fn heal(&mut self) -> Result<usize> {
         let n = self.cached.len();
-        let Some(session) = self.forward.session_mut() else {
-            return Ok(0);
-        };
-        if !self.slim.heal_followups || n <= session.prompt_len() || !session.heal() {
+        let past_prompt = (self.forward.session()).is_some_and(|s| n > s.prompt_len());
+        if !past_prompt || !self.start_heal(n) {
             return Ok(0);
         }
         let last = self.cached[n - 1];
@@ -96,6 +92,25 @@ impl Engine {
             }
             None => 0,
         })
+    }
+
+    /// Ask the session to bring every pruned block back on the next forward, when
+    /// `heal_followups` is on, something was pruned, and a conversation of `tokens` tokens with
+    /// every row at every layer stays within `[kv] fast_budget` (a healed slim layer keeps all
+    /// its blocks in the fast tier). Whether it will.
+    fn start_heal(&mut self, tokens: usize) -> bool {
+        if !self.slim.heal_followups {
+            return false;
+        }
+        let (n_layers, row) = (self.spec.n_layers, self.forward.kv_row_bytes());
+        let whole = n_layers * (tokens + self.answer_reserve).min(self.context_length()) * row;
+        let fits = match (self.forward.kv_placement(), self.kv_cfg.budget()) {
+            (KvPlacement::Resident, _) | (_, Ok(Budget::Auto)) => true,
+            (_, Ok(Budget::Bytes(b))) => whole <= b,
+            (_, Ok(Budget::Tokens(t))) => whole <= t * n_layers * row,
+            (_, Err(_)) => false,
+        };
+        fits && (self.forward.session_mut()).is_some_and(SlimSession::heal)
     }
 
     /// How many of `prompt`'s tokens the cache can keep, and how the prompt gets in.

@@ -12,6 +12,11 @@
 //! The documents come from the built-in texts ([`super::corpus`]) or from a person's own files
 //! (`--text`): the latter check pruning on documents the defaults were never chosen on.
 //!
+//! With `--follow-up` each planted case plants one more fact that its question leaves out and
+//! asks for it in a second turn, over the first turn's cache as the chat screen does (dense's
+//! first answer fed to either model): what the first question's pruning dropped is what that
+//! turn may miss.
+//!
 //! Results are summed per part, length and depth band (0-33%, 33-66%, 66-100% of the
 //! document). Dense answers can be kept in a cache file between runs of one model and build
 //! (tuning changes only the pruned side); a run whose TTFT ratios are reported runs dense
@@ -32,6 +37,9 @@ use crate::sampling::argmax;
 use crate::slim::session::SlimTrace;
 use crate::slim::SlimConfig;
 use crate::{Error, Result};
+
+mod follow_up;
+use follow_up::one_follow_up;
 
 #[derive(Debug, Clone)]
 pub struct FactsConfig {
@@ -432,79 +440,6 @@ fn outcomes(
         .collect()
 }
 
-/// A case's second turn: the first question answered with dense's answer (fed to either
-/// model), then the follow-up, which runs only its own tokens after the cached conversation,
-/// as in the chat screen. Agreement, answers and TTFTs are the follow-up's.
-fn one_follow_up(
-    engine: &mut Engine,
-    base: &SlimConfig,
-    ratio: f32,
-    case: &Case,
-    corpus: &Corpus,
-    cfg: &FactsConfig,
-    cache: &mut BTreeMap<String, DenseRun>,
-) -> Result<CaseResult> {
-    let built = case.build(corpus, &mut |m| {
-        engine
-            .encode_chat(&[Message::user(m.to_string())])
-            .map_or(0, |t| t.len())
-    });
-    let (question, asked) = case
-        .follow_up_asked()
-        .ok_or_else(|| Error::Usage(format!("case {} has no follow-up", case.id)))?;
-    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
-    let first_max = cfg.max_tokens * built.asked.len().max(1);
-    let first = cached(engine, cache, &prompt, first_max, |engine| {
-        greedy(engine, base, None, &prompt, first_max)
-    })?;
-    let follow = engine.encode_chat(&[
-        Message::user(built.message.clone()),
-        Message::assistant(first.text.clone()),
-        Message::user(question),
-    ])?;
-    let max_tokens = cfg.max_tokens;
-    let key = cache_key(&follow, max_tokens);
-    let dense_cached = cache.contains_key(&key);
-    let dense = cached(engine, cache, &follow, max_tokens, |engine| {
-        let (logits, ttft_ms) = second_turn(engine, base, None, &prompt, &first, &follow)?;
-        answer(engine, logits, max_tokens, ttft_ms)
-    })?;
-
-    let (logits, ttft_slim) = second_turn(engine, base, Some(ratio), &prompt, &first, &follow)?;
-    let forced = teacher_force(engine, logits, &dense)?;
-    let slim_answer = if forced.identical() {
-        dense.text.clone()
-    } else {
-        let (logits, ttft) = second_turn(engine, base, Some(ratio), &prompt, &first, &follow)?;
-        answer(engine, logits, max_tokens, ttft)?.text
-    };
-    let facts = outcomes(
-        engine,
-        &[asked],
-        &prompt,
-        &dense.text,
-        &slim_answer,
-        &forced,
-    );
-    Ok(CaseResult {
-        id: case.id.clone(),
-        part: case.part,
-        text: corpus.texts()[case.text].kind.to_string(),
-        length: case.length,
-        ask: "follow-up",
-        planted: case.facts.len(),
-        prompt_tokens: follow.len(),
-        facts,
-        dense_answer: dense.text,
-        slim_answer,
-        identical: forced.identical(),
-        agreement: forced.agreement(),
-        ttft_ms_dense: dense.ttft_ms,
-        ttft_ms_slim: ttft_slim,
-        dense_cached,
-    })
-}
-
 /// A dense run from the cache, or run now (by `run`) and cached.
 fn cached(
     engine: &mut Engine,
@@ -520,27 +455,6 @@ fn cached(
     let d = run(engine)?;
     cache.insert(key, d.clone());
     Ok(d)
-}
-
-/// Prefill `prompt` on a fresh cache (pruned at `ratio`, dense when None), feed it `first`'s
-/// answer, then the conversation `follow` that continues it: the follow-up's logits and its
-/// time to first token (the follow-up's own prefill).
-fn second_turn(
-    engine: &mut Engine,
-    base: &SlimConfig,
-    ratio: Option<f32>,
-    prompt: &[u32],
-    first: &DenseRun,
-    follow: &[u32],
-) -> Result<(Vec<f32>, f64)> {
-    set_slim(engine, base, ratio)?;
-    engine.prefill(prompt, &mut |_| {})?;
-    for &t in &first.tokens {
-        engine.step(t)?;
-    }
-    let t0 = std::time::Instant::now();
-    let (logits, _) = engine.prefill(follow, &mut |_| {})?;
-    Ok((logits, t0.elapsed().as_secs_f64() * 1e3))
 }
 
 /// FNV-1a of the prompt and the answer budget.

@@ -150,6 +150,42 @@ fn drive(
 }
 
 #[test]
+fn a_follow_up_reads_the_whole_document_again() {
+    let _serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut cfg = AppConfig::default();
+    cfg.chat.max_tokens = 6;
+    let mut ask = vec![Msg::Paste(document(140))];
+    ask.extend(
+        "How many barrels did ship 12 carry?"
+            .chars()
+            .map(Msg::Insert),
+    );
+    ask.push(Msg::Submit);
+    let follow: Vec<Msg> = ("And ship 120?".chars().map(Msg::Insert))
+        .chain([Msg::Submit])
+        .collect();
+    let mut first_kept: Option<Vec<usize>> = None;
+    let app = drive(&cfg, &store, vec![ask, follow], &mut |app| {
+        if let Some(l) = app.last.as_ref().filter(|_| first_kept.is_none()) {
+            first_kept = Some(l.kept_per_layer.clone());
+        }
+    });
+    // the first answer pruned the document
+    let first = first_kept.expect("the first answer's numbers");
+    assert!(first[29] < first[0], "{first:?}");
+    // the follow-up (healed after the first answer, or in its own prefill) kept every row
+    let last = app.last.as_ref().expect("the follow-up finished");
+    assert!(last.whole_again, "{last:?}");
+    let kept = &last.kept_per_layer;
+    assert!(kept.iter().all(|&k| k == kept[0]), "{kept:?}");
+    assert!(kept[0] > first[0], "{kept:?} after {first:?}");
+    assert_eq!(app.conv.messages.len(), 4);
+}
+
+#[test]
 fn compare_runs_dense_and_pruned_from_an_empty_cache() {
     let _serial = serial();
     let _ = common::default_model();

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::cases::{band, found, generate, Ask, Asked, Case};
+use super::cases::{band, found, generate, Ask, Asked, Built, Case};
 use super::corpus::{Corpus, OwnText, Part};
 use super::diagnose::{diagnose, locate, Diagnosis, Lost};
 use super::set_slim;
@@ -262,12 +262,7 @@ fn one_case(
     cfg: &FactsConfig,
     cache: &mut BTreeMap<String, DenseRun>,
 ) -> Result<CaseResult> {
-    let built = case.build(corpus, &mut |m| {
-        engine
-            .encode_chat(&[Message::user(m.to_string())])
-            .map_or(0, |t| t.len())
-    });
-    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
+    let (built, prompt) = build(engine, case, corpus)?;
     let max_tokens = cfg.max_tokens * built.asked.len().max(1);
     let key = cache_key(&prompt, max_tokens);
     let dense_cached = cache.contains_key(&key);
@@ -294,27 +289,64 @@ fn one_case(
         &slim_answer,
         &forced,
     );
-    Ok(CaseResult {
-        id: case.id.clone(),
-        part: case.part,
-        text: corpus.texts()[case.text].kind.to_string(),
-        length: case.length,
-        ask: match case.ask {
-            Ask::One(_) => "one",
-            Ask::All => "all",
-            Ask::Natural(_) => "natural",
-        },
-        planted: case.facts.len(),
-        prompt_tokens: prompt.len(),
+    let ask = match case.ask {
+        Ask::One(_) => "one",
+        Ask::All => "all",
+        Ask::Natural(_) => "natural",
+    };
+    let answered = Answered {
         facts,
-        dense_answer: dense.text,
+        dense,
         slim_answer,
-        identical: forced.identical(),
-        agreement: forced.agreement(),
-        ttft_ms_dense: dense.ttft_ms,
-        ttft_ms_slim: ttft_slim,
+        forced,
+        ttft_slim,
         dense_cached,
-    })
+    };
+    Ok(answered.result(case, corpus, ask, prompt.len()))
+}
+
+/// A case's message as `case.build` makes it (counting tokens with the chat template) and its
+/// prompt.
+fn build(engine: &Engine, case: &Case, corpus: &Corpus) -> Result<(Built, Vec<u32>)> {
+    let built = case.build(corpus, &mut |m| {
+        engine
+            .encode_chat(&[Message::user(m.to_string())])
+            .map_or(0, |t| t.len())
+    });
+    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
+    Ok((built, prompt))
+}
+
+/// What one turn of a case came to, on both sides.
+struct Answered {
+    facts: Vec<FactOutcome>,
+    dense: DenseRun,
+    slim_answer: String,
+    forced: Forced,
+    ttft_slim: f64,
+    dense_cached: bool,
+}
+
+impl Answered {
+    fn result(self, case: &Case, corpus: &Corpus, ask: &'static str, tokens: usize) -> CaseResult {
+        CaseResult {
+            id: case.id.clone(),
+            part: case.part,
+            text: corpus.texts()[case.text].kind.to_string(),
+            length: case.length,
+            ask,
+            planted: case.facts.len(),
+            prompt_tokens: tokens,
+            facts: self.facts,
+            dense_answer: self.dense.text,
+            slim_answer: self.slim_answer,
+            identical: self.forced.identical(),
+            agreement: self.forced.agreement(),
+            ttft_ms_dense: self.dense.ttft_ms,
+            ttft_ms_slim: self.ttft_slim,
+            dense_cached: self.dense_cached,
+        }
+    }
 }
 
 /// A greedy answer (dense when `ratio` is None), on a fresh cache.

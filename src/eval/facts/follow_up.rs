@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    answer, cache_key, cached, greedy, outcomes, teacher_force, CaseResult, DenseRun, FactsConfig,
+    answer, build, cache_key, cached, greedy, outcomes, teacher_force, Answered, CaseResult,
+    DenseRun, FactsConfig,
 };
 use crate::engine::Engine;
 use crate::eval::cases::Case;
@@ -26,15 +27,10 @@ pub(super) fn one_follow_up(
     cfg: &FactsConfig,
     cache: &mut BTreeMap<String, DenseRun>,
 ) -> Result<CaseResult> {
-    let built = case.build(corpus, &mut |m| {
-        engine
-            .encode_chat(&[Message::user(m.to_string())])
-            .map_or(0, |t| t.len())
-    });
     let (question, asked) = case
         .follow_up_asked()
         .ok_or_else(|| Error::Usage(format!("case {} has no follow-up", case.id)))?;
-    let prompt = engine.encode_chat(&[Message::user(built.message.clone())])?;
+    let (built, prompt) = build(engine, case, corpus)?;
     let first_max = cfg.max_tokens * built.asked.len().max(1);
     let first = cached(engine, cache, &prompt, first_max, |engine| {
         greedy(engine, base, None, &prompt, first_max)
@@ -68,23 +64,15 @@ pub(super) fn one_follow_up(
         &slim_answer,
         &forced,
     );
-    Ok(CaseResult {
-        id: case.id.clone(),
-        part: case.part,
-        text: corpus.texts()[case.text].kind.to_string(),
-        length: case.length,
-        ask: "follow-up",
-        planted: case.facts.len(),
-        prompt_tokens: follow.len(),
+    let answered = Answered {
         facts,
-        dense_answer: dense.text,
+        dense,
         slim_answer,
-        identical: forced.identical(),
-        agreement: forced.agreement(),
-        ttft_ms_dense: dense.ttft_ms,
-        ttft_ms_slim: ttft_slim,
+        forced,
+        ttft_slim,
         dense_cached,
-    })
+    };
+    Ok(answered.result(case, corpus, "follow-up", follow.len()))
 }
 
 /// Prefill `prompt` on a fresh cache (pruned at `ratio`, dense when None), feed it `first`'s

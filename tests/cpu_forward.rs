@@ -22,6 +22,7 @@ use slimchat::kv::KvConfig;
 use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
 use slimchat::model::template::Message;
 use slimchat::sampling::SamplingConfig;
+use slimchat::slim::SlimConfig;
 
 /// The retired forward's numbers: for each row, the top token, its logit and the log-sum-exp.
 #[derive(Deserialize)]
@@ -207,37 +208,57 @@ fn a_tiered_conversation_answers_as_a_resident_one_turn_after_turn() {
     // about 3,600 prompt tokens: every stage of the default schedule prunes, and each slim
     // layer keeps more blocks than its decode set: the others wait in RAM
     let doc: String = LONG_TEXT.chars().take(15_000).collect();
-    let resident = EngineOptions {
-        kv: KvConfig {
-            resident: true,
+    // over the pruned cache as it stands (the follow-up reads the first turn's blocks), and
+    // with every pruned block back for the follow-up (a healed layer gives its RAM tier up)
+    for heal_followups in [false, true] {
+        let slim = SlimConfig {
+            heal_followups,
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    let mut tiered = Engine::load(&path, &EngineOptions::default()).unwrap();
-    let mut whole = Engine::load(&path, &resident).unwrap();
-    let cancel = AtomicBool::new(false);
-    let mut history = vec![Message::user(format!("{doc}\n\nWhat is this text about?"))];
-    for (i, question) in ["", "Which keywords does it name? List three."]
-        .iter()
-        .enumerate()
-    {
-        if i > 0 {
-            history = turn(&history, question).messages;
+        };
+        let resident = EngineOptions {
+            slim: slim.clone(),
+            kv: KvConfig {
+                resident: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let tiered = EngineOptions {
+            slim,
+            ..Default::default()
+        };
+        let mut tiered = Engine::load(&path, &tiered).unwrap();
+        let mut whole = Engine::load(&path, &resident).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut history = vec![Message::user(format!("{doc}\n\nWhat is this text about?"))];
+        for (i, question) in ["", "Which keywords does it name? List three."]
+            .iter()
+            .enumerate()
+        {
+            if i > 0 {
+                history = turn(&history, question).messages;
+            }
+            let req = turn(
+                &history[..history.len() - 1],
+                &history.last().unwrap().content,
+            );
+            let want = whole.generate(&req, &cancel, &mut |_| {}).unwrap();
+            let got = tiered.generate(&req, &cancel, &mut |_| {}).unwrap();
+            eprintln!(
+                "heal {heal_followups}, turn {i}: {:?} / {:?}",
+                got.text, want.text
+            );
+            assert_eq!(got.text, want.text, "turn {i}");
+            assert_eq!(got.prefill_kind, want.prefill_kind);
+            assert_eq!(got.kept_per_layer, want.kept_per_layer);
+            assert_eq!(got.blocks_revived, want.blocks_revived);
+            assert_eq!(got.blocks_revived > 0, heal_followups && i > 0);
+            if i == 0 || !heal_followups {
+                assert!(got.kv.kv_host_bytes > 0, "turn {i}: nothing in RAM");
+                assert!(got.kv.kv_fast_bytes < want.kv.kv_fast_bytes);
+            }
+            history.push(Message::assistant(want.text));
         }
-        let req = turn(
-            &history[..history.len() - 1],
-            &history.last().unwrap().content,
-        );
-        let want = whole.generate(&req, &cancel, &mut |_| {}).unwrap();
-        let got = tiered.generate(&req, &cancel, &mut |_| {}).unwrap();
-        eprintln!("turn {i}: {:?} / {:?}", got.text, want.text);
-        assert_eq!(got.text, want.text, "turn {i}");
-        assert_eq!(got.prefill_kind, want.prefill_kind);
-        assert_eq!(got.kept_per_layer, want.kept_per_layer);
-        assert!(got.kv.kv_host_bytes > 0, "turn {i}: nothing in RAM");
-        assert!(got.kv.kv_fast_bytes < want.kv.kv_fast_bytes);
-        history.push(Message::assistant(want.text));
     }
 }
 

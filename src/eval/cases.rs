@@ -632,7 +632,10 @@ mod tests {
                 continue;
             };
             made += 1;
-            assert_eq!(format!("{:?}", c.with_follow_up().unwrap()), format!("{f:?}"));
+            assert_eq!(
+                format!("{:?}", c.with_follow_up().unwrap()),
+                format!("{f:?}")
+            );
             let (question, asked) = f.follow_up_asked().expect("a follow-up");
             let extra = &f.facts[f.follow_up.unwrap()];
             assert!(phrasings(Part::Report).contains(&extra.phrasing));

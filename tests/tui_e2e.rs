@@ -33,6 +33,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A session run in this process on the real engine, one at a time: a store in a fresh
+/// directory (kept while the returned directory lives) and the defaults answering `max_tokens`
+/// tokens.
+fn in_process(
+    max_tokens: usize,
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    Store,
+    AppConfig,
+) {
+    let serial = serial();
+    let _ = common::default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut cfg = AppConfig::default();
+    cfg.chat.max_tokens = max_tokens;
+    (serial, dir, store, cfg)
+}
+
 /// About `n` sentences of ~20 tokens each.
 fn document(n: usize) -> String {
     (1..=n)
@@ -47,12 +67,7 @@ fn document(n: usize) -> String {
 
 #[test]
 fn ui_keeps_redrawing_during_prefill() {
-    let _serial = serial();
-    let _ = common::default_model();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut cfg = AppConfig::default();
-    cfg.chat.max_tokens = 8;
+    let (_serial, _dir, store, cfg) = in_process(8);
     let mut frames: Vec<Instant> = Vec::new();
     let mut prefill_frames = 0usize;
     let mut ask = vec![Msg::Paste(document(100))];
@@ -151,12 +166,7 @@ fn drive(
 
 #[test]
 fn a_follow_up_reads_the_whole_document_again() {
-    let _serial = serial();
-    let _ = common::default_model();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut cfg = AppConfig::default();
-    cfg.chat.max_tokens = 6;
+    let (_serial, _dir, store, cfg) = in_process(6);
     let mut ask = vec![Msg::Paste(document(140))];
     ask.extend(
         "How many barrels did ship 12 carry?"
@@ -187,12 +197,7 @@ fn a_follow_up_reads_the_whole_document_again() {
 
 #[test]
 fn compare_runs_dense_and_pruned_from_an_empty_cache() {
-    let _serial = serial();
-    let _ = common::default_model();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut cfg = AppConfig::default();
-    cfg.chat.max_tokens = 6;
+    let (_serial, _dir, store, cfg) = in_process(6);
     let mut ask = vec![Msg::Paste(document(30))];
     ask.extend("Which ship carried 70 barrels?".chars().map(Msg::Insert));
     ask.push(Msg::Submit);

@@ -264,9 +264,7 @@ fn one_case(
 ) -> Result<CaseResult> {
     let (built, prompt) = build(engine, case, corpus)?;
     let max_tokens = cfg.max_tokens * built.asked.len().max(1);
-    let key = cache_key(&prompt, max_tokens);
-    let dense_cached = cache.contains_key(&key);
-    let dense = cached(engine, cache, &prompt, max_tokens, |engine| {
+    let (dense, dense_cached) = cached(engine, cache, &prompt, max_tokens, |engine| {
         greedy(engine, base, None, &prompt, max_tokens)
     })?;
 
@@ -472,21 +470,21 @@ fn outcomes(
         .collect()
 }
 
-/// A dense run from the cache, or run now (by `run`) and cached.
+/// A dense run from the cache (true), or run now (by `run`) and cached (false).
 fn cached(
     engine: &mut Engine,
     cache: &mut BTreeMap<String, DenseRun>,
     prompt: &[u32],
     max_tokens: usize,
     run: impl FnOnce(&mut Engine) -> Result<DenseRun>,
-) -> Result<DenseRun> {
+) -> Result<(DenseRun, bool)> {
     let key = cache_key(prompt, max_tokens);
     if let Some(d) = cache.get(&key) {
-        return Ok(d.clone());
+        return Ok((d.clone(), true));
     }
     let d = run(engine)?;
     cache.insert(key, d.clone());
-    Ok(d)
+    Ok((d, false))
 }
 
 /// FNV-1a of the prompt and the answer budget.

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    answer, build, cache_key, cached, greedy, outcomes, teacher_force, Answered, CaseResult,
-    DenseRun, FactsConfig,
+    answer, build, cached, greedy, outcomes, teacher_force, Answered, CaseResult, DenseRun,
+    FactsConfig,
 };
 use crate::engine::Engine;
 use crate::eval::cases::Case;
@@ -32,7 +32,7 @@ pub(super) fn one_follow_up(
         .ok_or_else(|| Error::Usage(format!("case {} has no follow-up", case.id)))?;
     let (built, prompt) = build(engine, case, corpus)?;
     let first_max = cfg.max_tokens * built.asked.len().max(1);
-    let first = cached(engine, cache, &prompt, first_max, |engine| {
+    let (first, _) = cached(engine, cache, &prompt, first_max, |engine| {
         greedy(engine, base, None, &prompt, first_max)
     })?;
     let follow = engine.encode_chat(&[
@@ -41,9 +41,7 @@ pub(super) fn one_follow_up(
         Message::user(question),
     ])?;
     let max_tokens = cfg.max_tokens;
-    let key = cache_key(&follow, max_tokens);
-    let dense_cached = cache.contains_key(&key);
-    let dense = cached(engine, cache, &follow, max_tokens, |engine| {
+    let (dense, dense_cached) = cached(engine, cache, &follow, max_tokens, |engine| {
         let (logits, ttft_ms) = second_turn(engine, base, None, &prompt, &first, &follow)?;
         answer(engine, logits, max_tokens, ttft_ms)
     })?;

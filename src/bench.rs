@@ -58,6 +58,10 @@ pub struct BenchResult {
     pub decode_tok_s: Option<f64>,
     /// Tokens decoded per run to time decode.
     pub decode_tokens: usize,
+    /// The answer's second step when it brought back what the prompt's pruning dropped
+    /// (`heal_answers`; slim only): timed on its own, `decode_tok_s` counts the steps after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heal_ms: Option<f64>,
     pub kv_bytes: usize,
     pub peak_rss_bytes: u64,
     /// Prompt rows each layer kept (slim only).
@@ -139,6 +143,7 @@ fn combine(runs: Vec<BenchResult>) -> BenchResult {
     let decode: Vec<f64> = runs.iter().filter_map(|r| r.decode_tok_s).collect();
     let ttft: Vec<f64> = runs.iter().map(|r| r.ttft_ms).collect();
     let stall = pick(&|r| r.kv.kv_stall_ms);
+    let heals: Vec<f64> = runs.iter().filter_map(|r| r.heal_ms).collect();
     let mut out = runs.last().expect("at least one run").clone();
     out.runs = runs.len();
     out.ttft_ms = median(&ttft);
@@ -146,6 +151,7 @@ fn combine(runs: Vec<BenchResult>) -> BenchResult {
     out.ttft_ms_max = ttft.iter().copied().fold(0.0, f64::max);
     out.prefill_tok_s = pick(&|r| r.prefill_tok_s);
     out.decode_tok_s = (!decode.is_empty()).then(|| median(&decode));
+    out.heal_ms = (!heals.is_empty()).then(|| median(&heals));
     out.kv.kv_stall_ms = stall;
     out.kv.kv_decode_stall_ms = pick(&|r| r.kv.kv_decode_stall_ms);
     out
@@ -172,12 +178,20 @@ fn bench_one(
     ttft.push(t * 1e3);
     prefill.push(n as f64 / t);
     let kept = engine.kept_per_layer();
+    let mut heal_ms = None;
+    let mut timed = decode_tokens;
+    if decode_tokens > 0 && engine.heals_next_step() {
+        let h0 = Instant::now();
+        next = argmax(&engine.step(next)?);
+        heal_ms = Some(h0.elapsed().as_secs_f64() * 1e3);
+        timed -= 1;
+    }
     let d0 = Instant::now();
-    for _ in 0..decode_tokens {
+    for _ in 0..timed {
         next = argmax(&engine.step(next)?);
     }
-    if decode_tokens > 0 {
-        decode.push(decode_tokens as f64 / d0.elapsed().as_secs_f64());
+    if timed > 0 {
+        decode.push(timed as f64 / d0.elapsed().as_secs_f64());
     }
     let kv_bytes = engine.kv_bytes();
     let kv = engine.take_kv_stats();
@@ -191,7 +205,8 @@ fn bench_one(
         ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
         prefill_tok_s: median(&prefill),
         decode_tok_s: (!decode.is_empty()).then(|| median(&decode)),
-        decode_tokens,
+        decode_tokens: timed,
+        heal_ms,
         kv_bytes,
         peak_rss_bytes: crate::metrics::peak_rss_bytes(),
         kept_per_layer: slim.then_some(kept),

@@ -50,6 +50,16 @@ pub enum EngineEvent {
     /// lives: the host tier is empty when every block is resident) and during decode; at most
     /// one every [`memory::MEMORY_EVERY`].
     Memory(MemoryNow),
+    /// The answer's first token is out and the next step brings back every block the prompt's
+    /// pruning dropped (`heal_answers`): the answer's second token waits for it.
+    Healing,
+    /// They are back, `blocks` (block, stage) pairs in `ms`: the rest of the answer reads the
+    /// whole document; every layer now keeps `kept_per_layer` rows.
+    Healed {
+        blocks: usize,
+        ms: f64,
+        kept_per_layer: Vec<usize>,
+    },
 }
 
 /// Why generation ended.
@@ -78,6 +88,9 @@ pub struct GenStats {
     pub prefilled_tokens: usize,
     pub generated_tokens: usize,
     pub ttft_ms: f64,
+    /// The answer's second step, when it brought back what the prompt's pruning dropped
+    /// (`heal_answers`); `decode_tok_s` counts the steps after it.
+    pub heal_ms: Option<f64>,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub kv_bytes: usize,
@@ -203,6 +216,9 @@ pub struct Engine {
     kv_budget: Option<usize>,
     /// Answer tokens the next prefill reserves fast-tier room for.
     answer_reserve: usize,
+    /// The next step is an answer's first past a fresh pruned prefill: `heal_answers` heals
+    /// in it.
+    heal_next_step: bool,
     last_prefill_kind: PrefillKind,
     /// The text of every special token, to spot them inside messages.
     special_strings: Vec<String>,
@@ -292,6 +308,7 @@ impl Engine {
             attention: opts.attention,
             kv_budget: None,
             answer_reserve: 512,
+            heal_next_step: false,
             last_prefill_kind: PrefillKind::Full,
             special_strings,
             kv_note,
@@ -377,6 +394,7 @@ impl Engine {
     /// Forget every cached token.
     pub fn reset(&mut self) {
         self.cached.clear();
+        self.heal_next_step = false;
         self.forward.reset();
     }
 
@@ -498,6 +516,7 @@ impl Engine {
         let mut ttft = None;
         let mut decode_start = Instant::now();
         let mut steps = 0usize;
+        let mut heal_ms = None;
         let stop_reason = loop {
             if cancel.load(Ordering::Relaxed) {
                 break StopReason::Cancelled;
@@ -533,7 +552,24 @@ impl Engine {
             if history.len() >= self.context_length() {
                 break StopReason::ContextFull;
             }
-            logits = self.step(next)?;
+            if self.heals_next_step() {
+                on_event(EngineEvent::Healing);
+                let t0 = Instant::now();
+                logits = self.step(next)?;
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                let blocks = (self.forward.session()).map_or(0, SlimSession::revived);
+                if blocks > 0 {
+                    heal_ms = Some(ms);
+                    let kept_per_layer = self.kept_per_layer();
+                    on_event(EngineEvent::Healed {
+                        blocks,
+                        ms,
+                        kept_per_layer,
+                    });
+                }
+            } else {
+                logits = self.step(next)?;
+            }
             steps += 1;
             if memory.due() {
                 on_event(EngineEvent::Memory(self.memory_now()));
@@ -544,8 +580,9 @@ impl Engine {
             text.push_str(&tail);
             on_event(EngineEvent::Token(tail));
         }
-        let decode_secs = decode_start.elapsed().as_secs_f64();
-        let decoded = steps;
+        // the heal's step is timed on its own: decode's rate is the steps' after it
+        let decode_secs = decode_start.elapsed().as_secs_f64() - heal_ms.unwrap_or(0.0) / 1e3;
+        let decoded = steps - usize::from(heal_ms.is_some());
         let prefilled = prompt.len() - reused;
         Ok(GenStats {
             text,
@@ -554,6 +591,7 @@ impl Engine {
             prefilled_tokens: prefilled,
             generated_tokens: answer.len(),
             ttft_ms: ttft.unwrap_or(prefill_secs) * 1e3,
+            heal_ms,
             prefill_tok_s: prefilled as f64 / prefill_secs.max(1e-9),
             decode_tok_s: if decoded > 0 {
                 decoded as f64 / decode_secs.max(1e-9)

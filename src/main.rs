@@ -641,8 +641,10 @@ fn run(cfg: &AppConfig, args: RunArgs) -> Result<()> {
     } else {
         writeln!(out)?;
         eprintln!(
-            "slimchat: {} prompt tokens, TTFT {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s, {} tokens ({:?})",
-            stats.prompt_tokens, stats.ttft_ms, stats.prefill_tok_s, stats.decode_tok_s, stats.generated_tokens, stats.stop_reason
+            "slimchat: {} prompt tokens, TTFT {:.0} ms, prefill {:.1} tok/s, {}decode {:.1} tok/s, {} tokens ({:?})",
+            stats.prompt_tokens, stats.ttft_ms, stats.prefill_tok_s,
+            stats.heal_ms.map_or(String::new(), |h| format!("heal after the first token {h:.0} ms, ")),
+            stats.decode_tok_s, stats.generated_tokens, stats.stop_reason
         );
     }
     if let Some(id) = conversation {
@@ -671,8 +673,9 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
-            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
+            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, {}decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
             r.prompt_tokens, r.mode, if r.kv.kv_resident { " resident" } else { "" }, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
+            r.heal_ms.map_or(String::new(), |h| format!("heal after the first token {h:.0} ms, ")),
             r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens)),
             r.kv.kv_fast_bytes_peak as f64 / 1048576.0, r.kv.kv_dense_bytes as f64 / 1048576.0, r.kv.kv_stall_ms
         );

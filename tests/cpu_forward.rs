@@ -108,8 +108,11 @@ fn the_cpu_forward_keeps_the_retired_forwards_logits() {
     let exact_tf = assert_close("teacher-forced", &tf, &want.teacher_forced, tol);
     drop(dense);
 
-    // the product's defaults: pruned, tiered KV; a 3,600-token prompt and 16 greedy steps
-    let mut e = Engine::load(&path, &EngineOptions::default()).unwrap();
+    // the product's defaults: pruned, tiered KV; a 3,600-token prompt and 16 greedy steps over
+    // the pruned cache, as the retired forward decoded (no heal after the first token)
+    let mut opts = EngineOptions::default();
+    opts.slim.heal_answers = false;
+    let mut e = Engine::load(&path, &opts).unwrap();
     let doc: String = LONG_TEXT.chars().take(want.chat_doc_chars).collect();
     let prompt = e
         .encode_chat(&[Message::user(format!(
@@ -208,10 +211,12 @@ fn a_tiered_conversation_answers_as_a_resident_one_turn_after_turn() {
     // about 3,600 prompt tokens: every stage of the default schedule prunes, and each slim
     // layer keeps more blocks than its decode set: the others wait in RAM
     let doc: String = LONG_TEXT.chars().take(15_000).collect();
-    // over the pruned cache as it stands (the follow-up reads the first turn's blocks), and
-    // with every pruned block back for the follow-up (a healed layer gives its RAM tier up)
-    for heal_followups in [false, true] {
+    // over the pruned cache as it stands (the follow-up reads the first turn's blocks), with
+    // every pruned block back for the follow-up, and back after the first answer's first token
+    // (a healed layer gives its RAM tier up)
+    for (heal_answers, heal_followups) in [(false, false), (false, true), (true, true)] {
         let slim = SlimConfig {
+            heal_answers,
             heal_followups,
             ..Default::default()
         };
@@ -245,15 +250,20 @@ fn a_tiered_conversation_answers_as_a_resident_one_turn_after_turn() {
             let want = whole.generate(&req, &cancel, &mut |_| {}).unwrap();
             let got = tiered.generate(&req, &cancel, &mut |_| {}).unwrap();
             eprintln!(
-                "heal {heal_followups}, turn {i}: {:?} / {:?}",
+                "heal answers {heal_answers}, follow-ups {heal_followups}, turn {i}: {:?} / {:?}",
                 got.text, want.text
             );
             assert_eq!(got.text, want.text, "turn {i}");
             assert_eq!(got.prefill_kind, want.prefill_kind);
             assert_eq!(got.kept_per_layer, want.kept_per_layer);
             assert_eq!(got.blocks_revived, want.blocks_revived);
-            assert_eq!(got.blocks_revived > 0, heal_followups && i > 0);
-            if i == 0 || !heal_followups {
+            assert_eq!(got.heal_ms.is_some(), heal_answers && i == 0);
+            let healed_here = match i {
+                0 => heal_answers,
+                _ => heal_followups && !heal_answers,
+            };
+            assert_eq!(got.blocks_revived > 0, healed_here);
+            if !heal_answers && (i == 0 || !heal_followups) {
                 assert!(got.kv.kv_host_bytes > 0, "turn {i}: nothing in RAM");
                 assert!(got.kv.kv_fast_bytes < want.kv.kv_fast_bytes);
             }

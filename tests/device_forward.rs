@@ -70,7 +70,7 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
         .generate(&request(&doc, 12), &cancel, &mut |ev| match ev {
             EngineEvent::PrefillProgress { layers_done, .. } => layers_seen.push(layers_done),
             EngineEvent::Memory(m) => readings.push((layers_seen.len(), m)),
-            EngineEvent::Token(_) => {}
+            _ => {}
         })
         .unwrap();
     eprintln!(
@@ -107,15 +107,20 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
         got.gpu_memory.is_none(),
         "the CPU's ops have no device memory"
     );
+    // the answer brought the pruned blocks back after its first token on both
+    assert!(want.heal_ms.is_some() && got.heal_ms.is_some());
+    assert_eq!(got.blocks_revived, want.blocks_revived);
     // live memory: one reading right after the prefill, with the KV the prefill wrote, and
-    // any during it counting fewer bytes (the layers written so far)
+    // any during it counting fewer bytes (the layers written so far); the heal's rows after it
     let after: Vec<_> = readings.iter().filter(|(l, _)| *l == 30).collect();
     assert!(!after.is_empty(), "{readings:?}");
     let at_end = after[0].1;
+    let last = readings.last().unwrap().1;
+    assert_eq!(last.kv_fast_bytes, got.kv.kv_fast_bytes, "{readings:?}");
+    assert!(last.kv_fast_bytes > at_end.kv_fast_bytes, "{readings:?}");
     // the pools hold every kept row and room for the answer (this prompt is too short for
     // decode sets smaller than what the stages kept: nothing moves to the host tier)
     let prompt_kv: usize = (got.kept_per_layer.iter().sum::<usize>()) * 2 * 2 * 3 * 64;
-    assert_eq!(at_end.kv_fast_bytes, got.kv.kv_fast_bytes, "{readings:?}");
     assert!(at_end.kv_fast_bytes > prompt_kv, "{readings:?}");
     assert_eq!((at_end.kv_host_bytes, got.kv.kv_host_bytes), (0, 0));
     assert!(!got.kv.kv_resident && got.kv.kv_blocks_moved == 0);
@@ -159,13 +164,13 @@ fn the_engine_answers_through_the_device_forward_as_it_does_on_the_cpu() {
     assert!(got2.reused_tokens >= got.prompt_tokens);
     assert!(got2.prefilled_tokens < 40, "{}", got2.prefilled_tokens);
     assert!(got2.generated_tokens > 0);
-    // the prompt's pruned rows came back for it on the device as on the CPU (whatever the
-    // ratio now), and every new row is in every layer
+    // the prompt's pruned rows came back in the first answer, on the device as on the CPU,
+    // and stay for the follow-up (whatever the ratio now): every new row is in every layer
     let pruned = |k: &[usize]| k[0] - k[29];
     assert!(pruned(&got.kept_per_layer) > 0);
+    assert!(got.blocks_revived > 0);
     assert_eq!(pruned(&got2.kept_per_layer), 0);
     assert_eq!(pruned(&want2.kept_per_layer), 0);
-    assert!(got2.blocks_revived > 0);
     assert_eq!(got2.blocks_revived, want2.blocks_revived);
     assert!(got2.kept_per_layer[0] > got.kept_per_layer[0]);
     // a new document prefills whole; a reset empties the device cache
@@ -185,11 +190,12 @@ fn a_long_prompt_kv_waits_in_ram_beyond_each_layer_decode_set_and_answers_alike(
     // about 3,000 prompt tokens: every stage keeps more blocks than its decode set (1,280
     // tokens), so the slim layers' other blocks move to the host tier
     let doc: String = LONG_TEXT.chars().take(12000).collect();
-    // the follow-up below runs over the pruned cache as it stands: healing it would give the
-    // host tier up (healing: tests/slim.rs, tests/cpu_forward.rs)
+    // the answers and the follow-up below run over the pruned cache as it stands: healing it
+    // would give the host tier up (healing: tests/slim.rs, tests/cpu_forward.rs)
     let opts = EngineOptions {
         linear: LinearMode::Dense,
         slim: SlimConfig {
+            heal_answers: false,
             heal_followups: false,
             ..SlimConfig::default()
         },

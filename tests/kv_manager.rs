@@ -32,6 +32,9 @@ fn slim(select: DecodeSelect) -> SlimConfig {
         decode_min_tokens: 0,
         gamma: 1.0,
         decode_select: select,
+        // decode over the pruned cache, where the sets swap (healed after the first token,
+        // every slim layer would hold all its blocks in the fast tier)
+        heal_answers: false,
         ..Default::default()
     }
 }

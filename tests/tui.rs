@@ -165,6 +165,53 @@ fn blocks_brought_back_after_an_answer_show_beside_the_knob() {
 }
 
 #[test]
+fn an_answer_healing_after_its_first_token_says_so_while_it_waits_and_after() {
+    let mut app = prefilling();
+    update(&mut app, Msg::Tick(ms(1900)));
+    prefill(&mut app, 30);
+    let event = |ev| Msg::Worker(WorkerEvent::Engine(ev));
+    update(&mut app, event(EngineEvent::Token("The lamp ".into())));
+    update(&mut app, event(EngineEvent::Healing));
+    update(&mut app, Msg::Tick(ms(3100)));
+    let s = screen(&draw(&mut app, 120, 50));
+    assert!(s.contains("healing"), "{s}");
+    assert!(s.contains("heal    1.2 s …"), "{s}");
+    update(
+        &mut app,
+        event(EngineEvent::Healed {
+            blocks: 52,
+            ms: 1250.0,
+            kept_per_layer: vec![1480; 30],
+        }),
+    );
+    update(&mut app, event(EngineEvent::Token("was lit".into())));
+    update(&mut app, Msg::Tick(ms(3300)));
+    let s = screen(&draw(&mut app, 120, 50));
+    assert!(s.contains("decoding") && s.contains("heal    1.2 s"), "{s}");
+    assert!(!s.contains("1.2 s …"), "{s}");
+    assert!(
+        s.contains("the answer reads the whole document from its second token: 52 pruned blocks back in 1.2 s"),
+        "{s}"
+    );
+    // the finished answer keeps the heal's time, and its prompt's pruning
+    let text = app.conv.messages.last().unwrap().content.clone();
+    let mut healed = stats(&text);
+    healed.heal_ms = Some(1250.0);
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Stats {
+            stats: Box::new(healed),
+            rss_bytes: 412_000_000,
+        }),
+    );
+    update(&mut app, Msg::Worker(WorkerEvent::Done));
+    let l = app.last.as_ref().unwrap();
+    assert!(l.whole_again && l.heal_ms == Some(1250.0));
+    let s = screen(&draw(&mut app, 120, 50));
+    assert!(s.contains("heal    1.2 s") && s.contains("idle"), "{s}");
+}
+
+#[test]
 fn snapshot_answered_with_metrics() {
     let mut app = answered();
     let s = screen(&draw(&mut app, 120, 50));

@@ -177,16 +177,18 @@ fn a_follow_up_reads_the_whole_document_again() {
     let follow: Vec<Msg> = ("And ship 120?".chars().map(Msg::Insert))
         .chain([Msg::Submit])
         .collect();
-    let mut first_kept: Option<Vec<usize>> = None;
+    let mut first: Option<(Vec<usize>, Option<f64>)> = None;
     let app = drive(&cfg, &store, vec![ask, follow], &mut |app| {
-        if let Some(l) = app.last.as_ref().filter(|_| first_kept.is_none()) {
-            first_kept = Some(l.kept_per_layer.clone());
+        if let Some(l) = app.last.as_ref().filter(|_| first.is_none()) {
+            first = Some((l.kept_per_layer.clone(), l.heal_ms));
         }
     });
-    // the first answer pruned the document
-    let first = first_kept.expect("the first answer's numbers");
+    // the first answer's prefill pruned the document, and the answer brought the pruned
+    // blocks back after its first token
+    let (first, heal_ms) = first.expect("the first answer's numbers");
     assert!(first[29] < first[0], "{first:?}");
-    // the follow-up (healed after the first answer, or in its own prefill) kept every row
+    assert!(heal_ms.is_some_and(|ms| ms > 0.0), "{heal_ms:?}");
+    // the follow-up (over the healed cache) kept every row
     let last = app.last.as_ref().expect("the follow-up finished");
     assert!(last.whole_again, "{last:?}");
     let kept = &last.kept_per_layer;

@@ -7,7 +7,7 @@ use super::memory::MemoryTicker;
 use super::{Engine, EngineEvent, PrefillKind};
 use crate::kv::config::Budget;
 use crate::model::ops_llama::KvPlacement;
-use crate::slim::session::SlimSession;
+use crate::slim::session::{AfterHeal, SlimSession};
 use crate::{Error, Result};
 
 impl Engine {
@@ -48,7 +48,7 @@ impl Engine {
             // a new message may need what the first question's pruning dropped (a prompt the
             // cache already holds whole is the same question again: regenerated, not healed)
             if !self.cached.starts_with(prompt) {
-                self.start_heal(prompt.len());
+                self.start_heal(prompt.len(), AfterHeal::DecodeSets);
             }
             self.forward.extend(&prompt[reused..])
         };
@@ -57,6 +57,9 @@ impl Engine {
                 if let Some(session) = self.forward.session_mut() {
                     session.take_swaps();
                 }
+                self.heal_next_step = reused == 0
+                    && self.slim.heal_answers
+                    && (self.forward.session()).is_some_and(SlimSession::can_heal);
                 self.cached = prompt.to_vec();
                 Ok((logits, reused))
             }
@@ -76,7 +79,7 @@ impl Engine {
     pub fn heal(&mut self) -> Result<usize> {
         let n = self.cached.len();
         let past_prompt = (self.forward.session()).is_some_and(|s| n > s.prompt_len());
-        if !past_prompt || !self.start_heal(n) {
+        if !past_prompt || !self.start_heal(n, AfterHeal::DecodeSets) {
             return Ok(0);
         }
         let last = self.cached[n - 1];
@@ -94,23 +97,38 @@ impl Engine {
         })
     }
 
-    /// Ask the session to bring every pruned block back on the next forward, when
-    /// `heal_followups` is on, something was pruned, and a conversation of `tokens` tokens with
-    /// every row at every layer stays within `[kv] fast_budget` (a healed slim layer keeps all
-    /// its blocks in the fast tier). Whether it will.
-    fn start_heal(&mut self, tokens: usize) -> bool {
-        if !self.slim.heal_followups {
-            return false;
-        }
+    /// Ask the session to bring every pruned block back on the next forward (`decode`: what
+    /// decode attends to then), when something was pruned and a conversation of `tokens`
+    /// tokens with every row at every layer stays within `[kv] fast_budget` (a healed slim
+    /// layer keeps all its blocks in the fast tier). Whether it will.
+    fn start_heal(&mut self, tokens: usize, decode: AfterHeal) -> bool {
+        let wanted = match decode {
+            AfterHeal::DecodeSets => self.slim.heal_followups,
+            AfterHeal::EveryBlock => self.slim.heal_answers,
+        };
+        wanted
+            && self.heal_fits(tokens)
+            && (self.forward.session_mut()).is_some_and(|s| s.heal(decode))
+    }
+
+    /// Whether a conversation of `tokens` tokens with every row at every layer stays within
+    /// `[kv] fast_budget`.
+    fn heal_fits(&self, tokens: usize) -> bool {
         let (n_layers, row) = (self.spec.n_layers, self.forward.kv_row_bytes());
         let whole = n_layers * (tokens + self.answer_reserve).min(self.context_length()) * row;
-        let fits = match (self.forward.kv_placement(), self.kv_cfg.budget()) {
+        match (self.forward.kv_placement(), self.kv_cfg.budget()) {
             (KvPlacement::Resident, _) | (_, Ok(Budget::Auto)) => true,
             (_, Ok(Budget::Bytes(b))) => whole <= b,
             (_, Ok(Budget::Tokens(t))) => whole <= t * n_layers * row,
             (_, Err(_)) => false,
-        };
-        fits && (self.forward.session_mut()).is_some_and(SlimSession::heal)
+        }
+    }
+
+    /// Whether the next [`Self::step`] brings back what the prompt's pruning dropped
+    /// (`heal_answers`: it is the answer's first step past a fresh pruned prefill, and the
+    /// whole conversation fits the fast tier).
+    pub fn heals_next_step(&self) -> bool {
+        self.heal_next_step && self.heal_fits(self.cached.len() + 1)
     }
 
     /// How many of `prompt`'s tokens the cache can keep, and how the prompt gets in.
@@ -229,8 +247,12 @@ impl Engine {
         logits
     }
 
-    /// Run one generated token through the model.
+    /// Run one generated token through the model; the answer's first after a fresh pruned
+    /// prefill also brings back what the pruning dropped, with `heal_answers`.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        if std::mem::take(&mut self.heal_next_step) {
+            self.start_heal(self.cached.len() + 1, AfterHeal::EveryBlock);
+        }
         match self.forward.extend(&[token]) {
             Ok(logits) => {
                 self.cached.push(token);

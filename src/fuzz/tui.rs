@@ -124,6 +124,7 @@ fn stats(p: &mut Prog) -> GenStats {
         prefilled_tokens: p.number(),
         generated_tokens: p.number(),
         ttft_ms: f64::from(p.u16()) * if p.byte() % 9 == 0 { f64::NAN } else { 1.5 },
+        heal_ms: (p.byte() % 3 == 0).then(|| f64::from(p.u16())),
         prefill_tok_s: f64::from(p.u16()),
         decode_tok_s: if p.byte() % 7 == 0 {
             f64::INFINITY
@@ -156,7 +157,7 @@ fn stats(p: &mut Prog) -> GenStats {
 }
 
 fn worker_event(p: &mut Prog) -> WorkerEvent {
-    match p.byte() % 14 {
+    match p.byte() % 16 {
         0 => WorkerEvent::Loaded {
             model: p.text(),
             context_length: p.number(),
@@ -177,6 +178,12 @@ fn worker_event(p: &mut Prog) -> WorkerEvent {
             rows: p.number(),
         }),
         3 | 4 => WorkerEvent::Engine(EngineEvent::Token(p.text())),
+        13 => WorkerEvent::Engine(EngineEvent::Healing),
+        14 => WorkerEvent::Engine(EngineEvent::Healed {
+            blocks: p.number(),
+            ms: p.number() as f64,
+            kept_per_layer: (0..p.byte() % 40).map(|_| p.number()).collect(),
+        }),
         5 => WorkerEvent::PromptTokens(p.number()),
         6 => WorkerEvent::Refused {
             prompt_tokens: p.number(),

@@ -59,6 +59,7 @@ pub const PRESETS: [&str; 8] = [
 /// decode_select = "layer"
 /// reprefill_followups = false
 /// heal_followups = true
+/// heal_answers = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +191,16 @@ pub struct SlimConfig {
     /// what it needs; decode's sets keep their sizes. Costs the follow-up once what pruning
     /// saved the first prefill; later turns nothing. Needs `revive`. Default `true`.
     pub heal_followups: bool,
+    /// A fresh prompt's answer: `true` brings back every block prefill pruned, at every stage,
+    /// right after the answer's first token (the forward of that token carries their rows, as
+    /// a healed follow-up's does), and the rest of the answer attends to every block: the first
+    /// token comes at the pruned prefill's time, the second waits for the heal (on the default
+    /// model a third of a dense prefill, so every token still comes before dense's), and the
+    /// answer reads the whole document from its second token on. `false` answers over the
+    /// pruned cache with decode's sets (faster after the first token, further from dense).
+    /// Skipped, like `heal_followups`, where the whole conversation would not fit `[kv]
+    /// fast_budget`. Needs `revive`. Default `true`.
+    pub heal_answers: bool,
     /// The model this config is applied to (set by the engine from the model's metadata, not a
     /// key): what `preset = "auto"` resolves to and the context the generic floors are shares of.
     #[serde(skip)]
@@ -305,6 +316,9 @@ decode_select = "layer"
 reprefill_followups = false
 # Follow-ups over a pruned cache first bring back every block its prefill pruned (needs revive).
 heal_followups = true
+# After an answer's first token, bring back every block prefill pruned, and let the rest of the
+# answer attend to every block (needs revive).
+heal_answers = true
 "#;
 
 impl Default for SlimConfig {
@@ -333,6 +347,7 @@ impl Default for SlimConfig {
             decode_select: DecodeSelect::Layer,
             reprefill_followups: false,
             heal_followups: true,
+            heal_answers: true,
             model: None,
         }
     }

@@ -129,6 +129,17 @@ struct LayerChoice {
     window: VecDeque<WindowQuery>,
 }
 
+/// What decode attends to after [`SlimSession::heal`] brought every pruned block back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterHeal {
+    /// Sets of the stage's `decode_blocks`, each slim layer choosing its own among every block
+    /// (a follow-up's heal: its new question prefills over every row first).
+    DecodeSets,
+    /// Every block (an answer healed after its first token: the diagnostics in bench/NOTES.md
+    /// found the answer's tokens read outside any set the pruned prompt's scores choose).
+    EveryBlock,
+}
+
 /// SlimInfer's per-conversation state; lives as long as the KV cache it pruned.
 #[derive(Debug, Clone)]
 pub struct SlimSession {
@@ -267,7 +278,12 @@ impl SlimSession {
         std::mem::take(&mut self.swaps_this_step)
     }
 
-    /// Take the number of (block, stage) revivals since the last call.
+    /// (block, stage) pairs brought back since the count was last taken.
+    pub fn revived(&self) -> usize {
+        self.revived
+    }
+
+    /// (block, stage) pairs brought back since the last call, which resets the count.
     pub fn take_revived(&mut self) -> usize {
         std::mem::take(&mut self.revived)
     }
@@ -300,20 +316,30 @@ impl SlimSession {
     /// Bring every prompt block this conversation's prefill pruned back at every stage, on the
     /// next forward: their rows rejoin it in front of its tokens at each boundary (as a raised
     /// ratio brings some back), run through the stage's layers and leave their KV there, so
-    /// that a new question reads the whole document. Decode's sets keep their sizes; each slim
-    /// layer then chooses them among every block. Needs revival's hidden states; returns
-    /// whether any block will come back.
-    pub fn heal(&mut self) -> bool {
-        if !self.cfg.revive {
+    /// that a new question reads the whole document. `decode`: what decode attends to after
+    /// it: sets of their sizes, each slim layer choosing them among every block, or every
+    /// block. Needs revival's hidden states; returns whether any block will come back.
+    pub fn heal(&mut self, decode: AfterHeal) -> bool {
+        if !self.can_heal() {
             return false;
         }
         let blocks = self.prompt_len.div_ceil(self.cfg.block_size);
         let mut any = false;
         for st in (self.stages.iter_mut()).filter(|st| st.pool.len() < blocks) {
             st.stage.keep_blocks = blocks;
+            if decode == AfterHeal::EveryBlock {
+                st.stage.decode_blocks = blocks;
+            }
             any = true;
         }
         any
+    }
+
+    /// Whether [`Self::heal`] would bring anything back: a stage lacks prompt blocks, and
+    /// revival keeps their hidden states.
+    pub fn can_heal(&self) -> bool {
+        let blocks = self.prompt_len.div_ceil(self.cfg.block_size);
+        self.cfg.revive && self.stages.iter().any(|st| st.pool.len() < blocks)
     }
 
     /// The stage whose layers include `layer`.

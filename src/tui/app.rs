@@ -152,6 +152,10 @@ pub struct Running {
     pub stopping: bool,
     /// The engine's latest memory reading during this request.
     pub memory: Option<crate::metrics::MemoryNow>,
+    /// Clock value when the answer began bringing back what the prompt's pruning dropped
+    /// (`heal_answers`), and how long that took once done.
+    pub healing: Option<Duration>,
+    pub heal_ms: Option<f64>,
 }
 
 /// Numbers of the last finished request.
@@ -171,6 +175,8 @@ pub struct LastStats {
     /// The pruned blocks came back after the answer (or in this follow-up, or one before it):
     /// every layer keeps the whole conversation again.
     pub whole_again: bool,
+    /// The answer brought them back after its first token, in this long (`heal_answers`).
+    pub heal_ms: Option<f64>,
     pub slim: bool,
     /// The preset whose schedule applied (see `GenStats::slim_preset`).
     pub slim_preset: String,
@@ -376,6 +382,8 @@ impl App {
             tokens: 0,
             stopping: false,
             memory: None,
+            healing: None,
+            heal_ms: None,
         });
         self.scroll = 0;
         self.ctrl_c_armed = false;

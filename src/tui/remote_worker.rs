@@ -177,6 +177,7 @@ fn stats_of(a: &RemoteAnswer, asked_slim: bool) -> GenStats {
         prefilled_tokens: prompt_tokens.saturating_sub(cached),
         generated_tokens: generated,
         ttft_ms: a.ttft_ms,
+        heal_ms: None,
         prefill_tok_s: timings.prompt_per_second,
         decode_tok_s,
         kv_bytes: 0,

@@ -44,6 +44,7 @@ pub fn stats(text: &str) -> GenStats {
         prefilled_tokens: 1480,
         generated_tokens: 9,
         ttft_ms: 812.0,
+        heal_ms: None,
         prefill_tok_s: 1822.7,
         decode_tok_s: 41.3,
         kv_bytes: 11_206_656,

@@ -54,11 +54,30 @@ impl App {
                     r.memory = Some(m);
                 }
             }
+            WorkerEvent::Engine(EngineEvent::Healing) => {
+                let clock = self.clock;
+                if let Some(r) = &mut self.running {
+                    r.healing = Some(clock);
+                }
+            }
+            WorkerEvent::Engine(EngineEvent::Healed { blocks, ms, .. }) => {
+                if let Some(r) = &mut self.running {
+                    r.heal_ms = Some(ms);
+                }
+                self.say(format!(
+                    "the answer reads the whole document from its second token: {blocks} pruned blocks back in {:.1} s",
+                    ms / 1e3
+                ));
+            }
             WorkerEvent::Engine(EngineEvent::Token(t)) => {
                 let clock = self.clock;
                 if let Some(r) = &mut self.running {
                     r.first_token.get_or_insert(clock);
                     r.tokens += 1;
+                    // a heal that brought nothing back says nothing more
+                    if r.heal_ms.is_none() && r.tokens > 1 {
+                        r.healing = None;
+                    }
                 }
                 if let Some(m) = self.conv.messages.last_mut() {
                     if m.role == Role::Assistant && m.partial {
@@ -170,11 +189,14 @@ impl App {
         } else {
             rss_bytes
         };
-        // a follow-up over a cache whose pruned blocks came back (before it, or in it)
-        let whole_again = s.prefill_kind == PrefillKind::Reused
-            && (s.blocks_revived > 0 || self.last.as_ref().is_some_and(|l| l.whole_again));
+        // an answer that brought the pruned blocks back, or a follow-up over a cache whose
+        // pruned blocks came back (before it, or in it)
+        let whole_again = s.heal_ms.is_some()
+            || s.prefill_kind == PrefillKind::Reused
+                && (s.blocks_revived > 0 || self.last.as_ref().is_some_and(|l| l.whole_again));
         self.last = Some(LastStats {
             whole_again,
+            heal_ms: s.heal_ms,
             ttft_ms: s.ttft_ms,
             prefill_tok_s: s.prefill_tok_s,
             decode_tok_s: s.decode_tok_s,

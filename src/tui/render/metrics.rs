@@ -79,10 +79,12 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
 
     // The request in flight, or the last one.
     if let Some(r) = &app.running {
+        let healing = r.healing.is_some() && r.heal_ms.is_none();
         let state = match (r.kind, r.first_token, r.stopping) {
             (_, _, true) => "stopping",
             (RequestKind::Compare, _, _) => "comparing",
             (_, None, _) => "prefill",
+            (_, Some(_), _) if healing => "healing",
             (_, Some(_), _) => "decoding",
         };
         out.push(kv("state", state));
@@ -121,8 +123,18 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
                 thousands(rows)
             )));
         }
+        // the heal's step (the answer's second) is not decode's: the rate counts the others
+        let heal_s = match (r.healing, r.heal_ms) {
+            (_, Some(ms)) => ms / 1e3,
+            (Some(h0), None) => app.clock.saturating_sub(h0).as_secs_f64(),
+            (None, None) => 0.0,
+        };
+        if r.healing.is_some() {
+            let ongoing = if healing { " …" } else { "" };
+            out.push(kv("heal", format!("{heal_s:.1} s{ongoing}")));
+        }
         if let Some(t0) = r.first_token {
-            let d = app.clock.saturating_sub(t0).as_secs_f64();
+            let d = app.clock.saturating_sub(t0).as_secs_f64() - heal_s;
             let rate = if d > 0.0 { r.tokens as f64 / d } else { 0.0 };
             out.push(kv("decode", format!("{rate:.1} tok/s · {}", r.tokens)));
         }
@@ -130,6 +142,9 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
         out.push(kv("state", "idle"));
         out.push(kv("TTFT", format!("{:.0} ms", l.ttft_ms)));
         out.push(kv("prefill", format!("{:.0} tok/s", l.prefill_tok_s)));
+        if let Some(ms) = l.heal_ms {
+            out.push(kv("heal", format!("{:.1} s", ms / 1e3)));
+        }
         out.push(kv("decode", format!("{:.1} tok/s", l.decode_tok_s)));
     } else if app.model.is_some() {
         out.push(kv("state", "idle"));

@@ -163,7 +163,18 @@ fn the_ops_forward_prunes_the_blocks_the_engine_prunes() {
         ..cfg.clone()
     };
     let next = [tokens[100], tokens[200]];
-    let mut engine = Engine::load(&path, &EngineOptions::default()).unwrap();
+    // the answer's own heal off: what comes back is what the raised ratio asks for
+    let mut engine = Engine::load(
+        &path,
+        &EngineOptions {
+            slim: SlimConfig {
+                heal_answers: false,
+                ..SlimConfig::default()
+            },
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
     engine.prefill(&tokens, &mut |_| {}).unwrap();
     engine.step(next[0]).unwrap();
     engine.set_slim(raised.clone()).unwrap();

@@ -553,20 +553,7 @@ impl Engine {
                 break StopReason::ContextFull;
             }
             if self.heals_next_step() {
-                on_event(EngineEvent::Healing);
-                let t0 = Instant::now();
-                logits = self.step(next)?;
-                let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let blocks = (self.forward.session()).map_or(0, SlimSession::revived);
-                if blocks > 0 {
-                    heal_ms = Some(ms);
-                    let kept_per_layer = self.kept_per_layer();
-                    on_event(EngineEvent::Healed {
-                        blocks,
-                        ms,
-                        kept_per_layer,
-                    });
-                }
+                (logits, heal_ms) = self.step_healing(next, on_event)?;
             } else {
                 logits = self.step(next)?;
             }

@@ -247,6 +247,31 @@ impl Engine {
         logits
     }
 
+    /// [`Self::step`] when it heals, with the events around it: `Healing` before, `Healed`
+    /// after when blocks came back. Returns the logits and the heal's time (None when nothing
+    /// came back).
+    pub(super) fn step_healing(
+        &mut self,
+        token: u32,
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, Option<f64>)> {
+        on_event(EngineEvent::Healing);
+        let t0 = std::time::Instant::now();
+        let logits = self.step(token)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let blocks = (self.forward.session()).map_or(0, SlimSession::revived);
+        if blocks == 0 {
+            return Ok((logits, None));
+        }
+        let kept_per_layer = self.kept_per_layer();
+        on_event(EngineEvent::Healed {
+            blocks,
+            ms,
+            kept_per_layer,
+        });
+        Ok((logits, Some(ms)))
+    }
+
     /// Run one generated token through the model; the answer's first after a fresh pruned
     /// prefill also brings back what the pruning dropped, with `heal_answers`.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {

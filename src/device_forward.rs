@@ -19,13 +19,14 @@
 //! synchronous on the CPU; a GPU offloads behind the layers that follow.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::attention_kind::AttentionKind;
 use crate::backend::engine_ops::EngineOps;
 use crate::backend::kv_format::KvDtype;
 use crate::backend::ops::Ops;
-use crate::backend::paged_kv::{LayerCache, LayerHooks, NoHooks};
+use crate::backend::paged_kv::{LayerCache, LayerHooks};
 use crate::backend::paged_tier::{SharedSpill, TierCounts};
 use crate::backend::spill_file::SpillFile;
 use crate::device::Device;
@@ -60,17 +61,27 @@ pub trait DeviceForward: Send {
     /// Prefill `tokens` at positions 0.. from an empty cache, pruned by `slim` (None: dense),
     /// with room for `headroom` generated tokens; the logits of the last token. `on_layer`
     /// hears of each layer as it is issued, with the rows it runs on and the KV held so far.
+    /// Once `stop` is set the next layer does not start: [`crate::Error::Cancelled`], and no
+    /// cache.
     fn prefill(
         &mut self,
         tokens: &[u32],
         slim: Option<&SlimConfig>,
         headroom: usize,
+        stop: &AtomicBool,
         on_layer: &mut dyn FnMut(PrefillLayer),
     ) -> Result<Vec<f32>>;
 
     /// `tokens` at the next positions (a follow-up message, or one generated token), after
     /// the cached ones; the logits of the last.
-    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.extend_until(tokens, &AtomicBool::new(false))
+    }
+
+    /// [`Self::extend`], stopped between two layers once `stop` is set (a long follow-up, or a
+    /// step that heals): [`crate::Error::Cancelled`], after which some layers hold the tokens
+    /// and others not, as after any failed step: the caller resets the cache.
+    fn extend_until(&mut self, tokens: &[u32], stop: &AtomicBool) -> Result<Vec<f32>>;
 
     /// The KV type (for the pools of the next prefill's cache, on every device) and the CPU
     /// engine's prefill attention kernel (from the next prefill on; the cache is kept; a GPU
@@ -185,16 +196,18 @@ struct OpsForward<O: Ops + 'static> {
 /// description where it names them.
 type NumericsFn<O> = fn(&OpsLlama<'static, O>, KvDtype, AttentionKind) -> Option<String>;
 
-/// How [`OpsForward`] runs tokens after the prompt through its model.
-type ExtendFn<O> = fn(&OpsLlama<'static, O>, &mut ModelCache<O>, &[u32]) -> Result<Vec<f32>>;
+/// How [`OpsForward`] runs tokens after the prompt through its model, until `stop` is set.
+type ExtendFn<O> =
+    fn(&OpsLlama<'static, O>, &mut ModelCache<O>, &[u32], &AtomicBool) -> Result<Vec<f32>>;
 
 /// The model's `extend`, where it is called.
 fn extend_here<O: Ops>(
     model: &OpsLlama<'static, O>,
     cache: &mut ModelCache<O>,
     tokens: &[u32],
+    stop: &AtomicBool,
 ) -> Result<Vec<f32>> {
-    model.extend(cache, tokens, &mut NoHooks)
+    model.extend(cache, tokens, &mut Stop(stop))
 }
 
 /// The model's `extend` on a thread of the CPU's pool (as the engine runs its own steps): a
@@ -204,8 +217,9 @@ fn extend_in_pool(
     model: &OpsLlama<'static, EngineOps>,
     cache: &mut ModelCache<EngineOps>,
     tokens: &[u32],
+    stop: &AtomicBool,
 ) -> Result<Vec<f32>> {
-    rayon::scope(|_| model.extend(cache, tokens, &mut NoHooks))
+    rayon::scope(|_| model.extend(cache, tokens, &mut Stop(stop)))
 }
 
 impl<O: Ops + 'static> OpsForward<O> {
@@ -229,8 +243,28 @@ impl<O: Ops + 'static> OpsForward<O> {
     }
 }
 
-/// Tells `on_layer` of each layer of a prefill as it writes its rows, with the KV held so far.
+/// Ends a forward between two layers once the flag is set: the next layer's hook fails.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Stop<'_> {
+    fn check(&self) -> Result<()> {
+        match self.0.load(Ordering::Relaxed) {
+            true => Err(crate::Error::Cancelled),
+            false => Ok(()),
+        }
+    }
+}
+
+impl<O: Ops> LayerHooks<O> for Stop<'_> {
+    fn kv_written(&mut self, _ops: &O, _layer: usize, _kv: &LayerCache<O>) -> Result<()> {
+        self.check()
+    }
+}
+
+/// Tells `on_layer` of each layer of a prefill as it writes its rows, with the KV held so far,
+/// and ends the prefill there once `stop` is set.
 struct Progress<'a> {
+    stop: Stop<'a>,
     on_layer: &'a mut dyn FnMut(PrefillLayer),
     /// KV of the layers done, in each tier.
     fast_done: usize,
@@ -240,6 +274,7 @@ struct Progress<'a> {
 
 impl<O: Ops> LayerHooks<O> for Progress<'_> {
     fn kv_written(&mut self, _ops: &O, layer: usize, kv: &LayerCache<O>) -> Result<()> {
+        self.stop.check()?;
         let fast = self.fast_done + kv.pool.bytes();
         self.fast_peak = self.fast_peak.max(fast);
         (self.on_layer)(PrefillLayer {
@@ -300,11 +335,13 @@ where
         tokens: &[u32],
         slim: Option<&SlimConfig>,
         headroom: usize,
+        stop: &AtomicBool,
         on_layer: &mut dyn FnMut(PrefillLayer),
     ) -> Result<Vec<f32>> {
         self.cache = None;
         self.spill = self.spill_file();
         let mut progress = Progress {
+            stop: Stop(stop),
             on_layer,
             fast_done: 0,
             host_done: 0,
@@ -324,12 +361,12 @@ where
         Ok(report.logits)
     }
 
-    fn extend(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn extend_until(&mut self, tokens: &[u32], stop: &AtomicBool) -> Result<Vec<f32>> {
         let cache = self.cache.as_mut().ok_or_else(|| {
             crate::Error::Engine("device forward: a step before any prefill".into())
         })?;
         let before = cache.tiers().counts;
-        let logits = (self.extend)(&self.model, cache, tokens)?;
+        let logits = (self.extend)(&self.model, cache, tokens, stop)?;
         let after = cache.tiers();
         self.fast_peak = self.fast_peak.max(after.fast_bytes);
         if tokens.len() == 1 {

@@ -500,7 +500,14 @@ impl Engine {
         self.check_fits(prompt.len())?;
         self.answer_reserve = max_tokens;
         let start = Instant::now();
-        let (mut logits, reused) = self.prefill(prompt, on_event)?;
+        // a prefill stopped between two layers leaves no cache and no logits: the loop below
+        // ends the answer, cancelled, before it samples
+        let prefilled = self.prefill_until(prompt, cancel, on_event);
+        let prefill_stopped = matches!(prefilled, Err(Error::Cancelled));
+        let (mut logits, reused) = match prefilled {
+            Err(Error::Cancelled) => (Vec::new(), 0),
+            prefilled => prefilled?,
+        };
         let prefill_secs = start.elapsed().as_secs_f64();
         on_event(EngineEvent::Memory(self.memory_now()));
         let mut memory = memory::MemoryTicker::new(None);
@@ -553,7 +560,11 @@ impl Engine {
                 break StopReason::ContextFull;
             }
             if self.heals_next_step() {
-                (logits, heal_ms) = self.step_healing(next, on_event)?;
+                // the heal takes a third of a dense prefill: a cancel stops it between layers
+                match self.step_healing(next, cancel, on_event) {
+                    Err(Error::Cancelled) => break StopReason::Cancelled,
+                    healed => (logits, heal_ms) = healed?,
+                }
             } else {
                 logits = self.step(next)?;
             }
@@ -570,7 +581,11 @@ impl Engine {
         // the heal's step is timed on its own: decode's rate is the steps' after it
         let decode_secs = decode_start.elapsed().as_secs_f64() - heal_ms.unwrap_or(0.0) / 1e3;
         let decoded = steps - usize::from(heal_ms.is_some());
-        let prefilled = prompt.len() - reused;
+        // a prefill stopped midway ran no token through every layer
+        let prefilled = match prefill_stopped {
+            true => 0,
+            false => prompt.len() - reused,
+        };
         Ok(GenStats {
             text,
             prompt_tokens: prompt.len(),

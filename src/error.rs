@@ -24,6 +24,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("io: {}", one_line(&.0.to_string()))]
     Io(#[from] std::io::Error),
+    /// The person stopped a forward between two of its layers (the engine answers with what
+    /// it has; nothing is reported as an error).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -545,3 +545,69 @@ fn an_answer_reads_the_whole_document_from_its_second_token() {
     healed.prefill(&tokens[..n], &mut |_| {}).unwrap();
     assert!(healed.heals_next_step());
 }
+
+/// Esc during a long prefill or during the answer's heal: the forward stops at the next layer
+/// (not at the end of the forward), the answer ends cancelled with what it had, and the next
+/// request starts from an empty cache and answers as if nothing had happened.
+#[test]
+fn a_cancel_stops_the_prefill_and_the_heal_at_the_next_layer() {
+    use slimchat::engine::{EngineEvent, StopReason};
+    use std::sync::atomic::Ordering::Relaxed;
+    let slim = SlimConfig {
+        keep_ratio: 0.4,
+        ..smollm2_stages_without_floors()
+    };
+    let mut e = engine(slim.clone());
+    let tokens = prose(&e, 1500);
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let answer = |e: &mut Engine, stop_on: &dyn Fn(&EngineEvent) -> bool| {
+        let mut seen = Vec::new();
+        let stats = e
+            .generate_from_tokens(&tokens, 4, &greedy, &cancel, &mut |ev| {
+                if stop_on(&ev) {
+                    cancel.store(true, Relaxed);
+                }
+                seen.push(ev);
+            })
+            .unwrap();
+        cancel.store(false, Relaxed);
+        (stats, seen)
+    };
+    let want = answer(&mut engine(slim), &|_| false).0;
+    assert!(want.heal_ms.is_some() && want.generated_tokens == 4);
+
+    // the prefill: no layer after the one that heard the cancel
+    let at_layer_3 =
+        |ev: &EngineEvent| matches!(ev, EngineEvent::PrefillProgress { layers_done: 3, .. });
+    let (stopped, seen) = answer(&mut e, &at_layer_3);
+    let last_layer = (seen.iter()).rev().find_map(|ev| match ev {
+        EngineEvent::PrefillProgress { layers_done, .. } => Some(*layers_done),
+        _ => None,
+    });
+    assert_eq!(last_layer, Some(3));
+    assert_eq!(stopped.stop_reason, StopReason::Cancelled);
+    assert_eq!((stopped.generated_tokens, stopped.text.as_str()), (0, ""));
+    assert_eq!(stopped.prefilled_tokens, 0);
+    assert!(e.kept_per_layer().iter().all(|&k| k == 0));
+    assert_eq!(answer(&mut e, &|_| false).0.text, want.text);
+
+    // the heal after the first token: stopped inside its forward, so it never reports blocks
+    // back and leaves no half-healed cache
+    e.reset();
+    let (stopped, seen) = answer(&mut e, &|ev| matches!(ev, EngineEvent::Healing));
+    assert!(seen.iter().any(|ev| matches!(ev, EngineEvent::Healing)));
+    assert!(!seen
+        .iter()
+        .any(|ev| matches!(ev, EngineEvent::Healed { .. })));
+    assert_eq!(stopped.stop_reason, StopReason::Cancelled);
+    assert_eq!(stopped.generated_tokens, 1);
+    assert!(want.text.starts_with(&stopped.text), "{:?}", stopped.text);
+    assert!(e.kept_per_layer().iter().all(|&k| k == 0));
+    let again = answer(&mut e, &|_| false).0;
+    assert_eq!(again.prefill_kind, PrefillKind::Full);
+    assert_eq!(again.text, want.text);
+}

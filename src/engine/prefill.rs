@@ -3,6 +3,8 @@
 //! when SlimInfer is on) after its fast-tier KV is checked against `[kv] fast_budget`; then one
 //! token at a time, and teacher forcing.
 
+use std::sync::atomic::AtomicBool;
+
 use super::memory::MemoryTicker;
 use super::{Engine, EngineEvent, PrefillKind};
 use crate::kv::config::Budget;
@@ -33,6 +35,17 @@ impl Engine {
         prompt: &[u32],
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<(Vec<f32>, usize)> {
+        self.prefill_until(prompt, &AtomicBool::new(false), on_event)
+    }
+
+    /// [`Self::prefill`], stopped between two layers once `stop` is set:
+    /// [`Error::Cancelled`], and the cache is empty.
+    pub fn prefill_until(
+        &mut self,
+        prompt: &[u32],
+        stop: &AtomicBool,
+        on_event: &mut dyn FnMut(EngineEvent),
+    ) -> Result<(Vec<f32>, usize)> {
         let (mut reused, kind) = self.reusable(prompt);
         // the fast tier must fit before anything changes: a clear error, not a crash mid-answer
         self.plan_kv(prompt.len(), reused == 0)?;
@@ -43,14 +56,14 @@ impl Engine {
         }
         let logits = if reused == 0 {
             self.reset();
-            self.prefill_whole(prompt, on_event)
+            self.prefill_whole(prompt, stop, on_event)
         } else {
             // a new message may need what the first question's pruning dropped (a prompt the
             // cache already holds whole is the same question again: regenerated, not healed)
             if !self.cached.starts_with(prompt) {
                 self.start_heal(prompt.len(), AfterHeal::DecodeSets);
             }
-            self.forward.extend(&prompt[reused..])
+            self.forward.extend_until(&prompt[reused..], stop)
         };
         match logits {
             Ok(logits) => {
@@ -163,6 +176,7 @@ impl Engine {
     fn prefill_whole(
         &mut self,
         prompt: &[u32],
+        stop: &AtomicBool,
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<Vec<f32>> {
         let n_layers = self.spec.n_layers;
@@ -170,17 +184,18 @@ impl Engine {
         let slim = (self.slim.enabled).then_some(&self.slim);
         let headroom = (self.context.saturating_sub(total)).min(self.answer_reserve);
         let mut memory = MemoryTicker::new(Some(self.forward.memory_probe()));
-        self.forward.prefill(prompt, slim, headroom, &mut |at| {
-            on_event(EngineEvent::PrefillProgress {
-                layers_done: at.layer + 1,
-                n_layers,
-                tokens: total,
-                rows: at.rows,
-            });
-            if let Some(reading) = memory.kv_held(at.kv_fast_bytes, at.kv_host_bytes) {
-                on_event(reading);
-            }
-        })
+        self.forward
+            .prefill(prompt, slim, headroom, stop, &mut |at| {
+                on_event(EngineEvent::PrefillProgress {
+                    layers_done: at.layer + 1,
+                    n_layers,
+                    tokens: total,
+                    rows: at.rows,
+                });
+                if let Some(reading) = memory.kv_held(at.kv_fast_bytes, at.kv_host_bytes) {
+                    on_event(reading);
+                }
+            })
     }
 
     /// Check that the fast tier holds a prompt of `prompt_tokens` tokens (the whole
@@ -249,15 +264,17 @@ impl Engine {
 
     /// [`Self::step`] when it heals, with the events around it: `Healing` before, `Healed`
     /// after when blocks came back. Returns the logits and the heal's time (None when nothing
-    /// came back).
+    /// came back). Stopped between two layers once `stop` is set: [`Error::Cancelled`], and the
+    /// cache is empty (the next prompt is prefilled whole).
     pub(super) fn step_healing(
         &mut self,
         token: u32,
+        stop: &AtomicBool,
         on_event: &mut dyn FnMut(EngineEvent),
     ) -> Result<(Vec<f32>, Option<f64>)> {
         on_event(EngineEvent::Healing);
         let t0 = std::time::Instant::now();
-        let logits = self.step(token)?;
+        let logits = self.step_until(token, stop)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let blocks = (self.forward.session()).map_or(0, SlimSession::revived);
         if blocks == 0 {
@@ -275,10 +292,15 @@ impl Engine {
     /// Run one generated token through the model; the answer's first after a fresh pruned
     /// prefill also brings back what the pruning dropped, with `heal_answers`.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.step_until(token, &AtomicBool::new(false))
+    }
+
+    /// [`Self::step`], stopped between two layers once `stop` is set.
+    fn step_until(&mut self, token: u32, stop: &AtomicBool) -> Result<Vec<f32>> {
         if std::mem::take(&mut self.heal_next_step) {
             self.start_heal(self.cached.len() + 1, AfterHeal::EveryBlock);
         }
-        match self.forward.extend(&[token]) {
+        match self.forward.extend_until(&[token], stop) {
             Ok(logits) => {
                 self.cached.push(token);
                 let swaps = self.forward.session_mut().map(SlimSession::take_swaps);

@@ -513,6 +513,12 @@ impl Engine {
         let mut memory = memory::MemoryTicker::new(None);
         let kept_per_layer = self.kept_per_layer();
         let prefill_kind = self.last_prefill_kind;
+        // how the prompt was prefilled, read now: a heal stopped midway drops the cache
+        let slim_stages = self.stages();
+        let slim = match prefill_stopped {
+            true => self.slim.enabled,
+            false => self.forward.session().is_some() || !slim_stages.is_empty(),
+        };
         self.swaps.clear();
 
         let mut sampler = Sampler::new(sampling.clone());
@@ -602,7 +608,7 @@ impl Engine {
             },
             kv_bytes: self.kv_bytes(),
             stop_reason,
-            slim: self.forward.session().is_some() || !self.stages().is_empty(),
+            slim,
             prefill_kind,
             kept_per_layer,
             blocks_swapped_per_step: std::mem::take(&mut self.swaps),
@@ -610,7 +616,7 @@ impl Engine {
             revival_bytes: (self.forward.session()).map_or(0, SlimSession::aux_bytes),
             slim_note: self.slim_note(),
             slim_preset: self.slim.preset_for(self.spec.n_layers).to_string(),
-            slim_stages: self.stages(),
+            slim_stages,
             gpu_memory: self.forward.memory(),
             kv: self.take_kv_stats(),
         })

@@ -605,6 +605,8 @@ fn a_cancel_stops_the_prefill_and_the_heal_at_the_next_layer() {
         .any(|ev| matches!(ev, EngineEvent::Healed { .. })));
     assert_eq!(stopped.stop_reason, StopReason::Cancelled);
     assert_eq!(stopped.generated_tokens, 1);
+    // the prompt was pruned, whatever became of its cache
+    assert!(stopped.slim && !stopped.slim_stages.is_empty());
     assert!(want.text.starts_with(&stopped.text), "{:?}", stopped.text);
     assert!(e.kept_per_layer().iter().all(|&k| k == 0));
     let again = answer(&mut e, &|_| false).0;

@@ -686,3 +686,29 @@ fn with_the_model_tokenizer_counts_are_exact_and_warn_before_sending() {
     assert_eq!(ctx, 8192);
     assert!(next > exact, "{next} counts the paste and the markup");
 }
+
+#[test]
+fn esc_during_the_prefill_ends_the_turn_without_an_answer_or_a_ttft() {
+    let mut app = prefilling();
+    assert!(matches!(
+        update(&mut app, Msg::Stop).as_slice(),
+        [Effect::Engine(EngineCmd::Cancel)]
+    ));
+    // the engine stops at its next layer and reports a cancelled request with no token
+    let mut stopped = stats("");
+    stopped.stop_reason = slimchat::engine::StopReason::Cancelled;
+    (stopped.generated_tokens, stopped.ttft_ms) = (0, 1300.0);
+    update(
+        &mut app,
+        Msg::Worker(WorkerEvent::Stats {
+            stats: Box::new(stopped),
+            rss_bytes: 412_000_000,
+        }),
+    );
+    update(&mut app, Msg::Worker(WorkerEvent::Done));
+    let s = screen(&draw(&mut app, 120, 36));
+    assert!(s.contains("stopped before the first token"), "{s}");
+    assert!(s.contains("TTFT    stopped at 1.3 s"), "{s}");
+    assert!(!s.contains("stopping"), "{s}");
+    assert!(!app.busy());
+}

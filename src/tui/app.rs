@@ -177,6 +177,8 @@ pub struct LastStats {
     pub whole_again: bool,
     /// The answer brought them back after its first token, in this long (`heal_answers`).
     pub heal_ms: Option<f64>,
+    /// Stopped (Esc) before its first token: no TTFT or rates to show.
+    pub stopped_before_answer: bool,
     pub slim: bool,
     /// The preset whose schedule applied (see `GenStats::slim_preset`).
     pub slim_preset: String,

@@ -4,7 +4,7 @@
 //! numbers (as [`TurnMetrics`] and a metrics.jsonl record), compare results, and the pruned
 //! blocks brought back after an answer.
 
-use crate::engine::{EngineEvent, GenStats, PrefillKind};
+use crate::engine::{EngineEvent, GenStats, PrefillKind, StopReason};
 
 use super::super::agreement::agreement;
 use super::super::store::{ChatMessage, Comparison, Role, TurnMetrics};
@@ -197,6 +197,8 @@ impl App {
         self.last = Some(LastStats {
             whole_again,
             heal_ms: s.heal_ms,
+            stopped_before_answer: s.stop_reason == StopReason::Cancelled
+                && s.generated_tokens == 0,
             ttft_ms: s.ttft_ms,
             prefill_tok_s: s.prefill_tok_s,
             decode_tok_s: s.decode_tok_s,
@@ -215,6 +217,12 @@ impl App {
 
     fn on_stats(&mut self, s: &GenStats, rss_bytes: u64) -> Vec<Effect> {
         self.set_last(s, rss_bytes);
+        if s.stop_reason == StopReason::Cancelled {
+            self.say(match s.generated_tokens {
+                0 => "stopped before the first token",
+                _ => "stopped",
+            });
+        }
         let metrics = TurnMetrics {
             ttft_ms: s.ttft_ms,
             prefill_tok_s: s.prefill_tok_s,

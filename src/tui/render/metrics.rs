@@ -138,6 +138,9 @@ pub fn lines(app: &App, width: usize, height: usize) -> Vec<Line<'static>> {
             let rate = if d > 0.0 { r.tokens as f64 / d } else { 0.0 };
             out.push(kv("decode", format!("{rate:.1} tok/s · {}", r.tokens)));
         }
+    } else if let Some(l) = app.last.as_ref().filter(|l| l.stopped_before_answer) {
+        out.push(kv("state", "idle"));
+        out.push(kv("TTFT", format!("stopped at {:.1} s", l.ttft_ms / 1e3)));
     } else if let Some(l) = &app.last {
         out.push(kv("state", "idle"));
         out.push(kv("TTFT", format!("{:.0} ms", l.ttft_ms)));

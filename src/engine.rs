@@ -502,11 +502,11 @@ impl Engine {
         let start = Instant::now();
         // a prefill stopped between two layers leaves no cache and no logits: the loop below
         // ends the answer, cancelled, before it samples
-        let prefilled = self.prefill_until(prompt, cancel, on_event);
-        let prefill_stopped = matches!(prefilled, Err(Error::Cancelled));
-        let (mut logits, reused) = match prefilled {
+        let prefill = self.prefill_until(prompt, cancel, on_event);
+        let prefill_stopped = matches!(prefill, Err(Error::Cancelled));
+        let (mut logits, reused) = match prefill {
             Err(Error::Cancelled) => (Vec::new(), 0),
-            prefilled => prefilled?,
+            done => done?,
         };
         let prefill_secs = start.elapsed().as_secs_f64();
         on_event(EngineEvent::Memory(self.memory_now()));

@@ -2,6 +2,7 @@
 """Read `slimchat facts --json` output and print where facts were lost.
 
   python3 bench/facts-report.py RUN.json [OTHER.json ...]
+  python3 bench/facts-report.py --against BASE.json RUN.json [OTHER.json ...]
 
 For each run: the cells (part, length, depth band: dense and pruned accuracy, lost/gained,
 agreement, TTFT ratio), every lost fact with the stage that dropped it and its blocks' ranks
@@ -9,8 +10,14 @@ per stage, and, over every fact dense found, how the fact's worst block ranked a
 (rank / candidates, by depth band): how close to the cut the kept facts were. Last, over every
 fact asked (found by dense or not): the median and mean relative rank of its worst block at each
 stage, and how many facts each stage dropped: the score's quality, less noisy than the answers.
+With `--against BASE.json` (a run of the same part, lengths and cases: another config, or dense
+with f16 KV as the yardstick), each run is compared with BASE case by case instead: at each
+length the two mean agreements, their paired difference with its standard error, how many cases
+changed, and the facts BASE found that the run did not and the reverse. A difference under two
+standard errors is not a result.
 Only the standard library is used.
 """
+import math
 import json
 import sys
 
@@ -88,10 +95,47 @@ def score_quality(run):
         print(f"  {length:5} {row['facts']:3} facts  " + "; ".join(stages))
 
 
-for path in sys.argv[1:]:
+def against(base, run):
+    by_id = {c["id"]: c for c in base["cases"]}
+    by_length = {}
+    for case in run["cases"]:
+        other = by_id.get(case["id"])
+        if other is not None:
+            by_length.setdefault(case["length"], []).append((other, case))
+    print(f"{'length':>6} {'cases':>5} {'base':>6} {'run':>6} {'paired diff':>16} {'changed':>7} "
+          f"{'found':>7} {'lost':>4} {'gained':>6}")
+    for length, pairs in sorted(by_length.items()):
+        d = [c["agreement"] - o["agreement"] for o, c in pairs]
+        n = len(d)
+        mean = sum(d) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else float("nan")
+        found = lambda c: [f["slim"] for f in c["facts"]]
+        lost = sum(a and not b for o, c in pairs for a, b in zip(found(o), found(c)))
+        gained = sum(b and not a for o, c in pairs for a, b in zip(found(o), found(c)))
+        agree = lambda side: sum(p[side]["agreement"] for p in pairs) / n
+        found_n = lambda side: sum(sum(found(p[side])) for p in pairs)
+        print(f"{length:6} {n:5} {agree(0):6.3f} {agree(1):6.3f} {mean:+8.4f} ± {se:.4f} "
+              f"{sum(abs(v) > 1e-9 for v in d):7} {found_n(0):3}/{found_n(1):<3} {lost:4} {gained:6}")
+    missing = len(run["cases"]) - sum(len(p) for p in by_length.values())
+    if missing:
+        print(f"  ({missing} cases of the run are not in the base)")
+
+
+args = sys.argv[1:]
+base = None
+if args[:1] == ["--against"]:
+    if len(args) < 3:
+        sys.exit("usage: facts-report.py --against BASE.json RUN.json [OTHER.json ...]")
+    with open(args[1]) as fh:
+        base = json.load(fh)
+    args = args[2:]
+for path in args:
     with open(path) as fh:
         run = json.load(fh)
     print(f"== {path}: keep {run['slim']['keep_ratio']}")
+    if base is not None:
+        against(base, run)
+        continue
     cells(run)
     losses(run)
     ranks(run)

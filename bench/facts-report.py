@@ -17,8 +17,8 @@ changed, and the facts BASE found that the run did not and the reverse. A differ
 standard errors is not a result.
 Only the standard library is used.
 """
-import math
 import json
+import math
 import sys
 
 BANDS = ["0-33%", "33-66%", "66-100%"]
@@ -109,11 +109,12 @@ def against(base, run):
         n = len(d)
         mean = sum(d) / n
         se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else float("nan")
-        found = lambda c: [f["slim"] for f in c["facts"]]
-        lost = sum(a and not b for o, c in pairs for a, b in zip(found(o), found(c)))
-        gained = sum(b and not a for o, c in pairs for a, b in zip(found(o), found(c)))
+        # (base found, run found) for every fact asked
+        facts = [(a["slim"], b["slim"]) for o, c in pairs for a, b in zip(o["facts"], c["facts"])]
+        lost = sum(a and not b for a, b in facts)
+        gained = sum(b and not a for a, b in facts)
         agree = lambda side: sum(p[side]["agreement"] for p in pairs) / n
-        found_n = lambda side: sum(sum(found(p[side])) for p in pairs)
+        found_n = lambda side: sum(f[side] for f in facts)
         print(f"{length:6} {n:5} {agree(0):6.3f} {agree(1):6.3f} {mean:+8.4f} ± {se:.4f} "
               f"{sum(abs(v) > 1e-9 for v in d):7} {found_n(0):3}/{found_n(1):<3} {lost:4} {gained:6}")
     missing = len(run["cases"]) - sum(len(p) for p in by_length.values())

@@ -546,6 +546,38 @@ fn an_answer_reads_the_whole_document_from_its_second_token() {
     assert!(healed.heals_next_step());
 }
 
+/// A prompt whose stages keep every block (here a floor over the prompt) runs dense in
+/// prefill, and with `heal_answers` its answer reads every block from the first step too, as
+/// dense's does, rather than decode's sets of a quarter of the blocks: less pruning must not
+/// read less than a pruned and healed answer reads.
+#[test]
+fn an_answer_over_a_prompt_pruned_of_nothing_reads_every_block() {
+    let whole = |heal_answers| SlimConfig {
+        min_keep_tokens: 4096,
+        heal_answers,
+        ..Default::default()
+    };
+    let n = 2600; // decode's sets: a quarter of 41 blocks, at least 1,280 tokens (20 blocks)
+    let mut d = engine(dense());
+    let tokens = prose(&d, n + 16);
+    let want = answer_logits(&mut d, &tokens, n);
+
+    let mut sets = engine(whole(false));
+    let over_sets = answer_logits(&mut sets, &tokens, n);
+    assert_eq!(sets.kept_per_layer(), vec![n + 15; 30], "nothing pruned");
+    assert_eq!(over_sets[0], want[0], "the prefill is dense's");
+    assert_ne!(
+        over_sets[1..],
+        want[1..],
+        "decode's sets read a part of the prompt"
+    );
+
+    let mut every = engine(whole(true));
+    let got = answer_logits(&mut every, &tokens, n);
+    assert!(!every.heals_next_step(), "nothing to heal");
+    assert_eq!(got, want, "the answer reads every block, as dense's");
+}
+
 /// Esc during a long prefill or during the answer's heal: the forward stops at the next layer
 /// (not at the end of the forward), the answer ends cancelled with what it had, and the next
 /// request starts from an empty cache and answers as if nothing had happened.

@@ -73,6 +73,12 @@ impl Engine {
                 self.heal_next_step = reused == 0
                     && self.slim.heal_answers
                     && (self.forward.session()).is_some_and(SlimSession::can_heal);
+                if reused == 0 && self.slim.heal_answers && self.heal_fits(prompt.len() + 1) {
+                    // nothing pruned: the answer reads every block from its first step
+                    if let Some(session) = self.forward.session_mut() {
+                        session.attend_whole_prompt();
+                    }
+                }
                 self.cached = prompt.to_vec();
                 Ok((logits, reused))
             }

@@ -198,8 +198,9 @@ pub struct SlimConfig {
     /// model a third of a dense prefill, so every token still comes before dense's), and the
     /// answer reads the whole document from its second token on. `false` answers over the
     /// pruned cache with decode's sets (faster after the first token, further from dense).
-    /// Skipped, like `heal_followups`, where the whole conversation would not fit `[kv]
-    /// fast_budget`. Needs `revive`. Default `true`.
+    /// Where prefill pruned nothing (every stage kept every block), `true` has the whole answer
+    /// attend to every block. Skipped, like `heal_followups`, where the whole conversation
+    /// would not fit `[kv] fast_budget`. Needs `revive`. Default `true`.
     pub heal_answers: bool,
     /// The model this config is applied to (set by the engine from the model's metadata, not a
     /// key): what `preset = "auto"` resolves to and the context the generic floors are shares of.
@@ -317,7 +318,7 @@ reprefill_followups = false
 # Follow-ups over a pruned cache first bring back every block its prefill pruned (needs revive).
 heal_followups = true
 # After an answer's first token, bring back every block prefill pruned, and let the rest of the
-# answer attend to every block (needs revive).
+# answer attend to every block (needs revive); where nothing was pruned, the whole answer does.
 heal_answers = true
 "#;
 

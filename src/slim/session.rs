@@ -294,8 +294,8 @@ impl SlimSession {
         any
     }
 
-    /// A prompt whose prefill pruned nothing (every stage kept every block: held at its floor,
-    /// or at a ratio of 1): decode attends to every block from the answer's first step, as it
+    /// A prompt whose prefill pruned nothing (every stage kept every block: floors over the
+    /// prompt, or stages of fraction 1 at a ratio of 1): decode attends to every block from the answer's first step, as it
     /// does after a pruned prompt's heal (`AfterHeal::EveryBlock`), rather than to sets of
     /// `decode_keep`. Returns whether any stage's set grew; false where something was pruned.
     pub fn attend_whole_prompt(&mut self) -> bool {

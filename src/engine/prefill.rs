@@ -70,10 +70,10 @@ impl Engine {
                 if let Some(session) = self.forward.session_mut() {
                     session.take_swaps();
                 }
-                self.heal_next_step = reused == 0
-                    && self.slim.heal_answers
-                    && (self.forward.session()).is_some_and(SlimSession::can_heal);
-                if reused == 0 && self.slim.heal_answers && self.heal_fits(prompt.len() + 1) {
+                let fresh_answer = reused == 0 && self.slim.heal_answers;
+                self.heal_next_step =
+                    fresh_answer && (self.forward.session()).is_some_and(SlimSession::can_heal);
+                if fresh_answer && !self.heal_next_step && self.heal_fits(prompt.len() + 1) {
                     // nothing pruned: the answer reads every block from its first step
                     if let Some(session) = self.forward.session_mut() {
                         session.attend_whole_prompt();

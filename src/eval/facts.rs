@@ -88,6 +88,8 @@ pub struct CaseResult {
     pub slim_answer: String,
     pub identical: bool,
     pub agreement: f64,
+    /// The answer positions (0 = the first token) where the pruned top-1 was not dense's.
+    pub disagree_at: Vec<usize>,
     pub ttft_ms_dense: f64,
     pub ttft_ms_slim: f64,
     pub dense_cached: bool,
@@ -340,6 +342,7 @@ impl Answered {
             slim_answer: self.slim_answer,
             identical: self.forced.identical(),
             agreement: self.forced.agreement(),
+            disagree_at: self.forced.misses,
             ttft_ms_dense: self.dense.ttft_ms,
             ttft_ms_slim: self.ttft_slim,
             dense_cached: self.dense_cached,
@@ -401,6 +404,7 @@ fn answer(
 struct Forced {
     agree: usize,
     positions: usize,
+    misses: Vec<usize>,
     trace: Option<SlimTrace>,
 }
 
@@ -418,7 +422,7 @@ impl Forced {
 /// end of turn counts where dense ended its turn.
 fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) -> Result<Forced> {
     let mut trace = engine.slim_trace();
-    let (mut agree, mut positions) = (0usize, 0usize);
+    let (mut agree, mut positions, mut misses) = (0usize, 0usize, Vec::new());
     for i in 0..=dense.tokens.len() {
         let pred = argmax(&logits);
         let ok = match dense.tokens.get(i) {
@@ -427,6 +431,9 @@ fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) ->
             None => break, // dense stopped at max_tokens: nothing more to compare
         };
         agree += usize::from(ok);
+        if !ok {
+            misses.push(i);
+        }
         positions += 1;
         if let Some(&t) = dense.tokens.get(i) {
             logits = engine.step(t)?;
@@ -438,6 +445,7 @@ fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) ->
     Ok(Forced {
         agree,
         positions,
+        misses,
         trace,
     })
 }

@@ -10,6 +10,8 @@ per stage, and, over every fact dense found, how the fact's worst block ranked a
 (rank / candidates, by depth band): how close to the cut the kept facts were. Last, over every
 fact asked (found by dense or not): the median and mean relative rank of its worst block at each
 stage, and how many facts each stage dropped: the score's quality, less noisy than the answers.
+Where a run carries each case's `disagree_at`: at which answer positions pruned and dense part
+(0: the pruned prefill's own token; 1: the step that heals; later ones read every block).
 With `--against BASE.json` (a run of the same part, lengths and cases: another config, or dense
 with f16 KV as the yardstick), each run is compared with BASE case by case instead: at each
 length the two mean agreements, their paired difference with its standard error, how many cases
@@ -95,6 +97,24 @@ def score_quality(run):
         print(f"  {length:5} {row['facts']:3} facts  " + "; ".join(stages))
 
 
+def parting(run):
+    cases = [c for c in run["cases"] if "disagree_at" in c]
+    if not cases:
+        return
+    print("\nwhere the answers part (teacher-forced top-1 misses by answer position):")
+    by = {}
+    for c in cases:
+        row = by.setdefault(c["length"], {"cases": 0, "missed": 0, "at": [0, 0, 0, 0]})
+        row["cases"] += 1
+        row["missed"] += bool(c["disagree_at"])
+        for p in c["disagree_at"]:
+            row["at"][0 if p == 0 else 1 if p == 1 else 2 if p < 8 else 3] += 1
+    for length, row in sorted(by.items()):
+        first, heal, early, late = row["at"]
+        print(f"  {length:5} {row['cases']:3} cases, {row['missed']} with a miss; misses at "
+              f"0: {first}, 1: {heal}, 2-7: {early}, 8 on: {late}")
+
+
 def against(base, run):
     by_id = {c["id"]: c for c in base["cases"]}
     by_length = {}
@@ -141,3 +161,4 @@ for path in args:
     losses(run)
     ranks(run)
     score_quality(run)
+    parting(run)

@@ -402,7 +402,6 @@ fn answer(
 /// The pruned model fed dense's answer: how many positions its top-1 agreed on, and where
 /// pruning stood for the answer's second token.
 struct Forced {
-    agree: usize,
     positions: usize,
     misses: Vec<usize>,
     trace: Option<SlimTrace>,
@@ -410,11 +409,11 @@ struct Forced {
 
 impl Forced {
     fn identical(&self) -> bool {
-        self.agree == self.positions
+        self.misses.is_empty()
     }
 
     fn agreement(&self) -> f64 {
-        self.agree as f64 / self.positions.max(1) as f64
+        (self.positions - self.misses.len()) as f64 / self.positions.max(1) as f64
     }
 }
 
@@ -422,7 +421,7 @@ impl Forced {
 /// end of turn counts where dense ended its turn.
 fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) -> Result<Forced> {
     let mut trace = engine.slim_trace();
-    let (mut agree, mut positions, mut misses) = (0usize, 0usize, Vec::new());
+    let (mut positions, mut misses) = (0usize, Vec::new());
     for i in 0..=dense.tokens.len() {
         let pred = argmax(&logits);
         let ok = match dense.tokens.get(i) {
@@ -430,7 +429,6 @@ fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) ->
             None if dense.stopped => engine.is_stop(pred),
             None => break, // dense stopped at max_tokens: nothing more to compare
         };
-        agree += usize::from(ok);
         if !ok {
             misses.push(i);
         }
@@ -443,7 +441,6 @@ fn teacher_force(engine: &mut Engine, mut logits: Vec<f32>, dense: &DenseRun) ->
         }
     }
     Ok(Forced {
-        agree,
         positions,
         misses,
         trace,

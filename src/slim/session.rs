@@ -295,9 +295,9 @@ impl SlimSession {
     }
 
     /// A prompt whose prefill pruned nothing (every stage kept every block: floors over the
-    /// prompt, or stages of fraction 1 at a ratio of 1): decode attends to every block from the answer's first step, as it
-    /// does after a pruned prompt's heal (`AfterHeal::EveryBlock`), rather than to sets of
-    /// `decode_keep`. Nothing changes where something was pruned.
+    /// prompt, or stages of fraction 1 at a ratio of 1): decode attends to every block from the
+    /// answer's first step, as it does after a pruned prompt's heal (`AfterHeal::EveryBlock`),
+    /// rather than to sets of `decode_keep`. Nothing changes where something was pruned.
     pub fn attend_whole_prompt(&mut self) {
         let blocks = self.prompt_len.div_ceil(self.cfg.block_size);
         if self.stages.iter().all(|st| st.pool.len() >= blocks) {

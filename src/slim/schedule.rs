@@ -91,7 +91,7 @@ pub struct SlimConfig {
     /// any other preset. Default `[]`.
     pub stages: Vec<StageConfig>,
     /// Floor of every stage's budget, in tokens: short prompts are not pruned below this. The
-    /// presets add their own per-stage floors (smollm2: 2048/2048/1024 tokens at layers
+    /// presets add their own per-stage floors (smollm2: 3072/1024/512 tokens at layers
     /// 10/20/28; see [`Self::preset_floors`]). Any value ≥ 0. Default `256`.
     pub min_keep_tokens: usize,
     /// Tokens per block, the unit of selection and of KV movement. A positive multiple of
@@ -230,12 +230,13 @@ pub const MIN_DROP_SHARE: usize = 8;
 
 /// When the whole schedule would spare under 1 in `MIN_SPARED_SHARE` of the forward's rows
 /// (prompt rows times layers), every stage held at its floor keeps all its blocks: such a prompt
-/// is barely over the floors and only the last stage's few layers would prune. On the default
-/// model that is 2,0xx-2,304 tokens, where layers 28-29 halve the prompt, 3-4% of the rows:
-/// the pruned TTFT was 1.5% under dense's at 2,048 tokens (0.98-1.07x across runs), while the
-/// answers changed (`slimchat facts` at 2048 tokens: agreement 0.96-0.97, a fact lost or gained
-/// in a band; bench/NOTES.md). From 2,305 tokens the first stage drops blocks too and the
-/// schedule spares 12% and more.
+/// is barely over the floors and only the last stage's few layers would prune. Measured with
+/// the default model's earlier floors (2048/2048/1024), where 2,0xx-2,304 tokens had only
+/// layers 28-29 halve the prompt, 3-4% of the rows: the pruned TTFT was 1.5% under dense's at
+/// 2,048 tokens (0.98-1.07x across runs), while the answers changed (`slimchat facts` at 2048
+/// tokens: agreement 0.96-0.97, a fact lost or gained in a band; bench/NOTES.md). With its
+/// floors now (3072/1024/512) that is prompts of up to about 1,100 tokens; longer ones have
+/// layers 20-29 drop blocks and spare 8% and more.
 pub const MIN_SPARED_SHARE: usize = 16;
 
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
@@ -269,7 +270,7 @@ preset = "auto"
 # add `floor = TOKENS`).
 stages = []
 # Floor of every stage's budget, in tokens (the presets add their own per-stage floors, the
-# paper's absolute budgets: smollm2 keeps at least 2048/2048/1024 tokens at layers 10/20/28;
+# paper's absolute budgets: smollm2 keeps at least 3072/1024/512 tokens at layers 10/20/28;
 # a custom stage takes its own, e.g. { layer = 20, fraction = 0.5, floor = 2048 }).
 min_keep_tokens = 256
 # Tokens per block (unit of selection and KV movement); a multiple of unit_size.
@@ -544,16 +545,20 @@ impl SlimConfig {
     /// Each preset stage's floor in tokens, in the order of [`Self::stage_fractions`]: the
     /// paper's absolute budgets. LLaMA-3.1-8B keeps 8192/4096/2048 tokens of its 32k context at
     /// layers 10/20/30 whatever the prompt, so a prompt of up to 8192 tokens is not pruned at
-    /// layer 10. SmolLM2 keeps 2048/2048/1024 of its 8192-token context (a quarter, a quarter,
-    /// an eighth): below a floor pruning saves little time, and on the default model the
-    /// paper's shares (2048/1024/512) lost agreement with dense on 2k-token prompts (`slimchat
-    /// facts`: 0.951 on the tuning part, 0.928 reported; bench/NOTES.md). The Llama-3.2 presets and
+    /// layer 10. SmolLM2 keeps 3072/1024/512 of its 8192-token context (three eighths, an
+    /// eighth, a sixteenth): the teacher-forced agreement with dense falls with the rows the
+    /// first stage drops (each dropped row costs the kept rows some of their context for every
+    /// layer after it), so at 4k tokens the first stage keeps three quarters and the second
+    /// stage drops harder, at about the rows of 2048/2048/1024 (+1.3%): 0.966 against 0.959 on
+    /// the tuning part (`slimchat facts`, 4096 tokens, 72 cases; bench/NOTES.md). Before the
+    /// answer's heal the paper's shares (2048/1024/512) lost agreement on 2k-token prompts
+    /// (0.928 reported); with it they agree 0.969 there (tuning part). The Llama-3.2 presets and
     /// `"generic"` take shares of the context (`slim::preset::generic_floors`: 2048/1024/512 for
     /// a 128k-context model); `"custom"` takes each stage's `floor`; `"generic"` without a known
     /// model has none (`min_keep_tokens` applies to every stage).
     pub fn preset_floors(&self, n_layers: usize) -> Vec<usize> {
         match self.preset_for(n_layers) {
-            "smollm2" => vec![2048, 2048, 1024],
+            "smollm2" => vec![3072, 1024, 512],
             "llama3.1-8b" => vec![8192, 4096, 2048],
             "qwen2.5-7b" => vec![12288, 6144, 4096],
             "llama3.2-1b" | "llama3.2-3b" | "generic" => self

@@ -374,13 +374,13 @@ fn keep_ratio_scales_the_budgets() {
     }
     .resolve(30, 8192);
     assert_eq!(blocks(&s), vec![96, 48, 24]);
-    // at 0.25 the preset's floors (2048/2048/1024 tokens) hold the later stages
+    // at 0.25 the preset's floors (3072/1024/512 tokens) hold every stage
     let s = SlimConfig {
         keep_ratio: 0.25,
         ..cfg()
     }
     .resolve(30, 8192);
-    assert_eq!(blocks(&s), vec![32, 32, 16]);
+    assert_eq!(blocks(&s), vec![48, 16, 8]);
 }
 
 #[test]
@@ -422,10 +422,12 @@ fn generic() -> SlimConfig {
 #[test]
 fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
     let c = SlimConfig::default();
-    // smollm2, 1,088 tokens: layer 28's floor (16 blocks) would drop 1 of 17
-    assert_eq!(blocks(&c.resolve(30, 1088)), vec![17, 17, 17]);
-    // 2 of 18 (11%) is still a sliver
-    assert_eq!(blocks(&c.resolve(30, 18 * 64)), vec![18, 18, 18]);
+    // smollm2, 3,136 tokens: layer 10's floor (48 blocks) would drop 1 of 49
+    assert_eq!(blocks(&c.resolve(30, 3136)), vec![49, 16, 8]);
+    // 6 of 54 (11%) is still a sliver
+    assert_eq!(blocks(&c.resolve(30, 54 * 64)), vec![54, 16, 8]);
+    // 7 of 55 is not
+    assert_eq!(blocks(&c.resolve(30, 55 * 64)), vec![48, 16, 8]);
     // far over the floors nothing changes
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![64, 32, 16]);
     // a budget the ratio sets stays, however little it drops: 0.9 of 8192 tokens at layer 10
@@ -439,16 +441,15 @@ fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
 #[test]
 fn a_schedule_that_would_spare_few_rows_keeps_every_block() {
     let c = SlimConfig::default();
-    // smollm2, 19 blocks: layer 28 alone would drop 3 (16%, not a sliver): 2 x 3 of 30 x 19
-    // block-layers (1%) spared, so it keeps them, and nothing is pruned: no schedule
-    assert!(c.resolve(30, 19 * 64).is_empty());
-    // 2,112 tokens: layers 28-29 would halve 33 blocks, 3.4% of the rows
-    assert!(c.resolve(30, 2112).is_empty());
-    // 36 blocks is the last such prompt (3.7%); at 37 the first stage drops 5 blocks at 18
-    // layers, 12% of the rows, and every stage prunes as before
-    assert!(c.resolve(30, 36 * 64).is_empty());
-    assert_eq!(blocks(&c.resolve(30, 37 * 64)), vec![32, 32, 16]);
-    assert_eq!(blocks(&c.resolve(30, 4096)), vec![32, 32, 16]);
+    // smollm2, 18 blocks: layer 20's floor (16 blocks) would drop a sliver and keeps it;
+    // layer 28 alone would drop 10: 2 x 10 of 30 x 18 block-layers (3.7%) spared, so it keeps
+    // them too, and nothing is pruned: no schedule
+    assert!(c.resolve(30, 18 * 64).is_empty());
+    // 1,000 tokens: only layer 28 would drop blocks (8 of 16 at two layers, 3.3%)
+    assert!(c.resolve(30, 1000).is_empty());
+    // at 19 blocks layer 20 drops 3 at 8 layers too, 8% of the rows, and the stages prune
+    assert_eq!(blocks(&c.resolve(30, 19 * 64)), vec![19, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 16, 8]);
     // a budget the ratio sets stays: custom stages without floors at layers 28 and 29
     let custom = SlimConfig {
         preset: "custom".into(),
@@ -488,24 +489,27 @@ fn preset_floors_keep_short_prompts_whole_in_the_first_stages() {
         keep_ratio: 0.7,
         ..SlimConfig::default()
     };
-    // smollm2: 2048 tokens keep every block at layers 10 and 20; layer 28's 1024-token floor
-    // (0.7 * 2048 / 4 = 358 would be less) would spare 3% of the rows: no schedule
-    assert!(c.resolve(30, 2048).is_empty());
-    // 1000 tokens: all 16 blocks through layer 28's 1024-token floor
-    assert_eq!(blocks(&c.resolve(30, 1000)), vec![16, 16, 16]);
-    // 4096 tokens: the ratio's budget at layer 10 (2867 tokens), the floors at 20 and 28
-    // (1434 and 717 would be less)
-    assert_eq!(blocks(&c.resolve(30, 4096)), vec![45, 32, 16]);
+    // smollm2: 2048 tokens keep every block through layer 19 (3072-token floor), then the
+    // floors of layers 20 and 28 (1024 and 512 tokens; the ratio's 717 and 358 are less)
+    assert_eq!(blocks(&c.resolve(30, 2048)), vec![32, 16, 8]);
+    // 1000 tokens: all 16 blocks through layer 20's floor; layer 28 alone would spare 3% of
+    // the rows: no schedule
+    assert!(c.resolve(30, 1000).is_empty());
+    // 4096 tokens: the floor at layer 10 (the ratio's 2867 tokens are less), the ratio's
+    // budgets at 20 and 28 (1434 and 717 tokens)
+    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 23, 12]);
     // 8192 tokens: the ratio's budgets (5734, 2867, 1434) are above every floor
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![90, 45, 23]);
     // llama3.1-8b: an 8k prompt is whole until layer 20, as in the paper
     assert_eq!(blocks(&c.resolve(32, 8192)), vec![128, 64, 32]);
-    // the global floor still applies where it is larger
+    // the global floor still applies where it is larger: 3500 tokens (55 blocks) wherever the
+    // ratio and the preset's floor give less
     let c = SlimConfig {
-        min_keep_tokens: 3000,
+        min_keep_tokens: 3500,
         ..c
     };
-    assert_eq!(blocks(&c.resolve(30, 4096)), vec![47, 47, 47]);
+    assert_eq!(blocks(&c.resolve(30, 8192)), vec![90, 55, 55]);
+    assert_eq!(blocks(&c.resolve(30, 4096)), vec![55, 55, 55]);
 }
 
 #[test]
@@ -525,16 +529,16 @@ fn decode_sets_are_a_share_of_the_kept_blocks_raised_to_the_decode_floor() {
     // are below the 16-block floor
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![77, 39, 20]);
     assert_eq!(decode(&c, 8192), vec![24, 16, 16]);
-    // 2048 tokens are not pruned (layer 28 would spare 3% of the rows)
-    assert!(decode(&c, 2048).is_empty());
+    // 2048 tokens are pruned from layer 20 (16 and 8 blocks): the floor, within what a stage keeps
+    assert_eq!(decode(&c, 2048), vec![16, 16, 8]);
     // without the floor, the share alone (and the always-kept blocks)
     let c = SlimConfig {
         decode_min_tokens: 0,
         ..c
     };
     assert_eq!(decode(&c, 8192), vec![24, 12, 6]);
-    // 4096 tokens keep 39/32/16
-    assert_eq!(decode(&c, 4096), vec![12, 10, 5]);
+    // 4096 tokens keep 48/20/10
+    assert_eq!(decode(&c, 4096), vec![15, 6, 3]);
 }
 
 #[test]

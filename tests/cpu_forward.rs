@@ -22,7 +22,7 @@ use slimchat::kv::KvConfig;
 use slimchat::model::ops_llama::{LlamaShape, OpsLlama};
 use slimchat::model::template::Message;
 use slimchat::sampling::SamplingConfig;
-use slimchat::slim::SlimConfig;
+use slimchat::slim::{SlimConfig, StageConfig};
 
 /// The retired forward's numbers: for each row, the top token, its logit and the log-sum-exp.
 #[derive(Deserialize)]
@@ -108,10 +108,23 @@ fn the_cpu_forward_keeps_the_retired_forwards_logits() {
     let exact_tf = assert_close("teacher-forced", &tf, &want.teacher_forced, tol);
     drop(dense);
 
-    // the product's defaults: pruned, tiered KV; a 3,600-token prompt and 16 greedy steps over
-    // the pruned cache, as the retired forward decoded (no heal after the first token)
+    // the product's defaults when the golden file was made: pruned at smollm2's floors then
+    // (2048/2048/1024 tokens at layers 10/20/28, as custom stages), tiered KV; a 3,600-token
+    // prompt and 16 greedy steps over the pruned cache, as the retired forward decoded (no heal
+    // after the first token)
     let mut opts = EngineOptions::default();
     opts.slim.heal_answers = false;
+    opts.slim.preset = "custom".into();
+    let stage = |layer, fraction, floor| StageConfig {
+        layer,
+        fraction,
+        floor,
+    };
+    opts.slim.stages = vec![
+        stage(10, 1.0, 2048),
+        stage(20, 0.5, 2048),
+        stage(28, 0.25, 1024),
+    ];
     let mut e = Engine::load(&path, &opts).unwrap();
     let doc: String = LONG_TEXT.chars().take(want.chat_doc_chars).collect();
     let prompt = e

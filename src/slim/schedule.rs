@@ -230,13 +230,10 @@ pub const MIN_DROP_SHARE: usize = 8;
 
 /// When the whole schedule would spare under 1 in `MIN_SPARED_SHARE` of the forward's rows
 /// (prompt rows times layers), every stage held at its floor keeps all its blocks: such a prompt
-/// is barely over the floors and only the last stage's few layers would prune. Measured with
-/// the default model's earlier floors (2048/2048/1024), where 2,0xx-2,304 tokens had only
-/// layers 28-29 halve the prompt, 3-4% of the rows: the pruned TTFT was 1.5% under dense's at
-/// 2,048 tokens (0.98-1.07x across runs), while the answers changed (`slimchat facts` at 2048
-/// tokens: agreement 0.96-0.97, a fact lost or gained in a band; bench/NOTES.md). With its
-/// floors now (3072/1024/512) that is prompts of up to about 1,100 tokens; longer ones have
-/// layers 20-29 drop blocks and spare 8% and more.
+/// is barely over the floors and only the last stage's few layers would prune (on the default
+/// model, up to 1,152 tokens; from 19 blocks layers 20-29 spare 8% and more). Measured where
+/// layers 28-29 halved 2k prompts, 3-4% of the rows: the pruned TTFT was 1.5% under dense's
+/// (0.98-1.07x across runs) while the answers changed (agreement 0.96-0.97; bench/NOTES.md).
 pub const MIN_SPARED_SHARE: usize = 16;
 
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
@@ -545,14 +542,11 @@ impl SlimConfig {
     /// Each preset stage's floor in tokens, in the order of [`Self::stage_fractions`]: the
     /// paper's absolute budgets. LLaMA-3.1-8B keeps 8192/4096/2048 tokens of its 32k context at
     /// layers 10/20/30 whatever the prompt, so a prompt of up to 8192 tokens is not pruned at
-    /// layer 10. SmolLM2 keeps 3072/1024/512 of its 8192-token context (three eighths, an
-    /// eighth, a sixteenth): the teacher-forced agreement with dense falls with the rows the
-    /// first stage drops (each dropped row costs the kept rows some of their context for every
-    /// layer after it), so at 4k tokens the first stage keeps three quarters and the second
-    /// stage drops harder, at about the rows of 2048/2048/1024 (+1.3%): 0.966 against 0.959 on
-    /// the tuning part (`slimchat facts`, 4096 tokens, 72 cases; bench/NOTES.md). Before the
-    /// answer's heal the paper's shares (2048/1024/512) lost agreement on 2k-token prompts
-    /// (0.928 reported); with it they agree 0.969 there (tuning part). The Llama-3.2 presets and
+    /// layer 10. SmolLM2 keeps 3072/1024/512 of its 8192-token context: agreement with dense
+    /// falls with the rows the first stage drops, so at 4k tokens the first stage keeps three
+    /// quarters and the second drops harder, for about 2048/2048/1024's rows (+1.3%): 0.964
+    /// against 0.959 on the tuning part, 0.959 against 0.952 reported (`slimchat facts`, 72
+    /// cases; bench/NOTES.md). The Llama-3.2 presets and
     /// `"generic"` take shares of the context (`slim::preset::generic_floors`: 2048/1024/512 for
     /// a 128k-context model); `"custom"` takes each stage's `floor`; `"generic"` without a known
     /// model has none (`min_keep_tokens` applies to every stage).

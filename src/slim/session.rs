@@ -284,12 +284,15 @@ impl SlimSession {
         }
         let blocks = self.prompt_len.div_ceil(self.cfg.block_size);
         let mut any = false;
-        for st in (self.stages.iter_mut()).filter(|st| st.pool.len() < blocks) {
-            st.stage.keep_blocks = blocks;
+        for st in &mut self.stages {
+            if st.pool.len() < blocks {
+                st.stage.keep_blocks = blocks;
+                any = true;
+            }
+            // a stage that pruned nothing (its floor held the prompt) reads every block too
             if decode == AfterHeal::EveryBlock {
                 st.stage.decode_blocks = blocks;
             }
-            any = true;
         }
         any
     }

@@ -152,3 +152,28 @@ fn flat_scores_keep_more_blocks_and_peaked_ones_fewer() {
     // to 1 (1 - 0.5), and that block is it
     assert_eq!(kept_with_fitted_budget(&query_at(3)), vec![0, 3, 7]);
 }
+
+/// After an answer's heal every stage reads every block, a stage whose floor kept the whole
+/// prompt in prefill (and so brought nothing back) included.
+#[test]
+fn an_answers_heal_reads_every_block_at_every_stage() {
+    let stage = |layer, fraction| StageConfig {
+        layer,
+        fraction,
+        floor: 0,
+    };
+    let c = SlimConfig {
+        stages: vec![stage(1, 1.0), stage(3, 0.5)],
+        ..cfg()
+    };
+    let mut s = SlimSession::new(&c, 6, SHAPE, PROMPT);
+    let decode =
+        |s: &SlimSession| -> Vec<usize> { s.stages().iter().map(|st| st.decode_blocks).collect() };
+    assert_eq!(decode(&s), vec![4, 2], "half of each stage's blocks before");
+    s.stages[0].pool = (0..8).collect();
+    s.stages[1].pool = vec![0, 3, 5, 7];
+    assert!(s.heal(AfterHeal::EveryBlock));
+    let keep: Vec<usize> = s.stages().iter().map(|st| st.keep_blocks).collect();
+    assert_eq!(keep, vec![8, 8]);
+    assert_eq!(decode(&s), vec![8, 8]);
+}

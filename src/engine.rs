@@ -26,7 +26,7 @@ use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::slim::preset::{self, ModelFacts, ModelFit};
-use crate::slim::schedule::{SlimConfig, Stage, MIN_SPARED_SHARE};
+use crate::slim::schedule::{SlimConfig, Stage, MIN_SPARED_SHARE, SMOLLM2_DENSE_TOKENS};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
@@ -685,6 +685,13 @@ impl Engine {
                     "prompt of {} tokens is not longer than one block of {}: nothing pruned",
                     s.prompt_len(),
                     self.slim.block_size
+                )
+            } else if self.slim.preset_for(self.spec.n_layers) == "smollm2"
+                && s.prompt_len() <= SMOLLM2_DENSE_TOKENS
+            {
+                format!(
+                    "prompt of {} tokens is within the preset's {SMOLLM2_DENSE_TOKENS} that run dense: nothing is pruned",
+                    s.prompt_len()
                 )
             } else {
                 format!(

@@ -230,11 +230,16 @@ pub const MIN_DROP_SHARE: usize = 8;
 
 /// When the whole schedule would spare under 1 in `MIN_SPARED_SHARE` of the forward's rows
 /// (prompt rows times layers), every stage held at its floor keeps all its blocks: such a prompt
-/// is barely over the floors and only the last stage's few layers would prune (on the default
-/// model, up to 1,152 tokens; from 19 blocks layers 20-29 spare 8% and more). Measured where
+/// is barely over the floors and only the last stage's few layers would prune. Measured where
 /// layers 28-29 halved 2k prompts, 3-4% of the rows: the pruned TTFT was 1.5% under dense's
 /// (0.98-1.07x across runs) while the answers changed (agreement 0.96-0.97; bench/NOTES.md).
 pub const MIN_SPARED_SHARE: usize = 16;
+
+/// Prompts of up to this many tokens run dense on the `"smollm2"` preset: its floors prune a
+/// 2k prompt from layer 20, which saved a fifth of its TTFT and lost facts dense found (the
+/// reported part at 2048 tokens, 72 cases: 16 or 17 of 90 against 20; bench/NOTES.md), so what
+/// the earlier floors' spare rule left dense (up to 36 blocks) stays dense.
+pub const SMOLLM2_DENSE_TOKENS: usize = 2304;
 
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
 ///
@@ -575,12 +580,14 @@ impl SlimConfig {
     /// floor when the schedule would spare under 1 in [`MIN_SPARED_SHARE`] of the forward's
     /// rows; when that leaves no stage dropping a block, the schedule is empty (the prompt runs
     /// dense, decode attending to every block too). A stage that keeps every block still
-    /// appears (a no-op). Empty when disabled, when the prompt fits in one block, or when the
-    /// config is invalid in a way that would make the arithmetic meaningless (call
-    /// [`Self::validate`] first; stages with layers outside `1..n_layers` are skipped here).
+    /// appears (a no-op). Empty when disabled, when the prompt fits in one block or in the
+    /// preset's dense length ([`SMOLLM2_DENSE_TOKENS`]), or when the config is invalid in a way
+    /// that would make the arithmetic meaningless (call [`Self::validate`] first; stages with
+    /// layers outside `1..n_layers` are skipped here).
     pub fn resolve(&self, n_layers: usize, prompt_tokens: usize) -> Vec<Stage> {
         let bs = self.block_size;
-        if !self.enabled || bs == 0 || prompt_tokens <= bs {
+        let dense = self.preset_for(n_layers) == "smollm2" && prompt_tokens <= SMOLLM2_DENSE_TOKENS;
+        if !self.enabled || bs == 0 || prompt_tokens <= bs || dense {
             return Vec::new();
         }
         let (mut stages, at_floor) = self.resolve_stages(n_layers, prompt_tokens, &[]);

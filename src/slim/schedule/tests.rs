@@ -448,7 +448,23 @@ fn a_schedule_that_would_spare_few_rows_keeps_every_block() {
     // 1,000 tokens: only layer 28 would drop blocks (8 of 16 at two layers, 3.3%)
     assert!(c.resolve(30, 1000).is_empty());
     // at 19 blocks layer 20 drops 3 at 8 layers too, 8% of the rows, and the stages prune
-    assert_eq!(blocks(&c.resolve(30, 19 * 64)), vec![19, 16, 8]);
+    // (with the generic preset's stages and smollm2's floors: smollm2 itself runs such a
+    // prompt dense, as every prompt of up to 2,304 tokens)
+    let floors = SlimConfig {
+        preset: "custom".into(),
+        stages: [(10, 1.0, 3072), (20, 0.5, 1024), (28, 0.25, 512)]
+            .map(|(layer, fraction, floor)| StageConfig {
+                layer,
+                fraction,
+                floor,
+            })
+            .to_vec(),
+        ..cfg()
+    };
+    assert_eq!(blocks(&floors.resolve(30, 19 * 64)), vec![19, 16, 8]);
+    assert!(c.resolve(30, 19 * 64).is_empty());
+    assert!(c.resolve(30, 36 * 64).is_empty());
+    assert_eq!(blocks(&c.resolve(30, 37 * 64)), vec![37, 16, 8]);
     assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 16, 8]);
     // a budget the ratio sets stays: custom stages without floors at layers 28 and 29
     let custom = SlimConfig {
@@ -489,9 +505,11 @@ fn preset_floors_keep_short_prompts_whole_in_the_first_stages() {
         keep_ratio: 0.7,
         ..SlimConfig::default()
     };
-    // smollm2: 2048 tokens keep every block through layer 19 (3072-token floor), then the
-    // floors of layers 20 and 28 (1024 and 512 tokens; the ratio's 717 and 358 are less)
-    assert_eq!(blocks(&c.resolve(30, 2048)), vec![32, 16, 8]);
+    // smollm2: 2048 tokens run dense (SMOLLM2_DENSE_TOKENS); 2,560 keep every block through
+    // layer 19 (3072-token floor), then the floors of layers 20 and 28 (the ratio's 896 and
+    // 448 tokens are less)
+    assert!(c.resolve(30, 2048).is_empty());
+    assert_eq!(blocks(&c.resolve(30, 2560)), vec![40, 16, 8]);
     // 1000 tokens: all 16 blocks through layer 20's floor; layer 28 alone would spare 3% of
     // the rows: no schedule
     assert!(c.resolve(30, 1000).is_empty());
@@ -529,8 +547,8 @@ fn decode_sets_are_a_share_of_the_kept_blocks_raised_to_the_decode_floor() {
     // are below the 16-block floor
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![77, 39, 20]);
     assert_eq!(decode(&c, 8192), vec![24, 16, 16]);
-    // 2048 tokens are pruned from layer 20 (16 and 8 blocks): the floor, within what a stage keeps
-    assert_eq!(decode(&c, 2048), vec![16, 16, 8]);
+    // 2048 tokens are not pruned (SMOLLM2_DENSE_TOKENS)
+    assert!(decode(&c, 2048).is_empty());
     // without the floor, the share alone (and the always-kept blocks)
     let c = SlimConfig {
         decode_min_tokens: 0,
@@ -604,7 +622,7 @@ fn prompt_within_one_block_has_no_stages() {
     assert!(cfg().resolve(30, 0).is_empty());
     assert!(cfg().resolve(30, 1).is_empty());
     assert!(cfg().resolve(30, 64).is_empty());
-    assert_eq!(cfg().resolve(30, 65).len(), 3);
+    assert_eq!(generic().resolve(30, 65).len(), 3);
 }
 
 #[test]

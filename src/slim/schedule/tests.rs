@@ -441,15 +441,8 @@ fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
 #[test]
 fn a_schedule_that_would_spare_few_rows_keeps_every_block() {
     let c = SlimConfig::default();
-    // smollm2, 18 blocks: layer 20's floor (16 blocks) would drop a sliver and keeps it;
-    // layer 28 alone would drop 10: 2 x 10 of 30 x 18 block-layers (3.7%) spared, so it keeps
-    // them too, and nothing is pruned: no schedule
-    assert!(c.resolve(30, 18 * 64).is_empty());
-    // 1,000 tokens: only layer 28 would drop blocks (8 of 16 at two layers, 3.3%)
-    assert!(c.resolve(30, 1000).is_empty());
-    // at 19 blocks layer 20 drops 3 at 8 layers too, 8% of the rows, and the stages prune
-    // (with the generic preset's stages and smollm2's floors: smollm2 itself runs such a
-    // prompt dense, as every prompt of up to 2,304 tokens)
+    // smollm2's stages and floors as custom stages (smollm2 itself runs these prompts dense:
+    // SMOLLM2_DENSE_TOKENS)
     let floors = SlimConfig {
         preset: "custom".into(),
         stages: [(10, 1.0, 3072), (20, 0.5, 1024), (28, 0.25, 512)]
@@ -461,7 +454,15 @@ fn a_schedule_that_would_spare_few_rows_keeps_every_block() {
             .to_vec(),
         ..cfg()
     };
+    // 18 blocks: layer 20's floor (16 blocks) would drop a sliver and keeps it; layer 28 alone
+    // would drop 10: 2 x 10 of 30 x 18 block-layers (3.7%) spared, so it keeps them too, and
+    // nothing is pruned: no schedule
+    assert!(floors.resolve(30, 18 * 64).is_empty());
+    // 1,000 tokens: only layer 28 would drop blocks (8 of 16 at two layers, 3.3%)
+    assert!(floors.resolve(30, 1000).is_empty());
+    // at 19 blocks layer 20 drops 3 at 8 layers too, 8% of the rows, and the stages prune
     assert_eq!(blocks(&floors.resolve(30, 19 * 64)), vec![19, 16, 8]);
+    // smollm2: dense up to 36 blocks, then its floors
     assert!(c.resolve(30, 19 * 64).is_empty());
     assert!(c.resolve(30, 36 * 64).is_empty());
     assert_eq!(blocks(&c.resolve(30, 37 * 64)), vec![37, 16, 8]);

@@ -690,7 +690,7 @@ impl Engine {
                 && s.prompt_len() <= SMOLLM2_DENSE_TOKENS
             {
                 format!(
-                    "prompt of {} tokens is within the preset's {SMOLLM2_DENSE_TOKENS} that run dense: nothing is pruned",
+                    "prompt of {} tokens is within the {SMOLLM2_DENSE_TOKENS} tokens this preset runs dense: nothing is pruned",
                     s.prompt_len()
                 )
             } else {

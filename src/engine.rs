@@ -26,7 +26,7 @@ use crate::model::template::{ChatTemplate, Message};
 use crate::model::tokenizer::{self, SpecialTokens};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::slim::preset::{self, ModelFacts, ModelFit};
-use crate::slim::schedule::{SlimConfig, Stage, MIN_SPARED_SHARE, SMOLLM2_DENSE_TOKENS};
+use crate::slim::schedule::{SlimConfig, Stage, MIN_SPARED_SHARE};
 use crate::slim::session::SlimSession;
 use crate::{Error, Result};
 
@@ -679,6 +679,7 @@ impl Engine {
     }
 
     fn slim_note(&self) -> Option<String> {
+        let dense_tokens = self.slim.preset_dense_tokens(self.spec.n_layers);
         match self.forward.session() {
             Some(s) if s.stages().is_empty() => Some(if s.prompt_len() <= self.slim.block_size {
                 format!(
@@ -686,11 +687,9 @@ impl Engine {
                     s.prompt_len(),
                     self.slim.block_size
                 )
-            } else if self.slim.preset_for(self.spec.n_layers) == "smollm2"
-                && s.prompt_len() <= SMOLLM2_DENSE_TOKENS
-            {
+            } else if s.prompt_len() <= dense_tokens {
                 format!(
-                    "prompt of {} tokens is within the {SMOLLM2_DENSE_TOKENS} tokens this preset runs dense: nothing is pruned",
+                    "prompt of {} tokens is within the {dense_tokens} tokens this preset runs dense: nothing is pruned",
                     s.prompt_len()
                 )
             } else {

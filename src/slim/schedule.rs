@@ -235,10 +235,8 @@ pub const MIN_DROP_SHARE: usize = 8;
 /// (0.98-1.07x across runs) while the answers changed (agreement 0.96-0.97; bench/NOTES.md).
 pub const MIN_SPARED_SHARE: usize = 16;
 
-/// Prompts of up to this many tokens run dense on the `"smollm2"` preset: its floors prune a
-/// 2k prompt from layer 20, which saved a fifth of its TTFT and lost facts dense found (the
-/// reported part at 2048 tokens, 72 cases: 16 or 17 of 90 against 20; bench/NOTES.md), so what
-/// the earlier floors' spare rule left dense (up to 36 blocks) stays dense.
+/// Prompts of up to this many tokens run dense on `"smollm2"`: pruned from layer 20 a 2k prompt
+/// lost facts dense found (reported part, 72 cases: 16-17 of 90 against 20; bench/NOTES.md).
 pub const SMOLLM2_DENSE_TOKENS: usize = 2304;
 
 /// A stage resolved for one prompt: from layer `start_layer` on, keep `keep_blocks` prompt blocks.
@@ -569,6 +567,14 @@ impl SlimConfig {
         }
     }
 
+    /// Prompts of up to this many tokens run dense on the preset ([`SMOLLM2_DENSE_TOKENS`]).
+    pub fn preset_dense_tokens(&self, n_layers: usize) -> usize {
+        match self.preset_for(n_layers) {
+            "smollm2" => SMOLLM2_DENSE_TOKENS,
+            _ => 0,
+        }
+    }
+
     /// The stages for one prompt of `prompt_tokens` tokens on a model with `n_layers` layers.
     ///
     /// A stage's budget is `keep_ratio * fraction * prompt_tokens` tokens, at least
@@ -581,12 +587,12 @@ impl SlimConfig {
     /// rows; when that leaves no stage dropping a block, the schedule is empty (the prompt runs
     /// dense, decode attending to every block too). A stage that keeps every block still
     /// appears (a no-op). Empty when disabled, when the prompt fits in one block or in the
-    /// preset's dense length ([`SMOLLM2_DENSE_TOKENS`]), or when the config is invalid in a way
+    /// preset's dense length ([`Self::preset_dense_tokens`]), or when the config is invalid in a way
     /// that would make the arithmetic meaningless (call [`Self::validate`] first; stages with
     /// layers outside `1..n_layers` are skipped here).
     pub fn resolve(&self, n_layers: usize, prompt_tokens: usize) -> Vec<Stage> {
         let bs = self.block_size;
-        let dense = self.preset_for(n_layers) == "smollm2" && prompt_tokens <= SMOLLM2_DENSE_TOKENS;
+        let dense = prompt_tokens <= self.preset_dense_tokens(n_layers);
         if !self.enabled || bs == 0 || prompt_tokens <= bs || dense {
             return Vec::new();
         }

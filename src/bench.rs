@@ -53,6 +53,10 @@ pub struct BenchResult {
     pub ttft_ms: f64,
     pub ttft_ms_min: f64,
     pub ttft_ms_max: f64,
+    /// Pruned TTFT over dense's, the median over rounds of each round's ratio (slim only, when
+    /// dense ran beside it at the same placement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_vs_dense: Option<f64>,
     pub prefill_tok_s: f64,
     /// None when the prompt filled the context and nothing could be decoded.
     pub decode_tok_s: Option<f64>,
@@ -102,39 +106,59 @@ pub fn run(
                 engine.context_length()
             )));
         }
-        for &mode in &cfg.modes {
-            engine.set_slim(crate::slim::SlimConfig {
-                enabled: mode == Mode::Slim,
-                ..slim.clone()
-            })?;
-            // one run of each placement in turn, so that a noisy machine hits them alike, the
-            // first of each round alternating (a process's first run pays for its fresh pages)
-            let places = if cfg.kv_resident.is_empty() {
-                vec![false]
-            } else {
-                cfg.kv_resident.clone()
-            };
-            let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); places.len()];
-            for round in 0..cfg.runs.max(1) {
-                let mut order: Vec<usize> = (0..places.len()).collect();
-                if round % 2 == 1 {
-                    order.reverse();
-                }
-                for i in order {
-                    engine.set_kv_resident(places[i])?;
-                    runs[i].push(bench_one(engine, prompt, mode, cfg)?);
-                }
+        // one run of each mode and placement in turn, so that a noisy machine (shared cores
+        // whose speed drifts over tens of seconds) hits dense and pruned alike; the first of
+        // each round alternates (a process's first run pays for its fresh pages)
+        let places = if cfg.kv_resident.is_empty() {
+            vec![false]
+        } else {
+            cfg.kv_resident.clone()
+        };
+        let slots: Vec<(Mode, bool)> = (cfg.modes.iter())
+            .flat_map(|&mode| places.iter().map(move |&resident| (mode, resident)))
+            .collect();
+        let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); slots.len()];
+        for round in 0..cfg.runs.max(1) {
+            let mut order: Vec<usize> = (0..slots.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
             }
-            for r in runs {
-                let r = combine(r);
-                on_result(&r);
-                results.push(r);
+            for i in order {
+                let (mode, resident) = slots[i];
+                engine.set_slim(crate::slim::SlimConfig {
+                    enabled: mode == Mode::Slim,
+                    ..slim.clone()
+                })?;
+                engine.set_kv_resident(resident)?;
+                runs[i].push(bench_one(engine, prompt, mode, cfg)?);
             }
+        }
+        let ratios: Vec<Vec<f64>> = (0..slots.len())
+            .map(|i| round_ratios(&slots, &runs, i))
+            .collect();
+        for (r, ratios) in runs.into_iter().zip(ratios) {
+            let mut r = combine(r);
+            r.ttft_vs_dense = (!ratios.is_empty()).then(|| median(&ratios));
+            on_result(&r);
+            results.push(r);
         }
     }
     engine.set_slim(slim)?;
     engine.reset();
     Ok(results)
+}
+
+/// Each round's pruned TTFT over the dense one's at the same placement, for slot `i` (empty
+/// for dense, or where dense did not run).
+fn round_ratios(slots: &[(Mode, bool)], runs: &[Vec<BenchResult>], i: usize) -> Vec<f64> {
+    let (mode, resident) = slots[i];
+    let dense = slots.iter().position(|&s| s == (Mode::Dense, resident));
+    match (mode, dense) {
+        (Mode::Slim, Some(d)) => (runs[i].iter().zip(&runs[d]))
+            .map(|(s, d)| s.ttft_ms / d.ttft_ms)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Medians of single runs of one length, mode and placement.
@@ -203,6 +227,7 @@ fn bench_one(
         ttft_ms: median(&ttft),
         ttft_ms_min: ttft.iter().copied().fold(f64::INFINITY, f64::min),
         ttft_ms_max: ttft.iter().copied().fold(0.0, f64::max),
+        ttft_vs_dense: None,
         prefill_tok_s: median(&prefill),
         decode_tok_s: (!decode.is_empty()).then(|| median(&decode)),
         decode_tokens: timed,
@@ -227,5 +252,55 @@ fn median(v: &[f64]) -> f64 {
         s[m]
     } else {
         (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timed(mode: Mode, ttft_ms: f64) -> BenchResult {
+        BenchResult {
+            prompt_tokens: 4096,
+            mode: mode.name().into(),
+            runs: 1,
+            ttft_ms,
+            ttft_ms_min: ttft_ms,
+            ttft_ms_max: ttft_ms,
+            ttft_vs_dense: None,
+            prefill_tok_s: 4096.0 / ttft_ms * 1e3,
+            decode_tok_s: None,
+            decode_tokens: 0,
+            heal_ms: None,
+            kv_bytes: 0,
+            peak_rss_bytes: 0,
+            kept_per_layer: None,
+            keep_ratio: None,
+            decode_keep: None,
+            kv: KvStats::default(),
+        }
+    }
+
+    #[test]
+    fn a_pruned_run_is_divided_by_the_dense_run_of_its_round_and_placement() {
+        use Mode::{Dense, Slim};
+        // dense and pruned at both placements; round 2 ran on a machine a third slower
+        let slots = [(Dense, false), (Dense, true), (Slim, false), (Slim, true)];
+        let runs: Vec<Vec<BenchResult>> = [
+            [4000.0, 6000.0],
+            [3000.0, 4500.0],
+            [2400.0, 3900.0],
+            [1500.0, 2700.0],
+        ]
+        .iter()
+        .zip(slots)
+        .map(|(ttfts, (mode, _))| ttfts.iter().map(|&t| timed(mode, t)).collect())
+        .collect();
+        assert_eq!(round_ratios(&slots, &runs, 2), vec![0.6, 0.65]);
+        assert_eq!(round_ratios(&slots, &runs, 3), vec![0.5, 0.6]);
+        assert!(round_ratios(&slots, &runs, 0).is_empty());
+        // pruned alone: nothing to divide by
+        let alone = [(Slim, false)];
+        assert!(round_ratios(&alone, &runs[2..3], 0).is_empty());
     }
 }

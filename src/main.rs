@@ -673,8 +673,9 @@ fn run_bench(cfg: &AppConfig, args: BenchArgs, modes: Vec<Mode>) -> Result<()> {
     let json = args.json;
     let results = bench::run(&mut engine, &bc, &mut |r| {
         eprintln!(
-            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}), prefill {:>7.1} tok/s, {}decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
-            r.prompt_tokens, r.mode, if r.kv.kv_resident { " resident" } else { "" }, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max, r.prefill_tok_s,
+            "slimchat bench: {:>5} tokens {:>6}{}: TTFT {:>8.0} ms (min {:.0}, max {:.0}{}), prefill {:>7.1} tok/s, {}decode {}; KV fast peak {:.1} MiB of dense {:.1} MiB, stall {:.1} ms",
+            r.prompt_tokens, r.mode, if r.kv.kv_resident { " resident" } else { "" }, r.ttft_ms, r.ttft_ms_min, r.ttft_ms_max,
+            r.ttft_vs_dense.map_or(String::new(), |x| format!("; {x:.3}x dense, median of the rounds")), r.prefill_tok_s,
             r.heal_ms.map_or(String::new(), |h| format!("heal after the first token {h:.0} ms, ")),
             r.decode_tok_s.map_or("n/a (context full)".to_string(), |d| format!("{d:.1} tok/s ({} tokens)", r.decode_tokens)),
             r.kv.kv_fast_bytes_peak as f64 / 1048576.0, r.kv.kv_dense_bytes as f64 / 1048576.0, r.kv.kv_stall_ms

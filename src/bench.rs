@@ -125,11 +125,12 @@ pub fn run(
             }
             for i in order {
                 let (mode, resident) = slots[i];
+                // the placement first: it empties the cache, which a new ratio would plan for
+                engine.set_kv_resident(resident)?;
                 engine.set_slim(crate::slim::SlimConfig {
                     enabled: mode == Mode::Slim,
                     ..slim.clone()
                 })?;
-                engine.set_kv_resident(resident)?;
                 runs[i].push(bench_one(engine, prompt, mode, cfg)?);
             }
         }

@@ -64,14 +64,18 @@ impl<O: Ops> Scratch<O> {
         Ok(Self {
             qkv: ops.zeros_act(rows * s.qkv_dim())?,
             attn: ops.zeros_act(rows * s.heads.q_dim())?,
-            mlp: MlpScratch {
-                x: ops.zeros_act(rows * s.hidden)?,
-                gate_up: ops.zeros_act(rows * 2 * s.intermediate)?,
-                act: ops.zeros_act(rows * s.intermediate)?,
-                out: ops.zeros_act(rows * s.hidden)?,
-            },
+            mlp: mlp_scratch(ops, s, rows)?,
         })
     }
+}
+
+fn mlp_scratch<O: Ops>(ops: &O, s: &LlamaShape, rows: usize) -> Result<MlpScratch<O>> {
+    Ok(MlpScratch {
+        x: ops.zeros_act(rows * s.hidden)?,
+        gate_up: ops.zeros_act(rows * 2 * s.intermediate)?,
+        act: ops.zeros_act(rows * s.intermediate)?,
+        out: ops.zeros_act(rows * s.hidden)?,
+    })
 }
 
 /// The model: shape, weights, and the backend that runs it.
@@ -223,25 +227,14 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
                 .push(LayerCache::new(ops, n + headroom, s.heads.kv_dim())?);
             let kv = cache.layers.last_mut().expect("pushed");
             let (slim, sc) = (session.as_mut(), &mut scratch);
-            let change =
-                self.layer_and_session(layer, &mut h, &positions, &pos_dev, kv, sc, hooks, slim)?;
+            let (at, pos) = (&mut positions, &mut pos_dev);
+            self.prefill_layer(layer, &mut h, at, pos, kv, sc, hooks, slim)?;
             if let Some(session) = &session {
                 cache::ready_for_decode(ops, layer, kv, session, placement, spill)?;
                 self.probe.mark(ops, "ready for decode")?;
             }
             hooks.layer_done(ops, layer, kv)?;
             rows_per_layer.push(n);
-            let Some(keep) = change.map(kept_only).transpose()? else {
-                continue;
-            };
-            let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
-            let mut h2 = ops.zeros_f32(keep.len() * s.hidden)?;
-            let mut pos2 = ops.zeros_u32_like(keep.len())?;
-            ops.gather_rows(&h, &pos_dev, &idx, &mut h2, &mut pos2, s.hidden)?;
-            self.probe.mark(ops, "prune (gather)")?;
-            h = h2;
-            pos_dev = pos2;
-            positions = keep.iter().map(|&i| positions[i]).collect();
         }
         let (stages, kept_blocks) = match &session {
             Some(session) => (
@@ -385,8 +378,12 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
             Revived::Rows(t) => t.flatten_all()?.to_vec1::<f32>()?,
             Revived::Held(runs) => {
                 let mut all = Vec::with_capacity(rows * hidden);
+                let finish_mlp = |h: &mut O::F32, rows: usize, layer: usize| {
+                    let mut scratch = mlp_scratch(ops, &self.shape, rows)?;
+                    self.mlp(layer, h, &mut scratch, rows)
+                };
                 for (held, range) in runs {
-                    all.extend(read_held(ops, &held, range, hidden)?);
+                    all.extend(read_held(ops, &held, range, hidden, &finish_mlp)?);
                 }
                 all
             }
@@ -405,8 +402,46 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         Ok((ops.upload_f32(&joined)?, positions, pos_dev))
     }
 
-    /// [`Self::layer`], then the session's turn after it (prefill scores and prunes, decode
-    /// re-chooses at a boundary): the rows that go on, when they change.
+    /// One layer of a prompt's prefill: [`Self::layer`], the session's turn (its scores, and
+    /// at a stage's boundary the rows that go on, gathered here with their positions), then the
+    /// MLP on the rows that go on only. A dropped row's MLP waits with its hidden state in the
+    /// session's stash until a heal or revival reads it ([`read_held`]), or never runs.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_layer(
+        &self,
+        layer: usize,
+        h: &mut O::F32,
+        positions: &mut Vec<u32>,
+        pos_dev: &mut O::U32,
+        kv: &mut LayerCache<O>,
+        sc: &mut Scratch<O>,
+        hooks: &mut dyn LayerHooks<O>,
+        mut slim: Option<&mut SlimSession>,
+    ) -> Result<()> {
+        let (ops, hidden) = (self.ops, self.shape.hidden);
+        let session = slim.as_deref_mut();
+        let q = self.layer(layer, h, positions, pos_dev, kv, sc, hooks, session)?;
+        let change = match (slim, q) {
+            (Some(session), Some((q, ready))) => {
+                let before_mlp = Some(layer);
+                self.session_turn(layer, h, positions, kv, session, (q, ready), before_mlp)?
+            }
+            _ => None,
+        };
+        if let Some(keep) = change.map(kept_only).transpose()? {
+            let idx = ops.upload_u32(&keep.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
+            let mut h2 = ops.zeros_f32(keep.len() * hidden)?;
+            let mut pos2 = ops.zeros_u32_like(keep.len())?;
+            ops.gather_rows(h, pos_dev, &idx, &mut h2, &mut pos2, hidden)?;
+            self.probe.mark(ops, "prune (gather)")?;
+            (*h, *pos_dev) = (h2, pos2);
+            *positions = keep.iter().map(|&i| positions[i]).collect();
+        }
+        self.mlp(layer, h, &mut sc.mlp, positions.len())
+    }
+
+    /// [`Self::layer`] and its MLP, then the session's turn after it (a decode step re-chooses
+    /// at a boundary): the rows that go on, when they change.
     #[allow(clippy::too_many_arguments)]
     fn layer_and_session(
         &self,
@@ -419,24 +454,34 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         hooks: &mut dyn LayerHooks<O>,
         mut slim: Option<&mut SlimSession>,
     ) -> Result<Option<RowChange>> {
-        let q = self.layer(
-            layer,
-            h,
-            positions,
-            pos_dev,
-            kv,
-            sc,
-            hooks,
-            slim.as_deref_mut(),
-        )?;
-        let (Some(session), Some((q, ready))) = (slim, q) else {
+        let session = slim.as_deref_mut();
+        let q = self.layer(layer, h, positions, pos_dev, kv, sc, hooks, session)?;
+        self.mlp(layer, h, &mut sc.mlp, positions.len())?;
+        let (Some(session), Some(q)) = (slim, q) else {
             return Ok(None);
         };
+        self.session_turn(layer, h, positions, kv, session, q, None)
+    }
+
+    /// The session's turn after layer `layer` on the rows of h (whose MLP is still to run
+    /// where `mlp_pending` says so): the rows that go on, when they change.
+    #[allow(clippy::too_many_arguments)]
+    fn session_turn(
+        &self,
+        layer: usize,
+        h: &O::F32,
+        positions: &[u32],
+        kv: &LayerCache<O>,
+        session: &mut SlimSession,
+        (q, ready): (Vec<f32>, Option<ReadyScores>),
+        mlp_pending: Option<usize>,
+    ) -> Result<Option<RowChange>> {
         let rows = OpsHidden {
             ops: self.ops,
             h,
             rows: positions.len(),
             hidden: self.shape.hidden,
+            mlp_pending,
         };
         let mut keys = self.keys(kv);
         keys.ready = ready;
@@ -445,9 +490,9 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         Ok(change)
     }
 
-    /// One layer on the rows of h. With a session: the post-RoPE queries of the rows it scores
-    /// (its `local_window` last), widened on the host, are returned for its `finish_layer`, and
-    /// the layer attends to the rows the session chose.
+    /// One layer on the rows of h up to its MLP ([`Self::mlp`]). With a session: the post-RoPE
+    /// queries of the rows it scores (its `local_window` last), widened on the host, are
+    /// returned for its `finish_layer`, and the layer attends to the rows the session chose.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -592,15 +637,19 @@ impl<'o, O: Ops> OpsLlama<'o, O> {
         ops.matmul(&sc.attn, &w.wo, &mut sc.mlp.out, n, qd, s.hidden)?;
         ops.residual_add(h, &sc.mlp.out)?;
         self.probe.mark(ops, "o + residual")?;
+        Ok(q)
+    }
+
+    /// Layer `layer`'s MLP (with its residual) on the first `rows` rows of h.
+    fn mlp(&self, layer: usize, h: &mut O::F32, sc: &mut MlpScratch<O>, rows: usize) -> Result<()> {
+        let (s, w) = (&self.shape, &self.weights.layers[layer]);
         let mlp = MlpWeights {
             norm: &w.mlp_norm,
             gate_up: &w.w_gate_up,
             down: &w.w_down,
         };
-        let (hidden, inter) = (s.hidden, s.intermediate);
-        ops.mlp(h, mlp, &mut sc.mlp, n, hidden, inter, s.rms_eps)?;
-        self.probe.mark(ops, "mlp")?;
-        Ok(q)
+        (self.ops).mlp(h, mlp, sc, rows, s.hidden, s.intermediate, s.rms_eps)?;
+        self.probe.mark(self.ops, "mlp")
     }
 
     /// The post-RoPE queries of rows `rows` of the fused q|k|v buffer, widened: (rows, q_dim).

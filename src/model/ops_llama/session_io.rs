@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::ops::{Heads, Ops, RowSlice, ScoreMode, UnitBlocks, KV_BLOCK};
 use crate::backend::paged_kv::LayerCache;
@@ -189,6 +189,9 @@ pub(super) struct OpsHidden<'a, O: Ops> {
     pub(super) h: &'a O::F32,
     pub(super) rows: usize,
     pub(super) hidden: usize,
+    /// The layer whose MLP the rows have yet to run (a prefill runs it on the rows that go on
+    /// only); None: they are that layer's output.
+    pub(super) mlp_pending: Option<usize>,
 }
 
 impl<O: Ops> HiddenRows for OpsHidden<'_, O> {
@@ -202,26 +205,64 @@ impl<O: Ops> HiddenRows for OpsHidden<'_, O> {
         let mut out = ops.zeros_f32(rows.len().max(1) * self.hidden)?;
         let mut out_pos = ops.zeros_u32_like(rows.len().max(1))?;
         ops.gather_rows(self.h, &pos, &idx, &mut out, &mut out_pos, self.hidden)?;
-        Ok(KeptRows::Held(Arc::new(HeldRows::<O>(out)), row_bytes))
+        let held = HeldRows::<O> {
+            state: Mutex::new((out, self.mlp_pending.map_or(Mlp::Done, Mlp::Pending))),
+            rows: rows.len(),
+        };
+        Ok(KeptRows::Held(Arc::new(held), row_bytes))
     }
 }
 
-/// Hidden states [`OpsHidden::keep`] holds on the backend.
-struct HeldRows<O: Ops>(O::F32);
+/// Hidden states [`OpsHidden::keep`] holds on the backend, and whether their layer's MLP has
+/// run (the first [`read_held`] runs it).
+struct HeldRows<O: Ops> {
+    state: Mutex<(O::F32, Mlp)>,
+    rows: usize,
+}
+
+/// Where held rows stand with their layer's MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mlp {
+    Done,
+    /// Layer `.0`'s MLP is still to run.
+    Pending(usize),
+    /// It failed part way: the rows are no layer's output.
+    Failed,
+}
+
+/// Runs layer `layer`'s MLP on `rows` held rows, in place: `(h, rows, layer)`.
+pub(super) type FinishMlp<'a, O> = &'a dyn Fn(&mut <O as Ops>::F32, usize, usize) -> Result<()>;
 
 /// Rows `range` of what an [`OpsHidden`] of this backend held, (range.len(), hidden) f32 on the
-/// host; an error for rows held by anyone else.
+/// host, their pending MLP run first by `finish_mlp`; an error for rows held by anyone else.
 pub(super) fn read_held<O: Ops>(
     ops: &O,
     held: &Held,
     range: Range<usize>,
     hidden: usize,
+    finish_mlp: FinishMlp<O>,
 ) -> Result<Vec<f32>> {
-    let Some(HeldRows(buf)) = held.downcast_ref::<HeldRows<O>>() else {
+    let Some(held) = held.downcast_ref::<HeldRows<O>>() else {
         return Err(Error::Engine(
             "ops forward: revived rows held by another backend".into(),
         ));
     };
+    let mut state = (held.state.lock())
+        .map_err(|_| Error::Engine("ops forward: held rows poisoned by a panic".into()))?;
+    let (buf, mlp) = &mut *state;
+    match *mlp {
+        Mlp::Done => {}
+        Mlp::Pending(layer) => {
+            *mlp = Mlp::Failed;
+            finish_mlp(buf, held.rows, layer)?;
+            *mlp = Mlp::Done;
+        }
+        Mlp::Failed => {
+            return Err(Error::Engine(
+                "ops forward: revived rows whose MLP failed before".into(),
+            ))
+        }
+    }
     let idx = ops.upload_u32(&range.clone().map(|r| r as u32).collect::<Vec<_>>())?;
     let pos = ops.upload_u32(&vec![0; range.end])?;
     let mut out = ops.zeros_f32(range.len() * hidden)?;

@@ -222,15 +222,16 @@ fn a_prompt_shorter_than_one_block_prunes_nothing_and_says_so() {
 
 #[test]
 fn a_short_document_stays_whole_until_the_preset_floors_bind() {
-    // smollm2's floors: 3072 tokens at layer 10, 1024 at 20, 512 at 28
+    // smollm2's floors: 3072 tokens at layer 10, 2048 at 15, 1024 at 20, 512 at 28
     let mut e = engine(SlimConfig::default());
-    // 2,500 tokens: whole through layer 19, then the later stages drop blocks
+    // 2,500 tokens: whole through layer 14, then the later stages drop blocks
     let n = 2500;
     let tokens = prose(&e, n);
     e.prefill(&tokens, &mut |_| {}).unwrap();
     let kept = e.kept_per_layer();
-    assert_eq!(&kept[..20], &[n; 20], "whole through layer 19: {kept:?}");
-    // 16 and 8 blocks of 64, one of them the prompt's partial last block
+    assert_eq!(&kept[..15], &[n; 15], "whole through layer 14: {kept:?}");
+    // 32, 16 and 8 blocks of 64, one of them the prompt's partial last block
+    assert!(kept[15] > 2048 - 64 && kept[15] <= 2048, "{kept:?}");
     assert!(kept[20] > 1024 - 64 && kept[20] <= 1024, "{kept:?}");
     assert!(kept[28] > 512 - 64 && kept[28] <= 512, "{kept:?}");
     // a document of about 900 tokens runs dense (smollm2 runs prompts of up to 2,304 tokens
@@ -270,8 +271,8 @@ fn a_short_document_stays_whole_until_the_preset_floors_bind() {
     assert!(e.kept_per_layer()[10] < n);
 }
 
-/// The smollm2 preset's stages (layers 10/20/28 keeping 1, 1/2, 1/4 of the ratio) as a custom
-/// schedule, which has no per-stage floors.
+/// The smollm2 preset's stages (layers 10/20/28 keeping 1, 1/2, 1/4 of the ratio; its stage at
+/// 15 only steps the first floor down) as a custom schedule, which has no per-stage floors.
 fn smollm2_stages_without_floors() -> SlimConfig {
     let stage = |layer, fraction| StageConfig {
         layer,

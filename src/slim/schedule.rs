@@ -78,7 +78,7 @@ pub struct SlimConfig {
     /// Where the stages come from: `"auto"` (chosen from the model's metadata: architecture,
     /// depth, width and context, see `slim::preset`; by layer count alone when no model is known:
     /// 30 → `"smollm2"`, 32 → `"llama3.1-8b"`, 28 → `"qwen2.5-7b"`, otherwise `"generic"`),
-    /// `"smollm2"` (layers 10/20/28, fractions 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2,
+    /// `"smollm2"` (layers 10/15/20/28, fractions 1, 1, 1/2, 1/4), `"llama3.1-8b"` (10/20/30; 1/2,
     /// 1/4, 1/8), `"llama3.2-1b"` (5/10/14) and `"llama3.2-3b"` (9/18/26) with the 8B's fractions,
     /// `"qwen2.5-7b"` (9/18/26; 3/4, 3/8, 1/4), `"generic"` (about L/3, 2L/3, L−2; 1, 1/2, 1/4;
     /// floors 1/4, 1/8, 1/16 of the context up to 8k), or `"custom"` (the `stages` list).
@@ -91,8 +91,8 @@ pub struct SlimConfig {
     /// any other preset. Default `[]`.
     pub stages: Vec<StageConfig>,
     /// Floor of every stage's budget, in tokens: short prompts are not pruned below this. The
-    /// presets add their own per-stage floors (smollm2: 3072/1024/512 tokens at layers
-    /// 10/20/28; see [`Self::preset_floors`]). Any value ≥ 0. Default `256`.
+    /// presets add their own per-stage floors (smollm2: 3072/2048/1024/512 tokens at layers
+    /// 10/15/20/28; see [`Self::preset_floors`]). Any value ≥ 0. Default `256`.
     pub min_keep_tokens: usize,
     /// Tokens per block, the unit of selection and of KV movement. A positive multiple of
     /// `unit_size`. Default `64`.
@@ -270,7 +270,8 @@ preset = "auto"
 # add `floor = TOKENS`).
 stages = []
 # Floor of every stage's budget, in tokens (the presets add their own per-stage floors, the
-# paper's absolute budgets: smollm2 keeps at least 3072/1024/512 tokens at layers 10/20/28;
+# paper's absolute budgets: smollm2 keeps at least 3072/2048/1024/512 tokens at layers
+# 10/15/20/28, its stage at 15 dropping rows only where the floor of 10 binds;
 # a custom stage takes its own, e.g. { layer = 20, fraction = 0.5, floor = 2048 }).
 min_keep_tokens = 256
 # Tokens per block (unit of selection and KV movement); a multiple of unit_size.
@@ -514,7 +515,7 @@ impl SlimConfig {
     /// where two coincide (small L), the first (larger) fraction kept.
     pub fn stage_fractions(&self, n_layers: usize) -> Vec<(usize, f32)> {
         match self.preset_for(n_layers) {
-            "smollm2" => vec![(10, 1.0), (20, 0.5), (28, 0.25)],
+            "smollm2" => vec![(10, 1.0), (15, 1.0), (20, 0.5), (28, 0.25)],
             "llama3.1-8b" => vec![(10, 0.5), (20, 0.25), (30, 0.125)],
             // the 8B's stages at the same depth fractions (10/32, 20/32, L−2)
             "llama3.2-1b" => vec![(5, 0.5), (10, 0.25), (14, 0.125)],
@@ -545,17 +546,19 @@ impl SlimConfig {
     /// Each preset stage's floor in tokens, in the order of [`Self::stage_fractions`]: the
     /// paper's absolute budgets. LLaMA-3.1-8B keeps 8192/4096/2048 tokens of its 32k context at
     /// layers 10/20/30 whatever the prompt, so a prompt of up to 8192 tokens is not pruned at
-    /// layer 10. SmolLM2 keeps 3072/1024/512 of its 8192-token context: agreement with dense
-    /// falls with the rows the first stage drops, so at 4k tokens the first stage keeps three
-    /// quarters and the second drops harder, for about 2048/2048/1024's rows (+1.3%): 0.964
-    /// against 0.959 on the tuning part, 0.959 against 0.952 reported (`slimchat facts`, 72
-    /// cases; bench/NOTES.md). The Llama-3.2 presets and
+    /// layer 10. SmolLM2 keeps 3072/2048/1024/512 of its 8192-token context at layers
+    /// 10/15/20/28: agreement with dense falls with the rows the first stage drops, so at 4k
+    /// tokens layers 10-14 keep three quarters, 15-19 half (the stage at 15 has layer 10's
+    /// fraction: from 6k tokens it keeps what 10 keeps and is left out), 20-27 a quarter.
+    /// Against 3072/1024/512 alone: 0.954 against 0.959 reported at 4k (`slimchat facts`, 72
+    /// cases), 0.962 on the tuning part as before, for 150 ms less of a 4k prefill (0.59
+    /// against 0.64 of dense's TTFT; bench/NOTES.md). The Llama-3.2 presets and
     /// `"generic"` take shares of the context (`slim::preset::generic_floors`: 2048/1024/512 for
     /// a 128k-context model); `"custom"` takes each stage's `floor`; `"generic"` without a known
     /// model has none (`min_keep_tokens` applies to every stage).
     pub fn preset_floors(&self, n_layers: usize) -> Vec<usize> {
         match self.preset_for(n_layers) {
-            "smollm2" => vec![3072, 1024, 512],
+            "smollm2" => vec![3072, 2048, 1024, 512],
             "llama3.1-8b" => vec![8192, 4096, 2048],
             "qwen2.5-7b" => vec![12288, 6144, 4096],
             "llama3.2-1b" | "llama3.2-3b" | "generic" => self
@@ -586,7 +589,9 @@ impl SlimConfig {
     /// floor when the schedule would spare under 1 in [`MIN_SPARED_SHARE`] of the forward's
     /// rows; when that leaves no stage dropping a block, the schedule is empty (the prompt runs
     /// dense, decode attending to every block too). A stage that keeps every block still
-    /// appears (a no-op). Empty when disabled, when the prompt fits in one block or in the
+    /// appears (a no-op), except one with the fraction of the stage before it (a step down of
+    /// the floor alone) that keeps every block reaching it: it is left out, and the stage
+    /// before it goes on (its scores, decode set and stash span both). Empty when disabled, when the prompt fits in one block or in the
     /// preset's dense length ([`Self::preset_dense_tokens`]), or when the config is invalid in a way
     /// that would make the arithmetic meaningless (call [`Self::validate`] first; stages with
     /// layers outside `1..n_layers` are skipped here).
@@ -608,8 +613,9 @@ impl SlimConfig {
         stages
     }
 
-    /// The stages, and for each whether its floor set its budget (rather than the ratio). A
-    /// stage whose flag is set in `keep_whole` keeps every block that reaches it.
+    /// The stages, and for each of the preset's stages whether its floor set its budget (rather
+    /// than the ratio). A stage whose flag is set in `keep_whole` keeps every block that
+    /// reaches it.
     fn resolve_stages(
         &self,
         n_layers: usize,
@@ -620,11 +626,12 @@ impl SlimConfig {
         let n_blocks = prompt_tokens.div_ceil(bs);
         let forced = crate::slim::select::forced_blocks(prompt_tokens, bs, self.local_window).len();
         let mut prev_blocks = n_blocks;
-        let mut prev_layer = 0;
+        let (mut prev_layer, mut prev_fraction) = (0, f32::NAN);
         let mut out = Vec::new();
         let mut at_floor = Vec::new();
         let floors = self.preset_floors(n_layers);
         for (i, (layer, fraction)) in self.stage_fractions(n_layers).into_iter().enumerate() {
+            at_floor.push(false);
             if layer <= prev_layer || layer >= n_layers {
                 continue;
             }
@@ -640,8 +647,12 @@ impl SlimConfig {
             let mut keep_blocks = blocks.min(prev_blocks).max(forced.min(n_blocks));
             let floor_binds = floor as f64 >= by_ratio;
             let sliver = (prev_blocks - keep_blocks) * MIN_DROP_SHARE < prev_blocks;
-            if floor_binds && (sliver || keep_whole.get(out.len()).copied().unwrap_or(false)) {
+            if floor_binds && (sliver || keep_whole.get(i).copied().unwrap_or(false)) {
                 keep_blocks = prev_blocks;
+            }
+            at_floor[i] = floor_binds;
+            if fraction == prev_fraction && keep_blocks == prev_blocks {
+                continue; // a step of the floor that does not bind
             }
             let decode_blocks = ((keep_blocks as f64 * self.decode_keep as f64) * (1.0 - 1e-6))
                 .ceil()
@@ -653,9 +664,7 @@ impl SlimConfig {
                 keep_blocks,
                 decode_blocks: decode_blocks.min(keep_blocks),
             });
-            at_floor.push(floor_binds);
-            prev_blocks = keep_blocks;
-            prev_layer = layer;
+            (prev_blocks, prev_layer, prev_fraction) = (keep_blocks, layer, fraction);
         }
         (out, at_floor)
     }

@@ -301,7 +301,7 @@ fn auto_preset_follows_the_layer_count() {
     assert_eq!(c.preset_for(24), "generic");
     assert_eq!(
         c.stage_fractions(30),
-        vec![(10, 1.0), (20, 0.5), (28, 0.25)]
+        vec![(10, 1.0), (15, 1.0), (20, 0.5), (28, 0.25)]
     );
     assert_eq!(
         c.stage_fractions(32),
@@ -341,6 +341,19 @@ fn smollm2_at_8192_tokens_keeps_64_32_16_blocks() {
 }
 
 #[test]
+fn smollm2s_stage_at_15_drops_rows_only_where_the_first_floor_binds() {
+    // 4096 tokens: 3072 through layers 10-14 (the floor over the ratio's 2048), 2048 at 15-19
+    let s = cfg().resolve(30, 4096);
+    assert_eq!(layers(&s), vec![10, 15, 20, 28]);
+    assert_eq!(blocks(&s), vec![48, 32, 16, 8]);
+    // 5,000 tokens: layer 10's floor binds (48 blocks), layer 15 keeps the ratio's 2,500
+    assert_eq!(blocks(&cfg().resolve(30, 5000)), vec![48, 40, 20, 10]);
+    // from 6,144 tokens the ratio's budget at 10 is layer 15's too: no stage at 15, and the
+    // stages are the three of 8192 tokens above
+    assert_eq!(layers(&cfg().resolve(30, 6144)), vec![10, 20, 28]);
+}
+
+#[test]
 fn llama_at_32k_matches_the_paper_token_counts() {
     let s = cfg().resolve(32, 32768);
     assert_eq!(layers(&s), vec![10, 20, 30]);
@@ -374,13 +387,15 @@ fn keep_ratio_scales_the_budgets() {
     }
     .resolve(30, 8192);
     assert_eq!(blocks(&s), vec![96, 48, 24]);
-    // at 0.25 the preset's floors (3072/1024/512 tokens) hold every stage
+    // at 0.25 the preset's floors (3072/2048/1024/512 tokens) hold every stage, the one at
+    // layer 15 too (at the ratios above, its fraction's budget was layer 10's: left out)
     let s = SlimConfig {
         keep_ratio: 0.25,
         ..cfg()
     }
     .resolve(30, 8192);
-    assert_eq!(blocks(&s), vec![48, 16, 8]);
+    assert_eq!(layers(&s), vec![10, 15, 20, 28]);
+    assert_eq!(blocks(&s), vec![48, 32, 16, 8]);
 }
 
 #[test]
@@ -423,11 +438,11 @@ fn generic() -> SlimConfig {
 fn a_stage_that_would_drop_a_sliver_keeps_every_block() {
     let c = SlimConfig::default();
     // smollm2, 3,136 tokens: layer 10's floor (48 blocks) would drop 1 of 49
-    assert_eq!(blocks(&c.resolve(30, 3136)), vec![49, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 3136)), vec![49, 32, 16, 8]);
     // 6 of 54 (11%) is still a sliver
-    assert_eq!(blocks(&c.resolve(30, 54 * 64)), vec![54, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 54 * 64)), vec![54, 32, 16, 8]);
     // 7 of 55 is not
-    assert_eq!(blocks(&c.resolve(30, 55 * 64)), vec![48, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 55 * 64)), vec![48, 32, 16, 8]);
     // far over the floors nothing changes
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![64, 32, 16]);
     // a budget the ratio sets stays, however little it drops: 0.9 of 8192 tokens at layer 10
@@ -465,8 +480,8 @@ fn a_schedule_that_would_spare_few_rows_keeps_every_block() {
     // smollm2: dense up to 36 blocks, then its floors
     assert!(c.resolve(30, 19 * 64).is_empty());
     assert!(c.resolve(30, 36 * 64).is_empty());
-    assert_eq!(blocks(&c.resolve(30, 37 * 64)), vec![37, 16, 8]);
-    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 37 * 64)), vec![37, 32, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 32, 16, 8]);
     // a budget the ratio sets stays: custom stages without floors at layers 28 and 29
     let custom = SlimConfig {
         preset: "custom".into(),
@@ -507,16 +522,16 @@ fn preset_floors_keep_short_prompts_whole_in_the_first_stages() {
         ..SlimConfig::default()
     };
     // smollm2: 2048 tokens run dense (SMOLLM2_DENSE_TOKENS); 2,560 keep every block through
-    // layer 19 (3072-token floor), then the floors of layers 20 and 28 (the ratio's 896 and
-    // 448 tokens are less)
+    // layer 14 (3072-token floor), then the floors of layers 15, 20 and 28 (the ratio's 1792,
+    // 896 and 448 tokens are less)
     assert!(c.resolve(30, 2048).is_empty());
-    assert_eq!(blocks(&c.resolve(30, 2560)), vec![40, 16, 8]);
+    assert_eq!(blocks(&c.resolve(30, 2560)), vec![40, 32, 16, 8]);
     // 1000 tokens: all 16 blocks through layer 20's floor; layer 28 alone would spare 3% of
     // the rows: no schedule
     assert!(c.resolve(30, 1000).is_empty());
     // 4096 tokens: the floor at layer 10 (the ratio's 2867 tokens are less), the ratio's
-    // budgets at 20 and 28 (1434 and 717 tokens)
-    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 23, 12]);
+    // budgets at 15, 20 and 28 (2867, 1434 and 717 tokens)
+    assert_eq!(blocks(&c.resolve(30, 4096)), vec![48, 45, 23, 12]);
     // 8192 tokens: the ratio's budgets (5734, 2867, 1434) are above every floor
     assert_eq!(blocks(&c.resolve(30, 8192)), vec![90, 45, 23]);
     // llama3.1-8b: an 8k prompt is whole until layer 20, as in the paper
@@ -556,8 +571,8 @@ fn decode_sets_are_a_share_of_the_kept_blocks_raised_to_the_decode_floor() {
         ..c
     };
     assert_eq!(decode(&c, 8192), vec![24, 12, 6]);
-    // 4096 tokens keep 48/20/10
-    assert_eq!(decode(&c, 4096), vec![15, 6, 3]);
+    // 4096 tokens keep 48/39/20/10 (the ratio's 2458 tokens over layer 15's floor)
+    assert_eq!(decode(&c, 4096), vec![15, 12, 6, 3]);
 }
 
 #[test]

@@ -591,10 +591,11 @@ impl SlimConfig {
     /// dense, decode attending to every block too). A stage that keeps every block still
     /// appears (a no-op), except one with the fraction of the stage before it (a step down of
     /// the floor alone) that keeps every block reaching it: it is left out, and the stage
-    /// before it goes on (its scores, decode set and stash span both). Empty when disabled, when the prompt fits in one block or in the
-    /// preset's dense length ([`Self::preset_dense_tokens`]), or when the config is invalid in a way
-    /// that would make the arithmetic meaningless (call [`Self::validate`] first; stages with
-    /// layers outside `1..n_layers` are skipped here).
+    /// before it goes on (its scores, decode set and stash span both). Empty when disabled,
+    /// when the prompt fits in one block or in the preset's dense length
+    /// ([`Self::preset_dense_tokens`]), or when the config is invalid in a way that would make
+    /// the arithmetic meaningless (call [`Self::validate`] first; stages with layers outside
+    /// `1..n_layers` are skipped here).
     pub fn resolve(&self, n_layers: usize, prompt_tokens: usize) -> Vec<Stage> {
         let bs = self.block_size;
         let dense = prompt_tokens <= self.preset_dense_tokens(n_layers);
